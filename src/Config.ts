@@ -1,0 +1,205 @@
+/**
+ * Configuration: environment variables plus an optional JSON file (`TOLLWAY_CONFIG`),
+ * validated by zod at start-up. This is the only module that reads `process.env`.
+ */
+import { readFileSync } from 'node:fs'
+import { z } from 'zod'
+
+/** A non-negative integer amount of base units, given as a decimal string or a safe integer. */
+const BaseUnits = z
+  .union([z.string().regex(/^\d+$/, 'expected a decimal string of base units'), z.number().int()])
+  .transform((v, ctx) => {
+    if (typeof v === 'number' && (!Number.isSafeInteger(v) || v < 0)) {
+      ctx.addIssue({ code: 'custom', message: 'expected a non-negative safe integer' })
+      return z.NEVER
+    }
+    return BigInt(v)
+  })
+
+const Pricing = z.strictObject({
+  /** Base units per 1,000,000 prompt tokens. */
+  input: BaseUnits,
+  /** Base units per 1,000,000 completion tokens. */
+  output: BaseUnits,
+})
+
+const Upstream = z.strictObject({
+  name: z.string().min(1),
+  baseUrl: z.url(),
+  /** Name of the environment variable that holds the upstream's API key. */
+  apiKeyEnv: z.string().min(1).optional(),
+  /** Time allowed for response headers, and between two streamed chunks. */
+  timeoutMs: z.number().int().positive().default(60_000),
+})
+
+const Model = z.strictObject({
+  id: z.string().min(1),
+  upstream: z.string().min(1),
+  upstreamModel: z.string().min(1),
+  pricing: Pricing,
+  contextLength: z.number().int().positive(),
+  /** Lowest plan tier allowed to use the model. */
+  minTier: z.number().int().nonnegative().default(0),
+})
+
+const Wallet = z.strictObject({
+  /** Tokens a turn needs in the wallet to start. */
+  floor: z.number().int().nonnegative(),
+  /** Tokens added per 24 hours. */
+  refillPerDay: z.number().int().positive(),
+  /** Most tokens the wallet holds. */
+  cap: z.number().int().positive(),
+})
+
+const Plan = z.strictObject({
+  tier: z.number().int().nonnegative(),
+  /** null: no request-rate limit. */
+  requestsPerMinute: z.number().int().positive().nullable(),
+  /** Completions in flight at once (streaming or not). null: unlimited. */
+  maxConcurrent: z.number().int().positive().nullable(),
+  /** Prompt + completion tokens per calendar month (UTC). null: unlimited. */
+  tokensPerMonth: z.number().int().positive().nullable(),
+  /** A token wallet with a floor and a daily refill instead of (or beside) the monthly quota. */
+  wallet: Wallet.nullable().default(null),
+})
+export type Plan = z.output<typeof Plan>
+
+export const defaultPlans: Record<string, z.input<typeof Plan>> = {
+  free: { tier: 0, requestsPerMinute: 10, maxConcurrent: 1, tokensPerMonth: 500_000 },
+  pro: { tier: 1, requestsPerMinute: 60, maxConcurrent: 3, tokensPerMonth: 10_000_000 },
+  wallet: {
+    tier: 0,
+    requestsPerMinute: 10,
+    maxConcurrent: 1,
+    tokensPerMonth: null,
+    wallet: { floor: 500, refillPerDay: 1_000, cap: 10_000 },
+  },
+}
+
+const Echo = z.strictObject({
+  pricing: Pricing.prefault({ input: '1000000', output: '2000000' }),
+  contextLength: z.number().int().positive().default(128_000),
+  /** Pause between two streamed words, to look like a real model. */
+  tokenDelayMs: z.number().int().nonnegative().default(15),
+})
+
+export const Schema = z
+  .object({
+    port: z.number().int().min(0).max(65535).default(8787),
+    host: z.string().min(1).default('127.0.0.1'),
+    dataDir: z.string().min(1).default('./.tollway'),
+    databaseUrl: z.string().min(1).optional(),
+    adminToken: z.string().min(16).optional(),
+    logLevel: z
+      .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
+      .default('info'),
+    maxBodyBytes: z
+      .number()
+      .int()
+      .positive()
+      .default(1024 * 1024),
+    upstreams: z.array(Upstream).default([]),
+    models: z.array(Model).default([]),
+    plans: z.record(z.string().min(1), Plan).prefault(defaultPlans),
+    defaultPlan: z.string().min(1).default('free'),
+    echo: Echo.prefault({}),
+    metering: z
+      .object({
+        blockTokens: z.number().int().positive().default(64),
+        leaseSeconds: z.number().int().positive().default(600),
+      })
+      .prefault({}),
+  })
+  .superRefine((c, ctx) => {
+    const upstreams = new Set(c.upstreams.map((u) => u.name))
+    c.models.forEach((m, i) => {
+      if (!upstreams.has(m.upstream))
+        ctx.addIssue({
+          code: 'custom',
+          path: ['models', i, 'upstream'],
+          message: `no upstream named "${m.upstream}"`,
+        })
+    })
+    if (!(c.defaultPlan in c.plans))
+      ctx.addIssue({
+        code: 'custom',
+        path: ['defaultPlan'],
+        message: `no plan named "${c.defaultPlan}"`,
+      })
+  })
+export type Config = z.output<typeof Schema>
+export type Model = z.output<typeof Model>
+export type Upstream = z.output<typeof Upstream>
+export type Pricing = z.output<typeof Pricing>
+
+/** Raised when the configuration is invalid; the message names every bad field. */
+export class ConfigError extends Error {
+  override name = 'ConfigError'
+}
+
+const Port = z.coerce.number().int().min(0).max(65535)
+const env = {
+  PORT: ['port', Port],
+  HOST: ['host', z.string()],
+  TOLLWAY_DATA_DIR: ['dataDir', z.string()],
+  DATABASE_URL: ['databaseUrl', z.string()],
+  ADMIN_TOKEN: ['adminToken', z.string()],
+  LOG_LEVEL: ['logLevel', z.string()],
+  MAX_BODY_BYTES: ['maxBodyBytes', z.coerce.number()],
+} as const
+
+/** Reads the configuration from `environment` (default `process.env`) and its config file. */
+export function load(environment: Record<string, string | undefined> = process.env): Config {
+  let file: unknown = {}
+  const path = environment.TOLLWAY_CONFIG
+  if (path) {
+    let text: string
+    try {
+      text = readFileSync(path, 'utf8')
+    } catch (e) {
+      throw new ConfigError(`TOLLWAY_CONFIG: cannot read ${path}: ${(e as Error).message}`)
+    }
+    try {
+      file = JSON.parse(text)
+    } catch (e) {
+      throw new ConfigError(`TOLLWAY_CONFIG: ${path} is not JSON: ${(e as Error).message}`)
+    }
+    if (typeof file !== 'object' || file === null || Array.isArray(file))
+      throw new ConfigError(`TOLLWAY_CONFIG: ${path} must hold a JSON object`)
+  }
+  const merged: Record<string, unknown> = { ...(file as object) }
+  for (const [name, [key, schema]] of Object.entries(env)) {
+    const raw = environment[name]
+    if (raw === undefined || raw === '') continue
+    const parsed = (schema as z.ZodType).safeParse(raw)
+    if (!parsed.success) throw new ConfigError(`${name}: ${parsed.error.issues[0]?.message}`)
+    merged[key] = parsed.data
+  }
+  return from(merged, (p) => envName(p))
+}
+
+/** Validates an already-assembled config object (tests use this). */
+export function from(input: unknown, name: (path: string) => string = (p) => p): Config {
+  const parsed = Schema.safeParse(input)
+  if (!parsed.success) throw new ConfigError(describe(parsed.error, '', name))
+  return parsed.data
+}
+
+/** Reads an upstream's API key from the environment it names. */
+export function upstreamKey(
+  upstream: Upstream,
+  environment: Record<string, string | undefined> = process.env,
+): string | undefined {
+  return upstream.apiKeyEnv ? environment[upstream.apiKeyEnv] : undefined
+}
+
+function envName(path: string): string {
+  for (const [name, [key]] of Object.entries(env)) if (key === path) return `${name} (${key})`
+  return path
+}
+
+function describe(error: z.ZodError, prefix = '', name: (p: string) => string = (p) => p) {
+  return error.issues
+    .map((i) => `${prefix}${name(i.path.join('.') || '(root)')}: ${i.message}`)
+    .join('\n')
+}

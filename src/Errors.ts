@@ -1,0 +1,123 @@
+/**
+ * Typed errors. Each knows its HTTP status and its wire form; handlers throw them and the
+ * one `onError` in `http/App.ts` renders them. Messages are short and say what to do.
+ */
+
+export type ErrorOptions = {
+  /** Extra facts for logs and the error body (never prompt or completion text). */
+  details?: Record<string, unknown>
+  cause?: unknown
+  /** Response headers the error requires (`Retry-After`, rate-limit headers, …). */
+  headers?: Record<string, string>
+  /** The request field at fault, as OpenAI's `error.param`. */
+  param?: string
+}
+
+/** Base of every error tollway reports to a client. */
+export class GatewayError extends Error {
+  override name = 'GatewayError'
+  /** HTTP status. */
+  readonly status: number = 500
+  /** OpenAI envelope `error.type`. */
+  readonly type: string = 'server_error'
+  /** Machine-readable `error.code`. */
+  readonly code: string
+  readonly details: Record<string, unknown> | undefined
+  readonly headers: Record<string, string>
+  readonly param: string | undefined
+
+  constructor(message: string, code: string, options: ErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause })
+    this.code = code
+    this.details = options.details
+    this.headers = options.headers ?? {}
+    this.param = options.param
+  }
+
+  /** The OpenAI error envelope. */
+  toJSON() {
+    return {
+      error: {
+        type: this.type,
+        message: this.message,
+        code: this.code,
+        param: this.param ?? null,
+        ...(this.details ? { details: this.details } : {}),
+      },
+    }
+  }
+}
+
+/** 401: no credentials, or an unknown or revoked key. */
+export class AuthError extends GatewayError {
+  override name = 'AuthError'
+  override readonly status = 401
+  override readonly type = 'auth_error'
+}
+
+/** 400: the request is malformed; `param` names the field. */
+export class InvalidRequestError extends GatewayError {
+  override name = 'InvalidRequestError'
+  override readonly status: number = 400
+  override readonly type = 'invalid_request_error'
+}
+
+/** 404: the named thing does not exist. */
+export class NotFoundError extends InvalidRequestError {
+  override name = 'NotFoundError'
+  override readonly status = 404
+}
+
+/** 413: the body is over the configured limit. */
+export class PayloadTooLargeError extends InvalidRequestError {
+  override name = 'PayloadTooLargeError'
+  override readonly status = 413
+}
+
+/** 409: the request conflicts with current state (key limit, idempotency key in use). */
+export class ConflictError extends GatewayError {
+  override name = 'ConflictError'
+  override readonly status = 409
+  override readonly type = 'conflict_error'
+}
+
+/** 402: the account's credits do not cover the request. */
+export class InsufficientCreditsError extends GatewayError {
+  override name = 'InsufficientCreditsError'
+  override readonly status = 402
+  override readonly type = 'insufficient_credits'
+}
+
+/** 403: the account's plan may not use the model. */
+export class TierNotAvailableError extends GatewayError {
+  override name = 'TierNotAvailableError'
+  override readonly status = 403
+  override readonly type = 'tier_not_available'
+}
+
+/** 429: a request, concurrency or token limit of the plan is reached. */
+export class RateLimitError extends GatewayError {
+  override name = 'RateLimitError'
+  override readonly status = 429
+  override readonly type: string = 'rate_limit_exceeded'
+}
+
+/** 429: the token wallet is below the floor a turn needs. */
+export class WalletEmptyError extends RateLimitError {
+  override name = 'WalletEmptyError'
+  override readonly type = 'wallet_empty'
+}
+
+/** 502: the upstream failed or timed out. */
+export class UpstreamError extends GatewayError {
+  override name = 'UpstreamError'
+  override readonly status = 502
+  override readonly type = 'upstream_error'
+}
+
+/** 503: no healthy upstream serves the model. */
+export class NoUpstreamError extends GatewayError {
+  override name = 'NoUpstreamError'
+  override readonly status = 503
+  override readonly type = 'no_upstream_available'
+}

@@ -1,0 +1,91 @@
+/**
+ * The HTTP application: routes, middleware, and the one place errors are rendered.
+ * `create(deps)` builds it; main.ts serves it.
+ */
+import { Hono } from 'hono'
+import { bodyLimit } from 'hono/body-limit'
+import {
+  GatewayError,
+  InvalidRequestError,
+  NotFoundError,
+  PayloadTooLargeError,
+} from '../Errors.ts'
+import type { Deps } from './Deps.ts'
+import * as Account from './routes/Account.ts'
+import * as Admin from './routes/Admin.ts'
+import * as Chat from './routes/Chat.ts'
+import * as Models from './routes/Models.ts'
+
+export type { Deps }
+
+/** Builds the app. */
+export function create(deps: Deps): Hono {
+  const app = new Hono()
+  const limit = deps.config.maxBodyBytes
+
+  app.use(
+    '*',
+    bodyLimit({
+      maxSize: limit,
+      onError: () => {
+        throw new PayloadTooLargeError(
+          `The request body is over the ${limit}-byte limit.`,
+          'body_too_large',
+        )
+      },
+    }),
+  )
+
+  app.get('/health', (c) => c.json({ status: 'ok' }))
+  app.route('/v1/models', Models.routes(deps))
+  app.route('/v1/chat/completions', Chat.routes(deps))
+  app.route('/v1', Account.routes(deps))
+  app.route('/admin', Admin.routes(deps))
+
+  app.notFound((c) => {
+    throw new NotFoundError(
+      `No route ${c.req.method} ${new URL(c.req.url).pathname}.`,
+      'route_not_found',
+    )
+  })
+
+  app.onError((e, c) => {
+    const error =
+      e instanceof GatewayError
+        ? e
+        : isMalformedBody(e)
+          ? new InvalidRequestError('The request body could not be read.', 'invalid_body')
+          : undefined
+    if (!error) {
+      deps.log.error(
+        {
+          err: {
+            name: (e as Error).name,
+            message: (e as Error).message,
+            stack: (e as Error).stack,
+          },
+        },
+        'unhandled error',
+      )
+      return c.json(
+        {
+          error: {
+            type: 'server_error',
+            message: 'The gateway failed; this is a bug.',
+            code: 'internal_error',
+            param: null,
+          },
+        },
+        500,
+      )
+    }
+    for (const [k, v] of Object.entries(error.headers)) c.header(k, v)
+    return c.json(error.toJSON(), error.status as 400)
+  })
+
+  return app
+}
+
+function isMalformedBody(e: unknown): boolean {
+  return e instanceof TypeError && /body|decode/i.test(e.message)
+}

@@ -1,0 +1,54 @@
+/** Parsing of request bodies and parameters into typed values or typed 400s. */
+import type { Context } from 'hono'
+import type { z } from 'zod'
+import { InvalidRequestError, NotFoundError } from '../Errors.ts'
+
+/** Parses JSON text; a 400 `invalid_json` if it is not JSON. */
+export function json(text: string): unknown {
+  try {
+    return JSON.parse(text)
+  } catch {
+    throw new InvalidRequestError('The request body is not valid JSON.', 'invalid_json')
+  }
+}
+
+/** Validates `value` with `schema`; a 400 naming the first bad field otherwise. */
+export function parse<S extends z.ZodType>(schema: S, value: unknown): z.output<S> {
+  const r = schema.safeParse(value)
+  if (r.success) return r.data
+  const issue = r.error.issues[0]!
+  const param = issue.path.map(String).join('.')
+  throw new InvalidRequestError(
+    param ? `${param}: ${issue.message}` : issue.message,
+    'invalid_value',
+    {
+      ...(param ? { param } : {}),
+    },
+  )
+}
+
+/** Reads and validates a JSON body. */
+export async function body<S extends z.ZodType>(c: Context, schema: S): Promise<z.output<S>> {
+  return parse(schema, json(await c.req.text()))
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
+
+/** A path id that must be a UUID: anything else cannot exist, so it is a 404. */
+export function id(value: string, what: string): string {
+  if (!UUID.test(value))
+    throw new NotFoundError(`No ${what} with id "${value.slice(0, 64)}".`, `${what}_not_found`)
+  return value
+}
+
+/** `?limit=&cursor=` of a listing. */
+export function page(c: Context): { limit: number; cursor?: string } {
+  const raw = c.req.query('limit')
+  const limit = raw === undefined ? 50 : Number(raw)
+  if (!Number.isInteger(limit) || limit < 1 || limit > 200)
+    throw new InvalidRequestError('limit must be an integer from 1 to 200.', 'invalid_value', {
+      param: 'limit',
+    })
+  const cursor = c.req.query('cursor')
+  return cursor ? { limit, cursor } : { limit }
+}

@@ -1,0 +1,144 @@
+/**
+ * The OpenAI SSE stream of a metered completion. Pull-based: a chunk is read from the
+ * upstream only when the client has taken the previous one, so a slow client (or a stream
+ * waiting for funds) holds the upstream through TCP backpressure instead of buffering.
+ * (Hono's streamSSE helper pushes, which is why this builds the ReadableStream itself.)
+ */
+import type { Context } from 'hono'
+import type { GatewayError } from '../Errors.ts'
+import type { Frame, Usage } from '../metering/Meter.ts'
+import type { Chunk } from '../upstream/Chat.ts'
+
+const encoder = new TextEncoder()
+const DONE = encoder.encode('data: [DONE]\n\n')
+
+/** Encodes one `data:` event. JSON never contains a raw newline, so one line suffices. */
+export function data(value: unknown): Uint8Array {
+  return encoder.encode(`data: ${JSON.stringify(value)}\n\n`)
+}
+
+/** Encodes a named event (names are ours, never user input). */
+export function event(name: string, value: unknown): Uint8Array {
+  return encoder.encode(`event: ${name}\ndata: ${JSON.stringify(value)}\n\n`)
+}
+
+export type Options = {
+  frames: AsyncGenerator<Frame, void, undefined>
+  /** The model id the client asked for (upstream chunks may name their own). */
+  model: string
+  /** `stream_options.include_usage`: usage in a chunk of its own with empty `choices`. */
+  includeUsage: boolean
+  /** Cancels the upstream when the client goes away. */
+  abort: () => void
+  /** Runs once when the stream is over, whichever way. */
+  done: () => void
+  /** Reports an unexpected failure of the stream. */
+  onError?: (e: unknown) => void
+  /** Renders frames other than chunks and the end (payment events). */
+  extra?: (frame: Frame) => Uint8Array | undefined
+}
+
+/**
+ * Builds the response. Without `include_usage` the usage rides on the final chunk, the one
+ * with the finish_reason, which is held back until the usage is known.
+ */
+export function response(c: Context, o: Options): Response {
+  let last: { id?: string; created?: number } = {}
+  let held: Chunk | undefined
+  let finished = false
+  const finish = () => {
+    if (!finished) {
+      finished = true
+      o.done()
+    }
+  }
+
+  const render = (frame: Frame): Uint8Array[] => {
+    switch (frame.kind) {
+      case 'chunk': {
+        const chunk = { ...frame.chunk, model: o.model }
+        last = { id: chunk.id, created: chunk.created }
+        const out: Uint8Array[] = []
+        if (held) out.push(data(held))
+        held = undefined
+        if (!o.includeUsage && chunk.choices.some((ch) => ch.finish_reason)) held = chunk
+        else out.push(data(chunk))
+        return out
+      }
+      case 'end':
+        return [...final(frame.usage, frame.finishReason, frame.error), DONE]
+      default: {
+        const extra = o.extra?.(frame)
+        return extra ? [extra] : []
+      }
+    }
+  }
+
+  const final = (usage: Usage, finishReason: string | null, error?: GatewayError): Uint8Array[] => {
+    const base = {
+      id: last.id ?? `chatcmpl-${crypto.randomUUID()}`,
+      object: 'chat.completion.chunk',
+      created: last.created ?? Math.floor(Date.now() / 1000),
+      model: o.model,
+    }
+    const out: Uint8Array[] = []
+    if (o.includeUsage) {
+      if (held) out.push(data(held))
+      out.push(data({ ...base, choices: [], usage }))
+    } else if (held) out.push(data({ ...held, usage }))
+    else
+      out.push(
+        data({ ...base, choices: [{ index: 0, delta: {}, finish_reason: finishReason }], usage }),
+      )
+    held = undefined
+    if (error) out.push(data(error.toJSON()))
+    return out
+  }
+
+  const body = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      try {
+        while (true) {
+          const next = await o.frames.next()
+          if (next.done) {
+            finish()
+            controller.close()
+            return
+          }
+          const parts = render(next.value)
+          if (parts.length === 0) continue
+          for (const p of parts) controller.enqueue(p)
+          return
+        }
+      } catch (e) {
+        // Metering turns every expected failure into an `end` frame; this is a bug. Say so
+        // in the stream instead of cutting the connection.
+        o.onError?.(e)
+        finish()
+        controller.enqueue(
+          data({
+            error: {
+              type: 'server_error',
+              message: 'The gateway failed mid-stream.',
+              code: 'internal_error',
+              param: null,
+            },
+          }),
+        )
+        controller.enqueue(DONE)
+        controller.close()
+      }
+    },
+    async cancel() {
+      o.abort()
+      await o.frames.return()
+      finish()
+    },
+  })
+
+  return c.newResponse(body, 200, {
+    'content-type': 'text/event-stream; charset=utf-8',
+    'cache-control': 'no-cache',
+    connection: 'keep-alive',
+  })
+}

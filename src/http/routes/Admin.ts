@@ -1,0 +1,115 @@
+/** Operator API: accounts, credits and keys. Needs the admin token. */
+import { Hono } from 'hono'
+import { z } from 'zod'
+import { ConflictError, InvalidRequestError, NotFoundError } from '../../Errors.ts'
+import * as Accounts from '../../ledger/Accounts.ts'
+import * as ApiKeys from '../../ledger/ApiKeys.ts'
+import * as Credits from '../../ledger/Credits.ts'
+import type { Deps } from '../Deps.ts'
+import * as Auth from '../middleware/Auth.ts'
+import * as Parse from '../Parse.ts'
+
+export const MAX_ACTIVE_KEYS = 10
+
+const CreateAccount = z.object({
+  name: z.string().min(1).max(200),
+  plan: z.string().min(1).optional(),
+})
+
+/** A signed amount of base units: a decimal string or a safe integer, not zero. */
+const Amount = z
+  .union([
+    z.string().regex(/^-?\d{1,77}$/, 'must be an integer number of base units'),
+    z.number().int(),
+  ])
+  .transform((v) => BigInt(v))
+  .refine((v) => v !== 0n, 'must not be zero')
+
+const Grant = z.object({ amount: Amount, note: z.string().max(500).optional() })
+export const CreateKey = z.object({ name: z.string().min(1).max(200) })
+
+/** Creates a key for an account, or a 409 at the active-key limit. */
+export async function createKey(deps: Deps, accountId: string, name: string) {
+  const created = await ApiKeys.create(deps.sql, { accountId, name, max: MAX_ACTIVE_KEYS })
+  if (!created)
+    throw new ConflictError(
+      `The account already has ${MAX_ACTIVE_KEYS} active keys; revoke one first.`,
+      'key_limit_reached',
+    )
+  return { ...created, name }
+}
+
+export function routes(deps: Deps) {
+  const app = new Hono()
+  app.use('*', Auth.admin(deps))
+
+  app.post('/accounts', async (c) => {
+    const input = await Parse.body(c, CreateAccount)
+    const plan = input.plan ?? deps.config.defaultPlan
+    if (!(plan in deps.config.plans))
+      throw new InvalidRequestError(
+        `plan: no plan "${plan}"; plans: ${Object.keys(deps.config.plans).join(', ')}.`,
+        'invalid_value',
+        { param: 'plan' },
+      )
+    const id = await Accounts.create(deps.sql, { name: input.name, plan })
+    return c.json({ id, name: input.name, plan }, 201)
+  })
+
+  app.get('/accounts/:id', async (c) => {
+    const id = Parse.id(c.req.param('id'), 'account')
+    const account = await Accounts.get(deps.sql, id)
+    if (!account) throw new NotFoundError(`No account with id "${id}".`, 'account_not_found')
+    const keys = await ApiKeys.list(deps.sql, id)
+    return c.json({
+      id: account.id,
+      name: account.name,
+      plan: account.plan,
+      balance: account.balance.toString(),
+      reserved: account.reserved.toString(),
+      active_requests: account.activeRequests,
+      created_at: account.createdAt.toISOString(),
+      keys: keys.map(renderKey),
+    })
+  })
+
+  app.post('/accounts/:id/credits', async (c) => {
+    const id = Parse.id(c.req.param('id'), 'account')
+    const input = await Parse.body(c, Grant)
+    const balance = await Credits.grant(deps.sql, {
+      accountId: id,
+      amount: input.amount,
+      note: input.note ?? null,
+    })
+    if (balance === undefined) {
+      if (!(await Accounts.get(deps.sql, id)))
+        throw new NotFoundError(`No account with id "${id}".`, 'account_not_found')
+      throw new ConflictError(
+        'That debit would take the balance below what in-flight requests hold.',
+        'insufficient_balance',
+      )
+    }
+    return c.json({ balance: balance.toString() })
+  })
+
+  app.post('/accounts/:id/keys', async (c) => {
+    const id = Parse.id(c.req.param('id'), 'account')
+    const input = await Parse.body(c, CreateKey)
+    if (!(await Accounts.get(deps.sql, id)))
+      throw new NotFoundError(`No account with id "${id}".`, 'account_not_found')
+    return c.json(await createKey(deps, id, input.name), 201)
+  })
+
+  return app
+}
+
+/** The public form of a key: never the key itself. */
+export function renderKey(k: ApiKeys.Key) {
+  return {
+    id: k.id,
+    name: k.name,
+    prefix: k.prefix,
+    created_at: k.createdAt.toISOString(),
+    revoked_at: k.revokedAt?.toISOString() ?? null,
+  }
+}

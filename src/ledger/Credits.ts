@@ -1,0 +1,59 @@
+/** Prepaid credits: an append-only transaction log whose sum is the balance. */
+import type { Sql } from './Db.ts'
+import * as Page from './Page.ts'
+
+export type Transaction = {
+  id: string
+  amount: string
+  kind: 'grant' | 'usage'
+  note: string | null
+  request_id: string | null
+  created_at: string
+}
+
+/**
+ * Adds `amount` (negative: removes) to an account. Returns the new balance, or undefined
+ * if the account does not exist or a debit would take the balance below what is reserved.
+ */
+export async function grant(
+  sql: Sql,
+  input: { accountId: string; amount: bigint; note: string | null },
+): Promise<bigint | undefined> {
+  const [row] = await sql`
+    select tollway_grant(${input.accountId}, ${sql.typed.numeric(input.amount)}, ${input.note}) as balance`
+  return row?.balance ?? undefined
+}
+
+/** The account's balance and how much of it in-flight requests hold. */
+export async function balance(
+  sql: Sql,
+  accountId: string,
+): Promise<{ balance: bigint; reserved: bigint } | undefined> {
+  const [row] = await sql`select balance, reserved from accounts where id = ${accountId}`
+  return row ? { balance: row.balance, reserved: row.reserved } : undefined
+}
+
+/** Lists transactions newest first. */
+export async function transactions(
+  sql: Sql,
+  input: { accountId: string; limit: number; cursor?: string },
+): Promise<Page.Page<Transaction>> {
+  const [after] = Page.parse(input.cursor, 1) ?? []
+  const rows = await sql`
+    select id, amount, kind, note, request_id, created_at from credit_transactions
+    where account_id = ${input.accountId} ${after ? sql`and id < ${after}` : sql``}
+    order by id desc limit ${input.limit + 1}`
+  return Page.from(
+    rows,
+    input.limit,
+    (r) => ({
+      id: String(r.id),
+      amount: String(r.amount),
+      kind: r.kind,
+      note: r.note,
+      request_id: r.request_id,
+      created_at: r.created_at.toISOString(),
+    }),
+    (r) => [String(r.id)],
+  )
+}

@@ -1,0 +1,64 @@
+/**
+ * The database handle: postgres.js against a real PostgreSQL server or the embedded PGlite
+ * (see Embedded.ts), and the migration runner. Only `ledger/` imports postgres.
+ */
+import { readdirSync, readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import postgres from 'postgres'
+
+export type Sql = postgres.Sql<{ numeric: bigint }>
+
+export type Options = {
+  url: string
+  /** Connections in the pool. The embedded server takes exactly one. */
+  max?: number
+  /** Schema to use (tests use one per file). Created if missing. */
+  schema?: string
+}
+
+/**
+ * Opens a pool. numeric and int8 columns arrive as `bigint`. A bigint parameter is typed
+ * int8 by postgres.js; pass money as `sql.typed.numeric(x)` so it never overflows.
+ */
+export function connect(options: Options): Sql {
+  return postgres(options.url, {
+    max: options.max ?? 10,
+    onnotice: () => {},
+    connection: options.schema ? { search_path: options.schema } : {},
+    types: {
+      numeric: {
+        to: 1700,
+        from: [20, 1700],
+        serialize: (x: bigint) => x.toString(),
+        parse: (x: string) => BigInt(x),
+      },
+    },
+  }) as unknown as Sql
+}
+
+const migrations = join(import.meta.dir, 'migrations')
+
+/**
+ * Applies the SQL files in `migrations/` that have not run yet, in name order, each in
+ * its own transaction. Idempotent, and safe when several instances start at once (an
+ * advisory lock serializes them).
+ */
+export async function migrate(sql: Sql): Promise<string[]> {
+  const files = readdirSync(migrations)
+    .filter((f) => f.endsWith('.sql'))
+    .sort()
+  return sql.begin(async (tx) => {
+    await tx`select pg_advisory_xact_lock(hashtext(current_schema() || '.tollway_migrate'))`
+    await tx`create table if not exists schema_migrations (
+      name text primary key, applied_at timestamptz not null default now())`
+    const done = new Set((await tx`select name from schema_migrations`).map((r) => r.name))
+    const applied: string[] = []
+    for (const file of files) {
+      if (done.has(file)) continue
+      await tx.unsafe(readFileSync(join(migrations, file), 'utf8'))
+      await tx`insert into schema_migrations (name) values (${file})`
+      applied.push(file)
+    }
+    return applied
+  }) as Promise<string[]>
+}

@@ -1,0 +1,160 @@
+/**
+ * Admission and reservations for API-key requests: the SQL functions of
+ * migrations/0001_ledger.sql, one round trip each.
+ */
+import type { Sql } from './Db.ts'
+
+export type AdmitInput = {
+  keyHash: Uint8Array
+  model: string
+  stream: boolean
+  minTier: number
+  promptTokens: number
+  /** Credits wanted for the request (prompt + output estimate). */
+  want: bigint
+  /** Least credits that admit it; as much of `want` as is free is held. */
+  need: bigint
+  idempotencyKey: string | null
+  fingerprint: Uint8Array
+  requestId: string
+  leaseSeconds: number
+}
+
+export type Admitted = {
+  status: 'ok'
+  accountId: string
+  keyId: string
+  held: bigint
+  rateLimit: number | null
+  rateRemaining: number | null
+}
+
+export type Refused =
+  | { status: 'unauthorized' }
+  | { status: 'tier'; accountId: string }
+  | {
+      status: 'idempotency_mismatch' | 'idempotency_in_progress' | 'idempotency_completed'
+      otherRequest: string
+    }
+  | {
+      status: 'concurrency' | 'rate' | 'quota' | 'wallet'
+      retryAfterMs: number
+      rateLimit: number | null
+      rateRemaining: number | null
+    }
+  | {
+      status: 'insufficient'
+      available: bigint
+      rateLimit: number | null
+      rateRemaining: number | null
+    }
+
+/** Authenticates, checks the plan and reserves credits, atomically. */
+export async function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
+  const [r] = await sql`
+    select * from tollway_admit(${i.keyHash}, ${i.model}, ${i.stream}, ${i.minTier}, ${i.promptTokens},
+      ${sql.typed.numeric(i.want)}, ${sql.typed.numeric(i.need)}, ${i.idempotencyKey},
+      ${i.fingerprint}, ${i.requestId}, ${i.leaseSeconds})`
+  const row = r!
+  const limits = { rateLimit: row.rate_limit, rateRemaining: row.rate_remaining }
+  switch (row.status) {
+    case 'ok':
+      return {
+        status: 'ok',
+        accountId: row.account_id,
+        keyId: row.key_id,
+        held: row.held,
+        ...limits,
+      }
+    case 'unauthorized':
+      return { status: 'unauthorized' }
+    case 'tier':
+      return { status: 'tier', accountId: row.account_id }
+    case 'idempotency_mismatch':
+    case 'idempotency_in_progress':
+    case 'idempotency_completed':
+      return { status: row.status, otherRequest: row.other_request }
+    case 'insufficient':
+      return { status: 'insufficient', available: row.available, ...limits }
+    default:
+      return { status: row.status, retryAfterMs: Number(row.retry_after_ms), ...limits }
+  }
+}
+
+/** Adds `amount` to a reservation and renews its lease; the new total, or undefined if refused. */
+export async function extend(
+  sql: Sql,
+  input: { id: string; amount: bigint; leaseSeconds: number },
+): Promise<bigint | undefined> {
+  const [row] = await sql`
+    select tollway_extend(${input.id}, ${sql.typed.numeric(input.amount)}, ${input.leaseSeconds}) as held`
+  return row?.held ?? undefined
+}
+
+export type Finish = {
+  id: string
+  cost: bigint
+  promptTokens: number
+  completionTokens: number
+  status: string
+  latencyMs: number
+  ttftMs: number | null
+}
+
+/**
+ * Charges the request (never beyond what the account can pay), releases the rest of its
+ * reservation and writes the usage row. Undefined if the reservation was already finished.
+ */
+export async function finish(
+  sql: Sql,
+  f: Finish,
+): Promise<{ charged: bigint; balance: bigint } | undefined> {
+  const [row] = await sql`
+    select * from tollway_finish(${f.id}, ${sql.typed.numeric(f.cost)}, ${f.promptTokens},
+      ${f.completionTokens}, ${f.status}, ${f.latencyMs}, ${f.ttftMs})`
+  return row ? { charged: row.charged, balance: row.balance } : undefined
+}
+
+/**
+ * Releases reservations whose lease ran out (their instance died): nothing is charged, a
+ * usage row records them as `abandoned`. Returns how many were released.
+ */
+export async function sweep(sql: Sql): Promise<number> {
+  const rows = await sql`
+    select r.id, f.charged from (
+      select id from reservations where expires_at < clock_timestamp() limit 100
+    ) r, tollway_finish(r.id, 0, 0, 0, 'abandoned', null, null) f`
+  return rows.length
+}
+
+/**
+ * A live reservation of credits (the metering layer's `Reservation`): extends and settles
+ * through the functions above. `settle` runs at most once.
+ */
+export function reservation(sql: Sql, input: { id: string; held: bigint; leaseSeconds: number }) {
+  let held = input.held
+  let settled: Promise<{ charged: bigint }> | undefined
+  return {
+    id: input.id,
+    get held() {
+      return held
+    },
+    async extend(amount: bigint): Promise<boolean> {
+      const total = await extend(sql, { id: input.id, amount, leaseSeconds: input.leaseSeconds })
+      if (total === undefined) return false
+      held = total
+      return true
+    },
+    settle(o: {
+      cost: bigint
+      promptTokens: number
+      completionTokens: number
+      status: string
+      latencyMs: number
+      ttftMs: number | null
+    }): Promise<{ charged: bigint }> {
+      settled ??= finish(sql, { id: input.id, ...o }).then((r) => ({ charged: r?.charged ?? 0n }))
+      return settled
+    },
+  }
+}

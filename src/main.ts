@@ -1,0 +1,182 @@
+/**
+ * Wires the concrete pieces and serves. With nothing configured: embedded PGlite, a
+ * generated admin token, and the built-in echo model.
+ */
+import { randomBytes } from 'node:crypto'
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
+import { join, resolve } from 'node:path'
+import * as Config from './Config.ts'
+import * as App from './http/App.ts'
+import * as Logger from './Logger.ts'
+import * as Accounts from './ledger/Accounts.ts'
+import * as ApiKeys from './ledger/ApiKeys.ts'
+import * as Credits from './ledger/Credits.ts'
+import * as Db from './ledger/Db.ts'
+import * as Embedded from './ledger/Embedded.ts'
+import * as Reservations from './ledger/Reservations.ts'
+import * as EchoModel from './upstream/EchoModel.ts'
+import * as OpenAICompatible from './upstream/OpenAICompatible.ts'
+import { type Model, Router } from './upstream/Router.ts'
+
+export type Gateway = {
+  url: string
+  adminToken: string
+  /** True when the database is the embedded PGlite. */
+  embedded: boolean
+  sql: Db.Sql
+  stop(): Promise<void>
+}
+
+export type StartOptions = {
+  /** Where logs go (tests capture them). */
+  logDestination?: Logger.DestinationStream
+  /** Environment for upstream API keys. */
+  environment?: Record<string, string | undefined>
+  /** Use this schema of the database (tests). */
+  schema?: string
+  /** Release dead instances' reservations this often. */
+  sweepMs?: number
+}
+
+/** Starts a gateway from a validated config. */
+export async function start(config: Config.Config, options: StartOptions = {}): Promise<Gateway> {
+  const log = Logger.create(config.logLevel, options.logDestination)
+  const stops: (() => Promise<void>)[] = []
+  try {
+    let url = config.databaseUrl
+    let max = 10
+    if (!url) {
+      mkdirSync(join(config.dataDir, 'pgdata'), { recursive: true })
+      const embedded = await Embedded.start({ dataDir: resolve(config.dataDir, 'pgdata') })
+      stops.push(embedded.stop)
+      url = embedded.url
+      max = 1
+    }
+    const sql = Db.connect({ url, max, ...(options.schema ? { schema: options.schema } : {}) })
+    stops.push(() => sql.end({ timeout: 5 }))
+    await Db.migrate(sql)
+    await Accounts.syncPlans(sql, config.plans)
+
+    const adminToken = config.adminToken ?? adminTokenFromDataDir(config.dataDir)
+    const router = new Router(models(config, options.environment ?? process.env))
+    const app = App.create({ config, sql, router, log, adminToken })
+    const server = Bun.serve({
+      port: config.port,
+      hostname: config.host,
+      fetch: app.fetch,
+      idleTimeout: 255,
+    })
+    stops.push(async () => {
+      await server.stop(true)
+    })
+
+    const sweep = setInterval(() => {
+      Reservations.sweep(sql).then(
+        (n) => n > 0 && log.warn({ released: n }, 'released reservations of dead requests'),
+        (e) => log.error({ err: (e as Error).message }, 'sweep failed'),
+      )
+    }, options.sweepMs ?? 30_000)
+    stops.push(async () => clearInterval(sweep))
+
+    return {
+      url: `http://${config.host}:${server.port}`,
+      adminToken,
+      embedded: !config.databaseUrl,
+      sql,
+      async stop() {
+        for (const s of stops.reverse()) await s().catch(() => {})
+      },
+    }
+  } catch (e) {
+    for (const s of stops.reverse()) await s().catch(() => {})
+    throw e
+  }
+}
+
+/** The models: the configured ones, or the built-in echo model when none are. */
+function models(config: Config.Config, environment: Record<string, string | undefined>): Model[] {
+  if (config.models.length === 0) {
+    return [
+      {
+        id: EchoModel.id,
+        upstreamModel: EchoModel.id,
+        pricing: config.echo.pricing,
+        contextLength: config.echo.contextLength,
+        minTier: 0,
+        provider: EchoModel.create({ tokenDelayMs: config.echo.tokenDelayMs }),
+      },
+    ]
+  }
+  const providers = new Map(
+    config.upstreams.map((u) => [
+      u.name,
+      OpenAICompatible.create({
+        name: u.name,
+        baseUrl: u.baseUrl,
+        apiKey: Config.upstreamKey(u, environment),
+        timeoutMs: u.timeoutMs,
+      }),
+    ]),
+  )
+  return config.models.map((m) => ({
+    id: m.id,
+    upstreamModel: m.upstreamModel,
+    pricing: m.pricing,
+    contextLength: m.contextLength,
+    minTier: m.minTier,
+    provider: providers.get(m.upstream)!,
+  }))
+}
+
+/** The admin token kept in the data dir, generated on first start. */
+function adminTokenFromDataDir(dataDir: string): string {
+  const path = join(dataDir, 'admin-token')
+  if (existsSync(path)) return readFileSync(path, 'utf8').trim()
+  mkdirSync(dataDir, { recursive: true })
+  const token = `twadm_${randomBytes(24).toString('base64url')}`
+  writeFileSync(path, `${token}\n`, { mode: 0o600 })
+  return token
+}
+
+/**
+ * The embedded database's development key: an account "dev" on the highest-tier plan with
+ * 10,000,000 base units, made on first start; its key is kept in the data dir.
+ */
+async function devKey(sql: Db.Sql, config: Config.Config): Promise<string> {
+  const path = join(config.dataDir, 'dev-key')
+  if (existsSync(path)) return readFileSync(path, 'utf8').trim()
+  const [plan] = Object.entries(config.plans).sort(([, a], [, b]) => b.tier - a.tier)[0]!
+  const accountId = await Accounts.create(sql, { name: 'dev', plan })
+  await Credits.grant(sql, { accountId, amount: 10_000_000n, note: 'development credits' })
+  const created = (await ApiKeys.create(sql, { accountId, name: 'dev', max: 10 }))!
+  writeFileSync(path, `${created.key}\n`, { mode: 0o600 })
+  return created.key
+}
+
+if (import.meta.main) {
+  let config: Config.Config
+  try {
+    config = Config.load()
+  } catch (e) {
+    console.error(`tollway: configuration error\n${(e as Error).message}`)
+    process.exit(1)
+  }
+  const gateway = await start(config)
+  const model = config.models[0]?.id ?? EchoModel.id
+  // With the embedded defaults, a development account with credits is ready to use.
+  const key = gateway.embedded ? await devKey(gateway.sql, config) : '<your API key>'
+  console.log(`tollway is serving at ${gateway.url}
+  database:    ${gateway.embedded ? `embedded PGlite in ${resolve(config.dataDir, 'pgdata')}` : 'DATABASE_URL'}
+  admin token: ${gateway.adminToken}
+  models:      ${[...new Set([model, ...config.models.map((m) => m.id)])].join(', ')}
+
+Try it:
+  curl -N ${gateway.url}/v1/chat/completions -H "Authorization: Bearer ${key}" -d '{"model":"${model}","stream":true,"messages":[{"role":"user","content":"hello from tollway"}]}'
+`)
+  const shutdown = async () => {
+    await gateway.stop()
+    process.exit(0)
+  }
+  process.on('SIGINT', shutdown)
+  process.on('SIGTERM', shutdown)
+}

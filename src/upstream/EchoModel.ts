@@ -1,0 +1,96 @@
+/**
+ * `tollway-echo`: the built-in development model. It streams the last user message back
+ * word by word (cycling through it until `max_tokens` when asked for more), honours `stop`,
+ * and reports exact usage counted by the gateway's own tokenizer, so every path through
+ * the gateway is metered without a real upstream.
+ */
+import * as Tokenizer from '../metering/Tokenizer.ts'
+import { type Chunk, type Completion, type Message, text } from './Chat.ts'
+import type { Body, Provider } from './Provider.ts'
+
+export const id = 'tollway-echo'
+
+/** Creates the provider; `tokenDelayMs` paces the stream like a real model. */
+export function create(options: { tokenDelayMs: number }): Provider {
+  return {
+    name: 'echo',
+    async stream(body, signal) {
+      return stream(body, signal, options.tokenDelayMs)
+    },
+    async complete(body, signal) {
+      const reply = generate(body)
+      const created = Math.floor(Date.now() / 1000)
+      signal.throwIfAborted()
+      return {
+        id: `chatcmpl-${crypto.randomUUID()}`,
+        object: 'chat.completion',
+        created,
+        model: body.model,
+        choices: [
+          {
+            index: 0,
+            message: { role: 'assistant', content: reply.words.join('') },
+            finish_reason: reply.finish,
+          },
+        ],
+        usage: usage(body, reply.tokens),
+      } satisfies Completion
+    },
+  }
+}
+
+type Reply = { words: string[]; tokens: number; finish: 'stop' | 'length' }
+
+function generate(body: Body): Reply {
+  const messages = body.messages as Message[]
+  const last = [...messages].reverse().find((m) => m.role === 'user')
+  const source = last ? text(last.content).split(/\s+/).filter(Boolean) : []
+  const max = (body.max_tokens ?? body.max_completion_tokens) as number | undefined
+  const stops = typeof body.stop === 'string' ? [body.stop] : ((body.stop as string[] | null) ?? [])
+  const words: string[] = []
+  let tokens = 0
+  let said = ''
+  if (source.length === 0) return { words, tokens, finish: 'stop' }
+  for (let i = 0; max !== undefined || i < source.length; i++) {
+    const word = (i === 0 ? '' : ' ') + source[i % source.length]
+    const n = Tokenizer.count(word)
+    if (max !== undefined && tokens + n > max) return { words, tokens, finish: 'length' }
+    said += word
+    if (stops.some((s) => s && said.includes(s))) return { words, tokens, finish: 'stop' }
+    words.push(word)
+    tokens += n
+  }
+  return { words, tokens, finish: 'stop' }
+}
+
+function usage(body: Body, completion: number) {
+  const prompt = Tokenizer.prompt(
+    (body.messages as Message[]).map((m) => ({ content: text(m.content) })),
+  )
+  return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
+}
+
+async function* stream(body: Body, signal: AbortSignal, delayMs: number): AsyncGenerator<Chunk> {
+  const reply = generate(body)
+  const base = {
+    id: `chatcmpl-${crypto.randomUUID()}`,
+    object: 'chat.completion.chunk',
+    created: Math.floor(Date.now() / 1000),
+    model: body.model,
+  }
+  const chunk = (
+    delta: Chunk['choices'][number]['delta'],
+    finish: string | null = null,
+  ): Chunk => ({
+    ...base,
+    choices: [{ index: 0, delta, finish_reason: finish }],
+  })
+  yield chunk({ role: 'assistant', content: '' })
+  for (const word of reply.words) {
+    if (delayMs > 0) await Bun.sleep(delayMs)
+    signal.throwIfAborted()
+    yield chunk({ content: word })
+  }
+  yield chunk({}, reply.finish)
+  yield { ...base, choices: [], usage: usage(body, reply.tokens) }
+}

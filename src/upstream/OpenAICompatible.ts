@@ -1,0 +1,164 @@
+/**
+ * A provider for any OpenAI-compatible HTTP API. Always asks for usage in streams. A slow
+ * upstream is cut after `timeoutMs` without headers, or without a chunk while streaming.
+ */
+import { EventSourceParserStream } from 'eventsource-parser/stream'
+import { InvalidRequestError, UpstreamError } from '../Errors.ts'
+import { Chunk, Completion } from './Chat.ts'
+import type { Body, Provider } from './Provider.ts'
+
+export type Options = {
+  name: string
+  baseUrl: string
+  apiKey?: string | undefined
+  timeoutMs: number
+}
+
+/** Creates the provider. */
+export function create(options: Options): Provider {
+  const url = `${options.baseUrl.replace(/\/+$/, '')}/chat/completions`
+  const headers: Record<string, string> = { 'content-type': 'application/json' }
+  if (options.apiKey) headers.authorization = `Bearer ${options.apiKey}`
+
+  async function post(body: Body, signal: AbortSignal, watchdog: Watchdog): Promise<Response> {
+    let response: Response
+    try {
+      response = await fetch(url, {
+        method: 'POST',
+        headers,
+        body: JSON.stringify(body),
+        signal: AbortSignal.any([signal, watchdog.signal]),
+      })
+    } catch (e) {
+      throw failure(options.name, e, signal, watchdog)
+    }
+    if (!response.ok) {
+      const detail = await response.text().catch(() => '')
+      watchdog.stop()
+      throw refusal(options.name, response.status, detail)
+    }
+    return response
+  }
+
+  return {
+    name: options.name,
+    async stream(body, signal) {
+      const watchdog = new Watchdog(options.timeoutMs)
+      const response = await post(
+        { ...body, stream: true, stream_options: { include_usage: true } },
+        signal,
+        watchdog,
+      )
+      watchdog.reset()
+      return chunks(options.name, response, signal, watchdog)
+    },
+    async complete(body, signal) {
+      const watchdog = new Watchdog(options.timeoutMs)
+      const response = await post({ ...body, stream: false }, signal, watchdog)
+      let json: unknown
+      try {
+        json = await response.json()
+      } catch (e) {
+        throw failure(options.name, e, signal, watchdog)
+      } finally {
+        watchdog.stop()
+      }
+      const parsed = Completion.safeParse(json)
+      if (!parsed.success)
+        throw new UpstreamError(
+          `Upstream ${options.name} returned a malformed completion.`,
+          'bad_upstream_response',
+        )
+      return parsed.data
+    },
+  }
+}
+
+async function* chunks(
+  name: string,
+  response: Response,
+  signal: AbortSignal,
+  watchdog: Watchdog,
+): AsyncGenerator<Chunk> {
+  const events = response
+    .body!.pipeThrough(new TextDecoderStream())
+    .pipeThrough(new EventSourceParserStream())
+  const reader = events.getReader()
+  try {
+    while (true) {
+      let next: Awaited<ReturnType<typeof reader.read>>
+      try {
+        next = await reader.read()
+      } catch (e) {
+        throw failure(name, e, signal, watchdog)
+      }
+      if (next.done) return
+      watchdog.reset()
+      const data = next.value.data
+      if (data === '[DONE]') return
+      let json: unknown
+      try {
+        json = JSON.parse(data)
+      } catch {
+        throw new UpstreamError(
+          `Upstream ${name} sent a chunk that is not JSON.`,
+          'bad_upstream_response',
+        )
+      }
+      if (json && typeof json === 'object' && 'error' in json)
+        throw new UpstreamError(`Upstream ${name} failed mid-stream.`, 'upstream_stream_error')
+      const chunk = Chunk.safeParse(json)
+      if (!chunk.success)
+        throw new UpstreamError(`Upstream ${name} sent a malformed chunk.`, 'bad_upstream_response')
+      yield chunk.data
+    }
+  } finally {
+    watchdog.stop()
+    reader.cancel().catch(() => {})
+  }
+}
+
+/** An error raised while talking to the upstream, as the client should see it. */
+function failure(name: string, e: unknown, signal: AbortSignal, watchdog: Watchdog): unknown {
+  if (signal.aborted) return signal.reason ?? e
+  if (watchdog.signal.aborted)
+    return new UpstreamError(`Upstream ${name} timed out.`, 'upstream_timeout', { cause: e })
+  return new UpstreamError(`Upstream ${name} could not be reached.`, 'upstream_unreachable', {
+    cause: e,
+  })
+}
+
+/** Maps an upstream's non-2xx answer: its 4xx about the request reach the client as 400. */
+function refusal(name: string, status: number, body: string): Error {
+  if (status === 400 || status === 404 || status === 422) {
+    let message = `Upstream ${name} rejected the request.`
+    try {
+      const m = (JSON.parse(body) as { error?: { message?: unknown } }).error?.message
+      if (typeof m === 'string')
+        message = `Upstream ${name} rejected the request: ${m.slice(0, 500)}`
+    } catch {}
+    return new InvalidRequestError(message, 'upstream_rejected', {
+      details: { upstream_status: status },
+    })
+  }
+  return new UpstreamError(`Upstream ${name} answered ${status}.`, 'upstream_status', {
+    details: { upstream_status: status },
+  })
+}
+
+/** Aborts when `ms` pass without a reset. */
+class Watchdog {
+  private readonly controller = new AbortController()
+  private timer: ReturnType<typeof setTimeout> | undefined
+  readonly signal = this.controller.signal
+  constructor(private readonly ms: number) {
+    this.reset()
+  }
+  reset() {
+    clearTimeout(this.timer)
+    this.timer = setTimeout(() => this.controller.abort(new Error('timeout')), this.ms)
+  }
+  stop() {
+    clearTimeout(this.timer)
+  }
+}
