@@ -32,8 +32,8 @@ export type StartOptions = {
   logDestination?: Logger.DestinationStream
   /** Environment for upstream API keys. */
   environment?: Record<string, string | undefined>
-  /** Use this schema of the database (tests). */
-  schema?: string
+  /** Use this connection instead of opening one (tests; it is not closed on stop). */
+  sql?: Db.Sql
   /** Release dead instances' reservations this often. */
   sweepMs?: number
 }
@@ -43,17 +43,19 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
   const log = Logger.create(config.logLevel, options.logDestination)
   const stops: (() => Promise<void>)[] = []
   try {
-    let url = config.databaseUrl
-    let max = 10
-    if (!url) {
-      mkdirSync(join(config.dataDir, 'pgdata'), { recursive: true })
-      const embedded = await Embedded.start({ dataDir: resolve(config.dataDir, 'pgdata') })
-      stops.push(embedded.stop)
-      url = embedded.url
-      max = 1
+    let sql = options.sql
+    if (!sql) {
+      let url = config.databaseUrl
+      if (!url) {
+        mkdirSync(join(config.dataDir, 'pgdata'), { recursive: true })
+        const embedded = await Embedded.start({ dataDir: resolve(config.dataDir, 'pgdata') })
+        stops.push(embedded.stop)
+        url = embedded.url
+      }
+      const own = Db.connect({ url, max: config.databaseUrl ? 10 : 1 })
+      stops.push(() => own.end({ timeout: 5 }))
+      sql = own
     }
-    const sql = Db.connect({ url, max, ...(options.schema ? { schema: options.schema } : {}) })
-    stops.push(() => sql.end({ timeout: 5 }))
     await Db.migrate(sql)
     await Accounts.syncPlans(sql, config.plans)
 

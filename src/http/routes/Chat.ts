@@ -104,9 +104,11 @@ export function routes(deps: Deps) {
     const signal = c.req.raw.signal
 
     if (!req.stream) {
-      // Cap the upstream at what the reservation pays for: the charge cannot exceed it.
+      // Cap the upstream at what the reservation pays for, so the charge cannot exceed it
+      // (no cap needed when the reservation covers the whole context).
       const max = Pricing.affordable(price, promptTokens, reservation.held, limit)
-      body[req.max_completion_tokens !== undefined ? 'max_completion_tokens' : 'max_tokens'] = max
+      if (asked !== undefined || max < room)
+        body[req.max_completion_tokens !== undefined ? 'max_completion_tokens' : 'max_tokens'] = max
       const { completion, usage } = await Meter.complete({
         price,
         promptTokens,

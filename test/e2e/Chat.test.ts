@@ -1,0 +1,439 @@
+import { describe, expect, test } from 'bun:test'
+import OpenAI from 'openai'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const gw = await Gateway.create()
+
+const PROMPT = 'the quick brown fox jumps over the lazy dog'
+const messages = [{ role: 'user' as const, content: PROMPT }]
+const promptTokens = Tokenizer.prompt(messages)
+const wordsTokens = (text: string) =>
+  text
+    .split(' ')
+    .map((w, i) => Tokenizer.count(i === 0 ? w : ` ${w}`))
+    .reduce((a, b) => a + b, 0)
+/** Cost at the test prices: 1 base unit per prompt token, 2 per completion token. */
+const cost = (p: number, c: number) => BigInt(p + 2 * c)
+
+function post(key: string | undefined, body: unknown, headers: Record<string, string> = {}) {
+  return fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: {
+      'content-type': 'application/json',
+      ...(key ? { authorization: `Bearer ${key}` } : {}),
+      ...headers,
+    },
+    body: typeof body === 'string' ? body : JSON.stringify(body),
+  })
+}
+
+async function sse(res: Response): Promise<{ data: unknown[]; done: boolean }> {
+  const text = await res.text()
+  const data: unknown[] = []
+  let done = false
+  for (const block of text.split('\n\n')) {
+    const line = block.split('\n').find((l) => l.startsWith('data: '))
+    if (!line) continue
+    const payload = line.slice(6)
+    if (payload === '[DONE]') done = true
+    else data.push(JSON.parse(payload))
+  }
+  return { data, done }
+}
+
+describe('POST /v1/chat/completions (openai SDK)', () => {
+  test('behavior: non-streaming returns the completion with exact usage and cost, charged once', async () => {
+    const { id, key } = await gw.account()
+    const r = await gw.openai(key).chat.completions.create({ model: 'fake', messages })
+    expect(r.choices[0]!.message.content).toBe(PROMPT)
+    const completion = wordsTokens(PROMPT)
+    expect(r.usage).toMatchObject({ prompt_tokens: promptTokens, completion_tokens: completion })
+    expect((r.usage as unknown as { cost: string }).cost).toBe(
+      cost(promptTokens, completion).toString(),
+    )
+    const l = await Gateway.ledger(gw.sql, id)
+    expect(l.balance).toBe(1_000_000n - cost(promptTokens, completion))
+    expect(l.sum).toBe(l.balance)
+    expect(l.reserved).toBe(0n)
+    expect(l.open_reservations).toBe(0n)
+  })
+
+  test('behavior: streaming yields every word, then a final chunk with usage and cost', async () => {
+    const { id, key } = await gw.account()
+    const stream = await gw
+      .openai(key)
+      .chat.completions.create({ model: 'fake', messages, stream: true })
+    let text = ''
+    let usage: (OpenAI.CompletionUsage & { cost?: string }) | undefined
+    for await (const chunk of stream) {
+      text += chunk.choices[0]?.delta.content ?? ''
+      if (chunk.usage) usage = chunk.usage
+    }
+    expect(text).toBe(PROMPT)
+    const completion = wordsTokens(PROMPT)
+    expect(usage).toMatchObject({ prompt_tokens: promptTokens, completion_tokens: completion })
+    expect(usage!.cost).toBe(cost(promptTokens, completion).toString())
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(
+      1_000_000n - cost(promptTokens, completion),
+    )
+  })
+
+  test('behavior: include_usage puts usage in its own chunk with empty choices; the upstream is always asked for usage', async () => {
+    const { key } = await gw.account()
+    const before = gw.upstream.received.length
+    const res = await post(key, {
+      model: 'fake',
+      messages,
+      stream: true,
+      stream_options: { include_usage: true },
+    })
+    const { data, done } = await sse(res)
+    expect(done).toBe(true)
+    const last = data.at(-1) as { choices: unknown[]; usage: { cost: string } }
+    expect(last.choices).toEqual([])
+    expect(last.usage.cost).toBeDefined()
+    const finish = data.at(-2) as { choices: { finish_reason: string }[] }
+    expect(finish.choices[0]!.finish_reason).toBe('stop')
+    const sent = gw.upstream.received[before]!.body
+    expect(sent.stream_options).toEqual({ include_usage: true })
+  })
+
+  test('behavior: no usage from the upstream → charged by the gateway count', async () => {
+    const { id, key } = await gw.account()
+    const { data } = await sse(await post(key, { model: 'fake-no-usage', messages, stream: true }))
+    const last = data.at(-1) as { usage: { completion_tokens: number; cost: string } }
+    expect(last.usage.completion_tokens).toBe(wordsTokens(PROMPT))
+    const r = await gw.openai(key).chat.completions.create({ model: 'fake-no-usage', messages })
+    expect(r.usage!.completion_tokens).toBe(wordsTokens(PROMPT))
+    const l = await Gateway.ledger(gw.sql, id)
+    expect(l.balance).toBe(1_000_000n - 2n * cost(promptTokens, wordsTokens(PROMPT)))
+  })
+
+  test('behavior: X-API-Key works as well as Bearer', async () => {
+    const { key } = await gw.account()
+    const res = await post(undefined, { model: 'fake', messages }, { 'x-api-key': key })
+    expect(res.status).toBe(200)
+  })
+
+  test('behavior: max_tokens above the context is capped; the echo of the upstream stops there', async () => {
+    const { key } = await gw.account()
+    const r = await gw
+      .openai(key)
+      .chat.completions.create({ model: 'fake', messages, max_tokens: 5 })
+    expect(r.usage!.completion_tokens).toBeLessThanOrEqual(5)
+  })
+})
+
+describe('errors', () => {
+  test('error: no credentials → 401 auth_error with a Bearer challenge', async () => {
+    const res = await post(undefined, { model: 'fake', messages })
+    expect(res.status).toBe(401)
+    expect(res.headers.get('www-authenticate')).toBe('Bearer realm="tollway"')
+    expect(((await res.json()) as { error: { type: string } }).error.type).toBe('auth_error')
+  })
+
+  test('error: an unknown key → 401', async () => {
+    const res = await post('tw_nope', { model: 'fake', messages })
+    expect(res.status).toBe(401)
+    expect(res.headers.get('www-authenticate')).toContain('Bearer')
+  })
+
+  test('error: bad JSON, wrong types, bad roles → 400 naming the field', async () => {
+    const { key } = await gw.account()
+    const cases: [unknown, string][] = [
+      ['{not json', ''],
+      [{ messages }, 'model'],
+      [{ model: 'fake', messages: 'hi' }, 'messages'],
+      [{ model: 'fake', messages: [{ role: 'wizard', content: 'x' }] }, 'messages.0.role'],
+      [{ model: 'fake', messages, temperature: 'hot' }, 'temperature'],
+      [{ model: 'fake', messages, max_tokens: -1 }, 'max_tokens'],
+      [{ model: 'fake', messages, stream: 'yes' }, 'stream'],
+    ]
+    for (const [body, param] of cases) {
+      const res = await post(key, body)
+      expect(res.status).toBe(400)
+      const e = (
+        (await res.json()) as { error: { type: string; param: string | null; message: string } }
+      ).error
+      expect(e.type).toBe('invalid_request_error')
+      if (param) {
+        expect(e.param).toBe(param)
+        expect(e.message).toContain(param)
+      }
+    }
+  })
+
+  test('error: unknown model → 404 model_not_found', async () => {
+    const { key } = await gw.account()
+    const res = await post(key, { model: 'nope', messages })
+    expect(res.status).toBe(404)
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe('model_not_found')
+  })
+
+  test('error: a body over the limit → 413', async () => {
+    const { key } = await gw.account()
+    const res = await post(key, {
+      model: 'fake',
+      messages: [{ role: 'user', content: 'x'.repeat(gw.config.maxBodyBytes) }],
+    })
+    expect(res.status).toBe(413)
+    expect(((await res.json()) as { error: { type: string } }).error.type).toBe(
+      'invalid_request_error',
+    )
+  })
+
+  test('error: a prompt longer than the context → 400 context_length_exceeded, nothing charged', async () => {
+    const { id, key } = await gw.account()
+    const res = await post(key, {
+      model: 'fake',
+      messages: [{ role: 'user', content: 'word '.repeat(5000) }],
+    })
+    expect(res.status).toBe(400)
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe(
+      'context_length_exceeded',
+    )
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(1_000_000n)
+  })
+
+  test('error: upstream 500 before the first byte → 502 upstream_error, nothing charged', async () => {
+    const { id, key } = await gw.account()
+    for (const stream of [false, true]) {
+      const res = await post(key, { model: 'fake-500', messages, stream })
+      expect(res.status).toBe(502)
+      expect(((await res.json()) as { error: { type: string } }).error.type).toBe('upstream_error')
+    }
+    const l = await Gateway.ledger(gw.sql, id)
+    expect(l.balance).toBe(1_000_000n)
+    expect(l.reserved).toBe(0n)
+    const [u] =
+      await gw.sql`select count(*)::int as n, min(status) as status from usage where account_id = ${id}`
+    expect(u).toEqual({ n: 2, status: 'upstream_error' })
+  })
+
+  test('error: the upstream rejecting the request → 400 with its reason, nothing charged', async () => {
+    const { id, key } = await gw.account()
+    const res = await post(key, { model: 'fake-400', messages })
+    expect(res.status).toBe(400)
+    expect(((await res.json()) as { error: { message: string } }).error.message).toContain(
+      'frobnicate',
+    )
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(1_000_000n)
+  })
+
+  test('error: an upstream that hangs → 502 after the timeout, nothing charged', async () => {
+    const { id, key } = await gw.account()
+    const res = await post(key, { model: 'fake-hang', messages, stream: true })
+    expect(res.status).toBe(200)
+    const { data, done } = await sse(res)
+    expect(done).toBe(true)
+    expect((data.at(-1) as { error: { code: string } }).error.code).toBe('upstream_timeout')
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(1_000_000n)
+  })
+
+  test('behavior: an upstream failing mid-stream → error event, charged only for what was sent', async () => {
+    const { id, key } = await gw.account()
+    const res = await post(key, { model: 'fake-fail-mid', messages, stream: true })
+    const { data, done } = await sse(res)
+    expect(done).toBe(true)
+    const sent = data
+      .map(
+        (d) =>
+          (d as { choices?: { delta?: { content?: string } }[] }).choices?.[0]?.delta?.content ??
+          '',
+      )
+      .join('')
+    expect(sent).toBe('the quick brown')
+    const err = data.at(-1) as { error: { type: string } }
+    expect(err.error.type).toBe('upstream_error')
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(
+      1_000_000n - cost(promptTokens, wordsTokens(sent)),
+    )
+  })
+
+  test('error: the openai SDK raises the mid-stream error as an APIError', async () => {
+    const { key } = await gw.account()
+    const stream = await gw
+      .openai(key)
+      .chat.completions.create({ model: 'fake-fail-mid', messages, stream: true })
+    let text = ''
+    const run = async () => {
+      for await (const c of stream) text += c.choices[0]?.delta.content ?? ''
+    }
+    expect(run()).rejects.toBeInstanceOf(OpenAI.APIError)
+    await run().catch(() => {})
+    expect(text).toBe('the quick brown')
+  })
+})
+
+describe('credits', () => {
+  test('error: not enough credits → 402 insufficient_credits before any upstream call', async () => {
+    const { id, key } = await gw.account({ credits: 10 })
+    const before = gw.upstream.received.length
+    for (const stream of [false, true]) {
+      const res = await post(key, { model: 'fake', messages, stream, max_tokens: 100 })
+      expect(res.status).toBe(402)
+      const e = ((await res.json()) as { error: { type: string; code: string } }).error
+      expect(e.type).toBe('insufficient_credits')
+    }
+    expect(gw.upstream.received.length).toBe(before)
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(10n)
+  })
+
+  test('behavior: credits running out mid-stream end it cleanly with an error event; the balance ends at zero, never below', async () => {
+    // Enough for the prompt and a few words, not for all of them.
+    const long = Array.from({ length: 60 }, (_, i) => `w${i}`).join(' ')
+    const m = [{ role: 'user' as const, content: long }]
+    const p = Tokenizer.prompt(m)
+    const credits = BigInt(p) + 41n
+    const { id, key } = await gw.account({ credits })
+    const res = await post(key, { model: 'fake', messages: m, stream: true })
+    expect(res.status).toBe(200)
+    const { data, done } = await sse(res)
+    expect(done).toBe(true)
+    const err = data.at(-1) as { error: { type: string } }
+    expect(err.error.type).toBe('insufficient_credits')
+    const usage = (data.at(-2) as { usage: { completion_tokens: number; cost: string } }).usage
+    const sent = data
+      .map(
+        (d) =>
+          (d as { choices?: { delta?: { content?: string } }[] }).choices?.[0]?.delta?.content ??
+          '',
+      )
+      .join('')
+    expect(usage.completion_tokens).toBe(wordsTokens(sent))
+    expect(BigInt(usage.cost)).toBe(cost(p, usage.completion_tokens))
+    expect(BigInt(usage.cost)).toBeLessThanOrEqual(credits)
+    const l = await Gateway.ledger(gw.sql, id)
+    expect(l.balance).toBe(credits - BigInt(usage.cost))
+    expect(l.balance).toBeGreaterThanOrEqual(0n)
+    expect(l.balance).toBeLessThan(2n * 3n) // less than the next word could cost
+    expect(l.sum).toBe(l.balance)
+    expect(l.reserved).toBe(0n)
+  })
+
+  test('behavior: without max_tokens a whole completion holds what the credits allow and caps the upstream there', async () => {
+    const long = Array.from({ length: 60 }, (_, i) => `w${i}`).join(' ')
+    const m = [{ role: 'user' as const, content: long }]
+    const p = Tokenizer.prompt(m)
+    const credits = BigInt(p) + 100n
+    const { id, key } = await gw.account({ credits })
+    const before = gw.upstream.received.length
+    const r = await gw.openai(key).chat.completions.create({ model: 'fake', messages: m })
+    expect(gw.upstream.received[before]!.body.max_tokens).toBe(50)
+    expect(r.usage!.completion_tokens).toBeLessThanOrEqual(50)
+    const l = await Gateway.ledger(gw.sql, id)
+    expect(l.balance).toBe(credits - cost(p, r.usage!.completion_tokens))
+    expect(l.balance).toBeGreaterThanOrEqual(0n)
+  })
+
+  test('behavior: client abort mid-stream cancels the upstream and pays the prompt plus the tokens sent', async () => {
+    const long = Array.from({ length: 200 }, (_, i) => `w${i}`).join(' ')
+    const m = [{ role: 'user' as const, content: long }]
+    const { id, key } = await gw.account()
+    const controller = new AbortController()
+    const res = await fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'fake-slow', messages: m, stream: true }),
+      signal: controller.signal,
+    })
+    const reader = res.body!.getReader()
+    let text = ''
+    const decoder = new TextDecoder()
+    while (!text.includes('w3')) text += decoder.decode((await reader.read()).value)
+    controller.abort()
+    await reader.cancel().catch(() => {})
+    // Wait for the gateway to settle.
+    let l = await Gateway.ledger(gw.sql, id)
+    for (let i = 0; i < 100 && l.open_reservations > 0n; i++) {
+      await Bun.sleep(20)
+      l = await Gateway.ledger(gw.sql, id)
+    }
+    expect(l.open_reservations).toBe(0n)
+    const [u] = await gw.sql`select * from usage where account_id = ${id}`
+    expect(u!.status).toBe('cancelled')
+    expect(u!.completion_tokens).toBeGreaterThanOrEqual(wordsTokens('w0 w1 w2 w3'))
+    expect(u!.completion_tokens).toBeLessThan(wordsTokens(long) / 4)
+    expect(l.balance).toBe(1_000_000n - cost(Tokenizer.prompt(m), u!.completion_tokens))
+    await Bun.sleep(50)
+    expect(gw.upstream.received.at(-1)!.aborted).toBe(true)
+  })
+
+  test('behavior: the same Idempotency-Key is not charged twice', async () => {
+    const { id, key } = await gw.account()
+    const body = { model: 'fake', messages }
+    const first = await post(key, body, { 'idempotency-key': 'abc-1' })
+    expect(first.status).toBe(200)
+    const balance = (await Gateway.ledger(gw.sql, id)).balance
+    const again = await post(key, body, { 'idempotency-key': 'abc-1' })
+    expect(again.status).toBe(409)
+    const e = ((await again.json()) as { error: { code: string; details: { request_id: string } } })
+      .error
+    expect(e.code).toBe('idempotency_key_reused')
+    expect(e.details.request_id).toBe(first.headers.get('x-request-id')!)
+    const other = await post(key, { ...body, max_tokens: 3 }, { 'idempotency-key': 'abc-1' })
+    expect(((await other.json()) as { error: { code: string } }).error.code).toBe(
+      'idempotency_key_mismatch',
+    )
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(balance)
+    const [n] = await gw.sql`select count(*)::int as n from usage where account_id = ${id}`
+    expect(n!.n).toBe(1)
+  })
+
+  test('behavior: concurrent retries with one Idempotency-Key run and charge once', async () => {
+    const { id, key } = await gw.account()
+    const body = { model: 'fake-slow', messages: [{ role: 'user', content: 'a b c' }] }
+    const results = await Promise.all(
+      Array.from({ length: 5 }, () =>
+        post(key, body, { 'idempotency-key': 'same' }).then((r) => r.status),
+      ),
+    )
+    expect(results.filter((s) => s === 200)).toHaveLength(1)
+    expect(results.filter((s) => s === 409)).toHaveLength(4)
+    const [n] =
+      await gw.sql`select count(*)::int as n from credit_transactions where account_id = ${id} and kind = 'usage'`
+    expect(n!.n).toBe(1)
+  })
+
+  test('behavior: a key whose first request failed upstream (not charged) may be used again', async () => {
+    const { key } = await gw.account()
+    const r1 = await post(key, { model: 'fake-400', messages }, { 'idempotency-key': 'retry-me' })
+    expect(r1.status).toBe(400)
+    // Nothing was charged, so the key is free again, even for another body.
+    const r2 = await post(key, { model: 'fake', messages }, { 'idempotency-key': 'retry-me' })
+    expect(r2.status).toBe(200)
+    const r3 = await post(key, { model: 'fake', messages }, { 'idempotency-key': 'retry-me' })
+    expect(r3.status).toBe(409)
+  })
+})
+
+describe('privacy', () => {
+  test('behavior: no prompt or completion text reaches the database or the logs', async () => {
+    const marker = `MARKER${crypto.randomUUID().replaceAll('-', '')}`
+    const { key } = await gw.account()
+    const m = [{ role: 'user' as const, content: `say ${marker} please` }]
+    await gw.openai(key).chat.completions.create({ model: 'fake', messages: m })
+    const s = await gw
+      .openai(key)
+      .chat.completions.create({ model: 'fake', messages: m, stream: true })
+    for await (const _ of s) {
+    }
+    await post(key, { model: 'fake-500', messages: m })
+    await post(key, { model: 'nope', messages: m })
+    const tables = await gw.sql`
+      select table_name from information_schema.tables
+      where table_schema = current_schema() and table_type = 'BASE TABLE'`
+    expect(tables.length).toBeGreaterThan(5)
+    for (const { table_name } of tables) {
+      const [hit] = await gw.sql.unsafe(
+        `select count(*)::int as n from "${table_name}" t where t::text like '%' || $1 || '%'`,
+        [marker],
+      )
+      expect({ table: table_name, n: hit!.n }).toEqual({ table: table_name, n: 0 })
+    }
+    expect(gw.logs.length).toBeGreaterThan(0)
+    expect(gw.logs.join('\n')).not.toContain(marker)
+    expect(gw.logs.join('\n')).not.toContain(key)
+  })
+})

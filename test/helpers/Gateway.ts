@@ -1,0 +1,131 @@
+/**
+ * A running gateway for a test file (create it with top-level await: teardown is registered with afterAll): its own database (see Postgres.ts), a fake upstream
+ * with every behaviour as a model, logs captured in memory, and admin helpers.
+ */
+import { afterAll } from 'bun:test'
+import OpenAI from 'openai'
+import * as Config from '../../src/Config.ts'
+import type * as Db from '../../src/ledger/Db.ts'
+import { type Gateway, start } from '../../src/main.ts'
+import * as Postgres from './Postgres.ts'
+import * as Upstream from './Upstream.ts'
+
+export const behaviours = [
+  'fake',
+  'fake-slow',
+  'fake-fail-mid',
+  'fake-no-usage',
+  'fake-500',
+  'fake-hang',
+  'fake-400',
+]
+
+export type TestGateway = Gateway & {
+  upstream: Upstream.FakeUpstream
+  logs: string[]
+  db: Postgres.TestDb
+  config: Config.Config
+  admin(path: string, body?: unknown, method?: string): Promise<Response>
+  /** Creates an account on `plan` with `credits` and one key; returns its id and key. */
+  account(input?: {
+    plan?: string
+    credits?: bigint | number
+  }): Promise<{ id: string; key: string }>
+  openai(key: string): OpenAI
+  /** Another instance on the same database. */
+  another(): Promise<TestGateway>
+}
+
+/** Plans for tests: the defaults plus `unlimited` (no limits) for money-only tests. */
+export const plans = {
+  ...Config.defaultPlans,
+  unlimited: { tier: 9, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
+}
+
+export async function create(
+  overrides: Record<string, unknown> = {},
+  shared?: { db: Postgres.TestDb; upstream: Upstream.FakeUpstream },
+): Promise<TestGateway> {
+  const upstream = shared?.upstream ?? Upstream.start()
+  const input = {
+    port: 0,
+    adminToken: 'test-admin-token-0123456789',
+    logLevel: 'info',
+    // One upstream per behaviour, so their circuit breakers are apart.
+    upstreams: behaviours.map((b) => ({ name: b, baseUrl: upstream.url, timeoutMs: 1_000 })),
+    models: [
+      ...behaviours.map((b) => ({
+        id: b,
+        upstream: b,
+        upstreamModel: b,
+        pricing: { input: '1000000', output: '2000000' },
+        contextLength: 4096,
+      })),
+      {
+        id: 'org/premium',
+        upstream: 'fake',
+        upstreamModel: 'fake',
+        pricing: { input: '1000000', output: '2000000' },
+        contextLength: 4096,
+        minTier: 1,
+      },
+    ],
+    plans,
+    metering: { blockTokens: 16 },
+    ...overrides,
+  }
+  const config = Config.from(input)
+  const db = shared?.db ?? (await Postgres.fresh(config.plans))
+  const logs: string[] = []
+  const gateway = await start(config, {
+    sql: db.sql as Db.Sql,
+    logDestination: { write: (line: string) => logs.push(line) },
+  })
+  afterAll(() => gateway.stop())
+  const admin = (path: string, body?: unknown, method = body === undefined ? 'GET' : 'POST') =>
+    fetch(`${gateway.url}/admin${path}`, {
+      method,
+      headers: { authorization: `Bearer ${config.adminToken}`, 'content-type': 'application/json' },
+      ...(body === undefined ? {} : { body: JSON.stringify(body) }),
+    })
+  const t: TestGateway = {
+    ...gateway,
+    upstream,
+    logs,
+    db,
+    config,
+    admin,
+    async account({ plan = 'unlimited', credits = 1_000_000n } = {}) {
+      const { id } = (await (await admin('/accounts', { name: 'test', plan })).json()) as {
+        id: string
+      }
+      if (BigInt(credits) > 0n)
+        await admin(`/accounts/${id}/credits`, { amount: String(credits), note: 'test' })
+      const { key } = (await (await admin(`/accounts/${id}/keys`, { name: 'k' })).json()) as {
+        key: string
+      }
+      return { id, key }
+    },
+    openai: (key) => new OpenAI({ apiKey: key, baseURL: `${gateway.url}/v1`, maxRetries: 0 }),
+    another: () => create(overrides, { db, upstream }),
+  }
+  return t
+}
+
+/** Sums an account's credit transactions and reads its balance: they must agree. */
+export async function ledger(sql: Db.Sql, accountId: string) {
+  const [row] = await sql`
+    select a.balance, a.reserved, a.active_requests,
+      coalesce((select sum(amount) from credit_transactions where account_id = a.id), 0) as sum,
+      coalesce((select sum(cost) from usage where account_id = a.id), 0) as usage_cost,
+      (select count(*) from reservations where account_id = a.id) as open_reservations
+    from accounts a where a.id = ${accountId}`
+  return row as {
+    balance: bigint
+    reserved: bigint
+    active_requests: number
+    sum: bigint
+    usage_cost: bigint
+    open_reservations: bigint
+  }
+}
