@@ -1,0 +1,206 @@
+import { describe, expect, test } from 'bun:test'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const gw = await Gateway.create()
+
+function as(key: string, path: string, init: RequestInit = {}) {
+  return fetch(`${gw.url}/v1${path}`, {
+    ...init,
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+  })
+}
+const chat = (key: string) =>
+  as(key, '/chat/completions', {
+    method: 'POST',
+    body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'one two three' }] }),
+  })
+
+describe('admin API', () => {
+  test('error: without the admin token → 401', async () => {
+    const res = await fetch(`${gw.url}/admin/accounts`, { method: 'POST', body: '{"name":"x"}' })
+    expect(res.status).toBe(401)
+    expect(res.headers.get('www-authenticate')).toBe('Bearer realm="tollway"')
+    const wrong = await fetch(`${gw.url}/admin/accounts`, {
+      method: 'POST',
+      headers: { authorization: 'Bearer not-the-token' },
+      body: '{"name":"x"}',
+    })
+    expect(wrong.status).toBe(401)
+  })
+
+  test('behavior: accounts, credits and keys', async () => {
+    const created = await gw.admin('/accounts', { name: 'acme', plan: 'pro' })
+    expect(created.status).toBe(201)
+    const { id } = (await created.json()) as { id: string }
+    const credited = await gw.admin(`/accounts/${id}/credits`, { amount: '5000', note: 'welcome' })
+    expect(await credited.json()).toEqual({ balance: '5000' })
+    expect(await (await gw.admin(`/accounts/${id}/credits`, { amount: -1000 })).json()).toEqual({
+      balance: '4000',
+    })
+    const key = await gw.admin(`/accounts/${id}/keys`, { name: 'ci' })
+    expect(key.status).toBe(201)
+    const k = (await key.json()) as { id: string; key: string; prefix: string }
+    expect(k.key.startsWith(k.prefix)).toBe(true)
+    expect(k.key).toMatch(/^tw_[A-Za-z0-9_-]{43}$/)
+    const account = (await (await gw.admin(`/accounts/${id}`)).json()) as Record<string, unknown>
+    expect(account).toMatchObject({ id, name: 'acme', plan: 'pro', balance: '4000', reserved: '0' })
+    expect(JSON.stringify(account)).not.toContain(k.key)
+    // The raw key is stored nowhere: only its hash.
+    const [n] =
+      await gw.sql`select count(*)::int as n from api_keys where encode(hash, 'escape') like ${`%${k.key}%`} or prefix = ${k.key}`
+    expect(n!.n).toBe(0)
+  })
+
+  test('error: bad input → 400/404/409 naming the problem', async () => {
+    expect((await gw.admin('/accounts', { name: '' })).status).toBe(400)
+    const badPlan = await gw.admin('/accounts', { name: 'x', plan: 'platinum' })
+    expect(badPlan.status).toBe(400)
+    expect(((await badPlan.json()) as { error: { param: string } }).error.param).toBe('plan')
+    const { id } = (await (await gw.admin('/accounts', { name: 'x' })).json()) as { id: string }
+    expect((await gw.admin(`/accounts/${id}/credits`, { amount: '1.5' })).status).toBe(400)
+    expect((await gw.admin(`/accounts/${id}/credits`, { amount: 0 })).status).toBe(400)
+    expect((await gw.admin(`/accounts/${id}/credits`, { amount: '-1' })).status).toBe(409)
+    expect((await gw.admin('/accounts/not-a-uuid')).status).toBe(404)
+    expect((await gw.admin(`/accounts/${crypto.randomUUID()}`)).status).toBe(404)
+    expect((await gw.admin(`/accounts/${crypto.randomUUID()}/credits`, { amount: 5 })).status).toBe(
+      404,
+    )
+    expect((await gw.admin(`/accounts/${crypto.randomUUID()}/keys`, { name: 'k' })).status).toBe(
+      404,
+    )
+  })
+})
+
+describe('key holder API', () => {
+  test('behavior: at most 10 active keys; the 11th is a 409; revoking frees a place', async () => {
+    const { key } = await gw.account()
+    const made = await Promise.all(
+      Array.from({ length: 12 }, (_, i) =>
+        as(key, '/keys', { method: 'POST', body: JSON.stringify({ name: `k${i}` }) }),
+      ),
+    )
+    const statuses = made.map((r) => r.status).sort()
+    // One key exists already: 9 more fit, even when asked for concurrently.
+    expect(statuses.filter((s) => s === 201)).toHaveLength(9)
+    expect(statuses.filter((s) => s === 409)).toHaveLength(3)
+    const refused = made.find((r) => r.status === 409)!
+    expect(((await refused.json()) as { error: { code: string } }).error.code).toBe(
+      'key_limit_reached',
+    )
+    const list = (await (await as(key, '/keys')).json()) as {
+      data: { id: string; prefix: string }[]
+    }
+    expect(list.data).toHaveLength(10)
+    expect(JSON.stringify(list)).not.toContain(key)
+    const victim = list.data.find((k) => !key.startsWith(k.prefix))!
+    expect((await as(key, `/keys/${victim.id}`, { method: 'DELETE' })).status).toBe(200)
+    expect((await as(key, `/keys/${victim.id}`, { method: 'DELETE' })).status).toBe(404)
+    expect((await as(key, '/keys', { method: 'POST', body: '{"name":"again"}' })).status).toBe(201)
+  })
+
+  test('behavior: a revoked key gets 401 at once', async () => {
+    const { key } = await gw.account()
+    const made = (await (
+      await as(key, '/keys', { method: 'POST', body: '{"name":"temp"}' })
+    ).json()) as {
+      id: string
+      key: string
+    }
+    expect((await chat(made.key)).status).toBe(200)
+    expect((await as(key, `/keys/${made.id}`, { method: 'DELETE' })).status).toBe(200)
+    expect((await chat(made.key)).status).toBe(401)
+    expect((await as(made.key, '/credits')).status).toBe(401)
+    expect((await chat(key)).status).toBe(200)
+  })
+
+  test('behavior: credits, transactions and usage with cursor pagination', async () => {
+    const { key } = await gw.account({ credits: 100_000 })
+    for (let i = 0; i < 5; i++) expect((await chat(key)).status).toBe(200)
+    const credits = (await (await as(key, '/credits')).json()) as {
+      balance: string
+      available: string
+    }
+    const usage1 = (await (await as(key, '/usage?limit=2')).json()) as {
+      data: {
+        id: string
+        cost: string
+        prompt_tokens: number
+        completion_tokens: number
+        latency_ms: number
+        time_to_first_token_ms: number
+        status: string
+        model: string
+      }[]
+      has_more: boolean
+      next_cursor: string
+    }
+    expect(usage1.data).toHaveLength(2)
+    expect(usage1.has_more).toBe(true)
+    expect(usage1.data[0]).toMatchObject({ model: 'fake', status: 'ok' })
+    expect(usage1.data[0]!.latency_ms).toBeGreaterThanOrEqual(0)
+    expect(usage1.data[0]!.time_to_first_token_ms).toBeGreaterThanOrEqual(0)
+    const seen = [...usage1.data]
+    let cursor: string | null = usage1.next_cursor
+    while (cursor) {
+      const page = (await (
+        await as(key, `/usage?limit=2&cursor=${cursor}`)
+      ).json()) as typeof usage1
+      seen.push(...page.data)
+      cursor = page.has_more ? page.next_cursor : null
+    }
+    expect(new Set(seen.map((u) => u.id)).size).toBe(5)
+    const spent = seen.reduce((s, u) => s + BigInt(u.cost), 0n)
+    expect(BigInt(credits.balance)).toBe(100_000n - spent)
+    const tx = (await (await as(key, '/credits/transactions?limit=10')).json()) as {
+      data: { amount: string; kind: string }[]
+    }
+    expect(tx.data).toHaveLength(6)
+    expect(tx.data.at(-1)).toMatchObject({ kind: 'grant', amount: '100000' })
+    expect(tx.data.reduce((s, t) => s + BigInt(t.amount), 0n)).toBe(BigInt(credits.balance))
+    expect((await as(key, '/usage?limit=0')).status).toBe(400)
+  })
+})
+
+describe('models', () => {
+  test('behavior: GET /v1/models lists prices as decimal strings and context lengths', async () => {
+    const res = (await (await fetch(`${gw.url}/v1/models`)).json()) as {
+      object: string
+      data: { id: string; pricing: { input: string; output: string }; context_length: number }[]
+    }
+    expect(res.object).toBe('list')
+    expect(res.data.find((m) => m.id === 'fake')).toMatchObject({
+      object: 'model',
+      pricing: { input: '1000000', output: '2000000' },
+      context_length: 4096,
+    })
+  })
+
+  test('behavior: model health follows the upstream: ready, unavailable after repeated 5xx (503 no_upstream_available)', async () => {
+    const health = async (id: string) =>
+      (await (await fetch(`${gw.url}/v1/models/${id}/health`)).json()) as {
+        model: string
+        status: string
+      }
+    expect(await health('org/premium')).toEqual({ model: 'org/premium', status: 'ready' })
+    expect(await health('fake-500')).toEqual({ model: 'fake-500', status: 'ready' })
+    const { key } = await gw.account()
+    const send = () =>
+      as(key, '/chat/completions', {
+        method: 'POST',
+        body: JSON.stringify({ model: 'fake-500', messages: [{ role: 'user', content: 'x' }] }),
+      })
+    for (let i = 0; i < 3; i++) expect((await send()).status).toBe(502)
+    expect((await health('fake-500')).status).toBe('unavailable')
+    const refused = await send()
+    expect(refused.status).toBe(503)
+    expect(((await refused.json()) as { error: { type: string } }).error.type).toBe(
+      'no_upstream_available',
+    )
+    expect(refused.headers.get('retry-after')).not.toBeNull()
+    expect((await fetch(`${gw.url}/v1/models/nope/health`)).status).toBe(404)
+  })
+
+  test('behavior: GET /health', async () => {
+    expect(await (await fetch(`${gw.url}/health`)).json()).toEqual({ status: 'ok' })
+  })
+})

@@ -1,0 +1,125 @@
+import { describe, expect, test } from 'bun:test'
+import * as Gateway from '../helpers/Gateway.ts'
+
+// Two instances on one database: limits must hold across them (state in Postgres).
+const a = await Gateway.create()
+const b = await a.another()
+
+const messages = [{ role: 'user', content: 'hello there' }]
+
+function post(gw: Gateway.TestGateway, key: string, body: Record<string, unknown> = {}) {
+  return fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'fake', messages, ...body }),
+  })
+}
+
+type ErrorBody = { error: { type: string; code: string } }
+
+describe('rate limits', () => {
+  test('behavior: the free plan allows 10 requests a minute across two instances, then 429 with Retry-After', async () => {
+    const { key } = await a.account({ plan: 'free' })
+    const statuses: number[] = []
+    const remaining: (string | null)[] = []
+    for (let i = 0; i < 12; i++) {
+      const res = await post(i % 2 ? b : a, key)
+      statuses.push(res.status)
+      remaining.push(res.headers.get('x-ratelimit-remaining-requests'))
+      if (res.status === 429) {
+        expect(((await res.json()) as ErrorBody).error.type).toBe('rate_limit_exceeded')
+        expect(Number(res.headers.get('retry-after'))).toBeGreaterThanOrEqual(1)
+        expect(Number(res.headers.get('retry-after'))).toBeLessThanOrEqual(6)
+        expect(res.headers.get('x-ratelimit-limit-requests')).toBe('10')
+        expect(res.headers.get('x-ratelimit-remaining-requests')).toBe('0')
+      } else await res.text()
+    }
+    expect(statuses).toEqual([...Array(10).fill(200), 429, 429])
+    expect(remaining.slice(0, 3)).toEqual(['9', '8', '7'])
+  })
+
+  test('behavior: a refused request does not use up the rate limit', async () => {
+    const { key } = await a.account({ plan: 'free', credits: 0 })
+    for (let i = 0; i < 12; i++) expect((await post(a, key)).status).toBe(402)
+  })
+
+  test('behavior: concurrent requests over the limit are refused, across instances', async () => {
+    const { key } = await a.account({ plan: 'free' })
+    const results = await Promise.all(
+      Array.from({ length: 20 }, (_, i) => post(i % 2 ? a : b, key)),
+    )
+    const statuses = results.map((r) => r.status)
+    // 1 concurrent completion on the free plan: the rest are 429 (concurrency or rate).
+    expect(statuses.filter((s) => s === 200).length).toBeLessThanOrEqual(10)
+    expect(statuses.filter((s) => s === 200).length).toBeGreaterThanOrEqual(1)
+    expect(statuses.every((s) => s === 200 || s === 429)).toBe(true)
+    for (const r of results)
+      if (r.status === 429) expect(r.headers.get('retry-after')).not.toBeNull()
+  })
+
+  test('behavior: the free plan allows one stream at a time; the second is 429 concurrency_limit_exceeded', async () => {
+    const { key } = await a.account({ plan: 'free' })
+    const slow = await post(a, key, {
+      model: 'fake-slow',
+      stream: true,
+      messages: [{ role: 'user', content: 'a b c d e' }],
+    })
+    expect(slow.status).toBe(200)
+    const second = await post(b, key)
+    expect(second.status).toBe(429)
+    expect(((await second.json()) as ErrorBody).error.code).toBe('concurrency_limit_exceeded')
+    expect(second.headers.get('retry-after')).toBe('1')
+    await slow.text()
+    expect((await post(b, key)).status).toBe(200)
+  })
+})
+
+describe('plans', () => {
+  test('error: a model above the plan tier → 403 tier_not_available', async () => {
+    const free = await a.account({ plan: 'free' })
+    const res = await post(a, free.key, { model: 'org/premium' })
+    expect(res.status).toBe(403)
+    expect(((await res.json()) as ErrorBody).error.type).toBe('tier_not_available')
+    const pro = await a.account({ plan: 'pro' })
+    expect((await post(a, pro.key, { model: 'org/premium' })).status).toBe(200)
+  })
+
+  test('behavior: the monthly token quota refuses with 429 once used up', async () => {
+    const { id, key } = await a.account({ plan: 'free' })
+    await a.sql`update accounts set month_tokens = 499999 where id = ${id}`
+    const res = await post(a, key)
+    expect(res.status).toBe(429)
+    expect(((await res.json()) as ErrorBody).error.code).toBe('monthly_token_quota_exceeded')
+    const days = Number(res.headers.get('retry-after')) / 86400
+    expect(days).toBeGreaterThan(0)
+    expect(days).toBeLessThanOrEqual(31)
+  })
+
+  test('behavior: a new month resets the quota', async () => {
+    const { id, key } = await a.account({ plan: 'free' })
+    await a.sql`update accounts set month_tokens = 499990, month_start = '2000-01-01' where id = ${id}`
+    expect((await post(a, key)).status).toBe(200)
+    const [row] = await a.sql`select month_tokens from accounts where id = ${id}`
+    expect(row!.month_tokens).toBeLessThan(100n)
+  })
+
+  test('behavior: a wallet plan refuses below 500 tokens with 429 wallet_empty and the time to refill', async () => {
+    const { id, key } = await a.account({ plan: 'wallet' })
+    // A fresh wallet is full: a turn is allowed and its tokens are taken out.
+    expect((await post(a, key)).status).toBe(200)
+    const [w] = await a.sql`select wallet_tokens from accounts where id = ${id}`
+    expect(w!.wallet_tokens).toBeLessThan(10_000)
+    expect(w!.wallet_tokens).toBeGreaterThan(9_900)
+    await a.sql`update accounts set wallet_tokens = 400, wallet_at = now() where id = ${id}`
+    const res = await post(b, key)
+    expect(res.status).toBe(429)
+    expect(((await res.json()) as ErrorBody).error.type).toBe('wallet_empty')
+    // 100 tokens at 1,000 per 24 h: 2.4 hours.
+    const retry = Number(res.headers.get('retry-after'))
+    expect(retry).toBeGreaterThan(8600)
+    expect(retry).toBeLessThanOrEqual(8641)
+    // 3 hours later the wallet has refilled past the floor.
+    await a.sql`update accounts set wallet_at = now() - interval '3 hours' where id = ${id}`
+    expect((await post(b, key)).status).toBe(200)
+  })
+})
