@@ -84,7 +84,7 @@ const Echo = z.strictObject({
 })
 
 export const Schema = z
-  .object({
+  .strictObject({
     port: z.number().int().min(0).max(65535).default(8787),
     host: z.string().min(1).default('127.0.0.1'),
     dataDir: z.string().min(1).default('./.tollway'),
@@ -104,7 +104,7 @@ export const Schema = z
     defaultPlan: z.string().min(1).default('free'),
     echo: Echo.prefault({}),
     metering: z
-      .object({
+      .strictObject({
         blockTokens: z.number().int().positive().default(64),
         leaseSeconds: z.number().int().positive().default(600),
       })

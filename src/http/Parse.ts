@@ -2,6 +2,7 @@
 import type { Context } from 'hono'
 import type { z } from 'zod'
 import { InvalidRequestError, NotFoundError } from '../Errors.ts'
+import { BadCursorError } from '../ledger/Page.ts'
 
 /** Parses JSON text; a 400 `invalid_json` if it is not JSON. */
 export function json(text: string): unknown {
@@ -39,6 +40,19 @@ export function id(value: string, what: string): string {
   if (!UUID.test(value))
     throw new NotFoundError(`No ${what} with id "${value.slice(0, 64)}".`, `${what}_not_found`)
   return value
+}
+
+/** Runs a listing, turning a foreign cursor into a 400. */
+export async function listing<T>(run: () => Promise<T>): Promise<T> {
+  try {
+    return await run()
+  } catch (e) {
+    if (e instanceof BadCursorError)
+      throw new InvalidRequestError('cursor is not one this listing returned.', 'invalid_value', {
+        param: 'cursor',
+      })
+    throw e
+  }
 }
 
 /** `?limit=&cursor=` of a listing. */

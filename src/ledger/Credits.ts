@@ -38,7 +38,7 @@ export async function transactions(
   sql: Sql,
   input: { accountId: string; limit: number; cursor?: string },
 ): Promise<Page.Page<Transaction>> {
-  const [after] = Page.parse(input.cursor, 1) ?? []
+  const [after] = Page.parse(input.cursor, [Page.shapes.id]) ?? []
   const rows = await sql`
     select id, amount, kind, note, request_id, created_at from credit_transactions
     where account_id = ${input.accountId} ${after ? sql`and id < ${after}` : sql``}

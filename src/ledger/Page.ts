@@ -7,11 +7,28 @@ export function cursor(parts: string[]): string {
   return Buffer.from(parts.join('\n')).toString('base64url')
 }
 
-/** Decodes a cursor into `n` parts, or returns undefined if it is not one of ours. */
-export function parse(value: string | undefined, n: number): string[] | undefined {
+/** Thrown for a cursor that is not one of ours. */
+export class BadCursorError extends Error {
+  override name = 'BadCursorError'
+}
+
+/**
+ * Decodes a cursor whose parts must match `shapes`, one pattern each; undefined when
+ * there is no cursor, `BadCursorError` when it is not one of ours.
+ */
+export function parse(value: string | undefined, shapes: RegExp[]): string[] | undefined {
   if (!value) return undefined
   const parts = Buffer.from(value, 'base64url').toString('utf8').split('\n')
-  return parts.length === n && parts.every((p) => p.length > 0) ? parts : undefined
+  if (parts.length !== shapes.length || !parts.every((p, i) => shapes[i]!.test(p)))
+    throw new BadCursorError('not a cursor of this listing')
+  return parts
+}
+
+export const shapes = {
+  id: /^\d{1,19}$/,
+  uuid: /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/,
+  /** Postgres' text form of a timestamptz. */
+  timestamp: /^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,6})?[+-]\d{2}(:\d{2})?$/,
 }
 
 /** Builds a page from `limit + 1` fetched rows. */

@@ -22,7 +22,7 @@ export async function list(
   sql: Sql,
   input: { accountId: string; limit: number; cursor?: string },
 ): Promise<Page.Page<Row>> {
-  const after = Page.parse(input.cursor, 2)
+  const after = Page.parse(input.cursor, [Page.shapes.timestamp, Page.shapes.uuid])
   const rows = await sql`
     select *, created_at::text as position from usage where account_id = ${input.accountId}
     ${after ? sql`and (created_at, id) < (${after[0]!}::timestamptz, ${after[1]!}::uuid)` : sql``}

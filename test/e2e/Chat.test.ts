@@ -260,8 +260,7 @@ describe('errors', () => {
     const run = async () => {
       for await (const c of stream) text += c.choices[0]?.delta.content ?? ''
     }
-    expect(run()).rejects.toBeInstanceOf(OpenAI.APIError)
-    await run().catch(() => {})
+    await expect(run()).rejects.toBeInstanceOf(OpenAI.APIError)
     expect(text).toBe('the quick brown')
   })
 })

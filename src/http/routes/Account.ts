@@ -43,12 +43,18 @@ export function routes(deps: Deps) {
 
   app.get('/credits/transactions', async (c) =>
     c.json(
-      await Credits.transactions(deps.sql, { accountId: c.get('accountId'), ...Parse.page(c) }),
+      await Parse.listing(() =>
+        Credits.transactions(deps.sql, { accountId: c.get('accountId'), ...Parse.page(c) }),
+      ),
     ),
   )
 
   app.get('/usage', async (c) =>
-    c.json(await Usage.list(deps.sql, { accountId: c.get('accountId'), ...Parse.page(c) })),
+    c.json(
+      await Parse.listing(() =>
+        Usage.list(deps.sql, { accountId: c.get('accountId'), ...Parse.page(c) }),
+      ),
+    ),
   )
 
   return app

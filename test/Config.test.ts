@@ -1,0 +1,116 @@
+import { describe, expect, test } from 'bun:test'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import fc from 'fast-check'
+import * as Config from '../src/Config.ts'
+
+function file(contents: string): string {
+  const path = join(mkdtempSync(join(tmpdir(), 'tollway-config-')), 'config.json')
+  writeFileSync(path, contents)
+  return path
+}
+
+describe('load', () => {
+  test('behavior: embedded defaults with nothing set', () => {
+    const c = Config.load({})
+    expect(c).toMatchObject({ port: 8787, host: '127.0.0.1', dataDir: './.tollway', models: [] })
+    expect(c.databaseUrl).toBeUndefined()
+    expect(c.echo.pricing).toEqual({ input: 1_000_000n, output: 2_000_000n })
+    expect(c.plans.free).toMatchObject({
+      tier: 0,
+      requestsPerMinute: 10,
+      maxConcurrent: 1,
+      tokensPerMonth: 500_000,
+    })
+    expect(c.plans.pro).toMatchObject({
+      tier: 1,
+      requestsPerMinute: 60,
+      maxConcurrent: 3,
+      tokensPerMonth: 10_000_000,
+    })
+    expect(c.plans.wallet!.wallet).toEqual({ floor: 500, refillPerDay: 1_000, cap: 10_000 })
+  })
+
+  test('behavior: environment variables override the file', () => {
+    const path = file(JSON.stringify({ port: 9000, host: '0.0.0.0' }))
+    const c = Config.load({ TOLLWAY_CONFIG: path, PORT: '9100', DATABASE_URL: 'postgres://x/y' })
+    expect(c).toMatchObject({ port: 9100, host: '0.0.0.0', databaseUrl: 'postgres://x/y' })
+  })
+
+  test('behavior: a config file adds upstreams and priced models', () => {
+    const path = file(
+      JSON.stringify({
+        upstreams: [{ name: 'oa', baseUrl: 'https://api.example.com/v1', apiKeyEnv: 'OA_KEY' }],
+        models: [
+          {
+            id: 'm',
+            upstream: 'oa',
+            upstreamModel: 'gpt-x',
+            pricing: { input: '150000', output: 600000 },
+            contextLength: 128000,
+          },
+        ],
+      }),
+    )
+    const c = Config.load({ TOLLWAY_CONFIG: path })
+    expect(c.models[0]!.pricing).toEqual({ input: 150_000n, output: 600_000n })
+    expect(Config.upstreamKey(c.upstreams[0]!, { OA_KEY: 'sk-1' })).toBe('sk-1')
+  })
+
+  test('error: a bad value stops the start with a message naming the field', () => {
+    expect(() => Config.load({ PORT: 'eighty' })).toThrow(/PORT/)
+    expect(() => Config.load({ PORT: '70000' })).toThrow(/PORT/)
+    expect(() => Config.load({ TOLLWAY_CONFIG: file('{"port": "x"}') })).toThrow(/port/)
+    expect(() => Config.load({ TOLLWAY_CONFIG: file('{"prot": 1}') })).toThrow(/prot/)
+    expect(() => Config.load({ TOLLWAY_CONFIG: file('not json') })).toThrow(
+      /TOLLWAY_CONFIG.*not JSON/,
+    )
+    expect(() => Config.load({ TOLLWAY_CONFIG: '/nonexistent/x.json' })).toThrow(/TOLLWAY_CONFIG/)
+    expect(() =>
+      Config.load({
+        TOLLWAY_CONFIG: file(
+          JSON.stringify({
+            models: [
+              {
+                id: 'm',
+                upstream: 'ghost',
+                upstreamModel: 'x',
+                pricing: { input: '1', output: '1' },
+                contextLength: 1,
+              },
+            ],
+          }),
+        ),
+      }),
+    ).toThrow(/models\.0\.upstream: no upstream named "ghost"/)
+    expect(() => Config.from({ models: [{ pricing: { input: '-1' } }] })).toThrow(/models\.0/)
+    expect(() => Config.from({ defaultPlan: 'gold' })).toThrow(/defaultPlan/)
+  })
+
+  test('property: any JSON file either loads or fails with a ConfigError', () => {
+    fc.assert(
+      fc.property(fc.jsonValue(), (value) => {
+        try {
+          Config.from(value)
+        } catch (e) {
+          expect(e).toBeInstanceOf(Config.ConfigError)
+        }
+      }),
+      { numRuns: 2000 },
+    )
+    fc.assert(
+      fc.property(
+        fc.dictionary(fc.constantFrom('PORT', 'HOST', 'MAX_BODY_BYTES', 'LOG_LEVEL'), fc.string()),
+        (env) => {
+          try {
+            Config.load(env)
+          } catch (e) {
+            expect(e).toBeInstanceOf(Config.ConfigError)
+          }
+        },
+      ),
+      { numRuns: 2000 },
+    )
+  })
+})

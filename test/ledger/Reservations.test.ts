@@ -1,0 +1,218 @@
+import { describe, expect, test } from 'bun:test'
+import fc from 'fast-check'
+import * as Accounts from '../../src/ledger/Accounts.ts'
+import * as ApiKeys from '../../src/ledger/ApiKeys.ts'
+import * as Credits from '../../src/ledger/Credits.ts'
+import * as Reservations from '../../src/ledger/Reservations.ts'
+import { plans } from '../helpers/Gateway.ts'
+import * as Postgres from '../helpers/Postgres.ts'
+
+const db = await Postgres.fresh(
+  Object.fromEntries(Object.entries(plans).map(([k, p]) => [k, { wallet: null, ...p }])) as never,
+)
+const { sql } = db
+
+async function account(credits: bigint, plan = 'unlimited') {
+  const id = await Accounts.create(sql, { name: 'a', plan })
+  if (credits > 0n) await Credits.grant(sql, { accountId: id, amount: credits, note: null })
+  const key = (await ApiKeys.create(sql, { accountId: id, name: 'k', max: 10 }))!.key
+  return { id, keyHash: ApiKeys.hash(key) }
+}
+
+const ids = new WeakMap<object, string>()
+/** Admits a request; `requestOf(result)` gives its reservation id. */
+const admit = async (keyHash: Uint8Array, want: bigint, need = want) => {
+  const requestId = crypto.randomUUID()
+  const r = await Reservations.admit(sql, {
+    keyHash,
+    model: 'm',
+    stream: true,
+    minTier: 0,
+    promptTokens: 1,
+    want,
+    need,
+    idempotencyKey: null,
+    fingerprint: new Uint8Array(32),
+    requestId,
+    leaseSeconds: 60,
+  })
+  ids.set(r, requestId)
+  return r
+}
+const requestOf = (r: object) => ids.get(r)!
+
+/** Every ledger invariant of DESIGN.md that a row can show. */
+async function invariants(accountId: string) {
+  const [r] = await sql`
+    select a.balance, a.reserved, a.active_requests,
+      coalesce((select sum(amount) from credit_transactions where account_id = a.id), 0) as sum,
+      coalesce((select sum(held) from reservations where account_id = a.id), 0) as held,
+      (select count(*)::int from reservations where account_id = a.id) as open
+    from accounts a where id = ${accountId}`
+  expect(r!.balance).toBe(r!.sum)
+  expect(r!.reserved).toBe(r!.held)
+  expect(r!.active_requests).toBe(r!.open)
+  expect(r!.reserved >= 0n).toBe(true)
+  expect(r!.balance >= r!.reserved).toBe(true)
+  return r!
+}
+
+describe('admit', () => {
+  test('behavior: holds between need and want, as much as is free', async () => {
+    const a = await account(100n)
+    const r = await admit(a.keyHash, 150n, 40n)
+    expect(r).toMatchObject({ status: 'ok', held: 100n })
+    expect(await admit(a.keyHash, 10n, 1n)).toMatchObject({ status: 'insufficient', available: 0n })
+    await invariants(a.id)
+  })
+
+  test('error: an unknown key', async () => {
+    expect(await admit(new Uint8Array(32), 1n)).toEqual({ status: 'unauthorized' })
+  })
+
+  test('behavior: money values beyond 64 bits are exact', async () => {
+    const big = 10n ** 40n + 7n
+    const a = await account(big)
+    const r = await admit(a.keyHash, big - 7n)
+    expect(r).toMatchObject({ status: 'ok', held: big - 7n })
+    expect((await invariants(a.id)).balance).toBe(big)
+  })
+})
+
+describe('extend and finish', () => {
+  test('behavior: extend is refused past the free balance; finish charges at most what the account can pay', async () => {
+    const a = await account(100n)
+    const r = await admit(a.keyHash, 30n)
+    expect(r.status).toBe('ok')
+    const id = requestOf(r)
+    const res = Reservations.reservation(sql, { id, held: 30n, leaseSeconds: 60 })
+    expect(await res.extend(70n)).toBe(true)
+    expect(res.held).toBe(100n)
+    expect(await res.extend(1n)).toBe(false)
+    // Asked to charge more than the balance: capped, never below zero.
+    const { charged } = await res.settle({
+      cost: 500n,
+      promptTokens: 1,
+      completionTokens: 1,
+      status: 'ok',
+      latencyMs: 1,
+      ttftMs: 1,
+    })
+    expect(charged).toBe(100n)
+    expect((await invariants(a.id)).balance).toBe(0n)
+    // Settling twice charges once.
+    expect(
+      (
+        await res.settle({
+          cost: 5n,
+          promptTokens: 0,
+          completionTokens: 0,
+          status: 'ok',
+          latencyMs: 1,
+          ttftMs: 1,
+        })
+      ).charged,
+    ).toBe(100n)
+    expect(
+      await Reservations.finish(sql, {
+        id,
+        cost: 5n,
+        promptTokens: 0,
+        completionTokens: 0,
+        status: 'ok',
+        latencyMs: 0,
+        ttftMs: null,
+      }),
+    ).toBeUndefined()
+  })
+
+  test('error: credit transactions are append-only', async () => {
+    const a = await account(10n)
+    await expect(
+      sql`update credit_transactions set amount = 1000 where account_id = ${a.id}`,
+    ).rejects.toThrow(/append-only/)
+    await expect(sql`delete from credit_transactions where account_id = ${a.id}`).rejects.toThrow(
+      /append-only/,
+    )
+    await expect(
+      sql`update accounts set reserved = balance + 1 where id = ${a.id}`,
+    ).rejects.toThrow(/balance_covers_reserved/)
+  })
+
+  test('behavior: the sweep releases reservations of dead instances, charging nothing', async () => {
+    const a = await account(100n)
+    expect(await admit(a.keyHash, 60n)).toMatchObject({ status: 'ok' })
+    await sql`update reservations set expires_at = now() - interval '1 second' where account_id = ${a.id}`
+    expect(await Reservations.sweep(sql)).toBeGreaterThanOrEqual(1)
+    const inv = await invariants(a.id)
+    expect(inv).toMatchObject({ balance: 100n, reserved: 0n, open: 0 })
+    const [u] = await sql`select status, cost from usage where account_id = ${a.id}`
+    expect(u).toEqual({ status: 'abandoned', cost: 0n })
+  })
+})
+
+describe('under concurrency', () => {
+  test('property: random concurrent admits, extends, finishes and grants keep every invariant', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.bigInt(0n, 2_000n),
+        fc.array(
+          fc.record({
+            want: fc.bigInt(1n, 300n),
+            extends: fc.array(fc.bigInt(0n, 200n), { maxLength: 4 }),
+            cost: fc.bigInt(0n, 1_500n),
+            grant: fc.option(fc.bigInt(-100n, 300n).filter((x) => x !== 0n)),
+          }),
+          { minLength: 1, maxLength: 40 },
+        ),
+        async (credits, ops) => {
+          const a = await account(credits)
+          const grants: bigint[] = []
+          let charged = 0n
+          // Every operation runs at once: admissions, extensions, settlements and grants interleave.
+          await Promise.all(
+            ops.map(async (op) => {
+              if (op.grant !== null) {
+                const b = await Credits.grant(sql, {
+                  accountId: a.id,
+                  amount: op.grant,
+                  note: null,
+                })
+                if (b !== undefined) grants.push(op.grant)
+              }
+              const r = await admit(a.keyHash, op.want, 1n)
+              if (r.status !== 'ok') return
+              const res = Reservations.reservation(sql, {
+                id: requestOf(r),
+                held: r.held,
+                leaseSeconds: 60,
+              })
+              for (const e of op.extends) {
+                const before = res.held
+                if (await res.extend(e)) expect(res.held).toBe(before + e)
+                await invariants(a.id)
+              }
+              const settle = {
+                cost: op.cost,
+                promptTokens: 1,
+                completionTokens: 1,
+                status: 'ok',
+                latencyMs: 1,
+                ttftMs: 1,
+              }
+              const { charged: c } = await res.settle(settle)
+              expect(c <= op.cost).toBe(true)
+              charged += c
+            }),
+          )
+          const inv = await invariants(a.id)
+          expect(inv.open).toBe(0)
+          expect(inv.reserved).toBe(0n)
+          expect(inv.balance).toBe(credits + grants.reduce((s, g) => s + g, 0n) - charged)
+          expect(inv.balance >= 0n).toBe(true)
+        },
+      ),
+      { numRuns: 25 },
+    )
+  }, 60_000)
+})

@@ -1,0 +1,70 @@
+import { describe, expect, test } from 'bun:test'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import * as EchoModel from '../../src/upstream/EchoModel.ts'
+
+const echo = EchoModel.create({ tokenDelayMs: 0 })
+const signal = new AbortController().signal
+const body = (content: string, extra: Record<string, unknown> = {}) => ({
+  model: EchoModel.id,
+  messages: [
+    { role: 'system', content: 'be brief' },
+    { role: 'user', content },
+    { role: 'assistant', content: 'ignored' },
+  ],
+  ...extra,
+})
+
+async function collect(b: ReturnType<typeof body>) {
+  let text = ''
+  let usage: { prompt_tokens: number; completion_tokens: number } | undefined
+  for await (const c of await echo.stream(b, signal)) {
+    text += c.choices[0]?.delta.content ?? ''
+    if (c.usage) usage = c.usage
+  }
+  return { text, usage: usage! }
+}
+
+describe('EchoModel', () => {
+  test('behavior: streams the last user message back word by word with exact usage', async () => {
+    const { text, usage } = await collect(body('hello  echo\nworld'))
+    expect(text).toBe('hello echo world')
+    expect(usage.completion_tokens).toBe(
+      Tokenizer.count('hello') + Tokenizer.count(' echo') + Tokenizer.count(' world'),
+    )
+    expect(usage.prompt_tokens).toBe(
+      Tokenizer.prompt([
+        { content: 'be brief' },
+        { content: 'hello  echo\nworld' },
+        { content: 'ignored' },
+      ]),
+    )
+  })
+
+  test('behavior: cycles until max_tokens when asked for more, and stops at fewer', async () => {
+    const long = await collect(body('a b', { max_tokens: 7 }))
+    expect(long.text).toBe('a b a b a b a')
+    expect(long.usage.completion_tokens).toBe(7)
+    const short = await collect(body('one two three four', { max_tokens: 2 }))
+    expect(short.text).toBe('one two')
+  })
+
+  test('behavior: honours stop sequences', async () => {
+    const { text } = await collect(body('alpha beta gamma delta', { stop: ['gamma'] }))
+    expect(text).toBe('alpha beta')
+  })
+
+  test('behavior: the whole completion matches the stream', async () => {
+    const c = await echo.complete(body('one two', { max_tokens: 5 }), signal)
+    expect(c.choices[0]!.message.content).toBe('one two one two one')
+    expect(c.choices[0]!.finish_reason).toBe('length')
+    expect(c.usage!.completion_tokens).toBe(5)
+  })
+
+  test('error: an aborted stream stops', async () => {
+    const ctl = new AbortController()
+    const it = (await echo.stream(body('a b c d'), ctl.signal))[Symbol.asyncIterator]()
+    await it.next()
+    ctl.abort()
+    await expect(it.next()).rejects.toThrow()
+  })
+})

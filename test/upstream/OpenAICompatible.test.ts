@@ -1,0 +1,114 @@
+import { afterAll, describe, expect, test } from 'bun:test'
+import fc from 'fast-check'
+import { GatewayError, InvalidRequestError, UpstreamError } from '../../src/Errors.ts'
+import * as OpenAICompatible from '../../src/upstream/OpenAICompatible.ts'
+
+// A real server whose next answer the test sets.
+let next: { status: number; body: Uint8Array | string; type?: string } = { status: 200, body: '' }
+let lastBody: Record<string, unknown> = {}
+let lastAuth: string | null = null
+const server = Bun.serve({
+  port: 0,
+  hostname: '127.0.0.1',
+  async fetch(req) {
+    lastBody = (await req.json()) as Record<string, unknown>
+    lastAuth = req.headers.get('authorization')
+    return new Response(next.body, {
+      status: next.status,
+      headers: { 'content-type': next.type ?? 'text/event-stream' },
+    })
+  },
+})
+afterAll(() => server.stop(true))
+
+const provider = OpenAICompatible.create({
+  name: 'up',
+  baseUrl: `http://127.0.0.1:${server.port}/v1/`,
+  apiKey: 'sk-up',
+  timeoutMs: 1000,
+})
+const body = { model: 'm', messages: [{ role: 'user', content: 'hi' }] }
+const signal = new AbortController().signal
+
+async function drain() {
+  const out = []
+  for await (const c of await provider.stream(body, signal)) out.push(c)
+  return out
+}
+
+describe('stream', () => {
+  test('behavior: asks for usage, sends the key, parses chunks until [DONE]', async () => {
+    next = {
+      status: 200,
+      body:
+        'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n' +
+        ': comment\n\n' +
+        'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\ndata: [DONE]\n\n',
+    }
+    const chunks = await drain()
+    expect(chunks).toHaveLength(2)
+    expect(chunks[1]!.usage).toEqual({ prompt_tokens: 1, completion_tokens: 1 })
+    expect(lastBody.stream).toBe(true)
+    expect(lastBody.stream_options).toEqual({ include_usage: true })
+    expect(lastAuth).toBe('Bearer sk-up')
+  })
+
+  test('error: 5xx → UpstreamError (502); 400 → InvalidRequestError with the reason', async () => {
+    next = { status: 503, body: 'busy' }
+    await expect(provider.stream(body, signal)).rejects.toBeInstanceOf(UpstreamError)
+    next = { status: 400, body: '{"error":{"message":"bad temperature"}}' }
+    const e = await provider.stream(body, signal).catch((e) => e)
+    expect(e).toBeInstanceOf(InvalidRequestError)
+    expect(e.message).toContain('bad temperature')
+  })
+
+  test('error: an error object mid-stream → UpstreamError', async () => {
+    next = { status: 200, body: 'data: {"error":{"message":"overloaded"}}\n\n' }
+    await expect(drain()).rejects.toBeInstanceOf(UpstreamError)
+  })
+
+  test('property: any bytes from the upstream give chunks or an UpstreamError, never anything else', async () => {
+    const sse = fc.array(
+      fc.oneof(
+        fc.jsonValue().map((v) => `data: ${JSON.stringify(v)}\n\n`),
+        fc.string().map((s) => `data: ${s}\n\n`),
+        fc.string(),
+        fc.constant('data: [DONE]\n\n'),
+        fc
+          .record({
+            choices: fc.array(
+              fc.record({ index: fc.nat(), delta: fc.record({ content: fc.string() }) }),
+            ),
+          })
+          .map((v) => `data: ${JSON.stringify(v)}\n\n`),
+      ),
+      { maxLength: 6 },
+    )
+    await fc.assert(
+      fc.asyncProperty(
+        fc.oneof(
+          sse.map((a) => a.join('')),
+          fc.uint8Array({ maxLength: 200 }),
+        ),
+        async (payload) => {
+          next = { status: 200, body: payload }
+          try {
+            await drain()
+          } catch (e) {
+            expect(e).toBeInstanceOf(GatewayError)
+          }
+        },
+      ),
+      { numRuns: 1000 },
+    )
+  }, 60_000)
+})
+
+describe('complete', () => {
+  test('error: a malformed completion → UpstreamError', async () => {
+    next = { status: 200, body: '{"choices": 5}', type: 'application/json' }
+    await expect(provider.complete(body, signal)).rejects.toBeInstanceOf(UpstreamError)
+    next = { status: 200, body: 'nope', type: 'application/json' }
+    await expect(provider.complete(body, signal)).rejects.toBeInstanceOf(UpstreamError)
+  })
+})
