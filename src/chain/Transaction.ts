@@ -1,0 +1,55 @@
+/**
+ * Sending a contract call and waiting for it: simulate first (a revert there is decoded into the
+ * contract's custom error and nothing is sent), then send, then wait for the receipt. A mined
+ * `status: reverted` is a definite failure, never "still pending".
+ */
+import {
+  type Abi,
+  type Address,
+  BaseError,
+  ContractFunctionRevertedError,
+  type Hash,
+  type TransactionReceipt,
+} from 'viem'
+import { simulateContract, waitForTransactionReceipt, writeContract } from 'viem/actions'
+import type { Client } from './Client.ts'
+import { AccountRequiredError, TransactionRevertedError } from './Errors.ts'
+
+export type Call = {
+  address: Address
+  abi: Abi
+  functionName: string
+  args: readonly unknown[]
+}
+
+export type Sent<result = unknown> = { hash: Hash; receipt: TransactionReceipt; result: result }
+
+/** Simulates, sends and waits for `call`; throws TransactionRevertedError on any revert. */
+export async function send<result = unknown>(client: Client, call: Call): Promise<Sent<result>> {
+  const account = client.account
+  if (!account) throw new AccountRequiredError(call.functionName)
+  let simulated: { request: unknown; result: unknown }
+  try {
+    simulated = await simulateContract(client, { ...call, account } as never)
+  } catch (error) {
+    throw toReverted(error, call.functionName)
+  }
+  const hash = await writeContract(client, simulated.request as never)
+  const receipt = await waitForTransactionReceipt(client, { hash })
+  if (receipt.status === 'reverted')
+    throw new TransactionRevertedError({ functionName: call.functionName, hash, receipt })
+  return { hash, receipt, result: simulated.result as result }
+}
+
+/** A revert becomes TransactionRevertedError; anything else (network, RPC) is rethrown as is. */
+export function toReverted(error: unknown, functionName: string): unknown {
+  if (!(error instanceof BaseError)) return error
+  const revert = error.walk((e) => e instanceof ContractFunctionRevertedError)
+  if (!(revert instanceof ContractFunctionRevertedError)) return error
+  return new TransactionRevertedError({
+    functionName,
+    errorName: revert.data?.errorName ?? revert.reason,
+    details: revert.shortMessage,
+    cause: error,
+  })
+}
