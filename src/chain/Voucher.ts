@@ -136,7 +136,10 @@ const HALF_N = Fn.ORDER >> 1n
 export type VerifierOptions = Scope & {
   /** Remembered verified vouchers (exact channelId, amount, signature); default 100,000. */
   cacheSize?: number | undefined
-  /** Signers whose public keys keep precomputed tables (~300 KB each); default 1,024. */
+  /**
+   * Signers whose public keys keep precomputed multiplication tables, least recently used
+   * evicted; default 128. A table costs ~1 MB and makes verification ~3x faster than recovery.
+   */
   keyCacheSize?: number | undefined
 }
 
@@ -157,7 +160,7 @@ type Parsed = { r: bigint; s: bigint; recovery: number }
 export function createVerifier(options: VerifierOptions): Verifier {
   const toDigest = digester(domainSeparator(options))
   const verified = new Lru<string, true>(options.cacheSize ?? 100_000)
-  const keys = new Lru<string, InstanceType<typeof Point>>(options.keyCacheSize ?? 1_024)
+  const keys = new Lru<string, InstanceType<typeof Point>>(options.keyCacheSize ?? 128)
 
   function verify(parameters: Voucher & { signature: Hex; signer: Address }): void {
     const signer = parameters.signer.toLowerCase()
@@ -177,7 +180,8 @@ export function createVerifier(options: VerifierOptions): Verifier {
       }
       if (addressOf(point) !== signer) throw new InvalidVoucherSignatureError('signer-mismatch')
       // Tables make every later verification against this key several times faster.
-      point.precompute(6, true)
+      // Window 8 measured fastest here (as fast as noble's own table for the base point).
+      point.precompute(8, true)
       keys.set(signer, point)
     }
     verified.set(cacheKey, true)
