@@ -47,22 +47,25 @@ export const mnemonic = 'test test test test test test test test test test test 
 export async function start(options: Options = {}): Promise<DevChain> {
   const chainId = options.chainId ?? 31337
   const count = options.accounts ?? 10
-  const anvil = Bun.spawn(
-    [
-      options.anvilPath ?? anvilPath(),
-      '--host',
-      '127.0.0.1',
-      '--port',
-      '0',
-      '--chain-id',
-      String(chainId),
-      '--accounts',
-      String(count),
-      '--mnemonic',
-      mnemonic,
-    ],
-    { stdout: 'pipe', stderr: 'pipe', stdin: 'ignore' },
-  )
+  const command = [
+    options.anvilPath ?? anvilPath(),
+    '--host',
+    '127.0.0.1',
+    '--port',
+    '0',
+    '--chain-id',
+    String(chainId),
+    '--accounts',
+    String(count),
+    '--mnemonic',
+    mnemonic,
+  ]
+  let anvil: Bun.Subprocess<'ignore', 'pipe', 'pipe'>
+  try {
+    anvil = Bun.spawn(command, { stdout: 'pipe', stderr: 'pipe', stdin: 'ignore' })
+  } catch (cause) {
+    throw new DevChainError(`Could not run anvil (${command[0]}): run npm install.`, { cause })
+  }
   // If this process dies without calling stop(), do not leave anvil behind.
   const killOnExit = () => anvil.kill()
   process.once('exit', killOnExit)

@@ -35,10 +35,18 @@ export async function send<result = unknown>(client: Client, call: Call): Promis
     throw toReverted(error, call.functionName)
   }
   const hash = await writeContract(client, simulated.request as never)
-  const receipt = await waitForTransactionReceipt(client, { hash })
-  if (receipt.status === 'reverted')
-    throw new TransactionRevertedError({ functionName: call.functionName, hash, receipt })
+  const receipt = await wait(client, { hash, functionName: call.functionName })
   return { hash, receipt, result: simulated.result as result }
+}
+
+/** Waits for a sent transaction; a mined `status: reverted` throws TransactionRevertedError. */
+export async function wait(
+  client: Client,
+  parameters: { hash: Hash; functionName: string },
+): Promise<TransactionReceipt> {
+  const receipt = await waitForTransactionReceipt(client, { hash: parameters.hash })
+  if (receipt.status === 'reverted') throw new TransactionRevertedError({ ...parameters, receipt })
+  return receipt
 }
 
 /** A revert becomes TransactionRevertedError; anything else (network, RPC) is rethrown as is. */
