@@ -11,7 +11,7 @@ import {
   parseEventLogs,
   zeroAddress,
 } from 'viem'
-import { readContract, watchContractEvent } from 'viem/actions'
+import { readContract, simulateContract, watchContractEvent } from 'viem/actions'
 import type { Client } from './Client.ts'
 import { abi } from './generated/PaymentChannelEscrow.ts'
 import * as Token from './Token.ts'
@@ -273,6 +273,35 @@ export function settle(
     functionName: 'settle',
     args: [parameters.channelId, parameters.cumulativeAmount, parameters.signature],
   })
+}
+
+/**
+ * Checks a voucher with the escrow's own rules without sending anything (an `eth_call` of
+ * `settle` from the payee). The path for signers the fast verifier cannot handle, such as
+ * ERC-1271 contract wallets. Resolves when `settle` would succeed; otherwise throws
+ * TransactionRevertedError (e.g. `InvalidSignature`, `AmountExceedsDeposit`).
+ */
+export async function simulateSettle(
+  client: Client,
+  parameters: {
+    escrow: Address
+    channelId: Hex
+    cumulativeAmount: bigint
+    signature: Hex
+    payee: Address
+  },
+): Promise<void> {
+  try {
+    await simulateContract(client, {
+      account: parameters.payee,
+      address: parameters.escrow,
+      abi,
+      functionName: 'settle',
+      args: [parameters.channelId, parameters.cumulativeAmount, parameters.signature],
+    })
+  } catch (error) {
+    throw Transaction.toReverted(error, 'settle')
+  }
 }
 
 /**

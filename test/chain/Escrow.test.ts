@@ -329,6 +329,33 @@ describe('settle', () => {
   })
 })
 
+describe('simulateSettle', () => {
+  test('behavior: resolves for a voucher the escrow would accept, sends nothing', async () => {
+    const { channelId } = await openChannel()
+    const parameters = { escrow: chain.escrowAddress, channelId, payee: chain.payee.address }
+    await Escrow.simulateSettle(chain.payeeClient, {
+      ...parameters,
+      cumulativeAmount: 10n,
+      signature: await voucher(channelId, 10n),
+    })
+    expect((await Escrow.getChannel(chain.payeeClient, parameters))?.settled).toBe(0n)
+  })
+
+  test('error: a voucher signed by someone else is InvalidSignature', async () => {
+    const { channelId } = await openChannel()
+    const error = await reverted(
+      Escrow.simulateSettle(chain.payeeClient, {
+        escrow: chain.escrowAddress,
+        channelId,
+        payee: chain.payee.address,
+        cumulativeAmount: 10n,
+        signature: await voucher(channelId, 10n, 1),
+      }),
+    )
+    expect(error.errorName).toBe('InvalidSignature')
+  })
+})
+
 describe('close', () => {
   test('behavior: settles the final voucher and refunds the payer', async () => {
     const { channelId } = await openChannel()
