@@ -16,6 +16,7 @@ interface Vm {
     function startPrank(address) external;
     function stopPrank() external;
     function etch(address, bytes calldata) external;
+    function expectEmit(address emitter) external;
     function expectRevert(bytes4) external;
     function expectRevert(bytes calldata) external;
     function expectRevert() external;

@@ -48,6 +48,50 @@ contract PaymentChannelEscrowTest is Base {
         vm.assertEq(escrow.domainSeparator(), expected, "domain separator");
     }
 
+    // ------------------------------------------------------------ events
+
+    function test_events_everyStateChangeIsLogged() public {
+        bytes32 id = escrow.computeChannelId(payer, payee, address(token), SALT, address(0));
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.ChannelOpened(id, payer, payee, address(token), address(0), SALT, DEPOSIT);
+        openChannel(DEPOSIT, SALT, address(0));
+
+        bytes memory sig = voucher(PAYER_KEY, id, 100);
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.Settled(id, payee, 100, 100);
+        vm.prank(payee);
+        escrow.settle(id, 100, sig);
+
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.CloseRequested(id, payer, uint64(block.timestamp));
+        vm.prank(payer);
+        escrow.requestClose(id);
+
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.ToppedUp(id, payer, 5, DEPOSIT + 5);
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.CloseRequestCancelled(id);
+        vm.prank(payer);
+        escrow.topUp(id, 5);
+
+        sig = voucher(PAYER_KEY, id, 300);
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.ChannelClosed(id, 300, 200, DEPOSIT + 5 - 300);
+        vm.prank(payee);
+        escrow.close(id, 300, sig);
+    }
+
+    function test_events_withdrawIsLogged() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        vm.warp(block.timestamp + 15 minutes);
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.Withdrawn(id, payer, DEPOSIT);
+        vm.prank(payer);
+        escrow.withdraw(id);
+    }
+
     // ------------------------------------------------------------ open
 
     function test_open_succeeds() public {
