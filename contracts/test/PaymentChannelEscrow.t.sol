@@ -325,6 +325,33 @@ contract PaymentChannelEscrowTest is Base {
         escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
     }
 
+    function test_topUpWithAuthorization_revertsOnZero() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes32 nonce = escrow.computeTopUpNonce(id, 0, payer, SALT);
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 0, nonce);
+        vm.expectRevert(PaymentChannelEscrow.ZeroDeposit.selector);
+        escrow.topUpWithAuthorization(id, 0, payer, SALT, 0, type(uint256).max, nonce, auth);
+    }
+
+    function test_topUpWithAuthorization_revertsOnOverflow() public {
+        token.mint(payer, type(uint256).max - token.totalSupply());
+        bytes32 id = openChannel(type(uint128).max, SALT, address(0));
+        bytes32 nonce = escrow.computeTopUpNonce(id, 1, payer, SALT);
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 1, nonce);
+        vm.expectRevert(PaymentChannelEscrow.DepositOverflow.selector);
+        escrow.topUpWithAuthorization(id, 1, payer, SALT, 0, type(uint256).max, nonce, auth);
+    }
+
+    function test_topUpWithAuthorization_revertsWhenFinalized() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payee);
+        escrow.close(id, 0, "");
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 5, nonce);
+        vm.expectRevert(PaymentChannelEscrow.ChannelFinalized.selector);
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
+    }
+
     // ------------------------------------------------------------ settle
 
     function test_settle_succeeds() public {
