@@ -6,6 +6,7 @@ import {
   type Account,
   type Chain,
   createClient,
+  createNonceManager,
   defineChain,
   type Hex,
   http,
@@ -13,6 +14,7 @@ import {
   type Client as ViemClient,
 } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
+import { jsonRpc } from 'viem/nonce'
 
 /** Where the chain is; plain values, the gateway's Config maps env vars onto them. */
 export type Options = {
@@ -36,7 +38,14 @@ export function from(options: Options): Client {
   return createClient({
     chain: chain(options),
     transport: http(options.rpcUrl, { retryCount: 2 }),
-    account: options.privateKey ? privateKeyToAccount(options.privateKey) : undefined,
+    // A nonce manager per client hands out nonces locally, so concurrent sends from one account
+    // (the gateway settling many channels) do not collide on the same pending nonce. Not viem's
+    // shared one: it would carry nonces over between chains (e.g. two dev chains in one process).
+    account: options.privateKey
+      ? privateKeyToAccount(options.privateKey, {
+          nonceManager: createNonceManager({ source: jsonRpc() }),
+        })
+      : undefined,
     pollingInterval: options.pollingInterval ?? 1_000,
   })
 }

@@ -34,7 +34,14 @@ export async function send<result = unknown>(client: Client, call: Call): Promis
   } catch (error) {
     throw toReverted(error, call.functionName)
   }
-  const hash = await writeContract(client, simulated.request as never)
+  let hash: Hash
+  try {
+    hash = await writeContract(client, simulated.request as never)
+  } catch (error) {
+    // The nonce may have been handed out without a transaction using it: ask the node again.
+    account.nonceManager?.reset({ address: account.address, chainId: client.chain.id })
+    throw toReverted(error, call.functionName)
+  }
   const receipt = await wait(client, { hash, functionName: call.functionName })
   return { hash, receipt, result: simulated.result as result }
 }

@@ -298,6 +298,32 @@ describe('settle', () => {
     expect(await balance(escrow)).toBe(deposit - 500n)
   })
 
+  test('behavior: concurrent settlements from one payee account all land', async () => {
+    const escrow = chain.escrowAddress
+    const channels = await Promise.all(
+      [0, 1, 2].map((index) =>
+        Escrow.open(payer(index).client, {
+          escrow,
+          payee: chain.payee.address,
+          token: chain.currencyAddress,
+          deposit,
+          salt,
+        }),
+      ),
+    )
+    await Promise.all(
+      channels.map(async ({ channelId }, index) =>
+        Escrow.settle(chain.payeeClient, {
+          escrow,
+          channelId,
+          cumulativeAmount: 10n,
+          signature: await voucher(channelId, 10n, index),
+        }),
+      ),
+    )
+    expect(await balance(escrow)).toBe(3n * (deposit - 10n))
+  })
+
   test('error: a stale voucher reverts with AmountNotIncreasing', async () => {
     const { channelId } = await openChannel()
     const signature = await voucher(channelId, 300n)

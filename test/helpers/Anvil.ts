@@ -22,8 +22,20 @@ export type TestChain = DevChain.DevChain & {
 
 export async function start(options: DevChain.Options = {}): Promise<TestChain> {
   const chain = await DevChain.start(options)
-  const clientFor = (privateKey: Hex) =>
-    Client.from({ rpcUrl: chain.rpcUrl, chainId: chain.chainId, privateKey, pollingInterval: 20 })
+  const clients = new Map<Hex, Client.WalletClient>()
+  const clientFor = (privateKey: Hex) => {
+    let client = clients.get(privateKey)
+    if (!client) {
+      client = Client.from({
+        rpcUrl: chain.rpcUrl,
+        chainId: chain.chainId,
+        privateKey,
+        pollingInterval: 20,
+      })
+      clients.set(privateKey, client)
+    }
+    return client
+  }
   const payeeClient = clientFor(chain.payee.privateKey)
   let snapshot = (await payeeClient.request({ method: 'evm_snapshot' } as never)) as Hex
   return {
@@ -37,6 +49,12 @@ export async function start(options: DevChain.Options = {}): Promise<TestChain> 
     },
     async reset() {
       await payeeClient.request({ method: 'evm_revert', params: [snapshot] } as never)
+      // Reverting rewinds account nonces; the clients' nonce managers must forget theirs.
+      for (const client of clients.values())
+        client.account.nonceManager?.reset({
+          address: client.account.address,
+          chainId: chain.chainId,
+        })
       // A snapshot is consumed by reverting to it: take a new one for the next test.
       snapshot = (await payeeClient.request({ method: 'evm_snapshot' } as never)) as Hex
     },
