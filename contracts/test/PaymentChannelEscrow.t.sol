@@ -1,0 +1,780 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+import {Base, MockWallet} from "./Base.sol";
+import {PaymentChannelEscrow} from "../src/PaymentChannelEscrow.sol";
+import {ERC3009} from "@openzeppelin/contracts/token/ERC20/extensions/draft-ERC3009.sol";
+
+contract PaymentChannelEscrowTest is Base {
+    bytes32 constant SALT = bytes32(uint256(1));
+    uint128 constant DEPOSIT = 1_000e6;
+
+    // ------------------------------------------------------------ wire-format vectors
+
+    /// Same vector as test/chain/Voucher.test.ts; expected values come from viem's hashTypedData
+    /// and signTypedData with anvil's first dev key.
+    function test_voucherDigest_matchesFixedVector() public {
+        address at = 0x1111111111111111111111111111111111111111;
+        vm.etch(at, address(escrow).code);
+        vm.chainId(31337);
+        bytes32 channelId = keccak256("tollway voucher vector");
+        vm.assertEq(channelId, 0x6a4550339109c230389cd4f8761237403d991eeb541398c1571ca37b53fffc4b, "channelId");
+        bytes32 digest = PaymentChannelEscrow(at).voucherDigest(channelId, 1234567);
+        vm.assertEq(digest, 0x5d0078a5fcb744204550d5478405071f1bf253c07e88fec79f911cdb281a86ad, "digest");
+        bytes memory signature = sign(0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80, digest);
+        vm.assertEq(
+            signature,
+            hex"0ac2a70ec0a818d3194cf5871cf3959c3ee3a073f9d19201bcb31f0f8f4c96583d1d5d315a0374c0a08fa182431ae2649f4c1eeb758504d2d3c1d3cd78ae696c1b",
+            "signature"
+        );
+    }
+
+    function test_computeChannelId_matchesDraftFormula() public view {
+        bytes32 expected =
+            keccak256(abi.encode(payer, payee, address(token), SALT, signer, address(escrow), block.chainid));
+        vm.assertEq(escrow.computeChannelId(payer, payee, address(token), SALT, signer), expected, "channelId");
+    }
+
+    function test_domainSeparator_matchesDraftFormula() public view {
+        bytes32 expected = keccak256(
+            abi.encode(
+                keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"),
+                keccak256("EVM Payment Channel"),
+                keccak256("1"),
+                block.chainid,
+                address(escrow)
+            )
+        );
+        vm.assertEq(escrow.domainSeparator(), expected, "domain separator");
+    }
+
+    // ------------------------------------------------------------ events
+
+    function test_events_everyStateChangeIsLogged() public {
+        bytes32 id = escrow.computeChannelId(payer, payee, address(token), SALT, address(0));
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.ChannelOpened(id, payer, payee, address(token), address(0), SALT, DEPOSIT);
+        openChannel(DEPOSIT, SALT, address(0));
+
+        bytes memory sig = voucher(PAYER_KEY, id, 100);
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.Settled(id, payee, 100, 100);
+        vm.prank(payee);
+        escrow.settle(id, 100, sig);
+
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.CloseRequested(id, payer, uint64(block.timestamp));
+        vm.prank(payer);
+        escrow.requestClose(id);
+
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.ToppedUp(id, payer, 5, DEPOSIT + 5);
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.CloseRequestCancelled(id);
+        vm.prank(payer);
+        escrow.topUp(id, 5);
+
+        sig = voucher(PAYER_KEY, id, 300);
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.ChannelClosed(id, 300, 200, DEPOSIT + 5 - 300);
+        vm.prank(payee);
+        escrow.close(id, 300, sig);
+    }
+
+    function test_events_withdrawIsLogged() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        vm.warp(block.timestamp + 15 minutes);
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.Withdrawn(id, payer, DEPOSIT);
+        vm.prank(payer);
+        escrow.withdraw(id);
+    }
+
+    // ------------------------------------------------------------ open
+
+    function test_open_succeeds() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(id, escrow.computeChannelId(payer, payee, address(token), SALT, address(0)), "id");
+        vm.assertEq(c.payer, payer, "payer");
+        vm.assertEq(c.payee, payee, "payee");
+        vm.assertEq(c.token, address(token), "token");
+        vm.assertEq(c.deposit, DEPOSIT, "deposit");
+        vm.assertEq(c.settled, 0, "settled");
+        vm.assertFalse(c.finalized, "finalized");
+        vm.assertEq(token.balanceOf(address(escrow)), DEPOSIT, "escrow balance");
+    }
+
+    function test_open_revertsOnZeroDeposit() public {
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ZeroDeposit.selector);
+        escrow.open(payee, address(token), 0, SALT, address(0));
+    }
+
+    function test_open_revertsWhenChannelExists() public {
+        openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ChannelAlreadyExists.selector);
+        escrow.open(payee, address(token), DEPOSIT, SALT, address(0));
+    }
+
+    function test_open_revertsOnReopenAfterClose() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        payeeCloses(id, 100);
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ChannelAlreadyExists.selector);
+        escrow.open(payee, address(token), DEPOSIT, SALT, address(0));
+    }
+
+    function test_open_revertsOnReopenAfterWithdraw() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        vm.warp(block.timestamp + 15 minutes);
+        vm.prank(payer);
+        escrow.withdraw(id);
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ChannelAlreadyExists.selector);
+        escrow.open(payee, address(token), DEPOSIT, SALT, address(0));
+    }
+
+    function test_open_revertsWithoutAllowance() public {
+        address poor = vm.addr(0xC0FFEE);
+        token.mint(poor, DEPOSIT);
+        vm.prank(poor);
+        vm.expectRevert();
+        escrow.open(payee, address(token), DEPOSIT, SALT, address(0));
+    }
+
+    // ------------------------------------------------------------ openWithAuthorization
+
+    function test_openWithAuthorization_succeeds() public {
+        bytes32 nonce = escrow.computeOpenNonce(payer, payee, address(token), SALT, signer);
+        vm.assertEq(nonce, keccak256(abi.encode(payer, payee, address(token), SALT, signer)), "nonce derivation");
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), DEPOSIT, nonce);
+        vm.prank(other); // any relayer
+        bytes32 id = escrow.openWithAuthorization(
+            payee, address(token), DEPOSIT, SALT, signer, payer, 0, type(uint256).max, nonce, auth
+        );
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(c.payer, payer, "from becomes payer");
+        vm.assertEq(c.authorizedSigner, signer, "signer");
+        vm.assertEq(c.deposit, DEPOSIT, "deposit");
+        vm.assertEq(id, escrow.computeChannelId(payer, payee, address(token), SALT, signer), "id uses from");
+        vm.assertEq(token.balanceOf(address(escrow)), DEPOSIT, "escrow balance");
+    }
+
+    function test_openWithAuthorization_revertsOnNonceMismatch() public {
+        bytes32 nonce = keccak256("not derived");
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), DEPOSIT, nonce);
+        vm.expectRevert(PaymentChannelEscrow.NonceMismatch.selector);
+        escrow.openWithAuthorization(
+            payee, address(token), DEPOSIT, SALT, address(0), payer, 0, type(uint256).max, nonce, auth
+        );
+    }
+
+    function test_openWithAuthorization_revertsWhenFrontRunWithOtherPayee() public {
+        // An attacker reusing the payer's authorization with another payee gets NonceMismatch.
+        bytes32 nonce = escrow.computeOpenNonce(payer, payee, address(token), SALT, address(0));
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), DEPOSIT, nonce);
+        vm.expectRevert(PaymentChannelEscrow.NonceMismatch.selector);
+        escrow.openWithAuthorization(
+            other, address(token), DEPOSIT, SALT, address(0), payer, 0, type(uint256).max, nonce, auth
+        );
+    }
+
+    function test_openWithAuthorization_revertsOnBadSignature() public {
+        bytes32 nonce = escrow.computeOpenNonce(payer, payee, address(token), SALT, address(0));
+        bytes memory auth = receiveAuthorization(OTHER_KEY, address(escrow), DEPOSIT, nonce);
+        vm.expectRevert(ERC3009.ERC3009InvalidSignature.selector);
+        escrow.openWithAuthorization(
+            payee, address(token), DEPOSIT, SALT, address(0), payer, 0, type(uint256).max, nonce, auth
+        );
+    }
+
+    function test_openWithAuthorization_revertsOnZeroDeposit() public {
+        bytes32 nonce = escrow.computeOpenNonce(payer, payee, address(token), SALT, address(0));
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 0, nonce);
+        vm.expectRevert(PaymentChannelEscrow.ZeroDeposit.selector);
+        escrow.openWithAuthorization(
+            payee, address(token), 0, SALT, address(0), payer, 0, type(uint256).max, nonce, auth
+        );
+    }
+
+    function test_openWithAuthorization_revertsWhenChannelExists() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes32 nonce = escrow.computeOpenNonce(payer, payee, address(token), SALT, address(0));
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), DEPOSIT, nonce);
+        vm.expectRevert(PaymentChannelEscrow.ChannelAlreadyExists.selector);
+        escrow.openWithAuthorization(
+            payee, address(token), DEPOSIT, SALT, address(0), payer, 0, type(uint256).max, nonce, auth
+        );
+        vm.assertEq(escrow.getChannel(id).deposit, DEPOSIT, "unchanged");
+    }
+
+    // ------------------------------------------------------------ topUp
+
+    function test_topUp_succeeds() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.topUp(id, 500);
+        vm.assertEq(escrow.getChannel(id).deposit, DEPOSIT + 500, "deposit");
+        vm.assertEq(token.balanceOf(address(escrow)), DEPOSIT + 500, "escrow balance");
+    }
+
+    function test_topUp_cancelsCloseRequest() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        vm.prank(payer);
+        escrow.topUp(id, 1);
+        vm.assertEq(escrow.getChannel(id).closeRequestedAt, 0, "close request cancelled");
+        vm.warp(block.timestamp + 15 minutes);
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.CloseNotReady.selector);
+        escrow.withdraw(id);
+    }
+
+    function test_topUp_revertsForNonPayer() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(other);
+        vm.expectRevert(PaymentChannelEscrow.NotPayer.selector);
+        escrow.topUp(id, 1);
+    }
+
+    function test_topUp_revertsOnZero() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ZeroDeposit.selector);
+        escrow.topUp(id, 0);
+    }
+
+    function test_topUp_revertsOnOverflow() public {
+        token.mint(payer, type(uint256).max - token.totalSupply());
+        bytes32 id = openChannel(type(uint128).max, SALT, address(0));
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.DepositOverflow.selector);
+        escrow.topUp(id, 1);
+    }
+
+    function test_topUp_revertsOnUnknownChannel() public {
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ChannelNotFound.selector);
+        escrow.topUp(keccak256("nope"), 1);
+    }
+
+    function test_topUp_revertsWhenFinalized() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payee);
+        escrow.close(id, 0, "");
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ChannelFinalized.selector);
+        escrow.topUp(id, 1);
+    }
+
+    // ------------------------------------------------------------ topUpWithAuthorization
+
+    function test_topUpWithAuthorization_succeedsFromThirdParty() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        bytes32 topUpSalt = keccak256("t1");
+        bytes32 nonce = escrow.computeTopUpNonce(id, 700, other, topUpSalt);
+        vm.assertEq(nonce, keccak256(abi.encode(id, uint128(700), other, topUpSalt)), "nonce derivation");
+        bytes memory auth = receiveAuthorization(OTHER_KEY, address(escrow), 700, nonce);
+        escrow.topUpWithAuthorization(id, 700, other, topUpSalt, 0, type(uint256).max, nonce, auth);
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(c.deposit, DEPOSIT + 700, "deposit");
+        vm.assertTrue(c.closeRequestedAt != 0, "third-party top-up keeps the payer's close request");
+    }
+
+    function test_topUpWithAuthorization_byPayerCancelsCloseRequest() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 5, nonce);
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
+        vm.assertEq(escrow.getChannel(id).closeRequestedAt, 0, "cancelled");
+    }
+
+    function test_topUpWithAuthorization_revertsOnNonceMismatch() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 6, nonce);
+        vm.expectRevert(PaymentChannelEscrow.NonceMismatch.selector);
+        escrow.topUpWithAuthorization(id, 6, payer, SALT, 0, type(uint256).max, nonce, auth);
+    }
+
+    function test_topUpWithAuthorization_revertsOnReplay() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 5, nonce);
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
+        vm.expectRevert(abi.encodeWithSelector(ERC3009.ERC3009UsedAuthorization.selector, payer, nonce));
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
+    }
+
+    function test_topUpWithAuthorization_revertsOnUnknownChannel() public {
+        bytes32 id = keccak256("nope");
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 5, nonce);
+        vm.expectRevert(PaymentChannelEscrow.ChannelNotFound.selector);
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
+    }
+
+    function test_topUpWithAuthorization_revertsOnZero() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes32 nonce = escrow.computeTopUpNonce(id, 0, payer, SALT);
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 0, nonce);
+        vm.expectRevert(PaymentChannelEscrow.ZeroDeposit.selector);
+        escrow.topUpWithAuthorization(id, 0, payer, SALT, 0, type(uint256).max, nonce, auth);
+    }
+
+    function test_topUpWithAuthorization_revertsOnOverflow() public {
+        token.mint(payer, type(uint256).max - token.totalSupply());
+        bytes32 id = openChannel(type(uint128).max, SALT, address(0));
+        bytes32 nonce = escrow.computeTopUpNonce(id, 1, payer, SALT);
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 1, nonce);
+        vm.expectRevert(PaymentChannelEscrow.DepositOverflow.selector);
+        escrow.topUpWithAuthorization(id, 1, payer, SALT, 0, type(uint256).max, nonce, auth);
+    }
+
+    function test_topUpWithAuthorization_revertsWhenFinalized() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payee);
+        escrow.close(id, 0, "");
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 5, nonce);
+        vm.expectRevert(PaymentChannelEscrow.ChannelFinalized.selector);
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
+    }
+
+    // ------------------------------------------------------------ settle
+
+    function test_settle_succeeds() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        payeeSettles(id, 300);
+        payeeSettles(id, 450);
+        vm.assertEq(escrow.getChannel(id).settled, 450, "settled");
+        vm.assertEq(token.balanceOf(payee), 450, "payee paid the cumulative amount once");
+    }
+
+    function test_settle_acceptsAuthorizedSigner() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, signer);
+        payeeSettles(id, 10, SIGNER_KEY);
+        vm.assertEq(token.balanceOf(payee), 10, "paid");
+    }
+
+    function test_settle_revertsOnPayerSignatureWhenSignerDelegated() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, signer);
+        bytes memory sig = voucher(PAYER_KEY, id, 10);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 10, sig);
+    }
+
+    function test_settle_acceptsERC1271Signer() public {
+        MockWallet wallet = new MockWallet(signer);
+        bytes32 id = openChannel(DEPOSIT, SALT, address(wallet));
+        payeeSettles(id, 10, SIGNER_KEY);
+        vm.assertEq(token.balanceOf(payee), 10, "paid");
+    }
+
+    function test_settle_revertsOnERC1271Rejection() public {
+        MockWallet wallet = new MockWallet(signer);
+        bytes32 id = openChannel(DEPOSIT, SALT, address(wallet));
+        bytes memory sig = voucher(OTHER_KEY, id, 10);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 10, sig);
+    }
+
+    function test_settle_revertsForNonPayee() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes memory sig = voucher(PAYER_KEY, id, 10);
+        vm.prank(other);
+        vm.expectRevert(PaymentChannelEscrow.NotPayee.selector);
+        escrow.settle(id, 10, sig);
+    }
+
+    function test_settle_revertsWhenNotIncreasing() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        payeeSettles(id, 10);
+        bytes memory sig = voucher(PAYER_KEY, id, 10);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.AmountNotIncreasing.selector);
+        escrow.settle(id, 10, sig);
+        bytes memory zero = voucher(PAYER_KEY, id, 0);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.AmountNotIncreasing.selector);
+        escrow.settle(id, 0, zero);
+    }
+
+    function test_settle_revertsAboveDeposit() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes memory sig = voucher(PAYER_KEY, id, DEPOSIT + 1);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.AmountExceedsDeposit.selector);
+        escrow.settle(id, DEPOSIT + 1, sig);
+    }
+
+    function test_settle_revertsOnWrongSigner() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes memory sig = voucher(OTHER_KEY, id, 10);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 10, sig);
+    }
+
+    function test_settle_revertsOnTamperedAmount() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes memory sig = voucher(PAYER_KEY, id, 10);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 11, sig);
+    }
+
+    function test_settle_revertsOnHighS() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes memory low = voucher(PAYER_KEY, id, 10);
+        bytes memory high = highS(low);
+        // The malleable copy still recovers to the payer: only the low-s rule rejects it.
+        (bytes32 r, bytes32 s) = (bytes32(0), bytes32(0));
+        assembly {
+            r := mload(add(high, 32))
+            s := mload(add(high, 64))
+        }
+        vm.assertEq(ecrecover(escrow.voucherDigest(id, 10), uint8(high[64]), r, s), payer, "high-s recovers");
+        vm.assertTrue(uint256(s) > HALF_ORDER, "is high-s");
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 10, high);
+    }
+
+    function test_settle_revertsOnCompact64ByteSignature() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        (bytes32 r, bytes32 vs) = vm.signCompact(PAYER_KEY, escrow.voucherDigest(id, 10));
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 10, abi.encodePacked(r, vs));
+    }
+
+    function test_settle_revertsOnMalformedSignature() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 10, hex"1234");
+    }
+
+    function test_settle_revertsOnVoucherFromOtherChannel() public {
+        bytes32 a = openChannel(DEPOSIT, SALT, address(0));
+        bytes32 b = openChannel(DEPOSIT, bytes32(uint256(2)), address(0));
+        bytes memory sig = voucher(PAYER_KEY, a, 10);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(b, 10, sig);
+    }
+
+    function test_settle_revertsOnVoucherFromOtherContract() public {
+        PaymentChannelEscrow twin = new PaymentChannelEscrow();
+        vm.prank(payer);
+        token.approve(address(twin), type(uint256).max);
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        bytes32 twinId = twin.open(payee, address(token), DEPOSIT, SALT, address(0));
+        bytes memory sig = sign(PAYER_KEY, twin.voucherDigest(twinId, 10));
+        // Same key, same amount; the digest binds the escrow address (and the id does too).
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 10, sig);
+        bytes memory crossed = sign(PAYER_KEY, twin.voucherDigest(id, 10));
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 10, crossed);
+    }
+
+    function test_settle_revertsOnVoucherFromOtherChain() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        uint256 here = block.chainid;
+        vm.chainId(here + 1);
+        bytes memory foreign = voucher(PAYER_KEY, id, 10);
+        vm.chainId(here);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 10, foreign);
+    }
+
+    function test_settle_revertsOnUnknownChannel() public {
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.ChannelNotFound.selector);
+        escrow.settle(keccak256("nope"), 1, "");
+    }
+
+    function test_settle_revertsWhenFinalized() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes memory sig = voucher(PAYER_KEY, id, 10);
+        vm.prank(payee);
+        escrow.close(id, 0, "");
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.ChannelFinalized.selector);
+        escrow.settle(id, 10, sig);
+    }
+
+    function test_settle_succeedsDuringGracePeriod() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        vm.warp(block.timestamp + 15 minutes - 1);
+        payeeSettles(id, 10);
+        vm.assertEq(token.balanceOf(payee), 10, "paid");
+    }
+
+    function testFuzz_settle_paysExactDelta(uint128 deposit, uint128 first, uint128 second) public {
+        deposit = uint128(bound(deposit, 1, 1_000_000e6));
+        first = uint128(bound(first, 1, deposit));
+        second = uint128(bound(second, 0, deposit));
+        bytes32 id = openChannel(deposit, SALT, address(0));
+        payeeSettles(id, first);
+        bytes memory sig = voucher(PAYER_KEY, id, second);
+        if (second <= first) {
+            vm.expectRevert(PaymentChannelEscrow.AmountNotIncreasing.selector);
+        }
+        vm.prank(payee);
+        escrow.settle(id, second, sig);
+        uint256 top = second > first ? second : first;
+        vm.assertEq(token.balanceOf(payee), top, "payee holds the highest settled voucher");
+        vm.assertEq(token.balanceOf(address(escrow)), deposit - top, "escrow holds the rest");
+    }
+
+    // ------------------------------------------------------------ close
+
+    function test_close_settlesAndRefunds() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        uint256 before = token.balanceOf(payer);
+        payeeSettles(id, 100);
+        payeeCloses(id, 250);
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertTrue(c.finalized, "finalized");
+        vm.assertEq(c.settled, 250, "settled");
+        vm.assertEq(token.balanceOf(payee), 250, "payee");
+        vm.assertEq(token.balanceOf(payer), before + DEPOSIT - 250, "refund");
+        vm.assertEq(token.balanceOf(address(escrow)), 0, "escrow empty");
+    }
+
+    function test_close_forfeitsWithoutSignature() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        payeeSettles(id, 100);
+        vm.prank(payee);
+        escrow.close(id, 50, "");
+        vm.assertEq(token.balanceOf(payee), 100, "payee keeps settled only");
+        vm.assertEq(token.balanceOf(address(escrow)), 0, "escrow empty");
+    }
+
+    function test_close_revertsForNonPayee() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.NotPayee.selector);
+        escrow.close(id, 0, "");
+    }
+
+    function test_close_revertsAboveDeposit() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes memory sig = voucher(PAYER_KEY, id, DEPOSIT + 1);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.AmountExceedsDeposit.selector);
+        escrow.close(id, DEPOSIT + 1, sig);
+    }
+
+    function test_close_revertsOnInvalidSignature() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes memory sig = voucher(OTHER_KEY, id, 10);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.close(id, 10, sig);
+    }
+
+    function test_close_revertsOnHighS() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes memory sig = highS(voucher(PAYER_KEY, id, 10));
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.close(id, 10, sig);
+    }
+
+    function test_close_revertsOnUnknownChannel() public {
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.ChannelNotFound.selector);
+        escrow.close(keccak256("nope"), 0, "");
+    }
+
+    function test_close_revertsWhenFinalized() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payee);
+        escrow.close(id, 0, "");
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.ChannelFinalized.selector);
+        escrow.close(id, 0, "");
+    }
+
+    function testFuzz_close_splitsDeposit(uint128 deposit, uint128 settled, uint128 finalAmount) public {
+        deposit = uint128(bound(deposit, 1, 1_000_000e6));
+        settled = uint128(bound(settled, 0, deposit));
+        finalAmount = uint128(bound(finalAmount, 0, deposit));
+        bytes32 id = openChannel(deposit, SALT, address(0));
+        if (settled > 0) {
+            payeeSettles(id, settled);
+        }
+        uint256 payerBefore = token.balanceOf(payer);
+        bytes memory sig = finalAmount > settled ? voucher(PAYER_KEY, id, finalAmount) : bytes("");
+        vm.prank(payee);
+        escrow.close(id, finalAmount, sig);
+        uint256 paid = finalAmount > settled ? finalAmount : settled;
+        vm.assertEq(token.balanceOf(payee), paid, "payee gets max(settled, final)");
+        vm.assertEq(token.balanceOf(payer) - payerBefore, deposit - paid, "payer gets the rest");
+        vm.assertEq(token.balanceOf(address(escrow)), 0, "nothing left behind");
+    }
+
+    // ------------------------------------------------------------ requestClose
+
+    function test_requestClose_succeeds() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        vm.assertEq(escrow.getChannel(id).closeRequestedAt, block.timestamp, "timestamp");
+    }
+
+    function test_requestClose_repeatKeepsFirstTimestamp() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        uint256 first = block.timestamp;
+        vm.warp(first + 100);
+        vm.prank(payer);
+        escrow.requestClose(id);
+        vm.assertEq(escrow.getChannel(id).closeRequestedAt, first, "not extended");
+    }
+
+    function test_requestClose_revertsForNonPayer() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.NotPayer.selector);
+        escrow.requestClose(id);
+    }
+
+    function test_requestClose_revertsOnUnknownChannel() public {
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ChannelNotFound.selector);
+        escrow.requestClose(keccak256("nope"));
+    }
+
+    function test_requestClose_revertsWhenFinalized() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payee);
+        escrow.close(id, 0, "");
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ChannelFinalized.selector);
+        escrow.requestClose(id);
+    }
+
+    // ------------------------------------------------------------ withdraw
+
+    function test_withdraw_revertsOneSecondBeforeGraceEnds() public {
+        bytes32 id = requestedClose();
+        vm.warp(block.timestamp + 15 minutes - 1);
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.CloseNotReady.selector);
+        escrow.withdraw(id);
+    }
+
+    function test_withdraw_succeedsExactlyWhenGraceEnds() public {
+        bytes32 id = requestedClose();
+        uint256 before = token.balanceOf(payer);
+        vm.warp(block.timestamp + 15 minutes);
+        vm.prank(payer);
+        escrow.withdraw(id);
+        vm.assertEq(token.balanceOf(payer) - before, DEPOSIT - 100, "refund of the unsettled remainder");
+        vm.assertTrue(escrow.getChannel(id).finalized, "finalized");
+    }
+
+    function test_withdraw_succeedsOneSecondAfterGraceEnds() public {
+        bytes32 id = requestedClose();
+        vm.warp(block.timestamp + 15 minutes + 1);
+        vm.prank(payer);
+        escrow.withdraw(id);
+        vm.assertEq(token.balanceOf(address(escrow)), 0, "escrow empty");
+    }
+
+    function test_withdraw_revertsWithoutCloseRequest() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.warp(block.timestamp + 365 days);
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.CloseNotReady.selector);
+        escrow.withdraw(id);
+    }
+
+    function test_withdraw_revertsForNonPayer() public {
+        bytes32 id = requestedClose();
+        vm.warp(block.timestamp + 15 minutes);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.NotPayer.selector);
+        escrow.withdraw(id);
+    }
+
+    function test_withdraw_revertsWhenFinalized() public {
+        bytes32 id = requestedClose();
+        vm.warp(block.timestamp + 15 minutes);
+        vm.prank(payer);
+        escrow.withdraw(id);
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ChannelFinalized.selector);
+        escrow.withdraw(id);
+    }
+
+    function test_withdraw_revertsAfterCooperativeClose() public {
+        bytes32 id = requestedClose();
+        vm.prank(payee);
+        escrow.close(id, 0, "");
+        vm.warp(block.timestamp + 15 minutes);
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ChannelFinalized.selector);
+        escrow.withdraw(id);
+    }
+
+    function test_withdraw_revertsOnUnknownChannel() public {
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.ChannelNotFound.selector);
+        escrow.withdraw(keccak256("nope"));
+    }
+
+    /// A channel with 100 settled and a close requested now.
+    function requestedClose() internal returns (bytes32 id) {
+        id = openChannel(DEPOSIT, SALT, address(0));
+        payeeSettles(id, 100);
+        vm.prank(payer);
+        escrow.requestClose(id);
+    }
+
+    /// Signs a voucher first: a prank applies to the next external call, and voucherDigest is one.
+    function payeeSettles(bytes32 id, uint128 amount) internal {
+        payeeSettles(id, amount, PAYER_KEY);
+    }
+
+    function payeeSettles(bytes32 id, uint128 amount, uint256 key) internal {
+        bytes memory sig = voucher(key, id, amount);
+        vm.prank(payee);
+        escrow.settle(id, amount, sig);
+    }
+
+    function payeeCloses(bytes32 id, uint128 amount) internal {
+        bytes memory sig = voucher(PAYER_KEY, id, amount);
+        vm.prank(payee);
+        escrow.close(id, amount, sig);
+    }
+
+    function bound(uint256 x, uint256 min, uint256 max) internal pure returns (uint256) {
+        return min + (x % (max - min + 1));
+    }
+}

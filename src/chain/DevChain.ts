@@ -1,0 +1,222 @@
+/**
+ * The development chain `npm start` runs when no chain is configured, and the chain tests run on:
+ * an anvil child process on a free loopback port with PaymentChannelEscrow and TestUSD deployed
+ * and TestUSD minted to the dev accounts. Account 0 deploys, mints and is the payee (gateway);
+ * the others are funded payers.
+ */
+import { createRequire } from 'node:module'
+import { dirname, join } from 'node:path'
+import { type Address, getAddress, type Hex, toHex } from 'viem'
+import { mnemonicToAccount } from 'viem/accounts'
+import { deployContract, getChainId, waitForTransactionReceipt, writeContract } from 'viem/actions'
+import * as Client from './Client.ts'
+import { DevChainError } from './Errors.ts'
+import * as EscrowArtifact from './generated/PaymentChannelEscrow.ts'
+import * as TestUSDArtifact from './generated/TestUSD.ts'
+
+export type Options = {
+  /** Default 31337. */
+  chainId?: number | undefined
+  /** Dev accounts, the payee included; default 10. */
+  accounts?: number | undefined
+  /** TestUSD base units minted to each payer; default 1,000,000 TUSD. */
+  mint?: bigint | undefined
+  /** Path of the anvil binary; default the one from the @foundry-rs/anvil package. */
+  anvilPath?: string | undefined
+}
+
+export type Account = { address: Address; privateKey: Hex }
+
+export type DevChain = {
+  rpcUrl: string
+  chainId: number
+  escrowAddress: Address
+  currencyAddress: Address
+  /** The gateway's account: deployer, TestUSD minter, payee of channels. */
+  payee: Account
+  /** Funded accounts for trying the client (and for tests). */
+  payers: Account[]
+  /** Stops anvil; safe to call twice. */
+  stop(): Promise<void>
+}
+
+/** anvil's well-known development mnemonic: these keys are public, never use them elsewhere. */
+export const mnemonic = 'test test test test test test test test test test test junk'
+
+/** Starts anvil, deploys the contracts and funds the payers. */
+export async function start(options: Options = {}): Promise<DevChain> {
+  const chainId = options.chainId ?? 31337
+  const count = options.accounts ?? 10
+  const command = [
+    options.anvilPath ?? anvilPath(),
+    '--host',
+    '127.0.0.1',
+    '--port',
+    '0',
+    '--chain-id',
+    String(chainId),
+    '--accounts',
+    String(count),
+    '--mnemonic',
+    mnemonic,
+  ]
+  let anvil: Bun.Subprocess<'ignore', 'pipe', 'pipe'>
+  try {
+    anvil = Bun.spawn(command, { stdout: 'pipe', stderr: 'pipe', stdin: 'ignore' })
+  } catch (cause) {
+    throw new DevChainError(`Could not run anvil (${command[0]}): run npm install.`, { cause })
+  }
+  // If this process dies without calling stop(), do not leave anvil behind.
+  const killOnExit = () => anvil.kill()
+  process.once('exit', killOnExit)
+  let stopped = false
+  const stop = async () => {
+    if (stopped) return
+    stopped = true
+    process.off('exit', killOnExit)
+    anvil.kill()
+    await anvil.exited
+  }
+
+  try {
+    const rpcUrl = await listening(anvil)
+    const accounts = devAccounts(count)
+    const payee = accounts[0]!
+    const payers = accounts.slice(1)
+    const client = Client.from({
+      rpcUrl,
+      chainId,
+      privateKey: payee.privateKey,
+      pollingInterval: 50,
+    })
+    if ((await getChainId(client)) !== chainId)
+      throw new DevChainError('anvil reports another chain id')
+
+    const { escrowAddress, currencyAddress } = await deploy(client)
+    let last: Hex | undefined
+    for (const payer of payers) {
+      last = await writeContract(client, {
+        address: currencyAddress,
+        abi: TestUSDArtifact.abi,
+        functionName: 'mint',
+        args: [payer.address, options.mint ?? 1_000_000_000_000n],
+      })
+    }
+    if (last) await waitForTransactionReceipt(client, { hash: last })
+    return { rpcUrl, chainId, escrowAddress, currencyAddress, payee, payers, stop }
+  } catch (error) {
+    await stop()
+    throw error instanceof DevChainError
+      ? error
+      : new DevChainError('Could not start the development chain.', { cause: error })
+  }
+}
+
+/** Deploys PaymentChannelEscrow and TestUSD from the client's account (which can then mint). */
+export async function deploy(
+  client: Client.WalletClient,
+): Promise<{ escrowAddress: Address; currencyAddress: Address }> {
+  const escrowHash = await deployContract(client, {
+    abi: EscrowArtifact.abi,
+    bytecode: EscrowArtifact.bytecode,
+  })
+  const tokenHash = await deployContract(client, {
+    abi: TestUSDArtifact.abi,
+    bytecode: TestUSDArtifact.bytecode,
+  })
+  const [escrow, token] = await Promise.all([
+    waitForTransactionReceipt(client, { hash: escrowHash }),
+    waitForTransactionReceipt(client, { hash: tokenHash }),
+  ])
+  if (
+    !escrow.contractAddress ||
+    !token.contractAddress ||
+    escrow.status !== 'success' ||
+    token.status !== 'success'
+  )
+    throw new DevChainError('Deploying the contracts failed.', {
+      details: `${escrowHash} ${tokenHash}`,
+    })
+  return {
+    escrowAddress: getAddress(escrow.contractAddress),
+    currencyAddress: getAddress(token.contractAddress),
+  }
+}
+
+/** Human-readable lines describing a dev chain, for the gateway to print at start-up. */
+export function summary(chain: Omit<DevChain, 'stop'>): string[] {
+  return [
+    'Development chain (anvil) — keys below are public test keys, never use them elsewhere',
+    `  RPC URL:          ${chain.rpcUrl}`,
+    `  chain id:         ${chain.chainId}`,
+    `  escrow:           ${chain.escrowAddress}`,
+    `  token (TestUSD):  ${chain.currencyAddress}`,
+    `  payee (gateway):  ${chain.payee.address}`,
+    ...chain.payers
+      .slice(0, 2)
+      .map((payer, i) => `  payer ${i + 1}:          ${payer.address} key ${payer.privateKey}`),
+  ]
+}
+
+/** The first `count` accounts of anvil's development mnemonic. */
+export function devAccounts(count: number): Account[] {
+  return Array.from({ length: count }, (_, addressIndex) => {
+    const account = mnemonicToAccount(mnemonic, { addressIndex })
+    const key = account.getHdKey().privateKey
+    if (!key) throw new DevChainError('Could not derive a development key.')
+    return { address: account.address, privateKey: toHex(key) }
+  })
+}
+
+/** The native anvil binary of this platform (not the node shim, so kill() reaches anvil itself). */
+export function anvilPath(): string {
+  const arch = process.arch === 'arm64' ? 'arm64' : 'amd64'
+  const platform = process.platform === 'win32' ? 'win32' : process.platform
+  const pkg = `@foundry-rs/anvil-${platform}-${arch}`
+  try {
+    const require = createRequire(import.meta.url)
+    const bin = process.platform === 'win32' ? 'anvil.exe' : 'anvil'
+    return join(dirname(require.resolve(`${pkg}/package.json`)), 'bin', bin)
+  } catch (cause) {
+    throw new DevChainError(`anvil is not installed for this platform: run npm install (${pkg}).`, {
+      cause,
+    })
+  }
+}
+
+/** Resolves the RPC URL once anvil prints `Listening on host:port`; keeps draining its output. */
+async function listening(anvil: Bun.Subprocess<'ignore', 'pipe', 'pipe'>): Promise<string> {
+  const reader = anvil.stdout.getReader()
+  const decoder = new TextDecoder()
+  let output = ''
+  const timeout = setTimeout(() => anvil.kill(), 15_000)
+  try {
+    for (;;) {
+      const { value, done } = await reader.read()
+      if (done) {
+        const stderr = await new Response(anvil.stderr).text()
+        throw new DevChainError('anvil exited before it was ready.', {
+          details: `${output}\n${stderr}`,
+        })
+      }
+      output += decoder.decode(value, { stream: true })
+      const match = /Listening on (\S+)/.exec(output)
+      if (match) {
+        void drain(reader)
+        void new Response(anvil.stderr).text()
+        return `http://${match[1]}`
+      }
+    }
+  } finally {
+    clearTimeout(timeout)
+  }
+}
+
+/** anvil logs every request; an unread pipe would fill up and stall it. */
+async function drain(reader: { read(): Promise<{ done: boolean }> }) {
+  try {
+    while (!(await reader.read()).done) {}
+  } catch {
+    // anvil stopped
+  }
+}

@@ -1,0 +1,85 @@
+/**
+ * Typed failures of the chain layer, in the spirit of viem's BaseError: a short message that says
+ * what to do, `details` for the operator, the original `cause`. They extend Error until the
+ * gateway's GatewayError base (src/Errors.ts) exists; then they rebase onto it.
+ */
+import type { Hex, TransactionReceipt } from 'viem'
+
+export type ChainErrorOptions = { details?: string | undefined; cause?: unknown }
+
+/** Base class of every chain-layer error. */
+export class ChainError extends Error {
+  override name = 'ChainError'
+  readonly details: string | undefined
+
+  constructor(message: string, options: ChainErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause })
+    this.details = options.details
+  }
+}
+
+/**
+ * A transaction reverted: either its simulation reverted (nothing was sent) or it was mined with
+ * `status: reverted`. Definite: retrying the same call will not make it succeed.
+ */
+export class TransactionRevertedError extends ChainError {
+  override name = 'TransactionRevertedError'
+  /** The contract's custom error name when it could be decoded, e.g. `AmountNotIncreasing`. */
+  readonly errorName: string | undefined
+  readonly hash: Hex | undefined
+  readonly receipt: TransactionReceipt | undefined
+
+  constructor(
+    options: {
+      functionName: string
+      errorName?: string | undefined
+      hash?: Hex | undefined
+      receipt?: TransactionReceipt | undefined
+    } & ChainErrorOptions,
+  ) {
+    const reason = options.errorName ? ` with ${options.errorName}` : ''
+    super(
+      `${options.functionName} reverted${reason}. Check the channel state and arguments; retrying the same call will fail again.`,
+      options,
+    )
+    this.errorName = options.errorName
+    this.hash = options.hash
+    this.receipt = options.receipt
+  }
+}
+
+/** A write was attempted with a client that has no account. */
+export class AccountRequiredError extends ChainError {
+  override name = 'AccountRequiredError'
+  constructor(functionName: string) {
+    super(`${functionName} sends a transaction: create the client with a private key.`)
+  }
+}
+
+export type InvalidVoucherReason = 'malformed' | 'high-s' | 'bad-v' | 'signer-mismatch' | 'invalid'
+
+/** A voucher signature that the escrow would reject. */
+export class InvalidVoucherSignatureError extends ChainError {
+  override name = 'InvalidVoucherSignatureError'
+  readonly reason: InvalidVoucherReason
+
+  constructor(reason: InvalidVoucherReason, options: ChainErrorOptions = {}) {
+    const what = {
+      malformed: 'is not a 65-byte r||s||v signature',
+      'high-s': 'has a high s value (non-canonical)',
+      'bad-v': 'has a v other than 27 or 28',
+      'signer-mismatch': "was not signed by the channel's signer",
+      invalid: 'does not verify',
+    }[reason]
+    super(
+      `The voucher signature ${what}. Sign the Voucher typed data with the channel's signer.`,
+      options,
+    )
+    this.reason = reason
+  }
+}
+
+/** The development chain (anvil) could not be started or set up. */
+export class DevChainError extends ChainError {
+  override name = 'DevChainError'
+}

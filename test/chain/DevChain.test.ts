@@ -1,0 +1,83 @@
+import { describe, expect, test } from 'bun:test'
+import { getBalance, getCode } from 'viem/actions'
+import * as Client from '../../src/chain/Client.ts'
+import * as DevChain from '../../src/chain/DevChain.ts'
+import { DevChainError } from '../../src/chain/Errors.ts'
+import * as Token from '../../src/chain/Token.ts'
+
+describe('start', () => {
+  test('behavior: anvil with both contracts deployed and funded payers; stop() ends it', async () => {
+    const chain = await DevChain.start({ accounts: 4, mint: 123_000_000n })
+    const client = Client.from({ rpcUrl: chain.rpcUrl, chainId: chain.chainId })
+    try {
+      expect(chain.rpcUrl).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/)
+      expect(chain.chainId).toBe(31337)
+      expect(chain.payers).toHaveLength(3)
+      expect(await getCode(client, { address: chain.escrowAddress })).toMatch(/^0x[0-9a-f]{100,}$/)
+      expect(await getCode(client, { address: chain.currencyAddress })).toMatch(
+        /^0x[0-9a-f]{100,}$/,
+      )
+      for (const payer of chain.payers) {
+        expect(
+          await Token.balanceOf(client, { token: chain.currencyAddress, owner: payer.address }),
+        ).toBe(123_000_000n)
+        expect(await getBalance(client, { address: payer.address })).toBeGreaterThan(0n)
+      }
+      // The payee can mint: it deployed TestUSD.
+      const payee = Client.from({
+        ...chain,
+        privateKey: chain.payee.privateKey,
+        pollingInterval: 20,
+      })
+      await Token.mint(payee, { token: chain.currencyAddress, to: chain.payee.address, amount: 1n })
+      expect(
+        await Token.balanceOf(client, { token: chain.currencyAddress, owner: chain.payee.address }),
+      ).toBe(1n)
+    } finally {
+      await chain.stop()
+    }
+    expect(
+      await fetch(chain.rpcUrl, { method: 'POST' }).then(
+        () => 'answered',
+        () => 'refused',
+      ),
+    ).toBe('refused')
+  })
+
+  test('error: a missing anvil binary is a DevChainError', async () => {
+    await expect(DevChain.start({ anvilPath: '/nonexistent/anvil' })).rejects.toBeInstanceOf(
+      DevChainError,
+    )
+  })
+})
+
+describe('summary', () => {
+  test('behavior: lists RPC URL, chain id, addresses, payee and two payer keys', () => {
+    const [payee, ...payers] = DevChain.devAccounts(4)
+    const lines = DevChain.summary({
+      rpcUrl: 'http://127.0.0.1:8545',
+      chainId: 31337,
+      escrowAddress: '0x5FbDB2315678afecb367f032d93F642f64180aa3',
+      currencyAddress: '0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512',
+      payee: payee!,
+      payers,
+    }).join('\n')
+    expect(lines).toContain('http://127.0.0.1:8545')
+    expect(lines).toContain('31337')
+    expect(lines).toContain('0x5FbDB2315678afecb367f032d93F642f64180aa3')
+    expect(lines).toContain('0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512')
+    expect(lines).toContain(payee!.address)
+    expect(lines).toContain(payers[0]!.privateKey)
+    expect(lines).toContain(payers[1]!.privateKey)
+    expect(lines).not.toContain(payers[2]!.privateKey)
+  })
+})
+
+describe('devAccounts', () => {
+  test("behavior: anvil's well-known first account", () => {
+    expect(DevChain.devAccounts(1)[0]).toEqual({
+      address: '0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266',
+      privateKey: '0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80',
+    })
+  })
+})

@@ -1,0 +1,458 @@
+import { afterAll, beforeAll, beforeEach, describe, expect, test } from 'bun:test'
+import { secp256k1 } from '@noble/curves/secp256k1.js'
+import { type Hex, keccak256, toHex, zeroAddress } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
+import { getBalance, readContract, writeContract } from 'viem/actions'
+import * as Client from '../../src/chain/Client.ts'
+import { AccountRequiredError, TransactionRevertedError } from '../../src/chain/Errors.ts'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
+import * as Transaction from '../../src/chain/Transaction.ts'
+import * as Voucher from '../../src/chain/Voucher.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+
+let chain: Anvil.TestChain
+beforeAll(async () => {
+  chain = await Anvil.start()
+})
+afterAll(() => chain?.stop())
+beforeEach(() => chain.reset())
+
+const salt = keccak256(toHex('salt 1'))
+const deposit = 1_000_000n
+
+function payer(index = 0) {
+  const p = chain.payers[index]!
+  return { ...p, account: privateKeyToAccount(p.privateKey), client: chain.payerClient(index) }
+}
+
+async function openChannel(parameters: { authorizedSigner?: Hex } = {}) {
+  const { client } = payer()
+  return Escrow.open(client, {
+    escrow: chain.escrowAddress,
+    payee: chain.payee.address,
+    token: chain.currencyAddress,
+    deposit,
+    salt,
+    ...parameters,
+  })
+}
+
+async function voucher(channelId: Hex, cumulativeAmount: bigint, index = 0) {
+  return Voucher.sign(payer(index).account, {
+    chainId: chain.chainId,
+    escrow: chain.escrowAddress,
+    channelId,
+    cumulativeAmount,
+  })
+}
+
+async function reverted(promise: Promise<unknown>): Promise<TransactionRevertedError> {
+  const error = await promise.then(
+    () => undefined,
+    (e: unknown) => e,
+  )
+  expect(error).toBeInstanceOf(TransactionRevertedError)
+  return error as TransactionRevertedError
+}
+
+const balance = (owner: Hex) =>
+  Token.balanceOf(chain.payeeClient, { token: chain.currencyAddress, owner })
+
+describe('computeChannelId', () => {
+  test('behavior: equals the contract computation and the id open returns', async () => {
+    const parameters = {
+      payer: payer().address,
+      payee: chain.payee.address,
+      token: chain.currencyAddress,
+      salt,
+      authorizedSigner: zeroAddress,
+    }
+    const onChain = await readContract(chain.payeeClient, {
+      address: chain.escrowAddress,
+      abi: Escrow.abi,
+      functionName: 'computeChannelId',
+      args: [parameters.payer, parameters.payee, parameters.token, salt, zeroAddress],
+    })
+    const local = Escrow.computeChannelId({
+      ...parameters,
+      escrow: chain.escrowAddress,
+      chainId: chain.chainId,
+    })
+    expect(local).toBe(onChain)
+    expect((await openChannel()).channelId).toBe(local)
+  })
+})
+
+describe('openNonce / topUpNonce', () => {
+  test('behavior: equal the contract derivations', async () => {
+    const from = payer().address
+    const open = await readContract(chain.payeeClient, {
+      address: chain.escrowAddress,
+      abi: Escrow.abi,
+      functionName: 'computeOpenNonce',
+      args: [from, chain.payee.address, chain.currencyAddress, salt, zeroAddress],
+    })
+    expect(
+      Escrow.openNonce({ from, payee: chain.payee.address, token: chain.currencyAddress, salt }),
+    ).toBe(open)
+    const topUp = await readContract(chain.payeeClient, {
+      address: chain.escrowAddress,
+      abi: Escrow.abi,
+      functionName: 'computeTopUpNonce',
+      args: [salt, 5n, from, salt],
+    })
+    expect(
+      Escrow.topUpNonce({ channelId: salt, additionalDeposit: 5n, from, topUpSalt: salt }),
+    ).toBe(topUp)
+  })
+})
+
+describe('open', () => {
+  test('behavior: approves, opens and moves the deposit into the escrow', async () => {
+    const before = await balance(payer().address)
+    const { channelId, receipt } = await openChannel()
+    expect(receipt.status).toBe('success')
+    expect(
+      await Escrow.getChannel(chain.payeeClient, { escrow: chain.escrowAddress, channelId }),
+    ).toEqual({
+      payer: payer().address,
+      payee: chain.payee.address,
+      token: chain.currencyAddress,
+      authorizedSigner: zeroAddress,
+      deposit,
+      settled: 0n,
+      closeRequestedAt: 0n,
+      finalized: false,
+    })
+    expect(await balance(payer().address)).toBe(before - deposit)
+    expect(await balance(chain.escrowAddress)).toBe(deposit)
+  })
+
+  test('error: an existing channel reverts with ChannelAlreadyExists', async () => {
+    await openChannel()
+    const error = await reverted(openChannel())
+    expect(error.errorName).toBe('ChannelAlreadyExists')
+  })
+
+  test('error: a client without an account cannot send', async () => {
+    const readOnly = Client.from({ rpcUrl: chain.rpcUrl, chainId: chain.chainId })
+    const error = await Escrow.requestClose(readOnly, {
+      escrow: chain.escrowAddress,
+      channelId: salt,
+    }).catch((e: unknown) => e)
+    expect(error).toBeInstanceOf(AccountRequiredError)
+  })
+})
+
+describe('getChannel', () => {
+  test('behavior: undefined for an unknown channel', async () => {
+    expect(
+      await Escrow.getChannel(chain.payeeClient, { escrow: chain.escrowAddress, channelId: salt }),
+    ).toBeUndefined()
+  })
+})
+
+describe('openWithAuthorization', () => {
+  async function authorization(parameters: { payee?: Hex } = {}) {
+    const { account, address } = payer()
+    const nonce = Escrow.openNonce({
+      from: address,
+      payee: parameters.payee ?? chain.payee.address,
+      token: chain.currencyAddress,
+      salt,
+    })
+    const domain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
+    const signature = await Token.signReceiveAuthorization(account, {
+      domain,
+      from: address,
+      to: chain.escrowAddress,
+      value: deposit,
+      validAfter: 0n,
+      validBefore: 2n ** 48n,
+      nonce,
+    })
+    return { from: address, validAfter: 0n, validBefore: 2n ** 48n, nonce, signature }
+  }
+
+  test('behavior: the payee submits the payer-signed authorization; the payer pays no gas', async () => {
+    const auth = await authorization()
+    const gasBefore = await getBalance(chain.payeeClient, { address: payer().address })
+    const { channelId } = await Escrow.openWithAuthorization(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      payee: chain.payee.address,
+      token: chain.currencyAddress,
+      deposit,
+      salt,
+      ...auth,
+    })
+    const channel = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(channel?.payer).toBe(payer().address)
+    expect(channel?.deposit).toBe(deposit)
+    expect(await balance(chain.escrowAddress)).toBe(deposit)
+    expect(await getBalance(chain.payeeClient, { address: payer().address })).toBe(gasBefore)
+  })
+
+  test('error: a nonce for other channel parameters reverts with NonceMismatch', async () => {
+    const auth = await authorization({ payee: payer(1).address })
+    const error = await reverted(
+      Escrow.openWithAuthorization(chain.payeeClient, {
+        escrow: chain.escrowAddress,
+        payee: chain.payee.address,
+        token: chain.currencyAddress,
+        deposit,
+        salt,
+        ...auth,
+      }),
+    )
+    expect(error.errorName).toBe('NonceMismatch')
+  })
+})
+
+describe('topUp', () => {
+  test('behavior: adds to the deposit', async () => {
+    const { channelId } = await openChannel()
+    await Escrow.topUp(payer().client, {
+      escrow: chain.escrowAddress,
+      channelId,
+      token: chain.currencyAddress,
+      amount: 5n,
+    })
+    const channel = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(channel?.deposit).toBe(deposit + 5n)
+  })
+
+  test('error: someone else than the payer reverts with NotPayer', async () => {
+    const { channelId } = await openChannel()
+    const error = await reverted(
+      Escrow.topUp(payer(1).client, {
+        escrow: chain.escrowAddress,
+        channelId,
+        token: chain.currencyAddress,
+        amount: 5n,
+      }),
+    )
+    expect(error.errorName).toBe('NotPayer')
+  })
+})
+
+describe('topUpWithAuthorization', () => {
+  test('behavior: a relayed top-up signed by the payer', async () => {
+    const { channelId } = await openChannel()
+    const { account, address } = payer()
+    const topUpSalt = keccak256(toHex('top-up 1'))
+    const nonce = Escrow.topUpNonce({ channelId, additionalDeposit: 7n, from: address, topUpSalt })
+    const signature = await Token.signReceiveAuthorization(account, {
+      domain: await Token.domain(chain.payeeClient, { token: chain.currencyAddress }),
+      from: address,
+      to: chain.escrowAddress,
+      value: 7n,
+      validAfter: 0n,
+      validBefore: 2n ** 48n,
+      nonce,
+    })
+    await Escrow.topUpWithAuthorization(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+      additionalDeposit: 7n,
+      from: address,
+      topUpSalt,
+      validAfter: 0n,
+      validBefore: 2n ** 48n,
+      nonce,
+      signature,
+    })
+    const channel = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(channel?.deposit).toBe(deposit + 7n)
+  })
+})
+
+describe('settle', () => {
+  test('behavior: pays the payee the delta and keeps the channel open', async () => {
+    const { channelId } = await openChannel()
+    const escrow = chain.escrowAddress
+    await Escrow.settle(chain.payeeClient, {
+      escrow,
+      channelId,
+      cumulativeAmount: 300n,
+      signature: await voucher(channelId, 300n),
+    })
+    await Escrow.settle(chain.payeeClient, {
+      escrow,
+      channelId,
+      cumulativeAmount: 500n,
+      signature: await voucher(channelId, 500n),
+    })
+    const channel = await Escrow.getChannel(chain.payeeClient, { escrow, channelId })
+    expect(channel?.settled).toBe(500n)
+    expect(channel?.finalized).toBe(false)
+    expect(await balance(escrow)).toBe(deposit - 500n)
+  })
+
+  test('behavior: concurrent settlements from one payee account all land', async () => {
+    const escrow = chain.escrowAddress
+    const channels = await Promise.all(
+      [0, 1, 2].map((index) =>
+        Escrow.open(payer(index).client, {
+          escrow,
+          payee: chain.payee.address,
+          token: chain.currencyAddress,
+          deposit,
+          salt,
+        }),
+      ),
+    )
+    await Promise.all(
+      channels.map(async ({ channelId }, index) =>
+        Escrow.settle(chain.payeeClient, {
+          escrow,
+          channelId,
+          cumulativeAmount: 10n,
+          signature: await voucher(channelId, 10n, index),
+        }),
+      ),
+    )
+    expect(await balance(escrow)).toBe(3n * (deposit - 10n))
+  })
+
+  test('error: a stale voucher reverts with AmountNotIncreasing', async () => {
+    const { channelId } = await openChannel()
+    const signature = await voucher(channelId, 300n)
+    const escrow = chain.escrowAddress
+    await Escrow.settle(chain.payeeClient, { escrow, channelId, cumulativeAmount: 300n, signature })
+    const error = await reverted(
+      Escrow.settle(chain.payeeClient, { escrow, channelId, cumulativeAmount: 300n, signature }),
+    )
+    expect(error.errorName).toBe('AmountNotIncreasing')
+  })
+
+  test('error: a high-s voucher reverts with InvalidSignature', async () => {
+    const { channelId } = await openChannel()
+    const signature = await voucher(channelId, 300n)
+    const n = secp256k1.Point.Fn.ORDER
+    const s = BigInt(`0x${signature.slice(66, 130)}`)
+    const v = Number.parseInt(signature.slice(130), 16)
+    const high =
+      `${signature.slice(0, 66)}${(n - s).toString(16).padStart(64, '0')}${(55 - v).toString(16)}` as Hex
+    const error = await reverted(
+      Escrow.settle(chain.payeeClient, {
+        escrow: chain.escrowAddress,
+        channelId,
+        cumulativeAmount: 300n,
+        signature: high,
+      }),
+    )
+    expect(error.errorName).toBe('InvalidSignature')
+  })
+})
+
+describe('simulateSettle', () => {
+  test('behavior: resolves for a voucher the escrow would accept, sends nothing', async () => {
+    const { channelId } = await openChannel()
+    const parameters = { escrow: chain.escrowAddress, channelId, payee: chain.payee.address }
+    await Escrow.simulateSettle(chain.payeeClient, {
+      ...parameters,
+      cumulativeAmount: 10n,
+      signature: await voucher(channelId, 10n),
+    })
+    expect((await Escrow.getChannel(chain.payeeClient, parameters))?.settled).toBe(0n)
+  })
+
+  test('error: a voucher signed by someone else is InvalidSignature', async () => {
+    const { channelId } = await openChannel()
+    const error = await reverted(
+      Escrow.simulateSettle(chain.payeeClient, {
+        escrow: chain.escrowAddress,
+        channelId,
+        payee: chain.payee.address,
+        cumulativeAmount: 10n,
+        signature: await voucher(channelId, 10n, 1),
+      }),
+    )
+    expect(error.errorName).toBe('InvalidSignature')
+  })
+})
+
+describe('close', () => {
+  test('behavior: settles the final voucher and refunds the payer', async () => {
+    const { channelId } = await openChannel()
+    const before = await balance(payer().address)
+    await Escrow.close(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 400n,
+      signature: await voucher(channelId, 400n),
+    })
+    const channel = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(channel?.finalized).toBe(true)
+    expect(await balance(payer().address)).toBe(before + deposit - 400n)
+    expect(await balance(chain.escrowAddress)).toBe(0n)
+  })
+
+  test('behavior: forfeit path with an empty signature', async () => {
+    const { channelId } = await openChannel()
+    await Escrow.close(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 0n,
+      signature: '0x',
+    })
+    expect(await balance(chain.escrowAddress)).toBe(0n)
+  })
+})
+
+describe('requestClose / withdraw', () => {
+  test('behavior: withdraw works once the grace period has passed, not before', async () => {
+    const { channelId } = await openChannel()
+    const { client, address } = payer()
+    const escrow = chain.escrowAddress
+    const seen: Escrow.CloseRequest[] = []
+    const unwatch = Escrow.watchCloseRequested(chain.payeeClient, {
+      escrow,
+      onCloseRequested: (request) => seen.push(request),
+    })
+    try {
+      await Escrow.requestClose(client, { escrow, channelId })
+      const early = await reverted(Escrow.withdraw(client, { escrow, channelId }))
+      expect(early.errorName).toBe('CloseNotReady')
+      await chain.increaseTime(Number(Escrow.closeGracePeriod))
+      const before = await balance(address)
+      await Escrow.withdraw(client, { escrow, channelId })
+      expect(await balance(address)).toBe(before + deposit)
+      for (let i = 0; i < 50 && seen.length === 0; i++) await Bun.sleep(20)
+      expect(seen.map((r) => [r.channelId, r.payer])).toEqual([[channelId, address]])
+    } finally {
+      unwatch()
+    }
+  })
+})
+
+describe('Transaction.wait', () => {
+  test('error: a mined reverted transaction is a TransactionRevertedError, not pending', async () => {
+    // Explicit gas skips estimation, so the revert happens on-chain and shows in the receipt.
+    const hash = await writeContract(chain.payeeClient, {
+      address: chain.escrowAddress,
+      abi: Escrow.abi,
+      functionName: 'withdraw',
+      args: [salt],
+      gas: 100_000n,
+    })
+    const error = await reverted(
+      Transaction.wait(chain.payeeClient, { hash, functionName: 'withdraw' }),
+    )
+    expect(error.receipt?.status).toBe('reverted')
+    expect(error.hash).toBe(hash)
+  })
+})
