@@ -15,7 +15,8 @@ export type AdmitInput = {
   /** Least credits that admit it; as much of `want` as is free is held. */
   need: bigint
   idempotencyKey: string | null
-  fingerprint: Uint8Array
+  /** SHA-256 of the request body; only needed with an idempotency key. */
+  fingerprint: Uint8Array | null
   requestId: string
   leaseSeconds: number
 }

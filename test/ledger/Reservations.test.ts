@@ -32,7 +32,7 @@ const admit = async (keyHash: Uint8Array, want: bigint, need = want) => {
     want,
     need,
     idempotencyKey: null,
-    fingerprint: new Uint8Array(32),
+    fingerprint: null,
     requestId,
     leaseSeconds: 60,
   })

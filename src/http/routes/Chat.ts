@@ -83,7 +83,7 @@ export function routes(deps: Deps) {
       want,
       need,
       idempotencyKey,
-      fingerprint: createHash('sha256').update(text).digest(),
+      fingerprint: idempotencyKey === null ? null : createHash('sha256').update(text).digest(),
       requestId,
       leaseSeconds,
     })

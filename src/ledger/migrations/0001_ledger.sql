@@ -1,6 +1,14 @@
 -- The ledger: accounts, keys, credits, reservations, usage and plan limits.
 -- Money is numeric(78,0) base units. Invariants live here as CHECK constraints and in the
 -- functions below, which are the only writers of balances: each runs as one statement.
+--
+-- Durability of the per-request functions (admit, extend, finish): they commit with
+-- synchronous_commit off, so a request does not wait for a WAL flush (about 0.2 ms here,
+-- two per request). Consistency is unaffected: every invariant still holds after a crash.
+-- What a crash of the PostgreSQL server itself (not of a gateway) can lose is the last few
+-- hundred milliseconds of those commits: charges not recorded (the gateway's loss, never
+-- an overdraft) and reservations that vanish with the requests they held for. Grants
+-- (tollway_grant) and everything payment channels write stay fully synchronous.
 
 CREATE TABLE plans (
   name                  text PRIMARY KEY,
@@ -153,6 +161,7 @@ DECLARE
   amount numeric;
   idem record;
 BEGIN
+  PERFORM set_config('synchronous_commit', 'off', true); -- see the note at the top
   SELECT ak.id, ak.account_id INTO k FROM api_keys ak WHERE ak.hash = p_key_hash AND ak.revoked_at IS NULL;
   IF NOT FOUND THEN
     RETURN QUERY SELECT 'unauthorized', NULL::uuid, NULL::uuid, NULL::numeric, NULL::numeric, NULL::bigint, NULL::int, NULL::int, NULL::uuid;
@@ -249,6 +258,7 @@ RETURNS numeric LANGUAGE plpgsql AS $$
 DECLARE
   r record;
 BEGIN
+  PERFORM set_config('synchronous_commit', 'off', true); -- see the note at the top
   SELECT * INTO r FROM reservations WHERE id = p_id FOR UPDATE;
   IF NOT FOUND THEN RETURN NULL; END IF;
   IF p_amount > 0 THEN
@@ -284,6 +294,7 @@ DECLARE
   amount numeric;
   tokens bigint := p_prompt_tokens + p_completion_tokens;
 BEGIN
+  PERFORM set_config('synchronous_commit', 'off', true); -- see the note at the top
   DELETE FROM reservations WHERE id = p_id RETURNING * INTO r;
   IF NOT FOUND THEN RETURN; END IF;
   SELECT * INTO a FROM accounts WHERE id = r.account_id FOR UPDATE;

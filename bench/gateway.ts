@@ -1,0 +1,238 @@
+/**
+ * Gateway overhead for non-streaming completions through an API key with credits and
+ * plan limits on, against a local upstream that answers at once, compared in one run with
+ * the upstream called directly and with a bare Hono pass-through proxy (the ceiling).
+ *
+ * Each server is its own process; this process is the load generator (keep-alive
+ * connections, closed loop). Overhead = a target's latency percentile minus the direct
+ * upstream's at the same concurrency. With DATABASE_URL the gateway uses a fresh database
+ * `tollway_bench` on that server; without it, the embedded PGlite.
+ *
+ *   bun bench/gateway.ts   → prints a table, writes bench/results/gateway.{json,md}
+ */
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import postgres from 'postgres'
+
+const root = join(import.meta.dir, '..')
+const bun = process.execPath
+const seconds = Number(process.env.BENCH_SECONDS ?? 5)
+const concurrencies = [1, 64]
+
+type Stats = { rps: number; p50: number; p99: number; errors: number }
+
+async function freePort(): Promise<number> {
+  const s = Bun.serve({ port: 0, fetch: () => new Response() })
+  const port = s.port!
+  s.stop(true)
+  return port
+}
+
+async function spawn(args: string[], env: Record<string, string> = {}, ready = 'ready') {
+  const proc = Bun.spawn([bun, ...args], {
+    cwd: root,
+    env: { ...process.env, ...env },
+    stdout: 'pipe',
+    stderr: 'inherit',
+  })
+  const reader = proc.stdout.getReader()
+  let out = ''
+  const decoder = new TextDecoder()
+  while (!out.includes(ready)) {
+    const { value, done } = await reader.read()
+    if (done) throw new Error(`${args.join(' ')} exited before it was ready:\n${out}`)
+    out += decoder.decode(value)
+  }
+  // Keep draining so the child never blocks on a full pipe.
+  ;(async () => {
+    while (!(await reader.read()).done) {}
+  })()
+  return { proc, out }
+}
+
+async function load(
+  url: string,
+  headers: Record<string, string>,
+  body: string,
+  concurrency: number,
+): Promise<Stats> {
+  const latencies: number[] = []
+  let errors = 0
+  const end = performance.now() + seconds * 1000
+  const worker = async () => {
+    while (performance.now() < end) {
+      const t = performance.now()
+      const res = await fetch(url, { method: 'POST', headers, body })
+      await res.arrayBuffer()
+      if (res.status !== 200) errors++
+      else latencies.push(performance.now() - t)
+    }
+  }
+  const started = performance.now()
+  await Promise.all(Array.from({ length: concurrency }, worker))
+  const elapsed = (performance.now() - started) / 1000
+  latencies.sort((a, b) => a - b)
+  const at = (q: number) =>
+    latencies[Math.min(latencies.length - 1, Math.floor(q * latencies.length))] ?? Number.NaN
+  return { rps: latencies.length / elapsed, p50: at(0.5), p99: at(0.99), errors }
+}
+
+export async function run() {
+  const children: { proc: ReturnType<typeof Bun.spawn> }[] = []
+  try {
+    const upstreamPort = await freePort()
+    children.push(await spawn(['bench/servers.ts', 'upstream', String(upstreamPort)]))
+    const upstream = `http://127.0.0.1:${upstreamPort}/v1`
+    const proxyPort = await freePort()
+    children.push(await spawn(['bench/servers.ts', 'proxy', String(proxyPort), upstream]))
+
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-bench-'))
+    let databaseUrl = ''
+    if (process.env.DATABASE_URL) {
+      const admin = postgres(process.env.DATABASE_URL, { max: 1, onnotice: () => {} })
+      await admin.unsafe('drop database if exists tollway_bench')
+      await admin.unsafe('create database tollway_bench')
+      await admin.end()
+      const u = new URL(process.env.DATABASE_URL)
+      u.pathname = '/tollway_bench'
+      databaseUrl = u.toString()
+    }
+    const config = join(dataDir, 'config.json')
+    writeFileSync(
+      config,
+      JSON.stringify({
+        logLevel: 'warn',
+        upstreams: [{ name: 'bench', baseUrl: upstream }],
+        models: [
+          {
+            id: 'bench',
+            upstream: 'bench',
+            upstreamModel: 'bench',
+            pricing: { input: '1000000', output: '2000000' },
+            contextLength: 8192,
+          },
+        ],
+        plans: {
+          // Limits on, high enough not to refuse: every request still runs every check.
+          bench: {
+            tier: 0,
+            requestsPerMinute: 100_000_000,
+            maxConcurrent: 10_000,
+            tokensPerMonth: 1_000_000_000_000,
+          },
+        },
+        defaultPlan: 'bench',
+      }),
+    )
+    const gatewayPort = await freePort()
+    const adminToken = 'bench-admin-token-0123456789'
+    children.push(
+      await spawn(
+        ['src/main.ts'],
+        {
+          TOLLWAY_CONFIG: config,
+          TOLLWAY_DATA_DIR: dataDir,
+          PORT: String(gatewayPort),
+          ADMIN_TOKEN: adminToken,
+          DATABASE_URL: databaseUrl,
+        },
+        'serving at',
+      ),
+    )
+    const gateway = `http://127.0.0.1:${gatewayPort}`
+    const adminHeaders = {
+      authorization: `Bearer ${adminToken}`,
+      'content-type': 'application/json',
+    }
+    const { id } = (await (
+      await fetch(`${gateway}/admin/accounts`, {
+        method: 'POST',
+        headers: adminHeaders,
+        body: '{"name":"bench"}',
+      })
+    ).json()) as { id: string }
+    await fetch(`${gateway}/admin/accounts/${id}/credits`, {
+      method: 'POST',
+      headers: adminHeaders,
+      body: '{"amount":"1000000000000000"}',
+    })
+    const { key } = (await (
+      await fetch(`${gateway}/admin/accounts/${id}/keys`, {
+        method: 'POST',
+        headers: adminHeaders,
+        body: '{"name":"bench"}',
+      })
+    ).json()) as { key: string }
+
+    const body = JSON.stringify({
+      model: 'bench',
+      max_tokens: 16,
+      messages: [{ role: 'user', content: 'ping' }],
+    })
+    const targets = {
+      direct: {
+        url: `${upstream}/chat/completions`,
+        headers: { 'content-type': 'application/json' },
+      },
+      proxy: {
+        url: `http://127.0.0.1:${proxyPort}/v1/chat/completions`,
+        headers: { 'content-type': 'application/json' },
+      },
+      gateway: {
+        url: `${gateway}/v1/chat/completions`,
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${key}` },
+      },
+    }
+    // Warm up every path (JIT, connection pools, prepared statements).
+    for (const t of Object.values(targets)) await load(t.url, t.headers, body, 8).catch(() => {})
+
+    const results: Record<string, Record<string, Stats>> = {}
+    for (const c of concurrencies) {
+      results[`c${c}`] = {}
+      for (const [name, t] of Object.entries(targets))
+        results[`c${c}`]![name] = await load(t.url, t.headers, body, c)
+    }
+    return { database: databaseUrl ? 'postgresql' : 'pglite', seconds, results }
+  } finally {
+    for (const c of children) c.proc.kill()
+  }
+}
+
+/** The markdown table of a run. */
+export function table(r: Awaited<ReturnType<typeof run>>): string {
+  const lines = [
+    '| concurrency | target | requests/s | p50 ms | p99 ms | overhead p50 ms | overhead p99 ms |',
+    '|---:|---|---:|---:|---:|---:|---:|',
+  ]
+  for (const [c, targets] of Object.entries(r.results)) {
+    const direct = targets.direct!
+    for (const [name, s] of Object.entries(targets)) {
+      const over =
+        name === 'direct'
+          ? ['', '']
+          : [(s.p50 - direct.p50).toFixed(3), (s.p99 - direct.p99).toFixed(3)]
+      lines.push(
+        `| ${c.slice(1)} | ${name} | ${Math.round(s.rps)} | ${s.p50.toFixed(3)} | ${s.p99.toFixed(3)} | ${over[0]} | ${over[1]} |`,
+      )
+    }
+  }
+  const top = r.results[`c${concurrencies.at(-1)}`]!
+  lines.push(
+    '',
+    `Gateway throughput at ${concurrencies.at(-1)} connections: ${((top.gateway!.rps / top.proxy!.rps) * 100).toFixed(0)}% of the bare proxy (database: ${r.database}).`,
+  )
+  return lines.join('\n')
+}
+
+if (import.meta.main) {
+  const r = await run()
+  const dir = join(import.meta.dir, 'results')
+  writeFileSync(
+    join(dir, 'gateway.json'),
+    `${JSON.stringify({ date: new Date().toISOString(), ...r }, null, 2)}\n`,
+  )
+  const md = table(r)
+  writeFileSync(join(dir, 'gateway.md'), `${md}\n`)
+  console.log(md)
+}
