@@ -16,6 +16,8 @@ const BaseUnits = z
     return BigInt(v)
   })
 
+const Address = z.string().regex(/^0x[0-9a-fA-F]{40}$/, 'expected a 0x-prefixed 20-byte hex address')
+
 const Pricing = z.strictObject({
   /** Base units per 1,000,000 prompt tokens. */
   input: BaseUnits,
@@ -103,6 +105,20 @@ export const Schema = z
     plans: z.record(z.string().min(1), Plan).prefault(defaultPlans),
     defaultPlan: z.string().min(1).default('free'),
     echo: Echo.prefault({}),
+    /**
+     * A real chain: all five set. None set: `npm start` runs a development chain (anvil)
+     * unless `devChain` is false.
+     */
+    chain: z
+      .strictObject({
+        rpcUrl: z.url(),
+        chainId: z.number().int().positive(),
+        escrowAddress: Address,
+        currencyAddress: Address,
+        payeePrivateKey: z.string().regex(/^0x[0-9a-fA-F]{64}$/, 'expected a 0x-prefixed 32-byte hex key'),
+      })
+      .optional(),
+    devChain: z.boolean().default(true),
     metering: z
       .strictObject({
         blockTokens: z.number().int().positive().default(64),
@@ -148,6 +164,14 @@ const env = {
   MAX_BODY_BYTES: ['maxBodyBytes', z.coerce.number()],
 } as const
 
+const chainEnv = {
+  CHAIN_RPC_URL: ['rpcUrl', z.string()],
+  CHAIN_ID: ['chainId', z.coerce.number()],
+  ESCROW_ADDRESS: ['escrowAddress', z.string()],
+  CURRENCY_ADDRESS: ['currencyAddress', z.string()],
+  PAYEE_PRIVATE_KEY: ['payeePrivateKey', z.string()],
+} as const
+
 /** Reads the configuration from `environment` (default `process.env`) and its config file. */
 export function load(environment: Record<string, string | undefined> = process.env): Config {
   let file: unknown = {}
@@ -175,6 +199,19 @@ export function load(environment: Record<string, string | undefined> = process.e
     if (!parsed.success) throw new ConfigError(`${name}: ${parsed.error.issues[0]?.message}`)
     merged[key] = parsed.data
   }
+  const given = Object.keys(chainEnv).filter((name) => environment[name])
+  if (given.length > 0) {
+    const missing = Object.keys(chainEnv).filter((name) => !environment[name])
+    if (missing.length > 0)
+      throw new ConfigError(`${missing.join(', ')}: a real chain needs all of ${Object.keys(chainEnv).join(', ')} (set: ${given.join(', ')})`)
+    const chain: Record<string, unknown> = {}
+    for (const [name, [key, schema]] of Object.entries(chainEnv)) {
+      const parsed = (schema as z.ZodType).safeParse(environment[name])
+      if (!parsed.success) throw new ConfigError(`${name}: ${parsed.error.issues[0]?.message}`)
+      chain[key] = parsed.data
+    }
+    merged.chain = chain
+  }
   return from(merged, (p) => envName(p))
 }
 
@@ -195,6 +232,7 @@ export function upstreamKey(
 
 function envName(path: string): string {
   for (const [name, [key]] of Object.entries(env)) if (key === path) return `${name} (${key})`
+  for (const [name, [key]] of Object.entries(chainEnv)) if (`chain.${key}` === path) return `${name} (${path})`
   return path
 }
 

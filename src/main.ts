@@ -5,6 +5,7 @@
 import { randomBytes } from 'node:crypto'
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
+import * as DevChain from './chain/DevChain.ts'
 import * as Config from './Config.ts'
 import * as App from './http/App.ts'
 import * as Logger from './Logger.ts'
@@ -20,12 +21,18 @@ import { type Model, Router } from './upstream/Router.ts'
 
 export type Gateway = {
   url: string
+  /** The chain payments settle on: the configured one, or the development chain. */
+  chain: Chain | undefined
+  /** The development chain, when this gateway started one. */
+  devChain: DevChain.DevChain | undefined
   adminToken: string
   /** True when the database is the embedded PGlite. */
   embedded: boolean
   sql: Db.Sql
   stop(): Promise<void>
 }
+
+export type Chain = NonNullable<Config.Config['chain']>
 
 export type StartOptions = {
   /** Where logs go (tests capture them). */
@@ -59,6 +66,20 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     await Db.migrate(sql)
     await Accounts.syncPlans(sql, config.plans)
 
+    let devChain: DevChain.DevChain | undefined
+    let chain: Chain | undefined = config.chain
+    if (!chain && config.devChain) {
+      devChain = await DevChain.start()
+      stops.push(devChain.stop)
+      chain = {
+        rpcUrl: devChain.rpcUrl,
+        chainId: devChain.chainId,
+        escrowAddress: devChain.escrowAddress,
+        currencyAddress: devChain.currencyAddress,
+        payeePrivateKey: devChain.payee.privateKey,
+      }
+    }
+
     const adminToken = config.adminToken ?? adminTokenFromDataDir(config.dataDir)
     const router = new Router(models(config, options.environment ?? process.env))
     const app = App.create({ config, sql, router, log, adminToken })
@@ -83,6 +104,8 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     return {
       url: `http://${config.host}:${server.port}`,
       adminToken,
+      chain,
+      devChain,
       embedded: !config.databaseUrl,
       sql,
       async stop() {
@@ -171,7 +194,8 @@ if (import.meta.main) {
   database:    ${gateway.embedded ? `embedded PGlite in ${resolve(config.dataDir, 'pgdata')}` : 'DATABASE_URL'}
   admin token: ${gateway.adminToken}
   models:      ${[...new Set([model, ...config.models.map((m) => m.id)])].join(', ')}
-
+  chain:       ${gateway.chain ? `${gateway.chain.rpcUrl} (chain id ${gateway.chain.chainId}), escrow ${gateway.chain.escrowAddress}` : 'none'}
+${gateway.devChain ? `\n${DevChain.summary(gateway.devChain).join('\n')}\n` : ''}
 Try it:
   curl -N ${gateway.url}/v1/chat/completions -H "Authorization: Bearer ${key}" -d '{"model":"${model}","stream":true,"messages":[{"role":"user","content":"hello from tollway"}]}'
 `)

@@ -72,6 +72,7 @@ export async function create(
     ],
     plans,
     metering: { blockTokens: 16 },
+    devChain: false,
     ...overrides,
   }
   const config = Config.from(input)

@@ -1,0 +1,90 @@
+/** `npm start` as a user runs it: a subprocess with nothing configured. */
+import { describe, expect, test } from 'bun:test'
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+
+const root = join(import.meta.dir, '..')
+
+async function serve(env: Record<string, string>) {
+  const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
+    cwd: root,
+    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...env },
+    stdout: 'pipe',
+    stderr: 'pipe',
+  })
+  const reader = proc.stdout.getReader()
+  let out = ''
+  const decoder = new TextDecoder()
+  const deadline = Date.now() + 60_000
+  while (!out.includes('Try it:') || !out.includes("stream\":true")) {
+    if (Date.now() > deadline) throw new Error(`no start-up banner:\n${out}`)
+    const { value, done } = await reader.read()
+    if (done) throw new Error(`exited early:\n${out}\n${await new Response(proc.stderr).text()}`)
+    out += decoder.decode(value)
+  }
+  return { proc, out }
+}
+
+describe('npm start', () => {
+  test('behavior: embedded defaults serve, print the URL, admin token, dev chain and one working curl', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const { proc, out } = await serve({ TOLLWAY_DATA_DIR: dataDir, PORT: '0' })
+    const rpcUrl = /RPC URL: +(\S+)/.exec(out)?.[1]
+    try {
+      const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
+      const token = readFileSync(join(dataDir, 'admin-token'), 'utf8').trim()
+      expect(out).toContain(`admin token: ${token}`)
+      expect(rpcUrl).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/)
+      expect(((await (await fetch(rpcUrl!, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}' })).json()) as { result: string }).result).toBe('0x7a69')
+      expect(out).toMatch(/escrow: +0x[0-9a-fA-F]{40}/)
+      expect(out).toMatch(/payer 1: +0x[0-9a-fA-F]{40} key 0x[0-9a-f]{64}/)
+      // The printed curl works as printed.
+      const curl = out.split('\n').find((l) => l.trim().startsWith('curl'))!
+      const key = /Bearer (\S+)"/.exec(curl)![1]!
+      const body = /-d '(.+)'/.exec(curl)![1]!
+      const res = await fetch(`${url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${key}` },
+        body,
+      })
+      expect(res.status).toBe(200)
+      const text = await res.text()
+      expect(text).toContain('"usage"')
+      expect(text.trim().endsWith('data: [DONE]')).toBe(true)
+      const models = (await (await fetch(`${url}/v1/models`)).json()) as { data: { id: string }[] }
+      expect(models.data.map((m) => m.id)).toEqual(['tollway-echo'])
+    } finally {
+      proc.kill('SIGTERM')
+      await proc.exited
+    }
+    // anvil went with it.
+    const rpc = () => fetch(rpcUrl!, { method: 'POST', body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}' })
+    await expect(rpc()).rejects.toThrow()
+    expect(existsSync(join(dataDir, 'pgdata'))).toBe(true)
+  }, 90_000)
+
+  test('error: a bad value stops the start with a message naming the field', async () => {
+    const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
+      cwd: root,
+      env: { PATH: process.env.PATH ?? '', PORT: 'many', CHAIN_ID: '5' },
+      stdout: 'pipe',
+      stderr: 'pipe',
+    })
+    expect(await proc.exited).toBe(1)
+    const err = await new Response(proc.stderr).text()
+    expect(err).toContain('PORT')
+  })
+
+  test('error: a partly configured chain names what is missing', async () => {
+    const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
+      cwd: root,
+      env: { PATH: process.env.PATH ?? '', CHAIN_RPC_URL: 'http://127.0.0.1:1' },
+      stdout: 'pipe',
+      stderr: 'pipe',
+    })
+    expect(await proc.exited).toBe(1)
+    const err = await new Response(proc.stderr).text()
+    expect(err).toContain('ESCROW_ADDRESS')
+  })
+})
