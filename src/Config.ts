@@ -16,7 +16,9 @@ const BaseUnits = z
     return BigInt(v)
   })
 
-const Address = z.string().regex(/^0x[0-9a-fA-F]{40}$/, 'expected a 0x-prefixed 20-byte hex address')
+const Address = z
+  .string()
+  .regex(/^0x[0-9a-fA-F]{40}$/, 'expected a 0x-prefixed 20-byte hex address')
 
 const Pricing = z.strictObject({
   /** Base units per 1,000,000 prompt tokens. */
@@ -115,7 +117,9 @@ export const Schema = z
         chainId: z.number().int().positive(),
         escrowAddress: Address,
         currencyAddress: Address,
-        payeePrivateKey: z.string().regex(/^0x[0-9a-fA-F]{64}$/, 'expected a 0x-prefixed 32-byte hex key'),
+        payeePrivateKey: z
+          .string()
+          .regex(/^0x[0-9a-fA-F]{64}$/, 'expected a 0x-prefixed 32-byte hex key'),
       })
       .optional(),
     devChain: z.boolean().default(true),
@@ -203,7 +207,9 @@ export function load(environment: Record<string, string | undefined> = process.e
   if (given.length > 0) {
     const missing = Object.keys(chainEnv).filter((name) => !environment[name])
     if (missing.length > 0)
-      throw new ConfigError(`${missing.join(', ')}: a real chain needs all of ${Object.keys(chainEnv).join(', ')} (set: ${given.join(', ')})`)
+      throw new ConfigError(
+        `${missing.join(', ')}: a real chain needs all of ${Object.keys(chainEnv).join(', ')} (set: ${given.join(', ')})`,
+      )
     const chain: Record<string, unknown> = {}
     for (const [name, [key, schema]] of Object.entries(chainEnv)) {
       const parsed = (schema as z.ZodType).safeParse(environment[name])
@@ -232,7 +238,8 @@ export function upstreamKey(
 
 function envName(path: string): string {
   for (const [name, [key]] of Object.entries(env)) if (key === path) return `${name} (${key})`
-  for (const [name, [key]] of Object.entries(chainEnv)) if (`chain.${key}` === path) return `${name} (${path})`
+  for (const [name, [key]] of Object.entries(chainEnv))
+    if (`chain.${key}` === path) return `${name} (${path})`
   return path
 }
 

@@ -17,7 +17,7 @@ async function serve(env: Record<string, string>) {
   let out = ''
   const decoder = new TextDecoder()
   const deadline = Date.now() + 60_000
-  while (!out.includes('Try it:') || !out.includes("stream\":true")) {
+  while (!out.includes('Try it:') || !out.includes('stream":true')) {
     if (Date.now() > deadline) throw new Error(`no start-up banner:\n${out}`)
     const { value, done } = await reader.read()
     if (done) throw new Error(`exited early:\n${out}\n${await new Response(proc.stderr).text()}`)
@@ -36,7 +36,17 @@ describe('npm start', () => {
       const token = readFileSync(join(dataDir, 'admin-token'), 'utf8').trim()
       expect(out).toContain(`admin token: ${token}`)
       expect(rpcUrl).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/)
-      expect(((await (await fetch(rpcUrl!, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}' })).json()) as { result: string }).result).toBe('0x7a69')
+      expect(
+        (
+          (await (
+            await fetch(rpcUrl!, {
+              method: 'POST',
+              headers: { 'content-type': 'application/json' },
+              body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}',
+            })
+          ).json()) as { result: string }
+        ).result,
+      ).toBe('0x7a69')
       expect(out).toMatch(/escrow: +0x[0-9a-fA-F]{40}/)
       expect(out).toMatch(/payer 1: +0x[0-9a-fA-F]{40} key 0x[0-9a-f]{64}/)
       // The printed curl works as printed.
@@ -59,7 +69,8 @@ describe('npm start', () => {
       await proc.exited
     }
     // anvil went with it.
-    const rpc = () => fetch(rpcUrl!, { method: 'POST', body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}' })
+    const rpc = () =>
+      fetch(rpcUrl!, { method: 'POST', body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}' })
     await expect(rpc()).rejects.toThrow()
     expect(existsSync(join(dataDir, 'pgdata'))).toBe(true)
   }, 90_000)
