@@ -3,6 +3,7 @@
  * migrations/0001_ledger.sql, one round trip each.
  */
 import type { Sql } from './Db.ts'
+import type { Waker } from './Waker.ts'
 
 export type AdmitInput = {
   keyHash: Uint8Array
@@ -158,4 +159,36 @@ export function reservation(sql: Sql, input: { id: string; held: bigint; leaseSe
       return settled
     },
   }
+}
+
+/**
+ * A reservation paid from a payment channel: like `reservation`, and when the channel's
+ * authorized balance runs short it waits (up to `timeoutMs`) for a voucher that covers
+ * `required`, accepted on this instance or another.
+ */
+export function channelReservation(
+  sql: Sql,
+  input: {
+    id: string
+    held: bigint
+    leaseSeconds: number
+    channelId: string
+    waker: Waker
+    timeoutMs: number
+  },
+) {
+  const r = reservation(sql, input)
+  return Object.assign(r, {
+    async waitForFunds(required: bigint, signal: AbortSignal): Promise<boolean> {
+      const deadline = Date.now() + input.timeoutMs
+      const timeout = AbortSignal.timeout(input.timeoutMs)
+      const any = AbortSignal.any([signal, timeout])
+      while (Date.now() < deadline && !any.aborted) {
+        if (!(await input.waker.next(input.channelId, any))) break
+        // Renews the lease too, so a long wait is not mistaken for a dead instance.
+        if (await r.extend(required > r.held ? required - r.held : 0n)) return true
+      }
+      return false
+    },
+  })
 }

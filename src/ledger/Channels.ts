@@ -1,0 +1,190 @@
+/**
+ * Server-side accounting of payment channels (migrations/0002_channels.sql): the state
+ * read from the escrow, accepted vouchers, and admission of requests paid from a channel.
+ * Channel ids and addresses are 0x-hex in code and bytea in the database.
+ */
+import type { Sql } from './Db.ts'
+import * as Page from './Page.ts'
+
+export type Hex = `0x${string}`
+
+export type Channel = {
+  channelId: Hex
+  chainId: number
+  escrow: Hex
+  payer: Hex
+  payee: Hex
+  token: Hex
+  signer: Hex
+  deposit: bigint
+  acceptedCumulative: bigint
+  voucherSignature: Hex | null
+  spent: bigint
+  reserved: bigint
+  settled: bigint
+  closeRequestedAt: Date | null
+  finalized: boolean
+  createdAt: Date
+  updatedAt: Date
+}
+
+/** On-chain facts about a channel, as verified from the escrow. */
+export type OnChain = Pick<
+  Channel,
+  | 'channelId'
+  | 'chainId'
+  | 'escrow'
+  | 'payer'
+  | 'payee'
+  | 'token'
+  | 'signer'
+  | 'deposit'
+  | 'settled'
+  | 'finalized'
+> & { closeRequested: boolean }
+
+const bytes = (hex: string) => Buffer.from(hex.slice(2), 'hex')
+const hex = (b: Uint8Array | null): Hex | null =>
+  b ? (`0x${Buffer.from(b).toString('hex')}` as Hex) : null
+
+function from(r: Record<string, unknown>): Channel {
+  return {
+    channelId: hex(r.channel_id as Uint8Array)!,
+    chainId: Number(r.chain_id),
+    escrow: hex(r.escrow as Uint8Array)!,
+    payer: hex(r.payer as Uint8Array)!,
+    payee: hex(r.payee as Uint8Array)!,
+    token: hex(r.token as Uint8Array)!,
+    signer: hex(r.signer as Uint8Array)!,
+    deposit: r.deposit as bigint,
+    acceptedCumulative: r.accepted_cumulative as bigint,
+    voucherSignature: hex(r.voucher_signature as Uint8Array | null),
+    spent: r.spent as bigint,
+    reserved: r.reserved as bigint,
+    settled: r.settled as bigint,
+    closeRequestedAt: (r.close_requested_at as Date | null) ?? null,
+    finalized: r.finalized as boolean,
+    createdAt: r.created_at as Date,
+    updatedAt: r.updated_at as Date,
+  }
+}
+
+/**
+ * Records what the escrow says about a channel: creates it, or raises its deposit and
+ * settled amount and marks a close request or finalization. Amounts never go down.
+ */
+export async function observe(sql: Sql, c: OnChain): Promise<Channel> {
+  const [row] = await sql`
+    insert into channels (channel_id, chain_id, escrow, payer, payee, token, signer, deposit, settled,
+      close_requested_at, finalized)
+    values (${bytes(c.channelId)}, ${c.chainId}, ${bytes(c.escrow)}, ${bytes(c.payer)}, ${bytes(c.payee)},
+      ${bytes(c.token)}, ${bytes(c.signer)}, ${sql.typed.numeric(c.deposit)}, ${sql.typed.numeric(c.settled)},
+      ${c.closeRequested ? sql`now()` : null}, ${c.finalized})
+    on conflict (channel_id) do update set
+      deposit = greatest(channels.deposit, excluded.deposit),
+      settled = greatest(channels.settled, least(excluded.settled, channels.spent)),
+      close_requested_at = case when ${c.closeRequested} then coalesce(channels.close_requested_at, now()) else null end,
+      finalized = channels.finalized or excluded.finalized
+    returning *`
+  return from(row!)
+}
+
+/** One channel, or undefined. */
+export async function get(sql: Sql, channelId: Hex): Promise<Channel | undefined> {
+  const [row] = await sql`select * from channels where channel_id = ${bytes(channelId)}`
+  return row ? from(row) : undefined
+}
+
+export type VoucherOutcome =
+  | 'accepted'
+  | 'replay'
+  | 'delta_too_small'
+  | 'exceeds_deposit'
+  | 'not_found'
+  | 'finalized'
+  | 'close_requested'
+
+/**
+ * Records a voucher whose signature the caller verified. Durable before it returns (the
+ * balance it adds may be used at once), and wakes streams waiting on the channel.
+ */
+export async function acceptVoucher(
+  sql: Sql,
+  v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex; minDelta: bigint },
+): Promise<{ status: VoucherOutcome; acceptedCumulative: bigint; deposit: bigint; spent: bigint }> {
+  const [row] = await sql`
+    select * from tollway_accept_voucher(${bytes(v.channelId)}, ${sql.typed.numeric(v.cumulativeAmount)},
+      ${bytes(v.signature)}, ${sql.typed.numeric(v.minDelta)})`
+  return {
+    status: row!.status,
+    acceptedCumulative: row!.accepted_cumulative ?? 0n,
+    deposit: row!.deposit ?? 0n,
+    spent: row!.spent ?? 0n,
+  }
+}
+
+export type Admission =
+  | { status: 'ok'; held: bigint; acceptedCumulative: bigint; deposit: bigint; spent: bigint }
+  | {
+      status: 'insufficient'
+      available: bigint
+      acceptedCumulative: bigint
+      deposit: bigint
+      spent: bigint
+    }
+  | { status: 'not_found' | 'finalized' | 'close_requested' }
+
+/** Holds between `need` and `want` of the channel's authorized balance for one request. */
+export async function admit(
+  sql: Sql,
+  i: {
+    channelId: Hex
+    model: string
+    stream: boolean
+    want: bigint
+    need: bigint
+    requestId: string
+    leaseSeconds: number
+  },
+): Promise<Admission> {
+  const [r] = await sql`
+    select * from tollway_channel_admit(${bytes(i.channelId)}, ${i.model}, ${i.stream},
+      ${sql.typed.numeric(i.want)}, ${sql.typed.numeric(i.need)}, ${i.requestId}, ${i.leaseSeconds})`
+  const row = r!
+  const state = {
+    acceptedCumulative: row.accepted_cumulative,
+    deposit: row.deposit,
+    spent: row.spent,
+  }
+  if (row.status === 'ok') return { status: 'ok', held: row.held, ...state }
+  if (row.status === 'insufficient')
+    return { status: 'insufficient', available: row.available, ...state }
+  return { status: row.status }
+}
+
+/** Records an amount settled on-chain (never above what was spent, never lower than before). */
+export async function settled(
+  sql: Sql,
+  i: { channelId: Hex; settled: bigint; finalized?: boolean },
+): Promise<void> {
+  await sql`
+    update channels set settled = greatest(settled, least(${sql.typed.numeric(i.settled)}, spent)),
+      finalized = finalized or ${i.finalized ?? false}
+    where channel_id = ${bytes(i.channelId)}`
+}
+
+/** Lists channels, most recently active first. */
+export async function list(
+  sql: Sql,
+  input: { limit: number; cursor?: string },
+): Promise<Page.Page<Channel>> {
+  const after = Page.parse(input.cursor, [Page.shapes.timestamp, /^[0-9a-f]{64}$/])
+  const rows = await sql`
+    select *, updated_at::text as position from channels
+    ${after ? sql`where (updated_at, channel_id) < (${after[0]!}::timestamptz, ${Buffer.from(after[1]!, 'hex')})` : sql``}
+    order by updated_at desc, channel_id desc limit ${input.limit + 1}`
+  return Page.from(rows, input.limit, from, (r) => [
+    r.position,
+    Buffer.from(r.channel_id).toString('hex'),
+  ])
+}

@@ -1,0 +1,265 @@
+import { describe, expect, test } from 'bun:test'
+import fc from 'fast-check'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Db from '../../src/ledger/Db.ts'
+import * as Reservations from '../../src/ledger/Reservations.ts'
+import { Waker } from '../../src/ledger/Waker.ts'
+import * as Postgres from '../helpers/Postgres.ts'
+
+const db = await Postgres.fresh()
+const { sql } = db
+
+let n = 0
+const address = (i: number) => `0x${i.toString(16).padStart(40, '0')}` as Channels.Hex
+async function channel(deposit: bigint) {
+  const channelId = `0x${'c'.repeat(32)}${(++n).toString(16).padStart(32, '0')}` as Channels.Hex
+  return Channels.observe(sql, {
+    channelId,
+    chainId: 31337,
+    escrow: address(1),
+    payer: address(2),
+    payee: address(3),
+    token: address(4),
+    signer: address(2),
+    deposit,
+    settled: 0n,
+    finalized: false,
+    closeRequested: false,
+  })
+}
+const sig = (i: bigint) => `0x${i.toString(16).padStart(130, '0')}` as Channels.Hex
+const voucher = (channelId: Channels.Hex, amount: bigint, minDelta = 1n) =>
+  Channels.acceptVoucher(sql, {
+    channelId,
+    cumulativeAmount: amount,
+    signature: sig(amount),
+    minDelta,
+  })
+
+async function invariants(channelId: Channels.Hex) {
+  // One statement, so the channel and its reservations are read from one snapshot.
+  const id = Buffer.from(channelId.slice(2), 'hex')
+  const [h] = await sql`
+    select c.settled, c.spent, c.reserved, c.accepted_cumulative, c.deposit,
+      (select coalesce(sum(held), 0) from reservations where channel_id = ${id}) as held
+    from channels c where channel_id = ${id}`
+  const c = {
+    settled: h!.settled,
+    spent: h!.spent,
+    reserved: h!.reserved,
+    acceptedCumulative: h!.accepted_cumulative,
+    deposit: h!.deposit,
+  }
+  expect(c.settled <= c.spent).toBe(true)
+  expect(c.spent + c.reserved <= c.acceptedCumulative).toBe(true)
+  expect(c.acceptedCumulative <= c.deposit).toBe(true)
+  expect(c.reserved).toBe(h!.held)
+  return c
+}
+
+describe('acceptVoucher', () => {
+  test('behavior: accepts increasing vouchers; replays, small deltas and amounts over the deposit change nothing', async () => {
+    const c = await channel(1000n)
+    expect((await voucher(c.channelId, 100n)).status).toBe('accepted')
+    expect((await voucher(c.channelId, 100n)).status).toBe('replay')
+    expect((await voucher(c.channelId, 50n)).status).toBe('replay')
+    expect((await voucher(c.channelId, 105n, 10n)).status).toBe('delta_too_small')
+    expect((await voucher(c.channelId, 1001n)).status).toBe('exceeds_deposit')
+    expect((await voucher(c.channelId, 1000n)).status).toBe('accepted')
+    expect((await invariants(c.channelId)).acceptedCumulative).toBe(1000n)
+    expect((await Channels.get(sql, c.channelId))!.voucherSignature).toBe(sig(1000n))
+    const missing = `0x${'f'.repeat(64)}` as Channels.Hex
+    expect((await voucher(missing, 1n)).status).toBe('not_found')
+  })
+
+  test('error: amounts only grow, even when written by hand', async () => {
+    const c = await channel(1000n)
+    await voucher(c.channelId, 500n)
+    const id = Buffer.from(c.channelId.slice(2), 'hex')
+    await expect(
+      sql`update channels set accepted_cumulative = 10 where channel_id = ${id}`,
+    ).rejects.toThrow(/only grow/)
+    await expect(sql`update channels set spent = 600 where channel_id = ${id}`).rejects.toThrow(
+      /channel_spent_within_accepted/,
+    )
+    await expect(sql`delete from vouchers where channel_id = ${id}`).rejects.toThrow(/append-only/)
+  })
+
+  test('behavior: a close request or finalization stops vouchers and admissions', async () => {
+    const c = await channel(1000n)
+    await voucher(c.channelId, 100n)
+    await Channels.observe(sql, { ...c, closeRequested: true })
+    expect((await voucher(c.channelId, 200n)).status).toBe('close_requested')
+    const a = await Channels.admit(sql, {
+      channelId: c.channelId,
+      model: 'm',
+      stream: true,
+      want: 1n,
+      need: 1n,
+      requestId: crypto.randomUUID(),
+      leaseSeconds: 60,
+    })
+    expect(a.status).toBe('close_requested')
+  })
+})
+
+describe('admit, extend, finish', () => {
+  test('behavior: paid from the authorized balance; spent grows by the exact charge at the end', async () => {
+    const c = await channel(1000n)
+    await voucher(c.channelId, 300n)
+    const id = crypto.randomUUID()
+    const a = await Channels.admit(sql, {
+      channelId: c.channelId,
+      model: 'm',
+      stream: true,
+      want: 100n,
+      need: 50n,
+      requestId: id,
+      leaseSeconds: 60,
+    })
+    expect(a).toMatchObject({ status: 'ok', held: 100n })
+    const r = Reservations.reservation(sql, { id, held: 100n, leaseSeconds: 60 })
+    expect(await r.extend(200n)).toBe(true)
+    expect(await r.extend(1n)).toBe(false)
+    const { charged } = await r.settle({
+      cost: 250n,
+      promptTokens: 1,
+      completionTokens: 1,
+      status: 'ok',
+      latencyMs: 1,
+      ttftMs: 1,
+    })
+    expect(charged).toBe(250n)
+    expect(await invariants(c.channelId)).toMatchObject({ spent: 250n, reserved: 0n })
+    const [u] = await sql`select cost, account_id from usage where id = ${id}`
+    expect(u).toEqual({ cost: 250n, account_id: null })
+  })
+
+  test('property: concurrent vouchers, admissions, extensions and settlements keep settled ≤ spent ≤ accepted ≤ deposit', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.bigInt(1n, 5_000n),
+        fc.array(
+          fc.record({
+            voucher: fc.bigInt(0n, 6_000n),
+            want: fc.bigInt(1n, 500n),
+            extend: fc.bigInt(0n, 300n),
+            cost: fc.bigInt(0n, 900n),
+          }),
+          { minLength: 1, maxLength: 30 },
+        ),
+        async (deposit, ops) => {
+          const c = await channel(deposit)
+          let charged = 0n
+          await Promise.all(
+            ops.map(async (op) => {
+              await voucher(c.channelId, op.voucher)
+              const id = crypto.randomUUID()
+              const a = await Channels.admit(sql, {
+                channelId: c.channelId,
+                model: 'm',
+                stream: true,
+                want: op.want,
+                need: 1n,
+                requestId: id,
+                leaseSeconds: 60,
+              })
+              await invariants(c.channelId)
+              if (a.status !== 'ok') return
+              const r = Reservations.reservation(sql, { id, held: a.held, leaseSeconds: 60 })
+              await r.extend(op.extend)
+              await invariants(c.channelId)
+              const settled = await r.settle({
+                cost: op.cost,
+                promptTokens: 0,
+                completionTokens: 0,
+                status: 'ok',
+                latencyMs: 0,
+                ttftMs: null,
+              })
+              charged += settled.charged
+            }),
+          )
+          const end = await invariants(c.channelId)
+          expect(end.reserved).toBe(0n)
+          expect(end.spent).toBe(charged)
+        },
+      ),
+      { numRuns: 30 },
+    )
+  }, 60_000)
+})
+
+describe('channelReservation', () => {
+  test('behavior: a stream short of funds waits, and a voucher accepted through another connection (another instance) wakes it', async () => {
+    if (!process.env.DATABASE_URL) return // LISTEN needs a second connection, which the embedded server cannot take
+    const other = Db.connect({ url: db.url, max: 2, ...(db.schema ? { schema: db.schema } : {}) })
+    const waker = await Waker.start(sql, { listen: true, pollMs: 10_000 })
+    try {
+      const c = await channel(1000n)
+      await voucher(c.channelId, 100n)
+      const id = crypto.randomUUID()
+      await Channels.admit(sql, {
+        channelId: c.channelId,
+        model: 'm',
+        stream: true,
+        want: 100n,
+        need: 100n,
+        requestId: id,
+        leaseSeconds: 60,
+      })
+      const r = Reservations.channelReservation(sql, {
+        id,
+        held: 100n,
+        leaseSeconds: 60,
+        channelId: c.channelId,
+        waker,
+        timeoutMs: 5_000,
+      })
+      expect(await r.extend(50n)).toBe(false)
+      const started = performance.now()
+      const waiting = r.waitForFunds(150n, new AbortController().signal)
+      await Bun.sleep(50)
+      await Channels.acceptVoucher(other, {
+        channelId: c.channelId,
+        cumulativeAmount: 200n,
+        signature: sig(200n),
+        minDelta: 1n,
+      })
+      expect(await waiting).toBe(true)
+      expect(performance.now() - started).toBeLessThan(2_000)
+      expect(r.held).toBe(150n)
+      await invariants(c.channelId)
+    } finally {
+      await waker.stop()
+      await other.end()
+    }
+  })
+
+  test('behavior: without a voucher the wait ends at the timeout', async () => {
+    const waker = await Waker.start(sql, { listen: false, pollMs: 20 })
+    const c = await channel(1000n)
+    await voucher(c.channelId, 10n)
+    const id = crypto.randomUUID()
+    await Channels.admit(sql, {
+      channelId: c.channelId,
+      model: 'm',
+      stream: true,
+      want: 10n,
+      need: 10n,
+      requestId: id,
+      leaseSeconds: 60,
+    })
+    const r = Reservations.channelReservation(sql, {
+      id,
+      held: 10n,
+      leaseSeconds: 60,
+      channelId: c.channelId,
+      waker,
+      timeoutMs: 200,
+    })
+    const started = performance.now()
+    expect(await r.waitForFunds(20n, new AbortController().signal)).toBe(false)
+    expect(performance.now() - started).toBeGreaterThanOrEqual(190)
+  })
+})
