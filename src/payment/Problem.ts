@@ -48,6 +48,14 @@ export type Body = {
   [extension: string]: unknown
 }
 
+export type ProblemOptions = ErrorOptions & {
+  /**
+   * Overrides the kind's status where a method draft says so: draft-evm-session-00 answers a
+   * malformed session payload with 400, the core draft a malformed credential with 402.
+   */
+  status?: number | undefined
+}
+
 const RESERVED = new Set(['type', 'title', 'status', 'detail', 'instance'])
 
 /**
@@ -70,12 +78,17 @@ export class PaymentProblem extends GatewayError {
    */
   challenge: string | undefined
 
-  constructor(kind: Kind, detail: string, extensions: Extensions = {}, options: ErrorOptions = {}) {
+  constructor(
+    kind: Kind,
+    detail: string,
+    extensions: Extensions = {},
+    options: ProblemOptions = {},
+  ) {
     super(detail, kind, options)
     const { title, status } = kinds[kind]
     this.kind = kind
     this.type = kind
-    this.status = status
+    this.status = options.status ?? status
     this.title = title
     this.problemType = `${baseUri}${kind}`
     this.extensions = extensions
@@ -115,12 +128,16 @@ export function create(
   kind: Kind,
   detail?: string,
   extensions?: Extensions,
-  options?: ErrorOptions,
+  options?: ProblemOptions,
 ): PaymentProblem {
   return new PaymentProblem(kind, detail ?? kinds[kind].title, extensions, options)
 }
 
-type Factory = (detail?: string, extensions?: Extensions, options?: ErrorOptions) => PaymentProblem
+type Factory = (
+  detail?: string,
+  extensions?: Extensions,
+  options?: ProblemOptions,
+) => PaymentProblem
 
 function factory(kind: Kind): Factory {
   return (detail, extensions, options) => create(kind, detail, extensions, options)
