@@ -56,21 +56,11 @@ export function from<payload extends Record<string, unknown>>(parameters: {
  * credential cannot be JSON.
  */
 export function serialize(credential: Credential): string {
-  return `${Challenge.scheme} ${Encoding.encodeJson(toWire(credential))}`
+  return `${Challenge.scheme} ${Encoding.encodeJson(Encoding.toWire(credential))}`
 }
 
-/** Bigints → decimal strings, recursively (money is bigint inside, decimal strings on the wire). */
-export function toWire(value: unknown): unknown {
-  if (typeof value === 'bigint') return value.toString()
-  if (Array.isArray(value)) return value.map(toWire)
-  if (isObject(value))
-    return Object.fromEntries(
-      Object.entries(value)
-        .filter(([, v]) => v !== undefined)
-        .map(([k, v]) => [k, toWire(v)]),
-    )
-  return value
-}
+/** Bigints → decimal strings, recursively (see `Encoding.toWire`). */
+export const toWire = Encoding.toWire
 
 export type DeserializeOptions = { maxBytes?: number | undefined }
 

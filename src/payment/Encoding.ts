@@ -87,3 +87,23 @@ export function decodeJson(text: string, options: DecodeOptions = {}): unknown {
     throw new PaymentParseError('json', 'The JSON is not in RFC 8785 (JCS) canonical form.')
   return value
 }
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value)
+}
+
+/**
+ * Bigints → decimal strings, recursively, and `undefined` members dropped: money is bigint inside
+ * tollway and a decimal string on the wire (both drafts).
+ */
+export function toWire(value: unknown): unknown {
+  if (typeof value === 'bigint') return value.toString()
+  if (Array.isArray(value)) return value.map(toWire)
+  if (isObject(value))
+    return Object.fromEntries(
+      Object.entries(value)
+        .filter(([, v]) => v !== undefined)
+        .map(([k, v]) => [k, toWire(v)]),
+    )
+  return value
+}

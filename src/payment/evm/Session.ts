@@ -23,7 +23,8 @@
  */
 import { z } from 'zod'
 import * as Challenge from '../Challenge.ts'
-import * as Credential from '../Credential.ts'
+import type * as Credential from '../Credential.ts'
+import * as Encoding from '../Encoding.ts'
 import * as Problem from '../Problem.ts'
 
 export const method = 'evm'
@@ -102,7 +103,7 @@ export type RequestInput = z.output<typeof Request>
 
 /** The wire `request` object (decimal strings) of a typed request, for `Challenge.from`. */
 export function request(input: Request): Record<string, unknown> {
-  return Credential.toWire(input) as Record<string, unknown>
+  return Encoding.toWire(input) as Record<string, unknown>
 }
 
 /** EIP-3009 authorization (`type="authorization"`). */
