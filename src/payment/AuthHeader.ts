@@ -33,12 +33,20 @@ export function parse(value: string): Challenge[] {
     while (i < n && TCHAR.test(value[i]!)) i++
     return value.slice(start, i)
   }
-  /** True when `token BWS "="` (not `==`, which is token68 padding) starts at the cursor. */
+  /**
+   * True when `token BWS "=" BWS value` starts at the cursor. `==` and a `=` followed by nothing
+   * (end or comma) are token68 padding instead, as in `Negotiate oYH=` or `Basic abc=, …`.
+   */
   const paramAhead = (): boolean => {
     const save = i
     const name = readToken()
     skipWs()
-    const ok = name.length > 0 && value[i] === '=' && value[i + 1] !== '='
+    let ok = name.length > 0 && value[i] === '=' && value[i + 1] !== '='
+    if (ok) {
+      i++
+      skipWs()
+      ok = i < n && value[i] !== ','
+    }
     i = save
     return ok
   }

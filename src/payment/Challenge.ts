@@ -7,8 +7,8 @@
  * - `request` and `opaque` travel as base64url(JCS(json)). `deserialize` and `fromEcho` reject any
  *   other encoding of the same JSON (the draft says the JSON MUST be JCS), so the wire text is
  *   always `Encoding.encodeJson(decoded)` and the HMAC can be recomputed from the decoded object.
- * - No `expires` means the challenge does not expire by time (the draft makes it optional);
- *   `from` always sets one unless told otherwise by the caller.
+ * - No `expires` means the challenge does not expire by time (the draft makes it optional, servers
+ *   SHOULD set it): pass `expires: Challenge.timestamp(new Date(Date.now() + ttl))` to `from`.
  * - Parameter values a header cannot carry (controls, characters beyond U+00FF) are rejected by
  *   `serialize`; a localized `description` must stay within Latin-1.
  * - `serialize` refuses challenges over 8 KiB ("Size Considerations": servers SHOULD keep them
@@ -39,6 +39,11 @@ export const DateTime = z
   .string()
   .regex(RFC3339, 'expires must be an RFC 3339 date-time')
   .refine((s) => Number.isFinite(Date.parse(s)), 'expires must be a real date-time')
+
+/** An RFC 3339 UTC timestamp to the second (`2025-01-15T12:05:00Z`), for `expires` and receipts. */
+export function timestamp(date: Date): string {
+  return date.toISOString().replace(/\.\d{3}Z$/, 'Z')
+}
 
 /** payment-method-id = 1*LOWERALPHA */
 export const Method = z.string().regex(/^[a-z]+$/, 'method must be lowercase ASCII letters')
@@ -163,18 +168,14 @@ export function verify(
   now: Date = new Date(),
 ): VerifyResult {
   const secrets = Array.isArray(secret) ? secret : [secret as Secret]
-  let expected: Uint8Array
-  try {
-    expected = new TextEncoder().encode(challenge.id)
-  } catch {
-    return { valid: false, reason: 'forged' }
-  }
+  const expected = new TextEncoder().encode(challenge.id)
   let match = false
   for (const s of secrets) {
     let id: string
     try {
       id = computeId(s, challenge)
     } catch {
+      // A request that cannot be canonical JSON was never issued by us.
       return { valid: false, reason: 'forged' }
     }
     // Evaluate every secret so timing does not reveal which one matched.

@@ -69,7 +69,12 @@ export function deserialize(value: string, options: DeserializeOptions = {}): Cr
   const max = options.maxBytes ?? maxCredentialBytes
   if (value.length > max) throw malformed(`The credential is over ${max} bytes.`)
   const match = HEADER.exec(value)
-  if (!match) throw malformed('Send `Authorization: Payment <base64url JSON>`.')
+  if (!match) {
+    // Two Authorization headers arrive joined by a comma; the draft says to answer 400.
+    if (/^[ \t]*payment +[A-Za-z0-9_-]+[ \t]*,[ \t]*payment /i.test(value))
+      throw Problem.malformedCredential('Send exactly one Payment credential.', {}, { status: 400 })
+    throw malformed('Send `Authorization: Payment <base64url JSON>`.')
+  }
   let json: unknown
   try {
     json = Encoding.decodeJson(match[1]!)

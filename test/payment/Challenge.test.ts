@@ -169,6 +169,8 @@ describe('deserialize', () => {
       `Basic abc==, ${header} ,Negotiate`,
       `Newauth realm="apps", type=1, title="Login, to \\"apps\\"", ${header}`,
       `, ,${header},,`,
+      `Negotiate oYH=, ${header}`,
+      `Basic abc=,${header}, Negotiate xyz=`,
     ]
     for (const value of values) expect(Challenge.deserialize(value)).toEqual([c])
     const second = Challenge.from({ secret, ...base, intent: 'session' })

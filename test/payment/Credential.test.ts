@@ -78,9 +78,15 @@ describe('deserialize', () => {
       `Payment ${Encoding.encodeJson({ challenge: Challenge.toEcho(challenge), payload: [] })}`,
       `Payment ${Encoding.encodeJson({ challenge: { ...Challenge.toEcho(challenge), id: '' }, payload: {} })}`,
       `Payment ${Encoding.encodeJson({ challenge: { ...Challenge.toEcho(challenge), method: 'EVM' }, payload: {} })}`,
-      `Payment ${good}, Payment ${good}`,
     ])
       malformed(() => Credential.deserialize(value))
+    // Two credentials (two Authorization headers joined): 400, as the draft says.
+    try {
+      Credential.deserialize(`Payment ${good}, Payment ${good}`)
+      throw new Error('expected a problem')
+    } catch (error) {
+      expect((error as PaymentProblem).status).toBe(400)
+    }
     malformed(() => Credential.deserialize(`Payment ${good}`, { maxBytes: 50 }))
   })
 

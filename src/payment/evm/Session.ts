@@ -34,6 +34,12 @@ export const maxUint128 = (1n << 128n) - 1n
 export const maxUint256 = (1n << 256n) - 1n
 export const zeroAddress = '0x0000000000000000000000000000000000000000'
 
+/**
+ * Voucher submissions a server SHOULD accept per second per session ("Denial of Service"). Not
+ * enforced here (this layer is pure); the route's limiter uses it.
+ */
+export const maxVouchersPerSecond = 10
+
 export type Address = `0x${string}`
 export type Hex = `0x${string}`
 
@@ -444,7 +450,7 @@ export function receipt(parameters: {
     method,
     intent,
     status: 'success',
-    timestamp: (timestamp ?? new Date()).toISOString().replace(/\.\d{3}Z$/, 'Z'),
+    timestamp: Challenge.timestamp(timestamp ?? new Date()),
     reference: parameters.channelId,
     ...rest,
   }
