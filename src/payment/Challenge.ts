@@ -14,8 +14,7 @@
  * - `serialize` refuses challenges over 8 KiB ("Size Considerations": servers SHOULD keep them
  *   under 8KB); `deserialize` accepts `WWW-Authenticate` values up to 64 KiB by default.
  */
-import { hmac } from '@noble/hashes/hmac.js'
-import { sha256 } from '@noble/hashes/sha2.js'
+import { createHmac, timingSafeEqual } from 'node:crypto'
 import { z } from 'zod'
 import * as AuthHeader from './AuthHeader.ts'
 import * as Encoding from './Encoding.ts'
@@ -103,10 +102,6 @@ export type FromParameters = Omit<Challenge, 'id'> & {
   secret: Secret
 }
 
-function keyBytes(secret: Secret): Uint8Array {
-  return typeof secret === 'string' ? new TextEncoder().encode(secret) : secret
-}
-
 /** Zod issues → a PaymentParseError naming the first failing field. */
 function invalid(element: 'challenge', error: z.ZodError): PaymentParseError {
   const issue = error.issues[0]
@@ -136,8 +131,8 @@ export function bindingInput(challenge: Omit<Challenge, 'id'>): string {
 
 /** The id of a challenge: base64url(HMAC-SHA256(secret, bindingInput)). */
 export function computeId(secret: Secret, challenge: Omit<Challenge, 'id'>): string {
-  const mac = hmac(sha256, keyBytes(secret), new TextEncoder().encode(bindingInput(challenge)))
-  return Encoding.base64urlEncode(mac)
+  // node:crypto's native HMAC: ~10x faster than a JS one, and the id is checked per voucher.
+  return createHmac('sha256', secret).update(bindingInput(challenge), 'utf8').digest('base64url')
 }
 
 /** A new challenge bound to its parameters by an HMAC id; throws PaymentParseError if invalid. */
@@ -168,7 +163,7 @@ export function verify(
   now: Date = new Date(),
 ): VerifyResult {
   const secrets = Array.isArray(secret) ? secret : [secret as Secret]
-  const expected = new TextEncoder().encode(challenge.id)
+  const expected = Buffer.from(challenge.id, 'utf8')
   let match = false
   for (const s of secrets) {
     let id: string
@@ -178,8 +173,10 @@ export function verify(
       // A request that cannot be canonical JSON was never issued by us.
       return { valid: false, reason: 'forged' }
     }
-    // Evaluate every secret so timing does not reveal which one matched.
-    if (timingSafeEqual(new TextEncoder().encode(id), expected)) match = true
+    // Evaluate every secret so timing does not reveal which one matched. Lengths are not secret
+    // (ids are 43 characters), and timingSafeEqual needs equal lengths.
+    const actual = Buffer.from(id, 'utf8')
+    if (actual.length === expected.length && timingSafeEqual(actual, expected)) match = true
   }
   if (!match) return { valid: false, reason: 'forged' }
   if (challenge.expires !== undefined && Date.parse(challenge.expires) <= now.getTime())
@@ -201,14 +198,6 @@ export function assert(
       : 'The challenge id does not match its parameters; retry with the fresh challenge.',
     { challengeId: challenge.id },
   )
-}
-
-/** Constant-time comparison (length is not secret: ids have a fixed length). */
-function timingSafeEqual(a: Uint8Array, b: Uint8Array): boolean {
-  if (a.length !== b.length) return false
-  let diff = 0
-  for (let i = 0; i < a.length; i++) diff |= a[i]! ^ b[i]!
-  return diff === 0
 }
 
 /** The `WWW-Authenticate` value of one challenge: `Payment id="…", realm="…", …`. */

@@ -1,5 +1,6 @@
 import { describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
+import { getAddress } from 'viem'
 import * as Challenge from '../../../src/payment/Challenge.ts'
 import * as Credential from '../../../src/payment/Credential.ts'
 import * as Session from '../../../src/payment/evm/Session.ts'
@@ -387,6 +388,9 @@ describe('request', () => {
     expect(typed.methodDetails.minVoucherDelta).toBe(10000n)
     expect(Session.Request.parse(Session.request(typed))).toEqual(typed)
     expect(Session.request(typed).amount).toBe('100')
+    // Addresses go out EIP-55 checksummed and still parse to the same lowercase value.
+    expect(Session.request(typed).currency).toBe(getAddress(currency))
+    expect(Session.request(typed).recipient).toBe(getAddress(signer))
   })
 
   test('behavior: unknown credential types are dropped, not fatal', () => {
