@@ -37,7 +37,13 @@ const RFC3339 =
 export const DateTime = z
   .string()
   .regex(RFC3339, 'expires must be an RFC 3339 date-time')
-  .refine((s) => Number.isFinite(Date.parse(s)), 'expires must be a real date-time')
+  .refine(realDate, 'expires must be a real date-time')
+
+/** Date.parse rolls 2030-02-30 over to March; a real date has the day it names. */
+function realDate(text: string): boolean {
+  const [y, m, d] = text.slice(0, 10).split('-').map(Number) as [number, number, number]
+  return Number.isFinite(Date.parse(text)) && new Date(Date.UTC(y, m - 1, d)).getUTCDate() === d
+}
 
 /** An RFC 3339 UTC timestamp to the second (`2025-01-15T12:05:00Z`), for `expires` and receipts. */
 export function timestamp(date: Date): string {

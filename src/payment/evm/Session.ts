@@ -315,6 +315,32 @@ export type TopUp = Extract<Payload, { action: 'topUp' }>
 export type VoucherPayload = Extract<Payload, { action: 'voucher' }>
 export type ClosePayload = Extract<Payload, { action: 'close' }>
 
+/**
+ * The voucher a payload carries, for `chain/Voucher.createVerifier`: open (the initial voucher;
+ * `voucherSignature` for server-submitted opens), voucher and close. topUp carries none.
+ */
+export function voucherOf(
+  payload: Payload,
+): { channelId: Hex; cumulativeAmount: bigint; signature: Hex } | undefined {
+  switch (payload.action) {
+    case 'open':
+      return {
+        channelId: payload.channelId,
+        cumulativeAmount: payload.cumulativeAmount,
+        signature: payload.type === 'hash' ? payload.signature : payload.voucherSignature,
+      }
+    case 'voucher':
+    case 'close':
+      return {
+        channelId: payload.channelId,
+        cumulativeAmount: payload.cumulativeAmount,
+        signature: payload.signature,
+      }
+    case 'topUp':
+      return undefined
+  }
+}
+
 /** `did:pkh:eip155:<chainId>:<address>` (the draft's RECOMMENDED `source`). */
 export const Source = z
   .string()

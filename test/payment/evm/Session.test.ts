@@ -14,8 +14,8 @@ const payer = '0xaabbccddee11223344556677889900aabbccddee'
 const signer = '0x742d35cc6634c0532925a3b844bc9e7595f8fe00'
 const escrow = '0x1234567890abcdef1234567890abcdef12345678'
 const currency = '0x74b7F16337b8972027F6196A17a631ac6dE26d22'
-const sig = `0x${'ab'.repeat(64)}1b`
-const sig2 = `0x${'cd'.repeat(64)}1c`
+const sig: Session.Hex = `0x${'ab'.repeat(64)}1b`
+const sig2: Session.Hex = `0x${'cd'.repeat(64)}1c`
 const nonce = `0x${'bb'.repeat(32)}`
 
 const requestWire = {
@@ -321,6 +321,23 @@ describe('fromCredential', () => {
       ),
       { numRuns: 5000 },
     )
+  })
+})
+
+describe('voucherOf', () => {
+  test('behavior: the voucher of open (both signature fields), voucher and close; none for topUp', () => {
+    const of = (p: Record<string, unknown>) =>
+      Session.voucherOf(Session.fromCredential(credential(p)).payload)
+    expect(of(payloads.openHash)).toEqual({ channelId, cumulativeAmount: 0n, signature: sig })
+    expect(of(payloads.openAuthorization)?.signature).toBe(sig2)
+    expect(of(payloads.openPermit2)?.signature).toBe(sig2)
+    expect(of(payloads.voucherDeposit)).toEqual({
+      channelId,
+      cumulativeAmount: 15000000n,
+      signature: sig,
+    })
+    expect(of(payloads.close)?.cumulativeAmount).toBe(500000n)
+    expect(of(payloads.topUpHash)).toBeUndefined()
   })
 })
 
