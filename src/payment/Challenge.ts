@@ -11,6 +11,8 @@
  *   SHOULD set it): pass `expires: Challenge.timestamp(new Date(Date.now() + ttl))` to `from`.
  * - Parameter values a header cannot carry (controls, characters beyond U+00FF) are rejected by
  *   `serialize`; a localized `description` must stay within Latin-1.
+ * - `description` is not in the HMAC (the draft's seven slots omit it), so an echoed description
+ *   may differ from the one sent; it is display-only and never used for verification.
  * - `serialize` refuses challenges over 8 KiB ("Size Considerations": servers SHOULD keep them
  *   under 8KB); `deserialize` accepts `WWW-Authenticate` values up to 64 KiB by default.
  */
