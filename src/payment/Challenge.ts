@@ -11,11 +11,12 @@
  *   SHOULD set it): pass `expires: Challenge.timestamp(new Date(Date.now() + ttl))` to `from`.
  * - Parameter values a header cannot carry (controls, characters beyond U+00FF) are rejected by
  *   `serialize`; a localized `description` must stay within Latin-1.
+ * - `description` is not in the HMAC (the draft's seven slots omit it), so an echoed description
+ *   may differ from the one sent; it is display-only and never used for verification.
  * - `serialize` refuses challenges over 8 KiB ("Size Considerations": servers SHOULD keep them
  *   under 8KB); `deserialize` accepts `WWW-Authenticate` values up to 64 KiB by default.
  */
-import { hmac } from '@noble/hashes/hmac.js'
-import { sha256 } from '@noble/hashes/sha2.js'
+import { createHmac, timingSafeEqual } from 'node:crypto'
 import { z } from 'zod'
 import * as AuthHeader from './AuthHeader.ts'
 import * as Encoding from './Encoding.ts'
@@ -38,7 +39,13 @@ const RFC3339 =
 export const DateTime = z
   .string()
   .regex(RFC3339, 'expires must be an RFC 3339 date-time')
-  .refine((s) => Number.isFinite(Date.parse(s)), 'expires must be a real date-time')
+  .refine(realDate, 'expires must be a real date-time')
+
+/** Date.parse rolls 2030-02-30 over to March; a real date has the day it names. */
+function realDate(text: string): boolean {
+  const [y, m, d] = text.slice(0, 10).split('-').map(Number) as [number, number, number]
+  return Number.isFinite(Date.parse(text)) && new Date(Date.UTC(y, m - 1, d)).getUTCDate() === d
+}
 
 /** An RFC 3339 UTC timestamp to the second (`2025-01-15T12:05:00Z`), for `expires` and receipts. */
 export function timestamp(date: Date): string {
@@ -103,10 +110,6 @@ export type FromParameters = Omit<Challenge, 'id'> & {
   secret: Secret
 }
 
-function keyBytes(secret: Secret): Uint8Array {
-  return typeof secret === 'string' ? new TextEncoder().encode(secret) : secret
-}
-
 /** Zod issues → a PaymentParseError naming the first failing field. */
 function invalid(element: 'challenge', error: z.ZodError): PaymentParseError {
   const issue = error.issues[0]
@@ -136,8 +139,8 @@ export function bindingInput(challenge: Omit<Challenge, 'id'>): string {
 
 /** The id of a challenge: base64url(HMAC-SHA256(secret, bindingInput)). */
 export function computeId(secret: Secret, challenge: Omit<Challenge, 'id'>): string {
-  const mac = hmac(sha256, keyBytes(secret), new TextEncoder().encode(bindingInput(challenge)))
-  return Encoding.base64urlEncode(mac)
+  // node:crypto's native HMAC: ~10x faster than a JS one, and the id is checked per voucher.
+  return createHmac('sha256', secret).update(bindingInput(challenge), 'utf8').digest('base64url')
 }
 
 /** A new challenge bound to its parameters by an HMAC id; throws PaymentParseError if invalid. */
@@ -168,7 +171,7 @@ export function verify(
   now: Date = new Date(),
 ): VerifyResult {
   const secrets = Array.isArray(secret) ? secret : [secret as Secret]
-  const expected = new TextEncoder().encode(challenge.id)
+  const expected = Buffer.from(challenge.id, 'utf8')
   let match = false
   for (const s of secrets) {
     let id: string
@@ -178,8 +181,10 @@ export function verify(
       // A request that cannot be canonical JSON was never issued by us.
       return { valid: false, reason: 'forged' }
     }
-    // Evaluate every secret so timing does not reveal which one matched.
-    if (timingSafeEqual(new TextEncoder().encode(id), expected)) match = true
+    // Evaluate every secret so timing does not reveal which one matched. Lengths are not secret
+    // (ids are 43 characters), and timingSafeEqual needs equal lengths.
+    const actual = Buffer.from(id, 'utf8')
+    if (actual.length === expected.length && timingSafeEqual(actual, expected)) match = true
   }
   if (!match) return { valid: false, reason: 'forged' }
   if (challenge.expires !== undefined && Date.parse(challenge.expires) <= now.getTime())
@@ -201,14 +206,6 @@ export function assert(
       : 'The challenge id does not match its parameters; retry with the fresh challenge.',
     { challengeId: challenge.id },
   )
-}
-
-/** Constant-time comparison (length is not secret: ids have a fixed length). */
-function timingSafeEqual(a: Uint8Array, b: Uint8Array): boolean {
-  if (a.length !== b.length) return false
-  let diff = 0
-  for (let i = 0; i < a.length; i++) diff |= a[i]! ^ b[i]!
-  return diff === 0
 }
 
 /** The `WWW-Authenticate` value of one challenge: `Payment id="…", realm="…", …`. */

@@ -62,6 +62,14 @@ export function serialize(credential: Credential): string {
 /** Bigints → decimal strings, recursively (see `Encoding.toWire`). */
 export const toWire = Encoding.toWire
 
+/**
+ * Whether an `Authorization` value uses the Payment scheme (so the route parses it as a credential
+ * rather than, say, a `Bearer` API key). Says nothing about validity.
+ */
+export function isPayment(authorization: string | null | undefined): boolean {
+  return authorization != null && /^[ \t]*payment(?:[ \t]|$)/i.test(authorization)
+}
+
 export type DeserializeOptions = { maxBytes?: number | undefined }
 
 /** Parses an `Authorization` value; throws the `malformed-credential` problem (402) if invalid. */

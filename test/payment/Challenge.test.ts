@@ -84,9 +84,11 @@ for l in sys.stdin:
   test('error: uppercase method, bad intent, bad expires', () => {
     expect(() => Challenge.from({ secret, ...base, method: 'Evm' })).toThrow(PaymentParseError)
     expect(() => Challenge.from({ secret, ...base, intent: 'a b' })).toThrow(PaymentParseError)
-    expect(() => Challenge.from({ secret, ...base, expires: '2025-01-15 12:05' })).toThrow(
-      PaymentParseError,
-    )
+    for (const expires of ['2025-01-15 12:05', '2030-02-30T00:00:00Z', '2030-01-01T23:59:60Z'])
+      expect(() => Challenge.from({ secret, ...base, expires })).toThrow(PaymentParseError)
+    // RFC 3339 allows lowercase t and z, offsets and fractions.
+    for (const expires of ['2030-01-01t00:00:00z', '2030-01-01T00:00:00.123456789+05:30'])
+      expect(Challenge.from({ secret, ...base, expires }).expires).toBe(expires)
   })
 })
 

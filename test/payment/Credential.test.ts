@@ -26,6 +26,15 @@ function malformed(f: () => unknown) {
   throw new Error('expected malformed-credential')
 }
 
+describe('isPayment', () => {
+  test('behavior: the Payment scheme, case-insensitive; not Bearer or a prefix', () => {
+    expect(Credential.isPayment('Payment abc')).toBe(true)
+    expect(Credential.isPayment('payment')).toBe(true)
+    for (const value of ['Bearer sk-abc', 'Payments abc', '', null, undefined])
+      expect(Credential.isPayment(value)).toBe(false)
+  })
+})
+
 describe('deserialize', () => {
   test('behavior: the draft example credential', () => {
     // The Authorization value of draft-httpauth-payment-00, "Example Credential".

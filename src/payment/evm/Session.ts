@@ -21,6 +21,7 @@
  * - A malformed payload is the `malformed-credential` problem with status 400 (this draft's
  *   "Error Responses": 400 for a malformed payload or missing fields).
  */
+import { getAddress } from 'viem'
 import { z } from 'zod'
 import * as Challenge from '../Challenge.ts'
 import type * as Credential from '../Credential.ts'
@@ -105,11 +106,22 @@ export const Request = z.object({
   }),
 })
 export type Request = z.output<typeof Request>
-export type RequestInput = z.output<typeof Request>
-
-/** The wire `request` object (decimal strings) of a typed request, for `Challenge.from`. */
+/**
+ * The wire `request` object of a typed request, for `Challenge.from`: amounts as decimal strings,
+ * request addresses EIP-55 checksummed (the draft's display SHOULD), channelId lowercase.
+ */
 export function request(input: Request): Record<string, unknown> {
-  return Encoding.toWire(input) as Record<string, unknown>
+  const details = input.methodDetails
+  return Encoding.toWire({
+    ...input,
+    currency: getAddress(input.currency),
+    recipient: getAddress(input.recipient),
+    methodDetails: {
+      ...details,
+      escrowContract: getAddress(details.escrowContract),
+      permit2Contract: details.permit2Contract && getAddress(details.permit2Contract),
+    },
+  }) as Record<string, unknown>
 }
 
 /** EIP-3009 authorization (`type="authorization"`). */
@@ -302,6 +314,32 @@ export type Open = Extract<Payload, { action: 'open' }>
 export type TopUp = Extract<Payload, { action: 'topUp' }>
 export type VoucherPayload = Extract<Payload, { action: 'voucher' }>
 export type ClosePayload = Extract<Payload, { action: 'close' }>
+
+/**
+ * The voucher a payload carries, for `chain/Voucher.createVerifier`: open (the initial voucher;
+ * `voucherSignature` for server-submitted opens), voucher and close. topUp carries none.
+ */
+export function voucherOf(
+  payload: Payload,
+): { channelId: Hex; cumulativeAmount: bigint; signature: Hex } | undefined {
+  switch (payload.action) {
+    case 'open':
+      return {
+        channelId: payload.channelId,
+        cumulativeAmount: payload.cumulativeAmount,
+        signature: payload.type === 'hash' ? payload.signature : payload.voucherSignature,
+      }
+    case 'voucher':
+    case 'close':
+      return {
+        channelId: payload.channelId,
+        cumulativeAmount: payload.cumulativeAmount,
+        signature: payload.signature,
+      }
+    case 'topUp':
+      return undefined
+  }
+}
 
 /** `did:pkh:eip155:<chainId>:<address>` (the draft's RECOMMENDED `source`). */
 export const Source = z

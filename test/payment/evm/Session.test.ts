@@ -1,5 +1,6 @@
 import { describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
+import { getAddress } from 'viem'
 import * as Challenge from '../../../src/payment/Challenge.ts'
 import * as Credential from '../../../src/payment/Credential.ts'
 import * as Session from '../../../src/payment/evm/Session.ts'
@@ -13,8 +14,8 @@ const payer = '0xaabbccddee11223344556677889900aabbccddee'
 const signer = '0x742d35cc6634c0532925a3b844bc9e7595f8fe00'
 const escrow = '0x1234567890abcdef1234567890abcdef12345678'
 const currency = '0x74b7F16337b8972027F6196A17a631ac6dE26d22'
-const sig = `0x${'ab'.repeat(64)}1b`
-const sig2 = `0x${'cd'.repeat(64)}1c`
+const sig: Session.Hex = `0x${'ab'.repeat(64)}1b`
+const sig2: Session.Hex = `0x${'cd'.repeat(64)}1c`
 const nonce = `0x${'bb'.repeat(32)}`
 
 const requestWire = {
@@ -323,6 +324,23 @@ describe('fromCredential', () => {
   })
 })
 
+describe('voucherOf', () => {
+  test('behavior: the voucher of open (both signature fields), voucher and close; none for topUp', () => {
+    const of = (p: Record<string, unknown>) =>
+      Session.voucherOf(Session.fromCredential(credential(p)).payload)
+    expect(of(payloads.openHash)).toEqual({ channelId, cumulativeAmount: 0n, signature: sig })
+    expect(of(payloads.openAuthorization)?.signature).toBe(sig2)
+    expect(of(payloads.openPermit2)?.signature).toBe(sig2)
+    expect(of(payloads.voucherDeposit)).toEqual({
+      channelId,
+      cumulativeAmount: 15000000n,
+      signature: sig,
+    })
+    expect(of(payloads.close)?.cumulativeAmount).toBe(500000n)
+    expect(of(payloads.topUpHash)).toBeUndefined()
+  })
+})
+
 describe('check', () => {
   const req = Session.requestOf(challenge)
 
@@ -387,6 +405,9 @@ describe('request', () => {
     expect(typed.methodDetails.minVoucherDelta).toBe(10000n)
     expect(Session.Request.parse(Session.request(typed))).toEqual(typed)
     expect(Session.request(typed).amount).toBe('100')
+    // Addresses go out EIP-55 checksummed and still parse to the same lowercase value.
+    expect(Session.request(typed).currency).toBe(getAddress(currency))
+    expect(Session.request(typed).recipient).toBe(getAddress(signer))
   })
 
   test('behavior: unknown credential types are dropped, not fatal', () => {
