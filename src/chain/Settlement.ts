@@ -96,6 +96,8 @@ export type LockedStore = {
   finish(id: bigint, outcome: Outcome): Promise<void>
   settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
   markCloseRequested(channelId: Hex): Promise<boolean>
+  /** The confirmed cooperative close of a channel, if there is one. */
+  confirmedClose(channelId: Hex): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined>
 }
 
 /** What the worker needs from the database. */
@@ -170,6 +172,13 @@ const silent: Log = { info: () => {}, warn: () => {}, error: () => {} } as unkno
 export function start(options: Options): Worker {
   const log = options.log ?? silent
   const payee = options.client.account.address
+  // A missed CloseRequested event (the RPC was down, the gateway restarted) is still caught
+  // by the idle rule, provided it fires well inside the grace period.
+  if (options.idleMs + options.intervalMs > (Number(Escrow.closeGracePeriod) * 1000) / 2)
+    log.warn(
+      { idleMs: options.idleMs, intervalMs: options.intervalMs },
+      'idleMs + intervalMs is over half the close grace period: a missed CloseRequested event may let a payer withdraw unsettled spending',
+    )
   const inFlight = new Set<Promise<unknown>>()
   const track = <T>(p: Promise<T>): Promise<T> => {
     inFlight.add(p)
@@ -309,12 +318,18 @@ export async function close(
   const { channelId } = parameters
   const options = { ...parameters, client }
   const closed = await exclusive(options, async (store): Promise<Closed> => {
-    if (!(await store.markCloseRequested(channelId)))
-      throw new ChannelStateError('unknown', channelId)
-    const c = (await store.settleable(channelId))!
+    const c = await store.settleable(channelId)
+    if (!c) throw new ChannelStateError('unknown', channelId)
     if (c.escrow.toLowerCase() !== parameters.escrow.toLowerCase())
       throw new ChannelStateError('other-escrow', channelId)
-    if (c.finalized) throw new ChannelStateError('finalized', channelId)
+    if (c.finalized) {
+      // A client retrying its close gets the close that went through.
+      const done = await store.confirmedClose(channelId)
+      if (done) return { ...done, forfeited: c.spent - done.cumulativeAmount }
+      throw new ChannelStateError('finalized', channelId)
+    }
+    // No new requests from here on: spent stops growing (requests in flight still finish).
+    await store.markCloseRequested(channelId)
     const final = { cumulativeAmount: parameters.cumulativeAmount, signature: parameters.signature }
     const fallback =
       c.voucher && c.voucher.cumulativeAmount > c.settled

@@ -125,6 +125,17 @@ export async function markCloseRequested(sql: Sql, channelId: Hex): Promise<bool
   return rows.length > 0
 }
 
+/** The confirmed cooperative close of a channel, if any. */
+export async function confirmedClose(
+  sql: Sql,
+  channelId: Hex,
+): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined> {
+  const [r] = await sql`
+    select tx_hash, cumulative_amount from chain_transactions
+    where channel_id = ${bytes(channelId)} and kind = 'close' and status = 'confirmed'`
+  return r ? { hash: hex(r.tx_hash), cumulativeAmount: r.cumulative_amount } : undefined
+}
+
 /** Transactions recorded for a channel, oldest first. */
 export async function transactions(sql: Sql, channelId: Hex): Promise<Settlement.Recorded[]> {
   const rows = await sql`
@@ -179,6 +190,7 @@ function locked(sql: Sql): Settlement.LockedStore {
     finish: (id, o) => finish(sql, id, o),
     settled: (i) => Channels.settled(sql, i),
     markCloseRequested: (channelId) => markCloseRequested(sql, channelId),
+    confirmedClose: (channelId) => confirmedClose(sql, channelId),
   }
 }
 

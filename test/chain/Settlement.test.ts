@@ -406,6 +406,16 @@ describe('close', () => {
       ['close', 450n, 'confirmed'],
     ])
     expect(rows[1]!.hash).toBe(closed.hash)
+    // A retried close returns the close that went through and sends nothing.
+    const again = await Settlement.close(chain.payeeClient, {
+      store: Settlements.store(sql),
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 450n,
+      signature: await sign(channelId, 450n),
+    })
+    expect(again).toEqual(closed)
+    expect(await recorded(channelId)).toHaveLength(2)
   })
 
   test('behavior: a final voucher above spent is not submitted; the highest accepted voucher ≤ spent is', async () => {
