@@ -15,7 +15,8 @@
  * The database side is a `Store` (implemented by ledger/Settlements.ts), so chain/ does not
  * import ledger/; main.ts wires `Settlements.store(sql)` in.
  */
-import { type Address, BaseError, type Hex } from 'viem'
+import { type Address, BaseError, type Hex, TransactionReceiptNotFoundError } from 'viem'
+import { getTransactionReceipt } from 'viem/actions'
 import type { Logger } from '../Logger.ts'
 import type { WalletClient } from './Client.ts'
 import {
@@ -92,7 +93,9 @@ export type LockedStore = {
     kind: Kind
     cumulativeAmount: bigint
     leaseMs: number
-  }): Promise<{ id: bigint; attempts: number } | undefined>
+  }): Promise<{ id: bigint; attempts: number; previousHash: Hex | undefined } | undefined>
+  /** Records the hash of a transaction the node accepted, before its receipt. */
+  submitted(id: bigint, hash: Hex): Promise<void>
   finish(id: bigint, outcome: Outcome): Promise<void>
   settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
   markCloseRequested(channelId: Hex): Promise<boolean>
@@ -400,21 +403,31 @@ async function attempt(
   const begun = await store.begin({ channelId, kind, cumulativeAmount, leaseMs: timeoutMs * 2 })
   if (!begun) return { status: 'nothing', channelId }
   const fields = { channelId, kind, cumulativeAmount: cumulativeAmount.toString() }
+  let finished = false
+  const confirmed = async (hash: Hex): Promise<Result> => {
+    await store.finish(begun.id, { status: 'confirmed', hash })
+    await store.settled({ channelId, settled: cumulativeAmount, finalized: kind === 'close' })
+    log.info({ ...fields, hash }, `${kind} confirmed`)
+    return { status: 'confirmed', channelId, kind, cumulativeAmount, hash }
+  }
   try {
+    // An earlier attempt that ran out of time (or whose worker died) may have been mined since.
+    if (begun.previousHash && (await mined(client, begun.previousHash)) === 'success')
+      return await confirmed(begun.previousHash)
     const sent = await withTimeout(
-      (kind === 'settle' ? Escrow.settle : Escrow.close)(client, {
-        escrow,
-        channelId,
-        cumulativeAmount,
-        signature: call.signature,
-      }),
+      (kind === 'settle' ? Escrow.settle : Escrow.close)(
+        client,
+        { escrow, channelId, cumulativeAmount, signature: call.signature },
+        {
+          // Late (after the timeout) the lock's connection is gone: the next attempt finds
+          // the transaction through the escrow's state instead.
+          onSubmitted: (hash) => (finished ? undefined : store.submitted(begun.id, hash)),
+        },
+      ),
       timeoutMs,
       kind,
     )
-    await store.finish(begun.id, { status: 'confirmed', hash: sent.hash })
-    await store.settled({ channelId, settled: cumulativeAmount, finalized: kind === 'close' })
-    log.info({ ...fields, hash: sent.hash }, `${kind} confirmed`)
-    return { status: 'confirmed', channelId, kind, cumulativeAmount, hash: sent.hash }
+    return await confirmed(sent.hash)
   } catch (error) {
     if (error instanceof TransactionRevertedError) {
       await store.finish(begun.id, {
@@ -431,6 +444,18 @@ async function attempt(
     await store.finish(begun.id, { status: 'failed', error: describe(e), retryAt })
     log.warn({ ...fields, error: describe(e), retryAt }, `${kind} failed; will retry`)
     return { status: 'failed', channelId, kind, cumulativeAmount, error: e, retryAt }
+  } finally {
+    finished = true
+  }
+}
+
+/** A sent transaction's receipt status; undefined while it is not mined (or unknown to the node). */
+async function mined(client: WalletClient, hash: Hex): Promise<'success' | 'reverted' | undefined> {
+  try {
+    return (await getTransactionReceipt(client, { hash })).status
+  } catch (error) {
+    if (error instanceof TransactionReceiptNotFoundError) return undefined
+    throw error
   }
 }
 

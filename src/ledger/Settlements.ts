@@ -92,18 +92,30 @@ export async function begin(
     cumulativeAmount: bigint
     leaseMs: number
   },
-): Promise<{ id: bigint; attempts: number } | undefined> {
+): Promise<{ id: bigint; attempts: number; previousHash: Hex | undefined } | undefined> {
+  // The hash of the previous attempt stays until a new one is submitted: it may still be mined.
   const [r] = await sql`
     insert into chain_transactions (channel_id, kind, cumulative_amount, status, next_attempt_at)
     values (${bytes(i.channelId)}, ${i.kind}, ${sql.typed.numeric(i.cumulativeAmount)}, 'pending',
       now() + make_interval(secs => ${i.leaseMs / 1000}))
     on conflict (channel_id, kind, cumulative_amount) do update set
-      status = 'pending', attempts = chain_transactions.attempts + 1, tx_hash = null,
+      status = 'pending', attempts = chain_transactions.attempts + 1,
       error_name = null, error_message = null, next_attempt_at = excluded.next_attempt_at,
       updated_at = now()
     where chain_transactions.status <> 'confirmed'
-    returning id, attempts`
-  return r ? { id: BigInt(r.id), attempts: r.attempts } : undefined
+    returning id, attempts, tx_hash`
+  return r
+    ? {
+        id: BigInt(r.id),
+        attempts: r.attempts,
+        previousHash: r.tx_hash ? hex(r.tx_hash) : undefined,
+      }
+    : undefined
+}
+
+/** Records the hash of a submitted transaction before its receipt. */
+export async function submitted(sql: Sql, id: bigint, hash: Hex): Promise<void> {
+  await sql`update chain_transactions set tx_hash = ${bytes(hash)}, updated_at = now() where id = ${id}`
 }
 
 /** Records the outcome of an attempt begun with `begin`. */
@@ -111,7 +123,7 @@ export async function finish(sql: Sql, id: bigint, o: Settlement.Outcome): Promi
   const error = o.status === 'confirmed' ? null : o.error
   await sql`
     update chain_transactions set status = ${o.status},
-      tx_hash = ${o.hash ? bytes(o.hash) : null},
+      tx_hash = coalesce(${o.hash ? bytes(o.hash) : null}, tx_hash),
       error_name = ${error?.name ?? null}, error_message = ${error?.message ?? null},
       next_attempt_at = ${o.status === 'failed' ? o.retryAt : sql`now()`}, updated_at = now()
     where id = ${id}`
@@ -187,6 +199,7 @@ function locked(sql: Sql): Settlement.LockedStore {
     due: (i) => due(sql, i),
     settleable: (channelId) => settleable(sql, channelId),
     begin: (i) => begin(sql, i),
+    submitted: (id, hash) => submitted(sql, id, hash),
     finish: (id, o) => finish(sql, id, o),
     settled: (i) => Channels.settled(sql, i),
     markCloseRequested: (channelId) => markCloseRequested(sql, channelId),

@@ -376,6 +376,39 @@ describe('start', () => {
   })
 })
 
+describe('settleNow', () => {
+  test('behavior: a transaction that outlived its timeout is recorded with its hash and found mined later, not sent twice', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 120n)
+    await spend(channelId, 120n)
+    const before = await balance(chain.payee.address)
+    const w = worker({ txTimeoutMs: 300 })
+    const rpc = (method: string, params: unknown[] = []) =>
+      chain.payeeClient.request({ method, params } as never)
+    await rpc('evm_setAutomine', [false])
+    let first: Settlement.Result
+    try {
+      first = await w.settleNow(channelId)
+    } finally {
+      await rpc('evm_setAutomine', [true])
+    }
+    expect(first).toMatchObject({ status: 'failed', cumulativeAmount: 120n })
+    expect((first as { error: Error }).error.name).toBe('TransactionTimeoutError')
+    const [pending] = await recorded(channelId)
+    expect(pending).toMatchObject({ status: 'failed', errorName: 'TransactionTimeoutError' })
+    expect(pending!.hash).toMatch(/^0x[0-9a-f]{64}$/)
+
+    await rpc('evm_mine')
+    const second = await w.settleNow(channelId)
+    expect(second).toMatchObject({ status: 'confirmed', hash: pending!.hash })
+    expect(await recorded(channelId)).toMatchObject([
+      { status: 'confirmed', attempts: 2, hash: pending!.hash },
+    ])
+    expect(await balance(chain.payee.address)).toBe(before + 120n)
+    expect(await inDb(channelId)).toMatchObject({ settled: 120n })
+  })
+})
+
 describe('close', () => {
   test('behavior: a final voucher equal to spent pays the payee that, refunds the payer the rest, finalizes', async () => {
     const channelId = await openChannel()
