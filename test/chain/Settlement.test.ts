@@ -1,4 +1,5 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test } from 'bun:test'
+import fc from 'fast-check'
 import { type Hex, keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Client from '../../src/chain/Client.ts'
@@ -110,6 +111,29 @@ async function spend(channelId: Hex, cost: bigint) {
     leaseSeconds: 60,
   }).settle({ cost, promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: 1 })
   expect(charged).toBe(cost)
+}
+
+/** Charges up to `cost` when the channel has that much authorized; else nothing. */
+async function trySpend(channelId: Hex, cost: bigint) {
+  const id = crypto.randomUUID()
+  const a = await Channels.admit(sql, {
+    channelId,
+    model: 'm',
+    stream: true,
+    want: cost,
+    need: 1n,
+    requestId: id,
+    leaseSeconds: 60,
+  })
+  if (a.status !== 'ok') return
+  await Reservations.reservation(sql, { id, held: a.held, leaseSeconds: 60 }).settle({
+    cost,
+    promptTokens: 1,
+    completionTokens: 1,
+    status: 'ok',
+    latencyMs: 1,
+    ttftMs: 1,
+  })
 }
 
 type Entry = { level: string; fields: Record<string, unknown>; msg: string }
@@ -270,6 +294,36 @@ describe('tick', () => {
     const error = (result as { error: unknown }).error
     expect(error).toBeInstanceOf(TransactionRevertedError)
     expect((error as TransactionRevertedError).errorName).toBe('ChannelFinalized')
+  })
+
+  test('property: with requests spending concurrently, what is settled is an accepted voucher ≤ spent, on-chain as in the database', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.record({ voucher: fc.bigInt(1n, 200n), cost: fc.bigInt(1n, 150n) }), {
+          minLength: 1,
+          maxLength: 8,
+        }),
+        async (steps) => {
+          const channelId = await openChannel()
+          const w = worker({ thresholdAmount: 1n })
+          const amounts: bigint[] = []
+          const work: Promise<unknown>[] = []
+          for (const step of steps) {
+            amounts.push((amounts.at(-1) ?? 0n) + step.voucher)
+            await accept(channelId, amounts.at(-1)!)
+            work.push(trySpend(channelId, step.cost), w.tick())
+          }
+          await Promise.all(work)
+          await ticked(w)
+          const c = await inDb(channelId)
+          expect(c.settled <= c.spent).toBe(true)
+          expect((await onChain(channelId)).settled).toBe(c.settled)
+          // Everything settleable is settled: the highest voucher at or below spent.
+          expect(c.settled).toBe(amounts.filter((a) => a <= c.spent).at(-1) ?? 0n)
+        },
+      ),
+      { numRuns: 6 },
+    )
   })
 })
 
