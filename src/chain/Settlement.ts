@@ -343,7 +343,7 @@ export async function close(
         ? final
         : fallback
     let result = await attempt(store, options, { kind: 'close', channelId, ...first }, log)
-    if (result.status === 'reverted' && first === final)
+    if (result.status === 'reverted' && first === final && fallback.signature !== final.signature)
       result = await attempt(store, options, { kind: 'close', channelId, ...fallback }, log)
     if (result.status === 'confirmed')
       return {

@@ -354,6 +354,10 @@ describe('start', () => {
       const w = worker({ thresholdAmount: 1n })
       const held = await Settlements.withLock(sql, async () => w.tick())
       expect(held).toEqual({ locked: true, value: { locked: false } })
+      const busy = await Settlements.withLock(sql, async () =>
+        worker({ lockWaitMs: 100 }).settleNow(channelId),
+      )
+      expect(busy).toEqual({ locked: true, value: { status: 'busy', channelId } })
       expect(await recorded(channelId)).toEqual([])
       expect(mine(await ticked(w), channelId)).toHaveLength(1)
     },
@@ -545,6 +549,23 @@ describe('close', () => {
       .catch((e: unknown) => e)
     expect(error).toBeInstanceOf(ChannelStateError)
     expect((error as ChannelStateError).reason).toBe('unknown')
+  })
+
+  test('error: a channel the payer already withdrew is a ChannelStateError once the escrow says so', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 100n)
+    const { client } = payer()
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
+    const w = worker()
+    const final = { channelId, cumulativeAmount: 100n, signature: await sign(channelId, 100n) }
+    // The first close reverts (ChannelFinalized) and teaches the database; the next is refused up front.
+    expect(await w.close(final).catch((e: unknown) => e)).toBeInstanceOf(TransactionRevertedError)
+    const error = await w.close(final).catch((e: unknown) => e)
+    expect(error).toBeInstanceOf(ChannelStateError)
+    expect((error as ChannelStateError).reason).toBe('finalized')
   })
 })
 
