@@ -83,3 +83,36 @@ export class InvalidVoucherSignatureError extends ChainError {
 export class DevChainError extends ChainError {
   override name = 'DevChainError'
 }
+
+/** No receipt within the settlement worker's timeout. Unknown outcome: retried later. */
+export class TransactionTimeoutError extends ChainError {
+  override name = 'TransactionTimeoutError'
+  constructor(functionName: string, timeoutMs: number) {
+    super(
+      `${functionName} got no receipt within ${timeoutMs} ms. It may still be mined; the worker checks the chain and retries later.`,
+    )
+  }
+}
+
+/** Another instance held the settlement lock for longer than the caller was willing to wait. */
+export class SettlementBusyError extends ChainError {
+  override name = 'SettlementBusyError'
+  constructor() {
+    super('Another instance is settling right now. Try again in a few seconds.')
+  }
+}
+
+/** A close or settlement was asked for a channel that is unknown here or already finalized. */
+export class ChannelStateError extends ChainError {
+  override name = 'ChannelStateError'
+  readonly reason: 'unknown' | 'finalized' | 'other-escrow'
+  constructor(reason: 'unknown' | 'finalized' | 'other-escrow', channelId: Hex) {
+    const what = {
+      unknown: 'is not known to this gateway',
+      finalized: 'is already finalized',
+      'other-escrow': "belongs to another escrow than this worker's",
+    }[reason]
+    super(`Channel ${channelId} ${what}; there is nothing to settle or close.`)
+    this.reason = reason
+  }
+}

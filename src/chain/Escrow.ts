@@ -266,13 +266,18 @@ export function topUpWithAuthorization(
 export function settle(
   client: Client,
   parameters: { escrow: Address; channelId: Hex; cumulativeAmount: bigint; signature: Hex },
+  options?: Transaction.SendOptions,
 ): Promise<Transaction.Sent> {
-  return Transaction.send(client, {
-    address: parameters.escrow,
-    abi,
-    functionName: 'settle',
-    args: [parameters.channelId, parameters.cumulativeAmount, parameters.signature],
-  })
+  return Transaction.send(
+    client,
+    {
+      address: parameters.escrow,
+      abi,
+      functionName: 'settle',
+      args: [parameters.channelId, parameters.cumulativeAmount, parameters.signature],
+    },
+    options,
+  )
 }
 
 /**
@@ -311,13 +316,18 @@ export async function simulateSettle(
 export function close(
   client: Client,
   parameters: { escrow: Address; channelId: Hex; cumulativeAmount: bigint; signature: Hex },
+  options?: Transaction.SendOptions,
 ): Promise<Transaction.Sent> {
-  return Transaction.send(client, {
-    address: parameters.escrow,
-    abi,
-    functionName: 'close',
-    args: [parameters.channelId, parameters.cumulativeAmount, parameters.signature],
-  })
+  return Transaction.send(
+    client,
+    {
+      address: parameters.escrow,
+      abi,
+      functionName: 'close',
+      args: [parameters.channelId, parameters.cumulativeAmount, parameters.signature],
+    },
+    options,
+  )
 }
 
 /** Payer: starts the 15-minute grace period of a forced close. */

@@ -24,8 +24,17 @@ export type Call = {
 
 export type Sent<result = unknown> = { hash: Hash; receipt: TransactionReceipt; result: result }
 
+export type SendOptions = {
+  /** Called with the hash once the node accepted the transaction, before waiting for it (to record it). */
+  onSubmitted?: ((hash: Hash) => void | Promise<void>) | undefined
+}
+
 /** Simulates, sends and waits for `call`; throws TransactionRevertedError on any revert. */
-export async function send<result = unknown>(client: Client, call: Call): Promise<Sent<result>> {
+export async function send<result = unknown>(
+  client: Client,
+  call: Call,
+  options: SendOptions = {},
+): Promise<Sent<result>> {
   const account = client.account
   if (!account) throw new AccountRequiredError(call.functionName)
   let simulated: { request: unknown; result: unknown }
@@ -42,6 +51,7 @@ export async function send<result = unknown>(client: Client, call: Call): Promis
     account.nonceManager?.reset({ address: account.address, chainId: client.chain.id })
     throw toReverted(error, call.functionName)
   }
+  await options.onSubmitted?.(hash)
   const receipt = await wait(client, { hash, functionName: call.functionName })
   return { hash, receipt, result: simulated.result as result }
 }

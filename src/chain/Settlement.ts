@@ -1,0 +1,505 @@
+/**
+ * The settlement worker (draft-evm-session-00, "Settlement Procedure"): collects what
+ * delivered service cost with `Escrow.settle`, closes channels cooperatively, and settles at
+ * once when a payer starts a forced close.
+ *
+ * What it submits: the highest accepted voucher whose amount is at most `spent` (never
+ * above: the payee takes only what service cost). When: the unsettled amount reaches
+ * `thresholdAmount`, or the channel has been idle for `idleMs`, or the payer asked to close
+ * (then immediately, far inside the 15-minute grace period). Where: one instance at a time,
+ * chosen per tick by a Postgres advisory lock. Every transaction is recorded with its hash
+ * and outcome. A revert is definitive (recorded, never retried for the same amount); any
+ * other failure (RPC down, network, nonce, no receipt in time) is retried with exponential
+ * backoff. Nothing escapes the loop: it logs and catches up later.
+ *
+ * The database side is a `Store` (implemented by ledger/Settlements.ts), so chain/ does not
+ * import ledger/; main.ts wires `Settlements.store(sql)` in.
+ */
+import { type Address, BaseError, type Hex, TransactionReceiptNotFoundError } from 'viem'
+import { getTransactionReceipt } from 'viem/actions'
+import type { Logger } from '../Logger.ts'
+import type { WalletClient } from './Client.ts'
+import {
+  ChannelStateError,
+  SettlementBusyError,
+  TransactionRevertedError,
+  TransactionTimeoutError,
+} from './Errors.ts'
+import * as Escrow from './Escrow.ts'
+
+export type Kind = 'settle' | 'close' | 'open' | 'topUp'
+
+/** A signed cumulative voucher. */
+export type SignedVoucher = { cumulativeAmount: bigint; signature: Hex }
+
+/** A channel's settlement state and the voucher that may be settled (the highest ≤ spent). */
+export type Settleable = {
+  channelId: Hex
+  escrow: Address
+  spent: bigint
+  settled: bigint
+  finalized: boolean
+  closeRequested: boolean
+  voucher: SignedVoucher | undefined
+}
+
+export type DueQuery = {
+  chainId: number
+  escrow: Address
+  payee: Address
+  thresholdAmount: bigint
+  idleMs: number
+  limit: number
+}
+
+/** A channel due for settlement and the voucher to settle it with. */
+export type Due = SignedVoucher & {
+  channelId: Hex
+  spent: bigint
+  settled: bigint
+  closeRequested: boolean
+}
+
+/** An error as recorded: its name and a message stripped of URLs (RPC URLs can hold keys). */
+export type RecordedError = { name: string; message: string }
+
+export type Outcome =
+  | { status: 'confirmed'; hash: Hex }
+  | { status: 'reverted'; hash?: Hex | undefined; error: RecordedError }
+  | { status: 'failed'; hash?: undefined; error: RecordedError; retryAt: Date }
+
+/** A row of `chain_transactions`. */
+export type Recorded = {
+  id: bigint
+  channelId: Hex
+  kind: Kind
+  cumulativeAmount: bigint
+  hash: Hex | undefined
+  status: 'pending' | 'confirmed' | 'reverted' | 'failed'
+  errorName: string | undefined
+  errorMessage: string | undefined
+  attempts: number
+  nextAttemptAt: Date
+  createdAt: Date
+  updatedAt: Date
+}
+
+/** Database operations made while holding the settlement lock (all on the lock's connection). */
+export type LockedStore = {
+  due(query: DueQuery): Promise<Due[]>
+  settleable(channelId: Hex): Promise<Settleable | undefined>
+  begin(attempt: {
+    channelId: Hex
+    kind: Kind
+    cumulativeAmount: bigint
+    leaseMs: number
+  }): Promise<{ id: bigint; attempts: number; previousHash: Hex | undefined } | undefined>
+  /** Records the hash of a transaction the node accepted, before its receipt. */
+  submitted(id: bigint, hash: Hex): Promise<void>
+  finish(id: bigint, outcome: Outcome): Promise<void>
+  settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
+  markCloseRequested(channelId: Hex): Promise<boolean>
+  /** The confirmed cooperative close of a channel, if there is one. */
+  confirmedClose(channelId: Hex): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined>
+}
+
+/** What the worker needs from the database. */
+export type Store = {
+  /** Runs `fn` holding the settlement lock; `{ locked: false }` at once when another holds it. */
+  withLock<T>(
+    fn: (store: LockedStore) => Promise<T>,
+  ): Promise<{ locked: true; value: T } | { locked: false }>
+  markCloseRequested(channelId: Hex): Promise<boolean>
+}
+
+type Attempted = { channelId: Hex; kind: 'settle' | 'close'; cumulativeAmount: bigint }
+
+/** The outcome of settling (or closing) one channel. */
+export type Result =
+  | (Attempted & { status: 'confirmed'; hash: Hex })
+  | (Attempted & { status: 'reverted'; error: TransactionRevertedError })
+  | (Attempted & { status: 'failed'; error: Error; retryAt: Date })
+  /** Nothing to submit: no voucher ≤ spent above what is already settled. */
+  | { status: 'nothing'; channelId: Hex }
+  /** Another instance held the lock for longer than `lockWaitMs`. */
+  | { status: 'busy'; channelId: Hex }
+
+/** One pass of the loop: `locked: false` when another instance is settling. */
+export type Tick = { locked: false } | { locked: true; results: Result[] }
+
+export type Log = Pick<Logger, 'info' | 'warn' | 'error'>
+
+export type Options = {
+  store: Store
+  /** The payee's client: it sends `settle` and `close`. */
+  client: WalletClient
+  escrow: Address
+  chainId: number
+  /** Settle when the settleable amount above `settled` reaches this (base units). */
+  thresholdAmount: bigint
+  /** Settle anything settleable on a channel without activity for this long. */
+  idleMs: number
+  /** Time between two passes of the loop. */
+  intervalMs: number
+  /** Time before the first pass (default 0: catch up at once). */
+  delayMs?: number | undefined
+  /** Channels per pass (default 20). */
+  batch?: number | undefined
+  /** Backoff after a failure that may pass: baseMs · 2^(attempts−1), at most maxMs. */
+  retry?: { baseMs?: number | undefined; maxMs?: number | undefined } | undefined
+  /** How long to wait for a receipt before calling the attempt failed (default 120 s). */
+  txTimeoutMs?: number | undefined
+  /** How long `settleNow` / `close` wait for the lock (default 30 s). */
+  lockWaitMs?: number | undefined
+  /** Watch `CloseRequested` events (default true). */
+  watch?: boolean | undefined
+  log?: Log | undefined
+}
+
+export type Worker = {
+  /** Runs one pass now (the loop calls it every `intervalMs`). */
+  tick(): Promise<Tick>
+  /** Settles one channel now, whatever the threshold, idleness or backoff (POST /admin/channels/{id}/settle). */
+  settleNow(channelId: Hex): Promise<Result>
+  /** Marks a payer's close request and settles the channel now. */
+  closeRequested(channelId: Hex): Promise<Result>
+  /** Cooperative close with the client's final voucher; see `close`. */
+  close(voucher: { channelId: Hex } & SignedVoucher): Promise<Closed>
+  /** Stops the loop and the event watch, and waits for work in progress. */
+  stop(): Promise<void>
+}
+
+const silent: Log = { info: () => {}, warn: () => {}, error: () => {} } as unknown as Log
+
+/** Starts the worker: a pass after `delayMs`, then every `intervalMs`, plus the `CloseRequested` watch. */
+export function start(options: Options): Worker {
+  const log = options.log ?? silent
+  const payee = options.client.account.address
+  // A missed CloseRequested event (the RPC was down, the gateway restarted) is still caught
+  // by the idle rule, provided it fires well inside the grace period.
+  if (options.idleMs + options.intervalMs > (Number(Escrow.closeGracePeriod) * 1000) / 2)
+    log.warn(
+      { idleMs: options.idleMs, intervalMs: options.intervalMs },
+      'idleMs + intervalMs is over half the close grace period: a missed CloseRequested event may let a payer withdraw unsettled spending',
+    )
+  const inFlight = new Set<Promise<unknown>>()
+  const track = <T>(p: Promise<T>): Promise<T> => {
+    inFlight.add(p)
+    p.finally(() => inFlight.delete(p)).catch(() => {})
+    return p
+  }
+
+  async function tick(): Promise<Tick> {
+    const r = await options.store.withLock(async (store) => {
+      const due = await store.due({
+        chainId: options.chainId,
+        escrow: options.escrow,
+        payee,
+        thresholdAmount: options.thresholdAmount,
+        idleMs: options.idleMs,
+        limit: options.batch ?? 20,
+      })
+      const results: Result[] = []
+      // One at a time: a failed send (e.g. a nonce gap) should not strand the others' nonces.
+      for (const d of due)
+        results.push(await attempt(store, options, { kind: 'settle', ...d }, log))
+      return results
+    })
+    return r.locked ? { locked: true, results: r.value } : { locked: false }
+  }
+
+  const settleNow = (channelId: Hex): Promise<Result> =>
+    track(
+      exclusive(options, (store) => settleOne(store, options, channelId, log)).then(
+        (r) => r ?? { status: 'busy', channelId },
+      ),
+    )
+
+  async function closeRequested(channelId: Hex): Promise<Result> {
+    if (!(await options.store.markCloseRequested(channelId)))
+      return { status: 'nothing', channelId }
+    log.info({ channelId }, 'close requested by the payer: settling now')
+    return settleNow(channelId)
+  }
+
+  let stopped = false
+  let timer: ReturnType<typeof setTimeout> | undefined
+  let running: Promise<void> | undefined
+  const loop = async () => {
+    try {
+      const t = await tick()
+      if (t.locked && t.results.length > 0)
+        log.info(
+          {
+            settled: t.results.filter((r) => r.status === 'confirmed').length,
+            of: t.results.length,
+          },
+          'settlement pass',
+        )
+    } catch (error) {
+      // The database is down or the lock could not be taken: the next pass catches up.
+      log.error({ error: describe(error) }, 'settlement pass failed')
+    }
+    if (!stopped) timer = setTimeout(run, options.intervalMs)
+  }
+  const run = () => {
+    running = loop()
+  }
+  timer = setTimeout(run, options.delayMs ?? 0)
+
+  const unwatch =
+    options.watch === false
+      ? () => {}
+      : Escrow.watchCloseRequested(options.client, {
+          escrow: options.escrow,
+          onCloseRequested: (request) => {
+            if (stopped) return
+            track(
+              closeRequested(request.channelId).catch((error) =>
+                log.error(
+                  { channelId: request.channelId, error: describe(error) },
+                  'settling a close request failed',
+                ),
+              ),
+            )
+          },
+          onError: (error) =>
+            log.warn({ error: describe(error) }, 'watching CloseRequested failed'),
+        })
+
+  return {
+    tick,
+    settleNow,
+    closeRequested,
+    close: (voucher) => track(close(options.client, { ...options, ...voucher })),
+    async stop() {
+      stopped = true
+      clearTimeout(timer)
+      unwatch()
+      await running
+      await Promise.allSettled([...inFlight])
+    },
+  }
+}
+
+export type Closed = {
+  hash: Hex
+  /** What the payee has been paid in total from the channel. */
+  cumulativeAmount: bigint
+  /** Delivered service the payee gave up because no voucher covered it exactly. */
+  forfeited: bigint
+}
+
+/**
+ * Cooperative close (draft "Cooperative Close") with the client's final voucher. Closing
+ * pays the payee the voucher amount and refunds the rest, so the voucher submitted is the
+ * highest one at or below `spent`: the final voucher when its amount is ≤ spent, else (or
+ * when it is lower) the highest accepted voucher ≤ spent; with none above `settled`, the
+ * forfeit path (`settled`, empty signature). A final voucher above spent is not submitted
+ * as is: it would pay for service never delivered. Clients get paid-for service settled in
+ * full by signing exactly `spent` (their last receipt says it). A final voucher the escrow
+ * rejects falls back once to the accepted one. Marks the channel close-requested first (no
+ * new requests), records the transaction, and finalizes the channel on success. Throws
+ * TransactionRevertedError (definitive), ChannelStateError, SettlementBusyError, or the
+ * network error (recorded as failed).
+ */
+export async function close(
+  client: WalletClient,
+  parameters: {
+    store: Store
+    escrow: Address
+    channelId: Hex
+    cumulativeAmount: bigint
+    signature: Hex
+    txTimeoutMs?: number | undefined
+    lockWaitMs?: number | undefined
+    retry?: Options['retry']
+    log?: Log | undefined
+  },
+): Promise<Closed> {
+  const log = parameters.log ?? silent
+  const { channelId } = parameters
+  const options = { ...parameters, client }
+  const closed = await exclusive(options, async (store): Promise<Closed> => {
+    const c = await store.settleable(channelId)
+    if (!c) throw new ChannelStateError('unknown', channelId)
+    if (c.escrow.toLowerCase() !== parameters.escrow.toLowerCase())
+      throw new ChannelStateError('other-escrow', channelId)
+    if (c.finalized) {
+      // A client retrying its close gets the close that went through.
+      const done = await store.confirmedClose(channelId)
+      if (done) return { ...done, forfeited: c.spent - done.cumulativeAmount }
+      throw new ChannelStateError('finalized', channelId)
+    }
+    // No new requests from here on: spent stops growing (requests in flight still finish).
+    await store.markCloseRequested(channelId)
+    const final = { cumulativeAmount: parameters.cumulativeAmount, signature: parameters.signature }
+    const fallback =
+      c.voucher && c.voucher.cumulativeAmount > c.settled
+        ? c.voucher
+        : { cumulativeAmount: c.settled, signature: '0x' as Hex }
+    const first =
+      final.cumulativeAmount <= c.spent && final.cumulativeAmount > fallback.cumulativeAmount
+        ? final
+        : fallback
+    let result = await attempt(store, options, { kind: 'close', channelId, ...first }, log)
+    if (result.status === 'reverted' && first === final && fallback.signature !== final.signature)
+      result = await attempt(store, options, { kind: 'close', channelId, ...fallback }, log)
+    if (result.status === 'confirmed')
+      return {
+        hash: result.hash,
+        cumulativeAmount: result.cumulativeAmount,
+        forfeited: c.spent - result.cumulativeAmount,
+      }
+    if (result.status === 'reverted' || result.status === 'failed') throw result.error
+    throw new ChannelStateError('finalized', channelId)
+  })
+  if (!closed) throw new SettlementBusyError()
+  return closed
+}
+
+/** Runs `fn` under the lock, waiting up to `lockWaitMs` for it; undefined when it stayed busy. */
+async function exclusive<T>(
+  options: Pick<Options, 'store' | 'lockWaitMs'>,
+  fn: (store: LockedStore) => Promise<T>,
+): Promise<T | undefined> {
+  const deadline = Date.now() + (options.lockWaitMs ?? 30_000)
+  for (;;) {
+    const r = await options.store.withLock(fn)
+    if (r.locked) return r.value
+    if (Date.now() >= deadline) return undefined
+    await Bun.sleep(50)
+  }
+}
+
+async function settleOne(
+  store: LockedStore,
+  options: Options,
+  channelId: Hex,
+  log: Log,
+): Promise<Result> {
+  const c = await store.settleable(channelId)
+  if (
+    !c ||
+    c.finalized ||
+    !c.voucher ||
+    c.voucher.cumulativeAmount <= c.settled ||
+    c.escrow.toLowerCase() !== options.escrow.toLowerCase()
+  )
+    return { status: 'nothing', channelId }
+  return attempt(store, options, { kind: 'settle', channelId, ...c.voucher }, log)
+}
+
+/** Submits one settle or close, recording the attempt and its outcome. Never throws for chain errors. */
+async function attempt(
+  store: LockedStore,
+  options: Pick<Options, 'client' | 'escrow' | 'retry' | 'txTimeoutMs'>,
+  call: Attempted & { signature: Hex },
+  log: Log,
+): Promise<Result> {
+  const { client, escrow } = options
+  const { channelId, kind, cumulativeAmount } = call
+  const timeoutMs = options.txTimeoutMs ?? 120_000
+  const begun = await store.begin({ channelId, kind, cumulativeAmount, leaseMs: timeoutMs * 2 })
+  if (!begun) return { status: 'nothing', channelId }
+  const fields = { channelId, kind, cumulativeAmount: cumulativeAmount.toString() }
+  let finished = false
+  const confirmed = async (hash: Hex): Promise<Result> => {
+    await store.finish(begun.id, { status: 'confirmed', hash })
+    await store.settled({ channelId, settled: cumulativeAmount, finalized: kind === 'close' })
+    log.info({ ...fields, hash }, `${kind} confirmed`)
+    return { status: 'confirmed', channelId, kind, cumulativeAmount, hash }
+  }
+  try {
+    // An earlier attempt that ran out of time (or whose worker died) may have been mined since.
+    if (begun.previousHash && (await mined(client, begun.previousHash)) === 'success')
+      return await confirmed(begun.previousHash)
+    const sent = await withTimeout(
+      (kind === 'settle' ? Escrow.settle : Escrow.close)(
+        client,
+        { escrow, channelId, cumulativeAmount, signature: call.signature },
+        {
+          // Late (after the timeout) the lock's connection is gone: the next attempt finds
+          // the transaction through the escrow's state instead.
+          onSubmitted: (hash) => (finished ? undefined : store.submitted(begun.id, hash)),
+        },
+      ),
+      timeoutMs,
+      kind,
+    )
+    return await confirmed(sent.hash)
+  } catch (error) {
+    if (error instanceof TransactionRevertedError) {
+      await store.finish(begun.id, {
+        status: 'reverted',
+        hash: error.hash,
+        error: describe(error),
+      })
+      log.warn({ ...fields, errorName: error.errorName, hash: error.hash }, `${kind} reverted`)
+      await refresh(store, options, channelId, log)
+      return { status: 'reverted', channelId, kind, cumulativeAmount, error }
+    }
+    const retryAt = new Date(Date.now() + backoff(begun.attempts, options.retry))
+    const e = error instanceof Error ? error : new Error(String(error))
+    await store.finish(begun.id, { status: 'failed', error: describe(e), retryAt })
+    log.warn({ ...fields, error: describe(e), retryAt }, `${kind} failed; will retry`)
+    return { status: 'failed', channelId, kind, cumulativeAmount, error: e, retryAt }
+  } finally {
+    finished = true
+  }
+}
+
+/** A sent transaction's receipt status; undefined while it is not mined (or unknown to the node). */
+async function mined(client: WalletClient, hash: Hex): Promise<'success' | 'reverted' | undefined> {
+  try {
+    return (await getTransactionReceipt(client, { hash })).status
+  } catch (error) {
+    if (error instanceof TransactionReceiptNotFoundError) return undefined
+    throw error
+  }
+}
+
+/**
+ * After a revert, takes what the escrow says: a channel the payer already withdrew is
+ * finalized, an amount settled elsewhere (e.g. an attempt that was mined after we lost
+ * track of it) is recorded. Best effort.
+ */
+async function refresh(
+  store: LockedStore,
+  options: Pick<Options, 'client' | 'escrow'>,
+  channelId: Hex,
+  log: Log,
+) {
+  try {
+    const channel = await Escrow.getChannel(options.client, { escrow: options.escrow, channelId })
+    if (!channel) return
+    await store.settled({ channelId, settled: channel.settled, finalized: channel.finalized })
+  } catch (error) {
+    log.warn({ channelId, error: describe(error) }, 'reading the channel after a revert failed')
+  }
+}
+
+/** Milliseconds before retry number `attempts` + 1. */
+export function backoff(attempts: number, retry: Options['retry'] = {}): number {
+  const base = retry.baseMs ?? 5_000
+  const max = retry.maxMs ?? 5 * 60_000
+  return Math.min(max, base * 2 ** Math.min(30, Math.max(0, attempts - 1)))
+}
+
+/** An error's name and a short message without URLs (an RPC URL may carry an API key). */
+export function describe(error: unknown): RecordedError {
+  if (!(error instanceof Error)) return { name: 'Error', message: String(error).slice(0, 500) }
+  const message = error instanceof BaseError ? error.shortMessage : error.message
+  return {
+    name: error.name,
+    message: message.replace(/\b[a-z][a-z0-9+.-]*:\/\/\S+/gi, '<url>').slice(0, 500),
+  }
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number, functionName: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new TransactionTimeoutError(functionName, ms)), ms)
+  })
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer))
+}

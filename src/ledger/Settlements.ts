@@ -1,0 +1,216 @@
+/**
+ * The settlement worker's SQL (migrations/0003_settlement.sql): which channels are due, the
+ * voucher each may settle with, the record of every transaction the gateway submits, and
+ * the settlement lock. Implements the store the worker in chain/Settlement.ts declares.
+ *
+ * What may be settled: the highest accepted voucher whose amount is at most `spent`, so
+ * `settled <= spent <= acceptedCumulative <= deposit` holds on-chain as in the database.
+ */
+import type * as Settlement from '../chain/Settlement.ts'
+import * as Channels from './Channels.ts'
+import type { Sql } from './Db.ts'
+
+type Hex = Channels.Hex
+const bytes = (hex: string) => Buffer.from(hex.slice(2), 'hex')
+const hex = (b: Uint8Array): Hex => `0x${Buffer.from(b).toString('hex')}` as Hex
+
+/** A channel's settlement state and the voucher settlement may submit for it (undefined: none). */
+export async function settleable(
+  sql: Sql,
+  channelId: Hex,
+): Promise<Settlement.Settleable | undefined> {
+  const [r] = await sql`
+    select c.escrow, c.spent, c.settled, c.finalized, c.close_requested_at, v.cumulative_amount, v.signature
+    from channels c
+    left join lateral (
+      select cumulative_amount, signature from vouchers
+      where channel_id = c.channel_id and cumulative_amount <= c.spent
+      order by cumulative_amount desc limit 1) v on true
+    where c.channel_id = ${bytes(channelId)}`
+  if (!r) return undefined
+  return {
+    channelId,
+    escrow: hex(r.escrow),
+    spent: r.spent,
+    settled: r.settled,
+    finalized: r.finalized,
+    closeRequested: r.close_requested_at !== null,
+    voucher: r.signature
+      ? { cumulativeAmount: r.cumulative_amount, signature: hex(r.signature) }
+      : undefined,
+  }
+}
+
+/**
+ * Open channels of this escrow and payee whose settleable voucher is above `settled` and
+ * that are due: the unsettled amount reaches the threshold, or the channel has been idle
+ * for `idleMs`, or its payer asked to close. Skips channels with a transaction in flight or
+ * backing off, and amounts that already reverted (a revert is definitive). Close requests
+ * first, then the largest amounts.
+ */
+export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.Due[]> {
+  const rows = await sql`
+    select c.channel_id, c.spent, c.settled, c.close_requested_at, v.cumulative_amount, v.signature
+    from channels c
+    cross join lateral (
+      select cumulative_amount, signature from vouchers
+      where channel_id = c.channel_id and cumulative_amount <= c.spent
+      order by cumulative_amount desc limit 1) v
+    where c.chain_id = ${i.chainId} and c.escrow = ${bytes(i.escrow)} and c.payee = ${bytes(i.payee)}
+      and not c.finalized and c.spent > c.settled
+      and v.cumulative_amount > c.settled
+      and (v.cumulative_amount - c.settled >= ${sql.typed.numeric(i.thresholdAmount)}
+        or c.close_requested_at is not null
+        or c.updated_at <= now() - make_interval(secs => ${i.idleMs / 1000}))
+      and not exists (
+        select 1 from chain_transactions t
+        where t.channel_id = c.channel_id and t.kind in ('settle', 'close')
+          and ((t.status in ('pending', 'failed') and t.next_attempt_at > now())
+            or (t.status = 'reverted' and t.cumulative_amount = v.cumulative_amount)))
+    order by c.close_requested_at nulls last, v.cumulative_amount - c.settled desc
+    limit ${i.limit}`
+  return rows.map((r) => ({
+    channelId: hex(r.channel_id),
+    cumulativeAmount: r.cumulative_amount,
+    signature: hex(r.signature),
+    spent: r.spent,
+    settled: r.settled,
+    closeRequested: r.close_requested_at !== null,
+  }))
+}
+
+/**
+ * Records the start of an attempt: a new row for a new intent, or the next attempt of one
+ * that failed or reverted before. Pending until `leaseMs` from now. Undefined when that
+ * intent already confirmed.
+ */
+export async function begin(
+  sql: Sql,
+  i: {
+    channelId: Hex
+    kind: Settlement.Kind
+    cumulativeAmount: bigint
+    leaseMs: number
+  },
+): Promise<{ id: bigint; attempts: number; previousHash: Hex | undefined } | undefined> {
+  // The hash of the previous attempt stays until a new one is submitted: it may still be mined.
+  const [r] = await sql`
+    insert into chain_transactions (channel_id, kind, cumulative_amount, status, next_attempt_at)
+    values (${bytes(i.channelId)}, ${i.kind}, ${sql.typed.numeric(i.cumulativeAmount)}, 'pending',
+      now() + make_interval(secs => ${i.leaseMs / 1000}))
+    on conflict (channel_id, kind, cumulative_amount) do update set
+      status = 'pending', attempts = chain_transactions.attempts + 1,
+      error_name = null, error_message = null, next_attempt_at = excluded.next_attempt_at,
+      updated_at = now()
+    where chain_transactions.status <> 'confirmed'
+    returning id, attempts, tx_hash`
+  return r
+    ? {
+        id: BigInt(r.id),
+        attempts: r.attempts,
+        previousHash: r.tx_hash ? hex(r.tx_hash) : undefined,
+      }
+    : undefined
+}
+
+/** Records the hash of a submitted transaction before its receipt. */
+export async function submitted(sql: Sql, id: bigint, hash: Hex): Promise<void> {
+  await sql`update chain_transactions set tx_hash = ${bytes(hash)}, updated_at = now() where id = ${id}`
+}
+
+/** Records the outcome of an attempt begun with `begin`. */
+export async function finish(sql: Sql, id: bigint, o: Settlement.Outcome): Promise<void> {
+  const error = o.status === 'confirmed' ? null : o.error
+  await sql`
+    update chain_transactions set status = ${o.status},
+      tx_hash = coalesce(${o.hash ? bytes(o.hash) : null}, tx_hash),
+      error_name = ${error?.name ?? null}, error_message = ${error?.message ?? null},
+      next_attempt_at = ${o.status === 'failed' ? o.retryAt : sql`now()`}, updated_at = now()
+    where id = ${id}`
+}
+
+/** Marks that the payer asked to close: no new vouchers or requests, settle at once. False when unknown. */
+export async function markCloseRequested(sql: Sql, channelId: Hex): Promise<boolean> {
+  const rows = await sql`
+    update channels set close_requested_at = coalesce(close_requested_at, now())
+    where channel_id = ${bytes(channelId)} returning 1`
+  return rows.length > 0
+}
+
+/** The confirmed cooperative close of a channel, if any. */
+export async function confirmedClose(
+  sql: Sql,
+  channelId: Hex,
+): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined> {
+  const [r] = await sql`
+    select tx_hash, cumulative_amount from chain_transactions
+    where channel_id = ${bytes(channelId)} and kind = 'close' and status = 'confirmed'`
+  return r ? { hash: hex(r.tx_hash), cumulativeAmount: r.cumulative_amount } : undefined
+}
+
+/** Transactions recorded for a channel, oldest first. */
+export async function transactions(sql: Sql, channelId: Hex): Promise<Settlement.Recorded[]> {
+  const rows = await sql`
+    select * from chain_transactions where channel_id = ${bytes(channelId)} order by id`
+  return rows.map((r) => ({
+    id: BigInt(r.id),
+    channelId: hex(r.channel_id),
+    kind: r.kind,
+    cumulativeAmount: r.cumulative_amount,
+    hash: r.tx_hash ? hex(r.tx_hash) : undefined,
+    status: r.status,
+    errorName: r.error_name ?? undefined,
+    errorMessage: r.error_message ?? undefined,
+    attempts: r.attempts,
+    nextAttemptAt: r.next_attempt_at,
+    createdAt: r.created_at,
+    updatedAt: r.updated_at,
+  }))
+}
+
+/**
+ * Runs `fn` holding the settlement advisory lock, or returns `{ locked: false }` at once
+ * when another session holds it. The lock is session-level (it spans chain calls and
+ * several statements), so it is taken on a reserved connection, and `fn` gets a store bound
+ * to that same connection: with a one-connection pool (the embedded PGlite) any other
+ * query would wait for the reserved connection forever.
+ */
+export async function withLock<T>(
+  sql: Sql,
+  fn: (store: Settlement.LockedStore) => Promise<T>,
+): Promise<{ locked: true; value: T } | { locked: false }> {
+  const reserved = (await sql.reserve()) as unknown as Sql & { release(): void }
+  try {
+    const [r] = await reserved`
+      select pg_try_advisory_lock(hashtext(current_schema() || '.tollway_settlement')) as locked`
+    if (!r!.locked) return { locked: false }
+    try {
+      return { locked: true, value: await fn(locked(reserved)) }
+    } finally {
+      await reserved`select pg_advisory_unlock(hashtext(current_schema() || '.tollway_settlement'))`
+    }
+  } finally {
+    reserved.release()
+  }
+}
+
+function locked(sql: Sql): Settlement.LockedStore {
+  return {
+    due: (i) => due(sql, i),
+    settleable: (channelId) => settleable(sql, channelId),
+    begin: (i) => begin(sql, i),
+    submitted: (id, hash) => submitted(sql, id, hash),
+    finish: (id, o) => finish(sql, id, o),
+    settled: (i) => Channels.settled(sql, i),
+    markCloseRequested: (channelId) => markCloseRequested(sql, channelId),
+    confirmedClose: (channelId) => confirmedClose(sql, channelId),
+  }
+}
+
+/** The store the settlement worker runs on. */
+export function store(sql: Sql): Settlement.Store {
+  return {
+    withLock: (fn) => withLock(sql, fn),
+    markCloseRequested: (channelId) => markCloseRequested(sql, channelId),
+  }
+}

@@ -1,0 +1,589 @@
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test } from 'bun:test'
+import fc from 'fast-check'
+import { type Hex, keccak256, toHex } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
+import * as Client from '../../src/chain/Client.ts'
+import { ChannelStateError, TransactionRevertedError } from '../../src/chain/Errors.ts'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Settlement from '../../src/chain/Settlement.ts'
+import * as Token from '../../src/chain/Token.ts'
+import * as Voucher from '../../src/chain/Voucher.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Reservations from '../../src/ledger/Reservations.ts'
+import * as Settlements from '../../src/ledger/Settlements.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Postgres from '../helpers/Postgres.ts'
+
+const db = await Postgres.fresh()
+const { sql } = db
+
+let chain: Anvil.TestChain
+beforeAll(async () => {
+  chain = await Anvil.start()
+})
+afterAll(() => chain?.stop())
+beforeEach(() => chain.reset())
+
+const workers: Settlement.Worker[] = []
+afterEach(async () => {
+  await Promise.all(workers.splice(0).map((w) => w.stop()))
+  // The chain is reset before each test: keep earlier channels out of later passes.
+  await sql`update channels set finalized = true`
+})
+
+const deposit = 1_000_000n
+const never = 3_600_000
+
+function payer(index = 0) {
+  const p = chain.payers[index]!
+  return { ...p, account: privateKeyToAccount(p.privateKey), client: chain.payerClient(index) }
+}
+
+let n = 0
+/** Opens a real channel on anvil and records it as the gateway does. */
+async function openChannel(): Promise<Hex> {
+  const { channelId } = await Escrow.open(payer().client, {
+    escrow: chain.escrowAddress,
+    payee: chain.payee.address,
+    token: chain.currencyAddress,
+    deposit,
+    salt: keccak256(toHex(`settlement ${++n} ${crypto.randomUUID()}`)),
+  })
+  const c = (await Escrow.getChannel(chain.payeeClient, {
+    escrow: chain.escrowAddress,
+    channelId,
+  }))!
+  await Channels.observe(sql, {
+    channelId,
+    chainId: chain.chainId,
+    escrow: chain.escrowAddress,
+    payer: c.payer,
+    payee: c.payee,
+    token: c.token,
+    signer: Escrow.signerOf(c),
+    deposit: c.deposit,
+    settled: c.settled,
+    finalized: c.finalized,
+    closeRequested: false,
+  })
+  return channelId
+}
+
+function sign(channelId: Hex, cumulativeAmount: bigint) {
+  return Voucher.sign(payer().account, {
+    chainId: chain.chainId,
+    escrow: chain.escrowAddress,
+    channelId,
+    cumulativeAmount,
+  })
+}
+
+/** Accepts real vouchers for each amount, in order. */
+async function accept(channelId: Hex, ...amounts: bigint[]) {
+  for (const cumulativeAmount of amounts) {
+    const signature = await sign(channelId, cumulativeAmount)
+    const r = await Channels.acceptVoucher(sql, {
+      channelId,
+      cumulativeAmount,
+      signature,
+      minDelta: 1n,
+    })
+    expect(r.status).toBe('accepted')
+  }
+}
+
+/** Charges one request of `cost` to the channel, as the metered path does. */
+async function spend(channelId: Hex, cost: bigint) {
+  const id = crypto.randomUUID()
+  const a = await Channels.admit(sql, {
+    channelId,
+    model: 'm',
+    stream: false,
+    want: cost,
+    need: cost,
+    requestId: id,
+    leaseSeconds: 60,
+  })
+  expect(a.status).toBe('ok')
+  const { charged } = await Reservations.reservation(sql, {
+    id,
+    held: cost,
+    leaseSeconds: 60,
+  }).settle({ cost, promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: 1 })
+  expect(charged).toBe(cost)
+}
+
+/** Charges up to `cost` when the channel has that much authorized; else nothing. */
+async function trySpend(channelId: Hex, cost: bigint) {
+  const id = crypto.randomUUID()
+  const a = await Channels.admit(sql, {
+    channelId,
+    model: 'm',
+    stream: true,
+    want: cost,
+    need: 1n,
+    requestId: id,
+    leaseSeconds: 60,
+  })
+  if (a.status !== 'ok') return
+  await Reservations.reservation(sql, { id, held: a.held, leaseSeconds: 60 }).settle({
+    cost,
+    promptTokens: 1,
+    completionTokens: 1,
+    status: 'ok',
+    latencyMs: 1,
+    ttftMs: 1,
+  })
+}
+
+type Entry = { level: string; fields: Record<string, unknown>; msg: string }
+function logger(entries: Entry[]): Settlement.Log {
+  const at = (level: string) => (fields: Record<string, unknown>, msg: string) =>
+    entries.push({ level, fields, msg })
+  return { info: at('info'), warn: at('warn'), error: at('error') } as unknown as Settlement.Log
+}
+
+/** A worker that only acts when told (first pass and interval an hour away) unless overridden. */
+function worker(options: Partial<Settlement.Options> = {}) {
+  const w = Settlement.start({
+    store: Settlements.store(sql),
+    client: chain.payeeClient,
+    escrow: chain.escrowAddress,
+    chainId: chain.chainId,
+    thresholdAmount: 10n ** 30n,
+    idleMs: never,
+    intervalMs: never,
+    delayMs: never,
+    watch: false,
+    ...options,
+  })
+  workers.push(w)
+  return w
+}
+
+const balance = (owner: Hex) =>
+  Token.balanceOf(chain.payeeClient, { token: chain.currencyAddress, owner })
+const onChain = async (channelId: Hex) =>
+  (await Escrow.getChannel(chain.payeeClient, { escrow: chain.escrowAddress, channelId }))!
+const inDb = async (channelId: Hex) => (await Channels.get(sql, channelId))!
+const recorded = (channelId: Hex) => Settlements.transactions(sql, channelId)
+const mine = (results: Settlement.Result[], channelId: Hex) =>
+  results.filter((r) => r.channelId === channelId)
+
+async function until<T>(read: () => Promise<T>, ok: (value: T) => boolean, ms = 10_000) {
+  const deadline = Date.now() + ms
+  for (;;) {
+    const value = await read()
+    if (ok(value)) return value
+    if (Date.now() > deadline) throw new Error(`condition not met in ${ms} ms: ${String(value)}`)
+    await Bun.sleep(25)
+  }
+}
+
+async function ticked(w: Settlement.Worker) {
+  const t = await w.tick()
+  if (!t.locked) throw new Error('expected to hold the settlement lock')
+  return t.results
+}
+
+describe('tick', () => {
+  test('behavior: at the threshold, settles the highest accepted voucher ≤ spent and pays exactly that', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n, 300n, 600n)
+    await spend(channelId, 350n)
+    const before = await balance(chain.payee.address)
+
+    // 300 settleable: below a threshold of 301 nothing happens.
+    expect(mine(await ticked(worker({ thresholdAmount: 301n })), channelId)).toEqual([])
+    expect(await recorded(channelId)).toEqual([])
+
+    const [result] = mine(await ticked(worker({ thresholdAmount: 300n })), channelId)
+    expect(result).toMatchObject({ status: 'confirmed', kind: 'settle', cumulativeAmount: 300n })
+    expect(await balance(chain.payee.address)).toBe(before + 300n)
+    expect((await onChain(channelId)).settled).toBe(300n)
+    const c = await inDb(channelId)
+    expect(c).toMatchObject({ settled: 300n, spent: 350n, finalized: false })
+    const [tx] = await recorded(channelId)
+    expect(tx).toMatchObject({ kind: 'settle', cumulativeAmount: 300n, status: 'confirmed' })
+    expect(tx!.hash).toBe((result as { hash: Hex }).hash)
+    // Settled: not due again until more is spent and covered.
+    expect(mine(await ticked(worker({ thresholdAmount: 1n })), channelId)).toEqual([])
+  })
+
+  test('behavior: an idle channel is settled below the threshold; an active one is not', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 40n)
+    await spend(channelId, 40n)
+    const w = worker({ idleMs: 400 })
+    expect(mine(await ticked(w), channelId)).toEqual([])
+    await Bun.sleep(450)
+    const [result] = mine(await ticked(w), channelId)
+    expect(result).toMatchObject({ status: 'confirmed', cumulativeAmount: 40n })
+    expect((await onChain(channelId)).settled).toBe(40n)
+  })
+
+  test('behavior: nothing settleable (nothing spent, or no voucher ≤ spent) sends nothing', async () => {
+    const unspent = await openChannel()
+    await accept(unspent, 100n)
+    const uncovered = await openChannel()
+    await accept(uncovered, 100n)
+    await spend(uncovered, 50n)
+    const before = await balance(chain.payee.address)
+    const w = worker({ thresholdAmount: 0n, idleMs: 0 })
+    const results = await ticked(w)
+    expect([...mine(results, unspent), ...mine(results, uncovered)]).toEqual([])
+    expect(await w.settleNow(uncovered)).toEqual({ status: 'nothing', channelId: uncovered })
+    expect(await recorded(unspent)).toEqual([])
+    expect(await recorded(uncovered)).toEqual([])
+    expect(await balance(chain.payee.address)).toBe(before)
+    expect((await onChain(uncovered)).settled).toBe(0n)
+  })
+
+  test('error: a reverted settle is recorded as reverted with a typed error, not retried, and the loop goes on', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 300n, 500n)
+    await spend(channelId, 400n)
+    // The payer forces a close and withdraws before the gateway settles: settle must revert.
+    const { client } = payer()
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
+
+    const entries: Entry[] = []
+    const w = worker({ thresholdAmount: 1n, delayMs: 0, intervalMs: 50, log: logger(entries) })
+    const [tx] = await until(
+      () => recorded(channelId),
+      (rows) => rows.length > 0 && rows[0]!.status !== 'pending',
+    )
+    expect(tx).toMatchObject({
+      kind: 'settle',
+      cumulativeAmount: 300n,
+      status: 'reverted',
+      errorName: 'TransactionRevertedError',
+      attempts: 1,
+    })
+    expect(tx!.errorMessage).toContain('ChannelFinalized')
+    // The escrow's view is taken: the channel is finalized and no longer due.
+    expect((await inDb(channelId)).finalized).toBe(true)
+    expect(entries.some((e) => e.msg === 'settle reverted')).toBe(true)
+
+    // The loop survived: a channel due afterwards is settled by the same worker.
+    const next = await openChannel()
+    await accept(next, 70n)
+    await spend(next, 70n)
+    await until(
+      () => onChain(next),
+      (c) => c.settled === 70n,
+    )
+    const rows = await recorded(channelId)
+    expect(rows).toHaveLength(1)
+    expect(rows[0]!.attempts).toBe(1)
+    await w.stop()
+  })
+
+  test('error: settleNow reports the revert as a TransactionRevertedError', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 300n)
+    await spend(channelId, 300n)
+    const { client } = payer()
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
+    const result = await worker().settleNow(channelId)
+    expect(result.status).toBe('reverted')
+    const error = (result as { error: unknown }).error
+    expect(error).toBeInstanceOf(TransactionRevertedError)
+    expect((error as TransactionRevertedError).errorName).toBe('ChannelFinalized')
+  })
+
+  test('property: with requests spending concurrently, what is settled is an accepted voucher ≤ spent, on-chain as in the database', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.record({ voucher: fc.bigInt(1n, 200n), cost: fc.bigInt(1n, 150n) }), {
+          minLength: 1,
+          maxLength: 8,
+        }),
+        async (steps) => {
+          const channelId = await openChannel()
+          const w = worker({ thresholdAmount: 1n })
+          const amounts: bigint[] = []
+          const work: Promise<unknown>[] = []
+          for (const step of steps) {
+            amounts.push((amounts.at(-1) ?? 0n) + step.voucher)
+            await accept(channelId, amounts.at(-1)!)
+            work.push(trySpend(channelId, step.cost), w.tick())
+          }
+          await Promise.all(work)
+          await ticked(w)
+          const c = await inDb(channelId)
+          expect(c.settled <= c.spent).toBe(true)
+          expect((await onChain(channelId)).settled).toBe(c.settled)
+          // Everything settleable is settled: the highest voucher at or below spent.
+          expect(c.settled).toBe(amounts.filter((a) => a <= c.spent).at(-1) ?? 0n)
+        },
+      ),
+      { numRuns: 6 },
+    )
+  })
+})
+
+describe('start', () => {
+  test('behavior: two workers on one database settle a channel once', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 500n)
+    await spend(channelId, 500n)
+    const before = await balance(chain.payee.address)
+    const a = worker({ thresholdAmount: 1n })
+    const b = worker({ thresholdAmount: 1n })
+    const ticks = await Promise.all([a.tick(), b.tick(), a.tick(), b.tick()])
+    const results = ticks.flatMap((t) => (t.locked ? mine(t.results, channelId) : []))
+    expect(results).toHaveLength(1)
+    expect(results[0]).toMatchObject({ status: 'confirmed', cumulativeAmount: 500n })
+    expect(await recorded(channelId)).toMatchObject([{ status: 'confirmed', attempts: 1 }])
+    expect(await balance(chain.payee.address)).toBe(before + 500n)
+  })
+
+  // With the embedded PGlite the pool has one connection: the lock held here would leave
+  // the worker waiting for that connection instead of finding the lock taken.
+  test.skipIf(!process.env.DATABASE_URL)(
+    'behavior: a worker does not settle while another session holds the lock',
+    async () => {
+      const channelId = await openChannel()
+      await accept(channelId, 500n)
+      await spend(channelId, 500n)
+      const w = worker({ thresholdAmount: 1n })
+      const held = await Settlements.withLock(sql, async () => w.tick())
+      expect(held).toEqual({ locked: true, value: { locked: false } })
+      const busy = await Settlements.withLock(sql, async () =>
+        worker({ lockWaitMs: 100 }).settleNow(channelId),
+      )
+      expect(busy).toEqual({ locked: true, value: { status: 'busy', channelId } })
+      expect(await recorded(channelId)).toEqual([])
+      expect(mine(await ticked(w), channelId)).toHaveLength(1)
+    },
+  )
+
+  test('behavior: a CloseRequested event is settled at once, without waiting for the interval', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 200n, 400n)
+    await spend(channelId, 250n)
+    worker({ watch: true })
+    const { client, address } = payer()
+    const requested = await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    const c = await until(
+      () => onChain(channelId),
+      (c) => c.settled === 200n,
+    )
+    // Settled well inside the grace period (no time was moved forward).
+    const block = await chain.payeeClient.request({
+      method: 'eth_getBlockByNumber',
+      params: ['latest', false],
+    })
+    expect(BigInt(block!.timestamp)).toBeLessThan(c.closeRequestedAt + Escrow.closeGracePeriod)
+    expect(requested.receipt.status).toBe('success')
+    expect((await inDb(channelId)).closeRequestedAt).not.toBeNull()
+    expect(await recorded(channelId)).toMatchObject([
+      { kind: 'settle', cumulativeAmount: 200n, status: 'confirmed' },
+    ])
+    // The payer can only withdraw the rest.
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    const before = await balance(address)
+    await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
+    expect(await balance(address)).toBe(before + deposit - 200n)
+  })
+
+  test('error: with the RPC down the loop survives, records failures and catches up later', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 90n)
+    await spend(channelId, 90n)
+    const entries: Entry[] = []
+    const down = Client.from({
+      rpcUrl: 'http://127.0.0.1:9/secret-key',
+      chainId: chain.chainId,
+      privateKey: chain.payee.privateKey,
+      pollingInterval: 20,
+    })
+    const w = worker({
+      client: down,
+      thresholdAmount: 1n,
+      delayMs: 0,
+      intervalMs: 30,
+      retry: { baseMs: 100, maxMs: 100 },
+      watch: true,
+      log: logger(entries),
+    })
+    const [tx] = await until(
+      () => recorded(channelId),
+      (rows) => rows[0]?.status === 'failed' && rows[0].attempts >= 2,
+    )
+    expect(tx!.errorMessage).not.toContain('secret-key')
+    expect(tx!.hash).toBeUndefined()
+    expect(entries.some((e) => e.msg === 'settle failed; will retry')).toBe(true)
+    expect(await w.tick()).toMatchObject({ locked: true })
+    await w.stop()
+
+    // The RPC is back: the next worker retries the same intent and settles it.
+    worker({ thresholdAmount: 1n, delayMs: 0, intervalMs: 30 })
+    const rows = await until(
+      () => recorded(channelId),
+      (rows) => rows[0]?.status === 'confirmed',
+    )
+    expect(rows).toHaveLength(1)
+    expect(rows[0]!.attempts).toBeGreaterThanOrEqual(3)
+    expect((await onChain(channelId)).settled).toBe(90n)
+  })
+})
+
+describe('settleNow', () => {
+  test('behavior: a transaction that outlived its timeout is recorded with its hash and found mined later, not sent twice', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 120n)
+    await spend(channelId, 120n)
+    const before = await balance(chain.payee.address)
+    const w = worker({ txTimeoutMs: 300 })
+    const rpc = (method: string, params: unknown[] = []) =>
+      chain.payeeClient.request({ method, params } as never)
+    await rpc('evm_setAutomine', [false])
+    let first: Settlement.Result
+    try {
+      first = await w.settleNow(channelId)
+    } finally {
+      await rpc('evm_setAutomine', [true])
+    }
+    expect(first).toMatchObject({ status: 'failed', cumulativeAmount: 120n })
+    expect((first as { error: Error }).error.name).toBe('TransactionTimeoutError')
+    const [pending] = await recorded(channelId)
+    expect(pending).toMatchObject({ status: 'failed', errorName: 'TransactionTimeoutError' })
+    expect(pending!.hash).toMatch(/^0x[0-9a-f]{64}$/)
+
+    await rpc('evm_mine')
+    const second = await w.settleNow(channelId)
+    expect(second).toMatchObject({ status: 'confirmed', hash: pending!.hash })
+    expect(await recorded(channelId)).toMatchObject([
+      { status: 'confirmed', attempts: 2, hash: pending!.hash },
+    ])
+    expect(await balance(chain.payee.address)).toBe(before + 120n)
+    expect(await inDb(channelId)).toMatchObject({ settled: 120n })
+  })
+})
+
+describe('close', () => {
+  test('behavior: a final voucher equal to spent pays the payee that, refunds the payer the rest, finalizes', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 200n, 500n)
+    await spend(channelId, 450n)
+    const w = worker()
+    expect(await w.settleNow(channelId)).toMatchObject({
+      status: 'confirmed',
+      cumulativeAmount: 200n,
+    })
+    const payee = await balance(chain.payee.address)
+    const refund = await balance(payer().address)
+    const closed = await Settlement.close(chain.payeeClient, {
+      store: Settlements.store(sql),
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 450n,
+      signature: await sign(channelId, 450n),
+    })
+    expect(closed).toMatchObject({ cumulativeAmount: 450n, forfeited: 0n })
+    expect(await balance(chain.payee.address)).toBe(payee + 250n)
+    expect(await balance(payer().address)).toBe(refund + deposit - 450n)
+    expect((await onChain(channelId)).finalized).toBe(true)
+    expect(await inDb(channelId)).toMatchObject({ settled: 450n, finalized: true })
+    const rows = await recorded(channelId)
+    expect(rows.map((r) => [r.kind, r.cumulativeAmount, r.status])).toEqual([
+      ['settle', 200n, 'confirmed'],
+      ['close', 450n, 'confirmed'],
+    ])
+    expect(rows[1]!.hash).toBe(closed.hash)
+    // A retried close returns the close that went through and sends nothing.
+    const again = await Settlement.close(chain.payeeClient, {
+      store: Settlements.store(sql),
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 450n,
+      signature: await sign(channelId, 450n),
+    })
+    expect(again).toEqual(closed)
+    expect(await recorded(channelId)).toHaveLength(2)
+  })
+
+  test('behavior: a final voucher above spent is not submitted; the highest accepted voucher ≤ spent is', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 300n, 600n)
+    await spend(channelId, 450n)
+    const payee = await balance(chain.payee.address)
+    const closed = await worker().close({
+      channelId,
+      cumulativeAmount: 600n,
+      signature: await sign(channelId, 600n),
+    })
+    expect(closed).toMatchObject({ cumulativeAmount: 300n, forfeited: 150n })
+    expect(await balance(chain.payee.address)).toBe(payee + 300n)
+    expect(await inDb(channelId)).toMatchObject({ settled: 300n, finalized: true })
+  })
+
+  test('behavior: a final voucher the escrow rejects falls back to the highest accepted voucher', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 300n, 600n)
+    await spend(channelId, 450n)
+    // Signed for another amount: the escrow's signature check fails.
+    const closed = await worker().close({
+      channelId,
+      cumulativeAmount: 450n,
+      signature: await sign(channelId, 449n),
+    })
+    expect(closed.cumulativeAmount).toBe(300n)
+    expect(
+      (await recorded(channelId)).map((r) => [r.cumulativeAmount, r.status, r.errorName]),
+    ).toEqual([
+      [450n, 'reverted', 'TransactionRevertedError'],
+      [300n, 'confirmed', undefined],
+    ])
+  })
+
+  test('error: an unknown channel is a ChannelStateError', async () => {
+    const error = await worker()
+      .close({ channelId: `0x${'ab'.repeat(32)}`, cumulativeAmount: 1n, signature: '0x' })
+      .catch((e: unknown) => e)
+    expect(error).toBeInstanceOf(ChannelStateError)
+    expect((error as ChannelStateError).reason).toBe('unknown')
+  })
+
+  test('error: a channel the payer already withdrew is a ChannelStateError once the escrow says so', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 100n)
+    const { client } = payer()
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
+    const w = worker()
+    const final = { channelId, cumulativeAmount: 100n, signature: await sign(channelId, 100n) }
+    // The first close reverts (ChannelFinalized) and teaches the database; the next is refused up front.
+    expect(await w.close(final).catch((e: unknown) => e)).toBeInstanceOf(TransactionRevertedError)
+    const error = await w.close(final).catch((e: unknown) => e)
+    expect(error).toBeInstanceOf(ChannelStateError)
+    expect((error as ChannelStateError).reason).toBe('finalized')
+  })
+})
+
+describe('backoff', () => {
+  test('behavior: doubles from the base and stops at the maximum', () => {
+    const retry = { baseMs: 100, maxMs: 1_000 }
+    expect([1, 2, 3, 4, 5, 50].map((a) => Settlement.backoff(a, retry))).toEqual([
+      100, 200, 400, 800, 1_000, 1_000,
+    ])
+  })
+})
+
+describe('describe', () => {
+  test('behavior: keeps the name, drops URLs from the message', () => {
+    const e = new Error('fetch failed: https://rpc.example/v2/KEY123 refused')
+    expect(Settlement.describe(e)).toEqual({
+      name: 'Error',
+      message: 'fetch failed: <url> refused',
+    })
+  })
+})
