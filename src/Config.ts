@@ -123,6 +123,28 @@ export const Schema = z
       })
       .optional(),
     devChain: z.boolean().default(true),
+    /** MPP session payments (on when a chain is configured or the dev chain runs). */
+    payments: z
+      .strictObject({
+        /** HMAC key of challenge ids; generated and kept in the data dir when unset. */
+        challengeSecret: z.string().min(16).optional(),
+        realm: z.string().min(1).default('tollway'),
+        challengeExpiresSeconds: z.number().int().positive().default(600),
+        /** How long a paused stream waits for a voucher. */
+        voucherTimeoutMs: z.number().int().positive().default(60_000),
+        minVoucherDelta: BaseUnits.prefault('1'),
+        suggestedDeposit: BaseUnits.prefault('10000000'),
+        settlement: z
+          .strictObject({
+            /** Settle a channel once this much spending is unsettled. */
+            thresholdAmount: BaseUnits.prefault('1000000'),
+            /** Settle whatever is settleable after this long without activity. */
+            idleSeconds: z.number().int().positive().default(300),
+            intervalSeconds: z.number().int().positive().default(30),
+          })
+          .prefault({}),
+      })
+      .prefault({}),
     metering: z
       .strictObject({
         blockTokens: z.number().int().positive().default(64),
@@ -168,6 +190,11 @@ const env = {
   MAX_BODY_BYTES: ['maxBodyBytes', z.coerce.number()],
 } as const
 
+const paymentEnv = {
+  CHALLENGE_SECRET: ['challengeSecret', z.string()],
+  PAYMENT_REALM: ['realm', z.string()],
+} as const
+
 const chainEnv = {
   CHAIN_RPC_URL: ['rpcUrl', z.string()],
   CHAIN_ID: ['chainId', z.coerce.number()],
@@ -202,6 +229,13 @@ export function load(environment: Record<string, string | undefined> = process.e
     const parsed = (schema as z.ZodType).safeParse(raw)
     if (!parsed.success) throw new ConfigError(`${name}: ${parsed.error.issues[0]?.message}`)
     merged[key] = parsed.data
+  }
+  for (const [name, [key, schema]] of Object.entries(paymentEnv)) {
+    const raw = environment[name]
+    if (raw === undefined || raw === '') continue
+    const parsed = (schema as z.ZodType).safeParse(raw)
+    if (!parsed.success) throw new ConfigError(`${name}: ${parsed.error.issues[0]?.message}`)
+    merged.payments = { ...(merged.payments as object), [key]: parsed.data }
   }
   const given = Object.keys(chainEnv).filter((name) => environment[name])
   if (given.length > 0) {

@@ -88,6 +88,13 @@ export class InsufficientCreditsError extends GatewayError {
   override readonly type = 'insufficient_credits'
 }
 
+/** 402: no credentials on a paid endpoint; the message says both ways in. */
+export class PaymentRequiredError extends GatewayError {
+  override name = 'PaymentRequiredError'
+  override readonly status = 402
+  override readonly type = 'payment_required'
+}
+
 /** 403: the account's plan may not use the model. */
 export class TierNotAvailableError extends GatewayError {
   override name = 'TierNotAvailableError'

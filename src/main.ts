@@ -5,16 +5,25 @@
 import { randomBytes } from 'node:crypto'
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join, resolve } from 'node:path'
+import type { Hex } from 'viem'
 import * as Config from './Config.ts'
+import * as Client from './chain/Client.ts'
 import * as DevChain from './chain/DevChain.ts'
+import * as SessionEscrow from './chain/SessionEscrow.ts'
+import * as Settlement from './chain/Settlement.ts'
 import * as App from './http/App.ts'
+import type * as Payments from './http/Payments.ts'
 import * as Logger from './Logger.ts'
 import * as Accounts from './ledger/Accounts.ts'
 import * as ApiKeys from './ledger/ApiKeys.ts'
+import * as Channels from './ledger/Channels.ts'
 import * as Credits from './ledger/Credits.ts'
 import * as Db from './ledger/Db.ts'
 import * as Embedded from './ledger/Embedded.ts'
 import * as Reservations from './ledger/Reservations.ts'
+import * as Settlements from './ledger/Settlements.ts'
+import { Waker } from './ledger/Waker.ts'
+import * as Server from './payment/evm/Server.ts'
 import * as EchoModel from './upstream/EchoModel.ts'
 import * as OpenAICompatible from './upstream/OpenAICompatible.ts'
 import { type Model, Router } from './upstream/Router.ts'
@@ -80,9 +89,66 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       }
     }
 
-    const adminToken = config.adminToken ?? adminTokenFromDataDir(config.dataDir)
+    const adminToken = config.adminToken ?? kept(config.dataDir, 'admin-token', 'twadm_')
     const router = new Router(models(config, options.environment ?? process.env))
-    const app = App.create({ config, sql, router, log, adminToken })
+    let payments: Payments.Payments | undefined
+    let waker: Waker | undefined
+    let settlement: Settlement.Worker | undefined
+    if (chain) {
+      const db = sql
+      const client = Client.from({
+        rpcUrl: chain.rpcUrl,
+        chainId: chain.chainId,
+        privateKey: chain.payeePrivateKey as Hex,
+      })
+      const s = config.payments.settlement
+      const worker = Settlement.start({
+        store: Settlements.store(sql),
+        client,
+        escrow: chain.escrowAddress as Hex,
+        chainId: chain.chainId,
+        thresholdAmount: s.thresholdAmount,
+        idleMs: s.idleSeconds * 1000,
+        intervalMs: s.intervalSeconds * 1000,
+        log,
+      })
+      stops.push(() => worker.stop())
+      settlement = worker
+      const method = Server.create({
+        chainId: chain.chainId,
+        escrow: chain.escrowAddress as Hex,
+        currency: chain.currencyAddress as Hex,
+        recipient: client.account.address,
+        minVoucherDelta: config.payments.minVoucherDelta,
+        suggestedDeposit: config.payments.suggestedDeposit,
+        store: {
+          get: (id) => Channels.get(db, id),
+          observe: (state) => Channels.observe(db, state),
+          acceptVoucher: (v) => Channels.acceptVoucher(db, v),
+        },
+        chain: SessionEscrow.create({
+          client,
+          escrow: chain.escrowAddress as Hex,
+          currency: chain.currencyAddress as Hex,
+          chainId: chain.chainId,
+          close: (v) => worker.close(v),
+        }),
+      })
+      // LISTEN needs a connection of its own, which the embedded server cannot give.
+      const w = await Waker.start(sql, { listen: Boolean(config.databaseUrl || options.sql) })
+      stops.push(() => w.stop())
+      waker = w
+      payments = {
+        secret: config.payments.challengeSecret ?? kept(config.dataDir, 'challenge-secret', ''),
+        realm: config.payments.realm,
+        expiresMs: config.payments.challengeExpiresSeconds * 1000,
+        chainId: chain.chainId,
+        method,
+        voucherTimeoutMs: config.payments.voucherTimeoutMs,
+        wake: (id) => w.wake(id),
+      }
+    }
+    const app = App.create({ config, sql, router, log, adminToken, payments, waker, settlement })
     const server = Bun.serve({
       port: config.port,
       hostname: config.host,
@@ -153,14 +219,14 @@ function models(config: Config.Config, environment: Record<string, string | unde
   }))
 }
 
-/** The admin token kept in the data dir, generated on first start. */
-function adminTokenFromDataDir(dataDir: string): string {
-  const path = join(dataDir, 'admin-token')
+/** A secret kept in the data dir (the admin token, the challenge secret), made on first start. */
+function kept(dataDir: string, name: string, prefix: string): string {
+  const path = join(dataDir, name)
   if (existsSync(path)) return readFileSync(path, 'utf8').trim()
   mkdirSync(dataDir, { recursive: true })
-  const token = `twadm_${randomBytes(24).toString('base64url')}`
-  writeFileSync(path, `${token}\n`, { mode: 0o600 })
-  return token
+  const value = `${prefix}${randomBytes(32).toString('base64url')}`
+  writeFileSync(path, `${value}\n`, { mode: 0o600 })
+  return value
 }
 
 /**

@@ -10,7 +10,9 @@ import {
   NotFoundError,
   PayloadTooLargeError,
 } from '../Errors.ts'
+import * as Problem from '../payment/Problem.ts'
 import type { Deps } from './Deps.ts'
+import * as Payments from './Payments.ts'
 import * as Account from './routes/Account.ts'
 import * as Admin from './routes/Admin.ts'
 import * as Chat from './routes/Chat.ts'
@@ -79,7 +81,20 @@ export function create(deps: Deps): Hono {
         500,
       )
     }
+    if ((error.status === 401 || error.status === 402) && !Payments.hasPaymentChallenge(error))
+      Payments.withChallenges(
+        error,
+        Payments.authenticate(
+          deps.payments,
+          deps.router.models()[0]?.pricing,
+          c.req.header('accept-payment'),
+        ),
+      )
     for (const [k, v] of Object.entries(error.headers)) c.header(k, v)
+    if (error instanceof Problem.PaymentProblem)
+      return c.body(JSON.stringify(error.toProblem()), error.status as 400, {
+        'content-type': Problem.contentType,
+      })
     return c.json(error.toJSON(), error.status as 400)
   })
 

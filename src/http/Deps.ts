@@ -1,8 +1,12 @@
 /** What the HTTP layer needs, wired by main.ts. */
+
 import type { Config } from '../Config.ts'
+import type * as Settlement from '../chain/Settlement.ts'
 import type { Logger } from '../Logger.ts'
 import type { Sql } from '../ledger/Db.ts'
+import type { Waker } from '../ledger/Waker.ts'
 import type { Router } from '../upstream/Router.ts'
+import type { Payments } from './Payments.ts'
 
 export type Deps = {
   config: Config
@@ -10,4 +14,8 @@ export type Deps = {
   router: Router
   log: Logger
   adminToken: string
+  /** MPP payments; absent when no chain is configured. */
+  payments?: Payments | undefined
+  waker?: Waker | undefined
+  settlement?: Settlement.Worker | undefined
 }

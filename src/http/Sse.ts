@@ -35,7 +35,9 @@ export type Options = {
   /** Reports an unexpected failure of the stream. */
   onError?: (e: unknown) => void
   /** Renders frames other than chunks and the end (payment events). */
-  extra?: (frame: Frame) => Uint8Array | undefined
+  extra?: (frame: Frame) => Promise<Uint8Array | undefined>
+  /** Events to send after the final usage chunk, before `[DONE]` (the payment receipt). */
+  beforeDone?: () => Promise<Uint8Array | undefined>
 }
 
 /**
@@ -53,7 +55,7 @@ export function response(c: Context, o: Options): Response {
     }
   }
 
-  const render = (frame: Frame): Uint8Array[] => {
+  const render = async (frame: Frame): Promise<Uint8Array[]> => {
     switch (frame.kind) {
       case 'chunk': {
         const chunk = { ...frame.chunk, model: o.model }
@@ -65,10 +67,16 @@ export function response(c: Context, o: Options): Response {
         else out.push(data(chunk))
         return out
       }
-      case 'end':
-        return [...final(frame.usage, frame.finishReason, frame.error), DONE]
+      case 'end': {
+        const after = await o.beforeDone?.()
+        return [
+          ...final(frame.usage, frame.finishReason, frame.error),
+          ...(after ? [after] : []),
+          DONE,
+        ]
+      }
       default: {
-        const extra = o.extra?.(frame)
+        const extra = await o.extra?.(frame)
         return extra ? [extra] : []
       }
     }
@@ -105,7 +113,7 @@ export function response(c: Context, o: Options): Response {
             controller.close()
             return
           }
-          const parts = render(next.value)
+          const parts = await render(next.value)
           if (parts.length === 0) continue
           for (const p of parts) controller.enqueue(p)
           return

@@ -83,7 +83,8 @@ export async function observe(sql: Sql, c: OnChain): Promise<Channel> {
     on conflict (channel_id) do update set
       deposit = greatest(channels.deposit, excluded.deposit),
       settled = greatest(channels.settled, least(excluded.settled, channels.spent)),
-      close_requested_at = case when ${c.closeRequested} then coalesce(channels.close_requested_at, now()) else null end,
+      -- Sticky: the settlement worker marks cooperative closes before the chain shows them.
+      close_requested_at = case when ${c.closeRequested} then coalesce(channels.close_requested_at, now()) else channels.close_requested_at end,
       finalized = channels.finalized or excluded.finalized
     returning *`
   return from(row!)

@@ -35,12 +35,12 @@ export class Waker {
     const id = channelId.toLowerCase()
     return new Promise((resolve) => {
       if (signal.aborted) return resolve(false)
-      let set = this.waiters.get(id)
-      if (!set) this.waiters.set(id, (set = new Set()))
+      const set = this.waiters.get(id) ?? new Set<() => void>()
+      this.waiters.set(id, set)
       const done = (woken: boolean) => {
         clearTimeout(timer)
         signal.removeEventListener('abort', onAbort)
-        set!.delete(wake)
+        set.delete(wake)
         resolve(woken)
       }
       const wake = () => done(true)

@@ -3,41 +3,178 @@
  * credits reserved), call the upstream, meter, settle (one round trip).
  */
 import { createHash } from 'node:crypto'
-import { Hono } from 'hono'
+import { type Context, Hono } from 'hono'
 import {
   ConflictError,
-  type GatewayError,
+  GatewayError,
   InsufficientCreditsError,
   InvalidRequestError,
+  PaymentRequiredError,
   RateLimitError,
   TierNotAvailableError,
   WalletEmptyError,
 } from '../../Errors.ts'
 import * as ApiKeys from '../../ledger/ApiKeys.ts'
+import * as Channels from '../../ledger/Channels.ts'
 import * as Reservations from '../../ledger/Reservations.ts'
 import * as Meter from '../../metering/Meter.ts'
 import * as Pricing from '../../metering/Pricing.ts'
 import * as Tokenizer from '../../metering/Tokenizer.ts'
+import * as Encoding from '../../payment/Encoding.ts'
+import * as Events from '../../payment/Events.ts'
+import type * as Server from '../../payment/evm/Server.ts'
+import type * as Session from '../../payment/evm/Session.ts'
+import * as Problem from '../../payment/Problem.ts'
 import * as Chat from '../../upstream/Chat.ts'
 import type { Model } from '../../upstream/Router.ts'
 import type { Deps } from '../Deps.ts'
 import * as Auth from '../middleware/Auth.ts'
 import * as Parse from '../Parse.ts'
+import * as Payments from '../Payments.ts'
 import * as Sse from '../Sse.ts'
 
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
 
+/** A parsed, priced completion request: what admission and metering need. */
+type Plan = {
+  req: Chat.Request
+  text: string
+  model: Model
+  promptTokens: number
+  /** Output tokens the request may produce (max_tokens, capped by the context). */
+  limit: number
+  room: number
+  asked: number | undefined
+  want: bigint
+  need: bigint
+}
+
+/** Parses and prices a completion request. */
+function plan(deps: Deps, text: string): Plan {
+  const { blockTokens } = deps.config.metering
+  const req = Parse.parse(Chat.Request, Parse.json(text))
+  const model = deps.router.route(req.model)
+  const promptTokens = Tokenizer.prompt(
+    req.messages.map((m) => ({ content: Chat.text(m.content) })),
+  )
+  const room = model.contextLength - promptTokens
+  if (room <= 0)
+    throw new InvalidRequestError(
+      `The prompt has ${promptTokens} tokens; ${model.id} takes at most ${model.contextLength}.`,
+      'context_length_exceeded',
+      { param: 'messages' },
+    )
+  const asked = req.max_tokens ?? req.max_completion_tokens
+  const limit = Math.min(asked ?? room, room)
+  const price = model.pricing
+  // Streams hold the prompt and one block, then extend. Whole completions hold their
+  // whole output: all of max_tokens, or without it as much as the payer can cover.
+  const want = Pricing.cost(price, promptTokens, req.stream ? Math.min(blockTokens, limit) : limit)
+  const need =
+    req.stream || asked !== undefined
+      ? want
+      : Pricing.cost(price, promptTokens, Math.min(blockTokens, limit))
+  return { req, text, model, promptTokens, limit, room, asked, want, need }
+}
+
+/** The model a request body names, if it names a known one (to price a challenge). */
+function priceOf(deps: Deps, text: string): Pricing.Price | undefined {
+  try {
+    const model = (JSON.parse(text) as { model?: unknown }).model
+    if (typeof model === 'string') return deps.router.model(model).pricing
+  } catch {}
+  return deps.router.models()[0]?.pricing
+}
+
+type Hooks = {
+  /** Payment events (`payment-need-voucher`). */
+  extra?: Sse.Options['extra']
+  /** The `payment-receipt` event. */
+  beforeDone?: Sse.Options['beforeDone']
+  /** Headers of a whole completion, known once it is settled (`Payment-Receipt`). */
+  settledHeaders?: () => Promise<Record<string, string>>
+}
+
+/** Runs a completion metered against `reservation`, streamed or whole. */
+async function serve(
+  c: Context,
+  deps: Deps,
+  p: Plan,
+  reservation: Meter.Reservation,
+  startedAt: number,
+  hooks: Hooks = {},
+): Promise<Response> {
+  const { req, model, promptTokens } = p
+  const price = model.pricing
+  const body: Record<string, unknown> = { ...req, model: model.upstreamModel }
+  delete body.stream_options
+  const signal = c.req.raw.signal
+
+  if (!req.stream) {
+    // Cap the upstream at what the reservation pays for, so the charge cannot exceed it
+    // (no cap needed when the reservation covers the whole context).
+    const max = Pricing.affordable(price, promptTokens, reservation.held, p.limit)
+    if (p.asked !== undefined || max < p.room)
+      body[req.max_completion_tokens !== undefined ? 'max_completion_tokens' : 'max_tokens'] = max
+    const { completion, usage } = await Meter.complete({
+      price,
+      promptTokens,
+      reservation,
+      signal,
+      startedAt,
+      call: () => observed(deps, model, model.provider.complete(body as never, signal)),
+    })
+    for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
+    return c.json({ ...completion, model: model.id, usage: { ...completion.usage, ...usage } })
+  }
+
+  const abort = new AbortController()
+  const onAbort = () => abort.abort(signal.reason)
+  signal.addEventListener('abort', onAbort, { once: true })
+  let chunks: AsyncIterable<Chat.Chunk>
+  try {
+    chunks = await observed(deps, model, model.provider.stream(body as never, abort.signal))
+  } catch (e) {
+    signal.removeEventListener('abort', onAbort)
+    await Meter.release(reservation, { promptTokens, startedAt, cancelled: signal.aborted, price })
+    throw e
+  }
+  const frames = Meter.stream({
+    price,
+    promptTokens,
+    blockTokens: deps.config.metering.blockTokens,
+    reservation,
+    chunks,
+    signal: abort.signal,
+    startedAt,
+  })
+  return Sse.response(c, {
+    frames,
+    model: model.id,
+    includeUsage: req.stream_options?.include_usage === true,
+    abort: () => abort.abort(new Error('client disconnected')),
+    done: () => signal.removeEventListener('abort', onAbort),
+    onError: (e) => deps.log.error({ err: (e as Error).message }, 'stream failed'),
+    ...(hooks.extra ? { extra: hooks.extra } : {}),
+    ...(hooks.beforeDone ? { beforeDone: hooks.beforeDone } : {}),
+  })
+}
+
 export function routes(deps: Deps) {
   const app = new Hono()
-  const { blockTokens, leaseSeconds } = deps.config.metering
+  const { leaseSeconds } = deps.config.metering
 
-  app.post('/', async (c) => {
-    const startedAt = performance.now()
-    const text = await c.req.text()
-    const req = Parse.parse(Chat.Request, Parse.json(text))
-    const model = deps.router.route(req.model)
+  /** API-key holders: credits, plans and usage logs. */
+  const keyed = async (c: Context, text: string, startedAt: number) => {
     const raw = Auth.rawKey(c)
-    if (!raw) throw Auth.missingKey()
+    if (!raw) {
+      if (!deps.payments) throw Auth.missingKey()
+      throw new PaymentRequiredError(
+        'This endpoint needs payment: send an API key ("Authorization: Bearer <key>" or "X-API-Key") or pay per request with a Payment credential (see WWW-Authenticate).',
+        'payment_required',
+      )
+    }
+    const p = plan(deps, text)
     const idempotencyKey = c.req.header('idempotency-key') ?? null
     if (idempotencyKey !== null && !IDEMPOTENCY_KEY.test(idempotencyKey))
       throw new InvalidRequestError(
@@ -47,48 +184,21 @@ export function routes(deps: Deps) {
           param: 'Idempotency-Key',
         },
       )
-
-    const promptTokens = Tokenizer.prompt(
-      req.messages.map((m) => ({ content: Chat.text(m.content) })),
-    )
-    const room = model.contextLength - promptTokens
-    if (room <= 0)
-      throw new InvalidRequestError(
-        `The prompt has ${promptTokens} tokens; ${model.id} takes at most ${model.contextLength}.`,
-        'context_length_exceeded',
-        { param: 'messages' },
-      )
-    const asked = req.max_tokens ?? req.max_completion_tokens
-    const limit = Math.min(asked ?? room, room)
-    const price = model.pricing
-    // Streams hold the prompt and one block, then extend. Whole completions hold their
-    // whole output: all of max_tokens, or without it as much as the credits allow.
-    const want = Pricing.cost(
-      price,
-      promptTokens,
-      req.stream ? Math.min(blockTokens, limit) : limit,
-    )
-    const need =
-      req.stream || asked !== undefined
-        ? want
-        : Pricing.cost(price, promptTokens, Math.min(blockTokens, limit))
-
     const requestId = crypto.randomUUID()
     const admitted = await Reservations.admit(deps.sql, {
       keyHash: ApiKeys.hash(raw),
-      model: model.id,
-      stream: req.stream,
-      minTier: model.minTier,
-      promptTokens,
-      want,
-      need,
+      model: p.model.id,
+      stream: p.req.stream,
+      minTier: p.model.minTier,
+      promptTokens: p.promptTokens,
+      want: p.want,
+      need: p.need,
       idempotencyKey,
       fingerprint: idempotencyKey === null ? null : createHash('sha256').update(text).digest(),
       requestId,
       leaseSeconds,
     })
-    if (admitted.status !== 'ok') throw refusal(admitted, model, need)
-
+    if (admitted.status !== 'ok') throw refusal(admitted, p.model, p.need)
     c.header('x-request-id', requestId)
     if (admitted.rateLimit !== null) {
       c.header('x-ratelimit-limit-requests', String(admitted.rateLimit))
@@ -97,61 +207,138 @@ export function routes(deps: Deps) {
     const reservation = logged(
       deps,
       Reservations.reservation(deps.sql, { id: requestId, held: admitted.held, leaseSeconds }),
-      { account: admitted.accountId, model: model.id, stream: req.stream },
+      { account: admitted.accountId, model: p.model.id, stream: p.req.stream },
     )
-    const body: Record<string, unknown> = { ...req, model: model.upstreamModel }
-    delete body.stream_options
-    const signal = c.req.raw.signal
+    return serve(c, deps, p, reservation, startedAt)
+  }
 
-    if (!req.stream) {
-      // Cap the upstream at what the reservation pays for, so the charge cannot exceed it
-      // (no cap needed when the reservation covers the whole context).
-      const max = Pricing.affordable(price, promptTokens, reservation.held, limit)
-      if (asked !== undefined || max < room)
-        body[req.max_completion_tokens !== undefined ? 'max_completion_tokens' : 'max_tokens'] = max
-      const { completion, usage } = await Meter.complete({
-        price,
-        promptTokens,
-        reservation,
-        signal,
-        startedAt,
-        call: () => observed(deps, model, model.provider.complete(body as never, signal)),
-      })
-      return c.json({ ...completion, model: model.id, usage: { ...completion.usage, ...usage } })
+  /** Payment-credential holders: a channel, vouchers checked while streaming. */
+  const paid = async (c: Context, payments: Payments.Payments, text: string, startedAt: number) => {
+    const verified = Payments.verify(payments, c.req.header('authorization')!)
+    const { parsed, challenge } = verified
+    const channelId = parsed.payload.channelId
+    const applied = await payments.method.apply(parsed, verified.request.amount)
+    if (
+      parsed.payload.action === 'voucher' ||
+      parsed.payload.action === 'topUp' ||
+      parsed.payload.action === 'open'
+    )
+      payments.wake(channelId)
+    const receiptOf = (
+      channel: Server.Channel,
+      extra: { units?: number; txHash?: Session.Hex } = {},
+    ) => Payments.receipt(payments, challenge.id, channel, extra)
+    // Management credentials (close), and vouchers or top-ups sent without a request body
+    // (HEAD, or mid-stream), only update the channel.
+    if (parsed.payload.action === 'close' || c.req.method !== 'POST' || text.trim() === '') {
+      const receipt = receiptOf(applied.channel, applied.txHash ? { txHash: applied.txHash } : {})
+      for (const [k, v] of Object.entries(Payments.receiptHeaders(receipt))) c.header(k, v)
+      if (c.req.method === 'HEAD') return c.body(null, 200)
+      return c.json({ receipt: Encoding.toWire(receipt) })
     }
 
-    const abort = new AbortController()
-    const onAbort = () => abort.abort(signal.reason)
-    signal.addEventListener('abort', onAbort, { once: true })
-    let chunks: AsyncIterable<Chat.Chunk>
+    const p = plan(deps, text)
+    const price = p.model.pricing
+    if (
+      verified.request.amount !== price.output ||
+      verified.challenge.request.inputAmount !== price.input.toString()
+    )
+      throw Problem.verificationFailed(
+        `The challenge prices another model or an old price; use a challenge for ${p.model.id}.`,
+      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+    const requestId = crypto.randomUUID()
+    const admitted = await Channels.admit(deps.sql, {
+      channelId,
+      model: p.model.id,
+      stream: p.req.stream,
+      want: p.want,
+      need: p.need,
+      requestId,
+      leaseSeconds,
+    })
+    if (admitted.status === 'insufficient')
+      throw Problem.insufficientBalance(
+        "The channel's authorized balance does not cover the prompt and the first tokens; send a voucher for requiredCumulative.",
+        {
+          channelId,
+          requiredCumulative: admitted.acceptedCumulative + (p.need - admitted.available),
+          acceptedCumulative: admitted.acceptedCumulative,
+          deposit: admitted.deposit,
+        },
+      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+    if (admitted.status !== 'ok')
+      throw admitted.status === 'not_found'
+        ? Problem.channelNotFound('No channel with this id; open one first.', { channelId })
+        : Problem.channelFinalized('The channel is closed or closing.', { channelId })
+    c.header('x-request-id', requestId)
+    const reservation = logged(
+      deps,
+      Reservations.channelReservation(deps.sql, {
+        id: requestId,
+        held: admitted.held,
+        leaseSeconds,
+        channelId,
+        waker: deps.waker!,
+        timeoutMs: payments.voucherTimeoutMs,
+      }),
+      { channel: channelId, model: p.model.id, stream: p.req.stream },
+    )
+    // The receipt as the request starts (headers), and as it ends (event or header).
+    const start = receiptOf({
+      ...applied.channel,
+      acceptedCumulative: admitted.acceptedCumulative,
+      spent: admitted.spent,
+    })
+    const current = async () => (await Channels.get(deps.sql, channelId))!
+    if (p.req.stream)
+      for (const [k, v] of Object.entries(Payments.receiptHeaders(start))) c.header(k, v)
+    return serve(c, deps, p, reservation, startedAt, {
+      async extra(frame) {
+        if (frame.kind !== 'shortfall') return undefined
+        const channel = await current()
+        const e = Events.needVoucher({
+          channelId,
+          requiredCumulative:
+            channel.spent + channel.reserved + (frame.required - reservation.held),
+          acceptedCumulative: channel.acceptedCumulative,
+          deposit: channel.deposit,
+        })
+        return Sse.event(e.event, e.data)
+      },
+      async beforeDone() {
+        const e = Events.receipt(receiptOf(await current()))
+        return Sse.event(e.event, e.data)
+      },
+      settledHeaders: async () => Payments.receiptHeaders(receiptOf(await current())),
+    })
+  }
+
+  app.on(['POST', 'GET', 'HEAD', 'PUT', 'PATCH', 'DELETE'], '/', async (c) => {
+    const startedAt = performance.now()
+    const text = c.req.method === 'POST' ? await c.req.text() : ''
+    const payments = deps.payments
     try {
-      chunks = await observed(deps, model, model.provider.stream(body as never, abort.signal))
+      if (payments && Payments.isPayment(c.req.header('authorization')))
+        return await paid(c, payments, text, startedAt)
+      if (c.req.method !== 'POST')
+        throw new InvalidRequestError(
+          'Use POST for completions (other methods only carry Payment credentials).',
+          'method_not_allowed',
+        )
+      return await keyed(c, text, startedAt)
     } catch (e) {
-      signal.removeEventListener('abort', onAbort)
-      await Meter.release(reservation, {
-        promptTokens,
-        startedAt,
-        cancelled: signal.aborted,
-        price,
-      })
+      // Every 401 and 402 offers both ways in.
+      if (
+        e instanceof GatewayError &&
+        (e.status === 401 || e.status === 402) &&
+        !Payments.hasPaymentChallenge(e)
+      )
+        Payments.withChallenges(
+          e,
+          Payments.authenticate(payments, priceOf(deps, text), c.req.header('accept-payment')),
+        )
       throw e
     }
-    const frames = Meter.stream({
-      price,
-      promptTokens,
-      blockTokens,
-      reservation,
-      chunks,
-      signal: abort.signal,
-      startedAt,
-    })
-    return Sse.response(c, {
-      frames,
-      model: model.id,
-      includeUsage: req.stream_options?.include_usage === true,
-      abort: () => abort.abort(new Error('client disconnected')),
-      done: () => signal.removeEventListener('abort', onAbort),
-    })
   })
 
   return app
@@ -174,7 +361,7 @@ async function observed<T>(deps: Deps, model: Model, call: Promise<T>): Promise<
 function logged<R extends Meter.Reservation>(
   deps: Deps,
   r: R,
-  fields: { account: string; model: string; stream: boolean },
+  fields: { account?: string; channel?: string; model: string; stream: boolean },
 ): R {
   const settle = r.settle.bind(r)
   return Object.assign(r, {

@@ -1,0 +1,188 @@
+/**
+ * The escrow as the evm session method uses it (payment/evm/Server.ts `Escrow`): reads of
+ * channel state, checks of client-broadcast transactions, the gateway's own (gas-paid)
+ * EIP-3009 opens and top-ups and closes, and voucher verification on the fast path. Chain
+ * failures become the draft's problem types.
+ */
+import { type Address, type Hex, isAddressEqual, parseEventLogs } from 'viem'
+import { waitForTransactionReceipt } from 'viem/actions'
+import type * as Server from '../payment/evm/Server.ts'
+import * as Problem from '../payment/Problem.ts'
+import type * as Client from './Client.ts'
+import { InvalidVoucherSignatureError, TransactionRevertedError } from './Errors.ts'
+import * as Escrow from './Escrow.ts'
+import type * as Settlement from './Settlement.ts'
+import * as Voucher from './Voucher.ts'
+
+export type Options = {
+  /** The payee's (gateway's) wallet client: it pays the gas of what it submits. */
+  client: Client.WalletClient
+  escrow: Address
+  currency: Address
+  chainId: number
+  /** How long to wait for a client's transaction to be mined. */
+  receiptTimeoutMs?: number
+  /** Cooperative close (the settlement worker's, which records and finalizes it). */
+  close: Settlement.Worker['close']
+}
+
+/** The revert names of the escrow mapped to the draft's problem types ("Error Responses"). */
+const reverts: Record<string, Problem.Kind> = {
+  AmountExceedsDeposit: 'session/amount-exceeds-deposit',
+  ChannelNotFound: 'session/channel-not-found',
+  ChannelFinalized: 'session/channel-finalized',
+  InvalidSignature: 'session/invalid-signature',
+}
+
+/** A submitted transaction's failure as the problem a client consumes. */
+function problem(e: unknown, channelId: Hex): unknown {
+  if (e instanceof TransactionRevertedError) {
+    const kind = (e.errorName && reverts[e.errorName]) || 'session/transaction-reverted'
+    return Problem.create(
+      kind,
+      e.message,
+      { channelId, ...(e.hash ? { txHash: e.hash } : {}) },
+      { cause: e },
+    )
+  }
+  return e
+}
+
+export function create(o: Options): Server.Escrow {
+  const verifier = Voucher.createVerifier({ chainId: o.chainId, escrow: o.escrow })
+  const payee = o.client.account.address
+
+  const guard = async <T>(channelId: Hex, f: () => Promise<T>): Promise<T> => {
+    try {
+      return await f()
+    } catch (e) {
+      throw problem(e, channelId)
+    }
+  }
+
+  return {
+    async read(channelId) {
+      const c = await Escrow.getChannel(o.client, { escrow: o.escrow, channelId })
+      if (!c) return undefined
+      return {
+        channelId,
+        chainId: o.chainId,
+        escrow: o.escrow,
+        payer: c.payer,
+        payee: c.payee,
+        token: c.token,
+        signer: Escrow.signerOf(c),
+        deposit: c.deposit,
+        settled: c.settled,
+        finalized: c.finalized,
+        closeRequested: c.closeRequestedAt !== 0n,
+      }
+    },
+
+    async verifyTransaction({ hash, fn, channelId }) {
+      let receipt: Awaited<ReturnType<typeof waitForTransactionReceipt>>
+      try {
+        receipt = await waitForTransactionReceipt(o.client, {
+          hash,
+          timeout: o.receiptTimeoutMs ?? 30_000,
+        })
+      } catch (e) {
+        throw Problem.verificationFailed(
+          'The transaction was not found or not mined in time.',
+          { txHash: hash },
+          { cause: e },
+        )
+      }
+      if (receipt.status !== 'success')
+        throw Problem.transactionReverted(`The ${fn} transaction reverted.`, {
+          txHash: hash,
+          channelId,
+        })
+      const logs = parseEventLogs({ abi: Escrow.abi, logs: receipt.logs }).filter((l) =>
+        isAddressEqual(l.address, o.escrow),
+      )
+      const event = fn === 'open' ? 'ChannelOpened' : 'ToppedUp'
+      const hit = logs.some(
+        (l) =>
+          l.eventName === event &&
+          (l.args as { channelId: Hex }).channelId.toLowerCase() === channelId.toLowerCase(),
+      )
+      if (!hit)
+        throw Problem.verificationFailed(
+          `The transaction is not a ${fn} of this channel on our escrow.`,
+          {
+            txHash: hash,
+            channelId,
+          },
+        )
+    },
+
+    async openWithAuthorization({ salt, authorizedSigner, authorization: a, signature }) {
+      const channelId = Escrow.computeChannelId({
+        payer: a.from,
+        payee,
+        token: o.currency,
+        salt,
+        authorizedSigner,
+        escrow: o.escrow,
+        chainId: o.chainId,
+      })
+      const sent = await guard(channelId, () =>
+        Escrow.openWithAuthorization(o.client, {
+          escrow: o.escrow,
+          payee,
+          token: o.currency,
+          deposit: a.value,
+          salt,
+          authorizedSigner,
+          from: a.from,
+          validAfter: a.validAfter,
+          validBefore: a.validBefore,
+          nonce: a.nonce,
+          signature,
+        }),
+      )
+      return sent.hash
+    },
+
+    async topUpWithAuthorization({ channelId, topUpSalt, authorization: a, signature }) {
+      const sent = await guard(channelId, () =>
+        Escrow.topUpWithAuthorization(o.client, {
+          escrow: o.escrow,
+          channelId,
+          additionalDeposit: a.value,
+          from: a.from,
+          topUpSalt,
+          validAfter: a.validAfter,
+          validBefore: a.validBefore,
+          nonce: a.nonce,
+          signature,
+        }),
+      )
+      return sent.hash
+    },
+
+    async close({ channelId, cumulativeAmount, signature }) {
+      const closed = await guard(channelId, () =>
+        o.close({ channelId, cumulativeAmount, signature }),
+      )
+      return closed.hash
+    },
+
+    verifyVoucher(v) {
+      try {
+        verifier.verify(v)
+      } catch (e) {
+        if (e instanceof InvalidVoucherSignatureError)
+          throw e.reason === 'signer-mismatch'
+            ? Problem.signerMismatch('The voucher is not signed by the channel signer.', {
+                channelId: v.channelId,
+              })
+            : Problem.invalidSignature(`The voucher signature is invalid (${e.reason}).`, {
+                channelId: v.channelId,
+              })
+        throw e
+      }
+    },
+  }
+}

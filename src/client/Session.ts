@@ -1,0 +1,212 @@
+/**
+ * The paying side of an evm session, as the tests drive it (the client issue grows this
+ * into the SDK): read a Payment challenge, open a channel (gasless EIP-3009 authorization,
+ * or a client-broadcast open), sign cumulative vouchers, top up, close. Each method returns
+ * the `Authorization` header value to send to the same URI.
+ */
+import { type Address, type Hex, keccak256, type LocalAccount, toHex } from 'viem'
+import * as Escrow from '../chain/Escrow.ts'
+import type * as Token from '../chain/Token.ts'
+import { signReceiveAuthorization } from '../chain/Token.ts'
+import * as Voucher from '../chain/Voucher.ts'
+import * as Challenge from '../payment/Challenge.ts'
+import * as Credential from '../payment/Credential.ts'
+import * as Session from '../payment/evm/Session.ts'
+
+/** The first evm/session challenge of a `WWW-Authenticate` value, or undefined. */
+export function challengeOf(wwwAuthenticate: string | null): Challenge.Challenge | undefined {
+  if (!wwwAuthenticate) return undefined
+  return Challenge.deserialize(wwwAuthenticate).find(
+    (c) => c.method === Session.method && c.intent === Session.intent,
+  )
+}
+
+export type Options = {
+  account: LocalAccount
+  challenge: Challenge.Challenge
+  /** The token's EIP-712 domain, for EIP-3009 authorizations. */
+  tokenDomain?: Token.TokenDomain
+}
+
+export class PayingSession {
+  readonly account: LocalAccount
+  challenge: Challenge.Challenge
+  request: Session.Request
+  channelId: Hex | undefined
+  /** The highest cumulative amount signed so far. */
+  signed = 0n
+  private readonly tokenDomain: Token.TokenDomain | undefined
+
+  constructor(o: Options) {
+    this.account = o.account
+    this.challenge = o.challenge
+    this.request = Session.requestOf(o.challenge)
+    this.tokenDomain = o.tokenDomain
+  }
+
+  /** Adopts a fresh challenge (after a 402, or when the old one expires). */
+  renew(challenge: Challenge.Challenge): void {
+    this.challenge = challenge
+    this.request = Session.requestOf(challenge)
+  }
+
+  private get scope() {
+    return {
+      chainId: this.request.methodDetails.chainId,
+      escrow: this.request.methodDetails.escrowContract,
+    }
+  }
+
+  private get source() {
+    return Session.source({ chainId: this.scope.chainId, address: this.account.address })
+  }
+
+  private header(payload: Record<string, unknown>, withSource = false): string {
+    return Credential.serialize(
+      Credential.from({
+        challenge: this.challenge,
+        payload,
+        ...(withSource ? { source: this.source } : {}),
+      }),
+    )
+  }
+
+  private async signVoucher(channelId: Hex, cumulativeAmount: bigint): Promise<Hex> {
+    const signature = await Voucher.sign(this.account, {
+      ...this.scope,
+      channelId,
+      cumulativeAmount,
+    })
+    if (cumulativeAmount > this.signed) this.signed = cumulativeAmount
+    return signature
+  }
+
+  /** An EIP-3009 authorization moving `value` from the payer to the escrow. */
+  private async authorize(value: bigint, nonce: Hex) {
+    if (!this.tokenDomain)
+      throw new Error('A token domain is needed to sign an EIP-3009 authorization.')
+    const authorization = {
+      from: this.account.address,
+      to: this.scope.escrow,
+      value,
+      validAfter: 0n,
+      validBefore: BigInt(Math.floor(Date.now() / 1000) + 3600),
+      nonce,
+    }
+    const signature = await signReceiveAuthorization(this.account, {
+      domain: this.tokenDomain,
+      ...authorization,
+    })
+    return { authorization, signature }
+  }
+
+  /** `open` with `type="authorization"`: the server submits it and pays the gas. */
+  async openWithAuthorization(o: {
+    deposit: bigint
+    initial: bigint
+    salt?: Hex
+    authorizedSigner?: Address
+  }) {
+    const salt =
+      o.salt ?? keccak256(toHex(`${this.account.address}:${Date.now()}:${Math.random()}`))
+    const payee = this.request.recipient
+    const token = this.request.currency
+    const channelId = Escrow.computeChannelId({
+      payer: this.account.address,
+      payee,
+      token,
+      salt,
+      authorizedSigner: o.authorizedSigner,
+      ...this.scope,
+    })
+    const nonce = Escrow.openNonce({
+      from: this.account.address,
+      payee,
+      token,
+      salt,
+      authorizedSigner: o.authorizedSigner,
+    })
+    const { authorization, signature } = await this.authorize(o.deposit, nonce)
+    this.channelId = channelId
+    return this.header(
+      {
+        action: 'open',
+        type: 'authorization',
+        channelId,
+        salt,
+        cumulativeAmount: o.initial,
+        ...(o.authorizedSigner ? { authorizedSigner: o.authorizedSigner } : {}),
+        authorization,
+        signature,
+        voucherSignature: await this.signVoucher(channelId, o.initial),
+      },
+      true,
+    )
+  }
+
+  /** `open` with `type="hash"`: the client broadcast `open` itself (tx `hash`). */
+  async openWithHash(o: { channelId: Hex; salt: Hex; hash: Hex; initial: bigint }) {
+    this.channelId = o.channelId
+    return this.header(
+      {
+        action: 'open',
+        type: 'hash',
+        channelId: o.channelId,
+        salt: o.salt,
+        hash: o.hash,
+        cumulativeAmount: o.initial,
+        signature: await this.signVoucher(o.channelId, o.initial),
+      },
+      true,
+    )
+  }
+
+  /** A voucher raising the cumulative amount to `cumulativeAmount`. */
+  async voucher(cumulativeAmount: bigint) {
+    const channelId = this.required()
+    return this.header({
+      action: 'voucher',
+      channelId,
+      cumulativeAmount,
+      signature: await this.signVoucher(channelId, cumulativeAmount),
+    })
+  }
+
+  /** `topUp` with `type="authorization"`. */
+  async topUp(additionalDeposit: bigint) {
+    const channelId = this.required()
+    const topUpSalt = keccak256(toHex(`${channelId}:${Date.now()}:${Math.random()}`))
+    const nonce = Escrow.topUpNonce({
+      channelId,
+      additionalDeposit,
+      from: this.account.address,
+      topUpSalt,
+    })
+    const { authorization, signature } = await this.authorize(additionalDeposit, nonce)
+    return this.header({
+      action: 'topUp',
+      type: 'authorization',
+      channelId,
+      salt: topUpSalt,
+      authorization,
+      signature,
+      additionalDeposit,
+    })
+  }
+
+  /** `close` with a final voucher for `cumulativeAmount`. */
+  async close(cumulativeAmount: bigint) {
+    const channelId = this.required()
+    return this.header({
+      action: 'close',
+      channelId,
+      cumulativeAmount,
+      signature: await this.signVoucher(channelId, cumulativeAmount),
+    })
+  }
+
+  private required(): Hex {
+    if (!this.channelId) throw new Error('Open a channel first.')
+    return this.channelId
+  }
+}

@@ -1,0 +1,318 @@
+/**
+ * The server side of method `evm`, intent `session` (draft-evm-session-00): the challenge
+ * request for a price, and the verification of each credential action in the draft's order
+ * ("Verification Procedure"). Pure of I/O: the channel store and the escrow are interfaces
+ * that ledger/ and chain/ implement, wired by main.ts.
+ */
+import type { Price } from '../../metering/Pricing.ts'
+import * as Problem from '../Problem.ts'
+import * as Session from './Session.ts'
+
+type Hex = Session.Hex
+type Address = Session.Address
+
+/** Server-side accounting of a channel (ledger/Channels implements it). */
+export type Channel = {
+  channelId: Hex
+  signer: Hex
+  deposit: bigint
+  acceptedCumulative: bigint
+  voucherSignature: Hex | null
+  spent: bigint
+  reserved: bigint
+  settled: bigint
+  closeRequestedAt: Date | null
+  finalized: boolean
+}
+
+/** What the escrow says about a channel. */
+export type OnChain = {
+  channelId: Hex
+  chainId: number
+  escrow: Hex
+  payer: Hex
+  payee: Hex
+  token: Hex
+  signer: Hex
+  deposit: bigint
+  settled: bigint
+  finalized: boolean
+  closeRequested: boolean
+}
+
+export type VoucherStatus =
+  | 'accepted'
+  | 'replay'
+  | 'delta_too_small'
+  | 'exceeds_deposit'
+  | 'not_found'
+  | 'finalized'
+  | 'close_requested'
+
+export type Store = {
+  get(channelId: Hex): Promise<Channel | undefined>
+  observe(state: OnChain): Promise<Channel>
+  acceptVoucher(v: {
+    channelId: Hex
+    cumulativeAmount: bigint
+    signature: Hex
+    minDelta: bigint
+  }): Promise<{ status: VoucherStatus; acceptedCumulative: bigint; deposit: bigint }>
+}
+
+/** The escrow as this method uses it (chain/ implements it). Failures are Problems. */
+export type Escrow = {
+  read(channelId: Hex): Promise<OnChain | undefined>
+  /** Checks that `hash` is a successful transaction of `fn` on our escrow for `channelId`. */
+  verifyTransaction(v: { hash: Hex; fn: 'open' | 'topUp'; channelId: Hex }): Promise<void>
+  openWithAuthorization(v: {
+    salt: Hex
+    authorizedSigner: Address | undefined
+    authorization: Session.Eip3009
+    signature: Hex
+  }): Promise<Hex>
+  topUpWithAuthorization(v: {
+    channelId: Hex
+    topUpSalt: Hex
+    authorization: Session.Eip3009
+    signature: Hex
+  }): Promise<Hex>
+  /**
+   * Closes the channel cooperatively with the client's final voucher, or a better accepted
+   * one (chain/Settlement.close decides), finalizing it in the store; the tx hash.
+   */
+  close(v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex }): Promise<Hex>
+  /** Throws `invalid-signature` or `signer-mismatch` unless `signer` signed the voucher. */
+  verifyVoucher(v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex; signer: Hex }): void
+}
+
+export type Options = {
+  chainId: number
+  escrow: Address
+  currency: Address
+  recipient: Address
+  minVoucherDelta: bigint
+  suggestedDeposit: bigint
+  store: Store
+  chain: Escrow
+}
+
+/** The result of applying a credential: the channel to pay from, and a tx hash if one was sent. */
+export type Applied = { channel: Channel; txHash?: Hex; closed?: boolean }
+
+/**
+ * The unit of the challenge `amount`: base units per 1,000,000 output tokens. Prices are
+ * integers per million tokens, so this states them exactly; the input price travels beside
+ * it as `inputAmount` in the same unit (`inputUnitType`).
+ */
+export const unitType = 'llm-output-token-per-1M'
+export const inputUnitType = 'llm-input-token-per-1M'
+
+export function create(o: Options) {
+  const request = (price: Price, channelId?: Hex): Record<string, unknown> => ({
+    ...Session.request({
+      amount: price.output,
+      unitType,
+      suggestedDeposit: o.suggestedDeposit,
+      currency: o.currency,
+      recipient: o.recipient,
+      methodDetails: {
+        chainId: o.chainId,
+        escrowContract: o.escrow,
+        minVoucherDelta: o.minVoucherDelta,
+        feePayer: true,
+        credentialTypes: ['authorization', 'hash'],
+        ...(channelId ? { channelId } : {}),
+      },
+    }),
+    inputAmount: price.input.toString(),
+    inputUnitType,
+  })
+
+  /** The draft's open checks on the escrow's state. */
+  const checkOpened = (state: OnChain | undefined, channelId: Hex, _amount: bigint): OnChain => {
+    if (!state) throw Problem.channelNotFound('The escrow has no such channel.', { channelId })
+    const same = (a: string, b: string) => a.toLowerCase() === b.toLowerCase()
+    if (!same(state.payee, o.recipient))
+      throw Problem.verificationFailed('The channel pays another payee.', { channelId })
+    if (!same(state.token, o.currency))
+      throw Problem.verificationFailed('The channel holds another token.', { channelId })
+    if (state.finalized) throw Problem.channelFinalized('The channel is closed.', { channelId })
+    if (state.closeRequested)
+      throw Problem.channelFinalized('The channel has a pending close request.', { channelId })
+    // The draft checks `deposit - settled >= amount` for a per-unit price; our unit is a
+    // million tokens (to state prices exactly), so any free deposit passes and admission
+    // checks each request's own cost.
+    if (state.deposit <= state.settled)
+      throw Problem.insufficientBalance('The channel has no deposit left.', { channelId })
+    return state
+  }
+
+  const acceptVoucher = async (
+    channel: Channel | OnChain,
+    v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex },
+  ) => {
+    // Signature and signer first: before the replay short-circuit (draft, Idempotency).
+    o.chain.verifyVoucher({ ...v, signer: channel.signer })
+    const r = await o.store.acceptVoucher({ ...v, minDelta: o.minVoucherDelta })
+    const ext = {
+      channelId: v.channelId,
+      acceptedCumulative: r.acceptedCumulative,
+      deposit: r.deposit,
+    }
+    switch (r.status) {
+      case 'accepted':
+      case 'replay':
+        return
+      case 'delta_too_small':
+        throw Problem.deltaTooSmall(
+          `A voucher must raise the cumulative amount by at least ${o.minVoucherDelta}.`,
+          { ...ext, minVoucherDelta: o.minVoucherDelta },
+        )
+      case 'exceeds_deposit':
+        throw Problem.amountExceedsDeposit(
+          'The voucher exceeds the channel deposit; top up first.',
+          ext,
+        )
+      case 'not_found':
+        throw Problem.channelNotFound('No channel with this id; open one first.', ext)
+      case 'finalized':
+        throw Problem.channelFinalized('The channel is closed.', ext)
+      case 'close_requested':
+        throw Problem.channelFinalized(
+          'The channel has a pending close request; it takes no more vouchers.',
+          ext,
+        )
+    }
+  }
+
+  const known = async (channelId: Hex): Promise<Channel> => {
+    const channel = await o.store.get(channelId)
+    if (!channel)
+      throw Problem.channelNotFound('No channel with this id; open one first.', { channelId })
+    if (channel.finalized) throw Problem.channelFinalized('The channel is closed.', { channelId })
+    return channel
+  }
+
+  /** Verifies and applies a credential's action. `price` is the challenge's `amount`. */
+  async function apply(parsed: Session.Parsed, amount: bigint): Promise<Applied> {
+    const p = parsed.payload
+    switch (p.action) {
+      case 'open': {
+        let txHash: Hex | undefined
+        if (p.type === 'hash') {
+          await o.chain.verifyTransaction({ hash: p.hash, fn: 'open', channelId: p.channelId })
+          txHash = p.hash
+        } else if (p.type === 'authorization') {
+          if (p.authorization.to.toLowerCase() !== o.escrow.toLowerCase())
+            throw Problem.verificationFailed('authorization.to must be the escrow contract.')
+          const existing = await o.chain.read(p.channelId)
+          if (!existing)
+            txHash = await o.chain.openWithAuthorization({
+              salt: p.salt,
+              authorizedSigner: p.authorizedSigner,
+              authorization: p.authorization,
+              signature: p.signature,
+            })
+        } else
+          throw Problem.methodUnsupported('Permit2 is not offered; use "authorization" or "hash".')
+        const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
+        const signature = p.type === 'hash' ? p.signature : p.voucherSignature
+        const channel = await o.store.observe(state)
+        await acceptVoucher(channel, {
+          channelId: p.channelId,
+          cumulativeAmount: p.cumulativeAmount,
+          signature,
+        })
+        return { channel: (await o.store.get(p.channelId))!, ...(txHash ? { txHash } : {}) }
+      }
+      case 'topUp': {
+        const before = await known(p.channelId)
+        let txHash: Hex
+        if (p.type === 'hash') {
+          await o.chain.verifyTransaction({ hash: p.hash, fn: 'topUp', channelId: p.channelId })
+          txHash = p.hash
+        } else if (p.type === 'authorization')
+          txHash = await o.chain.topUpWithAuthorization({
+            channelId: p.channelId,
+            topUpSalt: p.salt,
+            authorization: p.authorization,
+            signature: p.signature,
+          })
+        else
+          throw Problem.methodUnsupported('Permit2 is not offered; use "authorization" or "hash".')
+        const state = await o.chain.read(p.channelId)
+        if (!state)
+          throw Problem.channelNotFound('The escrow has no such channel.', {
+            channelId: p.channelId,
+          })
+        if (p.type === 'hash' && state.deposit < before.deposit + p.additionalDeposit)
+          throw Problem.verificationFailed('The deposit did not grow by additionalDeposit.', {
+            channelId: p.channelId,
+          })
+        return { channel: await o.store.observe(state), txHash }
+      }
+      case 'voucher': {
+        let channel = await o.store.get(p.channelId)
+        let txHash: Hex | undefined
+        if (p.deposit) {
+          const d = p.deposit
+          if (d.type !== 'authorization')
+            throw Problem.methodUnsupported('Permit2 is not offered; use "authorization".')
+          if (d.action === 'open' && !channel) {
+            if (!(await o.chain.read(p.channelId)))
+              txHash = await o.chain.openWithAuthorization({
+                salt: d.salt!,
+                authorizedSigner: d.authorizedSigner,
+                authorization: d.authorization,
+                signature: d.signature,
+              })
+          } else if (d.action === 'topUp')
+            txHash = await o.chain.topUpWithAuthorization({
+              channelId: p.channelId,
+              topUpSalt: d.salt!,
+              authorization: d.authorization,
+              signature: d.signature,
+            })
+          const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
+          channel = await o.store.observe(state)
+        }
+        if (!channel)
+          throw Problem.channelNotFound('No channel with this id; open one first.', {
+            channelId: p.channelId,
+          })
+        if (channel.finalized)
+          throw Problem.channelFinalized('The channel is closed.', { channelId: p.channelId })
+        if (channel.closeRequestedAt)
+          throw Problem.channelFinalized(
+            'The channel has a pending close request; it takes no more vouchers.',
+            {
+              channelId: p.channelId,
+            },
+          )
+        await acceptVoucher(channel, p)
+        return { channel: (await o.store.get(p.channelId))!, ...(txHash ? { txHash } : {}) }
+      }
+      case 'close': {
+        const channel = await known(p.channelId)
+        o.chain.verifyVoucher({ ...p, signer: channel.signer })
+        // A final voucher above the accepted amount is recorded first (durable, like any).
+        if (
+          p.cumulativeAmount > channel.acceptedCumulative &&
+          p.cumulativeAmount <= channel.deposit
+        )
+          await acceptVoucher(channel, p)
+        const txHash = await o.chain.close({
+          channelId: p.channelId,
+          cumulativeAmount: p.cumulativeAmount,
+          signature: p.signature,
+        })
+        return { channel: (await o.store.get(p.channelId))!, txHash, closed: true }
+      }
+    }
+  }
+
+  return { method: Session.method, intent: Session.intent, request, apply }
+}
+
+export type Method = ReturnType<typeof create>

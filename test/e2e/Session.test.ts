@@ -1,0 +1,326 @@
+/**
+ * MPP session payments end to end: real anvil with our escrow, real PostgreSQL, the fake
+ * upstream, and the client side of src/client.
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import { type Hex, keccak256, toHex } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
+import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import * as Receipt from '../../src/payment/Receipt.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const chain = await Anvil.start()
+afterAll(() => chain.stop())
+const gw = await Gateway.create({
+  chain: {
+    rpcUrl: chain.rpcUrl,
+    chainId: chain.chainId,
+    escrowAddress: chain.escrowAddress,
+    currencyAddress: chain.currencyAddress,
+    payeePrivateKey: chain.payee.privateKey,
+  },
+  payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 },
+})
+const url = `${gw.url}/v1/chat/completions`
+const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
+const balance = (owner: Hex) =>
+  Token.balanceOf(chain.payeeClient, { token: chain.currencyAddress, owner })
+
+const words = Array.from({ length: 80 }, (_, i) => `w${i}`).join(' ')
+const body = (stream: boolean, content = words) =>
+  JSON.stringify({ model: 'fake', stream, messages: [{ role: 'user', content }] })
+
+async function challenge() {
+  const res = await fetch(url, { method: 'POST', body: body(true) })
+  expect(res.status).toBe(402)
+  return { res, challenge: challengeOf(res.headers.get('www-authenticate'))! }
+}
+
+type Event = { event: string | undefined; data: string }
+
+/** Reads an SSE response event by event, answering `payment-need-voucher` with `onNeed`. */
+async function read(res: Response, onNeed: (data: Record<string, string>) => Promise<void>) {
+  const events: Event[] = []
+  const reader = res.body!.getReader()
+  const decoder = new TextDecoder()
+  let buffer = ''
+  while (true) {
+    const { value, done } = await reader.read()
+    if (done) break
+    buffer += decoder.decode(value, { stream: true })
+    let at = buffer.indexOf('\n\n')
+    while (at >= 0) {
+      const block = buffer.slice(0, at)
+      buffer = buffer.slice(at + 2)
+      at = buffer.indexOf('\n\n')
+      const event = /^event: (.+)$/m.exec(block)?.[1]
+      const data = /^data: (.*)$/m.exec(block)?.[1] ?? ''
+      events.push({ event, data })
+      if (event === 'payment-need-voucher') await onNeed(JSON.parse(data))
+    }
+  }
+  return events
+}
+
+const text = (events: Event[]) =>
+  events
+    .filter((e) => !e.event && e.data.startsWith('{'))
+    .map(
+      (e) =>
+        (JSON.parse(e.data) as { choices?: { delta?: { content?: string } }[] }).choices?.[0]?.delta
+          ?.content ?? '',
+    )
+    .join('')
+
+describe('challenge', () => {
+  test('behavior: no credentials → 402 payment_required offering both ways in', async () => {
+    const { res } = await challenge()
+    const e = ((await res.json()) as { error: { type: string; message: string } }).error
+    expect(e.type).toBe('payment_required')
+    expect(e.message).toContain('API key')
+    expect(e.message).toContain('Payment')
+    const www = res.headers.get('www-authenticate')!
+    expect(www).toStartWith('Bearer realm="tollway", Payment ')
+    const c = challengeOf(www)!
+    expect(c).toMatchObject({ realm: 'tollway', method: 'evm', intent: 'session' })
+    expect(c.request).toMatchObject({
+      amount: '2000000',
+      inputAmount: '1000000',
+      methodDetails: {
+        chainId: chain.chainId,
+        feePayer: true,
+        credentialTypes: ['authorization', 'hash'],
+      },
+    })
+    expect(Date.parse(c.expires!)).toBeGreaterThan(Date.now() + 9 * 60_000)
+  })
+
+  test('behavior: a bad key gets 401 with both challenges; Accept-Payment can decline the Payment one', async () => {
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: 'Bearer nope' },
+      body: body(false),
+    })
+    expect(res.status).toBe(401)
+    expect(res.headers.get('www-authenticate')).toContain('Payment ')
+    const declined = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: 'Bearer nope', 'accept-payment': 'evm/session;q=0' },
+      body: body(false),
+    })
+    expect(declined.headers.get('www-authenticate')).toBe('Bearer realm="tollway"')
+  })
+})
+
+describe('a full session', () => {
+  test('behavior: open (authorization) → a stream needing several vouchers → HEAD voucher → second request → close; the payee gets exactly spent', async () => {
+    const payer = privateKeyToAccount(chain.payers[0]!.privateKey)
+    const payerBefore = await balance(payer.address)
+    const payeeBefore = await balance(chain.payee.address)
+    const { challenge: c } = await challenge()
+    const session = new PayingSession({ account: payer, challenge: c, tokenDomain })
+    const deposit = 1_000_000n
+    const prompt = Tokenizer.prompt([{ content: words }])
+    // Enough for the prompt and the first block of 16 tokens, no more.
+    const open = await session.openWithAuthorization({ deposit, initial: BigInt(prompt) + 32n })
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: open },
+      body: body(true),
+    })
+    expect(res.status).toBe(200)
+    const first = Receipt.deserialize(res.headers.get('payment-receipt')!)
+    expect(first).toMatchObject({
+      method: 'evm',
+      intent: 'session',
+      status: 'success',
+      reference: session.channelId,
+    })
+
+    let needs = 0
+    const events = await read(res, async (need) => {
+      needs++
+      expect(BigInt(need.requiredCumulative!)).toBeGreaterThan(BigInt(need.acceptedCumulative!))
+      expect(need.deposit).toBe(deposit.toString())
+      const r = await fetch(url, {
+        method: 'HEAD',
+        headers: { authorization: await session.voucher(BigInt(need.requiredCumulative!)) },
+      })
+      expect(r.status).toBe(200)
+      expect(r.headers.get('payment-receipt')).not.toBeNull()
+    })
+    expect(needs).toBeGreaterThanOrEqual(3)
+    expect(text(events)).toBe(words)
+    const receiptEvent = events.find((e) => e.event === 'payment-receipt')!
+    const receipt = JSON.parse(receiptEvent.data) as {
+      spent: string
+      acceptedCumulative: string
+      channelId: string
+    }
+    expect(events.at(-1)!.data).toBe('[DONE]')
+    const usage = events
+      .filter((e) => !e.event && e.data.includes('"usage"'))
+      .map((e) => JSON.parse(e.data).usage as { cost: string; completion_tokens: number })[0]!
+    expect(receipt.spent).toBe(usage.cost)
+
+    // Top the channel up to a second request (non-streaming), paid by a voucher sent with it.
+    const again = await fetch(url, {
+      method: 'POST',
+      headers: {
+        authorization: await session.voucher(BigInt(receipt.acceptedCumulative) + 1_000n),
+      },
+      body: body(false, 'short one'),
+    })
+    expect(again.status).toBe(200)
+    const second = Receipt.deserialize(again.headers.get('payment-receipt')!) as unknown as {
+      spent: string
+    }
+    const secondCost = BigInt(((await again.json()) as { usage: { cost: string } }).usage.cost)
+    expect(BigInt(second.spent)).toBe(BigInt(receipt.spent) + secondCost)
+
+    // Ledger invariants.
+    const channel = (await Channels.get(gw.sql, session.channelId!))!
+    expect(channel.spent).toBe(BigInt(second.spent))
+    expect(channel.reserved).toBe(0n)
+    expect(channel.settled <= channel.spent && channel.spent <= channel.acceptedCumulative).toBe(
+      true,
+    )
+    expect(channel.acceptedCumulative <= channel.deposit).toBe(true)
+
+    // Close with a final voucher for exactly what was spent.
+    const close = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.close(channel.spent) },
+    })
+    if (close.status !== 200)
+      console.log(
+        await close.text(),
+        gw.logs.filter((l) => l.includes('"level":50')),
+      )
+    expect(close.status).toBe(200)
+    const closed = ((await close.json()) as { receipt: { txHash: string } }).receipt
+    expect(closed.txHash).toMatch(/^0x[0-9a-f]{64}$/)
+    expect(await balance(chain.payee.address)).toBe(payeeBefore + channel.spent)
+    expect(await balance(payer.address)).toBe(payerBefore - channel.spent)
+    const onChain = (await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: session.channelId!,
+    }))!
+    expect(onChain.finalized).toBe(true)
+    expect((await Channels.get(gw.sql, session.channelId!))!.finalized).toBe(true)
+  }, 60_000)
+
+  test('behavior: open with a client-broadcast transaction (type="hash")', async () => {
+    const payerClient = chain.payerClient(1)
+    const { challenge: c } = await challenge()
+    const session = new PayingSession({
+      account: payerClient.account as never,
+      challenge: c,
+      tokenDomain,
+    })
+    const salt = keccak256(toHex(`hash-open-${Date.now()}`))
+    const opened = await Escrow.open(payerClient, {
+      escrow: chain.escrowAddress,
+      payee: chain.payee.address,
+      token: chain.currencyAddress,
+      deposit: 500_000n,
+      salt,
+    })
+    const header = await session.openWithHash({
+      channelId: opened.channelId,
+      salt,
+      hash: opened.hash,
+      initial: 100_000n,
+    })
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: header },
+      body: body(false, 'hello there'),
+    })
+    expect(res.status).toBe(200)
+    const r = Receipt.deserialize(res.headers.get('payment-receipt')!) as unknown as {
+      acceptedCumulative: string
+      spent: string
+    }
+    expect(r.acceptedCumulative).toBe('100000')
+    expect(BigInt(r.spent)).toBeGreaterThan(0n)
+  }, 30_000)
+})
+
+describe('rejections', () => {
+  test('error: a voucher signed by someone else → 402 signer-mismatch with a fresh challenge, nothing stored', async () => {
+    const payer = privateKeyToAccount(chain.payers[2]!.privateKey)
+    const { challenge: c } = await challenge()
+    const session = new PayingSession({ account: payer, challenge: c, tokenDomain })
+    const open = await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n })
+    const opened = await fetch(url, { method: 'HEAD', headers: { authorization: open } })
+    expect(opened.status).toBe(200)
+    const thief = new PayingSession({
+      account: privateKeyToAccount(keccak256(toHex('thief'))),
+      challenge: c,
+    })
+    thief.channelId = session.channelId
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await thief.voucher(50_000n) },
+    })
+    expect(res.status).toBe(402)
+    expect(res.headers.get('content-type')).toContain('application/problem+json')
+    const p = (await res.json()) as { type: string }
+    expect(p.type).toBe('https://paymentauth.org/problems/session/signer-mismatch')
+    expect(challengeOf(res.headers.get('www-authenticate'))).toBeDefined()
+    expect((await Channels.get(gw.sql, session.channelId!))!.acceptedCumulative).toBe(1_000n)
+  }, 30_000)
+
+  test('error: a forged challenge → 402 with a fresh one', async () => {
+    const payer = privateKeyToAccount(chain.payers[3]!.privateKey)
+    const { challenge: c } = await challenge()
+    const forged = { ...c, request: { ...c.request, amount: '1' } }
+    const session = new PayingSession({ account: payer, challenge: forged, tokenDomain })
+    const res = await fetch(url, {
+      method: 'HEAD',
+      headers: {
+        authorization: await session.openWithAuthorization({ deposit: 1000n, initial: 1n }),
+      },
+    })
+    expect(res.status).toBe(402)
+    expect(challengeOf(res.headers.get('www-authenticate'))).toBeDefined()
+  })
+
+  test('error: a stream short of funds with no voucher ends cleanly after the timeout, charging only what was sent', async () => {
+    const payer = privateKeyToAccount(chain.payers[4]!.privateKey)
+    const { challenge: c } = await challenge()
+    const session = new PayingSession({ account: payer, challenge: c, tokenDomain })
+    const prompt = Tokenizer.prompt([{ content: words }])
+    const open = await session.openWithAuthorization({
+      deposit: 100_000n,
+      initial: BigInt(prompt) + 32n,
+    })
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: open },
+      body: body(true),
+    })
+    let needs = 0
+    const events = await read(res, async () => {
+      needs++
+    })
+    expect(needs).toBe(1)
+    expect(events.at(-1)!.data).toBe('[DONE]')
+    const channel = (await Channels.get(gw.sql, session.channelId!))!
+    expect(channel.spent).toBeLessThanOrEqual(BigInt(prompt) + 32n)
+    expect(channel.reserved).toBe(0n)
+    const sent = text(events)
+    const delivered = sent
+      .split(' ')
+      .filter(Boolean)
+      .map((w, i) => Tokenizer.count(i ? ` ${w}` : w))
+      .reduce((a, b) => a + b, 0)
+    expect(channel.spent).toBe(BigInt(prompt + 2 * delivered))
+  }, 30_000)
+})
