@@ -15,6 +15,7 @@ import type { Deps } from './Deps.ts'
 import * as Payments from './Payments.ts'
 import * as Account from './routes/Account.ts'
 import * as Admin from './routes/Admin.ts'
+import * as Channels from './routes/Channels.ts'
 import * as Chat from './routes/Chat.ts'
 import * as Models from './routes/Models.ts'
 
@@ -41,7 +42,9 @@ export function create(deps: Deps): Hono {
   app.get('/health', (c) => c.json({ status: 'ok' }))
   app.route('/v1/models', Models.routes(deps))
   app.route('/v1/chat/completions', Chat.routes(deps))
+  app.route('/v1/channels', Channels.routes(deps))
   app.route('/v1', Account.routes(deps))
+  app.route('/admin/channels', Channels.admin(deps))
   app.route('/admin', Admin.routes(deps))
 
   app.notFound((c) => {

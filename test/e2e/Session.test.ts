@@ -192,6 +192,27 @@ describe('a full session', () => {
     )
     expect(channel.acceptedCumulative <= channel.deposit).toBe(true)
 
+    // The channel's state, for the payer and the operator.
+    const status = (await (
+      await fetch(`${gw.url}/v1/channels/${session.channelId}`)
+    ).json()) as Record<string, string>
+    expect(status).toMatchObject({
+      status: 'open',
+      spent: channel.spent.toString(),
+      deposit: deposit.toString(),
+    })
+    const listed = (await (await gw.admin('/channels')).json()) as { data: { channelId: string }[] }
+    expect(listed.data.map((c) => c.channelId)).toContain(session.channelId!)
+    const settled = (await (
+      await gw.admin(`/channels/${session.channelId}/settle`, {})
+    ).json()) as {
+      result: { status: string; cumulativeAmount: string }
+      channel: { settled: string }
+    }
+    expect(settled.result.status).toBe('confirmed')
+    expect(BigInt(settled.channel.settled)).toBeLessThanOrEqual(channel.spent)
+    expect(await balance(chain.payee.address)).toBe(payeeBefore + BigInt(settled.channel.settled))
+
     // Close with a final voucher for exactly what was spent.
     const close = await fetch(url, {
       method: 'POST',
@@ -213,6 +234,14 @@ describe('a full session', () => {
     }))!
     expect(onChain.finalized).toBe(true)
     expect((await Channels.get(gw.sql, session.channelId!))!.finalized).toBe(true)
+    expect(
+      (
+        (await (await fetch(`${gw.url}/v1/channels/${session.channelId}`)).json()) as {
+          status: string
+        }
+      ).status,
+    ).toBe('closed')
+    expect((await fetch(`${gw.url}/v1/channels/0x${'0'.repeat(64)}`)).status).toBe(404)
   }, 60_000)
 
   test('behavior: open with a client-broadcast transaction (type="hash")', async () => {
