@@ -12,6 +12,7 @@
  */
 import { afterAll } from 'bun:test'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import * as Chat from '../../src/upstream/Chat.ts'
 
 export type Received = { model: string; body: Record<string, unknown>; aborted: boolean }
 
@@ -44,7 +45,7 @@ export function start(options: { slowMs?: number } = {}): FakeUpstream {
           { error: { message: 'unsupported parameter: frobnicate' } },
           { status: 400 },
         )
-      const messages = body.messages as { role: string; content: string }[]
+      const messages = (body.messages as Chat.Message[]).map((m) => ({ role: m.role, content: Chat.text(m.content) }))
       const last = messages.filter((m) => m.role === 'user').at(-1)?.content ?? ''
       const source = last.split(/\s+/).filter(Boolean)
       const max = body.max_tokens as number | undefined
