@@ -50,6 +50,8 @@ export type StartOptions = {
   environment?: Record<string, string | undefined>
   /** Use this connection instead of opening one (tests; it is not closed on stop). */
   sql?: Db.Sql
+  /** LISTEN for vouchers accepted by other instances (default: with DATABASE_URL). */
+  listen?: boolean
   /** Release dead instances' reservations this often. */
   sweepMs?: number
 }
@@ -135,7 +137,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         }),
       })
       // LISTEN needs a connection of its own, which the embedded server cannot give.
-      const w = await Waker.start(sql, { listen: Boolean(config.databaseUrl || options.sql) })
+      const w = await Waker.start(sql, { listen: options.listen ?? Boolean(config.databaseUrl) })
       stops.push(() => w.stop())
       waker = w
       payments = {

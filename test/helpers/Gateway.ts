@@ -80,6 +80,8 @@ export async function create(
   const logs: string[] = []
   const gateway = await start(config, {
     sql: db.sql as Db.Sql,
+    // The embedded server takes one connection: no LISTEN there.
+    listen: db.max > 1,
     logDestination: { write: (line: string) => logs.push(line) },
   })
   afterAll(() => gateway.stop())
