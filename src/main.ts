@@ -12,7 +12,7 @@ import * as DevChain from './chain/DevChain.ts'
 import * as SessionEscrow from './chain/SessionEscrow.ts'
 import * as Settlement from './chain/Settlement.ts'
 import * as App from './http/App.ts'
-import type * as Payments from './http/Payments.ts'
+import { type Payments, VoucherLimiter } from './http/Payments.ts'
 import * as Logger from './Logger.ts'
 import * as Accounts from './ledger/Accounts.ts'
 import * as ApiKeys from './ledger/ApiKeys.ts'
@@ -93,7 +93,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
 
     const adminToken = config.adminToken ?? kept(config.dataDir, 'admin-token', 'twadm_')
     const router = new Router(models(config, options.environment ?? process.env))
-    let payments: Payments.Payments | undefined
+    let payments: Payments | undefined
     let waker: Waker | undefined
     let settlement: Settlement.Worker | undefined
     if (chain) {
@@ -148,6 +148,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         method,
         voucherTimeoutMs: config.payments.voucherTimeoutMs,
         wake: (id) => w.wake(id),
+        limiter: new VoucherLimiter(),
       }
     }
     const app = App.create({ config, sql, router, log, adminToken, payments, waker, settlement })

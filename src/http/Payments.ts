@@ -24,6 +24,36 @@ export type Payments = {
   voucherTimeoutMs: number
   /** Wakes paused streams of a channel on this instance at once (others hear NOTIFY). */
   wake(channelId: string): void
+  /** Voucher and top-up submissions per channel (the draft's 10/s). */
+  limiter: VoucherLimiter
+}
+
+/**
+ * A token bucket per channel for voucher and top-up submissions: `perSecond` a second, as
+ * many at once. Per instance (a client's submissions for a channel go to the instance
+ * streaming it, or spread; each instance caps its share).
+ */
+export class VoucherLimiter {
+  private readonly buckets = new Map<string, { tokens: number; at: number }>()
+  constructor(private readonly perSecond: number = Session.maxVouchersPerSecond) {}
+
+  get perSecondLimit(): number {
+    return this.perSecond
+  }
+
+  /** Takes one submission for the channel; false when over the rate. */
+  take(channelId: string, now = Date.now()): boolean {
+    if (this.buckets.size > 10_000)
+      for (const [k, b] of this.buckets) if (now - b.at > 10_000) this.buckets.delete(k)
+    const key = channelId.toLowerCase()
+    const b = this.buckets.get(key) ?? { tokens: this.perSecond, at: now }
+    b.tokens = Math.min(this.perSecond, b.tokens + ((now - b.at) / 1000) * this.perSecond)
+    b.at = now
+    this.buckets.set(key, b)
+    if (b.tokens < 1) return false
+    b.tokens -= 1
+    return true
+  }
 }
 
 const bearer = 'Bearer realm="tollway"'

@@ -83,14 +83,18 @@ export async function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused
   }
 }
 
-/** Adds `amount` to a reservation and renews its lease; the new total, or undefined if refused. */
+/**
+ * Adds `amount` to a reservation and renews its lease; the new total, undefined if the
+ * payer cannot cover it, or 'superseded' for a channel stream another stream replaced.
+ */
 export async function extend(
   sql: Sql,
   input: { id: string; amount: bigint; leaseSeconds: number },
-): Promise<bigint | undefined> {
+): Promise<bigint | undefined | 'superseded'> {
   const [row] = await sql`
     select tollway_extend(${input.id}, ${sql.typed.numeric(input.amount)}, ${input.leaseSeconds}) as held`
-  return row?.held ?? undefined
+  const held = row?.held ?? undefined
+  return held === -1n ? 'superseded' : held
 }
 
 export type Finish = {
@@ -135,15 +139,21 @@ export async function sweep(sql: Sql): Promise<number> {
  */
 export function reservation(sql: Sql, input: { id: string; held: bigint; leaseSeconds: number }) {
   let held = input.held
+  let superseded = false
   let settled: Promise<{ charged: bigint }> | undefined
   return {
     id: input.id,
     get held() {
       return held
     },
+    /** A newer stream on the same channel took over: this one must end. */
+    get superseded() {
+      return superseded
+    },
     async extend(amount: bigint): Promise<boolean> {
       const total = await extend(sql, { id: input.id, amount, leaseSeconds: input.leaseSeconds })
-      if (total === undefined) return false
+      if (total === 'superseded') superseded = true
+      if (total === undefined || total === 'superseded') return false
       held = total
       return true
     },
@@ -180,6 +190,7 @@ export function channelReservation(
   const r = reservation(sql, input)
   return Object.assign(r, {
     async waitForFunds(required: bigint, signal: AbortSignal): Promise<boolean> {
+      if (r.superseded) return false
       const deadline = Date.now() + input.timeoutMs
       const timeout = AbortSignal.timeout(input.timeoutMs)
       const any = AbortSignal.any([signal, timeout])
@@ -187,6 +198,7 @@ export function channelReservation(
         if (!(await input.waker.next(input.channelId, any))) break
         // Renews the lease too, so a long wait is not mistaken for a dead instance.
         if (await r.extend(required > r.held ? required - r.held : 0n)) return true
+        if (r.superseded) return false
       }
       return false
     },

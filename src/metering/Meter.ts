@@ -5,7 +5,7 @@
  * or, for a payer that can add funds mid-stream (a payment channel), it waits for them.
  * At the end the charge is reconciled to the exact usage and the rest is released.
  */
-import { GatewayError, InsufficientCreditsError } from '../Errors.ts'
+import { ConflictError, GatewayError, InsufficientCreditsError } from '../Errors.ts'
 import { type Chunk, type Completion, generated } from '../upstream/Chat.ts'
 import * as Pricing from './Pricing.ts'
 import * as Tokenizer from './Tokenizer.ts'
@@ -17,6 +17,8 @@ export interface Reservation {
   readonly held: bigint
   /** Holds `amount` more; false when the payer cannot cover it. */
   extend(amount: bigint): Promise<boolean>
+  /** Set when the payer gave this request's funds to a newer one (a new stream on a channel). */
+  readonly superseded?: boolean
   /**
    * Waits until the payer covers `required` in total (a channel's next voucher); false if
    * it did not in time. Payers that cannot add funds mid-request leave it out.
@@ -32,6 +34,7 @@ export type Status =
   | 'upstream_error'
   | 'insufficient_funds'
   | 'payment_timeout'
+  | 'superseded'
 
 export type Outcome = {
   cost: bigint
@@ -122,7 +125,8 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
           const short = required - reservation.held
           if (await reservation.extend(short > blockCost ? short : blockCost)) continue
           if (short < blockCost && (await reservation.extend(short))) continue
-          if (reservation.waitForFunds) {
+          if (reservation.superseded) status = 'superseded'
+          else if (reservation.waitForFunds) {
             yield { kind: 'shortfall', required }
             if (await reservation.waitForFunds(required, o.signal)) continue
             status = 'payment_timeout'
@@ -150,7 +154,13 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
         'Credits ran out mid-stream; the reply was cut where they ended. Add credits to continue.',
         'insufficient_credits',
       )
-    if (status === 'insufficient_funds' || status === 'payment_timeout') finishReason = 'length'
+    if (status === 'superseded')
+      error = new ConflictError(
+        'A newer stream on this channel took over; this one ends here.',
+        'stream_superseded',
+      )
+    if (status === 'insufficient_funds' || status === 'payment_timeout' || status === 'superseded')
+      finishReason = 'length'
     const usage = await settle()
     if (!o.signal.aborted) yield { kind: 'end', usage, finishReason, ...(error ? { error } : {}) }
   } finally {

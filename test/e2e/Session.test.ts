@@ -147,9 +147,10 @@ describe('a full session', () => {
       needs++
       expect(BigInt(need.requiredCumulative!)).toBeGreaterThan(BigInt(need.acceptedCumulative!))
       expect(need.deposit).toBe(deposit.toString())
+      // Sign a little ahead, as a client does, so vouchers stay under 10 a second.
       const r = await fetch(url, {
         method: 'HEAD',
-        headers: { authorization: await session.voucher(BigInt(need.requiredCumulative!)) },
+        headers: { authorization: await session.voucher(BigInt(need.requiredCumulative!) + 64n) },
       })
       expect(r.status).toBe(200)
       expect(r.headers.get('payment-receipt')).not.toBeNull()
@@ -279,6 +280,72 @@ describe('a full session', () => {
     expect(r.acceptedCumulative).toBe('100000')
     expect(BigInt(r.spent)).toBeGreaterThan(0n)
   }, 30_000)
+})
+
+describe('channel limits', () => {
+  test('behavior: a new stream on a channel ends the one before it', async () => {
+    const payer = privateKeyToAccount(chain.payers[5]!.privateKey)
+    const { challenge: c } = await challenge()
+    const session = new PayingSession({ account: payer, challenge: c, tokenDomain })
+    const prompt = Tokenizer.prompt([{ content: words }])
+    const open = await session.openWithAuthorization({
+      deposit: 1_000_000n,
+      initial: BigInt(prompt) * 2n + 64n,
+    })
+    const slow = JSON.stringify({
+      model: 'fake-slow',
+      stream: true,
+      messages: [{ role: 'user', content: words }],
+    })
+    const first = await fetch(url, { method: 'POST', headers: { authorization: open }, body: slow })
+    expect(first.status).toBe(200)
+    const reading = read(first, async () => {})
+    await Bun.sleep(200)
+    // The second stream takes the channel (it has its own voucher).
+    const second = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(session.signed + 100_000n) },
+      body: body(true, 'one two three'),
+    })
+    expect(second.status).toBe(200)
+    const events = await reading
+    const error = events.map((e) => e.data).find((d) => d.includes('stream_superseded'))
+    expect(error).toBeDefined()
+    expect(text(events).length).toBeLessThan(words.length)
+    expect(text(await read(second, async () => {}))).toBe('one two three')
+    expect((await Channels.get(gw.sql, session.channelId!))!.reserved).toBe(0n)
+  }, 30_000)
+
+  test('error: more than 10 voucher submissions a second on a channel → 429 with Retry-After', async () => {
+    const payer = privateKeyToAccount(chain.payers[6]!.privateKey)
+    const { challenge: c } = await challenge()
+    const session = new PayingSession({ account: payer, challenge: c, tokenDomain })
+    expect(
+      (
+        await fetch(url, {
+          method: 'HEAD',
+          headers: {
+            authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 1n }),
+          },
+        })
+      ).status,
+    ).toBe(200)
+    const statuses: number[] = []
+    for (let i = 2; i < 16; i++)
+      statuses.push(
+        (
+          await fetch(url, {
+            method: 'HEAD',
+            headers: { authorization: await session.voucher(BigInt(i)) },
+          })
+        ).status,
+      )
+    expect(statuses.filter((s) => s === 200).length).toBeGreaterThanOrEqual(10)
+    expect(statuses).toContain(429)
+    // Accepted vouchers are kept; refused ones changed nothing.
+    const accepted = (await Channels.get(gw.sql, session.channelId!))!.acceptedCumulative
+    expect(accepted).toBe(BigInt(1 + statuses.lastIndexOf(200) + 1))
+  })
 })
 
 describe('rejections', () => {

@@ -45,7 +45,10 @@ export function start(options: { slowMs?: number } = {}): FakeUpstream {
           { error: { message: 'unsupported parameter: frobnicate' } },
           { status: 400 },
         )
-      const messages = (body.messages as Chat.Message[]).map((m) => ({ role: m.role, content: Chat.text(m.content) }))
+      const messages = (body.messages as Chat.Message[]).map((m) => ({
+        role: m.role,
+        content: Chat.text(m.content),
+      }))
       const last = messages.filter((m) => m.role === 'user').at(-1)?.content ?? ''
       const source = last.split(/\s+/).filter(Boolean)
       const max = body.max_tokens as number | undefined

@@ -217,6 +217,13 @@ export function routes(deps: Deps) {
     const verified = Payments.verify(payments, c.req.header('authorization')!)
     const { parsed, challenge } = verified
     const channelId = parsed.payload.channelId
+    const action = parsed.payload.action
+    if ((action === 'voucher' || action === 'topUp') && !payments.limiter.take(channelId))
+      throw new RateLimitError(
+        `At most ${payments.limiter.perSecondLimit} voucher or top-up submissions per second per channel; sign vouchers further ahead.`,
+        'voucher_rate_limited',
+        { headers: { 'retry-after': '1' } },
+      )
     const applied = await payments.method.apply(parsed, verified.request.amount)
     if (
       parsed.payload.action === 'voucher' ||
