@@ -133,6 +133,8 @@ export const Schema = z
         /** How long a paused stream waits for a voucher. */
         voucherTimeoutMs: z.number().int().positive().default(60_000),
         minVoucherDelta: BaseUnits.prefault('1'),
+        /** Voucher and top-up submissions a second per channel (the draft's 10). */
+        voucherRatePerSecond: z.number().positive().default(10),
         suggestedDeposit: BaseUnits.prefault('10000000'),
         settlement: z
           .strictObject({

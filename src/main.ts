@@ -148,7 +148,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         method,
         voucherTimeoutMs: config.payments.voucherTimeoutMs,
         wake: (id) => w.wake(id),
-        limiter: new VoucherLimiter(),
+        limiter: new VoucherLimiter(config.payments.voucherRatePerSecond),
       }
     }
     const app = App.create({ config, sql, router, log, adminToken, payments, waker, settlement })

@@ -142,7 +142,7 @@ export function verify(p: Payments, authorization: string): Verified {
 export function receipt(
   p: Payments,
   challengeId: string,
-  channel: Server.Channel,
+  channel: Server.State,
   extra: { units?: number; txHash?: Session.Hex } = {},
 ): Session.Receipt {
   return Session.receipt({

@@ -232,7 +232,7 @@ export function routes(deps: Deps) {
     )
       payments.wake(channelId)
     const receiptOf = (
-      channel: Server.Channel,
+      channel: Server.State,
       extra: { units?: number; txHash?: Session.Hex } = {},
     ) => Payments.receipt(payments, challenge.id, channel, extra)
     // Management credentials (close), and vouchers or top-ups sent without a request body

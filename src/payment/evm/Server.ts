@@ -57,7 +57,7 @@ export type Store = {
     cumulativeAmount: bigint
     signature: Hex
     minDelta: bigint
-  }): Promise<{ status: VoucherStatus; acceptedCumulative: bigint; deposit: bigint }>
+  }): Promise<{ status: VoucherStatus } & Omit<State, 'channelId'>>
 }
 
 /** The escrow as this method uses it (chain/ implements it). Failures are Problems. */
@@ -97,8 +97,11 @@ export type Options = {
   chain: Escrow
 }
 
-/** The result of applying a credential: the channel to pay from, and a tx hash if one was sent. */
-export type Applied = { channel: Channel; txHash?: Hex; closed?: boolean }
+/** A channel's balances as a receipt reports them. */
+export type State = Pick<Channel, 'channelId' | 'acceptedCumulative' | 'spent' | 'deposit'>
+
+/** The result of applying a credential: the channel's state, and a tx hash if one was sent. */
+export type Applied = { channel: State; txHash?: Hex; closed?: boolean }
 
 /**
  * The unit of the challenge `amount`: base units per 1,000,000 output tokens. Prices are
@@ -109,6 +112,15 @@ export const unitType = 'llm-output-token-per-1M'
 export const inputUnitType = 'llm-input-token-per-1M'
 
 export function create(o: Options) {
+  // Who signs a channel's vouchers never changes: kept in memory after the first lookup.
+  const signers = new Map<string, Hex>()
+  const remember = (c: { channelId: Hex; signer: Hex } | undefined): Hex | undefined => {
+    if (!c) return undefined
+    if (signers.size >= 100_000) signers.clear()
+    signers.set(c.channelId, c.signer)
+    return c.signer
+  }
+
   const request = (price: Price, channelId?: Hex): Record<string, unknown> => ({
     ...Session.request({
       amount: price.output,
@@ -149,9 +161,9 @@ export function create(o: Options) {
   }
 
   const acceptVoucher = async (
-    channel: Channel | OnChain,
+    channel: { signer: Hex },
     v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex },
-  ) => {
+  ): Promise<State> => {
     // Signature and signer first: before the replay short-circuit (draft, Idempotency).
     o.chain.verifyVoucher({ ...v, signer: channel.signer })
     const r = await o.store.acceptVoucher({ ...v, minDelta: o.minVoucherDelta })
@@ -163,7 +175,7 @@ export function create(o: Options) {
     switch (r.status) {
       case 'accepted':
       case 'replay':
-        return
+        return { channelId: v.channelId, ...r }
       case 'delta_too_small':
         throw Problem.deltaTooSmall(
           `A voucher must raise the cumulative amount by at least ${o.minVoucherDelta}.`,
@@ -253,13 +265,13 @@ export function create(o: Options) {
         return { channel: await o.store.observe(state), txHash }
       }
       case 'voucher': {
-        let channel = await o.store.get(p.channelId)
-        let txHash: Hex | undefined
         if (p.deposit) {
           const d = p.deposit
           if (d.type !== 'authorization')
             throw Problem.methodUnsupported('Permit2 is not offered; use "authorization".')
-          if (d.action === 'open' && !channel) {
+          let txHash: Hex | undefined
+          const known = await o.store.get(p.channelId)
+          if (d.action === 'open' && !known) {
             if (!(await o.chain.read(p.channelId)))
               txHash = await o.chain.openWithAuthorization({
                 salt: d.salt!,
@@ -275,23 +287,17 @@ export function create(o: Options) {
               signature: d.signature,
             })
           const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
-          channel = await o.store.observe(state)
+          remember(await o.store.observe(state))
+          return { channel: await acceptVoucher(state, p), ...(txHash ? { txHash } : {}) }
         }
-        if (!channel)
+        // The hot path: the signer (immutable per channel) from memory, then one round trip
+        // that checks the channel's state and records the voucher.
+        const signer = signers.get(p.channelId) ?? remember(await o.store.get(p.channelId))
+        if (!signer)
           throw Problem.channelNotFound('No channel with this id; open one first.', {
             channelId: p.channelId,
           })
-        if (channel.finalized)
-          throw Problem.channelFinalized('The channel is closed.', { channelId: p.channelId })
-        if (channel.closeRequestedAt)
-          throw Problem.channelFinalized(
-            'The channel has a pending close request; it takes no more vouchers.',
-            {
-              channelId: p.channelId,
-            },
-          )
-        await acceptVoucher(channel, p)
-        return { channel: (await o.store.get(p.channelId))!, ...(txHash ? { txHash } : {}) }
+        return { channel: await acceptVoucher({ signer }, p) }
       }
       case 'close': {
         const channel = await known(p.channelId)
