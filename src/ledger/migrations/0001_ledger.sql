@@ -2,7 +2,7 @@
 -- Money is numeric(78,0) base units. Invariants live here as CHECK constraints and in the
 -- functions below, which are the only writers of balances: each runs as one statement.
 --
--- Durability of the per-request functions (admit, extend, finish): they commit with
+-- Durability of the per-request functions (admit, finish, and 0002's extend): they commit with
 -- synchronous_commit off, so a request does not wait for a WAL flush (about 0.2 ms here,
 -- two per request). Consistency is unaffected: every invariant still holds after a crash.
 -- What a crash of the PostgreSQL server itself (not of a gateway) can lose is the last few
@@ -249,28 +249,7 @@ BEGIN
     p.requests_per_minute, remaining, NULL::uuid;
 END $$;
 
--- Adds p_amount to a reservation if the account's free balance covers it, and renews its
--- lease. Returns the new total held, or no row when the account cannot cover it or the
--- reservation is gone. Lock order (reservation, then account) matches tollway_finish.
-CREATE FUNCTION tollway_extend(p_id uuid, p_amount numeric, p_lease_seconds int)
-RETURNS numeric LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-  r record;
-BEGIN
-  PERFORM set_config('synchronous_commit', 'off', true); -- see the note at the top
-  SELECT * INTO r FROM reservations WHERE id = p_id FOR UPDATE;
-  IF NOT FOUND THEN RETURN NULL; END IF;
-  IF p_amount > 0 THEN
-    UPDATE accounts SET reserved = reserved + p_amount
-      WHERE id = r.account_id AND balance - reserved >= p_amount;
-    IF NOT FOUND THEN RETURN NULL; END IF;
-  END IF;
-  UPDATE reservations SET held = held + p_amount,
-    expires_at = clock_timestamp() + make_interval(secs => p_lease_seconds)
-    WHERE id = p_id;
-  RETURN r.held + p_amount;
-END $$;
+-- tollway_extend (adds to a reservation) is defined in 0002_channels.sql, for both payers.
 
 -- Ends a request: charges p_cost (never more than the account can pay: the reservation
 -- plus its free balance), releases the rest of the reservation, counts the tokens against

@@ -26,6 +26,9 @@ CREATE TABLE channels (
   settled             numeric(78, 0) NOT NULL DEFAULT 0,
   close_requested_at  timestamptz,
   finalized           boolean NOT NULL DEFAULT false,
+  -- One active stream per channel: a new stream ends the one before it, on whichever
+  -- instance it runs (the old stream's next reservation extension is refused).
+  active_stream       uuid,
   created_at          timestamptz NOT NULL DEFAULT now(),
   updated_at          timestamptz NOT NULL DEFAULT now(),
   CONSTRAINT channel_amounts_bounded CHECK (deposit < 2::numeric ^ 128),
@@ -145,14 +148,19 @@ BEGIN
     RETURN;
   END IF;
   amount := least(p_want, free);
-  UPDATE channels SET reserved = reserved + amount WHERE channel_id = p_channel;
+  UPDATE channels SET reserved = reserved + amount,
+    active_stream = CASE WHEN p_stream THEN p_request_id ELSE active_stream END
+    WHERE channel_id = p_channel;
   INSERT INTO reservations (id, channel_id, model, stream, held, expires_at)
     VALUES (p_request_id, p_channel, p_model, p_stream, amount, clock_timestamp() + make_interval(secs => p_lease_seconds));
   RETURN QUERY SELECT 'ok', amount, free - amount, c.accepted_cumulative, c.deposit, c.spent;
 END $$;
 
--- extend and finish, for both kinds of payer. Channel rows commit synchronously.
-CREATE OR REPLACE FUNCTION tollway_extend(p_id uuid, p_amount numeric, p_lease_seconds int)
+-- Adds p_amount to a reservation if its payer's free balance covers it, and renews its
+-- lease. Returns the new total held; NULL when the payer cannot cover it or the
+-- reservation is gone; -1 for a channel stream another stream replaced. Lock order
+-- (reservation, then payer) matches tollway_finish. Channel rows commit synchronously.
+CREATE FUNCTION tollway_extend(p_id uuid, p_amount numeric, p_lease_seconds int)
 RETURNS numeric LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -167,11 +175,16 @@ BEGIN
         WHERE id = r.account_id AND balance - reserved >= p_amount;
       IF NOT FOUND THEN RETURN NULL; END IF;
     END IF;
-  ELSIF p_amount > 0 THEN
-    UPDATE channels SET reserved = reserved + p_amount
-      WHERE channel_id = r.channel_id AND accepted_cumulative - spent - reserved >= p_amount
-        AND NOT finalized AND close_requested_at IS NULL;
-    IF NOT FOUND THEN RETURN NULL; END IF;
+  ELSE
+    IF r.stream AND EXISTS (SELECT 1 FROM channels WHERE channel_id = r.channel_id AND active_stream <> p_id) THEN
+      RETURN -1;
+    END IF;
+    IF p_amount > 0 THEN
+      UPDATE channels SET reserved = reserved + p_amount
+        WHERE channel_id = r.channel_id AND accepted_cumulative - spent - reserved >= p_amount
+          AND NOT finalized AND close_requested_at IS NULL;
+      IF NOT FOUND THEN RETURN NULL; END IF;
+    END IF;
   END IF;
   UPDATE reservations SET held = held + p_amount,
     expires_at = clock_timestamp() + make_interval(secs => p_lease_seconds)
