@@ -10,10 +10,9 @@
  *
  *   bun bench/gateway.ts   → prints a table, writes bench/results/gateway.{json,md}
  */
-import { mkdtempSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import postgres from 'postgres'
+import * as Harness from './Harness.ts'
 
 const root = join(import.meta.dir, '..')
 const bun = process.execPath
@@ -87,44 +86,30 @@ export async function run() {
     const proxyPort = await freePort()
     children.push(await spawn(['bench/servers.ts', 'proxy', String(proxyPort), upstream]))
 
-    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-bench-'))
-    let databaseUrl = ''
-    if (process.env.DATABASE_URL) {
-      const admin = postgres(process.env.DATABASE_URL, { max: 1, onnotice: () => {} })
-      await admin.unsafe('drop database if exists tollway_bench')
-      await admin.unsafe('create database tollway_bench')
-      await admin.end()
-      const u = new URL(process.env.DATABASE_URL)
-      u.pathname = '/tollway_bench'
-      databaseUrl = u.toString()
-    }
-    const config = join(dataDir, 'config.json')
-    writeFileSync(
-      config,
-      JSON.stringify({
-        logLevel: 'warn',
-        upstreams: [{ name: 'bench', baseUrl: upstream }],
-        models: [
-          {
-            id: 'bench',
-            upstream: 'bench',
-            upstreamModel: 'bench',
-            pricing: { input: '1000000', output: '2000000' },
-            contextLength: 8192,
-          },
-        ],
-        plans: {
-          // Limits on, high enough not to refuse: every request still runs every check.
-          bench: {
-            tier: 0,
-            requestsPerMinute: 100_000_000,
-            maxConcurrent: 10_000,
-            tokensPerMonth: 1_000_000_000_000,
-          },
+    const databaseUrl = await Harness.freshDatabase('tollway_bench')
+    const { dir: dataDir, config } = Harness.dataDir({
+      logLevel: 'warn',
+      upstreams: [{ name: 'bench', baseUrl: upstream }],
+      models: [
+        {
+          id: 'bench',
+          upstream: 'bench',
+          upstreamModel: 'bench',
+          pricing: { input: '1000000', output: '2000000' },
+          contextLength: 8192,
         },
-        defaultPlan: 'bench',
-      }),
-    )
+      ],
+      plans: {
+        // Limits on, high enough not to refuse: every request still runs every check.
+        bench: {
+          tier: 0,
+          requestsPerMinute: 100_000_000,
+          maxConcurrent: 10_000,
+          tokensPerMonth: 1_000_000_000_000,
+        },
+      },
+      defaultPlan: 'bench',
+    })
     const gatewayPort = await freePort()
     const adminToken = 'bench-admin-token-0123456789'
     children.push(

@@ -8,15 +8,14 @@
  *
  *   bun bench/payments.ts   → prints a table, writes bench/results/payments.{json,md}
  */
-import { mkdtempSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import postgres from 'postgres'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Client from '../src/chain/Client.ts'
 import * as DevChain from '../src/chain/DevChain.ts'
 import * as Token from '../src/chain/Token.ts'
 import { challengeOf, PayingSession } from '../src/client/Session.ts'
+import * as Harness from './Harness.ts'
 
 const root = join(import.meta.dir, '..')
 // One request in flight per channel (a channel's vouchers go in order), all channels at once.
@@ -27,26 +26,12 @@ export async function run() {
   const chain = await DevChain.start({ accounts: channels + 1 })
   let gateway: { kill(signal?: number): void } | undefined
   try {
-    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-bench-pay-'))
-    let databaseUrl = ''
-    if (process.env.DATABASE_URL) {
-      const admin = postgres(process.env.DATABASE_URL, { max: 1, onnotice: () => {} })
-      await admin.unsafe('drop database if exists tollway_bench_pay')
-      await admin.unsafe('create database tollway_bench_pay')
-      await admin.end()
-      const u = new URL(process.env.DATABASE_URL)
-      u.pathname = '/tollway_bench_pay'
-      databaseUrl = u.toString()
-    }
-    const config = join(dataDir, 'config.json')
-    writeFileSync(
-      config,
-      JSON.stringify({
-        logLevel: 'warn',
-        echo: { tokenDelayMs: 0 },
-        payments: { voucherRatePerSecond: 1e9 },
-      }),
-    )
+    const databaseUrl = await Harness.freshDatabase('tollway_bench_pay')
+    const { dir: dataDir, config } = Harness.dataDir({
+      logLevel: 'warn',
+      echo: { tokenDelayMs: 0 },
+      payments: { voucherRatePerSecond: 1e9 },
+    })
     const port = 20000 + Math.floor(Math.random() * 20000)
     const profile = process.env.BENCH_PROFILE
       ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_PROFILE}`]
