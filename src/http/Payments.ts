@@ -8,8 +8,8 @@ import type { Price } from '../metering/Pricing.ts'
 import * as AcceptPayment from '../payment/AcceptPayment.ts'
 import * as Challenge from '../payment/Challenge.ts'
 import * as Credential from '../payment/Credential.ts'
-import type * as Server from '../payment/evm/Server.ts'
 import * as Session from '../payment/evm/Session.ts'
+import type * as Method from '../payment/Method.ts'
 import * as Problem from '../payment/Problem.ts'
 import * as Receipt from '../payment/Receipt.ts'
 
@@ -18,8 +18,8 @@ export type Payments = {
   realm: string
   /** Lifetime of a challenge. */
   expiresMs: number
-  chainId: number
-  method: Server.Method
+  /** The payment methods offered, in the server's order of preference. */
+  methods: Method.Method[]
   /** How long a paused stream waits for a voucher. */
   voucherTimeoutMs: number
   /** Wakes paused streams of a channel on this instance at once (others hear NOTIFY). */
@@ -58,37 +58,46 @@ export class VoucherLimiter {
 
 const bearer = 'Bearer realm="tollway"'
 
-/** A fresh challenge for a price (and the channel the request named, if any). */
-export function challenge(p: Payments, price: Price, channelId?: Session.Hex): Challenge.Challenge {
+/** A fresh challenge of `method` for a price (and the channel the request named, if any). */
+export function challenge(
+  p: Payments,
+  method: Method.Method,
+  price: Price,
+  channelId?: Method.Hex,
+): Challenge.Challenge {
   return Challenge.from({
     secret: p.secret,
     realm: p.realm,
-    method: p.method.method,
-    intent: p.method.intent,
-    request: p.method.request(price, channelId),
+    method: method.method,
+    intent: method.intent,
+    request: method.request(price, channelId),
     expires: Challenge.timestamp(new Date(Date.now() + p.expiresMs)),
   })
 }
 
 /**
- * The `WWW-Authenticate` value of a 401 or 402: the Bearer challenge and, unless the
- * client's `Accept-Payment` rules it out, a Payment challenge.
+ * The `WWW-Authenticate` value of a 401 or 402: the Bearer challenge and a Payment
+ * challenge per method, ordered by the client's `Accept-Payment` (methods it gives q=0
+ * are left out).
  */
 export function authenticate(
   p: Payments | undefined,
   price: Price | undefined,
   acceptPayment: string | undefined,
-  channelId?: Session.Hex,
+  channelId?: Method.Hex,
 ): string {
   if (!p || !price) return bearer
+  let methods = AcceptPayment.rank(p.methods, acceptPayment)
   if (acceptPayment) {
-    // Offers the client gives q=0 are left out; an unreadable header is no preference.
-    const offer = { method: p.method.method, intent: p.method.intent }
     try {
-      if (AcceptPayment.weight(AcceptPayment.deserialize(acceptPayment), offer) === 0) return bearer
+      const ranges = AcceptPayment.deserialize(acceptPayment)
+      methods = methods.filter((m) => AcceptPayment.weight(ranges, m) !== 0)
     } catch {}
   }
-  return `${bearer}, ${Challenge.serialize(challenge(p, price, channelId))}`
+  return [
+    bearer,
+    ...methods.map((m) => Challenge.serialize(challenge(p, m, price, channelId))),
+  ].join(', ')
 }
 
 /** Whether an error already carries a Payment challenge (set where the price was known). */
@@ -113,12 +122,12 @@ export function isPayment(authorization: string | undefined): boolean {
 }
 
 export type Verified = {
-  parsed: Session.Parsed
+  method: Method.Method
   challenge: Challenge.Challenge
-  request: Session.Request
+  checked: Method.Checked
 }
 
-/** Common verification (draft): decode, check the echoed challenge's binding and expiry. */
+/** Common verification (draft), then the method's own typing of the payload. */
 export function verify(p: Payments, authorization: string): Verified {
   const credential = Credential.deserialize(authorization)
   const echoed = Credential.challengeOf(credential)
@@ -132,29 +141,14 @@ export function verify(p: Payments, authorization: string): Verified {
         : 'The challenge is not one this server issued; retry with the fresh challenge.',
       { challengeId: echoed.id },
     )
-  const parsed = Session.fromCredential(credential)
-  const request = Session.requestOf(echoed)
-  Session.check(parsed, request)
-  return { parsed, challenge: echoed, request }
+  const method = p.methods.find((m) => m.method === echoed.method && m.intent === echoed.intent)
+  if (!method)
+    throw Problem.methodUnsupported(
+      `This server does not take ${echoed.method}/${echoed.intent} credentials.`,
+    )
+  return { method, challenge: echoed, checked: method.check(credential, echoed) }
 }
 
-/** The receipt of a channel's state, for the `Payment-Receipt` header and the SSE event. */
-export function receipt(
-  p: Payments,
-  challengeId: string,
-  channel: Server.State,
-  extra: { units?: number; txHash?: Session.Hex } = {},
-): Session.Receipt {
-  return Session.receipt({
-    challengeId,
-    channelId: channel.channelId,
-    acceptedCumulative: channel.acceptedCumulative,
-    spent: channel.spent,
-    chainId: p.chainId,
-    ...extra,
-  })
-}
-
-export function receiptHeaders(r: Session.Receipt): Record<string, string> {
+export function receiptHeaders(r: Record<string, unknown>): Record<string, string> {
   return Receipt.headers(r)
 }

@@ -22,8 +22,7 @@ import * as Pricing from '../../metering/Pricing.ts'
 import * as Tokenizer from '../../metering/Tokenizer.ts'
 import * as Encoding from '../../payment/Encoding.ts'
 import * as Events from '../../payment/Events.ts'
-import type * as Server from '../../payment/evm/Server.ts'
-import type * as Session from '../../payment/evm/Session.ts'
+import type * as Method from '../../payment/Method.ts'
 import * as Problem from '../../payment/Problem.ts'
 import * as Chat from '../../upstream/Chat.ts'
 import type { Model } from '../../upstream/Router.ts'
@@ -214,31 +213,22 @@ export function routes(deps: Deps) {
 
   /** Payment-credential holders: a channel, vouchers checked while streaming. */
   const paid = async (c: Context, payments: Payments.Payments, text: string, startedAt: number) => {
-    const verified = Payments.verify(payments, c.req.header('authorization')!)
-    const { parsed, challenge } = verified
-    const channelId = parsed.payload.channelId
-    const action = parsed.payload.action
+    const { method, challenge, checked } = Payments.verify(payments, c.req.header('authorization')!)
+    const { channelId, action } = checked
     if ((action === 'voucher' || action === 'topUp') && !payments.limiter.take(channelId))
       throw new RateLimitError(
         `At most ${payments.limiter.perSecondLimit} voucher or top-up submissions per second per channel; sign vouchers further ahead.`,
         'voucher_rate_limited',
         { headers: { 'retry-after': '1' } },
       )
-    const applied = await payments.method.apply(parsed, verified.request.amount)
-    if (
-      parsed.payload.action === 'voucher' ||
-      parsed.payload.action === 'topUp' ||
-      parsed.payload.action === 'open'
-    )
-      payments.wake(channelId)
-    const receiptOf = (
-      channel: Server.State,
-      extra: { units?: number; txHash?: Session.Hex } = {},
-    ) => Payments.receipt(payments, challenge.id, channel, extra)
+    const applied = await method.apply(checked)
+    if (action !== 'close') payments.wake(channelId)
+    const receiptOf = (channel: Method.State, txHash?: Method.Hex) =>
+      method.receipt({ challengeId: challenge.id, channel, ...(txHash ? { txHash } : {}) })
     // Management credentials (close), and vouchers or top-ups sent without a request body
     // (HEAD, or mid-stream), only update the channel.
-    if (parsed.payload.action === 'close' || c.req.method !== 'POST' || text.trim() === '') {
-      const receipt = receiptOf(applied.channel, applied.txHash ? { txHash: applied.txHash } : {})
+    if (action === 'close' || c.req.method !== 'POST' || text.trim() === '') {
+      const receipt = receiptOf(applied.channel, applied.txHash)
       for (const [k, v] of Object.entries(Payments.receiptHeaders(receipt))) c.header(k, v)
       if (c.req.method === 'HEAD') return c.body(null, 200)
       return c.json({ receipt: Encoding.toWire(receipt) })
@@ -246,10 +236,7 @@ export function routes(deps: Deps) {
 
     const p = plan(deps, text)
     const price = p.model.pricing
-    if (
-      verified.request.amount !== price.output ||
-      verified.challenge.request.inputAmount !== price.input.toString()
-    )
+    if (checked.price.output !== price.output || checked.price.input !== price.input)
       throw Problem.verificationFailed(
         `The challenge prices another model or an old price; use a challenge for ${p.model.id}.`,
       ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))

@@ -5,6 +5,9 @@
  * that ledger/ and chain/ implement, wired by main.ts.
  */
 import type { Price } from '../../metering/Pricing.ts'
+import type * as Challenge from '../Challenge.ts'
+import type * as Credential from '../Credential.ts'
+import type * as Method from '../Method.ts'
 import * as Problem from '../Problem.ts'
 import * as Session from './Session.ts'
 
@@ -97,11 +100,8 @@ export type Options = {
   chain: Escrow
 }
 
-/** A channel's balances as a receipt reports them. */
-export type State = Pick<Channel, 'channelId' | 'acceptedCumulative' | 'spent' | 'deposit'>
-
-/** The result of applying a credential: the channel's state, and a tx hash if one was sent. */
-export type Applied = { channel: State; txHash?: Hex; closed?: boolean }
+export type State = Method.State
+export type Applied = Method.Applied
 
 /**
  * The unit of the challenge `amount`: base units per 1,000,000 output tokens. Prices are
@@ -318,7 +318,37 @@ export function create(o: Options) {
     }
   }
 
-  return { method: Session.method, intent: Session.intent, request, apply }
+  return {
+    method: Session.method,
+    intent: Session.intent,
+    request,
+    check(credential: Credential.Credential, challenge: Challenge.Challenge): Method.Checked {
+      const parsed = Session.fromCredential(credential)
+      const req = Session.requestOf(challenge)
+      Session.check(parsed, req)
+      const input = challenge.request.inputAmount
+      return {
+        action: parsed.payload.action,
+        channelId: parsed.payload.channelId,
+        price: {
+          output: req.amount,
+          input: typeof input === 'string' && /^\d+$/.test(input) ? BigInt(input) : -1n,
+        },
+        payload: { parsed, amount: req.amount },
+      }
+    },
+    apply(checked: Method.Checked): Promise<Applied> {
+      const { parsed, amount } = checked.payload as { parsed: Session.Parsed; amount: bigint }
+      return apply(parsed, amount)
+    },
+    receipt: (r: { challengeId: string; channel: State; txHash?: Hex }) =>
+      Session.receipt({
+        challengeId: r.challengeId,
+        channelId: r.channel.channelId,
+        acceptedCumulative: r.channel.acceptedCumulative,
+        spent: r.channel.spent,
+        chainId: o.chainId,
+        ...(r.txHash ? { txHash: r.txHash } : {}),
+      }),
+  } satisfies Method.Method
 }
-
-export type Method = ReturnType<typeof create>

@@ -1,0 +1,40 @@
+/**
+ * What a payment method module provides, for intent `session`. `evm` (evm/Server.ts) is
+ * the first; a second (tempo session) is one more module registered in main.ts: metering,
+ * the ledger and the routes only see this interface.
+ */
+import type { Price } from '../metering/Pricing.ts'
+import type * as Challenge from './Challenge.ts'
+import type * as Credential from './Credential.ts'
+
+export type Hex = `0x${string}`
+
+/** A channel's balances as a receipt reports them. */
+export type State = { channelId: Hex; acceptedCumulative: bigint; spent: bigint; deposit: bigint }
+
+/** A credential typed and checked against its challenge, ready to apply. */
+export type Checked = {
+  /** `open`, `topUp`, `voucher`, `close`. */
+  action: string
+  channelId: Hex
+  /** The prices the challenge stated (to check they are still the model's). */
+  price: Price
+  /** Method-specific payload, opaque to the routes. */
+  payload: unknown
+}
+
+/** The result of applying a credential: the channel's state, and a tx hash if one was sent. */
+export type Applied = { channel: State; txHash?: Hex; closed?: boolean }
+
+export interface Method {
+  readonly method: string
+  readonly intent: string
+  /** The challenge `request` for a price (and the channel the request named). */
+  request(price: Price, channelId?: Hex): Record<string, unknown>
+  /** Types a credential's payload and checks it against the challenge's request. */
+  check(credential: Credential.Credential, challenge: Challenge.Challenge): Checked
+  /** Verifies and applies the action (the draft's order), persisting what it accepts. */
+  apply(checked: Checked): Promise<Applied>
+  /** The receipt of a channel's state. */
+  receipt(r: { challengeId: string; channel: State; txHash?: Hex }): Record<string, unknown>
+}
