@@ -127,6 +127,10 @@ export async function acceptVoucher(
 export type Admission =
   | { status: 'ok'; held: bigint; acceptedCumulative: bigint; deposit: bigint; spent: bigint }
   | {
+      status: 'idempotency_mismatch' | 'idempotency_in_progress' | 'idempotency_completed'
+      otherRequest: string
+    }
+  | {
       status: 'insufficient'
       available: bigint
       acceptedCumulative: bigint
@@ -146,11 +150,15 @@ export async function admit(
     need: bigint
     requestId: string
     leaseSeconds: number
+    /** With its body's SHA-256: a duplicate is never charged again. */
+    idempotencyKey?: string | null
+    fingerprint?: Uint8Array | null
   },
 ): Promise<Admission> {
   const [r] = await sql`
     select * from tollway_channel_admit(${bytes(i.channelId)}, ${i.model}, ${i.stream},
-      ${sql.typed.numeric(i.want)}, ${sql.typed.numeric(i.need)}, ${i.requestId}, ${i.leaseSeconds})`
+      ${sql.typed.numeric(i.want)}, ${sql.typed.numeric(i.need)}, ${i.requestId}, ${i.leaseSeconds},
+      ${i.idempotencyKey ?? null}, ${i.fingerprint ?? null})`
   const row = r!
   const state = {
     acceptedCumulative: row.accepted_cumulative,

@@ -348,6 +348,26 @@ describe('channel limits', () => {
   })
 })
 
+describe('idempotency', () => {
+  test('behavior: a paid retry with the same Idempotency-Key is not charged twice', async () => {
+    const payer = privateKeyToAccount(chain.payers[7]!.privateKey)
+    const { challenge: c } = await challenge()
+    const session = new PayingSession({ account: payer, challenge: c, tokenDomain })
+    const open = await session.openWithAuthorization({ deposit: 100_000n, initial: 50_000n })
+    const headers = { authorization: open, 'idempotency-key': 'paid-1' }
+    const first = await fetch(url, { method: 'POST', headers, body: body(false, 'pay me once') })
+    expect(first.status).toBe(200)
+    const spent = (await Channels.get(gw.sql, session.channelId!))!.spent
+    expect(spent).toBeGreaterThan(0n)
+    const again = await fetch(url, { method: 'POST', headers, body: body(false, 'pay me once') })
+    expect(again.status).toBe(409)
+    expect(((await again.json()) as { error: { code: string } }).error.code).toBe(
+      'idempotency_key_reused',
+    )
+    expect((await Channels.get(gw.sql, session.channelId!))!.spent).toBe(spent)
+  }, 30_000)
+})
+
 describe('rejections', () => {
   test('error: a voucher signed by someone else → 402 signer-mismatch with a fresh challenge, nothing stored', async () => {
     const payer = privateKeyToAccount(chain.payers[2]!.privateKey)

@@ -174,15 +174,7 @@ export function routes(deps: Deps) {
       )
     }
     const p = plan(deps, text)
-    const idempotencyKey = c.req.header('idempotency-key') ?? null
-    if (idempotencyKey !== null && !IDEMPOTENCY_KEY.test(idempotencyKey))
-      throw new InvalidRequestError(
-        'Idempotency-Key must be 1 to 255 printable ASCII characters.',
-        'invalid_value',
-        {
-          param: 'Idempotency-Key',
-        },
-      )
+    const { idempotencyKey, fingerprint } = idempotency(c, text)
     const requestId = crypto.randomUUID()
     const admitted = await Reservations.admit(deps.sql, {
       keyHash: ApiKeys.hash(raw),
@@ -193,7 +185,7 @@ export function routes(deps: Deps) {
       want: p.want,
       need: p.need,
       idempotencyKey,
-      fingerprint: idempotencyKey === null ? null : createHash('sha256').update(text).digest(),
+      fingerprint,
       requestId,
       leaseSeconds,
     })
@@ -249,7 +241,10 @@ export function routes(deps: Deps) {
       need: p.need,
       requestId,
       leaseSeconds,
+      ...idempotency(c, text),
     })
+    if (admitted.status.startsWith('idempotency_'))
+      throw duplicate(admitted as Extract<Channels.Admission, { otherRequest: string }>)
     if (admitted.status === 'insufficient')
       throw Problem.insufficientBalance(
         "The channel's authorized balance does not cover the prompt and the first tokens; send a voucher for requiredCumulative.",
@@ -381,16 +376,27 @@ function logged<R extends Meter.Reservation>(
 
 type Refused = Exclude<Awaited<ReturnType<typeof Reservations.admit>>, { status: 'ok' }>
 
-/** The typed error for a refused admission. */
-function refusal(r: Refused, model: Model, need: bigint): GatewayError {
+/** The request's Idempotency-Key, checked, with the SHA-256 of its body. */
+function idempotency(c: Context, text: string) {
+  const idempotencyKey = c.req.header('idempotency-key') ?? null
+  if (idempotencyKey !== null && !IDEMPOTENCY_KEY.test(idempotencyKey))
+    throw new InvalidRequestError(
+      'Idempotency-Key must be 1 to 255 printable ASCII characters.',
+      'invalid_value',
+      {
+        param: 'Idempotency-Key',
+      },
+    )
+  const fingerprint = idempotencyKey === null ? null : createHash('sha256').update(text).digest()
+  return { idempotencyKey, fingerprint }
+}
+
+/** A request whose Idempotency-Key was seen before: never run or charged twice. */
+function duplicate(r: {
+  status: 'idempotency_mismatch' | 'idempotency_in_progress' | 'idempotency_completed'
+  otherRequest: string
+}): GatewayError {
   switch (r.status) {
-    case 'unauthorized':
-      return Auth.badKey()
-    case 'tier':
-      return new TierNotAvailableError(
-        `The model ${model.id} is not available on this account's plan; upgrade the plan to use it.`,
-        'tier_not_available',
-      )
     case 'idempotency_mismatch':
       return new ConflictError(
         'This Idempotency-Key was used for a different request; use a new key.',
@@ -413,6 +419,23 @@ function refusal(r: Refused, model: Model, need: bigint): GatewayError {
         'idempotency_key_reused',
         { details: { request_id: r.otherRequest } },
       )
+  }
+}
+
+/** The typed error for a refused admission. */
+function refusal(r: Refused, model: Model, need: bigint): GatewayError {
+  switch (r.status) {
+    case 'unauthorized':
+      return Auth.badKey()
+    case 'tier':
+      return new TierNotAvailableError(
+        `The model ${model.id} is not available on this account's plan; upgrade the plan to use it.`,
+        'tier_not_available',
+      )
+    case 'idempotency_mismatch':
+    case 'idempotency_in_progress':
+    case 'idempotency_completed':
+      return duplicate(r)
     case 'insufficient':
       return new InsufficientCreditsError(
         `This request needs ${need} base units of credits and the account has ${r.available} available. Add credits${r.available > 0n ? ' or lower max_tokens' : ''}.`,

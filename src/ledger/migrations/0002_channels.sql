@@ -72,6 +72,18 @@ ALTER TABLE usage ADD COLUMN channel_id bytea REFERENCES channels (channel_id);
 ALTER TABLE usage ADD CONSTRAINT usage_payer CHECK (num_nonnulls(account_id, channel_id) = 1);
 CREATE INDEX usage_channel ON usage (channel_id, created_at DESC, id DESC) WHERE channel_id IS NOT NULL;
 
+-- Idempotency-Key on channel-paid requests: at most one charged request per (channel, key);
+-- a duplicate never adds to spent (draft, Request Idempotency).
+CREATE TABLE channel_idempotency_keys (
+  channel_id  bytea NOT NULL REFERENCES channels (channel_id),
+  key         text NOT NULL,
+  fingerprint bytea NOT NULL,
+  request_id  uuid NOT NULL,
+  state       text NOT NULL CHECK (state IN ('in_progress', 'completed')),
+  created_at  timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (channel_id, key)
+);
+
 -- Records a voucher whose signature the caller has verified against the channel's signer.
 -- Follows the draft's order after the signature check: a voucher at or below the accepted
 -- amount is an idempotent replay (no change); else it must raise the accepted amount by at
@@ -123,37 +135,55 @@ CREATE FUNCTION tollway_channel_admit(
   p_want numeric,
   p_need numeric,
   p_request_id uuid,
-  p_lease_seconds int
-) RETURNS TABLE (status text, held numeric, available numeric, accepted_cumulative numeric, deposit numeric, spent numeric)
+  p_lease_seconds int,
+  p_idem_key text,
+  p_fingerprint bytea
+) RETURNS TABLE (status text, held numeric, available numeric, accepted_cumulative numeric, deposit numeric, spent numeric, other_request uuid)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
   c record;
   free numeric;
   amount numeric;
+  idem record;
 BEGIN
   SELECT * INTO c FROM channels WHERE channel_id = p_channel FOR UPDATE;
   IF NOT FOUND THEN
-    RETURN QUERY SELECT 'not_found', NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric;
+    RETURN QUERY SELECT 'not_found', NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric, NULL::uuid;
     RETURN;
   END IF;
   IF c.finalized OR c.close_requested_at IS NOT NULL THEN
     RETURN QUERY SELECT CASE WHEN c.finalized THEN 'finalized' ELSE 'close_requested' END,
-      NULL::numeric, NULL::numeric, c.accepted_cumulative, c.deposit, c.spent;
+      NULL::numeric, NULL::numeric, c.accepted_cumulative, c.deposit, c.spent, NULL::uuid;
     RETURN;
+  END IF;
+  IF p_idem_key IS NOT NULL THEN
+    SELECT * INTO idem FROM channel_idempotency_keys ik WHERE ik.channel_id = p_channel AND ik.key = p_idem_key;
+    IF FOUND THEN
+      RETURN QUERY SELECT
+        CASE WHEN idem.fingerprint <> p_fingerprint THEN 'idempotency_mismatch'
+             WHEN idem.state = 'in_progress' THEN 'idempotency_in_progress'
+             ELSE 'idempotency_completed' END,
+        NULL::numeric, NULL::numeric, c.accepted_cumulative, c.deposit, c.spent, idem.request_id;
+      RETURN;
+    END IF;
   END IF;
   free := c.accepted_cumulative - c.spent - c.reserved;
   IF free < p_need THEN
-    RETURN QUERY SELECT 'insufficient', NULL::numeric, free, c.accepted_cumulative, c.deposit, c.spent;
+    RETURN QUERY SELECT 'insufficient', NULL::numeric, free, c.accepted_cumulative, c.deposit, c.spent, NULL::uuid;
     RETURN;
   END IF;
   amount := least(p_want, free);
   UPDATE channels SET reserved = reserved + amount,
     active_stream = CASE WHEN p_stream THEN p_request_id ELSE active_stream END
     WHERE channel_id = p_channel;
-  INSERT INTO reservations (id, channel_id, model, stream, held, expires_at)
-    VALUES (p_request_id, p_channel, p_model, p_stream, amount, clock_timestamp() + make_interval(secs => p_lease_seconds));
-  RETURN QUERY SELECT 'ok', amount, free - amount, c.accepted_cumulative, c.deposit, c.spent;
+  INSERT INTO reservations (id, channel_id, model, stream, held, idem_key, expires_at)
+    VALUES (p_request_id, p_channel, p_model, p_stream, amount, p_idem_key, clock_timestamp() + make_interval(secs => p_lease_seconds));
+  IF p_idem_key IS NOT NULL THEN
+    INSERT INTO channel_idempotency_keys (channel_id, key, fingerprint, request_id, state)
+      VALUES (p_channel, p_idem_key, p_fingerprint, p_request_id, 'in_progress');
+  END IF;
+  RETURN QUERY SELECT 'ok', amount, free - amount, c.accepted_cumulative, c.deposit, c.spent, NULL::uuid;
 END $$;
 
 -- Adds p_amount to a reservation if its payer's free balance covers it, and renews its
@@ -211,6 +241,13 @@ BEGIN
   UPDATE channels SET spent = spent + amount, reserved = reserved - r.held WHERE channel_id = r.channel_id;
   INSERT INTO usage (id, channel_id, model, stream, prompt_tokens, completion_tokens, cost, status, latency_ms, ttft_ms)
     VALUES (r.id, r.channel_id, r.model, r.stream, p_prompt_tokens, p_completion_tokens, amount, p_status, p_latency_ms, p_ttft_ms);
+  IF r.idem_key IS NOT NULL THEN
+    IF amount > 0 OR p_status = 'ok' THEN
+      UPDATE channel_idempotency_keys SET state = 'completed' WHERE channel_id = r.channel_id AND key = r.idem_key;
+    ELSE
+      DELETE FROM channel_idempotency_keys WHERE channel_id = r.channel_id AND key = r.idem_key;
+    END IF;
+  END IF;
   RETURN QUERY SELECT amount, c.accepted_cumulative - c.spent - amount;
 END $$;
 
