@@ -1,5 +1,5 @@
 /** What the benchmarks share: a fresh database and a data dir with a config file. */
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import postgres from 'postgres'
@@ -25,4 +25,45 @@ export function dataDir(config: unknown): { dir: string; config: string } {
   const path = join(dir, 'config.json')
   writeFileSync(path, JSON.stringify(config))
   return { dir, config: path }
+}
+
+/** A free loopback port. */
+export async function freePort(): Promise<number> {
+  const s = Bun.serve({ port: 0, fetch: () => new Response() })
+  const port = s.port!
+  s.stop(true)
+  return port
+}
+
+/** Runs `bun <args>` from the project root and waits until it prints `ready`. */
+export async function spawn(args: string[], env: Record<string, string> = {}, ready = 'ready') {
+  const proc = Bun.spawn([process.execPath, ...args], {
+    cwd: join(import.meta.dir, '..'),
+    env: { ...process.env, ...env },
+    stdout: 'pipe',
+    stderr: 'inherit',
+  })
+  const reader = proc.stdout.getReader()
+  let out = ''
+  const decoder = new TextDecoder()
+  while (!out.includes(ready)) {
+    const { value, done } = await reader.read()
+    if (done) throw new Error(`${args.join(' ')} exited before it was ready:\n${out}`)
+    out += decoder.decode(value)
+  }
+  // Keep draining so the child never blocks on a full pipe.
+  ;(async () => {
+    while (!(await reader.read()).done) {}
+  })()
+  return { proc, out }
+}
+
+/** CPU seconds (user + system) a process has used, from /proc. */
+export function cpuSeconds(pid: number): number {
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ')
+    return (Number(fields[11]) + Number(fields[12])) / 100
+  } catch {
+    return Number.NaN
+  }
 }

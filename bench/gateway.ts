@@ -21,34 +21,7 @@ const concurrencies = [1, 64]
 
 type Stats = { rps: number; p50: number; p99: number; errors: number }
 
-async function freePort(): Promise<number> {
-  const s = Bun.serve({ port: 0, fetch: () => new Response() })
-  const port = s.port!
-  s.stop(true)
-  return port
-}
-
-async function spawn(args: string[], env: Record<string, string> = {}, ready = 'ready') {
-  const proc = Bun.spawn([bun, ...args], {
-    cwd: root,
-    env: { ...process.env, ...env },
-    stdout: 'pipe',
-    stderr: 'inherit',
-  })
-  const reader = proc.stdout.getReader()
-  let out = ''
-  const decoder = new TextDecoder()
-  while (!out.includes(ready)) {
-    const { value, done } = await reader.read()
-    if (done) throw new Error(`${args.join(' ')} exited before it was ready:\n${out}`)
-    out += decoder.decode(value)
-  }
-  // Keep draining so the child never blocks on a full pipe.
-  ;(async () => {
-    while (!(await reader.read()).done) {}
-  })()
-  return { proc, out }
-}
+const { freePort, spawn } = Harness
 
 async function load(
   url: string,

@@ -1,0 +1,239 @@
+/**
+ * Streaming throughput: many concurrent streams of 100 tokens each, in a closed loop, to a
+ * local upstream that streams at once — through a bare Hono pass-through proxy (the
+ * ceiling), through the gateway with an API key, and through the gateway paid from
+ * channels (one channel per concurrent stream: a channel carries one stream at a time).
+ * Reports tokens/s, time to first token and the target process's CPU.
+ *
+ *   bun bench/streams.ts   → prints a table, writes bench/results/streams.{json,md}
+ */
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { privateKeyToAccount } from 'viem/accounts'
+import * as Client from '../src/chain/Client.ts'
+import * as DevChain from '../src/chain/DevChain.ts'
+import * as Token from '../src/chain/Token.ts'
+import { challengeOf, PayingSession } from '../src/client/Session.ts'
+import * as Harness from './Harness.ts'
+
+const seconds = Number(process.env.BENCH_SECONDS ?? 5)
+const levels = (process.env.BENCH_STREAMS ?? '100,1000').split(',').map(Number)
+const paidLevel = Number(process.env.BENCH_PAID_STREAMS ?? 100)
+const tokens = 100
+
+type Stats = {
+  streams: number
+  tokensPerSecond: number
+  ttftP50: number
+  ttftP99: number
+  cpuPerSecond: number
+  errors: number
+}
+
+async function load(
+  url: string,
+  headers: (i: number) => Record<string, string>,
+  streams: number,
+  pid: number,
+): Promise<Stats> {
+  const body = JSON.stringify({
+    model: 'bench',
+    stream: true,
+    max_tokens: tokens,
+    messages: [{ role: 'user', content: 'go' }],
+  })
+  let received = 0
+  let errors = 0
+  const ttft: number[] = []
+  const end = performance.now() + seconds * 1000
+  const cpu0 = Harness.cpuSeconds(pid)
+  const started = performance.now()
+  await Promise.all(
+    Array.from({ length: streams }, async (_, i) => {
+      while (performance.now() < end) {
+        const t = performance.now()
+        const res = await fetch(url, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', ...headers(i) },
+          body,
+        })
+        if (res.status !== 200) {
+          errors++
+          await res.arrayBuffer()
+          continue
+        }
+        const reader = res.body!.getReader()
+        let first = true
+        while (true) {
+          const { value, done } = await reader.read()
+          if (done) break
+          if (first) {
+            ttft.push(performance.now() - t)
+            first = false
+          }
+          // One `"content":" w"` per token, whatever the chunking.
+          const text = new TextDecoder().decode(value)
+          received += text.split('"content":" w"').length - 1
+        }
+      }
+    }),
+  )
+  const elapsed = (performance.now() - started) / 1000
+  ttft.sort((a, b) => a - b)
+  const at = (q: number) => ttft[Math.floor(q * (ttft.length - 1))] ?? Number.NaN
+  return {
+    streams,
+    tokensPerSecond: received / elapsed,
+    ttftP50: at(0.5),
+    ttftP99: at(0.99),
+    cpuPerSecond: (Harness.cpuSeconds(pid) - cpu0) / elapsed,
+    errors,
+  }
+}
+
+export async function run() {
+  const children: { proc: { kill(): void } }[] = []
+  const chain = await DevChain.start({ accounts: paidLevel + 1 })
+  try {
+    const upstreamPort = await Harness.freePort()
+    children.push(await Harness.spawn(['bench/servers.ts', 'upstream', String(upstreamPort)]))
+    const upstream = `http://127.0.0.1:${upstreamPort}/v1`
+    const proxyPort = await Harness.freePort()
+    const proxy = await Harness.spawn(['bench/servers.ts', 'proxy', String(proxyPort), upstream])
+    children.push(proxy)
+    const databaseUrl = await Harness.freshDatabase('tollway_bench_streams')
+    const { dir, config } = Harness.dataDir({
+      logLevel: 'warn',
+      upstreams: [{ name: 'bench', baseUrl: upstream }],
+      models: [
+        {
+          id: 'bench',
+          upstream: 'bench',
+          upstreamModel: 'bench',
+          pricing: { input: '1000000', output: '2000000' },
+          contextLength: 8192,
+        },
+      ],
+      plans: {
+        bench: { tier: 0, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
+      },
+      defaultPlan: 'bench',
+      payments: { voucherRatePerSecond: 1e9 },
+    })
+    const port = await Harness.freePort()
+    const adminToken = 'bench-admin-token-0123456789'
+    const gateway = await Harness.spawn(
+      ['src/main.ts'],
+      {
+        TOLLWAY_CONFIG: config,
+        TOLLWAY_DATA_DIR: dir,
+        PORT: String(port),
+        ADMIN_TOKEN: adminToken,
+        DATABASE_URL: databaseUrl,
+        CHAIN_RPC_URL: chain.rpcUrl,
+        CHAIN_ID: String(chain.chainId),
+        ESCROW_ADDRESS: chain.escrowAddress,
+        CURRENCY_ADDRESS: chain.currencyAddress,
+        PAYEE_PRIVATE_KEY: chain.payee.privateKey,
+      },
+      'serving at',
+    )
+    children.push(gateway)
+    const base = `http://127.0.0.1:${port}`
+    const admin = { authorization: `Bearer ${adminToken}`, 'content-type': 'application/json' }
+    const { id } = (await (
+      await fetch(`${base}/admin/accounts`, {
+        method: 'POST',
+        headers: admin,
+        body: '{"name":"bench"}',
+      })
+    ).json()) as { id: string }
+    await fetch(`${base}/admin/accounts/${id}/credits`, {
+      method: 'POST',
+      headers: admin,
+      body: '{"amount":"1000000000000000"}',
+    })
+    const { key } = (await (
+      await fetch(`${base}/admin/accounts/${id}/keys`, {
+        method: 'POST',
+        headers: admin,
+        body: '{"name":"bench"}',
+      })
+    ).json()) as { key: string }
+
+    // One channel per paid stream, each with a voucher covering the whole run.
+    const url = `${base}/v1/chat/completions`
+    const first = await fetch(url, {
+      method: 'POST',
+      body: '{"model":"bench","messages":[{"role":"user","content":"x"}]}',
+    })
+    const challenge = challengeOf(first.headers.get('www-authenticate'))!
+    const tokenDomain = await Token.domain(
+      Client.from({ rpcUrl: chain.rpcUrl, chainId: chain.chainId }),
+      { token: chain.currencyAddress },
+    )
+    const paid = await Promise.all(
+      chain.payers.slice(0, paidLevel).map(async (p) => {
+        const s = new PayingSession({
+          account: privateKeyToAccount(p.privateKey),
+          challenge,
+          tokenDomain,
+        })
+        const header = await s.openWithAuthorization({
+          deposit: 100_000_000_000n,
+          initial: 100_000_000_000n,
+        })
+        const r = await fetch(url, { method: 'HEAD', headers: { authorization: header } })
+        if (r.status !== 200) throw new Error(`open: ${r.status}`)
+        return s.voucher(100_000_000_000n) // a replay: the balance is already there
+      }),
+    )
+
+    const results: Record<string, Stats[]> = { proxy: [], key: [], paid: [] }
+    const pid = (c: { proc: unknown }) => (c.proc as { pid: number }).pid
+    for (const n of levels) {
+      results.proxy!.push(
+        await load(`http://127.0.0.1:${proxyPort}/v1/chat/completions`, () => ({}), n, pid(proxy)),
+      )
+      results.key!.push(
+        await load(url, () => ({ authorization: `Bearer ${key}` }), n, pid(gateway)),
+      )
+    }
+    results.paid!.push(
+      await load(url, (i) => ({ authorization: paid[i % paid.length]! }), paidLevel, pid(gateway)),
+    )
+    return {
+      database: databaseUrl ? 'postgresql' : 'pglite',
+      seconds,
+      tokensPerStream: tokens,
+      results,
+    }
+  } finally {
+    for (const c of children) c.proc.kill()
+    await chain.stop()
+  }
+}
+
+export function table(r: Awaited<ReturnType<typeof run>>): string {
+  const lines = [
+    '| target | concurrent streams | tokens/s | TTFT p50 ms | TTFT p99 ms | CPU (cores) | errors |',
+    '|---|---:|---:|---:|---:|---:|---:|',
+  ]
+  for (const [name, list] of Object.entries(r.results))
+    for (const s of list)
+      lines.push(
+        `| ${name} | ${s.streams} | ${Math.round(s.tokensPerSecond)} | ${s.ttftP50.toFixed(1)} | ${s.ttftP99.toFixed(1)} | ${s.cpuPerSecond.toFixed(2)} | ${s.errors} |`,
+      )
+  return lines.join('\n')
+}
+
+if (import.meta.main) {
+  const r = await run()
+  const dir = join(import.meta.dir, 'results')
+  writeFileSync(
+    join(dir, 'streams.json'),
+    `${JSON.stringify({ date: new Date().toISOString(), ...r }, null, 2)}\n`,
+  )
+  writeFileSync(join(dir, 'streams.md'), `${table(r)}\n`)
+  console.log(table(r))
+}
