@@ -14,8 +14,6 @@ import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import * as Harness from './Harness.ts'
 
-const root = join(import.meta.dir, '..')
-const bun = process.execPath
 const seconds = Number(process.env.BENCH_SECONDS ?? 5)
 const concurrencies = [1, 64]
 
