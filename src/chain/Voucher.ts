@@ -170,14 +170,14 @@ export function createVerifier(options: VerifierOptions): Verifier {
     const hash = toDigest(parameters)
     const key = keys.get(signer)
     if (key) {
-      if (!verifyWithKey(sig, hash, key)) throw new InvalidVoucherSignatureError('signer-mismatch')
-    } else {
-      let point: InstanceType<typeof Point>
-      try {
-        point = new Signature(sig.r, sig.s, sig.recovery).recoverPublicKey(hash)
-      } catch (cause) {
-        throw new InvalidVoucherSignatureError('invalid', { cause })
+      // A failure is classified as the slow path would: a signature no key recovers from is
+      // `invalid`, one some other key made is `signer-mismatch` (draft: two problem types).
+      if (!verifyWithKey(sig, hash, key)) {
+        recover(sig, hash)
+        throw new InvalidVoucherSignatureError('signer-mismatch')
       }
+    } else {
+      const point = recover(sig, hash)
       if (addressOf(point) !== signer) throw new InvalidVoucherSignatureError('signer-mismatch')
       // Tables make every later verification against this key several times faster.
       // Window 8 measured fastest here (as fast as noble's own table for the base point).
@@ -188,6 +188,15 @@ export function createVerifier(options: VerifierOptions): Verifier {
   }
 
   return { verify, digest: (voucher) => bytesToHex(toDigest(voucher)) }
+}
+
+/** The public key that made `sig` over `hash`; `invalid` when there is none. */
+function recover(sig: Parsed, hash: Uint8Array): InstanceType<typeof Point> {
+  try {
+    return new Signature(sig.r, sig.s, sig.recovery).recoverPublicKey(hash)
+  } catch (cause) {
+    throw new InvalidVoucherSignatureError('invalid', { cause })
+  }
 }
 
 /** r||s||v, 65 bytes, v in {27, 28}, low s: exactly what the escrow accepts from an EOA. */

@@ -104,6 +104,15 @@ describe('createVerifier', () => {
         async (privateKey, vouchers, mutation, position) => {
           const account = privateKeyToAccount(privateKey)
           const verifier = Voucher.createVerifier(scope)
+          // Half the runs start with the signer's key known (the fast known-key path).
+          if (position % 2 === 0) {
+            const warm = { ...scope, channelId: keccak256(toHex('warm')), cumulativeAmount: 1n }
+            verifier.verify({
+              ...warm,
+              signature: await Voucher.sign(account, warm),
+              signer: account.address,
+            })
+          }
           for (const [channelId, cumulativeAmount] of vouchers) {
             const voucher = { ...scope, channelId, cumulativeAmount }
             let signature = await Voucher.sign(account, voucher)
@@ -129,12 +138,22 @@ describe('createVerifier', () => {
             const s = BigInt(`0x${signature.slice(66, 130)}`)
             const v = Number.parseInt(signature.slice(130), 16)
             const expected = recovered === account.address && s <= N / 2n && (v === 27 || v === 28)
-            // Twice: the second call goes through the known-key (or verified-cache) path.
+            // A verifier that has never seen the key recovers it: the reference reason.
+            const cold = reason(() =>
+              Voucher.createVerifier(scope).verify({
+                ...claimed,
+                signature,
+                signer: account.address,
+              }),
+            )
+            expect(cold === undefined).toBe(expected)
+            // Twice: the second call goes through the known-key (or verified-cache) path, which
+            // must give the same reason (invalid vs signer-mismatch are two problem types).
             for (let i = 0; i < 2; i++) {
               const got = reason(() =>
                 verifier.verify({ ...claimed, signature, signer: account.address }),
               )
-              expect(got === undefined).toBe(expected)
+              expect(got).toBe(cold)
             }
           }
         },
@@ -185,6 +204,20 @@ describe('createVerifier', () => {
     expect(
       reason(() => verifier.verify({ ...vector, signature: forged, signer: account.address })),
     ).toBe('signer-mismatch')
+  })
+
+  test('error: a signature no key recovers from is invalid, before and after the key is known', () => {
+    const account = privateKeyToAccount(vector.privateKey)
+    const verifier = Voucher.createVerifier(vector)
+    // r = 5 is not the x of a curve point (x^3 + 7 is not a square mod p): nothing recovers.
+    const signature = `0x${5n.toString(16).padStart(64, '0')}${vector.signature.slice(66)}` as Hex
+    expect(reason(() => verifier.verify({ ...vector, signature, signer: account.address }))).toBe(
+      'invalid',
+    )
+    verifier.verify({ ...vector, signer: account.address })
+    expect(reason(() => verifier.verify({ ...vector, signature, signer: account.address }))).toBe(
+      'invalid',
+    )
   })
 
   test('error: a voucher for another channel, escrow or chain', async () => {

@@ -1,0 +1,482 @@
+/**
+ * Every rejection of draft-evm-session-00 ("Verification Procedure", "Error Responses"), end
+ * to end: real anvil with our escrow, real PostgreSQL, the fake upstream. Each rejection
+ * asserts the status, the problem media type and type URI, a fresh Payment challenge on
+ * every 402, and that nothing was stored (channel row and vouchers table unchanged).
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import { secp256k1 } from '@noble/curves/secp256k1.js'
+import { type Hex, keccak256, toHex } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
+import { sendTransaction } from 'viem/actions'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
+import * as Voucher from '../../src/chain/Voucher.ts'
+import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Challenge from '../../src/payment/Challenge.ts'
+import * as Credential from '../../src/payment/Credential.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const chain = await Anvil.start()
+afterAll(() => chain.stop())
+const minVoucherDelta = 100n
+const overrides = {
+  chain: {
+    rpcUrl: chain.rpcUrl,
+    chainId: chain.chainId,
+    escrowAddress: chain.escrowAddress,
+    currencyAddress: chain.currencyAddress,
+    payeePrivateKey: chain.payee.privateKey,
+  },
+  payments: {
+    challengeSecret: 'test-challenge-secret-0123456789',
+    voucherTimeoutMs: 2_000,
+    minVoucherDelta: minVoucherDelta.toString(),
+  },
+}
+const gw = await Gateway.create(overrides)
+const url = `${gw.url}/v1/chat/completions`
+const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
+const payer = privateKeyToAccount(chain.payers[0]!.privateKey)
+
+async function freshChallenge(at = url) {
+  const res = await fetch(at, {
+    method: 'POST',
+    body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+  })
+  expect(res.status).toBe(402)
+  return challengeOf(res.headers.get('www-authenticate'))!
+}
+
+/** A channel opened (HEAD, no request) with `initial` accepted. */
+async function opened(deposit = 100_000n, initial = 1_000n) {
+  const session = new PayingSession({
+    account: payer,
+    challenge: await freshChallenge(),
+    tokenDomain,
+  })
+  const res = await fetch(url, {
+    method: 'HEAD',
+    headers: { authorization: await session.openWithAuthorization({ deposit, initial }) },
+  })
+  expect(res.status).toBe(200)
+  return session
+}
+
+/** What a rejection must leave alone: the channel row and its vouchers. */
+async function stored(channelId: Hex) {
+  const channel = await Channels.get(gw.sql, channelId)
+  const vouchers = await gw.sql`
+    select cumulative_amount::text as amount, encode(signature, 'hex') as signature
+    from vouchers where channel_id = ${Buffer.from(channelId.slice(2), 'hex')}
+    order by cumulative_amount`
+  return {
+    acceptedCumulative: channel?.acceptedCumulative,
+    voucherSignature: channel?.voucherSignature,
+    spent: channel?.spent,
+    reserved: channel?.reserved,
+    deposit: channel?.deposit,
+    vouchers: vouchers.map((v) => ({ ...v })),
+  }
+}
+
+/** Asserts a problem response; on a 402, a fresh, valid Payment challenge. */
+async function rejected(res: Response, status: number, type: string) {
+  const text = await res.text()
+  if (res.status !== status) console.log(text)
+  expect(res.status).toBe(status)
+  expect(res.headers.get('content-type')).toContain('application/problem+json')
+  const problem = JSON.parse(text) as { type: string; status: number; detail: string }
+  expect(problem.type).toBe(`https://paymentauth.org/problems/${type}`)
+  expect(problem.status).toBe(status)
+  if (status === 402) {
+    const c = challengeOf(res.headers.get('www-authenticate'))
+    expect(c).toBeDefined()
+    expect(Challenge.verify(c!, overrides.payments.challengeSecret).valid).toBe(true)
+    expect(Date.parse(c!.expires!)).toBeGreaterThan(Date.now())
+    expect(res.headers.get('cache-control')).toBe('no-store')
+  }
+  return problem
+}
+
+/** The credential of `header` with its payload changed. */
+function edit(header: string, change: (payload: Record<string, unknown>) => void): string {
+  const credential = Credential.deserialize(header)
+  const payload = { ...credential.payload }
+  change(payload)
+  return Credential.serialize({ ...credential, payload })
+}
+
+/** Sends a credential alone (POST without a body: a HEAD answer would have no problem body). */
+const send = (authorization: string, method = 'POST') =>
+  fetch(url, { method, headers: { authorization } })
+
+const N = secp256k1.Point.Fn.ORDER
+
+/** The signature with byte `i` flipped. */
+function flip(signature: Hex, i: number): Hex {
+  const bytes = Buffer.from(signature.slice(2), 'hex')
+  bytes[i] = bytes[i]! ^ 0xff
+  return `0x${bytes.toString('hex')}`
+}
+
+/** Whether any public key recovers from a 65-byte r||s||v signature over `digest`. */
+function recovers(signature: Hex, digest: Hex): boolean {
+  const r = BigInt(signature.slice(0, 66))
+  const s = BigInt(`0x${signature.slice(66, 130)}`)
+  const v = Number.parseInt(signature.slice(130), 16)
+  try {
+    new secp256k1.Signature(r, s, v - 27).recoverPublicKey(Buffer.from(digest.slice(2), 'hex'))
+    return true
+  } catch {
+    return false
+  }
+}
+
+describe('voucher signature', () => {
+  test('error: a tampered signature no key recovers from → 402 invalid-signature, nothing stored', async () => {
+    const session = await opened()
+    const before = await stored(session.channelId!)
+    const header = await session.voucher(2_000n)
+    const signature = Credential.deserialize(header).payload.signature as Hex
+    const digest = Voucher.digest({
+      chainId: chain.chainId,
+      escrow: chain.escrowAddress,
+      channelId: session.channelId!,
+      cumulativeAmount: 2_000n,
+    })
+    // A byte of r whose flip leaves no point with that x: unrecoverable, not someone else's.
+    const i = Array.from({ length: 32 }, (_, i) => i).find(
+      (i) => !recovers(flip(signature, i), digest),
+    )!
+    expect(i).toBeDefined()
+    const tampered = edit(header, (p) => {
+      p.signature = flip(signature, i)
+    })
+    await rejected(await send(tampered), 402, 'session/invalid-signature')
+    expect(await stored(session.channelId!)).toEqual(before)
+    // The untampered voucher still goes through.
+    expect((await send(header)).status).toBe(200)
+    expect((await stored(session.channelId!)).acceptedCumulative).toBe(2_000n)
+  }, 30_000)
+
+  test('error: a tampered signature that recovers another key → 402 signer-mismatch, nothing stored', async () => {
+    const session = await opened()
+    const before = await stored(session.channelId!)
+    const header = await session.voucher(2_000n)
+    const signature = Credential.deserialize(header).payload.signature as Hex
+    const digest = Voucher.digest({
+      chainId: chain.chainId,
+      escrow: chain.escrowAddress,
+      channelId: session.channelId!,
+      cumulativeAmount: 2_000n,
+    })
+    const i = Array.from({ length: 32 }, (_, i) => i).find((i) =>
+      recovers(flip(signature, i), digest),
+    )!
+    expect(i).toBeDefined()
+    const tampered = edit(header, (p) => {
+      p.signature = flip(signature, i)
+    })
+    await rejected(await send(tampered), 402, 'session/signer-mismatch')
+    expect(await stored(session.channelId!)).toEqual(before)
+  }, 30_000)
+
+  test('error: a high-s signature (s → n−s, v flipped) → 402 invalid-signature, nothing stored', async () => {
+    const session = await opened()
+    const before = await stored(session.channelId!)
+    const header = await session.voucher(2_000n)
+    const signature = Credential.deserialize(header).payload.signature as Hex
+    const s = BigInt(`0x${signature.slice(66, 130)}`)
+    const v = Number.parseInt(signature.slice(130), 16)
+    const high =
+      `${signature.slice(0, 66)}${(N - s).toString(16).padStart(64, '0')}${(v === 27 ? 28 : 27).toString(16)}` as Hex
+    // The same signer under secp256k1's malleability: only canonical low-s is accepted.
+    expect(
+      await Voucher.recoverSigner({
+        chainId: chain.chainId,
+        escrow: chain.escrowAddress,
+        channelId: session.channelId!,
+        cumulativeAmount: 2_000n,
+        signature: high,
+      }),
+    ).toBe(payer.address)
+    const p = await rejected(
+      await send(edit(header, (p) => (p.signature = high))),
+      402,
+      'session/invalid-signature',
+    )
+    expect(p.detail).toContain('high-s')
+    expect(await stored(session.channelId!)).toEqual(before)
+  }, 30_000)
+
+  test('error: a voucher signed by someone other than the channel signer → 402 signer-mismatch, nothing stored', async () => {
+    const session = await opened()
+    const before = await stored(session.channelId!)
+    const thief = new PayingSession({
+      account: privateKeyToAccount(keccak256(toHex('thief'))),
+      challenge: session.challenge,
+    })
+    thief.channelId = session.channelId
+    await rejected(await send(await thief.voucher(50_000n)), 402, 'session/signer-mismatch')
+    // Signature first, then idempotency: a stale amount from the thief is no 200 either.
+    await rejected(await send(await thief.voucher(500n)), 402, 'session/signer-mismatch')
+    expect(await stored(session.channelId!)).toEqual(before)
+  }, 30_000)
+
+  test('error: a voucher signed for another chain id or another escrow → 402 signer-mismatch, nothing stored', async () => {
+    const session = await opened()
+    const before = await stored(session.channelId!)
+    const header = await session.voucher(2_000n)
+    for (const scope of [
+      { chainId: chain.chainId + 1, escrow: chain.escrowAddress },
+      { chainId: chain.chainId, escrow: chain.currencyAddress },
+    ]) {
+      const signature = await Voucher.sign(payer, {
+        ...scope,
+        channelId: session.channelId!,
+        cumulativeAmount: 2_000n,
+      })
+      // Another domain is another digest: the signature recovers some other address.
+      await rejected(
+        await send(edit(header, (p) => (p.signature = signature))),
+        402,
+        'session/signer-mismatch',
+      )
+    }
+    expect(await stored(session.channelId!)).toEqual(before)
+  }, 30_000)
+})
+
+describe('voucher amount', () => {
+  test('behavior: a replayed voucher (same amount) → 200 with no change', async () => {
+    const session = await opened()
+    const header = await session.voucher(5_000n)
+    expect((await send(header)).status).toBe(200)
+    const before = await stored(session.channelId!)
+    expect(before.acceptedCumulative).toBe(5_000n)
+    const again = await send(header)
+    expect(again.status).toBe(200)
+    expect(again.headers.get('payment-receipt')).not.toBeNull()
+    expect(await stored(session.channelId!)).toEqual(before)
+  }, 30_000)
+
+  test('behavior: a decreasing voucher → 200 with no change', async () => {
+    const session = await opened()
+    expect((await send(await session.voucher(5_000n))).status).toBe(200)
+    const before = await stored(session.channelId!)
+    const lower = await send(await session.voucher(3_000n))
+    expect(lower.status).toBe(200)
+    expect(await stored(session.channelId!)).toEqual(before)
+    expect(before.acceptedCumulative).toBe(5_000n)
+  }, 30_000)
+
+  test('error: a voucher above the deposit → 402 amount-exceeds-deposit, nothing stored', async () => {
+    const session = await opened(100_000n)
+    const before = await stored(session.channelId!)
+    const p = await rejected(
+      await send(await session.voucher(100_001n)),
+      402,
+      'session/amount-exceeds-deposit',
+    )
+    expect(p).toMatchObject({ deposit: '100000', acceptedCumulative: '1000' })
+    expect(await stored(session.channelId!)).toEqual(before)
+    // Exactly the deposit is fine.
+    expect((await send(await session.voucher(100_000n))).status).toBe(200)
+  }, 30_000)
+
+  test('error: a cumulative amount above 2^128−1 → 400 malformed-credential, nothing stored', async () => {
+    const session = await opened()
+    const before = await stored(session.channelId!)
+    const header = edit(await session.voucher(2_000n), (p) => {
+      p.cumulativeAmount = (1n << 128n).toString()
+    })
+    await rejected(await send(header), 400, 'malformed-credential')
+    expect(await stored(session.channelId!)).toEqual(before)
+  }, 30_000)
+
+  test('error: a voucher raising the amount by less than minVoucherDelta → 402 delta-too-small, nothing stored', async () => {
+    const session = await opened()
+    const before = await stored(session.channelId!)
+    const p = await rejected(
+      await send(await session.voucher(1_000n + minVoucherDelta - 1n)),
+      402,
+      'session/delta-too-small',
+    )
+    expect(p).toMatchObject({ minVoucherDelta: minVoucherDelta.toString() })
+    expect(await stored(session.channelId!)).toEqual(before)
+    expect((await send(await session.voucher(1_000n + minVoucherDelta))).status).toBe(200)
+  }, 30_000)
+})
+
+describe('challenge', () => {
+  test('error: an expired challenge → 402 challenge-not-found with a fresh one; the same voucher then goes through', async () => {
+    const short = await Gateway.create(
+      { ...overrides, payments: { ...overrides.payments, challengeExpiresSeconds: 1 } },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    const shortUrl = `${short.url}/v1/chat/completions`
+    const session = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(shortUrl),
+      tokenDomain,
+    })
+    const open = await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n })
+    expect(
+      (await fetch(shortUrl, { method: 'HEAD', headers: { authorization: open } })).status,
+    ).toBe(200)
+    // Expiry is to the second: two seconds is past it.
+    await Bun.sleep(2_100)
+    const before = await stored(session.channelId!)
+    const res = await fetch(shortUrl, {
+      method: 'HEAD',
+      headers: { authorization: await session.voucher(7_000n) },
+    })
+    // HEAD has no body: ask again by POST to read the problem (same verdict, nothing stored).
+    expect(res.status).toBe(402)
+    const post = await fetch(shortUrl, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(7_000n) },
+    })
+    await rejected(post, 402, 'session/challenge-not-found')
+    expect(await stored(session.channelId!)).toEqual(before)
+    // Never a dropped voucher: the same voucher under the fresh challenge is accepted.
+    session.renew(challengeOf(post.headers.get('www-authenticate'))!)
+    const retried = await fetch(shortUrl, {
+      method: 'HEAD',
+      headers: { authorization: await session.voucher(7_000n) },
+    })
+    expect(retried.status).toBe(200)
+    expect((await stored(session.channelId!)).acceptedCumulative).toBe(7_000n)
+    await short.stop()
+  }, 30_000)
+
+  test('error: a forged challenge → 402 challenge-not-found with a fresh one, nothing stored', async () => {
+    const session = await opened()
+    const before = await stored(session.channelId!)
+    session.renew({ ...session.challenge, request: { ...session.challenge.request, amount: '1' } })
+    await rejected(
+      await send(await session.voucher(5_000n), 'POST'),
+      402,
+      'session/challenge-not-found',
+    )
+    expect(await stored(session.channelId!)).toEqual(before)
+  }, 30_000)
+})
+
+describe('channel', () => {
+  test('error: a voucher for an unknown channel → 410 channel-not-found, nothing stored', async () => {
+    const session = new PayingSession({ account: payer, challenge: await freshChallenge() })
+    session.channelId = keccak256(toHex('no such channel'))
+    await rejected(
+      await send(await session.voucher(5_000n), 'POST'),
+      410,
+      'session/channel-not-found',
+    )
+    expect(await Channels.get(gw.sql, session.channelId)).toBeUndefined()
+  }, 30_000)
+
+  test('error: a voucher on a closed channel → 410 channel-finalized, nothing stored', async () => {
+    const session = await opened()
+    const close = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.close(1_000n) },
+    })
+    expect(close.status).toBe(200)
+    const before = await stored(session.channelId!)
+    expect((await Channels.get(gw.sql, session.channelId!))!.finalized).toBe(true)
+    await rejected(
+      await send(await session.voucher(5_000n), 'POST'),
+      410,
+      'session/channel-finalized',
+    )
+    expect(await stored(session.channelId!)).toEqual(before)
+  }, 30_000)
+})
+
+describe('open', () => {
+  test('error: an authorization open whose EIP-3009 signature is wrong → 409 transaction-reverted, nothing stored', async () => {
+    const session = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const header = edit(
+      await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n }),
+      (p) => {
+        p.signature = flip(p.signature as Hex, 40)
+      },
+    )
+    const payerBefore = await Token.balanceOf(chain.payeeClient, {
+      token: chain.currencyAddress,
+      owner: payer.address,
+    })
+    await rejected(await send(header, 'POST'), 409, 'session/transaction-reverted')
+    expect(await Channels.get(gw.sql, session.channelId!)).toBeUndefined()
+    expect(
+      await Escrow.getChannel(chain.payeeClient, {
+        escrow: chain.escrowAddress,
+        channelId: session.channelId!,
+      }),
+    ).toBeUndefined()
+    expect(
+      await Token.balanceOf(chain.payeeClient, {
+        token: chain.currencyAddress,
+        owner: payer.address,
+      }),
+    ).toBe(payerBefore)
+  }, 30_000)
+
+  test('error: an authorization reused for another channel → 409 transaction-reverted, nothing stored', async () => {
+    const first = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const used = await first.openWithAuthorization({ deposit: 100_000n, initial: 1_000n })
+    expect((await send(used)).status).toBe(200)
+    const firstHeader = Credential.deserialize(used)
+    // The authorization (and its nonce, bound to the first salt) under another salt.
+    const other = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const salt = keccak256(toHex('another salt'))
+    const header = edit(
+      await other.openWithAuthorization({ deposit: 100_000n, initial: 1_000n, salt }),
+      (p) => {
+        p.authorization = firstHeader.payload.authorization
+        p.signature = firstHeader.payload.signature
+      },
+    )
+    await rejected(await send(header, 'POST'), 409, 'session/transaction-reverted')
+    expect(await Channels.get(gw.sql, other.channelId!)).toBeUndefined()
+  }, 30_000)
+
+  test('error: a hash open whose transaction is not an open of our escrow → 402 verification-failed, nothing stored', async () => {
+    const client = chain.payerClient(1)
+    const hash = await sendTransaction(client, {
+      account: client.account,
+      chain: client.chain,
+      to: chain.payee.address,
+      value: 1n,
+    })
+    const session = new PayingSession({
+      account: client.account as never,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const channelId = keccak256(toHex('not opened'))
+    const header = await session.openWithHash({
+      channelId,
+      salt: keccak256(toHex('salt')),
+      hash,
+      initial: 1_000n,
+    })
+    await rejected(await send(header, 'POST'), 402, 'verification-failed')
+    expect(await Channels.get(gw.sql, channelId)).toBeUndefined()
+  }, 30_000)
+})
