@@ -1,0 +1,260 @@
+/**
+ * Faults of MPP session payments end to end (real anvil, real PostgreSQL, the fake upstream):
+ * a gateway instance dying mid-stream, and a payer's forced close (draft-evm-session-00,
+ * "Settlement Procedure": the payee settles inside the grace period).
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import type { Hex } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
+import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Reservations from '../../src/ledger/Reservations.ts'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const chain = await Anvil.start()
+afterAll(() => chain.stop())
+const overrides = {
+  chain: {
+    rpcUrl: chain.rpcUrl,
+    chainId: chain.chainId,
+    escrowAddress: chain.escrowAddress,
+    currencyAddress: chain.currencyAddress,
+    payeePrivateKey: chain.payee.privateKey,
+  },
+  payments: {
+    challengeSecret: 'test-challenge-secret-0123456789',
+    voucherTimeoutMs: 3_000,
+    // Only a close request makes the worker settle in these tests: the threshold is out of
+    // reach and channels are never idle long enough.
+    settlement: { thresholdAmount: '1000000000000', idleSeconds: 3_600, intervalSeconds: 1 },
+  },
+}
+const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
+const balance = (owner: Hex) =>
+  Token.balanceOf(chain.payeeClient, { token: chain.currencyAddress, owner })
+
+const words = Array.from({ length: 80 }, (_, i) => `w${i}`).join(' ')
+const body = (stream: boolean, content = words, extra: Record<string, unknown> = {}) =>
+  JSON.stringify({ model: 'fake', stream, messages: [{ role: 'user', content }], ...extra })
+/** The output price is 2 base units a token; a metering block is 16 tokens. */
+const blockCost = 32n
+
+async function challenge(url: string) {
+  const res = await fetch(url, { method: 'POST', body: body(true) })
+  expect(res.status).toBe(402)
+  return challengeOf(res.headers.get('www-authenticate'))!
+}
+
+const bytes = (id: Hex) => Buffer.from(id.slice(2), 'hex')
+
+async function vouchers(sql: Gateway.TestGateway['sql'], channelId: Hex) {
+  const rows = await sql`
+    select cumulative_amount from vouchers where channel_id = ${bytes(channelId)}
+    order by cumulative_amount`
+  return rows.map((r) => BigInt(r.cumulative_amount))
+}
+
+/** The content of the completion chunks in SSE text. */
+function delivered(sse: string): string {
+  return sse
+    .split('\n\n')
+    .map((block) => /^data: (\{.*)$/m.exec(block)?.[1])
+    .filter((data): data is string => data !== undefined && !/^event:/m.test(data))
+    .map(
+      (data) =>
+        (JSON.parse(data) as { choices?: { delta?: { content?: string } }[] }).choices?.[0]?.delta
+          ?.content ?? '',
+    )
+    .join('')
+}
+
+describe('a gateway instance dying mid-stream', () => {
+  test('behavior: accepted vouchers survive, the sweep returns the reservation, the loss is at most one block, the channel works on another instance', async () => {
+    const first = await Gateway.create(overrides)
+    const url = `${first.url}/v1/chat/completions`
+    const payer = privateKeyToAccount(chain.payers[0]!.privateKey)
+    const session = new PayingSession({
+      account: payer,
+      challenge: await challenge(url),
+      tokenDomain,
+    })
+    const prompt = BigInt(Tokenizer.prompt([{ content: words }]))
+    const open = await session.openWithAuthorization({
+      deposit: 1_000_000n,
+      initial: prompt + blockCost,
+    })
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: open },
+      body: body(true),
+    })
+    expect(res.status).toBe(200)
+
+    // Read the stream; answer the first need with a voucher, and die at the second.
+    const reader = res.body!.getReader()
+    const decoder = new TextDecoder()
+    let sse = ''
+    let needs = 0
+    let voucher = 0n
+    let stopped: Promise<void> | undefined
+    try {
+      while (true) {
+        const { value, done } = await reader.read()
+        if (done) break
+        sse += decoder.decode(value, { stream: true })
+        const needed = [...sse.matchAll(/^event: payment-need-voucher\ndata: (.*)$/gm)]
+        if (needed.length > needs) {
+          needs = needed.length
+          const need = JSON.parse(needed.at(-1)![1]!) as { requiredCumulative: string }
+          if (needs === 1) {
+            voucher = BigInt(need.requiredCumulative)
+            const r = await fetch(url, {
+              method: 'HEAD',
+              headers: { authorization: await session.voucher(voucher) },
+            })
+            expect(r.status).toBe(200)
+          } else stopped ??= first.stop()
+        }
+      }
+    } catch {
+      // The connection dies with the instance.
+    }
+    await stopped
+    expect(needs).toBe(2)
+    expect(sse).not.toContain('[DONE]')
+
+    // Another instance on the same database; the dead one's lease runs out and is swept.
+    const second = await Gateway.create(overrides, { db: first.db, upstream: first.upstream })
+    await second.sql`
+      update reservations set expires_at = now() - interval '1 second'
+      where channel_id = ${bytes(session.channelId!)}`
+    await Reservations.sweep(second.sql)
+
+    const channel = (await Channels.get(second.sql, session.channelId!))!
+    expect(channel.acceptedCumulative).toBe(voucher)
+    expect(await vouchers(second.sql, session.channelId!)).toEqual([prompt + blockCost, voucher])
+    expect(channel.reserved).toBe(0n)
+    const [left] = await second.sql`
+      select count(*)::int as n from reservations where channel_id = ${bytes(session.channelId!)}`
+    expect(left!.n).toBe(0)
+    // What the payer received against what the channel was charged: at most a block apart.
+    const text = delivered(sse)
+    expect(text.length).toBeGreaterThan(0)
+    const tokens = text
+      .split(' ')
+      .filter(Boolean)
+      .map((w, i) => Tokenizer.count(i ? ` ${w}` : w))
+      .reduce((a, b) => a + b, 0)
+    const received = prompt + 2n * BigInt(tokens)
+    expect(channel.spent).toBeLessThanOrEqual(channel.acceptedCumulative)
+    expect(channel.spent - received).toBeLessThanOrEqual(blockCost)
+    expect(received - channel.spent).toBeLessThanOrEqual(blockCost)
+
+    // The channel goes on with the new instance.
+    const more = await fetch(`${second.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(voucher + 10_000n) },
+      body: body(false, 'short one'),
+    })
+    expect(more.status).toBe(200)
+    const cost = BigInt(((await more.json()) as { usage: { cost: string } }).usage.cost)
+    expect(cost).toBeGreaterThan(0n)
+    const after = (await Channels.get(second.sql, session.channelId!))!
+    expect(after.spent).toBe(channel.spent + cost)
+    expect(after.acceptedCumulative).toBe(voucher + 10_000n)
+    expect(after.reserved).toBe(0n)
+    await second.stop()
+  }, 30_000)
+})
+
+describe('a forced close', () => {
+  test('behavior: the worker settles exactly spent on CloseRequested; after the grace period the payer withdraws the rest', async () => {
+    const gw = await Gateway.create(overrides)
+    const url = `${gw.url}/v1/chat/completions`
+    const payer = privateKeyToAccount(chain.payers[1]!.privateKey)
+    const content = 'pay for exactly this'
+    const ask = body(false, content, { max_tokens: 4096 })
+
+    // What the request costs (the fake upstream echoes), learnt on a throwaway channel.
+    const learn = new PayingSession({
+      account: payer,
+      challenge: await challenge(url),
+      tokenDomain,
+    })
+    const learnt = await fetch(url, {
+      method: 'POST',
+      headers: {
+        authorization: await learn.openWithAuthorization({ deposit: 100_000n, initial: 50_000n }),
+      },
+      body: ask,
+    })
+    expect(learnt.status).toBe(200)
+    const usage = ((await learnt.json()) as { usage: { cost: string; completion_tokens: number } })
+      .usage
+
+    // A channel whose only voucher is exactly what the request spends.
+    const payerBefore = await balance(payer.address)
+    const payeeBefore = await balance(chain.payee.address)
+    const session = new PayingSession({
+      account: payer,
+      challenge: await challenge(url),
+      tokenDomain,
+    })
+    const deposit = 100_000n
+    const spend = BigInt(usage.cost)
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.openWithAuthorization({ deposit, initial: spend }) },
+      body: body(false, content, { max_tokens: usage.completion_tokens }),
+    })
+    expect(res.status).toBe(200)
+    const channelId = session.channelId!
+    const channel = (await Channels.get(gw.sql, channelId))!
+    expect(channel.spent).toBe(spend)
+    expect(channel.settled).toBe(0n)
+
+    await Escrow.requestClose(chain.payerClient(1), { escrow: chain.escrowAddress, channelId })
+    const deadline = Date.now() + 15_000
+    let onChain = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    while (onChain!.settled < spend && Date.now() < deadline) {
+      await Bun.sleep(200)
+      onChain = await Escrow.getChannel(chain.payeeClient, {
+        escrow: chain.escrowAddress,
+        channelId,
+      })
+    }
+    expect(onChain!.settled).toBe(spend)
+    expect(onChain!.closeRequestedAt).toBeGreaterThan(0n)
+    const recorded = (await Channels.get(gw.sql, channelId))!
+    expect(recorded.settled).toBe(spend)
+    expect(recorded.closeRequestedAt).not.toBeNull()
+    // No more vouchers on a closing channel.
+    const late = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(spend + 1_000n) },
+    })
+    expect(late.status).toBe(410)
+
+    // Too early to withdraw; after the grace period the payer takes back the rest.
+    await expect(
+      Escrow.withdraw(chain.payerClient(1), { escrow: chain.escrowAddress, channelId }),
+    ).rejects.toThrow()
+    await chain.increaseTime(Number(Escrow.closeGracePeriod) + 1)
+    await Escrow.withdraw(chain.payerClient(1), { escrow: chain.escrowAddress, channelId })
+    expect(await balance(chain.payee.address)).toBe(payeeBefore + spend)
+    expect(await balance(payer.address)).toBe(payerBefore - spend)
+    const closed = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(closed!.finalized).toBe(true)
+    await gw.stop()
+  }, 30_000)
+})
