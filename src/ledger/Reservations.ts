@@ -86,13 +86,17 @@ export async function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused
 /**
  * Adds `amount` to a reservation and renews its lease; the new total, undefined if the
  * payer cannot cover it, or 'superseded' for a channel stream another stream replaced.
+ * `delivered`, the cost of what the request has sent so far, is recorded either way: it is
+ * what the sweep charges should the instance die.
  */
 export async function extend(
   sql: Sql,
-  input: { id: string; amount: bigint; leaseSeconds: number },
+  input: { id: string; amount: bigint; leaseSeconds: number; delivered?: bigint | undefined },
 ): Promise<bigint | undefined | 'superseded'> {
+  const delivered = input.delivered === undefined ? null : sql.typed.numeric(input.delivered)
   const [row] = await sql`
-    select tollway_extend(${input.id}, ${sql.typed.numeric(input.amount)}, ${input.leaseSeconds}) as held`
+    select tollway_extend(${input.id}, ${sql.typed.numeric(input.amount)}, ${input.leaseSeconds},
+      ${delivered}) as held`
   const held = row?.held ?? undefined
   return held === -1n ? 'superseded' : held
 }
@@ -122,14 +126,15 @@ export async function finish(
 }
 
 /**
- * Releases reservations whose lease ran out (their instance died): nothing is charged, a
- * usage row records them as `abandoned`. Returns how many were released.
+ * Releases reservations whose lease ran out (their instance died), charging what each had
+ * delivered by its last extend (the block in flight is lost, nothing more); a usage row
+ * records them as `abandoned`. Returns how many were released.
  */
 export async function sweep(sql: Sql): Promise<number> {
   const rows = await sql`
     select r.id, f.charged from (
-      select id from reservations where expires_at < clock_timestamp() limit 100
-    ) r, tollway_finish(r.id, 0, 0, 0, 'abandoned', null, null) f`
+      select id, delivered from reservations where expires_at < clock_timestamp() limit 100
+    ) r, tollway_finish(r.id, r.delivered, 0, 0, 'abandoned', null, null) f`
   return rows.length
 }
 
@@ -150,8 +155,13 @@ export function reservation(sql: Sql, input: { id: string; held: bigint; leaseSe
     get superseded() {
       return superseded
     },
-    async extend(amount: bigint): Promise<boolean> {
-      const total = await extend(sql, { id: input.id, amount, leaseSeconds: input.leaseSeconds })
+    async extend(amount: bigint, delivered?: bigint): Promise<boolean> {
+      const total = await extend(sql, {
+        id: input.id,
+        amount,
+        leaseSeconds: input.leaseSeconds,
+        delivered,
+      })
       if (total === 'superseded') superseded = true
       if (total === undefined || total === 'superseded') return false
       held = total

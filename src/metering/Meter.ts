@@ -15,8 +15,11 @@ export interface Reservation {
   readonly id: string
   /** Base units held now. */
   readonly held: bigint
-  /** Holds `amount` more; false when the payer cannot cover it. */
-  extend(amount: bigint): Promise<boolean>
+  /**
+   * Holds `amount` more; false when the payer cannot cover it. `delivered`, the cost of what
+   * was sent so far, is kept either way: it is charged if this instance dies mid-request.
+   */
+  extend(amount: bigint, delivered?: bigint): Promise<boolean>
   /** Set when the payer gave this request's funds to a newer one (a new stream on a channel). */
   readonly superseded?: boolean
   /**
@@ -121,10 +124,12 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
         const required = Pricing.cost(price, o.promptTokens, sent + n)
         // Pay before sending: extend a block at a time, then exactly what this chunk needs,
         // then (channels) wait for the payer.
+        // The cost of what was sent so far: what a dead instance's request is charged.
+        const delivered = Pricing.cost(price, o.promptTokens, sent)
         while (required > reservation.held) {
           const short = required - reservation.held
-          if (await reservation.extend(short > blockCost ? short : blockCost)) continue
-          if (short < blockCost && (await reservation.extend(short))) continue
+          if (await reservation.extend(short > blockCost ? short : blockCost, delivered)) continue
+          if (short < blockCost && (await reservation.extend(short, delivered))) continue
           if (reservation.superseded) status = 'superseded'
           else if (reservation.waitForFunds) {
             yield { kind: 'shortfall', required }

@@ -10,10 +10,13 @@ import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
+import type * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Postgres from '../helpers/Postgres.ts'
+import * as Upstream from '../helpers/Upstream.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
@@ -58,6 +61,25 @@ async function vouchers(sql: Gateway.TestGateway['sql'], channelId: Hex) {
   return rows.map((r) => BigInt(r.cumulative_amount))
 }
 
+/**
+ * A connection to the database that can be cut, as a crashed process loses its own: every
+ * query after `sever()` fails, so the instance can no longer reconcile what it served.
+ */
+function severable(sql: Db.Sql) {
+  let severed = false
+  const dead = () => Promise.reject(new Error('the connection to the database was cut'))
+  const proxy = new Proxy(sql, {
+    apply: (target, self, args) => (severed ? dead() : Reflect.apply(target, self, args)),
+    get(target, prop) {
+      const value = Reflect.get(target, prop, target)
+      // `typed` builds parameters, not queries; every other method talks to the server.
+      if (!severed || prop === 'typed' || typeof value !== 'function') return value
+      return dead
+    },
+  })
+  return { sql: proxy, sever: () => (severed = true) }
+}
+
 /** The content of the completion chunks in SSE text. */
 function delivered(sse: string): string {
   return sse
@@ -73,102 +95,113 @@ function delivered(sse: string): string {
 }
 
 describe('a gateway instance dying mid-stream', () => {
-  test('behavior: accepted vouchers survive, the sweep returns the reservation, the loss is at most one block, the channel works on another instance', async () => {
-    const first = await Gateway.create(overrides)
-    const url = `${first.url}/v1/chat/completions`
-    const payer = privateKeyToAccount(chain.payers[0]!.privateKey)
-    const session = new PayingSession({
-      account: payer,
-      challenge: await challenge(url),
-      tokenDomain,
-    })
-    const prompt = BigInt(Tokenizer.prompt([{ content: words }]))
-    const open = await session.openWithAuthorization({
-      deposit: 1_000_000n,
-      initial: prompt + blockCost,
-    })
-    const res = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: open },
-      body: body(true),
-    })
-    expect(res.status).toBe(200)
+  for (const death of ['stopped', 'crashed'] as const)
+    test(`behavior: ${death} — accepted vouchers survive, the sweep returns the reservation, the loss is at most one block, the channel works on another instance`, async () => {
+      // A crashed instance writes nothing more: its connection to the database is cut before it
+      // stops, so only the sweep can reconcile its request. A stopped one reconciles its own.
+      const db = await Postgres.fresh()
+      const cut = severable(db.sql)
+      const first = await Gateway.create(overrides, {
+        db: { ...db, sql: cut.sql },
+        upstream: Upstream.start(),
+      })
+      const url = `${first.url}/v1/chat/completions`
+      const payer = privateKeyToAccount(chain.payers[0]!.privateKey)
+      const session = new PayingSession({
+        account: payer,
+        challenge: await challenge(url),
+        tokenDomain,
+      })
+      const prompt = BigInt(Tokenizer.prompt([{ content: words }]))
+      const open = await session.openWithAuthorization({
+        deposit: 1_000_000n,
+        initial: prompt + blockCost,
+      })
+      const res = await fetch(url, {
+        method: 'POST',
+        headers: { authorization: open },
+        body: body(true),
+      })
+      expect(res.status).toBe(200)
 
-    // Read the stream; answer the first need with a voucher, and die at the second.
-    const reader = res.body!.getReader()
-    const decoder = new TextDecoder()
-    let sse = ''
-    let needs = 0
-    let voucher = 0n
-    let stopped: Promise<void> | undefined
-    try {
-      while (true) {
-        const { value, done } = await reader.read()
-        if (done) break
-        sse += decoder.decode(value, { stream: true })
-        const needed = [...sse.matchAll(/^event: payment-need-voucher\ndata: (.*)$/gm)]
-        if (needed.length > needs) {
-          needs = needed.length
-          const need = JSON.parse(needed.at(-1)![1]!) as { requiredCumulative: string }
-          if (needs === 1) {
-            voucher = BigInt(need.requiredCumulative)
-            const r = await fetch(url, {
-              method: 'HEAD',
-              headers: { authorization: await session.voucher(voucher) },
-            })
-            expect(r.status).toBe(200)
-          } else stopped ??= first.stop()
+      // Read the stream; answer the first need with a voucher, and die at the second.
+      const reader = res.body!.getReader()
+      const decoder = new TextDecoder()
+      let sse = ''
+      let needs = 0
+      let voucher = 0n
+      let stopped: Promise<void> | undefined
+      try {
+        while (true) {
+          const { value, done } = await reader.read()
+          if (done) break
+          sse += decoder.decode(value, { stream: true })
+          const needed = [...sse.matchAll(/^event: payment-need-voucher\ndata: (.*)$/gm)]
+          if (needed.length > needs) {
+            needs = needed.length
+            const need = JSON.parse(needed.at(-1)![1]!) as { requiredCumulative: string }
+            if (needs === 1) {
+              voucher = BigInt(need.requiredCumulative)
+              const r = await fetch(url, {
+                method: 'HEAD',
+                headers: { authorization: await session.voucher(voucher) },
+              })
+              expect(r.status).toBe(200)
+            } else if (!stopped) {
+              if (death === 'crashed') cut.sever()
+              stopped = first.stop()
+            }
+          }
         }
+      } catch {
+        // The connection dies with the instance.
       }
-    } catch {
-      // The connection dies with the instance.
-    }
-    await stopped
-    expect(needs).toBe(2)
-    expect(sse).not.toContain('[DONE]')
+      await stopped
+      expect(needs).toBe(2)
+      expect(sse).not.toContain('[DONE]')
 
-    // Another instance on the same database; the dead one's lease runs out and is swept.
-    const second = await Gateway.create(overrides, { db: first.db, upstream: first.upstream })
-    await second.sql`
+      // Another instance on the same database; the dead one's lease runs out and is swept.
+      const second = await Gateway.create(overrides, { db, upstream: first.upstream })
+      await second.sql`
       update reservations set expires_at = now() - interval '1 second'
       where channel_id = ${bytes(session.channelId!)}`
-    await Reservations.sweep(second.sql)
+      await Reservations.sweep(second.sql)
 
-    const channel = (await Channels.get(second.sql, session.channelId!))!
-    expect(channel.acceptedCumulative).toBe(voucher)
-    expect(await vouchers(second.sql, session.channelId!)).toEqual([prompt + blockCost, voucher])
-    expect(channel.reserved).toBe(0n)
-    const [left] = await second.sql`
+      const channel = (await Channels.get(second.sql, session.channelId!))!
+      expect(channel.acceptedCumulative).toBe(voucher)
+      expect(await vouchers(second.sql, session.channelId!)).toEqual([prompt + blockCost, voucher])
+      expect(channel.reserved).toBe(0n)
+      const [left] = await second.sql`
       select count(*)::int as n from reservations where channel_id = ${bytes(session.channelId!)}`
-    expect(left!.n).toBe(0)
-    // What the payer received against what the channel was charged: at most a block apart.
-    const text = delivered(sse)
-    expect(text.length).toBeGreaterThan(0)
-    const tokens = text
-      .split(' ')
-      .filter(Boolean)
-      .map((w, i) => Tokenizer.count(i ? ` ${w}` : w))
-      .reduce((a, b) => a + b, 0)
-    const received = prompt + 2n * BigInt(tokens)
-    expect(channel.spent).toBeLessThanOrEqual(channel.acceptedCumulative)
-    expect(channel.spent - received).toBeLessThanOrEqual(blockCost)
-    expect(received - channel.spent).toBeLessThanOrEqual(blockCost)
+      expect(left!.n).toBe(0)
+      // What the payer received against what the channel was charged: at most a block apart.
+      const text = delivered(sse)
+      expect(text.length).toBeGreaterThan(0)
+      const tokens = text
+        .split(' ')
+        .filter(Boolean)
+        .map((w, i) => Tokenizer.count(i ? ` ${w}` : w))
+        .reduce((a, b) => a + b, 0)
+      const received = prompt + 2n * BigInt(tokens)
+      expect(channel.spent).toBeLessThanOrEqual(channel.acceptedCumulative)
+      expect(channel.spent - received).toBeLessThanOrEqual(blockCost)
+      expect(received - channel.spent).toBeLessThanOrEqual(blockCost)
 
-    // The channel goes on with the new instance.
-    const more = await fetch(`${second.url}/v1/chat/completions`, {
-      method: 'POST',
-      headers: { authorization: await session.voucher(voucher + 10_000n) },
-      body: body(false, 'short one'),
-    })
-    expect(more.status).toBe(200)
-    const cost = BigInt(((await more.json()) as { usage: { cost: string } }).usage.cost)
-    expect(cost).toBeGreaterThan(0n)
-    const after = (await Channels.get(second.sql, session.channelId!))!
-    expect(after.spent).toBe(channel.spent + cost)
-    expect(after.acceptedCumulative).toBe(voucher + 10_000n)
-    expect(after.reserved).toBe(0n)
-    await second.stop()
-  }, 30_000)
+      // The channel goes on with the new instance.
+      const more = await fetch(`${second.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: await session.voucher(voucher + 10_000n) },
+        body: body(false, 'short one'),
+      })
+      expect(more.status).toBe(200)
+      const cost = BigInt(((await more.json()) as { usage: { cost: string } }).usage.cost)
+      expect(cost).toBeGreaterThan(0n)
+      const after = (await Channels.get(second.sql, session.channelId!))!
+      expect(after.spent).toBe(channel.spent + cost)
+      expect(after.acceptedCumulative).toBe(voucher + 10_000n)
+      expect(after.reserved).toBe(0n)
+      await second.stop()
+    }, 30_000)
 })
 
 describe('a forced close', () => {

@@ -139,7 +139,31 @@ describe('extend and finish', () => {
     ).rejects.toThrow(/balance_covers_reserved/)
   })
 
-  test('behavior: the sweep releases reservations of dead instances, charging nothing', async () => {
+  test('behavior: the sweep charges a dead request what it had delivered at its last extend', async () => {
+    const a = await account(100n)
+    const r = await admit(a.keyHash, 20n)
+    const id = requestOf(r)
+    expect(
+      await Reservations.extend(sql, { id, amount: 20n, leaseSeconds: 60, delivered: 15n }),
+    ).toBe(40n)
+    // A refused extend still records what was sent (a stream pausing for funds), never lowers
+    // it, and never records more than is held.
+    expect(
+      await Reservations.extend(sql, { id, amount: 1_000n, leaseSeconds: 60, delivered: 35n }),
+    ).toBeUndefined()
+    await Reservations.extend(sql, { id, amount: 0n, leaseSeconds: 60, delivered: 10n })
+    const [held] = await sql`select held, delivered from reservations where id = ${id}`
+    expect(held).toEqual({ held: 40n, delivered: 35n })
+    await Reservations.extend(sql, { id, amount: 0n, leaseSeconds: 60, delivered: 99n })
+    expect((await sql`select delivered from reservations where id = ${id}`)[0]!.delivered).toBe(40n)
+    await sql`update reservations set expires_at = now() - interval '1 second' where id = ${id}`
+    expect(await Reservations.sweep(sql)).toBeGreaterThanOrEqual(1)
+    expect(await invariants(a.id)).toMatchObject({ balance: 60n, reserved: 0n, open: 0 })
+    const [u] = await sql`select status, cost from usage where id = ${id}`
+    expect(u).toEqual({ status: 'abandoned', cost: 40n })
+  })
+
+  test('behavior: the sweep releases a dead request that delivered nothing, charging nothing', async () => {
     const a = await account(100n)
     expect(await admit(a.keyHash, 60n)).toMatchObject({ status: 'ok' })
     await sql`update reservations set expires_at = now() - interval '1 second' where account_id = ${a.id}`

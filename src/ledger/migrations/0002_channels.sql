@@ -67,6 +67,13 @@ CREATE TRIGGER vouchers_append_only BEFORE UPDATE OR DELETE ON vouchers
 ALTER TABLE reservations ALTER COLUMN account_id DROP NOT NULL;
 ALTER TABLE reservations ADD COLUMN channel_id bytea REFERENCES channels (channel_id);
 ALTER TABLE reservations ADD CONSTRAINT reservation_payer CHECK (num_nonnulls(account_id, channel_id) = 1);
+-- What the request had delivered (the cost of what it sent) at its last extend. The sweep
+-- charges it when the request's instance died: charging nothing there gave away everything a
+-- dead instance had sent (a whole stream, for a channel: its payee was never paid for it).
+-- What goes unpaid is at most the block in flight. Invariant: 0 <= delivered <= held.
+ALTER TABLE reservations ADD COLUMN delivered numeric(78, 0) NOT NULL DEFAULT 0;
+ALTER TABLE reservations ADD CONSTRAINT reservation_delivered_within_held
+  CHECK (delivered >= 0 AND delivered <= held);
 ALTER TABLE usage ALTER COLUMN account_id DROP NOT NULL;
 ALTER TABLE usage ADD COLUMN channel_id bytea REFERENCES channels (channel_id);
 ALTER TABLE usage ADD CONSTRAINT usage_payer CHECK (num_nonnulls(account_id, channel_id) = 1);
@@ -190,7 +197,10 @@ END $$;
 -- lease. Returns the new total held; NULL when the payer cannot cover it or the
 -- reservation is gone; -1 for a channel stream another stream replaced. Lock order
 -- (reservation, then payer) matches tollway_finish. Channel rows commit synchronously.
-CREATE FUNCTION tollway_extend(p_id uuid, p_amount numeric, p_lease_seconds int)
+-- p_delivered, the cost of what the request has sent so far, is recorded whether or not the
+-- payer covers p_amount (a stream pausing for a voucher records it as it pauses); it never
+-- goes down and never above what is held.
+CREATE FUNCTION tollway_extend(p_id uuid, p_amount numeric, p_lease_seconds int, p_delivered numeric DEFAULT NULL)
 RETURNS numeric LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -198,6 +208,9 @@ DECLARE
 BEGIN
   SELECT * INTO r FROM reservations WHERE id = p_id FOR UPDATE;
   IF NOT FOUND THEN RETURN NULL; END IF;
+  IF p_delivered IS NOT NULL AND p_delivered > r.delivered THEN
+    UPDATE reservations SET delivered = least(p_delivered, held) WHERE id = p_id;
+  END IF;
   IF r.account_id IS NOT NULL THEN
     PERFORM set_config('synchronous_commit', 'off', true); -- see 0001_ledger.sql
     IF p_amount > 0 THEN
