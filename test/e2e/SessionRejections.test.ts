@@ -8,7 +8,7 @@ import { afterAll, describe, expect, test } from 'bun:test'
 import { secp256k1 } from '@noble/curves/secp256k1.js'
 import { type Hex, keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
-import { sendTransaction } from 'viem/actions'
+import { sendTransaction, writeContract } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import * as Voucher from '../../src/chain/Voucher.ts'
@@ -454,6 +454,35 @@ describe('open', () => {
     )
     await rejected(await send(header, 'POST'), 409, 'session/transaction-reverted')
     expect(await Channels.get(gw.sql, other.channelId!)).toBeUndefined()
+  }, 30_000)
+
+  test('error: a hash open whose transaction reverted → 409 transaction-reverted at once, nothing stored', async () => {
+    const client = chain.payerClient(1)
+    const channelId = keccak256(toHex('never opened'))
+    // A mined transaction to our escrow with status 0x0 (withdraw of no channel reverts);
+    // the gas is given so that viem sends it instead of refusing it at estimation.
+    const hash = await writeContract(client, {
+      account: client.account,
+      chain: client.chain,
+      address: chain.escrowAddress,
+      abi: Escrow.abi,
+      functionName: 'withdraw',
+      args: [channelId],
+      gas: 200_000n,
+    })
+    const session = new PayingSession({
+      account: client.account as never,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const header = await session.openWithHash({
+      channelId,
+      salt: keccak256(toHex('salt')),
+      hash,
+      initial: 1_000n,
+    })
+    await rejected(await send(header), 409, 'session/transaction-reverted')
+    expect(await Channels.get(gw.sql, channelId)).toBeUndefined()
   }, 30_000)
 
   test('error: a hash open whose transaction is not an open of our escrow → 402 verification-failed, nothing stored', async () => {
