@@ -311,6 +311,30 @@ describe('voucher amount', () => {
   }, 30_000)
 })
 
+describe('close', () => {
+  test('behavior: a final voucher raising the amount by less than minVoucherDelta still closes the channel', async () => {
+    const session = await opened()
+    // Spend some of it, so the close has something to settle.
+    const spent = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(1_000n) },
+      body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'a b c' }] }),
+    })
+    expect(spent.status).toBe(200)
+    const close = await send(await session.close(1_000n + minVoucherDelta - 1n))
+    expect(close.status).toBe(200)
+    const channel = (await Channels.get(gw.sql, session.channelId!))!
+    expect(channel.finalized).toBe(true)
+    // The final voucher was recorded like any; the payee never takes more than was spent.
+    expect(channel.acceptedCumulative).toBe(1_000n + minVoucherDelta - 1n)
+    expect((await stored(session.channelId!)).vouchers.map((v) => v.amount)).toEqual([
+      '1000',
+      (1_000n + minVoucherDelta - 1n).toString(),
+    ])
+    expect(channel.settled).toBeLessThanOrEqual(channel.spent)
+  }, 30_000)
+})
+
 describe('challenge', () => {
   test('error: an expired challenge → 402 challenge-not-found with a fresh one; the same voucher then goes through', async () => {
     const short = await Gateway.create(

@@ -163,10 +163,11 @@ export function create(o: Options) {
   const acceptVoucher = async (
     channel: { signer: Hex },
     v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex },
+    minDelta = o.minVoucherDelta,
   ): Promise<State> => {
     // Signature and signer first: before the replay short-circuit (draft, Idempotency).
     o.chain.verifyVoucher({ ...v, signer: channel.signer })
-    const r = await o.store.acceptVoucher({ ...v, minDelta: o.minVoucherDelta })
+    const r = await o.store.acceptVoucher({ ...v, minDelta })
     const ext = {
       channelId: v.channelId,
       acceptedCumulative: r.acceptedCumulative,
@@ -303,11 +304,13 @@ export function create(o: Options) {
         const channel = await known(p.channelId)
         o.chain.verifyVoucher({ ...p, signer: channel.signer })
         // A final voucher above the accepted amount is recorded first (durable, like any).
+        // minVoucherDelta bounds the work of a stream of vouchers; it is no reason to refuse
+        // the last one, and with it the close (draft, "Cooperative Close").
         if (
           p.cumulativeAmount > channel.acceptedCumulative &&
           p.cumulativeAmount <= channel.deposit
         )
-          await acceptVoucher(channel, p)
+          await acceptVoucher(channel, p, 0n)
         const txHash = await o.chain.close({
           channelId: p.channelId,
           cumulativeAmount: p.cumulativeAmount,
