@@ -453,6 +453,47 @@ describe('open', () => {
     ).toBe(payerBefore)
   }, 30_000)
 
+  test('error: an authorization open whose voucher is not signed by the payer → 402 signer-mismatch before anything is submitted, nothing stored', async () => {
+    const session = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const open = await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n })
+    const thief = privateKeyToAccount(keccak256(toHex('thief')))
+    const forged = await Voucher.sign(thief, {
+      chainId: chain.chainId,
+      escrow: chain.escrowAddress,
+      channelId: session.channelId!,
+      cumulativeAmount: 1_000n,
+    })
+    const payerBefore = await Token.balanceOf(chain.payeeClient, {
+      token: chain.currencyAddress,
+      owner: payer.address,
+    })
+    await rejected(
+      await send(edit(open, (p) => (p.voucherSignature = forged))),
+      402,
+      'session/signer-mismatch',
+    )
+    // The gateway spent no gas and the payer's deposit stayed with the payer.
+    expect(await Channels.get(gw.sql, session.channelId!)).toBeUndefined()
+    expect(
+      await Escrow.getChannel(chain.payeeClient, {
+        escrow: chain.escrowAddress,
+        channelId: session.channelId!,
+      }),
+    ).toBeUndefined()
+    expect(
+      await Token.balanceOf(chain.payeeClient, {
+        token: chain.currencyAddress,
+        owner: payer.address,
+      }),
+    ).toBe(payerBefore)
+    // The genuine open still works afterwards.
+    expect((await send(open)).status).toBe(200)
+  }, 30_000)
+
   test('error: an authorization reused for another channel → 409 transaction-reverted, nothing stored', async () => {
     const first = new PayingSession({
       account: payer,

@@ -100,6 +100,11 @@ export type Options = {
   chain: Escrow
 }
 
+/** Who signs a channel's vouchers: its authorizedSigner when set (non-zero), else the payer. */
+function signerOf(authorizedSigner: Address | undefined, payer: Address): Address {
+  return authorizedSigner && !/^0x0{40}$/i.test(authorizedSigner) ? authorizedSigner : payer
+}
+
 export type State = Method.State
 export type Applied = Method.Applied
 
@@ -220,13 +225,22 @@ export function create(o: Options) {
           if (p.authorization.to.toLowerCase() !== o.escrow.toLowerCase())
             throw Problem.verificationFailed('authorization.to must be the escrow contract.')
           const existing = await o.chain.read(p.channelId)
-          if (!existing)
+          // The initial voucher is checked before the gateway pays gas to lock the payer's
+          // deposit in a channel it would then refuse to serve.
+          if (!existing) {
+            o.chain.verifyVoucher({
+              channelId: p.channelId,
+              cumulativeAmount: p.cumulativeAmount,
+              signature: p.voucherSignature,
+              signer: signerOf(p.authorizedSigner, p.authorization.from),
+            })
             txHash = await o.chain.openWithAuthorization({
               salt: p.salt,
               authorizedSigner: p.authorizedSigner,
               authorization: p.authorization,
               signature: p.signature,
             })
+          }
         } else
           throw Problem.methodUnsupported('Permit2 is not offered; use "authorization" or "hash".')
         const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
@@ -273,13 +287,18 @@ export function create(o: Options) {
           let txHash: Hex | undefined
           const known = await o.store.get(p.channelId)
           if (d.action === 'open' && !known) {
-            if (!(await o.chain.read(p.channelId)))
+            if (!(await o.chain.read(p.channelId))) {
+              o.chain.verifyVoucher({
+                ...p,
+                signer: signerOf(d.authorizedSigner, d.authorization.from),
+              })
               txHash = await o.chain.openWithAuthorization({
                 salt: d.salt!,
                 authorizedSigner: d.authorizedSigner,
                 authorization: d.authorization,
                 signature: d.signature,
               })
+            }
           } else if (d.action === 'topUp')
             txHash = await o.chain.topUpWithAuthorization({
               channelId: p.channelId,
