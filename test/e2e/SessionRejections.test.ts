@@ -420,6 +420,48 @@ describe('channel', () => {
   }, 30_000)
 })
 
+describe('topUp', () => {
+  test('error: a topUp whose EIP-3009 signature is wrong → 409 transaction-reverted, deposit unchanged', async () => {
+    const session = await opened(100_000n)
+    const before = await stored(session.channelId!)
+    const header = edit(await session.topUp(50_000n), (p) => {
+      p.signature = flip(p.signature as Hex, 40)
+    })
+    await rejected(await send(header), 409, 'session/transaction-reverted')
+    expect(await stored(session.channelId!)).toEqual(before)
+    const onChain = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: session.channelId!,
+    })
+    expect(onChain!.deposit).toBe(100_000n)
+    // A genuine one raises the deposit, and vouchers up to it are taken.
+    expect((await send(await session.topUp(50_000n))).status).toBe(200)
+    expect((await send(await session.voucher(150_000n))).status).toBe(200)
+    expect((await stored(session.channelId!)).deposit).toBe(150_000n)
+  }, 30_000)
+
+  test('error: a topUp of an unknown channel → 410 channel-not-found, nothing submitted', async () => {
+    const session = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    session.channelId = keccak256(toHex('no such channel either'))
+    const payerBefore = await Token.balanceOf(chain.payeeClient, {
+      token: chain.currencyAddress,
+      owner: payer.address,
+    })
+    await rejected(await send(await session.topUp(50_000n)), 410, 'session/channel-not-found')
+    expect(await Channels.get(gw.sql, session.channelId)).toBeUndefined()
+    expect(
+      await Token.balanceOf(chain.payeeClient, {
+        token: chain.currencyAddress,
+        owner: payer.address,
+      }),
+    ).toBe(payerBefore)
+  }, 30_000)
+})
+
 describe('open', () => {
   test('error: an authorization open whose EIP-3009 signature is wrong → 409 transaction-reverted, nothing stored', async () => {
     const session = new PayingSession({
