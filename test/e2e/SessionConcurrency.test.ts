@@ -219,15 +219,37 @@ test('behavior: 50 channels, streams on A and B paid by vouchers posted to the o
       spent: string
     }
     expect(BigInt(receipt.spent)).toBe(BigInt(prompt + 2 * completion))
+    // Some channels settle on-chain while the others still stream (the two instances'
+    // settlement workers take turns on the settlement lock: 'busy' means try again).
+    let settledOnChain = 0n
+    if (i % 5 === 0)
+      while (true) {
+        const r = (await (
+          await there.admin(`/channels/${session.channelId}/settle`, {})
+        ).json()) as {
+          result: { status: string }
+          channel: { settled: string }
+        }
+        if (r.result.status === 'busy') {
+          await Bun.sleep(20)
+          continue
+        }
+        expect(r.result.status).toBe('confirmed')
+        settledOnChain = BigInt(r.channel.settled)
+        expect(settledOnChain).toBeGreaterThan(0n)
+        break
+      }
     return {
+      settled: settledOnChain,
       channelId: session.channelId!,
       cost: BigInt(prompt + 2 * completion),
       signed: session.signed,
     }
   }
-  const results = await Promise.all(Array.from({ length: N }, (_, i) => run(i)))
+  const results = await Promise.all(Array.from({ length: N }, (_, i) => run(i))).finally(() => {
+    running = false
+  })
   const streamed = performance.now()
-  running = false
   await sampler
 
   const rows = new Map(
@@ -241,6 +263,7 @@ test('behavior: 50 channels, streams on A and B paid by vouchers posted to the o
     expect(row.spent).toBe(r.cost)
     expect(row.usage_cost).toBe(r.cost)
     expect(row.accepted_cumulative <= r.signed).toBe(true)
+    expect(row.settled).toBe(r.settled)
   }
   expect((await a.sql`select count(*)::int as n from reservations`)[0]!.n).toBe(0)
   // Both instances streamed and took vouchers, and streams paused for them.
