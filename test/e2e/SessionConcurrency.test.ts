@@ -182,8 +182,8 @@ test('behavior: 50 channels, streams on A and B paid by vouchers posted to the o
     })
     expect(res.status).toBe(200)
     let streaming = true
-    // Vouchers racing the stream, on both instances: replays of the open's voucher (the same
-    // credential again) and small raises the stream will not need to ask for.
+    // Vouchers racing the stream, on both instances: the highest amount signed so far again
+    // (a replay, unless it overtakes the voucher the stream asked for) and raises by 1.
     const racing = (async () => {
       for (let k = 0; streaming && k < 4; k++) {
         await Bun.sleep(Math.random() * 20)
