@@ -11,6 +11,7 @@ import * as Client from './chain/Client.ts'
 import * as DevChain from './chain/DevChain.ts'
 import * as SessionEscrow from './chain/SessionEscrow.ts'
 import * as Settlement from './chain/Settlement.ts'
+import * as Transaction from './chain/Transaction.ts'
 import * as App from './http/App.ts'
 import { type Payments, VoucherLimiter } from './http/Payments.ts'
 import * as Logger from './Logger.ts'
@@ -103,6 +104,11 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         chainId: chain.chainId,
         privateKey: chain.payeePrivateKey as Hex,
       })
+      // Instances share the payee's key: their transactions take turns (nonces), see Transaction.
+      Transaction.exclusive(
+        client,
+        Db.exclusive(sql, `tollway.send.${chain.chainId}.${client.account.address.toLowerCase()}`),
+      )
       const s = config.payments.settlement
       const worker = Settlement.start({
         store: Settlements.store(sql),

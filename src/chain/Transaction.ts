@@ -9,6 +9,7 @@ import {
   BaseError,
   ContractFunctionRevertedError,
   type Hash,
+  NonceTooLowError,
   type TransactionReceipt,
 } from 'viem'
 import { simulateContract, waitForTransactionReceipt, writeContract } from 'viem/actions'
@@ -29,6 +30,33 @@ export type SendOptions = {
   onSubmitted?: ((hash: Hash) => void | Promise<void>) | undefined
 }
 
+/** Runs `fn` with no other sender of the same account running (see `exclusive`). */
+export type Exclusive = <T>(fn: () => Promise<T>) => Promise<T>
+
+const exclusives = new WeakMap<object, Exclusive>()
+
+/**
+ * Makes `client`'s sends take turns with every other sender of its account: `run` is a lock
+ * shared by all the gateway's instances (main.ts passes a Postgres advisory lock). Held
+ * from the nonce to the node's acceptance, not while the transaction is mined: without it
+ * two instances pick the same pending nonce, and the node refuses one transaction or
+ * replaces it with the other, whose sender then waits for a receipt that never comes.
+ */
+export function exclusive(client: Client, run: Exclusive): void {
+  exclusives.set(client, run)
+}
+
+const alone: Exclusive = (fn) => fn()
+
+/**
+ * How many times a send is tried when its nonce was taken. Every instance of the gateway
+ * sends from the payee's key with its own nonce manager, so two of them (or one whose
+ * manager was reset mid-flight) can pick the same pending nonce; the node refuses the
+ * second, which then asks the node again. A refused transaction was never accepted, so
+ * trying again cannot send anything twice.
+ */
+const attempts = 8
+
 /** Simulates, sends and waits for `call`; throws TransactionRevertedError on any revert. */
 export async function send<result = unknown>(
   client: Client,
@@ -37,23 +65,49 @@ export async function send<result = unknown>(
 ): Promise<Sent<result>> {
   const account = client.account
   if (!account) throw new AccountRequiredError(call.functionName)
-  let simulated: { request: unknown; result: unknown }
-  try {
-    simulated = await simulateContract(client, { ...call, account } as never)
-  } catch (error) {
-    throw toReverted(error, call.functionName)
+  const turn = exclusives.get(client) ?? alone
+  for (let attempt = 1; ; attempt++) {
+    const sent = await turn(async () => {
+      let simulated: { request: unknown; result: unknown }
+      try {
+        // Again on every attempt: another instance may have changed the state meanwhile.
+        simulated = await simulateContract(client, { ...call, account } as never)
+      } catch (error) {
+        throw toReverted(error, call.functionName)
+      }
+      try {
+        return { hash: await writeContract(client, simulated.request as never), simulated }
+      } catch (error) {
+        // The nonce may have been handed out without a transaction using it: ask the node again.
+        account.nonceManager?.reset({ address: account.address, chainId: client.chain.id })
+        if (attempt < attempts && nonceTaken(error)) return undefined
+        throw toReverted(error, call.functionName)
+      }
+    })
+    if (!sent) {
+      await new Promise((r) => setTimeout(r, Math.random() * 20 * attempt))
+      continue
+    }
+    const { hash, simulated } = sent
+    await options.onSubmitted?.(hash)
+    const receipt = await wait(client, { hash, functionName: call.functionName })
+    return { hash, receipt, result: simulated.result as result }
   }
-  let hash: Hash
-  try {
-    hash = await writeContract(client, simulated.request as never)
-  } catch (error) {
-    // The nonce may have been handed out without a transaction using it: ask the node again.
-    account.nonceManager?.reset({ address: account.address, chainId: client.chain.id })
-    throw toReverted(error, call.functionName)
-  }
-  await options.onSubmitted?.(hash)
-  const receipt = await wait(client, { hash, functionName: call.functionName })
-  return { hash, receipt, result: simulated.result as result }
+}
+
+/**
+ * Whether the node refused a transaction because its nonce was already used (by another
+ * sender with the same key). Not "already known": that is this very transaction, already
+ * in the pool, and sending it again under a new nonce would send it twice.
+ */
+function nonceTaken(error: unknown): boolean {
+  if (!(error instanceof BaseError)) return false
+  const details = error.details?.toLowerCase() ?? ''
+  if (details.includes('already known') || details.includes('already imported')) return false
+  return (
+    error.walk((e) => e instanceof NonceTooLowError) instanceof NonceTooLowError ||
+    details.includes('replacement transaction underpriced')
+  )
 }
 
 /** Waits for a sent transaction; a mined `status: reverted` throws TransactionRevertedError. */

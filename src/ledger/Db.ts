@@ -62,3 +62,35 @@ export async function migrate(sql: Sql): Promise<string[]> {
     return applied
   }) as Promise<string[]>
 }
+
+const turns = new Map<string, Promise<unknown>>()
+
+/**
+ * Runs `fn` with no other holder of the lock `name` running it: first in this process (one
+ * turn at a time, so waiting callers do not each tie up a connection), then, among the
+ * instances sharing the database, under a Postgres advisory lock that goes with the
+ * transaction around `fn`. `fn` must not use the database. A one-connection pool (the
+ * embedded server) skips the advisory lock: its instances all live in this process, and a
+ * caller holding that one connection (the settlement worker's reserved one) would wait
+ * for itself.
+ */
+export function exclusive(sql: Sql, name: string) {
+  const shared = (sql.options as { max?: number }).max !== 1
+  return <T>(fn: () => Promise<T>): Promise<T> => {
+    const run = shared
+      ? () =>
+          sql.begin(async (tx) => {
+            await tx`select pg_advisory_xact_lock(hashtext(${name}))`
+            return fn()
+          }) as Promise<T>
+      : fn
+    const previous = turns.get(name) ?? Promise.resolve()
+    const mine = previous.then(run, run)
+    const settled = mine.catch(() => {})
+    turns.set(name, settled)
+    void settled.then(() => {
+      if (turns.get(name) === settled) turns.delete(name)
+    })
+    return mine
+  }
+}

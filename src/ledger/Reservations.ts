@@ -201,16 +201,22 @@ export function channelReservation(
   return Object.assign(r, {
     async waitForFunds(required: bigint, signal: AbortSignal): Promise<boolean> {
       if (r.superseded) return false
-      const deadline = Date.now() + input.timeoutMs
       const timeout = AbortSignal.timeout(input.timeoutMs)
-      const any = AbortSignal.any([signal, timeout])
-      while (Date.now() < deadline && !any.aborted) {
-        if (!(await input.waker.next(input.channelId, any))) break
+      while (true) {
+        const looked = new AbortController()
+        const any = AbortSignal.any([signal, timeout, looked.signal])
+        if (any.aborted) return false
+        // Listen before looking: a voucher accepted between the stream's last look and
+        // this wait (its wake-up gone by) must not leave the stream asleep until the poll.
+        const woken = input.waker.next(input.channelId, any)
         // Renews the lease too, so a long wait is not mistaken for a dead instance.
-        if (await r.extend(required > r.held ? required - r.held : 0n)) return true
-        if (r.superseded) return false
+        const covered = await r.extend(required > r.held ? required - r.held : 0n)
+        if (covered || r.superseded) {
+          looked.abort()
+          return covered
+        }
+        if (!(await woken)) return false
       }
-      return false
     },
   })
 }

@@ -5,7 +5,7 @@
 import { afterAll } from 'bun:test'
 import OpenAI from 'openai'
 import * as Config from '../../src/Config.ts'
-import type * as Db from '../../src/ledger/Db.ts'
+import * as Db from '../../src/ledger/Db.ts'
 import { type Gateway, start } from '../../src/main.ts'
 import * as Postgres from './Postgres.ts'
 import * as Upstream from './Upstream.ts'
@@ -32,7 +32,7 @@ export type TestGateway = Gateway & {
     credits?: bigint | number
   }): Promise<{ id: string; key: string }>
   openai(key: string): OpenAI
-  /** Another instance on the same database. */
+  /** Another instance on the same database (with its own connection pool on a server). */
   another(): Promise<TestGateway>
 }
 
@@ -110,7 +110,19 @@ export async function create(
       return { id, key }
     },
     openai: (key) => new OpenAI({ apiKey: key, baseURL: `${gateway.url}/v1`, maxRetries: 0 }),
-    another: () => create(overrides, { db, upstream }),
+    async another() {
+      // A server database: its own pool (and LISTEN connection), as a second process has.
+      // The embedded one takes a single connection, so there the instances share it.
+      if (db.max === 1) return create(overrides, { db, upstream })
+      const sql = Db.connect({
+        url: db.url,
+        max: db.max,
+        ...(db.schema ? { schema: db.schema } : {}),
+      })
+      const other = await create(overrides, { db: { ...db, sql }, upstream })
+      afterAll(() => sql.end())
+      return other
+    },
   }
   return t
 }
