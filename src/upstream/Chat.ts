@@ -118,3 +118,47 @@ export function generated(d: z.output<typeof Delta>): string {
   for (const t of d.tool_calls ?? []) s += (t.function?.name ?? '') + (t.function?.arguments ?? '')
   return s
 }
+
+const isObject = (v: unknown): v is Record<string, unknown> =>
+  typeof v === 'object' && v !== null && !Array.isArray(v)
+const optional = (v: unknown, type: 'string' | 'number') =>
+  v === undefined || v === null || typeof v === type
+
+/**
+ * The common chunk shape, checked without zod (the hot path of a stream): `choices` of
+ * `{ index, delta: { role?, content?, reasoning_content?, reasoning? }, finish_reason? }`
+ * and an optional `usage`. Returns the chunk with `Chunk`'s defaults, or undefined for
+ * anything else (tool calls, odd fields), which `Chunk` then parses. Callers send JSON with
+ * a `__proto__` key to `Chunk` (zod treats that key specially).
+ */
+export function asChunk(json: unknown): Chunk | undefined {
+  if (!isObject(json)) return undefined
+  const choices = json.choices === undefined ? [] : json.choices
+  if (!Array.isArray(choices)) return undefined
+  for (const c of choices) {
+    if (!isObject(c) || typeof c.index !== 'number' || !optional(c.finish_reason, 'string'))
+      return undefined
+    const d = c.delta === undefined ? {} : c.delta
+    if (!isObject(d) || d.tool_calls !== undefined) return undefined
+    if (
+      !optional(d.content, 'string') ||
+      !optional(d.reasoning_content, 'string') ||
+      !optional(d.reasoning, 'string')
+    )
+      return undefined
+    if (d.role !== undefined && typeof d.role !== 'string') return undefined
+    if (c.delta === undefined) c.delta = {}
+  }
+  const u = json.usage
+  if (u !== undefined && u !== null) {
+    if (!isObject(u)) return undefined
+    const valid = (n: unknown) => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0
+    if (!valid(u.prompt_tokens) || !valid(u.completion_tokens)) return undefined
+    if (u.total_tokens !== undefined && !valid(u.total_tokens)) return undefined
+  }
+  for (const k of ['id', 'object', 'model'] as const)
+    if (json[k] !== undefined && typeof json[k] !== 'string') return undefined
+  if (json.created !== undefined && typeof json.created !== 'number') return undefined
+  if (json.choices === undefined) json.choices = choices
+  return json as Chunk
+}
