@@ -147,6 +147,7 @@ describe('a full session', () => {
       needs++
       expect(BigInt(need.requiredCumulative!)).toBeGreaterThan(BigInt(need.acceptedCumulative!))
       expect(need.deposit).toBe(deposit.toString())
+      expect(need.topUpRequired).toBe(false as never)
       // Sign a little ahead, as a client does, so vouchers stay under 10 a second.
       const r = await fetch(url, {
         method: 'HEAD',
@@ -279,6 +280,50 @@ describe('a full session', () => {
     }
     expect(r.acceptedCumulative).toBe('100000')
     expect(BigInt(r.spent)).toBeGreaterThan(0n)
+  }, 30_000)
+})
+
+describe('top-up mid-stream', () => {
+  test('behavior: past the deposit the event says to top up; a topUp then a voucher resume the stream', async () => {
+    const payer = privateKeyToAccount(chain.payers[8]!.privateKey)
+    const { challenge: c } = await challenge()
+    const session = new PayingSession({ account: payer, challenge: c, tokenDomain })
+    const prompt = BigInt(Tokenizer.prompt([{ content: words }]))
+    const deposit = prompt + 64n
+    const open = await session.openWithAuthorization({ deposit, initial: deposit })
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: open },
+      body: body(true),
+    })
+    expect(res.status).toBe(200)
+    let topUps = 0
+    let total = deposit
+    const events = await read(res, async (need) => {
+      const required = BigInt(need.requiredCumulative!)
+      if (need.topUpRequired as unknown as boolean) {
+        expect(required).toBeGreaterThan(BigInt(need.deposit!))
+        topUps++
+        total += 1_000n
+        const t = await fetch(url, {
+          method: 'HEAD',
+          headers: { authorization: await session.topUp(1_000n) },
+        })
+        expect(t.status).toBe(200)
+      }
+      const v = await fetch(url, {
+        method: 'HEAD',
+        headers: {
+          authorization: await session.voucher(required + 64n > total ? total : required + 64n),
+        },
+      })
+      expect(v.status).toBe(200)
+    })
+    expect(topUps).toBeGreaterThanOrEqual(1)
+    expect(text(events)).toBe(words)
+    const channel = (await Channels.get(gw.sql, session.channelId!))!
+    expect(channel.deposit).toBe(total)
+    expect(channel.reserved).toBe(0n)
   }, 30_000)
 })
 

@@ -285,14 +285,19 @@ export function routes(deps: Deps) {
       async extra(frame) {
         if (frame.kind !== 'shortfall') return undefined
         const channel = await current()
+        const requiredCumulative =
+          channel.spent + channel.reserved + (frame.required - reservation.held)
         const e = Events.needVoucher({
           channelId,
-          requiredCumulative:
-            channel.spent + channel.reserved + (frame.required - reservation.held),
+          requiredCumulative,
           acceptedCumulative: channel.acceptedCumulative,
           deposit: channel.deposit,
         })
-        return Sse.event(e.event, e.data)
+        // The draft: past the deposit the client must top up before the next voucher.
+        return Sse.event(e.event, {
+          ...e.data,
+          topUpRequired: requiredCumulative > channel.deposit,
+        })
       },
       async beforeDone() {
         const e = Events.receipt(receiptOf(await current()))
