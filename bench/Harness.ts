@@ -67,3 +67,16 @@ export function cpuSeconds(pid: number): number {
     return Number.NaN
   }
 }
+
+/** Creates an account with plenty of credits and a key through the admin API; the key. */
+export async function apiKey(base: string, adminToken: string): Promise<string> {
+  const headers = { authorization: `Bearer ${adminToken}`, 'content-type': 'application/json' }
+  const post = async (path: string, body: unknown) =>
+    (
+      await fetch(`${base}/admin${path}`, { method: 'POST', headers, body: JSON.stringify(body) })
+    ).json()
+  const { id } = (await post('/accounts', { name: 'bench' })) as { id: string }
+  await post(`/accounts/${id}/credits`, { amount: '1000000000000000' })
+  const { key } = (await post(`/accounts/${id}/keys`, { name: 'bench' })) as { key: string }
+  return key
+}

@@ -97,29 +97,7 @@ export async function run() {
       ),
     )
     const gateway = `http://127.0.0.1:${gatewayPort}`
-    const adminHeaders = {
-      authorization: `Bearer ${adminToken}`,
-      'content-type': 'application/json',
-    }
-    const { id } = (await (
-      await fetch(`${gateway}/admin/accounts`, {
-        method: 'POST',
-        headers: adminHeaders,
-        body: '{"name":"bench"}',
-      })
-    ).json()) as { id: string }
-    await fetch(`${gateway}/admin/accounts/${id}/credits`, {
-      method: 'POST',
-      headers: adminHeaders,
-      body: '{"amount":"1000000000000000"}',
-    })
-    const { key } = (await (
-      await fetch(`${gateway}/admin/accounts/${id}/keys`, {
-        method: 'POST',
-        headers: adminHeaders,
-        body: '{"name":"bench"}',
-      })
-    ).json()) as { key: string }
+    const key = await Harness.apiKey(gateway, adminToken)
 
     const body = JSON.stringify({
       model: 'bench',

@@ -140,26 +140,7 @@ export async function run() {
     )
     children.push(gateway)
     const base = `http://127.0.0.1:${port}`
-    const admin = { authorization: `Bearer ${adminToken}`, 'content-type': 'application/json' }
-    const { id } = (await (
-      await fetch(`${base}/admin/accounts`, {
-        method: 'POST',
-        headers: admin,
-        body: '{"name":"bench"}',
-      })
-    ).json()) as { id: string }
-    await fetch(`${base}/admin/accounts/${id}/credits`, {
-      method: 'POST',
-      headers: admin,
-      body: '{"amount":"1000000000000000"}',
-    })
-    const { key } = (await (
-      await fetch(`${base}/admin/accounts/${id}/keys`, {
-        method: 'POST',
-        headers: admin,
-        body: '{"name":"bench"}',
-      })
-    ).json()) as { key: string }
+    const key = await Harness.apiKey(base, adminToken)
 
     // One channel per paid stream, each with a voucher covering the whole run.
     const url = `${base}/v1/chat/completions`

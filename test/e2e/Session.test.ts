@@ -13,6 +13,7 @@ import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Receipt from '../../src/payment/Receipt.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import { read, text } from '../helpers/Sse.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
@@ -40,42 +41,6 @@ async function challenge() {
   expect(res.status).toBe(402)
   return { res, challenge: challengeOf(res.headers.get('www-authenticate'))! }
 }
-
-type Event = { event: string | undefined; data: string }
-
-/** Reads an SSE response event by event, answering `payment-need-voucher` with `onNeed`. */
-async function read(res: Response, onNeed: (data: Record<string, string>) => Promise<void>) {
-  const events: Event[] = []
-  const reader = res.body!.getReader()
-  const decoder = new TextDecoder()
-  let buffer = ''
-  while (true) {
-    const { value, done } = await reader.read()
-    if (done) break
-    buffer += decoder.decode(value, { stream: true })
-    let at = buffer.indexOf('\n\n')
-    while (at >= 0) {
-      const block = buffer.slice(0, at)
-      buffer = buffer.slice(at + 2)
-      at = buffer.indexOf('\n\n')
-      const event = /^event: (.+)$/m.exec(block)?.[1]
-      const data = /^data: (.*)$/m.exec(block)?.[1] ?? ''
-      events.push({ event, data })
-      if (event === 'payment-need-voucher') await onNeed(JSON.parse(data))
-    }
-  }
-  return events
-}
-
-const text = (events: Event[]) =>
-  events
-    .filter((e) => !e.event && e.data.startsWith('{'))
-    .map(
-      (e) =>
-        (JSON.parse(e.data) as { choices?: { delta?: { content?: string } }[] }).choices?.[0]?.delta
-          ?.content ?? '',
-    )
-    .join('')
 
 describe('challenge', () => {
   test('behavior: no credentials → 402 payment_required offering both ways in', async () => {

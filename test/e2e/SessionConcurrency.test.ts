@@ -13,6 +13,7 @@ import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import { read, text } from '../helpers/Sse.ts'
 
 const N = 50
 const chain = await Anvil.start({ accounts: N + 1 })
@@ -31,42 +32,6 @@ const a = await Gateway.create({
 const b = await a.another()
 const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
 const completions = (gw: Gateway.TestGateway) => `${gw.url}/v1/chat/completions`
-
-type Event = { event: string | undefined; data: string }
-
-/** Reads an SSE response event by event, answering `payment-need-voucher` with `onNeed`. */
-async function read(res: Response, onNeed: (data: Record<string, string>) => Promise<void>) {
-  const events: Event[] = []
-  const reader = res.body!.getReader()
-  const decoder = new TextDecoder()
-  let buffer = ''
-  while (true) {
-    const { value, done } = await reader.read()
-    if (done) break
-    buffer += decoder.decode(value, { stream: true })
-    let at = buffer.indexOf('\n\n')
-    while (at >= 0) {
-      const block = buffer.slice(0, at)
-      buffer = buffer.slice(at + 2)
-      at = buffer.indexOf('\n\n')
-      const event = /^event: (.+)$/m.exec(block)?.[1]
-      const data = /^data: (.*)$/m.exec(block)?.[1] ?? ''
-      events.push({ event, data })
-      if (event === 'payment-need-voucher') await onNeed(JSON.parse(data))
-    }
-  }
-  return events
-}
-
-const text = (events: Event[]) =>
-  events
-    .filter((e) => !e.event && e.data.startsWith('{'))
-    .map(
-      (e) =>
-        (JSON.parse(e.data) as { choices?: { delta?: { content?: string } }[] }).choices?.[0]?.delta
-          ?.content ?? '',
-    )
-    .join('')
 
 let limited = 0
 /** Posts a credential with HEAD; retries after a 429 (the per-channel voucher rate). */
