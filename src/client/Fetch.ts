@@ -406,9 +406,10 @@ export function createFetch(options: Options): PayingFetch {
         })
       }
       const challenge = challengeOf(res.headers.get('www-authenticate'))
+      // Not a payment this client makes (no evm/session challenge, no channel): the caller's.
+      if (!challenge && !live?.state) return res
       const problem = await problemOf(res)
       const kind = kindOf(problem)
-      if (!challenge && !live) return new Response(JSON.stringify(problem), res)
       if (challenge) {
         check(challenge)
         live = await adopt(url, challenge)

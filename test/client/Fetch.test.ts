@@ -164,4 +164,31 @@ describe('createFetch', () => {
     expect(channel.spent).toBeLessThanOrEqual(200n)
     expect(channel.acceptedCumulative).toBeLessThanOrEqual(200n)
   }, 60_000)
+
+  test('behavior: a deposit too small for the stream is topped up mid-stream', async () => {
+    const { openai, fetch } = client(5, { deposit: 200n })
+    const stream = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+    let text = ''
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+    expect(text).toBe(words)
+    const state = (await fetch.channel(gw.url))!
+    const channel = (await Channels.get(gw.sql, state.channelId))!
+    expect(channel.deposit).toBeGreaterThan(200n)
+    expect(channel.deposit).toBe(BigInt(state.deposit))
+    expect(channel.reserved).toBe(0n)
+  }, 60_000)
+
+  test('error: a top-up past maxDeposit stops with LimitExceededError naming maxDeposit', async () => {
+    const { openai, fetch } = client(6, { limits: { maxDeposit: 200n, maxTotal: 1_000_000n } })
+    const stream = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+    const e = await (async () => {
+      for await (const _ of stream);
+    })().catch((e) => e)
+    expect(e).toBeInstanceOf(LimitExceededError)
+    expect((e as LimitExceededError).limit).toBe('maxDeposit')
+    expect((e as Error).message).toContain('maxDeposit')
+    const state = (await fetch.channel(gw.url))!
+    expect(BigInt(state.deposit)).toBe(200n)
+    expect(BigInt(state.signed)).toBeLessThanOrEqual(200n)
+  }, 60_000)
 })
