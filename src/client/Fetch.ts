@@ -6,7 +6,6 @@
  * up when the deposit is short, and never signs past its limits. Payment events never reach the
  * caller's stream; they go to `onVoucher` / `onReceipt`.
  */
-import { createParser } from 'eventsource-parser'
 import {
   type Address,
   createClient,
@@ -21,7 +20,7 @@ import * as ChainClient from '../chain/Client.ts'
 import * as Escrow from '../chain/Escrow.ts'
 import * as Token from '../chain/Token.ts'
 import type * as Challenge from '../payment/Challenge.ts'
-import * as Events from '../payment/Events.ts'
+import type * as Events from '../payment/Events.ts'
 import * as Receipt from '../payment/Receipt.ts'
 import {
   ChallengeRefusedError,
@@ -31,6 +30,7 @@ import {
 } from './Errors.ts'
 import { challengeOf, PayingSession } from './Session.ts'
 import * as Store from './Store.ts'
+import * as Stream from './Stream.ts'
 
 export type Options = {
   /** The payer: a viem local account or its private key. */
@@ -323,55 +323,13 @@ export function createFetch(options: Options): PayingFetch {
     return live.queue
   }
 
-  /** The response body without payment events; those go to the callbacks and `answer`. */
-  const filtered = (live: Live, url: string, body: ReadableStream<Uint8Array>) => {
-    const encoder = new TextEncoder()
-    const decoder = new TextDecoder()
-    let out: TransformStreamDefaultController<Uint8Array> | undefined
-    let failed: unknown
-    const fail = (e: unknown) => {
-      failed ??= e
-      try {
-        out?.error(e)
-      } catch {}
-    }
-    const parser = createParser({
-      onEvent(e) {
-        if (e.event === Events.needVoucherEvent || e.event === Events.receiptEvent) {
-          let parsed: Events.Event | undefined
-          try {
-            parsed = Events.deserialize(e.event, e.data)
-          } catch (cause) {
-            return fail(cause)
-          }
-          if (parsed?.event === Events.needVoucherEvent) answer(live, url, parsed.data).catch(fail)
-          else if (parsed?.event === Events.receiptEvent) receive(live, parsed.data)
-          return
-        }
-        let block = ''
-        if (e.id !== undefined) block += `id: ${e.id}\n`
-        if (e.event !== undefined) block += `event: ${e.event}\n`
-        for (const line of e.data.split('\n')) block += `data: ${line}\n`
-        out?.enqueue(encoder.encode(`${block}\n`))
-      },
+  /** The response body without payment events; those go to `answer` and `receive`. */
+  const filtered = (live: Live, url: string, body: ReadableStream<Uint8Array>) =>
+    Stream.strip(body, {
+      onNeedVoucher: (need) => answer(live, url, need),
+      onReceipt: (receipt) => receive(live, receipt),
+      settled: () => live.queue,
     })
-    return body.pipeThrough(
-      new TransformStream<Uint8Array, Uint8Array>({
-        start(controller) {
-          out = controller
-        },
-        transform(chunk) {
-          if (failed) throw failed
-          parser.feed(decoder.decode(chunk, { stream: true }))
-        },
-        async flush() {
-          // The stream ended: a payment still on its way must not be lost, nor its error.
-          await live.queue.catch(fail)
-          if (failed) throw failed
-        },
-      }),
-    )
-  }
 
   const paying = async (input: string | URL | Request, init?: RequestInit): Promise<Response> => {
     const request = new Request(input instanceof URL ? input.href : (input as string), init)
