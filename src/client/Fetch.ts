@@ -40,7 +40,9 @@ export type Options = {
   rpcUrl?: string | undefined
   /** The token's EIP-712 domain (read from `rpcUrl` when omitted). */
   tokenDomain?: Token.TokenDomain | undefined
-  /** Spending limits, base units: the deposit of one channel, and all vouchers together. */
+  /** Spending limits, base units. `maxDeposit`: one channel's deposit. `maxTotal`: all vouchers
+   * this wrapper signs, over its channels (a resumed channel counts from its start; channels
+   * closed by another process are not counted). */
   limits: { maxDeposit: bigint; maxTotal: bigint }
   /** The deposit of a new channel (default `limits.maxDeposit`). */
   deposit?: bigint | undefined
@@ -109,7 +111,10 @@ export function createFetch(options: Options): PayingFetch {
   const store = options.store ?? Store.file('.tollway/channels.json')
   const margin = options.margin ?? 10_000n
   const completionMargin = options.completionMargin ?? 16n * margin
-  const { maxDeposit, maxTotal } = options.limits
+  const { maxDeposit } = options.limits
+  // What channels closed by this wrapper took from maxTotal; the rest is for the open ones.
+  let closedTotal = 0n
+  const total = () => options.limits.maxTotal - closedTotal
   const escrows = new Set(options.allow.escrows.map((a) => a.toLowerCase()))
   const currencies = options.allow.currencies?.map((a) => a.toLowerCase())
   const lives = new Map<string, Live>()
@@ -204,7 +209,7 @@ export function createFetch(options: Options): PayingFetch {
   /** The `open` credential of a new channel (the server pays the gas when it offers to). */
   const open = async (live: Live, url: string, ahead: bigint): Promise<string> => {
     const r = live.session.request
-    const deposit = min(options.deposit ?? maxDeposit, maxDeposit, maxTotal)
+    const deposit = min(options.deposit ?? maxDeposit, maxDeposit, total())
     const initial = min(ahead, deposit)
     let header: string
     if (r.methodDetails.feePayer && r.methodDetails.credentialTypes?.includes('authorization')) {
@@ -251,8 +256,12 @@ export function createFetch(options: Options): PayingFetch {
     required: bigint,
   ): Promise<{ topUp?: string; voucher: string }> => {
     const state = live.state as Store.ChannelState
+    const maxTotal = total()
     if (required > maxTotal)
-      throw new LimitExceededError('maxTotal', { limit: maxTotal, wanted: required })
+      throw new LimitExceededError('maxTotal', {
+        limit: options.limits.maxTotal,
+        wanted: required + closedTotal,
+      })
     let deposit = BigInt(state.deposit)
     let topUp: string | undefined
     if (required > deposit) {
@@ -298,7 +307,7 @@ export function createFetch(options: Options): PayingFetch {
 
   /** The voucher a request starts with: what was spent plus `ahead`, within the limits. */
   const ahead = async (live: Live, by: bigint) => {
-    const cap = min(BigInt((live.state as Store.ChannelState).deposit), maxTotal)
+    const cap = min(BigInt((live.state as Store.ChannelState).deposit), total())
     const target = max(live.session.signed, min(live.spent + by, cap))
     const credential = await live.session.voucher(target)
     await save(live)
@@ -432,6 +441,7 @@ export function createFetch(options: Options): PayingFetch {
         await problemOf(closed),
       )
     const { receipt } = (await closed.json()) as { receipt: { txHash: Hex } }
+    closedTotal += spent
     await forget(live)
     return receipt.txHash
   }

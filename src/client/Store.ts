@@ -4,6 +4,7 @@
  */
 import { mkdir, readFile, rename, writeFile } from 'node:fs/promises'
 import { dirname } from 'node:path'
+import { ClientError } from './Errors.ts'
 
 /** One open channel, as the client knows it. */
 export type ChannelState = {
@@ -47,11 +48,21 @@ export function memory(): Store {
 export function file(path: string): Store {
   let queue: Promise<unknown> = Promise.resolve()
   const load = async (): Promise<Record<string, ChannelState>> => {
+    let text: string
     try {
-      return JSON.parse(await readFile(path, 'utf8')) as Record<string, ChannelState>
+      text = await readFile(path, 'utf8')
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') return {}
       throw e
+    }
+    try {
+      return JSON.parse(text) as Record<string, ChannelState>
+    } catch (cause) {
+      throw new ClientError(
+        `The channel store ${path} is not JSON; repair it, or move it away to start afresh (open channels in it are then forgotten).`,
+        { path },
+        { cause },
+      )
     }
   }
   // Writes one after another, so two updates never interleave their read and write.
