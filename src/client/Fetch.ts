@@ -85,6 +85,8 @@ type Live = {
   spent: bigint
   /** Mid-stream payments, one after another. */
   queue: Promise<void>
+  /** The open under way, so that concurrent first requests share one channel. */
+  opening?: Promise<unknown> | undefined
 }
 
 const problemOf = async (res: Response): Promise<Record<string, unknown> | undefined> => {
@@ -358,8 +360,13 @@ export function createFetch(options: Options): PayingFetch {
     }
     let live = lives.get(keyOf(url))
     let credential = live?.state ? await ahead(live, by) : undefined
+    // Set while this request carries an open credential: ends the wait of the others.
+    let opened: (() => void) | undefined
     for (let attempt = 0; attempt < 6; attempt++) {
-      const res = await send(credential)
+      const res = await send(credential).finally(() => {
+        opened?.()
+        opened = undefined
+      })
       if (res.status !== 402 && res.status !== 410) {
         if (!live?.state || !res.body) return res
         const receipt = res.headers.get('payment-receipt')
@@ -383,8 +390,26 @@ export function createFetch(options: Options): PayingFetch {
       }
       const l = live as Live
       if (kind === 'channel-not-found' || kind === 'channel-finalized') await forget(l)
-      if (!l.state) credential = await open(l, url, by)
-      else if (kind === 'insufficient-balance') {
+      if (!l.state && l.opening) {
+        // Another request is opening the channel: wait for it, then pay from that channel.
+        await l.opening.catch(() => {})
+        credential = l.state ? await ahead(l, by) : await open(l, url, by)
+      } else if (!l.state) {
+        // The channel exists for the server once it has answered the open: until then, other
+        // requests wait (their vouchers would find no channel).
+        const { promise, resolve } = Promise.withResolvers<void>()
+        l.opening = promise
+        opened = () => {
+          if (l.opening === promise) l.opening = undefined
+          resolve()
+        }
+        try {
+          credential = await open(l, url, by)
+        } catch (e) {
+          opened()
+          throw e
+        }
+      } else if (kind === 'insufficient-balance') {
         const required = BigInt(String(problem?.requiredCumulative))
         const c = await raise(l, required)
         if (c.topUp) await post(url, c.topUp)

@@ -191,4 +191,16 @@ describe('createFetch', () => {
     expect(BigInt(state.deposit)).toBe(200n)
     expect(BigInt(state.signed)).toBeLessThanOrEqual(200n)
   }, 60_000)
+
+  test('behavior: concurrent first requests share one channel', async () => {
+    const { openai, fetch } = client(7)
+    const all = await Promise.all(
+      Array.from({ length: 4 }, () => openai.chat.completions.create({ model: 'fake', messages })),
+    )
+    for (const res of all) expect(res.choices[0]!.message.content).toBe(words)
+    const payer = Buffer.from(chain.payers[7]!.address.slice(2), 'hex')
+    const [row] = await gw.sql`select count(*)::int as n from channels where payer = ${payer}`
+    expect(row!.n).toBe(1)
+    expect((await fetch.channel(gw.url))!.channelId).toBeDefined()
+  }, 60_000)
 })
