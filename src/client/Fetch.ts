@@ -61,6 +61,9 @@ export type Options = {
   onReceipt?: ((receipt: Receipt.Receipt) => void) | undefined
   /** Called after the server accepted a voucher sent mid-stream or before a retry. */
   onVoucher?: ((voucher: { channelId: Hex; cumulativeAmount: bigint }) => void) | undefined
+  /** How often to poll the chain for receipts when opening from the payer's account, ms
+   * (default 1000). */
+  pollingInterval?: number | undefined
   /** The fetch underneath (default the global one). */
   fetch?: typeof fetch | undefined
 }
@@ -149,7 +152,7 @@ export function createFetch(options: Options): PayingFetch {
       chain: ChainClient.chain({ chainId, rpcUrl: options.rpcUrl }),
       transport: http(options.rpcUrl),
       account,
-      pollingInterval: 100,
+      pollingInterval: options.pollingInterval ?? 1_000,
     })
   }
 
