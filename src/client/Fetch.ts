@@ -346,7 +346,8 @@ export function createFetch(options: Options): PayingFetch {
     })
 
   const paying = async (input: string | URL | Request, init?: RequestInit): Promise<Response> => {
-    const request = new Request(input instanceof URL ? input.href : (input as string), init)
+    const request =
+      input instanceof Request ? new Request(input, init) : new Request(String(input), init)
     const url = request.url
     lastUrl = url
     const body =

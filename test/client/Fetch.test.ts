@@ -203,4 +203,15 @@ describe('createFetch', () => {
     expect(row!.n).toBe(1)
     expect((await fetch.channel(gw.url))!.channelId).toBeDefined()
   }, 60_000)
+
+  test('error: a prompt that costs more than maxTotal is refused before any voucher covers it', async () => {
+    const { openai, fetch } = client(8, { limits: { maxDeposit: 1_000n, maxTotal: 50n } })
+    const e = await openai.chat.completions.create({ model: 'fake', messages }).catch((e) => e)
+    expect(e.cause).toBeInstanceOf(LimitExceededError)
+    expect((e.cause as LimitExceededError).limit).toBe('maxTotal')
+    const state = (await fetch.channel(gw.url))!
+    expect(BigInt(state.signed)).toBeLessThanOrEqual(50n)
+    const channel = (await Channels.get(gw.sql, state.channelId))!
+    expect(channel.spent).toBe(0n)
+  }, 60_000)
 })
