@@ -50,6 +50,11 @@ export class PayingSession {
     this.request = Session.requestOf(challenge)
   }
 
+  /** Whether EIP-3009 authorizations (gasless open, topUp) can be signed. */
+  get hasTokenDomain(): boolean {
+    return this.tokenDomain !== undefined
+  }
+
   private get scope() {
     return {
       chainId: this.request.methodDetails.chainId,

@@ -1,0 +1,496 @@
+/**
+ * A `fetch` that pays tollway (or any MPP evm/session server) per token. Hand it to the
+ * `openai` SDK (`new OpenAI({ baseURL, apiKey: 'unused', fetch })`): on a 402 Payment
+ * challenge it checks the challenge, opens a channel and retries; afterwards it reuses the
+ * channel, answers `payment-need-voucher` mid-stream by sending a voucher to the same URI, tops
+ * up when the deposit is short, and never signs past its limits. Payment events never reach the
+ * caller's stream; they go to `onVoucher` / `onReceipt`.
+ */
+import {
+  type Address,
+  createClient,
+  type Hex,
+  http,
+  keccak256,
+  type LocalAccount,
+  toHex,
+} from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
+import * as ChainClient from '../chain/Client.ts'
+import * as Escrow from '../chain/Escrow.ts'
+import * as Token from '../chain/Token.ts'
+import type * as Challenge from '../payment/Challenge.ts'
+import type * as Events from '../payment/Events.ts'
+import * as Receipt from '../payment/Receipt.ts'
+import {
+  ChallengeRefusedError,
+  ClientError,
+  LimitExceededError,
+  PaymentFailedError,
+} from './Errors.ts'
+import { challengeOf, PayingSession } from './Session.ts'
+import * as Store from './Store.ts'
+import * as Stream from './Stream.ts'
+
+export type Options = {
+  /** The payer: a viem local account or its private key. */
+  account: LocalAccount | Hex
+  /** An RPC URL of the server's chain: to read the token's EIP-712 domain, and to open a
+   * channel from the payer's account when the server does not pay the gas. */
+  rpcUrl?: string | undefined
+  /** The token's EIP-712 domain (read from `rpcUrl` when omitted). */
+  tokenDomain?: Token.TokenDomain | undefined
+  /** Spending limits, base units. `maxDeposit`: one channel's deposit. `maxTotal`: all vouchers
+   * this wrapper signs, over its channels (a resumed channel counts from its start; channels
+   * closed by another process are not counted). */
+  limits: { maxDeposit: bigint; maxTotal: bigint }
+  /** The deposit of a new channel (default `limits.maxDeposit`). */
+  deposit?: bigint | undefined
+  /** Escrows (and, when given, currencies) this client pays into; others are refused. */
+  allow: { escrows: readonly Address[]; currencies?: readonly Address[] | undefined }
+  /** How far ahead of need vouchers are signed, base units (default 10_000); larger means
+   * fewer vouchers (the server takes at most 10 a second per channel). */
+  margin?: bigint | undefined
+  /** How far ahead of what was spent a whole (non-streaming) completion is authorized, base
+   * units (default 16 × margin): without `max_tokens` the server stops the completion where
+   * the authorized amount runs out, and no voucher can follow mid-way. */
+  completionMargin?: bigint | undefined
+  /** Where channels are kept (default `Store.file('.tollway/channels.json')`). */
+  store?: Store.Store | undefined
+  /** Called with each receipt: the `Payment-Receipt` header, or a stream's `payment-receipt`. */
+  onReceipt?: ((receipt: Receipt.Receipt) => void) | undefined
+  /** Called after the server accepted a voucher sent mid-stream or before a retry. */
+  onVoucher?: ((voucher: { channelId: Hex; cumulativeAmount: bigint }) => void) | undefined
+  /** How often to poll the chain for receipts when opening from the payer's account, ms
+   * (default 1000). */
+  pollingInterval?: number | undefined
+  /** The fetch underneath (default the global one). */
+  fetch?: typeof fetch | undefined
+}
+
+/** A paying `fetch`, with `close()` to close its channel. */
+export type PayingFetch = typeof fetch & {
+  /** Asks the server to close the channel used with `url` (default: the last one used);
+   * returns the settlement transaction hash. */
+  close(url?: string): Promise<Hex>
+  /** The channel in use for `url`'s origin, if any. */
+  channel(url: string): Promise<Store.ChannelState | undefined>
+}
+
+/** The live state of one channel. */
+type Live = {
+  key: string
+  session: PayingSession
+  state: Store.ChannelState | undefined
+  /** The highest cumulative amount sent (accepted, or on its way). */
+  sent: bigint
+  /** What the server last said was spent (0 until a receipt says). */
+  spent: bigint
+  /** Mid-stream payments, one after another. */
+  queue: Promise<void>
+  /** The open under way, so that concurrent first requests share one channel. */
+  opening?: Promise<unknown> | undefined
+}
+
+const problemOf = async (res: Response): Promise<Record<string, unknown> | undefined> => {
+  if (!res.headers.get('content-type')?.includes('json')) {
+    await res.body?.cancel()
+    return undefined
+  }
+  try {
+    const body = (await res.json()) as Record<string, unknown>
+    return typeof body.type === 'string' ? body : (body.error as Record<string, unknown>)
+  } catch {
+    return undefined
+  }
+}
+
+const kindOf = (problem: Record<string, unknown> | undefined) =>
+  typeof problem?.type === 'string' ? problem.type.split('/').at(-1) : undefined
+
+/** Creates a paying `fetch` (see the module doc). */
+export function createFetch(options: Options): PayingFetch {
+  const account =
+    typeof options.account === 'string' ? privateKeyToAccount(options.account) : options.account
+  const base = options.fetch ?? globalThis.fetch
+  const store = options.store ?? Store.file('.tollway/channels.json')
+  const margin = options.margin ?? 10_000n
+  const completionMargin = options.completionMargin ?? 16n * margin
+  const { maxDeposit } = options.limits
+  // What channels closed by this wrapper took from maxTotal; the rest is for the open ones.
+  let closedTotal = 0n
+  const total = () => options.limits.maxTotal - closedTotal
+  const escrows = new Set(options.allow.escrows.map((a) => a.toLowerCase()))
+  const currencies = options.allow.currencies?.map((a) => a.toLowerCase())
+  const lives = new Map<string, Live>()
+  let tokenDomain = options.tokenDomain
+  let lastUrl: string | undefined
+
+  const keyOf = (url: string) => `${new URL(url).origin}#${account.address}`
+
+  const check = (challenge: Challenge.Challenge) => {
+    const session = new PayingSession({ account, challenge })
+    const { escrowContract } = session.request.methodDetails
+    if (!escrows.has(escrowContract.toLowerCase()))
+      throw new ChallengeRefusedError(
+        `The server asks for payment into escrow ${escrowContract}, which is not in allow.escrows; add it if you trust it.`,
+        { escrow: escrowContract },
+      )
+    if (currencies && !currencies.includes(session.request.currency.toLowerCase()))
+      throw new ChallengeRefusedError(
+        `The server asks for currency ${session.request.currency}, which is not in allow.currencies; add it if you mean to pay in it.`,
+        { currency: session.request.currency },
+      )
+  }
+
+  const chainClient = (chainId: number) => {
+    if (!options.rpcUrl)
+      throw new ClientError(
+        'This needs the chain: pass rpcUrl (or tokenDomain, when the server pays the gas).',
+      )
+    return createClient({
+      chain: ChainClient.chain({ chainId, rpcUrl: options.rpcUrl }),
+      transport: http(options.rpcUrl),
+      account,
+      pollingInterval: options.pollingInterval ?? 1_000,
+    })
+  }
+
+  const save = async (live: Live) => {
+    if (live.state) {
+      live.state.signed = live.session.signed.toString()
+      await store.set(live.key, live.state)
+    }
+  }
+
+  /** The live channel for `url`, with `challenge` adopted; resumes a stored channel that fits. */
+  const adopt = async (url: string, challenge: Challenge.Challenge): Promise<Live> => {
+    const key = keyOf(url)
+    let live = lives.get(key)
+    if (live) {
+      live.session.renew(challenge)
+    } else {
+      const session = new PayingSession({ account, challenge, tokenDomain })
+      live = { key, session, state: undefined, sent: 0n, spent: 0n, queue: Promise.resolve() }
+      lives.set(key, live)
+      const stored = await store.get(key)
+      const r = session.request
+      if (
+        stored &&
+        stored.escrow.toLowerCase() === r.methodDetails.escrowContract.toLowerCase() &&
+        stored.currency.toLowerCase() === r.currency.toLowerCase() &&
+        stored.recipient.toLowerCase() === r.recipient.toLowerCase() &&
+        stored.chainId === r.methodDetails.chainId
+      ) {
+        live.state = stored
+        session.channelId = stored.channelId
+        session.signed = BigInt(stored.signed)
+      }
+    }
+    if (live.state) live.state.url = url
+    return live
+  }
+
+  const forget = async (live: Live) => {
+    live.state = undefined
+    live.session.channelId = undefined
+    live.session.signed = 0n
+    live.sent = 0n
+    live.spent = 0n
+    await store.delete(live.key)
+  }
+
+  /** Gives the live session the token's domain (EIP-3009 signatures need it). */
+  const withDomain = async (live: Live) => {
+    if (tokenDomain && live.session.hasTokenDomain) return
+    const r = live.session.request
+    tokenDomain ??= await Token.domain(chainClient(r.methodDetails.chainId), { token: r.currency })
+    const session = new PayingSession({ account, challenge: live.session.challenge, tokenDomain })
+    session.channelId = live.session.channelId
+    session.signed = live.session.signed
+    live.session = session
+  }
+
+  /** The `open` credential of a new channel (the server pays the gas when it offers to). */
+  const open = async (live: Live, url: string, ahead: bigint): Promise<string> => {
+    const r = live.session.request
+    const deposit = min(options.deposit ?? maxDeposit, maxDeposit, total())
+    const initial = min(ahead, deposit)
+    let header: string
+    if (r.methodDetails.feePayer && r.methodDetails.credentialTypes?.includes('authorization')) {
+      await withDomain(live)
+      header = await live.session.openWithAuthorization({ deposit, initial })
+    } else {
+      const salt = keccak256(toHex(`${account.address}:${Date.now()}:${Math.random()}`))
+      const opened = await Escrow.open(chainClient(r.methodDetails.chainId), {
+        escrow: r.methodDetails.escrowContract,
+        payee: r.recipient,
+        token: r.currency,
+        deposit,
+        salt,
+      })
+      header = await live.session.openWithHash({
+        channelId: opened.channelId,
+        salt,
+        hash: opened.hash,
+        initial,
+      })
+    }
+    live.state = {
+      channelId: live.session.channelId as Hex,
+      chainId: r.methodDetails.chainId,
+      escrow: r.methodDetails.escrowContract,
+      currency: r.currency,
+      recipient: r.recipient,
+      deposit: deposit.toString(),
+      signed: initial.toString(),
+      url,
+    }
+    live.sent = initial
+    await save(live)
+    return header
+  }
+
+  /**
+   * Credentials that raise the authorized amount to at least `required` (plus the margin when
+   * the limits allow): a `topUp` first when the deposit is short, then a voucher. Throws
+   * LimitExceededError, before signing anything, when `required` passes a limit.
+   */
+  const raise = async (
+    live: Live,
+    required: bigint,
+  ): Promise<{ topUp?: string; voucher: string }> => {
+    const state = live.state as Store.ChannelState
+    const maxTotal = total()
+    if (required > maxTotal)
+      throw new LimitExceededError('maxTotal', {
+        limit: options.limits.maxTotal,
+        wanted: required + closedTotal,
+      })
+    let deposit = BigInt(state.deposit)
+    let topUp: string | undefined
+    if (required > deposit) {
+      if (required > maxDeposit)
+        throw new LimitExceededError('maxDeposit', { limit: maxDeposit, wanted: required })
+      const next = min(maxDeposit, maxTotal, max(required + margin, deposit * 2n))
+      await withDomain(live)
+      topUp = await live.session.topUp(next - deposit)
+      deposit = next
+      state.deposit = deposit.toString()
+    }
+    const target = max(min(required + margin, deposit, maxTotal), live.session.signed)
+    const voucher = await live.session.voucher(target)
+    await save(live)
+    return topUp ? { topUp, voucher } : { voucher }
+  }
+
+  /** Sends credentials that carry no request (HEAD to the same URI), as mid-stream. */
+  const post = async (url: string, credential: string) => {
+    for (let attempt = 0; ; attempt++) {
+      const res = await base(url, { method: 'HEAD', headers: { authorization: credential } })
+      if (res.ok) return res
+      // Over the per-channel voucher rate: wait as told, once.
+      if (res.status === 429 && attempt === 0) {
+        await sleep(1000 * Number(res.headers.get('retry-after') ?? 1))
+        continue
+      }
+      throw new PaymentFailedError(
+        `The server refused a payment credential (${res.status}); see problem.`,
+        res.status,
+        await problemOf(res),
+      )
+    }
+  }
+
+  /** Notes what a receipt says was spent, and hands it to `onReceipt`. */
+  const receive = (live: Live, receipt: Receipt.Receipt) => {
+    const spent = receipt.spent
+    if (typeof spent === 'string' && /^\d+$/.test(spent) && BigInt(spent) > live.spent)
+      live.spent = BigInt(spent)
+    options.onReceipt?.(receipt)
+  }
+
+  /** The voucher a request starts with: what was spent plus `ahead`, within the limits. */
+  const ahead = async (live: Live, by: bigint) => {
+    const cap = min(BigInt((live.state as Store.ChannelState).deposit), total())
+    const target = max(live.session.signed, min(live.spent + by, cap))
+    const credential = await live.session.voucher(target)
+    await save(live)
+    return credential
+  }
+
+  /** Answers a `payment-need-voucher` (queued: one payment at a time per channel). */
+  const answer = (live: Live, url: string, need: Events.NeedVoucher) => {
+    if (need.channelId !== live.session.channelId || need.requiredCumulative <= live.sent)
+      return live.queue
+    live.queue = live.queue.then(async () => {
+      if (need.requiredCumulative <= live.sent) return
+      const credentials = await raise(live, need.requiredCumulative)
+      live.sent = live.session.signed
+      if (credentials.topUp) await post(url, credentials.topUp)
+      await post(url, credentials.voucher)
+      options.onVoucher?.({
+        channelId: live.session.channelId as Hex,
+        cumulativeAmount: live.session.signed,
+      })
+    })
+    return live.queue
+  }
+
+  /** The response body without payment events; those go to `answer` and `receive`. */
+  const filtered = (live: Live, url: string, body: ReadableStream<Uint8Array>) =>
+    Stream.strip(body, {
+      onNeedVoucher: (need) => answer(live, url, need),
+      onReceipt: (receipt) => receive(live, receipt),
+      settled: () => live.queue,
+    })
+
+  const paying = async (input: string | URL | Request, init?: RequestInit): Promise<Response> => {
+    const request =
+      input instanceof Request ? new Request(input, init) : new Request(String(input), init)
+    const url = request.url
+    lastUrl = url
+    const body =
+      request.method === 'GET' || request.method === 'HEAD'
+        ? undefined
+        : await request.arrayBuffer()
+    const by = streams(body) ? margin : completionMargin
+    const send = (credential: string | undefined) => {
+      const headers = new Headers(request.headers)
+      // The caller's Authorization (e.g. the openai SDK's API key) is replaced by the credential.
+      headers.delete('authorization')
+      if (credential) headers.set('authorization', credential)
+      return base(url, { method: request.method, headers, body, signal: request.signal })
+    }
+    let live = lives.get(keyOf(url))
+    let credential = live?.state ? await ahead(live, by) : undefined
+    // Set while this request carries an open credential: ends the wait of the others.
+    let opened: (() => void) | undefined
+    for (let attempt = 0; attempt < 6; attempt++) {
+      const res = await send(credential).finally(() => {
+        opened?.()
+        opened = undefined
+      })
+      if (res.status !== 402 && res.status !== 410) {
+        if (!live?.state || !res.body) return res
+        const receipt = res.headers.get('payment-receipt')
+        const sse = res.headers.get('content-type')?.includes('text/event-stream')
+        if (receipt && !sse) receive(live, Receipt.deserialize(receipt))
+        if (!sse) return res
+        return new Response(filtered(live, url, res.body), {
+          status: res.status,
+          statusText: res.statusText,
+          headers: res.headers,
+        })
+      }
+      const challenge = challengeOf(res.headers.get('www-authenticate'))
+      // Not a payment this client makes (no evm/session challenge, no channel): the caller's.
+      if (!challenge && !live?.state) return res
+      const problem = await problemOf(res)
+      const kind = kindOf(problem)
+      if (challenge) {
+        check(challenge)
+        live = await adopt(url, challenge)
+      }
+      const l = live as Live
+      if (kind === 'channel-not-found' || kind === 'channel-finalized') await forget(l)
+      if (!l.state && l.opening) {
+        // Another request is opening the channel: wait for it, then pay from that channel.
+        await l.opening.catch(() => {})
+        credential = l.state ? await ahead(l, by) : await open(l, url, by)
+      } else if (!l.state) {
+        // The channel exists for the server once it has answered the open: until then, other
+        // requests wait (their vouchers would find no channel).
+        const { promise, resolve } = Promise.withResolvers<void>()
+        l.opening = promise
+        opened = () => {
+          if (l.opening === promise) l.opening = undefined
+          resolve()
+        }
+        try {
+          credential = await open(l, url, by)
+        } catch (e) {
+          opened()
+          throw e
+        }
+      } else if (kind === 'insufficient-balance') {
+        const required = BigInt(String(problem?.requiredCumulative))
+        const c = await raise(l, required)
+        if (c.topUp) await post(url, c.topUp)
+        credential = c.voucher
+        l.sent = l.session.signed
+        options.onVoucher?.({ channelId: l.session.channelId as Hex, cumulativeAmount: l.sent })
+      } else if (!challenge || (problem && kind !== 'verification-failed' && attempt > 0))
+        throw new PaymentFailedError(
+          `The server refused the payment (${res.status}${kind ? ` ${kind}` : ''}); see problem.`,
+          res.status,
+          problem,
+        )
+      else credential = await ahead(l, by)
+    }
+    throw new PaymentFailedError(
+      'The server kept asking for payment; giving up after 6 tries.',
+      402,
+    )
+  }
+
+  const close = async (url = lastUrl): Promise<Hex> => {
+    if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
+    const key = keyOf(url)
+    const state = lives.get(key)?.state ?? (await store.get(key))
+    if (!state) throw new ClientError(`No channel to close for ${new URL(url).origin}.`)
+    // A fresh challenge to bind the close credential to.
+    const res = await base(state.url, { method: 'POST' })
+    const challenge = challengeOf(res.headers.get('www-authenticate'))
+    await res.body?.cancel()
+    if (!challenge)
+      throw new PaymentFailedError(
+        'The server sent no Payment challenge to close with.',
+        res.status,
+      )
+    check(challenge)
+    const live = await adopt(state.url, challenge)
+    // Close at what was spent, not at what was signed ahead.
+    const status = await base(`${new URL(state.url).origin}/v1/channels/${state.channelId}`)
+    if (!status.ok)
+      throw new PaymentFailedError(
+        `Cannot read the channel (${status.status}).`,
+        status.status,
+        await problemOf(status),
+      )
+    const spent = BigInt(((await status.json()) as { spent: string }).spent)
+    const closed = await base(state.url, {
+      method: 'POST',
+      headers: { authorization: await live.session.close(spent) },
+    })
+    if (!closed.ok)
+      throw new PaymentFailedError(
+        `The server refused to close the channel (${closed.status}); see problem.`,
+        closed.status,
+        await problemOf(closed),
+      )
+    const { receipt } = (await closed.json()) as { receipt: { txHash: Hex } }
+    closedTotal += spent
+    await forget(live)
+    return receipt.txHash
+  }
+
+  return Object.assign(paying as typeof fetch, {
+    close,
+    channel: async (url: string) => lives.get(keyOf(url))?.state ?? store.get(keyOf(url)),
+  })
+}
+
+/** Whether a request body asks for a stream (`"stream": true`). */
+function streams(body: ArrayBuffer | undefined): boolean {
+  if (!body) return false
+  try {
+    return (JSON.parse(new TextDecoder().decode(body)) as { stream?: unknown }).stream === true
+  } catch {
+    return false
+  }
+}
+
+const min = (...xs: bigint[]) => xs.reduce((a, b) => (a < b ? a : b))
+const max = (...xs: bigint[]) => xs.reduce((a, b) => (a > b ? a : b))
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))

@@ -1,0 +1,85 @@
+/**
+ * An SSE response body with the payment events taken out: `payment-need-voucher` and
+ * `payment-receipt` go to handlers, every other event passes through (re-serialized, same
+ * `id`, `event` and `data`). The reader is never held up by a payment: a need-voucher handler
+ * runs on its own, and its failure ends the stream with its error.
+ */
+import { createParser } from 'eventsource-parser'
+import * as Events from '../payment/Events.ts'
+import type * as Receipt from '../payment/Receipt.ts'
+
+export type Handlers = {
+  /** Called for each `payment-need-voucher`; a rejection ends the stream with its reason. */
+  onNeedVoucher(need: Events.NeedVoucher): Promise<void>
+  /** Called for each `payment-receipt`. */
+  onReceipt(receipt: Receipt.Receipt): void
+  /** Resolves when the payments started so far are done (awaited before the stream ends). */
+  settled?(): Promise<void>
+}
+
+/** The SSE text of one event. */
+export function serialize(e: {
+  id?: string | undefined
+  event?: string | undefined
+  data: string
+}) {
+  let block = ''
+  if (e.id !== undefined) block += `id: ${e.id}\n`
+  if (e.event !== undefined) block += `event: ${e.event}\n`
+  for (const line of e.data.split('\n')) block += `data: ${line}\n`
+  return `${block}\n`
+}
+
+/** `body` without payment events (see the module doc). */
+export function strip(
+  body: ReadableStream<Uint8Array>,
+  handlers: Handlers,
+): ReadableStream<Uint8Array> {
+  const encoder = new TextEncoder()
+  const decoder = new TextDecoder()
+  let out: TransformStreamDefaultController<Uint8Array> | undefined
+  let failed: { reason: unknown } | undefined
+  const fail = (reason: unknown) => {
+    if (failed) return
+    failed = { reason }
+    try {
+      out?.error(reason)
+    } catch {
+      // Already errored or closed.
+    }
+  }
+  const parser = createParser({
+    onEvent(e) {
+      if (e.event === Events.needVoucherEvent || e.event === Events.receiptEvent) {
+        let parsed: Events.Event | undefined
+        try {
+          parsed = Events.deserialize(e.event, e.data)
+        } catch (cause) {
+          return fail(cause)
+        }
+        if (parsed?.event === Events.needVoucherEvent)
+          handlers.onNeedVoucher(parsed.data).catch(fail)
+        else if (parsed?.event === Events.receiptEvent) handlers.onReceipt(parsed.data)
+        return
+      }
+      out?.enqueue(encoder.encode(serialize(e)))
+    },
+  })
+  return body.pipeThrough(
+    new TransformStream<Uint8Array, Uint8Array>({
+      start(controller) {
+        out = controller
+      },
+      transform(chunk) {
+        if (failed) throw failed.reason
+        parser.feed(decoder.decode(chunk, { stream: true }))
+      },
+      async flush() {
+        parser.feed(decoder.decode())
+        // The stream ended: a payment still on its way must not be lost, nor its error.
+        await handlers.settled?.().catch(fail)
+        if (failed) throw failed.reason
+      },
+    }),
+  )
+}

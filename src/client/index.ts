@@ -1,0 +1,7 @@
+/** The paying client: `import { createFetch } from 'tollway/client'`. */
+
+export * from './Errors.ts'
+export { createFetch, type Options, type PayingFetch } from './Fetch.ts'
+export { challengeOf, PayingSession } from './Session.ts'
+export type { ChannelState } from './Store.ts'
+export * as Store from './Store.ts'

@@ -1,0 +1,217 @@
+/**
+ * The paying fetch under the official `openai` SDK, against a real gateway, anvil and PostgreSQL.
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import { mkdtemp } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import OpenAI from 'openai'
+import type { Hex } from 'viem'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
+import {
+  ChallengeRefusedError,
+  createFetch,
+  LimitExceededError,
+  type Options,
+  Store,
+} from '../../src/client/index.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const chain = await Anvil.start()
+afterAll(() => chain.stop())
+const gw = await Gateway.create({
+  chain: {
+    rpcUrl: chain.rpcUrl,
+    chainId: chain.chainId,
+    escrowAddress: chain.escrowAddress,
+    currencyAddress: chain.currencyAddress,
+    payeePrivateKey: chain.payee.privateKey,
+  },
+  payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 },
+})
+const balance = (owner: Hex) =>
+  Token.balanceOf(chain.payeeClient, { token: chain.currencyAddress, owner })
+
+const words = Array.from({ length: 80 }, (_, i) => `w${i}`).join(' ')
+const messages = [{ role: 'user' as const, content: words }]
+
+function client(payer: number, options: Partial<Options> = {}) {
+  const fetch = createFetch({
+    account: chain.payers[payer]!.privateKey,
+    rpcUrl: chain.rpcUrl,
+    limits: { maxDeposit: 1_000_000n, maxTotal: 1_000_000n },
+    allow: { escrows: [chain.escrowAddress], currencies: [chain.currencyAddress] },
+    margin: 64n,
+    store: Store.memory(),
+    ...options,
+  })
+  return {
+    fetch,
+    openai: new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: 'unused', fetch, maxRetries: 0 }),
+  }
+}
+
+describe('createFetch', () => {
+  test('behavior: non-streaming under the openai SDK: opens a channel, pays, hands the receipt over; close settles', async () => {
+    const receipts: unknown[] = []
+    const { fetch, openai } = client(0, { onReceipt: (r) => receipts.push(r) })
+    const payer = chain.payers[0]!.address
+    const before = await balance(payer)
+    const res = await openai.chat.completions.create({ model: 'fake', messages })
+    expect(res.choices[0]!.message.content).toBe(words)
+    expect(receipts.length).toBe(1)
+    const state = (await fetch.channel(gw.url))!
+    expect(receipts[0]).toMatchObject({ reference: state.channelId, status: 'success' })
+    const again = await openai.chat.completions.create({
+      model: 'fake',
+      messages: [{ role: 'user', content: 'short' }],
+    })
+    expect(again.choices[0]!.message.content).toBe('short')
+    expect((await fetch.channel(gw.url))!.channelId).toBe(state.channelId)
+    const spent = (await Channels.get(gw.sql, state.channelId))!.spent
+
+    const txHash = await fetch.close()
+    expect(txHash).toMatch(/^0x[0-9a-f]{64}$/)
+    expect(await balance(payer)).toBe(before - spent)
+    const onChain = (await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: state.channelId,
+    }))!
+    expect(onChain.finalized).toBe(true)
+    expect(await fetch.channel(gw.url)).toBeUndefined()
+  }, 60_000)
+
+  test('behavior: streaming with several mid-stream vouchers: the SDK sees only chat chunks, onVoucher fires', async () => {
+    const vouchers: bigint[] = []
+    const receipts: unknown[] = []
+    const { openai } = client(1, {
+      onVoucher: (v) => vouchers.push(v.cumulativeAmount),
+      onReceipt: (r) => receipts.push(r),
+    })
+    const stream = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+    let text = ''
+    let chunks = 0
+    for await (const chunk of stream) {
+      chunks++
+      expect(chunk.object).toBe('chat.completion.chunk')
+      text += chunk.choices[0]?.delta?.content ?? ''
+    }
+    expect(text).toBe(words)
+    expect(chunks).toBeGreaterThan(1)
+    expect(vouchers.length).toBeGreaterThanOrEqual(3)
+    expect([...vouchers].sort((a, b) => (a < b ? -1 : 1))).toEqual(vouchers)
+    expect(receipts.at(-1)).toMatchObject({ status: 'success', method: 'evm' })
+  }, 60_000)
+
+  test('behavior: a restarted agent (new wrapper, same JSON store) resumes its channel', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const first = client(2, { store: Store.file(path) })
+    await first.openai.chat.completions.create({ model: 'fake', messages })
+    const state = (await first.fetch.channel(gw.url))!
+    const spentFirst = (await Channels.get(gw.sql, state.channelId))!.spent
+    const second = client(2, { store: Store.file(path) })
+    const res = await second.openai.chat.completions.create({ model: 'fake', messages })
+    expect(res.choices[0]!.message.content).toBe(words)
+    expect((await second.fetch.channel(gw.url))!.channelId).toBe(state.channelId)
+    // No second channel: the first one carries both requests.
+    expect((await Channels.get(gw.sql, state.channelId))!.spent).toBeGreaterThan(spentFirst)
+    const payer = Buffer.from(chain.payers[2]!.address.slice(2), 'hex')
+    const [row] = await gw.sql`select count(*)::int as n from channels where payer = ${payer}`
+    expect(row!.n).toBe(1)
+  }, 60_000)
+
+  test('error: an escrow not on the allow-list is refused, nothing signed', async () => {
+    const store = Store.memory()
+    const { openai, fetch } = client(3, {
+      allow: { escrows: ['0x0000000000000000000000000000000000000001'] },
+      store,
+    })
+    const e = await openai.chat.completions.create({ model: 'fake', messages }).catch((e) => e)
+    // The SDK wraps what fetch throws before a response in APIConnectionError; ours is the cause.
+    expect(e).toBeInstanceOf(OpenAI.APIConnectionError)
+    expect(e.cause).toBeInstanceOf(ChallengeRefusedError)
+    expect((e.cause as Error).message).toContain('allow.escrows')
+    expect(await fetch.channel(gw.url)).toBeUndefined()
+  })
+
+  test('error: maxTotal reached mid-stream stops with LimitExceededError; the server charged only what was authorized', async () => {
+    const vouchers: bigint[] = []
+    const { openai, fetch } = client(4, {
+      limits: { maxDeposit: 1_000_000n, maxTotal: 200n },
+      onVoucher: (v) => vouchers.push(v.cumulativeAmount),
+    })
+    const stream = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+    let text = ''
+    const e = await (async () => {
+      for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+    })().catch((e) => e)
+    expect(e).toBeInstanceOf(LimitExceededError)
+    expect((e as LimitExceededError).limit).toBe('maxTotal')
+    expect((e as Error).message).toContain('maxTotal')
+    expect(text.length).toBeGreaterThan(0)
+    expect(text).not.toBe(words)
+    const state = (await fetch.channel(gw.url))!
+    expect(BigInt(state.signed)).toBeLessThanOrEqual(200n)
+    // The request ends (and its reservation is released) once the server sees the client left.
+    let channel = (await Channels.get(gw.sql, state.channelId))!
+    for (let i = 0; i < 50 && channel.reserved !== 0n; i++) {
+      await Bun.sleep(100)
+      channel = (await Channels.get(gw.sql, state.channelId))!
+    }
+    expect(channel.spent).toBeLessThanOrEqual(200n)
+    expect(channel.acceptedCumulative).toBeLessThanOrEqual(200n)
+  }, 60_000)
+
+  test('behavior: a deposit too small for the stream is topped up mid-stream', async () => {
+    const { openai, fetch } = client(5, { deposit: 200n })
+    const stream = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+    let text = ''
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+    expect(text).toBe(words)
+    const state = (await fetch.channel(gw.url))!
+    const channel = (await Channels.get(gw.sql, state.channelId))!
+    expect(channel.deposit).toBeGreaterThan(200n)
+    expect(channel.deposit).toBe(BigInt(state.deposit))
+    expect(channel.reserved).toBe(0n)
+  }, 60_000)
+
+  test('error: a top-up past maxDeposit stops with LimitExceededError naming maxDeposit', async () => {
+    const { openai, fetch } = client(6, { limits: { maxDeposit: 200n, maxTotal: 1_000_000n } })
+    const stream = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+    const e = await (async () => {
+      for await (const _ of stream);
+    })().catch((e) => e)
+    expect(e).toBeInstanceOf(LimitExceededError)
+    expect((e as LimitExceededError).limit).toBe('maxDeposit')
+    expect((e as Error).message).toContain('maxDeposit')
+    const state = (await fetch.channel(gw.url))!
+    expect(BigInt(state.deposit)).toBe(200n)
+    expect(BigInt(state.signed)).toBeLessThanOrEqual(200n)
+  }, 60_000)
+
+  test('behavior: concurrent first requests share one channel', async () => {
+    const { openai, fetch } = client(7)
+    const all = await Promise.all(
+      Array.from({ length: 4 }, () => openai.chat.completions.create({ model: 'fake', messages })),
+    )
+    for (const res of all) expect(res.choices[0]!.message.content).toBe(words)
+    const payer = Buffer.from(chain.payers[7]!.address.slice(2), 'hex')
+    const [row] = await gw.sql`select count(*)::int as n from channels where payer = ${payer}`
+    expect(row!.n).toBe(1)
+    expect((await fetch.channel(gw.url))!.channelId).toBeDefined()
+  }, 60_000)
+
+  test('error: a prompt that costs more than maxTotal is refused before any voucher covers it', async () => {
+    const { openai, fetch } = client(8, { limits: { maxDeposit: 1_000n, maxTotal: 50n } })
+    const e = await openai.chat.completions.create({ model: 'fake', messages }).catch((e) => e)
+    expect(e.cause).toBeInstanceOf(LimitExceededError)
+    expect((e.cause as LimitExceededError).limit).toBe('maxTotal')
+    const state = (await fetch.channel(gw.url))!
+    expect(BigInt(state.signed)).toBeLessThanOrEqual(50n)
+    const channel = (await Channels.get(gw.sql, state.channelId))!
+    expect(channel.spent).toBe(0n)
+  }, 60_000)
+})
