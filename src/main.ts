@@ -252,13 +252,14 @@ async function devKey(sql: Db.Sql, config: Config.Config): Promise<string> {
   return created.key
 }
 
-if (import.meta.main) {
+/** `npm start` and `tollway serve`: loads the config, serves, and stops on SIGINT/SIGTERM. */
+export async function serve(): Promise<void> {
   let config: Config.Config
   try {
     config = Config.load()
   } catch (e) {
     console.error(`tollway: configuration error\n${(e as Error).message}`)
-    process.exit(1)
+    process.exit(2)
   }
   const gateway = await start(config)
   const model = config.models[0]?.id ?? EchoModel.id
@@ -280,3 +281,5 @@ Try it:
   process.on('SIGINT', shutdown)
   process.on('SIGTERM', shutdown)
 }
+
+if (import.meta.main) await serve()

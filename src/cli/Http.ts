@@ -1,0 +1,53 @@
+/** Calls to a running gateway's HTTP API; non-2xx answers become CLI errors. */
+import { PaymentError, ServerError } from './Errors.ts'
+
+export type Target = { url: string; token?: string | undefined }
+
+/** The message of an OpenAI envelope or an RFC 9457 problem, or the status line. */
+async function describe(res: Response): Promise<{ message: string; body: unknown }> {
+  const text = await res.text().catch(() => '')
+  try {
+    const body = JSON.parse(text) as {
+      error?: { message?: string }
+      detail?: string
+      title?: string
+    }
+    return {
+      message: body.error?.message ?? body.detail ?? body.title ?? `HTTP ${res.status}`,
+      body,
+    }
+  } catch {
+    return { message: `HTTP ${res.status} ${text.slice(0, 200)}`.trim(), body: text }
+  }
+}
+
+/** Throws the CLI error a failed response stands for: 402 → payment, the rest → server. */
+export async function fail(res: Response): Promise<never> {
+  const { message, body } = await describe(res)
+  if (res.status === 402) throw new PaymentError(`payment refused: ${message}`, body)
+  throw new ServerError(`gateway answered ${res.status}: ${message}`, body)
+}
+
+/** A JSON request to the gateway; network failures are server errors. */
+export async function request(
+  target: Target,
+  method: string,
+  path: string,
+  body?: unknown,
+): Promise<unknown> {
+  let res: Response
+  try {
+    res = await fetch(new URL(path, target.url), {
+      method,
+      headers: {
+        ...(target.token ? { authorization: `Bearer ${target.token}` } : {}),
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    })
+  } catch (e) {
+    throw new ServerError(`cannot reach the gateway at ${target.url}: ${(e as Error).message}`)
+  }
+  if (!res.ok) return fail(res)
+  return res.status === 204 ? {} : res.json()
+}

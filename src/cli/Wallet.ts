@@ -1,0 +1,176 @@
+/**
+ * The wallet user's commands: `chat` paying through a channel from TOLLWAY_WALLET_KEY, and
+ * `channel status | close`.
+ */
+import { join } from 'node:path'
+import { createParser } from 'eventsource-parser'
+import { type Address, type Hex, isAddress } from 'viem'
+import { z } from 'zod'
+import {
+  ChallengeRefusedError,
+  ClientError,
+  challengeOf,
+  createFetch,
+  LimitExceededError,
+  PaymentFailedError,
+  Store,
+} from '../client/index.ts'
+import { type CliError, PaymentError, ServerError, UsageError } from './Errors.ts'
+import * as Http from './Http.ts'
+import type { Context } from './main.ts'
+
+const WalletKey = z.string().regex(/^0x[0-9a-fA-F]{64}$/, 'must be a 0x-prefixed 32-byte hex key')
+
+/** A client failure as a CLI error: refusals and limits are payment errors (exit 3). */
+export function classify(e: Error): CliError {
+  if (e instanceof ChallengeRefusedError || e instanceof LimitExceededError)
+    return new PaymentError(e.message, (e as { details?: unknown }).details)
+  if (e instanceof PaymentFailedError) return new PaymentError(e.message)
+  if (e instanceof ClientError) return new ServerError(e.message)
+  return new ServerError(`${e.name}: ${e.message}`)
+}
+
+const completions = (ctx: Context) => new URL('/v1/chat/completions', ctx.flags.url).toString()
+
+/** The escrows to pay into: --escrow / TOLLWAY_ESCROW, plus the gateway's own when trusted. */
+async function escrows(ctx: Context): Promise<Address[]> {
+  const given = [
+    ...(ctx.values.escrow ?? []),
+    ...(ctx.env.TOLLWAY_ESCROW?.split(',').filter(Boolean) ?? []),
+  ]
+  for (const a of given)
+    if (!isAddress(a)) throw new UsageError(`--escrow: ${a} is not an address.`)
+  const trust = ctx.values['trust-escrow'] || ctx.env.TOLLWAY_TRUST_ESCROW === '1'
+  if (!trust) return given as Address[]
+  // Ask for a challenge (an unpaid request costs nothing) and take the escrow it names.
+  let res: Response
+  try {
+    res = await fetch(completions(ctx), {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'x', messages: [{ role: 'user', content: 'x' }] }),
+    })
+  } catch (e) {
+    throw new ServerError(`cannot reach the gateway at ${ctx.flags.url}: ${(e as Error).message}`)
+  }
+  await res.body?.cancel()
+  const challenge = challengeOf(res.headers.get('www-authenticate'))
+  const escrow = (challenge?.request as { methodDetails?: { escrowContract?: Address } })
+    ?.methodDetails?.escrowContract
+  if (!escrow)
+    throw new PaymentError('The gateway offers no payment channel (no Payment challenge).')
+  return [...(given as Address[]), escrow]
+}
+
+async function paying(ctx: Context) {
+  const key = WalletKey.safeParse(ctx.env.TOLLWAY_WALLET_KEY)
+  if (!key.success)
+    throw new UsageError(`TOLLWAY_WALLET_KEY: ${key.error.issues[0]?.message ?? 'missing'}.`)
+  const dataDir = ctx.env.TOLLWAY_DATA_DIR ?? '.tollway'
+  return createFetch({
+    account: key.data as Hex,
+    rpcUrl: ctx.values['rpc-url'] ?? ctx.env.TOLLWAY_RPC_URL,
+    limits: { maxDeposit: ctx.flags.maxDeposit, maxTotal: ctx.flags.maxTotal },
+    allow: { escrows: await escrows(ctx) },
+    store: Store.file(join(dataDir, 'channels.json')),
+  })
+}
+
+type Usage = { prompt_tokens?: number; completion_tokens?: number; cost?: string | number }
+
+export async function chat(ctx: Context) {
+  const prompt = ctx.args.slice(1).join(' ')
+  if (!prompt) throw new UsageError('Missing "prompt". Run tollway chat --help.')
+  const stream = ctx.values.stream ?? false
+  const url = completions(ctx)
+  const pay = await paying(ctx)
+  if (!(await pay.channel(url)) && !ctx.flags.json)
+    ctx.io.err('opening a payment channel (on chain)…\n')
+  const res = await pay(url, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({
+      ...(ctx.values.model ? { model: ctx.values.model } : { model: await firstModel(ctx) }),
+      stream,
+      ...(stream ? { stream_options: { include_usage: true } } : {}),
+      messages: [{ role: 'user', content: prompt }],
+    }),
+  })
+  if (!res.ok) await Http.fail(res)
+  let text = ''
+  let usage: Usage | undefined
+  if (stream) {
+    const parser = createParser({
+      onEvent: (event) => {
+        if (event.event && event.event !== 'message') return
+        if (event.data === '[DONE]') return
+        const chunk = JSON.parse(event.data) as {
+          choices?: { delta?: { content?: string } }[]
+          usage?: Usage
+        }
+        const piece = chunk.choices?.[0]?.delta?.content ?? ''
+        text += piece
+        if (piece && !ctx.flags.json) ctx.io.out(piece)
+        if (chunk.usage) usage = chunk.usage
+      },
+    })
+    const decoder = new TextDecoder()
+    for await (const bytes of res.body as unknown as AsyncIterable<Uint8Array>)
+      parser.feed(decoder.decode(bytes, { stream: true }))
+    if (!ctx.flags.json) ctx.io.out('\n')
+  } else {
+    const body = (await res.json()) as {
+      choices: { message: { content: string } }[]
+      usage?: Usage
+    }
+    text = body.choices[0]?.message.content ?? ''
+    usage = body.usage
+    if (!ctx.flags.json) ctx.io.out(`${text}\n`)
+  }
+  const channel = await pay.channel(url)
+  if (ctx.flags.json)
+    ctx.io.out(`${JSON.stringify({ content: text, usage, channelId: channel?.channelId })}\n`)
+  else
+    ctx.io.err(
+      `cost: ${usage?.cost ?? '?'} base units (${usage?.prompt_tokens ?? '?'} in, ${usage?.completion_tokens ?? '?'} out); channel ${channel?.channelId ?? '?'} signed ${channel?.signed ?? '?'} of ${channel?.deposit ?? '?'}\n`,
+    )
+}
+
+async function firstModel(ctx: Context): Promise<string> {
+  const r = (await Http.request({ url: ctx.flags.url }, 'GET', '/v1/models')) as {
+    data: { id: string }[]
+  }
+  const id = r.data[0]?.id
+  if (!id) throw new ServerError('The gateway serves no models.')
+  return id
+}
+
+export async function status(ctx: Context) {
+  const pay = await paying(ctx)
+  const local = await pay.channel(completions(ctx))
+  if (!local) {
+    if (ctx.flags.json) ctx.io.out(`${JSON.stringify({ channel: null })}\n`)
+    else ctx.io.out(`no channel with ${ctx.flags.url}\n`)
+    return
+  }
+  const server = (await Http.request(
+    { url: ctx.flags.url },
+    'GET',
+    `/v1/channels/${local.channelId}`,
+  )) as Record<string, string>
+  if (ctx.flags.json) ctx.io.out(`${JSON.stringify({ channel: local, server })}\n`)
+  else
+    ctx.io.out(
+      `channel ${local.channelId}: ${server.status}, deposit ${server.deposit}, signed ${local.signed}, accepted ${server.acceptedCumulative}, spent ${server.spent}, settled ${server.settled}\n`,
+    )
+}
+
+export async function close(ctx: Context) {
+  const pay = await paying(ctx)
+  const url = completions(ctx)
+  if (!(await pay.channel(url))) throw new UsageError(`No channel with ${ctx.flags.url} to close.`)
+  if (!ctx.flags.json) ctx.io.err('closing the channel (on chain)…\n')
+  const hash = await pay.close(url)
+  if (ctx.flags.json) ctx.io.out(`${JSON.stringify({ txHash: hash })}\n`)
+  else ctx.io.out(`closed: ${hash}\n`)
+}

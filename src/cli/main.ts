@@ -1,0 +1,357 @@
+/**
+ * The `tollway` command: serve a gateway, operate one through its admin API, and chat with
+ * one paying from a wallet. Exit codes: 0 ok, 2 usage, 3 payment refused, 4 server/network.
+ */
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { parseArgs } from 'node:util'
+import { z } from 'zod'
+import { CliError, exitCodes, UsageError } from './Errors.ts'
+import * as Http from './Http.ts'
+
+const help = {
+  main: `Usage: tollway <command> [options]
+
+Commands:
+  serve                                   run a gateway (what npm start runs)
+  accounts create --name N [--plan P]     create an account
+  accounts get <account>                  show an account, its balance and keys
+  credits grant <account> <amount> [--note T]  grant (or, negative, debit) base units
+  keys create <account> [--name N]        create an API key (shown once)
+  keys list <account>                     list an account's keys
+  keys revoke <key-id> --api-key K        revoke a key (with a key of the same account)
+  channels list [--limit N]               payment channels, most recently active first
+  channels settle <channel-id>            settle a channel now
+  chat "prompt" [--model M] [--stream]    chat, paying from TOLLWAY_WALLET_KEY
+  channel status | close                  your channel with the gateway
+
+Global options:
+  --url U          the gateway (TOLLWAY_URL, default http://127.0.0.1:8787)
+  --admin-token T  admin token (TOLLWAY_ADMIN_TOKEN, or $TOLLWAY_DATA_DIR/admin-token)
+  --json           machine-readable output
+  -h, --help       help for any command
+
+Exit codes: 0 ok, 2 usage error, 3 payment refused, 4 server or network error.`,
+  serve: `Usage: tollway serve
+
+Runs a gateway configured by the environment and tollway.config.json (see the README,
+"Configuration"). With nothing configured: embedded PGlite, a development chain, the echo model.`,
+  accounts: `Usage:
+  tollway accounts create --name N [--plan P] [--json]
+  tollway accounts get <account> [--json]
+Needs the admin token.`,
+  credits: `Usage: tollway credits grant <account> <amount> [--note T] [--json]
+amount: base units, an integer; a negative amount debits. Needs the admin token.`,
+  keys: `Usage:
+  tollway keys create <account> [--name N] [--json]   (admin token)
+  tollway keys list <account> [--json]                (admin token)
+  tollway keys revoke <key-id> --api-key K [--json]   (a key of the same account; TOLLWAY_API_KEY)`,
+  channels: `Usage:
+  tollway channels list [--limit N] [--json]
+  tollway channels settle <channel-id> [--json]
+Needs the admin token.`,
+  chat: `Usage: tollway chat "prompt" [--model M] [--stream] [--json]
+
+Pays per token through a payment channel from TOLLWAY_WALLET_KEY (a private key, 0x…).
+When the gateway pays the gas (feePayer) the channel opens by EIP-3009 signature: no gas
+needed. TOLLWAY_RPC_URL (--rpc-url) is needed to read the token's signing domain and for
+opens from your own account.
+
+Options:
+  --model M          the model (default: the gateway's first)
+  --stream           print tokens as they arrive
+  --escrow A         an escrow contract you trust (repeatable; TOLLWAY_ESCROW, comma-separated)
+  --trust-escrow     trust whatever escrow the gateway names (TOLLWAY_TRUST_ESCROW=1); only for
+                     a development chain or a gateway you run yourself
+  --max-deposit N    the most one channel holds, base units (default 10000000)
+  --max-total N      the most this command spends, base units (default 10000000)
+The cost line goes to stderr; tokens to stdout.`,
+  channel: `Usage:
+  tollway channel status [--json]   your channel with the gateway (kept in $TOLLWAY_DATA_DIR/channels.json)
+  tollway channel close [--json]    ask the gateway to close and settle it
+Needs TOLLWAY_WALLET_KEY; see tollway chat --help for the escrow options.`,
+} as const
+
+const options = {
+  url: { type: 'string' },
+  'admin-token': { type: 'string' },
+  'api-key': { type: 'string' },
+  json: { type: 'boolean' },
+  help: { type: 'boolean', short: 'h' },
+  name: { type: 'string' },
+  plan: { type: 'string' },
+  note: { type: 'string' },
+  limit: { type: 'string' },
+  model: { type: 'string' },
+  stream: { type: 'boolean' },
+  escrow: { type: 'string', multiple: true },
+  'trust-escrow': { type: 'boolean' },
+  'max-deposit': { type: 'string' },
+  'max-total': { type: 'string' },
+  'rpc-url': { type: 'string' },
+} as const
+
+const BaseUnits = z
+  .string()
+  .regex(/^\d{1,77}$/, 'must be a whole number of base units')
+  .transform((v) => BigInt(v))
+
+const Flags = z.object({
+  url: z.url(),
+  json: z.boolean(),
+  limit: z.coerce.number().int().min(1).max(200).optional(),
+  maxDeposit: BaseUnits,
+  maxTotal: BaseUnits,
+})
+
+export type Env = Record<string, string | undefined>
+
+/** What a command writes; replaced in tests. */
+export type Io = { out: (s: string) => void; err: (s: string) => void }
+
+const processIo: Io = {
+  out: (s) => process.stdout.write(s),
+  err: (s) => process.stderr.write(s),
+}
+
+export type Context = {
+  args: string[]
+  values: ReturnType<typeof parse>['values']
+  flags: z.infer<typeof Flags>
+  env: Env
+  io: Io
+}
+
+function parse(argv: string[]) {
+  try {
+    return parseArgs({ args: argv, options, allowPositionals: true, strict: true })
+  } catch (e) {
+    throw new UsageError((e as Error).message)
+  }
+}
+
+/** The admin token: --admin-token, TOLLWAY_ADMIN_TOKEN, or the data dir's admin-token file. */
+function adminToken(ctx: Context): string {
+  const given = ctx.values['admin-token'] ?? ctx.env.TOLLWAY_ADMIN_TOKEN
+  if (given) return given
+  const path = join(ctx.env.TOLLWAY_DATA_DIR ?? '.tollway', 'admin-token')
+  try {
+    return readFileSync(path, 'utf8').trim()
+  } catch {
+    throw new UsageError(
+      `No admin token: pass --admin-token, set TOLLWAY_ADMIN_TOKEN, or run where ${path} exists.`,
+    )
+  }
+}
+
+const admin = (ctx: Context): Http.Target => ({ url: ctx.flags.url, token: adminToken(ctx) })
+
+/** The n-th positional argument after the command words, or a usage error naming it. */
+function arg(ctx: Context, index: number, name: string): string {
+  const v = ctx.args[index]
+  if (!v) throw new UsageError(`Missing <${name}>.`)
+  return v
+}
+
+function print(ctx: Context, value: unknown, human: string) {
+  ctx.io.out(ctx.flags.json ? `${JSON.stringify(value)}\n` : `${human}\n`)
+}
+
+type Command = (ctx: Context) => Promise<void>
+
+const commands: Record<string, { help: string; run: Record<string, Command> | Command }> = {
+  serve: {
+    help: help.serve,
+    run: async () => {
+      const { serve } = await import('../main.ts')
+      await serve()
+    },
+  },
+  accounts: {
+    help: help.accounts,
+    run: {
+      create: async (ctx) => {
+        const name = ctx.values.name ?? ctx.args[2]
+        if (!name) throw new UsageError('Missing --name.')
+        const r = (await Http.request(admin(ctx), 'POST', '/admin/accounts', {
+          name,
+          ...(ctx.values.plan ? { plan: ctx.values.plan } : {}),
+        })) as { id: string; plan: string }
+        print(ctx, r, `account ${r.id} (plan ${r.plan})`)
+      },
+      get: async (ctx) => {
+        const id = arg(ctx, 2, 'account')
+        const r = (await Http.request(admin(ctx), 'GET', `/admin/accounts/${enc(id)}`)) as {
+          id: string
+          name: string
+          plan: string
+          balance: string
+          reserved: string
+          keys: unknown[]
+        }
+        print(
+          ctx,
+          r,
+          `account ${r.id} "${r.name}" plan ${r.plan}: balance ${r.balance}, reserved ${r.reserved}, ${r.keys.length} keys`,
+        )
+      },
+    },
+  },
+  credits: {
+    help: help.credits,
+    run: {
+      grant: async (ctx) => {
+        const id = arg(ctx, 2, 'account')
+        const amount = arg(ctx, 3, 'amount')
+        if (!/^-?\d{1,77}$/.test(amount))
+          throw new UsageError('<amount> must be an integer number of base units.')
+        const r = (await Http.request(admin(ctx), 'POST', `/admin/accounts/${enc(id)}/credits`, {
+          amount,
+          ...(ctx.values.note ? { note: ctx.values.note } : {}),
+        })) as { balance: string }
+        print(ctx, r, `balance ${r.balance}`)
+      },
+    },
+  },
+  keys: {
+    help: help.keys,
+    run: {
+      create: async (ctx) => {
+        const id = arg(ctx, 2, 'account')
+        const r = (await Http.request(admin(ctx), 'POST', `/admin/accounts/${enc(id)}/keys`, {
+          name: ctx.values.name ?? 'cli',
+        })) as { id: string; key: string }
+        print(ctx, r, `${r.key}\n(key id ${r.id}; the key is shown only once)`)
+      },
+      list: async (ctx) => {
+        const id = arg(ctx, 2, 'account')
+        const r = (await Http.request(admin(ctx), 'GET', `/admin/accounts/${enc(id)}`)) as {
+          keys: { id: string; name: string; prefix: string; revoked_at: string | null }[]
+        }
+        print(
+          ctx,
+          r.keys,
+          r.keys
+            .map((k) => `${k.id}  ${k.prefix}…  ${k.name}${k.revoked_at ? '  (revoked)' : ''}`)
+            .join('\n') || '(no keys)',
+        )
+      },
+      revoke: async (ctx) => {
+        const id = arg(ctx, 2, 'key-id')
+        const key = ctx.values['api-key'] ?? ctx.env.TOLLWAY_API_KEY
+        if (!key)
+          throw new UsageError(
+            'Revoking needs a key of the same account: --api-key or TOLLWAY_API_KEY.',
+          )
+        const r = await Http.request(
+          { url: ctx.flags.url, token: key },
+          'DELETE',
+          `/v1/keys/${enc(id)}`,
+        )
+        print(ctx, r, `revoked ${id}`)
+      },
+    },
+  },
+  channels: {
+    help: help.channels,
+    run: {
+      list: async (ctx) => {
+        const q = ctx.flags.limit ? `?limit=${ctx.flags.limit}` : ''
+        const r = (await Http.request(admin(ctx), 'GET', `/admin/channels${q}`)) as {
+          data: {
+            channelId: string
+            payer: string
+            deposit: string
+            acceptedCumulative: string
+            settled: string
+            status: string
+          }[]
+        }
+        print(
+          ctx,
+          r,
+          r.data
+            .map(
+              (c) =>
+                `${c.channelId}  ${c.status}  payer ${c.payer}  deposit ${c.deposit}  accepted ${c.acceptedCumulative}  settled ${c.settled}`,
+            )
+            .join('\n') || '(no channels)',
+        )
+      },
+      settle: async (ctx) => {
+        const id = arg(ctx, 2, 'channel-id')
+        ctx.io.err(ctx.flags.json ? '' : 'settling on chain…\n')
+        const r = (await Http.request(admin(ctx), 'POST', `/admin/channels/${enc(id)}/settle`)) as {
+          status: string
+          txHash?: string
+        }
+        print(ctx, r, `${r.status}${r.txHash ? ` ${r.txHash}` : ''}`)
+      },
+    },
+  },
+  chat: {
+    help: help.chat,
+    run: async (ctx) => (await import('./Wallet.ts')).chat(ctx),
+  },
+  channel: {
+    help: help.channel,
+    run: {
+      status: async (ctx) => (await import('./Wallet.ts')).status(ctx),
+      close: async (ctx) => (await import('./Wallet.ts')).close(ctx),
+    },
+  },
+}
+
+const enc = encodeURIComponent
+
+/** Runs the CLI; returns the exit code. */
+export async function run(argv: string[], env: Env = process.env, io: Io = processIo) {
+  let json = false
+  try {
+    const { values, positionals } = parse(argv)
+    json = values.json ?? false
+    const [name, sub] = positionals
+    if (!name) {
+      io.out(`${help.main}\n`)
+      return values.help ? exitCodes.ok : exitCodes.usage
+    }
+    const command = commands[name]
+    if (!command) throw new UsageError(`Unknown command "${name}". Run tollway --help.`)
+    if (values.help) {
+      io.out(`${command.help}\n`)
+      return exitCodes.ok
+    }
+    const runner = typeof command.run === 'function' ? command.run : command.run[sub ?? '']
+    if (!runner)
+      throw new UsageError(
+        `${sub ? `Unknown subcommand "${name} ${sub}"` : `Missing subcommand for "${name}"`}.\n${command.help}`,
+      )
+    const flags = Flags.safeParse({
+      url: values.url ?? env.TOLLWAY_URL ?? 'http://127.0.0.1:8787',
+      json,
+      limit: values.limit,
+      maxDeposit: values['max-deposit'] ?? env.TOLLWAY_MAX_DEPOSIT ?? '10000000',
+      maxTotal: values['max-total'] ?? env.TOLLWAY_MAX_TOTAL ?? '10000000',
+    })
+    if (!flags.success)
+      throw new UsageError(
+        flags.error.issues.map((i) => `--${i.path.join('.')}: ${i.message}`).join('\n'),
+      )
+    await runner({ args: positionals, values, flags: flags.data, env, io })
+    return exitCodes.ok
+  } catch (e) {
+    const error = e instanceof CliError ? e : (await import('./Wallet.ts')).classify(e as Error)
+    io.err(
+      json
+        ? `${JSON.stringify({ error: { name: error.name, message: error.message, code: error.code, details: error.details } }, (_, v) => (typeof v === 'bigint' ? v.toString() : v))}\n`
+        : `tollway: ${error.message}\n`,
+    )
+    return error.code
+  }
+}
+
+if (import.meta.main) {
+  const code = await run(process.argv.slice(2))
+  // `serve` keeps running; everything else exits with its code.
+  if (process.argv[2] !== 'serve' || code !== 0) process.exit(code)
+}

@@ -1,0 +1,143 @@
+/**
+ * The `tollway` command as a subprocess (bin/tollway) against a gateway started here, with
+ * real anvil for the paying commands.
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const chain = await Anvil.start()
+afterAll(() => chain.stop())
+const gw = await Gateway.create({
+  chain: {
+    rpcUrl: chain.rpcUrl,
+    chainId: chain.chainId,
+    escrowAddress: chain.escrowAddress,
+    currencyAddress: chain.currencyAddress,
+    payeePrivateKey: chain.payee.privateKey,
+  },
+  payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 },
+})
+const bin = resolve(import.meta.dir, '../../bin/tollway')
+const dataDir = mkdtempSync(join(tmpdir(), 'tollway-cli-'))
+
+async function cli(args: string[], env: Record<string, string> = {}) {
+  const p = Bun.spawn([bin, ...args], {
+    env: {
+      PATH: process.env.PATH ?? '',
+      TOLLWAY_URL: gw.url,
+      TOLLWAY_ADMIN_TOKEN: gw.config.adminToken!,
+      TOLLWAY_DATA_DIR: dataDir,
+      ...env,
+    },
+    stdout: 'pipe',
+    stderr: 'pipe',
+  })
+  const [stdout, stderr, code] = await Promise.all([
+    new Response(p.stdout).text(),
+    new Response(p.stderr).text(),
+    p.exited,
+  ])
+  return { stdout, stderr, code }
+}
+const json = async (args: string[], env?: Record<string, string>) => {
+  const r = await cli([...args, '--json'], env)
+  expect(r.stderr).toBe('')
+  expect(r.code).toBe(0)
+  return JSON.parse(r.stdout)
+}
+
+describe('usage', () => {
+  test('behavior: --help on the command and on a subcommand', async () => {
+    const main = await cli(['--help'])
+    expect(main.code).toBe(0)
+    expect(main.stdout).toContain('tollway chat')
+    const chat = await cli(['chat', '--help'])
+    expect(chat.code).toBe(0)
+    expect(chat.stdout).toContain('--trust-escrow')
+  })
+
+  test('error: an unknown command, subcommand or option exits 2', async () => {
+    expect((await cli(['nope'])).code).toBe(2)
+    expect((await cli(['keys', 'nope'])).code).toBe(2)
+    expect((await cli(['keys', 'list', '--bogus'])).code).toBe(2)
+    expect((await cli(['credits', 'grant', 'a', 'ten'])).code).toBe(2)
+  })
+})
+
+describe('admin', () => {
+  test('behavior: accounts create, credits grant, keys create | list | revoke', async () => {
+    const account = await json(['accounts', 'create', '--name', 'cli', '--plan', 'unlimited'])
+    expect(account).toMatchObject({ name: 'cli', plan: 'unlimited' })
+    expect(await json(['credits', 'grant', account.id, '5000', '--note', 'hi'])).toEqual({
+      balance: '5000',
+    })
+    const key = await json(['keys', 'create', account.id, '--name', 'laptop'])
+    expect(key.key).toBeString()
+    const keys = await json(['keys', 'list', account.id])
+    expect(keys).toHaveLength(1)
+    expect(keys[0]).toMatchObject({ id: key.id, name: 'laptop', revoked_at: null })
+    const human = await cli(['accounts', 'get', account.id])
+    expect(human.stdout).toContain('balance 5000')
+    expect(await json(['keys', 'revoke', key.id], { TOLLWAY_API_KEY: key.key })).toMatchObject({
+      revoked: true,
+    })
+    expect((await json(['keys', 'list', account.id]))[0].revoked_at).toBeString()
+  })
+
+  test('error: a wrong admin token exits 4 with the message; --json puts the error on stderr', async () => {
+    const r = await cli(['accounts', 'create', '--name', 'x', '--json'], {
+      TOLLWAY_ADMIN_TOKEN: 'wrong-token-0123456789',
+    })
+    expect(r.code).toBe(4)
+    expect(JSON.parse(r.stderr).error).toMatchObject({ code: 4 })
+    expect(r.stdout).toBe('')
+  })
+
+  test('error: no gateway at the URL exits 4', async () => {
+    const r = await cli(['channels', 'list', '--url', 'http://127.0.0.1:1'])
+    expect(r.code).toBe(4)
+    expect(r.stderr).toContain('cannot reach the gateway')
+  })
+})
+
+describe('chat', () => {
+  const wallet = { TOLLWAY_WALLET_KEY: chain.payers[0]!.privateKey, TOLLWAY_RPC_URL: chain.rpcUrl }
+
+  test('error: an escrow not trusted exits 3 and spends nothing', async () => {
+    const r = await cli(['chat', 'hello', '--model', 'fake'], wallet)
+    expect(r.code).toBe(3)
+    expect(r.stderr).toContain(chain.escrowAddress)
+  })
+
+  test('behavior: streams tokens, prints the cost; channels list | settle; channel status | close', async () => {
+    const r = await cli(
+      ['chat', 'hello there', '--model', 'fake', '--stream', '--trust-escrow'],
+      wallet,
+    )
+    expect(r.stderr).toContain('cost: ')
+    expect(r.code).toBe(0)
+    expect(r.stdout.length).toBeGreaterThan(1)
+    const again = await json(['chat', 'again', '--model', 'fake'], {
+      ...wallet,
+      TOLLWAY_ESCROW: chain.escrowAddress,
+    })
+    expect(again.channelId).toMatch(/^0x/)
+    expect(BigInt(again.usage.cost)).toBeGreaterThan(0n)
+
+    const status = await json(['channel', 'status', '--trust-escrow'], wallet)
+    expect(status.channel.channelId).toBe(again.channelId)
+    expect(status.server.status).toBe('open')
+
+    const list = await json(['channels', 'list'])
+    expect(list.data.map((c: { channelId: string }) => c.channelId)).toContain(again.channelId)
+    const settled = await json(['channels', 'settle', again.channelId])
+    expect(settled.status).toBeString()
+
+    const closed = await json(['channel', 'close', '--trust-escrow'], wallet)
+    expect(closed.txHash).toMatch(/^0x/)
+  }, 30_000)
+})
