@@ -259,7 +259,7 @@ export async function serve(): Promise<void> {
     config = Config.load()
   } catch (e) {
     console.error(`tollway: configuration error\n${(e as Error).message}`)
-    process.exit(2)
+    process.exit(1)
   }
   const gateway = await start(config)
   const model = config.models[0]?.id ?? EchoModel.id

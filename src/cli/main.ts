@@ -282,10 +282,10 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
         const id = arg(ctx, 2, 'channel-id')
         ctx.io.err(ctx.flags.json ? '' : 'settling on chain…\n')
         const r = (await Http.request(admin(ctx), 'POST', `/admin/channels/${enc(id)}/settle`)) as {
-          status: string
-          txHash?: string
+          result: { status: string; txHash?: string; error?: { message: string } }
         }
-        print(ctx, r, `${r.status}${r.txHash ? ` ${r.txHash}` : ''}`)
+        const { status, txHash, error } = r.result
+        print(ctx, r, `${status}${txHash ? ` ${txHash}` : ''}${error ? `: ${error.message}` : ''}`)
       },
     },
   },
