@@ -84,18 +84,26 @@ export async function chat(ctx: Context) {
   const stream = ctx.values.stream ?? false
   const url = completions(ctx)
   const pay = await paying(ctx)
-  if (!(await pay.channel(url)) && !ctx.flags.json)
-    ctx.io.err('opening a payment channel (on chain)…\n')
-  const res = await pay(url, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({
-      ...(ctx.values.model ? { model: ctx.values.model } : { model: await firstModel(ctx) }),
-      stream,
-      ...(stream ? { stream_options: { include_usage: true } } : {}),
-      messages: [{ role: 'user', content: prompt }],
+  const model = ctx.values.model ?? (await firstModel(ctx))
+  const opening = !(await pay.channel(url))
+  // The open signs an EIP-3009 authorization over the token's EIP-712 domain, which the
+  // challenge does not carry yet: it is read from the chain.
+  if (opening && !(ctx.values['rpc-url'] ?? ctx.env.TOLLWAY_RPC_URL))
+    throw new UsageError(
+      "Opening a channel needs the chain's RPC URL (to read the token's signing domain): set TOLLWAY_RPC_URL or pass --rpc-url.",
+    )
+  const res = await progress(ctx, opening ? 'opening a payment channel' : undefined, () =>
+    pay(url, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({
+        model,
+        stream,
+        ...(stream ? { stream_options: { include_usage: true } } : {}),
+        messages: [{ role: 'user', content: prompt }],
+      }),
     }),
-  })
+  )
   if (!res.ok) await Http.fail(res)
   let text = ''
   let usage: Usage | undefined
@@ -169,8 +177,21 @@ export async function close(ctx: Context) {
   const pay = await paying(ctx)
   const url = completions(ctx)
   if (!(await pay.channel(url))) throw new UsageError(`No channel with ${ctx.flags.url} to close.`)
-  if (!ctx.flags.json) ctx.io.err('closing the channel (on chain)…\n')
-  const hash = await pay.close(url)
+  const hash = await progress(ctx, 'closing the channel', () => pay.close(url))
   if (ctx.flags.json) ctx.io.out(`${JSON.stringify({ txHash: hash })}\n`)
   else ctx.io.out(`closed: ${hash}\n`)
+}
+
+/** Shows `label` on stderr while an on-chain wait runs: a dot a second on a terminal. */
+async function progress<T>(ctx: Context, label: string | undefined, run: () => Promise<T>) {
+  if (!label || ctx.flags.json) return run()
+  ctx.io.err(`${label} (on chain)…`)
+  const tty = process.stderr.isTTY
+  const timer = tty ? setInterval(() => ctx.io.err('.'), 1_000) : undefined
+  try {
+    return await run()
+  } finally {
+    clearInterval(timer)
+    ctx.io.err(' done\n')
+  }
 }

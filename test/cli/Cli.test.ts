@@ -113,6 +113,31 @@ describe('chat', () => {
     expect(r.stderr.toLowerCase()).toContain(chain.escrowAddress.toLowerCase())
   })
 
+  test('error: opening without an RPC URL is a usage error naming TOLLWAY_RPC_URL', async () => {
+    const r = await cli(['chat', 'hello', '--model', 'fake', '--trust-escrow'], {
+      TOLLWAY_WALLET_KEY: chain.payers[1]!.privateKey,
+    })
+    expect(r.code).toBe(2)
+    expect(r.stderr).toContain('TOLLWAY_RPC_URL')
+  })
+
+  test('error: a missing or malformed wallet key is a usage error', async () => {
+    const r = await cli(['chat', 'hello'], { TOLLWAY_WALLET_KEY: '0x12' })
+    expect(r.code).toBe(2)
+    expect(r.stderr).toContain('TOLLWAY_WALLET_KEY')
+  })
+
+  test('error: --max-total below the prompt cost is refused with exit 3', async () => {
+    const r = await cli(
+      ['chat', 'hello', '--model', 'fake', '--trust-escrow', '--max-total', '1'],
+      {
+        ...wallet,
+        TOLLWAY_WALLET_KEY: chain.payers[2]!.privateKey,
+      },
+    )
+    expect(r.code).toBe(3)
+  })
+
   test('behavior: streams tokens, prints the cost; channels list | settle; channel status | close', async () => {
     const r = await cli(
       ['chat', 'hello there', '--model', 'fake', '--stream', '--trust-escrow'],
