@@ -3,7 +3,7 @@
  * real anvil for the paying commands.
  */
 import { afterAll, describe, expect, test } from 'bun:test'
-import { mkdtempSync } from 'node:fs'
+import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import * as Anvil from '../helpers/Anvil.ts'
@@ -95,6 +95,23 @@ describe('admin', () => {
     expect(r.code).toBe(4)
     expect(JSON.parse(r.stderr).error).toMatchObject({ code: 4 })
     expect(r.stdout).toBe('')
+  })
+
+  test('behavior: without --admin-token or TOLLWAY_ADMIN_TOKEN the data dir file is read', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tollway-cli-token-'))
+    writeFileSync(join(dir, 'admin-token'), `${gw.config.adminToken}\n`)
+    const r = await cli(['accounts', 'create', 'from-file', '--json'], {
+      TOLLWAY_ADMIN_TOKEN: '',
+      TOLLWAY_DATA_DIR: dir,
+    })
+    expect(r.code).toBe(0)
+    expect(JSON.parse(r.stdout).name).toBe('from-file')
+    const none = await cli(['channels', 'list'], {
+      TOLLWAY_ADMIN_TOKEN: '',
+      TOLLWAY_DATA_DIR: join(dir, 'nothing'),
+    })
+    expect(none.code).toBe(2)
+    expect(none.stderr).toContain('admin-token')
   })
 
   test('error: no gateway at the URL exits 4', async () => {
