@@ -128,6 +128,9 @@ describe('chat', () => {
     const r = await cli(['chat', 'hello', '--model', 'fake'], wallet)
     expect(r.code).toBe(3)
     expect(r.stderr.toLowerCase()).toContain(chain.escrowAddress.toLowerCase())
+    const payer = Buffer.from(chain.payers[0]!.address.slice(2), 'hex')
+    const [row] = await gw.sql`select count(*)::int as n from channels where payer = ${payer}`
+    expect(row!.n).toBe(0)
   })
 
   test('error: opening without an RPC URL is a usage error naming TOLLWAY_RPC_URL', async () => {
