@@ -195,7 +195,11 @@ describe('createFetch', () => {
   test('behavior: concurrent first requests share one channel', async () => {
     const { openai, fetch } = client(7)
     const all = await Promise.all(
-      Array.from({ length: 4 }, () => openai.chat.completions.create({ model: 'fake', messages })),
+      // With max_tokens each request holds its whole output up front (else concurrent whole
+      // completions share the authorized balance and one may be cut where it runs out).
+      Array.from({ length: 4 }, () =>
+        openai.chat.completions.create({ model: 'fake', messages, max_tokens: 400 }),
+      ),
     )
     for (const res of all) expect(res.choices[0]!.message.content).toBe(words)
     const payer = Buffer.from(chain.payers[7]!.address.slice(2), 'hex')
