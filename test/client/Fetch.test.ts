@@ -23,13 +23,7 @@ import * as Gateway from '../helpers/Gateway.ts'
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
-  chain: {
-    rpcUrl: chain.rpcUrl,
-    chainId: chain.chainId,
-    escrowAddress: chain.escrowAddress,
-    currencyAddress: chain.currencyAddress,
-    payeePrivateKey: chain.payee.privateKey,
-  },
+  chain: Gateway.chainOf(chain),
   payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 },
 })
 const balance = (owner: Hex) =>

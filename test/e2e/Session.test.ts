@@ -15,16 +15,10 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import { read, text } from '../helpers/Sse.ts'
 
-const chain = await Anvil.start()
+const chain = await Anvil.start({ accounts: 12 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
-  chain: {
-    rpcUrl: chain.rpcUrl,
-    chainId: chain.chainId,
-    escrowAddress: chain.escrowAddress,
-    currencyAddress: chain.currencyAddress,
-    payeePrivateKey: chain.payee.privateKey,
-  },
+  chain: Gateway.chainOf(chain),
   payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 },
 })
 const url = `${gw.url}/v1/chat/completions`
@@ -356,6 +350,34 @@ describe('channel limits', () => {
     const accepted = (await Channels.get(gw.sql, session.channelId!))!.acceptedCumulative
     expect(accepted).toBe(BigInt(1 + statuses.lastIndexOf(200) + 1))
   })
+})
+
+describe('privacy', () => {
+  test('behavior: a paid stream leaves no prompt or completion text in the database or the logs', async () => {
+    const marker = `MARKER${crypto.randomUUID().replaceAll('-', '')}`
+    const payer = privateKeyToAccount(chain.payers[9]!.privateKey)
+    const { challenge: c } = await challenge()
+    const session = new PayingSession({ account: payer, challenge: c, tokenDomain })
+    const open = await session.openWithAuthorization({ deposit: 100_000n, initial: 50_000n })
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: open },
+      body: body(true, `say ${marker} now`),
+    })
+    expect(text(await read(res, async () => {}))).toContain(marker)
+    const tables = await gw.sql`
+      select table_name from information_schema.tables
+      where table_schema = current_schema() and table_type = 'BASE TABLE'`
+    expect(tables.map((t) => t.table_name)).toContain('channels')
+    for (const { table_name } of tables) {
+      const [hit] = await gw.sql.unsafe(
+        `select count(*)::int as n from "${table_name}" t where t::text like '%' || $1 || '%'`,
+        [marker],
+      )
+      expect({ table: table_name, n: hit!.n }).toEqual({ table: table_name, n: 0 })
+    }
+    expect(gw.logs.join('\n')).not.toContain(marker)
+  }, 30_000)
 })
 
 describe('idempotency', () => {

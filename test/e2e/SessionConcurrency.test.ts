@@ -19,13 +19,7 @@ const N = 50
 const chain = await Anvil.start({ accounts: N + 1 })
 afterAll(() => chain.stop())
 const a = await Gateway.create({
-  chain: {
-    rpcUrl: chain.rpcUrl,
-    chainId: chain.chainId,
-    escrowAddress: chain.escrowAddress,
-    currencyAddress: chain.currencyAddress,
-    payeePrivateKey: chain.payee.privateKey,
-  },
+  chain: Gateway.chainOf(chain),
   // Generous: 50 streams share one event loop (and, embedded, one connection).
   payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 30_000 },
 })

@@ -21,13 +21,7 @@ import * as Upstream from '../helpers/Upstream.ts'
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
 const overrides = {
-  chain: {
-    rpcUrl: chain.rpcUrl,
-    chainId: chain.chainId,
-    escrowAddress: chain.escrowAddress,
-    currencyAddress: chain.currencyAddress,
-    payeePrivateKey: chain.payee.privateKey,
-  },
+  chain: Gateway.chainOf(chain),
   payments: {
     challengeSecret: 'test-challenge-secret-0123456789',
     voucherTimeoutMs: 3_000,

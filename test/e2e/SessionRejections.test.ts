@@ -23,13 +23,7 @@ const chain = await Anvil.start()
 afterAll(() => chain.stop())
 const minVoucherDelta = 100n
 const overrides = {
-  chain: {
-    rpcUrl: chain.rpcUrl,
-    chainId: chain.chainId,
-    escrowAddress: chain.escrowAddress,
-    currencyAddress: chain.currencyAddress,
-    payeePrivateKey: chain.payee.privateKey,
-  },
+  chain: Gateway.chainOf(chain),
   payments: {
     challengeSecret: 'test-challenge-secret-0123456789',
     voucherTimeoutMs: 2_000,

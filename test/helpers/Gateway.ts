@@ -144,3 +144,20 @@ export async function ledger(sql: Db.Sql, accountId: string) {
     open_reservations: bigint
   }
 }
+
+/** The `chain` config of a gateway paid on a test chain (test/helpers/Anvil.ts). */
+export function chainOf(chain: {
+  rpcUrl: string
+  chainId: number
+  escrowAddress: string
+  currencyAddress: string
+  payee: { privateKey: string }
+}) {
+  return {
+    rpcUrl: chain.rpcUrl,
+    chainId: chain.chainId,
+    escrowAddress: chain.escrowAddress,
+    currencyAddress: chain.currencyAddress,
+    payeePrivateKey: chain.payee.privateKey,
+  }
+}

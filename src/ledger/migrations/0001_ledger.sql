@@ -255,7 +255,8 @@ END $$;
 -- plus its free balance), releases the rest of the reservation, counts the tokens against
 -- the plan, writes the usage row and settles the Idempotency-Key. Returns the amount
 -- charged and the new balance, or no row if the reservation was already finished.
-CREATE FUNCTION tollway_finish(
+-- Called through tollway_finish (0002_channels.sql), which dispatches on the payer.
+CREATE FUNCTION tollway_account_finish(
   p_id uuid,
   p_cost numeric,
   p_prompt_tokens int,

@@ -264,8 +264,8 @@ BEGIN
   RETURN QUERY SELECT amount, c.accepted_cumulative - c.spent - amount;
 END $$;
 
--- tollway_finish dispatches on the reservation's payer; the account path is 0001's.
-ALTER FUNCTION tollway_finish(uuid, numeric, int, int, text, int, int) RENAME TO tollway_account_finish;
+-- Ends a request, whoever pays: dispatches on the reservation's payer (accounts: 0001's
+-- tollway_account_finish; channels: tollway_channel_finish above).
 CREATE FUNCTION tollway_finish(
   p_id uuid,
   p_cost numeric,
