@@ -371,6 +371,12 @@ export function createFetch(options: Options): PayingFetch {
         opened?.()
         opened = undefined
       })
+      // Over the per-channel voucher rate (many requests raising at once): wait as told.
+      if (res.status === 429 && credential && res.headers.has('retry-after')) {
+        await res.body?.cancel()
+        await sleep(1000 * (Number(res.headers.get('retry-after')) || 1))
+        continue
+      }
       if (res.status !== 402 && res.status !== 410) {
         if (!live?.state || !res.body) return res
         const receipt = res.headers.get('payment-receipt')

@@ -19,6 +19,8 @@ export type Checked = {
   channelId: Hex
   /** The prices the challenge stated (to check they are still the model's). */
   price: Price
+  /** The cumulative amount of the voucher the credential carries, if it carries one. */
+  cumulativeAmount?: bigint
   /** Method-specific payload, opaque to the routes. */
   payload: unknown
 }

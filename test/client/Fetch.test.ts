@@ -202,6 +202,41 @@ describe('createFetch', () => {
     expect((await fetch.channel(gw.url))!.channelId).toBeDefined()
   }, 60_000)
 
+  test('behavior: a request over the voucher rate (429 with Retry-After) is sent again after the wait', async () => {
+    const slow = await Gateway.create({
+      chain: Gateway.chainOf(chain),
+      payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherRatePerSecond: 1 },
+    })
+    try {
+      const fetch = createFetch({
+        account: chain.payers[5]!.privateKey,
+        rpcUrl: chain.rpcUrl,
+        limits: { maxDeposit: 1_000_000n, maxTotal: 1_000_000n },
+        allow: { escrows: [chain.escrowAddress] },
+        margin: 1n,
+        completionMargin: 1n,
+        store: Store.memory(),
+      })
+      const openai = new OpenAI({
+        baseURL: `${slow.url}/v1`,
+        apiKey: 'unused',
+        fetch,
+        maxRetries: 0,
+      })
+      // Each request needs a higher voucher than the last: the second and third wait for the rate.
+      for (let i = 0; i < 3; i++) {
+        const res = await openai.chat.completions.create({
+          model: 'fake',
+          messages,
+          max_tokens: 200,
+        })
+        expect(res.choices[0]!.message.content).toBe(words)
+      }
+    } finally {
+      await slow.stop()
+    }
+  }, 60_000)
+
   test('error: a prompt that costs more than maxTotal is refused before any voucher covers it', async () => {
     const { openai, fetch } = client(8, { limits: { maxDeposit: 1_000n, maxTotal: 50n } })
     const e = await openai.chat.completions.create({ model: 'fake', messages }).catch((e) => e)

@@ -207,13 +207,18 @@ export function routes(deps: Deps) {
   const paid = async (c: Context, payments: Payments.Payments, text: string, startedAt: number) => {
     const { method, challenge, checked } = Payments.verify(payments, c.req.header('authorization')!)
     const { channelId, action } = checked
-    if ((action === 'voucher' || action === 'topUp') && !payments.limiter.take(channelId))
+    if (
+      (action === 'voucher' || action === 'topUp') &&
+      !payments.limiter.take(channelId, checked.cumulativeAmount)
+    )
       throw new RateLimitError(
         `At most ${payments.limiter.perSecondLimit} voucher or top-up submissions per second per channel; sign vouchers further ahead.`,
         'voucher_rate_limited',
         { headers: { 'retry-after': '1' } },
       )
     const applied = await method.apply(checked)
+    if (checked.cumulativeAmount !== undefined)
+      payments.limiter.accepted(channelId, checked.cumulativeAmount)
     if (action !== 'close') payments.wake(channelId)
     const receiptOf = (channel: Method.State, txHash?: Method.Hex) =>
       method.receipt({ challengeId: challenge.id, channel, ...(txHash ? { txHash } : {}) })

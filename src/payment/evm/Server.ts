@@ -356,6 +356,9 @@ export function create(o: Options) {
           output: req.amount,
           input: typeof input === 'string' && /^\d+$/.test(input) ? BigInt(input) : -1n,
         },
+        ...('cumulativeAmount' in parsed.payload
+          ? { cumulativeAmount: parsed.payload.cumulativeAmount }
+          : {}),
         payload: { parsed, amount: req.amount },
       }
     },
