@@ -3,6 +3,8 @@
  * read from the escrow, accepted vouchers, and admission of requests paid from a channel.
  * Channel ids and addresses are 0x-hex in code and bytea in the database.
  */
+import * as Batch from './Batch.ts'
+import { inOrder } from './Batch.ts'
 import type { Sql } from './Db.ts'
 import * as Page from './Page.ts'
 
@@ -105,23 +107,49 @@ export type VoucherOutcome =
   | 'finalized'
   | 'close_requested'
 
+type Voucher = { channelId: Hex; cumulativeAmount: bigint; signature: Hex; minDelta: bigint }
+type VoucherResult = {
+  status: VoucherOutcome
+  acceptedCumulative: bigint
+  deposit: bigint
+  spent: bigint
+}
+
 /**
  * Records a voucher whose signature the caller verified. Durable before it returns (the
- * balance it adds may be used at once), and wakes streams waiting on the channel.
+ * balance it adds may be used at once), and wakes streams waiting on the channel. Batched
+ * under load (Batch.ts): vouchers that arrive together share one commit.
  */
-export async function acceptVoucher(
-  sql: Sql,
-  v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex; minDelta: bigint },
-): Promise<{ status: VoucherOutcome; acceptedCumulative: bigint; deposit: bigint; spent: bigint }> {
+export function acceptVoucher(sql: Sql, v: Voucher): Promise<VoucherResult> {
+  return Batch.of(sql, 'voucher', () => ({
+    one: (v: Voucher) => acceptOne(sql, v),
+    many: (items: Voucher[]) => acceptMany(sql, items),
+  })).run(v)
+}
+
+const voucherResult = (row: Record<string, unknown>): VoucherResult => ({
+  status: row.status as VoucherOutcome,
+  acceptedCumulative: (row.accepted_cumulative as bigint | null) ?? 0n,
+  deposit: (row.deposit as bigint | null) ?? 0n,
+  spent: (row.spent as bigint | null) ?? 0n,
+})
+
+async function acceptOne(sql: Sql, v: Voucher): Promise<VoucherResult> {
   const [row] = await sql`
     select * from tollway_accept_voucher(${bytes(v.channelId)}, ${sql.typed.numeric(v.cumulativeAmount)},
       ${bytes(v.signature)}, ${sql.typed.numeric(v.minDelta)})`
-  return {
-    status: row!.status,
-    acceptedCumulative: row!.accepted_cumulative ?? 0n,
-    deposit: row!.deposit ?? 0n,
-    spent: row!.spent ?? 0n,
-  }
+  return voucherResult(row!)
+}
+
+async function acceptMany(sql: Sql, items: Voucher[]): Promise<VoucherResult[]> {
+  const json = items.map((v) => ({
+    channelId: v.channelId.slice(2),
+    amount: v.cumulativeAmount.toString(),
+    signature: v.signature.slice(2),
+    minDelta: v.minDelta.toString(),
+  }))
+  const rows = await sql`select * from tollway_accept_voucher_many(${sql.json(json)})`
+  return inOrder(rows, items.length, voucherResult)
 }
 
 export type Admission =

@@ -1,7 +1,9 @@
 /**
  * Admission and reservations for API-key requests: the SQL functions of
- * migrations/0001_ledger.sql, one round trip each.
+ * migrations/0001_ledger.sql; admissions and finishes are batched under load (Batch.ts).
  */
+import * as Batch from './Batch.ts'
+import { inOrder } from './Batch.ts'
 import type { Sql } from './Db.ts'
 import type { Waker } from './Waker.ts'
 
@@ -52,12 +54,41 @@ export type Refused =
     }
 
 /** Authenticates, checks the plan and reserves credits, atomically. */
-export async function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
+export function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
+  return Batch.of(sql, 'admit', () => ({
+    one: (i: AdmitInput) => admitOne(sql, i),
+    many: (items: AdmitInput[]) => admitMany(sql, items),
+  })).run(i)
+}
+
+async function admitOne(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
   const [r] = await sql`
     select * from tollway_admit(${i.keyHash}, ${i.model}, ${i.stream}, ${i.minTier}, ${i.promptTokens},
       ${sql.typed.numeric(i.want)}, ${sql.typed.numeric(i.need)}, ${i.idempotencyKey},
       ${i.fingerprint}, ${i.requestId}, ${i.leaseSeconds})`
-  const row = r!
+  return admission(r!)
+}
+
+async function admitMany(sql: Sql, items: AdmitInput[]): Promise<(Admitted | Refused)[]> {
+  const json = items.map((i) => ({
+    keyHash: Buffer.from(i.keyHash).toString('hex'),
+    model: i.model,
+    stream: i.stream,
+    minTier: i.minTier,
+    promptTokens: i.promptTokens,
+    want: i.want.toString(),
+    need: i.need.toString(),
+    idempotencyKey: i.idempotencyKey,
+    fingerprint: i.fingerprint ? Buffer.from(i.fingerprint).toString('hex') : null,
+    requestId: i.requestId,
+    leaseSeconds: i.leaseSeconds,
+  }))
+  const rows = await sql`select * from tollway_admit_many(${sql.json(json)})`
+  return inOrder(rows, items.length, admission)
+}
+
+// biome-ignore lint/suspicious/noExplicitAny: a row of tollway_admit
+function admission(row: any): Admitted | Refused {
   const limits = { rateLimit: row.rate_limit, rateRemaining: row.rate_remaining }
   switch (row.status) {
     case 'ok':
@@ -115,14 +146,31 @@ export type Finish = {
  * Charges the request (never beyond what the account can pay), releases the rest of its
  * reservation and writes the usage row. Undefined if the reservation was already finished.
  */
-export async function finish(
-  sql: Sql,
-  f: Finish,
-): Promise<{ charged: bigint; balance: bigint } | undefined> {
+export function finish(sql: Sql, f: Finish): Promise<Finished | undefined> {
+  return Batch.of(sql, 'finish', () => ({
+    one: (f: Finish) => finishOne(sql, f),
+    many: (items: Finish[]) => finishMany(sql, items),
+  })).run(f)
+}
+
+type Finished = { charged: bigint; balance: bigint }
+
+async function finishOne(sql: Sql, f: Finish): Promise<Finished | undefined> {
   const [row] = await sql`
     select * from tollway_finish(${f.id}, ${sql.typed.numeric(f.cost)}, ${f.promptTokens},
       ${f.completionTokens}, ${f.status}, ${f.latencyMs}, ${f.ttftMs})`
   return row ? { charged: row.charged, balance: row.balance } : undefined
+}
+
+async function finishMany(sql: Sql, items: Finish[]): Promise<(Finished | undefined)[]> {
+  const json = items.map((f) => ({ ...f, cost: f.cost.toString() }))
+  const rows = await sql`select * from tollway_finish_many(${sql.json(json)})`
+  return inOrder<Finished | undefined>(
+    rows,
+    items.length,
+    (row) => ({ charged: row.charged as bigint, balance: row.balance as bigint }),
+    () => undefined,
+  )
 }
 
 /**

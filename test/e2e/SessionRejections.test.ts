@@ -332,7 +332,7 @@ describe('close', () => {
 describe('challenge', () => {
   test('error: an expired challenge → 402 challenge-not-found with a fresh one; the same voucher then goes through', async () => {
     const short = await Gateway.create(
-      { ...overrides, payments: { ...overrides.payments, challengeExpiresSeconds: 1 } },
+      { ...overrides, payments: { ...overrides.payments, challengeExpiresSeconds: 3 } },
       { db: gw.db, upstream: gw.upstream },
     )
     const shortUrl = `${short.url}/v1/chat/completions`
@@ -345,8 +345,8 @@ describe('challenge', () => {
     expect(
       (await fetch(shortUrl, { method: 'HEAD', headers: { authorization: open } })).status,
     ).toBe(200)
-    // Expiry is to the second: two seconds is past it.
-    await Bun.sleep(2_100)
+    // Expiry is to the second: four seconds is past it (three give the open time on a busy box).
+    await Bun.sleep(4_100)
     const before = await stored(session.channelId!)
     const res = await fetch(shortUrl, {
       method: 'HEAD',

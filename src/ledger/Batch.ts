@@ -1,0 +1,126 @@
+/**
+ * Group commit for the per-request ledger calls. A call goes to the database at once when
+ * fewer than `inFlight` batches of its kind are under way; otherwise it waits, and everything
+ * that waited goes in the next batch: one statement (the `*_many` functions of
+ * migrations/0004_batches.sql), one round trip, one commit. An idle gateway pays nothing (a
+ * lone call runs as the single-item statement it always was); a busy one sends as many items
+ * per statement as arrived during one round trip, so its requests no longer queue on one
+ * another's row locks.
+ *
+ * If a batch statement fails, its items run again one by one, so one bad item fails alone.
+ */
+export type Options<I, O> = {
+  /** Runs one item (a lone call, or the fallback when a batch fails). */
+  one(item: I): Promise<O>
+  /** Runs several items in one statement; results in the items' order. */
+  many(items: I[]): Promise<O[]>
+  /** Batches under way at once (default 1). */
+  inFlight?: number | undefined
+  /** Most items in one batch (default 256). */
+  maxItems?: number | undefined
+}
+
+type Waiting<I, O> = { item: I; resolve: (o: O) => void; reject: (e: unknown) => void }
+
+/** What a batcher did: statements sent, items they carried, batches that failed as a whole. */
+export type Stats = { statements: number; items: number; fallbacks: number }
+
+export class Batcher<I, O> {
+  private readonly waiting: Waiting<I, O>[] = []
+  private running = 0
+  private readonly inFlight: number
+  private readonly maxItems: number
+  readonly stats: Stats = { statements: 0, items: 0, fallbacks: 0 }
+
+  constructor(private readonly o: Options<I, O>) {
+    this.inFlight = o.inFlight ?? 1
+    this.maxItems = o.maxItems ?? 256
+  }
+
+  run(item: I): Promise<O> {
+    if (this.running < this.inFlight && this.waiting.length === 0) {
+      this.running++
+      this.stats.statements++
+      this.stats.items++
+      return this.o.one(item).finally(() => this.done())
+    }
+    return new Promise<O>((resolve, reject) => {
+      this.waiting.push({ item, resolve, reject })
+    })
+  }
+
+  private done() {
+    this.running--
+    if (this.waiting.length > 0 && this.running < this.inFlight) this.flush()
+  }
+
+  private flush() {
+    const batch = this.waiting.splice(0, this.maxItems)
+    this.running++
+    this.stats.statements++
+    this.stats.items += batch.length
+    const settle = async () => {
+      if (batch.length === 1) {
+        const w = batch[0]!
+        await this.o.one(w.item).then(w.resolve, w.reject)
+        return
+      }
+      let results: O[]
+      try {
+        results = await this.o.many(batch.map((w) => w.item))
+      } catch {
+        this.stats.fallbacks++
+        // One item may have failed the statement: each runs alone, in order, and fails alone.
+        for (const w of batch) await this.o.one(w.item).then(w.resolve, w.reject)
+        return
+      }
+      batch.forEach((w, i) => {
+        w.resolve(results[i] as O)
+      })
+    }
+    void settle().finally(() => this.done())
+  }
+}
+
+const registry = new WeakMap<object, Map<string, Batcher<never, unknown>>>()
+
+/** The batcher `name` of a database handle (made with `options` on first use). */
+export function of<I, O>(db: object, name: string, options: () => Options<I, O>): Batcher<I, O> {
+  let byName = registry.get(db)
+  if (!byName) {
+    byName = new Map()
+    registry.set(db, byName)
+  }
+  let b = byName.get(name) as Batcher<I, O> | undefined
+  if (!b) {
+    b = new Batcher(options())
+    byName.set(name, b as unknown as Batcher<never, unknown>)
+  }
+  return b
+}
+
+/** The stats of a database handle's batchers, by name. */
+export function stats(db: object): Record<string, Stats> {
+  return Object.fromEntries([...(registry.get(db) ?? [])].map(([k, b]) => [k, { ...b.stats }]))
+}
+
+/** The rows of a `*_many` function (one per item, with its `idx`) in the items' order;
+ * `missing` stands for an item that returned no row. */
+export function inOrder<O>(
+  rows: readonly Record<string, unknown>[],
+  n: number,
+  map: (row: Record<string, unknown>) => O,
+  missing: (i: number) => O = (i) => {
+    throw new Error(`batch item ${i} returned no row`)
+  },
+): O[] {
+  const out = new Array<O>(n)
+  const seen = new Array<boolean>(n).fill(false)
+  for (const row of rows) {
+    const i = row.idx as number
+    out[i] = map(row)
+    seen[i] = true
+  }
+  for (let i = 0; i < n; i++) if (!seen[i]) out[i] = missing(i)
+  return out
+}

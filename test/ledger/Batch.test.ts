@@ -1,0 +1,217 @@
+/**
+ * Group commit: the Batcher's scheduling, and the `*_many` SQL functions on a real
+ * PostgreSQL, which must mean exactly what their items run one by one mean.
+ */
+import { describe, expect, test } from 'bun:test'
+import * as Accounts from '../../src/ledger/Accounts.ts'
+import * as ApiKeys from '../../src/ledger/ApiKeys.ts'
+import * as Batch from '../../src/ledger/Batch.ts'
+import { Batcher } from '../../src/ledger/Batch.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Credits from '../../src/ledger/Credits.ts'
+import * as Reservations from '../../src/ledger/Reservations.ts'
+import { plans } from '../helpers/Gateway.ts'
+import * as Postgres from '../helpers/Postgres.ts'
+
+describe('Batcher', () => {
+  /** A batcher over an in-memory "database" that records the statements it saw. */
+  function recording(fail?: (x: number) => boolean) {
+    const statements: number[][] = []
+    const gate = Promise.withResolvers<void>()
+    const run = (x: number) => {
+      if (fail?.(x)) throw new Error(`bad item ${x}`)
+      return x * 10
+    }
+    const b = new Batcher<number, number>({
+      one: async (x) => {
+        statements.push([x])
+        await gate.promise
+        return run(x)
+      },
+      many: async (xs) => {
+        statements.push(xs)
+        await gate.promise
+        return xs.map(run)
+      },
+      maxItems: 3,
+    })
+    return { b, statements, open: () => gate.resolve() }
+  }
+
+  test('behavior: a lone call runs at once; calls made meanwhile share the next statements, in order, at most maxItems each', async () => {
+    const { b, statements, open } = recording()
+    const results = [1, 2, 3, 4, 5].map((x) => b.run(x))
+    expect(statements).toEqual([[1]])
+    open()
+    expect(await Promise.all(results)).toEqual([10, 20, 30, 40, 50])
+    expect(statements).toEqual([[1], [2, 3, 4], [5]])
+  })
+
+  test('error: a batch whose statement fails runs its items one by one; only the bad one fails', async () => {
+    const { b, statements, open } = recording((x) => x === 3)
+    const results = [1, 2, 3, 4].map((x) => b.run(x).catch((e: Error) => e.message))
+    open()
+    expect(await Promise.all(results)).toEqual([10, 20, 'bad item 3', 40])
+    expect(statements).toEqual([[1], [2, 3, 4], [2], [3], [4]])
+  })
+})
+
+const db = await Postgres.fresh(
+  Object.fromEntries(Object.entries(plans).map(([k, p]) => [k, { wallet: null, ...p }])) as never,
+)
+const { sql } = db
+
+async function account(credits: bigint) {
+  const id = await Accounts.create(sql, { name: 'a', plan: 'unlimited' })
+  await Credits.grant(sql, { accountId: id, amount: credits, note: null })
+  const key = (await ApiKeys.create(sql, { accountId: id, name: 'k', max: 10 }))!.key
+  return { id, keyHash: ApiKeys.hash(key) }
+}
+
+const admit = (keyHash: Uint8Array, want: bigint, requestId: string = crypto.randomUUID()) =>
+  Reservations.admit(sql, {
+    keyHash,
+    model: 'm',
+    stream: false,
+    minTier: 0,
+    promptTokens: 1,
+    want,
+    need: want,
+    idempotencyKey: null,
+    fingerprint: null,
+    requestId,
+    leaseSeconds: 60,
+  }).then((r) => ({ ...r, requestId }))
+
+const finish = (id: string, cost: bigint) =>
+  Reservations.finish(sql, {
+    id,
+    cost,
+    promptTokens: 1,
+    completionTokens: 1,
+    status: 'ok',
+    latencyMs: 1,
+    ttftMs: null,
+  })
+
+async function state(accountId: string) {
+  const [r] = await sql`
+    select a.balance, a.reserved, a.active_requests,
+      coalesce((select sum(amount) from credit_transactions where account_id = a.id), 0) as sum,
+      coalesce((select sum(held) from reservations where account_id = a.id), 0) as held,
+      (select count(*)::int from usage where account_id = a.id) as usage
+    from accounts a where id = ${accountId}`
+  expect(r!.balance).toBe(r!.sum)
+  expect(r!.reserved).toBe(r!.held)
+  return r!
+}
+
+describe('batched ledger calls', () => {
+  test('behavior: concurrent admissions over three accounts hold exactly what each account has; finishes charge each once', async () => {
+    const accounts = [await account(100n), await account(55n), await account(1_000n)]
+    const all = await Promise.all(
+      Array.from({ length: 60 }, (_, i) => admit(accounts[i % 3]!.keyHash, 10n)),
+    )
+    const ok = (a: number) => all.filter((r, i) => i % 3 === a && r.status === 'ok')
+    expect(ok(0).length).toBe(10)
+    expect(ok(1).length).toBe(5)
+    expect(ok(2).length).toBe(20)
+    expect(all.filter((r) => r.status === 'insufficient').length).toBe(25)
+    expect((await state(accounts[1]!.id)).reserved).toBe(50n)
+
+    // Every finish twice at once: charged once, the second finds nothing.
+    const admitted = all.filter((r) => r.status === 'ok')
+    const finished = await Promise.all(
+      admitted.flatMap((r) => [finish(r.requestId, 7n), finish(r.requestId, 7n)]),
+    )
+    expect(finished.filter((f) => f?.charged === 7n).length).toBe(admitted.length)
+    expect(finished.filter((f) => f === undefined).length).toBe(admitted.length)
+    const after = await Promise.all(accounts.map((a) => state(a.id)))
+    expect(after.map((s) => s.balance)).toEqual([30n, 20n, 860n])
+    expect(after.map((s) => s.reserved)).toEqual([0n, 0n, 0n])
+    expect(after.map((s) => s.active_requests)).toEqual([0, 0, 0])
+    expect(after.map((s) => s.usage)).toEqual([10, 5, 20])
+    // They went in batches, and no batch failed over to single statements.
+    const stats = Batch.stats(sql)
+    expect(stats.admit!.statements).toBeLessThan(stats.admit!.items / 4)
+    expect(stats.finish!.statements).toBeLessThan(stats.finish!.items / 4)
+    expect(stats.admit!.fallbacks + stats.finish!.fallbacks).toBe(0)
+  })
+
+  test('error: in a batch, an unknown key is unauthorized and a duplicate request id fails alone', async () => {
+    const a = await account(1_000n)
+    const dup = crypto.randomUUID()
+    const results = await Promise.all([
+      admit(a.keyHash, 1n),
+      admit(new Uint8Array(32), 1n),
+      admit(a.keyHash, 1n, dup),
+      admit(a.keyHash, 1n, dup).catch((e: Error) => e),
+      admit(a.keyHash, 1n),
+    ])
+    expect(results.map((r) => (r instanceof Error ? 'error' : r.status))).toEqual([
+      'ok',
+      'unauthorized',
+      'ok',
+      'error',
+      'ok',
+    ])
+    const s = await state(a.id)
+    expect(s.reserved).toBe(3n)
+    expect(s.active_requests).toBe(3)
+  })
+
+  test('behavior: concurrent vouchers on two channels: each channel keeps its highest, every outcome is the sequential one', async () => {
+    let n = 0
+    const address = (i: number) => `0x${i.toString(16).padStart(40, '0')}` as Channels.Hex
+    const open = async () => {
+      const channelId = `0x${'b'.repeat(32)}${(++n).toString(16).padStart(32, '0')}` as Channels.Hex
+      await Channels.observe(sql, {
+        channelId,
+        chainId: 31337,
+        escrow: address(1),
+        payer: address(2),
+        payee: address(3),
+        token: address(4),
+        signer: address(2),
+        deposit: 1_000n,
+        settled: 0n,
+        finalized: false,
+        closeRequested: false,
+      })
+      return channelId
+    }
+    const channels = [await open(), await open()]
+    const amounts = [5n, 3n, 9n, 9n, 2_000n, 12n, 4n]
+    const results = await Promise.all(
+      channels.flatMap((channelId) =>
+        amounts.map((amount) =>
+          Channels.acceptVoucher(sql, {
+            channelId,
+            cumulativeAmount: amount,
+            signature: `0x${amount.toString(16).padStart(130, '0')}`,
+            minDelta: 1n,
+          }),
+        ),
+      ),
+    )
+    // Taken in order per channel: 5 accepted, 3 replay, 9 accepted, 9 replay, 2000 over the
+    // deposit, 12 accepted, 4 replay.
+    const expected: string[] = [
+      'accepted',
+      'replay',
+      'accepted',
+      'replay',
+      'exceeds_deposit',
+      'accepted',
+      'replay',
+    ]
+    expect(results.map((r): string => r.status)).toEqual([...expected, ...expected])
+    for (const channelId of channels) {
+      expect((await Channels.get(sql, channelId))!.acceptedCumulative).toBe(12n)
+      const [v] =
+        await sql`select count(*)::int as n from vouchers where channel_id = ${Buffer.from(channelId.slice(2), 'hex')}`
+      expect(v!.n).toBe(3)
+    }
+    expect(Batch.stats(sql).voucher).toMatchObject({ statements: 2, items: 14, fallbacks: 0 })
+  })
+})
