@@ -1,5 +1,6 @@
 /** Accounts and plans. */
 import type { Plan } from '../Config.ts'
+import * as Batch from './Batch.ts'
 import type { Sql } from './Db.ts'
 
 export type Account = {
@@ -38,6 +39,7 @@ export async function create(sql: Sql, input: { name: string; plan: string }): P
 
 /** Reads one account, or undefined. */
 export async function get(sql: Sql, id: string): Promise<Account | undefined> {
+  await Batch.settled(sql)
   const [r] = await sql`select * from accounts where id = ${id}`
   if (!r) return undefined
   return {

@@ -31,6 +31,10 @@ export class Batcher<I, O> {
   private readonly inFlight: number
   private readonly maxItems: number
   readonly stats: Stats = { statements: 0, items: 0, fallbacks: 0 }
+  /** Items submitted, and items done (in submission order when `inFlight` is 1). */
+  private submitted = 0
+  private completed = 0
+  private readonly barriers: { at: number; resolve: () => void }[] = []
 
   constructor(private readonly o: Options<I, O>) {
     this.inFlight = o.inFlight ?? 1
@@ -38,18 +42,31 @@ export class Batcher<I, O> {
   }
 
   run(item: I): Promise<O> {
+    this.submitted++
     if (this.running < this.inFlight && this.waiting.length === 0) {
       this.running++
       this.stats.statements++
       this.stats.items++
-      return this.o.one(item).finally(() => this.done())
+      return this.o.one(item).finally(() => this.done(1))
     }
     return new Promise<O>((resolve, reject) => {
       this.waiting.push({ item, resolve, reject })
     })
   }
 
-  private done() {
+  /** Resolves once every item submitted so far is done (with `inFlight` 1, items finish in
+   * the order they were submitted). */
+  barrier(): Promise<void> {
+    if (this.completed >= this.submitted) return Promise.resolve()
+    const { promise, resolve } = Promise.withResolvers<void>()
+    this.barriers.push({ at: this.submitted, resolve })
+    return promise
+  }
+
+  private done(items: number) {
+    this.completed += items
+    while (this.barriers.length > 0 && this.barriers[0]!.at <= this.completed)
+      this.barriers.shift()!.resolve()
     this.running--
     if (this.waiting.length > 0 && this.running < this.inFlight) this.flush()
   }
@@ -78,7 +95,7 @@ export class Batcher<I, O> {
         w.resolve(results[i] as O)
       })
     }
-    void settle().finally(() => this.done())
+    void settle().finally(() => this.done(batch.length))
   }
 }
 
@@ -97,6 +114,16 @@ export function of<I, O>(db: object, name: string, options: () => Options<I, O>)
     byName.set(name, b as unknown as Batcher<never, unknown>)
   }
   return b
+}
+
+/**
+ * Resolves once every call queued so far on the handle's batchers has run: a read of a
+ * balance, usage or transactions waits for it, to see this instance's own writes (a
+ * completion's finish may still be on its way when its response has gone).
+ */
+export async function settled(db: object): Promise<void> {
+  const byName = registry.get(db)
+  if (byName) await Promise.all([...byName.values()].map((b) => b.barrier()))
 }
 
 /** The stats of a database handle's batchers, by name. */

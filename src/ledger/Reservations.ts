@@ -29,6 +29,10 @@ export type Admitted = {
   accountId: string
   keyId: string
   held: bigint
+  /** What the account has free after this request's hold. */
+  available: bigint
+  /** The plan's limit on requests at once, if it has one. */
+  maxConcurrent: number | null
   rateLimit: number | null
   rateRemaining: number | null
 }
@@ -55,10 +59,7 @@ export type Refused =
 
 /** Authenticates, checks the plan and reserves credits, atomically. */
 export function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
-  return Batch.of(sql, 'admit', () => ({
-    one: (i: AdmitInput) => admitOne(sql, i),
-    many: (items: AdmitInput[]) => admitMany(sql, items),
-  })).run(i)
+  return ledger(sql).run({ op: 'admit', ...i }) as Promise<Admitted | Refused>
 }
 
 async function admitOne(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
@@ -67,24 +68,6 @@ async function admitOne(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
       ${sql.typed.numeric(i.want)}, ${sql.typed.numeric(i.need)}, ${i.idempotencyKey},
       ${i.fingerprint}, ${i.requestId}, ${i.leaseSeconds})`
   return admission(r!)
-}
-
-async function admitMany(sql: Sql, items: AdmitInput[]): Promise<(Admitted | Refused)[]> {
-  const json = items.map((i) => ({
-    keyHash: Buffer.from(i.keyHash).toString('hex'),
-    model: i.model,
-    stream: i.stream,
-    minTier: i.minTier,
-    promptTokens: i.promptTokens,
-    want: i.want.toString(),
-    need: i.need.toString(),
-    idempotencyKey: i.idempotencyKey,
-    fingerprint: i.fingerprint ? Buffer.from(i.fingerprint).toString('hex') : null,
-    requestId: i.requestId,
-    leaseSeconds: i.leaseSeconds,
-  }))
-  const rows = await sql`select * from tollway_admit_many(${sql.json(json)})`
-  return inOrder(rows, items.length, admission)
 }
 
 // biome-ignore lint/suspicious/noExplicitAny: a row of tollway_admit
@@ -97,6 +80,8 @@ function admission(row: any): Admitted | Refused {
         accountId: row.account_id,
         keyId: row.key_id,
         held: row.held,
+        available: row.available,
+        maxConcurrent: row.max_concurrent ?? null,
         ...limits,
       }
     case 'unauthorized':
@@ -147,10 +132,7 @@ export type Finish = {
  * reservation and writes the usage row. Undefined if the reservation was already finished.
  */
 export function finish(sql: Sql, f: Finish): Promise<Finished | undefined> {
-  return Batch.of(sql, 'finish', () => ({
-    one: (f: Finish) => finishOne(sql, f),
-    many: (items: Finish[]) => finishMany(sql, items),
-  })).run(f)
+  return ledger(sql).run({ op: 'finish', ...f }) as Promise<Finished | undefined>
 }
 
 type Finished = { charged: bigint; balance: bigint }
@@ -162,15 +144,51 @@ async function finishOne(sql: Sql, f: Finish): Promise<Finished | undefined> {
   return row ? { charged: row.charged, balance: row.balance } : undefined
 }
 
-async function finishMany(sql: Sql, items: Finish[]): Promise<(Finished | undefined)[]> {
-  const json = items.map((f) => ({ ...f, cost: f.cost.toString() }))
-  const rows = await sql`select * from tollway_finish_many(${sql.json(json)})`
-  return inOrder<Finished | undefined>(
-    rows,
-    items.length,
-    (row) => ({ charged: row.charged as bigint, balance: row.balance as bigint }),
-    () => undefined,
-  )
+type Op = ({ op: 'admit' } & AdmitInput) | ({ op: 'finish' } & Finish)
+type OpResult = Admitted | Refused | Finished | undefined
+
+/**
+ * The instance's API-key ledger: admissions and finishes in one ordered stream, batched under
+ * load. A finish queued before an admission runs before it, so a request finished in the
+ * background is never counted against the payer's next one (credits, concurrency, quota).
+ */
+function ledger(sql: Sql) {
+  return Batch.of<Op, OpResult>(sql, 'ledger', () => ({
+    one: (o) => (o.op === 'admit' ? admitOne(sql, o) : finishOne(sql, o)),
+    many: async (items) => {
+      const json = items.map((o) =>
+        o.op === 'admit'
+          ? {
+              op: 'admit',
+              keyHash: Buffer.from(o.keyHash).toString('hex'),
+              model: o.model,
+              stream: o.stream,
+              minTier: o.minTier,
+              promptTokens: o.promptTokens,
+              want: o.want.toString(),
+              need: o.need.toString(),
+              idempotencyKey: o.idempotencyKey,
+              fingerprint: o.fingerprint ? Buffer.from(o.fingerprint).toString('hex') : null,
+              requestId: o.requestId,
+              leaseSeconds: o.leaseSeconds,
+            }
+          : { ...o, cost: o.cost.toString() },
+      )
+      const rows = await sql`select * from tollway_ledger_many(${sql.json(json)})`
+      return inOrder<OpResult>(
+        rows,
+        items.length,
+        (row) =>
+          row.status === 'finished'
+            ? { charged: row.charged as bigint, balance: row.balance as bigint }
+            : admission(row),
+        (i) => {
+          if (items[i]!.op === 'finish') return undefined // already finished
+          throw new Error(`admission ${i} returned no row`)
+        },
+      )
+    },
+  }))
 }
 
 /**
@@ -190,7 +208,10 @@ export async function sweep(sql: Sql): Promise<number> {
  * A live reservation of credits (the metering layer's `Reservation`): extends and settles
  * through the functions above. `settle` runs at most once.
  */
-export function reservation(sql: Sql, input: { id: string; held: bigint; leaseSeconds: number }) {
+export function reservation(
+  sql: Sql,
+  input: { id: string; held: bigint; leaseSeconds: number; settleInBackground?: boolean },
+) {
   let held = input.held
   let superseded = false
   let settled: Promise<{ charged: bigint }> | undefined
@@ -199,6 +220,9 @@ export function reservation(sql: Sql, input: { id: string; held: bigint; leaseSe
     get held() {
       return held
     },
+    /** Finishes go through the instance's ordered ledger stream (see `ledger`), before any
+     * later admission on this instance: the caller says when not waiting for them is safe. */
+    settleInBackground: input.settleInBackground ?? false,
     /** A newer stream on the same channel took over: this one must end. */
     get superseded() {
       return superseded
@@ -247,6 +271,8 @@ export function channelReservation(
 ) {
   const r = reservation(sql, input)
   return Object.assign(r, {
+    // A channel's receipt reports `spent` after the settle: it must wait for it.
+    settleInBackground: false,
     async waitForFunds(required: bigint, signal: AbortSignal): Promise<boolean> {
       if (r.superseded) return false
       const timeout = AbortSignal.timeout(input.timeoutMs)

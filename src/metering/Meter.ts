@@ -29,6 +29,26 @@ export interface Reservation {
   waitForFunds?(required: bigint, signal: AbortSignal): Promise<boolean>
   /** Charges `outcome.cost` (capped by what the payer can pay), releases the rest, records usage. */
   settle(outcome: Outcome): Promise<{ charged: bigint }>
+  /**
+   * Set when a request whose cost the reservation covers may be answered without waiting for
+   * its settle (the charge is then exactly the cost): the store runs the settle before any
+   * later admission of the payer on this instance, and nothing the payer does next on
+   * another instance can be refused because the settle is still on its way.
+   */
+  readonly settleInBackground?: boolean
+}
+
+/**
+ * Settles `outcome`; what was charged. A covered cost of a reservation that may settle in the
+ * background is known without waiting: the settle goes on after the answer (its failure is
+ * logged by the store's caller; the lease sweep then releases the reservation).
+ */
+async function charge(reservation: Reservation, outcome: Outcome): Promise<bigint> {
+  if (reservation.settleInBackground && outcome.cost <= reservation.held) {
+    reservation.settle(outcome).catch(() => {})
+    return outcome.cost
+  }
+  return (await reservation.settle(outcome)).charged
 }
 
 export type Status =
@@ -95,7 +115,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     const completionTokens = status === 'ok' && reported ? reported.completion_tokens : sent
     const free = status === 'upstream_error' && sent === 0
     const cost = free ? 0n : Pricing.cost(price, promptTokens, completionTokens)
-    const { charged } = await reservation.settle({
+    const charged = await charge(reservation, {
       cost,
       promptTokens,
       completionTokens,
@@ -205,7 +225,7 @@ export async function complete(
     completion.usage?.completion_tokens ??
     completion.choices.reduce((n, c) => n + Tokenizer.count(generated(c.message)), 0)
   const latencyMs = Math.round(performance.now() - o.startedAt)
-  const { charged } = await o.reservation.settle({
+  const charged = await charge(o.reservation, {
     cost: Pricing.cost(o.price, promptTokens, completionTokens),
     promptTokens,
     completionTokens,

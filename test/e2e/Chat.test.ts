@@ -1,5 +1,7 @@
 import { describe, expect, test } from 'bun:test'
 import OpenAI from 'openai'
+import * as Batch from '../../src/ledger/Batch.ts'
+import * as Db from '../../src/ledger/Db.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
@@ -206,6 +208,7 @@ describe('errors', () => {
     const l = await Gateway.ledger(gw.sql, id)
     expect(l.balance).toBe(1_000_000n)
     expect(l.reserved).toBe(0n)
+    await Batch.settled(gw.sql)
     const [u] =
       await gw.sql`select count(*)::int as n, min(status) as status from usage where account_id = ${id}`
     expect(u).toEqual({ n: 2, status: 'upstream_error' })
@@ -350,6 +353,7 @@ describe('credits', () => {
       l = await Gateway.ledger(gw.sql, id)
     }
     expect(l.open_reservations).toBe(0n)
+    await Batch.settled(gw.sql)
     const [u] = await gw.sql`select * from usage where account_id = ${id}`
     expect(u!.status).toBe('cancelled')
     expect(u!.completion_tokens).toBeGreaterThanOrEqual(wordsTokens('w0 w1 w2 w3'))
@@ -376,6 +380,7 @@ describe('credits', () => {
       'idempotency_key_mismatch',
     )
     expect((await Gateway.ledger(gw.sql, id)).balance).toBe(balance)
+    await Batch.settled(gw.sql)
     const [n] = await gw.sql`select count(*)::int as n from usage where account_id = ${id}`
     expect(n!.n).toBe(1)
   })
@@ -390,6 +395,7 @@ describe('credits', () => {
     )
     expect(results.filter((s) => s === 200)).toHaveLength(1)
     expect(results.filter((s) => s === 409)).toHaveLength(4)
+    await Batch.settled(gw.sql)
     const [n] =
       await gw.sql`select count(*)::int as n from credit_transactions where account_id = ${id} and kind = 'usage'`
     expect(n!.n).toBe(1)
@@ -420,6 +426,7 @@ describe('privacy', () => {
     }
     await post(key, { model: 'fake-500', messages: m })
     await post(key, { model: 'nope', messages: m })
+    await Batch.settled(gw.sql)
     const tables = await gw.sql`
       select table_name from information_schema.tables
       where table_schema = current_schema() and table_type = 'BASE TABLE'`
@@ -435,4 +442,81 @@ describe('privacy', () => {
     expect(gw.logs.join('\n')).not.toContain(marker)
     expect(gw.logs.join('\n')).not.toContain(key)
   })
+})
+
+describe('answering before the charge is written', () => {
+  // A second connection holds the usage table, so a finish (which writes a usage row) waits
+  // while admissions (which do not) go on. The embedded server has one connection: skipped.
+  const server = gw.db.max > 1
+  const holding = async () => {
+    const other = Db.connect({
+      url: gw.db.url,
+      max: 1,
+      ...(gw.db.schema ? { schema: gw.db.schema } : {}),
+    })
+    const locked = Promise.withResolvers<void>()
+    const release = Promise.withResolvers<void>()
+    const done = other.begin(async (tx) => {
+      await tx`lock table usage in share mode`
+      locked.resolve()
+      await release.promise
+    })
+    await locked.promise
+    let ended: Promise<void> | undefined
+    return () => {
+      release.resolve()
+      ended ??= done.then(() => other.end())
+      return ended
+    }
+  }
+  const within = <T>(p: Promise<T>, ms: number) =>
+    Promise.race([p, Bun.sleep(ms).then(() => 'pending' as const)])
+
+  test.skipIf(!server)(
+    'behavior: a covered completion is answered before its finish commits; the next one on the instance is admitted after it',
+    async () => {
+      const { id, key } = await gw.account()
+      const release = await holding()
+      try {
+        const first = await within(
+          gw.openai(key).chat.completions.create({ model: 'fake', messages }),
+          5_000,
+        )
+        expect(first).not.toBe('pending')
+        const charged = BigInt((first as unknown as { usage: { cost: string } }).usage.cost)
+        expect(charged).toBe(cost(promptTokens, wordsTokens(PROMPT)))
+        // Not written yet: the reservation still holds.
+        const [held] = await gw.sql`select reserved from accounts where id = ${id}`
+        expect(held!.reserved).toBeGreaterThan(0n)
+        // The next request queues behind that finish in the instance's ledger stream.
+        const second = gw.openai(key).chat.completions.create({ model: 'fake', messages })
+        expect(await within(second, 300)).toBe('pending')
+        await release()
+        expect((await second).usage).toBeDefined()
+      } finally {
+        await release()
+      }
+      const l = await Gateway.ledger(gw.sql, id)
+      expect(l.balance).toBe(1_000_000n - 2n * cost(promptTokens, wordsTokens(PROMPT)))
+      expect(l.reserved).toBe(0n)
+      expect(l.usage_cost).toBe(1_000_000n - l.balance)
+    },
+    20_000,
+  )
+
+  test.skipIf(!server)(
+    'behavior: a plan that limits requests at once waits for the charge (its next request may go to another instance)',
+    async () => {
+      const { key } = await gw.account({ plan: 'free' })
+      const release = await holding()
+      const res = gw.openai(key).chat.completions.create({ model: 'fake', messages })
+      try {
+        expect(await within(res, 300)).toBe('pending')
+      } finally {
+        await release()
+      }
+      expect((await res).usage).toBeDefined()
+    },
+    20_000,
+  )
 })

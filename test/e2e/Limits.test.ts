@@ -1,4 +1,5 @@
 import { describe, expect, test } from 'bun:test'
+import * as Batch from '../../src/ledger/Batch.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
 // Two instances on one database: limits must hold across them (state in Postgres).
@@ -99,6 +100,7 @@ describe('plans', () => {
     const { id, key } = await a.account({ plan: 'free' })
     await a.sql`update accounts set month_tokens = 499990, month_start = '2000-01-01' where id = ${id}`
     expect((await post(a, key)).status).toBe(200)
+    await Batch.settled(a.sql)
     const [row] = await a.sql`select month_tokens from accounts where id = ${id}`
     expect(row!.month_tokens).toBeLessThan(100n)
   })
@@ -107,6 +109,7 @@ describe('plans', () => {
     const { id, key } = await a.account({ plan: 'wallet' })
     // A fresh wallet is full: a turn is allowed and its tokens are taken out.
     expect((await post(a, key)).status).toBe(200)
+    await Batch.settled(a.sql)
     const [w] = await a.sql`select wallet_tokens from accounts where id = ${id}`
     expect(w!.wallet_tokens).toBeLessThan(10_000)
     expect(w!.wallet_tokens).toBeGreaterThan(9_900)

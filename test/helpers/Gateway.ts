@@ -5,6 +5,7 @@
 import { afterAll } from 'bun:test'
 import OpenAI from 'openai'
 import * as Config from '../../src/Config.ts'
+import * as Batch from '../../src/ledger/Batch.ts'
 import * as Db from '../../src/ledger/Db.ts'
 import { type Gateway, start } from '../../src/main.ts'
 import * as Postgres from './Postgres.ts'
@@ -129,6 +130,8 @@ export async function create(
 
 /** Sums an account's credit transactions and reads its balance: they must agree. */
 export async function ledger(sql: Db.Sql, accountId: string) {
+  // A completion's finish may still be on its way after its response (see Batch.settled).
+  await Batch.settled(sql)
   const [row] = await sql`
     select a.balance, a.reserved, a.active_requests,
       coalesce((select sum(amount) from credit_transactions where account_id = a.id), 0) as sum,

@@ -132,10 +132,10 @@ describe('batched ledger calls', () => {
     expect(after.map((s) => s.active_requests)).toEqual([0, 0, 0])
     expect(after.map((s) => s.usage)).toEqual([10, 5, 20])
     // They went in batches, and no batch failed over to single statements.
-    const stats = Batch.stats(sql)
-    expect(stats.admit!.statements).toBeLessThan(stats.admit!.items / 4)
-    expect(stats.finish!.statements).toBeLessThan(stats.finish!.items / 4)
-    expect(stats.admit!.fallbacks + stats.finish!.fallbacks).toBe(0)
+    const stats = Batch.stats(sql).ledger!
+    expect(stats.items).toBe(60 + 2 * admitted.length)
+    expect(stats.statements).toBeLessThan(stats.items / 4)
+    expect(stats.fallbacks).toBe(0)
   })
 
   test('error: in a batch, an unknown key is unauthorized and a duplicate request id fails alone', async () => {

@@ -197,7 +197,15 @@ export function routes(deps: Deps) {
     }
     const reservation = logged(
       deps,
-      Reservations.reservation(deps.sql, { id: requestId, held: admitted.held, leaseSeconds }),
+      Reservations.reservation(deps.sql, {
+        id: requestId,
+        held: admitted.held,
+        leaseSeconds,
+        // Answer before the charge is written, unless the payer's next request could be
+        // refused meanwhile on another instance: a plan that limits requests at once, or a
+        // balance that could not hold this request again.
+        settleInBackground: admitted.maxConcurrent === null && admitted.available >= admitted.held,
+      }),
       { account: admitted.accountId, model: p.model.id, stream: p.req.stream },
     )
     return serve(c, deps, p, reservation, startedAt)
@@ -365,7 +373,10 @@ function logged<R extends Meter.Reservation>(
   const settle = r.settle.bind(r)
   return Object.assign(r, {
     async settle(o: Meter.Outcome) {
-      const result = await settle(o)
+      const result = await settle(o).catch((e: unknown) => {
+        deps.log.error({ request: r.id, err: (e as Error).message }, 'settle failed')
+        throw e
+      })
       deps.log.info(
         {
           request: r.id,

@@ -5,11 +5,15 @@
 -- request, and batches of one instance never queue on each other's row locks.
 --
 -- Each item runs through the single-item function, so a batch means exactly what its items
--- run one after another mean. Items are taken in the order of the row they lock (account or
--- channel, then their place in the batch): batches of different instances lock rows in one
--- global order and cannot deadlock. Results come back with the item's index.
+-- run one after another mean. Rows are locked in one global order (by id), so batches of
+-- different instances cannot deadlock. Results come back with the item's index.
 
-CREATE FUNCTION tollway_admit_many(p_items jsonb) RETURNS TABLE (
+-- The API-key ledger: admissions and finishes of one instance, in one ordered stream (a
+-- finish queued before a later admission of the same account runs before it, in the same
+-- batch or an earlier one). Locks first, in the global order every writer follows
+-- (reservations, then accounts, then channels, each by id), then runs the items in arrival
+-- order.
+CREATE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS TABLE (
   idx            int,
   status         text,
   account_id     uuid,
@@ -19,43 +23,49 @@ CREATE FUNCTION tollway_admit_many(p_items jsonb) RETURNS TABLE (
   retry_after_ms bigint,
   rate_limit     int,
   rate_remaining int,
-  other_request  uuid
+  other_request  uuid,
+  max_concurrent int,
+  charged        numeric,
+  balance        numeric
 ) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
   i record;
 BEGIN
-  FOR i IN
-    SELECT (e.ordinality - 1)::int AS n, e.value AS v, decode(e.value->>'keyHash', 'hex') AS key_hash
-    FROM jsonb_array_elements(p_items) WITH ORDINALITY e
-    LEFT JOIN api_keys ak ON ak.hash = decode(e.value->>'keyHash', 'hex')
-    ORDER BY ak.account_id NULLS FIRST, e.ordinality
-  LOOP
-    RETURN QUERY SELECT i.n, a.* FROM tollway_admit(
-      i.key_hash, i.v->>'model', (i.v->>'stream')::boolean, (i.v->>'minTier')::int,
-      (i.v->>'promptTokens')::bigint, (i.v->>'want')::numeric, (i.v->>'need')::numeric,
-      i.v->>'idempotencyKey', decode(i.v->>'fingerprint', 'hex'), (i.v->>'requestId')::uuid,
-      (i.v->>'leaseSeconds')::int) a;
-  END LOOP;
-END $$;
-
-CREATE FUNCTION tollway_finish_many(p_items jsonb) RETURNS TABLE (
-  idx     int,
-  charged numeric,
-  balance numeric
-) LANGUAGE plpgsql AS $$
-DECLARE
-  i record;
-BEGIN
+  PERFORM 1 FROM reservations r
+    WHERE r.id IN (SELECT (e->>'id')::uuid FROM jsonb_array_elements(p_items) e WHERE e->>'op' = 'finish')
+    ORDER BY r.id FOR UPDATE;
+  PERFORM 1 FROM accounts a
+    WHERE a.id IN (
+      SELECT ak.account_id FROM jsonb_array_elements(p_items) e
+        JOIN api_keys ak ON ak.hash = decode(e->>'keyHash', 'hex') WHERE e->>'op' = 'admit'
+      UNION
+      SELECT r.account_id FROM jsonb_array_elements(p_items) e
+        JOIN reservations r ON r.id = (e->>'id')::uuid WHERE e->>'op' = 'finish')
+    ORDER BY a.id FOR UPDATE;
+  PERFORM 1 FROM channels c
+    WHERE c.channel_id IN (
+      SELECT r.channel_id FROM jsonb_array_elements(p_items) e
+        JOIN reservations r ON r.id = (e->>'id')::uuid WHERE e->>'op' = 'finish')
+    ORDER BY c.channel_id FOR UPDATE;
   FOR i IN
     SELECT (e.ordinality - 1)::int AS n, e.value AS v
-    FROM jsonb_array_elements(p_items) WITH ORDINALITY e
-    LEFT JOIN reservations r ON r.id = (e.value->>'id')::uuid
-    ORDER BY r.account_id NULLS LAST, r.channel_id NULLS LAST, e.ordinality
+    FROM jsonb_array_elements(p_items) WITH ORDINALITY e ORDER BY e.ordinality
   LOOP
-    RETURN QUERY SELECT i.n, f.* FROM tollway_finish(
-      (i.v->>'id')::uuid, (i.v->>'cost')::numeric, (i.v->>'promptTokens')::int,
-      (i.v->>'completionTokens')::int, i.v->>'status', (i.v->>'latencyMs')::int,
-      (i.v->>'ttftMs')::int) f;
+    IF i.v->>'op' = 'admit' THEN
+      RETURN QUERY SELECT i.n, a.*, NULL::numeric, NULL::numeric FROM tollway_admit(
+        decode(i.v->>'keyHash', 'hex'), i.v->>'model', (i.v->>'stream')::boolean,
+        (i.v->>'minTier')::int, (i.v->>'promptTokens')::bigint, (i.v->>'want')::numeric,
+        (i.v->>'need')::numeric, i.v->>'idempotencyKey', decode(i.v->>'fingerprint', 'hex'),
+        (i.v->>'requestId')::uuid, (i.v->>'leaseSeconds')::int) a;
+    ELSE
+      RETURN QUERY SELECT i.n, 'finished', NULL::uuid, NULL::uuid, NULL::numeric, NULL::numeric,
+        NULL::bigint, NULL::int, NULL::int, NULL::uuid, NULL::int, f.charged, f.balance
+      FROM tollway_finish(
+        (i.v->>'id')::uuid, (i.v->>'cost')::numeric, (i.v->>'promptTokens')::int,
+        (i.v->>'completionTokens')::int, i.v->>'status', (i.v->>'latencyMs')::int,
+        (i.v->>'ttftMs')::int) f;
+    END IF;
   END LOOP;
 END $$;
 

@@ -321,7 +321,7 @@ describe('fromCredential', () => {
       ),
       { numRuns: 5000 },
     )
-  })
+  }, 30_000)
 })
 
 describe('voucherOf', () => {
