@@ -31,8 +31,8 @@ export type Admitted = {
   held: bigint
   /** What the account has free after this request's hold. */
   available: bigint
-  /** The plan's limit on requests at once, if it has one. */
-  maxConcurrent: number | null
+  /** How many more requests at once the plan allows besides this one (null: no limit). */
+  concurrencyRoom: number | null
   rateLimit: number | null
   rateRemaining: number | null
 }
@@ -81,7 +81,7 @@ function admission(row: any): Admitted | Refused {
         keyId: row.key_id,
         held: row.held,
         available: row.available,
-        maxConcurrent: row.max_concurrent ?? null,
+        concurrencyRoom: row.concurrency_room ?? null,
         ...limits,
       }
     case 'unauthorized':

@@ -505,7 +505,7 @@ describe('answering before the charge is written', () => {
   )
 
   test.skipIf(!server)(
-    'behavior: a plan that limits requests at once waits for the charge (its next request may go to another instance)',
+    'behavior: with no room for another request at once (free plan: one) the answer waits for the charge, as the next request may go to another instance',
     async () => {
       const { key } = await gw.account({ plan: 'free' })
       const release = await holding()

@@ -202,9 +202,11 @@ export function routes(deps: Deps) {
         held: admitted.held,
         leaseSeconds,
         // Answer before the charge is written, unless the payer's next request could be
-        // refused meanwhile on another instance: a plan that limits requests at once, or a
-        // balance that could not hold this request again.
-        settleInBackground: admitted.maxConcurrent === null && admitted.available >= admitted.held,
+        // refused meanwhile on another instance because this one still counts: no room for
+        // another request at once, or a balance that could not hold this request again.
+        settleInBackground:
+          (admitted.concurrencyRoom === null || admitted.concurrencyRoom > 0) &&
+          admitted.available >= admitted.held,
       }),
       { account: admitted.accountId, model: p.model.id, stream: p.req.stream },
     )

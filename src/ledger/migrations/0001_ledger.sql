@@ -145,7 +145,8 @@ CREATE FUNCTION tollway_admit(
   rate_limit     int,
   rate_remaining int,
   other_request  uuid,
-  max_concurrent int
+  -- Admitted: how many more requests at once the plan allows besides this one (NULL: no limit).
+  concurrency_room int
 ) LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -172,7 +173,7 @@ BEGIN
   SELECT * INTO p FROM plans pl WHERE pl.name = a.plan;
 
   IF p.tier < p_min_tier THEN
-    RETURN QUERY SELECT 'tier', a.id, k.id, NULL::numeric, NULL::numeric, NULL::bigint, NULL::int, NULL::int, NULL::uuid, p.max_concurrent;
+    RETURN QUERY SELECT 'tier', a.id, k.id, NULL::numeric, NULL::numeric, NULL::bigint, NULL::int, NULL::int, NULL::uuid, NULL::int;
     RETURN;
   END IF;
 
@@ -183,13 +184,13 @@ BEGIN
         CASE WHEN idem.fingerprint <> p_fingerprint THEN 'idempotency_mismatch'
              WHEN idem.state = 'in_progress' THEN 'idempotency_in_progress'
              ELSE 'idempotency_completed' END,
-        a.id, k.id, NULL::numeric, NULL::numeric, NULL::bigint, NULL::int, NULL::int, idem.request_id, p.max_concurrent;
+        a.id, k.id, NULL::numeric, NULL::numeric, NULL::bigint, NULL::int, NULL::int, idem.request_id, NULL::int;
       RETURN;
     END IF;
   END IF;
 
   IF p.max_concurrent IS NOT NULL AND a.active_requests >= p.max_concurrent THEN
-    RETURN QUERY SELECT 'concurrency', a.id, k.id, NULL::numeric, NULL::numeric, 1000::bigint, p.max_concurrent, 0, NULL::uuid, p.max_concurrent;
+    RETURN QUERY SELECT 'concurrency', a.id, k.id, NULL::numeric, NULL::numeric, 1000::bigint, p.max_concurrent, 0, NULL::uuid, NULL::int;
     RETURN;
   END IF;
 
@@ -201,7 +202,7 @@ BEGIN
     IF new_tat - ts > interval '60 seconds' THEN
       RETURN QUERY SELECT 'rate', a.id, k.id, NULL::numeric, NULL::numeric,
         ceil(extract(epoch FROM (new_tat - interval '60 seconds' - ts)) * 1000)::bigint,
-        p.requests_per_minute, 0, NULL::uuid, p.max_concurrent;
+        p.requests_per_minute, 0, NULL::uuid, NULL::int;
       RETURN;
     END IF;
     remaining := floor(extract(epoch FROM (interval '60 seconds' - (new_tat - ts))) / extract(epoch FROM period))::int;
@@ -212,7 +213,7 @@ BEGIN
     IF month_used + p_prompt_tokens > p.tokens_per_month THEN
       RETURN QUERY SELECT 'quota', a.id, k.id, NULL::numeric, NULL::numeric,
         ceil(extract(epoch FROM ((date_trunc('month', ts AT TIME ZONE 'UTC') + interval '1 month') AT TIME ZONE 'UTC' - ts)) * 1000)::bigint,
-        p.requests_per_minute, remaining, NULL::uuid, p.max_concurrent;
+        p.requests_per_minute, remaining, NULL::uuid, NULL::int;
       RETURN;
     END IF;
   END IF;
@@ -223,14 +224,14 @@ BEGIN
     IF wallet < p.wallet_floor THEN
       RETURN QUERY SELECT 'wallet', a.id, k.id, NULL::numeric, NULL::numeric,
         ceil((p.wallet_floor - wallet) / p.wallet_refill_per_day * 86400000.0)::bigint,
-        p.requests_per_minute, remaining, NULL::uuid, p.max_concurrent;
+        p.requests_per_minute, remaining, NULL::uuid, NULL::int;
       RETURN;
     END IF;
   END IF;
 
   IF a.balance - a.reserved < p_need THEN
     RETURN QUERY SELECT 'insufficient', a.id, k.id, NULL::numeric, a.balance - a.reserved, NULL::bigint,
-      p.requests_per_minute, remaining, NULL::uuid, p.max_concurrent;
+      p.requests_per_minute, remaining, NULL::uuid, NULL::int;
     RETURN;
   END IF;
   amount := least(p_want, a.balance - a.reserved);
@@ -247,7 +248,7 @@ BEGIN
       VALUES (a.id, p_idem_key, p_fingerprint, p_request_id, 'in_progress');
   END IF;
   RETURN QUERY SELECT 'ok', a.id, k.id, amount, a.balance - a.reserved - amount, NULL::bigint,
-    p.requests_per_minute, remaining, NULL::uuid, p.max_concurrent;
+    p.requests_per_minute, remaining, NULL::uuid, p.max_concurrent - a.active_requests - 1;
 END $$;
 
 -- tollway_extend (adds to a reservation) is defined in 0002_channels.sql, for both payers.

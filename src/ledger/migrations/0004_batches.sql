@@ -24,7 +24,7 @@ CREATE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS TABLE (
   rate_limit     int,
   rate_remaining int,
   other_request  uuid,
-  max_concurrent int,
+  concurrency_room int,
   charged        numeric,
   balance        numeric
 ) LANGUAGE plpgsql AS $$
