@@ -62,14 +62,6 @@ export function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
   return ledger(sql).run({ op: 'admit', ...i }) as Promise<Admitted | Refused>
 }
 
-async function admitOne(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
-  const [r] = await sql`
-    select * from tollway_admit(${i.keyHash}, ${i.model}, ${i.stream}, ${i.minTier}, ${i.promptTokens},
-      ${sql.typed.numeric(i.want)}, ${sql.typed.numeric(i.need)}, ${i.idempotencyKey},
-      ${i.fingerprint}, ${i.requestId}, ${i.leaseSeconds})`
-  return admission(r!)
-}
-
 // biome-ignore lint/suspicious/noExplicitAny: a row of tollway_admit
 function admission(row: any): Admitted | Refused {
   const limits = { rateLimit: row.rate_limit, rateRemaining: row.rate_remaining }
@@ -137,13 +129,6 @@ export function finish(sql: Sql, f: Finish): Promise<Finished | undefined> {
 
 type Finished = { charged: bigint; balance: bigint }
 
-async function finishOne(sql: Sql, f: Finish): Promise<Finished | undefined> {
-  const [row] = await sql`
-    select * from tollway_finish(${f.id}, ${sql.typed.numeric(f.cost)}, ${f.promptTokens},
-      ${f.completionTokens}, ${f.status}, ${f.latencyMs}, ${f.ttftMs})`
-  return row ? { charged: row.charged, balance: row.balance } : undefined
-}
-
 type Op = ({ op: 'admit' } & AdmitInput) | ({ op: 'finish' } & Finish)
 type OpResult = Admitted | Refused | Finished | undefined
 
@@ -153,41 +138,43 @@ type OpResult = Admitted | Refused | Finished | undefined
  * background is never counted against the payer's next one (credits, concurrency, quota).
  */
 function ledger(sql: Sql) {
+  const many = async (items: Op[]): Promise<OpResult[]> => {
+    const json = items.map((o) =>
+      o.op === 'admit'
+        ? {
+            op: 'admit',
+            keyHash: Buffer.from(o.keyHash).toString('hex'),
+            model: o.model,
+            stream: o.stream,
+            minTier: o.minTier,
+            promptTokens: o.promptTokens,
+            want: o.want.toString(),
+            need: o.need.toString(),
+            idempotencyKey: o.idempotencyKey,
+            fingerprint: o.fingerprint ? Buffer.from(o.fingerprint).toString('hex') : null,
+            requestId: o.requestId,
+            leaseSeconds: o.leaseSeconds,
+          }
+        : { ...o, cost: o.cost.toString() },
+    )
+    const rows = await sql`select * from tollway_ledger_many(${sql.json(json)})`
+    return inOrder<OpResult>(
+      rows,
+      items.length,
+      (row) =>
+        row.status === 'finished'
+          ? { charged: row.charged as bigint, balance: row.balance as bigint }
+          : admission(row),
+      (i) => {
+        if (items[i]!.op === 'finish') return undefined // already finished
+        throw new Error(`admission ${i} returned no row`)
+      },
+    )
+  }
+  // A lone call is a batch of one too: the same statement, one implementation.
   return Batch.of<Op, OpResult>(sql, 'ledger', () => ({
-    one: (o) => (o.op === 'admit' ? admitOne(sql, o) : finishOne(sql, o)),
-    many: async (items) => {
-      const json = items.map((o) =>
-        o.op === 'admit'
-          ? {
-              op: 'admit',
-              keyHash: Buffer.from(o.keyHash).toString('hex'),
-              model: o.model,
-              stream: o.stream,
-              minTier: o.minTier,
-              promptTokens: o.promptTokens,
-              want: o.want.toString(),
-              need: o.need.toString(),
-              idempotencyKey: o.idempotencyKey,
-              fingerprint: o.fingerprint ? Buffer.from(o.fingerprint).toString('hex') : null,
-              requestId: o.requestId,
-              leaseSeconds: o.leaseSeconds,
-            }
-          : { ...o, cost: o.cost.toString() },
-      )
-      const rows = await sql`select * from tollway_ledger_many(${sql.json(json)})`
-      return inOrder<OpResult>(
-        rows,
-        items.length,
-        (row) =>
-          row.status === 'finished'
-            ? { charged: row.charged as bigint, balance: row.balance as bigint }
-            : admission(row),
-        (i) => {
-          if (items[i]!.op === 'finish') return undefined // already finished
-          throw new Error(`admission ${i} returned no row`)
-        },
-      )
-    },
+    one: async (o) => (await many([o]))[0],
+    many,
   }))
 }
 

@@ -66,8 +66,8 @@ function severable(sql: Db.Sql) {
     apply: (target, self, args) => (severed ? dead() : Reflect.apply(target, self, args)),
     get(target, prop) {
       const value = Reflect.get(target, prop, target)
-      // `typed` builds parameters, not queries; every other method talks to the server.
-      if (!severed || prop === 'typed' || typeof value !== 'function') return value
+      // `typed` and `json` build parameters, not queries; every other method talks to the server.
+      if (!severed || prop === 'typed' || prop === 'json' || typeof value !== 'function') return value
       return dead
     },
   })
