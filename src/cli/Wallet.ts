@@ -7,6 +7,7 @@ import { createParser } from 'eventsource-parser'
 import { type Address, type Hex, isAddress } from 'viem'
 import { z } from 'zod'
 import {
+  ChainRequiredError,
   ChallengeRefusedError,
   ClientError,
   challengeOf,
@@ -23,6 +24,8 @@ const WalletKey = z.string().regex(/^0x[0-9a-fA-F]{64}$/, 'must be a 0x-prefixed
 
 /** A client failure as a CLI error: refusals and limits are payment errors (exit 3). */
 export function classify(e: Error): CliError {
+  if (e instanceof ChainRequiredError)
+    return new UsageError(`${e.what} needs the chain: set TOLLWAY_RPC_URL or pass --rpc-url.`)
   if (e instanceof ChallengeRefusedError || e instanceof LimitExceededError)
     return new PaymentError(e.message, (e as { details?: unknown }).details)
   if (e instanceof PaymentFailedError) return new PaymentError(e.message)
@@ -86,12 +89,6 @@ export async function chat(ctx: Context) {
   const pay = await paying(ctx)
   const model = ctx.values.model ?? (await firstModel(ctx))
   const opening = !(await pay.channel(url))
-  // The open signs an EIP-3009 authorization over the token's EIP-712 domain, which the
-  // challenge does not carry yet: it is read from the chain.
-  if (opening && !(ctx.values['rpc-url'] ?? ctx.env.TOLLWAY_RPC_URL))
-    throw new UsageError(
-      "Opening a channel needs the chain's RPC URL (to read the token's signing domain): set TOLLWAY_RPC_URL or pass --rpc-url.",
-    )
   const res = await progress(ctx, opening ? 'opening a payment channel' : undefined, () =>
     pay(url, {
       method: 'POST',

@@ -53,9 +53,9 @@ Needs the admin token.`,
   chat: `Usage: tollway chat "prompt" [--model M] [--stream] [--json]
 
 Pays per token through a payment channel from TOLLWAY_WALLET_KEY (a private key, 0x…).
-When the gateway pays the gas (feePayer) the channel opens by EIP-3009 signature: no gas
-needed. TOLLWAY_RPC_URL (--rpc-url) is needed to read the token's signing domain and for
-opens from your own account.
+When the gateway pays the gas (feePayer) the channel opens by EIP-3009 signature: the
+wallet key is all you need (no RPC URL, no gas). TOLLWAY_RPC_URL (--rpc-url) is needed only
+for opens from your own account and for forced closes (tollway channel request-close).
 
 Options:
   --model M          the model (default: the gateway's first)

@@ -31,6 +31,19 @@ export class LimitExceededError extends ClientError {
   }
 }
 
+/** The step needs the chain (a transaction from the payer, or a read) and no `rpcUrl` was given. */
+export class ChainRequiredError extends ClientError {
+  override name = 'ChainRequiredError'
+  /** What needed the chain, e.g. "requestClose". */
+  readonly what: string
+  constructor(what = 'This step') {
+    super(
+      `${what} needs the chain: pass rpcUrl (a server that pays the gas and states its token's domain needs none to open).`,
+    )
+    this.what = what
+  }
+}
+
 /** The server's Payment challenge is not one this client may pay. */
 export class ChallengeRefusedError extends ClientError {
   override name = 'ChallengeRefusedError'

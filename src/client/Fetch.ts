@@ -23,6 +23,7 @@ import type * as Challenge from '../payment/Challenge.ts'
 import type * as Events from '../payment/Events.ts'
 import * as Receipt from '../payment/Receipt.ts'
 import {
+  ChainRequiredError,
   ChallengeRefusedError,
   ClientError,
   LimitExceededError,
@@ -35,10 +36,12 @@ import * as Stream from './Stream.ts'
 export type Options = {
   /** The payer: a viem local account or its private key. */
   account: LocalAccount | Hex
-  /** An RPC URL of the server's chain: to read the token's EIP-712 domain, and to open a
-   * channel from the payer's account when the server does not pay the gas. */
+  /** An RPC URL of the server's chain: to open a channel from the payer's account when the
+   * server does not pay the gas, for `requestClose` / `withdraw`, and to read the token's
+   * EIP-712 domain when the challenge does not state it. */
   rpcUrl?: string | undefined
-  /** The token's EIP-712 domain (read from `rpcUrl` when omitted). */
+  /** The token's EIP-712 domain (default: the challenge's `methodDetails.tokenDomain`, else
+   * read from `rpcUrl`). */
   tokenDomain?: Token.TokenDomain | undefined
   /** Spending limits, base units. `maxDeposit`: one channel's deposit. `maxTotal`: all vouchers
    * this wrapper signs, over its channels (a resumed channel counts from its start; channels
@@ -123,7 +126,7 @@ export function createFetch(options: Options): PayingFetch {
   const escrows = new Set(options.allow.escrows.map((a) => a.toLowerCase()))
   const currencies = options.allow.currencies?.map((a) => a.toLowerCase())
   const lives = new Map<string, Live>()
-  let tokenDomain = options.tokenDomain
+  const domains = new Map<string, Promise<Token.TokenDomain>>()
   let lastUrl: string | undefined
 
   const keyOf = (url: string) => `${new URL(url).origin}#${account.address}`
@@ -143,11 +146,8 @@ export function createFetch(options: Options): PayingFetch {
       )
   }
 
-  const chainClient = (chainId: number) => {
-    if (!options.rpcUrl)
-      throw new ClientError(
-        'This needs the chain: pass rpcUrl (or tokenDomain, when the server pays the gas).',
-      )
+  const chainClient = (chainId: number, what?: string) => {
+    if (!options.rpcUrl) throw new ChainRequiredError(what)
     return createClient({
       chain: ChainClient.chain({ chainId, rpcUrl: options.rpcUrl }),
       transport: http(options.rpcUrl),
@@ -170,7 +170,7 @@ export function createFetch(options: Options): PayingFetch {
     if (live) {
       live.session.renew(challenge)
     } else {
-      const session = new PayingSession({ account, challenge, tokenDomain })
+      const session = new PayingSession({ account, challenge, tokenDomain: options.tokenDomain })
       live = { key, session, state: undefined, sent: 0n, spent: 0n, queue: Promise.resolve() }
       lives.set(key, live)
       const stored = await store.get(key)
@@ -200,11 +200,25 @@ export function createFetch(options: Options): PayingFetch {
     await store.delete(live.key)
   }
 
-  /** Gives the live session the token's domain (EIP-3009 signatures need it). */
+  /** The token's EIP-712 domain read from the chain, once per token. */
+  const domainOf = (r: PayingSession['request']): Promise<Token.TokenDomain> => {
+    const key = `${r.methodDetails.chainId}:${r.currency}`
+    let read = domains.get(key)
+    if (!read) {
+      read = Token.domain(chainClient(r.methodDetails.chainId, "Reading the token's domain"), {
+        token: r.currency,
+      })
+      domains.set(key, read)
+      read.catch(() => domains.delete(key))
+    }
+    return read
+  }
+
+  /** Gives the live session the token's domain (EIP-3009 signatures need it) when neither the
+   * caller nor the challenge gave one. */
   const withDomain = async (live: Live) => {
-    if (tokenDomain && live.session.hasTokenDomain) return
-    const r = live.session.request
-    tokenDomain ??= await Token.domain(chainClient(r.methodDetails.chainId), { token: r.currency })
+    if (live.session.hasTokenDomain) return
+    const tokenDomain = await domainOf(live.session.request)
     const session = new PayingSession({ account, challenge: live.session.challenge, tokenDomain })
     session.channelId = live.session.channelId
     session.signed = live.session.signed
@@ -222,7 +236,7 @@ export function createFetch(options: Options): PayingFetch {
       header = await live.session.openWithAuthorization({ deposit, initial })
     } else {
       const salt = keccak256(toHex(`${account.address}:${Date.now()}:${Math.random()}`))
-      const opened = await Escrow.open(chainClient(r.methodDetails.chainId), {
+      const opened = await Escrow.open(chainClient(r.methodDetails.chainId, 'Opening a channel'), {
         escrow: r.methodDetails.escrowContract,
         payee: r.recipient,
         token: r.currency,
@@ -363,6 +377,8 @@ export function createFetch(options: Options): PayingFetch {
       return base(url, { method: request.method, headers, body, signal: request.signal })
     }
     let live = lives.get(keyOf(url))
+    // A channel being opened is not the server's yet: wait for the open to be answered.
+    if (live?.opening) await live.opening.catch(() => {})
     let credential = live?.state ? await ahead(live, by) : undefined
     // Set while this request carries an open credential: ends the wait of the others.
     let opened: (() => void) | undefined
@@ -400,8 +416,10 @@ export function createFetch(options: Options): PayingFetch {
       }
       const l = live as Live
       if (kind === 'channel-not-found' || kind === 'channel-finalized') await forget(l)
-      if (!l.state && l.opening) {
-        // Another request is opening the channel: wait for it, then pay from that channel.
+      if (l.opening) {
+        // Another request is opening the channel: wait for it, then pay from that channel. (Its
+        // state is kept before the server has answered the open: a voucher now would find no
+        // channel.)
         await l.opening.catch(() => {})
         credential = l.state ? await ahead(l, by) : await open(l, url, by)
       } else if (!l.state) {

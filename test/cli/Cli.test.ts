@@ -127,12 +127,23 @@ describe('chat', () => {
     expect(row!.n).toBe(0)
   })
 
-  test('error: opening without an RPC URL is a usage error naming TOLLWAY_RPC_URL', async () => {
-    const r = await cli(['chat', 'hello', '--model', 'fake', '--trust-escrow'], {
-      TOLLWAY_WALLET_KEY: chain.payers[1]!.privateKey,
-    })
-    expect(r.code).toBe(2)
-    expect(r.stderr).toContain('TOLLWAY_RPC_URL')
+  test('behavior: a wallet key alone (no TOLLWAY_RPC_URL) opens a channel and pays', async () => {
+    const payer = chain.payers[1]!
+    const r = await cli(
+      ['chat', 'hello', 'wallet', '--model', 'fake', '--trust-escrow', '--json'],
+      {
+        TOLLWAY_WALLET_KEY: payer.privateKey,
+      },
+    )
+    expect(r.code).toBe(0)
+    const out = JSON.parse(r.stdout)
+    expect(out.content).toBe('hello wallet')
+    expect(BigInt(out.usage.cost)).toBeGreaterThan(0n)
+    const [row] = await gw.sql`
+      select count(*)::int as n, max(spent) as spent from channels
+      where payer = ${Buffer.from(payer.address.slice(2), 'hex')}`
+    expect(row!.n).toBe(1)
+    expect(BigInt(row!.spent)).toBe(BigInt(out.usage.cost))
   })
 
   test('error: a missing or malformed wallet key is a usage error', async () => {

@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import OpenAI from 'openai'
 import type { Hex } from 'viem'
+import { getBalance } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import {
@@ -20,7 +21,7 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const chain = await Anvil.start()
+const chain = await Anvil.start({ accounts: 12 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -235,6 +236,32 @@ describe('createFetch', () => {
     } finally {
       await slow.stop()
     }
+  }, 60_000)
+
+  test('behavior: with no rpcUrl, a wallet key is enough: the challenge states the token domain, the server pays the gas', async () => {
+    const payer = chain.payers[9]!
+    const receipts: unknown[] = []
+    const fetch = createFetch({
+      account: payer.privateKey,
+      limits: { maxDeposit: 1_000_000n, maxTotal: 1_000_000n },
+      allow: { escrows: [chain.escrowAddress] },
+      margin: 64n,
+      store: Store.memory(),
+      onReceipt: (r) => receipts.push(r),
+    })
+    const openai = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: 'unused', fetch, maxRetries: 0 })
+    const ethBefore = await getBalance(chain.payeeClient, { address: payer.address })
+    const stream = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+    let text = ''
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+    expect(text).toBe(words)
+    expect(receipts.at(-1)).toMatchObject({ status: 'success' })
+    const state = (await fetch.channel(gw.url))!
+    const channel = (await Channels.get(gw.sql, state.channelId))!
+    expect(channel.spent).toBeGreaterThan(0n)
+    expect(channel.deposit).toBe(1_000_000n)
+    // The payer sent no transaction: not a wei of gas spent.
+    expect(await getBalance(chain.payeeClient, { address: payer.address })).toBe(ethBefore)
   }, 60_000)
 
   test('error: a prompt that costs more than maxTotal is refused before any voucher covers it', async () => {

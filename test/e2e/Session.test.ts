@@ -54,6 +54,8 @@ describe('challenge', () => {
         chainId: chain.chainId,
         feePayer: true,
         credentialTypes: ['authorization', 'hash'],
+        // Read from the token at start-up: a payer signs the EIP-3009 open without the chain.
+        tokenDomain: { name: 'Test USD', version: '1' },
       },
     })
     expect(Date.parse(c.expires!)).toBeGreaterThan(Date.now() + 9 * 60_000)
