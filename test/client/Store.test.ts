@@ -47,6 +47,48 @@ describe('file', () => {
   })
 })
 
+describe('closedTotal', () => {
+  test('behavior: file: adds (concurrently too) and reads back from a second store; 0n when none', async () => {
+    const path = join(await dir(), 'channels.json')
+    const a = Store.file(path)
+    expect(await a.closedTotal('k')).toBe(0n)
+    await a.set('k', state(1))
+    await Promise.all(Array.from({ length: 10 }, () => a.addClosedTotal('k', 7n)))
+    const b = Store.file(path)
+    expect(await b.closedTotal('k')).toBe(70n)
+    expect(await b.closedTotal('other')).toBe(0n)
+    expect(await b.get('k')).toEqual(state(1))
+  })
+
+  test('behavior: file: the first format (the channels map alone) still reads', async () => {
+    const path = join(await dir(), 'channels.json')
+    await writeFile(path, JSON.stringify({ k: state(3) }))
+    const s = Store.file(path)
+    expect(await s.get('k')).toEqual(state(3))
+    expect(await s.closedTotal('k')).toBe(0n)
+    await s.addClosedTotal('k', 5n)
+    expect(await Store.file(path).get('k')).toEqual(state(3))
+    expect(await Store.file(path).closedTotal('k')).toBe(5n)
+  })
+
+  test('error: a closed total that is not a decimal string → ClientError, not a smaller limit', async () => {
+    const path = join(await dir(), 'channels.json')
+    await writeFile(path, JSON.stringify({ channels: {}, closedTotals: { k: '-5' } }))
+    const e = await Store.file(path)
+      .closedTotal('k')
+      .catch((e) => e)
+    expect(e).toBeInstanceOf(ClientError)
+    expect(e.message).toContain('repair')
+  })
+
+  test('behavior: memory: adds up', async () => {
+    const s = Store.memory()
+    await s.addClosedTotal('k', 2n)
+    await s.addClosedTotal('k', 3n)
+    expect(await s.closedTotal('k')).toBe(5n)
+  })
+})
+
 describe('memory', () => {
   test('behavior: set, get, delete', async () => {
     const s = Store.memory()
