@@ -16,6 +16,7 @@ import {
   toHex,
 } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
+import { getBlock } from 'viem/actions'
 import * as ChainClient from '../chain/Client.ts'
 import * as Escrow from '../chain/Escrow.ts'
 import * as Token from '../chain/Token.ts'
@@ -26,6 +27,7 @@ import {
   ChainRequiredError,
   ChallengeRefusedError,
   ClientError,
+  CloseNotReadyError,
   LimitExceededError,
   PaymentFailedError,
 } from './Errors.ts'
@@ -78,6 +80,18 @@ export type PayingFetch = typeof fetch & {
   close(url?: string): Promise<Hex>
   /** The channel in use for `url`'s origin, if any. */
   channel(url: string): Promise<Store.ChannelState | undefined>
+  /**
+   * For a server that stops answering: the payer's own `requestClose` on the escrow (needs
+   * `rpcUrl` and gas) of the channel used with `url` (default: the last one used). The channel
+   * is set apart (`closing(url)`); `withdraw` takes the unsettled deposit back after the
+   * 15-minute grace period, from `withdrawableAt`.
+   */
+  requestClose(url?: string): Promise<{ channelId: Hex; txHash: Hex; withdrawableAt: Date }>
+  /** Takes back `deposit - settled` of the channel `requestClose` set apart (needs `rpcUrl`);
+   * throws CloseNotReadyError, saying when, before the grace period has passed. */
+  withdraw(url?: string): Promise<{ channelId: Hex; txHash: Hex; refund: bigint; paid: bigint }>
+  /** The channel under forced close for `url`'s origin, if any. */
+  closing(url: string): Promise<Store.ChannelState | undefined>
 }
 
 /** The live state of one channel. */
@@ -120,9 +134,11 @@ export function createFetch(options: Options): PayingFetch {
   const margin = options.margin ?? 10_000n
   const completionMargin = options.completionMargin ?? 16n * margin
   const { maxDeposit } = options.limits
-  // What channels closed by this wrapper took from maxTotal; the rest is for the open ones.
-  let closedTotal = 0n
-  const total = () => options.limits.maxTotal - closedTotal
+  // What closed channels took from maxTotal, per store key (kept in the store, so a restart
+  // remembers them); the rest is for the open ones.
+  const closedByKey = new Map<string, bigint>()
+  const closedTotal = () => [...closedByKey.values()].reduce((a, b) => a + b, 0n)
+  const total = () => options.limits.maxTotal - closedTotal()
   const escrows = new Set(options.allow.escrows.map((a) => a.toLowerCase()))
   const currencies = options.allow.currencies?.map((a) => a.toLowerCase())
   const lives = new Map<string, Live>()
@@ -173,6 +189,7 @@ export function createFetch(options: Options): PayingFetch {
       const session = new PayingSession({ account, challenge, tokenDomain: options.tokenDomain })
       live = { key, session, state: undefined, sent: 0n, spent: 0n, queue: Promise.resolve() }
       lives.set(key, live)
+      if (!closedByKey.has(key)) closedByKey.set(key, await store.closedTotal(key))
       const stored = await store.get(key)
       const r = session.request
       if (
@@ -228,6 +245,11 @@ export function createFetch(options: Options): PayingFetch {
   /** The `open` credential of a new channel (the server pays the gas when it offers to). */
   const open = async (live: Live, url: string, ahead: bigint): Promise<string> => {
     const r = live.session.request
+    if (total() <= 0n)
+      throw new LimitExceededError('maxTotal', {
+        limit: options.limits.maxTotal,
+        wanted: closedTotal() + ahead,
+      })
     const deposit = min(options.deposit ?? maxDeposit, maxDeposit, total())
     const initial = min(ahead, deposit)
     let header: string
@@ -279,7 +301,7 @@ export function createFetch(options: Options): PayingFetch {
     if (required > maxTotal)
       throw new LimitExceededError('maxTotal', {
         limit: options.limits.maxTotal,
-        wanted: required + closedTotal,
+        wanted: required + closedTotal(),
       })
     let deposit = BigInt(state.deposit)
     let topUp: string | undefined
@@ -494,14 +516,95 @@ export function createFetch(options: Options): PayingFetch {
         await problemOf(closed),
       )
     const { receipt } = (await closed.json()) as { receipt: { txHash: Hex } }
-    closedTotal += spent
+    await store.addClosedTotal(key, spent)
+    closedByKey.set(key, (closedByKey.get(key) ?? 0n) + spent)
     await forget(live)
     return receipt.txHash
   }
 
+  /** Where a channel under forced close is kept: apart, so that a new one can open meanwhile. */
+  const closingKey = (key: string) => `${key}#closing`
+
+  const requestClose = async (url = lastUrl) => {
+    if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
+    const key = keyOf(url)
+    const state = lives.get(key)?.state ?? (await store.get(key))
+    if (!state) throw new ClientError(`No open channel for ${new URL(url).origin}.`)
+    const pending = await store.get(closingKey(key))
+    if (pending && pending.channelId !== state.channelId)
+      throw new ClientError(
+        `Channel ${pending.channelId} is closing already; withdraw it before forcing another close.`,
+      )
+    const client = chainClient(state.chainId, 'requestClose')
+    const ref = { escrow: state.escrow, channelId: state.channelId }
+    const before = await Escrow.getChannel(client, ref)
+    if (!before || before.finalized) {
+      const live = lives.get(key)
+      if (live) await forget(live)
+      else await store.delete(key)
+      throw new ClientError(
+        `Channel ${state.channelId} is already closed on chain; it is forgotten, nothing to withdraw.`,
+      )
+    }
+    // A repeated request keeps the first timestamp (the escrow's rule), so retrying is safe.
+    const sent = await Escrow.requestClose(client, ref)
+    const after = await Escrow.getChannel(client, ref)
+    const requestedAt = after?.closeRequestedAt ?? 0n
+    await store.set(closingKey(key), { ...state, closeRequestedAt: requestedAt.toString() })
+    // The channel takes no more vouchers: the next request opens another.
+    const live = lives.get(key)
+    if (live?.state?.channelId === state.channelId) await forget(live)
+    else await store.delete(key)
+    return {
+      channelId: state.channelId,
+      txHash: sent.hash,
+      withdrawableAt: new Date(Number(requestedAt + Escrow.closeGracePeriod) * 1000),
+    }
+  }
+
+  const withdraw = async (url = lastUrl) => {
+    if (!url) throw new ClientError('Nothing to withdraw: no request was made; pass the URL.')
+    const key = keyOf(url)
+    const state = await store.get(closingKey(key))
+    if (!state)
+      throw new ClientError(
+        `No channel with ${new URL(url).origin} is closing; call requestClose first.`,
+      )
+    const client = chainClient(state.chainId, 'withdraw')
+    const ref = { escrow: state.escrow, channelId: state.channelId }
+    const onChain = await Escrow.getChannel(client, ref)
+    if (!onChain || onChain.finalized) {
+      await store.delete(closingKey(key))
+      throw new ClientError(
+        `Channel ${state.channelId} is already closed on chain; it is forgotten, nothing to withdraw.`,
+      )
+    }
+    // The escrow compares with block time, not this machine's clock.
+    const ready = onChain.closeRequestedAt + Escrow.closeGracePeriod
+    const now = (await getBlock(client)).timestamp
+    if (onChain.closeRequestedAt === 0n || now < ready)
+      throw new CloseNotReadyError(
+        state.channelId,
+        onChain.closeRequestedAt === 0n ? undefined : ready,
+      )
+    const sent = await Escrow.withdraw(client, ref)
+    const event = Escrow.events(sent.receipt).find((e) => e.eventName === 'Withdrawn')
+    const refund =
+      event?.eventName === 'Withdrawn' ? event.args.refund : onChain.deposit - onChain.settled
+    // What the payee kept counts against maxTotal, as a cooperative close's `spent` does.
+    const paid = onChain.deposit - refund
+    await store.addClosedTotal(key, paid)
+    closedByKey.set(key, (closedByKey.get(key) ?? 0n) + paid)
+    await store.delete(closingKey(key))
+    return { channelId: state.channelId, txHash: sent.hash, refund, paid }
+  }
+
   return Object.assign(paying as typeof fetch, {
     close,
+    requestClose,
+    withdraw,
     channel: async (url: string) => lives.get(keyOf(url))?.state ?? store.get(keyOf(url)),
+    closing: (url: string) => store.get(closingKey(keyOf(url))),
   })
 }
 

@@ -11,7 +11,9 @@ import { getBalance } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import {
+  ChainRequiredError,
   ChallengeRefusedError,
+  CloseNotReadyError,
   createFetch,
   LimitExceededError,
   type Options,
@@ -21,7 +23,7 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const chain = await Anvil.start({ accounts: 12 })
+const chain = await Anvil.start({ accounts: 14 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -273,5 +275,68 @@ describe('createFetch', () => {
     expect(BigInt(state.signed)).toBeLessThanOrEqual(50n)
     const channel = (await Channels.get(gw.sql, state.channelId))!
     expect(channel.spent).toBe(0n)
+  }, 60_000)
+
+  test('behavior: maxTotal counts channels closed before a restart (closed totals kept in Store.file)', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const first = client(12, { store: Store.file(path) })
+    await first.openai.chat.completions.create({ model: 'fake', messages })
+    const state = (await first.fetch.channel(gw.url))!
+    const spent = (await Channels.get(gw.sql, state.channelId))!.spent
+    await first.fetch.close()
+    const limits = { maxDeposit: 1_000_000n, maxTotal: spent + 100n }
+    // A restarted agent with the same store has only 100 left: not enough for this request.
+    const second = client(12, { store: Store.file(path), limits })
+    const e = await second.openai.chat.completions
+      .create({ model: 'fake', messages })
+      .catch((e) => e)
+    expect(e.cause).toBeInstanceOf(LimitExceededError)
+    expect((e.cause as LimitExceededError).limit).toBe('maxTotal')
+    // The same limits with a store that forgot the closed channel would pay.
+    const fresh = client(12, { limits })
+    const res = await fresh.openai.chat.completions.create({ model: 'fake', messages })
+    expect(res.choices[0]!.message.content).toBe(words)
+  }, 60_000)
+
+  // Last: it moves block time past the grace period.
+  test('behavior: requestClose, then withdraw: too early → CloseNotReadyError saying when; after the grace period the unsettled deposit comes back', async () => {
+    const payer = chain.payers[10]!
+    const { fetch, openai } = client(10)
+    await openai.chat.completions.create({ model: 'fake', messages })
+    const state = (await fetch.channel(gw.url))!
+    const ref = { escrow: chain.escrowAddress, channelId: state.channelId }
+    const requested = await fetch.requestClose()
+    expect(requested.channelId).toBe(state.channelId)
+    const onChain = (await Escrow.getChannel(chain.payeeClient, ref))!
+    expect(requested.withdrawableAt.getTime()).toBe(
+      Number(onChain.closeRequestedAt + Escrow.closeGracePeriod) * 1000,
+    )
+    // Set apart: the next request would open another channel.
+    expect(await fetch.channel(gw.url)).toBeUndefined()
+    expect((await fetch.closing(gw.url))!.channelId).toBe(state.channelId)
+
+    const early = await fetch.withdraw().catch((e) => e)
+    expect(early).toBeInstanceOf(CloseNotReadyError)
+    expect((early as CloseNotReadyError).withdrawableAt).toEqual(requested.withdrawableAt)
+
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    const before = await balance(payer.address)
+    const r = await fetch.withdraw()
+    const after = (await Escrow.getChannel(chain.payeeClient, ref))!
+    expect(after.finalized).toBe(true)
+    expect(r.refund).toBe(after.deposit - after.settled)
+    expect(r.refund + r.paid).toBe(BigInt(state.deposit))
+    expect(await balance(payer.address)).toBe(before + r.refund)
+    expect(await fetch.closing(gw.url)).toBeUndefined()
+  }, 60_000)
+
+  test('error: requestClose and withdraw without rpcUrl → ChainRequiredError', async () => {
+    const store = Store.memory()
+    const { fetch, openai } = client(11, { rpcUrl: undefined, store })
+    await openai.chat.completions.create({ model: 'fake', messages })
+    const e = await fetch.requestClose().catch((e) => e)
+    expect(e).toBeInstanceOf(ChainRequiredError)
+    expect((e as Error).message).toContain('rpcUrl')
+    expect(await fetch.channel(gw.url)).toBeDefined()
   }, 60_000)
 })
