@@ -6,6 +6,8 @@ import { afterAll, describe, expect, test } from 'bun:test'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
@@ -191,4 +193,69 @@ describe('chat', () => {
     const closed = await json(['channel', 'close', '--trust-escrow'], wallet)
     expect(closed.txHash).toMatch(/^0x/)
   }, 30_000)
+})
+
+// Last in the file: it moves block time 15 minutes forward.
+describe('channel request-close | withdraw', () => {
+  const payer = chain.payers[3]!
+  const wallet = { TOLLWAY_WALLET_KEY: payer.privateKey, TOLLWAY_RPC_URL: chain.rpcUrl }
+
+  test('error: request-close without TOLLWAY_RPC_URL is a usage error naming it; without a channel too', async () => {
+    const none = await cli(['channel', 'request-close'], wallet)
+    expect(none.code).toBe(2)
+    expect(none.stderr).toContain('No open channel')
+    expect((await cli(['chat', 'hi', '--model', 'fake', '--trust-escrow'], wallet)).code).toBe(0)
+    const r = await cli(['channel', 'request-close'], { TOLLWAY_WALLET_KEY: payer.privateKey })
+    expect(r.code).toBe(2)
+    expect(r.stderr).toContain('TOLLWAY_RPC_URL')
+    const w = await cli(['channel', 'withdraw'], wallet)
+    expect(w.code).toBe(2)
+    expect(w.stderr).toContain('request-close first')
+  }, 30_000)
+
+  test('behavior: request-close says when withdraw becomes possible; withdraw before then exits 3, after the grace period it returns the unsettled deposit', async () => {
+    const { channel } = await json(['channel', 'status', '--trust-escrow'], wallet)
+    const human = await cli(['channel', 'request-close'], wallet)
+    expect(human.code).toBe(0)
+    expect(human.stderr).toContain('requesting a close on the escrow (on chain)')
+    expect(human.stderr).toContain('done')
+    const at = human.stdout.match(/withdraw from (\S+)/)?.[1]
+    expect(at).toBeDefined()
+    const onChain = (await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: channel.channelId,
+    }))!
+    expect(onChain.closeRequestedAt).toBeGreaterThan(0n)
+    expect(Date.parse(at!)).toBe(Number(onChain.closeRequestedAt + Escrow.closeGracePeriod) * 1000)
+
+    const status = await json(['channel', 'status', '--trust-escrow'], wallet)
+    expect(status.channel).toBeNull()
+    expect(status.closing.channelId).toBe(channel.channelId)
+
+    const early = await cli(['channel', 'withdraw', '--json'], wallet)
+    expect(early.code).toBe(3)
+    expect(JSON.parse(early.stderr).error.message).toContain(at!)
+
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    const before = await Token.balanceOf(chain.payeeClient, {
+      token: chain.currencyAddress,
+      owner: payer.address,
+    })
+    const r = await json(['channel', 'withdraw'], wallet)
+    expect(r.channelId).toBe(channel.channelId)
+    const after = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: channel.channelId,
+    })
+    expect(after!.finalized).toBe(true)
+    expect(BigInt(r.refund)).toBe(after!.deposit - after!.settled)
+    expect(BigInt(r.refund) + BigInt(r.paid)).toBe(BigInt(channel.deposit))
+    expect(
+      await Token.balanceOf(chain.payeeClient, {
+        token: chain.currencyAddress,
+        owner: payer.address,
+      }),
+    ).toBe(before + BigInt(r.refund))
+    expect((await json(['channel', 'status', '--trust-escrow'], wallet)).closing).toBeUndefined()
+  }, 60_000)
 })
