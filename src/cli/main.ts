@@ -19,7 +19,7 @@ Commands:
   credits grant <account> <amount> [--note T]  grant (or, negative, debit) base units
   keys create <account> [--name N]        create an API key (shown once)
   keys list <account>                     list an account's keys
-  keys revoke <key-id> --api-key K        revoke a key (with a key of the same account)
+  keys revoke <account> <key-id>          revoke a key (or: keys revoke <key-id> --api-key K)
   channels list [--limit N]               payment channels, most recently active first
   channels settle <channel-id>            settle a channel now
   chat "prompt" [--model M] [--stream]    chat, paying from TOLLWAY_WALLET_KEY
@@ -46,6 +46,7 @@ amount: base units, an integer; a negative amount debits. Needs the admin token.
   keys: `Usage:
   tollway keys create <account> [--name N] [--json]   (admin token)
   tollway keys list <account> [--json]                (admin token)
+  tollway keys revoke <account> <key-id> [--json]     (admin token)
   tollway keys revoke <key-id> --api-key K [--json]   (a key of the same account; TOLLWAY_API_KEY)`,
   channels: `Usage:
   tollway channels list [--limit N] [--json]
@@ -288,11 +289,22 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
         )
       },
       revoke: async (ctx) => {
+        // Two arguments: the operator's form (admin token); one: a key of the same account.
+        if (ctx.args[3] !== undefined) {
+          const account = arg(ctx, 2, 'account')
+          const id = arg(ctx, 3, 'key-id')
+          const r = await Http.request(
+            admin(ctx),
+            'DELETE',
+            `/admin/accounts/${enc(account)}/keys/${enc(id)}`,
+          )
+          return print(ctx, r, `revoked ${id}`)
+        }
         const id = arg(ctx, 2, 'key-id')
         const key = ctx.settings.apiKey
         if (!key)
           throw new UsageError(
-            'Revoking needs a key of the same account: --api-key or TOLLWAY_API_KEY.',
+            'Revoking needs the account (tollway keys revoke <account> <key-id>, with the admin token) or a key of the same account (--api-key or TOLLWAY_API_KEY).',
           )
         const r = await Http.request(
           { url: ctx.settings.url, token: key },

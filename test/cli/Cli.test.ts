@@ -84,6 +84,21 @@ describe('admin', () => {
     expect((await json(['keys', 'list', account.id]))[0].revoked_at).toBeString()
   })
 
+  test('behavior: keys revoke <account> <key-id> with the admin token; error: a second revoke exits 4, no account and no key exits 2', async () => {
+    const account = await json(['accounts', 'create', '--name', 'revoke', '--plan', 'unlimited'])
+    const key = await json(['keys', 'create', account.id])
+    const human = await cli(['keys', 'revoke', account.id, key.id])
+    expect(human.code).toBe(0)
+    expect(human.stdout).toBe(`revoked ${key.id}\n`)
+    expect((await json(['keys', 'list', account.id]))[0].revoked_at).toBeString()
+    const again = await cli(['keys', 'revoke', account.id, key.id])
+    expect(again.code).toBe(4)
+    expect(again.stderr).toContain('No active key')
+    const bare = await cli(['keys', 'revoke', key.id])
+    expect(bare.code).toBe(2)
+    expect(bare.stderr).toContain('<account> <key-id>')
+  })
+
   test('error: a wrong admin token exits 4 with the message; --json puts the error on stderr', async () => {
     const r = await cli(['accounts', 'create', '--name', 'x', '--json'], {
       TOLLWAY_ADMIN_TOKEN: 'wrong-token-0123456789',
