@@ -46,8 +46,8 @@ export type Options = {
    * read from `rpcUrl`). */
   tokenDomain?: Token.TokenDomain | undefined
   /** Spending limits, base units. `maxDeposit`: one channel's deposit. `maxTotal`: all vouchers
-   * this wrapper signs, over its channels (a resumed channel counts from its start; channels
-   * closed by another process are not counted). */
+   * signed, over the channels: a resumed channel counts from its start, and what closed
+   * channels paid is kept in the store (per server and payer), so it survives a restart. */
   limits: { maxDeposit: bigint; maxTotal: bigint }
   /** The deposit of a new channel (default `limits.maxDeposit`). */
   deposit?: bigint | undefined
