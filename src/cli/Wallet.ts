@@ -157,19 +157,20 @@ async function firstModel(ctx: Context): Promise<string> {
 export async function status(ctx: Context) {
   const pay = await paying(ctx)
   const local = await pay.channel(completions(ctx))
-  const closing = await pay.closing(completions(ctx))
-  const withdrawable =
-    closing?.closeRequestedAt &&
-    new Date(Number(BigInt(closing.closeRequestedAt) + Escrow.closeGracePeriod) * 1000)
+  const closingState = await pay.closing(completions(ctx))
+  // A channel under forced close, and when it can be withdrawn.
+  const closing = closingState && {
+    ...closingState,
+    withdrawableAt: new Date(
+      Number(BigInt(closingState.closeRequestedAt ?? 0) + Escrow.closeGracePeriod) * 1000,
+    ),
+  }
   if (closing && !ctx.settings.json)
     ctx.io.out(
-      `channel ${closing.channelId}: close requested, withdraw from ${withdrawable ? withdrawable.toISOString() : '?'} (tollway channel withdraw)\n`,
+      `channel ${closing.channelId}: close requested, withdraw from ${closing.withdrawableAt.toISOString()} (tollway channel withdraw)\n`,
     )
   if (!local) {
-    if (ctx.settings.json)
-      ctx.io.out(
-        `${JSON.stringify({ channel: null, ...(closing ? { closing: { ...closing, withdrawableAt: withdrawable } } : {}) })}\n`,
-      )
+    if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ channel: null, closing })}\n`)
     else if (!closing) ctx.io.out(`no channel with ${ctx.settings.url}\n`)
     return
   }
@@ -178,10 +179,7 @@ export async function status(ctx: Context) {
     'GET',
     `/v1/channels/${local.channelId}`,
   )) as Record<string, string>
-  if (ctx.settings.json)
-    ctx.io.out(
-      `${JSON.stringify({ channel: local, server, ...(closing ? { closing: { ...closing, withdrawableAt: withdrawable } } : {}) })}\n`,
-    )
+  if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ channel: local, server, closing })}\n`)
   else
     ctx.io.out(
       `channel ${local.channelId}: ${server.status}, deposit ${server.deposit}, signed ${local.signed}, accepted ${server.acceptedCumulative}, spent ${server.spent}, settled ${server.settled}\n`,
