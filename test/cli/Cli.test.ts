@@ -62,6 +62,18 @@ describe('usage', () => {
     expect((await cli(['keys', 'list', '--bogus'])).code).toBe(2)
     expect((await cli(['credits', 'grant', 'a', 'ten'])).code).toBe(2)
   })
+
+  test('error: a bad setting from the environment exits 2 naming the option and the variable', async () => {
+    const url = await cli(['channels', 'list'], { TOLLWAY_URL: 'not a url' })
+    expect(url.code).toBe(2)
+    expect(url.stderr).toContain('--url / TOLLWAY_URL')
+    const total = await cli(['channel', 'status'], { TOLLWAY_MAX_TOTAL: '1e6' })
+    expect(total.code).toBe(2)
+    expect(total.stderr).toContain('--max-total / TOLLWAY_MAX_TOTAL')
+    // An option wins over its variable.
+    const fixed = await cli(['channels', 'list', '--url', gw.url], { TOLLWAY_URL: 'not a url' })
+    expect(fixed.code).toBe(0)
+  })
 })
 
 describe('admin', () => {
