@@ -124,16 +124,18 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       stops.push(() => worker.stop())
       settlement = worker
       // Stated in every challenge, so a payer opens with a wallet key alone (no RPC URL).
-      const tokenDomain = await Token.domain(client, { token: chain.currencyAddress as Hex }).then(
-        (d) => ({ name: d.name, version: d.version }),
-        (e) => {
-          log.warn(
-            { err: (e as Error).message },
-            'cannot read the currency token EIP-712 domain (ERC-5267); payers need an RPC URL to open channels',
-          )
-          return undefined
-        },
-      )
+      const tokenDomain =
+        config.payments.tokenDomain ??
+        (await Token.domain(client, { token: chain.currencyAddress as Hex }).then(
+          (d) => ({ name: d.name, version: d.version }),
+          (e) => {
+            log.warn(
+              { err: (e as Error).message },
+              'cannot read the currency token EIP-712 domain (ERC-5267): set payments.tokenDomain, or payers need an RPC URL to open channels',
+            )
+            return undefined
+          },
+        ))
       const method = Server.create({
         chainId: chain.chainId,
         escrow: chain.escrowAddress as Hex,
