@@ -330,7 +330,7 @@ describe('createFetch', () => {
     expect(await fetch.closing(gw.url)).toBeUndefined()
   }, 60_000)
 
-  test('error: requestClose and withdraw without rpcUrl → ChainRequiredError', async () => {
+  test('error: requestClose without rpcUrl → ChainRequiredError; the channel stays', async () => {
     const store = Store.memory()
     const { fetch, openai } = client(11, { rpcUrl: undefined, store })
     await openai.chat.completions.create({ model: 'fake', messages })
