@@ -139,6 +139,9 @@ export function createFetch(options: Options): PayingFetch {
   const closedByKey = new Map<string, bigint>()
   const closedTotal = () => [...closedByKey.values()].reduce((a, b) => a + b, 0n)
   const total = () => options.limits.maxTotal - closedTotal()
+  const loadClosed = async (key: string) => {
+    if (!closedByKey.has(key)) closedByKey.set(key, await store.closedTotal(key))
+  }
   const escrows = new Set(options.allow.escrows.map((a) => a.toLowerCase()))
   const currencies = options.allow.currencies?.map((a) => a.toLowerCase())
   const lives = new Map<string, Live>()
@@ -189,7 +192,7 @@ export function createFetch(options: Options): PayingFetch {
       const session = new PayingSession({ account, challenge, tokenDomain: options.tokenDomain })
       live = { key, session, state: undefined, sent: 0n, spent: 0n, queue: Promise.resolve() }
       lives.set(key, live)
-      if (!closedByKey.has(key)) closedByKey.set(key, await store.closedTotal(key))
+      await loadClosed(key)
       const stored = await store.get(key)
       const r = session.request
       if (
@@ -516,10 +519,17 @@ export function createFetch(options: Options): PayingFetch {
         await problemOf(closed),
       )
     const { receipt } = (await closed.json()) as { receipt: { txHash: Hex } }
-    await store.addClosedTotal(key, spent)
-    closedByKey.set(key, (closedByKey.get(key) ?? 0n) + spent)
+    await count(key, spent)
     await forget(live)
     return receipt.txHash
+  }
+
+  /** Counts what a closed channel paid against maxTotal, in the store and here. */
+  const count = async (key: string, amount: bigint) => {
+    if (amount === 0n) return
+    await loadClosed(key)
+    await store.addClosedTotal(key, amount)
+    closedByKey.set(key, (closedByKey.get(key) ?? 0n) + amount)
   }
 
   /** Where a channel under forced close is kept: apart, so that a new one can open meanwhile. */
@@ -539,6 +549,8 @@ export function createFetch(options: Options): PayingFetch {
     const ref = { escrow: state.escrow, channelId: state.channelId }
     const before = await Escrow.getChannel(client, ref)
     if (!before || before.finalized) {
+      // Closed without this store knowing: what the payee took still counts against maxTotal.
+      await count(key, before?.settled ?? 0n)
       const live = lives.get(key)
       if (live) await forget(live)
       else await store.delete(key)
@@ -574,6 +586,7 @@ export function createFetch(options: Options): PayingFetch {
     const ref = { escrow: state.escrow, channelId: state.channelId }
     const onChain = await Escrow.getChannel(client, ref)
     if (!onChain || onChain.finalized) {
+      await count(key, onChain?.settled ?? 0n)
       await store.delete(closingKey(key))
       throw new ClientError(
         `Channel ${state.channelId} is already closed on chain; it is forgotten, nothing to withdraw.`,
@@ -593,8 +606,7 @@ export function createFetch(options: Options): PayingFetch {
       event?.eventName === 'Withdrawn' ? event.args.refund : onChain.deposit - onChain.settled
     // What the payee kept counts against maxTotal, as a cooperative close's `spent` does.
     const paid = onChain.deposit - refund
-    await store.addClosedTotal(key, paid)
-    closedByKey.set(key, (closedByKey.get(key) ?? 0n) + paid)
+    await count(key, paid)
     await store.delete(closingKey(key))
     return { channelId: state.channelId, txHash: sent.hash, refund, paid }
   }

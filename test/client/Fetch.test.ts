@@ -301,10 +301,20 @@ describe('createFetch', () => {
   // Last: it moves block time past the grace period.
   test('behavior: requestClose, then withdraw: too early → CloseNotReadyError saying when; after the grace period the unsettled deposit comes back', async () => {
     const payer = chain.payers[10]!
-    const { fetch, openai } = client(10)
-    await openai.chat.completions.create({ model: 'fake', messages })
+    const store = Store.memory()
+    const { fetch, openai } = client(10, { store })
+    // Two streams (vouchers a margin ahead): the second spends past the first one's vouchers,
+    // which can then be settled.
+    for (let i = 0; i < 2; i++) {
+      const stream = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+      for await (const _ of stream);
+    }
     const state = (await fetch.channel(gw.url))!
     const ref = { escrow: chain.escrowAddress, channelId: state.channelId }
+    const settled = await gw.admin(`/channels/${state.channelId}/settle`, {})
+    expect(((await settled.json()) as { result: { status: string } }).result.status).toBe(
+      'confirmed',
+    )
     const requested = await fetch.requestClose()
     expect(requested.channelId).toBe(state.channelId)
     const onChain = (await Escrow.getChannel(chain.payeeClient, ref))!
@@ -328,6 +338,9 @@ describe('createFetch', () => {
     expect(r.refund + r.paid).toBe(BigInt(state.deposit))
     expect(await balance(payer.address)).toBe(before + r.refund)
     expect(await fetch.closing(gw.url)).toBeUndefined()
+    // What the payee kept counts against maxTotal, across restarts too.
+    expect(r.paid).toBeGreaterThan(0n)
+    expect(await store.closedTotal(`${new URL(gw.url).origin}#${payer.address}`)).toBe(r.paid)
   }, 60_000)
 
   test('error: requestClose without rpcUrl → ChainRequiredError; the channel stays', async () => {
