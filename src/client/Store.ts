@@ -5,24 +5,32 @@
  */
 import { mkdir, readFile, rename, writeFile } from 'node:fs/promises'
 import { dirname } from 'node:path'
+import { z } from 'zod'
 import { ClientError } from './Errors.ts'
 
-/** One open channel, as the client knows it. */
-export type ChannelState = {
-  channelId: `0x${string}`
-  chainId: number
-  escrow: `0x${string}`
-  currency: `0x${string}`
-  recipient: `0x${string}`
+const Hex = z
+  .string()
+  .regex(/^0x[0-9a-fA-F]+$/)
+  .transform((s) => s as `0x${string}`)
+const Decimal = z.string().regex(/^\d{1,78}$/)
+
+/** One open channel, as the client knows it (the schema a stored entry must pass). */
+export const ChannelState = z.object({
+  channelId: Hex,
+  chainId: z.number().int().positive(),
+  escrow: Hex,
+  currency: Hex,
+  recipient: Hex,
   /** The deposit, base units (decimal string). */
-  deposit: string
+  deposit: Decimal,
   /** The highest cumulative amount signed (decimal string). */
-  signed: string
+  signed: Decimal,
   /** The URL the channel was last used with (close() posts there). */
-  url: string
+  url: z.string(),
   /** Unix seconds of the payer's `requestClose` (decimal string), once a forced close began. */
-  closeRequestedAt?: string | undefined
-}
+  closeRequestedAt: Decimal.optional(),
+})
+export type ChannelState = z.output<typeof ChannelState>
 
 /** A key/value store of channel states and closed totals; implement it to keep them elsewhere. */
 export type Store = {
@@ -85,10 +93,20 @@ export function file(path: string): Store {
         { cause },
       )
     }
+    const isMap = (v: unknown): v is Record<string, never> =>
+      typeof v === 'object' && v !== null && !Array.isArray(v)
     const content = json as Partial<Content>
+    if (!isMap(json) || (content.channels !== undefined && !isMap(content.channels)))
+      throw new ClientError(
+        `The channel store ${path} does not hold a channels object; repair it, or move it away to start afresh.`,
+        { path },
+      )
     // The first format was the channels map alone.
-    if (!content.channels) return { channels: json as Content['channels'], closedTotals: {} }
-    return { channels: content.channels, closedTotals: content.closedTotals ?? {} }
+    if (!content.channels) return { channels: json, closedTotals: {} }
+    return {
+      channels: content.channels,
+      closedTotals: isMap(content.closedTotals) ? content.closedTotals : {},
+    }
   }
   const total = (c: Content, key: string) => {
     const v = c.closedTotals[key]
@@ -116,7 +134,15 @@ export function file(path: string): Store {
   return {
     async get(key) {
       await queue
-      return (await load()).channels[key]
+      const entry = (await load()).channels[key]
+      if (entry === undefined) return undefined
+      const parsed = ChannelState.safeParse(entry)
+      if (!parsed.success)
+        throw new ClientError(
+          `The channel store ${path} has a malformed channel under "${key}" (${parsed.error.issues[0]?.path.join('.')}: ${parsed.error.issues[0]?.message}); repair it, or delete that entry to forget the channel.`,
+          { path, key },
+        )
+      return parsed.data
     },
     set: (key, state) =>
       update((c) => {

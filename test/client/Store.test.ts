@@ -2,6 +2,7 @@ import { describe, expect, test } from 'bun:test'
 import { mkdtemp, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import fc from 'fast-check'
 import { ClientError } from '../../src/client/Errors.ts'
 import * as Store from '../../src/client/Store.ts'
 
@@ -86,6 +87,42 @@ describe('closedTotal', () => {
     await s.addClosedTotal('k', 2n)
     await s.addClosedTotal('k', 3n)
     expect(await s.closedTotal('k')).toBe(5n)
+  })
+})
+
+describe('file (property)', () => {
+  test('property: any JSON in the file: get and closedTotal return a value or throw ClientError, nothing else', async () => {
+    const path = join(await dir(), 'channels.json')
+    await fc.assert(
+      fc.asyncProperty(
+        fc.oneof(
+          fc.json(),
+          fc
+            .record(
+              { channels: fc.jsonValue(), closedTotals: fc.jsonValue() },
+              { requiredKeys: [] },
+            )
+            .map((v) => JSON.stringify(v)),
+        ),
+        async (text) => {
+          await writeFile(path, text)
+          const s = Store.file(path)
+          try {
+            const got = await s.get('k')
+            // A channel comes back whole, or not at all.
+            if (got !== undefined) expect(Store.ChannelState.parse(got)).toEqual(got)
+          } catch (e) {
+            expect(e).toBeInstanceOf(ClientError)
+          }
+          try {
+            expect(typeof (await s.closedTotal('k'))).toBe('bigint')
+          } catch (e) {
+            expect(e).toBeInstanceOf(ClientError)
+          }
+        },
+      ),
+      { numRuns: 1000 },
+    )
   })
 })
 
