@@ -67,6 +67,8 @@ Options:
                      a development chain or a gateway you run yourself
   --max-deposit N    the most one channel holds, base units (default 10000000)
   --max-total N      the most this command spends, base units (default 10000000)
+  --rpc-url U        the chain's RPC URL (TOLLWAY_RPC_URL): only for opens from your own
+                     account and for channel request-close | withdraw
 The cost line goes to stderr; tokens to stdout.`,
   channel: `Usage:
   tollway channel status [--json]          your channel with the gateway (kept in $TOLLWAY_DATA_DIR/channels.json)
