@@ -136,6 +136,13 @@ export const Schema = z
         /** Voucher and top-up submissions a second per channel (the draft's 10). */
         voucherRatePerSecond: z.number().positive().default(10),
         suggestedDeposit: BaseUnits.prefault('10000000'),
+        /**
+         * The currency token's EIP-712 domain name and version, stated in challenges so that a
+         * payer opens with a wallet key alone; unset: read from the token (ERC-5267) at start-up.
+         */
+        tokenDomain: z
+          .strictObject({ name: z.string().min(1).max(256), version: z.string().min(1).max(256) })
+          .optional(),
         settlement: z
           .strictObject({
             /** Settle a channel once this much spending is unsettled. */

@@ -11,6 +11,7 @@ import * as Client from './chain/Client.ts'
 import * as DevChain from './chain/DevChain.ts'
 import * as SessionEscrow from './chain/SessionEscrow.ts'
 import * as Settlement from './chain/Settlement.ts'
+import * as Token from './chain/Token.ts'
 import * as Transaction from './chain/Transaction.ts'
 import * as App from './http/App.ts'
 import { type Payments, VoucherLimiter } from './http/Payments.ts'
@@ -122,6 +123,19 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       })
       stops.push(() => worker.stop())
       settlement = worker
+      // Stated in every challenge, so a payer opens with a wallet key alone (no RPC URL).
+      const tokenDomain =
+        config.payments.tokenDomain ??
+        (await Token.domain(client, { token: chain.currencyAddress as Hex }).then(
+          (d) => ({ name: d.name, version: d.version }),
+          (e) => {
+            log.warn(
+              { err: (e as Error).message },
+              'cannot read the currency token EIP-712 domain (ERC-5267): set payments.tokenDomain, or payers need an RPC URL to open channels',
+            )
+            return undefined
+          },
+        ))
       const method = Server.create({
         chainId: chain.chainId,
         escrow: chain.escrowAddress as Hex,
@@ -129,6 +143,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         recipient: client.account.address,
         minVoucherDelta: config.payments.minVoucherDelta,
         suggestedDeposit: config.payments.suggestedDeposit,
+        tokenDomain,
         store: {
           get: (id) => Channels.get(db, id),
           observe: (state) => Channels.observe(db, state),

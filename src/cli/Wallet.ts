@@ -6,9 +6,12 @@ import { join } from 'node:path'
 import { createParser } from 'eventsource-parser'
 import { type Address, type Hex, isAddress } from 'viem'
 import { z } from 'zod'
+import * as Escrow from '../chain/Escrow.ts'
 import {
+  ChainRequiredError,
   ChallengeRefusedError,
   ClientError,
+  CloseNotReadyError,
   challengeOf,
   createFetch,
   LimitExceededError,
@@ -23,6 +26,9 @@ const WalletKey = z.string().regex(/^0x[0-9a-fA-F]{64}$/, 'must be a 0x-prefixed
 
 /** A client failure as a CLI error: refusals and limits are payment errors (exit 3). */
 export function classify(e: Error): CliError {
+  if (e instanceof CloseNotReadyError) return new PaymentError(e.message, e.details)
+  if (e instanceof ChainRequiredError)
+    return new UsageError(`${e.what} needs the chain: set TOLLWAY_RPC_URL or pass --rpc-url.`)
   if (e instanceof ChallengeRefusedError || e instanceof LimitExceededError)
     return new PaymentError(e.message, (e as { details?: unknown }).details)
   if (e instanceof PaymentFailedError) return new PaymentError(e.message)
@@ -30,18 +36,14 @@ export function classify(e: Error): CliError {
   return new ServerError(`${e.name}: ${e.message}`)
 }
 
-const completions = (ctx: Context) => new URL('/v1/chat/completions', ctx.flags.url).toString()
+const completions = (ctx: Context) => new URL('/v1/chat/completions', ctx.settings.url).toString()
 
 /** The escrows to pay into: --escrow / TOLLWAY_ESCROW, plus the gateway's own when trusted. */
 async function escrows(ctx: Context): Promise<Address[]> {
-  const given = [
-    ...(ctx.values.escrow ?? []),
-    ...(ctx.env.TOLLWAY_ESCROW?.split(',').filter(Boolean) ?? []),
-  ]
+  const given = ctx.settings.escrows
   for (const a of given)
-    if (!isAddress(a)) throw new UsageError(`--escrow: ${a} is not an address.`)
-  const trust = ctx.values['trust-escrow'] || ctx.env.TOLLWAY_TRUST_ESCROW === '1'
-  if (!trust) return given as Address[]
+    if (!isAddress(a)) throw new UsageError(`--escrow / TOLLWAY_ESCROW: ${a} is not an address.`)
+  if (!ctx.settings.trustEscrow) return given as Address[]
   // Ask for a challenge (an unpaid request costs nothing) and take the escrow it names.
   let res: Response
   try {
@@ -51,7 +53,9 @@ async function escrows(ctx: Context): Promise<Address[]> {
       body: JSON.stringify({ model: 'x', messages: [{ role: 'user', content: 'x' }] }),
     })
   } catch (e) {
-    throw new ServerError(`cannot reach the gateway at ${ctx.flags.url}: ${(e as Error).message}`)
+    throw new ServerError(
+      `cannot reach the gateway at ${ctx.settings.url}: ${(e as Error).message}`,
+    )
   }
   await res.body?.cancel()
   const challenge = challengeOf(res.headers.get('www-authenticate'))
@@ -62,17 +66,20 @@ async function escrows(ctx: Context): Promise<Address[]> {
   return [...(given as Address[]), escrow]
 }
 
-async function paying(ctx: Context) {
-  const key = WalletKey.safeParse(ctx.env.TOLLWAY_WALLET_KEY)
+/**
+ * The paying fetch of TOLLWAY_WALLET_KEY. `onChainOnly`: for forced closes, which talk to the
+ * escrow alone (the gateway may be down), so no escrow allow-list is asked for.
+ */
+async function paying(ctx: Context, o: { onChainOnly?: boolean } = {}) {
+  const key = WalletKey.safeParse(ctx.settings.walletKey)
   if (!key.success)
     throw new UsageError(`TOLLWAY_WALLET_KEY: ${key.error.issues[0]?.message ?? 'missing'}.`)
-  const dataDir = ctx.env.TOLLWAY_DATA_DIR ?? '.tollway'
   return createFetch({
     account: key.data as Hex,
-    rpcUrl: ctx.values['rpc-url'] ?? ctx.env.TOLLWAY_RPC_URL,
-    limits: { maxDeposit: ctx.flags.maxDeposit, maxTotal: ctx.flags.maxTotal },
-    allow: { escrows: await escrows(ctx) },
-    store: Store.file(join(dataDir, 'channels.json')),
+    rpcUrl: ctx.settings.rpcUrl,
+    limits: { maxDeposit: ctx.settings.maxDeposit, maxTotal: ctx.settings.maxTotal },
+    allow: { escrows: o.onChainOnly ? [] : await escrows(ctx) },
+    store: Store.file(join(ctx.settings.dataDir, 'channels.json')),
   })
 }
 
@@ -86,12 +93,6 @@ export async function chat(ctx: Context) {
   const pay = await paying(ctx)
   const model = ctx.values.model ?? (await firstModel(ctx))
   const opening = !(await pay.channel(url))
-  // The open signs an EIP-3009 authorization over the token's EIP-712 domain, which the
-  // challenge does not carry yet: it is read from the chain.
-  if (opening && !(ctx.values['rpc-url'] ?? ctx.env.TOLLWAY_RPC_URL))
-    throw new UsageError(
-      "Opening a channel needs the chain's RPC URL (to read the token's signing domain): set TOLLWAY_RPC_URL or pass --rpc-url.",
-    )
   const res = await progress(ctx, opening ? 'opening a payment channel' : undefined, () =>
     pay(url, {
       method: 'POST',
@@ -118,14 +119,14 @@ export async function chat(ctx: Context) {
         }
         const piece = chunk.choices?.[0]?.delta?.content ?? ''
         text += piece
-        if (piece && !ctx.flags.json) ctx.io.out(piece)
+        if (piece && !ctx.settings.json) ctx.io.out(piece)
         if (chunk.usage) usage = chunk.usage
       },
     })
     const decoder = new TextDecoder()
     for await (const bytes of res.body as unknown as AsyncIterable<Uint8Array>)
       parser.feed(decoder.decode(bytes, { stream: true }))
-    if (!ctx.flags.json) ctx.io.out('\n')
+    if (!ctx.settings.json) ctx.io.out('\n')
   } else {
     const body = (await res.json()) as {
       choices: { message: { content: string } }[]
@@ -133,10 +134,10 @@ export async function chat(ctx: Context) {
     }
     text = body.choices[0]?.message.content ?? ''
     usage = body.usage
-    if (!ctx.flags.json) ctx.io.out(`${text}\n`)
+    if (!ctx.settings.json) ctx.io.out(`${text}\n`)
   }
   const channel = await pay.channel(url)
-  if (ctx.flags.json)
+  if (ctx.settings.json)
     ctx.io.out(`${JSON.stringify({ content: text, usage, channelId: channel?.channelId })}\n`)
   else
     ctx.io.err(
@@ -145,7 +146,7 @@ export async function chat(ctx: Context) {
 }
 
 async function firstModel(ctx: Context): Promise<string> {
-  const r = (await Http.request({ url: ctx.flags.url }, 'GET', '/v1/models')) as {
+  const r = (await Http.request({ url: ctx.settings.url }, 'GET', '/v1/models')) as {
     data: { id: string }[]
   }
   const id = r.data[0]?.id
@@ -156,17 +157,29 @@ async function firstModel(ctx: Context): Promise<string> {
 export async function status(ctx: Context) {
   const pay = await paying(ctx)
   const local = await pay.channel(completions(ctx))
+  const closingState = await pay.closing(completions(ctx))
+  // A channel under forced close, and when it can be withdrawn.
+  const closing = closingState && {
+    ...closingState,
+    withdrawableAt: new Date(
+      Number(BigInt(closingState.closeRequestedAt ?? 0) + Escrow.closeGracePeriod) * 1000,
+    ),
+  }
+  if (closing && !ctx.settings.json)
+    ctx.io.out(
+      `channel ${closing.channelId}: close requested, withdraw from ${closing.withdrawableAt.toISOString()} (tollway channel withdraw)\n`,
+    )
   if (!local) {
-    if (ctx.flags.json) ctx.io.out(`${JSON.stringify({ channel: null })}\n`)
-    else ctx.io.out(`no channel with ${ctx.flags.url}\n`)
+    if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ channel: null, closing })}\n`)
+    else if (!closing) ctx.io.out(`no channel with ${ctx.settings.url}\n`)
     return
   }
   const server = (await Http.request(
-    { url: ctx.flags.url },
+    { url: ctx.settings.url },
     'GET',
     `/v1/channels/${local.channelId}`,
   )) as Record<string, string>
-  if (ctx.flags.json) ctx.io.out(`${JSON.stringify({ channel: local, server })}\n`)
+  if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ channel: local, server, closing })}\n`)
   else
     ctx.io.out(
       `channel ${local.channelId}: ${server.status}, deposit ${server.deposit}, signed ${local.signed}, accepted ${server.acceptedCumulative}, spent ${server.spent}, settled ${server.settled}\n`,
@@ -176,17 +189,54 @@ export async function status(ctx: Context) {
 export async function close(ctx: Context) {
   const pay = await paying(ctx)
   const url = completions(ctx)
-  if (!(await pay.channel(url))) throw new UsageError(`No channel with ${ctx.flags.url} to close.`)
+  if (!(await pay.channel(url)))
+    throw new UsageError(`No channel with ${ctx.settings.url} to close.`)
   const hash = await progress(ctx, 'closing the channel', () => pay.close(url))
-  if (ctx.flags.json) ctx.io.out(`${JSON.stringify({ txHash: hash })}\n`)
+  if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ txHash: hash })}\n`)
   else ctx.io.out(`closed: ${hash}\n`)
+}
+
+/**
+ * For a gateway that stops answering: the payer's own `requestClose` on the escrow (needs
+ * TOLLWAY_RPC_URL and gas); says when `withdraw` becomes possible.
+ */
+export async function requestClose(ctx: Context) {
+  const pay = await paying(ctx, { onChainOnly: true })
+  const url = completions(ctx)
+  if (!(await pay.channel(url)))
+    throw new UsageError(`No open channel with ${ctx.settings.url} to close.`)
+  const r = await progress(ctx, 'requesting a close on the escrow', () => pay.requestClose(url))
+  if (ctx.settings.json) ctx.io.out(`${JSON.stringify(r)}\n`)
+  else
+    ctx.io.out(
+      `close requested: ${r.txHash}\nchannel ${r.channelId}: run tollway channel withdraw from ${r.withdrawableAt.toISOString()} (15 minutes; the gateway may settle what it is owed meanwhile)\n`,
+    )
+}
+
+/** After `request-close` and its 15-minute grace period: takes back the unsettled deposit. */
+export async function withdraw(ctx: Context) {
+  const pay = await paying(ctx, { onChainOnly: true })
+  const url = completions(ctx)
+  if (!(await pay.closing(url)))
+    throw new UsageError(
+      `No channel with ${ctx.settings.url} is closing; run tollway channel request-close first.`,
+    )
+  const r = await progress(ctx, 'withdrawing from the escrow', () => pay.withdraw(url))
+  if (ctx.settings.json)
+    ctx.io.out(
+      `${JSON.stringify({ ...r, refund: r.refund.toString(), paid: r.paid.toString() })}\n`,
+    )
+  else
+    ctx.io.out(
+      `withdrawn: ${r.txHash}\nchannel ${r.channelId}: ${r.refund} base units back to you, ${r.paid} kept by the gateway\n`,
+    )
 }
 
 /** Shows `label` on stderr while an on-chain wait runs: a dot a second on a terminal. */
 async function progress<T>(ctx: Context, label: string | undefined, run: () => Promise<T>) {
-  if (!label || ctx.flags.json) return run()
+  if (!label || ctx.settings.json) return run()
   ctx.io.err(`${label} (on chain)…`)
-  const tty = process.stderr.isTTY
+  const tty = ctx.io.tty
   const timer = tty ? setInterval(() => ctx.io.err('.'), 1_000) : undefined
   try {
     return await run()

@@ -19,11 +19,12 @@ Commands:
   credits grant <account> <amount> [--note T]  grant (or, negative, debit) base units
   keys create <account> [--name N]        create an API key (shown once)
   keys list <account>                     list an account's keys
-  keys revoke <key-id> --api-key K        revoke a key (with a key of the same account)
+  keys revoke <account> <key-id>          revoke a key (or: keys revoke <key-id> --api-key K)
   channels list [--limit N]               payment channels, most recently active first
   channels settle <channel-id>            settle a channel now
   chat "prompt" [--model M] [--stream]    chat, paying from TOLLWAY_WALLET_KEY
   channel status | close                  your channel with the gateway
+  channel request-close | withdraw        force a close on chain when the gateway stops answering
 
 Global options:
   --url U          the gateway (TOLLWAY_URL, default http://127.0.0.1:8787)
@@ -45,6 +46,7 @@ amount: base units, an integer; a negative amount debits. Needs the admin token.
   keys: `Usage:
   tollway keys create <account> [--name N] [--json]   (admin token)
   tollway keys list <account> [--json]                (admin token)
+  tollway keys revoke <account> <key-id> [--json]     (admin token)
   tollway keys revoke <key-id> --api-key K [--json]   (a key of the same account; TOLLWAY_API_KEY)`,
   channels: `Usage:
   tollway channels list [--limit N] [--json]
@@ -53,9 +55,9 @@ Needs the admin token.`,
   chat: `Usage: tollway chat "prompt" [--model M] [--stream] [--json]
 
 Pays per token through a payment channel from TOLLWAY_WALLET_KEY (a private key, 0x…).
-When the gateway pays the gas (feePayer) the channel opens by EIP-3009 signature: no gas
-needed. TOLLWAY_RPC_URL (--rpc-url) is needed to read the token's signing domain and for
-opens from your own account.
+When the gateway pays the gas (feePayer) the channel opens by EIP-3009 signature: the
+wallet key is all you need (no RPC URL, no gas). TOLLWAY_RPC_URL (--rpc-url) is needed only
+for opens from your own account and for forced closes (tollway channel request-close).
 
 Options:
   --model M          the model (default: the gateway's first)
@@ -65,11 +67,18 @@ Options:
                      a development chain or a gateway you run yourself
   --max-deposit N    the most one channel holds, base units (default 10000000)
   --max-total N      the most this command spends, base units (default 10000000)
+  --rpc-url U        the chain's RPC URL (TOLLWAY_RPC_URL): only for opens from your own
+                     account and for channel request-close | withdraw
 The cost line goes to stderr; tokens to stdout.`,
   channel: `Usage:
-  tollway channel status [--json]   your channel with the gateway (kept in $TOLLWAY_DATA_DIR/channels.json)
-  tollway channel close [--json]    ask the gateway to close and settle it
-Needs TOLLWAY_WALLET_KEY; see tollway chat --help for the escrow options.`,
+  tollway channel status [--json]          your channel with the gateway (kept in $TOLLWAY_DATA_DIR/channels.json)
+  tollway channel close [--json]           ask the gateway to close and settle it
+  tollway channel request-close [--json]   when the gateway stops answering: start a forced close
+                                           on the escrow yourself (your transaction, your gas)
+  tollway channel withdraw [--json]        15 minutes after request-close: take back what the
+                                           gateway has not settled
+Needs TOLLWAY_WALLET_KEY; request-close and withdraw also TOLLWAY_RPC_URL (--rpc-url).
+See tollway chat --help for the escrow options.`,
 } as const
 
 const options = {
@@ -96,29 +105,75 @@ const BaseUnits = z
   .regex(/^\d{1,77}$/, 'must be a whole number of base units')
   .transform((v) => BigInt(v))
 
-const Flags = z.object({
+/**
+ * Everything a command reads from its options and the environment, read once by `run` (an option
+ * wins over its variable; an empty variable counts as unset). Wallet values are checked by the
+ * wallet commands, so a stray TOLLWAY_WALLET_KEY does not break the admin ones.
+ */
+const Settings = z.object({
   url: z.url(),
   json: z.boolean(),
   limit: z.coerce.number().int().min(1).max(200).optional(),
   maxDeposit: BaseUnits,
   maxTotal: BaseUnits,
+  dataDir: z.string().min(1),
+  adminToken: z.string().optional(),
+  apiKey: z.string().optional(),
+  walletKey: z.string().optional(),
+  rpcUrl: z.url().optional(),
+  escrows: z.array(z.string()),
+  trustEscrow: z.boolean(),
 })
+export type Settings = z.infer<typeof Settings>
+
+/** Where each setting comes from, for messages. */
+const sources: Record<string, string> = {
+  url: '--url / TOLLWAY_URL',
+  limit: '--limit',
+  maxDeposit: '--max-deposit / TOLLWAY_MAX_DEPOSIT',
+  maxTotal: '--max-total / TOLLWAY_MAX_TOTAL',
+  dataDir: 'TOLLWAY_DATA_DIR',
+  rpcUrl: '--rpc-url / TOLLWAY_RPC_URL',
+}
 
 export type Env = Record<string, string | undefined>
 
-/** What a command writes; replaced in tests. */
-export type Io = { out: (s: string) => void; err: (s: string) => void }
-
-const processIo: Io = {
-  out: (s) => process.stdout.write(s),
-  err: (s) => process.stderr.write(s),
+/** The settings of one run from its parsed options and environment. */
+function settings(values: ReturnType<typeof parse>['values'], env: Env): Settings {
+  const e = (name: string) => (env[name] === '' ? undefined : env[name])
+  const parsed = Settings.safeParse({
+    url: values.url ?? e('TOLLWAY_URL') ?? 'http://127.0.0.1:8787',
+    json: values.json ?? false,
+    limit: values.limit,
+    maxDeposit: values['max-deposit'] ?? e('TOLLWAY_MAX_DEPOSIT') ?? '10000000',
+    maxTotal: values['max-total'] ?? e('TOLLWAY_MAX_TOTAL') ?? '10000000',
+    dataDir: e('TOLLWAY_DATA_DIR') ?? '.tollway',
+    adminToken: values['admin-token'] ?? e('TOLLWAY_ADMIN_TOKEN'),
+    apiKey: values['api-key'] ?? e('TOLLWAY_API_KEY'),
+    walletKey: e('TOLLWAY_WALLET_KEY'),
+    rpcUrl: values['rpc-url'] ?? e('TOLLWAY_RPC_URL'),
+    escrows: [...(values.escrow ?? []), ...(e('TOLLWAY_ESCROW')?.split(',').filter(Boolean) ?? [])],
+    trustEscrow: values['trust-escrow'] ?? e('TOLLWAY_TRUST_ESCROW') === '1',
+  })
+  if (!parsed.success)
+    throw new UsageError(
+      parsed.error.issues
+        .map((i) => {
+          const key = String(i.path[0])
+          return `${sources[key] ?? `--${key}`}: ${i.message}`
+        })
+        .join('\n'),
+    )
+  return parsed.data
 }
+
+/** What a command writes; replaced in tests. `tty`: stderr is a terminal (progress dots). */
+export type Io = { out: (s: string) => void; err: (s: string) => void; tty: boolean }
 
 export type Context = {
   args: string[]
   values: ReturnType<typeof parse>['values']
-  flags: z.infer<typeof Flags>
-  env: Env
+  settings: Settings
   io: Io
 }
 
@@ -132,9 +187,8 @@ function parse(argv: string[]) {
 
 /** The admin token: --admin-token, TOLLWAY_ADMIN_TOKEN, or the data dir's admin-token file. */
 function adminToken(ctx: Context): string {
-  const given = ctx.values['admin-token'] ?? ctx.env.TOLLWAY_ADMIN_TOKEN
-  if (given) return given
-  const path = join(ctx.env.TOLLWAY_DATA_DIR ?? '.tollway', 'admin-token')
+  if (ctx.settings.adminToken) return ctx.settings.adminToken
+  const path = join(ctx.settings.dataDir, 'admin-token')
   try {
     return readFileSync(path, 'utf8').trim()
   } catch {
@@ -144,7 +198,7 @@ function adminToken(ctx: Context): string {
   }
 }
 
-const admin = (ctx: Context): Http.Target => ({ url: ctx.flags.url, token: adminToken(ctx) })
+const admin = (ctx: Context): Http.Target => ({ url: ctx.settings.url, token: adminToken(ctx) })
 
 /** The n-th positional argument after the command words, or a usage error naming it. */
 function arg(ctx: Context, index: number, name: string): string {
@@ -154,7 +208,7 @@ function arg(ctx: Context, index: number, name: string): string {
 }
 
 function print(ctx: Context, value: unknown, human: string) {
-  ctx.io.out(ctx.flags.json ? `${JSON.stringify(value)}\n` : `${human}\n`)
+  ctx.io.out(ctx.settings.json ? `${JSON.stringify(value)}\n` : `${human}\n`)
 }
 
 type Command = (ctx: Context) => Promise<void>
@@ -237,14 +291,25 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
         )
       },
       revoke: async (ctx) => {
+        // Two arguments: the operator's form (admin token); one: a key of the same account.
+        if (ctx.args[3] !== undefined) {
+          const account = arg(ctx, 2, 'account')
+          const id = arg(ctx, 3, 'key-id')
+          const r = await Http.request(
+            admin(ctx),
+            'DELETE',
+            `/admin/accounts/${enc(account)}/keys/${enc(id)}`,
+          )
+          return print(ctx, r, `revoked ${id}`)
+        }
         const id = arg(ctx, 2, 'key-id')
-        const key = ctx.values['api-key'] ?? ctx.env.TOLLWAY_API_KEY
+        const key = ctx.settings.apiKey
         if (!key)
           throw new UsageError(
-            'Revoking needs a key of the same account: --api-key or TOLLWAY_API_KEY.',
+            'Revoking needs the account (tollway keys revoke <account> <key-id>, with the admin token) or a key of the same account (--api-key or TOLLWAY_API_KEY).',
           )
         const r = await Http.request(
-          { url: ctx.flags.url, token: key },
+          { url: ctx.settings.url, token: key },
           'DELETE',
           `/v1/keys/${enc(id)}`,
         )
@@ -256,7 +321,7 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
     help: help.channels,
     run: {
       list: async (ctx) => {
-        const q = ctx.flags.limit ? `?limit=${ctx.flags.limit}` : ''
+        const q = ctx.settings.limit ? `?limit=${ctx.settings.limit}` : ''
         const r = (await Http.request(admin(ctx), 'GET', `/admin/channels${q}`)) as {
           data: {
             channelId: string
@@ -280,7 +345,7 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
       },
       settle: async (ctx) => {
         const id = arg(ctx, 2, 'channel-id')
-        ctx.io.err(ctx.flags.json ? '' : 'settling on chain…\n')
+        ctx.io.err(ctx.settings.json ? '' : 'settling on chain…\n')
         const r = (await Http.request(admin(ctx), 'POST', `/admin/channels/${enc(id)}/settle`)) as {
           result: { status: string; txHash?: string; error?: { message: string } }
         }
@@ -298,14 +363,16 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
     run: {
       status: async (ctx) => (await import('./Wallet.ts')).status(ctx),
       close: async (ctx) => (await import('./Wallet.ts')).close(ctx),
+      'request-close': async (ctx) => (await import('./Wallet.ts')).requestClose(ctx),
+      withdraw: async (ctx) => (await import('./Wallet.ts')).withdraw(ctx),
     },
   },
 }
 
 const enc = encodeURIComponent
 
-/** Runs the CLI; returns the exit code. */
-export async function run(argv: string[], env: Env = process.env, io: Io = processIo) {
+/** Runs the CLI with `env` (the process environment, read once at the entry); the exit code. */
+export async function run(argv: string[], env: Env, io: Io) {
   let json = false
   try {
     const { values, positionals } = parse(argv)
@@ -326,18 +393,7 @@ export async function run(argv: string[], env: Env = process.env, io: Io = proce
       throw new UsageError(
         `${sub ? `Unknown subcommand "${name} ${sub}"` : `Missing subcommand for "${name}"`}.\n${command.help}`,
       )
-    const flags = Flags.safeParse({
-      url: values.url ?? env.TOLLWAY_URL ?? 'http://127.0.0.1:8787',
-      json,
-      limit: values.limit,
-      maxDeposit: values['max-deposit'] ?? env.TOLLWAY_MAX_DEPOSIT ?? '10000000',
-      maxTotal: values['max-total'] ?? env.TOLLWAY_MAX_TOTAL ?? '10000000',
-    })
-    if (!flags.success)
-      throw new UsageError(
-        flags.error.issues.map((i) => `--${i.path.join('.')}: ${i.message}`).join('\n'),
-      )
-    await runner({ args: positionals, values, flags: flags.data, env, io })
+    await runner({ args: positionals, values, settings: settings(values, env), io })
     return exitCodes.ok
   } catch (e) {
     const error = e instanceof CliError ? e : (await import('./Wallet.ts')).classify(e as Error)
@@ -351,7 +407,11 @@ export async function run(argv: string[], env: Env = process.env, io: Io = proce
 }
 
 if (import.meta.main) {
-  const code = await run(process.argv.slice(2))
+  const code = await run(process.argv.slice(2), process.env, {
+    out: (s) => process.stdout.write(s),
+    err: (s) => process.stderr.write(s),
+    tty: process.stderr.isTTY,
+  })
   // `serve` keeps running; everything else exits with its code.
   if (process.argv[2] !== 'serve' || code !== 0) process.exit(code)
 }

@@ -31,6 +31,36 @@ export class LimitExceededError extends ClientError {
   }
 }
 
+/** The step needs the chain (a transaction from the payer, or a read) and no `rpcUrl` was given. */
+export class ChainRequiredError extends ClientError {
+  override name = 'ChainRequiredError'
+  /** What needed the chain, e.g. "requestClose". */
+  readonly what: string
+  constructor(what = 'This step') {
+    super(
+      `${what} needs the chain: pass rpcUrl (a server that pays the gas and states its token's domain needs none to open).`,
+    )
+    this.what = what
+  }
+}
+
+/** `withdraw` before the escrow allows it: no close was requested, or the grace period runs. */
+export class CloseNotReadyError extends ClientError {
+  override name = 'CloseNotReadyError'
+  /** When the withdraw becomes possible (block time); undefined when no close was requested. */
+  readonly withdrawableAt: Date | undefined
+  constructor(channelId: string, ready: bigint | undefined) {
+    const at = ready === undefined ? undefined : new Date(Number(ready) * 1000)
+    super(
+      at
+        ? `Channel ${channelId} can be withdrawn from ${at.toISOString()} (the 15-minute grace period after requestClose); try again then.`
+        : `Channel ${channelId} has no close request on chain; call requestClose first.`,
+      { channelId, ...(at ? { withdrawableAt: at.toISOString() } : {}) },
+    )
+    this.withdrawableAt = at
+  }
+}
+
 /** The server's Payment challenge is not one this client may pay. */
 export class ChallengeRefusedError extends ClientError {
   override name = 'ChallengeRefusedError'

@@ -16,6 +16,7 @@ import {
   toHex,
 } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
+import { getBlock } from 'viem/actions'
 import * as ChainClient from '../chain/Client.ts'
 import * as Escrow from '../chain/Escrow.ts'
 import * as Token from '../chain/Token.ts'
@@ -23,8 +24,10 @@ import type * as Challenge from '../payment/Challenge.ts'
 import type * as Events from '../payment/Events.ts'
 import * as Receipt from '../payment/Receipt.ts'
 import {
+  ChainRequiredError,
   ChallengeRefusedError,
   ClientError,
+  CloseNotReadyError,
   LimitExceededError,
   PaymentFailedError,
 } from './Errors.ts'
@@ -35,14 +38,16 @@ import * as Stream from './Stream.ts'
 export type Options = {
   /** The payer: a viem local account or its private key. */
   account: LocalAccount | Hex
-  /** An RPC URL of the server's chain: to read the token's EIP-712 domain, and to open a
-   * channel from the payer's account when the server does not pay the gas. */
+  /** An RPC URL of the server's chain: to open a channel from the payer's account when the
+   * server does not pay the gas, for `requestClose` / `withdraw`, and to read the token's
+   * EIP-712 domain when the challenge does not state it. */
   rpcUrl?: string | undefined
-  /** The token's EIP-712 domain (read from `rpcUrl` when omitted). */
+  /** The token's EIP-712 domain (default: the challenge's `methodDetails.tokenDomain`, else
+   * read from `rpcUrl`). */
   tokenDomain?: Token.TokenDomain | undefined
   /** Spending limits, base units. `maxDeposit`: one channel's deposit. `maxTotal`: all vouchers
-   * this wrapper signs, over its channels (a resumed channel counts from its start; channels
-   * closed by another process are not counted). */
+   * signed, over the channels: a resumed channel counts from its start, and what closed
+   * channels paid is kept in the store (per server and payer), so it survives a restart. */
   limits: { maxDeposit: bigint; maxTotal: bigint }
   /** The deposit of a new channel (default `limits.maxDeposit`). */
   deposit?: bigint | undefined
@@ -75,6 +80,18 @@ export type PayingFetch = typeof fetch & {
   close(url?: string): Promise<Hex>
   /** The channel in use for `url`'s origin, if any. */
   channel(url: string): Promise<Store.ChannelState | undefined>
+  /**
+   * For a server that stops answering: the payer's own `requestClose` on the escrow (needs
+   * `rpcUrl` and gas) of the channel used with `url` (default: the last one used). The channel
+   * is set apart (`closing(url)`); `withdraw` takes the unsettled deposit back after the
+   * 15-minute grace period, from `withdrawableAt`.
+   */
+  requestClose(url?: string): Promise<{ channelId: Hex; txHash: Hex; withdrawableAt: Date }>
+  /** Takes back `deposit - settled` of the channel `requestClose` set apart (needs `rpcUrl`);
+   * throws CloseNotReadyError, saying when, before the grace period has passed. */
+  withdraw(url?: string): Promise<{ channelId: Hex; txHash: Hex; refund: bigint; paid: bigint }>
+  /** The channel under forced close for `url`'s origin, if any. */
+  closing(url: string): Promise<Store.ChannelState | undefined>
 }
 
 /** The live state of one channel. */
@@ -117,13 +134,18 @@ export function createFetch(options: Options): PayingFetch {
   const margin = options.margin ?? 10_000n
   const completionMargin = options.completionMargin ?? 16n * margin
   const { maxDeposit } = options.limits
-  // What channels closed by this wrapper took from maxTotal; the rest is for the open ones.
-  let closedTotal = 0n
-  const total = () => options.limits.maxTotal - closedTotal
+  // What closed channels took from maxTotal, per store key (kept in the store, so a restart
+  // remembers them); the rest is for the open ones.
+  const closedByKey = new Map<string, bigint>()
+  const closedTotal = () => [...closedByKey.values()].reduce((a, b) => a + b, 0n)
+  const total = () => options.limits.maxTotal - closedTotal()
+  const loadClosed = async (key: string) => {
+    if (!closedByKey.has(key)) closedByKey.set(key, await store.closedTotal(key))
+  }
   const escrows = new Set(options.allow.escrows.map((a) => a.toLowerCase()))
   const currencies = options.allow.currencies?.map((a) => a.toLowerCase())
   const lives = new Map<string, Live>()
-  let tokenDomain = options.tokenDomain
+  const domains = new Map<string, Promise<Token.TokenDomain>>()
   let lastUrl: string | undefined
 
   const keyOf = (url: string) => `${new URL(url).origin}#${account.address}`
@@ -143,11 +165,8 @@ export function createFetch(options: Options): PayingFetch {
       )
   }
 
-  const chainClient = (chainId: number) => {
-    if (!options.rpcUrl)
-      throw new ClientError(
-        'This needs the chain: pass rpcUrl (or tokenDomain, when the server pays the gas).',
-      )
+  const chainClient = (chainId: number, what?: string) => {
+    if (!options.rpcUrl) throw new ChainRequiredError(what)
     return createClient({
       chain: ChainClient.chain({ chainId, rpcUrl: options.rpcUrl }),
       transport: http(options.rpcUrl),
@@ -170,9 +189,10 @@ export function createFetch(options: Options): PayingFetch {
     if (live) {
       live.session.renew(challenge)
     } else {
-      const session = new PayingSession({ account, challenge, tokenDomain })
+      const session = new PayingSession({ account, challenge, tokenDomain: options.tokenDomain })
       live = { key, session, state: undefined, sent: 0n, spent: 0n, queue: Promise.resolve() }
       lives.set(key, live)
+      await loadClosed(key)
       const stored = await store.get(key)
       const r = session.request
       if (
@@ -200,11 +220,25 @@ export function createFetch(options: Options): PayingFetch {
     await store.delete(live.key)
   }
 
-  /** Gives the live session the token's domain (EIP-3009 signatures need it). */
+  /** The token's EIP-712 domain read from the chain, once per token. */
+  const domainOf = (r: PayingSession['request']): Promise<Token.TokenDomain> => {
+    const key = `${r.methodDetails.chainId}:${r.currency}`
+    let read = domains.get(key)
+    if (!read) {
+      read = Token.domain(chainClient(r.methodDetails.chainId, "Reading the token's domain"), {
+        token: r.currency,
+      })
+      domains.set(key, read)
+      read.catch(() => domains.delete(key))
+    }
+    return read
+  }
+
+  /** Gives the live session the token's domain (EIP-3009 signatures need it) when neither the
+   * caller nor the challenge gave one. */
   const withDomain = async (live: Live) => {
-    if (tokenDomain && live.session.hasTokenDomain) return
-    const r = live.session.request
-    tokenDomain ??= await Token.domain(chainClient(r.methodDetails.chainId), { token: r.currency })
+    if (live.session.hasTokenDomain) return
+    const tokenDomain = await domainOf(live.session.request)
     const session = new PayingSession({ account, challenge: live.session.challenge, tokenDomain })
     session.channelId = live.session.channelId
     session.signed = live.session.signed
@@ -214,6 +248,11 @@ export function createFetch(options: Options): PayingFetch {
   /** The `open` credential of a new channel (the server pays the gas when it offers to). */
   const open = async (live: Live, url: string, ahead: bigint): Promise<string> => {
     const r = live.session.request
+    if (total() <= 0n)
+      throw new LimitExceededError('maxTotal', {
+        limit: options.limits.maxTotal,
+        wanted: closedTotal() + ahead,
+      })
     const deposit = min(options.deposit ?? maxDeposit, maxDeposit, total())
     const initial = min(ahead, deposit)
     let header: string
@@ -222,7 +261,7 @@ export function createFetch(options: Options): PayingFetch {
       header = await live.session.openWithAuthorization({ deposit, initial })
     } else {
       const salt = keccak256(toHex(`${account.address}:${Date.now()}:${Math.random()}`))
-      const opened = await Escrow.open(chainClient(r.methodDetails.chainId), {
+      const opened = await Escrow.open(chainClient(r.methodDetails.chainId, 'Opening a channel'), {
         escrow: r.methodDetails.escrowContract,
         payee: r.recipient,
         token: r.currency,
@@ -265,7 +304,7 @@ export function createFetch(options: Options): PayingFetch {
     if (required > maxTotal)
       throw new LimitExceededError('maxTotal', {
         limit: options.limits.maxTotal,
-        wanted: required + closedTotal,
+        wanted: required + closedTotal(),
       })
     let deposit = BigInt(state.deposit)
     let topUp: string | undefined
@@ -363,6 +402,8 @@ export function createFetch(options: Options): PayingFetch {
       return base(url, { method: request.method, headers, body, signal: request.signal })
     }
     let live = lives.get(keyOf(url))
+    // A channel being opened is not the server's yet: wait for the open to be answered.
+    if (live?.opening) await live.opening.catch(() => {})
     let credential = live?.state ? await ahead(live, by) : undefined
     // Set while this request carries an open credential: ends the wait of the others.
     let opened: (() => void) | undefined
@@ -400,8 +441,10 @@ export function createFetch(options: Options): PayingFetch {
       }
       const l = live as Live
       if (kind === 'channel-not-found' || kind === 'channel-finalized') await forget(l)
-      if (!l.state && l.opening) {
-        // Another request is opening the channel: wait for it, then pay from that channel.
+      if (l.opening) {
+        // Another request is opening the channel: wait for it, then pay from that channel. (Its
+        // state is kept before the server has answered the open: a voucher now would find no
+        // channel.)
         await l.opening.catch(() => {})
         credential = l.state ? await ahead(l, by) : await open(l, url, by)
       } else if (!l.state) {
@@ -476,14 +519,104 @@ export function createFetch(options: Options): PayingFetch {
         await problemOf(closed),
       )
     const { receipt } = (await closed.json()) as { receipt: { txHash: Hex } }
-    closedTotal += spent
+    await count(key, spent)
     await forget(live)
     return receipt.txHash
   }
 
+  /** Counts what a closed channel paid against maxTotal, in the store and here. */
+  const count = async (key: string, amount: bigint) => {
+    if (amount === 0n) return
+    await loadClosed(key)
+    await store.addClosedTotal(key, amount)
+    closedByKey.set(key, (closedByKey.get(key) ?? 0n) + amount)
+  }
+
+  /** Where a channel under forced close is kept: apart, so that a new one can open meanwhile. */
+  const closingKey = (key: string) => `${key}#closing`
+
+  const requestClose = async (url = lastUrl) => {
+    if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
+    const key = keyOf(url)
+    const state = lives.get(key)?.state ?? (await store.get(key))
+    if (!state) throw new ClientError(`No open channel for ${new URL(url).origin}.`)
+    const pending = await store.get(closingKey(key))
+    if (pending && pending.channelId !== state.channelId)
+      throw new ClientError(
+        `Channel ${pending.channelId} is closing already; withdraw it before forcing another close.`,
+      )
+    const client = chainClient(state.chainId, 'requestClose')
+    const ref = { escrow: state.escrow, channelId: state.channelId }
+    const before = await Escrow.getChannel(client, ref)
+    if (!before || before.finalized) {
+      // Closed without this store knowing: what the payee took still counts against maxTotal.
+      await count(key, before?.settled ?? 0n)
+      const live = lives.get(key)
+      if (live) await forget(live)
+      else await store.delete(key)
+      throw new ClientError(
+        `Channel ${state.channelId} is already closed on chain; it is forgotten, nothing to withdraw.`,
+      )
+    }
+    // A repeated request keeps the first timestamp (the escrow's rule), so retrying is safe.
+    const sent = await Escrow.requestClose(client, ref)
+    const after = await Escrow.getChannel(client, ref)
+    const requestedAt = after?.closeRequestedAt ?? 0n
+    await store.set(closingKey(key), { ...state, closeRequestedAt: requestedAt.toString() })
+    // The channel takes no more vouchers: the next request opens another.
+    const live = lives.get(key)
+    if (live?.state?.channelId === state.channelId) await forget(live)
+    else await store.delete(key)
+    return {
+      channelId: state.channelId,
+      txHash: sent.hash,
+      withdrawableAt: new Date(Number(requestedAt + Escrow.closeGracePeriod) * 1000),
+    }
+  }
+
+  const withdraw = async (url = lastUrl) => {
+    if (!url) throw new ClientError('Nothing to withdraw: no request was made; pass the URL.')
+    const key = keyOf(url)
+    const state = await store.get(closingKey(key))
+    if (!state)
+      throw new ClientError(
+        `No channel with ${new URL(url).origin} is closing; call requestClose first.`,
+      )
+    const client = chainClient(state.chainId, 'withdraw')
+    const ref = { escrow: state.escrow, channelId: state.channelId }
+    const onChain = await Escrow.getChannel(client, ref)
+    if (!onChain || onChain.finalized) {
+      await count(key, onChain?.settled ?? 0n)
+      await store.delete(closingKey(key))
+      throw new ClientError(
+        `Channel ${state.channelId} is already closed on chain; it is forgotten, nothing to withdraw.`,
+      )
+    }
+    // The escrow compares with block time, not this machine's clock.
+    const ready = onChain.closeRequestedAt + Escrow.closeGracePeriod
+    const now = (await getBlock(client)).timestamp
+    if (onChain.closeRequestedAt === 0n || now < ready)
+      throw new CloseNotReadyError(
+        state.channelId,
+        onChain.closeRequestedAt === 0n ? undefined : ready,
+      )
+    const sent = await Escrow.withdraw(client, ref)
+    const event = Escrow.events(sent.receipt).find((e) => e.eventName === 'Withdrawn')
+    const refund =
+      event?.eventName === 'Withdrawn' ? event.args.refund : onChain.deposit - onChain.settled
+    // What the payee kept counts against maxTotal, as a cooperative close's `spent` does.
+    const paid = onChain.deposit - refund
+    await count(key, paid)
+    await store.delete(closingKey(key))
+    return { channelId: state.channelId, txHash: sent.hash, refund, paid }
+  }
+
   return Object.assign(paying as typeof fetch, {
     close,
+    requestClose,
+    withdraw,
     channel: async (url: string) => lives.get(keyOf(url))?.state ?? store.get(keyOf(url)),
+    closing: (url: string) => store.get(closingKey(keyOf(url))),
   })
 }
 

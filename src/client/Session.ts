@@ -24,8 +24,9 @@ export function challengeOf(wwwAuthenticate: string | null): Challenge.Challenge
 export type Options = {
   account: LocalAccount
   challenge: Challenge.Challenge
-  /** The token's EIP-712 domain, for EIP-3009 authorizations. */
-  tokenDomain?: Token.TokenDomain
+  /** The token's EIP-712 domain, for EIP-3009 authorizations (default: the challenge's
+   * `methodDetails.tokenDomain`). */
+  tokenDomain?: Token.TokenDomain | undefined
 }
 
 export class PayingSession {
@@ -52,7 +53,20 @@ export class PayingSession {
 
   /** Whether EIP-3009 authorizations (gasless open, topUp) can be signed. */
   get hasTokenDomain(): boolean {
-    return this.tokenDomain !== undefined
+    return this.domain !== undefined
+  }
+
+  /** The token's EIP-712 domain: the one given, else the one the challenge states. */
+  private get domain(): Token.TokenDomain | undefined {
+    if (this.tokenDomain) return this.tokenDomain
+    const stated = this.request.methodDetails.tokenDomain
+    return (
+      stated && {
+        ...stated,
+        chainId: this.request.methodDetails.chainId,
+        verifyingContract: this.request.currency,
+      }
+    )
   }
 
   private get scope() {
@@ -88,8 +102,8 @@ export class PayingSession {
 
   /** An EIP-3009 authorization moving `value` from the payer to the escrow. */
   private async authorize(value: bigint, nonce: Hex) {
-    if (!this.tokenDomain)
-      throw new Error('A token domain is needed to sign an EIP-3009 authorization.')
+    const domain = this.domain
+    if (!domain) throw new Error('A token domain is needed to sign an EIP-3009 authorization.')
     const authorization = {
       from: this.account.address,
       to: this.scope.escrow,
@@ -99,7 +113,7 @@ export class PayingSession {
       nonce,
     }
     const signature = await signReceiveAuthorization(this.account, {
-      domain: this.tokenDomain,
+      domain,
       ...authorization,
     })
     return { authorization, signature }

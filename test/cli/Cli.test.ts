@@ -6,6 +6,8 @@ import { afterAll, describe, expect, test } from 'bun:test'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
@@ -60,6 +62,18 @@ describe('usage', () => {
     expect((await cli(['keys', 'list', '--bogus'])).code).toBe(2)
     expect((await cli(['credits', 'grant', 'a', 'ten'])).code).toBe(2)
   })
+
+  test('error: a bad setting from the environment exits 2 naming the option and the variable', async () => {
+    const url = await cli(['channels', 'list'], { TOLLWAY_URL: 'not a url' })
+    expect(url.code).toBe(2)
+    expect(url.stderr).toContain('--url / TOLLWAY_URL')
+    const total = await cli(['channel', 'status'], { TOLLWAY_MAX_TOTAL: '1e6' })
+    expect(total.code).toBe(2)
+    expect(total.stderr).toContain('--max-total / TOLLWAY_MAX_TOTAL')
+    // An option wins over its variable.
+    const fixed = await cli(['channels', 'list', '--url', gw.url], { TOLLWAY_URL: 'not a url' })
+    expect(fixed.code).toBe(0)
+  })
 })
 
 describe('admin', () => {
@@ -80,6 +94,21 @@ describe('admin', () => {
       revoked: true,
     })
     expect((await json(['keys', 'list', account.id]))[0].revoked_at).toBeString()
+  })
+
+  test('behavior: keys revoke <account> <key-id> with the admin token; error: a second revoke exits 4, no account and no key exits 2', async () => {
+    const account = await json(['accounts', 'create', '--name', 'revoke', '--plan', 'unlimited'])
+    const key = await json(['keys', 'create', account.id])
+    const human = await cli(['keys', 'revoke', account.id, key.id])
+    expect(human.code).toBe(0)
+    expect(human.stdout).toBe(`revoked ${key.id}\n`)
+    expect((await json(['keys', 'list', account.id]))[0].revoked_at).toBeString()
+    const again = await cli(['keys', 'revoke', account.id, key.id])
+    expect(again.code).toBe(4)
+    expect(again.stderr).toContain('No active key')
+    const bare = await cli(['keys', 'revoke', key.id])
+    expect(bare.code).toBe(2)
+    expect(bare.stderr).toContain('<account> <key-id>')
   })
 
   test('error: a wrong admin token exits 4 with the message; --json puts the error on stderr', async () => {
@@ -127,12 +156,23 @@ describe('chat', () => {
     expect(row!.n).toBe(0)
   })
 
-  test('error: opening without an RPC URL is a usage error naming TOLLWAY_RPC_URL', async () => {
-    const r = await cli(['chat', 'hello', '--model', 'fake', '--trust-escrow'], {
-      TOLLWAY_WALLET_KEY: chain.payers[1]!.privateKey,
-    })
-    expect(r.code).toBe(2)
-    expect(r.stderr).toContain('TOLLWAY_RPC_URL')
+  test('behavior: a wallet key alone (no TOLLWAY_RPC_URL) opens a channel and pays', async () => {
+    const payer = chain.payers[1]!
+    const r = await cli(
+      ['chat', 'hello', 'wallet', '--model', 'fake', '--trust-escrow', '--json'],
+      {
+        TOLLWAY_WALLET_KEY: payer.privateKey,
+      },
+    )
+    expect(r.code).toBe(0)
+    const out = JSON.parse(r.stdout)
+    expect(out.content).toBe('hello wallet')
+    expect(BigInt(out.usage.cost)).toBeGreaterThan(0n)
+    const [row] = await gw.sql`
+      select count(*)::int as n, max(spent) as spent from channels
+      where payer = ${Buffer.from(payer.address.slice(2), 'hex')}`
+    expect(row!.n).toBe(1)
+    expect(BigInt(row!.spent)).toBe(BigInt(out.usage.cost))
   })
 
   test('error: a missing or malformed wallet key is a usage error', async () => {
@@ -180,4 +220,69 @@ describe('chat', () => {
     const closed = await json(['channel', 'close', '--trust-escrow'], wallet)
     expect(closed.txHash).toMatch(/^0x/)
   }, 30_000)
+})
+
+// Last in the file: it moves block time 15 minutes forward.
+describe('channel request-close | withdraw', () => {
+  const payer = chain.payers[3]!
+  const wallet = { TOLLWAY_WALLET_KEY: payer.privateKey, TOLLWAY_RPC_URL: chain.rpcUrl }
+
+  test('error: request-close without TOLLWAY_RPC_URL is a usage error naming it; without a channel too', async () => {
+    const none = await cli(['channel', 'request-close'], wallet)
+    expect(none.code).toBe(2)
+    expect(none.stderr).toContain('No open channel')
+    expect((await cli(['chat', 'hi', '--model', 'fake', '--trust-escrow'], wallet)).code).toBe(0)
+    const r = await cli(['channel', 'request-close'], { TOLLWAY_WALLET_KEY: payer.privateKey })
+    expect(r.code).toBe(2)
+    expect(r.stderr).toContain('TOLLWAY_RPC_URL')
+    const w = await cli(['channel', 'withdraw'], wallet)
+    expect(w.code).toBe(2)
+    expect(w.stderr).toContain('request-close first')
+  }, 30_000)
+
+  test('behavior: request-close says when withdraw becomes possible; withdraw before then exits 3, after the grace period it returns the unsettled deposit', async () => {
+    const { channel } = await json(['channel', 'status', '--trust-escrow'], wallet)
+    const human = await cli(['channel', 'request-close'], wallet)
+    expect(human.code).toBe(0)
+    expect(human.stderr).toContain('requesting a close on the escrow (on chain)')
+    expect(human.stderr).toContain('done')
+    const at = human.stdout.match(/withdraw from (\S+)/)?.[1]
+    expect(at).toBeDefined()
+    const onChain = (await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: channel.channelId,
+    }))!
+    expect(onChain.closeRequestedAt).toBeGreaterThan(0n)
+    expect(Date.parse(at!)).toBe(Number(onChain.closeRequestedAt + Escrow.closeGracePeriod) * 1000)
+
+    const status = await json(['channel', 'status', '--trust-escrow'], wallet)
+    expect(status.channel).toBeNull()
+    expect(status.closing.channelId).toBe(channel.channelId)
+
+    const early = await cli(['channel', 'withdraw', '--json'], wallet)
+    expect(early.code).toBe(3)
+    expect(JSON.parse(early.stderr).error.message).toContain(at!)
+
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    const before = await Token.balanceOf(chain.payeeClient, {
+      token: chain.currencyAddress,
+      owner: payer.address,
+    })
+    const r = await json(['channel', 'withdraw'], wallet)
+    expect(r.channelId).toBe(channel.channelId)
+    const after = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: channel.channelId,
+    })
+    expect(after!.finalized).toBe(true)
+    expect(BigInt(r.refund)).toBe(after!.deposit - after!.settled)
+    expect(BigInt(r.refund) + BigInt(r.paid)).toBe(BigInt(channel.deposit))
+    expect(
+      await Token.balanceOf(chain.payeeClient, {
+        token: chain.currencyAddress,
+        owner: payer.address,
+      }),
+    ).toBe(before + BigInt(r.refund))
+    expect((await json(['channel', 'status', '--trust-escrow'], wallet)).closing).toBeUndefined()
+  }, 60_000)
 })

@@ -7,10 +7,13 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import OpenAI from 'openai'
 import type { Hex } from 'viem'
+import { getBalance } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import {
+  ChainRequiredError,
   ChallengeRefusedError,
+  CloseNotReadyError,
   createFetch,
   LimitExceededError,
   type Options,
@@ -20,7 +23,7 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const chain = await Anvil.start()
+const chain = await Anvil.start({ accounts: 14 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -237,6 +240,32 @@ describe('createFetch', () => {
     }
   }, 60_000)
 
+  test('behavior: with no rpcUrl, a wallet key is enough: the challenge states the token domain, the server pays the gas', async () => {
+    const payer = chain.payers[9]!
+    const receipts: unknown[] = []
+    const fetch = createFetch({
+      account: payer.privateKey,
+      limits: { maxDeposit: 1_000_000n, maxTotal: 1_000_000n },
+      allow: { escrows: [chain.escrowAddress] },
+      margin: 64n,
+      store: Store.memory(),
+      onReceipt: (r) => receipts.push(r),
+    })
+    const openai = new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: 'unused', fetch, maxRetries: 0 })
+    const ethBefore = await getBalance(chain.payeeClient, { address: payer.address })
+    const stream = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+    let text = ''
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+    expect(text).toBe(words)
+    expect(receipts.at(-1)).toMatchObject({ status: 'success' })
+    const state = (await fetch.channel(gw.url))!
+    const channel = (await Channels.get(gw.sql, state.channelId))!
+    expect(channel.spent).toBeGreaterThan(0n)
+    expect(channel.deposit).toBe(1_000_000n)
+    // The payer sent no transaction: not a wei of gas spent.
+    expect(await getBalance(chain.payeeClient, { address: payer.address })).toBe(ethBefore)
+  }, 60_000)
+
   test('error: a prompt that costs more than maxTotal is refused before any voucher covers it', async () => {
     const { openai, fetch } = client(8, { limits: { maxDeposit: 1_000n, maxTotal: 50n } })
     const e = await openai.chat.completions.create({ model: 'fake', messages }).catch((e) => e)
@@ -246,5 +275,81 @@ describe('createFetch', () => {
     expect(BigInt(state.signed)).toBeLessThanOrEqual(50n)
     const channel = (await Channels.get(gw.sql, state.channelId))!
     expect(channel.spent).toBe(0n)
+  }, 60_000)
+
+  test('behavior: maxTotal counts channels closed before a restart (closed totals kept in Store.file)', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const first = client(12, { store: Store.file(path) })
+    await first.openai.chat.completions.create({ model: 'fake', messages })
+    const state = (await first.fetch.channel(gw.url))!
+    const spent = (await Channels.get(gw.sql, state.channelId))!.spent
+    await first.fetch.close()
+    const limits = { maxDeposit: 1_000_000n, maxTotal: spent + 100n }
+    // A restarted agent with the same store has only 100 left: not enough for this request.
+    const second = client(12, { store: Store.file(path), limits })
+    const e = await second.openai.chat.completions
+      .create({ model: 'fake', messages })
+      .catch((e) => e)
+    expect(e.cause).toBeInstanceOf(LimitExceededError)
+    expect((e.cause as LimitExceededError).limit).toBe('maxTotal')
+    // The same limits with a store that forgot the closed channel would pay.
+    const fresh = client(12, { limits })
+    const res = await fresh.openai.chat.completions.create({ model: 'fake', messages })
+    expect(res.choices[0]!.message.content).toBe(words)
+  }, 60_000)
+
+  // Last: it moves block time past the grace period.
+  test('behavior: requestClose, then withdraw: too early → CloseNotReadyError saying when; after the grace period the unsettled deposit comes back', async () => {
+    const payer = chain.payers[10]!
+    const store = Store.memory()
+    const { fetch, openai } = client(10, { store })
+    // Two streams (vouchers a margin ahead): the second spends past the first one's vouchers,
+    // which can then be settled.
+    for (let i = 0; i < 2; i++) {
+      const stream = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+      for await (const _ of stream);
+    }
+    const state = (await fetch.channel(gw.url))!
+    const ref = { escrow: chain.escrowAddress, channelId: state.channelId }
+    const settled = await gw.admin(`/channels/${state.channelId}/settle`, {})
+    expect(((await settled.json()) as { result: { status: string } }).result.status).toBe(
+      'confirmed',
+    )
+    const requested = await fetch.requestClose()
+    expect(requested.channelId).toBe(state.channelId)
+    const onChain = (await Escrow.getChannel(chain.payeeClient, ref))!
+    expect(requested.withdrawableAt.getTime()).toBe(
+      Number(onChain.closeRequestedAt + Escrow.closeGracePeriod) * 1000,
+    )
+    // Set apart: the next request would open another channel.
+    expect(await fetch.channel(gw.url)).toBeUndefined()
+    expect((await fetch.closing(gw.url))!.channelId).toBe(state.channelId)
+
+    const early = await fetch.withdraw().catch((e) => e)
+    expect(early).toBeInstanceOf(CloseNotReadyError)
+    expect((early as CloseNotReadyError).withdrawableAt).toEqual(requested.withdrawableAt)
+
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    const before = await balance(payer.address)
+    const r = await fetch.withdraw()
+    const after = (await Escrow.getChannel(chain.payeeClient, ref))!
+    expect(after.finalized).toBe(true)
+    expect(r.refund).toBe(after.deposit - after.settled)
+    expect(r.refund + r.paid).toBe(BigInt(state.deposit))
+    expect(await balance(payer.address)).toBe(before + r.refund)
+    expect(await fetch.closing(gw.url)).toBeUndefined()
+    // What the payee kept counts against maxTotal, across restarts too.
+    expect(r.paid).toBeGreaterThan(0n)
+    expect(await store.closedTotal(`${new URL(gw.url).origin}#${payer.address}`)).toBe(r.paid)
+  }, 60_000)
+
+  test('error: requestClose without rpcUrl → ChainRequiredError; the channel stays', async () => {
+    const store = Store.memory()
+    const { fetch, openai } = client(11, { rpcUrl: undefined, store })
+    await openai.chat.completions.create({ model: 'fake', messages })
+    const e = await fetch.requestClose().catch((e) => e)
+    expect(e).toBeInstanceOf(ChainRequiredError)
+    expect((e as Error).message).toContain('rpcUrl')
+    expect(await fetch.channel(gw.url)).toBeDefined()
   }, 60_000)
 })

@@ -2,6 +2,7 @@ import { describe, expect, test } from 'bun:test'
 import { mkdtemp, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import fc from 'fast-check'
 import { ClientError } from '../../src/client/Errors.ts'
 import * as Store from '../../src/client/Store.ts'
 
@@ -44,6 +45,84 @@ describe('file', () => {
       .catch((e) => e)
     expect(e).toBeInstanceOf(ClientError)
     expect(e.message).toContain('move it away')
+  })
+})
+
+describe('closedTotal', () => {
+  test('behavior: file: adds (concurrently too) and reads back from a second store; 0n when none', async () => {
+    const path = join(await dir(), 'channels.json')
+    const a = Store.file(path)
+    expect(await a.closedTotal('k')).toBe(0n)
+    await a.set('k', state(1))
+    await Promise.all(Array.from({ length: 10 }, () => a.addClosedTotal('k', 7n)))
+    const b = Store.file(path)
+    expect(await b.closedTotal('k')).toBe(70n)
+    expect(await b.closedTotal('other')).toBe(0n)
+    expect(await b.get('k')).toEqual(state(1))
+  })
+
+  test('behavior: file: the first format (the channels map alone) still reads', async () => {
+    const path = join(await dir(), 'channels.json')
+    await writeFile(path, JSON.stringify({ k: state(3) }))
+    const s = Store.file(path)
+    expect(await s.get('k')).toEqual(state(3))
+    expect(await s.closedTotal('k')).toBe(0n)
+    await s.addClosedTotal('k', 5n)
+    expect(await Store.file(path).get('k')).toEqual(state(3))
+    expect(await Store.file(path).closedTotal('k')).toBe(5n)
+  })
+
+  test('error: a closed total that is not a decimal string → ClientError, not a smaller limit', async () => {
+    const path = join(await dir(), 'channels.json')
+    await writeFile(path, JSON.stringify({ channels: {}, closedTotals: { k: '-5' } }))
+    const e = await Store.file(path)
+      .closedTotal('k')
+      .catch((e) => e)
+    expect(e).toBeInstanceOf(ClientError)
+    expect(e.message).toContain('repair')
+  })
+
+  test('behavior: memory: adds up', async () => {
+    const s = Store.memory()
+    await s.addClosedTotal('k', 2n)
+    await s.addClosedTotal('k', 3n)
+    expect(await s.closedTotal('k')).toBe(5n)
+  })
+})
+
+describe('file (property)', () => {
+  test('property: any JSON in the file: get and closedTotal return a value or throw ClientError, nothing else', async () => {
+    const path = join(await dir(), 'channels.json')
+    await fc.assert(
+      fc.asyncProperty(
+        fc.oneof(
+          fc.json(),
+          fc
+            .record(
+              { channels: fc.jsonValue(), closedTotals: fc.jsonValue() },
+              { requiredKeys: [] },
+            )
+            .map((v) => JSON.stringify(v)),
+        ),
+        async (text) => {
+          await writeFile(path, text)
+          const s = Store.file(path)
+          try {
+            const got = await s.get('k')
+            // A channel comes back whole, or not at all.
+            if (got !== undefined) expect(Store.ChannelState.parse(got)).toEqual(got)
+          } catch (e) {
+            expect(e).toBeInstanceOf(ClientError)
+          }
+          try {
+            expect(typeof (await s.closedTotal('k'))).toBe('bigint')
+          } catch (e) {
+            expect(e).toBeInstanceOf(ClientError)
+          }
+        },
+      ),
+      { numRuns: 1000 },
+    )
   })
 })
 

@@ -69,6 +69,30 @@ describe('admin API', () => {
       404,
     )
   })
+
+  test('behavior: DELETE /admin/accounts/{id}/keys/{keyId} revokes at once; again, or on another account, is a 404', async () => {
+    const { id, key } = await gw.account()
+    expect((await chat(key)).status).toBe(200)
+    const account = (await (await gw.admin(`/accounts/${id}`)).json()) as {
+      keys: { id: string }[]
+    }
+    const keyId = account.keys[0]!.id
+    const other = await gw.account()
+    const wrong = await gw.admin(`/accounts/${other.id}/keys/${keyId}`, undefined, 'DELETE')
+    expect(wrong.status).toBe(404)
+    expect((await chat(key)).status).toBe(200)
+    const res = await gw.admin(`/accounts/${id}/keys/${keyId}`, undefined, 'DELETE')
+    expect(res.status).toBe(200)
+    expect(await res.json()).toEqual({ id: keyId, revoked: true })
+    expect((await chat(key)).status).toBe(401)
+    const again = await gw.admin(`/accounts/${id}/keys/${keyId}`, undefined, 'DELETE')
+    expect(again.status).toBe(404)
+    expect(((await again.json()) as { error: { code: string } }).error.code).toBe('key_not_found')
+    const unauthorized = await fetch(`${gw.url}/admin/accounts/${id}/keys/${keyId}`, {
+      method: 'DELETE',
+    })
+    expect(unauthorized.status).toBe(401)
+  })
 })
 
 describe('key holder API', () => {

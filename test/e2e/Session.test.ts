@@ -54,9 +54,33 @@ describe('challenge', () => {
         chainId: chain.chainId,
         feePayer: true,
         credentialTypes: ['authorization', 'hash'],
+        // Read from the token at start-up: a payer signs the EIP-3009 open without the chain.
+        tokenDomain: { name: 'Test USD', version: '1' },
       },
     })
     expect(Date.parse(c.expires!)).toBeGreaterThan(Date.now() + 9 * 60_000)
+  })
+
+  test('behavior: payments.tokenDomain, when configured, is what the challenge states', async () => {
+    const configured = await Gateway.create(
+      {
+        chain: Gateway.chainOf(chain),
+        payments: {
+          challengeSecret: 'test-challenge-secret-0123456789',
+          tokenDomain: { name: 'Configured', version: '9' },
+        },
+      },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    const res = await fetch(`${configured.url}/v1/chat/completions`, {
+      method: 'POST',
+      body: body(false),
+    })
+    await res.body?.cancel()
+    const c = challengeOf(res.headers.get('www-authenticate'))!
+    expect((c.request as { methodDetails: unknown }).methodDetails).toMatchObject({
+      tokenDomain: { name: 'Configured', version: '9' },
+    })
   })
 
   test('behavior: a bad key gets 401 with both challenges; Accept-Payment can decline the Payment one', async () => {

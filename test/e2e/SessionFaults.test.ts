@@ -259,7 +259,12 @@ describe('a forced close', () => {
     }
     expect(onChain!.settled).toBe(spend)
     expect(onChain!.closeRequestedAt).toBeGreaterThan(0n)
-    const recorded = (await Channels.get(gw.sql, channelId))!
+    // The worker records the settlement after the chain shows it: wait for the record too.
+    let recorded = (await Channels.get(gw.sql, channelId))!
+    while (recorded.settled < spend && Date.now() < deadline) {
+      await Bun.sleep(100)
+      recorded = (await Channels.get(gw.sql, channelId))!
+    }
     expect(recorded.settled).toBe(spend)
     expect(recorded.closeRequestedAt).not.toBeNull()
     // No more vouchers on a closing channel.

@@ -1,4 +1,4 @@
-/** Operator API: accounts, credits and keys. Needs the admin token. */
+/** Operator API: accounts, credits and keys (create, revoke). Needs the admin token. */
 import { Hono } from 'hono'
 import { z } from 'zod'
 import { ConflictError, InvalidRequestError, NotFoundError } from '../../Errors.ts'
@@ -98,6 +98,17 @@ export function routes(deps: Deps) {
     if (!(await Accounts.get(deps.sql, id)))
       throw new NotFoundError(`No account with id "${id}".`, 'account_not_found')
     return c.json(await createKey(deps, id, input.name), 201)
+  })
+
+  app.delete('/accounts/:id/keys/:keyId', async (c) => {
+    const accountId = Parse.id(c.req.param('id'), 'account')
+    const id = Parse.id(c.req.param('keyId'), 'key')
+    if (!(await ApiKeys.revoke(deps.sql, { accountId, id })))
+      throw new NotFoundError(
+        `No active key with id "${id}" on account "${accountId}".`,
+        'key_not_found',
+      )
+    return c.json({ id, revoked: true })
   })
 
   return app

@@ -96,6 +96,9 @@ export type Options = {
   recipient: Address
   minVoucherDelta: bigint
   suggestedDeposit: bigint
+  /** The currency's EIP-712 domain name and version, stated in the challenge so that a payer
+   * can sign EIP-3009 authorizations without an RPC URL (`methodDetails.tokenDomain`). */
+  tokenDomain?: Session.TokenDomain | undefined
   store: Store
   chain: Escrow
 }
@@ -140,6 +143,7 @@ export function create(o: Options) {
         feePayer: true,
         credentialTypes: ['authorization', 'hash'],
         ...(channelId ? { channelId } : {}),
+        ...(o.tokenDomain ? { tokenDomain: o.tokenDomain } : {}),
       },
     }),
     inputAmount: price.input.toString(),

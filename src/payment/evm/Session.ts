@@ -80,6 +80,13 @@ export const ChainId = z.number().int().positive().max(Number.MAX_SAFE_INTEGER)
 export const CredentialType = z.enum(['permit2', 'authorization', 'hash'])
 export type CredentialType = z.output<typeof CredentialType>
 
+/** The `methodDetails.tokenDomain` extension: the currency's EIP-712 domain name and version. */
+export const TokenDomain = z.object({
+  name: z.string().max(256),
+  version: z.string().max(256),
+})
+export type TokenDomain = z.output<typeof TokenDomain>
+
 /** The challenge `request` of evm/session ("Request Schema"). Unknown members are dropped. */
 export const Request = z.object({
   amount: Uint128,
@@ -103,6 +110,13 @@ export const Request = z.object({
       )
       .optional(),
     permit2Contract: Address.optional(),
+    /**
+     * tollway's extension (the draft has no field for it): the `currency` token's EIP-712
+     * domain name and version, the rest of that domain being `chainId` and `currency`. With it a
+     * payer signs the EIP-3009 `authorization` of a `feePayer` open without reading the chain.
+     * A malformed one is dropped, as other clients ignore it.
+     */
+    tokenDomain: TokenDomain.optional().catch(undefined),
   }),
 })
 export type Request = z.output<typeof Request>

@@ -417,6 +417,24 @@ describe('request', () => {
     })
     expect(typed.methodDetails.credentialTypes).toEqual(['hash'])
   })
+
+  test('behavior: tokenDomain (tollway extension) round-trips; a malformed one is dropped, not fatal', () => {
+    const tokenDomain = { name: 'TestUSD', version: '1' }
+    const typed = Session.Request.parse({
+      ...requestWire,
+      methodDetails: { ...requestWire.methodDetails, tokenDomain },
+    })
+    expect(typed.methodDetails.tokenDomain).toEqual(tokenDomain)
+    expect(Session.request(typed).methodDetails).toMatchObject({ tokenDomain })
+    for (const bad of [{ name: 1, version: '1' }, 'TestUSD', null, { name: 'x' }]) {
+      const t = Session.Request.parse({
+        ...requestWire,
+        methodDetails: { ...requestWire.methodDetails, tokenDomain: bad },
+      })
+      expect(t.methodDetails.tokenDomain).toBeUndefined()
+      expect(t.methodDetails.chainId).toBe(196)
+    }
+  })
 })
 
 describe('receipt', () => {
