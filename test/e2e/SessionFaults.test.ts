@@ -67,7 +67,8 @@ function severable(sql: Db.Sql) {
     get(target, prop) {
       const value = Reflect.get(target, prop, target)
       // `typed` and `json` build parameters, not queries; every other method talks to the server.
-      if (!severed || prop === 'typed' || prop === 'json' || typeof value !== 'function') return value
+      if (!severed || prop === 'typed' || prop === 'json' || typeof value !== 'function')
+        return value
       return dead
     },
   })

@@ -3,14 +3,12 @@
  * PostgreSQL, which must mean exactly what their items run one by one mean.
  */
 import { describe, expect, test } from 'bun:test'
-import * as Accounts from '../../src/ledger/Accounts.ts'
-import * as ApiKeys from '../../src/ledger/ApiKeys.ts'
 import * as Batch from '../../src/ledger/Batch.ts'
 import { Batcher } from '../../src/ledger/Batch.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
-import * as Credits from '../../src/ledger/Credits.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import { plans } from '../helpers/Gateway.ts'
+import * as Ledger from '../helpers/Ledger.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 
 describe('Batcher', () => {
@@ -61,12 +59,7 @@ const db = await Postgres.fresh(
 )
 const { sql } = db
 
-async function account(credits: bigint) {
-  const id = await Accounts.create(sql, { name: 'a', plan: 'unlimited' })
-  await Credits.grant(sql, { accountId: id, amount: credits, note: null })
-  const key = (await ApiKeys.create(sql, { accountId: id, name: 'k', max: 10 }))!.key
-  return { id, keyHash: ApiKeys.hash(key) }
-}
+const account = (credits: bigint) => Ledger.account(sql, credits)
 
 const admit = (keyHash: Uint8Array, want: bigint, requestId: string = crypto.randomUUID()) =>
   Reservations.admit(sql, {
@@ -94,17 +87,7 @@ const finish = (id: string, cost: bigint) =>
     ttftMs: null,
   })
 
-async function state(accountId: string) {
-  const [r] = await sql`
-    select a.balance, a.reserved, a.active_requests,
-      coalesce((select sum(amount) from credit_transactions where account_id = a.id), 0) as sum,
-      coalesce((select sum(held) from reservations where account_id = a.id), 0) as held,
-      (select count(*)::int from usage where account_id = a.id) as usage
-    from accounts a where id = ${accountId}`
-  expect(r!.balance).toBe(r!.sum)
-  expect(r!.reserved).toBe(r!.held)
-  return r!
-}
+const state = (accountId: string) => Ledger.accountState(sql, accountId)
 
 describe('batched ledger calls', () => {
   test('behavior: concurrent admissions over three accounts hold exactly what each account has; finishes charge each once', async () => {
@@ -161,25 +144,7 @@ describe('batched ledger calls', () => {
   })
 
   test('behavior: concurrent vouchers on two channels: each channel keeps its highest, every outcome is the sequential one', async () => {
-    let n = 0
-    const address = (i: number) => `0x${i.toString(16).padStart(40, '0')}` as Channels.Hex
-    const open = async () => {
-      const channelId = `0x${'b'.repeat(32)}${(++n).toString(16).padStart(32, '0')}` as Channels.Hex
-      await Channels.observe(sql, {
-        channelId,
-        chainId: 31337,
-        escrow: address(1),
-        payer: address(2),
-        payee: address(3),
-        token: address(4),
-        signer: address(2),
-        deposit: 1_000n,
-        settled: 0n,
-        finalized: false,
-        closeRequested: false,
-      })
-      return channelId
-    }
+    const open = async () => (await Ledger.channel(sql, 1_000n)).channelId
     const channels = [await open(), await open()]
     const amounts = [5n, 3n, 9n, 9n, 2_000n, 12n, 4n]
     const results = await Promise.all(

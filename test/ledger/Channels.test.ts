@@ -4,29 +4,13 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import { Waker } from '../../src/ledger/Waker.ts'
+import * as Ledger from '../helpers/Ledger.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 
 const db = await Postgres.fresh()
 const { sql } = db
 
-let n = 0
-const address = (i: number) => `0x${i.toString(16).padStart(40, '0')}` as Channels.Hex
-async function channel(deposit: bigint) {
-  const channelId = `0x${'c'.repeat(32)}${(++n).toString(16).padStart(32, '0')}` as Channels.Hex
-  return Channels.observe(sql, {
-    channelId,
-    chainId: 31337,
-    escrow: address(1),
-    payer: address(2),
-    payee: address(3),
-    token: address(4),
-    signer: address(2),
-    deposit,
-    settled: 0n,
-    finalized: false,
-    closeRequested: false,
-  })
-}
+const channel = (deposit: bigint) => Ledger.channel(sql, deposit)
 const sig = (i: bigint) => `0x${i.toString(16).padStart(130, '0')}` as Channels.Hex
 const voucher = (channelId: Channels.Hex, amount: bigint, minDelta = 1n) =>
   Channels.acceptVoucher(sql, {

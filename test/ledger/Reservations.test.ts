@@ -1,10 +1,9 @@
 import { describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
-import * as Accounts from '../../src/ledger/Accounts.ts'
-import * as ApiKeys from '../../src/ledger/ApiKeys.ts'
 import * as Credits from '../../src/ledger/Credits.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import { plans } from '../helpers/Gateway.ts'
+import * as Ledger from '../helpers/Ledger.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 
 const db = await Postgres.fresh(
@@ -12,12 +11,7 @@ const db = await Postgres.fresh(
 )
 const { sql } = db
 
-async function account(credits: bigint, plan = 'unlimited') {
-  const id = await Accounts.create(sql, { name: 'a', plan })
-  if (credits > 0n) await Credits.grant(sql, { accountId: id, amount: credits, note: null })
-  const key = (await ApiKeys.create(sql, { accountId: id, name: 'k', max: 10 }))!.key
-  return { id, keyHash: ApiKeys.hash(key) }
-}
+const account = (credits: bigint, plan?: string) => Ledger.account(sql, credits, plan)
 
 const ids = new WeakMap<object, string>()
 /** Admits a request; `requestOf(result)` gives its reservation id. */
@@ -42,20 +36,7 @@ const admit = async (keyHash: Uint8Array, want: bigint, need = want) => {
 const requestOf = (r: object) => ids.get(r)!
 
 /** Every ledger invariant of DESIGN.md that a row can show. */
-async function invariants(accountId: string) {
-  const [r] = await sql`
-    select a.balance, a.reserved, a.active_requests,
-      coalesce((select sum(amount) from credit_transactions where account_id = a.id), 0) as sum,
-      coalesce((select sum(held) from reservations where account_id = a.id), 0) as held,
-      (select count(*)::int from reservations where account_id = a.id) as open
-    from accounts a where id = ${accountId}`
-  expect(r!.balance).toBe(r!.sum)
-  expect(r!.reserved).toBe(r!.held)
-  expect(r!.active_requests).toBe(r!.open)
-  expect(r!.reserved >= 0n).toBe(true)
-  expect(r!.balance >= r!.reserved).toBe(true)
-  return r!
-}
+const invariants = (accountId: string) => Ledger.accountState(sql, accountId)
 
 describe('admit', () => {
   test('behavior: holds between need and want, as much as is free', async () => {

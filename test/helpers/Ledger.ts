@@ -1,0 +1,66 @@
+/** Ledger rows for tests of src/ledger: accounts with a key, channels, and the invariants. */
+import { expect } from 'bun:test'
+import * as Accounts from '../../src/ledger/Accounts.ts'
+import * as ApiKeys from '../../src/ledger/ApiKeys.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Credits from '../../src/ledger/Credits.ts'
+import type * as Db from '../../src/ledger/Db.ts'
+
+/** An account on `plan` with `credits` and one key; its id and the key's hash. */
+export async function account(sql: Db.Sql, credits: bigint, plan = 'unlimited') {
+  const id = await Accounts.create(sql, { name: 'a', plan })
+  if (credits > 0n) await Credits.grant(sql, { accountId: id, amount: credits, note: null })
+  const key = (await ApiKeys.create(sql, { accountId: id, name: 'k', max: 10 }))!.key
+  return { id, keyHash: ApiKeys.hash(key) }
+}
+
+let channels = 0
+const prefix = crypto.randomUUID().replaceAll('-', '')
+const address = (i: number) => `0x${i.toString(16).padStart(40, '0')}` as Channels.Hex
+
+/** A channel the ledger has seen open on chain, with `deposit`. */
+export async function channel(sql: Db.Sql, deposit: bigint) {
+  const channelId = `0x${prefix}${(++channels).toString(16).padStart(32, '0')}` as Channels.Hex
+  return Channels.observe(sql, {
+    channelId,
+    chainId: 31337,
+    escrow: address(1),
+    payer: address(2),
+    payee: address(3),
+    token: address(4),
+    signer: address(2),
+    deposit,
+    settled: 0n,
+    finalized: false,
+    closeRequested: false,
+  })
+}
+
+/**
+ * An account's row, after checking every ledger invariant of DESIGN.md that a row can show:
+ * balance = sum of its transactions, reserved = sum of its reservations, one active request
+ * per reservation, 0 ≤ reserved ≤ balance. `usage` counts its usage rows.
+ */
+export async function accountState(sql: Db.Sql, accountId: string) {
+  const [r] = await sql`
+    select a.balance, a.reserved, a.active_requests,
+      coalesce((select sum(amount) from credit_transactions where account_id = a.id), 0) as sum,
+      coalesce((select sum(held) from reservations where account_id = a.id), 0) as held,
+      (select count(*)::int from reservations where account_id = a.id) as open,
+      (select count(*)::int from usage where account_id = a.id) as usage
+    from accounts a where id = ${accountId}`
+  expect(r!.balance).toBe(r!.sum)
+  expect(r!.reserved).toBe(r!.held)
+  expect(r!.active_requests).toBe(r!.open)
+  expect(r!.reserved >= 0n).toBe(true)
+  expect(r!.balance >= r!.reserved).toBe(true)
+  return r as {
+    balance: bigint
+    reserved: bigint
+    active_requests: number
+    sum: bigint
+    held: bigint
+    open: number
+    usage: number
+  }
+}
