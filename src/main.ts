@@ -18,6 +18,7 @@ import { type Payments, VoucherLimiter } from './http/Payments.ts'
 import * as Logger from './Logger.ts'
 import * as Accounts from './ledger/Accounts.ts'
 import * as ApiKeys from './ledger/ApiKeys.ts'
+import * as Batch from './ledger/Batch.ts'
 import * as Channels from './ledger/Channels.ts'
 import * as Credits from './ledger/Credits.ts'
 import * as Db from './ledger/Db.ts'
@@ -177,6 +178,12 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       hostname: config.host,
       fetch: app.fetch,
       idleTimeout: 255,
+    })
+    // Runs after the server stopped (stops run in reverse): the charges of answered requests,
+    // and of streams the stop cut, are written before the database goes.
+    stops.push(async () => {
+      await Bun.sleep(20) // cut streams settle as their generators unwind
+      await Batch.settled(sql)
     })
     stops.push(async () => {
       await server.stop(true)

@@ -505,6 +505,32 @@ describe('answering before the charge is written', () => {
   )
 
   test.skipIf(!server)(
+    'behavior: stopping an instance waits for the charges of what it answered',
+    async () => {
+      const other = await Gateway.create({}, { db: gw.db, upstream: gw.upstream })
+      const { id, key } = await gw.account()
+      const release = await holding()
+      let stopped = false
+      try {
+        await other.openai(key).chat.completions.create({ model: 'fake', messages })
+        const stopping = other.stop().then(() => {
+          stopped = true
+        })
+        await Bun.sleep(300)
+        expect(stopped).toBe(false)
+        await release()
+        await stopping
+      } finally {
+        await release()
+      }
+      const l = await Gateway.ledger(gw.sql, id)
+      expect(l.balance).toBe(1_000_000n - cost(promptTokens, wordsTokens(PROMPT)))
+      expect(l.open_reservations).toBe(0n)
+    },
+    20_000,
+  )
+
+  test.skipIf(!server)(
     'behavior: with no room for another request at once (free plan: one) the answer waits for the charge, as the next request may go to another instance',
     async () => {
       const { key } = await gw.account({ plan: 'free' })
