@@ -171,25 +171,57 @@ export function verify(
   now: Date = new Date(),
 ): VerifyResult {
   const secrets = Array.isArray(secret) ? secret : [secret as Secret]
+  const key = echoKey(challenge)
+  const known = verified.get(key)
+  const match = known !== undefined && secrets.includes(known) ? known : bound(challenge, secrets)
+  if (match === false) return { valid: false, reason: 'forged' }
+  if (match !== known) {
+    if (verified.size >= 10_000) verified.clear()
+    verified.set(key, match)
+  }
+  if (challenge.expires !== undefined && Date.parse(challenge.expires) <= now.getTime())
+    return { valid: false, reason: 'expired' }
+  return { valid: true }
+}
+
+/**
+ * Challenges whose id was checked, by their exact parameters, with the secret that matched:
+ * one challenge serves every voucher of a session, so its HMAC (and the JCS under it) is
+ * computed once, not per voucher. Parameters that differ in any way, even only in key order,
+ * are another entry and are checked in full.
+ */
+const verified = new Map<string, Secret>()
+
+const echoKey = (c: Challenge) =>
+  [
+    c.id,
+    c.realm,
+    c.method,
+    c.intent,
+    c.expires ?? '',
+    c.digest ?? '',
+    JSON.stringify(c.request),
+    c.opaque === undefined ? '' : JSON.stringify(c.opaque),
+  ].join('\n')
+
+/** The secret under which `id` is the HMAC of the other parameters, or false. */
+function bound(challenge: Challenge, secrets: readonly Secret[]): Secret | false {
   const expected = Buffer.from(challenge.id, 'utf8')
-  let match = false
+  let match: Secret | false = false
   for (const s of secrets) {
     let id: string
     try {
       id = computeId(s, challenge)
     } catch {
       // A request that cannot be canonical JSON was never issued by us.
-      return { valid: false, reason: 'forged' }
+      return false
     }
     // Evaluate every secret so timing does not reveal which one matched. Lengths are not secret
     // (ids are 43 characters), and timingSafeEqual needs equal lengths.
     const actual = Buffer.from(id, 'utf8')
-    if (actual.length === expected.length && timingSafeEqual(actual, expected)) match = true
+    if (actual.length === expected.length && timingSafeEqual(actual, expected)) match = s
   }
-  if (!match) return { valid: false, reason: 'forged' }
-  if (challenge.expires !== undefined && Date.parse(challenge.expires) <= now.getTime())
-    return { valid: false, reason: 'expired' }
-  return { valid: true }
+  return match
 }
 
 /** `verify`, throwing the `invalid-challenge` problem (402) unless valid. */

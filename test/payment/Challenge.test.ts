@@ -112,6 +112,25 @@ describe('verify', () => {
       })
   })
 
+  test('behavior: a challenge checked once is known after (one HMAC per session, not per voucher), and only under a secret still in use', () => {
+    const c = Challenge.from({ secret, ...base, request: { ...request, n: '1' }, expires: future })
+    expect(Challenge.verify(c, secret)).toEqual({ valid: true })
+    expect(Challenge.verify(structuredClone(c), secret)).toEqual({ valid: true })
+    // The secret it matched was rotated out: checked again, and refused.
+    expect(Challenge.verify(c, ['new-secret'])).toEqual({ valid: false, reason: 'forged' })
+    expect(Challenge.verify(c, ['new-secret', secret])).toEqual({ valid: true })
+    // A known challenge still expires.
+    expect(Challenge.verify(c, secret, new Date('2100-01-01T00:00:00Z'))).toEqual({
+      valid: false,
+      reason: 'expired',
+    })
+    // The same id with any other parameter is another challenge: checked in full.
+    expect(Challenge.verify({ ...c, request: { ...c.request, n: '2' } }, secret)).toEqual({
+      valid: false,
+      reason: 'forged',
+    })
+  })
+
   test('error: forged when any bound parameter changes or the secret differs', () => {
     const tampered: Challenge.Challenge[] = [
       { ...challenge, realm: 'other' },
