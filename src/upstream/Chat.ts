@@ -125,13 +125,21 @@ const optional = (v: unknown, type: 'string' | 'number') =>
   v === undefined || v === null || typeof v === type
 
 /**
+ * A chunk as an upstream sent it: parsed, and, when the parsed chunk is exactly the JSON
+ * text (no default was filled in), that text, so a stream can forward it without
+ * serializing it again.
+ */
+export type Received = { chunk: Chunk; json?: string | undefined }
+
+/**
  * The common chunk shape, checked without zod (the hot path of a stream): `choices` of
  * `{ index, delta: { role?, content?, reasoning_content?, reasoning? }, finish_reason? }`
  * and an optional `usage`. Returns the chunk with `Chunk`'s defaults, or undefined for
  * anything else (tool calls, odd fields), which `Chunk` then parses. Callers send JSON with
- * a `__proto__` key to `Chunk` (zod treats that key specially).
+ * a `__proto__` key to `Chunk` (zod treats that key specially). `o.filled` is set when a
+ * default was filled in (the chunk then differs from its JSON text).
  */
-export function asChunk(json: unknown): Chunk | undefined {
+export function asChunk(json: unknown, o?: { filled: boolean }): Chunk | undefined {
   if (!isObject(json)) return undefined
   const choices = json.choices === undefined ? [] : json.choices
   if (!Array.isArray(choices)) return undefined
@@ -147,7 +155,10 @@ export function asChunk(json: unknown): Chunk | undefined {
     )
       return undefined
     if (d.role !== undefined && typeof d.role !== 'string') return undefined
-    if (c.delta === undefined) c.delta = {}
+    if (c.delta === undefined) {
+      c.delta = {}
+      if (o) o.filled = true
+    }
   }
   const u = json.usage
   if (u !== undefined && u !== null) {
@@ -159,6 +170,9 @@ export function asChunk(json: unknown): Chunk | undefined {
   for (const k of ['id', 'object', 'model'] as const)
     if (json[k] !== undefined && typeof json[k] !== 'string') return undefined
   if (json.created !== undefined && typeof json.created !== 'number') return undefined
-  if (json.choices === undefined) json.choices = choices
+  if (json.choices === undefined) {
+    json.choices = choices
+    if (o) o.filled = true
+  }
   return json as Chunk
 }

@@ -32,7 +32,8 @@ const signal = new AbortController().signal
 
 async function drain() {
   const out = []
-  for await (const c of await provider.stream(body, signal)) out.push(c)
+  for await (const batch of await provider.stream(body, signal))
+    for (const r of batch) out.push(r.chunk)
   return out
 }
 

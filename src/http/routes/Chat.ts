@@ -130,7 +130,7 @@ async function serve(
   const abort = new AbortController()
   const onAbort = () => abort.abort(signal.reason)
   signal.addEventListener('abort', onAbort, { once: true })
-  let chunks: AsyncIterable<Chat.Chunk>
+  let chunks: AsyncIterable<Chat.Received[]>
   try {
     chunks = await observed(deps, model, model.provider.stream(body as never, abort.signal))
   } catch (e) {
