@@ -22,6 +22,12 @@ export function data(value: unknown): Uint8Array {
   return encoder.encode(line(value))
 }
 
+/** Whether a chunk ends its choice (the one that carries the usage without include_usage). */
+function finishes(chunk: Chunk): boolean {
+  for (const c of chunk.choices) if (c.finish_reason) return true
+  return false
+}
+
 /** Encodes a named event (names are ours, never user input). */
 export function event(name: string, value: unknown): Uint8Array {
   return encoder.encode(`event: ${name}\ndata: ${JSON.stringify(value)}\n\n`)
@@ -50,7 +56,7 @@ export type Options = {
  * with the finish_reason, which is held back until the usage is known.
  */
 export function response(c: Context, o: Options): Response {
-  let last: { id?: string; created?: number } = {}
+  let lastChunk: Chunk | undefined
   let held: Chunk | undefined
   let finished = false
   const finish = () => {
@@ -79,15 +85,15 @@ export function response(c: Context, o: Options): Response {
   const render = async (frame: Frame): Promise<Uint8Array[]> => {
     switch (frame.kind) {
       case 'chunks': {
-        // One write for the batch: `data:` events joined in a string, encoded once.
+        // One write for the batch: `data:` events joined in a string, encoded once. (Bun
+        // also takes the string itself, but writes it no faster.)
         let text = ''
         for (const r of frame.chunks) {
           const upstream = r.chunk
-          last = { id: upstream.id, created: upstream.created }
+          lastChunk = upstream
           if (held) text += line(held)
           held = undefined
-          if (!o.includeUsage && upstream.choices.some((ch) => ch.finish_reason))
-            held = { ...upstream, model: o.model }
+          if (!o.includeUsage && finishes(upstream)) held = { ...upstream, model: o.model }
           else {
             const json = forwarded(r)
             text += json === undefined ? line({ ...upstream, model: o.model }) : `data: ${json}\n\n`
@@ -112,9 +118,9 @@ export function response(c: Context, o: Options): Response {
 
   const final = (usage: Usage, finishReason: string | null, error?: GatewayError): Uint8Array[] => {
     const base = {
-      id: last.id ?? `chatcmpl-${crypto.randomUUID()}`,
+      id: lastChunk?.id ?? `chatcmpl-${crypto.randomUUID()}`,
       object: 'chat.completion.chunk',
-      created: last.created ?? Math.floor(Date.now() / 1000),
+      created: lastChunk?.created ?? Math.floor(Date.now() / 1000),
       model: o.model,
     }
     const out: Uint8Array[] = []

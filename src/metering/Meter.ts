@@ -174,32 +174,34 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
           const chunk = received.chunk
           if (chunk.usage) reported = chunk.usage
           if (chunk.choices.length === 0) continue
-          // Each choice's text on its own, as the exact count adds them up.
-          let texts: string[] | undefined
+          // Each choice's text on its own, as the exact count adds them up (one choice is
+          // the rule: `n` is 1).
+          const choices = chunk.choices
+          const text = choices.length === 1 ? generated(choices[0]!.delta) : undefined
+          const texts = text === undefined ? choices.map((c) => generated(c.delta)) : undefined
           let bound = 0
-          let length = 0
-          for (const c of chunk.choices) {
-            const text = generated(c.delta)
-            if (text.length > 0) {
-              if (texts) texts.push(text)
-              else texts = [text]
-              bound += Tokenizer.bound(text)
-              length += text.length
-            }
-            if (c.finish_reason) finishReason = c.finish_reason
-          }
+          if (text !== undefined) bound = Tokenizer.bound(text)
+          else for (const t of texts!) bound += Tokenizer.bound(t)
+          for (const c of choices) if (c.finish_reason) finishReason = c.finish_reason
           if (exact + pendingBound + bound <= covered) {
-            if (texts) {
-              pending.push(...texts)
+            if (bound > 0) {
+              if (text !== undefined) {
+                pending.push(text)
+                pendingLength += text.length
+              } else
+                for (const t of texts!) {
+                  pending.push(t)
+                  pendingLength += t.length
+                }
               pendingBound += bound
-              pendingLength += length
               if (pendingLength > PENDING_LIMIT) fold()
             }
           } else {
             // The bound passes the reservation: count exactly, and extend if that does too.
             fold()
             let n = 0
-            for (const t of texts ?? []) n += Tokenizer.count(t)
+            if (text !== undefined) n = Tokenizer.count(text)
+            else for (const t of texts!) n += Tokenizer.count(t)
             if (exact + n > covered) {
               // Send what is paid for first, so `delivered` is what the client has.
               if (out.length > 0) {

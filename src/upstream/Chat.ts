@@ -114,7 +114,10 @@ export type Completion = z.output<typeof Completion>
 
 /** The generated text of a delta or message, every kind that is billed as output. */
 export function generated(d: z.output<typeof Delta>): string {
-  let s = (d.content ?? '') + (d.reasoning_content ?? d.reasoning ?? '')
+  const reasoning = d.reasoning_content ?? d.reasoning
+  // The common delta, text alone, without building a new string (a stream's hot path).
+  if (!reasoning && !d.tool_calls) return d.content ?? ''
+  let s = (d.content ?? '') + (reasoning ?? '')
   for (const t of d.tool_calls ?? []) s += (t.function?.name ?? '') + (t.function?.arguments ?? '')
   return s
 }
