@@ -1,5 +1,6 @@
 import { describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
+import { countTokens } from 'gpt-tokenizer/encoding/o200k_base'
 import * as Meter from '../../src/metering/Meter.ts'
 import * as Pricing from '../../src/metering/Pricing.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
@@ -88,6 +89,17 @@ describe('Tokenizer.bound', () => {
         (t) => Tokenizer.bound(t) >= Tokenizer.count(t),
       ),
       { numRuns: 5000 },
+    )
+  })
+
+  test('property: a count from the cache of short texts is the count of the tokenizer', () => {
+    fc.assert(
+      fc.property(text, (t) => {
+        const first = Tokenizer.count(t)
+        expect(Tokenizer.count(t)).toBe(first)
+        expect(first).toBe(t.length === 0 ? 0 : countTokens(t, { disallowedSpecial: new Set() }))
+      }),
+      { numRuns: 3000 },
     )
   })
 

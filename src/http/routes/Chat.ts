@@ -66,13 +66,22 @@ function plan(deps: Deps, text: string): Plan {
   const asked = req.max_tokens ?? req.max_completion_tokens
   const limit = Math.min(asked ?? room, room)
   const price = model.pricing
-  // Streams hold the prompt and one block, then extend. Whole completions hold their
-  // whole output: all of max_tokens, or without it as much as the payer can cover.
-  const want = Pricing.cost(price, promptTokens, req.stream ? Math.min(blockTokens, limit) : limit)
-  const need =
-    req.stream || asked !== undefined
-      ? want
-      : Pricing.cost(price, promptTokens, Math.min(blockTokens, limit))
+  // Streams need the prompt and one block, then extend. One that names its max_tokens holds
+  // all of it when the payer has it (up to the largest block the metering grows to), as a
+  // whole completion does: a short stream then costs no extension round trip on the
+  // payer's row. Whole completions hold their whole output: all of max_tokens, or without
+  // it as much as the payer can cover.
+  const first = Math.min(blockTokens, limit)
+  const want = Pricing.cost(
+    price,
+    promptTokens,
+    req.stream
+      ? asked === undefined
+        ? first
+        : Math.max(first, Math.min(limit, blockTokens * Meter.GROWTH))
+      : limit,
+  )
+  const need = asked !== undefined && !req.stream ? want : Pricing.cost(price, promptTokens, first)
   return { req, text, model, promptTokens, limit, room, asked, want, need }
 }
 
