@@ -90,6 +90,7 @@ async function* chunks(
   let events: string[] = []
   const parser = createParser({ onEvent: (e) => events.push(e.data) })
   const filled = { filled: false }
+  const template = Chat.template()
   try {
     while (true) {
       let next: Awaited<ReturnType<typeof reader.read>>
@@ -111,6 +112,11 @@ async function* chunks(
           if (batch.length > 0) yield batch
           return
         }
+        const known = template.read(data)
+        if (known) {
+          batch.push({ chunk: known, json: data })
+          continue
+        }
         let json: unknown
         try {
           json = JSON.parse(data)
@@ -130,7 +136,11 @@ async function* chunks(
         filled.filled = false
         const fast = data.includes('__proto__') ? undefined : Chat.asChunk(json, filled)
         if (fast) {
-          batch.push(filled.filled ? { chunk: fast } : { chunk: fast, json: data })
+          if (filled.filled) batch.push({ chunk: fast })
+          else {
+            template.learn(data, fast)
+            batch.push({ chunk: fast, json: data })
+          }
           continue
         }
         const chunk = Chunk.safeParse(json)
