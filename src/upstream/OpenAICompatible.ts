@@ -136,7 +136,9 @@ async function* chunks(
         filled.filled = false
         const fast = data.includes('__proto__') ? undefined : Chat.asChunk(json, filled)
         if (fast) {
-          if (filled.filled) batch.push({ chunk: fast })
+          // JSON spread over several `data:` lines arrives with newlines: it is re-serialized,
+          // as a raw newline would end the event it is forwarded in.
+          if (filled.filled || data.includes('\n')) batch.push({ chunk: fast })
           else {
             template.learn(data, fast)
             batch.push({ chunk: fast, json: data })
