@@ -1,15 +1,16 @@
 /**
- * Streaming throughput: many concurrent streams of 100 tokens each, in a closed loop, to a
- * local upstream that streams at once — through a bare Hono pass-through proxy (the
- * ceiling), through the gateway with an API key, and through the gateway paid from
+ * Streaming throughput: many concurrent streams of 100 tokens each (BENCH_TOKENS), in a
+ * closed loop, to a local upstream that streams at once — through a bare Hono pass-through
+ * proxy (the ceiling), through the gateway with an API key, and through the gateway paid from
  * channels (one channel per concurrent stream: a channel carries one stream at a time).
  * Reports tokens/s, time to first token and the target process's CPU.
  *
  *   bun bench/streams.ts   → prints a table, writes bench/results/streams.{json,md}
  *
  * Knobs: BENCH_SECONDS (per run, 5), BENCH_STREAMS (levels, "100,1000"), BENCH_PAID_STREAMS
- * (100), BENCH_TARGETS (which of "proxy,key,paid" to run), BENCH_BLOCK_TOKENS (the gateway's
- * metering.blockTokens), BENCH_TOKENS (per stream, 100), BENCH_PROFILE_DIR (run the gateway with `--cpu-prof` into it).
+ * (100), BENCH_TARGETS (which of "proxy,key,paid" to run), BENCH_TOKENS (per stream, 100),
+ * BENCH_BLOCK_TOKENS (the gateway's metering.blockTokens), BENCH_PROFILE_DIR (runs the
+ * gateway with `--cpu-prof` into it; the profile is written as the gateway stops).
  */
 import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
