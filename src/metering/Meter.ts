@@ -75,6 +75,12 @@ export type StreamOptions = {
   /** Aborted when the client goes away; must also cancel `chunks`. */
   signal: AbortSignal
   startedAt: number
+  /**
+   * Renews the reservation (an extension by nothing, which also records what was sent)
+   * when none happened for this long: with large blocks a slow stream could otherwise
+   * outlive its lease and be swept as abandoned.
+   */
+  renewMs?: number
 }
 
 /**
@@ -104,6 +110,7 @@ const PENDING_LIMIT = 16_384
 export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, undefined> {
   const { price, reservation } = o
   const maxBlock = o.blockTokens * GROWTH
+  let renewedAt = performance.now()
   let block = o.blockTokens
   // Output tokens the reservation pays for; recomputed when it changes, so a chunk costs
   // no money arithmetic.
@@ -169,6 +176,15 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
   try {
     try {
       for await (const batch of o.chunks) {
+        if (o.renewMs !== undefined && performance.now() - renewedAt >= o.renewMs) {
+          fold()
+          renewedAt = performance.now()
+          // Refused: the reservation is gone (swept) or taken over; send nothing more.
+          if (!(await reservation.extend(0n, Pricing.cost(price, o.promptTokens, exact)))) {
+            status = reservation.superseded ? 'superseded' : 'insufficient_funds'
+            break
+          }
+        }
         let out: Received[] = []
         for (const received of batch) {
           const chunk = received.chunk
@@ -216,6 +232,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
               while (required > reservation.held) {
                 const short = required - reservation.held
                 const blockCost = Pricing.cost(price, 0, block)
+                renewedAt = performance.now()
                 if (await reservation.extend(short > blockCost ? short : blockCost, delivered)) {
                   if (short <= blockCost) block = Math.min(block * 2, maxBlock)
                   continue

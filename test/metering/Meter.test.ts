@@ -49,8 +49,10 @@ async function run(o: {
   balance: bigint
   held: bigint
   blockTokens?: number
+  renewMs?: number
+  reservation?: ReturnType<typeof reservation>
 }) {
-  const r = reservation(o.balance, o.held)
+  const r = o.reservation ?? reservation(o.balance, o.held)
   const sends: { tokens: number; held: bigint }[] = []
   let tokens = 0
   let end: Extract<Meter.Frame, { kind: 'end' }> | undefined
@@ -62,6 +64,7 @@ async function run(o: {
     chunks: batches(o.texts, o.usage),
     signal: new AbortController().signal,
     startedAt: performance.now(),
+    ...(o.renewMs !== undefined ? { renewMs: o.renewMs } : {}),
   })) {
     if (frame.kind === 'chunks') {
       for (const { chunk } of frame.chunks)
@@ -162,5 +165,31 @@ describe('stream', () => {
     expect(tokens).toBe(36)
     expect(r.outcome).toMatchObject({ status: 'insufficient_funds', completionTokens: 36 })
     expect(end.finishReason).toBe('length')
+  })
+
+  test('behavior: a stream with nothing to extend still renews its reservation, recording what it sent; a refused renewal ends it', async () => {
+    const texts = Array.from({ length: 5 }, () => [' w', ' w'])
+    const r = reservation(0n, 1_000n)
+    const asked: bigint[] = []
+    const extend = r.extend
+    r.extend = async (amount: bigint, delivered?: bigint) => {
+      asked.push(delivered!)
+      return extend(amount)
+    }
+    await run({ texts, balance: 0n, held: 0n, renewMs: 0, reservation: r })
+    // Renewed before each batch, each time with the cost sent so far.
+    expect(asked).toEqual([0, 2, 4, 6, 8].map((n) => Pricing.cost(price, PROMPT, n)))
+
+    const gone = reservation(0n, 1_000n)
+    gone.extend = async () => false
+    const { tokens, r: ended } = await run({
+      texts,
+      balance: 0n,
+      held: 0n,
+      renewMs: 0,
+      reservation: gone,
+    })
+    expect(tokens).toBe(0)
+    expect(ended.outcome!.status).toBe('insufficient_funds')
   })
 })

@@ -151,6 +151,8 @@ async function serve(
     price,
     promptTokens,
     blockTokens: deps.config.metering.blockTokens,
+    // A third of the lease: two renewals may be slow before the sweep takes it for dead.
+    renewMs: (deps.config.metering.leaseSeconds * 1000) / 3,
     reservation,
     chunks,
     signal: abort.signal,
