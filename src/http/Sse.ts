@@ -56,7 +56,7 @@ export type Options = {
  * with the finish_reason, which is held back until the usage is known.
  */
 export function response(c: Context, o: Options): Response {
-  let lastChunk: Chunk | undefined
+  let last: Received | undefined
   let held: Chunk | undefined
   let finished = false
   const finish = () => {
@@ -73,7 +73,7 @@ export function response(c: Context, o: Options): Response {
   let theirs: { model: string; field: string } | undefined
   const forwarded = (r: Received): string | undefined => {
     const json = r.json
-    const model = r.chunk.model
+    const model = r.text === undefined ? r.chunk.model : r.model
     if (json === undefined || typeof model !== 'string') return undefined
     if (model === o.model) return json
     if (theirs?.model !== model) theirs = { model, field: `"model":${JSON.stringify(model)}` }
@@ -89,14 +89,15 @@ export function response(c: Context, o: Options): Response {
         // also takes the string itself, but writes it no faster.)
         let text = ''
         for (const r of frame.chunks) {
-          const upstream = r.chunk
-          lastChunk = upstream
+          last = r
           if (held) text += line(held)
           held = undefined
-          if (!o.includeUsage && finishes(upstream)) held = { ...upstream, model: o.model }
+          // A template read (`r.text` set) has no finish reason: its chunk is not built.
+          if (!o.includeUsage && r.text === undefined && finishes(r.chunk))
+            held = { ...r.chunk, model: o.model }
           else {
             const json = forwarded(r)
-            text += json === undefined ? line({ ...upstream, model: o.model }) : `data: ${json}\n\n`
+            text += json === undefined ? line({ ...r.chunk, model: o.model }) : `data: ${json}\n\n`
           }
         }
         return text.length > 0 ? [encoder.encode(text)] : []
@@ -118,9 +119,9 @@ export function response(c: Context, o: Options): Response {
 
   const final = (usage: Usage, finishReason: string | null, error?: GatewayError): Uint8Array[] => {
     const base = {
-      id: lastChunk?.id ?? `chatcmpl-${crypto.randomUUID()}`,
+      id: last?.chunk.id ?? `chatcmpl-${crypto.randomUUID()}`,
       object: 'chat.completion.chunk',
-      created: lastChunk?.created ?? Math.floor(Date.now() / 1000),
+      created: last?.chunk.created ?? Math.floor(Date.now() / 1000),
       model: o.model,
     }
     const out: Uint8Array[] = []

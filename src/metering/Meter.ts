@@ -187,18 +187,23 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
         }
         let out: Received[] = []
         for (const received of batch) {
-          const chunk = received.chunk
-          if (chunk.usage) reported = chunk.usage
-          if (chunk.choices.length === 0) continue
-          // Each choice's text on its own, as the exact count adds them up (one choice is
-          // the rule: `n` is 1).
-          const choices = chunk.choices
-          const text = choices.length === 1 ? generated(choices[0]!.delta) : undefined
-          const texts = text === undefined ? choices.map((c) => generated(c.delta)) : undefined
+          // A template read knows its text without building the chunk (see Chat.template).
+          let text = received.text
+          let texts: string[] | undefined
+          const chunk = text === undefined ? received.chunk : undefined
+          if (chunk) {
+            if (chunk.usage) reported = chunk.usage
+            const choices = chunk.choices
+            if (choices.length === 0) continue
+            // Each choice's text on its own, as the exact count adds them up (one choice is
+            // the rule: `n` is 1).
+            if (choices.length === 1) text = generated(choices[0]!.delta)
+            else texts = choices.map((c) => generated(c.delta))
+            for (const c of choices) if (c.finish_reason) finishReason = c.finish_reason
+          }
           let bound = 0
           if (text !== undefined) bound = Tokenizer.bound(text)
           else for (const t of texts!) bound += Tokenizer.bound(t)
-          for (const c of choices) if (c.finish_reason) finishReason = c.finish_reason
           if (exact + pendingBound + bound <= covered) {
             if (bound > 0) {
               if (text !== undefined) {
@@ -252,7 +257,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
             }
             exact += n
           }
-          if (chunk.usage) {
+          if (chunk?.usage) {
             const { usage: _, ...rest } = chunk
             out.push({ chunk: rest as Chunk })
           } else out.push(received)

@@ -132,7 +132,17 @@ const optional = (v: unknown, type: 'string' | 'number') =>
  * text (no default was filled in), that text, so a stream can forward it without
  * serializing it again.
  */
-export type Received = { chunk: Chunk; json?: string | undefined }
+export type Received = {
+  readonly chunk: Chunk
+  json?: string | undefined
+  /**
+   * Set by a template read (see `template`): the chunk is one choice with this generated
+   * text, no finish reason and no usage, and `model` is its model; `chunk` itself is built
+   * only if asked for, which the common path never does.
+   */
+  text?: string | undefined
+  model?: unknown
+}
 
 /**
  * The common chunk shape, checked without zod (the hot path of a stream): `choices` of
@@ -198,15 +208,7 @@ const flat = (o: Record<string, unknown>, except: string) => {
  * undefined and takes the full path.
  */
 export function template() {
-  let t:
-    | {
-        prefix: string
-        suffix: string
-        top: Record<string, unknown>
-        choice: Record<string, unknown>
-        delta: Record<string, unknown>
-      }
-    | undefined
+  let t: Template | undefined
   return {
     /** Takes `data`, which parsed as `chunk` (checked, no default filled in), as the template. */
     learn(data: string, chunk: Chunk): void {
@@ -216,6 +218,7 @@ export function template() {
       if (chunk.choices.length !== 1 || !choice || !flat(top, 'choices')) return
       const delta = choice.delta as Record<string, unknown>
       if (!flat(choice, 'delta') || !flat(delta, '') || typeof delta.content !== 'string') return
+      if (choice.finish_reason !== null && choice.finish_reason !== undefined) return
       // Outside strings, a `"content":"` is a key; the shape has one, the delta's.
       const at = data.indexOf(CONTENT)
       if (at < 0 || data.indexOf(CONTENT, at + 1) >= 0) return
@@ -223,15 +226,17 @@ export function template() {
       let end = start
       while (end < data.length && data[end] !== '"') end += data[end] === '\\' ? 2 : 1
       if (end >= data.length) return
-      t = { prefix: data.slice(0, start), suffix: data.slice(end), top, choice, delta }
+      // Reasoning text (a string constant here) is billed with the content.
+      const extra = (delta.reasoning_content ?? delta.reasoning ?? '') as string
+      t = { prefix: data.slice(0, start), suffix: data.slice(end), top, choice, delta, extra }
       // The literal found must be the content itself.
-      if (read(data)?.choices[0]?.delta.content !== delta.content) t = undefined
+      if (read(data)?.chunk.choices[0]?.delta.content !== delta.content) t = undefined
     },
     /** The chunk `data` holds if it is the template with another content string. */
     read,
   }
 
-  function read(data: string): Chunk | undefined {
+  function read(data: string): Received | undefined {
     if (!t) return undefined
     const { prefix, suffix } = t
     if (
@@ -256,9 +261,37 @@ export function template() {
         return undefined
       }
     }
-    return {
-      ...t.top,
-      choices: [{ ...t.choice, delta: { ...t.delta, content } }],
+    return new Templated(t, content, data)
+  }
+}
+
+type Template = {
+  prefix: string
+  suffix: string
+  top: Record<string, unknown>
+  choice: Record<string, unknown>
+  delta: Record<string, unknown>
+  extra: string
+}
+
+/** A template read: the chunk is built from the template when first asked for. */
+class Templated implements Received {
+  readonly text: string
+  readonly model: unknown
+  private built: Chunk | undefined
+  constructor(
+    private readonly t: Template,
+    private readonly content: string,
+    readonly json: string,
+  ) {
+    this.text = t.extra ? content + t.extra : content
+    this.model = t.top.model
+  }
+  get chunk(): Chunk {
+    this.built ??= {
+      ...this.t.top,
+      choices: [{ ...this.t.choice, delta: { ...this.t.delta, content: this.content } }],
     } as Chunk
+    return this.built
   }
 }

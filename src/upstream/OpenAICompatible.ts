@@ -114,7 +114,7 @@ async function* chunks(
         }
         const known = template.read(data)
         if (known) {
-          batch.push({ chunk: known, json: data })
+          batch.push(known)
           continue
         }
         let json: unknown

@@ -36,8 +36,14 @@ const chunk = (content: string): Chunk => ({
   choices: [{ index: 0, delta: { content }, finish_reason: null }],
 })
 
-async function* batches(texts: string[][], usage?: number): AsyncGenerator<Received[]> {
-  for (const batch of texts) yield batch.map((t) => ({ chunk: chunk(t) }))
+/** The upstream's chunks; `templated`, as template reads (their text known, see Chat.template). */
+async function* batches(
+  texts: string[][],
+  usage?: number,
+  templated = false,
+): AsyncGenerator<Received[]> {
+  for (const batch of texts)
+    yield batch.map((t) => (templated ? { chunk: chunk(t), text: t } : { chunk: chunk(t) }))
   if (usage !== undefined)
     yield [{ chunk: { choices: [], usage: { prompt_tokens: PROMPT, completion_tokens: usage } } }]
 }
@@ -51,6 +57,7 @@ async function run(o: {
   blockTokens?: number
   renewMs?: number
   reservation?: ReturnType<typeof reservation>
+  templated?: boolean
 }) {
   const r = o.reservation ?? reservation(o.balance, o.held)
   const sends: { tokens: number; held: bigint }[] = []
@@ -61,7 +68,7 @@ async function run(o: {
     promptTokens: PROMPT,
     blockTokens: o.blockTokens ?? 4,
     reservation: r,
-    chunks: batches(o.texts, o.usage),
+    chunks: batches(o.texts, o.usage, o.templated),
     signal: new AbortController().signal,
     startedAt: performance.now(),
     ...(o.renewMs !== undefined ? { renewMs: o.renewMs } : {}),
@@ -118,9 +125,16 @@ describe('stream', () => {
         fc.array(fc.array(text, { maxLength: 6 }), { maxLength: 30 }),
         fc.bigInt({ min: 0n, max: 400n }),
         fc.integer({ min: 1, max: 40 }),
-        async (texts, balance, blockTokens) => {
+        fc.boolean(),
+        async (texts, balance, blockTokens, templated) => {
           const held = Pricing.cost(price, PROMPT, Math.min(blockTokens, 4))
-          const { r, sends, tokens, end } = await run({ texts, balance, held, blockTokens })
+          const { r, sends, tokens, end } = await run({
+            texts,
+            balance,
+            held,
+            blockTokens,
+            templated,
+          })
           for (const s of sends)
             expect(Pricing.cost(price, PROMPT, s.tokens)).toBeLessThanOrEqual(s.held)
           // No usage from the upstream: the charge is the exact count of what was sent.

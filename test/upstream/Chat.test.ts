@@ -100,11 +100,11 @@ describe('template', () => {
               {
                 role: fc.constant('assistant'),
                 content: fc.string({ unit: 'binary' }),
-                reasoning_content: fc.constant(null),
+                reasoning_content: fc.oneof(fc.constant(null), fc.string()),
               },
               { requiredKeys: ['content'] },
             ),
-            finish_reason: fc.oneof(fc.constant(null), fc.constant('stop')),
+            finish_reason: fc.constant(null),
             logprobs: fc.constant(null),
           },
           { requiredKeys: ['index', 'delta'] },
@@ -129,7 +129,7 @@ describe('template', () => {
         const parsed = Chat.asChunk(JSON.parse(data))!
         const t = Chat.template()
         t.learn(data, parsed)
-        expect(t.read(data)).toEqual(JSON.parse(data))
+        expect(t.read(data)?.chunk).toEqual(JSON.parse(data))
         const literal = JSON.stringify(chunk.choices[0].delta.content)
         const at = data.indexOf(`"content":${literal}`) + '"content":'.length
         for (const text of texts) {
@@ -140,7 +140,14 @@ describe('template', () => {
           } catch {
             expected = undefined
           }
-          expect(t.read(other)).toEqual(expected as never)
+          const read = t.read(other)
+          expect(read?.chunk).toEqual(expected as never)
+          // What the hot path reads without building the chunk agrees with it.
+          if (read) {
+            expect(read.json).toBe(other)
+            expect(read.text).toBe(Chat.generated(read.chunk.choices[0]!.delta))
+            expect(read.model).toBe(read.chunk.model)
+          }
         }
       }),
       { numRuns: 2000 },
@@ -159,15 +166,16 @@ describe('template', () => {
           data.slice(0, cut % data.length) + insert + data.slice(cut % data.length),
         ]) {
           const read = t.read(other)
-          if (read !== undefined) expect(read).toEqual(JSON.parse(other))
+          if (read !== undefined) expect(read.chunk).toEqual(JSON.parse(other))
         }
       }),
       { numRuns: 5000 },
     )
   })
 
-  test('behavior: other shapes are not learned (tool calls, two choices, usage, a repeated content key)', () => {
+  test('behavior: other shapes are not learned (tool calls, two choices, usage, a finish reason, a repeated content key)', () => {
     for (const data of [
+      '{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"}]}',
       '{"choices":[{"index":0,"delta":{"tool_calls":[{"function":{"arguments":"x"}}]}}]}',
       '{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}',
       '{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}',
