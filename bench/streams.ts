@@ -1,11 +1,16 @@
 /**
- * Streaming throughput: many concurrent streams of 100 tokens each, in a closed loop, to a
- * local upstream that streams at once — through a bare Hono pass-through proxy (the
- * ceiling), through the gateway with an API key, and through the gateway paid from
+ * Streaming throughput: many concurrent streams of 100 tokens each (BENCH_TOKENS), in a
+ * closed loop, to a local upstream that streams at once — through a bare Hono pass-through
+ * proxy (the ceiling), through the gateway with an API key, and through the gateway paid from
  * channels (one channel per concurrent stream: a channel carries one stream at a time).
  * Reports tokens/s, time to first token and the target process's CPU.
  *
  *   bun bench/streams.ts   → prints a table, writes bench/results/streams.{json,md}
+ *
+ * Knobs: BENCH_SECONDS (per run, 5), BENCH_STREAMS (levels, "100,1000"), BENCH_PAID_STREAMS
+ * (100), BENCH_TARGETS (which of "proxy,key,paid" to run), BENCH_TOKENS (per stream, 100),
+ * BENCH_BLOCK_TOKENS (the gateway's metering.blockTokens), BENCH_PROFILE_DIR (runs the
+ * gateway with `--cpu-prof` into it; the profile is written as the gateway stops).
  */
 import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -19,7 +24,10 @@ import * as Harness from './Harness.ts'
 const seconds = Number(process.env.BENCH_SECONDS ?? 5)
 const levels = (process.env.BENCH_STREAMS ?? '100,1000').split(',').map(Number)
 const paidLevel = Number(process.env.BENCH_PAID_STREAMS ?? 100)
-const tokens = 100
+const targets = new Set((process.env.BENCH_TARGETS ?? 'proxy,key,paid').split(','))
+const blockTokens = process.env.BENCH_BLOCK_TOKENS
+const profileDir = process.env.BENCH_PROFILE_DIR
+const tokens = Number(process.env.BENCH_TOKENS ?? 100)
 
 type Stats = {
   streams: number
@@ -27,6 +35,8 @@ type Stats = {
   ttftP50: number
   ttftP99: number
   cpuPerSecond: number
+  /** The load generator's own CPU (this process): it must not be the bottleneck. */
+  clientCpuPerSecond: number
   errors: number
 }
 
@@ -47,6 +57,7 @@ async function load(
   const ttft: number[] = []
   const end = performance.now() + seconds * 1000
   const cpu0 = Harness.cpuSeconds(pid)
+  const client0 = process.cpuUsage()
   const started = performance.now()
   await Promise.all(
     Array.from({ length: streams }, async (_, i) => {
@@ -87,12 +98,16 @@ async function load(
     ttftP50: at(0.5),
     ttftP99: at(0.99),
     cpuPerSecond: (Harness.cpuSeconds(pid) - cpu0) / elapsed,
+    clientCpuPerSecond: (() => {
+      const c = process.cpuUsage(client0)
+      return (c.user + c.system) / 1e6 / elapsed
+    })(),
     errors,
   }
 }
 
 export async function run() {
-  const children: { proc: { kill(): void } }[] = []
+  const children: { proc: { kill(): void; exited: Promise<number> } }[] = []
   const chain = await DevChain.start({ accounts: paidLevel + 1 })
   try {
     const upstreamPort = await Harness.freePort()
@@ -119,11 +134,12 @@ export async function run() {
       },
       defaultPlan: 'bench',
       payments: { voucherRatePerSecond: 1e9 },
+      ...(blockTokens ? { metering: { blockTokens: Number(blockTokens) } } : {}),
     })
     const port = await Harness.freePort()
     const adminToken = 'bench-admin-token-0123456789'
     const gateway = await Harness.spawn(
-      ['src/main.ts'],
+      [...(profileDir ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : []), 'src/main.ts'],
       {
         TOLLWAY_CONFIG: config,
         TOLLWAY_DATA_DIR: dir,
@@ -154,7 +170,7 @@ export async function run() {
       { token: chain.currencyAddress },
     )
     const paid = await Promise.all(
-      chain.payers.slice(0, paidLevel).map(async (p) => {
+      chain.payers.slice(0, targets.has('paid') ? paidLevel : 0).map(async (p) => {
         const s = new PayingSession({
           account: privateKeyToAccount(p.privateKey),
           challenge,
@@ -173,16 +189,29 @@ export async function run() {
     const results: Record<string, Stats[]> = { proxy: [], key: [], paid: [] }
     const pid = (c: { proc: unknown }) => (c.proc as { pid: number }).pid
     for (const n of levels) {
-      results.proxy!.push(
-        await load(`http://127.0.0.1:${proxyPort}/v1/chat/completions`, () => ({}), n, pid(proxy)),
-      )
-      results.key!.push(
-        await load(url, () => ({ authorization: `Bearer ${key}` }), n, pid(gateway)),
-      )
+      if (targets.has('proxy'))
+        results.proxy!.push(
+          await load(
+            `http://127.0.0.1:${proxyPort}/v1/chat/completions`,
+            () => ({}),
+            n,
+            pid(proxy),
+          ),
+        )
+      if (targets.has('key'))
+        results.key!.push(
+          await load(url, () => ({ authorization: `Bearer ${key}` }), n, pid(gateway)),
+        )
     }
-    results.paid!.push(
-      await load(url, (i) => ({ authorization: paid[i % paid.length]! }), paidLevel, pid(gateway)),
-    )
+    if (targets.has('paid'))
+      results.paid!.push(
+        await load(
+          url,
+          (i) => ({ authorization: paid[i % paid.length]! }),
+          paidLevel,
+          pid(gateway),
+        ),
+      )
     return {
       database: databaseUrl ? 'postgresql' : 'pglite',
       seconds,
@@ -190,20 +219,22 @@ export async function run() {
       results,
     }
   } finally {
+    // Wait for the exits: a profiled gateway writes its profile as it stops.
     for (const c of children) c.proc.kill()
+    await Promise.all(children.map((c) => c.proc.exited))
     await chain.stop()
   }
 }
 
 export function table(r: Awaited<ReturnType<typeof run>>): string {
   const lines = [
-    '| target | concurrent streams | tokens/s | TTFT p50 ms | TTFT p99 ms | CPU (cores) | errors |',
-    '|---|---:|---:|---:|---:|---:|---:|',
+    '| target | concurrent streams | tokens/s | TTFT p50 ms | TTFT p99 ms | CPU (cores) | client CPU | errors |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for (const [name, list] of Object.entries(r.results))
     for (const s of list)
       lines.push(
-        `| ${name} | ${s.streams} | ${Math.round(s.tokensPerSecond)} | ${s.ttftP50.toFixed(1)} | ${s.ttftP99.toFixed(1)} | ${s.cpuPerSecond.toFixed(2)} | ${s.errors} |`,
+        `| ${name} | ${s.streams} | ${Math.round(s.tokensPerSecond)} | ${s.ttftP50.toFixed(1)} | ${s.ttftP99.toFixed(1)} | ${s.cpuPerSecond.toFixed(2)} | ${s.clientCpuPerSecond.toFixed(2)} | ${s.errors} |`,
       )
   return lines.join('\n')
 }

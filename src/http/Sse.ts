@@ -7,14 +7,25 @@
 import type { Context } from 'hono'
 import type { GatewayError } from '../Errors.ts'
 import type { Frame, Usage } from '../metering/Meter.ts'
-import type { Chunk } from '../upstream/Chat.ts'
+import type { Chunk, Received } from '../upstream/Chat.ts'
 
 const encoder = new TextEncoder()
 const DONE = encoder.encode('data: [DONE]\n\n')
 
-/** Encodes one `data:` event. JSON never contains a raw newline, so one line suffices. */
+/** One `data:` event. JSON never contains a raw newline, so one line suffices. */
+function line(value: unknown): string {
+  return `data: ${JSON.stringify(value)}\n\n`
+}
+
+/** Encodes one `data:` event. */
 export function data(value: unknown): Uint8Array {
-  return encoder.encode(`data: ${JSON.stringify(value)}\n\n`)
+  return encoder.encode(line(value))
+}
+
+/** Whether a chunk ends its choice (the one that carries the usage without include_usage). */
+function finishes(chunk: Chunk): boolean {
+  for (const c of chunk.choices) if (c.finish_reason) return true
+  return false
 }
 
 /** Encodes a named event (names are ours, never user input). */
@@ -45,7 +56,7 @@ export type Options = {
  * with the finish_reason, which is held back until the usage is known.
  */
 export function response(c: Context, o: Options): Response {
-  let last: { id?: string; created?: number } = {}
+  let last: Received | undefined
   let held: Chunk | undefined
   let finished = false
   const finish = () => {
@@ -55,17 +66,41 @@ export function response(c: Context, o: Options): Response {
     }
   }
 
+  // The upstream's JSON text is forwarded as is when it names the model the client asked
+  // for, or with its model field swapped when that field is found exactly once (an upstream
+  // spelling it otherwise, or repeating it nested, goes through JSON.stringify).
+  const ours = `"model":${JSON.stringify(o.model)}`
+  let theirs: { model: string; field: string } | undefined
+  const forwarded = (r: Received): string | undefined => {
+    const json = r.json
+    const model = r.text === undefined ? r.chunk.model : r.model
+    if (json === undefined || typeof model !== 'string') return undefined
+    if (model === o.model) return json
+    if (theirs?.model !== model) theirs = { model, field: `"model":${JSON.stringify(model)}` }
+    const at = json.indexOf(theirs.field)
+    if (at < 0 || json.indexOf(theirs.field, at + 1) >= 0) return undefined
+    return json.slice(0, at) + ours + json.slice(at + theirs.field.length)
+  }
+
   const render = async (frame: Frame): Promise<Uint8Array[]> => {
     switch (frame.kind) {
-      case 'chunk': {
-        const chunk = { ...frame.chunk, model: o.model }
-        last = { id: chunk.id, created: chunk.created }
-        const out: Uint8Array[] = []
-        if (held) out.push(data(held))
-        held = undefined
-        if (!o.includeUsage && chunk.choices.some((ch) => ch.finish_reason)) held = chunk
-        else out.push(data(chunk))
-        return out
+      case 'chunks': {
+        // One write for the batch: `data:` events joined in a string, encoded once. (Bun
+        // also takes the string itself, but writes it no faster.)
+        let text = ''
+        for (const r of frame.chunks) {
+          last = r
+          if (held) text += line(held)
+          held = undefined
+          // A template read (`r.text` set) has no finish reason: its chunk is not built.
+          if (!o.includeUsage && r.text === undefined && finishes(r.chunk))
+            held = { ...r.chunk, model: o.model }
+          else {
+            const json = forwarded(r)
+            text += json === undefined ? line({ ...r.chunk, model: o.model }) : `data: ${json}\n\n`
+          }
+        }
+        return text.length > 0 ? [encoder.encode(text)] : []
       }
       case 'end': {
         const after = await o.beforeDone?.()
@@ -84,9 +119,9 @@ export function response(c: Context, o: Options): Response {
 
   const final = (usage: Usage, finishReason: string | null, error?: GatewayError): Uint8Array[] => {
     const base = {
-      id: last.id ?? `chatcmpl-${crypto.randomUUID()}`,
+      id: last?.chunk.id ?? `chatcmpl-${crypto.randomUUID()}`,
       object: 'chat.completion.chunk',
-      created: last.created ?? Math.floor(Date.now() / 1000),
+      created: last?.chunk.created ?? Math.floor(Date.now() / 1000),
       model: o.model,
     }
     const out: Uint8Array[] = []

@@ -6,7 +6,7 @@
  * At the end the charge is reconciled to the exact usage and the rest is released.
  */
 import { ConflictError, GatewayError, InsufficientCreditsError } from '../Errors.ts'
-import { type Chunk, type Completion, generated } from '../upstream/Chat.ts'
+import { type Chunk, type Completion, generated, type Received } from '../upstream/Chat.ts'
 import * as Pricing from './Pricing.ts'
 import * as Tokenizer from './Tokenizer.ts'
 
@@ -77,7 +77,8 @@ export type Usage = {
 }
 
 export type Frame =
-  | { kind: 'chunk'; chunk: Chunk }
+  /** Chunks to send (usage removed: the gateway reports its own at the end). */
+  | { kind: 'chunks'; chunks: Received[] }
   /** The payer must add funds to cover `required` in total; the stream waits. */
   | { kind: 'shortfall'; required: bigint }
   /** The last frame: what was charged, and why the stream ended early if it did. */
@@ -86,20 +87,68 @@ export type Frame =
 export type StreamOptions = {
   price: Pricing.Price
   promptTokens: number
-  /** Output tokens per reservation extension. */
+  /** Output tokens per reservation extension, at first (see `GROWTH`). */
   blockTokens: number
   reservation: Reservation
-  chunks: AsyncIterable<Chunk>
+  /** The upstream's chunks, in batches (see `Provider.stream`). */
+  chunks: AsyncIterable<Received[]>
   /** Aborted when the client goes away; must also cancel `chunks`. */
   signal: AbortSignal
   startedAt: number
+  /**
+   * Renews the reservation (an extension by nothing, which also records what was sent)
+   * when none happened for this long: with large blocks a slow stream could otherwise
+   * outlive its lease and be swept as abandoned.
+   */
+  renewMs?: number
 }
 
-/** Meters a stream: yields the chunks to send, in order, each one paid for before it is yielded. */
+/**
+ * How far the extension block grows: it doubles after each extension the payer covered, up
+ * to this many times `blockTokens`, and falls back to `blockTokens` when one is refused. A
+ * long stream then costs the database a few writes, not one per `blockTokens`; what it
+ * holds beyond what it sent stays under what it has sent (and under this cap).
+ */
+export const GROWTH = 16
+
+/**
+ * Text sent but not yet counted exactly is counted once it passes this many UTF-16 units,
+ * which bounds what a stream keeps in memory (see `stream`).
+ */
+const PENDING_LIMIT = 16_384
+
+/**
+ * Meters a stream: yields the chunks to send, in order, each one paid for before it is yielded.
+ *
+ * Exact token counting is the costly part of a chunk, so a chunk is checked against the
+ * reservation with `Tokenizer.bound` (never below the exact count) and its text kept; the
+ * exact count is taken only when the bound would pass what is reserved (before extending,
+ * so the reservation, and the `delivered` it records, follow exact counts), when the kept
+ * text grows long, and at the end when the upstream gave no usage or the stream was cut.
+ * A stream the upstream finishes with its usage, inside its reservation, is never tokenized.
+ */
 export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, undefined> {
   const { price, reservation } = o
-  const blockCost = Pricing.cost(price, 0, o.blockTokens)
-  let sent = 0
+  const maxBlock = o.blockTokens * GROWTH
+  let renewedAt = performance.now()
+  let block = o.blockTokens
+  // Output tokens the reservation pays for; recomputed when it changes, so a chunk costs
+  // no money arithmetic.
+  const coveredBy = (held: bigint) =>
+    Pricing.affordable(price, o.promptTokens, held, Number.MAX_SAFE_INTEGER)
+  let covered = coveredBy(reservation.held)
+  // What was sent: `exact` tokens counted, plus the texts of `pending` (not counted yet,
+  // at most `pendingBound` tokens).
+  let exact = 0
+  let pending: string[] = []
+  let pendingBound = 0
+  let pendingLength = 0
+  const fold = () => {
+    for (const t of pending) exact += Tokenizer.count(t)
+    pending = []
+    pendingBound = 0
+    pendingLength = 0
+  }
   let ttft: number | null = null
   let reported: { prompt_tokens: number; completion_tokens: number } | undefined
   let status: Status = 'ok'
@@ -111,9 +160,15 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     settled = true
     // A stream that ran to its end is charged the upstream's own count; one we cut (or the
     // client left) is charged the tokens actually sent. A failure before the first token is free.
+    const nothingSent = exact === 0 && pendingBound === 0
     const promptTokens = reported?.prompt_tokens ?? o.promptTokens
-    const completionTokens = status === 'ok' && reported ? reported.completion_tokens : sent
-    const free = status === 'upstream_error' && sent === 0
+    let completionTokens: number
+    if (status === 'ok' && reported) completionTokens = reported.completion_tokens
+    else {
+      fold()
+      completionTokens = exact
+    }
+    const free = status === 'upstream_error' && nothingSent
     const cost = free ? 0n : Pricing.cost(price, promptTokens, completionTokens)
     const charged = await charge(reservation, {
       cost,
@@ -131,40 +186,104 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     }
   }
 
+  // Marks the first token's time; the caller yields `out` right after.
+  const sending = (out: Received[]) => {
+    if (ttft === null && (exact > 0 || pendingBound > 0))
+      ttft = Math.round(performance.now() - o.startedAt)
+    return { kind: 'chunks' as const, chunks: out }
+  }
+
   try {
     try {
-      for await (const chunk of o.chunks) {
-        if (chunk.usage) reported = chunk.usage
-        if (chunk.choices.length === 0) continue
-        let n = 0
-        for (const c of chunk.choices) {
-          n += Tokenizer.count(generated(c.delta))
-          if (c.finish_reason) finishReason = c.finish_reason
+      for await (const batch of o.chunks) {
+        if (o.renewMs !== undefined && performance.now() - renewedAt >= o.renewMs) {
+          fold()
+          renewedAt = performance.now()
+          // Refused: the reservation is gone (swept) or taken over; send nothing more.
+          if (!(await reservation.extend(0n, Pricing.cost(price, o.promptTokens, exact)))) {
+            status = reservation.superseded ? 'superseded' : 'insufficient_funds'
+            break
+          }
         }
-        const required = Pricing.cost(price, o.promptTokens, sent + n)
-        // Pay before sending: extend a block at a time, then exactly what this chunk needs,
-        // then (channels) wait for the payer.
-        // The cost of what was sent so far: what a dead instance's request is charged.
-        const delivered = Pricing.cost(price, o.promptTokens, sent)
-        while (required > reservation.held) {
-          const short = required - reservation.held
-          if (await reservation.extend(short > blockCost ? short : blockCost, delivered)) continue
-          if (short < blockCost && (await reservation.extend(short, delivered))) continue
-          if (reservation.superseded) status = 'superseded'
-          else if (reservation.waitForFunds) {
-            yield { kind: 'shortfall', required }
-            if (await reservation.waitForFunds(required, o.signal)) continue
-            status = 'payment_timeout'
-          } else status = 'insufficient_funds'
-          break
+        let out: Received[] = []
+        for (const received of batch) {
+          // A template read knows its text without building the chunk (see Chat.template).
+          let text = received.text
+          let texts: string[] | undefined
+          const chunk = text === undefined ? received.chunk : undefined
+          if (chunk) {
+            if (chunk.usage) reported = chunk.usage
+            const choices = chunk.choices
+            if (choices.length === 0) continue
+            // Each choice's text on its own, as the exact count adds them up (one choice is
+            // the rule: `n` is 1).
+            if (choices.length === 1) text = generated(choices[0]!.delta)
+            else texts = choices.map((c) => generated(c.delta))
+            for (const c of choices) if (c.finish_reason) finishReason = c.finish_reason
+          }
+          let bound = 0
+          if (text !== undefined) bound = Tokenizer.bound(text)
+          else for (const t of texts!) bound += Tokenizer.bound(t)
+          if (exact + pendingBound + bound <= covered) {
+            if (bound > 0) {
+              if (text !== undefined) {
+                pending.push(text)
+                pendingLength += text.length
+              } else
+                for (const t of texts!) {
+                  pending.push(t)
+                  pendingLength += t.length
+                }
+              pendingBound += bound
+              if (pendingLength > PENDING_LIMIT) fold()
+            }
+          } else {
+            // The bound passes the reservation: count exactly, and extend if that does too.
+            fold()
+            let n = 0
+            if (text !== undefined) n = Tokenizer.count(text)
+            else for (const t of texts!) n += Tokenizer.count(t)
+            if (exact + n > covered) {
+              // Send what is paid for first, so `delivered` is what the client has.
+              if (out.length > 0) {
+                yield sending(out)
+                out = []
+              }
+              // Pay before sending: extend a block at a time, then exactly what this chunk
+              // needs, then (channels) wait for the payer.
+              // The cost of what was sent so far: what a dead instance's request is charged.
+              const delivered = Pricing.cost(price, o.promptTokens, exact)
+              const required = Pricing.cost(price, o.promptTokens, exact + n)
+              while (required > reservation.held) {
+                const short = required - reservation.held
+                const blockCost = Pricing.cost(price, 0, block)
+                renewedAt = performance.now()
+                if (await reservation.extend(short > blockCost ? short : blockCost, delivered)) {
+                  if (short <= blockCost) block = Math.min(block * 2, maxBlock)
+                  continue
+                }
+                block = o.blockTokens
+                if (short < blockCost && (await reservation.extend(short, delivered))) continue
+                if (reservation.superseded) status = 'superseded'
+                else if (reservation.waitForFunds) {
+                  yield { kind: 'shortfall', required }
+                  if (await reservation.waitForFunds(required, o.signal)) continue
+                  status = 'payment_timeout'
+                } else status = 'insufficient_funds'
+                break
+              }
+              covered = coveredBy(reservation.held)
+              if (status !== 'ok') break
+            }
+            exact += n
+          }
+          if (chunk?.usage) {
+            const { usage: _, ...rest } = chunk
+            out.push({ chunk: rest as Chunk })
+          } else out.push(received)
         }
+        if (out.length > 0) yield sending(out)
         if (status !== 'ok') break
-        if (chunk.usage) {
-          const { usage: _, ...rest } = chunk
-          yield { kind: 'chunk', chunk: rest as Chunk }
-        } else yield { kind: 'chunk', chunk }
-        sent += n
-        if (ttft === null && n > 0) ttft = Math.round(performance.now() - o.startedAt)
       }
     } catch (e) {
       if (o.signal.aborted) status = 'cancelled'

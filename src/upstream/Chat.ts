@@ -114,7 +114,10 @@ export type Completion = z.output<typeof Completion>
 
 /** The generated text of a delta or message, every kind that is billed as output. */
 export function generated(d: z.output<typeof Delta>): string {
-  let s = (d.content ?? '') + (d.reasoning_content ?? d.reasoning ?? '')
+  const reasoning = d.reasoning_content ?? d.reasoning
+  // The common delta, text alone, without building a new string (a stream's hot path).
+  if (!reasoning && !d.tool_calls) return d.content ?? ''
+  let s = (d.content ?? '') + (reasoning ?? '')
   for (const t of d.tool_calls ?? []) s += (t.function?.name ?? '') + (t.function?.arguments ?? '')
   return s
 }
@@ -125,13 +128,31 @@ const optional = (v: unknown, type: 'string' | 'number') =>
   v === undefined || v === null || typeof v === type
 
 /**
+ * A chunk as an upstream sent it: parsed, and, when the parsed chunk is exactly the JSON
+ * text (no default was filled in), that text, so a stream can forward it without
+ * serializing it again.
+ */
+export type Received = {
+  readonly chunk: Chunk
+  json?: string | undefined
+  /**
+   * Set by a template read (see `template`): the chunk is one choice with this generated
+   * text, no finish reason and no usage, and `model` is its model; `chunk` itself is built
+   * only if asked for, which the common path never does.
+   */
+  text?: string | undefined
+  model?: unknown
+}
+
+/**
  * The common chunk shape, checked without zod (the hot path of a stream): `choices` of
  * `{ index, delta: { role?, content?, reasoning_content?, reasoning? }, finish_reason? }`
  * and an optional `usage`. Returns the chunk with `Chunk`'s defaults, or undefined for
  * anything else (tool calls, odd fields), which `Chunk` then parses. Callers send JSON with
- * a `__proto__` key to `Chunk` (zod treats that key specially).
+ * a `__proto__` key to `Chunk` (zod treats that key specially). `o.filled` is set when a
+ * default was filled in (the chunk then differs from its JSON text).
  */
-export function asChunk(json: unknown): Chunk | undefined {
+export function asChunk(json: unknown, o?: { filled: boolean }): Chunk | undefined {
   if (!isObject(json)) return undefined
   const choices = json.choices === undefined ? [] : json.choices
   if (!Array.isArray(choices)) return undefined
@@ -147,7 +168,10 @@ export function asChunk(json: unknown): Chunk | undefined {
     )
       return undefined
     if (d.role !== undefined && typeof d.role !== 'string') return undefined
-    if (c.delta === undefined) c.delta = {}
+    if (c.delta === undefined) {
+      c.delta = {}
+      if (o) o.filled = true
+    }
   }
   const u = json.usage
   if (u !== undefined && u !== null) {
@@ -159,6 +183,115 @@ export function asChunk(json: unknown): Chunk | undefined {
   for (const k of ['id', 'object', 'model'] as const)
     if (json[k] !== undefined && typeof json[k] !== 'string') return undefined
   if (json.created !== undefined && typeof json.created !== 'number') return undefined
-  if (json.choices === undefined) json.choices = choices
+  if (json.choices === undefined) {
+    json.choices = choices
+    if (o) o.filled = true
+  }
   return json as Chunk
+}
+
+const CONTENT = '"content":"'
+const primitive = (v: unknown) => v === null || (typeof v !== 'object' && v !== undefined)
+const flat = (o: Record<string, unknown>, except: string) => {
+  for (const k in o) if (k !== except && !primitive(o[k])) return false
+  return true
+}
+
+/**
+ * Reads a stream's chunks by template: an upstream wraps each token's text in the same JSON
+ * (`{"id":"x",…,"choices":[{"index":0,"delta":{"content":"<text>"},"finish_reason":null}]}`),
+ * so once one such chunk was parsed in full and `learn`ed, `read` takes a chunk that differs
+ * from it only inside the content string without JSON.parse (which was a fifth of a
+ * stream's CPU). Only a flat shape is learned (one choice; the chunk, the choice and the
+ * delta hold no other object or array), so a read chunk is built field by field and equals
+ * what JSON.parse gives; anything else, or a string that is not valid JSON, reads as
+ * undefined and takes the full path.
+ */
+export function template() {
+  let t: Template | undefined
+  return {
+    /** Takes `data`, which parsed as `chunk` (checked, no default filled in), as the template. */
+    learn(data: string, chunk: Chunk): void {
+      t = undefined
+      const top = chunk as Record<string, unknown>
+      const choice = chunk.choices[0] as Record<string, unknown> | undefined
+      if (chunk.choices.length !== 1 || !choice || !flat(top, 'choices')) return
+      const delta = choice.delta as Record<string, unknown>
+      if (!flat(choice, 'delta') || !flat(delta, '') || typeof delta.content !== 'string') return
+      if (choice.finish_reason !== null && choice.finish_reason !== undefined) return
+      // Outside strings, a `"content":"` is a key; the shape has one, the delta's.
+      const at = data.indexOf(CONTENT)
+      if (at < 0 || data.indexOf(CONTENT, at + 1) >= 0) return
+      const start = at + CONTENT.length
+      let end = start
+      while (end < data.length && data[end] !== '"') end += data[end] === '\\' ? 2 : 1
+      if (end >= data.length) return
+      // Reasoning text (a string constant here) is billed with the content.
+      const extra = (delta.reasoning_content ?? delta.reasoning ?? '') as string
+      t = { prefix: data.slice(0, start), suffix: data.slice(end), top, choice, delta, extra }
+      // The literal found must be the content itself.
+      if (read(data)?.chunk.choices[0]?.delta.content !== delta.content) t = undefined
+    },
+    /** The chunk `data` holds if it is the template with another content string. */
+    read,
+  }
+
+  function read(data: string): Received | undefined {
+    if (!t) return undefined
+    const { prefix, suffix } = t
+    if (
+      data.length < prefix.length + suffix.length ||
+      !data.startsWith(prefix) ||
+      !data.endsWith(suffix)
+    )
+      return undefined
+    let content = data.slice(prefix.length, data.length - suffix.length)
+    let plain = true
+    for (let i = 0; i < content.length; i++) {
+      const c = content.charCodeAt(i)
+      if (c < 0x20) return undefined // not JSON: the full path says so
+      if (c === 0x22 || c === 0x5c) plain = false
+    }
+    if (!plain) {
+      // Escapes (or a quote that would end the string early): JSON.parse of the literal
+      // alone succeeds exactly when it is one valid string.
+      try {
+        content = JSON.parse(`"${content}"`) as string
+      } catch {
+        return undefined
+      }
+    }
+    return new Templated(t, content, data)
+  }
+}
+
+type Template = {
+  prefix: string
+  suffix: string
+  top: Record<string, unknown>
+  choice: Record<string, unknown>
+  delta: Record<string, unknown>
+  extra: string
+}
+
+/** A template read: the chunk is built from the template when first asked for. */
+class Templated implements Received {
+  readonly text: string
+  readonly model: unknown
+  private built: Chunk | undefined
+  constructor(
+    private readonly t: Template,
+    private readonly content: string,
+    readonly json: string,
+  ) {
+    this.text = t.extra ? content + t.extra : content
+    this.model = t.top.model
+  }
+  get chunk(): Chunk {
+    this.built ??= {
+      ...this.t.top,
+      choices: [{ ...this.t.choice, delta: { ...this.t.delta, content: this.content } }],
+    } as Chunk
+    return this.built
+  }
 }

@@ -5,7 +5,7 @@
  * the gateway is metered without a real upstream.
  */
 import * as Tokenizer from '../metering/Tokenizer.ts'
-import { type Chunk, type Completion, type Message, text } from './Chat.ts'
+import { type Chunk, type Completion, type Message, type Received, text } from './Chat.ts'
 import type { Body, Provider } from './Provider.ts'
 
 export const id = 'tollway-echo'
@@ -15,7 +15,7 @@ export function create(options: { tokenDelayMs: number }): Provider {
   return {
     name: 'echo',
     async stream(body, signal) {
-      return stream(body, signal, options.tokenDelayMs)
+      return batches(stream(body, signal, options.tokenDelayMs))
     },
     async complete(body, signal) {
       const reply = generate(body)
@@ -68,6 +68,11 @@ function usage(body: Body, completion: number) {
     (body.messages as Message[]).map((m) => ({ content: text(m.content) })),
   )
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
+}
+
+/** Each chunk a batch of its own: the echo model makes them one at a time. */
+async function* batches(chunks: AsyncIterable<Chunk>): AsyncGenerator<Received[]> {
+  for await (const chunk of chunks) yield [{ chunk }]
 }
 
 async function* stream(body: Body, signal: AbortSignal, delayMs: number): AsyncGenerator<Chunk> {

@@ -2,10 +2,10 @@
  * A provider for any OpenAI-compatible HTTP API. Always asks for usage in streams. A slow
  * upstream is cut after `timeoutMs` without headers, or without a chunk while streaming.
  */
-import { EventSourceParserStream } from 'eventsource-parser/stream'
+import { createParser } from 'eventsource-parser'
 import { InvalidRequestError, UpstreamError } from '../Errors.ts'
 import * as Chat from './Chat.ts'
-import { Chunk, Completion } from './Chat.ts'
+import { Chunk, Completion, type Received } from './Chat.ts'
 import type { Body, Provider } from './Provider.ts'
 
 export type Options = {
@@ -75,16 +75,22 @@ export function create(options: Options): Provider {
   }
 }
 
+/**
+ * The upstream's events, parsed, one batch per network read: the SSE parser runs
+ * synchronously over what arrived, so many small events cost one await, not one each.
+ */
 async function* chunks(
   name: string,
   response: Response,
   signal: AbortSignal,
   watchdog: Watchdog,
-): AsyncGenerator<Chunk> {
-  const events = response
-    .body!.pipeThrough(new TextDecoderStream())
-    .pipeThrough(new EventSourceParserStream())
-  const reader = events.getReader()
+): AsyncGenerator<Received[]> {
+  const reader = response.body!.getReader()
+  const decoder = new TextDecoder()
+  let events: string[] = []
+  const parser = createParser({ onEvent: (e) => events.push(e.data) })
+  const filled = { filled: false }
+  const template = Chat.template()
   try {
     while (true) {
       let next: Awaited<ReturnType<typeof reader.read>>
@@ -93,32 +99,63 @@ async function* chunks(
       } catch (e) {
         throw failure(name, e, signal, watchdog)
       }
+      // An event cut off by the end of the body is dropped, as an EventSource does.
       if (next.done) return
       watchdog.reset()
-      const data = next.value.data
-      if (data === '[DONE]') return
-      let json: unknown
-      try {
-        json = JSON.parse(data)
-      } catch {
-        throw new UpstreamError(
-          `Upstream ${name} sent a chunk that is not JSON.`,
-          'bad_upstream_response',
-        )
+      parser.feed(decoder.decode(next.value, { stream: true }))
+      if (events.length === 0) continue
+      const arrived = events
+      events = []
+      const batch: Received[] = []
+      for (const data of arrived) {
+        if (data === '[DONE]') {
+          if (batch.length > 0) yield batch
+          return
+        }
+        const known = template.read(data)
+        if (known) {
+          batch.push(known)
+          continue
+        }
+        let json: unknown
+        try {
+          json = JSON.parse(data)
+        } catch {
+          if (batch.length > 0) yield batch
+          throw new UpstreamError(
+            `Upstream ${name} sent a chunk that is not JSON.`,
+            'bad_upstream_response',
+          )
+        }
+        if (json && typeof json === 'object' && 'error' in json) {
+          if (batch.length > 0) yield batch
+          throw new UpstreamError(`Upstream ${name} failed mid-stream.`, 'upstream_stream_error')
+        }
+        // The common shape is checked by hand (per chunk, zod cost ~13% of a stream's CPU);
+        // anything else goes through the schema.
+        filled.filled = false
+        const fast = data.includes('__proto__') ? undefined : Chat.asChunk(json, filled)
+        if (fast) {
+          // JSON spread over several `data:` lines arrives with newlines: it is re-serialized,
+          // as a raw newline would end the event it is forwarded in.
+          if (filled.filled || data.includes('\n')) batch.push({ chunk: fast })
+          else {
+            template.learn(data, fast)
+            batch.push({ chunk: fast, json: data })
+          }
+          continue
+        }
+        const chunk = Chunk.safeParse(json)
+        if (!chunk.success) {
+          if (batch.length > 0) yield batch
+          throw new UpstreamError(
+            `Upstream ${name} sent a malformed chunk.`,
+            'bad_upstream_response',
+          )
+        }
+        batch.push({ chunk: chunk.data })
       }
-      if (json && typeof json === 'object' && 'error' in json)
-        throw new UpstreamError(`Upstream ${name} failed mid-stream.`, 'upstream_stream_error')
-      // The common shape is checked by hand (per chunk, zod cost ~13% of a stream's CPU);
-      // anything else goes through the schema.
-      const fast = data.includes('__proto__') ? undefined : Chat.asChunk(json)
-      if (fast) {
-        yield fast
-        continue
-      }
-      const chunk = Chunk.safeParse(json)
-      if (!chunk.success)
-        throw new UpstreamError(`Upstream ${name} sent a malformed chunk.`, 'bad_upstream_response')
-      yield chunk.data
+      if (batch.length > 0) yield batch
     }
   } finally {
     watchdog.stop()

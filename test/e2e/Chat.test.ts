@@ -314,6 +314,29 @@ describe('credits', () => {
     expect(l.reserved).toBe(0n)
   })
 
+  test('behavior: a stream that names max_tokens holds all of it when the credits allow (no extension); one without holds a block', async () => {
+    const long = Array.from({ length: 100 }, (_, i) => `w${i}`).join(' ')
+    const m = [{ role: 'user' as const, content: long }]
+    const p = Tokenizer.prompt(m)
+    for (const [max, held] of [
+      [40, cost(p, 40)],
+      [undefined, cost(p, 16)],
+    ] as const) {
+      const { id, key } = await gw.account()
+      const res = await post(key, {
+        model: 'fake-slow',
+        messages: m,
+        stream: true,
+        ...(max ? { max_tokens: max } : {}),
+      })
+      expect(res.status).toBe(200)
+      const reader = res.body!.getReader()
+      await reader.read()
+      expect((await Gateway.ledger(gw.sql, id)).reserved).toBe(held)
+      await reader.cancel()
+    }
+  })
+
   test('behavior: without max_tokens a whole completion holds what the credits allow and caps the upstream there', async () => {
     const long = Array.from({ length: 60 }, (_, i) => `w${i}`).join(' ')
     const m = [{ role: 'user' as const, content: long }]

@@ -81,3 +81,110 @@ describe('asChunk', () => {
     expect(Chat.asChunk([])).toBeUndefined()
   })
 })
+
+describe('template', () => {
+  // A chunk of the common flat shape, serialized by JSON.stringify or with every character
+  // of its strings escaped (upstreams differ).
+  const flatChunk = fc.record(
+    {
+      id: fc.string(),
+      object: fc.constant('chat.completion.chunk'),
+      created: fc.integer(),
+      model: fc.string(),
+      system_fingerprint: fc.oneof(fc.string(), fc.constant(null)),
+      choices: fc.tuple(
+        fc.record(
+          {
+            index: fc.nat(),
+            delta: fc.record(
+              {
+                role: fc.constant('assistant'),
+                content: fc.string({ unit: 'binary' }),
+                reasoning_content: fc.oneof(fc.constant(null), fc.string()),
+              },
+              { requiredKeys: ['content'] },
+            ),
+            finish_reason: fc.constant(null),
+            logprobs: fc.constant(null),
+          },
+          { requiredKeys: ['index', 'delta'] },
+        ),
+      ),
+    },
+    { requiredKeys: ['choices'] },
+  )
+  const escaped = (s: string) =>
+    `"${[...s].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join('')}"`
+  const contentText = fc.oneof(
+    fc.string({ unit: 'binary' }).map((s) => JSON.stringify(s).slice(1, -1)),
+    fc.string({ maxLength: 8 }).map((s) => escaped(s).slice(1, -1)),
+    // Not always valid: raw quotes, lone backslashes, control characters, JSON fragments.
+    fc.string({ unit: fc.constantFrom('"', '\\', 'a', '\n', '\u0001', '}', ',', ':', 'u', '0') }),
+  )
+
+  test('property: a read chunk is exactly what JSON.parse gives; what is not JSON reads as undefined', () => {
+    fc.assert(
+      fc.property(flatChunk, fc.array(contentText, { maxLength: 8 }), (chunk, texts) => {
+        const data = JSON.stringify(chunk)
+        const parsed = Chat.asChunk(JSON.parse(data))!
+        const t = Chat.template()
+        t.learn(data, parsed)
+        expect(t.read(data)?.chunk).toEqual(JSON.parse(data))
+        const literal = JSON.stringify(chunk.choices[0].delta.content)
+        const at = data.indexOf(`"content":${literal}`) + '"content":'.length
+        for (const text of texts) {
+          const other = `${data.slice(0, at)}"${text}"${data.slice(at + literal.length)}`
+          let expected: unknown
+          try {
+            expected = JSON.parse(other)
+          } catch {
+            expected = undefined
+          }
+          const read = t.read(other)
+          expect(read?.chunk).toEqual(expected as never)
+          // What the hot path reads without building the chunk agrees with it.
+          if (read) {
+            expect(read.json).toBe(other)
+            expect(read.text).toBe(Chat.generated(read.chunk.choices[0]!.delta))
+            expect(read.model).toBe(read.chunk.model)
+          }
+        }
+      }),
+      { numRuns: 2000 },
+    )
+  })
+
+  test('property: any string reads as undefined or as exactly what JSON.parse gives', () => {
+    const t = Chat.template()
+    const data =
+      '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":" w"},"finish_reason":null}]}'
+    t.learn(data, Chat.asChunk(JSON.parse(data))!)
+    fc.assert(
+      fc.property(fc.string({ unit: 'binary' }), fc.nat(), fc.string(), (s, cut, insert) => {
+        for (const other of [
+          s,
+          data.slice(0, cut % data.length) + insert + data.slice(cut % data.length),
+        ]) {
+          const read = t.read(other)
+          if (read !== undefined) expect(read.chunk).toEqual(JSON.parse(other))
+        }
+      }),
+      { numRuns: 5000 },
+    )
+  })
+
+  test('behavior: other shapes are not learned (tool calls, two choices, usage, a finish reason, a repeated content key)', () => {
+    for (const data of [
+      '{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"}]}',
+      '{"choices":[{"index":0,"delta":{"tool_calls":[{"function":{"arguments":"x"}}]}}]}',
+      '{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}',
+      '{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}',
+      '{"choices":[{"index":0,"delta":{"content":"a","cont\\u0065nt":"b"}}]}',
+      '{"choices":[{"index":0,"delta":{"content":"a"}}],"x":{"content":"y"}}',
+    ]) {
+      const t = Chat.template()
+      t.learn(data, Chat.Chunk.parse(JSON.parse(data)))
+      expect(t.read(data)).toBeUndefined()
+    }
+  })
+})

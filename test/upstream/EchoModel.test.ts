@@ -17,10 +17,11 @@ const body = (content: string, extra: Record<string, unknown> = {}) => ({
 async function collect(b: ReturnType<typeof body>) {
   let text = ''
   let usage: { prompt_tokens: number; completion_tokens: number } | undefined
-  for await (const c of await echo.stream(b, signal)) {
-    text += c.choices[0]?.delta.content ?? ''
-    if (c.usage) usage = c.usage
-  }
+  for await (const batch of await echo.stream(b, signal))
+    for (const { chunk: c } of batch) {
+      text += c.choices[0]?.delta.content ?? ''
+      if (c.usage) usage = c.usage
+    }
   return { text, usage: usage! }
 }
 

@@ -32,7 +32,8 @@ const signal = new AbortController().signal
 
 async function drain() {
   const out = []
-  for await (const c of await provider.stream(body, signal)) out.push(c)
+  for await (const batch of await provider.stream(body, signal))
+    for (const r of batch) out.push(r.chunk)
   return out
 }
 
@@ -51,6 +52,23 @@ describe('stream', () => {
     expect(lastBody.stream).toBe(true)
     expect(lastBody.stream_options).toEqual({ include_usage: true })
     expect(lastAuth).toBe('Bearer sk-up')
+  })
+
+  test('behavior: chunks carry their JSON text to forward, read by template after the first; never one with a newline', async () => {
+    const chunk = (content: string) =>
+      `{"id":"x","choices":[{"index":0,"delta":{"content":${JSON.stringify(content)}},"finish_reason":null}]}`
+    next = {
+      status: 200,
+      body: `data: ${chunk('a')}\n\ndata: ${chunk('b"\n')}\n\ndata: {"id":"x",\ndata: "choices":[]}\n\ndata: [DONE]\n\n`,
+    }
+    const received = []
+    for await (const batch of await provider.stream(body, signal)) received.push(...batch)
+    expect(received.map((r) => r.json)).toEqual([chunk('a'), chunk('b"\n'), undefined])
+    expect(received.map((r) => r.chunk)).toEqual([
+      JSON.parse(chunk('a')),
+      JSON.parse(chunk('b"\n')),
+      { id: 'x', choices: [] },
+    ])
   })
 
   test('error: 5xx → UpstreamError (502); 400 → InvalidRequestError with the reason', async () => {

@@ -66,13 +66,22 @@ function plan(deps: Deps, text: string): Plan {
   const asked = req.max_tokens ?? req.max_completion_tokens
   const limit = Math.min(asked ?? room, room)
   const price = model.pricing
-  // Streams hold the prompt and one block, then extend. Whole completions hold their
-  // whole output: all of max_tokens, or without it as much as the payer can cover.
-  const want = Pricing.cost(price, promptTokens, req.stream ? Math.min(blockTokens, limit) : limit)
-  const need =
-    req.stream || asked !== undefined
-      ? want
-      : Pricing.cost(price, promptTokens, Math.min(blockTokens, limit))
+  // Streams need the prompt and one block, then extend. One that names its max_tokens holds
+  // all of it when the payer has it (up to the largest block the metering grows to), as a
+  // whole completion does: a short stream then costs no extension round trip on the
+  // payer's row. Whole completions hold their whole output: all of max_tokens, or without
+  // it as much as the payer can cover.
+  const first = Math.min(blockTokens, limit)
+  const want = Pricing.cost(
+    price,
+    promptTokens,
+    req.stream
+      ? asked === undefined
+        ? first
+        : Math.max(first, Math.min(limit, blockTokens * Meter.GROWTH))
+      : limit,
+  )
+  const need = asked !== undefined && !req.stream ? want : Pricing.cost(price, promptTokens, first)
   return { req, text, model, promptTokens, limit, room, asked, want, need }
 }
 
@@ -130,7 +139,7 @@ async function serve(
   const abort = new AbortController()
   const onAbort = () => abort.abort(signal.reason)
   signal.addEventListener('abort', onAbort, { once: true })
-  let chunks: AsyncIterable<Chat.Chunk>
+  let chunks: AsyncIterable<Chat.Received[]>
   try {
     chunks = await observed(deps, model, model.provider.stream(body as never, abort.signal))
   } catch (e) {
@@ -142,6 +151,8 @@ async function serve(
     price,
     promptTokens,
     blockTokens: deps.config.metering.blockTokens,
+    // A third of the lease: two renewals may be slow before the sweep takes it for dead.
+    renewMs: (deps.config.metering.leaseSeconds * 1000) / 3,
     reservation,
     chunks,
     signal: abort.signal,

@@ -1,0 +1,209 @@
+import { describe, expect, test } from 'bun:test'
+import fc from 'fast-check'
+import { countTokens } from 'gpt-tokenizer/encoding/o200k_base'
+import * as Meter from '../../src/metering/Meter.ts'
+import * as Pricing from '../../src/metering/Pricing.ts'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import type { Chunk, Received } from '../../src/upstream/Chat.ts'
+
+const price: Pricing.Price = { input: 1_000_000n, output: 2_000_000n }
+const PROMPT = 10
+
+/** A reservation against a balance, as the ledger keeps one, recording what it was asked. */
+function reservation(balance: bigint, held: bigint) {
+  const r = {
+    id: 'r',
+    held,
+    extensions: 0,
+    outcome: undefined as Meter.Outcome | undefined,
+    async extend(amount: bigint): Promise<boolean> {
+      r.extensions++
+      if (amount > balance) return false
+      balance -= amount
+      r.held += amount
+      return true
+    },
+    async settle(o: Meter.Outcome) {
+      r.outcome = o
+      return { charged: o.cost < r.held ? o.cost : r.held }
+    },
+  }
+  return r
+}
+
+const chunk = (content: string): Chunk => ({
+  id: 'c',
+  choices: [{ index: 0, delta: { content }, finish_reason: null }],
+})
+
+/** The upstream's chunks; `templated`, as template reads (their text known, see Chat.template). */
+async function* batches(
+  texts: string[][],
+  usage?: number,
+  templated = false,
+): AsyncGenerator<Received[]> {
+  for (const batch of texts)
+    yield batch.map((t) => (templated ? { chunk: chunk(t), text: t } : { chunk: chunk(t) }))
+  if (usage !== undefined)
+    yield [{ chunk: { choices: [], usage: { prompt_tokens: PROMPT, completion_tokens: usage } } }]
+}
+
+/** Runs a stream to its end; the text sent, the held amount at each send, and the end. */
+async function run(o: {
+  texts: string[][]
+  usage?: number
+  balance: bigint
+  held: bigint
+  blockTokens?: number
+  renewMs?: number
+  reservation?: ReturnType<typeof reservation>
+  templated?: boolean
+}) {
+  const r = o.reservation ?? reservation(o.balance, o.held)
+  const sends: { tokens: number; held: bigint }[] = []
+  let tokens = 0
+  let end: Extract<Meter.Frame, { kind: 'end' }> | undefined
+  for await (const frame of Meter.stream({
+    price,
+    promptTokens: PROMPT,
+    blockTokens: o.blockTokens ?? 4,
+    reservation: r,
+    chunks: batches(o.texts, o.usage, o.templated),
+    signal: new AbortController().signal,
+    startedAt: performance.now(),
+    ...(o.renewMs !== undefined ? { renewMs: o.renewMs } : {}),
+  })) {
+    if (frame.kind === 'chunks') {
+      for (const { chunk } of frame.chunks)
+        for (const c of chunk.choices) tokens += Tokenizer.count(c.delta.content ?? '')
+      sends.push({ tokens, held: r.held })
+    }
+    if (frame.kind === 'end') end = frame
+  }
+  return { r, sends, tokens, end: end! }
+}
+
+// Text of every kind: ASCII words, any Unicode, lone surrogates, special-token spellings.
+const text = fc.oneof(
+  fc.string({ maxLength: 12 }),
+  fc.string({ unit: 'grapheme', maxLength: 12 }),
+  fc.string({ unit: 'binary', maxLength: 12 }),
+  fc.constantFrom(' w', ' the', '<|endoftext|>', '\ud800', '😀', '日本語', '\n\n', ''),
+)
+
+describe('Tokenizer.bound', () => {
+  test('property: never below the exact count', () => {
+    fc.assert(
+      fc.property(
+        fc.oneof(text, fc.string({ unit: 'binary', maxLength: 400 })),
+        (t) => Tokenizer.bound(t) >= Tokenizer.count(t),
+      ),
+      { numRuns: 5000 },
+    )
+  })
+
+  test('property: a count from the cache of short texts is the count of the tokenizer', () => {
+    fc.assert(
+      fc.property(text, (t) => {
+        const first = Tokenizer.count(t)
+        expect(Tokenizer.count(t)).toBe(first)
+        expect(first).toBe(t.length === 0 ? 0 : countTokens(t, { disallowedSpecial: new Set() }))
+      }),
+      { numRuns: 3000 },
+    )
+  })
+
+  test('behavior: text that spells a special token is counted as plain text', () => {
+    expect(Tokenizer.count('a <|endoftext|> b')).toBeGreaterThan(3)
+  })
+})
+
+describe('stream', () => {
+  test('property: no chunk is sent before the reservation covers it; a cut stream is charged the tokens sent', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.array(text, { maxLength: 6 }), { maxLength: 30 }),
+        fc.bigInt({ min: 0n, max: 400n }),
+        fc.integer({ min: 1, max: 40 }),
+        fc.boolean(),
+        async (texts, balance, blockTokens, templated) => {
+          const held = Pricing.cost(price, PROMPT, Math.min(blockTokens, 4))
+          const { r, sends, tokens, end } = await run({
+            texts,
+            balance,
+            held,
+            blockTokens,
+            templated,
+          })
+          for (const s of sends)
+            expect(Pricing.cost(price, PROMPT, s.tokens)).toBeLessThanOrEqual(s.held)
+          // No usage from the upstream: the charge is the exact count of what was sent.
+          expect(r.outcome!.completionTokens).toBe(tokens)
+          expect(end.usage.completion_tokens).toBe(tokens)
+          if (r.outcome!.status === 'insufficient_funds') expect(end.error).toBeDefined()
+          else expect(r.outcome!.status).toBe('ok')
+        },
+      ),
+      { numRuns: 500 },
+    )
+  })
+
+  test('behavior: a stream that ends with usage is charged the upstream count', async () => {
+    const texts = [Array.from({ length: 50 }, () => ' w')]
+    const { r } = await run({ texts, usage: 55, balance: 10_000n, held: 100n })
+    expect(r.outcome).toMatchObject({ status: 'ok', completionTokens: 55 })
+    expect(r.outcome!.cost).toBe(Pricing.cost(price, PROMPT, 55))
+  })
+
+  test('behavior: the extension block grows, so a long stream extends a few times, not once a block', async () => {
+    const texts = Array.from({ length: 100 }, () => Array.from({ length: 10 }, () => ' w'))
+    const { r, tokens } = await run({
+      texts,
+      usage: 1000,
+      balance: 1_000_000n,
+      held: Pricing.cost(price, PROMPT, 16),
+      blockTokens: 16,
+    })
+    expect(tokens).toBe(1000)
+    // 16-token blocks would take 62 extensions; doubling up to 16 blocks takes 8.
+    expect(r.extensions).toBeLessThanOrEqual(8)
+    // What it holds beyond what it sent stays under the largest block.
+    expect(r.held - Pricing.cost(price, PROMPT, 1000)).toBeLessThan(Pricing.cost(price, 0, 16 * 16))
+  })
+
+  test('behavior: a refused large block falls back to what the chunk needs, then ends cleanly', async () => {
+    const texts = [Array.from({ length: 40 }, () => ' w')]
+    const held = Pricing.cost(price, PROMPT, 16)
+    // Pays for 20 more tokens: a block of 16, then (the doubled block refused) 4 one at a time.
+    const { r, tokens, end } = await run({ texts, balance: 40n, held, blockTokens: 16 })
+    expect(tokens).toBe(36)
+    expect(r.outcome).toMatchObject({ status: 'insufficient_funds', completionTokens: 36 })
+    expect(end.finishReason).toBe('length')
+  })
+
+  test('behavior: a stream with nothing to extend still renews its reservation, recording what it sent; a refused renewal ends it', async () => {
+    const texts = Array.from({ length: 5 }, () => [' w', ' w'])
+    const r = reservation(0n, 1_000n)
+    const asked: bigint[] = []
+    const extend = r.extend
+    r.extend = async (amount: bigint, delivered?: bigint) => {
+      asked.push(delivered!)
+      return extend(amount)
+    }
+    await run({ texts, balance: 0n, held: 0n, renewMs: 0, reservation: r })
+    // Renewed before each batch, each time with the cost sent so far.
+    expect(asked).toEqual([0, 2, 4, 6, 8].map((n) => Pricing.cost(price, PROMPT, n)))
+
+    const gone = reservation(0n, 1_000n)
+    gone.extend = async () => false
+    const { tokens, r: ended } = await run({
+      texts,
+      balance: 0n,
+      held: 0n,
+      renewMs: 0,
+      reservation: gone,
+    })
+    expect(tokens).toBe(0)
+    expect(ended.outcome!.status).toBe('insufficient_funds')
+  })
+})
