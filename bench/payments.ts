@@ -32,7 +32,7 @@ export async function run() {
       echo: { tokenDelayMs: 0 },
       payments: { voucherRatePerSecond: 1e9 },
     })
-    const port = 20000 + Math.floor(Math.random() * 20000)
+    const port = await Harness.freePort()
     const profile = process.env.BENCH_PROFILE
       ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_PROFILE}`]
       : []

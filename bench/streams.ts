@@ -23,7 +23,8 @@ import * as Harness from './Harness.ts'
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 5)
 const levels = (process.env.BENCH_STREAMS ?? '100,1000').split(',').map(Number)
-const paidLevel = Number(process.env.BENCH_PAID_STREAMS ?? 100)
+const paidLevels = (process.env.BENCH_PAID_STREAMS ?? '100,1000').split(',').map(Number)
+const paidLevel = Math.max(...paidLevels)
 const targets = new Set((process.env.BENCH_TARGETS ?? 'proxy,key,paid').split(','))
 const blockTokens = process.env.BENCH_BLOCK_TOKENS
 const profileDir = process.env.BENCH_PROFILE_DIR
@@ -203,15 +204,12 @@ export async function run() {
           await load(url, () => ({ authorization: `Bearer ${key}` }), n, pid(gateway)),
         )
     }
+    // Each concurrent stream pays from its own channel (a channel carries one stream at a time).
     if (targets.has('paid'))
-      results.paid!.push(
-        await load(
-          url,
-          (i) => ({ authorization: paid[i % paid.length]! }),
-          paidLevel,
-          pid(gateway),
-        ),
-      )
+      for (const n of paidLevels)
+        results.paid!.push(
+          await load(url, (i) => ({ authorization: paid[i % n]! }), n, pid(gateway)),
+        )
     return {
       database: databaseUrl ? 'postgresql' : 'pglite',
       seconds,
