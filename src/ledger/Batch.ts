@@ -7,6 +7,11 @@
  * per statement as arrived during one round trip, so its requests no longer queue on one
  * another's row locks.
  *
+ * A call nobody waits for (a charge written after its answer went out) may `linger`: it waits
+ * up to `lingerMs` for company, so that at low load it rides in the same statement as the
+ * next call (the next request's admission) instead of taking a round trip of its own that the
+ * next call would queue behind.
+ *
  * If a batch statement fails, its items run again one by one, so one bad item fails alone.
  */
 export type Options<I, O> = {
@@ -18,6 +23,8 @@ export type Options<I, O> = {
   inFlight?: number | undefined
   /** Most items in one batch (default 256). */
   maxItems?: number | undefined
+  /** How long a lingering call waits for company, ms (default 2). */
+  lingerMs?: number | undefined
 }
 
 type Waiting<I, O> = { item: I; resolve: (o: O) => void; reject: (e: unknown) => void }
@@ -30,6 +37,8 @@ export class Batcher<I, O> {
   private running = 0
   private readonly inFlight: number
   private readonly maxItems: number
+  private readonly lingerMs: number
+  private timer: ReturnType<typeof setTimeout> | undefined
   readonly stats: Stats = { statements: 0, items: 0, fallbacks: 0 }
   /** Items submitted, and items done (in submission order when `inFlight` is 1). */
   private submitted = 0
@@ -39,25 +48,39 @@ export class Batcher<I, O> {
   constructor(private readonly o: Options<I, O>) {
     this.inFlight = o.inFlight ?? 1
     this.maxItems = o.maxItems ?? 256
+    this.lingerMs = o.lingerMs ?? 2
   }
 
-  run(item: I): Promise<O> {
+  /** Runs `item` (alone, or in a batch); `linger`: it may wait a moment for company. */
+  run(item: I, linger = false): Promise<O> {
     this.submitted++
-    if (this.running < this.inFlight && this.waiting.length === 0) {
+    const idle = this.running < this.inFlight
+    if (idle && this.waiting.length === 0 && !linger) {
       this.running++
       this.stats.statements++
       this.stats.items++
       return this.o.one(item).finally(() => this.done(1))
     }
-    return new Promise<O>((resolve, reject) => {
+    const result = new Promise<O>((resolve, reject) => {
       this.waiting.push({ item, resolve, reject })
     })
+    if (idle) {
+      if (!linger) this.flush()
+      else
+        this.timer ??= setTimeout(() => {
+          this.timer = undefined
+          if (this.waiting.length > 0 && this.running < this.inFlight) this.flush()
+        }, this.lingerMs)
+    }
+    return result
   }
 
   /** Resolves once every item submitted so far is done (with `inFlight` 1, items finish in
    * the order they were submitted). */
   barrier(): Promise<void> {
     if (this.completed >= this.submitted) return Promise.resolve()
+    // Lingering calls go now: someone is waiting for them after all.
+    if (this.waiting.length > 0 && this.running < this.inFlight) this.flush()
     const { promise, resolve } = Promise.withResolvers<void>()
     this.barriers.push({ at: this.submitted, resolve })
     return promise
@@ -72,6 +95,10 @@ export class Batcher<I, O> {
   }
 
   private flush() {
+    if (this.timer) {
+      clearTimeout(this.timer)
+      this.timer = undefined
+    }
     const batch = this.waiting.splice(0, this.maxItems)
     this.running++
     this.stats.statements++

@@ -123,8 +123,9 @@ export type Finish = {
  * Charges the request (never beyond what the account can pay), releases the rest of its
  * reservation and writes the usage row. Undefined if the reservation was already finished.
  */
-export function finish(sql: Sql, f: Finish): Promise<Finished | undefined> {
-  return ledger(sql).run({ op: 'finish', ...f }) as Promise<Finished | undefined>
+export function finish(sql: Sql, f: Finish, background = false): Promise<Finished | undefined> {
+  // A finish nobody waits for lingers, to share a statement with the next admission.
+  return ledger(sql).run({ op: 'finish', ...f }, background) as Promise<Finished | undefined>
 }
 
 type Finished = { charged: bigint; balance: bigint }
@@ -226,15 +227,20 @@ export function reservation(
       held = total
       return true
     },
-    settle(o: {
-      cost: bigint
-      promptTokens: number
-      completionTokens: number
-      status: string
-      latencyMs: number
-      ttftMs: number | null
-    }): Promise<{ charged: bigint }> {
-      settled ??= finish(sql, { id: input.id, ...o }).then((r) => ({ charged: r?.charged ?? 0n }))
+    settle(
+      o: {
+        cost: bigint
+        promptTokens: number
+        completionTokens: number
+        status: string
+        latencyMs: number
+        ttftMs: number | null
+      },
+      background = false,
+    ): Promise<{ charged: bigint }> {
+      settled ??= finish(sql, { id: input.id, ...o }, background).then((r) => ({
+        charged: r?.charged ?? 0n,
+      }))
       return settled
     },
   }

@@ -27,8 +27,9 @@ export interface Reservation {
    * it did not in time. Payers that cannot add funds mid-request leave it out.
    */
   waitForFunds?(required: bigint, signal: AbortSignal): Promise<boolean>
-  /** Charges `outcome.cost` (capped by what the payer can pay), releases the rest, records usage. */
-  settle(outcome: Outcome): Promise<{ charged: bigint }>
+  /** Charges `outcome.cost` (capped by what the payer can pay), releases the rest, records usage.
+   * `background`: nobody waits for it (see `settleInBackground`). */
+  settle(outcome: Outcome, background?: boolean): Promise<{ charged: bigint }>
   /**
    * Set when a request whose cost the reservation covers may be answered without waiting for
    * its settle (the charge is then exactly the cost): the store runs the settle before any
@@ -45,7 +46,7 @@ export interface Reservation {
  */
 async function charge(reservation: Reservation, outcome: Outcome): Promise<bigint> {
   if (reservation.settleInBackground && outcome.cost <= reservation.held) {
-    reservation.settle(outcome).catch(() => {})
+    reservation.settle(outcome, true).catch(() => {})
     return outcome.cost
   }
   return (await reservation.settle(outcome)).charged

@@ -45,6 +45,36 @@ describe('Batcher', () => {
     expect(statements).toEqual([[1], [2, 3, 4], [5]])
   })
 
+  test("behavior: a lingering call waits for company: it shares the next call's statement, or goes alone after lingerMs, or at once for a barrier", async () => {
+    const statements: number[][] = []
+    const b = new Batcher<number, number>({
+      one: async (x) => {
+        statements.push([x])
+        return x
+      },
+      many: async (xs) => {
+        statements.push(xs)
+        return xs
+      },
+      lingerMs: 50,
+    })
+    const lingering = b.run(1, true)
+    await Bun.sleep(10)
+    expect(statements).toEqual([])
+    expect(await Promise.all([lingering, b.run(2)])).toEqual([1, 2])
+    expect(statements).toEqual([[1, 2]])
+
+    const alone = b.run(3, true)
+    await Bun.sleep(10)
+    expect(statements.length).toBe(1)
+    expect(await alone).toBe(3)
+    expect(statements).toEqual([[1, 2], [3]])
+
+    void b.run(4, true)
+    await b.barrier()
+    expect(statements).toEqual([[1, 2], [3], [4]])
+  })
+
   test('error: a batch whose statement fails runs its items one by one; only the bad one fails', async () => {
     const { b, statements, open } = recording((x) => x === 3)
     const results = [1, 2, 3, 4].map((x) => b.run(x).catch((e: Error) => e.message))

@@ -385,8 +385,8 @@ function logged<R extends Meter.Reservation>(
 ): R {
   const settle = r.settle.bind(r)
   return Object.assign(r, {
-    async settle(o: Meter.Outcome) {
-      const result = await settle(o).catch((e: unknown) => {
+    async settle(o: Meter.Outcome, background?: boolean) {
+      const result = await settle(o, background).catch((e: unknown) => {
         deps.log.error({ request: r.id, err: (e as Error).message }, 'settle failed')
         throw e
       })

@@ -36,8 +36,7 @@ DECLARE
   ts timestamptz := clock_timestamp();
   this_month date := date_trunc('month', ts AT TIME ZONE 'UTC')::date;
   e record;   -- an item: n, op, v (the JSON), acct, kid, and for finishes the reservation
-  a record;   -- the account row, locked
-  p record;   -- its plan
+  a record;   -- the account row, locked, with its plan's limits
   cur uuid;   -- the account whose row is in the variables below
   bal numeric; res numeric; act int; tat timestamptz; mstart date; mtok bigint;
   wtok double precision; wat timestamptz; dirty boolean := false;
@@ -94,8 +93,10 @@ BEGIN
           month_start = mstart, month_tokens = mtok, wallet_tokens = wtok, wallet_at = wat
         WHERE id = cur;
       END IF;
-      SELECT * INTO a FROM accounts ac WHERE ac.id = e.acct FOR UPDATE;
-      SELECT * INTO p FROM plans pl WHERE pl.name = a.plan;
+      SELECT ac.*, pl.tier, pl.requests_per_minute, pl.max_concurrent, pl.tokens_per_month,
+          pl.wallet_floor, pl.wallet_refill_per_day, pl.wallet_cap
+        INTO a FROM accounts ac JOIN plans pl ON pl.name = ac.plan
+        WHERE ac.id = e.acct FOR UPDATE OF ac;
       cur := e.acct; dirty := false;
       bal := a.balance; res := a.reserved; act := a.active_requests; tat := a.rate_tat;
       mstart := a.month_start; mtok := a.month_tokens; wtok := a.wallet_tokens; wat := a.wallet_at;
@@ -109,11 +110,11 @@ BEGIN
       bal := bal - amount; res := res - e.r_held; act := act - 1;
       mtok := CASE WHEN mstart < this_month THEN 0 ELSE mtok END + tokens;
       mstart := this_month;
-      IF p.wallet_floor IS NULL THEN
+      IF a.wallet_floor IS NULL THEN
         wtok := NULL; wat := NULL;
       ELSE
-        wtok := greatest(0, least(p.wallet_cap::double precision,
-          coalesce(wtok, p.wallet_cap) + coalesce(extract(epoch FROM ts - wat), 0) / 86400.0 * p.wallet_refill_per_day) - tokens);
+        wtok := greatest(0, least(a.wallet_cap::double precision,
+          coalesce(wtok, a.wallet_cap) + coalesce(extract(epoch FROM ts - wat), 0) / 86400.0 * a.wallet_refill_per_day) - tokens);
         wat := ts;
       END IF;
       dirty := true; done := done || e.n;
@@ -140,7 +141,7 @@ BEGIN
 
     -- An admission: tier, Idempotency-Key, concurrency, request rate (GCRA), monthly
     -- tokens, token wallet, then between need and want of the free balance.
-    IF p.tier < (e.v->>'minTier')::int THEN
+    IF a.tier < (e.v->>'minTier')::int THEN
       RETURN QUERY SELECT e.n, 'tier', cur, e.kid, NULL::numeric, NULL::numeric, NULL::bigint,
         NULL::int, NULL::int, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
       CONTINUE;
@@ -158,44 +159,44 @@ BEGIN
         CONTINUE;
       END IF;
     END IF;
-    IF p.max_concurrent IS NOT NULL AND act >= p.max_concurrent THEN
+    IF a.max_concurrent IS NOT NULL AND act >= a.max_concurrent THEN
       RETURN QUERY SELECT e.n, 'concurrency', cur, e.kid, NULL::numeric, NULL::numeric, 1000::bigint,
-        p.max_concurrent, 0, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+        a.max_concurrent, 0, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
       CONTINUE;
     END IF;
     new_tat := NULL; remaining := NULL;
-    IF p.requests_per_minute IS NOT NULL THEN
+    IF a.requests_per_minute IS NOT NULL THEN
       -- Allowed while the theoretical arrival time stays within one minute.
-      period := interval '60 seconds' / p.requests_per_minute;
+      period := interval '60 seconds' / a.requests_per_minute;
       new_tat := greatest(coalesce(tat, ts), ts) + period;
       IF new_tat - ts > interval '60 seconds' THEN
         RETURN QUERY SELECT e.n, 'rate', cur, e.kid, NULL::numeric, NULL::numeric,
           ceil(extract(epoch FROM (new_tat - interval '60 seconds' - ts)) * 1000)::bigint,
-          p.requests_per_minute, 0, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+          a.requests_per_minute, 0, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
         CONTINUE;
       END IF;
       remaining := floor(extract(epoch FROM (interval '60 seconds' - (new_tat - ts))) / extract(epoch FROM period))::int;
     END IF;
     month_used := CASE WHEN mstart < this_month THEN 0 ELSE mtok END;
-    IF p.tokens_per_month IS NOT NULL AND month_used + (e.v->>'promptTokens')::bigint > p.tokens_per_month THEN
+    IF a.tokens_per_month IS NOT NULL AND month_used + (e.v->>'promptTokens')::bigint > a.tokens_per_month THEN
       RETURN QUERY SELECT e.n, 'quota', cur, e.kid, NULL::numeric, NULL::numeric,
         ceil(extract(epoch FROM ((this_month + interval '1 month') AT TIME ZONE 'UTC' - ts)) * 1000)::bigint,
-        p.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+        a.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
       CONTINUE;
     END IF;
-    IF p.wallet_floor IS NOT NULL THEN
-      wallet := least(p.wallet_cap::double precision,
-        coalesce(wtok, p.wallet_cap) + coalesce(extract(epoch FROM ts - wat), 0) / 86400.0 * p.wallet_refill_per_day);
-      IF wallet < p.wallet_floor THEN
+    IF a.wallet_floor IS NOT NULL THEN
+      wallet := least(a.wallet_cap::double precision,
+        coalesce(wtok, a.wallet_cap) + coalesce(extract(epoch FROM ts - wat), 0) / 86400.0 * a.wallet_refill_per_day);
+      IF wallet < a.wallet_floor THEN
         RETURN QUERY SELECT e.n, 'wallet', cur, e.kid, NULL::numeric, NULL::numeric,
-          ceil((p.wallet_floor - wallet) / p.wallet_refill_per_day * 86400000.0)::bigint,
-          p.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+          ceil((a.wallet_floor - wallet) / a.wallet_refill_per_day * 86400000.0)::bigint,
+          a.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
         CONTINUE;
       END IF;
     END IF;
     IF bal - res < (e.v->>'need')::numeric THEN
       RETURN QUERY SELECT e.n, 'insufficient', cur, e.kid, NULL::numeric, bal - res, NULL::bigint,
-        p.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+        a.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
       CONTINUE;
     END IF;
     amount := least((e.v->>'want')::numeric, bal - res);
@@ -209,7 +210,7 @@ BEGIN
         VALUES (cur, ikey, decode(e.v->>'fingerprint', 'hex'), (e.v->>'requestId')::uuid, 'in_progress');
     END IF;
     RETURN QUERY SELECT e.n, 'ok', cur, e.kid, amount, bal - res, NULL::bigint,
-      p.requests_per_minute, remaining, NULL::uuid, p.max_concurrent - act, NULL::numeric, NULL::numeric;
+      a.requests_per_minute, remaining, NULL::uuid, a.max_concurrent - act, NULL::numeric, NULL::numeric;
   END LOOP;
   IF dirty THEN
     UPDATE accounts SET balance = bal, reserved = res, active_requests = act, rate_tat = tat,
