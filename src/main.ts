@@ -137,6 +137,14 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
             return undefined
           },
         ))
+      const escrow = SessionEscrow.create({
+        client,
+        escrow: chain.escrowAddress as Hex,
+        currency: chain.currencyAddress as Hex,
+        chainId: chain.chainId,
+        close: (v) => worker.close(v),
+      })
+      stops.push(async () => escrow.stop())
       const method = Server.create({
         chainId: chain.chainId,
         escrow: chain.escrowAddress as Hex,
@@ -150,13 +158,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
           observe: (state) => Channels.observe(db, state),
           acceptVoucher: (v) => Channels.acceptVoucher(db, v),
         },
-        chain: SessionEscrow.create({
-          client,
-          escrow: chain.escrowAddress as Hex,
-          currency: chain.currencyAddress as Hex,
-          chainId: chain.chainId,
-          close: (v) => worker.close(v),
-        }),
+        chain: escrow,
       })
       // LISTEN needs a connection of its own, which the embedded server cannot give.
       const w = await Waker.start(sql, { listen: options.listen ?? Boolean(config.databaseUrl) })

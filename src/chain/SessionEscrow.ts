@@ -24,6 +24,9 @@ export type Options = {
   receiptTimeoutMs?: number
   /** Cooperative close (the settlement worker's, which records and finalizes it). */
   close: Settlement.Worker['close']
+  /** Check voucher signatures on a worker thread (default true): another core does the curve
+   * math while this thread parses, stores and answers. */
+  threadedVerifier?: boolean
 }
 
 /** The revert names of the escrow mapped to the draft's problem types ("Error Responses"). */
@@ -48,8 +51,12 @@ function problem(e: unknown, channelId: Hex): unknown {
   return e
 }
 
-export function create(o: Options): Server.Escrow {
-  const verifier = Voucher.createVerifier({ chainId: o.chainId, escrow: o.escrow })
+export function create(o: Options): Server.Escrow & { stop(): void } {
+  const scope = { chainId: o.chainId, escrow: o.escrow }
+  const verifier =
+    o.threadedVerifier === false
+      ? Voucher.createVerifier(scope)
+      : Voucher.createThreadedVerifier(scope)
   const payee = o.client.account.address
 
   const guard = async <T>(channelId: Hex, f: () => Promise<T>): Promise<T> => {
@@ -169,9 +176,9 @@ export function create(o: Options): Server.Escrow {
       return closed.hash
     },
 
-    verifyVoucher(v) {
+    async verifyVoucher(v) {
       try {
-        verifier.verify(v)
+        await verifier.verify(v)
       } catch (e) {
         if (e instanceof InvalidVoucherSignatureError)
           throw e.reason === 'signer-mismatch'
@@ -183,6 +190,11 @@ export function create(o: Options): Server.Escrow {
               })
         throw e
       }
+    },
+
+    /** Ends the verifier thread. */
+    stop() {
+      if ('close' in verifier) verifier.close()
     },
   }
 }

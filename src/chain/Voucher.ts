@@ -22,7 +22,7 @@ import {
   recoverTypedDataAddress,
   toBytes,
 } from 'viem'
-import { InvalidVoucherSignatureError } from './Errors.ts'
+import { type InvalidVoucherReason, InvalidVoucherSignatureError } from './Errors.ts'
 
 export const name = 'EVM Payment Channel'
 export const version = '1'
@@ -252,5 +252,62 @@ class Lru<K, V> {
     this.#map.delete(key)
     this.#map.set(key, value)
     if (this.#map.size > this.size) this.#map.delete(this.#map.keys().next().value as K)
+  }
+}
+
+/** A verifier whose signature checks run on a worker thread; `close` ends the thread. */
+export type ThreadedVerifier = {
+  verify(parameters: Voucher & { signature: Hex; signer: Address }): Promise<void>
+  close(): void
+}
+
+/**
+ * `createVerifier` on a worker thread: the same checks and errors, as promises. The gateway's
+ * own thread then only parses, stores and answers, and a second core does the curve math (the
+ * largest cost per voucher: about half of the thread at a thousand vouchers a second).
+ * Exact replays of a voucher verified before are answered here, without a round trip.
+ */
+export function createThreadedVerifier(options: VerifierOptions): ThreadedVerifier {
+  const worker = new Worker(new URL('./VoucherWorker.ts', import.meta.url).href)
+  worker.unref()
+  worker.postMessage({ scope: { chainId: options.chainId, escrow: options.escrow } })
+  const verified = new Lru<string, true>(options.cacheSize ?? 100_000)
+  const pending = new Map<
+    number,
+    { key: string; resolve: () => void; reject: (e: Error) => void }
+  >()
+  let next = 0
+  worker.onmessage = (event: MessageEvent) => {
+    const m = event.data as { id: number; reason?: InvalidVoucherReason; message?: string }
+    const p = pending.get(m.id)
+    if (!p) return
+    pending.delete(m.id)
+    if (m.reason) p.reject(new InvalidVoucherSignatureError(m.reason))
+    else if (m.message !== undefined) p.reject(new Error(m.message))
+    else {
+      verified.set(p.key, true)
+      p.resolve()
+    }
+  }
+  worker.onerror = (event) => {
+    const error = new Error(`the voucher verifier thread failed: ${event.message}`)
+    for (const p of pending.values()) p.reject(error)
+    pending.clear()
+  }
+  return {
+    verify(parameters) {
+      const key = `${parameters.channelId.toLowerCase()}:${parameters.cumulativeAmount}:${parameters.signature.toLowerCase()}:${parameters.signer.toLowerCase()}`
+      if (verified.get(key)) return Promise.resolve()
+      const id = next++
+      const { promise, resolve, reject } = Promise.withResolvers<void>()
+      pending.set(id, { key, resolve, reject })
+      worker.postMessage({ id, voucher: parameters })
+      return promise
+    },
+    close() {
+      worker.terminate()
+      for (const p of pending.values()) p.reject(new Error('the voucher verifier was closed'))
+      pending.clear()
+    },
   }
 }

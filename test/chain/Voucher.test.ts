@@ -245,6 +245,93 @@ describe('createVerifier', () => {
   })
 })
 
+describe('createThreadedVerifier', () => {
+  test('behavior: on a worker thread, the same verdict as the verifier in this thread, for valid and mutated signatures', async () => {
+    const threaded = Voucher.createThreadedVerifier(vector)
+    const local = Voucher.createVerifier(vector)
+    afterAll(() => threaded.close())
+    const account = privateKeyToAccount(vector.privateKey)
+    const other = privateKeyToAccount(keccak256(toHex('another signer')))
+    const outcome = async (f: () => Promise<void> | void) => {
+      try {
+        await f()
+        return 'valid'
+      } catch (e) {
+        if (e instanceof InvalidVoucherSignatureError) return e.reason
+        return `error: ${(e as Error).message}`
+      }
+    }
+    const cases: { cumulativeAmount: bigint; signature: Hex; signer: Address }[] = [
+      {
+        cumulativeAmount: vector.cumulativeAmount,
+        signature: vector.signature,
+        signer: account.address,
+      },
+      {
+        cumulativeAmount: vector.cumulativeAmount,
+        signature: vector.signature,
+        signer: other.address,
+      },
+      {
+        cumulativeAmount: vector.cumulativeAmount + 1n,
+        signature: vector.signature,
+        signer: account.address,
+      },
+      {
+        cumulativeAmount: vector.cumulativeAmount,
+        signature: highS(vector.signature),
+        signer: account.address,
+      },
+      {
+        cumulativeAmount: vector.cumulativeAmount,
+        signature: `0x${vector.signature.slice(2, 130)}` as Hex,
+        signer: account.address,
+      },
+      {
+        cumulativeAmount: vector.cumulativeAmount,
+        signature: `0x${5n.toString(16).padStart(64, '0')}${vector.signature.slice(66)}` as Hex,
+        signer: account.address,
+      },
+      { cumulativeAmount: 1n << 129n, signature: vector.signature, signer: account.address },
+    ]
+    const verdicts: string[] = []
+    for (const c of cases) {
+      const v = { channelId: vector.channelId, ...c }
+      const expected = await outcome(() => local.verify(v))
+      expect(await outcome(() => threaded.verify(v))).toBe(expected)
+      verdicts.push(expected)
+    }
+    expect(verdicts.slice(0, 6)).toEqual([
+      'valid',
+      'signer-mismatch',
+      'signer-mismatch',
+      'high-s',
+      'malformed',
+      'invalid',
+    ])
+    // Many at once: every answer goes to its own question.
+    const many = await Promise.all(
+      Array.from({ length: 50 }, (_, i) =>
+        outcome(() => threaded.verify({ channelId: vector.channelId, ...cases[i % 2]! })),
+      ),
+    )
+    expect(many).toEqual(
+      Array.from({ length: 50 }, (_, i) => (i % 2 ? 'signer-mismatch' : 'valid')),
+    )
+  })
+
+  test('error: after close, a check in flight is refused, not left waiting', async () => {
+    const threaded = Voucher.createThreadedVerifier(vector)
+    const pending = threaded.verify({
+      ...vector,
+      signature: vector.signature,
+      signer: privateKeyToAccount(vector.privateKey).address,
+    })
+    threaded.close()
+    await expect(pending).rejects.toThrow('closed')
+  })
+})
+
 describe('digest (against the contract)', () => {
   let chain: Anvil.TestChain
   beforeAll(async () => {

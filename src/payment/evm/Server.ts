@@ -86,7 +86,12 @@ export type Escrow = {
    */
   close(v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex }): Promise<Hex>
   /** Throws `invalid-signature` or `signer-mismatch` unless `signer` signed the voucher. */
-  verifyVoucher(v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex; signer: Hex }): void
+  verifyVoucher(v: {
+    channelId: Hex
+    cumulativeAmount: bigint
+    signature: Hex
+    signer: Hex
+  }): void | Promise<void>
 }
 
 export type Options = {
@@ -175,7 +180,7 @@ export function create(o: Options) {
     minDelta = o.minVoucherDelta,
   ): Promise<State> => {
     // Signature and signer first: before the replay short-circuit (draft, Idempotency).
-    o.chain.verifyVoucher({ ...v, signer: channel.signer })
+    await o.chain.verifyVoucher({ ...v, signer: channel.signer })
     const r = await o.store.acceptVoucher({ ...v, minDelta })
     const ext = {
       channelId: v.channelId,
@@ -232,7 +237,7 @@ export function create(o: Options) {
           // The initial voucher is checked before the gateway pays gas to lock the payer's
           // deposit in a channel it would then refuse to serve.
           if (!existing) {
-            o.chain.verifyVoucher({
+            await o.chain.verifyVoucher({
               channelId: p.channelId,
               cumulativeAmount: p.cumulativeAmount,
               signature: p.voucherSignature,
@@ -292,7 +297,7 @@ export function create(o: Options) {
           const known = await o.store.get(p.channelId)
           if (d.action === 'open' && !known) {
             if (!(await o.chain.read(p.channelId))) {
-              o.chain.verifyVoucher({
+              await o.chain.verifyVoucher({
                 ...p,
                 signer: signerOf(d.authorizedSigner, d.authorization.from),
               })
@@ -325,7 +330,7 @@ export function create(o: Options) {
       }
       case 'close': {
         const channel = await known(p.channelId)
-        o.chain.verifyVoucher({ ...p, signer: channel.signer })
+        await o.chain.verifyVoucher({ ...p, signer: channel.signer })
         // A final voucher above the accepted amount is recorded first (durable, like any).
         // minVoucherDelta bounds the work of a stream of vouchers; it is no reason to refuse
         // the last one, and with it the close (draft, "Cooperative Close").
