@@ -193,6 +193,22 @@ export async function sweep(sql: Sql): Promise<number> {
 }
 
 /**
+ * Runs `f`, and again after each delay while it fails: a charge written after its answer
+ * must not be lost to one transient error (a dropped connection, a deadlock). A finish runs
+ * at most once (its reservation goes with it), so a retry never charges twice.
+ */
+async function retrying<T>(f: () => Promise<T>, delaysMs = [100, 1_000, 5_000]): Promise<T> {
+  for (const ms of delaysMs) {
+    try {
+      return await f()
+    } catch {
+      await Bun.sleep(ms)
+    }
+  }
+  return f()
+}
+
+/**
  * A live reservation of credits (the metering layer's `Reservation`): extends and settles
  * through the functions above. `settle` runs at most once.
  */
@@ -238,7 +254,9 @@ export function reservation(
       },
       background = false,
     ): Promise<{ charged: bigint }> {
-      settled ??= finish(sql, { id: input.id, ...o }, background).then((r) => ({
+      const once = () => finish(sql, { id: input.id, ...o }, background)
+      // Nobody waits for a background charge to report its failure: it is tried again.
+      settled ??= (background ? retrying(once) : once()).then((r) => ({
         charged: r?.charged ?? 0n,
       }))
       return settled

@@ -61,6 +61,47 @@ describe('admit', () => {
 })
 
 describe('extend and finish', () => {
+  test('error: a background charge that fails (once, twice) is tried again and lands once; a waited-for one reports the failure', async () => {
+    // A real failure in the database: the first inserts into usage raise (a sequence counts
+    // attempts across the rolled-back transactions).
+    await sql.unsafe(`
+      create sequence fail_usage;
+      create function fail_usage() returns trigger language plpgsql as $$
+      begin
+        if nextval('fail_usage') <= 2 then raise exception 'injected failure'; end if;
+        return new;
+      end $$;
+      create trigger fail_usage before insert on usage for each row execute function fail_usage();`)
+    try {
+      const a = await account(100n)
+      const r = await admit(a.keyHash, 30n)
+      const res = Reservations.reservation(sql, { id: requestOf(r), held: 30n, leaseSeconds: 60 })
+      const outcome = {
+        cost: 20n,
+        promptTokens: 1,
+        completionTokens: 1,
+        status: 'ok',
+        latencyMs: 1,
+        ttftMs: 1,
+      }
+      expect((await res.settle(outcome, true)).charged).toBe(20n)
+      expect(await invariants(a.id)).toMatchObject({ balance: 80n, reserved: 0n, usage: 1 })
+
+      await sql`select setval('fail_usage', 1, false)`
+      const b = await admit(a.keyHash, 30n)
+      const waited = Reservations.reservation(sql, {
+        id: requestOf(b),
+        held: 30n,
+        leaseSeconds: 60,
+      })
+      await expect(waited.settle(outcome)).rejects.toThrow('injected failure')
+    } finally {
+      await sql.unsafe(
+        'drop trigger fail_usage on usage; drop function fail_usage(); drop sequence fail_usage',
+      )
+    }
+  })
+
   test('behavior: extend is refused past the free balance; finish charges at most what the account can pay', async () => {
     const a = await account(100n)
     const r = await admit(a.keyHash, 30n)
