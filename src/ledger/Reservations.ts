@@ -243,17 +243,7 @@ export function reservation(
       held = total
       return true
     },
-    settle(
-      o: {
-        cost: bigint
-        promptTokens: number
-        completionTokens: number
-        status: string
-        latencyMs: number
-        ttftMs: number | null
-      },
-      background = false,
-    ): Promise<{ charged: bigint }> {
+    settle(o: Omit<Finish, 'id'>, background = false): Promise<{ charged: bigint }> {
       const once = () => finish(sql, { id: input.id, ...o }, background)
       // Nobody waits for a background charge to report its failure: it is tried again.
       settled ??= (background ? retrying(once) : once()).then((r) => ({
