@@ -25,8 +25,12 @@ export type Checked = {
   payload: unknown
 }
 
-/** The result of applying a credential: the channel's state, and a tx hash if one was sent. */
-export type Applied = { channel: State; txHash?: Hex; closed?: boolean }
+/**
+ * The result of applying a credential: the channel's state, and a tx hash if one was sent. No
+ * state only for a voucher applied `beforeRequest` that the method knew to be a replay (the
+ * request's admission reads the channel).
+ */
+export type Applied = { channel?: State; txHash?: Hex; closed?: boolean }
 
 export interface Method {
   readonly method: string
@@ -35,8 +39,11 @@ export interface Method {
   request(price: Price, channelId?: Hex): Record<string, unknown>
   /** Types a credential's payload and checks it against the challenge's request. */
   check(credential: Credential.Credential, challenge: Challenge.Challenge): Checked
-  /** Verifies and applies the action (the draft's order), persisting what it accepts. */
-  apply(checked: Checked): Promise<Applied>
+  /**
+   * Verifies and applies the action (the draft's order), persisting what it accepts.
+   * `beforeRequest`: a completion request follows, whose admission checks the channel.
+   */
+  apply(checked: Checked, options?: { beforeRequest?: boolean }): Promise<Applied>
   /** The receipt of a channel's state. */
   receipt(r: { challengeId: string; channel: State; txHash?: Hex }): Record<string, unknown>
 }

@@ -414,6 +414,64 @@ describe('channel', () => {
   }, 30_000)
 })
 
+describe('a known replay ahead of a request', () => {
+  const completion = (authorization: string) =>
+    fetch(url, {
+      method: 'POST',
+      headers: { authorization, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'one two' }] }),
+    })
+
+  test('behavior: a request carrying an accepted voucher again is served, and no voucher is written', async () => {
+    const session = await opened(100_000n, 50_000n)
+    const header = await session.voucher(50_000n) // the open's amount: a replay
+    const before = await stored(session.channelId!)
+    for (let i = 0; i < 3; i++) {
+      const res = await completion(header)
+      expect(res.status).toBe(200)
+      expect(
+        ((await res.json()) as { choices: { message: { content: string } }[] }).choices[0]!.message
+          .content,
+      ).toBe('one two')
+    }
+    const after = await stored(session.channelId!)
+    expect(after.vouchers).toEqual(before.vouchers)
+    expect(after.spent!).toBeGreaterThan(before.spent!)
+  }, 30_000)
+
+  test('error: its signature is still checked: a tampered one → 402 invalid-signature or signer-mismatch, nothing served', async () => {
+    const session = await opened(100_000n, 50_000n)
+    const header = await session.voucher(50_000n)
+    expect((await completion(header)).status).toBe(200) // known to this instance now
+    const signature = Credential.deserialize(header).payload.signature as Hex
+    const before = await stored(session.channelId!)
+    const res = await completion(
+      edit(header, (p) => {
+        p.signature = flip(signature, 40)
+      }),
+    )
+    expect(res.status).toBe(402)
+    const problem = (await res.json()) as { type: string }
+    expect(problem.type).toMatch(/session\/(invalid-signature|signer-mismatch)$/)
+    expect(await stored(session.channelId!)).toEqual(before)
+  }, 30_000)
+
+  test('error: on a channel closed since → 410 channel-finalized, nothing served', async () => {
+    const session = await opened(100_000n, 50_000n)
+    const header = await session.voucher(50_000n)
+    expect((await completion(header)).status).toBe(200)
+    const spent = (await Channels.get(gw.sql, session.channelId!))!.spent
+    const close = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.close(spent) },
+    })
+    expect(close.status).toBe(200)
+    const before = await stored(session.channelId!)
+    await rejected(await completion(header), 410, 'session/channel-finalized')
+    expect(await stored(session.channelId!)).toEqual(before)
+  }, 30_000)
+})
+
 describe('topUp', () => {
   test('error: a topUp whose EIP-3009 signature is wrong → 409 transaction-reverted, deposit unchanged', async () => {
     const session = await opened(100_000n)

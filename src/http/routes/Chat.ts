@@ -237,16 +237,18 @@ export function routes(deps: Deps) {
         'voucher_rate_limited',
         { headers: { 'retry-after': '1' } },
       )
-    const applied = await method.apply(checked)
-    if (checked.cumulativeAmount !== undefined)
-      payments.limiter.accepted(channelId, checked.cumulativeAmount)
-    if (action !== 'close') payments.wake(channelId)
-    const receiptOf = (channel: Method.State, txHash?: Method.Hex) =>
-      method.receipt({ challengeId: challenge.id, channel, ...(txHash ? { txHash } : {}) })
     // Management credentials (close), and vouchers or top-ups sent without a request body
     // (HEAD, or mid-stream), only update the channel.
-    if (action === 'close' || c.req.method !== 'POST' || text.trim() === '') {
-      const receipt = receiptOf(applied.channel, applied.txHash)
+    const management = action === 'close' || c.req.method !== 'POST' || text.trim() === ''
+    const applied = await method.apply(checked, { beforeRequest: !management })
+    if (checked.cumulativeAmount !== undefined)
+      payments.limiter.accepted(channelId, checked.cumulativeAmount)
+    if (action !== 'close' && applied.channel) payments.wake(channelId)
+    const receiptOf = (channel: Method.State, txHash?: Method.Hex) =>
+      method.receipt({ challengeId: challenge.id, channel, ...(txHash ? { txHash } : {}) })
+    if (management) {
+      // Applied without beforeRequest: the state is always there.
+      const receipt = receiptOf(applied.channel!, applied.txHash)
       for (const [k, v] of Object.entries(Payments.receiptHeaders(receipt))) c.header(k, v)
       if (c.req.method === 'HEAD') return c.body(null, 200)
       return c.json({ receipt: Encoding.toWire(receipt) })
@@ -300,9 +302,10 @@ export function routes(deps: Deps) {
     )
     // The receipt as the request starts (headers), and as it ends (event or header).
     const start = receiptOf({
-      ...applied.channel,
+      channelId,
       acceptedCumulative: admitted.acceptedCumulative,
       spent: admitted.spent,
+      deposit: admitted.deposit,
     })
     const current = async () => (await Channels.get(deps.sql, channelId))!
     if (p.req.stream)

@@ -134,6 +134,15 @@ export function create(o: Options) {
     return c.signer
   }
 
+  // The highest voucher this instance saw accepted per channel: a lower bound of the channel's
+  // (amounts only grow), so a voucher at or below it is a replay wherever it is checked.
+  const accepted = new Map<string, bigint>()
+  const sawAccepted = (channelId: Hex, amount: bigint) => {
+    if ((accepted.get(channelId) ?? -1n) >= amount) return
+    if (accepted.size >= 100_000) accepted.clear()
+    accepted.set(channelId, amount)
+  }
+
   const request = (price: Price, channelId?: Hex): Record<string, unknown> => ({
     ...Session.request({
       amount: price.output,
@@ -190,6 +199,7 @@ export function create(o: Options) {
     switch (r.status) {
       case 'accepted':
       case 'replay':
+        sawAccepted(v.channelId, r.acceptedCumulative)
         return { channelId: v.channelId, ...r }
       case 'delta_too_small':
         throw Problem.deltaTooSmall(
@@ -222,7 +232,11 @@ export function create(o: Options) {
   }
 
   /** Verifies and applies a credential's action. `price` is the challenge's `amount`. */
-  async function apply(parsed: Session.Parsed, amount: bigint): Promise<Applied> {
+  async function apply(
+    parsed: Session.Parsed,
+    amount: bigint,
+    beforeRequest: boolean,
+  ): Promise<Applied> {
     const p = parsed.payload
     switch (p.action) {
       case 'open': {
@@ -326,6 +340,12 @@ export function create(o: Options) {
           throw Problem.channelNotFound('No channel with this id; open one first.', {
             channelId: p.channelId,
           })
+        // A known replay ahead of a request: the signature is checked (the draft's order), and
+        // the request's admission reads the channel's state, so nothing need be stored.
+        if (beforeRequest && (accepted.get(p.channelId) ?? -1n) >= p.cumulativeAmount) {
+          await o.chain.verifyVoucher({ ...p, signer })
+          return {}
+        }
         return { channel: await acceptVoucher({ signer }, p) }
       }
       case 'close': {
@@ -371,9 +391,9 @@ export function create(o: Options) {
         payload: { parsed, amount: req.amount },
       }
     },
-    apply(checked: Method.Checked): Promise<Applied> {
+    apply(checked: Method.Checked, options?: { beforeRequest?: boolean }): Promise<Applied> {
       const { parsed, amount } = checked.payload as { parsed: Session.Parsed; amount: bigint }
-      return apply(parsed, amount)
+      return apply(parsed, amount, options?.beforeRequest ?? false)
     },
     receipt: (r: { challengeId: string; channel: State; txHash?: Hex }) =>
       Session.receipt({
