@@ -62,6 +62,19 @@ export function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
   return ledger(sql).run({ op: 'admit', ...i }) as Promise<Admitted | Refused>
 }
 
+function finished(row: Record<string, unknown>): Finished {
+  const base = { charged: row.charged as bigint, balance: row.balance as bigint }
+  return row.accepted_cumulative == null
+    ? base
+    : {
+        ...base,
+        channel: {
+          acceptedCumulative: row.accepted_cumulative as bigint,
+          spent: row.spent as bigint,
+        },
+      }
+}
+
 // biome-ignore lint/suspicious/noExplicitAny: a row of tollway_admit
 function admission(row: any): Admitted | Refused {
   const limits = { rateLimit: row.rate_limit, rateRemaining: row.rate_remaining }
@@ -128,7 +141,12 @@ export function finish(sql: Sql, f: Finish, background = false): Promise<Finishe
   return ledger(sql).run({ op: 'finish', ...f }, background) as Promise<Finished | undefined>
 }
 
-type Finished = { charged: bigint; balance: bigint }
+type Finished = {
+  charged: bigint
+  balance: bigint
+  /** A channel's state after the charge (for the request's receipt); accounts have none. */
+  channel?: { acceptedCumulative: bigint; spent: bigint }
+}
 
 type Op = ({ op: 'admit' } & AdmitInput) | ({ op: 'finish' } & Finish)
 type OpResult = Admitted | Refused | Finished | undefined
@@ -162,10 +180,7 @@ function ledger(sql: Sql) {
     return inOrder<OpResult>(
       rows,
       items.length,
-      (row) =>
-        row.status === 'finished'
-          ? { charged: row.charged as bigint, balance: row.balance as bigint }
-          : admission(row),
+      (row) => (row.status === 'finished' ? finished(row) : admission(row)),
       (i) => {
         if (items[i]!.op === 'finish') return undefined // already finished
         throw new Error(`admission ${i} returned no row`)
@@ -219,10 +234,15 @@ export function reservation(
   let held = input.held
   let superseded = false
   let settled: Promise<{ charged: bigint }> | undefined
+  let after: Finished['channel']
   return {
     id: input.id,
     get held() {
       return held
+    },
+    /** A channel's state as its settle left it (undefined before, and for accounts). */
+    get settledChannel() {
+      return after
     },
     /** Finishes go through the instance's ordered ledger stream (see `ledger`), before any
      * later admission on this instance: the caller says when not waiting for them is safe. */
@@ -246,9 +266,10 @@ export function reservation(
     settle(o: Omit<Finish, 'id'>, background = false): Promise<{ charged: bigint }> {
       const once = () => finish(sql, { id: input.id, ...o }, background)
       // Nobody waits for a background charge to report its failure: it is tried again.
-      settled ??= (background ? retrying(once) : once()).then((r) => ({
-        charged: r?.charged ?? 0n,
-      }))
+      settled ??= (background ? retrying(once) : once()).then((r) => {
+        after = r?.channel
+        return { charged: r?.charged ?? 0n }
+      })
       return settled
     },
   }

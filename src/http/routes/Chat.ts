@@ -308,6 +308,11 @@ export function routes(deps: Deps) {
       deposit: admitted.deposit,
     })
     const current = async () => (await Channels.get(deps.sql, channelId))!
+    // The channel as this request's charge left it (the settle returns it), else read.
+    const settledState = async (): Promise<Method.State> => {
+      const after = reservation.settledChannel
+      return after ? { channelId, deposit: admitted.deposit, ...after } : current()
+    }
     if (p.req.stream)
       for (const [k, v] of Object.entries(Payments.receiptHeaders(start))) c.header(k, v)
     return serve(c, deps, p, reservation, startedAt, {
@@ -329,10 +334,10 @@ export function routes(deps: Deps) {
         })
       },
       async beforeDone() {
-        const e = Events.receipt(receiptOf(await current()))
+        const e = Events.receipt(receiptOf(await settledState()))
         return Sse.event(e.event, e.data)
       },
-      settledHeaders: async () => Payments.receiptHeaders(receiptOf(await current())),
+      settledHeaders: async () => Payments.receiptHeaders(receiptOf(await settledState())),
     })
   }
 

@@ -243,7 +243,8 @@ CREATE FUNCTION tollway_channel_finish(
   p_status text,
   p_latency_ms int,
   p_ttft_ms int
-) RETURNS TABLE (charged numeric, balance numeric) LANGUAGE plpgsql AS $$
+) RETURNS TABLE (charged numeric, balance numeric, accepted_cumulative numeric, spent numeric)
+LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
   c record;
@@ -261,7 +262,8 @@ BEGIN
       DELETE FROM channel_idempotency_keys WHERE channel_id = r.channel_id AND key = r.idem_key;
     END IF;
   END IF;
-  RETURN QUERY SELECT amount, c.accepted_cumulative - c.spent - amount;
+  -- The channel after the charge too, for the request's receipt.
+  RETURN QUERY SELECT amount, c.accepted_cumulative - c.spent - amount, c.accepted_cumulative, c.spent + amount;
 END $$;
 
 -- Ends a request, whoever pays: dispatches on the reservation's payer (accounts: 0001's
@@ -274,7 +276,8 @@ CREATE FUNCTION tollway_finish(
   p_status text,
   p_latency_ms int,
   p_ttft_ms int
-) RETURNS TABLE (charged numeric, balance numeric) LANGUAGE plpgsql AS $$
+) RETURNS TABLE (charged numeric, balance numeric, accepted_cumulative numeric, spent numeric)
+LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
   r reservations;
@@ -282,7 +285,7 @@ BEGIN
   SELECT * INTO r FROM reservations WHERE id = p_id FOR UPDATE;
   IF NOT FOUND THEN RETURN; END IF;
   IF r.account_id IS NOT NULL THEN
-    RETURN QUERY SELECT * FROM tollway_account_finish(p_id, p_cost, p_prompt_tokens, p_completion_tokens, p_status, p_latency_ms, p_ttft_ms);
+    RETURN QUERY SELECT f.*, NULL::numeric, NULL::numeric FROM tollway_account_finish(p_id, p_cost, p_prompt_tokens, p_completion_tokens, p_status, p_latency_ms, p_ttft_ms) f;
     RETURN;
   END IF;
   DELETE FROM reservations WHERE id = p_id;

@@ -29,7 +29,10 @@ CREATE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS TABLE (
   other_request    uuid,
   concurrency_room int,
   charged          numeric,
-  balance          numeric
+  balance          numeric,
+  -- Channel finishes: the channel after the charge (for the request's receipt).
+  accepted_cumulative numeric,
+  spent            numeric
 ) LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -84,7 +87,7 @@ BEGIN
     IF e.acct IS NULL THEN
       -- An admission whose key is unknown or revoked.
       RETURN QUERY SELECT e.n, 'unauthorized', NULL::uuid, NULL::uuid, NULL::numeric, NULL::numeric,
-        NULL::bigint, NULL::int, NULL::int, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+        NULL::bigint, NULL::int, NULL::int, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric;
       CONTINUE;
     END IF;
     IF cur IS DISTINCT FROM e.acct THEN
@@ -135,7 +138,7 @@ BEGIN
         END IF;
       END IF;
       RETURN QUERY SELECT e.n, 'finished', cur, e.kid, NULL::numeric, NULL::numeric, NULL::bigint,
-        NULL::int, NULL::int, NULL::uuid, NULL::int, amount, bal;
+        NULL::int, NULL::int, NULL::uuid, NULL::int, amount, bal, NULL::numeric, NULL::numeric;
       CONTINUE;
     END IF;
 
@@ -143,7 +146,7 @@ BEGIN
     -- tokens, token wallet, then between need and want of the free balance.
     IF a.tier < (e.v->>'minTier')::int THEN
       RETURN QUERY SELECT e.n, 'tier', cur, e.kid, NULL::numeric, NULL::numeric, NULL::bigint,
-        NULL::int, NULL::int, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+        NULL::int, NULL::int, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric;
       CONTINUE;
     END IF;
     ikey := e.v->>'idempotencyKey';
@@ -155,13 +158,13 @@ BEGIN
                WHEN idem.state = 'in_progress' THEN 'idempotency_in_progress'
                ELSE 'idempotency_completed' END,
           cur, e.kid, NULL::numeric, NULL::numeric, NULL::bigint, NULL::int, NULL::int,
-          idem.request_id, NULL::int, NULL::numeric, NULL::numeric;
+          idem.request_id, NULL::int, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric;
         CONTINUE;
       END IF;
     END IF;
     IF a.max_concurrent IS NOT NULL AND act >= a.max_concurrent THEN
       RETURN QUERY SELECT e.n, 'concurrency', cur, e.kid, NULL::numeric, NULL::numeric, 1000::bigint,
-        a.max_concurrent, 0, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+        a.max_concurrent, 0, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric;
       CONTINUE;
     END IF;
     new_tat := NULL; remaining := NULL;
@@ -172,7 +175,7 @@ BEGIN
       IF new_tat - ts > interval '60 seconds' THEN
         RETURN QUERY SELECT e.n, 'rate', cur, e.kid, NULL::numeric, NULL::numeric,
           ceil(extract(epoch FROM (new_tat - interval '60 seconds' - ts)) * 1000)::bigint,
-          a.requests_per_minute, 0, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+          a.requests_per_minute, 0, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric;
         CONTINUE;
       END IF;
       remaining := floor(extract(epoch FROM (interval '60 seconds' - (new_tat - ts))) / extract(epoch FROM period))::int;
@@ -181,7 +184,7 @@ BEGIN
     IF a.tokens_per_month IS NOT NULL AND month_used + (e.v->>'promptTokens')::bigint > a.tokens_per_month THEN
       RETURN QUERY SELECT e.n, 'quota', cur, e.kid, NULL::numeric, NULL::numeric,
         ceil(extract(epoch FROM ((this_month + interval '1 month') AT TIME ZONE 'UTC' - ts)) * 1000)::bigint,
-        a.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+        a.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric;
       CONTINUE;
     END IF;
     IF a.wallet_floor IS NOT NULL THEN
@@ -190,13 +193,13 @@ BEGIN
       IF wallet < a.wallet_floor THEN
         RETURN QUERY SELECT e.n, 'wallet', cur, e.kid, NULL::numeric, NULL::numeric,
           ceil((a.wallet_floor - wallet) / a.wallet_refill_per_day * 86400000.0)::bigint,
-          a.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+          a.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric;
         CONTINUE;
       END IF;
     END IF;
     IF bal - res < (e.v->>'need')::numeric THEN
       RETURN QUERY SELECT e.n, 'insufficient', cur, e.kid, NULL::numeric, bal - res, NULL::bigint,
-        a.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric;
+        a.requests_per_minute, remaining, NULL::uuid, NULL::int, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric;
       CONTINUE;
     END IF;
     amount := least((e.v->>'want')::numeric, bal - res);
@@ -210,7 +213,7 @@ BEGIN
         VALUES (cur, ikey, decode(e.v->>'fingerprint', 'hex'), (e.v->>'requestId')::uuid, 'in_progress');
     END IF;
     RETURN QUERY SELECT e.n, 'ok', cur, e.kid, amount, bal - res, NULL::bigint,
-      a.requests_per_minute, remaining, NULL::uuid, a.max_concurrent - act, NULL::numeric, NULL::numeric;
+      a.requests_per_minute, remaining, NULL::uuid, a.max_concurrent - act, NULL::numeric, NULL::numeric, NULL::numeric, NULL::numeric;
   END LOOP;
   IF dirty THEN
     UPDATE accounts SET balance = bal, reserved = res, active_requests = act, rate_tat = tat,
@@ -235,7 +238,7 @@ BEGIN
   -- Finishes of channel reservations (and of reservations already finished): one by one.
   IF others = 0 THEN RETURN; END IF;
   RETURN QUERY SELECT (i.ordinality - 1)::int, 'finished', NULL::uuid, NULL::uuid, NULL::numeric,
-      NULL::numeric, NULL::bigint, NULL::int, NULL::int, NULL::uuid, NULL::int, f.charged, f.balance
+      NULL::numeric, NULL::bigint, NULL::int, NULL::int, NULL::uuid, NULL::int, f.charged, f.balance, f.accepted_cumulative, f.spent
     FROM jsonb_array_elements(p_items) WITH ORDINALITY i,
       LATERAL tollway_finish((i.value->>'id')::uuid, (i.value->>'cost')::numeric,
         (i.value->>'promptTokens')::int, (i.value->>'completionTokens')::int, i.value->>'status',
