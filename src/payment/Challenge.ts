@@ -313,15 +313,37 @@ export function fromEcho(echo: unknown): Challenge {
   const parsed = Echo.safeParse(echo)
   if (!parsed.success) throw invalid('challenge', parsed.error)
   const wire = parsed.data
-  const request = Request.safeParse(decodeParam('request', wire.request))
-  if (!request.success) throw invalid('challenge', request.error)
+  let request = requests.get(wire.request)
+  if (!request) {
+    const r = Request.safeParse(decodeParam('request', wire.request))
+    if (!r.success) throw invalid('challenge', r.error)
+    request = deepFreeze(r.data)
+    if (requests.size >= 10_000) requests.clear()
+    requests.set(wire.request, request)
+  }
   let opaque: Record<string, string> | undefined
   if (wire.opaque !== undefined) {
     const o = Opaque.safeParse(decodeParam('opaque', wire.opaque))
     if (!o.success) throw invalid('challenge', o.error)
     opaque = o.data
   }
-  return stripUndefined({ ...wire, request: request.data, opaque })
+  return stripUndefined({ ...wire, request, opaque })
+}
+
+/**
+ * Echoed `request` parameters, decoded and checked: one challenge comes back with every
+ * voucher and request of a session, and its canonical-JSON check is the costly part. The
+ * decoding is a function of the text alone; the values are frozen, so no caller can change
+ * what the next one gets.
+ */
+const requests = new Map<string, Challenge['request']>()
+
+function deepFreeze<T>(value: T): T {
+  if (value && typeof value === 'object' && !Object.isFrozen(value)) {
+    for (const v of Object.values(value)) deepFreeze(v)
+    Object.freeze(value)
+  }
+  return value
 }
 
 function decodeParam(name: string, text: string): unknown {

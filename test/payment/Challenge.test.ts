@@ -331,4 +331,30 @@ describe('fromEcho', () => {
     expect(Encoding.canonicalize(back!.request)).toBe('{"__proto__":{"x":1},"a":"b"}')
     expect(Challenge.verify(back!, secret)).toEqual({ valid: true })
   })
+
+  test('behavior: an echo seen before decodes to the same request, which no caller can change', () => {
+    const c = Challenge.from({ secret, ...base, request: { ...request, nested: { a: '1' } } })
+    const echo = Challenge.toEcho(c)
+    const first = Challenge.fromEcho(echo)
+    const again = Challenge.fromEcho(structuredClone(echo))
+    expect(again.request).toEqual(first.request)
+    expect(() => {
+      ;(first.request as Record<string, unknown>).amount = '1'
+    }).toThrow()
+    expect(() => {
+      ;((first.request as Record<string, unknown>).nested as Record<string, unknown>).a = '2'
+    }).toThrow()
+    expect(Challenge.fromEcho(echo).request).toEqual(c.request)
+    expect(Challenge.verify(Challenge.fromEcho(echo), secret)).toEqual({ valid: true })
+  })
+
+  test('error: a request that is not canonical is refused even after a canonical one was seen', () => {
+    const c = Challenge.from({ secret, ...base })
+    const echo = Challenge.toEcho(c)
+    Challenge.fromEcho(echo)
+    const loose = Encoding.base64urlEncode(
+      JSON.stringify({ recipient: 'acct_123', amount: '1000', currency: 'usd' }),
+    )
+    expect(() => Challenge.fromEcho({ ...echo, request: loose })).toThrow(PaymentParseError)
+  })
 })
