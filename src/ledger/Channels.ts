@@ -168,35 +168,64 @@ export type Admission =
   | { status: 'not_found' | 'finalized' | 'close_requested' }
 
 /** Holds between `need` and `want` of the channel's authorized balance for one request. */
-export async function admit(
-  sql: Sql,
-  i: {
-    channelId: Hex
-    model: string
-    stream: boolean
-    want: bigint
-    need: bigint
-    requestId: string
-    leaseSeconds: number
-    /** With its body's SHA-256: a duplicate is never charged again. */
-    idempotencyKey?: string | null
-    fingerprint?: Uint8Array | null
-  },
-): Promise<Admission> {
+type AdmitInput = {
+  channelId: Hex
+  model: string
+  stream: boolean
+  want: bigint
+  need: bigint
+  requestId: string
+  leaseSeconds: number
+  /** With its body's SHA-256: a duplicate is never charged again. */
+  idempotencyKey?: string | null
+  fingerprint?: Uint8Array | null
+}
+
+/** Holds between `need` and `want` of the channel's authorized balance for a request.
+ * Batched under load (Batch.ts): admissions that arrive together share one commit. */
+export function admit(sql: Sql, i: AdmitInput): Promise<Admission> {
+  return Batch.of(sql, 'channelAdmit', () => ({
+    one: (i: AdmitInput) => admitOne(sql, i),
+    many: (items: AdmitInput[]) => admitMany(sql, items),
+  })).run(i)
+}
+
+async function admitOne(sql: Sql, i: AdmitInput): Promise<Admission> {
   const [r] = await sql`
     select * from tollway_channel_admit(${bytes(i.channelId)}, ${i.model}, ${i.stream},
       ${sql.typed.numeric(i.want)}, ${sql.typed.numeric(i.need)}, ${i.requestId}, ${i.leaseSeconds},
       ${i.idempotencyKey ?? null}, ${i.fingerprint ?? null})`
-  const row = r!
+  return admission(r!)
+}
+
+async function admitMany(sql: Sql, items: AdmitInput[]): Promise<Admission[]> {
+  const json = items.map((i) => ({
+    channelId: i.channelId.slice(2),
+    model: i.model,
+    stream: i.stream,
+    want: i.want.toString(),
+    need: i.need.toString(),
+    requestId: i.requestId,
+    leaseSeconds: i.leaseSeconds,
+    idempotencyKey: i.idempotencyKey ?? null,
+    fingerprint: i.fingerprint ? Buffer.from(i.fingerprint).toString('hex') : null,
+  }))
+  const rows = await sql`select * from tollway_channel_admit_many(${sql.json(json)})`
+  return inOrder(rows, items.length, admission)
+}
+
+function admission(row: Record<string, unknown>): Admission {
   const state = {
-    acceptedCumulative: row.accepted_cumulative,
-    deposit: row.deposit,
-    spent: row.spent,
+    acceptedCumulative: row.accepted_cumulative as bigint,
+    deposit: row.deposit as bigint,
+    spent: row.spent as bigint,
   }
-  if (row.status === 'ok') return { status: 'ok', held: row.held, ...state }
+  if (row.status === 'ok') return { status: 'ok', held: row.held as bigint, ...state }
   if (row.status === 'insufficient')
-    return { status: 'insufficient', available: row.available, ...state }
-  return { status: row.status }
+    return { status: 'insufficient', available: row.available as bigint, ...state }
+  if (typeof row.status === 'string' && row.status.startsWith('idempotency_'))
+    return { status: row.status, otherRequest: row.other_request as string } as Admission
+  return { status: row.status } as Admission
 }
 
 /** Records an amount settled on-chain (never above what was spent, never lower than before). */

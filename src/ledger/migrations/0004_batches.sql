@@ -322,3 +322,30 @@ BEGIN
       decode(i.v->>'signature', 'hex'), (i.v->>'minDelta')::numeric) a;
   END LOOP;
 END $$;
+
+-- Admissions of requests paid from channels, several in one statement (and one durable
+-- commit): each item through tollway_channel_admit, channels locked in id order.
+CREATE FUNCTION tollway_channel_admit_many(p_items jsonb) RETURNS TABLE (
+  idx                 int,
+  status              text,
+  held                numeric,
+  available           numeric,
+  accepted_cumulative numeric,
+  deposit             numeric,
+  spent               numeric,
+  other_request       uuid
+) LANGUAGE plpgsql AS $$
+DECLARE
+  i record;
+BEGIN
+  FOR i IN
+    SELECT (e.ordinality - 1)::int AS n, e.value AS v
+    FROM jsonb_array_elements(p_items) WITH ORDINALITY e
+    ORDER BY decode(e.value->>'channelId', 'hex'), e.ordinality
+  LOOP
+    RETURN QUERY SELECT i.n, a.* FROM tollway_channel_admit(
+      decode(i.v->>'channelId', 'hex'), i.v->>'model', (i.v->>'stream')::boolean,
+      (i.v->>'want')::numeric, (i.v->>'need')::numeric, (i.v->>'requestId')::uuid,
+      (i.v->>'leaseSeconds')::int, i.v->>'idempotencyKey', decode(i.v->>'fingerprint', 'hex')) a;
+  END LOOP;
+END $$;
