@@ -31,41 +31,31 @@ export type Payments = {
 /**
  * A token bucket per channel for voucher and top-up submissions: `perSecond` a second, as
  * many at once. Per instance (a client's submissions for a channel go to the instance
- * streaming it, or spread; each instance caps its share). A voucher no higher than one this
- * instance already saw accepted is a replay (the cumulative voucher every request of a busy
- * channel carries): it costs a cached check, so it is not counted, and a channel can serve
- * more than `perSecond` requests a second.
+ * streaming it, or spread; each instance caps its share). A replay (the voucher every request
+ * of a busy channel carries again, `Method.Checked.replay`) costs a cached check, so it is not
+ * counted, and a channel can serve more than `perSecond` requests a second.
  */
 export class VoucherLimiter {
-  private readonly buckets = new Map<string, { tokens: number; at: number; highest: bigint }>()
+  private readonly buckets = new Map<string, { tokens: number; at: number }>()
   constructor(private readonly perSecond: number = Session.maxVouchersPerSecond) {}
 
   get perSecondLimit(): number {
     return this.perSecond
   }
 
-  /** Takes one submission for the channel (a voucher of `amount`, if it carries one); false
-   * when over the rate. */
-  take(channelId: string, amount?: bigint, now = Date.now()): boolean {
+  /** Takes one submission for the channel (none for a replay); false when over the rate. */
+  take(channelId: string, replay = false, now = Date.now()): boolean {
+    if (replay) return true
     if (this.buckets.size > 10_000)
       for (const [k, b] of this.buckets) if (now - b.at > 10_000) this.buckets.delete(k)
     const key = channelId.toLowerCase()
-    const b = this.buckets.get(key) ?? { tokens: this.perSecond, at: now, highest: -1n }
+    const b = this.buckets.get(key) ?? { tokens: this.perSecond, at: now }
     this.buckets.set(key, b)
-    if (amount !== undefined && amount <= b.highest) return true
     b.tokens = Math.min(this.perSecond, b.tokens + ((now - b.at) / 1000) * this.perSecond)
     b.at = now
     if (b.tokens < 1) return false
     b.tokens -= 1
     return true
-  }
-
-  /** Notes a voucher the channel accepted (only accepted ones make later replays free). */
-  accepted(channelId: string, amount: bigint): void {
-    const key = channelId.toLowerCase()
-    const b = this.buckets.get(key) ?? { tokens: this.perSecond, at: Date.now(), highest: -1n }
-    this.buckets.set(key, b)
-    if (amount > b.highest) b.highest = amount
   }
 }
 

@@ -19,8 +19,12 @@ export type Checked = {
   channelId: Hex
   /** The prices the challenge stated (to check they are still the model's). */
   price: Price
-  /** The cumulative amount of the voucher the credential carries, if it carries one. */
-  cumulativeAmount?: bigint
+  /**
+   * A voucher no higher than one this instance saw accepted on the channel (amounts only
+   * grow, so it is a replay wherever it is checked): applying it stores nothing, and it is
+   * not counted against the channel's voucher rate.
+   */
+  replay?: boolean
   /** Method-specific payload, opaque to the routes. */
   payload: unknown
 }
@@ -41,7 +45,8 @@ export interface Method {
   check(credential: Credential.Credential, challenge: Challenge.Challenge): Checked
   /**
    * Verifies and applies the action (the draft's order), persisting what it accepts.
-   * `beforeRequest`: a completion request follows, whose admission checks the channel.
+   * `beforeRequest`: a completion request follows, whose admission checks the channel, so a
+   * `replay` need only have its signature checked.
    */
   apply(checked: Checked, options?: { beforeRequest?: boolean }): Promise<Applied>
   /** The receipt of a channel's state. */

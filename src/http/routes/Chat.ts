@@ -230,7 +230,7 @@ export function routes(deps: Deps) {
     const { channelId, action } = checked
     if (
       (action === 'voucher' || action === 'topUp') &&
-      !payments.limiter.take(channelId, checked.cumulativeAmount)
+      !payments.limiter.take(channelId, checked.replay)
     )
       throw new RateLimitError(
         `At most ${payments.limiter.perSecondLimit} voucher or top-up submissions per second per channel; sign vouchers further ahead.`,
@@ -241,8 +241,6 @@ export function routes(deps: Deps) {
     // (HEAD, or mid-stream), only update the channel.
     const management = action === 'close' || c.req.method !== 'POST' || text.trim() === ''
     const applied = await method.apply(checked, { beforeRequest: !management })
-    if (checked.cumulativeAmount !== undefined)
-      payments.limiter.accepted(channelId, checked.cumulativeAmount)
     if (action !== 'close' && applied.channel) payments.wake(channelId)
     const receiptOf = (channel: Method.State, txHash?: Method.Hex) =>
       method.receipt({ challengeId: challenge.id, channel, ...(txHash ? { txHash } : {}) })

@@ -142,6 +142,7 @@ export function create(o: Options) {
     if (accepted.size >= 100_000) accepted.clear()
     accepted.set(channelId, amount)
   }
+  const isReplay = (channelId: Hex, amount: bigint) => (accepted.get(channelId) ?? -1n) >= amount
 
   const request = (price: Price, channelId?: Hex): Record<string, unknown> => ({
     ...Session.request({
@@ -235,7 +236,7 @@ export function create(o: Options) {
   async function apply(
     parsed: Session.Parsed,
     amount: bigint,
-    beforeRequest: boolean,
+    replayBeforeRequest: boolean,
   ): Promise<Applied> {
     const p = parsed.payload
     switch (p.action) {
@@ -342,7 +343,7 @@ export function create(o: Options) {
           })
         // A known replay ahead of a request: the signature is checked (the draft's order), and
         // the request's admission reads the channel's state, so nothing need be stored.
-        if (beforeRequest && (accepted.get(p.channelId) ?? -1n) >= p.cumulativeAmount) {
+        if (replayBeforeRequest) {
           await o.chain.verifyVoucher({ ...p, signer })
           return {}
         }
@@ -377,6 +378,7 @@ export function create(o: Options) {
       const parsed = Session.fromCredential(credential)
       const req = Session.requestOf(challenge)
       Session.check(parsed, req)
+      const p = parsed.payload
       const input = challenge.request.inputAmount
       return {
         action: parsed.payload.action,
@@ -385,15 +387,15 @@ export function create(o: Options) {
           output: req.amount,
           input: typeof input === 'string' && /^\d+$/.test(input) ? BigInt(input) : -1n,
         },
-        ...('cumulativeAmount' in parsed.payload
-          ? { cumulativeAmount: parsed.payload.cumulativeAmount }
+        ...(p.action === 'voucher' && !p.deposit && isReplay(p.channelId, p.cumulativeAmount)
+          ? { replay: true }
           : {}),
         payload: { parsed, amount: req.amount },
       }
     },
     apply(checked: Method.Checked, options?: { beforeRequest?: boolean }): Promise<Applied> {
       const { parsed, amount } = checked.payload as { parsed: Session.Parsed; amount: bigint }
-      return apply(parsed, amount, options?.beforeRequest ?? false)
+      return apply(parsed, amount, (options?.beforeRequest ?? false) && checked.replay === true)
     },
     receipt: (r: { challengeId: string; channel: State; txHash?: Hex }) =>
       Session.receipt({
