@@ -44,19 +44,33 @@ async function freshChallenge(at = url) {
   return challengeOf(res.headers.get('www-authenticate'))!
 }
 
+/** A paying session of the payer, under a fresh challenge (no channel yet). */
+async function paying() {
+  return new PayingSession({ account: payer, challenge: await freshChallenge(), tokenDomain })
+}
+
+/** The payer's token balance. */
+const payerBalance = () =>
+  Token.balanceOf(chain.payeeClient, { token: chain.currencyAddress, owner: payer.address })
+
+/** A refused open left nothing: no channel stored, none on chain, the payer's tokens kept. */
+async function nothingOpened(channelId: Hex, payerBefore: bigint) {
+  expect(await Channels.get(gw.sql, channelId)).toBeUndefined()
+  expect(
+    await Escrow.getChannel(chain.payeeClient, { escrow: chain.escrowAddress, channelId }),
+  ).toBeUndefined()
+  expect(await payerBalance()).toBe(payerBefore)
+}
+
 /** A channel opened (HEAD, no request) with `initial` accepted. */
 async function opened(deposit = 100_000n, initial = 1_000n) {
-  const session = new PayingSession({
-    account: payer,
-    challenge: await freshChallenge(),
-    tokenDomain,
-  })
+  const s = await paying()
   const res = await fetch(url, {
     method: 'HEAD',
-    headers: { authorization: await session.openWithAuthorization({ deposit, initial }) },
+    headers: { authorization: await s.openWithAuthorization({ deposit, initial }) },
   })
   expect(res.status).toBe(200)
-  return session
+  return s
 }
 
 /** What a rejection must leave alone: the channel row and its vouchers. */
@@ -129,26 +143,32 @@ function recovers(signature: Hex, digest: Hex): boolean {
   }
 }
 
+/**
+ * A voucher of 2,000 on the session's channel, and a copy with one byte of r flipped so that
+ * the signature still recovers a key (`recoverable`, someone else's) or recovers none.
+ */
+async function tamperedVoucher(session: PayingSession, recoverable: boolean) {
+  const header = await session.voucher(2_000n)
+  const signature = Credential.deserialize(header).payload.signature as Hex
+  const digest = Voucher.digest({
+    chainId: chain.chainId,
+    escrow: chain.escrowAddress,
+    channelId: session.channelId!,
+    cumulativeAmount: 2_000n,
+  })
+  const i = Array.from({ length: 32 }, (_, i) => i).find(
+    (i) => recovers(flip(signature, i), digest) === recoverable,
+  )
+  expect(i).toBeDefined()
+  return { header, tampered: edit(header, (p) => (p.signature = flip(signature, i!))) }
+}
+
 describe('voucher signature', () => {
   test('error: a tampered signature no key recovers from → 402 invalid-signature, nothing stored', async () => {
     const session = await opened()
     const before = await stored(session.channelId!)
-    const header = await session.voucher(2_000n)
-    const signature = Credential.deserialize(header).payload.signature as Hex
-    const digest = Voucher.digest({
-      chainId: chain.chainId,
-      escrow: chain.escrowAddress,
-      channelId: session.channelId!,
-      cumulativeAmount: 2_000n,
-    })
     // A byte of r whose flip leaves no point with that x: unrecoverable, not someone else's.
-    const i = Array.from({ length: 32 }, (_, i) => i).find(
-      (i) => !recovers(flip(signature, i), digest),
-    )!
-    expect(i).toBeDefined()
-    const tampered = edit(header, (p) => {
-      p.signature = flip(signature, i)
-    })
+    const { header, tampered } = await tamperedVoucher(session, false)
     await rejected(await send(tampered), 402, 'session/invalid-signature')
     expect(await stored(session.channelId!)).toEqual(before)
     // The untampered voucher still goes through.
@@ -159,21 +179,7 @@ describe('voucher signature', () => {
   test('error: a tampered signature that recovers another key → 402 signer-mismatch, nothing stored', async () => {
     const session = await opened()
     const before = await stored(session.channelId!)
-    const header = await session.voucher(2_000n)
-    const signature = Credential.deserialize(header).payload.signature as Hex
-    const digest = Voucher.digest({
-      chainId: chain.chainId,
-      escrow: chain.escrowAddress,
-      channelId: session.channelId!,
-      cumulativeAmount: 2_000n,
-    })
-    const i = Array.from({ length: 32 }, (_, i) => i).find((i) =>
-      recovers(flip(signature, i), digest),
-    )!
-    expect(i).toBeDefined()
-    const tampered = edit(header, (p) => {
-      p.signature = flip(signature, i)
-    })
+    const { tampered } = await tamperedVoucher(session, true)
     await rejected(await send(tampered), 402, 'session/signer-mismatch')
     expect(await stored(session.channelId!)).toEqual(before)
   }, 30_000)
@@ -493,66 +499,31 @@ describe('topUp', () => {
   }, 30_000)
 
   test('error: a topUp of an unknown channel → 410 channel-not-found, nothing submitted', async () => {
-    const session = new PayingSession({
-      account: payer,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
+    const session = await paying()
     session.channelId = keccak256(toHex('no such channel either'))
-    const payerBefore = await Token.balanceOf(chain.payeeClient, {
-      token: chain.currencyAddress,
-      owner: payer.address,
-    })
+    const payerBefore = await payerBalance()
     await rejected(await send(await session.topUp(50_000n)), 410, 'session/channel-not-found')
     expect(await Channels.get(gw.sql, session.channelId)).toBeUndefined()
-    expect(
-      await Token.balanceOf(chain.payeeClient, {
-        token: chain.currencyAddress,
-        owner: payer.address,
-      }),
-    ).toBe(payerBefore)
+    expect(await payerBalance()).toBe(payerBefore)
   }, 30_000)
 })
 
 describe('open', () => {
   test('error: an authorization open whose EIP-3009 signature is wrong → 409 transaction-reverted, nothing stored', async () => {
-    const session = new PayingSession({
-      account: payer,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
+    const session = await paying()
     const header = edit(
       await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n }),
       (p) => {
         p.signature = flip(p.signature as Hex, 40)
       },
     )
-    const payerBefore = await Token.balanceOf(chain.payeeClient, {
-      token: chain.currencyAddress,
-      owner: payer.address,
-    })
+    const payerBefore = await payerBalance()
     await rejected(await send(header, 'POST'), 409, 'session/transaction-reverted')
-    expect(await Channels.get(gw.sql, session.channelId!)).toBeUndefined()
-    expect(
-      await Escrow.getChannel(chain.payeeClient, {
-        escrow: chain.escrowAddress,
-        channelId: session.channelId!,
-      }),
-    ).toBeUndefined()
-    expect(
-      await Token.balanceOf(chain.payeeClient, {
-        token: chain.currencyAddress,
-        owner: payer.address,
-      }),
-    ).toBe(payerBefore)
+    await nothingOpened(session.channelId!, payerBefore)
   }, 30_000)
 
   test('error: an authorization open whose voucher is not signed by the payer → 402 signer-mismatch before anything is submitted, nothing stored', async () => {
-    const session = new PayingSession({
-      account: payer,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
+    const session = await paying()
     const open = await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n })
     const thief = privateKeyToAccount(keccak256(toHex('thief')))
     const forged = await Voucher.sign(thief, {
@@ -561,48 +532,25 @@ describe('open', () => {
       channelId: session.channelId!,
       cumulativeAmount: 1_000n,
     })
-    const payerBefore = await Token.balanceOf(chain.payeeClient, {
-      token: chain.currencyAddress,
-      owner: payer.address,
-    })
+    const payerBefore = await payerBalance()
     await rejected(
       await send(edit(open, (p) => (p.voucherSignature = forged))),
       402,
       'session/signer-mismatch',
     )
     // The gateway spent no gas and the payer's deposit stayed with the payer.
-    expect(await Channels.get(gw.sql, session.channelId!)).toBeUndefined()
-    expect(
-      await Escrow.getChannel(chain.payeeClient, {
-        escrow: chain.escrowAddress,
-        channelId: session.channelId!,
-      }),
-    ).toBeUndefined()
-    expect(
-      await Token.balanceOf(chain.payeeClient, {
-        token: chain.currencyAddress,
-        owner: payer.address,
-      }),
-    ).toBe(payerBefore)
+    await nothingOpened(session.channelId!, payerBefore)
     // The genuine open still works afterwards.
     expect((await send(open)).status).toBe(200)
   }, 30_000)
 
   test('error: an authorization reused for another channel → 409 transaction-reverted, nothing stored', async () => {
-    const first = new PayingSession({
-      account: payer,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
+    const first = await paying()
     const used = await first.openWithAuthorization({ deposit: 100_000n, initial: 1_000n })
     expect((await send(used)).status).toBe(200)
     const firstHeader = Credential.deserialize(used)
     // The authorization (and its nonce, bound to the first salt) under another salt.
-    const other = new PayingSession({
-      account: payer,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
+    const other = await paying()
     const salt = keccak256(toHex('another salt'))
     const header = edit(
       await other.openWithAuthorization({ deposit: 100_000n, initial: 1_000n, salt }),
