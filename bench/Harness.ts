@@ -1,5 +1,5 @@
 /** What the benchmarks share: a fresh database and a data dir with a config file. */
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import postgres from 'postgres'
@@ -79,4 +79,47 @@ export async function apiKey(base: string, adminToken: string): Promise<string> 
   await post(`/accounts/${id}/credits`, { amount: '1000000000000000' })
   const { key } = (await post(`/accounts/${id}/keys`, { name: 'bench' })) as { key: string }
   return key
+}
+
+/** The `q` quantile (0..1) of ascending `sorted` values (NaN when empty). */
+export function quantile(sorted: readonly number[], q: number): number {
+  return sorted[Math.floor(q * (sorted.length - 1))] ?? Number.NaN
+}
+
+/** Starts the fake upstream and a bare pass-through proxy in front of it (bench/servers.ts). */
+export async function upstreamAndProxy() {
+  const upstreamPort = await freePort()
+  const upstreamServer = await spawn(['bench/servers.ts', 'upstream', String(upstreamPort)])
+  const upstream = `http://127.0.0.1:${upstreamPort}/v1`
+  const proxyPort = await freePort()
+  const proxy = await spawn(['bench/servers.ts', 'proxy', String(proxyPort), upstream])
+  return { upstream, proxyPort, proxy, children: [upstreamServer, proxy] }
+}
+
+/** The gateway config of the one priced model `bench`, served by `upstream`. */
+export function benchModel(upstream: string) {
+  return {
+    upstreams: [{ name: 'bench', baseUrl: upstream }],
+    models: [
+      {
+        id: 'bench',
+        upstream: 'bench',
+        upstreamModel: 'bench',
+        pricing: { input: '1000000', output: '2000000' },
+        contextLength: 8192,
+      },
+    ],
+  }
+}
+
+/** Writes a run to bench/results/`name`.json (with its date) and `name`.md, and prints the table. */
+export function report(name: string, result: object, markdown: string): void {
+  const dir = join(import.meta.dir, 'results')
+  mkdirSync(dir, { recursive: true })
+  writeFileSync(
+    join(dir, `${name}.json`),
+    `${JSON.stringify({ date: new Date().toISOString(), ...result }, null, 2)}\n`,
+  )
+  writeFileSync(join(dir, `${name}.md`), `${markdown}\n`)
+  console.log(markdown)
 }

@@ -10,8 +10,6 @@
  *
  *   bun bench/gateway.ts   → prints a table, writes bench/results/gateway.{json,md}
  */
-import { writeFileSync } from 'node:fs'
-import { join } from 'node:path'
 import * as Harness from './Harness.ts'
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 5)
@@ -43,33 +41,21 @@ async function load(
   await Promise.all(Array.from({ length: concurrency }, worker))
   const elapsed = (performance.now() - started) / 1000
   latencies.sort((a, b) => a - b)
-  const at = (q: number) =>
-    latencies[Math.min(latencies.length - 1, Math.floor(q * latencies.length))] ?? Number.NaN
+  const at = (q: number) => Harness.quantile(latencies, q)
   return { rps: latencies.length / elapsed, p50: at(0.5), p99: at(0.99), errors }
 }
 
 export async function run() {
   const children: { proc: ReturnType<typeof Bun.spawn> }[] = []
   try {
-    const upstreamPort = await freePort()
-    children.push(await spawn(['bench/servers.ts', 'upstream', String(upstreamPort)]))
-    const upstream = `http://127.0.0.1:${upstreamPort}/v1`
-    const proxyPort = await freePort()
-    children.push(await spawn(['bench/servers.ts', 'proxy', String(proxyPort), upstream]))
+    const servers = await Harness.upstreamAndProxy()
+    children.push(...servers.children)
+    const { upstream, proxyPort } = servers
 
     const databaseUrl = await Harness.freshDatabase('tollway_bench')
     const { dir: dataDir, config } = Harness.dataDir({
       logLevel: 'warn',
-      upstreams: [{ name: 'bench', baseUrl: upstream }],
-      models: [
-        {
-          id: 'bench',
-          upstream: 'bench',
-          upstreamModel: 'bench',
-          pricing: { input: '1000000', output: '2000000' },
-          contextLength: 8192,
-        },
-      ],
+      ...Harness.benchModel(upstream),
       plans: {
         // Limits on, high enough not to refuse: every request still runs every check.
         bench: {
@@ -161,12 +147,5 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
 
 if (import.meta.main) {
   const r = await run()
-  const dir = join(import.meta.dir, 'results')
-  writeFileSync(
-    join(dir, 'gateway.json'),
-    `${JSON.stringify({ date: new Date().toISOString(), ...r }, null, 2)}\n`,
-  )
-  const md = table(r)
-  writeFileSync(join(dir, 'gateway.md'), `${md}\n`)
-  console.log(md)
+  Harness.report('gateway', r, table(r))
 }

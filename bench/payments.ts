@@ -8,7 +8,6 @@
  *
  *   bun bench/payments.ts   → prints a table, writes bench/results/payments.{json,md}
  */
-import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Client from '../src/chain/Client.ts'
@@ -130,7 +129,7 @@ export async function run() {
     )
     const seconds = (performance.now() - started) / 1000
     latencies.sort((a, b) => a - b)
-    const at = (q: number) => latencies[Math.floor(q * (latencies.length - 1))] ?? Number.NaN
+    const at = (q: number) => Harness.quantile(latencies, q)
     return {
       database: databaseUrl ? 'postgresql' : 'pglite',
       channels,
@@ -161,11 +160,5 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
 
 if (import.meta.main) {
   const r = await run()
-  const dir = join(import.meta.dir, 'results')
-  writeFileSync(
-    join(dir, 'payments.json'),
-    `${JSON.stringify({ date: new Date().toISOString(), ...r }, null, 2)}\n`,
-  )
-  writeFileSync(join(dir, 'payments.md'), `${table(r)}\n`)
-  console.log(table(r))
+  Harness.report('payments', r, table(r))
 }

@@ -12,8 +12,6 @@
  * BENCH_BLOCK_TOKENS (the gateway's metering.blockTokens), BENCH_PROFILE_DIR (runs the
  * gateway with `--cpu-prof` into it; the profile is written as the gateway stops).
  */
-import { writeFileSync } from 'node:fs'
-import { join } from 'node:path'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Client from '../src/chain/Client.ts'
 import * as DevChain from '../src/chain/DevChain.ts'
@@ -92,7 +90,7 @@ async function load(
   )
   const elapsed = (performance.now() - started) / 1000
   ttft.sort((a, b) => a - b)
-  const at = (q: number) => ttft[Math.floor(q * (ttft.length - 1))] ?? Number.NaN
+  const at = (q: number) => Harness.quantile(ttft, q)
   return {
     streams,
     tokensPerSecond: received / elapsed,
@@ -111,25 +109,13 @@ export async function run() {
   const children: { proc: { kill(): void; exited: Promise<number> } }[] = []
   const chain = await DevChain.start({ accounts: paidLevel + 1 })
   try {
-    const upstreamPort = await Harness.freePort()
-    children.push(await Harness.spawn(['bench/servers.ts', 'upstream', String(upstreamPort)]))
-    const upstream = `http://127.0.0.1:${upstreamPort}/v1`
-    const proxyPort = await Harness.freePort()
-    const proxy = await Harness.spawn(['bench/servers.ts', 'proxy', String(proxyPort), upstream])
-    children.push(proxy)
+    const servers = await Harness.upstreamAndProxy()
+    children.push(...servers.children)
+    const { upstream, proxyPort, proxy } = servers
     const databaseUrl = await Harness.freshDatabase('tollway_bench_streams')
     const { dir, config } = Harness.dataDir({
       logLevel: 'warn',
-      upstreams: [{ name: 'bench', baseUrl: upstream }],
-      models: [
-        {
-          id: 'bench',
-          upstream: 'bench',
-          upstreamModel: 'bench',
-          pricing: { input: '1000000', output: '2000000' },
-          contextLength: 8192,
-        },
-      ],
+      ...Harness.benchModel(upstream),
       plans: {
         bench: { tier: 0, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
       },
@@ -239,11 +225,5 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
 
 if (import.meta.main) {
   const r = await run()
-  const dir = join(import.meta.dir, 'results')
-  writeFileSync(
-    join(dir, 'streams.json'),
-    `${JSON.stringify({ date: new Date().toISOString(), ...r }, null, 2)}\n`,
-  )
-  writeFileSync(join(dir, 'streams.md'), `${table(r)}\n`)
-  console.log(table(r))
+  Harness.report('streams', r, table(r))
 }

@@ -8,11 +8,10 @@
  *
  *   bun bench/vouchers.ts   → prints a table and writes bench/results/vouchers.json
  */
-import { mkdirSync, writeFileSync } from 'node:fs'
-import { join } from 'node:path'
 import { type Hex, keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Voucher from '../src/chain/Voucher.ts'
+import * as Harness from './Harness.ts'
 
 const scope = { chainId: 31337, escrow: '0x5FbDB2315678afecb367f032d93F642f64180aa3' } as const
 const channels = 8
@@ -85,14 +84,15 @@ export async function run(): Promise<{ name: string; results: Record<string, num
 
 if (import.meta.main) {
   const { name, results } = await run()
-  const dir = join(import.meta.dir, 'results')
-  mkdirSync(dir, { recursive: true })
-  writeFileSync(
-    join(dir, `${name}.json`),
-    `${JSON.stringify({ name, date: new Date().toISOString(), cpus: 1, results }, null, 2)}\n`,
+  Harness.report(
+    name,
+    { name, cpus: 1, results },
+    [
+      '| voucher verification, one core | per second |',
+      '|---|---:|',
+      ...Object.entries(results).map(
+        ([label, value]) => `| ${label} | ${value.toLocaleString('en-US')} |`,
+      ),
+    ].join('\n'),
   )
-  console.log('| voucher verification, one core | per second |')
-  console.log('|---|---:|')
-  for (const [label, value] of Object.entries(results))
-    console.log(`| ${label} | ${value.toLocaleString('en-US')} |`)
 }
