@@ -51,6 +51,24 @@ function problem(e: unknown, channelId: Hex): unknown {
   return e
 }
 
+/** A channel as the escrow holds it, in the shape the method and the ledger take. */
+export function onChain(
+  c: NonNullable<Awaited<ReturnType<typeof Escrow.getChannel>>>,
+  at: { channelId: Hex; chainId: number; escrow: Address },
+) {
+  return {
+    ...at,
+    payer: c.payer,
+    payee: c.payee,
+    token: c.token,
+    signer: Escrow.signerOf(c),
+    deposit: c.deposit,
+    settled: c.settled,
+    finalized: c.finalized,
+    closeRequested: c.closeRequestedAt !== 0n,
+  }
+}
+
 export function create(o: Options): Server.Escrow & { stop(): void } {
   const scope = { chainId: o.chainId, escrow: o.escrow }
   const verifier =
@@ -70,20 +88,7 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
   return {
     async read(channelId) {
       const c = await Escrow.getChannel(o.client, { escrow: o.escrow, channelId })
-      if (!c) return undefined
-      return {
-        channelId,
-        chainId: o.chainId,
-        escrow: o.escrow,
-        payer: c.payer,
-        payee: c.payee,
-        token: c.token,
-        signer: Escrow.signerOf(c),
-        deposit: c.deposit,
-        settled: c.settled,
-        finalized: c.finalized,
-        closeRequested: c.closeRequestedAt !== 0n,
-      }
+      return c && onChain(c, { channelId, chainId: o.chainId, escrow: o.escrow })
     },
 
     async verifyTransaction({ hash, fn, channelId }) {

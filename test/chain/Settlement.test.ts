@@ -5,6 +5,7 @@ import { privateKeyToAccount } from 'viem/accounts'
 import * as Client from '../../src/chain/Client.ts'
 import { ChannelStateError, TransactionRevertedError } from '../../src/chain/Errors.ts'
 import * as Escrow from '../../src/chain/Escrow.ts'
+import * as SessionEscrow from '../../src/chain/SessionEscrow.ts'
 import * as Settlement from '../../src/chain/Settlement.ts'
 import * as Token from '../../src/chain/Token.ts'
 import * as Voucher from '../../src/chain/Voucher.ts'
@@ -53,19 +54,10 @@ async function openChannel(): Promise<Hex> {
     escrow: chain.escrowAddress,
     channelId,
   }))!
-  await Channels.observe(sql, {
-    channelId,
-    chainId: chain.chainId,
-    escrow: chain.escrowAddress,
-    payer: c.payer,
-    payee: c.payee,
-    token: c.token,
-    signer: Escrow.signerOf(c),
-    deposit: c.deposit,
-    settled: c.settled,
-    finalized: c.finalized,
-    closeRequested: false,
-  })
+  await Channels.observe(
+    sql,
+    SessionEscrow.onChain(c, { channelId, chainId: chain.chainId, escrow: chain.escrowAddress }),
+  )
   return channelId
 }
 
