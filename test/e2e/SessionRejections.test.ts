@@ -13,6 +13,7 @@ import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import * as Voucher from '../../src/chain/Voucher.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import * as Batch from '../../src/ledger/Batch.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
@@ -428,10 +429,11 @@ describe('a known replay ahead of a request', () => {
       body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'one two' }] }),
     })
 
-  test('behavior: a request carrying an accepted voucher again is served, and no voucher is written', async () => {
+  test('behavior: a request carrying an accepted voucher again is served without storing it again', async () => {
     const session = await opened(100_000n, 50_000n)
     const header = await session.voucher(50_000n) // the open's amount: a replay
     const before = await stored(session.channelId!)
+    const checked = Batch.stats(gw.sql).voucher?.items ?? 0
     for (let i = 0; i < 3; i++) {
       const res = await completion(header)
       expect(res.status).toBe(200)
@@ -442,6 +444,8 @@ describe('a known replay ahead of a request', () => {
     }
     const after = await stored(session.channelId!)
     expect(after.vouchers).toEqual(before.vouchers)
+    // Not sent to the database at all: the admission read the channel.
+    expect(Batch.stats(gw.sql).voucher?.items ?? 0).toBe(checked)
     expect(after.spent!).toBeGreaterThan(before.spent!)
   }, 30_000)
 
