@@ -207,6 +207,49 @@ describe('batched ledger calls', () => {
     expect(after.fallbacks).toBe(0)
   })
 
+  test('behavior: a channel charge commits durably (synchronous commit), an account charge does not wait for the flush', async () => {
+    // What synchronous_commit is when each usage row is written: the setting at commit.
+    await sql.unsafe(`
+      create table commit_modes (payer text, mode text);
+      create function commit_mode() returns trigger language plpgsql as $$
+      begin
+        insert into commit_modes values (case when new.channel_id is null then 'account' else 'channel' end,
+          current_setting('synchronous_commit'));
+        return new;
+      end $$;
+      create trigger commit_mode after insert on usage for each row execute function commit_mode();`)
+    try {
+      const c = await Ledger.channel(sql, 1_000n)
+      await Channels.acceptVoucher(sql, {
+        channelId: c.channelId,
+        cumulativeAmount: 100n,
+        signature: `0x${'11'.repeat(65)}`,
+        minDelta: 1n,
+      })
+      const channelRequest = crypto.randomUUID()
+      const admitted = await Channels.admit(sql, {
+        channelId: c.channelId,
+        model: 'm',
+        stream: false,
+        want: 10n,
+        need: 10n,
+        requestId: channelRequest,
+        leaseSeconds: 60,
+      })
+      expect(admitted.status).toBe('ok')
+      expect((await finish(channelRequest, 7n))?.charged).toBe(7n)
+      const a = await account(100n)
+      const r = await admit(a.keyHash, 10n)
+      expect((await finish(r.requestId, 7n))?.charged).toBe(7n)
+      const modes = await sql`select payer, mode from commit_modes order by payer`
+      expect(modes.map((m) => `${m.payer}:${m.mode}`)).toEqual(['account:off', 'channel:on'])
+    } finally {
+      await sql.unsafe(
+        'drop trigger commit_mode on usage; drop function commit_mode(); drop table commit_modes',
+      )
+    }
+  })
+
   test('behavior: concurrent vouchers on two channels: each channel keeps its highest, every outcome is the sequential one', async () => {
     const open = async () => (await Ledger.channel(sql, 1_000n)).channelId
     const channels = [await open(), await open()]

@@ -237,6 +237,8 @@ BEGIN
 
   -- Finishes of channel reservations (and of reservations already finished): one by one.
   IF others = 0 THEN RETURN; END IF;
+  -- Channel rows commit synchronously (0001's note): this statement then does too.
+  PERFORM set_config('synchronous_commit', 'on', true);
   RETURN QUERY SELECT (i.ordinality - 1)::int, 'finished', NULL::uuid, NULL::uuid, NULL::numeric,
       NULL::numeric, NULL::bigint, NULL::int, NULL::int, NULL::uuid, NULL::int, f.charged, f.balance, f.accepted_cumulative, f.spent
     FROM jsonb_array_elements(p_items) WITH ORDINALITY i,
