@@ -266,8 +266,8 @@ BEGIN
   RETURN QUERY SELECT amount, c.accepted_cumulative - c.spent - amount, c.accepted_cumulative, c.spent + amount;
 END $$;
 
--- Ends a request, whoever pays: dispatches on the reservation's payer (accounts: 0001's
--- tollway_account_finish; channels: tollway_channel_finish above).
+-- Ends a request, whoever pays: dispatches on the reservation's payer (accounts:
+-- tollway_account_finish, defined in 0004; channels: tollway_channel_finish above).
 CREATE FUNCTION tollway_finish(
   p_id uuid,
   p_cost numeric,

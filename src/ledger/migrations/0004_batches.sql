@@ -15,7 +15,7 @@
 -- order on the row held in variables, and the row is written once; reservations, usage rows
 -- and credit transactions go in one multi-row statement each. This is the one
 -- implementation of admission and finish for API keys: tollway_admit and
--- tollway_account_finish (0001) are redefined below as batches of one.
+-- tollway_account_finish (called by 0002's tollway_finish) below are batches of one.
 CREATE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS TABLE (
   idx              int,
   status           text,
@@ -252,9 +252,8 @@ END $$;
 -- on every call (a custom plan) cost more than running them.
 ALTER FUNCTION tollway_ledger_many(jsonb) SET plan_cache_mode = force_generic_plan;
 
--- The single-item forms (0001) as batches of one, so admission and finish have one
--- implementation.
-CREATE OR REPLACE FUNCTION tollway_admit(
+-- The single-item forms, as batches of one, so admission and finish have one implementation.
+CREATE FUNCTION tollway_admit(
   p_key_hash bytea,
   p_model text,
   p_stream boolean,
@@ -287,7 +286,7 @@ CREATE OR REPLACE FUNCTION tollway_admit(
     'requestId', p_request_id, 'leaseSeconds', p_lease_seconds)))
 $$;
 
-CREATE OR REPLACE FUNCTION tollway_account_finish(
+CREATE FUNCTION tollway_account_finish(
   p_id uuid,
   p_cost numeric,
   p_prompt_tokens int,
