@@ -4,6 +4,7 @@
  * ("Verification Procedure"). Pure of I/O: the channel store and the escrow are interfaces
  * that ledger/ and chain/ implement, wired by main.ts.
  */
+import type * as Channels from '../../ledger/Channels.ts'
 import type { Price } from '../../metering/Pricing.ts'
 import type * as Challenge from '../Challenge.ts'
 import type * as Credential from '../Credential.ts'
@@ -14,19 +15,20 @@ import * as Session from './Session.ts'
 type Hex = Session.Hex
 type Address = Session.Address
 
-/** Server-side accounting of a channel (ledger/Channels implements it). */
-export type Channel = {
-  channelId: Hex
-  signer: Hex
-  deposit: bigint
-  acceptedCumulative: bigint
-  voucherSignature: Hex | null
-  spent: bigint
-  reserved: bigint
-  settled: bigint
-  closeRequestedAt: Date | null
-  finalized: boolean
-}
+/** Server-side accounting of a channel: the ledger's record, as much as the method reads. */
+export type Channel = Pick<
+  Channels.Channel,
+  | 'channelId'
+  | 'signer'
+  | 'deposit'
+  | 'acceptedCumulative'
+  | 'voucherSignature'
+  | 'spent'
+  | 'reserved'
+  | 'settled'
+  | 'closeRequestedAt'
+  | 'finalized'
+>
 
 /** What the escrow says about a channel. */
 export type OnChain = {
