@@ -8,7 +8,6 @@
  *
  *   bun bench/payments.ts   → prints a table, writes bench/results/payments.{json,md}
  */
-import { join } from 'node:path'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Client from '../src/chain/Client.ts'
 import * as DevChain from '../src/chain/DevChain.ts'
@@ -16,7 +15,6 @@ import * as Token from '../src/chain/Token.ts'
 import { challengeOf, PayingSession } from '../src/client/Session.ts'
 import * as Harness from './Harness.ts'
 
-const root = join(import.meta.dir, '..')
 // One request in flight per channel (a channel's vouchers go in order), all channels at once.
 const channels = Number(process.env.BENCH_CHANNELS ?? 32)
 const perChannel = Number(process.env.BENCH_VOUCHERS ?? 400)
@@ -37,34 +35,19 @@ export async function run() {
     const profile = process.env.BENCH_PROFILE
       ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_PROFILE}`]
       : []
-    const proc = Bun.spawn([process.execPath, ...profile, 'src/main.ts'], {
-      cwd: root,
-      env: {
-        ...process.env,
-        TOLLWAY_CONFIG: config,
-        TOLLWAY_DATA_DIR: dataDir,
-        PORT: String(port),
-        DATABASE_URL: databaseUrl,
-        CHAIN_RPC_URL: chain.rpcUrl,
-        CHAIN_ID: String(chain.chainId),
-        ESCROW_ADDRESS: chain.escrowAddress,
-        CURRENCY_ADDRESS: chain.currencyAddress,
-        PAYEE_PRIVATE_KEY: chain.payee.privateKey,
-      },
-      stdout: 'pipe',
-      stderr: 'inherit',
-    })
-    gateway = proc
-    const reader = proc.stdout.getReader()
-    let out = ''
-    while (!out.includes('serving at')) {
-      const { value, done } = await reader.read()
-      if (done) throw new Error(`gateway exited:\n${out}`)
-      out += new TextDecoder().decode(value)
-    }
-    ;(async () => {
-      while (!(await reader.read()).done) {}
-    })()
+    gateway = (
+      await Harness.spawn(
+        [...profile, 'src/main.ts'],
+        {
+          TOLLWAY_CONFIG: config,
+          TOLLWAY_DATA_DIR: dataDir,
+          PORT: String(port),
+          DATABASE_URL: databaseUrl,
+          ...Harness.chainEnv(chain),
+        },
+        'serving at',
+      )
+    ).proc
     const url = `http://127.0.0.1:${port}/v1/chat/completions`
     const first = await fetch(url, {
       method: 'POST',

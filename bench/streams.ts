@@ -133,11 +133,7 @@ export async function run() {
         PORT: String(port),
         ADMIN_TOKEN: adminToken,
         DATABASE_URL: databaseUrl,
-        CHAIN_RPC_URL: chain.rpcUrl,
-        CHAIN_ID: String(chain.chainId),
-        ESCROW_ADDRESS: chain.escrowAddress,
-        CURRENCY_ADDRESS: chain.currencyAddress,
-        PAYEE_PRIVATE_KEY: chain.payee.privateKey,
+        ...Harness.chainEnv(chain),
       },
       'serving at',
     )
