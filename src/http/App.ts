@@ -26,18 +26,23 @@ export function create(deps: Deps): Hono {
   const app = new Hono()
   const limit = deps.config.maxBodyBytes
 
-  app.use(
-    '*',
-    bodyLimit({
-      maxSize: limit,
-      onError: () => {
-        throw new PayloadTooLargeError(
-          `The request body is over the ${limit}-byte limit.`,
-          'body_too_large',
-        )
-      },
-    }),
-  )
+  const tooLarge = () => {
+    throw new PayloadTooLargeError(
+      `The request body is over the ${limit}-byte limit.`,
+      'body_too_large',
+    )
+  }
+  // Bodies sent without a length (chunked) are counted as they are read.
+  const counted = bodyLimit({ maxSize: limit, onError: tooLarge })
+  app.use('*', (c, next) => {
+    // A declared length is checked without touching the body: reading `body` here would
+    // turn the handler's `text()` into a stream read.
+    const headers = c.req.raw.headers
+    const length = headers.get('content-length')
+    if (length === null || headers.has('transfer-encoding')) return counted(c, next)
+    if (Number(length) > limit) tooLarge()
+    return next()
+  })
 
   app.get('/health', (c) => c.json({ status: 'ok' }))
   app.route('/v1/models', Models.routes(deps))

@@ -185,6 +185,36 @@ describe('errors', () => {
     )
   })
 
+  test('a body sent without a length (chunked) is counted as it is read: over the limit → 413, under it served', async () => {
+    const { key } = await gw.account()
+    const chunked = (text: string) =>
+      fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        body: new ReadableStream({
+          start(controller) {
+            const bytes = new TextEncoder().encode(text)
+            for (let i = 0; i < bytes.length; i += 4096)
+              controller.enqueue(bytes.subarray(i, i + 4096))
+            controller.close()
+          },
+        }),
+      })
+    const big = await chunked(
+      JSON.stringify({
+        model: 'fake',
+        messages: [{ role: 'user', content: 'x'.repeat(gw.config.maxBodyBytes) }],
+      }),
+    )
+    expect(big.status).toBe(413)
+    expect(((await big.json()) as { error: { code: string } }).error.code).toBe('body_too_large')
+    const small = await chunked(
+      JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+    )
+    expect(small.status).toBe(200)
+    expect(((await small.json()) as { object: string }).object).toBe('chat.completion')
+  })
+
   test('error: a prompt longer than the context → 400 context_length_exceeded, nothing charged', async () => {
     const { id, key } = await gw.account()
     const res = await post(key, {
