@@ -86,30 +86,42 @@ export function quantile(sorted: readonly number[], q: number): number {
   return sorted[Math.floor(q * (sorted.length - 1))] ?? Number.NaN
 }
 
-/** Starts the fake upstream and a bare pass-through proxy in front of it (bench/servers.ts). */
-export async function upstreamAndProxy() {
+/**
+ * Starts the fake upstream and a bare pass-through proxy in front of it (bench/servers.ts).
+ * With `tokensPerSecond` the upstream paces its streams at that rate per stream.
+ */
+export async function upstreamAndProxy(tokensPerSecond?: number) {
   const upstreamPort = await freePort()
-  const upstreamServer = await spawn(['bench/servers.ts', 'upstream', String(upstreamPort)])
+  const upstreamServer = await spawn([
+    'bench/servers.ts',
+    'upstream',
+    String(upstreamPort),
+    ...(tokensPerSecond ? [String(tokensPerSecond)] : []),
+  ])
   const upstream = `http://127.0.0.1:${upstreamPort}/v1`
   const proxyPort = await freePort()
   const proxy = await spawn(['bench/servers.ts', 'proxy', String(proxyPort), upstream])
   return { upstream, proxyPort, proxy, children: [upstreamServer, proxy] }
 }
 
+/** The gateway config of one priced model per entry (model id → its upstream's base URL). */
+export function benchModels(upstreams: Record<string, string>) {
+  const entries = Object.entries(upstreams)
+  return {
+    upstreams: entries.map(([id, baseUrl]) => ({ name: id, baseUrl })),
+    models: entries.map(([id]) => ({
+      id,
+      upstream: id,
+      upstreamModel: 'bench',
+      pricing: { input: '1000000', output: '2000000' },
+      contextLength: 8192,
+    })),
+  }
+}
+
 /** The gateway config of the one priced model `bench`, served by `upstream`. */
 export function benchModel(upstream: string) {
-  return {
-    upstreams: [{ name: 'bench', baseUrl: upstream }],
-    models: [
-      {
-        id: 'bench',
-        upstream: 'bench',
-        upstreamModel: 'bench',
-        pricing: { input: '1000000', output: '2000000' },
-        contextLength: 8192,
-      },
-    ],
-  }
+  return benchModels({ bench: upstream })
 }
 
 /** Writes a run to bench/results/`name`.json (with its date) and `name`.md, and prints the table. */

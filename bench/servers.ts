@@ -1,14 +1,31 @@
 /**
  * The servers the gateway benchmark measures against, each run as its own process:
- *   bun bench/servers.ts upstream <port>        an OpenAI-compatible upstream that answers at once
- *                                               (streams: max_tokens one-word chunks, then usage)
- *   bun bench/servers.ts proxy <port> <target>  a bare Hono pass-through proxy (the ceiling)
+ *   bun bench/servers.ts upstream <port> [tokensPerSecond]
+ *       an OpenAI-compatible upstream. Without a rate it answers at once (a stream is
+ *       max_tokens one-word chunks, then usage, in one write). With a rate it streams like an
+ *       inference server: one write per token event, paced at that rate per stream, then the
+ *       usage chunk and [DONE].
+ *   bun bench/servers.ts proxy <port> <target>
+ *       a bare Hono pass-through proxy (the ceiling)
  */
 import { Hono } from 'hono'
 
 const [kind, port, target] = process.argv.slice(2)
 
+/** How often the paced upstream writes the events that are due (one ticker for all streams). */
+const tickMs = 20
+
+/** A paced stream in flight: it has written `sent` of its `n` token events. */
+type Paced = {
+  controller: ReadableStreamDefaultController<Uint8Array>
+  n: number
+  sent: number
+  started: number
+  tail: Uint8Array
+}
+
 if (kind === 'upstream') {
+  const rate = Number(process.argv[4] ?? 0)
   const body = JSON.stringify({
     id: 'chatcmpl-bench',
     object: 'chat.completion',
@@ -17,6 +34,33 @@ if (kind === 'upstream') {
     choices: [{ index: 0, message: { role: 'assistant', content: 'pong' }, finish_reason: 'stop' }],
     usage: { prompt_tokens: 9, completion_tokens: 1, total_tokens: 10 },
   })
+  const head =
+    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[{"index":0,"delta":{"content":" w"},"finish_reason":null}]}'
+  const usageOf = (n: number) =>
+    `{"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":${n},"total_tokens":${n + 9}}}`
+  const event = new TextEncoder().encode(`data: ${head}\n\n`)
+  const active = new Set<Paced>()
+
+  /** Writes the events of `s` that are due: token k is due k/rate seconds after the request. */
+  const pump = (s: Paced, now: number) => {
+    const due = Math.min(s.n, Math.floor(((now - s.started) * rate) / 1000) + 1)
+    try {
+      for (; s.sent < due; s.sent++) s.controller.enqueue(event)
+      if (s.sent === s.n) {
+        s.controller.enqueue(s.tail)
+        s.controller.close()
+        active.delete(s)
+      }
+    } catch {
+      active.delete(s) // the client went away and the stream is already closed
+    }
+  }
+  if (rate > 0)
+    setInterval(() => {
+      const now = performance.now()
+      for (const s of active) pump(s, now)
+    }, tickMs)
+
   Bun.serve({
     port: Number(port),
     hostname: '127.0.0.1',
@@ -25,10 +69,27 @@ if (kind === 'upstream') {
       if (!request.stream)
         return new Response(body, { headers: { 'content-type': 'application/json' } })
       const n = request.max_tokens ?? 100
-      const head =
-        '{"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[{"index":0,"delta":{"content":" w"},"finish_reason":null}]}'
-      const usage = `{"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":${n},"total_tokens":${n + 9}}}`
-      const text = `${`data: ${head}\n\n`.repeat(n)}data: ${usage}\n\ndata: [DONE]\n\n`
+      if (rate > 0) {
+        let s: Paced
+        const stream = new ReadableStream<Uint8Array>({
+          start(controller) {
+            s = {
+              controller,
+              n,
+              sent: 0,
+              started: performance.now(),
+              tail: new TextEncoder().encode(`data: ${usageOf(n)}\n\ndata: [DONE]\n\n`),
+            }
+            active.add(s)
+            pump(s, s.started) // the first token at once, not at the next tick
+          },
+          cancel() {
+            active.delete(s)
+          },
+        })
+        return new Response(stream, { headers: { 'content-type': 'text/event-stream' } })
+      }
+      const text = `${`data: ${head}\n\n`.repeat(n)}data: ${usageOf(n)}\n\ndata: [DONE]\n\n`
       return new Response(text, { headers: { 'content-type': 'text/event-stream' } })
     },
   })
@@ -47,7 +108,9 @@ if (kind === 'upstream') {
   })
   Bun.serve({ port: Number(port), hostname: '127.0.0.1', fetch: app.fetch })
 } else {
-  console.error('usage: bun bench/servers.ts upstream <port> | proxy <port> <target>')
+  console.error(
+    'usage: bun bench/servers.ts upstream <port> [tokensPerSecond] | proxy <port> <target>',
+  )
   process.exit(2)
 }
 console.log('ready')

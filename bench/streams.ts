@@ -1,16 +1,25 @@
 /**
  * Streaming throughput: many concurrent streams of 100 tokens each (BENCH_TOKENS), in a
- * closed loop, to a local upstream that streams at once — through a bare Hono pass-through
- * proxy (the ceiling), through the gateway with an API key, and through the gateway paid from
- * channels (one channel per concurrent stream: a channel carries one stream at a time).
- * Reports tokens/s, time to first token and the target process's CPU.
+ * closed loop, through a bare Hono pass-through proxy (the ceiling), through the gateway with
+ * an API key, and through the gateway paid from channels (one channel per concurrent stream:
+ * a channel carries one stream at a time). Two modes, one gateway serving both:
+ *   instant  the upstream writes a whole stream at once (model `bench`): per-request costs
+ *            dominate and the streams queue in a closed loop
+ *   paced    the upstream writes one event per token at BENCH_PACED_RATE tokens/s per stream
+ *            (model `bench-paced`), like an inference server: the target holds every stream
+ *            open for seconds; a run lasts at least 3 stream durations and counts the tokens
+ *            that arrive within it
+ * Reports tokens/s, time to first token, the target process's CPU (cores, and per 1,000
+ * tokens) and the load generator's own CPU.
  *
- *   bun bench/streams.ts   → prints a table, writes bench/results/streams.{json,md}
+ *   bun bench/streams.ts   → prints the tables, writes bench/results/streams.{json,md}
  *
  * Knobs: BENCH_SECONDS (per run, 5), BENCH_STREAMS (levels, "100,1000"), BENCH_PAID_STREAMS
- * (100), BENCH_TARGETS (which of "proxy,key,paid" to run), BENCH_TOKENS (per stream, 100),
- * BENCH_BLOCK_TOKENS (the gateway's metering.blockTokens), BENCH_PROFILE_DIR (runs the
- * gateway with `--cpu-prof` into it; the profile is written as the gateway stops).
+ * ("100,1000"), BENCH_TARGETS (which of "proxy,key,paid" to run), BENCH_TOKENS (per stream,
+ * 100), BENCH_PACED_RATE (tokens/s per stream, 50), BENCH_PACED_STREAMS (levels, "1000"),
+ * BENCH_PACED_TARGETS ("proxy,key,paid"; empty skips the paced runs), BENCH_BLOCK_TOKENS
+ * (the gateway's metering.blockTokens), BENCH_PROFILE_DIR (runs the gateway with `--cpu-prof`
+ * into it; the profile is written as the gateway stops).
  */
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Client from '../src/chain/Client.ts'
@@ -22,11 +31,21 @@ import * as Harness from './Harness.ts'
 const seconds = Number(process.env.BENCH_SECONDS ?? 5)
 const levels = (process.env.BENCH_STREAMS ?? '100,1000').split(',').map(Number)
 const paidLevels = (process.env.BENCH_PAID_STREAMS ?? '100,1000').split(',').map(Number)
-const paidLevel = Math.max(...paidLevels)
 const targets = new Set((process.env.BENCH_TARGETS ?? 'proxy,key,paid').split(','))
 const blockTokens = process.env.BENCH_BLOCK_TOKENS
 const profileDir = process.env.BENCH_PROFILE_DIR
 const tokens = Number(process.env.BENCH_TOKENS ?? 100)
+const pacedRate = Number(process.env.BENCH_PACED_RATE ?? 50)
+const pacedLevels = (process.env.BENCH_PACED_STREAMS ?? '1000').split(',').map(Number)
+const pacedTargets = new Set((process.env.BENCH_PACED_TARGETS ?? 'proxy,key,paid').split(','))
+const paced = ['proxy', 'key', 'paid'].some((t) => pacedTargets.has(t))
+/** Long enough for every stream to complete a few times over. */
+const pacedSeconds = Math.max(seconds, (3 * tokens) / pacedRate)
+/** Channels to open: one per concurrent paid stream, in either mode. */
+const channels = Math.max(
+  ...(targets.has('paid') ? paidLevels : [0]),
+  ...(pacedTargets.has('paid') ? pacedLevels : [0]),
+)
 
 type Stats = {
   streams: number
@@ -34,19 +53,30 @@ type Stats = {
   ttftP50: number
   ttftP99: number
   cpuPerSecond: number
+  /** The target's CPU milliseconds per 1,000 tokens: the per-token cost at equal throughputs. */
+  cpuMsPer1kTokens: number
   /** The load generator's own CPU (this process): it must not be the bottleneck. */
   clientCpuPerSecond: number
   errors: number
 }
 
-async function load(
-  url: string,
-  headers: (i: number) => Record<string, string>,
-  streams: number,
-  pid: number,
-): Promise<Stats> {
+/**
+ * Runs `streams` closed-loop streams of `model` for `seconds`. `window`: count only what
+ * arrives within the run (paced streams still open at the end are drained, uncounted: the
+ * tail would be half idle); otherwise count until the last stream ends.
+ */
+async function load(opts: {
+  url: string
+  headers: (i: number) => Record<string, string>
+  streams: number
+  pid: number
+  model: string
+  seconds: number
+  window: boolean
+}): Promise<Stats> {
+  const { url, headers, streams, pid } = opts
   const body = JSON.stringify({
-    model: 'bench',
+    model: opts.model,
     stream: true,
     max_tokens: tokens,
     messages: [{ role: 'user', content: 'go' }],
@@ -54,10 +84,21 @@ async function load(
   let received = 0
   let errors = 0
   const ttft: number[] = []
-  const end = performance.now() + seconds * 1000
+  const end = performance.now() + opts.seconds * 1000
+  const started = performance.now()
   const cpu0 = Harness.cpuSeconds(pid)
   const client0 = process.cpuUsage()
-  const started = performance.now()
+  const sample = () => {
+    const c = process.cpuUsage(client0)
+    return {
+      received,
+      elapsed: (performance.now() - started) / 1000,
+      cpu: Harness.cpuSeconds(pid) - cpu0,
+      client: (c.user + c.system) / 1e6,
+    }
+  }
+  let atEnd: ReturnType<typeof sample> | undefined
+  const timer = opts.window ? setTimeout(() => (atEnd = sample()), opts.seconds * 1000) : null
   await Promise.all(
     Array.from({ length: streams }, async (_, i) => {
       while (performance.now() < end) {
@@ -88,34 +129,38 @@ async function load(
       }
     }),
   )
-  const elapsed = (performance.now() - started) / 1000
+  if (timer) clearTimeout(timer)
+  const m = atEnd ?? sample()
   ttft.sort((a, b) => a - b)
   const at = (q: number) => Harness.quantile(ttft, q)
   return {
     streams,
-    tokensPerSecond: received / elapsed,
+    tokensPerSecond: m.received / m.elapsed,
     ttftP50: at(0.5),
     ttftP99: at(0.99),
-    cpuPerSecond: (Harness.cpuSeconds(pid) - cpu0) / elapsed,
-    clientCpuPerSecond: (() => {
-      const c = process.cpuUsage(client0)
-      return (c.user + c.system) / 1e6 / elapsed
-    })(),
+    cpuPerSecond: m.cpu / m.elapsed,
+    cpuMsPer1kTokens: (m.cpu * 1e6) / m.received,
+    clientCpuPerSecond: m.client / m.elapsed,
     errors,
   }
 }
 
 export async function run() {
   const children: { proc: { kill(): void; exited: Promise<number> } }[] = []
-  const chain = await DevChain.start({ accounts: paidLevel + 1 })
+  const chain = await DevChain.start({ accounts: channels + 1 })
   try {
     const servers = await Harness.upstreamAndProxy()
     children.push(...servers.children)
     const { upstream, proxyPort, proxy } = servers
+    const pacedServers = paced ? await Harness.upstreamAndProxy(pacedRate) : null
+    if (pacedServers) children.push(...pacedServers.children)
     const databaseUrl = await Harness.freshDatabase('tollway_bench_streams')
     const { dir, config } = Harness.dataDir({
       logLevel: 'warn',
-      ...Harness.benchModel(upstream),
+      ...Harness.benchModels({
+        bench: upstream,
+        ...(pacedServers ? { 'bench-paced': pacedServers.upstream } : {}),
+      }),
       plans: {
         bench: { tier: 0, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
       },
@@ -153,7 +198,7 @@ export async function run() {
       { token: chain.currencyAddress },
     )
     const paid = await Promise.all(
-      chain.payers.slice(0, targets.has('paid') ? paidLevel : 0).map(async (p) => {
+      chain.payers.slice(0, channels).map(async (p) => {
         const s = new PayingSession({
           account: privateKeyToAccount(p.privateKey),
           challenge,
@@ -169,34 +214,57 @@ export async function run() {
       }),
     )
 
-    const results: Record<string, Stats[]> = { proxy: [], key: [], paid: [] }
     const pid = (c: { proc: unknown }) => (c.proc as { pid: number }).pid
+    const asKey = () => ({ authorization: `Bearer ${key}` })
+    // Each concurrent stream pays from its own channel (a channel carries one stream at a time).
+    const asPayer = (n: number) => (i: number) => ({ authorization: paid[i % n]! })
+    const instant = { url, pid: pid(gateway), model: 'bench', seconds, window: false }
+
+    const results: Record<string, Stats[]> = { proxy: [], key: [], paid: [] }
     for (const n of levels) {
       if (targets.has('proxy'))
         results.proxy!.push(
-          await load(
-            `http://127.0.0.1:${proxyPort}/v1/chat/completions`,
-            () => ({}),
-            n,
-            pid(proxy),
-          ),
+          await load({
+            ...instant,
+            url: `http://127.0.0.1:${proxyPort}/v1/chat/completions`,
+            headers: () => ({}),
+            streams: n,
+            pid: pid(proxy),
+          }),
         )
       if (targets.has('key'))
-        results.key!.push(
-          await load(url, () => ({ authorization: `Bearer ${key}` }), n, pid(gateway)),
-        )
+        results.key!.push(await load({ ...instant, headers: asKey, streams: n }))
     }
-    // Each concurrent stream pays from its own channel (a channel carries one stream at a time).
     if (targets.has('paid'))
       for (const n of paidLevels)
-        results.paid!.push(
-          await load(url, (i) => ({ authorization: paid[i % n]! }), n, pid(gateway)),
-        )
+        results.paid!.push(await load({ ...instant, headers: asPayer(n), streams: n }))
+
+    const pacedResults: Record<string, Stats[]> = { proxy: [], key: [], paid: [] }
+    if (pacedServers) {
+      const pacedRun = { ...instant, model: 'bench-paced', seconds: pacedSeconds, window: true }
+      for (const n of pacedLevels) {
+        if (pacedTargets.has('proxy'))
+          pacedResults.proxy!.push(
+            await load({
+              ...pacedRun,
+              url: `http://127.0.0.1:${pacedServers.proxyPort}/v1/chat/completions`,
+              headers: () => ({}),
+              streams: n,
+              pid: pid(pacedServers.proxy),
+            }),
+          )
+        if (pacedTargets.has('key'))
+          pacedResults.key!.push(await load({ ...pacedRun, headers: asKey, streams: n }))
+        if (pacedTargets.has('paid'))
+          pacedResults.paid!.push(await load({ ...pacedRun, headers: asPayer(n), streams: n }))
+      }
+    }
     return {
       database: databaseUrl ? 'postgresql' : 'pglite',
       seconds,
       tokensPerStream: tokens,
       results,
+      paced: { tokensPerSecondPerStream: pacedRate, seconds: pacedSeconds, results: pacedResults },
     }
   } finally {
     // Wait for the exits: a profiled gateway writes its profile as it stops.
@@ -206,20 +274,40 @@ export async function run() {
   }
 }
 
-export function table(r: Awaited<ReturnType<typeof run>>): string {
+/** One markdown table of `results`. */
+function rows(results: Record<string, Stats[]>): string {
   const lines = [
-    '| target | concurrent streams | tokens/s | TTFT p50 ms | TTFT p99 ms | CPU (cores) | client CPU | errors |',
-    '|---|---:|---:|---:|---:|---:|---:|---:|',
+    '| target | concurrent streams | tokens/s | TTFT p50 ms | TTFT p99 ms | CPU (cores) | CPU ms / 1k tokens | client CPU | errors |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
-  for (const [name, list] of Object.entries(r.results))
+  for (const [name, list] of Object.entries(results))
     for (const s of list)
       lines.push(
-        `| ${name} | ${s.streams} | ${Math.round(s.tokensPerSecond)} | ${s.ttftP50.toFixed(1)} | ${s.ttftP99.toFixed(1)} | ${s.cpuPerSecond.toFixed(2)} | ${s.clientCpuPerSecond.toFixed(2)} | ${s.errors} |`,
+        `| ${name} | ${s.streams} | ${Math.round(s.tokensPerSecond)} | ${s.ttftP50.toFixed(1)} | ${s.ttftP99.toFixed(1)} | ${s.cpuPerSecond.toFixed(2)} | ${s.cpuMsPer1kTokens.toFixed(2)} | ${s.clientCpuPerSecond.toFixed(2)} | ${s.errors} |`,
       )
   return lines.join('\n')
 }
 
-if (import.meta.main) {
+/** The instant and the paced runs as two markdown tables. */
+export function table(r: Awaited<ReturnType<typeof run>>): string {
+  const tables = [`Instant upstream (${r.seconds} s runs):\n\n${rows(r.results)}`]
+  if (Object.values(r.paced.results).some((l) => l.length))
+    tables.push(
+      `Paced upstream, ${r.paced.tokensPerSecondPerStream} tokens/s per stream (${r.paced.seconds} s runs):\n\n${rows(r.paced.results)}`,
+    )
+  return tables.join('\n\n')
+}
+
+if (import.meta.main && !process.env.BUN_CONFIG_MAX_HTTP_REQUESTS) {
+  // Bun's fetch keeps at most 256 requests in flight and queues the rest, a limit read once
+  // at start: rerun with room for every stream, here and in the proxy and gateway (they
+  // inherit the environment).
+  const again = Bun.spawn([process.execPath, ...process.argv.slice(1)], {
+    env: { ...process.env, BUN_CONFIG_MAX_HTTP_REQUESTS: '8192' },
+    stdio: ['inherit', 'inherit', 'inherit'],
+  })
+  process.exit(await again.exited)
+} else if (import.meta.main) {
   const r = await run()
   Harness.report('streams', r, table(r))
 }
