@@ -22,6 +22,7 @@ import {
   recoverTypedDataAddress,
   toBytes,
 } from 'viem'
+import { Lru } from '../Lru.ts'
 import { type InvalidVoucherReason, InvalidVoucherSignatureError } from './Errors.ts'
 
 export const name = 'EVM Payment Channel'
@@ -234,25 +235,6 @@ function bytesToBigInt(bytes: Uint8Array): bigint {
   let n = 0n
   for (const byte of bytes) n = (n << 8n) | BigInt(byte)
   return n
-}
-
-/** A small least-recently-used map: Map keeps insertion order, so re-insert on hit. */
-class Lru<K, V> {
-  readonly #map = new Map<K, V>()
-  constructor(readonly size: number) {}
-  get(key: K): V | undefined {
-    const value = this.#map.get(key)
-    if (value !== undefined) {
-      this.#map.delete(key)
-      this.#map.set(key, value)
-    }
-    return value
-  }
-  set(key: K, value: V): void {
-    this.#map.delete(key)
-    this.#map.set(key, value)
-    if (this.#map.size > this.size) this.#map.delete(this.#map.keys().next().value as K)
-  }
 }
 
 /** A verifier whose signature checks run on a worker thread; `close` ends the thread. */

@@ -4,6 +4,7 @@
  * then the method's action) before anything is served.
  */
 import type { GatewayError } from '../Errors.ts'
+import { Lru } from '../Lru.ts'
 import type { Price } from '../metering/Pricing.ts'
 import * as AcceptPayment from '../payment/AcceptPayment.ts'
 import * as Challenge from '../payment/Challenge.ts'
@@ -130,10 +131,30 @@ export type Verified = {
   checked: Method.Checked
 }
 
+/**
+ * Credentials parsed, with the challenges they echo, by their header text. A paying client
+ * sends the same credential (its latest voucher) ahead of every request until it signs the
+ * next, and parsing is a function of the text alone; what varies with time (the challenge's
+ * expiry, the channel's state, replays) is checked on every request all the same. Entries are
+ * frozen, so no request can change what the next one gets. Malformed headers are not kept.
+ */
+const parsed = new Lru<string, { credential: Credential.Credential; echoed: Challenge.Challenge }>(
+  4096,
+)
+
+function parse(authorization: string) {
+  let entry = parsed.get(authorization)
+  if (!entry) {
+    const credential = Challenge.deepFreeze(Credential.deserialize(authorization))
+    entry = { credential, echoed: Challenge.deepFreeze(Credential.challengeOf(credential)) }
+    parsed.set(authorization, entry)
+  }
+  return entry
+}
+
 /** Common verification (draft), then the method's own typing of the payload. */
 export function verify(p: Payments, authorization: string): Verified {
-  const credential = Credential.deserialize(authorization)
-  const echoed = Credential.challengeOf(credential)
+  const { credential, echoed } = parse(authorization)
   if (echoed.realm !== p.realm)
     throw Problem.challengeNotFound('The challenge is for another realm; use a fresh challenge.')
   const result = Challenge.verify(echoed, p.secret)

@@ -338,7 +338,8 @@ export function fromEcho(echo: unknown): Challenge {
  */
 const requests = new Map<string, Challenge['request']>()
 
-function deepFreeze<T>(value: T): T {
+/** Freezes `value` and everything in it. */
+export function deepFreeze<T>(value: T): T {
   if (value && typeof value === 'object' && !Object.isFrozen(value)) {
     for (const v of Object.values(value)) deepFreeze(v)
     Object.freeze(value)

@@ -6,7 +6,7 @@
  */
 import type * as Channels from '../../ledger/Channels.ts'
 import type { Price } from '../../metering/Pricing.ts'
-import type * as Challenge from '../Challenge.ts'
+import * as Challenge from '../Challenge.ts'
 import type * as Credential from '../Credential.ts'
 import type * as Method from '../Method.ts'
 import * as Problem from '../Problem.ts'
@@ -372,27 +372,49 @@ export function create(o: Options) {
     }
   }
 
+  /**
+   * The payload typed and tied to its challenge's request: a function of the two alone, so
+   * kept for a credential object the route has seen before (it keeps parsed credentials, frozen,
+   * by their text). Failures are not kept.
+   */
+  const typedOf = new WeakMap<
+    Credential.Credential,
+    { challenge: Challenge.Challenge; parsed: Session.Parsed; price: Price }
+  >()
+  function typed(credential: Credential.Credential, challenge: Challenge.Challenge) {
+    const known = typedOf.get(credential)
+    if (known?.challenge === challenge) return known
+    const parsed = Session.fromCredential(credential)
+    const req = Session.requestOf(challenge)
+    Session.check(parsed, req)
+    const input = challenge.request.inputAmount
+    const entry = {
+      challenge,
+      parsed: Challenge.deepFreeze(parsed),
+      price: {
+        output: req.amount,
+        input: typeof input === 'string' && /^\d+$/.test(input) ? BigInt(input) : -1n,
+      },
+    }
+    if (Object.isFrozen(credential)) typedOf.set(credential, entry)
+    return entry
+  }
+
   return {
     method: Session.method,
     intent: Session.intent,
     request,
     check(credential: Credential.Credential, challenge: Challenge.Challenge): Method.Checked {
-      const parsed = Session.fromCredential(credential)
-      const req = Session.requestOf(challenge)
-      Session.check(parsed, req)
+      const { parsed, price } = typed(credential, challenge)
       const p = parsed.payload
-      const input = challenge.request.inputAmount
       return {
-        action: parsed.payload.action,
-        channelId: parsed.payload.channelId,
-        price: {
-          output: req.amount,
-          input: typeof input === 'string' && /^\d+$/.test(input) ? BigInt(input) : -1n,
-        },
+        action: p.action,
+        channelId: p.channelId,
+        price,
         ...(p.action === 'voucher' && !p.deposit && isReplay(p.channelId, p.cumulativeAmount)
           ? { replay: true }
           : {}),
-        payload: { parsed, amount: req.amount },
+        payload: { parsed, amount: price.output },
       }
     },
     apply(checked: Method.Checked, options?: { beforeRequest?: boolean }): Promise<Applied> {

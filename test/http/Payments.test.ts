@@ -1,0 +1,84 @@
+/** Payment credentials at the HTTP layer: parsed once per header text, checked every time. */
+import { describe, expect, test } from 'bun:test'
+import * as Payments from '../../src/http/Payments.ts'
+import * as Credential from '../../src/payment/Credential.ts'
+import type * as Method from '../../src/payment/Method.ts'
+
+const channelId = `0x${'ab'.repeat(32)}` as const
+const price = { input: 1_000_000n, output: 2_000_000n }
+
+/** A method that records what it was asked to check. */
+function recording() {
+  const seen: Credential.Credential[] = []
+  const method: Method.Method = {
+    method: 'evm',
+    intent: 'session',
+    request: () => ({ amount: '2000000', currency: '0x0', recipient: '0x0' }),
+    check(credential) {
+      seen.push(credential)
+      return { action: 'voucher', channelId, price, payload: credential }
+    },
+    apply: async () => ({}),
+    receipt: () => ({}),
+  }
+  return { method, seen }
+}
+
+function payments(method: Method.Method, expiresMs: number): Payments.Payments {
+  return {
+    secret: 'test-secret-0123456789',
+    realm: 'tollway',
+    expiresMs,
+    methods: [method],
+    voucherTimeoutMs: 1000,
+    wake: () => {},
+    limiter: new Payments.VoucherLimiter(10),
+  }
+}
+
+function header(p: Payments.Payments, method: Method.Method, amount: string): string {
+  const challenge = Payments.challenge(p, method, price, channelId)
+  return Credential.serialize(
+    Credential.from({
+      challenge,
+      payload: { action: 'voucher', channelId, cumulativeAmount: amount },
+    }),
+  )
+}
+
+describe('Payments.verify', () => {
+  test('behavior: the same header text is parsed once; its objects are shared, frozen', () => {
+    const { method, seen } = recording()
+    const p = payments(method, 60_000)
+    const h = header(p, method, '100')
+    const first = Payments.verify(p, h)
+    const again = Payments.verify(p, h)
+    expect(again.challenge).toBe(first.challenge)
+    expect(seen[1]).toBe(seen[0]!)
+    expect(Object.isFrozen(seen[0])).toBe(true)
+    expect(Object.isFrozen(first.challenge.request)).toBe(true)
+    // Another voucher is another text: parsed afresh.
+    Payments.verify(p, header(p, method, '200'))
+    expect(seen[2]).not.toBe(seen[0]!)
+    expect((seen[2]!.payload as { cumulativeAmount: string }).cumulativeAmount).toBe('200')
+  })
+
+  test('behavior: a kept credential whose challenge has expired since is refused', async () => {
+    const { method } = recording()
+    const p = payments(method, 1500)
+    const h = header(p, method, '100')
+    expect(Payments.verify(p, h).checked.action).toBe('voucher')
+    await Bun.sleep(1600)
+    expect(() => Payments.verify(p, h)).toThrow(/expired/)
+  })
+
+  test('error: a malformed header is refused every time, never kept', () => {
+    const { method } = recording()
+    const p = payments(method, 60_000)
+    const bad = 'Payment not-base64url-json!'
+    expect(() => Payments.verify(p, bad)).toThrow()
+    expect(() => Payments.verify(p, bad)).toThrow()
+    const forged = header(p, method, '100').replace(/.$/, (c) => (c === 'A' ? 'B' : 'A'))
+    expect(() => Payments.verify(p, forged)).toThrow()
+  })
+})
