@@ -39,7 +39,8 @@ export async function freePort(): Promise<number> {
 export async function spawn(args: string[], env: Record<string, string> = {}, ready = 'ready') {
   const proc = Bun.spawn([process.execPath, ...args], {
     cwd: join(import.meta.dir, '..'),
-    env: { ...process.env, ...env },
+    // Bun's fetch holds 256 requests at once unless told otherwise (read once, at start).
+    env: { BUN_CONFIG_MAX_HTTP_REQUESTS: '16384', ...process.env, ...env },
     stdout: 'pipe',
     stderr: 'inherit',
   })

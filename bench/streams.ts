@@ -303,7 +303,7 @@ if (import.meta.main && !process.env.BUN_CONFIG_MAX_HTTP_REQUESTS) {
   // at start: rerun with room for every stream, here and in the proxy and gateway (they
   // inherit the environment).
   const again = Bun.spawn([process.execPath, ...process.argv.slice(1)], {
-    env: { ...process.env, BUN_CONFIG_MAX_HTTP_REQUESTS: '8192' },
+    env: { ...process.env, BUN_CONFIG_MAX_HTTP_REQUESTS: '16384' },
     stdio: ['inherit', 'inherit', 'inherit'],
   })
   process.exit(await again.exited)

@@ -278,6 +278,10 @@ async function devKey(sql: Db.Sql, config: Config.Config): Promise<string> {
 
 /** `npm start` and `tollway serve`: loads the config, serves, and stops on SIGINT/SIGTERM. */
 export async function serve(): Promise<void> {
+  if (!process.env.BUN_CONFIG_MAX_HTTP_REQUESTS)
+    console.error(
+      "tollway: warning: Bun's fetch holds at most 256 upstream requests at once and queues the rest; start with `npm start` or `tollway serve`, or set BUN_CONFIG_MAX_HTTP_REQUESTS (up to 65535)",
+    )
   let config: Config.Config
   try {
     config = Config.load()

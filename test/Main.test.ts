@@ -6,8 +6,9 @@ import { join } from 'node:path'
 
 const root = join(import.meta.dir, '..')
 
+/** Runs `bin/tollway serve`, the command users run (npm start runs the same with the same env). */
 async function serve(env: Record<string, string>) {
-  const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
+  const proc = Bun.spawn(['bin/tollway', 'serve'], {
     cwd: root,
     env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...env },
     stdout: 'pipe',
@@ -64,6 +65,9 @@ describe('npm start', () => {
       expect(text.trim().endsWith('data: [DONE]')).toBe(true)
       const models = (await (await fetch(`${url}/v1/models`)).json()) as { data: { id: string }[] }
       expect(models.data.map((m) => m.id)).toEqual(['tollway-echo'])
+      // Bun's fetch would hold 256 upstream requests at once; the launcher lifts that.
+      const environ = readFileSync(`/proc/${proc.pid}/environ`, 'utf8').split('\0')
+      expect(environ).toContain('BUN_CONFIG_MAX_HTTP_REQUESTS=16384')
     } finally {
       proc.kill('SIGTERM')
       await proc.exited
@@ -85,6 +89,8 @@ describe('npm start', () => {
     expect(await proc.exited).toBe(1)
     const err = await new Response(proc.stderr).text()
     expect(err).toContain('PORT')
+    // Started bare, without the launcher: warned that upstream requests are capped.
+    expect(err).toContain('BUN_CONFIG_MAX_HTTP_REQUESTS')
   })
 
   test('error: a partly configured chain names what is missing', async () => {
