@@ -136,25 +136,24 @@ export type Verified = {
  * sends the same credential (its latest voucher) ahead of every request until it signs the
  * next, and parsing is a function of the text alone; what varies with time (the challenge's
  * expiry, the channel's state, replays) is checked on every request all the same. Entries are
- * frozen, so no request can change what the next one gets. Malformed headers are not kept.
+ * frozen, so no request can change what the next one gets. Only credentials whose challenge
+ * this server issued are kept, and only up to 4 KB of text (a voucher's is about 1.6 KB), so
+ * the cache stays under a few tens of MB whatever is sent.
  */
 const parsed = new Lru<string, { credential: Credential.Credential; echoed: Challenge.Challenge }>(
   4096,
 )
-
-function parse(authorization: string) {
-  let entry = parsed.get(authorization)
-  if (!entry) {
-    const credential = Challenge.deepFreeze(Credential.deserialize(authorization))
-    entry = { credential, echoed: Challenge.deepFreeze(Credential.challengeOf(credential)) }
-    parsed.set(authorization, entry)
-  }
-  return entry
-}
+const keptBytes = 4096
 
 /** Common verification (draft), then the method's own typing of the payload. */
 export function verify(p: Payments, authorization: string): Verified {
-  const { credential, echoed } = parse(authorization)
+  let entry = parsed.get(authorization)
+  const known = entry !== undefined
+  if (!entry) {
+    const credential = Challenge.deepFreeze(Credential.deserialize(authorization))
+    entry = { credential, echoed: Challenge.deepFreeze(Credential.challengeOf(credential)) }
+  }
+  const { credential, echoed } = entry
   if (echoed.realm !== p.realm)
     throw Problem.challengeNotFound('The challenge is for another realm; use a fresh challenge.')
   const result = Challenge.verify(echoed, p.secret)
@@ -165,6 +164,7 @@ export function verify(p: Payments, authorization: string): Verified {
         : 'The challenge is not one this server issued; retry with the fresh challenge.',
       { challengeId: echoed.id },
     )
+  if (!known && authorization.length <= keptBytes) parsed.set(authorization, entry)
   const method = p.methods.find((m) => m.method === echoed.method && m.intent === echoed.intent)
   if (!method)
     throw Problem.methodUnsupported(

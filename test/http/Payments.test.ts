@@ -36,12 +36,12 @@ function payments(method: Method.Method, expiresMs: number): Payments.Payments {
   }
 }
 
-function header(p: Payments.Payments, method: Method.Method, amount: string): string {
+function header(p: Payments.Payments, method: Method.Method, amount: string, pad = ''): string {
   const challenge = Payments.challenge(p, method, price, channelId)
   return Credential.serialize(
     Credential.from({
       challenge,
-      payload: { action: 'voucher', channelId, cumulativeAmount: amount },
+      payload: { action: 'voucher', channelId, cumulativeAmount: amount, ...(pad ? { pad } : {}) },
     }),
   )
 }
@@ -61,6 +61,16 @@ describe('Payments.verify', () => {
     Payments.verify(p, header(p, method, '200'))
     expect(seen[2]).not.toBe(seen[0]!)
     expect((seen[2]!.payload as { cumulativeAmount: string }).cumulativeAmount).toBe('200')
+  })
+
+  test('behavior: a credential over 4 KB is served but not kept', () => {
+    const { method, seen } = recording()
+    const p = payments(method, 60_000)
+    const h = header(p, method, '100', 'x'.repeat(5000))
+    Payments.verify(p, h)
+    Payments.verify(p, h)
+    expect(seen[1]).not.toBe(seen[0]!)
+    expect(seen[1]).toEqual(seen[0]!)
   })
 
   test('behavior: a kept credential whose challenge has expired since is refused', async () => {
