@@ -1,5 +1,5 @@
 /** What the benchmarks share: a fresh database and a data dir with a config file. */
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import postgres from 'postgres'
@@ -67,6 +67,26 @@ export function cpuSeconds(pid: number): number {
   } catch {
     return Number.NaN
   }
+}
+
+/**
+ * CPU seconds used by every process named `postgres` on this machine (a local server's
+ * backends and helpers): where the database shares the box, its cost per request.
+ */
+export function postgresCpuSeconds(): number {
+  let total = 0
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue
+    try {
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8')
+      if (!stat.startsWith(`${entry} (postgres)`)) continue
+      const fields = stat.split(') ')[1]!.split(' ')
+      total += (Number(fields[11]) + Number(fields[12])) / 100
+    } catch {
+      // The process ended between the listing and the read.
+    }
+  }
+  return total
 }
 
 /** Creates an account with plenty of credits and a key through the admin API; the key. */

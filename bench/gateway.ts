@@ -15,7 +15,18 @@ import * as Harness from './Harness.ts'
 const seconds = Number(process.env.BENCH_SECONDS ?? 5)
 const concurrencies = [1, 64]
 
-type Stats = { rps: number; p50: number; p99: number; errors: number }
+type Stats = {
+  rps: number
+  p50: number
+  p99: number
+  errors: number
+  /**
+   * CPU µs a request, by process: the target (the upstream itself for `direct`), the
+   * upstream behind it, PostgreSQL (every local `postgres` process) and this load generator.
+   * On a shared box their sum against the cores available bounds the rate.
+   */
+  cpu: { target: number; upstream: number; postgres: number; client: number }
+}
 
 const { freePort, spawn } = Harness
 
@@ -24,6 +35,7 @@ async function load(
   headers: Record<string, string>,
   body: string,
   concurrency: number,
+  pids: { target: number; upstream: number },
 ): Promise<Stats> {
   const latencies: number[] = []
   let errors = 0
@@ -37,12 +49,33 @@ async function load(
       else latencies.push(performance.now() - t)
     }
   }
+  const cpu0 = {
+    target: Harness.cpuSeconds(pids.target),
+    upstream: Harness.cpuSeconds(pids.upstream),
+    postgres: Harness.postgresCpuSeconds(),
+    client: process.cpuUsage(),
+  }
   const started = performance.now()
   await Promise.all(Array.from({ length: concurrency }, worker))
   const elapsed = (performance.now() - started) / 1000
+  const client = process.cpuUsage(cpu0.client)
+  const n = latencies.length + errors
+  const per = (seconds: number) => Math.round((seconds / n) * 1e6)
   latencies.sort((a, b) => a - b)
   const at = (q: number) => Harness.quantile(latencies, q)
-  return { rps: latencies.length / elapsed, p50: at(0.5), p99: at(0.99), errors }
+  return {
+    rps: latencies.length / elapsed,
+    p50: at(0.5),
+    p99: at(0.99),
+    errors,
+    cpu: {
+      target: per(Harness.cpuSeconds(pids.target) - cpu0.target),
+      upstream:
+        pids.upstream === pids.target ? 0 : per(Harness.cpuSeconds(pids.upstream) - cpu0.upstream),
+      postgres: per(Harness.postgresCpuSeconds() - cpu0.postgres),
+      client: per((client.user + client.system) / 1e6),
+    },
+  }
 }
 
 export async function run() {
@@ -69,20 +102,21 @@ export async function run() {
     })
     const gatewayPort = await freePort()
     const adminToken = 'bench-admin-token-0123456789'
-    children.push(
-      await spawn(
-        ['src/main.ts'],
-        {
-          TOLLWAY_CONFIG: config,
-          TOLLWAY_DATA_DIR: dataDir,
-          PORT: String(gatewayPort),
-          ADMIN_TOKEN: adminToken,
-          DATABASE_URL: databaseUrl,
-        },
-        'serving at',
-      ),
+    const gatewayServer = await spawn(
+      ['src/main.ts'],
+      {
+        TOLLWAY_CONFIG: config,
+        TOLLWAY_DATA_DIR: dataDir,
+        PORT: String(gatewayPort),
+        ADMIN_TOKEN: adminToken,
+        DATABASE_URL: databaseUrl,
+      },
+      'serving at',
     )
+    children.push(gatewayServer)
     const gateway = `http://127.0.0.1:${gatewayPort}`
+    const pid = (c: { proc: { pid: number } }) => c.proc.pid
+    const upstreamPid = pid(servers.children[0]!)
     const key = await Harness.apiKey(gateway, adminToken)
 
     const body = JSON.stringify({
@@ -94,24 +128,29 @@ export async function run() {
       direct: {
         url: `${upstream}/chat/completions`,
         headers: { 'content-type': 'application/json' },
+        pid: upstreamPid,
       },
       proxy: {
         url: `http://127.0.0.1:${proxyPort}/v1/chat/completions`,
         headers: { 'content-type': 'application/json' },
+        pid: pid(servers.proxy),
       },
       gateway: {
         url: `${gateway}/v1/chat/completions`,
         headers: { 'content-type': 'application/json', authorization: `Bearer ${key}` },
+        pid: pid(gatewayServer),
       },
     }
     // Warm up every path (JIT, connection pools, prepared statements).
-    for (const t of Object.values(targets)) await load(t.url, t.headers, body, 8).catch(() => {})
+    const pids = (t: { pid: number }) => ({ target: t.pid, upstream: upstreamPid })
+    for (const t of Object.values(targets))
+      await load(t.url, t.headers, body, 8, pids(t)).catch(() => {})
 
     const results: Record<string, Record<string, Stats>> = {}
     for (const c of concurrencies) {
       results[`c${c}`] = {}
       for (const [name, t] of Object.entries(targets))
-        results[`c${c}`]![name] = await load(t.url, t.headers, body, c)
+        results[`c${c}`]![name] = await load(t.url, t.headers, body, c, pids(t))
     }
     return { database: databaseUrl ? 'postgresql' : 'pglite', seconds, results }
   } finally {
@@ -122,8 +161,8 @@ export async function run() {
 /** The markdown table of a run. */
 export function table(r: Awaited<ReturnType<typeof run>>): string {
   const lines = [
-    '| concurrency | target | requests/s | p50 ms | p99 ms | overhead p50 ms | overhead p99 ms |',
-    '|---:|---|---:|---:|---:|---:|---:|',
+    '| concurrency | target | requests/s | p50 ms | p99 ms | overhead p50 ms | overhead p99 ms | CPU µs/request: target | upstream | PostgreSQL | load generator |',
+    '|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for (const [c, targets] of Object.entries(r.results)) {
     const direct = targets.direct!
@@ -133,7 +172,7 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
           ? ['', '']
           : [(s.p50 - direct.p50).toFixed(3), (s.p99 - direct.p99).toFixed(3)]
       lines.push(
-        `| ${c.slice(1)} | ${name} | ${Math.round(s.rps)} | ${s.p50.toFixed(3)} | ${s.p99.toFixed(3)} | ${over[0]} | ${over[1]} |`,
+        `| ${c.slice(1)} | ${name} | ${Math.round(s.rps)} | ${s.p50.toFixed(3)} | ${s.p99.toFixed(3)} | ${over[0]} | ${over[1]} | ${s.cpu.target} | ${s.cpu.upstream || ''} | ${s.cpu.postgres} | ${s.cpu.client} |`,
       )
     }
   }
