@@ -66,3 +66,101 @@ describe('response', () => {
     expect(out).toEqual([JSON.parse(a), { ...JSON.parse(stop), usage: end.usage }, '[DONE]'])
   })
 })
+
+describe('backpressure', () => {
+  test('behavior: a client that stops reading stops the frames being pulled; every event arrives once it reads again', async () => {
+    const big = `{"id":"x","model":"m","choices":[{"index":0,"delta":{"content":"${'w'.repeat(64 * 1024)}"}}]}`
+    const total = 2000 // 128 MB in all: far more than the sockets between can hold
+    let pulled = 0
+    let stopped = false
+    const app = new Hono()
+    app.get('/', (c) =>
+      Sse.response(c, {
+        frames: (async function* () {
+          for (; pulled < total; ) {
+            pulled++
+            yield { kind: 'chunks', chunks: [received(big)] } satisfies Frame
+          }
+          yield end
+        })(),
+        model: 'm',
+        includeUsage: true,
+        abort: () => {
+          stopped = true
+        },
+        done: () => {},
+      }),
+    )
+    const server = Bun.serve({ port: 0, hostname: '127.0.0.1', fetch: app.fetch })
+    try {
+      const res = await fetch(`http://127.0.0.1:${server.port}/`)
+      const reader = res.body!.getReader()
+      const first = (await reader.read()).value!
+      await Bun.sleep(500)
+      // Socket buffers hold a few MB; the rest waits upstream.
+      expect(pulled).toBeLessThan(total / 4)
+      // Every event arrives, whole and in order: count them by their ends.
+      let events = 0
+      let tail = ''
+      const decoder = new TextDecoder()
+      for (let value: Uint8Array | undefined = first; value; value = (await reader.read()).value) {
+        const text = tail + decoder.decode(value, { stream: true })
+        const parts = text.split('\n\n')
+        tail = parts.pop()!
+        events += parts.length
+      }
+      expect(pulled).toBe(total)
+      // The chunks, the usage chunk and [DONE].
+      expect(events).toBe(total + 2)
+      expect(stopped).toBe(false)
+    } finally {
+      server.stop(true)
+    }
+  }, 30_000)
+
+  test('behavior: a client that goes away mid-stream aborts the upstream and ends the frames', async () => {
+    let finished = false
+    let aborted = false
+    const app = new Hono()
+    app.get('/', (c) =>
+      Sse.response(c, {
+        frames: (async function* () {
+          try {
+            while (true) {
+              await Bun.sleep(5)
+              yield {
+                kind: 'chunks',
+                chunks: [
+                  received(
+                    '{"id":"x","model":"m","choices":[{"index":0,"delta":{"content":"w"}}]}',
+                  ),
+                ],
+              } satisfies Frame
+            }
+          } finally {
+            finished = true
+          }
+        })(),
+        model: 'm',
+        includeUsage: true,
+        abort: () => {
+          aborted = true
+        },
+        done: () => {},
+      }),
+    )
+    const server = Bun.serve({ port: 0, hostname: '127.0.0.1', fetch: app.fetch })
+    try {
+      const controller = new AbortController()
+      const res = await fetch(`http://127.0.0.1:${server.port}/`, { signal: controller.signal })
+      const reader = res.body!.getReader()
+      await reader.read()
+      controller.abort()
+      for (let i = 0; i < 100 && !(aborted && finished); i++) await Bun.sleep(20)
+      expect(aborted).toBe(true)
+      expect(finished).toBe(true)
+    } finally {
+      server.stop(true)
+    }
+  })
+})
