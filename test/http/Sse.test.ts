@@ -67,33 +67,36 @@ describe('response', () => {
   })
 })
 
+/** Serves `frames` over a real socket, as the chat route does; the server and its URL. */
+function served(frames: AsyncGenerator<Frame, void, undefined>, abort: () => void) {
+  const app = new Hono()
+  app.get('/', (c) =>
+    Sse.response(c, { frames, model: 'm', includeUsage: true, abort, done: () => {} }),
+  )
+  const server = Bun.serve({ port: 0, hostname: '127.0.0.1', fetch: app.fetch })
+  return { server, url: `http://127.0.0.1:${server.port}/` }
+}
+
 describe('backpressure', () => {
   test('behavior: a client that stops reading stops the frames being pulled; every event arrives once it reads again', async () => {
     const big = `{"id":"x","model":"m","choices":[{"index":0,"delta":{"content":"${'w'.repeat(64 * 1024)}"}}]}`
     const total = 2000 // 128 MB in all: far more than the sockets between can hold
     let pulled = 0
     let stopped = false
-    const app = new Hono()
-    app.get('/', (c) =>
-      Sse.response(c, {
-        frames: (async function* () {
-          for (; pulled < total; ) {
-            pulled++
-            yield { kind: 'chunks', chunks: [received(big)] } satisfies Frame
-          }
-          yield end
-        })(),
-        model: 'm',
-        includeUsage: true,
-        abort: () => {
-          stopped = true
-        },
-        done: () => {},
-      }),
+    const { server, url } = served(
+      (async function* () {
+        for (; pulled < total; ) {
+          pulled++
+          yield { kind: 'chunks', chunks: [received(big)] } satisfies Frame
+        }
+        yield end
+      })(),
+      () => {
+        stopped = true
+      },
     )
-    const server = Bun.serve({ port: 0, hostname: '127.0.0.1', fetch: app.fetch })
     try {
-      const res = await fetch(`http://127.0.0.1:${server.port}/`)
+      const res = await fetch(url)
       const reader = res.body!.getReader()
       const first = (await reader.read()).value!
       await Bun.sleep(500)
@@ -121,38 +124,25 @@ describe('backpressure', () => {
   test('behavior: a client that goes away mid-stream aborts the upstream and ends the frames', async () => {
     let finished = false
     let aborted = false
-    const app = new Hono()
-    app.get('/', (c) =>
-      Sse.response(c, {
-        frames: (async function* () {
-          try {
-            while (true) {
-              await Bun.sleep(5)
-              yield {
-                kind: 'chunks',
-                chunks: [
-                  received(
-                    '{"id":"x","model":"m","choices":[{"index":0,"delta":{"content":"w"}}]}',
-                  ),
-                ],
-              } satisfies Frame
-            }
-          } finally {
-            finished = true
+    const word = '{"id":"x","model":"m","choices":[{"index":0,"delta":{"content":"w"}}]}'
+    const { server, url } = served(
+      (async function* () {
+        try {
+          while (true) {
+            await Bun.sleep(5)
+            yield { kind: 'chunks', chunks: [received(word)] } satisfies Frame
           }
-        })(),
-        model: 'm',
-        includeUsage: true,
-        abort: () => {
-          aborted = true
-        },
-        done: () => {},
-      }),
+        } finally {
+          finished = true
+        }
+      })(),
+      () => {
+        aborted = true
+      },
     )
-    const server = Bun.serve({ port: 0, hostname: '127.0.0.1', fetch: app.fetch })
     try {
       const controller = new AbortController()
-      const res = await fetch(`http://127.0.0.1:${server.port}/`, { signal: controller.signal })
+      const res = await fetch(url, { signal: controller.signal })
       const reader = res.body!.getReader()
       await reader.read()
       controller.abort()
