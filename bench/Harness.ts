@@ -59,14 +59,47 @@ export async function spawn(args: string[], env: Record<string, string> = {}, re
   return { proc, out }
 }
 
-/** CPU seconds (user + system) a process has used, from /proc. */
-export function cpuSeconds(pid: number): number {
-  try {
-    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ')
-    return (Number(fields[11]) + Number(fields[12])) / 100
-  } catch {
-    return Number.NaN
+type Proc = { pid: number; ppid: number; name: string; cpu: number }
+
+/** Every process on this machine with its parent, name and CPU seconds (user + system). */
+function processes(): Proc[] {
+  const all: Proc[] = []
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue
+    try {
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8')
+      const close = stat.lastIndexOf(')')
+      const fields = stat.slice(close + 2).split(' ')
+      all.push({
+        pid: Number(entry),
+        ppid: Number(fields[1]),
+        name: stat.slice(stat.indexOf('(') + 1, close),
+        cpu: (Number(fields[11]) + Number(fields[12])) / 100,
+      })
+    } catch {
+      // The process ended between the listing and the read.
+    }
   }
+  return all
+}
+
+/**
+ * CPU seconds a process has used, with the worker processes it started (its `bun`
+ * descendants: a gateway with `workers` > 1); NaN if it is gone.
+ */
+export function cpuSeconds(pid: number): number {
+  const all = processes()
+  if (!all.some((p) => p.pid === pid)) return Number.NaN
+  const tree = new Set([pid])
+  for (let grew = true; grew; ) {
+    grew = false
+    for (const p of all)
+      if (!tree.has(p.pid) && tree.has(p.ppid) && p.name.startsWith('bun')) {
+        tree.add(p.pid)
+        grew = true
+      }
+  }
+  return all.filter((p) => tree.has(p.pid)).reduce((sum, p) => sum + p.cpu, 0)
 }
 
 /**
@@ -74,19 +107,18 @@ export function cpuSeconds(pid: number): number {
  * backends and helpers): where the database shares the box, its cost per request.
  */
 export function postgresCpuSeconds(): number {
-  let total = 0
-  for (const entry of readdirSync('/proc')) {
-    if (!/^\d+$/.test(entry)) continue
-    try {
-      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8')
-      if (!stat.startsWith(`${entry} (postgres)`)) continue
-      const fields = stat.split(') ')[1]!.split(' ')
-      total += (Number(fields[11]) + Number(fields[12])) / 100
-    } catch {
-      // The process ended between the listing and the read.
-    }
-  }
-  return total
+  return processes()
+    .filter((p) => p.name === 'postgres')
+    .reduce((sum, p) => sum + p.cpu, 0)
+}
+
+/**
+ * The gateway's `workers` for a bench (BENCH_WORKERS, default 1): more than one needs
+ * DATABASE_URL.
+ */
+export function workersEnv(): Record<string, string> {
+  const n = process.env.BENCH_WORKERS
+  return n ? { TOLLWAY_WORKERS: n } : {}
 }
 
 /** Creates an account with plenty of credits and a key through the admin API; the key. */

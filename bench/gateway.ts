@@ -106,6 +106,7 @@ export async function run() {
       ['src/main.ts'],
       {
         TOLLWAY_CONFIG: config,
+        ...Harness.workersEnv(),
         TOLLWAY_DATA_DIR: dataDir,
         PORT: String(gatewayPort),
         ADMIN_TOKEN: adminToken,

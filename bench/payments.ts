@@ -40,6 +40,7 @@ export async function run() {
         [...profile, 'src/main.ts'],
         {
           TOLLWAY_CONFIG: config,
+          ...Harness.workersEnv(),
           TOLLWAY_DATA_DIR: dataDir,
           PORT: String(port),
           DATABASE_URL: databaseUrl,

@@ -174,6 +174,7 @@ export async function run() {
       [...(profileDir ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : []), 'src/main.ts'],
       {
         TOLLWAY_CONFIG: config,
+        ...Harness.workersEnv(),
         TOLLWAY_DATA_DIR: dir,
         PORT: String(port),
         ADMIN_TOKEN: adminToken,

@@ -102,6 +102,12 @@ export const Schema = z
       .int()
       .positive()
       .default(1024 * 1024),
+    /**
+     * Processes serving the port (SO_REUSEPORT, Linux): one JavaScript thread each, so a
+     * busy gateway uses more than one core. Each is an instance as DESIGN.md "Many
+     * instances" says: they share the database and nothing else.
+     */
+    workers: z.number().int().min(1).max(256).default(1),
     upstreams: z.array(Upstream).default([]),
     models: z.array(Model).default([]),
     plans: z.record(z.string().min(1), Plan).prefault(defaultPlans),
@@ -197,6 +203,7 @@ const env = {
   ADMIN_TOKEN: ['adminToken', z.string()],
   LOG_LEVEL: ['logLevel', z.string()],
   MAX_BODY_BYTES: ['maxBodyBytes', z.coerce.number()],
+  TOLLWAY_WORKERS: ['workers', z.coerce.number()],
 } as const
 
 const paymentEnv = {
@@ -268,6 +275,10 @@ export function load(environment: Record<string, string | undefined> = process.e
 export function from(input: unknown, name: (path: string) => string = (p) => p): Config {
   const parsed = Schema.safeParse(input)
   if (!parsed.success) throw new ConfigError(describe(parsed.error, '', name))
+  if (parsed.data.workers > 1 && !parsed.data.databaseUrl)
+    throw new ConfigError(
+      `${name('workers')}: more than one worker needs DATABASE_URL (the embedded database serves one process)`,
+    )
   return parsed.data
 }
 

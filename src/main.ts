@@ -57,6 +57,8 @@ export type StartOptions = {
   listen?: boolean
   /** Release dead instances' reservations this often. */
   sweepMs?: number
+  /** Share the port with other processes (SO_REUSEPORT): the `workers` of one gateway. */
+  reusePort?: boolean
 }
 
 /** Starts a gateway from a validated config. */
@@ -180,6 +182,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       hostname: config.host,
       fetch: app.fetch,
       idleTimeout: 255,
+      reusePort: options.reusePort ?? false,
     })
     // Runs after the server stopped (stops run in reverse): the charges of answered requests,
     // and of streams the stop cut, are written before the database goes.
@@ -276,7 +279,14 @@ async function devKey(sql: Db.Sql, config: Config.Config): Promise<string> {
   return created.key
 }
 
-/** `npm start` and `tollway serve`: loads the config, serves, and stops on SIGINT/SIGTERM. */
+/** Set in the environment of the worker processes a gateway starts (`workers` > 1). */
+const WORKER = 'TOLLWAY_WORKER'
+
+/**
+ * `npm start` and `tollway serve`: loads the config, serves, and stops on SIGINT/SIGTERM.
+ * With `workers` > 1 this process serves and starts the others on the same port; they stop
+ * when it does.
+ */
 export async function serve(): Promise<void> {
   if (!process.env.BUN_CONFIG_MAX_HTTP_REQUESTS)
     console.error(
@@ -289,7 +299,24 @@ export async function serve(): Promise<void> {
     console.error(`tollway: configuration error\n${(e as Error).message}`)
     process.exit(1)
   }
-  const gateway = await start(config)
+  const gateway = await start(config, { reusePort: config.workers > 1 })
+  if (process.env[WORKER]) {
+    const shutdown = async () => {
+      await gateway.stop()
+      process.exit(0)
+    }
+    process.on('SIGINT', shutdown)
+    process.on('SIGTERM', shutdown)
+    // The first process holds this one's stdin open: when it ends, however it ends, so
+    // does this one.
+    ;(async () => {
+      for await (const _ of Bun.stdin.stream()) {
+      }
+      await shutdown()
+    })()
+    return
+  }
+  const workers = startWorkers(config, gateway)
   const model = config.models[0]?.id ?? EchoModel.id
   // With the embedded defaults, a development account with credits is ready to use.
   const key = gateway.embedded ? await devKey(gateway.sql, config) : '<your API key>'
@@ -297,17 +324,67 @@ export async function serve(): Promise<void> {
   database:    ${gateway.embedded ? `embedded PGlite in ${resolve(config.dataDir, 'pgdata')}` : 'DATABASE_URL'}
   admin token: ${gateway.adminToken}
   models:      ${[...new Set([model, ...config.models.map((m) => m.id)])].join(', ')}
-  chain:       ${gateway.chain ? `${gateway.chain.rpcUrl} (chain id ${gateway.chain.chainId}), escrow ${gateway.chain.escrowAddress}` : 'none'}
+  chain:       ${gateway.chain ? `${gateway.chain.rpcUrl} (chain id ${gateway.chain.chainId}), escrow ${gateway.chain.escrowAddress}` : 'none'}${config.workers > 1 ? `\n  workers:     ${config.workers} processes share the port` : ''}
 ${gateway.devChain ? `\n${DevChain.summary(gateway.devChain).join('\n')}\n` : ''}
 Try it:
   curl -N ${gateway.url}/v1/chat/completions -H "Authorization: Bearer ${key}" -d '{"model":"${model}","stream":true,"messages":[{"role":"user","content":"hello from tollway"}]}'
 `)
   const shutdown = async () => {
+    await workers.stop()
     await gateway.stop()
     process.exit(0)
   }
   process.on('SIGINT', shutdown)
   process.on('SIGTERM', shutdown)
+}
+
+/**
+ * Starts `config.workers − 1` more processes serving this gateway's port, each a gateway of
+ * its own on the same database. They get what this one chose: the port (when it was 0), the
+ * admin token and the chain (the development chain this one started). One that dies is
+ * started again after a second.
+ */
+function startWorkers(config: Config.Config, gateway: Gateway) {
+  const chain = gateway.chain
+  const env: Record<string, string | undefined> = {
+    ...process.env,
+    [WORKER]: '1',
+    PORT: new URL(gateway.url).port,
+    ADMIN_TOKEN: gateway.adminToken,
+    ...(chain && {
+      CHAIN_RPC_URL: chain.rpcUrl,
+      CHAIN_ID: String(chain.chainId),
+      ESCROW_ADDRESS: chain.escrowAddress,
+      CURRENCY_ADDRESS: chain.currencyAddress,
+      PAYEE_PRIVATE_KEY: chain.payeePrivateKey,
+    }),
+  }
+  let stopping = false
+  const running = new Set<ReturnType<typeof Bun.spawn>>()
+  const spawn = () => {
+    const proc = Bun.spawn([process.execPath, join(import.meta.dir, 'main.ts')], {
+      env,
+      stdin: 'pipe',
+      stdout: 'inherit',
+      stderr: 'inherit',
+    })
+    running.add(proc)
+    proc.exited.then((code) => {
+      running.delete(proc)
+      if (stopping) return
+      console.error(`tollway: a worker process exited (code ${code}); starting another`)
+      setTimeout(() => stopping || spawn(), 1000)
+    })
+  }
+  for (let i = 1; i < config.workers; i++) spawn()
+  return {
+    async stop() {
+      stopping = true
+      const all = [...running]
+      for (const p of all) p.kill('SIGTERM')
+      await Promise.all(all.map((p) => p.exited))
+    },
+  }
 }
 
 if (import.meta.main) await serve()

@@ -86,6 +86,12 @@ describe('load', () => {
     ).toThrow(/models\.0\.upstream: no upstream named "ghost"/)
     expect(() => Config.from({ models: [{ pricing: { input: '-1' } }] })).toThrow(/models\.0/)
     expect(() => Config.from({ defaultPlan: 'gold' })).toThrow(/defaultPlan/)
+    // Workers share a database; the embedded one serves a single process.
+    expect(() => Config.load({ TOLLWAY_WORKERS: '2' })).toThrow(/TOLLWAY_WORKERS.*DATABASE_URL/)
+    expect(() => Config.load({ TOLLWAY_WORKERS: '0', DATABASE_URL: 'postgres://x/y' })).toThrow(
+      /TOLLWAY_WORKERS/,
+    )
+    expect(Config.load({ TOLLWAY_WORKERS: '4', DATABASE_URL: 'postgres://x/y' }).workers).toBe(4)
   })
 
   test('property: any JSON file either loads or fails with a ConfigError', () => {

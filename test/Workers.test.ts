@@ -1,0 +1,144 @@
+/** `workers` > 1: processes sharing the port and the database, stopped with the first one. */
+import { afterAll, describe, expect, test } from 'bun:test'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import postgres from 'postgres'
+
+const root = join(import.meta.dir, '..')
+const url = process.env.DATABASE_URL
+const name = `tollway_workers_${crypto.randomUUID().replaceAll('-', '').slice(0, 12)}`
+
+afterAll(async () => {
+  if (!url) return
+  const admin = postgres(url, { max: 1, onnotice: () => {} })
+  await admin.unsafe(`drop database if exists ${name} with (force)`)
+  await admin.end()
+})
+
+/** The pids listening on `port` (ss -ltnp). */
+async function listeners(port: string): Promise<number[]> {
+  const out = await new Response(Bun.spawn(['ss', '-Hltnp', `sport = :${port}`]).stdout).text()
+  return [...out.matchAll(/pid=(\d+)/g)].map((m) => Number(m[1])).sort()
+}
+
+async function until(check: () => Promise<boolean> | boolean, ms = 15_000) {
+  const end = Date.now() + ms
+  while (!(await check())) {
+    if (Date.now() > end) throw new Error('timed out')
+    await Bun.sleep(100)
+  }
+}
+
+const alive = (pid: number) => {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch {
+    return false
+  }
+}
+
+describe('workers', () => {
+  test.skipIf(!url)(
+    'behavior: two processes serve one port on one database; one that dies is replaced; all stop with the first',
+    async () => {
+      const admin = postgres(url!, { max: 1, onnotice: () => {} })
+      await admin.unsafe(`create database ${name}`)
+      await admin.end()
+      const db = new URL(url!)
+      db.pathname = `/${name}`
+      const proc = Bun.spawn(['bin/tollway', 'serve'], {
+        cwd: root,
+        env: {
+          PATH: process.env.PATH ?? '',
+          HOME: process.env.HOME ?? '',
+          DATABASE_URL: db.toString(),
+          TOLLWAY_WORKERS: '2',
+          TOLLWAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'tollway-workers-')),
+          PORT: '0',
+          LOG_LEVEL: 'warn',
+          ADMIN_TOKEN: 'workers-admin-token-0123456789',
+        },
+        stdout: 'pipe',
+        stderr: 'pipe',
+      })
+      try {
+        const reader = proc.stdout.getReader()
+        let out = ''
+        while (!out.includes('Try it:')) {
+          const { value, done } = await reader.read()
+          if (done) throw new Error(`exited early:\n${out}`)
+          out += new TextDecoder().decode(value)
+        }
+        ;(async () => {
+          while (!(await reader.read()).done) {}
+        })()
+        expect(out).toContain('workers:     2 processes share the port')
+        const base = /serving at (http:\/\/\S+)/.exec(out)![1]!
+        const port = new URL(base).port
+        await until(async () => (await listeners(port)).length === 2)
+        const [a, b] = await listeners(port)
+        expect([a, b]).toContain(proc.pid)
+        const worker = a === proc.pid ? b! : a!
+
+        // Both serve, each with the chain the first one started (a Payment challenge in
+        // every 402), over connections the kernel spreads between them.
+        for (let i = 0; i < 20; i++) {
+          const res = await fetch(`${base}/v1/chat/completions`, {
+            method: 'POST',
+            headers: { connection: 'close' },
+            body: '{"model":"tollway-echo","messages":[{"role":"user","content":"hi"}]}',
+          })
+          expect(res.status).toBe(402)
+          expect(res.headers.get('www-authenticate')).toContain('Payment ')
+        }
+        // One account, charged through both: the ledger is the database's.
+        const headers = {
+          authorization: 'Bearer workers-admin-token-0123456789',
+          'content-type': 'application/json',
+        }
+        const post = async (path: string, body: unknown) =>
+          (await fetch(`${base}${path}`, {
+            method: 'POST',
+            headers: { ...headers, connection: 'close' },
+            body: JSON.stringify(body),
+          }).then((r) => r.json())) as Record<string, string>
+        const { id } = await post('/admin/accounts', { name: 'w', plan: 'pro' })
+        await post(`/admin/accounts/${id}/credits`, { amount: '1000000' })
+        const { key } = await post(`/admin/accounts/${id}/keys`, { name: 'w' })
+        let charged = 0n
+        for (let i = 0; i < 10; i++) {
+          const res = await fetch(`${base}/v1/chat/completions`, {
+            method: 'POST',
+            headers: { authorization: `Bearer ${key}`, connection: 'close' },
+            body: '{"model":"tollway-echo","max_tokens":2,"messages":[{"role":"user","content":"one two"}]}',
+          })
+          expect(res.status).toBe(200)
+          charged += BigInt(((await res.json()) as { usage: { cost: string } }).usage.cost)
+        }
+        const credits = (await fetch(`${base}/v1/credits`, {
+          headers: { authorization: `Bearer ${key}`, connection: 'close' },
+        }).then((r) => r.json())) as { balance: string }
+        expect(charged).toBeGreaterThan(0n)
+        expect(BigInt(credits.balance)).toBe(1_000_000n - charged)
+
+        // A worker that dies is started again.
+        process.kill(worker, 'SIGKILL')
+        await until(async () => {
+          const now = await listeners(port)
+          return now.length === 2 && !now.includes(worker)
+        })
+        const replacement = (await listeners(port)).find((p) => p !== proc.pid)!
+
+        // Stopping the first stops them all.
+        proc.kill('SIGTERM')
+        expect(await proc.exited).toBe(0)
+        await until(() => !alive(replacement))
+      } finally {
+        proc.kill('SIGKILL')
+      }
+    },
+    60_000,
+  )
+})
