@@ -27,7 +27,13 @@ export type Options<I, O> = {
   lingerMs?: number | undefined
 }
 
-type Waiting<I, O> = { item: I; resolve: (o: O) => void; reject: (e: unknown) => void }
+type Waiting<I, O> = {
+  item: I
+  /** Its place in submission order. */
+  seq: number
+  resolve: (o: O) => void
+  reject: (e: unknown) => void
+}
 
 /** What a batcher did: statements sent, items they carried, batches that failed as a whole. */
 export type Stats = { statements: number; items: number; fallbacks: number }
@@ -40,9 +46,10 @@ export class Batcher<I, O> {
   private readonly lingerMs: number
   private timer: ReturnType<typeof setTimeout> | undefined
   readonly stats: Stats = { statements: 0, items: 0, fallbacks: 0 }
-  /** Items submitted, and items done (in submission order when `inFlight` is 1). */
+  /** Items submitted; the first item of each batch under way (batches are runs of
+   * consecutive items, as calls wait in order). */
   private submitted = 0
-  private completed = 0
+  private readonly starts = new Set<number>()
   private readonly barriers: { at: number; resolve: () => void }[] = []
 
   constructor(private readonly o: Options<I, O>) {
@@ -53,16 +60,17 @@ export class Batcher<I, O> {
 
   /** Runs `item` (alone, or in a batch); `linger`: it may wait a moment for company. */
   run(item: I, linger = false): Promise<O> {
-    this.submitted++
+    const seq = this.submitted++
     const idle = this.running < this.inFlight
     if (idle && this.waiting.length === 0 && !linger) {
       this.running++
       this.stats.statements++
       this.stats.items++
-      return this.o.one(item).finally(() => this.done(1))
+      this.starts.add(seq)
+      return this.o.one(item).finally(() => this.done(seq))
     }
     const result = new Promise<O>((resolve, reject) => {
-      this.waiting.push({ item, resolve, reject })
+      this.waiting.push({ item, seq, resolve, reject })
     })
     if (idle) {
       if (!linger) this.flush()
@@ -75,10 +83,9 @@ export class Batcher<I, O> {
     return result
   }
 
-  /** Resolves once every item submitted so far is done (with `inFlight` 1, items finish in
-   * the order they were submitted). */
+  /** Resolves once every item submitted so far is done. */
   barrier(): Promise<void> {
-    if (this.completed >= this.submitted) return Promise.resolve()
+    if (this.doneUpTo() >= this.submitted) return Promise.resolve()
     // Lingering calls go now: someone is waiting for them after all.
     if (this.waiting.length > 0 && this.running < this.inFlight) this.flush()
     const { promise, resolve } = Promise.withResolvers<void>()
@@ -86,12 +93,20 @@ export class Batcher<I, O> {
     return promise
   }
 
-  private done(items: number) {
-    this.completed += items
-    while (this.barriers.length > 0 && this.barriers[0]!.at <= this.completed)
-      this.barriers.shift()!.resolve()
+  /** How many items, from the first, are all done: those before the earliest one waiting
+   * or under way. */
+  private doneUpTo(): number {
+    let first = this.waiting[0]?.seq ?? this.submitted
+    for (const s of this.starts) if (s < first) first = s
+    return first
+  }
+
+  private done(start: number) {
+    this.starts.delete(start)
     this.running--
     if (this.waiting.length > 0 && this.running < this.inFlight) this.flush()
+    const upTo = this.doneUpTo()
+    while (this.barriers.length > 0 && this.barriers[0]!.at <= upTo) this.barriers.shift()!.resolve()
   }
 
   private flush() {
@@ -100,6 +115,8 @@ export class Batcher<I, O> {
       this.timer = undefined
     }
     const batch = this.waiting.splice(0, this.maxItems)
+    const start = batch[0]!.seq
+    this.starts.add(start)
     this.running++
     this.stats.statements++
     this.stats.items += batch.length
@@ -122,7 +139,7 @@ export class Batcher<I, O> {
         w.resolve(results[i] as O)
       })
     }
-    void settle().finally(() => this.done(batch.length))
+    void settle().finally(() => this.done(start))
   }
 }
 

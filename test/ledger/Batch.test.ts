@@ -75,6 +75,43 @@ describe('Batcher', () => {
     expect(statements).toEqual([[1, 2], [3], [4]])
   })
 
+  test('behavior: with two batches in flight, a barrier waits for the earlier one even when the later one ends first', async () => {
+    const gates = new Map<number, PromiseWithResolvers<void>>()
+    const gate = (x: number) => {
+      if (!gates.has(x)) gates.set(x, Promise.withResolvers<void>())
+      return gates.get(x)!
+    }
+    const b = new Batcher<number, number>({
+      one: async (x) => {
+        await gate(x).promise
+        return x
+      },
+      many: async (xs) => {
+        await gate(xs[0]!).promise
+        return xs
+      },
+      inFlight: 2,
+    })
+    const first = b.run(1)
+    const second = b.run(2)
+    let passed = false
+    const barrier = b.barrier().then(() => {
+      passed = true
+    })
+    const third = b.run(3) // waits: two are under way
+    gate(2).resolve()
+    expect(await second).toBe(2)
+    // 3 now runs in the freed slot; let it end too: 1 is still under way.
+    gate(3).resolve()
+    expect(await third).toBe(3)
+    await Bun.sleep(5)
+    expect(passed).toBe(false)
+    gate(1).resolve()
+    expect(await first).toBe(1)
+    await barrier
+    expect(passed).toBe(true)
+  })
+
   test('error: a batch whose statement fails runs its items one by one; only the bad one fails', async () => {
     const { b, statements, open } = recording((x) => x === 3)
     const results = [1, 2, 3, 4].map((x) => b.run(x).catch((e: Error) => e.message))
