@@ -106,7 +106,8 @@ export class Batcher<I, O> {
     this.running--
     if (this.waiting.length > 0 && this.running < this.inFlight) this.flush()
     const upTo = this.doneUpTo()
-    while (this.barriers.length > 0 && this.barriers[0]!.at <= upTo) this.barriers.shift()!.resolve()
+    while (this.barriers.length > 0 && this.barriers[0]!.at <= upTo)
+      this.barriers.shift()!.resolve()
   }
 
   private flush() {

@@ -168,7 +168,7 @@ export type Admission =
   | { status: 'not_found' | 'finalized' | 'close_requested' }
 
 /** Holds between `need` and `want` of the channel's authorized balance for one request. */
-type AdmitInput = {
+export type AdmitInput = {
   channelId: Hex
   model: string
   stream: boolean
@@ -181,12 +181,20 @@ type AdmitInput = {
   fingerprint?: Uint8Array | null
 }
 
+/**
+ * Channel batches (admissions, charges) under way at once: each waits for a durable commit,
+ * and channels do not wait on one another. Every batch locks its channels in id order, so
+ * batches under way together cannot deadlock.
+ */
+export const CHANNEL_BATCHES = 4
+
 /** Holds between `need` and `want` of the channel's authorized balance for a request.
  * Batched under load (Batch.ts): admissions that arrive together share one commit. */
 export function admit(sql: Sql, i: AdmitInput): Promise<Admission> {
   return Batch.of(sql, 'channelAdmit', () => ({
     one: (i: AdmitInput) => admitOne(sql, i),
     many: (items: AdmitInput[]) => admitMany(sql, items),
+    inFlight: CHANNEL_BATCHES,
   })).run(i)
 }
 

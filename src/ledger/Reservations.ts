@@ -4,6 +4,7 @@
  */
 import * as Batch from './Batch.ts'
 import { inOrder } from './Batch.ts'
+import { CHANNEL_BATCHES } from './Channels.ts'
 import type { Sql } from './Db.ts'
 import type { Waker } from './Waker.ts'
 
@@ -136,7 +137,13 @@ export type Finish = {
  * Charges the request (never beyond what the account can pay), releases the rest of its
  * reservation and writes the usage row. Undefined if the reservation was already finished.
  */
-export function finish(sql: Sql, f: Finish, background = false): Promise<Finished | undefined> {
+export function finish(
+  sql: Sql,
+  f: Finish,
+  background = false,
+  channelId?: string,
+): Promise<Finished | undefined> {
+  if (channelId !== undefined) return channelFinishes(sql).run({ ...f, channelId })
   // A finish nobody waits for lingers, to share a statement with the next admission.
   return ledger(sql).run({ op: 'finish', ...f }, background) as Promise<Finished | undefined>
 }
@@ -151,46 +158,83 @@ type Finished = {
 type Op = ({ op: 'admit' } & AdmitInput) | ({ op: 'finish' } & Finish)
 type OpResult = Admitted | Refused | Finished | undefined
 
+/** Runs ledger items in one statement (tollway_ledger_many); results in the items' order. */
+async function many(sql: Sql, items: Op[]): Promise<OpResult[]> {
+  const json = items.map((o) =>
+    o.op === 'admit'
+      ? {
+          op: 'admit',
+          keyHash: Buffer.from(o.keyHash).toString('hex'),
+          model: o.model,
+          stream: o.stream,
+          minTier: o.minTier,
+          promptTokens: o.promptTokens,
+          want: o.want.toString(),
+          need: o.need.toString(),
+          idempotencyKey: o.idempotencyKey,
+          fingerprint: o.fingerprint ? Buffer.from(o.fingerprint).toString('hex') : null,
+          requestId: o.requestId,
+          leaseSeconds: o.leaseSeconds,
+        }
+      : { ...o, cost: o.cost.toString() },
+  )
+  const rows = await sql`select * from tollway_ledger_many(${sql.json(json)})`
+  return inOrder<OpResult>(
+    rows,
+    items.length,
+    (row) => (row.status === 'finished' ? finished(row) : admission(row)),
+    (i) => {
+      if (items[i]!.op === 'finish') return undefined // already finished
+      throw new Error(`admission ${i} returned no row`)
+    },
+  )
+}
+
 /**
  * The instance's API-key ledger: admissions and finishes in one ordered stream, batched under
  * load. A finish queued before an admission runs before it, so a request finished in the
  * background is never counted against the payer's next one (credits, concurrency, quota).
  */
 function ledger(sql: Sql) {
-  const many = async (items: Op[]): Promise<OpResult[]> => {
-    const json = items.map((o) =>
-      o.op === 'admit'
-        ? {
-            op: 'admit',
-            keyHash: Buffer.from(o.keyHash).toString('hex'),
-            model: o.model,
-            stream: o.stream,
-            minTier: o.minTier,
-            promptTokens: o.promptTokens,
-            want: o.want.toString(),
-            need: o.need.toString(),
-            idempotencyKey: o.idempotencyKey,
-            fingerprint: o.fingerprint ? Buffer.from(o.fingerprint).toString('hex') : null,
-            requestId: o.requestId,
-            leaseSeconds: o.leaseSeconds,
-          }
-        : { ...o, cost: o.cost.toString() },
-    )
-    const rows = await sql`select * from tollway_ledger_many(${sql.json(json)})`
-    return inOrder<OpResult>(
-      rows,
-      items.length,
-      (row) => (row.status === 'finished' ? finished(row) : admission(row)),
-      (i) => {
-        if (items[i]!.op === 'finish') return undefined // already finished
-        throw new Error(`admission ${i} returned no row`)
-      },
-    )
-  }
   // A lone call is a batch of one too: the same statement, one implementation.
   return Batch.of<Op, OpResult>(sql, 'ledger', () => ({
-    one: async (o) => (await many([o]))[0],
-    many,
+    one: async (o) => (await many(sql, [o]))[0],
+    many: (items) => many(sql, items),
+  }))
+}
+
+/**
+ * Channel charges, batched apart from the API-key stream and several batches at once: a
+ * channel request's answer waits for its charge (a durable commit), and no order between
+ * channels matters. Each batch charges its channels in id order, the order the channel
+ * admissions and vouchers lock them in, so batches under way together cannot deadlock.
+ */
+function channelFinishes(sql: Sql) {
+  type Item = Finish & { channelId: string }
+  const charge = async (items: Item[]) => {
+    const order = items.map((_, i) => i).sort((a, b) => compare(items[a]!, items[b]!))
+    const results = await many(
+      sql,
+      order.map((i) => {
+        const { channelId: _, ...f } = items[i]!
+        return { op: 'finish', ...f }
+      }),
+    )
+    const out = new Array<Finished | undefined>(items.length)
+    order.forEach((item, at) => {
+      out[item] = results[at] as Finished | undefined
+    })
+    return out
+  }
+  const compare = (a: Item, b: Item) => {
+    const x = a.channelId.toLowerCase()
+    const y = b.channelId.toLowerCase()
+    return x < y ? -1 : x > y ? 1 : 0
+  }
+  return Batch.of<Item, Finished | undefined>(sql, 'channelFinish', () => ({
+    one: async (item) => (await charge([item]))[0],
+    many: charge,
+    inFlight: CHANNEL_BATCHES,
   }))
 }
 
@@ -229,7 +273,14 @@ async function retrying<T>(f: () => Promise<T>, delaysMs = [100, 1_000, 5_000]):
  */
 export function reservation(
   sql: Sql,
-  input: { id: string; held: bigint; leaseSeconds: number; settleInBackground?: boolean },
+  input: {
+    id: string
+    held: bigint
+    leaseSeconds: number
+    settleInBackground?: boolean
+    /** The channel that pays (its charges go through the channel batches). */
+    channelId?: string
+  },
 ) {
   let held = input.held
   let superseded = false
@@ -264,7 +315,7 @@ export function reservation(
       return true
     },
     settle(o: Omit<Finish, 'id'>, background = false): Promise<{ charged: bigint }> {
-      const once = () => finish(sql, { id: input.id, ...o }, background)
+      const once = () => finish(sql, { id: input.id, ...o }, background, input.channelId)
       // Nobody waits for a background charge to report its failure: it is tried again.
       settled ??= (background ? retrying(once) : once()).then((r) => {
         after = r?.channel

@@ -244,6 +244,81 @@ describe('batched ledger calls', () => {
     expect(after.fallbacks).toBe(0)
   })
 
+  test('behavior: channel charges on many channels, with admissions and vouchers under way at once: batched, no deadlock, each charged once', async () => {
+    const channels = await Promise.all(
+      Array.from({ length: 8 }, () => Ledger.channel(sql, 1_000_000n)),
+    )
+    // Charges queued in the reverse of the channels' id order, to cross the admissions' locks.
+    channels.sort((a, b) => (a.channelId < b.channelId ? 1 : -1))
+    for (const c of channels)
+      await Channels.acceptVoucher(sql, {
+        channelId: c.channelId,
+        cumulativeAmount: 500_000n,
+        signature: `0x${'11'.repeat(65)}`,
+        minDelta: 1n,
+      })
+    const admit = (channelId: Channels.AdmitInput['channelId']) =>
+      Channels.admit(sql, {
+        channelId,
+        model: 'm',
+        stream: false,
+        want: 1_000n,
+        need: 100n,
+        requestId: crypto.randomUUID(),
+        leaseSeconds: 60,
+      })
+    const held = await Promise.all(
+      channels.flatMap((c) =>
+        Array.from({ length: 4 }, async () => {
+          const id = crypto.randomUUID()
+          const r = await Channels.admit(sql, {
+            channelId: c.channelId,
+            model: 'm',
+            stream: false,
+            want: 1_000n,
+            need: 100n,
+            requestId: id,
+            leaseSeconds: 60,
+          })
+          expect(r.status).toBe('ok')
+          return Reservations.reservation(sql, {
+            id,
+            held: 1_000n,
+            leaseSeconds: 60,
+            channelId: c.channelId,
+          })
+        }),
+      ),
+    )
+    const before = Batch.stats(sql).channelFinish
+    const outcome = { promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: 1 }
+    const [charges] = await Promise.all([
+      Promise.all(held.map((r, i) => r.settle({ ...outcome, cost: BigInt(100 + i) }))),
+      Promise.all(channels.map((c) => admit(c.channelId))),
+      Promise.all(
+        channels.map((c) =>
+          Channels.acceptVoucher(sql, {
+            channelId: c.channelId,
+            cumulativeAmount: 600_000n,
+            signature: `0x${'22'.repeat(65)}`,
+            minDelta: 1n,
+          }),
+        ),
+      ),
+    ])
+    expect(charges.map((c) => c.charged)).toEqual(held.map((_, i) => BigInt(100 + i)))
+    const after = Batch.stats(sql).channelFinish!
+    expect(after.items - (before?.items ?? 0)).toBe(held.length)
+    expect(after.statements - (before?.statements ?? 0)).toBeLessThan(held.length)
+    expect(after.fallbacks).toBe(0)
+    for (const [n, c] of channels.entries()) {
+      const state = (await Channels.get(sql, c.channelId))!
+      const spent = [0, 1, 2, 3].reduce((sum, k) => sum + BigInt(100 + n * 4 + k), 0n)
+      expect(state.spent).toBe(spent)
+      expect(state.acceptedCumulative).toBe(600_000n)
+    }
+  })
+
   test('behavior: a channel charge commits durably (synchronous commit), an account charge does not wait for the flush', async () => {
     // What synchronous_commit is when each usage row is written: the setting at commit.
     await sql.unsafe(`
