@@ -79,6 +79,29 @@ describe('npm start', () => {
     expect(existsSync(join(dataDir, 'pgdata'))).toBe(true)
   }, 90_000)
 
+  test('behavior: a gateway killed outright (SIGKILL) does not leave its development chain running', async () => {
+    const { proc, out } = await serve({
+      TOLLWAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'tollway-main-')),
+      PORT: '0',
+    })
+    const rpcUrl = /RPC URL: +(\S+)/.exec(out)![1]!
+    const rpc = () =>
+      fetch(rpcUrl, { method: 'POST', body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}' })
+    expect((await rpc()).status).toBe(200)
+    proc.kill('SIGKILL')
+    await proc.exited
+    const deadline = Date.now() + 10_000
+    let gone = false
+    while (!gone && Date.now() < deadline) {
+      gone = await rpc().then(
+        () => false,
+        () => true,
+      )
+      if (!gone) await Bun.sleep(200)
+    }
+    expect(gone).toBe(true)
+  }, 60_000)
+
   test('error: a bad value stops the start with a message naming the field', async () => {
     const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
       cwd: root,

@@ -43,6 +43,18 @@ export type DevChain = {
 /** anvil's well-known development mnemonic: these keys are public, never use them elsewhere. */
 export const mnemonic = 'test test test test test test test test test test test junk'
 
+/**
+ * Runs a command (anvil) and ends it when this process ends, however it ends: a `kill -9`
+ * of the gateway runs no exit handler, and anvil would be left holding its port. The shell
+ * checks every second that its parent is alive; a signal to the shell ends both at once.
+ */
+const WATCHED = `"$@" & child=$!
+trap 'kill $child 2>/dev/null; exit 0' INT TERM HUP
+parent=$PPID
+while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 1 & wait $!; done
+kill $child 2>/dev/null
+wait $child`
+
 /** Starts anvil, deploys the contracts and funds the payers. */
 export async function start(options: Options = {}): Promise<DevChain> {
   const chainId = options.chainId ?? 31337
@@ -62,7 +74,11 @@ export async function start(options: Options = {}): Promise<DevChain> {
   ]
   let anvil: Bun.Subprocess<'ignore', 'pipe', 'pipe'>
   try {
-    anvil = Bun.spawn(command, { stdout: 'pipe', stderr: 'pipe', stdin: 'ignore' })
+    anvil = Bun.spawn(['sh', '-c', WATCHED, 'sh', ...command], {
+      stdout: 'pipe',
+      stderr: 'pipe',
+      stdin: 'ignore',
+    })
   } catch (cause) {
     throw new DevChainError(`Could not run anvil (${command[0]}): run npm install.`, { cause })
   }
