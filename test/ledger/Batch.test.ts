@@ -126,6 +126,15 @@ const db = await Postgres.fresh(
 )
 const { sql } = db
 
+/** Accepts a voucher for `amount` on a channel (the signature is not checked here). */
+const voucher = (channelId: `0x${string}`, amount: bigint, signature = `0x${'11'.repeat(65)}`) =>
+  Channels.acceptVoucher(sql, {
+    channelId,
+    cumulativeAmount: amount,
+    signature: signature as `0x${string}`,
+    minDelta: 1n,
+  })
+
 const account = (credits: bigint) => Ledger.account(sql, credits)
 
 const admit = (keyHash: Uint8Array, want: bigint, requestId: string = crypto.randomUUID()) =>
@@ -212,13 +221,7 @@ describe('batched ledger calls', () => {
 
   test('behavior: concurrent channel admissions on two channels: each holds what its channel has, as one by one would', async () => {
     const channels = [await Ledger.channel(sql, 1_000n), await Ledger.channel(sql, 1_000n)]
-    for (const c of channels)
-      await Channels.acceptVoucher(sql, {
-        channelId: c.channelId,
-        cumulativeAmount: 100n,
-        signature: `0x${'11'.repeat(65)}`,
-        minDelta: 1n,
-      })
+    for (const c of channels) await voucher(c.channelId, 100n)
     const before = Batch.stats(sql).channelAdmit
     const results = await Promise.all(
       channels.flatMap((c) =>
@@ -250,37 +253,22 @@ describe('batched ledger calls', () => {
     )
     // Charges queued in the reverse of the channels' id order, to cross the admissions' locks.
     channels.sort((a, b) => (a.channelId < b.channelId ? 1 : -1))
-    for (const c of channels)
-      await Channels.acceptVoucher(sql, {
-        channelId: c.channelId,
-        cumulativeAmount: 500_000n,
-        signature: `0x${'11'.repeat(65)}`,
-        minDelta: 1n,
-      })
-    const admit = (channelId: Channels.AdmitInput['channelId']) =>
+    for (const c of channels) await voucher(c.channelId, 500_000n)
+    const admit = (channelId: Channels.AdmitInput['channelId'], requestId = crypto.randomUUID()) =>
       Channels.admit(sql, {
         channelId,
         model: 'm',
         stream: false,
         want: 1_000n,
         need: 100n,
-        requestId: crypto.randomUUID(),
+        requestId,
         leaseSeconds: 60,
       })
     const held = await Promise.all(
       channels.flatMap((c) =>
         Array.from({ length: 4 }, async () => {
           const id = crypto.randomUUID()
-          const r = await Channels.admit(sql, {
-            channelId: c.channelId,
-            model: 'm',
-            stream: false,
-            want: 1_000n,
-            need: 100n,
-            requestId: id,
-            leaseSeconds: 60,
-          })
-          expect(r.status).toBe('ok')
+          expect((await admit(c.channelId, id)).status).toBe('ok')
           return Reservations.reservation(sql, {
             id,
             held: 1_000n,
@@ -295,16 +283,7 @@ describe('batched ledger calls', () => {
     const [charges] = await Promise.all([
       Promise.all(held.map((r, i) => r.settle({ ...outcome, cost: BigInt(100 + i) }))),
       Promise.all(channels.map((c) => admit(c.channelId))),
-      Promise.all(
-        channels.map((c) =>
-          Channels.acceptVoucher(sql, {
-            channelId: c.channelId,
-            cumulativeAmount: 600_000n,
-            signature: `0x${'22'.repeat(65)}`,
-            minDelta: 1n,
-          }),
-        ),
-      ),
+      Promise.all(channels.map((c) => voucher(c.channelId, 600_000n, `0x${'22'.repeat(65)}`))),
     ])
     expect(charges.map((c) => c.charged)).toEqual(held.map((_, i) => BigInt(100 + i)))
     const after = Batch.stats(sql).channelFinish!
@@ -332,12 +311,7 @@ describe('batched ledger calls', () => {
       create trigger commit_mode after insert on usage for each row execute function commit_mode();`)
     try {
       const c = await Ledger.channel(sql, 1_000n)
-      await Channels.acceptVoucher(sql, {
-        channelId: c.channelId,
-        cumulativeAmount: 100n,
-        signature: `0x${'11'.repeat(65)}`,
-        minDelta: 1n,
-      })
+      await voucher(c.channelId, 100n)
       const channelRequest = crypto.randomUUID()
       const admitted = await Channels.admit(sql, {
         channelId: c.channelId,
@@ -370,12 +344,7 @@ describe('batched ledger calls', () => {
     const results = await Promise.all(
       channels.flatMap((channelId) =>
         amounts.map((amount) =>
-          Channels.acceptVoucher(sql, {
-            channelId,
-            cumulativeAmount: amount,
-            signature: `0x${amount.toString(16).padStart(130, '0')}`,
-            minDelta: 1n,
-          }),
+          voucher(channelId, amount, `0x${amount.toString(16).padStart(130, '0')}`),
         ),
       ),
     )
