@@ -85,7 +85,10 @@ async function* chunks(
   signal: AbortSignal,
   watchdog: Watchdog,
 ): AsyncGenerator<Received[]> {
-  const reader = response.body!.getReader()
+  // Bun's reader; its `readMany` is missing from the DOM typings.
+  const reader = response.body!.getReader() as ReadableStreamDefaultReader<Uint8Array> & {
+    readMany(): Promise<Bun.ReadableStreamDefaultReadManyResult<Uint8Array>>
+  }
   const decoder = new TextDecoder()
   let events: string[] = []
   const parser = createParser({ onEvent: (e) => events.push(e.data) })
@@ -93,16 +96,18 @@ async function* chunks(
   const template = Chat.template()
   try {
     while (true) {
-      let next: Awaited<ReturnType<typeof reader.read>>
+      // Everything that has arrived, in one read: a busy gateway finds several chunks
+      // queued per stream, and meters and writes them as one batch.
+      let next: Bun.ReadableStreamDefaultReadManyResult<Uint8Array>
       try {
-        next = await reader.read()
+        next = await reader.readMany()
       } catch (e) {
         throw failure(name, e, signal, watchdog)
       }
+      for (const bytes of next.value) parser.feed(decoder.decode(bytes, { stream: true }))
       // An event cut off by the end of the body is dropped, as an EventSource does.
-      if (next.done) return
+      if (next.done && events.length === 0) return
       watchdog.reset()
-      parser.feed(decoder.decode(next.value, { stream: true }))
       if (events.length === 0) continue
       const arrived = events
       events = []
