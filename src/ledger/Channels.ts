@@ -191,19 +191,12 @@ export const CHANNEL_BATCHES = 4
 /** Holds between `need` and `want` of the channel's authorized balance for a request.
  * Batched under load (Batch.ts): admissions that arrive together share one commit. */
 export function admit(sql: Sql, i: AdmitInput): Promise<Admission> {
+  // A lone call is a batch of one too: the same statement, one implementation.
   return Batch.of(sql, 'channelAdmit', () => ({
-    one: (i: AdmitInput) => admitOne(sql, i),
+    one: async (i: AdmitInput) => (await admitMany(sql, [i]))[0]!,
     many: (items: AdmitInput[]) => admitMany(sql, items),
     inFlight: CHANNEL_BATCHES,
   })).run(i)
-}
-
-async function admitOne(sql: Sql, i: AdmitInput): Promise<Admission> {
-  const [r] = await sql`
-    select * from tollway_channel_admit(${bytes(i.channelId)}, ${i.model}, ${i.stream},
-      ${sql.typed.numeric(i.want)}, ${sql.typed.numeric(i.need)}, ${i.requestId}, ${i.leaseSeconds},
-      ${i.idempotencyKey ?? null}, ${i.fingerprint ?? null})`
-  return admission(r!)
 }
 
 async function admitMany(sql: Sql, items: AdmitInput[]): Promise<Admission[]> {

@@ -143,7 +143,7 @@ export function finish(
   background = false,
   channelId?: string,
 ): Promise<Finished | undefined> {
-  if (channelId !== undefined) return channelFinishes(sql).run({ ...f, channelId })
+  if (channelId !== undefined) return channelFinishes(sql).run(f)
   // A finish nobody waits for lingers, to share a statement with the next admission.
   return ledger(sql).run({ op: 'finish', ...f }, background) as Promise<Finished | undefined>
 }
@@ -206,32 +206,17 @@ function ledger(sql: Sql) {
 /**
  * Channel charges, batched apart from the API-key stream and several batches at once: a
  * channel request's answer waits for its charge (a durable commit), and no order between
- * channels matters. Each batch charges its channels in id order, the order the channel
- * admissions and vouchers lock them in, so batches under way together cannot deadlock.
+ * channels matters. One statement charges a batch (tollway_channel_finish_many, which locks
+ * its channels in id order, as channel admissions and vouchers do, so batches under way
+ * together cannot deadlock).
  */
 function channelFinishes(sql: Sql) {
-  type Item = Finish & { channelId: string }
-  const charge = async (items: Item[]) => {
-    const order = items.map((_, i) => i).sort((a, b) => compare(items[a]!, items[b]!))
-    const results = await many(
-      sql,
-      order.map((i) => {
-        const { channelId: _, ...f } = items[i]!
-        return { op: 'finish', ...f }
-      }),
-    )
-    const out = new Array<Finished | undefined>(items.length)
-    order.forEach((item, at) => {
-      out[item] = results[at] as Finished | undefined
-    })
-    return out
+  const charge = async (items: Finish[]): Promise<(Finished | undefined)[]> => {
+    const json = items.map((f) => ({ ...f, cost: f.cost.toString() }))
+    const rows = await sql`select * from tollway_channel_finish_many(${sql.json(json)})`
+    return inOrder<Finished | undefined>(rows, items.length, finished, () => undefined)
   }
-  const compare = (a: Item, b: Item) => {
-    const x = a.channelId.toLowerCase()
-    const y = b.channelId.toLowerCase()
-    return x < y ? -1 : x > y ? 1 : 0
-  }
-  return Batch.of<Item, Finished | undefined>(sql, 'channelFinish', () => ({
+  return Batch.of<Finish, Finished | undefined>(sql, 'channelFinish', () => ({
     one: async (item) => (await charge([item]))[0],
     many: charge,
     inFlight: CHANNEL_BATCHES,
