@@ -340,28 +340,31 @@ Try it:
 
 /**
  * Starts `config.workers − 1` more processes serving this gateway's port, each a gateway of
- * its own on the same database. They get what this one chose: the port (when it was 0), the
- * admin token and the chain (the development chain this one started). One that dies is
- * started again after a second.
+ * its own on the same database. They read the same configuration, and get what this one
+ * chose: the port (when it was 0), the admin token and the development chain it started (a
+ * configured chain's key is not copied into their environment). One that dies is started
+ * again, after 1 s, doubling up to 30 s while they keep dying within a minute.
  */
 function startWorkers(config: Config.Config, gateway: Gateway) {
-  const chain = gateway.chain
+  const dev = gateway.devChain
   const env: Record<string, string | undefined> = {
     ...process.env,
     [WORKER]: '1',
     PORT: new URL(gateway.url).port,
     ADMIN_TOKEN: gateway.adminToken,
-    ...(chain && {
-      CHAIN_RPC_URL: chain.rpcUrl,
-      CHAIN_ID: String(chain.chainId),
-      ESCROW_ADDRESS: chain.escrowAddress,
-      CURRENCY_ADDRESS: chain.currencyAddress,
-      PAYEE_PRIVATE_KEY: chain.payeePrivateKey,
+    ...(dev && {
+      CHAIN_RPC_URL: dev.rpcUrl,
+      CHAIN_ID: String(dev.chainId),
+      ESCROW_ADDRESS: dev.escrowAddress,
+      CURRENCY_ADDRESS: dev.currencyAddress,
+      PAYEE_PRIVATE_KEY: dev.payee.privateKey,
     }),
   }
   let stopping = false
+  let failures = 0
   const running = new Set<ReturnType<typeof Bun.spawn>>()
   const spawn = () => {
+    const started = Date.now()
     const proc = Bun.spawn([process.execPath, join(import.meta.dir, 'main.ts')], {
       env,
       stdin: 'pipe',
@@ -372,8 +375,12 @@ function startWorkers(config: Config.Config, gateway: Gateway) {
     proc.exited.then((code) => {
       running.delete(proc)
       if (stopping) return
-      console.error(`tollway: a worker process exited (code ${code}); starting another`)
-      setTimeout(() => stopping || spawn(), 1000)
+      failures = Date.now() - started > 60_000 ? 0 : failures + 1
+      const delay = Math.min(30_000, 1000 * 2 ** Math.max(0, failures - 1))
+      console.error(
+        `tollway: a worker process exited (code ${code}); starting another in ${delay / 1000} s`,
+      )
+      setTimeout(() => stopping || spawn(), delay)
     })
   }
   for (let i = 1; i < config.workers; i++) spawn()
