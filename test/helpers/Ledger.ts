@@ -36,6 +36,45 @@ export async function channel(sql: Db.Sql, deposit: bigint) {
   })
 }
 
+/** A test signature, unique per amount (the ledger stores signatures, it does not check them). */
+export const signature = (amount: bigint) =>
+  `0x${amount.toString(16).padStart(130, '0')}` as Channels.Hex
+
+/** Accepts a voucher for `amount` on a channel. */
+export function voucher(sql: Db.Sql, channelId: Channels.Hex, amount: bigint, minDelta = 1n) {
+  return Channels.acceptVoucher(sql, {
+    channelId,
+    cumulativeAmount: amount,
+    signature: signature(amount),
+    minDelta,
+  })
+}
+
+/**
+ * A channel's balances, after checking the invariants of DESIGN.md a row can show:
+ * settled ≤ spent, spent + reserved ≤ acceptedCumulative ≤ deposit, reserved = the sum of
+ * its reservations. Read in one statement, from one snapshot.
+ */
+export async function channelState(sql: Db.Sql, channelId: Channels.Hex) {
+  const id = Buffer.from(channelId.slice(2), 'hex')
+  const [h] = await sql`
+    select c.settled, c.spent, c.reserved, c.accepted_cumulative, c.deposit,
+      (select coalesce(sum(held), 0) from reservations where channel_id = ${id}) as held
+    from channels c where channel_id = ${id}`
+  const c = {
+    settled: h!.settled as bigint,
+    spent: h!.spent as bigint,
+    reserved: h!.reserved as bigint,
+    acceptedCumulative: h!.accepted_cumulative as bigint,
+    deposit: h!.deposit as bigint,
+  }
+  expect(c.settled <= c.spent).toBe(true)
+  expect(c.spent + c.reserved <= c.acceptedCumulative).toBe(true)
+  expect(c.acceptedCumulative <= c.deposit).toBe(true)
+  expect(c.reserved).toBe(h!.held)
+  return c
+}
+
 /**
  * An account's row, after checking every ledger invariant of DESIGN.md that a row can show:
  * balance = sum of its transactions, reserved = sum of its reservations, one active request

@@ -15,12 +15,7 @@ const { sql } = db
 async function twins(accepted: bigint, state: 'open' | 'finalized' | 'closing' = 'open') {
   const pair = [await Ledger.channel(sql, 1_000_000n), await Ledger.channel(sql, 1_000_000n)]
   for (const c of pair) {
-    await Channels.acceptVoucher(sql, {
-      channelId: c.channelId,
-      cumulativeAmount: accepted,
-      signature: `0x${'11'.repeat(65)}`,
-      minDelta: 1n,
-    })
+    await Ledger.voucher(sql, c.channelId, accepted)
     if (state === 'finalized')
       await sql`update channels set finalized = true where channel_id = decode(${c.channelId.slice(2)}, 'hex')`
     if (state === 'closing')
@@ -111,6 +106,9 @@ describe('tollway_channel_admit_many', () => {
     ])
     // The channels and their reservations end the same.
     for (const [x, y] of pairs.slice(0, 2)) {
+      expect(await Ledger.channelState(sql, `0x${x}`)).toEqual(
+        await Ledger.channelState(sql, `0x${y}`),
+      )
       const [cx] =
         await sql`select reserved, active_stream from channels where channel_id = decode(${x}, 'hex')`
       const [cy] =
@@ -186,6 +184,9 @@ describe('tollway_channel_finish_many', () => {
     const strip = ({ idx: _, ...r }: Record<string, unknown>) => r
     expect(batch.map(strip)).toEqual(single)
     for (const [x, y] of pairs) {
+      expect(await Ledger.channelState(sql, `0x${x}`)).toEqual(
+        await Ledger.channelState(sql, `0x${y}`),
+      )
       const state = async (id: string) => {
         const [c] =
           await sql`select spent, reserved from channels where channel_id = decode(${id}, 'hex')`
