@@ -16,7 +16,9 @@ self.onmessage = (event: MessageEvent) => {
     | { scope: Voucher.Scope }
     | { id: number; voucher: Parameters<Voucher.Verifier['verify']>[0] }
   if ('scope' in m) {
-    verifier = Voucher.createVerifier(m.scope)
+    // Verified vouchers are remembered on the main thread, which answers their replays
+    // without asking: a second cache here would hold the same keys.
+    verifier = Voucher.createVerifier({ ...m.scope, cacheSize: 0 })
     return
   }
   try {

@@ -18,6 +18,7 @@
  */
 import { createHmac, timingSafeEqual } from 'node:crypto'
 import { z } from 'zod'
+import { Lru } from '../Lru.ts'
 import * as AuthHeader from './AuthHeader.ts'
 import * as Encoding from './Encoding.ts'
 import { PaymentParseError } from './Errors.ts'
@@ -171,13 +172,17 @@ export function verify(
   now: Date = new Date(),
 ): VerifyResult {
   const secrets = Array.isArray(secret) ? secret : [secret as Secret]
-  const key = echoKey(challenge)
-  const known = verified.get(key)
-  const match = known !== undefined && secrets.includes(known) ? known : bound(challenge, secrets)
-  if (match === false) return { valid: false, reason: 'forged' }
-  if (match !== known) {
-    if (verified.size >= 10_000) verified.clear()
-    verified.set(key, match)
+  // The same object again (a parsed credential the route kept, frozen): no key to build.
+  const seen = byObject.get(challenge)
+  let match: Secret | false
+  if (seen !== undefined && secrets.includes(seen)) match = seen
+  else {
+    const key = echoKey(challenge)
+    const known = verified.get(key)
+    match = known !== undefined && secrets.includes(known) ? known : bound(challenge, secrets)
+    if (match === false) return { valid: false, reason: 'forged' }
+    if (match !== known) verified.set(key, match)
+    if (Object.isFrozen(challenge)) byObject.set(challenge, match)
   }
   if (challenge.expires !== undefined && Date.parse(challenge.expires) <= now.getTime())
     return { valid: false, reason: 'expired' }
@@ -190,7 +195,9 @@ export function verify(
  * computed once, not per voucher. Parameters that differ in any way, even only in key order,
  * are another entry and are checked in full.
  */
-const verified = new Map<string, Secret>()
+const verified = new Lru<string, Secret>(10_000)
+/** The same, by frozen challenge object: what `verify` looks at first. */
+const byObject = new WeakMap<Challenge, Secret>()
 
 const echoKey = (c: Challenge) =>
   [
@@ -318,7 +325,6 @@ export function fromEcho(echo: unknown): Challenge {
     const r = Request.safeParse(decodeParam('request', wire.request))
     if (!r.success) throw invalid('challenge', r.error)
     request = deepFreeze(r.data)
-    if (requests.size >= 10_000) requests.clear()
     requests.set(wire.request, request)
   }
   let opaque: Record<string, string> | undefined
@@ -336,7 +342,7 @@ export function fromEcho(echo: unknown): Challenge {
  * decoding is a function of the text alone; the values are frozen, so no caller can change
  * what the next one gets.
  */
-const requests = new Map<string, Challenge['request']>()
+const requests = new Lru<string, Challenge['request']>(10_000)
 
 /** Freezes `value` and everything in it. */
 export function deepFreeze<T>(value: T): T {

@@ -82,13 +82,26 @@ describe('Payments.verify', () => {
     expect(() => Payments.verify(p, h)).toThrow(/expired/)
   })
 
-  test('error: a malformed header is refused every time, never kept', () => {
-    const { method } = recording()
+  test('error: a malformed or forged credential is refused every time and never reaches the method', () => {
+    const { method, seen } = recording()
     const p = payments(method, 60_000)
     const bad = 'Payment not-base64url-json!'
-    expect(() => Payments.verify(p, bad)).toThrow()
-    expect(() => Payments.verify(p, bad)).toThrow()
-    const forged = header(p, method, '100').replace(/.$/, (c) => (c === 'A' ? 'B' : 'A'))
-    expect(() => Payments.verify(p, forged)).toThrow()
+    for (let i = 0; i < 2; i++) expect(() => Payments.verify(p, bad)).toThrow(/base64url/)
+    // A challenge bound under another secret.
+    const other = { ...payments(method, 60_000), secret: 'another-secret-0123456789' }
+    const forged = header(other, method, '100')
+    for (let i = 0; i < 2; i++)
+      expect(() => Payments.verify(p, forged)).toThrow(/not one this server issued/)
+    expect(seen).toEqual([])
+  })
+
+  test('error: a kept credential is checked against the secrets of the day: rotated out, refused', () => {
+    const { method } = recording()
+    const p = payments(method, 60_000)
+    const h = header(p, method, '100')
+    expect(Payments.verify(p, h).checked.action).toBe('voucher')
+    expect(Payments.verify(p, h).checked.action).toBe('voucher')
+    const rotated = { ...p, secret: 'rotated-secret-0123456789' }
+    expect(() => Payments.verify(rotated, h)).toThrow(/not one this server issued/)
   })
 })

@@ -40,8 +40,9 @@ describe('response', () => {
   test('behavior: upstream JSON is forwarded with the model the client asked for, whatever the upstream calls it', async () => {
     const plain = '{"id":"x","model":"up/m","choices":[{"index":0,"delta":{"content":"a"}}]}'
     // Named twice (here nested): not swapped in place, re-serialized instead.
+    // The nested one first: swapping the first occurrence would swap the wrong field.
     const twice =
-      '{"id":"x","model":"up/m","choices":[{"index":0,"delta":{"content":"b"}}],"x":{"model":"up/m"}}'
+      '{"id":"x","x":{"model":"up/m"},"model":"up/m","choices":[{"index":0,"delta":{"content":"b"}}]}'
     const same = '{"id":"x","model":"ours","choices":[{"index":0,"delta":{"content":"c"}}]}'
     const out = await render(
       [{ kind: 'chunks', chunks: [received(plain), received(twice), received(same)] }, end],

@@ -4,6 +4,8 @@
  * ("Verification Procedure"). Pure of I/O: the channel store and the escrow are interfaces
  * that ledger/ and chain/ implement, wired by main.ts.
  */
+
+import { Lru } from '../../Lru.ts'
 import type * as Channels from '../../ledger/Channels.ts'
 import type { Price } from '../../metering/Pricing.ts'
 import * as Challenge from '../Challenge.ts'
@@ -128,20 +130,18 @@ export const inputUnitType = 'llm-input-token-per-1M'
 
 export function create(o: Options) {
   // Who signs a channel's vouchers never changes: kept in memory after the first lookup.
-  const signers = new Map<string, Hex>()
+  const signers = new Lru<string, Hex>(100_000)
   const remember = (c: { channelId: Hex; signer: Hex } | undefined): Hex | undefined => {
     if (!c) return undefined
-    if (signers.size >= 100_000) signers.clear()
     signers.set(c.channelId, c.signer)
     return c.signer
   }
 
   // The highest voucher this instance saw accepted per channel: a lower bound of the channel's
   // (amounts only grow), so a voucher at or below it is a replay wherever it is checked.
-  const accepted = new Map<string, bigint>()
+  const accepted = new Lru<string, bigint>(100_000)
   const sawAccepted = (channelId: Hex, amount: bigint) => {
     if ((accepted.get(channelId) ?? -1n) >= amount) return
-    if (accepted.size >= 100_000) accepted.clear()
     accepted.set(channelId, amount)
   }
   const isReplay = (channelId: Hex, amount: bigint) => (accepted.get(channelId) ?? -1n) >= amount
