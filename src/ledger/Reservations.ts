@@ -263,7 +263,11 @@ export function reservation(
     held: bigint
     leaseSeconds: number
     settleInBackground?: boolean
-    /** The channel that pays (its charges go through the channel batches). */
+    /**
+     * The channel that pays, for a channel's reservation: its charge goes through the channel
+     * batches. (Without it, the API-key stream charges it one item at a time: correct, slower,
+     * and not what the gateway runs.)
+     */
     channelId?: string
   },
 ) {

@@ -101,6 +101,7 @@ async function spend(channelId: Hex, cost: bigint) {
     id,
     held: cost,
     leaseSeconds: 60,
+    channelId,
   }).settle({ cost, promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: 1 })
   expect(charged).toBe(cost)
 }
@@ -118,7 +119,7 @@ async function trySpend(channelId: Hex, cost: bigint) {
     leaseSeconds: 60,
   })
   if (a.status !== 'ok') return
-  await Reservations.reservation(sql, { id, held: a.held, leaseSeconds: 60 }).settle({
+  await Reservations.reservation(sql, { id, held: a.held, leaseSeconds: 60, channelId }).settle({
     cost,
     promptTokens: 1,
     completionTokens: 1,

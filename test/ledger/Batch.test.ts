@@ -145,16 +145,14 @@ const admit = (keyHash: Uint8Array, want: bigint, requestId: string = crypto.ran
     leaseSeconds: 60,
   }).then((r) => ({ ...r, requestId }))
 
-const finish = (id: string, cost: bigint) =>
-  Reservations.finish(sql, {
-    id,
-    cost,
-    promptTokens: 1,
-    completionTokens: 1,
-    status: 'ok',
-    latencyMs: 1,
-    ttftMs: null,
-  })
+/** Finishes a request; a channel's through the channel batches, as the gateway does. */
+const finish = (id: string, cost: bigint, channelId?: string) =>
+  Reservations.finish(
+    sql,
+    { id, cost, promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: null },
+    false,
+    channelId,
+  )
 
 const state = (accountId: string) => Ledger.accountState(sql, accountId)
 
@@ -331,7 +329,7 @@ describe('batched ledger calls', () => {
         leaseSeconds: 60,
       })
       expect(admitted.status).toBe('ok')
-      expect((await finish(channelRequest, 7n))?.charged).toBe(7n)
+      expect((await finish(channelRequest, 7n, c.channelId))?.charged).toBe(7n)
       const a = await account(100n)
       const r = await admit(a.keyHash, 10n)
       expect((await finish(r.requestId, 7n))?.charged).toBe(7n)

@@ -77,7 +77,12 @@ describe('admit, extend, finish', () => {
       leaseSeconds: 60,
     })
     expect(a).toMatchObject({ status: 'ok', held: 100n })
-    const r = Reservations.reservation(sql, { id, held: 100n, leaseSeconds: 60 })
+    const r = Reservations.reservation(sql, {
+      id,
+      held: 100n,
+      leaseSeconds: 60,
+      channelId: c.channelId,
+    })
     expect(await r.extend(200n)).toBe(true)
     expect(await r.extend(1n)).toBe(false)
     const { charged } = await r.settle({
@@ -125,7 +130,12 @@ describe('admit, extend, finish', () => {
               })
               await invariants(c.channelId)
               if (a.status !== 'ok') return
-              const r = Reservations.reservation(sql, { id, held: a.held, leaseSeconds: 60 })
+              const r = Reservations.reservation(sql, {
+                id,
+                held: a.held,
+                leaseSeconds: 60,
+                channelId: c.channelId,
+              })
               await r.extend(op.extend)
               await invariants(c.channelId)
               const settled = await r.settle({
