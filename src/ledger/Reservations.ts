@@ -129,7 +129,8 @@ export type Finish = {
   promptTokens: number
   completionTokens: number
   status: string
-  latencyMs: number
+  /** Null for a request nobody finished (swept). */
+  latencyMs: number | null
   ttftMs: number | null
 }
 
@@ -203,6 +204,13 @@ function ledger(sql: Sql) {
   }))
 }
 
+/** Charges channel requests in one statement (tollway_channel_finish_many). */
+async function chargeChannels(sql: Sql, items: Finish[]): Promise<(Finished | undefined)[]> {
+  const json = items.map((f) => ({ ...f, cost: f.cost.toString() }))
+  const rows = await sql`select * from tollway_channel_finish_many(${sql.json(json)})`
+  return inOrder<Finished | undefined>(rows, items.length, finished, () => undefined)
+}
+
 /**
  * Channel charges, batched apart from the API-key stream and several batches at once: a
  * channel request's answer waits for its charge (a durable commit), and no order between
@@ -211,11 +219,7 @@ function ledger(sql: Sql) {
  * together cannot deadlock).
  */
 function channelFinishes(sql: Sql) {
-  const charge = async (items: Finish[]): Promise<(Finished | undefined)[]> => {
-    const json = items.map((f) => ({ ...f, cost: f.cost.toString() }))
-    const rows = await sql`select * from tollway_channel_finish_many(${sql.json(json)})`
-    return inOrder<Finished | undefined>(rows, items.length, finished, () => undefined)
-  }
+  const charge = (items: Finish[]) => chargeChannels(sql, items)
   return Batch.of<Finish, Finished | undefined>(sql, 'channelFinish', () => ({
     one: async (item) => (await charge([item]))[0],
     many: charge,
@@ -229,11 +233,33 @@ function channelFinishes(sql: Sql) {
  * records them as `abandoned`. Returns how many were released.
  */
 export async function sweep(sql: Sql): Promise<number> {
-  const rows = await sql`
-    select r.id, f.charged from (
-      select id, delivered from reservations where expires_at < clock_timestamp() limit 100
-    ) r, tollway_finish(r.id, r.delivered, 0, 0, 'abandoned', null, null) f`
-  return rows.length
+  const expired = await sql`
+    select id, delivered, channel_id is not null as channel from reservations
+    where expires_at < clock_timestamp() limit 100`
+  // Through the batch functions, so the payers are locked in the order every batch locks
+  // them (no deadlock with live batches or another instance's sweep), and channel charges
+  // commit durably while account charges need not.
+  const abandoned = (r: (typeof expired)[number]): Finish => ({
+    id: r.id,
+    cost: r.delivered,
+    promptTokens: 0,
+    completionTokens: 0,
+    status: 'abandoned',
+    latencyMs: null,
+    ttftMs: null,
+  })
+  const accounts = expired.filter((r) => !r.channel).map(abandoned)
+  const channels = expired.filter((r) => r.channel).map(abandoned)
+  const done = await Promise.all([
+    accounts.length > 0
+      ? many(
+          sql,
+          accounts.map((f) => ({ op: 'finish', ...f })),
+        )
+      : [],
+    channels.length > 0 ? chargeChannels(sql, channels) : [],
+  ])
+  return done.flat().filter((r) => r !== undefined).length
 }
 
 /**

@@ -305,7 +305,8 @@ describe('batched ledger calls', () => {
   })
 
   test('behavior: a channel charge commits durably (synchronous commit), an account charge does not wait for the flush', async () => {
-    // What synchronous_commit is when each usage row is written: the setting at commit.
+    // What synchronous_commit is as each usage row's transaction commits (a deferred trigger
+    // runs at commit, after everything the statement set).
     await sql.unsafe(`
       create table commit_modes (payer text, mode text);
       create function commit_mode() returns trigger language plpgsql as $$
@@ -314,7 +315,8 @@ describe('batched ledger calls', () => {
           current_setting('synchronous_commit'));
         return new;
       end $$;
-      create trigger commit_mode after insert on usage for each row execute function commit_mode();`)
+      create constraint trigger commit_mode after insert on usage deferrable initially deferred
+        for each row execute function commit_mode();`)
     try {
       const c = await Ledger.channel(sql, 1_000n)
       await voucher(c.channelId, 100n)
@@ -333,8 +335,32 @@ describe('batched ledger calls', () => {
       const a = await account(100n)
       const r = await admit(a.keyHash, 10n)
       expect((await finish(r.requestId, 7n))?.charged).toBe(7n)
+      // Dead requests swept together: the channel's charge is durable there too.
+      const dead = crypto.randomUUID()
+      expect(
+        (
+          await Channels.admit(sql, {
+            channelId: c.channelId,
+            model: 'm',
+            stream: false,
+            want: 10n,
+            need: 10n,
+            requestId: dead,
+            leaseSeconds: 60,
+          })
+        ).status,
+      ).toBe('ok')
+      await admit(a.keyHash, 10n)
+      await sql`update reservations set expires_at = now() - interval '1 second'
+        where id = ${dead} or account_id = ${a.id}`
+      expect(await Reservations.sweep(sql)).toBe(2)
       const modes = await sql`select payer, mode from commit_modes order by payer`
-      expect(modes.map((m) => `${m.payer}:${m.mode}`)).toEqual(['account:off', 'channel:on'])
+      expect(modes.map((m) => `${m.payer}:${m.mode}`)).toEqual([
+        'account:off',
+        'account:off',
+        'channel:on',
+        'channel:on',
+      ])
     } finally {
       await sql.unsafe(
         'drop trigger commit_mode on usage; drop function commit_mode(); drop table commit_modes',
