@@ -188,20 +188,3 @@ export function report(name: string, result: object, markdown: string): void {
   writeFileSync(join(dir, `${name}.md`), `${markdown}\n`)
   console.log(markdown)
 }
-
-/** The environment that points a gateway at a development chain (DevChain.start). */
-export function chainEnv(chain: {
-  rpcUrl: string
-  chainId: number
-  escrowAddress: string
-  currencyAddress: string
-  payee: { privateKey: string }
-}): Record<string, string> {
-  return {
-    CHAIN_RPC_URL: chain.rpcUrl,
-    CHAIN_ID: String(chain.chainId),
-    ESCROW_ADDRESS: chain.escrowAddress,
-    CURRENCY_ADDRESS: chain.currencyAddress,
-    PAYEE_PRIVATE_KEY: chain.payee.privateKey,
-  }
-}

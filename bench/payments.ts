@@ -44,7 +44,7 @@ export async function run() {
           TOLLWAY_DATA_DIR: dataDir,
           PORT: String(port),
           DATABASE_URL: databaseUrl,
-          ...Harness.chainEnv(chain),
+          ...DevChain.env(chain),
         },
         'serving at',
       )

@@ -179,7 +179,7 @@ export async function run() {
         PORT: String(port),
         ADMIN_TOKEN: adminToken,
         DATABASE_URL: databaseUrl,
-        ...Harness.chainEnv(chain),
+        ...DevChain.env(chain),
       },
       'serving at',
     )

@@ -352,13 +352,7 @@ function startWorkers(config: Config.Config, gateway: Gateway) {
     [WORKER]: '1',
     PORT: new URL(gateway.url).port,
     ADMIN_TOKEN: gateway.adminToken,
-    ...(dev && {
-      CHAIN_RPC_URL: dev.rpcUrl,
-      CHAIN_ID: String(dev.chainId),
-      ESCROW_ADDRESS: dev.escrowAddress,
-      CURRENCY_ADDRESS: dev.currencyAddress,
-      PAYEE_PRIVATE_KEY: dev.payee.privateKey,
-    }),
+    ...(dev && DevChain.env(dev)),
   }
   let stopping = false
   let failures = 0

@@ -128,6 +128,19 @@ export async function start(options: Options = {}): Promise<DevChain> {
   }
 }
 
+/** The environment that points a gateway at this chain (what `Config.load` reads). */
+export function env(
+  chain: Pick<DevChain, 'rpcUrl' | 'chainId' | 'escrowAddress' | 'currencyAddress' | 'payee'>,
+): Record<string, string> {
+  return {
+    CHAIN_RPC_URL: chain.rpcUrl,
+    CHAIN_ID: String(chain.chainId),
+    ESCROW_ADDRESS: chain.escrowAddress,
+    CURRENCY_ADDRESS: chain.currencyAddress,
+    PAYEE_PRIVATE_KEY: chain.payee.privateKey,
+  }
+}
+
 /** Deploys PaymentChannelEscrow and TestUSD from the client's account (which can then mint). */
 export async function deploy(
   client: Client.WalletClient,
