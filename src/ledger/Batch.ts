@@ -15,8 +15,11 @@
  * If a batch statement fails, its items run again one by one, so one bad item fails alone.
  */
 export type Options<I, O> = {
-  /** Runs one item (a lone call, or the fallback when a batch fails). */
-  one(item: I): Promise<O>
+  /**
+   * Runs one item (a lone call, or the fallback when a batch fails); by default `many` of
+   * that item alone, so a lone call runs the batch statement too (one implementation).
+   */
+  one?(item: I): Promise<O>
   /** Runs several items in one statement; results in the items' order. */
   many(items: I[]): Promise<O[]>
   /** Batches under way at once (default 1). */
@@ -52,7 +55,10 @@ export class Batcher<I, O> {
   private readonly starts = new Set<number>()
   private readonly barriers: { at: number; resolve: () => void }[] = []
 
+  private readonly one: (item: I) => Promise<O>
+
   constructor(private readonly o: Options<I, O>) {
+    this.one = o.one ?? (async (item) => (await o.many([item]))[0] as O)
     this.inFlight = o.inFlight ?? 1
     this.maxItems = o.maxItems ?? 256
     this.lingerMs = o.lingerMs ?? 2
@@ -67,7 +73,7 @@ export class Batcher<I, O> {
       this.stats.statements++
       this.stats.items++
       this.starts.add(seq)
-      return this.o.one(item).finally(() => this.done(seq))
+      return this.one(item).finally(() => this.done(seq))
     }
     const result = new Promise<O>((resolve, reject) => {
       this.waiting.push({ item, seq, resolve, reject })
@@ -124,7 +130,7 @@ export class Batcher<I, O> {
     const settle = async () => {
       if (batch.length === 1) {
         const w = batch[0]!
-        await this.o.one(w.item).then(w.resolve, w.reject)
+        await this.one(w.item).then(w.resolve, w.reject)
         return
       }
       let results: O[]
@@ -133,7 +139,7 @@ export class Batcher<I, O> {
       } catch {
         this.stats.fallbacks++
         // One item may have failed the statement: each runs alone, in order, and fails alone.
-        for (const w of batch) await this.o.one(w.item).then(w.resolve, w.reject)
+        for (const w of batch) await this.one(w.item).then(w.resolve, w.reject)
         return
       }
       batch.forEach((w, i) => {

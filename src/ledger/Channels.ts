@@ -191,9 +191,7 @@ export const CHANNEL_BATCHES = 4
 /** Holds between `need` and `want` of the channel's authorized balance for a request.
  * Batched under load (Batch.ts): admissions that arrive together share one commit. */
 export function admit(sql: Sql, i: AdmitInput): Promise<Admission> {
-  // A lone call is a batch of one too: the same statement, one implementation.
   return Batch.of(sql, 'channelAdmit', () => ({
-    one: async (i: AdmitInput) => (await admitMany(sql, [i]))[0]!,
     many: (items: AdmitInput[]) => admitMany(sql, items),
     inFlight: CHANNEL_BATCHES,
   })).run(i)

@@ -197,11 +197,7 @@ async function many(sql: Sql, items: Op[]): Promise<OpResult[]> {
  * background is never counted against the payer's next one (credits, concurrency, quota).
  */
 function ledger(sql: Sql) {
-  // A lone call is a batch of one too: the same statement, one implementation.
-  return Batch.of<Op, OpResult>(sql, 'ledger', () => ({
-    one: async (o) => (await many(sql, [o]))[0],
-    many: (items) => many(sql, items),
-  }))
+  return Batch.of<Op, OpResult>(sql, 'ledger', () => ({ many: (items) => many(sql, items) }))
 }
 
 /** Charges channel requests in one statement (tollway_channel_finish_many). */
@@ -219,10 +215,8 @@ async function chargeChannels(sql: Sql, items: Finish[]): Promise<(Finished | un
  * together cannot deadlock).
  */
 function channelFinishes(sql: Sql) {
-  const charge = (items: Finish[]) => chargeChannels(sql, items)
   return Batch.of<Finish, Finished | undefined>(sql, 'channelFinish', () => ({
-    one: async (item) => (await charge([item]))[0],
-    many: charge,
+    many: (items) => chargeChannels(sql, items),
     inFlight: CHANNEL_BATCHES,
   }))
 }

@@ -298,21 +298,22 @@ export function routes(deps: Deps) {
       }),
       { channel: channelId, model: p.model.id, stream: p.req.stream },
     )
-    // The receipt as the request starts (headers), and as it ends (event or header).
-    const start = receiptOf({
-      channelId,
-      acceptedCumulative: admitted.acceptedCumulative,
-      spent: admitted.spent,
-      deposit: admitted.deposit,
-    })
+    // The receipt as a stream starts (headers), and as the request ends (event or header).
     const current = async () => (await Channels.get(deps.sql, channelId))!
     // The channel as this request's charge left it (the settle returns it), else read.
     const settledState = async (): Promise<Method.State> => {
       const after = reservation.settledChannel
       return after ? { channelId, deposit: admitted.deposit, ...after } : current()
     }
-    if (p.req.stream)
+    if (p.req.stream) {
+      const start = receiptOf({
+        channelId,
+        acceptedCumulative: admitted.acceptedCumulative,
+        spent: admitted.spent,
+        deposit: admitted.deposit,
+      })
       for (const [k, v] of Object.entries(Payments.receiptHeaders(start))) c.header(k, v)
+    }
     return serve(c, deps, p, reservation, startedAt, {
       async extra(frame) {
         if (frame.kind !== 'shortfall') return undefined
