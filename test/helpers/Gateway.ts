@@ -8,6 +8,7 @@ import * as Config from '../../src/Config.ts'
 import * as Batch from '../../src/ledger/Batch.ts'
 import * as Db from '../../src/ledger/Db.ts'
 import { type Gateway, start } from '../../src/main.ts'
+import * as Ledger from './Ledger.ts'
 import * as Postgres from './Postgres.ts'
 import * as Upstream from './Upstream.ts'
 
@@ -128,24 +129,15 @@ export async function create(
   return t
 }
 
-/** Sums an account's credit transactions and reads its balance: they must agree. */
+/**
+ * An account's ledger once this instance's queued charges are written, after checking the
+ * invariants of DESIGN.md a row can show (Ledger.accountState).
+ */
 export async function ledger(sql: Db.Sql, accountId: string) {
   // A completion's finish may still be on its way after its response (see Batch.settled).
   await Batch.settled(sql)
-  const [row] = await sql`
-    select a.balance, a.reserved, a.active_requests,
-      coalesce((select sum(amount) from credit_transactions where account_id = a.id), 0) as sum,
-      coalesce((select sum(cost) from usage where account_id = a.id), 0) as usage_cost,
-      (select count(*) from reservations where account_id = a.id) as open_reservations
-    from accounts a where a.id = ${accountId}`
-  return row as {
-    balance: bigint
-    reserved: bigint
-    active_requests: number
-    sum: bigint
-    usage_cost: bigint
-    open_reservations: bigint
-  }
+  const state = await Ledger.accountState(sql, accountId)
+  return { ...state, open_reservations: BigInt(state.open) }
 }
 
 /** The `chain` config of a gateway paid on a test chain (test/helpers/Anvil.ts). */

@@ -78,7 +78,8 @@ export async function channelState(sql: Db.Sql, channelId: Channels.Hex) {
 /**
  * An account's row, after checking every ledger invariant of DESIGN.md that a row can show:
  * balance = sum of its transactions, reserved = sum of its reservations, one active request
- * per reservation, 0 ≤ reserved ≤ balance. `usage` counts its usage rows.
+ * per reservation, 0 ≤ reserved ≤ balance. `usage` counts its usage rows, `usage_cost` sums
+ * their costs.
  */
 export async function accountState(sql: Db.Sql, accountId: string) {
   const [r] = await sql`
@@ -86,7 +87,8 @@ export async function accountState(sql: Db.Sql, accountId: string) {
       coalesce((select sum(amount) from credit_transactions where account_id = a.id), 0) as sum,
       coalesce((select sum(held) from reservations where account_id = a.id), 0) as held,
       (select count(*)::int from reservations where account_id = a.id) as open,
-      (select count(*)::int from usage where account_id = a.id) as usage
+      (select count(*)::int from usage where account_id = a.id) as usage,
+      coalesce((select sum(cost) from usage where account_id = a.id), 0) as usage_cost
     from accounts a where id = ${accountId}`
   expect(r!.balance).toBe(r!.sum)
   expect(r!.reserved).toBe(r!.held)
@@ -101,5 +103,6 @@ export async function accountState(sql: Db.Sql, accountId: string) {
     held: bigint
     open: number
     usage: number
+    usage_cost: bigint
   }
 }
