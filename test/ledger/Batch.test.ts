@@ -304,18 +304,23 @@ describe('batched ledger calls', () => {
     }
   })
 
-  test('behavior: a channel charge commits durably (synchronous commit), an account charge does not wait for the flush', async () => {
-    // What synchronous_commit is as each usage row's transaction commits (a deferred trigger
-    // runs at commit, after everything the statement set).
+  test('behavior: everything a channel writes commits durably (synchronous commit): vouchers, holds, charges; an account does not wait for the flush', async () => {
+    // What synchronous_commit is as each row's transaction commits (a deferred trigger runs at
+    // commit, after everything the statement set), for vouchers, reservations and usage rows.
     await sql.unsafe(`
       create table commit_modes (payer text, mode text);
       create function commit_mode() returns trigger language plpgsql as $$
       begin
-        insert into commit_modes values (case when new.channel_id is null then 'account' else 'channel' end,
+        insert into commit_modes values (tg_table_name || ':' ||
+          case when new.channel_id is null then 'account' else 'channel' end,
           current_setting('synchronous_commit'));
         return new;
       end $$;
       create constraint trigger commit_mode after insert on usage deferrable initially deferred
+        for each row execute function commit_mode();
+      create constraint trigger commit_mode after insert on reservations deferrable initially deferred
+        for each row execute function commit_mode();
+      create constraint trigger commit_mode after insert on vouchers deferrable initially deferred
         for each row execute function commit_mode();`)
     try {
       const c = await Ledger.channel(sql, 1_000n)
@@ -354,16 +359,19 @@ describe('batched ledger calls', () => {
       await sql`update reservations set expires_at = now() - interval '1 second'
         where id = ${dead} or account_id = ${a.id}`
       expect(await Reservations.sweep(sql)).toBe(2)
-      const modes = await sql`select payer, mode from commit_modes order by payer`
-      expect(modes.map((m) => `${m.payer}:${m.mode}`)).toEqual([
-        'account:off',
-        'account:off',
-        'channel:on',
-        'channel:on',
+      const modes = await sql`
+        select payer, array_agg(distinct mode) as modes, count(*)::int as n
+        from commit_modes group by payer order by payer`
+      expect(modes.map((m) => `${m.payer}:${m.modes.join()}:${m.n}`)).toEqual([
+        'reservations:account:off:2',
+        'reservations:channel:on:2',
+        'usage:account:off:2',
+        'usage:channel:on:2',
+        'vouchers:channel:on:1',
       ])
     } finally {
       await sql.unsafe(
-        'drop trigger commit_mode on usage; drop function commit_mode(); drop table commit_modes',
+        'drop trigger commit_mode on usage; drop trigger commit_mode on reservations; drop trigger commit_mode on vouchers; drop function commit_mode(); drop table commit_modes',
       )
     }
   })
