@@ -50,6 +50,23 @@ export function voucher(sql: Db.Sql, channelId: Channels.Hex, amount: bigint, mi
   })
 }
 
+/** Holds between `need` and `want` of a channel for a request (model `m`, a 60 s lease). */
+export function hold(
+  sql: Db.Sql,
+  channelId: Channels.Hex,
+  o: { want: bigint; need: bigint; stream?: boolean; requestId?: string },
+) {
+  return Channels.admit(sql, {
+    channelId,
+    model: 'm',
+    stream: o.stream ?? false,
+    want: o.want,
+    need: o.need,
+    requestId: o.requestId ?? crypto.randomUUID(),
+    leaseSeconds: 60,
+  })
+}
+
 /**
  * A channel's balances, after checking the invariants of DESIGN.md a row can show:
  * settled ≤ spent, spent + reserved ≤ acceptedCumulative ≤ deposit, reserved = the sum of

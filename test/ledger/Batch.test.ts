@@ -216,17 +216,7 @@ describe('batched ledger calls', () => {
     const before = Batch.stats(sql).channelAdmit
     const results = await Promise.all(
       channels.flatMap((c) =>
-        Array.from({ length: 5 }, () =>
-          Channels.admit(sql, {
-            channelId: c.channelId,
-            model: 'm',
-            stream: false,
-            want: 30n,
-            need: 30n,
-            requestId: crypto.randomUUID(),
-            leaseSeconds: 60,
-          }),
-        ),
+        Array.from({ length: 5 }, () => Ledger.hold(sql, c.channelId, { want: 30n, need: 30n })),
       ),
     )
     // Batches run several at once, so which of a channel's concurrent requests come first is
@@ -259,15 +249,7 @@ describe('batched ledger calls', () => {
     channels.sort((a, b) => (a.channelId < b.channelId ? 1 : -1))
     for (const c of channels) await voucher(c.channelId, 500_000n)
     const admit = (channelId: Channels.AdmitInput['channelId'], requestId = crypto.randomUUID()) =>
-      Channels.admit(sql, {
-        channelId,
-        model: 'm',
-        stream: false,
-        want: 1_000n,
-        need: 100n,
-        requestId,
-        leaseSeconds: 60,
-      })
+      Ledger.hold(sql, channelId, { want: 1_000n, need: 100n, requestId })
     const held = await Promise.all(
       channels.flatMap((c) =>
         Array.from({ length: 4 }, async () => {
@@ -326,14 +308,10 @@ describe('batched ledger calls', () => {
       const c = await Ledger.channel(sql, 1_000n)
       await voucher(c.channelId, 100n)
       const channelRequest = crypto.randomUUID()
-      const admitted = await Channels.admit(sql, {
-        channelId: c.channelId,
-        model: 'm',
-        stream: false,
+      const admitted = await Ledger.hold(sql, c.channelId, {
         want: 10n,
         need: 10n,
         requestId: channelRequest,
-        leaseSeconds: 60,
       })
       expect(admitted.status).toBe('ok')
       expect((await finish(channelRequest, 7n, c.channelId))?.charged).toBe(7n)
@@ -343,17 +321,7 @@ describe('batched ledger calls', () => {
       // Dead requests swept together: the channel's charge is durable there too.
       const dead = crypto.randomUUID()
       expect(
-        (
-          await Channels.admit(sql, {
-            channelId: c.channelId,
-            model: 'm',
-            stream: false,
-            want: 10n,
-            need: 10n,
-            requestId: dead,
-            leaseSeconds: 60,
-          })
-        ).status,
+        (await Ledger.hold(sql, c.channelId, { want: 10n, need: 10n, requestId: dead })).status,
       ).toBe('ok')
       await admit(a.keyHash, 10n)
       await sql`update reservations set expires_at = now() - interval '1 second'
