@@ -76,7 +76,7 @@ function finished(row: Record<string, unknown>): Finished {
       }
 }
 
-// biome-ignore lint/suspicious/noExplicitAny: a row of tollway_admit
+// biome-ignore lint/suspicious/noExplicitAny: a row of tollway_ledger_many
 function admission(row: any): Admitted | Refused {
   const limits = { rateLimit: row.rate_limit, rateRemaining: row.rate_remaining }
   switch (row.status) {

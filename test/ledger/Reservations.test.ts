@@ -148,6 +148,47 @@ describe('extend and finish', () => {
     ).toBeUndefined()
   })
 
+  test('error: a channel request charged down the API-key path fails and changes nothing', async () => {
+    const c = await Ledger.channel(sql, 1_000n)
+    await Ledger.voucher(sql, c.channelId, 500n)
+    const requestId = crypto.randomUUID()
+    expect(
+      await Ledger.hold(sql, c.channelId, { want: 100n, need: 100n, requestId }),
+    ).toMatchObject({ status: 'ok' })
+    const before = await Ledger.channelState(sql, c.channelId)
+    // No channelId: the API-key ledger, which only charges accounts.
+    const charge = Reservations.finish(sql, {
+      id: requestId,
+      cost: 40n,
+      promptTokens: 1,
+      completionTokens: 1,
+      status: 'ok',
+      latencyMs: 1,
+      ttftMs: 1,
+    })
+    await expect(charge).rejects.toThrow(/paid by channel .*tollway_channel_finish_many/)
+    expect(await Ledger.channelState(sql, c.channelId)).toEqual(before)
+    expect(
+      (await sql`select count(*)::int as n from reservations where id = ${requestId}`)[0]!.n,
+    ).toBe(1)
+    // The channel's own path charges it.
+    const done = await Reservations.finish(
+      sql,
+      {
+        id: requestId,
+        cost: 40n,
+        promptTokens: 1,
+        completionTokens: 1,
+        status: 'ok',
+        latencyMs: 1,
+        ttftMs: 1,
+      },
+      false,
+      c.channelId,
+    )
+    expect(done).toMatchObject({ charged: 40n, channel: { spent: 40n } })
+  })
+
   test('error: credit transactions are append-only', async () => {
     const a = await account(10n)
     await expect(
