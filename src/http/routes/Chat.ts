@@ -186,7 +186,7 @@ export function routes(deps: Deps) {
     }
     const p = plan(deps, text)
     const { idempotencyKey, fingerprint } = idempotency(c, text)
-    const requestId = crypto.randomUUID()
+    const requestId = newRequestId()
     const admitted = await Reservations.admit(deps.sql, {
       keyHash: ApiKeys.hash(raw),
       model: p.model.id,
@@ -258,7 +258,7 @@ export function routes(deps: Deps) {
       throw Problem.verificationFailed(
         `The challenge prices another model or an old price; use a challenge for ${p.model.id}.`,
       ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
-    const requestId = crypto.randomUUID()
+    const requestId = newRequestId()
     const admitted = await Channels.admit(deps.sql, {
       channelId,
       model: p.model.id,
@@ -416,6 +416,15 @@ function logged<R extends Meter.Reservation>(
 }
 
 type Refused = Exclude<Awaited<ReturnType<typeof Reservations.admit>>, { status: 'ok' }>
+
+/**
+ * A request's id: the key of its reservation and usage row. Time-ordered (UUIDv7), so the
+ * usage table's primary key grows at its right edge instead of at random places all over an
+ * index that grows with every request.
+ */
+function newRequestId(): string {
+  return Bun.randomUUIDv7()
+}
 
 /** The request's Idempotency-Key, checked, with the SHA-256 of its body. */
 function idempotency(c: Context, text: string) {
