@@ -159,6 +159,10 @@ describe('template', () => {
     const data =
       '{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":" w"},"finish_reason":null}]}'
     t.learn(data, Chat.asChunk(JSON.parse(data))!)
+    // Learned: the template reads its own text, and another content (else every read below
+    // is undefined and the property holds for nothing).
+    expect(t.read(data)?.chunk).toEqual(JSON.parse(data))
+    expect(t.read(data.replace('" w"', '" x"'))?.text).toBe(' x')
     fc.assert(
       fc.property(fc.string({ unit: 'binary' }), fc.nat(), fc.string(), (s, cut, insert) => {
         for (const other of [
