@@ -5,18 +5,19 @@
  * a channel carries one stream at a time). Two modes, one gateway serving both:
  *   instant  the upstream writes a whole stream at once (model `bench`): per-request costs
  *            dominate and the streams queue in a closed loop
- *   paced    the upstream writes one event per token at BENCH_PACED_RATE tokens/s per stream
- *            (model `bench-paced`), like an inference server: the target holds every stream
- *            open for seconds; a run lasts at least 3 stream durations and counts the tokens
- *            that arrive within it
+ *   paced    the upstream writes one event per token at a model's pace, like an inference
+ *            server, for each of BENCH_PACED_RATE's tokens/s per stream (model
+ *            `bench-paced-<rate>`): the target holds every stream open for seconds; a run
+ *            lasts at least 3 stream durations and counts the tokens that arrive within it
  * Reports tokens/s, time to first token, the target process's CPU (cores, and per 1,000
- * tokens) and the load generator's own CPU.
+ * tokens) and the load generator's own CPU; for the paced runs, what metering costs: the
+ * tokens/s the gateway loses against the proxy, as a share of the proxy's.
  *
  *   bun bench/streams.ts   → prints the tables, writes bench/results/streams.{json,md}
  *
  * Knobs: BENCH_SECONDS (per run, 5), BENCH_STREAMS (levels, "100,1000"), BENCH_PAID_STREAMS
  * ("100,1000"), BENCH_TARGETS (which of "proxy,key,paid" to run), BENCH_TOKENS (per stream,
- * 100), BENCH_PACED_RATE (tokens/s per stream, 50), BENCH_PACED_STREAMS (levels, "1000"),
+ * 100), BENCH_PACED_RATE (tokens/s per stream, "50,100,200"), BENCH_PACED_STREAMS (levels, "1000"),
  * BENCH_PACED_TARGETS ("proxy,key,paid"; empty skips the paced runs), BENCH_BLOCK_TOKENS
  * (the gateway's metering.blockTokens), BENCH_PROFILE_DIR (runs the gateway with `--cpu-prof`
  * into it; the profile is written as the gateway stops).
@@ -35,12 +36,12 @@ const targets = new Set((process.env.BENCH_TARGETS ?? 'proxy,key,paid').split(',
 const blockTokens = process.env.BENCH_BLOCK_TOKENS
 const profileDir = process.env.BENCH_PROFILE_DIR
 const tokens = Number(process.env.BENCH_TOKENS ?? 100)
-const pacedRate = Number(process.env.BENCH_PACED_RATE ?? 50)
+const pacedRates = (process.env.BENCH_PACED_RATE ?? '50,100,200').split(',').map(Number)
 const pacedLevels = (process.env.BENCH_PACED_STREAMS ?? '1000').split(',').map(Number)
 const pacedTargets = new Set((process.env.BENCH_PACED_TARGETS ?? 'proxy,key,paid').split(','))
 const paced = ['proxy', 'key', 'paid'].some((t) => pacedTargets.has(t))
 /** Long enough for every stream to complete a few times over. */
-const pacedSeconds = Math.max(seconds, (3 * tokens) / pacedRate)
+const pacedSeconds = (rate: number) => Math.max(seconds, (3 * tokens) / rate)
 /** Channels to open: one per concurrent paid stream, in either mode. */
 const channels = Math.max(
   ...(targets.has('paid') ? paidLevels : [0]),
@@ -152,14 +153,20 @@ export async function run() {
     const servers = await Harness.upstreamAndProxy()
     children.push(...servers.children)
     const { upstream, proxyPort, proxy } = servers
-    const pacedServers = paced ? await Harness.upstreamAndProxy(pacedRate) : null
-    if (pacedServers) children.push(...pacedServers.children)
+    const pacedServers = new Map<number, Awaited<ReturnType<typeof Harness.upstreamAndProxy>>>()
+    for (const rate of paced ? pacedRates : []) {
+      const servers = await Harness.upstreamAndProxy(rate)
+      children.push(...servers.children)
+      pacedServers.set(rate, servers)
+    }
     const databaseUrl = await Harness.freshDatabase('tollway_bench_streams')
     const { dir, config } = Harness.dataDir({
       logLevel: 'warn',
       ...Harness.benchModels({
         bench: upstream,
-        ...(pacedServers ? { 'bench-paced': pacedServers.upstream } : {}),
+        ...Object.fromEntries(
+          [...pacedServers].map(([rate, servers]) => [`bench-paced-${rate}`, servers.upstream]),
+        ),
       }),
       plans: {
         bench: { tier: 0, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
@@ -240,18 +247,24 @@ export async function run() {
       for (const n of paidLevels)
         results.paid!.push(await load({ ...instant, headers: asPayer(n), streams: n }))
 
-    const pacedResults: Record<string, Stats[]> = { proxy: [], key: [], paid: [] }
-    if (pacedServers) {
-      const pacedRun = { ...instant, model: 'bench-paced', seconds: pacedSeconds, window: true }
+    const pacedRuns: Paced[] = []
+    for (const [rate, servers] of pacedServers) {
+      const pacedResults: Record<string, Stats[]> = { proxy: [], key: [], paid: [] }
+      const pacedRun = {
+        ...instant,
+        model: `bench-paced-${rate}`,
+        seconds: pacedSeconds(rate),
+        window: true,
+      }
       for (const n of pacedLevels) {
         if (pacedTargets.has('proxy'))
           pacedResults.proxy!.push(
             await load({
               ...pacedRun,
-              url: `http://127.0.0.1:${pacedServers.proxyPort}/v1/chat/completions`,
+              url: `http://127.0.0.1:${servers.proxyPort}/v1/chat/completions`,
               headers: () => ({}),
               streams: n,
-              pid: pid(pacedServers.proxy),
+              pid: pid(servers.proxy),
             }),
           )
         if (pacedTargets.has('key'))
@@ -259,13 +272,18 @@ export async function run() {
         if (pacedTargets.has('paid'))
           pacedResults.paid!.push(await load({ ...pacedRun, headers: asPayer(n), streams: n }))
       }
+      pacedRuns.push({
+        tokensPerSecondPerStream: rate,
+        seconds: pacedRun.seconds,
+        results: pacedResults,
+      })
     }
     return {
       database: databaseUrl ? 'postgresql' : 'pglite',
       seconds,
       tokensPerStream: tokens,
       results,
-      paced: { tokensPerSecondPerStream: pacedRate, seconds: pacedSeconds, results: pacedResults },
+      paced: pacedRuns,
     }
   } finally {
     // Wait for the exits: a profiled gateway writes its profile as it stops.
@@ -289,12 +307,43 @@ function rows(results: Record<string, Stats[]>): string {
   return lines.join('\n')
 }
 
-/** The instant and the paced runs as two markdown tables. */
+type Paced = {
+  tokensPerSecondPerStream: number
+  seconds: number
+  results: Record<string, Stats[]>
+}
+
+/**
+ * What metering costs in the paced runs: the tokens/s the key and paid streams lose against
+ * the proxy at the same pace and concurrency, as a share of the proxy's.
+ */
+function costs(paced: Paced[]): string {
+  const lines = [
+    '| tokens/s per stream | concurrent streams | proxy tokens/s | metering cost, key | metering cost, paid |',
+    '|---:|---:|---:|---:|---:|',
+  ]
+  for (const p of paced)
+    p.results.proxy!.forEach((proxy, i) => {
+      const cost = (s: Stats | undefined) =>
+        s ? `${((1 - s.tokensPerSecond / proxy.tokensPerSecond) * 100).toFixed(1)}%` : ''
+      lines.push(
+        `| ${p.tokensPerSecondPerStream} | ${proxy.streams} | ${Math.round(proxy.tokensPerSecond)} | ${cost(p.results.key![i])} | ${cost(p.results.paid![i])} |`,
+      )
+    })
+  return lines.join('\n')
+}
+
+/** The instant run, each paced run and the paced runs' metering costs as markdown tables. */
 export function table(r: Awaited<ReturnType<typeof run>>): string {
   const tables = [`Instant upstream (${r.seconds} s runs):\n\n${rows(r.results)}`]
-  if (Object.values(r.paced.results).some((l) => l.length))
+  const paced = r.paced.filter((p) => Object.values(p.results).some((l) => l.length))
+  for (const p of paced)
     tables.push(
-      `Paced upstream, ${r.paced.tokensPerSecondPerStream} tokens/s per stream (${r.paced.seconds} s runs):\n\n${rows(r.paced.results)}`,
+      `Paced upstream, ${p.tokensPerSecondPerStream} tokens/s per stream (${p.seconds} s runs):\n\n${rows(p.results)}`,
+    )
+  if (paced.some((p) => p.results.proxy!.length > 0))
+    tables.push(
+      `Metering cost in the paced runs (tokens/s lost against the proxy):\n\n${costs(paced)}`,
     )
   return tables.join('\n\n')
 }
