@@ -209,9 +209,17 @@ const flat = (o: Record<string, unknown>, except: string) => {
  */
 export function template() {
   let t: Template | undefined
+  /** Chunks learned since the last one read by template. */
+  let misses = 0
   return {
-    /** Takes `data`, which parsed as `chunk` (checked, no default filled in), as the template. */
+    /**
+     * Takes `data`, which parsed as `chunk` (checked, no default filled in), as the template.
+     * A stream whose chunks keep differing outside the content (a per-chunk nonce, say) is
+     * given up after a few: learning each would only add to the full path's cost.
+     */
     learn(data: string, chunk: Chunk): void {
+      if (misses >= learnAtMost) return
+      misses++
       t = undefined
       const top = chunk as Record<string, unknown>
       const choice = chunk.choices[0] as Record<string, unknown> | undefined
@@ -230,13 +238,17 @@ export function template() {
       const extra = (delta.reasoning_content ?? delta.reasoning ?? '') as string
       t = { prefix: data.slice(0, start), suffix: data.slice(end), top, choice, delta, extra }
       // The literal found must be the content itself.
-      if (read(data)?.chunk.choices[0]?.delta.content !== delta.content) t = undefined
+      if (match(data)?.chunk.choices[0]?.delta.content !== delta.content) t = undefined
     },
     /** The chunk `data` holds if it is the template with another content string. */
-    read,
+    read(data: string): Received | undefined {
+      const r = match(data)
+      if (r) misses = 0
+      return r
+    },
   }
 
-  function read(data: string): Received | undefined {
+  function match(data: string): Received | undefined {
     if (!t) return undefined
     const { prefix, suffix } = t
     if (
@@ -264,6 +276,9 @@ export function template() {
     return new Templated(t, content, data)
   }
 }
+
+/** Chunks `template` learns in a row, none of them read by the one before, before it gives up. */
+const learnAtMost = 8
 
 type Template = {
   prefix: string

@@ -177,6 +177,29 @@ describe('template', () => {
     )
   })
 
+  test('behavior: a stream whose chunks never repeat outside the content is given up after 8; one that repeats keeps learning', () => {
+    const chunk = (nonce: number, content = ' w') =>
+      `{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","obfuscation":"${nonce}","choices":[{"index":0,"delta":{"content":"${content}"},"finish_reason":null}]}`
+    // What the provider does with each chunk: read it by template, else parse it and learn it.
+    const take = (t: ReturnType<typeof Chat.template>, data: string) => {
+      const read = t.read(data)
+      if (!read) t.learn(data, Chat.asChunk(JSON.parse(data))!)
+      return read
+    }
+    const t = Chat.template()
+    for (let n = 0; n < 8; n++) expect(take(t, chunk(n))).toBeUndefined()
+    // Given up: a ninth shape is not learned, so its next chunk is not read by template.
+    expect(take(t, chunk(100))).toBeUndefined()
+    expect(take(t, chunk(100, ' x'))).toBeUndefined()
+
+    // A stream that repeats its shape: every read resets the count.
+    const u = Chat.template()
+    for (let n = 0; n < 20; n++) {
+      expect(take(u, chunk(n))).toBeUndefined()
+      expect(take(u, chunk(n, ' x'))?.text).toBe(' x')
+    }
+  })
+
   test('behavior: other shapes are not learned (tool calls, two choices, usage, a finish reason, a repeated content key)', () => {
     for (const data of [
       '{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"}]}',
