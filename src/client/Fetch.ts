@@ -535,6 +535,29 @@ export function createFetch(options: Options): PayingFetch {
   /** Where a channel under forced close is kept: apart, so that a new one can open meanwhile. */
   const closingKey = (key: string) => `${key}#closing`
 
+  /**
+   * The channel of `state` as the escrow has it, if it is still open there. One closed without
+   * this store knowing is forgotten (`forgetIt`), and what the payee took still counts
+   * against maxTotal.
+   */
+  const stillOpen = async (
+    client: ReturnType<typeof chainClient>,
+    key: string,
+    state: Store.ChannelState,
+    forgetIt: () => Promise<unknown>,
+  ) => {
+    const ref = { escrow: state.escrow, channelId: state.channelId }
+    const onChain = await Escrow.getChannel(client, ref)
+    if (!onChain || onChain.finalized) {
+      await count(key, onChain?.settled ?? 0n)
+      await forgetIt()
+      throw new ClientError(
+        `Channel ${state.channelId} is already closed on chain; it is forgotten, nothing to withdraw.`,
+      )
+    }
+    return { ref, onChain }
+  }
+
   const requestClose = async (url = lastUrl) => {
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
@@ -546,18 +569,11 @@ export function createFetch(options: Options): PayingFetch {
         `Channel ${pending.channelId} is closing already; withdraw it before forcing another close.`,
       )
     const client = chainClient(state.chainId, 'requestClose')
-    const ref = { escrow: state.escrow, channelId: state.channelId }
-    const before = await Escrow.getChannel(client, ref)
-    if (!before || before.finalized) {
-      // Closed without this store knowing: what the payee took still counts against maxTotal.
-      await count(key, before?.settled ?? 0n)
+    const { ref } = await stillOpen(client, key, state, async () => {
       const live = lives.get(key)
       if (live) await forget(live)
       else await store.delete(key)
-      throw new ClientError(
-        `Channel ${state.channelId} is already closed on chain; it is forgotten, nothing to withdraw.`,
-      )
-    }
+    })
     // A repeated request keeps the first timestamp (the escrow's rule), so retrying is safe.
     const sent = await Escrow.requestClose(client, ref)
     const after = await Escrow.getChannel(client, ref)
@@ -583,15 +599,9 @@ export function createFetch(options: Options): PayingFetch {
         `No channel with ${new URL(url).origin} is closing; call requestClose first.`,
       )
     const client = chainClient(state.chainId, 'withdraw')
-    const ref = { escrow: state.escrow, channelId: state.channelId }
-    const onChain = await Escrow.getChannel(client, ref)
-    if (!onChain || onChain.finalized) {
-      await count(key, onChain?.settled ?? 0n)
-      await store.delete(closingKey(key))
-      throw new ClientError(
-        `Channel ${state.channelId} is already closed on chain; it is forgotten, nothing to withdraw.`,
-      )
-    }
+    const { ref, onChain } = await stillOpen(client, key, state, () =>
+      store.delete(closingKey(key)),
+    )
     // The escrow compares with block time, not this machine's clock.
     const ready = onChain.closeRequestedAt + Escrow.closeGracePeriod
     const now = (await getBlock(client)).timestamp

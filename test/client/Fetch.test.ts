@@ -23,7 +23,7 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const chain = await Anvil.start({ accounts: 14 })
+const chain = await Anvil.start({ accounts: 15 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -296,6 +296,35 @@ describe('createFetch', () => {
     const fresh = client(12, { limits })
     const res = await fresh.openai.chat.completions.create({ model: 'fake', messages })
     expect(res.choices[0]!.message.content).toBe(words)
+  }, 60_000)
+
+  test('error: a channel closed on chain without this store knowing: requestClose and withdraw say so and forget it, and count what the payee took', async () => {
+    const payer = chain.payers[13]!
+    const { fetch, openai } = client(13)
+    await openai.chat.completions.create({ model: 'fake', messages })
+    const state = (await fetch.channel(gw.url))!
+    await fetch.close()
+    const { settled } = (await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: state.channelId,
+    }))!
+    expect(settled).toBeGreaterThan(0n)
+    const key = `${new URL(gw.url).origin}#${payer.address}`
+    // A copy of the agent whose store still holds the channel, open or set apart as closing.
+    for (const [where, call] of [
+      [key, 'requestClose'],
+      [`${key}#closing`, 'withdraw'],
+    ] as const) {
+      const stale = Store.memory()
+      await stale.set(where, state)
+      const copy = client(13, { store: stale })
+      const e = await copy.fetch[call](gw.url).catch((e) => e)
+      expect((e as Error).message).toBe(
+        `Channel ${state.channelId} is already closed on chain; it is forgotten, nothing to withdraw.`,
+      )
+      expect(await stale.get(where)).toBeUndefined()
+      expect(await stale.closedTotal(key)).toBe(settled)
+    }
   }, 60_000)
 
   // Last: it moves block time past the grace period.
