@@ -59,10 +59,13 @@ export async function spawn(args: string[], env: Record<string, string> = {}, re
   return { proc, out }
 }
 
-type Proc = { pid: number; ppid: number; name: string; cpu: number }
+export type Proc = { pid: number; ppid: number; name: string; cpu: number }
 
-/** Every process on this machine with its parent, name and CPU seconds (user + system). */
-function processes(): Proc[] {
+/**
+ * Every process on this machine with its parent, name and CPU seconds (user + system): one
+ * scan of /proc, for the functions below to read several figures from one sample.
+ */
+export function processes(): Proc[] {
   const all: Proc[] = []
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue
@@ -87,8 +90,7 @@ function processes(): Proc[] {
  * CPU seconds a process has used, with the worker processes it started (its `bun`
  * descendants: a gateway with `workers` > 1); NaN if it is gone.
  */
-export function cpuSeconds(pid: number): number {
-  const all = processes()
+export function cpuSeconds(pid: number, all: Proc[] = processes()): number {
   if (!all.some((p) => p.pid === pid)) return Number.NaN
   const tree = new Set([pid])
   for (let grew = true; grew; ) {
@@ -106,10 +108,8 @@ export function cpuSeconds(pid: number): number {
  * CPU seconds used by every process named `postgres` on this machine (a local server's
  * backends and helpers): where the database shares the box, its cost per request.
  */
-export function postgresCpuSeconds(): number {
-  return processes()
-    .filter((p) => p.name === 'postgres')
-    .reduce((sum, p) => sum + p.cpu, 0)
+export function postgresCpuSeconds(all: Proc[] = processes()): number {
+  return all.filter((p) => p.name === 'postgres').reduce((sum, p) => sum + p.cpu, 0)
 }
 
 /**
@@ -188,3 +188,11 @@ export function report(name: string, result: object, markdown: string): void {
   writeFileSync(join(dir, `${name}.md`), `${markdown}\n`)
   console.log(markdown)
 }
+
+/** The fake upstream's token chunk: one word, `" w"` (what the stream benches count). */
+export const tokenChunk =
+  '{"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[{"index":0,"delta":{"content":" w"},"finish_reason":null}]}'
+
+/** The fake upstream's usage chunk after `n` tokens of a 9-token prompt. */
+export const usageChunk = (n: number) =>
+  `{"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":${n},"total_tokens":${n + 9}}}`

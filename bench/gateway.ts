@@ -49,17 +49,18 @@ async function load(
       else latencies.push(performance.now() - t)
     }
   }
-  const cpu0 = {
-    target: Harness.cpuSeconds(pids.target),
-    upstream: Harness.cpuSeconds(pids.upstream),
-    postgres: Harness.postgresCpuSeconds(),
-    client: process.cpuUsage(),
-  }
+  const sample = (all = Harness.processes()) => ({
+    target: Harness.cpuSeconds(pids.target, all),
+    upstream: Harness.cpuSeconds(pids.upstream, all),
+    postgres: Harness.postgresCpuSeconds(all),
+  })
+  const cpu0 = { ...sample(), client: process.cpuUsage() }
   const started = performance.now()
   await Promise.all(Array.from({ length: concurrency }, worker))
   const elapsed = (performance.now() - started) / 1000
   const client = process.cpuUsage(cpu0.client)
   const n = latencies.length + errors
+  const cpu1 = sample()
   const per = (seconds: number) => Math.round((seconds / n) * 1e6)
   latencies.sort((a, b) => a - b)
   const at = (q: number) => Harness.quantile(latencies, q)
@@ -69,10 +70,9 @@ async function load(
     p99: at(0.99),
     errors,
     cpu: {
-      target: per(Harness.cpuSeconds(pids.target) - cpu0.target),
-      upstream:
-        pids.upstream === pids.target ? 0 : per(Harness.cpuSeconds(pids.upstream) - cpu0.upstream),
-      postgres: per(Harness.postgresCpuSeconds() - cpu0.postgres),
+      target: per(cpu1.target - cpu0.target),
+      upstream: pids.upstream === pids.target ? 0 : per(cpu1.upstream - cpu0.upstream),
+      postgres: per(cpu1.postgres - cpu0.postgres),
       client: per((client.user + client.system) / 1e6),
     },
   }

@@ -11,13 +11,13 @@ import { Hono } from 'hono'
 import * as Sse from '../src/http/Sse.ts'
 import * as Meter from '../src/metering/Meter.ts'
 import * as OpenAICompatible from '../src/upstream/OpenAICompatible.ts'
+import * as Harness from './Harness.ts'
 
 const tokens = 1000
 const streams = Number(process.env.BENCH_STREAMS ?? 300)
 
-const chunk =
-  '{"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[{"index":0,"delta":{"content":" w"},"finish_reason":null}]}'
-const usage = `{"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":${tokens},"total_tokens":${tokens + 9}}}`
+const chunk = Harness.tokenChunk
+const usage = Harness.usageChunk(tokens)
 const body = new TextEncoder().encode(
   `${`data: ${chunk}\n\n`.repeat(tokens)}data: ${usage}\n\ndata: [DONE]\n\n`,
 )

@@ -9,6 +9,7 @@
  *       a bare Hono pass-through proxy (the ceiling)
  */
 import { Hono } from 'hono'
+import { tokenChunk, usageChunk } from './Harness.ts'
 
 const [kind, port, target] = process.argv.slice(2)
 
@@ -34,11 +35,8 @@ if (kind === 'upstream') {
     choices: [{ index: 0, message: { role: 'assistant', content: 'pong' }, finish_reason: 'stop' }],
     usage: { prompt_tokens: 9, completion_tokens: 1, total_tokens: 10 },
   })
-  const head =
-    '{"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[{"index":0,"delta":{"content":" w"},"finish_reason":null}]}'
-  const usageOf = (n: number) =>
-    `{"id":"c","object":"chat.completion.chunk","created":1,"model":"bench","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":${n},"total_tokens":${n + 9}}}`
-  const event = new TextEncoder().encode(`data: ${head}\n\n`)
+
+  const event = new TextEncoder().encode(`data: ${tokenChunk}\n\n`)
   const active = new Set<Paced>()
 
   /** Writes the events of `s` that are due: token k is due k/rate seconds after the request. */
@@ -78,7 +76,7 @@ if (kind === 'upstream') {
               n,
               sent: 0,
               started: performance.now(),
-              tail: new TextEncoder().encode(`data: ${usageOf(n)}\n\ndata: [DONE]\n\n`),
+              tail: new TextEncoder().encode(`data: ${usageChunk(n)}\n\ndata: [DONE]\n\n`),
             }
             active.add(s)
             pump(s, s.started) // the first token at once, not at the next tick
@@ -89,7 +87,7 @@ if (kind === 'upstream') {
         })
         return new Response(stream, { headers: { 'content-type': 'text/event-stream' } })
       }
-      const text = `${`data: ${head}\n\n`.repeat(n)}data: ${usageOf(n)}\n\ndata: [DONE]\n\n`
+      const text = `${`data: ${tokenChunk}\n\n`.repeat(n)}data: ${usageChunk(n)}\n\ndata: [DONE]\n\n`
       return new Response(text, { headers: { 'content-type': 'text/event-stream' } })
     },
   })

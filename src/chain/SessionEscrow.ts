@@ -24,9 +24,6 @@ export type Options = {
   receiptTimeoutMs?: number
   /** Cooperative close (the settlement worker's, which records and finalizes it). */
   close: Settlement.Worker['close']
-  /** Check voucher signatures on a worker thread (default true): another core does the curve
-   * math while this thread parses, stores and answers. */
-  threadedVerifier?: boolean
 }
 
 /** The revert names of the escrow mapped to the draft's problem types ("Error Responses"). */
@@ -71,10 +68,9 @@ export function onChain(
 
 export function create(o: Options): Server.Escrow & { stop(): void } {
   const scope = { chainId: o.chainId, escrow: o.escrow }
-  const verifier =
-    o.threadedVerifier === false
-      ? Voucher.createVerifier(scope)
-      : Voucher.createThreadedVerifier(scope)
+  // Signatures are checked on a worker thread: another core does the curve math while this
+  // thread parses, stores and answers.
+  const verifier = Voucher.createThreadedVerifier(scope)
   const payee = o.client.account.address
 
   const guard = async <T>(channelId: Hex, f: () => Promise<T>): Promise<T> => {
