@@ -1,7 +1,7 @@
 /** Accounts and plans. */
 import type { Plan } from '../Config.ts'
-import * as Batch from './Batch.ts'
 import type { Sql } from './Db.ts'
+import { accountsSettled } from './Reservations.ts'
 
 export type Account = {
   id: string
@@ -39,7 +39,7 @@ export async function create(sql: Sql, input: { name: string; plan: string }): P
 
 /** Reads one account, or undefined. */
 export async function get(sql: Sql, id: string): Promise<Account | undefined> {
-  await Batch.settled(sql)
+  await accountsSettled(sql)
   const [r] = await sql`select * from accounts where id = ${id}`
   if (!r) return undefined
   return {

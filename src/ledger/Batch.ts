@@ -168,13 +168,16 @@ export function of<I, O>(db: object, name: string, options: () => Options<I, O>)
 }
 
 /**
- * Resolves once every call queued so far on the handle's batchers has run: a read of a
- * balance, usage or transactions waits for it, to see this instance's own writes (a
- * completion's finish may still be on its way when its response has gone).
+ * Resolves once every call queued so far on the handle's batchers (or only on the batcher
+ * `name`) has run: a read of a balance, usage or transactions waits for it, to see this
+ * instance's own writes (a completion's finish may still be on its way when its response has
+ * gone).
  */
-export async function settled(db: object): Promise<void> {
+export async function settled(db: object, name?: string): Promise<void> {
   const byName = registry.get(db)
-  if (byName) await Promise.all([...byName.values()].map((b) => b.barrier()))
+  if (!byName) return
+  const batchers = name === undefined ? [...byName.values()] : [byName.get(name)]
+  await Promise.all(batchers.map((b) => b?.barrier()))
 }
 
 /** The stats of a database handle's batchers, by name. */

@@ -1,7 +1,8 @@
 /** Prepaid credits: an append-only transaction log whose sum is the balance. */
-import * as Batch from './Batch.ts'
+
 import type { Sql } from './Db.ts'
 import * as Page from './Page.ts'
+import { accountsSettled } from './Reservations.ts'
 
 export type Transaction = {
   id: string
@@ -20,7 +21,7 @@ export async function grant(
   sql: Sql,
   input: { accountId: string; amount: bigint; note: string | null },
 ): Promise<bigint | undefined> {
-  await Batch.settled(sql)
+  await accountsSettled(sql)
   const [row] = await sql`
     select tollway_grant(${input.accountId}, ${sql.typed.numeric(input.amount)}, ${input.note}) as balance`
   return row?.balance ?? undefined
@@ -31,7 +32,7 @@ export async function balance(
   sql: Sql,
   accountId: string,
 ): Promise<{ balance: bigint; reserved: bigint } | undefined> {
-  await Batch.settled(sql)
+  await accountsSettled(sql)
   const [row] = await sql`select balance, reserved from accounts where id = ${accountId}`
   return row ? { balance: row.balance, reserved: row.reserved } : undefined
 }
@@ -42,7 +43,7 @@ export async function transactions(
   input: { accountId: string; limit: number; cursor?: string },
 ): Promise<Page.Page<Transaction>> {
   const [after] = Page.parse(input.cursor, [Page.shapes.id]) ?? []
-  await Batch.settled(sql)
+  await accountsSettled(sql)
   const rows = await sql`
     select id, amount, kind, note, request_id, created_at from credit_transactions
     where account_id = ${input.accountId} ${after ? sql`and id < ${after}` : sql``}

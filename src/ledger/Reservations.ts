@@ -200,6 +200,15 @@ function ledger(sql: Sql) {
   return Batch.of<Op, OpResult>(sql, 'ledger', () => ({ many: (items) => many(sql, items) }))
 }
 
+/**
+ * Resolves once the API-key ledger calls queued so far on this instance have run: a read of
+ * an account (its balance, transactions, usage) waits for it to see the instance's own
+ * writes, and only for it: channel batches, stuck or slow, hold up no account.
+ */
+export function accountsSettled(sql: Sql): Promise<void> {
+  return Batch.settled(sql, 'ledger')
+}
+
 /** Charges channel requests in one statement (tollway_channel_finish_many). */
 async function chargeChannels(sql: Sql, items: Finish[]): Promise<(Finished | undefined)[]> {
   const json = items.map((f) => ({ ...f, cost: f.cost.toString() }))

@@ -1,7 +1,8 @@
 /** Usage logs: one row per admitted request, token counts and money only. */
-import * as Batch from './Batch.ts'
+
 import type { Sql } from './Db.ts'
 import * as Page from './Page.ts'
+import { accountsSettled } from './Reservations.ts'
 
 export type Row = {
   id: string
@@ -24,7 +25,7 @@ export async function list(
   input: { accountId: string; limit: number; cursor?: string },
 ): Promise<Page.Page<Row>> {
   const after = Page.parse(input.cursor, [Page.shapes.timestamp, Page.shapes.uuid])
-  await Batch.settled(sql)
+  await accountsSettled(sql)
   const rows = await sql`
     select *, created_at::text as position from usage where account_id = ${input.accountId}
     ${after ? sql`and (created_at, id) < (${after[0]!}::timestamptz, ${after[1]!}::uuid)` : sql``}
