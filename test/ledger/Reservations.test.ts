@@ -61,6 +61,9 @@ describe('admit', () => {
 })
 
 describe('extend and finish', () => {
+  /** A finished request's counts, for the charges below. */
+  const outcome = { promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: 1 }
+
   test('error: a background charge that fails (once, twice) is tried again and lands once; a waited-for one reports the failure', async () => {
     // A real failure in the database: the first inserts into usage raise (a sequence counts
     // attempts across the rolled-back transactions).
@@ -156,36 +159,17 @@ describe('extend and finish', () => {
       await Ledger.hold(sql, c.channelId, { want: 100n, need: 100n, requestId }),
     ).toMatchObject({ status: 'ok' })
     const before = await Ledger.channelState(sql, c.channelId)
+    const f = { id: requestId, cost: 40n, ...outcome }
     // No channelId: the API-key ledger, which only charges accounts.
-    const charge = Reservations.finish(sql, {
-      id: requestId,
-      cost: 40n,
-      promptTokens: 1,
-      completionTokens: 1,
-      status: 'ok',
-      latencyMs: 1,
-      ttftMs: 1,
-    })
-    await expect(charge).rejects.toThrow(/paid by channel .*tollway_channel_finish_many/)
+    await expect(Reservations.finish(sql, f)).rejects.toThrow(
+      /paid by channel .*tollway_channel_finish_many/,
+    )
     expect(await Ledger.channelState(sql, c.channelId)).toEqual(before)
     expect(
       (await sql`select count(*)::int as n from reservations where id = ${requestId}`)[0]!.n,
     ).toBe(1)
     // The channel's own path charges it.
-    const done = await Reservations.finish(
-      sql,
-      {
-        id: requestId,
-        cost: 40n,
-        promptTokens: 1,
-        completionTokens: 1,
-        status: 'ok',
-        latencyMs: 1,
-        ttftMs: 1,
-      },
-      false,
-      c.channelId,
-    )
+    const done = await Reservations.finish(sql, f, false, c.channelId)
     expect(done).toMatchObject({ charged: 40n, channel: { spent: 40n } })
   })
 
@@ -196,7 +180,6 @@ describe('extend and finish', () => {
     await Ledger.voucher(sql, c.channelId, 500n)
     const requestId = crypto.randomUUID()
     await Ledger.hold(sql, c.channelId, { want: 100n, need: 100n, requestId })
-    const outcome = { promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: 1 }
     // Another session holds the channel's row: its charge waits.
     const other = await sql.reserve()
     await other`begin`
