@@ -95,7 +95,10 @@ export function authenticate(
   if (acceptPayment) {
     try {
       const ranges = AcceptPayment.deserialize(acceptPayment)
-      methods = methods.filter((m) => AcceptPayment.weight(ranges, m) !== 0)
+      const accepted = methods.filter((m) => AcceptPayment.weight(ranges, m) !== 0)
+      // Declining every method leaves the usual set (the draft allows it): a 402 must carry
+      // at least one Payment challenge.
+      if (accepted.length > 0) methods = accepted
     } catch {}
   }
   return [
@@ -111,12 +114,16 @@ export function hasPaymentChallenge(e: GatewayError): boolean {
   )
 }
 
-/** Attaches the challenges to an error bound for the client, if it is a 401 or 402. */
+/**
+ * Attaches the challenges to an error bound for the client, if it is a 401 or 402; a 402 is
+ * not to be stored by any cache (`Cache-Control: no-store`, as the payment draft requires).
+ */
 export function withChallenges(e: GatewayError, header: string): GatewayError {
   if (e.status !== 401 && e.status !== 402) return e
   if (e instanceof Problem.PaymentProblem) return e.withChallenge(header)
   delete e.headers['WWW-Authenticate']
   e.headers['www-authenticate'] = header
+  if (e.status === 402) e.headers['cache-control'] = 'no-store'
   return e
 }
 

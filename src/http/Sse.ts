@@ -49,6 +49,11 @@ export type Options = {
   extra?: (frame: Frame) => Promise<Uint8Array | undefined>
   /** Events to send after the final usage chunk, before `[DONE]` (the payment receipt). */
   beforeDone?: () => Promise<Uint8Array | undefined>
+  /**
+   * The response carries a `Payment-Receipt` header: shared caches must not keep it
+   * (`Cache-Control: private`, which the payment draft requires with every receipt).
+   */
+  receipt?: boolean
 }
 
 /**
@@ -197,7 +202,7 @@ export function response(c: Context, o: Options): Response {
 
   return c.newResponse(body, 200, {
     'content-type': 'text/event-stream; charset=utf-8',
-    'cache-control': 'no-cache',
+    'cache-control': o.receipt ? 'private, no-cache' : 'no-cache',
     connection: 'keep-alive',
   })
 }

@@ -304,6 +304,7 @@ export function reservation(
   let superseded = false
   let settled: Promise<{ charged: bigint }> | undefined
   let after: Finished['channel']
+  let outcome: Omit<Finish, 'id'> | undefined
   return {
     id: input.id,
     get held() {
@@ -312,6 +313,10 @@ export function reservation(
     /** A channel's state as its settle left it (undefined before, and for accounts). */
     get settledChannel() {
       return after
+    },
+    /** What the request was settled with (its token counts): undefined before. */
+    get settledOutcome() {
+      return outcome
     },
     /** Finishes go through the instance's ordered ledger stream (see `ledger`), before any
      * later admission on this instance: the caller says when not waiting for them is safe. */
@@ -333,6 +338,7 @@ export function reservation(
       return true
     },
     settle(o: Omit<Finish, 'id'>, background = false): Promise<{ charged: bigint }> {
+      outcome ??= o
       const once = () => finish(sql, { id: input.id, ...o }, background, input.channelId)
       // Nobody waits for a background charge to report its failure: it is tried again.
       settled ??= (background ? retrying(once) : once()).then((r) => {

@@ -49,6 +49,14 @@ export interface Method {
    * `replay` need only have its signature checked.
    */
   apply(checked: Checked, options?: { beforeRequest?: boolean }): Promise<Applied>
-  /** The receipt of a channel's state. */
-  receipt(r: { challengeId: string; channel: State; txHash?: Hex }): Record<string, unknown>
+  /**
+   * The receipt of a channel's state; `units`, at the end of a request, the units of the
+   * challenge's `unitType` it consumed.
+   */
+  receipt(r: {
+    challengeId: string
+    channel: State
+    txHash?: Hex
+    units?: number
+  }): Record<string, unknown>
 }

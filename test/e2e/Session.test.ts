@@ -45,6 +45,8 @@ describe('challenge', () => {
     expect(e.message).toContain('Payment')
     const www = res.headers.get('www-authenticate')!
     expect(www).toStartWith('Bearer realm="tollway", Payment ')
+    // A 402 is stored by no cache (the payment draft's MUST).
+    expect(res.headers.get('cache-control')).toBe('no-store')
     const c = challengeOf(www)!
     expect(c).toMatchObject({ realm: 'tollway', method: 'evm', intent: 'session' })
     expect(c.request).toMatchObject({
@@ -83,7 +85,7 @@ describe('challenge', () => {
     })
   })
 
-  test('behavior: a bad key gets 401 with both challenges; Accept-Payment can decline the Payment one', async () => {
+  test('behavior: a bad key gets 401 with both challenges; declining every Payment method with Accept-Payment still gets one (a 402 must carry one)', async () => {
     const res = await fetch(url, {
       method: 'POST',
       headers: { authorization: 'Bearer nope' },
@@ -91,12 +93,22 @@ describe('challenge', () => {
     })
     expect(res.status).toBe(401)
     expect(res.headers.get('www-authenticate')).toContain('Payment ')
-    const declined = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: 'Bearer nope', 'accept-payment': 'evm/session;q=0' },
-      body: body(false),
-    })
-    expect(declined.headers.get('www-authenticate')).toBe('Bearer realm="tollway"')
+    for (const authorization of ['Bearer nope', undefined]) {
+      const declined = await fetch(url, {
+        method: 'POST',
+        headers: {
+          ...(authorization ? { authorization } : {}),
+          'accept-payment': 'evm/session;q=0',
+        },
+        body: body(false),
+      })
+      await declined.body?.cancel()
+      expect(declined.status).toBe(authorization ? 401 : 402)
+      expect(challengeOf(declined.headers.get('www-authenticate'))).toMatchObject({
+        method: 'evm',
+        intent: 'session',
+      })
+    }
   })
 })
 
@@ -117,6 +129,8 @@ describe('a full session', () => {
       body: body(true),
     })
     expect(res.status).toBe(200)
+    // A response with a receipt is kept by no shared cache (the payment draft's MUST).
+    expect(res.headers.get('cache-control')).toBe('private, no-cache')
     const first = Receipt.deserialize(res.headers.get('payment-receipt')!)
     expect(first).toMatchObject({
       method: 'evm',
@@ -138,6 +152,7 @@ describe('a full session', () => {
       })
       expect(r.status).toBe(200)
       expect(r.headers.get('payment-receipt')).not.toBeNull()
+      expect(r.headers.get('cache-control')).toBe('private')
     })
     expect(needs).toBeGreaterThanOrEqual(3)
     expect(text(events)).toBe(words)
@@ -146,12 +161,16 @@ describe('a full session', () => {
       spent: string
       acceptedCumulative: string
       channelId: string
+      units: number
     }
     expect(events.at(-1)!.data).toBe('[DONE]')
     const usage = events
       .filter((e) => !e.event && e.data.includes('"usage"'))
       .map((e) => JSON.parse(e.data).usage as { cost: string; completion_tokens: number })[0]!
     expect(receipt.spent).toBe(usage.cost)
+    // The units the request consumed: output tokens, the unit the challenge's amount prices.
+    expect(receipt.units).toBe(usage.completion_tokens)
+    expect(first).not.toHaveProperty('units')
 
     // Top the channel up to a second request (non-streaming), paid by a voucher sent with it.
     const again = await fetch(url, {
@@ -162,11 +181,16 @@ describe('a full session', () => {
       body: body(false, 'short one'),
     })
     expect(again.status).toBe(200)
+    expect(again.headers.get('cache-control')).toBe('private')
     const second = Receipt.deserialize(again.headers.get('payment-receipt')!) as unknown as {
       spent: string
+      units: number
     }
-    const secondCost = BigInt(((await again.json()) as { usage: { cost: string } }).usage.cost)
-    expect(BigInt(second.spent)).toBe(BigInt(receipt.spent) + secondCost)
+    const secondUsage = (
+      (await again.json()) as { usage: { cost: string; completion_tokens: number } }
+    ).usage
+    expect(BigInt(second.spent)).toBe(BigInt(receipt.spent) + BigInt(secondUsage.cost))
+    expect(second.units).toBe(secondUsage.completion_tokens)
 
     // Ledger invariants.
     const channel = (await Channels.get(gw.sql, session.channelId!))!

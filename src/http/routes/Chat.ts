@@ -101,6 +101,8 @@ type Hooks = {
   beforeDone?: Sse.Options['beforeDone']
   /** Headers of a whole completion, known once it is settled (`Payment-Receipt`). */
   settledHeaders?: () => Promise<Record<string, string>>
+  /** A stream that starts with a `Payment-Receipt` header (see `Sse.Options.receipt`). */
+  receipt?: boolean
 }
 
 /** Runs a completion metered against `reservation`, streamed or whole. */
@@ -167,6 +169,7 @@ async function serve(
     onError: (e) => deps.log.error({ err: (e as Error).message }, 'stream failed'),
     ...(hooks.extra ? { extra: hooks.extra } : {}),
     ...(hooks.beforeDone ? { beforeDone: hooks.beforeDone } : {}),
+    receipt: hooks.receipt === true,
   })
 }
 
@@ -242,8 +245,13 @@ export function routes(deps: Deps) {
     const management = action === 'close' || c.req.method !== 'POST' || text.trim() === ''
     const applied = await method.apply(checked, { beforeRequest: !management })
     if (action !== 'close' && applied.channel) payments.wake(channelId)
-    const receiptOf = (channel: Method.State, txHash?: Method.Hex) =>
-      method.receipt({ challengeId: challenge.id, channel, ...(txHash ? { txHash } : {}) })
+    const receiptOf = (channel: Method.State, txHash?: Method.Hex, units?: number) =>
+      method.receipt({
+        challengeId: challenge.id,
+        channel,
+        ...(txHash ? { txHash } : {}),
+        ...(units !== undefined ? { units } : {}),
+      })
     if (management) {
       // Applied without beforeRequest: the state is always there.
       const receipt = receiptOf(applied.channel!, applied.txHash)
@@ -300,6 +308,9 @@ export function routes(deps: Deps) {
     )
     // The receipt as a stream starts (headers), and as the request ends (event or header).
     const current = async () => (await Channels.get(deps.sql, channelId))!
+    // The units the request consumed, for its end receipt: the output tokens, the unit the
+    // challenge's amount prices (`unitType`; the prompt is priced by its inputAmount).
+    const units = () => reservation.settledOutcome?.completionTokens
     // The channel as this request's charge left it (the settle returns it), else read.
     const settledState = async (): Promise<Method.State> => {
       const after = reservation.settledChannel
@@ -315,6 +326,7 @@ export function routes(deps: Deps) {
       for (const [k, v] of Object.entries(Payments.receiptHeaders(start))) c.header(k, v)
     }
     return serve(c, deps, p, reservation, startedAt, {
+      receipt: true,
       async extra(frame) {
         if (frame.kind !== 'shortfall') return undefined
         const channel = await current()
@@ -333,10 +345,11 @@ export function routes(deps: Deps) {
         })
       },
       async beforeDone() {
-        const e = Events.receipt(receiptOf(await settledState()))
+        const e = Events.receipt(receiptOf(await settledState(), undefined, units()))
         return Sse.event(e.event, e.data)
       },
-      settledHeaders: async () => Payments.receiptHeaders(receiptOf(await settledState())),
+      settledHeaders: async () =>
+        Payments.receiptHeaders(receiptOf(await settledState(), undefined, units())),
     })
   }
 

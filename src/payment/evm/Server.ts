@@ -421,7 +421,7 @@ export function create(o: Options) {
       const { parsed, amount } = checked.payload as { parsed: Session.Parsed; amount: bigint }
       return apply(parsed, amount, (options?.beforeRequest ?? false) && checked.replay === true)
     },
-    receipt: (r: { challengeId: string; channel: State; txHash?: Hex }) =>
+    receipt: (r: { challengeId: string; channel: State; txHash?: Hex; units?: number }) =>
       Session.receipt({
         challengeId: r.challengeId,
         channelId: r.channel.channelId,
@@ -429,6 +429,7 @@ export function create(o: Options) {
         spent: r.channel.spent,
         chainId: o.chainId,
         ...(r.txHash ? { txHash: r.txHash } : {}),
+        ...(r.units !== undefined ? { units: r.units } : {}),
       }),
   } satisfies Method.Method
 }
