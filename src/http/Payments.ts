@@ -180,6 +180,21 @@ export function verify(p: Payments, authorization: string): Verified {
   return { method, challenge: echoed, checked: method.check(credential, echoed) }
 }
 
+/**
+ * The channel a Payment credential names, read without verifying anything (undefined when it
+ * names none or does not parse): the fresh challenge of a refusal states it, as the draft's
+ * `methodDetails.channelId` does for a request that already named a channel.
+ */
+export function channelNamed(authorization: string | undefined): Method.Hex | undefined {
+  if (!isPayment(authorization)) return undefined
+  try {
+    const id = Credential.deserialize(authorization!).payload.channelId
+    return typeof id === 'string' && /^0x[0-9a-fA-F]{64}$/.test(id) ? (id as Method.Hex) : undefined
+  } catch {
+    return undefined
+  }
+}
+
 export function receiptHeaders(r: Record<string, unknown>): Record<string, string> {
   return Receipt.headers(r)
 }

@@ -496,7 +496,10 @@ describe('rejections', () => {
     expect(res.headers.get('content-type')).toContain('application/problem+json')
     const p = (await res.json()) as { type: string }
     expect(p.type).toBe('https://paymentauth.org/problems/session/signer-mismatch')
-    expect(challengeOf(res.headers.get('www-authenticate'))).toBeDefined()
+    // The fresh challenge names the channel the credential named.
+    expect(challengeOf(res.headers.get('www-authenticate'))!.request).toMatchObject({
+      methodDetails: { channelId: session.channelId },
+    })
     expect((await Channels.get(gw.sql, session.channelId!))!.acceptedCumulative).toBe(1_000n)
   }, 30_000)
 

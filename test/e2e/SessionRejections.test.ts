@@ -367,6 +367,9 @@ describe('challenge', () => {
     })
     await rejected(post, 402, 'session/challenge-not-found')
     expect(await stored(session.channelId!)).toEqual(before)
+    expect(challengeOf(post.headers.get('www-authenticate'))!.request).toMatchObject({
+      methodDetails: { channelId: session.channelId },
+    })
     // Never a dropped voucher: the same voucher under the fresh challenge is accepted.
     session.renew(challengeOf(post.headers.get('www-authenticate'))!)
     const retried = await fetch(shortUrl, {

@@ -1,5 +1,6 @@
 /** Payment credentials at the HTTP layer: parsed once per header text, checked every time. */
 import { describe, expect, test } from 'bun:test'
+import fc from 'fast-check'
 import * as Payments from '../../src/http/Payments.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import type * as Method from '../../src/payment/Method.ts'
@@ -103,5 +104,47 @@ describe('Payments.verify', () => {
     expect(Payments.verify(p, h).checked.action).toBe('voucher')
     const rotated = { ...p, secret: 'rotated-secret-0123456789' }
     expect(() => Payments.verify(rotated, h)).toThrow(/not one this server issued/)
+  })
+})
+
+describe('Payments.channelNamed', () => {
+  test('behavior: the channel a credential names, read without verifying it', () => {
+    const credential = (payload: Record<string, unknown>) =>
+      Credential.serialize(
+        Credential.from({
+          challenge: {
+            id: 'x',
+            realm: 'tollway',
+            method: 'evm',
+            intent: 'session',
+            request: {},
+          },
+          payload,
+        }),
+      )
+    expect(Payments.channelNamed(credential({ action: 'voucher', channelId }))).toBe(channelId)
+    expect(Payments.channelNamed(credential({ action: 'voucher', channelId: '0x12' }))).toBe(
+      undefined,
+    )
+    expect(Payments.channelNamed(credential({ action: 'open' }))).toBe(undefined)
+    expect(Payments.channelNamed('Bearer tw_key')).toBe(undefined)
+    expect(Payments.channelNamed(undefined)).toBe(undefined)
+  })
+
+  test('property: any header gives a channel id or undefined, never an exception', () => {
+    fc.assert(
+      fc.property(
+        fc.oneof(
+          fc.string(),
+          fc.string().map((s) => `Payment ${s}`),
+          fc.json().map((j) => `Payment ${Buffer.from(j).toString('base64url')}`),
+        ),
+        (header) => {
+          const id = Payments.channelNamed(header)
+          if (id !== undefined) expect(id).toMatch(/^0x[0-9a-fA-F]{64}$/)
+        },
+      ),
+      { numRuns: 3_000 },
+    )
   })
 })

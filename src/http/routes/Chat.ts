@@ -375,7 +375,12 @@ export function routes(deps: Deps) {
       )
         Payments.withChallenges(
           e,
-          Payments.authenticate(payments, priceOf(deps, text), c.req.header('accept-payment')),
+          Payments.authenticate(
+            payments,
+            priceOf(deps, text),
+            c.req.header('accept-payment'),
+            Payments.channelNamed(c.req.header('authorization')),
+          ),
         )
       throw e
     }
