@@ -1,0 +1,470 @@
+/**
+ * Session payment behaviours not covered elsewhere, end to end: real anvil with our escrow, a
+ * real gateway on PostgreSQL (or PGlite), the fake upstream, and the client side of src/client.
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { type Hex, keccak256, toHex } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
+import * as Voucher from '../../src/chain/Voucher.ts'
+import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import * as Batch from '../../src/ledger/Batch.ts'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import * as Challenge from '../../src/payment/Challenge.ts'
+import * as Credential from '../../src/payment/Credential.ts'
+import * as Session from '../../src/payment/evm/Session.ts'
+import * as Receipt from '../../src/payment/Receipt.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+import { read, text } from '../helpers/Sse.ts'
+
+const chain = await Anvil.start({ accounts: 12 })
+afterAll(() => chain.stop())
+const secret = 'test-challenge-secret-0123456789'
+const gw = await Gateway.create({
+  chain: Gateway.chainOf(chain),
+  payments: { challengeSecret: secret, voucherTimeoutMs: 3_000 },
+})
+const url = `${gw.url}/v1/chat/completions`
+const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
+
+const words = Array.from({ length: 200 }, (_, i) => `w${i}`).join(' ')
+const body = (stream: boolean, content = words, model = 'fake') =>
+  JSON.stringify({ model, stream, messages: [{ role: 'user', content }] })
+/** Prices of the test models: 1 base unit per prompt token, 2 per completion token. */
+const promptCost = (content: string) => BigInt(Tokenizer.prompt([{ content }]))
+/** A metering block is 16 tokens (Gateway.create) at 2 base units each. */
+const blockCost = 32n
+/** The tokens of a completion text as the fake upstream sends it, word by word. */
+const tokensOf = (s: string) =>
+  s
+    .split(' ')
+    .filter(Boolean)
+    .map((w, i) => Tokenizer.count(i ? ` ${w}` : w))
+    .reduce((a, b) => a + b, 0)
+
+async function freshChallenge(at = url) {
+  const res = await fetch(at, { method: 'POST', body: body(false, 'hi') })
+  expect(res.status).toBe(402)
+  return challengeOf(res.headers.get('www-authenticate'))!
+}
+
+/** A paying session of payer `index` with a channel opened (HEAD) and `initial` accepted. */
+async function opened(index: number, deposit: bigint, initial: bigint, at = url) {
+  const account = privateKeyToAccount(chain.payers[index]!.privateKey)
+  const session = new PayingSession({
+    account,
+    challenge: await freshChallenge(at),
+    tokenDomain,
+  })
+  const res = await fetch(at, {
+    method: 'HEAD',
+    headers: { authorization: await session.openWithAuthorization({ deposit, initial }) },
+  })
+  expect(res.status).toBe(200)
+  return session
+}
+
+type ChannelView = {
+  deposit: string
+  acceptedCumulative: string
+  spent: string
+  reserved: string
+  status: string
+}
+
+/** The channel as its payer sees it (GET /v1/channels/{id}). */
+async function channelOf(channelId: Hex, at = gw.url): Promise<ChannelView> {
+  const res = await fetch(`${at}/v1/channels/${channelId}`)
+  expect(res.status).toBe(200)
+  return (await res.json()) as ChannelView
+}
+
+/** The channel once nothing is reserved on it any more (a cut stream settles as it unwinds). */
+async function idle(channelId: Hex): Promise<ChannelView> {
+  await Batch.settled(gw.sql)
+  let c = await channelOf(channelId)
+  for (let i = 0; i < 200 && c.reserved !== '0'; i++) {
+    await Bun.sleep(25)
+    c = await channelOf(channelId)
+  }
+  expect(c.reserved).toBe('0')
+  return c
+}
+
+describe('admission of a paid request', () => {
+  test('error: a channel that cannot cover the prompt and one block → 402 insufficient-balance with requiredCumulative and a fresh challenge naming the channel', async () => {
+    const prompt = promptCost(words)
+    // One base unit short of the prompt and the first block.
+    const session = await opened(0, 100_000n, prompt + blockCost - 1n)
+    const channelId = session.channelId!
+    const calls = gw.upstream.received.length
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(prompt + blockCost - 1n) },
+      body: body(true),
+    })
+    const raw = await res.text()
+    expect(res.status).toBe(402)
+    expect(res.headers.get('content-type')).toContain('application/problem+json')
+    expect(res.headers.get('cache-control')).toBe('no-store')
+    const problem = JSON.parse(raw) as Record<string, unknown>
+    expect(problem).toMatchObject({
+      type: 'https://paymentauth.org/problems/session/insufficient-balance',
+      status: 402,
+      channelId,
+      requiredCumulative: (prompt + blockCost).toString(),
+      acceptedCumulative: (prompt + blockCost - 1n).toString(),
+      deposit: '100000',
+    })
+    const c = challengeOf(res.headers.get('www-authenticate'))!
+    expect(c).toBeDefined()
+    expect(Challenge.verify(c, secret).valid).toBe(true)
+    expect(Date.parse(c.expires!)).toBeGreaterThan(Date.now())
+    expect(Session.requestOf(c).methodDetails.channelId).toBe(channelId)
+    // Refused before the upstream, with nothing held or spent.
+    expect(gw.upstream.received.length).toBe(calls)
+    expect(await channelOf(channelId)).toMatchObject({ spent: '0', reserved: '0' })
+
+    // A voucher for requiredCumulative, on the fresh challenge, is enough.
+    session.renew(c)
+    const again = await fetch(url, {
+      method: 'POST',
+      headers: {
+        authorization: await session.voucher(BigInt(problem.requiredCumulative as string)),
+      },
+      body: body(true, 'now it fits'),
+    })
+    expect(again.status).toBe(200)
+    expect(text(await read(again, async () => {}))).toBe('now it fits')
+  }, 30_000)
+
+  test('error: with payments on, an API key with no credits → 402 insufficient_credits offering a Bearer and a Payment challenge', async () => {
+    const { key } = await gw.account({ credits: 0 })
+    const calls = gw.upstream.received.length
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: body(false, 'hello there'),
+    })
+    expect(res.status).toBe(402)
+    const e = ((await res.json()) as { error: { type: string; code: string } }).error
+    expect(e.type).toBe('insufficient_credits')
+    const www = res.headers.get('www-authenticate')!
+    expect(www).toStartWith('Bearer realm="tollway"')
+    const payment = Challenge.deserialize(www).filter(
+      (c) => c.method === 'evm' && c.intent === 'session',
+    )
+    expect(payment).toHaveLength(1)
+    expect(Challenge.verify(payment[0]!, secret).valid).toBe(true)
+    expect(gw.upstream.received.length).toBe(calls)
+  })
+})
+
+describe('what a paid stream costs', () => {
+  test('behavior: a paid stream the client aborts mid-stream spends the prompt plus the tokens sent, no more', async () => {
+    const prompt = promptCost(words)
+    const session = await opened(1, 1_000_000n, 500_000n)
+    const channelId = session.channelId!
+    const controller = new AbortController()
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(500_000n) },
+      body: body(true, words, 'fake-slow'),
+      signal: controller.signal,
+    })
+    expect(res.status).toBe(200)
+    const reader = res.body!.getReader()
+    const decoder = new TextDecoder()
+    let sse = ''
+    // Ten words (20 tokens): between the block boundaries (16 and 48 tokens) a charge of whole
+    // blocks would land on.
+    while (!/"content":"[^"]*\bw9\b/.test(sse)) {
+      const { value, done } = await reader.read()
+      if (done) break
+      sse += decoder.decode(value, { stream: true })
+    }
+    controller.abort()
+    await reader.cancel().catch(() => {})
+    const received = sse
+      .split('\n\n')
+      .map((block) => /^data: (\{.*)$/m.exec(block)?.[1])
+      .filter((d): d is string => d !== undefined)
+      .map(
+        (d) =>
+          (JSON.parse(d) as { choices?: { delta?: { content?: string } }[] }).choices?.[0]?.delta
+            ?.content ?? '',
+      )
+      .join('')
+    expect(received).toStartWith('w0 w1 w2 w3 w4 w5 w6 w7 w8 w9')
+    const c = await idle(channelId)
+    await Batch.settled(gw.sql)
+    const [usage] = await gw.sql`
+      select status, prompt_tokens, completion_tokens, cost::text as cost from usage
+      where channel_id = ${Buffer.from(channelId.slice(2), 'hex')}`
+    expect(usage!.status).toBe('cancelled')
+    // The charge is exactly what the usage row counts as sent...
+    expect(BigInt(c.spent)).toBe(prompt + 2n * BigInt(usage!.completion_tokens))
+    expect(c.spent).toBe(usage!.cost)
+    // ...which is what the client received, or the word or two in flight when it left.
+    const got = tokensOf(received)
+    const inFlight = tokensOf(
+      words
+        .split(' ')
+        .slice(0, received.split(' ').length + 2)
+        .join(' '),
+    )
+    expect(usage!.completion_tokens).toBeGreaterThanOrEqual(got)
+    expect(usage!.completion_tokens).toBeLessThanOrEqual(inFlight)
+    expect(BigInt(c.spent)).toBeLessThan(prompt + 2n * BigInt(tokensOf(words)))
+    await Bun.sleep(50)
+    expect(gw.upstream.received.at(-1)!.aborted).toBe(true)
+  }, 30_000)
+
+  test('error: a paid request whose upstream fails before the first token → 502, nothing spent', async () => {
+    const session = await opened(2, 100_000n, 50_000n)
+    const channelId = session.channelId!
+    // Something spent already, so that "unchanged" is not just zero.
+    const first = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(50_000n) },
+      body: body(false, 'pay for this'),
+    })
+    expect(first.status).toBe(200)
+    const before = await idle(channelId)
+    expect(BigInt(before.spent)).toBeGreaterThan(0n)
+    for (const stream of [false, true]) {
+      const res = await fetch(url, {
+        method: 'POST',
+        headers: { authorization: await session.voucher(50_000n) },
+        body: body(stream, 'this fails', 'fake-500'),
+      })
+      expect(res.status).toBe(502)
+      const e = ((await res.json()) as { error: { type: string } }).error
+      expect(e.type).toBe('upstream_error')
+      const after = await idle(channelId)
+      expect(after.spent).toBe(before.spent)
+      expect(after.acceptedCumulative).toBe('50000')
+    }
+  }, 30_000)
+
+  test('behavior: with payments on, an API-key stream is plain OpenAI SSE: data lines only, ending with [DONE]', async () => {
+    const { key } = await gw.account()
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: body(true, 'one two three four'),
+    })
+    expect(res.status).toBe(200)
+    expect(res.headers.get('content-type')).toContain('text/event-stream')
+    expect(res.headers.get('payment-receipt')).toBeNull()
+    const raw = await res.text()
+    const lines = raw.split('\n').filter((l) => l !== '')
+    expect(lines.length).toBeGreaterThan(2)
+    expect(lines.filter((l) => !l.startsWith('data: '))).toEqual([])
+    expect(raw).not.toContain('payment-need-voucher')
+    expect(raw).not.toContain('payment-receipt')
+    expect(lines.at(-1)).toBe('data: [DONE]')
+    const events = await read(new Response(raw), async () => {})
+    expect(events.every((e) => e.event === undefined)).toBe(true)
+    expect(text(events)).toBe('one two three four')
+  })
+})
+
+describe('the generated challenge secret', () => {
+  test('behavior: without CHALLENGE_SECRET the secret is kept in the data dir; a restarted gateway accepts a credential on a challenge issued before', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-secret-'))
+    const otherDir = mkdtempSync(join(tmpdir(), 'tollway-secret-'))
+    afterAll(() => {
+      rmSync(dataDir, { recursive: true, force: true })
+      rmSync(otherDir, { recursive: true, force: true })
+    })
+    const overrides = (dir: string) => ({
+      chain: Gateway.chainOf(chain),
+      dataDir: dir,
+      payments: { voucherTimeoutMs: 3_000 },
+    })
+    const shared = { db: gw.db, upstream: gw.upstream }
+    const first = await Gateway.create(overrides(dataDir), shared)
+    const issued = await freshChallenge(`${first.url}/v1/chat/completions`)
+    const kept = readFileSync(join(dataDir, 'challenge-secret'), 'utf8').trim()
+    expect(kept.length).toBeGreaterThanOrEqual(32)
+    expect(Challenge.verify(issued, kept).valid).toBe(true)
+    await first.stop()
+
+    const session = new PayingSession({
+      account: privateKeyToAccount(chain.payers[3]!.privateKey),
+      challenge: issued,
+      tokenDomain,
+    })
+    const open = await session.openWithAuthorization({ deposit: 100_000n, initial: 50_000n })
+    // A gateway with another data dir has another secret: the challenge is not its own.
+    const stranger = await Gateway.create(overrides(otherDir), shared)
+    const refused = await fetch(`${stranger.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: open },
+    })
+    expect(refused.status).toBe(402)
+    expect(((await refused.json()) as { type: string }).type).toBe(
+      'https://paymentauth.org/problems/session/challenge-not-found',
+    )
+    expect(readFileSync(join(otherDir, 'challenge-secret'), 'utf8').trim()).not.toBe(kept)
+
+    // The same data dir after a restart: the credential goes through.
+    const restarted = await Gateway.create(overrides(dataDir), shared)
+    const res = await fetch(`${restarted.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: open },
+      body: body(false, 'after the restart'),
+    })
+    expect(res.status).toBe(200)
+    expect(
+      ((await res.json()) as { choices: { message: { content: string } }[] }).choices[0]!.message
+        .content,
+    ).toBe('after the restart')
+    const receipt = Receipt.deserialize(res.headers.get('payment-receipt')!) as unknown as {
+      reference: string
+      challengeId: string
+    }
+    expect(receipt.reference).toBe(session.channelId!)
+    expect(receipt.challengeId).toBe(issued.id)
+  }, 30_000)
+})
+
+describe('deposits', () => {
+  test('behavior: topUp with type "hash": the payer tops up on the escrow itself → 200 with a receipt; the deposit grows by exactly the top-up', async () => {
+    const payerClient = chain.payerClient(4)
+    const session = await opened(4, 100_000n, 1_000n)
+    const channelId = session.channelId!
+    const before = await channelOf(channelId)
+    expect(before.deposit).toBe('100000')
+    const amount = 12_345n
+    const sent = await Escrow.topUp(payerClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+      token: chain.currencyAddress,
+      amount,
+    })
+    const header = Credential.serialize(
+      Credential.from({
+        challenge: session.challenge,
+        payload: {
+          action: 'topUp',
+          type: 'hash',
+          channelId,
+          hash: sent.hash,
+          additionalDeposit: amount,
+        },
+        source: Session.source({
+          chainId: chain.chainId,
+          address: payerClient.account.address,
+        }),
+      }),
+    )
+    const res = await fetch(url, { method: 'POST', headers: { authorization: header } })
+    const raw = await res.text()
+    if (res.status !== 200) console.log(raw)
+    expect(res.status).toBe(200)
+    const receipt = Receipt.deserialize(res.headers.get('payment-receipt')!) as unknown as {
+      reference: string
+      txHash: string
+      acceptedCumulative: string
+    }
+    expect(receipt.reference).toBe(channelId)
+    expect(receipt.txHash).toBe(sent.hash)
+    expect(receipt.acceptedCumulative).toBe('1000')
+    const after = await channelOf(channelId)
+    expect(BigInt(after.deposit)).toBe(BigInt(before.deposit) + amount)
+    expect(after.acceptedCumulative).toBe(before.acceptedCumulative)
+    // The grown deposit takes a voucher it could not before.
+    const voucher = await fetch(url, {
+      method: 'HEAD',
+      headers: { authorization: await session.voucher(100_000n + amount) },
+    })
+    expect(voucher.status).toBe(200)
+  }, 30_000)
+
+  test('behavior: a voucher carrying a topUp deposit (EIP-3009) is applied and accepted in one request that also serves a completion', async () => {
+    const account = privateKeyToAccount(chain.payers[5]!.privateKey)
+    const deposit = 10_000n
+    const session = await opened(5, deposit, 1_000n)
+    const channelId = session.channelId!
+    const additional = 5_000n
+    // Above the old deposit: acceptable only once the top-up is in.
+    const cumulative = 14_000n
+    const topUpSalt = keccak256(toHex(`merge:${channelId}:${Date.now()}`))
+    const authorization = {
+      from: account.address,
+      to: chain.escrowAddress,
+      value: additional,
+      validAfter: 0n,
+      validBefore: BigInt(Math.floor(Date.now() / 1000) + 3600),
+      nonce: Escrow.topUpNonce({
+        channelId,
+        additionalDeposit: additional,
+        from: account.address,
+        topUpSalt,
+      }),
+    }
+    const header = Credential.serialize(
+      Credential.from({
+        challenge: session.challenge,
+        payload: {
+          action: 'voucher',
+          channelId,
+          cumulativeAmount: cumulative,
+          signature: await Voucher.sign(account, {
+            chainId: chain.chainId,
+            escrow: chain.escrowAddress,
+            channelId,
+            cumulativeAmount: cumulative,
+          }),
+          deposit: {
+            action: 'topUp',
+            type: 'authorization',
+            authorization,
+            signature: await Token.signReceiveAuthorization(account, {
+              domain: tokenDomain,
+              ...authorization,
+            }),
+            salt: topUpSalt,
+          },
+        },
+      }),
+    )
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: header },
+      body: body(false, 'merged deposit'),
+    })
+    const raw = await res.text()
+    if (res.status !== 200) console.log(raw)
+    expect(res.status).toBe(200)
+    const completion = JSON.parse(raw) as {
+      choices: { message: { content: string } }[]
+      usage: { cost: string }
+    }
+    expect(completion.choices[0]!.message.content).toBe('merged deposit')
+    const receipt = Receipt.deserialize(res.headers.get('payment-receipt')!) as unknown as {
+      acceptedCumulative: string
+      spent: string
+    }
+    expect(receipt.acceptedCumulative).toBe(cumulative.toString())
+    expect(receipt.spent).toBe(completion.usage.cost)
+    const c = await idle(channelId)
+    expect(c).toMatchObject({
+      deposit: (deposit + additional).toString(),
+      acceptedCumulative: cumulative.toString(),
+      spent: completion.usage.cost,
+    })
+    const onChain = (await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    }))!
+    expect(onChain.deposit).toBe(deposit + additional)
+  }, 30_000)
+})
