@@ -110,19 +110,17 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
         isAddressEqual(l.address, o.escrow),
       )
       const event = fn === 'open' ? 'ChannelOpened' : 'ToppedUp'
-      const hit = logs.some(
+      const hit = logs.find(
         (l) =>
           l.eventName === event &&
           (l.args as { channelId: Hex }).channelId.toLowerCase() === channelId.toLowerCase(),
       )
-      if (!hit)
-        throw Problem.verificationFailed(
-          `The transaction is not a ${fn} of this channel on our escrow.`,
-          {
-            txHash: hash,
-            channelId,
-          },
-        )
+      if (hit?.eventName === 'ChannelOpened') return { amount: hit.args.deposit }
+      if (hit?.eventName === 'ToppedUp') return { amount: hit.args.additionalDeposit }
+      throw Problem.verificationFailed(
+        `The transaction is not a ${fn} of this channel on our escrow.`,
+        { txHash: hash, channelId },
+      )
     },
 
     async openWithAuthorization({ salt, authorizedSigner, authorization: a, signature }) {

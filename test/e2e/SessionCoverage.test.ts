@@ -349,25 +349,32 @@ describe('deposits', () => {
       token: chain.currencyAddress,
       amount,
     })
-    const header = Credential.serialize(
-      Credential.from({
-        challenge: session.challenge,
-        payload: {
-          action: 'topUp',
-          type: 'hash',
-          channelId,
-          hash: sent.hash,
-          additionalDeposit: amount,
-        },
-        source: Session.source({
-          chainId: chain.chainId,
-          address: payerClient.account.address,
+    const topUpByHash = (additionalDeposit: bigint) =>
+      Credential.serialize(
+        Credential.from({
+          challenge: session.challenge,
+          payload: { action: 'topUp', type: 'hash', channelId, hash: sent.hash, additionalDeposit },
+          source: Session.source({
+            chainId: chain.chainId,
+            address: payerClient.account.address,
+          }),
         }),
-      }),
+      )
+    // Claiming other than the transaction put in (less, here): refused, nothing recorded (the draft: the
+    // deposit grew by exactly additionalDeposit).
+    const claimed = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: topUpByHash(amount - 1n) },
+    })
+    expect(claimed.status).toBe(402)
+    expect(((await claimed.json()) as { type: string }).type).toBe(
+      'https://paymentauth.org/problems/verification-failed',
     )
-    const res = await fetch(url, { method: 'POST', headers: { authorization: header } })
-    const raw = await res.text()
-    if (res.status !== 200) console.log(raw)
+    expect((await channelOf(channelId)).deposit).toBe(before.deposit)
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: topUpByHash(amount) },
+    })
     expect(res.status).toBe(200)
     const receipt = Receipt.deserialize(res.headers.get('payment-receipt')!) as unknown as {
       reference: string

@@ -71,7 +71,15 @@ export type Store = {
 export type Escrow = {
   read(channelId: Hex): Promise<OnChain | undefined>
   /** Checks that `hash` is a successful transaction of `fn` on our escrow for `channelId`. */
-  verifyTransaction(v: { hash: Hex; fn: 'open' | 'topUp'; channelId: Hex }): Promise<void>
+  /**
+   * Checks that `hash` is a mined, successful `fn` of the channel on our escrow; what it put
+   * in (the deposit of an open, the additionalDeposit of a top-up, from its event).
+   */
+  verifyTransaction(v: {
+    hash: Hex
+    fn: 'open' | 'topUp'
+    channelId: Hex
+  }): Promise<{ amount: bigint }>
   openWithAuthorization(v: {
     salt: Hex
     authorizedSigner: Address | undefined
@@ -280,10 +288,21 @@ export function create(o: Options) {
         return { channel: (await o.store.get(p.channelId))!, ...(txHash ? { txHash } : {}) }
       }
       case 'topUp': {
-        const before = await known(p.channelId)
+        await known(p.channelId)
         let txHash: Hex
         if (p.type === 'hash') {
-          await o.chain.verifyTransaction({ hash: p.hash, fn: 'topUp', channelId: p.channelId })
+          const { amount: added } = await o.chain.verifyTransaction({
+            hash: p.hash,
+            fn: 'topUp',
+            channelId: p.channelId,
+          })
+          // The draft: the deposit grew by exactly additionalDeposit (the event says by how
+          // much this transaction grew it, whatever else happened to the channel meanwhile).
+          if (added !== p.additionalDeposit)
+            throw Problem.verificationFailed(
+              `The transaction added ${added} to the deposit, not additionalDeposit ${p.additionalDeposit}.`,
+              { channelId: p.channelId, txHash: p.hash },
+            )
           txHash = p.hash
         } else if (p.type === 'authorization')
           txHash = await o.chain.topUpWithAuthorization({
@@ -297,10 +316,6 @@ export function create(o: Options) {
         const state = await o.chain.read(p.channelId)
         if (!state)
           throw Problem.channelNotFound('The escrow has no such channel.', {
-            channelId: p.channelId,
-          })
-        if (p.type === 'hash' && state.deposit < before.deposit + p.additionalDeposit)
-          throw Problem.verificationFailed('The deposit did not grow by additionalDeposit.', {
             channelId: p.channelId,
           })
         return { channel: await o.store.observe(state), txHash }
