@@ -122,6 +122,22 @@ export class UpstreamError extends GatewayError {
   override readonly type = 'upstream_error'
 }
 
+/**
+ * 503: the chain's RPC did not answer, or a transaction the gateway sent was not mined in
+ * time: nothing was accepted; the same credential may be sent again.
+ */
+export class ChainUnavailableError extends GatewayError {
+  override name = 'ChainUnavailableError'
+  override readonly status = 503
+  override readonly type = 'chain_unavailable'
+  constructor(message: string, options: ErrorOptions = {}) {
+    super(message, 'chain_unavailable', {
+      ...options,
+      headers: { 'retry-after': '5', ...options.headers },
+    })
+  }
+}
+
 /** 503: no healthy upstream serves the model. */
 export class NoUpstreamError extends GatewayError {
   override name = 'NoUpstreamError'

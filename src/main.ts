@@ -9,6 +9,7 @@ import type { Hex } from 'viem'
 import * as Config from './Config.ts'
 import * as Client from './chain/Client.ts'
 import * as DevChain from './chain/DevChain.ts'
+import * as Escrow from './chain/Escrow.ts'
 import * as SessionEscrow from './chain/SessionEscrow.ts'
 import * as Settlement from './chain/Settlement.ts'
 import * as Token from './chain/Token.ts'
@@ -126,6 +127,21 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       })
       stops.push(() => worker.stop())
       settlement = worker
+      // The draft: no channel on an escrow whose close grace period is under 10 minutes. A
+      // chain that does not answer now is checked again before the first open.
+      const grace = await Escrow.gracePeriod(client, { escrow: chain.escrowAddress as Hex }).catch(
+        (e) => {
+          log.warn(
+            { err: (e as Error).message },
+            "cannot read the escrow's CLOSE_GRACE_PERIOD now; it is checked before the first channel opens",
+          )
+          return undefined
+        },
+      )
+      if (grace !== undefined && grace < Escrow.minCloseGracePeriod)
+        throw new Config.ConfigError(
+          `ESCROW_ADDRESS: ${new SessionEscrow.EscrowGraceError(chain.escrowAddress as Hex, grace).message}`,
+        )
       // Stated in every challenge, so a payer opens with a wallet key alone (no RPC URL).
       const tokenDomain =
         config.payments.tokenDomain ??

@@ -22,6 +22,26 @@ export { abi }
 /** Seconds between `requestClose` and the earliest `withdraw`. */
 export const closeGracePeriod = 15n * 60n
 
+/**
+ * The shortest close grace period the draft allows an escrow ("Forced Close"): the time the
+ * server has to settle before a payer who asked to close can withdraw.
+ */
+export const minCloseGracePeriod = 10n * 60n
+
+/** The escrow's own `CLOSE_GRACE_PERIOD`, seconds. */
+export async function gracePeriod(
+  client: Client,
+  parameters: { escrow: Address },
+): Promise<bigint> {
+  return BigInt(
+    await readContract(client, {
+      address: parameters.escrow,
+      abi,
+      functionName: 'CLOSE_GRACE_PERIOD',
+    }),
+  )
+}
+
 /** A channel as the escrow stores it. Amounts in token base units. */
 export type Channel = {
   payer: Address

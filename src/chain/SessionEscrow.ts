@@ -4,12 +4,19 @@
  * EIP-3009 opens and top-ups and closes, and voucher verification on the fast path. Chain
  * failures become the draft's problem types.
  */
-import { type Address, type Hex, isAddressEqual, parseEventLogs } from 'viem'
+import { type Address, BaseError, type Hex, isAddressEqual, parseEventLogs } from 'viem'
 import { waitForTransactionReceipt } from 'viem/actions'
+import { ChainUnavailableError, GatewayError } from '../Errors.ts'
 import type * as Server from '../payment/evm/Server.ts'
 import * as Problem from '../payment/Problem.ts'
 import type * as Client from './Client.ts'
-import { InvalidVoucherSignatureError, TransactionRevertedError } from './Errors.ts'
+import {
+  ChannelStateError,
+  InvalidVoucherSignatureError,
+  SettlementBusyError,
+  TransactionRevertedError,
+  TransactionTimeoutError,
+} from './Errors.ts'
 import * as Escrow from './Escrow.ts'
 import type * as Settlement from './Settlement.ts'
 import * as Voucher from './Voucher.ts'
@@ -34,7 +41,11 @@ const reverts: Record<string, Problem.Kind> = {
   InvalidSignature: 'session/invalid-signature',
 }
 
-/** A submitted transaction's failure as the problem a client consumes. */
+/**
+ * A chain call's failure as what a client consumes: a revert as the draft's problem type, a
+ * chain that did not answer (or a transaction not mined in time) as a 503 to retry. Anything
+ * else is not the chain's doing and goes on as it is.
+ */
 function problem(e: unknown, channelId: Hex): unknown {
   if (e instanceof TransactionRevertedError) {
     const kind = (e.errorName && reverts[e.errorName]) || 'session/transaction-reverted'
@@ -45,6 +56,18 @@ function problem(e: unknown, channelId: Hex): unknown {
       { cause: e },
     )
   }
+  if (e instanceof ChannelStateError)
+    return e.reason === 'finalized'
+      ? Problem.channelFinalized('The channel is closed.', { channelId })
+      : Problem.channelNotFound('No channel with this id on our escrow.', { channelId })
+  if (e instanceof TransactionTimeoutError || e instanceof SettlementBusyError)
+    return new ChainUnavailableError(e.message, { cause: e, details: { channelId } })
+  // viem's own errors that are not a revert: the RPC failed, refused or timed out.
+  if (e instanceof BaseError)
+    return new ChainUnavailableError(
+      'The chain did not answer; nothing was accepted. Send the same credential again shortly.',
+      { cause: e, details: { channelId } },
+    )
   return e
 }
 
@@ -81,13 +104,31 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     }
   }
 
+  // The draft ("Forced Close"): no channel is accepted on an escrow whose grace period is
+  // under 10 minutes. Checked once, before the first open (the start-up check may have found
+  // the chain down); a failed read is tried again at the next open.
+  let graceChecked: Promise<void> | undefined
+  const checkGrace = (channelId: Hex) => {
+    graceChecked ??= guard(channelId, async () => {
+      const grace = await Escrow.gracePeriod(o.client, { escrow: o.escrow })
+      if (grace < Escrow.minCloseGracePeriod) throw new EscrowGraceError(o.escrow, grace)
+    }).catch((e) => {
+      graceChecked = undefined
+      throw e
+    })
+    return graceChecked
+  }
+
   return {
     async read(channelId) {
-      const c = await Escrow.getChannel(o.client, { escrow: o.escrow, channelId })
+      const c = await guard(channelId, () =>
+        Escrow.getChannel(o.client, { escrow: o.escrow, channelId }),
+      )
       return c && onChain(c, { channelId, chainId: o.chainId, escrow: o.escrow })
     },
 
     async verifyTransaction({ hash, fn, channelId }) {
+      if (fn === 'open') await checkGrace(channelId)
       let receipt: Awaited<ReturnType<typeof waitForTransactionReceipt>>
       try {
         receipt = await waitForTransactionReceipt(o.client, {
@@ -133,6 +174,7 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
         escrow: o.escrow,
         chainId: o.chainId,
       })
+      await checkGrace(channelId)
       const sent = await guard(channelId, () =>
         Escrow.openWithAuthorization(o.client, {
           escrow: o.escrow,
@@ -195,5 +237,21 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     stop() {
       if ('close' in verifier) verifier.close()
     },
+  }
+}
+
+/**
+ * The configured escrow lets a payer withdraw sooner than the draft allows: the gateway
+ * accepts no channel on it (503 to a payer; found at start-up, the gateway does not start).
+ */
+export class EscrowGraceError extends GatewayError {
+  override name = 'EscrowGraceError'
+  override readonly status = 503
+  override readonly type = 'escrow_unsuitable'
+  constructor(escrow: Address, grace: bigint) {
+    super(
+      `The escrow ${escrow} lets a payer withdraw ${grace} s after asking to close; the payment draft requires at least ${Escrow.minCloseGracePeriod} s (10 minutes), so this gateway accepts no channel on it.`,
+      'escrow_grace_period_too_short',
+    )
   }
 }

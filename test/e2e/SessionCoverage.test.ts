@@ -475,3 +475,79 @@ describe('deposits', () => {
     expect(onChain.deposit).toBe(deposit + additional)
   }, 30_000)
 })
+
+describe('the chain', () => {
+  test("behavior: the escrow's CLOSE_GRACE_PERIOD is the one the code assumes, and above the draft's 10-minute floor", async () => {
+    const grace = await Escrow.gracePeriod(chain.payeeClient, { escrow: chain.escrowAddress })
+    expect(grace).toBe(Escrow.closeGracePeriod)
+    expect(grace >= Escrow.minCloseGracePeriod).toBe(true)
+  })
+
+  test('error: a gateway pointed at an escrow whose grace period is under 10 minutes does not start', async () => {
+    // A contract that answers every call with 60 (PUSH1 60, MSTORE at 0, RETURN 32 bytes).
+    const short = '0x00000000000000000000000000000000000e5c40' as const
+    const set = await fetch(chain.rpcUrl, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({
+        jsonrpc: '2.0',
+        id: 1,
+        method: 'anvil_setCode',
+        params: [short, '0x603c60005260206000f3'],
+      }),
+    })
+    expect(((await set.json()) as { error?: unknown }).error).toBeUndefined()
+    const started = Gateway.create(
+      {
+        chain: { ...Gateway.chainOf(chain), escrowAddress: short },
+        payments: {
+          challengeSecret: secret,
+          tokenDomain: { name: tokenDomain.name, version: tokenDomain.version },
+        },
+      },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    await expect(started).rejects.toThrow(
+      /ESCROW_ADDRESS: .* withdraw 60 s after asking to close; .* at least 600 s/,
+    )
+  })
+
+  test('error: with the chain RPC down, an open → 503 chain_unavailable with Retry-After, nothing stored; vouchers of known channels need no chain', async () => {
+    const known = await opened(6, 100_000n, 1_000n)
+    const down = await Gateway.create(
+      {
+        chain: { ...Gateway.chainOf(chain), rpcUrl: 'http://127.0.0.1:9' },
+        payments: {
+          challengeSecret: secret,
+          tokenDomain: { name: tokenDomain.name, version: tokenDomain.version },
+        },
+      },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    try {
+      const at = `${down.url}/v1/chat/completions`
+      const session = new PayingSession({
+        account: privateKeyToAccount(chain.payers[7]!.privateKey),
+        challenge: await freshChallenge(at),
+        tokenDomain,
+      })
+      const open = await session.openWithAuthorization({ deposit: 50_000n, initial: 1_000n })
+      const res = await fetch(at, { method: 'POST', headers: { authorization: open } })
+      expect(res.status).toBe(503)
+      expect(res.headers.get('retry-after')).toBe('5')
+      const e = ((await res.json()) as { error: { type: string } }).error
+      expect(e.type).toBe('chain_unavailable')
+      const stored = await fetch(`${down.url}/v1/channels/${session.channelId}`)
+      await stored.body?.cancel()
+      expect(stored.status).toBe(404)
+      // A channel the gateway knows takes vouchers with the chain down.
+      const voucher = await fetch(at, {
+        method: 'HEAD',
+        headers: { authorization: await known.voucher(2_000n) },
+      })
+      expect(voucher.status).toBe(200)
+    } finally {
+      await down.stop()
+    }
+  }, 30_000)
+})
