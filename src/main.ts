@@ -175,6 +175,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
           get: (id) => Channels.get(db, id),
           observe: (state) => Channels.observe(db, state),
           acceptVoucher: (v) => Channels.acceptVoucher(db, v),
+          sent: (t) => Settlements.sentForPayer(db, t),
         },
         chain: escrow,
       })

@@ -113,6 +113,21 @@ export async function begin(
     : undefined
 }
 
+/**
+ * Records a transaction the gateway sent for a payer and paid the gas of (an EIP-3009 open or
+ * top-up), mined and successful: one row per channel, kind and resulting deposit, so a
+ * retried credential records it once.
+ */
+export async function sentForPayer(
+  sql: Sql,
+  t: { channelId: Hex; kind: 'open' | 'topUp'; deposit: bigint; hash: Hex },
+): Promise<void> {
+  await sql`
+    insert into chain_transactions (channel_id, kind, cumulative_amount, tx_hash, status)
+    values (${bytes(t.channelId)}, ${t.kind}, ${sql.typed.numeric(t.deposit)}, ${bytes(t.hash)}, 'confirmed')
+    on conflict (channel_id, kind, cumulative_amount) do nothing`
+}
+
 /** Records the hash of a submitted transaction before its receipt. */
 export async function submitted(sql: Sql, id: bigint, hash: Hex): Promise<void> {
   await sql`update chain_transactions set tx_hash = ${bytes(hash)}, updated_at = now() where id = ${id}`

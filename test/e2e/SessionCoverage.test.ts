@@ -13,6 +13,7 @@ import * as Token from '../../src/chain/Token.ts'
 import * as Voucher from '../../src/chain/Voucher.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Batch from '../../src/ledger/Batch.ts'
+import * as Settlements from '../../src/ledger/Settlements.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
@@ -448,10 +449,8 @@ describe('deposits', () => {
       headers: { authorization: header },
       body: body(false, 'merged deposit'),
     })
-    const raw = await res.text()
-    if (res.status !== 200) console.log(raw)
     expect(res.status).toBe(200)
-    const completion = JSON.parse(raw) as {
+    const completion = (await res.json()) as {
       choices: { message: { content: string } }[]
       usage: { cost: string }
     }
@@ -473,6 +472,18 @@ describe('deposits', () => {
       channelId,
     }))!
     expect(onChain.deposit).toBe(deposit + additional)
+    // Both transactions the gateway sent for the payer (and paid the gas of) are recorded,
+    // with their hash and outcome, and a retried credential records nothing twice.
+    const sent = await Settlements.transactions(gw.sql, channelId)
+    expect(sent.map((t) => [t.kind, t.cumulativeAmount, t.status])).toEqual([
+      ['open', deposit, 'confirmed'],
+      ['topUp', deposit + additional, 'confirmed'],
+    ])
+    for (const t of sent) expect(t.hash).toMatch(/^0x[0-9a-f]{64}$/)
+    expect(sent[0]!.hash).not.toBe(sent[1]!.hash)
+    const again = await fetch(url, { method: 'HEAD', headers: { authorization: header } })
+    await again.body?.cancel()
+    expect((await Settlements.transactions(gw.sql, channelId)).length).toBe(2)
   }, 30_000)
 })
 

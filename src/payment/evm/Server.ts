@@ -65,6 +65,8 @@ export type Store = {
     signature: Hex
     minDelta: bigint
   }): Promise<{ status: VoucherStatus } & Omit<State, 'channelId'>>
+  /** Records a transaction the gateway sent (and paid the gas of) for the payer, mined. */
+  sent(t: { channelId: Hex; kind: 'open' | 'topUp'; deposit: bigint; hash: Hex }): Promise<void>
 }
 
 /** The escrow as this method uses it (chain/ implements it). Failures are Problems. */
@@ -280,6 +282,13 @@ export function create(o: Options) {
         const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
         const signature = p.type === 'hash' ? p.signature : p.voucherSignature
         const channel = await o.store.observe(state)
+        if (p.type === 'authorization' && txHash)
+          await o.store.sent({
+            channelId: p.channelId,
+            kind: 'open',
+            deposit: state.deposit,
+            hash: txHash,
+          })
         await acceptVoucher(channel, {
           channelId: p.channelId,
           cumulativeAmount: p.cumulativeAmount,
@@ -318,7 +327,15 @@ export function create(o: Options) {
           throw Problem.channelNotFound('The escrow has no such channel.', {
             channelId: p.channelId,
           })
-        return { channel: await o.store.observe(state), txHash }
+        const channel = await o.store.observe(state)
+        if (p.type === 'authorization')
+          await o.store.sent({
+            channelId: p.channelId,
+            kind: 'topUp',
+            deposit: state.deposit,
+            hash: txHash,
+          })
+        return { channel, txHash }
       }
       case 'voucher': {
         if (p.deposit) {
@@ -349,6 +366,13 @@ export function create(o: Options) {
             })
           const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
           remember(await o.store.observe(state))
+          if (txHash)
+            await o.store.sent({
+              channelId: p.channelId,
+              kind: d.action === 'open' ? 'open' : 'topUp',
+              deposit: state.deposit,
+              hash: txHash,
+            })
           return { channel: await acceptVoucher(state, p), ...(txHash ? { txHash } : {}) }
         }
         // The hot path: the signer (immutable per channel) from memory, then one round trip
