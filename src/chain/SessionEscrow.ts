@@ -4,9 +4,18 @@
  * EIP-3009 opens and top-ups and closes, and voucher verification on the fast path. Chain
  * failures become the draft's problem types.
  */
-import { type Address, BaseError, type Hex, isAddressEqual, parseEventLogs } from 'viem'
-import { waitForTransactionReceipt } from 'viem/actions'
+import {
+  type Address,
+  BaseError,
+  ContractFunctionRevertedError,
+  type Hex,
+  isAddressEqual,
+  parseAbi,
+  parseEventLogs,
+} from 'viem'
+import { getCode, readContract, waitForTransactionReceipt } from 'viem/actions'
 import { ChainUnavailableError, GatewayError } from '../Errors.ts'
+import { Lru } from '../Lru.ts'
 import type * as Server from '../payment/evm/Server.ts'
 import * as Problem from '../payment/Problem.ts'
 import type * as Client from './Client.ts'
@@ -32,6 +41,12 @@ export type Options = {
   /** Cooperative close (the settlement worker's, which records and finalizes it). */
   close: Settlement.Worker['close']
 }
+
+/** ERC-1271's check, and the value a wallet returns for a signature it made. */
+const erc1271 = parseAbi([
+  'function isValidSignature(bytes32 hash, bytes signature) view returns (bytes4)',
+])
+const erc1271Magic = '0x1626ba7e'
 
 /** The revert names of the escrow mapped to the draft's problem types ("Error Responses"). */
 const reverts: Record<string, Problem.Kind> = {
@@ -117,6 +132,41 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       throw e
     })
     return graceChecked
+  }
+
+  /** Whether an address holds code (a contract wallet), by address: code does not come back. */
+  const contracts = new Lru<Address, boolean>(4_096)
+  const isContract = async (address: Address) => {
+    let known = contracts.get(address)
+    if (known === undefined) {
+      known = ((await getCode(o.client, { address })) ?? '0x') !== '0x'
+      contracts.set(address, known)
+    }
+    return known
+  }
+  /** ERC-1271: whether the wallet `signer` takes `signature` for the voucher's digest. */
+  const walletSigned = async (v: {
+    channelId: Hex
+    cumulativeAmount: bigint
+    signature: Hex
+    signer: Address
+  }) => {
+    const digest = Voucher.digest({ ...scope, ...v })
+    try {
+      const magic = await readContract(o.client, {
+        address: v.signer,
+        abi: erc1271,
+        functionName: 'isValidSignature',
+        args: [digest, v.signature],
+      })
+      return magic.toLowerCase() === erc1271Magic
+    } catch (e) {
+      // A wallet that reverts (or is no wallet) did not sign it; a chain that did not answer
+      // is the guard's to report.
+      if (e instanceof BaseError && e.walk((c) => c instanceof ContractFunctionRevertedError))
+        return false
+      throw e
+    }
   }
 
   return {
@@ -221,6 +271,15 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       try {
         await verifier.verify(v)
       } catch (e) {
+        // A contract wallet signs its own way (ERC-1271): the draft's step 5 asks the wallet,
+        // as the escrow will at settlement, where a 65-byte signature must still be low-s.
+        if (
+          e instanceof InvalidVoucherSignatureError &&
+          e.reason !== 'high-s' &&
+          (await guard(v.channelId, () => isContract(v.signer))) &&
+          (await guard(v.channelId, () => walletSigned(v)))
+        )
+          return
         if (e instanceof InvalidVoucherSignatureError)
           throw e.reason === 'signer-mismatch'
             ? Problem.signerMismatch('The voucher is not signed by the channel signer.', {

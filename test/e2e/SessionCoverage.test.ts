@@ -487,6 +487,77 @@ describe('deposits', () => {
   }, 30_000)
 })
 
+/** Puts `code` (runtime bytecode) at `address` on anvil. */
+async function setCode(address: Hex, code: Hex) {
+  const res = await fetch(chain.rpcUrl, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({
+      jsonrpc: '2.0',
+      id: 1,
+      method: 'anvil_setCode',
+      params: [address, code],
+    }),
+  })
+  expect(((await res.json()) as { error?: unknown }).error).toBeUndefined()
+}
+
+describe('contract wallets (ERC-1271)', () => {
+  test('behavior: a channel whose signer is a contract wallet is paid with vouchers the wallet accepts; one whose wallet refuses is not opened', async () => {
+    // Wallets that answer isValidSignature (any call) with ERC-1271's magic value, or not.
+    const accepts = '0x0000000000000000000000000000000000001271' as const
+    const refuses = '0x0000000000000000000000000000000000001272' as const
+    await setCode(accepts, '0x631626ba7e60e01b60005260206000f3')
+    await setCode(refuses, '0x63ffffffff60e01b60005260206000f3')
+    const wallet = new PayingSession({
+      account: privateKeyToAccount(chain.payers[8]!.privateKey),
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const open = await wallet.openWithAuthorization({
+      deposit: 50_000n,
+      initial: 1_000n,
+      authorizedSigner: accepts,
+    })
+    expect((await fetch(url, { method: 'HEAD', headers: { authorization: open } })).status).toBe(
+      200,
+    )
+    const voucher = await fetch(url, {
+      method: 'HEAD',
+      headers: { authorization: await wallet.voucher(2_000n) },
+    })
+    expect(voucher.status).toBe(200)
+    expect((await channelOf(wallet.channelId!)).acceptedCumulative).toBe('2000')
+
+    const refused = new PayingSession({
+      account: privateKeyToAccount(chain.payers[9]!.privateKey),
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: {
+        authorization: await refused.openWithAuthorization({
+          deposit: 50_000n,
+          initial: 1_000n,
+          authorizedSigner: refuses,
+        }),
+      },
+    })
+    expect(res.status).toBe(402)
+    expect(((await res.json()) as { type: string }).type).toBe(
+      'https://paymentauth.org/problems/session/signer-mismatch',
+    )
+    // Refused before the gateway paid gas to open it.
+    expect(
+      await Escrow.getChannel(chain.payeeClient, {
+        escrow: chain.escrowAddress,
+        channelId: refused.channelId!,
+      }),
+    ).toBeUndefined()
+  }, 30_000)
+})
+
 describe('the chain', () => {
   test("behavior: the escrow's CLOSE_GRACE_PERIOD is the one the code assumes, and above the draft's 10-minute floor", async () => {
     const grace = await Escrow.gracePeriod(chain.payeeClient, { escrow: chain.escrowAddress })
@@ -497,17 +568,7 @@ describe('the chain', () => {
   test('error: a gateway pointed at an escrow whose grace period is under 10 minutes does not start', async () => {
     // A contract that answers every call with 60 (PUSH1 60, MSTORE at 0, RETURN 32 bytes).
     const short = '0x00000000000000000000000000000000000e5c40' as const
-    const set = await fetch(chain.rpcUrl, {
-      method: 'POST',
-      headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({
-        jsonrpc: '2.0',
-        id: 1,
-        method: 'anvil_setCode',
-        params: [short, '0x603c60005260206000f3'],
-      }),
-    })
-    expect(((await set.json()) as { error?: unknown }).error).toBeUndefined()
+    await setCode(short, '0x603c60005260206000f3')
     const started = Gateway.create(
       {
         chain: { ...Gateway.chainOf(chain), escrowAddress: short },
