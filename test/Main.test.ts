@@ -1,8 +1,11 @@
 /** `npm start` as a user runs it: a subprocess with nothing configured. */
 import { describe, expect, test } from 'bun:test'
-import { existsSync, mkdtempSync, readFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { getTransactionCount } from 'viem/actions'
+import { challengeOf } from '../src/client/Session.ts'
+import * as Anvil from './helpers/Anvil.ts'
 
 const root = join(import.meta.dir, '..')
 
@@ -101,6 +104,57 @@ describe('npm start', () => {
     }
     expect(gone).toBe(true)
   }, 60_000)
+
+  test('behavior: a configured chain (the five variables) is used as it is: nothing deployed, no anvil started', async () => {
+    const chain = await Anvil.start()
+    const anvils = () =>
+      readdirSync('/proc').filter((p) => {
+        try {
+          return /^\d+$/.test(p) && readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('anvil')
+        } catch {
+          return false
+        }
+      }).length
+    const before = {
+      anvils: anvils(),
+      nonce: await getTransactionCount(chain.payeeClient, { address: chain.payee.address }),
+    }
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const { proc, out } = await serve({
+      TOLLWAY_DATA_DIR: dataDir,
+      PORT: '0',
+      CHAIN_RPC_URL: chain.rpcUrl,
+      CHAIN_ID: String(chain.chainId),
+      ESCROW_ADDRESS: chain.escrowAddress,
+      CURRENCY_ADDRESS: chain.currencyAddress,
+      PAYEE_PRIVATE_KEY: chain.payee.privateKey,
+    })
+    try {
+      const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
+      // No development chain: nothing printed about one, no anvil process, no transaction.
+      expect(out).not.toMatch(/RPC URL:|payer 1:/)
+      expect(anvils()).toBe(before.anvils)
+      expect(await getTransactionCount(chain.payeeClient, { address: chain.payee.address })).toBe(
+        before.nonce,
+      )
+      // Challenges name the configured chain and escrow.
+      const res = await fetch(`${url}/v1/chat/completions`, {
+        method: 'POST',
+        body: '{"model":"tollway-echo","messages":[{"role":"user","content":"hi"}]}',
+      })
+      expect(res.status).toBe(402)
+      const c = challengeOf(res.headers.get('www-authenticate'))!
+      expect(c.request).toMatchObject({
+        recipient: chain.payee.address,
+        currency: chain.currencyAddress,
+        methodDetails: { chainId: chain.chainId, escrowContract: chain.escrowAddress },
+      })
+    } finally {
+      proc.kill('SIGTERM')
+      await proc.exited
+      await chain.stop()
+    }
+  }, 90_000)
 
   test('error: a bad value stops the start with a message naming the field', async () => {
     const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
