@@ -153,6 +153,11 @@ export type Verifier = {
   verify(parameters: Voucher & { signature: Hex; signer: Address }): void
   /** The digest this verifier computes for a voucher. */
   digest(voucher: Voucher): Hex
+  /**
+   * How the vouchers that verified were checked: by recovering the signer's key (the first
+   * of a signer), against a key known from before, or found already verified.
+   */
+  readonly stats: { recovered: number; keyed: number; cached: number }
 }
 
 type Parsed = { r: bigint; s: bigint; recovery: number }
@@ -162,11 +167,15 @@ export function createVerifier(options: VerifierOptions): Verifier {
   const toDigest = digester(domainSeparator(options))
   const verified = new Lru<string, true>(options.cacheSize ?? 100_000)
   const keys = new Lru<string, InstanceType<typeof Point>>(options.keyCacheSize ?? 128)
+  const stats = { recovered: 0, keyed: 0, cached: 0 }
 
   function verify(parameters: Voucher & { signature: Hex; signer: Address }): void {
     const signer = parameters.signer.toLowerCase()
     const cacheKey = `${parameters.channelId.toLowerCase()}:${parameters.cumulativeAmount}:${parameters.signature.toLowerCase()}:${signer}`
-    if (verified.get(cacheKey)) return
+    if (verified.get(cacheKey)) {
+      stats.cached++
+      return
+    }
     const sig = parse(parameters.signature)
     const hash = toDigest(parameters)
     const key = keys.get(signer)
@@ -177,6 +186,7 @@ export function createVerifier(options: VerifierOptions): Verifier {
         recover(sig, hash)
         throw new InvalidVoucherSignatureError('signer-mismatch')
       }
+      stats.keyed++
     } else {
       const point = recover(sig, hash)
       if (addressOf(point) !== signer) throw new InvalidVoucherSignatureError('signer-mismatch')
@@ -184,11 +194,12 @@ export function createVerifier(options: VerifierOptions): Verifier {
       // Window 8 measured fastest here (as fast as noble's own table for the base point).
       point.precompute(8, true)
       keys.set(signer, point)
+      stats.recovered++
     }
     verified.set(cacheKey, true)
   }
 
-  return { verify, digest: (voucher) => bytesToHex(toDigest(voucher)) }
+  return { verify, digest: (voucher) => bytesToHex(toDigest(voucher)), stats }
 }
 
 /** The public key that made `sig` over `hash`; `invalid` when there is none. */

@@ -93,6 +93,36 @@ describe('createVerifier', () => {
     expect(verifier.digest(vector)).toBe(vector.digest)
   })
 
+  test("behavior: a signer's key is recovered once, then its vouchers are checked against it; a voucher checked before is not checked again", async () => {
+    const verifier = Voucher.createVerifier(vector)
+    const account = privateKeyToAccount(vector.privateKey)
+    const signed = async (cumulativeAmount: bigint) => ({
+      ...vector,
+      cumulativeAmount,
+      signer: account.address,
+      signature: await Voucher.sign(account, { ...vector, cumulativeAmount }),
+    })
+    const [a, b, c] = await Promise.all([signed(10n), signed(20n), signed(30n)])
+    verifier.verify(a)
+    verifier.verify(b)
+    verifier.verify(c)
+    verifier.verify(b)
+    expect(verifier.stats).toEqual({ recovered: 1, keyed: 2, cached: 1 })
+    // Another key's signature for a known signer fails on the known-key path as recovery
+    // would: signer-mismatch; nothing is counted as verified.
+    const other = privateKeyToAccount(keccak256(toHex('other')))
+    const forged = {
+      ...vector,
+      cumulativeAmount: 40n,
+      signer: account.address,
+      signature: await Voucher.sign(other, { ...vector, cumulativeAmount: 40n }),
+    }
+    expect(() => verifier.verify(forged)).toThrow(
+      expect.objectContaining({ reason: 'signer-mismatch' }),
+    )
+    expect(verifier.stats).toEqual({ recovered: 1, keyed: 2, cached: 1 })
+  })
+
   test('behavior: agrees with viem recoverTypedDataAddress on valid and mutated signatures', async () => {
     const scope = { chainId: 31337, escrow: '0x5FbDB2315678afecb367f032d93F642f64180aa3' } as const
     await fc.assert(
