@@ -325,6 +325,10 @@ export function reservation(
     get superseded() {
       return superseded
     },
+    /** Marks it superseded (the newer stream was announced), before any extension shows it. */
+    supersede() {
+      superseded = true
+    },
     async extend(amount: bigint, delivered?: bigint): Promise<boolean> {
       const total = await extend(sql, {
         id: input.id,
@@ -364,9 +368,23 @@ export function channelReservation(
     channelId: string
     waker: Waker
     timeoutMs: number
+    /** A stream: another stream on the channel ends it. */
+    stream?: boolean
   },
 ) {
   const r = reservation(sql, input)
+  if (input.stream) {
+    // Superseded: also wake the stream if it waits for a voucher, so it ends now.
+    const over = input.waker.streamStarted(input.channelId, input.id, () => {
+      r.supersede()
+      input.waker.wake(input.channelId)
+    })
+    const settle = r.settle
+    r.settle = (o, background) => {
+      over()
+      return settle(o, background)
+    }
+  }
   return Object.assign(r, {
     // A channel's receipt reports `spent` after the settle: it must wait for it.
     settleInBackground: false,

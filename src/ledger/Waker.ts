@@ -3,19 +3,28 @@
  * `tollway_channel` with the channel id, so a voucher accepted on any instance sharing
  * the database wakes the stream paused on this one. Waiters also wake on a slow poll, so a
  * lost notification (a dropped LISTEN connection) delays a stream but never strands it.
+ *
+ * It also ends streams another stream took their channel from: migration 0008 NOTIFYs
+ * `tollway_superseded` with the replaced stream's id, and a stream started on this
+ * instance replaces the one before it here at once (all there is without LISTEN). A stream
+ * that hears neither learns it at its next extension, as before.
  */
 import type { Sql } from './Db.ts'
 
 export class Waker {
   private readonly waiters = new Map<string, Set<() => void>>()
-  private unlisten: (() => Promise<void>) | undefined
+  private unlisten: (() => Promise<void>)[] = []
+  /** Streams under way on this instance: what ends each, and the latest by channel. */
+  private readonly streams = new Map<string, () => void>()
+  private readonly latest = new Map<string, string>()
 
   /** Listens on the database (skip for the single-connection embedded server). */
   static async start(sql: Sql, options: { listen: boolean; pollMs?: number }): Promise<Waker> {
     const waker = new Waker(options.pollMs ?? 1000)
     if (options.listen) {
-      const meta = await sql.listen('tollway_channel', (payload) => waker.wake(`0x${payload}`))
-      waker.unlisten = meta.unlisten
+      const vouchers = await sql.listen('tollway_channel', (payload) => waker.wake(`0x${payload}`))
+      const streams = await sql.listen('tollway_superseded', (id) => waker.supersede(id))
+      waker.unlisten = [vouchers.unlisten, streams.unlisten]
     }
     return waker
   }
@@ -51,7 +60,32 @@ export class Waker {
     })
   }
 
+  /**
+   * A stream `id` started on `channelId`: `onSuperseded` runs once if another stream takes the
+   * channel over (here or, with LISTEN, on any instance). The one this replaces here ends now.
+   * Returns what to call when the stream is over.
+   */
+  streamStarted(channelId: string, id: string, onSuperseded: () => void): () => void {
+    const channel = channelId.toLowerCase()
+    const before = this.latest.get(channel)
+    if (before !== undefined && before !== id) this.supersede(before)
+    this.latest.set(channel, id)
+    this.streams.set(id, onSuperseded)
+    return () => {
+      this.streams.delete(id)
+      if (this.latest.get(channel) === id) this.latest.delete(channel)
+    }
+  }
+
+  /** Ends the stream `id` if it is under way here. */
+  supersede(id: string): void {
+    const end = this.streams.get(id)
+    if (!end) return
+    this.streams.delete(id)
+    end()
+  }
+
   async stop(): Promise<void> {
-    await this.unlisten?.()
+    await Promise.all(this.unlisten.map((f) => f()))
   }
 }

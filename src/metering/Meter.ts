@@ -197,6 +197,11 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
   try {
     try {
       for await (const batch of o.chunks) {
+        // Another stream took the channel over: send nothing more.
+        if (reservation.superseded) {
+          status = 'superseded'
+          break
+        }
         if (o.renewMs !== undefined && performance.now() - renewedAt >= o.renewMs) {
           fold()
           renewedAt = performance.now()

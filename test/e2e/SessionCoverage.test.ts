@@ -23,7 +23,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import { read, text } from '../helpers/Sse.ts'
 
-const chain = await Anvil.start({ accounts: 12 })
+const chain = await Anvil.start({ accounts: 14 })
 afterAll(() => chain.stop())
 const secret = 'test-challenge-secret-0123456789'
 const gw = await Gateway.create({
@@ -485,6 +485,81 @@ describe('deposits', () => {
     await again.body?.cancel()
     expect((await Settlements.transactions(gw.sql, channelId)).length).toBe(2)
   }, 30_000)
+})
+
+describe('one stream per channel', () => {
+  test('behavior: a new stream on a channel ends the one before it at once, even one that holds enough for all its tokens', async () => {
+    const session = await opened(10, 1_000_000n, 500_000n)
+    // max_tokens held at admission: the first stream never needs to extend.
+    const first = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(500_000n) },
+      body: JSON.stringify({
+        model: 'fake-slow',
+        stream: true,
+        max_tokens: 200,
+        messages: [{ role: 'user', content: words }],
+      }),
+    })
+    expect(first.status).toBe(200)
+    const reading = read(first, async () => {})
+    await Bun.sleep(300)
+    const second = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(500_000n) },
+      body: body(true, 'one two three'),
+    })
+    expect(second.status).toBe(200)
+    const taken = performance.now()
+    const events = await reading
+    // Ended within a few of its 50 ms words, not after all 200 (ten seconds).
+    expect(performance.now() - taken).toBeLessThan(1_500)
+    expect(events.some((e) => e.data.includes('stream_superseded'))).toBe(true)
+    expect(text(events).split(' ').length).toBeLessThan(40)
+    expect(text(await read(second, async () => {}))).toBe('one two three')
+    expect((await idle(session.channelId!)).reserved).toBe('0')
+  }, 30_000)
+
+  // Another instance hears of it through PostgreSQL (LISTEN), which the embedded one lacks.
+  test.skipIf(!process.env.DATABASE_URL)(
+    'behavior: a new stream on another instance ends the one before it at once',
+    async () => {
+      const other = await Gateway.create(
+        { chain: Gateway.chainOf(chain), payments: { challengeSecret: secret } },
+        { db: gw.db, upstream: gw.upstream },
+      )
+      try {
+        const session = await opened(11, 1_000_000n, 500_000n)
+        const first = await fetch(url, {
+          method: 'POST',
+          headers: { authorization: await session.voucher(500_000n) },
+          body: JSON.stringify({
+            model: 'fake-slow',
+            stream: true,
+            max_tokens: 200,
+            messages: [{ role: 'user', content: words }],
+          }),
+        })
+        expect(first.status).toBe(200)
+        const reading = read(first, async () => {})
+        await Bun.sleep(300)
+        const second = await fetch(`${other.url}/v1/chat/completions`, {
+          method: 'POST',
+          headers: { authorization: await session.voucher(500_000n) },
+          body: body(true, 'one two three'),
+        })
+        expect(second.status).toBe(200)
+        const taken = performance.now()
+        const events = await reading
+        expect(performance.now() - taken).toBeLessThan(1_500)
+        expect(events.some((e) => e.data.includes('stream_superseded'))).toBe(true)
+        expect(text(await read(second, async () => {}))).toBe('one two three')
+      } finally {
+        await other.stop()
+      }
+    },
+    30_000,
+  )
 })
 
 /** Puts `code` (runtime bytecode) at `address` on anvil. */

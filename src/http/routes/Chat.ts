@@ -303,6 +303,7 @@ export function routes(deps: Deps) {
         channelId,
         waker: deps.waker!,
         timeoutMs: payments.voucherTimeoutMs,
+        stream: p.req.stream,
       }),
       { channel: channelId, model: p.model.id, stream: p.req.stream },
     )
