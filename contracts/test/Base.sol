@@ -132,6 +132,33 @@ abstract contract Base {
         return sign(key, keccak256(abi.encodePacked(hex"1901", tokenDomainSeparator(), structHash)));
     }
 
+    /// @dev A packed EIP-3009 signature by `key` over any authorization type and validity window.
+    function authorization(
+        bytes32 typehash,
+        uint256 key,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce
+    ) internal view returns (bytes memory) {
+        return sign(key, authorizationDigest(typehash, vm.addr(key), to, value, validAfter, validBefore, nonce));
+    }
+
+    /// @dev The TestUSD EIP-712 digest of an EIP-3009 transfer or receive authorization.
+    function authorizationDigest(
+        bytes32 typehash,
+        address from,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce
+    ) internal view returns (bytes32) {
+        bytes32 structHash = keccak256(abi.encode(typehash, from, to, value, validAfter, validBefore, nonce));
+        return keccak256(abi.encodePacked(hex"1901", tokenDomainSeparator(), structHash));
+    }
+
     function tokenDomainSeparator() internal view returns (bytes32) {
         (, string memory name, string memory version, uint256 chainId, address verifyingContract,,) =
             token.eip712Domain();

@@ -214,6 +214,55 @@ contract PaymentChannelEscrowTest is Base {
         vm.assertEq(escrow.getChannel(id).deposit, DEPOSIT, "unchanged");
     }
 
+    function test_openWithAuthorization_revertsWhenExpired() public {
+        bytes32 nonce = escrow.computeOpenNonce(payer, payee, address(token), SALT, address(0));
+        uint256 validBefore = block.timestamp; // exclusive bound: expired now
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), DEPOSIT, nonce, validBefore);
+        bytes32 id = escrow.computeChannelId(payer, payee, address(token), SALT, address(0));
+        uint256 payerBefore = token.balanceOf(payer);
+        vm.expectRevert(abi.encodeWithSelector(ERC3009.ERC3009InvalidAuthorizationTime.selector, 0, validBefore));
+        escrow.openWithAuthorization(
+            payee, address(token), DEPOSIT, SALT, address(0), payer, 0, validBefore, nonce, auth
+        );
+        assertNoChannel(id);
+        vm.assertEq(token.balanceOf(payer), payerBefore, "payer balance unchanged");
+        vm.assertEq(token.balanceOf(address(escrow)), 0, "escrow balance unchanged");
+        vm.assertFalse(token.authorizationState(payer, nonce), "authorization still unused");
+    }
+
+    function test_openWithAuthorization_revertsWhenNotYetValid() public {
+        bytes32 nonce = escrow.computeOpenNonce(payer, payee, address(token), SALT, address(0));
+        uint256 validAfter = block.timestamp; // exclusive bound: valid only from the next second
+        bytes memory auth =
+            authorization(RECEIVE_TYPEHASH, PAYER_KEY, address(escrow), DEPOSIT, validAfter, type(uint256).max, nonce);
+        bytes32 id = escrow.computeChannelId(payer, payee, address(token), SALT, address(0));
+        vm.expectRevert(
+            abi.encodeWithSelector(ERC3009.ERC3009InvalidAuthorizationTime.selector, validAfter, type(uint256).max)
+        );
+        escrow.openWithAuthorization(
+            payee, address(token), DEPOSIT, SALT, address(0), payer, validAfter, type(uint256).max, nonce, auth
+        );
+        assertNoChannel(id);
+        vm.assertEq(token.balanceOf(address(escrow)), 0, "escrow balance unchanged");
+    }
+
+    function test_openWithAuthorization_badSignatureLeavesNoChannel() public {
+        bytes32 nonce = escrow.computeOpenNonce(payer, payee, address(token), SALT, address(0));
+        bytes memory auth = receiveAuthorization(OTHER_KEY, address(escrow), DEPOSIT, nonce);
+        bytes32 id = escrow.computeChannelId(payer, payee, address(token), SALT, address(0));
+        vm.expectRevert(ERC3009.ERC3009InvalidSignature.selector);
+        escrow.openWithAuthorization(
+            payee, address(token), DEPOSIT, SALT, address(0), payer, 0, type(uint256).max, nonce, auth
+        );
+        assertNoChannel(id);
+        // The same channel can still be opened with a valid authorization afterwards.
+        auth = receiveAuthorization(PAYER_KEY, address(escrow), DEPOSIT, nonce);
+        escrow.openWithAuthorization(
+            payee, address(token), DEPOSIT, SALT, address(0), payer, 0, type(uint256).max, nonce, auth
+        );
+        vm.assertEq(escrow.getChannel(id).deposit, DEPOSIT, "opened later");
+    }
+
     // ------------------------------------------------------------ topUp
 
     function test_topUp_succeeds() public {
@@ -350,6 +399,72 @@ contract PaymentChannelEscrowTest is Base {
         bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 5, nonce);
         vm.expectRevert(PaymentChannelEscrow.ChannelFinalized.selector);
         escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
+    }
+
+    function test_topUpWithAuthorization_revertsOnBadSignature() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        uint64 requestedAt = escrow.getChannel(id).closeRequestedAt;
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        bytes memory auth = receiveAuthorization(OTHER_KEY, address(escrow), 5, nonce);
+        uint256 payerBefore = token.balanceOf(payer);
+        uint256 otherBefore = token.balanceOf(other);
+        vm.expectRevert(ERC3009.ERC3009InvalidSignature.selector);
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(c.deposit, DEPOSIT, "deposit unchanged");
+        // The payer-funded top-up would have cancelled the close request: that must roll back too.
+        vm.assertEq(c.closeRequestedAt, requestedAt, "close request kept");
+        vm.assertEq(token.balanceOf(payer), payerBefore, "payer balance unchanged");
+        vm.assertEq(token.balanceOf(other), otherBefore, "signer's balance unchanged");
+        vm.assertEq(token.balanceOf(address(escrow)), DEPOSIT, "escrow balance unchanged");
+        vm.assertFalse(token.authorizationState(payer, nonce), "authorization still unused");
+    }
+
+    function test_topUpWithAuthorization_revertsWhenExpired() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        uint64 requestedAt = escrow.getChannel(id).closeRequestedAt;
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        uint256 validBefore = block.timestamp + 60;
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 5, nonce, validBefore);
+        vm.warp(validBefore); // exclusive bound: expired from this second on
+        uint256 payerBefore = token.balanceOf(payer);
+        vm.expectRevert(abi.encodeWithSelector(ERC3009.ERC3009InvalidAuthorizationTime.selector, 0, validBefore));
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, validBefore, nonce, auth);
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(c.deposit, DEPOSIT, "deposit unchanged");
+        vm.assertEq(c.closeRequestedAt, requestedAt, "close request kept");
+        vm.assertEq(token.balanceOf(payer), payerBefore, "payer balance unchanged");
+        vm.assertEq(token.balanceOf(address(escrow)), DEPOSIT, "escrow balance unchanged");
+        vm.assertFalse(token.authorizationState(payer, nonce), "authorization still unused");
+    }
+
+    function test_topUpWithAuthorization_succeedsOneSecondBeforeExpiry() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        uint256 validBefore = block.timestamp + 60;
+        bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 5, nonce, validBefore);
+        vm.warp(validBefore - 1);
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, validBefore, nonce, auth);
+        vm.assertEq(escrow.getChannel(id).deposit, DEPOSIT + 5, "deposit");
+        vm.assertEq(token.balanceOf(address(escrow)), DEPOSIT + 5, "escrow balance");
+    }
+
+    function test_topUpWithAuthorization_revertsWhenNotYetValid() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        uint256 validAfter = block.timestamp;
+        bytes memory auth =
+            authorization(RECEIVE_TYPEHASH, PAYER_KEY, address(escrow), 5, validAfter, type(uint256).max, nonce);
+        vm.expectRevert(
+            abi.encodeWithSelector(ERC3009.ERC3009InvalidAuthorizationTime.selector, validAfter, type(uint256).max)
+        );
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, validAfter, type(uint256).max, nonce, auth);
+        vm.assertEq(escrow.getChannel(id).deposit, DEPOSIT, "deposit unchanged");
+        vm.assertEq(token.balanceOf(address(escrow)), DEPOSIT, "escrow balance unchanged");
     }
 
     // ------------------------------------------------------------ settle
@@ -549,6 +664,24 @@ contract PaymentChannelEscrowTest is Base {
         vm.assertEq(token.balanceOf(address(escrow)), deposit - top, "escrow holds the rest");
     }
 
+    function testFuzz_settle_revertsAboveDeposit(uint128 deposit, uint128 settled, uint128 amount) public {
+        deposit = uint128(bound(deposit, 1, 1_000_000e6));
+        settled = uint128(bound(settled, 0, deposit));
+        amount = uint128(bound(amount, uint256(deposit) + 1, type(uint128).max));
+        bytes32 id = openChannel(deposit, SALT, address(0));
+        if (settled > 0) {
+            payeeSettles(id, settled);
+        }
+        // A correctly signed voucher: only the deposit cap may stop it.
+        bytes memory sig = voucher(PAYER_KEY, id, amount);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.AmountExceedsDeposit.selector);
+        escrow.settle(id, amount, sig);
+        vm.assertEq(escrow.getChannel(id).settled, settled, "settled unchanged");
+        vm.assertEq(token.balanceOf(payee), settled, "payee paid nothing more");
+        vm.assertEq(token.balanceOf(address(escrow)), deposit - settled, "escrow keeps the rest");
+    }
+
     // ------------------------------------------------------------ close
 
     function test_close_settlesAndRefunds() public {
@@ -635,6 +768,27 @@ contract PaymentChannelEscrowTest is Base {
         vm.assertEq(token.balanceOf(payee), paid, "payee gets max(settled, final)");
         vm.assertEq(token.balanceOf(payer) - payerBefore, deposit - paid, "payer gets the rest");
         vm.assertEq(token.balanceOf(address(escrow)), 0, "nothing left behind");
+    }
+
+    function testFuzz_close_revertsAboveDeposit(uint128 deposit, uint128 settled, uint128 amount) public {
+        deposit = uint128(bound(deposit, 1, 1_000_000e6));
+        settled = uint128(bound(settled, 0, deposit));
+        amount = uint128(bound(amount, uint256(deposit) + 1, type(uint128).max));
+        bytes32 id = openChannel(deposit, SALT, address(0));
+        if (settled > 0) {
+            payeeSettles(id, settled);
+        }
+        uint256 payerBefore = token.balanceOf(payer);
+        bytes memory sig = voucher(PAYER_KEY, id, amount);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.AmountExceedsDeposit.selector);
+        escrow.close(id, amount, sig);
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertFalse(c.finalized, "still open");
+        vm.assertEq(c.settled, settled, "settled unchanged");
+        vm.assertEq(token.balanceOf(payee), settled, "payee paid nothing more");
+        vm.assertEq(token.balanceOf(payer), payerBefore, "no refund");
+        vm.assertEq(token.balanceOf(address(escrow)), deposit - settled, "escrow keeps the rest");
     }
 
     // ------------------------------------------------------------ requestClose
@@ -747,6 +901,12 @@ contract PaymentChannelEscrowTest is Base {
         vm.prank(payer);
         vm.expectRevert(PaymentChannelEscrow.ChannelNotFound.selector);
         escrow.withdraw(keccak256("nope"));
+    }
+
+    function assertNoChannel(bytes32 id) internal view {
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(c.payer, address(0), "no channel");
+        vm.assertEq(c.deposit, 0, "no deposit");
     }
 
     /// A channel with 100 settled and a close requested now.
