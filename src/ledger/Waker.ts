@@ -14,6 +14,7 @@ import type { Sql } from './Db.ts'
 export class Waker {
   private readonly waiters = new Map<string, Set<() => void>>()
   private unlisten: (() => Promise<void>)[] = []
+  private listening = false
   /** Streams under way on this instance: what ends each, and the latest by channel. */
   private readonly streams = new Map<string, () => void>()
   private readonly latest = new Map<string, string>()
@@ -25,6 +26,7 @@ export class Waker {
       const vouchers = await sql.listen('tollway_channel', (payload) => waker.wake(`0x${payload}`))
       const streams = await sql.listen('tollway_superseded', (id) => waker.supersede(id))
       waker.unlisten = [vouchers.unlisten, streams.unlisten]
+      waker.listening = true
     }
     return waker
   }
@@ -62,13 +64,15 @@ export class Waker {
 
   /**
    * A stream `id` started on `channelId`: `onSuperseded` runs once if another stream takes the
-   * channel over (here or, with LISTEN, on any instance). The one this replaces here ends now.
-   * Returns what to call when the stream is over.
+   * channel over. With LISTEN, the database says which stream that replaced, on any instance
+   * (this one included), in the order it admitted them. Without (the embedded database: one
+   * connection, so admissions complete in the order they ran), the one this replaces here
+   * ends now. Returns what to call when the stream is over.
    */
   streamStarted(channelId: string, id: string, onSuperseded: () => void): () => void {
     const channel = channelId.toLowerCase()
     const before = this.latest.get(channel)
-    if (before !== undefined && before !== id) this.supersede(before)
+    if (!this.listening && before !== undefined && before !== id) this.supersede(before)
     this.latest.set(channel, id)
     this.streams.set(id, onSuperseded)
     return () => {

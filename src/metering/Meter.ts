@@ -274,7 +274,8 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
                 else if (reservation.waitForFunds) {
                   yield { kind: 'shortfall', required }
                   if (await reservation.waitForFunds(required, o.signal)) continue
-                  status = 'payment_timeout'
+                  // Another stream took the channel while this one waited: it ends for that.
+                  status = reservation.superseded ? 'superseded' : 'payment_timeout'
                 } else status = 'insufficient_funds'
                 break
               }

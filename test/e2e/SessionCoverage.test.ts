@@ -23,7 +23,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import { read, text } from '../helpers/Sse.ts'
 
-const chain = await Anvil.start({ accounts: 14 })
+const chain = await Anvil.start({ accounts: 15 })
 afterAll(() => chain.stop())
 const secret = 'test-challenge-secret-0123456789'
 const gw = await Gateway.create({
@@ -518,6 +518,42 @@ describe('one stream per channel', () => {
     expect(text(events).split(' ').length).toBeLessThan(40)
     expect(text(await read(second, async () => {}))).toBe('one two three')
     expect((await idle(session.channelId!)).reserved).toBe('0')
+  }, 30_000)
+
+  test('behavior: a stream waiting for a voucher when another stream takes its channel ends as superseded, at once', async () => {
+    const prompt = promptCost(words)
+    // Enough for the prompt and one block: the first stream soon waits for a voucher.
+    const session = await opened(12, 1_000_000n, prompt + blockCost)
+    const first = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(prompt + blockCost) },
+      body: body(true, words, 'fake-slow'),
+    })
+    expect(first.status).toBe(200)
+    let needs = 0
+    let taken = 0
+    let secondText = ''
+    const events = await read(first, async () => {
+      needs++
+      // Instead of a voucher, another stream on the channel (paying for itself).
+      const second = await fetch(url, {
+        method: 'POST',
+        headers: { authorization: await session.voucher(500_000n) },
+        body: body(true, 'one two three'),
+      })
+      expect(second.status).toBe(200)
+      taken = performance.now()
+      secondText = text(await read(second, async () => {}))
+    })
+    expect(needs).toBe(1)
+    expect(secondText).toBe('one two three')
+    // Well inside the 3 s the gateway waits for a voucher before it gives up.
+    expect(performance.now() - taken).toBeLessThan(1_500)
+    expect(events.some((e) => e.data.includes('stream_superseded'))).toBe(true)
+    await idle(session.channelId!)
+    const rows = await gw.sql`select status from usage
+      where channel_id = decode(${session.channelId!.slice(2)}, 'hex') order by status`
+    expect(rows.map((r) => r.status)).toEqual(['ok', 'superseded'])
   }, 30_000)
 
   // Another instance hears of it through PostgreSQL (LISTEN), which the embedded one lacks.
