@@ -7,11 +7,12 @@
 import {
   type Address,
   BaseError,
-  ContractFunctionRevertedError,
   type Hex,
+  HttpRequestError,
   isAddressEqual,
   parseAbi,
   parseEventLogs,
+  TimeoutError,
 } from 'viem'
 import { getCode, readContract, waitForTransactionReceipt } from 'viem/actions'
 import { ChainUnavailableError, GatewayError } from '../Errors.ts'
@@ -41,6 +42,9 @@ export type Options = {
   /** Cooperative close (the settlement worker's, which records and finalizes it). */
   close: Settlement.Worker['close']
 }
+
+/** How long a signer without code is taken to have none before the chain is asked again. */
+const noCodeMs = 10 * 60_000
 
 /** ERC-1271's check, and the value a wallet returns for a signature it made. */
 const erc1271 = parseAbi([
@@ -134,16 +138,27 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     return graceChecked
   }
 
-  /** Whether an address holds code (a contract wallet), by address: code does not come back. */
-  const contracts = new Lru<Address, boolean>(4_096)
-  const isContract = async (address: Address) => {
-    let known = contracts.get(address)
-    if (known === undefined) {
-      known = ((await getCode(o.client, { address })) ?? '0x') !== '0x'
-      contracts.set(address, known)
+  /**
+   * Whether a signer holds code (a contract wallet, or an account delegating to one), as the
+   * escrow's signature check asks it. Code, once there, is remembered; its absence only for a
+   * while (a counterfactual wallet may be deployed later). A chain that does not answer leaves
+   * the signer taken for an account, whose signatures need no chain to check.
+   */
+  const codeSeen = new Lru<Address, number>(4_096)
+  const hasCode = async (address: Address): Promise<boolean> => {
+    const seen = codeSeen.get(address)
+    if (seen === Number.POSITIVE_INFINITY) return true
+    if (seen !== undefined && Date.now() - seen < noCodeMs) return false
+    try {
+      const code = (await getCode(o.client, { address })) ?? '0x'
+      codeSeen.set(address, code !== '0x' ? Number.POSITIVE_INFINITY : Date.now())
+      return code !== '0x'
+    } catch {
+      return false
     }
-    return known
   }
+  /** Vouchers a wallet signed (ERC-1271): the wallet is asked once for each. */
+  const walletVouchers = new Lru<string, true>(100_000)
   /** ERC-1271: whether the wallet `signer` takes `signature` for the voucher's digest. */
   const walletSigned = async (v: {
     channelId: Hex
@@ -151,6 +166,8 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     signature: Hex
     signer: Address
   }) => {
+    const key = `${v.channelId}:${v.cumulativeAmount}:${v.signature}:${v.signer}`.toLowerCase()
+    if (walletVouchers.get(key)) return true
     const digest = Voucher.digest({ ...scope, ...v })
     try {
       const magic = await readContract(o.client, {
@@ -159,11 +176,16 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
         functionName: 'isValidSignature',
         args: [digest, v.signature],
       })
-      return magic.toLowerCase() === erc1271Magic
+      if (magic.toLowerCase() !== erc1271Magic) return false
+      walletVouchers.set(key, true)
+      return true
     } catch (e) {
-      // A wallet that reverts (or is no wallet) did not sign it; a chain that did not answer
-      // is the guard's to report.
-      if (e instanceof BaseError && e.walk((c) => c instanceof ContractFunctionRevertedError))
+      // A wallet that reverts, answers nothing or answers garbage did not sign it; a chain that
+      // did not answer is the guard's to report.
+      if (
+        e instanceof BaseError &&
+        !e.walk((c) => c instanceof HttpRequestError || c instanceof TimeoutError)
+      )
         return false
       throw e
     }
@@ -268,23 +290,30 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     },
 
     async verifyVoucher(v) {
+      const mismatch = () =>
+        Problem.signerMismatch('The voucher is not signed by the channel signer.', {
+          channelId: v.channelId,
+        })
+      // As the escrow checks it at settlement (OpenZeppelin's SignatureChecker): a signer with
+      // code is asked (ERC-1271, the draft's step 5) and only asked; a 65-byte signature must
+      // still be low-s there.
+      if (await hasCode(v.signer)) {
+        if (
+          /^0x[0-9a-fA-F]{128}[0-9a-fA-F]{2}$/.test(v.signature) &&
+          BigInt(`0x${v.signature.slice(66, 130)}`) > Voucher.HALF_N
+        )
+          throw Problem.invalidSignature('The voucher signature is invalid (high-s).', {
+            channelId: v.channelId,
+          })
+        if (await guard(v.channelId, () => walletSigned(v))) return
+        throw mismatch()
+      }
       try {
         await verifier.verify(v)
       } catch (e) {
-        // A contract wallet signs its own way (ERC-1271): the draft's step 5 asks the wallet,
-        // as the escrow will at settlement, where a 65-byte signature must still be low-s.
-        if (
-          e instanceof InvalidVoucherSignatureError &&
-          e.reason !== 'high-s' &&
-          (await guard(v.channelId, () => isContract(v.signer))) &&
-          (await guard(v.channelId, () => walletSigned(v)))
-        )
-          return
         if (e instanceof InvalidVoucherSignatureError)
           throw e.reason === 'signer-mismatch'
-            ? Problem.signerMismatch('The voucher is not signed by the channel signer.', {
-                channelId: v.channelId,
-              })
+            ? mismatch()
             : Problem.invalidSignature(`The voucher signature is invalid (${e.reason}).`, {
                 channelId: v.channelId,
               })

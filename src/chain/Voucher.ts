@@ -132,7 +132,8 @@ export function recoverSigner(parameters: Scope & Voucher & { signature: Hex }):
 
 const { Point, Signature } = secp256k1
 const Fn = Point.Fn
-const HALF_N = Fn.ORDER >> 1n
+/** secp256k1's n / 2: an s above it is high-s, which the escrow refuses in a 65-byte signature. */
+export const HALF_N = Fn.ORDER >> 1n
 
 export type VerifierOptions = Scope & {
   /** Remembered verified vouchers (exact channelId, amount, signature); default 100,000. */

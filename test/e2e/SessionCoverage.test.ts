@@ -618,6 +618,7 @@ describe('contract wallets (ERC-1271)', () => {
     // Wallets that answer isValidSignature (any call) with ERC-1271's magic value, or not.
     const accepts = '0x0000000000000000000000000000000000001271' as const
     const refuses = '0x0000000000000000000000000000000000001272' as const
+    const silent = '0x0000000000000000000000000000000000001273' as const
     await setCode(accepts, '0x631626ba7e60e01b60005260206000f3')
     await setCode(refuses, '0x63ffffffff60e01b60005260206000f3')
     const wallet = new PayingSession({
@@ -640,32 +641,36 @@ describe('contract wallets (ERC-1271)', () => {
     expect(voucher.status).toBe(200)
     expect((await channelOf(wallet.channelId!)).acceptedCumulative).toBe('2000')
 
-    const refused = new PayingSession({
-      account: privateKeyToAccount(chain.payers[9]!.privateKey),
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
-    const res = await fetch(url, {
-      method: 'POST',
-      headers: {
-        authorization: await refused.openWithAuthorization({
-          deposit: 50_000n,
-          initial: 1_000n,
-          authorizedSigner: refuses,
+    // A wallet that says no, and a contract that answers nothing (no wallet at all): the
+    // signature is refused (not a chain failure), before the gateway pays gas to open.
+    await setCode(silent, '0x00')
+    for (const signer of [refuses, silent]) {
+      const refused = new PayingSession({
+        account: privateKeyToAccount(chain.payers[9]!.privateKey),
+        challenge: await freshChallenge(),
+        tokenDomain,
+      })
+      const res = await fetch(url, {
+        method: 'POST',
+        headers: {
+          authorization: await refused.openWithAuthorization({
+            deposit: 50_000n,
+            initial: 1_000n,
+            authorizedSigner: signer,
+          }),
+        },
+      })
+      expect(res.status).toBe(402)
+      expect(((await res.json()) as { type: string }).type).toBe(
+        'https://paymentauth.org/problems/session/signer-mismatch',
+      )
+      expect(
+        await Escrow.getChannel(chain.payeeClient, {
+          escrow: chain.escrowAddress,
+          channelId: refused.channelId!,
         }),
-      },
-    })
-    expect(res.status).toBe(402)
-    expect(((await res.json()) as { type: string }).type).toBe(
-      'https://paymentauth.org/problems/session/signer-mismatch',
-    )
-    // Refused before the gateway paid gas to open it.
-    expect(
-      await Escrow.getChannel(chain.payeeClient, {
-        escrow: chain.escrowAddress,
-        channelId: refused.channelId!,
-      }),
-    ).toBeUndefined()
+      ).toBeUndefined()
+    }
   }, 30_000)
 })
 
