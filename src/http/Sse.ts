@@ -50,10 +50,10 @@ export type Options = {
   /** Events to send after the final usage chunk, before `[DONE]` (the payment receipt). */
   beforeDone?: () => Promise<Uint8Array | undefined>
   /**
-   * The response carries a `Payment-Receipt` header: shared caches must not keep it
-   * (`Cache-Control: private`, which the payment draft requires with every receipt).
+   * The `Payment-Receipt` header the stream starts with: shared caches must then not keep the
+   * response (`Cache-Control: private`, which the payment draft requires with every receipt).
    */
-  receipt?: boolean
+  receipt?: string
 }
 
 /**
@@ -203,6 +203,7 @@ export function response(c: Context, o: Options): Response {
   return c.newResponse(body, 200, {
     'content-type': 'text/event-stream; charset=utf-8',
     'cache-control': o.receipt ? 'private, no-cache' : 'no-cache',
+    ...(o.receipt ? { 'payment-receipt': o.receipt } : {}),
     connection: 'keep-alive',
   })
 }

@@ -245,6 +245,8 @@ describe('what a paid stream costs', () => {
         body: body(stream, 'this fails', 'fake-500'),
       })
       expect(res.status).toBe(502)
+      // No receipt of success on a failure.
+      expect(res.headers.get('payment-receipt')).toBeNull()
       const e = ((await res.json()) as { error: { type: string } }).error
       expect(e.type).toBe('upstream_error')
       const after = await idle(channelId)

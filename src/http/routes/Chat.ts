@@ -101,8 +101,8 @@ type Hooks = {
   beforeDone?: Sse.Options['beforeDone']
   /** Headers of a whole completion, known once it is settled (`Payment-Receipt`). */
   settledHeaders?: () => Promise<Record<string, string>>
-  /** A stream that starts with a `Payment-Receipt` header (see `Sse.Options.receipt`). */
-  receipt?: boolean
+  /** A stream's `Payment-Receipt` as it starts (see `Sse.Options.receipt`). */
+  receipt?: string
 }
 
 /** Runs a completion metered against `reservation`, streamed or whole. */
@@ -169,7 +169,7 @@ async function serve(
     onError: (e) => deps.log.error({ err: (e as Error).message }, 'stream failed'),
     ...(hooks.extra ? { extra: hooks.extra } : {}),
     ...(hooks.beforeDone ? { beforeDone: hooks.beforeDone } : {}),
-    receipt: hooks.receipt === true,
+    ...(hooks.receipt ? { receipt: hooks.receipt } : {}),
   })
 }
 
@@ -317,17 +317,20 @@ export function routes(deps: Deps) {
       const after = reservation.settledChannel
       return after ? { channelId, deposit: admitted.deposit, ...after } : current()
     }
-    if (p.req.stream) {
-      const start = receiptOf({
-        channelId,
-        acceptedCumulative: admitted.acceptedCumulative,
-        spent: admitted.spent,
-        deposit: admitted.deposit,
-      })
-      for (const [k, v] of Object.entries(Payments.receiptHeaders(start))) c.header(k, v)
-    }
+    // A stream's receipt as it starts goes with its headers: on the stream's response only,
+    // never on an error that ends the request before the stream (an upstream failing first).
+    const start = p.req.stream
+      ? Payments.receiptHeaders(
+          receiptOf({
+            channelId,
+            acceptedCumulative: admitted.acceptedCumulative,
+            spent: admitted.spent,
+            deposit: admitted.deposit,
+          }),
+        )['Payment-Receipt']
+      : undefined
     return serve(c, deps, p, reservation, startedAt, {
-      receipt: true,
+      ...(start ? { receipt: start } : {}),
       async extra(frame) {
         if (frame.kind !== 'shortfall') return undefined
         const channel = await current()
