@@ -46,6 +46,20 @@ export type Options = {
 /** How long a signer without code is taken to have none before the chain is asked again. */
 const noCodeMs = 10 * 60_000
 
+/** A transaction the gateway sent, with the channel's deposit as its event left it. */
+function sentOf(
+  sent: { hash: Hex; receipt: { logs: Parameters<typeof parseEventLogs>[0]['logs'] } },
+  channelId: Hex,
+): Server.Sent {
+  for (const l of parseEventLogs({ abi: Escrow.abi, logs: sent.receipt.logs }))
+    if (
+      (l.eventName === 'ChannelOpened' || l.eventName === 'ToppedUp') &&
+      l.args.channelId.toLowerCase() === channelId.toLowerCase()
+    )
+      return { hash: sent.hash, deposit: l.args.deposit }
+  throw new Error(`Transaction ${sent.hash} has no event of channel ${channelId}.`)
+}
+
 /** ERC-1271's check, and the value a wallet returns for a signature it made. */
 const erc1271 = parseAbi([
   'function isValidSignature(bytes32 hash, bytes signature) view returns (bytes4)',
@@ -262,7 +276,7 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
           signature,
         }),
       )
-      return sent.hash
+      return sentOf(sent, channelId)
     },
 
     async topUpWithAuthorization({ channelId, topUpSalt, authorization: a, signature }) {
@@ -279,7 +293,7 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
           signature,
         }),
       )
-      return sent.hash
+      return sentOf(sent, channelId)
     },
 
     async close({ channelId, cumulativeAmount, signature }) {

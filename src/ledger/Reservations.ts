@@ -294,8 +294,7 @@ export function reservation(
     settleInBackground?: boolean
     /**
      * The channel that pays, for a channel's reservation: its charge goes through the channel
-     * batches. (Without it, the API-key stream charges it one item at a time: correct, slower,
-     * and not what the gateway runs.)
+     * batches. (Without it, the API-key ledger refuses the charge: it charges accounts only.)
      */
     channelId?: string
   },

@@ -69,6 +69,9 @@ export type Store = {
   sent(t: { channelId: Hex; kind: 'open' | 'topUp'; deposit: bigint; hash: Hex }): Promise<void>
 }
 
+/** A transaction the gateway sent: its hash, and the channel's deposit right after it (its event). */
+export type Sent = { hash: Hex; deposit: bigint }
+
 /** The escrow as this method uses it (chain/ implements it). Failures are Problems. */
 export type Escrow = {
   read(channelId: Hex): Promise<OnChain | undefined>
@@ -82,18 +85,20 @@ export type Escrow = {
     fn: 'open' | 'topUp'
     channelId: Hex
   }): Promise<{ amount: bigint }>
+  /** Submits the payer's EIP-3009 open (the gateway pays the gas), once mined. */
   openWithAuthorization(v: {
     salt: Hex
     authorizedSigner: Address | undefined
     authorization: Session.Eip3009
     signature: Hex
-  }): Promise<Hex>
+  }): Promise<Sent>
+  /** Submits the payer's EIP-3009 top-up (the gateway pays the gas), once mined. */
   topUpWithAuthorization(v: {
     channelId: Hex
     topUpSalt: Hex
     authorization: Session.Eip3009
     signature: Hex
-  }): Promise<Hex>
+  }): Promise<Sent>
   /**
    * Closes the channel cooperatively with the client's final voucher, or a better accepted
    * one (chain/Settlement.close decides), finalizing it in the store; the tx hash.
@@ -254,6 +259,8 @@ export function create(o: Options) {
     switch (p.action) {
       case 'open': {
         let txHash: Hex | undefined
+        // A transaction the gateway sent (and paid the gas of), to record once the channel is.
+        let sent: Sent | undefined
         if (p.type === 'hash') {
           await o.chain.verifyTransaction({ hash: p.hash, fn: 'open', channelId: p.channelId })
           txHash = p.hash
@@ -270,25 +277,21 @@ export function create(o: Options) {
               signature: p.voucherSignature,
               signer: signerOf(p.authorizedSigner, p.authorization.from),
             })
-            txHash = await o.chain.openWithAuthorization({
+            sent = await o.chain.openWithAuthorization({
               salt: p.salt,
               authorizedSigner: p.authorizedSigner,
               authorization: p.authorization,
               signature: p.signature,
             })
+            txHash = sent.hash
           }
         } else
           throw Problem.methodUnsupported('Permit2 is not offered; use "authorization" or "hash".')
         const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
         const signature = p.type === 'hash' ? p.signature : p.voucherSignature
         const channel = await o.store.observe(state)
-        if (p.type === 'authorization' && txHash)
-          await o.store.sent({
-            channelId: p.channelId,
-            kind: 'open',
-            deposit: state.deposit,
-            hash: txHash,
-          })
+        if (sent) await o.store.sent({ channelId: p.channelId, kind: 'open', ...sent })
+
         await acceptVoucher(channel, {
           channelId: p.channelId,
           cumulativeAmount: p.cumulativeAmount,
@@ -299,6 +302,7 @@ export function create(o: Options) {
       case 'topUp': {
         await known(p.channelId)
         let txHash: Hex
+        let sent: Sent | undefined
         if (p.type === 'hash') {
           const { amount: added } = await o.chain.verifyTransaction({
             hash: p.hash,
@@ -313,14 +317,15 @@ export function create(o: Options) {
               { channelId: p.channelId, txHash: p.hash },
             )
           txHash = p.hash
-        } else if (p.type === 'authorization')
-          txHash = await o.chain.topUpWithAuthorization({
+        } else if (p.type === 'authorization') {
+          sent = await o.chain.topUpWithAuthorization({
             channelId: p.channelId,
             topUpSalt: p.salt,
             authorization: p.authorization,
             signature: p.signature,
           })
-        else
+          txHash = sent.hash
+        } else
           throw Problem.methodUnsupported('Permit2 is not offered; use "authorization" or "hash".')
         const state = await o.chain.read(p.channelId)
         if (!state)
@@ -328,13 +333,7 @@ export function create(o: Options) {
             channelId: p.channelId,
           })
         const channel = await o.store.observe(state)
-        if (p.type === 'authorization')
-          await o.store.sent({
-            channelId: p.channelId,
-            kind: 'topUp',
-            deposit: state.deposit,
-            hash: txHash,
-          })
+        if (sent) await o.store.sent({ channelId: p.channelId, kind: 'topUp', ...sent })
         return { channel, txHash }
       }
       case 'voucher': {
@@ -342,7 +341,7 @@ export function create(o: Options) {
           const d = p.deposit
           if (d.type !== 'authorization')
             throw Problem.methodUnsupported('Permit2 is not offered; use "authorization".')
-          let txHash: Hex | undefined
+          let sent: Sent | undefined
           const known = await o.store.get(p.channelId)
           if (d.action === 'open' && !known) {
             if (!(await o.chain.read(p.channelId))) {
@@ -350,7 +349,7 @@ export function create(o: Options) {
                 ...p,
                 signer: signerOf(d.authorizedSigner, d.authorization.from),
               })
-              txHash = await o.chain.openWithAuthorization({
+              sent = await o.chain.openWithAuthorization({
                 salt: d.salt!,
                 authorizedSigner: d.authorizedSigner,
                 authorization: d.authorization,
@@ -358,7 +357,7 @@ export function create(o: Options) {
               })
             }
           } else if (d.action === 'topUp')
-            txHash = await o.chain.topUpWithAuthorization({
+            sent = await o.chain.topUpWithAuthorization({
               channelId: p.channelId,
               topUpSalt: d.salt!,
               authorization: d.authorization,
@@ -366,14 +365,11 @@ export function create(o: Options) {
             })
           const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
           remember(await o.store.observe(state))
-          if (txHash)
-            await o.store.sent({
-              channelId: p.channelId,
-              kind: d.action === 'open' ? 'open' : 'topUp',
-              deposit: state.deposit,
-              hash: txHash,
-            })
-          return { channel: await acceptVoucher(state, p), ...(txHash ? { txHash } : {}) }
+          if (sent) await o.store.sent({ channelId: p.channelId, kind: d.action, ...sent })
+          return {
+            channel: await acceptVoucher(state, p),
+            ...(sent ? { txHash: sent.hash } : {}),
+          }
         }
         // The hot path: the signer (immutable per channel) from memory, then one round trip
         // that checks the channel's state and records the voucher.
