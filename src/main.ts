@@ -114,19 +114,6 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         client,
         Db.exclusive(sql, `tollway.send.${chain.chainId}.${client.account.address.toLowerCase()}`),
       )
-      const s = config.payments.settlement
-      const worker = Settlement.start({
-        store: Settlements.store(sql),
-        client,
-        escrow: chain.escrowAddress as Hex,
-        chainId: chain.chainId,
-        thresholdAmount: s.thresholdAmount,
-        idleMs: s.idleSeconds * 1000,
-        intervalMs: s.intervalSeconds * 1000,
-        log,
-      })
-      stops.push(() => worker.stop())
-      settlement = worker
       // The draft: no channel on an escrow whose close grace period is under 10 minutes. A
       // chain that does not answer now is checked again before the first open.
       const grace = await Escrow.gracePeriod(client, { escrow: chain.escrowAddress as Hex }).catch(
@@ -142,6 +129,20 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         throw new Config.ConfigError(
           `ESCROW_ADDRESS: ${new SessionEscrow.EscrowGraceError(chain.escrowAddress as Hex, grace).message}`,
         )
+      const s = config.payments.settlement
+      const worker = Settlement.start({
+        store: Settlements.store(sql),
+        client,
+        escrow: chain.escrowAddress as Hex,
+        chainId: chain.chainId,
+        thresholdAmount: s.thresholdAmount,
+        idleMs: s.idleSeconds * 1000,
+        intervalMs: s.intervalSeconds * 1000,
+        gracePeriod: grace,
+        log,
+      })
+      stops.push(() => worker.stop())
+      settlement = worker
       // Stated in every challenge, so a payer opens with a wallet key alone (no RPC URL).
       const tokenDomain =
         config.payments.tokenDomain ??

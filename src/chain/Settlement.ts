@@ -153,6 +153,8 @@ export type Options = {
   lockWaitMs?: number | undefined
   /** Watch `CloseRequested` events (default true). */
   watch?: boolean | undefined
+  /** The escrow's close grace period, seconds, when read from it (default our escrow's 15 min). */
+  gracePeriod?: bigint | undefined
   log?: Log | undefined
 }
 
@@ -177,9 +179,10 @@ export function start(options: Options): Worker {
   const payee = options.client.account.address
   // A missed CloseRequested event (the RPC was down, the gateway restarted) is still caught
   // by the idle rule, provided it fires well inside the grace period.
-  if (options.idleMs + options.intervalMs > (Number(Escrow.closeGracePeriod) * 1000) / 2)
+  const grace = options.gracePeriod ?? Escrow.closeGracePeriod
+  if (options.idleMs + options.intervalMs > (Number(grace) * 1000) / 2)
     log.warn(
-      { idleMs: options.idleMs, intervalMs: options.intervalMs },
+      { idleMs: options.idleMs, intervalMs: options.intervalMs, gracePeriodSeconds: Number(grace) },
       'idleMs + intervalMs is over half the close grace period: a missed CloseRequested event may let a payer withdraw unsettled spending',
     )
   const inFlight = new Set<Promise<unknown>>()

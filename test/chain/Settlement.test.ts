@@ -321,6 +321,20 @@ describe('tick', () => {
 })
 
 describe('start', () => {
+  test('behavior: warns when the idle rule would not fire well inside the grace period of the escrow', () => {
+    const warned = (gracePeriod?: bigint) => {
+      const entries: Entry[] = []
+      worker({ idleMs: 250_000, intervalMs: 100_000, gracePeriod, log: logger(entries) }).stop()
+      return entries.some(
+        (e) => e.level === 'warn' && e.msg.includes('half the close grace period'),
+      )
+    }
+    // About 6 minutes: inside half of our escrow's 15, not of a 10-minute escrow's.
+    expect(warned()).toBe(false)
+    expect(warned(15n * 60n)).toBe(false)
+    expect(warned(10n * 60n)).toBe(true)
+  })
+
   test('behavior: two workers on one database settle a channel once', async () => {
     const channelId = await openChannel()
     await accept(channelId, 500n)
