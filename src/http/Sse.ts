@@ -144,10 +144,17 @@ export function response(c: Context, o: Options): Response {
 
   // The client went away (or the stream is over): stop the upstream and the metering once.
   let stopped = false
+  let started = false
   const stop = async () => {
     if (stopped) return
     stopped = true
     o.abort()
+    // A generator never started skips its `finally` on return(), and the metering settles the
+    // request there: run it to its end instead (its upstream aborted, it ends at once).
+    if (!started)
+      try {
+        while (!(await o.frames.next()).done) {}
+      } catch {}
     await o.frames.return()
     finish()
   }
@@ -168,6 +175,7 @@ export function response(c: Context, o: Options): Response {
         if (typeof f !== 'number') await f
         return true
       }
+      started = true
       try {
         while (true) {
           const next = await o.frames.next()

@@ -155,3 +155,41 @@ describe('backpressure', () => {
     }
   })
 })
+
+describe('a client gone before the stream started', () => {
+  test('behavior: the frames run to their end all the same (metering settles there), with the upstream aborted first', async () => {
+    let aborted = false
+    let settled = false
+    let doneCalls = 0
+    const frames = (async function* (): AsyncGenerator<Frame, void, undefined> {
+      try {
+        // Metering ends a stream whose upstream was aborted: no chunk, straight to the end.
+        if (!aborted) yield { kind: 'chunks', chunks: [] }
+        yield end
+      } finally {
+        settled = true
+      }
+    })()
+    const app = new Hono()
+    app.get('/', (c) =>
+      Sse.response(c, {
+        frames,
+        model: 'm',
+        includeUsage: false,
+        abort: () => {
+          aborted = true
+        },
+        done: () => {
+          doneCalls++
+        },
+      }),
+    )
+    const res = await app.request('/')
+    // Gone before a byte was read.
+    await res.body!.cancel()
+    for (let i = 0; i < 50 && !settled; i++) await Bun.sleep(5)
+    expect(aborted).toBe(true)
+    expect(settled).toBe(true)
+    expect(doneCalls).toBe(1)
+  })
+})
