@@ -1,0 +1,174 @@
+/**
+ * Migration 0007's tollway_ledger_many against 0004's, which it replaced, on twin accounts:
+ * the same random batches of admissions and finishes must give the same rows and leave the
+ * same ledger (0004's is installed here under another name, as it was written).
+ */
+import { describe, expect, test } from 'bun:test'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
+import fc from 'fast-check'
+import * as Config from '../../src/Config.ts'
+import * as Ledger from '../helpers/Ledger.ts'
+import * as Postgres from '../helpers/Postgres.ts'
+
+const plans = Config.from({
+  plans: {
+    ...Config.defaultPlans,
+    // Tight limits, so that random batches run into each of them.
+    tight: { tier: 0, requestsPerMinute: 4, maxConcurrent: 2, tokensPerMonth: 60 },
+    unlimited: { tier: 9, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
+  },
+}).plans
+const db = await Postgres.fresh(plans)
+const { sql } = db
+
+const migrations = join(import.meta.dir, '../../src/ledger/migrations')
+const old = readFileSync(join(migrations, '0004_batches.sql'), 'utf8')
+await sql.unsafe(
+  old
+    .slice(
+      old.indexOf('CREATE FUNCTION tollway_ledger_many'),
+      old.indexOf('-- The single-item forms'),
+    )
+    .replaceAll('tollway_ledger_many', 'tollway_ledger_many_0004'),
+)
+
+type Op =
+  | {
+      op: 'admit'
+      want: number
+      need: number
+      promptTokens: number
+      minTier: number
+      key: 'ours' | 'unknown'
+      idem: string | null
+      body: string
+    }
+  | { op: 'finish'; of: number; cost: number; completion: number; status: 'ok' | 'upstream_error' }
+
+const admit: fc.Arbitrary<Op> = fc.record({
+  op: fc.constant('admit' as const),
+  want: fc.integer({ min: 1, max: 400 }),
+  need: fc.integer({ min: 0, max: 400 }),
+  promptTokens: fc.integer({ min: 0, max: 40 }),
+  minTier: fc.constantFrom(0, 0, 0, 1),
+  key: fc.constantFrom<'ours' | 'unknown'>('ours', 'ours', 'ours', 'unknown'),
+  idem: fc.option(fc.constantFrom('k1', 'k2'), { freq: 3, nil: null }) as fc.Arbitrary<
+    string | null
+  >,
+  body: fc.constantFrom('a', 'b'),
+})
+const finish: fc.Arbitrary<Op> = fc.record({
+  op: fc.constant('finish' as const),
+  of: fc.nat(30),
+  cost: fc.integer({ min: 0, max: 500 }),
+  completion: fc.integer({ min: 0, max: 30 }),
+  status: fc.constantFrom<'ok' | 'upstream_error'>('ok', 'ok', 'upstream_error'),
+})
+
+/** What a result row says, without the twin's own ids and to the clock's jitter. */
+function comparable(row: Record<string, unknown>, requests: string[]) {
+  const n = (v: unknown) => (v === null ? null : Number(v))
+  return {
+    idx: row.idx,
+    status: row.status,
+    account: row.account_id === null ? null : 'set',
+    key: row.key_id === null ? null : 'set',
+    held: row.held,
+    available: row.available,
+    // Time-derived: the twins run a moment apart.
+    retryAfter: row.retry_after_ms === null ? null : Math.round(Number(row.retry_after_ms) / 1000),
+    rateLimit: row.rate_limit,
+    rateRemaining: n(row.rate_remaining) === null ? null : 'set',
+    otherRequest: row.other_request === null ? null : requests.indexOf(row.other_request as string),
+    concurrencyRoom: row.concurrency_room,
+    charged: row.charged,
+    balance: row.balance,
+  }
+}
+
+describe('tollway_ledger_many (0007) against 0004', () => {
+  test('property: random batches give the same rows and leave the same ledger', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.constantFrom('free', 'pro', 'wallet', 'tight', 'unlimited'),
+        fc.bigInt({ min: 0n, max: 3_000n }),
+        fc.array(fc.array(fc.oneof(admit, admit, finish), { minLength: 1, maxLength: 8 }), {
+          minLength: 1,
+          maxLength: 5,
+        }),
+        async (plan, credits, batches) => {
+          const twins = [
+            { fn: 'tollway_ledger_many_0004', ...(await Ledger.account(sql, credits, plan)) },
+            { fn: 'tollway_ledger_many', ...(await Ledger.account(sql, credits, plan)) },
+          ].map((t) => ({ ...t, requests: [] as string[] }))
+          for (const batch of batches) {
+            const results = []
+            for (const t of twins) {
+              // A finish follows its admission's answer, so never in the same batch.
+              const earlier = t.requests.length
+              const items = batch.flatMap(
+                (o): Record<string, string | number | boolean | null>[] => {
+                  if (o.op === 'admit') {
+                    const requestId = crypto.randomUUID()
+                    t.requests.push(requestId)
+                    return [
+                      {
+                        op: 'admit',
+                        keyHash:
+                          o.key === 'ours'
+                            ? Buffer.from(t.keyHash).toString('hex')
+                            : '00'.repeat(32),
+                        model: 'm',
+                        stream: false,
+                        minTier: o.minTier,
+                        promptTokens: o.promptTokens,
+                        want: String(Math.max(o.want, o.need)),
+                        need: String(o.need),
+                        idempotencyKey: o.idem,
+                        fingerprint: o.idem ? Buffer.from(o.body).toString('hex') : null,
+                        requestId,
+                        leaseSeconds: 60,
+                      },
+                    ]
+                  }
+                  const id = o.of < earlier ? t.requests[o.of] : undefined
+                  return id === undefined
+                    ? []
+                    : [
+                        {
+                          op: 'finish',
+                          id,
+                          cost: String(o.cost),
+                          promptTokens: 1,
+                          completionTokens: o.completion,
+                          status: o.status,
+                          latencyMs: 1,
+                          ttftMs: 1,
+                        },
+                      ]
+                },
+              )
+              const rows = await sql`select * from ${sql(t.fn)}(${sql.json(items)}) order by idx`
+              results.push(rows.map((r) => comparable(r, t.requests)))
+            }
+            expect(results[1]).toEqual(results[0]!)
+          }
+          // Each twin's ledger, after checking its invariants: the same money, counts and plan use.
+          const ledger = async (id: string) => {
+            const state = await Ledger.accountState(sql, id)
+            const [plan] = await sql`
+              select month_tokens, round(wallet_tokens) as wallet,
+                (select array_agg(status || ':' || cost order by status, cost) from usage
+                  where account_id = ${id}) as usage,
+                (select count(*)::int from idempotency_keys where account_id = ${id}) as keys
+              from accounts where id = ${id}`
+            return { ...state, ...plan }
+          }
+          expect(await ledger(twins[1]!.id)).toEqual(await ledger(twins[0]!.id))
+        },
+      ),
+      { numRuns: 40 },
+    )
+  }, 60_000)
+})
