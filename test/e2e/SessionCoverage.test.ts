@@ -494,36 +494,46 @@ describe('deposits', () => {
   }, 30_000)
 })
 
+/**
+ * A slow stream on the session's channel holding all its max_tokens (so it never extends),
+ * then, 300 ms in, another stream on the same channel at `at`: how long the first took to end
+ * after that, its events, and the second's text.
+ */
+async function takenOver(session: PayingSession, at: string) {
+  const first = await fetch(url, {
+    method: 'POST',
+    headers: { authorization: await session.voucher(500_000n) },
+    body: JSON.stringify({
+      model: 'fake-slow',
+      stream: true,
+      max_tokens: 200,
+      messages: [{ role: 'user', content: words }],
+    }),
+  })
+  expect(first.status).toBe(200)
+  const reading = read(first, async () => {})
+  await Bun.sleep(300)
+  const res = await fetch(at, {
+    method: 'POST',
+    headers: { authorization: await session.voucher(500_000n) },
+    body: body(true, 'one two three'),
+  })
+  expect(res.status).toBe(200)
+  const taken = performance.now()
+  const events = await reading
+  const elapsed = performance.now() - taken
+  return { elapsed, events, second: text(await read(res, async () => {})) }
+}
+
 describe('one stream per channel', () => {
   test('behavior: a new stream on a channel ends the one before it at once, even one that holds enough for all its tokens', async () => {
     const session = await opened(10, 1_000_000n, 500_000n)
-    // max_tokens held at admission: the first stream never needs to extend.
-    const first = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await session.voucher(500_000n) },
-      body: JSON.stringify({
-        model: 'fake-slow',
-        stream: true,
-        max_tokens: 200,
-        messages: [{ role: 'user', content: words }],
-      }),
-    })
-    expect(first.status).toBe(200)
-    const reading = read(first, async () => {})
-    await Bun.sleep(300)
-    const second = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await session.voucher(500_000n) },
-      body: body(true, 'one two three'),
-    })
-    expect(second.status).toBe(200)
-    const taken = performance.now()
-    const events = await reading
+    const { elapsed, events, second } = await takenOver(session, url)
     // Ended within a few of its 50 ms words, not after all 200 (ten seconds).
-    expect(performance.now() - taken).toBeLessThan(1_500)
+    expect(elapsed).toBeLessThan(1_500)
     expect(events.some((e) => e.data.includes('stream_superseded'))).toBe(true)
     expect(text(events).split(' ').length).toBeLessThan(40)
-    expect(text(await read(second, async () => {}))).toBe('one two three')
+    expect(second).toBe('one two three')
     expect((await idle(session.channelId!)).reserved).toBe('0')
   }, 30_000)
 
@@ -573,30 +583,13 @@ describe('one stream per channel', () => {
       )
       try {
         const session = await opened(11, 1_000_000n, 500_000n)
-        const first = await fetch(url, {
-          method: 'POST',
-          headers: { authorization: await session.voucher(500_000n) },
-          body: JSON.stringify({
-            model: 'fake-slow',
-            stream: true,
-            max_tokens: 200,
-            messages: [{ role: 'user', content: words }],
-          }),
-        })
-        expect(first.status).toBe(200)
-        const reading = read(first, async () => {})
-        await Bun.sleep(300)
-        const second = await fetch(`${other.url}/v1/chat/completions`, {
-          method: 'POST',
-          headers: { authorization: await session.voucher(500_000n) },
-          body: body(true, 'one two three'),
-        })
-        expect(second.status).toBe(200)
-        const taken = performance.now()
-        const events = await reading
-        expect(performance.now() - taken).toBeLessThan(1_500)
+        const { elapsed, events, second } = await takenOver(
+          session,
+          `${other.url}/v1/chat/completions`,
+        )
+        expect(elapsed).toBeLessThan(1_500)
         expect(events.some((e) => e.data.includes('stream_superseded'))).toBe(true)
-        expect(text(await read(second, async () => {}))).toBe('one two three')
+        expect(second).toBe('one two three')
       } finally {
         await other.stop()
       }
