@@ -372,11 +372,14 @@ export function channelReservation(
   },
 ) {
   const r = reservation(sql, input)
+  const superseded: (() => void)[] = []
   if (input.stream) {
-    // Superseded: also wake the stream if it waits for a voucher, so it ends now.
+    // Superseded: also wake the stream if it waits for a voucher, and tell whoever asked (the
+    // route stops a quiet upstream), so it ends now.
     const over = input.waker.streamStarted(input.channelId, input.id, () => {
       r.supersede()
       input.waker.wake(input.channelId)
+      for (const f of superseded) f()
     })
     const settle = r.settle
     r.settle = (o, background) => {
@@ -387,6 +390,10 @@ export function channelReservation(
   return Object.assign(r, {
     // A channel's receipt reports `spent` after the settle: it must wait for it.
     settleInBackground: false,
+    whenSuperseded(f: () => void) {
+      if (r.superseded) f()
+      else superseded.push(f)
+    },
     async waitForFunds(required: bigint, signal: AbortSignal): Promise<boolean> {
       if (r.superseded) return false
       const timeout = AbortSignal.timeout(input.timeoutMs)

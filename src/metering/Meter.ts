@@ -22,6 +22,8 @@ export interface Reservation {
   extend(amount: bigint, delivered?: bigint): Promise<boolean>
   /** Set when the payer gave this request's funds to a newer one (a new stream on a channel). */
   readonly superseded?: boolean
+  /** Calls `f` once, when the reservation is superseded (to stop a stream whose upstream is quiet). */
+  whenSuperseded?(f: () => void): void
   /**
    * Waits until the payer covers `required` in total (a channel's next voucher); false if
    * it did not in time. Payers that cannot add funds mid-request leave it out.
@@ -293,7 +295,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
         if (status !== 'ok') break
       }
     } catch (e) {
-      if (o.signal.aborted) status = 'cancelled'
+      if (o.signal.aborted) status = reservation.superseded ? 'superseded' : 'cancelled'
       else {
         status = 'upstream_error'
         error = e instanceof GatewayError ? e : undefined
@@ -313,7 +315,9 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     if (status === 'insufficient_funds' || status === 'payment_timeout' || status === 'superseded')
       finishReason = 'length'
     const usage = await settle()
-    if (!o.signal.aborted) yield { kind: 'end', usage, finishReason, ...(error ? { error } : {}) }
+    // Aborted, the client is gone, unless the abort was a newer stream's taking over.
+    if (!o.signal.aborted || status === 'superseded')
+      yield { kind: 'end', usage, finishReason, ...(error ? { error } : {}) }
   } finally {
     // The consumer stopped pulling (client gone): charge what was sent.
     if (!settled) {

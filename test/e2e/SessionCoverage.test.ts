@@ -499,12 +499,12 @@ describe('deposits', () => {
  * then, 300 ms in, another stream on the same channel at `at`: how long the first took to end
  * after that, its events, and the second's text.
  */
-async function takenOver(session: PayingSession, at: string) {
+async function takenOver(session: PayingSession, at: string, model = 'fake-slow') {
   const first = await fetch(url, {
     method: 'POST',
     headers: { authorization: await session.voucher(500_000n) },
     body: JSON.stringify({
-      model: 'fake-slow',
+      model,
       stream: true,
       max_tokens: 200,
       messages: [{ role: 'user', content: words }],
@@ -535,6 +535,16 @@ describe('one stream per channel', () => {
     expect(text(events).split(' ').length).toBeLessThan(40)
     expect(second).toBe('one two three')
     expect((await idle(session.channelId!)).reserved).toBe('0')
+  }, 30_000)
+
+  test('behavior: a stream whose upstream has gone quiet ends at once when another takes its channel', async () => {
+    const session = await opened(13, 1_000_000n, 500_000n)
+    // fake-hang sends one empty chunk, then nothing: the gateway would cut it after 1 s.
+    const { elapsed, events, second } = await takenOver(session, url, 'fake-hang')
+    expect(elapsed).toBeLessThan(700)
+    expect(events.some((e) => e.data.includes('stream_superseded'))).toBe(true)
+    expect(events.some((e) => e.data.includes('upstream'))).toBe(false)
+    expect(second).toBe('one two three')
   }, 30_000)
 
   test('behavior: a stream waiting for a voucher when another stream takes its channel ends as superseded, at once', async () => {

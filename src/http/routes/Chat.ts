@@ -141,6 +141,8 @@ async function serve(
   const abort = new AbortController()
   const onAbort = () => abort.abort(signal.reason)
   signal.addEventListener('abort', onAbort, { once: true })
+  // A newer stream took the channel: stop this one's upstream, even if it is quiet.
+  reservation.whenSuperseded?.(() => abort.abort(new Error('superseded by a newer stream')))
   let chunks: AsyncIterable<Chat.Received[]>
   try {
     chunks = await observed(deps, model, model.provider.stream(body as never, abort.signal))
