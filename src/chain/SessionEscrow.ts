@@ -14,7 +14,7 @@ import {
   parseEventLogs,
   TimeoutError,
 } from 'viem'
-import { getCode, readContract, waitForTransactionReceipt } from 'viem/actions'
+import { getBlockNumber, getCode, readContract, waitForTransactionReceipt } from 'viem/actions'
 import { ChainUnavailableError, GatewayError } from '../Errors.ts'
 import { Lru } from '../Lru.ts'
 import type * as Server from '../payment/evm/Server.ts'
@@ -58,6 +58,14 @@ function sentOf(
     )
       return { hash: sent.hash, deposit: l.args.deposit }
   throw new Error(`Transaction ${sent.hash} has no event of channel ${channelId}.`)
+}
+
+/** Whether a viem error is the chain's RPC not answering (refused, failed, timed out). */
+function unreachable(e: unknown): boolean {
+  return (
+    e instanceof BaseError &&
+    e.walk((c) => c instanceof HttpRequestError || c instanceof TimeoutError) !== null
+  )
 }
 
 /** ERC-1271's check, and the value a wallet returns for a signature it made. */
@@ -196,11 +204,7 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     } catch (e) {
       // A wallet that reverts, answers nothing or answers garbage did not sign it; a chain that
       // did not answer is the guard's to report.
-      if (
-        e instanceof BaseError &&
-        !e.walk((c) => c instanceof HttpRequestError || c instanceof TimeoutError)
-      )
-        return false
+      if (e instanceof BaseError && !unreachable(e)) return false
       throw e
     }
   }
@@ -215,6 +219,9 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
 
     async verifyTransaction({ hash, fn, channelId }) {
       if (fn === 'open') await checkGrace(channelId)
+      // A chain that does not answer is told apart from a transaction it does not have (which
+      // the wait below would only report after its timeout, as not found).
+      await guard(channelId, () => getBlockNumber(o.client, { cacheTime: 0 }))
       let receipt: Awaited<ReturnType<typeof waitForTransactionReceipt>>
       try {
         receipt = await waitForTransactionReceipt(o.client, {

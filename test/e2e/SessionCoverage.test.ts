@@ -744,6 +744,32 @@ describe('the chain', () => {
         headers: { authorization: await known.voucher(2_000n) },
       })
       expect(voucher.status).toBe(200)
+      // A top-up the payer sent itself cannot be checked either: 503, not a refusal.
+      const topUp = await fetch(at, {
+        method: 'POST',
+        headers: {
+          authorization: Credential.serialize(
+            Credential.from({
+              challenge: known.challenge,
+              payload: {
+                action: 'topUp',
+                type: 'hash',
+                channelId: known.channelId!,
+                hash: keccak256(toHex('a top-up the gateway cannot see')),
+                additionalDeposit: 1_000n,
+              },
+              source: Session.source({
+                chainId: chain.chainId,
+                address: privateKeyToAccount(chain.payers[6]!.privateKey).address,
+              }),
+            }),
+          ),
+        },
+      })
+      expect(topUp.status).toBe(503)
+      expect(((await topUp.json()) as { error: { type: string } }).error.type).toBe(
+        'chain_unavailable',
+      )
     } finally {
       await down.stop()
     }
