@@ -6,7 +6,7 @@
  */
 import * as Tokenizer from '../metering/Tokenizer.ts'
 import { type Chunk, type Completion, type Message, type Received, text } from './Chat.ts'
-import type { Body, Provider } from './Provider.ts'
+import type { Body, Limits, Provider } from './Provider.ts'
 
 export const id = 'tollway-echo'
 
@@ -14,11 +14,11 @@ export const id = 'tollway-echo'
 export function create(options: { tokenDelayMs: number }): Provider {
   return {
     name: 'echo',
-    async stream(body, signal) {
-      return batches(stream(body, signal, options.tokenDelayMs))
+    async stream(body, signal, limits) {
+      return batches(stream(body, signal, options.tokenDelayMs, limits))
     },
-    async complete(body, signal) {
-      const reply = generate(body)
+    async complete(body, signal, limits) {
+      const reply = generate(body, limits)
       const created = Math.floor(Date.now() / 1000)
       signal.throwIfAborted()
       return {
@@ -41,17 +41,28 @@ export function create(options: { tokenDelayMs: number }): Provider {
 
 type Reply = { words: string[]; tokens: number; finish: 'stop' | 'length' }
 
-function generate(body: Body): Reply {
+/**
+ * The reply: the message's words, cycled while the client's `max_tokens` asks for more, and
+ * cut at it or at the gateway's limit, whichever comes first.
+ */
+function generate(body: Body, limits?: Limits): Reply {
   const messages = body.messages as Message[]
   const last = [...messages].reverse().find((m) => m.role === 'user')
   const source = last ? text(last.content).split(/\s+/).filter(Boolean) : []
-  const max = (body.max_tokens ?? body.max_completion_tokens) as number | undefined
+  const asked = (body.max_tokens ?? body.max_completion_tokens) as number | undefined
+  const max =
+    limits === undefined
+      ? asked
+      : asked === undefined
+        ? limits.maxTokens
+        : Math.min(asked, limits.maxTokens)
   const stops = typeof body.stop === 'string' ? [body.stop] : ((body.stop as string[] | null) ?? [])
   const words: string[] = []
   let tokens = 0
   let said = ''
   if (source.length === 0) return { words, tokens, finish: 'stop' }
-  for (let i = 0; max !== undefined || i < source.length; i++) {
+  // Only what the client asked makes it cycle; the gateway's limit only cuts.
+  for (let i = 0; asked !== undefined || i < source.length; i++) {
     const word = (i === 0 ? '' : ' ') + source[i % source.length]
     const n = Tokenizer.count(word)
     if (max !== undefined && tokens + n > max) return { words, tokens, finish: 'length' }
@@ -75,8 +86,13 @@ async function* batches(chunks: AsyncIterable<Chunk>): AsyncGenerator<Received[]
   for await (const chunk of chunks) yield [{ chunk }]
 }
 
-async function* stream(body: Body, signal: AbortSignal, delayMs: number): AsyncGenerator<Chunk> {
-  const reply = generate(body)
+async function* stream(
+  body: Body,
+  signal: AbortSignal,
+  delayMs: number,
+  limits?: Limits,
+): AsyncGenerator<Chunk> {
+  const reply = generate(body, limits)
   const base = {
     id: `chatcmpl-${crypto.randomUUID()}`,
     object: 'chat.completion.chunk',

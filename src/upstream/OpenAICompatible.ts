@@ -6,7 +6,7 @@ import { createParser } from 'eventsource-parser'
 import { InvalidRequestError, UpstreamError } from '../Errors.ts'
 import * as Chat from './Chat.ts'
 import { Chunk, Completion, type Received } from './Chat.ts'
-import type { Body, Provider } from './Provider.ts'
+import type { Body, Limits, Provider } from './Provider.ts'
 
 export type Options = {
   name: string
@@ -43,19 +43,19 @@ export function create(options: Options): Provider {
 
   return {
     name: options.name,
-    async stream(body, signal) {
+    async stream(body, signal, limits) {
       const watchdog = new Watchdog(options.timeoutMs)
       const response = await post(
-        { ...body, stream: true, stream_options: { include_usage: true } },
+        { ...capped(body, limits), stream: true, stream_options: { include_usage: true } },
         signal,
         watchdog,
       )
       watchdog.reset()
       return chunks(options.name, response, signal, watchdog)
     },
-    async complete(body, signal) {
+    async complete(body, signal, limits) {
       const watchdog = new Watchdog(options.timeoutMs)
-      const response = await post({ ...body, stream: false }, signal, watchdog)
+      const response = await post({ ...capped(body, limits), stream: false }, signal, watchdog)
       let json: unknown
       try {
         json = await response.json()
@@ -73,6 +73,18 @@ export function create(options: Options): Provider {
       return parsed.data
     },
   }
+}
+
+/**
+ * The body with the gateway's limit as its `max_tokens` (or `max_completion_tokens`, if that is
+ * the one the client used), never above what the client asked.
+ */
+function capped(body: Body, limits: Limits | undefined): Body {
+  if (!limits) return body
+  const key = body.max_completion_tokens !== undefined ? 'max_completion_tokens' : 'max_tokens'
+  const asked = body[key]
+  const max = typeof asked === 'number' && asked < limits.maxTokens ? asked : limits.maxTokens
+  return { ...body, [key]: max }
 }
 
 /**

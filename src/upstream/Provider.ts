@@ -1,8 +1,16 @@
 /** What an upstream model provider does: a streamed or a whole chat completion. */
 import type { Completion, Received } from './Chat.ts'
 
-/** The body sent upstream: the client's request with the upstream's model name and limits. */
+/** The body sent upstream: the client's request with the upstream's model name. */
 export type Body = Record<string, unknown> & { model: string; messages: unknown[] }
+
+/**
+ * What the gateway lets a request produce, apart from what the client asked for (its own
+ * `max_tokens` in the body): `maxTokens`, the most completion tokens the reservation and the
+ * context allow. An upstream is told it as its `max_tokens` (never above what the client
+ * asked); the echo model stops there, and cycles only when the client asked for more.
+ */
+export type Limits = { maxTokens: number }
 
 export interface Provider {
   readonly name: string
@@ -13,7 +21,7 @@ export interface Provider {
    * network read), so a fast upstream costs one pass through the metering per batch, not
    * per chunk. Aborting `signal` cancels the upstream request.
    */
-  stream(body: Body, signal: AbortSignal): Promise<AsyncIterable<Received[]>>
+  stream(body: Body, signal: AbortSignal, limits?: Limits): Promise<AsyncIterable<Received[]>>
   /** A whole completion. */
-  complete(body: Body, signal: AbortSignal): Promise<Completion>
+  complete(body: Body, signal: AbortSignal, limits?: Limits): Promise<Completion>
 }

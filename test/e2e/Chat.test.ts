@@ -118,12 +118,42 @@ describe('POST /v1/chat/completions (openai SDK)', () => {
     expect(res.status).toBe(200)
   })
 
-  test('behavior: max_tokens above the context is capped; the echo of the upstream stops there', async () => {
+  test('behavior: max_tokens above the context is capped at what the context leaves, streamed or not', async () => {
     const { key } = await gw.account()
-    const r = await gw
-      .openai(key)
-      .chat.completions.create({ model: 'fake', messages, max_tokens: 5 })
-    expect(r.usage!.completion_tokens).toBeLessThanOrEqual(5)
+    const room = 4096 - Tokenizer.prompt(messages)
+    for (const stream of [false, true]) {
+      const before = gw.upstream.received.length
+      const r = await gw.openai(key).chat.completions.create({
+        model: 'fake',
+        messages,
+        max_tokens: 100_000,
+        stream,
+      } as never)
+      if (stream) for await (const _ of r as unknown as AsyncIterable<unknown>);
+      expect(gw.upstream.received[before]!.body.max_tokens).toBe(room)
+    }
+  })
+
+  test('behavior: without max_tokens, the echo model answers the message once, however little the payer has', async () => {
+    // The upstream is told what the credits cover (here far less than the context): a cap,
+    // which must not make the echo model fill it.
+    // No model configured: the built-in echo model.
+    const echo = await Gateway.create(
+      { upstreams: [], models: [] },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    try {
+      const { key } = await echo.account({ credits: 5_000n })
+      const r = await echo.openai(key).chat.completions.create({
+        model: 'tollway-echo',
+        messages: [{ role: 'user', content: 'hello world' }],
+      })
+      expect(r.choices[0]!.message.content).toBe('hello world')
+      expect(r.choices[0]!.finish_reason).toBe('stop')
+      expect(BigInt((r.usage as unknown as { cost: string }).cost)).toBeLessThan(100n)
+    } finally {
+      await echo.stop()
+    }
   })
 })
 

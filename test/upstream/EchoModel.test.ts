@@ -49,6 +49,21 @@ describe('EchoModel', () => {
     expect(short.text).toBe('one two')
   })
 
+  test("behavior: the gateway's limit only cuts: it never makes the model cycle, and caps what the client asked", async () => {
+    // A payer whose credits cover 5 tokens, no max_tokens: the message once, not 5 tokens of it.
+    const capped = await echo.complete(body('hello world'), signal, { maxTokens: 5 })
+    expect(capped.choices[0]!.message.content).toBe('hello world')
+    expect(capped.choices[0]!.finish_reason).toBe('stop')
+    // Asked for 9, allowed 3: cut at 3.
+    const cut = await echo.complete(body('a b', { max_tokens: 9 }), signal, { maxTokens: 3 })
+    expect(cut.choices[0]!.message.content).toBe('a b a')
+    expect(cut.choices[0]!.finish_reason).toBe('length')
+    expect(cut.usage!.completion_tokens).toBe(3)
+    // Asked for 4, allowed 100: cycles to 4.
+    const asked = await echo.complete(body('a b', { max_tokens: 4 }), signal, { maxTokens: 100 })
+    expect(asked.choices[0]!.message.content).toBe('a b a b')
+  })
+
   test('behavior: honours stop sequences', async () => {
     const { text } = await collect(body('alpha beta gamma delta', { stop: ['gamma'] }))
     expect(text).toBe('alpha beta')

@@ -54,6 +54,26 @@ describe('stream', () => {
     expect(lastAuth).toBe('Bearer sk-up')
   })
 
+  test("behavior: the gateway's limit is sent as max_tokens (or max_completion_tokens), never above what the client asked", async () => {
+    next = { status: 200, body: 'data: [DONE]\n\n' }
+    const sent = async (extra: Record<string, unknown>, maxTokens?: number) => {
+      const stream = await provider.stream(
+        { ...body, ...extra },
+        signal,
+        maxTokens === undefined ? undefined : { maxTokens },
+      )
+      for await (const _ of stream);
+      return lastBody
+    }
+    expect((await sent({}, 50)).max_tokens).toBe(50)
+    expect((await sent({ max_tokens: 20 }, 50)).max_tokens).toBe(20)
+    expect((await sent({ max_tokens: 90 }, 50)).max_tokens).toBe(50)
+    const completion = await sent({ max_completion_tokens: 90 }, 50)
+    expect(completion.max_completion_tokens).toBe(50)
+    expect(completion).not.toHaveProperty('max_tokens')
+    expect(await sent({})).not.toHaveProperty('max_tokens')
+  })
+
   test('behavior: chunks carry their JSON text to forward, read by template after the first; never one with a newline', async () => {
     const chunk = (content: string) =>
       `{"id":"x","choices":[{"index":0,"delta":{"content":${JSON.stringify(content)}},"finish_reason":null}]}`

@@ -124,15 +124,14 @@ async function serve(
     // Cap the upstream at what the reservation pays for, so the charge cannot exceed it
     // (no cap needed when the reservation covers the whole context).
     const max = Pricing.affordable(price, promptTokens, reservation.held, p.limit)
-    if (p.asked !== undefined || max < p.room)
-      body[req.max_completion_tokens !== undefined ? 'max_completion_tokens' : 'max_tokens'] = max
+    const limits = p.asked !== undefined || max < p.room ? { maxTokens: max } : undefined
     const { completion, usage } = await Meter.complete({
       price,
       promptTokens,
       reservation,
       signal,
       startedAt,
-      call: () => observed(deps, model, model.provider.complete(body as never, signal)),
+      call: () => observed(deps, model, model.provider.complete(body as never, signal, limits)),
     })
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
     return c.json({ ...completion, model: model.id, usage: { ...completion.usage, ...usage } })
@@ -145,7 +144,10 @@ async function serve(
   reservation.whenSuperseded?.(() => abort.abort(new Error('superseded by a newer stream')))
   let chunks: AsyncIterable<Chat.Received[]>
   try {
-    chunks = await observed(deps, model, model.provider.stream(body as never, abort.signal))
+    // A stream's max_tokens, when it names one, capped by the context (it extends its
+    // reservation as it goes, so credits do not cap it here).
+    const limits = p.asked !== undefined ? { maxTokens: p.limit } : undefined
+    chunks = await observed(deps, model, model.provider.stream(body as never, abort.signal, limits))
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
     await Meter.release(reservation, { promptTokens, startedAt, cancelled: signal.aborted, price })
