@@ -113,6 +113,45 @@ export const Completion = z
 export type Completion = z.output<typeof Completion>
 
 /** The generated text of a delta or message, every kind that is billed as output. */
+/**
+ * The chunks of a stream once it has started: read until one carries text, a finish reason or
+ * the usage (or the stream ends), and handed back whole, what was read first included. An
+ * upstream that fails (or times out) before its first token so fails here, before the
+ * gateway has answered: the client gets an error status, not a 200 with an error event.
+ */
+export async function started(
+  chunks: AsyncIterable<Received[]>,
+): Promise<AsyncIterable<Received[]>> {
+  const it = chunks[Symbol.asyncIterator]()
+  const held: Received[][] = []
+  try {
+    while (true) {
+      const next = await it.next()
+      if (next.done) break
+      held.push(next.value)
+      if (next.value.some(begun)) break
+    }
+  } catch (e) {
+    await it.return?.()
+    throw e
+  }
+  let i = 0
+  const resumed: AsyncIterator<Received[]> = {
+    next: () => (i < held.length ? Promise.resolve({ value: held[i++]!, done: false }) : it.next()),
+    return: (value?: unknown) =>
+      it.return ? it.return(value) : Promise.resolve({ value: undefined, done: true }),
+  }
+  return { [Symbol.asyncIterator]: () => resumed }
+}
+
+/** Whether a chunk shows the answer has begun: text, a finish reason or the usage. */
+function begun(r: Received): boolean {
+  if (r.text !== undefined) return r.text.length > 0
+  const { chunk } = r
+  if (chunk.usage) return true
+  return chunk.choices.some((c) => c.finish_reason || generated(c.delta).length > 0)
+}
+
 export function generated(d: z.output<typeof Delta>): string {
   const reasoning = d.reasoning_content ?? d.reasoning
   // The common delta, text alone, without building a new string (a stream's hot path).

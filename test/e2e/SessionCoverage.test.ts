@@ -539,8 +539,8 @@ describe('one stream per channel', () => {
 
   test('behavior: a stream whose upstream has gone quiet ends at once when another takes its channel', async () => {
     const session = await opened(13, 1_000_000n, 500_000n)
-    // fake-hang sends one empty chunk, then nothing: the gateway would cut it after 1 s.
-    const { elapsed, events, second } = await takenOver(session, url, 'fake-hang')
+    // fake-stall sends one word, then nothing: the gateway would cut it after 1 s.
+    const { elapsed, events, second } = await takenOver(session, url, 'fake-stall')
     expect(elapsed).toBeLessThan(700)
     expect(events.some((e) => e.data.includes('stream_superseded'))).toBe(true)
     expect(events.some((e) => e.data.includes('upstream'))).toBe(false)

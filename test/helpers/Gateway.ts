@@ -19,6 +19,7 @@ export const behaviours = [
   'fake-no-usage',
   'fake-500',
   'fake-hang',
+  'fake-stall',
   'fake-400',
 ]
 

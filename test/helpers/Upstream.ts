@@ -8,6 +8,7 @@
  *   fake-no-usage   sends no usage chunk
  *   fake-500        answers 500 before the first byte
  *   fake-hang       sends the first (empty) chunk, then nothing
+ *   fake-stall      sends the first word, then nothing
  *   fake-400        rejects the request with an OpenAI error
  */
 import { afterAll } from 'bun:test'
@@ -106,6 +107,7 @@ export function start(options: { slowMs?: number } = {}): FakeUpstream {
                 return
               }
               controller.enqueue(chunk({ content: w }))
+              if (model === 'fake-stall') return
             }
             controller.enqueue(chunk({}, 'stop'))
             if (model !== 'fake-no-usage')

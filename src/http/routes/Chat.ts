@@ -147,7 +147,12 @@ async function serve(
     // A stream's max_tokens, when it names one, capped by the context (it extends its
     // reservation as it goes, so credits do not cap it here).
     const limits = p.asked !== undefined ? { maxTokens: p.limit } : undefined
-    chunks = await observed(deps, model, model.provider.stream(body as never, abort.signal, limits))
+    // Answered once the upstream has begun (a failure before its first token is a 502).
+    chunks = await observed(
+      deps,
+      model,
+      model.provider.stream(body as never, abort.signal, limits).then(Chat.started),
+    )
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
     await Meter.release(reservation, { promptTokens, startedAt, cancelled: signal.aborted, price })
