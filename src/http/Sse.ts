@@ -63,6 +63,8 @@ export type Options = {
 export function response(c: Context, o: Options): Response {
   let last: Received | undefined
   let held: Chunk | undefined
+  /** Whether a chunk with a finish reason went out (or is held to carry the usage). */
+  let finishSent = false
   let finished = false
   const finish = () => {
     if (!finished) {
@@ -97,8 +99,9 @@ export function response(c: Context, o: Options): Response {
           if (held) text += line(held)
           held = undefined
           // A template read (`r.text` set) has no finish reason: its chunk is not built.
-          if (!o.includeUsage && r.text === undefined && finishes(r.chunk))
-            held = { ...r.chunk, model: o.model }
+          const finishing = r.text === undefined && finishes(r.chunk)
+          if (finishing) finishSent = true
+          if (!o.includeUsage && finishing) held = { ...r.chunk, model: o.model }
           else {
             const json = forwarded(r)
             text += json === undefined ? line({ ...r.chunk, model: o.model }) : `data: ${json}\n\n`
@@ -129,14 +132,14 @@ export function response(c: Context, o: Options): Response {
       model: o.model,
     }
     const out: Uint8Array[] = []
+    const finishing = { ...base, choices: [{ index: 0, delta: {}, finish_reason: finishReason }] }
     if (o.includeUsage) {
-      if (held) out.push(data(held))
+      // A stream cut short (credits, a voucher, a newer stream) never had the upstream's
+      // finishing chunk: the client still gets its finish_reason, before the usage chunk.
+      if (!finishSent && finishReason !== null) out.push(data(finishing))
       out.push(data({ ...base, choices: [], usage }))
     } else if (held) out.push(data({ ...held, usage }))
-    else
-      out.push(
-        data({ ...base, choices: [{ index: 0, delta: {}, finish_reason: finishReason }], usage }),
-      )
+    else out.push(data({ ...finishing, usage }))
     held = undefined
     if (error) out.push(data(error.toJSON()))
     return out

@@ -53,8 +53,42 @@ describe('response', () => {
       { ...JSON.parse(twice), model: 'ours' },
       JSON.parse(same),
     ])
-    expect(out[3]).toMatchObject({ id: 'x', model: 'ours', choices: [], usage: end.usage })
-    expect(out[4]).toBe('[DONE]')
+    // No upstream chunk finished the choice: the gateway does, before the usage chunk.
+    expect(out[3]).toMatchObject({
+      id: 'x',
+      model: 'ours',
+      choices: [{ index: 0, delta: {}, finish_reason: 'stop' }],
+    })
+    expect(out[4]).toMatchObject({ id: 'x', model: 'ours', choices: [], usage: end.usage })
+    expect(out[5]).toBe('[DONE]')
+  })
+
+  test('behavior: with include_usage, a finish_reason goes out exactly once: from the upstream, or from the gateway for a stream cut short', async () => {
+    const text = '{"id":"x","model":"ours","choices":[{"index":0,"delta":{"content":"a"}}]}'
+    const stop =
+      '{"id":"x","model":"ours","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    const finishes = (out: unknown[]) =>
+      out.flatMap((e) =>
+        typeof e === 'object' && e && 'choices' in e
+          ? (e as { choices: { finish_reason?: string | null }[] }).choices
+              .map((c) => c.finish_reason)
+              .filter(Boolean)
+          : [],
+      )
+    const whole = await render(
+      [{ kind: 'chunks', chunks: [received(text), received(stop)] }, end],
+      { model: 'ours', includeUsage: true },
+    )
+    expect(finishes(whole)).toEqual(['stop'])
+    const cut = await render(
+      [
+        { kind: 'chunks', chunks: [received(text)] },
+        { ...end, finishReason: 'length' },
+      ],
+      { model: 'ours', includeUsage: true },
+    )
+    expect(finishes(cut)).toEqual(['length'])
+    expect(cut.at(-2)).toMatchObject({ choices: [], usage: end.usage })
   })
 
   test('behavior: without include_usage the finishing chunk is held back and carries the usage', async () => {
@@ -114,8 +148,8 @@ describe('backpressure', () => {
         events += parts.length
       }
       expect(pulled).toBe(total)
-      // The chunks, the usage chunk and [DONE].
-      expect(events).toBe(total + 2)
+      // The chunks, the finishing chunk (none came from upstream), the usage chunk and [DONE].
+      expect(events).toBe(total + 3)
       expect(stopped).toBe(false)
     } finally {
       server.stop(true)
