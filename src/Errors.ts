@@ -13,6 +13,13 @@ export type ErrorOptions = {
   param?: string
 }
 
+/**
+ * The header that tells OpenAI's SDKs not to send a request again by themselves: they retry
+ * every 409 and 429, which for these errors only repeats the refusal (a used key, a quota
+ * spent until next month).
+ */
+export const noRetry = { 'x-should-retry': 'false' } as const
+
 /** Base of every error tollway reports to a client. */
 export class GatewayError extends Error {
   override name = 'GatewayError'

@@ -108,6 +108,7 @@ describe('key holder API', () => {
     expect(statuses.filter((s) => s === 201)).toHaveLength(9)
     expect(statuses.filter((s) => s === 409)).toHaveLength(3)
     const refused = made.find((r) => r.status === 409)!
+    expect(refused.headers.get('x-should-retry')).toBe('false')
     expect(((await refused.json()) as { error: { code: string } }).error.code).toBe(
       'key_limit_reached',
     )

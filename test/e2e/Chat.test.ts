@@ -454,6 +454,8 @@ describe('credits', () => {
     const balance = (await Gateway.ledger(gw.sql, id)).balance
     const again = await post(key, body, { 'idempotency-key': 'abc-1' })
     expect(again.status).toBe(409)
+    // SDKs retry 409s by themselves unless told not to: this one would only be refused again.
+    expect(again.headers.get('x-should-retry')).toBe('false')
     const e = ((await again.json()) as { error: { code: string; details: { request_id: string } } })
       .error
     expect(e.code).toBe('idempotency_key_reused')

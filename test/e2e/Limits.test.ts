@@ -91,6 +91,8 @@ describe('plans', () => {
     const res = await post(a, key)
     expect(res.status).toBe(429)
     expect(((await res.json()) as ErrorBody).error.code).toBe('monthly_token_quota_exceeded')
+    // Not for an SDK to retry by itself: it would be refused until next month.
+    expect(res.headers.get('x-should-retry')).toBe('false')
     const days = Number(res.headers.get('retry-after')) / 86400
     expect(days).toBeGreaterThan(0)
     expect(days).toBeLessThanOrEqual(31)
@@ -117,6 +119,7 @@ describe('plans', () => {
     const res = await post(b, key)
     expect(res.status).toBe(429)
     expect(((await res.json()) as ErrorBody).error.type).toBe('wallet_empty')
+    expect(res.headers.get('x-should-retry')).toBe('false')
     // 100 tokens at 1,000 per 24 h: 2.4 hours.
     const retry = Number(res.headers.get('retry-after'))
     expect(retry).toBeGreaterThan(8600)

@@ -1,7 +1,7 @@
 /** Operator API: accounts, credits and keys (create, revoke). Needs the admin token. */
 import { Hono } from 'hono'
 import { z } from 'zod'
-import { ConflictError, InvalidRequestError, NotFoundError } from '../../Errors.ts'
+import { ConflictError, InvalidRequestError, NotFoundError, noRetry } from '../../Errors.ts'
 import * as Accounts from '../../ledger/Accounts.ts'
 import * as ApiKeys from '../../ledger/ApiKeys.ts'
 import * as Credits from '../../ledger/Credits.ts'
@@ -35,6 +35,7 @@ export async function createKey(deps: Deps, accountId: string, name: string) {
     throw new ConflictError(
       `The account already has ${MAX_ACTIVE_KEYS} active keys; revoke one first.`,
       'key_limit_reached',
+      { headers: { ...noRetry } },
     )
   return { ...created, name }
 }

@@ -9,6 +9,7 @@ import {
   GatewayError,
   InsufficientCreditsError,
   InvalidRequestError,
+  noRetry,
   PaymentRequiredError,
   RateLimitError,
   TierNotAvailableError,
@@ -482,6 +483,7 @@ function duplicate(r: {
       return new ConflictError(
         'This Idempotency-Key was used for a different request; use a new key.',
         'idempotency_key_mismatch',
+        { headers: { ...noRetry } },
       )
     case 'idempotency_in_progress':
       return new ConflictError(
@@ -498,7 +500,7 @@ function duplicate(r: {
       return new ConflictError(
         'A request with this Idempotency-Key already completed and was charged; it is not run or charged again. Use a new key for a new request.',
         'idempotency_key_reused',
-        { details: { request_id: r.otherRequest } },
+        { details: { request_id: r.otherRequest }, headers: { ...noRetry } },
       )
   }
 }
@@ -550,13 +552,13 @@ function refusal(r: Refused, model: Model, need: bigint): GatewayError {
           return new RateLimitError(
             "The plan's monthly token quota is used up; it resets at the start of next month (UTC).",
             'monthly_token_quota_exceeded',
-            options,
+            { headers: { ...headers, ...noRetry } },
           )
         case 'wallet':
           return new WalletEmptyError(
             'The token wallet is below the floor a turn needs; it refills over time (see Retry-After).',
             'wallet_empty',
-            options,
+            { headers: { ...headers, ...noRetry } },
           )
       }
     }
