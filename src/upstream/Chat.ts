@@ -11,12 +11,17 @@ export const Message = z
     role: z.enum(['system', 'developer', 'user', 'assistant'], {
       error: 'role must be one of system, developer, user, assistant',
     }),
-    content: z.union([z.string(), z.array(TextPart)], {
+    // An assistant's may be null (as OpenAI's SDKs write it beside tool calls in a history).
+    content: z.union([z.string(), z.array(TextPart), z.null()], {
       error: 'content must be a string or an array of text parts',
     }),
     name: z.string().optional(),
   })
   .loose()
+  .refine((m) => m.content !== null || m.role === 'assistant', {
+    message: 'content must be a string or an array of text parts (null only for an assistant)',
+    path: ['content'],
+  })
 export type Message = z.output<typeof Message>
 
 export const Request = z
@@ -39,6 +44,7 @@ export type Request = z.output<typeof Request>
 
 /** The text of a message's content. */
 export function text(content: Message['content']): string {
+  if (content === null) return ''
   return typeof content === 'string' ? content : content.map((p) => p.text).join('')
 }
 

@@ -178,6 +178,7 @@ describe('errors', () => {
       [{ messages }, 'model'],
       [{ model: 'fake', messages: 'hi' }, 'messages'],
       [{ model: 'fake', messages: [{ role: 'wizard', content: 'x' }] }, 'messages.0.role'],
+      [{ model: 'fake', messages: [{ role: 'user', content: null }] }, 'messages.0.content'],
       [{ model: 'fake', messages, temperature: 'hot' }, 'temperature'],
       [{ model: 'fake', messages, max_tokens: -1 }, 'max_tokens'],
       [{ model: 'fake', messages, stream: 'yes' }, 'stream'],
@@ -194,6 +195,19 @@ describe('errors', () => {
         expect(e.message).toContain(param)
       }
     }
+  })
+
+  test('behavior: a history with an assistant message whose content is null (as the SDK writes it) is taken', async () => {
+    const { key } = await gw.account()
+    const r = await gw.openai(key).chat.completions.create({
+      model: 'fake',
+      messages: [
+        { role: 'user', content: 'first' },
+        { role: 'assistant', content: null },
+        { role: 'user', content: 'second turn' },
+      ],
+    })
+    expect(r.choices[0]!.message.content).toBe('second turn')
   })
 
   test('error: unknown model → 404 model_not_found', async () => {
