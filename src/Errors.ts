@@ -131,7 +131,8 @@ export class UpstreamError extends GatewayError {
 
 /**
  * 503: the chain's RPC did not answer, or a transaction the gateway sent was not mined in
- * time: nothing was accepted; the same credential may be sent again.
+ * time: the same credential may be sent again (a transaction the gateway sent before the chain
+ * stopped answering may still be mined; the channel's state, GET /v1/channels/{id}, says).
  */
 export class ChainUnavailableError extends GatewayError {
   override name = 'ChainUnavailableError'

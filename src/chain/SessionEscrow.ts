@@ -106,7 +106,7 @@ function problem(e: unknown, channelId: Hex): unknown {
   // viem's own errors that are not a revert: the RPC failed, refused or timed out.
   if (e instanceof BaseError)
     return new ChainUnavailableError(
-      'The chain did not answer; nothing was accepted. Send the same credential again shortly.',
+      'The chain did not answer. Send the same credential again shortly (GET /v1/channels/{id} shows what the chain has).',
       { cause: e, details: { channelId } },
     )
   return e
