@@ -11,10 +11,18 @@ import {
   HttpRequestError,
   isAddressEqual,
   parseAbi,
+  parseAbiItem,
   parseEventLogs,
   TimeoutError,
 } from 'viem'
-import { getBlockNumber, getCode, readContract, waitForTransactionReceipt } from 'viem/actions'
+import {
+  getBlockNumber,
+  getCode,
+  getLogs,
+  getTransactionReceipt,
+  readContract,
+  waitForTransactionReceipt,
+} from 'viem/actions'
 import { ChainUnavailableError, GatewayError } from '../Errors.ts'
 import { Lru } from '../Lru.ts'
 import type * as Server from '../payment/evm/Server.ts'
@@ -42,6 +50,19 @@ export type Options = {
   /** Cooperative close (the settlement worker's, which records and finalizes it). */
   close: Settlement.Worker['close']
 }
+
+/** EIP-3009's state of an authorization (true once used or cancelled). */
+const eip3009 = parseAbi([
+  'function authorizationState(address authorizer, bytes32 nonce) view returns (bool)',
+])
+
+/** EIP-3009's event for an authorization used up. */
+const authorizationUsed = parseAbiItem(
+  'event AuthorizationUsed(address indexed authorizer, bytes32 indexed nonce)',
+)
+
+/** How far back a used authorization's transaction is looked for (blocks). */
+const logBlocks = 50_000n
 
 /** How long a signer without code is taken to have none before the chain is asked again. */
 const noCodeMs = 10 * 60_000
@@ -179,6 +200,33 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       return false
     }
   }
+  /**
+   * The mined transaction that used an EIP-3009 authorization of the currency, if it was used
+   * (its `AuthorizationUsed` log, looked for in the last `logBlocks` blocks).
+   */
+  const usedBy = async (authorizer: Address, nonce: Hex) => {
+    const used = await readContract(o.client, {
+      address: o.currency,
+      abi: eip3009,
+      functionName: 'authorizationState',
+      args: [authorizer, nonce],
+    })
+    if (!used) return undefined
+    const latest = await getBlockNumber(o.client, { cacheTime: 0 })
+    const [log] = await getLogs(o.client, {
+      address: o.currency,
+      event: authorizationUsed,
+      args: { authorizer, nonce },
+      fromBlock: latest > logBlocks ? latest - logBlocks : 0n,
+    })
+    if (!log?.transactionHash)
+      throw Problem.verificationFailed(
+        'This authorization was used or cancelled, and no transaction using it is recent enough to show here.',
+      )
+    const hash = log.transactionHash
+    return { hash, receipt: await getTransactionReceipt(o.client, { hash }) }
+  }
+
   /** Vouchers a wallet signed (ERC-1271): the wallet is asked once for each. */
   const walletVouchers = new Lru<string, true>(100_000)
   /** ERC-1271: whether the wallet `signer` takes `signature` for the voucher's digest. */
@@ -287,6 +335,12 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     },
 
     async topUpWithAuthorization({ channelId, topUpSalt, authorization: a, signature }) {
+      // The same top-up again (a retry after the chain stopped answering, or a client sending
+      // its credential twice): its authorization is used up, so sending it would revert. Only
+      // the escrow can use it (receiveWithAuthorization), so it went into this channel: answer
+      // with that transaction.
+      const done = await guard(channelId, () => usedBy(a.from, a.nonce))
+      if (done) return sentOf(done, channelId)
       const sent = await guard(channelId, () =>
         Escrow.topUpWithAuthorization(o.client, {
           escrow: o.escrow,

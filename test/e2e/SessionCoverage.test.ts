@@ -23,7 +23,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import { read, text } from '../helpers/Sse.ts'
 
-const chain = await Anvil.start({ accounts: 15 })
+const chain = await Anvil.start({ accounts: 16 })
 afterAll(() => chain.stop())
 const secret = 'test-challenge-secret-0123456789'
 const gw = await Gateway.create({
@@ -681,6 +681,26 @@ describe('contract wallets (ERC-1271)', () => {
         }),
       ).toBeUndefined()
     }
+  }, 30_000)
+})
+
+describe('a top-up sent twice', () => {
+  test('behavior: the same top-up credential again is answered as the first was (its transaction), and the deposit grows once', async () => {
+    const session = await opened(14, 10_000n, 1_000n)
+    const channelId = session.channelId!
+    const header = await session.topUp(5_000n)
+    const receipts = []
+    for (let i = 0; i < 2; i++) {
+      const res = await fetch(url, { method: 'HEAD', headers: { authorization: header } })
+      expect(res.status).toBe(200)
+      receipts.push(
+        Receipt.deserialize(res.headers.get('payment-receipt')!) as unknown as { txHash: Hex },
+      )
+    }
+    expect(receipts[1]!.txHash).toBe(receipts[0]!.txHash)
+    expect((await channelOf(channelId)).deposit).toBe('15000')
+    const sent = await Settlements.transactions(gw.sql, channelId)
+    expect(sent.filter((t) => t.kind === 'topUp').map((t) => t.hash)).toEqual([receipts[0]!.txHash])
   }, 30_000)
 })
 
