@@ -30,23 +30,30 @@ export function serialize(e: {
   return `${block}\n`
 }
 
-/** `body` without payment events (see the module doc). */
+/**
+ * `body` without payment events (see the module doc). A payment's failure ends the stream
+ * after the events that came before it: what the reader was already sent (and paid for) is
+ * never dropped for an error that came later.
+ */
 export function strip(
   body: ReadableStream<Uint8Array>,
   handlers: Handlers,
 ): ReadableStream<Uint8Array> {
   const encoder = new TextEncoder()
   const decoder = new TextDecoder()
-  let out: TransformStreamDefaultController<Uint8Array> | undefined
+  const reader = body.getReader()
+  /** Events parsed, not yet handed to the reader. */
+  let pending = ''
   let failed: { reason: unknown } | undefined
+  let woken: () => void = () => {}
+  const failure = new Promise<void>((resolve) => {
+    woken = resolve
+  })
   const fail = (reason: unknown) => {
     if (failed) return
     failed = { reason }
-    try {
-      out?.error(reason)
-    } catch {
-      // Already errored or closed.
-    }
+    woken()
+    reader.cancel(reason).catch(() => {})
   }
   const parser = createParser({
     onEvent(e) {
@@ -62,24 +69,38 @@ export function strip(
         else if (parsed?.event === Events.receiptEvent) handlers.onReceipt(parsed.data)
         return
       }
-      out?.enqueue(encoder.encode(serialize(e)))
+      pending += serialize(e)
     },
   })
-  return body.pipeThrough(
-    new TransformStream<Uint8Array, Uint8Array>({
-      start(controller) {
-        out = controller
+  let ended = false
+  return new ReadableStream<Uint8Array>(
+    {
+      async pull(controller) {
+        while (true) {
+          // What came before a failure goes out first; the failure, on the next pull.
+          if (pending.length > 0) {
+            controller.enqueue(encoder.encode(pending))
+            pending = ''
+            return
+          }
+          if (failed) return controller.error(failed.reason)
+          if (ended) return controller.close()
+          const next = await Promise.race([reader.read(), failure.then(() => undefined)])
+          if (next === undefined) continue
+          if (next.done) {
+            parser.feed(decoder.decode())
+            // The stream ended: a payment still on its way must not be lost, nor its error.
+            await handlers.settled?.().catch(fail)
+            ended = true
+            continue
+          }
+          parser.feed(decoder.decode(next.value, { stream: true }))
+        }
       },
-      transform(chunk) {
-        if (failed) throw failed.reason
-        parser.feed(decoder.decode(chunk, { stream: true }))
+      cancel(reason) {
+        return reader.cancel(reason)
       },
-      async flush() {
-        parser.feed(decoder.decode())
-        // The stream ended: a payment still on its way must not be lost, nor its error.
-        await handlers.settled?.().catch(fail)
-        if (failed) throw failed.reason
-      },
-    }),
+    },
+    { highWaterMark: 0 },
   )
 }

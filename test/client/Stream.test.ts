@@ -86,6 +86,28 @@ describe('strip', () => {
     expect(await new Response(stream).text().catch((e) => e)).toBe(boom)
   })
 
+  test('behavior: a failing payment ends the stream after the events that came before it, even in the same read', async () => {
+    const boom = new Error('limit')
+    const words = ['a', 'b', 'c'].map((w) => Stream.serialize({ data: w })).join('')
+    const text = words + Stream.serialize({ event: need.event, data: JSON.stringify(need.data) })
+    const reader = Stream.strip(body([text]), {
+      onNeedVoucher: () => Promise.reject(boom),
+      onReceipt() {},
+    }).getReader()
+    // The reader comes late, after the failure: it still gets the three words first.
+    await Bun.sleep(20)
+    let got = ''
+    const error = await (async () => {
+      while (true) {
+        const { value, done } = await reader.read()
+        if (done) return undefined
+        got += new TextDecoder().decode(value)
+      }
+    })().catch((e) => e)
+    expect(got).toBe(words)
+    expect(error).toBe(boom)
+  })
+
   test('behavior: any events in any chunking: non-payment events pass through unchanged (property)', async () => {
     const event = fc.record({
       event: fc.option(fc.stringMatching(/^[a-z-]{1,12}$/), { nil: undefined }),
