@@ -374,11 +374,10 @@ export function channelReservation(
   const r = reservation(sql, input)
   const superseded: (() => void)[] = []
   if (input.stream) {
-    // Superseded: also wake the stream if it waits for a voucher, and tell whoever asked (the
-    // route stops a quiet upstream), so it ends now.
+    // Superseded: tell whoever asked (the route aborts the stream's upstream, which also ends
+    // a wait for a voucher), so it ends now.
     const over = input.waker.streamStarted(input.channelId, input.id, () => {
       r.supersede()
-      input.waker.wake(input.channelId)
       for (const f of superseded) f()
     })
     const settle = r.settle

@@ -15,7 +15,7 @@ export class Waker {
   private readonly waiters = new Map<string, Set<() => void>>()
   private unlisten: (() => Promise<void>)[] = []
   private listening = false
-  /** Streams under way on this instance: what ends each, and the latest by channel. */
+  /** Streams under way on this instance: what ends each; without LISTEN, the latest by channel. */
   private readonly streams = new Map<string, () => void>()
   private readonly latest = new Map<string, string>()
 
@@ -70,11 +70,12 @@ export class Waker {
    * ends now. Returns what to call when the stream is over.
    */
   streamStarted(channelId: string, id: string, onSuperseded: () => void): () => void {
+    this.streams.set(id, onSuperseded)
+    if (this.listening) return () => this.streams.delete(id)
     const channel = channelId.toLowerCase()
     const before = this.latest.get(channel)
-    if (!this.listening && before !== undefined && before !== id) this.supersede(before)
+    if (before !== undefined && before !== id) this.supersede(before)
     this.latest.set(channel, id)
-    this.streams.set(id, onSuperseded)
     return () => {
       this.streams.delete(id)
       if (this.latest.get(channel) === id) this.latest.delete(channel)
