@@ -50,10 +50,10 @@ export type Options = {
   /** Events to send after the final usage chunk, before `[DONE]` (the payment receipt). */
   beforeDone?: () => Promise<Uint8Array | undefined>
   /**
-   * The `Payment-Receipt` header the stream starts with: shared caches must then not keep the
-   * response (`Cache-Control: private`, which the payment draft requires with every receipt).
+   * Headers of the stream's response besides its own (the `Payment-Receipt` it starts with).
+   * A `Cache-Control` among them is added to the stream's `no-cache`.
    */
-  receipt?: string
+  headers?: Record<string, string>
 }
 
 /**
@@ -211,10 +211,11 @@ export function response(c: Context, o: Options): Response {
     cancel: stop,
   })
 
+  const { 'Cache-Control': cache, ...headers } = o.headers ?? {}
   return c.newResponse(body, 200, {
+    ...headers,
     'content-type': 'text/event-stream; charset=utf-8',
-    'cache-control': o.receipt ? 'private, no-cache' : 'no-cache',
-    ...(o.receipt ? { 'payment-receipt': o.receipt } : {}),
+    'cache-control': cache ? `${cache}, no-cache` : 'no-cache',
     connection: 'keep-alive',
   })
 }

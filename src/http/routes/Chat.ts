@@ -102,8 +102,8 @@ type Hooks = {
   beforeDone?: Sse.Options['beforeDone']
   /** Headers of a whole completion, known once it is settled (`Payment-Receipt`). */
   settledHeaders?: () => Promise<Record<string, string>>
-  /** A stream's `Payment-Receipt` as it starts (see `Sse.Options.receipt`). */
-  receipt?: string
+  /** Headers a stream starts with (its `Payment-Receipt`; see `Sse.Options.headers`). */
+  headers?: Record<string, string>
 }
 
 /** Runs a completion metered against `reservation`, streamed or whole. */
@@ -179,7 +179,7 @@ async function serve(
     onError: (e) => deps.log.error({ err: (e as Error).message }, 'stream failed'),
     ...(hooks.extra ? { extra: hooks.extra } : {}),
     ...(hooks.beforeDone ? { beforeDone: hooks.beforeDone } : {}),
-    ...(hooks.receipt ? { receipt: hooks.receipt } : {}),
+    ...(hooks.headers ? { headers: hooks.headers } : {}),
   })
 }
 
@@ -337,10 +337,10 @@ export function routes(deps: Deps) {
             spent: admitted.spent,
             deposit: admitted.deposit,
           }),
-        )['Payment-Receipt']
+        )
       : undefined
     return serve(c, deps, p, reservation, startedAt, {
-      ...(start ? { receipt: start } : {}),
+      ...(start ? { headers: start } : {}),
       async extra(frame) {
         if (frame.kind !== 'shortfall') return undefined
         const channel = await current()
