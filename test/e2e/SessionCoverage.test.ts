@@ -608,29 +608,14 @@ describe('one stream per channel', () => {
   )
 })
 
-/** Puts `code` (runtime bytecode) at `address` on anvil. */
-async function setCode(address: Hex, code: Hex) {
-  const res = await fetch(chain.rpcUrl, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({
-      jsonrpc: '2.0',
-      id: 1,
-      method: 'anvil_setCode',
-      params: [address, code],
-    }),
-  })
-  expect(((await res.json()) as { error?: unknown }).error).toBeUndefined()
-}
-
 describe('contract wallets (ERC-1271)', () => {
   test('behavior: a channel whose signer is a contract wallet is paid with vouchers the wallet accepts; one whose wallet refuses is not opened', async () => {
     // Wallets that answer isValidSignature (any call) with ERC-1271's magic value, or not.
     const accepts = '0x0000000000000000000000000000000000001271' as const
     const refuses = '0x0000000000000000000000000000000000001272' as const
     const silent = '0x0000000000000000000000000000000000001273' as const
-    await setCode(accepts, '0x631626ba7e60e01b60005260206000f3')
-    await setCode(refuses, '0x63ffffffff60e01b60005260206000f3')
+    await chain.setCode(accepts, '0x631626ba7e60e01b60005260206000f3')
+    await chain.setCode(refuses, '0x63ffffffff60e01b60005260206000f3')
     const wallet = new PayingSession({
       account: privateKeyToAccount(chain.payers[8]!.privateKey),
       challenge: await freshChallenge(),
@@ -653,7 +638,7 @@ describe('contract wallets (ERC-1271)', () => {
 
     // A wallet that says no, and a contract that answers nothing (no wallet at all): the
     // signature is refused (not a chain failure), before the gateway pays gas to open.
-    await setCode(silent, '0x00')
+    await chain.setCode(silent, '0x00')
     for (const signer of [refuses, silent]) {
       const refused = new PayingSession({
         account: privateKeyToAccount(chain.payers[9]!.privateKey),
@@ -714,7 +699,7 @@ describe('the chain', () => {
   test('error: a gateway pointed at an escrow whose grace period is under 10 minutes does not start', async () => {
     // A contract that answers every call with 60 (PUSH1 60, MSTORE at 0, RETURN 32 bytes).
     const short = '0x00000000000000000000000000000000000e5c40' as const
-    await setCode(short, '0x603c60005260206000f3')
+    await chain.setCode(short, '0x603c60005260206000f3')
     const started = Gateway.create(
       {
         chain: { ...Gateway.chainOf(chain), escrowAddress: short },

@@ -18,6 +18,8 @@ export type TestChain = DevChain.DevChain & {
   reset(): Promise<void>
   /** Moves block time forward by `seconds` and mines a block. */
   increaseTime(seconds: number): Promise<void>
+  /** Puts runtime bytecode `code` at `address` (a contract that answers as the test needs). */
+  setCode(address: Hex, code: Hex): Promise<void>
 }
 
 export async function start(options: DevChain.Options = {}): Promise<TestChain> {
@@ -61,6 +63,9 @@ export async function start(options: DevChain.Options = {}): Promise<TestChain> 
     async increaseTime(seconds: number) {
       await payeeClient.request({ method: 'evm_increaseTime', params: [seconds] } as never)
       await payeeClient.request({ method: 'evm_mine' } as never)
+    },
+    async setCode(address: Hex, code: Hex) {
+      await payeeClient.request({ method: 'anvil_setCode', params: [address, code] } as never)
     },
   }
 }
