@@ -46,10 +46,11 @@ export const mnemonic = 'test test test test test test test test test test test 
 /**
  * Runs a command (anvil) and ends it when this process ends, however it ends: a `kill -9`
  * of the gateway runs no exit handler, and anvil would be left holding its port. The shell
- * checks every second that its parent is alive; a signal to the shell ends both at once.
+ * checks every second that its parent is alive; a signal to the shell ends both at once, and
+ * the shell exits only once anvil has (so a stopped chain's port no longer answers).
  */
 const WATCHED = `"$@" & child=$!
-trap 'kill $child 2>/dev/null; exit 0' INT TERM HUP
+trap 'kill $child 2>/dev/null; wait $child; exit 0' INT TERM HUP
 parent=$PPID
 while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 1 & wait $!; done
 kill $child 2>/dev/null
