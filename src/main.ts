@@ -10,7 +10,6 @@ import * as Config from './Config.ts'
 import * as Client from './chain/Client.ts'
 import * as DevChain from './chain/DevChain.ts'
 import * as Escrow from './chain/Escrow.ts'
-import * as SessionEscrow from './chain/SessionEscrow.ts'
 import * as Settlement from './chain/Settlement.ts'
 import * as Token from './chain/Token.ts'
 import * as Transaction from './chain/Transaction.ts'
@@ -27,6 +26,8 @@ import * as Embedded from './ledger/Embedded.ts'
 import * as Reservations from './ledger/Reservations.ts'
 import * as Settlements from './ledger/Settlements.ts'
 import { Waker } from './ledger/Waker.ts'
+import * as Tokenizer from './metering/Tokenizer.ts'
+import * as ChainEscrow from './payment/evm/ChainEscrow.ts'
 import * as Server from './payment/evm/Server.ts'
 import * as EchoModel from './upstream/EchoModel.ts'
 import * as OpenAICompatible from './upstream/OpenAICompatible.ts'
@@ -127,7 +128,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       )
       if (grace !== undefined && grace < Escrow.minCloseGracePeriod)
         throw new Config.ConfigError(
-          `ESCROW_ADDRESS: ${new SessionEscrow.EscrowGraceError(chain.escrowAddress as Hex, grace).message}`,
+          `ESCROW_ADDRESS: ${new ChainEscrow.EscrowGraceError(chain.escrowAddress as Hex, grace).message}`,
         )
       const s = config.payments.settlement
       const worker = Settlement.start({
@@ -156,7 +157,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
             return undefined
           },
         ))
-      const escrow = SessionEscrow.create({
+      const escrow = ChainEscrow.create({
         client,
         escrow: chain.escrowAddress as Hex,
         currency: chain.currencyAddress as Hex,
@@ -247,7 +248,7 @@ function models(config: Config.Config, environment: Record<string, string | unde
         pricing: config.echo.pricing,
         contextLength: config.echo.contextLength,
         minTier: 0,
-        provider: EchoModel.create({ tokenDelayMs: config.echo.tokenDelayMs }),
+        provider: EchoModel.create({ tokenDelayMs: config.echo.tokenDelayMs, tokens: Tokenizer }),
       },
     ]
   }

@@ -1,24 +1,31 @@
 /**
  * `tollway-echo`: the built-in development model. It streams the last user message back
  * word by word (cycling through it until `max_tokens` when asked for more), honours `stop`,
- * and reports exact usage counted by the gateway's own tokenizer, so every path through
- * the gateway is metered without a real upstream.
+ * and reports exact usage counted by the gateway's own tokenizer (handed in: token counting
+ * belongs to metering/, a layer above), so every path through the gateway is metered without
+ * a real upstream.
  */
-import * as Tokenizer from '../metering/Tokenizer.ts'
 import { type Chunk, type Completion, type Message, type Received, text } from './Chat.ts'
 import type { Body, Limits, Provider } from './Provider.ts'
 
 export const id = 'tollway-echo'
 
+/** The gateway's token counts (metering's Tokenizer), which the echo model reports. */
+export type Tokens = {
+  count(text: string): number
+  prompt(messages: readonly { content: string }[]): number
+}
+
 /** Creates the provider; `tokenDelayMs` paces the stream like a real model. */
-export function create(options: { tokenDelayMs: number }): Provider {
+export function create(options: { tokenDelayMs: number; tokens: Tokens }): Provider {
+  const { tokens } = options
   return {
     name: 'echo',
     async stream(body, signal, limits) {
-      return batches(stream(body, signal, options.tokenDelayMs, limits))
+      return batches(stream(tokens, body, signal, options.tokenDelayMs, limits))
     },
     async complete(body, signal, limits) {
-      const reply = generate(body, limits)
+      const reply = generate(tokens, body, limits)
       const created = Math.floor(Date.now() / 1000)
       signal.throwIfAborted()
       return {
@@ -33,7 +40,7 @@ export function create(options: { tokenDelayMs: number }): Provider {
             finish_reason: reply.finish,
           },
         ],
-        usage: usage(body, reply.tokens),
+        usage: usage(tokens, body, reply.tokens),
       } satisfies Completion
     },
   }
@@ -45,7 +52,7 @@ type Reply = { words: string[]; tokens: number; finish: 'stop' | 'length' }
  * The reply: the message's words, cycled while the client's `max_tokens` asks for more, and
  * cut at it or at the gateway's limit, whichever comes first.
  */
-function generate(body: Body, limits?: Limits): Reply {
+function generate(tokenizer: Tokens, body: Body, limits?: Limits): Reply {
   const messages = body.messages as Message[]
   const last = [...messages].reverse().find((m) => m.role === 'user')
   const source = last ? text(last.content).split(/\s+/).filter(Boolean) : []
@@ -64,7 +71,7 @@ function generate(body: Body, limits?: Limits): Reply {
   // Only what the client asked makes it cycle; the gateway's limit only cuts.
   for (let i = 0; asked !== undefined || i < source.length; i++) {
     const word = (i === 0 ? '' : ' ') + source[i % source.length]
-    const n = Tokenizer.count(word)
+    const n = tokenizer.count(word)
     if (max !== undefined && tokens + n > max) return { words, tokens, finish: 'length' }
     said += word
     if (stops.some((s) => s && said.includes(s))) return { words, tokens, finish: 'stop' }
@@ -74,8 +81,8 @@ function generate(body: Body, limits?: Limits): Reply {
   return { words, tokens, finish: 'stop' }
 }
 
-function usage(body: Body, completion: number) {
-  const prompt = Tokenizer.prompt(
+function usage(tokens: Tokens, body: Body, completion: number) {
+  const prompt = tokens.prompt(
     (body.messages as Message[]).map((m) => ({ content: text(m.content) })),
   )
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
@@ -87,12 +94,13 @@ async function* batches(chunks: AsyncIterable<Chunk>): AsyncGenerator<Received[]
 }
 
 async function* stream(
+  tokens: Tokens,
   body: Body,
   signal: AbortSignal,
   delayMs: number,
   limits?: Limits,
 ): AsyncGenerator<Chunk> {
-  const reply = generate(body, limits)
+  const reply = generate(tokens, body, limits)
   const base = {
     id: `chatcmpl-${crypto.randomUUID()}`,
     object: 'chat.completion.chunk',
@@ -113,5 +121,5 @@ async function* stream(
     yield chunk({ content: word })
   }
   yield chunk({}, reply.finish)
-  yield { ...base, choices: [], usage: usage(body, reply.tokens) }
+  yield { ...base, choices: [], usage: usage(tokens, body, reply.tokens) }
 }

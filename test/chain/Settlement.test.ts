@@ -5,13 +5,13 @@ import { privateKeyToAccount } from 'viem/accounts'
 import * as Client from '../../src/chain/Client.ts'
 import { ChannelStateError, TransactionRevertedError } from '../../src/chain/Errors.ts'
 import * as Escrow from '../../src/chain/Escrow.ts'
-import * as SessionEscrow from '../../src/chain/SessionEscrow.ts'
 import * as Settlement from '../../src/chain/Settlement.ts'
 import * as Token from '../../src/chain/Token.ts'
 import * as Voucher from '../../src/chain/Voucher.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import * as Settlements from '../../src/ledger/Settlements.ts'
+import * as ChainEscrow from '../../src/payment/evm/ChainEscrow.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 
@@ -56,7 +56,7 @@ async function openChannel(): Promise<Hex> {
   }))!
   await Channels.observe(
     sql,
-    SessionEscrow.onChain(c, { channelId, chainId: chain.chainId, escrow: chain.escrowAddress }),
+    ChainEscrow.onChain(c, { channelId, chainId: chain.chainId, escrow: chain.escrowAddress }),
   )
   return channelId
 }

@@ -2,7 +2,7 @@ import { describe, expect, test } from 'bun:test'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as EchoModel from '../../src/upstream/EchoModel.ts'
 
-const echo = EchoModel.create({ tokenDelayMs: 0 })
+const echo = EchoModel.create({ tokenDelayMs: 0, tokens: Tokenizer })
 const signal = new AbortController().signal
 const body = (content: string, extra: Record<string, unknown> = {}) => ({
   model: EchoModel.id,

@@ -23,21 +23,21 @@ import {
   readContract,
   waitForTransactionReceipt,
 } from 'viem/actions'
-import { ChainUnavailableError, GatewayError } from '../Errors.ts'
-import { Lru } from '../Lru.ts'
-import type * as Server from '../payment/evm/Server.ts'
-import * as Problem from '../payment/Problem.ts'
-import type * as Client from './Client.ts'
+import type * as Client from '../../chain/Client.ts'
 import {
   ChannelStateError,
   InvalidVoucherSignatureError,
   SettlementBusyError,
   TransactionRevertedError,
   TransactionTimeoutError,
-} from './Errors.ts'
-import * as Escrow from './Escrow.ts'
-import type * as Settlement from './Settlement.ts'
-import * as Voucher from './Voucher.ts'
+} from '../../chain/Errors.ts'
+import * as Escrow from '../../chain/Escrow.ts'
+import type * as Settlement from '../../chain/Settlement.ts'
+import * as Voucher from '../../chain/Voucher.ts'
+import { ChainUnavailableError, GatewayError } from '../../Errors.ts'
+import { Lru } from '../../Lru.ts'
+import * as Problem from '../Problem.ts'
+import type * as Server from './Server.ts'
 
 export type Options = {
   /** The payee's (gateway's) wallet client: it pays the gas of what it submits. */
