@@ -4,7 +4,7 @@
  * the upstream called directly and with a bare Hono pass-through proxy (the ceiling).
  *
  * Each server is its own process; this process is the load generator (keep-alive
- * connections, closed loop). Overhead = a target's latency percentile minus the direct
+ * connections, closed loop). The targets take turns, in rounds. Overhead = a target's latency percentile minus the direct
  * upstream's at the same concurrency. With DATABASE_URL the gateway uses a fresh database
  * `tollway_bench` on that server; without it, the embedded PGlite.
  *
@@ -13,6 +13,12 @@
 import * as Harness from './Harness.ts'
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 5)
+/**
+ * Each cell's seconds are spread over this many rounds, the targets taking turns within a
+ * round: the speed of a shared box drifts (by a quarter and more within minutes, measured),
+ * and taking turns gives every target the same share of its fast and slow minutes.
+ */
+const rounds = Number(process.env.BENCH_ROUNDS ?? 5)
 const concurrencies = [1, 64]
 
 type Stats = {
@@ -28,6 +34,15 @@ type Stats = {
   cpu: { target: number; upstream: number; postgres: number; client: number }
 }
 
+/** What one round of load on a target measured; rounds add up (see `add`). */
+type Sample = {
+  latencies: number[]
+  errors: number
+  elapsed: number
+  /** CPU seconds in the round, by process (as in `Stats.cpu`). */
+  cpu: { target: number; upstream: number; postgres: number; client: number }
+}
+
 const { freePort, spawn } = Harness
 
 async function load(
@@ -36,10 +51,11 @@ async function load(
   body: string,
   concurrency: number,
   pids: { target: number; upstream: number },
-): Promise<Stats> {
+  forSeconds: number,
+): Promise<Sample> {
   const latencies: number[] = []
   let errors = 0
-  const end = performance.now() + seconds * 1000
+  const end = performance.now() + forSeconds * 1000
   const worker = async () => {
     while (performance.now() < end) {
       const t = performance.now()
@@ -59,21 +75,49 @@ async function load(
   await Promise.all(Array.from({ length: concurrency }, worker))
   const elapsed = (performance.now() - started) / 1000
   const client = process.cpuUsage(cpu0.client)
-  const n = latencies.length + errors
   const cpu1 = sample()
-  const per = (seconds: number) => Math.round((seconds / n) * 1e6)
-  latencies.sort((a, b) => a - b)
-  const at = (q: number) => Harness.quantile(latencies, q)
   return {
-    rps: latencies.length / elapsed,
-    p50: at(0.5),
-    p99: at(0.99),
+    latencies,
     errors,
+    elapsed,
     cpu: {
-      target: per(cpu1.target - cpu0.target),
-      upstream: pids.upstream === pids.target ? 0 : per(cpu1.upstream - cpu0.upstream),
-      postgres: per(cpu1.postgres - cpu0.postgres),
-      client: per((client.user + client.system) / 1e6),
+      target: cpu1.target - cpu0.target,
+      upstream: pids.upstream === pids.target ? 0 : cpu1.upstream - cpu0.upstream,
+      postgres: cpu1.postgres - cpu0.postgres,
+      client: (client.user + client.system) / 1e6,
+    },
+  }
+}
+
+/** Two samples as one. */
+function add(a: Sample, b: Sample): Sample {
+  return {
+    latencies: a.latencies.concat(b.latencies),
+    errors: a.errors + b.errors,
+    elapsed: a.elapsed + b.elapsed,
+    cpu: {
+      target: a.cpu.target + b.cpu.target,
+      upstream: a.cpu.upstream + b.cpu.upstream,
+      postgres: a.cpu.postgres + b.cpu.postgres,
+      client: a.cpu.client + b.cpu.client,
+    },
+  }
+}
+
+function stats(s: Sample): Stats {
+  const n = s.latencies.length + s.errors
+  const per = (seconds: number) => Math.round((seconds / n) * 1e6)
+  const sorted = s.latencies.toSorted((a, b) => a - b)
+  return {
+    rps: s.latencies.length / s.elapsed,
+    p50: Harness.quantile(sorted, 0.5),
+    p99: Harness.quantile(sorted, 0.99),
+    errors: s.errors,
+    cpu: {
+      target: per(s.cpu.target),
+      upstream: per(s.cpu.upstream),
+      postgres: per(s.cpu.postgres),
+      client: per(s.cpu.client),
     },
   }
 }
@@ -145,15 +189,20 @@ export async function run() {
     // Warm up every path (JIT, connection pools, prepared statements).
     const pids = (t: { pid: number }) => ({ target: t.pid, upstream: upstreamPid })
     for (const t of Object.values(targets))
-      await load(t.url, t.headers, body, 8, pids(t)).catch(() => {})
+      await load(t.url, t.headers, body, 8, pids(t), seconds).catch(() => {})
 
     const results: Record<string, Record<string, Stats>> = {}
     for (const c of concurrencies) {
-      results[`c${c}`] = {}
-      for (const [name, t] of Object.entries(targets))
-        results[`c${c}`]![name] = await load(t.url, t.headers, body, c, pids(t))
+      const samples = new Map<string, Sample>()
+      for (let round = 0; round < rounds; round++)
+        for (const [name, t] of Object.entries(targets)) {
+          const s = await load(t.url, t.headers, body, c, pids(t), seconds / rounds)
+          const before = samples.get(name)
+          samples.set(name, before ? add(before, s) : s)
+        }
+      results[`c${c}`] = Object.fromEntries([...samples].map(([name, s]) => [name, stats(s)]))
     }
-    return { database: databaseUrl ? 'postgresql' : 'pglite', seconds, results }
+    return { database: databaseUrl ? 'postgresql' : 'pglite', seconds, rounds, results }
   } finally {
     for (const c of children) c.proc.kill()
   }
