@@ -6,16 +6,29 @@ import { z } from 'zod'
 
 const TextPart = z.object({ type: z.literal('text'), text: z.string() }).loose()
 
+/** A tool call an assistant made, as a history carries it back (only what is counted). */
+const ToolCall = z
+  .object({
+    function: z
+      .object({ name: z.string().optional(), arguments: z.string().optional() })
+      .loose()
+      .optional(),
+  })
+  .loose()
+
 export const Message = z
   .object({
-    role: z.enum(['system', 'developer', 'user', 'assistant'], {
-      error: 'role must be one of system, developer, user, assistant',
+    // `tool` carries a tool's result back to the model (`function`: the deprecated form), so a
+    // conversation with tool calls goes on through the gateway.
+    role: z.enum(['system', 'developer', 'user', 'assistant', 'tool', 'function'], {
+      error: 'role must be one of system, developer, user, assistant, tool, function',
     }),
     // An assistant's may be null (as OpenAI's SDKs write it beside tool calls in a history).
     content: z.union([z.string(), z.array(TextPart), z.null()], {
       error: 'content must be a string or an array of text parts',
     }),
     name: z.string().optional(),
+    tool_calls: z.array(ToolCall, { error: 'tool_calls must be an array' }).optional(),
   })
   .loose()
   .refine((m) => m.content !== null || m.role === 'assistant', {
@@ -46,6 +59,22 @@ export type Request = z.output<typeof Request>
 export function text(content: Message['content']): string {
   if (content === null) return ''
   return typeof content === 'string' ? content : content.map((p) => p.text).join('')
+}
+
+/**
+ * What of a request the model reads as its prompt, as texts to count: each message's content
+ * with the names and arguments of the tool calls it carries, and the tool definitions (which
+ * upstreams put into the prompt), so that a request's reservation covers them too.
+ */
+export function promptTexts(req: Pick<Request, 'messages'> & { tools?: unknown }): string[] {
+  const texts = req.messages.map((m) => {
+    let t = text(m.content)
+    for (const call of m.tool_calls ?? [])
+      t += `\n${call.function?.name ?? ''}\n${call.function?.arguments ?? ''}`
+    return t
+  })
+  if (req.tools !== undefined) texts.push(JSON.stringify(req.tools))
+  return texts
 }
 
 export const Usage = z

@@ -5,7 +5,14 @@
  * belongs to metering/, a layer above), so every path through the gateway is metered without
  * a real upstream.
  */
-import { type Chunk, type Completion, type Message, type Received, text } from './Chat.ts'
+import {
+  type Chunk,
+  type Completion,
+  type Message,
+  promptTexts,
+  type Received,
+  text,
+} from './Chat.ts'
 import type { Body, Limits, Provider } from './Provider.ts'
 
 export const id = 'tollway-echo'
@@ -83,7 +90,7 @@ function generate(tokenizer: Tokens, body: Body, limits?: Limits): Reply {
 
 function usage(tokens: Tokens, body: Body, completion: number) {
   const prompt = tokens.prompt(
-    (body.messages as Message[]).map((m) => ({ content: text(m.content) })),
+    promptTexts(body as { messages: Message[]; tools?: unknown }).map((content) => ({ content })),
   )
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
 }

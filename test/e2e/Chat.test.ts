@@ -210,6 +210,76 @@ describe('errors', () => {
     expect(r.choices[0]!.message.content).toBe('second turn')
   })
 
+  test('behavior: a conversation with tool calls goes on through the gateway (the SDK as client); the upstream gets the tool result and the tools', async () => {
+    const { key } = await gw.account()
+    const tools = [
+      {
+        type: 'function' as const,
+        function: { name: 'weather', parameters: { type: 'object', properties: {} } },
+      },
+    ]
+    const before = gw.upstream.received.length
+    const r = await gw.openai(key).chat.completions.create({
+      model: 'fake',
+      tools,
+      messages: [
+        { role: 'user', content: 'weather in Paris' },
+        {
+          role: 'assistant',
+          content: null,
+          tool_calls: [
+            {
+              id: 'call_1',
+              type: 'function',
+              function: { name: 'weather', arguments: '{"city":"Paris"}' },
+            },
+          ],
+        },
+        { role: 'tool', tool_call_id: 'call_1', content: 'sunny, 21 C' },
+      ],
+    })
+    expect(r.choices[0]!.message.content).toBe('weather in Paris')
+    const sent = gw.upstream.received[before]!.body as {
+      messages: Record<string, unknown>[]
+      tools: unknown
+    }
+    expect(sent.messages[2]).toEqual({
+      role: 'tool',
+      tool_call_id: 'call_1',
+      content: 'sunny, 21 C',
+    })
+    expect(sent.messages[1]!.tool_calls).toEqual([
+      {
+        id: 'call_1',
+        type: 'function',
+        function: { name: 'weather', arguments: '{"city":"Paris"}' },
+      },
+    ])
+    expect(sent.tools).toEqual(tools)
+  })
+
+  test('behavior: tool definitions count in the prompt a request reserves for: credits that cover the messages alone do not admit them', async () => {
+    const { key } = await gw.account({ credits: 200 })
+    const body = { model: 'fake', max_tokens: 1, messages }
+    const tools = [
+      {
+        type: 'function',
+        function: {
+          name: 'lookup',
+          description: 'a long description '.repeat(100),
+          parameters: {},
+        },
+      },
+    ]
+    const bare = await post(key, body)
+    expect(bare.status).toBe(200)
+    const withTools = await post(key, { ...body, tools })
+    expect(withTools.status).toBe(402)
+    expect(((await withTools.json()) as { error: { code: string } }).error.code).toBe(
+      'insufficient_credits',
+    )
+  })
+
   test('error: unknown model → 404 model_not_found', async () => {
     const { key } = await gw.account()
     const res = await post(key, { model: 'nope', messages })

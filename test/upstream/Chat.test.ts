@@ -215,3 +215,60 @@ describe('template', () => {
     }
   })
 })
+
+describe('Message', () => {
+  const call = { id: 'call_1', type: 'function', function: { name: 'weather', arguments: '{}' } }
+
+  test('behavior: a conversation with tool calls parses: the call, then the tool result', () => {
+    const r = Chat.Request.safeParse({
+      model: 'm',
+      messages: [
+        { role: 'user', content: 'weather in Paris?' },
+        { role: 'assistant', content: null, tool_calls: [call] },
+        { role: 'tool', tool_call_id: 'call_1', content: 'sunny' },
+        { role: 'function', name: 'weather', content: 'sunny' },
+      ],
+    })
+    expect(r.success).toBe(true)
+    // Unknown fields pass through to the upstream.
+    expect((r.data!.messages[2] as Record<string, unknown>).tool_call_id).toBe('call_1')
+  })
+
+  test('error: a tool message without content, an unknown role, tool_calls that are not a list', () => {
+    const bad = [
+      { role: 'tool', tool_call_id: 'call_1', content: null },
+      { role: 'wizard', content: 'x' },
+      { role: 'assistant', content: null, tool_calls: call },
+    ]
+    for (const m of bad)
+      expect(Chat.Request.safeParse({ model: 'm', messages: [m] }).success).toBe(false)
+  })
+})
+
+describe('promptTexts', () => {
+  test('behavior: the content, the tool calls a message carries and the tool definitions', () => {
+    const tools = [{ type: 'function', function: { name: 'weather', parameters: {} } }]
+    const texts = Chat.promptTexts({
+      messages: [
+        { role: 'user', content: [{ type: 'text', text: 'weather' }] },
+        {
+          role: 'assistant',
+          content: 'let me look',
+          tool_calls: [{ function: { name: 'weather', arguments: '{"city":"Paris"}' } }],
+        },
+        { role: 'tool', content: 'sunny' },
+      ],
+      tools,
+    })
+    expect(texts).toEqual([
+      'weather',
+      'let me look\nweather\n{"city":"Paris"}',
+      'sunny',
+      JSON.stringify(tools),
+    ])
+  })
+
+  test('behavior: without tools, one text a message', () => {
+    expect(Chat.promptTexts({ messages: [{ role: 'user', content: 'hi' }] })).toEqual(['hi'])
+  })
+})

@@ -54,9 +54,7 @@ function plan(deps: Deps, text: string): Plan {
   const { blockTokens } = deps.config.metering
   const req = Parse.parse(Chat.Request, Parse.json(text))
   const model = deps.router.route(req.model)
-  const promptTokens = Tokenizer.prompt(
-    req.messages.map((m) => ({ content: Chat.text(m.content) })),
-  )
+  const promptTokens = Tokenizer.prompt(Chat.promptTexts(req).map((content) => ({ content })))
   const room = model.contextLength - promptTokens
   if (room <= 0)
     throw new InvalidRequestError(
