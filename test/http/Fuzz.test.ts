@@ -33,6 +33,26 @@ const chatLike = fc.record(
               fc.array(fc.record({ type: fc.constant('text'), text: fc.string() })),
               fc.jsonValue(),
             ),
+            tool_calls: fc.oneof(
+              fc.array(
+                fc.record(
+                  {
+                    id: fc.string(),
+                    function: fc.oneof(
+                      fc.record(
+                        { name: fc.string(), arguments: fc.oneof(fc.string(), fc.jsonValue()) },
+                        { requiredKeys: [] },
+                      ),
+                      fc.jsonValue(),
+                    ),
+                  },
+                  { requiredKeys: [] },
+                ),
+                { maxLength: 2 },
+              ),
+              fc.jsonValue(),
+            ),
+            tool_call_id: fc.string(),
           },
           { requiredKeys: [] },
         ),
@@ -45,6 +65,7 @@ const chatLike = fc.record(
     temperature: fc.oneof(fc.double(), fc.jsonValue()),
     stop: fc.oneof(fc.string(), fc.array(fc.string()), fc.jsonValue()),
     stream_options: fc.jsonValue(),
+    tools: fc.jsonValue(),
   },
   { requiredKeys: [] },
 )
