@@ -20,6 +20,8 @@ const seconds = Number(process.env.BENCH_SECONDS ?? 5)
  */
 const rounds = Number(process.env.BENCH_ROUNDS ?? 5)
 const concurrencies = [1, 64]
+/** The open-loop rates, as shares of the gateway's rate at the highest concurrency. */
+const openShares = (process.env.BENCH_OPEN_SHARES ?? '0.25,0.5,0.8').split(',').map(Number)
 
 type Stats = {
   rps: number
@@ -45,26 +47,11 @@ type Sample = {
 
 const { freePort, spawn } = Harness
 
-async function load(
-  url: string,
-  headers: Record<string, string>,
-  body: string,
-  concurrency: number,
+/** Runs `drive` (the load) and samples every process's CPU around it. */
+async function measured(
   pids: { target: number; upstream: number },
-  forSeconds: number,
+  drive: () => Promise<{ latencies: number[]; errors: number }>,
 ): Promise<Sample> {
-  const latencies: number[] = []
-  let errors = 0
-  const end = performance.now() + forSeconds * 1000
-  const worker = async () => {
-    while (performance.now() < end) {
-      const t = performance.now()
-      const res = await fetch(url, { method: 'POST', headers, body })
-      await res.arrayBuffer()
-      if (res.status !== 200) errors++
-      else latencies.push(performance.now() - t)
-    }
-  }
   const sample = (all = Harness.processes()) => ({
     target: Harness.cpuSeconds(pids.target, all),
     upstream: Harness.cpuSeconds(pids.upstream, all),
@@ -72,7 +59,7 @@ async function load(
   })
   const cpu0 = { ...sample(), client: process.cpuUsage() }
   const started = performance.now()
-  await Promise.all(Array.from({ length: concurrency }, worker))
+  const { latencies, errors } = await drive()
   const elapsed = (performance.now() - started) / 1000
   const client = process.cpuUsage(cpu0.client)
   const cpu1 = sample()
@@ -87,6 +74,60 @@ async function load(
       client: (client.user + client.system) / 1e6,
     },
   }
+}
+
+type Target = { url: string; headers: Record<string, string> }
+
+/** Closed loop: `concurrency` connections, each sending its next request when one ends. */
+async function load(t: Target, body: string, concurrency: number, forSeconds: number) {
+  const latencies: number[] = []
+  let errors = 0
+  const end = performance.now() + forSeconds * 1000
+  const worker = async () => {
+    while (performance.now() < end) {
+      const at = performance.now()
+      const res = await fetch(t.url, { method: 'POST', headers: t.headers, body })
+      await res.arrayBuffer()
+      if (res.status !== 200) errors++
+      else latencies.push(performance.now() - at)
+    }
+  }
+  await Promise.all(Array.from({ length: concurrency }, worker))
+  return { latencies, errors }
+}
+
+/**
+ * Open loop: requests go out at `rate` a second whatever the answers do, each timed from
+ * when it was due (a target that falls behind is charged the wait, not excused from it).
+ * The sender wakes every millisecond, which adds up to a millisecond to every target alike.
+ */
+async function paced(t: Target, body: string, rate: number, forSeconds: number) {
+  const latencies: number[] = []
+  let errors = 0
+  const total = Math.floor(rate * forSeconds)
+  const start = performance.now()
+  const pending = new Set<Promise<void>>()
+  for (let sent = 0; sent < total; ) {
+    const due = Math.min(total, Math.floor(((performance.now() - start) / 1000) * rate) + 1)
+    for (; sent < due; sent++) {
+      const at = start + (sent / rate) * 1000
+      const p = fetch(t.url, { method: 'POST', headers: t.headers, body }).then(
+        async (res) => {
+          await res.arrayBuffer()
+          if (res.status !== 200) errors++
+          else latencies.push(performance.now() - at)
+        },
+        () => {
+          errors++
+        },
+      )
+      pending.add(p)
+      void p.finally(() => pending.delete(p))
+    }
+    await Bun.sleep(1)
+  }
+  await Promise.all(pending)
+  return { latencies, errors }
 }
 
 /** Two samples as one. */
@@ -189,20 +230,33 @@ export async function run() {
     // Warm up every path (JIT, connection pools, prepared statements).
     const pids = (t: { pid: number }) => ({ target: t.pid, upstream: upstreamPid })
     for (const t of Object.values(targets))
-      await load(t.url, t.headers, body, 8, pids(t), seconds).catch(() => {})
+      await measured(pids(t), () => load(t, body, 8, seconds)).catch(() => {})
 
-    const results: Record<string, Record<string, Stats>> = {}
-    for (const c of concurrencies) {
+    /** Each target under `drive`, in rounds in which the targets take turns. */
+    const turns = async (
+      drive: (t: Target, forSeconds: number) => Promise<{ latencies: number[]; errors: number }>,
+    ) => {
       const samples = new Map<string, Sample>()
       for (let round = 0; round < rounds; round++)
         for (const [name, t] of Object.entries(targets)) {
-          const s = await load(t.url, t.headers, body, c, pids(t), seconds / rounds)
+          const s = await measured(pids(t), () => drive(t, seconds / rounds))
           const before = samples.get(name)
           samples.set(name, before ? add(before, s) : s)
         }
-      results[`c${c}`] = Object.fromEntries([...samples].map(([name, s]) => [name, stats(s)]))
+      return Object.fromEntries([...samples].map(([name, s]) => [name, stats(s)]))
     }
-    return { database: databaseUrl ? 'postgresql' : 'pglite', seconds, rounds, results }
+    const results: Record<string, Record<string, Stats>> = {}
+    for (const c of concurrencies) results[`c${c}`] = await turns((t, s) => load(t, body, c, s))
+    // Overhead under load: every target at one rate (shares of the gateway's closed-loop
+    // rate), so latencies compare at equal work, not at equal connections (where a slower
+    // target's queue is most of its latency).
+    const top = results[`c${concurrencies.at(-1)}`]!.gateway!
+    const open: { share: number; rate: number; results: Record<string, Stats> }[] = []
+    for (const share of openShares) {
+      const rate = Math.max(1, Math.floor(top.rps * share))
+      open.push({ share, rate, results: await turns((t, s) => paced(t, body, rate, s)) })
+    }
+    return { database: databaseUrl ? 'postgresql' : 'pglite', seconds, rounds, results, open }
   } finally {
     for (const c of children) c.proc.kill()
   }
@@ -230,7 +284,24 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
   lines.push(
     '',
     `Gateway throughput at ${concurrencies.at(-1)} connections: ${((top.gateway!.rps / top.proxy!.rps) * 100).toFixed(0)}% of the bare proxy (database: ${r.database}).`,
+    '',
+    `Open loop: every target at one rate, a share of the gateway's rate at ${concurrencies.at(-1)} connections; latency from when each request was due:`,
+    '',
+    '| share | requests/s | target | achieved | p50 ms | p99 ms | overhead p50 ms | overhead p99 ms | errors |',
+    '|---:|---:|---|---:|---:|---:|---:|---:|---:|',
   )
+  for (const o of r.open) {
+    const direct = o.results.direct!
+    for (const [name, s] of Object.entries(o.results)) {
+      const over =
+        name === 'direct'
+          ? ['', '']
+          : [(s.p50 - direct.p50).toFixed(3), (s.p99 - direct.p99).toFixed(3)]
+      lines.push(
+        `| ${o.share * 100}% | ${o.rate} | ${name} | ${Math.round(s.rps)} | ${s.p50.toFixed(3)} | ${s.p99.toFixed(3)} | ${over[0]} | ${over[1]} | ${s.errors} |`,
+      )
+    }
+  }
   return lines.join('\n')
 }
 
