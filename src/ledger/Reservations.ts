@@ -34,6 +34,8 @@ export type Admitted = {
   available: bigint
   /** How many more requests at once the plan allows besides this one (null: no limit). */
   concurrencyRoom: number | null
+  /** Tokens the plan's monthly quota has left after this request's prompt (null: no quota). */
+  quotaRoom: number | null
   rateLimit: number | null
   rateRemaining: number | null
 }
@@ -88,6 +90,7 @@ function admission(row: any): Admitted | Refused {
         held: row.held,
         available: row.available,
         concurrencyRoom: row.concurrency_room ?? null,
+        quotaRoom: row.quota_room == null ? null : Number(row.quota_room),
         ...limits,
       }
     case 'unauthorized':

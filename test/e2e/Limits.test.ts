@@ -1,5 +1,6 @@
 import { describe, expect, test } from 'bun:test'
 import * as Batch from '../../src/ledger/Batch.ts'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
 // Two instances on one database: limits must hold across them (state in Postgres).
@@ -96,6 +97,31 @@ describe('plans', () => {
     const days = Number(res.headers.get('retry-after')) / 86400
     expect(days).toBeGreaterThan(0)
     expect(days).toBeLessThanOrEqual(31)
+  })
+
+  test('behavior: the output stops where the monthly quota does, whole or streamed, with or without max_tokens', async () => {
+    const long = Array.from({ length: 40 }, (_, i) => `w${i}`).join(' ')
+    const body = { messages: [{ role: 'user', content: long }] }
+    const prompt = Tokenizer.prompt([{ content: long }])
+    for (const extra of [
+      { max_tokens: 100 },
+      { max_tokens: 100, stream: true },
+      {},
+      { stream: true },
+    ]) {
+      const { id, key } = await a.account({ plan: 'free' })
+      // Three tokens of the month left after this prompt.
+      await a.sql`update accounts set month_tokens = ${500_000 - prompt - 3} where id = ${id}`
+      const before = a.upstream.received.length
+      const res = await post(a, key, { ...body, ...extra })
+      expect(res.status).toBe(200)
+      await res.text()
+      expect(a.upstream.received[before]!.body.max_tokens).toBe(3)
+      await Batch.settled(a.sql)
+      const [row] = await a.sql`select month_tokens from accounts where id = ${id}`
+      expect(row!.month_tokens).toBeLessThanOrEqual(500_000n)
+      expect(row!.month_tokens).toBeGreaterThan(BigInt(500_000 - 3))
+    }
   })
 
   test('behavior: a new month resets the quota', async () => {

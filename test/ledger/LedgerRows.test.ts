@@ -1,7 +1,8 @@
 /**
- * Migration 0007's tollway_ledger_many against 0004's, which it replaced, on twin accounts:
- * the same random batches of admissions and finishes must give the same rows and leave the
- * same ledger (0004's is installed here under another name, as it was written).
+ * The current tollway_ledger_many (0007's rewrite, with 0009's quota_room column beside) against
+ * 0004's, which 0007 replaced, on twin accounts: the same random batches of admissions and
+ * finishes must give the same rows and leave the same ledger (0004's is installed here under
+ * another name, as it was written).
  */
 import { describe, expect, test } from 'bun:test'
 import { readFileSync } from 'node:fs'
@@ -87,7 +88,7 @@ function comparable(row: Record<string, unknown>, requests: string[]) {
   }
 }
 
-describe('tollway_ledger_many (0007) against 0004', () => {
+describe('tollway_ledger_many (0007, 0009) against 0004', () => {
   test('property: random batches give the same rows and leave the same ledger', async () => {
     await fc.assert(
       fc.asyncProperty(

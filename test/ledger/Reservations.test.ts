@@ -47,6 +47,19 @@ describe('admit', () => {
     await invariants(a.id)
   })
 
+  test('behavior: the monthly quota left after the prompt comes with an admission (none without a quota)', async () => {
+    const free = await account(1_000n, 'free')
+    await sql`update accounts set month_tokens = 499000 where id = ${free.id}`
+    // promptTokens is 1 (see admit).
+    expect(await admit(free.keyHash, 10n)).toMatchObject({ status: 'ok', quotaRoom: 999 })
+    // A month that has ended counts nothing (another account: the free plan runs one at a time).
+    const lastMonth = await account(1_000n, 'free')
+    await sql`update accounts set month_tokens = 499000, month_start = '2000-01-01' where id = ${lastMonth.id}`
+    expect(await admit(lastMonth.keyHash, 10n)).toMatchObject({ status: 'ok', quotaRoom: 499_999 })
+    const unlimited = await account(1_000n, 'unlimited')
+    expect(await admit(unlimited.keyHash, 10n)).toMatchObject({ status: 'ok', quotaRoom: null })
+  })
+
   test('error: an unknown key', async () => {
     expect(await admit(new Uint8Array(32), 1n)).toEqual({ status: 'unauthorized' })
   })

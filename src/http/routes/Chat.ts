@@ -143,9 +143,9 @@ async function serve(
   reservation.whenSuperseded?.(() => abort.abort(new Error('superseded by a newer stream')))
   let chunks: AsyncIterable<Chat.Received[]>
   try {
-    // A stream's max_tokens, when it names one, capped by the context (it extends its
-    // reservation as it goes, so credits do not cap it here).
-    const limits = p.asked !== undefined ? { maxTokens: p.limit } : undefined
+    // A stream's max_tokens, when it names one, capped by the context and the plan's monthly
+    // quota (it extends its reservation as it goes, so credits do not cap it here).
+    const limits = p.asked !== undefined || p.limit < p.room ? { maxTokens: p.limit } : undefined
     // Answered once the upstream has begun (a failure before its first token is a 502).
     chunks = await observed(
       deps,
@@ -212,6 +212,10 @@ export function routes(deps: Deps) {
       leaseSeconds,
     })
     if (admitted.status !== 'ok') throw refusal(admitted, p.model, p.need)
+    // The output stops where the monthly quota does (at least one token: a prompt that fills
+    // the quota exactly still gets an answer).
+    if (admitted.quotaRoom !== null && admitted.quotaRoom < p.limit)
+      p.limit = Math.max(1, admitted.quotaRoom)
     c.header('x-request-id', requestId)
     if (admitted.rateLimit !== null) {
       c.header('x-ratelimit-limit-requests', String(admitted.rateLimit))
