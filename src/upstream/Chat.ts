@@ -9,10 +9,8 @@ const TextPart = z.object({ type: z.literal('text'), text: z.string() }).loose()
 /** A tool call an assistant made, as a history carries it back (only what is counted). */
 const ToolCall = z
   .object({
-    function: z
-      .object({ name: z.string().optional(), arguments: z.string().optional() })
-      .loose()
-      .optional(),
+    // As upstreams write them back: arguments are a JSON string, though some send the object.
+    function: z.object({ name: z.string().nullish(), arguments: z.unknown() }).loose().nullish(),
   })
   .loose()
 
@@ -28,7 +26,8 @@ export const Message = z
       error: 'content must be a string or an array of text parts',
     }),
     name: z.string().optional(),
-    tool_calls: z.array(ToolCall, { error: 'tool_calls must be an array' }).optional(),
+    // Null as some upstreams answer it, and clients send their answers back as they came.
+    tool_calls: z.array(ToolCall, { error: 'tool_calls must be an array' }).nullish(),
   })
   .loose()
   .refine((m) => m.content !== null || m.role === 'assistant', {
@@ -69,8 +68,10 @@ export function text(content: Message['content']): string {
 export function promptTexts(req: Pick<Request, 'messages'> & { tools?: unknown }): string[] {
   const texts = req.messages.map((m) => {
     let t = text(m.content)
-    for (const call of m.tool_calls ?? [])
-      t += `\n${call.function?.name ?? ''}\n${call.function?.arguments ?? ''}`
+    for (const call of m.tool_calls ?? []) {
+      const args = call.function?.arguments
+      t += `\n${call.function?.name ?? ''}\n${typeof args === 'string' ? args : (JSON.stringify(args) ?? '')}`
+    }
     return t
   })
   if (req.tools !== undefined) texts.push(JSON.stringify(req.tools))

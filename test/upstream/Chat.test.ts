@@ -234,6 +234,32 @@ describe('Message', () => {
     expect((r.data!.messages[2] as Record<string, unknown>).tool_call_id).toBe('call_1')
   })
 
+  test('behavior: an answer sent back as it came: tool_calls null, arguments an object or null', () => {
+    for (const m of [
+      { role: 'assistant', content: 'hello', tool_calls: null },
+      {
+        role: 'assistant',
+        content: null,
+        tool_calls: [{ function: { name: 'f', arguments: {} } }],
+      },
+      { role: 'assistant', content: null, tool_calls: [{ function: { arguments: null } }] },
+      { role: 'assistant', content: null, tool_calls: [{ function: null }] },
+    ])
+      expect(Chat.Request.safeParse({ model: 'm', messages: [m] }).success).toBe(true)
+    const args = { city: 'Paris' }
+    expect(
+      Chat.promptTexts({
+        messages: [
+          {
+            role: 'assistant',
+            content: null,
+            tool_calls: [{ function: { name: 'f', arguments: args } }],
+          },
+        ],
+      }),
+    ).toEqual([`\nf\n${JSON.stringify(args)}`])
+  })
+
   test('error: a tool message without content, an unknown role, tool_calls that are not a list', () => {
     const bad = [
       { role: 'tool', tool_call_id: 'call_1', content: null },
