@@ -182,6 +182,11 @@ describe('errors', () => {
       [{ model: 'fake', messages, temperature: 'hot' }, 'temperature'],
       [{ model: 'fake', messages, max_tokens: -1 }, 'max_tokens'],
       [{ model: 'fake', messages, stream: 'yes' }, 'stream'],
+      // Nested past what the gateway could forward (serializing it overflowed: a 500).
+      [
+        `{"model":"fake","messages":${JSON.stringify(messages)},"tools":${'['.repeat(60_000)}1${']'.repeat(60_000)}}`,
+        '',
+      ],
     ]
     for (const [body, param] of cases) {
       const res = await post(key, body)
