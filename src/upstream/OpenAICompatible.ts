@@ -81,10 +81,16 @@ export function create(options: Options): Provider {
  */
 function capped(body: Body, limits: Limits | undefined): Body {
   if (!limits) return body
-  const key = body.max_completion_tokens !== undefined ? 'max_completion_tokens' : 'max_tokens'
-  const asked = body[key]
-  const max = typeof asked === 'number' && asked < limits.maxTokens ? asked : limits.maxTokens
-  return { ...body, [key]: max }
+  const cap = (asked: unknown) =>
+    typeof asked === 'number' && asked < limits.maxTokens ? asked : limits.maxTokens
+  const out: Body = { ...body }
+  // Every limit the client named is capped (one sent with both must not keep the other).
+  const named = (['max_tokens', 'max_completion_tokens'] as const).filter(
+    (k) => body[k] !== undefined,
+  )
+  for (const k of named) out[k] = cap(body[k])
+  if (named.length === 0) out.max_tokens = limits.maxTokens
+  return out
 }
 
 /**

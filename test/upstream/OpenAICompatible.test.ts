@@ -72,6 +72,9 @@ describe('stream', () => {
     expect(completion.max_completion_tokens).toBe(50)
     expect(completion).not.toHaveProperty('max_tokens')
     expect(await sent({})).not.toHaveProperty('max_tokens')
+    // Both named: both are capped (an upstream that reads the other must not go past it).
+    const both = await sent({ max_tokens: 100, max_completion_tokens: 90 }, 3)
+    expect([both.max_tokens, both.max_completion_tokens]).toEqual([3, 3])
   })
 
   test('behavior: chunks carry their JSON text to forward, read by template after the first; never one with a newline', async () => {
