@@ -111,16 +111,16 @@ async function paced(t: Target, body: string, rate: number, forSeconds: number) 
     const due = Math.min(total, Math.floor(((performance.now() - start) / 1000) * rate) + 1)
     for (; sent < due; sent++) {
       const at = start + (sent / rate) * 1000
-      const p = fetch(t.url, { method: 'POST', headers: t.headers, body }).then(
-        async (res) => {
+      // A failure anywhere (the request or its body) is counted, never thrown.
+      const p = fetch(t.url, { method: 'POST', headers: t.headers, body })
+        .then(async (res) => {
           await res.arrayBuffer()
           if (res.status !== 200) errors++
           else latencies.push(performance.now() - at)
-        },
-        () => {
+        })
+        .catch(() => {
           errors++
-        },
-      )
+        })
       pending.add(p)
       void p.finally(() => pending.delete(p))
     }

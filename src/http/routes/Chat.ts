@@ -41,7 +41,8 @@ type Plan = {
   text: string
   model: Model
   promptTokens: number
-  /** Output tokens the request may produce (max_tokens, capped by the context). */
+  /** Output tokens the request may produce (max_tokens, capped by the context; once admitted,
+   * by the plan's monthly quota too). */
   limit: number
   room: number
   asked: number | undefined

@@ -1,10 +1,12 @@
 -- tollway_ledger_many (0007) with one more result column, quota_room: on an admitted request of
 -- a plan with a monthly token quota, the tokens the quota has left after this request's prompt
--- (null without a quota). The gateway caps the request's output at it, so a request can no
--- longer run the month past its quota by its whole completion (a free account with 10 tokens
--- left could ask for a 100,000-token answer). Requests under way together each see the same
--- room: the month can still go over by what the account's other requests at once produce
--- (at most max_concurrent − 1 of them). Everything else is 0007's, unchanged.
+-- (null without a quota). The gateway caps the request's output at it, so a request no longer
+-- runs the month past its quota by its whole completion (a free account with 10 tokens left
+-- could ask for a 100,000-token answer). What is left over: requests under way together each
+-- see the same room (the month can go over by what the account's other requests at once
+-- produce, at most max_concurrent − 1 of them); a prompt that fills the quota exactly still
+-- gets one token; and the room is counted with the gateway's prompt estimate while the month
+-- is charged the upstream's count. Everything else is 0007's, unchanged.
 DROP FUNCTION tollway_ledger_many(jsonb);
 
 CREATE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS TABLE (
