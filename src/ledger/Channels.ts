@@ -246,7 +246,7 @@ export async function list(
   const after = Page.parse(input.cursor, [Page.shapes.timestamp, /^[0-9a-f]{64}$/])
   const rows = await sql`
     select *, updated_at::text as position from channels
-    ${after ? sql`where (updated_at, channel_id) < (${after[0]!}::timestamptz, ${Buffer.from(after[1]!, 'hex')})` : sql``}
+    ${after ? sql`where (updated_at, channel_id) < (${after[0]!}::text::timestamptz, ${Buffer.from(after[1]!, 'hex')})` : sql``}
     order by updated_at desc, channel_id desc limit ${input.limit + 1}`
   return Page.from(rows, input.limit, from, (r) => [
     r.position,

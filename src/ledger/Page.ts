@@ -16,7 +16,7 @@ export class BadCursorError extends Error {
  * Decodes a cursor whose parts must match `shapes`, one pattern each; undefined when
  * there is no cursor, `BadCursorError` when it is not one of ours.
  */
-export function parse(value: string | undefined, shapes: RegExp[]): string[] | undefined {
+export function parse(value: string | undefined, shapes: Shape[]): string[] | undefined {
   if (!value) return undefined
   const parts = Buffer.from(value, 'base64url').toString('utf8').split('\n')
   if (parts.length !== shapes.length || !parts.every((p, i) => shapes[i]!.test(p)))
@@ -24,12 +24,35 @@ export function parse(value: string | undefined, shapes: RegExp[]): string[] | u
   return parts
 }
 
+/** What one part of a cursor must be (a RegExp is one). */
+export type Shape = { test(part: string): boolean }
+
+const TIMESTAMP =
+  /^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,6})?[+-](\d{2})(:\d{2})?$/
+
 export const shapes = {
-  id: /^\d{1,19}$/,
+  /** A bigint row id (what the database can hold: a larger one is not one of ours). */
+  id: { test: (p: string) => /^\d{1,19}$/.test(p) && BigInt(p) <= 2n ** 63n - 1n },
   uuid: /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/,
-  /** Postgres' text form of a timestamptz. */
-  timestamp: /^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}(\.\d{1,6})?[+-]\d{2}(:\d{2})?$/,
-}
+  /** Postgres' text form of a timestamptz, of a date and time that exist. */
+  timestamp: {
+    test(p: string) {
+      const m = TIMESTAMP.exec(p)
+      if (!m) return false
+      const [y, mo, d, h, mi, sec, , off] = m.slice(1).map((x) => Number(x?.replace(':', '')))
+      const day = new Date(Date.UTC(y!, mo! - 1, d!))
+      return (
+        day.getUTCFullYear() === y &&
+        day.getUTCMonth() === mo! - 1 &&
+        day.getUTCDate() === d &&
+        h! < 24 &&
+        mi! < 60 &&
+        sec! < 60 &&
+        off! <= 15
+      )
+    },
+  },
+} satisfies Record<string, Shape>
 
 /** Builds a page from `limit + 1` fetched rows. */
 export function from<R, T>(

@@ -28,7 +28,7 @@ export async function list(
   await accountsSettled(sql)
   const rows = await sql`
     select *, created_at::text as position from usage where account_id = ${input.accountId}
-    ${after ? sql`and (created_at, id) < (${after[0]!}::timestamptz, ${after[1]!}::uuid)` : sql``}
+    ${after ? sql`and (created_at, id) < (${after[0]!}::text::timestamptz, ${after[1]!}::uuid)` : sql``}
     order by created_at desc, id desc limit ${input.limit + 1}`
   return Page.from(
     rows,
@@ -47,7 +47,8 @@ export async function list(
       key_id: r.key_id,
       created_at: r.created_at.toISOString(),
     }),
-    // The text form keeps microseconds, which a JS Date would drop.
+    // The text form keeps microseconds, which a JS Date would drop (the query reads it back as
+    // text, cast there: a timestamptz parameter would go through a Date).
     (r) => [r.position, r.id],
   )
 }

@@ -186,6 +186,58 @@ describe('key holder API', () => {
   })
 })
 
+describe('cursors', () => {
+  const pages = async (key: string, path: string) => {
+    const seen: string[] = []
+    let cursor: string | null = null
+    for (let i = 0; i < 100; i++) {
+      const res = await as(key, `${path}?limit=3${cursor ? `&cursor=${cursor}` : ''}`)
+      expect(res.status).toBe(200)
+      const page = (await res.json()) as { data: { id: string }[]; next_cursor: string | null }
+      seen.push(...page.data.map((d) => String(d.id)))
+      cursor = page.next_cursor
+      if (!cursor) break
+    }
+    return seen
+  }
+
+  test('behavior: usage pages give every row once, when rows share a time and within one millisecond', async () => {
+    const { id, key } = await gw.account()
+    // As a batch writes them: one time for many rows; and times apart by microseconds only.
+    const times = [
+      ...Array.from({ length: 8 }, () => '2026-01-01 00:00:00.123456+00'),
+      ...Array.from({ length: 5 }, (_, i) => `2026-01-01 00:00:00.12345${i}+00`),
+    ]
+    for (const t of times)
+      await gw.sql`insert into usage (id, account_id, model, stream, prompt_tokens, completion_tokens, cost, status, created_at)
+        values (${crypto.randomUUID()}, ${id}, 'fake', false, 1, 1, 3, 'ok', ${t}::text::timestamptz)`
+    const seen = await pages(key, '/usage')
+    expect(seen).toHaveLength(times.length)
+    expect(new Set(seen).size).toBe(times.length)
+  })
+
+  test('error: a cursor of a time that does not exist, or an id beyond the database, is a 400', async () => {
+    const { key } = await gw.account()
+    const cursor = (parts: string[]) => Buffer.from(parts.join('\n')).toString('base64url')
+    for (const [path, c] of [
+      ['/usage', cursor(['2024-13-45 10:00:00+00', crypto.randomUUID()])],
+      ['/usage', cursor(['2024-02-30 10:00:00+00', crypto.randomUUID()])],
+      ['/usage', cursor(['2024-02-28 24:00:00+00', crypto.randomUUID()])],
+      ['/credits/transactions', cursor(['9999999999999999999'])],
+    ] as const) {
+      const res = await as(key, `${path}?cursor=${c}`)
+      expect(res.status).toBe(400)
+      expect(((await res.json()) as { error: { type: string } }).error.type).toBe(
+        'invalid_request_error',
+      )
+    }
+    // The largest id a row can have is still a cursor.
+    expect(
+      (await as(key, `/credits/transactions?cursor=${cursor(['9223372036854775807'])}`)).status,
+    ).toBe(200)
+  })
+})
+
 describe('models', () => {
   test('behavior: GET /v1/models lists prices as decimal strings and context lengths', async () => {
     const res = (await (await fetch(`${gw.url}/v1/models`)).json()) as {
