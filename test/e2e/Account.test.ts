@@ -277,6 +277,36 @@ describe('models', () => {
     expect((await fetch(`${gw.url}/v1/models/nope/health`)).status).toBe(404)
   })
 
+  test('behavior: clients that go away before the first token do not count against the upstream', async () => {
+    const { key } = await gw.account()
+    for (const stream of [true, false])
+      for (let i = 0; i < 3; i++) {
+        const gone = new AbortController()
+        const res = as(key, '/chat/completions', {
+          method: 'POST',
+          signal: gone.signal,
+          body: JSON.stringify({
+            model: 'fake-slow',
+            stream,
+            messages: [{ role: 'user', content: 'one two three four' }],
+          }),
+        }).catch((e: unknown) => e)
+        await Bun.sleep(15)
+        gone.abort()
+        await res
+        await Bun.sleep(30)
+      }
+    const health = (await (await fetch(`${gw.url}/v1/models/fake-slow/health`)).json()) as {
+      status: string
+    }
+    expect(health.status).toBe('ready')
+    const next = await as(key, '/chat/completions', {
+      method: 'POST',
+      body: JSON.stringify({ model: 'fake-slow', messages: [{ role: 'user', content: 'one' }] }),
+    })
+    expect(next.status).toBe(200)
+  })
+
   test('behavior: GET /health', async () => {
     expect(await (await fetch(`${gw.url}/health`)).json()).toEqual({ status: 'ok' })
   })

@@ -131,7 +131,8 @@ async function serve(
       reservation,
       signal,
       startedAt,
-      call: () => observed(deps, model, model.provider.complete(body as never, signal, limits)),
+      call: () =>
+        observed(deps, model, model.provider.complete(body as never, signal, limits), signal),
     })
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
     return c.json({ ...completion, model: model.id, usage: { ...completion.usage, ...usage } })
@@ -152,6 +153,7 @@ async function serve(
       deps,
       model,
       model.provider.stream(body as never, abort.signal, limits).then(Chat.started),
+      abort.signal,
     )
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
@@ -406,15 +408,26 @@ export function routes(deps: Deps) {
   return app
 }
 
-/** Records the upstream's health from the outcome of a call. */
-async function observed<T>(deps: Deps, model: Model, call: Promise<T>): Promise<T> {
+/**
+ * Records the upstream's health from the outcome of a call. A call its caller gave up on
+ * (`signal` aborted: the client went away, or a newer stream took the channel) says nothing
+ * of the upstream: counted, three clients closing their requests early shut the model off
+ * for everyone.
+ */
+async function observed<T>(
+  deps: Deps,
+  model: Model,
+  call: Promise<T>,
+  signal: AbortSignal,
+): Promise<T> {
   try {
     const r = await call
     deps.router.record(model.provider, true)
     return r
   } catch (e) {
     const status = (e as GatewayError).status
-    if (status === undefined || status >= 500) deps.router.record(model.provider, false)
+    if (!signal.aborted && (status === undefined || status >= 500))
+      deps.router.record(model.provider, false)
     throw e
   }
 }
