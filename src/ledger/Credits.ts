@@ -13,6 +13,11 @@ export type Transaction = {
   created_at: string
 }
 
+/** Thrown when a grant would take a balance past what numeric(78,0) holds. */
+export class BalanceOverflowError extends Error {
+  override name = 'BalanceOverflowError'
+}
+
 /**
  * Adds `amount` (negative: removes) to an account. Returns the new balance, or undefined
  * if the account does not exist or a debit would take the balance below what is reserved.
@@ -22,9 +27,16 @@ export async function grant(
   input: { accountId: string; amount: bigint; note: string | null },
 ): Promise<bigint | undefined> {
   await accountsSettled(sql)
-  const [row] = await sql`
-    select tollway_grant(${input.accountId}, ${sql.typed.numeric(input.amount)}, ${input.note}) as balance`
-  return row?.balance ?? undefined
+  try {
+    const [row] = await sql`
+      select tollway_grant(${input.accountId}, ${sql.typed.numeric(input.amount)}, ${input.note}) as balance`
+    return row?.balance ?? undefined
+  } catch (e) {
+    // numeric_value_out_of_range: the statement changed nothing.
+    if ((e as { code?: string }).code === '22003')
+      throw new BalanceOverflowError('the balance would pass 78 digits')
+    throw e
+  }
 }
 
 /** The account's balance and how much of it in-flight requests hold. */

@@ -186,6 +186,45 @@ describe('key holder API', () => {
   })
 })
 
+describe('admin and key input', () => {
+  test('error: a plan name an object inherits, NUL in stored text, a balance past 78 digits → 400 naming the field, nothing written', async () => {
+    const { id, key } = await gw.account({ credits: 1000 })
+    const before = await Gateway.ledger(gw.sql, id)
+    const cases: [() => Promise<Response>, string][] = [
+      [() => gw.admin('/accounts', { name: 'a', plan: 'toString' }), 'plan'],
+      [() => gw.admin('/accounts', { name: 'a', plan: '__proto__' }), 'plan'],
+      [() => gw.admin('/accounts', { name: 'a\u0000b' }), 'name'],
+      [() => gw.admin(`/accounts/${id}/credits`, { amount: '5', note: 'x\u0000y' }), 'note'],
+      [() => gw.admin(`/accounts/${id}/keys`, { name: 'x\u0000y' }), 'name'],
+      [
+        () => as(key, '/keys', { method: 'POST', body: JSON.stringify({ name: 'a\u0000' }) }),
+        'name',
+      ],
+    ]
+    for (const [send, param] of cases) {
+      const res = await send()
+      expect(res.status).toBe(400)
+      expect(((await res.json()) as { error: { param: string } }).error.param).toBe(param)
+    }
+    expect(await Gateway.ledger(gw.sql, id)).toEqual(before)
+    const [{ n }] =
+      (await gw.sql`select count(*)::int as n from api_keys where account_id = ${id}`) as unknown as [
+        { n: number },
+      ]
+    expect(n).toBe(1)
+
+    const rich = await gw.account({ credits: 0 })
+    const big = '9'.repeat(77)
+    for (let i = 0; i < 10; i++)
+      expect((await gw.admin(`/accounts/${rich.id}/credits`, { amount: big })).status).toBe(200)
+    const balance = (await Gateway.ledger(gw.sql, rich.id)).balance
+    const over = await gw.admin(`/accounts/${rich.id}/credits`, { amount: big })
+    expect(over.status).toBe(400)
+    expect(((await over.json()) as { error: { param: string } }).error.param).toBe('amount')
+    expect((await Gateway.ledger(gw.sql, rich.id)).balance).toBe(balance)
+  })
+})
+
 describe('cursors', () => {
   const pages = async (key: string, path: string) => {
     const seen: string[] = []

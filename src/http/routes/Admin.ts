@@ -11,8 +11,16 @@ import * as Parse from '../Parse.ts'
 
 export const MAX_ACTIVE_KEYS = 10
 
+/** Text that is stored: PostgreSQL's text holds no NUL character. */
+const Text = (max: number, min = 0) =>
+  z
+    .string()
+    .min(min)
+    .max(max)
+    .refine((t) => !t.includes('\u0000'), 'must not contain a NUL character')
+
 const CreateAccount = z.object({
-  name: z.string().min(1).max(200),
+  name: Text(200, 1),
   plan: z.string().min(1).optional(),
 })
 
@@ -25,8 +33,8 @@ const Amount = z
   .transform((v) => BigInt(v))
   .refine((v) => v !== 0n, 'must not be zero')
 
-const Grant = z.object({ amount: Amount, note: z.string().max(500).optional() })
-export const CreateKey = z.object({ name: z.string().min(1).max(200) })
+const Grant = z.object({ amount: Amount, note: Text(500).optional() })
+export const CreateKey = z.object({ name: Text(200, 1) })
 
 /** Creates a key for an account, or a 409 at the active-key limit. */
 export async function createKey(deps: Deps, accountId: string, name: string) {
@@ -47,7 +55,8 @@ export function routes(deps: Deps) {
   app.post('/accounts', async (c) => {
     const input = await Parse.body(c, CreateAccount)
     const plan = input.plan ?? deps.config.defaultPlan
-    if (!(plan in deps.config.plans))
+    // Own keys only: `in` also finds `toString` and `__proto__`.
+    if (!Object.hasOwn(deps.config.plans, plan))
       throw new InvalidRequestError(
         `plan: no plan "${plan}"; plans: ${Object.keys(deps.config.plans).join(', ')}.`,
         'invalid_value',
@@ -81,6 +90,14 @@ export function routes(deps: Deps) {
       accountId: id,
       amount: input.amount,
       note: input.note ?? null,
+    }).catch((e: unknown) => {
+      if (e instanceof Credits.BalanceOverflowError)
+        throw new InvalidRequestError(
+          'amount: the balance would pass the largest the ledger holds (78 digits).',
+          'invalid_value',
+          { param: 'amount' },
+        )
+      throw e
     })
     if (balance === undefined) {
       if (!(await Accounts.get(deps.sql, id)))
