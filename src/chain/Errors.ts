@@ -102,6 +102,26 @@ export class SettlementBusyError extends ChainError {
   }
 }
 
+/** A close voucher below what the channel has spent (draft: it MUST cover all delivered service). */
+export class CloseBelowSpentError extends ChainError {
+  override name = 'CloseBelowSpentError'
+  constructor(readonly spent: bigint) {
+    super(
+      `The close voucher must cover all delivered service: sign a cumulative amount of at least ${spent}.`,
+    )
+  }
+}
+
+/** A close waited too long for the channel's requests under way to end. */
+export class ChannelBusyError extends ChainError {
+  override name = 'ChannelBusyError'
+  constructor() {
+    super(
+      'Requests on this channel are still under way; the close waits for them to be charged. Try again in a few seconds.',
+    )
+  }
+}
+
 /** A close or settlement was asked for a channel that is unknown here or already finalized. */
 export class ChannelStateError extends ChainError {
   override name = 'ChannelStateError'

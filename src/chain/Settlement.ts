@@ -20,7 +20,9 @@ import { getTransactionReceipt } from 'viem/actions'
 import type { Logger } from '../Logger.ts'
 import type { WalletClient } from './Client.ts'
 import {
+  ChannelBusyError,
   ChannelStateError,
+  CloseBelowSpentError,
   SettlementBusyError,
   TransactionRevertedError,
   TransactionTimeoutError,
@@ -110,6 +112,8 @@ export type Store = {
     fn: (store: LockedStore) => Promise<T>,
   ): Promise<{ locked: true; value: T } | { locked: false }>
   markCloseRequested(channelId: Hex): Promise<boolean>
+  /** How many requests on the channel are under way (hold a reservation). */
+  inFlight(channelId: Hex): Promise<number>
 }
 
 type Attempted = { channelId: Hex; kind: 'settle' | 'close'; cumulativeAmount: bigint }
@@ -294,11 +298,13 @@ export type Closed = {
 }
 
 /**
- * Cooperative close (draft "Cooperative Close") with the client's final voucher. Closing
- * pays the payee the voucher amount and refunds the rest, so the voucher submitted is the
- * highest one at or below `spent`: the final voucher when its amount is ≤ spent, else (or
- * when it is lower) the highest accepted voucher ≤ spent; with none above `settled`, the
- * forfeit path (`settled`, empty signature). A final voucher above spent is not submitted
+ * Cooperative close (draft "Cooperative Close") with the client's final voucher. It first
+ * marks the channel closing (no new requests; its stream ends) and waits for the requests
+ * under way to be charged, so `spent` is final; a final voucher below it is refused
+ * (CloseBelowSpentError: the draft's MUST). Closing pays the payee the voucher amount and
+ * refunds the rest, so the voucher submitted is the highest one at or below `spent`: the
+ * final voucher when its amount is `spent`, else the highest accepted voucher ≤ spent; with
+ * none above `settled`, the forfeit path (`settled`, empty signature). A final voucher above spent is not submitted
  * as is: it would pay for service never delivered. Clients get paid-for service settled in
  * full by signing exactly `spent` (their last receipt says it). A final voucher the escrow
  * rejects falls back once to the accepted one. Marks the channel close-requested first (no
@@ -316,6 +322,8 @@ export async function close(
     signature: Hex
     txTimeoutMs?: number | undefined
     lockWaitMs?: number | undefined
+    /** How long the close waits for the channel's requests under way to end (default 30 s). */
+    drainMs?: number | undefined
     retry?: Options['retry']
     log?: Log | undefined
   },
@@ -323,6 +331,16 @@ export async function close(
   const log = parameters.log ?? silent
   const { channelId } = parameters
   const options = { ...parameters, client }
+  // No new requests from here on, and the channel's stream ends; the close waits for the
+  // requests under way to be charged, so that the voucher it picks covers all they delivered
+  // (draft, "Cooperative Close": the final voucher covers all delivered service). Before the
+  // lock: its connection is the only one of the embedded database, which their charges need.
+  await parameters.store.markCloseRequested(channelId)
+  const drainUntil = Date.now() + (parameters.drainMs ?? 30_000)
+  while ((await parameters.store.inFlight(channelId)) > 0) {
+    if (Date.now() >= drainUntil) throw new ChannelBusyError()
+    await Bun.sleep(25)
+  }
   const closed = await exclusive(options, async (store): Promise<Closed> => {
     const c = await store.settleable(channelId)
     if (!c) throw new ChannelStateError('unknown', channelId)
@@ -334,9 +352,14 @@ export async function close(
       if (done) return { ...done, forfeited: c.spent - done.cumulativeAmount }
       throw new ChannelStateError('finalized', channelId)
     }
-    // No new requests from here on: spent stops growing (requests in flight still finish).
+    // Marked above; again, for a close that waited for the lock while the worker cleared
+    // nothing (the mark is sticky): spent no longer grows.
     await store.markCloseRequested(channelId)
     const final = { cumulativeAmount: parameters.cumulativeAmount, signature: parameters.signature }
+    // Draft, "Cooperative Close": the server MUST verify cumulativeAmount >= spent. With the
+    // requests under way charged (above), spent is final: a voucher below it is refused, and
+    // the channel stays closing for a close that covers it (or the payer's forced close).
+    if (final.cumulativeAmount < c.spent) throw new CloseBelowSpentError(c.spent)
     const fallback =
       c.voucher && c.voucher.cumulativeAmount > c.settled
         ? c.voucher

@@ -144,12 +144,25 @@ export async function finish(sql: Sql, id: bigint, o: Settlement.Outcome): Promi
     where id = ${id}`
 }
 
-/** Marks that the payer asked to close: no new vouchers or requests, settle at once. False when unknown. */
+/**
+ * Marks that the channel is closing (its payer asked, on chain or with a close credential):
+ * no new vouchers or requests, settle at once. Its stream ends: clearing `active_stream`
+ * announces it to the instance serving it (migration 0008), and its next extension ends it
+ * too (0010). False when unknown.
+ */
 export async function markCloseRequested(sql: Sql, channelId: Hex): Promise<boolean> {
   const rows = await sql`
-    update channels set close_requested_at = coalesce(close_requested_at, now())
+    update channels set close_requested_at = coalesce(close_requested_at, now()),
+      active_stream = null
     where channel_id = ${bytes(channelId)} returning 1`
   return rows.length > 0
+}
+
+/** How many requests on the channel hold a reservation (are under way, or died unswept). */
+export async function inFlight(sql: Sql, channelId: Hex): Promise<number> {
+  const [r] = await sql`
+    select count(*)::int as n from reservations where channel_id = ${bytes(channelId)}`
+  return r!.n as number
 }
 
 /** The confirmed cooperative close of a channel, if any. */
@@ -227,5 +240,6 @@ export function store(sql: Sql): Settlement.Store {
   return {
     withLock: (fn) => withLock(sql, fn),
     markCloseRequested: (channelId) => markCloseRequested(sql, channelId),
+    inFlight: (channelId) => inFlight(sql, channelId),
   }
 }

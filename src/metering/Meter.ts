@@ -309,7 +309,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
       )
     if (status === 'superseded')
       error = new ConflictError(
-        'A newer stream on this channel took over; this one ends here.',
+        'A newer stream on this channel took over, or the channel is closing; this one ends here.',
         'stream_superseded',
       )
     if (status === 'insufficient_funds' || status === 'payment_timeout' || status === 'superseded')

@@ -3,7 +3,12 @@ import fc from 'fast-check'
 import { type Hex, keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Client from '../../src/chain/Client.ts'
-import { ChannelStateError, TransactionRevertedError } from '../../src/chain/Errors.ts'
+import {
+  ChannelBusyError,
+  ChannelStateError,
+  CloseBelowSpentError,
+  TransactionRevertedError,
+} from '../../src/chain/Errors.ts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Settlement from '../../src/chain/Settlement.ts'
 import * as Token from '../../src/chain/Token.ts'
@@ -517,6 +522,62 @@ describe('close', () => {
     })
     expect(again).toEqual(closed)
     expect(await recorded(channelId)).toHaveLength(2)
+  })
+
+  test('error: a final voucher below spent is refused (the draft MUST), nothing is sent, and one that covers spent closes', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 300n, 600n)
+    await spend(channelId, 450n)
+    const close = (amount: bigint) =>
+      sign(channelId, amount).then((signature) =>
+        worker().close({ channelId, cumulativeAmount: amount, signature }),
+      )
+    const refused = await close(300n).catch((e: unknown) => e)
+    expect(refused).toBeInstanceOf(CloseBelowSpentError)
+    expect((refused as CloseBelowSpentError).spent).toBe(450n)
+    expect(await recorded(channelId)).toHaveLength(0)
+    expect(await inDb(channelId)).toMatchObject({ finalized: false, settled: 0n })
+    expect(await close(450n)).toMatchObject({ cumulativeAmount: 450n, forfeited: 0n })
+  })
+
+  test('behavior: a close waits for the requests under way on the channel to be charged; past drainMs it is a ChannelBusyError', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 600n)
+    const id = crypto.randomUUID()
+    expect(
+      await Channels.admit(sql, {
+        channelId,
+        model: 'm',
+        stream: false,
+        want: 200n,
+        need: 200n,
+        requestId: id,
+        leaseSeconds: 60,
+      }),
+    ).toMatchObject({ status: 'ok' })
+    const closeWith = async (drainMs: number) =>
+      Settlement.close(chain.payeeClient, {
+        store: Settlements.store(sql),
+        escrow: chain.escrowAddress,
+        channelId,
+        cumulativeAmount: 150n,
+        signature: await sign(channelId, 150n),
+        drainMs,
+      })
+    expect(await closeWith(100).catch((e: unknown) => e)).toBeInstanceOf(ChannelBusyError)
+    // The request in flight ends, charged 150, while the close waits; the close then takes it.
+    const closing = closeWith(10_000)
+    await Bun.sleep(200)
+    await Reservations.reservation(sql, { id, held: 200n, leaseSeconds: 60, channelId }).settle({
+      cost: 150n,
+      promptTokens: 1,
+      completionTokens: 1,
+      status: 'ok',
+      latencyMs: 1,
+      ttftMs: 1,
+    })
+    expect(await closing).toMatchObject({ cumulativeAmount: 150n, forfeited: 0n })
+    expect(await inDb(channelId)).toMatchObject({ spent: 150n, settled: 150n, finalized: true })
   })
 
   test('behavior: a final voucher above spent is not submitted; the highest accepted voucher ≤ spent is', async () => {

@@ -25,7 +25,9 @@ import {
 } from 'viem/actions'
 import type * as Client from '../../chain/Client.ts'
 import {
+  ChannelBusyError,
   ChannelStateError,
+  CloseBelowSpentError,
   InvalidVoucherSignatureError,
   SettlementBusyError,
   TransactionRevertedError,
@@ -118,11 +120,20 @@ function problem(e: unknown, channelId: Hex): unknown {
       { cause: e },
     )
   }
+  if (e instanceof CloseBelowSpentError)
+    return Problem.paymentInsufficient(e.message, {
+      channelId,
+      requiredCumulative: e.spent.toString(),
+    })
   if (e instanceof ChannelStateError)
     return e.reason === 'finalized'
       ? Problem.channelFinalized('The channel is closed.', { channelId })
       : Problem.channelNotFound('No channel with this id on our escrow.', { channelId })
-  if (e instanceof TransactionTimeoutError || e instanceof SettlementBusyError)
+  if (
+    e instanceof TransactionTimeoutError ||
+    e instanceof SettlementBusyError ||
+    e instanceof ChannelBusyError
+  )
     return new ChainUnavailableError(e.message, { cause: e, details: { channelId } })
   // viem's own errors that are not a revert: the RPC failed, refused or timed out.
   if (e instanceof BaseError)
