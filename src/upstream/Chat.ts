@@ -78,10 +78,19 @@ export function promptTexts(req: Pick<Request, 'messages'> & { tools?: unknown }
   return texts
 }
 
+/**
+ * The most tokens a usage count may say: what the usage table's integer columns hold. No
+ * request comes near it; an upstream that says more is malformed (counted, it failed the
+ * charge and left the request's credits held until the lease sweep).
+ */
+export const MAX_TOKENS = 2_147_483_647
+
+const Count = z.number().int().nonnegative().max(MAX_TOKENS)
+
 export const Usage = z
   .object({
-    prompt_tokens: z.number().int().nonnegative(),
-    completion_tokens: z.number().int().nonnegative(),
+    prompt_tokens: Count,
+    completion_tokens: Count,
     total_tokens: z.number().int().nonnegative().optional(),
   })
   .loose()
@@ -252,7 +261,8 @@ export function asChunk(json: unknown, o?: { filled: boolean }): Chunk | undefin
   if (u !== undefined && u !== null) {
     if (!isObject(u)) return undefined
     const valid = (n: unknown) => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0
-    if (!valid(u.prompt_tokens) || !valid(u.completion_tokens)) return undefined
+    const count = (n: unknown) => valid(n) && (n as number) <= MAX_TOKENS
+    if (!count(u.prompt_tokens) || !count(u.completion_tokens)) return undefined
     if (u.total_tokens !== undefined && !valid(u.total_tokens)) return undefined
   }
   for (const k of ['id', 'object', 'model'] as const)

@@ -152,4 +152,30 @@ describe('complete', () => {
     next = { status: 200, body: 'nope', type: 'application/json' }
     await expect(provider.complete(body, signal)).rejects.toBeInstanceOf(UpstreamError)
   })
+
+  test('error: a usage count past what the ledger holds is malformed, whole or streamed', async () => {
+    const usage = { prompt_tokens: 10, completion_tokens: 3_000_000_000 }
+    next = {
+      status: 200,
+      type: 'application/json',
+      body: JSON.stringify({
+        choices: [
+          { index: 0, message: { role: 'assistant', content: 'hi' }, finish_reason: 'stop' },
+        ],
+        usage,
+      }),
+    }
+    await expect(provider.complete(body, signal)).rejects.toBeInstanceOf(UpstreamError)
+    next = {
+      status: 200,
+      body: `data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: {"choices":[],"usage":${JSON.stringify(usage)}}\n\ndata: [DONE]\n\n`,
+    }
+    await expect(drain()).rejects.toBeInstanceOf(UpstreamError)
+    // At the bound itself it is still a count.
+    next = {
+      status: 200,
+      body: `data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2147483647}}\n\ndata: [DONE]\n\n`,
+    }
+    expect((await drain()).at(-1)!.usage!.completion_tokens).toBe(2_147_483_647)
+  })
 })
