@@ -3,6 +3,7 @@
  * completions upstreams return. Unknown fields pass through untouched.
  */
 import { z } from 'zod'
+import { UpstreamError } from '../Errors.ts'
 
 const TextPart = z.object({ type: z.literal('text'), text: z.string() }).loose()
 
@@ -160,7 +161,8 @@ export type Completion = z.output<typeof Completion>
 /** The generated text of a delta or message, every kind that is billed as output. */
 /**
  * The chunks of a stream once it has started: read until one carries text, a finish reason or
- * the usage (or the stream ends), and handed back whole, what was read first included. An
+ * the usage, and handed back whole, what was read first included (a stream that ends before
+ * one does is an UpstreamError). An
  * upstream that fails (or times out) before its first token so fails here, before the
  * gateway has answered: the client gets an error status, not a 200 with an error event.
  */
@@ -172,7 +174,14 @@ export async function started(
   try {
     while (true) {
       const next = await it.next()
-      if (next.done) break
+      // Ended without text, a finish reason or usage: the upstream broke off before it
+      // answered (an empty body, or a role chunk and nothing after), a failure before the
+      // first token, not an empty answer.
+      if (next.done)
+        throw new UpstreamError(
+          'The upstream ended its stream before it answered.',
+          'upstream_stream_error',
+        )
       held.push(next.value)
       if (next.value.some(begun)) break
     }

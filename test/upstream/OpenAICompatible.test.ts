@@ -1,6 +1,7 @@
 import { afterAll, describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
 import { GatewayError, InvalidRequestError, UpstreamError } from '../../src/Errors.ts'
+import * as Chat from '../../src/upstream/Chat.ts'
 import * as OpenAICompatible from '../../src/upstream/OpenAICompatible.ts'
 
 // A real server whose next answer the test sets.
@@ -143,6 +144,30 @@ describe('stream', () => {
       { numRuns: 1000 },
     )
   }, 60_000)
+})
+
+describe('started', () => {
+  const start = () => provider.stream(body, signal).then(Chat.started)
+  test('error: a stream that ends before it answers is an UpstreamError (a 502 before the first token): an empty body, a role chunk alone, [DONE] alone', async () => {
+    for (const sse of [
+      '',
+      'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
+      'data: [DONE]\n\n',
+    ]) {
+      next = { status: 200, body: sse }
+      await expect(start()).rejects.toBeInstanceOf(UpstreamError)
+    }
+  })
+
+  test('behavior: an empty answer that says it is finished has begun', async () => {
+    next = {
+      status: 200,
+      body: 'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n',
+    }
+    const batches = []
+    for await (const b of await start()) batches.push(...b)
+    expect(batches.map((r) => r.chunk.choices[0]?.finish_reason)).toEqual(['stop'])
+  })
 })
 
 describe('complete', () => {
