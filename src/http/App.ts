@@ -66,6 +66,12 @@ export function create(deps: Deps): Hono {
         : isMalformedBody(e)
           ? new InvalidRequestError('The request body could not be read.', 'invalid_body')
           : undefined
+    // The client went away, and its request's work ended with the abort: nobody reads the
+    // answer, and it is no bug of the gateway's (the charge was settled where it stopped).
+    if (!error && c.req.raw.signal.aborted) {
+      deps.log.info({ reason: (e as Error).message }, 'client went away')
+      return c.body(null, 499 as 400)
+    }
     if (!error) {
       deps.log.error(
         {

@@ -535,6 +535,34 @@ describe('credits', () => {
     expect(gw.upstream.received.at(-1)!.aborted).toBe(true)
   })
 
+  test('behavior: a client gone before the first token is no error of the gateway: no unhandled-error log, the prompt charged once', async () => {
+    const { id, key } = await gw.account()
+    for (const stream of [true, false]) {
+      const gone = new AbortController()
+      const res = fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        signal: gone.signal,
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'fake-hang', stream, messages }),
+      }).catch((e: unknown) => e)
+      await Bun.sleep(200)
+      gone.abort()
+      await res
+    }
+    let l = await Gateway.ledger(gw.sql, id)
+    for (let i = 0; i < 100 && l.open_reservations > 0n; i++) {
+      await Bun.sleep(20)
+      l = await Gateway.ledger(gw.sql, id)
+    }
+    await Batch.settled(gw.sql)
+    const rows = await gw.sql`select status, cost from usage where account_id = ${id}`
+    expect(rows.map((r) => [r.status, r.cost])).toEqual([
+      ['cancelled', cost(promptTokens, 0)],
+      ['cancelled', cost(promptTokens, 0)],
+    ])
+    expect(gw.logs.filter((line) => line.includes('unhandled error'))).toEqual([])
+  })
+
   test('behavior: the same Idempotency-Key is not charged twice', async () => {
     const { id, key } = await gw.account()
     const body = { model: 'fake', messages }

@@ -7,7 +7,7 @@
  *   fake-fail-mid   breaks the connection after 3 words
  *   fake-no-usage   sends no usage chunk
  *   fake-500        answers 500 before the first byte
- *   fake-hang       sends the first (empty) chunk, then nothing
+ *   fake-hang       sends the first (empty) chunk, then nothing (whole: never answers)
  *   fake-stall      sends the first word, then nothing
  *   fake-400        rejects the request with an OpenAI error
  */
@@ -68,6 +68,9 @@ export function start(options: { slowMs?: number } = {}): FakeUpstream {
         total_tokens: Tokenizer.prompt(messages) + tokens,
       }
       const id = 'chatcmpl-fake'
+      // A whole completion that never comes: answered only once the gateway gives up.
+      if (!body.stream && model === 'fake-hang')
+        await new Promise((resolve) => req.signal.addEventListener('abort', resolve))
       if (!body.stream)
         return Response.json({
           id,
