@@ -133,7 +133,11 @@ const PENDING_LIMIT = 16_384
 export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, undefined> {
   const { price, reservation } = o
   const maxBlock = o.blockTokens * GROWTH
-  let renewedAt = performance.now()
+  // The lease was last renewed at admission, which may be long before the first token (an
+  // upstream thinking, or sending keep-alive comments): counted from then, a stream whose
+  // lease ran out (swept, its credits released) renews before it sends a thing, is refused,
+  // and ends, where it sent its whole answer free.
+  let renewedAt = o.startedAt
   let block = o.blockTokens
   // Output tokens the reservation pays for; recomputed when it changes, so a chunk costs
   // no money arithmetic.

@@ -58,6 +58,7 @@ async function run(o: {
   renewMs?: number
   reservation?: ReturnType<typeof reservation>
   templated?: boolean
+  startedAt?: number
 }) {
   const r = o.reservation ?? reservation(o.balance, o.held)
   const sends: { tokens: number; held: bigint }[] = []
@@ -70,7 +71,7 @@ async function run(o: {
     reservation: r,
     chunks: batches(o.texts, o.usage, o.templated),
     signal: new AbortController().signal,
-    startedAt: performance.now(),
+    startedAt: o.startedAt ?? performance.now(),
     ...(o.renewMs !== undefined ? { renewMs: o.renewMs } : {}),
   })) {
     if (frame.kind === 'chunks') {
@@ -205,5 +206,25 @@ describe('stream', () => {
     })
     expect(tokens).toBe(0)
     expect(ended.outcome!.status).toBe('insufficient_funds')
+  })
+
+  test('behavior: a first token that comes a lease-renewal period after admission renews before it is sent; a lease gone by then sends nothing', async () => {
+    const texts = [[' w', ' w']]
+    const gone = reservation(0n, 1_000n)
+    gone.extend = async () => false
+    const late = await run({
+      texts,
+      balance: 0n,
+      held: 0n,
+      renewMs: 5_000,
+      startedAt: performance.now() - 10_000,
+      reservation: gone,
+    })
+    expect(late.tokens).toBe(0)
+    expect(late.r.outcome!.status).toBe('insufficient_funds')
+    // Within the period, nothing to renew: sent at once.
+    const soon = await run({ texts, balance: 0n, held: 1_000n, renewMs: 5_000 })
+    expect(soon.tokens).toBe(2)
+    expect(soon.r.extensions).toBe(0)
   })
 })
