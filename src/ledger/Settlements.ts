@@ -9,6 +9,7 @@
 import type * as Settlement from '../chain/Settlement.ts'
 import * as Channels from './Channels.ts'
 import type { Sql } from './Db.ts'
+import * as Reservations from './Reservations.ts'
 
 type Hex = Channels.Hex
 const bytes = (hex: string) => Buffer.from(hex.slice(2), 'hex')
@@ -158,8 +159,16 @@ export async function markCloseRequested(sql: Sql, channelId: Hex): Promise<bool
   return rows.length > 0
 }
 
-/** How many requests on the channel hold a reservation (are under way, or died unswept). */
+/**
+ * How many requests on the channel are under way. Reservations whose lease ran out (their
+ * instance died) are swept first, charged what they had delivered: a close does not wait for
+ * the periodic sweep, and does not close before their charge.
+ */
 export async function inFlight(sql: Sql, channelId: Hex): Promise<number> {
+  const [expired] = await sql`
+    select 1 from reservations
+    where channel_id = ${bytes(channelId)} and expires_at < clock_timestamp() limit 1`
+  if (expired) await Reservations.sweep(sql)
   const [r] = await sql`
     select count(*)::int as n from reservations where channel_id = ${bytes(channelId)}`
   return r!.n as number

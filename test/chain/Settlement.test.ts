@@ -580,6 +580,37 @@ describe('close', () => {
     expect(await inDb(channelId)).toMatchObject({ spent: 150n, settled: 150n, finalized: true })
   })
 
+  test('behavior: a close does not wait for a request whose instance died: it is swept, charged what it delivered, then the close goes on', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 600n)
+    const id = crypto.randomUUID()
+    expect(
+      await Channels.admit(sql, {
+        channelId,
+        model: 'm',
+        stream: true,
+        want: 300n,
+        need: 300n,
+        requestId: id,
+        leaseSeconds: 60,
+      }),
+    ).toMatchObject({ status: 'ok' })
+    // It had sent 100 worth when its instance died; its lease has run out since.
+    await sql`update reservations set delivered = 100, expires_at = now() - interval '1 second' where id = ${id}`
+    const started = Date.now()
+    const closed = await Settlement.close(chain.payeeClient, {
+      store: Settlements.store(sql),
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 100n,
+      signature: await sign(channelId, 100n),
+      drainMs: 5_000,
+    })
+    expect(Date.now() - started).toBeLessThan(5_000)
+    expect(closed).toMatchObject({ cumulativeAmount: 100n, forfeited: 0n })
+    expect(await inDb(channelId)).toMatchObject({ spent: 100n, settled: 100n, reserved: 0n })
+  })
+
   test('behavior: a final voucher above spent is not submitted; the highest accepted voucher ≤ spent is', async () => {
     const channelId = await openChannel()
     await accept(channelId, 300n, 600n)
