@@ -223,6 +223,10 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
           let text = received.text
           let texts: string[] | undefined
           const chunk = text === undefined ? received.chunk : undefined
+          // A usage that text came after was no final count (an upstream that sends usage
+          // early, or with every chunk): the last one with nothing after it counts.
+          if (reported && (text ? text.length > 0 : chunk!.choices.some((c) => generated(c.delta))))
+            reported = undefined
           if (chunk) {
             if (chunk.usage) reported = chunk.usage
             const choices = chunk.choices

@@ -59,6 +59,7 @@ async function run(o: {
   reservation?: ReturnType<typeof reservation>
   templated?: boolean
   startedAt?: number
+  chunks?: AsyncIterable<Received[]>
 }) {
   const r = o.reservation ?? reservation(o.balance, o.held)
   const sends: { tokens: number; held: bigint }[] = []
@@ -69,7 +70,7 @@ async function run(o: {
     promptTokens: PROMPT,
     blockTokens: o.blockTokens ?? 4,
     reservation: r,
-    chunks: batches(o.texts, o.usage, o.templated),
+    chunks: o.chunks ?? batches(o.texts, o.usage, o.templated),
     signal: new AbortController().signal,
     startedAt: o.startedAt ?? performance.now(),
     ...(o.renewMs !== undefined ? { renewMs: o.renewMs } : {}),
@@ -154,6 +155,35 @@ describe('stream', () => {
     const { r } = await run({ texts, usage: 55, balance: 10_000n, held: 100n })
     expect(r.outcome).toMatchObject({ status: 'ok', completionTokens: 55 })
     expect(r.outcome!.cost).toBe(Pricing.cost(price, PROMPT, 55))
+  })
+
+  test('behavior: a usage that text came after is no final count; the last usage with nothing after it is', async () => {
+    const usage = (completion: number): Received => ({
+      chunk: { choices: [], usage: { prompt_tokens: PROMPT, completion_tokens: completion } },
+    })
+    const words = (n: number): Received[] =>
+      Array.from({ length: n }, () => ({ chunk: chunk(' w') }))
+    // Usage first, then 40 tokens of text and no usage after: charged what was sent.
+    const early = await run({
+      texts: [],
+      balance: 10_000n,
+      held: 1_000n,
+      chunks: (async function* () {
+        yield [usage(0)]
+        yield words(40)
+      })(),
+    })
+    expect(early.r.outcome).toMatchObject({ status: 'ok', completionTokens: 40 })
+    // Usage with every chunk (a running count): the last one counts.
+    const running = await run({
+      texts: [],
+      balance: 10_000n,
+      held: 1_000n,
+      chunks: (async function* () {
+        for (let i = 1; i <= 3; i++) yield [...words(10), usage(10 * i + 1)]
+      })(),
+    })
+    expect(running.r.outcome).toMatchObject({ status: 'ok', completionTokens: 31 })
   })
 
   test('behavior: the extension block grows, so a long stream extends a few times, not once a block', async () => {
