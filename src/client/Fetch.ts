@@ -507,11 +507,35 @@ export function createFetch(options: Options): PayingFetch {
         status.status,
         await problemOf(status),
       )
-    const spent = BigInt(((await status.json()) as { spent: string }).spent)
-    const closed = await base(state.url, {
-      method: 'POST',
-      headers: { authorization: await live.session.close(spent) },
-    })
+    let spent = BigInt(((await status.json()) as { spent: string }).spent)
+    const send = async () =>
+      base(state.url, {
+        method: 'POST',
+        headers: { authorization: await live.session.close(spent) },
+      })
+    let closed = await send()
+    if (!closed.ok) {
+      const problem = await problemOf(closed)
+      // Spent grew since it was read (a request of ours ended meanwhile): the server says by
+      // how much. Signed once more when it is within what was signed already (a voucher that
+      // gives the server nothing it does not hold).
+      const required = problem?.requiredCumulative
+      if (
+        closed.status === 402 &&
+        typeof required === 'string' &&
+        /^\d+$/.test(required) &&
+        BigInt(required) > spent &&
+        BigInt(required) <= live.session.signed
+      ) {
+        spent = BigInt(required)
+        closed = await send()
+      } else
+        throw new PaymentFailedError(
+          `The server refused to close the channel (${closed.status}); see problem.`,
+          closed.status,
+          problem,
+        )
+    }
     if (!closed.ok)
       throw new PaymentFailedError(
         `The server refused to close the channel (${closed.status}); see problem.`,

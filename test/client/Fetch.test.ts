@@ -81,6 +81,31 @@ describe('createFetch', () => {
     expect(await fetch.channel(gw.url)).toBeUndefined()
   }, 60_000)
 
+  test('behavior: close with a spent that grew since it was read: the 402 names the spent, the close is signed once more and goes through', async () => {
+    // The channel's status, as a read made before a request of ours ended would have it.
+    const stale: typeof globalThis.fetch = Object.assign(
+      async (input: string | URL | Request, init?: RequestInit) => {
+        const res = await globalThis.fetch(input, init)
+        if (!String(input instanceof Request ? input.url : input).includes('/v1/channels/'))
+          return res
+        return Response.json({ ...((await res.json()) as object), spent: '0' })
+      },
+      { preconnect: globalThis.fetch.preconnect },
+    )
+    const { fetch, openai } = client(3, { fetch: stale })
+    await openai.chat.completions.create({ model: 'fake', messages })
+    const { channelId } = (await fetch.channel(gw.url))!
+    const spent = (await Channels.get(gw.sql, channelId))!.spent
+    expect(spent).toBeGreaterThan(0n)
+    const payee = await balance(chain.payee.address)
+    expect(await fetch.close()).toMatch(/^0x[0-9a-f]{64}$/)
+    expect(await balance(chain.payee.address)).toBe(payee + spent)
+    expect((await Channels.get(gw.sql, channelId))!).toMatchObject({
+      finalized: true,
+      settled: spent,
+    })
+  })
+
   test('behavior: streaming with several mid-stream vouchers: the SDK sees only chat chunks, onVoucher fires', async () => {
     const vouchers: bigint[] = []
     const receipts: unknown[] = []
