@@ -175,7 +175,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         tokenDomain,
         store: {
           get: (id) => Channels.get(db, id),
-          observe: (state) => Channels.observe(db, state),
+          observe: (state, options) => Channels.observe(db, state, options),
           acceptVoucher: (v) => Channels.acceptVoucher(db, v),
           sent: (t) => Settlements.sentForPayer(db, t),
         },

@@ -101,6 +101,8 @@ export type LockedStore = {
   finish(id: bigint, outcome: Outcome): Promise<void>
   settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
   markCloseRequested(channelId: Hex): Promise<boolean>
+  /** Marks a cooperative close under way (as markCloseRequested; no top-up clears it). */
+  markClosing(channelId: Hex): Promise<boolean>
   /** The confirmed cooperative close of a channel, if there is one. */
   confirmedClose(channelId: Hex): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined>
 }
@@ -112,6 +114,8 @@ export type Store = {
     fn: (store: LockedStore) => Promise<T>,
   ): Promise<{ locked: true; value: T } | { locked: false }>
   markCloseRequested(channelId: Hex): Promise<boolean>
+  /** Marks a cooperative close under way (as markCloseRequested; no top-up clears it). */
+  markClosing(channelId: Hex): Promise<boolean>
   /** How many requests on the channel are under way (hold a reservation). */
   inFlight(channelId: Hex): Promise<number>
 }
@@ -335,7 +339,7 @@ export async function close(
   // requests under way to be charged, so that the voucher it picks covers all they delivered
   // (draft, "Cooperative Close": the final voucher covers all delivered service). Before the
   // lock: its connection is the only one of the embedded database, which their charges need.
-  await parameters.store.markCloseRequested(channelId)
+  await parameters.store.markClosing(channelId)
   const drainUntil = Date.now() + (parameters.drainMs ?? 30_000)
   while ((await parameters.store.inFlight(channelId)) > 0) {
     if (Date.now() >= drainUntil) throw new ChannelBusyError()
@@ -354,7 +358,7 @@ export async function close(
     }
     // Marked above; again, for a close that waited for the lock while the worker cleared
     // nothing (the mark is sticky): spent no longer grows.
-    await store.markCloseRequested(channelId)
+    await store.markClosing(channelId)
     const final = { cumulativeAmount: parameters.cumulativeAmount, signature: parameters.signature }
     // Draft, "Cooperative Close": the server MUST verify cumulativeAmount >= spent. With the
     // requests under way charged (above), spent is final: a voucher below it is refused, and

@@ -75,7 +75,19 @@ function from(r: Record<string, unknown>): Channel {
  * Records what the escrow says about a channel: creates it, or raises its deposit and
  * settled amount and marks a close request or finalization. Amounts never go down.
  */
-export async function observe(sql: Sql, c: OnChain): Promise<Channel> {
+export async function observe(
+  sql: Sql,
+  c: OnChain,
+  options: {
+    /**
+     * The state was read, at this time, after a top-up the chain confirmed: one that shows no
+     * close requested clears a forced close's mark made before then (the escrow resets
+     * closeRequestedAt on topUp), never a cooperative close's.
+     */
+    toppedUpAt?: Date
+  } = {},
+): Promise<Channel> {
+  const reopen = options.toppedUpAt && !c.closeRequested && !c.finalized
   const [row] = await sql`
     insert into channels (channel_id, chain_id, escrow, payer, payee, token, signer, deposit, settled,
       close_requested_at, finalized)
@@ -86,7 +98,16 @@ export async function observe(sql: Sql, c: OnChain): Promise<Channel> {
       deposit = greatest(channels.deposit, excluded.deposit),
       settled = greatest(channels.settled, least(excluded.settled, channels.spent)),
       -- Sticky: the settlement worker marks cooperative closes before the chain shows them.
-      close_requested_at = case when ${c.closeRequested} then coalesce(channels.close_requested_at, now()) else channels.close_requested_at end,
+      close_requested_at = case
+        when ${c.closeRequested} then coalesce(channels.close_requested_at, now())
+        when ${
+          reopen
+            ? sql`not channels.cooperative_close and not channels.finalized
+          and channels.close_requested_at < ${options.toppedUpAt!.toISOString()}::text::timestamptz`
+            : sql`false`
+        }
+          then null
+        else channels.close_requested_at end,
       finalized = channels.finalized or excluded.finalized
     returning *`
   return from(row!)

@@ -151,9 +151,17 @@ export async function finish(sql: Sql, id: bigint, o: Settlement.Outcome): Promi
  * announces it to the instance serving it (migration 0008), and its next extension ends it
  * too (0010). False when unknown.
  */
-export async function markCloseRequested(sql: Sql, channelId: Hex): Promise<boolean> {
+export async function markCloseRequested(
+  sql: Sql,
+  channelId: Hex,
+  cooperative = false,
+): Promise<boolean> {
+  // A forced close's mark takes the time it was seen (a top-up read earlier clears only an
+  // earlier mark: Channels.observe); a cooperative close is never cleared by a top-up.
   const rows = await sql`
-    update channels set close_requested_at = coalesce(close_requested_at, now()),
+    update channels set
+      close_requested_at = ${cooperative ? sql`coalesce(close_requested_at, now())` : sql`now()`},
+      cooperative_close = cooperative_close or ${cooperative},
       active_stream = null
     where channel_id = ${bytes(channelId)} returning 1`
   return rows.length > 0
@@ -240,6 +248,7 @@ function locked(sql: Sql): Settlement.LockedStore {
     finish: (id, o) => finish(sql, id, o),
     settled: (i) => Channels.settled(sql, i),
     markCloseRequested: (channelId) => markCloseRequested(sql, channelId),
+    markClosing: (channelId) => markCloseRequested(sql, channelId, true),
     confirmedClose: (channelId) => confirmedClose(sql, channelId),
   }
 }
@@ -249,6 +258,7 @@ export function store(sql: Sql): Settlement.Store {
   return {
     withLock: (fn) => withLock(sql, fn),
     markCloseRequested: (channelId) => markCloseRequested(sql, channelId),
+    markClosing: (channelId) => markCloseRequested(sql, channelId, true),
     inFlight: (channelId) => inFlight(sql, channelId),
   }
 }

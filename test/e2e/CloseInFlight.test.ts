@@ -1,8 +1,9 @@
 /**
- * A cooperative close while the channel's stream is under way (draft, "Cooperative Close":
- * the server MUST verify the final voucher covers all delivered service). The close ends the
- * stream, waits for it to be charged, refuses a voucher below what was spent, and closes
- * with one that covers it: the payee receives exactly what was spent.
+ * Closes and what runs beside them. A cooperative close while the channel's stream is under
+ * way (draft, "Cooperative Close": the server MUST verify the final voucher covers all
+ * delivered service): the close ends the stream, waits for it to be charged, refuses a voucher
+ * below what was spent, and closes with one that covers it. And a payer's forced close that a
+ * top-up cancels on chain (the draft: topUp MUST reset closeRequestedAt) is cancelled here.
  */
 import { afterAll, describe, expect, test } from 'bun:test'
 import type { Hex } from 'viem'
@@ -33,12 +34,12 @@ const words = Array.from({ length: 120 }, (_, i) => `w${i}`).join(' ')
 /** Whether another instance's (or this one's) LISTEN ends a stream at once. */
 const listens = gw.db.max > 1
 
-async function session() {
+async function session(payerIndex = 2) {
   const res = await fetch(url, {
     method: 'POST',
     body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'x' }] }),
   })
-  const payer = privateKeyToAccount(chain.payers[2]!.privateKey)
+  const payer = privateKeyToAccount(chain.payers[payerIndex]!.privateKey)
   return new PayingSession({
     account: payer,
     challenge: challengeOf(res.headers.get('www-authenticate'))!,
@@ -122,5 +123,64 @@ describe('cooperative close with a stream under way', () => {
       channelId,
     })
     expect(onChain!.finalized).toBe(true)
+  }, 60_000)
+})
+
+describe('forced close and top-up', () => {
+  test('behavior: a top-up that cancels a forced close of the payer on chain makes the channel usable again; a cooperative close is not reopened', async () => {
+    const s = await session(1)
+    const ask = JSON.stringify({
+      model: 'fake',
+      max_tokens: 20,
+      messages: [{ role: 'user', content: 'hello there world' }],
+    })
+    const open = await fetch(url, {
+      method: 'HEAD',
+      headers: {
+        authorization: await s.openWithAuthorization({ deposit: 10_000n, initial: 1_000n }),
+      },
+    })
+    expect(open.status).toBe(200)
+    const channelId = s.channelId!
+    await Escrow.requestClose(chain.payerClient(1), { escrow: chain.escrowAddress, channelId })
+    const deadline = Date.now() + 15_000
+    while (!(await Channels.get(gw.sql, channelId))!.closeRequestedAt && Date.now() < deadline)
+      await Bun.sleep(50)
+    expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).not.toBeNull()
+    const refused = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await s.voucher(2_000n) },
+      body: ask,
+    })
+    expect(refused.status).toBe(410)
+
+    // The payer changes its mind: a top-up, which the escrow takes as cancelling the close.
+    const top = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await s.topUp(5_000n) },
+    })
+    expect(top.status).toBe(200)
+    const onChain = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(onChain!.closeRequestedAt).toBe(0n)
+    expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).toBeNull()
+    const served = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await s.voucher(6_000n) },
+      body: ask,
+    })
+    expect(served.status).toBe(200)
+    await served.text()
+
+    // A cooperative close under way is no forced close: a top-up then does not reopen it.
+    await gw.sql`update channels set cooperative_close = true, close_requested_at = now() where channel_id = ${Buffer.from(channelId.slice(2), 'hex')}`
+    const again = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await s.topUp(1_000n) },
+    })
+    expect(again.status).toBe(200)
+    expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).not.toBeNull()
   }, 60_000)
 })

@@ -58,7 +58,8 @@ export type VoucherStatus =
 
 export type Store = {
   get(channelId: Hex): Promise<Channel | undefined>
-  observe(state: OnChain): Promise<Channel>
+  /** `toppedUpAt`: the state was read then, after a top-up the chain confirmed. */
+  observe(state: OnChain, options?: { toppedUpAt?: Date }): Promise<Channel>
   acceptVoucher(v: {
     channelId: Hex
     cumulativeAmount: bigint
@@ -327,12 +328,14 @@ export function create(o: Options) {
           txHash = sent.hash
         } else
           throw Problem.methodUnsupported('Permit2 is not offered; use "authorization" or "hash".')
+        // Read after the top-up: a forced close it cancelled on chain is cancelled here too.
+        const toppedUpAt = new Date()
         const state = await o.chain.read(p.channelId)
         if (!state)
           throw Problem.channelNotFound('The escrow has no such channel.', {
             channelId: p.channelId,
           })
-        const channel = await o.store.observe(state)
+        const channel = await o.store.observe(state, { toppedUpAt })
         if (sent) await o.store.sent({ channelId: p.channelId, kind: 'topUp', ...sent })
         return { channel, txHash }
       }
@@ -363,8 +366,9 @@ export function create(o: Options) {
               authorization: d.authorization,
               signature: d.signature,
             })
+          const toppedUpAt = new Date()
           const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
-          remember(await o.store.observe(state))
+          remember(await o.store.observe(state, d.action === 'topUp' && sent ? { toppedUpAt } : {}))
           if (sent) await o.store.sent({ channelId: p.channelId, kind: d.action, ...sent })
           return {
             channel: await acceptVoucher(state, p),
