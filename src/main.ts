@@ -176,6 +176,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         store: {
           get: (id) => Channels.get(db, id),
           observe: (state, options) => Channels.observe(db, state, options),
+          clock: () => Channels.clock(db),
           acceptVoucher: (v) => Channels.acceptVoucher(db, v),
           sent: (t) => Settlements.sentForPayer(db, t),
         },

@@ -227,6 +227,15 @@ export function start(options: Options): Worker {
     )
 
   async function closeRequested(channelId: Hex): Promise<Result> {
+    // The event may be handled after the payer cancelled the close with a top-up (which the
+    // gateway has already seen and reopened the channel for): the chain's word now decides.
+    // Unreadable chain: marked all the same (stop serving and settle: the safe side).
+    const now = await Escrow.getChannel(options.client, {
+      escrow: options.escrow,
+      channelId,
+    }).catch(() => undefined)
+    if (now && now.closeRequestedAt === 0n && !now.finalized)
+      return { status: 'nothing', channelId }
     if (!(await options.store.markCloseRequested(channelId)))
       return { status: 'nothing', channelId }
     log.info({ channelId }, 'close requested by the payer: settling now')
@@ -313,8 +322,8 @@ export type Closed = {
  * full by signing exactly `spent` (their last receipt says it). A final voucher the escrow
  * rejects falls back once to the accepted one. Marks the channel close-requested first (no
  * new requests), records the transaction, and finalizes the channel on success. Throws
- * TransactionRevertedError (definitive), ChannelStateError, SettlementBusyError, or the
- * network error (recorded as failed).
+ * TransactionRevertedError (definitive), ChannelStateError, SettlementBusyError,
+ * CloseBelowSpentError, ChannelBusyError, or the network error (recorded as failed).
  */
 export async function close(
   client: WalletClient,
@@ -356,8 +365,7 @@ export async function close(
       if (done) return { ...done, forfeited: c.spent - done.cumulativeAmount }
       throw new ChannelStateError('finalized', channelId)
     }
-    // Marked above; again, for a close that waited for the lock while the worker cleared
-    // nothing (the mark is sticky): spent no longer grows.
+    // Marked above; again under the lock (idempotent): spent no longer grows.
     await store.markClosing(channelId)
     const final = { cumulativeAmount: parameters.cumulativeAmount, signature: parameters.signature }
     // Draft, "Cooperative Close": the server MUST verify cumulativeAmount >= spent. With the

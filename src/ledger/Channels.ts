@@ -80,11 +80,12 @@ export async function observe(
   c: OnChain,
   options: {
     /**
-     * The state was read, at this time, after a top-up the chain confirmed: one that shows no
-     * close requested clears a forced close's mark made before then (the escrow resets
-     * closeRequestedAt on topUp), never a cooperative close's.
+     * The state was read after this time (the database's, from `clock`) and after a top-up
+     * the chain confirmed: one that shows no close requested clears a forced close's mark
+     * made before then (the escrow resets closeRequestedAt on topUp), never a cooperative
+     * close's.
      */
-    toppedUpAt?: Date
+    toppedUpAt?: string
   } = {},
 ): Promise<Channel> {
   const reopen = options.toppedUpAt && !c.closeRequested && !c.finalized
@@ -97,13 +98,16 @@ export async function observe(
     on conflict (channel_id) do update set
       deposit = greatest(channels.deposit, excluded.deposit),
       settled = greatest(channels.settled, least(excluded.settled, channels.spent)),
-      -- Sticky: the settlement worker marks cooperative closes before the chain shows them.
+      -- Kept while the chain shows none: the settlement worker marks cooperative closes before
+      -- the chain shows them. Cleared only after a top-up, when the chain read after it shows
+      -- no close requested and the mark is older than that read (a forced close the top-up
+      -- cancelled); never a cooperative close's.
       close_requested_at = case
         when ${c.closeRequested} then coalesce(channels.close_requested_at, now())
         when ${
           reopen
             ? sql`not channels.cooperative_close and not channels.finalized
-          and channels.close_requested_at < ${options.toppedUpAt!.toISOString()}::text::timestamptz`
+          and channels.close_requested_at < ${options.toppedUpAt!}::text::timestamptz`
             : sql`false`
         }
           then null
@@ -111,6 +115,12 @@ export async function observe(
       finalized = channels.finalized or excluded.finalized
     returning *`
   return from(row!)
+}
+
+/** The database's clock, as text (to the microsecond; see `observe`'s `toppedUpAt`). */
+export async function clock(sql: Sql): Promise<string> {
+  const [r] = await sql`select clock_timestamp()::text as t`
+  return r!.t as string
 }
 
 /** One channel, or undefined. */

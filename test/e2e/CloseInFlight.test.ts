@@ -183,4 +183,37 @@ describe('forced close and top-up', () => {
     expect(again.status).toBe(200)
     expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).not.toBeNull()
   }, 60_000)
+
+  test('behavior: a CloseRequested event handled after the top-up that cancelled it does not close the channel again', async () => {
+    const s = await session(3)
+    const ask = JSON.stringify({
+      model: 'fake',
+      max_tokens: 20,
+      messages: [{ role: 'user', content: 'hello there world' }],
+    })
+    const open = await fetch(url, {
+      method: 'HEAD',
+      headers: {
+        authorization: await s.openWithAuthorization({ deposit: 10_000n, initial: 1_000n }),
+      },
+    })
+    expect(open.status).toBe(200)
+    const channelId = s.channelId!
+    // The top-up right after the close request: the watcher (polling) sees the event later.
+    await Escrow.requestClose(chain.payerClient(3), { escrow: chain.escrowAddress, channelId })
+    const top = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await s.topUp(5_000n) },
+    })
+    expect(top.status).toBe(200)
+    await Bun.sleep(2_500)
+    expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).toBeNull()
+    const served = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await s.voucher(6_000n) },
+      body: ask,
+    })
+    expect(served.status).toBe(200)
+    await served.text()
+  }, 60_000)
 })

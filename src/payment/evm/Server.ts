@@ -58,8 +58,11 @@ export type VoucherStatus =
 
 export type Store = {
   get(channelId: Hex): Promise<Channel | undefined>
-  /** `toppedUpAt`: the state was read then, after a top-up the chain confirmed. */
-  observe(state: OnChain, options?: { toppedUpAt?: Date }): Promise<Channel>
+  /** `toppedUpAt` (`clock()`'s): the state was read after it, and after a top-up the chain
+   * confirmed. */
+  observe(state: OnChain, options?: { toppedUpAt?: string }): Promise<Channel>
+  /** The store's clock (the database's), as it compares times it wrote. */
+  clock(): Promise<string>
   acceptVoucher(v: {
     channelId: Hex
     cumulativeAmount: bigint
@@ -329,7 +332,7 @@ export function create(o: Options) {
         } else
           throw Problem.methodUnsupported('Permit2 is not offered; use "authorization" or "hash".')
         // Read after the top-up: a forced close it cancelled on chain is cancelled here too.
-        const toppedUpAt = new Date()
+        const toppedUpAt = await o.store.clock()
         const state = await o.chain.read(p.channelId)
         if (!state)
           throw Problem.channelNotFound('The escrow has no such channel.', {
@@ -366,7 +369,7 @@ export function create(o: Options) {
               authorization: d.authorization,
               signature: d.signature,
             })
-          const toppedUpAt = new Date()
+          const toppedUpAt = sent && d.action === 'topUp' ? await o.store.clock() : undefined
           const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
           remember(await o.store.observe(state, d.action === 'topUp' && sent ? { toppedUpAt } : {}))
           if (sent) await o.store.sent({ channelId: p.channelId, kind: d.action, ...sent })
