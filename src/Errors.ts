@@ -146,6 +146,19 @@ export class ChainUnavailableError extends GatewayError {
   }
 }
 
+/** 503: a channel's requests under way kept its close waiting; sent again, it goes on. */
+export class ChannelBusyError extends GatewayError {
+  override name = 'ChannelBusyError'
+  override readonly status = 503
+  override readonly type = 'channel_busy'
+  constructor(message: string, options: ErrorOptions = {}) {
+    super(message, 'channel_busy', {
+      ...options,
+      headers: { 'retry-after': '5', ...options.headers },
+    })
+  }
+}
+
 /** 503: no healthy upstream serves the model. */
 export class NoUpstreamError extends GatewayError {
   override name = 'NoUpstreamError'

@@ -236,12 +236,15 @@ function channelFinishes(sql: Sql) {
 /**
  * Releases reservations whose lease ran out (their instance died), charging what each had
  * delivered by its last extend (the block in flight is lost, nothing more); a usage row
- * records them as `abandoned`. Returns how many were released.
+ * records them as `abandoned`; only those of `channelId` when given. Returns how many were
+ * released.
  */
-export async function sweep(sql: Sql): Promise<number> {
+export async function sweep(sql: Sql, channelId?: Uint8Array): Promise<number> {
   const expired = await sql`
     select id, delivered, channel_id is not null as channel from reservations
-    where expires_at < clock_timestamp() limit 100`
+    where expires_at < clock_timestamp()
+      ${channelId ? sql`and channel_id = ${channelId}` : sql``}
+    limit 100`
   // Through the batch functions, so the payers are locked in the order every batch locks
   // them (no deadlock with live batches or another instance's sweep), and channel charges
   // commit durably while account charges need not.

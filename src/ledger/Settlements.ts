@@ -176,7 +176,7 @@ export async function inFlight(sql: Sql, channelId: Hex): Promise<number> {
   const [expired] = await sql`
     select 1 from reservations
     where channel_id = ${bytes(channelId)} and expires_at < clock_timestamp() limit 1`
-  if (expired) await Reservations.sweep(sql)
+  if (expired) await Reservations.sweep(sql, bytes(channelId))
   const [r] = await sql`
     select count(*)::int as n from reservations where channel_id = ${bytes(channelId)}`
   return r!.n as number

@@ -13,6 +13,7 @@ import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Settlement from '../../src/chain/Settlement.ts'
 import * as Token from '../../src/chain/Token.ts'
 import * as Voucher from '../../src/chain/Voucher.ts'
+import type { GatewayError } from '../../src/Errors.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import * as Settlements from '../../src/ledger/Settlements.ts'
@@ -578,6 +579,23 @@ describe('close', () => {
     })
     expect(await closing).toMatchObject({ cumulativeAmount: 150n, forfeited: 0n })
     expect(await inDb(channelId)).toMatchObject({ spent: 150n, settled: 150n, finalized: true })
+  })
+
+  test('error: over HTTP, a close kept waiting is a 503 channel_busy with Retry-After, a voucher below spent a 402 payment-insufficient naming it', () => {
+    const id = `0x${'11'.repeat(32)}` as Hex
+    const busy = ChainEscrow.problem(new ChannelBusyError(), id) as GatewayError
+    expect([busy.status, busy.type, busy.headers['retry-after']]).toEqual([
+      503,
+      'channel_busy',
+      '5',
+    ])
+    const low = ChainEscrow.problem(new CloseBelowSpentError(450n), id) as {
+      status: number
+      toProblem(): Record<string, unknown>
+    }
+    expect(low.status).toBe(402)
+    expect(low.toProblem()).toMatchObject({ requiredCumulative: '450', channelId: id })
+    expect(String(low.toProblem().type)).toContain('payment-insufficient')
   })
 
   test('behavior: a close does not wait for a request whose instance died: it is swept, charged what it delivered, then the close goes on', async () => {

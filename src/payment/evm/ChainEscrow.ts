@@ -36,7 +36,11 @@ import {
 import * as Escrow from '../../chain/Escrow.ts'
 import type * as Settlement from '../../chain/Settlement.ts'
 import * as Voucher from '../../chain/Voucher.ts'
-import { ChainUnavailableError, GatewayError } from '../../Errors.ts'
+import {
+  ChannelBusyError as BusyChannelError,
+  ChainUnavailableError,
+  GatewayError,
+} from '../../Errors.ts'
 import { Lru } from '../../Lru.ts'
 import * as Problem from '../Problem.ts'
 import type * as Server from './Server.ts'
@@ -110,7 +114,7 @@ const reverts: Record<string, Problem.Kind> = {
  * chain that did not answer (or a transaction not mined in time) as a 503 to retry. Anything
  * else is not the chain's doing and goes on as it is.
  */
-function problem(e: unknown, channelId: Hex): unknown {
+export function problem(e: unknown, channelId: Hex): unknown {
   if (e instanceof TransactionRevertedError) {
     const kind = (e.errorName && reverts[e.errorName]) || 'session/transaction-reverted'
     return Problem.create(
@@ -129,11 +133,9 @@ function problem(e: unknown, channelId: Hex): unknown {
     return e.reason === 'finalized'
       ? Problem.channelFinalized('The channel is closed.', { channelId })
       : Problem.channelNotFound('No channel with this id on our escrow.', { channelId })
-  if (
-    e instanceof TransactionTimeoutError ||
-    e instanceof SettlementBusyError ||
-    e instanceof ChannelBusyError
-  )
+  if (e instanceof ChannelBusyError)
+    return new BusyChannelError(e.message, { cause: e, details: { channelId } })
+  if (e instanceof TransactionTimeoutError || e instanceof SettlementBusyError)
     return new ChainUnavailableError(e.message, { cause: e, details: { channelId } })
   // viem's own errors that are not a revert: the RPC failed, refused or timed out.
   if (e instanceof BaseError)
