@@ -107,16 +107,27 @@ describe('npm start', () => {
 
   test('behavior: a configured chain (the five variables) is used as it is: nothing deployed, no anvil started', async () => {
     const chain = await Anvil.start()
-    const anvils = () =>
-      readdirSync('/proc').filter((p) => {
+    /** Anvil processes the gateway `root` started (its descendants): none on this machine's
+     * other anvils, which other tests or tools may start and stop meanwhile. */
+    const anvils = (root: number) => {
+      const parent = new Map<number, number>()
+      const anvil = new Set<number>()
+      for (const p of readdirSync('/proc')) {
+        if (!/^\d+$/.test(p)) continue
         try {
-          return /^\d+$/.test(p) && readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('anvil')
-        } catch {
-          return false
-        }
-      }).length
+          const stat = readFileSync(`/proc/${p}/stat`, 'utf8')
+          parent.set(Number(p), Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]))
+          if (readFileSync(`/proc/${p}/cmdline`, 'utf8').includes('anvil')) anvil.add(Number(p))
+        } catch {}
+      }
+      const under = (pid: number): boolean => {
+        for (let p = parent.get(pid); p !== undefined && p > 1; p = parent.get(p))
+          if (p === root) return true
+        return false
+      }
+      return [...anvil].filter(under).length
+    }
     const before = {
-      anvils: anvils(),
       nonce: await getTransactionCount(chain.payeeClient, { address: chain.payee.address }),
     }
     const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
@@ -133,7 +144,7 @@ describe('npm start', () => {
       const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
       // No development chain: nothing printed about one, no anvil process, no transaction.
       expect(out).not.toMatch(/RPC URL:|payer 1:/)
-      expect(anvils()).toBe(before.anvils)
+      expect(anvils(proc.pid)).toBe(0)
       expect(await getTransactionCount(chain.payeeClient, { address: chain.payee.address })).toBe(
         before.nonce,
       )
