@@ -16,7 +16,7 @@ Commands:
   serve                                   run a gateway (what npm start runs)
   accounts create --name N [--plan P]     create an account
   accounts get <account>                  show an account, its balance and keys
-  credits grant <account> <amount> [--note T]  grant (or, negative, debit) base units
+  credits grant <account> <amount> [--note T]  grant (or, negative after --, debit) base units
   keys create <account> [--name N]        create an API key (shown once)
   keys list <account>                     list an account's keys
   keys revoke <account> <key-id>          revoke a key (or: keys revoke <key-id> --api-key K)
@@ -35,14 +35,15 @@ Global options:
 Exit codes: 0 ok, 2 usage error, 3 payment refused, 4 server or network error.`,
   serve: `Usage: tollway serve
 
-Runs a gateway configured by the environment and tollway.config.json (see the README,
+Runs a gateway configured by the environment and the JSON file TOLLWAY_CONFIG names (see the README,
 "Configuration"). With nothing configured: embedded PGlite, a development chain, the echo model.`,
   accounts: `Usage:
   tollway accounts create --name N [--plan P] [--json]
   tollway accounts get <account> [--json]
 Needs the admin token.`,
   credits: `Usage: tollway credits grant <account> <amount> [--note T] [--json]
-amount: base units, an integer; a negative amount debits. Needs the admin token.`,
+amount: base units, an integer; a negative amount debits (after --, as in
+tollway credits grant <account> -- -5, so that it is not read as an option). Needs the admin token.`,
   keys: `Usage:
   tollway keys create <account> [--name N] [--json]   (admin token)
   tollway keys list <account> [--json]                (admin token)
@@ -373,7 +374,8 @@ const enc = encodeURIComponent
 
 /** Runs the CLI with `env` (the process environment, read once at the entry); the exit code. */
 export async function run(argv: string[], env: Env, io: Io) {
-  let json = false
+  // Known before parsing, so that an option that fails to parse is reported as JSON too.
+  let json = argv.includes('--json')
   try {
     const { values, positionals } = parse(argv)
     json = values.json ?? false

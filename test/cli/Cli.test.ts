@@ -63,6 +63,17 @@ describe('usage', () => {
     expect((await cli(['credits', 'grant', 'a', 'ten'])).code).toBe(2)
   })
 
+  test('error: with --json, an option that fails to parse is reported as JSON too; a negative amount goes after --', async () => {
+    const bad = await cli(['accounts', 'get', 'x', '--json', '--bogus'])
+    expect(bad.code).toBe(2)
+    expect(JSON.parse(bad.stderr).error.message).toContain('--bogus')
+    const { id } = await json(['accounts', 'create', '--name', 'debit'])
+    await json(['credits', 'grant', id, '10'])
+    const debit = await cli(['credits', 'grant', id, '--json', '--', '-4'])
+    expect(debit.code).toBe(0)
+    expect(JSON.parse(debit.stdout).balance).toBe('6')
+  })
+
   test('error: a bad setting from the environment exits 2 naming the option and the variable', async () => {
     const url = await cli(['channels', 'list'], { TOLLWAY_URL: 'not a url' })
     expect(url.code).toBe(2)
