@@ -92,7 +92,16 @@ export const Schema = z
     port: z.number().int().min(0).max(65535).default(8787),
     host: z.string().min(1).default('127.0.0.1'),
     dataDir: z.string().min(1).default('./.tollway'),
-    databaseUrl: z.string().min(1).optional(),
+    databaseUrl: z
+      .string()
+      .refine((v) => {
+        try {
+          return /^postgres(ql)?:$/.test(new URL(v).protocol)
+        } catch {
+          return false
+        }
+      }, 'must be a postgres:// or postgresql:// URL')
+      .optional(),
     adminToken: z.string().min(16).optional(),
     logLevel: z
       .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
@@ -194,7 +203,11 @@ export class ConfigError extends Error {
   override name = 'ConfigError'
 }
 
-const Port = z.coerce.number().int().min(0).max(65535)
+// From the environment a string: blank is no port (coerced, it was 0, a random one).
+const Port = z.preprocess(
+  (v) => (typeof v === 'string' && v.trim() === '' ? Number.NaN : v),
+  z.coerce.number().int().min(0).max(65535),
+)
 const env = {
   PORT: ['port', Port],
   HOST: ['host', z.string()],

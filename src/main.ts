@@ -223,7 +223,8 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     stops.push(async () => clearInterval(sweep))
 
     return {
-      url: `http://${config.host}:${server.port}`,
+      // An IPv6 address goes in brackets.
+      url: `http://${config.host.includes(':') ? `[${config.host}]` : config.host}:${server.port}`,
       adminToken,
       chain,
       devChain,
@@ -274,10 +275,20 @@ function models(config: Config.Config, environment: Record<string, string | unde
   }))
 }
 
-/** A secret kept in the data dir (the admin token, the challenge secret), made on first start. */
+/**
+ * A secret kept in the data dir (the admin token, the challenge secret), made on first start.
+ * One found there must still be a secret: 16 characters at least (as ADMIN_TOKEN must be).
+ */
 function kept(dataDir: string, name: string, prefix: string): string {
   const path = join(dataDir, name)
-  if (existsSync(path)) return readFileSync(path, 'utf8').trim()
+  if (existsSync(path)) {
+    const value = readFileSync(path, 'utf8').trim()
+    if (value.length < 16)
+      throw new Config.ConfigError(
+        `${path}: the kept ${name} is ${value.length === 0 ? 'empty' : 'shorter than 16 characters'}; delete the file to have a new one made, or set it right`,
+      )
+    return value
+  }
   mkdirSync(dataDir, { recursive: true })
   const value = `${prefix}${randomBytes(32).toString('base64url')}`
   writeFileSync(path, `${value}\n`, { mode: 0o600 })
@@ -290,7 +301,11 @@ function kept(dataDir: string, name: string, prefix: string): string {
  */
 async function devKey(sql: Db.Sql, config: Config.Config): Promise<string> {
   const path = join(config.dataDir, 'dev-key')
-  if (existsSync(path)) return readFileSync(path, 'utf8').trim()
+  // Kept, and still a key of this database (one made anew, pgdata deleted, has none of it).
+  if (existsSync(path)) {
+    const key = readFileSync(path, 'utf8').trim()
+    if (await ApiKeys.authenticate(sql, key)) return key
+  }
   const [plan] = Object.entries(config.plans).sort(([, a], [, b]) => b.tier - a.tier)[0]!
   const accountId = await Accounts.create(sql, { name: 'dev', plan })
   await Credits.grant(sql, { accountId, amount: 10_000_000n, note: 'development credits' })
@@ -319,7 +334,15 @@ export async function serve(): Promise<void> {
     console.error(`tollway: configuration error\n${(e as Error).message}`)
     process.exit(1)
   }
-  const gateway = await start(config, { reusePort: config.workers > 1 })
+  let gateway: Gateway
+  try {
+    gateway = await start(config, { reusePort: config.workers > 1 })
+  } catch (e) {
+    // What the configuration points at is unusable (a kept secret, the escrow, the data dir).
+    if (!(e instanceof Config.ConfigError || e instanceof Embedded.InUseError)) throw e
+    console.error(`tollway: configuration error\n${e.message}`)
+    process.exit(1)
+  }
   if (process.env[WORKER]) {
     const shutdown = async () => {
       await gateway.stop()

@@ -61,6 +61,13 @@ describe('load', () => {
   test('error: a bad value stops the start with a message naming the field', () => {
     expect(() => Config.load({ PORT: 'eighty' })).toThrow(/PORT/)
     expect(() => Config.load({ PORT: '70000' })).toThrow(/PORT/)
+    // Blank is no port (it was 0: a random one), and a database URL must be one.
+    expect(() => Config.load({ PORT: ' ' })).toThrow(/PORT/)
+    expect(() => Config.load({ DATABASE_URL: 'notaurl' })).toThrow(/DATABASE_URL/)
+    expect(() => Config.load({ DATABASE_URL: 'mysql://x@h/db' })).toThrow(/DATABASE_URL/)
+    expect(Config.load({ DATABASE_URL: 'postgresql://u@h:5432/db' }).databaseUrl).toBe(
+      'postgresql://u@h:5432/db',
+    )
     expect(() => Config.load({ TOLLWAY_CONFIG: file('{"port": "x"}') })).toThrow(/port/)
     expect(() => Config.load({ TOLLWAY_CONFIG: file('{"prot": 1}') })).toThrow(/prot/)
     expect(() => Config.load({ TOLLWAY_CONFIG: file('not json') })).toThrow(

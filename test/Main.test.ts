@@ -1,6 +1,14 @@
 /** `npm start` as a user runs it: a subprocess with nothing configured. */
 import { describe, expect, test } from 'bun:test'
-import { existsSync, mkdtempSync, readdirSync, readFileSync } from 'node:fs'
+import {
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { getTransactionCount } from 'viem/actions'
@@ -167,6 +175,43 @@ describe('npm start', () => {
     }
   }, 90_000)
 
+  test('behavior: an IPv6 HOST serves at a bracketed URL; a data dir whose database was deleted prints a key that works again', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const config = join(dataDir, 'config.json')
+    writeFileSync(config, '{"devChain": false}')
+    const env = { TOLLWAY_DATA_DIR: dataDir, PORT: '0', HOST: '::1', TOLLWAY_CONFIG: config }
+    const chat = async (out: string) => {
+      const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
+      const key = /Bearer (tw_\S+?)"/.exec(out)![1]!
+      return {
+        url,
+        status: (
+          await fetch(`${url}/v1/chat/completions`, {
+            method: 'POST',
+            headers: { authorization: `Bearer ${key}` },
+            body: JSON.stringify({
+              model: 'tollway-echo',
+              messages: [{ role: 'user', content: 'hi' }],
+            }),
+          })
+        ).status,
+      }
+    }
+    for (const round of [1, 2]) {
+      const { proc, out } = await serve(env)
+      try {
+        const { url, status } = await chat(out)
+        expect(url).toMatch(/^http:\/\/\[::1\]:\d+$/)
+        expect(status).toBe(200)
+      } finally {
+        proc.kill()
+        await proc.exited
+      }
+      // The database goes; the kept dev-key file stays.
+      if (round === 1) rmSync(join(dataDir, 'pgdata'), { recursive: true, force: true })
+    }
+  }, 90_000)
+
   test('error: a bad value stops the start with a message naming the field', async () => {
     const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
       cwd: root,
@@ -180,6 +225,42 @@ describe('npm start', () => {
     // Started bare, without the launcher: warned that upstream requests are capped.
     expect(err).toContain('BUN_CONFIG_MAX_HTTP_REQUESTS')
   })
+
+  test('error: an empty kept admin token, or a data dir another gateway serves, stops the start naming it', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    writeFileSync(join(dataDir, 'admin-token'), '\n')
+    const config = join(dataDir, 'config.json')
+    writeFileSync(config, '{"devChain": false}')
+    const start = async (dir: string) => {
+      const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
+        cwd: root,
+        env: {
+          PATH: process.env.PATH ?? '',
+          TOLLWAY_DATA_DIR: dir,
+          PORT: '0',
+          TOLLWAY_CONFIG: config,
+        },
+        stdout: 'pipe',
+        stderr: 'pipe',
+      })
+      return { code: await proc.exited, err: await new Response(proc.stderr).text() }
+    }
+    const empty = await start(dataDir)
+    expect(empty.code).toBe(1)
+    expect(empty.err).toContain(join(dataDir, 'admin-token'))
+    // A data dir whose embedded database a live process holds.
+    const busy = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    mkdirSync(join(busy, 'pgdata'))
+    const other = Bun.spawn(['sleep', '30'])
+    try {
+      writeFileSync(join(busy, 'pgdata', 'tollway.lock'), `${other.pid}\n`)
+      const held = await start(busy)
+      expect(held.code).toBe(1)
+      expect(held.err).toContain(`in use by process ${other.pid}`)
+    } finally {
+      other.kill()
+    }
+  }, 60_000)
 
   test('error: a partly configured chain names what is missing', async () => {
     const proc = Bun.spawn([process.execPath, 'src/main.ts'], {

@@ -3,14 +3,54 @@
  * pglite-socket, so the gateway reaches it with the same postgres.js code as a real
  * server. PGlite is single-connection: connect to it with `max: 1`.
  */
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { PGlite } from '@electric-sql/pglite'
 import { PGLiteSocketServer } from '@electric-sql/pglite-socket'
 
 export type Embedded = { url: string; stop(): Promise<void> }
 
+/** Thrown when another live process already serves the embedded database of a data dir. */
+export class InUseError extends Error {
+  override name = 'InUseError'
+}
+
+/**
+ * Claims `dataDir` for this process (a lock file with its pid). PGlite itself does not stop a
+ * second process from opening the same files: two gateways on one data dir each saw their
+ * own writes, and the one stopped last overwrote the other's. A lock of a process that is
+ * gone is taken over. Returns the release.
+ */
+function claim(dataDir: string): () => void {
+  mkdirSync(dataDir, { recursive: true })
+  const path = join(dataDir, 'tollway.lock')
+  let holder: number | undefined
+  try {
+    holder = Number(readFileSync(path, 'utf8').trim())
+  } catch {}
+  if (holder && holder !== process.pid) {
+    let alive = true
+    try {
+      process.kill(holder, 0)
+    } catch (e) {
+      alive = (e as { code?: string }).code === 'EPERM'
+    }
+    if (alive)
+      throw new InUseError(
+        `the embedded database in ${dataDir} is in use by process ${holder}; stop it first, or set another TOLLWAY_DATA_DIR`,
+      )
+  }
+  writeFileSync(path, `${process.pid}\n`)
+  return () => rmSync(path, { force: true })
+}
+
 /** Starts PGlite with its data in `dataDir` (in memory when omitted) on a free port. */
 export async function start(options: { dataDir?: string } = {}): Promise<Embedded> {
-  const db = await PGlite.create(options.dataDir)
+  const release = options.dataDir ? claim(options.dataDir) : () => {}
+  const db = await PGlite.create(options.dataDir).catch((e: unknown) => {
+    release()
+    throw e
+  })
   const server = new PGLiteSocketServer({ db, host: '127.0.0.1', port: 0 })
   await server.start()
   const address = (
@@ -21,6 +61,7 @@ export async function start(options: { dataDir?: string } = {}): Promise<Embedde
     async stop() {
       await server.stop()
       await db.close()
+      release()
     },
   }
 }
