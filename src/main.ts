@@ -197,13 +197,21 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       }
     }
     const app = App.create({ config, sql, router, log, adminToken, payments, waker, settlement })
-    const server = Bun.serve({
-      port: config.port,
-      hostname: config.host,
-      fetch: app.fetch,
-      idleTimeout: 255,
-      reusePort: options.reusePort ?? false,
-    })
+    let server: ReturnType<typeof Bun.serve>
+    try {
+      server = Bun.serve({
+        port: config.port,
+        hostname: config.host,
+        fetch: app.fetch,
+        idleTimeout: 255,
+        reusePort: options.reusePort ?? false,
+      })
+    } catch (e) {
+      // A port in use, a host that does not resolve or is not this machine's: named.
+      throw new Config.ConfigError(
+        `HOST / PORT: cannot listen on ${config.host} port ${config.port}: ${(e as Error).message}`,
+      )
+    }
     // Runs after the server stopped (stops run in reverse): the charges of answered requests,
     // and of streams the stop cut, are written before the database goes.
     stops.push(async () => {

@@ -262,6 +262,37 @@ describe('npm start', () => {
     }
   }, 60_000)
 
+  test('error: a host that does not resolve, or a port in use, stops the start naming HOST / PORT', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const config = join(dataDir, 'config.json')
+    writeFileSync(config, '{"devChain": false}')
+    const taken = Bun.serve({ port: 0, hostname: '127.0.0.1', fetch: () => new Response() })
+    try {
+      for (const env of [
+        { HOST: 'not.a.host.invalid', PORT: '0' },
+        { HOST: '127.0.0.1', PORT: String(taken.port) },
+      ]) {
+        const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
+          cwd: root,
+          env: {
+            PATH: process.env.PATH ?? '',
+            TOLLWAY_DATA_DIR: dataDir,
+            TOLLWAY_CONFIG: config,
+            ...env,
+          },
+          stdout: 'pipe',
+          stderr: 'pipe',
+        })
+        expect(await proc.exited).toBe(1)
+        const err = await new Response(proc.stderr).text()
+        expect(err).toContain('HOST / PORT: cannot listen on')
+        expect(err).toContain(env.HOST)
+      }
+    } finally {
+      taken.stop(true)
+    }
+  }, 60_000)
+
   test('error: a partly configured chain names what is missing', async () => {
     const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
       cwd: root,
