@@ -129,33 +129,33 @@ export class UpstreamError extends GatewayError {
   override readonly type = 'upstream_error'
 }
 
+/** 503 with `Retry-After`: the same request, sent again shortly, may go through. */
+export class RetryLaterError extends GatewayError {
+  override readonly status = 503
+  constructor(message: string, code: string, options: ErrorOptions = {}) {
+    super(message, code, { ...options, headers: { 'retry-after': '5', ...options.headers } })
+  }
+}
+
 /**
  * 503: the chain's RPC did not answer, or a transaction the gateway sent was not mined in
  * time: the same credential may be sent again (a transaction the gateway sent before the chain
  * stopped answering may still be mined; the channel's state, GET /v1/channels/{id}, says).
  */
-export class ChainUnavailableError extends GatewayError {
+export class ChainUnavailableError extends RetryLaterError {
   override name = 'ChainUnavailableError'
-  override readonly status = 503
   override readonly type = 'chain_unavailable'
   constructor(message: string, options: ErrorOptions = {}) {
-    super(message, 'chain_unavailable', {
-      ...options,
-      headers: { 'retry-after': '5', ...options.headers },
-    })
+    super(message, 'chain_unavailable', options)
   }
 }
 
 /** 503: a channel's requests under way kept its close waiting; sent again, it goes on. */
-export class ChannelBusyError extends GatewayError {
+export class ChannelBusyError extends RetryLaterError {
   override name = 'ChannelBusyError'
-  override readonly status = 503
   override readonly type = 'channel_busy'
   constructor(message: string, options: ErrorOptions = {}) {
-    super(message, 'channel_busy', {
-      ...options,
-      headers: { 'retry-after': '5', ...options.headers },
-    })
+    super(message, 'channel_busy', options)
   }
 }
 
