@@ -100,9 +100,6 @@ export type LockedStore = {
   submitted(id: bigint, hash: Hex): Promise<void>
   finish(id: bigint, outcome: Outcome): Promise<void>
   settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
-  markCloseRequested(channelId: Hex): Promise<boolean>
-  /** Marks a cooperative close under way (as markCloseRequested; no top-up clears it). */
-  markClosing(channelId: Hex): Promise<boolean>
   /** The confirmed cooperative close of a channel, if there is one. */
   confirmedClose(channelId: Hex): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined>
 }
@@ -365,8 +362,6 @@ export async function close(
       if (done) return { ...done, forfeited: c.spent - done.cumulativeAmount }
       throw new ChannelStateError('finalized', channelId)
     }
-    // Marked above; again under the lock (idempotent): spent no longer grows.
-    await store.markClosing(channelId)
     const final = { cumulativeAmount: parameters.cumulativeAmount, signature: parameters.signature }
     // Draft, "Cooperative Close": the server MUST verify cumulativeAmount >= spent. With the
     // requests under way charged (above), spent is final: a voucher below it is refused, and

@@ -247,8 +247,6 @@ function locked(sql: Sql): Settlement.LockedStore {
     submitted: (id, hash) => submitted(sql, id, hash),
     finish: (id, o) => finish(sql, id, o),
     settled: (i) => Channels.settled(sql, i),
-    markCloseRequested: (channelId) => markCloseRequested(sql, channelId),
-    markClosing: (channelId) => markCloseRequested(sql, channelId, true),
     confirmedClose: (channelId) => confirmedClose(sql, channelId),
   }
 }
