@@ -90,49 +90,41 @@ async function accept(channelId: Hex, ...amounts: bigint[]) {
   }
 }
 
-/** Charges one request of `cost` to the channel, as the metered path does. */
-async function spend(channelId: Hex, cost: bigint) {
+/** Admits one request of `want` on the channel, as the metered path does; its reservation
+ * when admitted. */
+async function admitted(channelId: Hex, want: bigint, o: { stream?: boolean; need?: bigint } = {}) {
   const id = crypto.randomUUID()
   const a = await Channels.admit(sql, {
     channelId,
     model: 'm',
-    stream: false,
-    want: cost,
-    need: cost,
+    stream: o.stream ?? false,
+    want,
+    need: o.need ?? want,
     requestId: id,
     leaseSeconds: 60,
   })
-  expect(a.status).toBe('ok')
-  const { charged } = await Reservations.reservation(sql, {
-    id,
-    held: cost,
-    leaseSeconds: 60,
-    channelId,
-  }).settle({ cost, promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: 1 })
-  expect(charged).toBe(cost)
+  const reservation =
+    a.status === 'ok'
+      ? Reservations.reservation(sql, { id, held: a.held, leaseSeconds: 60, channelId })
+      : undefined
+  return { id, reservation }
+}
+
+/** A request's end, charged `cost`. */
+const ended = (cost: bigint) =>
+  ({ cost, promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: 1 }) as const
+
+/** Charges one request of `cost` to the channel, as the metered path does. */
+async function spend(channelId: Hex, cost: bigint) {
+  const { reservation } = await admitted(channelId, cost)
+  expect(reservation).toBeDefined()
+  expect((await reservation!.settle(ended(cost))).charged).toBe(cost)
 }
 
 /** Charges up to `cost` when the channel has that much authorized; else nothing. */
 async function trySpend(channelId: Hex, cost: bigint) {
-  const id = crypto.randomUUID()
-  const a = await Channels.admit(sql, {
-    channelId,
-    model: 'm',
-    stream: true,
-    want: cost,
-    need: 1n,
-    requestId: id,
-    leaseSeconds: 60,
-  })
-  if (a.status !== 'ok') return
-  await Reservations.reservation(sql, { id, held: a.held, leaseSeconds: 60, channelId }).settle({
-    cost,
-    promptTokens: 1,
-    completionTokens: 1,
-    status: 'ok',
-    latencyMs: 1,
-    ttftMs: 1,
-  })
+  const { reservation } = await admitted(channelId, cost, { stream: true, need: 1n })
+  await reservation?.settle(ended(cost))
 }
 
 type Entry = { level: string; fields: Record<string, unknown>; msg: string }
@@ -544,18 +536,8 @@ describe('close', () => {
   test('behavior: a close waits for the requests under way on the channel to be charged; past drainMs it is a ChannelBusyError', async () => {
     const channelId = await openChannel()
     await accept(channelId, 600n)
-    const id = crypto.randomUUID()
-    expect(
-      await Channels.admit(sql, {
-        channelId,
-        model: 'm',
-        stream: false,
-        want: 200n,
-        need: 200n,
-        requestId: id,
-        leaseSeconds: 60,
-      }),
-    ).toMatchObject({ status: 'ok' })
+    const { reservation } = await admitted(channelId, 200n)
+    expect(reservation).toBeDefined()
     const closeWith = async (drainMs: number) =>
       Settlement.close(chain.payeeClient, {
         store: Settlements.store(sql),
@@ -569,14 +551,7 @@ describe('close', () => {
     // The request in flight ends, charged 150, while the close waits; the close then takes it.
     const closing = closeWith(10_000)
     await Bun.sleep(200)
-    await Reservations.reservation(sql, { id, held: 200n, leaseSeconds: 60, channelId }).settle({
-      cost: 150n,
-      promptTokens: 1,
-      completionTokens: 1,
-      status: 'ok',
-      latencyMs: 1,
-      ttftMs: 1,
-    })
+    await reservation!.settle(ended(150n))
     expect(await closing).toMatchObject({ cumulativeAmount: 150n, forfeited: 0n })
     expect(await inDb(channelId)).toMatchObject({ spent: 150n, settled: 150n, finalized: true })
   })
@@ -601,18 +576,8 @@ describe('close', () => {
   test('behavior: a close does not wait for a request whose instance died: it is swept, charged what it delivered, then the close goes on', async () => {
     const channelId = await openChannel()
     await accept(channelId, 600n)
-    const id = crypto.randomUUID()
-    expect(
-      await Channels.admit(sql, {
-        channelId,
-        model: 'm',
-        stream: true,
-        want: 300n,
-        need: 300n,
-        requestId: id,
-        leaseSeconds: 60,
-      }),
-    ).toMatchObject({ status: 'ok' })
+    const { id, reservation } = await admitted(channelId, 300n, { stream: true })
+    expect(reservation).toBeDefined()
     // It had sent 100 worth when its instance died; its lease has run out since.
     await sql`update reservations set delivered = 100, expires_at = now() - interval '1 second' where id = ${id}`
     const started = Date.now()

@@ -15,6 +15,7 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Receipt from '../../src/payment/Receipt.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Ledger from '../helpers/Ledger.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
@@ -47,17 +48,30 @@ async function session(payerIndex = 2) {
   })
 }
 
+/** A channel of payer `payerIndex` opened through the gateway (HEAD, EIP-3009). */
+async function opened(payerIndex: number, deposit: bigint, initial: bigint) {
+  const s = await session(payerIndex)
+  const open = await fetch(url, {
+    method: 'HEAD',
+    headers: { authorization: await s.openWithAuthorization({ deposit, initial }) },
+  })
+  expect(open.status).toBe(200)
+  return { s, channelId: s.channelId! }
+}
+
+/** POSTs a Payment credential, with `body` (a completion) or none (management). */
+const post = (authorization: string, body?: string) =>
+  fetch(url, { method: 'POST', headers: { authorization }, ...(body ? { body } : {}) })
+
+const ask = JSON.stringify({
+  model: 'fake',
+  max_tokens: 20,
+  messages: [{ role: 'user', content: 'hello there world' }],
+})
+
 describe('cooperative close with a stream under way', () => {
   test('behavior: the stream ends, the close waits for its charge, refuses a voucher below spent, and settles exactly what was spent', async () => {
-    const s = await session()
-    const open = await fetch(url, {
-      method: 'HEAD',
-      headers: {
-        authorization: await s.openWithAuthorization({ deposit: 100_000n, initial: 50_000n }),
-      },
-    })
-    expect(open.status).toBe(200)
-    const channelId = s.channelId!
+    const { s, channelId } = await opened(2, 100_000n, 50_000n)
     const payee = await balance(chain.payee.address)
 
     // A slow stream that reserves its whole answer up front (max_tokens), so it would never
@@ -81,10 +95,7 @@ describe('cooperative close with a stream under way', () => {
 
     // The payer closes with the spent its last receipt gave: stale, the stream has delivered
     // since. Refused (402) once the stream has ended and been charged.
-    const low = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await s.close(BigInt(atStart.spent)) },
-    })
+    const low = await post(await s.close(BigInt(atStart.spent)))
     expect(low.status).toBe(402)
     const problem = (await low.json()) as { type: string; requiredCumulative: string }
     expect(problem.type).toContain('payment-insufficient')
@@ -102,19 +113,13 @@ describe('cooperative close with a stream under way', () => {
       expect(chunks).toBeLessThan(60)
     }
     // No request is taken on a closing channel.
-    const more = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await s.voucher(50_000n) },
-      body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'x' }] }),
-    })
+    const more = await post(await s.voucher(50_000n), ask)
     expect(more.status).toBeGreaterThanOrEqual(400)
 
     // A close covering what was spent goes through; the payee gets exactly that.
-    const ok = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await s.close(charged.spent) },
-    })
+    const ok = await post(await s.close(charged.spent))
     expect(ok.status).toBe(200)
+    await Ledger.channelState(gw.sql, channelId)
     const closed = (await Channels.get(gw.sql, channelId))!
     expect(closed).toMatchObject({ finalized: true, settled: charged.spent, spent: charged.spent })
     expect(await balance(chain.payee.address)).toBe(payee + charged.spent)
@@ -128,37 +133,17 @@ describe('cooperative close with a stream under way', () => {
 
 describe('forced close and top-up', () => {
   test('behavior: a top-up that cancels a forced close of the payer on chain makes the channel usable again; a cooperative close is not reopened', async () => {
-    const s = await session(1)
-    const ask = JSON.stringify({
-      model: 'fake',
-      max_tokens: 20,
-      messages: [{ role: 'user', content: 'hello there world' }],
-    })
-    const open = await fetch(url, {
-      method: 'HEAD',
-      headers: {
-        authorization: await s.openWithAuthorization({ deposit: 10_000n, initial: 1_000n }),
-      },
-    })
-    expect(open.status).toBe(200)
-    const channelId = s.channelId!
+    const { s, channelId } = await opened(1, 10_000n, 1_000n)
     await Escrow.requestClose(chain.payerClient(1), { escrow: chain.escrowAddress, channelId })
     const deadline = Date.now() + 15_000
     while (!(await Channels.get(gw.sql, channelId))!.closeRequestedAt && Date.now() < deadline)
       await Bun.sleep(50)
     expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).not.toBeNull()
-    const refused = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await s.voucher(2_000n) },
-      body: ask,
-    })
+    const refused = await post(await s.voucher(2_000n), ask)
     expect(refused.status).toBe(410)
 
     // The payer changes its mind: a top-up, which the escrow takes as cancelling the close.
-    const top = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await s.topUp(5_000n) },
-    })
+    const top = await post(await s.topUp(5_000n))
     expect(top.status).toBe(200)
     const onChain = await Escrow.getChannel(chain.payeeClient, {
       escrow: chain.escrowAddress,
@@ -166,53 +151,27 @@ describe('forced close and top-up', () => {
     })
     expect(onChain!.closeRequestedAt).toBe(0n)
     expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).toBeNull()
-    const served = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await s.voucher(6_000n) },
-      body: ask,
-    })
+    const served = await post(await s.voucher(6_000n), ask)
     expect(served.status).toBe(200)
     await served.text()
+    await Ledger.channelState(gw.sql, channelId)
 
     // A cooperative close under way is no forced close: a top-up then does not reopen it.
     await gw.sql`update channels set cooperative_close = true, close_requested_at = now() where channel_id = ${Buffer.from(channelId.slice(2), 'hex')}`
-    const again = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await s.topUp(1_000n) },
-    })
+    const again = await post(await s.topUp(1_000n))
     expect(again.status).toBe(200)
     expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).not.toBeNull()
   }, 60_000)
 
   test('behavior: a CloseRequested event handled after the top-up that cancelled it does not close the channel again', async () => {
-    const s = await session(3)
-    const ask = JSON.stringify({
-      model: 'fake',
-      max_tokens: 20,
-      messages: [{ role: 'user', content: 'hello there world' }],
-    })
-    const open = await fetch(url, {
-      method: 'HEAD',
-      headers: {
-        authorization: await s.openWithAuthorization({ deposit: 10_000n, initial: 1_000n }),
-      },
-    })
-    expect(open.status).toBe(200)
-    const channelId = s.channelId!
+    const { s, channelId } = await opened(3, 10_000n, 1_000n)
     // The top-up right after the close request: the watcher (polling) sees the event later.
     await Escrow.requestClose(chain.payerClient(3), { escrow: chain.escrowAddress, channelId })
-    const top = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await s.topUp(5_000n) },
-    })
+    const top = await post(await s.topUp(5_000n))
     expect(top.status).toBe(200)
     await Bun.sleep(2_500)
     expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).toBeNull()
-    const served = await fetch(url, {
-      method: 'POST',
-      headers: { authorization: await s.voucher(6_000n) },
-      body: ask,
-    })
+    const served = await post(await s.voucher(6_000n), ask)
     expect(served.status).toBe(200)
     await served.text()
   }, 60_000)
