@@ -544,6 +544,8 @@ function refusal(r: Refused, model: Model, need: bigint): GatewayError {
     default: {
       const headers: Record<string, string> = {
         'retry-after': String(Math.max(1, Math.ceil(r.retryAfterMs / 1000))),
+        // Retry-After is whole seconds; the OpenAI SDKs wait this instead when it is there.
+        'retry-after-ms': String(Math.max(0, r.retryAfterMs)),
       }
       if (r.rateLimit !== null) {
         headers['x-ratelimit-limit-requests'] = String(r.rateLimit)
