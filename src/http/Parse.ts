@@ -93,3 +93,58 @@ export function page(c: Context): { limit: number; cursor?: string } {
   const cursor = c.req.query('cursor')
   return cursor ? { limit, cursor } : { limit }
 }
+
+const ISO_TIME = /^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2}))?$/
+
+/**
+ * `?model=&key_id=&from=&to=` of the usage listing: `from` (inclusive) and `to` (exclusive)
+ * are ISO 8601 dates (UTC midnight) or date-times with a zone (`Z` or an offset).
+ */
+export function usageFilter(c: Context): {
+  model?: string
+  keyId?: string
+  from?: string
+  to?: string
+} {
+  const out: { model?: string; keyId?: string; from?: string; to?: string } = {}
+  const model = c.req.query('model')
+  if (model !== undefined) {
+    if (model.length === 0 || model.length > 256 || model.includes('\0'))
+      throw new InvalidRequestError(
+        'model must be a model id (1 to 256 characters).',
+        'invalid_value',
+        {
+          param: 'model',
+        },
+      )
+    out.model = model
+  }
+  const keyId = c.req.query('key_id')
+  if (keyId !== undefined) {
+    if (!UUID.test(keyId))
+      throw new InvalidRequestError('key_id must be the id of a key (a UUID).', 'invalid_value', {
+        param: 'key_id',
+      })
+    out.keyId = keyId
+  }
+  for (const param of ['from', 'to'] as const) {
+    const raw = c.req.query(param)
+    if (raw === undefined) continue
+    const ms = ISO_TIME.test(raw) && realDay(raw) ? Date.parse(raw) : Number.NaN
+    if (Number.isNaN(ms))
+      throw new InvalidRequestError(
+        `${param} must be an ISO 8601 date (2026-11-01) or date-time with a zone (2026-11-01T12:00:00Z).`,
+        'invalid_value',
+        { param },
+      )
+    out[param] = new Date(ms).toISOString()
+  }
+  return out
+}
+
+/** Whether the YYYY-MM-DD a time starts with is a day of the calendar (JS takes 02-30). */
+function realDay(iso: string): boolean {
+  const [y, m, d] = iso.slice(0, 10).split('-').map(Number) as [number, number, number]
+  const day = new Date(Date.UTC(y, m - 1, d))
+  return day.getUTCFullYear() === y && day.getUTCMonth() === m - 1 && day.getUTCDate() === d
+}

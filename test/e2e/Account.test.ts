@@ -255,6 +255,92 @@ describe('cursors', () => {
     expect(new Set(seen).size).toBe(times.length)
   })
 
+  test('behavior: one request by its x-request-id, and usage filtered by model, key and time', async () => {
+    const { id, key } = await gw.account()
+    const res = await chat(key)
+    expect(res.status).toBe(200)
+    const requestId = res.headers.get('x-request-id')!
+    const body = (await res.json()) as { usage: { total_tokens: number; cost: string } }
+    const one = await as(key, `/usage/${requestId}`)
+    expect(one.status).toBe(200)
+    const row = (await one.json()) as Record<string, unknown>
+    expect(row).toMatchObject({
+      id: requestId,
+      model: 'fake',
+      status: 'ok',
+      total_tokens: body.usage.total_tokens,
+      cost: body.usage.cost,
+    })
+    // Another account cannot read it; an id that is not a UUID is a 404 as well.
+    const other = await gw.account()
+    for (const [k, path] of [
+      [other.key, `/usage/${requestId}`],
+      [key, `/usage/${crypto.randomUUID()}`],
+      [key, '/usage/not-a-uuid'],
+    ] as const) {
+      const missing = await as(k, path)
+      expect(missing.status).toBe(404)
+      expect(((await missing.json()) as { error: { code: string } }).error.code).toBe(
+        'usage_not_found',
+      )
+    }
+
+    // Rows of two models, two keys and two days.
+    const second = (await (
+      await as(key, '/keys', { method: 'POST', body: '{"name":"b"}' })
+    ).json()) as {
+      id: string
+    }
+    const rows = [
+      ['fake', null, '2026-01-01 10:00:00+00'],
+      ['org/premium', null, '2026-01-01 23:59:59.999999+00'],
+      ['fake', second.id, '2026-01-02 00:00:00+00'],
+      ['fake', second.id, '2026-01-03 12:00:00+00'],
+    ] as const
+    const ids: string[] = []
+    for (const [model, keyId, t] of rows) {
+      const rowId = crypto.randomUUID()
+      ids.push(rowId)
+      await gw.sql`insert into usage (id, account_id, key_id, model, stream, prompt_tokens, completion_tokens, cost, status, created_at)
+        values (${rowId}, ${id}, ${keyId}, ${model}, false, 1, 1, 3, 'ok', ${t}::text::timestamptz)`
+    }
+    const listed = async (query: string) => {
+      const r = await as(key, `/usage?${query}`)
+      expect(r.status).toBe(200)
+      return ((await r.json()) as { data: { id: string }[] }).data.map((d) => d.id)
+    }
+    expect(await listed('model=org%2Fpremium')).toEqual([ids[1]!])
+    expect(await listed(`key_id=${second.id}`)).toEqual([ids[3]!, ids[2]!])
+    // from inclusive, to exclusive; a date is UTC midnight.
+    expect(await listed('from=2026-01-01&to=2026-01-02')).toEqual([ids[1]!, ids[0]!])
+    expect(await listed('from=2026-01-02T00:00:00Z&to=2026-01-03')).toEqual([ids[2]!])
+    expect(await listed('from=2026-01-02T01:00:00%2B01:00&to=2026-01-02T00:00:01Z')).toEqual([
+      ids[2]!,
+    ])
+    expect(await listed('model=fake&from=2026-01-01&to=2026-01-04&limit=1')).toEqual([ids[3]!])
+    // Pages of a filtered listing stay filtered.
+    const first = (await (
+      await as(key, '/usage?model=fake&from=2026-01-01&to=2026-01-04&limit=2')
+    ).json()) as { data: { id: string }[]; next_cursor: string }
+    expect(first.data.map((d) => d.id)).toEqual([ids[3]!, ids[2]!])
+    expect(
+      await listed(`model=fake&from=2026-01-01&to=2026-01-04&limit=2&cursor=${first.next_cursor}`),
+    ).toEqual([ids[0]!])
+
+    for (const [query, param] of [
+      ['from=2026-02-30', 'from'],
+      ['from=yesterday', 'from'],
+      ['to=2026-01-01T10:00:00', 'to'],
+      ['to=2026-01-01T25:00:00Z', 'to'],
+      ['key_id=nope', 'key_id'],
+      ['model=', 'model'],
+    ] as const) {
+      const bad = await as(key, `/usage?${query}`)
+      expect(bad.status).toBe(400)
+      expect(((await bad.json()) as { error: { param: string } }).error.param).toBe(param)
+    }
+  })
+
   test('error: a cursor of a time that does not exist, or an id beyond the database, is a 400', async () => {
     const { key } = await gw.account()
     const cursor = (parts: string[]) => Buffer.from(parts.join('\n')).toString('base64url')

@@ -122,6 +122,9 @@ describe('other inputs', () => {
         const q = `cursor=${encodeURIComponent(a)}&limit=${encodeURIComponent(b)}`
         const headers = { authorization: `Bearer ${key}` }
         await expectTyped(await fetch(`${gw.url}/v1/usage?${q}`, { headers }))
+        const filter = `model=${encodeURIComponent(a)}&key_id=${encodeURIComponent(b)}&from=${encodeURIComponent(a)}&to=${encodeURIComponent(b)}`
+        await expectTyped(await fetch(`${gw.url}/v1/usage?${filter}`, { headers }))
+        await expectTyped(await fetch(`${gw.url}/v1/usage/${encodeURIComponent(a)}`, { headers }))
         await expectTyped(
           await fetch(`${gw.url}/v1/usage?cursor=${encodeURIComponent(a)}`, { headers }),
         )

@@ -13,7 +13,8 @@ export function routes(deps: Deps) {
   const app = new Hono<{ Variables: Auth.KeyVariables }>()
   // Per path, not '*': this app is mounted at /v1 beside other routes.
   const auth = Auth.key(deps)
-  for (const path of ['/keys', '/keys/*', '/credits', '/credits/*', '/usage']) app.use(path, auth)
+  for (const path of ['/keys', '/keys/*', '/credits', '/credits/*', '/usage', '/usage/*'])
+    app.use(path, auth)
 
   app.post('/keys', async (c) => {
     const input = await Parse.body(c, CreateKey)
@@ -52,10 +53,26 @@ export function routes(deps: Deps) {
   app.get('/usage', async (c) =>
     c.json(
       await Parse.listing(() =>
-        Usage.list(deps.sql, { accountId: c.get('accountId'), ...Parse.page(c) }),
+        Usage.list(deps.sql, {
+          accountId: c.get('accountId'),
+          ...Parse.page(c),
+          ...Parse.usageFilter(c),
+        }),
       ),
     ),
   )
+
+  // One request's usage, by the id its response carried in `x-request-id`.
+  app.get('/usage/:id', async (c) => {
+    const id = Parse.id(c.req.param('id'), 'usage')
+    const row = await Usage.get(deps.sql, { accountId: c.get('accountId'), id })
+    if (!row)
+      throw new NotFoundError(
+        `No usage with id "${id}" on this account (a request still under way has none yet).`,
+        'usage_not_found',
+      )
+    return c.json(row)
+  })
 
   return app
 }
