@@ -1,6 +1,7 @@
 /** Accounts and plans. */
 import type { Plan } from '../Config.ts'
 import type { Sql } from './Db.ts'
+import * as Page from './Page.ts'
 import { accountsSettled } from './Reservations.ts'
 
 export type Account = {
@@ -40,8 +41,51 @@ export async function create(sql: Sql, input: { name: string; plan: string }): P
 /** Reads one account, or undefined. */
 export async function get(sql: Sql, id: string): Promise<Account | undefined> {
   await accountsSettled(sql)
-  const [r] = await sql`select * from accounts where id = ${id}`
-  if (!r) return undefined
+  const [r] = await sql`select *, ${monthUsed(sql)} from accounts where id = ${id}`
+  return r ? account(r) : undefined
+}
+
+/**
+ * Renames an account or moves it to another plan (which must exist); undefined when there is
+ * no such account. A new plan applies from the account's next admission, on every instance
+ * (admission reads the plan in its statement); the month's tokens so far still count.
+ */
+export async function update(
+  sql: Sql,
+  id: string,
+  input: { name?: string | undefined; plan?: string | undefined },
+): Promise<Account | undefined> {
+  await accountsSettled(sql)
+  const [r] = await sql`
+    update accounts set name = coalesce(${input.name ?? null}, name),
+      plan = coalesce(${input.plan ?? null}, plan)
+    where id = ${id} returning *, ${monthUsed(sql)}`
+  return r ? account(r) : undefined
+}
+
+/** Lists accounts, newest first. */
+export async function list(
+  sql: Sql,
+  input: { limit: number; cursor?: string },
+): Promise<Page.Page<Account>> {
+  const after = Page.parse(input.cursor, [Page.shapes.timestamp, Page.shapes.uuid])
+  await accountsSettled(sql)
+  // The time goes in as text (a timestamptz parameter would go through a JS Date and lose
+  // its microseconds).
+  const rows = await sql`
+    select *, ${monthUsed(sql)}, created_at::text as position from accounts
+    ${after ? sql`where (created_at, id) < (${after[0]!}::text::timestamptz, ${after[1]!}::uuid)` : sql``}
+    order by created_at desc, id desc limit ${input.limit + 1}`
+  return Page.from(rows, input.limit, account, (r) => [r.position, r.id])
+}
+
+/** The month's tokens so far (the counter is reset by the first charge of a new month). */
+const monthUsed = (sql: Sql) =>
+  sql`case when month_start < date_trunc('month', now() AT TIME ZONE 'UTC')::date then 0::bigint
+    else month_tokens end as month_used`
+
+// biome-ignore lint/suspicious/noExplicitAny: a row of the accounts table
+function account(r: any): Account {
   return {
     id: r.id,
     name: r.name,
@@ -50,7 +94,7 @@ export async function get(sql: Sql, id: string): Promise<Account | undefined> {
     reserved: r.reserved,
     activeKeys: r.active_keys,
     activeRequests: r.active_requests,
-    monthTokens: r.month_tokens,
+    monthTokens: r.month_used,
     createdAt: r.created_at,
   }
 }

@@ -70,6 +70,84 @@ describe('admin API', () => {
     )
   })
 
+  test('behavior: PATCH /admin/accounts/{id} moves an account to another plan at once (free to pro opens a pro model)', async () => {
+    const { id, key } = await gw.account({ plan: 'free' })
+    const premium = () =>
+      as(key, '/chat/completions', {
+        method: 'POST',
+        body: JSON.stringify({ model: 'org/premium', messages: [{ role: 'user', content: 'hi' }] }),
+      })
+    expect((await premium()).status).toBe(403)
+    const patched = await gw.admin(`/accounts/${id}`, { plan: 'pro', name: 'upgraded' }, 'PATCH')
+    expect(patched.status).toBe(200)
+    expect(await patched.json()).toMatchObject({ id, plan: 'pro', name: 'upgraded' })
+    const res = await premium()
+    expect(res.status).toBe(200)
+    await res.text()
+    // The month's tokens so far are still counted, and shown.
+    const account = (await (await gw.admin(`/accounts/${id}`)).json()) as { month_tokens: string }
+    expect(Number(account.month_tokens)).toBeGreaterThan(0)
+    // Only the name changes when only the name is given.
+    const renamed = await gw.admin(`/accounts/${id}`, { name: 'again' }, 'PATCH')
+    expect(await renamed.json()).toMatchObject({ plan: 'pro', name: 'again' })
+
+    for (const [body, param] of [
+      [{ plan: 'platinum' }, 'plan'],
+      [{ plan: 'toString' }, 'plan'],
+      [{ name: '' }, 'name'],
+      [{}, null],
+      [{ balance: '5' }, null],
+    ] as const) {
+      const bad = await gw.admin(`/accounts/${id}`, body, 'PATCH')
+      expect(bad.status).toBe(400)
+      if (param)
+        expect(((await bad.json()) as { error: { param: string } }).error.param).toBe(param)
+    }
+    expect(
+      (await gw.admin(`/accounts/${crypto.randomUUID()}`, { plan: 'pro' }, 'PATCH')).status,
+    ).toBe(404)
+    const after = (await (await gw.admin(`/accounts/${id}`)).json()) as Record<string, unknown>
+    expect(after).toMatchObject({ plan: 'pro', name: 'again' })
+  })
+
+  test('behavior: the operator lists accounts and reads an account usage and transactions', async () => {
+    const a = await gw.account()
+    const b = await gw.account()
+    expect((await chat(b.key)).status).toBe(200)
+    // Newest first, in pages.
+    const first = (await (await gw.admin('/accounts?limit=1')).json()) as {
+      data: { id: string; balance: string }[]
+      next_cursor: string
+    }
+    expect(first.data.map((d) => d.id)).toEqual([b.id])
+    const second = (await (
+      await gw.admin(`/accounts?limit=1&cursor=${first.next_cursor}`)
+    ).json()) as {
+      data: { id: string }[]
+    }
+    expect(second.data.map((d) => d.id)).toEqual([a.id])
+    expect((await gw.admin('/accounts?cursor=nope')).status).toBe(400)
+
+    const usage = (await (await gw.admin(`/accounts/${b.id}/usage`)).json()) as {
+      data: { model: string; cost: string }[]
+    }
+    expect(usage.data).toHaveLength(1)
+    expect(usage.data[0]!.model).toBe('fake')
+    const tx = (await (await gw.admin(`/accounts/${b.id}/transactions`)).json()) as {
+      data: { kind: string; amount: string }[]
+    }
+    expect(tx.data.map((t) => t.kind).sort()).toEqual(['grant', 'usage'])
+    expect(BigInt(tx.data.find((t) => t.kind === 'usage')!.amount)).toBe(
+      -BigInt(usage.data[0]!.cost),
+    )
+    expect(
+      ((await (await gw.admin(`/accounts/${a.id}/usage`)).json()) as { data: unknown[] }).data,
+    ).toEqual([])
+    expect((await gw.admin(`/accounts/${crypto.randomUUID()}/usage`)).status).toBe(404)
+    expect((await gw.admin(`/accounts/${crypto.randomUUID()}/transactions`)).status).toBe(404)
+    expect((await gw.admin(`/accounts/${b.id}/usage?from=soon`)).status).toBe(400)
+  })
+
   test('behavior: DELETE /admin/accounts/{id}/keys/{keyId} revokes at once; again, or on another account, is a 404', async () => {
     const { id, key } = await gw.account()
     expect((await chat(key)).status).toBe(200)

@@ -5,6 +5,7 @@ import { ConflictError, InvalidRequestError, NotFoundError, noRetry } from '../.
 import * as Accounts from '../../ledger/Accounts.ts'
 import * as ApiKeys from '../../ledger/ApiKeys.ts'
 import * as Credits from '../../ledger/Credits.ts'
+import * as Usage from '../../ledger/Usage.ts'
 import type { Deps } from '../Deps.ts'
 import * as Auth from '../middleware/Auth.ts'
 import * as Parse from '../Parse.ts'
@@ -23,6 +24,11 @@ const CreateAccount = z.object({
   name: Text(200, 1),
   plan: z.string().min(1).optional(),
 })
+
+const UpdateAccount = z
+  .object({ name: Text(200, 1).optional(), plan: z.string().min(1).optional() })
+  .strict()
+  .refine((u) => u.name !== undefined || u.plan !== undefined, 'name or plan is required')
 
 /** A signed amount of base units: a decimal string or a safe integer, not zero. */
 const Amount = z
@@ -52,9 +58,8 @@ export function routes(deps: Deps) {
   const app = new Hono()
   app.use('*', Auth.admin(deps))
 
-  app.post('/accounts', async (c) => {
-    const input = await Parse.body(c, CreateAccount)
-    const plan = input.plan ?? deps.config.defaultPlan
+  /** A configured plan's name, or a 400 listing the plans. */
+  const knownPlan = (plan: string) => {
     // Own keys only: `in` also finds `toString` and `__proto__`.
     if (!Object.hasOwn(deps.config.plans, plan))
       throw new InvalidRequestError(
@@ -62,25 +67,60 @@ export function routes(deps: Deps) {
         'invalid_value',
         { param: 'plan' },
       )
+    return plan
+  }
+  const found = async (id: string) => {
+    const account = await Accounts.get(deps.sql, id)
+    if (!account) throw new NotFoundError(`No account with id "${id}".`, 'account_not_found')
+    return account
+  }
+
+  app.post('/accounts', async (c) => {
+    const input = await Parse.body(c, CreateAccount)
+    const plan = knownPlan(input.plan ?? deps.config.defaultPlan)
     const id = await Accounts.create(deps.sql, { name: input.name, plan })
     return c.json({ id, name: input.name, plan }, 201)
   })
 
+  app.get('/accounts', async (c) => {
+    const page = await Parse.listing(() => Accounts.list(deps.sql, Parse.page(c)))
+    return c.json({ ...page, data: page.data.map(renderAccount) })
+  })
+
   app.get('/accounts/:id', async (c) => {
     const id = Parse.id(c.req.param('id'), 'account')
-    const account = await Accounts.get(deps.sql, id)
-    if (!account) throw new NotFoundError(`No account with id "${id}".`, 'account_not_found')
+    const account = await found(id)
     const keys = await ApiKeys.list(deps.sql, id)
-    return c.json({
-      id: account.id,
-      name: account.name,
-      plan: account.plan,
-      balance: account.balance.toString(),
-      reserved: account.reserved.toString(),
-      active_requests: account.activeRequests,
-      created_at: account.createdAt.toISOString(),
-      keys: keys.map(renderKey),
-    })
+    return c.json({ ...renderAccount(account), keys: keys.map(renderKey) })
+  })
+
+  app.patch('/accounts/:id', async (c) => {
+    const id = Parse.id(c.req.param('id'), 'account')
+    const input = await Parse.body(c, UpdateAccount)
+    if (input.plan !== undefined) knownPlan(input.plan)
+    const account = await Accounts.update(deps.sql, id, input)
+    if (!account) throw new NotFoundError(`No account with id "${id}".`, 'account_not_found')
+    return c.json(renderAccount(account))
+  })
+
+  app.get('/accounts/:id/usage', async (c) => {
+    const id = Parse.id(c.req.param('id'), 'account')
+    await found(id)
+    return c.json(
+      await Parse.listing(() =>
+        Usage.list(deps.sql, { accountId: id, ...Parse.page(c), ...Parse.usageFilter(c) }),
+      ),
+    )
+  })
+
+  app.get('/accounts/:id/transactions', async (c) => {
+    const id = Parse.id(c.req.param('id'), 'account')
+    await found(id)
+    return c.json(
+      await Parse.listing(() =>
+        Credits.transactions(deps.sql, { accountId: id, ...Parse.page(c) }),
+      ),
+    )
   })
 
   app.post('/accounts/:id/credits', async (c) => {
@@ -130,6 +170,20 @@ export function routes(deps: Deps) {
   })
 
   return app
+}
+
+/** An account as the admin API shows it. */
+function renderAccount(a: Accounts.Account) {
+  return {
+    id: a.id,
+    name: a.name,
+    plan: a.plan,
+    balance: a.balance.toString(),
+    reserved: a.reserved.toString(),
+    active_requests: a.activeRequests,
+    month_tokens: a.monthTokens.toString(),
+    created_at: a.createdAt.toISOString(),
+  }
 }
 
 /** The public form of a key: never the key itself. */
