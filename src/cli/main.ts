@@ -16,6 +16,9 @@ Commands:
   serve                                   run a gateway (what npm start runs)
   accounts create --name N [--plan P]     create an account
   accounts get <account>                  show an account, its balance and keys
+  accounts list [--limit N]               accounts, newest first
+  accounts set <account> [--plan P] [--name N]  move an account to another plan, or rename it
+  usage <account> [--model M] [--from T] [--to T] [--limit N]  an account's requests, newest first
   credits grant <account> <amount> [--note T]  grant (or, negative after --, debit) base units
   keys create <account> [--name N]        create an API key (shown once)
   keys list <account>                     list an account's keys
@@ -40,6 +43,12 @@ Runs a gateway configured by the environment and the JSON file TOLLWAY_CONFIG na
   accounts: `Usage:
   tollway accounts create --name N [--plan P] [--json]
   tollway accounts get <account> [--json]
+  tollway accounts list [--limit N] [--json]
+  tollway accounts set <account> [--plan P] [--name N] [--json]
+A new plan applies from the account's next request. Needs the admin token.`,
+  usage: `Usage: tollway usage <account> [--model M] [--from T] [--to T] [--limit N] [--json]
+An account's requests, newest first: tokens, cost, status. --from (inclusive) and --to
+(exclusive) take ISO 8601 dates (2026-11-01, UTC midnight) or date-times with a zone.
 Needs the admin token.`,
   credits: `Usage: tollway credits grant <account> <amount> [--note T] [--json]
 amount: base units, an integer; a negative amount debits (after --, as in
@@ -99,6 +108,8 @@ const options = {
   'max-deposit': { type: 'string' },
   'max-total': { type: 'string' },
   'rpc-url': { type: 'string' },
+  from: { type: 'string' },
+  to: { type: 'string' },
 } as const
 
 const BaseUnits = z
@@ -250,6 +261,56 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
           `account ${r.id} "${r.name}" plan ${r.plan}: balance ${r.balance}, reserved ${r.reserved}, ${r.keys.length} keys`,
         )
       },
+      list: async (ctx) => {
+        const r = (await Http.request(
+          admin(ctx),
+          'GET',
+          `/admin/accounts${query({ limit: ctx.settings.limit })}`,
+        )) as { data: Account[] }
+        print(ctx, r, r.data.map(accountLine).join('\n') || '(no accounts)')
+      },
+      set: async (ctx) => {
+        const id = arg(ctx, 2, 'account')
+        const { plan, name } = ctx.values
+        if (plan === undefined && name === undefined) throw new UsageError('Give --plan or --name.')
+        const r = (await Http.request(admin(ctx), 'PATCH', `/admin/accounts/${enc(id)}`, {
+          ...(plan !== undefined ? { plan } : {}),
+          ...(name !== undefined ? { name } : {}),
+        })) as Account
+        print(ctx, r, accountLine(r))
+      },
+    },
+  },
+  usage: {
+    help: help.usage,
+    run: async (ctx) => {
+      const id = arg(ctx, 1, 'account')
+      const { model, from, to } = ctx.values
+      const r = (await Http.request(
+        admin(ctx),
+        'GET',
+        `/admin/accounts/${enc(id)}/usage${query({ limit: ctx.settings.limit, model, from, to })}`,
+      )) as {
+        data: {
+          id: string
+          model: string
+          total_tokens: number
+          cost: string
+          status: string
+          created_at: string
+        }[]
+        has_more: boolean
+      }
+      print(
+        ctx,
+        r,
+        (r.data
+          .map(
+            (u) =>
+              `${u.created_at}  ${u.id}  ${u.model}  ${u.total_tokens} tokens  cost ${u.cost}  ${u.status}`,
+          )
+          .join('\n') || '(no usage)') + (r.has_more ? '\n… more (raise --limit)' : ''),
+      )
     },
   },
   credits: {
@@ -371,6 +432,19 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
 }
 
 const enc = encodeURIComponent
+
+/** A query string of the values that are set. */
+function query(values: Record<string, string | number | undefined>): string {
+  const q = new URLSearchParams()
+  for (const [k, v] of Object.entries(values)) if (v !== undefined) q.set(k, String(v))
+  const s = q.toString()
+  return s ? `?${s}` : ''
+}
+
+type Account = { id: string; name: string; plan: string; balance: string; reserved: string }
+
+const accountLine = (a: Account) =>
+  `${a.id}  "${a.name}"  plan ${a.plan}  balance ${a.balance}  reserved ${a.reserved}`
 
 /** Runs the CLI with `env` (the process environment, read once at the entry); the exit code. */
 export async function run(argv: string[], env: Env, io: Io) {

@@ -107,6 +107,41 @@ describe('admin', () => {
     expect((await json(['keys', 'list', account.id]))[0].revoked_at).toBeString()
   })
 
+  test('behavior: accounts set moves an account to another plan; accounts list; usage of an account', async () => {
+    const account = await json(['accounts', 'create', '--name', 'mover', '--plan', 'free'])
+    const moved = await json(['accounts', 'set', account.id, '--plan', 'pro'])
+    expect(moved).toMatchObject({ id: account.id, plan: 'pro', name: 'mover' })
+    const human = await cli(['accounts', 'set', account.id, '--name', 'renamed'])
+    expect(human.code).toBe(0)
+    expect(human.stdout).toContain('"renamed"  plan pro')
+    expect((await cli(['accounts', 'set', account.id])).code).toBe(2)
+    const bad = await cli(['accounts', 'set', account.id, '--plan', 'platinum'])
+    expect(bad.code).toBe(4)
+    expect(bad.stderr).toContain('no plan "platinum"')
+    const listed = await json(['accounts', 'list', '--limit', '1'])
+    expect(listed.data.map((a: { id: string }) => a.id)).toEqual([account.id])
+
+    await json(['credits', 'grant', account.id, '100000'])
+    const { key } = await json(['keys', 'create', account.id])
+    const res = await fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+    })
+    expect(res.status).toBe(200)
+    const requestId = res.headers.get('x-request-id')
+    await res.text()
+    const usage = await json(['usage', account.id, '--model', 'fake', '--from', '2020-01-01'])
+    expect(usage.data.map((u: { id: string }) => u.id)).toEqual([requestId])
+    const lines = await cli(['usage', account.id])
+    expect(lines.stdout).toContain(`${requestId}  fake`)
+    expect((await json(['usage', account.id, '--model', 'other'])).data).toEqual([])
+    const badTime = await cli(['usage', account.id, '--from', 'soon'])
+    expect(badTime.code).toBe(4)
+    expect(badTime.stderr).toContain('from must be an ISO 8601 date')
+    expect((await cli(['usage'])).code).toBe(2)
+  })
+
   test('behavior: keys revoke <account> <key-id> with the admin token; error: a second revoke exits 4, no account and no key exits 2', async () => {
     const account = await json(['accounts', 'create', '--name', 'revoke', '--plan', 'unlimited'])
     const key = await json(['keys', 'create', account.id])
