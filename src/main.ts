@@ -14,6 +14,7 @@ import * as Settlement from './chain/Settlement.ts'
 import * as Token from './chain/Token.ts'
 import * as Transaction from './chain/Transaction.ts'
 import * as App from './http/App.ts'
+import { Metrics } from './http/Metrics.ts'
 import { type Payments, VoucherLimiter } from './http/Payments.ts'
 import * as Logger from './Logger.ts'
 import * as Accounts from './ledger/Accounts.ts'
@@ -196,7 +197,18 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         limiter: new VoucherLimiter(config.payments.voucherRatePerSecond),
       }
     }
-    const app = App.create({ config, sql, router, log, adminToken, payments, waker, settlement })
+    const metrics = new Metrics({ sql, router })
+    const app = App.create({
+      config,
+      sql,
+      router,
+      log,
+      adminToken,
+      metrics,
+      payments,
+      waker,
+      settlement,
+    })
     let server: ReturnType<typeof Bun.serve>
     try {
       server = Bun.serve({

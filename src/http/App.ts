@@ -4,6 +4,7 @@
  */
 import { Hono } from 'hono'
 import { bodyLimit } from 'hono/body-limit'
+import { matchedRoutes } from 'hono/route'
 import {
   GatewayError,
   InvalidRequestError,
@@ -12,6 +13,7 @@ import {
 } from '../Errors.ts'
 import * as Problem from '../payment/Problem.ts'
 import type { Deps } from './Deps.ts'
+import * as Auth from './middleware/Auth.ts'
 import * as Payments from './Payments.ts'
 import * as Account from './routes/Account.ts'
 import * as Admin from './routes/Admin.ts'
@@ -25,6 +27,20 @@ export type { Deps }
 export function create(deps: Deps): Hono {
   const app = new Hono()
   const limit = deps.config.maxBodyBytes
+
+  // Every answer counted by route pattern (not path: ids would make the labels unbounded);
+  // first, so that what the body limit refuses counts too.
+  app.use('*', async (c, next) => {
+    await next()
+    // The route the path matched (the last match; middleware matches every method), whatever
+    // answered: a 401 of the auth middleware counts under its route.
+    const route = matchedRoutes(c).at(-1)
+    deps.metrics.answered(
+      c.req.method,
+      route && route.method !== 'ALL' ? route.path : 'unmatched',
+      c.res.status,
+    )
+  })
 
   const tooLarge = () => {
     throw new PayloadTooLargeError(
@@ -45,6 +61,9 @@ export function create(deps: Deps): Hono {
   })
 
   app.get('/health', (c) => c.json({ status: 'ok' }))
+  app.get('/metrics', Auth.admin(deps), async (c) =>
+    c.body(await deps.metrics.text(), 200, { 'content-type': deps.metrics.contentType }),
+  )
   app.route('/v1/models', Models.routes(deps))
   app.route('/v1/chat/completions', Chat.routes(deps))
   app.route('/v1/channels', Channels.routes(deps))

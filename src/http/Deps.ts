@@ -6,6 +6,7 @@ import type { Logger } from '../Logger.ts'
 import type { Sql } from '../ledger/Db.ts'
 import type { Waker } from '../ledger/Waker.ts'
 import type { Router } from '../upstream/Router.ts'
+import type { Metrics } from './Metrics.ts'
 import type { Payments } from './Payments.ts'
 
 export type Deps = {
@@ -14,6 +15,7 @@ export type Deps = {
   router: Router
   log: Logger
   adminToken: string
+  metrics: Metrics
   /** MPP payments; absent when no chain is configured. */
   payments?: Payments | undefined
   waker?: Waker | undefined

@@ -445,6 +445,13 @@ function logged<R extends Meter.Reservation>(
         deps.log.error({ request: r.id, err: (e as Error).message }, 'settle failed')
         throw e
       })
+      deps.metrics.completed(
+        fields.model,
+        fields.channel === undefined ? 'key' : 'channel',
+        fields.stream,
+        o,
+        result.charged,
+      )
       deps.log.info(
         {
           request: r.id,

@@ -1,0 +1,123 @@
+import { describe, expect, test } from 'bun:test'
+import * as Batch from '../../src/ledger/Batch.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const gw = await Gateway.create()
+
+const chat = (key: string, body: Record<string, unknown> = {}) =>
+  fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+    body: JSON.stringify({
+      model: 'fake',
+      messages: [{ role: 'user', content: 'one two three' }],
+      ...body,
+    }),
+  })
+
+async function scrape(): Promise<Map<string, number>> {
+  const res = await fetch(`${gw.url}/metrics`, {
+    headers: { authorization: `Bearer ${gw.config.adminToken}` },
+  })
+  expect(res.status).toBe(200)
+  expect(res.headers.get('content-type')).toContain('text/plain')
+  const samples = new Map<string, number>()
+  for (const line of (await res.text()).split('\n')) {
+    if (line === '' || line.startsWith('#')) continue
+    const at = line.lastIndexOf(' ')
+    samples.set(line.slice(0, at), Number(line.slice(at + 1)))
+  }
+  return samples
+}
+
+describe('GET /metrics', () => {
+  test('error: without the admin token → 401', async () => {
+    expect((await fetch(`${gw.url}/metrics`)).status).toBe(401)
+    const wrong = await fetch(`${gw.url}/metrics`, { headers: { authorization: 'Bearer nope' } })
+    expect(wrong.status).toBe(401)
+  })
+
+  test('behavior: completions, tokens, money and times by model, payer and outcome; answers by route pattern', async () => {
+    const before = await scrape()
+    const grew = (after: Map<string, number>, name: string) =>
+      (after.get(name) ?? 0) - (before.get(name) ?? 0)
+    const { key } = await gw.account()
+    const usages: { prompt_tokens: number; completion_tokens: number; cost: string }[] = []
+    for (const stream of [false, true]) {
+      const res = await chat(key, stream ? { stream, stream_options: { include_usage: true } } : {})
+      expect(res.status).toBe(200)
+      if (stream) {
+        const text = await res.text()
+        const last = text
+          .split('\n')
+          .filter((l) => l.startsWith('data: {'))
+          .map((l) => JSON.parse(l.slice(6)))
+          .find((c) => c.usage)
+        usages.push(last.usage)
+      } else usages.push(((await res.json()) as { usage: (typeof usages)[0] }).usage)
+    }
+    // An upstream that fails before its first token: an outcome of its own, nothing charged.
+    const failed = await chat(key, { model: 'fake-500' })
+    expect(failed.status).toBe(502)
+    await failed.text()
+    const broke = await gw.account({ credits: 0n })
+    expect((await chat(broke.key)).status).toBe(402)
+    expect(
+      (
+        await fetch(`${gw.url}/v1/usage/${crypto.randomUUID()}`, {
+          headers: { authorization: `Bearer ${key}` },
+        })
+      ).status,
+    ).toBe(404)
+    expect((await fetch(`${gw.url}/no/such/path`)).status).toBe(404)
+    await Batch.settled(gw.sql)
+
+    const after = await scrape()
+    const ok = 'tollway_completions_total{model="fake",payer="key",status="ok"}'
+    expect(grew(after, ok)).toBe(2)
+    const sum = (f: (u: (typeof usages)[0]) => number) => usages.reduce((s, u) => s + f(u), 0)
+    expect(grew(after, 'tollway_tokens_total{model="fake",payer="key",kind="prompt"}')).toBe(
+      sum((u) => u.prompt_tokens),
+    )
+    expect(grew(after, 'tollway_tokens_total{model="fake",payer="key",kind="completion"}')).toBe(
+      sum((u) => u.completion_tokens),
+    )
+    expect(grew(after, 'tollway_charged_base_units_total{model="fake",payer="key"}')).toBe(
+      sum((u) => Number(u.cost)),
+    )
+    for (const stream of ['false', 'true']) {
+      expect(
+        grew(after, `tollway_completion_duration_seconds_count{model="fake",stream="${stream}"}`),
+      ).toBe(1)
+      expect(
+        grew(after, `tollway_time_to_first_token_seconds_count{model="fake",stream="${stream}"}`),
+      ).toBe(1)
+    }
+    const answers = (route: string, status: number, method = 'POST') =>
+      grew(
+        after,
+        `tollway_http_requests_total{method="${method}",route="${route}",status="${status}"}`,
+      )
+    expect(answers('/v1/chat/completions', 200)).toBe(2)
+    expect(answers('/v1/chat/completions', 502)).toBe(1)
+    expect(answers('/v1/chat/completions', 402)).toBe(1)
+    expect(answers('/v1/usage/:id', 404, 'GET')).toBe(1)
+    expect(answers('unmatched', 404, 'GET')).toBe(1)
+    expect(after.get('tollway_upstream_up{model="fake"}')).toBe(1)
+    expect(grew(after, 'tollway_ledger_statements_total{batcher="ledger"}')).toBeGreaterThan(0)
+    expect(grew(after, 'tollway_ledger_items_total{batcher="ledger"}')).toBeGreaterThanOrEqual(
+      grew(after, 'tollway_ledger_statements_total{batcher="ledger"}'),
+    )
+    // The process, as Bun reports it; what Bun does not implement is left out.
+    expect(after.get('process_cpu_seconds_total')).toBeGreaterThan(0)
+    expect([...after.keys()].some((k) => k.startsWith('nodejs_eventloop_lag'))).toBe(false)
+    // No key, account or request id in any label.
+    expect([...after.keys()].join('\n')).not.toContain(key)
+  })
+
+  test('behavior: an upstream whose circuit opened reads 0', async () => {
+    const { key } = await gw.account()
+    for (let i = 0; i < 3; i++) await (await chat(key, { model: 'fake-500' })).text()
+    expect((await scrape()).get('tollway_upstream_up{model="fake-500"}')).toBe(0)
+  })
+})
