@@ -394,7 +394,7 @@ export async function release(
     cost: o.cancelled ? Pricing.cost(o.price, o.promptTokens, 0) : 0n,
     promptTokens: o.promptTokens,
     completionTokens: 0,
-    status: o.cancelled ? 'cancelled' : 'upstream_error',
+    status: o.cancelled ? 'cancelled' : reservation.superseded ? 'superseded' : 'upstream_error',
     latencyMs: Math.round(performance.now() - o.startedAt),
     ttftMs: null,
   })

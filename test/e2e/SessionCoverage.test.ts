@@ -23,7 +23,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import { read, text } from '../helpers/Sse.ts'
 
-const chain = await Anvil.start({ accounts: 16 })
+const chain = await Anvil.start({ accounts: 17 })
 afterAll(() => chain.stop())
 const secret = 'test-challenge-secret-0123456789'
 const gw = await Gateway.create({
@@ -545,6 +545,34 @@ describe('one stream per channel', () => {
     expect(events.some((e) => e.data.includes('stream_superseded'))).toBe(true)
     expect(events.some((e) => e.data.includes('upstream'))).toBe(false)
     expect(second).toBe('one two three')
+  }, 30_000)
+
+  test('error: a stream whose upstream has not begun when another takes its channel is a 409 stream_superseded, nothing charged', async () => {
+    const session = await opened(15, 1_000_000n, 500_000n)
+    // fake-hang sends an empty first chunk and nothing after: the stream has not begun.
+    const first = fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(500_000n) },
+      body: body(true, words, 'fake-hang'),
+    })
+    await Bun.sleep(300)
+    const second = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(500_000n) },
+      body: body(true, 'one two three'),
+    })
+    expect(second.status).toBe(200)
+    const res = await first
+    expect(res.status).toBe(409)
+    expect(await res.text()).toContain('stream_superseded')
+    expect(text(await read(second, async () => {}))).toBe('one two three')
+    await idle(session.channelId!)
+    const rows = await gw.sql`select status, cost from usage
+      where channel_id = decode(${session.channelId!.slice(2)}, 'hex') order by status`
+    expect(rows.map((r) => [r.status, r.cost > 0n])).toEqual([
+      ['ok', true],
+      ['superseded', false],
+    ])
   }, 30_000)
 
   test('behavior: a stream waiting for a voucher when another stream takes its channel ends as superseded, at once', async () => {

@@ -158,6 +158,12 @@ async function serve(
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
     await Meter.release(reservation, { promptTokens, startedAt, cancelled: signal.aborted, price })
+    // A newer stream took the channel (or it is closing) before this one's upstream began.
+    if (reservation.superseded && !signal.aborted)
+      throw new ConflictError(
+        'A newer stream on this channel took over, or the channel is closing, before this one began; nothing was charged.',
+        'stream_superseded',
+      )
     throw e
   }
   const frames = Meter.stream({
