@@ -35,6 +35,11 @@ export class Router {
     return [...this.byId.values()]
   }
 
+  /** Whether a model has this id. */
+  has(id: string): boolean {
+    return this.byId.has(id)
+  }
+
   /** The model with this id, or a 404 naming it. */
   model(id: string): Model {
     const m = this.byId.get(id)

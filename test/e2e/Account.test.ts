@@ -1,4 +1,5 @@
 import { describe, expect, test } from 'bun:test'
+import OpenAI from 'openai'
 import * as Gateway from '../helpers/Gateway.ts'
 
 const gw = await Gateway.create()
@@ -442,6 +443,21 @@ describe('cursors', () => {
 })
 
 describe('models', () => {
+  test('behavior: the OpenAI SDK retrieves one model, with a slash in its id; an unknown one is its NotFoundError', async () => {
+    const { key } = await gw.account()
+    const openai = gw.openai(key)
+    const m = await openai.models.retrieve('org/premium')
+    expect(m).toMatchObject({ id: 'org/premium', object: 'model' })
+    expect((m as unknown as { pricing: { input: string } }).pricing.input).toBeString()
+    expect((await openai.models.retrieve('fake')).id).toBe('fake')
+    const missing = await openai.models.retrieve('nope').catch((e: unknown) => e)
+    expect(missing).toBeInstanceOf(OpenAI.APIError)
+    expect((missing as InstanceType<typeof OpenAI.APIError>).status).toBe(404)
+    // Health still answers for an id with a slash.
+    const health = await (await fetch(`${gw.url}/v1/models/org/premium/health`)).json()
+    expect(health).toEqual({ model: 'org/premium', status: 'ready' })
+  })
+
   test('behavior: GET /v1/models lists prices as decimal strings and context lengths', async () => {
     const res = (await (await fetch(`${gw.url}/v1/models`)).json()) as {
       object: string

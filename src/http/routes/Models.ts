@@ -1,28 +1,30 @@
-/** The model list, with prices and context lengths, and per-model health. */
+/** The model list, one model, with prices and context lengths, and per-model health. */
 import { Hono } from 'hono'
+import type { Model } from '../../upstream/Router.ts'
 import type { Deps } from '../Deps.ts'
 
 export function routes(deps: Deps) {
   const app = new Hono()
   const created = Math.floor(Date.now() / 1000)
 
-  app.get('/', (c) =>
-    c.json({
-      object: 'list',
-      data: deps.router.models().map((m) => ({
-        id: m.id,
-        object: 'model',
-        created,
-        owned_by: m.provider.name,
-        pricing: { input: m.pricing.input.toString(), output: m.pricing.output.toString() },
-        context_length: m.contextLength,
-      })),
-    }),
-  )
+  const render = (m: Model) => ({
+    id: m.id,
+    object: 'model',
+    created,
+    owned_by: m.provider.name,
+    pricing: { input: m.pricing.input.toString(), output: m.pricing.output.toString() },
+    context_length: m.contextLength,
+  })
 
-  // Model ids may contain slashes ("org/name").
-  app.get('/:id{.+}/health', (c) => {
-    const m = deps.router.model(c.req.param('id'))
+  app.get('/', (c) => c.json({ object: 'list', data: deps.router.models().map(render) }))
+
+  // Model ids may contain slashes ("org/name"), so one pattern takes both a model and its
+  // health: a model id as it is, else `<id>/health`.
+  app.get('/:id{.+}', (c) => {
+    const id = c.req.param('id')
+    const health = id.endsWith('/health') && !deps.router.has(id)
+    if (!health) return c.json(render(deps.router.model(id)))
+    const m = deps.router.model(id.slice(0, -'/health'.length))
     return c.json({ model: m.id, status: deps.router.status(m) })
   })
 
