@@ -23,7 +23,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import { read, text } from '../helpers/Sse.ts'
 
-const chain = await Anvil.start({ accounts: 17 })
+const chain = await Anvil.start({ accounts: 18 })
 afterAll(() => chain.stop())
 const secret = 'test-challenge-secret-0123456789'
 const gw = await Gateway.create({
@@ -714,6 +714,39 @@ describe('a top-up sent twice', () => {
     expect((await channelOf(channelId)).deposit).toBe('15000')
     const sent = await Settlements.transactions(gw.sql, channelId)
     expect(sent.filter((t) => t.kind === 'topUp').map((t) => t.hash)).toEqual([receipts[0]!.txHash])
+  }, 30_000)
+})
+
+describe('a top-up after a settlement', () => {
+  test('behavior: a channel settled on chain once takes a top-up: 200 and the deposit grows (it was a 500 with the payer tokens in the escrow)', async () => {
+    const session = await opened(16, 10_000n, 10n)
+    const channelId = session.channelId!
+    // Spend past the first voucher, so that it can be settled.
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(5_000n) },
+      body: body(false),
+    })
+    expect(res.status).toBe(200)
+    await res.text()
+    await idle(channelId)
+    const settled = await gw.admin(`/channels/${channelId}/settle`, {}, 'POST')
+    expect(((await settled.json()) as { result: { status: string } }).result.status).toBe(
+      'confirmed',
+    )
+    const [before] = await gw.sql`select settled from channels
+      where channel_id = decode(${channelId.slice(2)}, 'hex')`
+    expect(before!.settled).toBe(10n)
+
+    const topUp = await fetch(url, {
+      method: 'HEAD',
+      headers: { authorization: await session.topUp(5_000n) },
+    })
+    expect(topUp.status).toBe(200)
+    expect((await channelOf(channelId)).deposit).toBe('15000')
+    const [after] = await gw.sql`select settled, deposit from channels
+      where channel_id = decode(${channelId.slice(2)}, 'hex')`
+    expect(after).toEqual({ settled: 10n, deposit: 15_000n })
   }, 30_000)
 })
 
