@@ -18,8 +18,8 @@ import * as Anvil from './helpers/Anvil.ts'
 const root = join(import.meta.dir, '..')
 
 /** Runs `bin/tollway serve`, the command users run (npm start runs the same with the same env). */
-async function serve(env: Record<string, string>) {
-  const proc = Bun.spawn(['bin/tollway', 'serve'], {
+async function serve(env: Record<string, string>, args = ['serve']) {
+  const proc = Bun.spawn(['bin/tollway', ...args], {
     cwd: root,
     env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...env },
     stdout: 'pipe',
@@ -88,6 +88,22 @@ describe('npm start', () => {
       fetch(rpcUrl!, { method: 'POST', body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}' })
     await expect(rpc()).rejects.toThrow()
     expect(existsSync(join(dataDir, 'pgdata'))).toBe(true)
+  }, 90_000)
+
+  test('behavior: options before serve (tollway --json serve) still serve, and keep serving', async () => {
+    const { proc, out } = await serve(
+      { TOLLWAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'tollway-main-')), PORT: '0' },
+      ['--json', '--url', 'http://127.0.0.1:1', 'serve'],
+    )
+    try {
+      const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
+      await Bun.sleep(1_000)
+      expect(proc.exitCode).toBeNull()
+      expect((await fetch(`${url}/health`)).status).toBe(200)
+    } finally {
+      proc.kill('SIGTERM')
+      await proc.exited
+    }
   }, 90_000)
 
   test('behavior: a gateway killed outright (SIGKILL) does not leave its development chain running', async () => {

@@ -1,7 +1,8 @@
 /** Calls to a running gateway's HTTP API; non-2xx answers become CLI errors. */
 import { PaymentError, ServerError } from './Errors.ts'
 
-export type Target = { url: string; token?: string | undefined }
+/** A gateway to call; `timeoutMs` (default 30 s) bounds the wait for its answer. */
+export type Target = { url: string; token?: string | undefined; timeoutMs?: number | undefined }
 
 /** The message of an OpenAI envelope or an RFC 9457 problem, or the status line. */
 async function describe(res: Response): Promise<{ message: string; body: unknown }> {
@@ -28,13 +29,17 @@ export async function fail(res: Response): Promise<never> {
   throw new ServerError(`gateway answered ${res.status}: ${message}`, body)
 }
 
-/** A JSON request to the gateway; network failures are server errors. */
+/**
+ * A JSON request to the gateway; network failures, and no answer within the target's timeout (a
+ * gateway that takes the connection and never answers), are server errors.
+ */
 export async function request(
   target: Target,
   method: string,
   path: string,
   body?: unknown,
 ): Promise<unknown> {
+  const timeoutMs = target.timeoutMs ?? 30_000
   let res: Response
   try {
     res = await fetch(new URL(path, target.url), {
@@ -44,8 +49,13 @@ export async function request(
         ...(body === undefined ? {} : { 'content-type': 'application/json' }),
       },
       body: body === undefined ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(timeoutMs),
     })
   } catch (e) {
+    if ((e as Error).name === 'TimeoutError')
+      throw new ServerError(
+        `the gateway at ${target.url} did not answer within ${timeoutMs / 1000} s.`,
+      )
     throw new ServerError(`cannot reach the gateway at ${target.url}: ${(e as Error).message}`)
   }
   if (!res.ok) return fail(res)

@@ -6,7 +6,7 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { parseArgs } from 'node:util'
 import { z } from 'zod'
-import { CliError, exitCodes, UsageError } from './Errors.ts'
+import { CliError, exitCodes, ServerError, UsageError } from './Errors.ts'
 import * as Http from './Http.ts'
 
 const help = {
@@ -33,6 +33,8 @@ Global options:
   --url U          the gateway (TOLLWAY_URL, default http://127.0.0.1:8787)
   --admin-token T  admin token (TOLLWAY_ADMIN_TOKEN, or $TOLLWAY_DATA_DIR/admin-token)
   --json           machine-readable output
+  --timeout S      seconds to wait for the gateway's answer (TOLLWAY_TIMEOUT; default 30, and
+                   300 for channels settle, which waits for its transaction)
   -h, --help       help for any command
 
 Exit codes: 0 ok, 2 usage error, 3 payment refused, 4 server or network error.`,
@@ -76,7 +78,9 @@ Options:
   --trust-escrow     trust whatever escrow the gateway names (TOLLWAY_TRUST_ESCROW=1); only for
                      a development chain or a gateway you run yourself
   --max-deposit N    the most one channel holds, base units (default 10000000)
-  --max-total N      the most this command spends, base units (default 10000000)
+  --max-total N      the most your vouchers may total, base units (default 10000000), over every
+                     channel $TOLLWAY_DATA_DIR/channels.json keeps (earlier commands' and closed
+                     ones' too): a budget for the wallet at this gateway, not per command
   --rpc-url U        the chain's RPC URL (TOLLWAY_RPC_URL): only for opens from your own
                      account and for channel request-close | withdraw
 The cost line goes to stderr; tokens to stdout.`,
@@ -108,6 +112,7 @@ const options = {
   'max-deposit': { type: 'string' },
   'max-total': { type: 'string' },
   'rpc-url': { type: 'string' },
+  timeout: { type: 'string' },
   from: { type: 'string' },
   to: { type: 'string' },
 } as const
@@ -126,13 +131,15 @@ const Settings = z.object({
   url: z.url(),
   json: z.boolean(),
   limit: z.coerce.number().int().min(1).max(200).optional(),
-  maxDeposit: BaseUnits,
+  maxDeposit: BaseUnits.refine((v) => v > 0n, 'must be at least 1'),
   maxTotal: BaseUnits,
   dataDir: z.string().min(1),
   adminToken: z.string().optional(),
   apiKey: z.string().optional(),
   walletKey: z.string().optional(),
   rpcUrl: z.url().optional(),
+  /** Seconds an admin call waits for the gateway's answer. */
+  timeout: z.coerce.number().positive().max(3600).optional(),
   escrows: z.array(z.string()),
   trustEscrow: z.boolean(),
 })
@@ -146,6 +153,7 @@ const sources: Record<string, string> = {
   maxTotal: '--max-total / TOLLWAY_MAX_TOTAL',
   dataDir: 'TOLLWAY_DATA_DIR',
   rpcUrl: '--rpc-url / TOLLWAY_RPC_URL',
+  timeout: '--timeout / TOLLWAY_TIMEOUT',
 }
 
 export type Env = Record<string, string | undefined>
@@ -164,6 +172,7 @@ function settings(values: ReturnType<typeof parse>['values'], env: Env): Setting
     apiKey: values['api-key'] ?? e('TOLLWAY_API_KEY'),
     walletKey: e('TOLLWAY_WALLET_KEY'),
     rpcUrl: values['rpc-url'] ?? e('TOLLWAY_RPC_URL'),
+    timeout: values.timeout ?? e('TOLLWAY_TIMEOUT'),
     escrows: [...(values.escrow ?? []), ...(e('TOLLWAY_ESCROW')?.split(',').filter(Boolean) ?? [])],
     trustEscrow: values['trust-escrow'] ?? e('TOLLWAY_TRUST_ESCROW') === '1',
   })
@@ -210,7 +219,12 @@ function adminToken(ctx: Context): string {
   }
 }
 
-const admin = (ctx: Context): Http.Target => ({ url: ctx.settings.url, token: adminToken(ctx) })
+/** The gateway's admin API; `slowMs`: how long the call may take when --timeout is not given. */
+const admin = (ctx: Context, slowMs?: number): Http.Target => ({
+  url: ctx.settings.url,
+  token: adminToken(ctx),
+  timeoutMs: ctx.settings.timeout !== undefined ? ctx.settings.timeout * 1000 : (slowMs ?? 30_000),
+})
 
 /** The n-th positional argument after the command words, or a usage error naming it. */
 function arg(ctx: Context, index: number, name: string): string {
@@ -231,6 +245,7 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
     run: async () => {
       const { serve } = await import('../main.ts')
       await serve()
+      serving = true
     },
   },
   accounts: {
@@ -408,11 +423,19 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
       settle: async (ctx) => {
         const id = arg(ctx, 2, 'channel-id')
         ctx.io.err(ctx.settings.json ? '' : 'settling on chain…\n')
-        const r = (await Http.request(admin(ctx), 'POST', `/admin/channels/${enc(id)}/settle`)) as {
+        // A settlement waits for its transaction to be mined (and for the lock): minutes.
+        const r = (await Http.request(
+          admin(ctx, 300_000),
+          'POST',
+          `/admin/channels/${enc(id)}/settle`,
+        )) as {
           result: { status: string; txHash?: string; error?: { message: string } }
         }
         const { status, txHash, error } = r.result
         print(ctx, r, `${status}${txHash ? ` ${txHash}` : ''}${error ? `: ${error.message}` : ''}`)
+        // Answered, but not settled (reverted, failed, or busy): not a success.
+        if (status !== 'confirmed' && status !== 'nothing')
+          throw new ServerError(`the settlement did not go through (${status}).`)
       },
     },
   },
@@ -432,6 +455,9 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
 }
 
 const enc = encodeURIComponent
+
+/** Set once `serve` is serving: the process then keeps running after `run` returns. */
+let serving = false
 
 /** A query string of the values that are set. */
 function query(values: Record<string, string | number | undefined>): string {
@@ -488,6 +514,6 @@ if (import.meta.main) {
     err: (s) => process.stderr.write(s),
     tty: process.stderr.isTTY,
   })
-  // `serve` keeps running; everything else exits with its code.
-  if (process.argv[2] !== 'serve' || code !== 0) process.exit(code)
+  // `serve` keeps running (whatever options came before it); everything else exits.
+  if (!serving || code !== 0) process.exit(code)
 }

@@ -81,6 +81,10 @@ describe('usage', () => {
     const total = await cli(['channel', 'status'], { TOLLWAY_MAX_TOTAL: '1e6' })
     expect(total.code).toBe(2)
     expect(total.stderr).toContain('--max-total / TOLLWAY_MAX_TOTAL')
+    // A channel of no deposit cannot open (the escrow reverts it, at the gateway's gas).
+    const zero = await cli(['chat', 'hi', '--max-deposit', '0'])
+    expect(zero.code).toBe(2)
+    expect(zero.stderr).toContain('--max-deposit / TOLLWAY_MAX_DEPOSIT')
     // An option wins over its variable.
     const fixed = await cli(['channels', 'list', '--url', gw.url], { TOLLWAY_URL: 'not a url' })
     expect(fixed.code).toBe(0)
@@ -157,6 +161,29 @@ describe('admin', () => {
     expect(bare.stderr).toContain('<account> <key-id>')
   })
 
+  test('error: channels settle exits 4 when the settlement was answered but did not go through', async () => {
+    let status = 'reverted'
+    const fake = Bun.serve({
+      port: 0,
+      fetch: () =>
+        Response.json({
+          channel: { channelId: '0x01' },
+          result: { status, error: { message: 'settle reverted with AmountNotIncreasing()' } },
+        }),
+    })
+    try {
+      const env = { TOLLWAY_URL: `http://127.0.0.1:${fake.port}` }
+      const reverted = await cli(['channels', 'settle', '0x01'], env)
+      expect(reverted.code).toBe(4)
+      expect(reverted.stdout).toContain('reverted: settle reverted with AmountNotIncreasing()')
+      expect(reverted.stderr).toContain('did not go through (reverted)')
+      status = 'nothing'
+      expect((await cli(['channels', 'settle', '0x01'], env)).code).toBe(0)
+    } finally {
+      fake.stop(true)
+    }
+  })
+
   test('error: a wrong admin token exits 4 with the message; --json puts the error on stderr', async () => {
     const r = await cli(['accounts', 'create', '--name', 'x', '--json'], {
       TOLLWAY_ADMIN_TOKEN: 'wrong-token-0123456789',
@@ -181,6 +208,22 @@ describe('admin', () => {
     })
     expect(none.code).toBe(2)
     expect(none.stderr).toContain('admin-token')
+  })
+
+  test('error: a gateway that takes the connection and never answers: exit 4 after --timeout', async () => {
+    const hole = Bun.listen({ hostname: '127.0.0.1', port: 0, socket: { data() {} } })
+    try {
+      const started = performance.now()
+      const r = await cli(['accounts', 'get', crypto.randomUUID(), '--timeout', '0.5'], {
+        TOLLWAY_URL: `http://127.0.0.1:${hole.port}`,
+      })
+      expect(r.code).toBe(4)
+      expect(r.stderr).toContain('did not answer within 0.5 s')
+      expect(performance.now() - started).toBeLessThan(10_000)
+      expect((await cli(['accounts', 'list', '--timeout', 'soon'])).code).toBe(2)
+    } finally {
+      hole.stop(true)
+    }
   })
 
   test('error: no gateway at the URL exits 4', async () => {
