@@ -64,6 +64,24 @@ describe('rate limits', () => {
       if (r.status === 429) expect(r.headers.get('retry-after')).not.toBeNull()
   })
 
+  test('behavior: a request answered on one instance no longer counts on the other: its charge is written before its answer when the plan has little room', async () => {
+    // Pro: 3 at once. One request alone on a, then 3 at once on b as soon as it is answered:
+    // the first must not still count (it did while its charge waited to be written).
+    const { key } = await a.account({ plan: 'pro', credits: 10_000_000n })
+    const statuses: number[] = []
+    for (let i = 0; i < 8; i++) {
+      const first = await post(a, key)
+      statuses.push(first.status)
+      await first.text()
+      const three = await Promise.all([post(b, key), post(b, key), post(b, key)])
+      for (const r of three) {
+        statuses.push(r.status)
+        await r.text()
+      }
+    }
+    expect(statuses.filter((s) => s !== 200)).toEqual([])
+  })
+
   test('behavior: the free plan allows one stream at a time; the second is 429 concurrency_limit_exceeded', async () => {
     const { key } = await a.account({ plan: 'free' })
     const slow = await post(a, key, {

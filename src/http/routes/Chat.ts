@@ -105,6 +105,12 @@ type Hooks = {
   headers?: Record<string, string>
 }
 
+/**
+ * How many more requests at once an account must have room for (and a balance to hold) for a
+ * completion to be answered before its charge is written (see `settleInBackground`).
+ */
+const BACKGROUND_MARGIN = 8
+
 /** Runs a completion metered against `reservation`, streamed or whole. */
 async function serve(
   c: Context,
@@ -237,11 +243,13 @@ export function routes(deps: Deps) {
         held: admitted.held,
         leaseSeconds,
         // Answer before the charge is written, unless the payer's next request could be
-        // refused meanwhile on another instance because this one still counts: no room for
-        // another request at once, or a balance that could not hold this request again.
+        // refused meanwhile on another instance because this one still counts. Requests
+        // admitted after this one use up what was free at its admission, so that must be
+        // ample: room for BACKGROUND_MARGIN more requests at once (none on the free and pro
+        // plans), and a balance that holds this request that many times again.
         settleInBackground:
-          (admitted.concurrencyRoom === null || admitted.concurrencyRoom > 0) &&
-          admitted.available >= admitted.held,
+          (admitted.concurrencyRoom === null || admitted.concurrencyRoom >= BACKGROUND_MARGIN) &&
+          admitted.available >= admitted.held * BigInt(BACKGROUND_MARGIN),
       }),
       { account: admitted.accountId, model: p.model.id, stream: p.req.stream },
     )
