@@ -117,8 +117,17 @@ describe('cooperative close with a stream under way', () => {
     expect(more.status).toBeGreaterThanOrEqual(400)
 
     // A close covering what was spent goes through; the payee gets exactly that.
-    const ok = await post(await s.close(charged.spent))
+    const final = await s.close(charged.spent)
+    const ok = await post(final)
     expect(ok.status).toBe(200)
+    // The same close sent again (its answer lost) gets the close that went through.
+    const again = await post(final)
+    expect(again.status).toBe(200)
+    expect(again.headers.get('payment-receipt')).toBeString()
+    const receipt = (h: Response) =>
+      (Receipt.deserialize(h.headers.get('payment-receipt')!) as unknown as { txHash: string })
+        .txHash
+    expect(receipt(again)).toBe(receipt(ok))
     await Ledger.channelState(gw.sql, channelId)
     const closed = (await Channels.get(gw.sql, channelId))!
     expect(closed).toMatchObject({ finalized: true, settled: charged.spent, spent: charged.spent })

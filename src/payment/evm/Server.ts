@@ -245,11 +245,13 @@ export function create(o: Options) {
     }
   }
 
-  const known = async (channelId: Hex): Promise<Channel> => {
+  /** The channel; a closed one only when `closed` (a close sent again). */
+  const known = async (channelId: Hex, closed = false): Promise<Channel> => {
     const channel = await o.store.get(channelId)
     if (!channel)
       throw Problem.channelNotFound('No channel with this id; open one first.', { channelId })
-    if (channel.finalized) throw Problem.channelFinalized('The channel is closed.', { channelId })
+    if (channel.finalized && !closed)
+      throw Problem.channelFinalized('The channel is closed.', { channelId })
     return channel
   }
 
@@ -394,7 +396,10 @@ export function create(o: Options) {
         return { channel: await acceptVoucher({ signer }, p) }
       }
       case 'close': {
-        const channel = await known(p.channelId)
+        // A closed channel too: a client whose close was answered on an instance that then
+        // died, or whose answer was lost, sends it again and gets that close's receipt (the
+        // close itself answers 410 when the channel closed some other way).
+        const channel = await known(p.channelId, true)
         await o.chain.verifyVoucher({ ...p, signer: channel.signer })
         // A final voucher above the accepted amount is recorded first (durable, like any).
         // minVoucherDelta bounds the work of a stream of vouchers; it is no reason to refuse
