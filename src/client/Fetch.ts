@@ -107,6 +107,9 @@ type Live = {
   queue: Promise<void>
   /** The open under way, so that concurrent first requests share one channel. */
   opening?: Promise<unknown> | undefined
+  /** The stored channel being read, so that concurrent first requests resume it, not open
+   * another (which would leave it open and unrecorded). */
+  loading?: Promise<void> | undefined
 }
 
 const problemOf = async (res: Response): Promise<Record<string, unknown> | undefined> => {
@@ -119,6 +122,18 @@ const problemOf = async (res: Response): Promise<Record<string, unknown> | undef
     return typeof body.type === 'string' ? body : (body.error as Record<string, unknown>)
   } catch {
     return undefined
+  }
+}
+
+/** The response's evm/session challenge; a malformed WWW-Authenticate is the server's failure. */
+const challengeIn = (res: Response) => {
+  try {
+    return challengeOf(res.headers.get('www-authenticate'))
+  } catch (e) {
+    throw new PaymentFailedError(
+      `The server sent a malformed Payment challenge (${res.status}): ${(e as Error).message}`,
+      res.status,
+    )
   }
 }
 
@@ -138,13 +153,26 @@ export function createFetch(options: Options): PayingFetch {
   // remembers them); the rest is for the open ones.
   const closedByKey = new Map<string, bigint>()
   const closedTotal = () => [...closedByKey.values()].reduce((a, b) => a + b, 0n)
-  const total = () => options.limits.maxTotal - closedTotal()
+  /**
+   * What this client's other channels may still take: all it signed on the channels in use
+   * with other servers, and on channels set apart while they close (paid at most that).
+   */
+  const elsewhere = (key: string | undefined) => {
+    let sum = 0n
+    for (const [k, l] of lives) if (k !== key && l.state) sum += l.session.signed
+    for (const [k, signed] of setApart) if (k !== key) sum += signed
+    return sum
+  }
+  const lives = new Map<string, Live>()
+  /** Channels set apart while they close (closingKey), by store key: what was signed on them. */
+  const setApart = new Map<string, bigint>()
+  /** What channel `key` may sign up to, within maxTotal. */
+  const total = (key?: string) => options.limits.maxTotal - closedTotal() - elsewhere(key)
   const loadClosed = async (key: string) => {
     if (!closedByKey.has(key)) closedByKey.set(key, await store.closedTotal(key))
   }
   const escrows = new Set(options.allow.escrows.map((a) => a.toLowerCase()))
   const currencies = options.allow.currencies?.map((a) => a.toLowerCase())
-  const lives = new Map<string, Live>()
   const domains = new Map<string, Promise<Token.TokenDomain>>()
   let lastUrl: string | undefined
 
@@ -187,24 +215,42 @@ export function createFetch(options: Options): PayingFetch {
     const key = keyOf(url)
     let live = lives.get(key)
     if (live) {
+      await live.loading
       live.session.renew(challenge)
     } else {
       const session = new PayingSession({ account, challenge, tokenDomain: options.tokenDomain })
-      live = { key, session, state: undefined, sent: 0n, spent: 0n, queue: Promise.resolve() }
-      lives.set(key, live)
-      await loadClosed(key)
-      const stored = await store.get(key)
-      const r = session.request
-      if (
-        stored &&
-        stored.escrow.toLowerCase() === r.methodDetails.escrowContract.toLowerCase() &&
-        stored.currency.toLowerCase() === r.currency.toLowerCase() &&
-        stored.recipient.toLowerCase() === r.recipient.toLowerCase() &&
-        stored.chainId === r.methodDetails.chainId
-      ) {
-        live.state = stored
-        session.channelId = stored.channelId
-        session.signed = BigInt(stored.signed)
+      const l: Live = {
+        key,
+        session,
+        state: undefined,
+        sent: 0n,
+        spent: 0n,
+        queue: Promise.resolve(),
+      }
+      live = l
+      lives.set(key, l)
+      l.loading = (async () => {
+        await loadClosed(key)
+        const apart = await store.get(closingKey(key))
+        if (apart) setApart.set(key, BigInt(apart.signed))
+        const stored = await store.get(key)
+        const r = session.request
+        if (
+          stored &&
+          stored.escrow.toLowerCase() === r.methodDetails.escrowContract.toLowerCase() &&
+          stored.currency.toLowerCase() === r.currency.toLowerCase() &&
+          stored.recipient.toLowerCase() === r.recipient.toLowerCase() &&
+          stored.chainId === r.methodDetails.chainId
+        ) {
+          l.state = stored
+          session.channelId = stored.channelId
+          session.signed = BigInt(stored.signed)
+        }
+      })()
+      try {
+        await l.loading
+      } finally {
+        l.loading = undefined
       }
     }
     if (live.state) live.state.url = url
@@ -218,6 +264,31 @@ export function createFetch(options: Options): PayingFetch {
     live.sent = 0n
     live.spent = 0n
     await store.delete(live.key)
+  }
+
+  /**
+   * The server refuses the channel as closed or unknown. One it still shows `closing` (a close
+   * that was refused or kept waiting, or a forced close under way) holds a deposit: it is set
+   * apart (`closing(url)`), not forgotten, so that `close()` can be sent again, or
+   * `requestClose` / `withdraw` take the deposit back, and what was signed on it still counts
+   * against maxTotal. The next request opens another channel.
+   */
+  const drop = async (live: Live, url: string) => {
+    const state = live.state
+    if (state) {
+      const shown = await base(`${new URL(url).origin}/v1/channels/${state.channelId}`).catch(
+        () => undefined,
+      )
+      let status: string | undefined
+      if (shown?.ok) status = ((await shown.json().catch(() => ({}))) as { status?: string }).status
+      else await shown?.body?.cancel()
+      if (status === 'closing' || status === 'open') {
+        const signed = live.session.signed.toString()
+        await store.set(closingKey(live.key), { ...state, signed })
+        setApart.set(live.key, live.session.signed)
+      }
+    }
+    await forget(live)
   }
 
   /** The token's EIP-712 domain read from the chain, once per token. */
@@ -248,12 +319,13 @@ export function createFetch(options: Options): PayingFetch {
   /** The `open` credential of a new channel (the server pays the gas when it offers to). */
   const open = async (live: Live, url: string, ahead: bigint): Promise<string> => {
     const r = live.session.request
-    if (total() <= 0n)
+    const room = total(live.key)
+    if (room <= 0n)
       throw new LimitExceededError('maxTotal', {
         limit: options.limits.maxTotal,
-        wanted: closedTotal() + ahead,
+        wanted: options.limits.maxTotal - room + ahead,
       })
-    const deposit = min(options.deposit ?? maxDeposit, maxDeposit, total())
+    const deposit = min(options.deposit ?? maxDeposit, maxDeposit, room)
     const initial = min(ahead, deposit)
     let header: string
     if (r.methodDetails.feePayer && r.methodDetails.credentialTypes?.includes('authorization')) {
@@ -291,36 +363,47 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   /**
-   * Credentials that raise the authorized amount to at least `required` (plus the margin when
-   * the limits allow): a `topUp` first when the deposit is short, then a voucher. Throws
-   * LimitExceededError, before signing anything, when `required` passes a limit.
+   * Raises the authorized amount to at least `required` (plus the margin when the limits
+   * allow) and returns the voucher to send. When the deposit is short a `topUp` goes first
+   * (HEAD to `url`), and the new deposit is recorded only once the server took it: a refused
+   * top-up throws with nothing recorded and no voucher signed past the deposit (recorded
+   * first, every later voucher was refused as above the deposit). Throws LimitExceededError,
+   * before signing anything, when `required` passes a limit. Run one at a time per channel
+   * (`serially`), so that concurrent requests do not top up, and sign past the deposit, at once.
    */
-  const raise = async (
-    live: Live,
-    required: bigint,
-  ): Promise<{ topUp?: string; voucher: string }> => {
+  const raise = async (live: Live, url: string, required: bigint): Promise<string> => {
     const state = live.state as Store.ChannelState
-    const maxTotal = total()
+    const maxTotal = total(live.key)
     if (required > maxTotal)
       throw new LimitExceededError('maxTotal', {
         limit: options.limits.maxTotal,
-        wanted: required + closedTotal(),
+        wanted: options.limits.maxTotal - maxTotal + required,
       })
     let deposit = BigInt(state.deposit)
-    let topUp: string | undefined
     if (required > deposit) {
       if (required > maxDeposit)
         throw new LimitExceededError('maxDeposit', { limit: maxDeposit, wanted: required })
       const next = min(maxDeposit, maxTotal, max(required + margin, deposit * 2n))
       await withDomain(live)
-      topUp = await live.session.topUp(next - deposit)
+      await post(url, await live.session.topUp(next - deposit))
       deposit = next
       state.deposit = deposit.toString()
+      await save(live)
     }
     const target = max(min(required + margin, deposit, maxTotal), live.session.signed)
     const voucher = await live.session.voucher(target)
     await save(live)
-    return topUp ? { topUp, voucher } : { voucher }
+    return voucher
+  }
+
+  /** Runs `fn` after the channel's payments under way (one payment at a time per channel). */
+  const serially = <T>(live: Live, fn: () => Promise<T>): Promise<T> => {
+    const run = live.queue.then(fn)
+    live.queue = run.then(
+      () => {},
+      () => {},
+    )
+    return run
   }
 
   /** Sends credentials that carry no request (HEAD to the same URI), as mid-stream. */
@@ -344,36 +427,41 @@ export function createFetch(options: Options): PayingFetch {
   /** Notes what a receipt says was spent, and hands it to `onReceipt`. */
   const receive = (live: Live, receipt: Receipt.Receipt) => {
     const spent = receipt.spent
-    if (typeof spent === 'string' && /^\d+$/.test(spent) && BigInt(spent) > live.spent)
+    // Never above what was signed: a server cannot have spent more, and believed, a receipt
+    // saying so would have the next voucher signed up to the whole deposit.
+    if (
+      typeof spent === 'string' &&
+      /^\d{1,78}$/.test(spent) &&
+      BigInt(spent) > live.spent &&
+      BigInt(spent) <= live.session.signed
+    )
       live.spent = BigInt(spent)
     options.onReceipt?.(receipt)
   }
 
   /** The voucher a request starts with: what was spent plus `ahead`, within the limits. */
   const ahead = async (live: Live, by: bigint) => {
-    const cap = min(BigInt((live.state as Store.ChannelState).deposit), total())
+    const cap = min(BigInt((live.state as Store.ChannelState).deposit), total(live.key))
     const target = max(live.session.signed, min(live.spent + by, cap))
     const credential = await live.session.voucher(target)
     await save(live)
     return credential
   }
 
-  /** Answers a `payment-need-voucher` (queued: one payment at a time per channel). */
+  /** Answers a `payment-need-voucher` (one payment at a time per channel). */
   const answer = (live: Live, url: string, need: Events.NeedVoucher) => {
     if (need.channelId !== live.session.channelId || need.requiredCumulative <= live.sent)
       return live.queue
-    live.queue = live.queue.then(async () => {
+    return serially(live, async () => {
       if (need.requiredCumulative <= live.sent) return
-      const credentials = await raise(live, need.requiredCumulative)
+      const voucher = await raise(live, url, need.requiredCumulative)
       live.sent = live.session.signed
-      if (credentials.topUp) await post(url, credentials.topUp)
-      await post(url, credentials.voucher)
+      await post(url, voucher)
       options.onVoucher?.({
         channelId: live.session.channelId as Hex,
         cumulativeAmount: live.session.signed,
       })
     })
-    return live.queue
   }
 
   /** The response body without payment events; those go to `answer` and `receive`. */
@@ -402,12 +490,13 @@ export function createFetch(options: Options): PayingFetch {
       return base(url, { method: request.method, headers, body, signal: request.signal })
     }
     let live = lives.get(keyOf(url))
+    await live?.loading
     // A channel being opened is not the server's yet: wait for the open to be answered.
     if (live?.opening) await live.opening.catch(() => {})
     let credential = live?.state ? await ahead(live, by) : undefined
     // Set while this request carries an open credential: ends the wait of the others.
     let opened: (() => void) | undefined
-    for (let attempt = 0; attempt < 6; attempt++) {
+    for (let attempt = 0; attempt < 12; attempt++) {
       const res = await send(credential).finally(() => {
         opened?.()
         opened = undefined
@@ -430,7 +519,7 @@ export function createFetch(options: Options): PayingFetch {
           headers: res.headers,
         })
       }
-      const challenge = challengeOf(res.headers.get('www-authenticate'))
+      const challenge = challengeIn(res)
       // Not a payment this client makes (no evm/session challenge, no channel): the caller's.
       if (!challenge && !live?.state) return res
       const problem = await problemOf(res)
@@ -440,7 +529,7 @@ export function createFetch(options: Options): PayingFetch {
         live = await adopt(url, challenge)
       }
       const l = live as Live
-      if (kind === 'channel-not-found' || kind === 'channel-finalized') await forget(l)
+      if (kind === 'channel-not-found' || kind === 'channel-finalized') await drop(l, url)
       if (l.opening) {
         // Another request is opening the channel: wait for it, then pay from that channel. (Its
         // state is kept before the server has answered the open: a voucher now would find no
@@ -463,11 +552,19 @@ export function createFetch(options: Options): PayingFetch {
           throw e
         }
       } else if (kind === 'insufficient-balance') {
-        const required = BigInt(String(problem?.requiredCumulative))
-        const c = await raise(l, required)
-        if (c.topUp) await post(url, c.topUp)
-        credential = c.voucher
-        l.sent = l.session.signed
+        const required = problem?.requiredCumulative
+        if (typeof required !== 'string' || !/^\d{1,78}$/.test(required))
+          throw new PaymentFailedError(
+            `The server asked for more (${res.status} insufficient-balance) without a requiredCumulative in base units; see problem.`,
+            res.status,
+            problem,
+          )
+        credential = await serially(l, async () => {
+          // Another request may have raised enough meanwhile: the voucher is then only signed.
+          const voucher = await raise(l, url, BigInt(required))
+          l.sent = l.session.signed
+          return voucher
+        })
         options.onVoucher?.({ channelId: l.session.channelId as Hex, cumulativeAmount: l.sent })
       } else if (!challenge || (problem && kind !== 'verification-failed' && attempt > 0))
         throw new PaymentFailedError(
@@ -478,7 +575,7 @@ export function createFetch(options: Options): PayingFetch {
       else credential = await ahead(l, by)
     }
     throw new PaymentFailedError(
-      'The server kept asking for payment; giving up after 6 tries.',
+      'The server kept asking for payment; giving up after 12 tries.',
       402,
     )
   }
@@ -486,11 +583,14 @@ export function createFetch(options: Options): PayingFetch {
   const close = async (url = lastUrl): Promise<Hex> => {
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
-    const state = lives.get(key)?.state ?? (await store.get(key))
+    // The channel in use, else one set apart while it closes (its close refused or kept
+    // waiting, or forced): sent again, the close goes on.
+    const inUse = lives.get(key)?.state ?? (await store.get(key))
+    const state = inUse ?? (await store.get(closingKey(key)))
     if (!state) throw new ClientError(`No channel to close for ${new URL(url).origin}.`)
     // A fresh challenge to bind the close credential to.
     const res = await base(state.url, { method: 'POST' })
-    const challenge = challengeOf(res.headers.get('www-authenticate'))
+    const challenge = challengeIn(res)
     await res.body?.cancel()
     if (!challenge)
       throw new PaymentFailedError(
@@ -499,6 +599,12 @@ export function createFetch(options: Options): PayingFetch {
       )
     check(challenge)
     const live = await adopt(state.url, challenge)
+    let session = live.session
+    if (!inUse) {
+      session = new PayingSession({ account, challenge, tokenDomain: options.tokenDomain })
+      session.channelId = state.channelId
+      session.signed = BigInt(state.signed)
+    }
     // Close at what was spent, not at what was signed ahead.
     const status = await base(`${new URL(state.url).origin}/v1/channels/${state.channelId}`)
     if (!status.ok)
@@ -511,7 +617,7 @@ export function createFetch(options: Options): PayingFetch {
     const send = async () =>
       base(state.url, {
         method: 'POST',
-        headers: { authorization: await live.session.close(spent) },
+        headers: { authorization: await session.close(spent) },
       })
     let closed = await send()
     if (!closed.ok) {
@@ -525,7 +631,7 @@ export function createFetch(options: Options): PayingFetch {
         typeof required === 'string' &&
         /^\d+$/.test(required) &&
         BigInt(required) > spent &&
-        BigInt(required) <= live.session.signed
+        BigInt(required) <= session.signed
       ) {
         spent = BigInt(required)
         closed = await send()
@@ -544,7 +650,11 @@ export function createFetch(options: Options): PayingFetch {
       )
     const { receipt } = (await closed.json()) as { receipt: { txHash: Hex } }
     await count(key, spent)
-    await forget(live)
+    if (inUse) await forget(live)
+    else {
+      await store.delete(closingKey(key))
+      setApart.delete(key)
+    }
     return receipt.txHash
   }
 
@@ -585,28 +695,40 @@ export function createFetch(options: Options): PayingFetch {
   const requestClose = async (url = lastUrl) => {
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
-    const state = lives.get(key)?.state ?? (await store.get(key))
-    if (!state) throw new ClientError(`No open channel for ${new URL(url).origin}.`)
     const pending = await store.get(closingKey(key))
+    // The channel in use; else one set apart (the server refused it as closing) that the
+    // chain has no close request for yet.
+    const state =
+      lives.get(key)?.state ??
+      (await store.get(key)) ??
+      (pending && !pending.closeRequestedAt ? pending : undefined)
+    if (!state) throw new ClientError(`No open channel for ${new URL(url).origin}.`)
     if (pending && pending.channelId !== state.channelId)
       throw new ClientError(
         `Channel ${pending.channelId} is closing already; withdraw it before forcing another close.`,
       )
     const client = chainClient(state.chainId, 'requestClose')
-    const { ref } = await stillOpen(client, key, state, async () => {
+    /** Forgets `state` where it is kept (in use, or set apart). */
+    const forgetIt = async () => {
       const live = lives.get(key)
-      if (live) await forget(live)
-      else await store.delete(key)
-    })
+      if (live?.state?.channelId === state.channelId) await forget(live)
+      else if ((await store.get(key))?.channelId === state.channelId) await store.delete(key)
+      if (pending?.channelId === state.channelId) {
+        await store.delete(closingKey(key))
+        setApart.delete(key)
+      }
+    }
+    const { ref } = await stillOpen(client, key, state, forgetIt)
     // A repeated request keeps the first timestamp (the escrow's rule), so retrying is safe.
     const sent = await Escrow.requestClose(client, ref)
     const after = await Escrow.getChannel(client, ref)
     const requestedAt = after?.closeRequestedAt ?? 0n
     await store.set(closingKey(key), { ...state, closeRequestedAt: requestedAt.toString() })
+    setApart.set(key, BigInt(state.signed))
     // The channel takes no more vouchers: the next request opens another.
     const live = lives.get(key)
     if (live?.state?.channelId === state.channelId) await forget(live)
-    else await store.delete(key)
+    else if ((await store.get(key))?.channelId === state.channelId) await store.delete(key)
     return {
       channelId: state.channelId,
       txHash: sent.hash,
@@ -623,9 +745,10 @@ export function createFetch(options: Options): PayingFetch {
         `No channel with ${new URL(url).origin} is closing; call requestClose first.`,
       )
     const client = chainClient(state.chainId, 'withdraw')
-    const { ref, onChain } = await stillOpen(client, key, state, () =>
-      store.delete(closingKey(key)),
-    )
+    const { ref, onChain } = await stillOpen(client, key, state, async () => {
+      await store.delete(closingKey(key))
+      setApart.delete(key)
+    })
     // The escrow compares with block time, not this machine's clock.
     const ready = onChain.closeRequestedAt + Escrow.closeGracePeriod
     const now = (await getBlock(client)).timestamp
@@ -642,6 +765,7 @@ export function createFetch(options: Options): PayingFetch {
     const paid = onChain.deposit - refund
     await count(key, paid)
     await store.delete(closingKey(key))
+    setApart.delete(key)
     return { channelId: state.channelId, txHash: sent.hash, refund, paid }
   }
 

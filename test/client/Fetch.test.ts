@@ -6,8 +6,8 @@ import { mkdtemp } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import OpenAI from 'openai'
-import type { Hex } from 'viem'
-import { getBalance } from 'viem/actions'
+import { erc20Abi, type Hex } from 'viem'
+import { getBalance, waitForTransactionReceipt, writeContract } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import {
@@ -17,13 +17,15 @@ import {
   createFetch,
   LimitExceededError,
   type Options,
+  PaymentFailedError,
   Store,
 } from '../../src/client/index.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
+import * as Receipt from '../../src/payment/Receipt.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const chain = await Anvil.start({ accounts: 15 })
+const chain = await Anvil.start({ accounts: 22 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -406,4 +408,202 @@ describe('createFetch', () => {
     expect((e as Error).message).toContain('rpcUrl')
     expect(await fetch.channel(gw.url)).toBeDefined()
   }, 60_000)
+})
+
+describe('createFetch: money it must not lose track of', () => {
+  const channelsOf = async (payer: number) => {
+    const address = Buffer.from(chain.payers[payer]!.address.slice(2), 'hex')
+    return (await gw.sql`select channel_id from channels where payer = ${address}`).map(
+      (r) => `0x${Buffer.from(r.channel_id).toString('hex')}`,
+    )
+  }
+
+  test('behavior: a restarted agent whose first requests run at once resumes its stored channel, opens no other', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const first = client(14, { store: Store.file(path) })
+    await first.openai.chat.completions.create({ model: 'fake', messages, max_tokens: 50 })
+    const { channelId } = (await first.fetch.channel(gw.url))!
+    const second = client(14, { store: Store.file(path) })
+    const all = await Promise.all(
+      Array.from({ length: 3 }, () =>
+        second.openai.chat.completions.create({ model: 'fake', messages, max_tokens: 50 }),
+      ),
+    )
+    for (const r of all) expect(r.choices[0]!.message.content).toBeString()
+    expect((await second.fetch.channel(gw.url))!.channelId).toBe(channelId)
+    expect(await channelsOf(14)).toEqual([channelId])
+  }, 60_000)
+
+  test('error: a top-up the server refuses records no deposit: the channel goes on paying within the one it has', async () => {
+    const { openai, fetch } = client(15, { deposit: 300n })
+    await openai.chat.completions.create({
+      model: 'fake',
+      messages: [{ role: 'user', content: 'hi' }],
+      max_tokens: 2,
+    })
+    // The payer's tokens leave: an EIP-3009 top-up can no longer be pulled.
+    const payer = chain.payerClient(15)
+    const held = await balance(chain.payers[15]!.address)
+    const hash = await writeContract(payer, {
+      address: chain.currencyAddress,
+      abi: erc20Abi,
+      functionName: 'transfer',
+      args: [chain.payers[16]!.address, held],
+      chain: payer.chain,
+      account: payer.account!,
+    })
+    await waitForTransactionReceipt(payer, { hash })
+    // A stream that holds its whole answer up front: more than the deposit, a top-up first.
+    const e = await (async () => {
+      const stream = await openai.chat.completions.create({
+        model: 'fake',
+        messages,
+        stream: true,
+        max_tokens: 400,
+      })
+      for await (const _ of stream);
+    })().catch((e) => e)
+    // The SDK wraps what its fetch throws.
+    expect((e as Error).cause ?? e).toBeInstanceOf(PaymentFailedError)
+    const state = (await fetch.channel(gw.url))!
+    expect(state.deposit).toBe('300')
+    expect(BigInt(state.signed)).toBeLessThanOrEqual(300n)
+    // The tokens come back: the next request tops up (recorded, the refused top-up had the
+    // client believe in a deposit the escrow never got, and every voucher above 300 was refused).
+    const back = chain.payerClient(16)
+    await waitForTransactionReceipt(back, {
+      hash: await writeContract(back, {
+        address: chain.currencyAddress,
+        abi: erc20Abi,
+        functionName: 'transfer',
+        args: [chain.payers[15]!.address, held],
+        chain: back.chain,
+        account: back.account!,
+      }),
+    })
+    for (let i = 0; i < 300; i++) {
+      if ((await Channels.get(gw.sql, state.channelId))!.reserved === 0n) break
+      await Bun.sleep(50)
+    }
+    const next = await openai.chat.completions.create({
+      model: 'fake',
+      messages: [{ role: 'user', content: 'one' }],
+      max_tokens: 2,
+    })
+    expect(next.choices[0]!.message.content).toBe('one')
+    const after = (await fetch.channel(gw.url))!
+    expect(after.channelId).toBe(state.channelId)
+    expect((await Channels.get(gw.sql, state.channelId))!.deposit).toBe(BigInt(after.deposit))
+    expect(BigInt(after.deposit)).toBeGreaterThan(300n)
+  }, 60_000)
+
+  test('behavior: concurrent whole completions that need a top-up all go through (one top-up at a time)', async () => {
+    const { openai, fetch } = client(17, { deposit: 200n })
+    for (let round = 0; round < 2; round++) {
+      const all = await Promise.all(
+        Array.from({ length: 4 }, () =>
+          openai.chat.completions.create({ model: 'fake', messages, max_tokens: 100 }),
+        ),
+      )
+      for (const r of all) expect(r.choices[0]!.message.content).toBeString()
+    }
+    const state = (await fetch.channel(gw.url))!
+    const channel = (await Channels.get(gw.sql, state.channelId))!
+    expect(BigInt(state.deposit)).toBe(channel.deposit)
+    expect(channel.deposit).toBeGreaterThan(200n)
+  }, 60_000)
+
+  test('behavior: a channel the server refuses as closing is set apart, not forgotten: the next request opens another, close() closes both', async () => {
+    const { openai, fetch } = client(18)
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    const old = (await fetch.channel(gw.url))!.channelId
+    // A close that was kept waiting leaves the channel closing on the server.
+    await gw.sql`update channels set close_requested_at = now(), cooperative_close = true
+      where channel_id = ${Buffer.from(old.slice(2), 'hex')}`
+    const res = await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    expect(res.choices[0]!.message.content).toBeString()
+    const fresh = (await fetch.channel(gw.url))!.channelId
+    expect(fresh).not.toBe(old)
+    expect((await fetch.closing(gw.url))!.channelId).toBe(old)
+    // Closing closes the one in use, then the one set apart.
+    await fetch.close()
+    await fetch.close()
+    for (const id of [old, fresh]) {
+      const onChain = await Escrow.getChannel(chain.payeeClient, {
+        escrow: chain.escrowAddress,
+        channelId: id as Hex,
+      })
+      expect(onChain!.finalized).toBe(true)
+    }
+    expect(await fetch.closing(gw.url)).toBeUndefined()
+    expect(await fetch.channel(gw.url)).toBeUndefined()
+  }, 60_000)
+
+  test('behavior: maxTotal holds over servers: a channel with a second server may take only what the first left', async () => {
+    const other = await Gateway.create(
+      {
+        chain: Gateway.chainOf(chain),
+        payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 },
+      },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    try {
+      const { fetch } = client(19, { limits: { maxDeposit: 5_000n, maxTotal: 5_000n } })
+      const ask = (at: string) =>
+        new OpenAI({
+          baseURL: `${at}/v1`,
+          apiKey: 'unused',
+          fetch,
+          maxRetries: 0,
+        }).chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+      await ask(gw.url)
+      const here = (await fetch.channel(gw.url))!
+      await ask(other.url)
+      const there = (await fetch.channel(other.url))!
+      expect(BigInt(there.deposit)).toBeLessThanOrEqual(5_000n - BigInt(here.signed))
+      expect(BigInt(here.signed) + BigInt(there.signed)).toBeLessThanOrEqual(5_000n)
+    } finally {
+      await other.stop()
+    }
+  }, 60_000)
+
+  test('error: a receipt saying more was spent than was signed is not believed (the next voucher is not the whole deposit)', async () => {
+    const lying: typeof globalThis.fetch = Object.assign(
+      async (input: string | URL | Request, init?: RequestInit) => {
+        const res = await globalThis.fetch(input, init)
+        const header = res.headers.get('payment-receipt')
+        if (!header) return res
+        const headers = new Headers(res.headers)
+        headers.set(
+          'payment-receipt',
+          Receipt.serialize({ ...Receipt.deserialize(header), spent: '99999999999' }),
+        )
+        return new Response(res.body, { status: res.status, headers })
+      },
+      { preconnect: globalThis.fetch.preconnect },
+    )
+    const { fetch, openai } = client(20, { fetch: lying, margin: 64n, completionMargin: 64n })
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 10 })
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 10 })
+    const state = (await fetch.channel(gw.url))!
+    expect(BigInt(state.signed)).toBeLessThan(BigInt(state.deposit) / 10n)
+  }, 60_000)
+
+  test('error: a malformed Payment challenge is a PaymentFailedError, not a parser crash', async () => {
+    const garbage: typeof globalThis.fetch = Object.assign(
+      async () =>
+        new Response('{}', {
+          status: 402,
+          headers: {
+            'www-authenticate': 'Payment id="x", method="evm", intent="session", request="%%%"',
+          },
+        }),
+      { preconnect: globalThis.fetch.preconnect },
+    )
+    const { openai } = client(0, { fetch: garbage })
+    const e = await openai.chat.completions
+      .create({ model: 'fake', messages })
+      .catch((e: unknown) => e)
+    expect((e as Error).cause).toBeInstanceOf(PaymentFailedError)
+  })
 })
