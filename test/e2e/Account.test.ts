@@ -60,7 +60,11 @@ describe('admin API', () => {
     const { id } = (await (await gw.admin('/accounts', { name: 'x' })).json()) as { id: string }
     expect((await gw.admin(`/accounts/${id}/credits`, { amount: '1.5' })).status).toBe(400)
     expect((await gw.admin(`/accounts/${id}/credits`, { amount: 0 })).status).toBe(400)
-    expect((await gw.admin(`/accounts/${id}/credits`, { amount: '-1' })).status).toBe(409)
+    const overdraw = await gw.admin(`/accounts/${id}/credits`, { amount: '-1' })
+    expect(overdraw.status).toBe(409)
+    expect(((await overdraw.json()) as { error: { message: string } }).error.message).toBe(
+      'The balance is 0; a debit of 1 would take it below zero.',
+    )
     expect((await gw.admin('/accounts/not-a-uuid')).status).toBe(404)
     expect((await gw.admin(`/accounts/${crypto.randomUUID()}`)).status).toBe(404)
     expect((await gw.admin(`/accounts/${crypto.randomUUID()}/credits`, { amount: 5 })).status).toBe(

@@ -140,11 +140,14 @@ export function routes(deps: Deps) {
       throw e
     })
     if (balance === undefined) {
-      if (!(await Accounts.get(deps.sql, id)))
-        throw new NotFoundError(`No account with id "${id}".`, 'account_not_found')
+      const account = await Accounts.get(deps.sql, id)
+      if (!account) throw new NotFoundError(`No account with id "${id}".`, 'account_not_found')
       throw new ConflictError(
-        'That debit would take the balance below what in-flight requests hold.',
+        account.reserved > 0n
+          ? `The balance is ${account.balance}, of which requests under way hold ${account.reserved}; a debit of ${-input.amount} would take it below that.`
+          : `The balance is ${account.balance}; a debit of ${-input.amount} would take it below zero.`,
         'insufficient_balance',
+        { details: { balance: account.balance.toString(), reserved: account.reserved.toString() } },
       )
     }
     return c.json({ balance: balance.toString() })
