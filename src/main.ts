@@ -81,6 +81,17 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       const own = Db.connect({ url, max: config.databaseUrl ? 10 : 1 })
       stops.push(() => own.end({ timeout: 5 }))
       sql = own
+      if (!config.databaseUrl) {
+        // PGlite runs no WAL writer: a commit made with synchronous_commit off (admissions
+        // and API-key charges, see migrations/0001) stays in memory until a later commit
+        // flushes the WAL, and a killed gateway lost them all. A synchronous commit that
+        // writes WAL (a transactional logical message: one record, no table) every 200 ms
+        // flushes them, as PostgreSQL's WAL writer does (wal_writer_delay).
+        const flusher = setInterval(() => {
+          own`select pg_logical_emit_message(true, 'tollway', '')`.catch(() => {})
+        }, 200)
+        stops.push(async () => clearInterval(flusher))
+      }
     }
     await Db.migrate(sql)
     await Accounts.syncPlans(sql, config.plans)
@@ -234,6 +245,12 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       await server.stop(true)
     })
 
+    // The embedded database is this gateway's alone (its data dir is locked): what it finds
+    // under way is a dead process's, released now rather than after its lease.
+    if (!config.databaseUrl) {
+      const released = await Reservations.releaseAll(sql)
+      if (released > 0) log.warn({ released }, 'released reservations of a gateway that died')
+    }
     const sweep = setInterval(() => {
       Reservations.sweep(sql).then(
         (n) => n > 0 && log.warn({ released: n }, 'released reservations of dead requests'),

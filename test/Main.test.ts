@@ -106,6 +106,70 @@ describe('npm start', () => {
     }
   }, 90_000)
 
+  test('behavior: restarted on its data dir after a kill, the embedded gateway keeps the charges made before it and releases the dead one reservations at once', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const config = join(dataDir, 'config.json')
+    writeFileSync(config, JSON.stringify({ echo: { tokenDelayMs: 50 } }))
+    const env = { TOLLWAY_DATA_DIR: dataDir, PORT: '0', TOLLWAY_CONFIG: config }
+    const first = await serve(env)
+    const url = /serving at (http:\/\/\S+)/.exec(first.out)![1]!
+    const key = readFileSync(join(dataDir, 'dev-key'), 'utf8').trim()
+    const headers = { authorization: `Bearer ${key}`, 'content-type': 'application/json' }
+    // A whole completion, charged (its charge commits without waiting for a WAL flush).
+    const whole = await fetch(`${url}/v1/chat/completions`, {
+      method: 'POST',
+      headers,
+      body: JSON.stringify({
+        model: 'tollway-echo',
+        max_tokens: 3,
+        messages: [{ role: 'user', content: 'one two three' }],
+      }),
+    })
+    expect(whole.status).toBe(200)
+    await whole.text()
+    const charged = (await (await fetch(`${url}/v1/credits`, { headers })).json()) as {
+      balance: string
+    }
+    expect(BigInt(charged.balance)).toBeLessThan(10_000_000n)
+    const res = await fetch(`${url}/v1/chat/completions`, {
+      method: 'POST',
+      headers,
+      body: JSON.stringify({
+        model: 'tollway-echo',
+        stream: true,
+        max_tokens: 400,
+        messages: [{ role: 'user', content: 'slow words' }],
+      }),
+    })
+    expect(res.status).toBe(200)
+    await res.body!.getReader().read()
+    const held = (await (await fetch(`${url}/v1/credits`, { headers })).json()) as {
+      reserved: string
+    }
+    expect(BigInt(held.reserved)).toBeGreaterThan(0n)
+    first.proc.kill('SIGKILL')
+    await first.proc.exited
+    // The data dir's lock is the dead process's: the next start takes it over.
+    const second = await serve(env)
+    try {
+      const again = /serving at (http:\/\/\S+)/.exec(second.out)![1]!
+      const credits = (await (await fetch(`${again}/v1/credits`, { headers })).json()) as {
+        balance: string
+        reserved: string
+      }
+      expect(credits.reserved).toBe('0')
+      // The charge before the kill is kept (PGlite has no WAL writer: it was lost), and the
+      // stream is charged at most what it held.
+      expect(BigInt(credits.balance)).toBeLessThanOrEqual(BigInt(charged.balance))
+      expect(BigInt(credits.balance)).toBeGreaterThanOrEqual(
+        BigInt(charged.balance) - BigInt(held.reserved),
+      )
+    } finally {
+      second.proc.kill('SIGTERM')
+      await second.proc.exited
+    }
+  }, 120_000)
+
   test('behavior: a gateway killed outright (SIGKILL) does not leave its development chain running', async () => {
     const { proc, out } = await serve({
       TOLLWAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'tollway-main-')),

@@ -239,6 +239,19 @@ function channelFinishes(sql: Sql) {
  * records them as `abandoned`; only those of `channelId` when given. Returns how many were
  * released.
  */
+/**
+ * Releases every reservation at once, as `sweep` releases expired ones (each charged what it
+ * had delivered). Only for a database one gateway alone uses (the embedded one, whose data
+ * dir is locked), at its start: every request it finds under way is of a process that died,
+ * and holding its credits (or keeping a channel's close waiting) for a lease is pointless.
+ */
+export async function releaseAll(sql: Sql): Promise<number> {
+  await sql`update reservations set expires_at = clock_timestamp() - interval '1 second'`
+  let released = 0
+  for (let n = await sweep(sql); n > 0; n = await sweep(sql)) released += n
+  return released
+}
+
 export async function sweep(sql: Sql, channelId?: Uint8Array): Promise<number> {
   const expired = await sql`
     select id, delivered, channel_id is not null as channel from reservations
