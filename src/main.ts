@@ -99,7 +99,9 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     let devChain: DevChain.DevChain | undefined
     let chain: Chain | undefined = config.chain
     if (!chain && config.devChain) {
-      devChain = await DevChain.start()
+      // Kept in the data dir, as the database is: a restart finds the channels it knows of.
+      mkdirSync(config.dataDir, { recursive: true })
+      devChain = await DevChain.start({ stateFile: resolve(config.dataDir, 'anvil-state.json') })
       stops.push(devChain.stop)
       chain = {
         rpcUrl: devChain.rpcUrl,

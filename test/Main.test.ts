@@ -11,7 +11,11 @@ import {
 } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import type { Hex } from 'viem'
 import { getTransactionCount } from 'viem/actions'
+import * as Client from '../src/chain/Client.ts'
+import * as Escrow from '../src/chain/Escrow.ts'
+import { createFetch, Store } from '../src/client/index.ts'
 import { challengeOf } from '../src/client/Session.ts'
 import * as Anvil from './helpers/Anvil.ts'
 
@@ -147,6 +151,8 @@ describe('npm start', () => {
       reserved: string
     }
     expect(BigInt(held.reserved)).toBeGreaterThan(0n)
+    // Past the WAL flush (every 200 ms: what a crash may lose, as with PostgreSQL's WAL writer).
+    await Bun.sleep(500)
     first.proc.kill('SIGKILL')
     await first.proc.exited
     // The data dir's lock is the dead process's: the next start takes it over.
@@ -164,6 +170,61 @@ describe('npm start', () => {
       expect(BigInt(credits.balance)).toBeGreaterThanOrEqual(
         BigInt(charged.balance) - BigInt(held.reserved),
       )
+    } finally {
+      second.proc.kill('SIGTERM')
+      await second.proc.exited
+    }
+  }, 120_000)
+
+  test('behavior: restarted on its data dir, even after a kill, the development chain is the same: a channel opened before is still open and pays', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    // One port for both runs, as a restarted gateway has (the client keeps channels by origin).
+    const probe = Bun.listen({ hostname: '127.0.0.1', port: 0, socket: { data() {} } })
+    const port = probe.port
+    probe.stop(true)
+    const env = { TOLLWAY_DATA_DIR: dataDir, PORT: String(port) }
+    const store = Store.file(join(dataDir, 'client-channels.json'))
+    const pay = async (out: string) => {
+      const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
+      const escrow = /escrow: +(0x[0-9a-fA-F]{40})/.exec(out)![1]! as Hex
+      const key = /payer 1: +0x[0-9a-fA-F]{40} key (0x[0-9a-f]{64})/.exec(out)![1]! as Hex
+      const fetch = createFetch({
+        account: key,
+        limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
+        allow: { escrows: [escrow] },
+        store,
+      })
+      const res = await fetch(`${url}/v1/chat/completions`, {
+        method: 'POST',
+        body: JSON.stringify({
+          model: 'tollway-echo',
+          max_tokens: 3,
+          messages: [{ role: 'user', content: 'one two three' }],
+        }),
+      })
+      expect(res.status).toBe(200)
+      await res.text()
+      return { escrow, channel: (await fetch.channel(url))!.channelId }
+    }
+    const first = await serve(env)
+    const before = await pay(first.out)
+    // Past anvil's next state dump (every second), then killed outright.
+    await Bun.sleep(1_500)
+    first.proc.kill('SIGKILL')
+    await first.proc.exited
+    const second = await serve(env)
+    try {
+      const after = await pay(second.out)
+      expect(after).toEqual(before)
+      // On the chain itself, not only in the gateway's database (a fresh chain had the
+      // gateway serve vouchers of a channel that no longer existed).
+      const rpcUrl = /RPC URL: +(\S+)/.exec(second.out)![1]!
+      const client = Client.from({ rpcUrl, chainId: 31337 })
+      const onChain = await Escrow.getChannel(client, {
+        escrow: before.escrow,
+        channelId: before.channel,
+      })
+      expect(onChain?.deposit).toBe(100_000n)
     } finally {
       second.proc.kill('SIGTERM')
       await second.proc.exited

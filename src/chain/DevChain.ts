@@ -4,11 +4,18 @@
  * and TestUSD minted to the dev accounts. Account 0 deploys, mints and is the payee (gateway);
  * the others are funded payers.
  */
+import { existsSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
-import { type Address, getAddress, type Hex, toHex } from 'viem'
+import { type Address, getAddress, getContractAddress, type Hex, toHex } from 'viem'
 import { mnemonicToAccount } from 'viem/accounts'
-import { deployContract, getChainId, waitForTransactionReceipt, writeContract } from 'viem/actions'
+import {
+  deployContract,
+  getChainId,
+  getCode,
+  waitForTransactionReceipt,
+  writeContract,
+} from 'viem/actions'
 import * as Client from './Client.ts'
 import { DevChainError } from './Errors.ts'
 import * as EscrowArtifact from './generated/PaymentChannelEscrow.ts'
@@ -23,6 +30,12 @@ export type Options = {
   mint?: bigint | undefined
   /** Path of the anvil binary; default the one from the @foundry-rs/anvil package. */
   anvilPath?: string | undefined
+  /**
+   * Where anvil keeps the chain between runs (loaded at start when it exists, written every
+   * second and at exit): a gateway restarted on its data dir finds its channels, deposits and
+   * contracts where its database says they are. Default: none, a fresh chain every start.
+   */
+  stateFile?: string | undefined
 }
 
 export type Account = { address: Address; privateKey: Hex }
@@ -72,7 +85,9 @@ export async function start(options: Options = {}): Promise<DevChain> {
     String(count),
     '--mnemonic',
     mnemonic,
+    ...(options.stateFile ? ['--state', options.stateFile, '--state-interval', '1'] : []),
   ]
+  const resumed = options.stateFile !== undefined && existsSync(options.stateFile)
   let anvil: Bun.Subprocess<'ignore', 'pipe', 'pipe'>
   try {
     anvil = Bun.spawn(['sh', '-c', WATCHED, 'sh', ...command], {
@@ -109,6 +124,17 @@ export async function start(options: Options = {}): Promise<DevChain> {
     if ((await getChainId(client)) !== chainId)
       throw new DevChainError('anvil reports another chain id')
 
+    // A chain resumed from its state file has the contracts where the first run put them (the
+    // payee's first two transactions): deployed and minted once.
+    const first = {
+      escrowAddress: getContractAddress({ from: payee.address, nonce: 0n }),
+      currencyAddress: getContractAddress({ from: payee.address, nonce: 1n }),
+    }
+    const deployed =
+      resumed &&
+      (await getCode(client, { address: first.escrowAddress })) !== undefined &&
+      (await getCode(client, { address: first.currencyAddress })) !== undefined
+    if (deployed) return { rpcUrl, chainId, ...first, payee, payers, stop }
     const { escrowAddress, currencyAddress } = await deploy(client)
     let last: Hex | undefined
     for (const payer of payers) {
