@@ -23,7 +23,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import { read, text } from '../helpers/Sse.ts'
 
-const chain = await Anvil.start({ accounts: 18 })
+const chain = await Anvil.start({ accounts: 19 })
 afterAll(() => chain.stop())
 const secret = 'test-challenge-secret-0123456789'
 const gw = await Gateway.create({
@@ -748,6 +748,41 @@ describe('a top-up after a settlement', () => {
       where channel_id = decode(${channelId.slice(2)}, 'hex')`
     expect(after).toEqual({ settled: 10n, deposit: 15_000n })
   }, 30_000)
+})
+
+describe('a credential sent to two instances at once', () => {
+  // Two instances need their own connections: a server database.
+  test.skipIf(!process.env.DATABASE_URL)(
+    'behavior: the same open, then the same top-up, sent to two instances at once: 200 from both, one channel, one deposit',
+    async () => {
+      const other = await Gateway.create(
+        { chain: Gateway.chainOf(chain), payments: { challengeSecret: secret } },
+        { db: gw.db, upstream: gw.upstream },
+      )
+      try {
+        const there = `${other.url}/v1/chat/completions`
+        const session = new PayingSession({
+          account: privateKeyToAccount(chain.payers[17]!.privateKey),
+          challenge: await freshChallenge(url),
+          tokenDomain,
+        })
+        const both = async (authorization: string) =>
+          (
+            await Promise.all(
+              [url, there].map((at) => fetch(at, { method: 'HEAD', headers: { authorization } })),
+            )
+          ).map((r) => r.status)
+        expect(
+          await both(await session.openWithAuthorization({ deposit: 10_000n, initial: 100n })),
+        ).toEqual([200, 200])
+        expect(await both(await session.topUp(5_000n))).toEqual([200, 200])
+        expect((await channelOf(session.channelId!)).deposit).toBe('15000')
+      } finally {
+        await other.stop()
+      }
+    },
+    60_000,
+  )
 })
 
 describe('the chain', () => {

@@ -240,6 +240,26 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     return { hash, receipt: await getTransactionReceipt(o.client, { hash }) }
   }
 
+  /**
+   * Sends a transaction that uses an EIP-3009 authorization; when it reverts because the
+   * authorization was used meanwhile, the transaction that used it (only the escrow can, so
+   * it did what this one would have): the same credential sent to two instances at once
+   * (a client's retry to another) is answered alike by both, not with a 409 for the second.
+   */
+  const orUsed = async <T>(
+    a: { from: Address; nonce: Hex },
+    send: () => Promise<T>,
+  ): Promise<T | NonNullable<Awaited<ReturnType<typeof usedBy>>>> => {
+    try {
+      return await send()
+    } catch (e) {
+      if (!(e instanceof TransactionRevertedError)) throw e
+      const done = await usedBy(a.from, a.nonce).catch(() => undefined)
+      if (done) return done
+      throw e
+    }
+  }
+
   /** Vouchers a wallet signed (ERC-1271): the wallet is asked once for each. */
   const walletVouchers = new Lru<string, true>(100_000)
   /** ERC-1271: whether the wallet `signer` takes `signature` for the voucher's digest. */
@@ -330,19 +350,21 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       })
       await checkGrace(channelId)
       const sent = await guard(channelId, () =>
-        Escrow.openWithAuthorization(o.client, {
-          escrow: o.escrow,
-          payee,
-          token: o.currency,
-          deposit: a.value,
-          salt,
-          authorizedSigner,
-          from: a.from,
-          validAfter: a.validAfter,
-          validBefore: a.validBefore,
-          nonce: a.nonce,
-          signature,
-        }),
+        orUsed(a, () =>
+          Escrow.openWithAuthorization(o.client, {
+            escrow: o.escrow,
+            payee,
+            token: o.currency,
+            deposit: a.value,
+            salt,
+            authorizedSigner,
+            from: a.from,
+            validAfter: a.validAfter,
+            validBefore: a.validBefore,
+            nonce: a.nonce,
+            signature,
+          }),
+        ),
       )
       return sentOf(sent, channelId)
     },
@@ -355,17 +377,19 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       const done = await guard(channelId, () => usedBy(a.from, a.nonce))
       if (done) return sentOf(done, channelId)
       const sent = await guard(channelId, () =>
-        Escrow.topUpWithAuthorization(o.client, {
-          escrow: o.escrow,
-          channelId,
-          additionalDeposit: a.value,
-          from: a.from,
-          topUpSalt,
-          validAfter: a.validAfter,
-          validBefore: a.validBefore,
-          nonce: a.nonce,
-          signature,
-        }),
+        orUsed(a, () =>
+          Escrow.topUpWithAuthorization(o.client, {
+            escrow: o.escrow,
+            channelId,
+            additionalDeposit: a.value,
+            from: a.from,
+            topUpSalt,
+            validAfter: a.validAfter,
+            validBefore: a.validBefore,
+            nonce: a.nonce,
+            signature,
+          }),
+        ),
       )
       return sentOf(sent, channelId)
     },
