@@ -570,6 +570,23 @@ describe('open', () => {
     expect(await Channels.get(gw.sql, other.channelId!)).toBeUndefined()
   }, 30_000)
 
+  test('error: a top-up carrying the authorization another channel was opened with → 409 transaction-reverted, deposit unchanged', async () => {
+    const first = await paying()
+    const used = await first.openWithAuthorization({ deposit: 100_000n, initial: 1_000n })
+    expect((await send(used)).status).toBe(200)
+    const firstHeader = Credential.deserialize(used)
+    const other = await paying()
+    expect(
+      (await send(await other.openWithAuthorization({ deposit: 50_000n, initial: 1_000n }))).status,
+    ).toBe(200)
+    const header = edit(await other.topUp(100_000n), (p) => {
+      p.authorization = firstHeader.payload.authorization
+      p.signature = firstHeader.payload.signature
+    })
+    await rejected(await send(header, 'POST'), 409, 'session/transaction-reverted')
+    expect((await Channels.get(gw.sql, other.channelId!))!.deposit).toBe(50_000n)
+  }, 30_000)
+
   test('error: a hash open whose transaction reverted → 409 transaction-reverted at once, nothing stored', async () => {
     const client = chain.payerClient(1)
     const channelId = keccak256(toHex('never opened'))

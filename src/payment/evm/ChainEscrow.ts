@@ -78,13 +78,23 @@ function sentOf(
   sent: { hash: Hex; receipt: { logs: Parameters<typeof parseEventLogs>[0]['logs'] } },
   channelId: Hex,
 ): Server.Sent {
+  const found = ofChannel(sent, channelId)
+  if (found) return found
+  throw new Error(`Transaction ${sent.hash} has no event of channel ${channelId}.`)
+}
+
+/** The open or top-up of `channelId` that transaction `sent` made, if it made one. */
+function ofChannel(
+  sent: { hash: Hex; receipt: { logs: Parameters<typeof parseEventLogs>[0]['logs'] } },
+  channelId: Hex,
+): Server.Sent | undefined {
   for (const l of parseEventLogs({ abi: Escrow.abi, logs: sent.receipt.logs }))
     if (
       (l.eventName === 'ChannelOpened' || l.eventName === 'ToppedUp') &&
       l.args.channelId.toLowerCase() === channelId.toLowerCase()
     )
       return { hash: sent.hash, deposit: l.args.deposit }
-  throw new Error(`Transaction ${sent.hash} has no event of channel ${channelId}.`)
+  return undefined
 }
 
 /** Whether a viem error is the chain's RPC not answering (refused, failed, timed out). */
@@ -246,18 +256,24 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
    * it did what this one would have): the same credential sent to two instances at once
    * (a client's retry to another) is answered alike by both, not with a 409 for the second.
    */
-  const orUsed = async <T>(
+  const orUsed = async (
+    channelId: Hex,
     a: { from: Address; nonce: Hex },
-    send: () => Promise<T>,
-  ): Promise<T | NonNullable<Awaited<ReturnType<typeof usedBy>>>> => {
+    send: () => Promise<Parameters<typeof sentOf>[0]>,
+  ): Promise<Server.Sent> => {
+    let sent: Parameters<typeof sentOf>[0]
     try {
-      return await send()
+      sent = await send()
     } catch (e) {
       if (!(e instanceof TransactionRevertedError)) throw e
       const done = await usedBy(a.from, a.nonce).catch(() => undefined)
-      if (done) return done
+      // Used for this channel: the same credential. For another one: a reused authorization,
+      // refused as the revert says.
+      const same = done && ofChannel(done, channelId)
+      if (same) return same
       throw e
     }
+    return sentOf(sent, channelId)
   }
 
   /** Vouchers a wallet signed (ERC-1271): the wallet is asked once for each. */
@@ -349,8 +365,8 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
         chainId: o.chainId,
       })
       await checkGrace(channelId)
-      const sent = await guard(channelId, () =>
-        orUsed(a, () =>
+      return await guard(channelId, () =>
+        orUsed(channelId, a, () =>
           Escrow.openWithAuthorization(o.client, {
             escrow: o.escrow,
             payee,
@@ -366,7 +382,6 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
           }),
         ),
       )
-      return sentOf(sent, channelId)
     },
 
     async topUpWithAuthorization({ channelId, topUpSalt, authorization: a, signature }) {
@@ -375,9 +390,17 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       // the escrow can use it (receiveWithAuthorization), so it went into this channel: answer
       // with that transaction.
       const done = await guard(channelId, () => usedBy(a.from, a.nonce))
-      if (done) return sentOf(done, channelId)
-      const sent = await guard(channelId, () =>
-        orUsed(a, () =>
+      if (done) {
+        const same = ofChannel(done, channelId)
+        if (same) return same
+        // Used for another channel (an open or top-up of it): this credential cannot be.
+        throw Problem.transactionReverted(
+          'This authorization was already used by another transaction of the escrow; sign a new one.',
+          { channelId, txHash: done.hash },
+        )
+      }
+      return await guard(channelId, () =>
+        orUsed(channelId, a, () =>
           Escrow.topUpWithAuthorization(o.client, {
             escrow: o.escrow,
             channelId,
@@ -391,7 +414,6 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
           }),
         ),
       )
-      return sentOf(sent, channelId)
     },
 
     async close({ channelId, cumulativeAmount, signature }) {
