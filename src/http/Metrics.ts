@@ -4,11 +4,14 @@
  * health, the ledger's batching, and the process. One registry per gateway (tests run several
  * in one process). Labels are model ids, route patterns and fixed words: never a key, an
  * account or anything a client typed, so their number stays bounded.
+ *
+ * The hot path stays light: a completion adds to plain counts (one map lookup), which the
+ * counters read when scraped; only the latency histograms are observed as they happen.
  */
 import client from 'prom-client'
 import * as Batch from '../ledger/Batch.ts'
 import type { Sql } from '../ledger/Db.ts'
-import type { Outcome } from '../metering/Meter.ts'
+import type { Outcome, Status } from '../metering/Meter.ts'
 import type { Router } from '../upstream/Router.ts'
 
 export type Payer = 'key' | 'channel'
@@ -16,61 +19,69 @@ export type Payer = 'key' | 'channel'
 /** Latency buckets, seconds: from a cache-fast answer to a long generation. */
 const SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 
-/** Default process metrics Bun does not implement (they read as 0, NaN or nonsense). */
-const UNSUPPORTED = [
-  'nodejs_eventloop_lag_seconds',
-  'nodejs_eventloop_lag_min_seconds',
-  'nodejs_eventloop_lag_max_seconds',
-  'nodejs_eventloop_lag_mean_seconds',
-  'nodejs_eventloop_lag_stddev_seconds',
-  'nodejs_eventloop_lag_p50_seconds',
-  'nodejs_eventloop_lag_p90_seconds',
-  'nodejs_eventloop_lag_p99_seconds',
-  'nodejs_active_resources',
-  'nodejs_active_resources_total',
-  'nodejs_active_handles',
-  'nodejs_active_handles_total',
-  'nodejs_active_requests',
-  'nodejs_active_requests_total',
-  'process_heap_bytes',
-]
+/** What the completions of one model and payer added up to. */
+type Counts = {
+  model: string
+  payer: Payer
+  byStatus: Partial<Record<Status, number>>
+  prompt: number
+  completion: number
+  charged: bigint
+}
 
 export class Metrics {
   readonly registry = new client.Registry()
   private readonly http: client.Counter<'method' | 'route' | 'status'>
-  private readonly completions: client.Counter<'model' | 'payer' | 'status'>
-  private readonly tokens: client.Counter<'model' | 'payer' | 'kind'>
-  private readonly charged: client.Counter<'model' | 'payer'>
   private readonly duration: client.Histogram<'model' | 'stream'>
   private readonly ttft: client.Histogram<'model' | 'stream'>
+  private readonly counts = new Map<string, Counts>()
 
   constructor(deps: { sql: Sql; router: Router }) {
     const registers = [this.registry]
-    client.collectDefaultMetrics({ register: this.registry })
-    for (const name of UNSUPPORTED) this.registry.removeSingleMetric(name)
+    const counts = this.counts
+    processMetrics(registers)
     this.http = new client.Counter({
       name: 'tollway_http_requests_total',
       help: 'HTTP requests answered, by method, route pattern and status code.',
       labelNames: ['method', 'route', 'status'],
       registers,
     })
-    this.completions = new client.Counter({
+    // Counters read from `counts` when scraped: reset, then set to the totals.
+    new client.Counter({
       name: 'tollway_completions_total',
       help: 'Completions charged, by model, payer (key or channel) and outcome (ok, cancelled, upstream_error, insufficient_funds, payment_timeout, superseded).',
       labelNames: ['model', 'payer', 'status'],
       registers,
+      collect() {
+        this.reset()
+        for (const c of counts.values())
+          for (const [status, n] of Object.entries(c.byStatus))
+            this.inc({ model: c.model, payer: c.payer, status }, n)
+      },
     })
-    this.tokens = new client.Counter({
+    new client.Counter({
       name: 'tollway_tokens_total',
       help: 'Tokens charged for, by model, payer and kind (prompt or completion).',
       labelNames: ['model', 'payer', 'kind'],
       registers,
+      collect() {
+        this.reset()
+        for (const c of counts.values()) {
+          this.inc({ model: c.model, payer: c.payer, kind: 'prompt' }, c.prompt)
+          this.inc({ model: c.model, payer: c.payer, kind: 'completion' }, c.completion)
+        }
+      },
     })
-    this.charged = new client.Counter({
+    new client.Counter({
       name: 'tollway_charged_base_units_total',
       help: "Money charged, in the payment token's base units, by model and payer.",
       labelNames: ['model', 'payer'],
       registers,
+      collect() {
+        this.reset()
+        for (const c of counts.values())
+          this.inc({ model: c.model, payer: c.payer }, Number(c.charged))
+      },
     })
     this.duration = new client.Histogram({
       name: 'tollway_completion_duration_seconds',
@@ -81,7 +92,7 @@ export class Metrics {
     })
     this.ttft = new client.Histogram({
       name: 'tollway_time_to_first_token_seconds',
-      help: 'Time from admission to the first token sent, by model and stream.',
+      help: 'Time from admission to the first token sent, streams only, by model.',
       labelNames: ['model', 'stream'],
       buckets: SECONDS,
       registers,
@@ -102,22 +113,18 @@ export class Metrics {
     // The ledger's group commit (Batch.ts): statements sent and items they carried, by
     // batcher. Items per statement is how much batching saves; fallbacks are batches that
     // failed as a whole and ran item by item.
-    const batches = (field: keyof Batch.Stats, name: string, help: string) => {
-      const seen = new Map<string, number>()
-      return new client.Counter({
+    const batches = (field: keyof Batch.Stats, name: string, help: string) =>
+      new client.Counter({
         name,
         help,
         labelNames: ['batcher'],
         registers,
-        // A counter only grows by inc(): each scrape adds what grew since the last.
         collect() {
-          for (const [batcher, stats] of Object.entries(Batch.stats(deps.sql))) {
-            this.inc({ batcher }, stats[field] - (seen.get(batcher) ?? 0))
-            seen.set(batcher, stats[field])
-          }
+          this.reset()
+          for (const [batcher, stats] of Object.entries(Batch.stats(deps.sql)))
+            this.inc({ batcher }, stats[field])
         },
       })
-    }
     batches('statements', 'tollway_ledger_statements_total', 'Ledger batch statements sent.')
     batches('items', 'tollway_ledger_items_total', 'Ledger calls carried by batch statements.')
     batches(
@@ -134,14 +141,20 @@ export class Metrics {
 
   /** Counts a settled completion: its outcome, tokens, money and times. */
   completed(model: string, payer: Payer, stream: boolean, o: Outcome, charged: bigint): void {
-    this.completions.inc({ model, payer, status: o.status })
-    if (o.promptTokens > 0) this.tokens.inc({ model, payer, kind: 'prompt' }, o.promptTokens)
-    if (o.completionTokens > 0)
-      this.tokens.inc({ model, payer, kind: 'completion' }, o.completionTokens)
-    if (charged > 0n) this.charged.inc({ model, payer }, Number(charged))
+    const key = `${payer}\u0000${model}`
+    let c = this.counts.get(key)
+    if (!c) {
+      c = { model, payer, byStatus: {}, prompt: 0, completion: 0, charged: 0n }
+      this.counts.set(key, c)
+    }
+    c.byStatus[o.status] = (c.byStatus[o.status] ?? 0) + 1
+    c.prompt += o.promptTokens
+    c.completion += o.completionTokens
+    c.charged += charged
     const s = stream ? 'true' : 'false'
     this.duration.observe({ model, stream: s }, o.latencyMs / 1000)
-    if (o.ttftMs !== null) this.ttft.observe({ model, stream: s }, o.ttftMs / 1000)
+    // A whole completion's first token is its answer: only a stream's says more.
+    if (stream && o.ttftMs !== null) this.ttft.observe({ model, stream: s }, o.ttftMs / 1000)
   }
 
   /** The text exposition format. */
@@ -152,4 +165,44 @@ export class Metrics {
   get contentType(): string {
     return this.registry.contentType
   }
+}
+
+/**
+ * The process, under the names prom-client's default metrics use (dashboards know them),
+ * read when scraped. Not its `collectDefaultMetrics`: under Bun its event-loop monitor reads
+ * nonsense (NaN, a minimum of 9·10⁹ s) and keeps a timer running, doubling an idle gateway's
+ * CPU.
+ */
+function processMetrics(registers: client.Registry[]) {
+  const started = Date.now() / 1000 - process.uptime()
+  new client.Counter({
+    name: 'process_cpu_seconds_total',
+    help: 'Total user and system CPU time spent in seconds.',
+    registers,
+    collect() {
+      const { user, system } = process.cpuUsage()
+      this.reset()
+      this.inc((user + system) / 1e6)
+    },
+  })
+  new client.Gauge({
+    name: 'process_start_time_seconds',
+    help: 'Start time of the process since unix epoch in seconds.',
+    registers,
+    collect() {
+      this.set(Math.round(started))
+    },
+  })
+  const memory = (name: string, help: string, field: keyof NodeJS.MemoryUsage) =>
+    new client.Gauge({
+      name,
+      help,
+      registers,
+      collect() {
+        this.set(process.memoryUsage()[field])
+      },
+    })
+  memory('process_resident_memory_bytes', 'Resident memory size in bytes.', 'rss')
+  memory('nodejs_heap_size_total_bytes', 'Process heap size in bytes.', 'heapTotal')
+  memory('nodejs_heap_size_used_bytes', 'Process heap size used in bytes.', 'heapUsed')
 }

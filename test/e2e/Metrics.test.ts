@@ -85,14 +85,17 @@ describe('GET /metrics', () => {
     expect(grew(after, 'tollway_charged_base_units_total{model="fake",payer="key"}')).toBe(
       sum((u) => Number(u.cost)),
     )
-    for (const stream of ['false', 'true']) {
+    for (const stream of ['false', 'true'])
       expect(
         grew(after, `tollway_completion_duration_seconds_count{model="fake",stream="${stream}"}`),
       ).toBe(1)
-      expect(
-        grew(after, `tollway_time_to_first_token_seconds_count{model="fake",stream="${stream}"}`),
-      ).toBe(1)
-    }
+    // Time to first token: streams only (a whole completion's first token is its answer).
+    expect(
+      grew(after, 'tollway_time_to_first_token_seconds_count{model="fake",stream="true"}'),
+    ).toBe(1)
+    expect(
+      after.has('tollway_time_to_first_token_seconds_count{model="fake",stream="false"}'),
+    ).toBe(false)
     const answers = (route: string, status: number, method = 'POST') =>
       grew(
         after,
@@ -110,6 +113,7 @@ describe('GET /metrics', () => {
     )
     // The process, as Bun reports it; what Bun does not implement is left out.
     expect(after.get('process_cpu_seconds_total')).toBeGreaterThan(0)
+    expect(after.get('process_resident_memory_bytes')).toBeGreaterThan(0)
     expect([...after.keys()].some((k) => k.startsWith('nodejs_eventloop_lag'))).toBe(false)
     // No key, account or request id in any label.
     expect([...after.keys()].join('\n')).not.toContain(key)
