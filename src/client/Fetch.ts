@@ -110,6 +110,8 @@ type Live = {
   /** The stored channel being read, so that concurrent first requests resume it, not open
    * another (which would leave it open and unrecorded). */
   loading?: Promise<void> | undefined
+  /** Streams under way on the channel (the server keeps one: see `paying`). */
+  streams: number
 }
 
 const problemOf = async (res: Response): Promise<Record<string, unknown> | undefined> => {
@@ -226,6 +228,7 @@ export function createFetch(options: Options): PayingFetch {
         sent: 0n,
         spent: 0n,
         queue: Promise.resolve(),
+        streams: 0,
       }
       live = l
       lives.set(key, l)
@@ -464,13 +467,45 @@ export function createFetch(options: Options): PayingFetch {
     })
   }
 
-  /** The response body without payment events; those go to `answer` and `receive`. */
-  const filtered = (live: Live, url: string, body: ReadableStream<Uint8Array>) =>
-    Stream.strip(body, {
+  /**
+   * The response body without payment events (those go to `answer` and `receive`), counted
+   * as a stream under way on the channel until it ends, fails or is cancelled.
+   */
+  const filtered = (live: Live, url: string, body: ReadableStream<Uint8Array>) => {
+    const reader = Stream.strip(body, {
       onNeedVoucher: (need) => answer(live, url, need),
       onReceipt: (receipt) => receive(live, receipt),
       settled: () => live.queue,
-    })
+    }).getReader()
+    live.streams++
+    let ended = false
+    const end = () => {
+      if (ended) return
+      ended = true
+      live.streams--
+    }
+    return new ReadableStream<Uint8Array>(
+      {
+        async pull(controller) {
+          try {
+            const r = await reader.read()
+            if (r.done) {
+              end()
+              controller.close()
+            } else controller.enqueue(r.value)
+          } catch (e) {
+            end()
+            controller.error(e)
+          }
+        },
+        cancel(reason) {
+          end()
+          return reader.cancel(reason)
+        },
+      },
+      { highWaterMark: 0 },
+    )
+  }
 
   const paying = async (input: string | URL | Request, init?: RequestInit): Promise<Response> => {
     const request =
@@ -491,6 +526,13 @@ export function createFetch(options: Options): PayingFetch {
     }
     let live = lives.get(keyOf(url))
     await live?.loading
+    // The server keeps one stream per channel (a new one ends the one under way, which would
+    // stop mid-answer): a second stream at once is refused here, saying what to do.
+    if (live?.state && live.streams > 0 && streams(body))
+      throw new ClientError(
+        'A stream is under way on this channel, and the server keeps one per channel (a second would end the first). Read the first to its end (or cancel it) first, or give each concurrent stream its own createFetch with its own store: its own channel.',
+        { channelId: live.state.channelId },
+      )
     // A channel being opened is not the server's yet: wait for the open to be answered.
     if (live?.opening) await live.opening.catch(() => {})
     let credential = live?.state ? await ahead(live, by) : undefined

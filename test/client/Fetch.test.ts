@@ -13,6 +13,7 @@ import * as Token from '../../src/chain/Token.ts'
 import {
   ChainRequiredError,
   ChallengeRefusedError,
+  ClientError,
   CloseNotReadyError,
   createFetch,
   LimitExceededError,
@@ -25,7 +26,7 @@ import * as Receipt from '../../src/payment/Receipt.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const chain = await Anvil.start({ accounts: 22 })
+const chain = await Anvil.start({ accounts: 23 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -587,6 +588,27 @@ describe('createFetch: money it must not lose track of', () => {
     await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 10 })
     const state = (await fetch.channel(gw.url))!
     expect(BigInt(state.signed)).toBeLessThan(BigInt(state.deposit) / 10n)
+  }, 60_000)
+
+  test('error: a second stream while one is under way on the channel is refused, saying why (the server would end the first); after it, streams go on', async () => {
+    const { openai } = client(21)
+    const first = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+    const chunks = first[Symbol.asyncIterator]()
+    await chunks.next()
+    const second = await openai.chat.completions
+      .create({ model: 'fake', messages, stream: true })
+      .catch((e: unknown) => e)
+    expect((second as Error).cause).toBeInstanceOf(ClientError)
+    expect(((second as Error).cause as Error).message).toContain('one per channel')
+    // The first was not cut.
+    let text = ''
+    for (let r = await chunks.next(); !r.done; r = await chunks.next())
+      text += r.value.choices[0]?.delta?.content ?? ''
+    expect(text.split(' ').length).toBeGreaterThan(70)
+    const third = await openai.chat.completions.create({ model: 'fake', messages, stream: true })
+    let again = ''
+    for await (const c of third) again += c.choices[0]?.delta?.content ?? ''
+    expect(again).toBe(words)
   }, 60_000)
 
   test('error: a malformed Payment challenge is a PaymentFailedError, not a parser crash', async () => {
