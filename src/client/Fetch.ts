@@ -419,10 +419,14 @@ export function createFetch(options: Options): PayingFetch {
         await sleep(1000 * Number(res.headers.get('retry-after') ?? 1))
         continue
       }
+      // A HEAD answer has no body: the same credential again as a POST without one (the same
+      // management request, idempotent) brings the server's problem, or goes through.
+      const told = await base(url, { method: 'POST', headers: { authorization: credential } })
+      if (told.ok) return told
       throw new PaymentFailedError(
-        `The server refused a payment credential (${res.status}); see problem.`,
-        res.status,
-        await problemOf(res),
+        `The server refused a payment credential (${told.status}); see problem.`,
+        told.status,
+        await problemOf(told),
       )
     }
   }

@@ -464,8 +464,13 @@ describe('createFetch: money it must not lose track of', () => {
       })
       for await (const _ of stream);
     })().catch((e) => e)
-    // The SDK wraps what its fetch throws.
-    expect((e as Error).cause ?? e).toBeInstanceOf(PaymentFailedError)
+    // The SDK wraps what its fetch throws; the server's reason comes with it (a HEAD
+    // answer has no body: the client asks again with a POST).
+    const failed = ((e as Error).cause ?? e) as PaymentFailedError
+    expect(failed).toBeInstanceOf(PaymentFailedError)
+    expect(String((failed.problem as { type?: string } | undefined)?.type)).toContain(
+      'transaction-reverted',
+    )
     const state = (await fetch.channel(gw.url))!
     expect(state.deposit).toBe('300')
     expect(BigInt(state.signed)).toBeLessThanOrEqual(300n)
