@@ -29,7 +29,15 @@ export function classify(e: Error): CliError {
   if (e instanceof CloseNotReadyError) return new PaymentError(e.message, e.details)
   if (e instanceof ChainRequiredError)
     return new UsageError(`${e.what} needs the chain: set TOLLWAY_RPC_URL or pass --rpc-url.`)
-  if (e instanceof ChallengeRefusedError || e instanceof LimitExceededError)
+  // The client's limits are this command's options.
+  if (e instanceof LimitExceededError)
+    return new PaymentError(
+      e.message
+        .replace('limits.maxDeposit', '--max-deposit (TOLLWAY_MAX_DEPOSIT)')
+        .replace('limits.maxTotal', '--max-total (TOLLWAY_MAX_TOTAL)'),
+      e.details,
+    )
+  if (e instanceof ChallengeRefusedError)
     return new PaymentError(e.message, (e as { details?: unknown }).details)
   if (e instanceof PaymentFailedError) return new PaymentError(e.message)
   if (e instanceof ClientError) return new ServerError(e.message)
@@ -71,6 +79,10 @@ async function escrows(ctx: Context): Promise<Address[]> {
  * escrow alone (the gateway may be down), so no escrow allow-list is asked for.
  */
 async function paying(ctx: Context, o: { onChainOnly?: boolean } = {}) {
+  if (ctx.settings.walletKey === undefined)
+    throw new UsageError(
+      'TOLLWAY_WALLET_KEY is not set: the private key (0x…) of the wallet that pays.',
+    )
   const key = WalletKey.safeParse(ctx.settings.walletKey)
   if (!key.success)
     throw new UsageError(`TOLLWAY_WALLET_KEY: ${key.error.issues[0]?.message ?? 'missing'}.`)

@@ -268,6 +268,11 @@ describe('chat', () => {
     const r = await cli(['chat', 'hello'], { TOLLWAY_WALLET_KEY: '0x12' })
     expect(r.code).toBe(2)
     expect(r.stderr).toContain('TOLLWAY_WALLET_KEY')
+    const missing = await cli(['chat', 'hello'])
+    expect(missing.code).toBe(2)
+    expect(missing.stderr).toBe(
+      'tollway: TOLLWAY_WALLET_KEY is not set: the private key (0x…) of the wallet that pays.\n',
+    )
   })
 
   test('error: --max-total below the prompt cost is refused with exit 3', async () => {
@@ -279,6 +284,8 @@ describe('chat', () => {
       },
     )
     expect(r.code).toBe(3)
+    // Named as this command's option, not the client library's.
+    expect(r.stderr).toContain('--max-total (TOLLWAY_MAX_TOTAL)')
   })
 
   test('behavior: streams tokens, prints the cost; channels list | settle; channel status | close', async () => {
