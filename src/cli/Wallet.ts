@@ -250,10 +250,13 @@ async function progress<T>(ctx: Context, label: string | undefined, run: () => P
   ctx.io.err(`${label} (on chain)…`)
   const tty = ctx.io.tty
   const timer = tty ? setInterval(() => ctx.io.err('.'), 1_000) : undefined
+  let ok = false
   try {
-    return await run()
+    const r = await run()
+    ok = true
+    return r
   } finally {
     clearInterval(timer)
-    ctx.io.err(' done\n')
+    ctx.io.err(ok ? ' done\n' : ' failed\n')
   }
 }

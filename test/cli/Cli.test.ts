@@ -284,8 +284,10 @@ describe('chat', () => {
       },
     )
     expect(r.code).toBe(3)
-    // Named as this command's option, not the client library's.
+    // Named as this command's option, not the client library's; the step said it failed.
     expect(r.stderr).toContain('--max-total (TOLLWAY_MAX_TOTAL)')
+    expect(r.stderr).toContain('opening a payment channel (on chain)… failed')
+    expect(r.stderr).not.toContain('done')
   })
 
   test('behavior: streams tokens, prints the cost; channels list | settle; channel status | close', async () => {
