@@ -25,6 +25,8 @@ export type Channel = {
   reserved: bigint
   settled: bigint
   closeRequestedAt: Date | null
+  /** The close asked for is the payer's cooperative one (not a forced close on chain). */
+  cooperativeClose: boolean
   finalized: boolean
   createdAt: Date
   updatedAt: Date
@@ -65,6 +67,7 @@ function from(r: Record<string, unknown>): Channel {
     reserved: r.reserved as bigint,
     settled: r.settled as bigint,
     closeRequestedAt: (r.close_requested_at as Date | null) ?? null,
+    cooperativeClose: (r.cooperative_close as boolean | undefined) ?? false,
     finalized: r.finalized as boolean,
     createdAt: r.created_at as Date,
     updatedAt: r.updated_at as Date,

@@ -165,11 +165,20 @@ describe('forced close and top-up', () => {
     await served.text()
     await Ledger.channelState(gw.sql, channelId)
 
-    // A cooperative close under way is no forced close: a top-up then does not reopen it.
+    // A cooperative close under way is no forced close: a top-up is refused before any
+    // transaction (no gas paid to lock more tokens in a closing channel), and reopens nothing.
     await gw.sql`update channels set cooperative_close = true, close_requested_at = now() where channel_id = ${Buffer.from(channelId.slice(2), 'hex')}`
+    const deposit = (await Channels.get(gw.sql, channelId))!.deposit
     const again = await post(await s.topUp(1_000n))
-    expect(again.status).toBe(200)
-    expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).not.toBeNull()
+    expect(again.status).toBe(410)
+    const after = (await Channels.get(gw.sql, channelId))!
+    expect(after.closeRequestedAt).not.toBeNull()
+    expect(after.deposit).toBe(deposit)
+    const unchanged = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(unchanged!.deposit).toBe(deposit)
   }, 60_000)
 
   test('behavior: a payer who signed ahead and forces a close pays what was delivered: the lowest voucher above spent is settled when none is exactly spent', async () => {

@@ -29,6 +29,7 @@ export type Channel = Pick<
   | 'reserved'
   | 'settled'
   | 'closeRequestedAt'
+  | 'cooperativeClose'
   | 'finalized'
 >
 
@@ -255,6 +256,19 @@ export function create(o: Options) {
     return channel
   }
 
+  /**
+   * A top-up of a channel its payer asked to close cooperatively: refused before any
+   * transaction (the gateway would pay the gas to lock more of the payer's tokens in a channel
+   * that serves nothing more). A forced close's channel takes one: a top-up cancels it.
+   */
+  const notClosing = (channel: Channel) => {
+    if (channel.closeRequestedAt && channel.cooperativeClose)
+      throw Problem.channelFinalized(
+        'The channel is closing (its payer asked to close it): a top-up cannot reopen it. Open another channel.',
+        { channelId: channel.channelId },
+      )
+  }
+
   /** Verifies and applies a credential's action. `price` is the challenge's `amount`. */
   async function apply(
     parsed: Session.Parsed,
@@ -306,7 +320,7 @@ export function create(o: Options) {
         return { channel: (await o.store.get(p.channelId))!, ...(txHash ? { txHash } : {}) }
       }
       case 'topUp': {
-        await known(p.channelId)
+        notClosing(await known(p.channelId))
         let txHash: Hex
         let sent: Sent | undefined
         if (p.type === 'hash') {
@@ -351,6 +365,7 @@ export function create(o: Options) {
             throw Problem.methodUnsupported('Permit2 is not offered; use "authorization".')
           let sent: Sent | undefined
           const known = await o.store.get(p.channelId)
+          if (d.action === 'topUp' && known) notClosing(known)
           if (d.action === 'open' && !known) {
             if (!(await o.chain.read(p.channelId))) {
               await o.chain.verifyVoucher({
