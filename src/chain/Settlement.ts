@@ -417,8 +417,6 @@ async function settleOne(
     c.finalized ||
     !c.voucher ||
     c.voucher.cumulativeAmount <= c.settled ||
-    // Nothing owed (a forced close's voucher may be above spent: never submitted for nothing).
-    c.spent <= c.settled ||
     c.escrow.toLowerCase() !== options.escrow.toLowerCase()
   )
     return { status: 'nothing', channelId }

@@ -4,12 +4,7 @@
  * the settlement lock. Implements the store the worker in chain/Settlement.ts declares.
  *
  * What may be settled: the highest accepted voucher whose amount is at most `spent`, so
- * `settled <= spent <= acceptedCumulative <= deposit` holds on-chain as in the database. But
- * when the payer forces a close on chain (requestClose, not a cooperative close) and no
- * voucher is exactly `spent`, the lowest accepted voucher above it: the payer, who signed
- * it, pays for everything delivered and at most the margin it signed ahead (a payer who
- * signed one voucher for its whole deposit otherwise used the channel for free and took it
- * all back after the grace period). The database keeps its `settled` at `spent`.
+ * `settled <= spent <= acceptedCumulative <= deposit` holds on-chain as in the database.
  */
 import type * as Settlement from '../chain/Settlement.ts'
 import * as Channels from './Channels.ts'
@@ -20,23 +15,6 @@ type Hex = Channels.Hex
 const bytes = (hex: string) => Buffer.from(hex.slice(2), 'hex')
 const hex = (b: Uint8Array): Hex => `0x${Buffer.from(b).toString('hex')}` as Hex
 
-/**
- * The voucher settlement may submit for channel `c` (a lateral subquery; see the top): the
- * highest at most `spent`, or, on a close the payer forced, the lowest at least `spent` when
- * there is one (then the highest below it).
- */
-const voucherOf = (sql: Sql) => sql`
-  select cumulative_amount, signature from vouchers
-  where channel_id = c.channel_id
-    and (cumulative_amount <= c.spent or (c.close_requested_at is not null and not c.cooperative_close))
-  order by
-    case when c.close_requested_at is not null and not c.cooperative_close
-      then (cumulative_amount < c.spent)::int else 0 end,
-    case when c.close_requested_at is not null and not c.cooperative_close
-        and cumulative_amount >= c.spent
-      then cumulative_amount else -cumulative_amount end
-  limit 1`
-
 /** A channel's settlement state and the voucher settlement may submit for it (undefined: none). */
 export async function settleable(
   sql: Sql,
@@ -45,7 +23,10 @@ export async function settleable(
   const [r] = await sql`
     select c.escrow, c.spent, c.settled, c.finalized, c.close_requested_at, v.cumulative_amount, v.signature
     from channels c
-    left join lateral (${voucherOf(sql)}) v on true
+    left join lateral (
+      select cumulative_amount, signature from vouchers
+      where channel_id = c.channel_id and cumulative_amount <= c.spent
+      order by cumulative_amount desc limit 1) v on true
     where c.channel_id = ${bytes(channelId)}`
   if (!r) return undefined
   return {
@@ -72,7 +53,10 @@ export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.
   const rows = await sql`
     select c.channel_id, c.spent, c.settled, c.close_requested_at, v.cumulative_amount, v.signature
     from channels c
-    cross join lateral (${voucherOf(sql)}) v
+    cross join lateral (
+      select cumulative_amount, signature from vouchers
+      where channel_id = c.channel_id and cumulative_amount <= c.spent
+      order by cumulative_amount desc limit 1) v
     where c.chain_id = ${i.chainId} and c.escrow = ${bytes(i.escrow)} and c.payee = ${bytes(i.payee)}
       and not c.finalized and c.spent > c.settled
       and v.cumulative_amount > c.settled

