@@ -68,15 +68,17 @@ export type StartOptions = {
 export async function start(config: Config.Config, options: StartOptions = {}): Promise<Gateway> {
   const log = Logger.create(config.logLevel, options.logDestination)
   const stops: (() => Promise<void>)[] = []
+  // This process's own embedded database (not one handed in, which others may share).
+  const embedded = !options.sql && !config.databaseUrl
   try {
     let sql = options.sql
     if (!sql) {
       let url = config.databaseUrl
       if (!url) {
         mkdirSync(join(config.dataDir, 'pgdata'), { recursive: true })
-        const embedded = await Embedded.start({ dataDir: resolve(config.dataDir, 'pgdata') })
-        stops.push(embedded.stop)
-        url = embedded.url
+        const pglite = await Embedded.start({ dataDir: resolve(config.dataDir, 'pgdata') })
+        stops.push(pglite.stop)
+        url = pglite.url
       }
       const own = Db.connect({ url, max: config.databaseUrl ? 10 : 1 })
       stops.push(() => own.end({ timeout: 5 }))
@@ -249,7 +251,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
 
     // The embedded database is this gateway's alone (its data dir is locked): what it finds
     // under way is a dead process's, released now rather than after its lease.
-    if (!config.databaseUrl) {
+    if (embedded) {
       const released = await Reservations.releaseAll(sql)
       if (released > 0) log.warn({ released }, 'released reservations of a gateway that died')
     }

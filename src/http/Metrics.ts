@@ -49,7 +49,7 @@ export class Metrics {
     // Counters read from `counts` when scraped: reset, then set to the totals.
     new client.Counter({
       name: 'tollway_completions_total',
-      help: 'Completions charged, by model, payer (key or channel) and outcome (ok, cancelled, upstream_error, insufficient_funds, payment_timeout, superseded).',
+      help: 'Completions settled, charged or not, by model, payer (key or channel) and outcome (ok, cancelled, upstream_error, insufficient_funds, payment_timeout, superseded).',
       labelNames: ['model', 'payer', 'status'],
       registers,
       collect() {
@@ -148,9 +148,13 @@ export class Metrics {
       this.counts.set(key, c)
     }
     c.byStatus[o.status] = (c.byStatus[o.status] ?? 0) + 1
-    c.prompt += o.promptTokens
-    c.completion += o.completionTokens
-    c.charged += charged
+    // Tokens charged for: none for an outcome that cost nothing (a failure before the first
+    // token, a stream superseded before it began).
+    if (charged > 0n) {
+      c.prompt += o.promptTokens
+      c.completion += o.completionTokens
+      c.charged += charged
+    }
     const s = stream ? 'true' : 'false'
     this.duration.observe({ model, stream: s }, o.latencyMs / 1000)
     // A whole completion's first token is its answer: only a stream's says more.

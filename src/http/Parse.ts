@@ -131,7 +131,9 @@ export function usageFilter(c: Context): {
     const raw = c.req.query(param)
     if (raw === undefined) continue
     const ms = ISO_TIME.test(raw) && realDay(raw) ? Date.parse(raw) : Number.NaN
-    if (Number.isNaN(ms))
+    // In UTC, a year of four digits too (9999-12-31T23:59-23:59 is in year 10000, which
+    // PostgreSQL refuses to read back).
+    if (Number.isNaN(ms) || !/^\d{4}-/.test(new Date(ms).toISOString()))
       throw new InvalidRequestError(
         `${param} must be an ISO 8601 date (2026-11-01) or date-time with a zone (2026-11-01T12:00:00Z).`,
         'invalid_value',

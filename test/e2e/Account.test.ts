@@ -412,6 +412,8 @@ describe('cursors', () => {
 
     for (const [query, param] of [
       ['from=2026-02-30', 'from'],
+      // In UTC that is year 10000, which the database cannot read back.
+      ['from=9999-12-31T23:59:59-23:59', 'from'],
       ['from=yesterday', 'from'],
       ['to=2026-01-01T10:00:00', 'to'],
       ['to=2026-01-01T25:00:00Z', 'to'],

@@ -1,4 +1,5 @@
 import { describe, expect, test } from 'bun:test'
+import * as ApiKeys from '../../src/ledger/ApiKeys.ts'
 import * as Batch from '../../src/ledger/Batch.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Gateway from '../helpers/Gateway.ts'
@@ -97,6 +98,34 @@ describe('rate limits', () => {
     expect(second.headers.get('retry-after-ms')).toBe('1000')
     await slow.text()
     expect((await post(b, key)).status).toBe(200)
+  })
+})
+
+describe('instances', () => {
+  test('behavior: an instance started on a database others use leaves their requests under way alone', async () => {
+    const { key } = await a.account({ plan: 'unlimited' })
+    const abort = new AbortController()
+    // fake-stall sends one word, then nothing: the stream holds its reservation.
+    const res = await post(a, key, { model: 'fake-stall', stream: true, max_tokens: 50 }).then(
+      (r) => {
+        abort.signal.addEventListener('abort', () => r.body?.cancel())
+        return r
+      },
+    )
+    expect(res.status).toBe(200)
+    const held = async () =>
+      (
+        await a.sql`select count(*)::int as n from reservations where account_id is not null
+        and key_id in (select id from api_keys where hash = ${ApiKeys.hash(key)})`
+      )[0]!.n as number
+    expect(await held()).toBe(1)
+    const c = await a.another()
+    try {
+      expect(await held()).toBe(1)
+    } finally {
+      abort.abort()
+      await c.stop()
+    }
   })
 })
 

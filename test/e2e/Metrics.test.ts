@@ -82,6 +82,14 @@ describe('GET /metrics', () => {
     expect(grew(after, 'tollway_tokens_total{model="fake",payer="key",kind="completion"}')).toBe(
       sum((u) => u.completion_tokens),
     )
+    // A failure before the first token cost nothing: no tokens charged for.
+    expect(grew(after, 'tollway_tokens_total{model="fake-500",payer="key",kind="prompt"}')).toBe(0)
+    expect(
+      grew(
+        after,
+        'tollway_completions_total{model="fake-500",payer="key",status="upstream_error"}',
+      ),
+    ).toBe(1)
     expect(grew(after, 'tollway_charged_base_units_total{model="fake",payer="key"}')).toBe(
       sum((u) => Number(u.cost)),
     )
