@@ -86,11 +86,16 @@ export type PayingFetch = typeof fetch & {
    * is set apart (`closing(url)`); `withdraw` takes the unsettled deposit back after the
    * 15-minute grace period, from `withdrawableAt`.
    */
-  requestClose(url?: string): Promise<{ channelId: Hex; txHash: Hex; withdrawableAt: Date }>
+  requestClose(
+    url?: string,
+    /** Which channel: the one in use, or one set apart as refused (default: in use, else that). */
+    options?: { channelId?: Hex },
+  ): Promise<{ channelId: Hex; txHash: Hex; withdrawableAt: Date }>
   /** Takes back `deposit - settled` of the channel `requestClose` set apart (needs `rpcUrl`);
    * throws CloseNotReadyError, saying when, before the grace period has passed. */
   withdraw(url?: string): Promise<{ channelId: Hex; txHash: Hex; refund: bigint; paid: bigint }>
-  /** The channel under forced close for `url`'s origin, if any. */
+  /** The channel under forced close for `url`'s origin, else one the server refused as
+   * closing (set apart), if any. */
   closing(url: string): Promise<Store.ChannelState | undefined>
 }
 
@@ -157,17 +162,38 @@ export function createFetch(options: Options): PayingFetch {
   const closedTotal = () => [...closedByKey.values()].reduce((a, b) => a + b, 0n)
   /**
    * What this client's other channels may still take: all it signed on the channels in use
-   * with other servers, and on channels set apart while they close (paid at most that).
+   * with other servers (this run's, and those the store keeps from earlier runs), and on
+   * channels set apart while they close (paid at most that).
    */
   const elsewhere = (key: string | undefined) => {
     let sum = 0n
     for (const [k, l] of lives) if (k !== key && l.state) sum += l.session.signed
-    for (const [k, signed] of setApart) if (k !== key) sum += signed
+    for (const [k, signed] of stored) if (k !== key && !lives.has(k)) sum += signed
+    for (const signed of setApart.values()) sum += signed
     return sum
   }
   const lives = new Map<string, Live>()
-  /** Channels set apart while they close (closingKey), by store key: what was signed on them. */
+  /** Channels set apart while they close (closingKey, refusedKey), by their store key: what
+   * was signed on them. */
   const setApart = new Map<string, bigint>()
+  /** Channels in use with servers this run has not paid yet, from the store: what was signed. */
+  const stored = new Map<string, bigint>()
+  /** Reads, once, what the store holds for every server (a store with `all`). */
+  let loadedAll: Promise<void> | undefined
+  const loadAll = () => {
+    loadedAll ??= (async () => {
+      const all = await store.all?.()
+      if (!all) return
+      for (const [k, v] of Object.entries(all.closedTotals))
+        if (!closedByKey.has(k)) closedByKey.set(k, v)
+      for (const [k, state] of Object.entries(all.channels)) {
+        if (k.endsWith(CLOSING) || k.endsWith(REFUSED)) {
+          if (!setApart.has(k)) setApart.set(k, BigInt(state.signed))
+        } else stored.set(k, BigInt(state.signed))
+      }
+    })()
+    return loadedAll
+  }
   /** What channel `key` may sign up to, within maxTotal. */
   const total = (key?: string) => options.limits.maxTotal - closedTotal() - elsewhere(key)
   const loadClosed = async (key: string) => {
@@ -233,9 +259,12 @@ export function createFetch(options: Options): PayingFetch {
       live = l
       lives.set(key, l)
       l.loading = (async () => {
+        await loadAll()
         await loadClosed(key)
-        const apart = await store.get(closingKey(key))
-        if (apart) setApart.set(key, BigInt(apart.signed))
+        for (const slot of [closingKey(key), refusedKey(key)]) {
+          const apart = await store.get(slot)
+          if (apart) setApart.set(slot, BigInt(apart.signed))
+        }
         const stored = await store.get(key)
         const r = session.request
         if (
@@ -286,9 +315,16 @@ export function createFetch(options: Options): PayingFetch {
       if (shown?.ok) status = ((await shown.json().catch(() => ({}))) as { status?: string }).status
       else await shown?.body?.cancel()
       if (status === 'closing' || status === 'open') {
-        const signed = live.session.signed.toString()
-        await store.set(closingKey(live.key), { ...state, signed })
-        setApart.set(live.key, live.session.signed)
+        const slot = refusedKey(live.key)
+        const earlier = await store.get(slot)
+        // One set apart at a time: the earlier one's record is not given up for this one's.
+        if (earlier && earlier.channelId !== state.channelId)
+          throw new ClientError(
+            `Channel ${state.channelId} is closing, and channel ${earlier.channelId}, set apart before, still is: close() this one (the one in use) first, then the other.`,
+            { channelId: state.channelId, setApart: earlier.channelId },
+          )
+        await store.set(slot, { ...state, signed: live.session.signed.toString() })
+        setApart.set(slot, live.session.signed)
       }
     }
     await forget(live)
@@ -632,7 +668,13 @@ export function createFetch(options: Options): PayingFetch {
     // The channel in use, else one set apart while it closes (its close refused or kept
     // waiting, or forced): sent again, the close goes on.
     const inUse = lives.get(key)?.state ?? (await store.get(key))
-    const state = inUse ?? (await store.get(closingKey(key)))
+    let slot: string | undefined
+    let state = inUse
+    for (const k of [refusedKey(key), closingKey(key)]) {
+      if (state) break
+      state = await store.get(k)
+      slot = k
+    }
     if (!state) throw new ClientError(`No channel to close for ${new URL(url).origin}.`)
     // A fresh challenge to bind the close credential to.
     const res = await base(state.url, { method: 'POST' })
@@ -697,9 +739,9 @@ export function createFetch(options: Options): PayingFetch {
     const { receipt } = (await closed.json()) as { receipt: { txHash: Hex } }
     await count(key, spent)
     if (inUse) await forget(live)
-    else {
-      await store.delete(closingKey(key))
-      setApart.delete(key)
+    else if (slot) {
+      await store.delete(slot)
+      setApart.delete(slot)
     }
     return receipt.txHash
   }
@@ -713,7 +755,9 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   /** Where a channel under forced close is kept: apart, so that a new one can open meanwhile. */
-  const closingKey = (key: string) => `${key}#closing`
+  const closingKey = (key: string) => `${key}${CLOSING}`
+  /** Where a channel the server refused as closing is kept (see `drop`). */
+  const refusedKey = (key: string) => `${key}${REFUSED}`
 
   /**
    * The channel of `state` as the escrow has it, if it is still open there. One closed without
@@ -738,17 +782,21 @@ export function createFetch(options: Options): PayingFetch {
     return { ref, onChain }
   }
 
-  const requestClose = async (url = lastUrl) => {
+  const requestClose = async (url = lastUrl, options: { channelId?: Hex } = {}) => {
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
     const pending = await store.get(closingKey(key))
-    // The channel in use; else one set apart (the server refused it as closing) that the
-    // chain has no close request for yet.
-    const state =
-      lives.get(key)?.state ??
-      (await store.get(key)) ??
-      (pending && !pending.closeRequestedAt ? pending : undefined)
-    if (!state) throw new ClientError(`No open channel for ${new URL(url).origin}.`)
+    const refused = await store.get(refusedKey(key))
+    const inUse = lives.get(key)?.state ?? (await store.get(key))
+    // The channel named, else the one in use, else the one set apart as refused.
+    const candidates = [inUse, refused, pending && !pending.closeRequestedAt ? pending : undefined]
+    const state = options.channelId
+      ? candidates.find((c) => c?.channelId.toLowerCase() === options.channelId!.toLowerCase())
+      : candidates.find((c) => c !== undefined)
+    if (!state)
+      throw new ClientError(
+        `No open channel${options.channelId ? ` ${options.channelId}` : ''} for ${new URL(url).origin}.`,
+      )
     if (pending && pending.channelId !== state.channelId)
       throw new ClientError(
         `Channel ${pending.channelId} is closing already; withdraw it before forcing another close.`,
@@ -759,22 +807,24 @@ export function createFetch(options: Options): PayingFetch {
       const live = lives.get(key)
       if (live?.state?.channelId === state.channelId) await forget(live)
       else if ((await store.get(key))?.channelId === state.channelId) await store.delete(key)
-      if (pending?.channelId === state.channelId) {
-        await store.delete(closingKey(key))
-        setApart.delete(key)
-      }
+      for (const [slot, kept] of [
+        [refusedKey(key), refused],
+        [closingKey(key), pending],
+      ] as const)
+        if (kept?.channelId === state.channelId) {
+          await store.delete(slot)
+          setApart.delete(slot)
+        }
     }
     const { ref } = await stillOpen(client, key, state, forgetIt)
     // A repeated request keeps the first timestamp (the escrow's rule), so retrying is safe.
     const sent = await Escrow.requestClose(client, ref)
     const after = await Escrow.getChannel(client, ref)
     const requestedAt = after?.closeRequestedAt ?? 0n
+    // Moved to the forced-close slot from where it was (in use, or refused).
+    await forgetIt()
     await store.set(closingKey(key), { ...state, closeRequestedAt: requestedAt.toString() })
-    setApart.set(key, BigInt(state.signed))
-    // The channel takes no more vouchers: the next request opens another.
-    const live = lives.get(key)
-    if (live?.state?.channelId === state.channelId) await forget(live)
-    else if ((await store.get(key))?.channelId === state.channelId) await store.delete(key)
+    setApart.set(closingKey(key), BigInt(state.signed))
     return {
       channelId: state.channelId,
       txHash: sent.hash,
@@ -793,7 +843,7 @@ export function createFetch(options: Options): PayingFetch {
     const client = chainClient(state.chainId, 'withdraw')
     const { ref, onChain } = await stillOpen(client, key, state, async () => {
       await store.delete(closingKey(key))
-      setApart.delete(key)
+      setApart.delete(closingKey(key))
     })
     // The escrow compares with block time, not this machine's clock.
     const ready = onChain.closeRequestedAt + Escrow.closeGracePeriod
@@ -811,7 +861,7 @@ export function createFetch(options: Options): PayingFetch {
     const paid = onChain.deposit - refund
     await count(key, paid)
     await store.delete(closingKey(key))
-    setApart.delete(key)
+    setApart.delete(closingKey(key))
     return { channelId: state.channelId, txHash: sent.hash, refund, paid }
   }
 
@@ -820,7 +870,8 @@ export function createFetch(options: Options): PayingFetch {
     requestClose,
     withdraw,
     channel: async (url: string) => lives.get(keyOf(url))?.state ?? store.get(keyOf(url)),
-    closing: (url: string) => store.get(closingKey(keyOf(url))),
+    closing: async (url: string) =>
+      (await store.get(closingKey(keyOf(url)))) ?? store.get(refusedKey(keyOf(url))),
   })
 }
 
@@ -837,3 +888,7 @@ function streams(body: ArrayBuffer | undefined): boolean {
 const min = (...xs: bigint[]) => xs.reduce((a, b) => (a < b ? a : b))
 const max = (...xs: bigint[]) => xs.reduce((a, b) => (a > b ? a : b))
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+
+/** Store key suffixes of the channels set apart: under forced close, and refused as closing. */
+const CLOSING = '#closing'
+const REFUSED = '#refused'

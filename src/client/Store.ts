@@ -41,6 +41,11 @@ export type Store = {
   closedTotal(key: string): Promise<bigint>
   /** Adds `amount` to `closedTotal(key)`; concurrent adds must all count. */
   addClosedTotal(key: string, amount: bigint): Promise<void>
+  /**
+   * Every key's closed total and channels (optional): with it, a restarted client counts
+   * against `maxTotal` what it signed with servers it has not yet paid this run.
+   */
+  all?(): Promise<{ channels: Record<string, ChannelState>; closedTotals: Record<string, bigint> }>
 }
 
 /** A store that lives as long as the process. */
@@ -62,6 +67,9 @@ export function memory(): Store {
     },
     async addClosedTotal(key, amount) {
       totals.set(key, (totals.get(key) ?? 0n) + amount)
+    },
+    async all() {
+      return { channels: Object.fromEntries(map), closedTotals: Object.fromEntries(totals) }
     },
   }
 }
@@ -160,5 +168,18 @@ export function file(path: string): Store {
       update((c) => {
         c.closedTotals[key] = (total(c, key) + amount).toString()
       }),
+    async all() {
+      await queue
+      const c = await load()
+      const channels: Record<string, ChannelState> = {}
+      // Entries that do not parse are left to `get`, which says what is wrong with them.
+      for (const [key, entry] of Object.entries(c.channels)) {
+        const parsed = ChannelState.safeParse(entry)
+        if (parsed.success) channels[key] = parsed.data
+      }
+      const closedTotals: Record<string, bigint> = {}
+      for (const key of Object.keys(c.closedTotals)) closedTotals[key] = total(c, key)
+      return { channels, closedTotals }
+    },
   }
 }
