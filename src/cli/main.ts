@@ -281,8 +281,13 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
           admin(ctx),
           'GET',
           `/admin/accounts${query({ limit: ctx.settings.limit })}`,
-        )) as { data: Account[] }
-        print(ctx, r, r.data.map(accountLine).join('\n') || '(no accounts)')
+        )) as { data: Account[]; has_more: boolean }
+        print(
+          ctx,
+          r,
+          (r.data.map(accountLine).join('\n') || '(no accounts)') +
+            (r.has_more ? '\n… more (raise --limit, up to 200; GET /admin/accounts pages on)' : ''),
+        )
       },
       set: async (ctx) => {
         const id = arg(ctx, 2, 'account')

@@ -32,14 +32,10 @@ export function create(deps: Deps): Hono {
   // first, so that what the body limit refuses counts too.
   app.use('*', async (c, next) => {
     await next()
-    // The route the path matched (the last match; middleware matches every method), whatever
-    // answered: a 401 of the auth middleware counts under its route.
-    const route = matchedRoutes(c).at(-1)
-    deps.metrics.answered(
-      c.req.method,
-      route && route.method !== 'ALL' ? route.path : 'unmatched',
-      c.res.status,
-    )
+    // The route the path matched (the last match that is not middleware, which matches every
+    // method), whatever answered: a 401 of the auth middleware counts under its route.
+    const route = matchedRoutes(c).findLast((r) => r.method !== 'ALL')
+    deps.metrics.answered(c.req.method, route ? route.path : 'unmatched', c.res.status)
   })
 
   const tooLarge = () => {

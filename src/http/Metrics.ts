@@ -206,7 +206,7 @@ function processMetrics(registers: client.Registry[]) {
         this.set(process.memoryUsage()[field])
       },
     })
+  // Only the resident size: Bun's heapUsed and heapTotal are not what the names say (used
+  // read 20 times total).
   memory('process_resident_memory_bytes', 'Resident memory size in bytes.', 'rss')
-  memory('nodejs_heap_size_total_bytes', 'Process heap size in bytes.', 'heapTotal')
-  memory('nodejs_heap_size_used_bytes', 'Process heap size used in bytes.', 'heapUsed')
 }

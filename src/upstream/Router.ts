@@ -45,7 +45,7 @@ export class Router {
     const m = this.byId.get(id)
     if (!m)
       throw new NotFoundError(
-        `The model "${id}" does not exist; GET /v1/models lists them.`,
+        `The model "${id.slice(0, 128)}" does not exist; GET /v1/models lists them.`,
         'model_not_found',
         {
           param: 'model',

@@ -70,6 +70,13 @@ describe('GET /metrics', () => {
       ).status,
     ).toBe(404)
     expect((await fetch(`${gw.url}/no/such/path`)).status).toBe(404)
+    expect(
+      (
+        await fetch(`${gw.url}/admin/channels`, {
+          headers: { authorization: `Bearer ${gw.config.adminToken}` },
+        })
+      ).status,
+    ).toBe(200)
     await Batch.settled(gw.sql)
 
     const after = await scrape()
@@ -114,6 +121,10 @@ describe('GET /metrics', () => {
     expect(answers('/v1/chat/completions', 402)).toBe(1)
     expect(answers('/v1/usage/:id', 404, 'GET')).toBe(1)
     expect(answers('unmatched', 404, 'GET')).toBe(1)
+    // A route behind middleware registered after it (the admin token check) is still itself.
+    expect(
+      grew(after, 'tollway_http_requests_total{method="GET",route="/admin/channels",status="200"}'),
+    ).toBe(1)
     expect(after.get('tollway_upstream_up{model="fake"}')).toBe(1)
     expect(grew(after, 'tollway_ledger_statements_total{batcher="ledger"}')).toBeGreaterThan(0)
     expect(grew(after, 'tollway_ledger_items_total{batcher="ledger"}')).toBeGreaterThanOrEqual(

@@ -63,7 +63,7 @@ export function routes(deps: Deps) {
     // Own keys only: `in` also finds `toString` and `__proto__`.
     if (!Object.hasOwn(deps.config.plans, plan))
       throw new InvalidRequestError(
-        `plan: no plan "${plan}"; plans: ${Object.keys(deps.config.plans).join(', ')}.`,
+        `plan: no plan "${plan.slice(0, 64)}"; plans: ${Object.keys(deps.config.plans).join(', ')}.`,
         'invalid_value',
         { param: 'plan' },
       )
