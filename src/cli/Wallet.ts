@@ -46,6 +46,12 @@ export function classify(e: Error): CliError {
 
 const completions = (ctx: Context) => new URL('/v1/chat/completions', ctx.settings.url).toString()
 
+/** The gateway, with --timeout when given. */
+const target = (ctx: Context): Http.Target => ({
+  url: ctx.settings.url,
+  ...(ctx.settings.timeout !== undefined ? { timeoutMs: ctx.settings.timeout * 1000 } : {}),
+})
+
 /** The escrows to pay into: --escrow / TOLLWAY_ESCROW, plus the gateway's own when trusted. */
 async function escrows(ctx: Context): Promise<Address[]> {
   const given = ctx.settings.escrows
@@ -59,6 +65,7 @@ async function escrows(ctx: Context): Promise<Address[]> {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
       body: JSON.stringify({ model: 'x', messages: [{ role: 'user', content: 'x' }] }),
+      signal: AbortSignal.timeout(target(ctx).timeoutMs ?? 30_000),
     })
   } catch (e) {
     throw new ServerError(
@@ -105,6 +112,20 @@ export async function chat(ctx: Context) {
   const pay = await paying(ctx)
   const model = ctx.values.model ?? (await firstModel(ctx))
   const opening = !(await pay.channel(url))
+  // The answer must begin within --timeout (default a minute, three when a channel opens on
+  // chain first); once it has, it may stream for as long as it takes.
+  const waitMs =
+    ctx.settings.timeout !== undefined ? ctx.settings.timeout * 1000 : opening ? 180_000 : 60_000
+  const abort = new AbortController()
+  const timer = setTimeout(
+    () =>
+      abort.abort(
+        new ServerError(
+          `the gateway at ${ctx.settings.url} did not answer within ${waitMs / 1000} s.`,
+        ),
+      ),
+    waitMs,
+  )
   const res = await progress(ctx, opening ? 'opening a payment channel' : undefined, () =>
     pay(url, {
       method: 'POST',
@@ -115,8 +136,13 @@ export async function chat(ctx: Context) {
         ...(stream ? { stream_options: { include_usage: true } } : {}),
         messages: [{ role: 'user', content: prompt }],
       }),
+      signal: abort.signal,
     }),
   )
+    .catch((e: unknown) => {
+      throw abort.signal.aborted ? abort.signal.reason : e
+    })
+    .finally(() => clearTimeout(timer))
   if (!res.ok) await Http.fail(res)
   let text = ''
   let usage: Usage | undefined
@@ -158,7 +184,7 @@ export async function chat(ctx: Context) {
 }
 
 async function firstModel(ctx: Context): Promise<string> {
-  const r = (await Http.request({ url: ctx.settings.url }, 'GET', '/v1/models')) as {
+  const r = (await Http.request(target(ctx), 'GET', '/v1/models')) as {
     data: { id: string }[]
   }
   const id = r.data[0]?.id
@@ -187,7 +213,7 @@ export async function status(ctx: Context) {
     return
   }
   const server = (await Http.request(
-    { url: ctx.settings.url },
+    target(ctx),
     'GET',
     `/v1/channels/${local.channelId}`,
   )) as Record<string, string>

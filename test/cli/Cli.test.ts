@@ -221,6 +221,16 @@ describe('admin', () => {
       expect(r.stderr).toContain('did not answer within 0.5 s')
       expect(performance.now() - started).toBeLessThan(10_000)
       expect((await cli(['accounts', 'list', '--timeout', 'soon'])).code).toBe(2)
+      // chat too: its answer must begin within the timeout.
+      const chat = await cli(
+        ['chat', 'hi', '--model', 'fake', '--escrow', chain.escrowAddress, '--timeout', '0.5'],
+        {
+          TOLLWAY_URL: `http://127.0.0.1:${hole.port}`,
+          TOLLWAY_WALLET_KEY: chain.payers[5]!.privateKey,
+        },
+      )
+      expect(chat.code).toBe(4)
+      expect(chat.stderr).toContain('did not answer within 0.5 s')
     } finally {
       hole.stop(true)
     }
