@@ -9,6 +9,7 @@ import type { Hex } from 'viem'
 import * as Config from './Config.ts'
 import * as Client from './chain/Client.ts'
 import * as DevChain from './chain/DevChain.ts'
+import { DevChainError } from './chain/Errors.ts'
 import * as Escrow from './chain/Escrow.ts'
 import * as Settlement from './chain/Settlement.ts'
 import * as Token from './chain/Token.ts'
@@ -126,6 +127,29 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         chainId: chain.chainId,
         privateKey: chain.payeePrivateKey as Hex,
       })
+      if (devChain) {
+        if (devChain.setAside)
+          log.warn(
+            { file: devChain.setAside },
+            'the development chain state could not be loaded: set aside, the chain started afresh',
+          )
+        // A development chain started afresh (its state lost) has none of the channels the
+        // database may keep: they are closed here, not served unfunded.
+        const missing = await Channels.closeMissing(
+          sql,
+          chain.escrowAddress as Hex,
+          async (channelId) =>
+            (await Escrow.getChannel(client, {
+              escrow: chain!.escrowAddress as Hex,
+              channelId,
+            })) !== undefined,
+        )
+        if (missing.length > 0)
+          log.warn(
+            { channels: missing.length },
+            'closed channels the development chain does not have (its state was lost)',
+          )
+      }
       // Instances share the payee's key: their transactions take turns (nonces), see Transaction.
       Transaction.exclusive(
         client,
@@ -379,6 +403,11 @@ export async function serve(): Promise<void> {
   try {
     gateway = await start(config, { reusePort: config.workers > 1 })
   } catch (e) {
+    // The development chain would not start: say what anvil said.
+    if (e instanceof DevChainError) {
+      console.error(`tollway: ${e.message}${e.details ? `\n${e.details.trim()}` : ''}`)
+      process.exit(1)
+    }
     // What the configuration points at is unusable (a kept secret, the escrow, the data dir).
     if (!(e instanceof Config.ConfigError || e instanceof Embedded.InUseError)) throw e
     console.error(`tollway: configuration error\n${e.message}`)

@@ -231,6 +231,54 @@ describe('npm start', () => {
     }
   }, 120_000)
 
+  test('behavior: a development chain state that cannot be read is set aside: the chain starts afresh and the channels it lacks are closed, not served unfunded', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const probe = Bun.listen({ hostname: '127.0.0.1', port: 0, socket: { data() {} } })
+    const env = { TOLLWAY_DATA_DIR: dataDir, PORT: String(probe.port) }
+    probe.stop(true)
+    const store = Store.file(join(dataDir, 'client-channels.json'))
+    const pay = async (out: string) => {
+      const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
+      const escrow = /escrow: +(0x[0-9a-fA-F]{40})/.exec(out)![1]! as Hex
+      const key = /payer 1: +0x[0-9a-fA-F]{40} key (0x[0-9a-f]{64})/.exec(out)![1]! as Hex
+      const fetch = createFetch({
+        account: key,
+        limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
+        allow: { escrows: [escrow] },
+        store,
+      })
+      const res = await fetch(`${url}/v1/chat/completions`, {
+        method: 'POST',
+        body: JSON.stringify({
+          model: 'tollway-echo',
+          max_tokens: 3,
+          messages: [{ role: 'user', content: 'one two three' }],
+        }),
+      })
+      expect(res.status).toBe(200)
+      await res.text()
+      return (await fetch.channel(url))!.channelId
+    }
+    const first = await serve(env)
+    const before = await pay(first.out)
+    first.proc.kill('SIGTERM')
+    await first.proc.exited
+    // As a full disk leaves it: cut short.
+    writeFileSync(join(dataDir, 'anvil-state.json'), '{"block":')
+    const second = await serve(env)
+    try {
+      expect(readdirSync(dataDir).some((f) => f.startsWith('anvil-state.json.unreadable-'))).toBe(
+        true,
+      )
+      // The old channel is gone with the chain: closed, so the client opens another.
+      const after = await pay(second.out)
+      expect(after).not.toBe(before)
+    } finally {
+      second.proc.kill('SIGTERM')
+      await second.proc.exited
+    }
+  }, 120_000)
+
   test('behavior: a gateway killed outright (SIGKILL) does not leave its development chain running', async () => {
     const { proc, out } = await serve({
       TOLLWAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'tollway-main-')),

@@ -4,7 +4,7 @@
  * and TestUSD minted to the dev accounts. Account 0 deploys, mints and is the payee (gateway);
  * the others are funded payers.
  */
-import { existsSync } from 'node:fs'
+import { existsSync, renameSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { dirname, join } from 'node:path'
 import { type Address, getAddress, getContractAddress, type Hex, toHex } from 'viem'
@@ -51,6 +51,8 @@ export type DevChain = {
   payers: Account[]
   /** Stops anvil; safe to call twice. */
   stop(): Promise<void>
+  /** A state file anvil could not load, moved to this path (the chain started afresh). */
+  setAside?: string | undefined
 }
 
 /** anvil's well-known development mnemonic: these keys are public, never use them elsewhere. */
@@ -69,8 +71,24 @@ while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 1 
 kill $child 2>/dev/null
 wait $child`
 
-/** Starts anvil, deploys the contracts and funds the payers. */
+/**
+ * Starts anvil, deploys the contracts and funds the payers. A state file anvil cannot load
+ * (truncated by a full disk, say) is moved aside, `<file>.unreadable-<time>`, and the chain
+ * starts afresh (`setAside` says where it went).
+ */
 export async function start(options: Options = {}): Promise<DevChain> {
+  try {
+    return await run(options)
+  } catch (e) {
+    const file = options.stateFile
+    if (!(e instanceof DevChainError) || !file || !existsSync(file)) throw e
+    const aside = `${file}.unreadable-${new Date().toISOString().replace(/[:.]/g, '-')}`
+    renameSync(file, aside)
+    return { ...(await run(options)), setAside: aside }
+  }
+}
+
+async function run(options: Options): Promise<DevChain> {
   const chainId = options.chainId ?? 31337
   const count = options.accounts ?? 10
   const command = [

@@ -275,6 +275,29 @@ export async function settled(
     where channel_id = ${bytes(i.channelId)}`
 }
 
+/**
+ * Closes, in the database, the open channels of `escrow` that `exists` says the chain does not
+ * have: a development chain started afresh (its state file lost or unreadable) while the
+ * database kept its channels, which it would otherwise go on serving unfunded. Returns them.
+ */
+export async function closeMissing(
+  sql: Sql,
+  escrow: Hex,
+  exists: (channelId: Hex) => Promise<boolean>,
+): Promise<Hex[]> {
+  const open = await sql`
+    select channel_id from channels where escrow = ${bytes(escrow)} and not finalized`
+  const missing: Hex[] = []
+  for (const r of open) {
+    const channelId = hex(r.channel_id as Uint8Array)!
+    if (!(await exists(channelId))) missing.push(channelId)
+  }
+  if (missing.length > 0)
+    await sql`update channels set finalized = true, close_requested_at = coalesce(close_requested_at, now())
+      where channel_id in ${sql(missing.map(bytes))}`
+  return missing
+}
+
 /** Lists channels, most recently active first. */
 export async function list(
   sql: Sql,
