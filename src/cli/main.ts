@@ -16,9 +16,9 @@ Commands:
   serve                                   run a gateway (what npm start runs)
   accounts create --name N [--plan P]     create an account
   accounts get <account>                  show an account, its balance and keys
-  accounts list [--limit N]               accounts, newest first
+  accounts list [--limit N] [--cursor C]  accounts, newest first
   accounts set <account> [--plan P] [--name N]  move an account to another plan, or rename it
-  usage <account> [--model M] [--from T] [--to T] [--limit N]  an account's requests, newest first
+  usage <account> [--model M] [--from T] [--to T] [--limit N] [--cursor C]  an account's requests
   credits grant <account> <amount> [--note T]  grant (or, negative after --, debit) base units
   keys create <account> [--name N]        create an API key (shown once)
   keys list <account>                     list an account's keys
@@ -45,10 +45,10 @@ Runs a gateway configured by the environment and the JSON file TOLLWAY_CONFIG na
   accounts: `Usage:
   tollway accounts create --name N [--plan P] [--json]
   tollway accounts get <account> [--json]
-  tollway accounts list [--limit N] [--json]
+  tollway accounts list [--limit N] [--cursor C] [--json]
   tollway accounts set <account> [--plan P] [--name N] [--json]
 A new plan applies from the account's next request. Needs the admin token.`,
-  usage: `Usage: tollway usage <account> [--model M] [--from T] [--to T] [--limit N] [--json]
+  usage: `Usage: tollway usage <account> [--model M] [--from T] [--to T] [--limit N] [--cursor C] [--json]
 An account's requests, newest first: tokens, cost, status. --from (inclusive) and --to
 (exclusive) take ISO 8601 dates (2026-11-01, UTC midnight) or date-times with a zone.
 Needs the admin token.`,
@@ -105,6 +105,7 @@ const options = {
   plan: { type: 'string' },
   note: { type: 'string' },
   limit: { type: 'string' },
+  cursor: { type: 'string' },
   model: { type: 'string' },
   stream: { type: 'boolean' },
   escrow: { type: 'string', multiple: true },
@@ -280,13 +281,13 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
         const r = (await Http.request(
           admin(ctx),
           'GET',
-          `/admin/accounts${query({ limit: ctx.settings.limit })}`,
-        )) as { data: Account[]; has_more: boolean }
+          `/admin/accounts${query({ limit: ctx.settings.limit, cursor: ctx.values.cursor })}`,
+        )) as { data: Account[]; has_more: boolean; next_cursor: string | null }
         print(
           ctx,
           r,
           (r.data.map(accountLine).join('\n') || '(no accounts)') +
-            (r.has_more ? '\n… more (raise --limit, up to 200; GET /admin/accounts pages on)' : ''),
+            (r.has_more ? `\n… more: --cursor ${r.next_cursor}` : ''),
         )
       },
       set: async (ctx) => {
@@ -309,7 +310,7 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
       const r = (await Http.request(
         admin(ctx),
         'GET',
-        `/admin/accounts/${enc(id)}/usage${query({ limit: ctx.settings.limit, model, from, to })}`,
+        `/admin/accounts/${enc(id)}/usage${query({ limit: ctx.settings.limit, cursor: ctx.values.cursor, model, from, to })}`,
       )) as {
         data: {
           id: string
@@ -320,6 +321,7 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
           created_at: string
         }[]
         has_more: boolean
+        next_cursor: string | null
       }
       print(
         ctx,
@@ -329,7 +331,7 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
             (u) =>
               `${u.created_at}  ${u.id}  ${u.model}  ${u.total_tokens} tokens  cost ${u.cost}  ${u.status}`,
           )
-          .join('\n') || '(no usage)') + (r.has_more ? '\n… more (raise --limit)' : ''),
+          .join('\n') || '(no usage)') + (r.has_more ? `\n… more: --cursor ${r.next_cursor}` : ''),
       )
     },
   },

@@ -124,6 +124,12 @@ describe('admin', () => {
     expect(bad.stderr).toContain('no plan "platinum"')
     const listed = await json(['accounts', 'list', '--limit', '1'])
     expect(listed.data.map((a: { id: string }) => a.id)).toEqual([account.id])
+    // The next page: the human form says how to get it.
+    const human1 = await cli(['accounts', 'list', '--limit', '1'])
+    const cursor = /--cursor (\S+)/.exec(human1.stdout)![1]!
+    const next = await json(['accounts', 'list', '--limit', '1', '--cursor', cursor])
+    expect(next.data).toHaveLength(1)
+    expect(next.data[0].id).not.toBe(account.id)
 
     await json(['credits', 'grant', account.id, '100000'])
     const { key } = await json(['keys', 'create', account.id])
