@@ -300,10 +300,11 @@ export function createFetch(options: Options): PayingFetch {
 
   /**
    * The server refuses the channel as closed or unknown. One it still shows `closing` (a close
-   * that was refused or kept waiting, or a forced close under way) holds a deposit: it is set
-   * apart (`closing(url)`), not forgotten, so that `close()` can be sent again, or
-   * `requestClose` / `withdraw` take the deposit back, and what was signed on it still counts
-   * against maxTotal. The next request opens another channel.
+   * that was refused or kept waiting, or a forced close under way), or one it does not know
+   * that the escrow shows open (with `rpcUrl`), holds a deposit: it is set apart
+   * (`closing(url)`), not forgotten, so that `close()` can be sent again, or `requestClose` /
+   * `withdraw` take the deposit back, and what was signed on it still counts against
+   * maxTotal. The next request opens another channel.
    */
   const drop = async (live: Live, url: string) => {
     const state = live.state
@@ -314,6 +315,15 @@ export function createFetch(options: Options): PayingFetch {
       let status: string | undefined
       if (shown?.ok) status = ((await shown.json().catch(() => ({}))) as { status?: string }).status
       else await shown?.body?.cancel()
+      // A server that does not know the channel (it lost its database) says nothing of its
+      // deposit: the escrow does, when there is an RPC URL to ask.
+      if (status === undefined && options.rpcUrl) {
+        const onChain = await Escrow.getChannel(chainClient(state.chainId), {
+          escrow: state.escrow,
+          channelId: state.channelId,
+        }).catch(() => undefined)
+        if (onChain && !onChain.finalized) status = 'open'
+      }
       if (status === 'closing' || status === 'open') {
         const slot = refusedKey(live.key)
         const earlier = await store.get(slot)

@@ -11,7 +11,7 @@ import { createFetch, Store } from '../../src/client/index.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const chain = await Anvil.start({ accounts: 6 })
+const chain = await Anvil.start({ accounts: 7 })
 afterAll(() => chain.stop())
 const payments = { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 }
 const gw = await Gateway.create({ chain: Gateway.chainOf(chain), payments })
@@ -86,6 +86,32 @@ describe('channels set apart', () => {
     // B is still the channel in use.
     expect((await fetch.channel(gw.url))!.channelId).toBe(b)
     expect((await fetch.closing(gw.url))!).toMatchObject({ channelId: a })
+  }, 60_000)
+})
+
+describe('a channel the server lost', () => {
+  test('behavior: a channel the server no longer knows but the escrow holds is set apart (its deposit reachable), not forgotten', async () => {
+    const { fetch, ask } = client(4)
+    await ask()
+    const lost = (await fetch.channel(gw.url))!.channelId
+    // The gateway loses its record of the channel (a database restored from before it).
+    // (Its vouchers are append-only: the test lifts the guard for this one deletion.)
+    const id = Buffer.from(lost.slice(2), 'hex')
+    await gw.sql.begin(async (tx) => {
+      await tx`alter table vouchers disable trigger vouchers_append_only`
+      await tx`delete from usage where channel_id = ${id}`
+      await tx`delete from vouchers where channel_id = ${id}`
+      await tx`delete from chain_transactions where channel_id = ${id}`
+      await tx`delete from reservations where channel_id = ${id}`
+      await tx`delete from channels where channel_id = ${id}`
+      await tx`alter table vouchers enable trigger vouchers_append_only`
+    })
+    await ask()
+    expect((await fetch.channel(gw.url))!.channelId).not.toBe(lost)
+    expect((await fetch.closing(gw.url))!.channelId).toBe(lost)
+    // Its deposit can still be taken back: a forced close of it goes through.
+    const forced = await fetch.requestClose(gw.url, { channelId: lost as `0x${string}` })
+    expect(forced.channelId).toBe(lost)
   }, 60_000)
 })
 
