@@ -81,7 +81,10 @@ export async function start(options: Options = {}): Promise<DevChain> {
     return await run(options)
   } catch (e) {
     const file = options.stateFile
-    if (!(e instanceof DevChainError) || !file || !existsSync(file)) throw e
+    // Only when anvil itself says it could not read the file (any other failure, a timeout
+    // say, leaves a good state where it is).
+    const unreadable = e instanceof DevChainError && /for '--state/.test(e.details ?? '')
+    if (!unreadable || !file || !existsSync(file)) throw e
     const aside = `${file}.unreadable-${new Date().toISOString().replace(/[:.]/g, '-')}`
     renameSync(file, aside)
     return { ...(await run(options)), setAside: aside }
