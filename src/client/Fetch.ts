@@ -167,10 +167,26 @@ export function createFetch(options: Options): PayingFetch {
    */
   const elsewhere = (key: string | undefined) => {
     let sum = 0n
-    for (const [k, l] of lives) if (k !== key && l.state) sum += l.session.signed
+    for (const [k, l] of lives)
+      if (k !== key) sum += max(l.state ? l.session.signed : 0n, signing.get(k) ?? 0n)
     for (const [k, signed] of stored) if (k !== key && !lives.has(k)) sum += signed
     for (const signed of setApart.values()) sum += signed
     return sum
+  }
+  /**
+   * What a channel is signing up to, counted against maxTotal from the moment it is decided
+   * (before the signature, which takes a turn of the event loop): two channels deciding at
+   * once each see the other's.
+   */
+  const signing = new Map<string, bigint>()
+  /** Signs `sign()`, `target` counted as signed for `key` meanwhile. */
+  const counted = async <T>(key: string, target: bigint, sign: () => Promise<T>): Promise<T> => {
+    signing.set(key, max(signing.get(key) ?? 0n, target))
+    try {
+      return await sign()
+    } finally {
+      signing.delete(key)
+    }
   }
   const lives = new Map<string, Live>()
   /** Channels set apart while they close (closingKey, refusedKey), by their store key: what
@@ -184,14 +200,20 @@ export function createFetch(options: Options): PayingFetch {
     loadedAll ??= (async () => {
       const all = await store.all?.()
       if (!all) return
+      // This payer's keys (`origin#address`): a store other wallets share counts only ours.
+      const ours = (k: string) => k.toLowerCase().includes(`#${account.address.toLowerCase()}`)
       for (const [k, v] of Object.entries(all.closedTotals))
-        if (!closedByKey.has(k)) closedByKey.set(k, v)
+        if (ours(k) && !closedByKey.has(k)) closedByKey.set(k, v)
       for (const [k, state] of Object.entries(all.channels)) {
+        if (!ours(k)) continue
         if (k.endsWith(CLOSING) || k.endsWith(REFUSED)) {
           if (!setApart.has(k)) setApart.set(k, BigInt(state.signed))
         } else stored.set(k, BigInt(state.signed))
       }
-    })()
+    })().catch((e: unknown) => {
+      loadedAll = undefined
+      throw e
+    })
     return loadedAll
   }
   /** What channel `key` may sign up to, within maxTotal. */
@@ -281,6 +303,10 @@ export function createFetch(options: Options): PayingFetch {
       })()
       try {
         await l.loading
+      } catch (e) {
+        // Not loaded: the next request loads again (it would open a channel over the stored one).
+        lives.delete(key)
+        throw e
       } finally {
         l.loading = undefined
       }
@@ -315,6 +341,12 @@ export function createFetch(options: Options): PayingFetch {
       let status: string | undefined
       if (shown?.ok) status = ((await shown.json().catch(() => ({}))) as { status?: string }).status
       else await shown?.body?.cancel()
+      // Not answered (a network error, a 5xx, a 429): nothing is known, so nothing is forgotten.
+      if (!shown || (!shown.ok && shown.status !== 404) || (shown.ok && status === undefined))
+        throw new ClientError(
+          `The server refused channel ${state.channelId}, and its status could not be read (${shown?.status ?? 'no answer'}); nothing was forgotten: try again.`,
+          { channelId: state.channelId },
+        )
       // A server that does not know the channel (it lost its database) says nothing of its
       // deposit: the escrow does, when there is an RPC URL to ask.
       if (status === undefined && options.rpcUrl) {
@@ -376,6 +408,33 @@ export function createFetch(options: Options): PayingFetch {
       })
     const deposit = min(options.deposit ?? maxDeposit, maxDeposit, room)
     const initial = min(ahead, deposit)
+    const header = await counted(live.key, initial, async () => {
+      const header = await credentialOf(live, r, deposit, initial)
+      live.state = {
+        channelId: live.session.channelId as Hex,
+        chainId: r.methodDetails.chainId,
+        escrow: r.methodDetails.escrowContract,
+        currency: r.currency,
+        recipient: r.recipient,
+        deposit: deposit.toString(),
+        signed: initial.toString(),
+        url,
+      }
+      live.sent = initial
+      return header
+    })
+    await save(live)
+    return header
+  }
+
+  /** The open credential: by EIP-3009 signature when the server pays the gas, else a
+   * transaction of the payer's. */
+  const credentialOf = async (
+    live: Live,
+    r: PayingSession['request'],
+    deposit: bigint,
+    initial: bigint,
+  ): Promise<string> => {
     let header: string
     if (r.methodDetails.feePayer && r.methodDetails.credentialTypes?.includes('authorization')) {
       await withDomain(live)
@@ -396,18 +455,6 @@ export function createFetch(options: Options): PayingFetch {
         initial,
       })
     }
-    live.state = {
-      channelId: live.session.channelId as Hex,
-      chainId: r.methodDetails.chainId,
-      escrow: r.methodDetails.escrowContract,
-      currency: r.currency,
-      recipient: r.recipient,
-      deposit: deposit.toString(),
-      signed: initial.toString(),
-      url,
-    }
-    live.sent = initial
-    await save(live)
     return header
   }
 
@@ -439,8 +486,9 @@ export function createFetch(options: Options): PayingFetch {
       state.deposit = deposit.toString()
       await save(live)
     }
-    const target = max(min(required + margin, deposit, maxTotal), live.session.signed)
-    const voucher = await live.session.voucher(target)
+    // The budget again after the top-up's wait: other channels may have signed meanwhile.
+    const target = max(min(required + margin, deposit, total(live.key)), live.session.signed)
+    const voucher = await counted(live.key, target, () => live.session.voucher(target))
     await save(live)
     return voucher
   }
@@ -496,7 +544,7 @@ export function createFetch(options: Options): PayingFetch {
   const ahead = async (live: Live, by: bigint) => {
     const cap = min(BigInt((live.state as Store.ChannelState).deposit), total(live.key))
     const target = max(live.session.signed, min(live.spent + by, cap))
-    const credential = await live.session.voucher(target)
+    const credential = await counted(live.key, target, () => live.session.voucher(target))
     await save(live)
     return credential
   }
@@ -521,13 +569,15 @@ export function createFetch(options: Options): PayingFetch {
    * The response body without payment events (those go to `answer` and `receive`), counted
    * as a stream under way on the channel until it ends, fails or is cancelled.
    */
-  const filtered = (live: Live, url: string, body: ReadableStream<Uint8Array>) => {
+  const filtered = (live: Live, url: string, body: ReadableStream<Uint8Array>, gate: Gate) => {
     const reader = Stream.strip(body, {
       onNeedVoucher: (need) => answer(live, url, need),
       onReceipt: (receipt) => receive(live, receipt),
       settled: () => live.queue,
     }).getReader()
-    live.streams++
+    // Counted when the request was sent (the gate), or now (a first stream that opened the channel).
+    if (gate.live === live) gate.handed = true
+    else live.streams++
     let ended = false
     const end = () => {
       if (ended) return
@@ -566,15 +616,7 @@ export function createFetch(options: Options): PayingFetch {
       request.method === 'GET' || request.method === 'HEAD'
         ? undefined
         : await request.arrayBuffer()
-    const by = streams(body) ? margin : completionMargin
-    const send = (credential: string | undefined) => {
-      const headers = new Headers(request.headers)
-      // The caller's Authorization (e.g. the openai SDK's API key) is replaced by the credential.
-      headers.delete('authorization')
-      if (credential) headers.set('authorization', credential)
-      return base(url, { method: request.method, headers, body, signal: request.signal })
-    }
-    let live = lives.get(keyOf(url))
+    const live = lives.get(keyOf(url))
     await live?.loading
     // The server keeps one stream per channel (a new one ends the one under way, which would
     // stop mid-answer): a second stream at once is refused here, saying what to do.
@@ -583,6 +625,32 @@ export function createFetch(options: Options): PayingFetch {
         'A stream is under way on this channel, and the server keeps one per channel (a second would end the first). Read the first to its end (or cancel it) first, or give each concurrent stream its own createFetch with its own store: its own channel.',
         { channelId: live.state.channelId },
       )
+    // Counted from now, not from its answer: two streams started at once do not both pass.
+    const gate: Gate = { live: live?.state && streams(body) ? live : undefined, handed: false }
+    if (gate.live) gate.live.streams++
+    try {
+      return await pay(request, url, body, live, gate)
+    } finally {
+      if (gate.live && !gate.handed) gate.live.streams--
+    }
+  }
+
+  const pay = async (
+    request: Request,
+    url: string,
+    body: ArrayBuffer | undefined,
+    found: Live | undefined,
+    gate: Gate,
+  ): Promise<Response> => {
+    let live = found
+    const by = streams(body) ? margin : completionMargin
+    const send = (credential: string | undefined) => {
+      const headers = new Headers(request.headers)
+      // The caller's Authorization (e.g. the openai SDK's API key) is replaced by the credential.
+      headers.delete('authorization')
+      if (credential) headers.set('authorization', credential)
+      return base(url, { method: request.method, headers, body, signal: request.signal })
+    }
     // A channel being opened is not the server's yet: wait for the open to be answered.
     if (live?.opening) await live.opening.catch(() => {})
     let credential = live?.state ? await ahead(live, by) : undefined
@@ -605,7 +673,7 @@ export function createFetch(options: Options): PayingFetch {
         const sse = res.headers.get('content-type')?.includes('text/event-stream')
         if (receipt && !sse) receive(live, Receipt.deserialize(receipt))
         if (!sse) return res
-        return new Response(filtered(live, url, res.body), {
+        return new Response(filtered(live, url, res.body, gate), {
           status: res.status,
           statusText: res.statusText,
           headers: res.headers,
@@ -711,7 +779,22 @@ export function createFetch(options: Options): PayingFetch {
         status.status,
         await problemOf(status),
       )
-    let spent = BigInt(((await status.json()) as { spent: string }).spent)
+    const shown = (await status.json()) as { spent: string; settled?: string; status?: string }
+    let spent = BigInt(shown.spent)
+    // Closed already (by an earlier close whose answer was lost, or by the server): what it
+    // paid counts against maxTotal, and the channel is forgotten where it was kept.
+    if (shown.status === 'closed') {
+      await count(key, BigInt(shown.settled ?? shown.spent))
+      if (inUse) await forget(live)
+      else if (slot) {
+        await store.delete(slot)
+        setApart.delete(slot)
+      }
+      throw new ClientError(
+        `Channel ${state.channelId} is closed already; it is forgotten, nothing more to close.`,
+        { channelId: state.channelId },
+      )
+    }
     const send = async () =>
       base(state.url, {
         method: 'POST',
@@ -884,6 +967,9 @@ export function createFetch(options: Options): PayingFetch {
       (await store.get(closingKey(keyOf(url)))) ?? store.get(refusedKey(keyOf(url))),
   })
 }
+
+/** The stream a request counts on its channel: `handed` once its response body counts it. */
+type Gate = { live: Live | undefined; handed: boolean }
 
 /** Whether a request body asks for a stream (`"stream": true`). */
 function streams(body: ArrayBuffer | undefined): boolean {

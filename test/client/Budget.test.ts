@@ -1,0 +1,165 @@
+/**
+ * The paying client under concurrency and odd answers: its budget over servers and payers,
+ * one stream per channel, and records it must not lose (real gateway and anvil).
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import OpenAI from 'openai'
+import { privateKeyToAccount } from 'viem/accounts'
+import { ClientError, createFetch, Store } from '../../src/client/index.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const chain = await Anvil.start({ accounts: 10 })
+afterAll(() => chain.stop())
+const payments = { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 }
+const gw = await Gateway.create({ chain: Gateway.chainOf(chain), payments })
+const words = Array.from({ length: 80 }, (_, i) => `w${i}`).join(' ')
+const messages = [{ role: 'user' as const, content: words }]
+
+function client(
+  payer: number,
+  o: { maxTotal?: bigint; store?: Store.Store; fetch?: typeof fetch; margin?: bigint } = {},
+) {
+  const maxTotal = o.maxTotal ?? 1_000_000n
+  const fetch = createFetch({
+    account: chain.payers[payer]!.privateKey,
+    rpcUrl: chain.rpcUrl,
+    limits: { maxDeposit: maxTotal, maxTotal },
+    allow: { escrows: [chain.escrowAddress], currencies: [chain.currencyAddress] },
+    margin: o.margin ?? 64n,
+    store: o.store ?? Store.memory(),
+    fetch: o.fetch,
+  })
+  const sdk = (at = gw.url) =>
+    new OpenAI({ baseURL: `${at}/v1`, apiKey: 'unused', fetch, maxRetries: 0 })
+  const ask = (at = gw.url) =>
+    sdk(at).chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+  return { fetch, ask, sdk }
+}
+const closingOnServer = (channelId: string) =>
+  gw.sql`update channels set close_requested_at = now(), cooperative_close = true
+    where channel_id = ${Buffer.from(channelId.slice(2), 'hex')}`
+const plain = (f: (input: string | URL | Request, init?: RequestInit) => Promise<Response>) =>
+  Object.assign(f, { preconnect: globalThis.fetch.preconnect }) as typeof fetch
+
+describe('budget', () => {
+  test('behavior: first requests to two servers at once sign no more than maxTotal together', async () => {
+    const other = await Gateway.create(
+      { chain: Gateway.chainOf(chain), payments },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    try {
+      // Both 402s are handed over at the same moment, as two servers answering at once.
+      const waiting: (() => void)[] = []
+      const together = plain(async (input, init) => {
+        const res = await globalThis.fetch(input, init)
+        if (res.status === 402 && !new Headers(init?.headers).has('authorization')) {
+          const { promise, resolve } = Promise.withResolvers<void>()
+          waiting.push(resolve)
+          if (waiting.length === 2) for (const w of waiting) w()
+          await promise
+        }
+        return res
+      })
+      const { fetch, ask } = client(0, { maxTotal: 100_000n, margin: 10_000n, fetch: together })
+      await Promise.allSettled([ask(gw.url), ask(other.url)])
+      const a = await fetch.channel(gw.url)
+      const b = await fetch.channel(other.url)
+      expect(BigInt(a?.signed ?? '0') + BigInt(b?.signed ?? '0')).toBeLessThanOrEqual(100_000n)
+    } finally {
+      await other.stop()
+    }
+  }, 60_000)
+
+  test('behavior: a store two wallets share: each counts only its own channels', async () => {
+    const store = Store.memory()
+    const a = client(1, { maxTotal: 5_000n, store })
+    await a.ask()
+    const b = client(2, { maxTotal: 5_000n, store })
+    await b.ask()
+    expect((await b.fetch.channel(gw.url))!.deposit).toBe('5000')
+  }, 60_000)
+})
+
+describe('one stream per channel', () => {
+  test('behavior: two streams started at once: one runs, the other is refused by the client (not cut by the server)', async () => {
+    const { sdk } = client(3)
+    await sdk().chat.completions.create({ model: 'fake', messages, max_tokens: 5 })
+    const run = async () => {
+      let text = ''
+      const s = await sdk().chat.completions.create({ model: 'fake', messages, stream: true })
+      for await (const c of s) text += c.choices[0]?.delta?.content ?? ''
+      return text
+    }
+    const [x, y] = await Promise.allSettled([run(), run()])
+    const done = [x, y].filter((r) => r.status === 'fulfilled')
+    const refused = [x, y].filter((r) => r.status === 'rejected')
+    expect(done.map((r) => (r as PromiseFulfilledResult<string>).value)).toEqual([words])
+    expect(((refused[0] as PromiseRejectedResult).reason as Error).cause).toBeInstanceOf(
+      ClientError,
+    )
+  }, 60_000)
+})
+
+describe('records it must not lose', () => {
+  test('error: the status of a refused channel cannot be read (a 503): the request fails, the channel is kept; the next one sets it apart', async () => {
+    let failGet = false
+    const flaky = plain(async (input, init) => {
+      const u = String(input instanceof Request ? input.url : input)
+      if (failGet && u.includes('/v1/channels/') && (!init?.method || init.method === 'GET')) {
+        failGet = false
+        return new Response('busy', { status: 503 })
+      }
+      return globalThis.fetch(input, init)
+    })
+    const { fetch, ask } = client(4, { fetch: flaky, maxTotal: 5_000n })
+    await ask()
+    const old = (await fetch.channel(gw.url))!
+    await closingOnServer(old.channelId)
+    failGet = true
+    const e = await ask().catch((e: unknown) => e)
+    expect((e as Error).cause).toBeInstanceOf(ClientError)
+    expect((await fetch.channel(gw.url))!.channelId).toBe(old.channelId)
+    await ask()
+    expect((await fetch.closing(gw.url))!.channelId).toBe(old.channelId)
+    const fresh = (await fetch.channel(gw.url))!
+    expect(BigInt(fresh.deposit)).toBeLessThanOrEqual(5_000n - BigInt(old.signed))
+  }, 60_000)
+
+  test('behavior: a set-apart channel the server has closed meanwhile leaves its slot on close()', async () => {
+    const { fetch, ask } = client(5, { maxTotal: 5_000n })
+    await ask()
+    const b = (await fetch.channel(gw.url))!.channelId
+    await closingOnServer(b)
+    await ask()
+    await gw.sql`update channels set finalized = true where channel_id = ${Buffer.from(b.slice(2), 'hex')}`
+    await fetch.close() // the one in use
+    const e = await fetch.close().catch((e: unknown) => e)
+    expect(e).toBeInstanceOf(ClientError)
+    expect((e as Error).message).toContain('closed already')
+    expect(await fetch.closing(gw.url)).toBeUndefined()
+  }, 60_000)
+
+  test('behavior: a first load that fails leaves nothing behind: the next request resumes the stored channel', async () => {
+    const inner = Store.memory()
+    const first = client(6, { store: inner })
+    await first.ask()
+    const key = `${new URL(gw.url).origin}#${privateKeyToAccount(chain.payers[6]!.privateKey).address}`
+    const stored = (await inner.get(key))!
+    let fail = true
+    const flaky: Store.Store = {
+      ...inner,
+      all: async () => {
+        if (fail) {
+          fail = false
+          throw new Error('EIO')
+        }
+        return inner.all!()
+      },
+    }
+    const second = client(6, { store: flaky })
+    await second.ask().catch(() => {})
+    await second.ask()
+    expect((await second.fetch.channel(gw.url))!.channelId).toBe(stored.channelId)
+  }, 60_000)
+})
