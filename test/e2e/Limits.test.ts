@@ -129,6 +129,44 @@ describe('instances', () => {
   })
 })
 
+describe('plan changes under load', () => {
+  test('behavior: moving a busy account between plans fails none of its requests and leaves nothing held', async () => {
+    const { id, key } = await a.account({ plan: 'unlimited' })
+    let flipping = true
+    const flipper = (async () => {
+      for (let i = 0; flipping; i++) {
+        const res = await a.admin(
+          `/accounts/${id}`,
+          { plan: i % 2 ? 'unlimited' : 'unlimited2' },
+          'PATCH',
+        )
+        expect(res.status).toBe(200)
+        await res.text()
+      }
+    })()
+    const statuses: number[] = []
+    await Promise.all(
+      Array.from({ length: 16 }, async (_, w) => {
+        for (let i = 0; i < 15; i++) {
+          const res = await post(w % 2 ? a : b, key, i % 3 ? {} : { stream: true })
+          statuses.push(res.status)
+          await res.text()
+        }
+      }),
+    )
+    flipping = false
+    await flipper
+    expect(statuses.filter((s) => s !== 200)).toEqual([])
+    await Batch.settled(a.sql)
+    await Batch.settled(b.sql)
+    const [row] = await a.sql`select reserved, active_requests, balance,
+      (select coalesce(sum(amount), 0) from credit_transactions where account_id = ${id}) as sum
+      from accounts where id = ${id}`
+    expect(row).toMatchObject({ reserved: 0n, active_requests: 0 })
+    expect(row!.balance).toBe(row!.sum)
+  }, 60_000)
+})
+
 describe('plans', () => {
   test('error: a model above the plan tier → 403 tier_not_available', async () => {
     const free = await a.account({ plan: 'free' })

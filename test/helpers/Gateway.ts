@@ -43,6 +43,8 @@ export type TestGateway = Gateway & {
 export const plans = {
   ...Config.defaultPlans,
   unlimited: { tier: 9, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
+  /** Another plan without limits, to move an account between while it is busy. */
+  unlimited2: { tier: 9, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
 }
 
 export async function create(
