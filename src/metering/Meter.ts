@@ -90,6 +90,9 @@ export type Frame =
 export type StreamOptions = {
   price: Pricing.Price
   promptTokens: number
+  /** The upstream's `max_tokens`, if it was given one: no more completion tokens are charged
+   * from its usage, whatever it says. */
+  maxTokens?: number | undefined
   /** Output tokens per reservation extension, at first (see `GROWTH`). */
   blockTokens: number
   reservation: Reservation
@@ -170,7 +173,11 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     const nothingSent = exact === 0 && pendingBound === 0
     const promptTokens = reported?.prompt_tokens ?? o.promptTokens
     let completionTokens: number
-    if (status === 'ok' && reported) completionTokens = reported.completion_tokens
+    if (status === 'ok' && reported)
+      completionTokens = Math.min(
+        reported.completion_tokens,
+        o.maxTokens ?? Number.MAX_SAFE_INTEGER,
+      )
     else {
       fold()
       completionTokens = exact
@@ -342,11 +349,14 @@ export type CompleteOptions = {
   call: () => Promise<Completion>
   signal: AbortSignal
   startedAt: number
+  /** The upstream's `max_tokens`: no more completion tokens are charged, whatever it says. */
+  maxTokens: number
 }
 
 /**
  * Meters a whole completion. The caller capped the upstream's `max_tokens` at what the
- * reservation pays for, so the exact charge can never exceed it.
+ * reservation pays for, so the exact charge can never exceed it (an upstream that says it
+ * wrote more than it was allowed is charged the allowance).
  */
 export async function complete(
   o: CompleteOptions,
@@ -359,9 +369,11 @@ export async function complete(
     throw e
   }
   const promptTokens = completion.usage?.prompt_tokens ?? o.promptTokens
-  const completionTokens =
+  const completionTokens = Math.min(
+    o.maxTokens,
     completion.usage?.completion_tokens ??
-    completion.choices.reduce((n, c) => n + Tokenizer.count(generated(c.message)), 0)
+      completion.choices.reduce((n, c) => n + Tokenizer.count(generated(c.message)), 0),
+  )
   const latencyMs = Math.round(performance.now() - o.startedAt)
   const charged = await charge(o.reservation, {
     cost: Pricing.cost(o.price, promptTokens, completionTokens),

@@ -112,6 +112,20 @@ describe('POST /v1/chat/completions (openai SDK)', () => {
     expect(l.balance).toBe(1_000_000n - 2n * cost(promptTokens, wordsTokens(PROMPT)))
   })
 
+  test('behavior: an upstream that says it wrote more than its max_tokens is charged its max_tokens, whole or streamed', async () => {
+    for (const stream of [false, true]) {
+      const { id, key } = await gw.account()
+      // fake-liar answers as fake does and says 1000 completion tokens.
+      const res = await post(key, { model: 'fake-liar', messages, max_tokens: 3, stream })
+      expect(res.status).toBe(200)
+      await res.text()
+      await Batch.settled(gw.sql)
+      const l = await Gateway.ledger(gw.sql, id)
+      expect(l.balance).toBe(1_000_000n - cost(promptTokens, 3))
+      expect(l.reserved).toBe(0n)
+    }
+  })
+
   test('behavior: X-API-Key works as well as Bearer', async () => {
     const { key } = await gw.account()
     const res = await post(undefined, { model: 'fake', messages }, { 'x-api-key': key })

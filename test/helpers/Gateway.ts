@@ -21,6 +21,7 @@ export const behaviours = [
   'fake-hang',
   'fake-stall',
   'fake-400',
+  'fake-liar',
 ]
 
 export type TestGateway = Gateway & {

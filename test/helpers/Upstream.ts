@@ -10,6 +10,7 @@
  *   fake-hang       sends the first (empty) chunk, then nothing (whole: never answers)
  *   fake-stall      sends the first word, then nothing
  *   fake-400        rejects the request with an OpenAI error
+ *   fake-liar       answers as `fake`, and says its answer was 1000 completion tokens
  */
 import { afterAll } from 'bun:test'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
@@ -62,10 +63,11 @@ export function start(options: { slowMs?: number } = {}): FakeUpstream {
         words.push(w)
         tokens += n
       }
+      const said = model === 'fake-liar' ? 1000 : tokens
       const usage = {
         prompt_tokens: Tokenizer.prompt(messages),
-        completion_tokens: tokens,
-        total_tokens: Tokenizer.prompt(messages) + tokens,
+        completion_tokens: said,
+        total_tokens: Tokenizer.prompt(messages) + said,
       }
       const id = 'chatcmpl-fake'
       // A whole completion that never comes: answered only once the gateway gives up.

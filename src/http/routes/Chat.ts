@@ -137,6 +137,7 @@ async function serve(
       reservation,
       signal,
       startedAt,
+      maxTokens: max,
       call: () =>
         observed(deps, model, model.provider.complete(body as never, signal, limits), signal),
     })
@@ -150,10 +151,11 @@ async function serve(
   // A newer stream took the channel: stop this one's upstream, even if it is quiet.
   reservation.whenSuperseded?.(() => abort.abort(new Error('superseded by a newer stream')))
   let chunks: AsyncIterable<Chat.Received[]>
+  let limits: { maxTokens: number } | undefined
   try {
     // A stream's max_tokens, when it names one, capped by the context and the plan's monthly
     // quota (it extends its reservation as it goes, so credits do not cap it here).
-    const limits = p.asked !== undefined || p.limit < p.room ? { maxTokens: p.limit } : undefined
+    limits = p.asked !== undefined || p.limit < p.room ? { maxTokens: p.limit } : undefined
     // Answered once the upstream has begun (a failure before its first token is a 502).
     chunks = await observed(
       deps,
@@ -175,6 +177,7 @@ async function serve(
   const frames = Meter.stream({
     price,
     promptTokens,
+    maxTokens: limits?.maxTokens,
     blockTokens: deps.config.metering.blockTokens,
     // A third of the lease: two renewals may be slow before the sweep takes it for dead.
     renewMs: (deps.config.metering.leaseSeconds * 1000) / 3,
