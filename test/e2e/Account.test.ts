@@ -305,6 +305,14 @@ describe('admin and key input', () => {
     expect(over.status).toBe(400)
     expect(((await over.json()) as { error: { param: string } }).error.param).toBe('amount')
     expect((await Gateway.ledger(gw.sql, rich.id)).balance).toBe(balance)
+    // 78 digits is what the ledger holds: taken; 79 is not a number of base units.
+    const richest = await gw.account({ credits: 0 })
+    const most = '9'.repeat(78)
+    const granted = await gw.admin(`/accounts/${richest.id}/credits`, { amount: most })
+    expect(granted.status).toBe(200)
+    expect(await granted.json()).toEqual({ balance: most })
+    const beyond = await gw.admin(`/accounts/${richest.id}/credits`, { amount: `1${most}` })
+    expect(beyond.status).toBe(400)
   })
 })
 

@@ -33,7 +33,7 @@ const UpdateAccount = z
 /** A signed amount of base units: a decimal string or a safe integer, not zero. */
 const Amount = z
   .union([
-    z.string().regex(/^-?\d{1,77}$/, 'must be an integer number of base units'),
+    z.string().regex(/^-?\d{1,78}$/, 'must be an integer number of base units'),
     z.number().int(),
   ])
   .transform((v) => BigInt(v))
