@@ -2,7 +2,7 @@
 import type { Context } from 'hono'
 import type { z } from 'zod'
 import { InvalidRequestError, NotFoundError } from '../Errors.ts'
-import { BadCursorError } from '../ledger/Page.ts'
+import { BadCursorError, isDay } from '../ledger/Page.ts'
 
 /**
  * How deep a body's JSON may nest. Far beyond any real request (a tool's parameter schema is
@@ -130,7 +130,11 @@ export function usageFilter(c: Context): {
   for (const param of ['from', 'to'] as const) {
     const raw = c.req.query(param)
     if (raw === undefined) continue
-    const ms = ISO_TIME.test(raw) && realDay(raw) ? Date.parse(raw) : Number.NaN
+    const ms =
+      ISO_TIME.test(raw) &&
+      isDay(...(raw.slice(0, 10).split('-').map(Number) as [number, number, number]))
+        ? Date.parse(raw)
+        : Number.NaN
     // In UTC, a year of four digits too (9999-12-31T23:59-23:59 is in year 10000, which
     // PostgreSQL refuses to read back).
     if (Number.isNaN(ms) || !/^\d{4}-/.test(new Date(ms).toISOString()))
@@ -142,11 +146,4 @@ export function usageFilter(c: Context): {
     out[param] = new Date(ms).toISOString()
   }
   return out
-}
-
-/** Whether the YYYY-MM-DD a time starts with is a day of the calendar (JS takes 02-30). */
-function realDay(iso: string): boolean {
-  const [y, m, d] = iso.slice(0, 10).split('-').map(Number) as [number, number, number]
-  const day = new Date(Date.UTC(y, m - 1, d))
-  return day.getUTCFullYear() === y && day.getUTCMonth() === m - 1 && day.getUTCDate() === d
 }

@@ -27,6 +27,14 @@ export function parse(value: string | undefined, shapes: Shape[]): string[] | un
 /** What one part of a cursor must be (a RegExp is one). */
 export type Shape = { test(part: string): boolean }
 
+/** Whether year `y`, month `m` (1–12), day `d` is a day of the calendar (JS takes 02-30 as
+ * March 2, and years 0–99 as 1900–1999 in `Date.UTC`). */
+export function isDay(y: number, m: number, d: number): boolean {
+  const day = new Date(0)
+  day.setUTCFullYear(y, m - 1, d)
+  return day.getUTCFullYear() === y && day.getUTCMonth() === m - 1 && day.getUTCDate() === d
+}
+
 const TIMESTAMP =
   /^(\d{4})-(\d{2})-(\d{2}) (\d{2}):(\d{2}):(\d{2})(\.\d{1,6})?[+-](\d{2})(:\d{2})?$/
 
@@ -40,16 +48,7 @@ export const shapes = {
       const m = TIMESTAMP.exec(p)
       if (!m) return false
       const [y, mo, d, h, mi, sec, , off] = m.slice(1).map((x) => Number(x?.replace(':', '')))
-      const day = new Date(Date.UTC(y!, mo! - 1, d!))
-      return (
-        day.getUTCFullYear() === y &&
-        day.getUTCMonth() === mo! - 1 &&
-        day.getUTCDate() === d &&
-        h! < 24 &&
-        mi! < 60 &&
-        sec! < 60 &&
-        off! <= 15
-      )
+      return isDay(y!, mo!, d!) && h! < 24 && mi! < 60 && sec! < 60 && off! <= 15
     },
   },
 } satisfies Record<string, Shape>

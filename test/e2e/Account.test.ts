@@ -404,6 +404,8 @@ describe('cursors', () => {
     expect(await listed(`key_id=${second.id}`)).toEqual([ids[3]!, ids[2]!])
     // from inclusive, to exclusive; a date is UTC midnight.
     expect(await listed('from=2026-01-01&to=2026-01-02')).toEqual([ids[1]!, ids[0]!])
+    // A year under 100 is that year (JS's Date.UTC reads it as 19xx).
+    expect(await listed('from=0050-01-01&to=2026-01-02')).toEqual([ids[1]!, ids[0]!])
     expect(await listed('from=2026-01-02T00:00:00Z&to=2026-01-03')).toEqual([ids[2]!])
     expect(await listed('from=2026-01-02T01:00:00%2B01:00&to=2026-01-02T00:00:01Z')).toEqual([
       ids[2]!,
