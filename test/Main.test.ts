@@ -42,6 +42,40 @@ async function serve(env: Record<string, string>, args = ['serve']) {
   return { proc, out }
 }
 
+/** A data dir on one port for every start, as a restarted gateway has (the paying client
+ * keeps its channels by origin), and a client store in it. */
+function restartable() {
+  const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+  const probe = Bun.listen({ hostname: '127.0.0.1', port: 0, socket: { data() {} } })
+  const env = { TOLLWAY_DATA_DIR: dataDir, PORT: String(probe.port) }
+  probe.stop(true)
+  return { dataDir, env, store: Store.file(join(dataDir, 'client-channels.json')) }
+}
+
+/** One paid completion from the banner's first development payer; its escrow and channel. */
+async function payOnce(out: string, store: Store.Store) {
+  const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
+  const escrow = /escrow: +(0x[0-9a-fA-F]{40})/.exec(out)![1]! as Hex
+  const key = /payer 1: +0x[0-9a-fA-F]{40} key (0x[0-9a-f]{64})/.exec(out)![1]! as Hex
+  const fetch = createFetch({
+    account: key,
+    limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
+    allow: { escrows: [escrow] },
+    store,
+  })
+  const res = await fetch(`${url}/v1/chat/completions`, {
+    method: 'POST',
+    body: JSON.stringify({
+      model: 'tollway-echo',
+      max_tokens: 3,
+      messages: [{ role: 'user', content: 'one two three' }],
+    }),
+  })
+  expect(res.status).toBe(200)
+  await res.text()
+  return { escrow, channel: (await fetch.channel(url))!.channelId }
+}
+
 describe('npm start', () => {
   test('behavior: embedded defaults serve, print the URL, admin token, dev chain and one working curl', async () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
@@ -177,35 +211,8 @@ describe('npm start', () => {
   }, 120_000)
 
   test('behavior: restarted on its data dir, even after a kill, the development chain is the same: a channel opened before is still open and pays', async () => {
-    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
-    // One port for both runs, as a restarted gateway has (the client keeps channels by origin).
-    const probe = Bun.listen({ hostname: '127.0.0.1', port: 0, socket: { data() {} } })
-    const port = probe.port
-    probe.stop(true)
-    const env = { TOLLWAY_DATA_DIR: dataDir, PORT: String(port) }
-    const store = Store.file(join(dataDir, 'client-channels.json'))
-    const pay = async (out: string) => {
-      const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
-      const escrow = /escrow: +(0x[0-9a-fA-F]{40})/.exec(out)![1]! as Hex
-      const key = /payer 1: +0x[0-9a-fA-F]{40} key (0x[0-9a-f]{64})/.exec(out)![1]! as Hex
-      const fetch = createFetch({
-        account: key,
-        limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
-        allow: { escrows: [escrow] },
-        store,
-      })
-      const res = await fetch(`${url}/v1/chat/completions`, {
-        method: 'POST',
-        body: JSON.stringify({
-          model: 'tollway-echo',
-          max_tokens: 3,
-          messages: [{ role: 'user', content: 'one two three' }],
-        }),
-      })
-      expect(res.status).toBe(200)
-      await res.text()
-      return { escrow, channel: (await fetch.channel(url))!.channelId }
-    }
+    const { env, store } = restartable()
+    const pay = (out: string) => payOnce(out, store)
     const first = await serve(env)
     const before = await pay(first.out)
     // Past anvil's next state dump (every second), then killed outright.
@@ -232,33 +239,8 @@ describe('npm start', () => {
   }, 120_000)
 
   test('behavior: a development chain state that cannot be read is set aside: the chain starts afresh and the channels it lacks are closed, not served unfunded', async () => {
-    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
-    const probe = Bun.listen({ hostname: '127.0.0.1', port: 0, socket: { data() {} } })
-    const env = { TOLLWAY_DATA_DIR: dataDir, PORT: String(probe.port) }
-    probe.stop(true)
-    const store = Store.file(join(dataDir, 'client-channels.json'))
-    const pay = async (out: string) => {
-      const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
-      const escrow = /escrow: +(0x[0-9a-fA-F]{40})/.exec(out)![1]! as Hex
-      const key = /payer 1: +0x[0-9a-fA-F]{40} key (0x[0-9a-f]{64})/.exec(out)![1]! as Hex
-      const fetch = createFetch({
-        account: key,
-        limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
-        allow: { escrows: [escrow] },
-        store,
-      })
-      const res = await fetch(`${url}/v1/chat/completions`, {
-        method: 'POST',
-        body: JSON.stringify({
-          model: 'tollway-echo',
-          max_tokens: 3,
-          messages: [{ role: 'user', content: 'one two three' }],
-        }),
-      })
-      expect(res.status).toBe(200)
-      await res.text()
-      return (await fetch.channel(url))!.channelId
-    }
+    const { dataDir, env, store } = restartable()
+    const pay = async (out: string) => (await payOnce(out, store)).channel
     const first = await serve(env)
     const before = await pay(first.out)
     first.proc.kill('SIGTERM')
