@@ -1,15 +1,19 @@
 /**
- * The paying client under concurrency and odd answers: its budget over servers and payers,
- * one stream per channel, and records it must not lose (real gateway and anvil).
+ * The paying client's channels set apart (refused by the server as closing, or under forced
+ * close), its budget over servers, payers and restarts, one stream per channel, and records
+ * it must not lose, against a real gateway and anvil.
  */
 import { afterAll, describe, expect, test } from 'bun:test'
+import { mkdtemp } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import OpenAI from 'openai'
 import { privateKeyToAccount } from 'viem/accounts'
 import { ClientError, createFetch, Store } from '../../src/client/index.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const chain = await Anvil.start({ accounts: 10 })
+const chain = await Anvil.start({ accounts: 13 })
 afterAll(() => chain.stop())
 const payments = { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 }
 const gw = await Gateway.create({ chain: Gateway.chainOf(chain), payments })
@@ -36,11 +40,107 @@ function client(
     sdk(at).chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
   return { fetch, ask, sdk }
 }
+/** Leaves the channel closing on the server, as a close kept waiting does. */
 const closingOnServer = (channelId: string) =>
   gw.sql`update channels set close_requested_at = now(), cooperative_close = true
     where channel_id = ${Buffer.from(channelId.slice(2), 'hex')}`
+
 const plain = (f: (input: string | URL | Request, init?: RequestInit) => Promise<Response>) =>
   Object.assign(f, { preconnect: globalThis.fetch.preconnect }) as typeof fetch
+
+describe('channels set apart', () => {
+  test('behavior: a channel set apart still counts against maxTotal: the next one takes what it left', async () => {
+    const { fetch, ask } = client(0, { maxTotal: 5_000n })
+    await ask()
+    const old = (await fetch.channel(gw.url))!
+    await closingOnServer(old.channelId)
+    await ask()
+    const fresh = (await fetch.channel(gw.url))!
+    const apart = (await fetch.closing(gw.url))!
+    expect(apart.channelId).toBe(old.channelId)
+    expect(BigInt(fresh.deposit)).toBeLessThanOrEqual(5_000n - BigInt(apart.signed))
+  }, 60_000)
+
+  test('behavior: a channel refused as closing does not take the place of one under forced close; each is reachable', async () => {
+    const { fetch, ask } = client(1)
+    await ask()
+    const a = await fetch.requestClose(gw.url)
+    expect((await fetch.closing(gw.url))!.channelId).toBe(a.channelId)
+    await ask()
+    const b = (await fetch.channel(gw.url))!.channelId
+    await closingOnServer(b)
+    await ask()
+    // A keeps its forced-close slot (withdraw takes its deposit back); B is set apart too.
+    expect((await fetch.closing(gw.url))!.channelId).toBe(a.channelId)
+    // close() closes the one in use, then B.
+    await fetch.close()
+    await fetch.close()
+    expect((await fetch.closing(gw.url))!.channelId).toBe(a.channelId)
+  }, 60_000)
+
+  test('behavior: with one set apart and one in use, requestClose forces the one named', async () => {
+    const { fetch, ask } = client(2)
+    await ask()
+    const a = (await fetch.channel(gw.url))!.channelId
+    await closingOnServer(a)
+    await ask()
+    const b = (await fetch.channel(gw.url))!.channelId
+    expect(b).not.toBe(a)
+    const forced = await fetch.requestClose(gw.url, { channelId: a })
+    expect(forced.channelId).toBe(a)
+    // B is still the channel in use.
+    expect((await fetch.channel(gw.url))!.channelId).toBe(b)
+    expect((await fetch.closing(gw.url))!).toMatchObject({ channelId: a })
+  }, 60_000)
+})
+
+describe('a channel the server lost', () => {
+  test('behavior: a channel the server no longer knows but the escrow holds is set apart (its deposit reachable), not forgotten', async () => {
+    const { fetch, ask } = client(4)
+    await ask()
+    const lost = (await fetch.channel(gw.url))!.channelId
+    // The gateway loses its record of the channel (a database restored from before it).
+    // (Its vouchers are append-only: the test lifts the guard for this one deletion.)
+    const id = Buffer.from(lost.slice(2), 'hex')
+    await gw.sql.begin(async (tx) => {
+      await tx`alter table vouchers disable trigger vouchers_append_only`
+      await tx`delete from usage where channel_id = ${id}`
+      await tx`delete from vouchers where channel_id = ${id}`
+      await tx`delete from chain_transactions where channel_id = ${id}`
+      await tx`delete from reservations where channel_id = ${id}`
+      await tx`delete from channels where channel_id = ${id}`
+      await tx`alter table vouchers enable trigger vouchers_append_only`
+    })
+    await ask()
+    expect((await fetch.channel(gw.url))!.channelId).not.toBe(lost)
+    expect((await fetch.closing(gw.url))!.channelId).toBe(lost)
+    // Its deposit can still be taken back: a forced close of it goes through.
+    const forced = await fetch.requestClose(gw.url, { channelId: lost as `0x${string}` })
+    expect(forced.channelId).toBe(lost)
+  }, 60_000)
+})
+
+describe('the budget over servers and restarts', () => {
+  test('behavior: a restarted agent counts what its store holds with other servers against maxTotal', async () => {
+    const other = await Gateway.create(
+      { chain: Gateway.chainOf(chain), payments },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    try {
+      const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+      const first = client(3, { maxTotal: 5_000n, store: Store.file(path) })
+      await first.ask(gw.url)
+      const here = (await first.fetch.channel(gw.url))!
+      // Restarted: a new wrapper on the same store, paying the other server first.
+      const second = client(3, { maxTotal: 5_000n, store: Store.file(path) })
+      await second.ask(other.url)
+      const there = (await second.fetch.channel(other.url))!
+      expect(BigInt(there.deposit)).toBeLessThanOrEqual(5_000n - BigInt(here.signed))
+    } finally {
+      await other.stop()
+    }
+  }, 60_000)
+})
 
 describe('budget', () => {
   test('behavior: first requests to two servers at once sign no more than maxTotal together', async () => {
@@ -61,7 +161,7 @@ describe('budget', () => {
         }
         return res
       })
-      const { fetch, ask } = client(0, { maxTotal: 100_000n, margin: 10_000n, fetch: together })
+      const { fetch, ask } = client(5, { maxTotal: 100_000n, margin: 10_000n, fetch: together })
       await Promise.allSettled([ask(gw.url), ask(other.url)])
       const a = await fetch.channel(gw.url)
       const b = await fetch.channel(other.url)
@@ -73,9 +173,9 @@ describe('budget', () => {
 
   test('behavior: a store two wallets share: each counts only its own channels', async () => {
     const store = Store.memory()
-    const a = client(1, { maxTotal: 5_000n, store })
+    const a = client(6, { maxTotal: 5_000n, store })
     await a.ask()
-    const b = client(2, { maxTotal: 5_000n, store })
+    const b = client(7, { maxTotal: 5_000n, store })
     await b.ask()
     expect((await b.fetch.channel(gw.url))!.deposit).toBe('5000')
   }, 60_000)
@@ -83,7 +183,7 @@ describe('budget', () => {
 
 describe('one stream per channel', () => {
   test('behavior: two streams started at once: one runs, the other is refused by the client (not cut by the server)', async () => {
-    const { sdk } = client(3)
+    const { sdk } = client(8)
     await sdk().chat.completions.create({ model: 'fake', messages, max_tokens: 5 })
     const run = async () => {
       let text = ''
@@ -112,7 +212,7 @@ describe('records it must not lose', () => {
       }
       return globalThis.fetch(input, init)
     })
-    const { fetch, ask } = client(4, { fetch: flaky, maxTotal: 5_000n })
+    const { fetch, ask } = client(9, { fetch: flaky, maxTotal: 5_000n })
     await ask()
     const old = (await fetch.channel(gw.url))!
     await closingOnServer(old.channelId)
@@ -127,7 +227,7 @@ describe('records it must not lose', () => {
   }, 60_000)
 
   test('behavior: a set-apart channel the server has closed meanwhile leaves its slot on close()', async () => {
-    const { fetch, ask } = client(5, { maxTotal: 5_000n })
+    const { fetch, ask } = client(10, { maxTotal: 5_000n })
     await ask()
     const b = (await fetch.channel(gw.url))!.channelId
     await closingOnServer(b)
@@ -142,9 +242,9 @@ describe('records it must not lose', () => {
 
   test('behavior: a first load that fails leaves nothing behind: the next request resumes the stored channel', async () => {
     const inner = Store.memory()
-    const first = client(6, { store: inner })
+    const first = client(11, { store: inner })
     await first.ask()
-    const key = `${new URL(gw.url).origin}#${privateKeyToAccount(chain.payers[6]!.privateKey).address}`
+    const key = `${new URL(gw.url).origin}#${privateKeyToAccount(chain.payers[11]!.privateKey).address}`
     const stored = (await inner.get(key))!
     let fail = true
     const flaky: Store.Store = {
@@ -157,7 +257,7 @@ describe('records it must not lose', () => {
         return inner.all!()
       },
     }
-    const second = client(6, { store: flaky })
+    const second = client(11, { store: flaky })
     await second.ask().catch(() => {})
     await second.ask()
     expect((await second.fetch.channel(gw.url))!.channelId).toBe(stored.channelId)
