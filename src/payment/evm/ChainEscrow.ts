@@ -251,10 +251,11 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
   }
 
   /**
-   * Sends a transaction that uses an EIP-3009 authorization; when it reverts because the
-   * authorization was used meanwhile, the transaction that used it (only the escrow can, so
-   * it did what this one would have): the same credential sent to two instances at once
-   * (a client's retry to another) is answered alike by both, not with a 409 for the second.
+   * Sends a transaction that uses an EIP-3009 authorization. When it reverts because the
+   * authorization was used already, by a transaction of this channel (only the escrow can use
+   * it, receiveWithAuthorization), the answer is that transaction: the same credential sent
+   * again (a retry after the chain stopped answering, a client sending it twice) or to two
+   * instances at once. Used for another channel, the revert stands (409).
    */
   const orUsed = async (
     channelId: Hex,
@@ -385,20 +386,6 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     },
 
     async topUpWithAuthorization({ channelId, topUpSalt, authorization: a, signature }) {
-      // The same top-up again (a retry after the chain stopped answering, or a client sending
-      // its credential twice): its authorization is used up, so sending it would revert. Only
-      // the escrow can use it (receiveWithAuthorization), so it went into this channel: answer
-      // with that transaction.
-      const done = await guard(channelId, () => usedBy(a.from, a.nonce))
-      if (done) {
-        const same = ofChannel(done, channelId)
-        if (same) return same
-        // Used for another channel (an open or top-up of it): this credential cannot be.
-        throw Problem.transactionReverted(
-          'This authorization was already used by another transaction of the escrow; sign a new one.',
-          { channelId, txHash: done.hash },
-        )
-      }
       return await guard(channelId, () =>
         orUsed(channelId, a, () =>
           Escrow.topUpWithAuthorization(o.client, {
