@@ -1,6 +1,11 @@
 /** Calls to a running gateway's HTTP API; non-2xx answers become CLI errors. */
 import { PaymentError, ServerError } from './Errors.ts'
 
+/** How long to wait for the gateway's answer: --timeout (seconds) when given, else `fallbackMs`. */
+export function waitMs(settings: { timeout?: number | undefined }, fallbackMs: number): number {
+  return settings.timeout !== undefined ? settings.timeout * 1000 : fallbackMs
+}
+
 /** A gateway to call; `timeoutMs` (default 30 s) bounds the wait for its answer. */
 export type Target = { url: string; token?: string | undefined; timeoutMs?: number | undefined }
 

@@ -49,7 +49,7 @@ const completions = (ctx: Context) => new URL('/v1/chat/completions', ctx.settin
 /** The gateway, with --timeout when given. */
 const target = (ctx: Context): Http.Target => ({
   url: ctx.settings.url,
-  ...(ctx.settings.timeout !== undefined ? { timeoutMs: ctx.settings.timeout * 1000 } : {}),
+  timeoutMs: Http.waitMs(ctx.settings, 30_000),
 })
 
 /** The escrows to pay into: --escrow / TOLLWAY_ESCROW, plus the gateway's own when trusted. */
@@ -65,7 +65,7 @@ async function escrows(ctx: Context): Promise<Address[]> {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
       body: JSON.stringify({ model: 'x', messages: [{ role: 'user', content: 'x' }] }),
-      signal: AbortSignal.timeout(target(ctx).timeoutMs ?? 30_000),
+      signal: AbortSignal.timeout(Http.waitMs(ctx.settings, 30_000)),
     })
   } catch (e) {
     throw new ServerError(
@@ -114,8 +114,7 @@ export async function chat(ctx: Context) {
   const opening = !(await pay.channel(url))
   // The answer must begin within --timeout (default a minute, three when a channel opens on
   // chain first); once it has, it may stream for as long as it takes.
-  const waitMs =
-    ctx.settings.timeout !== undefined ? ctx.settings.timeout * 1000 : opening ? 180_000 : 60_000
+  const waitMs = Http.waitMs(ctx.settings, opening ? 180_000 : 60_000)
   const abort = new AbortController()
   const timer = setTimeout(
     () =>

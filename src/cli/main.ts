@@ -224,7 +224,7 @@ function adminToken(ctx: Context): string {
 const admin = (ctx: Context, slowMs?: number): Http.Target => ({
   url: ctx.settings.url,
   token: adminToken(ctx),
-  timeoutMs: ctx.settings.timeout !== undefined ? ctx.settings.timeout * 1000 : (slowMs ?? 30_000),
+  timeoutMs: Http.waitMs(ctx.settings, slowMs ?? 30_000),
 })
 
 /** The n-th positional argument after the command words, or a usage error naming it. */
