@@ -405,7 +405,7 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
     help: help.channels,
     run: {
       list: async (ctx) => {
-        const q = ctx.settings.limit ? `?limit=${ctx.settings.limit}` : ''
+        const q = query({ limit: ctx.settings.limit })
         const r = (await Http.request(admin(ctx), 'GET', `/admin/channels${q}`)) as {
           data: {
             channelId: string
