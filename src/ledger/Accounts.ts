@@ -68,15 +68,13 @@ export async function list(
   sql: Sql,
   input: { limit: number; cursor?: string },
 ): Promise<Page.Page<Account>> {
-  const after = Page.parse(input.cursor, [Page.shapes.timestamp, Page.shapes.uuid])
+  const page = Page.newestFirst(sql, input.cursor)
   await accountsSettled(sql)
-  // The time goes in as text (a timestamptz parameter would go through a JS Date and lose
-  // its microseconds).
   const rows = await sql`
     select *, ${monthUsed(sql)}, created_at::text as position from accounts
-    ${after ? sql`where (created_at, id) < (${after[0]!}::text::timestamptz, ${after[1]!}::uuid)` : sql``}
+    ${page.after ? sql`where ${page.after}` : sql``}
     order by created_at desc, id desc limit ${input.limit + 1}`
-  return Page.from(rows, input.limit, account, (r) => [r.position, r.id])
+  return Page.from(rows, input.limit, account, page.key)
 }
 
 /** The month's tokens so far (the counter is reset by the first charge of a new month). */

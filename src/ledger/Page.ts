@@ -1,4 +1,5 @@
 /** Cursor pagination: an opaque base64url cursor over a (timestamp, id) or (id) key. */
+import type { Sql } from './Db.ts'
 
 export type Page<T> = { object: 'list'; data: T[]; has_more: boolean; next_cursor: string | null }
 
@@ -68,5 +69,21 @@ export function from<R, T>(
     data: data.map(render),
     has_more: more,
     next_cursor: more && last !== undefined ? cursor(key(last)) : null,
+  }
+}
+
+/**
+ * Newest first over (created_at, id uuid), the key of the usage and account listings: the
+ * condition for the rows after `cursor` (none on the first page), and the cursor key of a row
+ * that selected `created_at::text as position`. The time stays text both ways: through a JS
+ * Date it would lose its microseconds, and rows of one batch (one time) would be skipped.
+ */
+export function newestFirst(sql: Sql, cursor: string | undefined) {
+  const after = parse(cursor, [shapes.timestamp, shapes.uuid])
+  return {
+    after: after
+      ? sql`(created_at, id) < (${after[0]!}::text::timestamptz, ${after[1]!}::uuid)`
+      : undefined,
+    key: (r: Record<string, unknown>) => [String(r.position), String(r.id)],
   }
 }

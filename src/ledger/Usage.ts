@@ -27,25 +27,18 @@ export async function list(
   sql: Sql,
   input: { accountId: string; limit: number; cursor?: string } & Filter,
 ): Promise<Page.Page<Row>> {
-  const after = Page.parse(input.cursor, [Page.shapes.timestamp, Page.shapes.uuid])
+  const page = Page.newestFirst(sql, input.cursor)
   await accountsSettled(sql)
-  // Times go in as text, cast in the query: a timestamptz parameter would go through a JS
-  // Date and lose the microseconds.
+  // Times go in as text, cast in the query (see Page.newestFirst).
   const rows = await sql`
     select *, created_at::text as position from usage where account_id = ${input.accountId}
     ${input.model !== undefined ? sql`and model = ${input.model}` : sql``}
     ${input.keyId !== undefined ? sql`and key_id = ${input.keyId}::uuid` : sql``}
     ${input.from !== undefined ? sql`and created_at >= ${input.from}::text::timestamptz` : sql``}
     ${input.to !== undefined ? sql`and created_at < ${input.to}::text::timestamptz` : sql``}
-    ${after ? sql`and (created_at, id) < (${after[0]!}::text::timestamptz, ${after[1]!}::uuid)` : sql``}
+    ${page.after ? sql`and ${page.after}` : sql``}
     order by created_at desc, id desc limit ${input.limit + 1}`
-  return Page.from(
-    rows,
-    input.limit,
-    render,
-    // The text form keeps microseconds, which a JS Date would drop.
-    (r) => [r.position, r.id],
-  )
+  return Page.from(rows, input.limit, render, page.key)
 }
 
 /** One request's usage row (its id is the request's `x-request-id`), if the account's. */
