@@ -84,16 +84,9 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       const own = Db.connect({ url, max: config.databaseUrl ? 10 : 1 })
       stops.push(() => own.end({ timeout: 5 }))
       sql = own
-      if (!config.databaseUrl) {
-        // PGlite runs no WAL writer: a commit made with synchronous_commit off (admissions
-        // and API-key charges, see migrations/0001) stays in memory until a later commit
-        // flushes the WAL, and a killed gateway lost them all. A synchronous commit that
-        // writes WAL (a transactional logical message: one record, no table) every 200 ms
-        // flushes them, as PostgreSQL's WAL writer does (wal_writer_delay).
-        const flusher = setInterval(() => {
-          own`select pg_logical_emit_message(true, 'tollway', '')`.catch(() => {})
-        }, 200)
-        stops.push(async () => clearInterval(flusher))
+      if (embedded) {
+        const stopFlushing = Embedded.flushWal(own)
+        stops.push(async () => stopFlushing())
       }
     }
     await Db.migrate(sql)

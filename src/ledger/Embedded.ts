@@ -7,6 +7,7 @@ import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { PGlite } from '@electric-sql/pglite'
 import { PGLiteSocketServer } from '@electric-sql/pglite-socket'
+import type { Sql } from './Db.ts'
 
 export type Embedded = { url: string; stop(): Promise<void> }
 
@@ -64,4 +65,18 @@ export async function start(options: { dataDir?: string } = {}): Promise<Embedde
       release()
     },
   }
+}
+
+/**
+ * PGlite runs no WAL writer: a commit made with synchronous_commit off (admissions and API-key
+ * charges, see migrations/0001) stays in memory until a later commit flushes the WAL, and a
+ * killed gateway lost them all. A synchronous commit that writes WAL (a transactional logical
+ * message: one record, no table) every `everyMs` flushes them, as PostgreSQL's WAL writer does
+ * (wal_writer_delay). Returns the function that stops it.
+ */
+export function flushWal(sql: Sql, everyMs = 200): () => void {
+  const timer = setInterval(() => {
+    sql`select pg_logical_emit_message(true, 'tollway', '')`.catch(() => {})
+  }, everyMs)
+  return () => clearInterval(timer)
 }
