@@ -36,15 +36,51 @@ const Upstream = z.strictObject({
   timeoutMs: z.number().int().positive().default(60_000),
 })
 
-const Model = z.strictObject({
-  id: z.string().min(1),
+/** One upstream serving a model: where a request for the model can go. */
+const Route = z.strictObject({
   upstream: z.string().min(1),
   upstreamModel: z.string().min(1),
-  pricing: Pricing,
-  contextLength: z.number().int().positive(),
-  /** Lowest plan tier allowed to use the model. */
-  minTier: z.number().int().nonnegative().default(0),
+  /**
+   * What the upstream costs the operator, base units per 1M tokens (for the `cheapest`
+   * routing strategy; clients pay the model's `pricing` whichever route serves them).
+   * Unset: the model's price.
+   */
+  cost: Pricing.optional(),
 })
+
+const Model = z
+  .strictObject({
+    id: z.string().min(1),
+    /** The one upstream serving the model (or `routes`, for several). */
+    upstream: z.string().min(1).optional(),
+    upstreamModel: z.string().min(1).optional(),
+    /**
+     * Several upstreams serving the model, in the operator's order: a request that fails on
+     * one before its first token goes on to the next.
+     */
+    routes: z.array(Route).min(1).optional(),
+    pricing: Pricing,
+    contextLength: z.number().int().positive(),
+    /** Lowest plan tier allowed to use the model. */
+    minTier: z.number().int().nonnegative().default(0),
+  })
+  .superRefine((m, ctx) => {
+    const single = m.upstream !== undefined || m.upstreamModel !== undefined
+    if (single && m.routes !== undefined)
+      ctx.addIssue({
+        code: 'custom',
+        path: ['routes'],
+        message: 'give either upstream and upstreamModel, or routes, not both',
+      })
+    else if (m.routes === undefined)
+      for (const field of ['upstream', 'upstreamModel'] as const)
+        if (m[field] === undefined)
+          ctx.addIssue({
+            code: 'custom',
+            path: [field],
+            message: `${field} is required (or routes, for several upstreams)`,
+          })
+  })
 
 const Wallet = z.strictObject({
   /** Tokens a turn needs in the wallet to start. */
@@ -179,12 +215,18 @@ export const Schema = z
   .superRefine((c, ctx) => {
     const upstreams = new Set(c.upstreams.map((u) => u.name))
     c.models.forEach((m, i) => {
-      if (!upstreams.has(m.upstream))
-        ctx.addIssue({
-          code: 'custom',
-          path: ['models', i, 'upstream'],
-          message: `no upstream named "${m.upstream}"`,
-        })
+      const named = m.routes
+        ? m.routes.map((r, j) => ({ upstream: r.upstream, path: ['routes', j, 'upstream'] }))
+        : m.upstream !== undefined
+          ? [{ upstream: m.upstream, path: ['upstream'] }]
+          : []
+      for (const { upstream, path } of named)
+        if (!upstreams.has(upstream))
+          ctx.addIssue({
+            code: 'custom',
+            path: ['models', i, ...path],
+            message: `no upstream named "${upstream}"`,
+          })
     })
     if (!(c.defaultPlan in c.plans))
       ctx.addIssue({
@@ -196,6 +238,12 @@ export const Schema = z
 export type Config = z.output<typeof Schema>
 export type Model = z.output<typeof Model>
 export type Upstream = z.output<typeof Upstream>
+export type Route = z.output<typeof Route>
+
+/** The upstreams serving a model, in the operator's order (one, unless it lists `routes`). */
+export function routes(m: Model): Route[] {
+  return m.routes ?? [{ upstream: m.upstream!, upstreamModel: m.upstreamModel! }]
+}
 export type Pricing = z.output<typeof Pricing>
 
 /** Raised when the configuration is invalid; the message names every bad field. */

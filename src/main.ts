@@ -304,11 +304,19 @@ function models(config: Config.Config, environment: Record<string, string | unde
     return [
       {
         id: EchoModel.id,
-        upstreamModel: EchoModel.id,
         pricing: config.echo.pricing,
         contextLength: config.echo.contextLength,
         minTier: 0,
-        provider: EchoModel.create({ tokenDelayMs: config.echo.tokenDelayMs, tokens: Tokenizer }),
+        routes: [
+          {
+            provider: EchoModel.create({
+              tokenDelayMs: config.echo.tokenDelayMs,
+              tokens: Tokenizer,
+            }),
+            upstreamModel: EchoModel.id,
+            cost: config.echo.pricing,
+          },
+        ],
       },
     ]
   }
@@ -325,11 +333,14 @@ function models(config: Config.Config, environment: Record<string, string | unde
   )
   return config.models.map((m) => ({
     id: m.id,
-    upstreamModel: m.upstreamModel,
     pricing: m.pricing,
     contextLength: m.contextLength,
     minTier: m.minTier,
-    provider: providers.get(m.upstream)!,
+    routes: Config.routes(m).map((r) => ({
+      provider: providers.get(r.upstream)!,
+      upstreamModel: r.upstreamModel,
+      cost: r.cost ?? m.pricing,
+    })),
   }))
 }
 

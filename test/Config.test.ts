@@ -58,6 +58,62 @@ describe('load', () => {
     expect(Config.upstreamKey(c.upstreams[0]!, { OA_KEY: 'sk-1' })).toBe('sk-1')
   })
 
+  test('behavior: a model lists several upstreams as routes, with their costs', () => {
+    const c = Config.from({
+      upstreams: [
+        { name: 'a', baseUrl: 'https://a.example.com/v1' },
+        { name: 'b', baseUrl: 'https://b.example.com/v1' },
+      ],
+      models: [
+        {
+          id: 'm',
+          routes: [
+            { upstream: 'a', upstreamModel: 'x' },
+            { upstream: 'b', upstreamModel: 'y', cost: { input: 5, output: '7' } },
+          ],
+          pricing: { input: 10, output: 20 },
+          contextLength: 100,
+        },
+        {
+          id: 'n',
+          upstream: 'b',
+          upstreamModel: 'z',
+          pricing: { input: 1, output: 1 },
+          contextLength: 1,
+        },
+      ],
+    })
+    expect(Config.routes(c.models[0]!)).toEqual([
+      { upstream: 'a', upstreamModel: 'x' },
+      { upstream: 'b', upstreamModel: 'y', cost: { input: 5n, output: 7n } },
+    ])
+    expect(Config.routes(c.models[1]!)).toEqual([{ upstream: 'b', upstreamModel: 'z' }])
+  })
+
+  test('error: a model with routes and an upstream, neither, or a route to no upstream names the field', () => {
+    const upstreams = [{ name: 'a', baseUrl: 'https://a.example.com/v1' }]
+    const base = { id: 'm', pricing: { input: 1, output: 1 }, contextLength: 1 }
+    const routes = [{ upstream: 'a', upstreamModel: 'x' }]
+    expect(() =>
+      Config.from({ upstreams, models: [{ ...base, upstream: 'a', upstreamModel: 'x', routes }] }),
+    ).toThrow(/models\.0\.routes: give either upstream and upstreamModel, or routes/)
+    expect(() => Config.from({ upstreams, models: [base] })).toThrow(
+      /models\.0\.upstream: upstream is required/,
+    )
+    expect(() => Config.from({ upstreams, models: [{ ...base, upstream: 'a' }] })).toThrow(
+      /models\.0\.upstreamModel: upstreamModel is required/,
+    )
+    expect(() => Config.from({ upstreams, models: [{ ...base, routes: [] }] })).toThrow(
+      /models\.0\.routes/,
+    )
+    expect(() =>
+      Config.from({
+        upstreams,
+        models: [{ ...base, routes: [...routes, { upstream: 'ghost', upstreamModel: 'y' }] }],
+      }),
+    ).toThrow(/models\.0\.routes\.1\.upstream: no upstream named "ghost"/)
+  })
+
   test('error: a bad value stops the start with a message naming the field', () => {
     expect(() => Config.load({ PORT: 'eighty' })).toThrow(/PORT/)
     expect(() => Config.load({ PORT: '70000' })).toThrow(/PORT/)

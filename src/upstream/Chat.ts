@@ -4,6 +4,7 @@
  */
 import { z } from 'zod'
 import { UpstreamError } from '../Errors.ts'
+import { STRATEGIES } from './Router.ts'
 
 const TextPart = z.object({ type: z.literal('text'), text: z.string() }).loose()
 
@@ -37,6 +38,20 @@ export const Message = z
   })
 export type Message = z.output<typeof Message>
 
+/** The longest `timeout_ms` a request may ask for: an hour. */
+export const MAX_TIMEOUT_MS = 3_600_000
+
+/** A price ceiling: base units per 1M tokens, a whole number or a decimal string. */
+const Ceiling = z
+  .union(
+    [z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER), z.string().regex(/^\d{1,78}$/)],
+    {
+      error:
+        'a price ceiling must be base units per 1M tokens: a whole number, or a decimal string',
+    },
+  )
+  .transform((v) => BigInt(v))
+
 export const Request = z
   .object({
     model: z.string({ error: 'model is required' }).min(1, 'model is required'),
@@ -51,9 +66,49 @@ export const Request = z
     stop: z.union([z.string(), z.array(z.string()).max(4)]).nullish(),
     n: z.literal(1, { error: 'n must be 1' }).optional(),
     stream_options: z.object({ include_usage: z.boolean().optional() }).loose().nullish(),
+    // The gateway's own parameters (never sent upstream; see `upstreamBody`).
+    routing_strategy: z
+      .enum(STRATEGIES, { error: `routing_strategy must be one of ${STRATEGIES.join(', ')}` })
+      .optional(),
+    timeout_ms: z
+      .number({ error: 'timeout_ms must be a number of milliseconds' })
+      .int('timeout_ms must be a whole number of milliseconds')
+      .positive('timeout_ms must be positive')
+      .max(MAX_TIMEOUT_MS, `timeout_ms must be at most ${MAX_TIMEOUT_MS}`)
+      .optional(),
+    max_input_price_per_million: Ceiling.optional(),
+    max_output_price_per_million: Ceiling.optional(),
   })
   .loose()
+  .superRefine((r, ctx) => {
+    // As the references have it: a ceiling on one price alone is a mistake, not a wish.
+    const given = r.max_input_price_per_million !== undefined
+    if (given !== (r.max_output_price_per_million !== undefined))
+      ctx.addIssue({
+        code: 'custom',
+        path: [given ? 'max_output_price_per_million' : 'max_input_price_per_million'],
+        message:
+          'set both max_input_price_per_million and max_output_price_per_million, or neither',
+      })
+  })
 export type Request = z.output<typeof Request>
+
+/**
+ * The body an upstream gets: the client's request with the upstream's model name, without
+ * the gateway's own parameters (routing and limits; the upstream is asked for usage its own
+ * way, whatever `stream_options` said).
+ */
+export function upstreamBody(req: Request, upstreamModel: string): Record<string, unknown> {
+  const {
+    stream_options: _usage,
+    routing_strategy: _strategy,
+    timeout_ms: _timeout,
+    max_input_price_per_million: _input,
+    max_output_price_per_million: _output,
+    ...body
+  } = req
+  return { ...body, model: upstreamModel }
+}
 
 /** The text of a message's content. */
 export function text(content: Message['content']): string {

@@ -6,7 +6,7 @@ import { createParser } from 'eventsource-parser'
 import { InvalidRequestError, UpstreamError } from '../Errors.ts'
 import * as Chat from './Chat.ts'
 import { Chunk, Completion, type Received } from './Chat.ts'
-import type { Body, Limits, Provider } from './Provider.ts'
+import type { Body, Limits, Provider, Timing } from './Provider.ts'
 
 export type Options = {
   name: string
@@ -43,8 +43,8 @@ export function create(options: Options): Provider {
 
   return {
     name: options.name,
-    async stream(body, signal, limits) {
-      const watchdog = new Watchdog(options.timeoutMs)
+    async stream(body, signal, limits, timing) {
+      const watchdog = Watchdog.for(options.timeoutMs, timing)
       const response = await post(
         { ...capped(body, limits), stream: true, stream_options: { include_usage: true } },
         signal,
@@ -53,8 +53,8 @@ export function create(options: Options): Provider {
       watchdog.reset()
       return chunks(options.name, response, signal, watchdog)
     },
-    async complete(body, signal, limits) {
-      const watchdog = new Watchdog(options.timeoutMs)
+    async complete(body, signal, limits, timing) {
+      const watchdog = Watchdog.for(options.timeoutMs, timing)
       const response = await post({ ...capped(body, limits), stream: false }, signal, watchdog)
       let json: unknown
       try {
@@ -222,6 +222,11 @@ class Watchdog {
   readonly signal = this.controller.signal
   constructor(private readonly ms: number) {
     this.arm(ms)
+  }
+  /** The upstream's timeout, shortened to the client's when it asked for less. */
+  static for(upstreamMs: number, timing: Timing | undefined): Watchdog {
+    const ms = timing?.timeoutMs
+    return new Watchdog(ms === undefined ? upstreamMs : Math.max(1, Math.min(upstreamMs, ms)))
   }
   /** Records activity. Cheap: called per chunk, it only moves a timestamp. */
   reset() {

@@ -12,6 +12,13 @@ export type Body = Record<string, unknown> & { model: string; messages: unknown[
  */
 export type Limits = { maxTokens: number }
 
+/**
+ * How long the client lets this call take (its `timeout_ms`, what is left of it): the time to
+ * the answer (a whole completion) or to the first chunk (a stream), and between two chunks.
+ * It only shortens the upstream's own timeout.
+ */
+export type Timing = { timeoutMs?: number | undefined }
+
 export interface Provider {
   readonly name: string
   /**
@@ -21,7 +28,12 @@ export interface Provider {
    * network read), so a fast upstream costs one pass through the metering per batch, not
    * per chunk. Aborting `signal` cancels the upstream request.
    */
-  stream(body: Body, signal: AbortSignal, limits?: Limits): Promise<AsyncIterable<Received[]>>
+  stream(
+    body: Body,
+    signal: AbortSignal,
+    limits?: Limits,
+    timing?: Timing,
+  ): Promise<AsyncIterable<Received[]>>
   /** A whole completion. */
-  complete(body: Body, signal: AbortSignal, limits?: Limits): Promise<Completion>
+  complete(body: Body, signal: AbortSignal, limits?: Limits, timing?: Timing): Promise<Completion>
 }

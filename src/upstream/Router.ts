@@ -1,27 +1,54 @@
 /**
- * Routing: model id → its configuration and provider, with a circuit breaker per provider.
- * A provider that fails `threshold` times in a row is `unavailable` for `cooldownMs`, then
- * `loading`: requests probe it until a success closes the circuit or a failure reopens it.
+ * Routing: model id → its configuration and the upstreams (routes) serving it, with a circuit
+ * breaker and a latency estimate per provider. A provider that fails `threshold` times in a
+ * row is `unavailable` for `cooldownMs`, then `loading`: requests probe it until a success
+ * closes the circuit or a failure reopens it. A request goes to a model's routes in the order
+ * of its routing strategy, skipping those whose circuit is open; one that fails before its
+ * first token goes on to the next (see `routes`).
  */
 import { NotFoundError, NoUpstreamError } from '../Errors.ts'
 import type { Provider } from './Provider.ts'
 
+type Price = { input: bigint; output: bigint }
+
+/** One upstream serving a model. */
+export type Route = {
+  provider: Provider
+  upstreamModel: string
+  /** What the upstream costs the operator per 1M tokens (the `cheapest` strategy's order). */
+  cost: Price
+}
+
 export type Model = {
   id: string
-  upstreamModel: string
-  pricing: { input: bigint; output: bigint }
+  /** What clients pay, base units per 1M tokens, whichever route serves them. */
+  pricing: Price
   contextLength: number
   minTier: number
-  provider: Provider
+  /** The upstreams serving the model, in the operator's order; at least one. */
+  routes: Route[]
 }
 
 export type Status = 'ready' | 'loading' | 'unavailable'
 
+/**
+ * The order a request tries a model's routes in: `balanced` the operator's (the first listed
+ * unless it is down), `fastest` by each upstream's recent latency, `cheapest` by what the
+ * request costs the operator on each.
+ */
+export const STRATEGIES = ['balanced', 'fastest', 'cheapest'] as const
+export type Strategy = (typeof STRATEGIES)[number]
+
 type Circuit = { failures: number; openUntil: number }
+
+/** Weight of the newest sample in a provider's latency average. */
+const LATENCY_WEIGHT = 0.2
 
 export class Router {
   private readonly byId: Map<string, Model>
   private readonly circuits = new Map<string, Circuit>()
+  /** Moving average of each provider's latency (to its first token, or answer), ms. */
+  private readonly latencies = new Map<string, number>()
 
   constructor(
     models: Model[],
@@ -54,7 +81,7 @@ export class Router {
     return m
   }
 
-  /** The model, if its provider can take a request now; else 503. */
+  /** The model, if one of its providers can take a request now; else 503. */
   route(id: string): Model {
     const m = this.model(id)
     if (this.status(m) === 'unavailable')
@@ -68,17 +95,52 @@ export class Router {
     return m
   }
 
-  /** Health of a model's provider. */
-  status(m: Model): Status {
-    const c = this.circuits.get(m.provider.name)
-    if (!c || c.failures < this.options.threshold) return 'ready'
-    return Date.now() < c.openUntil ? 'unavailable' : 'loading'
+  /**
+   * The routes a request tries, in order: those not shut off by their circuit, sorted by
+   * `strategy` (ties keep the operator's order). `tokens`: the request's prompt and most
+   * output tokens, to weigh input against output prices for `cheapest`.
+   */
+  routes(
+    m: Model,
+    strategy: Strategy = 'balanced',
+    tokens: { prompt: number; output: number } = { prompt: 1, output: 1 },
+  ): Route[] {
+    const open = m.routes.filter((r) => this.providerStatus(r.provider) !== 'unavailable')
+    if (strategy === 'balanced' || open.length < 2) return open
+    const key =
+      strategy === 'fastest'
+        ? // An upstream not yet timed goes first: it is timed on its first request.
+          (r: Route) => BigInt(Math.round(this.latencies.get(r.provider.name) ?? 0))
+        : (r: Route) => r.cost.input * BigInt(tokens.prompt) + r.cost.output * BigInt(tokens.output)
+    // A stable sort: equal keys keep the operator's order.
+    return open
+      .map((r) => ({ r, k: key(r) }))
+      .sort((a, b) => (a.k < b.k ? -1 : a.k > b.k ? 1 : 0))
+      .map(({ r }) => r)
   }
 
-  /** Records the outcome of a call to a provider. */
-  record(provider: Provider, ok: boolean): void {
+  /** Health of a model: that of its healthiest provider. */
+  status(m: Model): Status {
+    let best: Status = 'unavailable'
+    for (const r of m.routes) {
+      const s = this.providerStatus(r.provider)
+      if (s === 'ready') return s
+      if (s === 'loading') best = s
+    }
+    return best
+  }
+
+  /** Records the outcome of a call to a provider, and on success how long it took. */
+  record(provider: Provider, ok: boolean, latencyMs?: number): void {
     if (ok) {
       this.circuits.delete(provider.name)
+      if (latencyMs !== undefined) {
+        const before = this.latencies.get(provider.name)
+        this.latencies.set(
+          provider.name,
+          before === undefined ? latencyMs : before + LATENCY_WEIGHT * (latencyMs - before),
+        )
+      }
       return
     }
     const c = this.circuits.get(provider.name) ?? { failures: 0, openUntil: 0 }
@@ -87,7 +149,17 @@ export class Router {
     this.circuits.set(provider.name, c)
   }
 
+  private providerStatus(p: Provider): Status {
+    const c = this.circuits.get(p.name)
+    if (!c || c.failures < this.options.threshold) return 'ready'
+    return Date.now() < c.openUntil ? 'unavailable' : 'loading'
+  }
+
+  /** When the first of a model's open circuits lets a probe through. */
   private retryInMs(m: Model): number {
-    return Math.max(1000, (this.circuits.get(m.provider.name)?.openUntil ?? 0) - Date.now())
+    const soonest = Math.min(
+      ...m.routes.map((r) => this.circuits.get(r.provider.name)?.openUntil ?? 0),
+    )
+    return Math.max(1000, soonest - Date.now())
   }
 }

@@ -9,10 +9,12 @@ import {
   GatewayError,
   InsufficientCreditsError,
   InvalidRequestError,
+  NoUpstreamError,
   noRetry,
   PaymentRequiredError,
   RateLimitError,
   TierNotAvailableError,
+  UpstreamError,
   WalletEmptyError,
 } from '../../Errors.ts'
 import * as ApiKeys from '../../ledger/ApiKeys.ts'
@@ -26,7 +28,8 @@ import * as Events from '../../payment/Events.ts'
 import type * as Method from '../../payment/Method.ts'
 import * as Problem from '../../payment/Problem.ts'
 import * as Chat from '../../upstream/Chat.ts'
-import type { Model } from '../../upstream/Router.ts'
+import type { Body, Timing } from '../../upstream/Provider.ts'
+import type { Model, Route } from '../../upstream/Router.ts'
 import type { Deps } from '../Deps.ts'
 import * as Auth from '../middleware/Auth.ts'
 import * as Parse from '../Parse.ts'
@@ -40,6 +43,8 @@ type Plan = {
   req: Chat.Request
   text: string
   model: Model
+  /** The upstreams to try, in order (see Router.routes). */
+  routes: Route[]
   promptTokens: number
   /** Output tokens the request may produce (max_tokens, capped by the context; once admitted,
    * by the plan's monthly quota too). */
@@ -82,7 +87,27 @@ function plan(deps: Deps, text: string): Plan {
       : limit,
   )
   const need = asked !== undefined && !req.stream ? want : Pricing.cost(price, promptTokens, first)
-  return { req, text, model, promptTokens, limit, room, asked, want, need }
+  ceilings(req, model)
+  const routes = deps.router.routes(model, req.routing_strategy, {
+    prompt: promptTokens,
+    output: limit,
+  })
+  return { req, text, model, routes, promptTokens, limit, room, asked, want, need }
+}
+
+/** Refuses a model priced above the request's ceilings (`max_*_price_per_million`). */
+function ceilings(req: Chat.Request, model: Model): void {
+  const limits = [
+    ['input', req.max_input_price_per_million],
+    ['output', req.max_output_price_per_million],
+  ] as const
+  for (const [side, most] of limits)
+    if (most !== undefined && model.pricing[side] > most)
+      throw new InvalidRequestError(
+        `${model.id} costs ${model.pricing[side]} base units per 1M ${side} tokens, above max_${side}_price_per_million (${most}); nothing was charged.`,
+        'price_above_ceiling',
+        { param: `max_${side}_price_per_million` },
+      )
 }
 
 /** The model a request body names, if it names a known one (to price a challenge). */
@@ -122,9 +147,10 @@ async function serve(
 ): Promise<Response> {
   const { req, model, promptTokens } = p
   const price = model.pricing
-  const body: Record<string, unknown> = { ...req, model: model.upstreamModel }
-  delete body.stream_options
   const signal = c.req.raw.signal
+  // The client's timeout_ms bounds the time to its answer (its start, for a stream) over
+  // every upstream tried.
+  const deadline = req.timeout_ms === undefined ? undefined : startedAt + req.timeout_ms
 
   if (!req.stream) {
     // Cap the upstream at what the reservation pays for, so the charge cannot exceed it
@@ -139,7 +165,9 @@ async function serve(
       startedAt,
       maxTokens: max,
       call: () =>
-        observed(deps, model, model.provider.complete(body as never, signal, limits), signal),
+        routed(deps, p, signal, deadline, (route, body, timing) =>
+          route.provider.complete(body, signal, limits, timing),
+        ),
     })
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
     return c.json({ ...completion, model: model.id, usage: { ...completion.usage, ...usage } })
@@ -157,11 +185,8 @@ async function serve(
     // quota (it extends its reservation as it goes, so credits do not cap it here).
     limits = p.asked !== undefined || p.limit < p.room ? { maxTokens: p.limit } : undefined
     // Answered once the upstream has begun (a failure before its first token is a 502).
-    chunks = await observed(
-      deps,
-      model,
-      model.provider.stream(body as never, abort.signal, limits).then(Chat.started),
-      abort.signal,
+    chunks = await routed(deps, p, abort.signal, deadline, (route, body, timing) =>
+      route.provider.stream(body, abort.signal, limits, timing).then(Chat.started),
     )
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
@@ -426,27 +451,61 @@ export function routes(deps: Deps) {
 }
 
 /**
- * Records the upstream's health from the outcome of a call. A call its caller gave up on
- * (`signal` aborted: the client went away, or a newer stream took the channel) says nothing
- * of the upstream: counted, three clients closing their requests early shut the model off
- * for everyone.
+ * Calls the request's routes in turn until one answers (a stream: begins), and records each
+ * upstream's health and latency from the outcome. A route that fails before its first token
+ * (unreachable, timed out, a 5xx or 429, a malformed answer) hands the request to the next;
+ * one that rejects the request itself (a 400, 404 or 422: `upstream_rejected`) ends it, as
+ * the next would reject it too. A call its caller gave up on (`signal` aborted: the client
+ * went away, or a newer stream took the channel) says nothing of the upstream: counted, three
+ * clients closing their requests early shut the model off for everyone.
  */
-async function observed<T>(
+async function routed<T>(
   deps: Deps,
-  model: Model,
-  call: Promise<T>,
+  p: Plan,
   signal: AbortSignal,
+  deadline: number | undefined,
+  call: (route: Route, body: Body, timing: Timing) => Promise<T>,
 ): Promise<T> {
-  try {
-    const r = await call
-    deps.router.record(model.provider, true)
-    return r
-  } catch (e) {
-    const status = (e as GatewayError).status
-    if (!signal.aborted && (status === undefined || status >= 500))
-      deps.router.record(model.provider, false)
-    throw e
+  let failed: GatewayError | undefined
+  const tried: string[] = []
+  for (const route of p.routes) {
+    const left = deadline === undefined ? undefined : deadline - performance.now()
+    if (left !== undefined && left < 1) break
+    const at = performance.now()
+    tried.push(route.provider.name)
+    try {
+      const r = await call(route, Chat.upstreamBody(p.req, route.upstreamModel) as Body, {
+        timeoutMs: left,
+      })
+      deps.router.record(route.provider, true, performance.now() - at)
+      return r
+    } catch (e) {
+      if (signal.aborted) throw e
+      // A bug or a refusal of the request itself goes no further; a bug still counts against
+      // the upstream, as it did before routes.
+      if (!(e instanceof GatewayError)) deps.router.record(route.provider, false)
+      if (!(e instanceof GatewayError) || e.status < 500) throw e
+      deps.router.record(route.provider, false)
+      failed = e
+    }
   }
+  if (failed === undefined)
+    throw deadline === undefined
+      ? new NoUpstreamError(
+          `No healthy upstream serves "${p.model.id}" right now; retry shortly.`,
+          'no_upstream_available',
+          { headers: { 'retry-after': '1' } },
+        )
+      : new UpstreamError(
+          `No upstream of ${p.model.id} answered within timeout_ms (${p.req.timeout_ms} ms).`,
+          'upstream_timeout',
+        )
+  if (tried.length === 1) throw failed
+  throw new UpstreamError(
+    `Every upstream of ${p.model.id} failed (${tried.join(', ')}); the last: ${failed.message}`,
+    failed.code,
+    { cause: failed, ...(failed.details ? { details: failed.details } : {}) },
+  )
 }
 
 /** Logs each settled request: counts, money and timings only. */

@@ -11,7 +11,7 @@ export function routes(deps: Deps) {
     id: m.id,
     object: 'model',
     created,
-    owned_by: m.provider.name,
+    owned_by: m.routes[0]!.provider.name,
     pricing: { input: m.pricing.input.toString(), output: m.pricing.output.toString() },
     context_length: m.contextLength,
   })

@@ -1,0 +1,295 @@
+/**
+ * Models served by several upstreams (`routes`): failover before the first token, the
+ * routing strategies, the client's `timeout_ms` and price ceilings.
+ */
+import { describe, expect, test } from 'bun:test'
+import * as Gateway from '../helpers/Gateway.ts'
+import * as Upstream from '../helpers/Upstream.ts'
+
+const fake = Upstream.start({ slowMs: 40 })
+// A port nothing listens on: an upstream that cannot be reached.
+const closed = Bun.serve({ port: 0, fetch: () => new Response() })
+const nowhere = `http://127.0.0.1:${closed.port}/v1`
+closed.stop(true)
+
+const price = { input: '1000000', output: '2000000' }
+/** Upstreams by name; each has its own circuit breaker. */
+const upstreams = [
+  ['primary', fake.url],
+  ['backup', fake.url],
+  ['slow', fake.url],
+  ['hang', fake.url],
+  ['flaky', fake.url],
+  ['rejecting', fake.url],
+  ['down-a', nowhere],
+  ['down-b', nowhere],
+  ['down-c', nowhere],
+].map(([name, baseUrl]) => ({ name: name!, baseUrl: baseUrl!, timeoutMs: 1_000 }))
+
+const route = (upstream: string, upstreamModel: string, cost?: number) => ({
+  upstream,
+  upstreamModel,
+  ...(cost === undefined ? {} : { cost: { input: cost, output: cost } }),
+})
+const model = (id: string, routes: ReturnType<typeof route>[], pricing = price) => ({
+  id,
+  routes,
+  pricing,
+  contextLength: 4096,
+})
+
+const gw = await Gateway.create({
+  upstreams,
+  models: [
+    model('failover', [route('down-a', 'a'), route('primary', 'fake-primary')]),
+    model('rejected', [route('rejecting', 'fake-400'), route('backup', 'fake-after-400')]),
+    model('all-down', [route('down-b', 'b'), route('down-c', 'c')]),
+    model('circuit', [route('flaky', 'fake-500'), route('backup', 'fake-after-flaky')]),
+    model('by-cost', [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)]),
+    model('by-speed', [route('slow', 'fake-slow'), route('primary', 'fake-quick')]),
+    model('hanging', [route('hang', 'fake-hang'), route('backup', 'fake-after-hang')]),
+    {
+      id: 'single',
+      upstream: 'primary',
+      upstreamModel: 'fake',
+      pricing: price,
+      contextLength: 4096,
+    },
+  ],
+})
+
+const messages = [{ role: 'user' as const, content: 'route me somewhere good' }]
+
+function post(key: string, body: Record<string, unknown>) {
+  return fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', authorization: `Bearer ${key}` },
+    body: JSON.stringify({ messages, ...body }),
+  })
+}
+
+/** The upstream model names the fake was asked for since `from` (an index into `received`). */
+const asked = (from: number) => fake.received.slice(from).map((r) => r.model)
+
+type Failure = { error: { type: string; code: string; message: string; param?: string } }
+
+describe('routes: failover before the first token', () => {
+  test('behavior: an upstream that cannot be reached hands the request to the next route, charged once', async () => {
+    const { id, key } = await gw.account()
+    const from = fake.received.length
+    const r = await gw.openai(key).chat.completions.create({ model: 'failover', messages })
+    expect(r.choices[0]!.message.content).toBe(messages[0]!.content)
+    expect(r.model).toBe('failover')
+    expect(asked(from)).toEqual(['fake-primary'])
+    const l = await Gateway.ledger(gw.sql, id)
+    const cost = BigInt(r.usage!.prompt_tokens + 2 * r.usage!.completion_tokens)
+    expect(l.balance).toBe(1_000_000n - cost)
+    expect(l.reserved).toBe(0n)
+    const [u] = await gw.sql`select count(*)::int as n from usage where account_id = ${id}`
+    expect(u!.n).toBe(1)
+  })
+
+  test('behavior: a stream whose first upstream answers 500 streams from the next', async () => {
+    const { key } = await gw.account()
+    const from = fake.received.length
+    const stream = await gw.openai(key).chat.completions.create({
+      model: 'circuit',
+      messages,
+      stream: true,
+    })
+    let text = ''
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+    expect(text).toBe(messages[0]!.content)
+    expect(asked(from)).toEqual(['fake-500', 'fake-after-flaky'])
+  })
+
+  test('behavior: an upstream whose circuit opened is skipped, not tried first every time', async () => {
+    const { key } = await gw.account()
+    // Three failures open the circuit (the stream above was one).
+    for (let i = 0; i < 3; i++) expect((await post(key, { model: 'circuit' })).status).toBe(200)
+    const from = fake.received.length
+    expect((await post(key, { model: 'circuit' })).status).toBe(200)
+    expect(asked(from)).toEqual(['fake-after-flaky'])
+    // The model stays ready while one of its upstreams is.
+    const health = await (await fetch(`${gw.url}/v1/models/circuit/health`)).json()
+    expect(health).toEqual({ model: 'circuit', status: 'ready' })
+  })
+
+  test('error: an upstream that rejects the request itself (400) ends it; the next is not tried', async () => {
+    const { id, key } = await gw.account()
+    const from = fake.received.length
+    const res = await post(key, { model: 'rejected' })
+    expect(res.status).toBe(400)
+    expect(((await res.json()) as Failure).error.code).toBe('upstream_rejected')
+    expect(asked(from)).toEqual(['fake-400'])
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(1_000_000n)
+  })
+
+  test('error: every route failing is a 502 naming each upstream tried, nothing charged', async () => {
+    const { id, key } = await gw.account()
+    for (const stream of [false, true]) {
+      const res = await post(key, { model: 'all-down', stream })
+      expect(res.status).toBe(502)
+      const { error } = (await res.json()) as Failure
+      expect(error.type).toBe('upstream_error')
+      expect(error.code).toBe('upstream_unreachable')
+      expect(error.message).toContain('(down-b, down-c)')
+    }
+    const l = await Gateway.ledger(gw.sql, id)
+    expect(l.balance).toBe(1_000_000n)
+    expect(l.reserved).toBe(0n)
+  })
+})
+
+describe('routing_strategy', () => {
+  test('behavior: balanced (the default) keeps the operator order; cheapest takes the cheaper upstream', async () => {
+    const { key } = await gw.account()
+    let from = fake.received.length
+    expect((await post(key, { model: 'by-cost' })).status).toBe(200)
+    expect((await post(key, { model: 'by-cost', routing_strategy: 'balanced' })).status).toBe(200)
+    expect(asked(from)).toEqual(['fake-dear', 'fake-dear'])
+    from = fake.received.length
+    const r = await post(key, { model: 'by-cost', routing_strategy: 'cheapest' })
+    expect(r.status).toBe(200)
+    expect(asked(from)).toEqual(['fake-cheap'])
+    // The client pays the model's price whichever upstream served it.
+    const body = (await r.json()) as {
+      usage: { prompt_tokens: number; completion_tokens: number; cost: string }
+    }
+    expect(body.usage.cost).toBe(
+      String(body.usage.prompt_tokens + 2 * body.usage.completion_tokens),
+    )
+  })
+
+  test('behavior: fastest moves to the upstream that answered sooner once both are timed', async () => {
+    const { key } = await gw.account()
+    const from = fake.received.length
+    // Streams: the slow upstream waits before each word, the first one too.
+    const streamed = async (body: Record<string, unknown>) => {
+      const res = await post(key, { model: 'by-speed', stream: true, ...body })
+      expect(res.status).toBe(200)
+      expect(await res.text()).toContain('[DONE]')
+    }
+    for (let i = 0; i < 4; i++) await streamed({ routing_strategy: 'fastest' })
+    const order = asked(from)
+    // Untimed upstreams go first, so each is timed once; then the quick one wins every time.
+    expect(order.slice(2)).toEqual(['fake-quick', 'fake-quick'])
+    expect(order.slice(0, 2).toSorted()).toEqual(['fake-quick', 'fake-slow'])
+    // balanced still goes to the slow one, first in the operator's order.
+    const again = fake.received.length
+    await streamed({})
+    expect(asked(again)).toEqual(['fake-slow'])
+  })
+
+  test('error: an unknown routing_strategy is a 400 naming it', async () => {
+    const { key } = await gw.account()
+    const res = await post(key, { model: 'single', routing_strategy: 'random' })
+    expect(res.status).toBe(400)
+    const { error } = (await res.json()) as Failure
+    expect(error.param).toBe('routing_strategy')
+    expect(error.message).toContain('balanced, fastest, cheapest')
+  })
+})
+
+describe('timeout_ms', () => {
+  test('behavior: it cuts an upstream that does not answer sooner than its own timeout, and bounds every route tried', async () => {
+    const { id, key } = await gw.account()
+    // The upstream's own timeout (1 s) would let the next route answer...
+    const from = fake.received.length
+    expect((await post(key, { model: 'hanging' })).status).toBe(200)
+    expect(asked(from)).toEqual(['fake-hang', 'fake-after-hang'])
+    // ...the client's 150 ms is over by then, for the first route and the request.
+    for (const stream of [false, true]) {
+      const started = performance.now()
+      const res = await post(key, { model: 'hanging', stream, timeout_ms: 150 })
+      const took = performance.now() - started
+      expect(res.status).toBe(502)
+      expect(((await res.json()) as Failure).error.code).toBe('upstream_timeout')
+      expect(took).toBeLessThan(900)
+    }
+    expect((await Gateway.ledger(gw.sql, id)).reserved).toBe(0n)
+  })
+
+  test('error: timeout_ms that is not a positive whole number of ms is a 400 naming it', async () => {
+    const { key } = await gw.account()
+    for (const bad of [0, -5, 1.5, '100', 3_600_001]) {
+      const res = await post(key, { model: 'single', timeout_ms: bad })
+      expect(res.status).toBe(400)
+      expect(((await res.json()) as Failure).error.param).toBe('timeout_ms')
+    }
+  })
+})
+
+describe('price ceilings', () => {
+  test('behavior: a model within both ceilings is served; above either, a 400 before anything is charged or sent', async () => {
+    const { id, key } = await gw.account()
+    const ok = await post(key, {
+      model: 'single',
+      max_input_price_per_million: 1_000_000,
+      max_output_price_per_million: '2000000',
+    })
+    expect(ok.status).toBe(200)
+    const balance = (await Gateway.ledger(gw.sql, id)).balance
+    const from = fake.received.length
+    for (const [input, output, param] of [
+      [999_999, 2_000_000, 'max_input_price_per_million'],
+      ['1000000', '1999999', 'max_output_price_per_million'],
+    ] as const) {
+      const res = await post(key, {
+        model: 'single',
+        max_input_price_per_million: input,
+        max_output_price_per_million: output,
+      })
+      expect(res.status).toBe(400)
+      const { error } = (await res.json()) as Failure
+      expect(error.code).toBe('price_above_ceiling')
+      expect(error.param).toBe(param)
+    }
+    expect(fake.received.length).toBe(from)
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(balance)
+  })
+
+  test('error: one ceiling without the other, or one that is not a price, is a 400 naming it', async () => {
+    const { key } = await gw.account()
+    const cases: [Record<string, unknown>, string][] = [
+      [{ max_input_price_per_million: 5 }, 'max_output_price_per_million'],
+      [{ max_output_price_per_million: 5 }, 'max_input_price_per_million'],
+      [
+        { max_input_price_per_million: -1, max_output_price_per_million: 5 },
+        'max_input_price_per_million',
+      ],
+      [
+        { max_input_price_per_million: 5, max_output_price_per_million: '1e6' },
+        'max_output_price_per_million',
+      ],
+    ]
+    for (const [ceilings, param] of cases) {
+      const res = await post(key, { model: 'single', ...ceilings })
+      expect(res.status).toBe(400)
+      expect(((await res.json()) as Failure).error.param).toBe(param)
+    }
+  })
+
+  test('behavior: the gateway parameters never reach the upstream', async () => {
+    const { key } = await gw.account()
+    const from = fake.received.length
+    const res = await post(key, {
+      model: 'single',
+      routing_strategy: 'fastest',
+      timeout_ms: 5_000,
+      max_input_price_per_million: 10_000_000,
+      max_output_price_per_million: 10_000_000,
+      temperature: 0.5,
+    })
+    expect(res.status).toBe(200)
+    const body = fake.received[from]!.body
+    expect(body.temperature).toBe(0.5)
+    for (const k of [
+      'routing_strategy',
+      'timeout_ms',
+      'max_input_price_per_million',
+      'max_output_price_per_million',
+    ])
+      expect(body).not.toHaveProperty(k)
+  })
+})
