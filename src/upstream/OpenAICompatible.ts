@@ -50,7 +50,7 @@ export function create(options: Options): Provider {
         signal,
         watchdog,
       )
-      watchdog.reset()
+      watchdog.headers()
       return chunks(options.name, response, signal, watchdog)
     },
     async complete(body, signal, limits, timing) {
@@ -214,23 +214,37 @@ function refusal(name: string, status: number, body: string): Error {
   })
 }
 
-/** Aborts when `ms` pass without a reset. */
+/** Aborts when `first` ms pass before the first reset, or `ms` between two. */
 class Watchdog {
   private readonly controller = new AbortController()
   private timer: ReturnType<typeof setTimeout> | undefined
   private last = performance.now()
+  private limit: number
   readonly signal = this.controller.signal
-  constructor(private readonly ms: number) {
-    this.arm(ms)
+  constructor(
+    private readonly ms: number,
+    private readonly first?: number,
+  ) {
+    this.limit = first ?? ms
+    this.arm(this.limit)
   }
-  /** The upstream's timeout, shortened to the client's when it asked for less. */
+  /** The upstream's timeout, shortened to the client's where it asked for less. */
   static for(upstreamMs: number, timing: Timing | undefined): Watchdog {
-    const ms = timing?.timeoutMs
-    return new Watchdog(ms === undefined ? upstreamMs : Math.max(1, Math.min(upstreamMs, ms)))
+    if (!timing) return new Watchdog(upstreamMs)
+    const within = (ms: number) => Math.max(1, Math.min(upstreamMs, ms))
+    return new Watchdog(within(timing.gapMs), within(timing.firstMs))
   }
   /** Records activity. Cheap: called per chunk, it only moves a timestamp. */
   reset() {
     this.last = performance.now()
+    this.limit = this.ms
+  }
+  /**
+   * A stream's headers arrived: the upstream's own timeout starts again for its first chunk;
+   * the client's (`first`) still runs to it.
+   */
+  headers() {
+    if (this.first === undefined) this.reset()
   }
   stop() {
     clearTimeout(this.timer)
@@ -239,8 +253,8 @@ class Watchdog {
   private arm(delay: number) {
     this.timer = setTimeout(() => {
       const idle = performance.now() - this.last
-      if (idle >= this.ms) this.controller.abort(new Error('timeout'))
-      else this.arm(this.ms - idle)
+      if (idle >= this.limit) this.controller.abort(new Error('timeout'))
+      else this.arm(this.limit - idle)
     }, delay)
   }
 }

@@ -13,11 +13,11 @@ export type Body = Record<string, unknown> & { model: string; messages: unknown[
 export type Limits = { maxTokens: number }
 
 /**
- * How long the client lets this call take (its `timeout_ms`, what is left of it): the time to
- * the answer (a whole completion) or to the first chunk (a stream), and between two chunks.
- * It only shortens the upstream's own timeout.
+ * How long the client lets this call take (its `timeout_ms`): `firstMs` to the answer (a
+ * whole completion) or to the first chunk (a stream), what is left of it for this call;
+ * `gapMs` between two chunks. Each only shortens the upstream's own timeout.
  */
-export type Timing = { timeoutMs?: number | undefined }
+export type Timing = { firstMs: number; gapMs: number }
 
 export interface Provider {
   readonly name: string

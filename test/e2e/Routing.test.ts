@@ -48,6 +48,7 @@ const gw = await Gateway.create({
     model('by-cost', [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)]),
     model('by-speed', [route('slow', 'fake-slow'), route('primary', 'fake-quick')]),
     model('hanging', [route('hang', 'fake-hang'), route('backup', 'fake-after-hang')]),
+    model('stalling', [route('backup', 'fake-stall')]),
     {
       id: 'single',
       upstream: 'primary',
@@ -208,6 +209,19 @@ describe('timeout_ms', () => {
       expect(took).toBeLessThan(900)
     }
     expect((await Gateway.ledger(gw.sql, id)).reserved).toBe(0n)
+  })
+
+  test('behavior: it bounds the pauses of a stream that has begun (an error event, charged for what was sent)', async () => {
+    const { id, key } = await gw.account()
+    const started = performance.now()
+    const res = await post(key, { model: 'stalling', stream: true, timeout_ms: 150 })
+    expect(res.status).toBe(200)
+    const text = await res.text()
+    expect(performance.now() - started).toBeLessThan(900)
+    expect(text).toContain('upstream_timeout')
+    const l = await Gateway.ledger(gw.sql, id)
+    expect(l.balance).toBeLessThan(1_000_000n)
+    expect(l.reserved).toBe(0n)
   })
 
   test('error: timeout_ms that is not a positive whole number of ms is a 400 naming it', async () => {

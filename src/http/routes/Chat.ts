@@ -464,7 +464,7 @@ async function routed<T>(
   p: Plan,
   signal: AbortSignal,
   deadline: number | undefined,
-  call: (route: Route, body: Body, timing: Timing) => Promise<T>,
+  call: (route: Route, body: Body, timing: Timing | undefined) => Promise<T>,
 ): Promise<T> {
   let failed: GatewayError | undefined
   const tried: string[] = []
@@ -474,9 +474,9 @@ async function routed<T>(
     const at = performance.now()
     tried.push(route.provider.name)
     try {
-      const r = await call(route, Chat.upstreamBody(p.req, route.upstreamModel) as Body, {
-        timeoutMs: left,
-      })
+      const timing =
+        left === undefined ? undefined : { firstMs: left, gapMs: p.req.timeout_ms ?? left }
+      const r = await call(route, Chat.upstreamBody(p.req, route.upstreamModel) as Body, timing)
       deps.router.record(route.provider, true, performance.now() - at)
       return r
     } catch (e) {
