@@ -139,6 +139,16 @@ export const Schema = z
       }, 'must be a postgres:// or postgresql:// URL')
       .optional(),
     adminToken: z.string().min(16).optional(),
+    /** Signed receipts on every completion (see metering/Receipt.ts). */
+    receipts: z.boolean().default(true),
+    /**
+     * The receipts' Ed25519 private key (32 bytes, hex); generated and kept in the data dir
+     * when unset. Instances behind one address should share it.
+     */
+    receiptKey: z
+      .string()
+      .regex(/^(0x)?[0-9a-fA-F]{64}$/, 'expected a 32-byte hex Ed25519 private key')
+      .optional(),
     logLevel: z
       .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
       .default('info'),
@@ -265,6 +275,8 @@ const env = {
   LOG_LEVEL: ['logLevel', z.string()],
   MAX_BODY_BYTES: ['maxBodyBytes', z.coerce.number()],
   TOLLWAY_WORKERS: ['workers', z.coerce.number()],
+  RECEIPT_KEY: ['receiptKey', z.string()],
+  TOLLWAY_RECEIPTS: ['receipts', z.stringbool()],
 } as const
 
 const paymentEnv = {

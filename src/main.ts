@@ -28,6 +28,7 @@ import * as Embedded from './ledger/Embedded.ts'
 import * as Reservations from './ledger/Reservations.ts'
 import * as Settlements from './ledger/Settlements.ts'
 import { Waker } from './ledger/Waker.ts'
+import * as Receipt from './metering/Receipt.ts'
 import * as Tokenizer from './metering/Tokenizer.ts'
 import * as ChainEscrow from './payment/evm/ChainEscrow.ts'
 import * as Server from './payment/evm/Server.ts'
@@ -240,6 +241,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       payments,
       waker,
       settlement,
+      receipts: config.receipts ? new Receipt.Signer(receiptKey(config)) : undefined,
     })
     let server: ReturnType<typeof Bun.serve>
     try {
@@ -362,6 +364,17 @@ function kept(dataDir: string, name: string, prefix: string): string {
   const value = `${prefix}${randomBytes(32).toString('base64url')}`
   writeFileSync(path, `${value}\n`, { mode: 0o600 })
   return value
+}
+
+/** The receipts' Ed25519 key: the configured one, else one kept in the data dir. */
+function receiptKey(config: Config.Config): Uint8Array {
+  if (config.receiptKey) return Buffer.from(config.receiptKey.replace(/^0x/, ''), 'hex')
+  const seed = Buffer.from(kept(config.dataDir, 'receipt-key', ''), 'base64url')
+  if (seed.length !== 32)
+    throw new Config.ConfigError(
+      `${join(config.dataDir, 'receipt-key')}: the kept receipt key is not 32 bytes (base64url); delete the file to have a new one made, or set RECEIPT_KEY`,
+    )
+  return seed
 }
 
 /**

@@ -60,6 +60,16 @@ export function create(deps: Deps): Hono {
   app.get('/metrics', Auth.admin(deps), async (c) =>
     c.body(await deps.metrics.text(), 200, { 'content-type': deps.metrics.contentType }),
   )
+  // The key completion receipts are signed with (see metering/Receipt.ts).
+  app.get('/v1/receipts/key', (c) => {
+    const signer = deps.receipts
+    if (!signer)
+      throw new NotFoundError(
+        'This gateway signs no receipts (receipts are off in its configuration).',
+        'receipts_off',
+      )
+    return c.json({ algorithm: 'Ed25519', key_id: signer.keyId, public_key: signer.publicKey })
+  })
   app.route('/v1/models', Models.routes(deps))
   app.route('/v1/chat/completions', Chat.routes(deps))
   app.route('/v1/channels', Channels.routes(deps))

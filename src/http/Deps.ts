@@ -5,6 +5,7 @@ import type * as Settlement from '../chain/Settlement.ts'
 import type { Logger } from '../Logger.ts'
 import type { Sql } from '../ledger/Db.ts'
 import type { Waker } from '../ledger/Waker.ts'
+import type { Signer } from '../metering/Receipt.ts'
 import type { Router } from '../upstream/Router.ts'
 import type { Metrics } from './Metrics.ts'
 import type { Payments } from './Payments.ts'
@@ -20,4 +21,6 @@ export type Deps = {
   payments?: Payments | undefined
   waker?: Waker | undefined
   settlement?: Settlement.Worker | undefined
+  /** Signs completion receipts; absent when `receipts` is off. */
+  receipts?: Signer | undefined
 }

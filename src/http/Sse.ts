@@ -47,6 +47,8 @@ export type Options = {
   onError?: (e: unknown) => void
   /** Renders frames other than chunks and the end (payment events). */
   extra?: (frame: Frame) => Promise<Uint8Array | undefined>
+  /** The signed receipt the final usage chunk carries (see metering/Receipt.ts). */
+  receipt?: (usage: Usage) => unknown
   /** Events to send after the final usage chunk, before `[DONE]` (the payment receipt). */
   beforeDone?: () => Promise<Uint8Array | undefined>
   /**
@@ -133,13 +135,15 @@ export function response(c: Context, o: Options): Response {
     }
     const out: Uint8Array[] = []
     const finishing = { ...base, choices: [{ index: 0, delta: {}, finish_reason: finishReason }] }
+    const receipt = o.receipt?.(usage)
+    const metered = receipt === undefined ? { usage } : { usage, receipt }
     if (o.includeUsage) {
       // A stream cut short (credits, a voucher, a newer stream) never had the upstream's
       // finishing chunk: the client still gets its finish_reason, before the usage chunk.
       if (!finishSent && finishReason !== null) out.push(data(finishing))
-      out.push(data({ ...base, choices: [], usage }))
-    } else if (held) out.push(data({ ...held, usage }))
-    else out.push(data({ ...finishing, usage }))
+      out.push(data({ ...base, choices: [], ...metered }))
+    } else if (held) out.push(data({ ...held, ...metered }))
+    else out.push(data({ ...finishing, ...metered }))
     held = undefined
     if (error) out.push(data(error.toJSON()))
     return out

@@ -8,6 +8,7 @@
 import { ConflictError, GatewayError, InsufficientCreditsError } from '../Errors.ts'
 import { type Chunk, type Completion, generated, type Received } from '../upstream/Chat.ts'
 import * as Pricing from './Pricing.ts'
+import type { Digest } from './Receipt.ts'
 import * as Tokenizer from './Tokenizer.ts'
 
 /** Credits held for one request, by whatever pays for it. Implemented by the stores. */
@@ -39,6 +40,8 @@ export interface Reservation {
    * another instance can be refused because the settle is still on its way.
    */
   readonly settleInBackground?: boolean
+  /** What the request was settled with: undefined before its settle. */
+  readonly settledOutcome?: { status: string } | undefined
 }
 
 /**
@@ -107,6 +110,8 @@ export type StreamOptions = {
    * outlive its lease and be swept as abandoned.
    */
   renewMs?: number
+  /** Fed the generated text of every chunk sent, for the request's receipt. */
+  digest?: Digest | undefined
 }
 
 /**
@@ -301,6 +306,9 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
             }
             exact += n
           }
+          if (o.digest)
+            if (text !== undefined) o.digest.update(text)
+            else for (const t of texts!) o.digest.update(t)
           if (chunk?.usage) {
             const { usage: _, ...rest } = chunk
             out.push({ chunk: rest as Chunk })

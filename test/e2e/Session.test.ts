@@ -7,6 +7,7 @@ import { type Hex, keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
+import { verifyReceipt } from '../../src/client/index.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
@@ -177,6 +178,7 @@ describe('a full session', () => {
       method: 'POST',
       headers: {
         authorization: await session.voucher(BigInt(receipt.acceptedCumulative) + 1_000n),
+        'tollway-receipt': 'true',
       },
       body: body(false, 'short one'),
     })
@@ -186,10 +188,18 @@ describe('a full session', () => {
       spent: string
       units: number
     }
-    const secondUsage = (
-      (await again.json()) as { usage: { cost: string; completion_tokens: number } }
-    ).usage
+    const secondBody = (await again.json()) as {
+      usage: { cost: string; completion_tokens: number }
+      receipt: Record<string, unknown>
+    }
+    const secondUsage = secondBody.usage
     expect(BigInt(second.spent)).toBe(BigInt(receipt.spent) + BigInt(secondUsage.cost))
+    // The signed completion receipt names the channel as the payer, and the same charge.
+    const { public_key } = (await (await fetch(`${gw.url}/v1/receipts/key`)).json()) as {
+      public_key: string
+    }
+    expect(secondBody.receipt).toMatchObject({ payer: 'channel', cost: secondUsage.cost })
+    expect(verifyReceipt(secondBody.receipt, public_key)).toBe(true)
     expect(second.units).toBe(secondUsage.completion_tokens)
 
     // Ledger invariants.

@@ -22,6 +22,7 @@ import * as Channels from '../../ledger/Channels.ts'
 import * as Reservations from '../../ledger/Reservations.ts'
 import * as Meter from '../../metering/Meter.ts'
 import * as Pricing from '../../metering/Pricing.ts'
+import * as Receipt from '../../metering/Receipt.ts'
 import * as Tokenizer from '../../metering/Tokenizer.ts'
 import * as Encoding from '../../payment/Encoding.ts'
 import * as Events from '../../payment/Events.ts'
@@ -53,10 +54,12 @@ type Plan = {
   asked: number | undefined
   want: bigint
   need: bigint
+  /** Signs the request's receipt (see `receiptSigner`). */
+  signer: Receipt.Signer | undefined
 }
 
-/** Parses and prices a completion request. */
-function plan(deps: Deps, text: string): Plan {
+/** Parses and prices a completion request; `signer` signs its receipt, if it asked for one. */
+function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
   const { blockTokens } = deps.config.metering
   const req = Parse.parse(Chat.Request, Parse.json(text))
   const model = deps.router.route(req.model)
@@ -92,7 +95,7 @@ function plan(deps: Deps, text: string): Plan {
     prompt: promptTokens,
     output: limit,
   })
-  return { req, text, model, routes, promptTokens, limit, room, asked, want, need }
+  return { req, text, model, routes, promptTokens, limit, room, asked, want, need, signer }
 }
 
 /** Refuses a model priced above the request's ceilings (`max_*_price_per_million`). */
@@ -143,9 +146,22 @@ async function serve(
   p: Plan,
   reservation: Meter.Reservation,
   startedAt: number,
+  payer: Receipt.Facts['payer'],
   hooks: Hooks = {},
 ): Promise<Response> {
-  const { req, model, promptTokens } = p
+  const { req, model, promptTokens, signer } = p
+  /** The request's signed receipt, once it is settled (undefined when not asked for). */
+  const receipt = (usage: Meter.Usage, result: () => string) =>
+    signer?.sign({
+      request_id: reservation.id,
+      model: model.id,
+      payer,
+      prompt_tokens: usage.prompt_tokens,
+      completion_tokens: usage.completion_tokens,
+      cost: usage.cost,
+      status: reservation.settledOutcome?.status ?? 'ok',
+      result_sha256: result(),
+    })
   const price = model.pricing
   const signal = c.req.raw.signal
   // The client's timeout_ms bounds the time to its answer (its start, for a stream) over
@@ -170,7 +186,17 @@ async function serve(
         ),
     })
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
-    return c.json({ ...completion, model: model.id, usage: { ...completion.usage, ...usage } })
+    const signed = receipt(usage, () => {
+      const digest = new Receipt.Digest()
+      for (const choice of completion.choices) digest.update(Chat.generated(choice.message))
+      return digest.hex()
+    })
+    return c.json({
+      ...completion,
+      model: model.id,
+      usage: { ...completion.usage, ...usage },
+      ...(signed ? { receipt: signed } : {}),
+    })
   }
 
   const abort = new AbortController()
@@ -199,7 +225,9 @@ async function serve(
       )
     throw e
   }
+  const digest = signer ? new Receipt.Digest() : undefined
   const frames = Meter.stream({
+    digest,
     price,
     promptTokens,
     maxTokens: limits?.maxTokens,
@@ -218,6 +246,7 @@ async function serve(
     abort: () => abort.abort(new Error('client disconnected')),
     done: () => signal.removeEventListener('abort', onAbort),
     onError: (e) => deps.log.error({ err: (e as Error).message }, 'stream failed'),
+    ...(digest ? { receipt: (usage: Meter.Usage) => receipt(usage, () => digest.hex()) } : {}),
     ...(hooks.extra ? { extra: hooks.extra } : {}),
     ...(hooks.beforeDone ? { beforeDone: hooks.beforeDone } : {}),
     ...(hooks.headers ? { headers: hooks.headers } : {}),
@@ -238,7 +267,7 @@ export function routes(deps: Deps) {
         'payment_required',
       )
     }
-    const p = plan(deps, text)
+    const p = plan(deps, text, receiptSigner(c, deps))
     const { idempotencyKey, fingerprint } = idempotency(c, text)
     const requestId = newRequestId()
     const admitted = await Reservations.admit(deps.sql, {
@@ -281,7 +310,7 @@ export function routes(deps: Deps) {
       }),
       { account: admitted.accountId, model: p.model.id, stream: p.req.stream },
     )
-    return serve(c, deps, p, reservation, startedAt)
+    return serve(c, deps, p, reservation, startedAt, 'key')
   }
 
   /** Payment-credential holders: a channel, vouchers checked while streaming. */
@@ -317,7 +346,7 @@ export function routes(deps: Deps) {
       return c.json({ receipt: Encoding.toWire(receipt) })
     }
 
-    const p = plan(deps, text)
+    const p = plan(deps, text, receiptSigner(c, deps))
     const price = p.model.pricing
     if (checked.price.output !== price.output || checked.price.input !== price.input)
       throw Problem.verificationFailed(
@@ -386,7 +415,7 @@ export function routes(deps: Deps) {
           }),
         )
       : undefined
-    return serve(c, deps, p, reservation, startedAt, {
+    return serve(c, deps, p, reservation, startedAt, 'channel', {
       ...(start ? { headers: start } : {}),
       async extra(frame) {
         if (frame.kind !== 'shortfall') return undefined
@@ -555,6 +584,27 @@ type Refused = Exclude<Awaited<ReturnType<typeof Reservations.admit>>, { status:
  */
 function newRequestId(): string {
   return Bun.randomUUIDv7()
+}
+
+/**
+ * The signer of the request's receipt, if it asked for one (`Tollway-Receipt: true`) and the
+ * gateway signs receipts: a receipt costs an Ed25519 signature, wasted on a client that does
+ * not keep it.
+ */
+function receiptSigner(c: Context, deps: Deps): Receipt.Signer | undefined {
+  const asked = c.req.header('tollway-receipt')
+  if (asked === undefined || asked === 'false' || asked === '0') return undefined
+  if (asked !== 'true' && asked !== '1')
+    throw new InvalidRequestError('Tollway-Receipt must be true or false.', 'invalid_value', {
+      param: 'Tollway-Receipt',
+    })
+  if (!deps.receipts)
+    throw new InvalidRequestError(
+      'This gateway signs no receipts (receipts are off in its configuration); send the request without Tollway-Receipt.',
+      'receipts_off',
+      { param: 'Tollway-Receipt' },
+    )
+  return deps.receipts
 }
 
 /** The request's Idempotency-Key, checked, with the SHA-256 of its body. */
