@@ -98,6 +98,7 @@ export class Metrics {
       registers,
     })
     const router = deps.router
+    const up = (s: string) => (s === 'ready' ? 1 : s === 'loading' ? 0.5 : 0)
     new client.Gauge({
       name: 'tollway_upstream_up',
       help: "A model's upstream: 1 ready, 0.5 probing after an outage (loading), 0 unavailable (circuit open).",
@@ -106,8 +107,43 @@ export class Metrics {
       collect() {
         for (const m of router.models()) {
           const s = router.status(m)
-          this.set({ model: m.id }, s === 'ready' ? 1 : s === 'loading' ? 0.5 : 0)
+          this.set({ model: m.id }, up(s))
         }
+      },
+    })
+    // Each upstream a model routes to (upstream names are the operator's: a bounded set).
+    new client.Gauge({
+      name: 'tollway_upstream_status',
+      help: 'An upstream: 1 ready, 0.5 probing after an outage (loading), 0 unavailable (circuit open).',
+      labelNames: ['upstream'],
+      registers,
+      collect() {
+        this.reset()
+        for (const u of router.upstreams()) this.set({ upstream: u.name }, up(u.status))
+      },
+    })
+    new client.Counter({
+      name: 'tollway_upstream_calls_total',
+      help: 'Calls to an upstream until its answer began, by outcome (ok, or failed: a failure that counts against its health, the request going on to the next route if it has one).',
+      labelNames: ['upstream', 'outcome'],
+      registers,
+      collect() {
+        this.reset()
+        for (const u of router.upstreams()) {
+          this.inc({ upstream: u.name, outcome: 'ok' }, u.ok)
+          this.inc({ upstream: u.name, outcome: 'failed' }, u.failed)
+        }
+      },
+    })
+    new client.Gauge({
+      name: 'tollway_upstream_latency_seconds',
+      help: "An upstream's moving average latency, to a stream's first token or a whole answer (what routing_strategy fastest orders by).",
+      labelNames: ['upstream'],
+      registers,
+      collect() {
+        this.reset()
+        for (const u of router.upstreams())
+          if (u.latencyMs !== undefined) this.set({ upstream: u.name }, u.latencyMs / 1000)
       },
     })
     // The ledger's group commit (Batch.ts): statements sent and items they carried, by

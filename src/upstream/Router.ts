@@ -49,6 +49,8 @@ export class Router {
   private readonly circuits = new Map<string, Circuit>()
   /** Moving average of each provider's latency (to its first token, or answer), ms. */
   private readonly latencies = new Map<string, number>()
+  /** Calls to each provider, by outcome. */
+  private readonly calls = new Map<string, { ok: number; failed: number }>()
 
   constructor(
     models: Model[],
@@ -132,6 +134,13 @@ export class Router {
 
   /** Records the outcome of a call to a provider, and on success how long it took. */
   record(provider: Provider, ok: boolean, latencyMs?: number): void {
+    let calls = this.calls.get(provider.name)
+    if (!calls) {
+      calls = { ok: 0, failed: 0 }
+      this.calls.set(provider.name, calls)
+    }
+    if (ok) calls.ok++
+    else calls.failed++
     if (ok) {
       this.circuits.delete(provider.name)
       if (latencyMs !== undefined) {
@@ -147,6 +156,26 @@ export class Router {
     c.failures++
     if (c.failures >= this.options.threshold) c.openUntil = Date.now() + this.options.cooldownMs
     this.circuits.set(provider.name, c)
+  }
+
+  /** Every provider a model routes to: its health, calls by outcome and moving latency. */
+  upstreams(): {
+    name: string
+    status: Status
+    ok: number
+    failed: number
+    latencyMs: number | undefined
+  }[] {
+    const providers = new Map<string, Provider>()
+    for (const m of this.byId.values())
+      for (const r of m.routes) providers.set(r.provider.name, r.provider)
+    return [...providers.values()].map((p) => ({
+      name: p.name,
+      status: this.providerStatus(p),
+      ok: this.calls.get(p.name)?.ok ?? 0,
+      failed: this.calls.get(p.name)?.failed ?? 0,
+      latencyMs: this.latencies.get(p.name),
+    }))
   }
 
   private providerStatus(p: Provider): Status {

@@ -140,7 +140,23 @@ describe('GET /metrics', () => {
 
   test('behavior: an upstream whose circuit opened reads 0', async () => {
     const { key } = await gw.account()
+    const before = await scrape()
     for (let i = 0; i < 3; i++) await (await chat(key, { model: 'fake-500' })).text()
-    expect((await scrape()).get('tollway_upstream_up{model="fake-500"}')).toBe(0)
+    const after = await scrape()
+    expect(after.get('tollway_upstream_up{model="fake-500"}')).toBe(0)
+    // Per upstream too: its status, its calls by outcome, and the latency routing orders by.
+    expect(after.get('tollway_upstream_status{upstream="fake-500"}')).toBe(0)
+    expect(after.get('tollway_upstream_status{upstream="fake"}')).toBe(1)
+    const grew = (k: string) => (after.get(k) ?? 0) - (before.get(k) ?? 0)
+    // Three failures open the circuit; no call goes to it after that.
+    expect(after.get('tollway_upstream_calls_total{upstream="fake-500",outcome="failed"}')).toBe(3)
+    expect(
+      grew('tollway_upstream_calls_total{upstream="fake-500",outcome="failed"}'),
+    ).toBeGreaterThan(0)
+    expect(after.get('tollway_upstream_calls_total{upstream="fake",outcome="ok"}')).toBeGreaterThan(
+      0,
+    )
+    expect(after.get('tollway_upstream_latency_seconds{upstream="fake"}')).toBeGreaterThan(0)
+    expect(after.has('tollway_upstream_latency_seconds{upstream="fake-500"}')).toBe(false)
   })
 })

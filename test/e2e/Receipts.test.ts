@@ -134,7 +134,12 @@ describe('receipts', () => {
 
   test('behavior: no receipt unless asked for; a Tollway-Receipt that is not true or false is a 400 before anything is held', async () => {
     const { id, key: apiKey } = await gw.account()
-    for (const headers of [{}, { 'tollway-receipt': 'false' }, { 'tollway-receipt': '0' }]) {
+    const unasked: Record<string, string>[] = [
+      {},
+      { 'tollway-receipt': 'false' },
+      { 'tollway-receipt': '0' },
+    ]
+    for (const headers of unasked) {
       const res = await post(apiKey, {}, headers)
       expect(res.status).toBe(200)
       expect(await res.json()).not.toHaveProperty('receipt')
