@@ -2,6 +2,7 @@
  * The wallet user's commands: `chat` paying through a channel from TOLLWAY_WALLET_KEY, and
  * `channel status | close`.
  */
+import { createHash } from 'node:crypto'
 import { join } from 'node:path'
 import { createParser } from 'eventsource-parser'
 import { type Address, type Hex, isAddress } from 'viem'
@@ -16,7 +17,9 @@ import {
   createFetch,
   LimitExceededError,
   PaymentFailedError,
+  type Receipt,
   Store,
+  verifyReceipt,
 } from '../client/index.ts'
 import { type CliError, PaymentError, ServerError, UsageError } from './Errors.ts'
 import * as Http from './Http.ts'
@@ -125,10 +128,14 @@ export async function chat(ctx: Context) {
       ),
     waitMs,
   )
+  const signed = ctx.values.receipt ?? false
   const res = await progress(ctx, opening ? 'opening a payment channel' : undefined, () =>
     pay(url, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: {
+        'content-type': 'application/json',
+        ...(signed ? { 'tollway-receipt': 'true' } : {}),
+      },
       body: JSON.stringify({
         model,
         stream,
@@ -145,6 +152,7 @@ export async function chat(ctx: Context) {
   if (!res.ok) await Http.fail(res)
   let text = ''
   let usage: Usage | undefined
+  let receipt: Receipt | undefined
   if (stream) {
     const parser = createParser({
       onEvent: (event) => {
@@ -153,11 +161,13 @@ export async function chat(ctx: Context) {
         const chunk = JSON.parse(event.data) as {
           choices?: { delta?: { content?: string } }[]
           usage?: Usage
+          receipt?: Receipt
         }
         const piece = chunk.choices?.[0]?.delta?.content ?? ''
         text += piece
         if (piece && !ctx.settings.json) ctx.io.out(piece)
         if (chunk.usage) usage = chunk.usage
+        if (chunk.receipt) receipt = chunk.receipt
       },
     })
     const decoder = new TextDecoder()
@@ -168,18 +178,49 @@ export async function chat(ctx: Context) {
     const body = (await res.json()) as {
       choices: { message: { content: string } }[]
       usage?: Usage
+      receipt?: Receipt
     }
     text = body.choices[0]?.message.content ?? ''
     usage = body.usage
+    receipt = body.receipt
     if (!ctx.settings.json) ctx.io.out(`${text}\n`)
   }
   const channel = await pay.channel(url)
+  if (signed) await checkReceipt(ctx, receipt, text, usage)
   if (ctx.settings.json)
-    ctx.io.out(`${JSON.stringify({ content: text, usage, channelId: channel?.channelId })}\n`)
+    ctx.io.out(
+      `${JSON.stringify({ content: text, usage, channelId: channel?.channelId, ...(signed ? { receipt } : {}) })}\n`,
+    )
   else
     ctx.io.err(
-      `cost: ${usage?.cost ?? '?'} base units (${usage?.prompt_tokens ?? '?'} in, ${usage?.completion_tokens ?? '?'} out); channel ${channel?.channelId ?? '?'} signed ${channel?.signed ?? '?'} of ${channel?.deposit ?? '?'}\n`,
+      `cost: ${usage?.cost ?? '?'} base units (${usage?.prompt_tokens ?? '?'} in, ${usage?.completion_tokens ?? '?'} out); channel ${channel?.channelId ?? '?'} signed ${channel?.signed ?? '?'} of ${channel?.deposit ?? '?'}\n${signed ? `receipt: verified, signed by key ${receipt!.key_id}\n` : ''}`,
     )
+}
+
+/**
+ * Checks a receipt asked for: signed by the gateway's published key, for this answer's text
+ * and charge. One missing or wrong is a ServerError (exit 4): the gateway's word on the bill
+ * does not hold.
+ */
+async function checkReceipt(
+  ctx: Context,
+  receipt: Receipt | undefined,
+  text: string,
+  usage: Usage | undefined,
+): Promise<void> {
+  if (!receipt) throw new ServerError('the gateway sent no receipt, though one was asked for.')
+  const key = (await Http.request(target(ctx), 'GET', '/v1/receipts/key')) as {
+    public_key: string
+  }
+  const digest = createHash('sha256').update(text).digest('hex')
+  const wrong = !verifyReceipt(receipt, key.public_key)
+    ? 'its signature does not verify with the key of GET /v1/receipts/key'
+    : receipt.result_sha256 !== digest
+      ? 'it is for another text than the answer received'
+      : usage && receipt.cost !== usage.cost
+        ? `it states a cost of ${receipt.cost}, the answer ${usage.cost}`
+        : undefined
+  if (wrong) throw new ServerError(`the receipt does not hold: ${wrong}.`)
 }
 
 async function firstModel(ctx: Context): Promise<string> {

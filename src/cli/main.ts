@@ -64,7 +64,7 @@ tollway credits grant <account> -- -5, so that it is not read as an option). Nee
   tollway channels list [--limit N] [--json]
   tollway channels settle <channel-id> [--json]
 Needs the admin token.`,
-  chat: `Usage: tollway chat "prompt" [--model M] [--stream] [--json]
+  chat: `Usage: tollway chat "prompt" [--model M] [--stream] [--receipt] [--json]
 
 Pays per token through a payment channel from TOLLWAY_WALLET_KEY (a private key, 0x…).
 When the gateway pays the gas (feePayer) the channel opens by EIP-3009 signature: the
@@ -74,6 +74,8 @@ for opens from your own account and for forced closes (tollway channel request-c
 Options:
   --model M          the model (default: the gateway's first)
   --stream           print tokens as they arrive
+  --receipt          ask for the gateway's signed receipt and check it against its key and
+                     the answer (a receipt that does not verify exits 4)
   --escrow A         an escrow contract you trust (repeatable; TOLLWAY_ESCROW, comma-separated)
   --trust-escrow     trust whatever escrow the gateway names (TOLLWAY_TRUST_ESCROW=1); only for
                      a development chain or a gateway you run yourself
@@ -108,6 +110,7 @@ const options = {
   cursor: { type: 'string' },
   model: { type: 'string' },
   stream: { type: 'boolean' },
+  receipt: { type: 'boolean' },
   escrow: { type: 'string', multiple: true },
   'trust-escrow': { type: 'boolean' },
   'max-deposit': { type: 'string' },

@@ -306,6 +306,25 @@ describe('chat', () => {
     expect(r.stderr).not.toContain('done')
   })
 
+  test('behavior: --receipt asks for the signed receipt and checks it, whole or streamed', async () => {
+    const whole = await cli(
+      ['chat', 'hello receipt', '--model', 'fake', '--trust-escrow', '--receipt', '--json'],
+      wallet,
+    )
+    expect(whole.code).toBe(0)
+    const out = JSON.parse(whole.stdout)
+    expect(out.receipt).toMatchObject({ payer: 'channel', cost: out.usage.cost })
+    const streamed = await cli(
+      ['chat', 'hello receipt', '--model', 'fake', '--stream', '--trust-escrow', '--receipt'],
+      wallet,
+    )
+    expect(streamed.code).toBe(0)
+    expect(streamed.stderr).toContain(`receipt: verified, signed by key ${out.receipt.key_id}`)
+    // Without it, none is asked for.
+    const plain = await cli(['chat', 'hi', '--model', 'fake', '--trust-escrow', '--json'], wallet)
+    expect(JSON.parse(plain.stdout)).not.toHaveProperty('receipt')
+  }, 30_000)
+
   test('behavior: streams tokens, prints the cost; channels list | settle; channel status | close', async () => {
     const r = await cli(
       ['chat', 'hello there', '--model', 'fake', '--stream', '--trust-escrow'],
