@@ -5,6 +5,7 @@
  * belongs to metering/, a layer above), so every path through the gateway is metered without
  * a real upstream.
  */
+import { UpstreamError } from '../Errors.ts'
 import {
   type Chunk,
   type Completion,
@@ -28,8 +29,8 @@ export function create(options: { tokenDelayMs: number; tokens: Tokens }): Provi
   const { tokens } = options
   return {
     name: 'echo',
-    async stream(body, signal, limits) {
-      return batches(stream(tokens, body, signal, options.tokenDelayMs, limits))
+    async stream(body, signal, limits, timing) {
+      return batches(stream(tokens, body, signal, options.tokenDelayMs, limits, timing?.gapMs))
     },
     async complete(body, signal, limits) {
       const reply = generate(tokens, body, limits)
@@ -95,6 +96,25 @@ function usage(tokens: Tokens, body: Body, completion: number) {
   return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
 }
 
+/**
+ * Waits `ms` between two words, or until `signal` aborts; a pause longer than `gapMs` (the
+ * client's timeout_ms) times out there, as an upstream's would.
+ */
+async function pause(ms: number, gapMs: number | undefined, signal: AbortSignal): Promise<void> {
+  const wait = gapMs === undefined ? ms : Math.min(ms, gapMs)
+  await new Promise<void>((resolve) => {
+    const done = () => {
+      clearTimeout(timer)
+      signal.removeEventListener('abort', done)
+      resolve()
+    }
+    const timer = setTimeout(done, wait)
+    signal.addEventListener('abort', done, { once: true })
+  })
+  signal.throwIfAborted()
+  if (wait < ms) throw new UpstreamError('Upstream echo timed out.', 'upstream_timeout')
+}
+
 /** Each chunk a batch of its own: the echo model makes them one at a time. */
 async function* batches(chunks: AsyncIterable<Chunk>): AsyncGenerator<Received[]> {
   for await (const chunk of chunks) yield [{ chunk }]
@@ -106,6 +126,7 @@ async function* stream(
   signal: AbortSignal,
   delayMs: number,
   limits?: Limits,
+  gapMs?: number,
 ): AsyncGenerator<Chunk> {
   const reply = generate(tokens, body, limits)
   const base = {
@@ -123,7 +144,7 @@ async function* stream(
   })
   yield chunk({ role: 'assistant', content: '' })
   for (const word of reply.words) {
-    if (delayMs > 0) await Bun.sleep(delayMs)
+    if (delayMs > 0) await pause(delayMs, gapMs, signal)
     signal.throwIfAborted()
     yield chunk({ content: word })
   }

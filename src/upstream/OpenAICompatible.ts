@@ -214,7 +214,7 @@ function refusal(name: string, status: number, body: string): Error {
   })
 }
 
-/** Aborts when `first` ms pass before the first reset, or `ms` between two. */
+/** Aborts when `ms` pass before the first reset (or the headers), or `gap` ms between two. */
 class Watchdog {
   private readonly controller = new AbortController()
   private timer: ReturnType<typeof setTimeout> | undefined
@@ -222,29 +222,30 @@ class Watchdog {
   private limit: number
   readonly signal = this.controller.signal
   constructor(
-    private readonly ms: number,
-    private readonly first?: number,
+    ms: number,
+    private readonly gap: number = ms,
   ) {
-    this.limit = first ?? ms
-    this.arm(this.limit)
+    this.limit = ms
+    this.arm(ms)
   }
-  /** The upstream's timeout, shortened to the client's where it asked for less. */
+  /** The upstream's timeout; between chunks, shortened to the client's where it asked for less. */
   static for(upstreamMs: number, timing: Timing | undefined): Watchdog {
     if (!timing) return new Watchdog(upstreamMs)
-    const within = (ms: number) => Math.max(1, Math.min(upstreamMs, ms))
-    return new Watchdog(within(timing.gapMs), within(timing.firstMs))
+    return new Watchdog(upstreamMs, Math.max(1, Math.min(upstreamMs, timing.gapMs)))
   }
   /** Records activity. Cheap: called per chunk, it only moves a timestamp. */
   reset() {
     this.last = performance.now()
-    this.limit = this.ms
+    if (this.limit !== this.gap) {
+      // The first chunk: a shorter gap must not wait for the timer armed for the longer wait.
+      this.limit = this.gap
+      clearTimeout(this.timer)
+      this.arm(this.gap)
+    }
   }
-  /**
-   * A stream's headers arrived: the upstream's own timeout starts again for its first chunk;
-   * the client's (`first`) still runs to it.
-   */
+  /** A stream's headers arrived: the upstream's own timeout starts again for its first chunk. */
   headers() {
-    if (this.first === undefined) this.reset()
+    this.last = performance.now()
   }
   stop() {
     clearTimeout(this.timer)

@@ -13,11 +13,11 @@ export type Body = Record<string, unknown> & { model: string; messages: unknown[
 export type Limits = { maxTokens: number }
 
 /**
- * How long the client lets this call take (its `timeout_ms`): `firstMs` to the answer (a
- * whole completion) or to the first chunk (a stream), what is left of it for this call;
- * `gapMs` between two chunks. Each only shortens the upstream's own timeout.
+ * What the client lets a stream pause between two chunks (its `timeout_ms`); it only shortens
+ * the upstream's own timeout. (The wait for the answer to begin is bounded by the caller,
+ * which aborts the call's signal.)
  */
-export type Timing = { firstMs: number; gapMs: number }
+export type Timing = { gapMs: number }
 
 export interface Provider {
   readonly name: string

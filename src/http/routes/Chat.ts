@@ -181,8 +181,8 @@ async function serve(
       startedAt,
       maxTokens: max,
       call: () =>
-        routed(deps, p, signal, deadline, (route, body, timing) =>
-          route.provider.complete(body, signal, limits, timing),
+        routed(deps, p, signal, deadline, (route, body, bounded, timing) =>
+          route.provider.complete(body, bounded, limits, timing),
         ),
     })
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
@@ -211,8 +211,8 @@ async function serve(
     // quota (it extends its reservation as it goes, so credits do not cap it here).
     limits = p.asked !== undefined || p.limit < p.room ? { maxTokens: p.limit } : undefined
     // Answered once the upstream has begun (a failure before its first token is a 502).
-    chunks = await routed(deps, p, abort.signal, deadline, (route, body, timing) =>
-      route.provider.stream(body, abort.signal, limits, timing).then(Chat.started),
+    chunks = await routed(deps, p, abort.signal, deadline, (route, body, bounded, timing) =>
+      route.provider.stream(body, bounded, limits, timing).then(Chat.started),
     )
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
@@ -482,54 +482,77 @@ export function routes(deps: Deps) {
 /**
  * Calls the request's routes in turn until one answers (a stream: begins), and records each
  * upstream's health and latency from the outcome. A route that fails before its first token
- * (unreachable, timed out, a 5xx or 429, a malformed answer) hands the request to the next;
- * one that rejects the request itself (a 400, 404 or 422: `upstream_rejected`) ends it, as
- * the next would reject it too. A call its caller gave up on (`signal` aborted: the client
- * went away, or a newer stream took the channel) says nothing of the upstream: counted, three
- * clients closing their requests early shut the model off for everyone.
+ * (unreachable, timed out, a 5xx or 429, a malformed answer, or a 404: the upstream does not
+ * serve its model) hands the request to the next, with a `route failed` warning in the log;
+ * one that rejects the request itself (a 400 or 422: `upstream_rejected`) ends it, as the next
+ * would reject it too. A call its caller gave up on (`signal` aborted: the client went away,
+ * or a newer stream took the channel) says nothing of the upstream: counted, three clients
+ * closing their requests early shut the model off for everyone. Nor does one cut by the
+ * client's own `timeout_ms` (`deadline`), which bounds every call until its answer has begun
+ * (a stream's first token): what is left of it aborts the call's signal.
  */
 async function routed<T>(
   deps: Deps,
   p: Plan,
   signal: AbortSignal,
   deadline: number | undefined,
-  call: (route: Route, body: Body, timing: Timing | undefined) => Promise<T>,
+  call: (route: Route, body: Body, signal: AbortSignal, timing: Timing | undefined) => Promise<T>,
 ): Promise<T> {
   let failed: GatewayError | undefined
+  let late = false
   const tried: string[] = []
+  const timing = p.req.timeout_ms === undefined ? undefined : { gapMs: p.req.timeout_ms }
   for (const route of p.routes) {
     const left = deadline === undefined ? undefined : deadline - performance.now()
-    if (left !== undefined && left < 1) break
+    if (left !== undefined && left < 1) {
+      late = true
+      break
+    }
     const at = performance.now()
     tried.push(route.provider.name)
+    const clock = left === undefined ? undefined : new AbortController()
+    const timer = clock && setTimeout(() => clock.abort(new Error('timeout_ms')), Math.ceil(left!))
     try {
-      const timing =
-        left === undefined ? undefined : { firstMs: left, gapMs: p.req.timeout_ms ?? left }
-      const r = await call(route, Chat.upstreamBody(p.req, route.upstreamModel) as Body, timing)
+      const bounded = clock ? AbortSignal.any([signal, clock.signal]) : signal
+      const body = Chat.upstreamBody(p.req, route.upstreamModel) as Body
+      const r = await call(route, body, bounded, timing)
       deps.router.record(route.provider, true, performance.now() - at)
       return r
     } catch (e) {
       if (signal.aborted) throw e
+      // The client's time ran out: no fault of the upstream, and none left for another.
+      if (clock?.signal.aborted) {
+        late = true
+        break
+      }
       // A bug or a refusal of the request itself goes no further; a bug still counts against
-      // the upstream, as it did before routes.
+      // the upstream, as it did before routes. An upstream without the model (404) is the
+      // route's fault, not the request's, nor the upstream's as a whole (its other models).
+      const missing = e instanceof GatewayError && e.details?.upstream_status === 404
       if (!(e instanceof GatewayError)) deps.router.record(route.provider, false)
-      if (!(e instanceof GatewayError) || e.status < 500) throw e
-      deps.router.record(route.provider, false)
+      if (!(e instanceof GatewayError) || (e.status < 500 && !missing)) throw e
+      if (!missing) deps.router.record(route.provider, false)
+      deps.log.warn(
+        { model: p.model.id, upstream: route.provider.name, code: e.code },
+        'route failed',
+      )
       failed = e
+    } finally {
+      clearTimeout(timer)
     }
   }
+  if (late)
+    throw new UpstreamError(
+      `No upstream of ${p.model.id} answered within timeout_ms (${p.req.timeout_ms} ms)${tried.length > 0 ? ` (tried: ${tried.join(', ')})` : ''}.`,
+      'upstream_timeout',
+    )
   if (failed === undefined)
-    throw deadline === undefined
-      ? new NoUpstreamError(
-          `No healthy upstream serves "${p.model.id}" right now; retry shortly.`,
-          'no_upstream_available',
-          { headers: { 'retry-after': '1' } },
-        )
-      : new UpstreamError(
-          `No upstream of ${p.model.id} answered within timeout_ms (${p.req.timeout_ms} ms).`,
-          'upstream_timeout',
-        )
-  if (tried.length === 1) throw failed
+    throw new NoUpstreamError(
+      `No healthy upstream serves "${p.model.id}" right now; retry shortly.`,
+      'no_upstream_available',
+      { headers: { 'retry-after': '1' } },
+    )
+  if (tried.length === 1 || failed.status < 500) throw failed
   throw new UpstreamError(
     `Every upstream of ${p.model.id} failed (${tried.join(', ')}); the last: ${failed.message}`,
     failed.code,
