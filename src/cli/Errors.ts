@@ -1,6 +1,7 @@
 /**
- * The CLI's failures, each with its exit code: 2 a usage error, 3 a payment refused (402, a
- * client limit, an escrow not trusted), 4 a server or network error.
+ * The CLI's failures, each with its exit code: 2 a usage error (the gateway's refusals of the
+ * request itself, 4xx, too), 3 a payment refused (402, a client limit, an escrow not
+ * trusted), 4 a server or network error (5xx, 408, 429, no answer).
  */
 export const exitCodes = { ok: 0, usage: 2, payment: 3, server: 4 } as const
 
@@ -17,8 +18,8 @@ export class CliError extends Error {
 
 export class UsageError extends CliError {
   override name = 'UsageError'
-  constructor(message: string) {
-    super(message, exitCodes.usage)
+  constructor(message: string, details?: unknown) {
+    super(message, exitCodes.usage, details)
   }
 }
 

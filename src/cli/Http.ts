@@ -1,5 +1,5 @@
 /** Calls to a running gateway's HTTP API; non-2xx answers become CLI errors. */
-import { PaymentError, ServerError } from './Errors.ts'
+import { PaymentError, ServerError, UsageError } from './Errors.ts'
 
 /** How long to wait for the gateway's answer: --timeout (seconds) when given, else `fallbackMs`. */
 export function waitMs(settings: { timeout?: number | undefined }, fallbackMs: number): number {
@@ -31,6 +31,10 @@ async function describe(res: Response): Promise<{ message: string; body: unknown
 export async function fail(res: Response): Promise<never> {
   const { message, body } = await describe(res)
   if (res.status === 402) throw new PaymentError(`payment refused: ${message}`, body)
+  // What the command asked for is wrong (a bad value, an unknown id, a wrong token): the
+  // user's to fix, as a usage error is; a 408 or 429 is a matter of waiting, as a 5xx is.
+  if (res.status >= 400 && res.status < 500 && res.status !== 408 && res.status !== 429)
+    throw new UsageError(`gateway answered ${res.status}: ${message}`, body)
   throw new ServerError(`gateway answered ${res.status}: ${message}`, body)
 }
 

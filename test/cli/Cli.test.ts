@@ -120,7 +120,7 @@ describe('admin', () => {
     expect(human.stdout).toContain('"renamed"  plan pro')
     expect((await cli(['accounts', 'set', account.id])).code).toBe(2)
     const bad = await cli(['accounts', 'set', account.id, '--plan', 'platinum'])
-    expect(bad.code).toBe(4)
+    expect(bad.code).toBe(2)
     expect(bad.stderr).toContain('no plan "platinum"')
     const listed = await json(['accounts', 'list', '--limit', '1'])
     expect(listed.data.map((a: { id: string }) => a.id)).toEqual([account.id])
@@ -147,12 +147,12 @@ describe('admin', () => {
     expect(lines.stdout).toContain(`${requestId}  fake`)
     expect((await json(['usage', account.id, '--model', 'other'])).data).toEqual([])
     const badTime = await cli(['usage', account.id, '--from', 'soon'])
-    expect(badTime.code).toBe(4)
+    expect(badTime.code).toBe(2)
     expect(badTime.stderr).toContain('from must be an ISO 8601 date')
     expect((await cli(['usage'])).code).toBe(2)
   })
 
-  test('behavior: keys revoke <account> <key-id> with the admin token; error: a second revoke exits 4, no account and no key exits 2', async () => {
+  test('behavior: keys revoke <account> <key-id> with the admin token; error: a second revoke (404) and no account and no key exit 2', async () => {
     const account = await json(['accounts', 'create', '--name', 'revoke', '--plan', 'unlimited'])
     const key = await json(['keys', 'create', account.id])
     const human = await cli(['keys', 'revoke', account.id, key.id])
@@ -160,7 +160,7 @@ describe('admin', () => {
     expect(human.stdout).toBe(`revoked ${key.id}\n`)
     expect((await json(['keys', 'list', account.id]))[0].revoked_at).toBeString()
     const again = await cli(['keys', 'revoke', account.id, key.id])
-    expect(again.code).toBe(4)
+    expect(again.code).toBe(2)
     expect(again.stderr).toContain('No active key')
     const bare = await cli(['keys', 'revoke', key.id])
     expect(bare.code).toBe(2)
@@ -190,12 +190,12 @@ describe('admin', () => {
     }
   })
 
-  test('error: a wrong admin token exits 4 with the message; --json puts the error on stderr', async () => {
+  test('error: a wrong admin token exits 2 with the message; --json puts the error on stderr', async () => {
     const r = await cli(['accounts', 'create', '--name', 'x', '--json'], {
       TOLLWAY_ADMIN_TOKEN: 'wrong-token-0123456789',
     })
-    expect(r.code).toBe(4)
-    expect(JSON.parse(r.stderr).error).toMatchObject({ code: 4 })
+    expect(r.code).toBe(2)
+    expect(JSON.parse(r.stderr).error).toMatchObject({ code: 2 })
     expect(r.stdout).toBe('')
   })
 
