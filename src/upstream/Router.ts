@@ -47,15 +47,21 @@ const LATENCY_WEIGHT = 0.2
 export class Router {
   private readonly byId: Map<string, Model>
   private readonly circuits = new Map<string, Circuit>()
-  /** Moving average of each provider's latency (to its first token, or answer), ms. */
-  private readonly latencies = new Map<string, number>()
+  /**
+   * Moving average of each provider's latency (to its first token, or answer), ms, and when
+   * it was last timed.
+   */
+  private readonly latencies = new Map<string, { ms: number; at: number }>()
   /** Calls to each provider, by outcome. */
   private readonly calls = new Map<string, { ok: number; failed: number }>()
 
+  private readonly options: { threshold: number; cooldownMs: number; staleMs: number }
+
   constructor(
     models: Model[],
-    private readonly options = { threshold: 3, cooldownMs: 30_000 },
+    options: { threshold?: number; cooldownMs?: number; staleMs?: number } = {},
   ) {
+    this.options = { threshold: 3, cooldownMs: 30_000, staleMs: 60_000, ...options }
     this.byId = new Map(models.map((m) => [m.id, m]))
   }
 
@@ -109,10 +115,17 @@ export class Router {
   ): Route[] {
     const open = m.routes.filter((r) => this.providerStatus(r.provider) !== 'unavailable')
     if (strategy === 'balanced' || open.length < 2) return open
+    const now = Date.now()
     const key =
       strategy === 'fastest'
-        ? // An upstream not yet timed goes first: it is timed on its first request.
-          (r: Route) => BigInt(Math.round(this.latencies.get(r.provider.name) ?? 0))
+        ? // An upstream not timed yet, or not for `staleMs`, goes first: it is timed on that
+          // request (one slow answer must not keep an upstream out of the order for good).
+          (r: Route) => {
+            const l = this.latencies.get(r.provider.name)
+            return l === undefined || now - l.at > this.options.staleMs
+              ? 0n
+              : BigInt(Math.round(l.ms))
+          }
         : (r: Route) => r.cost.input * BigInt(tokens.prompt) + r.cost.output * BigInt(tokens.output)
     // A stable sort: equal keys keep the operator's order.
     return open
@@ -144,11 +157,11 @@ export class Router {
     if (ok) {
       this.circuits.delete(provider.name)
       if (latencyMs !== undefined) {
-        const before = this.latencies.get(provider.name)
-        this.latencies.set(
-          provider.name,
-          before === undefined ? latencyMs : before + LATENCY_WEIGHT * (latencyMs - before),
-        )
+        const before = this.latencies.get(provider.name)?.ms
+        this.latencies.set(provider.name, {
+          ms: before === undefined ? latencyMs : before + LATENCY_WEIGHT * (latencyMs - before),
+          at: Date.now(),
+        })
       }
       return
     }
@@ -174,7 +187,7 @@ export class Router {
       status: this.providerStatus(p),
       ok: this.calls.get(p.name)?.ok ?? 0,
       failed: this.calls.get(p.name)?.failed ?? 0,
-      latencyMs: this.latencies.get(p.name),
+      latencyMs: this.latencies.get(p.name)?.ms,
     }))
   }
 
