@@ -21,6 +21,7 @@ import {
   Store,
   verifyReceipt,
 } from '../client/index.ts'
+import { generated } from '../upstream/Chat.ts'
 import { type CliError, PaymentError, ServerError, UsageError } from './Errors.ts'
 import * as Http from './Http.ts'
 import type { Context } from './main.ts'
@@ -151,6 +152,10 @@ export async function chat(ctx: Context) {
     .finally(() => clearTimeout(timer))
   if (!res.ok) await Http.fail(res)
   let text = ''
+  // What a receipt's result_sha256 covers: of each chunk or message, every choice's content,
+  // reasoning and tool calls (see metering/Receipt.ts), not only the content printed.
+  let result = ''
+  const covered = (d: unknown) => (d ? generated(d as Parameters<typeof generated>[0]) : '')
   let usage: Usage | undefined
   let receipt: Receipt | undefined
   if (stream) {
@@ -165,6 +170,7 @@ export async function chat(ctx: Context) {
         }
         const piece = chunk.choices?.[0]?.delta?.content ?? ''
         text += piece
+        for (const c of chunk.choices ?? []) result += covered(c.delta)
         if (piece && !ctx.settings.json) ctx.io.out(piece)
         if (chunk.usage) usage = chunk.usage
         if (chunk.receipt) receipt = chunk.receipt
@@ -181,12 +187,13 @@ export async function chat(ctx: Context) {
       receipt?: Receipt
     }
     text = body.choices[0]?.message.content ?? ''
+    for (const c of body.choices) result += covered(c.message)
     usage = body.usage
     receipt = body.receipt
     if (!ctx.settings.json) ctx.io.out(`${text}\n`)
   }
   const channel = await pay.channel(url)
-  if (signed) await checkReceipt(ctx, receipt, text, usage)
+  if (signed) await checkReceipt(ctx, receipt, result, usage)
   if (ctx.settings.json)
     ctx.io.out(
       `${JSON.stringify({ content: text, usage, channelId: channel?.channelId, ...(signed ? { receipt } : {}) })}\n`,

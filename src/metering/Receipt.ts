@@ -122,10 +122,27 @@ export function verify(receipt: unknown, publicKey: string): boolean {
  */
 export class Digest {
   private readonly hash: Hash = createHash('sha256')
+  /**
+   * A high surrogate that ended the last text: the low one may open the next (an upstream
+   * may cut its text between the two halves of a character), and the digest is of the UTF-8
+   * of the whole text, as a client joins it, not of each piece on its own.
+   */
+  private high = ''
   update(text: string): void {
+    if (this.high) {
+      text = this.high + text
+      this.high = ''
+    }
+    const last = text.charCodeAt(text.length - 1)
+    if (last >= 0xd800 && last <= 0xdbff) {
+      this.high = text.slice(-1)
+      text = text.slice(0, -1)
+    }
     if (text.length > 0) this.hash.update(text, 'utf8')
   }
   hex(): string {
+    if (this.high) this.hash.update(this.high, 'utf8')
+    this.high = ''
     return this.hash.digest('hex')
   }
 }
