@@ -5,8 +5,9 @@
 import { afterAll, expect, test } from 'bun:test'
 import { mkdtempSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join, resolve } from 'node:path'
+import { join } from 'node:path'
 import * as Anvil from '../helpers/Anvil.ts'
+import * as Cli from '../helpers/Cli.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
 const chunk = (delta: Record<string, unknown>, finish: string | null = null) => ({
@@ -68,27 +69,15 @@ const gw = await Gateway.create({
     },
   ],
 })
-const bin = resolve(import.meta.dir, '../../bin/tollway')
 const dataDir = mkdtempSync(join(tmpdir(), 'tollway-cli-receipt-'))
 
-async function cli(args: string[]) {
-  const p = Bun.spawn([bin, ...args], {
-    env: {
-      PATH: process.env.PATH ?? '',
-      TOLLWAY_URL: gw.url,
-      TOLLWAY_DATA_DIR: dataDir,
-      TOLLWAY_WALLET_KEY: chain.payers[0]!.privateKey,
-      TOLLWAY_RPC_URL: chain.rpcUrl,
-    },
-    stdout: 'pipe',
-    stderr: 'pipe',
+function cli(args: string[]) {
+  return Cli.run([Cli.bin, ...args], {
+    TOLLWAY_URL: gw.url,
+    TOLLWAY_DATA_DIR: dataDir,
+    TOLLWAY_WALLET_KEY: chain.payers[0]!.privateKey,
+    TOLLWAY_RPC_URL: chain.rpcUrl,
   })
-  const [stdout, stderr, code] = await Promise.all([
-    new Response(p.stdout).text(),
-    new Response(p.stderr).text(),
-    p.exited,
-  ])
-  return { stdout, stderr, code }
 }
 
 test('behavior: chat --receipt verifies the receipt of a reasoning model, whole and streamed', async () => {

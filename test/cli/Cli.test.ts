@@ -5,10 +5,11 @@
 import { afterAll, describe, expect, test } from 'bun:test'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join, resolve } from 'node:path'
+import { join } from 'node:path'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import * as Anvil from '../helpers/Anvil.ts'
+import * as Cli from '../helpers/Cli.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
 const chain = await Anvil.start()
@@ -17,27 +18,15 @@ const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
   payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 },
 })
-const bin = resolve(import.meta.dir, '../../bin/tollway')
 const dataDir = mkdtempSync(join(tmpdir(), 'tollway-cli-'))
 
-async function cli(args: string[], env: Record<string, string> = {}) {
-  const p = Bun.spawn([bin, ...args], {
-    env: {
-      PATH: process.env.PATH ?? '',
-      TOLLWAY_URL: gw.url,
-      TOLLWAY_ADMIN_TOKEN: gw.config.adminToken!,
-      TOLLWAY_DATA_DIR: dataDir,
-      ...env,
-    },
-    stdout: 'pipe',
-    stderr: 'pipe',
+function cli(args: string[], env: Record<string, string> = {}) {
+  return Cli.run([Cli.bin, ...args], {
+    TOLLWAY_URL: gw.url,
+    TOLLWAY_ADMIN_TOKEN: gw.config.adminToken!,
+    TOLLWAY_DATA_DIR: dataDir,
+    ...env,
   })
-  const [stdout, stderr, code] = await Promise.all([
-    new Response(p.stdout).text(),
-    new Response(p.stderr).text(),
-    p.exited,
-  ])
-  return { stdout, stderr, code }
 }
 const json = async (args: string[], env?: Record<string, string>) => {
   const r = await cli([...args, '--json'], env)
