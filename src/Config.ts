@@ -4,6 +4,7 @@
  */
 import { readFileSync } from 'node:fs'
 import { z } from 'zod'
+import { STRATEGIES } from './upstream/Router.ts'
 
 /** A non-negative integer amount of base units, given as a decimal string or a safe integer. */
 const BaseUnits = z
@@ -59,6 +60,8 @@ const Model = z
      * one before its first token goes on to the next.
      */
     routes: z.array(Route).min(1).optional(),
+    /** The order its routes are tried in when a request names no `routing_strategy`. */
+    routing: z.enum(STRATEGIES).default('balanced'),
     pricing: Pricing,
     contextLength: z.number().int().positive(),
     /** Lowest plan tier allowed to use the model. */

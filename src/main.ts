@@ -309,6 +309,7 @@ function models(config: Config.Config, environment: Record<string, string | unde
         pricing: config.echo.pricing,
         contextLength: config.echo.contextLength,
         minTier: 0,
+        routing: 'balanced',
         routes: [
           {
             provider: EchoModel.create({
@@ -338,6 +339,7 @@ function models(config: Config.Config, environment: Record<string, string | unde
     pricing: m.pricing,
     contextLength: m.contextLength,
     minTier: m.minTier,
+    routing: m.routing,
     routes: Config.routes(m).map((r) => ({
       provider: providers.get(r.upstream)!,
       upstreamModel: r.upstreamModel,

@@ -27,6 +27,8 @@ export type Model = {
   minTier: number
   /** The upstreams serving the model, in the operator's order; at least one. */
   routes: Route[]
+  /** The strategy of a request that names none. */
+  routing: Strategy
 }
 
 export type Status = 'ready' | 'loading' | 'unavailable'
@@ -110,7 +112,7 @@ export class Router {
    */
   routes(
     m: Model,
-    strategy: Strategy = 'balanced',
+    strategy: Strategy = m.routing,
     tokens: { prompt: number; output: number } = { prompt: 1, output: 1 },
   ): Route[] {
     const open = m.routes.filter((r) => this.providerStatus(r.provider) !== 'unavailable')

@@ -46,6 +46,13 @@ const gw = await Gateway.create({
     model('all-down', [route('down-b', 'b'), route('down-c', 'c')]),
     model('circuit', [route('flaky', 'fake-500'), route('backup', 'fake-after-flaky')]),
     model('by-cost', [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)]),
+    {
+      ...model('cheap-default', [
+        route('primary', 'fake-dear-2', 5_000_000),
+        route('backup', 'fake-cheap-2', 10),
+      ]),
+      routing: 'cheapest',
+    },
     model('by-speed', [route('slow', 'fake-slow'), route('primary', 'fake-quick')]),
     model('hanging', [route('hang', 'fake-hang'), route('backup', 'fake-after-hang')]),
     model('stalling', [route('backup', 'fake-stall')]),
@@ -160,6 +167,16 @@ describe('routing_strategy', () => {
     expect(body.usage.cost).toBe(
       String(body.usage.prompt_tokens + 2 * body.usage.completion_tokens),
     )
+  })
+
+  test('behavior: a model configured with routing cheapest takes the cheaper route unless the request names a strategy', async () => {
+    const { key } = await gw.account()
+    const from = fake.received.length
+    expect((await post(key, { model: 'cheap-default' })).status).toBe(200)
+    expect((await post(key, { model: 'cheap-default', routing_strategy: 'balanced' })).status).toBe(
+      200,
+    )
+    expect(asked(from)).toEqual(['fake-cheap-2', 'fake-dear-2'])
   })
 
   test('behavior: fastest moves to the upstream that answered sooner once both are timed', async () => {

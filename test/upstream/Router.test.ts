@@ -21,6 +21,7 @@ describe('Router.routes', () => {
     contextLength: 100,
     minTier: 0,
     routes,
+    routing: 'balanced' as const,
   })
 
   test('behavior: fastest orders by moving latency, untimed first; an estimate not renewed for staleMs counts as untimed', async () => {
