@@ -198,6 +198,9 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
       ttftMs: ttft,
     })
     return {
+      // The upstream's own details (cached and reasoning tokens, …), as a whole completion
+      // passes them on; the counts and the cost are the gateway's.
+      ...(status === 'ok' && reported ? reported : {}),
       prompt_tokens: promptTokens,
       completion_tokens: completionTokens,
       total_tokens: promptTokens + completionTokens,

@@ -7,6 +7,8 @@ import { UpstreamError } from '../Errors.ts'
 import { STRATEGIES } from './Router.ts'
 
 const TextPart = z.object({ type: z.literal('text'), text: z.string() }).loose()
+/** An assistant's refusal, as a history carries it back (OpenAI's `refusal` content part). */
+const RefusalPart = z.object({ type: z.literal('refusal'), refusal: z.string() }).loose()
 
 /** A tool call an assistant made, as a history carries it back (only what is counted). */
 const ToolCall = z
@@ -23,17 +25,21 @@ export const Message = z
     role: z.enum(['system', 'developer', 'user', 'assistant', 'tool', 'function'], {
       error: 'role must be one of system, developer, user, assistant, tool, function',
     }),
-    // An assistant's may be null (as OpenAI's SDKs write it beside tool calls in a history).
-    content: z.union([z.string(), z.array(TextPart), z.null()], {
-      error: 'content must be a string or an array of text parts',
-    }),
+    // An assistant's may be null or left out (as OpenAI's SDKs write it beside tool calls in
+    // a history: "required unless tool_calls or function_call is specified").
+    content: z
+      .union([z.string(), z.array(z.union([TextPart, RefusalPart])), z.null()], {
+        error: 'content must be a string or an array of text parts',
+      })
+      .optional(),
     name: z.string().optional(),
     // Null as some upstreams answer it, and clients send their answers back as they came.
     tool_calls: z.array(ToolCall, { error: 'tool_calls must be an array' }).nullish(),
   })
   .loose()
-  .refine((m) => m.content !== null || m.role === 'assistant', {
-    message: 'content must be a string or an array of text parts (null only for an assistant)',
+  .refine((m) => (m.content !== null && m.content !== undefined) || m.role === 'assistant', {
+    message:
+      'content must be a string or an array of text parts (null or left out only for an assistant)',
     path: ['content'],
   })
 export type Message = z.output<typeof Message>
@@ -52,7 +58,21 @@ const Ceiling = z
   )
   .transform((v) => BigInt(v))
 
-export const Request = z
+/**
+ * OpenAI's optional parameters that it takes as null for "not given" (the openai SDKs type them
+ * `number | null`): a null one is left out, as the client meant.
+ */
+const NULLABLE = ['temperature', 'top_p', 'max_tokens', 'max_completion_tokens', 'n', 'stream']
+function withoutNulls(body: unknown): unknown {
+  if (typeof body !== 'object' || body === null || Array.isArray(body)) return body
+  const o = body as Record<string, unknown>
+  if (!NULLABLE.some((k) => o[k] === null)) return body
+  const out = { ...o }
+  for (const k of NULLABLE) if (out[k] === null) delete out[k]
+  return out
+}
+
+const RequestObject = z
   .object({
     model: z.string({ error: 'model is required' }).min(1, 'model is required'),
     messages: z
@@ -91,29 +111,40 @@ export const Request = z
           'set both max_input_price_per_million and max_output_price_per_million, or neither',
       })
   })
+export const Request = z.preprocess(withoutNulls, RequestObject)
 export type Request = z.output<typeof Request>
 
 /**
  * The body an upstream gets: the client's request with the upstream's model name, without
  * the gateway's own parameters (routing and limits; the upstream is asked for usage its own
- * way, whatever `stream_options` said).
+ * way, whatever `stream_options.include_usage` said).
  */
 export function upstreamBody(req: Request, upstreamModel: string): Record<string, unknown> {
   const {
-    stream_options: _usage,
+    stream_options: options,
     routing_strategy: _strategy,
     timeout_ms: _timeout,
     max_input_price_per_million: _input,
     max_output_price_per_million: _output,
     ...body
   } = req
-  return { ...body, model: upstreamModel }
+  // The client's other stream options (`include_obfuscation`) go on with a stream.
+  const { include_usage: _usage, ...streamOptions } = options ?? {}
+  return {
+    ...body,
+    ...(req.stream && Object.keys(streamOptions).length > 0
+      ? { stream_options: streamOptions }
+      : {}),
+    model: upstreamModel,
+  }
 }
 
 /** The text of a message's content. */
 export function text(content: Message['content']): string {
-  if (content === null) return ''
-  return typeof content === 'string' ? content : content.map((p) => p.text).join('')
+  if (content === null || content === undefined) return ''
+  return typeof content === 'string'
+    ? content
+    : content.map((p) => (p.type === 'text' ? p.text : p.refusal)).join('')
 }
 
 /**
@@ -165,6 +196,8 @@ const Delta = z
   .object({
     role: z.string().optional(),
     content: z.string().nullish(),
+    // OpenAI's refusal: generated text, in place of the content.
+    refusal: z.string().nullish(),
     reasoning_content: z.string().nullish(),
     reasoning: z.string().nullish(),
     tool_calls: z.array(ToolCallDelta).nullish(),
@@ -264,8 +297,8 @@ function begun(r: Received): boolean {
 export function generated(d: z.output<typeof Delta>): string {
   const reasoning = d.reasoning_content ?? d.reasoning
   // The common delta, text alone, without building a new string (a stream's hot path).
-  if (!reasoning && !d.tool_calls) return d.content ?? ''
-  let s = (d.content ?? '') + (reasoning ?? '')
+  if (!reasoning && !d.tool_calls && !d.refusal) return d.content ?? ''
+  let s = (d.content ?? '') + (d.refusal ?? '') + (reasoning ?? '')
   for (const t of d.tool_calls ?? []) s += (t.function?.name ?? '') + (t.function?.arguments ?? '')
   return s
 }
@@ -311,6 +344,7 @@ export function asChunk(json: unknown, o?: { filled: boolean }): Chunk | undefin
     if (!isObject(d) || d.tool_calls !== undefined) return undefined
     if (
       !optional(d.content, 'string') ||
+      !optional(d.refusal, 'string') ||
       !optional(d.reasoning_content, 'string') ||
       !optional(d.reasoning, 'string')
     )
@@ -383,8 +417,11 @@ export function template() {
       let end = start
       while (end < data.length && data[end] !== '"') end += data[end] === '\\' ? 2 : 1
       if (end >= data.length) return
-      // Reasoning text (a string constant here) is billed with the content.
-      const extra = (delta.reasoning_content ?? delta.reasoning ?? '') as string
+      // A refusal and reasoning text (string constants here) are billed with the content, in
+      // the order `generated` takes them.
+      const extra =
+        ((delta.refusal ?? '') as string) +
+        ((delta.reasoning_content ?? delta.reasoning ?? '') as string)
       t = { prefix: data.slice(0, start), suffix: data.slice(end), top, choice, delta, extra }
       // The literal found must be the content itself.
       if (match(data)?.chunk.choices[0]?.delta.content !== delta.content) t = undefined

@@ -46,7 +46,11 @@ export function create(options: Options): Provider {
     async stream(body, signal, limits, timing) {
       const watchdog = Watchdog.for(options.timeoutMs, timing)
       const response = await post(
-        { ...capped(body, limits), stream: true, stream_options: { include_usage: true } },
+        {
+          ...capped(body, limits),
+          stream: true,
+          stream_options: { ...(body.stream_options as object | undefined), include_usage: true },
+        },
         signal,
         watchdog,
       )
