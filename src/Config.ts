@@ -35,6 +35,11 @@ const Upstream = z.strictObject({
   apiKeyEnv: z.string().min(1).optional(),
   /** Time allowed for response headers, and between two streamed chunks. */
   timeoutMs: z.number().int().positive().default(60_000),
+  /**
+   * Where a limit of the gateway's own goes when the client named none (OpenAI's reasoning
+   * models refuse `max_tokens`).
+   */
+  maxTokensParam: z.enum(['max_tokens', 'max_completion_tokens']).default('max_tokens'),
 })
 
 /** One upstream serving a model: where a request for the model can go. */

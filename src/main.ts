@@ -331,6 +331,7 @@ function models(config: Config.Config, environment: Record<string, string | unde
         baseUrl: u.baseUrl,
         apiKey: Config.upstreamKey(u, environment),
         timeoutMs: u.timeoutMs,
+        maxTokensParam: u.maxTokensParam,
       }),
     ]),
   )

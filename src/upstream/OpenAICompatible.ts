@@ -13,11 +13,20 @@ export type Options = {
   baseUrl: string
   apiKey?: string | undefined
   timeoutMs: number
+  /**
+   * The parameter a limit of the gateway's own goes in, when the client named none:
+   * `max_tokens` (default; what most OpenAI-compatible servers read) or
+   * `max_completion_tokens` (OpenAI's reasoning models refuse `max_tokens`).
+   */
+  maxTokensParam?: MaxTokensParam | undefined
 }
+
+export type MaxTokensParam = 'max_tokens' | 'max_completion_tokens'
 
 /** Creates the provider. */
 export function create(options: Options): Provider {
   const url = `${options.baseUrl.replace(/\/+$/, '')}/chat/completions`
+  const maxTokensParam = options.maxTokensParam ?? 'max_tokens'
   const headers: Record<string, string> = { 'content-type': 'application/json' }
   if (options.apiKey) headers.authorization = `Bearer ${options.apiKey}`
 
@@ -47,7 +56,7 @@ export function create(options: Options): Provider {
       const watchdog = Watchdog.for(options.timeoutMs, timing)
       const response = await post(
         {
-          ...capped(body, limits),
+          ...capped(body, limits, maxTokensParam),
           stream: true,
           stream_options: { ...(body.stream_options as object | undefined), include_usage: true },
         },
@@ -59,7 +68,11 @@ export function create(options: Options): Provider {
     },
     async complete(body, signal, limits, timing) {
       const watchdog = Watchdog.for(options.timeoutMs, timing)
-      const response = await post({ ...capped(body, limits), stream: false }, signal, watchdog)
+      const response = await post(
+        { ...capped(body, limits, maxTokensParam), stream: false },
+        signal,
+        watchdog,
+      )
       let json: unknown
       try {
         json = await response.json()
@@ -80,10 +93,10 @@ export function create(options: Options): Provider {
 }
 
 /**
- * The body with the gateway's limit as its `max_tokens` (or `max_completion_tokens`, if that is
- * the one the client used), never above what the client asked.
+ * The body with the gateway's limit as its `max_tokens` or `max_completion_tokens` (whichever
+ * the client used; neither: `param`), never above what the client asked.
  */
-function capped(body: Body, limits: Limits | undefined): Body {
+function capped(body: Body, limits: Limits | undefined, param: MaxTokensParam): Body {
   if (!limits) return body
   const cap = (asked: unknown) =>
     typeof asked === 'number' && asked < limits.maxTokens ? asked : limits.maxTokens
@@ -93,7 +106,7 @@ function capped(body: Body, limits: Limits | undefined): Body {
     (k) => body[k] !== undefined,
   )
   for (const k of named) out[k] = cap(body[k])
-  if (named.length === 0) out.max_tokens = limits.maxTokens
+  if (named.length === 0) out[param] = limits.maxTokens
   return out
 }
 
