@@ -227,6 +227,11 @@ export const Schema = z
       .strictObject({
         blockTokens: z.number().int().positive().default(64),
         leaseSeconds: z.number().int().positive().default(600),
+        /**
+         * Prompt tokens a content part other than text (an image, audio, a file) is reserved
+         * and checked against the context as; the upstream's usage settles the charge.
+         */
+        mediaPartTokens: z.number().int().nonnegative().default(1_000),
       })
       .prefault({}),
   })

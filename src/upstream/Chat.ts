@@ -9,6 +9,20 @@ import { STRATEGIES } from './Router.ts'
 const TextPart = z.object({ type: z.literal('text'), text: z.string() }).loose()
 /** An assistant's refusal, as a history carries it back (OpenAI's `refusal` content part). */
 const RefusalPart = z.object({ type: z.literal('refusal'), refusal: z.string() }).loose()
+/**
+ * Any other part (`image_url`, `input_audio`, `file`, and kinds to come): passed on as sent,
+ * and counted for the reservation as an estimate (see `mediaParts`), not read.
+ */
+const MediaPart = z
+  .object({
+    type: z
+      .string()
+      .refine((t) => t !== 'text' && t !== 'refusal', 'a text or refusal part needs its text'),
+  })
+  .loose()
+const Part = z.union([TextPart, RefusalPart, MediaPart], {
+  error: 'each content part must be an object with a type (a text part with its text)',
+})
 
 /** A tool call an assistant made, as a history carries it back (only what is counted). */
 const ToolCall = z
@@ -28,8 +42,8 @@ export const Message = z
     // An assistant's may be null or left out (as OpenAI's SDKs write it beside tool calls in
     // a history: "required unless tool_calls or function_call is specified").
     content: z
-      .union([z.string(), z.array(z.union([TextPart, RefusalPart])), z.null()], {
-        error: 'content must be a string or an array of text parts',
+      .union([z.string(), z.array(Part), z.null()], {
+        error: 'content must be a string or an array of content parts',
       })
       .optional(),
     name: z.string().optional(),
@@ -39,7 +53,7 @@ export const Message = z
   .loose()
   .refine((m) => (m.content !== null && m.content !== undefined) || m.role === 'assistant', {
     message:
-      'content must be a string or an array of text parts (null or left out only for an assistant)',
+      'content must be a string or an array of content parts (null or left out only for an assistant)',
     path: ['content'],
   })
 export type Message = z.output<typeof Message>
@@ -142,9 +156,21 @@ export function upstreamBody(req: Request, upstreamModel: string): Record<string
 /** The text of a message's content. */
 export function text(content: Message['content']): string {
   if (content === null || content === undefined) return ''
-  return typeof content === 'string'
-    ? content
-    : content.map((p) => (p.type === 'text' ? p.text : p.refusal)).join('')
+  if (typeof content === 'string') return content
+  let s = ''
+  for (const p of content)
+    if (p.type === 'text') s += (p as { text: string }).text
+    else if (p.type === 'refusal') s += (p as { refusal: string }).refusal
+  return s
+}
+
+/** How many parts of a request's messages are neither text nor refusal (images, audio, files). */
+export function mediaParts(req: Pick<Request, 'messages'>): number {
+  let n = 0
+  for (const m of req.messages)
+    if (Array.isArray(m.content))
+      for (const p of m.content) if (p.type !== 'text' && p.type !== 'refusal') n++
+  return n
 }
 
 /**

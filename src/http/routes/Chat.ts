@@ -63,7 +63,9 @@ function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
   const { blockTokens } = deps.config.metering
   const req = Parse.parse(Chat.Request, Parse.json(text))
   const model = deps.router.route(req.model)
-  const promptTokens = Tokenizer.prompt(Chat.promptTexts(req).map((content) => ({ content })))
+  const promptTokens =
+    Tokenizer.prompt(Chat.promptTexts(req).map((content) => ({ content }))) +
+    Chat.mediaParts(req) * deps.config.metering.mediaPartTokens
   const room = model.contextLength - promptTokens
   if (room <= 0)
     throw new InvalidRequestError(
