@@ -9,66 +9,35 @@ import { join } from 'node:path'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Cli from '../helpers/Cli.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Scripted from '../helpers/Scripted.ts'
 
-const chunk = (delta: Record<string, unknown>, finish: string | null = null) => ({
-  id: 'c',
-  object: 'chat.completion.chunk',
-  created: 1,
-  model: 'thinker',
-  choices: [{ index: 0, delta, finish_reason: finish }],
-})
-const upstream = Bun.serve({
-  port: 0,
-  hostname: '127.0.0.1',
-  async fetch(req) {
-    const body = (await req.json()) as { stream?: boolean }
-    if (!body.stream)
-      return Response.json({
-        id: 'c',
-        object: 'chat.completion',
-        created: 1,
-        model: 'thinker',
-        choices: [
-          {
-            index: 0,
-            message: { role: 'assistant', content: 'Hi.', reasoning_content: 'Say hi.' },
-            finish_reason: 'stop',
-          },
-        ],
-        usage: { prompt_tokens: 5, completion_tokens: 6 },
-      })
-    const events = [
-      chunk({ role: 'assistant', content: '' }),
-      chunk({ content: null, reasoning_content: 'Say hi.' }),
-      chunk({ content: 'Hi.' }),
-      chunk({}, 'stop'),
-    ]
-    return new Response(
-      `${events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('')}data: [DONE]\n\n`,
-      { headers: { 'content-type': 'text/event-stream' } },
-    )
-  },
-})
-afterAll(() => upstream.stop(true))
+const url = Scripted.serve((body) =>
+  body.stream
+    ? Scripted.events([
+        Scripted.chunk({ role: 'assistant', content: '' }),
+        Scripted.chunk({ content: null, reasoning_content: 'Say hi.' }),
+        Scripted.chunk({ content: 'Hi.' }),
+        Scripted.chunk({}, 'stop'),
+      ])
+    : Response.json(
+        Scripted.completion(
+          { content: 'Hi.', reasoning_content: 'Say hi.' },
+          { prompt_tokens: 5, completion_tokens: 6 },
+        ),
+      ),
+)
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
-const gw = await Gateway.create({
-  chain: Gateway.chainOf(chain),
-  payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 },
-  upstreams: [
-    { name: 'thinking', baseUrl: `http://127.0.0.1:${upstream.port}/v1`, timeoutMs: 2_000 },
-  ],
-  models: [
-    {
-      id: 'thinker',
-      upstream: 'thinking',
-      upstreamModel: 'thinker',
-      pricing: { input: '1000000', output: '2000000' },
-      contextLength: 4096,
-    },
-  ],
-})
+const gw = await Scripted.gateway(
+  url,
+  ['thinker'],
+  {},
+  {
+    chain: Gateway.chainOf(chain),
+    payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 },
+  },
+)
 const dataDir = mkdtempSync(join(tmpdir(), 'tollway-cli-receipt-'))
 
 function cli(args: string[]) {

@@ -6,60 +6,45 @@
  * "max_completion_tokens"` gets the gateway's limit there. The upstream here answers as OpenAI
  * does for those models.
  */
-import { afterAll, expect, test } from 'bun:test'
-import * as Gateway from '../helpers/Gateway.ts'
+import { expect, test } from 'bun:test'
+import * as Scripted from '../helpers/Scripted.ts'
 
 const sent: Record<string, unknown>[] = []
-const server = Bun.serve({
-  port: 0,
-  hostname: '127.0.0.1',
-  async fetch(req) {
-    const body = (await req.json()) as Record<string, unknown>
-    sent.push(body)
-    if ('max_tokens' in body)
-      return Response.json(
-        {
-          error: {
-            message:
-              "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
-            type: 'invalid_request_error',
-            param: 'max_tokens',
-            code: 'unsupported_parameter',
-          },
+const url = Scripted.serve((body) => {
+  sent.push(body)
+  if ('max_tokens' in body)
+    return Response.json(
+      {
+        error: {
+          message:
+            "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.",
+          type: 'invalid_request_error',
+          param: 'max_tokens',
+          code: 'unsupported_parameter',
         },
-        { status: 400 },
-      )
-    return Response.json({
-      id: 'c',
-      object: 'chat.completion',
-      created: 1,
-      model: 'o4-mini',
-      choices: [{ index: 0, message: { role: 'assistant', content: 'ok' }, finish_reason: 'stop' }],
-      usage: { prompt_tokens: 8, completion_tokens: 1, total_tokens: 9 },
-    })
+      },
+      { status: 400 },
+    )
+  return Response.json(
+    Scripted.completion({ content: 'ok' }, { prompt_tokens: 8, completion_tokens: 1 }),
+  )
+})
+const gw = await Scripted.gateway(
+  url,
+  ['o4-mini'],
+  { maxTokensParam: 'max_completion_tokens' },
+  {
+    models: [
+      {
+        id: 'o4-mini',
+        upstream: 'scripted',
+        upstreamModel: 'o4-mini',
+        pricing: { input: '1000000', output: '2000000' },
+        contextLength: 200_000,
+      },
+    ],
   },
-})
-afterAll(() => server.stop(true))
-
-const gw = await Gateway.create({
-  upstreams: [
-    {
-      name: 'openai',
-      baseUrl: `http://127.0.0.1:${server.port}/v1`,
-      timeoutMs: 2_000,
-      maxTokensParam: 'max_completion_tokens',
-    },
-  ],
-  models: [
-    {
-      id: 'o4-mini',
-      upstream: 'openai',
-      upstreamModel: 'o4-mini',
-      pricing: { input: '1000000', output: '2000000' },
-      contextLength: 200_000,
-    },
-  ],
-})
+)
 
 test('behavior: a request naming no limit to a reasoning model is answered whatever the credits', async () => {
   const messages = [{ role: 'user' as const, content: 'hello' }]

@@ -3,10 +3,11 @@
  * `delta.refusal`): metered like content. With an upstream that reports no usage, the gateway
  * counts what it sent, and a refusal it sent must be in that count.
  */
-import { afterAll, expect, test } from 'bun:test'
+import { expect, test } from 'bun:test'
 import * as Batch from '../../src/ledger/Batch.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Scripted from '../helpers/Scripted.ts'
 
 const REFUSAL =
   "I'm sorry, but I cannot help with that request in any way, shape or form whatsoever. " +
@@ -14,56 +15,17 @@ const REFUSAL =
   'do it, today or on any other day, for you or for anyone else who might ask me the same thing.'
 
 const words = REFUSAL.split(' ').map((w, i) => (i === 0 ? w : ` ${w}`))
-const chunk = (delta: Record<string, unknown>, finish: string | null = null) => ({
-  id: 'c',
-  object: 'chat.completion.chunk',
-  created: 1,
-  model: 'r',
-  choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }],
-})
 // No usage anywhere: the gateway counts what it sent.
-const server = Bun.serve({
-  port: 0,
-  hostname: '127.0.0.1',
-  async fetch(req) {
-    const body = (await req.json()) as { stream?: boolean }
-    if (!body.stream)
-      return Response.json({
-        id: 'c',
-        object: 'chat.completion',
-        created: 1,
-        model: 'r',
-        choices: [
-          {
-            index: 0,
-            message: { role: 'assistant', content: null, refusal: REFUSAL },
-            finish_reason: 'stop',
-          },
-        ],
-      })
-    const events = [
-      chunk({ role: 'assistant', content: null, refusal: '' }),
-      ...words.map((w) => chunk({ refusal: w })),
-      chunk({}, 'stop'),
-    ]
-    const text = `${events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('')}data: [DONE]\n\n`
-    return new Response(text, { headers: { 'content-type': 'text/event-stream' } })
-  },
-})
-afterAll(() => server.stop(true))
-
-const gw = await Gateway.create({
-  upstreams: [{ name: 'refuser', baseUrl: `http://127.0.0.1:${server.port}/v1`, timeoutMs: 2_000 }],
-  models: [
-    {
-      id: 'refuser',
-      upstream: 'refuser',
-      upstreamModel: 'r',
-      pricing: { input: '1000000', output: '2000000' },
-      contextLength: 4096,
-    },
-  ],
-})
+const url = Scripted.serve((body) =>
+  body.stream
+    ? Scripted.events([
+        Scripted.chunk({ role: 'assistant', content: null, refusal: '' }),
+        ...words.map((w) => Scripted.chunk({ refusal: w })),
+        Scripted.chunk({}, 'stop'),
+      ])
+    : Response.json(Scripted.completion({ content: null, refusal: REFUSAL })),
+)
+const gw = await Scripted.gateway(url, ['refuser'])
 const messages = [{ role: 'user' as const, content: 'do something bad' }]
 const refusalTokens = words.reduce((n, w) => n + Tokenizer.count(w), 0)
 

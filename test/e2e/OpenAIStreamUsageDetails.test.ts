@@ -3,8 +3,8 @@
  * completion_tokens_details.reasoning_tokens): a whole completion passes them on; a stream's
  * final usage chunk must too (the openai SDK's finalChatCompletion() reads them from it).
  */
-import { afterAll, expect, test } from 'bun:test'
-import * as Gateway from '../helpers/Gateway.ts'
+import { expect, test } from 'bun:test'
+import * as Scripted from '../helpers/Scripted.ts'
 
 const usage = {
   prompt_tokens: 20,
@@ -18,56 +18,18 @@ const usage = {
     rejected_prediction_tokens: 0,
   },
 }
-const chunk = (delta: Record<string, unknown>, finish: string | null = null) => ({
-  id: 'c',
-  object: 'chat.completion.chunk',
-  created: 1,
-  model: 'o',
-  choices: [{ index: 0, delta, finish_reason: finish }],
-})
-const server = Bun.serve({
-  port: 0,
-  hostname: '127.0.0.1',
-  async fetch(req) {
-    const body = (await req.json()) as { stream?: boolean }
-    if (!body.stream)
-      return Response.json({
-        id: 'c',
-        object: 'chat.completion',
-        created: 1,
-        model: 'o',
-        choices: [
-          { index: 0, message: { role: 'assistant', content: 'hi there' }, finish_reason: 'stop' },
-        ],
-        usage,
-      })
-    const events = [
-      chunk({ role: 'assistant', content: '' }),
-      chunk({ content: 'hi' }),
-      chunk({ content: ' there' }),
-      chunk({}, 'stop'),
-      { id: 'c', object: 'chat.completion.chunk', created: 1, model: 'o', choices: [], usage },
-    ]
-    const text = `${events.map((e) => `data: ${JSON.stringify(e)}\n\n`).join('')}data: [DONE]\n\n`
-    return new Response(text, { headers: { 'content-type': 'text/event-stream' } })
-  },
-})
-afterAll(() => server.stop(true))
-
-const gw = await Gateway.create({
-  upstreams: [
-    { name: 'reasoner', baseUrl: `http://127.0.0.1:${server.port}/v1`, timeoutMs: 2_000 },
-  ],
-  models: [
-    {
-      id: 'reasoner',
-      upstream: 'reasoner',
-      upstreamModel: 'o',
-      pricing: { input: '1000000', output: '2000000' },
-      contextLength: 4096,
-    },
-  ],
-})
+const url = Scripted.serve((body) =>
+  body.stream
+    ? Scripted.events([
+        Scripted.chunk({ role: 'assistant', content: '' }),
+        Scripted.chunk({ content: 'hi' }),
+        Scripted.chunk({ content: ' there' }),
+        Scripted.chunk({}, 'stop'),
+        { ...Scripted.chunk({}), choices: [], usage },
+      ])
+    : Response.json(Scripted.completion({ content: 'hi there' }, usage)),
+)
+const gw = await Scripted.gateway(url, ['reasoner'])
 const messages = [{ role: 'user' as const, content: 'hi' }]
 
 test('behavior: a whole completion carries the upstream usage details', async () => {

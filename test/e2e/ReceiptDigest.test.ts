@@ -3,47 +3,20 @@
  * halves arrive in two chunks, and reasoning, tool calls and two choices, as a client rebuilds
  * them from the chunks it received.
  */
-import { afterAll, expect, test } from 'bun:test'
+import { expect, test } from 'bun:test'
 import { createHash } from 'node:crypto'
 import { verifyReceipt } from '../../src/client/index.ts'
-import * as Gateway from '../helpers/Gateway.ts'
+import * as Scripted from '../helpers/Scripted.ts'
 
 const scripts: Record<string, unknown[]> = {}
-const server = Bun.serve({
-  port: 0,
-  hostname: '127.0.0.1',
-  async fetch(req) {
-    const body = (await req.json()) as { model: string }
-    const events = scripts[body.model]!
-    const text = `${events.map((d) => `data: ${typeof d === 'string' ? d : JSON.stringify(d)}\n\n`).join('')}data: [DONE]\n\n`
-    return new Response(text, { headers: { 'content-type': 'text/event-stream' } })
-  },
-})
-afterAll(() => server.stop(true))
-
-const gw = await Gateway.create({
-  upstreams: [
-    { name: 'scripted', baseUrl: `http://127.0.0.1:${server.port}/v1`, timeoutMs: 2_000 },
-  ],
-  models: ['split', 'mixed'].map((id) => ({
-    id,
-    upstream: 'scripted',
-    upstreamModel: id,
-    pricing: { input: '1000000', output: '2000000' },
-    contextLength: 4096,
-  })),
-})
+const url = Scripted.serve((body) => Scripted.events(scripts[body.model as string]!))
+const gw = await Scripted.gateway(url, ['split', 'mixed'])
 const { public_key } = (await (await fetch(`${gw.url}/v1/receipts/key`)).json()) as {
   public_key: string
 }
 
-const chunk = (delta: Record<string, unknown>, finish: string | null = null) => ({
-  id: 'c',
-  object: 'chat.completion.chunk',
-  created: 1,
-  model: 'x',
-  choices: [{ index: 0, delta, finish_reason: finish }],
-})
+const chunk = (delta: Record<string, unknown>, finish: string | null = null) =>
+  Scripted.chunk(delta, finish, 'x')
 
 type Delta = {
   content?: string | null
