@@ -85,8 +85,12 @@ describe('routes: failover before the first token', () => {
   test('behavior: an upstream that cannot be reached hands the request to the next route, charged once', async () => {
     const { id, key } = await gw.account()
     const from = fake.received.length
-    const r = await gw.openai(key).chat.completions.create({ model: 'failover', messages })
+    const { data: r, response } = await gw
+      .openai(key)
+      .chat.completions.create({ model: 'failover', messages })
+      .withResponse()
     expect(r.choices[0]!.message.content).toBe(messages[0]!.content)
+    expect(response.headers.get('x-tollway-upstream')).toBe('primary')
     expect(r.model).toBe('failover')
     expect(asked(from)).toEqual(['fake-primary'])
     const l = await Gateway.ledger(gw.sql, id)
@@ -100,15 +104,20 @@ describe('routes: failover before the first token', () => {
   test('behavior: a stream whose first upstream answers 500 streams from the next', async () => {
     const { key } = await gw.account()
     const from = fake.received.length
-    const stream = await gw.openai(key).chat.completions.create({
-      model: 'circuit',
-      messages,
-      stream: true,
-    })
+    const { data: stream, response } = await gw
+      .openai(key)
+      .chat.completions.create({
+        model: 'circuit',
+        messages,
+        stream: true,
+      })
+      .withResponse()
     let text = ''
     for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
     expect(text).toBe(messages[0]!.content)
     expect(asked(from)).toEqual(['fake-500', 'fake-after-flaky'])
+    // The client is told which upstream served it.
+    expect(response.headers.get('x-tollway-upstream')).toBe('backup')
   })
 
   test('behavior: an upstream whose circuit opened is skipped, not tried first every time', async () => {

@@ -166,6 +166,11 @@ async function serve(
     })
   const price = model.pricing
   const signal = c.req.raw.signal
+  /** The answer of the route that served it; the client is told which upstream that was. */
+  const served = <T>(route: Route, answer: T): T => {
+    c.header('x-tollway-upstream', route.provider.name)
+    return answer
+  }
   // The client's timeout_ms bounds the time to its answer (its start, for a stream) over
   // every upstream tried.
   const deadline = req.timeout_ms === undefined ? undefined : startedAt + req.timeout_ms
@@ -183,8 +188,8 @@ async function serve(
       startedAt,
       maxTokens: max,
       call: () =>
-        routed(deps, p, signal, deadline, (route, body, bounded, timing) =>
-          route.provider.complete(body, bounded, limits, timing),
+        routed(deps, p, signal, deadline, async (route, body, bounded, timing) =>
+          served(route, await route.provider.complete(body, bounded, limits, timing)),
         ),
     })
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
@@ -213,8 +218,8 @@ async function serve(
     // quota (it extends its reservation as it goes, so credits do not cap it here).
     limits = p.asked !== undefined || p.limit < p.room ? { maxTokens: p.limit } : undefined
     // Answered once the upstream has begun (a failure before its first token is a 502).
-    chunks = await routed(deps, p, abort.signal, deadline, (route, body, bounded, timing) =>
-      route.provider.stream(body, bounded, limits, timing).then(Chat.started),
+    chunks = await routed(deps, p, abort.signal, deadline, async (route, body, bounded, timing) =>
+      served(route, await route.provider.stream(body, bounded, limits, timing).then(Chat.started)),
     )
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
