@@ -191,6 +191,13 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
             return undefined
           },
         ))
+      // The draft: `feePayer: true` only for a currency whose EIP-3009 path the escrow can use.
+      const eip3009 = await ChainEscrow.hasEip3009(client, chain.currencyAddress as Hex)
+      if (eip3009 === false)
+        log.warn(
+          { token: chain.currencyAddress },
+          'the currency token has no EIP-3009: payers open and top up channels themselves (feePayer false)',
+        )
       const escrow = ChainEscrow.create({
         client,
         escrow: chain.escrowAddress as Hex,
@@ -207,6 +214,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         minVoucherDelta: config.payments.minVoucherDelta,
         suggestedDeposit: config.payments.suggestedDeposit,
         tokenDomain,
+        feePayer: eip3009 !== false,
         store: {
           get: (id) => Channels.get(db, id),
           observe: (state, options) => Channels.observe(db, state, options),

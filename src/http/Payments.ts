@@ -163,6 +163,13 @@ export function verify(p: Payments, authorization: string): Verified {
   const { credential, echoed } = entry
   if (echoed.realm !== p.realm)
     throw Problem.challengeNotFound('The challenge is for another realm; use a fresh challenge.')
+  // The draft ("Common Verification"): every echoed field exactly as issued. The HMAC does not
+  // cover `description` (the core draft's seven slots), and this server issues none.
+  if (echoed.description !== undefined)
+    throw Problem.challengeNotFound(
+      'The challenge this server issued has no description; echo it unchanged.',
+      { challengeId: echoed.id },
+    )
   const result = Challenge.verify(echoed, p.secret)
   if (!result.valid)
     throw Problem.challengeNotFound(
@@ -189,7 +196,10 @@ export function channelNamed(authorization: string | undefined): Method.Hex | un
   if (!isPayment(authorization)) return undefined
   try {
     const id = Credential.deserialize(authorization!).payload.channelId
-    return typeof id === 'string' && /^0x[0-9a-fA-F]{64}$/.test(id) ? (id as Method.Hex) : undefined
+    // Lowercase, as the draft writes every channelId ("Hexadecimal Values"), whatever was sent.
+    return typeof id === 'string' && /^0x[0-9a-fA-F]{64}$/.test(id)
+      ? (id.toLowerCase() as Method.Hex)
+      : undefined
   } catch {
     return undefined
   }

@@ -468,8 +468,9 @@ describe('createFetch: money it must not lose track of', () => {
     // answer has no body: the client asks again with a POST).
     const failed = ((e as Error).cause ?? e) as PaymentFailedError
     expect(failed).toBeInstanceOf(PaymentFailedError)
+    // The token pull failed for want of funds: the draft's insufficient-balance.
     expect(String((failed.problem as { type?: string } | undefined)?.type)).toContain(
-      'transaction-reverted',
+      'session/insufficient-balance',
     )
     const state = (await fetch.channel(gw.url))!
     expect(state.deposit).toBe('300')

@@ -320,6 +320,16 @@ export function routes(deps: Deps) {
     return serve(c, deps, p, reservation, startedAt, 'key')
   }
 
+  /**
+   * The `requiredCumulative` to ask a payer for: what the request needs, but never less than
+   * a voucher the channel accepts (the draft: "Minimum next voucher amount"), one that raises
+   * the accepted amount by `minVoucherDelta`.
+   */
+  const nextVoucher = (needed: bigint, accepted: bigint): bigint => {
+    const least = accepted + deps.config.payments.minVoucherDelta
+    return needed > least ? needed : least
+  }
+
   /** Payment-credential holders: a channel, vouchers checked while streaming. */
   const paid = async (c: Context, payments: Payments.Payments, text: string, startedAt: number) => {
     const { method, challenge, checked } = Payments.verify(payments, c.req.header('authorization')!)
@@ -377,7 +387,10 @@ export function routes(deps: Deps) {
         "The channel's authorized balance does not cover the prompt and the first tokens; send a voucher for requiredCumulative.",
         {
           channelId,
-          requiredCumulative: admitted.acceptedCumulative + (p.need - admitted.available),
+          requiredCumulative: nextVoucher(
+            admitted.acceptedCumulative + (p.need - admitted.available),
+            admitted.acceptedCumulative,
+          ),
           acceptedCumulative: admitted.acceptedCumulative,
           deposit: admitted.deposit,
         },
@@ -427,8 +440,10 @@ export function routes(deps: Deps) {
       async extra(frame) {
         if (frame.kind !== 'shortfall') return undefined
         const channel = await current()
-        const requiredCumulative =
-          channel.spent + channel.reserved + (frame.required - reservation.held)
+        const requiredCumulative = nextVoucher(
+          channel.spent + channel.reserved + (frame.required - reservation.held),
+          channel.acceptedCumulative,
+        )
         const e = Events.needVoucher({
           channelId,
           requiredCumulative,

@@ -35,6 +35,7 @@ import {
 } from '../../chain/Errors.ts'
 import * as Escrow from '../../chain/Escrow.ts'
 import type * as Settlement from '../../chain/Settlement.ts'
+import * as Token from '../../chain/Token.ts'
 import * as Voucher from '../../chain/Voucher.ts'
 import {
   ChannelBusyError as BusyChannelError,
@@ -103,6 +104,28 @@ function unreachable(e: unknown): boolean {
     e instanceof BaseError &&
     e.walk((c) => c instanceof HttpRequestError || c instanceof TimeoutError) !== null
   )
+}
+
+/**
+ * Whether `token` implements EIP-3009 (its `authorizationState` view answers), which the
+ * gateway's `openWithAuthorization` and `topUpWithAuthorization` need; undefined when the
+ * chain does not answer.
+ */
+export async function hasEip3009(
+  client: Client.WalletClient,
+  token: Address,
+): Promise<boolean | undefined> {
+  try {
+    await readContract(client, {
+      address: token,
+      abi: eip3009,
+      functionName: 'authorizationState',
+      args: [token, `0x${'0'.repeat(64)}`],
+    })
+    return true
+  } catch (e) {
+    return e instanceof BaseError && !unreachable(e) ? false : undefined
+  }
 }
 
 /** ERC-1271's check, and the value a wallet returns for a signature it made. */
@@ -255,11 +278,13 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
    * authorization was used already, by a transaction of this channel (only the escrow can use
    * it, receiveWithAuthorization), the answer is that transaction: the same credential sent
    * again (a retry after the chain stopped answering, a client sending it twice) or to two
-   * instances at once. Used for another channel, the revert stands (409).
+   * instances at once. Used for another channel, the revert stands (409). Unused, and the
+   * payer holds less than it authorized: the token pull failed for want of funds, the draft's
+   * `insufficient-balance` (its most specific problem type for it), not a bare revert.
    */
   const orUsed = async (
     channelId: Hex,
-    a: { from: Address; nonce: Hex },
+    a: { from: Address; nonce: Hex; value: bigint },
     send: () => Promise<Parameters<typeof sentOf>[0]>,
   ): Promise<Server.Sent> => {
     let sent: Parameters<typeof sentOf>[0]
@@ -272,6 +297,17 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       // refused as the revert says.
       const same = done && ofChannel(done, channelId)
       if (same) return same
+      if (!done) {
+        const held = await Token.balanceOf(o.client, { token: o.currency, owner: a.from }).catch(
+          () => undefined,
+        )
+        if (held !== undefined && held < a.value)
+          throw Problem.insufficientBalance(
+            `The payer holds ${held} of the ${a.value} base units it authorized; fund the wallet or authorize less.`,
+            { channelId },
+            { cause: e },
+          )
+      }
       throw e
     }
     return sentOf(sent, channelId)

@@ -5,6 +5,7 @@
  * that ledger/ and chain/ implement, wired by main.ts.
  */
 
+import { computeChannelId } from '../../chain/Escrow.ts'
 import { Lru } from '../../Lru.ts'
 import type * as Channels from '../../ledger/Channels.ts'
 import type { Price } from '../../metering/Pricing.ts'
@@ -128,6 +129,12 @@ export type Options = {
   /** The currency's EIP-712 domain name and version, stated in the challenge so that a payer
    * can sign EIP-3009 authorizations without an RPC URL (`methodDetails.tokenDomain`). */
   tokenDomain?: Session.TokenDomain | undefined
+  /**
+   * Whether the gateway submits opens and top-ups for payers (EIP-3009, `feePayer: true`);
+   * false for a currency without EIP-3009, whose payers broadcast their own (`hash`). Default
+   * true.
+   */
+  feePayer?: boolean | undefined
   store: Store
   chain: Escrow
 }
@@ -177,8 +184,9 @@ export function create(o: Options) {
         chainId: o.chainId,
         escrowContract: o.escrow,
         minVoucherDelta: o.minVoucherDelta,
-        feePayer: true,
-        credentialTypes: ['authorization', 'hash'],
+        // The draft: no `feePayer: true` for a token whose authorization path we cannot use.
+        feePayer: o.feePayer !== false,
+        credentialTypes: o.feePayer === false ? ['hash'] : ['authorization', 'hash'],
         ...(channelId ? { channelId } : {}),
         ...(o.tokenDomain ? { tokenDomain: o.tokenDomain } : {}),
       },
@@ -269,6 +277,33 @@ export function create(o: Options) {
       )
   }
 
+  /**
+   * Refuses, before anything is submitted, an EIP-3009 open whose parameters create another
+   * channel than the one the credential names: the gateway would pay the gas to lock the
+   * payer's deposit in a channel it then refuses (410) and does not record.
+   */
+  const opensNamed = (
+    channelId: Hex,
+    from: Address,
+    salt: Hex,
+    authorizedSigner: Address | undefined,
+  ) => {
+    const created = computeChannelId({
+      payer: from,
+      payee: o.recipient,
+      token: o.currency,
+      salt,
+      authorizedSigner,
+      escrow: o.escrow,
+      chainId: o.chainId,
+    })
+    if (created.toLowerCase() !== channelId.toLowerCase())
+      throw Problem.verificationFailed(
+        `channelId is not the channel this open creates (${created}); nothing was submitted.`,
+        { channelId },
+      )
+  }
+
   /** Verifies and applies a credential's action. `price` is the challenge's `amount`. */
   async function apply(
     parsed: Session.Parsed,
@@ -291,6 +326,7 @@ export function create(o: Options) {
           // The initial voucher is checked before the gateway pays gas to lock the payer's
           // deposit in a channel it would then refuse to serve.
           if (!existing) {
+            opensNamed(p.channelId, p.authorization.from, p.salt, p.authorizedSigner)
             await o.chain.verifyVoucher({
               channelId: p.channelId,
               cumulativeAmount: p.cumulativeAmount,
@@ -309,14 +345,24 @@ export function create(o: Options) {
           throw Problem.methodUnsupported('Permit2 is not offered; use "authorization" or "hash".')
         const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
         const signature = p.type === 'hash' ? p.signature : p.voucherSignature
-        const channel = await o.store.observe(state)
-        if (sent) await o.store.sent({ channelId: p.channelId, kind: 'open', ...sent })
-
-        await acceptVoucher(channel, {
+        // The draft's order ("Open Verification"): the initial voucher's signature (step 5)
+        // before any server-side accounting state (step 6), so a refused open stores nothing.
+        await o.chain.verifyVoucher({
           channelId: p.channelId,
           cumulativeAmount: p.cumulativeAmount,
           signature,
+          signer: state.signer,
         })
+        const channel = await o.store.observe(state)
+        if (sent) await o.store.sent({ channelId: p.channelId, kind: 'open', ...sent })
+
+        // minVoucherDelta spaces voucher updates; a channel's first voucher is no update, and
+        // its deposit is in the escrow already (draft, "Open Verification": its signature only).
+        await acceptVoucher(
+          channel,
+          { channelId: p.channelId, cumulativeAmount: p.cumulativeAmount, signature },
+          channel.acceptedCumulative === 0n ? 0n : o.minVoucherDelta,
+        )
         return { channel: (await o.store.get(p.channelId))!, ...(txHash ? { txHash } : {}) }
       }
       case 'topUp': {
@@ -368,6 +414,7 @@ export function create(o: Options) {
           if (d.action === 'topUp' && known) notClosing(known)
           if (d.action === 'open' && !known) {
             if (!(await o.chain.read(p.channelId))) {
+              opensNamed(p.channelId, d.authorization.from, d.salt!, d.authorizedSigner)
               await o.chain.verifyVoucher({
                 ...p,
                 signer: signerOf(d.authorizedSigner, d.authorization.from),
@@ -388,10 +435,18 @@ export function create(o: Options) {
             })
           const toppedUpAt = sent && d.action === 'topUp' ? await o.store.clock() : undefined
           const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
-          remember(await o.store.observe(state, d.action === 'topUp' && sent ? { toppedUpAt } : {}))
+          // Nothing sent (the channel was there already): nothing is stored for a voucher
+          // that is not the channel signer's.
+          if (!sent) await o.chain.verifyVoucher({ ...p, signer: state.signer })
+          const observed = await o.store.observe(
+            state,
+            d.action === 'topUp' && sent ? { toppedUpAt } : {},
+          )
+          remember(observed)
           if (sent) await o.store.sent({ channelId: p.channelId, kind: d.action, ...sent })
+          const first = d.action === 'open' && observed.acceptedCumulative === 0n
           return {
-            channel: await acceptVoucher(state, p),
+            channel: await acceptVoucher(state, p, first ? 0n : o.minVoucherDelta),
             ...(sent ? { txHash: sent.hash } : {}),
           }
         }

@@ -1,0 +1,90 @@
+/**
+ * draft-evm-session-00, "Server-Paid Fees": servers MUST NOT advertise `feePayer: true` for
+ * tokens whose authorization paths they cannot service (and "Relayed / Gasless Operations
+ * Profile": a server MUST NOT advertise a capability whose backing function it cannot use).
+ * A gateway whose currency is a plain ERC-20 (no EIP-3009 `receiveWithAuthorization`) can
+ * only take client-broadcast opens and top-ups: its challenge must not offer `feePayer` nor
+ * the `authorization` credential type.
+ */
+import { afterAll, expect, test } from 'bun:test'
+import { readFileSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { resolve } from 'node:path'
+import type { Hex } from 'viem'
+import { deployContract, waitForTransactionReceipt } from 'viem/actions'
+import { challengeOf } from '../../src/client/Session.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const chain = await Anvil.start()
+afterAll(() => chain.stop())
+
+/** A plain OpenZeppelin ERC-20, compiled here with the npm solc the contracts use. */
+function compilePlainToken(): { abi: unknown[]; bytecode: Hex } {
+  const require = createRequire(import.meta.url)
+  const solc = require('solc') as { compile(input: string, cb: unknown): string }
+  const root = resolve(import.meta.dir, '../..')
+  const source = `// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+import {ERC20} from "@openzeppelin/contracts/token/ERC20/ERC20.sol";
+contract PlainUSD is ERC20 {
+    constructor() ERC20("Plain USD", "PUSD") { _mint(msg.sender, 1e18); }
+    function decimals() public pure override returns (uint8) { return 6; }
+}`
+  const input = {
+    language: 'Solidity',
+    sources: { 'PlainUSD.sol': { content: source } },
+    settings: {
+      evmVersion: 'cancun',
+      optimizer: { enabled: true, runs: 200 },
+      outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object'] } },
+    },
+  }
+  const output = JSON.parse(
+    solc.compile(JSON.stringify(input), {
+      import: (path: string) => {
+        try {
+          return { contents: readFileSync(resolve(root, 'node_modules', path), 'utf8') }
+        } catch {
+          return { error: `not found: ${path}` }
+        }
+      },
+    }),
+  ) as {
+    errors?: { severity: string; formattedMessage: string }[]
+    contracts: Record<
+      string,
+      Record<string, { abi: unknown[]; evm: { bytecode: { object: string } } }>
+    >
+  }
+  const errors = (output.errors ?? []).filter((e) => e.severity === 'error')
+  if (errors.length > 0) throw new Error(errors.map((e) => e.formattedMessage).join('\n'))
+  const artifact = output.contracts['PlainUSD.sol']!.PlainUSD!
+  return { abi: artifact.abi, bytecode: `0x${artifact.evm.bytecode.object}` }
+}
+
+test('a gateway whose currency has no EIP-3009 does not advertise feePayer or the authorization credential type', async () => {
+  const { abi, bytecode } = compilePlainToken()
+  const hash = await deployContract(chain.payeeClient, {
+    abi: abi as never,
+    bytecode,
+    account: chain.payeeClient.account,
+    chain: chain.payeeClient.chain,
+  })
+  const { contractAddress } = await waitForTransactionReceipt(chain.payeeClient, { hash })
+  const gw = await Gateway.create({
+    chain: { ...Gateway.chainOf(chain), currencyAddress: contractAddress! },
+    payments: { challengeSecret: 'test-challenge-secret-0123456789' },
+  })
+  const res = await fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+  })
+  expect(res.status).toBe(402)
+  const challenge = challengeOf(res.headers.get('www-authenticate'))!
+  const details = (
+    challenge.request as { methodDetails: { feePayer?: boolean; credentialTypes?: string[] } }
+  ).methodDetails
+  expect(details.feePayer === true).toBe(false)
+  expect(details.credentialTypes ?? ['hash']).not.toContain('authorization')
+}, 60_000)
