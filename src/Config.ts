@@ -147,6 +147,13 @@ export const Schema = z
       }, 'must be a postgres:// or postgresql:// URL')
       .optional(),
     adminToken: z.string().min(16).optional(),
+    /**
+     * Serve over TLS (Bun's own): PEM files of the certificate chain and its key. Payment
+     * challenges and credentials go only over TLS (or loopback, or a trusted proxy's).
+     */
+    tls: z.strictObject({ certFile: z.string().min(1), keyFile: z.string().min(1) }).optional(),
+    /** Trust `X-Forwarded-Proto: https` from a TLS-terminating proxy in front. */
+    trustProxy: z.boolean().default(false),
     /** Signed receipts on every completion (see metering/Receipt.ts). */
     receipts: z.boolean().default(true),
     /**
@@ -289,6 +296,7 @@ const env = {
   MAX_BODY_BYTES: ['maxBodyBytes', z.coerce.number()],
   TOLLWAY_WORKERS: ['workers', z.coerce.number()],
   RECEIPT_KEY: ['receiptKey', z.string()],
+  TRUST_PROXY: ['trustProxy', z.stringbool()],
   TOLLWAY_RECEIPTS: ['receipts', z.stringbool()],
 } as const
 
@@ -338,6 +346,15 @@ export function load(environment: Record<string, string | undefined> = process.e
     const parsed = (schema as z.ZodType).safeParse(raw)
     if (!parsed.success) throw new ConfigError(`${name}: ${parsed.error.issues[0]?.message}`)
     merged.payments = { ...(merged.payments as object), [key]: parsed.data }
+  }
+  const cert = environment.TLS_CERT_FILE
+  const key = environment.TLS_KEY_FILE
+  if (cert || key) {
+    if (!cert || !key)
+      throw new ConfigError(
+        `${cert ? 'TLS_KEY_FILE' : 'TLS_CERT_FILE'}: TLS needs both TLS_CERT_FILE and TLS_KEY_FILE`,
+      )
+    merged.tls = { certFile: cert, keyFile: key }
   }
   const given = Object.keys(chainEnv).filter((name) => environment[name])
   if (given.length > 0) {

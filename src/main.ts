@@ -251,6 +251,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       settlement,
       receipts: config.receipts ? new Receipt.Signer(receiptKey(config)) : undefined,
     })
+    const tls = config.tls ? tlsFiles(config.tls) : undefined
     let server: ReturnType<typeof Bun.serve>
     try {
       server = Bun.serve({
@@ -259,6 +260,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         fetch: app.fetch,
         idleTimeout: 255,
         reusePort: options.reusePort ?? false,
+        ...(tls ? { tls } : {}),
       })
     } catch (e) {
       // A port in use, a host that does not resolve or is not this machine's: named.
@@ -292,7 +294,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
 
     return {
       // An IPv6 address goes in brackets.
-      url: `http://${config.host.includes(':') ? `[${config.host}]` : config.host}:${server.port}`,
+      url: `${tls ? 'https' : 'http'}://${config.host.includes(':') ? `[${config.host}]` : config.host}:${server.port}`,
       adminToken,
       chain,
       devChain,
@@ -375,6 +377,21 @@ function kept(dataDir: string, name: string, prefix: string): string {
   const value = `${prefix}${randomBytes(32).toString('base64url')}`
   writeFileSync(path, `${value}\n`, { mode: 0o600 })
   return value
+}
+
+/** The TLS certificate chain and key, read now so that a missing file names itself. */
+function tlsFiles(tls: { certFile: string; keyFile: string }): { cert: string; key: string } {
+  const read = (path: string, name: string) => {
+    try {
+      return readFileSync(path, 'utf8')
+    } catch (e) {
+      throw new Config.ConfigError(`${name}: cannot read ${path}: ${(e as Error).message}`)
+    }
+  }
+  return {
+    cert: read(tls.certFile, 'TLS_CERT_FILE (tls.certFile)'),
+    key: read(tls.keyFile, 'TLS_KEY_FILE (tls.keyFile)'),
+  }
 }
 
 /** The receipts' Ed25519 key: the configured one, else one kept in the data dir. */

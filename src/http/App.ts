@@ -124,7 +124,7 @@ export function create(deps: Deps): Hono {
       Payments.withChallenges(
         error,
         Payments.authenticate(
-          deps.payments,
+          Payments.offered(c, deps.payments, deps.config.trustProxy),
           deps.router.models()[0]?.pricing,
           c.req.header('accept-payment'),
         ),

@@ -3,6 +3,7 @@
  * every 401 and 402, and credentials verified in the draft's order (common verification,
  * then the method's action) before anything is served.
  */
+import type { Context } from 'hono'
 import type { GatewayError } from '../Errors.ts'
 import { Lru } from '../Lru.ts'
 import type { Price } from '../metering/Pricing.ts'
@@ -105,6 +106,34 @@ export function authenticate(
     bearer,
     ...methods.map((m) => Challenge.serialize(challenge(p, m, price, channelId))),
   ].join(', ')
+}
+
+/**
+ * Whether a request came over TLS, as the core draft needs of every Payment challenge and
+ * credential ("Transport Security": servers MUST NOT issue Payment challenges over unencrypted
+ * HTTP): served over https, or by a proxy that terminated TLS and says so in
+ * `X-Forwarded-Proto` (when the gateway is told to trust it), or from this machine itself
+ * (loopback never leaves it: development, or a TLS proxy on the same host). A request not
+ * served by a socket (in process) counts as this machine's.
+ */
+export function overTls(c: Context, trustProxy: boolean): boolean {
+  if (c.req.url.startsWith('https:')) return true
+  if (trustProxy && c.req.header('x-forwarded-proto')?.split(',')[0]?.trim() === 'https')
+    return true
+  const server = c.env as { requestIP?: (r: Request) => { address: string } | null } | undefined
+  if (typeof server?.requestIP !== 'function') return true
+  const address = server.requestIP(c.req.raw)?.address
+  return address === undefined || loopback(address)
+}
+
+/** Whether an IP address is this machine's loopback (127.0.0.0/8, ::1, or ::ffff:127.x). */
+export function loopback(address: string): boolean {
+  return address === '::1' || address.startsWith('127.') || address.startsWith('::ffff:127.')
+}
+
+/** The payments a request may use: none over plain HTTP from another machine (see `overTls`). */
+export function offered(c: Context, p: Payments | undefined, trustProxy: boolean) {
+  return p && overTls(c, trustProxy) ? p : undefined
 }
 
 /** Whether an error already carries a Payment challenge (set where the price was known). */

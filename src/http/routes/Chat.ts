@@ -265,10 +265,15 @@ export function routes(deps: Deps) {
   const { leaseSeconds } = deps.config.metering
 
   /** API-key holders: credits, plans and usage logs. */
-  const keyed = async (c: Context, text: string, startedAt: number) => {
+  const keyed = async (
+    c: Context,
+    text: string,
+    startedAt: number,
+    paying: () => Payments.Payments | undefined,
+  ) => {
     const raw = Auth.rawKey(c)
     if (!raw) {
-      if (!deps.payments) throw Auth.missingKey()
+      if (!paying()) throw Auth.missingKey()
       throw new PaymentRequiredError(
         'This endpoint needs payment: send an API key ("Authorization: Bearer <key>" or "X-API-Key") or pay per request with a Payment credential (see WWW-Authenticate).',
         'payment_required',
@@ -468,16 +473,26 @@ export function routes(deps: Deps) {
   app.on(['POST', 'GET', 'HEAD', 'PUT', 'PATCH', 'DELETE'], '/', async (c) => {
     const startedAt = performance.now()
     const text = c.req.method === 'POST' ? await c.req.text() : ''
-    const payments = deps.payments
+    const authorization = c.req.header('authorization')
+    // Payment challenges and credentials travel over TLS only (see Payments.overTls); checked
+    // only where they come in or go out, not on a key holder's way.
+    let payments: Payments.Payments | undefined
+    const paying = () => (payments ??= Payments.offered(c, deps.payments, deps.config.trustProxy))
     try {
-      if (payments && Payments.isPayment(c.req.header('authorization')))
-        return await paid(c, payments, text, startedAt)
+      if (deps.payments && Payments.isPayment(authorization)) {
+        if (!paying())
+          throw new InvalidRequestError(
+            'Payment credentials are taken over HTTPS only: this request came over plain HTTP from another machine. Use the https address (or have the TLS proxy in front send X-Forwarded-Proto, with TRUST_PROXY set).',
+            'tls_required',
+          )
+        return await paid(c, paying()!, text, startedAt)
+      }
       if (c.req.method !== 'POST')
         throw new InvalidRequestError(
           'Use POST for completions (other methods only carry Payment credentials).',
           'method_not_allowed',
         )
-      return await keyed(c, text, startedAt)
+      return await keyed(c, text, startedAt, paying)
     } catch (e) {
       // Every 401 and 402 offers both ways in.
       if (
@@ -488,10 +503,10 @@ export function routes(deps: Deps) {
         Payments.withChallenges(
           e,
           Payments.authenticate(
-            payments,
+            paying(),
             priceOf(deps, text),
             c.req.header('accept-payment'),
-            Payments.channelNamed(c.req.header('authorization')),
+            Payments.channelNamed(authorization),
           ),
         )
       throw e
