@@ -154,7 +154,7 @@ export const Schema = z
     tls: z.strictObject({ certFile: z.string().min(1), keyFile: z.string().min(1) }).optional(),
     /** Trust `X-Forwarded-Proto: https` from a TLS-terminating proxy in front. */
     trustProxy: z.boolean().default(false),
-    /** Signed receipts on every completion (see metering/Receipt.ts). */
+    /** Whether completions asked for with Tollway-Receipt: true get a signed receipt (see metering/Receipt.ts). */
     receipts: z.boolean().default(true),
     /**
      * The receipts' Ed25519 private key (32 bytes, hex); generated and kept in the data dir

@@ -32,8 +32,15 @@ export async function fail(res: Response): Promise<never> {
   const { message, body } = await describe(res)
   if (res.status === 402) throw new PaymentError(`payment refused: ${message}`, body)
   // What the command asked for is wrong (a bad value, an unknown id, a wrong token): the
-  // user's to fix, as a usage error is; a 408 or 429 is a matter of waiting, as a 5xx is.
-  if (res.status >= 400 && res.status < 500 && res.status !== 408 && res.status !== 429)
+  // user's to fix, as a usage error is; a 408, a 429 or anything with a Retry-After (a 409
+  // in progress) is a matter of waiting, as a 5xx is.
+  if (
+    res.status >= 400 &&
+    res.status < 500 &&
+    res.status !== 408 &&
+    res.status !== 429 &&
+    !res.headers.has('retry-after')
+  )
     throw new UsageError(`gateway answered ${res.status}: ${message}`, body)
   throw new ServerError(`gateway answered ${res.status}: ${message}`, body)
 }

@@ -137,13 +137,17 @@ export class Metrics {
     })
     new client.Gauge({
       name: 'tollway_upstream_latency_seconds',
-      help: "An upstream's moving average latency, to a stream's first token or a whole answer (what routing_strategy fastest orders by).",
-      labelNames: ['upstream'],
+      help: "A route's moving average latency, by upstream, upstream model and kind (first_token of a stream, answer of a whole completion): what routing_strategy fastest orders by.",
+      labelNames: ['upstream', 'upstream_model', 'kind'],
       registers,
       collect() {
         this.reset()
         for (const u of router.upstreams())
-          if (u.latencyMs !== undefined) this.set({ upstream: u.name }, u.latencyMs / 1000)
+          for (const l of u.latencies)
+            this.set(
+              { upstream: u.name, upstream_model: l.upstreamModel, kind: l.kind },
+              l.ms / 1000,
+            )
       },
     })
     // The ledger's group commit (Batch.ts): statements sent and items they carried, by

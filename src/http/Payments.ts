@@ -113,17 +113,19 @@ export function authenticate(
  * credential ("Transport Security": servers MUST NOT issue Payment challenges over unencrypted
  * HTTP): served over https, or by a proxy that terminated TLS and says so in
  * `X-Forwarded-Proto` (when the gateway is told to trust it), or from this machine itself
- * (loopback never leaves it: development, or a TLS proxy on the same host). A request not
- * served by a socket (in process) counts as this machine's.
+ * (loopback never leaves it), unless it says it was forwarded from plain HTTP (a proxy on the
+ * same host). A request not served by a socket (in process) counts as this machine's.
  */
 export function overTls(c: Context, trustProxy: boolean): boolean {
   if (c.req.url.startsWith('https:')) return true
-  if (trustProxy && c.req.header('x-forwarded-proto')?.split(',')[0]?.trim() === 'https')
-    return true
+  const proto = c.req.header('x-forwarded-proto')?.split(',')[0]?.trim()
+  if (trustProxy && proto === 'https') return true
   const server = c.env as { requestIP?: (r: Request) => { address: string } | null } | undefined
-  if (typeof server?.requestIP !== 'function') return true
-  const address = server.requestIP(c.req.raw)?.address
-  return address === undefined || loopback(address)
+  const address =
+    typeof server?.requestIP === 'function' ? server.requestIP(c.req.raw)?.address : undefined
+  if (address !== undefined && !loopback(address)) return false
+  // A proxy on this machine forwards other machines' requests: its word on the scheme decides.
+  return proto === undefined || proto === 'https'
 }
 
 /** Whether an IP address is this machine's loopback (127.0.0.0/8, ::1, or ::ffff:127.x). */

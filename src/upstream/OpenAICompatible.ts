@@ -66,8 +66,8 @@ export function create(options: Options): Provider {
       watchdog.headers()
       return chunks(options.name, response, signal, watchdog)
     },
-    async complete(body, signal, limits, timing) {
-      const watchdog = Watchdog.for(options.timeoutMs, timing)
+    async complete(body, signal, limits) {
+      const watchdog = new Watchdog(options.timeoutMs)
       const response = await post(
         { ...capped(body, limits, maxTokensParam), stream: false },
         signal,
@@ -250,7 +250,10 @@ class Watchdog {
     if (!timing) return new Watchdog(upstreamMs)
     return new Watchdog(upstreamMs, Math.max(1, Math.min(upstreamMs, timing.gapMs)))
   }
-  /** Records activity. Cheap: called per chunk, it only moves a timestamp. */
+  /**
+   * Records activity (per network read of a stream). Cheap: it moves a timestamp; the first
+   * time, when the client's gap is shorter than the wait for the first chunk, it re-arms.
+   */
   reset() {
     this.last = performance.now()
     if (this.limit !== this.gap) {

@@ -34,6 +34,6 @@ export interface Provider {
     limits?: Limits,
     timing?: Timing,
   ): Promise<AsyncIterable<Received[]>>
-  /** A whole completion. */
-  complete(body: Body, signal: AbortSignal, limits?: Limits, timing?: Timing): Promise<Completion>
+  /** A whole completion (the client's timeout_ms aborts `signal`). */
+  complete(body: Body, signal: AbortSignal, limits?: Limits): Promise<Completion>
 }

@@ -43,17 +43,25 @@ export type Strategy = (typeof STRATEGIES)[number]
 
 type Circuit = { failures: number; openUntil: number }
 
-/** Weight of the newest sample in a provider's latency average. */
+/** Weight of the newest sample in a route's latency average. */
 const LATENCY_WEIGHT = 0.2
+
+/** A route's latency is kept apart by upstream, upstream model and kind of call. */
+function latencyKey(r: Pick<Route, 'provider' | 'upstreamModel'>, stream: boolean): string {
+  return `${r.provider.name}\0${r.upstreamModel}\0${stream ? 'first_token' : 'answer'}`
+}
 
 export class Router {
   private readonly byId: Map<string, Model>
   private readonly circuits = new Map<string, Circuit>()
   /**
-   * Moving average of each provider's latency (to its first token, or answer), ms, and when
-   * it was last timed.
+   * Moving average of each route's latency, ms, and when it was last timed: apart for streams
+   * (to the first token) and whole completions (to the answer, which grows with its length),
+   * and per upstream model (one upstream serves fast and slow ones). See `timed`.
    */
   private readonly latencies = new Map<string, { ms: number; at: number }>()
+  /** When each untimed or stale route was last put first to be timed again (see `routes`). */
+  private readonly probed = new Map<string, number>()
   /** Calls to each provider, by outcome. */
   private readonly calls = new Map<string, { ok: number; failed: number }>()
 
@@ -113,27 +121,36 @@ export class Router {
   routes(
     m: Model,
     strategy: Strategy = m.routing,
-    tokens: { prompt: number; output: number } = { prompt: 1, output: 1 },
+    request: { prompt: number; output: number; stream: boolean } = {
+      prompt: 1,
+      output: 1,
+      stream: false,
+    },
   ): Route[] {
     const open = m.routes.filter((r) => this.providerStatus(r.provider) !== 'unavailable')
     if (strategy === 'balanced' || open.length < 2) return open
     const now = Date.now()
+    const { staleMs } = this.options
     const key =
       strategy === 'fastest'
-        ? // An upstream not timed yet, or not for `staleMs`, goes first: it is timed on that
-          // request (one slow answer must not keep an upstream out of the order for good).
-          (r: Route) => {
-            const l = this.latencies.get(r.provider.name)
-            return l === undefined || now - l.at > this.options.staleMs
-              ? 0n
-              : BigInt(Math.round(l.ms))
+        ? // A route not timed yet, or not for `staleMs`, goes first for one request, which
+          // times it (one slow answer must not keep it out of the order for good); requests
+          // meanwhile order it by its old estimate (untimed: last).
+          (r: Route): number => {
+            const l = this.latencies.get(latencyKey(r, request.stream))
+            if (l !== undefined && now - l.at <= staleMs) return l.ms
+            const probed = this.probed.get(latencyKey(r, request.stream))
+            if (probed === undefined || now - probed > staleMs) return -1
+            return l?.ms ?? Number.POSITIVE_INFINITY
           }
-        : (r: Route) => r.cost.input * BigInt(tokens.prompt) + r.cost.output * BigInt(tokens.output)
+        : (r: Route): bigint =>
+            r.cost.input * BigInt(request.prompt) + r.cost.output * BigInt(request.output)
     // A stable sort: equal keys keep the operator's order.
-    return open
+    const sorted = open
       .map((r) => ({ r, k: key(r) }))
       .sort((a, b) => (a.k < b.k ? -1 : a.k > b.k ? 1 : 0))
-      .map(({ r }) => r)
+    if (sorted[0]!.k === -1) this.probed.set(latencyKey(sorted[0]!.r, request.stream), now)
+    return sorted.map(({ r }) => r)
   }
 
   /** Health of a model: that of its healthiest provider. */
@@ -147,49 +164,66 @@ export class Router {
     return best
   }
 
-  /** Records the outcome of a call to a provider, and on success how long it took. */
-  record(provider: Provider, ok: boolean, latencyMs?: number): void {
+  /** Records the outcome of a call to a provider (its health). */
+  record(provider: Provider, ok: boolean): void {
     let calls = this.calls.get(provider.name)
     if (!calls) {
       calls = { ok: 0, failed: 0 }
       this.calls.set(provider.name, calls)
     }
-    if (ok) calls.ok++
-    else calls.failed++
     if (ok) {
+      calls.ok++
       this.circuits.delete(provider.name)
-      if (latencyMs !== undefined) {
-        const before = this.latencies.get(provider.name)?.ms
-        this.latencies.set(provider.name, {
-          ms: before === undefined ? latencyMs : before + LATENCY_WEIGHT * (latencyMs - before),
-          at: Date.now(),
-        })
-      }
       return
     }
+    calls.failed++
     const c = this.circuits.get(provider.name) ?? { failures: 0, openUntil: 0 }
     c.failures++
     if (c.failures >= this.options.threshold) c.openUntil = Date.now() + this.options.cooldownMs
     this.circuits.set(provider.name, c)
   }
 
-  /** Every provider a model routes to: its health, calls by outcome and moving latency. */
+  /** Records how long a route took to answer (a stream: to its first token). */
+  timed(route: Route, stream: boolean, ms: number): void {
+    const k = latencyKey(route, stream)
+    const before = this.latencies.get(k)?.ms
+    this.latencies.set(k, {
+      ms: before === undefined ? ms : before + LATENCY_WEIGHT * (ms - before),
+      at: Date.now(),
+    })
+  }
+
+  /**
+   * Every provider a model routes to: its health and calls by outcome; and the moving latency
+   * of each route timed, by upstream model and kind (`first_token` of a stream, `answer`).
+   */
   upstreams(): {
     name: string
     status: Status
     ok: number
     failed: number
-    latencyMs: number | undefined
+    latencies: { upstreamModel: string; kind: 'first_token' | 'answer'; ms: number }[]
   }[] {
-    const providers = new Map<string, Provider>()
+    const providers = new Map<string, { provider: Provider; routes: Route[] }>()
     for (const m of this.byId.values())
-      for (const r of m.routes) providers.set(r.provider.name, r.provider)
-    return [...providers.values()].map((p) => ({
-      name: p.name,
-      status: this.providerStatus(p),
-      ok: this.calls.get(p.name)?.ok ?? 0,
-      failed: this.calls.get(p.name)?.failed ?? 0,
-      latencyMs: this.latencies.get(p.name)?.ms,
+      for (const r of m.routes) {
+        const p = providers.get(r.provider.name) ?? { provider: r.provider, routes: [] }
+        p.routes.push(r)
+        providers.set(r.provider.name, p)
+      }
+    return [...providers.values()].map(({ provider, routes }) => ({
+      name: provider.name,
+      status: this.providerStatus(provider),
+      ok: this.calls.get(provider.name)?.ok ?? 0,
+      failed: this.calls.get(provider.name)?.failed ?? 0,
+      latencies: [...new Set(routes.map((r) => r.upstreamModel))].flatMap((upstreamModel) =>
+        (['first_token', 'answer'] as const).flatMap((kind) => {
+          const l = this.latencies.get(
+            latencyKey({ provider, upstreamModel }, kind === 'first_token'),
+          )
+          return l ? [{ upstreamModel, kind, ms: l.ms }] : []
+        }),
+      ),
     }))
   }
 

@@ -156,7 +156,12 @@ describe('GET /metrics', () => {
     expect(after.get('tollway_upstream_calls_total{upstream="fake",outcome="ok"}')).toBeGreaterThan(
       0,
     )
-    expect(after.get('tollway_upstream_latency_seconds{upstream="fake"}')).toBeGreaterThan(0)
-    expect(after.has('tollway_upstream_latency_seconds{upstream="fake-500"}')).toBe(false)
+    const latency = (upstream: string, kind: string) =>
+      after.get(
+        `tollway_upstream_latency_seconds{upstream="${upstream}",upstream_model="${upstream}",kind="${kind}"}`,
+      )
+    expect(latency('fake', 'answer')).toBeGreaterThan(0)
+    expect(latency('fake', 'first_token')).toBeGreaterThan(0)
+    expect(latency('fake-500', 'answer')).toBeUndefined()
   })
 })

@@ -121,6 +121,10 @@ const gw = await Gateway.create({
       ['failing', 'fail'],
       ['spare', 'ok'],
     ]),
+    routed('down-then-missing', [
+      ['failing', 'fail'],
+      ['gone', 'not-here'],
+    ]),
   ],
 })
 
@@ -184,6 +188,14 @@ describe('failover', () => {
       })
     ).text()
     expect(metrics).toContain('tollway_upstream_status{upstream="gone"} 1')
+  })
+
+  test('error: a 404 from the last route does not hide the 5xx of the one before: a 502, not a 400 blaming the request', async () => {
+    const { key } = await gw.account()
+    const res = await post(key, { model: 'down-then-missing' })
+    expect(res.status).toBe(502)
+    const { error } = (await res.json()) as { error: { type: string; code: string } }
+    expect(error).toMatchObject({ type: 'upstream_error', code: 'upstream_status' })
   })
 
   test('behavior: clients that leave while a route hangs do not open its circuit', async () => {

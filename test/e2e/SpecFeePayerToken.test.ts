@@ -11,8 +11,10 @@ import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
 import { resolve } from 'node:path'
 import type { Hex } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
 import { deployContract, waitForTransactionReceipt } from 'viem/actions'
-import { challengeOf } from '../../src/client/Session.ts'
+import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
@@ -87,4 +89,26 @@ test('a gateway whose currency has no EIP-3009 does not advertise feePayer or th
   ).methodDetails
   expect(details.feePayer === true).toBe(false)
   expect(details.credentialTypes ?? ['hash']).not.toContain('authorization')
+  // An EIP-3009 open sent anyway is refused (a type the challenge did not offer) before
+  // anything is submitted.
+  const session = new PayingSession({
+    account: privateKeyToAccount(chain.payers[0]!.privateKey),
+    challenge,
+    tokenDomain: {
+      name: 'Plain USD',
+      version: '1',
+      chainId: chain.chainId,
+      verifyingContract: contractAddress!,
+    },
+  })
+  const open = await session.openWithAuthorization({ deposit: 100_000n, initial: 0n })
+  const refused = await fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: open },
+  })
+  expect(refused.status).toBe(402)
+  expect(((await refused.json()) as { type: string }).type).toBe(
+    'https://paymentauth.org/problems/verification-failed',
+  )
+  expect(await Channels.get(gw.sql, session.channelId!)).toBeUndefined()
 }, 60_000)

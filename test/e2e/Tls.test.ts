@@ -102,6 +102,17 @@ describe.skipIf(external === undefined)('beyond loopback', () => {
   }, 30_000)
 })
 
+test('behavior: from loopback, a request a local proxy forwarded from plain HTTP (X-Forwarded-Proto: http) gets no Payment challenge', async () => {
+  const gw = await Gateway.create(paid)
+  expect((await ask(gw.url, '127.0.0.1')).challenge).toContain('Payment ')
+  const forwarded = await ask(gw.url, '127.0.0.1', { 'x-forwarded-proto': 'http' })
+  expect(forwarded.challenge).toContain('Bearer')
+  expect(forwarded.challenge).not.toContain('Payment ')
+  expect((await ask(gw.url, '127.0.0.1', { 'x-forwarded-proto': 'https' })).challenge).toContain(
+    'Payment ',
+  )
+}, 30_000)
+
 test('error: a TLS file that cannot be read stops the start naming it; one of the two variables alone too', async () => {
   const { load } = await import('../../src/Config.ts')
   expect(() => load({ TLS_CERT_FILE: '/x/cert.pem' })).toThrow(/TLS_KEY_FILE/)

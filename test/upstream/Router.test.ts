@@ -7,45 +7,70 @@ const provider = (name: string): Provider => ({
   stream: () => Promise.reject(new Error('not called')),
   complete: () => Promise.reject(new Error('not called')),
 })
-const route = (name: string, cost = 1n): Route => ({
+const route = (name: string, cost = 1n, upstreamModel = name): Route => ({
   provider: provider(name),
-  upstreamModel: name,
+  upstreamModel,
   cost: { input: cost, output: cost },
 })
 const names = (routes: Route[]) => routes.map((r) => r.provider.name)
+const model = (routes: Route[], id = 'm') => ({
+  id,
+  pricing: { input: 1n, output: 1n },
+  contextLength: 100,
+  minTier: 0,
+  routes,
+  routing: 'balanced' as const,
+})
+const whole = { prompt: 1, output: 1, stream: false }
+const streamed = { prompt: 1, output: 1, stream: true }
 
 describe('Router.routes', () => {
-  const model = (routes: Route[]) => ({
-    id: 'm',
-    pricing: { input: 1n, output: 1n },
-    contextLength: 100,
-    minTier: 0,
-    routes,
-    routing: 'balanced' as const,
-  })
-
-  test('behavior: fastest orders by moving latency, untimed first; an estimate not renewed for staleMs counts as untimed', async () => {
+  test('behavior: fastest orders by moving latency; an untimed route goes first for one request, then waits its turn until timed', () => {
     const [a, b, c] = [route('a'), route('b'), route('c')]
     const m = model([a, b, c])
-    const router = new Router([m], { staleMs: 80 })
-    expect(names(router.routes(m, 'fastest'))).toEqual(['a', 'b', 'c'])
-    router.record(a.provider, true, 300)
-    router.record(b.provider, true, 20)
-    // c is untimed: it goes first, then the faster of the timed.
-    expect(names(router.routes(m, 'fastest'))).toEqual(['c', 'b', 'a'])
-    router.record(c.provider, true, 100)
-    expect(names(router.routes(m, 'fastest'))).toEqual(['b', 'c', 'a'])
+    const router = new Router([m])
+    router.timed(a, false, 300)
+    router.timed(b, false, 20)
+    // c is untimed: first for one request (which times it), last for the others meanwhile.
+    expect(names(router.routes(m, 'fastest', whole))).toEqual(['c', 'b', 'a'])
+    expect(names(router.routes(m, 'fastest', whole))).toEqual(['b', 'a', 'c'])
+    expect(names(router.routes(m, 'fastest', whole))).toEqual(['b', 'a', 'c'])
+    router.timed(c, false, 100)
+    expect(names(router.routes(m, 'fastest', whole))).toEqual(['b', 'c', 'a'])
     // One slow answer moves the average a fifth of the way: b stays ahead of c.
-    router.record(b.provider, true, 200)
-    expect(names(router.routes(m, 'fastest'))).toEqual(['b', 'c', 'a'])
-    // Time passes; b and c are timed again, a is not: a's one slow answer no longer keeps it
-    // last, it is tried first to be timed afresh.
-    await Bun.sleep(100)
-    router.record(b.provider, true, 20)
-    router.record(c.provider, true, 100)
-    expect(names(router.routes(m, 'fastest'))).toEqual(['a', 'b', 'c'])
+    router.timed(b, false, 200)
+    expect(names(router.routes(m, 'fastest', whole))).toEqual(['b', 'c', 'a'])
     // balanced keeps the operator order whatever the latencies.
     expect(names(router.routes(m))).toEqual(['a', 'b', 'c'])
+  })
+
+  test('behavior: an estimate not renewed for staleMs makes its route first again, once', async () => {
+    const [slow, fast] = [route('slow'), route('fast')]
+    const m = model([slow, fast])
+    const router = new Router([m], { staleMs: 50 })
+    router.timed(slow, true, 500)
+    router.timed(fast, true, 10)
+    expect(names(router.routes(m, 'fastest', streamed))).toEqual(['fast', 'slow'])
+    await Bun.sleep(70)
+    router.timed(fast, true, 10)
+    // slow's one slow answer is stale: it is tried first once, the others wait for its timing.
+    const orders = Array.from({ length: 5 }, () => names(router.routes(m, 'fastest', streamed)))
+    expect(orders.filter((o) => o[0] === 'slow')).toHaveLength(1)
+  })
+
+  test('behavior: latencies are kept apart for streams and whole completions, and by upstream model', () => {
+    const shared = route('shared', 1n, 'x')
+    const other = route('other', 1n, 'x')
+    const m = model([shared, other])
+    const router = new Router([m])
+    router.timed(shared, true, 200)
+    router.timed(other, true, 400)
+    router.timed(shared, false, 900)
+    router.timed(other, false, 300)
+    // A whole completion of another model on the same upstream takes 20 s: no matter here.
+    router.timed(route('shared', 1n, 'y'), true, 20_000)
+    expect(names(router.routes(m, 'fastest', streamed))).toEqual(['shared', 'other'])
+    expect(names(router.routes(m, 'fastest', whole))).toEqual(['other', 'shared'])
   })
 
   test('behavior: cheapest weighs input and output costs by the request; a route with an open circuit is left out', () => {
@@ -53,10 +78,11 @@ describe('Router.routes', () => {
     const outputCheap: Route = { ...route('out'), cost: { input: 100n, output: 1n } }
     const m = model([inputCheap, outputCheap])
     const router = new Router([m])
-    expect(names(router.routes(m, 'cheapest', { prompt: 1000, output: 10 }))).toEqual(['in', 'out'])
-    expect(names(router.routes(m, 'cheapest', { prompt: 10, output: 1000 }))).toEqual(['out', 'in'])
+    const asks = (prompt: number, output: number) => ({ prompt, output, stream: false })
+    expect(names(router.routes(m, 'cheapest', asks(1000, 10)))).toEqual(['in', 'out'])
+    expect(names(router.routes(m, 'cheapest', asks(10, 1000)))).toEqual(['out', 'in'])
     for (let i = 0; i < 3; i++) router.record(inputCheap.provider, false)
-    expect(names(router.routes(m, 'cheapest', { prompt: 1000, output: 10 }))).toEqual(['out'])
+    expect(names(router.routes(m, 'cheapest', asks(1000, 10)))).toEqual(['out'])
     expect(router.status(m)).toBe('ready')
     for (let i = 0; i < 3; i++) router.record(outputCheap.provider, false)
     expect(router.status(m)).toBe('unavailable')

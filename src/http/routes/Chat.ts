@@ -96,6 +96,7 @@ function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
   const routes = deps.router.routes(model, req.routing_strategy, {
     prompt: promptTokens,
     output: limit,
+    stream: req.stream,
   })
   return { req, text, model, routes, promptTokens, limit, room, asked, want, need, signer }
 }
@@ -188,8 +189,8 @@ async function serve(
       startedAt,
       maxTokens: max,
       call: () =>
-        routed(deps, p, signal, deadline, async (route, body, bounded, timing) =>
-          served(route, await route.provider.complete(body, bounded, limits, timing)),
+        routed(deps, p, signal, deadline, async (route, body, bounded) =>
+          served(route, await route.provider.complete(body, bounded, limits)),
         ),
     })
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
@@ -553,7 +554,8 @@ async function routed<T>(
       const bounded = clock ? AbortSignal.any([signal, clock.signal]) : signal
       const body = Chat.upstreamBody(p.req, route.upstreamModel) as Body
       const r = await call(route, body, bounded, timing)
-      deps.router.record(route.provider, true, performance.now() - at)
+      deps.router.record(route.provider, true)
+      deps.router.timed(route, p.req.stream, performance.now() - at)
       return r
     } catch (e) {
       if (signal.aborted) throw e
@@ -573,7 +575,8 @@ async function routed<T>(
         { model: p.model.id, upstream: route.provider.name, code: e.code },
         'route failed',
       )
-      failed = e
+      // A 404 says only that this route lacks the model: it must not hide another's 5xx.
+      if (!missing || failed === undefined) failed = e
     } finally {
       clearTimeout(timer)
     }
