@@ -2,7 +2,6 @@
  * The wallet user's commands: `chat` paying through a channel from TOLLWAY_WALLET_KEY, and
  * `channel status | close`.
  */
-import { createHash } from 'node:crypto'
 import { join } from 'node:path'
 import { createParser } from 'eventsource-parser'
 import { type Address, type Hex, isAddress } from 'viem'
@@ -18,10 +17,10 @@ import {
   LimitExceededError,
   PaymentFailedError,
   type Receipt,
+  receiptDigest,
   Store,
   verifyReceipt,
 } from '../client/index.ts'
-import { generated } from '../upstream/Chat.ts'
 import { type CliError, PaymentError, ServerError, UsageError } from './Errors.ts'
 import * as Http from './Http.ts'
 import type { Context } from './main.ts'
@@ -152,10 +151,9 @@ export async function chat(ctx: Context) {
     .finally(() => clearTimeout(timer))
   if (!res.ok) await Http.fail(res)
   let text = ''
-  // What a receipt's result_sha256 covers: of each chunk or message, every choice's content,
-  // reasoning and tool calls (see metering/Receipt.ts), not only the content printed.
-  let result = ''
-  const covered = (d: unknown) => (d ? generated(d as Parameters<typeof generated>[0]) : '')
+  // What a receipt's result_sha256 covers: every choice's delta or message (its content,
+  // reasoning and tool calls: see metering/Receipt.ts), not only the content printed.
+  const received: unknown[] = []
   let usage: Usage | undefined
   let receipt: Receipt | undefined
   if (stream) {
@@ -166,14 +164,14 @@ export async function chat(ctx: Context) {
         const chunk = JSON.parse(event.data) as {
           choices?: { delta?: { content?: string } }[]
           usage?: Usage
-          receipt?: Receipt
+          tollway_receipt?: Receipt
         }
         const piece = chunk.choices?.[0]?.delta?.content ?? ''
         text += piece
-        for (const c of chunk.choices ?? []) result += covered(c.delta)
+        for (const c of chunk.choices ?? []) received.push(c.delta)
         if (piece && !ctx.settings.json) ctx.io.out(piece)
         if (chunk.usage) usage = chunk.usage
-        if (chunk.receipt) receipt = chunk.receipt
+        if (chunk.tollway_receipt) receipt = chunk.tollway_receipt
       },
     })
     const decoder = new TextDecoder()
@@ -184,16 +182,22 @@ export async function chat(ctx: Context) {
     const body = (await res.json()) as {
       choices: { message: { content: string } }[]
       usage?: Usage
-      receipt?: Receipt
+      tollway_receipt?: Receipt
     }
     text = body.choices[0]?.message.content ?? ''
-    for (const c of body.choices) result += covered(c.message)
+    for (const c of body.choices) received.push(c.message)
     usage = body.usage
-    receipt = body.receipt
+    receipt = body.tollway_receipt
     if (!ctx.settings.json) ctx.io.out(`${text}\n`)
   }
   const channel = await pay.channel(url)
-  if (signed) await checkReceipt(ctx, receipt, result, usage)
+  if (signed)
+    await checkReceipt(
+      ctx,
+      receipt,
+      receiptDigest(received as Parameters<typeof receiptDigest>[0]),
+      usage,
+    )
   if (ctx.settings.json)
     ctx.io.out(
       `${JSON.stringify({ content: text, usage, channelId: channel?.channelId, ...(signed ? { receipt } : {}) })}\n`,
@@ -212,14 +216,13 @@ export async function chat(ctx: Context) {
 async function checkReceipt(
   ctx: Context,
   receipt: Receipt | undefined,
-  text: string,
+  digest: string,
   usage: Usage | undefined,
 ): Promise<void> {
   if (!receipt) throw new ServerError('the gateway sent no receipt, though one was asked for.')
   const key = (await Http.request(target(ctx), 'GET', '/v1/receipts/key')) as {
     public_key: string
   }
-  const digest = createHash('sha256').update(text).digest('hex')
   const wrong = !verifyReceipt(receipt, key.public_key)
     ? 'its signature does not verify with the key of GET /v1/receipts/key'
     : receipt.result_sha256 !== digest

@@ -47,7 +47,7 @@ export type Options = {
   onError?: (e: unknown) => void
   /** Renders frames other than chunks and the end (payment events). */
   extra?: (frame: Frame) => Promise<Uint8Array | undefined>
-  /** The signed receipt the final usage chunk carries (see metering/Receipt.ts). */
+  /** The signed receipt the final usage chunk carries as `tollway_receipt` (see metering/Receipt.ts). */
   receipt?: (usage: Usage) => unknown
   /** Events to send after the final usage chunk, before `[DONE]` (the payment receipt). */
   beforeDone?: () => Promise<Uint8Array | undefined>
@@ -136,7 +136,7 @@ export function response(c: Context, o: Options): Response {
     const out: Uint8Array[] = []
     const finishing = { ...base, choices: [{ index: 0, delta: {}, finish_reason: finishReason }] }
     const receipt = o.receipt?.(usage)
-    const metered = receipt === undefined ? { usage } : { usage, receipt }
+    const metered = receipt === undefined ? { usage } : { usage, tollway_receipt: receipt }
     if (o.includeUsage) {
       // A stream cut short (credits, a voucher, a newer stream) never had the upstream's
       // finishing chunk: the client still gets its finish_reason, before the usage chunk.

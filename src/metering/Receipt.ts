@@ -15,6 +15,7 @@ import {
   verify as verifySignature,
 } from 'node:crypto'
 import jcs from 'canonicalize'
+import { generated } from '../upstream/Chat.ts'
 
 export const VERSION = 'tollway-receipt/1'
 
@@ -145,4 +146,14 @@ export class Digest {
     this.high = ''
     return this.hash.digest('hex')
   }
+}
+
+/**
+ * The `result_sha256` a receipt states, from what a client received: the message of each
+ * choice of a whole completion, or the delta of each choice of every streamed chunk, in order.
+ */
+export function resultDigest(parts: Iterable<Parameters<typeof generated>[0] | undefined>): string {
+  const digest = new Digest()
+  for (const p of parts) if (p) digest.update(generated(p))
+  return digest.hex()
 }

@@ -5,7 +5,7 @@
  */
 import { expect, test } from 'bun:test'
 import { createHash } from 'node:crypto'
-import { verifyReceipt } from '../../src/client/index.ts'
+import { receiptDigest, verifyReceipt } from '../../src/client/index.ts'
 import * as Scripted from '../helpers/Scripted.ts'
 
 const scripts: Record<string, unknown[]> = {}
@@ -50,7 +50,14 @@ async function streamed(model: string) {
   for (const c of chunks)
     for (const choice of (c.choices ?? []) as { delta?: Delta }[])
       text += textOf(choice.delta ?? {})
-  const receipt = chunks.find((c) => 'receipt' in c)!.receipt as { result_sha256: string }
+  const receipt = chunks.find((c) => 'tollway_receipt' in c)!.tollway_receipt as {
+    result_sha256: string
+  }
+  // What tollway/client computes from the same chunks.
+  const deltas = chunks.flatMap((c) =>
+    ((c.choices ?? []) as { delta?: Delta }[]).map((x) => x.delta),
+  )
+  expect(receiptDigest(deltas)).toBe(receipt.result_sha256)
   expect(verifyReceipt(receipt, public_key)).toBe(true)
   return { text, receipt }
 }

@@ -56,11 +56,11 @@ describe('receipts', () => {
     expect(res.status).toBe(200)
     const body = (await res.json()) as {
       usage: Usage
-      receipt: Receipt.Receipt
+      tollway_receipt: Receipt.Receipt
       choices: { message: { content: string } }[]
     }
     expect(key.algorithm).toBe('Ed25519')
-    expect(body.receipt).toMatchObject({
+    expect(body.tollway_receipt).toMatchObject({
       version: 'tollway-receipt/1',
       key_id: key.key_id,
       request_id: res.headers.get('x-request-id')!,
@@ -72,13 +72,13 @@ describe('receipts', () => {
       status: 'ok',
       result_sha256: sha256(body.choices[0]!.message.content),
     })
-    expect(verifyReceipt(body.receipt, key.public_key)).toBe(true)
+    expect(verifyReceipt(body.tollway_receipt, key.public_key)).toBe(true)
     // Any change breaks it.
     for (const changed of [
-      { ...body.receipt, cost: '1' },
-      { ...body.receipt, completion_tokens: body.receipt.completion_tokens - 1 },
-      { ...body.receipt, result_sha256: sha256('another answer') },
-      { ...body.receipt, extra: true },
+      { ...body.tollway_receipt, cost: '1' },
+      { ...body.tollway_receipt, completion_tokens: body.tollway_receipt.completion_tokens - 1 },
+      { ...body.tollway_receipt, result_sha256: sha256('another answer') },
+      { ...body.tollway_receipt, extra: true },
     ])
       expect(verifyReceipt(changed, key.public_key)).toBe(false)
   })
@@ -96,17 +96,17 @@ describe('receipts', () => {
         for (const choice of (c.choices ?? []) as { delta?: { content?: string } }[])
           text += choice.delta?.content ?? ''
       expect(text).toBe(PROMPT)
-      const last = chunks.at(-1) as { usage: Usage; receipt: Receipt.Receipt }
-      expect(last.receipt).toMatchObject({
+      const last = chunks.at(-1) as { usage: Usage; tollway_receipt: Receipt.Receipt }
+      expect(last.tollway_receipt).toMatchObject({
         request_id: res.headers.get('x-request-id')!,
         cost: last.usage.cost,
         completion_tokens: last.usage.completion_tokens,
         status: 'ok',
         result_sha256: sha256(text),
       })
-      expect(verifyReceipt(last.receipt, key.public_key)).toBe(true)
+      expect(verifyReceipt(last.tollway_receipt, key.public_key)).toBe(true)
       // Only the final chunk has one.
-      expect(chunks.filter((c) => 'receipt' in c)).toHaveLength(1)
+      expect(chunks.filter((c) => 'tollway_receipt' in c)).toHaveLength(1)
     }
   })
 
@@ -123,13 +123,16 @@ describe('receipts', () => {
     for (const c of chunks)
       for (const choice of (c.choices ?? []) as { delta?: { content?: string } }[])
         text += choice.delta?.content ?? ''
-    const final = chunks.find((c) => 'receipt' in c) as { usage: Usage; receipt: Receipt.Receipt }
-    expect(final.receipt.status).toBe('insufficient_funds')
-    expect(final.receipt.result_sha256).toBe(sha256(text))
-    expect(final.receipt.cost).toBe(final.usage.cost)
-    expect(verifyReceipt(final.receipt, key.public_key)).toBe(true)
+    const final = chunks.find((c) => 'tollway_receipt' in c) as {
+      usage: Usage
+      tollway_receipt: Receipt.Receipt
+    }
+    expect(final.tollway_receipt.status).toBe('insufficient_funds')
+    expect(final.tollway_receipt.result_sha256).toBe(sha256(text))
+    expect(final.tollway_receipt.cost).toBe(final.usage.cost)
+    expect(verifyReceipt(final.tollway_receipt, key.public_key)).toBe(true)
     const l = await Gateway.ledger(gw.sql, id)
-    expect(300n - l.balance).toBe(BigInt(final.receipt.cost))
+    expect(300n - l.balance).toBe(BigInt(final.tollway_receipt.cost))
   })
 
   test('behavior: no receipt unless asked for; a Tollway-Receipt that is not true or false is a 400 before anything is held', async () => {
@@ -142,9 +145,9 @@ describe('receipts', () => {
     for (const headers of unasked) {
       const res = await post(apiKey, {}, headers)
       expect(res.status).toBe(200)
-      expect(await res.json()).not.toHaveProperty('receipt')
+      expect(await res.json()).not.toHaveProperty('tollway_receipt')
       const streamed = await (await post(apiKey, { stream: true }, headers)).text()
-      expect(streamed).not.toContain('"receipt"')
+      expect(streamed).not.toContain('"tollway_receipt"')
     }
     const balance = (await Gateway.ledger(gw.sql, id)).balance
     const res = await post(apiKey, {}, { 'tollway-receipt': 'yes please' })
@@ -211,7 +214,7 @@ describe('receipts off', () => {
     expect((await Gateway.ledger(off.sql, id)).reserved).toBe(0n)
     const plain = await ask(false)
     expect(plain.status).toBe(200)
-    expect(await plain.json()).not.toHaveProperty('receipt')
+    expect(await plain.json()).not.toHaveProperty('tollway_receipt')
     const keyRes = await fetch(`${off.url}/v1/receipts/key`)
     expect(keyRes.status).toBe(404)
     expect(((await keyRes.json()) as { error: { code: string } }).error.code).toBe('receipts_off')

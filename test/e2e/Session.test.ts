@@ -190,7 +190,7 @@ describe('a full session', () => {
     }
     const secondBody = (await again.json()) as {
       usage: { cost: string; completion_tokens: number }
-      receipt: Record<string, unknown>
+      tollway_receipt: Record<string, unknown>
     }
     const secondUsage = secondBody.usage
     expect(BigInt(second.spent)).toBe(BigInt(receipt.spent) + BigInt(secondUsage.cost))
@@ -198,8 +198,8 @@ describe('a full session', () => {
     const { public_key } = (await (await fetch(`${gw.url}/v1/receipts/key`)).json()) as {
       public_key: string
     }
-    expect(secondBody.receipt).toMatchObject({ payer: 'channel', cost: secondUsage.cost })
-    expect(verifyReceipt(secondBody.receipt, public_key)).toBe(true)
+    expect(secondBody.tollway_receipt).toMatchObject({ payer: 'channel', cost: secondUsage.cost })
+    expect(verifyReceipt(secondBody.tollway_receipt, public_key)).toBe(true)
     expect(second.units).toBe(secondUsage.completion_tokens)
 
     // Ledger invariants.

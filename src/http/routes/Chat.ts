@@ -194,16 +194,15 @@ async function serve(
         ),
     })
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
-    const signed = receipt(usage, () => {
-      const digest = new Receipt.Digest()
-      for (const choice of completion.choices) digest.update(Chat.generated(choice.message))
-      return digest.hex()
-    })
+    const signed = receipt(usage, () =>
+      Receipt.resultDigest(completion.choices.map((c) => c.message)),
+    )
     return c.json({
       ...completion,
       model: model.id,
       usage: { ...completion.usage, ...usage },
-      ...(signed ? { receipt: signed } : {}),
+      // Named apart from the MPP `receipt` a voucher sent alone is answered with.
+      ...(signed ? { tollway_receipt: signed } : {}),
     })
   }
 
