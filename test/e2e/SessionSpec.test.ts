@@ -1,0 +1,235 @@
+/**
+ * MUSTs of the MPP drafts (draft-httpauth-payment-00, core; draft-evm-session-00, session)
+ * an audit found unmet, each against a gateway paid on a real anvil chain: the section each
+ * comes from is named in its describe.
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import { type Hex, keccak256, toHex } from 'viem'
+import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
+import * as Voucher from '../../src/chain/Voucher.ts'
+import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Credential from '../../src/payment/Credential.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+import { read, text } from '../helpers/Sse.ts'
+
+const chain = await Anvil.start()
+afterAll(() => chain.stop())
+const payments = { challengeSecret: 'test-challenge-secret-0123456789' }
+const gw = await Gateway.create({ chain: Gateway.chainOf(chain), payments })
+/** A gateway whose vouchers must each add at least 1,000 base units. */
+const spaced = await Gateway.create({
+  chain: Gateway.chainOf(chain),
+  payments: { ...payments, minVoucherDelta: '1000', voucherTimeoutMs: 2_000 },
+})
+const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
+const problems = 'https://paymentauth.org/problems'
+
+const completions = (g: Gateway.TestGateway) => `${g.url}/v1/chat/completions`
+const body = (stream: boolean, content: string) =>
+  JSON.stringify({ model: 'fake', stream, messages: [{ role: 'user', content }] })
+
+/** A paying session of `account` on a fresh challenge of `g`. */
+async function session(
+  g: Gateway.TestGateway,
+  account = privateKeyToAccount(chain.payers[0]!.privateKey),
+) {
+  const res = await fetch(completions(g), { method: 'POST', body: body(false, 'hi') })
+  expect(res.status).toBe(402)
+  const challenge = challengeOf(res.headers.get('www-authenticate'))!
+  return new PayingSession({ account, challenge, tokenDomain })
+}
+
+const post = (g: Gateway.TestGateway, authorization: string, content?: string) =>
+  fetch(completions(g), {
+    method: 'POST',
+    headers: { authorization },
+    ...(content === undefined ? {} : { body: body(false, content) }),
+  })
+
+describe('session, Insufficient Balance During Streaming: requiredCumulative is the minimum next voucher', () => {
+  test('behavior: a voucher for exactly the requiredCumulative of a 402 insufficient-balance is accepted', async () => {
+    const s = await session(spaced)
+    const open = await s.openWithAuthorization({ deposit: 1_000_000n, initial: 0n })
+    const head = await fetch(completions(spaced), {
+      method: 'HEAD',
+      headers: { authorization: open },
+    })
+    expect(head.status).toBe(200)
+    const refused = await post(spaced, await s.voucher(0n), 'hi')
+    expect(refused.status).toBe(402)
+    const problem = (await refused.json()) as { type: string; requiredCumulative: string }
+    expect(problem.type).toBe(`${problems}/session/insufficient-balance`)
+    const paid = await post(spaced, await s.voucher(BigInt(problem.requiredCumulative)), 'hi')
+    const answer = await paid.text()
+    expect({ status: paid.status, answer: paid.status === 200 ? '' : answer }).toEqual({
+      status: 200,
+      answer: '',
+    })
+  }, 30_000)
+
+  test('behavior: a voucher for exactly the requiredCumulative of payment-need-voucher is accepted and the stream resumes', async () => {
+    const s = await session(spaced, privateKeyToAccount(chain.payers[1]!.privateKey))
+    const open = await s.openWithAuthorization({ deposit: 1_000_000n, initial: 1_000n })
+    const words = Array.from({ length: 400 }, (_, i) => `w${i}`).join(' ')
+    const res = await fetch(completions(spaced), {
+      method: 'POST',
+      headers: { authorization: open },
+      body: body(true, words),
+    })
+    expect(res.status).toBe(200)
+    const refusals: { status: number; problem: string }[] = []
+    let asked = 0
+    const events = await read(res, async (need) => {
+      asked++
+      const r = await post(spaced, await s.voucher(BigInt(need.requiredCumulative!)))
+      if (r.status === 200) await r.body?.cancel()
+      else refusals.push({ status: r.status, problem: ((await r.json()) as { type: string }).type })
+    })
+    expect(asked).toBeGreaterThan(0)
+    expect(refusals).toEqual([])
+    expect(text(events)).toBe(words)
+  }, 60_000)
+})
+
+describe('session, Open Verification', () => {
+  test('behavior: an open whose initial voucher is below minVoucherDelta is not refused once its deposit is in the escrow', async () => {
+    const s = await session(spaced)
+    const open = await s.openWithAuthorization({ deposit: 100_000n, initial: 500n })
+    const answer = await post(spaced, open)
+    const onChain = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: s.channelId!,
+    })
+    // Refused or not, the deposit is what it is on chain: a refusal here strands it.
+    expect({ status: answer.status, depositOnChain: onChain?.deposit }).toEqual({
+      status: 200,
+      depositOnChain: 100_000n,
+    })
+  }, 30_000)
+
+  test('error: a hash open whose initial voucher is not signed by the payer is refused and stores nothing (core: no side effects unpaid)', async () => {
+    const payerClient = chain.payerClient(1)
+    const s = await session(gw, payerClient.account as never)
+    const salt = keccak256(toHex(`hash-open-${Date.now()}`))
+    const opened = await Escrow.open(payerClient, {
+      escrow: chain.escrowAddress,
+      payee: chain.payee.address,
+      token: chain.currencyAddress,
+      deposit: 500_000n,
+      salt,
+    })
+    const header = await s.openWithHash({
+      channelId: opened.channelId,
+      salt,
+      hash: opened.hash,
+      initial: 0n,
+    })
+    const thief = privateKeyToAccount(keccak256(toHex('thief')))
+    const forged = await Voucher.sign(thief, {
+      chainId: chain.chainId,
+      escrow: chain.escrowAddress,
+      channelId: opened.channelId,
+      cumulativeAmount: 0n,
+    })
+    const credential = Credential.deserialize(header)
+    const refused = await post(
+      gw,
+      Credential.serialize({
+        ...credential,
+        payload: { ...credential.payload, signature: forged },
+      }),
+    )
+    expect(refused.status).toBe(402)
+    expect(((await refused.json()) as { type: string }).type).toBe(
+      `${problems}/session/signer-mismatch`,
+    )
+    expect(await Channels.get(gw.sql, opened.channelId)).toBeUndefined()
+  }, 30_000)
+
+  test('error: an authorization open naming another channelId than its parameters create moves no funds', async () => {
+    const payer = privateKeyToAccount(chain.payers[0]!.privateKey)
+    const s = await session(gw, payer)
+    const held = () =>
+      Token.balanceOf(chain.payeeClient, { token: chain.currencyAddress, owner: payer.address })
+    const before = await held()
+    const open = Credential.deserialize(
+      await s.openWithAuthorization({ deposit: 100_000n, initial: 0n }),
+    )
+    const named = keccak256(toHex('a channelId computed wrongly')) as Hex
+    const voucherSignature = await Voucher.sign(payer, {
+      chainId: chain.chainId,
+      escrow: chain.escrowAddress,
+      channelId: named,
+      cumulativeAmount: 0n,
+    })
+    const refused = await post(
+      gw,
+      Credential.serialize({
+        ...open,
+        payload: { ...open.payload, channelId: named, voucherSignature },
+      }),
+    )
+    await refused.body?.cancel()
+    expect(refused.status).not.toBe(200)
+    expect(await held()).toBe(before)
+  }, 30_000)
+})
+
+describe('session, Error Responses: the most specific problem type', () => {
+  test('error: an EIP-3009 open from a wallet that lacks the deposit is 402 insufficient-balance', async () => {
+    const s = await session(gw, privateKeyToAccount(generatePrivateKey()))
+    const open = await s.openWithAuthorization({ deposit: 100_000n, initial: 0n })
+    const refused = await post(gw, open)
+    const problem = (await refused.json()) as { type: string }
+    expect({ status: refused.status, type: problem.type }).toEqual({
+      status: 402,
+      type: `${problems}/session/insufficient-balance`,
+    })
+    expect(refused.headers.get('www-authenticate')).toContain('Payment ')
+    expect(await Channels.get(gw.sql, s.channelId!)).toBeUndefined()
+    expect(
+      await Escrow.getChannel(chain.payeeClient, {
+        escrow: chain.escrowAddress,
+        channelId: s.channelId!,
+      }),
+    ).toBeUndefined()
+  }, 30_000)
+})
+
+describe('session, Hexadecimal Values and Common Verification', () => {
+  test('behavior: the fresh challenge of a refused credential names its channel in lowercase hex', async () => {
+    const s = await session(gw)
+    const channelId = keccak256(toHex('a channel named in capitals'))
+    s.channelId = `0x${channelId.slice(2).toUpperCase()}`
+    // A forged challenge (another amount under the same id): refused with a fresh challenge.
+    s.renew({ ...s.challenge, request: { ...s.challenge.request, amount: '1' } })
+    const refused = await post(gw, await s.voucher(5_000n))
+    expect(refused.status).toBe(402)
+    const fresh = challengeOf(refused.headers.get('www-authenticate'))!
+    const named = (fresh.request as { methodDetails: { channelId?: string } }).methodDetails
+      .channelId
+    expect(named).toBe(channelId)
+  }, 30_000)
+
+  test('error: a credential echoing a challenge with a description the server never issued is refused', async () => {
+    const s = await session(gw)
+    expect(s.challenge.description).toBeUndefined()
+    const open = await s.openWithAuthorization({ deposit: 100_000n, initial: 0n })
+    const head = await fetch(completions(gw), { method: 'HEAD', headers: { authorization: open } })
+    expect(head.status).toBe(200)
+    const voucher = Credential.deserialize(await s.voucher(1_000n))
+    const altered = Credential.serialize({
+      ...voucher,
+      challenge: { ...voucher.challenge, description: 'Pay 0.0001 USDC per token' },
+    })
+    const refused = await post(gw, altered)
+    expect(refused.status).toBe(402)
+    expect(((await refused.json()) as { type: string }).type).toBe(
+      `${problems}/session/challenge-not-found`,
+    )
+  }, 30_000)
+})
