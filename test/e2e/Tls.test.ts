@@ -119,4 +119,4 @@ test('error: a TLS file that cannot be read stops the start naming it; one of th
   await expect(
     Gateway.create({ tls: { certFile: '/nonexistent/cert.pem', keyFile: '/nonexistent/key.pem' } }),
   ).rejects.toThrow(/TLS_CERT_FILE \(tls.certFile\): cannot read \/nonexistent\/cert.pem/)
-})
+}, 30_000)
