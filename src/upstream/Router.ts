@@ -46,6 +46,11 @@ type Circuit = { failures: number; openUntil: number }
 /** Weight of the newest sample in a route's latency average. */
 const LATENCY_WEIGHT = 0.2
 
+/** A route: its upstream and upstream model (a provider's name alone keys its own circuit). */
+function routeKey(r: Pick<Route, 'provider' | 'upstreamModel'>): string {
+  return `${r.provider.name}\0${r.upstreamModel}`
+}
+
 /** A route's latency is kept apart by upstream, upstream model and kind of call. */
 function latencyKey(r: Pick<Route, 'provider' | 'upstreamModel'>, stream: boolean): string {
   return `${r.provider.name}\0${r.upstreamModel}\0${stream ? 'first_token' : 'answer'}`
@@ -127,7 +132,7 @@ export class Router {
       stream: false,
     },
   ): Route[] {
-    const open = m.routes.filter((r) => this.providerStatus(r.provider) !== 'unavailable')
+    const open = m.routes.filter((r) => this.routeStatus(r) !== 'unavailable')
     if (strategy === 'balanced' || open.length < 2) return open
     const now = Date.now()
     const { staleMs } = this.options
@@ -157,7 +162,7 @@ export class Router {
   status(m: Model): Status {
     let best: Status = 'unavailable'
     for (const r of m.routes) {
-      const s = this.providerStatus(r.provider)
+      const s = this.routeStatus(r)
       if (s === 'ready') return s
       if (s === 'loading') best = s
     }
@@ -177,10 +182,7 @@ export class Router {
       return
     }
     calls.failed++
-    const c = this.circuits.get(provider.name) ?? { failures: 0, openUntil: 0 }
-    c.failures++
-    if (c.failures >= this.options.threshold) c.openUntil = Date.now() + this.options.cooldownMs
-    this.circuits.set(provider.name, c)
+    this.fail(provider.name)
   }
 
   /** Records how long a route took to answer (a stream: to its first token). */
@@ -227,8 +229,41 @@ export class Router {
     }))
   }
 
+  /**
+   * Records whether a route's upstream has its model: one that answers 404 for it
+   * `threshold` times in a row is left out for `cooldownMs`, as a failing upstream is, but
+   * alone (the upstream's other models are fine).
+   */
+  recordRoute(route: Route, found: boolean): void {
+    // The common case, nothing failing anywhere, costs no key.
+    if (found) {
+      if (this.circuits.size > 0) this.circuits.delete(routeKey(route))
+      return
+    }
+    this.fail(routeKey(route))
+  }
+
+  private fail(key: string): void {
+    const c = this.circuits.get(key) ?? { failures: 0, openUntil: 0 }
+    c.failures++
+    if (c.failures >= this.options.threshold) c.openUntil = Date.now() + this.options.cooldownMs
+    this.circuits.set(key, c)
+  }
+
   private providerStatus(p: Provider): Status {
-    const c = this.circuits.get(p.name)
+    return this.circuitStatus(p.name)
+  }
+
+  /** The worse of its upstream's health and its own (see `recordRoute`). */
+  private routeStatus(r: Route): Status {
+    const upstream = this.providerStatus(r.provider)
+    if (upstream === 'unavailable') return upstream
+    const own = this.circuitStatus(routeKey(r))
+    return own === 'ready' ? upstream : own
+  }
+
+  private circuitStatus(key: string): Status {
+    const c = this.circuits.get(key)
     if (!c || c.failures < this.options.threshold) return 'ready'
     return Date.now() < c.openUntil ? 'unavailable' : 'loading'
   }
@@ -236,7 +271,12 @@ export class Router {
   /** When the first of a model's open circuits lets a probe through. */
   private retryInMs(m: Model): number {
     const soonest = Math.min(
-      ...m.routes.map((r) => this.circuits.get(r.provider.name)?.openUntil ?? 0),
+      ...m.routes.map((r) =>
+        Math.max(
+          this.circuits.get(r.provider.name)?.openUntil ?? 0,
+          this.circuits.get(routeKey(r))?.openUntil ?? 0,
+        ),
+      ),
     )
     return Math.max(1000, soonest - Date.now())
   }

@@ -7,6 +7,8 @@ import { afterAll, describe, expect, test } from 'bun:test'
 import { createServer, type ServerResponse } from 'node:http'
 import * as Gateway from '../helpers/Gateway.ts'
 
+/** Requests for a model the upstream does not have. */
+let lacking = 0
 /** An upstream whose timing is exact (node:http flushes headers before any body byte). */
 const server = createServer(async (req, res) => {
   let raw = ''
@@ -46,6 +48,8 @@ const server = createServer(async (req, res) => {
   }
   switch (body.model) {
     case 'not-here':
+    case 'not-here-either':
+      lacking++
       res.writeHead(404, { 'content-type': 'application/json' })
       res.end('{"error":{"message":"The model not-here does not exist","code":"model_not_found"}}')
       return
@@ -123,7 +127,7 @@ const gw = await Gateway.create({
     ]),
     routed('down-then-missing', [
       ['failing', 'fail'],
-      ['gone', 'not-here'],
+      ['gone', 'not-here-either'],
     ]),
   ],
 })
@@ -179,9 +183,11 @@ describe('timeout_ms', () => {
 describe('failover', () => {
   test('behavior: a route whose upstream no longer has its model (404) hands the request to the next', async () => {
     const { key } = await gw.account()
+    const before = lacking
     expect((await post(key, { model: 'moved' })).status).toBe(200)
-    // Not a fault of the upstream as a whole: its circuit stays closed.
-    for (let i = 0; i < 3; i++) await (await post(key, { model: 'moved' })).text()
+    // Three 404s leave the route out (not the upstream: its circuit stays closed).
+    for (let i = 0; i < 5; i++) expect((await post(key, { model: 'moved' })).status).toBe(200)
+    expect(lacking - before).toBe(3)
     const metrics = await (
       await fetch(`${gw.url}/metrics`, {
         headers: { authorization: `Bearer ${gw.config.adminToken}` },
@@ -192,7 +198,9 @@ describe('failover', () => {
 
   test('error: a 404 from the last route does not hide the 5xx of the one before: a 502, not a 400 blaming the request', async () => {
     const { key } = await gw.account()
+    const before = lacking
     const res = await post(key, { model: 'down-then-missing' })
+    expect(lacking - before).toBe(1)
     expect(res.status).toBe(502)
     const { error } = (await res.json()) as { error: { type: string; code: string } }
     expect(error).toMatchObject({ type: 'upstream_error', code: 'upstream_status' })

@@ -88,4 +88,29 @@ describe('Router.routes', () => {
     expect(router.status(m)).toBe('unavailable')
     expect(() => router.route('m')).toThrow(/No healthy upstream/)
   })
+
+  test('behavior: a route whose upstream lacks its model (404) three times is left out alone; the same upstream serves other routes', () => {
+    const shared = provider('shared')
+    const lacking: Route = {
+      provider: shared,
+      upstreamModel: 'gone',
+      cost: { input: 1n, output: 1n },
+    }
+    const serving: Route = {
+      provider: shared,
+      upstreamModel: 'here',
+      cost: { input: 1n, output: 1n },
+    }
+    const spare = route('spare')
+    const m = model([lacking, spare])
+    const other = model([serving], 'other')
+    const router = new Router([m, other])
+    for (let i = 0; i < 2; i++) router.recordRoute(lacking, false)
+    expect(names(router.routes(m))).toEqual(['shared', 'spare'])
+    router.recordRoute(lacking, false)
+    expect(names(router.routes(m))).toEqual(['spare'])
+    expect(router.routes(other)).toEqual([serving])
+    expect(router.status(other)).toBe('ready')
+    expect(router.upstreams().find((u) => u.name === 'shared')!.status).toBe('ready')
+  })
 })

@@ -554,6 +554,7 @@ async function routed<T>(
       const body = Chat.upstreamBody(p.req, route.upstreamModel) as Body
       const r = await call(route, body, bounded, timing)
       deps.router.record(route.provider, true)
+      deps.router.recordRoute(route, true)
       deps.router.timed(route, p.req.stream, performance.now() - at)
       return r
     } catch (e) {
@@ -569,7 +570,8 @@ async function routed<T>(
       const missing = e instanceof GatewayError && e.details?.upstream_status === 404
       if (!(e instanceof GatewayError)) deps.router.record(route.provider, false)
       if (!(e instanceof GatewayError) || (e.status < 500 && !missing)) throw e
-      if (!missing) deps.router.record(route.provider, false)
+      if (missing) deps.router.recordRoute(route, false)
+      else deps.router.record(route.provider, false)
       deps.log.warn(
         { model: p.model.id, upstream: route.provider.name, code: e.code },
         'route failed',
