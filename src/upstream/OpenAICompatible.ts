@@ -135,6 +135,9 @@ async function* chunks(
       // queued per stream, and meters and writes them as one batch.
       let next: Bun.ReadableStreamDefaultReadManyResult<Uint8Array>
       try {
+        // Only a wait for the upstream counts: not the time the gateway did not read (a
+        // channel stream waiting for a voucher, a slow client), which is no upstream's pause.
+        watchdog.resume()
         next = await reader.readMany()
       } catch (e) {
         throw failure(name, e, signal, watchdog)
@@ -143,6 +146,7 @@ async function* chunks(
       // An event cut off by the end of the body is dropped, as an EventSource does.
       if (next.done && events.length === 0) return
       watchdog.reset()
+      watchdog.pause()
       if (events.length === 0) continue
       const arrived = events
       events = []
@@ -236,6 +240,7 @@ class Watchdog {
   private readonly controller = new AbortController()
   private timer: ReturnType<typeof setTimeout> | undefined
   private last = performance.now()
+  private paused = false
   private limit: number
   readonly signal = this.controller.signal
   constructor(
@@ -270,10 +275,20 @@ class Watchdog {
   stop() {
     clearTimeout(this.timer)
   }
+  /** The gateway stopped reading (its consumer holds the stream): the upstream is not idle. */
+  pause() {
+    this.paused = true
+  }
+  /** Reading again: the upstream's idleness counts from now. */
+  resume() {
+    if (!this.paused) return
+    this.paused = false
+    this.last = performance.now()
+  }
   // One timer at a time: when it fires early (activity since), it re-arms for the rest.
   private arm(delay: number) {
     this.timer = setTimeout(() => {
-      const idle = performance.now() - this.last
+      const idle = this.paused ? 0 : performance.now() - this.last
       if (idle >= this.limit) this.controller.abort(new Error('timeout'))
       else this.arm(this.limit - idle)
     }, delay)
