@@ -391,7 +391,13 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       )
     },
 
-    async openWithAuthorization({ salt, authorizedSigner, authorization: a, signature }) {
+    async openWithAuthorization({
+      channelId: named,
+      salt,
+      authorizedSigner,
+      authorization: a,
+      signature,
+    }) {
       const channelId = Escrow.computeChannelId({
         payer: a.from,
         payee,
@@ -401,6 +407,11 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
         escrow: o.escrow,
         chainId: o.chainId,
       })
+      if (channelId.toLowerCase() !== named.toLowerCase())
+        throw Problem.verificationFailed(
+          `channelId is not the channel this open creates (${channelId}); nothing was submitted.`,
+          { channelId: named },
+        )
       await checkGrace(channelId)
       return await guard(channelId, () =>
         orUsed(channelId, a, () =>

@@ -5,7 +5,6 @@
  * that ledger/ and chain/ implement, wired by main.ts.
  */
 
-import { computeChannelId } from '../../chain/Escrow.ts'
 import { Lru } from '../../Lru.ts'
 import type * as Channels from '../../ledger/Channels.ts'
 import type { Price } from '../../metering/Pricing.ts'
@@ -91,8 +90,13 @@ export type Escrow = {
     fn: 'open' | 'topUp'
     channelId: Hex
   }): Promise<{ amount: bigint }>
-  /** Submits the payer's EIP-3009 open (the gateway pays the gas), once mined. */
+  /**
+   * Submits the payer's EIP-3009 open (the gateway pays the gas), once mined. Refused before
+   * anything is sent when its parameters create another channel than `channelId`, the one the
+   * credential names: the deposit would be locked in a channel the gateway does not serve.
+   */
   openWithAuthorization(v: {
+    channelId: Hex
     salt: Hex
     authorizedSigner: Address | undefined
     authorization: Session.Eip3009
@@ -277,33 +281,6 @@ export function create(o: Options) {
       )
   }
 
-  /**
-   * Refuses, before anything is submitted, an EIP-3009 open whose parameters create another
-   * channel than the one the credential names: the gateway would pay the gas to lock the
-   * payer's deposit in a channel it then refuses (410) and does not record.
-   */
-  const opensNamed = (
-    channelId: Hex,
-    from: Address,
-    salt: Hex,
-    authorizedSigner: Address | undefined,
-  ) => {
-    const created = computeChannelId({
-      payer: from,
-      payee: o.recipient,
-      token: o.currency,
-      salt,
-      authorizedSigner,
-      escrow: o.escrow,
-      chainId: o.chainId,
-    })
-    if (created.toLowerCase() !== channelId.toLowerCase())
-      throw Problem.verificationFailed(
-        `channelId is not the channel this open creates (${created}); nothing was submitted.`,
-        { channelId },
-      )
-  }
-
   /** Refuses an EIP-3009 credential when the currency has none (the challenge offered `hash`). */
   const noAuthorization = () => {
     if (o.feePayer === false)
@@ -335,7 +312,6 @@ export function create(o: Options) {
           // The initial voucher is checked before the gateway pays gas to lock the payer's
           // deposit in a channel it would then refuse to serve.
           if (!existing) {
-            opensNamed(p.channelId, p.authorization.from, p.salt, p.authorizedSigner)
             await o.chain.verifyVoucher({
               channelId: p.channelId,
               cumulativeAmount: p.cumulativeAmount,
@@ -343,6 +319,7 @@ export function create(o: Options) {
               signer: signerOf(p.authorizedSigner, p.authorization.from),
             })
             sent = await o.chain.openWithAuthorization({
+              channelId: p.channelId,
               salt: p.salt,
               authorizedSigner: p.authorizedSigner,
               authorization: p.authorization,
@@ -425,12 +402,12 @@ export function create(o: Options) {
           if (d.action === 'topUp' && known) notClosing(known)
           if (d.action === 'open' && !known) {
             if (!(await o.chain.read(p.channelId))) {
-              opensNamed(p.channelId, d.authorization.from, d.salt!, d.authorizedSigner)
               await o.chain.verifyVoucher({
                 ...p,
                 signer: signerOf(d.authorizedSigner, d.authorization.from),
               })
               sent = await o.chain.openWithAuthorization({
+                channelId: p.channelId,
                 salt: d.salt!,
                 authorizedSigner: d.authorizedSigner,
                 authorization: d.authorization,
