@@ -5,6 +5,7 @@
  * belongs to metering/, a layer above), so every path through the gateway is metered without
  * a real upstream.
  */
+import { setTimeout as sleep } from 'node:timers/promises'
 import { UpstreamError } from '../Errors.ts'
 import {
   type Chunk,
@@ -102,15 +103,7 @@ function usage(tokens: Tokens, body: Body, completion: number) {
  */
 async function pause(ms: number, gapMs: number | undefined, signal: AbortSignal): Promise<void> {
   const wait = gapMs === undefined ? ms : Math.min(ms, gapMs)
-  await new Promise<void>((resolve) => {
-    const done = () => {
-      clearTimeout(timer)
-      signal.removeEventListener('abort', done)
-      resolve()
-    }
-    const timer = setTimeout(done, wait)
-    signal.addEventListener('abort', done, { once: true })
-  })
+  await sleep(wait, undefined, { signal }).catch(() => {})
   signal.throwIfAborted()
   if (wait < ms) throw new UpstreamError('Upstream echo timed out.', 'upstream_timeout')
 }

@@ -215,7 +215,7 @@ export class Router {
       }
     return [...providers.values()].map(({ provider, routes }) => ({
       name: provider.name,
-      status: this.providerStatus(provider),
+      status: this.circuitStatus(provider.name),
       ok: this.calls.get(provider.name)?.ok ?? 0,
       failed: this.calls.get(provider.name)?.failed ?? 0,
       latencies: [...new Set(routes.map((r) => r.upstreamModel))].flatMap((upstreamModel) =>
@@ -250,13 +250,9 @@ export class Router {
     this.circuits.set(key, c)
   }
 
-  private providerStatus(p: Provider): Status {
-    return this.circuitStatus(p.name)
-  }
-
   /** The worse of its upstream's health and its own (see `recordRoute`). */
   private routeStatus(r: Route): Status {
-    const upstream = this.providerStatus(r.provider)
+    const upstream = this.circuitStatus(r.provider.name)
     if (upstream === 'unavailable') return upstream
     const own = this.circuitStatus(routeKey(r))
     return own === 'ready' ? upstream : own

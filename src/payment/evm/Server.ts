@@ -281,14 +281,6 @@ export function create(o: Options) {
       )
   }
 
-  /** Refuses an EIP-3009 credential when the currency has none (the challenge offered `hash`). */
-  const noAuthorization = () => {
-    if (o.feePayer === false)
-      throw Problem.methodUnsupported(
-        'This currency has no EIP-3009: open and top up the channel with your own transaction ("hash").',
-      )
-  }
-
   /** Verifies and applies a credential's action. `price` is the challenge's `amount`. */
   async function apply(
     parsed: Session.Parsed,
@@ -305,7 +297,6 @@ export function create(o: Options) {
           await o.chain.verifyTransaction({ hash: p.hash, fn: 'open', channelId: p.channelId })
           txHash = p.hash
         } else if (p.type === 'authorization') {
-          noAuthorization()
           if (p.authorization.to.toLowerCase() !== o.escrow.toLowerCase())
             throw Problem.verificationFailed('authorization.to must be the escrow contract.')
           const existing = await o.chain.read(p.channelId)
@@ -370,7 +361,6 @@ export function create(o: Options) {
             )
           txHash = p.hash
         } else if (p.type === 'authorization') {
-          noAuthorization()
           sent = await o.chain.topUpWithAuthorization({
             channelId: p.channelId,
             topUpSalt: p.salt,
@@ -396,7 +386,6 @@ export function create(o: Options) {
           const d = p.deposit
           if (d.type !== 'authorization')
             throw Problem.methodUnsupported('Permit2 is not offered; use "authorization".')
-          noAuthorization()
           let sent: Sent | undefined
           const known = await o.store.get(p.channelId)
           if (d.action === 'topUp' && known) notClosing(known)
