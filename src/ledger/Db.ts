@@ -2,6 +2,7 @@
  * The database handle: postgres.js against a real PostgreSQL server or the embedded PGlite
  * (see Embedded.ts), and the migration runner. Only `ledger/` imports postgres.
  */
+import { createHash } from 'node:crypto'
 import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import postgres from 'postgres'
@@ -38,10 +39,14 @@ export function connect(options: Options): Sql {
 
 const migrations = join(import.meta.dir, 'migrations')
 
+const functions = join(import.meta.dir, 'functions')
+
 /**
- * Applies the SQL files in `migrations/` that have not run yet, in name order, each in
- * its own transaction. Idempotent, and safe when several instances start at once (an
- * advisory lock serializes them).
+ * Applies the SQL files in `migrations/` that have not run yet, in name order, then each file
+ * of `functions/` (the current definitions of SQL functions, `CREATE OR REPLACE`) whose text
+ * differs from the one last applied: a change to such a function is an edit of its file, not
+ * a migration restating it. All in one transaction. Idempotent, and safe when several
+ * instances start at once (an advisory lock serializes them).
  */
 export async function migrate(sql: Sql): Promise<string[]> {
   const files = readdirSync(migrations)
@@ -58,6 +63,22 @@ export async function migrate(sql: Sql): Promise<string[]> {
       await tx.unsafe(readFileSync(join(migrations, file), 'utf8'))
       await tx`insert into schema_migrations (name) values (${file})`
       applied.push(file)
+    }
+    await tx`create table if not exists schema_functions (
+      name text primary key, sha256 text not null, applied_at timestamptz not null default now())`
+    const current = new Map(
+      (await tx`select name, sha256 from schema_functions`).map((r) => [r.name, r.sha256]),
+    )
+    for (const file of readdirSync(functions)
+      .filter((f) => f.endsWith('.sql'))
+      .sort()) {
+      const text = readFileSync(join(functions, file), 'utf8')
+      const sha256 = createHash('sha256').update(text).digest('hex')
+      if (current.get(file) === sha256) continue
+      await tx.unsafe(text)
+      await tx`insert into schema_functions (name, sha256) values (${file}, ${sha256})
+        on conflict (name) do update set sha256 = excluded.sha256, applied_at = now()`
+      applied.push(`functions/${file}`)
     }
     return applied
   }) as Promise<string[]>
