@@ -43,10 +43,13 @@ const functions = join(import.meta.dir, 'functions')
 
 /**
  * Applies the SQL files in `migrations/` that have not run yet, in name order, then each file
- * of `functions/` (the current definitions of SQL functions, `CREATE OR REPLACE`) whose text
- * differs from the one last applied: a change to such a function is an edit of its file, not
- * a migration restating it. All in one transaction. Idempotent, and safe when several
- * instances start at once (an advisory lock serializes them).
+ * of `functions/` (the current definitions of SQL functions, `CREATE OR REPLACE`, its first
+ * line `-- version: N`) whose version is above the one applied: a change to such a function
+ * is an edit of its file with its version raised, not a migration restating it, and an older
+ * instance starting during a rolling deploy never puts an older definition back. The same
+ * version with another text is refused (an edit that forgot its version). All in one
+ * transaction. Idempotent, and safe when several instances start at once (an advisory lock
+ * serializes them).
  */
 export async function migrate(sql: Sql): Promise<string[]> {
   const files = readdirSync(migrations)
@@ -65,19 +68,34 @@ export async function migrate(sql: Sql): Promise<string[]> {
       applied.push(file)
     }
     await tx`create table if not exists schema_functions (
-      name text primary key, sha256 text not null, applied_at timestamptz not null default now())`
+      name text primary key, version int not null, sha256 text not null,
+      applied_at timestamptz not null default now())`
+    // The table as its first commit made it, before versions.
+    await tx`alter table schema_functions add column if not exists version int not null default 0`
     const current = new Map(
-      (await tx`select name, sha256 from schema_functions`).map((r) => [r.name, r.sha256]),
+      (await tx`select name, version, sha256 from schema_functions`).map((r) => [r.name, r]),
     )
     for (const file of readdirSync(functions)
       .filter((f) => f.endsWith('.sql'))
       .sort()) {
       const text = readFileSync(join(functions, file), 'utf8')
+      const version = Number(/^-- version: (\d+)\n/.exec(text)?.[1])
+      if (!Number.isSafeInteger(version))
+        throw new Error(`functions/${file}: its first line must be "-- version: N"`)
       const sha256 = createHash('sha256').update(text).digest('hex')
-      if (current.get(file) === sha256) continue
+      const before = current.get(file)
+      if (before && before.version > version) continue
+      if (before && before.version === version) {
+        if (before.sha256 === sha256) continue
+        throw new Error(
+          `functions/${file}: its text changed but not its version (${version}); raise it`,
+        )
+      }
       await tx.unsafe(text)
-      await tx`insert into schema_functions (name, sha256) values (${file}, ${sha256})
-        on conflict (name) do update set sha256 = excluded.sha256, applied_at = now()`
+      await tx`insert into schema_functions (name, version, sha256)
+        values (${file}, ${version}, ${sha256})
+        on conflict (name) do update
+        set version = excluded.version, sha256 = excluded.sha256, applied_at = now()`
       applied.push(`functions/${file}`)
     }
     return applied

@@ -1,6 +1,6 @@
 /**
  * The migration runner: migrations once each, and the SQL functions of ledger/functions
- * applied again whenever their text changed, so a function's change edits its file.
+ * applied again when their file's version rises, so a function's change edits its file.
  */
 import { describe, expect, test } from 'bun:test'
 import { createHash } from 'node:crypto'
@@ -13,26 +13,39 @@ const db = await Postgres.fresh()
 const file = 'tollway_ledger_many.sql'
 const text = readFileSync(join(import.meta.dir, '../../src/ledger/functions', file), 'utf8')
 const sha256 = createHash('sha256').update(text).digest('hex')
+const recorded = async () =>
+  (await db.sql`select version, sha256 from schema_functions where name = ${file}`)[0]
+const definitions = async () =>
+  (
+    await db.sql`
+      select count(*)::int as n from pg_proc
+      where proname = 'tollway_ledger_many' and pronamespace = current_schema()::regnamespace`
+  )[0]?.n
 
 describe('Db.migrate', () => {
-  test('behavior: a function file is applied after the migrations and recorded with its hash; again, nothing runs', async () => {
-    const [row] = await db.sql`select sha256 from schema_functions where name = ${file}`
-    expect(row?.sha256).toBe(sha256)
+  test('behavior: a function file is applied after the migrations and recorded with its version and hash; again, nothing runs', async () => {
+    expect((await recorded())?.sha256).toBe(sha256)
     expect(await Db.migrate(db.sql)).toEqual([])
   })
 
-  test('behavior: a function whose recorded text differs is applied again (its file is the definition)', async () => {
-    // As a database migrated before the file changed: another function body in place.
-    await db.sql.unsafe(
-      `alter function tollway_ledger_many(jsonb) rename to tollway_ledger_many_old`,
-    )
-    await db.sql`update schema_functions set sha256 = 'an older text' where name = ${file}`
+  test('behavior: a higher version than applied is applied again; a lower one is left alone (a rolling deploy never goes back)', async () => {
+    const version = (await recorded())!.version as number
+    // A database an instance of the next release migrated already: left as it is.
+    await db.sql`update schema_functions set version = ${version + 1} where name = ${file}`
+    expect(await Db.migrate(db.sql)).toEqual([])
+    // A database migrated before the file changed: an older version, another body in place.
+    await db.sql.unsafe('alter function tollway_ledger_many(jsonb) rename to tollway_ledger_old')
+    expect(await definitions()).toBe(0)
+    await db.sql`update schema_functions set version = ${version - 1}, sha256 = 'older'
+      where name = ${file}`
     expect(await Db.migrate(db.sql)).toEqual([`functions/${file}`])
-    const [fn] = await db.sql`
-      select count(*)::int as n from pg_proc
-      where proname = 'tollway_ledger_many' and pronamespace = current_schema()::regnamespace`
-    expect(fn?.n).toBe(1)
-    const [row] = await db.sql`select sha256 from schema_functions where name = ${file}`
-    expect(row?.sha256).toBe(sha256)
+    expect(await definitions()).toBe(1)
+    expect(await recorded()).toEqual({ version, sha256 })
+  })
+
+  test('error: the same version with another text stops the start, naming the file', async () => {
+    await db.sql`update schema_functions set sha256 = 'an edit' where name = ${file}`
+    await expect(Db.migrate(db.sql)).rejects.toThrow(/tollway_ledger_many.sql.*raise it/)
+    await db.sql`update schema_functions set sha256 = ${sha256} where name = ${file}`
   })
 })

@@ -1,7 +1,9 @@
+-- version: 1
 -- tollway_ledger_many: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
--- this file after the migrations whenever its text changed, so a change to the function is an
--- edit of this file (migrations 0004, 0007, 0009 and 0012 each restated it whole before).
+-- this file after the migrations when its version (the first line) is above the one applied, so
+-- a change to the function is an edit of this file with its version raised (migrations 0004,
+-- 0007, 0009 and 0012 each restated it whole before).
 -- Tables and columns it needs still come from migrations.
 CREATE OR REPLACE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS TABLE (
   idx              int,
