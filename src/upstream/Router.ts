@@ -131,8 +131,12 @@ export class Router {
       output: 1,
       stream: false,
     },
-  ): Route[] {
-    const open = m.routes.filter((r) => this.routeStatus(r) !== 'unavailable')
+  ): readonly Route[] {
+    // Nothing failing anywhere (the common case): every route, as configured.
+    const open =
+      this.circuits.size === 0
+        ? m.routes
+        : m.routes.filter((r) => this.routeStatus(r) !== 'unavailable')
     if (strategy === 'balanced' || open.length < 2) return open
     const now = Date.now()
     const { staleMs } = this.options

@@ -12,7 +12,7 @@ const route = (name: string, cost = 1n, upstreamModel = name): Route => ({
   upstreamModel,
   cost: { input: cost, output: cost },
 })
-const names = (routes: Route[]) => routes.map((r) => r.provider.name)
+const names = (routes: readonly Route[]) => routes.map((r) => r.provider.name)
 const model = (routes: Route[], id = 'm') => ({
   id,
   pricing: { input: 1n, output: 1n },

@@ -45,7 +45,7 @@ type Plan = {
   text: string
   model: Model
   /** The upstreams to try, in order (see Router.routes). */
-  routes: Route[]
+  routes: readonly Route[]
   promptTokens: number
   /** Output tokens the request may produce (max_tokens, capped by the context; once admitted,
    * by the plan's monthly quota too). */
@@ -103,6 +103,8 @@ function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
 
 /** Refuses a model priced above the request's ceilings (`max_*_price_per_million`). */
 function ceilings(req: Chat.Request, model: Model): void {
+  // Both or neither (the schema says so): most requests name none.
+  if (req.max_input_price_per_million === undefined) return
   const limits = [
     ['input', req.max_input_price_per_million],
     ['output', req.max_output_price_per_million],
