@@ -1,7 +1,10 @@
 /**
  * Gateway overhead for non-streaming completions through an API key with credits and
  * plan limits on, against a local upstream that answers at once, compared in one run with
- * the upstream called directly and with a bare Hono pass-through proxy (the ceiling).
+ * the upstream called directly and with a bare Hono pass-through proxy (the ceiling). With
+ * DATABASE_URL also two floors (bench/servers.ts `floor`): the proxy plus one database round
+ * trip a request (`roundtrip`), and plus the least ledger DESIGN.md allows (`floor`): what
+ * any gateway with its ledger in that PostgreSQL pays on this machine.
  *
  * Each server is its own process; this process is the load generator (keep-alive
  * connections, closed loop). The targets take turns, in rounds. Overhead = a target's latency percentile minus the direct
@@ -210,6 +213,26 @@ export async function run() {
       max_tokens: 16,
       messages: [{ role: 'user', content: 'ping' }],
     })
+    /** The proxy plus a database round trip, and plus the least ledger (bench/servers.ts). */
+    const floors: Record<string, { url: string; headers: Record<string, string>; pid: number }> = {}
+    if (databaseUrl)
+      for (const mode of ['roundtrip', 'floor']) {
+        const port = await freePort()
+        const server = await spawn([
+          'bench/servers.ts',
+          'floor',
+          String(port),
+          upstream,
+          databaseUrl,
+          mode === 'floor' ? 'ledger' : mode,
+        ])
+        children.push(server)
+        floors[mode] = {
+          url: `http://127.0.0.1:${port}/v1/chat/completions`,
+          headers: { 'content-type': 'application/json' },
+          pid: pid(server),
+        }
+      }
     const targets = {
       direct: {
         url: `${upstream}/chat/completions`,
@@ -221,6 +244,7 @@ export async function run() {
         headers: { 'content-type': 'application/json' },
         pid: pid(servers.proxy),
       },
+      ...floors,
       gateway: {
         url: `${gateway}/v1/chat/completions`,
         headers: { 'content-type': 'application/json', authorization: `Bearer ${key}` },
@@ -283,7 +307,11 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
   const top = r.results[`c${concurrencies.at(-1)}`]!
   lines.push(
     '',
-    `Gateway throughput at ${concurrencies.at(-1)} connections: ${((top.gateway!.rps / top.proxy!.rps) * 100).toFixed(0)}% of the bare proxy (database: ${r.database}).`,
+    `Gateway throughput at ${concurrencies.at(-1)} connections: ${((top.gateway!.rps / top.proxy!.rps) * 100).toFixed(0)}% of the bare proxy (database: ${r.database}).${
+      top.floor
+        ? ` The least ledger (\`floor\`): ${((top.floor.rps / top.proxy!.rps) * 100).toFixed(0)}%; a database round trip a request (\`roundtrip\`): ${((top.roundtrip!.rps / top.proxy!.rps) * 100).toFixed(0)}%.`
+        : ''
+    }`,
     '',
     `Open loop: every target at one rate, a share of the gateway's rate at ${concurrencies.at(-1)} connections; latency from when each request was due:`,
     '',

@@ -7,6 +7,13 @@
  *       usage chunk and [DONE].
  *   bun bench/servers.ts proxy <port> <target>
  *       a bare Hono pass-through proxy (the ceiling)
+ *   bun bench/servers.ts floor <port> <target> <databaseUrl> roundtrip|ledger
+ *       the proxy plus the least a ledger in PostgreSQL costs: `roundtrip`, a `select 1`
+ *       before each call upstream (any per-request database check pays this); `ledger`, the
+ *       least DESIGN.md allows, unbatched: one conditional UPDATE … RETURNING on the account
+ *       row holds credit before the call, one statement after it charges (the account row, a
+ *       transaction row, a usage row), commits asynchronous as the gateway's ledger. No keys,
+ *       plans, idempotency or token counting: a floor, not a gateway.
  */
 import { Hono } from 'hono'
 import { tokenChunk, usageChunk } from './Harness.ts'
@@ -105,9 +112,55 @@ if (kind === 'upstream') {
     })
   })
   Bun.serve({ port: Number(port), hostname: '127.0.0.1', fetch: app.fetch })
+} else if (kind === 'floor') {
+  const [databaseUrl, mode] = process.argv.slice(5)
+  const postgres = (await import('postgres')).default
+  const sql = postgres(databaseUrl!, {
+    max: 10,
+    onnotice: () => {},
+    connection: { search_path: 'floor', synchronous_commit: 'off' },
+  })
+  await sql`create schema if not exists floor`
+  await sql`create table if not exists accounts (id int primary key,
+    balance numeric not null check (balance >= 0),
+    reserved numeric not null default 0 check (reserved >= 0 and reserved <= balance))`
+  await sql`create table if not exists transactions (id bigserial primary key,
+    account_id int not null, amount numeric not null, at timestamptz not null default now())`
+  await sql`create table if not exists usage (id bigserial primary key, account_id int not null,
+    tokens int not null, cost numeric not null, at timestamptz not null default now())`
+  await sql`insert into accounts values (1, 1000000000000000) on conflict do nothing`
+  const app = new Hono()
+  app.post('/v1/chat/completions', async (c) => {
+    const body = await c.req.arrayBuffer()
+    if (mode === 'roundtrip') await sql`select 1`
+    else {
+      const [held] = await sql`update accounts set reserved = reserved + 100
+        where id = 1 and balance - reserved >= 100 returning reserved`
+      if (!held) return c.json({ error: { type: 'insufficient_credits' } }, 402)
+    }
+    const res = await fetch(`${target}/chat/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body,
+    })
+    const answer = await res.arrayBuffer()
+    if (mode !== 'roundtrip')
+      // Charged after the answer, as the gateway's charge: nobody waits for it.
+      void sql`with a as (update accounts set balance = balance - 11, reserved = reserved - 100
+          where id = 1 returning id),
+        t as (insert into transactions (account_id, amount) select id, -11 from a)
+        insert into usage (account_id, tokens, cost) select id, 10, 11 from a`.catch((e) =>
+        console.error(e),
+      )
+    return new Response(answer, {
+      status: res.status,
+      headers: { 'content-type': 'application/json' },
+    })
+  })
+  Bun.serve({ port: Number(port), hostname: '127.0.0.1', fetch: app.fetch })
 } else {
   console.error(
-    'usage: bun bench/servers.ts upstream <port> [tokensPerSecond] | proxy <port> <target>',
+    'usage: bun bench/servers.ts upstream <port> [tokensPerSecond] | proxy <port> <target> | floor <port> <target> <databaseUrl> roundtrip|ledger',
   )
   process.exit(2)
 }
