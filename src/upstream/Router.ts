@@ -34,11 +34,14 @@ export type Model = {
 export type Status = 'ready' | 'loading' | 'unavailable'
 
 /**
- * The order a request tries a model's routes in: `balanced` the operator's (the first listed
- * unless it is down), `fastest` by each upstream's recent latency, `cheapest` by what the
- * request costs the operator on each.
+ * The order a request tries a model's routes in: `balanced` spreads requests over them, the
+ * first drawn at random with weight the inverse square of what the request costs the
+ * operator on each (equal costs: evenly), the rest in the order of the same draw; `fastest`
+ * by each upstream's recent latency; `cheapest` by what the request costs the operator on
+ * each; `ordered` the operator's order (the first listed takes every request unless it is
+ * down: a primary and its backups).
  */
-export const STRATEGIES = ['balanced', 'fastest', 'cheapest'] as const
+export const STRATEGIES = ['balanced', 'fastest', 'cheapest', 'ordered'] as const
 export type Strategy = (typeof STRATEGIES)[number]
 
 type Circuit = { failures: number; openUntil: number }
@@ -70,13 +73,30 @@ export class Router {
   /** Calls to each provider, by outcome. */
   private readonly calls = new Map<string, { ok: number; failed: number }>()
 
-  private readonly options: { threshold: number; cooldownMs: number; staleMs: number }
+  private readonly options: {
+    threshold: number
+    cooldownMs: number
+    staleMs: number
+    /** Uniform in [0, 1): `balanced`'s draws. */
+    random: () => number
+  }
 
   constructor(
     models: Model[],
-    options: { threshold?: number; cooldownMs?: number; staleMs?: number } = {},
+    options: {
+      threshold?: number
+      cooldownMs?: number
+      staleMs?: number
+      random?: () => number
+    } = {},
   ) {
-    this.options = { threshold: 3, cooldownMs: 30_000, staleMs: 60_000, ...options }
+    this.options = {
+      threshold: 3,
+      cooldownMs: 30_000,
+      staleMs: 60_000,
+      random: Math.random,
+      ...options,
+    }
     this.byId = new Map(models.map((m) => [m.id, m]))
   }
 
@@ -137,7 +157,10 @@ export class Router {
       this.circuits.size === 0
         ? m.routes
         : m.routes.filter((r) => this.routeStatus(r) !== 'unavailable')
-    if (strategy === 'balanced' || open.length < 2) return open
+    if (strategy === 'ordered' || open.length < 2) return open
+    const cost = (r: Route): bigint =>
+      r.cost.input * BigInt(request.prompt) + r.cost.output * BigInt(request.output)
+    if (strategy === 'balanced') return this.spread(open, cost)
     const now = Date.now()
     const { staleMs } = this.options
     const key =
@@ -152,14 +175,32 @@ export class Router {
             if (probed === undefined || now - probed > staleMs) return -1
             return l?.ms ?? Number.POSITIVE_INFINITY
           }
-        : (r: Route): bigint =>
-            r.cost.input * BigInt(request.prompt) + r.cost.output * BigInt(request.output)
+        : cost
     // A stable sort: equal keys keep the operator's order.
     const sorted = open
       .map((r) => ({ r, k: key(r) }))
       .sort((a, b) => (a.k < b.k ? -1 : a.k > b.k ? 1 : 0))
     if (sorted[0]!.k === -1) this.probed.set(latencyKey(sorted[0]!.r, request.stream), now)
     return sorted.map(({ r }) => r)
+  }
+
+  /**
+   * `routes` in a random order in which each is first with probability proportional to the
+   * inverse square of its cost (a weighted draw without replacement: each route's key is
+   * u^(1/weight) for a uniform u, the largest first, compared as logarithms). A route that
+   * costs nothing goes before those that cost something.
+   */
+  private spread(routes: readonly Route[], cost: (r: Route) => bigint): Route[] {
+    const costs = routes.map(cost)
+    let most = 0n
+    for (const c of costs) if (c > most) most = c
+    const keyed = routes.map((r, i) => {
+      // Costs relative to the dearest, so that squares of large bigints stay finite numbers.
+      const relative = most === 0n ? 1 : Number((costs[i]! * 1_000_000n) / most) / 1_000_000
+      // log(u) / weight, weight = 1 / relative²; 1 - random() is in (0, 1], so log is finite.
+      return { r, k: Math.log(1 - this.options.random()) * relative * relative }
+    })
+    return keyed.sort((a, b) => b.k - a.k).map(({ r }) => r)
   }
 
   /** Health of a model: that of its healthiest provider. */

@@ -31,11 +31,17 @@ const route = (upstream: string, upstreamModel: string, cost?: number) => ({
   upstreamModel,
   ...(cost === undefined ? {} : { cost: { input: cost, output: cost } }),
 })
-const model = (id: string, routes: ReturnType<typeof route>[], pricing = price) => ({
+/** A model whose routes are tried in the order listed, unless `routing` says otherwise. */
+const model = (
+  id: string,
+  routes: ReturnType<typeof route>[],
+  routing: string | null = 'ordered',
+) => ({
   id,
   routes,
-  pricing,
+  pricing: price,
   contextLength: 4096,
+  ...(routing === null ? {} : { routing }),
 })
 
 const gw = await Gateway.create({
@@ -45,14 +51,22 @@ const gw = await Gateway.create({
     model('rejected', [route('rejecting', 'fake-400'), route('backup', 'fake-after-400')]),
     model('all-down', [route('down-b', 'b'), route('down-c', 'c')]),
     model('circuit', [route('flaky', 'fake-500'), route('backup', 'fake-after-flaky')]),
-    model('by-cost', [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)]),
-    {
-      ...model('cheap-default', [
-        route('primary', 'fake-dear-2', 5_000_000),
-        route('backup', 'fake-cheap-2', 10),
-      ]),
-      routing: 'cheapest',
-    },
+    // No routing: the default, balanced.
+    model(
+      'by-cost',
+      [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)],
+      null,
+    ),
+    model(
+      'spread',
+      [route('primary', 'fake-spread-a'), route('backup', 'fake-spread-b')],
+      null,
+    ),
+    model(
+      'cheap-default',
+      [route('primary', 'fake-dear-2', 5_000_000), route('backup', 'fake-cheap-2', 10)],
+      'cheapest',
+    ),
     model('by-speed', [route('slow', 'fake-slow'), route('primary', 'fake-quick')]),
     model('hanging', [route('hang', 'fake-hang'), route('backup', 'fake-after-hang')]),
     model('stalling', [route('backup', 'fake-stall')]),
@@ -159,12 +173,28 @@ describe('routes: failover before the first token', () => {
 })
 
 describe('routing_strategy', () => {
-  test('behavior: balanced (the default) keeps the operator order; cheapest takes the cheaper upstream', async () => {
+  test('behavior: balanced (the default) spreads requests evenly over routes that cost the same', async () => {
+    const { key } = await gw.account()
+    const from = fake.received.length
+    for (let i = 0; i < 40; i++) expect((await post(key, { model: 'spread' })).status).toBe(200)
+    const order = asked(from)
+    const a = order.filter((m) => m === 'fake-spread-a').length
+    expect(order).toHaveLength(40)
+    // Evenly at random: fewer than 6 of 40 on either is a chance of about 1 in 700,000.
+    expect(a).toBeGreaterThanOrEqual(6)
+    expect(a).toBeLessThanOrEqual(34)
+  })
+
+  test('behavior: balanced weighs routes by the inverse square of their cost; ordered keeps the operator order; cheapest takes the cheaper upstream', async () => {
     const { key } = await gw.account()
     let from = fake.received.length
+    // 500,000 times cheaper: first but for a chance of 1 in 2.5 * 10^11 each.
     expect((await post(key, { model: 'by-cost' })).status).toBe(200)
     expect((await post(key, { model: 'by-cost', routing_strategy: 'balanced' })).status).toBe(200)
-    expect(asked(from)).toEqual(['fake-dear', 'fake-dear'])
+    expect(asked(from)).toEqual(['fake-cheap', 'fake-cheap'])
+    from = fake.received.length
+    expect((await post(key, { model: 'by-cost', routing_strategy: 'ordered' })).status).toBe(200)
+    expect(asked(from)).toEqual(['fake-dear'])
     from = fake.received.length
     const r = await post(key, { model: 'by-cost', routing_strategy: 'cheapest' })
     expect(r.status).toBe(200)
@@ -182,7 +212,7 @@ describe('routing_strategy', () => {
     const { key } = await gw.account()
     const from = fake.received.length
     expect((await post(key, { model: 'cheap-default' })).status).toBe(200)
-    expect((await post(key, { model: 'cheap-default', routing_strategy: 'balanced' })).status).toBe(
+    expect((await post(key, { model: 'cheap-default', routing_strategy: 'ordered' })).status).toBe(
       200,
     )
     expect(asked(from)).toEqual(['fake-cheap-2', 'fake-dear-2'])
@@ -202,7 +232,7 @@ describe('routing_strategy', () => {
     // Untimed upstreams go first, so each is timed once; then the quick one wins every time.
     expect(order.slice(2)).toEqual(['fake-quick', 'fake-quick'])
     expect(order.slice(0, 2).toSorted()).toEqual(['fake-quick', 'fake-slow'])
-    // balanced still goes to the slow one, first in the operator's order.
+    // The model's own routing (ordered here) still goes to the slow one, listed first.
     const again = fake.received.length
     await streamed({})
     expect(asked(again)).toEqual(['fake-slow'])

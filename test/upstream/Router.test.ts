@@ -40,8 +40,46 @@ describe('Router.routes', () => {
     // One slow answer moves the average a fifth of the way: b stays ahead of c.
     router.timed(b, false, 200)
     expect(names(router.routes(m, 'fastest', whole))).toEqual(['b', 'c', 'a'])
-    // balanced keeps the operator order whatever the latencies.
-    expect(names(router.routes(m))).toEqual(['a', 'b', 'c'])
+    // ordered keeps the operator order whatever the latencies.
+    expect(names(router.routes(m, 'ordered', whole))).toEqual(['a', 'b', 'c'])
+  })
+
+  test('behavior: balanced draws the first route with weight the inverse square of its cost, the rest follow the draw', () => {
+    const [a, b, c] = [route('a', 1n), route('b', 2n), route('c', 1n)]
+    const m = model([a, b, c])
+    // A seeded generator (mulberry32): the same draws every run.
+    let seed = 42
+    const random = () => {
+      seed = (seed + 0x6d2b79f5) | 0
+      let t = Math.imul(seed ^ (seed >>> 15), 1 | seed)
+      t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t
+      return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+    }
+    const router = new Router([m], { random })
+    const firsts = new Map<string, number>()
+    const n = 9_000
+    for (let i = 0; i < n; i++) {
+      const order = names(router.routes(m, 'balanced', whole))
+      expect(order.toSorted()).toEqual(['a', 'b', 'c'])
+      firsts.set(order[0]!, (firsts.get(order[0]!) ?? 0) + 1)
+    }
+    // Weights 1, 1/4, 1: a and c first 4/9 of the time each, b 1/9.
+    expect(firsts.get('a')! / n).toBeCloseTo(4 / 9, 1)
+    expect(firsts.get('c')! / n).toBeCloseTo(4 / 9, 1)
+    expect(firsts.get('b')! / n).toBeCloseTo(1 / 9, 1)
+    // It is the default, and a route that costs nothing goes first.
+    const free = route('free', 0n)
+    const withFree = model([a, free])
+    const r = new Router([withFree])
+    for (let i = 0; i < 20; i++) expect(names(r.routes(withFree))).toEqual(['free', 'a'])
+  })
+
+  test('behavior: balanced spreads over the routes whose circuit is closed only', () => {
+    const [a, b] = [route('a'), route('b')]
+    const m = model([a, b])
+    const router = new Router([m], { threshold: 1 })
+    router.record(a.provider, false)
+    for (let i = 0; i < 20; i++) expect(names(router.routes(m, 'balanced', whole))).toEqual(['b'])
   })
 
   test('behavior: an estimate not renewed for staleMs makes its route first again, once', async () => {
@@ -106,9 +144,9 @@ describe('Router.routes', () => {
     const other = model([serving], 'other')
     const router = new Router([m, other])
     for (let i = 0; i < 2; i++) router.recordRoute(lacking, false)
-    expect(names(router.routes(m))).toEqual(['shared', 'spare'])
+    expect(names(router.routes(m, 'ordered', whole))).toEqual(['shared', 'spare'])
     router.recordRoute(lacking, false)
-    expect(names(router.routes(m))).toEqual(['spare'])
+    expect(names(router.routes(m, 'ordered', whole))).toEqual(['spare'])
     expect(router.routes(other)).toEqual([serving])
     expect(router.status(other)).toBe('ready')
     expect(router.upstreams().find((u) => u.name === 'shared')!.status).toBe('ready')
