@@ -348,12 +348,12 @@ export function reservation(
       superseded = true
     },
     async extend(amount: bigint, delivered?: bigint): Promise<boolean> {
-      const total = await extend(sql, {
-        id: input.id,
-        amount,
-        leaseSeconds: input.leaseSeconds,
-        delivered,
-      })
+      // One transient error must not end a stream the payer can pay for. Tried again, an
+      // extension that had gone through holds twice the amount until the charge releases it.
+      const total = await retrying(
+        () => extend(sql, { id: input.id, amount, leaseSeconds: input.leaseSeconds, delivered }),
+        [50, 250],
+      )
       if (total === 'superseded') superseded = true
       if (total === undefined || total === 'superseded') return false
       held = total
@@ -362,8 +362,12 @@ export function reservation(
     settle(o: Omit<Finish, 'id'>, background = false): Promise<{ charged: bigint }> {
       outcome ??= o
       const once = () => finish(sql, { id: input.id, ...o }, background, input.channelId)
-      // Nobody waits for a background charge to report its failure: it is tried again.
-      settled ??= (background ? retrying(once) : once()).then((r) => {
+      // A charge lost to one transient error would leave a delivered request to the sweep,
+      // which charges only what its last extend recorded (and holds its credits, its plan's
+      // concurrency and its Idempotency-Key until its lease runs out): tried again, waited for
+      // or not (sooner when someone waits). A retry never charges twice: the charge takes the
+      // reservation with it.
+      settled ??= retrying(once, background ? undefined : [50, 250, 1_000]).then((r) => {
         after = r?.channel
         return { charged: r?.charged ?? 0n }
       })

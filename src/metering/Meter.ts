@@ -96,6 +96,8 @@ export type StreamOptions = {
   /** The upstream's `max_tokens`, if it was given one: no more completion tokens are charged
    * from its usage, whatever it says. */
   maxTokens?: number | undefined
+  /** The model's context: no more prompt tokens are charged from the upstream's usage. */
+  maxPromptTokens?: number | undefined
   /** Output tokens per reservation extension, at first (see `GROWTH`). */
   blockTokens: number
   reservation: Reservation
@@ -176,7 +178,10 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     // A stream that ran to its end is charged the upstream's own count; one we cut (or the
     // client left) is charged the tokens actually sent. A failure before the first token is free.
     const nothingSent = exact === 0 && pendingBound === 0
-    const promptTokens = reported?.prompt_tokens ?? o.promptTokens
+    const promptTokens = Math.min(
+      reported?.prompt_tokens ?? o.promptTokens,
+      o.maxPromptTokens ?? Number.MAX_SAFE_INTEGER,
+    )
     let completionTokens: number
     if (status === 'ok' && reported)
       completionTokens = Math.min(
@@ -215,6 +220,16 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     return { kind: 'chunks' as const, chunks: out }
   }
 
+  // Renews while nothing arrives (keep-alive comments) or the client does not read: the
+  // loop below renews only when a batch comes through it.
+  const renewer =
+    o.renewMs === undefined
+      ? undefined
+      : setInterval(() => {
+          if (settled || performance.now() - renewedAt < o.renewMs!) return
+          renewedAt = performance.now()
+          reservation.extend(0n, Pricing.cost(price, o.promptTokens, exact)).catch(() => {})
+        }, o.renewMs)
   try {
     try {
       for await (const batch of o.chunks) {
@@ -345,6 +360,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     if (!o.signal.aborted || status === 'superseded')
       yield { kind: 'end', usage, finishReason, ...(error ? { error } : {}) }
   } finally {
+    clearInterval(renewer)
     // The consumer stopped pulling (client gone): charge what was sent.
     if (!settled) {
       status = status === 'ok' ? 'cancelled' : status
@@ -362,6 +378,8 @@ export type CompleteOptions = {
   startedAt: number
   /** The upstream's `max_tokens`: no more completion tokens are charged, whatever it says. */
   maxTokens: number
+  /** The model's context: no more prompt tokens are charged, whatever the upstream says. */
+  maxPromptTokens?: number | undefined
 }
 
 /**
@@ -379,7 +397,10 @@ export async function complete(
     await release(o.reservation, { ...o, cancelled: o.signal.aborted })
     throw e
   }
-  const promptTokens = completion.usage?.prompt_tokens ?? o.promptTokens
+  const promptTokens = Math.min(
+    completion.usage?.prompt_tokens ?? o.promptTokens,
+    o.maxPromptTokens ?? Number.MAX_SAFE_INTEGER,
+  )
   const completionTokens = Math.min(
     o.maxTokens,
     completion.usage?.completion_tokens ??

@@ -227,6 +227,13 @@ const Delta = z
     reasoning_content: z.string().nullish(),
     reasoning: z.string().nullish(),
     tool_calls: z.array(ToolCallDelta).nullish(),
+    // OpenAI's legacy function calling (`functions` in the request), and an audio answer's
+    // transcript: generated output, billed as such.
+    function_call: z
+      .object({ name: z.string().nullish(), arguments: z.string().nullish() })
+      .loose()
+      .nullish(),
+    audio: z.object({ transcript: z.string().nullish() }).loose().nullish(),
   })
   .loose()
 
@@ -323,9 +330,12 @@ function begun(r: Received): boolean {
 export function generated(d: z.output<typeof Delta>): string {
   const reasoning = d.reasoning_content ?? d.reasoning
   // The common delta, text alone, without building a new string (a stream's hot path).
-  if (!reasoning && !d.tool_calls && !d.refusal) return d.content ?? ''
+  if (!reasoning && !d.tool_calls && !d.refusal && !d.function_call && !d.audio)
+    return d.content ?? ''
   let s = (d.content ?? '') + (d.refusal ?? '') + (reasoning ?? '')
   for (const t of d.tool_calls ?? []) s += (t.function?.name ?? '') + (t.function?.arguments ?? '')
+  if (d.function_call) s += (d.function_call.name ?? '') + (d.function_call.arguments ?? '')
+  if (d.audio) s += d.audio.transcript ?? ''
   return s
 }
 
@@ -367,7 +377,13 @@ export function asChunk(json: unknown, o?: { filled: boolean }): Chunk | undefin
     if (!isObject(c) || typeof c.index !== 'number' || !optional(c.finish_reason, 'string'))
       return undefined
     const d = c.delta === undefined ? {} : c.delta
-    if (!isObject(d) || d.tool_calls !== undefined) return undefined
+    if (
+      !isObject(d) ||
+      d.tool_calls !== undefined ||
+      d.function_call !== undefined ||
+      d.audio !== undefined
+    )
+      return undefined
     if (
       !optional(d.content, 'string') ||
       !optional(d.refusal, 'string') ||

@@ -77,11 +77,11 @@ describe('extend and finish', () => {
   /** A finished request's counts, for the charges below. */
   const outcome = { promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: 1 }
 
-  test('error: a background charge that fails (once, twice) is tried again and lands once; a waited-for one reports the failure', async () => {
+  test('error: a charge that fails (once, twice) is tried again and lands once, waited for or not; one that keeps failing reports the failure', async () => {
     // A real failure in the database: the first inserts into usage raise (a sequence counts
     // attempts across the rolled-back transactions).
     await sql.unsafe(`
-      create sequence fail_usage;
+      create sequence fail_usage minvalue -100 start 1;
       create function fail_usage() returns trigger language plpgsql as $$
       begin
         if nextval('fail_usage') <= 2 then raise exception 'injected failure'; end if;
@@ -110,13 +110,24 @@ describe('extend and finish', () => {
         held: 30n,
         leaseSeconds: 60,
       })
-      await expect(waited.settle(outcome)).rejects.toThrow('injected failure')
+      expect((await waited.settle(outcome)).charged).toBe(20n)
+      expect(await invariants(a.id)).toMatchObject({ balance: 60n, reserved: 0n, usage: 2 })
+
+      // Failing on every try (the first 103 inserts): the failure reaches the caller.
+      await sql`select setval('fail_usage', -100, false)`
+      const c = await admit(a.keyHash, 30n)
+      const failing = Reservations.reservation(sql, {
+        id: requestOf(c),
+        held: 30n,
+        leaseSeconds: 60,
+      })
+      await expect(failing.settle(outcome)).rejects.toThrow('injected failure')
     } finally {
       await sql.unsafe(
         'drop trigger fail_usage on usage; drop function fail_usage(); drop sequence fail_usage',
       )
     }
-  })
+  }, 15_000)
 
   test('behavior: extend is refused past the free balance; finish charges at most what the account can pay', async () => {
     const a = await account(100n)

@@ -190,6 +190,7 @@ async function serve(
       signal,
       startedAt,
       maxTokens: max,
+      maxPromptTokens: model.contextLength,
       call: () =>
         routed(deps, p, signal, deadline, async (route, body, bounded) =>
           served(route, await route.provider.complete(body, bounded, limits)),
@@ -239,7 +240,9 @@ async function serve(
     digest,
     price,
     promptTokens,
-    maxTokens: limits?.maxTokens,
+    // The most the upstream may write: its max_tokens, or what the context leaves.
+    maxTokens: limits?.maxTokens ?? p.limit,
+    maxPromptTokens: model.contextLength,
     blockTokens: deps.config.metering.blockTokens,
     // A third of the lease: two renewals may be slow before the sweep takes it for dead.
     renewMs: (deps.config.metering.leaseSeconds * 1000) / 3,

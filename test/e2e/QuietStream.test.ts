@@ -1,0 +1,69 @@
+/**
+ * A live stream that sends nothing for longer than its lease (an upstream sending SSE
+ * keep-alive comments while it thinks) renews its lease: the sweep never takes it for a
+ * dead instance's request (releasing its credits and charging only what it had recorded).
+ */
+import { expect, test } from 'bun:test'
+import * as Batch from '../../src/ledger/Batch.ts'
+import * as Reservations from '../../src/ledger/Reservations.ts'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+import * as Scripted from '../helpers/Scripted.ts'
+
+const enc = new TextEncoder()
+const FIRST = [' one', ' two', ' three', ' four']
+const LATER = [' five', ' six']
+const ev = (o: unknown) => `data: ${JSON.stringify(o)}\n\n`
+const url = Scripted.serve(() => {
+  const stream = new ReadableStream({
+    type: 'direct',
+    async pull(controller) {
+      const w = (s: string) => {
+        controller.write(enc.encode(s))
+        controller.flush()
+      }
+      for (const t of FIRST) w(ev(Scripted.chunk({ content: t })))
+      // Thinking: keep-alive comments only, well inside the upstream timeout each.
+      for (let i = 0; i < 12; i++) {
+        await Bun.sleep(250)
+        w(': keep-alive\n\n')
+      }
+      for (const t of LATER) w(ev(Scripted.chunk({ content: t })))
+      w(ev(Scripted.chunk({}, 'stop')))
+      w('data: [DONE]\n\n')
+      controller.close()
+    },
+  })
+  return new Response(stream, { headers: { 'content-type': 'text/event-stream' } })
+})
+const gw = await Scripted.gateway(
+  url,
+  ['m'],
+  { timeoutMs: 1_000 },
+  { metering: { blockTokens: 16, leaseSeconds: 2 } },
+)
+const messages = [{ role: 'user' as const, content: 'think hard' }]
+const prompt = Tokenizer.prompt(messages)
+const all = [...FIRST, ...LATER].reduce((n, t) => n + Tokenizer.count(t), 0)
+
+test('behavior: a stream alive but quiet (keep-alive comments) past its lease is neither swept nor cut', async () => {
+  const { id, key } = await gw.account()
+  const sweeper = setInterval(() => void Reservations.sweep(gw.sql), 200)
+  try {
+    const res = await fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'm', messages, stream: true, max_tokens: 200 }),
+    })
+    expect(res.status).toBe(200)
+    const body = await res.text()
+    await Batch.settled(gw.sql)
+    const l = await Gateway.ledger(gw.sql, id)
+    const [u] = await gw.sql`select status, cost from usage where account_id = ${id}`
+    expect(u).toEqual({ status: 'ok', cost: BigInt(prompt + 2 * all) })
+    expect(body).not.toContain('insufficient_credits')
+    expect(1_000_000n - l.balance).toBe(BigInt(prompt + 2 * all))
+  } finally {
+    clearInterval(sweeper)
+  }
+})
