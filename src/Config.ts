@@ -371,7 +371,16 @@ export function load(environment: Record<string, string | undefined> = process.e
     }
     merged.chain = chain
   }
-  return from(merged, (p) => envName(p))
+  const config = from(merged, (p) => envName(p))
+  // An upstream whose key is missing would answer every request 401, which reads as the
+  // upstream failing (its circuit opens, then 503s): stop here instead, naming the variable.
+  config.upstreams.forEach((u, i) => {
+    if (u.apiKeyEnv && !environment[u.apiKeyEnv])
+      throw new ConfigError(
+        `upstreams.${i}.apiKeyEnv: ${u.apiKeyEnv} is not set (the API key of upstream "${u.name}")`,
+      )
+  })
+  return config
 }
 
 /** Validates an already-assembled config object (tests use this). */
@@ -382,6 +391,15 @@ export function from(input: unknown, name: (path: string) => string = (p) => p):
     throw new ConfigError(
       `${name('workers')}: more than one worker needs DATABASE_URL (the embedded database serves one process)`,
     )
+  // A model no plan may use would answer every key 403 "upgrade the plan", with none to
+  // upgrade to.
+  const top = Math.max(...Object.values(parsed.data.plans).map((p) => p.tier))
+  parsed.data.models.forEach((m, i) => {
+    if (m.minTier > top)
+      throw new ConfigError(
+        `${name(`models.${i}.minTier`)}: ${m.minTier} is above every plan's tier (the highest is ${top}): no account could use "${m.id}"`,
+      )
+  })
   return parsed.data
 }
 
@@ -395,6 +413,8 @@ export function upstreamKey(
 
 function envName(path: string): string {
   for (const [name, [key]] of Object.entries(env)) if (key === path) return `${name} (${key})`
+  for (const [name, [key]] of Object.entries(paymentEnv))
+    if (`payments.${key}` === path) return `${name} (${path})`
   for (const [name, [key]] of Object.entries(chainEnv))
     if (`chain.${key}` === path) return `${name} (${path})`
   return path

@@ -53,9 +53,34 @@ describe('load', () => {
         ],
       }),
     )
-    const c = Config.load({ TOLLWAY_CONFIG: path })
+    const c = Config.load({ TOLLWAY_CONFIG: path, OA_KEY: 'sk-1' })
     expect(c.models[0]!.pricing).toEqual({ input: 150_000n, output: 600_000n })
     expect(Config.upstreamKey(c.upstreams[0]!, { OA_KEY: 'sk-1' })).toBe('sk-1')
+    // Its key unset: the start stops, naming the variable (not 401s read as an upstream down).
+    expect(() => Config.load({ TOLLWAY_CONFIG: path })).toThrow(
+      'upstreams.0.apiKeyEnv: OA_KEY is not set (the API key of upstream "oa")',
+    )
+    expect(() => Config.load({ TOLLWAY_CONFIG: path, OA_KEY: '' })).toThrow(/OA_KEY is not set/)
+  })
+
+  test('error: a model whose minTier is above every plan, or a short CHALLENGE_SECRET, names the field', () => {
+    const model = {
+      id: 'gold-only',
+      upstream: 'oa',
+      upstreamModel: 'x',
+      pricing: { input: '1', output: '1' },
+      contextLength: 100,
+    }
+    const upstreams = [{ name: 'oa', baseUrl: 'https://api.example.com/v1' }]
+    expect(() => Config.from({ upstreams, models: [{ ...model, minTier: 2 }] })).toThrow(
+      `models.0.minTier: 2 is above every plan's tier (the highest is 1): no account could use "gold-only"`,
+    )
+    expect(Config.from({ upstreams, models: [{ ...model, minTier: 1 }] }).models[0]!.minTier).toBe(
+      1,
+    )
+    expect(() => Config.load({ CHALLENGE_SECRET: 'short' })).toThrow(
+      /^CHALLENGE_SECRET \(payments\.challengeSecret\): /,
+    )
   })
 
   test('behavior: a model lists several upstreams as routes, with their costs', () => {
