@@ -128,9 +128,12 @@ describe('npm start', () => {
     expect(existsSync(join(dataDir, 'pgdata'))).toBe(true)
   }, 90_000)
 
-  test('behavior: options before serve (tollway --json serve) still serve, and keep serving', async () => {
+  test('behavior: options before serve (tollway --json serve) still serve, and keep serving; a set ADMIN_TOKEN retires the token an earlier start kept, and the CLI takes ADMIN_TOKEN', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    writeFileSync(join(dataDir, 'admin-token'), 'twadm_kept-by-an-earlier-start\n')
+    const adminToken = 'configured-admin-token-0123456789'
     const { proc, out } = await serve(
-      { TOLLWAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'tollway-main-')), PORT: '0' },
+      { TOLLWAY_DATA_DIR: dataDir, PORT: '0', ADMIN_TOKEN: adminToken },
       ['--json', '--url', 'http://127.0.0.1:1', 'serve'],
     )
     try {
@@ -138,6 +141,16 @@ describe('npm start', () => {
       await Bun.sleep(1_000)
       expect(proc.exitCode).toBeNull()
       expect((await fetch(`${url}/health`)).status).toBe(200)
+      // A script reading the kept file finds none, rather than a token that gets 401s.
+      expect(existsSync(join(dataDir, 'admin-token'))).toBe(false)
+      const cli = Bun.spawn(['bin/tollway', '--url', url, '--json', 'accounts', 'list'], {
+        cwd: root,
+        env: { PATH: process.env.PATH ?? '', ADMIN_TOKEN: adminToken, TOLLWAY_DATA_DIR: dataDir },
+        stdout: 'pipe',
+        stderr: 'pipe',
+      })
+      expect(await cli.exited).toBe(0)
+      expect(await new Response(cli.stdout).text()).toContain('"name":"dev"')
     } finally {
       proc.kill('SIGTERM')
       await proc.exited

@@ -31,7 +31,7 @@ Commands:
 
 Global options:
   --url U          the gateway (TOLLWAY_URL, default http://127.0.0.1:8787)
-  --admin-token T  admin token (TOLLWAY_ADMIN_TOKEN, or $TOLLWAY_DATA_DIR/admin-token)
+  --admin-token T  admin token (TOLLWAY_ADMIN_TOKEN or ADMIN_TOKEN, or $TOLLWAY_DATA_DIR/admin-token)
   --json           machine-readable output
   --timeout S      seconds to wait for the gateway's answer (TOLLWAY_TIMEOUT; default 30, and
                    300 for channels settle, which waits for its transaction)
@@ -172,7 +172,8 @@ function settings(values: ReturnType<typeof parse>['values'], env: Env): Setting
     maxDeposit: values['max-deposit'] ?? e('TOLLWAY_MAX_DEPOSIT') ?? '10000000',
     maxTotal: values['max-total'] ?? e('TOLLWAY_MAX_TOTAL') ?? '10000000',
     dataDir: e('TOLLWAY_DATA_DIR') ?? '.tollway',
-    adminToken: values['admin-token'] ?? e('TOLLWAY_ADMIN_TOKEN'),
+    // ADMIN_TOKEN too: the variable the gateway itself reads.
+    adminToken: values['admin-token'] ?? e('TOLLWAY_ADMIN_TOKEN') ?? e('ADMIN_TOKEN'),
     apiKey: values['api-key'] ?? e('TOLLWAY_API_KEY'),
     walletKey: e('TOLLWAY_WALLET_KEY'),
     rpcUrl: values['rpc-url'] ?? e('TOLLWAY_RPC_URL'),
@@ -210,7 +211,7 @@ function parse(argv: string[]) {
   }
 }
 
-/** The admin token: --admin-token, TOLLWAY_ADMIN_TOKEN, or the data dir's admin-token file. */
+/** The admin token: --admin-token, TOLLWAY_ADMIN_TOKEN or ADMIN_TOKEN, or the data dir's admin-token file. */
 function adminToken(ctx: Context): string {
   if (ctx.settings.adminToken) return ctx.settings.adminToken
   const path = join(ctx.settings.dataDir, 'admin-token')
@@ -218,7 +219,7 @@ function adminToken(ctx: Context): string {
     return readFileSync(path, 'utf8').trim()
   } catch {
     throw new UsageError(
-      `No admin token: pass --admin-token, set TOLLWAY_ADMIN_TOKEN, or run where ${path} exists.`,
+      `No admin token: pass --admin-token, set TOLLWAY_ADMIN_TOKEN (or ADMIN_TOKEN), or run where ${path} exists.`,
     )
   }
 }
