@@ -90,6 +90,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         stops.push(async () => stopFlushing())
       }
     }
+    if (config.databaseUrl && !options.sql) await reachable(sql, config.databaseUrl)
     await Db.migrate(sql)
     await Accounts.syncPlans(sql, config.plans)
 
@@ -379,6 +380,18 @@ function kept(dataDir: string, name: string, prefix: string): string {
   const value = `${prefix}${randomBytes(32).toString('base64url')}`
   writeFileSync(path, `${value}\n`, { mode: 0o600 })
   return value
+}
+
+/** Stops the start with an error naming DATABASE_URL (its password left out) if the
+ * server cannot be reached or refuses the connection. */
+async function reachable(sql: Db.Sql, url: string): Promise<void> {
+  try {
+    await sql`select 1`
+  } catch (e) {
+    const shown = new URL(url)
+    if (shown.password) shown.password = '***'
+    throw new Config.ConfigError(`DATABASE_URL: cannot use ${shown}: ${(e as Error).message}`)
+  }
 }
 
 /**

@@ -410,6 +410,23 @@ describe('npm start', () => {
     expect(err).toContain('BUN_CONFIG_MAX_HTTP_REQUESTS')
   })
 
+  test('error: a DATABASE_URL the gateway cannot connect to stops the start naming it, its password left out', async () => {
+    const proc = Bun.spawn([process.execPath, 'src/main.ts'], {
+      cwd: root,
+      env: {
+        PATH: process.env.PATH ?? '',
+        PORT: '0',
+        DATABASE_URL: 'postgres://someone:hunter2@127.0.0.1:1/tollway',
+      },
+      stdout: 'pipe',
+      stderr: 'pipe',
+    })
+    expect(await proc.exited).toBe(1)
+    const err = await new Response(proc.stderr).text()
+    expect(err).toContain('DATABASE_URL: cannot use postgres://someone:***@127.0.0.1:1/tollway')
+    expect(err).not.toContain('hunter2')
+  })
+
   test('error: an empty kept admin token, or a data dir another gateway serves, stops the start naming it', async () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
     writeFileSync(join(dataDir, 'admin-token'), '\n')
