@@ -41,7 +41,14 @@ export function classify(e: Error): CliError {
       e.details,
     )
   if (e instanceof ChallengeRefusedError)
-    return new PaymentError(e.message, (e as { details?: unknown }).details)
+    return new PaymentError(
+      // The client's allow-list of escrows is this command's options.
+      e.message.replace(
+        'which is not in allow.escrows; add it if you trust it.',
+        'which is not one you trust: pass --escrow <address> (TOLLWAY_ESCROW) if you do, or --trust-escrow on a development chain.',
+      ),
+      (e as { details?: unknown }).details,
+    )
   if (e instanceof PaymentFailedError) return new PaymentError(e.message)
   if (e instanceof ClientError) return new ServerError(e.message)
   return new ServerError(`${e.name}: ${e.message}`)
@@ -129,21 +136,28 @@ export async function chat(ctx: Context) {
     waitMs,
   )
   const signed = ctx.values.receipt ?? false
-  const res = await progress(ctx, opening ? 'opening a payment channel' : undefined, () =>
-    pay(url, {
-      method: 'POST',
-      headers: {
-        'content-type': 'application/json',
-        ...(signed ? { 'tollway-receipt': 'true' } : {}),
-      },
-      body: JSON.stringify({
-        model,
-        stream,
-        ...(stream ? { stream_options: { include_usage: true } } : {}),
-        messages: [{ role: 'user', content: prompt }],
+  const res = await progress(
+    ctx,
+    opening ? 'opening a payment channel' : undefined,
+    () =>
+      pay(url, {
+        method: 'POST',
+        headers: {
+          'content-type': 'application/json',
+          ...(signed ? { 'tollway-receipt': 'true' } : {}),
+        },
+        body: JSON.stringify({
+          model,
+          stream,
+          ...(stream ? { stream_options: { include_usage: true } } : {}),
+          messages: [{ role: 'user', content: prompt }],
+        }),
+        signal: abort.signal,
       }),
-      signal: abort.signal,
-    }),
+    async () => {
+      const channel = await pay.channel(url)
+      return channel ? `opened (deposit ${channel.deposit}); the request failed:` : 'failed'
+    },
   )
     .catch((e: unknown) => {
       throw abort.signal.aborted ? abort.signal.reason : e
@@ -320,8 +334,17 @@ export async function withdraw(ctx: Context) {
     )
 }
 
-/** Shows `label` on stderr while an on-chain wait runs: a dot a second on a terminal. */
-async function progress<T>(ctx: Context, label: string | undefined, run: () => Promise<T>) {
+/**
+ * Shows `label` on stderr while an on-chain wait runs: a dot a second on a terminal. When
+ * `run` fails, `failed` words the outcome (the wait may have done its part: a channel opened
+ * for a request then refused).
+ */
+async function progress<T>(
+  ctx: Context,
+  label: string | undefined,
+  run: () => Promise<T>,
+  failed: () => Promise<string> = async () => 'failed',
+) {
   if (!label || ctx.settings.json) return run()
   ctx.io.err(`${label} (on chain)…`)
   const tty = ctx.io.tty
@@ -333,6 +356,6 @@ async function progress<T>(ctx: Context, label: string | undefined, run: () => P
     return r
   } finally {
     clearInterval(timer)
-    ctx.io.err(ok ? ' done\n' : ' failed\n')
+    ctx.io.err(ok ? ' done\n' : ` ${await failed().catch(() => 'failed')}\n`)
   }
 }

@@ -245,6 +245,9 @@ describe('chat', () => {
     const r = await cli(['chat', 'hello', '--model', 'fake'], wallet)
     expect(r.code).toBe(3)
     expect(r.stderr.toLowerCase()).toContain(chain.escrowAddress.toLowerCase())
+    // In the CLI's own words: its options, not the library's allow.escrows.
+    expect(r.stderr).toContain('pass --escrow <address> (TOLLWAY_ESCROW) if you do')
+    expect(r.stderr).not.toContain('allow.escrows')
     const payer = Buffer.from(chain.payers[0]!.address.slice(2), 'hex')
     const [row] = await gw.sql`select count(*)::int as n from channels where payer = ${payer}`
     expect(row!.n).toBe(0)
@@ -289,9 +292,12 @@ describe('chat', () => {
       },
     )
     expect(r.code).toBe(3)
-    // Named as this command's option, not the client library's; the step said it failed.
+    // Named as this command's option, not the client library's. The step says what it did:
+    // the channel opened (with what --max-total left for it), the request then failed.
     expect(r.stderr).toContain('--max-total (TOLLWAY_MAX_TOTAL)')
-    expect(r.stderr).toContain('opening a payment channel (on chain)… failed')
+    expect(r.stderr).toContain(
+      'opening a payment channel (on chain)… opened (deposit 1); the request failed:',
+    )
     expect(r.stderr).not.toContain('done')
   })
 
