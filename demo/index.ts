@@ -24,7 +24,15 @@ const dataDir = await mkdtemp(join(tmpdir(), 'tollway-demo-'))
 const started = Date.now()
 // The embedded defaults, apart from a free port and a data dir of its own (so a running
 // `npm start` is left alone), and quiet logs.
-const gateway = await start(Config.from({ dataDir, port: 0, logLevel: 'error' }))
+const starting = start(Config.from({ dataDir, port: 0, logLevel: 'error' }))
+// Interrupted (Ctrl-C): stop the gateway and its chain and leave nothing behind either.
+for (const signal of ['SIGINT', 'SIGTERM'] as const)
+  process.once(signal, async () => {
+    await (await starting.catch(() => undefined))?.stop().catch(() => {})
+    await rm(dataDir, { recursive: true, force: true })
+    process.exit(130)
+  })
+const gateway = await starting
 try {
   const chain = gateway.chain!
   const payer = gateway.devChain!.payers[0]!

@@ -1,5 +1,7 @@
 /** `npm run demo` as a user runs it: a subprocess on a fresh machine state, nothing configured. */
 import { describe, expect, test } from 'bun:test'
+import { mkdtempSync, readdirSync, readFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
 const root = join(import.meta.dir, '..')
@@ -31,5 +33,38 @@ describe('npm run demo', () => {
     expect(out).toContain(`spent per the last receipt: ${paid}`)
     expect(out).toMatch(/receipts \(2\):\n {2}\{"status":"success"/)
     expect(out).toContain('done in')
+  }, 60_000)
+
+  test('behavior: interrupted (Ctrl-C) mid-stream, it stops its gateway and chain and leaves no data dir behind', async () => {
+    // A temp dir of its own, to see what the demo leaves in it.
+    const tmp = mkdtempSync(join(tmpdir(), 'tollway-demo-test-'))
+    const proc = Bun.spawn([process.execPath, 'demo/index.ts'], {
+      cwd: root,
+      env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', TMPDIR: tmp },
+      stdout: 'pipe',
+      stderr: 'pipe',
+    })
+    const reader = proc.stdout.getReader()
+    let out = ''
+    while (!out.includes('[voucher 1')) {
+      const { value, done } = await reader.read()
+      if (done) throw new Error(`the demo ended before its first voucher:\n${out}`)
+      out += new TextDecoder().decode(value)
+    }
+    expect(readdirSync(tmp).some((f) => f.startsWith('tollway-demo-'))).toBe(true)
+    proc.kill('SIGINT')
+    expect(await proc.exited).toBe(130)
+    expect(readdirSync(tmp)).toEqual([])
+    // Its development chain (anvil, its state file in the data dir) is gone too.
+    const alive = readdirSync('/proc')
+      .filter((p) => /^\d+$/.test(p))
+      .filter((p) => {
+        try {
+          return readFileSync(`/proc/${p}/cmdline`, 'utf8').includes(tmp)
+        } catch {
+          return false
+        }
+      })
+    expect(alive).toEqual([])
   }, 60_000)
 })
