@@ -1,6 +1,6 @@
 /** `npm run demo` as a user runs it: a subprocess on a fresh machine state, nothing configured. */
 import { describe, expect, test } from 'bun:test'
-import { mkdtempSync, readdirSync, readFileSync } from 'node:fs'
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
@@ -66,5 +66,6 @@ describe('npm run demo', () => {
         }
       })
     expect(alive).toEqual([])
+    rmSync(tmp, { recursive: true, force: true })
   }, 60_000)
 })
