@@ -46,7 +46,12 @@ export type Gateway = {
   /** True when the database is the embedded PGlite. */
   embedded: boolean
   sql: Db.Sql
-  stop(): Promise<void>
+  /**
+   * Stops: no new connections; requests under way get up to `graceMs` (default 0) to
+   * finish, then are cut (a cut stream is charged what it sent). Called again while a stop
+   * waits, it cuts them at once.
+   */
+  stop(graceMs?: number): Promise<void>
 }
 
 export type Chain = NonNullable<Config.Config['chain']>
@@ -277,7 +282,17 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       await Bun.sleep(20) // cut streams settle as their generators unwind
       await Batch.settled(sql)
     })
+    // A graceful stop's wait for the requests under way: ends when they have, or its grace
+    // runs out, or a second stop cuts it short.
+    let grace: { ms: number; cut: () => void } = { ms: 0, cut: () => {} }
     stops.push(async () => {
+      if (grace.ms > 0) {
+        const { promise, resolve } = Promise.withResolvers<void>()
+        grace.cut = resolve
+        const timer = setTimeout(resolve, grace.ms)
+        await Promise.race([server.stop(false), promise])
+        clearTimeout(timer)
+      }
       await server.stop(true)
     })
 
@@ -287,6 +302,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       const released = await Reservations.releaseAll(sql)
       if (released > 0) log.warn({ released }, 'released reservations of a gateway that died')
     }
+    let stopping: Promise<void> | undefined
     const sweep = setInterval(() => {
       Reservations.sweep(sql).then(
         (n) => n > 0 && log.warn({ released: n }, 'released reservations of dead requests'),
@@ -303,8 +319,16 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       devChain,
       embedded: !config.databaseUrl,
       sql,
-      async stop() {
-        for (const s of stops.reverse()) await s().catch(() => {})
+      async stop(graceMs = 0) {
+        if (stopping) {
+          grace.cut()
+          return stopping
+        }
+        grace = { ms: graceMs, cut: () => {} }
+        stopping = (async () => {
+          for (const s of stops.reverse()) await s().catch(() => {})
+        })()
+        return stopping
       },
     }
   } catch (e) {
@@ -485,7 +509,7 @@ export async function serve(): Promise<void> {
   }
   if (process.env[WORKER]) {
     const shutdown = async () => {
-      await gateway.stop()
+      await gateway.stop(SHUTDOWN_GRACE_MS)
       process.exit(0)
     }
     process.on('SIGINT', shutdown)
@@ -512,14 +536,25 @@ ${gateway.devChain ? `\n${DevChain.summary(gateway.devChain).join('\n')}\n` : ''
 Try it:
   curl -N ${gateway.url}/v1/chat/completions -H "Authorization: Bearer ${key}" -d '{"model":"${model}","stream":true,"messages":[{"role":"user","content":"hello from tollway"}]}'
 `)
+  let signals = 0
   const shutdown = async () => {
-    await workers.stop()
-    await gateway.stop()
+    if (signals++ > 0) {
+      console.error('tollway: cutting the requests under way')
+      await Promise.all([workers.stop(), gateway.stop()])
+      return
+    }
+    console.error(
+      `tollway: stopping; requests under way have ${SHUTDOWN_GRACE_MS / 1000} s to finish (signal again to cut them now)`,
+    )
+    await Promise.all([workers.stop(), gateway.stop(SHUTDOWN_GRACE_MS)])
     process.exit(0)
   }
   process.on('SIGINT', shutdown)
   process.on('SIGTERM', shutdown)
 }
+
+/** How long a stopping gateway lets the requests under way finish before it cuts them. */
+const SHUTDOWN_GRACE_MS = 10_000
 
 /**
  * Starts `config.workers − 1` more processes serving this gateway's port, each a gateway of
@@ -562,6 +597,7 @@ function startWorkers(config: Config.Config, gateway: Gateway) {
   }
   for (let i = 1; i < config.workers; i++) spawn()
   return {
+    /** Asks each to stop (called again: to cut what it still serves) and waits for them. */
     async stop() {
       stopping = true
       const all = [...running]

@@ -157,6 +157,72 @@ describe('npm start', () => {
     }
   }, 90_000)
 
+  test('behavior: stopped (SIGINT), it lets a stream under way finish and refuses new connections; a second signal cuts what is left', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const config = join(dataDir, 'config.json')
+    writeFileSync(config, JSON.stringify({ devChain: false, echo: { tokenDelayMs: 20 } }))
+    const { proc, out } = await serve({
+      TOLLWAY_DATA_DIR: dataDir,
+      PORT: '0',
+      TOLLWAY_CONFIG: config,
+    })
+    const url = /serving at (http:\/\/\S+)/.exec(out)![1]!
+    const key = /Bearer (tw_\S+)"/.exec(out)![1]!
+    const stream = (max_tokens: number) =>
+      fetch(`${url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({
+          model: 'tollway-echo',
+          stream: true,
+          max_tokens,
+          messages: [{ role: 'user', content: 'finish what you started' }],
+        }),
+      })
+    try {
+      // 40 words at 20 ms: under way for most of a second after the signal.
+      const res = await stream(40)
+      const reader = res.body!.getReader()
+      await reader.read()
+      proc.kill('SIGINT')
+      await Bun.sleep(100)
+      await expect(fetch(`${url}/health`)).rejects.toThrow()
+      let body = ''
+      for (let r = await reader.read(); !r.done; r = await reader.read())
+        body += new TextDecoder().decode(r.value)
+      expect(body).toContain('"usage"')
+      expect(body.trimEnd().endsWith('data: [DONE]')).toBe(true)
+      expect(await proc.exited).toBe(0)
+    } finally {
+      proc.kill('SIGKILL')
+    }
+    // Again, with a stream too long for the grace: a second signal cuts it at once.
+    const again = await serve({ TOLLWAY_DATA_DIR: dataDir, PORT: '0', TOLLWAY_CONFIG: config })
+    try {
+      const url2 = /serving at (http:\/\/\S+)/.exec(again.out)![1]!
+      const res = await fetch(`${url2}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({
+          model: 'tollway-echo',
+          stream: true,
+          max_tokens: 5_000,
+          messages: [{ role: 'user', content: 'a long one' }],
+        }),
+      })
+      const reader = res.body!.getReader()
+      await reader.read()
+      again.proc.kill('SIGINT')
+      await Bun.sleep(200)
+      const at = performance.now()
+      again.proc.kill('SIGINT')
+      expect(await again.proc.exited).toBe(0)
+      expect(performance.now() - at).toBeLessThan(5_000)
+    } finally {
+      again.proc.kill('SIGKILL')
+    }
+  }, 90_000)
+
   test('behavior: restarted on its data dir after a kill, the embedded gateway keeps the charges made before it and releases the dead one reservations at once', async () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
     const config = join(dataDir, 'config.json')
