@@ -33,7 +33,10 @@ export type Shape = { test(part: string): boolean }
 export function isDay(y: number, m: number, d: number): boolean {
   const day = new Date(0)
   day.setUTCFullYear(y, m - 1, d)
-  return day.getUTCFullYear() === y && day.getUTCMonth() === m - 1 && day.getUTCDate() === d
+  // PostgreSQL has no year 0 (1 BC comes before 1 AD): a date in it cannot be queried.
+  return (
+    y >= 1 && day.getUTCFullYear() === y && day.getUTCMonth() === m - 1 && day.getUTCDate() === d
+  )
 }
 
 const TIMESTAMP =

@@ -380,6 +380,8 @@ export type CompleteOptions = {
   maxTokens: number
   /** The model's context: no more prompt tokens are charged, whatever the upstream says. */
   maxPromptTokens?: number | undefined
+  /** Renews the reservation's lease this often while the upstream works (see `stream`). */
+  renewMs?: number | undefined
 }
 
 /**
@@ -391,11 +393,19 @@ export async function complete(
   o: CompleteOptions,
 ): Promise<{ completion: Completion; usage: Usage }> {
   let completion: Completion
+  // A whole completion may take longer than a lease (a slow upstream, failover): renew it, or
+  // the sweep takes the request for dead, releases it and its answer goes out free.
+  const renewal =
+    o.renewMs === undefined
+      ? undefined
+      : setInterval(() => void o.reservation.extend(0n).catch(() => {}), o.renewMs)
   try {
     completion = await o.call()
   } catch (e) {
     await release(o.reservation, { ...o, cancelled: o.signal.aborted })
     throw e
+  } finally {
+    clearInterval(renewal)
   }
   const promptTokens = Math.min(
     completion.usage?.prompt_tokens ?? o.promptTokens,

@@ -73,6 +73,7 @@ function generate(tokenizer: Tokens, body: Body, limits?: Limits): Reply {
         ? limits.maxTokens
         : Math.min(asked, limits.maxTokens)
   const stops = typeof body.stop === 'string' ? [body.stop] : ((body.stop as string[] | null) ?? [])
+  const longest = Math.max(0, ...stops.map((s) => s.length))
   const words: string[] = []
   let tokens = 0
   let said = ''
@@ -82,7 +83,9 @@ function generate(tokenizer: Tokens, body: Body, limits?: Limits): Reply {
     const word = (i === 0 ? '' : ' ') + source[i % source.length]
     const n = tokenizer.count(word)
     if (max !== undefined && tokens + n > max) return { words, tokens, finish: 'length' }
-    said += word
+    // Only a match ending in this word is new: keep and look at the tail that can hold one
+    // (the whole text said, searched again after every word, is quadratic in max_tokens).
+    said = (said + word).slice(-(longest + word.length))
     if (stops.some((s) => s && said.includes(s))) return { words, tokens, finish: 'stop' }
     words.push(word)
     tokens += n

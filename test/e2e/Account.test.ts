@@ -317,6 +317,22 @@ describe('admin and key input', () => {
 })
 
 describe('cursors', () => {
+  test('error: a date or a cursor in year 0000 (which PostgreSQL has not) is a 400 naming it, not a 500', async () => {
+    const { key } = await gw.account()
+    const cursor = Buffer.from(
+      '0000-01-01 00:00:00+00\n00000000-0000-0000-0000-000000000000',
+    ).toString('base64url')
+    const answers = [
+      [await as(key, `/usage?cursor=${cursor}`), 'cursor'],
+      [await gw.admin(`/accounts?cursor=${cursor}`), 'cursor'],
+      [await as(key, '/usage?from=0000-01-01'), 'from'],
+    ] as const
+    for (const [res, param] of answers) {
+      expect(res.status).toBe(400)
+      expect(((await res.json()) as { error: { param: string } }).error.param).toBe(param)
+    }
+  })
+
   const pages = async (key: string, path: string) => {
     const seen: string[] = []
     let cursor: string | null = null

@@ -172,6 +172,30 @@ describe('POST /v1/chat/completions (openai SDK)', () => {
 })
 
 describe('errors', () => {
+  test('error: an unknown or revoked key is a 401 whatever the body (unknown model, bad role, prompt over the context, a huge body)', async () => {
+    const { id } = await gw.account()
+    const made = (await (await gw.admin(`/accounts/${id}/keys`, { name: 'gone' })).json()) as {
+      id: string
+      key: string
+    }
+    expect((await gw.admin(`/accounts/${id}/keys/${made.id}`, undefined, 'DELETE')).status).toBe(
+      200,
+    )
+    const bodies = [
+      { model: 'no-such-model', messages: [{ role: 'user', content: 'hi' }] },
+      { model: 'fake', messages: [{ role: 'robot', content: 'hi' }] },
+      { model: 'fake', messages: [{ role: 'user', content: 'word '.repeat(5_000) }] },
+      // Large enough that its key is checked before it is counted.
+      { model: 'fake', messages: [{ role: 'user', content: '漢'.repeat(100_000) }] },
+    ]
+    for (const key of ['tw_unknown', made.key])
+      for (const b of bodies) {
+        const res = await post(key, b)
+        expect(res.status).toBe(401)
+        expect(((await res.json()) as { error: { type: string } }).error.type).toBe('auth_error')
+      }
+  })
+
   test('error: no credentials → 401 auth_error with a Bearer challenge', async () => {
     const res = await post(undefined, { model: 'fake', messages })
     expect(res.status).toBe(401)

@@ -67,6 +67,21 @@ describe('EchoModel', () => {
   test('behavior: honours stop sequences', async () => {
     const { text } = await collect(body('alpha beta gamma delta', { stop: ['gamma'] }))
     expect(text).toBe('alpha beta')
+    // A stop spanning words, and one found only after cycling.
+    expect((await collect(body('alpha beta gamma', { stop: ['a gam'] }))).text).toBe('alpha beta')
+    const cycled = await collect(body('one two', { stop: ['two one two'], max_tokens: 20 }))
+    expect(cycled.text).toBe('one two one')
+  })
+
+  test('behavior: a stop sequence that never comes costs no more than none (it is looked for in what the last word could complete)', async () => {
+    // Searched in the whole text after every word, 100,000 tokens took seconds on the event
+    // loop; the test's time limit fails that.
+    const plain = await collect(body('alpha beta gamma delta', { max_tokens: 100_000 }))
+    const stopped = await collect(
+      body('alpha beta gamma delta', { max_tokens: 100_000, stop: ['zzz', 'never here'] }),
+    )
+    expect(stopped.usage.completion_tokens).toBe(plain.usage.completion_tokens)
+    expect(stopped.text).toBe(plain.text)
   })
 
   test('behavior: the whole completion matches the stream', async () => {

@@ -63,13 +63,18 @@ function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
   const { blockTokens } = deps.config.metering
   const req = Parse.parse(Chat.Request, Parse.json(text))
   const model = deps.router.route(req.model)
+  const media = Chat.mediaParts(req) * deps.config.metering.mediaPartTokens
+  // Counted no further than the context holds (a huge prompt is refused, not counted whole).
+  const most = model.contextLength - media
   const promptTokens =
-    Tokenizer.prompt(Chat.promptTexts(req).map((content) => ({ content }))) +
-    Chat.mediaParts(req) * deps.config.metering.mediaPartTokens
+    Tokenizer.prompt(
+      Chat.promptTexts(req).map((content) => ({ content })),
+      most,
+    ) + media
   const room = model.contextLength - promptTokens
   if (room <= 0)
     throw new InvalidRequestError(
-      `The prompt has ${promptTokens} tokens; ${model.id} takes at most ${model.contextLength}.`,
+      `The prompt has ${promptTokens - media > most ? `more than ${model.contextLength}` : promptTokens} tokens; ${model.id} takes at most ${model.contextLength}.`,
       'context_length_exceeded',
       { param: 'messages' },
     )
@@ -191,6 +196,7 @@ async function serve(
       startedAt,
       maxTokens: max,
       maxPromptTokens: model.contextLength,
+      renewMs: (deps.config.metering.leaseSeconds * 1000) / 3,
       call: () =>
         routed(deps, p, signal, deadline, async (route, body, bounded) =>
           served(route, await route.provider.complete(body, bounded, limits)),
@@ -265,6 +271,9 @@ async function serve(
   })
 }
 
+/** Bodies longer than this (characters) are not counted before their API key is checked. */
+const COUNTED_AFTER_AUTH = 64 * 1024
+
 export function routes(deps: Deps) {
   const app = new Hono()
   const { leaseSeconds } = deps.config.metering
@@ -284,7 +293,20 @@ export function routes(deps: Deps) {
         'payment_required',
       )
     }
-    const p = plan(deps, text, receiptSigner(c, deps))
+    // A large body costs real time to count: its key is checked first (a database round trip
+    // only such requests pay), so a stranger cannot make the gateway count it.
+    if (text.length > COUNTED_AFTER_AUTH && !(await ApiKeys.authenticate(deps.sql, raw)))
+      throw Auth.badKey()
+    let p: Plan
+    try {
+      p = plan(deps, text, receiptSigner(c, deps))
+    } catch (e) {
+      // Admission checks the key with the plan in one round trip; a request refused before it
+      // looks the key up here, so an unknown or revoked key is a 401 whatever its body.
+      if (e instanceof GatewayError && !(await ApiKeys.authenticate(deps.sql, raw)))
+        throw Auth.badKey()
+      throw e
+    }
     const { idempotencyKey, fingerprint } = idempotency(c, text)
     const requestId = newRequestId()
     const admitted = await Reservations.admit(deps.sql, {

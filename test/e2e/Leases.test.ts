@@ -1,7 +1,9 @@
 /**
- * A live stream that sends nothing for longer than its lease (an upstream sending SSE
- * keep-alive comments while it thinks) renews its lease: the sweep never takes it for a
- * dead instance's request (releasing its credits and charging only what it had recorded).
+ * A request under way renews its reservation's lease however long it takes: a stream that
+ * sends nothing for longer than the lease (an upstream sending SSE keep-alive comments while
+ * it thinks), a whole completion whose upstream takes longer than the lease. The sweep never
+ * takes it for a dead instance's request (releasing its credits, its plan's concurrency and
+ * its Idempotency-Key, and charging only what it had recorded: a whole answer nothing).
  */
 import { expect, test } from 'bun:test'
 import * as Batch from '../../src/ledger/Batch.ts'
@@ -67,3 +69,46 @@ test('behavior: a stream alive but quiet (keep-alive comments) past its lease is
     clearInterval(sweeper)
   }
 })
+
+// A whole completion whose upstream answers after 2.5 s, with a lease of 1 s.
+const slow = Scripted.serve(async () => {
+  await Bun.sleep(2_500)
+  return Response.json(
+    Scripted.completion(
+      { content: 'one two three four' },
+      { prompt_tokens: 10, completion_tokens: 4, total_tokens: 14 },
+    ),
+  )
+})
+const whole = await Scripted.gateway(
+  slow,
+  ['slow'],
+  { timeoutMs: 10_000 },
+  { metering: { blockTokens: 16, leaseSeconds: 1 } },
+)
+
+test('behavior: a whole completion that outlives its lease is charged, not swept, and holds its plan slot while it runs', async () => {
+  const { key, id } = await whole.account({ plan: 'free', credits: 1_000n })
+  const ask = () =>
+    fetch(`${whole.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'slow', max_tokens: 10, messages }),
+    })
+  const pending = ask()
+  await Bun.sleep(1_600)
+  // The sweep every instance runs (now, rather than in 30 s): nothing of this request's.
+  expect(await Reservations.sweep(whole.sql)).toBe(0)
+  // The free plan takes one request at a time: the first still holds it.
+  expect((await ask()).status).toBe(429)
+  const res = await pending
+  expect(res.status).toBe(200)
+  const { usage } = (await res.json()) as { usage: { cost: string } }
+  // 10 prompt and 4 completion tokens, at 1 and 2 a token.
+  expect(usage.cost).toBe('18')
+  await Batch.settled(whole.sql)
+  const l = await Gateway.ledger(whole.sql, id)
+  expect(l.balance).toBe(1_000n - 18n)
+  const rows = await whole.sql`select status from usage where account_id = ${id}`
+  expect(rows.map((r) => r.status)).toEqual(['ok'])
+}, 15_000)
