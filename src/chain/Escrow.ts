@@ -410,6 +410,27 @@ export function watchCloseRequested(
   })
 }
 
+/** Calls `onWithdrawn` with the channel of every `Withdrawn` event (a payer took back what
+ * was not settled, after the grace period); returns a function that stops watching. */
+export function watchWithdrawn(
+  client: Client,
+  parameters: {
+    escrow: Address
+    onWithdrawn: (channelId: Hex) => void
+    onError?: ((error: Error) => void) | undefined
+  },
+): () => void {
+  return watchContractEvent(client, {
+    address: parameters.escrow,
+    abi,
+    eventName: 'Withdrawn',
+    onError: parameters.onError,
+    onLogs: (logs) => {
+      for (const log of logs) parameters.onWithdrawn(log.args.channelId!)
+    },
+  })
+}
+
 /** The escrow events in a receipt, decoded. */
 export function events(receipt: Transaction.Sent['receipt']) {
   return parseEventLogs({ abi, logs: receipt.logs })

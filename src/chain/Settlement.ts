@@ -283,6 +283,20 @@ export function start(options: Options): Worker {
           onError: (error) =>
             log.warn({ error: describe(error) }, 'watching CloseRequested failed'),
         })
+  // A payer who withdrew (the grace period over, with nothing the gateway could settle: no
+  // voucher at or below spent) finalized the channel: recorded, or it would read `closing`
+  // for good.
+  const unwatchWithdrawn =
+    options.watch === false
+      ? () => {}
+      : Escrow.watchWithdrawn(options.client, {
+          escrow: options.escrow,
+          onWithdrawn: (channelId) => {
+            if (stopped) return
+            track(exclusive(options, (store) => refresh(store, options, channelId, log)))
+          },
+          onError: (error) => log.warn({ error: describe(error) }, 'watching Withdrawn failed'),
+        })
 
   return {
     tick,
@@ -293,6 +307,7 @@ export function start(options: Options): Worker {
       stopped = true
       clearTimeout(timer)
       unwatch()
+      unwatchWithdrawn()
       await running
       await Promise.allSettled([...inFlight])
     },
@@ -493,9 +508,9 @@ async function mined(client: WalletClient, hash: Hex): Promise<'success' | 'reve
 }
 
 /**
- * After a revert, takes what the escrow says: a channel the payer already withdrew is
- * finalized, an amount settled elsewhere (e.g. an attempt that was mined after we lost
- * track of it) is recorded. Best effort.
+ * Takes what the escrow says (after a revert, or a payer's withdrawal): a channel the payer
+ * withdrew is finalized, an amount settled elsewhere (e.g. an attempt that was mined after
+ * we lost track of it) is recorded. Best effort.
  */
 async function refresh(
   store: LockedStore,
@@ -508,7 +523,7 @@ async function refresh(
     if (!channel) return
     await store.settled({ channelId, settled: channel.settled, finalized: channel.finalized })
   } catch (error) {
-    log.warn({ channelId, error: describe(error) }, 'reading the channel after a revert failed')
+    log.warn({ channelId, error: describe(error) }, 'reading the channel from the escrow failed')
   }
 }
 

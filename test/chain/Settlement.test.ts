@@ -636,6 +636,29 @@ describe('close', () => {
     expect((error as ChannelStateError).reason).toBe('unknown')
   })
 
+  test('behavior: a channel the payer withdrew with nothing the gateway could settle is recorded as finalized, not left closing', async () => {
+    // Its only voucher is above what was spent: there is nothing to settle.
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 40n)
+    worker({ watch: true })
+    const { client, address } = payer()
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    await until(
+      () => inDb(channelId),
+      (c) => c.closeRequestedAt !== null,
+    )
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    const before = await balance(address)
+    await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
+    expect(await balance(address)).toBe(before + deposit)
+    const c = await until(
+      () => inDb(channelId),
+      (c) => c.finalized,
+    )
+    expect(c.settled).toBe(0n)
+  })
+
   test('error: a channel the payer already withdrew is a ChannelStateError once the escrow says so', async () => {
     const channelId = await openChannel()
     await accept(channelId, 100n)
