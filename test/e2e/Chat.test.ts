@@ -462,9 +462,18 @@ describe('credits', () => {
     for (const stream of [false, true]) {
       const res = await post(key, { model: 'fake', messages, stream, max_tokens: 100 })
       expect(res.status).toBe(402)
-      const e = ((await res.json()) as { error: { type: string; code: string } }).error
+      const e = ((await res.json()) as { error: { type: string; message: string } }).error
       expect(e.type).toBe('insufficient_credits')
+      expect(e.message).toEndWith('Add credits or lower max_tokens.')
     }
+    // Without max_tokens there is none to lower: the message does not ask for it.
+    const res = await post(key, {
+      model: 'fake',
+      messages: [{ role: 'user', content: 'x '.repeat(40) }],
+    })
+    expect(res.status).toBe(402)
+    const e = ((await res.json()) as { error: { message: string } }).error
+    expect(e.message).toEndWith('Add credits.')
     expect(gw.upstream.received.length).toBe(before)
     expect((await Gateway.ledger(gw.sql, id)).balance).toBe(10n)
   })

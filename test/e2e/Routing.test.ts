@@ -57,11 +57,7 @@ const gw = await Gateway.create({
       [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)],
       null,
     ),
-    model(
-      'spread',
-      [route('primary', 'fake-spread-a'), route('backup', 'fake-spread-b')],
-      null,
-    ),
+    model('spread', [route('primary', 'fake-spread-a'), route('backup', 'fake-spread-b')], null),
     model(
       'cheap-default',
       [route('primary', 'fake-dear-2', 5_000_000), route('backup', 'fake-cheap-2', 10)],

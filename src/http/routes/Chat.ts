@@ -322,7 +322,7 @@ export function routes(deps: Deps) {
       requestId,
       leaseSeconds,
     })
-    if (admitted.status !== 'ok') throw refusal(admitted, p.model, p.need)
+    if (admitted.status !== 'ok') throw refusal(admitted, p.model, p.need, p.asked !== undefined)
     // The output stops where the monthly quota does (at least one token: a prompt that fills
     // the quota exactly still gets an answer).
     if (admitted.quotaRoom !== null && admitted.quotaRoom < p.limit)
@@ -745,8 +745,8 @@ function duplicate(r: {
   }
 }
 
-/** The typed error for a refused admission. */
-function refusal(r: Refused, model: Model, need: bigint): GatewayError {
+/** The typed error for a refused admission (`asked`: the request named its max_tokens). */
+function refusal(r: Refused, model: Model, need: bigint, asked: boolean): GatewayError {
   switch (r.status) {
     case 'unauthorized':
       return Auth.badKey()
@@ -761,7 +761,7 @@ function refusal(r: Refused, model: Model, need: bigint): GatewayError {
       return duplicate(r)
     case 'insufficient':
       return new InsufficientCreditsError(
-        `This request needs ${need} base units of credits and the account has ${r.available} available. Add credits${r.available > 0n ? ' or lower max_tokens' : ''}.`,
+        `This request needs ${need} base units of credits and the account has ${r.available} available. Add credits${r.available > 0n && asked ? ' or lower max_tokens' : ''}.`,
         'insufficient_credits',
         { details: { required: need.toString(), available: r.available.toString() } },
       )
