@@ -207,9 +207,29 @@ function parse(argv: string[]) {
   try {
     return parseArgs({ args: argv, options, allowPositionals: true, strict: true })
   } catch (e) {
+    const unknown = /^Unknown option '(-{1,2}[^']+)'/.exec((e as Error).message)?.[1]
+    if (unknown) {
+      // The gateway's own settings are environment variables (`PORT=8793 npm start`).
+      const name = unknown.replace(/^-+/, '').split('=')[0]!.toUpperCase().replaceAll('-', '_')
+      const setting = SERVE_ENV.includes(name)
+        ? `; the gateway's ${name} is set in the environment (${name}=… npm start)`
+        : ''
+      throw new UsageError(`unknown option ${unknown}${setting}; see tollway --help`)
+    }
     throw new UsageError((e as Error).message)
   }
 }
+
+/** Settings `tollway serve` reads from the environment, which users try as options. */
+const SERVE_ENV = [
+  'PORT',
+  'HOST',
+  'DATABASE_URL',
+  'ADMIN_TOKEN',
+  'LOG_LEVEL',
+  'TOLLWAY_CONFIG',
+  'TOLLWAY_DATA_DIR',
+]
 
 /** The admin token: --admin-token, TOLLWAY_ADMIN_TOKEN or ADMIN_TOKEN, or the data dir's admin-token file. */
 function adminToken(ctx: Context): string {

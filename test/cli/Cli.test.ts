@@ -48,8 +48,16 @@ describe('usage', () => {
   test('error: an unknown command, subcommand or option exits 2', async () => {
     expect((await cli(['nope'])).code).toBe(2)
     expect((await cli(['keys', 'nope'])).code).toBe(2)
-    expect((await cli(['keys', 'list', '--bogus'])).code).toBe(2)
+    const bogus = await cli(['keys', 'list', '--bogus'])
+    expect(bogus.code).toBe(2)
+    expect(bogus.stderr).toContain('unknown option --bogus; see tollway --help')
     expect((await cli(['credits', 'grant', 'a', 'ten'])).code).toBe(2)
+    // A gateway setting tried as an option (npm start -- --port 8793): where it goes instead.
+    const port = await cli(['serve', '--port', '8793'])
+    expect(port.code).toBe(2)
+    expect(port.stderr).toContain(
+      "unknown option --port; the gateway's PORT is set in the environment (PORT=… npm start)",
+    )
   })
 
   test('error: with --json, an option that fails to parse is reported as JSON too; a negative amount goes after --', async () => {
