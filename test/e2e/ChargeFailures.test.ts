@@ -32,20 +32,29 @@ const messages = [{ role: 'user' as const, content: 'say hello' }]
 const prompt = Tokenizer.prompt(messages)
 const delivered = WORDS.reduce((n, w) => n + Tokenizer.count(w), 0)
 
-// The next insert into usage fails once when armed (a sequence: not rolled back with it).
-await gw.sql.unsafe(`
-  create sequence fail_charge;
-  select setval('fail_charge', 1000);
-  create function fail_charge_once() returns trigger language plpgsql as $$
-  begin
-    if nextval('fail_charge') = 1 then
-      raise exception 'injected transient failure' using errcode = '40001';
-    end if;
-    return null;
-  end $$;
-  create trigger fail_charge_once before insert on usage for each statement execute function fail_charge_once();
-`)
-const arm = () => gw.sql.unsafe(`select setval('fail_charge', 1, false)`)
+/**
+ * Makes the next `event` on `table` fail once, transiently, each time the returned `arm` is
+ * called (a sequence counts the tries: it is not rolled back with them).
+ */
+async function failOnce(sql: typeof gw.sql, table: string, event: 'insert' | 'update') {
+  const name = `fail_${table}_${event}`
+  await sql.unsafe(`
+    create sequence ${name};
+    select setval('${name}', 1000);
+    create function ${name}() returns trigger language plpgsql as $$
+    begin
+      if nextval('${name}') = 1 then
+        raise exception 'injected transient failure' using errcode = '40001';
+      end if;
+      return null;
+    end $$;
+    create trigger ${name} before ${event} on ${table} for each statement execute function ${name}();
+  `)
+  return () => sql.unsafe(`select setval('${name}', 1, false)`)
+}
+
+// The next insert into usage (the charge) fails once when armed.
+const arm = await failOnce(gw.sql, 'usage', 'insert')
 
 test('behavior: a stream whose charge fails once is charged what it delivered, nothing left held', async () => {
   // Small credits: the settle is waited for (not in the background).
@@ -95,18 +104,6 @@ test('behavior: after a charge that failed once, a free-plan account (one reques
 
 test('behavior: an extension that fails once does not end the stream, charged what it sent, nothing held', async () => {
   const long = Array.from({ length: 60 }, (_, i) => ` w${i}`)
-  await gw.sql.unsafe(`
-    create sequence fail_charge_ext;
-    select setval('fail_charge_ext', 1000);
-    create function fail_charge_ext_once() returns trigger language plpgsql as $$
-    begin
-      if nextval('fail_charge_ext') = 1 then
-        raise exception 'injected transient failure' using errcode = '40001';
-      end if;
-      return new;
-    end $$;
-    create trigger fail_charge_ext_once before update on reservations for each row execute function fail_charge_ext_once();
-  `)
   const url2 = Scripted.serve(() =>
     Scripted.events([
       ...long.map((w) => Scripted.chunk({ content: w }, null, 'm')),
@@ -119,19 +116,8 @@ test('behavior: an extension that fails once does not end the stream, charged wh
     {},
     { metering: { blockTokens: 16, leaseSeconds: 60 } },
   )
-  // The second gateway has its own schema: install the trigger there too.
-  await gw2.sql.unsafe(`
-    create sequence fail_charge_ext;
-    select setval('fail_charge_ext', 1, false);
-    create function fail_charge_ext_once() returns trigger language plpgsql as $$
-    begin
-      if nextval('fail_charge_ext') = 1 then
-        raise exception 'injected transient failure' using errcode = '40001';
-      end if;
-      return new;
-    end $$;
-    create trigger fail_charge_ext_once before update on reservations for each row execute function fail_charge_ext_once();
-  `)
+  // The next extension (an update of the reservation) fails once.
+  await (await failOnce(gw2.sql, 'reservations', 'update'))()
   const { id, key } = await gw2.account()
   const res = await fetch(`${gw2.url}/v1/chat/completions`, {
     method: 'POST',
@@ -181,18 +167,7 @@ test('behavior: a client abort whose charge fails once leaves no unhandled rejec
     {},
     { metering: { blockTokens: 16, leaseSeconds: 60 } },
   )
-  await gw3.sql.unsafe(`
-    create sequence fail_charge;
-    select setval('fail_charge', 1, false);
-    create function fail_charge_once() returns trigger language plpgsql as $$
-    begin
-      if nextval('fail_charge') = 1 then
-        raise exception 'injected transient failure' using errcode = '40001';
-      end if;
-      return null;
-    end $$;
-    create trigger fail_charge_once before insert on usage for each statement execute function fail_charge_once();
-  `)
+  await (await failOnce(gw3.sql, 'usage', 'insert'))()
   const { id, key } = await gw3.account({ plan: 'pro', credits: 10_000n })
   const ctl = new AbortController()
   const res = await fetch(`${gw3.url}/v1/chat/completions`, {
