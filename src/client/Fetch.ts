@@ -178,14 +178,22 @@ export function createFetch(options: Options): PayingFetch {
    * (before the signature, which takes a turn of the event loop): two channels deciding at
    * once each see the other's.
    */
-  const signing = new Map<string, bigint>()
+  const signingAll = new Map<string, bigint[]>()
+  const signing = {
+    get: (key: string) => {
+      const all = signingAll.get(key)
+      return all?.length ? max(...all) : undefined
+    },
+  }
   /** Signs `sign()`, `target` counted as signed for `key` meanwhile. */
   const counted = async <T>(key: string, target: bigint, sign: () => Promise<T>): Promise<T> => {
-    signing.set(key, max(signing.get(key) ?? 0n, target))
+    const all = signingAll.get(key) ?? []
+    signingAll.set(key, all)
+    all.push(target)
     try {
       return await sign()
     } finally {
-      signing.delete(key)
+      all.splice(all.indexOf(target), 1)
     }
   }
   const lives = new Map<string, Live>()
@@ -397,9 +405,23 @@ export function createFetch(options: Options): PayingFetch {
     live.session = session
   }
 
+  /** The deposit the server shows for a channel; undefined when it cannot say. */
+  const depositShown = async (url: string, channelId: string): Promise<bigint | undefined> => {
+    const shown = await base(`${new URL(url).origin}/v1/channels/${channelId}`).catch(
+      () => undefined,
+    )
+    if (!shown?.ok) {
+      await shown?.body?.cancel()
+      return undefined
+    }
+    const { deposit } = (await shown.json().catch(() => ({}))) as { deposit?: unknown }
+    return typeof deposit === 'string' && /^\d{1,78}$/.test(deposit) ? BigInt(deposit) : undefined
+  }
+
   /** The `open` credential of a new channel (the server pays the gas when it offers to). */
   const open = async (live: Live, url: string, ahead: bigint): Promise<string> => {
     const r = live.session.request
+    closedByKey.set(live.key, await store.closedTotal(live.key))
     const room = total(live.key)
     if (room <= 0n)
       throw new LimitExceededError('maxTotal', {
@@ -476,6 +498,16 @@ export function createFetch(options: Options): PayingFetch {
         wanted: options.limits.maxTotal - maxTotal + required,
       })
     let deposit = BigInt(state.deposit)
+    if (required > deposit) {
+      // A top-up whose answer was lost may have gone through: the server's word on the
+      // deposit first (within maxDeposit), or it would be paid again.
+      const held = await depositShown(url, state.channelId)
+      if (held !== undefined && held > deposit) {
+        deposit = min(held, maxDeposit)
+        state.deposit = deposit.toString()
+        await save(live)
+      }
+    }
     if (required > deposit) {
       if (required > maxDeposit)
         throw new LimitExceededError('maxDeposit', { limit: maxDeposit, wanted: required })
@@ -569,7 +601,13 @@ export function createFetch(options: Options): PayingFetch {
    * The response body without payment events (those go to `answer` and `receive`), counted
    * as a stream under way on the channel until it ends, fails or is cancelled.
    */
-  const filtered = (live: Live, url: string, body: ReadableStream<Uint8Array>, gate: Gate) => {
+  const filtered = (
+    live: Live,
+    url: string,
+    body: ReadableStream<Uint8Array>,
+    gate: Gate,
+    signal?: AbortSignal,
+  ) => {
     const reader = Stream.strip(body, {
       onNeedVoucher: (need) => answer(live, url, need),
       onReceipt: (receipt) => receive(live, receipt),
@@ -584,6 +622,14 @@ export function createFetch(options: Options): PayingFetch {
       ended = true
       live.streams--
     }
+    signal?.addEventListener(
+      'abort',
+      () => {
+        end()
+        reader.cancel(signal.reason).catch(() => {})
+      },
+      { once: true },
+    )
     return new ReadableStream<Uint8Array>(
       {
         async pull(controller) {
@@ -671,9 +717,15 @@ export function createFetch(options: Options): PayingFetch {
         if (!live?.state || !res.body) return res
         const receipt = res.headers.get('payment-receipt')
         const sse = res.headers.get('content-type')?.includes('text/event-stream')
-        if (receipt && !sse) receive(live, Receipt.deserialize(receipt))
+        if (receipt && !sse) {
+          let parsed: Receipt.Receipt | undefined
+          try {
+            parsed = Receipt.deserialize(receipt)
+          } catch {}
+          if (parsed) receive(live, parsed)
+        }
         if (!sse) return res
-        return new Response(filtered(live, url, res.body, gate), {
+        return new Response(filtered(live, url, res.body, gate, request.signal), {
           status: res.status,
           statusText: res.statusText,
           headers: res.headers,
@@ -687,6 +739,15 @@ export function createFetch(options: Options): PayingFetch {
       if (challenge) {
         check(challenge)
         live = await adopt(url, challenge)
+        if (streams(body) && gate.live !== live) {
+          if (live.streams > 0)
+            throw new ClientError(
+              'A stream is under way on this channel, and the server keeps one per channel (a second would end the first).',
+              { channelId: live.state?.channelId },
+            )
+          gate.live = live
+          live.streams++
+        }
       }
       const l = live as Live
       if (kind === 'channel-not-found' || kind === 'channel-finalized') await drop(l, url)
@@ -781,6 +842,11 @@ export function createFetch(options: Options): PayingFetch {
       )
     const shown = (await status.json()) as { spent: string; settled?: string; status?: string }
     let spent = BigInt(shown.spent)
+    if (spent > session.signed)
+      throw new PaymentFailedError(
+        `The server says ${spent} was spent on channel ${state.channelId}, more than the ${session.signed} signed; no close signed (requestClose, then withdraw, takes the deposit back).`,
+        status.status,
+      )
     // Closed already (by an earlier close whose answer was lost, or by the server): what it
     // paid counts against maxTotal, and the channel is forgotten where it was kept.
     if (shown.status === 'closed') {

@@ -175,7 +175,12 @@ export function file(path: string): Store {
       // Entries that do not parse are left to `get`, which says what is wrong with them.
       for (const [key, entry] of Object.entries(c.channels)) {
         const parsed = ChannelState.safeParse(entry)
-        if (parsed.success) channels[key] = parsed.data
+        if (!parsed.success)
+          throw new ClientError(
+            `The channel store ${path} has a malformed channel under "${key}"; repair it, or delete that entry to forget the channel.`,
+            { path, key },
+          )
+        channels[key] = parsed.data
       }
       const closedTotals: Record<string, bigint> = {}
       for (const key of Object.keys(c.closedTotals)) closedTotals[key] = total(c, key)

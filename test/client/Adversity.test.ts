@@ -1,0 +1,268 @@
+/**
+ * The paying client under adversity: a server that claims more than was signed, answers
+ * lost in flight, a slow signer, concurrent first streams, aborted streams, malformed
+ * receipts and store entries, a store another process shares. Each is held to the client's
+ * limits (maxDeposit, maxTotal) and its one-stream-per-channel promise.
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import { mkdtemp } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import OpenAI from 'openai'
+import type { Hex, LocalAccount } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import { ClientError, createFetch, type Options, Store } from '../../src/client/index.ts'
+import * as Credential from '../../src/payment/Credential.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const chain = await Anvil.start({ accounts: 23 })
+afterAll(() => chain.stop())
+const payments = { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 }
+const gw = await Gateway.create({ chain: Gateway.chainOf(chain), payments })
+const words = Array.from({ length: 80 }, (_, i) => `w${i}`).join(' ')
+const messages = [{ role: 'user' as const, content: words }]
+
+const plain = (f: (input: string | URL | Request, init?: RequestInit) => Promise<Response>) =>
+  Object.assign(f, { preconnect: globalThis.fetch.preconnect }) as typeof fetch
+
+function client(payer: number, options: Partial<Options> = {}) {
+  const fetch = createFetch({
+    account: chain.payers[payer]!.privateKey,
+    rpcUrl: chain.rpcUrl,
+    limits: { maxDeposit: 1_000_000n, maxTotal: 1_000_000n },
+    allow: { escrows: [chain.escrowAddress], currencies: [chain.currencyAddress] },
+    margin: 64n,
+    store: Store.memory(),
+    ...options,
+  })
+  return {
+    fetch,
+    openai: new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: 'unused', fetch, maxRetries: 0 }),
+  }
+}
+
+const payloadOf = (authorization: string | null | undefined) =>
+  authorization?.startsWith('Payment ')
+    ? (Credential.deserialize(authorization).payload as Record<string, unknown>)
+    : undefined
+
+const headerOf = (init?: RequestInit) => new Headers(init?.headers).get('authorization')
+
+describe('createFetch under adversity', () => {
+  test('error: close signs no final voucher above what the client signed, whatever the server says was spent', async () => {
+    let closeAmount: bigint | undefined
+    const lying = plain(async (input, init) => {
+      const url = String(input instanceof Request ? input.url : input)
+      const p = payloadOf(headerOf(init))
+      if (p?.action === 'close') {
+        closeAmount = BigInt(p.cumulativeAmount as string)
+        return new Response('{}', { status: 503 })
+      }
+      const res = await globalThis.fetch(input, init)
+      if (url.includes('/v1/channels/') && res.ok) {
+        const shown = (await res.json()) as Record<string, string>
+        // The server claims the whole deposit was spent.
+        return Response.json({ ...shown, spent: shown.deposit })
+      }
+      return res
+    })
+    const { fetch, openai } = client(0, { fetch: lying })
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    const state = (await fetch.channel(gw.url))!
+    const e = await fetch.close().catch((e: unknown) => e)
+    expect(e).toBeInstanceOf(ClientError)
+    // Refusing to sign is fine; signing past what was signed is not.
+    if (closeAmount !== undefined) expect(closeAmount).toBeLessThanOrEqual(BigInt(state.signed))
+  }, 60_000)
+
+  test('behavior: a top-up whose answer was lost is not paid again: the deposit on chain stays within maxDeposit', async () => {
+    let lose = true
+    const flaky = plain(async (input, init) => {
+      const res = await globalThis.fetch(input, init)
+      if (lose && payloadOf(headerOf(init))?.action === 'topUp') {
+        lose = false
+        // The server took the top-up; its answer never arrives (a connection reset).
+        await res.body?.cancel()
+        throw new TypeError('fetch failed')
+      }
+      return res
+    })
+    const { fetch, openai } = client(1, {
+      fetch: flaky,
+      deposit: 300n,
+      limits: { maxDeposit: 700n, maxTotal: 1_000_000n },
+    })
+    const ask = () => openai.chat.completions.create({ model: 'fake', messages, max_tokens: 100 })
+    const errors: unknown[] = []
+    for (let i = 0; i < 4; i++) await ask().catch((e) => errors.push(e))
+    const state = (await fetch.channel(gw.url))!
+    const onChain = (await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: state.channelId as Hex,
+    }))!
+    expect(errors.length).toBeGreaterThan(0)
+    expect(onChain.deposit).toBeLessThanOrEqual(700n)
+  }, 60_000)
+
+  test('behavior: two first streams at once on a fresh client: each is served whole or refused by the client, none cut by the server', async () => {
+    const { openai } = client(2)
+    const short = Array.from({ length: 20 }, (_, i) => `s${i}`).join(' ')
+    const run = async () => {
+      let text = ''
+      const s = await openai.chat.completions.create({
+        model: 'fake-slow',
+        messages: [{ role: 'user', content: short }],
+        stream: true,
+      })
+      for await (const c of s) text += c.choices[0]?.delta?.content ?? ''
+      return text
+    }
+    const all = await Promise.allSettled([run(), run()])
+    expect(all.some((r) => r.status === 'fulfilled')).toBe(true)
+    for (const r of all) {
+      if (r.status === 'fulfilled') expect(r.value).toBe(short)
+      else expect((r.reason as Error).cause ?? r.reason).toBeInstanceOf(ClientError)
+    }
+  }, 60_000)
+
+  test('behavior: a malformed Payment-Receipt on a paid whole completion: the answer still reaches the caller', async () => {
+    const mangled = plain(async (input, init) => {
+      const res = await globalThis.fetch(input, init)
+      if (!res.headers.has('payment-receipt')) return res
+      const headers = new Headers(res.headers)
+      headers.set('payment-receipt', 'not*a*receipt')
+      return new Response(res.body, { status: res.status, headers })
+    })
+    const { openai } = client(3, { fetch: mangled })
+    const r = await openai.chat.completions
+      .create({ model: 'fake', messages, max_tokens: 20 })
+      .catch((e: unknown) => e)
+    expect(r).not.toBeInstanceOf(Error)
+  }, 60_000)
+
+  test('behavior: a slow signer (remote wallet): concurrent vouchers on one channel still count while signing; two servers stay within maxTotal', async () => {
+    const other = await Gateway.create(
+      { chain: Gateway.chainOf(chain), payments },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    try {
+      const inner = privateKeyToAccount(chain.payers[5]!.privateKey)
+      let slow = false
+      const account = {
+        ...inner,
+        async signTypedData(td: Parameters<typeof inner.signTypedData>[0]) {
+          if (slow && (td as { primaryType?: string }).primaryType === 'Voucher') {
+            slow = false
+            await Bun.sleep(1_500)
+          }
+          return inner.signTypedData(td)
+        },
+      } as LocalAccount
+      const fetch = createFetch({
+        account,
+        limits: { maxDeposit: 2_000n, maxTotal: 2_000n },
+        allow: { escrows: [chain.escrowAddress] },
+        margin: 64n,
+        store: Store.memory(),
+      })
+      const sdk = (at: string) =>
+        new OpenAI({ baseURL: `${at}/v1`, apiKey: 'unused', fetch, maxRetries: 0 })
+      await sdk(gw.url).chat.completions.create({ model: 'fake', messages, max_tokens: 5 })
+      // A whole completion (signing far ahead, slowly) and a stream (signing at once) on the
+      // first server; then the first request to a second server.
+      slow = true
+      const whole = sdk(gw.url).chat.completions.create({ model: 'fake', messages, max_tokens: 5 })
+      await Bun.sleep(20)
+      const stream = (async () => {
+        const s = await sdk(gw.url).chat.completions.create({
+          model: 'fake',
+          messages,
+          max_tokens: 5,
+          stream: true,
+        })
+        for await (const _ of s);
+      })()
+      await Bun.sleep(300)
+      await sdk(other.url).chat.completions.create({ model: 'fake', messages, max_tokens: 5 })
+      await Promise.allSettled([whole, stream])
+      const here = BigInt((await fetch.channel(gw.url))!.signed)
+      const there = BigInt((await fetch.channel(other.url))!.signed)
+      expect(here + there).toBeLessThanOrEqual(2_000n)
+    } finally {
+      await other.stop()
+    }
+  }, 60_000)
+
+  test('behavior: a stream aborted by its AbortSignal (body left unread) does not keep later streams refused', async () => {
+    const { fetch } = client(6)
+    const body = (stream: boolean) =>
+      JSON.stringify({ model: 'fake-slow', messages, stream, max_tokens: 50 })
+    const post = (stream: boolean, signal?: AbortSignal) =>
+      fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: body(stream),
+        signal,
+      })
+    await (await post(false)).text()
+    const ac = new AbortController()
+    const first = await post(true, ac.signal)
+    const reader = first.body!.getReader()
+    await reader.read()
+    ac.abort()
+    await Bun.sleep(500)
+    const second = await post(true).catch((e: unknown) => e)
+    expect(second).toBeInstanceOf(Response)
+    await (second as Response).body?.cancel()
+  }, 60_000)
+
+  test('error: a store entry for another server that does not parse stops the request (it would stop counting against maxTotal)', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const address = privateKeyToAccount(chain.payers[7]!.privateKey).address
+    const entry = {
+      channelId: `0x${'ab'.repeat(32)}`,
+      chainId: String(chain.chainId), // a string where a number belongs
+      escrow: chain.escrowAddress,
+      currency: chain.currencyAddress,
+      recipient: chain.payee.address,
+      deposit: '1500',
+      signed: '1500',
+      url: 'http://127.0.0.1:1/v1/chat/completions',
+    }
+    await Bun.write(
+      path,
+      JSON.stringify({ channels: { [`http://127.0.0.1:1#${address}`]: entry }, closedTotals: {} }),
+    )
+    const { fetch, openai } = client(7, {
+      store: Store.file(path),
+      limits: { maxDeposit: 2_000n, maxTotal: 2_000n },
+    })
+    const r = await openai.chat.completions
+      .create({ model: 'fake', messages, max_tokens: 5 })
+      .catch((e: unknown) => e)
+    if (r instanceof Error) expect(r.cause ?? r).toBeInstanceOf(ClientError)
+    else expect(BigInt((await fetch.channel(gw.url))!.deposit)).toBeLessThanOrEqual(500n)
+  }, 60_000)
+
+  test('behavior: a channel closed elsewhere (another process on the same store): what it paid still counts against maxTotal', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const limits = { maxDeposit: 5_000n, maxTotal: 5_000n }
+    const agent = client(8, { store: Store.file(path), limits })
+    const cli = client(8, { store: Store.file(path), limits })
+    const ask = (c: typeof agent) =>
+      c.openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    await ask(agent)
+    await ask(cli)
+    // `tollway channel close` from another shell, same channels.json.
+    await cli.fetch.close()
+    const paid = await Store.file(path).closedTotal(
+      `${new URL(gw.url).origin}#${privateKeyToAccount(chain.payers[8]!.privateKey).address}`,
+    )
+    expect(paid).toBeGreaterThan(0n)
+    await ask(agent)
+    const fresh = (await agent.fetch.channel(gw.url))!
+    expect(BigInt(fresh.deposit)).toBeLessThanOrEqual(5_000n - paid)
+  }, 60_000)
+})
