@@ -221,14 +221,29 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
   }
 
   // Renews while nothing arrives (keep-alive comments) or the client does not read: the
-  // loop below renews only when a batch comes through it.
+  // loop below renews only when a batch comes through it. A renewal refused (the reservation
+  // swept or taken over) ends the stream at its next batch, as the loop's own would; one
+  // that failed is left to the loop's own, which will try again.
+  let renewing = false
+  let refused = false
   const renewer =
     o.renewMs === undefined
       ? undefined
       : setInterval(() => {
-          if (settled || performance.now() - renewedAt < o.renewMs!) return
-          renewedAt = performance.now()
-          reservation.extend(0n, Pricing.cost(price, o.promptTokens, exact)).catch(() => {})
+          if (settled || renewing || performance.now() - renewedAt < o.renewMs!) return
+          renewing = true
+          reservation
+            .extend(0n, Pricing.cost(price, o.promptTokens, exact))
+            .then(
+              (ok) => {
+                if (ok) renewedAt = performance.now()
+                else refused = true
+              },
+              () => {},
+            )
+            .finally(() => {
+              renewing = false
+            })
         }, o.renewMs)
   try {
     try {
@@ -236,6 +251,11 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
         // Another stream took the channel over: send nothing more.
         if (reservation.superseded) {
           status = 'superseded'
+          break
+        }
+        // The reservation is gone (a renewal was refused): send nothing more.
+        if (refused) {
+          status = 'insufficient_funds'
           break
         }
         if (o.renewMs !== undefined && performance.now() - renewedAt >= o.renewMs) {

@@ -112,3 +112,65 @@ test('behavior: a whole completion that outlives its lease is charged, not swept
   const rows = await whole.sql`select status from usage where account_id = ${id}`
   expect(rows.map((r) => r.status)).toEqual(['ok'])
 }, 15_000)
+
+const SWEPT_FIRST = [' one', ' two', ' three', ' four']
+const SWEPT_LATER = [' five', ' six', ' seven', ' eight']
+const quietThenMore = Scripted.serve(() => {
+  const stream = new ReadableStream({
+    type: 'direct',
+    async pull(controller) {
+      const w = (s: string) => {
+        controller.write(enc.encode(s))
+        controller.flush()
+      }
+      for (const t of SWEPT_FIRST) w(ev(Scripted.chunk({ content: t })))
+      for (let i = 0; i < 6; i++) {
+        await Bun.sleep(250)
+        w(': keep-alive\n\n')
+      }
+      for (const t of SWEPT_LATER) w(ev(Scripted.chunk({ content: t })))
+      w(ev(Scripted.chunk({}, 'stop')))
+      w('data: [DONE]\n\n')
+      controller.close()
+    },
+  })
+  return new Response(stream, { headers: { 'content-type': 'text/event-stream' } })
+})
+// Another gateway, a lease of 3 s (renewals every second).
+const sweptGw = await Scripted.gateway(
+  quietThenMore,
+  ['m'],
+  { timeoutMs: 2_000 },
+  { metering: { blockTokens: 16, leaseSeconds: 3 } },
+)
+
+test('behavior: a stream swept while its upstream is quiet sends nothing more once its renewal is refused', async () => {
+  const { id, key } = await sweptGw.account()
+  const res = await fetch(`${sweptGw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'm', messages, stream: true, max_tokens: 200 }),
+  })
+  expect(res.status).toBe(200)
+  const reader = res.body!.getReader()
+  let body = new TextDecoder().decode((await reader.read()).value)
+  // Quiet upstream: the lease runs out (forced here) and a sweep releases the reservation.
+  await Bun.sleep(200)
+  await sweptGw.sql`update reservations set expires_at = clock_timestamp() - interval '1 second'`
+  expect(await Reservations.sweep(sweptGw.sql)).toBe(1)
+  for (let r = await reader.read(); !r.done; r = await reader.read())
+    body += new TextDecoder().decode(r.value)
+  let got = ''
+  for (const b of body.split('\n\n'))
+    if (b.startsWith('data: {"id"')) got += JSON.parse(b.slice(6)).choices[0]?.delta?.content ?? ''
+  await Batch.settled(sweptGw.sql)
+  const l = await Gateway.ledger(sweptGw.sql, id)
+  const received = [...SWEPT_FIRST, ...SWEPT_LATER]
+    .filter((w) => got.includes(w))
+    .reduce((n, w) => n + Tokenizer.count(w), 0)
+  // What the sweep charged is all that is ever charged: nothing may be sent after it (the
+  // loop's own renewal ends the stream there: "the reservation is gone (swept)").
+  for (const w of SWEPT_LATER) expect(got).not.toContain(w)
+  expect(1_000_000n - l.balance).toBeLessThanOrEqual(BigInt(prompt + 2 * received))
+  expect(body).toContain('insufficient_credits')
+}, 15_000)
