@@ -66,7 +66,9 @@ const Model = z
      */
     routes: z.array(Route).min(1).optional(),
     /** The order its routes are tried in when a request names no `routing_strategy`. */
-    routing: z.enum(STRATEGIES).default('balanced'),
+    // The operator's order unless the config says otherwise: a primary and its backups, as
+    // configs written before `balanced` spread requests meant.
+    routing: z.enum(STRATEGIES).default('ordered'),
     pricing: Pricing,
     contextLength: z.number().int().positive(),
     /** Lowest plan tier allowed to use the model. */

@@ -346,7 +346,7 @@ function models(config: Config.Config, environment: Record<string, string | unde
         pricing: config.echo.pricing,
         contextLength: config.echo.contextLength,
         minTier: 0,
-        routing: 'balanced',
+        routing: 'ordered',
         routes: [
           {
             provider: EchoModel.create({

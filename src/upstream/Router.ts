@@ -187,18 +187,22 @@ export class Router {
   /**
    * `routes` in a random order in which each is first with probability proportional to the
    * inverse square of its cost (a weighted draw without replacement: each route's key is
-   * u^(1/weight) for a uniform u, the largest first, compared as logarithms). A route that
-   * costs nothing goes before those that cost something.
+   * u^(1/weight) for a uniform u, the largest first, compared as logarithms). Routes that
+   * cost nothing go before those that cost something, drawn evenly among themselves.
    */
   private spread(routes: readonly Route[], cost: (r: Route) => bigint): Route[] {
     const costs = routes.map(cost)
     let most = 0n
     for (const c of costs) if (c > most) most = c
     const keyed = routes.map((r, i) => {
+      const u = this.options.random()
+      // Routes that cost nothing: first, in a uniform draw among themselves (keys in (-1, 0]).
+      if (costs[i] === 0n && most > 0n) return { r, k: -u }
       // Costs relative to the dearest, so that squares of large bigints stay finite numbers.
       const relative = most === 0n ? 1 : Number((costs[i]! * 1_000_000n) / most) / 1_000_000
-      // log(u) / weight, weight = 1 / relative²; 1 - random() is in (0, 1], so log is finite.
-      return { r, k: Math.log(1 - this.options.random()) * relative * relative }
+      // log(u) / weight, weight = 1 / relative² (1 - u is in (0, 1], so log is finite),
+      // below every free route's key.
+      return { r, k: (most === 0n ? 0 : -1) + Math.log(1 - u) * relative * relative }
     })
     return keyed.sort((a, b) => b.k - a.k).map(({ r }) => r)
   }

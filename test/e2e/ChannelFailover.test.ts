@@ -26,8 +26,6 @@ const routed = (id: string, routes: [string, string][]) => ({
   routes: routes.map(([u, m]) => ({ upstream: u, upstreamModel: m })),
   pricing: price,
   contextLength: 4096,
-  // Failover in the order listed (the default, balanced, draws the first at random).
-  routing: 'ordered',
 })
 const names = ['bad1', 'bad2', 'bad3', 'hang1', 'hang2', 'hang3', 'good', 'slow']
 const gw = await Gateway.create(

@@ -31,17 +31,14 @@ const route = (upstream: string, upstreamModel: string, cost?: number) => ({
   upstreamModel,
   ...(cost === undefined ? {} : { cost: { input: cost, output: cost } }),
 })
-/** A model whose routes are tried in the order listed, unless `routing` says otherwise. */
-const model = (
-  id: string,
-  routes: ReturnType<typeof route>[],
-  routing: string | null = 'ordered',
-) => ({
+/** A model whose routes are tried in the order listed (the default), unless `routing` says
+ * otherwise. */
+const model = (id: string, routes: ReturnType<typeof route>[], routing?: string) => ({
   id,
   routes,
   pricing: price,
   contextLength: 4096,
-  ...(routing === null ? {} : { routing }),
+  ...(routing === undefined ? {} : { routing }),
 })
 
 const gw = await Gateway.create({
@@ -51,13 +48,16 @@ const gw = await Gateway.create({
     model('rejected', [route('rejecting', 'fake-400'), route('backup', 'fake-after-400')]),
     model('all-down', [route('down-b', 'b'), route('down-c', 'c')]),
     model('circuit', [route('flaky', 'fake-500'), route('backup', 'fake-after-flaky')]),
-    // No routing: the default, balanced.
     model(
       'by-cost',
       [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)],
-      null,
+      'balanced',
     ),
-    model('spread', [route('primary', 'fake-spread-a'), route('backup', 'fake-spread-b')], null),
+    model(
+      'spread',
+      [route('primary', 'fake-spread-a'), route('backup', 'fake-spread-b')],
+      'balanced',
+    ),
     model(
       'cheap-default',
       [route('primary', 'fake-dear-2', 5_000_000), route('backup', 'fake-cheap-2', 10)],
@@ -169,7 +169,7 @@ describe('routes: failover before the first token', () => {
 })
 
 describe('routing_strategy', () => {
-  test('behavior: balanced (the default) spreads requests evenly over routes that cost the same', async () => {
+  test('behavior: balanced spreads requests evenly over routes that cost the same; without a routing the operator order holds', async () => {
     const { key } = await gw.account()
     const from = fake.received.length
     for (let i = 0; i < 40; i++) expect((await post(key, { model: 'spread' })).status).toBe(200)
@@ -179,12 +179,18 @@ describe('routing_strategy', () => {
     // Evenly at random: fewer than 6 of 40 on either is a chance of about 1 in 700,000.
     expect(a).toBeGreaterThanOrEqual(6)
     expect(a).toBeLessThanOrEqual(34)
+    // A model without a routing (a primary and its backup, as configs before balanced spread
+    // requests meant): every request to the first listed.
+    const ordered = fake.received.length
+    for (let i = 0; i < 10; i++) expect((await post(key, { model: 'by-speed' })).status).toBe(200)
+    expect(new Set(asked(ordered))).toEqual(new Set(['fake-slow']))
   })
 
   test('behavior: balanced weighs routes by the inverse square of their cost; ordered keeps the operator order; cheapest takes the cheaper upstream', async () => {
     const { key } = await gw.account()
     let from = fake.received.length
-    // 500,000 times cheaper: first but for a chance of 1 in 2.5 * 10^11 each.
+    // Its routing, balanced: 500,000 times cheaper is first but for a chance of 1 in
+    // 2.5 * 10^11 each.
     expect((await post(key, { model: 'by-cost' })).status).toBe(200)
     expect((await post(key, { model: 'by-cost', routing_strategy: 'balanced' })).status).toBe(200)
     expect(asked(from)).toEqual(['fake-cheap', 'fake-cheap'])

@@ -104,8 +104,6 @@ const routed = (id: string, routes: [string, string][]) => ({
   routes: routes.map(([upstream, upstreamModel]) => ({ upstream, upstreamModel })),
   pricing: price,
   contextLength: 4096,
-  // Failover in the order listed (the default, balanced, draws the first at random).
-  routing: 'ordered',
 })
 const gw = await Gateway.create({
   upstreams: ['steady', 'pinger', 'lazy', 'gone', 'spare', 'hung', 'other', 'failing'].map(

@@ -74,6 +74,18 @@ describe('Router.routes', () => {
     for (let i = 0; i < 20; i++) expect(names(r.routes(withFree))).toEqual(['free', 'a'])
   })
 
+  test('behavior: balanced puts routes that cost nothing first, spread evenly among themselves', () => {
+    const m = model([route('free1', 0n), route('free2', 0n), route('paid', 5n)])
+    const router = new Router([m])
+    const firsts = new Map<string, number>()
+    for (let i = 0; i < 2_000; i++) {
+      const first = names(router.routes(m, 'balanced', whole))[0]!
+      firsts.set(first, (firsts.get(first) ?? 0) + 1)
+    }
+    expect(firsts.get('paid') ?? 0).toBe(0)
+    expect((firsts.get('free2') ?? 0) / 2_000).toBeCloseTo(0.5, 1)
+  })
+
   test('behavior: balanced spreads over the routes whose circuit is closed only', () => {
     const [a, b] = [route('a'), route('b')]
     const m = model([a, b])
