@@ -128,7 +128,7 @@ describe('npm start', () => {
     expect(existsSync(join(dataDir, 'pgdata'))).toBe(true)
   }, 90_000)
 
-  test('behavior: options before serve (tollway --json serve) still serve, and keep serving; a set ADMIN_TOKEN retires the token an earlier start kept, and the CLI takes ADMIN_TOKEN', async () => {
+  test('behavior: options before serve (tollway --json serve) still serve, and keep serving; with ADMIN_TOKEN set, a kept token is left alone and said to be stale, and the CLI takes ADMIN_TOKEN', async () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
     writeFileSync(join(dataDir, 'admin-token'), 'twadm_kept-by-an-earlier-start\n')
     const adminToken = 'configured-admin-token-0123456789'
@@ -141,16 +141,25 @@ describe('npm start', () => {
       await Bun.sleep(1_000)
       expect(proc.exitCode).toBeNull()
       expect((await fetch(`${url}/health`)).status).toBe(200)
-      // A script reading the kept file finds none, rather than a token that gets 401s.
-      expect(existsSync(join(dataDir, 'admin-token'))).toBe(false)
-      const cli = Bun.spawn(['bin/tollway', '--url', url, '--json', 'accounts', 'list'], {
-        cwd: root,
-        env: { PATH: process.env.PATH ?? '', ADMIN_TOKEN: adminToken, TOLLWAY_DATA_DIR: dataDir },
-        stdout: 'pipe',
-        stderr: 'pipe',
-      })
-      expect(await cli.exited).toBe(0)
-      expect(await new Response(cli.stdout).text()).toContain('"name":"dev"')
+      // The kept token may be another gateway's on this data dir: left alone, and said.
+      expect(readFileSync(join(dataDir, 'admin-token'), 'utf8')).toContain('kept-by-an-earlier')
+      expect(out).toContain('does not open this gateway')
+      const cli = (env: Record<string, string>) => {
+        const p = Bun.spawn(['bin/tollway', '--url', url, '--json', 'accounts', 'list'], {
+          cwd: root,
+          env: { PATH: process.env.PATH ?? '', TOLLWAY_DATA_DIR: dataDir, ...env },
+          stdout: 'pipe',
+          stderr: 'pipe',
+        })
+        return Promise.all([p.exited, new Response(p.stdout).text(), new Response(p.stderr).text()])
+      }
+      const [code, stdout] = await cli({ ADMIN_TOKEN: adminToken })
+      expect(code).toBe(0)
+      expect(stdout).toContain('"name":"dev"')
+      // The CLI reading the stale file gets a 401 that says where its token came from.
+      const [stale, , err] = await cli({})
+      expect(stale).toBe(2)
+      expect(err).toContain(`the token was read from ${join(dataDir, 'admin-token')}`)
     } finally {
       proc.kill('SIGTERM')
       await proc.exited

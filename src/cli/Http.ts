@@ -7,7 +7,13 @@ export function waitMs(settings: { timeout?: number | undefined }, fallbackMs: n
 }
 
 /** A gateway to call; `timeoutMs` (default 30 s) bounds the wait for its answer. */
-export type Target = { url: string; token?: string | undefined; timeoutMs?: number | undefined }
+export type Target = {
+  url: string
+  token?: string | undefined
+  timeoutMs?: number | undefined
+  /** Said after a 401's message: where the token came from, when that may be why. */
+  unauthorized?: string | undefined
+}
 
 /** The message of an OpenAI envelope or an RFC 9457 problem, or the status line. */
 async function describe(res: Response): Promise<{ message: string; body: unknown }> {
@@ -28,8 +34,13 @@ async function describe(res: Response): Promise<{ message: string; body: unknown
 }
 
 /** Throws the CLI error a failed response stands for: 402 → payment, the rest → server. */
-export async function fail(res: Response): Promise<never> {
-  const { message, body } = await describe(res)
+export async function fail(res: Response, unauthorized?: string): Promise<never> {
+  const described = await describe(res)
+  const { body } = described
+  const message =
+    res.status === 401 && unauthorized
+      ? `${described.message} (${unauthorized})`
+      : described.message
   if (res.status === 402) throw new PaymentError(`payment refused: ${message}`, body)
   // What the command asked for is wrong (a bad value, an unknown id, a wrong token): the
   // user's to fix, as a usage error is; a 408, a 429 or anything with a Retry-After (a 409
@@ -74,6 +85,6 @@ export async function request(
       )
     throw new ServerError(`cannot reach the gateway at ${target.url}: ${(e as Error).message}`)
   }
-  if (!res.ok) return fail(res)
+  if (!res.ok) return fail(res, target.unauthorized)
   return res.status === 204 ? {} : res.json()
 }

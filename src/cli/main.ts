@@ -248,6 +248,11 @@ function adminToken(ctx: Context): string {
 const admin = (ctx: Context, slowMs?: number): Http.Target => ({
   url: ctx.settings.url,
   token: adminToken(ctx),
+  // A token read from the data dir may be an earlier start's, when the gateway now runs with
+  // its own ADMIN_TOKEN.
+  unauthorized: ctx.settings.adminToken
+    ? undefined
+    : `the token was read from ${join(ctx.settings.dataDir, 'admin-token')}; a gateway started with ADMIN_TOKEN takes that one: pass it as --admin-token or TOLLWAY_ADMIN_TOKEN`,
   timeoutMs: Http.waitMs(ctx.settings, slowMs ?? 30_000),
 })
 
