@@ -510,7 +510,16 @@ export async function serve(): Promise<void> {
     process.exit(1)
   }
   if (process.env[WORKER]) {
+    // A Ctrl-C reaches the whole process group, and the first process then signals its
+    // workers too: one stop reaching twice, within a second, is one stop (its grace kept).
+    // A signal later than that is a second stop: it cuts what is left.
+    let first: number | undefined
     const shutdown = async () => {
+      if (first !== undefined) {
+        if (Date.now() - first >= 1_000) await gateway.stop()
+        return
+      }
+      first = Date.now()
       await gateway.stop(SHUTDOWN_GRACE_MS)
       process.exit(0)
     }

@@ -1,6 +1,6 @@
 /** `workers` > 1: processes sharing the port and the database, stopped with the first one. */
 import { afterAll, describe, expect, test } from 'bun:test'
-import { mkdtempSync } from 'node:fs'
+import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import postgres from 'postgres'
@@ -13,6 +13,7 @@ afterAll(async () => {
   if (!url) return
   const admin = postgres(url, { max: 1, onnotice: () => {} })
   await admin.unsafe(`drop database if exists ${name} with (force)`)
+  await admin.unsafe(`drop database if exists ${name}_stop with (force)`)
   await admin.end()
 })
 
@@ -149,6 +150,117 @@ describe('workers', () => {
         await until(() => !alive(replacement))
       } finally {
         proc.kill('SIGKILL')
+      }
+    },
+    60_000,
+  )
+
+  test.skipIf(!url)(
+    'behavior: one SIGINT to the process group (a Ctrl-C) lets the streams under way on every worker finish',
+    async () => {
+      const admin = postgres(url!, { max: 1, onnotice: () => {} })
+      await admin.unsafe(`create database ${name}_stop`)
+      await admin.end()
+      const db = new URL(url!)
+      db.pathname = `/${name}_stop`
+      const dataDir = mkdtempSync(join(tmpdir(), 'tollway-workers-'))
+      const config = join(dataDir, 'config.json')
+      writeFileSync(
+        config,
+        JSON.stringify({
+          devChain: false,
+          echo: { tokenDelayMs: 20 },
+          plans: {
+            free: { tier: 0, requestsPerMinute: 10, maxConcurrent: 1, tokensPerMonth: 500_000 },
+            big: { tier: 1, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
+          },
+        }),
+      )
+      const token = 'workers-admin-token-0123456789'
+      // Its own process group, as a shell's foreground job is.
+      const proc = Bun.spawn(['setsid', 'bin/tollway', 'serve'], {
+        cwd: root,
+        env: {
+          PATH: process.env.PATH ?? '',
+          HOME: process.env.HOME ?? '',
+          DATABASE_URL: db.toString(),
+          TOLLWAY_WORKERS: '2',
+          TOLLWAY_DATA_DIR: dataDir,
+          TOLLWAY_CONFIG: config,
+          PORT: '0',
+          LOG_LEVEL: 'warn',
+          ADMIN_TOKEN: token,
+        },
+        stdout: 'pipe',
+        stderr: 'pipe',
+      })
+      try {
+        const reader = proc.stdout.getReader()
+        let out = ''
+        while (!out.includes('Try it:')) {
+          const { value, done } = await reader.read()
+          if (done) throw new Error(`exited early:\n${out}`)
+          out += new TextDecoder().decode(value)
+        }
+        ;(async () => {
+          while (!(await reader.read()).done) {}
+        })()
+        const base = /serving at (http:\/\/\S+)/.exec(out)![1]!
+        await Bun.sleep(3_000) // the worker is up
+        const adminCall = async (path: string, body: unknown) =>
+          (await (
+            await fetch(`${base}/admin${path}`, {
+              method: 'POST',
+              headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
+              body: JSON.stringify(body),
+            })
+          ).json()) as Record<string, string>
+        const { id } = await adminCall('/accounts', { name: 'r', plan: 'big' })
+        await adminCall(`/accounts/${id}/credits`, { amount: '100000000', note: 'r' })
+        await admin.end().catch(() => {})
+        const { key } = await adminCall(`/accounts/${id}/keys`, { name: 'k' })
+        // Several streams on connections of their own: the kernel spreads them over both processes.
+        const streams = await Promise.all(
+          Array.from({ length: 8 }, async () => {
+            const res = await fetch(`${base}/v1/chat/completions`, {
+              method: 'POST',
+              headers: {
+                authorization: `Bearer ${key}`,
+                'content-type': 'application/json',
+                connection: 'close',
+              },
+              body: JSON.stringify({
+                model: 'tollway-echo',
+                stream: true,
+                max_tokens: 40,
+                messages: [{ role: 'user', content: 'finish what you started' }],
+              }),
+            })
+            if (res.status !== 200) throw new Error(`${res.status} ${await res.text()}`)
+            const r = res.body!.getReader()
+            const first = new TextDecoder().decode((await r.read()).value)
+            return { r, first }
+          }),
+        )
+        process.kill(-proc.pid, 'SIGINT')
+        const ends = await Promise.all(
+          streams.map(async ({ r, first }) => {
+            let body = first
+            try {
+              for (let x = await r.read(); !x.done; x = await r.read())
+                body += new TextDecoder().decode(x.value)
+            } catch (e) {
+              return `cut: ${(e as Error).message}`
+            }
+            return body.trimEnd().endsWith('data: [DONE]') ? 'finished' : 'cut (no [DONE])'
+          }),
+        )
+        expect(ends.every((e) => e === 'finished')).toBe(true)
+        expect(await proc.exited).toBe(0)
+      } finally {
+        try {
+          process.kill(-proc.pid, 'SIGKILL')
+        } catch {}
       }
     },
     60_000,
