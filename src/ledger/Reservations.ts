@@ -116,12 +116,20 @@ function admission(row: any): Admitted | Refused {
  */
 export async function extend(
   sql: Sql,
-  input: { id: string; amount: bigint; leaseSeconds: number; delivered?: bigint | undefined },
+  input: {
+    id: string
+    amount: bigint
+    leaseSeconds: number
+    delivered?: bigint | undefined
+    /** The hold the caller knows: an extension is applied to it only (a retry of one that went
+     * through finds the hold moved and answers it as it is). */
+    from: bigint
+  },
 ): Promise<bigint | undefined | 'superseded'> {
   const delivered = input.delivered === undefined ? null : sql.typed.numeric(input.delivered)
   const [row] = await sql`
     select tollway_extend(${input.id}, ${sql.typed.numeric(input.amount)}, ${input.leaseSeconds},
-      ${delivered}) as held`
+      ${delivered}, ${sql.typed.numeric(input.from)}) as held`
   const held = row?.held ?? undefined
   return held === -1n ? 'superseded' : held
 }
@@ -300,6 +308,28 @@ async function retrying<T>(f: () => Promise<T>, delaysMs = [100, 1_000, 5_000]):
   return f()
 }
 
+/** What a finished request was charged, from its usage row, and its channel as it is now. */
+async function charged(sql: Sql, id: string, channelId?: string): Promise<Finished | undefined> {
+  const [u] = await sql`select cost from usage where id = ${id}`
+  if (!u) return undefined
+  if (channelId === undefined) return { charged: u.cost as bigint, balance: 0n }
+  const [c] = await sql`
+    select accepted_cumulative, spent from channels
+    where channel_id = ${Buffer.from(channelId.slice(2), 'hex')}`
+  return {
+    charged: u.cost as bigint,
+    balance: 0n,
+    ...(c
+      ? {
+          channel: {
+            acceptedCumulative: c.accepted_cumulative as bigint,
+            spent: c.spent as bigint,
+          },
+        }
+      : {}),
+  }
+}
+
 /**
  * A live reservation of credits (the metering layer's `Reservation`): extends and settles
  * through the functions above. `settle` runs at most once.
@@ -348,10 +378,12 @@ export function reservation(
       superseded = true
     },
     async extend(amount: bigint, delivered?: bigint): Promise<boolean> {
-      // One transient error must not end a stream the payer can pay for. Tried again, an
-      // extension that had gone through holds twice the amount until the charge releases it.
+      // One transient error must not end a stream the payer can pay for. Tried again, one
+      // that had gone through (its answer lost) is found applied, not applied twice.
+      const from = held
       const total = await retrying(
-        () => extend(sql, { id: input.id, amount, leaseSeconds: input.leaseSeconds, delivered }),
+        () =>
+          extend(sql, { id: input.id, amount, leaseSeconds: input.leaseSeconds, delivered, from }),
         [50, 250],
       )
       if (total === 'superseded') superseded = true
@@ -361,7 +393,18 @@ export function reservation(
     },
     settle(o: Omit<Finish, 'id'>, background = false): Promise<{ charged: bigint }> {
       outcome ??= o
-      const once = () => finish(sql, { id: input.id, ...o }, background, input.channelId)
+      let failed = false
+      const once = () =>
+        finish(sql, { id: input.id, ...o }, background, input.channelId).then(
+          async (r) =>
+            // Tried again after a failure, and the reservation is gone: the failed attempt
+            // went through (its answer lost). What it charged is in its usage row.
+            r === undefined && failed ? await charged(sql, input.id, input.channelId) : r,
+          (e: unknown) => {
+            failed = true
+            throw e
+          },
+        )
       // A charge lost to one transient error would leave a delivered request to the sweep,
       // which charges only what its last extend recorded (and holds its credits, its plan's
       // concurrency and its Idempotency-Key until its lease runs out): tried again, waited for

@@ -248,17 +248,29 @@ describe('extend and finish', () => {
     const r = await admit(a.keyHash, 20n)
     const id = requestOf(r)
     expect(
-      await Reservations.extend(sql, { id, amount: 20n, leaseSeconds: 60, delivered: 15n }),
+      await Reservations.extend(sql, {
+        id,
+        amount: 20n,
+        leaseSeconds: 60,
+        delivered: 15n,
+        from: 20n,
+      }),
     ).toBe(40n)
     // A refused extend still records what was sent (a stream pausing for funds), never lowers
     // it, and never records more than is held.
     expect(
-      await Reservations.extend(sql, { id, amount: 1_000n, leaseSeconds: 60, delivered: 35n }),
+      await Reservations.extend(sql, {
+        id,
+        amount: 1_000n,
+        leaseSeconds: 60,
+        delivered: 35n,
+        from: 40n,
+      }),
     ).toBeUndefined()
-    await Reservations.extend(sql, { id, amount: 0n, leaseSeconds: 60, delivered: 10n })
+    await Reservations.extend(sql, { id, amount: 0n, leaseSeconds: 60, delivered: 10n, from: 40n })
     const [held] = await sql`select held, delivered from reservations where id = ${id}`
     expect(held).toEqual({ held: 40n, delivered: 35n })
-    await Reservations.extend(sql, { id, amount: 0n, leaseSeconds: 60, delivered: 99n })
+    await Reservations.extend(sql, { id, amount: 0n, leaseSeconds: 60, delivered: 99n, from: 40n })
     expect((await sql`select delivered from reservations where id = ${id}`)[0]!.delivered).toBe(40n)
     await sql`update reservations set expires_at = now() - interval '1 second' where id = ${id}`
     expect(await Reservations.sweep(sql)).toBeGreaterThanOrEqual(1)

@@ -1,0 +1,48 @@
+-- version: 1
+-- tollway_extend with the reservation's hold as the caller knows it (p_from): an extension is
+-- applied only to that hold, so a retry of one whose answer was lost (it committed, the
+-- connection dropped) finds it applied and answers as it left it, rather than holding the
+-- amount twice, or refusing it for want of the payer's balance to hold it twice. The 4-argument
+-- tollway_extend of migrations 0002 and 0010 stays for instances of an earlier version.
+CREATE OR REPLACE FUNCTION tollway_extend(p_id uuid, p_amount numeric, p_lease_seconds int,
+  p_delivered numeric, p_from numeric)
+RETURNS numeric LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+  r record;
+BEGIN
+  SELECT * INTO r FROM reservations WHERE id = p_id FOR UPDATE;
+  IF NOT FOUND THEN RETURN NULL; END IF;
+  IF p_delivered IS NOT NULL AND p_delivered > r.delivered THEN
+    UPDATE reservations SET delivered = least(p_delivered, held) WHERE id = p_id;
+  END IF;
+  IF r.account_id IS NOT NULL THEN
+    PERFORM set_config('synchronous_commit', 'off', true); -- see 0001_ledger.sql
+  ELSIF r.stream AND EXISTS (SELECT 1 FROM channels WHERE channel_id = r.channel_id
+      AND (active_stream IS DISTINCT FROM p_id OR close_requested_at IS NOT NULL OR finalized)) THEN
+    -- A stream another replaced, or on a channel being closed, ends (as superseded): its
+    -- payer will sign no more vouchers here, and the close waits for what it delivered.
+    RETURN -1;
+  END IF;
+  IF r.held <> p_from THEN
+    -- Applied already, by the attempt whose answer was lost: renewed, and answered as is.
+    UPDATE reservations SET expires_at = clock_timestamp() + make_interval(secs => p_lease_seconds)
+      WHERE id = p_id;
+    RETURN r.held;
+  END IF;
+  IF p_amount > 0 THEN
+    IF r.account_id IS NOT NULL THEN
+      UPDATE accounts SET reserved = reserved + p_amount
+        WHERE id = r.account_id AND balance - reserved >= p_amount;
+    ELSE
+      UPDATE channels SET reserved = reserved + p_amount
+        WHERE channel_id = r.channel_id AND accepted_cumulative - spent - reserved >= p_amount
+          AND NOT finalized AND close_requested_at IS NULL;
+    END IF;
+    IF NOT FOUND THEN RETURN NULL; END IF;
+  END IF;
+  UPDATE reservations SET held = held + p_amount,
+    expires_at = clock_timestamp() + make_interval(secs => p_lease_seconds)
+    WHERE id = p_id;
+  RETURN r.held + p_amount;
+END $$;
