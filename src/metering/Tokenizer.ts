@@ -37,7 +37,7 @@ export function count(text: string, most = Number.POSITIVE_INFINITY): number {
  * The BPE's merging costs time quadratic in the length of one pre-tokenized piece, a run
  * without whitespace (measured: 160,000 CJK characters took 7 minutes, 60,000 letters
  * seconds), and it runs on the event loop: a long text is counted a window at a time (see
- * `cut`), prose exactly as whole, a long run without a word boundary a token or so more a
+ * `cut`), prose exactly as whole, a long run without a word boundary within a token or so a
  * window. Stops once the count passes `most`.
  */
 function windowed(text: string, most: number): number {
