@@ -13,31 +13,38 @@ import * as Gateway from '../helpers/Gateway.ts'
 import * as Scripted from '../helpers/Scripted.ts'
 
 const enc = new TextEncoder()
+const ev = (o: unknown) => `data: ${JSON.stringify(o)}\n\n`
+
+/** An upstream that streams `first`, then only keep-alive comments (`quiet` of them, 250 ms
+ * apart: thinking), then `later`. */
+function quietUpstream(first: string[], quiet: number, later: string[]) {
+  return Scripted.serve(() => {
+    const stream = new ReadableStream({
+      type: 'direct',
+      async pull(controller) {
+        const w = (s: string) => {
+          controller.write(enc.encode(s))
+          controller.flush()
+        }
+        for (const t of first) w(ev(Scripted.chunk({ content: t })))
+        for (let i = 0; i < quiet; i++) {
+          await Bun.sleep(250)
+          w(': keep-alive\n\n')
+        }
+        for (const t of later) w(ev(Scripted.chunk({ content: t })))
+        w(ev(Scripted.chunk({}, 'stop')))
+        w('data: [DONE]\n\n')
+        controller.close()
+      },
+    })
+    return new Response(stream, { headers: { 'content-type': 'text/event-stream' } })
+  })
+}
+
 const FIRST = [' one', ' two', ' three', ' four']
 const LATER = [' five', ' six']
-const ev = (o: unknown) => `data: ${JSON.stringify(o)}\n\n`
-const url = Scripted.serve(() => {
-  const stream = new ReadableStream({
-    type: 'direct',
-    async pull(controller) {
-      const w = (s: string) => {
-        controller.write(enc.encode(s))
-        controller.flush()
-      }
-      for (const t of FIRST) w(ev(Scripted.chunk({ content: t })))
-      // Thinking: keep-alive comments only, well inside the upstream timeout each.
-      for (let i = 0; i < 12; i++) {
-        await Bun.sleep(250)
-        w(': keep-alive\n\n')
-      }
-      for (const t of LATER) w(ev(Scripted.chunk({ content: t })))
-      w(ev(Scripted.chunk({}, 'stop')))
-      w('data: [DONE]\n\n')
-      controller.close()
-    },
-  })
-  return new Response(stream, { headers: { 'content-type': 'text/event-stream' } })
-})
+// Quiet for 3 s, each keep-alive well inside the upstream timeout.
+const url = quietUpstream(FIRST, 12, LATER)
 const gw = await Scripted.gateway(
   url,
   ['m'],
@@ -115,27 +122,7 @@ test('behavior: a whole completion that outlives its lease is charged, not swept
 
 const SWEPT_FIRST = [' one', ' two', ' three', ' four']
 const SWEPT_LATER = [' five', ' six', ' seven', ' eight']
-const quietThenMore = Scripted.serve(() => {
-  const stream = new ReadableStream({
-    type: 'direct',
-    async pull(controller) {
-      const w = (s: string) => {
-        controller.write(enc.encode(s))
-        controller.flush()
-      }
-      for (const t of SWEPT_FIRST) w(ev(Scripted.chunk({ content: t })))
-      for (let i = 0; i < 6; i++) {
-        await Bun.sleep(250)
-        w(': keep-alive\n\n')
-      }
-      for (const t of SWEPT_LATER) w(ev(Scripted.chunk({ content: t })))
-      w(ev(Scripted.chunk({}, 'stop')))
-      w('data: [DONE]\n\n')
-      controller.close()
-    },
-  })
-  return new Response(stream, { headers: { 'content-type': 'text/event-stream' } })
-})
+const quietThenMore = quietUpstream(SWEPT_FIRST, 6, SWEPT_LATER)
 // Another gateway, a lease of 3 s (renewals every second).
 const sweptGw = await Scripted.gateway(
   quietThenMore,
