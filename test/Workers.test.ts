@@ -40,45 +40,55 @@ const alive = (pid: number) => {
   }
 }
 
+/**
+ * Runs `bin/tollway serve` with two workers on a fresh database `database` (its own process
+ * group when `group`, as a shell's foreground job is); returns it once both serve.
+ */
+async function serveWorkers(database: string, env: Record<string, string> = {}, group = false) {
+  const admin = postgres(url!, { max: 1, onnotice: () => {} })
+  await admin.unsafe(`create database ${database}`)
+  await admin.end()
+  const db = new URL(url!)
+  db.pathname = `/${database}`
+  const proc = Bun.spawn([...(group ? ['setsid'] : []), 'bin/tollway', 'serve'], {
+    cwd: root,
+    env: {
+      PATH: process.env.PATH ?? '',
+      HOME: process.env.HOME ?? '',
+      DATABASE_URL: db.toString(),
+      TOLLWAY_WORKERS: '2',
+      TOLLWAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'tollway-workers-')),
+      PORT: '0',
+      LOG_LEVEL: 'warn',
+      ADMIN_TOKEN: 'workers-admin-token-0123456789',
+      ...env,
+    },
+    stdout: 'pipe',
+    stderr: 'pipe',
+  })
+  const reader = proc.stdout.getReader()
+  let out = ''
+  while (!out.includes('Try it:')) {
+    const { value, done } = await reader.read()
+    if (done) throw new Error(`exited early:\n${out}`)
+    out += new TextDecoder().decode(value)
+  }
+  ;(async () => {
+    while (!(await reader.read()).done) {}
+  })()
+  const base = /serving at (http:\/\/\S+)/.exec(out)![1]!
+  await until(async () => (await listeners(new URL(base).port)).length === 2)
+  return { proc, out, base }
+}
+
 describe('workers', () => {
   test.skipIf(!url)(
     'behavior: two processes serve one port on one database; one that dies is replaced; all stop with the first',
     async () => {
-      const admin = postgres(url!, { max: 1, onnotice: () => {} })
-      await admin.unsafe(`create database ${name}`)
-      await admin.end()
-      const db = new URL(url!)
-      db.pathname = `/${name}`
-      const proc = Bun.spawn(['bin/tollway', 'serve'], {
-        cwd: root,
-        env: {
-          PATH: process.env.PATH ?? '',
-          HOME: process.env.HOME ?? '',
-          DATABASE_URL: db.toString(),
-          TOLLWAY_WORKERS: '2',
-          TOLLWAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'tollway-workers-')),
-          PORT: '0',
-          LOG_LEVEL: 'warn',
-          ADMIN_TOKEN: 'workers-admin-token-0123456789',
-        },
-        stdout: 'pipe',
-        stderr: 'pipe',
-      })
+      const { proc, out, base } = await serveWorkers(name)
       try {
-        const reader = proc.stdout.getReader()
-        let out = ''
-        while (!out.includes('Try it:')) {
-          const { value, done } = await reader.read()
-          if (done) throw new Error(`exited early:\n${out}`)
-          out += new TextDecoder().decode(value)
-        }
-        ;(async () => {
-          while (!(await reader.read()).done) {}
-        })()
         expect(out).toContain('workers:     2 processes share the port')
-        const base = /serving at (http:\/\/\S+)/.exec(out)![1]!
         const port = new URL(base).port
-        await until(async () => (await listeners(port)).length === 2)
         const [a, b] = await listeners(port)
         expect([a, b]).toContain(proc.pid)
         const worker = a === proc.pid ? b! : a!
@@ -158,11 +168,6 @@ describe('workers', () => {
   test.skipIf(!url)(
     'behavior: one SIGINT to the process group (a Ctrl-C) lets the streams under way on every worker finish',
     async () => {
-      const admin = postgres(url!, { max: 1, onnotice: () => {} })
-      await admin.unsafe(`create database ${name}_stop`)
-      await admin.end()
-      const db = new URL(url!)
-      db.pathname = `/${name}_stop`
       const dataDir = mkdtempSync(join(tmpdir(), 'tollway-workers-'))
       const config = join(dataDir, 'config.json')
       writeFileSync(
@@ -177,36 +182,12 @@ describe('workers', () => {
         }),
       )
       const token = 'workers-admin-token-0123456789'
-      // Its own process group, as a shell's foreground job is.
-      const proc = Bun.spawn(['setsid', 'bin/tollway', 'serve'], {
-        cwd: root,
-        env: {
-          PATH: process.env.PATH ?? '',
-          HOME: process.env.HOME ?? '',
-          DATABASE_URL: db.toString(),
-          TOLLWAY_WORKERS: '2',
-          TOLLWAY_DATA_DIR: dataDir,
-          TOLLWAY_CONFIG: config,
-          PORT: '0',
-          LOG_LEVEL: 'warn',
-          ADMIN_TOKEN: token,
-        },
-        stdout: 'pipe',
-        stderr: 'pipe',
-      })
+      const { proc, base } = await serveWorkers(
+        `${name}_stop`,
+        { TOLLWAY_DATA_DIR: dataDir, TOLLWAY_CONFIG: config },
+        true,
+      )
       try {
-        const reader = proc.stdout.getReader()
-        let out = ''
-        while (!out.includes('Try it:')) {
-          const { value, done } = await reader.read()
-          if (done) throw new Error(`exited early:\n${out}`)
-          out += new TextDecoder().decode(value)
-        }
-        ;(async () => {
-          while (!(await reader.read()).done) {}
-        })()
-        const base = /serving at (http:\/\/\S+)/.exec(out)![1]!
-        await Bun.sleep(3_000) // the worker is up
         const adminCall = async (path: string, body: unknown) =>
           (await (
             await fetch(`${base}/admin${path}`, {
@@ -217,7 +198,6 @@ describe('workers', () => {
           ).json()) as Record<string, string>
         const { id } = await adminCall('/accounts', { name: 'r', plan: 'big' })
         await adminCall(`/accounts/${id}/credits`, { amount: '100000000', note: 'r' })
-        await admin.end().catch(() => {})
         const { key } = await adminCall(`/accounts/${id}/keys`, { name: 'k' })
         // Several streams on connections of their own: the kernel spreads them over both processes.
         const streams = await Promise.all(
