@@ -212,6 +212,12 @@ export function createFetch(options: Options): PayingFetch {
       const ours = (k: string) => k.toLowerCase().includes(`#${account.address.toLowerCase()}`)
       for (const [k, v] of Object.entries(all.closedTotals))
         if (ours(k) && !closedByKey.has(k)) closedByKey.set(k, v)
+      const bad = all.malformed?.find(ours)
+      if (bad)
+        throw new ClientError(
+          `The channel store has a malformed channel under "${bad}"; repair it, or delete that entry to forget the channel.`,
+          { key: bad },
+        )
       for (const [k, state] of Object.entries(all.channels)) {
         if (!ours(k)) continue
         if (k.endsWith(CLOSING) || k.endsWith(REFUSED)) {
@@ -617,19 +623,17 @@ export function createFetch(options: Options): PayingFetch {
     if (gate.live === live) gate.handed = true
     else live.streams++
     let ended = false
+    const onAbort = () => {
+      end()
+      reader.cancel(signal?.reason).catch(() => {})
+    }
     const end = () => {
       if (ended) return
       ended = true
       live.streams--
+      signal?.removeEventListener('abort', onAbort)
     }
-    signal?.addEventListener(
-      'abort',
-      () => {
-        end()
-        reader.cancel(signal.reason).catch(() => {})
-      },
-      { once: true },
-    )
+    signal?.addEventListener('abort', onAbort, { once: true })
     return new ReadableStream<Uint8Array>(
       {
         async pull(controller) {

@@ -45,7 +45,12 @@ export type Store = {
    * Every key's closed total and channels (optional): with it, a restarted client counts
    * against `maxTotal` what it signed with servers it has not yet paid this run.
    */
-  all?(): Promise<{ channels: Record<string, ChannelState>; closedTotals: Record<string, bigint> }>
+  all?(): Promise<{
+    channels: Record<string, ChannelState>
+    closedTotals: Record<string, bigint>
+    /** Keys whose entries do not parse (a payer's own stops its requests). */
+    malformed?: string[]
+  }>
 }
 
 /** A store that lives as long as the process. */
@@ -172,19 +177,17 @@ export function file(path: string): Store {
       await queue
       const c = await load()
       const channels: Record<string, ChannelState> = {}
-      // Entries that do not parse are left to `get`, which says what is wrong with them.
+      const malformed: string[] = []
+      // Entries that do not parse are reported: a payer whose own they are is stopped (see
+      // createFetch), another payer sharing the store is not.
       for (const [key, entry] of Object.entries(c.channels)) {
         const parsed = ChannelState.safeParse(entry)
-        if (!parsed.success)
-          throw new ClientError(
-            `The channel store ${path} has a malformed channel under "${key}"; repair it, or delete that entry to forget the channel.`,
-            { path, key },
-          )
-        channels[key] = parsed.data
+        if (parsed.success) channels[key] = parsed.data
+        else malformed.push(key)
       }
       const closedTotals: Record<string, bigint> = {}
       for (const key of Object.keys(c.closedTotals)) closedTotals[key] = total(c, key)
-      return { channels, closedTotals }
+      return { channels, closedTotals, malformed }
     },
   }
 }

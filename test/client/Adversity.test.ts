@@ -265,4 +265,54 @@ describe('createFetch under adversity', () => {
     const fresh = (await agent.fetch.channel(gw.url))!
     expect(BigInt(fresh.deposit)).toBeLessThanOrEqual(5_000n - paid)
   }, 60_000)
+  test('behavior: a malformed entry of another wallet in a shared store does not stop this wallet', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    // Another wallet (payer 10) keeps an entry this wallet (payer 9) never wrote or reads.
+    const other = privateKeyToAccount(chain.payers[10]!.privateKey).address
+    const entry = {
+      channelId: `0x${'ab'.repeat(32)}`,
+      chainId: String(chain.chainId), // a number in a well-formed entry
+      escrow: chain.escrowAddress,
+      currency: chain.currencyAddress,
+      recipient: chain.payee.address,
+      deposit: '1500',
+      signed: '1500',
+      url: 'http://127.0.0.1:1/v1/chat/completions',
+    }
+    await Bun.write(
+      path,
+      JSON.stringify({ channels: { [`http://127.0.0.1:1#${other}`]: entry }, closedTotals: {} }),
+    )
+    const { openai } = client(9, { store: Store.file(path) })
+    const r = await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 5 })
+    expect(r.choices[0]!.message.content).toBeTruthy()
+  }, 60_000)
+
+  test('behavior: streams read to their end leave no abort listener on a shared AbortSignal', async () => {
+    const { fetch } = client(11)
+    const signal = new AbortController().signal
+    let listeners = 0
+    const add = signal.addEventListener.bind(signal)
+    const remove = signal.removeEventListener.bind(signal)
+    signal.addEventListener = ((type: string, l: never, o: never) => {
+      if (type === 'abort') listeners++
+      return add(type, l, o)
+    }) as never
+    signal.removeEventListener = ((type: string, l: never, o: never) => {
+      if (type === 'abort') listeners--
+      return remove(type, l, o)
+    }) as never
+    const post = (stream: boolean) =>
+      fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'fake', messages, stream, max_tokens: 5 }),
+        signal,
+      })
+    await (await post(false)).text()
+    const before = listeners
+    for (let i = 0; i < 5; i++) await (await post(true)).text()
+    // Each stream ended: nothing of theirs (reader, channel) is kept alive by the signal.
+    expect(listeners - before).toBe(0)
+  }, 60_000)
 })

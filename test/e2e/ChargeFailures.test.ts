@@ -110,10 +110,12 @@ test('behavior: an extension that fails once does not end the stream, charged wh
       Scripted.chunk({}, 'stop', 'm'),
     ]),
   )
+  // A generous upstream timeout: on the embedded database, a loaded run can hold the event
+  // loop for seconds (a fresh PGlite per gateway, in this process).
   const gw2 = await Scripted.gateway(
     url2,
     ['m'],
-    {},
+    { timeoutMs: 15_000 },
     { metering: { blockTokens: 16, leaseSeconds: 60 } },
   )
   // The next extension (an update of the reservation) fails once.
@@ -164,7 +166,7 @@ test('behavior: a client abort whose charge fails once leaves no unhandled rejec
   const gw3 = await Scripted.gateway(
     url3,
     ['m'],
-    {},
+    { timeoutMs: 15_000 },
     { metering: { blockTokens: 16, leaseSeconds: 60 } },
   )
   await (await failOnce(gw3.sql, 'usage', 'insert'))()
