@@ -846,11 +846,6 @@ export function createFetch(options: Options): PayingFetch {
       )
     const shown = (await status.json()) as { spent: string; settled?: string; status?: string }
     let spent = BigInt(shown.spent)
-    if (spent > session.signed)
-      throw new PaymentFailedError(
-        `The server says ${spent} was spent on channel ${state.channelId}, more than the ${session.signed} signed; no close signed (requestClose, then withdraw, takes the deposit back).`,
-        status.status,
-      )
     // Closed already (by an earlier close whose answer was lost, or by the server): what it
     // paid counts against maxTotal, and the channel is forgotten where it was kept.
     if (shown.status === 'closed') {
@@ -865,6 +860,13 @@ export function createFetch(options: Options): PayingFetch {
         { channelId: state.channelId },
       )
     }
+    // A final voucher is signed for no more than this client signed (another process on the
+    // same store may have signed more, and closed it: that is the case above).
+    if (spent > session.signed)
+      throw new PaymentFailedError(
+        `The server says ${spent} was spent on channel ${state.channelId}, more than the ${session.signed} signed; no close signed (requestClose, then withdraw, takes the deposit back).`,
+        status.status,
+      )
     const send = async () =>
       base(state.url, {
         method: 'POST',

@@ -77,6 +77,25 @@ describe('createFetch under adversity', () => {
     if (closeAmount !== undefined) expect(closeAmount).toBeLessThanOrEqual(BigInt(state.signed))
   }, 60_000)
 
+  test('behavior: a channel closed elsewhere with more spent than this process signed is forgotten as closed, not refused', async () => {
+    // Another process on the store signed more on the channel, and closed it.
+    const closedElsewhere = plain(async (input, init) => {
+      const url = String(input instanceof Request ? input.url : input)
+      const res = await globalThis.fetch(input, init)
+      if (url.includes('/v1/channels/') && res.ok) {
+        const shown = (await res.json()) as Record<string, string>
+        return Response.json({ ...shown, spent: shown.deposit, status: 'closed' })
+      }
+      return res
+    })
+    const { fetch, openai } = client(12, { fetch: closedElsewhere })
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    const e = await fetch.close().catch((e: unknown) => e)
+    expect(e).toBeInstanceOf(ClientError)
+    expect((e as Error).message).toContain('is closed already; it is forgotten')
+    expect(await fetch.channel(gw.url)).toBeUndefined()
+  }, 60_000)
+
   test('behavior: a top-up whose answer was lost is not paid again: the deposit on chain stays within maxDeposit', async () => {
     let lose = true
     const flaky = plain(async (input, init) => {
