@@ -2,8 +2,11 @@
  * Admission and reservations for API-key requests: the SQL functions of
  * migrations/0001_ledger.sql; admissions and finishes are batched under load (Batch.ts).
  */
+
+import type { Hex } from 'viem'
 import * as Batch from './Batch.ts'
 import { inOrder } from './Batch.ts'
+import * as Channels from './Channels.ts'
 import { CHANNEL_BATCHES } from './Channels.ts'
 import type { Sql } from './Db.ts'
 import type { Waker } from './Waker.ts'
@@ -66,7 +69,7 @@ export function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
 }
 
 function finished(row: Record<string, unknown>): Finished {
-  const base = { charged: row.charged as bigint, balance: row.balance as bigint }
+  const base = { charged: row.charged as bigint }
   return row.accepted_cumulative == null
     ? base
     : {
@@ -162,7 +165,6 @@ export function finish(
 
 type Finished = {
   charged: bigint
-  balance: bigint
   /** A channel's state after the charge (for the request's receipt); accounts have none. */
   channel?: { acceptedCumulative: bigint; spent: bigint }
 }
@@ -312,21 +314,10 @@ async function retrying<T>(f: () => Promise<T>, delaysMs = [100, 1_000, 5_000]):
 async function charged(sql: Sql, id: string, channelId?: string): Promise<Finished | undefined> {
   const [u] = await sql`select cost from usage where id = ${id}`
   if (!u) return undefined
-  if (channelId === undefined) return { charged: u.cost as bigint, balance: 0n }
-  const [c] = await sql`
-    select accepted_cumulative, spent from channels
-    where channel_id = ${Buffer.from(channelId.slice(2), 'hex')}`
+  const c = channelId === undefined ? undefined : await Channels.get(sql, channelId as Hex)
   return {
     charged: u.cost as bigint,
-    balance: 0n,
-    ...(c
-      ? {
-          channel: {
-            acceptedCumulative: c.accepted_cumulative as bigint,
-            spent: c.spent as bigint,
-          },
-        }
-      : {}),
+    ...(c ? { channel: { acceptedCumulative: c.acceptedCumulative, spent: c.spent } } : {}),
   }
 }
 
