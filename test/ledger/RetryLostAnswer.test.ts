@@ -86,3 +86,13 @@ test('behavior: an extension whose first attempt committed but lost its answer r
   expect(covered).toBe(true)
   expect(r.held).toBe(90n)
 })
+
+test('behavior: an instance of an earlier version, calling tollway_extend with four arguments, extends as it always did', async () => {
+  const { requestId } = await admitted(100n, 50n)
+  const [row] = await db.sql`select tollway_extend(${requestId}, 30::numeric, 60, null) as held`
+  expect(row!.held).toBe(80n)
+  // One definition: the four-argument call reaches the same function as the five.
+  const [fns] = await db.sql`select count(*)::int as n from pg_proc
+    where proname = 'tollway_extend' and pronamespace = current_schema()::regnamespace`
+  expect(fns!.n).toBe(1)
+})

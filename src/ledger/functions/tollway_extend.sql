@@ -1,11 +1,15 @@
--- version: 1
--- tollway_extend with the reservation's hold as the caller knows it (p_from): an extension is
--- applied only to that hold, so a retry of one whose answer was lost (it committed, the
+-- version: 2
+-- tollway_extend: adds p_amount to a reservation's hold (when the payer can cover it), renews
+-- its lease and records what was delivered. Its current definition lives here (migrations
+-- 0002 and 0010 are its history). p_from, the hold as the caller knows it: an extension is
+-- applied to that hold only, so a retry of one whose answer was lost (it committed, the
 -- connection dropped) finds it applied and answers as it left it, rather than holding the
--- amount twice, or refusing it for want of the payer's balance to hold it twice. The 4-argument
--- tollway_extend of migrations 0002 and 0010 stays for instances of an earlier version.
+-- amount twice, or refusing it for want of the balance to hold it twice. Without p_from (an
+-- instance of an earlier version, calling with four arguments) it applies as it always did:
+-- one function for both, the 4-argument one dropped.
+DROP FUNCTION IF EXISTS tollway_extend(uuid, numeric, int, numeric);
 CREATE OR REPLACE FUNCTION tollway_extend(p_id uuid, p_amount numeric, p_lease_seconds int,
-  p_delivered numeric, p_from numeric)
+  p_delivered numeric DEFAULT NULL, p_from numeric DEFAULT NULL)
 RETURNS numeric LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -24,7 +28,7 @@ BEGIN
     -- payer will sign no more vouchers here, and the close waits for what it delivered.
     RETURN -1;
   END IF;
-  IF r.held <> p_from THEN
+  IF p_from IS NOT NULL AND r.held <> p_from THEN
     -- Applied already, by the attempt whose answer was lost: renewed, and answered as is.
     UPDATE reservations SET expires_at = clock_timestamp() + make_interval(secs => p_lease_seconds)
       WHERE id = p_id;
