@@ -16,6 +16,7 @@ import { ClientError, createFetch, type Options, Store } from '../../src/client/
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Payer from '../helpers/Payer.ts'
 
 const chain = await Anvil.start({ accounts: 23 })
 afterAll(() => chain.stop())
@@ -27,21 +28,8 @@ const messages = [{ role: 'user' as const, content: words }]
 const plain = (f: (input: string | URL | Request, init?: RequestInit) => Promise<Response>) =>
   Object.assign(f, { preconnect: globalThis.fetch.preconnect }) as typeof fetch
 
-function client(payer: number, options: Partial<Options> = {}) {
-  const fetch = createFetch({
-    account: chain.payers[payer]!.privateKey,
-    rpcUrl: chain.rpcUrl,
-    limits: { maxDeposit: 1_000_000n, maxTotal: 1_000_000n },
-    allow: { escrows: [chain.escrowAddress], currencies: [chain.currencyAddress] },
-    margin: 64n,
-    store: Store.memory(),
-    ...options,
-  })
-  return {
-    fetch,
-    openai: new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: 'unused', fetch, maxRetries: 0 }),
-  }
-}
+const client = (payer: number, options: Partial<Options> = {}) =>
+  Payer.client(chain, gw.url, payer, options)
 
 const payloadOf = (authorization: string | null | undefined) =>
   authorization?.startsWith('Payment ')
@@ -49,6 +37,30 @@ const payloadOf = (authorization: string | null | undefined) =>
     : undefined
 
 const headerOf = (init?: RequestInit) => new Headers(init?.headers).get('authorization')
+
+/**
+ * A store file holding one entry of `payer`'s, with another server, that does not parse
+ * (`chainId` a string where a number belongs); its path.
+ */
+async function storeWithMalformedEntry(payer: number): Promise<string> {
+  const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+  const address = privateKeyToAccount(chain.payers[payer]!.privateKey).address
+  const entry = {
+    channelId: `0x${'ab'.repeat(32)}`,
+    chainId: String(chain.chainId),
+    escrow: chain.escrowAddress,
+    currency: chain.currencyAddress,
+    recipient: chain.payee.address,
+    deposit: '1500',
+    signed: '1500',
+    url: 'http://127.0.0.1:1/v1/chat/completions',
+  }
+  await Bun.write(
+    path,
+    JSON.stringify({ channels: { [`http://127.0.0.1:1#${address}`]: entry }, closedTotals: {} }),
+  )
+  return path
+}
 
 describe('createFetch under adversity', () => {
   test('error: close signs no final voucher above what the client signed, whatever the server says was spent', async () => {
@@ -238,22 +250,7 @@ describe('createFetch under adversity', () => {
   }, 60_000)
 
   test('error: a store entry for another server that does not parse stops the request (it would stop counting against maxTotal)', async () => {
-    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
-    const address = privateKeyToAccount(chain.payers[7]!.privateKey).address
-    const entry = {
-      channelId: `0x${'ab'.repeat(32)}`,
-      chainId: String(chain.chainId), // a string where a number belongs
-      escrow: chain.escrowAddress,
-      currency: chain.currencyAddress,
-      recipient: chain.payee.address,
-      deposit: '1500',
-      signed: '1500',
-      url: 'http://127.0.0.1:1/v1/chat/completions',
-    }
-    await Bun.write(
-      path,
-      JSON.stringify({ channels: { [`http://127.0.0.1:1#${address}`]: entry }, closedTotals: {} }),
-    )
+    const path = await storeWithMalformedEntry(7)
     const { fetch, openai } = client(7, {
       store: Store.file(path),
       limits: { maxDeposit: 2_000n, maxTotal: 2_000n },
@@ -285,23 +282,8 @@ describe('createFetch under adversity', () => {
     expect(BigInt(fresh.deposit)).toBeLessThanOrEqual(5_000n - paid)
   }, 60_000)
   test('behavior: a malformed entry of another wallet in a shared store does not stop this wallet', async () => {
-    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
     // Another wallet (payer 10) keeps an entry this wallet (payer 9) never wrote or reads.
-    const other = privateKeyToAccount(chain.payers[10]!.privateKey).address
-    const entry = {
-      channelId: `0x${'ab'.repeat(32)}`,
-      chainId: String(chain.chainId), // a number in a well-formed entry
-      escrow: chain.escrowAddress,
-      currency: chain.currencyAddress,
-      recipient: chain.payee.address,
-      deposit: '1500',
-      signed: '1500',
-      url: 'http://127.0.0.1:1/v1/chat/completions',
-    }
-    await Bun.write(
-      path,
-      JSON.stringify({ channels: { [`http://127.0.0.1:1#${other}`]: entry }, closedTotals: {} }),
-    )
+    const path = await storeWithMalformedEntry(10)
     const { openai } = client(9, { store: Store.file(path) })
     const r = await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 5 })
     expect(r.choices[0]!.message.content).toBeTruthy()

@@ -25,6 +25,7 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Receipt from '../../src/payment/Receipt.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Payer from '../helpers/Payer.ts'
 
 const chain = await Anvil.start({ accounts: 23 })
 afterAll(() => chain.stop())
@@ -38,21 +39,8 @@ const balance = (owner: Hex) =>
 const words = Array.from({ length: 80 }, (_, i) => `w${i}`).join(' ')
 const messages = [{ role: 'user' as const, content: words }]
 
-function client(payer: number, options: Partial<Options> = {}) {
-  const fetch = createFetch({
-    account: chain.payers[payer]!.privateKey,
-    rpcUrl: chain.rpcUrl,
-    limits: { maxDeposit: 1_000_000n, maxTotal: 1_000_000n },
-    allow: { escrows: [chain.escrowAddress], currencies: [chain.currencyAddress] },
-    margin: 64n,
-    store: Store.memory(),
-    ...options,
-  })
-  return {
-    fetch,
-    openai: new OpenAI({ baseURL: `${gw.url}/v1`, apiKey: 'unused', fetch, maxRetries: 0 }),
-  }
-}
+const client = (payer: number, options: Partial<Options> = {}) =>
+  Payer.client(chain, gw.url, payer, options)
 
 describe('createFetch', () => {
   test('behavior: non-streaming under the openai SDK: opens a channel, pays, hands the receipt over; close settles', async () => {
