@@ -5,6 +5,34 @@ import * as ApiKeys from '../../src/ledger/ApiKeys.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Credits from '../../src/ledger/Credits.ts'
 import type * as Db from '../../src/ledger/Db.ts'
+import * as Reservations from '../../src/ledger/Reservations.ts'
+
+/**
+ * Admits a request of one prompt token by the key `keyHash`, wanting `want` and needing
+ * `need` (default `want`); the result with its request id.
+ */
+export async function admit(
+  sql: Db.Sql,
+  keyHash: Uint8Array,
+  want: bigint,
+  o: { need?: bigint; stream?: boolean; requestId?: string } = {},
+) {
+  const requestId = o.requestId ?? crypto.randomUUID()
+  const r = await Reservations.admit(sql, {
+    keyHash,
+    model: 'm',
+    stream: o.stream ?? true,
+    minTier: 0,
+    promptTokens: 1,
+    want,
+    need: o.need ?? want,
+    idempotencyKey: null,
+    fingerprint: null,
+    requestId,
+    leaseSeconds: 60,
+  })
+  return { ...r, requestId }
+}
 
 /** An account on `plan` with `credits` and one key; its id and the key's hash. */
 export async function account(sql: Db.Sql, credits: bigint, plan = 'unlimited') {

@@ -130,20 +130,8 @@ const voucher = (channelId: Channels.Hex, amount: bigint) => Ledger.voucher(sql,
 
 const account = (credits: bigint) => Ledger.account(sql, credits)
 
-const admit = (keyHash: Uint8Array, want: bigint, requestId: string = crypto.randomUUID()) =>
-  Reservations.admit(sql, {
-    keyHash,
-    model: 'm',
-    stream: false,
-    minTier: 0,
-    promptTokens: 1,
-    want,
-    need: want,
-    idempotencyKey: null,
-    fingerprint: null,
-    requestId,
-    leaseSeconds: 60,
-  }).then((r) => ({ ...r, requestId }))
+const admit = (keyHash: Uint8Array, want: bigint, requestId?: string) =>
+  Ledger.admit(sql, keyHash, want, { stream: false, requestId })
 
 /** Finishes a request; a channel's through the channel batches, as the gateway does. */
 const finish = (id: string, cost: bigint, channelId?: string) =>

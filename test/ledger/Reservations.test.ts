@@ -16,20 +16,7 @@ const account = (credits: bigint, plan?: string) => Ledger.account(sql, credits,
 const ids = new WeakMap<object, string>()
 /** Admits a request; `requestOf(result)` gives its reservation id. */
 const admit = async (keyHash: Uint8Array, want: bigint, need = want) => {
-  const requestId = crypto.randomUUID()
-  const r = await Reservations.admit(sql, {
-    keyHash,
-    model: 'm',
-    stream: true,
-    minTier: 0,
-    promptTokens: 1,
-    want,
-    need,
-    idempotencyKey: null,
-    fingerprint: null,
-    requestId,
-    leaseSeconds: 60,
-  })
+  const { requestId, ...r } = await Ledger.admit(sql, keyHash, want, { need })
   ids.set(r, requestId)
   return r
 }

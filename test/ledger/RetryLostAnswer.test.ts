@@ -34,22 +34,9 @@ function lossy(sql: Db.Sql, match: string) {
 
 async function admitted(credits: bigint, want: bigint) {
   const a = await Ledger.account(db.sql, credits)
-  const requestId = crypto.randomUUID()
-  const r = await Reservations.admit(db.sql, {
-    keyHash: a.keyHash,
-    model: 'm',
-    stream: true,
-    minTier: 0,
-    promptTokens: 1,
-    want,
-    need: want,
-    idempotencyKey: null,
-    fingerprint: null,
-    requestId,
-    leaseSeconds: 60,
-  })
+  const r = await Ledger.admit(db.sql, a.keyHash, want)
   if (r.status !== 'ok') throw new Error(r.status)
-  return { accountId: a.id, requestId, held: r.held }
+  return { accountId: a.id, requestId: r.requestId, held: r.held }
 }
 
 test('behavior: a charge whose first attempt committed but lost its answer reports what it charged', async () => {
