@@ -3,8 +3,9 @@
  * plan limits on, against a local upstream that answers at once, compared in one run with
  * the upstream called directly and with a bare Hono pass-through proxy (the ceiling). With
  * DATABASE_URL also two floors (bench/servers.ts `floor`): the proxy plus one database round
- * trip a request (`roundtrip`), and plus the least ledger DESIGN.md allows (`floor`): what
- * any gateway with its ledger in that PostgreSQL pays on this machine.
+ * trip a request (`roundtrip`), and plus the least ledger DESIGN.md allows (`floor`; `batched`
+ * with the gateway's group commit): what any gateway with its ledger in that PostgreSQL pays on
+ * this machine.
  *
  * Each server is its own process; this process is the load generator (keep-alive
  * connections, closed loop). The targets take turns, in rounds. Overhead = a target's latency percentile minus the direct
@@ -216,7 +217,7 @@ export async function run() {
     /** The proxy plus a database round trip, and plus the least ledger (bench/servers.ts). */
     const floors: Record<string, { url: string; headers: Record<string, string>; pid: number }> = {}
     if (databaseUrl)
-      for (const mode of ['roundtrip', 'floor']) {
+      for (const mode of ['roundtrip', 'floor', 'batched']) {
         const port = await freePort()
         const server = await spawn([
           'bench/servers.ts',
@@ -309,7 +310,7 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
     '',
     `Gateway throughput at ${concurrencies.at(-1)} connections: ${((top.gateway!.rps / top.proxy!.rps) * 100).toFixed(0)}% of the bare proxy (database: ${r.database}).${
       top.floor
-        ? ` The least ledger (\`floor\`): ${((top.floor.rps / top.proxy!.rps) * 100).toFixed(0)}%; a database round trip a request (\`roundtrip\`): ${((top.roundtrip!.rps / top.proxy!.rps) * 100).toFixed(0)}%.`
+        ? ` The least ledger (\`floor\`): ${((top.floor.rps / top.proxy!.rps) * 100).toFixed(0)}%; with group commit (\`batched\`): ${((top.batched!.rps / top.proxy!.rps) * 100).toFixed(0)}%; a database round trip a request (\`roundtrip\`): ${((top.roundtrip!.rps / top.proxy!.rps) * 100).toFixed(0)}%.`
         : ''
     }`,
     '',

@@ -7,15 +7,18 @@
  *       usage chunk and [DONE].
  *   bun bench/servers.ts proxy <port> <target>
  *       a bare Hono pass-through proxy (the ceiling)
- *   bun bench/servers.ts floor <port> <target> <databaseUrl> roundtrip|ledger
+ *   bun bench/servers.ts floor <port> <target> <databaseUrl> roundtrip|ledger|batched
  *       the proxy plus the least a ledger in PostgreSQL costs: `roundtrip`, a `select 1`
  *       before each call upstream (any per-request database check pays this); `ledger`, the
  *       least DESIGN.md allows, unbatched: one conditional UPDATE … RETURNING on the account
  *       row holds credit before the call, one statement after it charges (the account row, a
  *       transaction row, a usage row), commits asynchronous as the gateway's ledger. No keys,
- *       plans, idempotency or token counting: a floor, not a gateway.
+ *       plans, idempotency or token counting: a floor, not a gateway. `batched`, the same
+ *       ledger with the gateway's group commit: the holds and charges of the requests under way
+ *       in one statement (the account row once, a transaction row and a usage row a charge).
  */
 import { Hono } from 'hono'
+import { Batcher } from '../src/ledger/Batch.ts'
 import { tokenChunk, usageChunk } from './Harness.ts'
 
 const [kind, port, target] = process.argv.slice(2)
@@ -129,11 +132,42 @@ if (kind === 'upstream') {
   await sql`create table if not exists usage (id bigserial primary key, account_id int not null,
     tokens int not null, cost numeric not null, at timestamptz not null default now())`
   await sql`insert into accounts values (1, 1000000000000000) on conflict do nothing`
+  /** `batched`: holds and charges of requests under way go in one statement (the gateway's
+   * group commit, src/ledger/Batch.ts): the account row once, a transaction row and a usage
+   * row a charge. */
+  type Item = { hold: true } | { hold: false; cost: number }
+  const batcher = new Batcher<Item, boolean>({
+    many: async (items) => {
+      let hold = 0
+      let release = 0
+      const costs: number[] = []
+      for (const i of items)
+        if (i.hold) hold += 100
+        else {
+          release += 100
+          costs.push(i.cost)
+        }
+      const spent = costs.reduce((a, b) => a + b, 0)
+      const [row] = await sql`with a as (update accounts
+          set balance = balance - ${spent}, reserved = reserved - ${release} + ${hold}
+          where id = 1 and balance - ${spent} - (reserved - ${release}) >= ${hold} returning id),
+        t as (insert into transactions (account_id, amount)
+          select a.id, -x from a, unnest(${costs}::numeric[]) x),
+        u as (insert into usage (account_id, tokens, cost)
+          select a.id, 10, x from a, unnest(${costs}::numeric[]) x)
+        select count(*)::int as ok from a`
+      const held = row?.ok === 1
+      return items.map(() => held)
+    },
+  })
   const app = new Hono()
   app.post('/v1/chat/completions', async (c) => {
     const body = await c.req.arrayBuffer()
     if (mode === 'roundtrip') await sql`select 1`
-    else {
+    else if (mode === 'batched') {
+      if (!(await batcher.run({ hold: true })))
+        return c.json({ error: { type: 'insufficient_credits' } }, 402)
+    } else {
       const [held] = await sql`update accounts set reserved = reserved + 100
         where id = 1 and balance - reserved >= 100 returning reserved`
       if (!held) return c.json({ error: { type: 'insufficient_credits' } }, 402)
@@ -144,7 +178,9 @@ if (kind === 'upstream') {
       body,
     })
     const answer = await res.arrayBuffer()
-    if (mode !== 'roundtrip')
+    if (mode === 'batched')
+      void batcher.run({ hold: false, cost: 11 }, true).catch((e) => console.error(e))
+    else if (mode !== 'roundtrip')
       // Charged after the answer, as the gateway's charge: nobody waits for it.
       void sql`with a as (update accounts set balance = balance - 11, reserved = reserved - 100
           where id = 1 returning id),
@@ -160,7 +196,7 @@ if (kind === 'upstream') {
   Bun.serve({ port: Number(port), hostname: '127.0.0.1', fetch: app.fetch })
 } else {
   console.error(
-    'usage: bun bench/servers.ts upstream <port> [tokensPerSecond] | proxy <port> <target> | floor <port> <target> <databaseUrl> roundtrip|ledger',
+    'usage: bun bench/servers.ts upstream <port> [tokensPerSecond] | proxy <port> <target> | floor <port> <target> <databaseUrl> roundtrip|ledger|batched',
   )
   process.exit(2)
 }
