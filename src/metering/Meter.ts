@@ -125,12 +125,6 @@ export type StreamOptions = {
 export const GROWTH = 16
 
 /**
- * Text sent but not yet counted exactly is counted once it passes this many UTF-16 units,
- * which bounds what a stream keeps in memory (see `stream`).
- */
-const PENDING_LIMIT = 16_384
-
-/**
  * Meters a stream: yields the chunks to send, in order, each one paid for before it is yielded.
  *
  * Exact token counting is the costly part of a chunk, so a chunk is checked against the
@@ -139,6 +133,8 @@ const PENDING_LIMIT = 16_384
  * so the reservation, and the `delivered` it records, follow exact counts), when the kept
  * text grows long, and at the end when the upstream gave no usage or the stream was cut.
  * A stream the upstream finishes with its usage, inside its reservation, is never tokenized.
+ * Each choice's text is counted as one text (`Tokenizer.Running`), not chunk by chunk: a
+ * token split across two chunks is one token.
  */
 export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, undefined> {
   const { price, reservation } = o
@@ -154,17 +150,31 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
   const coveredBy = (held: bigint) =>
     Pricing.affordable(price, o.promptTokens, held, Number.MAX_SAFE_INTEGER)
   let covered = coveredBy(reservation.held)
-  // What was sent: `exact` tokens counted, plus the texts of `pending` (not counted yet,
-  // at most `pendingBound` tokens).
-  let exact = 0
-  let pending: string[] = []
-  let pendingBound = 0
-  let pendingLength = 0
+  // What was sent, each choice's text as one (by its index); `upper`, a bound of its tokens
+  // (never below the count), kept without counting.
+  const sent = new Map<number, Tokenizer.Running>()
+  const textOf = (index: number) => {
+    let r = sent.get(index)
+    if (!r) sent.set(index, (r = new Tokenizer.Running()))
+    return r
+  }
+  let upper = 0
+  /** The exact tokens sent; `upper` becomes the bound of that count's state. */
   const fold = () => {
-    for (const t of pending) exact += Tokenizer.count(t)
-    pending = []
-    pendingBound = 0
-    pendingLength = 0
+    let n = 0
+    upper = 0
+    for (const r of sent.values()) {
+      n += r.tokens()
+      upper += r.bound()
+    }
+    return n
+  }
+  /** The tokens `piece` adds to a text (none if the BPE merges it away). */
+  const more = (r: Tokenizer.Running, piece: string) =>
+    Math.max(0, r.tokensWith(piece) - r.tokens())
+  const nothingSent = () => {
+    for (const r of sent.values()) if (!r.empty) return false
+    return true
   }
   let ttft: number | null = null
   let reported: { prompt_tokens: number; completion_tokens: number } | undefined
@@ -177,7 +187,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     settled = true
     // A stream that ran to its end is charged the upstream's own count; one we cut (or the
     // client left) is charged the tokens actually sent. A failure before the first token is free.
-    const nothingSent = exact === 0 && pendingBound === 0
+    const none = nothingSent()
     const promptTokens = Math.min(
       reported?.prompt_tokens ?? o.promptTokens,
       o.maxPromptTokens ?? Number.MAX_SAFE_INTEGER,
@@ -188,11 +198,8 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
         reported.completion_tokens,
         o.maxTokens ?? Number.MAX_SAFE_INTEGER,
       )
-    else {
-      fold()
-      completionTokens = exact
-    }
-    const free = status === 'upstream_error' && nothingSent
+    else completionTokens = fold()
+    const free = status === 'upstream_error' && none
     const cost = free ? 0n : Pricing.cost(price, promptTokens, completionTokens)
     const charged = await charge(reservation, {
       cost,
@@ -215,8 +222,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
 
   // Marks the first token's time; the caller yields `out` right after.
   const sending = (out: Received[]) => {
-    if (ttft === null && (exact > 0 || pendingBound > 0))
-      ttft = Math.round(performance.now() - o.startedAt)
+    if (ttft === null && !nothingSent()) ttft = Math.round(performance.now() - o.startedAt)
     return { kind: 'chunks' as const, chunks: out }
   }
 
@@ -233,7 +239,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
           if (settled || renewing || performance.now() - renewedAt < o.renewMs!) return
           renewing = true
           reservation
-            .extend(0n, Pricing.cost(price, o.promptTokens, exact))
+            .extend(0n, Pricing.cost(price, o.promptTokens, fold()))
             .then(
               (ok) => {
                 if (ok) renewedAt = performance.now()
@@ -259,10 +265,9 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
           break
         }
         if (o.renewMs !== undefined && performance.now() - renewedAt >= o.renewMs) {
-          fold()
           renewedAt = performance.now()
           // Refused: the reservation is gone (swept) or taken over; send nothing more.
-          if (!(await reservation.extend(0n, Pricing.cost(price, o.promptTokens, exact)))) {
+          if (!(await reservation.extend(0n, Pricing.cost(price, o.promptTokens, fold())))) {
             status = reservation.superseded ? 'superseded' : 'insufficient_funds'
             break
           }
@@ -272,6 +277,9 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
           // A template read knows its text without building the chunk (see Chat.template).
           let text = received.text
           let texts: string[] | undefined
+          // The choice `text` belongs to; with `texts`, each one's.
+          let index = 0
+          let indexes: number[] | undefined
           const chunk = text === undefined ? received.chunk : undefined
           // A usage that text came after was no final count (an upstream that sends usage
           // early, or with every chunk): the last one with nothing after it counts.
@@ -281,35 +289,33 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
             if (chunk.usage) reported = chunk.usage
             const choices = chunk.choices
             if (choices.length === 0) continue
-            // Each choice's text on its own, as the exact count adds them up (one choice is
-            // the rule: `n` is 1).
-            if (choices.length === 1) text = generated(choices[0]!.delta)
-            else texts = choices.map((c) => generated(c.delta))
+            // Each choice's text is a text of its own (one choice is the rule: `n` is 1).
+            if (choices.length === 1) {
+              text = generated(choices[0]!.delta)
+              index = choices[0]!.index
+            } else {
+              texts = choices.map((c) => generated(c.delta))
+              indexes = choices.map((c) => c.index)
+            }
             for (const c of choices) if (c.finish_reason) finishReason = c.finish_reason
           }
           let bound = 0
           if (text !== undefined) bound = Tokenizer.bound(text)
           else for (const t of texts!) bound += Tokenizer.bound(t)
-          if (exact + pendingBound + bound <= covered) {
-            if (bound > 0) {
-              if (text !== undefined) {
-                pending.push(text)
-                pendingLength += text.length
-              } else
-                for (const t of texts!) {
-                  pending.push(t)
-                  pendingLength += t.length
-                }
-              pendingBound += bound
-              if (pendingLength > PENDING_LIMIT) fold()
-            }
-          } else {
+          if (upper + bound > covered) {
             // The bound passes the reservation: count exactly, and extend if that does too.
-            fold()
-            let n = 0
-            if (text !== undefined) n = Tokenizer.count(text)
-            else for (const t of texts!) n += Tokenizer.count(t)
-            if (exact + n > covered) {
+            const exact = fold()
+            let total = exact
+            if (text !== undefined) total += more(textOf(index), text)
+            else {
+              // Pieces of one choice in one chunk (never sent, but possible) as one text.
+              const byChoice = new Map<number, string>()
+              texts!.forEach((t, i) => {
+                byChoice.set(indexes![i]!, (byChoice.get(indexes![i]!) ?? '') + t)
+              })
+              for (const [i, t] of byChoice) total += more(textOf(i), t)
+            }
+            if (total > covered) {
               // Send what is paid for first, so `delivered` is what the client has.
               if (out.length > 0) {
                 yield sending(out)
@@ -319,7 +325,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
               // needs, then (channels) wait for the payer.
               // The cost of what was sent so far: what a dead instance's request is charged.
               const delivered = Pricing.cost(price, o.promptTokens, exact)
-              const required = Pricing.cost(price, o.promptTokens, exact + n)
+              const required = Pricing.cost(price, o.promptTokens, total)
               while (required > reservation.held) {
                 const short = required - reservation.held
                 const blockCost = Pricing.cost(price, 0, block)
@@ -342,7 +348,11 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
               covered = coveredBy(reservation.held)
               if (status !== 'ok') break
             }
-            exact += n
+          }
+          if (bound > 0) {
+            if (text !== undefined) textOf(index).push(text)
+            else texts!.forEach((t, i) => textOf(indexes![i]!).push(t))
+            upper += bound
           }
           if (o.digest)
             if (text !== undefined) o.digest.update(text)

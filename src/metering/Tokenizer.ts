@@ -70,6 +70,96 @@ function cut(text: string, at: number, end: number): number {
   return c >= 0xdc00 && c <= 0xdfff ? end - 1 : end
 }
 
+/**
+ * Where the last " word" of `text` from `at` starts (the rule of `cut`), or `at`: the text
+ * before it counts the same whatever comes after.
+ */
+function lastWordStart(text: string, at: number): number {
+  for (let i = text.length - 2; i > at; i--)
+    if (text.charCodeAt(i) === 0x20 && WORD_END.test(text[i - 1]!) && WORD_START.test(text[i + 1]!))
+      return i
+  return at
+}
+
+/** Pieces kept uncounted by `Running` until they pass this many UTF-16 units. */
+const PIECES = 16_384
+
+/**
+ * The count of a text that arrives in pieces (a stream's output, a chunk at a time), as the
+ * whole text counts: pieces are not counted one by one, which counts a token split across
+ * two pieces twice (a sentence sent a character a chunk: a token a character). The text
+ * before its last " word" (or a window, see `cut`) is counted for good; what follows, the
+ * tail, is counted again with the pieces after it. Pieces are kept uncounted until asked.
+ */
+export class Running {
+  /** Tokens of the text before `tail`. */
+  private counted = 0
+  private tail = ''
+  private tailTokens = 0
+  private pieces: string[] = []
+  private piecesLength = 0
+  private piecesBound = 0
+
+  /** Adds a piece of text, uncounted. */
+  push(piece: string): void {
+    if (piece.length === 0) return
+    this.pieces.push(piece)
+    this.piecesLength += piece.length
+    this.piecesBound += bound(piece)
+    // Bounds what is kept: counted now, the tail stays a window at most.
+    if (this.piecesLength > PIECES) this.fold()
+  }
+
+  /** Whether any text was added. */
+  get empty(): boolean {
+    return this.counted === 0 && this.tail.length === 0 && this.pieces.length === 0
+  }
+
+  /** An upper bound of `tokens()`, without counting. */
+  bound(): number {
+    return this.counted + bound(this.tail) + this.piecesBound
+  }
+
+  /** The tokens of the text so far. */
+  tokens(): number {
+    this.fold()
+    return this.counted + this.tailTokens
+  }
+
+  /** The tokens the text would have with `piece` added (it is not added). */
+  tokensWith(piece: string): number {
+    this.fold()
+    const r = split(this.tail + piece)
+    return this.counted + r.counted + r.tailTokens
+  }
+
+  private fold() {
+    if (this.pieces.length === 0) return
+    const r = split(this.tail + this.pieces.join(''))
+    this.counted += r.counted
+    this.tail = r.tail
+    this.tailTokens = r.tailTokens
+    this.pieces = []
+    this.piecesLength = 0
+    this.piecesBound = 0
+  }
+}
+
+/** `text` as a part counted for good (windows, then up to its last " word") and a tail. */
+function split(text: string): { counted: number; tail: string; tailTokens: number } {
+  let counted = 0
+  let at = 0
+  while (text.length - at > WINDOW) {
+    const end = cut(text, at, at + WINDOW)
+    counted += countTokens(text.slice(at, end), PLAIN)
+    at = end
+  }
+  const start = lastWordStart(text, at)
+  if (start > at) counted += count(text.slice(at, start))
+  const tail = text.slice(start)
+  return { counted, tail, tailTokens: count(tail) }
+}
+
 const WORD_END = /[\p{L}\p{N}]/u
 const WORD_START = /\p{L}/u
 const WHITESPACE = /\s/

@@ -6,6 +6,7 @@ import * as Pricing from '../../src/metering/Pricing.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import type { Chunk, Received } from '../../src/upstream/Chat.ts'
 
+const PLAIN = { disallowedSpecial: new Set<string>() }
 const price: Pricing.Price = { input: 1_000_000n, output: 2_000_000n }
 const PROMPT = 10
 
@@ -48,7 +49,8 @@ async function* batches(
     yield [{ chunk: { choices: [], usage: { prompt_tokens: PROMPT, completion_tokens: usage } } }]
 }
 
-/** Runs a stream to its end; the text sent, the held amount at each send, and the end. */
+/** Runs a stream to its end; the tokens sent (each choice's text counted whole), the held
+ * amount at each send, and the end. */
 async function run(o: {
   texts: string[][]
   usage?: number
@@ -63,6 +65,7 @@ async function run(o: {
 }) {
   const r = o.reservation ?? reservation(o.balance, o.held)
   const sends: { tokens: number; held: bigint }[] = []
+  const sent = new Map<number, string>()
   let tokens = 0
   let end: Extract<Meter.Frame, { kind: 'end' }> | undefined
   for await (const frame of Meter.stream({
@@ -77,7 +80,10 @@ async function run(o: {
   })) {
     if (frame.kind === 'chunks') {
       for (const { chunk } of frame.chunks)
-        for (const c of chunk.choices) tokens += Tokenizer.count(c.delta.content ?? '')
+        for (const c of chunk.choices)
+          sent.set(c.index, (sent.get(c.index) ?? '') + (c.delta.content ?? ''))
+      tokens = 0
+      for (const t of sent.values()) tokens += t.length === 0 ? 0 : countTokens(t, PLAIN)
       sends.push({ tokens, held: r.held })
     }
     if (frame.kind === 'end') end = frame
@@ -124,7 +130,8 @@ describe('stream', () => {
   test('property: no chunk is sent before the reservation covers it; a cut stream is charged the tokens sent', async () => {
     await fc.assert(
       fc.asyncProperty(
-        fc.array(fc.array(text, { maxLength: 6 }), { maxLength: 30 }),
+        // At most 1,008 characters: within one window, so the whole count is exact.
+        fc.array(fc.array(text, { maxLength: 6 }), { maxLength: 14 }),
         fc.bigInt({ min: 0n, max: 400n }),
         fc.integer({ min: 1, max: 40 }),
         fc.boolean(),
@@ -148,6 +155,31 @@ describe('stream', () => {
       ),
       { numRuns: 500 },
     )
+  })
+
+  test('behavior: a stream without usage sent a character a chunk is charged the tokens of its text, not a token a chunk', async () => {
+    const sentence = 'The quick brown fox jumps over the lazy dog, and then it naps in the sun.'
+    const whole = countTokens(sentence, PLAIN)
+    for (const templated of [false, true]) {
+      const { r, end } = await run({
+        texts: [...sentence].map((ch) => [ch]),
+        balance: 10_000n,
+        held: 100n,
+        templated,
+      })
+      expect(r.outcome).toMatchObject({ status: 'ok', completionTokens: whole })
+      expect(end.usage.completion_tokens).toBe(whole)
+    }
+    // Cut by the credits: charged the tokens of the text that went out, as a whole.
+    const cut = await run({
+      texts: [...sentence].map((ch) => [ch]),
+      balance: 0n,
+      held: Pricing.cost(price, PROMPT, 6),
+    })
+    expect(cut.r.outcome!.status).toBe('insufficient_funds')
+    expect(cut.r.outcome!.completionTokens).toBe(cut.tokens)
+    expect(cut.tokens).toBeLessThanOrEqual(6)
+    expect(cut.tokens).toBeGreaterThanOrEqual(5)
   })
 
   test('behavior: a stream that ends with usage is charged the upstream count', async () => {

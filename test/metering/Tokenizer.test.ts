@@ -65,3 +65,71 @@ describe('Tokenizer.count', () => {
     )
   })
 })
+
+/** `text` cut into pieces at the given points (a stream's chunks). */
+function pieces(text: string, cuts: number[]): string[] {
+  const at = [...new Set(cuts.map((c) => c % (text.length + 1)))].sort((a, b) => a - b)
+  const out: string[] = []
+  let from = 0
+  for (const c of at) {
+    out.push(text.slice(from, c))
+    from = c
+  }
+  out.push(text.slice(from))
+  return out
+}
+
+describe('Tokenizer.Running', () => {
+  test('property: prose that arrives in pieces counts as the whole text does, wherever it is cut', () => {
+    const word = fc.stringMatching(/^[A-Za-z][a-z0-9']{0,11}[,.!?:;]?$/)
+    const gap = fc.constantFrom(' ', ' ', ' ', '  ', '\n', '\t')
+    fc.assert(
+      fc.property(
+        fc.array(fc.tuple(word, gap), { minLength: 1, maxLength: 900, size: 'max' }),
+        fc.array(fc.nat(), { maxLength: 400, size: 'max' }),
+        fc.integer({ min: 0, max: 3 }),
+        (parts, cuts, asks) => {
+          const text = parts.map(([w, g]) => w + g).join('')
+          const r = new Tokenizer.Running()
+          const ps = pieces(text, cuts)
+          // Asked for its count now and then, as a stream is (extensions, renewals).
+          ps.forEach((p, i) => {
+            r.push(p)
+            if (asks > 0 && i % (asks * 7) === 0) r.tokens()
+          })
+          expect(r.tokens()).toBe(countTokens(text, PLAIN))
+          expect(r.bound()).toBeGreaterThanOrEqual(r.tokens())
+        },
+      ),
+      { numRuns: 150, endOnFailure: true },
+    )
+  })
+
+  test('property: any text in pieces counts within a token a window of the whole, never above its bound, and tokensWith is what push then tokens gives', () => {
+    fc.assert(
+      fc.property(
+        fc.string({ unit: 'grapheme', maxLength: 3_000, size: 'max' }),
+        fc.array(fc.nat(), { maxLength: 200, size: 'max' }),
+        (text, cuts) => {
+          const r = new Tokenizer.Running()
+          const ps = pieces(text, cuts)
+          let bound = 0
+          for (const p of ps.slice(0, -1)) {
+            r.push(p)
+            bound += Tokenizer.bound(p)
+          }
+          const last = ps.at(-1)!
+          const expected = r.tokensWith(last)
+          expect(r.bound()).toBeLessThanOrEqual(bound)
+          r.push(last)
+          expect(r.tokens()).toBe(expected)
+          expect(r.tokens()).toBeLessThanOrEqual(Tokenizer.bound(text))
+          const whole = text.length === 0 ? 0 : countTokens(text, PLAIN)
+          expect(Math.abs(r.tokens() - whole)).toBeLessThanOrEqual(Math.ceil(text.length / 512))
+          expect(r.empty).toBe(text.length === 0)
+        },
+      ),
+      { numRuns: 300, endOnFailure: true },
+    )
+  })
+})
