@@ -80,3 +80,8 @@ export class PaymentFailedError extends ClientError {
     this.problem = problem
   }
 }
+
+/** Another process holds the store's channel for this server and wallet (see `Store.own`). */
+export class StoreInUseError extends ClientError {
+  override name = 'StoreInUseError'
+}

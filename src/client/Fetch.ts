@@ -295,6 +295,8 @@ export function createFetch(options: Options): PayingFetch {
       live = l
       lives.set(key, l)
       l.loading = (async () => {
+        // Another process paying this server through this store would overwrite the channel.
+        await store.own?.(key)
         await loadAll()
         await loadClosed(key)
         for (const slot of [closingKey(key), refusedKey(key)]) {
@@ -808,6 +810,7 @@ export function createFetch(options: Options): PayingFetch {
   const close = async (url = lastUrl): Promise<Hex> => {
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
+    await store.own?.(key)
     // The channel in use, else one set apart while it closes (its close refused or kept
     // waiting, or forced): sent again, the close goes on.
     const inUse = lives.get(key)?.state ?? (await store.get(key))
@@ -950,6 +953,7 @@ export function createFetch(options: Options): PayingFetch {
   const requestClose = async (url = lastUrl, options: { channelId?: Hex } = {}) => {
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
+    await store.own?.(key)
     const pending = await store.get(closingKey(key))
     const refused = await store.get(refusedKey(key))
     const inUse = lives.get(key)?.state ?? (await store.get(key))
@@ -1000,6 +1004,7 @@ export function createFetch(options: Options): PayingFetch {
   const withdraw = async (url = lastUrl) => {
     if (!url) throw new ClientError('Nothing to withdraw: no request was made; pass the URL.')
     const key = keyOf(url)
+    await store.own?.(key)
     const state = await store.get(closingKey(key))
     if (!state)
       throw new ClientError(

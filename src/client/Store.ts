@@ -3,10 +3,12 @@
  * opening (and funding) another, and what its closed channels took from `maxTotal`, so a restart
  * does not forget money already spent. Amounts are decimal strings, so the state is plain JSON.
  */
-import { mkdir, readFile, rename, writeFile } from 'node:fs/promises'
+import { createHash } from 'node:crypto'
+import { readFileSync, unlinkSync } from 'node:fs'
+import { mkdir, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises'
 import { dirname } from 'node:path'
 import { z } from 'zod'
-import { ClientError } from './Errors.ts'
+import { ClientError, StoreInUseError } from './Errors.ts'
 
 const Hex = z
   .string()
@@ -41,6 +43,13 @@ export type Store = {
   closedTotal(key: string): Promise<bigint>
   /** Adds `amount` to `closedTotal(key)`; concurrent adds must all count. */
   addClosedTotal(key: string, amount: bigint): Promise<void>
+  /**
+   * Claims `key` for this process (optional; a store shared by processes implements it): a
+   * second process paying the same server from the same wallet through the same store would
+   * overwrite this one's channel, or sign vouchers this one does not know of. Throws
+   * `StoreInUseError` while another live process holds the key.
+   */
+  own?(key: string): Promise<void>
   /**
    * Every key's closed total and channels (optional): with it, a restarted client counts
    * against `maxTotal` what it signed with servers it has not yet paid this run.
@@ -82,12 +91,70 @@ export function memory(): Store {
 /** The JSON file: channels by key, and closed totals (decimal strings) by key. */
 type Content = { channels: Record<string, ChannelState>; closedTotals: Record<string, string> }
 
+/** How long a write waits for another process's write to the same file, ms. */
+const LOCK_WAIT_MS = 10_000
+/** A write lock older than this is left from a process that died mid-write, ms. */
+const LOCK_STALE_MS = 30_000
+
+/** Whether process `pid` is alive (on this machine). */
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (e) {
+    // EPERM: it lives, under another user.
+    return (e as NodeJS.ErrnoException).code === 'EPERM'
+  }
+}
+
+/** Owner files this process holds, removed as it exits (see `file().own`). */
+const owned = new Set<string>()
+process.on('exit', () => {
+  for (const f of owned)
+    try {
+      if (readFileSync(f, 'utf8').trim() === String(process.pid)) unlinkSync(f)
+    } catch {}
+})
+
 /**
- * A store in one JSON file (written whole, through a temporary file and a rename). Writes from
- * one store go one after another; two processes writing the same file at once may lose one.
+ * A store in one JSON file (written whole, through a temporary file and a rename). Writes go
+ * one after another, also across processes (a lock file beside it, `<path>.lock`, held for
+ * the read and the write). A process that pays a server claims that server's key (`own`: an
+ * owner file `<path>.<key digest>.owner` holding its pid, removed as it exits): two processes
+ * cannot use one channel, so a second one is told, not left to overwrite the first's channel.
  */
 export function file(path: string): Store {
   let queue: Promise<unknown> = Promise.resolve()
+  const lockPath = `${path}.lock`
+  /** Runs `f` holding the file's write lock (waiting for another process's write). */
+  const locked = async <T>(f: () => Promise<T>): Promise<T> => {
+    await mkdir(dirname(path), { recursive: true })
+    const deadline = Date.now() + LOCK_WAIT_MS
+    for (;;) {
+      try {
+        await (await open(lockPath, 'wx')).close()
+        break
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e
+        const since = await stat(lockPath).then(
+          (st) => Date.now() - st.mtimeMs,
+          () => 0,
+        )
+        if (since > LOCK_STALE_MS) await unlink(lockPath).catch(() => {})
+        else if (Date.now() > deadline)
+          throw new ClientError(
+            `The channel store ${path} stayed locked by another process for ${LOCK_WAIT_MS / 1000} s (${lockPath}); if no other process uses the store, delete that file.`,
+            { path },
+          )
+        else await new Promise((r) => setTimeout(r, 5 + Math.random() * 10))
+      }
+    }
+    try {
+      return await f()
+    } finally {
+      await unlink(lockPath).catch(() => {})
+    }
+  }
   const load = async (): Promise<Content> => {
     let text: string
     try {
@@ -133,14 +200,15 @@ export function file(path: string): Store {
   }
   // Writes one after another, so two updates never interleave their read and write.
   const update = (f: (content: Content) => void) => {
-    const next = queue.then(async () => {
-      const content = await load()
-      f(content)
-      await mkdir(dirname(path), { recursive: true })
-      const tmp = `${path}.${process.pid}.tmp`
-      await writeFile(tmp, `${JSON.stringify(content, null, 2)}\n`)
-      await rename(tmp, path)
-    })
+    const next = queue.then(() =>
+      locked(async () => {
+        const content = await load()
+        f(content)
+        const tmp = `${path}.${process.pid}.tmp`
+        await writeFile(tmp, `${JSON.stringify(content, null, 2)}\n`)
+        await rename(tmp, path)
+      }),
+    )
     queue = next.catch(() => {})
     return next
   }
@@ -168,6 +236,20 @@ export function file(path: string): Store {
     async closedTotal(key) {
       await queue
       return total(await load(), key)
+    },
+    async own(key) {
+      const owner = `${path}.${createHash('sha256').update(key).digest('hex').slice(0, 16)}.owner`
+      if (owned.has(owner)) return
+      await locked(async () => {
+        const holder = Number(await readFile(owner, 'utf8').catch(() => ''))
+        if (holder && holder !== process.pid && alive(holder))
+          throw new StoreInUseError(
+            `Another process (pid ${holder}) pays ${key.split('#')[0]} from this wallet through the channel store ${path}; two processes cannot use one channel. Give this one a store of its own, or wait for that one to end (if it has, delete ${owner}).`,
+            { path, key, pid: holder },
+          )
+        await writeFile(owner, String(process.pid))
+      })
+      owned.add(owner)
     },
     addClosedTotal: (key, amount) =>
       update((c) => {

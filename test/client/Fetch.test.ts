@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import OpenAI from 'openai'
 import { erc20Abi, type Hex } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
 import { getBalance, waitForTransactionReceipt, writeContract } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
@@ -20,6 +21,7 @@ import {
   type Options,
   PaymentFailedError,
   Store,
+  StoreInUseError,
 } from '../../src/client/index.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Receipt from '../../src/payment/Receipt.ts'
@@ -134,6 +136,43 @@ describe('createFetch', () => {
     const payer = Buffer.from(chain.payers[2]!.address.slice(2), 'hex')
     const [row] = await gw.sql`select count(*)::int as n from channels where payer = ${payer}`
     expect(row!.n).toBe(1)
+  }, 60_000)
+
+  test('error: another process paying this server through the same store → StoreInUseError, no channel opened; once it ends, the store is this one', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const payer = privateKeyToAccount(chain.payers[16]!.privateKey).address
+    const key = `${new URL(gw.url).origin}#${payer}`
+    const storeModule = join(import.meta.dir, '../../src/client/Store.ts')
+    const holder = Bun.spawn(
+      [
+        process.execPath,
+        '-e',
+        `import * as Store from ${JSON.stringify(storeModule)}
+        await Store.file(${JSON.stringify(path)}).own(${JSON.stringify(key)})
+        console.log('owned')
+        setInterval(() => {}, 1000)`,
+      ],
+      { stdout: 'pipe', stderr: 'inherit' },
+    )
+    const { openai, fetch } = client(16, { store: Store.file(path) })
+    try {
+      const reader = holder.stdout.getReader()
+      expect(new TextDecoder().decode((await reader.read()).value)).toContain('owned')
+      const e = await openai.chat.completions.create({ model: 'fake', messages }).catch((e) => e)
+      expect(e).toBeInstanceOf(OpenAI.APIConnectionError)
+      expect(e.cause).toBeInstanceOf(StoreInUseError)
+      expect((e.cause as Error).message).toContain(`pid ${holder.pid}`)
+      expect(await fetch.channel(gw.url)).toBeUndefined()
+      const address = Buffer.from(payer.slice(2), 'hex')
+      const [none] = await gw.sql`select count(*)::int as n from channels where payer = ${address}`
+      expect(none!.n).toBe(0)
+    } finally {
+      holder.kill()
+      await holder.exited
+    }
+    const res = await openai.chat.completions.create({ model: 'fake', messages })
+    expect(res.choices[0]!.message.content).toBe(words)
+    expect((await fetch.channel(gw.url))?.channelId).toBeDefined()
   }, 60_000)
 
   test('error: an escrow not on the allow-list is refused, nothing signed', async () => {

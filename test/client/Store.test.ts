@@ -1,9 +1,9 @@
 import { describe, expect, test } from 'bun:test'
-import { mkdtemp, writeFile } from 'node:fs/promises'
+import { mkdtemp, readdir, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import fc from 'fast-check'
-import { ClientError } from '../../src/client/Errors.ts'
+import { ClientError, StoreInUseError } from '../../src/client/Errors.ts'
 import * as Store from '../../src/client/Store.ts'
 
 const state = (n: number): Store.ChannelState => ({
@@ -124,6 +124,86 @@ describe('file (property)', () => {
       { numRuns: 1000 },
     )
   })
+})
+
+/** A second process running `code` against the store module (imported as `Store`). */
+function child(code: string) {
+  const store = join(import.meta.dir, '../../src/client/Store.ts')
+  return Bun.spawn(
+    [process.execPath, '-e', `import * as Store from ${JSON.stringify(store)}\n${code}`],
+    { stdout: 'pipe', stderr: 'inherit' },
+  )
+}
+
+/** Waits until `proc` prints `line`. */
+async function printed(proc: ReturnType<typeof child>, line: string) {
+  const reader = proc.stdout.getReader()
+  let out = ''
+  while (!out.includes(line)) {
+    const { value, done } = await reader.read()
+    if (done) throw new Error(`the child ended before printing ${line}: ${out}`)
+    out += new TextDecoder().decode(value)
+  }
+  reader.releaseLock()
+}
+
+describe('file across processes', () => {
+  test('behavior: writes from two processes at once all land', async () => {
+    const path = join(await dir(), 'channels.json')
+    const writer = (who: string) =>
+      child(`
+        const s = Store.file(${JSON.stringify(path)})
+        const state = (n) => ({ channelId: '0x' + n.toString(16).padStart(64, '0'), chainId: 31337,
+          escrow: '0x' + '11'.repeat(20), currency: '0x' + '22'.repeat(20),
+          recipient: '0x' + '33'.repeat(20), deposit: '1000', signed: String(n), url: 'http://x' })
+        // One after another, as a client writes, each a read and a write of the whole file.
+        for (let i = 0; i < 40; i++) await s.set('${who}' + i, state(i))
+        await s.addClosedTotal('total', 1n)
+      `)
+    const both = [writer('a'), writer('b')]
+    expect(await Promise.all(both.map((p) => p.exited))).toEqual([0, 0])
+    const all = await Store.file(path).all!()
+    expect(Object.keys(all.channels).length).toBe(80)
+    expect(all.closedTotals.total).toBe(2n)
+  }, 30_000)
+
+  test('error: a key another live process owns → StoreInUseError naming it; once it is gone, the key is taken over', async () => {
+    const path = join(await dir(), 'channels.json')
+    const key = 'http://127.0.0.1:8787#0xabc'
+    const holder = child(`
+      await Store.file(${JSON.stringify(path)}).own(${JSON.stringify(key)})
+      console.log('owned')
+      await new Promise(() => setInterval(() => {}, 1000))
+    `)
+    const s = Store.file(path)
+    try {
+      await printed(holder, 'owned')
+      const refused = await s.own!(key).catch((e) => e)
+      expect(refused).toBeInstanceOf(StoreInUseError)
+      expect(refused).toBeInstanceOf(ClientError)
+      expect(refused.message).toContain(`pid ${holder.pid}`)
+      expect(refused.details).toMatchObject({ pid: holder.pid, key })
+      // Another server (another key) is not held.
+      await s.own!('http://127.0.0.1:9999#0xabc')
+    } finally {
+      // Killed (no exit handler ran): its claim is left, and taken over as its process is gone.
+      holder.kill('SIGKILL')
+      await holder.exited
+    }
+    await s.own!(key)
+    // Owned here now: a further claim from this process is no error.
+    await Store.file(path).own!(key)
+  }, 30_000)
+
+  test('behavior: a process that ends gives its keys up', async () => {
+    const path = join(await dir(), 'channels.json')
+    const key = 'http://127.0.0.1:8787#0xdef'
+    const holder = child(`await Store.file(${JSON.stringify(path)}).own(${JSON.stringify(key)})`)
+    expect(await holder.exited).toBe(0)
+    const left = (await readdir(dirname(path))).filter((f) => f.endsWith('.owner'))
+    expect(left).toEqual([])
+    await Store.file(path).own!(key)
+  }, 30_000)
 })
 
 describe('memory', () => {
