@@ -159,6 +159,19 @@ export class ChannelBusyError extends RetryLaterError {
   }
 }
 
+/**
+ * 503: the request's hold on its credits (or channel) was lost while its upstream worked: the
+ * ledger was out of reach for longer than a lease and another instance's sweep took the
+ * request for dead. It was stopped and nothing was charged; sent again, it goes through.
+ */
+export class ReservationLostError extends RetryLaterError {
+  override name = 'ReservationLostError'
+  override readonly type = 'reservation_lost'
+  constructor(message: string, options: ErrorOptions = {}) {
+    super(message, 'reservation_lost', options)
+  }
+}
+
 /** 503: no healthy upstream serves the model. */
 export class NoUpstreamError extends GatewayError {
   override name = 'NoUpstreamError'

@@ -5,7 +5,12 @@
  * or, for a payer that can add funds mid-stream (a payment channel), it waits for them.
  * At the end the charge is reconciled to the exact usage and the rest is released.
  */
-import { ConflictError, GatewayError, InsufficientCreditsError } from '../Errors.ts'
+import {
+  ConflictError,
+  GatewayError,
+  InsufficientCreditsError,
+  ReservationLostError,
+} from '../Errors.ts'
 import { type Chunk, type Completion, generated, type Received } from '../upstream/Chat.ts'
 import * as Pricing from './Pricing.ts'
 import type { Digest } from './Receipt.ts'
@@ -412,6 +417,8 @@ export type CompleteOptions = {
   maxPromptTokens?: number | undefined
   /** Renews the reservation's lease this often while the upstream works (see `stream`). */
   renewMs?: number | undefined
+  /** Stops the upstream call: its reservation is gone (a renewal was refused). */
+  stop?: (() => void) | undefined
 }
 
 /**
@@ -425,18 +432,36 @@ export async function complete(
   let completion: Completion
   // A whole completion may take longer than a lease (a slow upstream, failover): renew it, or
   // the sweep takes the request for dead, releases it and its answer goes out free.
+  // A renewal refused: the sweep took the request for dead (released its hold, charged what
+  // it had recorded: nothing). Its answer is not sent free: the call stops, the request fails.
+  let lost = false
   const renewal =
     o.renewMs === undefined
       ? undefined
-      : setInterval(() => void o.reservation.extend(0n).catch(() => {}), o.renewMs)
+      : setInterval(() => {
+          void o.reservation.extend(0n).then(
+            (ok) => {
+              if (ok || lost) return
+              lost = true
+              o.stop?.()
+            },
+            () => {},
+          )
+        }, o.renewMs)
+  const gone = () =>
+    new ReservationLostError(
+      'This request lost its hold on your credits while the model worked (the ledger was out of reach longer than a lease); it was stopped and nothing was charged. Send it again.',
+    )
   try {
     completion = await o.call()
   } catch (e) {
+    if (lost) throw gone()
     await release(o.reservation, { ...o, cancelled: o.signal.aborted })
     throw e
   } finally {
     clearInterval(renewal)
   }
+  if (lost) throw gone()
   const promptTokens = Math.min(
     completion.usage?.prompt_tokens ?? o.promptTokens,
     o.maxPromptTokens ?? Number.MAX_SAFE_INTEGER,

@@ -5,7 +5,7 @@
  * takes it for a dead instance's request (releasing its credits, its plan's concurrency and
  * its Idempotency-Key, and charging only what it had recorded: a whole answer nothing).
  */
-import { expect, test } from 'bun:test'
+import { afterAll, expect, test } from 'bun:test'
 import * as Batch from '../../src/ledger/Batch.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
@@ -160,4 +160,62 @@ test('behavior: a stream swept while its upstream is quiet sends nothing more on
   for (const w of SWEPT_LATER) expect(got).not.toContain(w)
   expect(1_000_000n - l.balance).toBeLessThanOrEqual(BigInt(prompt + 2 * received))
   expect(body).toContain('insufficient_credits')
+}, 15_000)
+
+// A whole completion whose upstream answers after 3 s, noting whether the gateway gave up on
+// it; a lease of 1 s (renewals every third of a second).
+let upstreamStopped = false
+const slowest = Bun.serve({
+  port: 0,
+  hostname: '127.0.0.1',
+  async fetch(req) {
+    await req.json()
+    req.signal.addEventListener('abort', () => {
+      upstreamStopped = true
+    })
+    await Bun.sleep(3_000)
+    return Response.json(
+      Scripted.completion(
+        { content: 'one two three four' },
+        { prompt_tokens: 10, completion_tokens: 4, total_tokens: 14 },
+      ),
+    )
+  },
+})
+afterAll(() => slowest.stop(true))
+const lostGw = await Scripted.gateway(
+  `http://127.0.0.1:${slowest.port}/v1`,
+  ['slow'],
+  { timeoutMs: 10_000 },
+  { metering: { blockTokens: 16, leaseSeconds: 1 } },
+)
+
+test('error: a whole completion swept while its upstream works (its renewal refused) → 503 reservation_lost, the upstream call stopped, nothing charged, no answer sent free', async () => {
+  const { key, id } = await lostGw.account({ credits: 1_000n })
+  const started = performance.now()
+  const pending = fetch(`${lostGw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'slow', max_tokens: 10, messages }),
+  })
+  await Bun.sleep(300)
+  // The ledger out of reach past the lease (forced here): another instance's sweep takes it.
+  await lostGw.sql`update reservations set expires_at = clock_timestamp() - interval '1 second'`
+  expect(await Reservations.sweep(lostGw.sql)).toBe(1)
+  const res = await pending
+  expect(res.status).toBe(503)
+  expect(res.headers.get('retry-after')).toBe('5')
+  const body = (await res.json()) as { error: { type: string; code: string; message: string } }
+  expect(body.error).toMatchObject({ type: 'reservation_lost', code: 'reservation_lost' })
+  expect(body.error.message).toContain('nothing was charged')
+  expect(JSON.stringify(body)).not.toContain('one two three')
+  // Stopped at the refused renewal, not after the upstream's 3 s.
+  expect(performance.now() - started).toBeLessThan(2_500)
+  await Bun.sleep(50)
+  expect(upstreamStopped).toBe(true)
+  const l = await Gateway.ledger(lostGw.sql, id)
+  expect(l.balance).toBe(1_000n)
+  expect(l.open_reservations).toBe(0n)
+  const rows = await lostGw.sql`select status, cost from usage where account_id = ${id}`
+  expect([...rows]).toEqual([{ status: 'abandoned', cost: 0n }])
 }, 15_000)

@@ -188,6 +188,10 @@ async function serve(
     // (no cap needed when the reservation covers the whole context).
     const max = Pricing.affordable(price, promptTokens, reservation.held, p.limit)
     const limits = p.asked !== undefined || max < p.room ? { maxTokens: max } : undefined
+    // Aborted when the client goes, or when the request loses its reservation (Meter.complete).
+    const call = new AbortController()
+    const onAbort = () => call.abort(signal.reason)
+    signal.addEventListener('abort', onAbort, { once: true })
     const { completion, usage } = await Meter.complete({
       price,
       promptTokens,
@@ -197,11 +201,12 @@ async function serve(
       maxTokens: max,
       maxPromptTokens: model.contextLength,
       renewMs: (deps.config.metering.leaseSeconds * 1000) / 3,
+      stop: () => call.abort(),
       call: () =>
-        routed(deps, p, signal, deadline, async (route, body, bounded) =>
+        routed(deps, p, call.signal, deadline, async (route, body, bounded) =>
           served(route, await route.provider.complete(body, bounded, limits)),
         ),
-    })
+    }).finally(() => signal.removeEventListener('abort', onAbort))
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
     const signed = receipt(usage, () =>
       Receipt.resultDigest(completion.choices.map((c) => c.message)),
