@@ -160,7 +160,10 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
   const sent = new Map<number, Tokenizer.Running>()
   const textOf = (index: number) => {
     let r = sent.get(index)
-    if (!r) sent.set(index, (r = new Tokenizer.Running()))
+    if (!r) {
+      r = new Tokenizer.Running()
+      sent.set(index, r)
+    }
     return r
   }
   let upper = 0
@@ -356,7 +359,10 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
           }
           if (bound > 0) {
             if (text !== undefined) textOf(index).push(text)
-            else texts!.forEach((t, i) => textOf(indexes![i]!).push(t))
+            else
+              texts!.forEach((t, i) => {
+                textOf(indexes![i]!).push(t)
+              })
             upper += bound
           }
           if (o.digest)
