@@ -45,6 +45,13 @@ export class VoucherLimiter {
     return this.perSecond
   }
 
+  /** Whether the channel has room for one more submission now (takes nothing). */
+  allows(channelId: string, replay = false, now = Date.now()): boolean {
+    if (replay) return true
+    const b = this.buckets.get(channelId.toLowerCase())
+    return b === undefined || b.tokens + ((now - b.at) / 1000) * this.perSecond >= 1
+  }
+
   /** Takes one submission for the channel (none for a replay); false when over the rate. */
   take(channelId: string, replay = false, now = Date.now()): boolean {
     if (replay) return true

@@ -39,6 +39,9 @@ import * as Sse from '../Sse.ts'
 
 const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,255}$/
 
+/** Refusals of a voucher its channel's signer did not sign. */
+const unsigned = new Set<Problem.Kind>(['session/invalid-signature', 'session/signer-mismatch'])
+
 /** A parsed, priced completion request: what admission and metering need. */
 type Plan = {
   req: Chat.Request
@@ -371,10 +374,13 @@ export function routes(deps: Deps) {
   const paid = async (c: Context, payments: Payments.Payments, text: string, startedAt: number) => {
     const { method, challenge, checked } = Payments.verify(payments, c.req.header('authorization')!)
     const { channelId, action } = checked
-    if (
-      (action === 'voucher' || action === 'topUp') &&
-      !payments.limiter.take(channelId, checked.replay)
-    )
+    // A submission counts against its channel once its signature is checked: one the
+    // channel's signer did not sign (anyone can forge one: channelIds are public) is no
+    // submission of the channel's, and counted, it would let a stranger use up its payer's
+    // rate and starve a stream waiting for a voucher.
+    const limited = action === 'voucher' || action === 'topUp'
+    const count = () => limited && payments.limiter.take(channelId, checked.replay)
+    if (limited && !payments.limiter.allows(channelId, checked.replay))
       throw new RateLimitError(
         `At most ${payments.limiter.perSecondLimit} voucher or top-up submissions per second per channel; sign vouchers further ahead.`,
         'voucher_rate_limited',
@@ -383,7 +389,14 @@ export function routes(deps: Deps) {
     // Management credentials (close), and vouchers or top-ups sent without a request body
     // (HEAD, or mid-stream), only update the channel.
     const management = action === 'close' || c.req.method !== 'POST' || text.trim() === ''
-    const applied = await method.apply(checked, { beforeRequest: !management })
+    let applied: Method.Applied
+    try {
+      applied = await method.apply(checked, { beforeRequest: !management })
+    } catch (e) {
+      if (!(e instanceof Problem.PaymentProblem && unsigned.has(e.kind))) count()
+      throw e
+    }
+    count()
     if (action !== 'close' && applied.channel) payments.wake(channelId)
     const receiptOf = (channel: Method.State, txHash?: Method.Hex, units?: number) =>
       method.receipt({

@@ -222,7 +222,7 @@ export function create(o: Options) {
     channel: { signer: Hex },
     v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex },
     minDelta = o.minVoucherDelta,
-  ): Promise<State> => {
+  ): Promise<State & { status: VoucherStatus }> => {
     // Signature and signer first: before the replay short-circuit (draft, Idempotency).
     await o.chain.verifyVoucher({ ...v, signer: channel.signer })
     const r = await o.store.acceptVoucher({ ...v, minDelta })
@@ -281,12 +281,38 @@ export function create(o: Options) {
       )
   }
 
+  /**
+   * A voucher at or below what the gateway settled is public: the settle transaction's
+   * calldata holds its signature. It proves nothing about who sends it, so it pays for no
+   * request (the draft, "Voucher Verification": a stale voucher must not let another party
+   * consume the payer's authorized balance). The payer's own requests carry a higher one
+   * (settled <= spent <= acceptedCumulative, and one at `spent` leaves no balance to use).
+   */
+  const unsettled = async (v: { channelId: Hex; cumulativeAmount: bigint }) => {
+    const c = await o.store.get(v.channelId)
+    // Nothing settled, nothing published (a settle raises `settled` above 0).
+    if (c && c.settled > 0n && v.cumulativeAmount <= c.settled)
+      throw Problem.insufficientBalance(
+        'This voucher was settled on chain, so anyone can show it: a request needs a voucher above the settled amount.',
+        {
+          channelId: v.channelId,
+          settled: c.settled,
+          requiredCumulative:
+            c.acceptedCumulative + (o.minVoucherDelta > 0n ? o.minVoucherDelta : 1n),
+          acceptedCumulative: c.acceptedCumulative,
+          deposit: c.deposit,
+        },
+      )
+  }
+
   /** Verifies and applies a credential's action. `price` is the challenge's `amount`. */
   async function apply(
     parsed: Session.Parsed,
     amount: bigint,
-    replayBeforeRequest: boolean,
+    beforeRequest: boolean,
+    replay: boolean,
   ): Promise<Applied> {
+    const replayBeforeRequest = beforeRequest && replay
     const p = parsed.payload
     switch (p.action) {
       case 'open': {
@@ -335,11 +361,14 @@ export function create(o: Options) {
 
         // minVoucherDelta spaces voucher updates; a channel's first voucher is no update, and
         // its deposit is in the escrow already (draft, "Open Verification": its signature only).
-        await acceptVoucher(
+        const initial = { channelId: p.channelId, cumulativeAmount: p.cumulativeAmount, signature }
+        const { status } = await acceptVoucher(
           channel,
-          { channelId: p.channelId, cumulativeAmount: p.cumulativeAmount, signature },
+          initial,
           channel.acceptedCumulative === 0n ? 0n : o.minVoucherDelta,
         )
+        // An open sent again: its parts may all be public (the open and settle calldata).
+        if (beforeRequest && status === 'replay') await unsettled(initial)
         return { channel: (await o.store.get(p.channelId))!, ...(txHash ? { txHash } : {}) }
       }
       case 'topUp': {
@@ -422,10 +451,13 @@ export function create(o: Options) {
           remember(observed)
           if (sent) await o.store.sent({ channelId: p.channelId, kind: d.action, ...sent })
           const first = d.action === 'open' && observed.acceptedCumulative === 0n
-          return {
-            channel: await acceptVoucher(state, p, first ? 0n : o.minVoucherDelta),
-            ...(sent ? { txHash: sent.hash } : {}),
-          }
+          const { status, ...channel } = await acceptVoucher(
+            state,
+            p,
+            first ? 0n : o.minVoucherDelta,
+          )
+          if (beforeRequest && status === 'replay') await unsettled(p)
+          return { channel, ...(sent ? { txHash: sent.hash } : {}) }
         }
         // The hot path: the signer (immutable per channel) from memory, then one round trip
         // that checks the channel's state and records the voucher.
@@ -438,9 +470,13 @@ export function create(o: Options) {
         // the request's admission reads the channel's state, so nothing need be stored.
         if (replayBeforeRequest) {
           await o.chain.verifyVoucher({ ...p, signer })
+          await unsettled(p)
           return {}
         }
-        return { channel: await acceptVoucher({ signer }, p) }
+        const { status, ...channel } = await acceptVoucher({ signer }, p)
+        // Accepted, it is above what was accepted before, hence above what was settled.
+        if (beforeRequest && status === 'replay') await unsettled(p)
+        return { channel }
       }
       case 'close': {
         // A closed channel too: a client whose close was answered on an instance that then
@@ -448,6 +484,15 @@ export function create(o: Options) {
         // close itself answers 410 when the channel closed some other way).
         const channel = await known(p.channelId, true)
         await o.chain.verifyVoucher({ ...p, signer: channel.signer })
+        // Below what was spent it cannot close (draft, "Cooperative Close"), and is refused
+        // before the channel is marked closing: a voucher the gateway settled is public (its
+        // settle transaction's calldata), and anyone sending it back as a close would
+        // otherwise end the payer's stream and leave its channel closing for good.
+        if (!channel.finalized && p.cumulativeAmount < channel.spent)
+          throw Problem.paymentInsufficient(
+            `The final voucher must cover what was spent (${channel.spent}).`,
+            { channelId: p.channelId, requiredCumulative: channel.spent },
+          )
         // A final voucher above the accepted amount is recorded first (durable, like any).
         // minVoucherDelta bounds the work of a stream of vouchers; it is no reason to refuse
         // the last one, and with it the close (draft, "Cooperative Close").
@@ -513,7 +558,7 @@ export function create(o: Options) {
     },
     apply(checked: Method.Checked, options?: { beforeRequest?: boolean }): Promise<Applied> {
       const { parsed, amount } = checked.payload as { parsed: Session.Parsed; amount: bigint }
-      return apply(parsed, amount, (options?.beforeRequest ?? false) && checked.replay === true)
+      return apply(parsed, amount, options?.beforeRequest ?? false, checked.replay === true)
     },
     receipt: (r: { challengeId: string; channel: State; txHash?: Hex; units?: number }) =>
       Session.receipt({

@@ -1,0 +1,312 @@
+/**
+ * Strangers and public vouchers: a voucher a settle transaction put in public calldata (signed by
+ * the payer, so its signature verifies) pays for no request and closes no channel, and vouchers
+ * a stranger forges for a public channel id do not use up its payer's voucher rate.
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import { decodeFunctionData, type Hex } from 'viem'
+import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
+import { getTransaction } from 'viem/actions'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
+import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Credential from '../../src/payment/Credential.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const chain = await Anvil.start()
+afterAll(() => chain.stop())
+const gw = await Gateway.create({
+  chain: Gateway.chainOf(chain),
+  payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 2_000 },
+})
+const url = `${gw.url}/v1/chat/completions`
+const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
+const payer = privateKeyToAccount(chain.payers[0]!.privateKey)
+
+async function freshChallenge() {
+  const res = await fetch(url, {
+    method: 'POST',
+    body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+  })
+  expect(res.status).toBe(402)
+  return challengeOf(res.headers.get('www-authenticate'))!
+}
+
+describe('voucher rate limit (evm-session "Denial of Service")', () => {
+  test('error: vouchers a stranger forges for a channel do not use up the rate of its payer', async () => {
+    // The payer opens a channel (HEAD, no request).
+    const session = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const open = await fetch(url, {
+      method: 'HEAD',
+      headers: {
+        authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n }),
+      },
+    })
+    expect(open.status).toBe(200)
+    const channelId = session.channelId!
+
+    // A stranger knows the channelId (it is public on chain) and nothing else: it signs
+    // vouchers for it with its own key, under a challenge anyone can get.
+    const stranger = new PayingSession({
+      account: privateKeyToAccount(generatePrivateKey()),
+      challenge: await freshChallenge(),
+    })
+    stranger.channelId = channelId
+    // It sends them without pause, five at a time, well over the channel's rate of 10 a second.
+    const forged = await Promise.all(
+      Array.from({ length: 50 }, (_, i) => stranger.voucher(10_000n + BigInt(i))),
+    )
+    let stop = false
+    let next = 0
+    const statuses: number[] = []
+    const flood = Array.from({ length: 5 }, async () => {
+      while (!stop) {
+        const authorization = forged[next++ % forged.length]!
+        const res = await fetch(url, { method: 'HEAD', headers: { authorization } })
+        statuses.push(res.status)
+      }
+    })
+    await Bun.sleep(300)
+    // The payer's own next vouchers, five of them in half a second (half its rate), must
+    // still go through.
+    const mine: number[] = []
+    for (let i = 1; i <= 5; i++) {
+      const res = await fetch(url, {
+        method: 'HEAD',
+        headers: { authorization: await session.voucher(1_000n + 1_000n * BigInt(i)) },
+      })
+      mine.push(res.status)
+      await Bun.sleep(100)
+    }
+    stop = true
+    await Promise.all(flood)
+    // Every forged voucher was refused, and none was stored.
+    expect(statuses.length).toBeGreaterThan(10)
+    for (const status of statuses) expect([402, 429]).toContain(status)
+    expect(mine).toEqual([200, 200, 200, 200, 200])
+    expect((await Channels.get(gw.sql, channelId))!.acceptedCumulative).toBe(6_000n)
+  }, 60_000)
+})
+
+describe('a voucher published on chain by a settlement', () => {
+  const completion = (authorization: string) =>
+    fetch(url, {
+      method: 'POST',
+      headers: { authorization, 'content-type': 'application/json' },
+      body: JSON.stringify({
+        model: 'fake',
+        messages: [{ role: 'user', content: 'one two three' }],
+      }),
+    })
+
+  test('error: a stranger cannot spend the payer channel with the voucher a settle transaction made public', async () => {
+    const session = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const open = await fetch(url, {
+      method: 'HEAD',
+      headers: {
+        authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 10n }),
+      },
+    })
+    expect(open.status).toBe(200)
+    const channelId = session.channelId!
+    // The payer signs ahead (as createFetch does, by its margin) and is served.
+    const ahead = await session.voucher(50_000n)
+    const served = await completion(ahead)
+    expect(served.status).toBe(200)
+    await served.text()
+    const spentByPayer = (await Channels.get(gw.sql, channelId))!.spent
+    expect(spentByPayer).toBeGreaterThanOrEqual(10n)
+
+    // The gateway settles what was spent: the highest voucher at or below it (10), on chain.
+    const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
+      result: { status: string; txHash: Hex }
+    }
+    expect(settled.result.status).toBe('confirmed')
+
+    // Anyone reads the settle transaction's calldata: channelId, amount and the payer's signature.
+    const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
+    const { functionName, args } = decodeFunctionData({ abi: Escrow.abi, data: tx.input })
+    expect(functionName).toBe('settle')
+    const [id, amount, signature] = args as [Hex, bigint, Hex]
+    expect(id.toLowerCase()).toBe(channelId)
+
+    // A stranger (no channel, no funds) wraps it in a credential under a fresh challenge.
+    const stolen = Credential.serialize(
+      Credential.from({
+        challenge: await freshChallenge(),
+        payload: {
+          action: 'voucher',
+          channelId: id,
+          cumulativeAmount: amount.toString(),
+          signature,
+        },
+      }),
+    )
+    const res = await completion(stolen)
+    const text = await res.text()
+    // It must not be served on the payer's channel, nor charge it.
+    expect(res.status).toBe(402)
+    expect(JSON.parse(text).type).toBe(
+      'https://paymentauth.org/problems/session/insufficient-balance',
+    )
+    expect((await Channels.get(gw.sql, channelId))!.spent).toBe(spentByPayer)
+  }, 60_000)
+})
+
+describe('a close with a voucher a settle transaction made public', () => {
+  const completion = (authorization: string) =>
+    fetch(url, {
+      method: 'POST',
+      headers: { authorization, 'content-type': 'application/json' },
+      body: JSON.stringify({
+        model: 'fake',
+        messages: [{ role: 'user', content: 'one two three' }],
+      }),
+    })
+
+  test('error: a stranger cannot shut the payer channel with it', async () => {
+    const session = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const open = await fetch(url, {
+      method: 'HEAD',
+      headers: {
+        authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 10n }),
+      },
+    })
+    expect(open.status).toBe(200)
+    const channelId = session.channelId!
+    const ahead = await session.voucher(50_000n)
+    for (let i = 0; i < 2; i++) {
+      const served = await completion(ahead)
+      expect(served.status).toBe(200)
+      await served.text()
+    }
+    const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
+      result: { status: string; txHash: Hex }
+    }
+    expect(settled.result.status).toBe('confirmed')
+    const before = (await Channels.get(gw.sql, channelId))!
+    expect(before.spent).toBeGreaterThan(before.settled)
+
+    // The settle's calldata, read by anyone, and sent back as a close.
+    const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
+    const { args } = decodeFunctionData({ abi: Escrow.abi, data: tx.input })
+    const [id, amount, signature] = args as [Hex, bigint, Hex]
+    const close = Credential.serialize(
+      Credential.from({
+        challenge: await freshChallenge(),
+        payload: { action: 'close', channelId: id, cumulativeAmount: amount.toString(), signature },
+      }),
+    )
+    const refused = await fetch(url, { method: 'POST', headers: { authorization: close } })
+    await refused.text()
+    expect(refused.status).toBe(402)
+
+    // The channel is still the payer's: not closing, and it serves the payer's next request.
+    const after = (await Channels.get(gw.sql, channelId))!
+    expect(after.closeRequestedAt).toBeNull()
+    const next = await completion(ahead)
+    await next.text()
+    expect(next.status).toBe(200)
+  }, 60_000)
+})
+
+describe('an open rebuilt from public transactions', () => {
+  const completion = (authorization: string) =>
+    fetch(url, {
+      method: 'POST',
+      headers: { authorization, 'content-type': 'application/json' },
+      body: JSON.stringify({
+        model: 'fake',
+        messages: [{ role: 'user', content: 'one two three' }],
+      }),
+    })
+
+  test('error: a stranger cannot spend the payer channel with an open made of its open and settle calldata', async () => {
+    const session = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const open = await fetch(url, {
+      method: 'HEAD',
+      headers: {
+        authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 10n }),
+      },
+    })
+    expect(open.status).toBe(200)
+    const channelId = session.channelId!
+    const served = await completion(await session.voucher(50_000n))
+    expect(served.status).toBe(200)
+    await served.text()
+    const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
+      result: { status: string; txHash: Hex }
+    }
+    expect(settled.result.status).toBe('confirmed')
+    const spentByPayer = (await Channels.get(gw.sql, channelId))!.spent
+
+    // Both transactions are public: the gateway's openWithAuthorization and its settle.
+    const [row] = await gw.sql`
+      select encode(tx_hash, 'hex') as hash from chain_transactions
+      where channel_id = ${Buffer.from(channelId.slice(2), 'hex')} and kind = 'open'`
+    const opened = decodeFunctionData({
+      abi: Escrow.abi,
+      data: (await getTransaction(chain.payeeClient, { hash: `0x${row!.hash}` as Hex })).input,
+    }).args as readonly unknown[]
+    const [, , deposit, salt, , from, validAfter, validBefore, nonce, eip3009] = opened as [
+      Hex,
+      Hex,
+      bigint,
+      Hex,
+      Hex,
+      Hex,
+      bigint,
+      bigint,
+      Hex,
+      Hex,
+    ]
+    const [, amount, signature] = decodeFunctionData({
+      abi: Escrow.abi,
+      data: (await getTransaction(chain.payeeClient, { hash: settled.result.txHash })).input,
+    }).args as [Hex, bigint, Hex]
+    const stolen = Credential.serialize(
+      Credential.from({
+        challenge: await freshChallenge(),
+        payload: {
+          action: 'open',
+          type: 'authorization',
+          channelId,
+          salt,
+          authorization: {
+            from,
+            to: chain.escrowAddress,
+            value: deposit.toString(),
+            validAfter: validAfter.toString(),
+            validBefore: validBefore.toString(),
+            nonce,
+          },
+          signature: eip3009,
+          cumulativeAmount: amount.toString(),
+          voucherSignature: signature,
+        },
+      }),
+    )
+    const res = await completion(stolen)
+    await res.text()
+    expect(res.status).toBe(402)
+    expect((await Channels.get(gw.sql, channelId))!.spent).toBe(spentByPayer)
+  }, 60_000)
+})
