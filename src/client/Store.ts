@@ -126,22 +126,56 @@ process.on('exit', () => {
 export function file(path: string): Store {
   let queue: Promise<unknown> = Promise.resolve()
   const lockPath = `${path}.lock`
+  const age = (p: string) =>
+    stat(p).then(
+      (st) => Date.now() - st.mtimeMs,
+      () => 0,
+    )
+  /** Whether lock file `p` was left by a process that died holding it: the pid it holds is
+   * gone, or (no pid readable) it is older than any write takes. */
+  const stale = async (p: string) => {
+    const pid = Number(await readFile(p, 'utf8').catch(() => ''))
+    if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && !alive(pid)) return true
+    return (await age(p)) > LOCK_STALE_MS
+  }
+  /**
+   * Removes the write lock if it is stale (left by a process that died holding it); whether
+   * it did. Under a second lock: two writers that both found it stale would otherwise both
+   * remove it, the later one the lock the earlier one had taken meanwhile, and both write.
+   */
+  const takeOver = async (): Promise<boolean> => {
+    if (!(await stale(lockPath))) return false
+    const breaking = `${lockPath}.stale`
+    try {
+      await (await open(breaking, 'wx')).close()
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e
+      // Another writer is at it; one that died at it left this one old.
+      if ((await age(breaking)) > LOCK_STALE_MS) await unlink(breaking).catch(() => {})
+      return false
+    }
+    try {
+      // Looked at again under the second lock: still the stale one, not one taken since.
+      if (!(await stale(lockPath))) return false
+      await unlink(lockPath).catch(() => {})
+      return true
+    } finally {
+      await unlink(breaking).catch(() => {})
+    }
+  }
   /** Runs `f` holding the file's write lock (waiting for another process's write). */
   const locked = async <T>(f: () => Promise<T>): Promise<T> => {
     await mkdir(dirname(path), { recursive: true })
     const deadline = Date.now() + LOCK_WAIT_MS
     for (;;) {
       try {
-        await (await open(lockPath, 'wx')).close()
+        const lock = await open(lockPath, 'wx')
+        await lock.writeFile(String(process.pid)).finally(() => lock.close())
         break
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e
-        const since = await stat(lockPath).then(
-          (st) => Date.now() - st.mtimeMs,
-          () => 0,
-        )
-        if (since > LOCK_STALE_MS) await unlink(lockPath).catch(() => {})
-        else if (Date.now() > deadline)
+        if (await takeOver()) continue
+        if (Date.now() > deadline)
           throw new ClientError(
             `The channel store ${path} stayed locked by another process for ${LOCK_WAIT_MS / 1000} s (${lockPath}); if no other process uses the store, delete that file.`,
             { path },

@@ -1,5 +1,5 @@
 import { describe, expect, test } from 'bun:test'
-import { mkdtemp, readdir, writeFile } from 'node:fs/promises'
+import { mkdtemp, readdir, utimes, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import fc from 'fast-check'
@@ -165,6 +165,34 @@ describe('file across processes', () => {
     const all = await Store.file(path).all!()
     expect(Object.keys(all.channels).length).toBe(80)
     expect(all.closedTotals.total).toBe(2n)
+  }, 30_000)
+
+  test('behavior: a stale lock (its writer died) found by several writers at once is taken over by one at a time: every write lands', async () => {
+    // Stores of their own stand for processes: they share nothing but the files.
+    for (let trial = 0; trial < 30; trial++) {
+      const path = join(await dir(), 'channels.json')
+      // Left a minute ago by a process that died holding it.
+      await writeFile(`${path}.lock`, '')
+      const old = new Date(Date.now() - 60_000)
+      await utimes(`${path}.lock`, old, old)
+      const writers = Array.from({ length: 4 }, () => Store.file(path))
+      const done = await Promise.allSettled(writers.map((w) => w.addClosedTotal('total', 1n)))
+      expect(done.filter((d) => d.status === 'rejected')).toEqual([])
+      expect(await Store.file(path).closedTotal('total')).toBe(4n)
+    }
+  }, 60_000)
+
+  test('behavior: a lock left by a writer that died mid-write is taken over at once, not after its age', async () => {
+    const path = join(await dir(), 'channels.json')
+    // A process that wrote its pid in the lock, then died (killed mid-write).
+    const dead = child(`console.log('started')`)
+    await printed(dead, 'started')
+    expect(await dead.exited).toBe(0)
+    await writeFile(`${path}.lock`, String(dead.pid))
+    const started = performance.now()
+    await Store.file(path).addClosedTotal('total', 1n)
+    expect(performance.now() - started).toBeLessThan(1_000)
+    expect(await Store.file(path).closedTotal('total')).toBe(1n)
   }, 30_000)
 
   test('error: a key another live process owns → StoreInUseError naming it; once it is gone, the key is taken over', async () => {
