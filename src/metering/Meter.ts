@@ -167,6 +167,8 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     return r
   }
   let upper = 0
+  // Set when the payer refused a hold for the bound alone (see `ahead`), until it extends again.
+  let tight = false
   /** The exact tokens sent; `upper` becomes the bound of that count's state. */
   const fold = () => {
     let n = 0
@@ -323,12 +325,25 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
               })
               for (const [i, t] of byChoice) total += more(textOf(i), t)
             }
-            if (total > covered) {
+            // The count fits, the bound does not even counted (a text's tail is bounded by its
+            // bytes: in a run of CJK or emoji, up to twice its count): each next chunk would be
+            // counted exactly, the tail again with it. Hold what the bound needs, and a block,
+            // if the payer can; if not, count chunk by chunk to the end of what it holds.
+            const ahead = total <= covered && !tight && upper + bound > covered
+            if ((total > covered || ahead) && out.length > 0) {
               // Send what is paid for first, so `delivered` is what the client has.
-              if (out.length > 0) {
-                yield sending(out)
-                out = []
-              }
+              yield sending(out)
+              out = []
+            }
+            if (ahead) {
+              const short = Pricing.cost(price, o.promptTokens, upper + bound) - reservation.held
+              renewedAt = performance.now()
+              const delivered = Pricing.cost(price, o.promptTokens, exact)
+              if (await reservation.extend(short + Pricing.cost(price, 0, block), delivered)) {
+                covered = coveredBy(reservation.held)
+                block = Math.min(block * 2, maxBlock)
+              } else tight = true
+            } else if (total > covered) {
               // Pay before sending: extend a block at a time, then exactly what this chunk
               // needs, then (channels) wait for the payer.
               // The cost of what was sent so far: what a dead instance's request is charged.
@@ -355,6 +370,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
               }
               covered = coveredBy(reservation.held)
               if (status !== 'ok') break
+              tight = false
             }
           }
           if (bound > 0) {

@@ -51,35 +51,45 @@ function windowed(text: string, most: number): number {
 }
 
 /**
- * Where a window from `at` ends, at most at `end`: before the last space that follows a
- * letter or digit and precedes a letter (" word": the pre-tokenizer cuts there too, so the
- * count is the whole text's), else before the last whitespace, else at `end` (moved back
- * off the second half of a surrogate pair).
+ * Where a window from `at` ends, at most at `end`: at the last place a pre-token starts
+ * whatever follows (`startsAt`: before " word", or before punctuation after a word; the
+ * pre-tokenizer cuts there too, so the count is the whole text's), else before the last
+ * whitespace, else at `end` (moved back off the second half of a surrogate pair).
  */
 function cut(text: string, at: number, end: number): number {
-  for (let i = end - 1; i > at; i--)
-    if (
-      text.charCodeAt(i) === 0x20 &&
-      WORD_END.test(text[i - 1]!) &&
-      i + 1 < text.length &&
-      WORD_START.test(text[i + 1]!)
-    )
-      return i
+  for (let i = end - 1; i > at; i--) if (startsAt(text, i)) return i
   for (let i = end - 1; i > at; i--) if (WHITESPACE.test(text[i]!)) return i
   const c = text.charCodeAt(end)
   return c >= 0xdc00 && c <= 0xdfff ? end - 1 : end
 }
 
 /**
- * Where the last " word" of `text` from `at` starts (the rule of `cut`), or `at`: the text
- * before it counts the same whatever comes after.
+ * The last place in `text` after `at` where a pre-token starts whatever comes after, or `at`:
+ * before " word" (a space between a letter or digit and a letter, the rule of `cut`), or
+ * before punctuation that follows a letter or digit (a word or number ends there; not an
+ * ASCII apostrophe, which may go on as "'s"). The text before it counts the same whatever
+ * comes after.
  */
-function lastWordStart(text: string, at: number): number {
-  for (let i = text.length - 2; i > at; i--)
-    if (text.charCodeAt(i) === 0x20 && WORD_END.test(text[i - 1]!) && WORD_START.test(text[i + 1]!))
-      return i
+function lastStart(text: string, at: number): number {
+  for (let i = text.length - 1; i > at; i--) if (startsAt(text, i)) return i
   return at
 }
+
+/** Whether a pre-token starts at `i` of `text` whatever comes after (see `lastStart`). */
+function startsAt(text: string, i: number): boolean {
+  if (!WORD_END.test(text[i - 1]!)) return false
+  const c = text[i]!
+  if (c === ' ') return i + 1 < text.length && WORD_START.test(text[i + 1]!)
+  return c !== "'" && PUNCTUATION.test(c)
+}
+
+/**
+ * The longest tail `Running` keeps: one without such a place (a run of CJK, emoji, a letter
+ * repeated) is cut shorter, at whitespace or between characters (a token split there counts
+ * twice: at most one token more a TAIL / 2 characters of such a run). A tail is counted again
+ * with every fold, and its bound (bytes) runs ahead of its count.
+ */
+const TAIL = 64
 
 /** Pieces kept uncounted by `Running` until they pass this many UTF-16 units. */
 const PIECES = 16_384
@@ -88,8 +98,9 @@ const PIECES = 16_384
  * The count of a text that arrives in pieces (a stream's output, a chunk at a time), as the
  * whole text counts: pieces are not counted one by one, which counts a token split across
  * two pieces twice (a sentence sent a character a chunk: a token a character). The text
- * before its last " word" (or a window, see `cut`) is counted for good; what follows, the
- * tail, is counted again with the pieces after it. Pieces are kept uncounted until asked.
+ * before the last place a pre-token starts whatever follows (`lastStart`; in a long run
+ * without one, see `TAIL`) is counted for good; what follows, the tail, is counted again with
+ * the pieces after it. Pieces are kept uncounted until asked.
  */
 export class Running {
   /** Tokens of the text before `tail`. */
@@ -99,6 +110,9 @@ export class Running {
   private pieces: string[] = []
   private piecesLength = 0
   private piecesBound = 0
+  /** The split `tokensWith` made of the tail and a piece: the fold after that piece reuses it
+   * (a stream short of its reservation asks for each chunk, then sends it). */
+  private peeked: { piece: string; split: Split } | undefined
 
   /** Adds a piece of text, uncounted. */
   push(piece: string): void {
@@ -130,12 +144,18 @@ export class Running {
   tokensWith(piece: string): number {
     this.fold()
     const r = split(this.tail + piece)
+    this.peeked = { piece, split: r }
     return this.counted + r.counted + r.tailTokens
   }
 
   private fold() {
     if (this.pieces.length === 0) return
-    const r = split(this.tail + this.pieces.join(''))
+    const peeked = this.peeked
+    this.peeked = undefined
+    const r =
+      peeked !== undefined && this.pieces.length === 1 && peeked.piece === this.pieces[0]
+        ? peeked.split
+        : split(this.tail + this.pieces.join(''))
     this.counted += r.counted
     this.tail = r.tail
     this.tailTokens = r.tailTokens
@@ -145,8 +165,10 @@ export class Running {
   }
 }
 
-/** `text` as a part counted for good (windows, then up to its last " word") and a tail. */
-function split(text: string): { counted: number; tail: string; tailTokens: number } {
+type Split = { counted: number; tail: string; tailTokens: number }
+
+/** `text` as a part counted for good (windows, then up to `lastStart`) and a tail. */
+function split(text: string): Split {
   let counted = 0
   let at = 0
   while (text.length - at > WINDOW) {
@@ -154,15 +176,24 @@ function split(text: string): { counted: number; tail: string; tailTokens: numbe
     counted += countTokens(text.slice(at, end), PLAIN)
     at = end
   }
-  const start = lastWordStart(text, at)
-  if (start > at) counted += count(text.slice(at, start))
-  const tail = text.slice(start)
+  const start = lastStart(text, at)
+  if (start > at) {
+    counted += count(text.slice(at, start))
+    at = start
+  }
+  if (text.length - at > TAIL) {
+    const end = cut(text, at, text.length - TAIL / 2)
+    counted += count(text.slice(at, end))
+    at = end
+  }
+  const tail = text.slice(at)
   return { counted, tail, tailTokens: count(tail) }
 }
 
 const WORD_END = /[\p{L}\p{N}]/u
 const WORD_START = /\p{L}/u
 const WHITESPACE = /\s/
+const PUNCTUATION = /[^\s\p{L}\p{N}\p{M}]/u
 
 /**
  * An upper bound of `count(text)`, at a tenth of its cost: the text's UTF-8 bytes, as

@@ -182,6 +182,77 @@ describe('stream', () => {
     expect(cut.tokens).toBeGreaterThanOrEqual(5)
   })
 
+  test('behavior: a run without spaces sent a character a chunk is metered in time linear in its length, as prose is', async () => {
+    // Random characters (the BPE caches what it has seen): CJK, emoji, letters, and Chinese
+    // prose (phrases between commas), a character a chunk, reservations of the default block.
+    let seed = 1
+    const next = (n: number) => {
+      seed = (seed * 1103515245 + 12345) % 2147483648
+      return Math.floor((seed / 2147483648) * n)
+    }
+    const runs: Record<string, () => string> = {
+      cjk: () => String.fromCharCode(0x4e00 + next(2000)),
+      emoji: () => String.fromCodePoint(0x1f600 + next(60)),
+      letters: () => String.fromCharCode(97 + next(26)),
+      prose: () => (next(10) === 0 ? '\uff0c' : String.fromCharCode(0x4e00 + next(3000))),
+    }
+    for (const [kind, char] of Object.entries(runs)) {
+      const chars = Array.from({ length: 10_000 }, char)
+      const r = reservation(10n ** 15n, 0n)
+      const started = performance.now()
+      for await (const _ of Meter.stream({
+        price,
+        promptTokens: PROMPT,
+        blockTokens: 64,
+        reservation: r,
+        chunks: batches(chars.map((c) => [c])),
+        signal: new AbortController().signal,
+        startedAt: performance.now(),
+      })) {
+      }
+      const ms = performance.now() - started
+      // Counting the whole run again each chunk took seconds (CJK 10,000: 17.5 s).
+      expect({ kind, slow: ms > 1_000 }).toEqual({ kind, slow: false })
+      expect(r.outcome).toMatchObject({ status: 'ok' })
+      expect(r.outcome!.completionTokens).toBeLessThanOrEqual(Tokenizer.bound(chars.join('')))
+    }
+  }, 120_000)
+
+  test('property: runs without a word boundary (CJK, emoji, one letter), a character a chunk, under tight balances: every send covered, a cut stream charged the tokens sent', async () => {
+    const char = fc.oneof(
+      fc.integer({ min: 0x4e00, max: 0x4fff }).map((c) => String.fromCharCode(c)),
+      fc.integer({ min: 0x1f600, max: 0x1f64f }).map((c) => String.fromCodePoint(c)),
+      fc.constantFrom('a', 'z', '，', ' '),
+    )
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(char, { minLength: 1, maxLength: 300, size: 'max' }),
+        fc.bigInt({ min: 0n, max: 1_500n }),
+        fc.integer({ min: 1, max: 64 }),
+        async (chars, balance, blockTokens) => {
+          const held = Pricing.cost(price, PROMPT, Math.min(blockTokens, 4))
+          const { r, sends, tokens, end } = await run({
+            texts: chars.map((c) => [c]),
+            balance,
+            held,
+            blockTokens,
+          })
+          for (const s of sends)
+            expect(Pricing.cost(price, PROMPT, s.tokens)).toBeLessThanOrEqual(s.held)
+          expect(r.outcome!.completionTokens).toBe(tokens)
+          expect(end.usage.completion_tokens).toBe(tokens)
+          if (r.outcome!.status !== 'insufficient_funds') {
+            expect(r.outcome!.status).toBe('ok')
+            // A run past 64 characters without a place a pre-token starts is cut (Tokenizer.TAIL).
+            const whole = countTokens(chars.join(''), PLAIN)
+            expect(Math.abs(tokens - whole)).toBeLessThanOrEqual(Math.ceil(chars.length / 32))
+          }
+        },
+      ),
+      { numRuns: 200 },
+    )
+  }, 60_000)
+
   test('behavior: a stream that ends with usage is charged the upstream count', async () => {
     const texts = [Array.from({ length: 50 }, () => ' w')]
     const { r } = await run({ texts, usage: 55, balance: 10_000n, held: 100n })
