@@ -129,6 +129,10 @@ export type StreamOptions = {
  */
 export const GROWTH = 16
 
+/** How far a chunk's bound may pass the reservation, tokens, before the stream holds more
+ * ahead of its exact count (see `stream`). */
+const AHEAD_GAP = 16
+
 /**
  * Meters a stream: yields the chunks to send, in order, each one paid for before it is yielded.
  *
@@ -329,7 +333,10 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
             // bytes: in a run of CJK or emoji, up to twice its count): each next chunk would be
             // counted exactly, the tail again with it. Hold what the bound needs, and a block,
             // if the payer can; if not, count chunk by chunk to the end of what it holds.
-            const ahead = total <= covered && !tight && upper + bound > covered
+            // (Only where the two differ by more than a few tokens: near the end of what
+            // prose holds, counting each chunk costs little, and holding more would extend a
+            // stream that may be about to end.)
+            const ahead = total <= covered && !tight && upper + bound > covered + AHEAD_GAP
             if ((total > covered || ahead) && out.length > 0) {
               // Send what is paid for first, so `delivered` is what the client has.
               yield sending(out)

@@ -77,10 +77,10 @@ function lastStart(text: string, at: number): number {
 
 /** Whether a pre-token starts at `i` of `text` whatever comes after (see `lastStart`). */
 function startsAt(text: string, i: number): boolean {
-  if (!WORD_END.test(text[i - 1]!)) return false
-  const c = text[i]!
-  if (c === ' ') return i + 1 < text.length && WORD_START.test(text[i + 1]!)
-  return c !== "'" && PUNCTUATION.test(c)
+  if (!wordEnd(text.charCodeAt(i - 1))) return false
+  const c = text.charCodeAt(i)
+  if (c === 0x20) return i + 1 < text.length && wordStart(text.charCodeAt(i + 1))
+  return punctuation(c)
 }
 
 /**
@@ -143,7 +143,7 @@ export class Running {
   /** The tokens the text would have with `piece` added (it is not added). */
   tokensWith(piece: string): number {
     this.fold()
-    const r = split(this.tail + piece)
+    const r = joined(this.tail, [piece])
     this.peeked = { piece, split: r }
     return this.counted + r.counted + r.tailTokens
   }
@@ -155,7 +155,7 @@ export class Running {
     const r =
       peeked !== undefined && this.pieces.length === 1 && peeked.piece === this.pieces[0]
         ? peeked.split
-        : split(this.tail + this.pieces.join(''))
+        : joined(this.tail, this.pieces)
     this.counted += r.counted
     this.tail = r.tail
     this.tailTokens = r.tailTokens
@@ -166,6 +166,38 @@ export class Running {
 }
 
 type Split = { counted: number; tail: string; tailTokens: number }
+
+/**
+ * `tail` and then `pieces` as one text, split as `split` does. A piece that starts where a
+ * pre-token starts whatever follows (most of a stream's chunks: " word") ends what came before
+ * it, which is counted on its own (a short text from the cache): the BPE runs only over text
+ * whose pieces run into one another.
+ */
+function joined(tail: string, pieces: readonly string[]): Split {
+  let counted = 0
+  let text = tail
+  for (let k = 0; k < pieces.length; k++) {
+    const p = pieces[k]!
+    if (text.length > 0 && startsBetween(text, p, pieces[k + 1])) {
+      counted += count(text)
+      text = p
+    } else text += p
+  }
+  const r = split(text)
+  return { ...r, counted: counted + r.counted }
+}
+
+/** Whether a pre-token starts at the start of `piece`, after `text` (`startsAt`); `next`, the
+ * piece after it, if any. */
+function startsBetween(text: string, piece: string, next: string | undefined): boolean {
+  if (piece.length === 0 || !wordEnd(text.charCodeAt(text.length - 1))) return false
+  const c = piece.charCodeAt(0)
+  if (c === 0x20) {
+    const after = piece.length > 1 ? piece.charCodeAt(1) : next?.charCodeAt(0)
+    return after !== undefined && !Number.isNaN(after) && wordStart(after)
+  }
+  return punctuation(c)
+}
 
 /** `text` as a part counted for good (windows, then up to `lastStart`) and a tail. */
 function split(text: string): Split {
@@ -194,6 +226,25 @@ const WORD_END = /[\p{L}\p{N}]/u
 const WORD_START = /\p{L}/u
 const WHITESPACE = /\s/
 const PUNCTUATION = /[^\s\p{L}\p{N}\p{M}]/u
+
+// The classes above for one UTF-16 unit, ASCII without a regular expression (a stream's
+// every chunk is looked at). A surrogate half is none of letter, digit or mark: it ends no
+// word and starts no pre-token here (a cut is only ever missed, never made wrongly).
+const isLetter = (c: number) => (c >= 0x61 && c <= 0x7a) || (c >= 0x41 && c <= 0x5a)
+const isDigit = (c: number) => c >= 0x30 && c <= 0x39
+function wordEnd(c: number): boolean {
+  if (c < 0x80) return isLetter(c) || isDigit(c)
+  return c < 0xd800 || c > 0xdfff ? WORD_END.test(String.fromCharCode(c)) : false
+}
+function wordStart(c: number): boolean {
+  if (c < 0x80) return isLetter(c)
+  return c < 0xd800 || c > 0xdfff ? WORD_START.test(String.fromCharCode(c)) : false
+}
+/** Punctuation that ends a word before it (not an ASCII apostrophe: "'s" goes on the word). */
+function punctuation(c: number): boolean {
+  if (c < 0x80) return c > 0x20 && c < 0x7f && c !== 0x27 && !isLetter(c) && !isDigit(c)
+  return PUNCTUATION.test(String.fromCharCode(c))
+}
 
 /**
  * An upper bound of `count(text)`, at a tenth of its cost: the text's UTF-8 bytes, as
