@@ -159,6 +159,9 @@ export type Applied = Method.Applied
 export const unitType = 'llm-output-token-per-1M'
 export const inputUnitType = 'llm-input-token-per-1M'
 
+/** How long a channel's settled amount, once read, stands for replayed vouchers (ms). */
+const SETTLED_FRESH_MS = 1_000
+
 export function create(o: Options) {
   // Who signs a channel's vouchers never changes: kept in memory after the first lookup.
   const signers = new Lru<string, Hex>(100_000)
@@ -176,6 +179,8 @@ export function create(o: Options) {
     accepted.set(channelId, amount)
   }
   const isReplay = (channelId: Hex, amount: bigint) => (accepted.get(channelId) ?? -1n) >= amount
+  // The voucher each channel last showed above what was settled (`unsettled`), and when.
+  const aboveSettled = new Lru<string, { amount: bigint; at: number }>(100_000)
 
   const request = (price: Price, channelId?: Hex): Record<string, unknown> => ({
     ...Session.request({
@@ -289,6 +294,17 @@ export function create(o: Options) {
    * (settled <= spent <= acceptedCumulative, and one at `spent` leaves no balance to use).
    */
   const unsettled = async (v: { channelId: Hex; cumulativeAmount: bigint }) => {
+    // Most paid requests carry the voucher the one before did: one found above what was
+    // settled within the last second is taken as it was, without a read. (What was settled
+    // is known once the settle is mined, its calldata public in the mempool before: for this
+    // same voucher, a window a second longer.)
+    const seen = aboveSettled.get(v.channelId)
+    if (
+      seen &&
+      seen.amount === v.cumulativeAmount &&
+      performance.now() - seen.at < SETTLED_FRESH_MS
+    )
+      return
     const c = await o.store.get(v.channelId)
     // Nothing settled, nothing published (a settle raises `settled` above 0).
     if (c && c.settled > 0n && v.cumulativeAmount <= c.settled)
@@ -303,6 +319,7 @@ export function create(o: Options) {
           deposit: c.deposit,
         },
       )
+    aboveSettled.set(v.channelId, { amount: v.cumulativeAmount, at: performance.now() })
   }
 
   /** Verifies and applies a credential's action. `price` is the challenge's `amount`. */
