@@ -45,11 +45,11 @@ export class VoucherLimiter {
     return this.perSecond
   }
 
-  /** Whether the channel has room for one more submission now (takes nothing). */
-  allows(channelId: string, replay = false, now = Date.now()): boolean {
-    if (replay) return true
+  /** Gives back a submission `take` took (one that proved not to be the channel's). */
+  refund(channelId: string, replay = false): void {
+    if (replay) return
     const b = this.buckets.get(channelId.toLowerCase())
-    return b === undefined || b.tokens + ((now - b.at) / 1000) * this.perSecond >= 1
+    if (b) b.tokens = Math.min(this.perSecond, b.tokens + 1)
   }
 
   /** Takes one submission for the channel (none for a replay); false when over the rate. */

@@ -94,6 +94,35 @@ describe('voucher rate limit (evm-session "Denial of Service")', () => {
   }, 60_000)
 })
 
+describe('voucher rate limit, valid vouchers at once', () => {
+  test('error: forty valid vouchers sent at once are held to the channel rate of 10 a second', async () => {
+    const session = new PayingSession({
+      account: payer,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const open = await fetch(url, {
+      method: 'HEAD',
+      headers: {
+        authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n }),
+      },
+    })
+    expect(open.status).toBe(200)
+    const vouchers: string[] = []
+    for (let i = 1; i <= 40; i++) vouchers.push(await session.voucher(1_000n + 1_000n * BigInt(i)))
+    const statuses = await Promise.all(
+      vouchers.map(async (authorization) => {
+        const res = await fetch(url, { method: 'HEAD', headers: { authorization } })
+        await res.arrayBuffer()
+        return res.status
+      }),
+    )
+    // Checked before any waits and counted after, all forty went through.
+    expect(statuses.filter((s) => s === 429).length).toBeGreaterThanOrEqual(20)
+    expect(statuses.filter((s) => s === 200).length).toBeGreaterThanOrEqual(1)
+  }, 60_000)
+})
+
 describe('a voucher published on chain by a settlement', () => {
   const completion = (authorization: string) =>
     fetch(url, {

@@ -194,7 +194,9 @@ async function serve(
     // Aborted when the client goes, or when the request loses its reservation (Meter.complete).
     const call = new AbortController()
     const onAbort = () => call.abort(signal.reason)
-    signal.addEventListener('abort', onAbort, { once: true })
+    // Gone already (during admission): no 'abort' event will come.
+    if (signal.aborted) onAbort()
+    else signal.addEventListener('abort', onAbort, { once: true })
     const { completion, usage } = await Meter.complete({
       price,
       promptTokens,
@@ -378,9 +380,11 @@ export function routes(deps: Deps) {
     // channel's signer did not sign (anyone can forge one: channelIds are public) is no
     // submission of the channel's, and counted, it would let a stranger use up its payer's
     // rate and starve a stream waiting for a voucher.
+    // Taken before anything waits (submissions under way at once each take one), and given
+    // back when the signature proves not to be the channel signer's: forged vouchers (channel
+    // ids are public) would otherwise use up the payer's rate and starve a paused stream.
     const limited = action === 'voucher' || action === 'topUp'
-    const count = () => limited && payments.limiter.take(channelId, checked.replay)
-    if (limited && !payments.limiter.allows(channelId, checked.replay))
+    if (limited && !payments.limiter.take(channelId, checked.replay))
       throw new RateLimitError(
         `At most ${payments.limiter.perSecondLimit} voucher or top-up submissions per second per channel; sign vouchers further ahead.`,
         'voucher_rate_limited',
@@ -393,10 +397,10 @@ export function routes(deps: Deps) {
     try {
       applied = await method.apply(checked, { beforeRequest: !management })
     } catch (e) {
-      if (!(e instanceof Problem.PaymentProblem && unsigned.has(e.kind))) count()
+      if (limited && e instanceof Problem.PaymentProblem && unsigned.has(e.kind))
+        payments.limiter.refund(channelId, checked.replay)
       throw e
     }
-    count()
     if (action !== 'close' && applied.channel) payments.wake(channelId)
     const receiptOf = (channel: Method.State, txHash?: Method.Hex, units?: number) =>
       method.receipt({
