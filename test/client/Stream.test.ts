@@ -3,6 +3,7 @@ import { createParser, type EventSourceMessage } from 'eventsource-parser'
 import fc from 'fast-check'
 import * as Stream from '../../src/client/Stream.ts'
 import * as Events from '../../src/payment/Events.ts'
+import { cutAt } from '../helpers/Cut.ts'
 
 const channelId = `0x${'ab'.repeat(32)}` as const
 const need = Events.needVoucher({
@@ -36,17 +37,11 @@ async function events(stream: ReadableStream<Uint8Array>) {
 }
 
 /** Splits `text` at the given fractions, to feed it in arbitrary chunks. */
-const split = (text: string, cuts: number[]) => {
-  const at = [...new Set(cuts.map((c) => Math.floor(c * text.length)))].sort((a, b) => a - b)
-  const out: string[] = []
-  let from = 0
-  for (const i of at) {
-    out.push(text.slice(from, i))
-    from = i
-  }
-  out.push(text.slice(from))
-  return out
-}
+const split = (text: string, cuts: number[]) =>
+  cutAt(
+    text,
+    cuts.map((c) => Math.floor(c * text.length)),
+  )
 
 const handlers = (seen: { needs: unknown[]; receipts: unknown[] }): Stream.Handlers => ({
   async onNeedVoucher(n) {

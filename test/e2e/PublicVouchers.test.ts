@@ -34,21 +34,60 @@ async function freshChallenge() {
   return challengeOf(res.headers.get('www-authenticate'))!
 }
 
+/** A completion request paid with the credential `authorization`. */
+const completion = (authorization: string) =>
+  fetch(url, {
+    method: 'POST',
+    headers: { authorization, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'one two three' }] }),
+  })
+
+/** A channel the payer opened (HEAD, no request) with an initial voucher for `initial`. */
+async function opened(initial: bigint) {
+  const session = new PayingSession({
+    account: payer,
+    challenge: await freshChallenge(),
+    tokenDomain,
+  })
+  const open = await fetch(url, {
+    method: 'HEAD',
+    headers: { authorization: await session.openWithAuthorization({ deposit: 100_000n, initial }) },
+  })
+  expect(open.status).toBe(200)
+  return session
+}
+
+/**
+ * A channel whose payer signed ahead (a voucher for 50,000, as createFetch does by its margin)
+ * and was served `requests` times, then settled by the gateway (the highest voucher at or
+ * below spent: the initial 10, on chain); what anyone reads in the settle's calldata.
+ */
+async function settledChannel(requests: number) {
+  const session = await opened(10n)
+  const channelId = session.channelId!
+  const ahead = await session.voucher(50_000n)
+  for (let i = 0; i < requests; i++) {
+    const served = await completion(ahead)
+    expect(served.status).toBe(200)
+    await served.text()
+  }
+  const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
+    result: { status: string; txHash: Hex }
+  }
+  expect(settled.result.status).toBe('confirmed')
+  const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
+  const { functionName, args } = decodeFunctionData({ abi: Escrow.abi, data: tx.input })
+  expect(functionName).toBe('settle')
+  const [id, amount, signature] = args as [Hex, bigint, Hex]
+  expect(id.toLowerCase()).toBe(channelId)
+  const spent = (await Channels.get(gw.sql, channelId))!.spent
+  return { channelId, ahead, spent, amount, signature }
+}
+
 describe('voucher rate limit (evm-session "Denial of Service")', () => {
   test('error: vouchers a stranger forges for a channel do not use up the rate of its payer', async () => {
     // The payer opens a channel (HEAD, no request).
-    const session = new PayingSession({
-      account: payer,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
-    const open = await fetch(url, {
-      method: 'HEAD',
-      headers: {
-        authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n }),
-      },
-    })
-    expect(open.status).toBe(200)
+    const session = await opened(1_000n)
     const channelId = session.channelId!
 
     // A stranger knows the channelId (it is public on chain) and nothing else: it signs
@@ -96,18 +135,7 @@ describe('voucher rate limit (evm-session "Denial of Service")', () => {
 
 describe('voucher rate limit, valid vouchers at once', () => {
   test('error: forty valid vouchers sent at once are held to the channel rate of 10 a second', async () => {
-    const session = new PayingSession({
-      account: payer,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
-    const open = await fetch(url, {
-      method: 'HEAD',
-      headers: {
-        authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n }),
-      },
-    })
-    expect(open.status).toBe(200)
+    const session = await opened(1_000n)
     const vouchers: string[] = []
     for (let i = 1; i <= 40; i++) vouchers.push(await session.voucher(1_000n + 1_000n * BigInt(i)))
     const statuses = await Promise.all(
@@ -124,61 +152,14 @@ describe('voucher rate limit, valid vouchers at once', () => {
 })
 
 describe('a voucher published on chain by a settlement', () => {
-  const completion = (authorization: string) =>
-    fetch(url, {
-      method: 'POST',
-      headers: { authorization, 'content-type': 'application/json' },
-      body: JSON.stringify({
-        model: 'fake',
-        messages: [{ role: 'user', content: 'one two three' }],
-      }),
-    })
-
   test('error: a stranger cannot spend the payer channel with the voucher a settle transaction made public', async () => {
-    const session = new PayingSession({
-      account: payer,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
-    const open = await fetch(url, {
-      method: 'HEAD',
-      headers: {
-        authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 10n }),
-      },
-    })
-    expect(open.status).toBe(200)
-    const channelId = session.channelId!
-    // The payer signs ahead (as createFetch does, by its margin) and is served.
-    const ahead = await session.voucher(50_000n)
-    const served = await completion(ahead)
-    expect(served.status).toBe(200)
-    await served.text()
-    const spentByPayer = (await Channels.get(gw.sql, channelId))!.spent
-    expect(spentByPayer).toBeGreaterThanOrEqual(10n)
-
-    // The gateway settles what was spent: the highest voucher at or below it (10), on chain.
-    const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
-      result: { status: string; txHash: Hex }
-    }
-    expect(settled.result.status).toBe('confirmed')
-
-    // Anyone reads the settle transaction's calldata: channelId, amount and the payer's signature.
-    const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
-    const { functionName, args } = decodeFunctionData({ abi: Escrow.abi, data: tx.input })
-    expect(functionName).toBe('settle')
-    const [id, amount, signature] = args as [Hex, bigint, Hex]
-    expect(id.toLowerCase()).toBe(channelId)
-
+    const { channelId, spent, amount, signature } = await settledChannel(1)
+    expect(spent).toBeGreaterThanOrEqual(10n)
     // A stranger (no channel, no funds) wraps it in a credential under a fresh challenge.
     const stolen = Credential.serialize(
       Credential.from({
         challenge: await freshChallenge(),
-        payload: {
-          action: 'voucher',
-          channelId: id,
-          cumulativeAmount: amount.toString(),
-          signature,
-        },
+        payload: { action: 'voucher', channelId, cumulativeAmount: amount.toString(), signature },
       }),
     )
     const res = await completion(stolen)
@@ -188,62 +169,25 @@ describe('a voucher published on chain by a settlement', () => {
     expect(JSON.parse(text).type).toBe(
       'https://paymentauth.org/problems/session/insufficient-balance',
     )
-    expect((await Channels.get(gw.sql, channelId))!.spent).toBe(spentByPayer)
+    expect((await Channels.get(gw.sql, channelId))!.spent).toBe(spent)
   }, 60_000)
 })
 
 describe('a close with a voucher a settle transaction made public', () => {
-  const completion = (authorization: string) =>
-    fetch(url, {
-      method: 'POST',
-      headers: { authorization, 'content-type': 'application/json' },
-      body: JSON.stringify({
-        model: 'fake',
-        messages: [{ role: 'user', content: 'one two three' }],
-      }),
-    })
-
   test('error: a stranger cannot shut the payer channel with it', async () => {
-    const session = new PayingSession({
-      account: payer,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
-    const open = await fetch(url, {
-      method: 'HEAD',
-      headers: {
-        authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 10n }),
-      },
-    })
-    expect(open.status).toBe(200)
-    const channelId = session.channelId!
-    const ahead = await session.voucher(50_000n)
-    for (let i = 0; i < 2; i++) {
-      const served = await completion(ahead)
-      expect(served.status).toBe(200)
-      await served.text()
-    }
-    const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
-      result: { status: string; txHash: Hex }
-    }
-    expect(settled.result.status).toBe('confirmed')
+    const { channelId, ahead, amount, signature } = await settledChannel(2)
     const before = (await Channels.get(gw.sql, channelId))!
     expect(before.spent).toBeGreaterThan(before.settled)
-
     // The settle's calldata, read by anyone, and sent back as a close.
-    const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
-    const { args } = decodeFunctionData({ abi: Escrow.abi, data: tx.input })
-    const [id, amount, signature] = args as [Hex, bigint, Hex]
     const close = Credential.serialize(
       Credential.from({
         challenge: await freshChallenge(),
-        payload: { action: 'close', channelId: id, cumulativeAmount: amount.toString(), signature },
+        payload: { action: 'close', channelId, cumulativeAmount: amount.toString(), signature },
       }),
     )
     const refused = await fetch(url, { method: 'POST', headers: { authorization: close } })
     await refused.text()
     expect(refused.status).toBe(402)
-
     // The channel is still the payer's: not closing, and it serves the payer's next request.
     const after = (await Channels.get(gw.sql, channelId))!
     expect(after.closeRequestedAt).toBeNull()
@@ -254,48 +198,17 @@ describe('a close with a voucher a settle transaction made public', () => {
 })
 
 describe('an open rebuilt from public transactions', () => {
-  const completion = (authorization: string) =>
-    fetch(url, {
-      method: 'POST',
-      headers: { authorization, 'content-type': 'application/json' },
-      body: JSON.stringify({
-        model: 'fake',
-        messages: [{ role: 'user', content: 'one two three' }],
-      }),
-    })
-
   test('error: a stranger cannot spend the payer channel with an open made of its open and settle calldata', async () => {
-    const session = new PayingSession({
-      account: payer,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
-    const open = await fetch(url, {
-      method: 'HEAD',
-      headers: {
-        authorization: await session.openWithAuthorization({ deposit: 100_000n, initial: 10n }),
-      },
-    })
-    expect(open.status).toBe(200)
-    const channelId = session.channelId!
-    const served = await completion(await session.voucher(50_000n))
-    expect(served.status).toBe(200)
-    await served.text()
-    const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
-      result: { status: string; txHash: Hex }
-    }
-    expect(settled.result.status).toBe('confirmed')
-    const spentByPayer = (await Channels.get(gw.sql, channelId))!.spent
-
+    const { channelId, spent: spentByPayer, amount, signature } = await settledChannel(1)
     // Both transactions are public: the gateway's openWithAuthorization and its settle.
     const [row] = await gw.sql`
       select encode(tx_hash, 'hex') as hash from chain_transactions
       where channel_id = ${Buffer.from(channelId.slice(2), 'hex')} and kind = 'open'`
-    const opened = decodeFunctionData({
+    const openArgs = decodeFunctionData({
       abi: Escrow.abi,
       data: (await getTransaction(chain.payeeClient, { hash: `0x${row!.hash}` as Hex })).input,
     }).args as readonly unknown[]
-    const [, , deposit, salt, , from, validAfter, validBefore, nonce, eip3009] = opened as [
+    const [, , deposit, salt, , from, validAfter, validBefore, nonce, eip3009] = openArgs as [
       Hex,
       Hex,
       bigint,
@@ -307,10 +220,6 @@ describe('an open rebuilt from public transactions', () => {
       Hex,
       Hex,
     ]
-    const [, amount, signature] = decodeFunctionData({
-      abi: Escrow.abi,
-      data: (await getTransaction(chain.payeeClient, { hash: settled.result.txHash })).input,
-    }).args as [Hex, bigint, Hex]
     const stolen = Credential.serialize(
       Credential.from({
         challenge: await freshChallenge(),

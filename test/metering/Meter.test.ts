@@ -91,6 +91,25 @@ async function run(o: {
   return { r, sends, tokens, end: end! }
 }
 
+/**
+ * Runs a stream the upstream gives no usage for, holding at first what `blockTokens` (at
+ * most 4) cost, and checks the money rules: no chunk is sent before the reservation covers
+ * it, and the charge is the exact count of what was sent.
+ */
+async function meteredExactly(o: {
+  texts: string[][]
+  balance: bigint
+  blockTokens: number
+  templated?: boolean
+}) {
+  const result = await run({ ...o, held: Pricing.cost(price, PROMPT, Math.min(o.blockTokens, 4)) })
+  for (const s of result.sends)
+    expect(Pricing.cost(price, PROMPT, s.tokens)).toBeLessThanOrEqual(s.held)
+  expect(result.r.outcome!.completionTokens).toBe(result.tokens)
+  expect(result.end.usage.completion_tokens).toBe(result.tokens)
+  return result
+}
+
 // Text of every kind: ASCII words, any Unicode, lone surrogates, special-token spellings.
 const text = fc.oneof(
   fc.string({ maxLength: 12 }),
@@ -136,19 +155,7 @@ describe('stream', () => {
         fc.integer({ min: 1, max: 40 }),
         fc.boolean(),
         async (texts, balance, blockTokens, templated) => {
-          const held = Pricing.cost(price, PROMPT, Math.min(blockTokens, 4))
-          const { r, sends, tokens, end } = await run({
-            texts,
-            balance,
-            held,
-            blockTokens,
-            templated,
-          })
-          for (const s of sends)
-            expect(Pricing.cost(price, PROMPT, s.tokens)).toBeLessThanOrEqual(s.held)
-          // No usage from the upstream: the charge is the exact count of what was sent.
-          expect(r.outcome!.completionTokens).toBe(tokens)
-          expect(end.usage.completion_tokens).toBe(tokens)
+          const { r, end } = await meteredExactly({ texts, balance, blockTokens, templated })
           if (r.outcome!.status === 'insufficient_funds') expect(end.error).toBeDefined()
           else expect(r.outcome!.status).toBe('ok')
         },
@@ -230,17 +237,11 @@ describe('stream', () => {
         fc.bigInt({ min: 0n, max: 1_500n }),
         fc.integer({ min: 1, max: 64 }),
         async (chars, balance, blockTokens) => {
-          const held = Pricing.cost(price, PROMPT, Math.min(blockTokens, 4))
-          const { r, sends, tokens, end } = await run({
+          const { r, tokens } = await meteredExactly({
             texts: chars.map((c) => [c]),
             balance,
-            held,
             blockTokens,
           })
-          for (const s of sends)
-            expect(Pricing.cost(price, PROMPT, s.tokens)).toBeLessThanOrEqual(s.held)
-          expect(r.outcome!.completionTokens).toBe(tokens)
-          expect(end.usage.completion_tokens).toBe(tokens)
           if (r.outcome!.status !== 'insufficient_funds') {
             expect(r.outcome!.status).toBe('ok')
             // A run past 64 characters without a place a pre-token starts is cut (Tokenizer.TAIL).

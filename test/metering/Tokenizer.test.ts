@@ -2,6 +2,7 @@ import { describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
 import { countTokens } from 'gpt-tokenizer/encoding/o200k_base'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import { cutAt } from '../helpers/Cut.ts'
 
 const PLAIN = { disallowedSpecial: new Set<string>() }
 
@@ -67,17 +68,11 @@ describe('Tokenizer.count', () => {
 })
 
 /** `text` cut into pieces at the given points (a stream's chunks). */
-function pieces(text: string, cuts: number[]): string[] {
-  const at = [...new Set(cuts.map((c) => c % (text.length + 1)))].sort((a, b) => a - b)
-  const out: string[] = []
-  let from = 0
-  for (const c of at) {
-    out.push(text.slice(from, c))
-    from = c
-  }
-  out.push(text.slice(from))
-  return out
-}
+const pieces = (text: string, cuts: number[]) =>
+  cutAt(
+    text,
+    cuts.map((c) => c % (text.length + 1)),
+  )
 
 describe('Tokenizer.Running', () => {
   test('property: prose that arrives in pieces counts as the whole text does, wherever it is cut', () => {
