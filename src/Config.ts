@@ -215,6 +215,13 @@ export const Schema = z
         voucherRatePerSecond: z.number().positive().default(10),
         suggestedDeposit: BaseUnits.prefault('10000000'),
         /**
+         * The least deposit (an open) or top-up the gateway sends and pays the gas of (EIP-3009,
+         * `authorization`): below it, each would cost the operator a transaction's gas for
+         * nothing (the draft, "Denial of Service"). A payer that broadcasts its own (`hash`)
+         * is not held to it.
+         */
+        minGasPaidDeposit: BaseUnits.prefault('100000'),
+        /**
          * The currency token's EIP-712 domain name and version, stated in challenges so that a
          * payer opens with a wallet key alone; unset: read from the token (ERC-5267) at start-up.
          */

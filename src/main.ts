@@ -224,6 +224,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         recipient: client.account.address,
         minVoucherDelta: config.payments.minVoucherDelta,
         suggestedDeposit: config.payments.suggestedDeposit,
+        minGasPaidDeposit: config.payments.minGasPaidDeposit,
         tokenDomain,
         feePayer: eip3009 !== false,
         store: {

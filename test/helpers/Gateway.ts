@@ -80,6 +80,8 @@ export async function create(
     metering: { blockTokens: 16 },
     devChain: false,
     ...overrides,
+    // Tests open channels of a few base units: no least deposit unless a test sets one.
+    payments: { minGasPaidDeposit: '0', ...(overrides.payments as object | undefined) },
   }
   const config = Config.from(input)
   const db = shared?.db ?? (await Postgres.fresh(config.plans))

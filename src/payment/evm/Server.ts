@@ -130,6 +130,8 @@ export type Options = {
   recipient: Address
   minVoucherDelta: bigint
   suggestedDeposit: bigint
+  /** The least deposit or top-up the gateway pays the gas of (default 0: any). */
+  minGasPaidDeposit?: bigint | undefined
   /** The currency's EIP-712 domain name and version, stated in the challenge so that a payer
    * can sign EIP-3009 authorizations without an RPC URL (`methodDetails.tokenDomain`). */
   tokenDomain?: Session.TokenDomain | undefined
@@ -322,6 +324,16 @@ export function create(o: Options) {
     aboveSettled.set(v.channelId, { amount: v.cumulativeAmount, at: performance.now() })
   }
 
+  /** Refuses a deposit or top-up the gateway would pay the gas of, below the least it takes. */
+  const gasPaid = (value: bigint, what: 'deposit' | 'top-up', channelId: Hex) => {
+    const least = o.minGasPaidDeposit ?? 0n
+    if (value < least)
+      throw Problem.paymentInsufficient(
+        `A ${what} the gateway sends (and pays the gas of) must be at least ${least}; this one is ${value}. Send more, or broadcast the transaction yourself (type "hash").`,
+        { channelId, minimum: least },
+      )
+  }
+
   /** Verifies and applies a credential's action. `price` is the challenge's `amount`. */
   async function apply(
     parsed: Session.Parsed,
@@ -346,6 +358,7 @@ export function create(o: Options) {
           // The initial voucher is checked before the gateway pays gas to lock the payer's
           // deposit in a channel it would then refuse to serve.
           if (!existing) {
+            gasPaid(p.authorization.value, 'deposit', p.channelId)
             await o.chain.verifyVoucher({
               channelId: p.channelId,
               cumulativeAmount: p.cumulativeAmount,
@@ -407,6 +420,7 @@ export function create(o: Options) {
             )
           txHash = p.hash
         } else if (p.type === 'authorization') {
+          gasPaid(p.authorization.value, 'top-up', p.channelId)
           sent = await o.chain.topUpWithAuthorization({
             channelId: p.channelId,
             topUpSalt: p.salt,
@@ -437,6 +451,7 @@ export function create(o: Options) {
           if (d.action === 'topUp' && known) notClosing(known)
           if (d.action === 'open' && !known) {
             if (!(await o.chain.read(p.channelId))) {
+              gasPaid(d.authorization.value, 'deposit', p.channelId)
               await o.chain.verifyVoucher({
                 ...p,
                 signer: signerOf(d.authorizedSigner, d.authorization.from),
@@ -449,13 +464,15 @@ export function create(o: Options) {
                 signature: d.signature,
               })
             }
-          } else if (d.action === 'topUp')
+          } else if (d.action === 'topUp') {
+            gasPaid(d.authorization.value, 'top-up', p.channelId)
             sent = await o.chain.topUpWithAuthorization({
               channelId: p.channelId,
               topUpSalt: d.salt!,
               authorization: d.authorization,
               signature: d.signature,
             })
+          }
           const toppedUpAt = sent && d.action === 'topUp' ? await o.store.clock() : undefined
           const state = checkOpened(await o.chain.read(p.channelId), p.channelId, amount)
           // Nothing sent (the channel was there already): nothing is stored for a voucher

@@ -1,0 +1,124 @@
+/**
+ * A deposit or top-up the gateway sends and pays the gas of (EIP-3009, `authorization`) must
+ * be at least `payments.minGasPaidDeposit` (the evm session draft, "Denial of Service": many
+ * tiny authorizations would each cost the gateway a transaction's gas). A payer that
+ * broadcasts its own transaction (`hash`) pays its own gas and is not held to it.
+ */
+import { afterAll, expect, test } from 'bun:test'
+import { keccak256, toHex } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
+import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import * as Channels from '../../src/ledger/Channels.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const chain = await Anvil.start()
+afterAll(() => chain.stop())
+const gw = await Gateway.create({
+  chain: Gateway.chainOf(chain),
+  payments: {
+    challengeSecret: 'test-challenge-secret-0123456789',
+    minGasPaidDeposit: '100000',
+  },
+})
+const url = `${gw.url}/v1/chat/completions`
+const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
+
+async function freshChallenge() {
+  const res = await fetch(url, {
+    method: 'POST',
+    body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+  })
+  expect(res.status).toBe(402)
+  return challengeOf(res.headers.get('www-authenticate'))!
+}
+
+const head = (authorization: string) => fetch(url, { method: 'HEAD', headers: { authorization } })
+
+/** How many transactions the gateway sent for the payer. */
+async function sent() {
+  const [row] = await gw.sql`select count(*)::int as n from chain_transactions`
+  return row!.n as number
+}
+
+test('error: an open below the least deposit the gateway pays the gas of is refused before any transaction; at it, it opens', async () => {
+  const session = new PayingSession({
+    account: privateKeyToAccount(chain.payers[0]!.privateKey),
+    challenge: await freshChallenge(),
+    tokenDomain,
+  })
+  const before = await sent()
+  const small = await head(await session.openWithAuthorization({ deposit: 99_999n, initial: 10n }))
+  expect(small.status).toBe(402)
+  expect(await sent()).toBe(before)
+  // No channel on chain: the gateway sent nothing.
+  expect(
+    await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: session.channelId!,
+    }),
+  ).toBeUndefined()
+  const res = await fetch(url, {
+    method: 'POST',
+    headers: {
+      authorization: await session.openWithAuthorization({ deposit: 99_999n, initial: 10n }),
+    },
+  })
+  const problem = (await res.json()) as { type: string; detail: string; minimum: string }
+  expect(problem.type).toBe('https://paymentauth.org/problems/payment-insufficient')
+  expect(problem.detail).toContain('at least 100000')
+  expect(problem.minimum).toBe('100000')
+
+  const fresh = new PayingSession({
+    account: privateKeyToAccount(chain.payers[0]!.privateKey),
+    challenge: await freshChallenge(),
+    tokenDomain,
+  })
+  expect(
+    (await head(await fresh.openWithAuthorization({ deposit: 100_000n, initial: 10n }))).status,
+  ).toBe(200)
+  expect(await sent()).toBe(before + 1)
+}, 60_000)
+
+test('error: a top-up below the least is refused before any transaction; at it, it goes through', async () => {
+  const session = new PayingSession({
+    account: privateKeyToAccount(chain.payers[1]!.privateKey),
+    challenge: await freshChallenge(),
+    tokenDomain,
+  })
+  expect(
+    (await head(await session.openWithAuthorization({ deposit: 100_000n, initial: 10n }))).status,
+  ).toBe(200)
+  const before = await sent()
+  expect((await head(await session.topUp(1n))).status).toBe(402)
+  expect(await sent()).toBe(before)
+  expect((await head(await session.topUp(100_000n))).status).toBe(200)
+  expect(await sent()).toBe(before + 1)
+  expect((await Channels.get(gw.sql, session.channelId!))!.deposit).toBe(200_000n)
+}, 60_000)
+
+test('behavior: a payer that broadcasts its own open (type hash) pays its own gas: any deposit', async () => {
+  const payerClient = chain.payerClient(2)
+  const session = new PayingSession({
+    account: payerClient.account as never,
+    challenge: await freshChallenge(),
+    tokenDomain,
+  })
+  const salt = keccak256(toHex(`small-hash-open-${Date.now()}`))
+  const opened = await Escrow.open(payerClient, {
+    escrow: chain.escrowAddress,
+    payee: chain.payee.address,
+    token: chain.currencyAddress,
+    deposit: 500n,
+    salt,
+  })
+  const header = await session.openWithHash({
+    channelId: opened.channelId,
+    salt,
+    hash: opened.hash,
+    initial: 10n,
+  })
+  expect((await head(header)).status).toBe(200)
+}, 60_000)
