@@ -19,6 +19,7 @@ import {
   type Receipt,
   receiptDigest,
   Store,
+  StoreInUseError,
   verifyReceipt,
 } from '../client/index.ts'
 import { type CliError, PaymentError, ServerError, UsageError } from './Errors.ts'
@@ -49,7 +50,23 @@ export function classify(e: Error): CliError {
       ),
       (e as { details?: unknown }).details,
     )
-  if (e instanceof PaymentFailedError) return new PaymentError(e.message)
+  if (e instanceof PaymentFailedError) {
+    // A deposit below what the gateway takes: this command's options set the deposit.
+    const least = e.problem?.minimum
+    return new PaymentError(
+      typeof least === 'string'
+        ? `${e.message} Raise --max-deposit (and --max-total, which bounds it) to at least ${least}.`
+        : e.message,
+    )
+  }
+  // The store is this command's data dir.
+  if (e instanceof StoreInUseError)
+    return new UsageError(
+      e.message.replace(
+        'Give this one a store of its own',
+        'Run this one with another TOLLWAY_DATA_DIR',
+      ),
+    )
   if (e instanceof ClientError) return new ServerError(e.message)
   return new ServerError(`${e.name}: ${e.message}`)
 }

@@ -132,6 +132,14 @@ const problemOf = async (res: Response): Promise<Record<string, unknown> | undef
   }
 }
 
+/** What a refusal's problem says, to end a message with (its `detail`, else a pointer to it). */
+const toldBy = (problem: Record<string, unknown> | undefined): string => {
+  const detail = problem?.detail ?? problem?.message
+  return typeof detail === 'string' && detail.length > 0
+    ? `: ${detail.slice(0, 500)}`
+    : '; see problem.'
+}
+
 /** The response's evm/session challenge; a malformed WWW-Authenticate is the server's failure. */
 const challengeIn = (res: Response) => {
   try {
@@ -557,10 +565,11 @@ export function createFetch(options: Options): PayingFetch {
       // management request, idempotent) brings the server's problem, or goes through.
       const told = await base(url, { method: 'POST', headers: { authorization: credential } })
       if (told.ok) return told
+      const problem = await problemOf(told)
       throw new PaymentFailedError(
-        `The server refused a payment credential (${told.status}); see problem.`,
+        `The server refused a payment credential (${told.status})${toldBy(problem)}`,
         told.status,
-        await problemOf(told),
+        problem,
       )
     }
   }
@@ -708,13 +717,19 @@ export function createFetch(options: Options): PayingFetch {
     let credential = live?.state ? await ahead(live, by) : undefined
     // Set while this request carries an open credential: ends the wait of the others.
     let opened: (() => void) | undefined
+    // The channel whose open this request sent last (until the server answers it).
+    let sentOpen: Live | undefined
     for (let attempt = 0; attempt < 12; attempt++) {
       const res = await send(credential).finally(() => {
         opened?.()
         opened = undefined
       })
+      // Whether what was just answered was an open credential (set again when one is sent).
+      const answeredOpen = sentOpen
+      sentOpen = undefined
       // Over the per-channel voucher rate (many requests raising at once): wait as told.
       if (res.status === 429 && credential && res.headers.has('retry-after')) {
+        sentOpen = answeredOpen
         await res.body?.cancel()
         await sleep(1000 * (Number(res.headers.get('retry-after')) || 1))
         continue
@@ -762,7 +777,11 @@ export function createFetch(options: Options): PayingFetch {
         // state is kept before the server has answered the open: a voucher now would find no
         // channel.)
         await l.opening.catch(() => {})
-        credential = l.state ? await ahead(l, by) : await open(l, url, by)
+        if (l.state) credential = await ahead(l, by)
+        else {
+          credential = await open(l, url, by)
+          sentOpen = l
+        }
       } else if (!l.state) {
         // The channel exists for the server once it has answered the open: until then, other
         // requests wait (their vouchers would find no channel).
@@ -774,6 +793,7 @@ export function createFetch(options: Options): PayingFetch {
         }
         try {
           credential = await open(l, url, by)
+          sentOpen = l
         } catch (e) {
           opened()
           throw e
@@ -782,7 +802,7 @@ export function createFetch(options: Options): PayingFetch {
         const required = problem?.requiredCumulative
         if (typeof required !== 'string' || !/^\d{1,78}$/.test(required))
           throw new PaymentFailedError(
-            `The server asked for more (${res.status} insufficient-balance) without a requiredCumulative in base units; see problem.`,
+            `The server asked for more (${res.status} insufficient-balance) without a requiredCumulative in base units${toldBy(problem)}`,
             res.status,
             problem,
           )
@@ -793,13 +813,17 @@ export function createFetch(options: Options): PayingFetch {
           return voucher
         })
         options.onVoucher?.({ channelId: l.session.channelId as Hex, cumulativeAmount: l.sent })
-      } else if (!challenge || (problem && kind !== 'verification-failed' && attempt > 0))
+      } else if (!challenge || (problem && kind !== 'verification-failed' && attempt > 0)) {
+        // An open the server refused (a deposit below its least, say) may have opened
+        // nothing: as for a channel it does not know, its state is read and the channel
+        // forgotten, or set apart when it holds a deposit (see `drop`).
+        if (answeredOpen === l && l.state) await drop(l, url).catch(() => {})
         throw new PaymentFailedError(
-          `The server refused the payment (${res.status}${kind ? ` ${kind}` : ''}); see problem.`,
+          `The server refused the payment (${res.status}${kind ? ` ${kind}` : ''})${toldBy(problem)}`,
           res.status,
           problem,
         )
-      else credential = await ahead(l, by)
+      } else credential = await ahead(l, by)
     }
     throw new PaymentFailedError(
       'The server kept asking for payment; giving up after 12 tries.',
@@ -893,17 +917,19 @@ export function createFetch(options: Options): PayingFetch {
         closed = await send()
       } else
         throw new PaymentFailedError(
-          `The server refused to close the channel (${closed.status}); see problem.`,
+          `The server refused to close the channel (${closed.status})${toldBy(problem)}`,
           closed.status,
           problem,
         )
     }
-    if (!closed.ok)
+    if (!closed.ok) {
+      const problem = await problemOf(closed)
       throw new PaymentFailedError(
-        `The server refused to close the channel (${closed.status}); see problem.`,
+        `The server refused to close the channel (${closed.status})${toldBy(problem)}`,
         closed.status,
-        await problemOf(closed),
+        problem,
       )
+    }
     const { receipt } = (await closed.json()) as { receipt: { txHash: Hex } }
     await count(key, spent)
     if (inUse) await forget(live)

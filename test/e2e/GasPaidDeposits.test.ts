@@ -5,14 +5,17 @@
  * broadcasts its own transaction (`hash`) pays its own gas and is not held to it.
  */
 import { afterAll, expect, test } from 'bun:test'
+import OpenAI from 'openai'
 import { keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
+import { PaymentFailedError, Store } from '../../src/client/index.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Payer from '../helpers/Payer.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
@@ -121,4 +124,32 @@ test('behavior: a payer that broadcasts its own open (type hash) pays its own ga
     initial: 10n,
   })
   expect((await head(header)).status).toBe(200)
+}, 60_000)
+
+test('error: the paying client with a deposit below the least: the refusal says why (the server detail), no channel is kept, and a larger deposit then opens', async () => {
+  const store = Store.memory()
+  const small = Payer.client(chain, gw.url, 3, {
+    limits: { maxDeposit: 5_000n, maxTotal: 1_000_000n },
+    store,
+  })
+  const e = await small.openai.chat.completions
+    .create({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] })
+    .catch((e) => e)
+  expect(e).toBeInstanceOf(OpenAI.APIConnectionError)
+  expect(e.cause).toBeInstanceOf(PaymentFailedError)
+  expect((e.cause as Error).message).toContain('at least 100000')
+  expect((e.cause as PaymentFailedError).problem?.minimum).toBe('100000')
+  // Nothing was opened: nothing is kept (a kept entry could be neither shown nor closed).
+  expect(await small.fetch.channel(gw.url)).toBeUndefined()
+  expect(await store.all!()).toMatchObject({ channels: {} })
+  const enough = Payer.client(chain, gw.url, 3, {
+    limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
+    store,
+  })
+  const res = await enough.openai.chat.completions.create({
+    model: 'fake',
+    messages: [{ role: 'user', content: 'hi' }],
+  })
+  expect(res.choices[0]!.message.content).toBeString()
+  expect((await enough.fetch.channel(gw.url))?.deposit).toBe('100000')
 }, 60_000)
