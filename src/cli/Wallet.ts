@@ -115,7 +115,7 @@ async function escrows(ctx: Context): Promise<Address[]> {
 async function paying(ctx: Context, o: { onChainOnly?: boolean } = {}) {
   if (ctx.settings.walletKey === undefined)
     throw new UsageError(
-      'TOLLWAY_WALLET_KEY is not set: the private key (0x…) of the wallet that pays.',
+      'TOLLWAY_WALLET_KEY is not set: the private key (0x…) of the wallet that pays (on the development chain, a payer key that npm start prints, with --trust-escrow).',
     )
   const key = WalletKey.safeParse(ctx.settings.walletKey)
   if (!key.success)
@@ -308,11 +308,12 @@ export async function status(ctx: Context) {
 export async function close(ctx: Context) {
   const pay = await paying(ctx)
   const url = completions(ctx)
-  if (!(await pay.channel(url)))
-    throw new UsageError(`No channel with ${ctx.settings.url} to close.`)
+  const channel = await pay.channel(url)
+  if (!channel) throw new UsageError(`No channel with ${ctx.settings.url} to close.`)
   const hash = await progress(ctx, 'closing the channel', () => pay.close(url))
-  if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ txHash: hash })}\n`)
-  else ctx.io.out(`closed: ${hash}\n`)
+  if (ctx.settings.json)
+    ctx.io.out(`${JSON.stringify({ channelId: channel.channelId, txHash: hash })}\n`)
+  else ctx.io.out(`closed channel ${channel.channelId}: settlement transaction ${hash}\n`)
 }
 
 /**

@@ -287,7 +287,7 @@ describe('chat', () => {
     const missing = await cli(['chat', 'hello'])
     expect(missing.code).toBe(2)
     expect(missing.stderr).toBe(
-      'tollway: TOLLWAY_WALLET_KEY is not set: the private key (0x…) of the wallet that pays.\n',
+      'tollway: TOLLWAY_WALLET_KEY is not set: the private key (0x…) of the wallet that pays (on the development chain, a payer key that npm start prints, with --trust-escrow).\n',
     )
   })
 
@@ -355,6 +355,8 @@ describe('chat', () => {
 
     const closed = await json(['channel', 'close', '--trust-escrow'], wallet)
     expect(closed.txHash).toMatch(/^0x/)
+    // The channel it closed, apart from the transaction that settled it.
+    expect(closed.channelId).toBe(again.channelId)
   }, 30_000)
 })
 
