@@ -141,7 +141,17 @@ describe('template', () => {
             expected = undefined
           }
           const read = t.read(other)
-          expect(read?.chunk).toEqual(expected as never)
+          // One JSON string in the content's place: the same shape, read by template. Other
+          // text may still be JSON of another shape (`","":"` adds a key): read or not, a read
+          // chunk is what JSON.parse gives, and what is not JSON is never read.
+          let one = true
+          try {
+            JSON.parse(`"${text}"`)
+          } catch {
+            one = false
+          }
+          if (one || read) expect(read?.chunk).toEqual(expected as never)
+          if (expected === undefined) expect(read).toBeUndefined()
           // What the hot path reads without building the chunk agrees with it.
           if (read) {
             expect(read.json).toBe(other)
