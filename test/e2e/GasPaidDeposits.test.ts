@@ -11,10 +11,11 @@ import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import { PaymentFailedError, Store } from '../../src/client/index.ts'
-import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import { PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Paid from '../helpers/Paid.ts'
 import * as Payer from '../helpers/Payer.ts'
 
 const chain = await Anvil.start()
@@ -29,14 +30,7 @@ const gw = await Gateway.create({
 const url = `${gw.url}/v1/chat/completions`
 const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
 
-async function freshChallenge() {
-  const res = await fetch(url, {
-    method: 'POST',
-    body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
-  })
-  expect(res.status).toBe(402)
-  return challengeOf(res.headers.get('www-authenticate'))!
-}
+const freshChallenge = () => Paid.challenge(url)
 
 const head = (authorization: string) => fetch(url, { method: 'HEAD', headers: { authorization } })
 

@@ -9,11 +9,12 @@ import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
 import { getTransaction } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
-import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import { PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Paid from '../helpers/Paid.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
@@ -25,14 +26,7 @@ const url = `${gw.url}/v1/chat/completions`
 const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
 const payer = privateKeyToAccount(chain.payers[0]!.privateKey)
 
-async function freshChallenge() {
-  const res = await fetch(url, {
-    method: 'POST',
-    body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
-  })
-  expect(res.status).toBe(402)
-  return challengeOf(res.headers.get('www-authenticate'))!
-}
+const freshChallenge = () => Paid.challenge(url)
 
 /** A completion request paid with the credential `authorization`. */
 const completion = (authorization: string) =>
@@ -43,19 +37,8 @@ const completion = (authorization: string) =>
   })
 
 /** A channel the payer opened (HEAD, no request) with an initial voucher for `initial`. */
-async function opened(initial: bigint) {
-  const session = new PayingSession({
-    account: payer,
-    challenge: await freshChallenge(),
-    tokenDomain,
-  })
-  const open = await fetch(url, {
-    method: 'HEAD',
-    headers: { authorization: await session.openWithAuthorization({ deposit: 100_000n, initial }) },
-  })
-  expect(open.status).toBe(200)
-  return session
-}
+const opened = (initial: bigint) =>
+  Paid.opened(url, { account: payer, tokenDomain, deposit: 100_000n, initial })
 
 /**
  * A channel whose payer signed ahead (a voucher for 50,000, as createFetch does by its margin)

@@ -21,6 +21,7 @@ import * as Session from '../../src/payment/evm/Session.ts'
 import * as Receipt from '../../src/payment/Receipt.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Paid from '../helpers/Paid.ts'
 import { read, text } from '../helpers/Sse.ts'
 
 const chain = await Anvil.start({ accounts: 19 })
@@ -48,27 +49,16 @@ const tokensOf = (s: string) =>
     .map((w, i) => Tokenizer.count(i ? ` ${w}` : w))
     .reduce((a, b) => a + b, 0)
 
-async function freshChallenge(at = url) {
-  const res = await fetch(at, { method: 'POST', body: body(false, 'hi') })
-  expect(res.status).toBe(402)
-  return challengeOf(res.headers.get('www-authenticate'))!
-}
+const freshChallenge = (at = url) => Paid.challenge(at, body(false, 'hi'))
 
 /** A paying session of payer `index` with a channel opened (HEAD) and `initial` accepted. */
-async function opened(index: number, deposit: bigint, initial: bigint, at = url) {
-  const account = privateKeyToAccount(chain.payers[index]!.privateKey)
-  const session = new PayingSession({
-    account,
-    challenge: await freshChallenge(at),
+const opened = (index: number, deposit: bigint, initial: bigint, at = url) =>
+  Paid.opened(at, {
+    account: privateKeyToAccount(chain.payers[index]!.privateKey),
     tokenDomain,
+    deposit,
+    initial,
   })
-  const res = await fetch(at, {
-    method: 'HEAD',
-    headers: { authorization: await session.openWithAuthorization({ deposit, initial }) },
-  })
-  expect(res.status).toBe(200)
-  return session
-}
 
 type ChannelView = {
   deposit: string

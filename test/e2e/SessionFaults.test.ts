@@ -8,13 +8,14 @@ import type { Hex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
-import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import { PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import type * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Paid from '../helpers/Paid.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 import * as Upstream from '../helpers/Upstream.ts'
 
@@ -40,11 +41,7 @@ const body = (stream: boolean, content = words, extra: Record<string, unknown> =
 /** The output price is 2 base units a token; a metering block is 16 tokens. */
 const blockCost = 32n
 
-async function challenge(url: string) {
-  const res = await fetch(url, { method: 'POST', body: body(true) })
-  expect(res.status).toBe(402)
-  return challengeOf(res.headers.get('www-authenticate'))!
-}
+const challenge = (url: string) => Paid.challenge(url, body(true))
 
 const bytes = (id: Hex) => Buffer.from(id.slice(2), 'hex')
 

@@ -19,6 +19,7 @@ import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Paid from '../helpers/Paid.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
@@ -36,14 +37,7 @@ const url = `${gw.url}/v1/chat/completions`
 const tokenDomain = await Token.domain(chain.payeeClient, { token: chain.currencyAddress })
 const payer = privateKeyToAccount(chain.payers[0]!.privateKey)
 
-async function freshChallenge(at = url) {
-  const res = await fetch(at, {
-    method: 'POST',
-    body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
-  })
-  expect(res.status).toBe(402)
-  return challengeOf(res.headers.get('www-authenticate'))!
-}
+const freshChallenge = (at = url) => Paid.challenge(at)
 
 /** A paying session of the payer, under a fresh challenge (no channel yet). */
 async function paying() {

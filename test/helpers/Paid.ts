@@ -1,0 +1,42 @@
+/**
+ * Paying a gateway by hand in tests (src/client/Session.ts, below createFetch): a fresh
+ * challenge, and a channel opened by EIP-3009 authorization.
+ */
+import { expect } from 'bun:test'
+import type { LocalAccount } from 'viem'
+import type * as Token from '../../src/chain/Token.ts'
+import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+
+/** The Payment challenge a completion request without credentials gets (a 402) at `url`. */
+export async function challenge(url: string, body?: string) {
+  const res = await fetch(url, {
+    method: 'POST',
+    body: body ?? JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+  })
+  expect(res.status).toBe(402)
+  return challengeOf(res.headers.get('www-authenticate'))!
+}
+
+/** A paying session of `account` whose channel at `url` was opened (HEAD, no request) with
+ * `deposit` and an initial voucher for `initial`. */
+export async function opened(
+  url: string,
+  o: { account: LocalAccount; tokenDomain: Token.TokenDomain; deposit: bigint; initial: bigint },
+) {
+  const session = new PayingSession({
+    account: o.account,
+    challenge: await challenge(url),
+    tokenDomain: o.tokenDomain,
+  })
+  const res = await fetch(url, {
+    method: 'HEAD',
+    headers: {
+      authorization: await session.openWithAuthorization({
+        deposit: o.deposit,
+        initial: o.initial,
+      }),
+    },
+  })
+  expect(res.status).toBe(200)
+  return session
+}
