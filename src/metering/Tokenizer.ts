@@ -77,9 +77,17 @@ function lastStart(text: string, at: number): number {
 
 /** Whether a pre-token starts at `i` of `text` whatever comes after (see `lastStart`). */
 function startsAt(text: string, i: number): boolean {
-  if (!wordEnd(text.charCodeAt(i - 1))) return false
-  const c = text.charCodeAt(i)
-  if (c === 0x20) return i + 1 < text.length && wordStart(text.charCodeAt(i + 1))
+  return startsBefore(text.charCodeAt(i - 1), text.charCodeAt(i), text.charCodeAt(i + 1))
+}
+
+/**
+ * Whether a pre-token starts at a character `c` that follows `before` and precedes `after`
+ * (NaN when unknown): before " word" (a space between a letter or digit and a letter), or
+ * before punctuation after a letter or digit.
+ */
+function startsBefore(before: number, c: number, after: number): boolean {
+  if (!wordEnd(before)) return false
+  if (c === 0x20) return !Number.isNaN(after) && wordStart(after)
   return punctuation(c)
 }
 
@@ -187,16 +195,12 @@ function joined(tail: string, pieces: readonly string[]): Split {
   return { ...r, counted: counted + r.counted }
 }
 
-/** Whether a pre-token starts at the start of `piece`, after `text` (`startsAt`); `next`, the
- * piece after it, if any. */
+/** Whether a pre-token starts at the start of `piece`, after `text` (`startsBefore`); `next`,
+ * the piece after it, if any. */
 function startsBetween(text: string, piece: string, next: string | undefined): boolean {
-  if (piece.length === 0 || !wordEnd(text.charCodeAt(text.length - 1))) return false
-  const c = piece.charCodeAt(0)
-  if (c === 0x20) {
-    const after = piece.length > 1 ? piece.charCodeAt(1) : next?.charCodeAt(0)
-    return after !== undefined && !Number.isNaN(after) && wordStart(after)
-  }
-  return punctuation(c)
+  if (piece.length === 0) return false
+  const after = piece.length > 1 ? piece.charCodeAt(1) : (next?.charCodeAt(0) ?? Number.NaN)
+  return startsBefore(text.charCodeAt(text.length - 1), piece.charCodeAt(0), after)
 }
 
 /** `text` as a part counted for good (windows, then up to `lastStart`) and a tail. */
