@@ -244,27 +244,20 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
   // loop below renews only when a batch comes through it. A renewal refused (the reservation
   // swept or taken over) ends the stream at its next batch, as the loop's own would; one
   // that failed is left to the loop's own, which will try again.
-  let renewing = false
   let refused = false
-  const renewer =
+  const stopRenewing =
     o.renewMs === undefined
       ? undefined
-      : setInterval(() => {
-          if (settled || renewing || performance.now() - renewedAt < o.renewMs!) return
-          renewing = true
-          reservation
-            .extend(0n, Pricing.cost(price, o.promptTokens, fold()))
-            .then(
-              (ok) => {
-                if (ok) renewedAt = performance.now()
-                else refused = true
-              },
-              () => {},
-            )
-            .finally(() => {
-              renewing = false
-            })
-        }, o.renewMs)
+      : renewing(reservation, o.renewMs, {
+          due: () => !settled && performance.now() - renewedAt >= o.renewMs!,
+          delivered: () => Pricing.cost(price, o.promptTokens, fold()),
+          renewed: () => {
+            renewedAt = performance.now()
+          },
+          refused: () => {
+            refused = true
+          },
+        })
   try {
     try {
       for await (const batch of o.chunks) {
@@ -424,12 +417,56 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     if (!o.signal.aborted || status === 'superseded')
       yield { kind: 'end', usage, finishReason, ...(error ? { error } : {}) }
   } finally {
-    clearInterval(renewer)
+    stopRenewing?.()
     // The consumer stopped pulling (client gone): charge what was sent.
     if (!settled) {
       status = status === 'ok' ? 'cancelled' : status
       await settle()
     }
+  }
+}
+
+/**
+ * Renews `reservation`'s lease every `ms` (when `due` says so, if given), one renewal at a
+ * time, recording `delivered` with it; `refused` is called once a renewal is refused (the
+ * reservation swept, or taken over), after which it stops; one that failed (the database) is
+ * tried again at the next tick. Returns what stops it.
+ */
+function renewing(
+  reservation: Reservation,
+  ms: number,
+  o: {
+    due?: () => boolean
+    delivered?: () => bigint
+    renewed?: () => void
+    refused: () => void
+  },
+): () => void {
+  let busy = false
+  let stopped = false
+  const timer = setInterval(() => {
+    if (stopped || busy || (o.due && !o.due())) return
+    busy = true
+    reservation
+      .extend(0n, o.delivered?.())
+      .then(
+        (ok) => {
+          if (ok) o.renewed?.()
+          else if (!stopped) {
+            stopped = true
+            clearInterval(timer)
+            o.refused()
+          }
+        },
+        () => {},
+      )
+      .finally(() => {
+        busy = false
+      })
+  }, ms)
+  return () => {
+    stopped = true
+    clearInterval(timer)
   }
 }
 
@@ -464,19 +501,15 @@ export async function complete(
   // A renewal refused: the sweep took the request for dead (released its hold, charged what
   // it had recorded: nothing). Its answer is not sent free: the call stops, the request fails.
   let lost = false
-  const renewal =
+  const stopRenewing =
     o.renewMs === undefined
       ? undefined
-      : setInterval(() => {
-          void o.reservation.extend(0n).then(
-            (ok) => {
-              if (ok || lost) return
-              lost = true
-              o.stop?.()
-            },
-            () => {},
-          )
-        }, o.renewMs)
+      : renewing(o.reservation, o.renewMs, {
+          refused: () => {
+            lost = true
+            o.stop?.()
+          },
+        })
   const gone = () =>
     new ReservationLostError(
       'This request lost its hold on your credits while the model worked (the ledger was out of reach longer than a lease); it was stopped and nothing was charged. Send it again.',
@@ -488,7 +521,7 @@ export async function complete(
     await release(o.reservation, { ...o, cancelled: o.signal.aborted })
     throw e
   } finally {
-    clearInterval(renewal)
+    stopRenewing?.()
   }
   if (lost) throw gone()
   const promptTokens = Math.min(
