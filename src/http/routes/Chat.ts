@@ -376,10 +376,6 @@ export function routes(deps: Deps) {
   const paid = async (c: Context, payments: Payments.Payments, text: string, startedAt: number) => {
     const { method, challenge, checked } = Payments.verify(payments, c.req.header('authorization')!)
     const { channelId, action } = checked
-    // A submission counts against its channel once its signature is checked: one the
-    // channel's signer did not sign (anyone can forge one: channelIds are public) is no
-    // submission of the channel's, and counted, it would let a stranger use up its payer's
-    // rate and starve a stream waiting for a voucher.
     // Taken before anything waits (submissions under way at once each take one), and given
     // back when the signature proves not to be the channel signer's: forged vouchers (channel
     // ids are public) would otherwise use up the payer's rate and starve a paused stream.

@@ -225,11 +225,17 @@ export function create(o: Options) {
     return state
   }
 
+  /**
+   * Checks a voucher's signature, then records it (a replay changes nothing). One that pays
+   * for a request (`forRequest`) and replays one at or below what was settled is refused
+   * (`unsettled`).
+   */
   const acceptVoucher = async (
     channel: { signer: Hex },
     v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex },
     minDelta = o.minVoucherDelta,
-  ): Promise<State & { status: VoucherStatus }> => {
+    forRequest = false,
+  ): Promise<State> => {
     // Signature and signer first: before the replay short-circuit (draft, Idempotency).
     await o.chain.verifyVoucher({ ...v, signer: channel.signer })
     const r = await o.store.acceptVoucher({ ...v, minDelta })
@@ -240,9 +246,14 @@ export function create(o: Options) {
     }
     switch (r.status) {
       case 'accepted':
-      case 'replay':
+      case 'replay': {
         sawAccepted(v.channelId, r.acceptedCumulative)
-        return { channelId: v.channelId, ...r }
+        // An accepted voucher is above every one before it, so above what was settled; a
+        // replay may be one the settle made public.
+        if (forRequest && r.status === 'replay') await unsettled(v)
+        const { status: _, ...state } = r
+        return { channelId: v.channelId, ...state }
+      }
       case 'delta_too_small':
         throw Problem.deltaTooSmall(
           `A voucher must raise the cumulative amount by at least ${o.minVoucherDelta}.`,
@@ -391,14 +402,13 @@ export function create(o: Options) {
 
         // minVoucherDelta spaces voucher updates; a channel's first voucher is no update, and
         // its deposit is in the escrow already (draft, "Open Verification": its signature only).
-        const initial = { channelId: p.channelId, cumulativeAmount: p.cumulativeAmount, signature }
-        const { status } = await acceptVoucher(
+        // An open sent again may be made of public parts (the open and settle calldata).
+        await acceptVoucher(
           channel,
-          initial,
+          { channelId: p.channelId, cumulativeAmount: p.cumulativeAmount, signature },
           channel.acceptedCumulative === 0n ? 0n : o.minVoucherDelta,
+          beforeRequest,
         )
-        // An open sent again: its parts may all be public (the open and settle calldata).
-        if (beforeRequest && status === 'replay') await unsettled(initial)
         return { channel: (await o.store.get(p.channelId))!, ...(txHash ? { txHash } : {}) }
       }
       case 'topUp': {
@@ -485,13 +495,10 @@ export function create(o: Options) {
           remember(observed)
           if (sent) await o.store.sent({ channelId: p.channelId, kind: d.action, ...sent })
           const first = d.action === 'open' && observed.acceptedCumulative === 0n
-          const { status, ...channel } = await acceptVoucher(
-            state,
-            p,
-            first ? 0n : o.minVoucherDelta,
-          )
-          if (beforeRequest && status === 'replay') await unsettled(p)
-          return { channel, ...(sent ? { txHash: sent.hash } : {}) }
+          return {
+            channel: await acceptVoucher(state, p, first ? 0n : o.minVoucherDelta, beforeRequest),
+            ...(sent ? { txHash: sent.hash } : {}),
+          }
         }
         // The hot path: the signer (immutable per channel) from memory, then one round trip
         // that checks the channel's state and records the voucher.
@@ -507,10 +514,7 @@ export function create(o: Options) {
           await unsettled(p)
           return {}
         }
-        const { status, ...channel } = await acceptVoucher({ signer }, p)
-        // Accepted, it is above what was accepted before, hence above what was settled.
-        if (beforeRequest && status === 'replay') await unsettled(p)
-        return { channel }
+        return { channel: await acceptVoucher({ signer }, p, o.minVoucherDelta, beforeRequest) }
       }
       case 'close': {
         // A closed channel too: a client whose close was answered on an instance that then
