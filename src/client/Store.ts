@@ -107,6 +107,14 @@ function alive(pid: number): boolean {
   }
 }
 
+/** The pid file `p` holds, if it is another process's (on this machine) and the file reads;
+ * `alive` says whether that process still runs. */
+async function holder(p: string): Promise<{ pid: number; alive: boolean } | undefined> {
+  const pid = Number(await readFile(p, 'utf8').catch(() => ''))
+  if (!Number.isInteger(pid) || pid <= 0 || pid === process.pid) return undefined
+  return { pid, alive: alive(pid) }
+}
+
 /** Owner files this process holds, removed as it exits (see `file().own`). */
 const owned = new Set<string>()
 process.on('exit', () => {
@@ -134,8 +142,7 @@ export function file(path: string): Store {
   /** Whether lock file `p` was left by a process that died holding it: the pid it holds is
    * gone, or (no pid readable) it is older than any write takes. */
   const stale = async (p: string) => {
-    const pid = Number(await readFile(p, 'utf8').catch(() => ''))
-    if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && !alive(pid)) return true
+    if ((await holder(p))?.alive === false) return true
     return (await age(p)) > LOCK_STALE_MS
   }
   /**
@@ -275,11 +282,11 @@ export function file(path: string): Store {
       const owner = `${path}.${createHash('sha256').update(key).digest('hex').slice(0, 16)}.owner`
       if (owned.has(owner)) return
       await locked(async () => {
-        const holder = Number(await readFile(owner, 'utf8').catch(() => ''))
-        if (holder && holder !== process.pid && alive(holder))
+        const other = await holder(owner)
+        if (other?.alive)
           throw new StoreInUseError(
-            `Another process (pid ${holder}) pays ${key.split('#')[0]} from this wallet through the channel store ${path}; two processes cannot use one channel. Give this one a store of its own, or wait for that one to end (if it has, delete ${owner}).`,
-            { path, key, pid: holder },
+            `Another process (pid ${other.pid}) pays ${key.split('#')[0]} from this wallet through the channel store ${path}; two processes cannot use one channel. Give this one a store of its own, or wait for that one to end (if it has, delete ${owner}).`,
+            { path, key, pid: other.pid },
           )
         await writeFile(owner, String(process.pid))
       })
