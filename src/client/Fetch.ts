@@ -359,14 +359,10 @@ export function createFetch(options: Options): PayingFetch {
   const drop = async (live: Live, url: string) => {
     const state = live.state
     if (state) {
-      const shown = await base(`${new URL(url).origin}/v1/channels/${state.channelId}`).catch(
-        () => undefined,
-      )
-      let status: string | undefined
-      if (shown?.ok) status = ((await shown.json().catch(() => ({}))) as { status?: string }).status
-      else await shown?.body?.cancel()
+      const shown = await shownChannel(url, state.channelId)
+      let status = typeof shown?.view?.status === 'string' ? shown.view.status : undefined
       // Not answered (a network error, a 5xx, a 429): nothing is known, so nothing is forgotten.
-      if (!shown || (!shown.ok && shown.status !== 404) || (shown.ok && status === undefined))
+      if (!shown || (shown.status !== 404 && status === undefined))
         throw new ClientError(
           `The server refused channel ${state.channelId}, and its status could not be read (${shown?.status ?? 'no answer'}); nothing was forgotten: try again.`,
           { channelId: state.channelId },
@@ -421,16 +417,22 @@ export function createFetch(options: Options): PayingFetch {
     live.session = session
   }
 
+  /** The channel as the server shows it (GET /v1/channels/{id}): the answer's status, and
+   * the channel when it was a 200; undefined when the server did not answer. */
+  const shownChannel = async (url: string, channelId: string) => {
+    const res = await base(`${new URL(url).origin}/v1/channels/${channelId}`).catch(() => undefined)
+    if (!res) return undefined
+    if (!res.ok) {
+      await res.body?.cancel()
+      return { status: res.status, view: undefined }
+    }
+    const view = (await res.json().catch(() => ({}))) as { status?: unknown; deposit?: unknown }
+    return { status: res.status, view }
+  }
+
   /** The deposit the server shows for a channel; undefined when it cannot say. */
   const depositShown = async (url: string, channelId: string): Promise<bigint | undefined> => {
-    const shown = await base(`${new URL(url).origin}/v1/channels/${channelId}`).catch(
-      () => undefined,
-    )
-    if (!shown?.ok) {
-      await shown?.body?.cancel()
-      return undefined
-    }
-    const { deposit } = (await shown.json().catch(() => ({}))) as { deposit?: unknown }
+    const deposit = (await shownChannel(url, channelId))?.view?.deposit
     return typeof deposit === 'string' && /^\d{1,78}$/.test(deposit) ? BigInt(deposit) : undefined
   }
 
