@@ -12,9 +12,9 @@ import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import { PaymentFailedError, Store } from '../../src/client/index.ts'
 import { PayingSession } from '../../src/client/Session.ts'
-import * as Channels from '../../src/ledger/Channels.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Ledger from '../helpers/Ledger.ts'
 import * as Paid from '../helpers/Paid.ts'
 import * as Payer from '../helpers/Payer.ts'
 
@@ -93,7 +93,7 @@ test('error: a top-up below the least is refused before any transaction; at it, 
   expect(await sent()).toBe(before)
   expect((await head(await session.topUp(100_000n))).status).toBe(200)
   expect(await sent()).toBe(before + 1)
-  expect((await Channels.get(gw.sql, session.channelId!))!.deposit).toBe(200_000n)
+  expect((await Ledger.channelState(gw.sql, session.channelId!)).deposit).toBe(200_000n)
 }, 60_000)
 
 test('behavior: a payer that broadcasts its own open (type hash) pays its own gas: any deposit', async () => {

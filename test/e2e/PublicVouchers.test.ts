@@ -14,6 +14,7 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Ledger from '../helpers/Ledger.ts'
 import * as Paid from '../helpers/Paid.ts'
 
 const chain = await Anvil.start()
@@ -63,7 +64,7 @@ async function settledChannel(requests: number) {
   expect(functionName).toBe('settle')
   const [id, amount, signature] = args as [Hex, bigint, Hex]
   expect(id.toLowerCase()).toBe(channelId)
-  const spent = (await Channels.get(gw.sql, channelId))!.spent
+  const spent = (await Ledger.channelState(gw.sql, channelId)).spent
   return { channelId, ahead, spent, amount, signature }
 }
 
@@ -112,7 +113,7 @@ describe('voucher rate limit (evm-session "Denial of Service")', () => {
     expect(statuses.length).toBeGreaterThan(10)
     for (const status of statuses) expect([402, 429]).toContain(status)
     expect(mine).toEqual([200, 200, 200, 200, 200])
-    expect((await Channels.get(gw.sql, channelId))!.acceptedCumulative).toBe(6_000n)
+    expect((await Ledger.channelState(gw.sql, channelId)).acceptedCumulative).toBe(6_000n)
   }, 60_000)
 })
 
@@ -152,7 +153,7 @@ describe('a voucher published on chain by a settlement', () => {
     expect(JSON.parse(text).type).toBe(
       'https://paymentauth.org/problems/session/insufficient-balance',
     )
-    expect((await Channels.get(gw.sql, channelId))!.spent).toBe(spent)
+    expect((await Ledger.channelState(gw.sql, channelId)).spent).toBe(spent)
   }, 60_000)
 })
 
@@ -228,6 +229,6 @@ describe('an open rebuilt from public transactions', () => {
     const res = await completion(stolen)
     await res.text()
     expect(res.status).toBe(402)
-    expect((await Channels.get(gw.sql, channelId))!.spent).toBe(spentByPayer)
+    expect((await Ledger.channelState(gw.sql, channelId)).spent).toBe(spentByPayer)
   }, 60_000)
 })
