@@ -4,6 +4,7 @@
  */
 
 import type { Hex } from 'viem'
+import * as Alone from './Alone.ts'
 import * as Batch from './Batch.ts'
 import { inOrder } from './Batch.ts'
 import * as Channels from './Channels.ts'
@@ -210,7 +211,18 @@ async function many(sql: Sql, items: Op[]): Promise<OpResult[]> {
  * background is never counted against the payer's next one (credits, concurrency, quota).
  */
 function ledger(sql: Sql) {
-  return Batch.of<Op, OpResult>(sql, 'ledger', () => ({ many: (items) => many(sql, items) }))
+  return Batch.of<Op, OpResult>(sql, 'ledger', () => ({
+    many: (items) => many(sql, items),
+    one: async (item) => (await alone(sql, item)) ?? (await many(sql, [item]))[0],
+  }))
+}
+
+/** An item alone, as one plain statement (Alone.ts); undefined when declined. */
+async function alone(sql: Sql, item: Op): Promise<OpResult> {
+  if (item.op === 'finish') return Alone.finish(sql, item)
+  if (item.idempotencyKey !== null) return undefined
+  const row = await Alone.admit(sql, item)
+  return row && admission({ ...row, status: 'ok' })
 }
 
 /**

@@ -1,0 +1,244 @@
+/**
+ * The lone-call statements (src/ledger/Alone.ts) against the batch function they stand in for:
+ * twin accounts in the same state, one served by each, must end with the same answers and
+ * rows; what a lone statement declines it leaves untouched, for the batch function to decide.
+ */
+import { describe, expect, test } from 'bun:test'
+import fc from 'fast-check'
+import * as Alone from '../../src/ledger/Alone.ts'
+import { plans } from '../helpers/Gateway.ts'
+import * as Ledger from '../helpers/Ledger.ts'
+import * as Postgres from '../helpers/Postgres.ts'
+
+const db = await Postgres.fresh(plans as never)
+const { sql } = db
+
+type Item = Record<string, unknown>
+/** Items run by the batch function itself (not through the batcher, which tries Alone first). */
+const batch = async (items: Item[]) =>
+  sql`select * from tollway_ledger_many(${sql.json(items as never)}) order by idx`
+
+const admitItem = (keyHash: Uint8Array, o: Partial<Record<string, unknown>> = {}) => ({
+  op: 'admit',
+  keyHash: Buffer.from(keyHash).toString('hex'),
+  model: 'm',
+  stream: false,
+  minTier: 0,
+  promptTokens: 1,
+  want: '10',
+  need: '10',
+  idempotencyKey: null,
+  fingerprint: null,
+  requestId: crypto.randomUUID(),
+  leaseSeconds: 60,
+  ...o,
+})
+
+const outcome = { promptTokens: 3, completionTokens: 5, status: 'ok', latencyMs: 7, ttftMs: 2 }
+
+/** The columns both ways write; rate_tat compared apart (each statement reads its own clock). */
+const row = async (id: string) => {
+  const [r] = await sql`
+    select balance, reserved, active_requests, month_start, month_tokens, wallet_tokens, rate_tat
+    from accounts where id = ${id}`
+  const { rate_tat, ...rest } = r!
+  return { rest, tat: rate_tat as Date | null }
+}
+
+const State = fc.record({
+  plan: fc.constantFrom('free', 'pro', 'unlimited', 'wallet'),
+  balance: fc.bigInt(0n, 300n),
+  reservedShare: fc.constantFrom(0, 10, 50, 100),
+  active: fc.integer({ min: 0, max: 4 }),
+  monthTokens: fc.constantFrom(0, 499_990, 499_999, 9_999_999),
+  lastMonth: fc.boolean(),
+  tatAheadSeconds: fc.constantFrom(null, -5, 0, 30, 59, 61),
+  want: fc.bigInt(1n, 100n),
+  needShare: fc.integer({ min: 1, max: 100 }),
+  promptTokens: fc.integer({ min: 1, max: 20 }),
+  minTier: fc.integer({ min: 0, max: 2 }),
+})
+
+/** Two accounts on `plan` in the same state, each with a key. */
+async function twins(s: typeof State extends fc.Arbitrary<infer T> ? T : never) {
+  const pair = [
+    await Ledger.account(sql, s.balance, s.plan),
+    await Ledger.account(sql, s.balance, s.plan),
+  ]
+  const reserved = (s.balance * BigInt(s.reservedShare)) / 100n
+  for (const a of pair) {
+    // A reservation row stands behind whatever is reserved and active (the invariants).
+    for (let i = 0; i < s.active; i++)
+      await sql`insert into reservations (id, account_id, model, stream, held, expires_at)
+        values (${crypto.randomUUID()}, ${a.id}, 'm', false, ${i === 0 ? sql.typed.numeric(reserved) : sql.typed.numeric(0n)},
+          clock_timestamp() + interval '1 hour')`
+    await sql`update accounts set reserved = ${s.active > 0 ? sql.typed.numeric(reserved) : sql.typed.numeric(0n)},
+      active_requests = ${s.active}, month_tokens = ${s.monthTokens},
+      month_start = ${s.lastMonth ? sql`'2000-01-01'::date` : sql`month_start`},
+      rate_tat = ${s.tatAheadSeconds === null ? null : sql`clock_timestamp() + make_interval(secs => ${s.tatAheadSeconds})`}
+      where id = ${a.id}`
+  }
+  return pair as [(typeof pair)[0], (typeof pair)[0]]
+}
+
+describe('admit alone', () => {
+  test('property: admits what the batch function admits in full, with the same answer and rows; declines the rest and changes nothing', async () => {
+    await fc.assert(
+      fc.asyncProperty(State, async (s) => {
+        const [alone, batched] = await twins(s)
+        const need = (s.want * BigInt(s.needShare)) / 100n || 1n
+        const input = {
+          model: 'm',
+          stream: false,
+          minTier: s.minTier,
+          promptTokens: s.promptTokens,
+          want: s.want,
+        }
+        const before = await row(alone.id)
+        const requestId = crypto.randomUUID()
+        const a = await Alone.admit(sql, {
+          ...input,
+          keyHash: alone.keyHash,
+          requestId,
+          leaseSeconds: 60,
+        })
+        const [b] = await batch([
+          admitItem(batched.keyHash, { ...input, want: s.want.toString(), need: need.toString() }),
+        ])
+        if (a) {
+          expect(b).toMatchObject({
+            status: 'ok',
+            held: a.held,
+            available: a.available,
+            concurrency_room: a.concurrency_room,
+            quota_room: a.quota_room,
+            rate_limit: a.rate_limit,
+          })
+          expect(a.held).toBe(s.want)
+          // The rate left is read off each statement's own clock: a tick apart at most.
+          if (a.rate_remaining !== null)
+            expect(Math.abs(a.rate_remaining - (b!.rate_remaining as number))).toBeLessThanOrEqual(
+              1,
+            )
+          const [x, y] = [await row(alone.id), await row(batched.id)]
+          expect(x.rest).toEqual(y.rest)
+          if (x.tat !== null || y.tat !== null)
+            expect(Math.abs(x.tat!.getTime() - y.tat!.getTime())).toBeLessThan(1_000)
+          const [r] =
+            await sql`select held, key_id is not null as keyed from reservations where id = ${requestId}`
+          expect(r).toEqual({ held: s.want, keyed: true })
+        } else {
+          // Declined: refused by the batch function, held in part, or a wallet plan's.
+          expect(b!.status !== 'ok' || (b!.held as bigint) < s.want || s.plan === 'wallet').toBe(
+            true,
+          )
+          expect(await row(alone.id)).toEqual(before)
+          expect(await sql`select 1 from reservations where id = ${requestId}`).toHaveLength(0)
+        }
+        await Ledger.accountState(sql, alone.id)
+        await Ledger.accountState(sql, batched.id)
+      }),
+      { numRuns: 200 },
+    )
+  }, 60_000)
+
+  test('error: an unknown or revoked key is declined', async () => {
+    const a = await Ledger.account(sql, 100n)
+    const input = {
+      model: 'm',
+      stream: false,
+      minTier: 0,
+      promptTokens: 1,
+      want: 5n,
+      leaseSeconds: 60,
+    }
+    expect(
+      await Alone.admit(sql, {
+        ...input,
+        keyHash: new Uint8Array(32),
+        requestId: crypto.randomUUID(),
+      }),
+    ).toBeUndefined()
+    await sql`update api_keys set revoked_at = now() where account_id = ${a.id}`
+    expect(
+      await Alone.admit(sql, { ...input, keyHash: a.keyHash, requestId: crypto.randomUUID() }),
+    ).toBeUndefined()
+    expect((await Ledger.accountState(sql, a.id)).reserved).toBe(0n)
+  })
+})
+
+describe('finish alone', () => {
+  test('property: charges, releases and writes the rows the batch function does, the cost capped alike', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.bigInt(0n, 100n),
+        fc.bigInt(1n, 60n),
+        fc.bigInt(0n, 200n),
+        fc.boolean(),
+        async (extra, want, cost, lastMonth) => {
+          const pair = [
+            await Ledger.account(sql, want + extra, 'pro'),
+            await Ledger.account(sql, want + extra, 'pro'),
+          ]
+          const ids: string[] = []
+          for (const a of pair) {
+            if (lastMonth)
+              await sql`update accounts set month_tokens = 77, month_start = '2000-01-01' where id = ${a.id}`
+            const r = await Ledger.admit(sql, a.keyHash, want)
+            expect(r.status).toBe('ok')
+            ids.push(r.requestId)
+          }
+          const f = { ...outcome, cost }
+          const a = await Alone.finish(sql, { id: ids[0]!, ...f })
+          const [b] = await batch([{ op: 'finish', id: ids[1], ...f, cost: cost.toString() }])
+          expect(b).toMatchObject({ status: 'finished', charged: a!.charged })
+          expect(a!.charged).toBe(cost < want + extra ? cost : want + extra)
+          const [x, y] = [await row(pair[0]!.id), await row(pair[1]!.id)]
+          expect(x.rest).toEqual(y.rest)
+          const usage = async (id: string) =>
+            (
+              await sql`select model, stream, prompt_tokens, completion_tokens, cost, status, latency_ms, ttft_ms, key_id is not null as keyed from usage where id = ${id}`
+            )[0]
+          expect(await usage(ids[0]!)).toEqual(await usage(ids[1]!))
+          const [s0, s1] = [
+            await Ledger.accountState(sql, pair[0]!.id),
+            await Ledger.accountState(sql, pair[1]!.id),
+          ]
+          expect(s0).toEqual(s1)
+          // Gone once finished: a second finish finds nothing.
+          expect(await Alone.finish(sql, { id: ids[0]!, ...f })).toBeUndefined()
+        },
+      ),
+      { numRuns: 25 },
+    )
+  }, 60_000)
+
+  test('behavior: declines a reservation with an Idempotency-Key, on a wallet plan, or of a channel, and changes nothing', async () => {
+    const keyed = await Ledger.account(sql, 100n, 'pro')
+    const [idem] = await batch([
+      admitItem(keyed.keyHash, {
+        idempotencyKey: 'k1',
+        fingerprint: '00',
+        requestId: crypto.randomUUID(),
+      }),
+    ])
+    expect(idem!.status).toBe('ok')
+    const wallet = await Ledger.account(sql, 100n, 'wallet')
+    const w = await Ledger.admit(sql, wallet.keyHash, 10n)
+    expect(w.status).toBe('ok')
+    const channel = await Ledger.channel(sql, 1_000n)
+    await Ledger.voucher(sql, channel.channelId, 100n)
+    const held = { id: crypto.randomUUID() }
+    expect(
+      (await Ledger.hold(sql, channel.channelId, { want: 10n, need: 10n, requestId: held.id }))
+        .status,
+    ).toBe('ok')
+    const [idemRow] = await sql`select id from reservations where account_id = ${keyed.id}`
+    for (const id of [idemRow!.id as string, w.requestId, held.id]) {
+      expect(await Alone.finish(sql, { id, ...outcome, cost: 5n })).toBeUndefined()
+      expect(await sql`select 1 from reservations where id = ${id}`).toHaveLength(1)
+    }
+    expect((await Ledger.accountState(sql, keyed.id)).usage).toBe(0)
+    expect((await Ledger.accountState(sql, wallet.id)).usage).toBe(0)
+  })
+})
