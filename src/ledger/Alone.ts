@@ -11,7 +11,11 @@
  * Each covers the common case only, and declines (undefined) anything else, having changed
  * nothing: an admission with an Idempotency-Key, on a plan with a token wallet, that any limit
  * refuses, that the balance covers only in part, or whose key is unknown; a finish of a
- * reservation with an Idempotency-Key, of a channel, or on a wallet plan. The batch function
+ * reservation with an Idempotency-Key, of a channel, on a wallet plan, or whose cost the
+ * account cannot pay in full. Every condition is written on the row the statement updates, so
+ * PostgreSQL checks it again on the row as it is once locked (a condition on a copy read
+ * earlier in the statement, even with FOR UPDATE, let concurrent admissions past the
+ * balance: test/ledger/Reservations.test.ts found it). The batch function
  * then decides it, with the exact answer (which refusal, which partial hold). The formulas
  * here are those of functions/tollway_ledger_many.sql; test/ledger/Alone.test.ts checks that
  * both give the same answers and rows.
@@ -32,8 +36,8 @@ export type AdmitRow = {
 
 /**
  * Admits a request that every check passes and whose whole `want` the free balance covers:
- * locks the account (with its plan, as the batch function does), takes the hold, counts the
- * request against concurrency and the request rate, and writes its reservation.
+ * takes the hold on the account row, counts the request against concurrency and the request
+ * rate, and writes its reservation. A plan changed meanwhile finds no row (declined).
  */
 export async function admit(
   sql: Sql,
@@ -49,39 +53,36 @@ export async function admit(
   },
 ): Promise<AdmitRow | undefined> {
   const want = sql.typed.numeric(i.want)
+  // Every check reads the account row the UPDATE writes (not a copy read before it): under
+  // concurrent writers PostgreSQL checks them again on the row as it is once locked, so a
+  // request admitted here is admitted against the latest balance and counts.
   const [row] = await sql`
     with now as (
-      select clock_timestamp() as ts,
+      select ts, date_trunc('month', ts at time zone 'UTC')::date as this_month,
         -- As the batch function: no wait for a WAL flush (see migrations/0001_ledger.sql).
         set_config('synchronous_commit', 'off', true) as durability
-    ), locked as (
-      select ac.id, ak.id as kid, ac.balance, ac.reserved, ac.active_requests, ac.rate_tat,
-        ac.month_start, ac.month_tokens, pl.tier, pl.requests_per_minute as rpm,
-        pl.max_concurrent, pl.tokens_per_month, now.ts,
-        date_trunc('month', now.ts at time zone 'UTC')::date as this_month
-      from api_keys ak
-        join accounts ac on ac.id = ak.account_id
-        join plans pl on pl.name = ac.plan
-        cross join now
-      where ak.hash = ${i.keyHash} and ak.revoked_at is null and pl.wallet_floor is null
-      for update of ac
-    ), checked as (
-      select locked.*,
-        case when rpm is null then null
-          else greatest(coalesce(rate_tat, ts), ts) + interval '60 seconds' / rpm end as new_tat,
-        case when month_start < this_month then 0 else month_tokens end as month_used
-      from locked
+      from clock_timestamp() ts
     ), held as (
       update accounts ac set reserved = ac.reserved + ${want},
-        active_requests = ac.active_requests + 1, rate_tat = coalesce(c.new_tat, ac.rate_tat)
-      from checked c
-      where ac.id = c.id and c.tier >= ${i.minTier}
-        and (c.max_concurrent is null or c.active_requests < c.max_concurrent)
-        and (c.new_tat is null or c.new_tat - c.ts <= interval '60 seconds')
-        and (c.tokens_per_month is null or c.month_used + ${i.promptTokens} <= c.tokens_per_month)
-        and c.balance - c.reserved >= ${want}
-      returning ac.id, c.kid, ac.balance - ac.reserved as available, ac.active_requests,
-        c.max_concurrent, c.tokens_per_month, c.month_used, c.rpm, c.new_tat, c.ts
+        active_requests = ac.active_requests + 1,
+        rate_tat = case when pl.requests_per_minute is null then ac.rate_tat
+          else greatest(coalesce(ac.rate_tat, now.ts), now.ts)
+            + interval '60 seconds' / pl.requests_per_minute end
+      from api_keys ak, plans pl, now
+      where ak.hash = ${i.keyHash} and ak.revoked_at is null and ac.id = ak.account_id
+        and pl.name = ac.plan and pl.wallet_floor is null and pl.tier >= ${i.minTier}
+        and (pl.max_concurrent is null or ac.active_requests < pl.max_concurrent)
+        and (pl.requests_per_minute is null
+          or greatest(coalesce(ac.rate_tat, now.ts), now.ts)
+            + interval '60 seconds' / pl.requests_per_minute - now.ts <= interval '60 seconds')
+        and (pl.tokens_per_month is null
+          or case when ac.month_start < now.this_month then 0 else ac.month_tokens end
+            + ${i.promptTokens} <= pl.tokens_per_month)
+        and ac.balance - ac.reserved >= ${want}
+      returning ac.id, ak.id as kid, ac.balance - ac.reserved as available, ac.active_requests,
+        pl.max_concurrent, pl.tokens_per_month, pl.requests_per_minute as rpm,
+        case when ac.month_start < now.this_month then 0 else ac.month_tokens end as month_used,
+        ac.rate_tat as new_tat, now.ts
     ), reserved as (
       insert into reservations (id, account_id, key_id, model, stream, held, expires_at)
       select ${i.requestId}, h.id, h.kid, ${i.model}, ${i.stream}, ${want},
@@ -100,12 +101,13 @@ export async function admit(
 }
 
 /**
- * Finishes an API-key request without an Idempotency-Key on a plan without a token wallet:
- * takes its reservation, charges the cost (never more than the account can pay: its free
- * balance plus this reservation), releases the rest, counts the tokens against the month and
+ * Finishes an API-key request without an Idempotency-Key on a plan without a token wallet,
+ * whose whole cost the account can pay (its free balance plus this reservation): takes its
+ * reservation, charges the cost, releases the rest, counts the tokens against the month and
  * writes the transaction and usage rows. The reservation goes first, then the account row, in
- * the order the batch function locks them. Undefined when declined, or when the reservation
- * is gone (finished already): the batch function tells which.
+ * the order the batch function locks them. Undefined when declined (a cost beyond what the
+ * account can pay is capped by the batch function), or when the reservation is gone (finished
+ * already): the batch function tells which.
  */
 export async function finish(
   sql: Sql,
@@ -119,40 +121,49 @@ export async function finish(
     ttftMs: number | null
   },
 ): Promise<{ charged: bigint } | undefined> {
-  const [row] = await sql`
-    with now as (
-      select clock_timestamp() as ts, set_config('synchronous_commit', 'off', true) as durability
-    ), taken as (
-      delete from reservations r
-      using accounts ac0 join plans pl on pl.name = ac0.plan
-      where r.id = ${f.id} and r.idem_key is null and ac0.id = r.account_id
-        and pl.wallet_floor is null
-      returning r.account_id, r.key_id, r.held, r.model, r.stream
-    ), locked as (
-      select ac.id, t.key_id, t.held, t.model, t.stream,
-        greatest(0, least(${sql.typed.numeric(f.cost)}, ac.balance - ac.reserved + t.held)) as amount,
-        date_trunc('month', now.ts at time zone 'UTC')::date as this_month
-      from accounts ac join taken t on ac.id = t.account_id cross join now
-      for update of ac
-    ), charged as (
-      update accounts ac set balance = ac.balance - l.amount, reserved = ac.reserved - l.held,
-        active_requests = ac.active_requests - 1,
-        month_tokens = case when ac.month_start < l.this_month then 0 else ac.month_tokens end
-          + ${f.promptTokens + f.completionTokens},
-        month_start = l.this_month, wallet_tokens = null, wallet_at = null
-      from locked l
-      where ac.id = l.id
-      returning ac.id, l.key_id, l.model, l.stream, l.amount
-    ), paid as (
-      insert into credit_transactions (account_id, amount, kind, request_id)
-      select c.id, -c.amount, 'usage', ${f.id} from charged c where c.amount > 0
-    ), used as (
-      insert into usage (id, account_id, key_id, model, stream, prompt_tokens, completion_tokens,
-        cost, status, latency_ms, ttft_ms)
-      select ${f.id}, c.id, c.key_id, c.model, c.stream, ${f.promptTokens}, ${f.completionTokens},
-        c.amount, ${f.status}, ${f.latencyMs}, ${f.ttftMs}
-      from charged c
-    )
-    select amount as charged from charged`
-  return row ? { charged: row.charged as bigint } : undefined
+  const cost = sql.typed.numeric(f.cost)
+  try {
+    const [row] = await sql`
+      with now as (
+        select date_trunc('month', clock_timestamp() at time zone 'UTC')::date as this_month,
+          set_config('synchronous_commit', 'off', true) as durability
+      ), taken as (
+        delete from reservations r
+        using accounts ac0 join plans pl on pl.name = ac0.plan
+        where r.id = ${f.id} and r.idem_key is null and ac0.id = r.account_id
+          and pl.wallet_floor is null
+        returning r.account_id, r.key_id, r.held, r.model, r.stream
+      ), charged as (
+        -- The whole cost, when the account can pay it (its free balance plus this
+        -- reservation), checked on the row as it is once locked.
+        update accounts ac set balance = ac.balance - ${cost}, reserved = ac.reserved - t.held,
+          active_requests = ac.active_requests - 1,
+          month_tokens = case when ac.month_start < now.this_month then 0 else ac.month_tokens end
+            + ${f.promptTokens + f.completionTokens},
+          month_start = now.this_month, wallet_tokens = null, wallet_at = null
+        from taken t, now
+        where ac.id = t.account_id and ac.balance - ac.reserved + t.held >= ${cost}
+        returning ac.id, t.key_id, t.model, t.stream
+      ), paid as (
+        insert into credit_transactions (account_id, amount, kind, request_id)
+        select c.id, -${cost}, 'usage', ${f.id} from charged c where ${cost} > 0
+      ), used as (
+        insert into usage (id, account_id, key_id, model, stream, prompt_tokens,
+          completion_tokens, cost, status, latency_ms, ttft_ms)
+        select ${f.id}, c.id, c.key_id, c.model, c.stream, ${f.promptTokens},
+          ${f.completionTokens}, ${cost}, ${f.status}, ${f.latencyMs}, ${f.ttftMs}
+        from charged c
+      )
+      -- A reservation taken whose charge could not be paid in full: the statement fails
+      -- whole (nothing changed), and the batch function charges what can be paid.
+      select (select count(*) from charged)
+        / ((select count(*) from charged) - (select count(*) from taken) + 1) as finished`
+    return row!.finished === 1n ? { charged: f.cost } : undefined
+  } catch (e) {
+    if ((e as { code?: string }).code === DIVISION_BY_ZERO) return undefined
+    throw e
+  }
 }
+
+/** What the finish statement raises to undo itself (see above). */
+const DIVISION_BY_ZERO = '22012'

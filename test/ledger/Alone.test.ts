@@ -6,6 +6,7 @@
 import { describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
 import * as Alone from '../../src/ledger/Alone.ts'
+import * as Credits from '../../src/ledger/Credits.ts'
 import { plans } from '../helpers/Gateway.ts'
 import * as Ledger from '../helpers/Ledger.ts'
 import * as Postgres from '../helpers/Postgres.ts'
@@ -142,6 +143,29 @@ describe('admit alone', () => {
     )
   }, 60_000)
 
+  test('behavior: concurrent admissions and debits never hold past the balance', async () => {
+    for (let round = 0; round < 10; round++) {
+      const a = await Ledger.account(sql, 5n)
+      const answers = await Promise.all(
+        Array.from({ length: 20 }, async (_, i) => {
+          if (i % 3 === 0)
+            await Credits.grant(sql, { accountId: a.id, amount: i % 2 ? -1n : 1n, note: null })
+          const input = { model: 'm', stream: false, minTier: 0, promptTokens: 1, leaseSeconds: 60 }
+          return Alone.admit(sql, {
+            ...input,
+            keyHash: a.keyHash,
+            want: BigInt(1 + (i % 3)),
+            requestId: crypto.randomUUID(),
+          })
+        }),
+      )
+      const state = await Ledger.accountState(sql, a.id)
+      const held = answers.reduce((sum, r) => sum + (r?.held ?? 0n), 0n)
+      expect(state.reserved).toBe(held)
+      expect(held > 0n).toBe(true)
+    }
+  }, 30_000)
+
   test('error: an unknown or revoked key is declined', async () => {
     const a = await Ledger.account(sql, 100n)
     const input = {
@@ -168,7 +192,7 @@ describe('admit alone', () => {
 })
 
 describe('finish alone', () => {
-  test('property: charges, releases and writes the rows the batch function does, the cost capped alike', async () => {
+  test('property: charges, releases and writes the rows the batch function does; a cost beyond what the account can pay is declined, changing nothing', async () => {
     await fc.assert(
       fc.asyncProperty(
         fc.bigInt(0n, 100n),
@@ -189,10 +213,21 @@ describe('finish alone', () => {
             ids.push(r.requestId)
           }
           const f = { ...outcome, cost }
+          const before = await Ledger.accountState(sql, pair[0]!.id)
           const a = await Alone.finish(sql, { id: ids[0]!, ...f })
           const [b] = await batch([{ op: 'finish', id: ids[1], ...f, cost: cost.toString() }])
-          expect(b).toMatchObject({ status: 'finished', charged: a!.charged })
-          expect(a!.charged).toBe(cost < want + extra ? cost : want + extra)
+          if (cost > want + extra) {
+            // More than the account can pay: declined, nothing changed; the batch function
+            // charges what can be paid.
+            expect(a).toBeUndefined()
+            expect(await Ledger.accountState(sql, pair[0]!.id)).toEqual(before)
+            expect(b).toMatchObject({ status: 'finished', charged: want + extra })
+            const [c] = await batch([{ op: 'finish', id: ids[0], ...f, cost: cost.toString() }])
+            expect(c).toMatchObject({ status: 'finished', charged: want + extra })
+          } else {
+            expect(a).toEqual({ charged: cost })
+            expect(b).toMatchObject({ status: 'finished', charged: cost })
+          }
           const [x, y] = [await row(pair[0]!.id), await row(pair[1]!.id)]
           expect(x.rest).toEqual(y.rest)
           const usage = async (id: string) =>
