@@ -179,7 +179,7 @@ if (kind === 'upstream') {
     })
     const answer = await res.arrayBuffer()
     if (mode === 'batched')
-      void batcher.run({ hold: false, cost: 11 }, true).catch((e) => console.error(e))
+      void batcher.run({ hold: false, cost: 11 }).catch((e) => console.error(e))
     else if (mode !== 'roundtrip')
       // Charged after the answer, as the gateway's charge: nobody waits for it.
       void sql`with a as (update accounts set balance = balance - 11, reserved = reserved - 100

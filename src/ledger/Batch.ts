@@ -7,11 +7,6 @@
  * per statement as arrived during one round trip, so its requests no longer queue on one
  * another's row locks.
  *
- * A call nobody waits for (a charge written after its answer went out) may `linger`: it waits
- * up to `lingerMs` for company, so that at low load it rides in the same statement as the
- * next call (the next request's admission) instead of taking a round trip of its own that the
- * next call would queue behind.
- *
  * If a batch statement fails, its items run again one by one, so one bad item fails alone.
  */
 export type Options<I, O> = {
@@ -26,8 +21,6 @@ export type Options<I, O> = {
   inFlight?: number | undefined
   /** Most items in one batch (default 256). */
   maxItems?: number | undefined
-  /** How long a lingering call waits for company, ms (default 2). */
-  lingerMs?: number | undefined
 }
 
 type Waiting<I, O> = {
@@ -46,8 +39,6 @@ export class Batcher<I, O> {
   private running = 0
   private readonly inFlight: number
   private readonly maxItems: number
-  private readonly lingerMs: number
-  private timer: ReturnType<typeof setTimeout> | undefined
   readonly stats: Stats = { statements: 0, items: 0, fallbacks: 0 }
   /** Items submitted; the first item of each batch under way (batches are runs of
    * consecutive items, as calls wait in order). */
@@ -61,14 +52,13 @@ export class Batcher<I, O> {
     this.one = o.one ?? (async (item) => (await o.many([item]))[0] as O)
     this.inFlight = o.inFlight ?? 1
     this.maxItems = o.maxItems ?? 256
-    this.lingerMs = o.lingerMs ?? 2
   }
 
-  /** Runs `item` (alone, or in a batch); `linger`: it may wait a moment for company. */
-  run(item: I, linger = false): Promise<O> {
+  /** Runs `item` (alone, or in a batch). */
+  run(item: I): Promise<O> {
     const seq = this.submitted++
     const idle = this.running < this.inFlight
-    if (idle && this.waiting.length === 0 && !linger) {
+    if (idle && this.waiting.length === 0) {
       this.running++
       this.stats.statements++
       this.stats.items++
@@ -78,22 +68,13 @@ export class Batcher<I, O> {
     const result = new Promise<O>((resolve, reject) => {
       this.waiting.push({ item, seq, resolve, reject })
     })
-    if (idle) {
-      if (!linger) this.flush()
-      else
-        this.timer ??= setTimeout(() => {
-          this.timer = undefined
-          if (this.waiting.length > 0 && this.running < this.inFlight) this.flush()
-        }, this.lingerMs)
-    }
+    if (idle) this.flush()
     return result
   }
 
   /** Resolves once every item submitted so far is done. */
   barrier(): Promise<void> {
     if (this.doneUpTo() >= this.submitted) return Promise.resolve()
-    // Lingering calls go now: someone is waiting for them after all.
-    if (this.waiting.length > 0 && this.running < this.inFlight) this.flush()
     const { promise, resolve } = Promise.withResolvers<void>()
     this.barriers.push({ at: this.submitted, resolve })
     return promise
@@ -117,10 +98,6 @@ export class Batcher<I, O> {
   }
 
   private flush() {
-    if (this.timer) {
-      clearTimeout(this.timer)
-      this.timer = undefined
-    }
     const batch = this.waiting.splice(0, this.maxItems)
     const start = batch[0]!.seq
     this.starts.add(start)

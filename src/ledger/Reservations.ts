@@ -153,15 +153,12 @@ export type Finish = {
  * Charges the request (never beyond what the account can pay), releases the rest of its
  * reservation and writes the usage row. Undefined if the reservation was already finished.
  */
-export function finish(
-  sql: Sql,
-  f: Finish,
-  background = false,
-  channelId?: string,
-): Promise<Finished | undefined> {
+export function finish(sql: Sql, f: Finish, channelId?: string): Promise<Finished | undefined> {
   if (channelId !== undefined) return channelFinishes(sql).run(f)
-  // A finish nobody waits for lingers, to share a statement with the next admission.
-  return ledger(sql).run({ op: 'finish', ...f }, background) as Promise<Finished | undefined>
+  // At once, whether or not anyone waits: on an idle ledger as a lone statement (Alone.ts),
+  // done before the payer's next request comes, rather than riding in that request's
+  // admission (which cost that admission a batch call: 0.2-0.3 ms at p50, one connection).
+  return ledger(sql).run({ op: 'finish', ...f }) as Promise<Finished | undefined>
 }
 
 type Finished = {
@@ -398,7 +395,7 @@ export function reservation(
       outcome ??= o
       let failed = false
       const once = () =>
-        finish(sql, { id: input.id, ...o }, background, input.channelId).then(
+        finish(sql, { id: input.id, ...o }, input.channelId).then(
           async (r) =>
             // Tried again after a failure, and the reservation is gone: the failed attempt
             // went through (its answer lost). What it charged is in its usage row.

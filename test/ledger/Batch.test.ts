@@ -45,36 +45,6 @@ describe('Batcher', () => {
     expect(statements).toEqual([[1], [2, 3, 4], [5]])
   })
 
-  test("behavior: a lingering call waits for company: it shares the next call's statement, or goes alone after lingerMs, or at once for a barrier", async () => {
-    const statements: number[][] = []
-    const b = new Batcher<number, number>({
-      one: async (x) => {
-        statements.push([x])
-        return x
-      },
-      many: async (xs) => {
-        statements.push(xs)
-        return xs
-      },
-      lingerMs: 50,
-    })
-    const lingering = b.run(1, true)
-    await Bun.sleep(10)
-    expect(statements).toEqual([])
-    expect(await Promise.all([lingering, b.run(2)])).toEqual([1, 2])
-    expect(statements).toEqual([[1, 2]])
-
-    const alone = b.run(3, true)
-    await Bun.sleep(10)
-    expect(statements.length).toBe(1)
-    expect(await alone).toBe(3)
-    expect(statements).toEqual([[1, 2], [3]])
-
-    void b.run(4, true)
-    await b.barrier()
-    expect(statements).toEqual([[1, 2], [3], [4]])
-  })
-
   test('behavior: with two batches in flight, a barrier waits for the earlier one even when the later one ends first', async () => {
     const gates = new Map<number, PromiseWithResolvers<void>>()
     const gate = (x: number) => {
@@ -138,7 +108,6 @@ const finish = (id: string, cost: bigint, channelId?: string) =>
   Reservations.finish(
     sql,
     { id, cost, promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: null },
-    false,
     channelId,
   )
 
