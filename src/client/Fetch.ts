@@ -432,8 +432,7 @@ export function createFetch(options: Options): PayingFetch {
 
   /** The deposit the server shows for a channel; undefined when it cannot say. */
   const depositShown = async (url: string, channelId: string): Promise<bigint | undefined> => {
-    const deposit = (await shownChannel(url, channelId))?.view?.deposit
-    return typeof deposit === 'string' && /^\d{1,78}$/.test(deposit) ? BigInt(deposit) : undefined
+    return amount((await shownChannel(url, channelId))?.view?.deposit)
   }
 
   /** The `open` credential of a new channel (the server pays the gas when it offers to). */
@@ -578,16 +577,11 @@ export function createFetch(options: Options): PayingFetch {
 
   /** Notes what a receipt says was spent, and hands it to `onReceipt`. */
   const receive = (live: Live, receipt: Receipt.Receipt) => {
-    const spent = receipt.spent
+    const spent = amount(receipt.spent)
     // Never above what was signed: a server cannot have spent more, and believed, a receipt
     // saying so would have the next voucher signed up to the whole deposit.
-    if (
-      typeof spent === 'string' &&
-      /^\d{1,78}$/.test(spent) &&
-      BigInt(spent) > live.spent &&
-      BigInt(spent) <= live.session.signed
-    )
-      live.spent = BigInt(spent)
+    if (spent !== undefined && spent > live.spent && spent <= live.session.signed)
+      live.spent = spent
     options.onReceipt?.(receipt)
   }
 
@@ -801,8 +795,8 @@ export function createFetch(options: Options): PayingFetch {
           throw e
         }
       } else if (kind === 'insufficient-balance') {
-        const required = problem?.requiredCumulative
-        if (typeof required !== 'string' || !/^\d{1,78}$/.test(required))
+        const required = amount(problem?.requiredCumulative)
+        if (required === undefined)
           throw new PaymentFailedError(
             `The server asked for more (${res.status} insufficient-balance) without a requiredCumulative in base units${toldBy(problem)}`,
             res.status,
@@ -810,7 +804,7 @@ export function createFetch(options: Options): PayingFetch {
           )
         credential = await serially(l, async () => {
           // Another request may have raised enough meanwhile: the voucher is then only signed.
-          const voucher = await raise(l, url, BigInt(required))
+          const voucher = await raise(l, url, required)
           l.sent = l.session.signed
           return voucher
         })
@@ -873,12 +867,21 @@ export function createFetch(options: Options): PayingFetch {
         status.status,
         await problemOf(status),
       )
-    const shown = (await status.json()) as { spent: string; settled?: string; status?: string }
-    let spent = BigInt(shown.spent)
+    const shown = (await status.json().catch(() => undefined)) as
+      | { spent?: unknown; settled?: unknown; status?: unknown }
+      | undefined
+    const shownSpent = amount(shown?.spent)
+    const shownSettled = shown?.settled === undefined ? shownSpent : amount(shown.settled)
+    if (shownSpent === undefined || shownSettled === undefined)
+      throw new PaymentFailedError(
+        `The server's view of channel ${state.channelId} names no spent (and settled) amount in base units; no close signed.`,
+        status.status,
+      )
+    let spent = shownSpent
     // Closed already (by an earlier close whose answer was lost, or by the server): what it
     // paid counts against maxTotal, and the channel is forgotten where it was kept.
-    if (shown.status === 'closed') {
-      await count(key, BigInt(shown.settled ?? shown.spent))
+    if (shown?.status === 'closed') {
+      await count(key, shownSettled)
       if (inUse) await forget(live)
       else if (slot) {
         await store.delete(slot)
@@ -907,15 +910,14 @@ export function createFetch(options: Options): PayingFetch {
       // Spent grew since it was read (a request of ours ended meanwhile): the server says by
       // how much. Signed once more when it is within what was signed already (a voucher that
       // gives the server nothing it does not hold).
-      const required = problem?.requiredCumulative
+      const required = amount(problem?.requiredCumulative)
       if (
         closed.status === 402 &&
-        typeof required === 'string' &&
-        /^\d+$/.test(required) &&
-        BigInt(required) > spent &&
-        BigInt(required) <= session.signed
+        required !== undefined &&
+        required > spent &&
+        required <= session.signed
       ) {
-        spent = BigInt(required)
+        spent = required
         closed = await send()
       } else
         throw new PaymentFailedError(
@@ -1085,6 +1087,10 @@ function streams(body: ArrayBuffer | undefined): boolean {
     return false
   }
 }
+
+/** A server's amount (a decimal string of base units, as the draft writes them), if it is one. */
+const amount = (x: unknown): bigint | undefined =>
+  typeof x === 'string' && /^\d{1,78}$/.test(x) ? BigInt(x) : undefined
 
 const min = (...xs: bigint[]) => xs.reduce((a, b) => (a < b ? a : b))
 const max = (...xs: bigint[]) => xs.reduce((a, b) => (a > b ? a : b))

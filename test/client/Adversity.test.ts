@@ -89,6 +89,36 @@ describe('createFetch under adversity', () => {
     if (closeAmount !== undefined) expect(closeAmount).toBeLessThanOrEqual(BigInt(state.signed))
   }, 60_000)
 
+  test('error: a channel view without its spent amount in base units (missing, a number, not JSON): close is a typed refusal and signs nothing', async () => {
+    const views = [
+      (shown: Record<string, string>) => Response.json({ ...shown, spent: undefined }),
+      (shown: Record<string, string>) => Response.json({ ...shown, spent: 12 }),
+      (shown: Record<string, string>) => Response.json({ ...shown, settled: '-1' }),
+      () => new Response('not json', { headers: { 'content-type': 'application/json' } }),
+    ]
+    let view = views[0]!
+    let closes = 0
+    const malformed = plain(async (input, init) => {
+      const url = String(input instanceof Request ? input.url : input)
+      if (payloadOf(headerOf(init))?.action === 'close') closes++
+      const res = await globalThis.fetch(input, init)
+      if (url.includes('/v1/channels/') && res.ok)
+        return view((await res.json()) as Record<string, string>)
+      return res
+    })
+    const { fetch, openai } = client(13, { fetch: malformed })
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    for (view of views) {
+      const e = await fetch.close().catch((e: unknown) => e)
+      expect(e).toBeInstanceOf(ClientError)
+      expect((e as Error).message).toContain('names no spent (and settled) amount')
+    }
+    expect(closes).toBe(0)
+    // The channel is kept: with the server answering properly again, it closes.
+    view = (shown) => Response.json(shown)
+    expect(await fetch.close()).toMatch(/^0x[0-9a-f]{64}$/)
+  }, 60_000)
+
   test('behavior: a channel closed elsewhere with more spent than this process signed is forgotten as closed, not refused', async () => {
     // Another process on the store signed more on the channel, and closed it.
     const closedElsewhere = plain(async (input, init) => {
