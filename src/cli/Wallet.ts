@@ -22,6 +22,7 @@ import {
   StoreInUseError,
   verifyReceipt,
 } from '../client/index.ts'
+import * as Pricing from '../metering/Pricing.ts'
 import { type CliError, PaymentError, ServerError, UsageError } from './Errors.ts'
 import * as Http from './Http.ts'
 import type { Context } from './main.ts'
@@ -139,6 +140,7 @@ export async function chat(ctx: Context) {
   const pay = await paying(ctx)
   const model = ctx.values.model ?? (await firstModel(ctx))
   const opening = !(await pay.channel(url))
+  if (opening) await promptAffordable(ctx, model, prompt)
   // The answer must begin within --timeout (default a minute, three when a channel opens on
   // chain first); once it has, it may stream for as long as it takes.
   const waitMs = Http.waitMs(ctx.settings, opening ? 180_000 : 60_000)
@@ -262,6 +264,37 @@ async function checkReceipt(
         ? `it states a cost of ${receipt.cost}, the answer ${usage.cost}`
         : undefined
   if (wrong) throw new ServerError(`the receipt does not hold: ${wrong}.`)
+}
+
+/**
+ * Refuses, before a channel is opened for it, a prompt whose cost alone (the model's input
+ * price, its tokens counted as the gateway counts them) passes --max-total: the channel would
+ * open, lock its deposit, and pay for nothing. A model the list does not show, or without a
+ * price, is left to the gateway to refuse.
+ */
+async function promptAffordable(ctx: Context, model: string, prompt: string): Promise<void> {
+  const listed = (await Http.request(target(ctx), 'GET', '/v1/models').catch(() => undefined)) as
+    | { data?: { id?: unknown; pricing?: { input?: unknown } }[] }
+    | undefined
+  const input = listed?.data?.find((m) => m.id === model)?.pricing?.input
+  if (typeof input !== 'string' || !/^\d{1,78}$/.test(input)) return
+  const price = { input: BigInt(input), output: 0n }
+  // A token is at least a byte, and one message's framing under 16 tokens (Tokenizer.prompt):
+  // when that many cannot pass the limit, nothing is counted (the tokenizer takes most of a
+  // second to load).
+  const most = new TextEncoder().encode(prompt).length + 16
+  if (Pricing.cost(price, most, 0) <= ctx.settings.maxTotal) return
+  const { prompt: count } = await import('../metering/Tokenizer.ts')
+  const { promptTexts } = await import('../upstream/Chat.ts')
+  const tokens = count(
+    promptTexts({ messages: [{ role: 'user', content: prompt }] }).map((content) => ({ content })),
+  )
+  const cost = Pricing.cost(price, tokens, 0)
+  if (cost > ctx.settings.maxTotal)
+    throw new PaymentError(
+      `The prompt alone costs ${cost} base units (${tokens} tokens of ${model} at ${input} per million), over --max-total (TOLLWAY_MAX_TOTAL) ${ctx.settings.maxTotal}; no channel was opened. Raise --max-total, or send a shorter prompt.`,
+      { cost: cost.toString(), maxTotal: ctx.settings.maxTotal.toString() },
+    )
 }
 
 async function firstModel(ctx: Context): Promise<string> {

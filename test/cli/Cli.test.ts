@@ -291,22 +291,33 @@ describe('chat', () => {
     )
   })
 
-  test('error: --max-total below the prompt cost is refused with exit 3', async () => {
+  test('error: --max-total below the prompt cost is refused with exit 3, before any channel opens', async () => {
+    const env = { ...wallet, TOLLWAY_WALLET_KEY: chain.payers[2]!.privateKey }
+    // The fake model's input price: 1,000,000 base units per million tokens, so a token is a
+    // base unit; "hello" as a message is 7 tokens, as the gateway counts it.
     const r = await cli(
-      ['chat', 'hello', '--model', 'fake', '--trust-escrow', '--max-total', '1'],
-      {
-        ...wallet,
-        TOLLWAY_WALLET_KEY: chain.payers[2]!.privateKey,
-      },
+      ['chat', 'hello', '--model', 'fake', '--trust-escrow', '--max-total', '6'],
+      env,
     )
     expect(r.code).toBe(3)
-    // Named as this command's option, not the client library's. The step says what it did:
-    // the channel opened (with what --max-total left for it), the request then failed.
-    expect(r.stderr).toContain('--max-total (TOLLWAY_MAX_TOTAL)')
-    expect(r.stderr).toContain(
-      'opening a payment channel (on chain)… opened (deposit 1); the request failed:',
+    // Named as this command's option, not the client library's; nothing was opened.
+    expect(r.stderr).toContain('The prompt alone costs 7 base units (7 tokens of fake')
+    expect(r.stderr).toContain('over --max-total (TOLLWAY_MAX_TOTAL) 6; no channel was opened')
+    expect(r.stderr).not.toContain('opening a payment channel')
+    const status = await cli(['channel', 'status', '--json'], env)
+    expect(JSON.parse(status.stdout)).toMatchObject({ channel: null })
+    // Within --max-total, the prompt but not the answer: the channel opens, the request fails
+    // on the library's limit, named as this command's option.
+    const short = await cli(
+      ['chat', 'hello', '--model', 'fake', '--trust-escrow', '--max-total', '8'],
+      env,
     )
-    expect(r.stderr).not.toContain('done')
+    expect(short.code).toBe(3)
+    expect(short.stderr).toContain('--max-total (TOLLWAY_MAX_TOTAL)')
+    expect(short.stderr).toContain(
+      'opening a payment channel (on chain)… opened (deposit 8); the request failed:',
+    )
+    expect(short.stderr).not.toContain('done')
   })
 
   test('behavior: --receipt asks for the signed receipt and checks it, whole or streamed', async () => {
