@@ -132,7 +132,7 @@ export async function finish(
         using accounts ac0 join plans pl on pl.name = ac0.plan
         where r.id = ${f.id} and r.idem_key is null and ac0.id = r.account_id
           and pl.wallet_floor is null
-        returning r.account_id, r.key_id, r.held, r.model, r.stream
+        returning r.account_id, r.key_id, r.held, r.model, r.stream, ac0.plan
       ), charged as (
         -- The whole cost, when the account can pay it (its free balance plus this
         -- reservation), checked on the row as it is once locked.
@@ -143,6 +143,11 @@ export async function finish(
           month_start = now.this_month, wallet_tokens = null, wallet_at = null
         from taken t, now
         where ac.id = t.account_id and ac.balance - ac.reserved + t.held >= ${cost}
+          -- PostgreSQL checks the row's constraints on the version this statement sees before
+          -- it finds a newer one: a hold extended meanwhile (t.held is as it is now) must not
+          -- make that version's reserved negative. And a plan changed meanwhile (to one with a
+          -- token wallet, which this does not charge) leaves the finish to the batch function.
+          and ac.reserved >= t.held and ac.plan = t.plan
         returning ac.id, t.key_id, t.model, t.stream
       ), paid as (
         insert into credit_transactions (account_id, amount, kind, request_id)
@@ -160,10 +165,15 @@ export async function finish(
         / ((select count(*) from charged) - (select count(*) from taken) + 1) as finished`
     return row!.finished === 1n ? { charged: f.cost } : undefined
   } catch (e) {
-    if ((e as { code?: string }).code === DIVISION_BY_ZERO) return undefined
+    // Undone whole: the batch function decides it.
+    if (DECLINED.has((e as { code?: string }).code ?? '')) return undefined
     throw e
   }
 }
 
-/** What the finish statement raises to undo itself (see above). */
-const DIVISION_BY_ZERO = '22012'
+/**
+ * What the finish statement raises to undo itself (division by zero, see above), and a check
+ * constraint failing on a version of a row a concurrent writer changed (which the conditions
+ * above keep from happening): either way nothing changed.
+ */
+const DECLINED = new Set(['22012', '23514'])
