@@ -419,6 +419,20 @@ export function routes(deps: Deps) {
       throw Problem.verificationFailed(
         `The challenge prices another model or an old price; use a challenge for ${p.model.id}.`,
       ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+    // A top-up carries no voucher: by hash it names a transaction anyone can read on chain, so
+    // it proves nothing about who sends it. It was recorded above; a request needs a voucher.
+    if (action === 'topUp') {
+      const channel = applied.channel!
+      throw Problem.insufficientBalance(
+        'A top-up adds to the deposit and pays for no request (vouchers do): it was recorded; send a voucher for requiredCumulative.',
+        {
+          channelId,
+          requiredCumulative: nextVoucher(channel.spent + p.need, channel.acceptedCumulative),
+          acceptedCumulative: channel.acceptedCumulative,
+          deposit: channel.deposit,
+        },
+      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+    }
     const requestId = newRequestId()
     const admitted = await Channels.admit(deps.sql, {
       channelId,
