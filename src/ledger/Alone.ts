@@ -21,6 +21,7 @@
  * both give the same answers and rows.
  */
 import type { Sql } from './Db.ts'
+import type { AdmitInput, Finish } from './Reservations.ts'
 
 /** An admission's answer, as `tollway_ledger_many` returns it (its row, status ok). */
 export type AdmitRow = {
@@ -41,16 +42,7 @@ export type AdmitRow = {
  */
 export async function admit(
   sql: Sql,
-  i: {
-    keyHash: Uint8Array
-    model: string
-    stream: boolean
-    minTier: number
-    promptTokens: number
-    want: bigint
-    requestId: string
-    leaseSeconds: number
-  },
+  i: Omit<AdmitInput, 'need' | 'idempotencyKey' | 'fingerprint'>,
 ): Promise<AdmitRow | undefined> {
   const want = sql.typed.numeric(i.want)
   // Every check reads the account row the UPDATE writes (not a copy read before it): under
@@ -109,18 +101,7 @@ export async function admit(
  * account can pay is capped by the batch function), or when the reservation is gone (finished
  * already): the batch function tells which.
  */
-export async function finish(
-  sql: Sql,
-  f: {
-    id: string
-    cost: bigint
-    promptTokens: number
-    completionTokens: number
-    status: string
-    latencyMs: number | null
-    ttftMs: number | null
-  },
-): Promise<{ charged: bigint } | undefined> {
+export async function finish(sql: Sql, f: Finish): Promise<{ charged: bigint } | undefined> {
   const cost = sql.typed.numeric(f.cost)
   try {
     const [row] = await sql`

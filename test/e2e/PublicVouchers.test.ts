@@ -1,7 +1,8 @@
 /**
  * Strangers and public vouchers: a voucher a settle transaction put in public calldata (signed by
- * the payer, so its signature verifies) pays for no request and closes no channel, and vouchers
- * a stranger forges for a public channel id do not use up its payer's voucher rate.
+ * the payer, so its signature verifies) pays for no request and closes no channel, vouchers a
+ * stranger forges for a public channel id do not use up its payer's voucher rate, and a top-up
+ * transaction (public) pays for no request.
  */
 import { afterAll, describe, expect, test } from 'bun:test'
 import { decodeFunctionData, type Hex } from 'viem'
@@ -12,6 +13,7 @@ import * as Token from '../../src/chain/Token.ts'
 import { PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Credential from '../../src/payment/Credential.ts'
+import * as Session from '../../src/payment/evm/Session.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Ledger from '../helpers/Ledger.ts'
@@ -231,4 +233,63 @@ describe('an open rebuilt from public transactions', () => {
     expect(res.status).toBe(402)
     expect((await Ledger.channelState(gw.sql, channelId)).spent).toBe(spentByPayer)
   }, 60_000)
+})
+
+describe('a top-up transaction anyone can read', () => {
+  // A top-up credential carries no voucher: by hash it names a transaction anyone can read on
+  // chain, so it proves nothing about who sends it. It adds to the deposit, and pays for no
+  // request (the draft's requests are paid by vouchers).
+  test('error: a stranger showing the payer top-up transaction gets no request served from the payer channel', async () => {
+    const session = await Paid.opened(url, {
+      account: payer,
+      tokenDomain,
+      deposit: 100_000n,
+      initial: 10n,
+    })
+    const channelId = session.channelId!
+    // The payer authorized well ahead of what was spent (as createFetch does by its margin).
+    const ahead = await fetch(url, {
+      method: 'HEAD',
+      headers: { authorization: await session.voucher(50_000n) },
+    })
+    expect(ahead.status).toBe(200)
+    const sent = await Escrow.topUp(chain.payerClient(0), {
+      escrow: chain.escrowAddress,
+      channelId,
+      token: chain.currencyAddress,
+      amount: 1_000n,
+    })
+    const stranger = privateKeyToAccount(generatePrivateKey())
+    const topUpByHash = async () =>
+      Credential.serialize(
+        Credential.from({
+          challenge: await freshChallenge(),
+          payload: {
+            action: 'topUp',
+            type: 'hash',
+            channelId,
+            hash: sent.hash,
+            additionalDeposit: '1000',
+          },
+          source: Session.source({ chainId: chain.chainId, address: stranger.address }),
+        }),
+      )
+    const before = await Ledger.channelState(gw.sql, channelId)
+    const res = await completion(await topUpByHash())
+    // Asked for a voucher instead, with a fresh challenge; the top-up itself was recorded.
+    expect(res.status).toBe(402)
+    expect(res.headers.get('www-authenticate')).toContain('Payment id=')
+    const problem = (await res.json()) as { type: string; requiredCumulative: string }
+    expect(problem.type).toBe('https://paymentauth.org/problems/session/insufficient-balance')
+    expect(BigInt(problem.requiredCumulative)).toBeGreaterThan(before.spent)
+    const after = await Ledger.channelState(gw.sql, channelId)
+    expect(after.spent).toBe(before.spent)
+    // The same credential without a request still records the top-up.
+    const managed = await fetch(url, {
+      method: 'HEAD',
+      headers: { authorization: await topUpByHash() },
+    })
+    expect(managed.status).toBe(200)
+    expect((await Ledger.channelState(gw.sql, channelId)).deposit).toBe(101_000n)
+  }, 30_000)
 })
