@@ -202,6 +202,8 @@ export type Admission =
       deposit: bigint
       spent: bigint
     }
+  /** Paid with a voucher at or below one the gateway put in a transaction (public). */
+  | { status: 'public_voucher'; acceptedCumulative: bigint; deposit: bigint; spent: bigint }
   | { status: 'not_found' | 'finalized' | 'close_requested' }
 
 /** Holds between `need` and `want` of the channel's authorized balance for one request. */
@@ -216,6 +218,11 @@ export type AdmitInput = {
   /** With its body's SHA-256: a duplicate is never charged again. */
   idempotencyKey?: string | null
   fingerprint?: Uint8Array | null
+  /**
+   * The cumulative amount of the voucher that pays for the request: one the gateway made
+   * public (in a settle or close transaction, sent or to be sent) pays for none.
+   */
+  voucher?: bigint | undefined
 }
 
 /**
@@ -245,6 +252,7 @@ async function admitMany(sql: Sql, items: AdmitInput[]): Promise<Admission[]> {
     leaseSeconds: i.leaseSeconds,
     idempotencyKey: i.idempotencyKey ?? null,
     fingerprint: i.fingerprint ? Buffer.from(i.fingerprint).toString('hex') : null,
+    voucher: i.voucher?.toString() ?? null,
   }))
   const rows = await sql`select * from tollway_channel_admit_many(${sql.json(json)})`
   return inOrder(rows, items.length, admission)
@@ -259,6 +267,7 @@ function admission(row: Record<string, unknown>): Admission {
   if (row.status === 'ok') return { status: 'ok', held: row.held as bigint, ...state }
   if (row.status === 'insufficient')
     return { status: 'insufficient', available: row.available as bigint, ...state }
+  if (row.status === 'public_voucher') return { status: 'public_voucher', ...state }
   if (typeof row.status === 'string' && row.status.startsWith('idempotency_'))
     return { status: row.status, otherRequest: row.other_request as string } as Admission
   return { status: row.status } as Admission

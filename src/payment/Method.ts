@@ -25,6 +25,8 @@ export type Checked = {
    * not counted against the channel's voucher rate.
    */
   replay?: boolean
+  /** The cumulative amount of the voucher the credential carries (none for a top-up). */
+  voucher?: bigint
   /** Method-specific payload, opaque to the routes. */
   payload: unknown
 }

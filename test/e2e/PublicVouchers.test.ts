@@ -293,3 +293,66 @@ describe('a top-up transaction anyone can read', () => {
     expect((await Ledger.channelState(gw.sql, channelId)).deposit).toBe(101_000n)
   }, 30_000)
 })
+
+describe('a voucher in a settle transaction not yet mined', () => {
+  test.skipIf(gw.db.max === 1)(
+    'error: a stranger cannot spend the payer channel with it while the settle waits in the mempool',
+    async () => {
+      const session = await opened(10n)
+      const channelId = session.channelId!
+      const ahead = await session.voucher(50_000n)
+      const served = await completion(ahead)
+      expect(served.status).toBe(200)
+      await served.text()
+      const rpc = (method: string, params: unknown[] = []) =>
+        chain.payeeClient.request({ method, params } as never) as Promise<unknown>
+      await rpc('evm_setAutomine', [false])
+      try {
+        const settling = gw.admin(`/channels/${channelId}/settle`, {})
+        // The settle transaction, sent and not mined: its calldata is public.
+        let input: Hex | undefined
+        for (let i = 0; i < 200 && !input; i++) {
+          const block = (await rpc('eth_getBlockByNumber', ['pending', true])) as {
+            transactions: { input: Hex; to: Hex }[]
+          }
+          input = block.transactions.find(
+            (t) => t.to?.toLowerCase() === chain.escrowAddress.toLowerCase(),
+          )?.input
+          if (!input) await Bun.sleep(25)
+        }
+        const { functionName, args } = decodeFunctionData({ abi: Escrow.abi, data: input! })
+        expect(functionName).toBe('settle')
+        const [, amount, signature] = args as [Hex, bigint, Hex]
+        const before = await Ledger.channelState(gw.sql, channelId)
+        expect(before.settled).toBe(0n)
+        const stolen = Credential.serialize(
+          Credential.from({
+            challenge: await freshChallenge(),
+            payload: {
+              action: 'voucher',
+              channelId,
+              cumulativeAmount: amount.toString(),
+              signature,
+            },
+          }),
+        )
+        const res = await completion(stolen)
+        expect(res.status).toBe(402)
+        expect(((await res.json()) as { type: string }).type).toBe(
+          'https://paymentauth.org/problems/session/insufficient-balance',
+        )
+        expect((await Ledger.channelState(gw.sql, channelId)).spent).toBe(before.spent)
+        await rpc('evm_setAutomine', [true])
+        await rpc('evm_mine')
+        await (await settling).text()
+      } finally {
+        await rpc('evm_setAutomine', [true])
+      }
+      // The payer's own voucher, above what was published, still pays.
+      const again = await completion(ahead)
+      expect(again.status).toBe(200)
+      await again.text()
+    },
+    60_000,
+  )
+})

@@ -443,7 +443,18 @@ export function routes(deps: Deps) {
       requestId,
       leaseSeconds,
       ...idempotency(c, text),
+      voucher: checked.voucher,
     })
+    if (admitted.status === 'public_voucher')
+      throw Problem.insufficientBalance(
+        'This voucher is public (the gateway put it in a settle or close transaction), so anyone can show it: a request needs a higher voucher.',
+        {
+          channelId,
+          requiredCumulative: nextVoucher(admitted.acceptedCumulative + 1n, admitted.acceptedCumulative),
+          acceptedCumulative: admitted.acceptedCumulative,
+          deposit: admitted.deposit,
+        },
+      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
     if (admitted.status.startsWith('idempotency_'))
       throw duplicate(admitted as Extract<Channels.Admission, { otherRequest: string }>)
     if (admitted.status === 'insufficient')

@@ -161,9 +161,6 @@ export type Applied = Method.Applied
 export const unitType = 'llm-output-token-per-1M'
 export const inputUnitType = 'llm-input-token-per-1M'
 
-/** How long a channel's settled amount, once read, stands for replayed vouchers (ms). */
-const SETTLED_FRESH_MS = 1_000
-
 export function create(o: Options) {
   // Who signs a channel's vouchers never changes: kept in memory after the first lookup.
   const signers = new Lru<string, Hex>(100_000)
@@ -181,8 +178,6 @@ export function create(o: Options) {
     accepted.set(channelId, amount)
   }
   const isReplay = (channelId: Hex, amount: bigint) => (accepted.get(channelId) ?? -1n) >= amount
-  // The voucher each channel last showed above what was settled (`unsettled`), and when.
-  const aboveSettled = new Lru<string, { amount: bigint; at: number }>(100_000)
 
   const request = (price: Price, channelId?: Hex): Record<string, unknown> => ({
     ...Session.request({
@@ -226,15 +221,14 @@ export function create(o: Options) {
   }
 
   /**
-   * Checks a voucher's signature, then records it (a replay changes nothing). One that pays
-   * for a request (`forRequest`) and replays one at or below what was settled is refused
-   * (`unsettled`).
+   * Checks a voucher's signature, then records it (a replay changes nothing). Whether it may
+   * pay for a request is the admission's to say (a voucher the gateway made public pays for
+   * none: `Channels.admit`).
    */
   const acceptVoucher = async (
     channel: { signer: Hex },
     v: { channelId: Hex; cumulativeAmount: bigint; signature: Hex },
     minDelta = o.minVoucherDelta,
-    forRequest = false,
   ): Promise<State> => {
     // Signature and signer first: before the replay short-circuit (draft, Idempotency).
     await o.chain.verifyVoucher({ ...v, signer: channel.signer })
@@ -248,9 +242,6 @@ export function create(o: Options) {
       case 'accepted':
       case 'replay': {
         sawAccepted(v.channelId, r.acceptedCumulative)
-        // An accepted voucher is above every one before it, so above what was settled; a
-        // replay may be one the settle made public.
-        if (forRequest && r.status === 'replay') await unsettled(v)
         const { status: _, ...state } = r
         return { channelId: v.channelId, ...state }
       }
@@ -297,42 +288,6 @@ export function create(o: Options) {
         'The channel is closing (its payer asked to close it): a top-up cannot reopen it. Open another channel.',
         { channelId: channel.channelId },
       )
-  }
-
-  /**
-   * A voucher at or below what the gateway settled is public: the settle transaction's
-   * calldata holds its signature. It proves nothing about who sends it, so it pays for no
-   * request (the draft, "Voucher Verification": a stale voucher must not let another party
-   * consume the payer's authorized balance). The payer's own requests carry a higher one
-   * (settled <= spent <= acceptedCumulative, and one at `spent` leaves no balance to use).
-   */
-  const unsettled = async (v: { channelId: Hex; cumulativeAmount: bigint }) => {
-    // Most paid requests carry the voucher the one before did: one found above what was
-    // settled within the last second is taken as it was, without a read. (What was settled
-    // is known once the settle is mined, its calldata public in the mempool before: for this
-    // same voucher, a window a second longer.)
-    const seen = aboveSettled.get(v.channelId)
-    if (
-      seen &&
-      seen.amount === v.cumulativeAmount &&
-      performance.now() - seen.at < SETTLED_FRESH_MS
-    )
-      return
-    const c = await o.store.get(v.channelId)
-    // Nothing settled, nothing published (a settle raises `settled` above 0).
-    if (c && c.settled > 0n && v.cumulativeAmount <= c.settled)
-      throw Problem.insufficientBalance(
-        'This voucher was settled on chain, so anyone can show it: a request needs a voucher above the settled amount.',
-        {
-          channelId: v.channelId,
-          settled: c.settled,
-          requiredCumulative:
-            c.acceptedCumulative + (o.minVoucherDelta > 0n ? o.minVoucherDelta : 1n),
-          acceptedCumulative: c.acceptedCumulative,
-          deposit: c.deposit,
-        },
-      )
-    aboveSettled.set(v.channelId, { amount: v.cumulativeAmount, at: performance.now() })
   }
 
   /** Refuses a deposit or top-up the gateway would pay the gas of, below the least it takes. */
@@ -407,7 +362,6 @@ export function create(o: Options) {
           channel,
           { channelId: p.channelId, cumulativeAmount: p.cumulativeAmount, signature },
           channel.acceptedCumulative === 0n ? 0n : o.minVoucherDelta,
-          beforeRequest,
         )
         return { channel: (await o.store.get(p.channelId))!, ...(txHash ? { txHash } : {}) }
       }
@@ -496,7 +450,7 @@ export function create(o: Options) {
           if (sent) await o.store.sent({ channelId: p.channelId, kind: d.action, ...sent })
           const first = d.action === 'open' && observed.acceptedCumulative === 0n
           return {
-            channel: await acceptVoucher(state, p, first ? 0n : o.minVoucherDelta, beforeRequest),
+            channel: await acceptVoucher(state, p, first ? 0n : o.minVoucherDelta),
             ...(sent ? { txHash: sent.hash } : {}),
           }
         }
@@ -511,10 +465,9 @@ export function create(o: Options) {
         // the request's admission reads the channel's state, so nothing need be stored.
         if (replayBeforeRequest) {
           await o.chain.verifyVoucher({ ...p, signer })
-          await unsettled(p)
           return {}
         }
-        return { channel: await acceptVoucher({ signer }, p, o.minVoucherDelta, beforeRequest) }
+        return { channel: await acceptVoucher({ signer }, p, o.minVoucherDelta) }
       }
       case 'close': {
         // A closed channel too: a client whose close was answered on an instance that then
@@ -584,6 +537,7 @@ export function create(o: Options) {
     check(credential: Credential.Credential, challenge: Challenge.Challenge): Method.Checked {
       const { parsed, price } = typed(credential, challenge)
       const p = parsed.payload
+      const voucher = Session.voucherOf(p)
       return {
         action: p.action,
         channelId: p.channelId,
@@ -591,6 +545,7 @@ export function create(o: Options) {
         ...(p.action === 'voucher' && !p.deposit && isReplay(p.channelId, p.cumulativeAmount)
           ? { replay: true }
           : {}),
+        ...(voucher ? { voucher: voucher.cumulativeAmount } : {}),
         payload: { parsed, amount: price.output },
       }
     },
