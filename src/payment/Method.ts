@@ -27,6 +27,12 @@ export type Checked = {
   replay?: boolean
   /** The cumulative amount of the voucher the credential carries (none for a top-up). */
   voucher?: bigint
+  /**
+   * It adds to (or opens) the deposit: an open, a top-up, a voucher carrying a deposit. Such
+   * submissions have a rate of their own, so that cheap ones a stranger makes up for a public
+   * channel id (refused only after chain work) cannot use up the payer's voucher rate.
+   */
+  funds?: boolean
   /** Method-specific payload, opaque to the routes. */
   payload: unknown
 }

@@ -5,11 +5,12 @@
  * transaction (public) pays for no request.
  */
 import { afterAll, describe, expect, test } from 'bun:test'
-import { decodeFunctionData, type Hex } from 'viem'
+import { decodeFunctionData, type Hex, keccak256, toHex } from 'viem'
 import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
 import { getTransaction } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
+import * as Voucher from '../../src/chain/Voucher.ts'
 import { PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Credential from '../../src/payment/Credential.ts'
@@ -116,6 +117,115 @@ describe('voucher rate limit (evm-session "Denial of Service")', () => {
     for (const status of statuses) expect([402, 429]).toContain(status)
     expect(mine).toEqual([200, 200, 200, 200, 200])
     expect((await Ledger.channelState(gw.sql, channelId)).acceptedCumulative).toBe(6_000n)
+  }, 60_000)
+})
+
+describe('voucher rate limit and made-up top-ups', () => {
+  test('error: top-ups a stranger makes up for a channel (with no funds behind them) do not use up the voucher rate of its payer', async () => {
+    const session = await opened(1_000n)
+    const channelId = session.channelId!
+    // A stranger without tokens signs EIP-3009 top-ups for the public channel id: each is
+    // refused only once the chain has been asked.
+    const stranger = new PayingSession({
+      account: privateKeyToAccount(generatePrivateKey()),
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    stranger.channelId = channelId
+    let stop = false
+    const statuses: number[] = []
+    const flood = Array.from({ length: 5 }, async () => {
+      while (!stop) {
+        const res = await fetch(url, {
+          method: 'HEAD',
+          headers: { authorization: await stranger.topUp(200_000n) },
+        })
+        statuses.push(res.status)
+      }
+    })
+    await Bun.sleep(300)
+    const mine: number[] = []
+    for (let i = 1; i <= 5; i++) {
+      const res = await fetch(url, {
+        method: 'HEAD',
+        headers: { authorization: await session.voucher(1_000n + 1_000n * BigInt(i)) },
+      })
+      mine.push(res.status)
+      await Bun.sleep(100)
+    }
+    stop = true
+    await Promise.all(flood)
+    expect(statuses.length).toBeGreaterThan(10)
+    expect(statuses).not.toContain(200)
+    // Their own rate ran out; the payer's vouchers did not.
+    expect(statuses).toContain(429)
+    expect(mine).toEqual([200, 200, 200, 200, 200])
+    expect((await Ledger.channelState(gw.sql, channelId)).acceptedCumulative).toBe(6_000n)
+  }, 60_000)
+})
+
+describe('a voucher carrying a top-up, signed by someone else', () => {
+  test('error: its voucher is checked before the top-up is sent: refused, the deposit untouched', async () => {
+    const session = await opened(1_000n)
+    const channelId = session.channelId!
+    // A funded stranger (a development payer with tokens) tops up the channel and pays itself
+    // with a voucher it signs: its signature is not the channel signer's.
+    const stranger = privateKeyToAccount(chain.payers[3]!.privateKey)
+    const additional = 5_000n
+    const topUpSalt = keccak256(toHex(`stranger:${channelId}`))
+    const authorization = {
+      from: stranger.address,
+      to: chain.escrowAddress,
+      value: additional,
+      validAfter: 0n,
+      validBefore: BigInt(Math.floor(Date.now() / 1000) + 3600),
+      nonce: Escrow.topUpNonce({
+        channelId,
+        additionalDeposit: additional,
+        from: stranger.address,
+        topUpSalt,
+      }),
+    }
+    const cumulative = 2_000n
+    const header = Credential.serialize(
+      Credential.from({
+        challenge: await freshChallenge(),
+        payload: {
+          action: 'voucher',
+          channelId,
+          cumulativeAmount: cumulative.toString(),
+          signature: await Voucher.sign(stranger, {
+            chainId: chain.chainId,
+            escrow: chain.escrowAddress,
+            channelId,
+            cumulativeAmount: cumulative,
+          }),
+          deposit: {
+            action: 'topUp',
+            type: 'authorization',
+            authorization: Object.fromEntries(
+              Object.entries(authorization).map(([k, v]) => [k, String(v)]),
+            ),
+            signature: await Token.signReceiveAuthorization(stranger, {
+              domain: tokenDomain,
+              ...authorization,
+            }),
+            salt: topUpSalt,
+          },
+        },
+      }),
+    )
+    const before = await Ledger.channelState(gw.sql, channelId)
+    const res = await fetch(url, { method: 'HEAD', headers: { authorization: header } })
+    expect(res.status).toBe(402)
+    const onChain = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(onChain!.deposit).toBe(before.deposit)
+    expect((await Ledger.channelState(gw.sql, channelId)).acceptedCumulative).toBe(
+      before.acceptedCumulative,
+    )
   }, 60_000)
 })
 

@@ -379,10 +379,16 @@ export function routes(deps: Deps) {
     // Taken before anything waits (submissions under way at once each take one), and given
     // back when the signature proves not to be the channel signer's: forged vouchers (channel
     // ids are public) would otherwise use up the payer's rate and starve a paused stream.
-    const limited = action === 'voucher' || action === 'topUp'
-    if (limited && !payments.limiter.take(channelId, checked.replay))
+    // Deposits (opens, top-ups, vouchers carrying one) have a rate of their own: a stranger's
+    // made-up ones, refused only after chain work, never give their token back, and must not
+    // starve the payer's vouchers.
+    const limited = action === 'voucher' || action === 'topUp' || action === 'open'
+    const bucket = checked.funds ? `${channelId}#funds` : channelId
+    if (limited && !payments.limiter.take(bucket, checked.replay))
       throw new RateLimitError(
-        `At most ${payments.limiter.perSecondLimit} voucher or top-up submissions per second per channel; sign vouchers further ahead.`,
+        checked.funds
+          ? `At most ${payments.limiter.perSecondLimit} open or top-up submissions per second per channel.`
+          : `At most ${payments.limiter.perSecondLimit} voucher submissions per second per channel; sign vouchers further ahead.`,
         'voucher_rate_limited',
         { headers: { 'retry-after': '1' } },
       )
@@ -393,8 +399,8 @@ export function routes(deps: Deps) {
     try {
       applied = await method.apply(checked, { beforeRequest: !management })
     } catch (e) {
-      if (limited && e instanceof Problem.PaymentProblem && unsigned.has(e.kind))
-        payments.limiter.refund(channelId, checked.replay)
+      if (limited && !checked.funds && e instanceof Problem.PaymentProblem && unsigned.has(e.kind))
+        payments.limiter.refund(bucket, checked.replay)
       throw e
     }
     if (action !== 'close' && applied.channel) payments.wake(channelId)
@@ -450,7 +456,10 @@ export function routes(deps: Deps) {
         'This voucher is public (the gateway put it in a settle or close transaction), so anyone can show it: a request needs a higher voucher.',
         {
           channelId,
-          requiredCumulative: nextVoucher(admitted.acceptedCumulative + 1n, admitted.acceptedCumulative),
+          requiredCumulative: nextVoucher(
+            admitted.acceptedCumulative + 1n,
+            admitted.acceptedCumulative,
+          ),
           acceptedCumulative: admitted.acceptedCumulative,
           deposit: admitted.deposit,
         },

@@ -412,7 +412,13 @@ export function create(o: Options) {
             throw Problem.methodUnsupported('Permit2 is not offered; use "authorization".')
           let sent: Sent | undefined
           const known = await o.store.get(p.channelId)
-          if (d.action === 'topUp' && known) notClosing(known)
+          if (d.action === 'topUp') {
+            if (known) notClosing(known)
+            // The voucher first: a made-up one costs a signature check, not the chain work of a
+            // top-up (an authorization copied from an earlier top-up is refused only on chain).
+            const signer = known?.signer ?? (await o.chain.read(p.channelId))?.signer
+            if (signer) await o.chain.verifyVoucher({ ...p, signer })
+          }
           if (d.action === 'open' && !known) {
             if (!(await o.chain.read(p.channelId))) {
               gasPaid(d.authorization.value, 'deposit', p.channelId)
@@ -546,6 +552,9 @@ export function create(o: Options) {
           ? { replay: true }
           : {}),
         ...(voucher ? { voucher: voucher.cumulativeAmount } : {}),
+        ...(p.action === 'open' || p.action === 'topUp' || (p.action === 'voucher' && p.deposit)
+          ? { funds: true }
+          : {}),
         payload: { parsed, amount: price.output },
       }
     },
