@@ -71,96 +71,74 @@ async function settledChannel(requests: number) {
   return { channelId, ahead, spent, amount, signature }
 }
 
-describe('voucher rate limit (evm-session "Denial of Service")', () => {
-  test('error: vouchers a stranger forges for a channel do not use up the rate of its payer', async () => {
-    // The payer opens a channel (HEAD, no request).
-    const session = await opened(1_000n)
-    const channelId = session.channelId!
-
-    // A stranger knows the channelId (it is public on chain) and nothing else: it signs
-    // vouchers for it with its own key, under a challenge anyone can get.
-    const stranger = new PayingSession({
-      account: privateKeyToAccount(generatePrivateKey()),
-      challenge: await freshChallenge(),
-    })
-    stranger.channelId = channelId
-    // It sends them without pause, five at a time, well over the channel's rate of 10 a second.
-    const forged = await Promise.all(
-      Array.from({ length: 50 }, (_, i) => stranger.voucher(10_000n + BigInt(i))),
-    )
-    let stop = false
-    let next = 0
-    const statuses: number[] = []
-    const flood = Array.from({ length: 5 }, async () => {
-      while (!stop) {
-        const authorization = forged[next++ % forged.length]!
-        const res = await fetch(url, { method: 'HEAD', headers: { authorization } })
-        statuses.push(res.status)
-      }
-    })
-    await Bun.sleep(300)
-    // The payer's own next vouchers, five of them in half a second (half its rate), must
-    // still go through.
-    const mine: number[] = []
-    for (let i = 1; i <= 5; i++) {
+/**
+ * A stranger floods a channel the payer opened with `credential`s (five at a time, well over
+ * the channel's rate of 10 a second) while the payer sends its own next five vouchers in half
+ * a second (half its rate); the flood's statuses, the payer's, and the accepted amount after.
+ */
+async function flooded(credential: (stranger: PayingSession) => Promise<string>) {
+  const session = await opened(1_000n)
+  const channelId = session.channelId!
+  // A stranger knows the channelId (it is public on chain) and nothing else: it signs with its
+  // own key, under a challenge anyone can get.
+  const stranger = new PayingSession({
+    account: privateKeyToAccount(generatePrivateKey()),
+    challenge: await freshChallenge(),
+    tokenDomain,
+  })
+  stranger.channelId = channelId
+  let stop = false
+  const statuses: number[] = []
+  const flood = Array.from({ length: 5 }, async () => {
+    while (!stop) {
       const res = await fetch(url, {
         method: 'HEAD',
-        headers: { authorization: await session.voucher(1_000n + 1_000n * BigInt(i)) },
+        headers: { authorization: await credential(stranger) },
       })
-      mine.push(res.status)
-      await Bun.sleep(100)
+      statuses.push(res.status)
     }
-    stop = true
-    await Promise.all(flood)
+  })
+  await Bun.sleep(300)
+  const mine: number[] = []
+  for (let i = 1; i <= 5; i++) {
+    const res = await fetch(url, {
+      method: 'HEAD',
+      headers: { authorization: await session.voucher(1_000n + 1_000n * BigInt(i)) },
+    })
+    mine.push(res.status)
+    await Bun.sleep(100)
+  }
+  stop = true
+  await Promise.all(flood)
+  return {
+    statuses,
+    mine,
+    accepted: (await Ledger.channelState(gw.sql, channelId)).acceptedCumulative,
+  }
+}
+
+describe('voucher rate limit (evm-session "Denial of Service")', () => {
+  test('error: vouchers a stranger forges for a channel do not use up the rate of its payer', async () => {
+    let n = 0
+    const { statuses, mine, accepted } = await flooded((stranger) =>
+      stranger.voucher(10_000n + BigInt(n++)),
+    )
     // Every forged voucher was refused, and none was stored.
     expect(statuses.length).toBeGreaterThan(10)
     for (const status of statuses) expect([402, 429]).toContain(status)
     expect(mine).toEqual([200, 200, 200, 200, 200])
-    expect((await Ledger.channelState(gw.sql, channelId)).acceptedCumulative).toBe(6_000n)
+    expect(accepted).toBe(6_000n)
   }, 60_000)
-})
 
-describe('voucher rate limit and made-up top-ups', () => {
   test('error: top-ups a stranger makes up for a channel (with no funds behind them) do not use up the voucher rate of its payer', async () => {
-    const session = await opened(1_000n)
-    const channelId = session.channelId!
-    // A stranger without tokens signs EIP-3009 top-ups for the public channel id: each is
-    // refused only once the chain has been asked.
-    const stranger = new PayingSession({
-      account: privateKeyToAccount(generatePrivateKey()),
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
-    stranger.channelId = channelId
-    let stop = false
-    const statuses: number[] = []
-    const flood = Array.from({ length: 5 }, async () => {
-      while (!stop) {
-        const res = await fetch(url, {
-          method: 'HEAD',
-          headers: { authorization: await stranger.topUp(200_000n) },
-        })
-        statuses.push(res.status)
-      }
-    })
-    await Bun.sleep(300)
-    const mine: number[] = []
-    for (let i = 1; i <= 5; i++) {
-      const res = await fetch(url, {
-        method: 'HEAD',
-        headers: { authorization: await session.voucher(1_000n + 1_000n * BigInt(i)) },
-      })
-      mine.push(res.status)
-      await Bun.sleep(100)
-    }
-    stop = true
-    await Promise.all(flood)
+    // EIP-3009 top-ups of a stranger without tokens: each refused only once the chain is asked.
+    const { statuses, mine, accepted } = await flooded((stranger) => stranger.topUp(200_000n))
     expect(statuses.length).toBeGreaterThan(10)
     expect(statuses).not.toContain(200)
     // Their own rate ran out; the payer's vouchers did not.
     expect(statuses).toContain(429)
     expect(mine).toEqual([200, 200, 200, 200, 200])
-    expect((await Ledger.channelState(gw.sql, channelId)).acceptedCumulative).toBe(6_000n)
+    expect(accepted).toBe(6_000n)
   }, 60_000)
 })
 
@@ -173,19 +151,6 @@ describe('a voucher carrying a top-up, signed by someone else', () => {
     const stranger = privateKeyToAccount(chain.payers[3]!.privateKey)
     const additional = 5_000n
     const topUpSalt = keccak256(toHex(`stranger:${channelId}`))
-    const authorization = {
-      from: stranger.address,
-      to: chain.escrowAddress,
-      value: additional,
-      validAfter: 0n,
-      validBefore: BigInt(Math.floor(Date.now() / 1000) + 3600),
-      nonce: Escrow.topUpNonce({
-        channelId,
-        additionalDeposit: additional,
-        from: stranger.address,
-        topUpSalt,
-      }),
-    }
     const cumulative = 2_000n
     const header = Credential.serialize(
       Credential.from({
@@ -200,18 +165,13 @@ describe('a voucher carrying a top-up, signed by someone else', () => {
             channelId,
             cumulativeAmount: cumulative,
           }),
-          deposit: {
-            action: 'topUp',
-            type: 'authorization',
-            authorization: Object.fromEntries(
-              Object.entries(authorization).map(([k, v]) => [k, String(v)]),
-            ),
-            signature: await Token.signReceiveAuthorization(stranger, {
-              domain: tokenDomain,
-              ...authorization,
-            }),
+          deposit: await Paid.topUpDeposit(stranger, {
+            channelId,
+            additional,
+            escrow: chain.escrowAddress,
+            tokenDomain,
             salt: topUpSalt,
-          },
+          }),
         },
       }),
     )

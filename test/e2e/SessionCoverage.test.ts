@@ -397,19 +397,6 @@ describe('deposits', () => {
     // Above the old deposit: acceptable only once the top-up is in.
     const cumulative = 14_000n
     const topUpSalt = keccak256(toHex(`merge:${channelId}:${Date.now()}`))
-    const authorization = {
-      from: account.address,
-      to: chain.escrowAddress,
-      value: additional,
-      validAfter: 0n,
-      validBefore: BigInt(Math.floor(Date.now() / 1000) + 3600),
-      nonce: Escrow.topUpNonce({
-        channelId,
-        additionalDeposit: additional,
-        from: account.address,
-        topUpSalt,
-      }),
-    }
     const header = Credential.serialize(
       Credential.from({
         challenge: session.challenge,
@@ -423,16 +410,13 @@ describe('deposits', () => {
             channelId,
             cumulativeAmount: cumulative,
           }),
-          deposit: {
-            action: 'topUp',
-            type: 'authorization',
-            authorization,
-            signature: await Token.signReceiveAuthorization(account, {
-              domain: tokenDomain,
-              ...authorization,
-            }),
+          deposit: await Paid.topUpDeposit(account, {
+            channelId,
+            additional,
+            escrow: chain.escrowAddress,
+            tokenDomain,
             salt: topUpSalt,
-          },
+          }),
         },
       }),
     )

@@ -3,8 +3,9 @@
  * challenge, and a channel opened by EIP-3009 authorization.
  */
 import { expect } from 'bun:test'
-import type { LocalAccount } from 'viem'
-import type * as Token from '../../src/chain/Token.ts'
+import type { Hex, LocalAccount } from 'viem'
+import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 
 /** The Payment challenge a completion request without credentials gets (a 402) at `url`. */
@@ -39,4 +40,43 @@ export async function opened(
   })
   expect(res.status).toBe(200)
   return session
+}
+
+/**
+ * A voucher credential's `deposit` that tops channel `channelId` up by `additional` from
+ * `account` (an EIP-3009 authorization signed by it, for the gateway to submit).
+ */
+export async function topUpDeposit(
+  account: LocalAccount,
+  o: {
+    channelId: Hex
+    additional: bigint
+    escrow: Hex
+    tokenDomain: Token.TokenDomain
+    salt: Hex
+  },
+) {
+  const authorization = {
+    from: account.address,
+    to: o.escrow,
+    value: o.additional,
+    validAfter: 0n,
+    validBefore: BigInt(Math.floor(Date.now() / 1000) + 3600),
+    nonce: Escrow.topUpNonce({
+      channelId: o.channelId,
+      additionalDeposit: o.additional,
+      from: account.address,
+      topUpSalt: o.salt,
+    }),
+  }
+  return {
+    action: 'topUp',
+    type: 'authorization',
+    authorization,
+    signature: await Token.signReceiveAuthorization(account, {
+      domain: o.tokenDomain,
+      ...authorization,
+    }),
+    salt: o.salt,
+  }
 }
