@@ -94,19 +94,25 @@ async function run(o: {
 /**
  * Runs a stream the upstream gives no usage for, holding at first what `blockTokens` (at
  * most 4) cost, and checks the money rules: no chunk is sent before the reservation covers
- * it, and the charge is the exact count of what was sent.
+ * it, and the charge is the exact count of what was sent; with `tailSlack`, at most a token
+ * more per 32 characters sent (a run without a place a pre-token starts, cut at
+ * Tokenizer.TAIL: README, "at most a token more per 32 characters of such a run").
  */
 async function meteredExactly(o: {
   texts: string[][]
   balance: bigint
   blockTokens: number
   templated?: boolean
+  tailSlack?: boolean
 }) {
   const result = await run({ ...o, held: Pricing.cost(price, PROMPT, Math.min(o.blockTokens, 4)) })
   for (const s of result.sends)
     expect(Pricing.cost(price, PROMPT, s.tokens)).toBeLessThanOrEqual(s.held)
-  expect(result.r.outcome!.completionTokens).toBe(result.tokens)
-  expect(result.end.usage.completion_tokens).toBe(result.tokens)
+  const slack = o.tailSlack ? Math.floor(o.texts.flat().join('').length / 32) : 0
+  for (const charged of [result.r.outcome!.completionTokens, result.end.usage.completion_tokens]) {
+    expect(charged).toBeGreaterThanOrEqual(result.tokens)
+    expect(charged).toBeLessThanOrEqual(result.tokens + slack)
+  }
   return result
 }
 
@@ -149,13 +155,20 @@ describe('stream', () => {
   test('property: no chunk is sent before the reservation covers it; a cut stream is charged the tokens sent', async () => {
     await fc.assert(
       fc.asyncProperty(
-        // At most 1,008 characters: within one window, so the whole count is exact.
+        // At most 1,008 characters: within one window, so the count is exact but for runs
+        // without a place a pre-token starts (binary strings, astral characters), cut at 64.
         fc.array(fc.array(text, { maxLength: 6 }), { maxLength: 14 }),
         fc.bigInt({ min: 0n, max: 400n }),
         fc.integer({ min: 1, max: 40 }),
         fc.boolean(),
         async (texts, balance, blockTokens, templated) => {
-          const { r, end } = await meteredExactly({ texts, balance, blockTokens, templated })
+          const { r, end } = await meteredExactly({
+            texts,
+            balance,
+            blockTokens,
+            templated,
+            tailSlack: true,
+          })
           if (r.outcome!.status === 'insufficient_funds') expect(end.error).toBeDefined()
           else expect(r.outcome!.status).toBe('ok')
         },
