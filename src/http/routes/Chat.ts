@@ -425,19 +425,27 @@ export function routes(deps: Deps) {
       throw Problem.verificationFailed(
         `The challenge prices another model or an old price; use a challenge for ${p.model.id}.`,
       ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
-    // A top-up carries no voucher: by hash it names a transaction anyone can read on chain, so
-    // it proves nothing about who sends it. It was recorded above; a request needs a voucher.
-    if (action === 'topUp') {
+    /** A 402 asking for a voucher of at least `needed` (or the next the channel takes). */
+    const voucherNeeded = (
+      message: string,
+      needed: bigint,
+      channel: { acceptedCumulative: bigint; deposit: bigint },
+    ) =>
+      Problem.insufficientBalance(message, {
+        channelId,
+        requiredCumulative: nextVoucher(needed, channel.acceptedCumulative),
+        acceptedCumulative: channel.acceptedCumulative,
+        deposit: channel.deposit,
+      }).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+    // Only a voucher pays for a request. A top-up carries none: by hash it names a transaction
+    // anyone can read on chain, so it proves nothing about who sends it (recorded above).
+    if (checked.voucher === undefined) {
       const channel = applied.channel!
-      throw Problem.insufficientBalance(
+      throw voucherNeeded(
         'A top-up adds to the deposit and pays for no request (vouchers do): it was recorded; send a voucher for requiredCumulative.',
-        {
-          channelId,
-          requiredCumulative: nextVoucher(channel.spent + p.need, channel.acceptedCumulative),
-          acceptedCumulative: channel.acceptedCumulative,
-          deposit: channel.deposit,
-        },
-      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+        channel.spent + p.need,
+        channel,
+      )
     }
     const requestId = newRequestId()
     const admitted = await Channels.admit(deps.sql, {
@@ -452,33 +460,19 @@ export function routes(deps: Deps) {
       voucher: checked.voucher,
     })
     if (admitted.status === 'public_voucher')
-      throw Problem.insufficientBalance(
+      throw voucherNeeded(
         'This voucher is public (the gateway put it in a settle or close transaction), so anyone can show it: a request needs a higher voucher.',
-        {
-          channelId,
-          requiredCumulative: nextVoucher(
-            admitted.acceptedCumulative + 1n,
-            admitted.acceptedCumulative,
-          ),
-          acceptedCumulative: admitted.acceptedCumulative,
-          deposit: admitted.deposit,
-        },
-      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+        admitted.acceptedCumulative + 1n,
+        admitted,
+      )
     if (admitted.status.startsWith('idempotency_'))
       throw duplicate(admitted as Extract<Channels.Admission, { otherRequest: string }>)
     if (admitted.status === 'insufficient')
-      throw Problem.insufficientBalance(
+      throw voucherNeeded(
         "The channel's authorized balance does not cover the prompt and the first tokens; send a voucher for requiredCumulative.",
-        {
-          channelId,
-          requiredCumulative: nextVoucher(
-            admitted.acceptedCumulative + (p.need - admitted.available),
-            admitted.acceptedCumulative,
-          ),
-          acceptedCumulative: admitted.acceptedCumulative,
-          deposit: admitted.deposit,
-        },
-      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+        admitted.acceptedCumulative + (p.need - admitted.available),
+        admitted,
+      )
     if (admitted.status !== 'ok')
       throw admitted.status === 'not_found'
         ? Problem.channelNotFound('No channel with this id; open one first.', { channelId })

@@ -304,10 +304,8 @@ export function create(o: Options) {
   async function apply(
     parsed: Session.Parsed,
     amount: bigint,
-    beforeRequest: boolean,
-    replay: boolean,
+    replayBeforeRequest: boolean,
   ): Promise<Applied> {
-    const replayBeforeRequest = beforeRequest && replay
     const p = parsed.payload
     switch (p.action) {
       case 'open': {
@@ -560,7 +558,7 @@ export function create(o: Options) {
     },
     apply(checked: Method.Checked, options?: { beforeRequest?: boolean }): Promise<Applied> {
       const { parsed, amount } = checked.payload as { parsed: Session.Parsed; amount: bigint }
-      return apply(parsed, amount, options?.beforeRequest ?? false, checked.replay === true)
+      return apply(parsed, amount, options?.beforeRequest === true && checked.replay === true)
     },
     receipt: (r: { challengeId: string; channel: State; txHash?: Hex; units?: number }) =>
       Session.receipt({
