@@ -6,9 +6,15 @@
  */
 import { afterAll, describe, expect, test } from 'bun:test'
 import { secp256k1 } from '@noble/curves/secp256k1.js'
-import { type Hex, keccak256, toHex } from 'viem'
+import { encodeFunctionData, type Hex, keccak256, toHex, zeroAddress } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
-import { sendTransaction, writeContract } from 'viem/actions'
+import {
+  prepareTransactionRequest,
+  sendRawTransaction,
+  sendTransaction,
+  signTransaction,
+  writeContract,
+} from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import * as Voucher from '../../src/chain/Voucher.ts'
@@ -609,6 +615,70 @@ describe('open', () => {
     await rejected(await send(header), 409, 'session/transaction-reverted')
     expect(await Channels.get(gw.sql, channelId)).toBeUndefined()
   }, 30_000)
+
+  test('error: a hash open naming a transaction the chain has never seen is refused within seconds, not after the receipt wait (30 s)', async () => {
+    const channelId = keccak256(toHex('made-up open'))
+    const header = await (await paying()).openWithHash({
+      channelId,
+      salt: keccak256(toHex('salt')),
+      hash: keccak256(toHex(`no such transaction ${Date.now()}`)),
+      initial: 1_000n,
+    })
+    const started = Date.now()
+    const res = await send(header)
+    expect(Date.now() - started).toBeLessThan(20_000)
+    const text = await res.text()
+    expect(res.status).toBe(402)
+    expect(JSON.parse(text).detail).toContain('does not know the transaction')
+    expect(await Channels.get(gw.sql, channelId)).toBeUndefined()
+  }, 60_000)
+
+  test('behavior: a hash open whose transaction reaches the chain a moment after its credential is accepted', async () => {
+    const client = chain.payerClient(2)
+    const deposit = 10_000n
+    const salt = keccak256(toHex(`late broadcast ${Date.now()}`))
+    await Token.approve(client, {
+      token: chain.currencyAddress,
+      spender: chain.escrowAddress,
+      amount: deposit,
+    })
+    const request = await prepareTransactionRequest(client, {
+      account: client.account,
+      chain: client.chain,
+      to: chain.escrowAddress,
+      data: encodeFunctionData({
+        abi: Escrow.abi,
+        functionName: 'open',
+        args: [chain.payee.address, chain.currencyAddress, deposit, salt, zeroAddress],
+      }),
+      gas: 500_000n,
+    })
+    const serialized = await signTransaction(client, request as never)
+    const channelId = Escrow.computeChannelId({
+      payer: client.account.address,
+      payee: chain.payee.address,
+      token: chain.currencyAddress,
+      salt,
+      escrow: chain.escrowAddress,
+      chainId: chain.chainId,
+    })
+    const session = new PayingSession({
+      account: client.account as never,
+      challenge: await freshChallenge(),
+      tokenDomain,
+    })
+    const header = await session.openWithHash({
+      channelId,
+      salt,
+      hash: keccak256(serialized),
+      initial: 1_000n,
+    })
+    const answer = send(header, 'HEAD')
+    await Bun.sleep(1_000)
+    await sendRawTransaction(client, { serializedTransaction: serialized })
+    expect((await answer).status).toBe(200)
+    expect((await Channels.get(gw.sql, channelId))!.deposit).toBe(deposit)
+  }, 60_000)
 
   test('error: a hash open whose transaction is not an open of our escrow → 402 verification-failed, nothing stored', async () => {
     const client = chain.payerClient(1)

@@ -14,11 +14,13 @@ import {
   parseAbiItem,
   parseEventLogs,
   TimeoutError,
+  TransactionNotFoundError,
 } from 'viem'
 import {
   getBlockNumber,
   getCode,
   getLogs,
+  getTransaction,
   getTransactionReceipt,
   readContract,
   waitForTransactionReceipt,
@@ -54,6 +56,8 @@ export type Options = {
   chainId: number
   /** How long to wait for a client's transaction to be mined. */
   receiptTimeoutMs?: number
+  /** How long a transaction hash the chain's node has not seen is looked for (`unseenMs`). */
+  unseenMs?: number
   /** Cooperative close (the settlement worker's, which records and finalizes it). */
   close: Settlement.Worker['close']
 }
@@ -70,6 +74,14 @@ const authorizationUsed = parseAbiItem(
 
 /** How far back a used authorization's transaction is looked for (blocks). */
 const logBlocks = 50_000n
+
+/**
+ * How long a client's transaction hash the chain's node does not know is looked for before it
+ * is refused: a payer's transaction broadcast through another node takes a moment to reach
+ * ours. Only a transaction the node has seen is waited for until mined (`receiptTimeoutMs`); a
+ * made-up hash (anyone can send one, for any channel) costs the gateway this long, not that.
+ */
+const unseenMs = 5_000
 
 /** How long a signer without code is taken to have none before the chain is asked again. */
 const noCodeMs = 10 * 60_000
@@ -343,6 +355,30 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     }
   }
 
+  /** Resolves once the node knows the transaction (pending or mined); see `unseenMs`. */
+  const seen = async (hash: Hex, channelId: Hex) => {
+    const wait = o.unseenMs ?? unseenMs
+    const until = Date.now() + wait
+    for (;;) {
+      const known = await guard(channelId, () =>
+        getTransaction(o.client, { hash }).then(
+          () => true,
+          (e: unknown) => {
+            if (e instanceof TransactionNotFoundError) return false
+            throw e
+          },
+        ),
+      )
+      if (known) return
+      if (Date.now() >= until)
+        throw Problem.verificationFailed(
+          `The chain does not know the transaction ${hash} (looked for ${wait / 1000} s): send the hash of a transaction that was broadcast.`,
+          { txHash: hash },
+        )
+      await new Promise((resolve) => setTimeout(resolve, o.client.pollingInterval))
+    }
+  }
+
   return {
     async read(channelId) {
       const c = await guard(channelId, () =>
@@ -356,6 +392,7 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       // A chain that does not answer is told apart from a transaction it does not have (which
       // the wait below would only report after its timeout, as not found).
       await guard(channelId, () => getBlockNumber(o.client, { cacheTime: 0 }))
+      await seen(hash, channelId)
       let receipt: Awaited<ReturnType<typeof waitForTransactionReceipt>>
       try {
         receipt = await waitForTransactionReceipt(o.client, {
