@@ -135,9 +135,10 @@ export function usageFilter(c: Context): {
       isDay(...(raw.slice(0, 10).split('-').map(Number) as [number, number, number]))
         ? Date.parse(raw)
         : Number.NaN
-    // In UTC, a year of four digits too (9999-12-31T23:59-23:59 is in year 10000, which
-    // PostgreSQL refuses to read back).
-    if (Number.isNaN(ms) || !/^\d{4}-/.test(new Date(ms).toISOString()))
+    // In UTC, a year PostgreSQL reads back too: 9999-12-31T23:59-23:59 is in year 10000, and
+    // 0001-01-01T00:00+00:01 in year 0 (there is none: 1 BC comes before 1 AD).
+    const year = new Date(ms).getUTCFullYear()
+    if (Number.isNaN(ms) || year < 1 || year > 9999)
       throw new InvalidRequestError(
         `${param} must be an ISO 8601 date (2026-11-01) or date-time with a zone (2026-11-01T12:00:00Z).`,
         'invalid_value',

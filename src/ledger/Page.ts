@@ -51,8 +51,11 @@ export const shapes = {
     test(p: string) {
       const m = TIMESTAMP.exec(p)
       if (!m) return false
-      const [y, mo, d, h, mi, sec, , off] = m.slice(1).map((x) => Number(x?.replace(':', '')))
-      return isDay(y!, mo!, d!) && h! < 24 && mi! < 60 && sec! < 60 && off! <= 15
+      const [y, mo, d, h, mi, sec, , off, offMin] = m
+        .slice(1)
+        .map((x) => Number(x?.replace(':', '') ?? 0))
+      // PostgreSQL takes zone offsets up to ±15:59.
+      return isDay(y!, mo!, d!) && h! < 24 && mi! < 60 && sec! < 60 && off! <= 15 && offMin! < 60
     },
   },
 } satisfies Record<string, Shape>

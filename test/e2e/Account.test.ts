@@ -270,7 +270,7 @@ describe('key holder API', () => {
 })
 
 describe('admin and key input', () => {
-  test('error: a plan name an object inherits, NUL in stored text, a balance past 78 digits → 400 naming the field, nothing written', async () => {
+  test('error: a plan name an object inherits, NUL or a lone surrogate in stored text, a balance past 78 digits → 400 naming the field, nothing written', async () => {
     const { id, key } = await gw.account({ credits: 1000 })
     const before = await Gateway.ledger(gw.sql, id)
     const cases: [() => Promise<Response>, string][] = [
@@ -283,6 +283,10 @@ describe('admin and key input', () => {
         () => as(key, '/keys', { method: 'POST', body: JSON.stringify({ name: 'a\u0000' }) }),
         'name',
       ],
+      // Half a surrogate pair: stored as UTF-8 it would become U+FFFD, not what was answered.
+      [() => as(key, '/keys', { method: 'POST', body: '{"name":"a\\ud800b"}' }), 'name'],
+      [() => gw.admin('/accounts', { name: 'a\udc00' }), 'name'],
+      [() => gw.admin(`/accounts/${id}/credits`, { amount: '5', note: '\ud83d' }), 'note'],
     ]
     for (const [send, param] of cases) {
       const res = await send()
@@ -317,15 +321,23 @@ describe('admin and key input', () => {
 })
 
 describe('cursors', () => {
-  test('error: a date or a cursor in year 0000 (which PostgreSQL has not) is a 400 naming it, not a 500', async () => {
+  test('error: a date or a cursor in year 0000 (which PostgreSQL has not), in UTC too, or with a zone offset past 15:59 is a 400 naming it, not a 500', async () => {
     const { key } = await gw.account()
     const cursor = Buffer.from(
       '0000-01-01 00:00:00+00\n00000000-0000-0000-0000-000000000000',
+    ).toString('base64url')
+    // An offset that moves the time into year 0 in UTC; a zone offset past PostgreSQL's 15:59.
+    const offset = Buffer.from(
+      '2026-01-01 00:00:00+05:99\n00000000-0000-0000-0000-000000000000',
     ).toString('base64url')
     const answers = [
       [await as(key, `/usage?cursor=${cursor}`), 'cursor'],
       [await gw.admin(`/accounts?cursor=${cursor}`), 'cursor'],
       [await as(key, '/usage?from=0000-01-01'), 'from'],
+      [await as(key, '/usage?from=0001-01-01T00:00%2B00:01'), 'from'],
+      [await as(key, '/usage?to=0001-01-01T00:30%2B01:00'), 'to'],
+      [await as(key, `/usage?cursor=${offset}`), 'cursor'],
+      [await gw.admin(`/accounts?cursor=${offset}`), 'cursor'],
     ] as const
     for (const [res, param] of answers) {
       expect(res.status).toBe(400)

@@ -194,6 +194,12 @@ describe('errors', () => {
         expect(res.status).toBe(401)
         expect(((await res.json()) as { error: { type: string } }).error.type).toBe('auth_error')
       }
+    // A malformed header is refused before admission too: the key is what is wrong.
+    for (const key of ['tw_unknown', made.key]) {
+      const res = await post(key, { model: 'fake', messages }, { 'idempotency-key': 'has a space' })
+      expect(res.status).toBe(401)
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe('invalid_api_key')
+    }
   })
 
   test('error: no credentials → 401 auth_error with a Bearer challenge', async () => {

@@ -12,13 +12,15 @@ import * as Parse from '../Parse.ts'
 
 export const MAX_ACTIVE_KEYS = 10
 
-/** Text that is stored: PostgreSQL's text holds no NUL character. */
+/** Text that is stored: PostgreSQL's text holds no NUL character, nor half a surrogate pair
+ * (sent as UTF-8 it would become U+FFFD: stored other than answered). */
 const Text = (max: number, min = 0) =>
   z
     .string()
     .min(min)
     .max(max)
     .refine((t) => !t.includes('\u0000'), 'must not contain a NUL character')
+    .refine((t) => t.isWellFormed(), 'must be well-formed Unicode (no lone surrogate)')
 
 const CreateAccount = z.object({
   name: Text(200, 1),

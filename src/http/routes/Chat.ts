@@ -308,16 +308,19 @@ export function routes(deps: Deps) {
     if (text.length > COUNTED_AFTER_AUTH && !(await ApiKeys.authenticate(deps.sql, raw)))
       throw Auth.badKey()
     let p: Plan
+    let idempotencyKey: string | null
+    let fingerprint: Uint8Array | null
     try {
       p = plan(deps, text, receiptSigner(c, deps))
+      ;({ idempotencyKey, fingerprint } = idempotency(c, text))
     } catch (e) {
       // Admission checks the key with the plan in one round trip; a request refused before it
-      // looks the key up here, so an unknown or revoked key is a 401 whatever its body.
+      // looks the key up here, so an unknown or revoked key is a 401 whatever its body or
+      // headers.
       if (e instanceof GatewayError && !(await ApiKeys.authenticate(deps.sql, raw)))
         throw Auth.badKey()
       throw e
     }
-    const { idempotencyKey, fingerprint } = idempotency(c, text)
     const requestId = newRequestId()
     const admitted = await Reservations.admit(deps.sql, {
       keyHash: ApiKeys.hash(raw),
