@@ -258,6 +258,14 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
             refused = true
           },
         })
+  /** Whether the client went away (or a newer stream took over) during a wait: then no more
+   * text is taken in, and the charge is the text handed on before the wait (each wait for an
+   * extension comes after what is already paid for was yielded). */
+  const gone = () => {
+    if (!o.signal.aborted) return false
+    status = reservation.superseded ? 'superseded' : 'cancelled'
+    return true
+  }
   try {
     try {
       for await (const batch of o.chunks) {
@@ -279,6 +287,8 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
             break
           }
         }
+        // Gone while the upstream was read or the lease renewed: not a token more.
+        if (gone()) break
         let out: Received[] = []
         for (const received of batch) {
           // A template read knows its text without building the chunk (see Chat.template).
@@ -339,7 +349,13 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
               const short = Pricing.cost(price, o.promptTokens, upper + bound) - reservation.held
               renewedAt = performance.now()
               const delivered = Pricing.cost(price, o.promptTokens, exact)
-              if (await reservation.extend(short + Pricing.cost(price, 0, block), delivered)) {
+              const extended = await reservation.extend(
+                short + Pricing.cost(price, 0, block),
+                delivered,
+              )
+              // Gone while it was extended: this chunk and the rest are not sent.
+              if (gone()) break
+              if (extended) {
                 covered = coveredBy(reservation.held)
                 block = Math.min(block * 2, maxBlock)
               } else tight = true
@@ -350,6 +366,8 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
               const delivered = Pricing.cost(price, o.promptTokens, exact)
               const required = Pricing.cost(price, o.promptTokens, total)
               while (required > reservation.held) {
+                // Each pass follows a wait (an extension, a voucher): gone, nothing more is sent.
+                if (gone()) break
                 const short = required - reservation.held
                 const blockCost = Pricing.cost(price, 0, block)
                 renewedAt = performance.now()
@@ -364,11 +382,13 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
                   yield { kind: 'shortfall', required }
                   if (await reservation.waitForFunds(required, o.signal)) continue
                   // Another stream took the channel while this one waited: it ends for that.
-                  status = reservation.superseded ? 'superseded' : 'payment_timeout'
+                  if (!gone()) status = reservation.superseded ? 'superseded' : 'payment_timeout'
                 } else status = 'insufficient_funds'
                 break
               }
               covered = coveredBy(reservation.held)
+              // Gone while it was extended: this chunk and the rest are not sent.
+              if (status === 'ok') gone()
               if (status !== 'ok') break
               tight = false
             }

@@ -227,7 +227,9 @@ async function serve(
 
   const abort = new AbortController()
   const onAbort = () => abort.abort(signal.reason)
-  signal.addEventListener('abort', onAbort, { once: true })
+  // Gone already (during admission): no 'abort' event will come, and no upstream is called.
+  if (signal.aborted) onAbort()
+  else signal.addEventListener('abort', onAbort, { once: true })
   // A newer stream took the channel: stop this one's upstream, even if it is quiet.
   reservation.whenSuperseded?.(() => abort.abort(new Error('superseded by a newer stream')))
   let chunks: AsyncIterable<Chat.Received[]>

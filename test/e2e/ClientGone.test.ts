@@ -1,0 +1,101 @@
+/**
+ * A client that goes away is charged the prompt and the tokens it was sent, no more, whenever
+ * it goes: while its stream waits for an extension of its reservation, or before the stream
+ * began (during admission). Waits are made long with a trigger that sleeps in the statement
+ * the gateway is waiting for, so the client's going falls inside them.
+ */
+import { expect, test } from 'bun:test'
+import * as Batch from '../../src/ledger/Batch.ts'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+import * as Scripted from '../helpers/Scripted.ts'
+
+const messages = [{ role: 'user' as const, content: 'count to a hundred' }]
+const WORDS = Array.from({ length: 100 }, (_, i) => ` w${i}`)
+
+let calls = 0
+// Every answer in one write: 100 words (200 tokens) and the finish.
+const url = Scripted.serve((body) => {
+  calls++
+  const model = body.model as string
+  return Scripted.events([
+    ...WORDS.map((w) => Scripted.chunk({ content: w }, null, model)),
+    Scripted.chunk({}, 'stop', model),
+  ])
+})
+
+const post = (gw: Gateway.TestGateway, key: string, signal: AbortSignal) =>
+  fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'burst', messages, stream: true }),
+    signal,
+  })
+
+/** The usage rows of the account, once its reservation is released. */
+async function usageOf(gw: Gateway.TestGateway, id: string) {
+  for (let i = 0; i < 200 && (await Gateway.ledger(gw.sql, id)).open_reservations > 0n; i++)
+    await Bun.sleep(25)
+  await Batch.settled(gw.sql)
+  return gw.sql<{ status: string; completion_tokens: number; cost: bigint }[]>`
+    select status, completion_tokens, cost from usage where account_id = ${id}`
+}
+
+/** The text of the complete content events of an SSE body. */
+function contentOf(text: string): string {
+  let got = ''
+  for (const event of text.slice(0, text.lastIndexOf('\n\n') + 2).split('\n\n')) {
+    const line = event.split('\n').find((l) => l.startsWith('data: {'))
+    if (line) got += JSON.parse(line.slice(6)).choices?.[0]?.delta?.content ?? ''
+  }
+  return got
+}
+
+/** Makes every `event` (insert or update) of a row of `table` sleep `seconds` first. */
+const slow = (gw: Gateway.TestGateway, table: string, event: string, seconds: number) =>
+  gw.sql.unsafe(`
+    create function slow_${event}() returns trigger language plpgsql as $$
+    begin perform pg_sleep(${seconds}); return new; end $$;
+    create trigger slow_${event} before ${event} on ${table} for each row execute function slow_${event}();`)
+
+test('behavior: a client gone while its stream waits for an extension pays the prompt and the tokens it was sent, not the rest of the batch', async () => {
+  const gw = await Scripted.gateway(url, ['burst'], {}, { metering: { blockTokens: 16 } })
+  await slow(gw, 'reservations', 'update', 0.7)
+  const { id, key } = await gw.account()
+  const gone = new AbortController()
+  const res = await post(gw, key, gone.signal)
+  const reader = res.body!.getReader()
+  let text = ''
+  while (!text.includes(' w3')) text += new TextDecoder().decode((await reader.read()).value)
+  gone.abort()
+  await reader.cancel().catch(() => {})
+  const received = Tokenizer.count(contentOf(text))
+  const [usage, ...more] = await usageOf(gw, id)
+  expect(more).toEqual([])
+  expect(usage!.status).toBe('cancelled')
+  expect(usage!.completion_tokens).toBe(received)
+}, 30_000)
+
+// The embedded database runs in the gateway's process: its sleep stops the client from going
+// during it.
+test.skipIf(!process.env.DATABASE_URL)(
+  'behavior: a client gone during the admission of its stream is not answered from the upstream and pays the prompt at most',
+  async () => {
+    const gw = await Scripted.gateway(url, ['burst'], {}, { metering: { blockTokens: 16 } })
+    await slow(gw, 'reservations', 'insert', 0.5)
+    const { id, key } = await gw.account({ credits: 1_000_000 })
+    const before = calls
+    const gone = new AbortController()
+    const answer = post(gw, key, gone.signal).catch((e: unknown) => e)
+    await Bun.sleep(150)
+    gone.abort()
+    await answer
+    const rows = await usageOf(gw, id)
+    expect(calls - before).toBe(0)
+    expect(rows.map((r) => [r.status, r.completion_tokens])).toEqual([['cancelled', 0]])
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBeGreaterThanOrEqual(
+      1_000_000n - BigInt(Tokenizer.prompt(messages)),
+    )
+  },
+  30_000,
+)
