@@ -99,7 +99,7 @@ export type StreamOptions = {
   price: Pricing.Price
   promptTokens: number
   /** The upstream's `max_tokens`, if it was given one: no more completion tokens are charged
-   * from its usage, whatever it says. */
+   * from its usage than that, or than the text it sent counts (see `allowed`). */
   maxTokens?: number | undefined
   /** The model's context: no more prompt tokens are charged from the upstream's usage. */
   maxPromptTokens?: number | undefined
@@ -208,10 +208,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     )
     let completionTokens: number
     if (status === 'ok' && reported)
-      completionTokens = Math.min(
-        reported.completion_tokens,
-        o.maxTokens ?? Number.MAX_SAFE_INTEGER,
-      )
+      completionTokens = allowed(reported.completion_tokens, o.maxTokens, fold)
     else completionTokens = fold()
     const free = status === 'upstream_error' && none
     const cost = free ? 0n : Pricing.cost(price, promptTokens, completionTokens)
@@ -497,7 +494,8 @@ export type CompleteOptions = {
   call: () => Promise<Completion>
   signal: AbortSignal
   startedAt: number
-  /** The upstream's `max_tokens`: no more completion tokens are charged, whatever it says. */
+  /** The upstream's `max_tokens`: no more completion tokens are charged than that, or than the
+   * text it sent counts (see `allowed`). */
   maxTokens: number
   /** The model's context: no more prompt tokens are charged, whatever the upstream says. */
   maxPromptTokens?: number | undefined
@@ -508,9 +506,20 @@ export type CompleteOptions = {
 }
 
 /**
+ * The completion tokens an upstream's own count is charged: as it says, up to `maxTokens` (the
+ * `max_tokens` it was sent: an upstream that says it wrote more is charged that); beyond it only
+ * as far as the text delivered counts (`delivered`, counted only then): an upstream that ignored
+ * the limit (or took another parameter for it) sent that much, and it is not given away.
+ */
+function allowed(reported: number, maxTokens: number | undefined, delivered: () => number) {
+  if (maxTokens === undefined || reported <= maxTokens) return reported
+  return Math.min(reported, Math.max(maxTokens, delivered()))
+}
+
+/**
  * Meters a whole completion. The caller capped the upstream's `max_tokens` at what the
- * reservation pays for, so the exact charge can never exceed it (an upstream that says it
- * wrote more than it was allowed is charged the allowance).
+ * reservation pays for, so the charge stays within it unless the upstream wrote more than it
+ * was allowed: that is charged as far as the payer can pay (see `allowed`).
  */
 export async function complete(
   o: CompleteOptions,
@@ -548,11 +557,11 @@ export async function complete(
     completion.usage?.prompt_tokens ?? o.promptTokens,
     o.maxPromptTokens ?? Number.MAX_SAFE_INTEGER,
   )
-  const completionTokens = Math.min(
-    o.maxTokens,
-    completion.usage?.completion_tokens ??
-      completion.choices.reduce((n, c) => n + Tokenizer.count(generated(c.message)), 0),
-  )
+  const counted = () =>
+    completion.choices.reduce((n, c) => n + Tokenizer.count(generated(c.message)), 0)
+  const reported = completion.usage?.completion_tokens
+  const completionTokens =
+    reported === undefined ? counted() : allowed(reported, o.maxTokens, counted)
   const latencyMs = Math.round(performance.now() - o.startedAt)
   const charged = await charge(o.reservation, {
     cost: Pricing.cost(o.price, promptTokens, completionTokens),

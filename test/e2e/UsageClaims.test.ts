@@ -71,3 +71,50 @@ test('behavior: a whole completion is charged no more prompt tokens than the con
   const charged = CREDITS - l.balance
   expect(charged).toBeLessThanOrEqual(BigInt(4096 + 2 * delivered))
 })
+
+// An upstream that ignores max_tokens (or takes another parameter for it): its answer, all of
+// it delivered, is charged; one that claims more than it sent is charged what it sent.
+const LONG = Array.from({ length: 100 }, (_, i) => ` w${i}`)
+const longCount = Tokenizer.count(LONG.join(''))
+const unlimited = Scripted.serve((body) => {
+  const model = body.model as string
+  const usage = (n: number) => ({ prompt_tokens: 10, completion_tokens: n, total_tokens: 10 + n })
+  const claimed = model === 'overclaims' ? 100_000 : longCount
+  if (body.stream)
+    return Scripted.events([
+      ...LONG.map((w) => Scripted.chunk({ content: w }, null, model)),
+      Scripted.chunk({}, 'length', model),
+      {
+        id: 'c',
+        object: 'chat.completion.chunk',
+        created: 1,
+        model,
+        choices: [],
+        usage: usage(claimed),
+      },
+    ])
+  return Response.json(Scripted.completion({ content: LONG.join('') }, usage(claimed), model))
+})
+const ignoring = await Scripted.gateway(unlimited, ['ignores-max', 'overclaims'])
+
+test('behavior: an upstream that ignores max_tokens is charged what it delivered, streamed or whole; one that also claims more, what it delivered', async () => {
+  for (const model of ['ignores-max', 'overclaims'])
+    for (const stream of [true, false]) {
+      const { id, key } = await ignoring.account({ credits: CREDITS })
+      const res = await fetch(`${ignoring.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model, messages, stream, max_tokens: 5 }),
+      })
+      expect(res.status).toBe(200)
+      await res.text()
+      await Batch.settled(ignoring.sql)
+      const [usage] = await ignoring.sql<{ completion_tokens: number }[]>`
+        select completion_tokens from usage where account_id = ${id}`
+      expect([model, stream, usage!.completion_tokens]).toEqual([model, stream, longCount])
+      const l = await Gateway.ledger(ignoring.sql, id)
+      expect(l.reserved).toBe(0n)
+      // The prompt as the upstream counts it (10), the completion as delivered.
+      expect(CREDITS - l.balance).toBe(BigInt(10 + 2 * longCount))
+    }
+})
