@@ -111,8 +111,14 @@ export type Store = {
     fn: (store: LockedStore) => Promise<T>,
   ): Promise<{ locked: true; value: T } | { locked: false }>
   markCloseRequested(channelId: Hex): Promise<boolean>
-  /** Marks a cooperative close under way (as markCloseRequested; no top-up clears it). */
-  markClosing(channelId: Hex): Promise<boolean>
+  /**
+   * Marks a cooperative close under way (as markCloseRequested; no top-up clears it); the
+   * mark, when this call made it (the channel was not closing), for `reopen`.
+   */
+  markClosing(channelId: Hex): Promise<string | undefined>
+  /** Takes back the mark `markClosing` made, if it is still the channel's (nothing marked it
+   * since: a forced close seen meanwhile stays). */
+  reopen(channelId: Hex, mark: string): Promise<void>
   /** How many requests on the channel are under way (hold a reservation). */
   inFlight(channelId: Hex): Promise<number>
 }
@@ -360,7 +366,29 @@ export async function close(
   // requests under way to be charged, so that the voucher it picks covers all they delivered
   // (draft, "Cooperative Close": the final voucher covers all delivered service). Before the
   // lock: its connection is the only one of the embedded database, which their charges need.
-  await parameters.store.markClosing(channelId)
+  const mark = await parameters.store.markClosing(channelId)
+  try {
+    return await closeMarked(parameters, options, log)
+  } catch (e) {
+    // Refused before any transaction (a voucher that does not cover what was spent, requests
+    // that did not end, the lock busy): the
+    // channel is open again, as it was (a stranger sending back a public voucher as a close
+    // must not leave the payer's channel closing for good).
+    const refused =
+      e instanceof CloseBelowSpentError ||
+      e instanceof ChannelBusyError ||
+      e instanceof SettlementBusyError
+    if (refused && mark !== undefined) await parameters.store.reopen(channelId, mark)
+    throw e
+  }
+}
+
+async function closeMarked(
+  parameters: Parameters<typeof close>[1],
+  options: Parameters<typeof close>[1] & { client: WalletClient },
+  log: Log,
+): Promise<Closed> {
+  const { channelId } = parameters
   const drainUntil = Date.now() + (parameters.drainMs ?? 30_000)
   while ((await parameters.store.inFlight(channelId)) > 0) {
     if (Date.now() >= drainUntil) throw new ChannelBusyError()

@@ -168,6 +168,34 @@ export async function markCloseRequested(
 }
 
 /**
+ * Marks a cooperative close under way (as `markCloseRequested`); the mark's time, as text,
+ * when the channel was not closing before (undefined when it was, or is unknown).
+ */
+export async function markClosing(sql: Sql, channelId: Hex): Promise<string | undefined> {
+  const [row] = await sql`
+    with before as (
+      select close_requested_at is null as open from channels
+      where channel_id = ${bytes(channelId)} for update
+    )
+    update channels set
+      close_requested_at = coalesce(close_requested_at, clock_timestamp()),
+      cooperative_close = true,
+      active_stream = null
+    from before
+    where channel_id = ${bytes(channelId)}
+    returning before.open, close_requested_at::text as mark`
+  return row?.open ? (row.mark as string) : undefined
+}
+
+/** Takes back a mark `markClosing` made, unless the channel was marked since (or closed). */
+export async function reopen(sql: Sql, channelId: Hex, mark: string): Promise<void> {
+  await sql`
+    update channels set close_requested_at = null, cooperative_close = false
+    where channel_id = ${bytes(channelId)} and not finalized
+      and close_requested_at = ${mark}::text::timestamptz`
+}
+
+/**
  * How many requests on the channel are under way. Reservations whose lease ran out (their
  * instance died) are swept first, charged what they had delivered: a close does not wait for
  * the periodic sweep, and does not close before their charge.
@@ -256,7 +284,8 @@ export function store(sql: Sql): Settlement.Store {
   return {
     withLock: (fn) => withLock(sql, fn),
     markCloseRequested: (channelId) => markCloseRequested(sql, channelId),
-    markClosing: (channelId) => markCloseRequested(sql, channelId, true),
+    markClosing: (channelId) => markClosing(sql, channelId),
+    reopen: (channelId, mark) => reopen(sql, channelId, mark),
     inFlight: (channelId) => inFlight(sql, channelId),
   }
 }

@@ -13,6 +13,7 @@ import * as Token from '../../src/chain/Token.ts'
 import * as Voucher from '../../src/chain/Voucher.ts'
 import { PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
+import * as Reservations from '../../src/ledger/Reservations.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Session from '../../src/payment/evm/Session.ts'
 import * as Anvil from '../helpers/Anvil.ts'
@@ -249,6 +250,73 @@ describe('a close with a voucher a settle transaction made public', () => {
     expect(after.closeRequestedAt).toBeNull()
     const next = await completion(ahead)
     await next.text()
+    expect(next.status).toBe(200)
+  }, 60_000)
+})
+
+describe('a public voucher as a close while the payer has a request under way', () => {
+  /** Holds `held` of the channel for a request, as its admission does; charges it with `settle`. */
+  async function underWay(channelId: Hex, held: bigint) {
+    const id = crypto.randomUUID()
+    const admitted = await Channels.admit(gw.sql, {
+      channelId,
+      model: 'fake',
+      stream: true,
+      want: held,
+      need: held,
+      requestId: id,
+      leaseSeconds: 60,
+    })
+    expect(admitted.status).toBe('ok')
+    const r = Reservations.reservation(gw.sql, { id, held, leaseSeconds: 60, channelId })
+    const outcome = { promptTokens: 1, completionTokens: 1, status: 'ok' as const, latencyMs: 1 }
+    return { settle: (cost: bigint) => r.settle({ ...outcome, cost, ttftMs: 1 }) }
+  }
+
+  test('error: a stranger close that covers spent but not the request under way is refused, and leaves the channel open', async () => {
+    const session = await Paid.opened(url, {
+      account: payer,
+      tokenDomain,
+      deposit: 100_000n,
+      initial: 20_000n,
+    })
+    const channelId = session.channelId! as Hex
+    await (await underWay(channelId, 20_000n)).settle(20_000n)
+    const ahead = await fetch(url, {
+      method: 'HEAD',
+      headers: { authorization: await session.voucher(40_000n) },
+    })
+    expect(ahead.status).toBe(200)
+    const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
+      result: { txHash: Hex }
+    }
+    const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
+    const [, amount, signature] = decodeFunctionData({ abi: Escrow.abi, data: tx.input }).args as [
+      Hex,
+      bigint,
+      Hex,
+    ]
+    expect(amount).toBe(20_000n)
+    // The payer's request under way; the stranger sends the settle's voucher back as a close.
+    const request = await underWay(channelId, 5_000n)
+    const close = Credential.serialize(
+      Credential.from({
+        challenge: await freshChallenge(),
+        payload: { action: 'close', channelId, cumulativeAmount: amount.toString(), signature },
+      }),
+    )
+    const closing = fetch(url, { method: 'POST', headers: { authorization: close } })
+    await Bun.sleep(300)
+    await request.settle(5_000n)
+    const refused = await closing
+    await refused.text()
+    expect(refused.status).toBe(402)
+    const after = (await Channels.get(gw.sql, channelId))!
+    expect(after).toMatchObject({ closeRequestedAt: null, cooperativeClose: false, spent: 25_000n })
+    const next = await fetch(url, {
+      method: 'HEAD',
+      headers: { authorization: await session.voucher(60_000n) },
+    })
     expect(next.status).toBe(200)
   }, 60_000)
 })
