@@ -187,8 +187,9 @@ async function serve(
   const deadline = req.timeout_ms === undefined ? undefined : startedAt + req.timeout_ms
 
   if (!req.stream) {
-    // Cap the upstream at what the reservation pays for, so the charge cannot exceed it
-    // (no cap needed when the reservation covers the whole context).
+    // Cap the upstream at what the reservation pays for, so the charge stays within it unless
+    // the upstream ignores the cap (see Meter.allowed; no cap needed when the reservation
+    // covers the whole context).
     const max = Pricing.affordable(price, promptTokens, reservation.held, p.limit)
     const limits = p.asked !== undefined || max < p.room ? { maxTokens: max } : undefined
     // Aborted when the client goes, or when the request loses its reservation (Meter.complete).
