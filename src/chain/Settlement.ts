@@ -368,12 +368,11 @@ export async function close(
   // lock: its connection is the only one of the embedded database, which their charges need.
   const mark = await parameters.store.markClosing(channelId)
   try {
-    return await closeMarked(parameters, options, log)
+    return await closeMarked(options, log)
   } catch (e) {
     // Refused before any transaction (a voucher that does not cover what was spent, requests
-    // that did not end, the lock busy): the
-    // channel is open again, as it was (a stranger sending back a public voucher as a close
-    // must not leave the payer's channel closing for good).
+    // that did not end, the lock busy): the channel is open again, as it was (a stranger
+    // sending back a public voucher as a close must not leave it closing for good).
     const refused =
       e instanceof CloseBelowSpentError ||
       e instanceof ChannelBusyError ||
@@ -383,21 +382,21 @@ export async function close(
   }
 }
 
+/** `close` once the channel is marked closing. */
 async function closeMarked(
-  parameters: Parameters<typeof close>[1],
   options: Parameters<typeof close>[1] & { client: WalletClient },
   log: Log,
 ): Promise<Closed> {
-  const { channelId } = parameters
-  const drainUntil = Date.now() + (parameters.drainMs ?? 30_000)
-  while ((await parameters.store.inFlight(channelId)) > 0) {
+  const { channelId } = options
+  const drainUntil = Date.now() + (options.drainMs ?? 30_000)
+  while ((await options.store.inFlight(channelId)) > 0) {
     if (Date.now() >= drainUntil) throw new ChannelBusyError()
     await Bun.sleep(25)
   }
   const closed = await exclusive(options, async (store): Promise<Closed> => {
     const c = await store.settleable(channelId)
     if (!c) throw new ChannelStateError('unknown', channelId)
-    if (c.escrow.toLowerCase() !== parameters.escrow.toLowerCase())
+    if (c.escrow.toLowerCase() !== options.escrow.toLowerCase())
       throw new ChannelStateError('other-escrow', channelId)
     if (c.finalized) {
       // A client retrying its close gets the close that went through.
@@ -405,7 +404,7 @@ async function closeMarked(
       if (done) return { ...done, forfeited: c.spent - done.cumulativeAmount }
       throw new ChannelStateError('finalized', channelId)
     }
-    const final = { cumulativeAmount: parameters.cumulativeAmount, signature: parameters.signature }
+    const final = { cumulativeAmount: options.cumulativeAmount, signature: options.signature }
     // Draft, "Cooperative Close": the server MUST verify cumulativeAmount >= spent. With the
     // requests under way charged (above), spent is final: a voucher below it is refused, and
     // the channel stays closing for a close that covers it (or the payer's forced close).

@@ -151,18 +151,12 @@ export async function finish(sql: Sql, id: bigint, o: Settlement.Outcome): Promi
  * announces it to the instance serving it (migration 0008), and its next extension ends it
  * too (0010). False when unknown.
  */
-export async function markCloseRequested(
-  sql: Sql,
-  channelId: Hex,
-  cooperative = false,
-): Promise<boolean> {
+export async function markCloseRequested(sql: Sql, channelId: Hex): Promise<boolean> {
   // A forced close's mark takes the time it was seen (a top-up read earlier clears only an
-  // earlier mark: Channels.observe); a cooperative close is never cleared by a top-up.
+  // earlier mark: Channels.observe); a cooperative close (`markClosing`) is never cleared by a
+  // top-up.
   const rows = await sql`
-    update channels set
-      close_requested_at = ${cooperative ? sql`coalesce(close_requested_at, now())` : sql`now()`},
-      cooperative_close = cooperative_close or ${cooperative},
-      active_stream = null
+    update channels set close_requested_at = now(), active_stream = null
     where channel_id = ${bytes(channelId)} returning 1`
   return rows.length > 0
 }

@@ -41,6 +41,16 @@ const completion = (authorization: string) =>
     body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'one two three' }] }),
   })
 
+/** A close credential anyone can make of a voucher a settle transaction made public. */
+async function publicClose(channelId: Hex, amount: bigint, signature: Hex) {
+  return Credential.serialize(
+    Credential.from({
+      challenge: await freshChallenge(),
+      payload: { action: 'close', channelId, cumulativeAmount: amount.toString(), signature },
+    }),
+  )
+}
+
 /** A channel the payer opened (HEAD, no request) with an initial voucher for `initial`. */
 const opened = (initial: bigint) =>
   Paid.opened(url, { account: payer, tokenDomain, deposit: 100_000n, initial })
@@ -236,12 +246,7 @@ describe('a close with a voucher a settle transaction made public', () => {
     const before = (await Channels.get(gw.sql, channelId))!
     expect(before.spent).toBeGreaterThan(before.settled)
     // The settle's calldata, read by anyone, and sent back as a close.
-    const close = Credential.serialize(
-      Credential.from({
-        challenge: await freshChallenge(),
-        payload: { action: 'close', channelId, cumulativeAmount: amount.toString(), signature },
-      }),
-    )
+    const close = await publicClose(channelId, amount, signature)
     const refused = await fetch(url, { method: 'POST', headers: { authorization: close } })
     await refused.text()
     expect(refused.status).toBe(402)
@@ -274,12 +279,7 @@ describe('a public voucher as a close while the payer has a request under way', 
   }
 
   test('error: a stranger close that covers spent but not the request under way is refused, and leaves the channel open', async () => {
-    const session = await Paid.opened(url, {
-      account: payer,
-      tokenDomain,
-      deposit: 100_000n,
-      initial: 20_000n,
-    })
+    const session = await opened(20_000n)
     const channelId = session.channelId! as Hex
     await (await underWay(channelId, 20_000n)).settle(20_000n)
     const ahead = await fetch(url, {
@@ -299,12 +299,7 @@ describe('a public voucher as a close while the payer has a request under way', 
     expect(amount).toBe(20_000n)
     // The payer's request under way; the stranger sends the settle's voucher back as a close.
     const request = await underWay(channelId, 5_000n)
-    const close = Credential.serialize(
-      Credential.from({
-        challenge: await freshChallenge(),
-        payload: { action: 'close', channelId, cumulativeAmount: amount.toString(), signature },
-      }),
-    )
+    const close = await publicClose(channelId, amount, signature)
     const closing = fetch(url, { method: 'POST', headers: { authorization: close } })
     await Bun.sleep(300)
     await request.settle(5_000n)
@@ -378,12 +373,7 @@ describe('a top-up transaction anyone can read', () => {
   // chain, so it proves nothing about who sends it. It adds to the deposit, and pays for no
   // request (the draft's requests are paid by vouchers).
   test('error: a stranger showing the payer top-up transaction gets no request served from the payer channel', async () => {
-    const session = await Paid.opened(url, {
-      account: payer,
-      tokenDomain,
-      deposit: 100_000n,
-      initial: 10n,
-    })
+    const session = await opened(10n)
     const channelId = session.channelId!
     // The payer authorized well ahead of what was spent (as createFetch does by its margin).
     const ahead = await fetch(url, {

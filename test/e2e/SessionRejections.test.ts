@@ -45,9 +45,10 @@ const payer = privateKeyToAccount(chain.payers[0]!.privateKey)
 
 const freshChallenge = (at = url) => Paid.challenge(at)
 
-/** A paying session of the payer, under a fresh challenge (no channel yet). */
-async function paying() {
-  return new PayingSession({ account: payer, challenge: await freshChallenge(), tokenDomain })
+/** A paying session of `account` (the payer's by default), under a fresh challenge (no
+ * channel yet). */
+async function paying(account: ConstructorParameters<typeof PayingSession>[0]['account'] = payer) {
+  return new PayingSession({ account, challenge: await freshChallenge(), tokenDomain })
 }
 
 /** The payer's token balance. */
@@ -601,12 +602,7 @@ describe('open', () => {
       args: [channelId],
       gas: 200_000n,
     })
-    const session = new PayingSession({
-      account: client.account as never,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
-    const header = await session.openWithHash({
+    const header = await (await paying(client.account as never)).openWithHash({
       channelId,
       salt: keccak256(toHex('salt')),
       hash,
@@ -662,12 +658,7 @@ describe('open', () => {
       escrow: chain.escrowAddress,
       chainId: chain.chainId,
     })
-    const session = new PayingSession({
-      account: client.account as never,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
-    const header = await session.openWithHash({
+    const header = await (await paying(client.account as never)).openWithHash({
       channelId,
       salt,
       hash: keccak256(serialized),
@@ -688,13 +679,8 @@ describe('open', () => {
       to: chain.payee.address,
       value: 1n,
     })
-    const session = new PayingSession({
-      account: client.account as never,
-      challenge: await freshChallenge(),
-      tokenDomain,
-    })
     const channelId = keccak256(toHex('not opened'))
-    const header = await session.openWithHash({
+    const header = await (await paying(client.account as never)).openWithHash({
       channelId,
       salt: keccak256(toHex('salt')),
       hash,

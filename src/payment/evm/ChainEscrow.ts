@@ -56,8 +56,6 @@ export type Options = {
   chainId: number
   /** How long to wait for a client's transaction to be mined. */
   receiptTimeoutMs?: number
-  /** How long a transaction hash the chain's node has not seen is looked for (`unseenMs`). */
-  unseenMs?: number
   /** Cooperative close (the settlement worker's, which records and finalizes it). */
   close: Settlement.Worker['close']
 }
@@ -357,8 +355,7 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
 
   /** Resolves once the node knows the transaction (pending or mined); see `unseenMs`. */
   const seen = async (hash: Hex, channelId: Hex) => {
-    const wait = o.unseenMs ?? unseenMs
-    const until = Date.now() + wait
+    const until = Date.now() + unseenMs
     for (;;) {
       const known = await guard(channelId, () =>
         getTransaction(o.client, { hash }).then(
@@ -372,7 +369,7 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       if (known) return
       if (Date.now() >= until)
         throw Problem.verificationFailed(
-          `The chain does not know the transaction ${hash} (looked for ${wait / 1000} s): send the hash of a transaction that was broadcast.`,
+          `The chain does not know the transaction ${hash} (looked for ${unseenMs / 1000} s): send the hash of a transaction that was broadcast.`,
           { txHash: hash },
         )
       await new Promise((resolve) => setTimeout(resolve, o.client.pollingInterval))
@@ -389,9 +386,8 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
 
     async verifyTransaction({ hash, fn, channelId }) {
       if (fn === 'open') await checkGrace(channelId)
-      // A chain that does not answer is told apart from a transaction it does not have (which
-      // the wait below would only report after its timeout, as not found).
-      await guard(channelId, () => getBlockNumber(o.client, { cacheTime: 0 }))
+      // A chain that does not answer (a 503, by `guard`) is told apart here from a transaction
+      // it does not have, which the wait below would only report after its timeout.
       await seen(hash, channelId)
       let receipt: Awaited<ReturnType<typeof waitForTransactionReceipt>>
       try {
