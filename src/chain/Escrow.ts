@@ -11,7 +11,7 @@ import {
   parseEventLogs,
   zeroAddress,
 } from 'viem'
-import { readContract, simulateContract, watchContractEvent } from 'viem/actions'
+import { getLogs, readContract, simulateContract, watchContractEvent } from 'viem/actions'
 import type { Client } from './Client.ts'
 import { abi } from './generated/PaymentChannelEscrow.ts'
 import * as Token from './Token.ts'
@@ -429,6 +429,31 @@ export function watchWithdrawn(
       for (const log of logs) parameters.onWithdrawn(log.args.channelId!)
     },
   })
+}
+
+/** Events by which a payer (or the close) moves a channel out of the open state. */
+const closingEvents = abi.filter(
+  (item) =>
+    item.type === 'event' &&
+    (item.name === 'CloseRequested' || item.name === 'Withdrawn' || item.name === 'ChannelClosed'),
+)
+
+/**
+ * The channels with a `CloseRequested`, `Withdrawn` or `ChannelClosed` event in the blocks
+ * from `fromBlock` to `toBlock` (inclusive), in chain order, each once.
+ */
+export async function closings(
+  client: Client,
+  parameters: { escrow: Address; fromBlock: bigint; toBlock: bigint },
+): Promise<Hex[]> {
+  const logs = await getLogs(client, {
+    address: parameters.escrow,
+    events: closingEvents,
+    fromBlock: parameters.fromBlock,
+    toBlock: parameters.toBlock,
+    strict: true,
+  })
+  return [...new Set(logs.map((log) => (log.args as { channelId: Hex }).channelId))]
 }
 
 /** The escrow events in a receipt, decoded. */

@@ -16,7 +16,7 @@
  * import ledger/; main.ts wires `Settlements.store(sql)` in.
  */
 import { type Address, BaseError, type Hex, TransactionReceiptNotFoundError } from 'viem'
-import { getTransactionReceipt } from 'viem/actions'
+import { getBlockNumber, getTransactionReceipt } from 'viem/actions'
 import type { Logger } from '../Logger.ts'
 import type { WalletClient } from './Client.ts'
 import {
@@ -102,6 +102,13 @@ export type LockedStore = {
   settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
   /** The confirmed cooperative close of a channel, if there is one. */
   confirmedClose(channelId: Hex): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined>
+  /** Marks a forced close the chain shows; false when the channel was already closing (or is unknown). */
+  markCloseSeen(channelId: Hex): Promise<boolean>
+  /** The last block whose escrow events a pass read; undefined before the first. */
+  cursor(at: { chainId: number; escrow: Address }): Promise<bigint | undefined>
+  advance(at: { chainId: number; escrow: Address; block: bigint }): Promise<void>
+  /** The channels of this escrow and payee that are not finalized. */
+  unfinalized(of: { chainId: number; escrow: Address; payee: Address }): Promise<Hex[]>
 }
 
 /** What the worker needs from the database. */
@@ -162,6 +169,8 @@ export type Options = {
   txTimeoutMs?: number | undefined
   /** How long `settleNow` / `close` wait for the lock (default 30 s). */
   lockWaitMs?: number | undefined
+  /** Blocks per `eth_getLogs` call when a pass reads the escrow's events (default 1,000). */
+  logRange?: number | undefined
   /** Watch `CloseRequested` events (default true). */
   watch?: boolean | undefined
   /** The escrow's close grace period, seconds, when read from it (default our escrow's 15 min). */
@@ -188,13 +197,13 @@ const silent: Log = { info: () => {}, warn: () => {}, error: () => {} } as unkno
 export function start(options: Options): Worker {
   const log = options.log ?? silent
   const payee = options.client.account.address
-  // A missed CloseRequested event (the RPC was down, the gateway restarted) is still caught
-  // by the idle rule, provided it fires well inside the grace period.
+  // A CloseRequested event the watch missed (the RPC was down, the gateway restarted) is read
+  // back by the next pass (`catchUp`), which must come well inside the grace period.
   const grace = options.gracePeriod ?? Escrow.closeGracePeriod
-  if (options.idleMs + options.intervalMs > (Number(grace) * 1000) / 2)
+  if (options.intervalMs > (Number(grace) * 1000) / 2)
     log.warn(
-      { idleMs: options.idleMs, intervalMs: options.intervalMs, gracePeriodSeconds: Number(grace) },
-      'idleMs + intervalMs is over half the close grace period: a missed CloseRequested event may let a payer withdraw unsettled spending',
+      { intervalMs: options.intervalMs, gracePeriodSeconds: Number(grace) },
+      'intervalMs is over half the close grace period: a forced close made while the gateway was not watching may let a payer withdraw unsettled spending',
     )
   const inFlight = new Set<Promise<unknown>>()
   const track = <T>(p: Promise<T>): Promise<T> => {
@@ -205,6 +214,12 @@ export function start(options: Options): Worker {
 
   async function tick(): Promise<Tick> {
     const r = await options.store.withLock(async (store) => {
+      try {
+        await catchUp(store)
+      } catch (error) {
+        // The chain does not answer: the cursor stays, the next pass reads from it again.
+        log.warn({ error: describe(error) }, 'reading the escrow events failed')
+      }
       const due = await store.due({
         chainId: options.chainId,
         escrow: options.escrow,
@@ -220,6 +235,57 @@ export function start(options: Options): Worker {
       return results
     })
     return r.locked ? { locked: true, results: r.value } : { locked: false }
+  }
+
+  /**
+   * What payers did on chain since the last pass (draft, "Forced Close": the server settles
+   * inside the grace period): each channel with a `CloseRequested`, `Withdrawn` or
+   * `ChannelClosed` event in the blocks after the cursor is read back from the escrow, so a
+   * forced close is marked (and settled by this pass's `due`, whatever the threshold) and a
+   * withdrawal recorded. The watch below sees them sooner, but only while this instance runs
+   * and its filter lives; this sees what happened while no gateway was watching. With no
+   * cursor (a new database) or one past the chain's head (a development chain started
+   * afresh), every open channel is read instead.
+   */
+  async function catchUp(store: LockedStore): Promise<void> {
+    const at = { chainId: options.chainId, escrow: options.escrow }
+    const head = await getBlockNumber(options.client, { cacheTime: 0 })
+    const last = await store.cursor(at)
+    if (last === undefined || last > head) {
+      const open = await store.unfinalized({ ...at, payee })
+      for (let i = 0; i < open.length; i += 16)
+        await Promise.all(open.slice(i, i + 16).map((channelId) => reconcile(store, channelId)))
+      await store.advance({ ...at, block: head })
+      return
+    }
+    const range = BigInt(options.logRange ?? 1_000)
+    for (let from = last + 1n; from <= head; from += range) {
+      const to = from + range - 1n < head ? from + range - 1n : head
+      const moved = await Escrow.closings(options.client, {
+        escrow: options.escrow,
+        fromBlock: from,
+        toBlock: to,
+      })
+      for (const channelId of moved) await reconcile(store, channelId)
+      await store.advance({ ...at, block: to })
+    }
+  }
+
+  /** Takes the escrow's word on a channel the database has open: a forced close is marked, a
+   * withdrawal or close recorded. Channels of others on the same escrow are not read. */
+  async function reconcile(store: LockedStore, channelId: Hex): Promise<void> {
+    const known = await store.settleable(channelId)
+    if (!known || known.finalized || known.escrow.toLowerCase() !== options.escrow.toLowerCase())
+      return
+    const c = await Escrow.getChannel(options.client, { escrow: options.escrow, channelId })
+    if (!c || c.payee.toLowerCase() !== payee.toLowerCase()) return
+    if (c.closeRequestedAt !== 0n && !c.finalized && (await store.markCloseSeen(channelId)))
+      log.info(
+        { channelId },
+        'close requested by the payer, read back from the chain: settling now',
+      )
+    if (c.finalized || c.settled > known.settled)
+      await store.settled({ channelId, settled: c.settled, finalized: c.finalized })
   }
 
   const settleNow = (channelId: Hex): Promise<Result> =>

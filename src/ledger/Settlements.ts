@@ -162,6 +162,53 @@ export async function markCloseRequested(sql: Sql, channelId: Hex): Promise<bool
 }
 
 /**
+ * Marks a forced close the chain shows, read back by a settlement pass (`markCloseRequested`
+ * when the channel is not closing yet: a mark already there keeps its time). False when the
+ * channel is unknown or was already marked.
+ */
+export async function markCloseSeen(sql: Sql, channelId: Hex): Promise<boolean> {
+  const rows = await sql`
+    update channels set close_requested_at = now(), active_stream = null
+    where channel_id = ${bytes(channelId)} and close_requested_at is null and not finalized
+    returning 1`
+  return rows.length > 0
+}
+
+/** The last block whose escrow events a settlement pass read (undefined: none yet). */
+export async function cursor(
+  sql: Sql,
+  at: { chainId: number; escrow: Hex },
+): Promise<bigint | undefined> {
+  const [r] = await sql`
+    select block from chain_cursors where chain_id = ${at.chainId} and escrow = ${bytes(at.escrow)}`
+  return r ? BigInt(r.block) : undefined
+}
+
+/** Records `block` as the last one read (moving back too: a chain reset below it). */
+export async function advance(
+  sql: Sql,
+  at: { chainId: number; escrow: Hex; block: bigint },
+): Promise<void> {
+  await sql`
+    insert into chain_cursors (chain_id, escrow, block)
+    values (${at.chainId}, ${bytes(at.escrow)}, ${sql.typed.numeric(at.block)})
+    on conflict (chain_id, escrow) do update set block = excluded.block, updated_at = now()`
+}
+
+/** The channels of this escrow and payee the database has open (not finalized). */
+export async function unfinalized(
+  sql: Sql,
+  of: { chainId: number; escrow: Hex; payee: Hex },
+): Promise<Hex[]> {
+  const rows = await sql`
+    select channel_id from channels
+    where chain_id = ${of.chainId} and escrow = ${bytes(of.escrow)} and payee = ${bytes(of.payee)}
+      and not finalized
+    order by channel_id`
+  return rows.map((r) => hex(r.channel_id))
+}
+
+/**
  * Marks a cooperative close under way (as `markCloseRequested`); the mark's time, as text,
  * when the channel was not closing before (undefined when it was, or is unknown).
  */
@@ -270,6 +317,10 @@ function locked(sql: Sql): Settlement.LockedStore {
     finish: (id, o) => finish(sql, id, o),
     settled: (i) => Channels.settled(sql, i),
     confirmedClose: (channelId) => confirmedClose(sql, channelId),
+    markCloseSeen: (channelId) => markCloseSeen(sql, channelId),
+    cursor: (at) => cursor(sql, at),
+    advance: (at) => advance(sql, at),
+    unfinalized: (of) => unfinalized(sql, of),
   }
 }
 

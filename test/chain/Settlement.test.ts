@@ -36,6 +36,8 @@ afterEach(async () => {
   await Promise.all(workers.splice(0).map((w) => w.stop()))
   // The chain is reset before each test: keep earlier channels out of later passes.
   await sql`update channels set finalized = true`
+  // Block numbers go back with the chain: no test reads from another's cursor.
+  await sql`delete from chain_cursors`
 })
 
 const deposit = 1_000_000n
@@ -232,13 +234,24 @@ describe('tick', () => {
 
   test('error: a reverted settle is recorded as reverted with a typed error, not retried, and the loop goes on', async () => {
     const channelId = await openChannel()
-    await accept(channelId, 300n, 500n)
+    // The voucher settlement picks (300, the highest ≤ spent) does not verify on chain (signed
+    // by another key; the caller of acceptVoucher checks signatures): the settle must revert.
+    // (A payer's withdrawal is read back before settling: see catch-up.)
+    const forged = await Voucher.sign(privateKeyToAccount(chain.payers[1]!.privateKey), {
+      chainId: chain.chainId,
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 300n,
+    })
+    const r = await Channels.acceptVoucher(sql, {
+      channelId,
+      cumulativeAmount: 300n,
+      signature: forged,
+      minDelta: 1n,
+    })
+    expect(r.status).toBe('accepted')
+    await accept(channelId, 500n)
     await spend(channelId, 400n)
-    // The payer forces a close and withdraws before the gateway settles: settle must revert.
-    const { client } = payer()
-    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
-    await chain.increaseTime(Number(Escrow.closeGracePeriod))
-    await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
 
     const entries: Entry[] = []
     const w = worker({ thresholdAmount: 1n, delayMs: 0, intervalMs: 50, log: logger(entries) })
@@ -253,9 +266,8 @@ describe('tick', () => {
       errorName: 'TransactionRevertedError',
       attempts: 1,
     })
-    expect(tx!.errorMessage).toContain('ChannelFinalized')
-    // The escrow's view is taken: the channel is finalized and no longer due.
-    expect((await inDb(channelId)).finalized).toBe(true)
+    expect(tx!.errorMessage).toContain('InvalidSignature')
+    expect((await inDb(channelId)).settled).toBe(0n)
     expect(entries.some((e) => e.msg === 'settle reverted')).toBe(true)
 
     // The loop survived: a channel due afterwards is settled by the same worker.
@@ -319,10 +331,10 @@ describe('tick', () => {
 })
 
 describe('start', () => {
-  test('behavior: warns when the idle rule would not fire well inside the grace period of the escrow', () => {
+  test('behavior: warns when a pass (which reads back a forced close the watch missed) would not come well inside the grace period of the escrow', () => {
     const warned = (gracePeriod?: bigint) => {
       const entries: Entry[] = []
-      worker({ idleMs: 250_000, intervalMs: 100_000, gracePeriod, log: logger(entries) }).stop()
+      worker({ idleMs: never, intervalMs: 350_000, gracePeriod, log: logger(entries) }).stop()
       return entries.some(
         (e) => e.level === 'warn' && e.msg.includes('half the close grace period'),
       )
@@ -674,6 +686,117 @@ describe('close', () => {
     const error = await w.close(final).catch((e: unknown) => e)
     expect(error).toBeInstanceOf(ChannelStateError)
     expect((error as ChannelStateError).reason).toBe('finalized')
+  })
+})
+
+describe('catch-up (a payer acting while no worker watched)', () => {
+  const cursor = () =>
+    Settlements.cursor(sql, { chainId: chain.chainId, escrow: chain.escrowAddress })
+  const head = () => chain.payeeClient.request({ method: 'eth_blockNumber' }).then(BigInt)
+
+  test('behavior: a forced close made between two passes is marked and settled by the next, under the threshold, with a watch that starts after it', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n, 300n, 600n)
+    await spend(channelId, 350n)
+    // A pass before the close (the gateway ran), then the gateway is down while the payer asks.
+    expect(mine(await ticked(worker()), channelId)).toEqual([])
+    expect(await cursor()).toBe(await head())
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+    expect((await inDb(channelId)).closeRequestedAt).toBeNull()
+
+    // Restarted: its watch starts at the head and never sees the event; its pass does.
+    const [result] = mine(await ticked(worker({ watch: true })), channelId)
+    expect(result).toMatchObject({ status: 'confirmed', kind: 'settle', cumulativeAmount: 300n })
+    expect((await onChain(channelId)).settled).toBe(300n)
+    const c = await inDb(channelId)
+    expect(c.closeRequestedAt).not.toBeNull()
+    expect(c.settled).toBe(300n)
+    // Closing: no more vouchers for it.
+    const signature = await sign(channelId, 400n)
+    const more = await Channels.acceptVoucher(sql, {
+      channelId,
+      cumulativeAmount: 400n,
+      signature,
+      minDelta: 1n,
+    })
+    expect(more.status).not.toBe('accepted')
+  })
+
+  test('behavior: a withdrawal made while no worker watched is recorded as finalized by the next pass', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 40n)
+    expect(mine(await ticked(worker()), channelId)).toEqual([])
+    const { client } = payer()
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
+
+    expect(mine(await ticked(worker()), channelId)).toEqual([])
+    expect(await inDb(channelId)).toMatchObject({ finalized: true, settled: 0n })
+  })
+
+  test('behavior: events spread over many log ranges are all read, the cursor ends at the head', async () => {
+    const first = await openChannel()
+    await accept(first, 100n)
+    await spend(first, 100n)
+    const second = await openChannel()
+    await accept(second, 200n)
+    await spend(second, 200n)
+    expect(mine(await ticked(worker()), first)).toEqual([])
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId: first })
+    await chain.increaseTime(1)
+    await chain.increaseTime(1)
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId: second })
+
+    const before = await head()
+    const results = await ticked(worker({ logRange: 1 }))
+    expect(mine(results, first)).toMatchObject([{ status: 'confirmed', cumulativeAmount: 100n }])
+    expect(mine(results, second)).toMatchObject([{ status: 'confirmed', cumulativeAmount: 200n }])
+    // Read up to the head the pass began at (its settles came after).
+    expect(await cursor()).toBe(before)
+  })
+
+  test('behavior: with no cursor, or one past the head (a chain started afresh), every open channel is read from the escrow', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 100n)
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+    await Settlements.advance(sql, {
+      chainId: chain.chainId,
+      escrow: chain.escrowAddress,
+      block: (await head()) + 1_000n,
+    })
+    const before = await head()
+    const [result] = mine(await ticked(worker()), channelId)
+    expect(result).toMatchObject({ status: 'confirmed', cumulativeAmount: 100n })
+    expect(await cursor()).toBe(before)
+
+    await sql`delete from chain_cursors`
+    const other = await openChannel()
+    await accept(other, 50n)
+    await spend(other, 50n)
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId: other })
+    expect(mine(await ticked(worker()), other)).toMatchObject([
+      { status: 'confirmed', cumulativeAmount: 50n },
+    ])
+  })
+
+  test('behavior: a close the payer cancelled with a top-up before the pass is not marked', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 100n)
+    expect(mine(await ticked(worker()), channelId)).toEqual([])
+    const { client } = payer()
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    await Escrow.topUp(client, {
+      escrow: chain.escrowAddress,
+      channelId,
+      token: chain.currencyAddress,
+      amount: 1n,
+    })
+    expect(mine(await ticked(worker()), channelId)).toEqual([])
+    expect((await inDb(channelId)).closeRequestedAt).toBeNull()
   })
 })
 

@@ -197,13 +197,13 @@ describe('a gateway instance dying mid-stream', () => {
 })
 
 describe('a forced close', () => {
-  test('behavior: the worker settles exactly spent on CloseRequested; after the grace period the payer withdraws the rest', async () => {
-    const gw = await Gateway.create(overrides)
-    const url = `${gw.url}/v1/chat/completions`
-    const payer = privateKeyToAccount(chain.payers[1]!.privateKey)
-    const content = 'pay for exactly this'
-    const ask = body(false, content, { max_tokens: 4096 })
+  const payer = privateKeyToAccount(chain.payers[1]!.privateKey)
+  const content = 'pay for exactly this'
+  const deposit = 100_000n
 
+  /** A channel on `gw` whose only voucher is exactly what its one request spent. */
+  async function spentExactly(gw: Gateway.TestGateway) {
+    const url = `${gw.url}/v1/chat/completions`
     // What the request costs (the fake upstream echoes), learnt on a throwaway channel.
     const learn = new PayingSession({
       account: payer,
@@ -215,13 +215,12 @@ describe('a forced close', () => {
       headers: {
         authorization: await learn.openWithAuthorization({ deposit: 100_000n, initial: 50_000n }),
       },
-      body: ask,
+      body: body(false, content, { max_tokens: 4096 }),
     })
     expect(learnt.status).toBe(200)
     const usage = ((await learnt.json()) as { usage: { cost: string; completion_tokens: number } })
       .usage
-
-    // A channel whose only voucher is exactly what the request spends.
+    const spend = BigInt(usage.cost)
     const payerBefore = await balance(payer.address)
     const payeeBefore = await balance(chain.payee.address)
     const session = new PayingSession({
@@ -229,8 +228,6 @@ describe('a forced close', () => {
       challenge: await challenge(url),
       tokenDomain,
     })
-    const deposit = 100_000n
-    const spend = BigInt(usage.cost)
     const res = await fetch(url, {
       method: 'POST',
       headers: { authorization: await session.openWithAuthorization({ deposit, initial: spend }) },
@@ -241,30 +238,37 @@ describe('a forced close', () => {
     const channel = (await Channels.get(gw.sql, channelId))!
     expect(channel.spent).toBe(spend)
     expect(channel.settled).toBe(0n)
+    return { url, session, channelId, spend, payerBefore, payeeBefore }
+  }
 
-    await Escrow.requestClose(chain.payerClient(1), { escrow: chain.escrowAddress, channelId })
+  /** Waits for the escrow, then the database, to show `spend` settled on the channel. */
+  async function settledOnChain(sql: Gateway.TestGateway['sql'], channelId: Hex, spend: bigint) {
     const deadline = Date.now() + 15_000
-    let onChain = await Escrow.getChannel(chain.payeeClient, {
-      escrow: chain.escrowAddress,
-      channelId,
-    })
+    const read = () =>
+      Escrow.getChannel(chain.payeeClient, { escrow: chain.escrowAddress, channelId })
+    let onChain = await read()
     while (onChain!.settled < spend && Date.now() < deadline) {
       await Bun.sleep(200)
-      onChain = await Escrow.getChannel(chain.payeeClient, {
-        escrow: chain.escrowAddress,
-        channelId,
-      })
+      onChain = await read()
     }
     expect(onChain!.settled).toBe(spend)
     expect(onChain!.closeRequestedAt).toBeGreaterThan(0n)
     // The worker records the settlement after the chain shows it: wait for the record too.
-    let recorded = (await Channels.get(gw.sql, channelId))!
+    let recorded = (await Channels.get(sql, channelId))!
     while (recorded.settled < spend && Date.now() < deadline) {
       await Bun.sleep(100)
-      recorded = (await Channels.get(gw.sql, channelId))!
+      recorded = (await Channels.get(sql, channelId))!
     }
     expect(recorded.settled).toBe(spend)
     expect(recorded.closeRequestedAt).not.toBeNull()
+  }
+
+  test('behavior: the worker settles exactly spent on CloseRequested; after the grace period the payer withdraws the rest', async () => {
+    const gw = await Gateway.create(overrides)
+    const { url, session, channelId, spend, payerBefore, payeeBefore } = await spentExactly(gw)
+
+    await Escrow.requestClose(chain.payerClient(1), { escrow: chain.escrowAddress, channelId })
+    await settledOnChain(gw.sql, channelId, spend)
     // No more vouchers on a closing channel.
     const late = await fetch(url, {
       method: 'POST',
@@ -286,5 +290,24 @@ describe('a forced close', () => {
     })
     expect(closed!.finalized).toBe(true)
     await gw.stop()
+  }, 30_000)
+
+  test('behavior: a forced close made while the gateway was down is settled by the gateway that starts next, and its vouchers refused', async () => {
+    const gw = await Gateway.create(overrides)
+    const { session, channelId, spend } = await spentExactly(gw)
+    // A settlement pass after the channel's request (one a second): the next reads from there.
+    await Bun.sleep(1_500)
+    await gw.stop()
+    await Escrow.requestClose(chain.payerClient(1), { escrow: chain.escrowAddress, channelId })
+
+    // Its event watch starts at the chain's head, past the close.
+    const next = await Gateway.create(overrides, { db: gw.db, upstream: gw.upstream })
+    await settledOnChain(next.sql, channelId, spend)
+    const late = await fetch(`${next.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: await session.voucher(spend + 1_000n) },
+    })
+    expect(late.status).toBe(410)
+    await next.stop()
   }, 30_000)
 })
