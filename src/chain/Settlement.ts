@@ -15,7 +15,13 @@
  * The database side is a `Store` (implemented by ledger/Settlements.ts), so chain/ does not
  * import ledger/; main.ts wires `Settlements.store(sql)` in.
  */
-import { type Address, BaseError, type Hex, TransactionReceiptNotFoundError } from 'viem'
+import {
+  type Address,
+  BaseError,
+  type Hex,
+  RpcRequestError,
+  TransactionReceiptNotFoundError,
+} from 'viem'
 import { getBlockNumber, getTransactionReceipt } from 'viem/actions'
 import type { Logger } from '../Logger.ts'
 import type { WalletClient } from './Client.ts'
@@ -247,6 +253,8 @@ export function start(options: Options): Worker {
    * cursor (a new database) or one past the chain's head (a development chain started
    * afresh), every open channel is read instead.
    */
+  /** Blocks per `eth_getLogs`: halved each time the node refuses a range. */
+  let range = BigInt(Math.max(1, options.logRange ?? 1_000))
   async function catchUp(store: LockedStore): Promise<void> {
     const at = { chainId: options.chainId, escrow: options.escrow }
     const head = await getBlockNumber(options.client, { cacheTime: 0 })
@@ -258,16 +266,28 @@ export function start(options: Options): Worker {
       await store.advance({ ...at, block: head })
       return
     }
-    const range = BigInt(options.logRange ?? 1_000)
-    for (let from = last + 1n; from <= head; from += range) {
+    for (let from = last + 1n; from <= head; ) {
       const to = from + range - 1n < head ? from + range - 1n : head
-      const moved = await Escrow.closings(options.client, {
-        escrow: options.escrow,
-        fromBlock: from,
-        toBlock: to,
-      })
+      let moved: Hex[]
+      try {
+        moved = await Escrow.closings(options.client, {
+          escrow: options.escrow,
+          fromBlock: from,
+          toBlock: to,
+        })
+      } catch (error) {
+        // The node answered with an error: many refuse a range over so many blocks or logs.
+        // Smaller ranges from here on; no answer at all waits for the next pass.
+        if (range > 1n && answered(error)) {
+          range /= 2n
+          log.warn({ blocks: Number(range) }, 'the node refused an eth_getLogs range: halved')
+          continue
+        }
+        throw error
+      }
       for (const channelId of moved) await reconcile(store, channelId)
       await store.advance({ ...at, block: to })
+      from = to + 1n
     }
   }
 
@@ -618,6 +638,11 @@ async function refresh(
   } catch (error) {
     log.warn({ channelId, error: describe(error) }, 'reading the channel from the escrow failed')
   }
+}
+
+/** Whether the node answered the call with a JSON-RPC error (it did not just fail to answer). */
+function answered(error: unknown): boolean {
+  return error instanceof BaseError && error.walk((e) => e instanceof RpcRequestError) !== null
 }
 
 /** Milliseconds before retry number `attempts` + 1. */

@@ -757,6 +757,58 @@ describe('catch-up (a payer acting while no worker watched)', () => {
     expect(await cursor()).toBe(before)
   })
 
+  test('behavior: a node that refuses a wide eth_getLogs range gets smaller ones, and every event is still read', async () => {
+    // The chain through a front that, as many hosted nodes, refuses a range over 4 blocks.
+    let refused = 0
+    const front = Bun.serve({
+      port: 0,
+      hostname: '127.0.0.1',
+      async fetch(req) {
+        const text = await req.text()
+        const call = JSON.parse(text) as { id: number; method: string; params?: unknown[] }
+        if (call.method === 'eth_getLogs') {
+          const [filter] = call.params as [{ fromBlock: Hex; toBlock: Hex }]
+          if (BigInt(filter.toBlock) - BigInt(filter.fromBlock) + 1n > 4n) {
+            refused++
+            return Response.json({
+              jsonrpc: '2.0',
+              id: call.id,
+              error: { code: -32602, message: 'block range is too wide: at most 4 blocks' },
+            })
+          }
+        }
+        return fetch(chain.rpcUrl, { method: 'POST', body: text, headers: req.headers })
+      },
+    })
+    try {
+      const client = Client.from({
+        rpcUrl: `http://127.0.0.1:${front.port}`,
+        chainId: chain.chainId,
+        privateKey: chain.payee.privateKey,
+        pollingInterval: 20,
+      })
+      const channelId = await openChannel()
+      await accept(channelId, 100n)
+      await spend(channelId, 100n)
+      const entries: Entry[] = []
+      const w = worker({ client, log: logger(entries) })
+      expect(mine(await ticked(w), channelId)).toEqual([])
+      for (let i = 0; i < 10; i++) await chain.increaseTime(1)
+      await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+      for (let i = 0; i < 10; i++) await chain.increaseTime(1)
+
+      const before = await head()
+      expect(mine(await ticked(w), channelId)).toMatchObject([
+        { status: 'confirmed', cumulativeAmount: 100n },
+      ])
+      expect(refused).toBeGreaterThan(0)
+      expect(entries.some((e) => e.msg.includes('refused an eth_getLogs range'))).toBe(true)
+      expect(await cursor()).toBe(before)
+    } finally {
+      front.stop(true)
+    }
+  })
+
   test('behavior: with no cursor, or one past the head (a chain started afresh), every open channel is read from the escrow', async () => {
     const channelId = await openChannel()
     await accept(channelId, 100n)
