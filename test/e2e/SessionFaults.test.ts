@@ -292,6 +292,33 @@ describe('a forced close', () => {
     await gw.stop()
   }, 30_000)
 
+  test('behavior: with a forced close pending, a cooperative close whose final voucher is above what was accepted closes the channel at once', async () => {
+    const gw = await Gateway.create(overrides)
+    const { url, session, channelId, spend, payerBefore, payeeBefore } = await spentExactly(gw)
+    await Escrow.requestClose(chain.payerClient(1), { escrow: chain.escrowAddress, channelId })
+    await settledOnChain(gw.sql, channelId, spend)
+
+    // The payer would rather not wait out the grace period: it closes, signing ahead.
+    const closed = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.close(spend + 1_000n) },
+    })
+    expect(closed.status).toBe(200)
+    expect(closed.headers.get('payment-receipt')).toBeString()
+    const onChain = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(onChain!.finalized).toBe(true)
+    expect(await balance(chain.payee.address)).toBe(payeeBefore + spend)
+    expect(await balance(payer.address)).toBe(payerBefore - spend)
+    expect((await Channels.get(gw.sql, channelId))!).toMatchObject({
+      finalized: true,
+      settled: spend,
+    })
+    await gw.stop()
+  }, 30_000)
+
   test('behavior: a forced close made while the gateway was down is settled by the gateway that starts next, and its vouchers refused', async () => {
     const gw = await Gateway.create(overrides)
     const { session, channelId, spend } = await spentExactly(gw)

@@ -490,8 +490,11 @@ export function create(o: Options) {
           )
         // A final voucher above the accepted amount is recorded first (durable, like any).
         // minVoucherDelta bounds the work of a stream of vouchers; it is no reason to refuse
-        // the last one, and with it the close (draft, "Cooperative Close").
+        // the last one, and with it the close (draft, "Cooperative Close"). Not on a channel
+        // already closing (a forced close pending, another close under way): it takes no more
+        // vouchers, and the close never submits one above spent, so it goes on without.
         if (
+          channel.closeRequestedAt === null &&
           p.cumulativeAmount > channel.acceptedCumulative &&
           p.cumulativeAmount <= channel.deposit
         )
