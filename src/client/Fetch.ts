@@ -132,6 +132,9 @@ const problemOf = async (res: Response): Promise<Record<string, unknown> | undef
   }
 }
 
+/** A challenge this close to its `expires` is taken as expired (the two clocks differ). */
+const expirySkewMs = 10_000
+
 /** What a refusal's problem says, to end a message with (its `detail`, else a pointer to it). */
 const toldBy = (problem: Record<string, unknown> | undefined): string => {
   const detail = problem?.detail ?? problem?.message
@@ -507,6 +510,7 @@ export function createFetch(options: Options): PayingFetch {
    * (`serially`), so that concurrent requests do not top up, and sign past the deposit, at once.
    */
   const raise = async (live: Live, url: string, required: bigint): Promise<string> => {
+    await current(live, url)
     const state = live.state as Store.ChannelState
     const maxTotal = total(live.key)
     if (required > maxTotal)
@@ -585,8 +589,30 @@ export function createFetch(options: Options): PayingFetch {
     options.onReceipt?.(receipt)
   }
 
+  /**
+   * The core draft: a client MUST NOT send a credential for an expired challenge. A channel's
+   * challenge that expires within `expirySkewMs` (clocks differ) is replaced first by a fresh
+   * one: the same URI asked without a credential answers 402 with one. Long streams pay many
+   * vouchers on one challenge: without this, one that outlived it failed partway.
+   */
+  const current = async (live: Live, url: string) => {
+    const expires = live.session.challenge.expires
+    if (expires === undefined || Date.parse(expires) - Date.now() > expirySkewMs) return
+    const res = await base(url, { method: 'POST' })
+    const challenge = challengeIn(res)
+    await res.body?.cancel()
+    if (!challenge)
+      throw new PaymentFailedError(
+        `The channel's payment challenge expired and the server sent no fresh one (${res.status}).`,
+        res.status,
+      )
+    check(challenge)
+    live.session.renew(challenge)
+  }
+
   /** The voucher a request starts with: what was spent plus `ahead`, within the limits. */
-  const ahead = async (live: Live, by: bigint) => {
+  const ahead = async (live: Live, url: string, by: bigint) => {
+    await current(live, url)
     const cap = min(BigInt((live.state as Store.ChannelState).deposit), total(live.key))
     const target = max(live.session.signed, min(live.spent + by, cap))
     const credential = await counted(live.key, target, () => live.session.voucher(target))
@@ -710,7 +736,7 @@ export function createFetch(options: Options): PayingFetch {
     }
     // A channel being opened is not the server's yet: wait for the open to be answered.
     if (live?.opening) await live.opening.catch(() => {})
-    let credential = live?.state ? await ahead(live, by) : undefined
+    let credential = live?.state ? await ahead(live, url, by) : undefined
     // Set while this request carries an open credential: ends the wait of the others.
     let opened: (() => void) | undefined
     // The channel whose open this request sent last (until the server answers it).
@@ -773,7 +799,7 @@ export function createFetch(options: Options): PayingFetch {
         // state is kept before the server has answered the open: a voucher now would find no
         // channel.)
         await l.opening.catch(() => {})
-        if (l.state) credential = await ahead(l, by)
+        if (l.state) credential = await ahead(l, url, by)
         else {
           credential = await open(l, url, by)
           sentOpen = l
@@ -819,7 +845,7 @@ export function createFetch(options: Options): PayingFetch {
           res.status,
           problem,
         )
-      } else credential = await ahead(l, by)
+      } else credential = await ahead(l, url, by)
     }
     throw new PaymentFailedError(
       'The server kept asking for payment; giving up after 12 tries.',

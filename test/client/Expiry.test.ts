@@ -1,0 +1,62 @@
+/**
+ * Challenges that expire (the core draft: a client MUST NOT send a credential for an expired
+ * challenge): the paying fetch takes a fresh one first, for a request as for the vouchers a
+ * long stream pays mid-way. Against a gateway whose challenges live one second.
+ */
+import { afterAll, expect, test } from 'bun:test'
+import * as Credential from '../../src/payment/Credential.ts'
+import * as Anvil from '../helpers/Anvil.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+import * as Payer from '../helpers/Payer.ts'
+
+const chain = await Anvil.start({ accounts: 4 })
+afterAll(() => chain.stop())
+const gw = await Gateway.create({
+  chain: Gateway.chainOf(chain),
+  payments: {
+    challengeSecret: 'test-challenge-secret-0123456789',
+    voucherTimeoutMs: 5_000,
+    challengeExpiresSeconds: 1,
+  },
+})
+const words = Array.from({ length: 80 }, (_, i) => `w${i}`).join(' ')
+const messages = [{ role: 'user' as const, content: words }]
+
+/** A fetch that records the `expires` of every credential sent on an expired challenge. */
+function watching(expired: string[]): typeof fetch {
+  const f = async (input: string | URL | Request, init?: RequestInit) => {
+    const authorization = new Headers(init?.headers).get('authorization')
+    if (authorization?.startsWith('Payment ')) {
+      const { challenge } = Credential.deserialize(authorization)
+      if (challenge.expires && Date.parse(challenge.expires) <= Date.now())
+        expired.push(challenge.expires)
+    }
+    return globalThis.fetch(input, init)
+  }
+  return Object.assign(f, { preconnect: globalThis.fetch.preconnect }) as typeof fetch
+}
+
+test('behavior: a request after the channel challenge expired sends no credential on it', async () => {
+  const expired: string[] = []
+  const { openai } = Payer.client(chain, gw.url, 0, { fetch: watching(expired) })
+  const ask = () => openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+  await ask()
+  await Bun.sleep(2_100)
+  const again = await ask()
+  expect(again.choices[0]!.message.content).toBeString()
+  expect(expired).toEqual([])
+}, 30_000)
+
+test('behavior: a stream that outlives its challenge pays its mid-stream vouchers on fresh ones and is delivered whole', async () => {
+  const expired: string[] = []
+  const { openai } = Payer.client(chain, gw.url, 1, { fetch: watching(expired) })
+  const stream = await openai.chat.completions.create({
+    model: 'fake-slow',
+    messages,
+    stream: true,
+  })
+  let text = ''
+  for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+  expect(text).toBe(words)
+  expect(expired).toEqual([])
+}, 30_000)
