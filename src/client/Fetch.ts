@@ -132,6 +132,16 @@ const problemOf = async (res: Response): Promise<Record<string, unknown> | undef
   }
 }
 
+/** The transaction hash of a close's answer (its body's `receipt.txHash`); undefined when it
+ * has none (not JSON, no receipt, not a hash). */
+async function closeHash(res: Response): Promise<Hex | undefined> {
+  const body = (await res.json().catch(() => undefined)) as
+    | { receipt?: { txHash?: unknown } }
+    | undefined
+  const hash = body?.receipt?.txHash
+  return typeof hash === 'string' && /^0x[0-9a-fA-F]{64}$/.test(hash) ? (hash as Hex) : undefined
+}
+
 /** A challenge this close to its `expires` is taken as expired (the two clocks differ). */
 const expirySkewMs = 10_000
 
@@ -960,14 +970,19 @@ export function createFetch(options: Options): PayingFetch {
         problem,
       )
     }
-    const { receipt } = (await closed.json()) as { receipt: { txHash: Hex } }
+    const txHash = await closeHash(closed)
+    if (!txHash)
+      throw new PaymentFailedError(
+        `The server answered the close (${closed.status}) without a receipt naming its transaction; the channel is kept (close again to see how it stands).`,
+        closed.status,
+      )
     await count(key, spent)
     if (inUse) await forget(live)
     else if (slot) {
       await store.delete(slot)
       setApart.delete(slot)
     }
-    return receipt.txHash
+    return txHash
   }
 
   /** Counts what a closed channel paid against maxTotal, in the store and here. */
@@ -1027,29 +1042,30 @@ export function createFetch(options: Options): PayingFetch {
         `Channel ${pending.channelId} is closing already; withdraw it before forcing another close.`,
       )
     const client = chainClient(state.chainId, 'requestClose')
-    /** Forgets `state` where it is kept (in use, or set apart). */
-    const forgetIt = async () => {
+    /** Forgets `state` where it is kept (in use, or set apart), but in the slot `kept`. */
+    const forgetIt = async (kept?: string) => {
       const live = lives.get(key)
       if (live?.state?.channelId === state.channelId) await forget(live)
       else if ((await store.get(key))?.channelId === state.channelId) await store.delete(key)
-      for (const [slot, kept] of [
+      for (const [slot, there] of [
         [refusedKey(key), refused],
         [closingKey(key), pending],
       ] as const)
-        if (kept?.channelId === state.channelId) {
+        if (slot !== kept && there?.channelId === state.channelId) {
           await store.delete(slot)
           setApart.delete(slot)
         }
     }
-    const { ref } = await stillOpen(client, key, state, forgetIt)
+    const { ref } = await stillOpen(client, key, state, () => forgetIt())
     // A repeated request keeps the first timestamp (the escrow's rule), so retrying is safe.
     const sent = await Escrow.requestClose(client, ref)
     const after = await Escrow.getChannel(client, ref)
     const requestedAt = after?.closeRequestedAt ?? 0n
-    // Moved to the forced-close slot from where it was (in use, or refused).
-    await forgetIt()
+    // Moved to the forced-close slot from where it was (in use, or refused): written there
+    // first, so that a write that fails (a full disk) leaves the channel where it was.
     await store.set(closingKey(key), { ...state, closeRequestedAt: requestedAt.toString() })
     setApart.set(closingKey(key), BigInt(state.signed))
+    await forgetIt(closingKey(key))
     return {
       channelId: state.channelId,
       txHash: sent.hash,

@@ -346,4 +346,46 @@ describe('createFetch under adversity', () => {
     // Each stream ended: nothing of theirs (reader, channel) is kept alive by the signal.
     expect(listeners - before).toBe(0)
   }, 60_000)
+
+  test('error: requestClose whose record of the forced close fails to write (a full disk) keeps the channel in the store', async () => {
+    const inner = Store.memory()
+    let fail = true
+    const store: Store.Store = {
+      ...inner,
+      set: async (key, state) => {
+        if (fail && key.endsWith('#closing')) {
+          fail = false
+          throw new Error('ENOSPC: no space left on device')
+        }
+        return inner.set(key, state)
+      },
+    }
+    const { fetch, openai } = client(14, { store })
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    const state = (await fetch.channel(gw.url))!
+    expect(await fetch.requestClose().catch((e: unknown) => e)).toBeInstanceOf(Error)
+    const kept = (await fetch.channel(gw.url)) ?? (await fetch.closing(gw.url))
+    expect(kept?.channelId).toBe(state.channelId)
+    // Asked again (the disk has room now), the forced close is recorded.
+    await fetch.requestClose()
+    expect((await fetch.closing(gw.url))?.channelId).toBe(state.channelId)
+  }, 60_000)
+
+  test('error: a close answered 200 without a receipt (not JSON, or no receipt) is a typed error and the channel is kept', async () => {
+    const answers = [() => new Response('ok', { status: 200 }), () => Response.json({})]
+    let answer = answers[0]!
+    const odd = plain(async (input, init) => {
+      if (payloadOf(headerOf(init))?.action === 'close') return answer()
+      return globalThis.fetch(input, init)
+    })
+    const { fetch, openai } = client(15, { fetch: odd })
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    const state = (await fetch.channel(gw.url))!
+    for (answer of answers) {
+      const e = await fetch.close().catch((e: unknown) => e)
+      expect(e).toBeInstanceOf(ClientError)
+      expect((e as Error).message).toContain('without a receipt')
+      expect((await fetch.channel(gw.url))?.channelId).toBe(state.channelId)
+    }
+  }, 60_000)
 })
