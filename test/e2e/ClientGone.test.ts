@@ -79,8 +79,11 @@ const post = (gw: Gateway.TestGateway, key: string, signal: AbortSignal, model =
     signal,
   })
 
-/** Reads `res` until its complete content events hold `word`; the text read. */
-async function readUntil(reader: ReadableStreamDefaultReader<Uint8Array>, word: string) {
+/** Reads until the complete content events hold `word`; the text read. */
+async function readUntil(
+  reader: { read(): Promise<{ value?: Uint8Array | undefined }> },
+  word: string,
+) {
   let text = ''
   while (!contentOf(text).includes(word))
     text += new TextDecoder().decode((await reader.read()).value)

@@ -73,7 +73,7 @@ function contentOf(text: string): string {
 }
 
 /** Reads until the stream asks for a voucher; the text read, and what it asked for. */
-async function untilNeed(reader: ReadableStreamDefaultReader<Uint8Array>) {
+async function untilNeed(reader: { read(): Promise<{ value?: Uint8Array | undefined }> }) {
   let text = ''
   while (true) {
     text += new TextDecoder().decode((await reader.read()).value)
