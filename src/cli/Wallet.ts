@@ -69,6 +69,10 @@ export function classify(e: Error): CliError {
         'Run this one with another TOLLWAY_DATA_DIR',
       ),
     )
+  // The store's own failures (not JSON, a malformed entry, a lock left behind) name its file:
+  // the user repairs it.
+  if (e instanceof ClientError && typeof e.details.path === 'string')
+    return new UsageError(e.message, e.details)
   if (e instanceof ClientError) return new ServerError(e.message)
   return new ServerError(`${e.name}: ${e.message}`)
 }

@@ -87,6 +87,17 @@ describe('usage', () => {
     const fixed = await cli(['channels', 'list', '--url', gw.url], { TOLLWAY_URL: 'not a url' })
     expect(fixed.code).toBe(0)
   })
+
+  test('error: a channels.json that is not JSON is a usage error (exit 2: the user repairs it), not a server error', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tollway-cli-store-'))
+    writeFileSync(join(dir, 'channels.json'), '{ not json')
+    const r = await cli(['channel', 'status', '--escrow', chain.escrowAddress], {
+      TOLLWAY_WALLET_KEY: chain.payers[5]!.privateKey,
+      TOLLWAY_DATA_DIR: dir,
+    })
+    expect(r.stderr).toContain(`The channel store ${join(dir, 'channels.json')} is not JSON`)
+    expect(r.code).toBe(2)
+  })
 })
 
 describe('admin', () => {
