@@ -322,16 +322,15 @@ export async function status(ctx: Context) {
   const pay = await paying(ctx)
   const local = await pay.channel(completions(ctx))
   const closingState = await pay.closing(completions(ctx))
-  // A channel under forced close, and when it can be withdrawn.
-  const closing = closingState && {
-    ...closingState,
-    withdrawableAt: new Date(
-      Number(BigInt(closingState.closeRequestedAt ?? 0) + Escrow.closeGracePeriod) * 1000,
-    ),
-  }
+  // A channel under forced close, and when it can be withdrawn; or one set apart as refused
+  // (no close requested: nothing to withdraw yet).
+  const at = closingState && withdrawableAt(closingState)
+  const closing = closingState && { ...closingState, ...(at ? { withdrawableAt: at } : {}) }
   if (closing && !ctx.settings.json)
     ctx.io.out(
-      `channel ${closing.channelId}: close requested, withdraw from ${closing.withdrawableAt.toISOString()} (tollway channel withdraw)\n`,
+      at
+        ? `channel ${closing.channelId}: close requested, withdraw from ${at.toISOString()} (tollway channel withdraw)\n`
+        : `channel ${closing.channelId}: set apart (the gateway refused it as closing); tollway channel close closes it${local ? ' after the channel in use' : ''} (tollway channel request-close, if the gateway cannot)\n`,
     )
   if (!local) {
     if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ channel: null, closing })}\n`)

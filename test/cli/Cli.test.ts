@@ -415,6 +415,20 @@ describe('a channel set apart (refused as closing)', () => {
     expect(none.stderr).toContain('No channel with')
   }, 60_000)
 
+  test('behavior: channel status of a channel set apart with no close requested names no withdraw time (it was 1970) but channel close', async () => {
+    const wallet = { TOLLWAY_WALLET_KEY: chain.payers[6]!.privateKey }
+    const old = await setApart(wallet)
+    const status = await cli(['channel', 'status', '--trust-escrow'], wallet)
+    expect(status.code).toBe(0)
+    expect(status.stdout).toContain(
+      `channel ${old}: set apart (the gateway refused it as closing); tollway channel close closes it after the channel in use`,
+    )
+    expect(status.stdout).not.toContain('withdraw')
+    const { closing } = await json(['channel', 'status', '--trust-escrow'], wallet)
+    expect(closing.channelId).toBe(old)
+    expect(closing).not.toHaveProperty('withdrawableAt')
+  }, 60_000)
+
   test('behavior: channel request-close reaches the channel set apart once the one in use is closed', async () => {
     const wallet = {
       TOLLWAY_WALLET_KEY: chain.payers[7]!.privateKey,
