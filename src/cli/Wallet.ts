@@ -10,6 +10,7 @@ import * as Escrow from '../chain/Escrow.ts'
 import {
   ChainRequiredError,
   ChallengeRefusedError,
+  type ChannelState,
   ClientError,
   CloseNotReadyError,
   challengeOf,
@@ -68,6 +69,10 @@ export function classify(e: Error): CliError {
         'Run this one with another TOLLWAY_DATA_DIR',
       ),
     )
+  // The store's own failures (not JSON, a malformed entry, a lock left behind) name its file:
+  // the user repairs it.
+  if (e instanceof ClientError && typeof e.details.path === 'string')
+    return new UsageError(e.message, e.details)
   if (e instanceof ClientError) return new ServerError(e.message)
   return new ServerError(`${e.name}: ${e.message}`)
 }
@@ -306,20 +311,26 @@ async function firstModel(ctx: Context): Promise<string> {
   return id
 }
 
+/** When a channel under forced close can be withdrawn; undefined when no close was requested
+ * (a channel set apart as refused). */
+const withdrawableAt = (state: ChannelState): Date | undefined =>
+  state.closeRequestedAt === undefined
+    ? undefined
+    : new Date(Number(BigInt(state.closeRequestedAt) + Escrow.closeGracePeriod) * 1000)
+
 export async function status(ctx: Context) {
   const pay = await paying(ctx)
   const local = await pay.channel(completions(ctx))
   const closingState = await pay.closing(completions(ctx))
-  // A channel under forced close, and when it can be withdrawn.
-  const closing = closingState && {
-    ...closingState,
-    withdrawableAt: new Date(
-      Number(BigInt(closingState.closeRequestedAt ?? 0) + Escrow.closeGracePeriod) * 1000,
-    ),
-  }
+  // A channel under forced close, and when it can be withdrawn; or one set apart as refused
+  // (no close requested: nothing to withdraw yet).
+  const at = closingState && withdrawableAt(closingState)
+  const closing = closingState && { ...closingState, ...(at ? { withdrawableAt: at } : {}) }
   if (closing && !ctx.settings.json)
     ctx.io.out(
-      `channel ${closing.channelId}: close requested, withdraw from ${closing.withdrawableAt.toISOString()} (tollway channel withdraw)\n`,
+      at
+        ? `channel ${closing.channelId}: close requested, withdraw from ${at.toISOString()} (tollway channel withdraw)\n`
+        : `channel ${closing.channelId}: set apart (the gateway refused it as closing); tollway channel close closes it${local ? ' after the channel in use' : ''} (tollway channel request-close, if the gateway cannot)\n`,
     )
   if (!local) {
     if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ channel: null, closing })}\n`)
@@ -341,7 +352,9 @@ export async function status(ctx: Context) {
 export async function close(ctx: Context) {
   const pay = await paying(ctx)
   const url = completions(ctx)
-  const channel = await pay.channel(url)
+  // The channel in use, else one set apart (the gateway refused it as closing, or a forced
+  // close is under way): the close goes to it then.
+  const channel = (await pay.channel(url)) ?? (await pay.closing(url))
   if (!channel) throw new UsageError(`No channel with ${ctx.settings.url} to close.`)
   const hash = await progress(ctx, 'closing the channel', () => pay.close(url))
   if (ctx.settings.json)
@@ -356,8 +369,16 @@ export async function close(ctx: Context) {
 export async function requestClose(ctx: Context) {
   const pay = await paying(ctx, { onChainOnly: true })
   const url = completions(ctx)
-  if (!(await pay.channel(url)))
-    throw new UsageError(`No open channel with ${ctx.settings.url} to close.`)
+  // The channel in use, else one set apart as refused; one whose close was requested already
+  // waits for withdraw.
+  const inUse = await pay.channel(url)
+  const apart = inUse ? undefined : await pay.closing(url)
+  if (!inUse && !apart) throw new UsageError(`No open channel with ${ctx.settings.url} to close.`)
+  const at = apart && withdrawableAt(apart)
+  if (apart && at)
+    throw new UsageError(
+      `channel ${apart.channelId}: close requested already; run tollway channel withdraw from ${at.toISOString()}.`,
+    )
   const r = await progress(ctx, 'requesting a close on the escrow', () => pay.requestClose(url))
   if (ctx.settings.json) ctx.io.out(`${JSON.stringify(r)}\n`)
   else

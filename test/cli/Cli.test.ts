@@ -6,6 +6,7 @@ import { afterAll, describe, expect, test } from 'bun:test'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import type { Hex } from 'viem'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import * as Anvil from '../helpers/Anvil.ts'
@@ -85,6 +86,17 @@ describe('usage', () => {
     // An option wins over its variable.
     const fixed = await cli(['channels', 'list', '--url', gw.url], { TOLLWAY_URL: 'not a url' })
     expect(fixed.code).toBe(0)
+  })
+
+  test('error: a channels.json that is not JSON is a usage error (exit 2: the user repairs it), not a server error', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tollway-cli-store-'))
+    writeFileSync(join(dir, 'channels.json'), '{ not json')
+    const r = await cli(['channel', 'status', '--escrow', chain.escrowAddress], {
+      TOLLWAY_WALLET_KEY: chain.payers[5]!.privateKey,
+      TOLLWAY_DATA_DIR: dir,
+    })
+    expect(r.stderr).toContain(`The channel store ${join(dir, 'channels.json')} is not JSON`)
+    expect(r.code).toBe(2)
   })
 })
 
@@ -369,6 +381,71 @@ describe('chat', () => {
     // The channel it closed, apart from the transaction that settled it.
     expect(closed.channelId).toBe(again.channelId)
   }, 30_000)
+})
+
+describe('a channel set apart (refused as closing)', () => {
+  /** Marks channel `id` closing on the gateway (a cooperative close asked for and kept
+   * waiting): its next voucher is refused, and the client sets it apart and opens another. */
+  const closingOnServer = (id: string) =>
+    gw.sql`update channels set close_requested_at = now(), cooperative_close = true
+      where channel_id = ${Buffer.from(id.slice(2), 'hex')}`
+  /** Pays once, has the gateway refuse that channel as closing, pays again on a new one:
+   * the first channel's id, set apart. */
+  const setApart = async (wallet: Record<string, string>) => {
+    const old = (await json(['chat', 'hi', '--model', 'fake', '--trust-escrow'], wallet))
+      .channelId as string
+    await closingOnServer(old)
+    const next = await json(['chat', 'hi', '--model', 'fake', '--trust-escrow'], wallet)
+    expect(next.channelId).not.toBe(old)
+    return old
+  }
+  const onChain = (id: string) =>
+    Escrow.getChannel(chain.payeeClient, { escrow: chain.escrowAddress, channelId: id as Hex })
+
+  test('behavior: channel close closes the channel in use, then the one set apart', async () => {
+    const wallet = { TOLLWAY_WALLET_KEY: chain.payers[4]!.privateKey }
+    const old = await setApart(wallet)
+    const first = await json(['channel', 'close', '--trust-escrow'], wallet)
+    expect(first.channelId).not.toBe(old)
+    const second = await json(['channel', 'close', '--trust-escrow'], wallet)
+    expect(second.channelId).toBe(old)
+    expect((await onChain(old))!.finalized).toBe(true)
+    const none = await cli(['channel', 'close', '--trust-escrow'], wallet)
+    expect(none.code).toBe(2)
+    expect(none.stderr).toContain('No channel with')
+  }, 60_000)
+
+  test('behavior: channel status of a channel set apart with no close requested names no withdraw time (it was 1970) but channel close', async () => {
+    const wallet = { TOLLWAY_WALLET_KEY: chain.payers[6]!.privateKey }
+    const old = await setApart(wallet)
+    const status = await cli(['channel', 'status', '--trust-escrow'], wallet)
+    expect(status.code).toBe(0)
+    expect(status.stdout).toContain(
+      `channel ${old}: set apart (the gateway refused it as closing); tollway channel close closes it after the channel in use`,
+    )
+    expect(status.stdout).not.toContain('withdraw')
+    const { closing } = await json(['channel', 'status', '--trust-escrow'], wallet)
+    expect(closing.channelId).toBe(old)
+    expect(closing).not.toHaveProperty('withdrawableAt')
+  }, 60_000)
+
+  test('behavior: channel request-close reaches the channel set apart once the one in use is closed', async () => {
+    const wallet = {
+      TOLLWAY_WALLET_KEY: chain.payers[7]!.privateKey,
+      TOLLWAY_RPC_URL: chain.rpcUrl,
+    }
+    const old = await setApart(wallet)
+    await json(['channel', 'close', '--trust-escrow'], wallet)
+    const r = await json(['channel', 'request-close'], wallet)
+    expect(r.channelId).toBe(old)
+    expect((await onChain(old))!.closeRequestedAt).toBeGreaterThan(0n)
+    // Asked again, it says when to withdraw instead of that there is no channel.
+    const again = await cli(['channel', 'request-close'], wallet)
+    expect(again.code).toBe(2)
+    expect(again.stderr).toContain(
+      `channel ${old}: close requested already; run tollway channel withdraw from ${r.withdrawableAt}`,
+    )
+  }, 60_000)
 })
 
 // Last in the file: it moves block time 15 minutes forward.
