@@ -431,16 +431,20 @@ export function watchWithdrawn(
   })
 }
 
-/** Events by which a payer (or the close) moves a channel out of the open state. */
+/** Events by which a payer moves a channel out of the open state, or by which it is settled or
+ * closed (a settle the gateway lost track of is still learnt). */
 const closingEvents = abi.filter(
   (item) =>
     item.type === 'event' &&
-    (item.name === 'CloseRequested' || item.name === 'Withdrawn' || item.name === 'ChannelClosed'),
+    (item.name === 'CloseRequested' ||
+      item.name === 'Withdrawn' ||
+      item.name === 'ChannelClosed' ||
+      item.name === 'Settled'),
 )
 
 /**
- * The channels with a `CloseRequested`, `Withdrawn` or `ChannelClosed` event in the blocks
- * from `fromBlock` to `toBlock` (inclusive), in chain order, each once.
+ * The channels with a `CloseRequested`, `Withdrawn`, `ChannelClosed` or `Settled` event in the
+ * blocks from `fromBlock` to `toBlock` (inclusive), in chain order, each once.
  */
 export async function closings(
   client: Client,

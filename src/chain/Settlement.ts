@@ -20,9 +20,15 @@ import {
   BaseError,
   type Hex,
   RpcRequestError,
+  TransactionNotFoundError,
   TransactionReceiptNotFoundError,
 } from 'viem'
-import { getBlockNumber, getTransactionReceipt } from 'viem/actions'
+import {
+  getBlockNumber,
+  getTransaction,
+  getTransactionReceipt,
+  waitForTransactionReceipt,
+} from 'viem/actions'
 import type { Logger } from '../Logger.ts'
 import type { WalletClient } from './Client.ts'
 import {
@@ -108,8 +114,8 @@ export type LockedStore = {
   settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
   /** The confirmed cooperative close of a channel, if there is one. */
   confirmedClose(channelId: Hex): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined>
-  /** Marks a forced close the chain shows; false when the channel was already closing (or is unknown). */
-  markCloseSeen(channelId: Hex): Promise<boolean>
+  markCloseRequested: Store['markCloseRequested']
+  clock: Store['clock']
   /** The last block whose escrow events a pass read; undefined before the first. */
   cursor(at: { chainId: number; escrow: Address }): Promise<bigint | undefined>
   advance(at: { chainId: number; escrow: Address; block: bigint }): Promise<void>
@@ -123,7 +129,17 @@ export type Store = {
   withLock<T>(
     fn: (store: LockedStore) => Promise<T>,
   ): Promise<{ locked: true; value: T } | { locked: false }>
-  markCloseRequested(channelId: Hex): Promise<boolean>
+  /**
+   * Marks a payer's forced close (no new requests; settle at once) at the time `read` was
+   * taken, before the chain showed it (see ledger/Settlements.ts); undefined when the channel
+   * is unknown or finalized, or a top-up was seen since the read; `fresh` when it was open.
+   */
+  markCloseRequested(
+    channelId: Hex,
+    read?: { deposit: bigint; readAt: string },
+  ): Promise<{ fresh: boolean } | undefined>
+  /** The database's time, as text (a read's time for `markCloseRequested`). */
+  clock(): Promise<string>
   /**
    * Marks a cooperative close under way (as markCloseRequested; no top-up clears it); the
    * mark, when this call made it (the channel was not closing), for `reopen`.
@@ -243,18 +259,19 @@ export function start(options: Options): Worker {
     return r.locked ? { locked: true, results: r.value } : { locked: false }
   }
 
-  /**
-   * What payers did on chain since the last pass (draft, "Forced Close": the server settles
-   * inside the grace period): each channel with a `CloseRequested`, `Withdrawn` or
-   * `ChannelClosed` event in the blocks after the cursor is read back from the escrow, so a
-   * forced close is marked (and settled by this pass's `due`, whatever the threshold) and a
-   * withdrawal recorded. The watch below sees them sooner, but only while this instance runs
-   * and its filter lives; this sees what happened while no gateway was watching. With no
-   * cursor (a new database) or one past the chain's head (a development chain started
-   * afresh), every open channel is read instead.
-   */
   /** Blocks per `eth_getLogs`: halved each time the node refuses a range. */
   let range = BigInt(Math.max(1, options.logRange ?? 1_000))
+  /**
+   * What payers did on chain since the last pass (draft, "Forced Close": the server settles
+   * inside the grace period): each channel with a `CloseRequested`, `Withdrawn`,
+   * `ChannelClosed` or `Settled` event in the blocks after the cursor (and the last
+   * `reorgDepth` before it, again) is read back from the escrow, so a forced close is marked
+   * (and settled by this pass's `due`, whatever the threshold), a withdrawal recorded, and a
+   * settle the gateway lost track of learnt. The watch below sees forced closes sooner, but
+   * only while this instance runs and its filter lives; this sees what happened while no
+   * gateway was watching. With no cursor (a new database) or one past the chain's head (a
+   * development chain started afresh), every open channel is read instead.
+   */
   async function catchUp(store: LockedStore): Promise<void> {
     const at = { chainId: options.chainId, escrow: options.escrow }
     const head = await getBlockNumber(options.client, { cacheTime: 0 })
@@ -266,7 +283,9 @@ export function start(options: Options): Worker {
       await store.advance({ ...at, block: head })
       return
     }
-    for (let from = last + 1n; from <= head; ) {
+    // Blocks near the head may yet be reorganized (an event moved into a block already read):
+    // the last `reorgDepth` are read again each pass (reading a channel again changes nothing).
+    for (let from = last + 1n > reorgDepth ? last + 1n - reorgDepth : 0n; from <= head; ) {
       const to = from + range - 1n < head ? from + range - 1n : head
       let moved: Hex[]
       try {
@@ -297,9 +316,14 @@ export function start(options: Options): Worker {
     const known = await store.settleable(channelId)
     if (!known || known.finalized || known.escrow.toLowerCase() !== options.escrow.toLowerCase())
       return
+    const readAt = await store.clock()
     const c = await Escrow.getChannel(options.client, { escrow: options.escrow, channelId })
     if (!c || c.payee.toLowerCase() !== payee.toLowerCase()) return
-    if (c.closeRequestedAt !== 0n && !c.finalized && (await store.markCloseSeen(channelId)))
+    if (
+      c.closeRequestedAt !== 0n &&
+      !c.finalized &&
+      (await store.markCloseRequested(channelId, { deposit: c.deposit, readAt }))?.fresh
+    )
       log.info(
         { channelId },
         'close requested by the payer, read back from the chain: settling now',
@@ -319,13 +343,15 @@ export function start(options: Options): Worker {
     // The event may be handled after the payer cancelled the close with a top-up (which the
     // gateway has already seen and reopened the channel for): the chain's word now decides.
     // Unreadable chain: marked all the same (stop serving and settle: the safe side).
+    const readAt = await options.store.clock()
     const now = await Escrow.getChannel(options.client, {
       escrow: options.escrow,
       channelId,
     }).catch(() => undefined)
     if (now && now.closeRequestedAt === 0n && !now.finalized)
       return { status: 'nothing', channelId }
-    if (!(await options.store.markCloseRequested(channelId)))
+    const read = now && { deposit: now.deposit, readAt }
+    if (!(await options.store.markCloseRequested(channelId, read)))
       return { status: 'nothing', channelId }
     log.info({ channelId }, 'close requested by the payer: settling now')
     return settleNow(channelId)
@@ -572,9 +598,20 @@ async function attempt(
     return { status: 'confirmed', channelId, kind, cumulativeAmount, hash }
   }
   try {
-    // An earlier attempt that ran out of time (or whose worker died) may have been mined since.
-    if (begun.previousHash && (await mined(client, begun.previousHash)) === 'success')
-      return await confirmed(begun.previousHash)
+    // An earlier attempt that ran out of time (or whose worker died) may have been mined
+    // since, or still be waiting in the node's pool: then it is waited for, not sent again (a
+    // second one would revert once the first is mined, recorded as the intent's outcome).
+    if (begun.previousHash) {
+      const before = await mined(client, begun.previousHash)
+      if (before === undefined && (await pending(client, begun.previousHash))) {
+        const receipt = await withTimeout(
+          waitForTransactionReceipt(client, { hash: begun.previousHash }),
+          timeoutMs,
+          kind,
+        )
+        if (receipt.status === 'success') return await confirmed(begun.previousHash)
+      } else if (before === 'success') return await confirmed(begun.previousHash)
+    }
     const sent = await withTimeout(
       (kind === 'settle' ? Escrow.settle : Escrow.close)(
         client,
@@ -610,6 +647,17 @@ async function attempt(
   }
 }
 
+/** Whether the node knows the transaction (waiting in its pool, or mined). */
+function pending(client: WalletClient, hash: Hex): Promise<boolean> {
+  return getTransaction(client, { hash }).then(
+    () => true,
+    (error) => {
+      if (error instanceof TransactionNotFoundError) return false
+      throw error
+    },
+  )
+}
+
 /** A sent transaction's receipt status; undefined while it is not mined (or unknown to the node). */
 async function mined(client: WalletClient, hash: Hex): Promise<'success' | 'reverted' | undefined> {
   try {
@@ -639,6 +687,9 @@ async function refresh(
     log.warn({ channelId, error: describe(error) }, 'reading the channel from the escrow failed')
   }
 }
+
+/** Blocks below the head a settlement pass reads again (see `catchUp`). */
+const reorgDepth = 64n
 
 /** Whether the node answered the call with a JSON-RPC error (it did not just fail to answer). */
 function answered(error: unknown): boolean {

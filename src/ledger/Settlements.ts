@@ -146,32 +146,38 @@ export async function finish(sql: Sql, id: bigint, o: Settlement.Outcome): Promi
 }
 
 /**
- * Marks that the channel is closing (its payer asked, on chain or with a close credential):
- * no new vouchers or requests, settle at once. Its stream ends: clearing `active_stream`
- * announces it to the instance serving it (migration 0008), and its next extension ends it
- * too (0010). False when unknown.
+ * Marks that the channel is closing because its payer asked on chain (a forced close): no new
+ * vouchers or requests, settle at once. Its stream ends: clearing `active_stream` announces it
+ * to the instance serving it (migration 0008), and its next extension ends it too (0010).
+ *
+ * `read`: what the chain showed and the database's time (`Channels.clock`) before it was read.
+ * The mark takes that time, so a top-up observed after the read clears it (`Channels.observe`
+ * clears marks older than the top-up), and none is made when a top-up was observed since the
+ * read (the deposit grew past what the chain showed): the close that top-up cancelled would
+ * otherwise stay marked, the channel open on chain and refused here. Without `read` (the
+ * chain could not be read) the mark takes the present time. A mark already there stays as it
+ * is. Undefined when the channel is unknown or finalized, or a top-up came since; `fresh`
+ * when it was not closing before.
  */
-export async function markCloseRequested(sql: Sql, channelId: Hex): Promise<boolean> {
-  // A forced close's mark takes the time it was seen (a top-up read earlier clears only an
-  // earlier mark: Channels.observe); a cooperative close (`markClosing`) is never cleared by a
-  // top-up.
-  const rows = await sql`
-    update channels set close_requested_at = now(), active_stream = null
-    where channel_id = ${bytes(channelId)} returning 1`
-  return rows.length > 0
-}
-
-/**
- * Marks a forced close the chain shows, read back by a settlement pass (`markCloseRequested`
- * when the channel is not closing yet: a mark already there keeps its time). False when the
- * channel is unknown or was already marked.
- */
-export async function markCloseSeen(sql: Sql, channelId: Hex): Promise<boolean> {
-  const rows = await sql`
-    update channels set close_requested_at = now(), active_stream = null
-    where channel_id = ${bytes(channelId)} and close_requested_at is null and not finalized
-    returning 1`
-  return rows.length > 0
+export async function markCloseRequested(
+  sql: Sql,
+  channelId: Hex,
+  read?: { deposit: bigint; readAt: string },
+): Promise<{ fresh: boolean } | undefined> {
+  const [row] = await sql`
+    with before as (
+      select close_requested_at is null as fresh from channels
+      where channel_id = ${bytes(channelId)} for update
+    )
+    update channels set
+      close_requested_at = coalesce(close_requested_at,
+        ${read ? read.readAt : null}::text::timestamptz, now()),
+      active_stream = null
+    from before
+    where channel_id = ${bytes(channelId)} and not finalized
+      ${read ? sql`and deposit <= ${sql.typed.numeric(read.deposit)}` : sql``}
+    returning before.fresh`
+  return row ? { fresh: row.fresh as boolean } : undefined
 }
 
 /** The last block whose escrow events a settlement pass read (undefined: none yet). */
@@ -317,7 +323,8 @@ function locked(sql: Sql): Settlement.LockedStore {
     finish: (id, o) => finish(sql, id, o),
     settled: (i) => Channels.settled(sql, i),
     confirmedClose: (channelId) => confirmedClose(sql, channelId),
-    markCloseSeen: (channelId) => markCloseSeen(sql, channelId),
+    markCloseRequested: (channelId, read) => markCloseRequested(sql, channelId, read),
+    clock: () => Channels.clock(sql),
     cursor: (at) => cursor(sql, at),
     advance: (at) => advance(sql, at),
     unfinalized: (of) => unfinalized(sql, of),
@@ -328,7 +335,8 @@ function locked(sql: Sql): Settlement.LockedStore {
 export function store(sql: Sql): Settlement.Store {
   return {
     withLock: (fn) => withLock(sql, fn),
-    markCloseRequested: (channelId) => markCloseRequested(sql, channelId),
+    markCloseRequested: (channelId, read) => markCloseRequested(sql, channelId, read),
+    clock: () => Channels.clock(sql),
     markClosing: (channelId) => markClosing(sql, channelId),
     reopen: (channelId, mark) => reopen(sql, channelId, mark),
     inFlight: (channelId) => inFlight(sql, channelId),

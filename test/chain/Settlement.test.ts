@@ -1,7 +1,8 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
-import { type Hex, keccak256, toHex } from 'viem'
+import { encodeFunctionData, type Hex, keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
+import { getTransactionCount, prepareTransactionRequest, signTransaction } from 'viem/actions'
 import * as Client from '../../src/chain/Client.ts'
 import {
   ChannelBusyError,
@@ -848,6 +849,133 @@ describe('catch-up (a payer acting while no worker watched)', () => {
       amount: 1n,
     })
     expect(mine(await ticked(worker()), channelId)).toEqual([])
+    expect((await inDb(channelId)).closeRequestedAt).toBeNull()
+  })
+})
+
+describe('a chain that reorganizes, a settle still pending, a top-up racing a mark', () => {
+  const cursor = () =>
+    Settlements.cursor(sql, { chainId: chain.chainId, escrow: chain.escrowAddress })
+  const rpc = (method: string, params: unknown[] = []) =>
+    chain.payeeClient.request({ method, params } as never)
+
+  test('error: a forced close reorganized into the block the last pass read up to is still marked and settled', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 100n)
+    // A pass reads up to the head: a block without the payer's close (the node's view then).
+    await rpc('evm_mine')
+    expect(mine(await ticked(worker()), channelId)).toEqual([])
+    const read = await cursor()
+    // The chain reorganizes that block: the canonical one holds the payer's requestClose.
+    const { client, address } = payer()
+    const request = await prepareTransactionRequest(client, {
+      account: client.account,
+      chain: client.chain,
+      to: chain.escrowAddress,
+      data: encodeFunctionData({
+        abi: Escrow.abi,
+        functionName: 'requestClose',
+        args: [channelId],
+      }),
+      gas: 200_000n,
+      nonce: await getTransactionCount(client, { address, blockTag: 'latest' }),
+    })
+    const raw = await signTransaction(client, request as never)
+    await rpc('anvil_reorg', [1, [[raw, 0]]])
+    client.account.nonceManager?.reset({ address, chainId: chain.chainId })
+    expect((await onChain(channelId)).closeRequestedAt).not.toBe(0n)
+    expect(BigInt((await rpc('eth_blockNumber')) as Hex)).toBe(read!)
+
+    // The next pass, well inside the grace period, settles what was spent.
+    await ticked(worker())
+    expect((await inDb(channelId)).closeRequestedAt).not.toBeNull()
+    expect((await onChain(channelId)).settled).toBe(100n)
+  })
+
+  test('error: a settle retried while its first transaction is still pending is not recorded as reverted; once that one is mined the pass records it settled', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 120n)
+    await spend(channelId, 120n)
+    const w = worker({ txTimeoutMs: 400, thresholdAmount: 1n, retry: { baseMs: 1, maxMs: 1 } })
+    let first: Settlement.Recorded | undefined
+    await rpc('evm_setAutomine', [false])
+    try {
+      // A slow chain: the settle is not mined within txTimeoutMs.
+      expect(mine(await ticked(w), channelId)).toMatchObject([{ status: 'failed' }])
+      ;[first] = await recorded(channelId)
+      expect(first!.hash).toMatch(/^0x[0-9a-f]{64}$/)
+      await Bun.sleep(5)
+      // The next pass comes while it is still in the pool: it waits for it, sends none.
+      expect(mine(await ticked(w), channelId)).toMatchObject([{ status: 'failed' }])
+    } finally {
+      await rpc('evm_setAutomine', [true])
+    }
+    // The first transaction is mined: the payee was paid 120.
+    await rpc('evm_mine')
+    expect((await onChain(channelId)).settled).toBe(120n)
+    await ticked(w)
+    expect((await inDb(channelId)).settled).toBe(120n)
+    // One transaction only, never recorded as reverted (its intent is met on chain).
+    const rows = await recorded(channelId)
+    expect(rows).toHaveLength(1)
+    expect(rows[0]!.hash).toBe(first!.hash)
+    expect(rows[0]!.status).not.toBe('reverted')
+  }, 30_000)
+
+  test('error: a top-up credential handled between the pass reading a forced close and marking it does not leave the channel closing', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 100n)
+    const base = Settlements.store(sql)
+    expect(mine(await ticked(worker()), channelId)).toEqual([])
+    const { client } = payer()
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    let raced = false
+    const store: Settlement.Store = {
+      ...base,
+      withLock: (fn) =>
+        base.withLock((locked) =>
+          fn({
+            ...locked,
+            async markCloseRequested(...args) {
+              if (!raced) {
+                raced = true
+                // The payer changes its mind: a top-up, and its credential, as Server.ts handles it.
+                await Escrow.topUp(client, {
+                  escrow: chain.escrowAddress,
+                  channelId,
+                  token: chain.currencyAddress,
+                  amount: 1n,
+                })
+                const toppedUpAt = await Channels.clock(sql)
+                const c = await onChain(channelId)
+                await Channels.observe(
+                  sql,
+                  ChainEscrow.onChain(c, {
+                    channelId,
+                    chainId: chain.chainId,
+                    escrow: chain.escrowAddress,
+                  }),
+                  { toppedUpAt },
+                )
+              }
+              return locked.markCloseRequested(...args)
+            },
+          }),
+        ),
+    }
+    await ticked(worker({ store }))
+    expect(raced).toBe(true)
+    expect((await onChain(channelId)).closeRequestedAt).toBe(0n)
+    // The chain has the channel open: the gateway too, and takes the payer next voucher.
+    const more = await Channels.acceptVoucher(sql, {
+      channelId,
+      cumulativeAmount: 200n,
+      signature: await sign(channelId, 200n),
+      minDelta: 1n,
+    })
+    expect(more.status).toBe('accepted')
     expect((await inDb(channelId)).closeRequestedAt).toBeNull()
   })
 })
