@@ -82,6 +82,35 @@ async function untilNeed(reader: { read(): Promise<{ value?: Uint8Array | undefi
   }
 }
 
+/** A stream on a new channel of payer `payer`, read until it asks for a voucher. */
+async function untilNeedOn(payer: number) {
+  const { session, open } = await opened(payer)
+  const gone = new AbortController()
+  const res = await fetch(completions, {
+    method: 'POST',
+    headers: { authorization: open },
+    body,
+    signal: gone.signal,
+  })
+  expect(res.status).toBe(200)
+  const reader = res.body!.getReader()
+  return { session, gone, reader, ...(await untilNeed(reader)) }
+}
+
+/** The client goes; it is charged, as cancelled, the prompt and the 16 tokens it was sent. */
+async function goneAndCharged(s: Awaited<ReturnType<typeof untilNeedOn>>) {
+  s.gone.abort()
+  await s.reader.cancel().catch(() => {})
+  const received = Tokenizer.count(contentOf(s.text))
+  expect(received).toBe(16)
+  const { channel, rows } = await chargedOn(s.session.channelId!)
+  const cost = prompt + 2n * BigInt(received)
+  expect(channel.spent).toBe(cost)
+  expect(rows.map((r) => [r.status, r.completion_tokens, r.cost])).toEqual([
+    ['cancelled', received, cost],
+  ])
+}
+
 /** The channel and its usage rows, once its reservation is released. */
 async function chargedOn(channelId: Hex) {
   const open = () =>
@@ -95,27 +124,7 @@ async function chargedOn(channelId: Hex) {
 }
 
 test('behavior: a channel client gone while its stream waits for a voucher is charged the prompt and the tokens it was sent, as cancelled', async () => {
-  const { session, open } = await opened(0)
-  const gone = new AbortController()
-  const res = await fetch(completions, {
-    method: 'POST',
-    headers: { authorization: open },
-    body,
-    signal: gone.signal,
-  })
-  expect(res.status).toBe(200)
-  const reader = res.body!.getReader()
-  const { text } = await untilNeed(reader)
-  gone.abort()
-  await reader.cancel().catch(() => {})
-  const received = Tokenizer.count(contentOf(text))
-  expect(received).toBe(16)
-  const { channel, rows } = await chargedOn(session.channelId!)
-  const cost = prompt + 2n * BigInt(received)
-  expect(channel.spent).toBe(cost)
-  expect(rows.map((r) => [r.status, r.completion_tokens, r.cost])).toEqual([
-    ['cancelled', received, cost],
-  ])
+  await goneAndCharged(await untilNeedOn(0))
 }, 30_000)
 
 // The embedded database runs in the gateway's process: its sleep stops the client from going
@@ -130,17 +139,8 @@ test.skipIf(!process.env.DATABASE_URL)(
       create trigger slow_hold before update on reservations for each row
       when (new.held > old.held) execute function slow_hold();`)
     try {
-      const { session, open } = await opened(1)
-      const gone = new AbortController()
-      const res = await fetch(completions, {
-        method: 'POST',
-        headers: { authorization: open },
-        body,
-        signal: gone.signal,
-      })
-      expect(res.status).toBe(200)
-      const reader = res.body!.getReader()
-      const { text, need } = await untilNeed(reader)
+      const streaming = await untilNeedOn(1)
+      const { session, need } = streaming
       const paid = await fetch(completions, {
         method: 'HEAD',
         headers: { authorization: await session.voucher(BigInt(need.requiredCumulative)) },
@@ -148,16 +148,7 @@ test.skipIf(!process.env.DATABASE_URL)(
       expect(paid.status).toBe(200)
       // The stream is woken and extends its hold with the voucher (it takes 0.7 s).
       await Bun.sleep(200)
-      gone.abort()
-      await reader.cancel().catch(() => {})
-      const received = Tokenizer.count(contentOf(text))
-      expect(received).toBe(16)
-      const { channel, rows } = await chargedOn(session.channelId!)
-      const cost = prompt + 2n * BigInt(received)
-      expect(channel.spent).toBe(cost)
-      expect(rows.map((r) => [r.status, r.completion_tokens, r.cost])).toEqual([
-        ['cancelled', received, cost],
-      ])
+      await goneAndCharged(streaming)
     } finally {
       await gw.sql.unsafe('drop trigger slow_hold on reservations; drop function slow_hold()')
     }
