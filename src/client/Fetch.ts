@@ -367,13 +367,20 @@ export function createFetch(options: Options): PayingFetch {
    * that the escrow shows open (with `rpcUrl`), holds a deposit: it is set apart
    * (`closing(url)`), not forgotten, so that `close()` can be sent again, or `requestClose` /
    * `withdraw` take the deposit back, and what was signed on it still counts against
-   * maxTotal. The next request opens another channel.
+   * maxTotal. One closed (the server shows it `closed`, or, not knowing it, the escrow shows
+   * it finalized) is forgotten, what it paid counted against maxTotal first, as `close()`
+   * counts it: a close whose answer was lost, a store kept from before the channel closed.
+   * The next request opens another channel.
    */
   const drop = async (live: Live, url: string) => {
     const state = live.state
     if (state) {
       const shown = await shownChannel(url, state.channelId)
       let status = typeof shown?.view?.status === 'string' ? shown.view.status : undefined
+      // What a closed channel paid: the server's settled, else spent, else all that was signed.
+      let paid: bigint | undefined
+      if (status === 'closed')
+        paid = amount(shown?.view?.settled) ?? amount(shown?.view?.spent) ?? live.session.signed
       // Not answered (a network error, a 5xx, a 429): nothing is known, so nothing is forgotten.
       if (!shown || (shown.status !== 404 && status === undefined))
         throw new ClientError(
@@ -388,6 +395,7 @@ export function createFetch(options: Options): PayingFetch {
           channelId: state.channelId,
         }).catch(() => undefined)
         if (onChain && !onChain.finalized) status = 'open'
+        else if (onChain?.finalized) paid = onChain.settled
       }
       if (status === 'closing' || status === 'open') {
         const slot = refusedKey(live.key)
@@ -401,6 +409,10 @@ export function createFetch(options: Options): PayingFetch {
         await store.set(slot, { ...state, signed: live.session.signed.toString() })
         setApart.set(slot, live.session.signed)
       }
+      // Counted unless it is no longer kept here: whoever forgot it (a close of another
+      // client on this store) counted it.
+      if (paid !== undefined && (await store.get(live.key))?.channelId === state.channelId)
+        await count(live.key, paid)
     }
     await forget(live)
   }
@@ -439,7 +451,12 @@ export function createFetch(options: Options): PayingFetch {
       await res.body?.cancel()
       return { status: res.status, view: undefined }
     }
-    const view = (await res.json().catch(() => ({}))) as { status?: unknown; deposit?: unknown }
+    const view = (await res.json().catch(() => ({}))) as {
+      status?: unknown
+      deposit?: unknown
+      spent?: unknown
+      settled?: unknown
+    }
     return { status: res.status, view }
   }
 

@@ -388,4 +388,53 @@ describe('createFetch under adversity', () => {
       expect((await fetch.channel(gw.url))?.channelId).toBe(state.channelId)
     }
   }, 60_000)
+
+  /**
+   * Closes `payer`'s channel with the close's answer lost, then asks again: the next channel's
+   * deposit must leave room for what the closed one paid. `forgotten`: the server forgets the
+   * closed channel (its view a 404), so only the escrow says it is finalized.
+   */
+  async function closeLostThenAsk(payer: number, forgotten: boolean) {
+    let lose = true
+    let gone: string | undefined
+    const flaky = plain(async (input, init) => {
+      const url = String(input instanceof Request ? input.url : input)
+      if (gone && url.endsWith(`/v1/channels/${gone}`))
+        return Response.json({ type: 'about:blank' }, { status: 404 })
+      const res = await globalThis.fetch(input, init)
+      if (lose && payloadOf(headerOf(init))?.action === 'close') {
+        lose = false
+        await res.body?.cancel()
+        throw new TypeError('fetch failed')
+      }
+      return res
+    })
+    const limits = { maxDeposit: 5_000n, maxTotal: 5_000n }
+    const { fetch, openai } = client(payer, { fetch: flaky, limits })
+    const ask = () => openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    await ask()
+    const first = (await fetch.channel(gw.url))!
+    // The server closed the channel; the answer never came back.
+    expect(await fetch.close().catch((e: unknown) => e)).toBeInstanceOf(TypeError)
+    if (forgotten) gone = first.channelId
+    const onChain = (await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: first.channelId as Hex,
+    }))!
+    expect(onChain.finalized).toBe(true)
+    const paid = onChain.settled
+    expect(paid).toBeGreaterThan(0n)
+    await ask()
+    const next = (await fetch.channel(gw.url))!
+    expect(next.channelId).not.toBe(first.channelId)
+    expect(BigInt(next.deposit)).toBeLessThanOrEqual(5_000n - paid)
+  }
+
+  test('error: a close whose answer was lost, then a request: what the closed channel paid still counts against maxTotal', async () => {
+    await closeLostThenAsk(0, false)
+  }, 60_000)
+
+  test('error: a close whose answer was lost, the server then forgets the channel: what the escrow says it paid still counts against maxTotal', async () => {
+    await closeLostThenAsk(5, true)
+  }, 60_000)
 })
