@@ -325,18 +325,11 @@ export function createFetch(options: Options): PayingFetch {
           if (apart) setApart.set(slot, BigInt(apart.signed))
         }
         const stored = await store.get(key)
-        const r = session.request
-        if (
-          stored &&
-          stored.escrow.toLowerCase() === r.methodDetails.escrowContract.toLowerCase() &&
-          stored.currency.toLowerCase() === r.currency.toLowerCase() &&
-          stored.recipient.toLowerCase() === r.recipient.toLowerCase() &&
-          stored.chainId === r.methodDetails.chainId
-        ) {
+        if (stored && fits(stored, session.request)) {
           l.state = stored
           session.channelId = stored.channelId
           session.signed = BigInt(stored.signed)
-        }
+        } else if (stored) await moveAside(key, stored, session.request)
       })()
       try {
         await l.loading
@@ -350,6 +343,36 @@ export function createFetch(options: Options): PayingFetch {
     }
     if (live.state) live.state.url = url
     return live
+  }
+
+  /** Whether channel `state` is one the server's challenge `r` can be paid with (its chain,
+   * escrow, currency and recipient). */
+  const fits = (state: Store.ChannelState, r: PayingSession['request']) =>
+    state.escrow.toLowerCase() === r.methodDetails.escrowContract.toLowerCase() &&
+    state.currency.toLowerCase() === r.currency.toLowerCase() &&
+    state.recipient.toLowerCase() === r.recipient.toLowerCase() &&
+    state.chainId === r.methodDetails.chainId
+
+  /**
+   * A stored channel the server no longer takes (it asks for another chain, escrow, currency
+   * or recipient) still holds its deposit: it is set apart (`closing(url)`; the slot of a
+   * channel refused as closing), where what was signed on it still counts against maxTotal and
+   * `requestClose(url, { channelId })` / `withdraw` reach it, not overwritten by the new
+   * channel. Written there before it leaves its key, so a failed write loses nothing. One set
+   * apart at a time: with another there already, the request is refused.
+   */
+  const moveAside = async (key: string, state: Store.ChannelState, r: PayingSession['request']) => {
+    const slot = refusedKey(key)
+    const earlier = await store.get(slot)
+    if (earlier && earlier.channelId !== state.channelId)
+      throw new ClientError(
+        `The channel store holds channel ${state.channelId} for ${new URL(state.url).origin} on chain ${state.chainId} (escrow ${state.escrow}), but the server now asks for payment on chain ${r.methodDetails.chainId} (escrow ${r.methodDetails.escrowContract}), and channel ${earlier.channelId}, set apart before, still holds a deposit: take one back first (requestClose with an rpcUrl of its chain, then withdraw), or delete its entry to forget it.`,
+        { channelId: state.channelId, setApart: earlier.channelId },
+      )
+    await store.set(slot, state)
+    setApart.set(slot, BigInt(state.signed))
+    await store.delete(key)
+    stored.delete(key)
   }
 
   const forget = async (live: Live) => {
@@ -906,6 +929,13 @@ export function createFetch(options: Options): PayingFetch {
       )
     check(challenge)
     const live = await adopt(state.url, challenge)
+    // One on another chain (escrow, currency, recipient) than the server now asks for: it
+    // cannot close it, and the channel was set apart (see `moveAside`).
+    if (!fits(state, live.session.request))
+      throw new ClientError(
+        `Channel ${state.channelId} is on chain ${state.chainId} (escrow ${state.escrow}), which the server no longer asks to be paid on, so it cannot close it; it is set apart (closing(url)): requestClose with an rpcUrl of its chain, then withdraw, takes its deposit back.`,
+        { channelId: state.channelId },
+      )
     let session = live.session
     if (!inUse) {
       session = new PayingSession({ account, challenge, tokenDomain: options.tokenDomain })

@@ -437,4 +437,30 @@ describe('createFetch under adversity', () => {
   test('error: a close whose answer was lost, the server then forgets the channel: what the escrow says it paid still counts against maxTotal', async () => {
     await closeLostThenAsk(5, true)
   }, 60_000)
+
+  test('error: a stored channel on another chain (same gateway URL) is not overwritten by a new one: its deposit stays reachable and counts against maxTotal', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const address = privateKeyToAccount(chain.payers[17]!.privateKey).address
+    const key = `${new URL(gw.url).origin}#${address}`
+    const old = {
+      channelId: `0x${'cd'.repeat(32)}` as Hex,
+      chainId: chain.chainId + 1,
+      escrow: chain.escrowAddress,
+      currency: chain.currencyAddress,
+      recipient: chain.payee.address,
+      deposit: '1500',
+      signed: '1500',
+      url: `${gw.url}/v1/chat/completions`,
+    }
+    await Bun.write(path, JSON.stringify({ channels: { [key]: old }, closedTotals: {} }))
+    const limits = { maxDeposit: 5_000n, maxTotal: 5_000n }
+    const { fetch, openai } = client(17, { store: Store.file(path), limits })
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    expect(await Bun.file(path).text()).toContain(old.channelId)
+    const next = (await fetch.channel(gw.url))!
+    expect(next.channelId).not.toBe(old.channelId)
+    expect(BigInt(next.deposit)).toBeLessThanOrEqual(5_000n - 1_500n)
+    // Set apart, where requestClose and withdraw reach it; this server cannot close it.
+    expect((await fetch.closing(gw.url))?.channelId).toBe(old.channelId)
+  }, 60_000)
 })
