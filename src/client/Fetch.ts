@@ -60,7 +60,9 @@ export type Options = {
    * units (default 16 × margin): without `max_tokens` the server stops the completion where
    * the authorized amount runs out, and no voucher can follow mid-way. */
   completionMargin?: bigint | undefined
-  /** Where channels are kept (default `Store.file('.tollway/channels.json')`). */
+  /** Where channels are kept (default `Store.file('.tollway/channels.json')`). A store pays a
+   * server for one client at a time: another `createFetch` on the same file (its own
+   * `Store.file`) gets a StoreInUseError until this one's store is released or collected. */
   store?: Store.Store | undefined
   /** Called with each receipt: the `Payment-Receipt` header, or a stream's `payment-receipt`. */
   onReceipt?: ((receipt: Receipt.Receipt) => void) | undefined

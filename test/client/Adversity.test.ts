@@ -12,7 +12,13 @@ import OpenAI from 'openai'
 import type { Hex, LocalAccount } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
-import { ClientError, createFetch, type Options, Store } from '../../src/client/index.ts'
+import {
+  ClientError,
+  createFetch,
+  type Options,
+  Store,
+  StoreInUseError,
+} from '../../src/client/index.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
@@ -295,14 +301,19 @@ describe('createFetch under adversity', () => {
   test('behavior: a channel closed elsewhere (another process on the same store): what it paid still counts against maxTotal', async () => {
     const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
     const limits = { maxDeposit: 5_000n, maxTotal: 5_000n }
-    const agent = client(8, { store: Store.file(path), limits })
-    const cli = client(8, { store: Store.file(path), limits })
+    const agentStore = Store.file(path)
+    const cliStore = Store.file(path)
+    const agent = client(8, { store: agentStore, limits })
+    const cli = client(8, { store: cliStore, limits })
     const ask = (c: typeof agent) =>
       c.openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
     await ask(agent)
+    // The agent gives the store up (it would refuse the other otherwise), keeping its channel.
+    await agentStore.release!()
     await ask(cli)
     // `tollway channel close` from another shell, same channels.json.
     await cli.fetch.close()
+    await cliStore.release!()
     const paid = await Store.file(path).closedTotal(
       `${new URL(gw.url).origin}#${privateKeyToAccount(chain.payers[8]!.privateKey).address}`,
     )
@@ -462,5 +473,22 @@ describe('createFetch under adversity', () => {
     expect(BigInt(next.deposit)).toBeLessThanOrEqual(5_000n - 1_500n)
     // Set apart, where requestClose and withdraw reach it; this server cannot close it.
     expect((await fetch.closing(gw.url))?.channelId).toBe(old.channelId)
+  }, 60_000)
+
+  test('error: two paying fetches in one process on one store file, first requests at once: no channel is left unrecorded', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const a = client(4, { store: Store.file(path) })
+    const b = client(4, { store: Store.file(path) })
+    const ask = (c: typeof a) =>
+      c.openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    const results = await Promise.allSettled([ask(a), ask(b)])
+    const payer = Buffer.from(chain.payers[4]!.address.slice(2), 'hex')
+    const rows = await gw.sql`select channel_id from channels where payer = ${payer}`
+    const text = await Bun.file(path).text()
+    for (const r of rows) expect(text).toContain(`0x${Buffer.from(r.channel_id).toString('hex')}`)
+    expect(results.some((r) => r.status === 'fulfilled')).toBe(true)
+    // The other is told the store is in use.
+    const refused = results.find((r) => r.status === 'rejected')
+    if (refused) expect((refused.reason as Error).cause).toBeInstanceOf(StoreInUseError)
   }, 60_000)
 })
