@@ -60,7 +60,9 @@ export type Options = {
    * units (default 16 × margin): without `max_tokens` the server stops the completion where
    * the authorized amount runs out, and no voucher can follow mid-way. */
   completionMargin?: bigint | undefined
-  /** Where channels are kept (default `Store.file('.tollway/channels.json')`). */
+  /** Where channels are kept (default `Store.file('.tollway/channels.json')`). A store pays a
+   * server for one client at a time: another `createFetch` on the same file (its own
+   * `Store.file`) gets a StoreInUseError until this one's store is released or collected. */
   store?: Store.Store | undefined
   /** Called with each receipt: the `Payment-Receipt` header, or a stream's `payment-receipt`. */
   onReceipt?: ((receipt: Receipt.Receipt) => void) | undefined
@@ -325,18 +327,11 @@ export function createFetch(options: Options): PayingFetch {
           if (apart) setApart.set(slot, BigInt(apart.signed))
         }
         const stored = await store.get(key)
-        const r = session.request
-        if (
-          stored &&
-          stored.escrow.toLowerCase() === r.methodDetails.escrowContract.toLowerCase() &&
-          stored.currency.toLowerCase() === r.currency.toLowerCase() &&
-          stored.recipient.toLowerCase() === r.recipient.toLowerCase() &&
-          stored.chainId === r.methodDetails.chainId
-        ) {
+        if (stored && fits(stored, session.request)) {
           l.state = stored
           session.channelId = stored.channelId
           session.signed = BigInt(stored.signed)
-        }
+        } else if (stored) await moveAside(key, stored, session.request)
       })()
       try {
         await l.loading
@@ -350,6 +345,36 @@ export function createFetch(options: Options): PayingFetch {
     }
     if (live.state) live.state.url = url
     return live
+  }
+
+  /** Whether channel `state` is one the server's challenge `r` can be paid with (its chain,
+   * escrow, currency and recipient). */
+  const fits = (state: Store.ChannelState, r: PayingSession['request']) =>
+    state.escrow.toLowerCase() === r.methodDetails.escrowContract.toLowerCase() &&
+    state.currency.toLowerCase() === r.currency.toLowerCase() &&
+    state.recipient.toLowerCase() === r.recipient.toLowerCase() &&
+    state.chainId === r.methodDetails.chainId
+
+  /**
+   * A stored channel the server no longer takes (it asks for another chain, escrow, currency
+   * or recipient) still holds its deposit: it is set apart (`closing(url)`; the slot of a
+   * channel refused as closing), where what was signed on it still counts against maxTotal and
+   * `requestClose(url, { channelId })` / `withdraw` reach it, not overwritten by the new
+   * channel. Written there before it leaves its key, so a failed write loses nothing. One set
+   * apart at a time: with another there already, the request is refused.
+   */
+  const moveAside = async (key: string, state: Store.ChannelState, r: PayingSession['request']) => {
+    const slot = refusedKey(key)
+    const earlier = await store.get(slot)
+    if (earlier && earlier.channelId !== state.channelId)
+      throw new ClientError(
+        `The channel store holds channel ${state.channelId} for ${new URL(state.url).origin} on chain ${state.chainId} (escrow ${state.escrow}), but the server now asks for payment on chain ${r.methodDetails.chainId} (escrow ${r.methodDetails.escrowContract}), and channel ${earlier.channelId}, set apart before, still holds a deposit: take one back first (requestClose with an rpcUrl of its chain, then withdraw), or delete its entry to forget it.`,
+        { channelId: state.channelId, setApart: earlier.channelId },
+      )
+    await store.set(slot, state)
+    setApart.set(slot, BigInt(state.signed))
+    await store.delete(key)
+    stored.delete(key)
   }
 
   const forget = async (live: Live) => {
@@ -367,13 +392,20 @@ export function createFetch(options: Options): PayingFetch {
    * that the escrow shows open (with `rpcUrl`), holds a deposit: it is set apart
    * (`closing(url)`), not forgotten, so that `close()` can be sent again, or `requestClose` /
    * `withdraw` take the deposit back, and what was signed on it still counts against
-   * maxTotal. The next request opens another channel.
+   * maxTotal. One closed (the server shows it `closed`, or, not knowing it, the escrow shows
+   * it finalized) is forgotten, what it paid counted against maxTotal first, as `close()`
+   * counts it: a close whose answer was lost, a store kept from before the channel closed.
+   * The next request opens another channel.
    */
   const drop = async (live: Live, url: string) => {
     const state = live.state
     if (state) {
       const shown = await shownChannel(url, state.channelId)
       let status = typeof shown?.view?.status === 'string' ? shown.view.status : undefined
+      // What a closed channel paid: the server's settled, else spent, else all that was signed.
+      let paid: bigint | undefined
+      if (status === 'closed')
+        paid = amount(shown?.view?.settled) ?? amount(shown?.view?.spent) ?? live.session.signed
       // Not answered (a network error, a 5xx, a 429): nothing is known, so nothing is forgotten.
       if (!shown || (shown.status !== 404 && status === undefined))
         throw new ClientError(
@@ -388,6 +420,7 @@ export function createFetch(options: Options): PayingFetch {
           channelId: state.channelId,
         }).catch(() => undefined)
         if (onChain && !onChain.finalized) status = 'open'
+        else if (onChain?.finalized) paid = onChain.settled
       }
       if (status === 'closing' || status === 'open') {
         const slot = refusedKey(live.key)
@@ -401,6 +434,10 @@ export function createFetch(options: Options): PayingFetch {
         await store.set(slot, { ...state, signed: live.session.signed.toString() })
         setApart.set(slot, live.session.signed)
       }
+      // Counted unless it is no longer kept here: whoever forgot it (a close of another
+      // client on this store) counted it.
+      if (paid !== undefined && (await store.get(live.key))?.channelId === state.channelId)
+        await count(live.key, paid)
     }
     await forget(live)
   }
@@ -439,7 +476,12 @@ export function createFetch(options: Options): PayingFetch {
       await res.body?.cancel()
       return { status: res.status, view: undefined }
     }
-    const view = (await res.json().catch(() => ({}))) as { status?: unknown; deposit?: unknown }
+    const view = (await res.json().catch(() => ({}))) as {
+      status?: unknown
+      deposit?: unknown
+      spent?: unknown
+      settled?: unknown
+    }
     return { status: res.status, view }
   }
 
@@ -889,6 +931,13 @@ export function createFetch(options: Options): PayingFetch {
       )
     check(challenge)
     const live = await adopt(state.url, challenge)
+    // One on another chain (escrow, currency, recipient) than the server now asks for: it
+    // cannot close it, and the channel was set apart (see `moveAside`).
+    if (!fits(state, live.session.request))
+      throw new ClientError(
+        `Channel ${state.channelId} is on chain ${state.chainId} (escrow ${state.escrow}), which the server no longer asks to be paid on, so it cannot close it; it is set apart (closing(url)): requestClose with an rpcUrl of its chain, then withdraw, takes its deposit back.`,
+        { channelId: state.channelId },
+      )
     let session = live.session
     if (!inUse) {
       session = new PayingSession({ account, challenge, tokenDomain: options.tokenDomain })

@@ -44,12 +44,16 @@ export type Store = {
   /** Adds `amount` to `closedTotal(key)`; concurrent adds must all count. */
   addClosedTotal(key: string, amount: bigint): Promise<void>
   /**
-   * Claims `key` for this process (optional; a store shared by processes implements it): a
-   * second process paying the same server from the same wallet through the same store would
-   * overwrite this one's channel, or sign vouchers this one does not know of. Throws
-   * `StoreInUseError` while another live process holds the key.
+   * Claims `key` for this store (optional; a store shared by processes implements it): a
+   * second client paying the same server from the same wallet through the same store (in
+   * another process, or another store on the same file in this one) would overwrite this
+   * one's channel, or sign vouchers this one does not know of. Throws `StoreInUseError` while
+   * another holds the key: a live process, or a store of this process not released.
    */
   own?(key: string): Promise<void>
+  /** Gives up every key this store claimed (optional, with `own`): another store may then
+   * pay through it. The client using this store must not pay after. */
+  release?(): Promise<void>
   /**
    * Every key's closed total and channels (optional): with it, a restarted client counts
    * against `maxTotal` what it signed with servers it has not yet paid this run.
@@ -107,32 +111,52 @@ function alive(pid: number): boolean {
   }
 }
 
-/** The pid file `p` holds, if it is another process's (on this machine) and the file reads;
- * `alive` says whether that process still runs. */
-async function holder(p: string): Promise<{ pid: number; alive: boolean } | undefined> {
-  const pid = Number(await readFile(p, 'utf8').catch(() => ''))
-  if (!Number.isInteger(pid) || pid <= 0 || pid === process.pid) return undefined
-  return { pid, alive: alive(pid) }
+/**
+ * Who holds lock or owner file `p` (`<pid>`, or `<pid> <token>` for an owner file: the store
+ * that claimed it), if the file reads and it is not `token`, this store's own: another
+ * process (`alive` whether it still runs), or another store of this process (`alive` while
+ * it is neither released nor collected).
+ */
+async function holder(
+  p: string,
+  token?: string,
+): Promise<{ pid: number; alive: boolean; here: boolean } | undefined> {
+  const [first, other] = (await readFile(p, 'utf8').catch(() => '')).trim().split(' ')
+  const pid = Number(first)
+  if (!Number.isInteger(pid) || pid <= 0) return undefined
+  if (pid !== process.pid) return { pid, alive: alive(pid), here: false }
+  if (other === undefined || other === token) return undefined
+  return { pid, alive: liveTokens.has(other), here: true }
 }
 
-/** Owner files this process holds, removed as it exits (see `file().own`). */
-const owned = new Set<string>()
+/** The tokens of this process's stores that hold claims (not released, not collected). */
+const liveTokens = new Set<string>()
+/** A store collected gives its claims up (its owner files are then taken over). */
+const collected = new FinalizationRegistry<string>((token) => liveTokens.delete(token))
+/** Owner files this process's stores claimed, with the claiming store's token: removed as
+ * the process exits (see `file().own`). */
+const claims = new Map<string, string>()
 process.on('exit', () => {
-  for (const f of owned)
+  for (const [f, token] of claims)
     try {
-      if (readFileSync(f, 'utf8').trim() === String(process.pid)) unlinkSync(f)
+      if (readFileSync(f, 'utf8').trim() === `${process.pid} ${token}`) unlinkSync(f)
     } catch {}
 })
 
 /**
  * A store in one JSON file (written whole, through a temporary file and a rename). Writes go
  * one after another, also across processes (a lock file beside it, `<path>.lock`, held for
- * the read and the write). A process that pays a server claims that server's key (`own`: an
- * owner file `<path>.<key digest>.owner` holding its pid, removed as it exits): two processes
- * cannot use one channel, so a second one is told, not left to overwrite the first's channel.
+ * the read and the write). A store that pays a server claims that server's key (`own`: an
+ * owner file `<path>.<key digest>.owner` holding its pid and the store's token, removed as the
+ * process exits or the store is released): two clients cannot use one channel, so a second
+ * one (another process, or another `file(path)` in this one) is told, not left to overwrite
+ * the first's channel.
  */
 export function file(path: string): Store {
   let queue: Promise<unknown> = Promise.resolve()
+  /** This store's mark in its owner files, and the owner files it holds. */
+  const token = crypto.randomUUID()
+  const mine = new Set<string>()
   const lockPath = `${path}.lock`
   const age = (p: string) =>
     stat(p).then(
@@ -253,7 +277,7 @@ export function file(path: string): Store {
     queue = next.catch(() => {})
     return next
   }
-  return {
+  const store: Store = {
     async get(key) {
       await queue
       const entry = (await load()).channels[key]
@@ -280,17 +304,35 @@ export function file(path: string): Store {
     },
     async own(key) {
       const owner = `${path}.${createHash('sha256').update(key).digest('hex').slice(0, 16)}.owner`
-      if (owned.has(owner)) return
+      if (mine.has(owner)) return
       await locked(async () => {
-        const other = await holder(owner)
+        const other = await holder(owner, token)
+        if (other?.alive && other.here)
+          throw new StoreInUseError(
+            `Another paying client in this process pays ${key.split('#')[0]} from this wallet through the channel store ${path} (another Store.file on it); two clients cannot use one channel. Share one paying fetch, give this one a store of its own, or release() the other's store first.`,
+            { path, key, pid: other.pid },
+          )
         if (other?.alive)
           throw new StoreInUseError(
             `Another process (pid ${other.pid}) pays ${key.split('#')[0]} from this wallet through the channel store ${path}; two processes cannot use one channel. Give this one a store of its own, or wait for that one to end (if it has, delete ${owner}).`,
             { path, key, pid: other.pid },
           )
-        await writeFile(owner, String(process.pid))
+        await writeFile(owner, `${process.pid} ${token}`)
       })
-      owned.add(owner)
+      mine.add(owner)
+      claims.set(owner, token)
+      liveTokens.add(token)
+    },
+    async release() {
+      liveTokens.delete(token)
+      for (const owner of mine) {
+        await locked(async () => {
+          const held = await readFile(owner, 'utf8').catch(() => '')
+          if (held.trim() === `${process.pid} ${token}`) await unlink(owner).catch(() => {})
+        })
+        if (claims.get(owner) === token) claims.delete(owner)
+      }
+      mine.clear()
     },
     addClosedTotal: (key, amount) =>
       update((c) => {
@@ -313,4 +355,6 @@ export function file(path: string): Store {
       return { channels, closedTotals, malformed }
     },
   }
+  collected.register(store, token)
+  return store
 }

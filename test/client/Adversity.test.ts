@@ -12,7 +12,13 @@ import OpenAI from 'openai'
 import type { Hex, LocalAccount } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
-import { ClientError, createFetch, type Options, Store } from '../../src/client/index.ts'
+import {
+  ClientError,
+  createFetch,
+  type Options,
+  Store,
+  StoreInUseError,
+} from '../../src/client/index.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
@@ -295,14 +301,19 @@ describe('createFetch under adversity', () => {
   test('behavior: a channel closed elsewhere (another process on the same store): what it paid still counts against maxTotal', async () => {
     const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
     const limits = { maxDeposit: 5_000n, maxTotal: 5_000n }
-    const agent = client(8, { store: Store.file(path), limits })
-    const cli = client(8, { store: Store.file(path), limits })
+    const agentStore = Store.file(path)
+    const cliStore = Store.file(path)
+    const agent = client(8, { store: agentStore, limits })
+    const cli = client(8, { store: cliStore, limits })
     const ask = (c: typeof agent) =>
       c.openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
     await ask(agent)
+    // The agent gives the store up (it would refuse the other otherwise), keeping its channel.
+    await agentStore.release!()
     await ask(cli)
     // `tollway channel close` from another shell, same channels.json.
     await cli.fetch.close()
+    await cliStore.release!()
     const paid = await Store.file(path).closedTotal(
       `${new URL(gw.url).origin}#${privateKeyToAccount(chain.payers[8]!.privateKey).address}`,
     )
@@ -387,5 +398,97 @@ describe('createFetch under adversity', () => {
       expect((e as Error).message).toContain('without a receipt')
       expect((await fetch.channel(gw.url))?.channelId).toBe(state.channelId)
     }
+  }, 60_000)
+
+  /**
+   * Closes `payer`'s channel with the close's answer lost, then asks again: the next channel's
+   * deposit must leave room for what the closed one paid. `forgotten`: the server forgets the
+   * closed channel (its view a 404), so only the escrow says it is finalized.
+   */
+  async function closeLostThenAsk(payer: number, forgotten: boolean) {
+    let lose = true
+    let gone: string | undefined
+    const flaky = plain(async (input, init) => {
+      const url = String(input instanceof Request ? input.url : input)
+      if (gone && url.endsWith(`/v1/channels/${gone}`))
+        return Response.json({ type: 'about:blank' }, { status: 404 })
+      const res = await globalThis.fetch(input, init)
+      if (lose && payloadOf(headerOf(init))?.action === 'close') {
+        lose = false
+        await res.body?.cancel()
+        throw new TypeError('fetch failed')
+      }
+      return res
+    })
+    const limits = { maxDeposit: 5_000n, maxTotal: 5_000n }
+    const { fetch, openai } = client(payer, { fetch: flaky, limits })
+    const ask = () => openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    await ask()
+    const first = (await fetch.channel(gw.url))!
+    // The server closed the channel; the answer never came back.
+    expect(await fetch.close().catch((e: unknown) => e)).toBeInstanceOf(TypeError)
+    if (forgotten) gone = first.channelId
+    const onChain = (await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: first.channelId as Hex,
+    }))!
+    expect(onChain.finalized).toBe(true)
+    const paid = onChain.settled
+    expect(paid).toBeGreaterThan(0n)
+    await ask()
+    const next = (await fetch.channel(gw.url))!
+    expect(next.channelId).not.toBe(first.channelId)
+    expect(BigInt(next.deposit)).toBeLessThanOrEqual(5_000n - paid)
+  }
+
+  test('error: a close whose answer was lost, then a request: what the closed channel paid still counts against maxTotal', async () => {
+    await closeLostThenAsk(0, false)
+  }, 60_000)
+
+  test('error: a close whose answer was lost, the server then forgets the channel: what the escrow says it paid still counts against maxTotal', async () => {
+    await closeLostThenAsk(5, true)
+  }, 60_000)
+
+  test('error: a stored channel on another chain (same gateway URL) is not overwritten by a new one: its deposit stays reachable and counts against maxTotal', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const address = privateKeyToAccount(chain.payers[17]!.privateKey).address
+    const key = `${new URL(gw.url).origin}#${address}`
+    const old = {
+      channelId: `0x${'cd'.repeat(32)}` as Hex,
+      chainId: chain.chainId + 1,
+      escrow: chain.escrowAddress,
+      currency: chain.currencyAddress,
+      recipient: chain.payee.address,
+      deposit: '1500',
+      signed: '1500',
+      url: `${gw.url}/v1/chat/completions`,
+    }
+    await Bun.write(path, JSON.stringify({ channels: { [key]: old }, closedTotals: {} }))
+    const limits = { maxDeposit: 5_000n, maxTotal: 5_000n }
+    const { fetch, openai } = client(17, { store: Store.file(path), limits })
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    expect(await Bun.file(path).text()).toContain(old.channelId)
+    const next = (await fetch.channel(gw.url))!
+    expect(next.channelId).not.toBe(old.channelId)
+    expect(BigInt(next.deposit)).toBeLessThanOrEqual(5_000n - 1_500n)
+    // Set apart, where requestClose and withdraw reach it; this server cannot close it.
+    expect((await fetch.closing(gw.url))?.channelId).toBe(old.channelId)
+  }, 60_000)
+
+  test('error: two paying fetches in one process on one store file, first requests at once: no channel is left unrecorded', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const a = client(4, { store: Store.file(path) })
+    const b = client(4, { store: Store.file(path) })
+    const ask = (c: typeof a) =>
+      c.openai.chat.completions.create({ model: 'fake', messages, max_tokens: 20 })
+    const results = await Promise.allSettled([ask(a), ask(b)])
+    const payer = Buffer.from(chain.payers[4]!.address.slice(2), 'hex')
+    const rows = await gw.sql`select channel_id from channels where payer = ${payer}`
+    const text = await Bun.file(path).text()
+    for (const r of rows) expect(text).toContain(`0x${Buffer.from(r.channel_id).toString('hex')}`)
+    expect(results.some((r) => r.status === 'fulfilled')).toBe(true)
+    // The other is told the store is in use.
+    const refused = results.find((r) => r.status === 'rejected')
+    if (refused) expect((refused.reason as Error).cause).toBeInstanceOf(StoreInUseError)
   }, 60_000)
 })

@@ -123,10 +123,13 @@ describe('createFetch', () => {
 
   test('behavior: a restarted agent (new wrapper, same JSON store) resumes its channel', async () => {
     const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
-    const first = client(2, { store: Store.file(path) })
+    const firstStore = Store.file(path)
+    const first = client(2, { store: firstStore })
     await first.openai.chat.completions.create({ model: 'fake', messages })
     const state = (await first.fetch.channel(gw.url))!
     const spentFirst = (await Channels.get(gw.sql, state.channelId))!.spent
+    // The first agent ends: its store gives the server up.
+    await firstStore.release!()
     const second = client(2, { store: Store.file(path) })
     const res = await second.openai.chat.completions.create({ model: 'fake', messages })
     expect(res.choices[0]!.message.content).toBe(words)
@@ -334,12 +337,14 @@ describe('createFetch', () => {
 
   test('behavior: maxTotal counts channels closed before a restart (closed totals kept in Store.file)', async () => {
     const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
-    const first = client(12, { store: Store.file(path) })
+    const firstStore = Store.file(path)
+    const first = client(12, { store: firstStore })
     await first.openai.chat.completions.create({ model: 'fake', messages })
     const state = (await first.fetch.channel(gw.url))!
     const spent = (await Channels.get(gw.sql, state.channelId))!.spent
     await first.fetch.close()
     const limits = { maxDeposit: 1_000_000n, maxTotal: spent + 100n }
+    await firstStore.release!()
     // A restarted agent with the same store has only 100 left: not enough for this request.
     const second = client(12, { store: Store.file(path), limits })
     const e = await second.openai.chat.completions
@@ -448,9 +453,11 @@ describe('createFetch: money it must not lose track of', () => {
 
   test('behavior: a restarted agent whose first requests run at once resumes its stored channel, opens no other', async () => {
     const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
-    const first = client(14, { store: Store.file(path) })
+    const firstStore = Store.file(path)
+    const first = client(14, { store: firstStore })
     await first.openai.chat.completions.create({ model: 'fake', messages, max_tokens: 50 })
     const { channelId } = (await first.fetch.channel(gw.url))!
+    await firstStore.release!()
     const second = client(14, { store: Store.file(path) })
     const all = await Promise.all(
       Array.from({ length: 3 }, () =>

@@ -219,7 +219,30 @@ describe('file across processes', () => {
       await holder.exited
     }
     await s.own!(key)
-    // Owned here now: a further claim from this process is no error.
+    // Owned by this store now: a further claim from it is no error.
+    await s.own!(key)
+  }, 30_000)
+
+  test('error: a key another store of this process owns → StoreInUseError; once it is released, or collected, the key is taken', async () => {
+    const path = join(await dir(), 'channels.json')
+    const key = 'http://127.0.0.1:8787#0x123'
+    const first = Store.file(path)
+    await first.own!(key)
+    const second = Store.file(path)
+    const refused = await second.own!(key).catch((e) => e)
+    expect(refused).toBeInstanceOf(StoreInUseError)
+    expect(refused.message).toContain('in this process')
+    expect(refused.details).toMatchObject({ pid: process.pid, key })
+    await first.release!()
+    await second.own!(key)
+    // A store no longer referenced (its client dropped) gives its keys up when collected.
+    await (async () => {
+      await second.release!()
+      await Store.file(path).own!(key)
+    })()
+    Bun.gc(true)
+    await new Promise((r) => setTimeout(r, 10))
+    Bun.gc(true)
     await Store.file(path).own!(key)
   }, 30_000)
 
