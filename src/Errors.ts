@@ -95,6 +95,27 @@ export class InsufficientCreditsError extends GatewayError {
   override readonly type = 'insufficient_credits'
 }
 
+/**
+ * 403 in place of a 402 that could carry no Payment challenge (the core draft: no 402
+ * without one), as a gateway that takes payments answers over plain HTTP from another
+ * machine: the same type, code, message and details.
+ */
+export class WithoutPaymentError extends GatewayError {
+  override name = 'WithoutPaymentError'
+  override readonly status = 403
+  override readonly type: string
+
+  constructor(e: GatewayError) {
+    super(e.message, e.code, {
+      ...(e.details ? { details: e.details } : {}),
+      headers: e.headers,
+      ...(e.param !== undefined ? { param: e.param } : {}),
+      cause: e,
+    })
+    this.type = e.type
+  }
+}
+
 /** 402: no credentials on a paid endpoint; the message says both ways in. */
 export class PaymentRequiredError extends GatewayError {
   override name = 'PaymentRequiredError'

@@ -10,6 +10,7 @@ import {
   InvalidRequestError,
   NotFoundError,
   PayloadTooLargeError,
+  WithoutPaymentError,
 } from '../Errors.ts'
 import * as Problem from '../payment/Problem.ts'
 import type { Deps } from './Deps.ts'
@@ -85,7 +86,7 @@ export function create(deps: Deps): Hono {
   })
 
   app.onError((e, c) => {
-    const error =
+    let error =
       e instanceof GatewayError
         ? e
         : isMalformedBody(e)
@@ -129,6 +130,10 @@ export function create(deps: Deps): Hono {
           c.req.header('accept-payment'),
         ),
       )
+    // The core draft: no 402 without a Payment challenge. A gateway that takes payments but
+    // may offer none on this request (plain HTTP from another machine) refuses with a 403.
+    if (error.status === 402 && deps.payments && !Payments.hasPaymentChallenge(error))
+      error = new WithoutPaymentError(error)
     for (const [k, v] of Object.entries(error.headers)) c.header(k, v)
     if (error instanceof Problem.PaymentProblem)
       return c.body(JSON.stringify(error.toProblem()), error.status as 400, {

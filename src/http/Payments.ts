@@ -199,6 +199,9 @@ export function verify(p: Payments, authorization: string): Verified {
     entry = { credential, echoed: Challenge.deepFreeze(Credential.challengeOf(credential)) }
   }
   const { credential, echoed } = entry
+  const method = p.methods.find((m) => m.method === echoed.method && m.intent === echoed.intent)
+  // The draft's order: the action is recognized before the challenge is looked up.
+  method?.recognize?.(credential.payload)
   if (echoed.realm !== p.realm)
     throw Problem.challengeNotFound('The challenge is for another realm; use a fresh challenge.')
   // The draft ("Common Verification"): every echoed field exactly as issued. The HMAC does not
@@ -217,7 +220,6 @@ export function verify(p: Payments, authorization: string): Verified {
       { challengeId: echoed.id },
     )
   if (!known && authorization.length <= keptBytes) parsed.set(authorization, entry)
-  const method = p.methods.find((m) => m.method === echoed.method && m.intent === echoed.intent)
   if (!method)
     throw Problem.methodUnsupported(
       `This server does not take ${echoed.method}/${echoed.intent} credentials.`,

@@ -49,6 +49,9 @@ export interface Method {
   readonly intent: string
   /** The challenge `request` for a price (and the channel the request named). */
   request(price: Price, channelId?: Hex): Record<string, unknown>
+  /** Throws when the payload's action is not one this method knows: checked before the
+   * echoed challenge (the session draft's "Common Verification" order). */
+  recognize?(payload: unknown): void
   /** Types a credential's payload and checks it against the challenge's request. */
   check(credential: Credential.Credential, challenge: Challenge.Challenge): Checked
   /**

@@ -233,3 +233,45 @@ describe('session, Hexadecimal Values and Common Verification', () => {
     )
   }, 30_000)
 })
+
+describe('core, Usage of 402: Servers MUST NOT return 402 without a Payment challenge', () => {
+  test('error: a key holder without credits, over plain HTTP (X-Forwarded-Proto: http), gets a 403 insufficient_credits, not a 402 without a Payment challenge', async () => {
+    const { key } = await gw.account({ credits: 0 })
+    const res = await fetch(completions(gw), {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'x-forwarded-proto': 'http' },
+      body: body(false, 'hi'),
+    })
+    const error = ((await res.json()) as { error: { type: string; code: string } }).error
+    // No Payment challenge may be issued over plain HTTP ("Transport Security"), so no 402.
+    expect(res.status).toBe(403)
+    expect(error).toMatchObject({ type: 'insufficient_credits', code: 'insufficient_credits' })
+    expect(res.headers.get('www-authenticate')).not.toMatch(/(^|,)\s*Payment\s/)
+    // Over TLS (here: this machine) the same refusal is the 402 with its Payment challenge.
+    const local = await fetch(completions(gw), {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}` },
+      body: body(false, 'hi'),
+    })
+    await local.body?.cancel()
+    expect(local.status).toBe(402)
+    expect(local.headers.get('www-authenticate')).toMatch(/(^|,)\s*Payment\s/)
+  }, 30_000)
+})
+
+describe('session, Common Verification: the action is checked (step 2) before the challenge (steps 3-5)', () => {
+  test('error: an unrecognized action is refused as a malformed payload (400) even when its echoed challenge is not one the server issued', async () => {
+    const s = await session(gw)
+    const echo = Credential.from({ challenge: s.challenge, payload: {} }).challenge
+    const credential = Credential.serialize({
+      challenge: { ...echo, id: 'x'.repeat(43) },
+      payload: { action: 'refund', channelId: keccak256(toHex('any')) },
+    })
+    const refused = await post(gw, credential, 'hi')
+    const problem = (await refused.json()) as { type: string }
+    expect({ status: refused.status, type: problem.type }).toEqual({
+      status: 400,
+      type: `${problems}/malformed-credential`,
+    })
+  }, 30_000)
+})

@@ -541,6 +541,7 @@ export function create(o: Options) {
     method: Session.method,
     intent: Session.intent,
     request,
+    recognize: Session.recognize,
     check(credential: Credential.Credential, challenge: Challenge.Challenge): Method.Checked {
       const { parsed, price } = typed(credential, challenge)
       const p = parsed.payload

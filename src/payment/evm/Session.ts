@@ -409,6 +409,19 @@ export function fromCredential(credential: Credential.Credential): Parsed {
   return { credential, payload, source: payer }
 }
 
+/** The actions of this draft. */
+export const actions: readonly string[] = ['open', 'topUp', 'voucher', 'close']
+
+/**
+ * The draft's "Common Verification" step 2, before the challenge is looked up (steps 3-5):
+ * `payload.action` is one this draft defines; else `malformed-credential` (400).
+ */
+export function recognize(payload: unknown): void {
+  const action = (payload as { action?: unknown } | null)?.action
+  if (typeof action !== 'string' || !actions.includes(action))
+    throw malformed(`payload.action must be one of ${actions.join(', ')}.`)
+}
+
 function malformed(detail: string): Problem.PaymentProblem {
   return Problem.malformedCredential(detail, {}, { status: 400 })
 }
