@@ -15,20 +15,8 @@
  * The database side is a `Store` (implemented by ledger/Settlements.ts), so chain/ does not
  * import ledger/; main.ts wires `Settlements.store(sql)` in.
  */
-import {
-  type Address,
-  BaseError,
-  type Hex,
-  RpcRequestError,
-  TransactionNotFoundError,
-  TransactionReceiptNotFoundError,
-} from 'viem'
-import {
-  getBlockNumber,
-  getTransaction,
-  getTransactionReceipt,
-  waitForTransactionReceipt,
-} from 'viem/actions'
+import { type Address, BaseError, type Hex, RpcRequestError, TransactionNotFoundError } from 'viem'
+import { getBlockNumber, getTransaction, waitForTransactionReceipt } from 'viem/actions'
 import type { Logger } from '../Logger.ts'
 import type { WalletClient } from './Client.ts'
 import {
@@ -601,16 +589,14 @@ async function attempt(
     // An earlier attempt that ran out of time (or whose worker died) may have been mined
     // since, or still be waiting in the node's pool: then it is waited for, not sent again (a
     // second one would revert once the first is mined, recorded as the intent's outcome).
-    if (begun.previousHash) {
-      const before = await mined(client, begun.previousHash)
-      if (before === undefined && (await pending(client, begun.previousHash))) {
-        const receipt = await withTimeout(
-          waitForTransactionReceipt(client, { hash: begun.previousHash }),
-          timeoutMs,
-          kind,
-        )
-        if (receipt.status === 'success') return await confirmed(begun.previousHash)
-      } else if (before === 'success') return await confirmed(begun.previousHash)
+    if (begun.previousHash && (await known(client, begun.previousHash))) {
+      // Mined already, or mined within the timeout.
+      const receipt = await withTimeout(
+        waitForTransactionReceipt(client, { hash: begun.previousHash }),
+        timeoutMs,
+        kind,
+      )
+      if (receipt.status === 'success') return await confirmed(begun.previousHash)
     }
     const sent = await withTimeout(
       (kind === 'settle' ? Escrow.settle : Escrow.close)(
@@ -648,7 +634,7 @@ async function attempt(
 }
 
 /** Whether the node knows the transaction (waiting in its pool, or mined). */
-function pending(client: WalletClient, hash: Hex): Promise<boolean> {
+function known(client: WalletClient, hash: Hex): Promise<boolean> {
   return getTransaction(client, { hash }).then(
     () => true,
     (error) => {
@@ -656,16 +642,6 @@ function pending(client: WalletClient, hash: Hex): Promise<boolean> {
       throw error
     },
   )
-}
-
-/** A sent transaction's receipt status; undefined while it is not mined (or unknown to the node). */
-async function mined(client: WalletClient, hash: Hex): Promise<'success' | 'reverted' | undefined> {
-  try {
-    return (await getTransactionReceipt(client, { hash })).status
-  } catch (error) {
-    if (error instanceof TransactionReceiptNotFoundError) return undefined
-    throw error
-  }
 }
 
 /**

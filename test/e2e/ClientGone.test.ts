@@ -10,6 +10,7 @@ import * as Batch from '../../src/ledger/Batch.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Scripted from '../helpers/Scripted.ts'
+import * as Sse from '../helpers/Sse.ts'
 
 const messages = [{ role: 'user' as const, content: 'count to a hundred' }]
 const WORDS = Array.from({ length: 100 }, (_, i) => ` w${i}`)
@@ -99,15 +100,8 @@ async function usageOf(gw: Gateway.TestGateway, id: string) {
     select status, completion_tokens, cost from usage where account_id = ${id}`
 }
 
-/** The text of the complete content events of an SSE body. */
-function contentOf(text: string): string {
-  let got = ''
-  for (const event of text.slice(0, text.lastIndexOf('\n\n') + 2).split('\n\n')) {
-    const line = event.split('\n').find((l) => l.startsWith('data: {'))
-    if (line) got += JSON.parse(line.slice(6)).choices?.[0]?.delta?.content ?? ''
-  }
-  return got
-}
+/** The completion text of the complete events of raw SSE text. */
+const contentOf = (raw: string) => Sse.text(Sse.events(raw))
 
 /** Makes every `event` (insert or update) of a row of `table` sleep `seconds` first. */
 const slow = (gw: Gateway.TestGateway, table: string, event: string, seconds: number) =>

@@ -17,6 +17,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Paid from '../helpers/Paid.ts'
 import * as Scripted from '../helpers/Scripted.ts'
+import * as Sse from '../helpers/Sse.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
@@ -62,15 +63,8 @@ async function opened(payer: number) {
   return { session, open }
 }
 
-/** The text of the complete content events of an SSE body. */
-function contentOf(text: string): string {
-  let got = ''
-  for (const event of text.slice(0, text.lastIndexOf('\n\n') + 2).split('\n\n')) {
-    const line = event.split('\n').find((l) => l.startsWith('data: {'))
-    if (line) got += JSON.parse(line.slice(6)).choices?.[0]?.delta?.content ?? ''
-  }
-  return got
-}
+/** The completion text of the complete events of raw SSE text. */
+const contentOf = (raw: string) => Sse.text(Sse.events(raw))
 
 /** Reads until the stream asks for a voucher; the text read, and what it asked for. */
 async function untilNeed(reader: { read(): Promise<{ value?: Uint8Array | undefined }> }) {

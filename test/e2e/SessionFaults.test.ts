@@ -17,6 +17,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Paid from '../helpers/Paid.ts'
 import * as Postgres from '../helpers/Postgres.ts'
+import * as Sse from '../helpers/Sse.ts'
 import * as Upstream from '../helpers/Upstream.ts'
 
 const chain = await Anvil.start()
@@ -73,18 +74,7 @@ function severable(sql: Db.Sql) {
 }
 
 /** The content of the completion chunks in SSE text. */
-function delivered(sse: string): string {
-  return sse
-    .split('\n\n')
-    .map((block) => /^data: (\{.*)$/m.exec(block)?.[1])
-    .filter((data): data is string => data !== undefined && !/^event:/m.test(data))
-    .map(
-      (data) =>
-        (JSON.parse(data) as { choices?: { delta?: { content?: string } }[] }).choices?.[0]?.delta
-          ?.content ?? '',
-    )
-    .join('')
-}
+const delivered = (sse: string) => Sse.text(Sse.events(sse))
 
 describe('a gateway instance dying mid-stream', () => {
   for (const death of ['stopped', 'crashed'] as const)
@@ -263,12 +253,20 @@ describe('a forced close', () => {
     expect(recorded.closeRequestedAt).not.toBeNull()
   }
 
+  /** A channel of `spentExactly`, its payer's forced close, and the worker's settle of it. */
+  async function forcedClose(gw: Gateway.TestGateway) {
+    const spent = await spentExactly(gw)
+    await Escrow.requestClose(chain.payerClient(1), {
+      escrow: chain.escrowAddress,
+      channelId: spent.channelId,
+    })
+    await settledOnChain(gw.sql, spent.channelId, spent.spend)
+    return spent
+  }
+
   test('behavior: the worker settles exactly spent on CloseRequested; after the grace period the payer withdraws the rest', async () => {
     const gw = await Gateway.create(overrides)
-    const { url, session, channelId, spend, payerBefore, payeeBefore } = await spentExactly(gw)
-
-    await Escrow.requestClose(chain.payerClient(1), { escrow: chain.escrowAddress, channelId })
-    await settledOnChain(gw.sql, channelId, spend)
+    const { url, session, channelId, spend, payerBefore, payeeBefore } = await forcedClose(gw)
     // No more vouchers on a closing channel.
     const late = await fetch(url, {
       method: 'POST',
@@ -294,9 +292,7 @@ describe('a forced close', () => {
 
   test('behavior: with a forced close pending, a cooperative close whose final voucher is above what was accepted closes the channel at once', async () => {
     const gw = await Gateway.create(overrides)
-    const { url, session, channelId, spend, payerBefore, payeeBefore } = await spentExactly(gw)
-    await Escrow.requestClose(chain.payerClient(1), { escrow: chain.escrowAddress, channelId })
-    await settledOnChain(gw.sql, channelId, spend)
+    const { url, session, channelId, spend, payerBefore, payeeBefore } = await forcedClose(gw)
 
     // The payer would rather not wait out the grace period: it closes, signing ahead.
     const closed = await fetch(url, {

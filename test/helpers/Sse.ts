@@ -17,17 +17,29 @@ export async function read(
     buffer += decoder.decode(value, { stream: true })
     let at = buffer.indexOf('\n\n')
     while (at >= 0) {
-      const block = buffer.slice(0, at)
+      const e = parsed(buffer.slice(0, at))
       buffer = buffer.slice(at + 2)
       at = buffer.indexOf('\n\n')
-      const event = /^event: (.+)$/m.exec(block)?.[1]
-      const data = /^data: (.*)$/m.exec(block)?.[1] ?? ''
-      events.push({ event, data })
-      if (event === 'payment-need-voucher') await onNeed(JSON.parse(data))
+      events.push(e)
+      if (e.event === 'payment-need-voucher') await onNeed(JSON.parse(e.data))
     }
   }
   return events
 }
+
+/** One SSE event block. */
+const parsed = (block: string): Event => ({
+  event: /^event: (.+)$/m.exec(block)?.[1],
+  data: /^data: (.*)$/m.exec(block)?.[1] ?? '',
+})
+
+/** The events complete in raw SSE text (a stream read part way: a cut last block is left out). */
+export const events = (raw: string): Event[] =>
+  raw
+    .slice(0, raw.lastIndexOf('\n\n') + 2)
+    .split('\n\n')
+    .filter(Boolean)
+    .map(parsed)
 
 /** The completion text carried by the plain `data:` chunks. */
 export const text = (events: Event[]): string =>
