@@ -34,6 +34,91 @@ export async function admit(
   return { ...r, requestId }
 }
 
+/**
+ * Runs ledger items through `fn` (tollway_ledger_many by default) itself, not through the
+ * batcher (which tries Alone.ts first): its answer (one JSON array, see
+ * functions/tollway_ledger_many.sql) as the rows its version 1 returned, one per item that has
+ * an answer, in the items' order, with every column (null where its status has none).
+ */
+export async function many(sql: Db.Sql, items: unknown[], fn = 'tollway_ledger_many') {
+  const [r] = await sql`select ${sql(fn)}(${sql.json(items as never)}) as answers`
+  const answers = JSON.parse(r!.answers as string) as (unknown[] | null)[]
+  expect(answers).toHaveLength(items.length)
+  return answers.flatMap((x, idx) => (x === null ? [] : [row(idx, x)]))
+}
+
+/** An admission item of tollway_ledger_many's input (JSON), by the key `keyHash`. */
+export const item = (keyHash: Uint8Array) => ({
+  op: 'admit',
+  keyHash: Buffer.from(keyHash).toString('hex'),
+  model: 'm',
+  stream: false,
+  minTier: 0,
+  promptTokens: 1,
+  want: '1',
+  need: '1',
+  idempotencyKey: null,
+  fingerprint: null,
+  requestId: crypto.randomUUID(),
+  leaseSeconds: 60,
+})
+
+const big = (x: unknown) => (x === null ? null : BigInt(x as string | number))
+
+/** An entry of tollway_ledger_many's answer as its version 1's row. */
+function row(idx: number, x: unknown[]): Record<string, unknown> {
+  const r: Record<string, unknown> = {
+    idx,
+    status: x[0],
+    account_id: null,
+    key_id: null,
+    held: null,
+    available: null,
+    retry_after_ms: null,
+    rate_limit: null,
+    rate_remaining: null,
+    other_request: null,
+    concurrency_room: null,
+    charged: null,
+    balance: null,
+    quota_room: null,
+  }
+  const keyed = { account_id: x[1], key_id: x[2] }
+  switch (x[0]) {
+    case 'ok':
+      return {
+        ...r,
+        ...keyed,
+        held: big(x[3]),
+        available: big(x[4]),
+        concurrency_room: x[5],
+        quota_room: big(x[6]),
+        rate_limit: x[7],
+        rate_remaining: x[8],
+      }
+    case 'finished':
+      return { ...r, charged: big(x[1]), balance: big(x[2]) }
+    case 'unauthorized':
+      return r
+    case 'tier':
+      return { ...r, ...keyed }
+    case 'idempotency_mismatch':
+    case 'idempotency_in_progress':
+    case 'idempotency_completed':
+      return { ...r, ...keyed, other_request: x[3] }
+    case 'insufficient':
+      return { ...r, ...keyed, available: big(x[3]), rate_limit: x[4], rate_remaining: x[5] }
+    default:
+      return {
+        ...r,
+        ...keyed,
+        retry_after_ms: big(x[3]),
+        rate_limit: x[4],
+        rate_remaining: x[5],
+      }
+  }
+}
+
 /** An account on `plan` with `credits` and one key; its id and the key's hash. */
 export async function account(sql: Db.Sql, credits: bigint, plan = 'unlimited') {
   const id = await Accounts.create(sql, { name: 'a', plan })

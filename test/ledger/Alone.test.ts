@@ -17,8 +17,7 @@ const { sql } = db
 
 type Item = Record<string, unknown>
 /** Items run by the batch function itself (not through the batcher, which tries Alone first). */
-const batch = async (items: Item[]) =>
-  sql`select * from tollway_ledger_many(${sql.json(items as never)}) order by idx`
+const batch = (items: Item[]) => Ledger.many(sql, items)
 
 const admitItem = (keyHash: Uint8Array, o: Partial<Record<string, unknown>> = {}) => ({
   op: 'admit',

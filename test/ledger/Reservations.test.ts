@@ -58,6 +58,57 @@ describe('admit', () => {
     expect(r).toMatchObject({ status: 'ok', held: big - 7n })
     expect((await invariants(a.id)).balance).toBe(big)
   })
+
+  test('behavior: money values beyond 64 bits are exact through the batch function (its JSON answer)', async () => {
+    // Far above 2^53: a JSON number would round them.
+    const big = 10n ** 40n + 7n
+    const a = await account(big)
+    // An Idempotency-Key takes the admission and its finish to the batch function.
+    const input = (requestId: string, want: bigint, need: bigint) => ({
+      keyHash: a.keyHash,
+      model: 'm',
+      stream: false,
+      minTier: 0,
+      promptTokens: 1,
+      want,
+      need,
+      idempotencyKey: requestId,
+      fingerprint: new Uint8Array([1]),
+      requestId,
+      leaseSeconds: 60,
+    })
+    const id = crypto.randomUUID()
+    expect(await Reservations.admit(sql, input(id, big - 3n, 1n))).toMatchObject({
+      status: 'ok',
+      held: big - 3n,
+      available: 3n,
+    })
+    expect(await Reservations.admit(sql, input(crypto.randomUUID(), big, 5n))).toMatchObject({
+      status: 'insufficient',
+      available: 3n,
+    })
+    const r = Reservations.reservation(sql, { id, held: big - 3n, leaseSeconds: 60 })
+    const cost = 10n ** 39n + 11n
+    expect(
+      await r.settle({
+        cost,
+        promptTokens: 1,
+        completionTokens: 1,
+        status: 'ok',
+        latencyMs: 1,
+        ttftMs: 1,
+      }),
+    ).toEqual({ charged: cost })
+    const state = await invariants(a.id)
+    expect(state).toMatchObject({ balance: big - cost, reserved: 0n, usage_cost: cost })
+    // And as Ledger.many reads the answer for the tests: a held beyond 2^53, a refusal's free balance.
+    const [ok, short] = await Ledger.many(sql, [
+      { ...Ledger.item(a.keyHash), want: (big - cost - 1n).toString(), need: '1' },
+      { ...Ledger.item(a.keyHash), want: big.toString(), need: big.toString() },
+    ])
+    expect(ok).toMatchObject({ status: 'ok', held: big - cost - 1n, available: 1n })
+    expect(short).toMatchObject({ status: 'insufficient', available: 1n })
+  })
 })
 
 describe('extend and finish', () => {

@@ -1,37 +1,40 @@
--- version: 1
+-- version: 2
 -- tollway_ledger_many: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
 -- this file after the migrations when its version (the first line) is above the one applied, so
 -- a change to the function is an edit of this file with its version raised (migrations 0004,
 -- 0007, 0009 and 0012 each restated it whole before).
 -- Tables and columns it needs still come from migrations.
-CREATE OR REPLACE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS TABLE (
-  idx              int,
-  status           text,
-  account_id       uuid,
-  key_id           uuid,
-  held             numeric,
-  available        numeric,
-  retry_after_ms   bigint,
-  rate_limit       int,
-  rate_remaining   int,
-  other_request    uuid,
-  concurrency_room int,
-  charged          numeric,
-  balance          numeric,
-  quota_room       bigint
-) LANGUAGE plpgsql AS $$
+--
+-- Its answer is one text, a JSON array with an entry per item in the items' order (version 1
+-- returned a 14-column row per item, most columns NULL: decoding them cost the gateway more
+-- than the rest of its work on the batch). An entry is null for a finish whose reservation was
+-- gone (finished already), else an array whose first element is the status; money is a string
+-- of digits (exact in JavaScript), other numbers are JSON numbers:
+--   ["ok", account, key, held, available, concurrency_room, quota_room, rate_limit, rate_remaining]
+--   ["finished", charged, balance]
+--   ["unauthorized"]
+--   ["tier", account, key]
+--   ["idempotency_mismatch" | "idempotency_in_progress" | "idempotency_completed", account, key, other_request]
+--   ["concurrency" | "rate" | "quota" | "wallet", account, key, retry_after_ms, rate_limit, rate_remaining]
+--   ["insufficient", account, key, available, rate_limit, rate_remaining]
+-- Items are read once, typed (jsonb_to_recordset), rather than by a ->> in each expression.
+-- Version 1 returned another type: it is dropped first (CREATE OR REPLACE cannot change that).
+DROP FUNCTION IF EXISTS tollway_ledger_many(jsonb);
+CREATE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS text LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
   ts timestamptz := clock_timestamp();
   this_month date := date_trunc('month', ts AT TIME ZONE 'UTC')::date;
-  e record;   -- an item: n, op, v (the JSON), acct, kid, and for finishes the reservation
+  e record;   -- an item, its fields typed, with acct, kid, and for finishes the reservation
   a record;   -- the account row, locked, with its plan's limits
   cur uuid;   -- the account whose row is in the variables below
   bal numeric; res numeric; act int; tat timestamptz; mstart date; mtok bigint;
   wtok double precision; wat timestamptz; dirty boolean := false;
   period interval; new_tat timestamptz; remaining int; wallet double precision;
-  amount numeric; tokens bigint; month_used bigint; idem record; ikey text;
+  amount numeric; tokens bigint; month_used bigint; idem record;
+  -- The answers, by item.
+  answers text[] := array_fill(NULL::text, ARRAY[jsonb_array_length(p_items)]);
   -- Rows to write once the loop is done.
   a_id uuid[] := '{}'; a_bal numeric[] := '{}'; a_res numeric[] := '{}'; a_act int[] := '{}';
   a_tat timestamptz[] := '{}'; a_mstart date[] := '{}'; a_mtok bigint[] := '{}';
@@ -47,37 +50,40 @@ BEGIN
 
   FOR e IN
     WITH items AS (
-      SELECT (i.ordinality - 1)::int AS n, i.value->>'op' AS op, i.value AS v
-      FROM jsonb_array_elements(p_items) WITH ORDINALITY i
+      SELECT (x.n - 1)::int AS n, x.op, decode(x."keyHash", 'hex') AS key_hash, x.model, x.stream,
+        x."minTier" AS min_tier, x."promptTokens" AS prompt_tokens, x.want, x.need,
+        x."idempotencyKey" AS ikey, x.fingerprint, x."requestId" AS request_id,
+        x."leaseSeconds" AS lease_seconds, x.id, x.cost, x."completionTokens" AS completion_tokens,
+        x.status, x."latencyMs" AS latency_ms, x."ttftMs" AS ttft_ms
+      FROM ROWS FROM (jsonb_to_recordset(p_items) AS (op text, "keyHash" text, model text,
+        stream boolean, "minTier" int, "promptTokens" bigint, want numeric, need numeric,
+        "idempotencyKey" text, fingerprint text, "requestId" uuid, "leaseSeconds" int, id uuid,
+        cost numeric, "completionTokens" bigint, status text, "latencyMs" int, "ttftMs" int))
+        WITH ORDINALITY x(op, "keyHash", model, stream, "minTier", "promptTokens", want, need,
+          "idempotencyKey", fingerprint, "requestId", "leaseSeconds", id, cost,
+          "completionTokens", status, "latencyMs", "ttftMs", n)
     ), finished AS (
       DELETE FROM reservations r USING items
-      WHERE items.op = 'finish' AND r.id = (items.v->>'id')::uuid
+      WHERE items.op = 'finish' AND r.id = items.id
       RETURNING items.n, r.*
     )
-    SELECT items.n, items.op, items.v, ak.account_id AS acct, ak.id AS kid, NULL::bytea AS r_channel,
+    SELECT items.*, ak.account_id AS acct, ak.id AS kid, NULL::bytea AS r_channel,
       NULL::numeric AS r_held, NULL::text AS r_model, NULL::boolean AS r_stream, NULL::text AS r_idem
-    FROM items LEFT JOIN api_keys ak ON ak.hash = decode(items.v->>'keyHash', 'hex') AND ak.revoked_at IS NULL
+    FROM items LEFT JOIN api_keys ak ON ak.hash = items.key_hash AND ak.revoked_at IS NULL
     WHERE items.op = 'admit'
     UNION ALL
-    -- A finish whose reservation is gone (finished already) has no row, so no result.
-    SELECT f.n, 'finish', items.v, f.account_id, f.key_id, f.channel_id, f.held, f.model, f.stream, f.idem_key
+    -- A finish whose reservation is gone (finished already) has no row, so no answer.
+    SELECT items.*, f.account_id, f.key_id, f.channel_id, f.held, f.model, f.stream, f.idem_key
     FROM finished f JOIN items ON items.n = f.n
     ORDER BY acct NULLS FIRST, n
   LOOP
-    -- This item's result row, built in the OUT columns and appended by RETURN NEXT.
-    idx := e.n; status := NULL; account_id := e.acct; key_id := e.kid; held := NULL;
-    available := NULL; retry_after_ms := NULL; rate_limit := NULL; rate_remaining := NULL;
-    other_request := NULL; concurrency_room := NULL; charged := NULL; balance := NULL;
-    quota_room := NULL;
-
     IF e.acct IS NULL THEN
       IF e.op = 'finish' THEN
         RAISE EXCEPTION 'reservation % is paid by channel %: its charge belongs to tollway_channel_finish_many',
-          e.v->>'id', encode(e.r_channel, 'hex') USING ERRCODE = 'invalid_parameter_value';
+          e.id, encode(e.r_channel, 'hex') USING ERRCODE = 'invalid_parameter_value';
       END IF;
       -- An admission whose key is unknown or revoked.
-      status := 'unauthorized';
-      RETURN NEXT;
+      answers[e.n + 1] := '["unauthorized"]';
       CONTINUE;
     END IF;
     IF cur IS DISTINCT FROM e.acct THEN
@@ -107,8 +113,8 @@ BEGIN
     IF e.op = 'finish' THEN
       -- Charge the cost, never more than the account can pay (its free balance plus this
       -- reservation); release the rest; count the tokens against the plan.
-      amount := greatest(0, least((e.v->>'cost')::numeric, bal - res + e.r_held));
-      tokens := (e.v->>'promptTokens')::bigint + (e.v->>'completionTokens')::bigint;
+      amount := greatest(0, least(e.cost, bal - res + e.r_held));
+      tokens := e.prompt_tokens + e.completion_tokens;
       bal := bal - amount; res := res - e.r_held; act := act - 1;
       mtok := CASE WHEN mstart < this_month THEN 0 ELSE mtok END + tokens;
       mstart := this_month;
@@ -121,101 +127,94 @@ BEGIN
       END IF;
       dirty := true;
       IF amount > 0 THEN
-        c_acct := c_acct || cur; c_amount := c_amount || -amount; c_req := c_req || (e.v->>'id')::uuid;
+        c_acct := c_acct || cur; c_amount := c_amount || -amount; c_req := c_req || e.id;
       END IF;
-      u_id := u_id || (e.v->>'id')::uuid; u_acct := u_acct || cur; u_key := u_key || e.kid;
+      u_id := u_id || e.id; u_acct := u_acct || cur; u_key := u_key || e.kid;
       u_model := u_model || e.r_model; u_stream := u_stream || e.r_stream;
-      u_pt := u_pt || (e.v->>'promptTokens')::int; u_ct := u_ct || (e.v->>'completionTokens')::int;
-      u_cost := u_cost || amount; u_status := u_status || (e.v->>'status');
-      u_lat := u_lat || (e.v->>'latencyMs')::int; u_ttft := u_ttft || (e.v->>'ttftMs')::int;
+      u_pt := u_pt || e.prompt_tokens::int; u_ct := u_ct || e.completion_tokens::int;
+      u_cost := u_cost || amount; u_status := u_status || e.status;
+      u_lat := u_lat || e.latency_ms; u_ttft := u_ttft || e.ttft_ms;
       IF e.r_idem IS NOT NULL THEN
-        IF amount > 0 OR e.v->>'status' = 'ok' THEN
+        IF amount > 0 OR e.status = 'ok' THEN
           UPDATE idempotency_keys SET state = 'completed' WHERE account_id = cur AND key = e.r_idem;
         ELSE
           -- Nothing was charged: the key may be used again.
           DELETE FROM idempotency_keys WHERE account_id = cur AND key = e.r_idem;
         END IF;
       END IF;
-      status := 'finished'; charged := amount; balance := bal;
-      RETURN NEXT;
+      answers[e.n + 1] := '["finished","' || amount || '","' || bal || '"]';
       CONTINUE;
     END IF;
 
     -- An admission: tier, Idempotency-Key, concurrency, request rate (GCRA), monthly
     -- tokens, token wallet, then between need and want of the free balance.
-    IF a.tier < (e.v->>'minTier')::int THEN
-      status := 'tier';
-      RETURN NEXT;
+    IF a.tier < e.min_tier THEN
+      answers[e.n + 1] := '["tier","' || cur || '","' || e.kid || '"]';
       CONTINUE;
     END IF;
-    ikey := e.v->>'idempotencyKey';
-    IF ikey IS NOT NULL THEN
-      SELECT * INTO idem FROM idempotency_keys ik WHERE ik.account_id = cur AND ik.key = ikey;
+    IF e.ikey IS NOT NULL THEN
+      SELECT * INTO idem FROM idempotency_keys ik WHERE ik.account_id = cur AND ik.key = e.ikey;
       IF FOUND THEN
-        status := CASE WHEN idem.fingerprint <> decode(e.v->>'fingerprint', 'hex') THEN 'idempotency_mismatch'
+        answers[e.n + 1] := '["' || CASE WHEN idem.fingerprint <> decode(e.fingerprint, 'hex') THEN 'idempotency_mismatch'
                        WHEN idem.state = 'in_progress' THEN 'idempotency_in_progress'
-                       ELSE 'idempotency_completed' END;
-        other_request := idem.request_id;
-        RETURN NEXT;
+                       ELSE 'idempotency_completed' END
+          || '","' || cur || '","' || e.kid || '","' || idem.request_id || '"]';
         CONTINUE;
       END IF;
     END IF;
     IF a.max_concurrent IS NOT NULL AND act >= a.max_concurrent THEN
-      status := 'concurrency'; retry_after_ms := 1000; rate_limit := a.max_concurrent; rate_remaining := 0;
-      RETURN NEXT;
+      answers[e.n + 1] := '["concurrency","' || cur || '","' || e.kid || '",1000,' || a.max_concurrent || ',0]';
       CONTINUE;
     END IF;
     new_tat := NULL; remaining := NULL;
-    rate_limit := a.requests_per_minute;
     IF a.requests_per_minute IS NOT NULL THEN
       -- Allowed while the theoretical arrival time stays within one minute.
       period := interval '60 seconds' / a.requests_per_minute;
       new_tat := greatest(coalesce(tat, ts), ts) + period;
       IF new_tat - ts > interval '60 seconds' THEN
-        status := 'rate'; rate_remaining := 0;
-        retry_after_ms := ceil(extract(epoch FROM (new_tat - interval '60 seconds' - ts)) * 1000)::bigint;
-        RETURN NEXT;
+        answers[e.n + 1] := '["rate","' || cur || '","' || e.kid || '",'
+          || ceil(extract(epoch FROM (new_tat - interval '60 seconds' - ts)) * 1000)::bigint
+          || ',' || a.requests_per_minute || ',0]';
         CONTINUE;
       END IF;
       remaining := floor(extract(epoch FROM (interval '60 seconds' - (new_tat - ts))) / extract(epoch FROM period))::int;
     END IF;
-    rate_remaining := remaining;
     month_used := CASE WHEN mstart < this_month THEN 0 ELSE mtok END;
-    IF a.tokens_per_month IS NOT NULL AND month_used + (e.v->>'promptTokens')::bigint > a.tokens_per_month THEN
-      status := 'quota';
-      retry_after_ms := ceil(extract(epoch FROM ((this_month + interval '1 month') AT TIME ZONE 'UTC' - ts)) * 1000)::bigint;
-      RETURN NEXT;
+    IF a.tokens_per_month IS NOT NULL AND month_used + e.prompt_tokens > a.tokens_per_month THEN
+      answers[e.n + 1] := '["quota","' || cur || '","' || e.kid || '",'
+        || ceil(extract(epoch FROM ((this_month + interval '1 month') AT TIME ZONE 'UTC' - ts)) * 1000)::bigint
+        || ',' || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce(remaining::text, 'null') || ']';
       CONTINUE;
     END IF;
     IF a.wallet_floor IS NOT NULL THEN
       wallet := least(a.wallet_cap::double precision,
         coalesce(wtok, a.wallet_cap) + coalesce(extract(epoch FROM ts - wat), 0) / 86400.0 * a.wallet_refill_per_day);
       IF wallet < a.wallet_floor THEN
-        status := 'wallet';
-        retry_after_ms := ceil((a.wallet_floor - wallet) / a.wallet_refill_per_day * 86400000.0)::bigint;
-        RETURN NEXT;
+        answers[e.n + 1] := '["wallet","' || cur || '","' || e.kid || '",'
+          || ceil((a.wallet_floor - wallet) / a.wallet_refill_per_day * 86400000.0)::bigint
+          || ',' || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce(remaining::text, 'null') || ']';
         CONTINUE;
       END IF;
     END IF;
-    IF bal - res < (e.v->>'need')::numeric THEN
-      status := 'insufficient'; available := bal - res;
-      RETURN NEXT;
+    IF bal - res < e.need THEN
+      answers[e.n + 1] := '["insufficient","' || cur || '","' || e.kid || '","' || (bal - res) || '",'
+        || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce(remaining::text, 'null') || ']';
       CONTINUE;
     END IF;
-    amount := least((e.v->>'want')::numeric, bal - res);
+    amount := least(e.want, bal - res);
     res := res + amount; act := act + 1; tat := coalesce(new_tat, tat); dirty := true;
-    r_id := r_id || (e.v->>'requestId')::uuid; r_acct := r_acct || cur; r_key := r_key || e.kid;
-    r_model := r_model || (e.v->>'model'); r_stream := r_stream || (e.v->>'stream')::boolean;
-    r_held := r_held || amount; r_idem := r_idem || ikey;
-    r_exp := r_exp || (ts + make_interval(secs => (e.v->>'leaseSeconds')::int));
-    IF ikey IS NOT NULL THEN
+    r_id := r_id || e.request_id; r_acct := r_acct || cur; r_key := r_key || e.kid;
+    r_model := r_model || e.model; r_stream := r_stream || e.stream;
+    r_held := r_held || amount; r_idem := r_idem || e.ikey;
+    r_exp := r_exp || (ts + make_interval(secs => e.lease_seconds));
+    IF e.ikey IS NOT NULL THEN
       INSERT INTO idempotency_keys (account_id, key, fingerprint, request_id, state)
-        VALUES (cur, ikey, decode(e.v->>'fingerprint', 'hex'), (e.v->>'requestId')::uuid, 'in_progress');
+        VALUES (cur, e.ikey, decode(e.fingerprint, 'hex'), e.request_id, 'in_progress');
     END IF;
-    status := 'ok'; held := amount; available := bal - res;
-    concurrency_room := a.max_concurrent - act;
-    quota_room := a.tokens_per_month - month_used - (e.v->>'promptTokens')::bigint;
-    RETURN NEXT;
+    answers[e.n + 1] := '["ok","' || cur || '","' || e.kid || '","' || amount || '","' || (bal - res) || '",'
+      || coalesce((a.max_concurrent - act)::text, 'null') || ','
+      || coalesce((a.tokens_per_month - month_used - e.prompt_tokens)::text, 'null') || ','
+      || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce(remaining::text, 'null') || ']';
   END LOOP;
   IF dirty THEN
     a_id := a_id || cur; a_bal := a_bal || bal; a_res := a_res || res; a_act := a_act || act;
@@ -244,8 +243,27 @@ BEGIN
     INSERT INTO usage (id, account_id, key_id, model, stream, prompt_tokens, completion_tokens, cost, status, latency_ms, ttft_ms)
       SELECT * FROM unnest(u_id, u_acct, u_key, u_model, u_stream, u_pt, u_ct, u_cost, u_status, u_lat, u_ttft);
   END IF;
+  RETURN '[' || array_to_string(answers, ',', 'null') || ']';
 END $$;
 -- Its statements take a JSON parameter whose size does not change their plans: planning them
 -- on every call (a custom plan) cost more than running them.
--- Its statements take a JSON parameter whose size does not change their plans (see 0004).
 ALTER FUNCTION tollway_ledger_many(jsonb) SET plan_cache_mode = force_generic_plan;
+
+-- tollway_account_finish (0004), which tollway_finish (0002) calls for an account's
+-- reservation, reads the answer as this version gives it.
+CREATE OR REPLACE FUNCTION tollway_account_finish(
+  p_id uuid,
+  p_cost numeric,
+  p_prompt_tokens int,
+  p_completion_tokens int,
+  p_status text,
+  p_latency_ms int,
+  p_ttft_ms int
+) RETURNS TABLE (charged numeric, balance numeric) LANGUAGE sql AS $$
+  SELECT (x.a->>1)::numeric, (x.a->>2)::numeric
+  FROM (SELECT tollway_ledger_many(jsonb_build_array(jsonb_build_object(
+    'op', 'finish', 'id', p_id, 'cost', p_cost::text, 'promptTokens', p_prompt_tokens,
+    'completionTokens', p_completion_tokens, 'status', p_status, 'latencyMs', p_latency_ms,
+    'ttftMs', p_ttft_ms)))::jsonb -> 0 AS a) x
+  WHERE jsonb_typeof(x.a) = 'array'
+$$;
