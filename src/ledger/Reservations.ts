@@ -215,23 +215,34 @@ type OpResult = Admitted | Refused | Finished | undefined
 
 /** Runs ledger items in one statement (tollway_ledger_many); results in the items' order. */
 async function many(sql: Sql, items: Op[]): Promise<OpResult[]> {
+  // Fields by position (functions/tollway_ledger_many.sql): objects' keys were most of what
+  // PostgreSQL parsed.
   const json = items.map((o) =>
     o.op === 'admit'
-      ? {
-          op: 'admit',
-          keyHash: Buffer.from(o.keyHash).toString('hex'),
-          model: o.model,
-          stream: o.stream,
-          minTier: o.minTier,
-          promptTokens: o.promptTokens,
-          want: o.want.toString(),
-          need: o.need.toString(),
-          idempotencyKey: o.idempotencyKey,
-          fingerprint: o.fingerprint ? Buffer.from(o.fingerprint).toString('hex') : null,
-          requestId: o.requestId,
-          leaseSeconds: o.leaseSeconds,
-        }
-      : { ...o, cost: o.cost.toString() },
+      ? [
+          'admit',
+          Buffer.from(o.keyHash).toString('hex'),
+          o.model,
+          o.stream,
+          o.minTier,
+          o.promptTokens,
+          o.want.toString(),
+          o.need.toString(),
+          o.idempotencyKey,
+          o.fingerprint ? Buffer.from(o.fingerprint).toString('hex') : null,
+          o.requestId,
+          o.leaseSeconds,
+        ]
+      : [
+          'finish',
+          o.id,
+          o.cost.toString(),
+          o.promptTokens,
+          o.completionTokens,
+          o.status,
+          o.latencyMs,
+          o.ttftMs,
+        ],
   )
   // One text for the whole batch (a JSON array, an entry per item): postgres.js decoding a row
   // of 14 columns per item cost more than the rest of the batch's work here.

@@ -35,13 +35,33 @@ export async function admit(
 }
 
 /**
- * Runs ledger items through `fn` (tollway_ledger_many by default) itself, not through the
- * batcher (which tries Alone.ts first): its answer (one JSON array, see
- * functions/tollway_ledger_many.sql) as the rows its version 1 returned, one per item that has
- * an answer, in the items' order, with every column (null where its status has none).
+ * Runs ledger items, written as the objects version 1 took, through tollway_ledger_many itself,
+ * not through the batcher (which tries Alone.ts first): sent as its items (arrays, see
+ * functions/tollway_ledger_many.sql), its answer (one JSON array) read back as the rows version
+ * 1 returned, one per item that has an answer, in the items' order, with every column (null
+ * where its status has none).
  */
-export async function many(sql: Db.Sql, items: unknown[], fn = 'tollway_ledger_many') {
-  const [r] = await sql`select ${sql(fn)}(${sql.json(items as never)}) as answers`
+export async function many(sql: Db.Sql, items: Record<string, unknown>[]) {
+  const positional = items.map((o) =>
+    (o.op === 'admit'
+      ? [
+          o.op,
+          o.keyHash,
+          o.model,
+          o.stream,
+          o.minTier,
+          o.promptTokens,
+          o.want,
+          o.need,
+          o.idempotencyKey,
+          o.fingerprint,
+          o.requestId,
+          o.leaseSeconds,
+        ]
+      : [o.op, o.id, o.cost, o.promptTokens, o.completionTokens, o.status, o.latencyMs, o.ttftMs]
+    ).map((x) => x ?? null),
+  )
+  const [r] = await sql`select tollway_ledger_many(${sql.json(positional as never)}) as answers`
   const answers = JSON.parse(r!.answers as string) as (unknown[] | null)[]
   expect(answers).toHaveLength(items.length)
   return answers.flatMap((x, idx) => (x === null ? [] : [row(idx, x)]))

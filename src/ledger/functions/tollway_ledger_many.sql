@@ -6,6 +6,12 @@
 -- 0007, 0009 and 0012 each restated it whole before).
 -- Tables and columns it needs still come from migrations.
 --
+-- Its items are a JSON array of arrays, fields by position (version 1 took objects: their keys
+-- were most of what PostgreSQL parsed), numbers of credits as strings of digits:
+--   ["admit", keyHash (hex), model, stream, minTier, promptTokens, want, need, idempotencyKey,
+--     fingerprint (hex), requestId, leaseSeconds]
+--   ["finish", id, cost, promptTokens, completionTokens, status, latencyMs, ttftMs]
+-- Each field is read once, typed, by the query of the loop (not by a ->> in each expression).
 -- Its answer is one text, a JSON array with an entry per item in the items' order (version 1
 -- returned a 14-column row per item, most columns NULL: decoding them cost the gateway more
 -- than the rest of its work on the batch). An entry is null for a finish whose reservation was
@@ -18,7 +24,6 @@
 --   ["idempotency_mismatch" | "idempotency_in_progress" | "idempotency_completed", account, key, other_request]
 --   ["concurrency" | "rate" | "quota" | "wallet", account, key, retry_after_ms, rate_limit, rate_remaining]
 --   ["insufficient", account, key, available, rate_limit, rate_remaining]
--- Items are read once, typed (jsonb_to_recordset), rather than by a ->> in each expression.
 -- Version 1 returned another type: it is dropped first (CREATE OR REPLACE cannot change that).
 DROP FUNCTION IF EXISTS tollway_ledger_many(jsonb);
 CREATE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS text LANGUAGE plpgsql AS $$
@@ -50,30 +55,33 @@ BEGIN
 
   FOR e IN
     WITH items AS (
-      SELECT (x.n - 1)::int AS n, x.op, decode(x."keyHash", 'hex') AS key_hash, x.model, x.stream,
-        x."minTier" AS min_tier, x."promptTokens" AS prompt_tokens, x.want, x.need,
-        x."idempotencyKey" AS ikey, x.fingerprint, x."requestId" AS request_id,
-        x."leaseSeconds" AS lease_seconds, x.id, x.cost, x."completionTokens" AS completion_tokens,
-        x.status, x."latencyMs" AS latency_ms, x."ttftMs" AS ttft_ms
-      FROM ROWS FROM (jsonb_to_recordset(p_items) AS (op text, "keyHash" text, model text,
-        stream boolean, "minTier" int, "promptTokens" bigint, want numeric, need numeric,
-        "idempotencyKey" text, fingerprint text, "requestId" uuid, "leaseSeconds" int, id uuid,
-        cost numeric, "completionTokens" bigint, status text, "latencyMs" int, "ttftMs" int))
-        WITH ORDINALITY x(op, "keyHash", model, stream, "minTier", "promptTokens", want, need,
-          "idempotencyKey", fingerprint, "requestId", "leaseSeconds", id, cost,
-          "completionTokens", status, "latencyMs", "ttftMs", n)
+      SELECT (i.n - 1)::int AS n, i.v->>0 AS op, i.v
+      FROM jsonb_array_elements(p_items) WITH ORDINALITY i(v, n)
     ), finished AS (
       DELETE FROM reservations r USING items
-      WHERE items.op = 'finish' AND r.id = items.id
+      WHERE items.op = 'finish' AND r.id = (items.v->>1)::uuid
       RETURNING items.n, r.*
     )
-    SELECT items.*, ak.account_id AS acct, ak.id AS kid, NULL::bytea AS r_channel,
+    -- An admission: [op, keyHash, model, stream, minTier, promptTokens, want, need,
+    -- idempotencyKey, fingerprint, requestId, leaseSeconds].
+    SELECT items.n, items.op, (items.v->>2) AS model, (items.v->>3)::boolean AS stream,
+      (items.v->>4)::int AS min_tier, (items.v->>5)::bigint AS prompt_tokens,
+      (items.v->>6)::numeric AS want, (items.v->>7)::numeric AS need, (items.v->>8) AS ikey,
+      (items.v->>9) AS fingerprint, (items.v->>10)::uuid AS request_id,
+      (items.v->>11)::int AS lease_seconds, NULL::uuid AS id, NULL::numeric AS cost,
+      NULL::bigint AS completion_tokens, NULL::text AS status, NULL::int AS latency_ms,
+      NULL::int AS ttft_ms,
+      ak.account_id AS acct, ak.id AS kid, NULL::bytea AS r_channel,
       NULL::numeric AS r_held, NULL::text AS r_model, NULL::boolean AS r_stream, NULL::text AS r_idem
-    FROM items LEFT JOIN api_keys ak ON ak.hash = items.key_hash AND ak.revoked_at IS NULL
+    FROM items LEFT JOIN api_keys ak ON ak.hash = decode(items.v->>1, 'hex') AND ak.revoked_at IS NULL
     WHERE items.op = 'admit'
     UNION ALL
-    -- A finish whose reservation is gone (finished already) has no row, so no answer.
-    SELECT items.*, f.account_id, f.key_id, f.channel_id, f.held, f.model, f.stream, f.idem_key
+    -- A finish: [op, id, cost, promptTokens, completionTokens, status, latencyMs, ttftMs]. One
+    -- whose reservation is gone (finished already) has no row, so no answer.
+    SELECT items.n, items.op, NULL, NULL, NULL, (items.v->>3)::bigint, NULL, NULL, NULL, NULL,
+      NULL, NULL, f.id, (items.v->>2)::numeric, (items.v->>4)::bigint, items.v->>5,
+      (items.v->>6)::int, (items.v->>7)::int,
+      f.account_id, f.key_id, f.channel_id, f.held, f.model, f.stream, f.idem_key
     FROM finished f JOIN items ON items.n = f.n
     ORDER BY acct NULLS FIRST, n
   LOOP
@@ -261,9 +269,8 @@ CREATE OR REPLACE FUNCTION tollway_account_finish(
   p_ttft_ms int
 ) RETURNS TABLE (charged numeric, balance numeric) LANGUAGE sql AS $$
   SELECT (x.a->>1)::numeric, (x.a->>2)::numeric
-  FROM (SELECT tollway_ledger_many(jsonb_build_array(jsonb_build_object(
-    'op', 'finish', 'id', p_id, 'cost', p_cost::text, 'promptTokens', p_prompt_tokens,
-    'completionTokens', p_completion_tokens, 'status', p_status, 'latencyMs', p_latency_ms,
-    'ttftMs', p_ttft_ms)))::jsonb -> 0 AS a) x
+  FROM (SELECT tollway_ledger_many(jsonb_build_array(jsonb_build_array('finish', p_id,
+    p_cost::text, p_prompt_tokens, p_completion_tokens, p_status, p_latency_ms,
+    p_ttft_ms)))::jsonb -> 0 AS a) x
   WHERE jsonb_typeof(x.a) = 'array'
 $$;
