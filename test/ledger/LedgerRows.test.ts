@@ -193,3 +193,29 @@ describe('tollway_finish (0002) of an account reservation', () => {
     expect(await Ledger.accountState(sql, a.id)).toMatchObject({ balance: 93n, reserved: 0n })
   })
 })
+
+describe('tollway_ledger_many finishes', () => {
+  test('behavior: a reservation finished twice in one batch is charged once, for its first item; the second has no answer', async () => {
+    // (Version 1 charged one of them, which one as its plan happened to join them.)
+    const a = await Ledger.account(sql, 100n, 'pro')
+    const r = await Ledger.admit(sql, a.keyHash, 10n)
+    const finish = (cost: string) => ({
+      op: 'finish',
+      id: r.requestId,
+      cost,
+      promptTokens: 1,
+      completionTokens: 2,
+      status: 'ok',
+      latencyMs: 3,
+      ttftMs: 4,
+    })
+    const rows = await Ledger.many(sql, [finish('7'), finish('9')])
+    expect(rows).toHaveLength(1)
+    expect(rows[0]).toMatchObject({ idx: 0, status: 'finished', charged: 7n, balance: 93n })
+    expect(await Ledger.accountState(sql, a.id)).toMatchObject({
+      balance: 93n,
+      reserved: 0n,
+      usage: 1,
+    })
+  })
+})

@@ -57,15 +57,19 @@ BEGIN
 
   FOR e IN
     WITH items AS (
-      -- The keys of the joins below, typed once here, not again in each comparison of a join.
+      -- The keys of the lookups below, typed once here.
       SELECT (i.n - 1)::int AS n, i.v->>0 AS op, i.v,
         CASE WHEN i.v->>0 = 'admit' THEN decode(i.v->>1, 'hex') END AS key_hash,
         CASE WHEN i.v->>0 = 'finish' THEN (i.v->>1)::uuid END AS id
       FROM jsonb_array_elements(p_items) WITH ORDINALITY i(v, n)
+    ), ids AS (
+      -- The reservations to finish, by their items' positions (NULL for an admission).
+      SELECT array_agg(items.id ORDER BY items.n) AS ids FROM items
     ), finished AS (
-      DELETE FROM reservations r USING items
-      WHERE items.op = 'finish' AND r.id = items.id
-      RETURNING items.n, items.v, r.*
+      -- No join here: PostgreSQL would copy each item row it joined, for a recheck should a
+      -- concurrent writer have changed the row; an item is found by its position instead.
+      DELETE FROM reservations r WHERE r.id = ANY ((SELECT ids FROM ids)::uuid[])
+      RETURNING array_position((SELECT ids FROM ids), r.id) - 1 AS n, r.*
     )
     -- An admission: [op, keyHash, model, stream, minTier, promptTokens, want, need,
     -- idempotencyKey, fingerprint, requestId, leaseSeconds].
@@ -83,9 +87,9 @@ BEGIN
     UNION ALL
     -- A finish: [op, id, cost, promptTokens, completionTokens, status, latencyMs, ttftMs]. One
     -- whose reservation is gone (finished already) has no row, so no answer.
-    SELECT f.n, 'finish', NULL, NULL, NULL, (f.v->>3)::bigint, NULL, NULL, NULL, NULL,
-      NULL, NULL, f.id, (f.v->>2)::numeric, (f.v->>4)::bigint, f.v->>5,
-      (f.v->>6)::int, (f.v->>7)::int,
+    SELECT f.n, 'finish', NULL, NULL, NULL, (p_items->f.n->>3)::bigint, NULL, NULL, NULL, NULL,
+      NULL, NULL, f.id, (p_items->f.n->>2)::numeric, (p_items->f.n->>4)::bigint, p_items->f.n->>5,
+      (p_items->f.n->>6)::int, (p_items->f.n->>7)::int,
       f.account_id, f.key_id, f.channel_id, f.held, f.model, f.stream, f.idem_key
     FROM finished f
     ORDER BY acct NULLS FIRST, n
@@ -265,7 +269,7 @@ ALTER FUNCTION tollway_ledger_many(jsonb) SET plan_cache_mode = force_generic_pl
 -- under way (between bursts), looked empty to the planner, which then deleted a batch's finished
 -- reservations by a nested loop over the table with the items rescanned for each row: each
 -- reservation compared with each item, quadratic in the batch (61 against 37 us an item at 50
--- items per statement).
+-- items per statement, when the DELETE still joined the items).
 ALTER FUNCTION tollway_ledger_many(jsonb) SET enable_seqscan = off;
 
 -- tollway_account_finish (0004), which tollway_finish (0002) calls for an account's
