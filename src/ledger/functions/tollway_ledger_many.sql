@@ -25,6 +25,11 @@
 --   ["concurrency" | "rate" | "quota" | "wallet", account, key, retry_after_ms, rate_limit, rate_remaining]
 --   ["insufficient", account, key, available, rate_limit, rate_remaining]
 -- Version 1 returned another type: it is dropped first (CREATE OR REPLACE cannot change that).
+-- An instance of the release before, still running, finds no rows in this answer: a batch of
+-- its with an admission fails (its items then run one by one, and those Alone.ts declines
+-- fail), and one of finishes only looks finished already (nothing charged; the sweep charges
+-- each what its last extend recorded, once its lease runs out). Roll this out with no instance
+-- of that release taking load.
 DROP FUNCTION IF EXISTS tollway_ledger_many(jsonb);
 CREATE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS text LANGUAGE plpgsql AS $$
 #variable_conflict use_column
