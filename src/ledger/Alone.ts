@@ -1,7 +1,7 @@
 /**
  * The API-key ledger's lone calls: an admission or a finish with nobody to share a batch
  * with (an idle or lightly loaded gateway) runs as one plain SQL statement instead of
- * `tollway_ledger_many`. Each is one statement and one transaction, as the batch function is,
+ * `tollway_ledger_batch`. Each is one statement and one transaction, as the batch function is,
  * and keeps its invariants, but costs PostgreSQL half the work: a PL/pgSQL function sets up
  * every expression it evaluates again in each transaction, and its statements each start an
  * executor, which a batch of many items shares and a lone item pays alone. Counted with
@@ -17,13 +17,13 @@
  * earlier in the statement, even with FOR UPDATE, let concurrent admissions past the
  * balance: test/ledger/Reservations.test.ts found it). The batch function
  * then decides it, with the exact answer (which refusal, which partial hold). The formulas
- * here are those of functions/tollway_ledger_many.sql; test/ledger/Alone.test.ts checks that
+ * here are those of functions/tollway_ledger_batch.sql; test/ledger/Alone.test.ts checks that
  * both give the same answers and rows.
  */
 import type { Sql } from './Db.ts'
 import type { AdmitInput, Finish } from './Reservations.ts'
 
-/** An admission's answer, as `tollway_ledger_many` returns it (its row, status ok). */
+/** An admission's answer, as `tollway_ledger_batch` returns it (its row, status ok). */
 export type AdmitRow = {
   account_id: string
   key_id: string

@@ -83,7 +83,7 @@ function finished(row: Record<string, unknown>): Finished {
 }
 
 /**
- * An entry of tollway_ledger_many's answer (functions/tollway_ledger_many.sql): the status,
+ * An entry of tollway_ledger_batch's answer (functions/tollway_ledger_batch.sql): the status,
  * then its fields by position; money as a string of digits, so JSON.parse loses nothing.
  */
 type Answer =
@@ -117,7 +117,7 @@ type Answer =
     ]
   | ['insufficient', string, string, string, number | null, number | null]
 
-/** An item's answer from its entry in tollway_ledger_many's answer. */
+/** An item's answer from its entry in tollway_ledger_batch's answer. */
 function answer(x: Answer): Admitted | Refused | Finished {
   switch (x[0]) {
     case 'ok':
@@ -213,9 +213,9 @@ type Finished = {
 type Op = ({ op: 'admit' } & AdmitInput) | ({ op: 'finish' } & Finish)
 type OpResult = Admitted | Refused | Finished | undefined
 
-/** Runs ledger items in one statement (tollway_ledger_many); results in the items' order. */
+/** Runs ledger items in one statement (tollway_ledger_batch); results in the items' order. */
 async function many(sql: Sql, items: Op[]): Promise<OpResult[]> {
-  // Fields by position (functions/tollway_ledger_many.sql): objects' keys were most of what
+  // Fields by position (functions/tollway_ledger_batch.sql): objects' keys were most of what
   // PostgreSQL parsed.
   const json = items.map((o) =>
     o.op === 'admit'
@@ -246,10 +246,10 @@ async function many(sql: Sql, items: Op[]): Promise<OpResult[]> {
   )
   // One text for the whole batch (a JSON array, an entry per item): postgres.js decoding a row
   // of 14 columns per item cost more than the rest of the batch's work here.
-  const [row] = await sql`select tollway_ledger_many(${sql.json(json)}) as answers`
+  const [row] = await sql`select tollway_ledger_batch(${sql.json(json)}) as answers`
   const answers = JSON.parse(row!.answers as string) as (Answer | null)[]
   if (answers.length !== items.length)
-    throw new Error(`tollway_ledger_many answered ${answers.length} of ${items.length} items`)
+    throw new Error(`tollway_ledger_batch answered ${answers.length} of ${items.length} items`)
   return answers.map((x, i) => {
     if (x !== null) return answer(x)
     if (items[i]!.op === 'finish') return undefined // already finished

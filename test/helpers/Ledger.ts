@@ -35,10 +35,10 @@ export async function admit(
 }
 
 /**
- * Runs ledger items, written as the objects version 1 took, through tollway_ledger_many itself,
- * not through the batcher (which tries Alone.ts first): sent as its items (arrays, see
- * functions/tollway_ledger_many.sql), its answer (one JSON array) read back as the rows version
- * 1 returned, one per item that has an answer, in the items' order, with every column (null
+ * Runs ledger items, written as the objects tollway_ledger_many took, through
+ * tollway_ledger_batch itself, not through the batcher (which tries Alone.ts first): sent as its
+ * items (arrays, see functions/tollway_ledger_batch.sql), its answer (one JSON array) read back
+ * as the rows tollway_ledger_many returned, one per item that has an answer, in the items' order, with every column (null
  * where its status has none).
  */
 export async function many(sql: Db.Sql, items: Record<string, unknown>[]) {
@@ -61,13 +61,13 @@ export async function many(sql: Db.Sql, items: Record<string, unknown>[]) {
       : [o.op, o.id, o.cost, o.promptTokens, o.completionTokens, o.status, o.latencyMs, o.ttftMs]
     ).map((x) => x ?? null),
   )
-  const [r] = await sql`select tollway_ledger_many(${sql.json(positional as never)}) as answers`
+  const [r] = await sql`select tollway_ledger_batch(${sql.json(positional as never)}) as answers`
   const answers = JSON.parse(r!.answers as string) as (unknown[] | null)[]
   expect(answers).toHaveLength(items.length)
   return answers.flatMap((x, idx) => (x === null ? [] : [row(idx, x)]))
 }
 
-/** An admission item of tollway_ledger_many's input (JSON), by the key `keyHash`. */
+/** An admission item of the ledger's input (JSON, as objects), by the key `keyHash`. */
 export const item = (keyHash: Uint8Array) => ({
   op: 'admit',
   keyHash: Buffer.from(keyHash).toString('hex'),
@@ -85,7 +85,7 @@ export const item = (keyHash: Uint8Array) => ({
 
 const big = (x: unknown) => (x === null ? null : BigInt(x as string | number))
 
-/** An entry of tollway_ledger_many's answer as its version 1's row. */
+/** An entry of tollway_ledger_batch's answer as tollway_ledger_many's row. */
 function row(idx: number, x: unknown[]): Record<string, unknown> {
   const r: Record<string, unknown> = {
     idx,

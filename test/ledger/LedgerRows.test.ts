@@ -1,6 +1,6 @@
 /**
- * The current tollway_ledger_many (0007's rewrite, with 0009's quota_room column beside, and
- * since functions/tollway_ledger_many.sql version 2 one JSON answer for the batch, read back as
+ * The current ledger batch, tollway_ledger_batch (0007's rewrite of tollway_ledger_many, with
+ * 0009's quota_room column beside, and one JSON answer for the batch, read back as
  * rows by Ledger.many) against 0004's, which 0007 replaced, on twin accounts: the same random
  * batches of admissions and finishes must give the same rows and leave the same ledger (0004's
  * is installed here under another name, as it was written).
@@ -91,7 +91,7 @@ function comparable(row: Record<string, unknown>, requests: string[]) {
   }
 }
 
-describe('tollway_ledger_many (0007, 0009) against 0004', () => {
+describe('tollway_ledger_batch (0007, 0009) against 0004', () => {
   test('property: random batches give the same rows and leave the same ledger', async () => {
     await fc.assert(
       fc.asyncProperty(
@@ -104,7 +104,7 @@ describe('tollway_ledger_many (0007, 0009) against 0004', () => {
         async (plan, credits, batches) => {
           const twins = [
             { fn: 'tollway_ledger_many_0004', ...(await Ledger.account(sql, credits, plan)) },
-            { fn: 'tollway_ledger_many', ...(await Ledger.account(sql, credits, plan)) },
+            { fn: 'tollway_ledger_batch', ...(await Ledger.account(sql, credits, plan)) },
           ].map((t) => ({ ...t, requests: [] as string[] }))
           for (const batch of batches) {
             const results = []
@@ -154,7 +154,7 @@ describe('tollway_ledger_many (0007, 0009) against 0004', () => {
                 },
               )
               const rows =
-                t.fn === 'tollway_ledger_many'
+                t.fn === 'tollway_ledger_batch'
                   ? await Ledger.many(sql, items)
                   : await sql`select * from ${sql(t.fn)}(${sql.json(items)}) order by idx`
               results.push(rows.map((r) => comparable(r, t.requests)))
@@ -194,7 +194,7 @@ describe('tollway_finish (0002) of an account reservation', () => {
   })
 })
 
-describe('tollway_ledger_many finishes', () => {
+describe('tollway_ledger_batch finishes', () => {
   test('behavior: a reservation finished twice in one batch is charged once, for its first item; the second has no answer', async () => {
     // (Version 1 charged one of them, which one as its plan happened to join them.)
     const a = await Ledger.account(sql, 100n, 'pro')

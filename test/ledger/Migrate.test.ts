@@ -10,7 +10,7 @@ import * as Db from '../../src/ledger/Db.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 
 const db = await Postgres.fresh()
-const file = 'tollway_ledger_many.sql'
+const file = 'tollway_ledger_batch.sql'
 const text = readFileSync(join(import.meta.dir, '../../src/ledger/functions', file), 'utf8')
 const sha256 = createHash('sha256').update(text).digest('hex')
 const recorded = async () =>
@@ -19,7 +19,7 @@ const definitions = async () =>
   (
     await db.sql`
       select count(*)::int as n from pg_proc
-      where proname = 'tollway_ledger_many' and pronamespace = current_schema()::regnamespace`
+      where proname = 'tollway_ledger_batch' and pronamespace = current_schema()::regnamespace`
   )[0]?.n
 
 describe('Db.migrate', () => {
@@ -34,7 +34,7 @@ describe('Db.migrate', () => {
     await db.sql`update schema_functions set version = ${version + 1} where name = ${file}`
     expect(await Db.migrate(db.sql)).toEqual([])
     // A database migrated before the file changed: an older version, another body in place.
-    await db.sql.unsafe('alter function tollway_ledger_many(jsonb) rename to tollway_ledger_old')
+    await db.sql.unsafe('alter function tollway_ledger_batch(jsonb) rename to tollway_ledger_old')
     expect(await definitions()).toBe(0)
     await db.sql`update schema_functions set version = ${version - 1}, sha256 = 'older'
       where name = ${file}`
@@ -45,7 +45,7 @@ describe('Db.migrate', () => {
 
   test('error: the same version with another text stops the start, naming the file', async () => {
     await db.sql`update schema_functions set sha256 = 'an edit' where name = ${file}`
-    await expect(Db.migrate(db.sql)).rejects.toThrow(/tollway_ledger_many.sql.*raise it/)
+    await expect(Db.migrate(db.sql)).rejects.toThrow(/tollway_ledger_batch.sql.*raise it/)
     await db.sql`update schema_functions set sha256 = ${sha256} where name = ${file}`
   })
 })

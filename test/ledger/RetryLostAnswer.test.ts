@@ -41,7 +41,7 @@ async function admitted(credits: bigint, want: bigint) {
 
 test('behavior: a charge whose first attempt committed but lost its answer reports what it charged', async () => {
   const { accountId, requestId, held } = await admitted(1_000n, 100n)
-  const { sql, arm } = lossy(db.sql, 'tollway_ledger_many')
+  const { sql, arm } = lossy(db.sql, 'tollway_ledger_batch')
   const r = Reservations.reservation(sql, { id: requestId, held, leaseSeconds: 60 })
   arm()
   const { charged } = await r.settle({

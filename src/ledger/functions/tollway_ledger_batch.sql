@@ -1,22 +1,29 @@
--- version: 2
--- tollway_ledger_many: the API-key ledger's batch statement (admissions and finishes, see
+-- version: 1
+-- tollway_ledger_batch: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
 -- this file after the migrations when its version (the first line) is above the one applied, so
--- a change to the function is an edit of this file with its version raised (migrations 0004,
--- 0007, 0009 and 0012 each restated it whole before).
+-- a change to the function is an edit of this file with its version raised.
 -- Tables and columns it needs still come from migrations.
 --
--- Its items are a JSON array of arrays, fields by position (version 1 took objects: their keys
--- were most of what PostgreSQL parsed), numbers of credits as strings of digits:
+-- It succeeds tollway_ledger_many (migrations 0004, 0007, 0009 and 0012, then version 1 of
+-- functions/tollway_ledger_many.sql), which took objects and answered a 14-column row per item.
+-- A new name, not a new version, because the answer changed type: an instance of the release
+-- before, still taking load during a rolling deploy, calls tollway_ledger_many as it was, and it
+-- stays in the database for such instances (as do tollway_admit and tollway_account_finish of
+-- 0004, which call it). The two lock in the same order (account rows by id, each reservation by
+-- the one instance that finishes it) and write the same rows.
+--
+-- Its items are a JSON array of arrays, fields by position (objects' keys were most of what
+-- PostgreSQL parsed), numbers of credits as strings of digits:
 --   ["admit", keyHash (hex), model, stream, minTier, promptTokens, want, need, idempotencyKey,
 --     fingerprint (hex), requestId, leaseSeconds]
 --   ["finish", id, cost, promptTokens, completionTokens, status, latencyMs, ttftMs]
 -- Each field is read once, typed, by the query of the loop (not by a ->> in each expression).
--- Its answer is one text, a JSON array with an entry per item in the items' order (version 1
--- returned a 14-column row per item, most columns NULL: decoding them cost the gateway more
--- than the rest of its work on the batch). An entry is null for a finish whose reservation was
--- gone (finished already), else an array whose first element is the status; money is a string
--- of digits (exact in JavaScript), other numbers are JSON numbers:
+-- Its answer is one text, a JSON array with an entry per item in the items' order (a 14-column
+-- row per item, most columns NULL, cost the gateway more to decode than the rest of its work on
+-- the batch). An entry is null for a finish whose reservation was gone (finished already), else
+-- an array whose first element is the status; money is a string of digits (exact in
+-- JavaScript), other numbers are JSON numbers:
 --   ["ok", account, key, held, available, concurrency_room, quota_room, rate_limit, rate_remaining]
 --   ["finished", charged, balance]
 --   ["unauthorized"]
@@ -24,14 +31,7 @@
 --   ["idempotency_mismatch" | "idempotency_in_progress" | "idempotency_completed", account, key, other_request]
 --   ["concurrency" | "rate" | "quota" | "wallet", account, key, retry_after_ms, rate_limit, rate_remaining]
 --   ["insufficient", account, key, available, rate_limit, rate_remaining]
--- Version 1 returned another type: it is dropped first (CREATE OR REPLACE cannot change that).
--- An instance of the release before, still running, finds no rows in this answer: a batch of
--- its with an admission fails (its items then run one by one, and those Alone.ts declines
--- fail), and one of finishes only looks finished already (nothing charged; the sweep charges
--- each what its last extend recorded, once its lease runs out). Roll this out with no instance
--- of that release taking load.
-DROP FUNCTION IF EXISTS tollway_ledger_many(jsonb);
-CREATE FUNCTION tollway_ledger_many(p_items jsonb) RETURNS text LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION tollway_ledger_batch(p_items jsonb) RETURNS text LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
   ts timestamptz := clock_timestamp();
@@ -269,28 +269,10 @@ BEGIN
 END $$;
 -- Its statements take a JSON parameter whose size does not change their plans: planning them
 -- on every call (a custom plan) cost more than running them.
-ALTER FUNCTION tollway_ledger_many(jsonb) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tollway_ledger_batch(jsonb) SET plan_cache_mode = force_generic_plan;
 -- Every table it reads has the index its lookups need. Reservations, vacuumed when none was
 -- under way (between bursts), looked empty to the planner, which then deleted a batch's finished
 -- reservations by a nested loop over the table with the items rescanned for each row: each
 -- reservation compared with each item, quadratic in the batch (61 against 37 us an item at 50
 -- items per statement, when the DELETE still joined the items).
-ALTER FUNCTION tollway_ledger_many(jsonb) SET enable_seqscan = off;
-
--- tollway_account_finish (0004), which tollway_finish (0002) calls for an account's
--- reservation, reads the answer as this version gives it.
-CREATE OR REPLACE FUNCTION tollway_account_finish(
-  p_id uuid,
-  p_cost numeric,
-  p_prompt_tokens int,
-  p_completion_tokens int,
-  p_status text,
-  p_latency_ms int,
-  p_ttft_ms int
-) RETURNS TABLE (charged numeric, balance numeric) LANGUAGE sql AS $$
-  SELECT (x.a->>1)::numeric, (x.a->>2)::numeric
-  FROM (SELECT tollway_ledger_many(jsonb_build_array(jsonb_build_array('finish', p_id,
-    p_cost::text, p_prompt_tokens, p_completion_tokens, p_status, p_latency_ms,
-    p_ttft_ms)))::jsonb -> 0 AS a) x
-  WHERE jsonb_typeof(x.a) = 'array'
-$$;
+ALTER FUNCTION tollway_ledger_batch(jsonb) SET enable_seqscan = off;
