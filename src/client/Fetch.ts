@@ -99,6 +99,13 @@ export type PayingFetch = typeof fetch & {
   /** The channel under forced close for `url`'s origin, else one the server refused as
    * closing (set apart), if any. */
   closing(url: string): Promise<Store.ChannelState | undefined>
+  /**
+   * Gives the store up (`Store.release`): another `createFetch` on the same store, in this
+   * process or another, may then pay through its channels. This paying fetch is done: its
+   * channels stay open (and stored) for the next client to resume, and any further request,
+   * close or withdraw through it throws a ClientError. Wait for requests under way first.
+   */
+  release(): Promise<void>
 }
 
 /** The live state of one channel. */
@@ -220,6 +227,14 @@ export function createFetch(options: Options): PayingFetch {
     }
   }
   const lives = new Map<string, Live>()
+  /** Set by `release`: the store is given up, and this paying fetch with it. */
+  let released = false
+  const usable = () => {
+    if (released)
+      throw new ClientError(
+        "This paying fetch was released (release()): its store may be another client's now. Create a new one with createFetch.",
+      )
+  }
   /** Channels set apart while they close (closingKey, refusedKey), by their store key: what
    * was signed on them. */
   const setApart = new Map<string, bigint>()
@@ -743,6 +758,7 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   const paying = async (input: string | URL | Request, init?: RequestInit): Promise<Response> => {
+    usable()
     const request =
       input instanceof Request ? new Request(input, init) : new Request(String(input), init)
     const url = request.url
@@ -906,6 +922,7 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   const close = async (url = lastUrl): Promise<Hex> => {
+    usable()
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
     await store.own?.(key)
@@ -1071,6 +1088,7 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   const requestClose = async (url = lastUrl, options: { channelId?: Hex } = {}) => {
+    usable()
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
     await store.own?.(key)
@@ -1123,6 +1141,7 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   const withdraw = async (url = lastUrl) => {
+    usable()
     if (!url) throw new ClientError('Nothing to withdraw: no request was made; pass the URL.')
     const key = keyOf(url)
     await store.own?.(key)
@@ -1156,7 +1175,14 @@ export function createFetch(options: Options): PayingFetch {
     return { channelId: state.channelId, txHash: sent.hash, refund, paid }
   }
 
+  const release = async () => {
+    released = true
+    lives.clear()
+    await store.release?.()
+  }
+
   return Object.assign(paying as typeof fetch, {
+    release,
     close,
     requestClose,
     withdraw,
