@@ -80,10 +80,16 @@ export function classify(e: Error): CliError {
       ),
       e.details,
     )
-  // The store's own failures (not JSON, a malformed entry, a lock left behind) name its file:
-  // the user repairs it.
+  // The store's own failures (not JSON, a malformed entry, a lock left behind, a directory
+  // that is a file) name its file: the user repairs it, or gives it another data dir.
   if (e instanceof ClientError && typeof e.details.path === 'string')
-    return new UsageError(e.message, e.details)
+    return new UsageError(
+      e.message.replace(
+        'put it in a directory you can write to',
+        'set TOLLWAY_DATA_DIR to a directory you can write to',
+      ),
+      e.details,
+    )
   if (e instanceof ClientError) return new ServerError(e.message)
   return new ServerError(`${e.name}: ${e.message}`)
 }

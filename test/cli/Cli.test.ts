@@ -98,6 +98,19 @@ describe('usage', () => {
     expect(r.stderr).toContain(`The channel store ${join(dir, 'channels.json')} is not JSON`)
     expect(r.code).toBe(2)
   })
+
+  test('error: a channel store that cannot be written (its directory is a file) is a usage error (exit 2) naming it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tollway-cli-store-'))
+    const notDir = join(dir, 'data')
+    writeFileSync(notDir, 'a file, not a directory')
+    const r = await cli(['channel', 'status', '--escrow', chain.escrowAddress], {
+      TOLLWAY_WALLET_KEY: chain.payers[5]!.privateKey,
+      TOLLWAY_DATA_DIR: notDir,
+    })
+    expect(r.stderr).toContain(`The channel store ${join(notDir, 'channels.json')} cannot be`)
+    expect(r.stderr).toContain('TOLLWAY_DATA_DIR')
+    expect(r.code).toBe(2)
+  })
 })
 
 describe('admin', () => {
