@@ -109,7 +109,7 @@ export type PayingFetch = typeof fetch & {
     options?: { channelId?: Hex },
   ): Promise<{ channelId: Hex; txHash: Hex; refund: bigint; paid: bigint }>
   /** The channel under forced close for `url`'s origin, else one the server refused as
-   * closing (set apart), if any. */
+   * closing (set apart), if any; `setApart` names both. */
   closing(url: string): Promise<Store.ChannelState | undefined>
   /**
    * Both channels set apart for `url`'s origin: `forced`, under the payer's forced close
@@ -1079,7 +1079,7 @@ export function createFetch(options: Options): PayingFetch {
     channelId === undefined || state.channelId.toLowerCase() === channelId.toLowerCase()
   /** The channels there are, for a message that found none that fits. */
   const there = (states: (Store.ChannelState | undefined)[]) => {
-    const ids = states.flatMap((c) => (c ? [c.channelId] : []))
+    const ids = [...new Set(states.flatMap((c) => (c ? [c.channelId] : [])))]
     return ids.length ? ` (there are ${ids.join(', ')})` : ''
   }
 
