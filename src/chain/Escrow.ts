@@ -325,7 +325,7 @@ export async function simulateSettle(
       args: [parameters.channelId, parameters.cumulativeAmount, parameters.signature],
     })
   } catch (error) {
-    throw Transaction.toReverted(error, 'settle')
+    throw Transaction.toReverted(error, 'settle', abi)
   }
 }
 

@@ -10,13 +10,26 @@
  * chosen per tick by a Postgres advisory lock. Every transaction is recorded with its hash
  * and outcome. A revert is definitive (recorded, never retried for the same amount); any
  * other failure (RPC down, network, nonce, no receipt in time) is retried with exponential
- * backoff. Nothing escapes the loop: it logs and catches up later.
+ * backoff, and its record follows the chain when the transaction proves mined after all
+ * (`follow`). Nothing escapes the loop: it logs and catches up later.
  *
  * The database side is a `Store` (implemented by ledger/Settlements.ts), so chain/ does not
  * import ledger/; main.ts wires `Settlements.store(sql)` in.
  */
-import { type Address, BaseError, type Hex, RpcRequestError, TransactionNotFoundError } from 'viem'
-import { getBlockNumber, getTransaction, waitForTransactionReceipt } from 'viem/actions'
+import {
+  type Address,
+  BaseError,
+  type Hex,
+  RpcRequestError,
+  TransactionNotFoundError,
+  TransactionReceiptNotFoundError,
+} from 'viem'
+import {
+  getBlockNumber,
+  getTransaction,
+  getTransactionReceipt,
+  waitForTransactionReceipt,
+} from 'viem/actions'
 import type { Logger } from '../Logger.ts'
 import type { WalletClient } from './Client.ts'
 import {
@@ -86,6 +99,15 @@ export type Recorded = {
   updatedAt: Date
 }
 
+/** A settle or close that was sent and is not recorded confirmed (see `follow`). */
+export type Unconfirmed = {
+  id: bigint
+  kind: 'settle' | 'close'
+  cumulativeAmount: bigint
+  hash: Hex
+  status: 'pending' | 'reverted' | 'failed'
+}
+
 /** Database operations made while holding the settlement lock (all on the lock's connection). */
 export type LockedStore = {
   due(query: DueQuery): Promise<Due[]>
@@ -102,6 +124,8 @@ export type LockedStore = {
   settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
   /** The confirmed cooperative close of a channel, if there is one. */
   confirmedClose(channelId: Hex): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined>
+  /** The channel's settles and closes sent (with a hash) and not recorded confirmed. */
+  unconfirmed(channelId: Hex): Promise<Unconfirmed[]>
   markCloseRequested: Store['markCloseRequested']
   clock: Store['clock']
   /** The last block whose escrow events a pass read; undefined before the first. */
@@ -299,11 +323,14 @@ export function start(options: Options): Worker {
   }
 
   /** Takes the escrow's word on a channel the database has open: a forced close is marked, a
-   * withdrawal or close recorded. Channels of others on the same escrow are not read. */
+   * withdrawal or close recorded, and the records of the settles and closes sent for it follow
+   * the chain (`follow`; for a finalized channel too: its close may be the event read). Channels
+   * of others on the same escrow are not read. */
   async function reconcile(store: LockedStore, channelId: Hex): Promise<void> {
     const known = await store.settleable(channelId)
-    if (!known || known.finalized || known.escrow.toLowerCase() !== options.escrow.toLowerCase())
-      return
+    if (!known || known.escrow.toLowerCase() !== options.escrow.toLowerCase()) return
+    await follow(store, options.client, channelId, log)
+    if (known.finalized) return
     const readAt = await store.clock()
     const c = await Escrow.getChannel(options.client, { escrow: options.escrow, channelId })
     if (!c || c.payee.toLowerCase() !== payee.toLowerCase()) return
@@ -647,7 +674,7 @@ function known(client: WalletClient, hash: Hex): Promise<boolean> {
 /**
  * Takes what the escrow says (after a revert, or a payer's withdrawal): a channel the payer
  * withdrew is finalized, an amount settled elsewhere (e.g. an attempt that was mined after
- * we lost track of it) is recorded. Best effort.
+ * we lost track of it) is recorded, and so is that attempt (`follow`). Best effort.
  */
 async function refresh(
   store: LockedStore,
@@ -656,11 +683,45 @@ async function refresh(
   log: Log,
 ) {
   try {
+    await follow(store, options.client, channelId, log)
     const channel = await Escrow.getChannel(options.client, { escrow: options.escrow, channelId })
     if (!channel) return
     await store.settled({ channelId, settled: channel.settled, finalized: channel.finalized })
   } catch (error) {
     log.warn({ channelId, error: describe(error) }, 'reading the channel from the escrow failed')
+  }
+}
+
+/**
+ * Makes the records of a channel's settles and closes follow the chain. An attempt recorded
+ * failed (no receipt in time, the node's answer lost), pending (its worker died) or reverted
+ * by a simulation that came after it had been mined, whose transaction was mined all the same,
+ * is recorded as its receipt says: confirmed (its intent met: no retry, no backoff holding the
+ * channel's next settle, and a client retrying its close gets that close), or reverted. A
+ * transaction the node has no receipt for stays as recorded: still in the pool, or dropped
+ * (its next attempt finds out). Throws when the node does not answer.
+ */
+async function follow(store: LockedStore, client: WalletClient, channelId: Hex, log: Log) {
+  for (const t of await store.unconfirmed(channelId)) {
+    const receipt = await getTransactionReceipt(client, { hash: t.hash }).catch((error) => {
+      if (error instanceof TransactionReceiptNotFoundError) return undefined
+      throw error
+    })
+    if (!receipt) continue
+    const fields = {
+      channelId,
+      kind: t.kind,
+      cumulativeAmount: t.cumulativeAmount.toString(),
+      hash: t.hash,
+    }
+    if (receipt.status === 'success') {
+      await store.finish(t.id, { status: 'confirmed', hash: t.hash })
+      log.info(fields, `${t.kind} found mined: recorded confirmed`)
+    } else if (t.status !== 'reverted') {
+      const error = new TransactionRevertedError({ functionName: t.kind, hash: t.hash, receipt })
+      await store.finish(t.id, { status: 'reverted', hash: t.hash, error: describe(error) })
+      log.warn(fields, `${t.kind} found mined and reverted: recorded reverted`)
+    }
   }
 }
 

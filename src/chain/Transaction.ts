@@ -1,7 +1,8 @@
 /**
  * Sending a contract call and waiting for it: simulate first (a revert there is decoded into the
- * contract's custom error and nothing is sent), then send, then wait for the receipt. A mined
- * `status: reverted` is a definite failure, never "still pending".
+ * contract's custom error and nothing is sent), then send (a revert when the node estimates its
+ * gas is decoded the same way), then wait for the receipt. A mined `status: reverted` is a
+ * definite failure, never "still pending".
  */
 import {
   type Abi,
@@ -73,15 +74,20 @@ export async function send<result = unknown>(
         // Again on every attempt: another instance may have changed the state meanwhile.
         simulated = await simulateContract(client, { ...call, account } as never)
       } catch (error) {
-        throw toReverted(error, call.functionName)
+        throw toReverted(error, call.functionName, call.abi)
       }
       try {
-        return { hash: await writeContract(client, simulated.request as never), simulated }
+        // The call's whole ABI, not the simulation's request's (the function alone): the gas
+        // estimate may revert where the simulation did not (the state moved in between, or the
+        // node estimates on its pending block, where a transaction of this account waits), and
+        // viem decodes that revert with the ABI it is given, which must hold the custom errors.
+        const request = { ...(simulated.request as object), abi: call.abi }
+        return { hash: await writeContract(client, request as never), simulated }
       } catch (error) {
         // The nonce may have been handed out without a transaction using it: ask the node again.
         account.nonceManager?.reset({ address: account.address, chainId: client.chain.id })
         if (attempt < attempts && nonceTaken(error)) return undefined
-        throw toReverted(error, call.functionName)
+        throw toReverted(error, call.functionName, call.abi)
       }
     })
     if (!sent) {
@@ -120,11 +126,20 @@ export async function wait(
   return receipt
 }
 
-/** A revert becomes TransactionRevertedError; anything else (network, RPC) is rethrown as is. */
-export function toReverted(error: unknown, functionName: string): unknown {
+/**
+ * A revert becomes TransactionRevertedError, its custom error decoded with `abi` when viem
+ * could not (it decodes with the ABI its action was given, which may lack the error); anything
+ * else (network, RPC) is returned as is.
+ */
+export function toReverted(error: unknown, functionName: string, abi?: Abi): unknown {
   if (!(error instanceof BaseError)) return error
-  const revert = error.walk((e) => e instanceof ContractFunctionRevertedError)
-  if (!(revert instanceof ContractFunctionRevertedError)) return error
+  const found = error.walk((e) => e instanceof ContractFunctionRevertedError)
+  if (!(found instanceof ContractFunctionRevertedError)) return error
+  let revert = found
+  if (!revert.data && revert.raw && abi) {
+    const decoded = new ContractFunctionRevertedError({ abi, data: revert.raw, functionName })
+    if (decoded.data) revert = decoded
+  }
   return new TransactionRevertedError({
     functionName,
     errorName: revert.data?.errorName ?? revert.reason,

@@ -11,6 +11,7 @@ import {
   ChainRequiredError,
   ChallengeRefusedError,
   type ChannelState,
+  ChannelStateError,
   ClientError,
   CloseNotReadyError,
   challengeOf,
@@ -69,10 +70,26 @@ export function classify(e: Error): CliError {
         'Run this one with another TOLLWAY_DATA_DIR',
       ),
     )
-  // The store's own failures (not JSON, a malformed entry, a lock left behind) name its file:
-  // the user repairs it.
+  // No channel that can take the step (none, not the one named, another under forced close):
+  // the request itself cannot be done, as a gateway's 4xx.
+  if (e instanceof ChannelStateError)
+    return new UsageError(
+      e.message.replace(
+        'close() this one (the one in use) first, then the other',
+        'run tollway channel close for this one (the one in use), then again for the other; the next chat opens another channel',
+      ),
+      e.details,
+    )
+  // The store's own failures (not JSON, a malformed entry, a lock left behind, a directory
+  // that is a file) name its file: the user repairs it, or gives it another data dir.
   if (e instanceof ClientError && typeof e.details.path === 'string')
-    return new UsageError(e.message, e.details)
+    return new UsageError(
+      e.message.replace(
+        'put it in a directory you can write to',
+        'set TOLLWAY_DATA_DIR to a directory you can write to',
+      ),
+      e.details,
+    )
   if (e instanceof ClientError) return new ServerError(e.message)
   return new ServerError(`${e.name}: ${e.message}`)
 }
@@ -318,31 +335,93 @@ const withdrawableAt = (state: ChannelState): Date | undefined =>
     ? undefined
     : new Date(Number(BigInt(state.closeRequestedAt) + Escrow.closeGracePeriod) * 1000)
 
+/** Where a channel of the wallet with the gateway stands: in use, set apart as refused as
+ * closing (or moved off the gateway's chain), or under the wallet's forced close. */
+type Kind = 'in-use' | 'refused' | 'forced-close'
+const described: Record<Kind, string> = {
+  'in-use': 'in use',
+  refused: 'set apart: refused as closing',
+  'forced-close': 'under forced close',
+}
+type Found = ChannelState & { kind: Kind }
+
+/**
+ * The wallet's channels with the gateway, in the order `close` takes them (the client's
+ * order: in use, refused, forced close), each with its kind; one line per command resolves
+ * from it which channel it means, and hands that id to the client, so that what it prints is
+ * what it acted on.
+ */
+async function channels(pay: Awaited<ReturnType<typeof paying>>, url: string): Promise<Found[]> {
+  const inUse = await pay.channel(url)
+  const { forced, refused } = await pay.setApart(url)
+  return [
+    ...(inUse ? [{ ...inUse, kind: 'in-use' as const }] : []),
+    ...(refused ? [{ ...refused, kind: 'refused' as const }] : []),
+    ...(forced ? [{ ...forced, kind: 'forced-close' as const }] : []),
+  ]
+}
+
+/** `--channel`, checked to be a channel id. */
+function channelOption(ctx: Context): Hex | undefined {
+  const id = ctx.values.channel
+  if (id === undefined) return undefined
+  if (!/^0x[0-9a-fA-F]{64}$/.test(id))
+    throw new UsageError(`--channel: ${id} is not a channel id (0x and 64 hex digits).`)
+  return id as Hex
+}
+
+/** The channel `--channel` names among `found`, else the first of `found` that `fits`. */
+function pick(ctx: Context, found: Found[], fits: (c: Found) => boolean, what: string): Found {
+  const id = channelOption(ctx)
+  const list = found.map((c) => `${c.channelId} (${described[c.kind]})`).join(', ')
+  if (id) {
+    const named = found.find((c) => c.channelId.toLowerCase() === id.toLowerCase())
+    if (!named)
+      throw new UsageError(
+        `No channel ${id} with ${ctx.settings.url}${list ? `; there are ${list}` : ''}.`,
+      )
+    return named
+  }
+  const first = found.find(fits)
+  if (!first) throw new UsageError(`No channel with ${ctx.settings.url} to ${what}.`)
+  return first
+}
+
 export async function status(ctx: Context) {
   const pay = await paying(ctx)
-  const local = await pay.channel(completions(ctx))
-  const closingState = await pay.closing(completions(ctx))
-  // A channel under forced close, and when it can be withdrawn; or one set apart as refused
-  // (no close requested: nothing to withdraw yet).
-  const at = closingState && withdrawableAt(closingState)
-  const closing = closingState && { ...closingState, ...(at ? { withdrawableAt: at } : {}) }
-  if (closing && !ctx.settings.json)
-    ctx.io.out(
-      at
-        ? `channel ${closing.channelId}: close requested, withdraw from ${at.toISOString()} (tollway channel withdraw)\n`
-        : `channel ${closing.channelId}: set apart (the gateway refused it as closing); tollway channel close closes it${local ? ' after the channel in use' : ''} (tollway channel request-close, if the gateway cannot)\n`,
-    )
+  const found = await channels(pay, completions(ctx))
+  const local = found.find((c) => c.kind === 'in-use')
+  // Each channel set apart: under forced close, and when it can be withdrawn; or refused as
+  // closing (no close requested: nothing to withdraw yet).
+  const apart = (['forced-close', 'refused'] as const)
+    .flatMap((kind) => found.filter((c) => c.kind === kind))
+    .map((c) => {
+      const at = withdrawableAt(c)
+      return { ...c, ...(at ? { withdrawableAt: at } : {}) }
+    })
+  if (!ctx.settings.json)
+    for (const c of apart)
+      ctx.io.out(
+        c.withdrawableAt
+          ? `channel ${c.channelId}: close requested, withdraw from ${c.withdrawableAt.toISOString()} (tollway channel withdraw)\n`
+          : `channel ${c.channelId}: set apart (the gateway refused it as closing); tollway channel close closes it${local ? ' after the channel in use' : ''} (tollway channel request-close, if the gateway cannot)\n`,
+      )
+  // `closing`: the first set apart (under forced close first), as before `setApart` listed both.
+  const closing = apart[0]
   if (!local) {
-    if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ channel: null, closing })}\n`)
+    if (ctx.settings.json)
+      ctx.io.out(`${JSON.stringify({ channel: null, closing, setApart: apart })}\n`)
     else if (!closing) ctx.io.out(`no channel with ${ctx.settings.url}\n`)
     return
   }
+  const { kind: _, ...channel } = local
   const server = (await Http.request(
     target(ctx),
     'GET',
     `/v1/channels/${local.channelId}`,
   )) as Record<string, string>
-  if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ channel: local, server, closing })}\n`)
+  if (ctx.settings.json)
+    ctx.io.out(`${JSON.stringify({ channel, server, closing, setApart: apart })}\n`)
   else
     ctx.io.out(
       `channel ${local.channelId}: ${server.status}, deposit ${server.deposit}, signed ${local.signed}, accepted ${server.acceptedCumulative}, spent ${server.spent}, settled ${server.settled}\n`,
@@ -352,38 +431,54 @@ export async function status(ctx: Context) {
 export async function close(ctx: Context) {
   const pay = await paying(ctx)
   const url = completions(ctx)
-  // The channel in use, else one set apart (the gateway refused it as closing, or a forced
-  // close is under way): the close goes to it then.
-  const channel = (await pay.channel(url)) ?? (await pay.closing(url))
-  if (!channel) throw new UsageError(`No channel with ${ctx.settings.url} to close.`)
-  const hash = await progress(ctx, 'closing the channel', () => pay.close(url))
+  // --channel, else the channel in use, else one set apart (the gateway refused it as
+  // closing, then one under forced close): the close goes to it, and the line names it.
+  const channel = pick(ctx, await channels(pay, url), () => true, 'close')
+  const hash = await progress(ctx, 'closing the channel', () =>
+    pay.close(url, { channelId: channel.channelId }),
+  )
   if (ctx.settings.json)
-    ctx.io.out(`${JSON.stringify({ channelId: channel.channelId, txHash: hash })}\n`)
-  else ctx.io.out(`closed channel ${channel.channelId}: settlement transaction ${hash}\n`)
+    ctx.io.out(
+      `${JSON.stringify({ channelId: channel.channelId, kind: channel.kind, txHash: hash })}\n`,
+    )
+  else
+    ctx.io.out(
+      `closed channel ${channel.channelId} (${described[channel.kind]}): settlement transaction ${hash}\n`,
+    )
 }
 
 /**
  * For a gateway that stops answering: the payer's own `requestClose` on the escrow (needs
- * TOLLWAY_RPC_URL and gas); says when `withdraw` becomes possible.
+ * TOLLWAY_RPC_URL and gas); says when `withdraw` becomes possible. One forced close at a time
+ * per gateway: with another under way, it says to withdraw that one first.
  */
 export async function requestClose(ctx: Context) {
   const pay = await paying(ctx, { onChainOnly: true })
   const url = completions(ctx)
-  // The channel in use, else one set apart as refused; one whose close was requested already
-  // waits for withdraw.
-  const inUse = await pay.channel(url)
-  const apart = inUse ? undefined : await pay.closing(url)
-  if (!inUse && !apart) throw new UsageError(`No open channel with ${ctx.settings.url} to close.`)
-  const at = apart && withdrawableAt(apart)
-  if (apart && at)
+  const found = await channels(pay, url)
+  // --channel, else the channel in use, else one set apart as refused; one whose close was
+  // requested already waits for withdraw.
+  const forced = found.find((c) => c.kind === 'forced-close')
+  const channel = channelOption(ctx)
+    ? pick(ctx, found, () => true, 'close')
+    : (found.find((c) => c.kind !== 'forced-close') ?? forced)
+  if (!channel) throw new UsageError(`No open channel with ${ctx.settings.url} to close.`)
+  const at = forced && withdrawableAt(forced)
+  if (channel === forced && at)
     throw new UsageError(
-      `channel ${apart.channelId}: close requested already; run tollway channel withdraw from ${at.toISOString()}.`,
+      `channel ${forced.channelId}: close requested already; run tollway channel withdraw from ${at.toISOString()}.`,
     )
-  const r = await progress(ctx, 'requesting a close on the escrow', () => pay.requestClose(url))
-  if (ctx.settings.json) ctx.io.out(`${JSON.stringify(r)}\n`)
+  if (forced && at && channel !== forced)
+    throw new UsageError(
+      `channel ${forced.channelId} is under forced close already (one at a time per gateway): run tollway channel withdraw from ${at.toISOString()}, then request-close again for channel ${channel.channelId} (${described[channel.kind]}); or tollway channel close${channel.kind === 'in-use' ? '' : ` --channel ${channel.channelId}`} if the gateway answers.`,
+    )
+  const r = await progress(ctx, 'requesting a close on the escrow', () =>
+    pay.requestClose(url, { channelId: channel.channelId }),
+  )
+  if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ ...r, kind: channel.kind })}\n`)
   else
     ctx.io.out(
-      `close requested: ${r.txHash}\nchannel ${r.channelId}: run tollway channel withdraw from ${r.withdrawableAt.toISOString()} (15 minutes; the gateway may settle what it is owed meanwhile)\n`,
+      `close requested: ${r.txHash}\nchannel ${r.channelId} (was ${described[channel.kind]}): run tollway channel withdraw from ${r.withdrawableAt.toISOString()} (15 minutes; the gateway may settle what it is owed meanwhile)\n`,
     )
 }
 
@@ -391,11 +486,18 @@ export async function requestClose(ctx: Context) {
 export async function withdraw(ctx: Context) {
   const pay = await paying(ctx, { onChainOnly: true })
   const url = completions(ctx)
-  if (!(await pay.closing(url)))
+  const found = await channels(pay, url)
+  const forced = found.find((c) => c.kind === 'forced-close')
+  const channel = channelOption(ctx) ? pick(ctx, found, () => true, 'withdraw') : forced
+  if (!channel || channel !== forced)
     throw new UsageError(
-      `No channel with ${ctx.settings.url} is closing; run tollway channel request-close first.`,
+      channel
+        ? `channel ${channel.channelId} (${described[channel.kind]}) is not under forced close${forced ? ` (channel ${forced.channelId} is)` : ''}; run tollway channel request-close --channel ${channel.channelId} first${forced ? ', once that one is withdrawn' : ''}.`
+        : `No channel with ${ctx.settings.url} is closing; run tollway channel request-close first.`,
     )
-  const r = await progress(ctx, 'withdrawing from the escrow', () => pay.withdraw(url))
+  const r = await progress(ctx, 'withdrawing from the escrow', () =>
+    pay.withdraw(url, { channelId: channel.channelId }),
+  )
   if (ctx.settings.json)
     ctx.io.out(
       `${JSON.stringify({ ...r, refund: r.refund.toString(), paid: r.paid.toString() })}\n`,

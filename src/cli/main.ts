@@ -87,12 +87,17 @@ Options:
                      account and for channel request-close | withdraw
 The cost line goes to stderr; tokens to stdout.`,
   channel: `Usage:
-  tollway channel status [--json]          your channel with the gateway (kept in $TOLLWAY_DATA_DIR/channels.json)
-  tollway channel close [--json]           ask the gateway to close and settle it
-  tollway channel request-close [--json]   when the gateway stops answering: start a forced close
-                                           on the escrow yourself (your transaction, your gas)
-  tollway channel withdraw [--json]        15 minutes after request-close: take back what the
-                                           gateway has not settled
+  tollway channel status                       your channels with the gateway (kept in
+                                               $TOLLWAY_DATA_DIR/channels.json)
+  tollway channel close [--channel C]          ask the gateway to close and settle it
+  tollway channel request-close [--channel C]  when the gateway stops answering: start a forced
+                                               close on the escrow yourself (your transaction, your gas)
+  tollway channel withdraw [--channel C]       15 minutes after request-close: take back what the
+                                               gateway has not settled
+Each takes --json. A channel the gateway refused as closing is set apart (status shows it): close takes the
+channel in use, then that one, then one under forced close; request-close the one in use,
+then that one (one forced close at a time: withdraw the one before first); --channel <id>
+names the channel instead. Each prints the channel it acted on.
 Needs TOLLWAY_WALLET_KEY; request-close and withdraw also TOLLWAY_RPC_URL (--rpc-url).
 See tollway chat --help for the escrow options.`,
 } as const
@@ -116,6 +121,7 @@ const options = {
   'max-deposit': { type: 'string' },
   'max-total': { type: 'string' },
   'rpc-url': { type: 'string' },
+  channel: { type: 'string' },
   timeout: { type: 'string' },
   from: { type: 'string' },
   to: { type: 'string' },

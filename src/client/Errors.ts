@@ -81,6 +81,15 @@ export class PaymentFailedError extends ClientError {
   }
 }
 
+/**
+ * The store holds no channel this step can take: none at all, none with the id named, or
+ * another channel of the server under forced close already (one at a time). Nothing was sent;
+ * `details` names the channels there are.
+ */
+export class ChannelStateError extends ClientError {
+  override name = 'ChannelStateError'
+}
+
 /** Another process holds the store's channel for this server and wallet (see `Store.own`). */
 export class StoreInUseError extends ClientError {
   override name = 'StoreInUseError'

@@ -26,6 +26,7 @@ import * as Receipt from '../payment/Receipt.ts'
 import {
   ChainRequiredError,
   ChallengeRefusedError,
+  ChannelStateError,
   ClientError,
   CloseNotReadyError,
   LimitExceededError,
@@ -77,9 +78,16 @@ export type Options = {
 
 /** A paying `fetch`, with `close()` to close its channel. */
 export type PayingFetch = typeof fetch & {
-  /** Asks the server to close the channel used with `url` (default: the last one used);
-   * returns the settlement transaction hash. */
-  close(url?: string): Promise<Hex>
+  /**
+   * Asks the server to close a channel with `url`'s server (default: the last one used);
+   * returns the settlement transaction hash. Which channel: `channelId`, else the one in use,
+   * else the one set apart as refused, else the one under forced close (`setApart(url)`).
+   */
+  close(
+    url?: string,
+    /** Which channel: in use or set apart (default: as above). */
+    options?: { channelId?: Hex },
+  ): Promise<Hex>
   /** The channel in use for `url`'s origin, if any. */
   channel(url: string): Promise<Store.ChannelState | undefined>
   /**
@@ -95,10 +103,27 @@ export type PayingFetch = typeof fetch & {
   ): Promise<{ channelId: Hex; txHash: Hex; withdrawableAt: Date }>
   /** Takes back `deposit - settled` of the channel `requestClose` set apart (needs `rpcUrl`);
    * throws CloseNotReadyError, saying when, before the grace period has passed. */
-  withdraw(url?: string): Promise<{ channelId: Hex; txHash: Hex; refund: bigint; paid: bigint }>
+  withdraw(
+    url?: string,
+    /** The channel meant (it must be the one under forced close: there is one at a time). */
+    options?: { channelId?: Hex },
+  ): Promise<{ channelId: Hex; txHash: Hex; refund: bigint; paid: bigint }>
   /** The channel under forced close for `url`'s origin, else one the server refused as
-   * closing (set apart), if any. */
+   * closing (set apart), if any; `setApart` names both. */
   closing(url: string): Promise<Store.ChannelState | undefined>
+  /**
+   * Both channels set apart for `url`'s origin: `forced`, under the payer's forced close
+   * (`withdraw` takes it), and `refused`, refused by the server as closing, or on a chain the
+   * server no longer asks for (`close` or `requestClose` take it).
+   */
+  setApart(url: string): Promise<{ forced?: Store.ChannelState; refused?: Store.ChannelState }>
+  /**
+   * Gives the store up (`Store.release`): another `createFetch` on the same store, in this
+   * process or another, may then pay through its channels. This paying fetch is done: its
+   * channels stay open (and stored) for the next client to resume, and any further request,
+   * close or withdraw through it throws a ClientError. Wait for requests under way first.
+   */
+  release(): Promise<void>
 }
 
 /** The live state of one channel. */
@@ -220,6 +245,14 @@ export function createFetch(options: Options): PayingFetch {
     }
   }
   const lives = new Map<string, Live>()
+  /** Set by `release`: the store is given up, and this paying fetch with it. */
+  let released = false
+  const usable = () => {
+    if (released)
+      throw new ClientError(
+        "This paying fetch was released (release()): its store may be another client's now. Create a new one with createFetch.",
+      )
+  }
   /** Channels set apart while they close (closingKey, refusedKey), by their store key: what
    * was signed on them. */
   const setApart = new Map<string, bigint>()
@@ -427,7 +460,7 @@ export function createFetch(options: Options): PayingFetch {
         const earlier = await store.get(slot)
         // One set apart at a time: the earlier one's record is not given up for this one's.
         if (earlier && earlier.channelId !== state.channelId)
-          throw new ClientError(
+          throw new ChannelStateError(
             `Channel ${state.channelId} is closing, and channel ${earlier.channelId}, set apart before, still is: close() this one (the one in use) first, then the other.`,
             { channelId: state.channelId, setApart: earlier.channelId },
           )
@@ -743,6 +776,7 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   const paying = async (input: string | URL | Request, init?: RequestInit): Promise<Response> => {
+    usable()
     const request =
       input instanceof Request ? new Request(input, init) : new Request(String(input), init)
     const url = request.url
@@ -905,21 +939,27 @@ export function createFetch(options: Options): PayingFetch {
     )
   }
 
-  const close = async (url = lastUrl): Promise<Hex> => {
+  const close = async (url = lastUrl, which: { channelId?: Hex } = {}): Promise<Hex> => {
+    usable()
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
     await store.own?.(key)
-    // The channel in use, else one set apart while it closes (its close refused or kept
-    // waiting, or forced): sent again, the close goes on.
-    const inUse = lives.get(key)?.state ?? (await store.get(key))
-    let slot: string | undefined
-    let state = inUse
-    for (const k of [refusedKey(key), closingKey(key)]) {
-      if (state) break
-      state = await store.get(k)
-      slot = k
-    }
-    if (!state) throw new ClientError(`No channel to close for ${new URL(url).origin}.`)
+    // The channel named, else the one in use, else one set apart while it closes (its close
+    // refused or kept waiting, then one forced): sent again, the close goes on.
+    const held = lives.get(key)?.state ?? (await store.get(key))
+    const found: [string | undefined, Store.ChannelState | undefined][] = [
+      [undefined, held],
+      [refusedKey(key), await store.get(refusedKey(key))],
+      [closingKey(key), await store.get(closingKey(key))],
+    ]
+    const [slot, state] =
+      found.find(([, c]) => c && named(c, which.channelId)) ?? ([undefined, undefined] as const)
+    if (!state)
+      throw new ChannelStateError(
+        `No channel${which.channelId ? ` ${which.channelId}` : ''} to close for ${new URL(url).origin}${there(found.map(([, c]) => c))}.`,
+        { channelId: which.channelId },
+      )
+    const inUse = slot === undefined ? held : undefined
     // A fresh challenge to bind the close credential to.
     const res = await base(state.url, { method: 'POST' })
     const challenge = challengeIn(res)
@@ -1034,6 +1074,15 @@ export function createFetch(options: Options): PayingFetch {
     return txHash
   }
 
+  /** Whether `state` is the channel `channelId` names (any channel when none is named). */
+  const named = (state: Store.ChannelState, channelId: Hex | undefined) =>
+    channelId === undefined || state.channelId.toLowerCase() === channelId.toLowerCase()
+  /** The channels there are, for a message that found none that fits. */
+  const there = (states: (Store.ChannelState | undefined)[]) => {
+    const ids = [...new Set(states.flatMap((c) => (c ? [c.channelId] : [])))]
+    return ids.length ? ` (there are ${ids.join(', ')})` : ''
+  }
+
   /** Counts what a closed channel paid against maxTotal, in the store and here. */
   const count = async (key: string, amount: bigint) => {
     if (amount === 0n) return
@@ -1071,6 +1120,7 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   const requestClose = async (url = lastUrl, options: { channelId?: Hex } = {}) => {
+    usable()
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
     await store.own?.(key)
@@ -1079,16 +1129,17 @@ export function createFetch(options: Options): PayingFetch {
     const inUse = lives.get(key)?.state ?? (await store.get(key))
     // The channel named, else the one in use, else the one set apart as refused.
     const candidates = [inUse, refused, pending && !pending.closeRequestedAt ? pending : undefined]
-    const state = options.channelId
-      ? candidates.find((c) => c?.channelId.toLowerCase() === options.channelId!.toLowerCase())
-      : candidates.find((c) => c !== undefined)
+    const state = candidates.find((c) => c && named(c, options.channelId))
     if (!state)
-      throw new ClientError(
-        `No open channel${options.channelId ? ` ${options.channelId}` : ''} for ${new URL(url).origin}.`,
+      throw new ChannelStateError(
+        `No open channel${options.channelId ? ` ${options.channelId}` : ''} for ${new URL(url).origin}${there([...candidates, pending])}.`,
+        { channelId: options.channelId },
       )
+    // One forced close at a time per server: the store keeps one channel under it.
     if (pending && pending.channelId !== state.channelId)
-      throw new ClientError(
-        `Channel ${pending.channelId} is closing already; withdraw it before forcing another close.`,
+      throw new ChannelStateError(
+        `Channel ${pending.channelId} is under forced close already (one at a time per server); withdraw it first, then request the close of channel ${state.channelId} (or close that one through the server).`,
+        { channelId: state.channelId, forced: pending.channelId },
       )
     const client = chainClient(state.chainId, 'requestClose')
     /** Forgets `state` where it is kept (in use, or set apart), but in the slot `kept`. */
@@ -1122,14 +1173,21 @@ export function createFetch(options: Options): PayingFetch {
     }
   }
 
-  const withdraw = async (url = lastUrl) => {
+  const withdraw = async (url = lastUrl, which: { channelId?: Hex } = {}) => {
+    usable()
     if (!url) throw new ClientError('Nothing to withdraw: no request was made; pass the URL.')
     const key = keyOf(url)
     await store.own?.(key)
     const state = await store.get(closingKey(key))
     if (!state)
-      throw new ClientError(
+      throw new ChannelStateError(
         `No channel with ${new URL(url).origin} is closing; call requestClose first.`,
+        { channelId: which.channelId },
+      )
+    if (!named(state, which.channelId))
+      throw new ChannelStateError(
+        `Channel ${which.channelId} is not under forced close with ${new URL(url).origin} (channel ${state.channelId} is); call requestClose for it first.`,
+        { channelId: which.channelId, forced: state.channelId },
       )
     const client = chainClient(state.chainId, 'withdraw')
     const { ref, onChain } = await stillOpen(client, key, state, async () => {
@@ -1156,13 +1214,25 @@ export function createFetch(options: Options): PayingFetch {
     return { channelId: state.channelId, txHash: sent.hash, refund, paid }
   }
 
+  const release = async () => {
+    released = true
+    lives.clear()
+    await store.release?.()
+  }
+
   return Object.assign(paying as typeof fetch, {
+    release,
     close,
     requestClose,
     withdraw,
     channel: async (url: string) => lives.get(keyOf(url))?.state ?? store.get(keyOf(url)),
     closing: async (url: string) =>
       (await store.get(closingKey(keyOf(url)))) ?? store.get(refusedKey(keyOf(url))),
+    setApart: async (url: string) => {
+      const forced = await store.get(closingKey(keyOf(url)))
+      const refused = await store.get(refusedKey(keyOf(url)))
+      return { ...(forced ? { forced } : {}), ...(refused ? { refused } : {}) }
+    },
   })
 }
 

@@ -100,6 +100,20 @@ const LOCK_WAIT_MS = 10_000
 /** A write lock older than this is left from a process that died mid-write, ms. */
 const LOCK_STALE_MS = 30_000
 
+/**
+ * A file system failure on the store (its directory a file, no permission, a full disk) as a
+ * ClientError naming the store, so that it reads as a place to repair, not a failure of the
+ * server's. `doing`: 'read' or 'written'.
+ */
+function unusable(path: string, doing: string, e: unknown): ClientError {
+  const message = (e as Error).message
+  return new ClientError(
+    `The channel store ${path} cannot be ${doing} (${message}); put it in a directory you can write to.`,
+    { path, code: (e as NodeJS.ErrnoException).code },
+    { cause: e },
+  )
+}
+
 /** Whether process `pid` is alive (on this machine). */
 function alive(pid: number): boolean {
   try {
@@ -196,7 +210,9 @@ export function file(path: string): Store {
   }
   /** Runs `f` holding the file's write lock (waiting for another process's write). */
   const locked = async <T>(f: () => Promise<T>): Promise<T> => {
-    await mkdir(dirname(path), { recursive: true })
+    await mkdir(dirname(path), { recursive: true }).catch((e: unknown) => {
+      throw unusable(path, 'written', e)
+    })
     const deadline = Date.now() + LOCK_WAIT_MS
     for (;;) {
       try {
@@ -204,7 +220,7 @@ export function file(path: string): Store {
         await lock.writeFile(String(process.pid)).finally(() => lock.close())
         break
       } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e
+        if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw unusable(path, 'written', e)
         if (await takeOver()) continue
         if (Date.now() > deadline)
           throw new ClientError(
@@ -226,7 +242,7 @@ export function file(path: string): Store {
       text = await readFile(path, 'utf8')
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') return { channels: {}, closedTotals: {} }
-      throw e
+      throw unusable(path, 'read', e)
     }
     let json: unknown
     try {
@@ -270,8 +286,12 @@ export function file(path: string): Store {
         const content = await load()
         f(content)
         const tmp = `${path}.${process.pid}.tmp`
-        await writeFile(tmp, `${JSON.stringify(content, null, 2)}\n`)
-        await rename(tmp, path)
+        try {
+          await writeFile(tmp, `${JSON.stringify(content, null, 2)}\n`)
+          await rename(tmp, path)
+        } catch (e) {
+          throw unusable(path, 'written', e)
+        }
       }),
     )
     queue = next.catch(() => {})
@@ -317,7 +337,9 @@ export function file(path: string): Store {
             `Another process (pid ${other.pid}) pays ${key.split('#')[0]} from this wallet through the channel store ${path}; two processes cannot use one channel. Give this one a store of its own, or wait for that one to end (if it has, delete ${owner}).`,
             { path, key, pid: other.pid },
           )
-        await writeFile(owner, `${process.pid} ${token}`)
+        await writeFile(owner, `${process.pid} ${token}`).catch((e: unknown) => {
+          throw unusable(path, 'written', e)
+        })
       })
       mine.add(owner)
       claims.set(owner, token)

@@ -257,6 +257,26 @@ export async function inFlight(sql: Sql, channelId: Hex): Promise<number> {
   return r!.n as number
 }
 
+/**
+ * The channel's settles and closes that were sent (they have a hash) and are not recorded
+ * confirmed: pending, failed, or reverted before they were mined, they may have been mined
+ * since (see `Settlement.follow`).
+ */
+export async function unconfirmed(sql: Sql, channelId: Hex): Promise<Settlement.Unconfirmed[]> {
+  const rows = await sql`
+    select id, kind, cumulative_amount, tx_hash, status from chain_transactions
+    where channel_id = ${bytes(channelId)} and kind in ('settle', 'close')
+      and status <> 'confirmed' and tx_hash is not null
+    order by id`
+  return rows.map((r) => ({
+    id: BigInt(r.id),
+    kind: r.kind,
+    cumulativeAmount: r.cumulative_amount,
+    hash: hex(r.tx_hash),
+    status: r.status,
+  }))
+}
+
 /** The confirmed cooperative close of a channel, if any. */
 export async function confirmedClose(
   sql: Sql,
@@ -323,6 +343,7 @@ function locked(sql: Sql): Settlement.LockedStore {
     finish: (id, o) => finish(sql, id, o),
     settled: (i) => Channels.settled(sql, i),
     confirmedClose: (channelId) => confirmedClose(sql, channelId),
+    unconfirmed: (channelId) => unconfirmed(sql, channelId),
     markCloseRequested: (channelId, read) => markCloseRequested(sql, channelId, read),
     clock: () => Channels.clock(sql),
     cursor: (at) => cursor(sql, at),

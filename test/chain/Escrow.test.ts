@@ -9,6 +9,8 @@ import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import * as Transaction from '../../src/chain/Transaction.ts'
 import * as Voucher from '../../src/chain/Voucher.ts'
+import * as ChainEscrow from '../../src/payment/evm/ChainEscrow.ts'
+import type { PaymentProblem } from '../../src/payment/Problem.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 
 let chain: Anvil.TestChain
@@ -455,4 +457,48 @@ describe('Transaction.wait', () => {
     expect(error.receipt?.status).toBe('reverted')
     expect(error.hash).toBe(hash)
   })
+})
+
+describe('Transaction.send', () => {
+  test('error: a revert at gas estimation, after the simulation passed, is decoded into the escrow custom error', async () => {
+    const { channelId } = await openChannel()
+    const escrow = chain.escrowAddress
+    const rpc = (method: string, params: unknown[] = []) =>
+      chain.payeeClient.request({ method, params } as never)
+    // The payee's close waits in the pool: anvil simulates (eth_call) on the latest block,
+    // where the channel is open, and estimates gas on the pending one, where it is closed. So
+    // the simulation passes and the estimation reverts with the escrow's ChannelFinalized.
+    await rpc('evm_setAutomine', [false])
+    let closing: Promise<unknown> | undefined
+    let error: unknown
+    try {
+      const submitted = Promise.withResolvers<void>()
+      closing = Escrow.close(
+        chain.payeeClient,
+        { escrow, channelId, cumulativeAmount: 100n, signature: await voucher(channelId, 100n) },
+        { onSubmitted: () => submitted.resolve() },
+      )
+      await submitted.promise
+      const before = await rpc('eth_getBlockTransactionCountByNumber', ['pending'])
+      error = await Escrow.settle(chain.payeeClient, {
+        escrow,
+        channelId,
+        cumulativeAmount: 300n,
+        signature: await voucher(channelId, 300n),
+      }).catch((e: unknown) => e)
+      // Refused before sending: nothing more waits in the pool.
+      expect(await rpc('eth_getBlockTransactionCountByNumber', ['pending'])).toBe(before)
+    } finally {
+      await rpc('evm_setAutomine', [true])
+      await rpc('evm_mine')
+    }
+    await closing
+    expect(error).toBeInstanceOf(TransactionRevertedError)
+    expect((error as TransactionRevertedError).errorName).toBe('ChannelFinalized')
+    expect((error as TransactionRevertedError).hash).toBeUndefined()
+    // What the gateway answers a payer with: the draft's problem type for that revert.
+    const problem = ChainEscrow.problem(error, channelId) as PaymentProblem
+    expect(problem.kind).toBe('session/channel-finalized')
+    expect((await Escrow.getChannel(chain.payeeClient, { escrow, channelId }))?.settled).toBe(100n)
+  }, 30_000)
 })

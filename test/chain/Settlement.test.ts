@@ -9,6 +9,7 @@ import {
   ChannelStateError,
   CloseBelowSpentError,
   TransactionRevertedError,
+  TransactionTimeoutError,
 } from '../../src/chain/Errors.ts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Settlement from '../../src/chain/Settlement.ts'
@@ -920,7 +921,7 @@ describe('a chain that reorganizes, a settle still pending, a top-up racing a ma
     const rows = await recorded(channelId)
     expect(rows).toHaveLength(1)
     expect(rows[0]!.hash).toBe(first!.hash)
-    expect(rows[0]!.status).not.toBe('reverted')
+    expect(rows[0]!.status).toBe('confirmed')
   }, 30_000)
 
   test('error: a top-up credential handled between the pass reading a forced close and marking it does not leave the channel closing', async () => {
@@ -978,6 +979,130 @@ describe('a chain that reorganizes, a settle still pending, a top-up racing a ma
     expect(more.status).toBe('accepted')
     expect((await inDb(channelId)).closeRequestedAt).toBeNull()
   })
+})
+
+describe('records that follow the chain (an attempt recorded failed, mined after all)', () => {
+  const rpc = (method: string, params: unknown[] = []) =>
+    chain.payeeClient.request({ method, params } as never)
+  /** Runs `fn` on a chain that mines nothing until told (a receipt wait runs out of time). */
+  async function stalled<T>(fn: () => Promise<T>): Promise<T> {
+    await rpc('evm_setAutomine', [false])
+    try {
+      return await fn()
+    } finally {
+      await rpc('evm_setAutomine', [true])
+    }
+  }
+
+  test('error: a settle recorded failed and mined later is recorded confirmed by the next pass, which its backoff no longer holds back', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 120n)
+    await spend(channelId, 120n)
+    // The default backoff (5 s): a failed row would hold the channel's next settle that long.
+    const w = worker({ txTimeoutMs: 300, thresholdAmount: 1n })
+    expect(mine(await stalled(() => ticked(w)), channelId)).toMatchObject([{ status: 'failed' }])
+    const [failed] = await recorded(channelId)
+    expect(failed).toMatchObject({ status: 'failed', errorName: 'TransactionTimeoutError' })
+    expect(failed!.hash).toMatch(/^0x[0-9a-f]{64}$/)
+
+    await rpc('evm_mine')
+    expect((await onChain(channelId)).settled).toBe(120n)
+    // The pass reads the Settled event and the receipt of the recorded hash: nothing to send.
+    expect(mine(await ticked(w), channelId)).toEqual([])
+    expect(await inDb(channelId)).toMatchObject({ settled: 120n })
+    expect(await recorded(channelId)).toMatchObject([
+      {
+        kind: 'settle',
+        cumulativeAmount: 120n,
+        status: 'confirmed',
+        hash: failed!.hash,
+        attempts: 1,
+        errorName: undefined,
+        errorMessage: undefined,
+      },
+    ])
+    // More is spent and covered: settled at once, not after the failed attempt's backoff.
+    await accept(channelId, 200n)
+    await spend(channelId, 80n)
+    expect(mine(await ticked(w), channelId)).toMatchObject([
+      { status: 'confirmed', cumulativeAmount: 200n },
+    ])
+  }, 30_000)
+
+  test('error: a close recorded failed and mined later is recorded confirmed by the next pass; the client retrying it gets that close', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 300n)
+    await spend(channelId, 300n)
+    const final = { channelId, cumulativeAmount: 300n, signature: await sign(channelId, 300n) }
+    const w = worker({ txTimeoutMs: 300 })
+    const error = await stalled(() => w.close(final).catch((e: unknown) => e))
+    expect(error).toBeInstanceOf(TransactionTimeoutError)
+    const [failed] = await recorded(channelId)
+    expect(failed).toMatchObject({ kind: 'close', cumulativeAmount: 300n, status: 'failed' })
+
+    await rpc('evm_mine')
+    expect((await onChain(channelId)).finalized).toBe(true)
+    // No pass ran before (no cursor): this one reads every open channel from the escrow.
+    expect(mine(await ticked(w), channelId)).toEqual([])
+    expect(await inDb(channelId)).toMatchObject({ settled: 300n, finalized: true })
+    expect(await recorded(channelId)).toMatchObject([
+      { kind: 'close', cumulativeAmount: 300n, status: 'confirmed', hash: failed!.hash },
+    ])
+    // The close went through: a client sending it again gets it, not a finalized channel.
+    expect(await w.close(final)).toEqual({
+      hash: failed!.hash!,
+      cumulativeAmount: 300n,
+      forfeited: 0n,
+    })
+  }, 30_000)
+
+  test('error: a settle recorded failed and mined reverted (the payer withdrew first) is recorded reverted', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 100n)
+    const { client, address } = payer()
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    const w = worker({ txTimeoutMs: 300 })
+    const [failed] = await stalled(async () => {
+      expect(await w.settleNow(channelId)).toMatchObject({ status: 'failed' })
+      // The payer withdraws in the same block, ahead of the settle (a higher tip).
+      const request = await prepareTransactionRequest(client, {
+        account: client.account,
+        chain: client.chain,
+        to: chain.escrowAddress,
+        data: encodeFunctionData({ abi: Escrow.abi, functionName: 'withdraw', args: [channelId] }),
+        gas: 200_000n,
+        maxPriorityFeePerGas: 100_000_000_000n,
+        maxFeePerGas: 200_000_000_000n,
+        nonce: await getTransactionCount(client, { address, blockTag: 'pending' }),
+      })
+      await rpc('eth_sendRawTransaction', [await signTransaction(client, request as never)])
+      return recorded(channelId)
+    })
+    client.account.nonceManager?.reset({ address, chainId: chain.chainId })
+    expect(failed).toMatchObject({ status: 'failed', errorName: 'TransactionTimeoutError' })
+
+    await rpc('evm_mine')
+    expect(await onChain(channelId)).toMatchObject({ finalized: true, settled: 0n })
+    const receipt = await chain.payeeClient.request({
+      method: 'eth_getTransactionReceipt',
+      params: [failed!.hash!],
+    })
+    expect(receipt?.status).toBe('0x0')
+    // The pass reads the Withdrawn event and the receipt of the recorded hash.
+    expect(mine(await ticked(w), channelId)).toEqual([])
+    expect(await inDb(channelId)).toMatchObject({ finalized: true, settled: 0n })
+    expect(await recorded(channelId)).toMatchObject([
+      {
+        kind: 'settle',
+        cumulativeAmount: 100n,
+        status: 'reverted',
+        hash: failed!.hash,
+        errorName: 'TransactionRevertedError',
+      },
+    ])
+  }, 30_000)
 })
 
 describe('backoff', () => {

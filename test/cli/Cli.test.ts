@@ -13,7 +13,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Cli from '../helpers/Cli.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const chain = await Anvil.start()
+const chain = await Anvil.start({ accounts: 13 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -96,6 +96,19 @@ describe('usage', () => {
       TOLLWAY_DATA_DIR: dir,
     })
     expect(r.stderr).toContain(`The channel store ${join(dir, 'channels.json')} is not JSON`)
+    expect(r.code).toBe(2)
+  })
+
+  test('error: a channel store that cannot be written (its directory is a file) is a usage error (exit 2) naming it', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tollway-cli-store-'))
+    const notDir = join(dir, 'data')
+    writeFileSync(notDir, 'a file, not a directory')
+    const r = await cli(['channel', 'status', '--escrow', chain.escrowAddress], {
+      TOLLWAY_WALLET_KEY: chain.payers[5]!.privateKey,
+      TOLLWAY_DATA_DIR: notDir,
+    })
+    expect(r.stderr).toContain(`The channel store ${join(notDir, 'channels.json')} cannot be`)
+    expect(r.stderr).toContain('TOLLWAY_DATA_DIR')
     expect(r.code).toBe(2)
   })
 })
@@ -444,6 +457,88 @@ describe('a channel set apart (refused as closing)', () => {
     expect(again.code).toBe(2)
     expect(again.stderr).toContain(
       `channel ${old}: close requested already; run tollway channel withdraw from ${r.withdrawableAt}`,
+    )
+  }, 60_000)
+
+  test('error: chat when the channel in use is refused as closing and another is set apart already exits 2 saying to close them', async () => {
+    const wallet = { TOLLWAY_WALLET_KEY: chain.payers[10]!.privateKey }
+    const old = await setApart(wallet)
+    const inUse = (await json(['channel', 'status', '--trust-escrow'], wallet)).channel.channelId
+    await closingOnServer(inUse)
+    const r = await cli(['chat', 'hi', '--model', 'fake', '--trust-escrow'], wallet)
+    expect(r.stderr).toContain(`Channel ${inUse} is closing, and channel ${old}, set apart before`)
+    expect(r.stderr).toContain('run tollway channel close for this one (the one in use)')
+    expect(r.code).toBe(2)
+    expect((await json(['channel', 'close', '--trust-escrow'], wallet)).channelId).toBe(inUse)
+    const next = await json(['chat', 'hi', '--model', 'fake', '--trust-escrow'], wallet)
+    expect([old, inUse]).not.toContain(next.channelId)
+  }, 60_000)
+
+  /** A channel under forced close (request-close), then one refused as closing, then one in
+   * use: the three channel ids, in that order. */
+  const both = async (wallet: Record<string, string>) => {
+    const forced = (await json(['chat', 'hi', '--model', 'fake', '--trust-escrow'], wallet))
+      .channelId as string
+    expect((await json(['channel', 'request-close'], wallet)).channelId).toBe(forced)
+    const refused = await setApart(wallet)
+    const inUse = (await json(['channel', 'status', '--trust-escrow'], wallet)).channel
+      .channelId as string
+    return { forced, refused, inUse }
+  }
+
+  test('behavior: with one channel under forced close and one refused as closing, channel close prints the one it closed', async () => {
+    const wallet = {
+      TOLLWAY_WALLET_KEY: chain.payers[8]!.privateKey,
+      TOLLWAY_RPC_URL: chain.rpcUrl,
+    }
+    const { forced, refused, inUse } = await both(wallet)
+    const first = await json(['channel', 'close', '--trust-escrow'], wallet)
+    expect(first.channelId).toBe(inUse)
+    // Next the one refused as closing (the one under forced close waits for withdraw): the
+    // line names that one, the one the close went to.
+    const second = await cli(['channel', 'close', '--trust-escrow'], wallet)
+    expect(second.code).toBe(0)
+    expect(second.stdout).toContain(`closed channel ${refused} (set apart: refused as closing)`)
+    expect((await onChain(refused))!.finalized).toBe(true)
+    expect((await onChain(forced))!.finalized).toBe(false)
+    // Each says which it was.
+    expect(first.kind).toBe('in-use')
+  }, 60_000)
+
+  test('error: request-close while another channel of the gateway is under forced close exits 2 saying to withdraw it first; status shows both; --channel names the channel to act on', async () => {
+    const wallet = {
+      TOLLWAY_WALLET_KEY: chain.payers[9]!.privateKey,
+      TOLLWAY_RPC_URL: chain.rpcUrl,
+    }
+    const { forced, refused, inUse } = await both(wallet)
+    const status = await json(['channel', 'status', '--trust-escrow'], wallet)
+    expect(
+      status.setApart.map((c: { channelId: string; kind: string }) => [c.channelId, c.kind]),
+    ).toEqual([
+      [forced, 'forced-close'],
+      [refused, 'refused'],
+    ])
+    const human = await cli(['channel', 'status', '--trust-escrow'], wallet)
+    expect(human.stdout).toContain(`channel ${forced}: close requested`)
+    expect(human.stdout).toContain(`channel ${refused}: set apart`)
+    const r = await cli(['channel', 'request-close'], wallet)
+    expect(r.stderr).toContain(`channel ${forced}`)
+    expect(r.stderr).toContain('tollway channel withdraw')
+    expect(r.code).toBe(2)
+    // Nothing was sent for the channel in use.
+    expect((await onChain(inUse))!.closeRequestedAt).toBe(0n)
+    // Withdraw names only the channel under forced close.
+    const wrong = await cli(['channel', 'withdraw', '--channel', refused], wallet)
+    expect(wrong.code).toBe(2)
+    expect(wrong.stderr).toContain(`channel ${refused}`)
+    const unknown = await cli(['channel', 'close', '--channel', `0x${'ab'.repeat(32)}`], wallet)
+    expect(unknown.code).toBe(2)
+    // The one named is closed, whichever the default would have been.
+    const named = await json(['channel', 'close', '--trust-escrow', '--channel', refused], wallet)
+    expect(named).toMatchObject({ channelId: refused, kind: 'refused' })
+    expect((await onChain(refused))!.finalized).toBe(true)
+    expect((await json(['channel', 'status', '--trust-escrow'], wallet)).channel.channelId).toBe(
+      inUse,
     )
   }, 60_000)
 })

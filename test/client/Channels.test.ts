@@ -9,11 +9,11 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import OpenAI from 'openai'
 import { privateKeyToAccount } from 'viem/accounts'
-import { ClientError, createFetch, Store } from '../../src/client/index.ts'
+import { ChannelStateError, ClientError, createFetch, Store } from '../../src/client/index.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const chain = await Anvil.start({ accounts: 13 })
+const chain = await Anvil.start({ accounts: 15 })
 afterAll(() => chain.stop())
 const payments = { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 }
 const gw = await Gateway.create({ chain: Gateway.chainOf(chain), payments })
@@ -91,6 +91,70 @@ describe('channels set apart', () => {
     // B is still the channel in use.
     expect((await fetch.channel(gw.url))!.channelId).toBe(b)
     expect((await fetch.closing(gw.url))!).toMatchObject({ channelId: a })
+  }, 60_000)
+})
+
+describe('two channels set apart', () => {
+  test('behavior: one under forced close and one refused as closing: setApart names both, and close, requestClose and withdraw act on the one named or say why not', async () => {
+    const { fetch, ask } = client(12)
+    await ask()
+    const forced = (await fetch.requestClose(gw.url)).channelId
+    await ask()
+    const refused = (await fetch.channel(gw.url))!.channelId
+    await closingOnServer(refused)
+    await ask()
+    const inUse = (await fetch.channel(gw.url))!.channelId
+    const apart = await fetch.setApart(gw.url)
+    expect([apart.forced?.channelId, apart.refused?.channelId]).toEqual([forced, refused])
+    // One forced close at a time: the one in use is not sent, and the error names the other.
+    const busy = await fetch.requestClose(gw.url).catch((e: unknown) => e)
+    expect(busy).toBeInstanceOf(ChannelStateError)
+    expect((busy as Error).message).toContain(`Channel ${forced} is under forced close already`)
+    // withdraw takes only the channel under forced close.
+    const wrong = await fetch.withdraw(gw.url, { channelId: refused }).catch((e: unknown) => e)
+    expect(wrong).toBeInstanceOf(ChannelStateError)
+    const unknown = `0x${'ab'.repeat(32)}` as const
+    const none = await fetch.close(gw.url, { channelId: unknown }).catch((e: unknown) => e)
+    expect(none).toBeInstanceOf(ChannelStateError)
+    expect((none as Error).message).toContain(refused)
+    // The one named is closed, not the one in use (the default).
+    await fetch.close(gw.url, { channelId: refused })
+    expect((await fetch.channel(gw.url))!.channelId).toBe(inUse)
+    const left = await fetch.setApart(gw.url)
+    expect(left.refused).toBeUndefined()
+    expect(left.forced?.channelId).toBe(forced)
+  }, 60_000)
+
+  test('error: a second channel refused as closing while one is set apart already: the request is refused saying what to close, nothing is forgotten', async () => {
+    const { fetch, ask } = client(13, { maxTotal: 5_000n })
+    await ask()
+    const a = (await fetch.channel(gw.url))!.channelId
+    await closingOnServer(a)
+    await ask()
+    const b = (await fetch.channel(gw.url))!
+    expect(b.channelId).not.toBe(a)
+    await closingOnServer(b.channelId)
+    const e = await ask().catch((e: unknown) => e)
+    const cause = (e as Error).cause
+    expect(cause).toBeInstanceOf(ChannelStateError)
+    expect((cause as Error).message).toContain(
+      `Channel ${b.channelId} is closing, and channel ${a}, set apart before, still is`,
+    )
+    // Both kept: B in use (no third channel opened over it), A set apart; both still count.
+    expect((await fetch.channel(gw.url))!.channelId).toBe(b.channelId)
+    expect((await fetch.setApart(gw.url)).refused?.channelId).toBe(a)
+    // As the message says: close the one in use, then the next request opens another.
+    await fetch.close()
+    await ask()
+    const c = (await fetch.channel(gw.url))!
+    expect([a, b.channelId]).not.toContain(c.channelId)
+    const paidB =
+      await gw.sql`select settled from channels where channel_id = ${Buffer.from(b.channelId.slice(2), 'hex')}`
+    const signedA = BigInt((await fetch.closing(gw.url))!.signed)
+    expect(BigInt(c.deposit)).toBeLessThanOrEqual(5_000n - signedA - BigInt(paidB[0]!.settled))
+    await fetch.close()
+    expect(await fetch.close()).toMatch(/^0x/)
+    expect(await fetch.closing(gw.url)).toBeUndefined()
   }, 60_000)
 })
 

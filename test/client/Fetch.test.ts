@@ -29,7 +29,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Payer from '../helpers/Payer.ts'
 
-const chain = await Anvil.start({ accounts: 23 })
+const chain = await Anvil.start({ accounts: 24 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -137,6 +137,34 @@ describe('createFetch', () => {
     // No second channel: the first one carries both requests.
     expect((await Channels.get(gw.sql, state.channelId))!.spent).toBeGreaterThan(spentFirst)
     const payer = Buffer.from(chain.payers[2]!.address.slice(2), 'hex')
+    const [row] = await gw.sql`select count(*)::int as n from channels where payer = ${payer}`
+    expect(row!.n).toBe(1)
+  }, 60_000)
+
+  test('behavior: release() gives the store up: a second paying fetch on it resumes the channel, and the released one refuses further use', async () => {
+    const path = join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+    const first = client(22, { store: Store.file(path) })
+    await first.openai.chat.completions.create({ model: 'fake', messages })
+    const state = (await first.fetch.channel(gw.url))!
+    // While the first holds it, a second paying fetch on the same file is refused.
+    const refused = await client(22, { store: Store.file(path) })
+      .openai.chat.completions.create({ model: 'fake', messages })
+      .catch((e) => e)
+    expect(refused.cause).toBeInstanceOf(StoreInUseError)
+    await first.fetch.release()
+    const second = client(22, { store: Store.file(path) })
+    const res = await second.openai.chat.completions.create({ model: 'fake', messages })
+    expect(res.choices[0]!.message.content).toBe(words)
+    expect((await second.fetch.channel(gw.url))!.channelId).toBe(state.channelId)
+    // The released one neither pays nor closes: the channel is the second's now.
+    const late = await first
+      .fetch(`${gw.url}/v1/chat/completions`, { method: 'POST' })
+      .catch((e) => e)
+    expect(late).toBeInstanceOf(ClientError)
+    expect(late.message).toContain('released')
+    expect(await first.fetch.close(gw.url).catch((e) => e)).toBeInstanceOf(ClientError)
+    expect(await first.fetch.withdraw(gw.url).catch((e) => e)).toBeInstanceOf(ClientError)
+    const payer = Buffer.from(chain.payers[22]!.address.slice(2), 'hex')
     const [row] = await gw.sql`select count(*)::int as n from channels where payer = ${payer}`
     expect(row!.n).toBe(1)
   }, 60_000)

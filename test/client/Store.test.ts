@@ -46,6 +46,26 @@ describe('file', () => {
     expect(e).toBeInstanceOf(ClientError)
     expect(e.message).toContain('move it away')
   })
+
+  test('error: a store whose directory is a file (ENOTDIR) → ClientError naming the store on every step, not the bare fs error', async () => {
+    const notDir = join(await dir(), 'data')
+    await writeFile(notDir, 'a file')
+    const path = join(notDir, 'channels.json')
+    const s = Store.file(path)
+    for (const step of [
+      () => s.get('k'),
+      () => s.set('k', state(1)),
+      () => s.closedTotal('k'),
+      () => s.own!('k'),
+      () => s.all!(),
+    ]) {
+      const e = await step().catch((e: unknown) => e)
+      expect(e).toBeInstanceOf(ClientError)
+      expect((e as ClientError).message).toContain(`The channel store ${path} cannot be`)
+      // ENOTDIR reading it, EEXIST making its directory.
+      expect((e as ClientError).details).toMatchObject({ path, code: expect.any(String) })
+    }
+  })
 })
 
 describe('closedTotal', () => {
