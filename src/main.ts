@@ -177,7 +177,8 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         )
       const s = config.payments.settlement
       const worker = Settlement.start({
-        store: Settlements.store(sql),
+        // The embedded database is this process's alone: no connection held through a pass.
+        store: Settlements.store(sql, { alone: embedded }),
         client,
         escrow: chain.escrowAddress as Hex,
         chainId: chain.chainId,

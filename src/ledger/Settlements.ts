@@ -312,8 +312,8 @@ export async function transactions(sql: Sql, channelId: Hex): Promise<Settlement
  * Runs `fn` holding the settlement advisory lock, or returns `{ locked: false }` at once
  * when another session holds it. The lock is session-level (it spans chain calls and
  * several statements), so it is taken on a reserved connection, and `fn` gets a store bound
- * to that same connection: with a one-connection pool (the embedded PGlite) any other
- * query would wait for the reserved connection forever.
+ * to that same connection. Not for a one-connection pool (the embedded PGlite): every other
+ * query would wait out the pass, chain calls and receipts included (see `alone`).
  */
 export async function withLock<T>(
   sql: Sql,
@@ -352,10 +352,37 @@ function locked(sql: Sql): Settlement.LockedStore {
   }
 }
 
-/** The store the settlement worker runs on. */
-export function store(sql: Sql): Settlement.Store {
+/** Passes under way, by the handle of a database one process alone uses (see `alone`). */
+const passes = new WeakSet<object>()
+
+/**
+ * Runs `fn` as `withLock` does, on a database this process alone uses (the embedded PGlite,
+ * whose data dir is locked): no other process can settle, so the lock is a flag in memory
+ * (one per handle, which the instances of this process sharing the handle share), and `fn`
+ * works through the handle itself. Through a reserved connection, its one connection would
+ * be held for the whole pass: every request would wait for the chain's answers (a settle's
+ * receipt takes a block or more on a real chain).
+ */
+export async function alone<T>(
+  sql: Sql,
+  fn: (store: Settlement.LockedStore) => Promise<T>,
+): Promise<{ locked: true; value: T } | { locked: false }> {
+  if (passes.has(sql)) return { locked: false }
+  passes.add(sql)
+  try {
+    return { locked: true, value: await fn(locked(sql)) }
+  } finally {
+    passes.delete(sql)
+  }
+}
+
+/**
+ * The store the settlement worker runs on; `alone` when this process alone uses the database
+ * (see `alone`).
+ */
+export function store(sql: Sql, options: { alone?: boolean } = {}): Settlement.Store {
   return {
-    withLock: (fn) => withLock(sql, fn),
+    withLock: (fn) => (options.alone ? alone(sql, fn) : withLock(sql, fn)),
     markCloseRequested: (channelId, read) => markCloseRequested(sql, channelId, read),
     clock: () => Channels.clock(sql),
     markClosing: (channelId) => markClosing(sql, channelId),
