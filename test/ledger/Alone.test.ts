@@ -20,18 +20,9 @@ type Item = Record<string, unknown>
 const batch = (items: Item[]) => Ledger.many(sql, items)
 
 const admitItem = (keyHash: Uint8Array, o: Partial<Record<string, unknown>> = {}) => ({
-  op: 'admit',
-  keyHash: Buffer.from(keyHash).toString('hex'),
-  model: 'm',
-  stream: false,
-  minTier: 0,
-  promptTokens: 1,
+  ...Ledger.item(keyHash),
   want: '10',
   need: '10',
-  idempotencyKey: null,
-  fingerprint: null,
-  requestId: crypto.randomUUID(),
-  leaseSeconds: 60,
   ...o,
 })
 
