@@ -7,7 +7,8 @@
  * above: the payee takes only what service cost). When: the unsettled amount reaches
  * `thresholdAmount`, or the channel has been idle for `idleMs`, or the payer asked to close
  * (then immediately, far inside the 15-minute grace period). Where: one instance at a time,
- * chosen per tick by a Postgres advisory lock. Every transaction is recorded with its hash
+ * chosen per tick by a Postgres advisory lock (on a database this process alone uses, the
+ * embedded one, a flag in memory: `Settlements.alone`). Every transaction is recorded with its hash
  * and outcome. A revert is definitive (recorded, never retried for the same amount); any
  * other failure (RPC down, network, nonce, no receipt in time) is retried with exponential
  * backoff, and its record follows the chain when the transaction proves mined after all
