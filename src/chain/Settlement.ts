@@ -7,7 +7,8 @@
  * above: the payee takes only what service cost). When: the unsettled amount reaches
  * `thresholdAmount`, or the channel has been idle for `idleMs`, or the payer asked to close
  * (then immediately, far inside the 15-minute grace period). Where: one instance at a time,
- * chosen per tick by a Postgres advisory lock. Every transaction is recorded with its hash
+ * chosen per tick by a Postgres advisory lock (on a database this process alone uses, the
+ * embedded one, a flag in memory: `Settlements.alone`). Every transaction is recorded with its hash
  * and outcome. A revert is definitive (recorded, never retried for the same amount); any
  * other failure (RPC down, network, nonce, no receipt in time) is retried with exponential
  * backoff, and its record follows the chain when the transaction proves mined after all
@@ -699,21 +700,26 @@ async function refresh(
  * is recorded as its receipt says: confirmed (its intent met: no retry, no backoff holding the
  * channel's next settle, and a client retrying its close gets that close), or reverted. A
  * transaction the node has no receipt for stays as recorded: still in the pool, or dropped
- * (its next attempt finds out). Throws when the node does not answer.
+ * (its next attempt finds out). So does one whose receipt the node answers with an error
+ * (logged): following is bookkeeping that the next attempt of the intent redoes (it looks up
+ * the hash before sending), and must not keep its caller from what it reads the channel for
+ * (a forced close to mark: geth rebuilding its transaction index errors on the oldest hashes
+ * for hours). Throws only when the database does.
  */
 async function follow(store: LockedStore, client: WalletClient, channelId: Hex, log: Log) {
   for (const t of await store.unconfirmed(channelId)) {
-    const receipt = await getTransactionReceipt(client, { hash: t.hash }).catch((error) => {
-      if (error instanceof TransactionReceiptNotFoundError) return undefined
-      throw error
-    })
-    if (!receipt) continue
     const fields = {
       channelId,
       kind: t.kind,
       cumulativeAmount: t.cumulativeAmount.toString(),
       hash: t.hash,
     }
+    const receipt = await getTransactionReceipt(client, { hash: t.hash }).catch((error) => {
+      if (!(error instanceof TransactionReceiptNotFoundError))
+        log.warn({ ...fields, error: describe(error) }, `${t.kind}: its receipt could not be read`)
+      return undefined
+    })
+    if (!receipt) continue
     if (receipt.status === 'success') {
       await store.finish(t.id, { status: 'confirmed', hash: t.hash })
       log.info(fields, `${t.kind} found mined: recorded confirmed`)

@@ -1103,6 +1103,64 @@ describe('records that follow the chain (an attempt recorded failed, mined after
       },
     ])
   }, 30_000)
+
+  test('error: a receipt the node will not give (an error, not null) keeps no pass from marking a forced close and settling it', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 50n, 100n)
+    await spend(channelId, 100n)
+    // An earlier settle recorded failed, its backoff over, whose transaction the node errors on
+    // when asked for its receipt: geth rebuilding its transaction index answers so for the
+    // transactions it has not indexed yet (the oldest), while it answers the rest.
+    const old = keccak256(toHex(`an old settle ${crypto.randomUUID()}`))
+    const begun = (await Settlements.begin(sql, {
+      channelId,
+      kind: 'settle',
+      cumulativeAmount: 50n,
+      leaseMs: 1_000,
+    }))!
+    await Settlements.submitted(sql, begun.id, old)
+    await Settlements.finish(sql, begun.id, {
+      status: 'failed',
+      error: { name: 'TransactionTimeoutError', message: 'no receipt in time' },
+      retryAt: new Date(Date.now() - 60_000),
+    })
+    const front = Bun.serve({
+      port: 0,
+      hostname: '127.0.0.1',
+      async fetch(req) {
+        const text = await req.text()
+        const call = JSON.parse(text) as { id: number; method: string; params?: unknown[] }
+        if (call.method === 'eth_getTransactionReceipt' && call.params?.[0] === old)
+          return Response.json({
+            jsonrpc: '2.0',
+            id: call.id,
+            error: { code: -32000, message: 'transaction indexing is in progress' },
+          })
+        return fetch(chain.rpcUrl, { method: 'POST', body: text, headers: req.headers })
+      },
+    })
+    try {
+      const client = Client.from({
+        rpcUrl: `http://127.0.0.1:${front.port}`,
+        chainId: chain.chainId,
+        privateKey: chain.payee.privateKey,
+        pollingInterval: 20,
+      })
+      // The payer starts a forced close: the pass must settle at once, whatever the threshold.
+      await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+      const entries: Entry[] = []
+      const w = worker({ client, log: logger(entries) })
+      expect(mine(await ticked(w), channelId)).toMatchObject([
+        { status: 'confirmed', kind: 'settle', cumulativeAmount: 100n },
+      ])
+      expect((await onChain(channelId)).settled).toBe(100n)
+      // The old attempt stays as recorded, and the failure to follow it is said.
+      expect((await recorded(channelId))[0]).toMatchObject({ status: 'failed', hash: old })
+      expect(entries.some((e) => e.level === 'warn' && e.fields.hash === old)).toBe(true)
+    } finally {
+      front.stop(true)
+    }
+  }, 30_000)
 })
 
 describe('backoff', () => {
