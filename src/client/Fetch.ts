@@ -119,11 +119,25 @@ export type PayingFetch = typeof fetch & {
   setApart(url: string): Promise<{ forced?: Store.ChannelState; refused?: Store.ChannelState }>
   /**
    * Gives the store up (`Store.release`): another `createFetch` on the same store, in this
-   * process or another, may then pay through its channels. This paying fetch is done: its
-   * channels stay open (and stored) for the next client to resume, and any further request,
-   * close or withdraw through it throws a ClientError. Wait for requests under way first.
+   * process or another, may then pay through its channels. This paying fetch is done at once:
+   * any further request, close, requestClose or withdraw through it throws a ClientError. The
+   * store is given up only once the work already under way through this fetch has ended: each
+   * request until its response is handed back, each stream until its body is read to the end,
+   * cancelled or fails (its mid-stream vouchers paid and stored), each close, requestClose or
+   * withdraw until it returns. So no voucher is signed, and no store write made, by this fetch
+   * after another client took the store over. Its channels stay open (and stored) for the next
+   * client to resume. Calling it again returns the same wait.
+   *
+   * A response whose stream is never read keeps the store held: pass `signal` (e.g.
+   * `AbortSignal.timeout(10_000)`) not to wait past it. When it aborts, what is under way is
+   * cancelled (requests and streams reject or error with its reason, as with a request's own
+   * signal) and the store given up once that has ended; what no signal stops (a signature, a
+   * chain transaction already sent) is still waited for. Resolves when the store is given up.
    */
-  release(): Promise<void>
+  release(options?: {
+    /** Cancels what is under way when it aborts, then the store is given up. */
+    signal?: AbortSignal | undefined
+  }): Promise<void>
 }
 
 /** The live state of one channel. */
@@ -199,7 +213,15 @@ const kindOf = (problem: Record<string, unknown> | undefined) =>
 export function createFetch(options: Options): PayingFetch {
   const account =
     typeof options.account === 'string' ? privateKeyToAccount(options.account) : options.account
-  const base = options.fetch ?? globalThis.fetch
+  const given = options.fetch ?? globalThis.fetch
+  /** Cancels what is under way through this fetch: fired by `release`'s signal. */
+  const stop = new AbortController()
+  /** The fetch underneath, every call cancelled by `stop` too (as by its own signal). */
+  const base = (url: string, init: RequestInit = {}) =>
+    given(url, {
+      ...init,
+      signal: init.signal ? AbortSignal.any([init.signal, stop.signal]) : stop.signal,
+    })
   const store = options.store ?? Store.file('.tollway/channels.json')
   const margin = options.margin ?? 10_000n
   const completionMargin = options.completionMargin ?? 16n * margin
@@ -247,6 +269,52 @@ export function createFetch(options: Options): PayingFetch {
   const lives = new Map<string, Live>()
   /** Set by `release`: the store is given up, and this paying fetch with it. */
   let released = false
+  /** Work under way through this fetch (requests, streams, closes), which `release` waits for. */
+  let busy = 0
+  /** Called when `busy` falls to 0. */
+  const onIdle: (() => void)[] = []
+  /** Counts one piece of work under way; returns what ends it (once, however often called). */
+  const begin = () => {
+    busy++
+    let ended = false
+    return () => {
+      if (ended) return
+      ended = true
+      if (--busy > 0) return
+      for (const f of onIdle.splice(0)) f()
+    }
+  }
+  /**
+   * Resolves when no work is under way and every channel's payments (a mid-stream voucher of a
+   * stream cancelled while it was being paid, its store write) have ended.
+   */
+  const idle = async () => {
+    for (;;) {
+      if (busy > 0) {
+        const { promise, resolve } = Promise.withResolvers<void>()
+        onIdle.push(resolve)
+        await promise
+        continue
+      }
+      const pending = [...lives.values()].flatMap((l) => [l.queue, l.opening, l.loading])
+      await Promise.allSettled(pending)
+      const now = [...lives.values()].flatMap((l) => [l.queue, l.opening, l.loading])
+      if (busy === 0 && now.length === pending.length && now.every((p, i) => p === pending[i]))
+        return
+    }
+  }
+  /** Runs `fn` counted as work under way (see `release`). */
+  const tracked =
+    <A extends unknown[], T>(fn: (...args: A) => Promise<T>) =>
+    async (...args: A): Promise<T> => {
+      usable()
+      const end = begin()
+      try {
+        return await fn(...args)
+      } finally {
+        end()
+      }
+    }
   const usable = () => {
     if (released)
       throw new ClientError(
@@ -648,7 +716,7 @@ export function createFetch(options: Options): PayingFetch {
       if (res.ok) return res
       // Over the per-channel voucher rate: wait as told, once.
       if (res.status === 429 && attempt === 0) {
-        await sleep(1000 * Number(res.headers.get('retry-after') ?? 1))
+        await sleep(1000 * Number(res.headers.get('retry-after') ?? 1), stop.signal)
         continue
       }
       // A HEAD answer has no body: the same credential again as a POST without one (the same
@@ -740,9 +808,17 @@ export function createFetch(options: Options): PayingFetch {
     // Counted when the request was sent (the gate), or now (a first stream that opened the channel).
     if (gate.live === live) gate.handed = true
     else live.streams++
+    // The request's work (see `release`) ends with its stream, not when its response is handed back.
+    gate.streaming = true
     let ended = false
+    /** Set when the signal aborted: the stream is errored with its reason. */
+    let cut = false
+    let out: ReadableStreamDefaultController<Uint8Array> | undefined
     const onAbort = () => {
       end()
+      // Errored with the signal's reason, as fetch's own body is, not ended as if complete.
+      cut = true
+      out?.error(signal?.reason)
       reader.cancel(signal?.reason).catch(() => {})
     }
     const end = () => {
@@ -750,20 +826,25 @@ export function createFetch(options: Options): PayingFetch {
       ended = true
       live.streams--
       signal?.removeEventListener('abort', onAbort)
+      gate.end()
     }
     signal?.addEventListener('abort', onAbort, { once: true })
-    return new ReadableStream<Uint8Array>(
+    const stream = new ReadableStream<Uint8Array>(
       {
+        start(controller) {
+          out = controller
+        },
         async pull(controller) {
           try {
             const r = await reader.read()
+            if (cut) return
             if (r.done) {
               end()
               controller.close()
             } else controller.enqueue(r.value)
           } catch (e) {
             end()
-            controller.error(e)
+            if (!cut) controller.error(e)
           }
         },
         cancel(reason) {
@@ -773,10 +854,28 @@ export function createFetch(options: Options): PayingFetch {
       },
       { highWaterMark: 0 },
     )
+    // Aborted between its answer and now (a release's signal): no event will come.
+    if (signal?.aborted) onAbort()
+    return stream
   }
 
   const paying = async (input: string | URL | Request, init?: RequestInit): Promise<Response> => {
     usable()
+    // Work under way from now until its response is handed back, or its stream ends.
+    const end = begin()
+    try {
+      return await payingTracked(input, init, end)
+    } catch (e) {
+      end()
+      throw e
+    }
+  }
+
+  const payingTracked = async (
+    input: string | URL | Request,
+    init: RequestInit | undefined,
+    end: () => void,
+  ): Promise<Response> => {
     const request =
       input instanceof Request ? new Request(input, init) : new Request(String(input), init)
     const url = request.url
@@ -795,12 +894,18 @@ export function createFetch(options: Options): PayingFetch {
         { channelId: live.state.channelId },
       )
     // Counted from now, not from its answer: two streams started at once do not both pass.
-    const gate: Gate = { live: live?.state && streams(body) ? live : undefined, handed: false }
+    const gate: Gate = {
+      live: live?.state && streams(body) ? live : undefined,
+      handed: false,
+      streaming: false,
+      end,
+    }
     if (gate.live) gate.live.streams++
     try {
       return await pay(request, url, body, live, gate)
     } finally {
       if (gate.live && !gate.handed) gate.live.streams--
+      if (!gate.streaming) end()
     }
   }
 
@@ -839,7 +944,7 @@ export function createFetch(options: Options): PayingFetch {
       if (res.status === 429 && credential && res.headers.has('retry-after')) {
         sentOpen = answeredOpen
         await res.body?.cancel()
-        await sleep(1000 * (Number(res.headers.get('retry-after')) || 1))
+        await sleep(1000 * (Number(res.headers.get('retry-after')) || 1), stop.signal)
         continue
       }
       if (res.status !== 402 && res.status !== 410) {
@@ -854,7 +959,8 @@ export function createFetch(options: Options): PayingFetch {
           if (parsed) receive(live, parsed)
         }
         if (!sse) return res
-        return new Response(filtered(live, url, res.body, gate, request.signal), {
+        const signal = AbortSignal.any([request.signal, stop.signal])
+        return new Response(filtered(live, url, res.body, gate, signal), {
           status: res.status,
           statusText: res.statusText,
           headers: res.headers,
@@ -1214,17 +1320,26 @@ export function createFetch(options: Options): PayingFetch {
     return { channelId: state.channelId, txHash: sent.hash, refund, paid }
   }
 
-  const release = async () => {
+  let releasing: Promise<void> | undefined
+  const release = (options: { signal?: AbortSignal | undefined } = {}) => {
     released = true
-    lives.clear()
-    await store.release?.()
+    const { signal } = options
+    const cancel = () => stop.abort(signal?.reason)
+    if (signal?.aborted) cancel()
+    else signal?.addEventListener('abort', cancel, { once: true })
+    releasing ??= (async () => {
+      await idle()
+      lives.clear()
+      await store.release?.()
+    })()
+    return releasing.finally(() => signal?.removeEventListener('abort', cancel))
   }
 
   return Object.assign(paying as typeof fetch, {
     release,
-    close,
-    requestClose,
-    withdraw,
+    close: tracked(close),
+    requestClose: tracked(requestClose),
+    withdraw: tracked(withdraw),
     channel: async (url: string) => lives.get(keyOf(url))?.state ?? store.get(keyOf(url)),
     closing: async (url: string) =>
       (await store.get(closingKey(keyOf(url)))) ?? store.get(refusedKey(keyOf(url))),
@@ -1236,8 +1351,12 @@ export function createFetch(options: Options): PayingFetch {
   })
 }
 
-/** The stream a request counts on its channel: `handed` once its response body counts it. */
-type Gate = { live: Live | undefined; handed: boolean }
+/**
+ * The stream a request counts on its channel: `handed` once its response body counts it. `end`
+ * ends the request's work under way (see `release`): when its response is handed back, or, once
+ * `streaming` (its body is a paying stream), when that stream ends.
+ */
+type Gate = { live: Live | undefined; handed: boolean; streaming: boolean; end: () => void }
 
 /** Whether a request body asks for a stream (`"stream": true`). */
 function streams(body: ArrayBuffer | undefined): boolean {
@@ -1255,7 +1374,20 @@ const amount = (x: unknown): bigint | undefined =>
 
 const min = (...xs: bigint[]) => xs.reduce((a, b) => (a < b ? a : b))
 const max = (...xs: bigint[]) => xs.reduce((a, b) => (a > b ? a : b))
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms))
+/** Waits `ms`; rejects with `signal`'s reason when it aborts first. */
+const sleep = (ms: number, signal: AbortSignal) =>
+  new Promise<void>((resolve, reject) => {
+    if (signal.aborted) return reject(signal.reason)
+    const onAbort = () => {
+      clearTimeout(timer)
+      reject(signal.reason)
+    }
+    const timer = setTimeout(() => {
+      signal.removeEventListener('abort', onAbort)
+      resolve()
+    }, ms)
+    signal.addEventListener('abort', onAbort, { once: true })
+  })
 
 /** Store key suffixes of the channels set apart: under forced close, and refused as closing. */
 const CLOSING = '#closing'

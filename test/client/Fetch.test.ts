@@ -29,7 +29,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Payer from '../helpers/Payer.ts'
 
-const chain = await Anvil.start({ accounts: 24 })
+const chain = await Anvil.start({ accounts: 28 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -696,4 +696,129 @@ describe('createFetch: money it must not lose track of', () => {
       .catch((e: unknown) => e)
     expect((e as Error).cause).toBeInstanceOf(PaymentFailedError)
   })
+})
+
+describe('PayingFetch.release', () => {
+  const storeFile = async () => join(await mkdtemp(join(tmpdir(), 'tollway-')), 'channels.json')
+  const post = (fetch: typeof globalThis.fetch, body: object) =>
+    fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'fake', messages, ...body }),
+    })
+
+  test('behavior: release() while a stream is read waits for its end: every mid-stream voucher is accepted, and a second paying fetch takes the store over only after it', async () => {
+    const path = await storeFile()
+    const vouchers: bigint[] = []
+    const first = client(23, {
+      store: Store.file(path),
+      onVoucher: (v) => vouchers.push(v.cumulativeAmount),
+    })
+    const stream = await first.openai.chat.completions.create({
+      model: 'fake',
+      messages,
+      stream: true,
+    })
+    const chunks = stream[Symbol.asyncIterator]()
+    let text = ''
+    const next = await chunks.next()
+    text += next.done ? '' : (next.value.choices[0]?.delta?.content ?? '')
+    const { channelId } = (await first.fetch.channel(gw.url))!
+    const atRelease = vouchers.length
+
+    let released = false
+    const releasing = first.fetch.release().then(() => {
+      released = true
+    })
+    // Refused at once: no new work through a fetch being released.
+    const late = await post(first.fetch, {}).catch((e: unknown) => e)
+    expect(late).toBeInstanceOf(ClientError)
+    await Bun.sleep(300)
+    expect(released).toBe(false)
+    // The store is still the first's while its stream is under way.
+    const second = client(23, { store: Store.file(path) })
+    const early = await second.openai.chat.completions
+      .create({ model: 'fake', messages })
+      .catch((e: unknown) => e)
+    expect((early as Error).cause).toBeInstanceOf(StoreInUseError)
+
+    for (let r = await chunks.next(); !r.done; r = await chunks.next())
+      text += r.value.choices[0]?.delta?.content ?? ''
+    expect(text).toBe(words)
+    // The stream paid its way to the end after release() was called.
+    expect(vouchers.length).toBeGreaterThan(atRelease)
+    await releasing
+    expect(released).toBe(true)
+    const view = (await Channels.get(gw.sql, channelId))!
+    expect(view.acceptedCumulative).toBe(vouchers.at(-1)!)
+    // The second resumes the channel from what the first stored last.
+    const key = `${new URL(gw.url).origin}#${privateKeyToAccount(chain.payers[23]!.privateKey).address}`
+    expect(BigInt((await Store.file(path).get(key))!.signed)).toBe(vouchers.at(-1)!)
+    const res = await second.openai.chat.completions.create({ model: 'fake', messages })
+    expect(res.choices[0]!.message.content).toBe(words)
+    expect((await second.fetch.channel(gw.url))!.channelId).toBe(channelId)
+    expect((await Channels.get(gw.sql, channelId))!.acceptedCumulative).toBeGreaterThan(
+      vouchers.at(-1)!,
+    )
+  }, 60_000)
+
+  test('behavior: release() while a whole completion is under way resolves after its response is handed back', async () => {
+    const path = await storeFile()
+    const { fetch } = client(24, { store: Store.file(path) })
+    await (await post(fetch, { max_tokens: 5 })).text()
+    const order: string[] = []
+    const answer = post(fetch, { model: 'fake-slow', max_tokens: 10 }).then((res) => {
+      order.push('response')
+      return res
+    })
+    await fetch.release().then(() => order.push('released'))
+    expect(order).toEqual(['response', 'released'])
+    expect((await answer).status).toBe(200)
+    expect(await (await answer).text()).toContain('w4')
+    // Given up: another paying fetch on the store resumes the channel.
+    const second = client(24, { store: Store.file(path) })
+    expect((await post(second.fetch, { max_tokens: 5 })).status).toBe(200)
+  }, 60_000)
+
+  test('behavior: release() while a stream is under way resolves once the caller cancels the stream', async () => {
+    const path = await storeFile()
+    const { fetch } = client(26, { store: Store.file(path) })
+    const res = await post(fetch, { stream: true })
+    const reader = res.body!.getReader()
+    await reader.read()
+    let released = false
+    const releasing = fetch.release().then(() => {
+      released = true
+    })
+    await Bun.sleep(200)
+    expect(released).toBe(false)
+    await reader.cancel()
+    await releasing
+    const second = client(26, { store: Store.file(path) })
+    expect((await post(second.fetch, { max_tokens: 5 })).status).toBe(200)
+  }, 60_000)
+
+  test('behavior: release({ signal }) does not wait for a stream left unread: the signal cancels it (it errors with the reason), then the store is given up', async () => {
+    const path = await storeFile()
+    const first = client(25, { store: Store.file(path) })
+    const res = await post(first.fetch, { stream: true })
+    const reader = res.body!.getReader()
+    await reader.read()
+    const { channelId } = (await first.fetch.channel(gw.url))!
+    const started = Date.now()
+    await first.fetch.release({ signal: AbortSignal.timeout(300) })
+    expect(Date.now() - started).toBeLessThan(10_000)
+    const cut = await reader.read().catch((e: unknown) => e)
+    expect((cut as Error).name).toBe('TimeoutError')
+    const second = client(25, { store: Store.file(path) })
+    const stream = await second.openai.chat.completions.create({
+      model: 'fake',
+      messages,
+      stream: true,
+    })
+    let text = ''
+    for await (const c of stream) text += c.choices[0]?.delta?.content ?? ''
+    expect(text).toBe(words)
+    expect((await second.fetch.channel(gw.url))!.channelId).toBe(channelId)
+  }, 60_000)
 })
