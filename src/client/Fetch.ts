@@ -932,117 +932,124 @@ export function createFetch(options: Options): PayingFetch {
     let opened: (() => void) | undefined
     // The channel whose open this request sent last (until the server answers it).
     let sentOpen: Live | undefined
-    for (let attempt = 0; attempt < 12; attempt++) {
-      const res = await send(credential).finally(() => {
-        opened?.()
-        opened = undefined
-      })
-      // Whether what was just answered was an open credential (set again when one is sent).
-      const answeredOpen = sentOpen
-      sentOpen = undefined
-      // Over the per-channel voucher rate (many requests raising at once): wait as told.
-      if (res.status === 429 && credential && res.headers.has('retry-after')) {
-        sentOpen = answeredOpen
-        await res.body?.cancel()
-        await sleep(1000 * (Number(res.headers.get('retry-after')) || 1), stop.signal)
-        continue
-      }
-      if (res.status !== 402 && res.status !== 410) {
-        if (!live?.state || !res.body) return res
-        const receipt = res.headers.get('payment-receipt')
-        const sse = res.headers.get('content-type')?.includes('text/event-stream')
-        if (receipt && !sse) {
-          let parsed: Receipt.Receipt | undefined
-          try {
-            parsed = Receipt.deserialize(receipt)
-          } catch {}
-          if (parsed) receive(live, parsed)
-        }
-        if (!sse) return res
-        const signal = AbortSignal.any([request.signal, stop.signal])
-        return new Response(filtered(live, url, res.body, gate, signal), {
-          status: res.status,
-          statusText: res.statusText,
-          headers: res.headers,
+    // However the tries end (12 of them, the last having just signed an open; a fetch that
+    // threw before its answer), an open this request holds is ended: requests waiting for it,
+    // and release(), would otherwise wait forever.
+    try {
+      for (let attempt = 0; attempt < 12; attempt++) {
+        const res = await send(credential).finally(() => {
+          opened?.()
+          opened = undefined
         })
-      }
-      const challenge = challengeIn(res)
-      // Not a payment this client makes (no evm/session challenge, no channel): the caller's.
-      if (!challenge && !live?.state) return res
-      const problem = await problemOf(res)
-      const kind = kindOf(problem)
-      if (challenge) {
-        check(challenge)
-        live = await adopt(url, challenge)
-        if (streams(body) && gate.live !== live) {
-          if (live.streams > 0)
-            throw new ClientError(
-              'A stream is under way on this channel, and the server keeps one per channel (a second would end the first).',
-              { channelId: live.state?.channelId },
+        // Whether what was just answered was an open credential (set again when one is sent).
+        const answeredOpen = sentOpen
+        sentOpen = undefined
+        // Over the per-channel voucher rate (many requests raising at once): wait as told.
+        if (res.status === 429 && credential && res.headers.has('retry-after')) {
+          sentOpen = answeredOpen
+          await res.body?.cancel()
+          await sleep(1000 * (Number(res.headers.get('retry-after')) || 1), stop.signal)
+          continue
+        }
+        if (res.status !== 402 && res.status !== 410) {
+          if (!live?.state || !res.body) return res
+          const receipt = res.headers.get('payment-receipt')
+          const sse = res.headers.get('content-type')?.includes('text/event-stream')
+          if (receipt && !sse) {
+            let parsed: Receipt.Receipt | undefined
+            try {
+              parsed = Receipt.deserialize(receipt)
+            } catch {}
+            if (parsed) receive(live, parsed)
+          }
+          if (!sse) return res
+          const signal = AbortSignal.any([request.signal, stop.signal])
+          return new Response(filtered(live, url, res.body, gate, signal), {
+            status: res.status,
+            statusText: res.statusText,
+            headers: res.headers,
+          })
+        }
+        const challenge = challengeIn(res)
+        // Not a payment this client makes (no evm/session challenge, no channel): the caller's.
+        if (!challenge && !live?.state) return res
+        const problem = await problemOf(res)
+        const kind = kindOf(problem)
+        if (challenge) {
+          check(challenge)
+          live = await adopt(url, challenge)
+          if (streams(body) && gate.live !== live) {
+            if (live.streams > 0)
+              throw new ClientError(
+                'A stream is under way on this channel, and the server keeps one per channel (a second would end the first).',
+                { channelId: live.state?.channelId },
+              )
+            gate.live = live
+            live.streams++
+          }
+        }
+        const l = live as Live
+        if (kind === 'channel-not-found' || kind === 'channel-finalized') await drop(l, url)
+        if (l.opening) {
+          // Another request is opening the channel: wait for it, then pay from that channel. (Its
+          // state is kept before the server has answered the open: a voucher now would find no
+          // channel.)
+          await l.opening.catch(() => {})
+          if (l.state) credential = await ahead(l, url, by)
+          else {
+            credential = await open(l, url, by)
+            sentOpen = l
+          }
+        } else if (!l.state) {
+          // The channel exists for the server once it has answered the open: until then, other
+          // requests wait (their vouchers would find no channel).
+          const { promise, resolve } = Promise.withResolvers<void>()
+          l.opening = promise
+          opened = () => {
+            if (l.opening === promise) l.opening = undefined
+            resolve()
+          }
+          try {
+            credential = await open(l, url, by)
+            sentOpen = l
+          } catch (e) {
+            opened()
+            throw e
+          }
+        } else if (kind === 'insufficient-balance') {
+          const required = amount(problem?.requiredCumulative)
+          if (required === undefined)
+            throw new PaymentFailedError(
+              `The server asked for more (${res.status} insufficient-balance) without a requiredCumulative in base units${toldBy(problem)}`,
+              res.status,
+              problem,
             )
-          gate.live = live
-          live.streams++
-        }
-      }
-      const l = live as Live
-      if (kind === 'channel-not-found' || kind === 'channel-finalized') await drop(l, url)
-      if (l.opening) {
-        // Another request is opening the channel: wait for it, then pay from that channel. (Its
-        // state is kept before the server has answered the open: a voucher now would find no
-        // channel.)
-        await l.opening.catch(() => {})
-        if (l.state) credential = await ahead(l, url, by)
-        else {
-          credential = await open(l, url, by)
-          sentOpen = l
-        }
-      } else if (!l.state) {
-        // The channel exists for the server once it has answered the open: until then, other
-        // requests wait (their vouchers would find no channel).
-        const { promise, resolve } = Promise.withResolvers<void>()
-        l.opening = promise
-        opened = () => {
-          if (l.opening === promise) l.opening = undefined
-          resolve()
-        }
-        try {
-          credential = await open(l, url, by)
-          sentOpen = l
-        } catch (e) {
-          opened()
-          throw e
-        }
-      } else if (kind === 'insufficient-balance') {
-        const required = amount(problem?.requiredCumulative)
-        if (required === undefined)
+          credential = await serially(l, async () => {
+            // Another request may have raised enough meanwhile: the voucher is then only signed.
+            const voucher = await raise(l, url, required)
+            l.sent = l.session.signed
+            return voucher
+          })
+          options.onVoucher?.({ channelId: l.session.channelId as Hex, cumulativeAmount: l.sent })
+        } else if (!challenge || (problem && kind !== 'verification-failed' && attempt > 0)) {
+          // An open the server refused (a deposit below its least, say) may have opened
+          // nothing: as for a channel it does not know, its state is read and the channel
+          // forgotten, or set apart when it holds a deposit (see `drop`).
+          if (answeredOpen === l && l.state) await drop(l, url).catch(() => {})
           throw new PaymentFailedError(
-            `The server asked for more (${res.status} insufficient-balance) without a requiredCumulative in base units${toldBy(problem)}`,
+            `The server refused the payment (${res.status}${kind ? ` ${kind}` : ''})${toldBy(problem)}`,
             res.status,
             problem,
           )
-        credential = await serially(l, async () => {
-          // Another request may have raised enough meanwhile: the voucher is then only signed.
-          const voucher = await raise(l, url, required)
-          l.sent = l.session.signed
-          return voucher
-        })
-        options.onVoucher?.({ channelId: l.session.channelId as Hex, cumulativeAmount: l.sent })
-      } else if (!challenge || (problem && kind !== 'verification-failed' && attempt > 0)) {
-        // An open the server refused (a deposit below its least, say) may have opened
-        // nothing: as for a channel it does not know, its state is read and the channel
-        // forgotten, or set apart when it holds a deposit (see `drop`).
-        if (answeredOpen === l && l.state) await drop(l, url).catch(() => {})
-        throw new PaymentFailedError(
-          `The server refused the payment (${res.status}${kind ? ` ${kind}` : ''})${toldBy(problem)}`,
-          res.status,
-          problem,
-        )
-      } else credential = await ahead(l, url, by)
+        } else credential = await ahead(l, url, by)
+      }
+      throw new PaymentFailedError(
+        'The server kept asking for payment; giving up after 12 tries.',
+        402,
+      )
+    } finally {
+      opened?.()
     }
-    throw new PaymentFailedError(
-      'The server kept asking for payment; giving up after 12 tries.',
-      402,
-    )
   }
 
   const close = async (url = lastUrl, which: { channelId?: Hex } = {}): Promise<Hex> => {
