@@ -200,4 +200,46 @@ describe('tollway_channel_finish_many', () => {
       expect(await state(x)).toEqual(await state(y))
     }
   })
+
+  test('behavior: finds its reservations by the primary key, reservations vacuumed empty or not', async () => {
+    // The function's own statement, planned as the function plans it: generic (its
+    // plan_cache_mode), with its settings (proconfig). 0006 joined the items, and that plan
+    // scanned and hashed the whole table at every call, with statistics or without.
+    const [fn] = await sql`
+      select prosrc, proconfig from pg_proc
+      where oid = 'tollway_channel_finish_many(jsonb)'::regprocedure`
+    const statement = /FOR e IN\s+(WITH[\s\S]*?)\s+LOOP/.exec(fn!.prosrc as string)?.[1]
+    expect(statement).toBeDefined()
+    for (const live of [0, 200]) {
+      await sql`delete from reservations`
+      await sql`vacuum analyze reservations`
+      const channel = (await twins(1_000_000n))[0]!
+      if (live > 0)
+        await sql`select * from tollway_channel_admit_many(${sql.json(
+          Array.from({ length: live }, () => ({
+            channelId: channel,
+            model: 'm',
+            stream: false,
+            want: '1',
+            need: '1',
+            requestId: crypto.randomUUID(),
+            leaseSeconds: 60,
+          })),
+        )})`
+      const plan = await sql.begin(async (tx) => {
+        for (const setting of (fn!.proconfig as string[] | null) ?? []) {
+          const [name, value] = setting.split('=') as [string, string]
+          await tx`select set_config(${name}, ${value}, true)`
+        }
+        await tx.unsafe(
+          `prepare finish_many_plan(jsonb) as ${statement!.replaceAll('p_items', '$1')}`,
+        )
+        const rows = await tx.unsafe(`explain execute finish_many_plan('[]')`)
+        await tx.unsafe('deallocate finish_many_plan')
+        return rows.map((r) => r['QUERY PLAN'] as string).join('\n')
+      })
+      expect(plan).toContain('reservations_pkey')
+      expect(plan).not.toContain('Seq Scan on reservations')
+    }
+  })
 })
