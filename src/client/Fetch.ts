@@ -1053,7 +1053,6 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   const close = async (url = lastUrl, which: { channelId?: Hex } = {}): Promise<Hex> => {
-    usable()
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
     await store.own?.(key)
@@ -1233,7 +1232,6 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   const requestClose = async (url = lastUrl, options: { channelId?: Hex } = {}) => {
-    usable()
     if (!url) throw new ClientError('Nothing to close: no request was made; pass the URL.')
     const key = keyOf(url)
     await store.own?.(key)
@@ -1287,7 +1285,6 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   const withdraw = async (url = lastUrl, which: { channelId?: Hex } = {}) => {
-    usable()
     if (!url) throw new ClientError('Nothing to withdraw: no request was made; pass the URL.')
     const key = keyOf(url)
     await store.own?.(key)

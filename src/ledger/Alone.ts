@@ -23,7 +23,7 @@
 import type { Sql } from './Db.ts'
 import type { AdmitInput, Finish } from './Reservations.ts'
 
-/** An admission's answer, as `tollway_ledger_batch` returns it (its row, status ok). */
+/** A lone admission's row (status ok): the fields of the batch's `ok` answer, by name. */
 export type AdmitRow = {
   account_id: string
   key_id: string

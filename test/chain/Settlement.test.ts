@@ -156,6 +156,36 @@ function worker(options: Partial<Settlement.Options> = {}) {
   return w
 }
 
+/**
+ * The payee's client through a JSON-RPC front to anvil that answers a call with the error
+ * `refuse` gives for it (as a hosted node might), and passes every other call on.
+ */
+function rpcFront(
+  refuse: (call: {
+    method: string
+    params?: unknown[]
+  }) => { code: number; message: string } | undefined,
+) {
+  const server = Bun.serve({
+    port: 0,
+    hostname: '127.0.0.1',
+    async fetch(req) {
+      const text = await req.text()
+      const call = JSON.parse(text) as { id: number; method: string; params?: unknown[] }
+      const error = refuse(call)
+      if (error) return Response.json({ jsonrpc: '2.0', id: call.id, error })
+      return fetch(chain.rpcUrl, { method: 'POST', body: text, headers: req.headers })
+    },
+  })
+  const client = Client.from({
+    rpcUrl: `http://127.0.0.1:${server.port}`,
+    chainId: chain.chainId,
+    privateKey: chain.payee.privateKey,
+    pollingInterval: 20,
+  })
+  return { server, client }
+}
+
 const balance = (owner: Hex) =>
   Token.balanceOf(chain.payeeClient, { token: chain.currencyAddress, owner })
 const onChain = async (channelId: Hex) =>
@@ -762,33 +792,15 @@ describe('catch-up (a payer acting while no worker watched)', () => {
   test('behavior: a node that refuses a wide eth_getLogs range gets smaller ones, and every event is still read', async () => {
     // The chain through a front that, as many hosted nodes, refuses a range over 4 blocks.
     let refused = 0
-    const front = Bun.serve({
-      port: 0,
-      hostname: '127.0.0.1',
-      async fetch(req) {
-        const text = await req.text()
-        const call = JSON.parse(text) as { id: number; method: string; params?: unknown[] }
-        if (call.method === 'eth_getLogs') {
-          const [filter] = call.params as [{ fromBlock: Hex; toBlock: Hex }]
-          if (BigInt(filter.toBlock) - BigInt(filter.fromBlock) + 1n > 4n) {
-            refused++
-            return Response.json({
-              jsonrpc: '2.0',
-              id: call.id,
-              error: { code: -32602, message: 'block range is too wide: at most 4 blocks' },
-            })
-          }
-        }
-        return fetch(chain.rpcUrl, { method: 'POST', body: text, headers: req.headers })
-      },
+    const front = rpcFront((call) => {
+      if (call.method !== 'eth_getLogs') return undefined
+      const [filter] = call.params as [{ fromBlock: Hex; toBlock: Hex }]
+      if (BigInt(filter.toBlock) - BigInt(filter.fromBlock) + 1n <= 4n) return undefined
+      refused++
+      return { code: -32602, message: 'block range is too wide: at most 4 blocks' }
     })
     try {
-      const client = Client.from({
-        rpcUrl: `http://127.0.0.1:${front.port}`,
-        chainId: chain.chainId,
-        privateKey: chain.payee.privateKey,
-        pollingInterval: 20,
-      })
+      const client = front.client
       const channelId = await openChannel()
       await accept(channelId, 100n)
       await spend(channelId, 100n)
@@ -807,7 +819,7 @@ describe('catch-up (a payer acting while no worker watched)', () => {
       expect(entries.some((e) => e.msg.includes('refused an eth_getLogs range'))).toBe(true)
       expect(await cursor()).toBe(before)
     } finally {
-      front.stop(true)
+      front.server.stop(true)
     }
   })
 
@@ -1124,28 +1136,13 @@ describe('records that follow the chain (an attempt recorded failed, mined after
       error: { name: 'TransactionTimeoutError', message: 'no receipt in time' },
       retryAt: new Date(Date.now() - 60_000),
     })
-    const front = Bun.serve({
-      port: 0,
-      hostname: '127.0.0.1',
-      async fetch(req) {
-        const text = await req.text()
-        const call = JSON.parse(text) as { id: number; method: string; params?: unknown[] }
-        if (call.method === 'eth_getTransactionReceipt' && call.params?.[0] === old)
-          return Response.json({
-            jsonrpc: '2.0',
-            id: call.id,
-            error: { code: -32000, message: 'transaction indexing is in progress' },
-          })
-        return fetch(chain.rpcUrl, { method: 'POST', body: text, headers: req.headers })
-      },
-    })
+    const front = rpcFront((call) =>
+      call.method === 'eth_getTransactionReceipt' && call.params?.[0] === old
+        ? { code: -32000, message: 'transaction indexing is in progress' }
+        : undefined,
+    )
     try {
-      const client = Client.from({
-        rpcUrl: `http://127.0.0.1:${front.port}`,
-        chainId: chain.chainId,
-        privateKey: chain.payee.privateKey,
-        pollingInterval: 20,
-      })
+      const client = front.client
       // The payer starts a forced close: the pass must settle at once, whatever the threshold.
       await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
       const entries: Entry[] = []
@@ -1158,7 +1155,7 @@ describe('records that follow the chain (an attempt recorded failed, mined after
       expect((await recorded(channelId))[0]).toMatchObject({ status: 'failed', hash: old })
       expect(entries.some((e) => e.level === 'warn' && e.fields.hash === old)).toBe(true)
     } finally {
-      front.stop(true)
+      front.server.stop(true)
     }
   }, 30_000)
 })
