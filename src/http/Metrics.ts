@@ -152,7 +152,8 @@ export class Metrics {
     })
     // The ledger's group commit (Batch.ts): statements sent and items they carried, by
     // batcher. Items per statement is how much batching saves; fallbacks are batches that
-    // failed as a whole and ran item by item.
+    // failed as a whole and ran item by item; behind, statements sent while others were under
+    // way (pipelined, for the API-key ledger).
     const batches = (field: keyof Batch.Stats, name: string, help: string) =>
       new client.Counter({
         name,
@@ -171,6 +172,11 @@ export class Metrics {
       'fallbacks',
       'tollway_ledger_batch_fallbacks_total',
       'Ledger batches that failed as a whole and ran item by item.',
+    )
+    batches(
+      'behind',
+      'tollway_ledger_statements_behind_total',
+      'Ledger statements sent while others of their batcher were under way.',
     )
   }
 

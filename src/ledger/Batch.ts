@@ -19,6 +19,15 @@ export type Options<I, O> = {
   many(items: I[]): Promise<O[]>
   /** Batches under way at once (default 1). */
   inFlight?: number | undefined
+  /**
+   * With `inFlight` above 1: another batch goes while some are under way only if those carry
+   * at most this many items in all (default: any number). A stream whose batches must run in
+   * order sends them down one connection, where PostgreSQL runs them one after the other: a
+   * call behind a lone one goes at once (PostgreSQL finds it waiting as soon as the one before
+   * is done, rather than after a round trip to the gateway and back), and calls behind a large
+   * batch still wait to go together.
+   */
+  behindAtMost?: number | undefined
   /** Most items in one batch (default 256). */
   maxItems?: number | undefined
 }
@@ -31,15 +40,21 @@ type Waiting<I, O> = {
   reject: (e: unknown) => void
 }
 
-/** What a batcher did: statements sent, items they carried, batches that failed as a whole. */
-export type Stats = { statements: number; items: number; fallbacks: number }
+/**
+ * What a batcher did: statements sent, items they carried, batches that failed as a whole, and
+ * statements sent while others were under way.
+ */
+export type Stats = { statements: number; items: number; fallbacks: number; behind: number }
 
 export class Batcher<I, O> {
   private readonly waiting: Waiting<I, O>[] = []
   private running = 0
+  /** Items in the batches under way. */
+  private carried = 0
   private readonly inFlight: number
+  private readonly behindAtMost: number
   private readonly maxItems: number
-  readonly stats: Stats = { statements: 0, items: 0, fallbacks: 0 }
+  readonly stats: Stats = { statements: 0, items: 0, fallbacks: 0, behind: 0 }
   /** Items submitted; the first item of each batch under way (batches are runs of
    * consecutive items, as calls wait in order). */
   private submitted = 0
@@ -51,25 +66,33 @@ export class Batcher<I, O> {
   constructor(private readonly o: Options<I, O>) {
     this.one = o.one ?? (async (item) => (await o.many([item]))[0] as O)
     this.inFlight = o.inFlight ?? 1
+    this.behindAtMost = o.behindAtMost ?? Number.POSITIVE_INFINITY
     this.maxItems = o.maxItems ?? 256
   }
 
   /** Runs `item` (alone, or in a batch). */
   run(item: I): Promise<O> {
     const seq = this.submitted++
-    const idle = this.running < this.inFlight
+    const idle = this.free()
     if (idle && this.waiting.length === 0) {
+      if (this.running > 0) this.stats.behind++
       this.running++
+      this.carried++
       this.stats.statements++
       this.stats.items++
       this.starts.add(seq)
-      return this.one(item).finally(() => this.done(seq))
+      return this.one(item).finally(() => this.done(seq, 1))
     }
     const result = new Promise<O>((resolve, reject) => {
       this.waiting.push({ item, seq, resolve, reject })
     })
     if (idle) this.flush()
     return result
+  }
+
+  /** Whether another batch may go now. */
+  private free(): boolean {
+    return this.running === 0 || (this.running < this.inFlight && this.carried <= this.behindAtMost)
   }
 
   /** Resolves once every item submitted so far is done. */
@@ -88,10 +111,11 @@ export class Batcher<I, O> {
     return first
   }
 
-  private done(start: number) {
+  private done(start: number, items: number) {
     this.starts.delete(start)
     this.running--
-    if (this.waiting.length > 0 && this.running < this.inFlight) this.flush()
+    this.carried -= items
+    if (this.waiting.length > 0 && this.free()) this.flush()
     const upTo = this.doneUpTo()
     while (this.barriers.length > 0 && this.barriers[0]!.at <= upTo)
       this.barriers.shift()!.resolve()
@@ -101,7 +125,9 @@ export class Batcher<I, O> {
     const batch = this.waiting.splice(0, this.maxItems)
     const start = batch[0]!.seq
     this.starts.add(start)
+    if (this.running > 0) this.stats.behind++
     this.running++
+    this.carried += batch.length
     this.stats.statements++
     this.stats.items += batch.length
     const settle = async () => {
@@ -123,7 +149,7 @@ export class Batcher<I, O> {
         w.resolve(results[i] as O)
       })
     }
-    void settle().finally(() => this.done(start))
+    void settle().finally(() => this.done(start, batch.length))
   }
 }
 

@@ -22,19 +22,46 @@ export type Options = {
  * int8 by postgres.js; pass money as `sql.typed.numeric(x)` so it never overflows.
  */
 export function connect(options: Options): Sql {
-  return postgres(options.url, {
-    max: options.max ?? 10,
-    onnotice: () => {},
-    connection: options.schema ? { search_path: options.schema } : {},
-    types: {
-      numeric: {
-        to: 1700,
-        from: [20, 1700],
-        serialize: (x: bigint) => x.toString(),
-        parse: (x: string) => BigInt(x),
+  const open = (max: number) =>
+    postgres(options.url, {
+      max,
+      onnotice: () => {},
+      connection: options.schema ? { search_path: options.schema } : {},
+      types: {
+        numeric: {
+          to: 1700,
+          from: [20, 1700],
+          serialize: (x: bigint) => x.toString(),
+          parse: (x: string) => BigInt(x),
+        },
       },
-    },
-  }) as unknown as Sql
+    }) as unknown as Sql
+  const max = options.max ?? 10
+  const sql = open(max)
+  if (max > 1) {
+    let own: Sql | undefined
+    companions.set(sql, () => {
+      own ??= open(1)
+      return own
+    })
+    const end = sql.end
+    sql.end = async (o) => {
+      await Promise.all([end(o), own?.end(o)])
+    }
+  }
+  return sql
+}
+
+const companions = new WeakMap<Sql, () => Sql>()
+
+/**
+ * The connection of `sql` for statements that must run in the order they were sent: a pool's
+ * own second client of one connection (opened on first use, ended with the pool), on which
+ * postgres.js sends a statement while the ones before it still run and PostgreSQL runs them in
+ * turn; `sql` itself when it has one connection only (the embedded server).
+ */
+export function ordered(sql: Sql): Sql {
+  return companions.get(sql)?.() ?? sql
 }
 
 const migrations = join(import.meta.dir, 'migrations')

@@ -10,6 +10,7 @@ import { inOrder } from './Batch.ts'
 import * as Channels from './Channels.ts'
 import { CHANNEL_BATCHES } from './Channels.ts'
 import type { Sql } from './Db.ts'
+import * as Db from './Db.ts'
 import type { Waker } from './Waker.ts'
 
 export type AdmitInput = {
@@ -263,10 +264,15 @@ async function many(sql: Sql, items: Op[]): Promise<OpResult[]> {
  * background is never counted against the payer's next one (credits, concurrency, quota).
  */
 function ledger(sql: Sql) {
-  return Batch.of<Op, OpResult>(sql, 'ledger', () => ({
-    many: (items) => many(sql, items),
-    one: async (item) => (await alone(sql, item)) ?? (await many(sql, [item]))[0],
-  }))
+  return Batch.of<Op, OpResult>(sql, 'ledger', () => {
+    const one = Db.ordered(sql)
+    return {
+      many: (items) => many(one, items),
+      one: async (item) => (await alone(one, item)) ?? (await many(one, [item]))[0],
+      inFlight: 2,
+      behindAtMost: 1,
+    }
+  })
 }
 
 /** An item alone, as one plain statement (Alone.ts); undefined when declined. */

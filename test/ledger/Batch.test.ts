@@ -82,6 +82,51 @@ describe('Batcher', () => {
     expect(passed).toBe(true)
   })
 
+  test('behavior: with behindAtMost 1, a call goes behind a lone one at once; behind a batch of more, calls wait for it', async () => {
+    const gates = new Map<number, PromiseWithResolvers<void>>()
+    const gate = (x: number) => {
+      if (!gates.has(x)) gates.set(x, Promise.withResolvers<void>())
+      return gates.get(x)!
+    }
+    const statements: number[][] = []
+    const b = new Batcher<number, number>({
+      one: async (x) => {
+        statements.push([x])
+        await gate(x).promise
+        return x
+      },
+      many: async (xs) => {
+        statements.push(xs)
+        await gate(xs[0]!).promise
+        return xs
+      },
+      inFlight: 2,
+      behindAtMost: 1,
+    })
+    const one = b.run(1)
+    const two = b.run(2) // behind the lone 1, at once
+    expect(statements).toEqual([[1], [2]])
+    const rest = [3, 4, 5].map((x) => b.run(x)) // two under way: they wait
+    expect(statements).toEqual([[1], [2]])
+    gate(1).resolve()
+    expect(await one).toBe(1)
+    // 1 done: behind the lone 2, the three waiting go together.
+    await Bun.sleep(1)
+    expect(statements).toEqual([[1], [2], [3, 4, 5]])
+    gate(2).resolve()
+    expect(await two).toBe(2)
+    // Behind the batch of three (more than one item), a new call waits for it.
+    const six = b.run(6)
+    await Bun.sleep(1)
+    expect(statements).toEqual([[1], [2], [3, 4, 5]])
+    gate(3).resolve()
+    expect(await Promise.all(rest)).toEqual([3, 4, 5])
+    gate(6).resolve()
+    expect(await six).toBe(6)
+    expect(statements).toEqual([[1], [2], [3, 4, 5], [6]])
+    expect(b.stats.behind).toBe(2)
+  })
+
   test('error: a batch whose statement fails runs its items one by one; only the bad one fails', async () => {
     const { b, statements, open } = recording((x) => x === 3)
     const results = [1, 2, 3, 4].map((x) => b.run(x).catch((e: Error) => e.message))
@@ -92,13 +137,18 @@ describe('Batcher', () => {
 })
 
 const db = await Postgres.fresh(
-  Object.fromEntries(Object.entries(plans).map(([k, p]) => [k, { wallet: null, ...p }])) as never,
+  Object.fromEntries(
+    Object.entries({
+      ...plans,
+      single: { tier: 0, requestsPerMinute: null, maxConcurrent: 1, tokensPerMonth: null },
+    }).map(([k, p]) => [k, { wallet: null, ...p }]),
+  ) as never,
 )
 const { sql } = db
 
 const voucher = (channelId: Channels.Hex, amount: bigint) => Ledger.voucher(sql, channelId, amount)
 
-const account = (credits: bigint) => Ledger.account(sql, credits)
+const account = (credits: bigint, plan?: string) => Ledger.account(sql, credits, plan)
 
 const admit = (keyHash: Uint8Array, want: bigint, requestId?: string) =>
   Ledger.admit(sql, keyHash, want, { stream: false, requestId })
@@ -143,6 +193,25 @@ describe('batched ledger calls', () => {
     expect(stats.items).toBe(60 + 2 * admitted.length)
     expect(stats.statements).toBeLessThan(stats.items / 4)
     expect(stats.fallbacks).toBe(0)
+  })
+
+  test('behavior: an admission made while the finish before it is under way goes at once, behind it, and counts it done (one request at a time)', async () => {
+    const a = await account(1_000n, 'single')
+    const behind = Batch.stats(sql).ledger?.behind ?? 0
+    let last = await admit(a.keyHash, 10n)
+    const finishes: Promise<unknown>[] = []
+    for (let i = 0; i < 30; i++) {
+      expect(last.status).toBe('ok')
+      // Not waited for, as the gateway settles a completion in the background.
+      finishes.push(finish(last.requestId, 1n))
+      last = await admit(a.keyHash, 10n)
+    }
+    expect(last.status).toBe('ok')
+    finishes.push(finish(last.requestId, 1n))
+    await Promise.all(finishes)
+    expect(Batch.stats(sql).ledger!.behind - behind).toBeGreaterThanOrEqual(30)
+    const s = await state(a.id)
+    expect([s.balance, s.reserved, s.active_requests, s.usage]).toEqual([969n, 0n, 0, 31])
   })
 
   test('error: in a batch, an unknown key is unauthorized and a duplicate request id fails alone', async () => {
