@@ -197,12 +197,22 @@ export type Finish = {
  * Charges the request (never beyond what the account can pay), releases the rest of its
  * reservation and writes the usage row. Undefined if the reservation was already finished.
  */
-export function finish(sql: Sql, f: Finish, channelId?: string): Promise<Finished | undefined> {
+export function finish(
+  sql: Sql,
+  f: Finish,
+  channelId?: string,
+  o: {
+    /** The request has an Idempotency-Key (its finish marks the key completed). */
+    idempotent?: boolean | undefined
+  } = {},
+): Promise<Finished | undefined> {
   if (channelId !== undefined) return channelFinishes(sql).run(f)
   // At once, whether or not anyone waits: on an idle ledger as a lone statement (Alone.ts),
   // done before the payer's next request comes, rather than riding in that request's
   // admission (which cost that admission a batch call: 0.2-0.3 ms at p50, one connection).
-  return ledger(sql).run({ op: 'finish', ...f }) as Promise<Finished | undefined>
+  return ledger(sql).run({ op: 'finish', ...f, idempotent: o.idempotent ?? false }) as Promise<
+    Finished | undefined
+  >
 }
 
 type Finished = {
@@ -211,7 +221,7 @@ type Finished = {
   channel?: { acceptedCumulative: bigint; spent: bigint }
 }
 
-type Op = ({ op: 'admit' } & AdmitInput) | ({ op: 'finish' } & Finish)
+type Op = ({ op: 'admit' } & AdmitInput) | ({ op: 'finish'; idempotent?: boolean } & Finish)
 type OpResult = Admitted | Refused | Finished | undefined
 
 /** Runs ledger items in one statement (tollway_ledger_batch); results in the items' order. */
@@ -275,9 +285,15 @@ function ledger(sql: Sql) {
   })
 }
 
-/** An item alone, as one plain statement (Alone.ts); undefined when declined. */
+/**
+ * An item alone, as one plain statement (Alone.ts); undefined when declined. An item Alone.ts
+ * would decline, known beforehand, is declined without a statement: a call pipelined behind
+ * that statement would run before the batch statement that then does the item (the retry of
+ * an Idempotency-Key, sent as soon as the request was answered, would find its key in
+ * progress).
+ */
 async function alone(sql: Sql, item: Op): Promise<OpResult> {
-  if (item.op === 'finish') return Alone.finish(sql, item)
+  if (item.op === 'finish') return item.idempotent ? undefined : Alone.finish(sql, item)
   if (item.idempotencyKey !== null) return undefined
   const row = await Alone.admit(sql, item)
   return (
@@ -414,6 +430,8 @@ export function reservation(
     held: bigint
     leaseSeconds: number
     settleInBackground?: boolean
+    /** The request has an Idempotency-Key. */
+    idempotent?: boolean
     /**
      * The channel that pays, for a channel's reservation: its charge goes through the channel
      * batches. (Without it, the API-key ledger refuses the charge: it charges accounts only.)
@@ -468,7 +486,9 @@ export function reservation(
       outcome ??= o
       let failed = false
       const once = () =>
-        finish(sql, { id: input.id, ...o }, input.channelId).then(
+        finish(sql, { id: input.id, ...o }, input.channelId, {
+          idempotent: input.idempotent,
+        }).then(
           async (r) =>
             // Tried again after a failure, and the reservation is gone: the failed attempt
             // went through (its answer lost). What it charged is in its usage row.

@@ -214,6 +214,46 @@ describe('batched ledger calls', () => {
     expect([s.balance, s.reserved, s.active_requests, s.usage]).toEqual([969n, 0n, 0, 31])
   })
 
+  test('behavior: a retry with the Idempotency-Key of a request whose finish is under way, not waited for, finds it completed', async () => {
+    const a = await account(1_000n)
+    const admitKeyed = (requestId: string) =>
+      Reservations.admit(sql, {
+        keyHash: a.keyHash,
+        model: 'm',
+        stream: false,
+        minTier: 0,
+        promptTokens: 1,
+        want: 10n,
+        need: 10n,
+        idempotencyKey: 'retried',
+        fingerprint: new Uint8Array([7]),
+        requestId,
+        leaseSeconds: 60,
+      })
+    const first = crypto.randomUUID()
+    expect((await admitKeyed(first)).status).toBe('ok')
+    // The finish goes (as a completion answered before its charge is written), and the retry
+    // right behind it: it must not be answered as still under way.
+    const finished = Reservations.finish(
+      sql,
+      {
+        id: first,
+        cost: 4n,
+        promptTokens: 1,
+        completionTokens: 1,
+        status: 'ok',
+        latencyMs: 1,
+        ttftMs: null,
+      },
+      undefined,
+      { idempotent: true },
+    )
+    const retry = await admitKeyed(crypto.randomUUID())
+    expect(retry).toEqual({ status: 'idempotency_completed', otherRequest: first })
+    expect((await finished)?.charged).toBe(4n)
+    expect((await state(a.id)).balance).toBe(996n)
+  })
+
   test('error: in a batch, an unknown key is unauthorized and a duplicate request id fails alone', async () => {
     const a = await account(1_000n)
     const dup = crypto.randomUUID()

@@ -354,6 +354,7 @@ export function routes(deps: Deps) {
         id: requestId,
         held: admitted.held,
         leaseSeconds,
+        idempotent: idempotencyKey !== null,
         // Answer before the charge is written, unless the payer's next request could be
         // refused meanwhile on another instance because this one still counts. Requests
         // admitted after this one use up what was free at its admission, so that must be
