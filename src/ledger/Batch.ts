@@ -1,6 +1,7 @@
 /**
  * Group commit for the per-request ledger calls. A call goes to the database at once when
- * fewer than `inFlight` batches of its kind are under way; otherwise it waits, and everything
+ * fewer than `inFlight` batches of its kind are under way (and, with `behindAtMost`, those
+ * carry few enough items); otherwise it waits, and everything
  * that waited goes in the next batch: one statement (the `*_many` functions of
  * migrations/0004_batches.sql), one round trip, one commit. An idle gateway pays nothing (a
  * lone call runs as the single-item statement it always was); a busy one sends as many items

@@ -272,6 +272,13 @@ async function many(sql: Sql, items: Op[]): Promise<OpResult[]> {
  * The instance's API-key ledger: admissions and finishes in one ordered stream, batched under
  * load. A finish queued before an admission runs before it, so a request finished in the
  * background is never counted against the payer's next one (credits, concurrency, quota).
+ * The stream's statements go down one connection (Db.ordered), where PostgreSQL runs them in
+ * the order sent, so a call need not wait for the answer of a lone one before it: it goes at
+ * once, behind it (at one connection, the next admission no longer waits for the previous
+ * finish's answer to come back). Behind a batch of more, calls wait for it, to go together.
+ * When a lone call falls back to the batch statement (Alone.ts declined it), a call sent
+ * behind its first statement runs before that fallback: `alone` declines without a statement
+ * what it knows it would decline.
  */
 function ledger(sql: Sql) {
   return Batch.of<Op, OpResult>(sql, 'ledger', () => {
