@@ -316,6 +316,29 @@ describe('extend and finish', () => {
     expect(u).toEqual({ status: 'abandoned', cost: 40n })
   })
 
+  test('behavior: a lease renewal and an extension update the reservation in place (HOT): no index entry is written', async () => {
+    const a = await account(100n)
+    const id = requestOf(await admit(a.keyHash, 20n))
+    // The backend's counts not yet reported (they may hold earlier transactions'), before and
+    // after, in one transaction (they are reported between transactions only).
+    const counts = await sql.begin(async (tx) => {
+      const count = async () =>
+        (
+          await tx`
+            select pg_stat_get_xact_tuples_updated('reservations'::regclass)::int as updated,
+              pg_stat_get_xact_tuples_hot_updated('reservations'::regclass)::int as hot`
+        )[0]!
+      const before = await count()
+      await tx`select tollway_extend(${id}, 0, 60, null, 20)`
+      await tx`select tollway_extend(${id}, 5, 60, 3, 20)`
+      const after = await count()
+      return { updated: after.updated - before.updated, hot: after.hot - before.hot }
+    })
+    // The renewal, then the delivered amount and the extension.
+    expect(counts).toEqual({ updated: 3, hot: 3 })
+    expect(await invariants(a.id)).toMatchObject({ balance: 100n, reserved: 25n, open: 1 })
+  })
+
   test('behavior: the sweep releases a dead request that delivered nothing, charging nothing', async () => {
     const a = await account(100n)
     expect(await admit(a.keyHash, 60n)).toMatchObject({ status: 'ok' })
