@@ -37,7 +37,7 @@ export function create(options: Options): Provider {
         method: 'POST',
         headers,
         body: JSON.stringify(body),
-        signal: AbortSignal.any([signal, watchdog.signal]),
+        signal: watchdog.follow(signal),
       })
     } catch (e) {
       throw failure(options.name, e, signal, watchdog)
@@ -241,6 +241,7 @@ class Watchdog {
   private timer: ReturnType<typeof setTimeout> | undefined
   private last = performance.now()
   private paused = false
+  private unfollow: (() => void) | undefined
   private limit: number
   readonly signal = this.controller.signal
   constructor(
@@ -272,8 +273,22 @@ class Watchdog {
   headers() {
     this.last = performance.now()
   }
+  /**
+   * Its signal, aborted as well when `signal` is (with `signal`'s reason): what the upstream
+   * call takes. One listener, where `AbortSignal.any` cost each request several microseconds.
+   */
+  follow(signal: AbortSignal): AbortSignal {
+    if (signal.aborted) this.controller.abort(signal.reason)
+    else {
+      const onAbort = () => this.controller.abort(signal.reason)
+      signal.addEventListener('abort', onAbort, { once: true })
+      this.unfollow = () => signal.removeEventListener('abort', onAbort)
+    }
+    return this.signal
+  }
   stop() {
     clearTimeout(this.timer)
+    this.unfollow?.()
   }
   /** The gateway stopped reading (its consumer holds the stream): the upstream is not idle. */
   pause() {
