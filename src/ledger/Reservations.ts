@@ -278,7 +278,10 @@ async function many(sql: Sql, items: Op[]): Promise<OpResult[]> {
  * finish's answer to come back). Behind a batch of more, calls wait for it, to go together.
  * When a lone call falls back to the batch statement (Alone.ts declined it), a call sent
  * behind its first statement runs before that fallback: `alone` declines without a statement
- * what it knows it would decline.
+ * what it knows it would decline (a finish with an Idempotency-Key). What it cannot know
+ * beforehand, a finish on a plan with a token wallet or one the account cannot pay in full, is
+ * done just after a call sent behind it: a request answered in the background (its plan with
+ * room to spare, see Chat.ts) then counts a moment longer, as it does for another instance.
  */
 function ledger(sql: Sql) {
   return Batch.of<Op, OpResult>(sql, 'ledger', () => {
