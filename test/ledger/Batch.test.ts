@@ -6,6 +6,7 @@ import { describe, expect, test } from 'bun:test'
 import * as Batch from '../../src/ledger/Batch.ts'
 import { Batcher } from '../../src/ledger/Batch.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
+import * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import { plans } from '../helpers/Gateway.ts'
 import * as Ledger from '../helpers/Ledger.ts'
@@ -253,6 +254,38 @@ describe('batched ledger calls', () => {
     expect((await finished)?.charged).toBe(4n)
     expect((await state(a.id)).balance).toBe(996n)
   })
+
+  test.skipIf(db.max === 1)(
+    'error: the ledger stream connection dropped (its backend ended): charges are tried again and land once, and the next calls open it again',
+    async () => {
+      const a = await account(1_000n)
+      const held = await Promise.all([admit(a.keyHash, 10n), admit(a.keyHash, 10n)])
+      const [own] = await Db.ordered(sql)`select pg_backend_pid() as pid`
+      const [pool] = await sql`select pg_backend_pid() as pid`
+      // Its own connection, apart from the pool's.
+      expect(own!.pid).not.toBe(pool!.pid)
+      await sql`select pg_terminate_backend(${own!.pid})`
+      // As the gateway charges: through a reservation, which tries a failed charge again.
+      const charged = await Promise.all(
+        held.map((r) =>
+          Reservations.reservation(sql, { id: r.requestId, held: 10n, leaseSeconds: 60 }).settle({
+            cost: 3n,
+            promptTokens: 1,
+            completionTokens: 1,
+            status: 'ok',
+            latencyMs: 1,
+            ttftMs: null,
+          }),
+        ),
+      )
+      expect(charged).toEqual([{ charged: 3n }, { charged: 3n }])
+      expect((await admit(a.keyHash, 10n)).status).toBe('ok')
+      const [again] = await Db.ordered(sql)`select pg_backend_pid() as pid`
+      expect(again!.pid).not.toBe(own!.pid)
+      const s = await state(a.id)
+      expect([s.balance, s.reserved, s.active_requests, s.usage]).toEqual([994n, 10n, 1, 2])
+    },
+  )
 
   test('error: in a batch, an unknown key is unauthorized and a duplicate request id fails alone', async () => {
     const a = await account(1_000n)
