@@ -18,7 +18,8 @@ export type Options = {
 }
 
 /**
- * Opens a pool. numeric and int8 columns arrive as `bigint`. A bigint parameter is typed
+ * Opens a pool (and, with more than one connection, its `ordered` client, on first use; ending
+ * the pool ends it too). numeric and int8 columns arrive as `bigint`. A bigint parameter is typed
  * int8 by postgres.js; pass money as `sql.typed.numeric(x)` so it never overflows.
  */
 export function connect(options: Options): Sql {
