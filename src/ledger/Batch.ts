@@ -49,15 +49,14 @@ export type Stats = { statements: number; items: number; fallbacks: number; behi
 
 export class Batcher<I, O> {
   private readonly waiting: Waiting<I, O>[] = []
-  private running = 0
   /** Items in the batches under way. */
   private carried = 0
   private readonly inFlight: number
   private readonly behindAtMost: number
   private readonly maxItems: number
   readonly stats: Stats = { statements: 0, items: 0, fallbacks: 0, behind: 0 }
-  /** Items submitted; the first item of each batch under way (batches are runs of
-   * consecutive items, as calls wait in order). */
+  /** Items submitted; the first item of each batch under way, one entry a batch (batches
+   * are runs of consecutive items, as calls wait in order). */
   private submitted = 0
   private readonly starts = new Set<number>()
   private readonly barriers: { at: number; resolve: () => void }[] = []
@@ -76,8 +75,7 @@ export class Batcher<I, O> {
     const seq = this.submitted++
     const idle = this.free()
     if (idle && this.waiting.length === 0) {
-      if (this.running > 0) this.stats.behind++
-      this.running++
+      if (this.starts.size > 0) this.stats.behind++
       this.carried++
       this.stats.statements++
       this.stats.items++
@@ -93,7 +91,8 @@ export class Batcher<I, O> {
 
   /** Whether another batch may go now. */
   private free(): boolean {
-    return this.running === 0 || (this.running < this.inFlight && this.carried <= this.behindAtMost)
+    const running = this.starts.size
+    return running === 0 || (running < this.inFlight && this.carried <= this.behindAtMost)
   }
 
   /** Resolves once every item submitted so far is done. */
@@ -114,7 +113,6 @@ export class Batcher<I, O> {
 
   private done(start: number, items: number) {
     this.starts.delete(start)
-    this.running--
     this.carried -= items
     if (this.waiting.length > 0 && this.free()) this.flush()
     const upTo = this.doneUpTo()
@@ -125,9 +123,8 @@ export class Batcher<I, O> {
   private flush() {
     const batch = this.waiting.splice(0, this.maxItems)
     const start = batch[0]!.seq
+    if (this.starts.size > 0) this.stats.behind++
     this.starts.add(start)
-    if (this.running > 0) this.stats.behind++
-    this.running++
     this.carried += batch.length
     this.stats.statements++
     this.stats.items += batch.length

@@ -41,12 +41,16 @@ export function connect(options: Options): Sql {
   const sql = open(max)
   if (max > 1) {
     let own: Sql | undefined
+    let ended = false
+    // Once the pool has ended, none is opened: the pool itself answers (refusing, as ended).
     companions.set(sql, () => {
+      if (ended) return sql
       own ??= open(1)
       return own
     })
     const end = sql.end
     sql.end = async (o) => {
+      ended = true
       await Promise.all([end(o), own?.end(o)])
     }
   }

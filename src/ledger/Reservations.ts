@@ -200,13 +200,14 @@ export type Finish = {
 export function finish(
   sql: Sql,
   f: Finish,
-  channelId?: string,
   o: {
+    /** The channel that pays (a channel's request); none: an account. */
+    channelId?: string | undefined
     /** The request has an Idempotency-Key (its finish marks the key completed). */
     idempotent?: boolean | undefined
   } = {},
 ): Promise<Finished | undefined> {
-  if (channelId !== undefined) return channelFinishes(sql).run(f)
+  if (o.channelId !== undefined) return channelFinishes(sql).run(f)
   // At once, whether or not anyone waits: on an idle ledger as a lone statement (Alone.ts),
   // done before the payer's next request comes, rather than riding in that request's
   // admission (which cost that admission a batch call: 0.2-0.3 ms at p50, one connection).
@@ -496,9 +497,11 @@ export function reservation(
       outcome ??= o
       let failed = false
       const once = () =>
-        finish(sql, { id: input.id, ...o }, input.channelId, {
-          idempotent: input.idempotent,
-        }).then(
+        finish(
+          sql,
+          { id: input.id, ...o },
+          { channelId: input.channelId, idempotent: input.idempotent },
+        ).then(
           async (r) =>
             // Tried again after a failure, and the reservation is gone: the failed attempt
             // went through (its answer lost). What it charged is in its usage row.

@@ -40,6 +40,9 @@ export function create(options: Options): Provider {
         signal: watchdog.follow(signal),
       })
     } catch (e) {
+      // No answer to watch: its timer and its listener on the caller's signal go now, not
+      // when the timeout would have fired.
+      watchdog.stop()
       throw failure(options.name, e, signal, watchdog)
     }
     if (!response.ok) {

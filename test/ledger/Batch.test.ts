@@ -159,7 +159,7 @@ const finish = (id: string, cost: bigint, channelId?: string) =>
   Reservations.finish(
     sql,
     { id, cost, promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: null },
-    channelId,
+    { channelId },
   )
 
 const state = (accountId: string) => Ledger.accountState(sql, accountId)
@@ -233,25 +233,22 @@ describe('batched ledger calls', () => {
       })
     const first = crypto.randomUUID()
     expect((await admitKeyed(first)).status).toBe('ok')
-    // The finish goes (as a completion answered before its charge is written), and the retry
-    // right behind it: it must not be answered as still under way.
-    const finished = Reservations.finish(
-      sql,
-      {
-        id: first,
-        cost: 4n,
-        promptTokens: 1,
-        completionTokens: 1,
-        status: 'ok',
-        latencyMs: 1,
-        ttftMs: null,
-      },
-      undefined,
-      { idempotent: true },
+    // Settled in the background (as a completion answered before its charge is written), and
+    // the retry right behind it: it must not be answered as still under way.
+    const reservation = Reservations.reservation(sql, {
+      id: first,
+      held: 10n,
+      leaseSeconds: 60,
+      settleInBackground: true,
+      idempotent: true,
+    })
+    const finished = reservation.settle(
+      { cost: 4n, promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: null },
+      true,
     )
     const retry = await admitKeyed(crypto.randomUUID())
     expect(retry).toEqual({ status: 'idempotency_completed', otherRequest: first })
-    expect((await finished)?.charged).toBe(4n)
+    expect(await finished).toEqual({ charged: 4n })
     expect((await state(a.id)).balance).toBe(996n)
   })
 
@@ -284,6 +281,18 @@ describe('batched ledger calls', () => {
       expect(again!.pid).not.toBe(own!.pid)
       const s = await state(a.id)
       expect([s.balance, s.reserved, s.active_requests, s.usage]).toEqual([994n, 10n, 1, 2])
+    },
+  )
+
+  test.skipIf(db.max === 1)(
+    'error: once its pool has ended, the ledger stream opens no connection of its own: its calls are refused as ended',
+    async () => {
+      // A pool whose ledger stream was never used (its connection not opened) before the end.
+      const pool = Db.connect({ url: db.url, max: 2, ...(db.schema ? { schema: db.schema } : {}) })
+      expect((await pool`select 1 as one`)[0]!.one).toBe(1)
+      await pool.end()
+      const late = await Db.ordered(pool)`select 1 as one`.catch((e: { code?: string }) => e.code)
+      expect(late).toBe('CONNECTION_ENDED')
     },
   )
 

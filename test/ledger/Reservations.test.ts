@@ -231,7 +231,7 @@ describe('extend and finish', () => {
       (await sql`select count(*)::int as n from reservations where id = ${requestId}`)[0]!.n,
     ).toBe(1)
     // The channel's own path charges it.
-    const done = await Reservations.finish(sql, f, c.channelId)
+    const done = await Reservations.finish(sql, f, { channelId: c.channelId })
     expect(done).toMatchObject({ charged: 40n, channel: { spent: 40n } })
   })
 
@@ -252,7 +252,7 @@ describe('extend and finish', () => {
       const channelCharge = Reservations.finish(
         sql,
         { id: requestId, cost: 40n, ...outcome },
-        c.channelId,
+        { channelId: c.channelId },
       )
       // The account's charge, in the background, is waited for; the stuck channel charge is not.
       void Reservations.finish(sql, { id: requestOf(r), cost: 25n, ...outcome })
