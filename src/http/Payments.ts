@@ -52,6 +52,14 @@ export class VoucherLimiter {
     if (b) b.tokens = Math.min(this.perSecond, b.tokens + 1)
   }
 
+  /** Milliseconds until the channel's next submission is allowed (0: now). */
+  waitMs(channelId: string, now = Date.now()): number {
+    const b = this.buckets.get(channelId.toLowerCase())
+    if (!b) return 0
+    const tokens = b.tokens + ((now - b.at) / 1000) * this.perSecond
+    return tokens >= 1 ? 0 : Math.ceil(((1 - tokens) / this.perSecond) * 1000)
+  }
+
   /** Takes one submission for the channel (none for a replay); false when over the rate. */
   take(channelId: string, replay = false, now = Date.now()): boolean {
     if (replay) return true

@@ -408,18 +408,25 @@ describe('channel limits', () => {
       ).status,
     ).toBe(402)
     const statuses: number[] = []
-    for (let i = 2; i < 16; i++)
-      statuses.push(
-        (
-          await fetch(url, {
-            method: 'HEAD',
-            headers: { authorization: await session.voucher(BigInt(i)) },
-          })
-        ).status,
-      )
+    let refused: Response | undefined
+    for (let i = 2; i < 16; i++) {
+      const res = await fetch(url, {
+        method: 'HEAD',
+        headers: { authorization: await session.voucher(BigInt(i)) },
+      })
+      statuses.push(res.status)
+      if (res.status === 429) refused ??= res
+    }
     // The refused voucher took one of the 10 submissions of this second.
     expect(statuses.filter((s) => s === 200).length).toBeGreaterThanOrEqual(9)
     expect(statuses).toContain(429)
+    // As every 429 of type rate_limit_exceeded: Retry-After and the x-ratelimit headers (10 a
+    // second, none left, the next one within a tenth of a second).
+    expect(refused!.headers.get('retry-after')).toBe('1')
+    expect(Number(refused!.headers.get('retry-after-ms'))).toBeWithin(0, 101)
+    expect(refused!.headers.get('x-ratelimit-limit-requests')).toBe('10')
+    expect(refused!.headers.get('x-ratelimit-remaining-requests')).toBe('0')
+    expect(refused!.headers.get('x-ratelimit-reset-requests')).toMatch(/^0(\.\d+)?s$/)
     // Accepted vouchers are kept; refused ones changed nothing.
     const accepted = (await Channels.get(gw.sql, session.channelId!))!.acceptedCumulative
     expect(accepted).toBe(BigInt(1 + statuses.lastIndexOf(200) + 1))

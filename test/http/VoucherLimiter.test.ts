@@ -15,6 +15,17 @@ describe('VoucherLimiter', () => {
     expect(l.take(`0x${'cd'.repeat(32)}`, false, 1_100)).toBe(true)
   })
 
+  test('behavior: waitMs tells how long until the next submission is allowed', () => {
+    const l = new VoucherLimiter(10)
+    expect(l.waitMs(channel, 1_000)).toBe(0)
+    for (let i = 0; i < 10; i++) l.take(channel, false, 1_000)
+    expect(l.waitMs(channel, 1_000)).toBe(100)
+    expect(l.waitMs(channel, 1_060)).toBe(40)
+    expect(l.waitMs(channel, 1_100)).toBe(0)
+    expect(l.take(channel, false, 1_100)).toBe(true)
+    expect(l.waitMs(channel, 1_100)).toBe(100)
+  })
+
   test('behavior: a replay is not counted, over the rate or not', () => {
     const l = new VoucherLimiter(2)
     expect(l.take(channel, false, 0)).toBe(true)

@@ -397,7 +397,9 @@ export function routes(deps: Deps) {
           ? `At most ${payments.limiter.perSecondLimit} open or top-up submissions per second per channel.`
           : `At most ${payments.limiter.perSecondLimit} voucher submissions per second per channel; sign vouchers further ahead.`,
         'voucher_rate_limited',
-        { headers: { 'retry-after': '1' } },
+        {
+          headers: rateHeaders(payments.limiter.waitMs(bucket), payments.limiter.perSecondLimit, 0),
+        },
       )
     // Management credentials (close), and vouchers or top-ups sent without a request body
     // (HEAD, or mid-stream), only update the channel.
@@ -799,6 +801,28 @@ function duplicate(r: {
 }
 
 /** The typed error for a refused admission (`asked`: the request named its max_tokens). */
+/**
+ * A 429's headers: Retry-After (whole seconds) and retry-after-ms (the exact wait, which the
+ * OpenAI SDKs prefer), and with a limit on requests, the x-ratelimit-*-requests headers.
+ */
+function rateHeaders(
+  retryAfterMs: number,
+  limit: number | null,
+  remaining: number,
+): Record<string, string> {
+  const wait = Math.max(0, retryAfterMs)
+  const headers: Record<string, string> = {
+    'retry-after': String(Math.max(1, Math.ceil(wait / 1000))),
+    'retry-after-ms': String(wait),
+  }
+  if (limit !== null) {
+    headers['x-ratelimit-limit-requests'] = String(limit)
+    headers['x-ratelimit-remaining-requests'] = String(remaining)
+    headers['x-ratelimit-reset-requests'] = `${wait / 1000}s`
+  }
+  return headers
+}
+
 function refusal(r: Refused, model: Model, need: bigint, asked: boolean): GatewayError {
   switch (r.status) {
     case 'unauthorized':
@@ -819,16 +843,7 @@ function refusal(r: Refused, model: Model, need: bigint, asked: boolean): Gatewa
         { details: { required: need.toString(), available: r.available.toString() } },
       )
     default: {
-      const headers: Record<string, string> = {
-        'retry-after': String(Math.max(1, Math.ceil(r.retryAfterMs / 1000))),
-        // Retry-After is whole seconds; the OpenAI SDKs wait this instead when it is there.
-        'retry-after-ms': String(Math.max(0, r.retryAfterMs)),
-      }
-      if (r.rateLimit !== null) {
-        headers['x-ratelimit-limit-requests'] = String(r.rateLimit)
-        headers['x-ratelimit-remaining-requests'] = String(r.rateRemaining ?? 0)
-        headers['x-ratelimit-reset-requests'] = `${Math.max(0, r.retryAfterMs) / 1000}s`
-      }
+      const headers = rateHeaders(r.retryAfterMs, r.rateLimit, r.rateRemaining ?? 0)
       const options = { headers }
       switch (r.status) {
         case 'rate':
