@@ -80,6 +80,12 @@ export function create(options: Options): Provider {
       try {
         json = await response.json()
       } catch (e) {
+        // Reached, and answered: what it answered is what is wrong.
+        if (e instanceof SyntaxError)
+          throw new UpstreamError(
+            `Upstream ${options.name} returned a completion that is not JSON.`,
+            'bad_upstream_response',
+          )
         throw failure(options.name, e, signal, watchdog)
       } finally {
         watchdog.stop()

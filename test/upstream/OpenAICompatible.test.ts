@@ -175,7 +175,10 @@ describe('complete', () => {
     next = { status: 200, body: '{"choices": 5}', type: 'application/json' }
     await expect(provider.complete(body, signal)).rejects.toBeInstanceOf(UpstreamError)
     next = { status: 200, body: 'nope', type: 'application/json' }
-    await expect(provider.complete(body, signal)).rejects.toBeInstanceOf(UpstreamError)
+    // Reached, and answered: what it answered is what is wrong.
+    await expect(provider.complete(body, signal)).rejects.toMatchObject({
+      code: 'bad_upstream_response',
+    })
   })
 
   test('error: a usage count past what the ledger holds is malformed, whole or streamed', async () => {
