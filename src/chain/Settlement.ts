@@ -81,7 +81,13 @@ export type RecordedError = { name: string; message: string }
 
 export type Outcome =
   | { status: 'confirmed'; hash: Hex }
-  | { status: 'reverted'; hash?: Hex | undefined; error: RecordedError }
+  | {
+      status: 'reverted'
+      hash?: Hex | undefined
+      error: RecordedError
+      /** Its receipt was read: mined, and reverted (final; see `follow`). */
+      mined?: boolean | undefined
+    }
   | { status: 'failed'; hash?: undefined; error: RecordedError; retryAt: Date }
 
 /** A row of `chain_transactions`. */
@@ -646,6 +652,7 @@ async function attempt(
         status: 'reverted',
         hash: error.hash,
         error: describe(error),
+        mined: error.receipt !== undefined,
       })
       log.warn({ ...fields, errorName: error.errorName, hash: error.hash }, `${kind} reverted`)
       await refresh(store, options, channelId, log)
@@ -698,7 +705,8 @@ async function refresh(
  * failed (no receipt in time, the node's answer lost), pending (its worker died) or reverted
  * by a simulation that came after it had been mined, whose transaction was mined all the same,
  * is recorded as its receipt says: confirmed (its intent met: no retry, no backoff holding the
- * channel's next settle, and a client retrying its close gets that close), or reverted. A
+ * channel's next settle, and a client retrying its close gets that close), or reverted (and
+ * mined: a receipt read is final, and the node is not asked for it again). A
  * transaction the node has no receipt for stays as recorded: still in the pool, or dropped
  * (its next attempt finds out). So does one whose receipt the node answers with an error
  * (logged): following is bookkeeping that the next attempt of the intent redoes (it looks up
@@ -723,10 +731,17 @@ async function follow(store: LockedStore, client: WalletClient, channelId: Hex, 
     if (receipt.status === 'success') {
       await store.finish(t.id, { status: 'confirmed', hash: t.hash })
       log.info(fields, `${t.kind} found mined: recorded confirmed`)
-    } else if (t.status !== 'reverted') {
+    } else {
+      // Final: not read again (one reverted in a simulation only was followed until now).
       const error = new TransactionRevertedError({ functionName: t.kind, hash: t.hash, receipt })
-      await store.finish(t.id, { status: 'reverted', hash: t.hash, error: describe(error) })
-      log.warn(fields, `${t.kind} found mined and reverted: recorded reverted`)
+      await store.finish(t.id, {
+        status: 'reverted',
+        hash: t.hash,
+        error: describe(error),
+        mined: true,
+      })
+      if (t.status !== 'reverted')
+        log.warn(fields, `${t.kind} found mined and reverted: recorded reverted`)
     }
   }
 }

@@ -100,7 +100,7 @@ export async function begin(
     values (${bytes(i.channelId)}, ${i.kind}, ${sql.typed.numeric(i.cumulativeAmount)}, 'pending',
       now() + make_interval(secs => ${i.leaseMs / 1000}))
     on conflict (channel_id, kind, cumulative_amount) do update set
-      status = 'pending', attempts = chain_transactions.attempts + 1,
+      status = 'pending', attempts = chain_transactions.attempts + 1, mined = false,
       error_name = null, error_message = null, next_attempt_at = excluded.next_attempt_at,
       updated_at = now()
     where chain_transactions.status <> 'confirmed'
@@ -141,6 +141,7 @@ export async function finish(sql: Sql, id: bigint, o: Settlement.Outcome): Promi
     update chain_transactions set status = ${o.status},
       tx_hash = coalesce(${o.hash ? bytes(o.hash) : null}, tx_hash),
       error_name = ${error?.name ?? null}, error_message = ${error?.message ?? null},
+      mined = ${o.status === 'confirmed' || (o.status === 'reverted' && o.mined === true)},
       next_attempt_at = ${o.status === 'failed' ? o.retryAt : sql`now()`}, updated_at = now()
     where id = ${id}`
 }
@@ -258,15 +259,15 @@ export async function inFlight(sql: Sql, channelId: Hex): Promise<number> {
 }
 
 /**
- * The channel's settles and closes that were sent (they have a hash) and are not recorded
- * confirmed: pending, failed, or reverted before they were mined, they may have been mined
- * since (see `Settlement.follow`).
+ * The channel's settles and closes that were sent (they have a hash) and whose receipt was not
+ * read: pending, failed, or reverted in a simulation, they may have been mined since (see
+ * `Settlement.follow`).
  */
 export async function unconfirmed(sql: Sql, channelId: Hex): Promise<Settlement.Unconfirmed[]> {
   const rows = await sql`
     select id, kind, cumulative_amount, tx_hash, status from chain_transactions
     where channel_id = ${bytes(channelId)} and kind in ('settle', 'close')
-      and status <> 'confirmed' and tx_hash is not null
+      and status <> 'confirmed' and not mined and tx_hash is not null
     order by id`
   return rows.map((r) => ({
     id: BigInt(r.id),

@@ -1114,7 +1114,55 @@ describe('records that follow the chain (an attempt recorded failed, mined after
         errorName: 'TransactionRevertedError',
       },
     ])
+    // Its receipt is final: a later pass that reads the channel again (its Withdrawn event is
+    // within the blocks each pass reads again) does not ask the node for it.
+    const asked: unknown[] = []
+    const front = rpcFront((call) => {
+      if (call.method === 'eth_getTransactionReceipt') asked.push(call.params?.[0])
+      return undefined
+    })
+    try {
+      expect(mine(await ticked(worker({ client: front.client })), channelId)).toEqual([])
+      expect(asked).not.toContain(failed!.hash)
+      expect(await recorded(channelId)).toMatchObject([
+        { status: 'reverted', hash: failed!.hash, errorName: 'TransactionRevertedError' },
+      ])
+    } finally {
+      front.server.stop(true)
+    }
   }, 30_000)
+
+  test('behavior: a reverted attempt whose receipt was read is followed no more; a new attempt of the intent is followed again', async () => {
+    const channelId = await openChannel()
+    const intent = { channelId, kind: 'close' as const, cumulativeAmount: 10n, leaseMs: 1_000 }
+    const hash = (s: string) => keccak256(toHex(`${s} ${crypto.randomUUID()}`))
+    const reverted = { name: 'TransactionRevertedError', message: 'close reverted' }
+    const first = (await Settlements.begin(sql, intent))!
+    await Settlements.submitted(sql, first.id, hash('a'))
+    // Reverted in a simulation only: it may have been mined since, so it is followed.
+    await Settlements.finish(sql, first.id, { status: 'reverted', error: reverted })
+    expect(await Settlements.unconfirmed(sql, channelId)).toHaveLength(1)
+    // Its receipt read, mined and reverted: final.
+    await Settlements.finish(sql, first.id, { status: 'reverted', error: reverted, mined: true })
+    expect(await Settlements.unconfirmed(sql, channelId)).toEqual([])
+    // A client sends the close again: the new attempt is followed, and so is its timeout.
+    const again = (await Settlements.begin(sql, intent))!
+    expect(again.id).toBe(first.id)
+    const second = hash('b')
+    await Settlements.submitted(sql, again.id, second)
+    // Sent, no outcome yet (its worker may die here): followed.
+    expect(await Settlements.unconfirmed(sql, channelId)).toMatchObject([
+      { id: first.id, hash: second, status: 'pending' },
+    ])
+    await Settlements.finish(sql, again.id, {
+      status: 'failed',
+      error: { name: 'TransactionTimeoutError', message: 'no receipt in time' },
+      retryAt: new Date(),
+    })
+    expect(await Settlements.unconfirmed(sql, channelId)).toMatchObject([
+      { id: first.id, hash: second, status: 'failed' },
+    ])
+  })
 
   test('error: a receipt the node will not give (an error, not null) keeps no pass from marking a forced close and settling it', async () => {
     const channelId = await openChannel()
