@@ -371,9 +371,13 @@ function channelOption(ctx: Context): Hex | undefined {
 }
 
 /** The channel `--channel` names among `found`, else the first of `found` that `fits`. */
+/** The channels found, each with what it is, for a message: `0x… (in use), …`. */
+const listed = (found: Found[]) =>
+  found.map((c) => `${c.channelId} (${described[c.kind]})`).join(', ')
+
 function pick(ctx: Context, found: Found[], fits: (c: Found) => boolean, what: string): Found {
   const id = channelOption(ctx)
-  const list = found.map((c) => `${c.channelId} (${described[c.kind]})`).join(', ')
+  const list = listed(found)
   if (id) {
     const named = found.find((c) => c.channelId.toLowerCase() === id.toLowerCase())
     if (!named)
@@ -493,7 +497,7 @@ export async function withdraw(ctx: Context) {
     throw new UsageError(
       channel
         ? `channel ${channel.channelId} (${described[channel.kind]}) is not under forced close${forced ? ` (channel ${forced.channelId} is)` : ''}; run tollway channel request-close --channel ${channel.channelId} first${forced ? ', once that one is withdrawn' : ''}.`
-        : `No channel with ${ctx.settings.url} is closing; run tollway channel request-close first.`,
+        : `No channel with ${ctx.settings.url} is closing${found.length > 0 ? ` (there ${found.length === 1 ? 'is' : 'are'} ${listed(found)})` : ''}; run tollway channel request-close${found.length > 1 ? ' --channel <id>' : ''} first.`,
     )
   const r = await progress(ctx, 'withdrawing from the escrow', () =>
     pay.withdraw(url, { channelId: channel.channelId }),

@@ -559,6 +559,9 @@ describe('channel request-close | withdraw', () => {
     const w = await cli(['channel', 'withdraw'], wallet)
     expect(w.code).toBe(2)
     expect(w.stderr).toContain('request-close first')
+    // It names the channels there are, and what each is.
+    const { channel } = await json(['channel', 'status', '--trust-escrow'], wallet)
+    expect(w.stderr).toContain(`(there is ${channel.channelId} (in use))`)
   }, 30_000)
 
   test('behavior: request-close says when withdraw becomes possible; withdraw before then exits 3, after the grace period it returns the unsettled deposit', async () => {
