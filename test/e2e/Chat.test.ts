@@ -616,6 +616,21 @@ describe('credits', () => {
     expect(gw.logs.filter((line) => line.includes('unhandled error'))).toEqual([])
   })
 
+  test('behavior: a retry sent the moment an Idempotency-Key request is answered finds it charged, not in progress', async () => {
+    // Credits to spare: the answer goes out before its charge is written (in the background).
+    const { key } = await gw.account({ credits: 10n ** 12n })
+    const body = { model: 'fake', messages, max_tokens: 5 }
+    for (let i = 0; i < 20; i++) {
+      const first = await post(key, body, { 'idempotency-key': `at-once-${i}` })
+      expect(first.status).toBe(200)
+      await first.arrayBuffer()
+      const again = await post(key, body, { 'idempotency-key': `at-once-${i}` })
+      expect(((await again.json()) as { error: { code: string } }).error.code).toBe(
+        'idempotency_key_reused',
+      )
+    }
+  })
+
   test('behavior: the same Idempotency-Key is not charged twice', async () => {
     const { id, key } = await gw.account()
     const body = { model: 'fake', messages }
