@@ -39,8 +39,15 @@ export async function freePort(): Promise<number> {
 export async function spawn(args: string[], env: Record<string, string> = {}, ready = 'ready') {
   const proc = Bun.spawn([process.execPath, ...args], {
     cwd: join(import.meta.dir, '..'),
-    // Bun's fetch holds 256 requests at once unless told otherwise (read once, at start).
-    env: { BUN_CONFIG_MAX_HTTP_REQUESTS: '16384', ...process.env, ...env },
+    // Bun's fetch holds 256 requests at once unless told otherwise, and every server runs with
+    // the allocator setting `npm start` gives the gateway (bin/tollway), the proxy too (both
+    // read once, at start).
+    env: {
+      BUN_CONFIG_MAX_HTTP_REQUESTS: '16384',
+      MIMALLOC_PURGE_DELAY: '-1',
+      ...process.env,
+      ...env,
+    },
     stdout: 'pipe',
     stderr: 'inherit',
   })

@@ -117,6 +117,8 @@ describe('npm start', () => {
       // Bun's fetch would hold 256 upstream requests at once; the launcher lifts that.
       const environ = readFileSync(`/proc/${proc.pid}/environ`, 'utf8').split('\0')
       expect(environ).toContain('BUN_CONFIG_MAX_HTTP_REQUESTS=16384')
+      // and keeps the memory it frees for its next requests (README, Configuration).
+      expect(environ).toContain('MIMALLOC_PURGE_DELAY=-1')
     } finally {
       proc.kill('SIGTERM')
       await proc.exited
