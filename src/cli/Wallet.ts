@@ -370,11 +370,11 @@ function channelOption(ctx: Context): Hex | undefined {
   return id as Hex
 }
 
-/** The channel `--channel` names among `found`, else the first of `found` that `fits`. */
 /** The channels found, each with what it is, for a message: `0x… (in use), …`. */
 const listed = (found: Found[]) =>
   found.map((c) => `${c.channelId} (${described[c.kind]})`).join(', ')
 
+/** The channel `--channel` names among `found`, else the first of `found` that `fits`. */
 function pick(ctx: Context, found: Found[], fits: (c: Found) => boolean, what: string): Found {
   const id = channelOption(ctx)
   const list = listed(found)

@@ -800,7 +800,6 @@ function duplicate(r: {
   }
 }
 
-/** The typed error for a refused admission (`asked`: the request named its max_tokens). */
 /**
  * A 429's headers: Retry-After (whole seconds) and retry-after-ms (the exact wait, which the
  * OpenAI SDKs prefer), and with a limit on requests, the x-ratelimit-*-requests headers.
@@ -823,6 +822,7 @@ function rateHeaders(
   return headers
 }
 
+/** The typed error for a refused admission (`asked`: the request named its max_tokens). */
 function refusal(r: Refused, model: Model, need: bigint, asked: boolean): GatewayError {
   switch (r.status) {
     case 'unauthorized':
