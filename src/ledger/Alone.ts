@@ -10,9 +10,11 @@
  *
  * Each covers the common case only, and declines (undefined) anything else, having changed
  * nothing: an admission with an Idempotency-Key, on a plan with a token wallet, that any limit
- * refuses, that the balance covers only in part, or whose key is unknown; a finish of a
- * reservation with an Idempotency-Key, of a channel, on a wallet plan, or whose cost the
- * account cannot pay in full. Every condition is written on the row the statement updates, so
+ * refuses, that the balance covers only in part, or whose key is unknown; a finish whose cost
+ * the account cannot pay in full, or that races an extension or a change of plan. A finish
+ * declines as little as it can: the API-key ledger pipelines the next call behind it
+ * (Reservations.ts), and that call runs before the batch statement that then does a declined
+ * one. Every condition is written on the row the statement updates, so
  * PostgreSQL checks it again on the row as it is once locked (a condition on a copy read
  * earlier in the statement, even with FOR UPDATE, let concurrent admissions past the
  * balance: test/ledger/Reservations.test.ts found it). The batch function
@@ -93,44 +95,70 @@ export async function admit(
 }
 
 /**
- * Finishes an API-key request without an Idempotency-Key on a plan without a token wallet,
- * whose whole cost the account can pay (its free balance plus this reservation): takes its
- * reservation, charges the cost, releases the rest, counts the tokens against the month and
- * writes the transaction and usage rows. The reservation goes first, then the account row, in
- * the order the batch function locks them. Undefined when declined (a cost beyond what the
- * account can pay is capped by the batch function), or when the reservation is gone (finished
- * already): the batch function tells which.
+ * Finishes an API-key request whose whole cost the account can pay (its free balance plus this
+ * reservation): takes its reservation, charges the cost, releases the rest, counts the tokens
+ * against the month (and the token wallet, on a plan with one), marks its Idempotency-Key
+ * completed (`idempotent`: it has one; or frees it, when nothing was charged and it failed),
+ * and writes the transaction and usage rows. The reservation goes first, then the account row,
+ * in the order the batch function locks them. Undefined when declined (a cost beyond what the account can pay is
+ * capped by the batch function; a race with an extension or a change of plan is left to it
+ * too; so is a reservation with an Idempotency-Key not said `idempotent`), or when the
+ * reservation is gone (finished already) or is a channel's: the batch function tells which.
  */
-export async function finish(sql: Sql, f: Finish): Promise<{ charged: bigint } | undefined> {
+export async function finish(
+  sql: Sql,
+  f: Finish,
+  idempotent = false,
+): Promise<{ charged: bigint } | undefined> {
   const cost = sql.typed.numeric(f.cost)
+  const tokens = f.promptTokens + f.completionTokens
+  // Its Idempotency-Key (`idempotent`; else none, and the key table is left untouched): a
+  // retry is told the request was charged; one that charged nothing and failed frees it.
+  const keyed = !idempotent
+    ? sql``
+    : sql`, completed as (
+        update idempotency_keys k set state = 'completed' from charged c
+        where k.account_id = c.id and k.key = c.idem_key and (${cost} > 0 or ${f.status} = 'ok')
+      ), freed as (
+        delete from idempotency_keys k using charged c
+        where k.account_id = c.id and k.key = c.idem_key and ${cost} = 0 and ${f.status} <> 'ok'
+      )`
   try {
     const [row] = await sql`
       with now as (
-        select date_trunc('month', clock_timestamp() at time zone 'UTC')::date as this_month,
+        select ts, date_trunc('month', ts at time zone 'UTC')::date as this_month,
           set_config('synchronous_commit', 'off', true) as durability
+        from clock_timestamp() ts
       ), taken as (
         delete from reservations r
         using accounts ac0 join plans pl on pl.name = ac0.plan
-        where r.id = ${f.id} and r.idem_key is null and ac0.id = r.account_id
-          and pl.wallet_floor is null
-        returning r.account_id, r.key_id, r.held, r.model, r.stream, ac0.plan
+        where r.id = ${f.id} and ac0.id = r.account_id
+          and (r.idem_key is null or ${idempotent})
+        returning r.account_id, r.key_id, r.held, r.model, r.stream, r.idem_key, ac0.plan,
+          pl.wallet_floor, pl.wallet_cap, pl.wallet_refill_per_day
       ), charged as (
         -- The whole cost, when the account can pay it (its free balance plus this
         -- reservation), checked on the row as it is once locked.
         update accounts ac set balance = ac.balance - ${cost}, reserved = ac.reserved - t.held,
           active_requests = ac.active_requests - 1,
           month_tokens = case when ac.month_start < now.this_month then 0 else ac.month_tokens end
-            + ${f.promptTokens + f.completionTokens},
-          month_start = now.this_month, wallet_tokens = null, wallet_at = null
+            + ${tokens},
+          month_start = now.this_month,
+          wallet_tokens = case when t.wallet_floor is null then null
+            else greatest(0, least(t.wallet_cap::double precision,
+              coalesce(ac.wallet_tokens, t.wallet_cap)
+                + coalesce(extract(epoch from now.ts - ac.wallet_at), 0) / 86400.0
+                  * t.wallet_refill_per_day) - ${tokens}) end,
+          wallet_at = case when t.wallet_floor is null then null else now.ts end
         from taken t, now
         where ac.id = t.account_id and ac.balance - ac.reserved + t.held >= ${cost}
           -- PostgreSQL checks the row's constraints on the version this statement sees before
           -- it finds a newer one: a hold extended meanwhile (t.held is as it is now) must not
-          -- make that version's reserved negative. And a plan changed meanwhile (to one with a
-          -- token wallet, which this does not charge) leaves the finish to the batch function.
+          -- make that version's reserved negative. And a plan changed meanwhile (its wallet
+          -- read above would be another's) leaves the finish to the batch function.
           and ac.reserved >= t.held and ac.plan = t.plan
-        returning ac.id, t.key_id, t.model, t.stream
-      ), paid as (
+        returning ac.id, t.key_id, t.model, t.stream, t.idem_key
+      )${keyed}, paid as (
         insert into credit_transactions (account_id, amount, kind, request_id)
         select c.id, -${cost}, 'usage', ${f.id} from charged c where ${cost} > 0
       ), used as (

@@ -298,32 +298,65 @@ describe('finish alone', () => {
     },
   )
 
-  test('behavior: declines a reservation with an Idempotency-Key, on a wallet plan, or of a channel, and changes nothing', async () => {
-    const keyed = await Ledger.account(sql, 100n, 'pro')
-    const [idem] = await batch([
-      admitItem(keyed.keyHash, {
-        idempotencyKey: 'k1',
-        fingerprint: '00',
-        requestId: crypto.randomUUID(),
-      }),
-    ])
-    expect(idem!.status).toBe('ok')
-    const wallet = await Ledger.account(sql, 100n, 'wallet')
-    const w = await Ledger.admit(sql, wallet.keyHash, 10n)
-    expect(w.status).toBe('ok')
+  test('behavior: a reservation with an Idempotency-Key, or on a wallet plan, is charged with the rows and key state the batch function leaves', async () => {
+    const cases = [
+      { plan: 'pro', key: true, cost: 5n, status: 'ok' },
+      { plan: 'pro', key: true, cost: 0n, status: 'upstream_error' },
+      { plan: 'wallet', key: false, cost: 5n, status: 'ok' },
+      { plan: 'wallet', key: true, cost: 0n, status: 'upstream_error' },
+    ]
+    for (const c of cases) {
+      const pair = [
+        await Ledger.account(sql, 100n, c.plan),
+        await Ledger.account(sql, 100n, c.plan),
+      ]
+      const ids: string[] = []
+      for (const a of pair) {
+        const requestId = crypto.randomUUID()
+        const [r] = await batch([
+          admitItem(a.keyHash, {
+            requestId,
+            ...(c.key ? { idempotencyKey: 'k1', fingerprint: '00' } : {}),
+          }),
+        ])
+        expect(r!.status).toBe('ok')
+        ids.push(requestId)
+      }
+      const f = { ...outcome, cost: c.cost, status: c.status }
+      if (c.key) {
+        // Not said to have a key: declined, nothing changed (the key would stay in progress).
+        const before = await Ledger.accountState(sql, pair[0]!.id)
+        expect(await Alone.finish(sql, { id: ids[0]!, ...f })).toBeUndefined()
+        expect(await Ledger.accountState(sql, pair[0]!.id)).toEqual(before)
+      }
+      expect(await Alone.finish(sql, { id: ids[0]!, ...f }, c.key)).toEqual({ charged: c.cost })
+      const [b] = await batch([{ op: 'finish', id: ids[1], ...f, cost: c.cost.toString() }])
+      expect(b).toMatchObject({ status: 'finished', charged: c.cost })
+      const [x, y] = [await row(pair[0]!.id), await row(pair[1]!.id)]
+      expect(x.rest).toEqual(y.rest)
+      if (c.plan === 'wallet') expect(x.rest.wallet_tokens).toBe(10_000 - 8)
+      // The key: completed once charged or answered; freed when nothing was charged and it failed.
+      const key = async (accountId: string) =>
+        (await sql`select state from idempotency_keys where account_id = ${accountId}`)[0]?.state
+      expect(await key(pair[0]!.id)).toBe(await key(pair[1]!.id))
+      if (c.key) expect(await key(pair[0]!.id)).toBe(c.cost > 0n ? 'completed' : undefined)
+      const [s0, s1] = [
+        await Ledger.accountState(sql, pair[0]!.id),
+        await Ledger.accountState(sql, pair[1]!.id),
+      ]
+      expect(s0).toEqual(s1)
+    }
+  })
+
+  test('behavior: declines a channel reservation, and changes nothing', async () => {
     const channel = await Ledger.channel(sql, 1_000n)
     await Ledger.voucher(sql, channel.channelId, 100n)
-    const held = { id: crypto.randomUUID() }
+    const id = crypto.randomUUID()
     expect(
-      (await Ledger.hold(sql, channel.channelId, { want: 10n, need: 10n, requestId: held.id }))
-        .status,
+      (await Ledger.hold(sql, channel.channelId, { want: 10n, need: 10n, requestId: id })).status,
     ).toBe('ok')
-    const [idemRow] = await sql`select id from reservations where account_id = ${keyed.id}`
-    for (const id of [idemRow!.id as string, w.requestId, held.id]) {
-      expect(await Alone.finish(sql, { id, ...outcome, cost: 5n })).toBeUndefined()
-      expect(await sql`select 1 from reservations where id = ${id}`).toHaveLength(1)
-    }
-    expect((await Ledger.accountState(sql, keyed.id)).usage).toBe(0)
-    expect((await Ledger.accountState(sql, wallet.id)).usage).toBe(0)
+    expect(await Alone.finish(sql, { id, ...outcome, cost: 5n })).toBeUndefined()
+    expect(await sql`select 1 from reservations where id = ${id}`).toHaveLength(1)
+    expect(await sql`select 1 from usage where id = ${id}`).toHaveLength(0)
   })
 })

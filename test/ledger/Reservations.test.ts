@@ -63,7 +63,7 @@ describe('admit', () => {
     // Far above 2^53: a JSON number would round them.
     const big = 10n ** 40n + 7n
     const a = await account(big)
-    // An Idempotency-Key takes the admission and its finish to the batch function.
+    // An Idempotency-Key takes the admission to the batch function (its finish goes alone).
     const input = (requestId: string, want: bigint, need: bigint) => ({
       keyHash: a.keyHash,
       model: 'm',
@@ -102,12 +102,27 @@ describe('admit', () => {
     const state = await invariants(a.id)
     expect(state).toMatchObject({ balance: big - cost, reserved: 0n, usage_cost: cost })
     // And as Ledger.many reads the answer for the tests: a held beyond 2^53, a refusal's free balance.
+    const held = { ...Ledger.item(a.keyHash), want: (big - cost - 1n).toString(), need: '1' }
     const [ok, short] = await Ledger.many(sql, [
-      { ...Ledger.item(a.keyHash), want: (big - cost - 1n).toString(), need: '1' },
+      held,
       { ...Ledger.item(a.keyHash), want: big.toString(), need: big.toString() },
     ])
     expect(ok).toMatchObject({ status: 'ok', held: big - cost - 1n, available: 1n })
     expect(short).toMatchObject({ status: 'insufficient', available: 1n })
+    // and a finish's: a charge and a balance beyond 2^53.
+    const [done] = await Ledger.many(sql, [
+      {
+        op: 'finish',
+        id: held.requestId,
+        cost: (big - cost - 2n).toString(),
+        promptTokens: 1,
+        completionTokens: 1,
+        status: 'ok',
+        latencyMs: 1,
+        ttftMs: 1,
+      },
+    ])
+    expect(done).toMatchObject({ status: 'finished', charged: big - cost - 2n, balance: 2n })
   })
 })
 
