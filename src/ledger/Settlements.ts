@@ -124,8 +124,9 @@ export async function sentForPayer(
   t: { channelId: Hex; kind: 'open' | 'topUp'; deposit: bigint; hash: Hex },
 ): Promise<void> {
   await sql`
-    insert into chain_transactions (channel_id, kind, cumulative_amount, tx_hash, status)
-    values (${bytes(t.channelId)}, ${t.kind}, ${sql.typed.numeric(t.deposit)}, ${bytes(t.hash)}, 'confirmed')
+    insert into chain_transactions (channel_id, kind, cumulative_amount, tx_hash, status, mined)
+    values (${bytes(t.channelId)}, ${t.kind}, ${sql.typed.numeric(t.deposit)}, ${bytes(t.hash)},
+      'confirmed', true)
     on conflict (channel_id, kind, cumulative_amount) do nothing`
 }
 
@@ -267,7 +268,7 @@ export async function unconfirmed(sql: Sql, channelId: Hex): Promise<Settlement.
   const rows = await sql`
     select id, kind, cumulative_amount, tx_hash, status from chain_transactions
     where channel_id = ${bytes(channelId)} and kind in ('settle', 'close')
-      and status <> 'confirmed' and not mined and tx_hash is not null
+      and not mined and tx_hash is not null
     order by id`
   return rows.map((r) => ({
     id: BigInt(r.id),

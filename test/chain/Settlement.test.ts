@@ -1162,6 +1162,9 @@ describe('records that follow the chain (an attempt recorded failed, mined after
     expect(await Settlements.unconfirmed(sql, channelId)).toMatchObject([
       { id: first.id, hash: second, status: 'failed' },
     ])
+    // Found mined after all, and successful: followed no more either.
+    await Settlements.finish(sql, again.id, { status: 'confirmed', hash: second })
+    expect(await Settlements.unconfirmed(sql, channelId)).toEqual([])
   })
 
   test('error: a receipt the node will not give (an error, not null) keeps no pass from marking a forced close and settling it', async () => {
