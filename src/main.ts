@@ -307,12 +307,21 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       const released = await Reservations.releaseAll(sql)
       if (released > 0) log.warn({ released }, 'released reservations of a gateway that died')
     }
+    // Reservations are written and deleted a request: where no autovacuum runs, the sweep
+    // vacuums them (Reservations.vacuum). A server's operator is told once; the embedded
+    // database never has one.
+    if (!embedded && !(await Reservations.autovacuumRuns(sql)))
+      log.warn(
+        'PostgreSQL runs no autovacuum (autovacuum = off): this gateway vacuums its reservations table itself with each lease sweep; every other table needs VACUUM from you',
+      )
     let stopping: Promise<void> | undefined
     const sweep = setInterval(() => {
-      Reservations.sweep(sql).then(
-        (n) => n > 0 && log.warn({ released: n }, 'released reservations of dead requests'),
-        (e) => log.error({ err: (e as Error).message }, 'sweep failed'),
-      )
+      Reservations.sweep(sql)
+        .then((n) => {
+          if (n > 0) log.warn({ released: n }, 'released reservations of dead requests')
+          return Reservations.vacuum(sql)
+        })
+        .catch((e) => log.error({ err: (e as Error).message }, 'sweep failed'))
     }, options.sweepMs ?? 30_000)
     stops.push(async () => clearInterval(sweep))
 
