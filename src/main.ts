@@ -306,6 +306,9 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     if (embedded) {
       const released = await Reservations.releaseAll(sql)
       if (released > 0) log.warn({ released }, 'released reservations of a gateway that died')
+      // Vacuumed before serving: on its one connection a first vacuum of a table grown by a
+      // release that did not vacuum it would hold up every request meanwhile.
+      await Reservations.vacuum(sql)
     }
     // Reservations are written and deleted a request: where no autovacuum runs, the sweep
     // vacuums them (Reservations.vacuum). A server's operator is told once; the embedded

@@ -4,7 +4,11 @@
  * would fill the table without end: the gateway vacuums it with each lease sweep.
  */
 import { afterAll, expect, test } from 'bun:test'
+import { mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import * as Config from '../../src/Config.ts'
+import type * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import { start } from '../../src/main.ts'
 import * as Ledger from '../helpers/Ledger.ts'
@@ -22,8 +26,39 @@ const plans = {
 const db = await Postgres.fresh(plans)
 const sql = db.sql
 const runs = await Reservations.autovacuumRuns(sql)
-const pages = async () =>
-  Number((await sql`select pg_relation_size('reservations') / 8192 as n`)[0]!.n)
+const pagesOf = async (db: Db.Sql) =>
+  Number((await db`select pg_relation_size('reservations') / 8192 as n`)[0]!.n)
+const pages = () => pagesOf(sql)
+
+/** An account with credits and a key, through the admin API of the gateway at `url`. */
+async function keyOf(url: string, adminToken: string) {
+  const admin = (path: string, body: unknown) =>
+    fetch(`${url}/admin${path}`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${adminToken}`, 'content-type': 'application/json' },
+      body: JSON.stringify(body),
+    }).then((r) => r.json() as Promise<Record<string, string>>)
+  const { id } = await admin('/accounts', { name: 'v', plan: 'unlimited' })
+  await admin(`/accounts/${id}/credits`, { amount: '100000000', note: 'test' })
+  return { key: (await admin(`/accounts/${id}/keys`, { name: 'k' })).key! }
+}
+
+/** `n` completions of the echo model, one after the other. */
+async function completions(url: string, key: string, n: number) {
+  for (let i = 0; i < n; i++) {
+    const res = await fetch(`${url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({
+        model: 'tollway-echo',
+        max_tokens: 2,
+        messages: [{ role: 'user', content: 'hi there' }],
+      }),
+    })
+    expect(res.status).toBe(200)
+    await res.arrayBuffer()
+  }
+}
 
 /** `n` requests admitted and finished, one after the other. */
 async function requests(keyHash: Uint8Array, n: number) {
@@ -81,32 +116,41 @@ test.skipIf(runs)(
     expect(logs.some((l) => l.includes('"level":40') && l.includes('runs no autovacuum'))).toBe(
       true,
     )
-    const admin = (path: string, body: unknown) =>
-      fetch(`${gateway.url}/admin${path}`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${adminToken}`, 'content-type': 'application/json' },
-        body: JSON.stringify(body),
-      }).then((r) => r.json() as Promise<Record<string, string>>)
-    const { id } = await admin('/accounts', { name: 'v', plan: 'unlimited' })
-    await admin(`/accounts/${id}/credits`, { amount: '100000000', note: 'test' })
-    const { key } = await admin(`/accounts/${id}/keys`, { name: 'k' })
+    const { key } = await keyOf(gateway.url, adminToken)
     await sql`vacuum reservations`
-    for (let i = 0; i < 600; i++) {
-      const res = await fetch(`${gateway.url}/v1/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-        body: JSON.stringify({
-          model: 'tollway-echo',
-          max_tokens: 2,
-          messages: [{ role: 'user', content: 'hi there' }],
-        }),
-      })
-      expect(res.status).toBe(200)
-      await res.arrayBuffer()
-    }
+    await completions(gateway.url, key, 600)
     await Bun.sleep(300)
     // 600 requests unvacuumed take 12 pages (a reservation row is about 160 bytes).
     expect(await pages()).toBeLessThanOrEqual(4)
   },
   60_000,
 )
+
+test('behavior: the embedded database is vacuumed at start, before the first request', async () => {
+  const dataDir = mkdtempSync(join(tmpdir(), 'tollway-vacuum-'))
+  const adminToken = 'test-admin-token-0123456789'
+  const config = Config.from({
+    port: 0,
+    adminToken,
+    logLevel: 'warn',
+    devChain: false,
+    dataDir,
+    plans,
+    defaultPlan: 'unlimited',
+  })
+  const first = await start(config)
+  try {
+    const { key } = await keyOf(first.url, adminToken)
+    await completions(first.url, key, 600)
+    expect(await pagesOf(first.sql)).toBeGreaterThanOrEqual(8)
+  } finally {
+    await first.stop()
+  }
+  const second = await start(config)
+  try {
+    expect(await pagesOf(second.sql)).toBeLessThanOrEqual(1)
+  } finally {
+    await second.stop()
+    rmSync(dataDir, { recursive: true, force: true })
+  }
+}, 120_000)
