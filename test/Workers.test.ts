@@ -4,6 +4,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import postgres from 'postgres'
+import * as Gateway from './helpers/Gateway.ts'
 
 const root = join(import.meta.dir, '..')
 const url = process.env.DATABASE_URL
@@ -188,17 +189,7 @@ describe('workers', () => {
         true,
       )
       try {
-        const adminCall = async (path: string, body: unknown) =>
-          (await (
-            await fetch(`${base}/admin${path}`, {
-              method: 'POST',
-              headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json' },
-              body: JSON.stringify(body),
-            })
-          ).json()) as Record<string, string>
-        const { id } = await adminCall('/accounts', { name: 'r', plan: 'big' })
-        await adminCall(`/accounts/${id}/credits`, { amount: '100000000', note: 'r' })
-        const { key } = await adminCall(`/accounts/${id}/keys`, { name: 'k' })
+        const { key } = await Gateway.account(base, token, { plan: 'big', credits: 100_000_000n })
         // Several streams on connections of their own: the kernel spreads them over both processes.
         const streams = await Promise.all(
           Array.from({ length: 8 }, async () => {

@@ -3,14 +3,16 @@
  * runs on, and always the embedded PGlite), the reservations every request writes and deletes
  * would fill the table without end: the gateway vacuums it with each lease sweep.
  */
-import { afterAll, expect, test } from 'bun:test'
+import { expect, test } from 'bun:test'
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import OpenAI from 'openai'
 import * as Config from '../../src/Config.ts'
 import type * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import { start } from '../../src/main.ts'
+import * as Gateway from '../helpers/Gateway.ts'
 import * as Ledger from '../helpers/Ledger.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 
@@ -28,37 +30,6 @@ const sql = db.sql
 const runs = await Reservations.autovacuumRuns(sql)
 const pagesOf = async (db: Db.Sql) =>
   Number((await db`select pg_relation_size('reservations') / 8192 as n`)[0]!.n)
-const pages = () => pagesOf(sql)
-
-/** An account with credits and a key, through the admin API of the gateway at `url`. */
-async function keyOf(url: string, adminToken: string) {
-  const admin = (path: string, body: unknown) =>
-    fetch(`${url}/admin${path}`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${adminToken}`, 'content-type': 'application/json' },
-      body: JSON.stringify(body),
-    }).then((r) => r.json() as Promise<Record<string, string>>)
-  const { id } = await admin('/accounts', { name: 'v', plan: 'unlimited' })
-  await admin(`/accounts/${id}/credits`, { amount: '100000000', note: 'test' })
-  return { key: (await admin(`/accounts/${id}/keys`, { name: 'k' })).key! }
-}
-
-/** `n` completions of the echo model, one after the other. */
-async function completions(url: string, key: string, n: number) {
-  for (let i = 0; i < n; i++) {
-    const res = await fetch(`${url}/v1/chat/completions`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-      body: JSON.stringify({
-        model: 'tollway-echo',
-        max_tokens: 2,
-        messages: [{ role: 'user', content: 'hi there' }],
-      }),
-    })
-    expect(res.status).toBe(200)
-    await res.arrayBuffer()
-  }
-}
 
 /** `n` requests admitted and finished, one after the other. */
 async function requests(keyHash: Uint8Array, n: number) {
@@ -77,17 +48,27 @@ async function requests(keyHash: Uint8Array, n: number) {
   }
 }
 
+/** `n` completions of `model`, one after the other. */
+async function completions(client: OpenAI, model: string, n: number) {
+  for (let i = 0; i < n; i++)
+    await client.chat.completions.create({
+      model,
+      max_tokens: 2,
+      messages: [{ role: 'user', content: 'hi there' }],
+    })
+}
+
 test.skipIf(runs)(
   'behavior: with no autovacuum, vacuum keeps finished reservations from growing the table',
   async () => {
     const { keyHash } = await Ledger.account(sql, 1_000_000n)
     await requests(keyHash, 300)
-    const grown = await pages()
+    const grown = await pagesOf(sql)
     expect(grown).toBeGreaterThanOrEqual(3)
     expect(await Reservations.vacuum(sql)).toBe(true)
     await requests(keyHash, 300)
     // Unvacuumed, the second 300 take as many pages again.
-    expect(await pages()).toBeLessThanOrEqual(grown)
+    expect(await pagesOf(sql)).toBeLessThanOrEqual(grown)
   },
   30_000,
 )
@@ -99,29 +80,15 @@ test.if(runs)('behavior: where autovacuum runs, vacuum leaves the table to it', 
 test.skipIf(runs)(
   'behavior: a gateway on a database without autovacuum says so at start and vacuums reservations with its sweep',
   async () => {
-    const logs: string[] = []
-    const adminToken = 'test-admin-token-0123456789'
-    const gateway = await start(
-      Config.from({
-        port: 0,
-        adminToken,
-        logLevel: 'info',
-        devChain: false,
-        plans,
-        defaultPlan: 'unlimited',
-      }),
-      { sql, listen: false, sweepMs: 100, logDestination: { write: (l: string) => logs.push(l) } },
-    )
-    afterAll(() => gateway.stop())
-    expect(logs.some((l) => l.includes('"level":40') && l.includes('runs no autovacuum'))).toBe(
+    const gw = await Gateway.create({}, undefined, { sweepMs: 100 })
+    expect(gw.logs.some((l) => l.includes('"level":40') && l.includes('runs no autovacuum'))).toBe(
       true,
     )
-    const { key } = await keyOf(gateway.url, adminToken)
-    await sql`vacuum reservations`
-    await completions(gateway.url, key, 600)
+    const { key } = await gw.account()
+    await completions(gw.openai(key), 'fake', 600)
     await Bun.sleep(300)
     // 600 requests unvacuumed take 12 pages (a reservation row is about 160 bytes).
-    expect(await pages()).toBeLessThanOrEqual(4)
+    expect(await pagesOf(gw.sql)).toBeLessThanOrEqual(4)
   },
   60_000,
 )
@@ -140,8 +107,9 @@ test('behavior: the embedded database is vacuumed at start, before the first req
   })
   const first = await start(config)
   try {
-    const { key } = await keyOf(first.url, adminToken)
-    await completions(first.url, key, 600)
+    const { key } = await Gateway.account(first.url, adminToken)
+    const client = new OpenAI({ apiKey: key, baseURL: `${first.url}/v1`, maxRetries: 0 })
+    await completions(client, 'tollway-echo', 600)
     expect(await pagesOf(first.sql)).toBeGreaterThanOrEqual(8)
   } finally {
     await first.stop()

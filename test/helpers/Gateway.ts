@@ -7,7 +7,7 @@ import OpenAI from 'openai'
 import * as Config from '../../src/Config.ts'
 import * as Batch from '../../src/ledger/Batch.ts'
 import * as Db from '../../src/ledger/Db.ts'
-import { type Gateway, start } from '../../src/main.ts'
+import { type Gateway, type StartOptions, start } from '../../src/main.ts'
 import * as Ledger from './Ledger.ts'
 import * as Postgres from './Postgres.ts'
 import * as Upstream from './Upstream.ts'
@@ -48,9 +48,34 @@ export const plans = {
   unlimited2: { tier: 9, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
 }
 
+/**
+ * Creates an account on `plan` with `credits` and one key, through the admin API of the
+ * gateway at `url`; returns its id and key.
+ */
+export async function account(
+  url: string,
+  adminToken: string,
+  { plan = 'unlimited', credits = 1_000_000n }: { plan?: string; credits?: bigint | number } = {},
+): Promise<{ id: string; key: string }> {
+  const admin = async (path: string, body: unknown) =>
+    (await (
+      await fetch(`${url}/admin${path}`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${adminToken}`, 'content-type': 'application/json' },
+        body: JSON.stringify(body),
+      })
+    ).json()) as Record<string, string>
+  const { id } = await admin('/accounts', { name: 'test', plan })
+  if (BigInt(credits) > 0n)
+    await admin(`/accounts/${id}/credits`, { amount: String(credits), note: 'test' })
+  return { id: id!, key: (await admin(`/accounts/${id}/keys`, { name: 'k' })).key! }
+}
+
 export async function create(
   overrides: Record<string, unknown> = {},
   shared?: { db: Postgres.TestDb; upstream: Upstream.FakeUpstream },
+  /** More of `start`'s options (the sweep's interval, say). */
+  options: Pick<StartOptions, 'sweepMs'> = {},
 ): Promise<TestGateway> {
   const upstream = shared?.upstream ?? Upstream.start()
   const input = {
@@ -91,6 +116,7 @@ export async function create(
     // The embedded server takes one connection: no LISTEN there.
     listen: db.max > 1,
     logDestination: { write: (line: string) => logs.push(line) },
+    ...options,
   })
   afterAll(() => gateway.stop())
   const admin = (path: string, body?: unknown, method = body === undefined ? 'GET' : 'POST') =>
@@ -106,28 +132,18 @@ export async function create(
     db,
     config,
     admin,
-    async account({ plan = 'unlimited', credits = 1_000_000n } = {}) {
-      const { id } = (await (await admin('/accounts', { name: 'test', plan })).json()) as {
-        id: string
-      }
-      if (BigInt(credits) > 0n)
-        await admin(`/accounts/${id}/credits`, { amount: String(credits), note: 'test' })
-      const { key } = (await (await admin(`/accounts/${id}/keys`, { name: 'k' })).json()) as {
-        key: string
-      }
-      return { id, key }
-    },
+    account: (input) => account(gateway.url, config.adminToken!, input),
     openai: (key) => new OpenAI({ apiKey: key, baseURL: `${gateway.url}/v1`, maxRetries: 0 }),
     async another() {
       // A server database: its own pool (and LISTEN connection), as a second process has.
       // The embedded one takes a single connection, so there the instances share it.
-      if (db.max === 1) return create(overrides, { db, upstream })
+      if (db.max === 1) return create(overrides, { db, upstream }, options)
       const sql = Db.connect({
         url: db.url,
         max: db.max,
         ...(db.schema ? { schema: db.schema } : {}),
       })
-      const other = await create(overrides, { db: { ...db, sql }, upstream })
+      const other = await create(overrides, { db: { ...db, sql }, upstream }, options)
       afterAll(() => sql.end())
       return other
     },
