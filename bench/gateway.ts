@@ -299,15 +299,9 @@ export async function run() {
 
 /** A target's highest closed-loop rate, over the concurrencies measured. */
 export function peak(results: Record<string, Record<string, Stats>>, target: string) {
-  let best: Stats & { concurrency: number } = {
-    ...results[`c${concurrencies[0]}`]![target]!,
-    concurrency: concurrencies[0]!,
-  }
-  for (const c of concurrencies) {
-    const s = results[`c${c}`]![target]!
-    if (s.rps > best.rps) best = { ...s, concurrency: c }
-  }
-  return best
+  return concurrencies
+    .map((c) => ({ ...results[`c${c}`]![target]!, concurrency: c }))
+    .reduce((best, s) => (s.rps > best.rps ? s : best))
 }
 
 /** The markdown table of a run. */
