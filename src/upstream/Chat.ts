@@ -341,8 +341,10 @@ export function generated(d: z.output<typeof Delta>): string {
 
 const isObject = (v: unknown): v is Record<string, unknown> =>
   typeof v === 'object' && v !== null && !Array.isArray(v)
+/** A number zod's `z.number()` takes: finite (JSON.parse reads `1e400` as Infinity). */
+const isNumber = (v: unknown): v is number => typeof v === 'number' && Number.isFinite(v)
 const optional = (v: unknown, type: 'string' | 'number') =>
-  v === undefined || v === null || typeof v === type
+  v === undefined || v === null || (type === 'number' ? isNumber(v) : typeof v === type)
 
 /**
  * A chunk as an upstream sent it: parsed, and, when the parsed chunk is exactly the JSON
@@ -361,12 +363,55 @@ export type Received = {
   model?: unknown
 }
 
+/*
+ * The fast paths below (`asChunk`, `asCompletion`, `asRequest`) check the common shapes by
+ * hand: in the gateway each zod parse of a request or a completion cost about 12 us, against
+ * 1.5 us in a loop of its own (measured: without the two, the gateway used 13% less CPU a
+ * request). Each returns the value as its schema would (defaults filled in), or undefined for
+ * anything else, which the schema then parses: the schema stays the one definition, and a
+ * property test checks each fast path against it. Callers send JSON with a `__proto__` key
+ * to the schema (zod treats that key specially).
+ */
+
+/** A delta or message of the common shape: text fields only (no tool calls or audio). */
+function plainDelta(d: Record<string, unknown>): boolean {
+  return (
+    d.tool_calls === undefined &&
+    d.function_call === undefined &&
+    d.audio === undefined &&
+    optional(d.content, 'string') &&
+    optional(d.refusal, 'string') &&
+    optional(d.reasoning_content, 'string') &&
+    optional(d.reasoning, 'string') &&
+    (d.role === undefined || typeof d.role === 'string')
+  )
+}
+
+/** Whether `u` is what `Usage.nullish()` takes. */
+function plainUsage(u: unknown): boolean {
+  if (u === undefined || u === null) return true
+  if (!isObject(u)) return false
+  const valid = (n: unknown) => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0
+  const count = (n: unknown) => valid(n) && (n as number) <= MAX_TOKENS
+  return (
+    count(u.prompt_tokens) &&
+    count(u.completion_tokens) &&
+    (u.total_tokens === undefined || valid(u.total_tokens))
+  )
+}
+
+/** Whether a chunk's or completion's `id`, `object`, `model` and `created` are as typed. */
+function plainHeader(json: Record<string, unknown>): boolean {
+  for (const k of ['id', 'object', 'model'] as const)
+    if (json[k] !== undefined && typeof json[k] !== 'string') return false
+  return json.created === undefined || isNumber(json.created)
+}
+
 /**
  * The common chunk shape, checked without zod (the hot path of a stream): `choices` of
  * `{ index, delta: { role?, content?, reasoning_content?, reasoning? }, finish_reason? }`
  * and an optional `usage`. Returns the chunk with `Chunk`'s defaults, or undefined for
- * anything else (tool calls, odd fields), which `Chunk` then parses. Callers send JSON with
- * a `__proto__` key to `Chunk` (zod treats that key specially). `o.filled` is set when a
+ * anything else (tool calls, odd fields), which `Chunk` then parses. `o.filled` is set when a
  * default was filled in (the chunk then differs from its JSON text).
  */
 export function asChunk(json: unknown, o?: { filled: boolean }): Chunk | undefined {
@@ -374,45 +419,99 @@ export function asChunk(json: unknown, o?: { filled: boolean }): Chunk | undefin
   const choices = json.choices === undefined ? [] : json.choices
   if (!Array.isArray(choices)) return undefined
   for (const c of choices) {
-    if (!isObject(c) || typeof c.index !== 'number' || !optional(c.finish_reason, 'string'))
-      return undefined
+    if (!isObject(c) || !isNumber(c.index) || !optional(c.finish_reason, 'string')) return undefined
     const d = c.delta === undefined ? {} : c.delta
-    if (
-      !isObject(d) ||
-      d.tool_calls !== undefined ||
-      d.function_call !== undefined ||
-      d.audio !== undefined
-    )
-      return undefined
-    if (
-      !optional(d.content, 'string') ||
-      !optional(d.refusal, 'string') ||
-      !optional(d.reasoning_content, 'string') ||
-      !optional(d.reasoning, 'string')
-    )
-      return undefined
-    if (d.role !== undefined && typeof d.role !== 'string') return undefined
+    if (!isObject(d) || !plainDelta(d)) return undefined
     if (c.delta === undefined) {
       c.delta = {}
       if (o) o.filled = true
     }
   }
-  const u = json.usage
-  if (u !== undefined && u !== null) {
-    if (!isObject(u)) return undefined
-    const valid = (n: unknown) => typeof n === 'number' && Number.isSafeInteger(n) && n >= 0
-    const count = (n: unknown) => valid(n) && (n as number) <= MAX_TOKENS
-    if (!count(u.prompt_tokens) || !count(u.completion_tokens)) return undefined
-    if (u.total_tokens !== undefined && !valid(u.total_tokens)) return undefined
-  }
-  for (const k of ['id', 'object', 'model'] as const)
-    if (json[k] !== undefined && typeof json[k] !== 'string') return undefined
-  if (json.created !== undefined && typeof json.created !== 'number') return undefined
+  if (!plainUsage(json.usage) || !plainHeader(json)) return undefined
   if (json.choices === undefined) {
     json.choices = choices
     if (o) o.filled = true
   }
   return json as Chunk
+}
+
+/**
+ * The common completion shape, checked without zod: `choices` of `{ index, message: { role,
+ * content?, refusal?, reasoning_content?, reasoning? }, finish_reason? }` and an optional
+ * `usage`. Returns the completion as `Completion` would, or undefined for anything else (tool
+ * calls, odd fields), which `Completion` then parses.
+ */
+export function asCompletion(json: unknown): Completion | undefined {
+  if (!isObject(json) || !Array.isArray(json.choices)) return undefined
+  for (const c of json.choices) {
+    if (!isObject(c) || !isNumber(c.index) || !optional(c.finish_reason, 'string')) return undefined
+    const m = c.message
+    if (!isObject(m) || typeof m.role !== 'string' || !plainDelta(m)) return undefined
+  }
+  if (!plainUsage(json.usage) || !plainHeader(json)) return undefined
+  return json as Completion
+}
+
+const ROLES: ReadonlySet<unknown> = new Set(Message.shape.role.options)
+
+/**
+ * The common request shape, checked without zod: messages whose content is text, OpenAI's
+ * sampling parameters in range, none of them null, and none of the gateway's own parameters
+ * (routing, timeout, price ceilings). Returns the request as `Request` would (`stream`
+ * filled in), or undefined for anything else, which `Request` then parses and, if it is
+ * wrong, names what is wrong.
+ */
+export function asRequest(json: unknown): Request | undefined {
+  if (!isObject(json)) return undefined
+  const r = json
+  if (typeof r.model !== 'string' || r.model.length === 0) return undefined
+  if (!Array.isArray(r.messages) || r.messages.length === 0) return undefined
+  for (const m of r.messages)
+    if (
+      !isObject(m) ||
+      !ROLES.has(m.role) ||
+      typeof m.content !== 'string' ||
+      (m.name !== undefined && typeof m.name !== 'string') ||
+      (m.tool_calls !== undefined && m.tool_calls !== null)
+    )
+      return undefined
+  const within = (v: unknown, most: number) =>
+    v === undefined || (isNumber(v) && v >= 0 && v <= most)
+  const count = (v: unknown) =>
+    v === undefined || (typeof v === 'number' && Number.isSafeInteger(v) && v > 0)
+  if (
+    !within(r.temperature, 2) ||
+    !within(r.top_p, 1) ||
+    !count(r.max_tokens) ||
+    !count(r.max_completion_tokens) ||
+    (r.n !== undefined && r.n !== 1) ||
+    (r.stream !== undefined && typeof r.stream !== 'boolean')
+  )
+    return undefined
+  const stop = r.stop
+  if (
+    stop !== undefined &&
+    stop !== null &&
+    typeof stop !== 'string' &&
+    !(Array.isArray(stop) && stop.length <= 4 && stop.every((s) => typeof s === 'string'))
+  )
+    return undefined
+  const o = r.stream_options
+  if (
+    o !== undefined &&
+    o !== null &&
+    !(isObject(o) && (o.include_usage === undefined || typeof o.include_usage === 'boolean'))
+  )
+    return undefined
+  if (
+    r.routing_strategy !== undefined ||
+    r.timeout_ms !== undefined ||
+    r.max_input_price_per_million !== undefined ||
+    r.max_output_price_per_million !== undefined
+  )
+    return undefined
+  if (r.stream === undefined) r.stream = false
+  return r as Request
 }
 
 const CONTENT = '"content":"'

@@ -82,6 +82,251 @@ describe('asChunk', () => {
   })
 })
 
+const messageLike = fc.record(
+  {
+    role: fc.constantFrom('system', 'developer', 'user', 'assistant', 'tool', 'function', 'bot'),
+    content: fc.oneof(
+      fc.string(),
+      fc.constant(null),
+      fc.array(fc.record({ type: fc.constant('text'), text: fc.string() })),
+      fc.integer(),
+    ),
+    name: fc.oneof(fc.string(), fc.integer()),
+    tool_calls: fc.oneof(
+      fc.constant(null),
+      fc.array(fc.record({ function: fc.record({ name: fc.string(), arguments: fc.string() }) })),
+    ),
+    extra: fc.jsonValue(),
+  },
+  { requiredKeys: ['role'] },
+)
+
+const requestLike = fc.record(
+  {
+    model: fc.oneof(fc.string(), fc.integer()),
+    messages: fc.oneof(fc.array(messageLike, { maxLength: 3 }), fc.jsonValue()),
+    stream: fc.oneof(fc.boolean(), fc.constant(null), fc.string()),
+    temperature: fc.oneof(fc.double({ min: -1, max: 3, noNaN: true }), fc.constant(null)),
+    top_p: fc.oneof(fc.double({ min: -1, max: 2, noNaN: true }), fc.constant(null)),
+    max_tokens: fc.oneof(fc.integer({ min: -2, max: 100_000 }), fc.double(), fc.constant(null)),
+    max_completion_tokens: fc.oneof(fc.integer({ min: -2, max: 100_000 }), fc.constant(null)),
+    stop: fc.oneof(
+      fc.string(),
+      fc.constant(null),
+      fc.array(fc.string(), { maxLength: 6 }),
+      fc.array(fc.jsonValue(), { maxLength: 2 }),
+    ),
+    n: fc.oneof(fc.constant(1), fc.integer(), fc.constant(null)),
+    stream_options: fc.oneof(
+      fc.constant(null),
+      fc.record({ include_usage: fc.oneof(fc.boolean(), fc.string()) }, { requiredKeys: [] }),
+      fc.jsonValue(),
+    ),
+    routing_strategy: fc.constantFrom('price', 'latency', 'fastest'),
+    timeout_ms: fc.integer(),
+    max_input_price_per_million: fc.oneof(fc.nat(), fc.string()),
+    max_output_price_per_million: fc.oneof(fc.nat(), fc.string()),
+    tools: fc.jsonValue(),
+    user: fc.string(),
+  },
+  { requiredKeys: [] },
+)
+
+const completionLike = fc.record(
+  {
+    id: fc.oneof(fc.string(), fc.integer()),
+    object: fc.constant('chat.completion'),
+    created: fc.oneof(fc.integer(), fc.string()),
+    model: fc.string(),
+    choices: fc.oneof(
+      fc.array(
+        fc.record(
+          {
+            index: fc.oneof(fc.nat(), fc.string()),
+            message: fc.oneof(
+              fc.record(
+                {
+                  role: fc.oneof(fc.constant('assistant'), fc.integer()),
+                  content: fc.oneof(fc.string(), fc.constant(null), fc.integer()),
+                  refusal: fc.oneof(fc.string(), fc.constant(null)),
+                  reasoning: fc.oneof(fc.string(), fc.constant(null), fc.nat()),
+                  tool_calls: fc.array(
+                    fc.record({ function: fc.record({ arguments: fc.string() }) }),
+                  ),
+                  audio: fc.record({ transcript: fc.string() }),
+                },
+                { requiredKeys: [] },
+              ),
+              fc.jsonValue(),
+            ),
+            finish_reason: fc.oneof(fc.constantFrom('stop', 'length'), fc.constant(null), fc.nat()),
+            logprobs: fc.jsonValue(),
+          },
+          { requiredKeys: [] },
+        ),
+        { maxLength: 3 },
+      ),
+      fc.jsonValue(),
+    ),
+    usage: fc.oneof(
+      fc.constant(null),
+      fc.record(
+        {
+          prompt_tokens: fc.oneof(fc.nat(), fc.double(), fc.constant(2 ** 31)),
+          completion_tokens: fc.nat(),
+          total_tokens: fc.integer(),
+          prompt_tokens_details: fc.jsonValue(),
+        },
+        { requiredKeys: [] },
+      ),
+    ),
+  },
+  { requiredKeys: [] },
+)
+
+/**
+ * A fast path against its schema: on whatever it accepts, the schema accepts too and gives an
+ * equal value. The values are what JSON.parse returns (the fast paths' only input).
+ */
+function agrees<T>(
+  arbitrary: fc.Arbitrary<unknown>,
+  fast: (json: unknown) => T | undefined,
+  schema: { safeParse(v: unknown): { success: boolean; data?: unknown } },
+) {
+  let taken = 0
+  fc.assert(
+    fc.property(fc.oneof(arbitrary, fc.jsonValue()), (value) => {
+      const text = JSON.stringify(value)
+      if (text === undefined || text.includes('__proto__')) return // the callers' rule
+      const got = fast(JSON.parse(text))
+      if (got === undefined) return
+      taken++
+      const parsed = schema.safeParse(JSON.parse(text))
+      expect(parsed.success).toBe(true)
+      expect(got as unknown).toEqual(parsed.data)
+    }),
+    { numRuns: 5000 },
+  )
+  // Not a fast path that declines everything (the arbitraries make valid values often).
+  expect(taken).toBeGreaterThan(50)
+}
+
+describe('asCompletion', () => {
+  test('property: the hand-written fast path accepts only what the Completion schema accepts, with the same result', () => {
+    agrees(completionLike, Chat.asCompletion, Chat.Completion)
+  })
+
+  test('behavior: the common completion takes the fast path; tool calls and odd shapes do not', () => {
+    const message = { role: 'assistant', content: 'hi' }
+    const usage = { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 }
+    expect(
+      Chat.asCompletion({
+        id: 'x',
+        choices: [{ index: 0, message, finish_reason: 'stop' }],
+        usage,
+      }),
+    ).toBeDefined()
+    expect(
+      Chat.asCompletion({ choices: [{ index: 0, message: { ...message, tool_calls: [] } }] }),
+    ).toBeUndefined()
+    expect(
+      Chat.asCompletion({ choices: [{ index: 0, message: { content: 'hi' } }] }),
+    ).toBeUndefined()
+    expect(
+      Chat.asCompletion({ choices: [{ index: 0, message }], usage: { prompt_tokens: 1 } }),
+    ).toBeUndefined()
+    // JSON.parse reads 1e400 as Infinity, which z.number() refuses.
+    expect(
+      Chat.asCompletion(
+        JSON.parse(`{"choices":[{"index":1e400,"message":${JSON.stringify(message)}}]}`),
+      ),
+    ).toBeUndefined()
+    expect(Chat.asCompletion({ usage })).toBeUndefined()
+  })
+})
+
+/** A request of the common shape with at most one field changed to anything. */
+const nearRequest = fc
+  .tuple(
+    fc.record(
+      {
+        model: fc.string({ minLength: 1 }),
+        messages: fc.array(
+          fc.record({
+            role: fc.constantFrom('system', 'user', 'assistant'),
+            content: fc.string(),
+          }),
+          { minLength: 1, maxLength: 3 },
+        ),
+        stream: fc.boolean(),
+        temperature: fc.double({ min: 0, max: 2, noNaN: true }),
+        max_tokens: fc.integer({ min: 1, max: 100_000 }),
+        stop: fc.oneof(fc.string(), fc.array(fc.string(), { maxLength: 4 })),
+        stream_options: fc.record({ include_usage: fc.boolean() }),
+        user: fc.string(),
+      },
+      { requiredKeys: ['model', 'messages'] },
+    ),
+    fc.option(
+      fc.tuple(
+        fc.constantFrom(
+          'model',
+          'messages',
+          'temperature',
+          'top_p',
+          'max_tokens',
+          'max_completion_tokens',
+          'n',
+          'stream',
+          'stop',
+          'stream_options',
+          'timeout_ms',
+          'tools',
+        ),
+        fc.oneof(
+          fc.jsonValue(),
+          fc.integer({ min: -3, max: 3 }),
+          fc.double({ min: -1, max: 3, noNaN: true }),
+        ),
+      ),
+    ),
+  )
+  .map(([r, change]) => (change ? { ...r, [change[0]]: change[1] } : r))
+
+describe('asRequest', () => {
+  test('property: the hand-written fast path accepts only what the Request schema accepts, with the same result', () => {
+    agrees(fc.oneof(nearRequest, requestLike), Chat.asRequest, Chat.Request)
+  })
+
+  test('behavior: the common request takes the fast path with its stream default; others go to the schema', () => {
+    const messages = [{ role: 'user' as const, content: 'ping' }]
+    expect(Chat.asRequest({ model: 'm', messages, max_tokens: 16 })).toEqual({
+      model: 'm',
+      messages,
+      max_tokens: 16,
+      stream: false,
+    })
+    // Null parameters, multimodal content and the gateway's own parameters take the schema.
+    expect(Chat.asRequest({ model: 'm', messages, temperature: null })).toBeUndefined()
+    expect(
+      Chat.asRequest({
+        model: 'm',
+        messages: [{ role: 'user', content: [{ type: 'text', text: 'x' }] }],
+      }),
+    ).toBeUndefined()
+    expect(Chat.asRequest({ model: 'm', messages, timeout_ms: 5 })).toBeUndefined()
+    // What the schema refuses, the fast path never takes.
+    expect(
+      Chat.asRequest({ model: 'm', messages: [{ role: 'bot', content: 'x' }] }),
+    ).toBeUndefined()
+    expect(Chat.asRequest({ model: '', messages })).toBeUndefined()
+    expect(Chat.asRequest({ model: 'm', messages, max_tokens: 0 })).toBeUndefined()
+    expect(
+      Chat.asRequest({ model: 'm', messages, stop: ['a', 'b', 'c', 'd', 'e'] }),
+    ).toBeUndefined()
+  })
+})
+
 describe('template', () => {
   // A chunk of the common flat shape, serialized by JSON.stringify or with every character
   // of its strings escaped (upstreams differ).

@@ -64,7 +64,12 @@ type Plan = {
 /** Parses and prices a completion request; `signer` signs its receipt, if it asked for one. */
 function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
   const { blockTokens } = deps.config.metering
-  const req = Parse.parse(Chat.Request, Parse.json(text))
+  const json = Parse.json(text)
+  // The common shape is checked by hand (see Chat.asRequest); anything else, and anything
+  // wrong, goes through the schema, which names what is wrong.
+  const req =
+    (text.includes('__proto__') ? undefined : Chat.asRequest(json)) ??
+    Parse.parse(Chat.Request, json)
   const model = deps.router.route(req.model)
   const media = Chat.mediaParts(req) * deps.config.metering.mediaPartTokens
   // Counted no further than the context holds (a huge prompt is refused, not counted whole).
