@@ -21,6 +21,7 @@ import * as ChainClient from '../chain/Client.ts'
 import * as Escrow from '../chain/Escrow.ts'
 import * as Token from '../chain/Token.ts'
 import type * as Challenge from '../payment/Challenge.ts'
+import * as Credential from '../payment/Credential.ts'
 import type * as Events from '../payment/Events.ts'
 import * as Receipt from '../payment/Receipt.ts'
 import {
@@ -709,14 +710,33 @@ export function createFetch(options: Options): PayingFetch {
     return run
   }
 
-  /** Sends credentials that carry no request (HEAD to the same URI), as mid-stream. */
-  const post = async (url: string, credential: string) => {
+  /**
+   * Sends credentials that carry no request (HEAD to the same URI), as mid-stream. With
+   * `again` (a voucher: the same one signed again is harmless), a credential whose challenge
+   * expired on its way (a slow network, or a server's short-lived challenges: `current`
+   * renews one only when it is about to expire, and a credential can take longer than what
+   * was left) is made once more on a fresh challenge and sent again.
+   */
+  const post = async (
+    url: string,
+    credential: string,
+    again?: { live: Live; credential: () => Promise<string> },
+  ) => {
+    let renewed = false
     for (let attempt = 0; ; attempt++) {
       const res = await base(url, { method: 'HEAD', headers: { authorization: credential } })
       if (res.ok) return res
       // Over the per-channel voucher rate: wait as told, once.
       if (res.status === 429 && attempt === 0) {
         await sleep(1000 * Number(res.headers.get('retry-after') ?? 1), stop.signal)
+        continue
+      }
+      // Expired by this clock: not sent again on that challenge (the core draft's MUST NOT).
+      const expires = Credential.deserialize(credential).challenge.expires
+      if (again && !renewed && expires !== undefined && Date.parse(expires) <= Date.now()) {
+        await current(again.live, url)
+        credential = await again.credential()
+        renewed = true
         continue
       }
       // A HEAD answer has no body: the same credential again as a POST without one (the same
@@ -781,7 +801,10 @@ export function createFetch(options: Options): PayingFetch {
       if (need.requiredCumulative <= live.sent) return
       const voucher = await raise(live, url, need.requiredCumulative)
       live.sent = live.session.signed
-      await post(url, voucher)
+      await post(url, voucher, {
+        live,
+        credential: () => live.session.voucher(live.session.signed),
+      })
       options.onVoucher?.({
         channelId: live.session.channelId as Hex,
         cumulativeAmount: live.session.signed,

@@ -91,7 +91,9 @@ export function challenge(
     method: method.method,
     intent: method.intent,
     request: method.request(price, channelId),
-    expires: Challenge.timestamp(new Date(Date.now() + p.expiresMs)),
+    // `expires` is to the second: rounded up, so a challenge lives at least `expiresMs` (rounded
+    // down, a challenge of one second lived anywhere from 0 to 1 s).
+    expires: Challenge.timestamp(new Date(Math.ceil((Date.now() + p.expiresMs) / 1000) * 1000)),
   })
 }
 

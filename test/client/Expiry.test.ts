@@ -22,8 +22,11 @@ const gw = await Gateway.create({
 const words = Array.from({ length: 80 }, (_, i) => `w${i}`).join(' ')
 const messages = [{ role: 'user' as const, content: words }]
 
-/** A fetch that records the `expires` of every credential sent on an expired challenge. */
-function watching(expired: string[]): typeof fetch {
+/**
+ * A fetch that records the `expires` of every credential sent on an expired challenge, then
+ * hands it to `inner`.
+ */
+function watching(expired: string[], inner: typeof fetch = globalThis.fetch): typeof fetch {
   const f = async (input: string | URL | Request, init?: RequestInit) => {
     const authorization = new Headers(init?.headers).get('authorization')
     if (authorization?.startsWith('Payment ')) {
@@ -31,9 +34,30 @@ function watching(expired: string[]): typeof fetch {
       if (challenge.expires && Date.parse(challenge.expires) <= Date.now())
         expired.push(challenge.expires)
     }
-    return globalThis.fetch(input, init)
+    return inner(input, init)
   }
   return Object.assign(f, { preconnect: globalThis.fetch.preconnect }) as typeof fetch
+}
+
+/** A fetch whose first mid-stream voucher (a HEAD carrying one) takes `ms` on its way. */
+function slowFirstVoucher(ms: number): typeof fetch & { delayed: number } {
+  const f = Object.assign(
+    async (input: string | URL | Request, init?: RequestInit) => {
+      const authorization = new Headers(init?.headers).get('authorization')
+      if (
+        f.delayed === 0 &&
+        init?.method === 'HEAD' &&
+        authorization?.startsWith('Payment ') &&
+        Credential.deserialize(authorization).payload.action === 'voucher'
+      ) {
+        f.delayed++
+        await Bun.sleep(ms)
+      }
+      return globalThis.fetch(input, init)
+    },
+    { preconnect: globalThis.fetch.preconnect, delayed: 0 },
+  )
+  return f as typeof fetch & { delayed: number }
 }
 
 test('behavior: a request after the channel challenge expired sends no credential on it', async () => {
@@ -57,6 +81,23 @@ test('behavior: a stream that outlives its challenge pays its mid-stream voucher
   })
   let text = ''
   for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+  expect(text).toBe(words)
+  expect(expired).toEqual([])
+}, 30_000)
+
+test('behavior: a mid-stream voucher whose challenge expires on its way is sent again on the fresh one, and the stream is delivered whole', async () => {
+  const expired: string[] = []
+  // Sent with its challenge live, the voucher arrives after the one to two seconds it had.
+  const slow = slowFirstVoucher(2_100)
+  const { openai } = Payer.client(chain, gw.url, 2, { fetch: watching(expired, slow) })
+  const stream = await openai.chat.completions.create({
+    model: 'fake-slow',
+    messages,
+    stream: true,
+  })
+  let text = ''
+  for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+  expect(slow.delayed).toBe(1)
   expect(text).toBe(words)
   expect(expired).toEqual([])
 }, 30_000)

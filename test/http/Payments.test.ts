@@ -79,8 +79,23 @@ describe('Payments.verify', () => {
     const p = payments(method, 1500)
     const h = header(p, method, '100')
     expect(Payments.verify(p, h).checked.action).toBe('voucher')
-    await Bun.sleep(1600)
+    const { expires } = Credential.deserialize(h).challenge
+    await Bun.sleep(Date.parse(expires!) - Date.now() + 50)
     expect(() => Payments.verify(p, h)).toThrow(/expired/)
+  })
+
+  test('behavior: a challenge lives at least its configured time (its `expires`, to the second, is rounded up)', async () => {
+    const { method } = recording()
+    const p = payments(method, 1000)
+    for (let i = 0; i < 8; i++) {
+      const before = Date.now()
+      const { expires } = Payments.challenge(p, method, price, channelId)
+      const after = Date.now()
+      expect(expires).toMatch(/:\d\dZ$/)
+      expect(Date.parse(expires!)).toBeGreaterThanOrEqual(before + 1000)
+      expect(Date.parse(expires!)).toBeLessThan(after + 2000)
+      await Bun.sleep(130) // another fraction of a second
+    }
   })
 
   test('error: a malformed or forged credential is refused every time and never reaches the method', () => {
