@@ -71,9 +71,13 @@ test('behavior: a request after the channel challenge expired sends no credentia
   expect(expired).toEqual([])
 }, 30_000)
 
-test('behavior: a stream that outlives its challenge pays its mid-stream vouchers on fresh ones and is delivered whole', async () => {
+/**
+ * A slow stream of `words` paid by payer `index` through `inner`: its text, and the expiries
+ * of any credential sent on an expired challenge.
+ */
+async function slowStream(index: number, inner?: typeof fetch) {
   const expired: string[] = []
-  const { openai } = Payer.client(chain, gw.url, 1, { fetch: watching(expired) })
+  const { openai } = Payer.client(chain, gw.url, index, { fetch: watching(expired, inner) })
   const stream = await openai.chat.completions.create({
     model: 'fake-slow',
     messages,
@@ -81,22 +85,19 @@ test('behavior: a stream that outlives its challenge pays its mid-stream voucher
   })
   let text = ''
   for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+  return { text, expired }
+}
+
+test('behavior: a stream that outlives its challenge pays its mid-stream vouchers on fresh ones and is delivered whole', async () => {
+  const { text, expired } = await slowStream(1)
   expect(text).toBe(words)
   expect(expired).toEqual([])
 }, 30_000)
 
 test('behavior: a mid-stream voucher whose challenge expires on its way is sent again on the fresh one, and the stream is delivered whole', async () => {
-  const expired: string[] = []
   // Sent with its challenge live, the voucher arrives after the one to two seconds it had.
   const slow = slowFirstVoucher(2_100)
-  const { openai } = Payer.client(chain, gw.url, 2, { fetch: watching(expired, slow) })
-  const stream = await openai.chat.completions.create({
-    model: 'fake-slow',
-    messages,
-    stream: true,
-  })
-  let text = ''
-  for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? ''
+  const { text, expired } = await slowStream(2, slow)
   expect(slow.delayed).toBe(1)
   expect(text).toBe(words)
   expect(expired).toEqual([])
