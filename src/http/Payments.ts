@@ -91,9 +91,7 @@ export function challenge(
     method: method.method,
     intent: method.intent,
     request: method.request(price, channelId),
-    // `expires` is to the second: rounded up, so a challenge lives at least `expiresMs` (rounded
-    // down, a challenge of one second lived anywhere from 0 to 1 s).
-    expires: Challenge.timestamp(new Date(Math.ceil((Date.now() + p.expiresMs) / 1000) * 1000)),
+    expires: Challenge.expiresIn(p.expiresMs),
   })
 }
 

@@ -8,7 +8,7 @@
  *   other encoding of the same JSON (the draft says the JSON MUST be JCS), so the wire text is
  *   always `Encoding.encodeJson(decoded)` and the HMAC can be recomputed from the decoded object.
  * - No `expires` means the challenge does not expire by time (the draft makes it optional, servers
- *   SHOULD set it): pass `expires: Challenge.timestamp(new Date(Date.now() + ttl))` to `from`.
+ *   SHOULD set it): pass `expires: Challenge.expiresIn(ttlMs)` to `from`.
  * - Parameter values a header cannot carry (controls, characters beyond U+00FF) are rejected by
  *   `serialize`; a localized `description` must stay within Latin-1.
  * - `description` is not in the HMAC (the draft's seven slots omit it), so an echoed description
@@ -51,6 +51,14 @@ function realDate(text: string): boolean {
 /** An RFC 3339 UTC timestamp to the second (`2025-01-15T12:05:00Z`), for `expires` and receipts. */
 export function timestamp(date: Date): string {
   return date.toISOString().replace(/\.\d{3}Z$/, 'Z')
+}
+
+/**
+ * The `expires` of a challenge that lives `ms` from `now`: to the second, rounded up, so it
+ * lives at least `ms` (rounded down, a challenge of one second lived anywhere from 0 to 1 s).
+ */
+export function expiresIn(ms: number, now = Date.now()): string {
+  return timestamp(new Date(Math.ceil((now + ms) / 1000) * 1000))
 }
 
 /** payment-method-id = 1*LOWERALPHA */

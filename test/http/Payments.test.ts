@@ -84,18 +84,12 @@ describe('Payments.verify', () => {
     expect(() => Payments.verify(p, h)).toThrow(/expired/)
   })
 
-  test('behavior: a challenge lives at least its configured time (its `expires`, to the second, is rounded up)', async () => {
+  test('behavior: a challenge lives at least its configured time (Challenge.expiresIn)', () => {
     const { method } = recording()
-    const p = payments(method, 1000)
-    for (let i = 0; i < 8; i++) {
-      const before = Date.now()
-      const { expires } = Payments.challenge(p, method, price, channelId)
-      const after = Date.now()
-      expect(expires).toMatch(/:\d\dZ$/)
-      expect(Date.parse(expires!)).toBeGreaterThanOrEqual(before + 1000)
-      expect(Date.parse(expires!)).toBeLessThan(after + 2000)
-      await Bun.sleep(130) // another fraction of a second
-    }
+    const before = Date.now()
+    const { expires } = Payments.challenge(payments(method, 1000), method, price, channelId)
+    expect(Date.parse(expires!)).toBeGreaterThanOrEqual(before + 1000)
+    expect(Date.parse(expires!)).toBeLessThan(Date.now() + 2000)
   })
 
   test('error: a malformed or forged credential is refused every time and never reaches the method', () => {

@@ -38,6 +38,27 @@ const vectors = [
 
 const future = '2099-01-01T00:00:00Z'
 
+describe('expiresIn', () => {
+  test('behavior: to the second, rounded up: a challenge lives at least the time asked, less than a second more', () => {
+    const at = Date.parse('2025-01-15T12:00:00.900Z')
+    expect(Challenge.expiresIn(1000, at)).toBe('2025-01-15T12:00:02Z')
+    expect(Challenge.expiresIn(1000, Date.parse('2025-01-15T12:00:00Z'))).toBe(
+      '2025-01-15T12:00:01Z',
+    )
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 0, max: 2 ** 42 }),
+        fc.integer({ min: 0, max: 10 ** 9 }),
+        (now, ms) => {
+          const expires = Date.parse(Challenge.expiresIn(ms, now))
+          expect(expires).toBeGreaterThanOrEqual(now + ms)
+          expect(expires).toBeLessThan(now + ms + 1000)
+        },
+      ),
+    )
+  })
+})
+
 describe('from', () => {
   test('behavior: the id is the draft HMAC-SHA256 over the seven slots (fixed vectors)', () => {
     for (const { challenge, id } of vectors) {
