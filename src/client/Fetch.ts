@@ -207,6 +207,12 @@ const challengeIn = (res: Response) => {
   }
 }
 
+/** Whether a credential's challenge has expired by this clock. */
+const expired = (credential: string): boolean => {
+  const { expires } = Credential.deserialize(credential).challenge
+  return expires !== undefined && Date.parse(expires) <= Date.now()
+}
+
 const kindOf = (problem: Record<string, unknown> | undefined) =>
   typeof problem?.type === 'string' ? problem.type.split('/').at(-1) : undefined
 
@@ -732,8 +738,7 @@ export function createFetch(options: Options): PayingFetch {
         continue
       }
       // Expired by this clock: not sent again on that challenge (the core draft's MUST NOT).
-      const expires = Credential.deserialize(credential).challenge.expires
-      if (again && !renewed && expires !== undefined && Date.parse(expires) <= Date.now()) {
+      if (again && !renewed && expired(credential)) {
         await current(again.live, url)
         credential = await again.credential()
         renewed = true

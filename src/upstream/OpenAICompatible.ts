@@ -96,7 +96,7 @@ export function create(options: Options): Provider {
       }
       // The common shape is checked by hand (see Chat.asCompletion); anything else goes
       // through the schema.
-      const fast = text.includes('__proto__') ? undefined : Chat.asCompletion(json)
+      const fast = Chat.fastPathFor(text) ? Chat.asCompletion(json) : undefined
       if (fast) return fast
       const parsed = Completion.safeParse(json)
       if (!parsed.success)
@@ -195,7 +195,7 @@ async function* chunks(
         // The common shape is checked by hand (per chunk, zod cost ~13% of a stream's CPU);
         // anything else goes through the schema.
         filled.filled = false
-        const fast = data.includes('__proto__') ? undefined : Chat.asChunk(json, filled)
+        const fast = Chat.fastPathFor(data) ? Chat.asChunk(json, filled) : undefined
         if (fast) {
           // JSON spread over several `data:` lines arrives with newlines: it is re-serialized,
           // as a raw newline would end the event it is forwarded in.

@@ -68,8 +68,7 @@ function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
   // The common shape is checked by hand (see Chat.asRequest); anything else, and anything
   // wrong, goes through the schema, which names what is wrong.
   const req =
-    (text.includes('__proto__') ? undefined : Chat.asRequest(json)) ??
-    Parse.parse(Chat.Request, json)
+    (Chat.fastPathFor(text) ? Chat.asRequest(json) : undefined) ?? Parse.parse(Chat.Request, json)
   const model = deps.router.route(req.model)
   const media = Chat.mediaParts(req) * deps.config.metering.mediaPartTokens
   // Counted no further than the context holds (a huge prompt is refused, not counted whole).
