@@ -286,7 +286,7 @@ export async function run() {
     // Overhead under load: every target at one rate (shares of the gateway's closed-loop
     // rate), so latencies compare at equal work, not at equal connections (where a slower
     // target's queue is most of its latency).
-    // The rate at 64 connections (else the highest): at the highest, reached with 256
+    // The rate at 64 connections (else the highest): at the highest, reached with 128 or 256
     // requests in flight, an open loop at 80% of it queues without bound (measured).
     const top = results.c64?.gateway ?? peak(results, 'gateway')
     const open: { share: number; rate: number; results: Record<string, Stats> }[] = []
