@@ -694,7 +694,18 @@ export function createFetch(options: Options): PayingFetch {
         throw new LimitExceededError('maxDeposit', { limit: maxDeposit, wanted: required })
       const next = min(maxDeposit, maxTotal, max(required + margin, deposit * 2n))
       await withDomain(live)
-      await post(url, await live.session.topUp(next - deposit))
+      const topUp = await live.session.topUp(next - deposit)
+      try {
+        await post(url, topUp)
+      } catch (e) {
+        // Refused with its challenge expired on its way (`post` sends none again on it): made
+        // once more on a fresh challenge, unless the server shows the deposit raised already.
+        if (!(e instanceof PaymentFailedError) || !expired(topUp)) throw e
+        await current(live, url)
+        const held = await depositShown(url, state.channelId)
+        if (held === undefined || held < next)
+          await post(url, await live.session.topUp(next - deposit))
+      }
       deposit = next
       state.deposit = deposit.toString()
       await save(live)
@@ -721,7 +732,9 @@ export function createFetch(options: Options): PayingFetch {
    * `again` (a voucher: the same one signed again is harmless), a credential whose challenge
    * expired on its way (a slow network, or a server's short-lived challenges: `current`
    * renews one only when it is about to expire, and a credential can take longer than what
-   * was left) is made once more on a fresh challenge and sent again.
+   * was left) is made once more on a fresh challenge and sent again. A refused credential
+   * whose challenge has expired is never sent again on it (the core draft's MUST NOT): it
+   * throws a PaymentFailedError instead (a top-up's caller makes a fresh one, see `raise`).
    */
   const post = async (
     url: string,
@@ -738,7 +751,12 @@ export function createFetch(options: Options): PayingFetch {
         continue
       }
       // Expired by this clock: not sent again on that challenge (the core draft's MUST NOT).
-      if (again && !renewed && expired(credential)) {
+      if (expired(credential)) {
+        if (!again || renewed)
+          throw new PaymentFailedError(
+            `The server refused a payment credential (${res.status}) whose challenge expired on its way; it is not sent again on that challenge.`,
+            res.status,
+          )
         await current(again.live, url)
         credential = await again.credential()
         renewed = true

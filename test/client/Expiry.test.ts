@@ -4,12 +4,14 @@
  * long stream pays mid-way. Against a gateway whose challenges live one second.
  */
 import { afterAll, expect, test } from 'bun:test'
+import type { Hex } from 'viem'
+import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Payer from '../helpers/Payer.ts'
 
-const chain = await Anvil.start({ accounts: 4 })
+const chain = await Anvil.start({ accounts: 5 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -39,8 +41,11 @@ function watching(expired: string[], inner: typeof fetch = globalThis.fetch): ty
   return Object.assign(f, { preconnect: globalThis.fetch.preconnect }) as typeof fetch
 }
 
-/** A fetch whose first mid-stream voucher (a HEAD carrying one) takes `ms` on its way. */
-function slowFirstVoucher(ms: number): typeof fetch & { delayed: number } {
+/**
+ * A fetch whose first credential of `action` sent alone (a HEAD: a mid-stream voucher, a
+ * top-up) takes `ms` on its way.
+ */
+function slowFirst(action: 'voucher' | 'topUp', ms: number): typeof fetch & { delayed: number } {
   const f = Object.assign(
     async (input: string | URL | Request, init?: RequestInit) => {
       const authorization = new Headers(init?.headers).get('authorization')
@@ -48,7 +53,7 @@ function slowFirstVoucher(ms: number): typeof fetch & { delayed: number } {
         f.delayed === 0 &&
         init?.method === 'HEAD' &&
         authorization?.startsWith('Payment ') &&
-        Credential.deserialize(authorization).payload.action === 'voucher'
+        Credential.deserialize(authorization).payload.action === action
       ) {
         f.delayed++
         await Bun.sleep(ms)
@@ -96,9 +101,31 @@ test('behavior: a stream that outlives its challenge pays its mid-stream voucher
 
 test('behavior: a mid-stream voucher whose challenge expires on its way is sent again on the fresh one, and the stream is delivered whole', async () => {
   // Sent with its challenge live, the voucher arrives after the one to two seconds it had.
-  const slow = slowFirstVoucher(2_100)
+  const slow = slowFirst('voucher', 2_100)
   const { text, expired } = await slowStream(2, slow)
   expect(slow.delayed).toBe(1)
   expect(text).toBe(words)
   expect(expired).toEqual([])
+}, 30_000)
+
+test('behavior: a top-up whose challenge expires on its way is made again on a fresh one: the request is served, no credential goes on an expired challenge, the deposit rises once', async () => {
+  const slow = slowFirst('topUp', 2_100)
+  const expired: string[] = []
+  const { fetch, openai } = Payer.client(chain, gw.url, 3, {
+    fetch: watching(expired, slow),
+    deposit: 300n,
+    limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
+  })
+  const answer = await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 100 })
+  expect(answer.choices[0]!.message.content).toBeString()
+  expect(slow.delayed).toBe(1)
+  expect(expired).toEqual([])
+  // One top-up went through: the deposit on chain is the one the client recorded.
+  const state = (await fetch.channel(gw.url))!
+  expect(BigInt(state.deposit)).toBeGreaterThan(300n)
+  const onChain = (await Escrow.getChannel(chain.payeeClient, {
+    escrow: chain.escrowAddress,
+    channelId: state.channelId as Hex,
+  }))!
+  expect(onChain.deposit).toBe(BigInt(state.deposit))
 }, 30_000)
