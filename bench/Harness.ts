@@ -111,6 +111,26 @@ export function cpuSeconds(pid: number, all: Proc[] = processes()): number {
   return all.filter((p) => tree.has(p.pid)).reduce((sum, p) => sum + p.cpu, 0)
 }
 
+/** CPU seconds a process's main thread has used (a Bun process's JavaScript thread); NaN if
+ * it is gone. */
+export function mainThreadCpuSeconds(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/task/${pid}/stat`, 'utf8')
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    return (Number(fields[11]) + Number(fields[12])) / 100
+  } catch {
+    return Number.NaN
+  }
+}
+
+/** The machine's CPU time so far, in clock ticks over all cores: idle (with I/O wait) and in
+ * all. */
+export function machineTicks(): { idle: number; total: number } {
+  const [, ...fields] = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/)
+  const ticks = fields.map(Number)
+  return { idle: ticks[3]! + ticks[4]!, total: ticks.reduce((a, b) => a + b, 0) }
+}
+
 /**
  * CPU seconds used by every process named `postgres` on this machine (a local server's
  * backends and helpers): where the database shares the box, its cost per request.

@@ -49,6 +49,12 @@ type Stats = {
    * On a shared box their sum against the cores available bounds the rate.
    */
   cpu: { target: number; upstream: number; postgres: number; client: number }
+  /**
+   * Busy shares of the wall time, percent: the target's main thread (its JavaScript, for a
+   * Bun server; with `workers`, the first process's only) and the whole machine. Neither near
+   * 100 means the rate is bounded by how the parts wait on one another, not by a core.
+   */
+  busy: { thread: number; machine: number }
 }
 
 /** What one round of load on a target measured; rounds add up (see `add`). */
@@ -58,6 +64,9 @@ type Sample = {
   elapsed: number
   /** CPU seconds in the round, by process (as in `Stats.cpu`). */
   cpu: { target: number; upstream: number; postgres: number; client: number }
+  /** The target's main thread's CPU seconds, and the machine's idle and all ticks. */
+  thread: number
+  ticks: { idle: number; total: number }
 }
 
 const { freePort, spawn } = Harness
@@ -73,15 +82,20 @@ async function measured(
     postgres: Harness.postgresCpuSeconds(all),
   })
   const cpu0 = { ...sample(), client: process.cpuUsage() }
+  const thread0 = Harness.mainThreadCpuSeconds(pids.target)
+  const ticks0 = Harness.machineTicks()
   const started = performance.now()
   const { latencies, errors } = await drive()
   const elapsed = (performance.now() - started) / 1000
   const client = process.cpuUsage(cpu0.client)
   const cpu1 = sample()
+  const ticks1 = Harness.machineTicks()
   return {
     latencies,
     errors,
     elapsed,
+    thread: Harness.mainThreadCpuSeconds(pids.target) - thread0,
+    ticks: { idle: ticks1.idle - ticks0.idle, total: ticks1.total - ticks0.total },
     cpu: {
       target: cpu1.target - cpu0.target,
       upstream: pids.upstream === pids.target ? 0 : cpu1.upstream - cpu0.upstream,
@@ -151,6 +165,8 @@ function add(a: Sample, b: Sample): Sample {
     latencies: a.latencies.concat(b.latencies),
     errors: a.errors + b.errors,
     elapsed: a.elapsed + b.elapsed,
+    thread: a.thread + b.thread,
+    ticks: { idle: a.ticks.idle + b.ticks.idle, total: a.ticks.total + b.ticks.total },
     cpu: {
       target: a.cpu.target + b.cpu.target,
       upstream: a.cpu.upstream + b.cpu.upstream,
@@ -174,6 +190,10 @@ function stats(s: Sample): Stats {
       upstream: per(s.cpu.upstream),
       postgres: per(s.cpu.postgres),
       client: per(s.cpu.client),
+    },
+    busy: {
+      thread: Math.round((s.thread / s.elapsed) * 100),
+      machine: Math.round((1 - s.ticks.idle / s.ticks.total) * 100),
     },
   }
 }
@@ -310,8 +330,8 @@ export function peak(results: Record<string, Record<string, Stats>>, target: str
 /** The markdown table of a run. */
 export function table(r: Awaited<ReturnType<typeof run>>): string {
   const lines = [
-    '| concurrency | target | requests/s | p50 ms | p99 ms | overhead p50 ms | overhead p99 ms | CPU µs/request: target | upstream | PostgreSQL | load generator |',
-    '|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| concurrency | target | requests/s | p50 ms | p99 ms | overhead p50 ms | overhead p99 ms | CPU µs/request: target | upstream | PostgreSQL | load generator | busy %: target thread | machine |',
+    '|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for (const [c, targets] of Object.entries(r.results)) {
     const direct = targets.direct!
@@ -321,7 +341,7 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
           ? ['', '']
           : [(s.p50 - direct.p50).toFixed(3), (s.p99 - direct.p99).toFixed(3)]
       lines.push(
-        `| ${c.slice(1)} | ${name} | ${Math.round(s.rps)} | ${s.p50.toFixed(3)} | ${s.p99.toFixed(3)} | ${over[0]} | ${over[1]} | ${s.cpu.target} | ${s.cpu.upstream || ''} | ${s.cpu.postgres} | ${s.cpu.client} |`,
+        `| ${c.slice(1)} | ${name} | ${Math.round(s.rps)} | ${s.p50.toFixed(3)} | ${s.p99.toFixed(3)} | ${over[0]} | ${over[1]} | ${s.cpu.target} | ${s.cpu.upstream || ''} | ${s.cpu.postgres} | ${s.cpu.client} | ${s.busy.thread} | ${s.busy.machine} |`,
       )
     }
   }
