@@ -695,18 +695,20 @@ export function createFetch(options: Options): PayingFetch {
       const next = min(maxDeposit, maxTotal, max(required + margin, deposit * 2n))
       await withDomain(live)
       const topUp = await live.session.topUp(next - deposit)
+      let raised = next
       try {
         await post(url, topUp)
       } catch (e) {
         // Refused with its challenge expired on its way (`post` sends none again on it): made
-        // once more on a fresh challenge, unless the server shows the deposit raised already.
+        // once more on a fresh challenge, unless the server shows the deposit raised already
+        // (the refusal's answer may be all that failed).
         if (!(e instanceof PaymentFailedError) || !expired(topUp)) throw e
         await current(live, url)
         const held = await depositShown(url, state.channelId)
-        if (held === undefined || held < next)
-          await post(url, await live.session.topUp(next - deposit))
+        if (held !== undefined && held >= next) raised = min(held, maxDeposit)
+        else await post(url, await live.session.topUp(next - deposit))
       }
-      deposit = next
+      deposit = raised
       state.deposit = deposit.toString()
       await save(live)
     }

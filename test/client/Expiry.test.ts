@@ -11,7 +11,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Payer from '../helpers/Payer.ts'
 
-const chain = await Anvil.start({ accounts: 5 })
+const chain = await Anvil.start({ accounts: 6 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -128,4 +128,44 @@ test('behavior: a top-up whose challenge expires on its way is made again on a f
     channelId: state.channelId as Hex,
   }))!
   expect(onChain.deposit).toBe(BigInt(state.deposit))
+}, 30_000)
+
+test('behavior: a top-up the server took whose answer comes back after its challenge expired is not paid again: the deposit rises once', async () => {
+  const expired: string[] = []
+  let late = 0
+  // The server takes the top-up; its answer, a refusal, arrives after the challenge expired.
+  const lateAnswer = Object.assign(
+    async (input: string | URL | Request, init?: RequestInit) => {
+      const res = await globalThis.fetch(input, init)
+      const authorization = new Headers(init?.headers).get('authorization')
+      if (
+        late === 0 &&
+        init?.method === 'HEAD' &&
+        authorization?.startsWith('Payment ') &&
+        Credential.deserialize(authorization).payload.action === 'topUp'
+      ) {
+        late++
+        await Bun.sleep(2_100)
+        return new Response(null, { status: 402 })
+      }
+      return res
+    },
+    { preconnect: globalThis.fetch.preconnect },
+  ) as typeof fetch
+  const { fetch, openai } = Payer.client(chain, gw.url, 4, {
+    fetch: watching(expired, lateAnswer),
+    deposit: 300n,
+    limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
+  })
+  const answer = await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 100 })
+  expect(answer.choices[0]!.message.content).toBeString()
+  expect(late).toBe(1)
+  expect(expired).toEqual([])
+  const state = (await fetch.channel(gw.url))!
+  const onChain = (await Escrow.getChannel(chain.payeeClient, {
+    escrow: chain.escrowAddress,
+    channelId: state.channelId as Hex,
+  }))!
+  expect(onChain.deposit).toBe(BigInt(state.deposit))
+  expect(onChain.deposit).toBeGreaterThan(300n)
 }, 30_000)
