@@ -694,20 +694,18 @@ export function createFetch(options: Options): PayingFetch {
         throw new LimitExceededError('maxDeposit', { limit: maxDeposit, wanted: required })
       const next = min(maxDeposit, maxTotal, max(required + margin, deposit * 2n))
       await withDomain(live)
-      const topUp = await live.session.topUp(next - deposit)
       let raised = next
-      try {
-        await post(url, topUp)
-      } catch (e) {
-        // Refused with its challenge expired on its way (`post` sends none again on it): made
-        // once more on a fresh challenge, unless the server shows the deposit raised already
-        // (the refusal's answer may be all that failed).
-        if (!(e instanceof PaymentFailedError) || !expired(topUp)) throw e
-        await current(live, url)
-        const held = await depositShown(url, state.channelId)
-        if (held !== undefined && held >= next) raised = min(held, maxDeposit)
-        else await post(url, await live.session.topUp(next - deposit))
-      }
+      await post(url, await live.session.topUp(next - deposit), {
+        live,
+        // Made again only if the server does not show the deposit raised already: the late
+        // refusal may be all that failed, and a second top-up would pay it twice.
+        credential: async () => {
+          const held = await depositShown(url, state.channelId)
+          if (held === undefined || held < next) return live.session.topUp(next - deposit)
+          raised = min(held, maxDeposit)
+          return undefined
+        },
+      })
       deposit = raised
       state.deposit = deposit.toString()
       await save(live)
@@ -730,23 +728,23 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   /**
-   * Sends credentials that carry no request (HEAD to the same URI), as mid-stream. With
-   * `again` (a voucher: the same one signed again is harmless), a credential whose challenge
-   * expired on its way (a slow network, or a server's short-lived challenges: `current`
-   * renews one only when it is about to expire, and a credential can take longer than what
-   * was left) is made once more on a fresh challenge and sent again. A refused credential
-   * whose challenge has expired is never sent again on it (the core draft's MUST NOT): it
-   * throws a PaymentFailedError instead (a top-up's caller makes a fresh one, see `raise`).
+   * Sends credentials that carry no request (HEAD to the same URI): a mid-stream voucher, a
+   * top-up. A refused credential whose challenge has expired is never sent again on it (the
+   * core draft's MUST NOT). It expired on its way (a slow network, or a server's short-lived
+   * challenges: `current` renews one only when it is about to expire, and a credential can
+   * take longer than what was left): `again.credential` makes it once more on a fresh
+   * challenge, once, and it is sent again; undefined from it means nothing is left to send.
+   * Without `again`, or expired again, it throws a PaymentFailedError.
    */
   const post = async (
     url: string,
     credential: string,
-    again?: { live: Live; credential: () => Promise<string> },
-  ) => {
+    again?: { live: Live; credential: () => Promise<string | undefined> },
+  ): Promise<void> => {
     let renewed = false
     for (let attempt = 0; ; attempt++) {
       const res = await base(url, { method: 'HEAD', headers: { authorization: credential } })
-      if (res.ok) return res
+      if (res.ok) return
       // Over the per-channel voucher rate: wait as told, once.
       if (res.status === 429 && attempt === 0) {
         await sleep(1000 * Number(res.headers.get('retry-after') ?? 1), stop.signal)
@@ -760,14 +758,16 @@ export function createFetch(options: Options): PayingFetch {
             res.status,
           )
         await current(again.live, url)
-        credential = await again.credential()
+        const made = await again.credential()
+        if (made === undefined) return
+        credential = made
         renewed = true
         continue
       }
       // A HEAD answer has no body: the same credential again as a POST without one (the same
       // management request, idempotent) brings the server's problem, or goes through.
       const told = await base(url, { method: 'POST', headers: { authorization: credential } })
-      if (told.ok) return told
+      if (told.ok) return
       const problem = await problemOf(told)
       throw new PaymentFailedError(
         `The server refused a payment credential (${told.status})${toldBy(problem)}`,

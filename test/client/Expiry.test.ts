@@ -42,28 +42,39 @@ function watching(expired: string[], inner: typeof fetch = globalThis.fetch): ty
 }
 
 /**
- * A fetch whose first credential of `action` sent alone (a HEAD: a mid-stream voucher, a
- * top-up) takes `ms` on its way.
+ * A fetch that hands the first credential of `action` sent alone (a HEAD: a mid-stream
+ * voucher, a top-up) to `handle`, with the call that sends it; `caught` counts it.
  */
-function slowFirst(action: 'voucher' | 'topUp', ms: number): typeof fetch & { delayed: number } {
+function onFirst(
+  action: 'voucher' | 'topUp',
+  handle: (send: () => Promise<Response>) => Promise<Response>,
+): typeof fetch & { caught: number } {
   const f = Object.assign(
     async (input: string | URL | Request, init?: RequestInit) => {
+      const send = () => globalThis.fetch(input, init)
       const authorization = new Headers(init?.headers).get('authorization')
       if (
-        f.delayed === 0 &&
+        f.caught === 0 &&
         init?.method === 'HEAD' &&
         authorization?.startsWith('Payment ') &&
         Credential.deserialize(authorization).payload.action === action
       ) {
-        f.delayed++
-        await Bun.sleep(ms)
+        f.caught++
+        return handle(send)
       }
-      return globalThis.fetch(input, init)
+      return send()
     },
-    { preconnect: globalThis.fetch.preconnect, delayed: 0 },
+    { preconnect: globalThis.fetch.preconnect, caught: 0 },
   )
-  return f as typeof fetch & { delayed: number }
+  return f as typeof fetch & { caught: number }
 }
+
+/** A fetch whose first credential of `action` sent alone takes `ms` on its way. */
+const slowFirst = (action: 'voucher' | 'topUp', ms: number) =>
+  onFirst(action, async (send) => {
+    await Bun.sleep(ms)
+    return send()
+  })
 
 test('behavior: a request after the channel challenge expired sends no credential on it', async () => {
   const expired: string[] = []
@@ -103,69 +114,53 @@ test('behavior: a mid-stream voucher whose challenge expires on its way is sent 
   // Sent with its challenge live, the voucher arrives after the one to two seconds it had.
   const slow = slowFirst('voucher', 2_100)
   const { text, expired } = await slowStream(2, slow)
-  expect(slow.delayed).toBe(1)
+  expect(slow.caught).toBe(1)
   expect(text).toBe(words)
   expect(expired).toEqual([])
 }, 30_000)
 
-test('behavior: a top-up whose challenge expires on its way is made again on a fresh one: the request is served, no credential goes on an expired challenge, the deposit rises once', async () => {
-  const slow = slowFirst('topUp', 2_100)
+/**
+ * A request of payer `index` through `inner` on a channel of 300 (so it tops up): the
+ * expiries of any credential sent on an expired challenge, and the deposit the client
+ * recorded against the one on chain.
+ */
+async function toppedUp(index: number, inner: typeof fetch) {
   const expired: string[] = []
-  const { fetch, openai } = Payer.client(chain, gw.url, 3, {
-    fetch: watching(expired, slow),
+  const { fetch, openai } = Payer.client(chain, gw.url, index, {
+    fetch: watching(expired, inner),
     deposit: 300n,
     limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
   })
   const answer = await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 100 })
   expect(answer.choices[0]!.message.content).toBeString()
-  expect(slow.delayed).toBe(1)
-  expect(expired).toEqual([])
-  // One top-up went through: the deposit on chain is the one the client recorded.
   const state = (await fetch.channel(gw.url))!
-  expect(BigInt(state.deposit)).toBeGreaterThan(300n)
   const onChain = (await Escrow.getChannel(chain.payeeClient, {
     escrow: chain.escrowAddress,
     channelId: state.channelId as Hex,
   }))!
-  expect(onChain.deposit).toBe(BigInt(state.deposit))
+  return { expired, recorded: BigInt(state.deposit), onChain: onChain.deposit }
+}
+
+test('behavior: a top-up whose challenge expires on its way is made again on a fresh one: the request is served, no credential goes on an expired challenge, the deposit rises once', async () => {
+  const slow = slowFirst('topUp', 2_100)
+  const { expired, recorded, onChain } = await toppedUp(3, slow)
+  expect(slow.caught).toBe(1)
+  expect(expired).toEqual([])
+  // One top-up went through: the deposit on chain is the one the client recorded.
+  expect(recorded).toBeGreaterThan(300n)
+  expect(onChain).toBe(recorded)
 }, 30_000)
 
 test('behavior: a top-up the server took whose answer comes back after its challenge expired is not paid again: the deposit rises once', async () => {
-  const expired: string[] = []
-  let late = 0
   // The server takes the top-up; its answer, a refusal, arrives after the challenge expired.
-  const lateAnswer = Object.assign(
-    async (input: string | URL | Request, init?: RequestInit) => {
-      const res = await globalThis.fetch(input, init)
-      const authorization = new Headers(init?.headers).get('authorization')
-      if (
-        late === 0 &&
-        init?.method === 'HEAD' &&
-        authorization?.startsWith('Payment ') &&
-        Credential.deserialize(authorization).payload.action === 'topUp'
-      ) {
-        late++
-        await Bun.sleep(2_100)
-        return new Response(null, { status: 402 })
-      }
-      return res
-    },
-    { preconnect: globalThis.fetch.preconnect },
-  ) as typeof fetch
-  const { fetch, openai } = Payer.client(chain, gw.url, 4, {
-    fetch: watching(expired, lateAnswer),
-    deposit: 300n,
-    limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
+  const late = onFirst('topUp', async (send) => {
+    await send()
+    await Bun.sleep(2_100)
+    return new Response(null, { status: 402 })
   })
-  const answer = await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 100 })
-  expect(answer.choices[0]!.message.content).toBeString()
-  expect(late).toBe(1)
+  const { expired, recorded, onChain } = await toppedUp(4, late)
+  expect(late.caught).toBe(1)
   expect(expired).toEqual([])
-  const state = (await fetch.channel(gw.url))!
-  const onChain = (await Escrow.getChannel(chain.payeeClient, {
-    escrow: chain.escrowAddress,
-    channelId: state.channelId as Hex,
-  }))!
-  expect(onChain.deposit).toBe(BigInt(state.deposit))
-  expect(onChain.deposit).toBeGreaterThan(300n)
+  expect(recorded).toBeGreaterThan(300n)
+  expect(onChain).toBe(recorded)
 }, 30_000)
