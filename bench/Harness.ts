@@ -68,6 +68,18 @@ export async function spawn(args: string[], env: Record<string, string> = {}, re
 
 export type Proc = { pid: number; ppid: number; name: string; cpu: number }
 
+/** A `/proc` stat line (a process's or a thread's): parent, name and CPU seconds (user +
+ * system; the name may hold spaces and parentheses, so fields are read after the last `)`). */
+function statOf(stat: string): Omit<Proc, 'pid'> {
+  const close = stat.lastIndexOf(')')
+  const fields = stat.slice(close + 2).split(' ')
+  return {
+    ppid: Number(fields[1]),
+    name: stat.slice(stat.indexOf('(') + 1, close),
+    cpu: (Number(fields[11]) + Number(fields[12])) / 100,
+  }
+}
+
 /**
  * Every process on this machine with its parent, name and CPU seconds (user + system): one
  * scan of /proc, for the functions below to read several figures from one sample.
@@ -77,15 +89,7 @@ export function processes(): Proc[] {
   for (const entry of readdirSync('/proc')) {
     if (!/^\d+$/.test(entry)) continue
     try {
-      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8')
-      const close = stat.lastIndexOf(')')
-      const fields = stat.slice(close + 2).split(' ')
-      all.push({
-        pid: Number(entry),
-        ppid: Number(fields[1]),
-        name: stat.slice(stat.indexOf('(') + 1, close),
-        cpu: (Number(fields[11]) + Number(fields[12])) / 100,
-      })
+      all.push({ pid: Number(entry), ...statOf(readFileSync(`/proc/${entry}/stat`, 'utf8')) })
     } catch {
       // The process ended between the listing and the read.
     }
@@ -115,9 +119,7 @@ export function cpuSeconds(pid: number, all: Proc[] = processes()): number {
  * it is gone. */
 export function mainThreadCpuSeconds(pid: number): number {
   try {
-    const stat = readFileSync(`/proc/${pid}/task/${pid}/stat`, 'utf8')
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-    return (Number(fields[11]) + Number(fields[12])) / 100
+    return statOf(readFileSync(`/proc/${pid}/task/${pid}/stat`, 'utf8')).cpu
   } catch {
     return Number.NaN
   }
