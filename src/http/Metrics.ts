@@ -12,6 +12,7 @@ import client from 'prom-client'
 import * as Batch from '../ledger/Batch.ts'
 import type { Sql } from '../ledger/Db.ts'
 import type { Outcome, Status } from '../metering/Meter.ts'
+import * as Tokenizer from '../metering/Tokenizer.ts'
 import type { Router } from '../upstream/Router.ts'
 
 export type Payer = 'key' | 'channel'
@@ -148,6 +149,19 @@ export class Metrics {
               { upstream: u.name, upstream_model: l.upstreamModel, kind: l.kind },
               l.ms / 1000,
             )
+      },
+    })
+    // Token counting (Tokenizer.count): what the BPE counted, and what it did not count again
+    // (a long text's count remembered, as an agent's earlier messages are on each turn).
+    new client.Counter({
+      name: 'tollway_counted_characters_total',
+      help: 'Characters of text the gateway counted tokens of (prompts, and replies an upstream gave no usage for), by how: tokenized (run through the tokenizer) or remembered (a long text seen before, its count kept by its SHA-256). Whole process.',
+      labelNames: ['how'],
+      registers,
+      collect() {
+        this.reset()
+        this.inc({ how: 'tokenized' }, Tokenizer.counted.tokenized)
+        this.inc({ how: 'remembered' }, Tokenizer.counted.remembered)
       },
     })
     // The ledger's group commit (Batch.ts): statements sent and items they carried, by

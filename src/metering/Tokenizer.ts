@@ -3,7 +3,9 @@
  * metering and the built-in echo model. Real upstreams report their own exact usage, which
  * wins at reconciliation.
  */
+import { createHash } from 'node:crypto'
 import { countTokens } from 'gpt-tokenizer/encoding/o200k_base'
+import { Lru } from '../Lru.ts'
 
 // Text that spells a special token (`<|endoftext|>`) is counted as the plain text it is:
 // by default gpt-tokenizer throws on it, and prompts and replies may hold any text.
@@ -19,18 +21,50 @@ const cache = new Map<string, number>()
 /** Texts longer than this are counted a window at a time (see `windowed`). */
 const WINDOW = 1024
 
+/**
+ * Counts of long texts, remembered by their SHA-256 (never the text itself) for the texts of
+ * later requests. An agent sends its whole conversation again with every turn, and its
+ * earlier messages are the same texts: counting 100,000 characters costs the event loop about
+ * 12 ms, hashing them under 0.1 ms (measured, README). Texts from this long: below it a count
+ * costs little more than the hash. The digest is of the UTF-8 text, so only well-formed text
+ * (no lone surrogate, which UTF-8 would make U+FFFD) is remembered.
+ */
+const REMEMBERED_FROM = 256
+const remembered = new Lru<string, number>(16_384)
+
+/** Characters of text `count` ran through the BPE, and those whose count it remembered
+ * instead, since the process started (read by the metrics). */
+export const counted = { tokenized: 0, remembered: 0 }
+
 /** Tokens in a piece of text; past `most`, the count may stop early (a number above `most`). */
 export function count(text: string, most = Number.POSITIVE_INFINITY): number {
   if (text.length === 0) return 0
-  if (text.length > WINDOW) return windowed(text, most)
-  if (text.length > SHORT) return countTokens(text, PLAIN)
+  if (text.length >= REMEMBERED_FROM && text.isWellFormed()) {
+    const digest = createHash('sha256').update(text).digest('base64')
+    const known = remembered.get(digest)
+    if (known !== undefined) {
+      counted.remembered += text.length
+      return known
+    }
+    const n = tokenized(text, most)
+    // Only a whole count (one past `most` may have stopped early).
+    if (n <= most) remembered.set(digest, n)
+    return n
+  }
+  if (text.length > SHORT) return tokenized(text, most)
   let n = cache.get(text)
   if (n === undefined) {
-    n = countTokens(text, PLAIN)
+    n = tokenized(text, most)
     if (cache.size >= CACHED) cache.clear()
     cache.set(text, n)
   }
   return n
+}
+
+/** The text's count by the BPE, a window at a time when it is long. */
+function tokenized(text: string, most: number): number {
+  counted.tokenized += text.length
+  return text.length > WINDOW ? windowed(text, most) : countTokens(text, PLAIN)
 }
 
 /**

@@ -138,6 +138,35 @@ describe('GET /metrics', () => {
     expect([...after.keys()].join('\n')).not.toContain(key)
   })
 
+  test('behavior: a long message sent again (an agent resending its conversation) is not tokenized again: its count is remembered, and the charge is the same', async () => {
+    const { key } = await gw.account()
+    // Unique to this test: a text this process has not counted before.
+    const history = `${crypto.randomUUID()} ${'the same earlier turn of a long conversation '.repeat(40)}`
+    const turn = async (last: string) => {
+      const res = await chat(key, {
+        messages: [
+          { role: 'user', content: history },
+          { role: 'user', content: last },
+        ],
+      })
+      expect(res.status).toBe(200)
+      return ((await res.json()) as { usage: { prompt_tokens: number } }).usage.prompt_tokens
+    }
+    const before = await scrape()
+    const first = await turn('one')
+    const middle = await scrape()
+    const second = await turn('two')
+    const after = await scrape()
+    const grew = (from: Map<string, number>, to: Map<string, number>, how: string) =>
+      (to.get(`tollway_counted_characters_total{how="${how}"}`) ?? 0) -
+      (from.get(`tollway_counted_characters_total{how="${how}"}`) ?? 0)
+    expect(grew(before, middle, 'tokenized')).toBeGreaterThanOrEqual(history.length)
+    expect(grew(middle, after, 'remembered')).toBeGreaterThanOrEqual(history.length)
+    expect(grew(middle, after, 'tokenized')).toBeLessThan(history.length)
+    // "one" and "two" are a token each: the prompt counts the same.
+    expect(second).toBe(first)
+  })
+
   test('behavior: an upstream whose circuit opened reads 0', async () => {
     const { key } = await gw.account()
     const before = await scrape()

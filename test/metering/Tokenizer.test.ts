@@ -49,17 +49,65 @@ describe('Tokenizer.count', () => {
     expect(Tokenizer.count(emoji)).toBe(5_000 * countTokens('😀', PLAIN))
   })
 
+  test('behavior: a long text counted again is not tokenized again, and counts the same', () => {
+    const text = `${crypto.randomUUID()} ${'an earlier message of a conversation, '.repeat(200)}`
+    const before = Tokenizer.counted.tokenized
+    const n = Tokenizer.count(text)
+    expect(Tokenizer.counted.tokenized - before).toBe(text.length)
+    const remembered = Tokenizer.counted.remembered
+    expect(Tokenizer.count(text)).toBe(n)
+    expect(Tokenizer.count(text, 10)).toBe(n)
+    expect(Tokenizer.counted.tokenized - before).toBe(text.length)
+    expect(Tokenizer.counted.remembered - remembered).toBe(2 * text.length)
+    expect(n).toBe(countTokens(text, PLAIN))
+  })
+
+  test('behavior: a count stopped early is not remembered, nor a text with a lone surrogate', () => {
+    const text = `${crypto.randomUUID()} ${'word '.repeat(2_000)}`
+    const early = Tokenizer.count(text, 100)
+    expect(early).toBeGreaterThan(100)
+    expect(Tokenizer.count(text)).toBe(countTokens(text, PLAIN))
+    // UTF-8 would make the lone half U+FFFD, the digest that of another text.
+    const lone = `${crypto.randomUUID()} ${'x y '.repeat(100)}\ud800 end`
+    const before = Tokenizer.counted.tokenized
+    Tokenizer.count(lone)
+    Tokenizer.count(lone)
+    expect(Tokenizer.counted.tokenized - before).toBe(2 * lone.length)
+  })
+
+  test('property: texts that differ by a character keep their own counts, whichever is counted first', () => {
+    const word = fc.stringMatching(/^[A-Za-z0-9,.!?' ]{1,12}$/)
+    fc.assert(
+      fc.property(
+        fc.array(word, { minLength: 40, maxLength: 120 }),
+        fc.nat(),
+        fc.constantFrom('a', ' ', '.', '7', 'é', '漢'),
+        (words, at, c) => {
+          const a = `${crypto.randomUUID()} ${words.join(' ')}`
+          const i = at % a.length
+          const b = a.slice(0, i) + c + a.slice(i + 1)
+          for (const t of [a, b, a, b]) expect(Tokenizer.count(t)).toBe(countTokens(t, PLAIN))
+        },
+      ),
+      { numRuns: 100, endOnFailure: true },
+    )
+  })
+
   test('behavior: past its limit the count stops early, with a number above the limit', () => {
     const text = 'word '.repeat(200_000)
     const n = Tokenizer.count(text, 4_096)
     expect(n).toBeGreaterThan(4_096)
     expect(n).toBeLessThan(Tokenizer.count(text))
+    // A text not counted whole before (the whole count of one that was is remembered, and
+    // is above the limit too).
+    const other = `${text}other`
     const prompt = Tokenizer.prompt(
-      [{ content: 'hi' }, { content: text }, { content: text }],
+      [{ content: 'hi' }, { content: other }, { content: other }],
       4_096,
     )
     expect(prompt).toBeGreaterThan(4_096)
-    expect(prompt).toBeLessThan(Tokenizer.count(text))
+    expect(prompt).toBeLessThan(Tokenizer.count(other))
+    expect(Tokenizer.prompt([{ content: text }], 4_096)).toBeGreaterThan(4_096)
     // Below the limit: the whole count.
     expect(Tokenizer.prompt([{ content: 'hi there' }], 4_096)).toBe(
       Tokenizer.prompt([{ content: 'hi there' }]),
