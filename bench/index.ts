@@ -1,5 +1,12 @@
 /** `npm run bench`: every benchmark, results written to bench/results/. */
-const benches = ['gateway.ts', 'streams.ts', 'meter.ts', 'vouchers.ts', 'payments.ts']
+const benches = [
+  'gateway.ts',
+  'conversations.ts',
+  'streams.ts',
+  'meter.ts',
+  'vouchers.ts',
+  'payments.ts',
+]
 for (const b of benches) {
   console.log(`\n## ${b}\n`)
   const proc = Bun.spawn([process.execPath, `${import.meta.dir}/${b}`], {

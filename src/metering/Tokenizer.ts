@@ -3,7 +3,6 @@
  * metering and the built-in echo model. Real upstreams report their own exact usage, which
  * wins at reconciliation.
  */
-import { createHash } from 'node:crypto'
 import { countTokens } from 'gpt-tokenizer/encoding/o200k_base'
 import { Lru } from '../Lru.ts'
 
@@ -40,7 +39,7 @@ export const counted = { tokenized: 0, remembered: 0 }
 export function count(text: string, most = Number.POSITIVE_INFINITY): number {
   if (text.length === 0) return 0
   if (text.length >= REMEMBERED_FROM && text.isWellFormed()) {
-    const digest = createHash('sha256').update(text).digest('base64')
+    const digest = Bun.SHA256.hash(text, 'base64')
     const known = remembered.get(digest)
     if (known !== undefined) {
       counted.remembered += text.length
