@@ -199,3 +199,27 @@ export class NoUpstreamError extends GatewayError {
   override readonly status = 503
   override readonly type = 'no_upstream_available'
 }
+
+/**
+ * 503: every upstream of the model is rate limiting the gateway (each answered 429, or is
+ * waiting out the wait it asked for). Nothing was charged; `retryAfterMs` is when the first
+ * takes requests again, sent as Retry-After and retry-after-ms (the OpenAI SDKs wait that
+ * long before they retry). Not a 429: the client exceeded no limit of its own.
+ */
+export class UpstreamRateLimitedError extends NoUpstreamError {
+  override name = 'UpstreamRateLimitedError'
+  constructor(
+    message: string,
+    readonly retryAfterMs: number,
+    options: ErrorOptions = {},
+  ) {
+    super(message, 'upstream_rate_limited', {
+      ...options,
+      headers: {
+        'retry-after': String(Math.max(1, Math.ceil(retryAfterMs / 1000))),
+        'retry-after-ms': String(retryAfterMs),
+        ...options.headers,
+      },
+    })
+  }
+}

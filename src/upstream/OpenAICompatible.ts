@@ -3,7 +3,7 @@
  * upstream is cut after `timeoutMs` without headers, or without a chunk while streaming.
  */
 import { createParser } from 'eventsource-parser'
-import { InvalidRequestError, UpstreamError } from '../Errors.ts'
+import { InvalidRequestError, UpstreamError, UpstreamRateLimitedError } from '../Errors.ts'
 import * as Chat from './Chat.ts'
 import { Chunk, Completion, type Received } from './Chat.ts'
 import type { Body, Limits, Provider, Timing } from './Provider.ts'
@@ -48,7 +48,7 @@ export function create(options: Options): Provider {
     if (!response.ok) {
       const detail = await response.text().catch(() => '')
       watchdog.stop()
-      throw refusal(options.name, response.status, detail)
+      throw refusal(options.name, response.status, detail, response.headers)
     }
     return response
   }
@@ -234,8 +234,19 @@ function failure(name: string, e: unknown, signal: AbortSignal, watchdog: Watchd
   })
 }
 
-/** Maps an upstream's non-2xx answer: its 4xx about the request reach the client as 400. */
-function refusal(name: string, status: number, body: string): Error {
+/**
+ * Maps an upstream's non-2xx answer: its 4xx about the request reach the client as 400; a 429
+ * (the upstream rate limiting the gateway's key) keeps the wait it asked for.
+ */
+function refusal(name: string, status: number, body: string, headers: Headers): Error {
+  if (status === 429) {
+    const ms = retryAfterMs(headers)
+    return new UpstreamRateLimitedError(
+      `Upstream ${name} is rate limiting the gateway; retry after ${ms / 1000} s.`,
+      ms,
+      { details: { upstream_status: status } },
+    )
+  }
   if (status === 400 || status === 404 || status === 422) {
     let message = `Upstream ${name} rejected the request.`
     try {
@@ -250,6 +261,28 @@ function refusal(name: string, status: number, body: string): Error {
   return new UpstreamError(`Upstream ${name} answered ${status}.`, 'upstream_status', {
     details: { upstream_status: status },
   })
+}
+
+/** Without a wait an upstream's 429 named, or past this one, the wait taken. */
+const RATE_LIMITED_MS = { unnamed: 1_000, most: 10 * 60_000 }
+
+/**
+ * The wait an upstream's 429 asks for, in ms: its `retry-after-ms` (OpenAI's), else its
+ * `Retry-After` (seconds, or an HTTP date), else a second; at most ten minutes.
+ */
+export function retryAfterMs(headers: Headers): number {
+  const named = headers.get('retry-after-ms')?.trim()
+  const ms = named ? Number(named) : Number.NaN
+  const after = headers.get('retry-after')?.trim() ?? ''
+  const wait =
+    Number.isFinite(ms) && ms >= 0
+      ? ms
+      : /^\d+(\.\d+)?$/.test(after)
+        ? Number(after) * 1000
+        : after !== '' && Number.isFinite(Date.parse(after))
+          ? Math.max(0, Date.parse(after) - Date.now())
+          : RATE_LIMITED_MS.unnamed
+  return Math.min(Math.ceil(wait), RATE_LIMITED_MS.most)
 }
 
 /** Aborts when `ms` pass before the first reset (or the headers), or `gap` ms between two. */

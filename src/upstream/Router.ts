@@ -4,7 +4,9 @@
  * row is `unavailable` for `cooldownMs`, then `loading`: requests probe it until a success
  * closes the circuit or a failure reopens it. A request goes to a model's routes in the order
  * of its routing strategy, skipping those whose circuit is open; one that fails before its
- * first token goes on to the next (see `routes`).
+ * first token goes on to the next (see `routes`). A route whose upstream answered 429 (rate
+ * limiting the gateway) is skipped for the wait it asked for (`rateLimited`); that says
+ * nothing of the upstream's health, and opens no circuit.
  */
 import { NotFoundError, NoUpstreamError } from '../Errors.ts'
 import type { Provider } from './Provider.ts'
@@ -62,6 +64,8 @@ function latencyKey(r: Pick<Route, 'provider' | 'upstreamModel'>, stream: boolea
 export class Router {
   private readonly byId: Map<string, Model>
   private readonly circuits = new Map<string, Circuit>()
+  /** Routes waiting out an upstream's 429: until when (ms since the epoch), by route key. */
+  private readonly limited = new Map<string, number>()
   /**
    * Moving average of each route's latency, ms, and when it was last timed: apart for streams
    * (to the first token) and whole completions (to the answer, which grows with its length),
@@ -154,9 +158,9 @@ export class Router {
   ): readonly Route[] {
     // Nothing failing anywhere (the common case): every route, as configured.
     const open =
-      this.circuits.size === 0
+      this.circuits.size === 0 && this.limited.size === 0
         ? m.routes
-        : m.routes.filter((r) => this.routeStatus(r) !== 'unavailable')
+        : m.routes.filter((r) => this.routeStatus(r) !== 'unavailable' && !this.waiting(r))
     if (strategy === 'ordered' || open.length < 2) return open
     const cost = (r: Route): bigint =>
       r.cost.input * BigInt(request.prompt) + r.cost.output * BigInt(request.output)
@@ -290,6 +294,34 @@ export class Router {
       return
     }
     this.fail(routeKey(route))
+  }
+
+  /** Records that a route's upstream answered 429: it is not called for `ms`. */
+  rateLimited(route: Route, ms: number): void {
+    this.limited.set(routeKey(route), Date.now() + ms)
+  }
+
+  /**
+   * When the first of a model's routes waiting out a 429 takes requests again, in ms from now;
+   * 0 when none of them waits (an open circuit is no such wait).
+   */
+  rateLimitedFor(m: Model): number {
+    let soonest = Number.POSITIVE_INFINITY
+    for (const r of m.routes) {
+      const until = this.limited.get(routeKey(r))
+      if (until !== undefined && until > Date.now()) soonest = Math.min(soonest, until)
+    }
+    return soonest === Number.POSITIVE_INFINITY ? 0 : soonest - Date.now()
+  }
+
+  /** Whether a route waits out a 429 now (a wait that has passed is forgotten). */
+  private waiting(r: Route): boolean {
+    const key = routeKey(r)
+    const until = this.limited.get(key)
+    if (until === undefined) return false
+    if (until > Date.now()) return true
+    this.limited.delete(key)
+    return false
   }
 
   private fail(key: string): void {

@@ -21,6 +21,8 @@ const upstreams = [
   ['hang', fake.url],
   ['flaky', fake.url],
   ['rejecting', fake.url],
+  ['limited', fake.url],
+  ['limited-b', fake.url],
   ['down-a', nowhere],
   ['down-b', nowhere],
   ['down-c', nowhere],
@@ -48,6 +50,8 @@ const gw = await Gateway.create({
     model('rejected', [route('rejecting', 'fake-400'), route('backup', 'fake-after-400')]),
     model('all-down', [route('down-b', 'b'), route('down-c', 'c')]),
     model('circuit', [route('flaky', 'fake-500'), route('backup', 'fake-after-flaky')]),
+    model('rate-limited', [route('limited', 'fake-429'), route('backup', 'fake-after-429')]),
+    model('limited-only', [route('limited-b', 'fake-429')]),
     model(
       'by-cost',
       [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)],
@@ -150,6 +154,55 @@ describe('routes: failover before the first token', () => {
     expect(((await res.json()) as Failure).error.code).toBe('upstream_rejected')
     expect(asked(from)).toEqual(['fake-400'])
     expect((await Gateway.ledger(gw.sql, id)).balance).toBe(1_000_000n)
+  })
+
+  test('behavior: an upstream that answers 429 hands the request to the next route and is skipped for the wait it asked for, with no mark against its health', async () => {
+    const { key } = await gw.account()
+    let from = fake.received.length
+    expect((await post(key, { model: 'rate-limited' })).status).toBe(200)
+    expect(asked(from)).toEqual(['fake-429', 'fake-after-429'])
+    // Within its wait (300 ms, its retry-after-ms) the route is not called.
+    from = fake.received.length
+    expect((await post(key, { model: 'rate-limited', stream: true })).status).toBe(200)
+    expect(asked(from)).toEqual(['fake-after-429'])
+    // After it, it is tried again, however often it said 429: no circuit opens.
+    for (let i = 0; i < 4; i++) {
+      await Bun.sleep(320)
+      from = fake.received.length
+      expect((await post(key, { model: 'rate-limited' })).status).toBe(200)
+      expect(asked(from)).toEqual(['fake-429', 'fake-after-429'])
+    }
+    const health = await (await fetch(`${gw.url}/v1/models/limited-only/health`)).json()
+    expect(health).toEqual({ model: 'limited-only', status: 'ready' })
+  })
+
+  test('error: every route rate limiting the gateway is a 503 upstream_rate_limited with the wait it asked for, nothing charged; within the wait nothing is held or sent upstream', async () => {
+    const { id, key } = await gw.account()
+    await Bun.sleep(320) // any wait an earlier test left has passed
+    let from = fake.received.length
+    for (const stream of [false, true]) {
+      const res = await post(key, { model: 'limited-only', stream })
+      expect(res.status).toBe(503)
+      const { error } = (await res.json()) as Failure
+      expect(error.type).toBe('no_upstream_available')
+      expect(error.code).toBe('upstream_rate_limited')
+      expect(res.headers.get('retry-after')).toBe('1')
+      const ms = Number(res.headers.get('retry-after-ms'))
+      expect(ms).toBeGreaterThan(0)
+      expect(ms).toBeLessThanOrEqual(300)
+    }
+    // The first was sent and refused upstream; the second waited out its Retry-After.
+    expect(asked(from)).toEqual(['fake-429'])
+    const l = await Gateway.ledger(gw.sql, id)
+    expect(l.balance).toBe(1_000_000n)
+    expect(l.reserved).toBe(0n)
+    // Refused before admission: no usage row for it.
+    const [u] = await gw.sql`select count(*)::int as n from usage where account_id = ${id}`
+    expect(u!.n).toBe(1)
+    await Bun.sleep(320)
+    from = fake.received.length
+    expect((await post(key, { model: 'limited-only' })).status).toBe(503)
+    expect(asked(from)).toEqual(['fake-429'])
   })
 
   test('error: every route failing is a 502 naming each upstream tried, nothing charged', async () => {

@@ -10,6 +10,7 @@
  *   fake-hang       sends the first (empty) chunk, then nothing (whole: never answers)
  *   fake-stall      sends the first word, then nothing
  *   fake-400        rejects the request with an OpenAI error
+ *   fake-429        answers 429 (rate limited), asking for a wait of 300 ms (retry-after-ms)
  *   fake-liar       answers as `fake`, and says its answer was 1000 completion tokens
  */
 import { afterAll } from 'bun:test'
@@ -45,6 +46,13 @@ export function start(options: { slowMs?: number } = {}): FakeUpstream {
         record.aborted = true
       })
       if (model === 'fake-500') return new Response('{"error":{"message":"boom"}}', { status: 500 })
+      if (model === 'fake-429')
+        return Response.json(
+          {
+            error: { message: 'Rate limit reached', type: 'requests', code: 'rate_limit_exceeded' },
+          },
+          { status: 429, headers: { 'retry-after-ms': '300', 'retry-after': '1' } },
+        )
       if (model === 'fake-400')
         return Response.json(
           { error: { message: 'unsupported parameter: frobnicate' } },

@@ -1,6 +1,11 @@
 import { afterAll, describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
-import { GatewayError, InvalidRequestError, UpstreamError } from '../../src/Errors.ts'
+import {
+  GatewayError,
+  InvalidRequestError,
+  UpstreamError,
+  UpstreamRateLimitedError,
+} from '../../src/Errors.ts'
 import * as Chat from '../../src/upstream/Chat.ts'
 import * as OpenAICompatible from '../../src/upstream/OpenAICompatible.ts'
 
@@ -205,5 +210,59 @@ describe('complete', () => {
       body: `data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2147483647}}\n\ndata: [DONE]\n\n`,
     }
     expect((await drain()).at(-1)!.usage!.completion_tokens).toBe(2_147_483_647)
+  })
+})
+
+describe('retryAfterMs', () => {
+  const wait = (headers: Record<string, string>) =>
+    OpenAICompatible.retryAfterMs(new Headers(headers))
+
+  test('behavior: retry-after-ms first, then Retry-After in seconds or as a date, else a second; at most ten minutes', () => {
+    expect(wait({ 'retry-after-ms': '250', 'retry-after': '7' })).toBe(250)
+    expect(wait({ 'retry-after': '7' })).toBe(7_000)
+    expect(wait({ 'retry-after': '0.5' })).toBe(500)
+    const date = new Date(Date.now() + 30_000).toUTCString()
+    const ms = wait({ 'retry-after': date })
+    expect(ms).toBeGreaterThan(28_000)
+    expect(ms).toBeLessThanOrEqual(30_000)
+    expect(wait({ 'retry-after': new Date(Date.now() - 5_000).toUTCString() })).toBe(0)
+    expect(wait({})).toBe(1_000)
+    expect(wait({ 'retry-after': 'soon', 'retry-after-ms': '' })).toBe(1_000)
+    expect(wait({ 'retry-after-ms': '-5' })).toBe(1_000)
+    expect(wait({ 'retry-after': '86400' })).toBe(600_000)
+  })
+
+  test('property: any header values give a whole number of ms from 0 to ten minutes, never a throw', () => {
+    const value = fc.oneof(
+      fc.string(),
+      fc.double().map(String),
+      fc.integer().map(String),
+      fc.date({ noInvalidDate: true }).map((d) => d.toUTCString()),
+    )
+    fc.assert(
+      fc.property(fc.option(value), fc.option(value), (ms, after) => {
+        const headers: Record<string, string> = {}
+        // Headers refuse values with line breaks or NUL, as HTTP does: such cannot arrive.
+        const clean = (v: string) => v.replace(/[\r\n\0]/g, '')
+        if (ms !== null) headers['retry-after-ms'] = clean(ms)
+        if (after !== null) headers['retry-after'] = clean(after)
+        const w = wait(headers)
+        expect(Number.isInteger(w)).toBe(true)
+        expect(w).toBeGreaterThanOrEqual(0)
+        expect(w).toBeLessThanOrEqual(600_000)
+      }),
+      { numRuns: 500 },
+    )
+  })
+
+  test('error: an upstream 429 is an UpstreamRateLimitedError (503) carrying the wait it asked for', async () => {
+    next = { status: 429, body: '{"error":{"message":"slow down"}}', type: 'application/json' }
+    const e = await provider
+      .complete({ model: 'm', messages: [] }, new AbortController().signal)
+      .catch((x: unknown) => x)
+    expect(e).toBeInstanceOf(UpstreamRateLimitedError)
+    expect((e as UpstreamRateLimitedError).status).toBe(503)
+    expect((e as UpstreamRateLimitedError).retryAfterMs).toBe(1_000)
+    expect((e as UpstreamRateLimitedError).headers['retry-after']).toBe('1')
   })
 })

@@ -15,6 +15,7 @@ import {
   RateLimitError,
   TierNotAvailableError,
   UpstreamError,
+  UpstreamRateLimitedError,
   WalletEmptyError,
 } from '../../Errors.ts'
 import * as ApiKeys from '../../ledger/ApiKeys.ts'
@@ -110,7 +111,20 @@ function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
     output: limit,
     stream: req.stream,
   })
+  // Every route waits out its upstream's 429: refused before anything is held or counted.
+  if (routes.length === 0) {
+    const wait = deps.router.rateLimitedFor(model)
+    if (wait > 0) throw rateLimited(model, wait)
+  }
   return { req, text, model, routes, promptTokens, limit, room, asked, want, need, signer }
+}
+
+/** The 503 of a model whose upstreams rate limit the gateway, for `ms` more. */
+function rateLimited(model: Model, ms: number): UpstreamRateLimitedError {
+  return new UpstreamRateLimitedError(
+    `The upstreams of ${model.id} are rate limiting the gateway; retry after ${Math.ceil(ms / 1000)} s. Nothing was charged.`,
+    ms,
+  )
 }
 
 /** Refuses a model priced above the request's ceilings (`max_*_price_per_million`). */
@@ -605,8 +619,10 @@ export function routes(deps: Deps) {
 /**
  * Calls the request's routes in turn until one answers (a stream: begins), and records each
  * upstream's health and latency from the outcome. A route that fails before its first token
- * (unreachable, timed out, a 5xx or 429, a malformed answer, or a 404: the upstream does not
- * serve its model) hands the request to the next, with a `route failed` warning in the log;
+ * (unreachable, timed out, a 5xx, a malformed answer, a 404: the upstream does not serve its
+ * model, or a 429: it rate limits the gateway, and the route waits out the wait it asked for
+ * without a mark against its health) hands the request to the next, with a `route failed`
+ * warning in the log;
  * one that rejects the request itself (a 400 or 422: `upstream_rejected`) ends it, as the next
  * would reject it too. A call its caller gave up on (`signal` aborted: the client went away,
  * or a newer stream took the channel) says nothing of the upstream: counted, three clients
@@ -654,9 +670,13 @@ async function routed<T>(
       // the upstream, as it did before routes. An upstream without the model (404) is the
       // route's fault, not the request's, nor the upstream's as a whole (its other models).
       const missing = e instanceof GatewayError && e.details?.upstream_status === 404
+      // An upstream rate limiting the gateway (429) is healthy: the route waits out what it
+      // asked for, and the request goes on to the next.
+      const limited = e instanceof UpstreamRateLimitedError
       if (!(e instanceof GatewayError)) deps.router.record(route.provider, false)
       if (!(e instanceof GatewayError) || (e.status < 500 && !missing)) throw e
-      if (missing) deps.router.recordRoute(route, false)
+      if (limited) deps.router.rateLimited(route, e.retryAfterMs)
+      else if (missing) deps.router.recordRoute(route, false)
       else deps.router.record(route.provider, false)
       deps.log.warn(
         { model: p.model.id, upstream: route.provider.name, code: e.code },
@@ -673,6 +693,12 @@ async function routed<T>(
       `No upstream of ${p.model.id} answered within timeout_ms (${p.req.timeout_ms} ms)${tried.length > 0 ? ` (tried: ${tried.join(', ')})` : ''}.`,
       'upstream_timeout',
     )
+  // The last route tried, or every route left, waits out its upstream's 429: a 503 until the
+  // first takes requests again.
+  if (failed === undefined || failed instanceof UpstreamRateLimitedError) {
+    const wait = deps.router.rateLimitedFor(p.model)
+    if (wait > 0) throw rateLimited(p.model, wait)
+  }
   if (failed === undefined)
     throw new NoUpstreamError(
       `No healthy upstream serves "${p.model.id}" right now; retry shortly.`,
