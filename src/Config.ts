@@ -33,8 +33,14 @@ const Upstream = z.strictObject({
   baseUrl: z.url(),
   /** Name of the environment variable that holds the upstream's API key. */
   apiKeyEnv: z.string().min(1).optional(),
-  /** Time allowed for response headers, and between two streamed chunks. */
+  /** Time allowed for a stream's response headers, and between two of its chunks. */
   timeoutMs: z.number().int().positive().default(60_000),
+  /**
+   * Time allowed for a whole (non-streaming) completion's answer. The upstream writes it only
+   * once the generation is done, so this bounds the whole generation: a reasoning model's
+   * answer may take minutes (the OpenAI SDKs wait 10).
+   */
+  completionTimeoutMs: z.number().int().positive().default(600_000),
   /**
    * Where a limit of the gateway's own goes when the client named none (OpenAI's reasoning
    * models refuse `max_tokens`).

@@ -385,6 +385,7 @@ function models(config: Config.Config, environment: Record<string, string | unde
         baseUrl: u.baseUrl,
         apiKey: Config.upstreamKey(u, environment),
         timeoutMs: u.timeoutMs,
+        completionTimeoutMs: u.completionTimeoutMs,
         maxTokensParam: u.maxTokensParam,
       }),
     ]),

@@ -1,6 +1,7 @@
 /**
  * A provider for any OpenAI-compatible HTTP API. Always asks for usage in streams. A slow
- * upstream is cut after `timeoutMs` without headers, or without a chunk while streaming.
+ * upstream is cut after `timeoutMs` without a stream's headers, or without a chunk while
+ * streaming; a whole completion after `completionTimeoutMs` without its answer.
  */
 import { createParser } from 'eventsource-parser'
 import { InvalidRequestError, UpstreamError, UpstreamRateLimitedError } from '../Errors.ts'
@@ -13,6 +14,11 @@ export type Options = {
   baseUrl: string
   apiKey?: string | undefined
   timeoutMs: number
+  /**
+   * The wait for a whole (non-streaming) completion's answer, written only once the
+   * generation is done (default: `timeoutMs`).
+   */
+  completionTimeoutMs?: number | undefined
   /**
    * The parameter a limit of the gateway's own goes in, when the client named none:
    * `max_tokens` (default; what most OpenAI-compatible servers read) or
@@ -70,7 +76,7 @@ export function create(options: Options): Provider {
       return chunks(options.name, response, signal, watchdog)
     },
     async complete(body, signal, limits) {
-      const watchdog = new Watchdog(options.timeoutMs)
+      const watchdog = new Watchdog(options.completionTimeoutMs ?? options.timeoutMs)
       const response = await post(
         { ...capped(body, limits, maxTokensParam), stream: false },
         signal,

@@ -32,7 +32,12 @@ const gw = await Gateway.create(
   {
     chain: Gateway.chainOf(chain),
     payments: { challengeSecret: 'test-challenge-secret-0123456789', voucherTimeoutMs: 5_000 },
-    upstreams: names.map((name) => ({ name, baseUrl: upstream.url, timeoutMs: 1_000 })),
+    upstreams: names.map((name) => ({
+      name,
+      baseUrl: upstream.url,
+      timeoutMs: 1_000,
+      completionTimeoutMs: 1_000,
+    })),
     models: [
       { id: 'fake', upstream: 'good', upstreamModel: 'fake', pricing: price, contextLength: 4096 },
       routed('fo1', [

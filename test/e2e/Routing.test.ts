@@ -26,7 +26,12 @@ const upstreams = [
   ['down-a', nowhere],
   ['down-b', nowhere],
   ['down-c', nowhere],
-].map(([name, baseUrl]) => ({ name: name!, baseUrl: baseUrl!, timeoutMs: 1_000 }))
+].map(([name, baseUrl]) => ({
+  name: name!,
+  baseUrl: baseUrl!,
+  timeoutMs: 1_000,
+  completionTimeoutMs: 1_000,
+}))
 
 const route = (upstream: string, upstreamModel: string, cost?: number) => ({
   upstream,

@@ -107,7 +107,7 @@ const routed = (id: string, routes: [string, string][]) => ({
 })
 const gw = await Gateway.create({
   upstreams: ['steady', 'pinger', 'lazy', 'gone', 'spare', 'hung', 'other', 'failing'].map(
-    (name) => ({ name, baseUrl: url, timeoutMs: 1_000 }),
+    (name) => ({ name, baseUrl: url, timeoutMs: 1_000, completionTimeoutMs: 1_000 }),
   ),
   models: [
     one('victim', 'steady', 'slow-ok'),
@@ -257,4 +257,38 @@ describe('tollway-echo', () => {
     expect(text).toContain('upstream_timeout')
     expect(text).not.toContain('one')
   })
+})
+
+describe('completionTimeoutMs', () => {
+  test('behavior: a whole completion waits its upstream completionTimeoutMs, a stream only timeoutMs for its headers; past it, a 502 upstream_timeout, nothing charged', async () => {
+    const thinking = await Gateway.create({
+      upstreams: [{ name: 'thinker', baseUrl: url, timeoutMs: 100, completionTimeoutMs: 1_000 }],
+      models: [one('thinking', 'thinker', 'slow-ok'), one('stuck', 'thinker', 'hang')],
+    })
+    const { id, key } = await thinking.account()
+    const call = (model: string, stream: boolean) =>
+      fetch(`${thinking.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${key}` },
+        body: JSON.stringify({ model, stream, messages }),
+      })
+    // 150 ms to answer: past timeoutMs, within completionTimeoutMs.
+    const whole = await call('thinking', false)
+    expect(whole.status).toBe(200)
+    const charged = (await Gateway.ledger(thinking.sql, id)).balance
+    expect(charged).toBeLessThan(1_000_000n)
+    // A stream's headers 150 ms late: cut at timeoutMs.
+    const stream = await call('thinking', true)
+    expect(stream.status).toBe(502)
+    expect(((await stream.json()) as Failure).error.code).toBe('upstream_timeout')
+    // Never answered: cut at completionTimeoutMs.
+    const at = performance.now()
+    const stuck = await call('stuck', false)
+    expect(stuck.status).toBe(502)
+    expect(((await stuck.json()) as Failure).error.code).toBe('upstream_timeout')
+    expect(performance.now() - at).toBeGreaterThanOrEqual(900)
+    const l = await Gateway.ledger(thinking.sql, id)
+    expect(l.balance).toBe(charged)
+    expect(l.reserved).toBe(0n)
+  }, 15_000)
 })

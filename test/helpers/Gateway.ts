@@ -83,7 +83,12 @@ export async function create(
     adminToken: 'test-admin-token-0123456789',
     logLevel: 'info',
     // One upstream per behaviour, so their circuit breakers are apart.
-    upstreams: behaviours.map((b) => ({ name: b, baseUrl: upstream.url, timeoutMs: 1_000 })),
+    upstreams: behaviours.map((b) => ({
+      name: b,
+      baseUrl: upstream.url,
+      timeoutMs: 1_000,
+      completionTimeoutMs: 1_000,
+    })),
     models: [
       ...behaviours.map((b) => ({
         id: b,

@@ -67,8 +67,12 @@ export function gateway(
   upstream: Record<string, unknown> = {},
   overrides: Record<string, unknown> = {},
 ) {
+  // A whole completion waits as long as a stream's headers, unless the test says otherwise.
+  const timeoutMs = (upstream.timeoutMs as number | undefined) ?? 2_000
   return Gateway.create({
-    upstreams: [{ name: 'scripted', baseUrl: url, timeoutMs: 2_000, ...upstream }],
+    upstreams: [
+      { name: 'scripted', baseUrl: url, timeoutMs, completionTimeoutMs: timeoutMs, ...upstream },
+    ],
     models: ids.map((id) => ({
       id,
       upstream: 'scripted',
