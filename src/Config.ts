@@ -58,6 +58,11 @@ const Route = z.strictObject({
    * Unset: the model's price.
    */
   cost: Pricing.optional(),
+  /**
+   * An outside aggregator or marketplace (OpenRouter and the like) rather than a provider of
+   * the operator's own: a request with `allow_external: false` skips it.
+   */
+  external: z.boolean().optional(),
 })
 
 const Model = z

@@ -400,6 +400,7 @@ function models(config: Config.Config, environment: Record<string, string | unde
       provider: providers.get(r.upstream)!,
       upstreamModel: r.upstreamModel,
       cost: r.cost ?? m.pricing,
+      external: r.external ?? false,
     })),
   }))
 }

@@ -112,6 +112,7 @@ const RequestObject = z
       .optional(),
     max_input_price_per_million: Ceiling.optional(),
     max_output_price_per_million: Ceiling.optional(),
+    allow_external: z.boolean({ error: 'allow_external must be true or false' }).optional(),
   })
   .loose()
   .superRefine((r, ctx) => {
@@ -140,6 +141,7 @@ export function upstreamBody(req: Request, upstreamModel: string): Record<string
     timeout_ms: _timeout,
     max_input_price_per_million: _input,
     max_output_price_per_million: _output,
+    allow_external: _external,
     ...body
   } = req
   // The client's other stream options (`include_obfuscation`) go on with a stream.
@@ -512,7 +514,8 @@ export function asRequest(r: unknown): Request | undefined {
     r.routing_strategy !== undefined ||
     r.timeout_ms !== undefined ||
     r.max_input_price_per_million !== undefined ||
-    r.max_output_price_per_million !== undefined
+    r.max_output_price_per_million !== undefined ||
+    r.allow_external !== undefined
   )
     return undefined
   if (r.stream === undefined) r.stream = false

@@ -19,6 +19,8 @@ export type Route = {
   upstreamModel: string
   /** What the upstream costs the operator per 1M tokens (the `cheapest` strategy's order). */
   cost: Price
+  /** An outside aggregator (skipped by a request with `allow_external: false`). */
+  external?: boolean
 }
 
 export type Model = {
@@ -145,7 +147,8 @@ export class Router {
   /**
    * The routes a request tries, in order: those not shut off by their circuit, sorted by
    * `strategy` (ties keep the operator's order). `tokens`: the request's prompt and most
-   * output tokens, to weigh input against output prices for `cheapest`.
+   * output tokens, to weigh input against output prices for `cheapest`. External routes
+   * only with `allowExternal` (default: except for `cheapest`, as the references have it).
    */
   routes(
     m: Model,
@@ -155,12 +158,14 @@ export class Router {
       output: 1,
       stream: false,
     },
+    allowExternal: boolean = strategy !== 'cheapest',
   ): readonly Route[] {
     // Nothing failing anywhere (the common case): every route, as configured.
+    const allowed = allowExternal ? m.routes : m.routes.filter((r) => !r.external)
     const open =
       this.circuits.size === 0 && this.limited.size === 0
-        ? m.routes
-        : m.routes.filter((r) => this.routeStatus(r) !== 'unavailable' && !this.waiting(r))
+        ? allowed
+        : allowed.filter((r) => this.routeStatus(r) !== 'unavailable' && !this.waiting(r))
     if (strategy === 'ordered' || open.length < 2) return open
     const cost = (r: Route): bigint =>
       r.cost.input * BigInt(request.prompt) + r.cost.output * BigInt(request.output)

@@ -38,9 +38,18 @@ const route = (upstream: string, upstreamModel: string, cost?: number) => ({
   upstreamModel,
   ...(cost === undefined ? {} : { cost: { input: cost, output: cost } }),
 })
+/** A route through an outside aggregator. */
+const external = (upstream: string, upstreamModel: string) => ({
+  ...route(upstream, upstreamModel),
+  external: true,
+})
 /** A model whose routes are tried in the order listed (the default), unless `routing` says
  * otherwise. */
-const model = (id: string, routes: ReturnType<typeof route>[], routing?: string) => ({
+const model = (
+  id: string,
+  routes: (ReturnType<typeof route> | ReturnType<typeof external>)[],
+  routing?: string,
+) => ({
   id,
   routes,
   pricing: price,
@@ -57,6 +66,8 @@ const gw = await Gateway.create({
     model('circuit', [route('flaky', 'fake-500'), route('backup', 'fake-after-flaky')]),
     model('rate-limited', [route('limited', 'fake-429'), route('backup', 'fake-after-429')]),
     model('limited-only', [route('limited-b', 'fake-429')]),
+    model('with-external', [external('primary', 'fake-outside'), route('backup', 'fake-own')]),
+    model('only-external', [external('primary', 'fake-outside-only')]),
     model(
       'by-cost',
       [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)],
@@ -350,6 +361,40 @@ describe('timeout_ms', () => {
   })
 })
 
+describe('allow_external', () => {
+  test('behavior: external routes are tried unless allow_external is false; by default not for cheapest', async () => {
+    const { key } = await gw.account()
+    const first = async (body: Record<string, unknown>) => {
+      const from = fake.received.length
+      const res = await post(key, { model: 'with-external', routing_strategy: 'ordered', ...body })
+      expect(res.status).toBe(200)
+      return asked(from)[0]
+    }
+    expect(await first({})).toBe('fake-outside')
+    expect(await first({ allow_external: true })).toBe('fake-outside')
+    expect(await first({ allow_external: false })).toBe('fake-own')
+    // cheapest leaves them out unless asked (the two cost the same here: the operator's order
+    // would put the external one first).
+    expect(await first({ routing_strategy: 'cheapest' })).toBe('fake-own')
+    expect(await first({ routing_strategy: 'cheapest', allow_external: true })).toBe('fake-outside')
+  })
+
+  test('error: allow_external false on a model served only externally, or not a boolean, is a 400 naming it, nothing charged or sent', async () => {
+    const { id, key } = await gw.account()
+    const from = fake.received.length
+    const none = await post(key, { model: 'only-external', allow_external: false })
+    expect(none.status).toBe(400)
+    const { error } = (await none.json()) as Failure
+    expect(error.code).toBe('no_route_allowed')
+    expect(error.param).toBe('allow_external')
+    const bad = await post(key, { model: 'with-external', allow_external: 'no' })
+    expect(bad.status).toBe(400)
+    expect(((await bad.json()) as Failure).error.param).toBe('allow_external')
+    expect(fake.received.length).toBe(from)
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(1_000_000n)
+  })
+})
+
 describe('price ceilings', () => {
   test('behavior: a model within both ceilings is served; above either, a 400 before anything is charged or sent', async () => {
     const { id, key } = await gw.account()
@@ -409,6 +454,7 @@ describe('price ceilings', () => {
       timeout_ms: 5_000,
       max_input_price_per_million: 10_000_000,
       max_output_price_per_million: 10_000_000,
+      allow_external: true,
       temperature: 0.5,
     })
     expect(res.status).toBe(200)
@@ -417,6 +463,7 @@ describe('price ceilings', () => {
     for (const k of [
       'routing_strategy',
       'timeout_ms',
+      'allow_external',
       'max_input_price_per_million',
       'max_output_price_per_million',
     ])

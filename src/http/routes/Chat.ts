@@ -106,11 +106,19 @@ function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
   )
   const need = asked !== undefined && !req.stream ? want : Pricing.cost(price, promptTokens, first)
   ceilings(req, model)
-  const routes = deps.router.routes(model, req.routing_strategy, {
-    prompt: promptTokens,
-    output: limit,
-    stream: req.stream,
-  })
+  const strategy = req.routing_strategy ?? model.routing
+  const routes = deps.router.routes(
+    model,
+    strategy,
+    { prompt: promptTokens, output: limit, stream: req.stream },
+    req.allow_external ?? strategy !== 'cheapest',
+  )
+  if (req.allow_external === false && model.routes.every((r) => r.external))
+    throw new InvalidRequestError(
+      `Every upstream of ${model.id} is external, and allow_external is false; nothing was charged.`,
+      'no_route_allowed',
+      { param: 'allow_external' },
+    )
   // Every route waits out its upstream's 429: refused before anything is held or counted.
   if (routes.length === 0) {
     const wait = deps.router.rateLimitedFor(model)
