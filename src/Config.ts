@@ -82,6 +82,13 @@ const Model = z
     routing: z.enum(STRATEGIES).default('ordered'),
     pricing: Pricing,
     contextLength: z.number().int().positive(),
+    /**
+     * The most tokens the model writes in one answer, where it is below what the context
+     * leaves (gpt-4o: 16,384 of 128,000). A request's output is capped by it (its hold with
+     * it, and its `max_tokens` sent upstream, which an upstream refuses above its own limit).
+     * Unset: what the context leaves.
+     */
+    maxOutputTokens: z.number().int().positive().optional(),
     /** Lowest plan tier allowed to use the model. */
     minTier: z.number().int().nonnegative().default(0),
   })

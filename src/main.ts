@@ -394,6 +394,7 @@ function models(config: Config.Config, environment: Record<string, string | unde
     id: m.id,
     pricing: m.pricing,
     contextLength: m.contextLength,
+    maxOutputTokens: m.maxOutputTokens,
     minTier: m.minTier,
     routing: m.routing,
     routes: Config.routes(m).map((r) => ({

@@ -28,6 +28,8 @@ export type Model = {
   /** What clients pay, base units per 1M tokens, whichever route serves them. */
   pricing: Price
   contextLength: number
+  /** The most tokens one answer may have (unset: what the context leaves). */
+  maxOutputTokens?: number | undefined
   minTier: number
   /** The upstreams serving the model, in the operator's order; at least one. */
   routes: Route[]

@@ -54,7 +54,12 @@ type Plan = {
   /** Output tokens the request may produce (max_tokens, capped by the context; once admitted,
    * by the plan's monthly quota too). */
   limit: number
+  /** The most output one answer may have: what the context leaves, at most the model's
+   * `maxOutputTokens`. */
   room: number
+  /** What the context leaves for output (`room` unless the model's own limit is lower): a
+   * limit below it goes upstream as `max_tokens`, else the upstream's own bounds the answer. */
+  left: number
   asked: number | undefined
   want: bigint
   need: bigint
@@ -79,13 +84,15 @@ function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
       Chat.promptTexts(req).map((content) => ({ content })),
       most,
     ) + media
-  const room = model.contextLength - promptTokens
-  if (room <= 0)
+  const left = model.contextLength - promptTokens
+  if (left <= 0)
     throw new InvalidRequestError(
       `The prompt has ${promptTokens - media > most ? `more than ${model.contextLength}` : promptTokens} tokens; ${model.id} takes at most ${model.contextLength}.`,
       'context_length_exceeded',
       { param: 'messages' },
     )
+  // The most output one answer may have: what the context leaves, and at most the model's own.
+  const room = Math.min(left, model.maxOutputTokens ?? left)
   const asked = req.max_tokens ?? req.max_completion_tokens
   const limit = Math.min(asked ?? room, room)
   const price = model.pricing
@@ -124,7 +131,7 @@ function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
     const wait = deps.router.rateLimitedFor(model)
     if (wait > 0) throw rateLimited(model, wait)
   }
-  return { req, text, model, routes, promptTokens, limit, room, asked, want, need, signer }
+  return { req, text, model, routes, promptTokens, limit, room, left, asked, want, need, signer }
 }
 
 /** The 503 of a model whose upstreams rate limit the gateway, for `ms` more. */
@@ -217,7 +224,7 @@ async function serve(
     // the upstream ignores the cap (see Meter.allowed; no cap needed when the reservation
     // covers the whole context).
     const max = Pricing.affordable(price, promptTokens, reservation.held, p.limit)
-    const limits = p.asked !== undefined || max < p.room ? { maxTokens: max } : undefined
+    const limits = p.asked !== undefined || max < p.left ? { maxTokens: max } : undefined
     // Aborted when the client goes, or when the request loses its reservation (Meter.complete).
     const call = new AbortController()
     const onAbort = () => call.abort(signal.reason)
@@ -264,7 +271,7 @@ async function serve(
   try {
     // A stream's max_tokens, when it names one, capped by the context and the plan's monthly
     // quota (it extends its reservation as it goes, so credits do not cap it here).
-    limits = p.asked !== undefined || p.limit < p.room ? { maxTokens: p.limit } : undefined
+    limits = p.asked !== undefined || p.limit < p.left ? { maxTokens: p.limit } : undefined
     // Answered once the upstream has begun (a failure before its first token is a 502).
     chunks = await routed(deps, p, abort.signal, deadline, async (route, body, bounded, timing) =>
       served(route, await route.provider.stream(body, bounded, limits, timing).then(Chat.started)),

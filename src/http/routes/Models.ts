@@ -14,6 +14,7 @@ export function routes(deps: Deps) {
     owned_by: m.routes[0]!.provider.name,
     pricing: { input: m.pricing.input.toString(), output: m.pricing.output.toString() },
     context_length: m.contextLength,
+    max_output_tokens: m.maxOutputTokens ?? null,
   })
 
   app.get('/', (c) => c.json({ object: 'list', data: deps.router.models().map(render) }))
