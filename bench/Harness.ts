@@ -150,6 +150,51 @@ export function workersEnv(): Record<string, string> {
   return n ? { TOLLWAY_WORKERS: n } : {}
 }
 
+/**
+ * A gateway for a bench (src/main.ts, a process of its own, BENCH_WORKERS workers) serving
+ * `models` (see `benchModels`) on a fresh database `database` on DATABASE_URL's server (without
+ * it, the embedded PGlite), its accounts on the plan `bench`: limits on, high enough not to
+ * refuse, so that every request still runs every check. With an account of plenty of credits
+ * and its key.
+ */
+export async function gateway(database: string, models: ReturnType<typeof benchModels>) {
+  const databaseUrl = await freshDatabase(database)
+  const { dir, config } = dataDir({
+    logLevel: 'warn',
+    ...models,
+    plans: {
+      bench: {
+        tier: 0,
+        requestsPerMinute: 100_000_000,
+        maxConcurrent: 10_000,
+        tokensPerMonth: 1_000_000_000_000,
+      },
+    },
+    defaultPlan: 'bench',
+  })
+  const port = await freePort()
+  const adminToken = 'bench-admin-token-0123456789'
+  const server = await spawn(
+    ['src/main.ts'],
+    {
+      TOLLWAY_CONFIG: config,
+      ...workersEnv(),
+      TOLLWAY_DATA_DIR: dir,
+      PORT: String(port),
+      ADMIN_TOKEN: adminToken,
+      DATABASE_URL: databaseUrl,
+    },
+    'serving at',
+  )
+  const url = `http://127.0.0.1:${port}`
+  try {
+    return { server, url, databaseUrl, key: await apiKey(url, adminToken) }
+  } catch (e) {
+    server.proc.kill()
+    throw e
+  }
+}
+
 /** Creates an account with plenty of credits and a key through the admin API; the key. */
 export async function apiKey(base: string, adminToken: string): Promise<string> {
   const headers = { authorization: `Bearer ${adminToken}`, 'content-type': 'application/json' }

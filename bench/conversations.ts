@@ -103,38 +103,12 @@ export async function run() {
   try {
     const servers = await Harness.upstreamAndProxy()
     children.push(...servers.children)
-    const databaseUrl = await Harness.freshDatabase('tollway_bench_conversations')
     const model = Harness.benchModel(servers.upstream)
     // Room for the whole conversation (about 4 characters a token).
     model.models[0]!.contextLength = conversationBytes
-    const { dir: dataDir, config } = Harness.dataDir({
-      logLevel: 'warn',
-      ...model,
-      plans: {
-        bench: {
-          tier: 0,
-          requestsPerMinute: 100_000_000,
-          maxConcurrent: 10_000,
-          tokensPerMonth: 1_000_000_000_000,
-        },
-      },
-      defaultPlan: 'bench',
-    })
-    const port = await Harness.freePort()
-    const adminToken = 'bench-admin-token-0123456789'
-    const gateway = await Harness.spawn(
-      ['src/main.ts'],
-      {
-        TOLLWAY_CONFIG: config,
-        TOLLWAY_DATA_DIR: dataDir,
-        PORT: String(port),
-        ADMIN_TOKEN: adminToken,
-        ...(databaseUrl ? { DATABASE_URL: databaseUrl } : {}),
-      },
-      'serving at',
-    )
-    children.push(gateway)
-    const key = await Harness.apiKey(`http://127.0.0.1:${port}`, adminToken)
+    const gateway = await Harness.gateway('tollway_bench_conversations', model)
+    children.push(gateway.server)
+    const { databaseUrl, key } = gateway
     const json = { 'content-type': 'application/json' }
     const targets: Record<string, Target> = {
       direct: {
@@ -143,9 +117,9 @@ export async function run() {
         pid: servers.children[0]!.proc.pid,
       },
       gateway: {
-        url: `http://127.0.0.1:${port}/v1/chat/completions`,
+        url: `${gateway.url}/v1/chat/completions`,
         headers: { ...json, authorization: `Bearer ${key}` },
-        pid: gateway.proc.pid,
+        pid: gateway.server.proc.pid,
       },
     }
     // Each target its own agents, so that the gateway sees each conversation's turns in order.

@@ -205,40 +205,11 @@ export async function run() {
     children.push(...servers.children)
     const { upstream, proxyPort } = servers
 
-    const databaseUrl = await Harness.freshDatabase('tollway_bench')
-    const { dir: dataDir, config } = Harness.dataDir({
-      logLevel: 'warn',
-      ...Harness.benchModel(upstream),
-      plans: {
-        // Limits on, high enough not to refuse: every request still runs every check.
-        bench: {
-          tier: 0,
-          requestsPerMinute: 100_000_000,
-          maxConcurrent: 10_000,
-          tokensPerMonth: 1_000_000_000_000,
-        },
-      },
-      defaultPlan: 'bench',
-    })
-    const gatewayPort = await freePort()
-    const adminToken = 'bench-admin-token-0123456789'
-    const gatewayServer = await spawn(
-      ['src/main.ts'],
-      {
-        TOLLWAY_CONFIG: config,
-        ...Harness.workersEnv(),
-        TOLLWAY_DATA_DIR: dataDir,
-        PORT: String(gatewayPort),
-        ADMIN_TOKEN: adminToken,
-        DATABASE_URL: databaseUrl,
-      },
-      'serving at',
-    )
+    const started = await Harness.gateway('tollway_bench', Harness.benchModel(upstream))
+    const { server: gatewayServer, url: gateway, databaseUrl, key } = started
     children.push(gatewayServer)
-    const gateway = `http://127.0.0.1:${gatewayPort}`
     const pid = (c: { proc: { pid: number } }) => c.proc.pid
     const upstreamPid = pid(servers.children[0]!)
-    const key = await Harness.apiKey(gateway, adminToken)
 
     const body = JSON.stringify({
       model: 'bench',
