@@ -125,7 +125,7 @@ export class Metrics {
     })
     new client.Counter({
       name: 'tollway_upstream_calls_total',
-      help: 'Calls to an upstream until its answer began, by outcome (ok, or failed: a failure that counts against its health, the request going on to the next route if it has one).',
+      help: 'Calls to an upstream until its answer began, by outcome (ok; failed: a failure that counts against its health, the request going on to the next route if it has one; rate_limited: a 429, the route waiting out the wait it asked for).',
       labelNames: ['upstream', 'outcome'],
       registers,
       collect() {
@@ -133,6 +133,7 @@ export class Metrics {
         for (const u of router.upstreams()) {
           this.inc({ upstream: u.name, outcome: 'ok' }, u.ok)
           this.inc({ upstream: u.name, outcome: 'failed' }, u.failed)
+          this.inc({ upstream: u.name, outcome: 'rate_limited' }, u.rateLimited)
         }
       },
     })

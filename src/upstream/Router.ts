@@ -51,6 +51,8 @@ export const STRATEGIES = ['balanced', 'fastest', 'cheapest', 'ordered'] as cons
 export type Strategy = (typeof STRATEGIES)[number]
 
 type Circuit = { failures: number; openUntil: number }
+/** A provider's calls by outcome: answered, failed (against its health), rate limited (429). */
+type Calls = { ok: number; failed: number; rateLimited: number }
 
 /** Weight of the newest sample in a route's latency average. */
 const LATENCY_WEIGHT = 0.2
@@ -79,7 +81,7 @@ export class Router {
   /** When each untimed or stale route was last put first to be timed again (see `routes`). */
   private readonly probed = new Map<string, number>()
   /** Calls to each provider, by outcome. */
-  private readonly calls = new Map<string, { ok: number; failed: number }>()
+  private readonly calls = new Map<string, Calls>()
 
   private readonly options: {
     threshold: number
@@ -231,11 +233,7 @@ export class Router {
 
   /** Records the outcome of a call to a provider (its health). */
   record(provider: Provider, ok: boolean): void {
-    let calls = this.calls.get(provider.name)
-    if (!calls) {
-      calls = { ok: 0, failed: 0 }
-      this.calls.set(provider.name, calls)
-    }
+    const calls = this.callsOf(provider)
     if (ok) {
       calls.ok++
       this.circuits.delete(provider.name)
@@ -264,6 +262,7 @@ export class Router {
     status: Status
     ok: number
     failed: number
+    rateLimited: number
     latencies: { upstreamModel: string; kind: 'first_token' | 'answer'; ms: number }[]
   }[] {
     const providers = new Map<string, { provider: Provider; routes: Route[] }>()
@@ -278,6 +277,7 @@ export class Router {
       status: this.circuitStatus(provider.name),
       ok: this.calls.get(provider.name)?.ok ?? 0,
       failed: this.calls.get(provider.name)?.failed ?? 0,
+      rateLimited: this.calls.get(provider.name)?.rateLimited ?? 0,
       latencies: [...new Set(routes.map((r) => r.upstreamModel))].flatMap((upstreamModel) =>
         (['first_token', 'answer'] as const).flatMap((kind) => {
           const l = this.latencies.get(
@@ -305,7 +305,17 @@ export class Router {
 
   /** Records that a route's upstream answered 429: it is not called for `ms`. */
   rateLimited(route: Route, ms: number): void {
+    this.callsOf(route.provider).rateLimited++
     this.limited.set(routeKey(route), Date.now() + ms)
+  }
+
+  private callsOf(provider: Provider): Calls {
+    let calls = this.calls.get(provider.name)
+    if (!calls) {
+      calls = { ok: 0, failed: 0, rateLimited: 0 }
+      this.calls.set(provider.name, calls)
+    }
+    return calls
   }
 
   /**

@@ -190,6 +190,17 @@ describe('routes: failover before the first token', () => {
     }
     const health = await (await fetch(`${gw.url}/v1/models/limited-only/health`)).json()
     expect(health).toEqual({ model: 'limited-only', status: 'ready' })
+    // Counted apart: five 429s, no failure against its health.
+    const metrics = await (
+      await fetch(`${gw.url}/metrics`, {
+        headers: { authorization: `Bearer ${gw.config.adminToken}` },
+      })
+    ).text()
+    expect(metrics).toContain(
+      'tollway_upstream_calls_total{upstream="limited",outcome="rate_limited"} 5',
+    )
+    expect(metrics).toContain('tollway_upstream_calls_total{upstream="limited",outcome="failed"} 0')
+    expect(metrics).toContain('tollway_upstream_status{upstream="limited"} 1')
   })
 
   test('error: every route rate limiting the gateway is a 503 upstream_rate_limited with the wait it asked for, nothing charged; within the wait nothing is held or sent upstream', async () => {
