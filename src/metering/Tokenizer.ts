@@ -21,12 +21,15 @@ const cache = new Map<string, number>()
 const WINDOW = 1024
 
 /**
- * Counts of long texts, remembered by their SHA-256 (never the text itself) for the texts of
- * later requests. An agent sends its whole conversation again with every turn, and its
- * earlier messages are the same texts: counting 100,000 characters costs the event loop about
- * 12 ms, hashing them under 0.1 ms (measured, README). Texts from this long: below it a count
- * costs little more than the hash. The digest is of the UTF-8 text, so only well-formed text
- * (no lone surrogate, which UTF-8 would make U+FFFD) is remembered.
+ * Counts of long texts, remembered by a SHA-256 of the text (never the text itself) for the
+ * texts of later requests of the same payer. An agent sends its whole conversation again with
+ * every turn, and its earlier messages are the same texts: counting 100,000 characters costs
+ * the event loop about 12 ms, hashing them under 0.1 ms (measured, README). Remembered per
+ * payer (`scope`: what only the payer holds, its key or its channel): a count remembered for
+ * anyone would answer measurably sooner, and tell a stranger who sends a guessed document
+ * whether someone else sent it, as shared prompt caches do. Texts from this long: below it a
+ * count costs little more than the hash. The digest is of the UTF-8 text, so only well-formed
+ * text (no lone surrogate, which UTF-8 would make U+FFFD) is remembered.
  */
 const REMEMBERED_FROM = 256
 const remembered = new Lru<string, number>(16_384)
@@ -35,11 +38,18 @@ const remembered = new Lru<string, number>(16_384)
  * instead, since the process started (read by the metrics). */
 export const counted = { tokenized: 0, remembered: 0 }
 
-/** Tokens in a piece of text; past `most`, the count may stop early (a number above `most`). */
-export function count(text: string, most = Number.POSITIVE_INFINITY): number {
+/**
+ * Tokens in a piece of text; past `most`, the count may stop early (a number above `most`).
+ * With `scope` (the payer's, see `remembered`), a long text's count is remembered for it.
+ */
+export function count(text: string, most = Number.POSITIVE_INFINITY, scope?: string): number {
   if (text.length === 0) return 0
-  if (text.length >= REMEMBERED_FROM && text.isWellFormed()) {
-    const digest = Bun.SHA256.hash(text, 'base64')
+  if (scope !== undefined && text.length >= REMEMBERED_FROM && text.isWellFormed()) {
+    const digest = new Bun.CryptoHasher('sha256')
+      .update(scope)
+      .update('\u0000')
+      .update(text)
+      .digest('base64')
     const known = remembered.get(digest)
     if (known !== undefined) {
       counted.remembered += text.length
@@ -305,16 +315,18 @@ const REPLY_PRIMER = 3
 
 /**
  * Tokens of a chat prompt: each message's content plus its framing. Past `most` (a model's
- * context), the count may stop early: a number above `most`, not the whole count.
+ * context), the count may stop early: a number above `most`, not the whole count. `scope`:
+ * the payer's, for whom long messages' counts are remembered (see `count`).
  */
 export function prompt(
   messages: readonly { content: string }[],
   most = Number.POSITIVE_INFINITY,
+  scope?: string,
 ): number {
   let n = REPLY_PRIMER
   for (const m of messages) {
     if (n > most) break
-    n += PER_MESSAGE + count(m.content, most - n)
+    n += PER_MESSAGE + count(m.content, most - n, scope)
   }
   return n
 }

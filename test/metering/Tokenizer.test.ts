@@ -49,29 +49,45 @@ describe('Tokenizer.count', () => {
     expect(Tokenizer.count(emoji)).toBe(5_000 * countTokens('😀', PLAIN))
   })
 
-  test('behavior: a long text counted again is not tokenized again, and counts the same', () => {
+  test('behavior: a long text counted again for the same payer is not tokenized again, and counts the same', () => {
     const text = `${crypto.randomUUID()} ${'an earlier message of a conversation, '.repeat(200)}`
     const before = Tokenizer.counted.tokenized
-    const n = Tokenizer.count(text)
+    const n = Tokenizer.count(text, Number.POSITIVE_INFINITY, 'payer-a')
     expect(Tokenizer.counted.tokenized - before).toBe(text.length)
     const remembered = Tokenizer.counted.remembered
-    expect(Tokenizer.count(text)).toBe(n)
-    expect(Tokenizer.count(text, 10)).toBe(n)
+    expect(Tokenizer.count(text, Number.POSITIVE_INFINITY, 'payer-a')).toBe(n)
+    expect(Tokenizer.count(text, 10, 'payer-a')).toBe(n)
     expect(Tokenizer.counted.tokenized - before).toBe(text.length)
     expect(Tokenizer.counted.remembered - remembered).toBe(2 * text.length)
     expect(n).toBe(countTokens(text, PLAIN))
   })
 
+  test('behavior: a count is remembered only for its payer: another payer, or none, has the text tokenized again', () => {
+    const text = `${crypto.randomUUID()} ${'a document someone might guess, '.repeat(100)}`
+    Tokenizer.count(text, Number.POSITIVE_INFINITY, 'payer-a')
+    const before = Tokenizer.counted.tokenized
+    const remembered = Tokenizer.counted.remembered
+    expect(Tokenizer.count(text, Number.POSITIVE_INFINITY, 'payer-b')).toBe(
+      countTokens(text, PLAIN),
+    )
+    Tokenizer.count(text)
+    Tokenizer.count(text)
+    expect(Tokenizer.counted.tokenized - before).toBe(3 * text.length)
+    expect(Tokenizer.counted.remembered).toBe(remembered)
+  })
+
   test('behavior: a count stopped early is not remembered, nor a text with a lone surrogate', () => {
     const text = `${crypto.randomUUID()} ${'word '.repeat(2_000)}`
-    const early = Tokenizer.count(text, 100)
+    const early = Tokenizer.count(text, 100, 'payer-a')
     expect(early).toBeGreaterThan(100)
-    expect(Tokenizer.count(text)).toBe(countTokens(text, PLAIN))
+    expect(Tokenizer.count(text, Number.POSITIVE_INFINITY, 'payer-a')).toBe(
+      countTokens(text, PLAIN),
+    )
     // UTF-8 would make the lone half U+FFFD, the digest that of another text.
     const lone = `${crypto.randomUUID()} ${'x y '.repeat(100)}\ud800 end`
     const before = Tokenizer.counted.tokenized
-    Tokenizer.count(lone)
-    Tokenizer.count(lone)
+    Tokenizer.count(lone, Number.POSITIVE_INFINITY, 'payer-a')
+    Tokenizer.count(lone, Number.POSITIVE_INFINITY, 'payer-a')
     expect(Tokenizer.counted.tokenized - before).toBe(2 * lone.length)
   })
 
@@ -86,7 +102,10 @@ describe('Tokenizer.count', () => {
           const a = `${crypto.randomUUID()} ${words.join(' ')}`
           const i = at % a.length
           const b = a.slice(0, i) + c + a.slice(i + 1)
-          for (const t of [a, b, a, b]) expect(Tokenizer.count(t)).toBe(countTokens(t, PLAIN))
+          for (const t of [a, b, a, b])
+            expect(Tokenizer.count(t, Number.POSITIVE_INFINITY, 'payer-a')).toBe(
+              countTokens(t, PLAIN),
+            )
         },
       ),
       { numRuns: 100, endOnFailure: true },

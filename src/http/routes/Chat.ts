@@ -67,8 +67,12 @@ type Plan = {
   signer: Receipt.Signer | undefined
 }
 
-/** Parses and prices a completion request; `signer` signs its receipt, if it asked for one. */
-function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
+/**
+ * Parses and prices a completion request; `signer` signs its receipt, if it asked for one.
+ * `payer`: what only the payer holds (its API key, its channel), the scope in which the counts
+ * of its long messages are remembered for its next requests (Tokenizer.count).
+ */
+function plan(deps: Deps, text: string, payer: string, signer?: Receipt.Signer): Plan {
   const { blockTokens } = deps.config.metering
   const json = Parse.json(text)
   // The common shape is checked by hand (see Chat.asRequest); anything else, and anything
@@ -83,6 +87,7 @@ function plan(deps: Deps, text: string, signer?: Receipt.Signer): Plan {
     Tokenizer.prompt(
       Chat.promptTexts(req).map((content) => ({ content })),
       most,
+      payer,
     ) + media
   const left = model.contextLength - promptTokens
   if (left <= 0)
@@ -347,7 +352,7 @@ export function routes(deps: Deps) {
     let idempotencyKey: string | null
     let fingerprint: Uint8Array | null
     try {
-      p = plan(deps, text, receiptSigner(c, deps))
+      p = plan(deps, text, raw, receiptSigner(c, deps))
       ;({ idempotencyKey, fingerprint } = idempotency(c, text))
     } catch (e) {
       // Admission checks the key with the plan in one round trip; a request refused before it
@@ -461,7 +466,8 @@ export function routes(deps: Deps) {
       return c.json({ receipt: Encoding.toWire(receipt) })
     }
 
-    const p = plan(deps, text, receiptSigner(c, deps))
+    // Its channel, held by a payer whose credential was just verified.
+    const p = plan(deps, text, channelId, receiptSigner(c, deps))
     const price = p.model.pricing
     if (checked.price.output !== price.output || checked.price.input !== price.input)
       throw Problem.verificationFailed(
