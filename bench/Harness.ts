@@ -208,6 +208,17 @@ export async function apiKey(base: string, adminToken: string): Promise<string> 
   return key
 }
 
+/** A target's overhead over the upstream called directly, at p50 and p99 (ms), as table
+ * cells: blank for `direct` itself. */
+export function overhead(
+  name: string,
+  s: { p50: number; p99: number },
+  direct: { p50: number; p99: number },
+): [string, string] {
+  if (name === 'direct') return ['', '']
+  return [(s.p50 - direct.p50).toFixed(3), (s.p99 - direct.p99).toFixed(3)]
+}
+
 /** The `q` quantile (0..1) of ascending `sorted` values (NaN when empty). */
 export function quantile(sorted: readonly number[], q: number): number {
   return sorted[Math.floor(q * (sorted.length - 1))] ?? Number.NaN

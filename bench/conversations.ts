@@ -173,10 +173,7 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
     '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
   for (const [name, s] of Object.entries(r.results)) {
-    const over =
-      name === 'direct'
-        ? ['', '']
-        : [(s.p50 - direct.p50).toFixed(3), (s.p99 - direct.p99).toFixed(3)]
+    const over = Harness.overhead(name, s, direct)
     lines.push(
       `| ${name} | ${Math.round(s.rps)} | ${s.kilobytes.toFixed(1)} | ${s.p50.toFixed(3)} | ${s.p99.toFixed(3)} | ${over[0]} | ${over[1]} | ${s.cpuMs.toFixed(3)} | ${s.errors} |`,
     )

@@ -307,10 +307,7 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
   for (const [c, targets] of Object.entries(r.results)) {
     const direct = targets.direct!
     for (const [name, s] of Object.entries(targets)) {
-      const over =
-        name === 'direct'
-          ? ['', '']
-          : [(s.p50 - direct.p50).toFixed(3), (s.p99 - direct.p99).toFixed(3)]
+      const over = Harness.overhead(name, s, direct)
       lines.push(
         `| ${c.slice(1)} | ${name} | ${Math.round(s.rps)} | ${s.p50.toFixed(3)} | ${s.p99.toFixed(3)} | ${over[0]} | ${over[1]} | ${s.cpu.target} | ${s.cpu.upstream || ''} | ${s.cpu.postgres} | ${s.cpu.client} | ${s.busy.thread} | ${s.busy.machine} |`,
       )
@@ -339,10 +336,7 @@ export function table(r: Awaited<ReturnType<typeof run>>): string {
   for (const o of r.open) {
     const direct = o.results.direct!
     for (const [name, s] of Object.entries(o.results)) {
-      const over =
-        name === 'direct'
-          ? ['', '']
-          : [(s.p50 - direct.p50).toFixed(3), (s.p99 - direct.p99).toFixed(3)]
+      const over = Harness.overhead(name, s, direct)
       lines.push(
         `| ${o.share * 100}% | ${o.rate} | ${name} | ${Math.round(s.rps)} | ${s.p50.toFixed(3)} | ${s.p99.toFixed(3)} | ${over[0]} | ${over[1]} | ${s.errors} |`,
       )
