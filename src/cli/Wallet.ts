@@ -46,11 +46,14 @@ export function classify(e: Error): CliError {
     )
   if (e instanceof ChallengeRefusedError)
     return new PaymentError(
-      // The client's allow-list of escrows is this command's options.
-      e.message.replace(
-        'which is not in allow.escrows; add it if you trust it.',
-        'which is not one you trust: pass --escrow <address> (TOLLWAY_ESCROW) if you do, or --trust-escrow on a development chain.',
-      ),
+      // The client's allow-list of escrows is this command's options; it pays over plain HTTP
+      // only this machine.
+      e.message
+        .replace(
+          'which is not in allow.escrows; add it if you trust it.',
+          'which is not one you trust: pass --escrow <address> (TOLLWAY_ESCROW) if you do, or --trust-escrow on a development chain.',
+        )
+        .replace(' (or allowInsecureHttp on a test network)', ''),
       (e as { details?: unknown }).details,
     )
   if (e instanceof PaymentFailedError) {

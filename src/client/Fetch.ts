@@ -75,6 +75,13 @@ export type Options = {
   pollingInterval?: number | undefined
   /** The fetch underneath (default the global one). */
   fetch?: typeof fetch | undefined
+  /**
+   * Pays a server over plain HTTP on another machine. The core draft forbids it (a credential
+   * anyone on the path can read, they can replay); off, such a server's challenge is refused
+   * before anything is signed or deposited. HTTPS and this machine (localhost, 127.0.0.0/8,
+   * ::1) are always allowed. Default false.
+   */
+  allowInsecureHttp?: boolean | undefined
 }
 
 /** A paying `fetch`, with `close()` to close its channel. */
@@ -213,6 +220,19 @@ const expired = (credential: string): boolean => {
   return expires !== undefined && Date.parse(expires) <= Date.now()
 }
 
+/** Whether `url` is over TLS or on this machine: where a credential may go (the core draft). */
+function secure(url: string): boolean {
+  const u = new URL(url)
+  if (u.protocol === 'https:') return true
+  const host = u.hostname
+  return (
+    host === 'localhost' ||
+    host.endsWith('.localhost') ||
+    host === '[::1]' ||
+    /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host)
+  )
+}
+
 const kindOf = (problem: Record<string, unknown> | undefined) =>
   typeof problem?.type === 'string' ? problem.type.split('/').at(-1) : undefined
 
@@ -223,12 +243,23 @@ export function createFetch(options: Options): PayingFetch {
   const given = options.fetch ?? globalThis.fetch
   /** Cancels what is under way through this fetch: fired by `release`'s signal. */
   const stop = new AbortController()
-  /** The fetch underneath, every call cancelled by `stop` too (as by its own signal). */
-  const base = (url: string, init: RequestInit = {}) =>
-    given(url, {
+  /** Refuses to pay `url` over plain HTTP to another machine (see `allowInsecureHttp`). */
+  const transport = (url: string) => {
+    if (options.allowInsecureHttp || secure(url)) return
+    throw new ChallengeRefusedError(
+      `${new URL(url).origin} asks for payment over plain HTTP, where anyone on the way could read and replay the credential; use https (or allowInsecureHttp on a test network).`,
+      { url },
+    )
+  }
+  /** The fetch underneath, every call cancelled by `stop` too (as by its own signal). No
+   * credential goes over plain HTTP to another machine, whichever path sends it. */
+  const base = (url: string, init: RequestInit = {}) => {
+    if (new Headers(init.headers).get('authorization')?.startsWith('Payment ')) transport(url)
+    return given(url, {
       ...init,
       signal: init.signal ? AbortSignal.any([init.signal, stop.signal]) : stop.signal,
     })
+  }
   const store = options.store ?? Store.file('.tollway/channels.json')
   const margin = options.margin ?? 10_000n
   const completionMargin = options.completionMargin ?? 16n * margin
@@ -373,7 +404,9 @@ export function createFetch(options: Options): PayingFetch {
 
   const keyOf = (url: string) => `${new URL(url).origin}#${account.address}`
 
-  const check = (challenge: Challenge.Challenge) => {
+  /** Refuses a challenge this client does not pay (before anything is signed or deposited). */
+  const check = (challenge: Challenge.Challenge, url: string) => {
+    transport(url)
     const session = new PayingSession({ account, challenge })
     const { escrowContract } = session.request.methodDetails
     if (!escrows.has(escrowContract.toLowerCase()))
@@ -804,7 +837,7 @@ export function createFetch(options: Options): PayingFetch {
         `The channel's payment challenge expired and the server sent no fresh one (${res.status}).`,
         res.status,
       )
-    check(challenge)
+    check(challenge, url)
     live.session.renew(challenge)
   }
 
@@ -1024,7 +1057,7 @@ export function createFetch(options: Options): PayingFetch {
         const problem = await problemOf(res)
         const kind = kindOf(problem)
         if (challenge) {
-          check(challenge)
+          check(challenge, url)
           live = await adopt(url, challenge)
           if (streams(body) && gate.live !== live) {
             if (live.streams > 0)
@@ -1129,7 +1162,7 @@ export function createFetch(options: Options): PayingFetch {
         'The server sent no Payment challenge to close with.',
         res.status,
       )
-    check(challenge)
+    check(challenge, state.url)
     const live = await adopt(state.url, challenge)
     // One on another chain (escrow, currency, recipient) than the server now asks for: it
     // cannot close it, and the channel was set apart (see `moveAside`).
