@@ -845,7 +845,14 @@ export function createFetch(options: Options): PayingFetch {
   const ahead = async (live: Live, url: string, by: bigint) => {
     await current(live, url)
     const cap = min(BigInt((live.state as Store.ChannelState).deposit), total(live.key))
-    const target = max(live.session.signed, min(live.spent + by, cap))
+    const signed = live.session.signed
+    let target = max(signed, min(live.spent + by, cap))
+    // A raise smaller than the challenge's minVoucherDelta is refused (delta-too-small, the
+    // evm draft): raise by at least that, or, where the cap leaves no room for it and what is
+    // signed still covers what was spent, send what is signed again (a replay, taken as is).
+    const delta = live.session.request.methodDetails.minVoucherDelta ?? 0n
+    if (signed > 0n && target > signed && target - signed < delta)
+      target = signed + delta <= cap ? signed + delta : live.spent < signed ? signed : target
     const credential = await counted(live.key, target, () => live.session.voucher(target))
     await save(live)
     return credential
