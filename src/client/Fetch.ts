@@ -53,8 +53,20 @@ export type Options = {
   limits: { maxDeposit: bigint; maxTotal: bigint }
   /** The deposit of a new channel (default `limits.maxDeposit`). */
   deposit?: bigint | undefined
-  /** Escrows (and, when given, currencies) this client pays into; others are refused. */
-  allow: { escrows: readonly Address[]; currencies?: readonly Address[] | undefined }
+  /** Escrows (and, when given, currencies and recipients: the payees) this client pays into;
+   * others are refused (the core draft: a client verifies the recipient before it pays). */
+  allow: {
+    escrows: readonly Address[]
+    currencies?: readonly Address[] | undefined
+    recipients?: readonly Address[] | undefined
+  }
+  /**
+   * The most this client pays, base units per 1,000,000 tokens: a challenge asking more is
+   * refused before anything is signed (the core draft: a client verifies the amount is
+   * reasonable). `output` bounds the challenge's `amount`, `input` its `inputAmount` (tollway
+   * states both per 1M tokens). Default: no bound but `limits`.
+   */
+  maxPrice?: { input?: bigint | undefined; output: bigint } | undefined
   /** How far ahead of need vouchers are signed, base units (default 10_000); larger means
    * fewer vouchers (the server takes at most 10 a second per channel). */
   margin?: bigint | undefined
@@ -399,6 +411,7 @@ export function createFetch(options: Options): PayingFetch {
   }
   const escrows = new Set(options.allow.escrows.map((a) => a.toLowerCase()))
   const currencies = options.allow.currencies?.map((a) => a.toLowerCase())
+  const recipients = options.allow.recipients?.map((a) => a.toLowerCase())
   const domains = new Map<string, Promise<Token.TokenDomain>>()
   let lastUrl: string | undefined
 
@@ -418,6 +431,30 @@ export function createFetch(options: Options): PayingFetch {
       throw new ChallengeRefusedError(
         `The server asks for currency ${session.request.currency}, which is not in allow.currencies; add it if you mean to pay in it.`,
         { currency: session.request.currency },
+      )
+    const { recipient, amount } = session.request
+    if (recipients && !recipients.includes(recipient.toLowerCase()))
+      throw new ChallengeRefusedError(
+        `The server asks for payment to ${recipient}, which is not in allow.recipients; add it if you mean to pay it.`,
+        { recipient },
+      )
+    const most = options.maxPrice
+    if (most && amount > most.output)
+      throw new ChallengeRefusedError(
+        `The server asks ${amount} base units per ${session.request.unitType ?? 'unit'} (amount), over maxPrice.output (${most.output}); raise it if you mean to pay that.`,
+        { amount: amount.toString(), maxPrice: most.output.toString() },
+      )
+    // Not in the draft's typed request: read from the challenge as sent.
+    const input = (challenge.request as { inputAmount?: unknown }).inputAmount
+    if (
+      most?.input !== undefined &&
+      typeof input === 'string' &&
+      /^\d{1,78}$/.test(input) &&
+      BigInt(input) > most.input
+    )
+      throw new ChallengeRefusedError(
+        `The server asks ${input} base units per 1M prompt tokens (inputAmount), over maxPrice.input (${most.input}); raise it if you mean to pay that.`,
+        { inputAmount: input, maxPrice: most.input.toString() },
       )
   }
 

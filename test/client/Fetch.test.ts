@@ -220,6 +220,30 @@ describe('createFetch', () => {
     expect(await fetch.channel(gw.url)).toBeUndefined()
   })
 
+  test('error: a recipient not on allow.recipients, or a price over maxPrice, is refused, nothing signed; within them it pays', async () => {
+    const { escrowAddress, currencyAddress, payee } = chain
+    const escrows = [escrowAddress]
+    const refusals: [Partial<Options>, string][] = [
+      [{ allow: { escrows, recipients: [currencyAddress] } }, 'allow.recipients'],
+      // The fake model costs 1,000,000 and 2,000,000 base units per 1M prompt and output tokens.
+      [{ maxPrice: { output: 1_999_999n } }, 'maxPrice.output'],
+      [{ maxPrice: { input: 999_999n, output: 2_000_000n } }, 'maxPrice.input'],
+    ]
+    for (const [options, named] of refusals) {
+      const { openai, fetch } = client(9, options)
+      const e = await openai.chat.completions.create({ model: 'fake', messages }).catch((e) => e)
+      expect(e.cause).toBeInstanceOf(ChallengeRefusedError)
+      expect((e.cause as Error).message).toContain(named)
+      expect(await fetch.channel(gw.url)).toBeUndefined()
+    }
+    const { openai } = client(9, {
+      allow: { escrows, recipients: [payee.address] },
+      maxPrice: { input: 1_000_000n, output: 2_000_000n },
+    })
+    const res = await openai.chat.completions.create({ model: 'fake', messages })
+    expect(res.choices[0]!.message.content).toBe(words)
+  })
+
   test('error: maxTotal reached mid-stream stops with LimitExceededError; the server charged only what was authorized', async () => {
     const vouchers: bigint[] = []
     const { openai, fetch } = client(4, {
