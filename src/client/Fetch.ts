@@ -432,6 +432,13 @@ export function createFetch(options: Options): PayingFetch {
         `The server asks for currency ${session.request.currency}, which is not in allow.currencies; add it if you mean to pay in it.`,
         { currency: session.request.currency },
       )
+    // The evm draft: a client MUST NOT submit a credential type the challenge leaves out.
+    const types = session.request.methodDetails.credentialTypes
+    if (types && !session.serverSends && !types.includes('hash'))
+      throw new ChallengeRefusedError(
+        `The server takes only ${types.join(', ') || 'no'} credentials for deposits, none of which this client makes (it makes authorization, with feePayer, and hash).`,
+        { credentialTypes: types },
+      )
     const { recipient, amount } = session.request
     if (recipients && !recipients.includes(recipient.toLowerCase()))
       throw new ChallengeRefusedError(
@@ -681,7 +688,7 @@ export function createFetch(options: Options): PayingFetch {
     const deposit = min(options.deposit ?? maxDeposit, maxDeposit, room)
     const initial = min(ahead, deposit)
     const header = await counted(live.key, initial, async () => {
-      const header = await credentialOf(live, r, deposit, initial)
+      const header = await credentialOf(live, url, r, deposit, initial)
       live.state = {
         channelId: live.session.channelId as Hex,
         chainId: r.methodDetails.chainId,
@@ -703,12 +710,13 @@ export function createFetch(options: Options): PayingFetch {
    * transaction of the payer's. */
   const credentialOf = async (
     live: Live,
+    url: string,
     r: PayingSession['request'],
     deposit: bigint,
     initial: bigint,
   ): Promise<string> => {
     let header: string
-    if (r.methodDetails.feePayer && r.methodDetails.credentialTypes?.includes('authorization')) {
+    if (live.session.serverSends) {
       await withDomain(live)
       header = await live.session.openWithAuthorization({ deposit, initial })
     } else {
@@ -720,6 +728,9 @@ export function createFetch(options: Options): PayingFetch {
         deposit,
         salt,
       })
+      // Mined, which may take longer than the challenge lives: the credential goes on a
+      // current one (the core draft: none for an expired challenge).
+      await current(live, url)
       header = await live.session.openWithHash({
         channelId: opened.channelId,
         salt,
@@ -763,15 +774,33 @@ export function createFetch(options: Options): PayingFetch {
       if (required > maxDeposit)
         throw new LimitExceededError('maxDeposit', { limit: maxDeposit, wanted: required })
       const next = min(maxDeposit, maxTotal, max(required + margin, deposit * 2n))
-      await withDomain(live)
       let raised = next
-      await post(url, await live.session.topUp(next - deposit), {
+      // An EIP-3009 authorization the server sends, else a transaction of the payer's whose
+      // hash the credential carries (a server that takes no authorization, or pays no gas).
+      let topUp: () => Promise<string>
+      if (live.session.serverSends) {
+        await withDomain(live)
+        topUp = () => live.session.topUp(next - deposit)
+      } else {
+        const r = live.session.request
+        const sent = await Escrow.topUp(chainClient(r.methodDetails.chainId, 'A top-up'), {
+          escrow: r.methodDetails.escrowContract,
+          channelId: state.channelId,
+          token: r.currency,
+          amount: next - deposit,
+        })
+        await current(live, url)
+        // The same transaction, however often its credential is made: never paid twice.
+        topUp = () =>
+          live.session.topUpWithHash({ hash: sent.hash, additionalDeposit: next - deposit })
+      }
+      await post(url, await topUp(), {
         live,
         // Made again only if the server does not show the deposit raised already: the late
         // refusal may be all that failed, and a second top-up would pay it twice.
         credential: async () => {
           const held = await depositShown(url, state.channelId)
-          if (held === undefined || held < next) return live.session.topUp(next - deposit)
+          if (held === undefined || held < next) return topUp()
           raised = min(held, maxDeposit)
           return undefined
         },

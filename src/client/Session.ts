@@ -51,6 +51,16 @@ export class PayingSession {
     this.request = Session.requestOf(challenge)
   }
 
+  /**
+   * Whether deposits (open, topUp) go as EIP-3009 authorizations the server sends and pays
+   * the gas of, else as transactions of the payer's (`hash`): the server must pay the gas
+   * (`feePayer`) and take `authorization` credentials.
+   */
+  get serverSends(): boolean {
+    const d = this.request.methodDetails
+    return d.feePayer === true && d.credentialTypes?.includes('authorization') === true
+  }
+
   /** Whether EIP-3009 authorizations (gasless open, topUp) can be signed. */
   get hasTokenDomain(): boolean {
     return this.domain !== undefined
@@ -210,6 +220,17 @@ export class PayingSession {
       authorization,
       signature,
       additionalDeposit,
+    })
+  }
+
+  /** `topUp` with `type="hash"`: the client broadcast `topUp` itself (tx `hash`). */
+  async topUpWithHash(o: { hash: Hex; additionalDeposit: bigint }) {
+    return this.header({
+      action: 'topUp',
+      type: 'hash',
+      channelId: this.required(),
+      hash: o.hash,
+      additionalDeposit: o.additionalDeposit,
     })
   }
 
