@@ -178,6 +178,9 @@ type Live = {
   loading?: Promise<void> | undefined
   /** Streams under way on the channel (the server keeps one: see `paying`). */
   streams: number
+  /** The open credential of the payer's own mined `open` transaction, made again on a
+   * current challenge, until the server has taken it (see `pay`). */
+  reopen?: (() => Promise<string>) | undefined
 }
 
 const problemOf = async (res: Response): Promise<Record<string, unknown> | undefined> => {
@@ -730,13 +733,16 @@ export function createFetch(options: Options): PayingFetch {
       })
       // Mined, which may take longer than the challenge lives: the credential goes on a
       // current one (the core draft: none for an expired challenge).
-      await current(live, url)
-      header = await live.session.openWithHash({
-        channelId: opened.channelId,
-        salt,
-        hash: opened.hash,
-        initial,
-      })
+      live.reopen = async () => {
+        await current(live, url)
+        return live.session.openWithHash({
+          channelId: opened.channelId,
+          salt,
+          hash: opened.hash,
+          initial,
+        })
+      }
+      header = await live.reopen()
     }
     return header
   }
@@ -1086,6 +1092,8 @@ export function createFetch(options: Options): PayingFetch {
     let opened: (() => void) | undefined
     // The channel whose open this request sent last (until the server answers it).
     let sentOpen: Live | undefined
+    // How often this request sent again an open the server could not verify.
+    let reopens = 0
     // However the tries end (12 of them, the last having just signed an open; a fetch that
     // threw before its answer), an open this request holds is ended: requests waiting for it,
     // and release(), would otherwise wait forever.
@@ -1106,6 +1114,7 @@ export function createFetch(options: Options): PayingFetch {
           continue
         }
         if (res.status !== 402 && res.status !== 410) {
+          if (answeredOpen) answeredOpen.reopen = undefined
           if (!live?.state || !res.body) return res
           const receipt = res.headers.get('payment-receipt')
           const sse = res.headers.get('content-type')?.includes('text/event-stream')
@@ -1185,6 +1194,26 @@ export function createFetch(options: Options): PayingFetch {
             return voucher
           })
           options.onVoucher?.({ channelId: l.session.channelId as Hex, cumulativeAmount: l.sent })
+        } else if (
+          answeredOpen === l &&
+          l.reopen &&
+          kind === 'verification-failed' &&
+          reopens < 3
+        ) {
+          // The payer's own open, mined, that the server could not verify (its node behind the
+          // payer's, say). The evm draft has such a client decide by the channel's state, not
+          // the refusal: the channel is on chain, so the same open goes again, after a wait,
+          // rather than a second channel and deposit.
+          reopens++
+          await sleep(1000 * reopens, stop.signal)
+          const { promise, resolve } = Promise.withResolvers<void>()
+          l.opening = promise
+          opened = () => {
+            if (l.opening === promise) l.opening = undefined
+            resolve()
+          }
+          credential = await l.reopen()
+          sentOpen = l
         } else if (!challenge || (problem && kind !== 'verification-failed' && attempt > 0)) {
           // An open the server refused (a deposit below its least, say) may have opened
           // nothing: as for a channel it does not know, its state is read and the channel

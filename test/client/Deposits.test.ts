@@ -10,6 +10,7 @@
 import { afterAll, expect, test } from 'bun:test'
 import type { Hex } from 'viem'
 import * as Escrow from '../../src/chain/Escrow.ts'
+import * as Token from '../../src/chain/Token.ts'
 import { ChallengeRefusedError, createFetch, Store } from '../../src/client/index.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
@@ -29,7 +30,13 @@ type Sent = { action: string; type: string | undefined; expired: boolean }
  * is taken.
  */
 function server(o: { feePayer: boolean; types: string[]; expiresMs?: number }) {
-  const state = { sent: [] as Sent[], need: 0n, fetch: undefined as unknown as typeof fetch }
+  const state = {
+    sent: [] as Sent[],
+    need: 0n,
+    /** Open credentials still to refuse as unverifiable (a node behind the payer's). */
+    refuseOpens: 0,
+    fetch: undefined as unknown as typeof fetch,
+  }
   const challenge = () =>
     Challenge.from({
       secret: 'scripted-secret-0123456789',
@@ -74,6 +81,10 @@ function server(o: { feePayer: boolean; types: string[]; expiresMs?: number }) {
     const expired = Date.parse(echoed.expires!) <= Date.now()
     state.sent.push({ action: p.action, type: p.type, expired })
     if (expired) return problem('session/challenge-not-found')
+    if (p.action === 'open' && state.refuseOpens > 0) {
+      state.refuseOpens--
+      return problem('verification-failed')
+    }
     if (p.action === 'voucher' && BigInt(p.cumulativeAmount!) < state.need)
       return problem('session/insufficient-balance', { requiredCumulative: state.need.toString() })
     if (init.method === 'HEAD') return new Response(null)
@@ -124,6 +135,19 @@ test('error: a server that takes only credential types this client does not make
   expect(s.sent).toEqual([])
   expect(await f.channel(url)).toBeUndefined()
 })
+
+test('behavior: an open of the payer the server cannot verify yet is sent again, not a second channel: served, one deposit', async () => {
+  const s = server({ feePayer: false, types: ['hash'] })
+  s.refuseOpens = 1
+  const f = paying(3, s.fetch)
+  const payer = chain.payers[3]!.address
+  const token = { token: chain.currencyAddress, owner: payer }
+  const before = await Token.balanceOf(chain.payeeClient, token)
+  expect((await f(url, post)).status).toBe(200)
+  expect(s.sent.filter((x) => x.action === 'open')).toHaveLength(2)
+  expect(before - (await Token.balanceOf(chain.payeeClient, token))).toBe(200_000n)
+  expect((await f.setApart(url)).refused).toBeUndefined()
+}, 30_000)
 
 test('behavior: an open mined after its challenge expired goes out on a fresh challenge: served, one deposit', async () => {
   // Receipts 2 s late, challenges that live 1.5 s.
