@@ -46,14 +46,13 @@ export function classify(e: Error): CliError {
     )
   if (e instanceof ChallengeRefusedError)
     return new PaymentError(
-      // The client's allow-list of escrows is this command's options; it pays over plain HTTP
-      // only this machine.
+      // The client's allow-list of escrows, and plain HTTP, are this command's options.
       e.message
         .replace(
           'which is not in allow.escrows; add it if you trust it.',
           'which is not one you trust: pass --escrow <address> (TOLLWAY_ESCROW) if you do, or --trust-escrow on a development chain.',
         )
-        .replace(' (or allowInsecureHttp on a test network)', ''),
+        .replace('allowInsecureHttp on a test network', '--insecure-http on a test network'),
       (e as { details?: unknown }).details,
     )
   if (e instanceof PaymentFailedError) {
@@ -152,6 +151,7 @@ async function paying(ctx: Context, o: { onChainOnly?: boolean } = {}) {
     limits: { maxDeposit: ctx.settings.maxDeposit, maxTotal: ctx.settings.maxTotal },
     allow: { escrows: o.onChainOnly ? [] : await escrows(ctx) },
     store: Store.file(join(ctx.settings.dataDir, 'channels.json')),
+    allowInsecureHttp: ctx.settings.insecureHttp,
   })
 }
 

@@ -79,6 +79,9 @@ Options:
   --escrow A         an escrow contract you trust (repeatable; TOLLWAY_ESCROW, comma-separated)
   --trust-escrow     trust whatever escrow the gateway names (TOLLWAY_TRUST_ESCROW=1); only for
                      a development chain or a gateway you run yourself
+  --insecure-http    pay a gateway on another machine over plain HTTP (TOLLWAY_INSECURE_HTTP=1);
+                     anyone on the way could replay your vouchers: a test network only
+                     (https, and http to this machine, need no flag)
   --max-deposit N    the most one channel holds, base units (default 10000000)
   --max-total N      the most your vouchers may total, base units (default 10000000), over every
                      channel $TOLLWAY_DATA_DIR/channels.json keeps (earlier commands' and closed
@@ -118,6 +121,7 @@ const options = {
   receipt: { type: 'boolean' },
   escrow: { type: 'string', multiple: true },
   'trust-escrow': { type: 'boolean' },
+  'insecure-http': { type: 'boolean' },
   'max-deposit': { type: 'string' },
   'max-total': { type: 'string' },
   'rpc-url': { type: 'string' },
@@ -152,6 +156,7 @@ const Settings = z.object({
   timeout: z.coerce.number().positive().max(3600).optional(),
   escrows: z.array(z.string()),
   trustEscrow: z.boolean(),
+  insecureHttp: z.boolean(),
 })
 export type Settings = z.infer<typeof Settings>
 
@@ -186,6 +191,7 @@ function settings(values: ReturnType<typeof parse>['values'], env: Env): Setting
     timeout: values.timeout ?? e('TOLLWAY_TIMEOUT'),
     escrows: [...(values.escrow ?? []), ...(e('TOLLWAY_ESCROW')?.split(',').filter(Boolean) ?? [])],
     trustEscrow: values['trust-escrow'] ?? e('TOLLWAY_TRUST_ESCROW') === '1',
+    insecureHttp: values['insecure-http'] ?? e('TOLLWAY_INSECURE_HTTP') === '1',
   })
   if (!parsed.success)
     throw new UsageError(

@@ -2,7 +2,11 @@
 import { describe, expect, test } from 'bun:test'
 import { PaymentError, UsageError } from '../../src/cli/Errors.ts'
 import { classify } from '../../src/cli/Wallet.ts'
-import { PaymentFailedError, StoreInUseError } from '../../src/client/index.ts'
+import {
+  ChallengeRefusedError,
+  PaymentFailedError,
+  StoreInUseError,
+} from '../../src/client/index.ts'
 
 describe('classify', () => {
   test('error: another process holding the channel store is a usage error pointing at TOLLWAY_DATA_DIR', () => {
@@ -33,5 +37,16 @@ describe('classify', () => {
     // Another refusal says what the server said, and no more.
     const other = classify(new PaymentFailedError('The server refused the payment (402).', 402))
     expect(other.message).toBe('The server refused the payment (402).')
+  })
+
+  test('error: a gateway on another machine over plain HTTP names the option that allows it', () => {
+    const e = classify(
+      new ChallengeRefusedError(
+        'http://10.0.0.5:8787 asks for payment over plain HTTP, where anyone on the way could read and replay the credential; use https (or allowInsecureHttp on a test network).',
+        { url: 'http://10.0.0.5:8787/v1/chat/completions' },
+      ),
+    )
+    expect(e).toBeInstanceOf(PaymentError)
+    expect(e.message).toContain('use https (or --insecure-http on a test network)')
   })
 })
