@@ -234,6 +234,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
           clock: () => Channels.clock(db),
           acceptVoucher: (v) => Channels.acceptVoucher(db, v),
           sent: (t) => Settlements.sentForPayer(db, t),
+          settledPublicly: (id) => Channels.settledPublicly(db, id),
         },
         chain: escrow,
       })

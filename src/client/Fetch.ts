@@ -1329,13 +1329,15 @@ export function createFetch(options: Options): PayingFetch {
       const problem = await problemOf(closed)
       // Spent grew since it was read (a request of ours ended meanwhile): the server says by
       // how much. Signed once more when it is within what was signed already (a voucher that
-      // gives the server nothing it does not hold).
+      // gives the server nothing it does not hold), or a base unit above what was spent: with
+      // all that was spent settled on chain, a close for that amount is one anyone can read and
+      // send, and the server takes only one above it.
       const required = amount(problem?.requiredCumulative)
       if (
         closed.status === 402 &&
         required !== undefined &&
         required > spent &&
-        required <= session.signed
+        required <= max(session.signed, spent + 1n)
       ) {
         spent = required
         closed = await send()

@@ -135,6 +135,20 @@ export async function get(sql: Sql, channelId: Hex): Promise<Channel | undefined
   return row ? from(row) : undefined
 }
 
+/**
+ * The highest voucher of the channel the gateway settled on chain or put in a settle
+ * transaction (recorded before it is sent: public from then on, its calldata), 0 when none.
+ * A close transaction's voucher is not counted: it is the payer's own close, which the payer
+ * may send again.
+ */
+export async function settledPublicly(sql: Sql, channelId: Hex): Promise<bigint> {
+  const [row] = await sql`
+    select greatest(ch.settled, (select max(ct.cumulative_amount) from chain_transactions ct
+      where ct.channel_id = ch.channel_id and ct.kind = 'settle')) as published
+    from channels ch where ch.channel_id = ${bytes(channelId)}`
+  return (row?.published as bigint | null | undefined) ?? 0n
+}
+
 export type VoucherOutcome =
   | 'accepted'
   | 'replay'

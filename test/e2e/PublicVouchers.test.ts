@@ -20,6 +20,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Ledger from '../helpers/Ledger.ts'
 import * as Paid from '../helpers/Paid.ts'
+import * as Payer from '../helpers/Payer.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
@@ -313,6 +314,119 @@ describe('a public voucher as a close while the payer has a request under way', 
       headers: { authorization: await session.voucher(60_000n) },
     })
     expect(next.status).toBe(200)
+  }, 60_000)
+})
+
+describe('a public voucher as a close when all that was spent is settled', () => {
+  test('error: a stranger cannot close the channel with the settle voucher; the payer closes it with one a base unit above', async () => {
+    const session = await opened(20_000n)
+    const channelId = session.channelId! as Hex
+    // Spent exactly what the voucher signed, then settled: the settle's voucher covers spent.
+    const id = crypto.randomUUID()
+    const admitted = await Channels.admit(gw.sql, {
+      channelId,
+      model: 'fake',
+      stream: false,
+      want: 20_000n,
+      need: 20_000n,
+      requestId: id,
+      leaseSeconds: 60,
+    })
+    expect(admitted.status).toBe('ok')
+    await Reservations.reservation(gw.sql, {
+      id,
+      held: 20_000n,
+      leaseSeconds: 60,
+      channelId,
+    }).settle({
+      promptTokens: 1,
+      completionTokens: 1,
+      status: 'ok',
+      latencyMs: 1,
+      ttftMs: 1,
+      cost: 20_000n,
+    })
+    const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
+      result: { txHash: Hex }
+    }
+    const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
+    const [, amount, signature] = decodeFunctionData({ abi: Escrow.abi, data: tx.input }).args as [
+      Hex,
+      bigint,
+      Hex,
+    ]
+    expect(amount).toBe(20_000n)
+    expect((await Channels.get(gw.sql, channelId))!).toMatchObject({
+      spent: 20_000n,
+      settled: 20_000n,
+    })
+    const refused = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await publicClose(channelId, amount, signature) },
+    })
+    expect(refused.status).toBe(402)
+    expect(((await refused.json()) as { requiredCumulative?: string }).requiredCumulative).toBe(
+      '20001',
+    )
+    expect((await Channels.get(gw.sql, channelId))!).toMatchObject({
+      closeRequestedAt: null,
+      cooperativeClose: false,
+      finalized: false,
+    })
+    // The payer's own close, a base unit above: taken, and the channel ends.
+    const closed = await fetch(url, {
+      method: 'POST',
+      headers: { authorization: await session.close(20_001n) },
+    })
+    await closed.text()
+    expect(closed.status).toBe(200)
+    expect((await Channels.get(gw.sql, channelId))!.finalized).toBe(true)
+  }, 60_000)
+})
+
+describe('the paying client closing a channel settled to all it signed', () => {
+  test('behavior: close() signs a base unit above the settled voucher when the server asks, and the channel ends', async () => {
+    const { fetch, openai } = Payer.client(chain, gw.url, 1)
+    await openai.chat.completions.create({
+      model: 'fake',
+      messages: [{ role: 'user', content: 'one two three' }],
+    })
+    const { channelId, signed } = (await fetch.channel(gw.url))!
+    const before = (await Channels.get(gw.sql, channelId as Hex))!
+    expect(before.acceptedCumulative).toBe(BigInt(signed))
+    // Everything signed is spent (a request charged the rest) and settled on chain.
+    const id = crypto.randomUUID()
+    const rest = BigInt(signed) - before.spent
+    expect(
+      (
+        await Channels.admit(gw.sql, {
+          channelId: channelId as Hex,
+          model: 'fake',
+          stream: false,
+          want: rest,
+          need: rest,
+          requestId: id,
+          leaseSeconds: 60,
+        })
+      ).status,
+    ).toBe('ok')
+    await Reservations.reservation(gw.sql, {
+      id,
+      held: rest,
+      leaseSeconds: 60,
+      channelId: channelId as Hex,
+    }).settle({
+      promptTokens: 1,
+      completionTokens: 1,
+      status: 'ok',
+      latencyMs: 1,
+      ttftMs: 1,
+      cost: rest,
+    })
+    await (await gw.admin(`/channels/${channelId}/settle`, {})).text()
+    expect((await Channels.get(gw.sql, channelId as Hex))!.settled).toBe(BigInt(signed))
+    expect(await fetch.close(gw.url)).toMatch(/^0x/)
+    expect((await Channels.get(gw.sql, channelId as Hex))!.finalized).toBe(true)
   }, 60_000)
 })
 

@@ -72,6 +72,9 @@ export type Store = {
   }): Promise<{ status: VoucherStatus } & Omit<State, 'channelId'>>
   /** Records a transaction the gateway sent (and paid the gas of) for the payer, mined. */
   sent(t: { channelId: Hex; kind: 'open' | 'topUp'; deposit: bigint; hash: Hex }): Promise<void>
+  /** The highest voucher the gateway settled on chain or put in a settle transaction (public
+   * from then on: its calldata); 0 when none. */
+  settledPublicly(channelId: Hex): Promise<bigint>
 }
 
 /** A transaction the gateway sent: its hash, and the channel's deposit right after it (its event). */
@@ -488,6 +491,19 @@ export function create(o: Options) {
             `The final voucher must cover what was spent (${channel.spent}).`,
             { channelId: p.channelId, requiredCumulative: channel.spent },
           )
+        // Nor at or below a voucher the gateway settled (the core draft: a proof is usable
+        // once): with all that was spent settled, that public voucher covers spent too, and
+        // anyone could finalize the payer's channel with it. The payer's own close carries one
+        // above it (by a base unit, when nothing more was spent). A channel settled to its
+        // whole deposit has nothing left to take back or spend: any close may end it.
+        if (!channel.finalized) {
+          const published = await o.store.settledPublicly(p.channelId)
+          if (published > 0n && published < channel.deposit && p.cumulativeAmount <= published)
+            throw Problem.paymentInsufficient(
+              `A final voucher must be above the last one settled on chain (${published}), which anyone can read.`,
+              { channelId: p.channelId, requiredCumulative: published + 1n },
+            )
+        }
         // A final voucher above the accepted amount is recorded first (durable, like any).
         // minVoucherDelta bounds the work of a stream of vouchers; it is no reason to refuse
         // the last one, and with it the close (draft, "Cooperative Close"). Not on a channel
