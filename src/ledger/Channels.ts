@@ -92,18 +92,21 @@ export async function observe(
   } = {},
 ): Promise<Channel> {
   const reopen = options.toppedUpAt && !c.closeRequested && !c.finalized
+  // A channel first seen here already settled on chain (the database restored from before its
+  // settlements, say): what was settled was spent and paid, by a voucher the payer signed that
+  // is now public (the settle's calldata). The row starts there, settled, spent and accepted
+  // alike, so that no voucher at or below it pays for a request again.
+  const settled = sql.typed.numeric(c.settled)
   const [row] = await sql`
     insert into channels (channel_id, chain_id, escrow, payer, payee, token, signer, deposit, settled,
-      close_requested_at, finalized)
+      spent, accepted_cumulative, close_requested_at, finalized)
     values (${bytes(c.channelId)}, ${c.chainId}, ${bytes(c.escrow)}, ${bytes(c.payer)}, ${bytes(c.payee)},
-      ${bytes(c.token)}, ${bytes(c.signer)}, ${sql.typed.numeric(c.deposit)}, 0,
-      ${c.closeRequested ? sql`now()` : null}, ${c.finalized})
+      ${bytes(c.token)}, ${bytes(c.signer)}, ${sql.typed.numeric(c.deposit)}, ${settled},
+      ${settled}, ${settled}, ${c.closeRequested ? sql`now()` : null}, ${c.finalized})
     on conflict (channel_id) do update set
       deposit = greatest(channels.deposit, excluded.deposit),
-      -- The chain's settled, as a parameter: the row proposed for insertion must pass the
-      -- CHECKs before the conflict is found (settled <= spent, and a new row has spent 0), so
-      -- it carries 0 (a channel first seen here has nothing spent to settle against).
-      settled = greatest(channels.settled, least(${sql.typed.numeric(c.settled)}, channels.spent)),
+      -- The chain's settled, never above what this row has spent (settled <= spent).
+      settled = greatest(channels.settled, least(${settled}, channels.spent)),
       -- Kept while the chain shows none: the settlement worker marks cooperative closes before
       -- the chain shows them. Cleared only after a top-up, when the chain read after it shows
       -- no close requested and the mark is older than that read (a forced close the top-up

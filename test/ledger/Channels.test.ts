@@ -31,6 +31,42 @@ describe('acceptVoucher', () => {
     expect((await voucher(missing, 1n)).status).toBe('not_found')
   })
 
+  test('behavior: a channel first seen already settled on chain starts there: no voucher at or below it is accepted, nor pays for a request', async () => {
+    const id = () => crypto.randomUUID().replaceAll('-', '')
+    const c = await Channels.observe(sql, {
+      channelId: `0x${id()}${id()}` as Channels.Hex,
+      deposit: 1000n,
+      chainId: 31337,
+      escrow: `0x${'0'.repeat(39)}1`,
+      payer: `0x${'0'.repeat(39)}2`,
+      payee: `0x${'0'.repeat(39)}3`,
+      token: `0x${'0'.repeat(39)}4`,
+      signer: `0x${'0'.repeat(39)}2`,
+      settled: 400n,
+      finalized: false,
+      closeRequested: false,
+    })
+    expect(await invariants(c.channelId)).toMatchObject({
+      settled: 400n,
+      spent: 400n,
+      acceptedCumulative: 400n,
+    })
+    expect((await voucher(c.channelId, 300n)).status).toBe('replay')
+    expect((await voucher(c.channelId, 400n)).status).toBe('replay')
+    expect((await voucher(c.channelId, 450n)).status).toBe('accepted')
+    const a = await Channels.admit(sql, {
+      channelId: c.channelId,
+      model: 'm',
+      stream: false,
+      want: 60n,
+      need: 60n,
+      requestId: crypto.randomUUID(),
+      leaseSeconds: 60,
+    })
+    // Only what the new voucher adds above what was settled before (50), not 450.
+    expect(a.status).toBe('insufficient')
+  })
+
   test('error: amounts only grow, even when written by hand', async () => {
     const c = await channel(1000n)
     await voucher(c.channelId, 500n)
