@@ -56,6 +56,39 @@ async function publicClose(channelId: Hex, amount: bigint, signature: Hex) {
 const opened = (initial: bigint) =>
   Paid.opened(url, { account: payer, tokenDomain, deposit: 100_000n, initial })
 
+/** Holds `held` of the channel for a request, as its admission does; charges it with `settle`. */
+async function underWay(channelId: Hex, held: bigint) {
+  const id = crypto.randomUUID()
+  const admitted = await Channels.admit(gw.sql, {
+    channelId,
+    model: 'fake',
+    stream: true,
+    want: held,
+    need: held,
+    requestId: id,
+    leaseSeconds: 60,
+  })
+  expect(admitted.status).toBe('ok')
+  const r = Reservations.reservation(gw.sql, { id, held, leaseSeconds: 60, channelId })
+  const outcome = { promptTokens: 1, completionTokens: 1, status: 'ok' as const, latencyMs: 1 }
+  return { settle: (cost: bigint) => r.settle({ ...outcome, cost, ttftMs: 1 }) }
+}
+
+/** Settles the channel (the admin's settle, mined) and reads what anyone can of it: the
+ * voucher its settle transaction carries. */
+async function settleVoucher(channelId: Hex) {
+  const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
+    result: { status: string; txHash: Hex }
+  }
+  expect(settled.result.status).toBe('confirmed')
+  const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
+  const { functionName, args } = decodeFunctionData({ abi: Escrow.abi, data: tx.input })
+  expect(functionName).toBe('settle')
+  const [id, amount, signature] = args as [Hex, bigint, Hex]
+  expect(id.toLowerCase()).toBe(channelId.toLowerCase())
+  return { amount, signature }
+}
+
 /**
  * A channel whose payer signed ahead (a voucher for 50,000, as createFetch does by its margin)
  * and was served `requests` times, then settled by the gateway (the highest voucher at or
@@ -70,15 +103,7 @@ async function settledChannel(requests: number) {
     expect(served.status).toBe(200)
     await served.text()
   }
-  const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
-    result: { status: string; txHash: Hex }
-  }
-  expect(settled.result.status).toBe('confirmed')
-  const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
-  const { functionName, args } = decodeFunctionData({ abi: Escrow.abi, data: tx.input })
-  expect(functionName).toBe('settle')
-  const [id, amount, signature] = args as [Hex, bigint, Hex]
-  expect(id.toLowerCase()).toBe(channelId)
+  const { amount, signature } = await settleVoucher(channelId)
   const spent = (await Ledger.channelState(gw.sql, channelId)).spent
   return { channelId, ahead, spent, amount, signature }
 }
@@ -261,24 +286,6 @@ describe('a close with a voucher a settle transaction made public', () => {
 })
 
 describe('a public voucher as a close while the payer has a request under way', () => {
-  /** Holds `held` of the channel for a request, as its admission does; charges it with `settle`. */
-  async function underWay(channelId: Hex, held: bigint) {
-    const id = crypto.randomUUID()
-    const admitted = await Channels.admit(gw.sql, {
-      channelId,
-      model: 'fake',
-      stream: true,
-      want: held,
-      need: held,
-      requestId: id,
-      leaseSeconds: 60,
-    })
-    expect(admitted.status).toBe('ok')
-    const r = Reservations.reservation(gw.sql, { id, held, leaseSeconds: 60, channelId })
-    const outcome = { promptTokens: 1, completionTokens: 1, status: 'ok' as const, latencyMs: 1 }
-    return { settle: (cost: bigint) => r.settle({ ...outcome, cost, ttftMs: 1 }) }
-  }
-
   test('error: a stranger close that covers spent but not the request under way is refused, and leaves the channel open', async () => {
     const session = await opened(20_000n)
     const channelId = session.channelId! as Hex
@@ -288,15 +295,7 @@ describe('a public voucher as a close while the payer has a request under way', 
       headers: { authorization: await session.voucher(40_000n) },
     })
     expect(ahead.status).toBe(200)
-    const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
-      result: { txHash: Hex }
-    }
-    const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
-    const [, amount, signature] = decodeFunctionData({ abi: Escrow.abi, data: tx.input }).args as [
-      Hex,
-      bigint,
-      Hex,
-    ]
+    const { amount, signature } = await settleVoucher(channelId)
     expect(amount).toBe(20_000n)
     // The payer's request under way; the stranger sends the settle's voucher back as a close.
     const request = await underWay(channelId, 5_000n)
@@ -322,39 +321,8 @@ describe('a public voucher as a close when all that was spent is settled', () =>
     const session = await opened(20_000n)
     const channelId = session.channelId! as Hex
     // Spent exactly what the voucher signed, then settled: the settle's voucher covers spent.
-    const id = crypto.randomUUID()
-    const admitted = await Channels.admit(gw.sql, {
-      channelId,
-      model: 'fake',
-      stream: false,
-      want: 20_000n,
-      need: 20_000n,
-      requestId: id,
-      leaseSeconds: 60,
-    })
-    expect(admitted.status).toBe('ok')
-    await Reservations.reservation(gw.sql, {
-      id,
-      held: 20_000n,
-      leaseSeconds: 60,
-      channelId,
-    }).settle({
-      promptTokens: 1,
-      completionTokens: 1,
-      status: 'ok',
-      latencyMs: 1,
-      ttftMs: 1,
-      cost: 20_000n,
-    })
-    const settled = (await (await gw.admin(`/channels/${channelId}/settle`, {})).json()) as {
-      result: { txHash: Hex }
-    }
-    const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
-    const [, amount, signature] = decodeFunctionData({ abi: Escrow.abi, data: tx.input }).args as [
-      Hex,
-      bigint,
-      Hex,
-    ]
+    await (await underWay(channelId, 20_000n)).settle(20_000n)
+    const { amount, signature } = await settleVoucher(channelId)
     expect(amount).toBe(20_000n)
     expect((await Channels.get(gw.sql, channelId))!).toMatchObject({
       spent: 20_000n,
@@ -395,35 +363,10 @@ describe('the paying client closing a channel settled to all it signed', () => {
     const before = (await Channels.get(gw.sql, channelId as Hex))!
     expect(before.acceptedCumulative).toBe(BigInt(signed))
     // Everything signed is spent (a request charged the rest) and settled on chain.
-    const id = crypto.randomUUID()
-    const rest = BigInt(signed) - before.spent
-    expect(
-      (
-        await Channels.admit(gw.sql, {
-          channelId: channelId as Hex,
-          model: 'fake',
-          stream: false,
-          want: rest,
-          need: rest,
-          requestId: id,
-          leaseSeconds: 60,
-        })
-      ).status,
-    ).toBe('ok')
-    await Reservations.reservation(gw.sql, {
-      id,
-      held: rest,
-      leaseSeconds: 60,
-      channelId: channelId as Hex,
-    }).settle({
-      promptTokens: 1,
-      completionTokens: 1,
-      status: 'ok',
-      latencyMs: 1,
-      ttftMs: 1,
-      cost: rest,
-    })
-    await (await gw.admin(`/channels/${channelId}/settle`, {})).text()
+    await (await underWay(channelId as Hex, BigInt(signed) - before.spent)).settle(
+      BigInt(signed) - before.spent,
+    )
+    await settleVoucher(channelId as Hex)
     expect((await Channels.get(gw.sql, channelId as Hex))!.settled).toBe(BigInt(signed))
     expect(await fetch.close(gw.url)).toMatch(/^0x/)
     expect((await Channels.get(gw.sql, channelId as Hex))!.finalized).toBe(true)
