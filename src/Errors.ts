@@ -193,6 +193,18 @@ export class ReservationLostError extends RetryLaterError {
   }
 }
 
+/**
+ * The headers of a wait of `ms`: Retry-After in whole seconds (at least one) and retry-after-ms,
+ * the exact wait, which the OpenAI SDKs prefer.
+ */
+export function retryAfter(ms: number): Record<string, string> {
+  const wait = Math.max(0, ms)
+  return {
+    'retry-after': String(Math.max(1, Math.ceil(wait / 1000))),
+    'retry-after-ms': String(wait),
+  }
+}
+
 /** 503: no healthy upstream serves the model. */
 export class NoUpstreamError extends GatewayError {
   override name = 'NoUpstreamError'
@@ -215,11 +227,7 @@ export class UpstreamRateLimitedError extends NoUpstreamError {
   ) {
     super(message, 'upstream_rate_limited', {
       ...options,
-      headers: {
-        'retry-after': String(Math.max(1, Math.ceil(retryAfterMs / 1000))),
-        'retry-after-ms': String(retryAfterMs),
-        ...options.headers,
-      },
+      headers: { ...retryAfter(retryAfterMs), ...options.headers },
     })
   }
 }

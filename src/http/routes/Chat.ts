@@ -13,6 +13,7 @@ import {
   noRetry,
   PaymentRequiredError,
   RateLimitError,
+  retryAfter,
   TierNotAvailableError,
   UpstreamError,
   UpstreamRateLimitedError,
@@ -118,12 +119,11 @@ function plan(deps: Deps, text: string, payer: string, signer?: Receipt.Signer):
   )
   const need = asked !== undefined && !req.stream ? want : Pricing.cost(price, promptTokens, first)
   ceilings(req, model)
-  const strategy = req.routing_strategy ?? model.routing
   const routes = deps.router.routes(
     model,
-    strategy,
+    req.routing_strategy,
     { prompt: promptTokens, output: limit, stream: req.stream },
-    req.allow_external ?? strategy !== 'cheapest',
+    req.allow_external,
   )
   if (req.allow_external === false && model.routes.every((r) => r.external))
     throw new InvalidRequestError(
@@ -860,15 +860,11 @@ function rateHeaders(
   limit: number | null,
   remaining: number,
 ): Record<string, string> {
-  const wait = Math.max(0, retryAfterMs)
-  const headers: Record<string, string> = {
-    'retry-after': String(Math.max(1, Math.ceil(wait / 1000))),
-    'retry-after-ms': String(wait),
-  }
+  const headers = retryAfter(retryAfterMs)
   if (limit !== null) {
     headers['x-ratelimit-limit-requests'] = String(limit)
     headers['x-ratelimit-remaining-requests'] = String(remaining)
-    headers['x-ratelimit-reset-requests'] = `${wait / 1000}s`
+    headers['x-ratelimit-reset-requests'] = `${Math.max(0, retryAfterMs) / 1000}s`
   }
   return headers
 }
