@@ -56,6 +56,14 @@ test('behavior: with allowInsecureHttp it pays such a server; this machine is pa
   await res.text()
   expect(credentials.length).toBeGreaterThan(0)
   expect((await fetch.channel(remote))?.channelId).toBeString()
-  // Loopback (gw.url is 127.0.0.1): every other client test pays it over plain HTTP.
-  expect(new URL(gw.url).hostname).toBe('127.0.0.1')
+  // The first payer, refused above, pays the same gateway as this machine's (127.0.0.1,
+  // localhost) over plain HTTP without being allowed to.
+  for (const local of [gw.url, gw.url.replace('127.0.0.1', 'localhost')]) {
+    const mine: string[] = []
+    const { fetch: plain } = Payer.client(chain, gw.url, 0, { fetch: reaching(mine) })
+    const served = await plain(`${local}/v1/chat/completions`, post)
+    expect(served.status).toBe(200)
+    await served.text()
+    expect(mine.length).toBeGreaterThan(0)
+  }
 }, 30_000)

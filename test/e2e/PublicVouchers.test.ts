@@ -59,14 +59,11 @@ const opened = (initial: bigint) =>
 /** Holds `held` of the channel for a request, as its admission does; charges it with `settle`. */
 async function underWay(channelId: Hex, held: bigint) {
   const id = crypto.randomUUID()
-  const admitted = await Channels.admit(gw.sql, {
-    channelId,
-    model: 'fake',
-    stream: true,
+  const admitted = await Ledger.hold(gw.sql, channelId, {
     want: held,
     need: held,
+    stream: true,
     requestId: id,
-    leaseSeconds: 60,
   })
   expect(admitted.status).toBe('ok')
   const r = Reservations.reservation(gw.sql, { id, held, leaseSeconds: 60, channelId })

@@ -54,17 +54,11 @@ describe('acceptVoucher', () => {
     expect((await voucher(c.channelId, 300n)).status).toBe('replay')
     expect((await voucher(c.channelId, 400n)).status).toBe('replay')
     expect((await voucher(c.channelId, 450n)).status).toBe('accepted')
-    const a = await Channels.admit(sql, {
-      channelId: c.channelId,
-      model: 'm',
-      stream: false,
-      want: 60n,
-      need: 60n,
-      requestId: crypto.randomUUID(),
-      leaseSeconds: 60,
-    })
     // Only what the new voucher adds above what was settled before (50), not 450.
-    expect(a.status).toBe('insufficient')
+    expect((await Ledger.hold(sql, c.channelId, { want: 60n, need: 60n })).status).toBe(
+      'insufficient',
+    )
+    expect((await Ledger.hold(sql, c.channelId, { want: 50n, need: 50n })).status).toBe('ok')
   })
 
   test('error: amounts only grow, even when written by hand', async () => {
