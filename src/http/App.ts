@@ -24,10 +24,39 @@ import * as Models from './routes/Models.ts'
 
 export type { Deps }
 
+/**
+ * The body length a Content-Length header declares. Sent more than once, the header reaches
+ * here as a list ("10, 10"; RFC 9110 lets a server take identical values as one), which
+ * `Number` reads as NaN, and NaN is over no limit: a list is taken at its largest value, and a
+ * value that is not a length is refused.
+ */
+export function declared(length: string): number {
+  let most = 0
+  for (const part of length.split(',')) {
+    const value = part.trim()
+    if (!/^\d+$/.test(value))
+      throw new InvalidRequestError(
+        `Content-Length is not a length: "${length.slice(0, 40)}".`,
+        'invalid_content_length',
+      )
+    most = Math.max(most, Number(value))
+  }
+  return most
+}
+
 /** Builds the app. */
 export function create(deps: Deps): Hono {
   const app = new Hono()
   const limit = deps.config.maxBodyBytes
+
+  // A Host header that is no host (`a b`, `x/y`, empty) reaches here with a URL that is only a
+  // path, which the router reads wrongly (it looks for the path after a scheme and host, so
+  // `/v1/admin/accounts` would be served as `/admin/accounts`): refused before any route runs.
+  app.use('*', (c, next) => {
+    if (!c.req.url.startsWith('http'))
+      throw new InvalidRequestError('The Host header is not a valid host name.', 'invalid_host')
+    return next()
+  })
 
   // Every answer counted by route pattern (not path: ids would make the labels unbounded);
   // first, so that what the body limit refuses counts too.
@@ -53,7 +82,7 @@ export function create(deps: Deps): Hono {
     const headers = c.req.raw.headers
     const length = headers.get('content-length')
     if (length === null || headers.has('transfer-encoding')) return counted(c, next)
-    if (Number(length) > limit) tooLarge()
+    if (declared(length) > limit) tooLarge()
     return next()
   })
 
@@ -79,10 +108,7 @@ export function create(deps: Deps): Hono {
   app.route('/admin', Admin.routes(deps))
 
   app.notFound((c) => {
-    throw new NotFoundError(
-      `No route ${c.req.method} ${new URL(c.req.url).pathname}.`,
-      'route_not_found',
-    )
+    throw new NotFoundError(`No route ${c.req.method} ${c.req.path}.`, 'route_not_found')
   })
 
   app.onError((e, c) => {
