@@ -179,6 +179,56 @@ describe('GET /metrics', () => {
     expect(third).toBe(first)
   })
 
+  test('error: a stranger cannot make the gateway count a long body or remember its counts: an unknown key is looked up first', async () => {
+    const stranger = `tw_${'z'.repeat(43)}`
+    const tokenized = (from: Map<string, number>, to: Map<string, number>, how = 'tokenized') =>
+      (to.get(`tollway_counted_characters_total{how="${how}"}`) ?? 0) -
+      (from.get(`tollway_counted_characters_total{how="${how}"}`) ?? 0)
+    const before = await scrape()
+    const long = await chat(stranger, {
+      messages: [{ role: 'user', content: `${crypto.randomUUID()} ${'ab '.repeat(300)}` }],
+    })
+    expect(long.status).toBe(401)
+    const middle = await scrape()
+    expect(tokenized(before, middle)).toBe(0)
+    // A body under the bound is counted (the key is checked with the plan, in one round
+    // trip), but a stranger's counts are not remembered: the same message twice is tokenized
+    // twice, and nothing of paying clients' is pushed out of the memo.
+    const message = `${crypto.randomUUID()} ${'cd '.repeat(80)}`
+    for (let i = 0; i < 2; i++)
+      expect(
+        (await chat(stranger, { messages: [{ role: 'user', content: message }] })).status,
+      ).toBe(401)
+    const after = await scrape()
+    expect(tokenized(middle, after)).toBeGreaterThanOrEqual(2 * message.length)
+    expect(tokenized(middle, after, 'remembered')).toBe(0)
+  })
+
+  test('behavior: a revoked key is forgotten: its next long body waits for the key lookup and is not counted', async () => {
+    const { key } = await gw.account()
+    const messages = [{ role: 'user', content: `${crypto.randomUUID()} ${'ef '.repeat(300)}` }]
+    expect((await chat(key, { messages })).status).toBe(200)
+    const auth = { authorization: `Bearer ${key}` }
+    const listed = (await (await fetch(`${gw.url}/v1/keys`, { headers: auth })).json()) as {
+      data: { id: string }[]
+    }
+    for (const k of listed.data)
+      expect(
+        (await fetch(`${gw.url}/v1/keys/${k.id}`, { method: 'DELETE', headers: auth })).status,
+      ).toBe(200)
+    // Known as good until admission finds it revoked: a 401, and forgotten.
+    expect((await chat(key, { messages })).status).toBe(401)
+    const before = await scrape()
+    // A text it did not send before (a remembered count would not show as tokenized).
+    const other = [{ role: 'user', content: `${crypto.randomUUID()} ${'gh '.repeat(300)}` }]
+    expect((await chat(key, { messages: other })).status).toBe(401)
+    const after = await scrape()
+    expect(
+      (after.get('tollway_counted_characters_total{how="tokenized"}') ?? 0) -
+        (before.get('tollway_counted_characters_total{how="tokenized"}') ?? 0),
+    ).toBe(0)
+  })
+
   test('behavior: an upstream whose circuit opened reads 0', async () => {
     const { key } = await gw.account()
     const before = await scrape()
