@@ -29,6 +29,8 @@ const ToolCall = z
   .object({
     // As upstreams write them back: arguments are a JSON string, though some send the object.
     function: z.object({ name: z.string().nullish(), arguments: z.unknown() }).loose().nullish(),
+    // A call of a custom tool (OpenAI's `type: "custom"`): its input is free text.
+    custom: z.object({ name: z.string().nullish(), input: z.unknown() }).loose().nullish(),
   })
   .loose()
 
@@ -177,19 +179,29 @@ export function mediaParts(req: Pick<Request, 'messages'>): number {
 
 /**
  * What of a request the model reads as its prompt, as texts to count: each message's content
- * with the names and arguments of the tool calls it carries, and the tool definitions (which
- * upstreams put into the prompt), so that a request's reservation covers them too.
+ * with the names and arguments (a custom tool's input) of the tool calls it carries, and what
+ * upstreams put into the prompt beside the messages: the tool definitions (`tools`, and the
+ * legacy `functions`) and a structured output's schema (`response_format`), so that a
+ * request's reservation and its context check cover them too.
  */
-export function promptTexts(req: Pick<Request, 'messages'> & { tools?: unknown }): string[] {
+export function promptTexts(
+  req: Pick<Request, 'messages'> & {
+    tools?: unknown
+    functions?: unknown
+    response_format?: unknown
+  },
+): string[] {
+  const json = (v: unknown) => (typeof v === 'string' ? v : (JSON.stringify(v) ?? ''))
   const texts = req.messages.map((m) => {
     let t = text(m.content)
     for (const call of m.tool_calls ?? []) {
-      const args = call.function?.arguments
-      t += `\n${call.function?.name ?? ''}\n${typeof args === 'string' ? args : (JSON.stringify(args) ?? '')}`
+      if (call.function) t += `\n${call.function.name ?? ''}\n${json(call.function.arguments)}`
+      if (call.custom) t += `\n${call.custom.name ?? ''}\n${json(call.custom.input)}`
     }
     return t
   })
-  if (req.tools !== undefined) texts.push(JSON.stringify(req.tools))
+  for (const v of [req.tools, req.functions, req.response_format])
+    if (v !== undefined && v !== null) texts.push(JSON.stringify(v))
   return texts
 }
 
@@ -217,6 +229,8 @@ const ToolCallDelta = z
       .object({ name: z.string().nullish(), arguments: z.string().nullish() })
       .loose()
       .optional(),
+    // A custom tool's call (OpenAI's `type: "custom"`): its input is generated text.
+    custom: z.object({ name: z.string().nullish(), input: z.string().nullish() }).loose().nullish(),
   })
   .loose()
 
@@ -335,7 +349,12 @@ export function generated(d: z.output<typeof Delta>): string {
   if (!reasoning && !d.tool_calls && !d.refusal && !d.function_call && !d.audio)
     return d.content ?? ''
   let s = (d.content ?? '') + (d.refusal ?? '') + (reasoning ?? '')
-  for (const t of d.tool_calls ?? []) s += (t.function?.name ?? '') + (t.function?.arguments ?? '')
+  for (const t of d.tool_calls ?? [])
+    s +=
+      (t.function?.name ?? '') +
+      (t.function?.arguments ?? '') +
+      (t.custom?.name ?? '') +
+      (t.custom?.input ?? '')
   if (d.function_call) s += (d.function_call.name ?? '') + (d.function_call.arguments ?? '')
   if (d.audio) s += d.audio.transcript ?? ''
   return s
