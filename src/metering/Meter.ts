@@ -503,6 +503,8 @@ export type CompleteOptions = {
   renewMs?: number | undefined
   /** Stops the upstream call: its reservation is gone (a renewal was refused). */
   stop?: (() => void) | undefined
+  /** Whether an upstream was asked (read the prompt): a client gone before pays nothing. */
+  asked: () => boolean
 }
 
 /**
@@ -547,7 +549,7 @@ export async function complete(
     completion = await o.call()
   } catch (e) {
     if (lost) throw gone()
-    await release(o.reservation, { ...o, cancelled: o.signal.aborted })
+    await release(o.reservation, { ...o, cancelled: o.signal.aborted, asked: o.asked() })
     throw e
   } finally {
     stopRenewing?.()
@@ -584,14 +586,21 @@ export async function complete(
 
 /**
  * Ends a request that produced nothing: free after an upstream failure; the prompt alone
- * when the client cancelled (the upstream read it).
+ * when the client cancelled after an upstream was asked (`asked`: it read the prompt), free
+ * when it went before any was.
  */
 export async function release(
   reservation: Reservation,
-  o: { price: Pricing.Price; promptTokens: number; startedAt: number; cancelled: boolean },
+  o: {
+    price: Pricing.Price
+    promptTokens: number
+    startedAt: number
+    cancelled: boolean
+    asked: boolean
+  },
 ): Promise<void> {
   await reservation.settle({
-    cost: o.cancelled ? Pricing.cost(o.price, o.promptTokens, 0) : 0n,
+    cost: o.cancelled && o.asked ? Pricing.cost(o.price, o.promptTokens, 0) : 0n,
     promptTokens: o.promptTokens,
     completionTokens: 0,
     status: o.cancelled ? 'cancelled' : reservation.superseded ? 'superseded' : 'upstream_error',

@@ -217,6 +217,11 @@ async function serve(
     })
   const price = model.pricing
   const signal = c.req.raw.signal
+  /** Whether an upstream was asked: a client gone before that (during admission) pays nothing. */
+  let asked = false
+  const ask = () => {
+    asked = true
+  }
   /** The answer of the route that served it; the client is told which upstream that was. */
   const served = <T>(route: Route, answer: T): T => {
     c.header('x-tollway-upstream', route.provider.name)
@@ -248,10 +253,12 @@ async function serve(
       maxPromptTokens: model.contextLength,
       renewMs: (deps.config.metering.leaseSeconds * 1000) / 3,
       stop: () => call.abort(),
+      asked: () => asked,
       call: () =>
-        routed(deps, p, call.signal, deadline, async (route, body, bounded) =>
-          served(route, await route.provider.complete(body, bounded, limits)),
-        ),
+        routed(deps, p, call.signal, deadline, async (route, body, bounded) => {
+          ask()
+          return served(route, await route.provider.complete(body, bounded, limits))
+        }),
     }).finally(() => signal.removeEventListener('abort', onAbort))
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
     const signed = receipt(usage, () =>
@@ -280,12 +287,22 @@ async function serve(
     // quota (it extends its reservation as it goes, so credits do not cap it here).
     limits = p.asked !== undefined || p.limit < p.left ? { maxTokens: p.limit } : undefined
     // Answered once the upstream has begun (a failure before its first token is a 502).
-    chunks = await routed(deps, p, abort.signal, deadline, async (route, body, bounded, timing) =>
-      served(route, await route.provider.stream(body, bounded, limits, timing).then(Chat.started)),
-    )
+    chunks = await routed(deps, p, abort.signal, deadline, async (route, body, bounded, timing) => {
+      ask()
+      return served(
+        route,
+        await route.provider.stream(body, bounded, limits, timing).then(Chat.started),
+      )
+    })
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
-    await Meter.release(reservation, { promptTokens, startedAt, cancelled: signal.aborted, price })
+    await Meter.release(reservation, {
+      promptTokens,
+      startedAt,
+      cancelled: signal.aborted,
+      asked,
+      price,
+    })
     // A newer stream took the channel (or it is closing) before this one's upstream began.
     if (reservation.superseded && !signal.aborted)
       throw new ConflictError(
@@ -692,6 +709,8 @@ async function routed<T>(
       late = true
       break
     }
+    // Gone (the client, or a newer stream took the channel): no upstream is asked.
+    if (signal.aborted) throw signal.reason ?? new Error('aborted')
     const at = performance.now()
     tried.push(route.provider.name)
     const clock = left === undefined ? undefined : new AbortController()
