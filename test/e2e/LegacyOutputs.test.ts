@@ -38,6 +38,8 @@ const gw = await Scripted.gateway(url, ['fn'])
 const messages = [{ role: 'user' as const, content: 'weather?' }]
 const functions = [{ name: 'get_weather', parameters: { type: 'object', properties: {} } }]
 const prompt = Tokenizer.prompt(messages)
+// With the function definitions, which are prompt too (the upstream reads them).
+const fnPrompt = Tokenizer.prompt([...messages, { content: JSON.stringify(functions) }])
 const argTokens = pieces.reduce((n, p) => n + Tokenizer.count(p), 0)
 
 async function post(key: string, stream: boolean) {
@@ -71,20 +73,22 @@ test('behavior: a streamed legacy function_call is charged the tokens it sent', 
   await Batch.settled(gw.sql)
   const l = await Gateway.ledger(gw.sql, id)
   // At least the tokens of the arguments as one text (a count per piece is higher).
-  expect(1_000_000n - l.balance).toBeGreaterThanOrEqual(BigInt(prompt + 2 * Tokenizer.count(ARGS)))
-  expect(1_000_000n - l.balance).toBeLessThanOrEqual(BigInt(prompt + 2 * (argTokens + 4)))
+  expect(1_000_000n - l.balance).toBeGreaterThanOrEqual(
+    BigInt(fnPrompt + 2 * Tokenizer.count(ARGS)),
+  )
+  expect(1_000_000n - l.balance).toBeLessThanOrEqual(BigInt(fnPrompt + 2 * (argTokens + 4)))
 })
 
 test('behavior: a streamed legacy function_call is cut where the credits end', async () => {
   // Enough for the prompt and 20 tokens: not the whole function call.
-  const { id, key } = await gw.account({ credits: BigInt(prompt + 2 * 20) })
+  const { id, key } = await gw.account({ credits: BigInt(fnPrompt + 2 * 20) })
   const body = await post(key, true)
   const sent = argumentsSent(body)
   await Batch.settled(gw.sql)
   expect(Tokenizer.count(sent)).toBeLessThanOrEqual(20)
   // Charged at least what it sent (counted as one text), within its credits.
-  const paid = BigInt(prompt + 2 * 20) - (await Gateway.ledger(gw.sql, id)).balance
-  expect(paid).toBeGreaterThanOrEqual(BigInt(prompt + 2 * Tokenizer.count(sent)))
+  const paid = BigInt(fnPrompt + 2 * 20) - (await Gateway.ledger(gw.sql, id)).balance
+  expect(paid).toBeGreaterThanOrEqual(BigInt(fnPrompt + 2 * Tokenizer.count(sent)))
 })
 
 test('behavior: a whole legacy function_call without usage is charged its tokens', async () => {
@@ -92,7 +96,9 @@ test('behavior: a whole legacy function_call without usage is charged its tokens
   await post(key, false)
   await Batch.settled(gw.sql)
   const l = await Gateway.ledger(gw.sql, id)
-  expect(1_000_000n - l.balance).toBeGreaterThanOrEqual(BigInt(prompt + 2 * Tokenizer.count(ARGS)))
+  expect(1_000_000n - l.balance).toBeGreaterThanOrEqual(
+    BigInt(fnPrompt + 2 * Tokenizer.count(ARGS)),
+  )
 })
 
 test('behavior: a streamed audio transcript without usage is charged the tokens it sent', async () => {
