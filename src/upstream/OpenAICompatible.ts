@@ -136,6 +136,10 @@ function capped(body: Body, limits: Limits | undefined, param: MaxTokensParam): 
 /**
  * The upstream's events, parsed, one batch per network read: the SSE parser runs
  * synchronously over what arrived, so many small events cost one await, not one each.
+ * The answer ends at `[DONE]` or the end of the body, or at a usage sent with or after its
+ * choice's finish (the gateway takes `n` = 1 only): nothing else may follow, and an upstream that sends neither
+ * `[DONE]` nor the end of its body (seen behind proxies that keep the connection) would
+ * otherwise hold a finished answer until its timeout cut it as a failure.
  */
 async function* chunks(
   name: string,
@@ -152,6 +156,14 @@ async function* chunks(
   const parser = createParser({ onEvent: (e) => events.push(e.data) })
   const filled = { filled: false }
   const template = Chat.template()
+  /** Whether the choice finished (a template's chunk has no finish reason and no usage). */
+  let finished = false
+  /** The end: a usage with or after the finish (one sent earlier may be sent again). */
+  const ended = (chunk: Chat.Chunk) => {
+    for (const c of chunk.choices) if (c.finish_reason) finished = true
+    return finished && chunk.usage != null
+  }
+  let done = false
   try {
     while (true) {
       // Everything that has arrived, in one read: a busy gateway finds several chunks
@@ -210,6 +222,7 @@ async function* chunks(
             template.learn(data, fast)
             batch.push({ chunk: fast, json: data })
           }
+          done ||= ended(fast)
           continue
         }
         const chunk = Chunk.safeParse(json)
@@ -221,8 +234,10 @@ async function* chunks(
           )
         }
         batch.push({ chunk: chunk.data })
+        done ||= ended(chunk.data)
       }
       if (batch.length > 0) yield batch
+      if (done) return
     }
   } finally {
     watchdog.stop()
