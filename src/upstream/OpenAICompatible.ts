@@ -44,6 +44,9 @@ export function create(options: Options): Provider {
         headers,
         body: JSON.stringify(body),
         signal: watchdog.follow(signal),
+        // A redirect is an answer (a 3xx, an upstream error below), not followed: the prompt
+        // goes to the configured URL and nowhere else.
+        redirect: 'manual',
       })
     } catch (e) {
       // No answer to watch: its timer and its listener on the caller's signal go now, not
@@ -273,7 +276,7 @@ function refusal(name: string, status: number, body: string, headers: Headers): 
     try {
       const m = (JSON.parse(body) as { error?: { message?: unknown } }).error?.message
       if (typeof m === 'string')
-        message = `Upstream ${name} rejected the request: ${m.slice(0, 500)}`
+        message = `Upstream ${name} rejected the request: ${redacted(m.slice(0, 500))}`
     } catch {}
     return new InvalidRequestError(message, 'upstream_rejected', {
       details: { upstream_status: status },
@@ -282,6 +285,19 @@ function refusal(name: string, status: number, body: string, headers: Headers): 
   return new UpstreamError(`Upstream ${name} answered ${status}.`, 'upstream_status', {
     details: { upstream_status: status },
   })
+}
+
+/**
+ * An upstream's words as a client may read them: what names the upstream's side is taken out,
+ * its URLs (hosts, paths, query tokens) and anything shaped like a key or token (a run of 24 or
+ * more letters, digits, `-` and `_` with a digit in it, or one that starts as keys do, `sk-`).
+ * What the upstream says of the request itself (a field, a value, a limit) stays.
+ */
+export function redacted(text: string): string {
+  return text
+    .replace(/[a-z][a-z0-9+.-]*:\/\/[^\s"'<>)\]]+/gi, '<url>')
+    .replace(/\b(?:sk|pk|rk|ak)-[A-Za-z0-9_-]{4,}/g, '<redacted>')
+    .replace(/[A-Za-z0-9_-]{24,}/g, (run) => (/\d/.test(run) ? '<redacted>' : run))
 }
 
 /** Without a wait an upstream's 429 named, or past this one, the wait taken. */

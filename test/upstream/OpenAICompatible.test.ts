@@ -109,6 +109,75 @@ describe('stream', () => {
     expect(e.message).toContain('bad temperature')
   })
 
+  test('error: a rejection reaches the client without the URLs and keys of the upstream side', async () => {
+    next = {
+      status: 400,
+      body: JSON.stringify({
+        error: {
+          message:
+            "Invalid value for 'temperature' (key sk-UPSTREAM-SECRET-123, see https://internal.corp:8443/v1?token=abc; trace 9f8e7d6c5b4a39281706f5e4d3c2b1a0)",
+        },
+      }),
+    }
+    const e = await provider.stream(body, signal).catch((e) => e)
+    expect(e).toBeInstanceOf(InvalidRequestError)
+    expect(e.message).toContain("Invalid value for 'temperature'")
+    for (const secret of [
+      'sk-UPSTREAM',
+      'SECRET-123',
+      'internal.corp',
+      'token=abc',
+      '9f8e7d6c5b4a',
+    ])
+      expect(e.message).not.toContain(secret)
+  })
+
+  test('error: a redirect is not followed: the prompt goes nowhere else, and it is an UpstreamError', async () => {
+    let elsewhere = 0
+    const other = Bun.serve({
+      port: 0,
+      hostname: '127.0.0.1',
+      fetch: () => {
+        elsewhere++
+        return new Response('data: [DONE]\n\n', {
+          headers: { 'content-type': 'text/event-stream' },
+        })
+      },
+    })
+    try {
+      const redirecting = Bun.serve({
+        port: 0,
+        hostname: '127.0.0.1',
+        fetch: () =>
+          new Response(null, {
+            status: 307,
+            headers: { location: `http://127.0.0.1:${other.port}/v1/chat/completions` },
+          }),
+      })
+      const p = OpenAICompatible.create({
+        name: 'moved',
+        baseUrl: `http://127.0.0.1:${redirecting.port}/v1/`,
+        timeoutMs: 1000,
+      })
+      for (const call of [() => p.stream(body, signal), () => p.complete(body, signal)])
+        expect(await call().catch((e) => e)).toBeInstanceOf(UpstreamError)
+      redirecting.stop(true)
+      expect(elsewhere).toBe(0)
+    } finally {
+      other.stop(true)
+    }
+  })
+
+  test('property: redacted leaves plain words and keeps no URL', () => {
+    fc.assert(
+      fc.property(fc.array(fc.stringMatching(/^[a-z]{1,12}$/)), fc.webUrl(), (words, url) => {
+        const text = words.join(' ')
+        expect(OpenAICompatible.redacted(text)).toBe(text)
+        expect(OpenAICompatible.redacted(`${text} ${url} ${text}`)).not.toContain(url)
+      }),
+    )
+  })
+
   test('error: an error object mid-stream → UpstreamError', async () => {
     next = { status: 200, body: 'data: {"error":{"message":"overloaded"}}\n\n' }
     await expect(drain()).rejects.toBeInstanceOf(UpstreamError)
