@@ -558,7 +558,7 @@ export async function serve(): Promise<void> {
   const key = gateway.embedded ? await devKey(gateway.sql, config) : '<your API key>'
   console.log(`tollway is serving at ${gateway.url}
   database:    ${gateway.embedded ? `embedded PGlite in ${resolve(config.dataDir, 'pgdata')}` : 'DATABASE_URL'}
-  admin token: ${gateway.adminToken}
+  admin token: ${config.adminToken ? '(as configured: ADMIN_TOKEN or the config file; not printed)' : gateway.adminToken}
   models:      ${[...new Set([model, ...config.models.map((m) => m.id)])].join(', ')}
   chain:       ${gateway.chain ? `${gateway.chain.rpcUrl} (chain id ${gateway.chain.chainId}), escrow ${gateway.chain.escrowAddress}` : 'none'}${config.workers > 1 ? `\n  workers:     ${config.workers} processes share the port` : ''}
 ${gateway.devChain ? `\n${DevChain.summary(gateway.devChain).join('\n')}\n` : ''}

@@ -146,6 +146,9 @@ describe('npm start', () => {
       // The kept token may be another gateway's on this data dir: left alone, and said.
       expect(readFileSync(join(dataDir, 'admin-token'), 'utf8')).toContain('kept-by-an-earlier')
       expect(out).toContain('does not open this gateway')
+      // A token the operator set is not printed (start-up output ends up in logs).
+      expect(out).toContain('admin token: (as configured')
+      expect(out).not.toContain(adminToken)
       const cli = (env: Record<string, string>) => {
         const p = Bun.spawn(['bin/tollway', '--url', url, '--json', 'accounts', 'list'], {
           cwd: root,
