@@ -513,6 +513,19 @@ export async function serve(): Promise<void> {
     console.error(`tollway: configuration error\n${(e as Error).message}`)
     process.exit(1)
   }
+  // A stop asked for while the gateway starts (the database, the development chain) is done
+  // once the start is: it stops before it serves, its children with it. Without these
+  // handlers a SIGINT killed the process mid-start, and a process started with SIGINT ignored
+  // (a shell's background job) went on to serve. A second signal quits at once.
+  let stopAsked = false
+  const early = () => {
+    if (stopAsked) process.exit(130)
+    stopAsked = true
+    console.error('tollway: stopping once start-up is done (signal again to quit now)')
+  }
+  process.on('SIGINT', early)
+  process.on('SIGTERM', early)
+  if (!process.env[WORKER]) console.error('tollway: starting')
   let gateway: Gateway
   try {
     gateway = await start(config, { reusePort: config.workers > 1 })
@@ -526,6 +539,12 @@ export async function serve(): Promise<void> {
     if (!(e instanceof Config.ConfigError || e instanceof Embedded.InUseError)) throw e
     console.error(`tollway: configuration error\n${e.message}`)
     process.exit(1)
+  }
+  process.off('SIGINT', early)
+  process.off('SIGTERM', early)
+  if (stopAsked) {
+    await gateway.stop()
+    process.exit(0)
   }
   if (process.env[WORKER]) {
     // A Ctrl-C reaches the whole process group, and the first process then signals its

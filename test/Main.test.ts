@@ -171,6 +171,36 @@ describe('npm start', () => {
     }
   }, 90_000)
 
+  test('behavior: a SIGINT during start-up stops it once started, before it serves', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const proc = Bun.spawn(['bin/tollway', 'serve'], {
+      cwd: root,
+      env: {
+        PATH: process.env.PATH ?? '',
+        HOME: process.env.HOME ?? '',
+        TOLLWAY_DATA_DIR: dataDir,
+        PORT: '0',
+      },
+      stdout: 'pipe',
+      stderr: 'pipe',
+    })
+    const out = new Response(proc.stdout).text()
+    // Once it says it is starting: the embedded database and the chain take seconds more.
+    const reader = proc.stderr.getReader()
+    let err = ''
+    while (!err.includes('tollway: starting')) {
+      const { value, done } = await reader.read()
+      if (done) throw new Error(`exited before starting:\n${err}`)
+      err += new TextDecoder().decode(value)
+    }
+    proc.kill('SIGINT')
+    for (let r = await reader.read(); !r.done; r = await reader.read())
+      err += new TextDecoder().decode(r.value)
+    expect(await proc.exited).toBe(0)
+    expect(err).toContain('stopping once start-up is done')
+    expect(await out).not.toContain('serving at')
+  }, 90_000)
+
   test('behavior: stopped (SIGINT), it lets a stream under way finish and refuses new connections; a second signal cuts what is left', async () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
     const config = join(dataDir, 'config.json')
