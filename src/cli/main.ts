@@ -23,7 +23,7 @@ Commands:
   keys create <account> [--name N]        create an API key (shown once)
   keys list <account>                     list an account's keys
   keys revoke <account> <key-id>          revoke a key (or: keys revoke <key-id> --api-key K)
-  channels list [--limit N]               payment channels, most recently active first
+  channels list [--limit N] [--cursor C]  payment channels, most recently active first
   channels settle <channel-id>            settle a channel now
   chat "prompt" [--model M] [--stream]    chat, paying from TOLLWAY_WALLET_KEY
   channel status | close                  your channel with the gateway
@@ -61,7 +61,7 @@ tollway credits grant <account> -- -5, so that it is not read as an option). Nee
   tollway keys revoke <account> <key-id> [--json]     (admin token)
   tollway keys revoke <key-id> --api-key K [--json]   (a key of the same account; TOLLWAY_API_KEY)`,
   channels: `Usage:
-  tollway channels list [--limit N] [--json]
+  tollway channels list [--limit N] [--cursor C] [--json]
   tollway channels settle <channel-id> [--json]
 Needs the admin token.`,
   chat: `Usage: tollway chat "prompt" [--model M] [--stream] [--receipt] [--json]
@@ -446,7 +446,7 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
     help: help.channels,
     run: {
       list: async (ctx) => {
-        const q = query({ limit: ctx.settings.limit })
+        const q = query({ limit: ctx.settings.limit, cursor: ctx.values.cursor })
         const r = (await Http.request(admin(ctx), 'GET', `/admin/channels${q}`)) as {
           data: {
             channelId: string
@@ -456,16 +456,19 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
             settled: string
             status: string
           }[]
+          has_more: boolean
+          next_cursor: string | null
         }
         print(
           ctx,
           r,
-          r.data
+          (r.data
             .map(
               (c) =>
                 `${c.channelId}  ${c.status}  payer ${c.payer}  deposit ${c.deposit}  accepted ${c.acceptedCumulative}  settled ${c.settled}`,
             )
-            .join('\n') || '(no channels)',
+            .join('\n') || '(no channels)') +
+            (r.has_more ? `\n… more: --cursor ${r.next_cursor}` : ''),
         )
       },
       settle: async (ctx) => {

@@ -418,6 +418,12 @@ describe('a channel set apart (refused as closing)', () => {
   test('behavior: channel close closes the channel in use, then the one set apart', async () => {
     const wallet = { TOLLWAY_WALLET_KEY: chain.payers[4]!.privateKey }
     const old = await setApart(wallet)
+    // Two channels at least: channels list pages, and its human form says how.
+    const human = await cli(['channels', 'list', '--limit', '1'])
+    const cursor = /--cursor (\S+)/.exec(human.stdout)![1]!
+    const [one] = (await json(['channels', 'list', '--limit', '1'])).data
+    const [two] = (await json(['channels', 'list', '--limit', '1', '--cursor', cursor])).data
+    expect(two.channelId).not.toBe(one.channelId)
     const first = await json(['channel', 'close', '--trust-escrow'], wallet)
     expect(first.channelId).not.toBe(old)
     const second = await json(['channel', 'close', '--trust-escrow'], wallet)
