@@ -63,13 +63,13 @@ export type Message = z.output<typeof Message>
 /** The longest `timeout_ms` a request may ask for: an hour. */
 export const MAX_TIMEOUT_MS = 3_600_000
 
-/** A price ceiling: base units per 1M tokens, a whole number or a decimal string. */
+/** A price ceiling: base units per 1M tokens, a whole number, as a JSON number or a string of digits. */
 const Ceiling = z
   .union(
     [z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER), z.string().regex(/^\d{1,78}$/)],
     {
       error:
-        'a price ceiling must be base units per 1M tokens: a whole number, or a decimal string',
+        'a price ceiling must be base units per 1M tokens: a whole number, as a JSON number or a string of digits',
     },
   )
   .transform((v) => BigInt(v))
