@@ -188,6 +188,10 @@ describe('plans', () => {
     const days = Number(res.headers.get('retry-after')) / 86400
     expect(days).toBeGreaterThan(0)
     expect(days).toBeLessThanOrEqual(31)
+    // The per-minute limit's headers say how that limit stands, not when the month ends.
+    expect(res.headers.get('x-ratelimit-limit-requests')).toBe('10')
+    expect(Number(res.headers.get('x-ratelimit-remaining-requests'))).toBeGreaterThan(0)
+    expect(res.headers.get('x-ratelimit-reset-requests')).toBeNull()
   })
 
   test('behavior: the output stops where the monthly quota does, whole or streamed, with or without max_tokens', async () => {
@@ -241,6 +245,8 @@ describe('plans', () => {
     const retry = Number(res.headers.get('retry-after'))
     expect(retry).toBeGreaterThan(8600)
     expect(retry).toBeLessThanOrEqual(8641)
+    expect(res.headers.get('x-ratelimit-limit-requests')).toBe('10')
+    expect(res.headers.get('x-ratelimit-reset-requests')).toBeNull()
     // 3 hours later the wallet has refilled past the floor.
     await a.sql`update accounts set wallet_at = now() - interval '3 hours' where id = ${id}`
     expect((await post(b, key)).status).toBe(200)

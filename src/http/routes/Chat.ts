@@ -902,12 +902,13 @@ function rateHeaders(
   retryAfterMs: number,
   limit: number | null,
   remaining: number,
+  resets = true,
 ): Record<string, string> {
   const headers = retryAfter(retryAfterMs)
   if (limit !== null) {
     headers['x-ratelimit-limit-requests'] = String(limit)
     headers['x-ratelimit-remaining-requests'] = String(remaining)
-    headers['x-ratelimit-reset-requests'] = `${Math.max(0, retryAfterMs) / 1000}s`
+    if (resets) headers['x-ratelimit-reset-requests'] = `${Math.max(0, retryAfterMs) / 1000}s`
   }
   return headers
 }
@@ -933,7 +934,10 @@ function refusal(r: Refused, model: Model, need: bigint, asked: boolean): Gatewa
         { details: { required: need.toString(), available: r.available.toString() } },
       )
     default: {
-      const headers = rateHeaders(r.retryAfterMs, r.rateLimit, r.rateRemaining ?? 0)
+      // The per-minute limit's reset is the wait only when that limit (or the concurrency,
+      // which stands in for it) refused: a quota's or a wallet's wait is not when requests reset.
+      const limited = r.status === 'rate' || r.status === 'concurrency'
+      const headers = rateHeaders(r.retryAfterMs, r.rateLimit, r.rateRemaining ?? 0, limited)
       const options = { headers }
       switch (r.status) {
         case 'rate':
