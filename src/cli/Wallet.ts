@@ -7,6 +7,7 @@ import { createParser } from 'eventsource-parser'
 import { type Address, type Hex, isAddress } from 'viem'
 import { z } from 'zod'
 import * as Escrow from '../chain/Escrow.ts'
+import { secure } from '../client/Fetch.ts'
 import {
   ChainRequiredError,
   ChallengeRefusedError,
@@ -129,7 +130,11 @@ async function escrows(ctx: Context): Promise<Address[]> {
   const escrow = (challenge?.request as { methodDetails?: { escrowContract?: Address } })
     ?.methodDetails?.escrowContract
   if (!escrow)
-    throw new PaymentError('The gateway offers no payment channel (no Payment challenge).')
+    throw new PaymentError(
+      secure(completions(ctx))
+        ? 'The gateway offers no payment channel (no Payment challenge).'
+        : 'The gateway offers no payment channel (no Payment challenge) over plain HTTP to another machine: a tollway gateway offers Payment challenges only over HTTPS (or to its own machine). Use its https:// URL.',
+    )
   return [...(given as Address[]), escrow]
 }
 

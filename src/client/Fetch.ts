@@ -236,7 +236,7 @@ const expired = (credential: string): boolean => {
 }
 
 /** Whether `url` is over TLS or on this machine: where a credential may go (the core draft). */
-function secure(url: string): boolean {
+export function secure(url: string): boolean {
   const u = new URL(url)
   if (u.protocol === 'https:') return true
   const host = u.hostname

@@ -4,7 +4,7 @@
  */
 import { afterAll, describe, expect, test } from 'bun:test'
 import { mkdtempSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import { networkInterfaces, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Hex } from 'viem'
 import * as Escrow from '../../src/chain/Escrow.ts'
@@ -285,6 +285,39 @@ describe('chat', () => {
     const [row] = await gw.sql`select count(*)::int as n from channels where payer = ${payer}`
     expect(row!.n).toBe(0)
   })
+
+  // A gateway reached over plain HTTP from another machine answers with the Bearer challenge
+  // alone (README, TLS): --insecure-http cannot pay it, and the CLI says why.
+  const lan = Object.values(networkInterfaces())
+    .flat()
+    .find((a) => a?.family === 'IPv4' && !a.internal)?.address
+  test.skipIf(!lan)(
+    'error: --insecure-http to a gateway that offers no Payment challenge over plain HTTP says to use its https URL',
+    async () => {
+      const plain = Bun.serve({
+        hostname: '0.0.0.0',
+        port: 0,
+        fetch: () =>
+          Response.json(
+            { error: { type: 'auth_error', message: 'no key', code: 'missing_key' } },
+            { status: 401, headers: { 'www-authenticate': 'Bearer realm="tollway"' } },
+          ),
+      })
+      try {
+        const r = await cli(
+          ['chat', 'hello', '--model', 'fake', '--trust-escrow', '--insecure-http'],
+          {
+            TOLLWAY_URL: `http://${lan}:${plain.port}`,
+            TOLLWAY_WALLET_KEY: chain.payers[1]!.privateKey,
+          },
+        )
+        expect(r.code).toBe(3)
+        expect(r.stderr).toContain('only over HTTPS')
+      } finally {
+        plain.stop(true)
+      }
+    },
+  )
 
   test('behavior: a wallet key alone (no TOLLWAY_RPC_URL) opens a channel and pays', async () => {
     const payer = chain.payers[1]!
