@@ -174,6 +174,21 @@ export const Schema = z
     tls: z.strictObject({ certFile: z.string().min(1), keyFile: z.string().min(1) }).optional(),
     /** Trust `X-Forwarded-Proto: https` from a TLS-terminating proxy in front. */
     trustProxy: z.boolean().default(false),
+    /**
+     * Browser origins allowed to call the gateway (CORS): `["*"]`, any (the default: keys and
+     * the admin token are sent as headers, never as cookies, so a page can do only what its
+     * key lets it), a list of origins (`https://app.example`), or `[]`, none.
+     */
+    corsOrigins: z
+      .array(
+        z
+          .string()
+          .refine(
+            (o) => o === '*' || /^https?:\/\/[^/\s]+$/.test(o),
+            'each origin is "*" or scheme://host[:port], with no path',
+          ),
+      )
+      .default(['*']),
     /** Whether completions asked for with Tollway-Receipt: true get a signed receipt (see metering/Receipt.ts). */
     receipts: z.boolean().default(true),
     /**
@@ -324,6 +339,18 @@ const env = {
   TOLLWAY_WORKERS: ['workers', z.coerce.number()],
   RECEIPT_KEY: ['receiptKey', z.string()],
   TRUST_PROXY: ['trustProxy', z.stringbool()],
+  // A comma-separated list, or `none`.
+  CORS_ORIGINS: [
+    'corsOrigins',
+    z.string().transform((v) =>
+      v.trim() === 'none'
+        ? []
+        : v
+            .split(',')
+            .map((o) => o.trim())
+            .filter((o) => o !== ''),
+    ),
+  ],
   TOLLWAY_RECEIPTS: ['receipts', z.stringbool()],
 } as const
 

@@ -4,6 +4,7 @@
  */
 import { Hono } from 'hono'
 import { bodyLimit } from 'hono/body-limit'
+import { cors } from 'hono/cors'
 import { matchedRoutes } from 'hono/route'
 import {
   GatewayError,
@@ -44,6 +45,21 @@ export function declared(length: string): number {
   return most
 }
 
+/** The response headers a browser's script may read (CORS): what clients and SDKs read. */
+const EXPOSED = [
+  'x-request-id',
+  'x-ratelimit-limit-requests',
+  'x-ratelimit-remaining-requests',
+  'x-ratelimit-reset-requests',
+  'retry-after',
+  'retry-after-ms',
+  'x-should-retry',
+  'x-tollway-upstream',
+  'www-authenticate',
+  'payment-receipt',
+  'idempotency-key',
+]
+
 /** Builds the app. */
 export function create(deps: Deps): Hono {
   const app = new Hono()
@@ -57,6 +73,20 @@ export function create(deps: Deps): Hono {
       throw new InvalidRequestError('The Host header is not a valid host name.', 'invalid_host')
     return next()
   })
+
+  // Browsers (CORS): a page on an allowed origin may call the API with its key in a header,
+  // and read the headers a client needs (the request id, limits, waits, payment receipts).
+  // Only requests that carry an Origin (a browser's) go through it.
+  const origins = deps.config.corsOrigins
+  if (origins.length > 0) {
+    const browsers = cors({
+      origin: origins.includes('*') ? '*' : origins,
+      allowMethods: ['GET', 'HEAD', 'POST', 'DELETE', 'OPTIONS'],
+      exposeHeaders: EXPOSED,
+      maxAge: 600,
+    })
+    app.use('*', (c, next) => (c.req.raw.headers.has('origin') ? browsers(c, next) : next()))
+  }
 
   // Every answer counted by route pattern (not path: ids would make the labels unbounded);
   // first, so that what the body limit refuses counts too.
