@@ -236,7 +236,8 @@ const ToolCallDelta = z
 
 const Delta = z
   .object({
-    role: z.string().optional(),
+    // Null as some upstreams write it on every delta after the first (Cloudflare's).
+    role: z.string().nullish(),
     content: z.string().nullish(),
     // OpenAI's refusal: generated text, in place of the content.
     refusal: z.string().nullish(),
@@ -264,7 +265,8 @@ export const Chunk = z
         z
           .object({
             index: z.number(),
-            delta: Delta.default({}),
+            // Null as some upstreams write it on the finishing chunk (Azure's): no delta.
+            delta: Delta.nullish().transform((d) => d ?? {}),
             finish_reason: z.string().nullish(),
           })
           .loose(),
@@ -410,7 +412,7 @@ function plainDelta(d: Record<string, unknown>): boolean {
     optional(d.refusal, 'string') &&
     optional(d.reasoning_content, 'string') &&
     optional(d.reasoning, 'string') &&
-    (d.role === undefined || typeof d.role === 'string')
+    (d.role === undefined || d.role === null || typeof d.role === 'string')
   )
 }
 
@@ -447,9 +449,9 @@ export function asChunk(json: unknown, o?: { filled: boolean }): Chunk | undefin
   if (!Array.isArray(choices)) return undefined
   for (const c of choices) {
     if (!isObject(c) || !isNumber(c.index) || !optional(c.finish_reason, 'string')) return undefined
-    const d = c.delta === undefined ? {} : c.delta
+    const d = c.delta === undefined || c.delta === null ? {} : c.delta
     if (!isObject(d) || !plainDelta(d)) return undefined
-    if (c.delta === undefined) {
+    if (c.delta === undefined || c.delta === null) {
       c.delta = {}
       if (o) o.filled = true
     }

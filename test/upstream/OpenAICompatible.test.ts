@@ -60,6 +60,20 @@ describe('stream', () => {
     expect(lastAuth).toBe('Bearer sk-up')
   })
 
+  test('behavior: a delta role of null (Cloudflare) and a null delta on the finish (Azure) are taken as absent', async () => {
+    next = {
+      status: 200,
+      body:
+        'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n' +
+        'data: {"choices":[{"index":0,"delta":{"role":null,"content":"hi"}}]}\n\n' +
+        'data: {"choices":[{"index":0,"delta":{"role":null,"content":" there","tool_calls":null}}]}\n\n' +
+        'data: {"choices":[{"index":0,"delta":null,"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n',
+    }
+    const chunks = await drain()
+    expect(chunks.map((c) => Chat.generated(c.choices[0]!.delta)).join('')).toBe('hi there')
+    expect(chunks.at(-1)!.choices[0]).toEqual({ index: 0, delta: {}, finish_reason: 'stop' })
+  })
+
   test("behavior: the gateway's limit is sent as max_tokens (or max_completion_tokens), never above what the client asked", async () => {
     next = { status: 200, body: 'data: [DONE]\n\n' }
     const sent = async (extra: Record<string, unknown>, maxTokens?: number) => {
