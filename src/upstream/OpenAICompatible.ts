@@ -181,8 +181,17 @@ async function* chunks(
         throw failure(name, e, signal, watchdog)
       }
       for (const bytes of next.value) parser.feed(decoder.decode(bytes, { stream: true }))
-      // An event cut off by the end of the body is dropped, as an EventSource does.
-      if (next.done && events.length === 0) return
+      // An event cut off by the end of the body is dropped, as an EventSource does. A body
+      // that ends with neither [DONE] nor a finish reason was cut (a proxy or a balancer closing
+      // the upstream's connection mid-answer): passed on as whole, it read as a complete answer.
+      if (next.done && events.length === 0) {
+        if (!finished)
+          throw new UpstreamError(
+            `Upstream ${name} ended its stream before the answer finished.`,
+            'upstream_stream_cut',
+          )
+        return
+      }
       watchdog.reset()
       watchdog.pause()
       if (events.length === 0) continue

@@ -1,11 +1,14 @@
 /**
- * An upstream that sends its whole answer, every choice's finish_reason and its usage, then
- * neither `[DONE]` nor the end of its body (a proxy in front of it that keeps the connection):
- * the answer ends there, at once, charged by its usage. It used to wait out the upstream's
- * `timeoutMs` and end with an upstream_timeout error after a complete answer.
+ * Upstream streams that do not end as OpenAI's do. One that sends its whole answer, its
+ * finish_reason and its usage, then neither `[DONE]` nor the end of its body (a proxy in front
+ * of it that keeps the connection): the answer ends there, at once, charged by its usage (it
+ * waited out the upstream's `timeoutMs` and ended with an upstream_timeout error). One whose
+ * body ends mid-answer, with neither a finish_reason nor `[DONE]` (a balancer closing the
+ * connection): an error, not a complete answer (the gateway wrote the `[DONE]` itself).
  */
 import { expect, test } from 'bun:test'
 import * as Batch from '../../src/ledger/Batch.ts'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Scripted from '../helpers/Scripted.ts'
 import * as Sse from '../helpers/Sse.ts'
@@ -24,10 +27,14 @@ const unended = (events: unknown[]) => {
 const url = Scripted.serve((body) => {
   const model = body.model as string
   const words = Array.from({ length: 20 }, (_, i) => C({ content: ` w${i}` }, null, model))
+  if (model === 'cut')
+    return new Response(words.map((e) => `data: ${JSON.stringify(e)}\n\n`).join(''), {
+      headers: { 'content-type': 'text/event-stream' },
+    })
   return unended([...words, C({}, 'stop', model), { ...C({}, null, model), choices: [], usage }])
 })
 // The upstream's timeoutMs is 2 s (Scripted.gateway).
-const gw = await Scripted.gateway(url, ['one'])
+const gw = await Scripted.gateway(url, ['one', 'cut'])
 
 async function run(model: string) {
   const { id, key } = await gw.account({ credits: 1_000_000n })
@@ -57,5 +64,16 @@ test('behavior: a finished answer whose upstream does not end its body ends at o
   expect(text.trimEnd().endsWith('data: [DONE]')).toBe(true)
   expect(Sse.text(Sse.events(text))).toBe(Array.from({ length: 20 }, (_, i) => ` w${i}`).join(''))
   expect(row).toEqual({ status: 'ok', completion_tokens: 40, cost: BigInt(8 + 2 * 40) })
+  expect((await Gateway.ledger(gw.sql, id)).reserved).toBe(0n)
+})
+
+test('error: a stream whose upstream body ends before its finish ends with an error, charged what was sent', async () => {
+  const { id, text, row } = await run('cut')
+  expect(Sse.text(Sse.events(text))).toBe(Array.from({ length: 20 }, (_, i) => ` w${i}`).join(''))
+  expect(text).toContain('upstream_stream_cut')
+  expect(row.status).toBe('upstream_error')
+  // Each word's tokens, counted as it was sent.
+  const sent = Array.from({ length: 20 }, (_, i) => Tokenizer.count(` w${i}`))
+  expect(row.completion_tokens).toBe(sent.reduce((a, b) => a + b, 0))
   expect((await Gateway.ledger(gw.sql, id)).reserved).toBe(0n)
 })
