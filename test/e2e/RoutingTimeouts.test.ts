@@ -150,6 +150,8 @@ describe('timeout_ms', () => {
       const res = await post(impatient.key, { model: 'victim', timeout_ms: 50 })
       expect(res.status).toBe(502)
       expect(((await res.json()) as Failure).error.code).toBe('upstream_timeout')
+      // The client's own bound: its SDK is not to send it again by itself.
+      expect(res.headers.get('x-should-retry')).toBe('false')
     }
     // The upstream answered every request it was given in 150 ms, well within its 1 s.
     const health = await (await fetch(`${gw.url}/v1/models/victim/health`)).json()

@@ -753,9 +753,12 @@ async function routed<T>(
     }
   }
   if (late)
+    // The client's own bound ran out: not for its SDK to send again by itself (OpenAI's SDKs
+    // retry a 502 twice), which would give it more than the time it set.
     throw new UpstreamError(
       `No upstream of ${p.model.id} answered within timeout_ms (${p.req.timeout_ms} ms)${tried.length > 0 ? ` (tried: ${tried.join(', ')})` : ''}.`,
       'upstream_timeout',
+      { headers: { ...noRetry } },
     )
   // The last route tried, or every route left, waits out its upstream's 429: a 503 until the
   // first takes requests again.
