@@ -378,6 +378,28 @@ describe('errors', () => {
     expect(((await small.json()) as { object: string }).object).toBe('chat.completion')
   })
 
+  test('error: refusals carry an x-request-id too (as OpenAI answers; its SDKs report it with the error), each its own', async () => {
+    const broke = await gw.account({ credits: 0 })
+    const refused = [
+      await post('tw_unknown', { model: 'fake', messages }),
+      await post(broke.key, { model: 'nope', messages }),
+      await post(broke.key, { model: 'fake', messages, temperature: 9 }),
+      await post(broke.key, { model: 'fake', messages }),
+    ]
+    expect(refused.map((r) => r.status)).toEqual([401, 404, 400, 402])
+    const ids = refused.map((r) => r.headers.get('x-request-id'))
+    for (const id of ids) expect(id).toMatch(/^[0-9a-f-]{36}$/)
+    expect(new Set(ids).size).toBe(ids.length)
+    // An admitted request's id is its usage row's.
+    const { key } = await gw.account()
+    const ok = await post(key, { model: 'fake', messages })
+    await ok.text()
+    await Batch.settled(gw.sql)
+    const id = ok.headers.get('x-request-id')!
+    const [row] = await gw.sql`select id from usage where id = ${id}`
+    expect(row?.id).toBe(id)
+  })
+
   test('error: a prompt longer than the context → 400 context_length_exceeded, nothing charged', async () => {
     const { id, key } = await gw.account()
     const res = await post(key, {

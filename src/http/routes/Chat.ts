@@ -368,6 +368,7 @@ export function routes(deps: Deps) {
     text: string,
     startedAt: number,
     paying: () => Payments.Payments | undefined,
+    requestId: string,
   ) => {
     const raw = Auth.rawKey(c)
     if (!raw) {
@@ -401,7 +402,6 @@ export function routes(deps: Deps) {
         throw Auth.badKey()
       throw e
     }
-    const requestId = newRequestId()
     const admitted = await Reservations.admit(deps.sql, {
       keyHash,
       model: p.model.id,
@@ -422,7 +422,6 @@ export function routes(deps: Deps) {
     // the quota exactly still gets an answer).
     if (admitted.quotaRoom !== null && admitted.quotaRoom < p.limit)
       p.limit = Math.max(1, admitted.quotaRoom)
-    c.header('x-request-id', requestId)
     if (admitted.rateLimit !== null) {
       c.header('x-ratelimit-limit-requests', String(admitted.rateLimit))
       c.header('x-ratelimit-remaining-requests', String(admitted.rateRemaining))
@@ -459,7 +458,13 @@ export function routes(deps: Deps) {
   }
 
   /** Payment-credential holders: a channel, vouchers checked while streaming. */
-  const paid = async (c: Context, payments: Payments.Payments, text: string, startedAt: number) => {
+  const paid = async (
+    c: Context,
+    payments: Payments.Payments,
+    text: string,
+    startedAt: number,
+    requestId: string,
+  ) => {
     const { method, challenge, checked } = Payments.verify(payments, c.req.header('authorization')!)
     const { channelId, action } = checked
     // Taken before anything waits (submissions under way at once each take one), and given
@@ -536,7 +541,6 @@ export function routes(deps: Deps) {
         channel,
       )
     }
-    const requestId = newRequestId()
     const admitted = await Channels.admit(deps.sql, {
       channelId,
       model: p.model.id,
@@ -566,7 +570,6 @@ export function routes(deps: Deps) {
       throw admitted.status === 'not_found'
         ? Problem.channelNotFound('No channel with this id; open one first.', { channelId })
         : Problem.channelFinalized('The channel is closed or closing.', { channelId })
-    c.header('x-request-id', requestId)
     const reservation = logged(
       deps,
       Reservations.channelReservation(deps.sql, {
@@ -634,6 +637,10 @@ export function routes(deps: Deps) {
 
   app.on(['POST', 'GET', 'HEAD', 'PUT', 'PATCH', 'DELETE'], '/', async (c) => {
     const startedAt = performance.now()
+    // On every answer, refusals too (as OpenAI's; its SDKs report it with the error): the id
+    // of the request's usage row once it is admitted.
+    const requestId = newRequestId()
+    c.header('x-request-id', requestId)
     const text = c.req.method === 'POST' ? await c.req.text() : ''
     const authorization = c.req.header('authorization')
     // Payment challenges and credentials travel over TLS only (see Payments.overTls); checked
@@ -647,14 +654,14 @@ export function routes(deps: Deps) {
             'Payment credentials are taken over HTTPS only: this request came over plain HTTP from another machine. Use the https address (or have the TLS proxy in front send X-Forwarded-Proto, with TRUST_PROXY set).',
             'tls_required',
           )
-        return await paid(c, paying()!, text, startedAt)
+        return await paid(c, paying()!, text, startedAt, requestId)
       }
       if (c.req.method !== 'POST')
         throw new InvalidRequestError(
           'Use POST for completions (other methods only carry Payment credentials).',
           'method_not_allowed',
         )
-      return await keyed(c, text, startedAt, paying)
+      return await keyed(c, text, startedAt, paying, requestId)
     } catch (e) {
       // Every 401 and 402 offers both ways in.
       if (
