@@ -281,6 +281,8 @@ export const Schema = z
          * and checked against the context as; the upstream's usage settles the charge.
          */
         mediaPartTokens: z.number().int().nonnegative().default(1_000),
+        /** A stream that wrote nothing this long writes a keep-alive comment (see http/Sse.ts). */
+        keepAliveSeconds: z.number().positive().default(15),
       })
       .prefault({}),
   })

@@ -33,8 +33,44 @@ export function event(name: string, value: unknown): Uint8Array {
   return encoder.encode(`event: ${name}\ndata: ${JSON.stringify(value)}\n\n`)
 }
 
+/** What a quiet stream writes to keep its connection: a comment, which SSE readers skip. */
+const KEEP_ALIVE = encoder.encode(': keep-alive\n\n')
+
+/** A stream the heartbeat watches: when it last wrote, and how to write a comment. */
+type Watched = { last: number; quietMs: number; writing: boolean; beat: () => void }
+const watched = new Set<Watched>()
+let ticker: ReturnType<typeof setInterval> | undefined
+/** The ticker's clock (ms): a write stamps it, no clock read per write. */
+let tick = 0
+/**
+ * One ticker for every stream, each second: a stream that wrote nothing for its `quietMs`
+ * (an upstream thinking before its first words, or pausing; a channel stream waiting for a
+ * voucher) writes a comment, so that proxies and clients that cut an idle connection (60 s
+ * is common; Bun's own server, 255 s) keep it.
+ */
+function watch(w: Watched): () => void {
+  watched.add(w)
+  if (ticker === undefined) {
+    tick = performance.now()
+    ticker = setInterval(() => {
+      tick = performance.now()
+      for (const s of watched) if (!s.writing && tick - s.last >= s.quietMs) s.beat()
+    }, 1_000)
+    ticker.unref()
+  }
+  return () => {
+    watched.delete(w)
+    if (watched.size === 0 && ticker !== undefined) {
+      clearInterval(ticker)
+      ticker = undefined
+    }
+  }
+}
+
 export type Options = {
   frames: AsyncGenerator<Frame, void, undefined>
+  /** Quiet this long (ms), the stream writes a keep-alive comment (default 15 s). */
+  keepAliveMs?: number
   /** The model id the client asked for (upstream chunks may name their own). */
   model: string
   /** `stream_options.include_usage`: usage in a chunk of its own with empty `choices`. */
@@ -172,17 +208,37 @@ export function response(c: Context, o: Options): Response {
   const body = new ReadableStream({
     type: 'direct',
     async pull(controller) {
+      const quiet: Watched = {
+        last: tick,
+        quietMs: o.keepAliveMs ?? 15_000,
+        writing: false,
+        beat: () => {
+          quiet.last = tick
+          try {
+            controller.write(KEEP_ALIVE)
+            controller.flush()
+          } catch {}
+        },
+      }
       /** Writes and flushes; false when the client is gone. */
       const write = async (parts: (string | Uint8Array)[]): Promise<boolean> => {
-        for (const p of parts) {
-          const n = controller.write(p)
-          if ((typeof n === 'number' ? n : await n) === 0) return false
+        quiet.writing = true
+        try {
+          for (const p of parts) {
+            const n = controller.write(p)
+            if ((typeof n === 'number' ? n : await n) === 0) return false
+          }
+          const f = controller.flush()
+          if (typeof f !== 'number') await f
+          return true
+        } finally {
+          quiet.writing = false
+          quiet.last = tick
         }
-        const f = controller.flush()
-        if (typeof f !== 'number') await f
-        return true
       }
       started = true
+      const unwatch = watch(quiet)
+      quiet.last = tick
       try {
         while (true) {
           const next = await o.frames.next()
@@ -210,6 +266,8 @@ export function response(c: Context, o: Options): Response {
         )
         controller.write(DONE)
         controller.close()
+      } finally {
+        unwatch()
       }
     },
     cancel: stop,

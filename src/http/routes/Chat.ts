@@ -329,6 +329,7 @@ async function serve(
   })
   return Sse.response(c, {
     frames,
+    keepAliveMs: deps.config.metering.keepAliveSeconds * 1000,
     model: model.id,
     includeUsage: req.stream_options?.include_usage === true,
     abort: () => abort.abort(new Error('client disconnected')),
