@@ -220,7 +220,12 @@ async function* chunks(
         }
         if (json && typeof json === 'object' && 'error' in json) {
           if (batch.length > 0) yield batch
-          throw new UpstreamError(`Upstream ${name} failed mid-stream.`, 'upstream_stream_error')
+          // What it said, as a rejection's message is passed on (its URLs and keys taken out).
+          const said = (json as { error?: { message?: unknown } }).error?.message
+          throw new UpstreamError(
+            `Upstream ${name} failed mid-stream${typeof said === 'string' ? `: ${redacted(said.slice(0, 500))}` : '.'}`,
+            'upstream_stream_error',
+          )
         }
         // The common shape is checked by hand (per chunk, zod cost ~13% of a stream's CPU);
         // anything else goes through the schema.

@@ -192,9 +192,15 @@ describe('stream', () => {
     )
   })
 
-  test('error: an error object mid-stream → UpstreamError', async () => {
-    next = { status: 200, body: 'data: {"error":{"message":"overloaded"}}\n\n' }
-    await expect(drain()).rejects.toBeInstanceOf(UpstreamError)
+  test('error: an error object mid-stream → UpstreamError with what the upstream said, its URLs taken out', async () => {
+    next = {
+      status: 200,
+      body: 'data: {"error":{"message":"overloaded, see https://status.internal/x"}}\n\n',
+    }
+    const e = await drain().catch((e) => e)
+    expect(e).toBeInstanceOf(UpstreamError)
+    expect(e.message).toContain('overloaded')
+    expect(e.message).not.toContain('status.internal')
   })
 
   test('property: any bytes from the upstream give chunks or an UpstreamError, never anything else', async () => {
