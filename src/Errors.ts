@@ -171,6 +171,22 @@ export class ChainUnavailableError extends RetryLaterError {
   }
 }
 
+/**
+ * 503: the database did not answer (down, refusing connections, out of disk): nothing of the
+ * request was written; sent again once it is back, it goes through.
+ */
+export class DatabaseUnavailableError extends RetryLaterError {
+  override name = 'DatabaseUnavailableError'
+  override readonly type = 'service_unavailable'
+  constructor(options: ErrorOptions = {}) {
+    super(
+      'The gateway cannot reach its database right now; nothing was charged. Retry after the Retry-After seconds.',
+      'database_unavailable',
+      options,
+    )
+  }
+}
+
 /** 503: a channel's requests under way kept its close waiting; sent again, it goes on. */
 export class ChannelBusyError extends RetryLaterError {
   override name = 'ChannelBusyError'

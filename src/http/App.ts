@@ -7,12 +7,14 @@ import { bodyLimit } from 'hono/body-limit'
 import { cors } from 'hono/cors'
 import { matchedRoutes } from 'hono/route'
 import {
+  DatabaseUnavailableError,
   GatewayError,
   InvalidRequestError,
   NotFoundError,
   PayloadTooLargeError,
   WithoutPaymentError,
 } from '../Errors.ts'
+import * as Db from '../ledger/Db.ts'
 import * as Problem from '../payment/Problem.ts'
 import type { Deps } from './Deps.ts'
 import * as Auth from './middleware/Auth.ts'
@@ -147,7 +149,11 @@ export function create(deps: Deps): Hono {
         ? e
         : isMalformedBody(e)
           ? new InvalidRequestError('The request body could not be read.', 'invalid_body')
-          : undefined
+          : Db.isUnreachable(e)
+            ? new DatabaseUnavailableError({ cause: e })
+            : undefined
+    if (error instanceof DatabaseUnavailableError)
+      deps.log.warn({ err: (e as Error).message }, 'database unreachable')
     // The client went away, and its request's work ended with the abort: nobody reads the
     // answer, and it is no bug of the gateway's (the charge was settled where it stopped).
     if (!error && c.req.raw.signal.aborted) {

@@ -22,11 +22,39 @@ export type Options = {
  * the pool ends it too). numeric and int8 columns arrive as `bigint`. A bigint parameter is typed
  * int8 by postgres.js; pass money as `sql.typed.numeric(x)` so it never overflows.
  */
+/**
+ * Errors that say the database is out of reach, not that a statement was wrong: postgres.js's
+ * own for a connection that failed or closed, the socket's, and PostgreSQL's classes 08
+ * (connection exception), 53 (insufficient resources: disk full, out of memory, too many
+ * connections) and 57P (the server shutting down or starting).
+ */
+const UNREACHABLE = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ETIMEDOUT',
+  'EPIPE',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+  'ENOTFOUND',
+  'CONNECTION_CLOSED',
+  'CONNECTION_ENDED',
+  'CONNECTION_DESTROYED',
+  'CONNECT_TIMEOUT',
+])
+export function isUnreachable(e: unknown): boolean {
+  const code = (e as { code?: unknown } | null)?.code
+  if (typeof code !== 'string') return false
+  return UNREACHABLE.has(code) || /^(08|53)[0-9A-Z]{3}$/.test(code) || code.startsWith('57P')
+}
+
 export function connect(options: Options): Sql {
   const open = (max: number) =>
     postgres(options.url, {
       max,
       onnotice: () => {},
+      // A server that does not answer is out of reach after this long (postgres.js waits 30
+      // s), and the request a 503 (http/App.ts), not a client's long wait.
+      connect_timeout: 10,
       connection: options.schema ? { search_path: options.schema } : {},
       types: {
         numeric: {

@@ -1,0 +1,95 @@
+/**
+ * The database out of reach (every connection cut, new ones refused), through a TCP
+ * forwarder between the gateway and PostgreSQL that the test cuts and mends: requests get a
+ * typed 503 with Retry-After (they got a 500 "this is a bug"), the process stays up, and once
+ * the database is back the same requests go through without a restart.
+ */
+import { afterAll, expect, test } from 'bun:test'
+import { connect, createServer, type Socket } from 'node:net'
+import * as Db from '../../src/ledger/Db.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+import * as Postgres from '../helpers/Postgres.ts'
+import * as Upstream from '../helpers/Upstream.ts'
+
+const server = process.env.DATABASE_URL ? new URL(process.env.DATABASE_URL) : undefined
+
+/**
+ * A TCP forwarder to PostgreSQL; `cut` closes every connection and stops listening (new ones
+ * are refused, as by a stopped server), `mend` listens again on the same port.
+ */
+async function forwarder(to: URL) {
+  const open = new Set<Socket>()
+  const proxy = createServer((client) => {
+    const up = connect(Number(to.port || 5432), to.hostname)
+    client.pipe(up)
+    up.pipe(client)
+    const gone = () => {
+      client.destroy()
+      up.destroy()
+      open.delete(client)
+    }
+    for (const s of [client, up]) {
+      s.on('error', gone)
+      s.on('close', gone)
+    }
+    open.add(client)
+  })
+  const listen = (port: number) =>
+    new Promise<void>((resolve) => proxy.listen(port, '127.0.0.1', resolve))
+  await listen(0)
+  afterAll(() => void proxy.close())
+  const port = (proxy.address() as { port: number }).port
+  const url = new URL(to)
+  url.hostname = '127.0.0.1'
+  url.port = String(port)
+  return {
+    url: url.toString(),
+    async cut() {
+      const closed = new Promise<void>((resolve) => proxy.close(() => resolve()))
+      for (const c of open) c.destroy()
+      await closed
+    },
+    mend: () => listen(port),
+  }
+}
+
+// The embedded database runs in the gateway's process: nothing to cut.
+test.skipIf(!server)(
+  'error: the database out of reach → 503 database_unavailable with Retry-After, never a 500; back, it serves again',
+  async () => {
+    const db = await Postgres.fresh()
+    const link = await forwarder(server!)
+    const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
+    afterAll(() => sql.end({ timeout: 1 }))
+    const gw = await Gateway.create({}, { db: { ...db, sql }, upstream: Upstream.start() })
+    const { key } = await gw.account()
+    const chat = () =>
+      fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+      })
+    const credits = () =>
+      fetch(`${gw.url}/v1/credits`, { headers: { authorization: `Bearer ${key}` } })
+    expect((await chat()).status).toBe(200)
+
+    await link.cut()
+    for (const res of [await chat(), await credits(), await chat()]) {
+      expect(res.status).toBe(503)
+      expect(res.headers.get('retry-after')).toBe('5')
+      const body = (await res.json()) as { error: { type: string; code: string } }
+      expect(body.error.code).toBe('database_unavailable')
+    }
+    expect(gw.logs.join('\n')).not.toContain('this is a bug')
+
+    await link.mend()
+    let status = 0
+    for (let i = 0; i < 50 && status !== 200; i++) {
+      status = (await chat()).status
+      if (status !== 200) await Bun.sleep(100)
+    }
+    expect(status).toBe(200)
+    expect((await credits()).status).toBe(200)
+  },
+  30_000,
+)
