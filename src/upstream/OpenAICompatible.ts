@@ -87,8 +87,9 @@ export function create(options: Options): Provider {
       )
       let text: string
       try {
-        text = await response.text()
+        text = await bounded(options.name, response)
       } catch (e) {
+        if (e instanceof UpstreamError) throw e
         throw failure(options.name, e, signal, watchdog)
       } finally {
         watchdog.stop()
@@ -137,6 +138,45 @@ function capped(body: Body, limits: Limits | undefined, param: MaxTokensParam): 
 }
 
 /**
+ * The most an upstream's answer may hold, bytes: a whole completion's body, and one event of a
+ * stream (what arrives without ending an event). Far above any answer (a whole context of
+ * output is a few MB, an inline audio answer tens), so that an upstream that never ends its
+ * body or its line cannot grow the gateway's memory without bound.
+ */
+export const MAX_ANSWER_BYTES = 64 * 1024 * 1024
+export const MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+const tooLarge = (name: string, what: string, most: number) =>
+  new UpstreamError(
+    `Upstream ${name} sent ${what} over ${most / (1024 * 1024)} MiB.`,
+    'upstream_answer_too_large',
+  )
+
+/** A whole answer's text, refused past MAX_ANSWER_BYTES (its declared length, or as read). */
+async function bounded(name: string, response: Response): Promise<string> {
+  const declared = response.headers.get('content-length')
+  if (declared !== null && /^\d+$/.test(declared)) {
+    if (Number(declared) > MAX_ANSWER_BYTES) {
+      await response.body?.cancel().catch(() => {})
+      throw tooLarge(name, 'a completion', MAX_ANSWER_BYTES)
+    }
+    return response.text()
+  }
+  const reader = response.body!.getReader()
+  const parts: Uint8Array[] = []
+  let size = 0
+  for (let r = await reader.read(); !r.done; r = await reader.read()) {
+    size += r.value.length
+    if (size > MAX_ANSWER_BYTES) {
+      await reader.cancel().catch(() => {})
+      throw tooLarge(name, 'a completion', MAX_ANSWER_BYTES)
+    }
+    parts.push(r.value)
+  }
+  return new TextDecoder().decode(Buffer.concat(parts))
+}
+
+/**
  * The upstream's events, parsed, one batch per network read: the SSE parser runs
  * synchronously over what arrived, so many small events cost one await, not one each.
  * The answer ends at `[DONE]` or the end of the body, or at a usage sent with or after its
@@ -167,6 +207,8 @@ async function* chunks(
     return finished && chunk.usage != null
   }
   let done = false
+  /** Bytes read since an event last ended (about: the read that ended one counts whole). */
+  let unended = 0
   try {
     while (true) {
       // Everything that has arrived, in one read: a busy gateway finds several chunks
@@ -180,7 +222,13 @@ async function* chunks(
       } catch (e) {
         throw failure(name, e, signal, watchdog)
       }
-      for (const bytes of next.value) parser.feed(decoder.decode(bytes, { stream: true }))
+      for (const bytes of next.value) {
+        unended += bytes.length
+        parser.feed(decoder.decode(bytes, { stream: true }))
+      }
+      // Bytes that end no event pile up in the parser: an endless line is cut.
+      if (events.length > 0) unended = 0
+      else if (unended > MAX_EVENT_BYTES) throw tooLarge(name, 'an event', MAX_EVENT_BYTES)
       // An event cut off by the end of the body is dropped, as an EventSource does. A body
       // that ends with neither [DONE] nor a finish reason was cut (a proxy or a balancer closing
       // the upstream's connection mid-answer): passed on as whole, it read as a complete answer.

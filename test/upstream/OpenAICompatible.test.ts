@@ -240,6 +240,55 @@ describe('stream', () => {
   }, 60_000)
 })
 
+describe('answers past the bounds', () => {
+  const code = (e: unknown) => (e as GatewayError).code
+  test('error: a stream event that never ends (an endless line) is cut past MAX_EVENT_BYTES, not held in memory', async () => {
+    next = {
+      status: 200,
+      body: `data: {"choices":[{"index":0,"delta":{"content":"${'x'.repeat(OpenAICompatible.MAX_EVENT_BYTES + 1024)}`,
+    }
+    const e = await drain().catch((e) => e)
+    expect(e).toBeInstanceOf(UpstreamError)
+    expect(code(e)).toBe('upstream_answer_too_large')
+  })
+
+  test('error: a whole completion past MAX_ANSWER_BYTES is refused, by its length or as it is read', async () => {
+    next = {
+      status: 200,
+      type: 'application/json',
+      body: ' '.repeat(OpenAICompatible.MAX_ANSWER_BYTES + 1),
+    }
+    const declared = await provider.complete(body, signal).catch((e) => e)
+    expect(code(declared)).toBe('upstream_answer_too_large')
+    const piece = new Uint8Array(1024 * 1024).fill(0x20)
+    const chunked = Bun.serve({
+      port: 0,
+      hostname: '127.0.0.1',
+      fetch: () =>
+        new Response(
+          new ReadableStream({
+            pull(c) {
+              c.enqueue(piece)
+            },
+          }),
+          { headers: { 'content-type': 'application/json' } },
+        ),
+    })
+    try {
+      const endless = OpenAICompatible.create({
+        name: 'endless',
+        baseUrl: `http://127.0.0.1:${chunked.port}/v1/`,
+        timeoutMs: 5000,
+      })
+      expect(code(await endless.complete(body, signal).catch((e) => e))).toBe(
+        'upstream_answer_too_large',
+      )
+    } finally {
+      chunked.stop(true)
+    }
+  })
+})
+
 describe('started', () => {
   const start = () => provider.stream(body, signal).then(Chat.started)
   test('error: a stream that ends before it answers is an UpstreamError (a 502 before the first token): an empty body, a role chunk alone, [DONE] alone', async () => {
