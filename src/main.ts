@@ -287,6 +287,8 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     stops.push(async () => {
       await Bun.sleep(20) // cut streams settle as their generators unwind
       await Batch.settled(sql)
+      // Charges still being tried (the database was out of reach): a while longer.
+      await Reservations.drained(10_000)
     })
     // A graceful stop's wait for the requests under way: ends when they have, or its grace
     // runs out, or a second stop cuts it short.

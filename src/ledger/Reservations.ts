@@ -445,6 +445,49 @@ async function retrying<T>(f: () => Promise<T>, delaysMs = [100, 1_000, 5_000]):
   return f()
 }
 
+/**
+ * Charges still being tried after their first tries failed (the database out of reach for
+ * longer than those took): the instance's stop waits for them (`drained`).
+ */
+const persisting = new Set<Promise<unknown>>()
+
+/**
+ * Keeps trying `f` in the background, each wait longer (up to 10 s), while the reservation's
+ * lease has time left: a charge of a delivered answer that fails for longer than its first
+ * tries (a database restarting, a failover) is written when the database is back, not left to
+ * the sweep, which charges only what the last extension recorded. Stops a fifth of the lease
+ * short of its end, leaving the rest to the sweep. A retry never charges twice (the charge
+ * takes the reservation with it).
+ */
+function persist<T>(f: () => Promise<T>, leaseSeconds: number): Promise<T> {
+  const until = Date.now() + leaseSeconds * 800
+  const run = (async () => {
+    for (let wait = 500; ; wait = Math.min(wait * 2, 10_000)) {
+      await Bun.sleep(Math.min(wait, Math.max(0, until - Date.now())))
+      try {
+        return await f()
+      } catch (e) {
+        // Only while the database is out of reach: not for an error of the charge itself, nor
+        // once this instance has closed its own connections (it is stopping).
+        const ended = (e as { code?: unknown }).code === 'CONNECTION_ENDED'
+        if (Date.now() >= until || ended || !Db.isUnreachable(e)) throw e
+      }
+    }
+  })()
+  persisting.add(run)
+  run.then(
+    () => persisting.delete(run),
+    () => persisting.delete(run),
+  )
+  return run
+}
+
+/** Waits (at most `ms`) for the charges still being tried (see `persist`). */
+export async function drained(ms: number): Promise<void> {
+  if (persisting.size === 0) return
+  await Promise.race([Promise.allSettled([...persisting]), Bun.sleep(ms)])
+}
+
 /** What a finished request was charged, from its usage row, and its channel as it is now. */
 async function charged(sql: Sql, id: string, channelId?: string): Promise<Finished | undefined> {
   const [u] = await sql`select cost from usage where id = ${id}`
@@ -542,7 +585,21 @@ export function reservation(
       // concurrency and its Idempotency-Key until its lease runs out): tried again, waited for
       // or not (sooner when someone waits). A retry never charges twice: the charge takes the
       // reservation with it.
-      settled ??= retrying(once, background ? undefined : [50, 250, 1_000]).then((r) => {
+      // Still failing after its first tries: the caller hears of it (the client is not kept
+      // waiting), and the charge goes on being tried in the background (see `persist`).
+      const first = retrying(once, background ? undefined : [50, 250, 1_000])
+      const lasting = first.catch((e: unknown) =>
+        (e as { code?: unknown }).code !== 'CONNECTION_ENDED' && Db.isUnreachable(e)
+          ? persist(once, input.leaseSeconds)
+          : undefined,
+      )
+      lasting.then(
+        (r) => {
+          after ??= r?.channel
+        },
+        () => {},
+      )
+      settled ??= first.then((r) => {
         after = r?.channel
         return { charged: r?.charged ?? 0n }
       })

@@ -92,6 +92,64 @@ describe('acceptVoucher', () => {
   })
 })
 
+describe('a charge while the database is out of reach', () => {
+  test('behavior: a channel charge failing past its first tries is written once the database answers again, not left to the sweep', async () => {
+    const c = await channel(1000n)
+    await voucher(c.channelId, 300n)
+    const id = crypto.randomUUID()
+    expect(
+      (await Ledger.hold(sql, c.channelId, { want: 100n, need: 50n, requestId: id })).status,
+    ).toBe('ok')
+    // Every charge statement fails, as with the database down, until `back`.
+    let down = true
+    const flaky = new Proxy(sql, {
+      apply(target, self, args) {
+        if (
+          down &&
+          Array.isArray(args[0]) &&
+          (args[0] as string[]).join('').includes('tollway_channel_finish_many')
+        )
+          return Promise.reject(
+            Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }),
+          )
+        return Reflect.apply(target as never, self, args)
+      },
+    }) as Db.Sql
+    const r = Reservations.reservation(flaky, {
+      id,
+      held: 100n,
+      leaseSeconds: 60,
+      channelId: c.channelId,
+    })
+    // Its first tries fail: the caller hears of it.
+    const outcome = {
+      cost: 80n,
+      promptTokens: 1,
+      completionTokens: 1,
+      status: 'ok' as const,
+      latencyMs: 1,
+      ttftMs: 1,
+    }
+    expect(
+      await r.settle(outcome).then(
+        () => 'charged',
+        () => 'failed',
+      ),
+    ).toBe('failed')
+    down = false
+    // Back: the charge goes through, exactly once, and the hold is released.
+    for (let i = 0; i < 100; i++) {
+      const [u] = await sql`select cost from usage where id = ${id}`
+      if (u) break
+      await Bun.sleep(100)
+    }
+    await Reservations.drained(5_000)
+    expect(await invariants(c.channelId)).toMatchObject({ spent: 80n, reserved: 0n })
+    const rows = await sql`select cost from usage where id = ${id}`
+    expect(rows.map((u) => u.cost)).toEqual([80n])
+  }, 20_000)
+})
+
 describe('admit, extend, finish', () => {
   test('behavior: paid from the authorized balance; spent grows by the exact charge at the end', async () => {
     const c = await channel(1000n)
