@@ -219,6 +219,8 @@ export async function chat(ctx: Context) {
   const received: unknown[] = []
   let usage: Usage | undefined
   let receipt: Receipt | undefined
+  /** An error event the stream ended with (credits or funds ran out, the upstream failed). */
+  let failed: { type?: string; message?: string; code?: string } | undefined
   if (stream) {
     const parser = createParser({
       onEvent: (event) => {
@@ -228,7 +230,9 @@ export async function chat(ctx: Context) {
           choices?: { delta?: { content?: string } }[]
           usage?: Usage
           tollway_receipt?: Receipt
+          error?: typeof failed
         }
+        if (chunk.error) failed = chunk.error
         const piece = chunk.choices?.[0]?.delta?.content ?? ''
         text += piece
         for (const c of chunk.choices ?? []) received.push(c.delta)
@@ -269,6 +273,13 @@ export async function chat(ctx: Context) {
     ctx.io.err(
       `cost: ${usage?.cost ?? '?'} base units (${usage?.prompt_tokens ?? '?'} in, ${usage?.completion_tokens ?? '?'} out); channel ${channel?.channelId ?? '?'} signed ${channel?.signed ?? '?'} of ${channel?.deposit ?? '?'}\n${signed ? `receipt: verified, signed by key ${receipt!.key_id}\n` : ''}`,
     )
+  // The answer was cut (what came, and its cost, are printed above): not a success.
+  if (failed) {
+    const message = `the stream ended early: ${failed.message ?? failed.code ?? 'an error'}${failed.code ? ` (${failed.code})` : ''}`
+    throw /insufficient|payment|funds/.test(`${failed.type} ${failed.code}`)
+      ? new PaymentError(message, failed)
+      : new ServerError(message, failed)
+  }
 }
 
 /**

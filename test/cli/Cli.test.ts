@@ -397,6 +397,24 @@ describe('chat', () => {
     expect(JSON.parse(plain.stdout)).not.toHaveProperty('receipt')
   }, 30_000)
 
+  test('error: a stream that ends with an error event (its upstream broke mid-answer) prints what came and its cost, then exits 4 saying why', async () => {
+    const r = await cli(
+      [
+        'chat',
+        'one two three four five six',
+        '--model',
+        'fake-fail-mid',
+        '--stream',
+        '--trust-escrow',
+      ],
+      wallet,
+    )
+    expect(r.stdout.length).toBeGreaterThan(1)
+    expect(r.stderr).toContain('cost: ')
+    expect(r.stderr).toContain('the stream ended early')
+    expect(r.code).toBe(4)
+  }, 30_000)
+
   test('behavior: streams tokens, prints the cost; channels list | settle; channel status | close', async () => {
     const r = await cli(
       ['chat', 'hello there', '--model', 'fake', '--stream', '--trust-escrow'],
