@@ -97,6 +97,12 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     }
     if (config.databaseUrl && !options.sql) await reachable(sql, config.databaseUrl)
     await Db.migrate(sql)
+    const ahead = await Db.newer(sql)
+    if (ahead.length > 0)
+      log.warn(
+        { migrations: ahead },
+        'the database has migrations of a newer release than this one: it serves on, but may not know what they changed; upgrade it',
+      )
     await Accounts.syncPlans(sql, config.plans)
 
     let devChain: DevChain.DevChain | undefined

@@ -111,6 +111,16 @@ const functions = join(import.meta.dir, 'functions')
  * transaction. Idempotent, and safe when several instances start at once (an advisory lock
  * serializes them).
  */
+/**
+ * Migrations the database has that this release does not (a newer release migrated it): this
+ * instance serves on, but may not know what those changed; its operator should upgrade it.
+ */
+export async function newer(sql: Sql): Promise<string[]> {
+  const known = new Set(readdirSync(migrations).filter((f) => f.endsWith('.sql')))
+  const rows = await sql`select name from schema_migrations order by name`
+  return rows.map((r) => r.name as string).filter((name) => !known.has(name))
+}
+
 export async function migrate(sql: Sql): Promise<string[]> {
   const files = readdirSync(migrations)
     .filter((f) => f.endsWith('.sql'))

@@ -7,7 +7,9 @@ import { createHash } from 'node:crypto'
 import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import * as Db from '../../src/ledger/Db.ts'
+import * as Gateway from '../helpers/Gateway.ts'
 import * as Postgres from '../helpers/Postgres.ts'
+import * as Upstream from '../helpers/Upstream.ts'
 
 const db = await Postgres.fresh()
 const file = 'tollway_ledger_batch.sql'
@@ -47,5 +49,17 @@ describe('Db.migrate', () => {
     await db.sql`update schema_functions set sha256 = 'an edit' where name = ${file}`
     await expect(Db.migrate(db.sql)).rejects.toThrow(/tollway_ledger_batch.sql.*raise it/)
     await db.sql`update schema_functions set sha256 = ${sha256} where name = ${file}`
+  })
+})
+
+describe('Db.newer', () => {
+  test('behavior: migrations a newer release applied are named, and a gateway starting on that database warns', async () => {
+    const other = await Postgres.fresh()
+    expect(await Db.newer(other.sql)).toEqual([])
+    await other.sql`insert into schema_migrations (name) values ('9999_from_the_future.sql')`
+    expect(await Db.newer(other.sql)).toEqual(['9999_from_the_future.sql'])
+    const gw = await Gateway.create({}, { db: other, upstream: Upstream.start() })
+    const warned = gw.logs.find((l) => l.includes('newer release'))
+    expect(warned).toContain('9999_from_the_future.sql')
   })
 })
