@@ -467,10 +467,7 @@ function persist<T>(f: () => Promise<T>, leaseSeconds: number): Promise<T> {
       try {
         return await f()
       } catch (e) {
-        // Only while the database is out of reach: not for an error of the charge itself, nor
-        // once this instance has closed its own connections (it is stopping).
-        const ended = (e as { code?: unknown }).code === 'CONNECTION_ENDED'
-        if (Date.now() >= until || ended || !Db.isUnreachable(e)) throw e
+        if (Date.now() >= until || !outOfReach(e)) throw e
       }
     }
   })()
@@ -481,6 +478,13 @@ function persist<T>(f: () => Promise<T>, leaseSeconds: number): Promise<T> {
   )
   return run
 }
+
+/**
+ * Whether a charge failed for the database being out of reach, and may go through later: not
+ * an error of the charge itself, nor this instance's own connections closed (it is stopping).
+ */
+const outOfReach = (e: unknown) =>
+  (e as { code?: unknown } | null)?.code !== 'CONNECTION_ENDED' && Db.isUnreachable(e)
 
 /** Waits (at most `ms`) for the charges still being tried (see `persist`). */
 export async function drained(ms: number): Promise<void> {
@@ -585,21 +589,19 @@ export function reservation(
       // concurrency and its Idempotency-Key until its lease runs out): tried again, waited for
       // or not (sooner when someone waits). A retry never charges twice: the charge takes the
       // reservation with it.
+      if (settled) return settled
       // Still failing after its first tries: the caller hears of it (the client is not kept
       // waiting), and the charge goes on being tried in the background (see `persist`).
       const first = retrying(once, background ? undefined : [50, 250, 1_000])
-      const lasting = first.catch((e: unknown) =>
-        (e as { code?: unknown }).code !== 'CONNECTION_ENDED' && Db.isUnreachable(e)
-          ? persist(once, input.leaseSeconds)
-          : undefined,
-      )
-      lasting.then(
-        (r) => {
-          after ??= r?.channel
-        },
-        () => {},
-      )
-      settled ??= first.then((r) => {
+      first
+        .catch((e: unknown) => (outOfReach(e) ? persist(once, input.leaseSeconds) : undefined))
+        .then(
+          (r) => {
+            after ??= r?.channel
+          },
+          () => {},
+        )
+      settled = first.then((r) => {
         after = r?.channel
         return { charged: r?.charged ?? 0n }
       })
