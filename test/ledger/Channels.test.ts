@@ -150,6 +150,43 @@ describe('a charge while the database is out of reach', () => {
   }, 20_000)
 })
 
+test('behavior: a settle asked for twice charges once, with one charge statement', async () => {
+  const c = await channel(1000n)
+  await voucher(c.channelId, 300n)
+  const id = crypto.randomUUID()
+  expect(
+    (await Ledger.hold(sql, c.channelId, { want: 100n, need: 50n, requestId: id })).status,
+  ).toBe('ok')
+  let statements = 0
+  const counted = new Proxy(sql, {
+    apply(target, self, args) {
+      if (
+        Array.isArray(args[0]) &&
+        (args[0] as string[]).join('').includes('tollway_channel_finish_many')
+      )
+        statements++
+      return Reflect.apply(target as never, self, args)
+    },
+  }) as Db.Sql
+  const r = Reservations.reservation(counted, {
+    id,
+    held: 100n,
+    leaseSeconds: 60,
+    channelId: c.channelId,
+  })
+  const outcome = {
+    cost: 70n,
+    promptTokens: 1,
+    completionTokens: 1,
+    status: 'ok' as const,
+    latencyMs: 1,
+    ttftMs: 1,
+  }
+  const [a, b] = await Promise.all([r.settle(outcome), r.settle(outcome)])
+  expect([a.charged, b.charged]).toEqual([70n, 70n])
+  expect(statements).toBe(1)
+})
+
 describe('admit, extend, finish', () => {
   test('behavior: paid from the authorized balance; spent grows by the exact charge at the end', async () => {
     const c = await channel(1000n)
