@@ -92,46 +92,53 @@ describe('acceptVoucher', () => {
   })
 })
 
-describe('a charge while the database is out of reach', () => {
-  test('behavior: a channel charge failing past its first tries is written once the database answers again, not left to the sweep', async () => {
+describe('a channel charge', () => {
+  /** A channel with a request of 100 held on it: the request's id and its reservation on `on`. */
+  const held = async (on: Db.Sql) => {
     const c = await channel(1000n)
     await voucher(c.channelId, 300n)
     const id = crypto.randomUUID()
     expect(
       (await Ledger.hold(sql, c.channelId, { want: 100n, need: 50n, requestId: id })).status,
     ).toBe('ok')
-    // Every charge statement fails, as with the database down, until `back`.
-    let down = true
-    const flaky = new Proxy(sql, {
-      apply(target, self, args) {
-        if (
-          down &&
-          Array.isArray(args[0]) &&
-          (args[0] as string[]).join('').includes('tollway_channel_finish_many')
-        )
-          return Promise.reject(
-            Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' }),
-          )
-        return Reflect.apply(target as never, self, args)
-      },
-    }) as Db.Sql
-    const r = Reservations.reservation(flaky, {
+    const r = Reservations.reservation(on, {
       id,
       held: 100n,
       leaseSeconds: 60,
       channelId: c.channelId,
     })
+    return { id, channelId: c.channelId, r }
+  }
+  /** `sql` whose charge statements are seen by `charge` first, which may refuse one (an error). */
+  const charging = (charge: () => Error | undefined) =>
+    new Proxy(sql, {
+      apply(target, self, args) {
+        const text = Array.isArray(args[0]) ? (args[0] as string[]).join('') : ''
+        const refused = text.includes('tollway_channel_finish_many') ? charge() : undefined
+        return refused ? Promise.reject(refused) : Reflect.apply(target as never, self, args)
+      },
+    }) as Db.Sql
+  const outcome = (cost: bigint) => ({
+    cost,
+    promptTokens: 1,
+    completionTokens: 1,
+    status: 'ok' as const,
+    latencyMs: 1,
+    ttftMs: 1,
+  })
+
+  test('behavior: one failing past its first tries (the database out of reach) is written once the database answers again, not left to the sweep', async () => {
+    let down = true
+    const { id, channelId, r } = await held(
+      charging(() =>
+        down
+          ? Object.assign(new Error('connect ECONNREFUSED'), { code: 'ECONNREFUSED' })
+          : undefined,
+      ),
+    )
     // Its first tries fail: the caller hears of it.
-    const outcome = {
-      cost: 80n,
-      promptTokens: 1,
-      completionTokens: 1,
-      status: 'ok' as const,
-      latencyMs: 1,
-      ttftMs: 1,
-    }
     expect(
-      await r.settle(outcome).then(
+      await r.settle(outcome(80n)).then(
         () => 'charged',
         () => 'failed',
       ),
@@ -144,47 +151,23 @@ describe('a charge while the database is out of reach', () => {
       await Bun.sleep(100)
     }
     await Reservations.drained(5_000)
-    expect(await invariants(c.channelId)).toMatchObject({ spent: 80n, reserved: 0n })
+    expect(await invariants(channelId)).toMatchObject({ spent: 80n, reserved: 0n })
     const rows = await sql`select cost from usage where id = ${id}`
     expect(rows.map((u) => u.cost)).toEqual([80n])
   }, 20_000)
-})
 
-test('behavior: a settle asked for twice charges once, with one charge statement', async () => {
-  const c = await channel(1000n)
-  await voucher(c.channelId, 300n)
-  const id = crypto.randomUUID()
-  expect(
-    (await Ledger.hold(sql, c.channelId, { want: 100n, need: 50n, requestId: id })).status,
-  ).toBe('ok')
-  let statements = 0
-  const counted = new Proxy(sql, {
-    apply(target, self, args) {
-      if (
-        Array.isArray(args[0]) &&
-        (args[0] as string[]).join('').includes('tollway_channel_finish_many')
-      )
+  test('behavior: a settle asked for twice charges once, with one charge statement', async () => {
+    let statements = 0
+    const { r } = await held(
+      charging(() => {
         statements++
-      return Reflect.apply(target as never, self, args)
-    },
-  }) as Db.Sql
-  const r = Reservations.reservation(counted, {
-    id,
-    held: 100n,
-    leaseSeconds: 60,
-    channelId: c.channelId,
+        return undefined
+      }),
+    )
+    const [a, b] = await Promise.all([r.settle(outcome(70n)), r.settle(outcome(70n))])
+    expect([a.charged, b.charged]).toEqual([70n, 70n])
+    expect(statements).toBe(1)
   })
-  const outcome = {
-    cost: 70n,
-    promptTokens: 1,
-    completionTokens: 1,
-    status: 'ok' as const,
-    latencyMs: 1,
-    ttftMs: 1,
-  }
-  const [a, b] = await Promise.all([r.settle(outcome), r.settle(outcome)])
-  expect([a.charged, b.charged]).toEqual([70n, 70n])
-  expect(statements).toBe(1)
 })
 
 describe('admit, extend, finish', () => {
