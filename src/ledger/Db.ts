@@ -18,11 +18,6 @@ export type Options = {
 }
 
 /**
- * Opens a pool (and, with more than one connection, its `ordered` client, on first use; ending
- * the pool ends it too). numeric and int8 columns arrive as `bigint`. A bigint parameter is typed
- * int8 by postgres.js; pass money as `sql.typed.numeric(x)` so it never overflows.
- */
-/**
  * Errors that say the database is out of reach, not that a statement was wrong: postgres.js's
  * own for a connection that failed or closed, the socket's, and PostgreSQL's classes 08
  * (connection exception), 53 (insufficient resources: disk full, out of memory, too many
@@ -47,6 +42,11 @@ export function isUnreachable(e: unknown): boolean {
   return UNREACHABLE.has(code) || /^(08|53)[0-9A-Z]{3}$/.test(code) || code.startsWith('57P')
 }
 
+/**
+ * Opens a pool (and, with more than one connection, its `ordered` client, on first use; ending
+ * the pool ends it too). numeric and int8 columns arrive as `bigint`. A bigint parameter is typed
+ * int8 by postgres.js; pass money as `sql.typed.numeric(x)` so it never overflows.
+ */
 export function connect(options: Options): Sql {
   const open = (max: number) =>
     postgres(options.url, {
@@ -101,6 +101,22 @@ const migrations = join(import.meta.dir, 'migrations')
 
 const functions = join(import.meta.dir, 'functions')
 
+/** This release's migrations, in the order they apply (by name). */
+const migrationFiles = () =>
+  readdirSync(migrations)
+    .filter((f) => f.endsWith('.sql'))
+    .sort()
+
+/**
+ * Migrations the database has that this release does not (a newer release migrated it): this
+ * instance serves on, but may not know what those changed; its operator should upgrade it.
+ */
+export async function newer(sql: Sql): Promise<string[]> {
+  const known = new Set(migrationFiles())
+  const rows = await sql`select name from schema_migrations order by name`
+  return rows.map((r) => r.name as string).filter((name) => !known.has(name))
+}
+
 /**
  * Applies the SQL files in `migrations/` that have not run yet, in name order, then each file
  * of `functions/` (the current definitions of SQL functions, `CREATE OR REPLACE`, its first
@@ -111,20 +127,8 @@ const functions = join(import.meta.dir, 'functions')
  * transaction. Idempotent, and safe when several instances start at once (an advisory lock
  * serializes them).
  */
-/**
- * Migrations the database has that this release does not (a newer release migrated it): this
- * instance serves on, but may not know what those changed; its operator should upgrade it.
- */
-export async function newer(sql: Sql): Promise<string[]> {
-  const known = new Set(readdirSync(migrations).filter((f) => f.endsWith('.sql')))
-  const rows = await sql`select name from schema_migrations order by name`
-  return rows.map((r) => r.name as string).filter((name) => !known.has(name))
-}
-
 export async function migrate(sql: Sql): Promise<string[]> {
-  const files = readdirSync(migrations)
-    .filter((f) => f.endsWith('.sql'))
-    .sort()
+  const files = migrationFiles()
   return sql.begin(async (tx) => {
     await tx`select pg_advisory_xact_lock(hashtext(current_schema() || '.tollway_migrate'))`
     await tx`create table if not exists schema_migrations (
