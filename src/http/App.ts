@@ -59,7 +59,6 @@ const EXPOSED = [
   'x-tollway-upstream',
   'www-authenticate',
   'payment-receipt',
-  'idempotency-key',
 ]
 
 /** Builds the app. */

@@ -58,6 +58,7 @@ function watch(w: Watched): () => void {
     }, 1_000)
     ticker.unref()
   }
+  w.last = tick
   return () => {
     watched.delete(w)
     if (watched.size === 0 && ticker !== undefined) {
@@ -209,7 +210,7 @@ export function response(c: Context, o: Options): Response {
     type: 'direct',
     async pull(controller) {
       const quiet: Watched = {
-        last: tick,
+        last: 0, // stamped by `watch`
         quietMs: o.keepAliveMs ?? 15_000,
         writing: false,
         beat: () => {
@@ -238,7 +239,6 @@ export function response(c: Context, o: Options): Response {
       }
       started = true
       const unwatch = watch(quiet)
-      quiet.last = tick
       try {
         while (true) {
           const next = await o.frames.next()

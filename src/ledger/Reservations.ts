@@ -595,12 +595,7 @@ export function reservation(
       const first = retrying(once, background ? undefined : [50, 250, 1_000])
       first
         .catch((e: unknown) => (outOfReach(e) ? persist(once, input.leaseSeconds) : undefined))
-        .then(
-          (r) => {
-            after ??= r?.channel
-          },
-          () => {},
-        )
+        .catch(() => {})
       settled = first.then((r) => {
         after = r?.channel
         return { charged: r?.charged ?? 0n }
