@@ -217,11 +217,9 @@ async function serve(
     })
   const price = model.pricing
   const signal = c.req.raw.signal
-  /** Whether an upstream was asked: a client gone before that (during admission) pays nothing. */
-  let asked = false
-  const ask = () => {
-    asked = true
-  }
+  /** Whether `routed` asked an upstream: a client gone before that (during admission) pays
+   * nothing. */
+  const upstream = { asked: false }
   /** The answer of the route that served it; the client is told which upstream that was. */
   const served = <T>(route: Route, answer: T): T => {
     c.header('x-tollway-upstream', route.provider.name)
@@ -253,12 +251,11 @@ async function serve(
       maxPromptTokens: model.contextLength,
       renewMs: (deps.config.metering.leaseSeconds * 1000) / 3,
       stop: () => call.abort(),
-      asked: () => asked,
+      asked: () => upstream.asked,
       call: () =>
-        routed(deps, p, call.signal, deadline, async (route, body, bounded) => {
-          ask()
-          return served(route, await route.provider.complete(body, bounded, limits))
-        }),
+        routed(deps, p, call.signal, deadline, upstream, async (route, body, bounded) =>
+          served(route, await route.provider.complete(body, bounded, limits)),
+        ),
     }).finally(() => signal.removeEventListener('abort', onAbort))
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
     const signed = receipt(usage, () =>
@@ -287,20 +284,25 @@ async function serve(
     // quota (it extends its reservation as it goes, so credits do not cap it here).
     limits = p.asked !== undefined || p.limit < p.left ? { maxTokens: p.limit } : undefined
     // Answered once the upstream has begun (a failure before its first token is a 502).
-    chunks = await routed(deps, p, abort.signal, deadline, async (route, body, bounded, timing) => {
-      ask()
-      return served(
-        route,
-        await route.provider.stream(body, bounded, limits, timing).then(Chat.started),
-      )
-    })
+    chunks = await routed(
+      deps,
+      p,
+      abort.signal,
+      deadline,
+      upstream,
+      async (route, body, bounded, timing) =>
+        served(
+          route,
+          await route.provider.stream(body, bounded, limits, timing).then(Chat.started),
+        ),
+    )
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
     await Meter.release(reservation, {
       promptTokens,
       startedAt,
       cancelled: signal.aborted,
-      asked,
+      asked: upstream.asked,
       price,
     })
     // A newer stream took the channel (or it is closing) before this one's upstream began.
@@ -705,6 +707,8 @@ async function routed<T>(
   p: Plan,
   signal: AbortSignal,
   deadline: number | undefined,
+  /** Set once an upstream is asked (its caller charges a client gone after that the prompt). */
+  upstream: { asked: boolean },
   call: (route: Route, body: Body, signal: AbortSignal, timing: Timing | undefined) => Promise<T>,
 ): Promise<T> {
   let failed: GatewayError | undefined
@@ -726,6 +730,7 @@ async function routed<T>(
     try {
       const bounded = clock ? AbortSignal.any([signal, clock.signal]) : signal
       const body = Chat.upstreamBody(p.req, route.upstreamModel) as Body
+      upstream.asked = true
       const r = await call(route, body, bounded, timing)
       deps.router.record(route.provider, true)
       deps.router.recordRoute(route, true)
