@@ -247,3 +247,23 @@ export class UpstreamRateLimitedError extends NoUpstreamError {
     })
   }
 }
+
+/**
+ * Text from outside (an upstream's or an RPC's error message) with its URLs taken out: they may
+ * name internal hosts and carry keys in their paths or queries.
+ */
+export function withoutUrls(text: string): string {
+  return text.replace(/\b[a-z][a-z0-9+.-]*:\/\/[^\s"'<>)\]]+/gi, '<url>')
+}
+
+/**
+ * An upstream's words as a client may read them: its URLs taken out (`withoutUrls`), and
+ * anything shaped like a key or token (a run of 24 or more letters, digits, `-` and `_` with a
+ * digit in it, or one that starts as keys do, `sk-`). What the upstream says of the request
+ * itself (a field, a value, a limit) stays.
+ */
+export function redacted(text: string): string {
+  return withoutUrls(text)
+    .replace(/\b(?:sk|pk|rk|ak)-[A-Za-z0-9_-]{4,}/g, '<redacted>')
+    .replace(/[A-Za-z0-9_-]{24,}/g, (run) => (/\d/.test(run) ? '<redacted>' : run))
+}

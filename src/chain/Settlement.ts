@@ -31,6 +31,7 @@ import {
   getTransactionReceipt,
   waitForTransactionReceipt,
 } from 'viem/actions'
+import { withoutUrls } from '../Errors.ts'
 import type { Logger } from '../Logger.ts'
 import type { WalletClient } from './Client.ts'
 import {
@@ -767,7 +768,7 @@ export function describe(error: unknown): RecordedError {
   const message = error instanceof BaseError ? error.shortMessage : error.message
   return {
     name: error.name,
-    message: message.replace(/\b[a-z][a-z0-9+.-]*:\/\/\S+/gi, '<url>').slice(0, 500),
+    message: withoutUrls(message).slice(0, 500),
   }
 }
 

@@ -4,7 +4,12 @@
  * streaming; a whole completion after `completionTimeoutMs` without its answer.
  */
 import { createParser } from 'eventsource-parser'
-import { InvalidRequestError, UpstreamError, UpstreamRateLimitedError } from '../Errors.ts'
+import {
+  InvalidRequestError,
+  redacted,
+  UpstreamError,
+  UpstreamRateLimitedError,
+} from '../Errors.ts'
 import * as Chat from './Chat.ts'
 import { Chunk, Completion, type Received } from './Chat.ts'
 import type { Body, Limits, Provider, Timing } from './Provider.ts'
@@ -268,10 +273,9 @@ async function* chunks(
         }
         if (json && typeof json === 'object' && 'error' in json) {
           if (batch.length > 0) yield batch
-          // What it said, as a rejection's message is passed on (its URLs and keys taken out).
-          const said = (json as { error?: { message?: unknown } }).error?.message
+          const words = said(json)
           throw new UpstreamError(
-            `Upstream ${name} failed mid-stream${typeof said === 'string' ? `: ${redacted(said.slice(0, 500))}` : '.'}`,
+            `Upstream ${name} failed mid-stream${words ? `: ${words}` : '.'}`,
             'upstream_stream_error',
           )
         }
@@ -334,12 +338,11 @@ function refusal(name: string, status: number, body: string, headers: Headers): 
     )
   }
   if (status === 400 || status === 404 || status === 422) {
-    let message = `Upstream ${name} rejected the request.`
+    let words: string | undefined
     try {
-      const m = (JSON.parse(body) as { error?: { message?: unknown } }).error?.message
-      if (typeof m === 'string')
-        message = `Upstream ${name} rejected the request: ${redacted(m.slice(0, 500))}`
+      words = said(JSON.parse(body))
     } catch {}
+    const message = `Upstream ${name} rejected the request${words ? `: ${words}` : '.'}`
     return new InvalidRequestError(message, 'upstream_rejected', {
       details: { upstream_status: status },
     })
@@ -350,16 +353,12 @@ function refusal(name: string, status: number, body: string, headers: Headers): 
 }
 
 /**
- * An upstream's words as a client may read them: what names the upstream's side is taken out,
- * its URLs (hosts, paths, query tokens) and anything shaped like a key or token (a run of 24 or
- * more letters, digits, `-` and `_` with a digit in it, or one that starts as keys do, `sk-`).
- * What the upstream says of the request itself (a field, a value, a limit) stays.
+ * What an upstream's error body (`{"error":{"message"}}`) says, as a client may read it (its
+ * URLs and keys taken out, at most 500 characters); undefined when it says nothing.
  */
-export function redacted(text: string): string {
-  return text
-    .replace(/[a-z][a-z0-9+.-]*:\/\/[^\s"'<>)\]]+/gi, '<url>')
-    .replace(/\b(?:sk|pk|rk|ak)-[A-Za-z0-9_-]{4,}/g, '<redacted>')
-    .replace(/[A-Za-z0-9_-]{24,}/g, (run) => (/\d/.test(run) ? '<redacted>' : run))
+function said(body: unknown): string | undefined {
+  const m = (body as { error?: { message?: unknown } } | null)?.error?.message
+  return typeof m === 'string' ? redacted(m.slice(0, 500)) : undefined
 }
 
 /** Without a wait an upstream's 429 named, or past this one, the wait taken. */

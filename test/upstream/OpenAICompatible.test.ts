@@ -3,6 +3,7 @@ import fc from 'fast-check'
 import {
   GatewayError,
   InvalidRequestError,
+  redacted,
   UpstreamError,
   UpstreamRateLimitedError,
 } from '../../src/Errors.ts'
@@ -186,8 +187,8 @@ describe('stream', () => {
     fc.assert(
       fc.property(fc.array(fc.stringMatching(/^[a-z]{1,12}$/)), fc.webUrl(), (words, url) => {
         const text = words.join(' ')
-        expect(OpenAICompatible.redacted(text)).toBe(text)
-        expect(OpenAICompatible.redacted(`${text} ${url} ${text}`)).not.toContain(url)
+        expect(redacted(text)).toBe(text)
+        expect(redacted(`${text} ${url} ${text}`)).not.toContain(url)
       }),
     )
   })
