@@ -62,7 +62,7 @@ test.skipIf(!server)(
     const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
     afterAll(() => sql.end({ timeout: 1 }))
     const gw = await Gateway.create({}, { db: { ...db, sql }, upstream: Upstream.start() })
-    const { key } = await gw.account()
+    const { id, key } = await gw.account()
     const chat = () =>
       fetch(`${gw.url}/v1/chat/completions`, {
         method: 'POST',
@@ -90,6 +90,14 @@ test.skipIf(!server)(
     }
     expect(status).toBe(200)
     expect((await credits()).status).toBe(200)
+    // Nothing of the refused requests was written: the ledger holds its invariants, nothing is
+    // held, and the two answered requests are its only usage rows and charges.
+    const l = await Gateway.ledger(gw.sql, id)
+    expect(l.open_reservations).toBe(0n)
+    expect(l.reserved).toBe(0n)
+    const rows = await gw.sql`select status, cost from usage where account_id = ${id}`
+    expect(rows.map((r) => r.status)).toEqual(['ok', 'ok'])
+    expect(1_000_000n - l.balance).toBe(rows.reduce((n, r) => n + (r.cost as bigint), 0n))
   },
   30_000,
 )
