@@ -39,6 +39,19 @@ export function start(options: { slowMs?: number } = {}): FakeUpstream {
       const body = (
         typeof parsed === 'object' && parsed !== null && !Array.isArray(parsed) ? parsed : {}
       ) as Record<string, unknown>
+      // A body it cannot use is a 400, as a real upstream answers, never a throw (thrown in a
+      // server of a test file, it surfaces as an unhandled error between tests and breaks the
+      // run's later files), and is not recorded among the requests tests count: seen in CI,
+      // JSON-RPC posts of an earlier file's chain client still polling an anvil whose port
+      // this server got, which a test counting its upstream calls then saw as two more.
+      if (!Array.isArray(body.messages)) {
+        const came = `keys ${Object.keys(body).join(', ')}`
+        console.error(`fake upstream: ${req.method} ${new URL(req.url).pathname} with ${came}`)
+        return Response.json(
+          { error: { message: `fake upstream: a body with messages is needed (${came})` } },
+          { status: 400 },
+        )
+      }
       const model = String(body.model)
       const record: Received = { model, body, aborted: false }
       received.push(record)
@@ -58,18 +71,6 @@ export function start(options: { slowMs?: number } = {}): FakeUpstream {
           { error: { message: 'unsupported parameter: frobnicate' } },
           { status: 400 },
         )
-      // A body it cannot use is a 400, as a real upstream answers, never a throw: thrown in a
-      // server of a test file, it surfaces as an unhandled error between tests and breaks the
-      // run's later files (seen once in CI, a POST with no messages, cause not found): the
-      // 400 leaves the test that sent it to fail alone, and says what came.
-      if (!Array.isArray(body.messages)) {
-        const came = `keys ${Object.keys(body).join(', ')}`
-        console.error(`fake upstream: ${req.method} ${new URL(req.url).pathname} with ${came}`)
-        return Response.json(
-          { error: { message: `fake upstream: a body with messages is needed (${came})` } },
-          { status: 400 },
-        )
-      }
       const messages = (body.messages as Chat.Message[]).map((m) => ({
         role: m.role,
         content: Chat.text(m.content),
