@@ -202,11 +202,22 @@ export const Schema = z
     logLevel: z
       .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
       .default('info'),
+    /** The largest request body read before its credential is checked. */
     maxBodyBytes: z
       .number()
       .int()
       .positive()
       .default(1024 * 1024),
+    /**
+     * The largest completion request body (inline images, audio, files): one over
+     * `maxBodyBytes`, or sent without a length, is read only once its API key or Payment
+     * credential proves good. Never below `maxBodyBytes`.
+     */
+    maxCompletionBodyBytes: z
+      .number()
+      .int()
+      .positive()
+      .default(32 * 1024 * 1024),
     /**
      * Processes serving the port (SO_REUSEPORT, Linux): one JavaScript thread each, so a
      * busy gateway uses more than one core. Each is an instance as DESIGN.md "Many
@@ -338,6 +349,7 @@ const env = {
   ADMIN_TOKEN: ['adminToken', z.string()],
   LOG_LEVEL: ['logLevel', z.string()],
   MAX_BODY_BYTES: ['maxBodyBytes', z.coerce.number()],
+  MAX_COMPLETION_BODY_BYTES: ['maxCompletionBodyBytes', z.coerce.number()],
   TOLLWAY_WORKERS: ['workers', z.coerce.number()],
   RECEIPT_KEY: ['receiptKey', z.string()],
   TRUST_PROXY: ['trustProxy', z.stringbool()],

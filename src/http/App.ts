@@ -3,7 +3,6 @@
  * `create(deps)` builds it; main.ts serves it.
  */
 import { Hono } from 'hono'
-import { bodyLimit } from 'hono/body-limit'
 import { cors } from 'hono/cors'
 import { matchedRoutes } from 'hono/route'
 import {
@@ -18,6 +17,7 @@ import * as Db from '../ledger/Db.ts'
 import * as Problem from '../payment/Problem.ts'
 import type { Deps } from './Deps.ts'
 import * as Auth from './middleware/Auth.ts'
+import * as Parse from './Parse.ts'
 import * as Payments from './Payments.ts'
 import * as Account from './routes/Account.ts'
 import * as Admin from './routes/Admin.ts'
@@ -27,25 +27,7 @@ import * as Models from './routes/Models.ts'
 
 export type { Deps }
 
-/**
- * The body length a Content-Length header declares. Sent more than once, the header reaches
- * here as a list ("10, 10"; RFC 9110 lets a server take identical values as one), which
- * `Number` reads as NaN, and NaN is over no limit: a list is taken at its largest value, and a
- * value that is not a length is refused.
- */
-export function declared(length: string): number {
-  let most = 0
-  for (const part of length.split(',')) {
-    const value = part.trim()
-    if (!/^\d+$/.test(value))
-      throw new InvalidRequestError(
-        `Content-Length is not a length: "${length.slice(0, 40)}".`,
-        'invalid_content_length',
-      )
-    most = Math.max(most, Number(value))
-  }
-  return most
-}
+const COMPLETIONS = '/v1/chat/completions'
 
 /** The response headers a browser's script may read (CORS): what clients and SDKs read. */
 const EXPOSED = [
@@ -100,21 +82,25 @@ export function create(deps: Deps): Hono {
     deps.metrics.answered(c.req.method, route ? route.path : 'unmatched', c.res.status)
   })
 
-  const tooLarge = () => {
-    throw new PayloadTooLargeError(
-      `The request body is over the ${limit}-byte limit.`,
-      'body_too_large',
-    )
-  }
-  // Bodies sent without a length (chunked) are counted as they are read.
-  const counted = bodyLimit({ maxSize: limit, onError: tooLarge })
+  // A completion request may be longer (inline images, audio, files): the route reads one over
+  // `limit`, or without a declared length, only once its credential proves good.
+  const completions = Math.max(limit, deps.config.maxCompletionBodyBytes)
+  const tooLarge = (most: number) =>
+    new PayloadTooLargeError(`The request body is over the ${most}-byte limit.`, 'body_too_large')
   app.use('*', (c, next) => {
     // A declared length is checked without touching the body: reading `body` here would
     // turn the handler's `text()` into a stream read.
     const headers = c.req.raw.headers
     const length = headers.get('content-length')
-    if (length === null || headers.has('transfer-encoding')) return counted(c, next)
-    if (declared(length) > limit) tooLarge()
+    const most = () => (c.req.path === COMPLETIONS ? completions : limit)
+    if (length === null || headers.has('transfer-encoding')) {
+      // Sent without a length (chunked): counted as the handler reads it, which it may not
+      // (hono's bodyLimit reads it whole first, a stranger's too).
+      if (c.req.raw.body) c.req.raw = counted(c.req.raw, most(), tooLarge)
+      return next()
+    }
+    const n = Parse.declared(length)
+    if (n > limit && n > most()) throw tooLarge(most())
     return next()
   })
 
@@ -133,7 +119,7 @@ export function create(deps: Deps): Hono {
     return c.json({ algorithm: 'Ed25519', key_id: signer.keyId, public_key: signer.publicKey })
   })
   app.route('/v1/models', Models.routes(deps))
-  app.route('/v1/chat/completions', Chat.routes(deps))
+  app.route(COMPLETIONS, Chat.routes(deps))
   app.route('/v1/channels', Channels.routes(deps))
   app.route('/v1', Account.routes(deps))
   app.route('/admin/channels', Channels.admin(deps))
@@ -205,6 +191,21 @@ export function create(deps: Deps): Hono {
   })
 
   return app
+}
+
+/** `request` with its body cut short by `tooLarge(most)` when it runs past `most` bytes. */
+function counted(request: Request, most: number, tooLarge: (most: number) => Error): Request {
+  let size = 0
+  const body = request.body!.pipeThrough(
+    new TransformStream<Uint8Array, Uint8Array>({
+      transform(chunk, controller) {
+        size += chunk.byteLength
+        if (size > most) controller.error(tooLarge(most))
+        else controller.enqueue(chunk)
+      },
+    }),
+  )
+  return new Request(request, { body, duplex: 'half' } as RequestInit)
 }
 
 function isMalformedBody(e: unknown): boolean {

@@ -11,6 +11,26 @@ import { BadCursorError, isDay } from '../ledger/Page.ts'
  */
 export const MAX_DEPTH = 128
 
+/**
+ * The body length a Content-Length header declares. Sent more than once, the header reaches
+ * here as a list ("10, 10"; RFC 9110 lets a server take identical values as one), which
+ * `Number` reads as NaN, and NaN is over no limit: a list is taken at its largest value, and a
+ * value that is not a length is refused.
+ */
+export function declared(length: string): number {
+  let most = 0
+  for (const part of length.split(',')) {
+    const value = part.trim()
+    if (!/^\d+$/.test(value))
+      throw new InvalidRequestError(
+        `Content-Length is not a length: "${length.slice(0, 40)}".`,
+        'invalid_content_length',
+      )
+    most = Math.max(most, Number(value))
+  }
+  return most
+}
+
 /** Parses JSON text; a 400 `invalid_json` if it is not JSON or nests deeper than MAX_DEPTH. */
 export function json(text: string): unknown {
   let value: unknown

@@ -336,11 +336,11 @@ describe('errors', () => {
     expect(((await res.json()) as { error: { code: string } }).error.code).toBe('model_not_found')
   })
 
-  test('error: a body over the limit → 413', async () => {
+  test('error: a body over the completion body limit → 413', async () => {
     const { key } = await gw.account()
     const res = await post(key, {
       model: 'fake',
-      messages: [{ role: 'user', content: 'x'.repeat(gw.config.maxBodyBytes) }],
+      messages: [{ role: 'user', content: 'x'.repeat(gw.config.maxCompletionBodyBytes) }],
     })
     expect(res.status).toBe(413)
     expect(((await res.json()) as { error: { type: string } }).error.type).toBe(
@@ -366,7 +366,7 @@ describe('errors', () => {
     const big = await chunked(
       JSON.stringify({
         model: 'fake',
-        messages: [{ role: 'user', content: 'x'.repeat(gw.config.maxBodyBytes) }],
+        messages: [{ role: 'user', content: 'x'.repeat(gw.config.maxCompletionBodyBytes) }],
       }),
     )
     expect(big.status).toBe(413)

@@ -7,10 +7,10 @@ import { expect, test } from 'bun:test'
 import { connect } from 'node:net'
 import fc from 'fast-check'
 import { InvalidRequestError } from '../../src/Errors.ts'
-import { declared } from '../../src/http/App.ts'
+import { declared } from '../../src/http/Parse.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
-const gw = await Gateway.create()
+const gw = await Gateway.create({ maxCompletionBodyBytes: 2 * 1024 * 1024 })
 const { port } = new URL(gw.url)
 
 /** Sends `head` (CRLF-joined lines) and `body`; the status and body of the answer. */
@@ -53,7 +53,7 @@ function raw(lines: string[], body: Uint8Array = new Uint8Array()) {
 const code = (body: string) => (JSON.parse(body) as { error: { code: string } }).error.code
 
 test('a Content-Length sent twice is held to the body limit: 413 before the body is read', async () => {
-  const size = gw.config.maxBodyBytes * 4
+  const size = gw.config.maxCompletionBodyBytes * 2
   const res = await raw(
     [
       'POST /v1/chat/completions HTTP/1.1',

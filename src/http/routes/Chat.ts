@@ -345,6 +345,32 @@ async function serve(
 }
 
 /**
+ * A completion request's body, read when its handler is ready for it. `long`: over the body
+ * limit for strangers (`maxBodyBytes`), or sent without a declared length (chunked), so read
+ * only once its credential proves good (App.ts holds it to `maxCompletionBodyBytes`). `text`:
+ * what was read ('' before, and for a method without a body).
+ */
+type Incoming = { long: boolean; text: string; read(): Promise<string> }
+
+function incoming(c: Context, limit: number): Incoming {
+  const post = c.req.method === 'POST'
+  const length = c.req.header('content-length')
+  const body: Incoming = {
+    long:
+      post &&
+      (length === undefined ||
+        c.req.header('transfer-encoding') !== undefined ||
+        Parse.declared(length) > limit),
+    text: '',
+    async read() {
+      if (post) body.text = await c.req.text()
+      return body.text
+    },
+  }
+  return body
+}
+
+/**
  * Bodies longer than this (characters) are counted only for a key known to be good. Counting
  * costs up to 6 µs a character (CJK text; o200k's BPE), so a stranger's body of 64 KiB held
  * the event loop for a third of a second; one of 512 characters costs at most about 3 ms.
@@ -368,7 +394,7 @@ export function routes(deps: Deps) {
   /** API-key holders: credits, plans and usage logs. */
   const keyed = async (
     c: Context,
-    text: string,
+    body: Incoming,
     startedAt: number,
     paying: () => Payments.Payments | undefined,
     requestId: string,
@@ -384,13 +410,17 @@ export function routes(deps: Deps) {
     const keyHash = ApiKeys.hash(raw)
     const knownAs = keyHash.toString('base64')
     let good = known.get(knownAs) !== undefined
-    // A long body costs real time to count: the key of one not known is looked up first (a
-    // database round trip a key pays once), so a stranger cannot make the gateway count it.
-    if (!good && text.length > COUNTED_AFTER_AUTH) {
+    // The key of a body not known to be good is looked up first (a database round trip a key
+    // pays once) where the body is long: one over the body limit is read only for a good key,
+    // and one over COUNTED_AFTER_AUTH characters costs real time to count.
+    const vouch = async () => {
       if (!(await ApiKeys.authenticate(deps.sql, raw))) throw Auth.badKey()
       known.set(knownAs, true)
       good = true
     }
+    if (!good && body.long) await vouch()
+    const text = await body.read()
+    if (!good && text.length > COUNTED_AFTER_AUTH) await vouch()
     let p: Plan
     let idempotencyKey: string | null
     let fingerprint: Uint8Array | null
@@ -464,7 +494,7 @@ export function routes(deps: Deps) {
   const paid = async (
     c: Context,
     payments: Payments.Payments,
-    text: string,
+    body: Incoming,
     startedAt: number,
     requestId: string,
   ) => {
@@ -489,15 +519,23 @@ export function routes(deps: Deps) {
         },
       )
     // Management credentials (close), and vouchers or top-ups sent without a request body
-    // (HEAD, or mid-stream), only update the channel.
-    const management = action === 'close' || c.req.method !== 'POST' || text.trim() === ''
+    // (HEAD, or mid-stream), only update the channel. A long body is read once the voucher in
+    // the credential is applied (its signature is the channel signer's): until then it is a
+    // stranger's.
+    let text = body.long ? '' : await body.read()
+    let management =
+      action === 'close' || c.req.method !== 'POST' || (!body.long && text.trim() === '')
     let applied: Method.Applied
     try {
-      applied = await method.apply(checked, { beforeRequest: !management })
+      applied = await method.apply(checked, { beforeRequest: !management && !body.long })
     } catch (e) {
       if (limited && !checked.funds && e instanceof Problem.PaymentProblem && unsigned.has(e.kind))
         payments.limiter.refund(bucket, checked.replay)
       throw e
+    }
+    if (!management && body.long) {
+      text = await body.read()
+      management = text.trim() === ''
     }
     if (action !== 'close' && applied.channel) payments.wake(channelId)
     const receiptOf = (channel: Method.State, txHash?: Method.Hex, units?: number) =>
@@ -644,7 +682,10 @@ export function routes(deps: Deps) {
     // of the request's usage row once it is admitted.
     const requestId = newRequestId()
     c.header('x-request-id', requestId)
-    const text = c.req.method === 'POST' ? await c.req.text() : ''
+    const body = incoming(c, deps.config.maxBodyBytes)
+    // A short body is read at once: a refusal before its credential is looked up may price
+    // its challenge by the model it names.
+    if (!body.long) await body.read()
     const authorization = c.req.header('authorization')
     // Payment challenges and credentials travel over TLS only (see Payments.overTls); checked
     // only where they come in or go out, not on a key holder's way.
@@ -657,14 +698,14 @@ export function routes(deps: Deps) {
             'Payment credentials are taken over HTTPS only: this request came over plain HTTP from another machine. Use the https address (or have the TLS proxy in front send X-Forwarded-Proto, with TRUST_PROXY set).',
             'tls_required',
           )
-        return await paid(c, paying()!, text, startedAt, requestId)
+        return await paid(c, paying()!, body, startedAt, requestId)
       }
       if (c.req.method !== 'POST')
         throw new InvalidRequestError(
           'Use POST for completions (other methods only carry Payment credentials).',
           'method_not_allowed',
         )
-      return await keyed(c, text, startedAt, paying, requestId)
+      return await keyed(c, body, startedAt, paying, requestId)
     } catch (e) {
       // Every 401 and 402 offers both ways in.
       if (
@@ -676,7 +717,7 @@ export function routes(deps: Deps) {
           e,
           Payments.authenticate(
             paying(),
-            priceOf(deps, text),
+            priceOf(deps, body.text),
             c.req.header('accept-payment'),
             Payments.channelNamed(authorization),
           ),
