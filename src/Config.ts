@@ -202,6 +202,13 @@ export const Schema = z
     logLevel: z
       .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'])
       .default('info'),
+    /**
+     * How long a request waits for the database to answer a step it cannot go on without (a
+     * key lookup, an admission, an extension, a charge) before it is a 503
+     * `database_unavailable`: a database that takes connections but does not answer would
+     * otherwise hold every request until TCP gives up.
+     */
+    databaseTimeoutMs: z.number().int().positive().default(10_000),
     /** The largest request body read before its credential is checked. */
     maxBodyBytes: z
       .number()
@@ -348,6 +355,7 @@ const env = {
   DATABASE_URL: ['databaseUrl', z.string()],
   ADMIN_TOKEN: ['adminToken', z.string()],
   LOG_LEVEL: ['logLevel', z.string()],
+  DATABASE_TIMEOUT_MS: ['databaseTimeoutMs', z.coerce.number()],
   MAX_BODY_BYTES: ['maxBodyBytes', z.coerce.number()],
   MAX_COMPLETION_BODY_BYTES: ['maxCompletionBodyBytes', z.coerce.number()],
   TOLLWAY_WORKERS: ['workers', z.coerce.number()],

@@ -96,6 +96,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       }
     }
     if (config.databaseUrl && !options.sql) await reachable(sql, config.databaseUrl)
+    Db.deadline(sql, config.databaseTimeoutMs)
     await Db.migrate(sql)
     const ahead = await Db.newer(sql)
     if (ahead.length > 0)
@@ -238,7 +239,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
           get: (id) => Channels.get(db, id),
           observe: (state, options) => Channels.observe(db, state, options),
           clock: () => Channels.clock(db),
-          acceptVoucher: (v) => Channels.acceptVoucher(db, v),
+          acceptVoucher: (v) => Db.answered(db, Channels.acceptVoucher(db, v)),
           sent: (t) => Settlements.sentForPayer(db, t),
           settledPublicly: (id) => Channels.settledPublicly(db, id),
         },
@@ -292,7 +293,8 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     // and of streams the stop cut, are written before the database goes.
     stops.push(async () => {
       await Bun.sleep(20) // cut streams settle as their generators unwind
-      await Batch.settled(sql)
+      // A database that does not answer holds the stop no longer than it would a request.
+      await Promise.race([Batch.settled(sql), Bun.sleep(config.databaseTimeoutMs)])
       // Charges still being tried (the database was out of reach): a while longer.
       await Reservations.drained(10_000)
     })
@@ -594,8 +596,11 @@ Try it:
 `)
   let signals = 0
   const shutdown = async () => {
-    if (signals++ > 0) {
-      console.error('tollway: cutting the requests under way')
+    signals++
+    // A third signal quits at once, whatever the stop still waits for.
+    if (signals > 2) process.exit(130)
+    if (signals === 2) {
+      console.error('tollway: cutting the requests under way (signal again to quit at once)')
       await Promise.all([workers.stop(), gateway.stop()])
       return
     }

@@ -5,6 +5,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto'
 import type { Sql } from './Db.ts'
+import * as Db from './Db.ts'
 
 export type Key = {
   id: string
@@ -73,7 +74,9 @@ export async function authenticate(
   sql: Sql,
   raw: string,
 ): Promise<{ keyId: string; accountId: string } | undefined> {
-  const [row] = await sql`
-    select id, account_id from api_keys where hash = ${hash(raw)} and revoked_at is null`
+  const [row] = await Db.answered(
+    sql,
+    sql`select id, account_id from api_keys where hash = ${hash(raw)} and revoked_at is null`,
+  )
   return row ? { keyId: row.id, accountId: row.account_id } : undefined
 }

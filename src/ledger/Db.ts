@@ -35,6 +35,7 @@ const UNREACHABLE = new Set([
   'CONNECTION_ENDED',
   'CONNECTION_DESTROYED',
   'CONNECT_TIMEOUT',
+  'DATABASE_TIMEOUT',
 ])
 export function isUnreachable(e: unknown): boolean {
   const code = (e as { code?: unknown } | null)?.code
@@ -86,6 +87,82 @@ export function connect(options: Options): Sql {
 }
 
 const companions = new WeakMap<Sql, () => Sql>()
+
+/** A database call a request waits for, not answered within its pool's deadline. */
+export class DatabaseTimeoutError extends Error {
+  readonly code = 'DATABASE_TIMEOUT'
+}
+
+const deadlines = new WeakMap<object, number>()
+
+/**
+ * Sets how long a request waits for an answer of `sql` in the calls that go through
+ * `answered`: a database that takes connections but does not answer (a stalled disk, a link
+ * that drops packets, a hung failover) would otherwise hold every request until TCP gives up,
+ * a quarter of an hour later.
+ */
+export function deadline(sql: object, ms: number): void {
+  deadlines.set(sql, ms)
+}
+
+/** Calls waiting on `answered`, by the time they give up; one ticker checks them all. */
+const waiting = new Set<{ at: number; reject: (e: Error) => void }>()
+let ticker: ReturnType<typeof setInterval> | undefined
+const TICK_MS = 250
+
+function tick() {
+  const now = performance.now()
+  for (const w of waiting)
+    if (w.at <= now) {
+      waiting.delete(w)
+      w.reject(new DatabaseTimeoutError('The database did not answer in time.'))
+    }
+  if (waiting.size === 0) {
+    clearInterval(ticker)
+    ticker = undefined
+  }
+}
+
+/**
+ * `pending`, a call of `sql`, or a DatabaseTimeoutError (out of reach: a 503, see
+ * `isUnreachable`) once it has not answered within the deadline set for `sql` (within a
+ * quarter of a second after). `late` gets an answer that came after that: what the call did
+ * the caller never learnt of (an admission's hold, to release).
+ */
+export function answered<T>(
+  sql: object,
+  pending: PromiseLike<T>,
+  late?: (value: T) => unknown,
+): Promise<T> {
+  const ms = deadlines.get(sql)
+  if (ms === undefined) return Promise.resolve(pending)
+  const { promise, resolve, reject } = Promise.withResolvers<T>()
+  let gone = false
+  const w = {
+    at: performance.now() + ms,
+    reject: (e: Error) => {
+      gone = true
+      reject(e)
+    },
+  }
+  waiting.add(w)
+  if (!ticker) {
+    ticker = setInterval(tick, TICK_MS)
+    ticker.unref?.()
+  }
+  pending.then(
+    (value) => {
+      waiting.delete(w)
+      if (!gone) resolve(value)
+      else late?.(value)
+    },
+    (e: unknown) => {
+      waiting.delete(w)
+      if (!gone) reject(e)
+    },
+  )
+  return promise
+}
 
 /**
  * The connection of `sql` for statements that must run in the order they were sent: a pool's

@@ -65,9 +65,58 @@ export type Refused =
       rateRemaining: number | null
     }
 
-/** Authenticates, checks the plan and reserves credits, atomically. */
+/**
+ * Authenticates, checks the plan and reserves credits, atomically. An admission its request
+ * never learnt the outcome of (the database answered after the request gave up on it, see
+ * Db.answered, or the answer was lost with the connection) is released, charged nothing.
+ */
 export function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
-  return ledger(sql).run({ op: 'admit', ...i }) as Promise<Admitted | Refused>
+  return unlessUnanswered(
+    sql,
+    ledger(sql).run({ op: 'admit', ...i }) as Promise<Admitted | Refused>,
+    () => unanswered(sql, i.requestId, i.leaseSeconds),
+  )
+}
+
+/** Holds a channel's balance for a request (Channels.admit); released as `admit`'s are. */
+export function admitOnChannel(sql: Sql, i: Channels.AdmitInput): Promise<Channels.Admission> {
+  return unlessUnanswered(sql, Channels.admit(sql, i), () =>
+    unanswered(sql, i.requestId, i.leaseSeconds, i.channelId),
+  )
+}
+
+/** `admission` within the database deadline; `release` when its outcome is not known. */
+function unlessUnanswered<T extends { status: string }>(
+  sql: Sql,
+  admission: Promise<T>,
+  release: () => unknown,
+): Promise<T> {
+  return Db.answered(sql, admission, (r) => (r.status === 'ok' ? release() : undefined)).catch(
+    (e: unknown) => {
+      // Out of reach mid-statement: it may have committed. (One past its deadline is released
+      // when, and if, its answer comes.)
+      if (outOfReach(e) && !(e instanceof Db.DatabaseTimeoutError)) release()
+      throw e
+    },
+  )
+}
+
+/** Releases the hold of an admission its request never learnt of: nothing charged. */
+function unanswered(sql: Sql, id: string, leaseSeconds: number, channelId?: string) {
+  const f = {
+    id,
+    cost: 0n,
+    promptTokens: 0,
+    completionTokens: 0,
+    status: 'database_unavailable',
+    latencyMs: null,
+    ttftMs: null,
+  }
+  const release = () => finish(sql, f, { channelId, idempotent: true })
+  // Tried until the database answers again, as a charge is (the lease sweep is the last resort).
+  return release()
+    .catch((e: unknown) => (outOfReach(e) ? persist(release, leaseSeconds) : undefined))
+    .catch(() => {})
 }
 
 function finished(row: Record<string, unknown>): Finished {
@@ -175,9 +224,12 @@ export async function extend(
   },
 ): Promise<bigint | undefined | 'superseded'> {
   const delivered = input.delivered === undefined ? null : sql.typed.numeric(input.delivered)
-  const [row] = await sql`
+  const [row] = await Db.answered(
+    sql,
+    sql`
     select tollway_extend(${input.id}, ${sql.typed.numeric(input.amount)}, ${input.leaseSeconds},
-      ${delivered}, ${sql.typed.numeric(input.from)}) as held`
+      ${delivered}, ${sql.typed.numeric(input.from)}) as held`,
+  )
   const held = row?.held ?? undefined
   return held === -1n ? 'superseded' : held
 }
@@ -210,13 +262,16 @@ export function finish(
     idempotent?: boolean | undefined
   } = {},
 ): Promise<Finished | undefined> {
-  if (o.channelId !== undefined) return channelFinishes(sql).run(f)
+  if (o.channelId !== undefined) return Db.answered(sql, channelFinishes(sql).run(f))
   // At once, whether or not anyone waits: on an idle ledger as a lone statement (Alone.ts),
   // done before the payer's next request comes, rather than riding in that request's
   // admission (which cost that admission a batch call: 0.2-0.3 ms at p50, one connection).
-  return ledger(sql).run({ op: 'finish', ...f, idempotent: o.idempotent ?? false }) as Promise<
-    Finished | undefined
-  >
+  return Db.answered(
+    sql,
+    ledger(sql).run({ op: 'finish', ...f, idempotent: o.idempotent ?? false }) as Promise<
+      Finished | undefined
+    >,
+  )
 }
 
 type Finished = {

@@ -15,14 +15,22 @@ const server = process.env.DATABASE_URL ? new URL(process.env.DATABASE_URL) : un
 
 /**
  * A TCP forwarder to PostgreSQL; `cut` closes every connection and stops listening (new ones
- * are refused, as by a stopped server), `mend` listens again on the same port.
+ * are refused, as by a stopped server), `mend` listens again on the same port. `stall` holds
+ * what either side sends (connections stay open, nothing is answered: a hung database),
+ * `resume` passes it on.
  */
 async function forwarder(to: URL) {
   const open = new Set<Socket>()
+  let held: (() => void)[] | undefined
+  const forward = (from: Socket, to: Socket) =>
+    from.on('data', (d: Buffer) => {
+      if (held) held.push(() => to.write(d))
+      else to.write(d)
+    })
   const proxy = createServer((client) => {
     const up = connect(Number(to.port || 5432), to.hostname)
-    client.pipe(up)
-    up.pipe(client)
+    forward(client, up)
+    forward(up, client)
     const gone = () => {
       client.destroy()
       up.destroy()
@@ -50,6 +58,14 @@ async function forwarder(to: URL) {
       await closed
     },
     mend: () => listen(port),
+    stall() {
+      held = []
+    },
+    resume() {
+      const all = held ?? []
+      held = undefined
+      for (const f of all) f()
+    },
   }
 }
 
@@ -91,13 +107,116 @@ test.skipIf(!server)(
     expect(status).toBe(200)
     expect((await credits()).status).toBe(200)
     // Nothing of the refused requests was written: the ledger holds its invariants, nothing is
-    // held, and the two answered requests are its only usage rows and charges.
-    const l = await Gateway.ledger(gw.sql, id)
+    // held, and the two answered requests are its only usage rows and charges. (An admission
+    // whose answer the cut lost may have gone through: it is released once the database is
+    // back, its row a `database_unavailable` charged nothing.)
+    let l = await Gateway.ledger(gw.sql, id)
+    for (let i = 0; i < 50 && l.open_reservations > 0n; i++) {
+      await Bun.sleep(100)
+      l = await Gateway.ledger(gw.sql, id)
+    }
     expect(l.open_reservations).toBe(0n)
     expect(l.reserved).toBe(0n)
-    const rows = await gw.sql`select status, cost from usage where account_id = ${id}`
+    const rows = (await gw.sql`select status, cost from usage where account_id = ${id}`).filter(
+      (r) => r.status !== 'database_unavailable' || r.cost !== 0n,
+    )
     expect(rows.map((r) => r.status)).toEqual(['ok', 'ok'])
     expect(1_000_000n - l.balance).toBe(rows.reduce((n, r) => n + (r.cost as bigint), 0n))
+  },
+  30_000,
+)
+
+test.skipIf(!server)(
+  'error: a database that takes connections but does not answer → 503 database_unavailable after DATABASE_TIMEOUT_MS, not a hung request; an admission it answers later is released, charged nothing',
+  async () => {
+    const db = await Postgres.fresh()
+    const link = await forwarder(server!)
+    const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
+    afterAll(() => sql.end({ timeout: 1 }))
+    const gw = await Gateway.create(
+      { databaseTimeoutMs: 1_000 },
+      { db: { ...db, sql }, upstream: Upstream.start() },
+    )
+    const { id, key } = await gw.account()
+    const chat = () =>
+      fetch(`${gw.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+      })
+    const credits = () =>
+      fetch(`${gw.url}/v1/credits`, {
+        headers: { authorization: `Bearer ${key}` },
+        signal: AbortSignal.timeout(5_000),
+      })
+    expect((await chat()).status).toBe(200)
+
+    link.stall()
+    const started = performance.now()
+    const refused = [await chat(), await credits()]
+    const waited = performance.now() - started
+    for (const res of refused) {
+      expect(res.status).toBe(503)
+      const body = (await res.json()) as { error: { code: string } }
+      expect(body.error.code).toBe('database_unavailable')
+    }
+    // Each waited its deadline (1 s, checked every quarter second), not longer.
+    expect(waited).toBeLessThan(4_000)
+
+    link.resume()
+    let status = 0
+    for (let i = 0; i < 50 && status !== 200; i++) {
+      status = (await chat()).status
+      if (status !== 200) await Bun.sleep(100)
+    }
+    expect(status).toBe(200)
+    // The admission the database answered after its request gave up is released, charged
+    // nothing: nothing is held, and the balance moved by the answered requests only (read on
+    // the schema's own connection, which the stall never touched).
+    let l = await Gateway.ledger(db.sql, id)
+    for (let i = 0; i < 50 && l.open_reservations > 0n; i++) {
+      await Bun.sleep(100)
+      l = await Gateway.ledger(db.sql, id)
+    }
+    expect(l.open_reservations).toBe(0n)
+    expect(l.reserved).toBe(0n)
+    const rows =
+      await db.sql`select status, cost from usage where account_id = ${id} order by created_at`
+    expect(rows.filter((r) => r.status === 'ok').length).toBe(2)
+    expect(rows.filter((r) => r.status === 'database_unavailable').map((r) => r.cost)).toEqual([0n])
+    expect(1_000_000n - l.balance).toBe(rows.reduce((n, r) => n + (r.cost as bigint), 0n))
+  },
+  30_000,
+)
+
+test.skipIf(!server)(
+  'behavior: a gateway stopping while its database does not answer stops within the deadline, not when the database answers',
+  async () => {
+    const db = await Postgres.fresh()
+    const link = await forwarder(server!)
+    const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
+    afterAll(() => sql.end({ timeout: 1 }))
+    const gw = await Gateway.create(
+      { databaseTimeoutMs: 1_000 },
+      { db: { ...db, sql }, upstream: Upstream.start() },
+    )
+    const { key } = await gw.account()
+    link.stall()
+    const res = await fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+    })
+    expect(res.status).toBe(503)
+    // Its admission is still on its way: the stop waits for it no longer than the deadline.
+    const started = performance.now()
+    const stopped = await Promise.race([
+      gw.stop().then(() => true),
+      Bun.sleep(8_000).then(() => false),
+    ])
+    expect(stopped).toBe(true)
+    expect(performance.now() - started).toBeLessThan(8_000)
+    link.resume()
   },
   30_000,
 )

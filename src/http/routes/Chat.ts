@@ -582,7 +582,7 @@ export function routes(deps: Deps) {
         channel,
       )
     }
-    const admitted = await Channels.admit(deps.sql, {
+    const admitted = await Reservations.admitOnChannel(deps.sql, {
       channelId,
       model: p.model.id,
       stream: p.req.stream,
