@@ -25,6 +25,7 @@ import * as Channels from './ledger/Channels.ts'
 import * as Credits from './ledger/Credits.ts'
 import * as Db from './ledger/Db.ts'
 import * as Embedded from './ledger/Embedded.ts'
+import * as Instances from './ledger/Instances.ts'
 import * as Reservations from './ledger/Reservations.ts'
 import * as Settlements from './ledger/Settlements.ts'
 import { Waker } from './ledger/Waker.ts'
@@ -67,6 +68,8 @@ export type StartOptions = {
   listen?: boolean
   /** Release dead instances' reservations this often. */
   sweepMs?: number
+  /** An instance without a session in the database this long is dead (see Instances.ts). */
+  deadAfterMs?: number
   /** Share the port with other processes (SO_REUSEPORT): the `workers` of one gateway. */
   reusePort?: boolean
 }
@@ -328,14 +331,31 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       log.warn(
         'PostgreSQL runs no autovacuum (autovacuum = off): this gateway vacuums its reservations table itself with each lease sweep; every other table needs VACUUM from you',
       )
+    // On a database other instances share, an instance keeps a session open while it runs,
+    // and the sweep releases the reservations of one that has had none for a while (killed:
+    // its requests will never finish) rather than after their lease (Instances.ts).
+    let gone: (() => Promise<string[]>) | undefined
+    if (options.listen ?? Boolean(config.databaseUrl)) {
+      const absent = await Instances.present(sql)
+      stops.push(() => Db.answered(sql, absent()))
+      gone = Instances.watcher(sql, options.deadAfterMs ?? 60_000)
+    }
     let stopping: Promise<void> | undefined
-    const sweep = setInterval(() => {
-      Reservations.sweep(sql)
-        .then((n) => {
-          if (n > 0) log.warn({ released: n }, 'released reservations of dead requests')
-          return Reservations.vacuum(sql)
-        })
-        .catch((e) => log.error({ err: (e as Error).message }, 'sweep failed'))
+    const sweep = setInterval(async () => {
+      try {
+        const dead = gone ? await gone() : []
+        const n = await Reservations.sweep(sql, undefined, dead)
+        if (n > 0)
+          log.warn(
+            { released: n, ...(dead.length > 0 ? { instances: dead } : {}) },
+            dead.length > 0
+              ? 'released reservations of dead requests and of instances that are gone'
+              : 'released reservations of dead requests',
+          )
+        await Reservations.vacuum(sql)
+      } catch (e) {
+        log.error({ err: (e as Error).message }, 'sweep failed')
+      }
     }, options.sweepMs ?? 30_000)
     stops.push(async () => clearInterval(sweep))
 

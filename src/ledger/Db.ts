@@ -2,7 +2,7 @@
  * The database handle: postgres.js against a real PostgreSQL server or the embedded PGlite
  * (see Embedded.ts), and the migration runner. Only `ledger/` imports postgres.
  */
-import { createHash } from 'node:crypto'
+import { createHash, randomBytes } from 'node:crypto'
 import { readdirSync, readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import postgres from 'postgres'
@@ -15,6 +15,14 @@ export type Options = {
   max?: number
   /** Schema to use (tests use one per file). Created if missing. */
   schema?: string
+}
+
+/**
+ * A name of its own for a pool's sessions (their `application_name`): an instance of the
+ * gateway is alive while PostgreSQL has a session of that name (Instances.ts).
+ */
+export function instanceName(): string {
+  return `tollway/${randomBytes(9).toString('base64url')}`
 }
 
 /**
@@ -49,6 +57,8 @@ export function isUnreachable(e: unknown): boolean {
  * int8 by postgres.js; pass money as `sql.typed.numeric(x)` so it never overflows.
  */
 export function connect(options: Options): Sql {
+  // One name for the pool and its companion: the same instance.
+  const name = instanceName()
   const open = (max: number) =>
     postgres(options.url, {
       max,
@@ -56,7 +66,10 @@ export function connect(options: Options): Sql {
       // A server that does not answer is out of reach after this long (postgres.js waits 30
       // s), and the request a 503 (http/App.ts), not a client's long wait.
       connect_timeout: 10,
-      connection: options.schema ? { search_path: options.schema } : {},
+      connection: {
+        application_name: name,
+        ...(options.schema ? { search_path: options.schema } : {}),
+      },
       types: {
         numeric: {
           to: 1700,

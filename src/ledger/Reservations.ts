@@ -409,12 +409,6 @@ function channelFinishes(sql: Sql) {
 }
 
 /**
- * Releases reservations whose lease ran out (their instance died), charging what each had
- * delivered by its last extend (the block in flight is lost, nothing more); a usage row
- * records them as `abandoned`; only those of `channelId` when given. Returns how many were
- * released.
- */
-/**
  * Releases every reservation at once, as `sweep` releases expired ones (each charged what it
  * had delivered). Only for a database one gateway alone uses (the embedded one, whose data
  * dir is locked), at its start: every request it finds under way is of a process that died,
@@ -427,10 +421,21 @@ export async function releaseAll(sql: Sql): Promise<number> {
   return released
 }
 
-export async function sweep(sql: Sql, channelId?: Uint8Array): Promise<number> {
+/**
+ * Releases reservations whose lease ran out, or whose instance is dead (`dead`, names from
+ * Instances.watcher), charging what each had delivered by its last extend (the block in
+ * flight is lost, nothing more); a usage row records them as `abandoned`; only those of
+ * `channelId` when given. Returns how many were released (at most 100 a call).
+ */
+export async function sweep(
+  sql: Sql,
+  channelId?: Uint8Array,
+  dead: readonly string[] = [],
+): Promise<number> {
   const expired = await sql`
     select id, delivered, channel_id is not null as channel from reservations
-    where expires_at < clock_timestamp()
+    where (expires_at < clock_timestamp()
+           ${dead.length > 0 ? sql`or instance = any(${dead as string[]})` : sql``})
       ${channelId ? sql`and channel_id = ${channelId}` : sql``}
     limit 100`
   // Through the batch functions, so the payers are locked in the order every batch locks

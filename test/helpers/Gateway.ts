@@ -75,7 +75,7 @@ export async function create(
   overrides: Record<string, unknown> = {},
   shared?: { db: Postgres.TestDb; upstream: Upstream.FakeUpstream },
   /** More of `start`'s options (the sweep's interval, say). */
-  options: Pick<StartOptions, 'sweepMs'> = {},
+  options: Pick<StartOptions, 'sweepMs' | 'deadAfterMs'> = {},
 ): Promise<TestGateway> {
   const upstream = shared?.upstream ?? Upstream.start()
   const input = {
