@@ -210,6 +210,18 @@ export class ReservationLostError extends RetryLaterError {
 }
 
 /**
+ * 503: the gateway is stopping (a restart, a deploy) and ended this request: a stream ends with
+ * it as an error event, charged what it sent; sent again, it goes to an instance that serves.
+ */
+export class GatewayStoppingError extends RetryLaterError {
+  override name = 'GatewayStoppingError'
+  override readonly type = 'service_unavailable'
+  constructor(message: string, options: ErrorOptions = {}) {
+    super(message, 'gateway_stopping', { ...options, headers: { 'retry-after': '1' } })
+  }
+}
+
+/**
  * The headers of a wait of `ms`: Retry-After in whole seconds (at least one) and retry-after-ms,
  * the exact wait, which the OpenAI SDKs prefer.
  */

@@ -15,6 +15,7 @@ import * as Settlement from './chain/Settlement.ts'
 import * as Token from './chain/Token.ts'
 import * as Transaction from './chain/Transaction.ts'
 import * as App from './http/App.ts'
+import { Drain } from './http/Drain.ts'
 import { Metrics } from './http/Metrics.ts'
 import { type Payments, VoucherLimiter } from './http/Payments.ts'
 import * as Logger from './Logger.ts'
@@ -263,6 +264,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       }
     }
     const metrics = new Metrics({ sql, router })
+    const drain = new Drain()
     const app = App.create({
       config,
       sql,
@@ -274,6 +276,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       waker,
       settlement,
       receipts: config.receipts ? new Receipt.Signer(receiptKey(config)) : undefined,
+      drain,
     })
     const tls = config.tls ? tlsFiles(config.tls) : undefined
     let server: ReturnType<typeof Bun.serve>
@@ -312,6 +315,9 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         await Promise.race([server.stop(false), promise])
         clearTimeout(timer)
       }
+      // The streams still under way end with an error event a client can read (and their
+      // charges), then the server cuts what is left.
+      await drain.end(1_000)
       await server.stop(true)
     })
 

@@ -260,6 +260,13 @@ describe('npm start', () => {
       await Bun.sleep(200)
       const at = performance.now()
       again.proc.kill('SIGINT')
+      // Cut, the stream still ends as a stream: an error event saying why, its usage, [DONE].
+      let body = ''
+      for (let r = await reader.read(); !r.done; r = await reader.read())
+        body += new TextDecoder().decode(r.value)
+      expect(body).toContain('"code":"gateway_stopping"')
+      expect(body).toContain('"usage"')
+      expect(body.trimEnd().endsWith('data: [DONE]')).toBe(true)
       expect(await again.proc.exited).toBe(0)
       expect(performance.now() - at).toBeLessThan(5_000)
     } finally {

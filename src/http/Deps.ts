@@ -7,6 +7,7 @@ import type { Sql } from '../ledger/Db.ts'
 import type { Waker } from '../ledger/Waker.ts'
 import type { Signer } from '../metering/Receipt.ts'
 import type { Router } from '../upstream/Router.ts'
+import type { Drain } from './Drain.ts'
 import type { Metrics } from './Metrics.ts'
 import type { Payments } from './Payments.ts'
 
@@ -23,4 +24,6 @@ export type Deps = {
   settlement?: Settlement.Worker | undefined
   /** Signs completion receipts; absent when `receipts` is off. */
   receipts?: Signer | undefined
+  /** The streams under way, which a stop ends with an error event (absent: none are ended). */
+  drain?: Drain | undefined
 }

@@ -8,6 +8,7 @@
 import {
   ConflictError,
   GatewayError,
+  GatewayStoppingError,
   InsufficientCreditsError,
   ReservationLostError,
 } from '../Errors.ts'
@@ -69,6 +70,8 @@ export type Status =
   | 'insufficient_funds'
   | 'payment_timeout'
   | 'superseded'
+  /** The gateway stopped (a restart) and ended the stream. */
+  | 'stopped'
 
 export type Outcome = {
   cost: bigint
@@ -260,9 +263,16 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
    * extension comes after what is already paid for was yielded). */
   const gone = () => {
     if (!o.signal.aborted) return false
-    status = reservation.superseded ? 'superseded' : 'cancelled'
+    status = endedBy()
     return true
   }
+  /** Why the upstream was stopped: a newer stream, the gateway's stop, or the client gone. */
+  const endedBy = (): Status =>
+    reservation.superseded
+      ? 'superseded'
+      : o.signal.reason instanceof GatewayStoppingError
+        ? 'stopped'
+        : 'cancelled'
   try {
     try {
       for await (const batch of o.chunks) {
@@ -410,7 +420,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
         if (status !== 'ok') break
       }
     } catch (e) {
-      if (o.signal.aborted) status = reservation.superseded ? 'superseded' : 'cancelled'
+      if (o.signal.aborted) status = endedBy()
       else {
         status = 'upstream_error'
         error = e instanceof GatewayError ? e : undefined
@@ -427,11 +437,18 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
         'A newer stream on this channel took over, or the channel is closing; this one ends here.',
         'stream_superseded',
       )
-    if (status === 'insufficient_funds' || status === 'payment_timeout' || status === 'superseded')
+    if (status === 'stopped') error = o.signal.reason as GatewayStoppingError
+    if (
+      status === 'insufficient_funds' ||
+      status === 'payment_timeout' ||
+      status === 'superseded' ||
+      status === 'stopped'
+    )
       finishReason = 'length'
     const usage = await settle()
-    // Aborted, the client is gone, unless the abort was a newer stream's taking over.
-    if (!o.signal.aborted || status === 'superseded')
+    // Aborted, the client is gone, unless the abort was a newer stream's taking over or the
+    // gateway's stop.
+    if (!o.signal.aborted || status === 'superseded' || status === 'stopped')
       yield { kind: 'end', usage, finishReason, ...(error ? { error } : {}) }
   } finally {
     stopRenewing?.()

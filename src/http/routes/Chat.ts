@@ -7,6 +7,7 @@ import { type Context, Hono } from 'hono'
 import {
   ConflictError,
   GatewayError,
+  GatewayStoppingError,
   InsufficientCreditsError,
   InvalidRequestError,
   NoUpstreamError,
@@ -277,6 +278,16 @@ async function serve(
   else signal.addEventListener('abort', onAbort, { once: true })
   // A newer stream took the channel: stop this one's upstream, even if it is quiet.
   reservation.whenSuperseded?.(() => abort.abort(new Error('superseded by a newer stream')))
+  // The gateway stops: the stream ends with an error event the client reads (Drain.ts).
+  const drain = deps.drain
+  const leave = drain?.enter()
+  const onStop = () => abort.abort(drain!.signal.reason)
+  if (drain?.signal.aborted) onStop()
+  else drain?.signal.addEventListener('abort', onStop, { once: true })
+  const left = () => {
+    drain?.signal.removeEventListener('abort', onStop)
+    leave?.()
+  }
   let chunks: AsyncIterable<Chat.Received[]>
   let limits: { maxTokens: number } | undefined
   try {
@@ -298,6 +309,7 @@ async function serve(
     )
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
+    left()
     await Meter.release(reservation, {
       promptTokens,
       startedAt,
@@ -311,6 +323,8 @@ async function serve(
         'A newer stream on this channel took over, or the channel is closing, before this one began; nothing was charged.',
         'stream_superseded',
       )
+    if (abort.signal.reason instanceof GatewayStoppingError && !signal.aborted)
+      throw abort.signal.reason
     throw e
   }
   const digest = signer ? new Receipt.Digest() : undefined
@@ -335,7 +349,10 @@ async function serve(
     model: model.id,
     includeUsage: req.stream_options?.include_usage === true,
     abort: () => abort.abort(new Error('client disconnected')),
-    done: () => signal.removeEventListener('abort', onAbort),
+    done: () => {
+      signal.removeEventListener('abort', onAbort)
+      left()
+    },
     onError: (e) => deps.log.error({ err: (e as Error).message }, 'stream failed'),
     ...(digest ? { receipt: (usage: Meter.Usage) => receipt(usage, () => digest.hex()) } : {}),
     ...(hooks.extra ? { extra: hooks.extra } : {}),
