@@ -82,6 +82,15 @@ export class PayloadTooLargeError extends InvalidRequestError {
 }
 
 /** 409: the request conflicts with current state (key limit, idempotency key in use). */
+/** 405: the path takes other methods (named by `Allow`). */
+export class MethodNotAllowedError extends InvalidRequestError {
+  override name = 'MethodNotAllowedError'
+  override readonly status = 405
+  constructor(message: string, allow: string) {
+    super(message, 'method_not_allowed', { headers: { allow } })
+  }
+}
+
 export class ConflictError extends GatewayError {
   override name = 'ConflictError'
   override readonly status = 409

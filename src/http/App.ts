@@ -45,7 +45,9 @@ const EXPOSED = [
 
 /** Builds the app. */
 export function create(deps: Deps): Hono {
-  const app = new Hono()
+  // A trailing slash is the same path (`/v1/chat/completions/`: clients that join a base URL
+  // ending in a slash send one).
+  const app = new Hono({ strict: false })
   const limit = deps.config.maxBodyBytes
 
   // Browsers (CORS): a page on an allowed origin may call the API with its key in a header,

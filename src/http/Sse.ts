@@ -164,11 +164,19 @@ export function response(c: Context, o: Options): Response {
   }
 
   const final = (usage: Usage, finishReason: string | null, error?: GatewayError): Uint8Array[] => {
+    const chunk = last?.chunk as
+      | (Chunk & { system_fingerprint?: unknown; service_tier?: unknown })
+      | undefined
     const base = {
-      id: last?.chunk.id ?? `chatcmpl-${crypto.randomUUID()}`,
+      id: chunk?.id ?? `chatcmpl-${crypto.randomUUID()}`,
       object: 'chat.completion.chunk',
-      created: last?.chunk.created ?? Math.floor(Date.now() / 1000),
+      created: chunk?.created ?? Math.floor(Date.now() / 1000),
       model: o.model,
+      // As the upstream's chunks carry them (OpenAI's usage chunk repeats them).
+      ...(chunk?.system_fingerprint != null
+        ? { system_fingerprint: chunk.system_fingerprint }
+        : {}),
+      ...(chunk?.service_tier != null ? { service_tier: chunk.service_tier } : {}),
     }
     const out: Uint8Array[] = []
     const finishing = { ...base, choices: [{ index: 0, delta: {}, finish_reason: finishReason }] }

@@ -10,6 +10,7 @@ import {
   GatewayStoppingError,
   InsufficientCreditsError,
   InvalidRequestError,
+  MethodNotAllowedError,
   NoUpstreamError,
   noRetry,
   PaymentRequiredError,
@@ -718,9 +719,9 @@ export function routes(deps: Deps) {
         return await paid(c, paying()!, body, startedAt, requestId)
       }
       if (c.req.method !== 'POST')
-        throw new InvalidRequestError(
+        throw new MethodNotAllowedError(
           'Use POST for completions (other methods only carry Payment credentials).',
-          'method_not_allowed',
+          'POST',
         )
       return await keyed(c, body, startedAt, paying, requestId)
     } catch (e) {
