@@ -463,6 +463,23 @@ function kept(dataDir: string, name: string, prefix: string): string {
   return value
 }
 
+/**
+ * What is wrong with the data dir, when `e` is a file system error of a path in it (read-only,
+ * full, not a directory, not ours to write): said as a configuration error naming
+ * TOLLWAY_DATA_DIR, not a stack trace.
+ */
+function dataDirProblem(e: unknown, dataDir: string): string | undefined {
+  const { code, path } = (e ?? {}) as { code?: unknown; path?: unknown }
+  if (typeof code !== 'string' || typeof path !== 'string') return undefined
+  if (
+    !['EACCES', 'EPERM', 'EROFS', 'ENOSPC', 'ENOTDIR', 'EEXIST', 'EISDIR', 'EDQUOT'].includes(code)
+  )
+    return undefined
+  const dir = resolve(dataDir)
+  if (resolve(path) !== dir && !resolve(path).startsWith(`${dir}/`)) return undefined
+  return `TOLLWAY_DATA_DIR / dataDir: cannot use ${dir}: ${(e as Error).message}`
+}
+
 /** Stops the start with an error naming DATABASE_URL (its password left out) if the
  * server cannot be reached or refuses the connection. */
 async function reachable(sql: Db.Sql, url: string): Promise<void> {
@@ -572,8 +589,12 @@ export async function serve(): Promise<void> {
       process.exit(1)
     }
     // What the configuration points at is unusable (a kept secret, the escrow, the data dir).
-    if (!(e instanceof Config.ConfigError || e instanceof Embedded.InUseError)) throw e
-    console.error(`tollway: configuration error\n${e.message}`)
+    const message =
+      e instanceof Config.ConfigError || e instanceof Embedded.InUseError
+        ? e.message
+        : dataDirProblem(e, config.dataDir)
+    if (message === undefined) throw e
+    console.error(`tollway: configuration error\n${message}`)
     process.exit(1)
   }
   process.off('SIGINT', early)

@@ -544,7 +544,7 @@ describe('npm start', () => {
     expect(err).not.toContain('hunter2')
   })
 
-  test('error: an empty kept admin token, or a data dir another gateway serves, stops the start naming it', async () => {
+  test('error: an empty kept admin token, a data dir another gateway serves, or one that cannot be written, stops the start naming it', async () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
     writeFileSync(join(dataDir, 'admin-token'), '\n')
     const config = join(dataDir, 'config.json')
@@ -578,6 +578,13 @@ describe('npm start', () => {
     } finally {
       other.kill()
     }
+    // A data dir that cannot be one (a file's path; as unwritable as a read-only or full disk).
+    const file = join(dataDir, 'config.json')
+    const unusable = await start(join(file, 'data'))
+    expect(unusable.code).toBe(1)
+    expect(unusable.err).toContain('configuration error')
+    expect(unusable.err).toContain(`TOLLWAY_DATA_DIR / dataDir: cannot use ${join(file, 'data')}`)
+    expect(unusable.err).not.toContain('    at ')
   }, 60_000)
 
   test('error: a host that does not resolve, or a port in use, stops the start naming HOST / PORT', async () => {
