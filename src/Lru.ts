@@ -2,6 +2,10 @@
 export class Lru<K, V> {
   readonly #map = new Map<K, V>()
   constructor(readonly size: number) {}
+  /** How many entries it holds. */
+  get count(): number {
+    return this.#map.size
+  }
   get(key: K): V | undefined {
     const value = this.#map.get(key)
     if (value !== undefined) {

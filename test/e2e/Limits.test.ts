@@ -46,6 +46,25 @@ describe('rate limits', () => {
     expect(remaining.slice(0, 3)).toEqual(['9', '8', '7'])
   })
 
+  test('behavior: a key refused by its rate limit has its next long bodies refused at once, not counted first; served again once the wait is over', async () => {
+    const { key } = await a.account({ plan: 'free' })
+    for (let i = 0; i < 10; i++) expect((await post(a, key)).status).toBe(200)
+    expect((await post(a, key)).status).toBe(429)
+    // A long prompt: counting it would cost the event loop; the refusal is known.
+    const long = [{ role: 'user', content: '漢字'.repeat(2_000) }]
+    const before = Tokenizer.counted.tokenized
+    const res = await post(a, key, { messages: long })
+    expect(res.status).toBe(429)
+    expect(((await res.json()) as ErrorBody).error.code).toBe('rate_limit_exceeded')
+    expect(Number(res.headers.get('retry-after'))).toBeGreaterThanOrEqual(1)
+    expect(res.headers.get('x-ratelimit-remaining-requests')).toBe('0')
+    expect(Tokenizer.counted.tokenized - before).toBeLessThan(4_000)
+    await Bun.sleep(Number(res.headers.get('retry-after-ms')) + 50)
+    const again = await post(a, key, { messages: long })
+    expect(again.status).toBe(200)
+    await again.text()
+  }, 15_000)
+
   test('behavior: a refused request does not use up the rate limit', async () => {
     const { key } = await a.account({ plan: 'free', credits: 0 })
     for (let i = 0; i < 12; i++) expect((await post(a, key)).status).toBe(402)

@@ -408,6 +408,15 @@ export function routes(deps: Deps) {
    * of the memo. A key admission finds revoked is forgotten.
    */
   const known = new Lru<string, true>(KNOWN_KEYS)
+  /**
+   * Keys this process saw refused by their plan's request rate, monthly quota or token wallet,
+   * with the wait the ledger gave (by `performance.now()`): a long body of one is refused
+   * again at once, not counted first. Counting a context's worth costs up to a third of a
+   * second, and admission (which refuses) comes after it, so a key holder refused every time
+   * could still make the gateway count without end. (Short bodies go to the ledger, which
+   * decides: a plan changed meanwhile takes effect at once for them.)
+   */
+  const limitedUntil = new Lru<string, { until: number; refused: Limited }>(KNOWN_KEYS)
 
   /** API-key holders: credits, plans and usage logs. */
   const keyed = async (
@@ -439,6 +448,14 @@ export function routes(deps: Deps) {
     if (!good && body.long) await vouch()
     const text = await body.read()
     if (!good && text.length > COUNTED_AFTER_AUTH) await vouch()
+    if (text.length > COUNTED_AFTER_AUTH) {
+      const limited = limitedUntil.get(knownAs)
+      if (limited) {
+        const left = Math.ceil(limited.until - performance.now())
+        if (left > 0) throw limitRefusal({ ...limited.refused, retryAfterMs: left })
+        limitedUntil.delete(knownAs)
+      }
+    }
     let p: Plan
     let idempotencyKey: string | null
     let fingerprint: Uint8Array | null
@@ -468,6 +485,14 @@ export function routes(deps: Deps) {
     })
     if (admitted.status === 'unauthorized') known.delete(knownAs)
     else if (!good) known.set(knownAs, true)
+    // Remembered a minute at most (a plan raised meanwhile holds for long bodies by then);
+    // forgotten once the key is admitted.
+    if (admitted.status === 'rate' || admitted.status === 'quota' || admitted.status === 'wallet')
+      limitedUntil.set(knownAs, {
+        until: performance.now() + Math.min(admitted.retryAfterMs, 60_000),
+        refused: admitted,
+      })
+    else if (admitted.status === 'ok' && limitedUntil.count > 0) limitedUntil.delete(knownAs)
     if (admitted.status !== 'ok') throw refusal(admitted, p.model, p.need, p.asked !== undefined)
     // The output stops where the monthly quota does (at least one token: a prompt that fills
     // the quota exactly still gets an answer).
@@ -1008,38 +1033,43 @@ function refusal(r: Refused, model: Model, need: bigint, asked: boolean): Gatewa
         'insufficient_credits',
         { details: { required: need.toString(), available: r.available.toString() } },
       )
-    default: {
-      // The per-minute limit's reset is the wait only when that limit (or the concurrency,
-      // which stands in for it) refused: a quota's or a wallet's wait is not when requests reset.
-      const limited = r.status === 'rate' || r.status === 'concurrency'
-      const headers = rateHeaders(r.retryAfterMs, r.rateLimit, r.rateRemaining ?? 0, limited)
-      const options = { headers }
-      switch (r.status) {
-        case 'rate':
-          return new RateLimitError(
-            `The plan allows ${r.rateLimit} requests per minute; retry after the Retry-After seconds.`,
-            'rate_limit_exceeded',
-            options,
-          )
-        case 'concurrency':
-          return new RateLimitError(
-            'The plan allows no more completions in flight at once; retry when one ends.',
-            'concurrency_limit_exceeded',
-            options,
-          )
-        case 'quota':
-          return new RateLimitError(
-            "The plan's monthly token quota is used up; it resets at the start of next month (UTC).",
-            'monthly_token_quota_exceeded',
-            { headers: { ...headers, ...noRetry } },
-          )
-        case 'wallet':
-          return new WalletEmptyError(
-            'The token wallet is below the floor a turn needs; it refills over time (see Retry-After).',
-            'wallet_empty',
-            { headers: { ...headers, ...noRetry } },
-          )
-      }
-    }
+    default:
+      return limitRefusal(r)
   }
 }
+
+/** A refusal by the plan's limits: a 429 with the wait and the rate headers. */
+function limitRefusal(r: Limited): GatewayError {
+  // The per-minute limit's reset is the wait only when that limit (or the concurrency,
+  // which stands in for it) refused: a quota's or a wallet's wait is not when requests reset.
+  const limited = r.status === 'rate' || r.status === 'concurrency'
+  const headers = rateHeaders(r.retryAfterMs, r.rateLimit, r.rateRemaining ?? 0, limited)
+  switch (r.status) {
+    case 'rate':
+      return new RateLimitError(
+        `The plan allows ${r.rateLimit} requests per minute; retry after the Retry-After seconds.`,
+        'rate_limit_exceeded',
+        { headers },
+      )
+    case 'concurrency':
+      return new RateLimitError(
+        'The plan allows no more completions in flight at once; retry when one ends.',
+        'concurrency_limit_exceeded',
+        { headers },
+      )
+    case 'quota':
+      return new RateLimitError(
+        "The plan's monthly token quota is used up; it resets at the start of next month (UTC).",
+        'monthly_token_quota_exceeded',
+        { headers: { ...headers, ...noRetry } },
+      )
+    case 'wallet':
+      return new WalletEmptyError(
+        'The token wallet is below the floor a turn needs; it refills over time (see Retry-After).',
+        'wallet_empty',
+        { headers: { ...headers, ...noRetry } },
+      )
+  }
+}
+
+type Limited = Extract<Refused, { retryAfterMs: number }>
