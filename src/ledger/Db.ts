@@ -119,7 +119,7 @@ export function deadline(sql: object, ms: number): void {
 }
 
 /** Calls waiting on `answered`, by the time they give up; one ticker checks them all. */
-const waiting = new Set<{ at: number; reject: (e: Error) => void }>()
+const waiting = new Set<{ at: number; reject: (e: Error) => void; gone: boolean }>()
 let ticker: ReturnType<typeof setInterval> | undefined
 const TICK_MS = 250
 
@@ -128,6 +128,7 @@ function tick() {
   for (const w of waiting)
     if (w.at <= now) {
       waiting.delete(w)
+      w.gone = true
       w.reject(new DatabaseTimeoutError('The database did not answer in time.'))
     }
   if (waiting.size === 0) {
@@ -140,41 +141,38 @@ function tick() {
  * `pending`, a call of `sql`, or a DatabaseTimeoutError (out of reach: a 503, see
  * `isUnreachable`) once it has not answered within the deadline set for `sql` (within a
  * quarter of a second after). `late` gets an answer that came after that: what the call did
- * the caller never learnt of (an admission's hold, to release).
+ * the caller never learnt of (an admission's hold, to release); `failed`, the error of one
+ * that failed in time, before the caller does.
  */
 export function answered<T>(
   sql: object,
   pending: PromiseLike<T>,
   late?: (value: T) => unknown,
+  failed?: (e: unknown) => unknown,
 ): Promise<T> {
   const ms = deadlines.get(sql)
   if (ms === undefined) return Promise.resolve(pending)
-  const { promise, resolve, reject } = Promise.withResolvers<T>()
-  let gone = false
-  const w = {
-    at: performance.now() + ms,
-    reject: (e: Error) => {
-      gone = true
-      reject(e)
-    },
-  }
-  waiting.add(w)
-  if (!ticker) {
-    ticker = setInterval(tick, TICK_MS)
-    ticker.unref?.()
-  }
-  pending.then(
-    (value) => {
-      waiting.delete(w)
-      if (!gone) resolve(value)
-      else late?.(value)
-    },
-    (e: unknown) => {
-      waiting.delete(w)
-      if (!gone) reject(e)
-    },
-  )
-  return promise
+  return new Promise<T>((resolve, reject) => {
+    const w = { at: performance.now() + ms, reject, gone: false }
+    waiting.add(w)
+    if (!ticker) {
+      ticker = setInterval(tick, TICK_MS)
+      ticker.unref?.()
+    }
+    pending.then(
+      (value) => {
+        waiting.delete(w)
+        if (!w.gone) resolve(value)
+        else late?.(value)
+      },
+      (e: unknown) => {
+        waiting.delete(w)
+        if (w.gone) return
+        failed?.(e)
+        reject(e)
+      },
+    )
+  })
 }
 
 /**

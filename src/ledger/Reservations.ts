@@ -91,13 +91,13 @@ function unlessUnanswered<T extends { status: string }>(
   admission: Promise<T>,
   release: () => unknown,
 ): Promise<T> {
-  return Db.answered(sql, admission, (r) => (r.status === 'ok' ? release() : undefined)).catch(
-    (e: unknown) => {
-      // Out of reach mid-statement: it may have committed. (One past its deadline is released
-      // when, and if, its answer comes.)
-      if (outOfReach(e) && !(e instanceof Db.DatabaseTimeoutError)) release()
-      throw e
-    },
+  return Db.answered(
+    sql,
+    admission,
+    (r) => (r.status === 'ok' ? release() : undefined),
+    // Out of reach mid-statement: it may have committed. (One past its deadline is released
+    // when, and if, its answer comes.)
+    (e) => (outOfReach(e) ? release() : undefined),
   )
 }
 
@@ -112,7 +112,7 @@ function unanswered(sql: Sql, id: string, leaseSeconds: number, channelId?: stri
     latencyMs: null,
     ttftMs: null,
   }
-  const release = () => finish(sql, f, { channelId, idempotent: true })
+  const release = () => finish(sql, f, { channelId, idempotent: true, waited: false })
   // Tried until the database answers again, as a charge is (the lease sweep is the last resort).
   return release()
     .catch((e: unknown) => (outOfReach(e) ? persist(release, leaseSeconds) : undefined))
@@ -260,18 +260,23 @@ export function finish(
      * without one leaves the key table untouched, for PostgreSQL a tenth less work).
      */
     idempotent?: boolean | undefined
+    /**
+     * Someone waits for it (a stream's end, a whole completion's answer): it gives up after
+     * the database deadline (Db.answered), to be tried again. A charge nobody waits for runs
+     * until the database answers (a stop waits for it no longer than the deadline).
+     */
+    waited?: boolean | undefined
   } = {},
 ): Promise<Finished | undefined> {
-  if (o.channelId !== undefined) return Db.answered(sql, channelFinishes(sql).run(f))
   // At once, whether or not anyone waits: on an idle ledger as a lone statement (Alone.ts),
   // done before the payer's next request comes, rather than riding in that request's
   // admission (which cost that admission a batch call: 0.2-0.3 ms at p50, one connection).
-  return Db.answered(
-    sql,
-    ledger(sql).run({ op: 'finish', ...f, idempotent: o.idempotent ?? false }) as Promise<
-      Finished | undefined
-    >,
-  )
+  const run = (
+    o.channelId !== undefined
+      ? channelFinishes(sql).run(f)
+      : ledger(sql).run({ op: 'finish', ...f, idempotent: o.idempotent ?? false })
+  ) as Promise<Finished | undefined>
+  return o.waited === false ? run : Db.answered(sql, run)
 }
 
 type Finished = {
@@ -633,7 +638,7 @@ export function reservation(
         finish(
           sql,
           { id: input.id, ...o },
-          { channelId: input.channelId, idempotent: input.idempotent },
+          { channelId: input.channelId, idempotent: input.idempotent, waited: !background },
         ).then(
           async (r) =>
             // Tried again after a failure, and the reservation is gone: the failed attempt
