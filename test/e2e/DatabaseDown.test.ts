@@ -69,24 +69,36 @@ async function forwarder(to: URL) {
   }
 }
 
+/**
+ * A gateway (with `overrides`) whose database is reached through a forwarder the test cuts or
+ * stalls; an account's id and key; a one-word completion and a credits read with that key.
+ */
+async function behindLink(overrides: Record<string, unknown> = {}) {
+  const db = await Postgres.fresh()
+  const link = await forwarder(server!)
+  const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
+  afterAll(() => sql.end({ timeout: 1 }))
+  const gw = await Gateway.create(overrides, { db: { ...db, sql }, upstream: Upstream.start() })
+  const { id, key } = await gw.account()
+  const chat = () =>
+    fetch(`${gw.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+    })
+  const credits = () =>
+    fetch(`${gw.url}/v1/credits`, {
+      headers: { authorization: `Bearer ${key}` },
+      signal: AbortSignal.timeout(5_000),
+    })
+  return { db, link, gw, id, chat, credits }
+}
+
 // The embedded database runs in the gateway's process: nothing to cut.
 test.skipIf(!server)(
   'error: the database out of reach → 503 database_unavailable with Retry-After, never a 500; back, it serves again',
   async () => {
-    const db = await Postgres.fresh()
-    const link = await forwarder(server!)
-    const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
-    afterAll(() => sql.end({ timeout: 1 }))
-    const gw = await Gateway.create({}, { db: { ...db, sql }, upstream: Upstream.start() })
-    const { id, key } = await gw.account()
-    const chat = () =>
-      fetch(`${gw.url}/v1/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
-      })
-    const credits = () =>
-      fetch(`${gw.url}/v1/credits`, { headers: { authorization: `Bearer ${key}` } })
+    const { link, gw, id, chat, credits } = await behindLink()
     expect((await chat()).status).toBe(200)
 
     await link.cut()
@@ -129,26 +141,7 @@ test.skipIf(!server)(
 test.skipIf(!server)(
   'error: a database that takes connections but does not answer → 503 database_unavailable after DATABASE_TIMEOUT_MS, not a hung request; an admission it answers later is released, charged nothing',
   async () => {
-    const db = await Postgres.fresh()
-    const link = await forwarder(server!)
-    const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
-    afterAll(() => sql.end({ timeout: 1 }))
-    const gw = await Gateway.create(
-      { databaseTimeoutMs: 1_000 },
-      { db: { ...db, sql }, upstream: Upstream.start() },
-    )
-    const { id, key } = await gw.account()
-    const chat = () =>
-      fetch(`${gw.url}/v1/chat/completions`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
-      })
-    const credits = () =>
-      fetch(`${gw.url}/v1/credits`, {
-        headers: { authorization: `Bearer ${key}` },
-        signal: AbortSignal.timeout(5_000),
-      })
+    const { db, link, id, chat, credits } = await behindLink({ databaseTimeoutMs: 1_000 })
     expect((await chat()).status).toBe(200)
 
     link.stall()
@@ -192,21 +185,9 @@ test.skipIf(!server)(
 test.skipIf(!server)(
   'behavior: a gateway stopping while its database does not answer stops within the deadline, not when the database answers',
   async () => {
-    const db = await Postgres.fresh()
-    const link = await forwarder(server!)
-    const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
-    afterAll(() => sql.end({ timeout: 1 }))
-    const gw = await Gateway.create(
-      { databaseTimeoutMs: 1_000 },
-      { db: { ...db, sql }, upstream: Upstream.start() },
-    )
-    const { key } = await gw.account()
+    const { link, gw, chat } = await behindLink({ databaseTimeoutMs: 1_000 })
     link.stall()
-    const res = await fetch(`${gw.url}/v1/chat/completions`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
-    })
+    const res = await chat()
     expect(res.status).toBe(503)
     // Its admission is still on its way: the stop waits for it no longer than the deadline.
     const started = performance.now()

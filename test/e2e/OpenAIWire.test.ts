@@ -42,9 +42,7 @@ test('behavior: the usage chunk of include_usage carries the stream system_finge
       messages: [{ role: 'user', content: 'hi' }],
     }),
   })
-  const chunks = Sse.events(await res.text())
-    .filter((e) => e.data.startsWith('{'))
-    .map((e) => JSON.parse(e.data) as Record<string, unknown>)
+  const chunks = Sse.json(await res.text())
   const usage = chunks.find((c) => c.usage)!
   expect(usage.choices).toEqual([])
   expect(usage.system_fingerprint).toBe('fp_42')

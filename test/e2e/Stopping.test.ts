@@ -30,9 +30,7 @@ test('behavior: a stop ends a stream under way with an error event, its usage an
   for (let r = await reader.read(); !r.done; r = await reader.read())
     raw += new TextDecoder().decode(r.value)
   await stopped
-  const events = Sse.events(raw)
-    .filter((e) => e.data.startsWith('{'))
-    .map((e) => JSON.parse(e.data) as unknown)
+  const events = Sse.json(raw)
   const error = events.find((e) => (e as { error?: unknown }).error) as {
     error: { code: string; type: string }
   }

@@ -41,6 +41,12 @@ export const events = (raw: string): Event[] =>
     .filter(Boolean)
     .map(parsed)
 
+/** The JSON `data:` events complete in raw SSE text (chunks, usage, errors), parsed. */
+export const json = (raw: string): Record<string, unknown>[] =>
+  events(raw)
+    .filter((e) => e.data.startsWith('{'))
+    .map((e) => JSON.parse(e.data) as Record<string, unknown>)
+
 /** The completion text carried by the plain `data:` chunks. */
 export const text = (events: Event[]): string =>
   events
