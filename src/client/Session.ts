@@ -225,13 +225,17 @@ export class PayingSession {
 
   /** `topUp` with `type="hash"`: the client broadcast `topUp` itself (tx `hash`). */
   async topUpWithHash(o: { hash: Hex; additionalDeposit: bigint }) {
-    return this.header({
-      action: 'topUp',
-      type: 'hash',
-      channelId: this.required(),
-      hash: o.hash,
-      additionalDeposit: o.additionalDeposit,
-    })
+    // The draft: a `type="hash"` credential names its payer (`source`), as `openWithHash`'s.
+    return this.header(
+      {
+        action: 'topUp',
+        type: 'hash',
+        channelId: this.required(),
+        hash: o.hash,
+        additionalDeposit: o.additionalDeposit,
+      },
+      true,
+    )
   }
 
   /** `close` with a final voucher for `cumulativeAmount`. */

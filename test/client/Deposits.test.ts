@@ -76,11 +76,13 @@ function server(o: { feePayer: boolean; types: string[]; expiresMs?: number }) {
     if (String(input).includes('/v1/channels/')) return new Response(null, { status: 404 })
     const authorization = new Headers(init.headers).get('authorization')
     if (!authorization) return problem('payment-required')
-    const { challenge: echoed, payload } = Credential.deserialize(authorization)
+    const { challenge: echoed, payload, source } = Credential.deserialize(authorization)
     const p = payload as { action: string; type?: string; cumulativeAmount?: bigint | string }
     const expired = Date.parse(echoed.expires!) <= Date.now()
     state.sent.push({ action: p.action, type: p.type, expired })
     if (expired) return problem('session/challenge-not-found')
+    // The draft: a hash credential (open or top-up) names its payer.
+    if (p.type === 'hash' && !source) return problem('malformed-credential')
     if (p.action === 'open' && state.refuseOpens > 0) {
       state.refuseOpens--
       return problem('verification-failed')
