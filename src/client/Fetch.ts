@@ -423,6 +423,13 @@ export function createFetch(options: Options): PayingFetch {
   /** Refuses a challenge this client does not pay (before anything is signed or deposited). */
   const check = (challenge: Challenge.Challenge, url: string) => {
     transport(url)
+    // The core draft: a client MUST NOT submit a credential for an expired challenge.
+    const expires = challenge.expires === undefined ? Number.NaN : Date.parse(challenge.expires)
+    if (expires <= Date.now())
+      throw new ChallengeRefusedError(
+        `The server's payment challenge expired at ${challenge.expires} (this machine's clock says ${new Date().toISOString()}); nothing was signed. If the clocks differ, set this machine's right.`,
+        { expires: challenge.expires },
+      )
     const session = new PayingSession({ account, challenge })
     const { escrowContract } = session.request.methodDetails
     if (!escrows.has(escrowContract.toLowerCase()))

@@ -179,3 +179,12 @@ test('behavior: an open mined after its challenge expired goes out on a fresh ch
     slow.stop(true)
   }
 }, 30_000)
+
+test('error: a challenge already expired is refused before anything is signed or sent (the core draft: no credential for an expired challenge)', async () => {
+  const s = server({ feePayer: false, types: ['hash'], expiresMs: -60_000 })
+  const f = paying(3, s.fetch)
+  const e = await f(url, post).catch((e: Error) => e)
+  expect(e).toBeInstanceOf(ChallengeRefusedError)
+  expect((e as Error).message).toContain('expired')
+  expect(s.sent).toEqual([])
+})
