@@ -114,9 +114,10 @@ export class PayingSession {
   private async authorize(value: bigint, nonce: Hex) {
     const domain = this.domain
     if (!domain) throw new Error('A token domain is needed to sign an EIP-3009 authorization.')
+    // The evm draft's encoding: byte arrays, addresses among them, in lowercase hex.
     const authorization = {
-      from: this.account.address,
-      to: this.scope.escrow,
+      from: this.account.address.toLowerCase() as Address,
+      to: this.scope.escrow.toLowerCase() as Address,
       value,
       validAfter: 0n,
       validBefore: BigInt(Math.floor(Date.now() / 1000) + 3600),
@@ -164,7 +165,7 @@ export class PayingSession {
         channelId,
         salt,
         cumulativeAmount: o.initial,
-        ...(o.authorizedSigner ? { authorizedSigner: o.authorizedSigner } : {}),
+        ...(o.authorizedSigner ? { authorizedSigner: o.authorizedSigner.toLowerCase() } : {}),
         authorization,
         signature,
         voucherSignature: await this.signVoucher(channelId, o.initial),

@@ -9,9 +9,11 @@
  */
 import { afterAll, expect, test } from 'bun:test'
 import type { Hex } from 'viem'
+import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import { ChallengeRefusedError, createFetch, Store } from '../../src/client/index.ts'
+import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Session from '../../src/payment/evm/Session.ts'
@@ -187,4 +189,20 @@ test('error: a challenge already expired is refused before anything is signed or
   expect(e).toBeInstanceOf(ChallengeRefusedError)
   expect((e as Error).message).toContain('expired')
   expect(s.sent).toEqual([])
+})
+
+test('behavior: the addresses of an EIP-3009 authorization go in lowercase hex (the evm draft encoding)', async () => {
+  const s = server({ feePayer: true, types: ['authorization', 'hash'] })
+  const res = await s.fetch(url, post)
+  const session = new PayingSession({
+    account: privateKeyToAccount(chain.payers[3]!.privateKey),
+    challenge: challengeOf(res.headers.get('www-authenticate'))!,
+    tokenDomain: await Token.domain(chain.payeeClient, { token: chain.currencyAddress }),
+  })
+  const { payload } = Credential.deserialize(
+    await session.openWithAuthorization({ deposit: 1_000n, initial: 0n }),
+  )
+  const { from, to } = (payload as { authorization: { from: string; to: string } }).authorization
+  expect(from).toBe(chain.payers[3]!.address.toLowerCase())
+  expect(to).toBe(chain.escrowAddress.toLowerCase())
 })
