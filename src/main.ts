@@ -69,7 +69,7 @@ export type StartOptions = {
   listen?: boolean
   /** Release dead instances' reservations this often. */
   sweepMs?: number
-  /** An instance without a session in the database this long is dead (see Instances.ts). */
+  /** An instance whose heartbeat is this old is dead (default 90 s; see Instances.ts). */
   deadAfterMs?: number
   /** Share the port with other processes (SO_REUSEPORT): the `workers` of one gateway. */
   reusePort?: boolean
@@ -337,19 +337,34 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       log.warn(
         'PostgreSQL runs no autovacuum (autovacuum = off): this gateway vacuums its reservations table itself with each lease sweep; every other table needs VACUUM from you',
       )
-    // On a database other instances share, an instance keeps a session open while it runs,
-    // and the sweep releases the reservations of one that has had none for a while (killed:
-    // its requests will never finish) rather than after their lease (Instances.ts).
-    let gone: (() => Promise<string[]>) | undefined
-    if (options.listen ?? Boolean(config.databaseUrl)) {
-      const absent = await Instances.present(sql)
-      stops.push(() => Db.answered(sql, absent()))
-      gone = Instances.watcher(sql, options.deadAfterMs ?? 60_000)
+    // On a database other instances share, each beats (Instances.ts), and the sweep releases
+    // the reservations of one whose heartbeat stopped (killed: its requests will never
+    // finish) rather than after their lease.
+    const deadAfterMs = options.deadAfterMs ?? 90_000
+    const name =
+      (options.listen ?? Boolean(config.databaseUrl)) ? await Instances.nameOf(sql) : undefined
+    if (name) {
+      await Instances.beat(sql, name)
+      // One beat at a time: a database that does not answer gets no pile of them.
+      let beating = false
+      const heart = setInterval(
+        () => {
+          if (beating) return
+          beating = true
+          Instances.beat(sql, name)
+            .catch((e) => log.warn({ err: (e as Error).message }, 'heartbeat failed'))
+            .finally(() => {
+              beating = false
+            })
+        },
+        Math.min(10_000, deadAfterMs / 6),
+      )
+      stops.push(async () => clearInterval(heart))
     }
     let stopping: Promise<void> | undefined
     const sweep = setInterval(async () => {
       try {
-        const dead = gone ? await gone() : []
+        const dead = name ? await Instances.dead(sql, deadAfterMs) : []
         const n = await Reservations.sweep(sql, undefined, dead)
         if (n > 0)
           log.warn(
@@ -359,6 +374,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
               : 'released reservations of dead requests',
           )
         await Reservations.vacuum(sql)
+        if (name) await Instances.forget(sql)
       } catch (e) {
         log.error({ err: (e as Error).message }, 'sweep failed')
       }

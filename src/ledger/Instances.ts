@@ -1,56 +1,48 @@
 /**
- * Which gateway instances are gone, from PostgreSQL's own view of its sessions: an instance's
- * pool names its sessions (`application_name`, Db.instanceName) and a reservation records the
- * name of the session that wrote it (migration 0016). An instance killed outright (SIGKILL, out
- * of memory, its machine gone) leaves no session behind as soon as PostgreSQL sees its
- * connections close, so its reservations are released within a sweep or two instead of after
- * their lease, which held a plan's concurrency (and the credits) ten minutes. No heartbeat is
- * written: an instance is alive while it has a session, and it keeps one open for that
- * (`present`: the LISTEN connection, which postgres.js never retires and opens again when lost).
+ * Which gateway instances are dead, by their heartbeats: an instance's pool names its sessions
+ * (`application_name` `tollway/<random>`, Db.instanceName), a reservation records the name of
+ * the session that wrote it (migration 0016), and each instance writes its heartbeat under that
+ * name (migration 0017) every few seconds. An instance killed outright (SIGKILL, out of
+ * memory, its machine gone) beats no more, and another instance's sweep releases its
+ * reservations once its heartbeat is older than the threshold, instead of after their lease,
+ * which held a plan's concurrency (and the credits) ten minutes. An instance cut off from the
+ * database for longer than the threshold is taken for dead too: its requests under way are
+ * charged what they had recorded as delivered, as the lease sweep charges them.
  */
 import type { Sql } from './Db.ts'
 
 /**
- * Keeps a session of this instance open for as long as it runs (a LISTEN on a channel nobody
- * notifies; one connection with the Waker's). Resolves to its stop.
+ * The name this instance's sessions carry, when it is one of ours (`tollway/…`): undefined
+ * where the database does not keep it (a pooler that renames sessions, the embedded server),
+ * and then no reservation of this instance is judged by heartbeats.
  */
-export async function present(sql: Sql): Promise<() => Promise<void>> {
-  const { unlisten } = await sql.listen('tollway_presence', () => {})
-  return unlisten
+export async function nameOf(sql: Sql): Promise<string | undefined> {
+  const [row] = await sql`select current_setting('application_name') as name`
+  const name = row?.name as string | undefined
+  return name?.startsWith('tollway/') ? name : undefined
+}
+
+/** Writes the heartbeat of instance `name`. */
+export async function beat(sql: Sql, name: string): Promise<void> {
+  await sql`
+    insert into tollway_instances (name) values (${name})
+    on conflict (name) do update set seen_at = now()`
 }
 
 /**
- * The instances whose reservations are a dead instance's: named by reservations, without a
- * session for `afterMs` by this instance's count (seen absent first at one sweep, still absent
- * at a later one: an instance whose connections all dropped for a moment opens them again).
- * None while this instance cannot see its own session (a role that may not read others'
- * sessions sees none, an embedded database or a pooler that renames sessions): what it cannot
- * see it does not judge.
+ * The instances whose reservations are a dead instance's: named by reservations, their last
+ * heartbeat older than `afterMs`. An instance without a heartbeat at all is not judged (one
+ * that does not beat: an instance beats before it serves).
  */
-export function watcher(sql: Sql, afterMs: number) {
-  const absentSince = new Map<string, number>()
-  return async function dead(): Promise<string[]> {
-    const [row] = await sql`
-      select exists (select 1 from pg_stat_activity
-                      where application_name = current_setting('application_name')
-                        and pid <> pg_backend_pid()) as seen,
-             array(select distinct r.instance from reservations r
-                    where r.instance like 'tollway/%'
-                      and not exists (select 1 from pg_stat_activity a
-                                       where a.application_name = r.instance)) as absent`
-    if (!row?.seen) {
-      absentSince.clear()
-      return []
-    }
-    const now = Date.now()
-    const absent = new Set(row.absent as string[])
-    for (const name of absentSince.keys()) if (!absent.has(name)) absentSince.delete(name)
-    const dead: string[] = []
-    for (const name of absent) {
-      const since = absentSince.get(name)
-      if (since === undefined) absentSince.set(name, now)
-      else if (now - since >= afterMs) dead.push(name)
-    }
-    return dead
-  }
+export async function dead(sql: Sql, afterMs: number): Promise<string[]> {
+  const rows = await sql`
+    select distinct r.instance from reservations r
+    join tollway_instances i on i.name = r.instance
+    where i.seen_at < now() - make_interval(secs => ${afterMs / 1000})`
+  return rows.map((r) => r.instance as string)
+}
+
+/** Forgets heartbeats older than a day (instances long stopped). */
+export async function forget(sql: Sql): Promise<void> {
+  await sql`delete from tollway_instances where seen_at < now() - interval '1 day'`
 }

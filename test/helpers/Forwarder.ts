@@ -1,0 +1,59 @@
+/** A TCP link to PostgreSQL that tests cut, mend, stall and resume (the database's faults). */
+import { afterAll } from 'bun:test'
+import { connect, createServer, type Socket } from 'node:net'
+
+/**
+ * A TCP forwarder to PostgreSQL; `cut` closes every connection and stops listening (new ones
+ * are refused, as by a stopped server), `mend` listens again on the same port. `stall` holds
+ * what either side sends (connections stay open, nothing is answered: a hung database),
+ * `resume` passes it on.
+ */
+export async function forwarder(to: URL) {
+  const open = new Set<Socket>()
+  let held: (() => void)[] | undefined
+  const forward = (from: Socket, to: Socket) =>
+    from.on('data', (d: Buffer) => {
+      if (held) held.push(() => to.write(d))
+      else to.write(d)
+    })
+  const proxy = createServer((client) => {
+    const up = connect(Number(to.port || 5432), to.hostname)
+    forward(client, up)
+    forward(up, client)
+    const gone = () => {
+      client.destroy()
+      up.destroy()
+      open.delete(client)
+    }
+    for (const s of [client, up]) {
+      s.on('error', gone)
+      s.on('close', gone)
+    }
+    open.add(client)
+  })
+  const listen = (port: number) =>
+    new Promise<void>((resolve) => proxy.listen(port, '127.0.0.1', resolve))
+  await listen(0)
+  afterAll(() => void proxy.close())
+  const port = (proxy.address() as { port: number }).port
+  const url = new URL(to)
+  url.hostname = '127.0.0.1'
+  url.port = String(port)
+  return {
+    url: url.toString(),
+    async cut() {
+      const closed = new Promise<void>((resolve) => proxy.close(() => resolve()))
+      for (const c of open) c.destroy()
+      await closed
+    },
+    mend: () => listen(port),
+    stall() {
+      held = []
+    },
+    resume() {
+      const all = held ?? []
+      held = undefined
+      for (const f of all) f()
+    },
+  }
+}
