@@ -8,9 +8,13 @@
 import { afterAll, expect, test } from 'bun:test'
 import { connect } from 'node:net'
 import type OpenAI from 'openai'
+import { decodeFunctionData, type Hex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
+import { getTransaction } from 'viem/actions'
+import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import { PayingSession } from '../../src/client/Session.ts'
+import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Paid from '../helpers/Paid.ts'
@@ -186,4 +190,46 @@ test('a channel payer sends an inline image over MAX_BODY_BYTES: served and paid
   )
   expect(forged.status).toBe(402)
   expect(forged.body).toContain('signer-mismatch')
+})
+
+test('a voucher the gateway made public (in a settle transaction), shown by anyone with a long body: refused before the body is read', async () => {
+  const account = privateKeyToAccount(chain.payers[2]!.privateKey)
+  const session = await Paid.opened(url, {
+    account,
+    tokenDomain,
+    deposit: 1_000_000n,
+    initial: 10n,
+  })
+  const served = await fetch(url, {
+    method: 'POST',
+    headers: { authorization: await session.voucher(50_000n), 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'one two' }] }),
+  })
+  expect(served.status).toBe(200)
+  await served.text()
+  const settled = (await (await gw.admin(`/channels/${session.channelId}/settle`, {})).json()) as {
+    result: { status: string; txHash: Hex }
+  }
+  expect(settled.result.status).toBe('confirmed')
+  // The settle's calldata: the voucher, for anyone to read.
+  const tx = await getTransaction(chain.payeeClient, { hash: settled.result.txHash })
+  const [, amount, signature] = decodeFunctionData({ abi: Escrow.abi, data: tx.input }).args as [
+    Hex,
+    bigint,
+    Hex,
+  ]
+  const shown = Credential.serialize(
+    Credential.from({
+      challenge: await Paid.challenge(url),
+      payload: {
+        action: 'voucher',
+        channelId: session.channelId!,
+        cumulativeAmount: amount.toString(),
+        signature,
+      },
+    }),
+  )
+  const res = await answeredEarly(head(shown, 2 * MiB), new Uint8Array(65536).fill(0x20))
+  expect(res.status).toBe(413)
+  expect(code(res.body)).toBe('body_too_large')
 })

@@ -13,6 +13,7 @@ import {
   MethodNotAllowedError,
   NoUpstreamError,
   noRetry,
+  PayloadTooLargeError,
   PaymentRequiredError,
   RateLimitError,
   retryAfter,
@@ -577,6 +578,17 @@ export function routes(deps: Deps) {
       throw e
     }
     if (!management && body.long) {
+      // The payer's own: a voucher above any the gateway put in a transaction (those are
+      // public, and anyone can show one; admission refuses them, but only after the body).
+      const voucher = checked.voucher
+      if (
+        voucher === undefined ||
+        voucher <= (await Channels.settledPublicly(deps.sql, channelId as Channels.Hex))
+      )
+        throw new PayloadTooLargeError(
+          `A request body over ${deps.config.maxBodyBytes} bytes is read only with a voucher of the payer's own (above any the gateway made public in a transaction); it was not read.`,
+          'body_too_large',
+        )
       text = await body.read()
       management = text.trim() === ''
     }
