@@ -39,6 +39,13 @@ type Waiting<I, O> = {
   seq: number
   resolve: (o: O) => void
   reject: (e: unknown) => void
+  /** Whether its caller gave up on it (see `run`). */
+  gone: (() => boolean) | undefined
+}
+
+/** What a call its caller gave up on while it waited is rejected with: it never ran. */
+export class AbandonedError extends Error {
+  override name = 'AbandonedError'
 }
 
 /**
@@ -70,8 +77,13 @@ export class Batcher<I, O> {
     this.maxItems = o.maxItems ?? 256
   }
 
-  /** Runs `item` (alone, or in a batch). */
-  run(item: I): Promise<O> {
+  /**
+   * Runs `item` (alone, or in a batch). `gone`: whether its caller gave up on it (a database
+   * deadline passed, see Db.answered); one that gave up while it waited is not sent (an
+   * AbandonedError), so that a database answering again does not run what nobody waits for
+   * (an admission would take the payer's rate and hold its credits for nothing).
+   */
+  run(item: I, gone?: () => boolean): Promise<O> {
     const seq = this.submitted++
     const idle = this.free()
     if (idle && this.waiting.length === 0) {
@@ -83,7 +95,7 @@ export class Batcher<I, O> {
       return this.one(item).finally(() => this.done(seq, 1))
     }
     const result = new Promise<O>((resolve, reject) => {
-      this.waiting.push({ item, seq, resolve, reject })
+      this.waiting.push({ item, seq, resolve, reject, gone })
     })
     if (idle) this.flush()
     return result
@@ -115,13 +127,26 @@ export class Batcher<I, O> {
     this.starts.delete(start)
     this.carried -= items
     if (this.waiting.length > 0 && this.free()) this.flush()
+    this.passBarriers()
+  }
+
+  private passBarriers() {
     const upTo = this.doneUpTo()
     while (this.barriers.length > 0 && this.barriers[0]!.at <= upTo)
       this.barriers.shift()!.resolve()
   }
 
   private flush() {
-    const batch = this.waiting.splice(0, this.maxItems)
+    let batch = this.waiting.splice(0, this.maxItems)
+    if (batch.some((w) => w.gone?.())) {
+      for (const w of batch) if (w.gone?.()) w.reject(new AbandonedError('its caller gave up'))
+      batch = batch.filter((w) => !w.gone?.())
+      if (batch.length === 0) {
+        if (this.waiting.length > 0 && this.free()) this.flush()
+        this.passBarriers()
+        return
+      }
+    }
     const start = batch[0]!.seq
     if (this.starts.size > 0) this.stats.behind++
     this.starts.add(start)

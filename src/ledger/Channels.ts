@@ -251,11 +251,12 @@ export const CHANNEL_BATCHES = 4
 
 /** Holds between `need` and `want` of the channel's authorized balance for a request.
  * Batched under load (Batch.ts): admissions that arrive together share one commit. */
-export function admit(sql: Sql, i: AdmitInput): Promise<Admission> {
+/** `gone`: whether its caller gave up while it waited (see Batch.run). */
+export function admit(sql: Sql, i: AdmitInput, gone?: () => boolean): Promise<Admission> {
   return Batch.of(sql, 'channelAdmit', () => ({
     many: (items: AdmitInput[]) => admitMany(sql, items),
     inFlight: CHANNEL_BATCHES,
-  })).run(i)
+  })).run(i, gone)
 }
 
 async function admitMany(sql: Sql, items: AdmitInput[]): Promise<Admission[]> {

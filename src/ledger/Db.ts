@@ -140,26 +140,29 @@ function tick() {
 /**
  * `pending`, a call of `sql`, or a DatabaseTimeoutError (out of reach: a 503, see
  * `isUnreachable`) once it has not answered within the deadline set for `sql` (within a
- * quarter of a second after). `late` gets an answer that came after that: what the call did
- * the caller never learnt of (an admission's hold, to release); `failed`, the error of one
- * that failed in time, before the caller does.
+ * quarter of a second after). Given as a function, it is told whether the caller gave up (a
+ * batched call still waiting is then not sent, Batch.run). `late` gets an answer that came
+ * after that: what the call did the caller never learnt of (an admission's hold, to release);
+ * `failed`, its error, in time (before the caller hears of it) or late.
  */
 export function answered<T>(
   sql: object,
-  pending: PromiseLike<T>,
+  pending: PromiseLike<T> | ((gone: () => boolean) => PromiseLike<T>),
   late?: (value: T) => unknown,
   failed?: (e: unknown) => unknown,
 ): Promise<T> {
   const ms = deadlines.get(sql)
-  if (ms === undefined) return Promise.resolve(pending)
+  if (ms === undefined)
+    return Promise.resolve(typeof pending === 'function' ? pending(() => false) : pending)
   return new Promise<T>((resolve, reject) => {
     const w = { at: performance.now() + ms, reject, gone: false }
+    const call = typeof pending === 'function' ? pending(() => w.gone) : pending
     waiting.add(w)
     if (!ticker) {
       ticker = setInterval(tick, TICK_MS)
       ticker.unref?.()
     }
-    pending.then(
+    call.then(
       (value) => {
         waiting.delete(w)
         if (!w.gone) resolve(value)
@@ -167,9 +170,8 @@ export function answered<T>(
       },
       (e: unknown) => {
         waiting.delete(w)
-        if (w.gone) return
         failed?.(e)
-        reject(e)
+        if (!w.gone) reject(e)
       },
     )
   })

@@ -73,22 +73,24 @@ export type Refused =
 export function admit(sql: Sql, i: AdmitInput): Promise<Admitted | Refused> {
   return unlessUnanswered(
     sql,
-    ledger(sql).run({ op: 'admit', ...i }) as Promise<Admitted | Refused>,
+    (gone) => ledger(sql).run({ op: 'admit', ...i }, gone) as Promise<Admitted | Refused>,
     () => unanswered(sql, i.requestId, i.leaseSeconds),
   )
 }
 
 /** Holds a channel's balance for a request (Channels.admit); released as `admit`'s are. */
 export function admitOnChannel(sql: Sql, i: Channels.AdmitInput): Promise<Channels.Admission> {
-  return unlessUnanswered(sql, Channels.admit(sql, i), () =>
-    unanswered(sql, i.requestId, i.leaseSeconds, i.channelId),
+  return unlessUnanswered(
+    sql,
+    (gone) => Channels.admit(sql, i, gone),
+    () => unanswered(sql, i.requestId, i.leaseSeconds, i.channelId),
   )
 }
 
 /** `admission` within the database deadline; `release` when its outcome is not known. */
 function unlessUnanswered<T extends { status: string }>(
   sql: Sql,
-  admission: Promise<T>,
+  admission: (gone: () => boolean) => Promise<T>,
   release: () => unknown,
 ): Promise<T> {
   return Db.answered(

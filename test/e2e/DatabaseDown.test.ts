@@ -17,13 +17,13 @@ const server = process.env.DATABASE_URL ? new URL(process.env.DATABASE_URL) : un
  * A gateway (with `overrides`) whose database is reached through a forwarder the test cuts or
  * stalls; an account's id and key; a one-word completion and a credits read with that key.
  */
-async function behindLink(overrides: Record<string, unknown> = {}) {
+async function behindLink(overrides: Record<string, unknown> = {}, plan = 'unlimited') {
   const db = await Postgres.fresh()
   const link = await forwarder(server!)
   const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
   afterAll(() => sql.end({ timeout: 1 }))
   const gw = await Gateway.create(overrides, { db: { ...db, sql }, upstream: Upstream.start() })
-  const { id, key } = await gw.account()
+  const { id, key } = await gw.account({ plan })
   const chat = () =>
     fetch(`${gw.url}/v1/chat/completions`, {
       method: 'POST',
@@ -142,6 +142,57 @@ test.skipIf(!server)(
     expect(stopped).toBe(true)
     expect(performance.now() - started).toBeLessThan(8_000)
     link.resume()
+  },
+  30_000,
+)
+
+test.skipIf(!server)(
+  'behavior: admissions that waited behind a database that did not answer, and were given up on, are not run when it answers again (they took the plan rate)',
+  async () => {
+    // Five a minute, any number at once.
+    const rated = { tier: 0, requestsPerMinute: 5, maxConcurrent: null, tokensPerMonth: null }
+    const { link, chat } = await behindLink(
+      { databaseTimeoutMs: 1_000, plans: { ...Gateway.plans, rated } },
+      'rated',
+    )
+    expect((await chat()).status).toBe(200)
+    link.stall()
+    // Ten at once: one or two go to the database (and hang there), the rest wait behind them.
+    const refused = await Promise.all(Array.from({ length: 10 }, () => chat()))
+    expect(refused.map((r) => r.status)).toEqual(Array(10).fill(503))
+    link.resume()
+    // The first, and the one or two that did reach the database, leave room in the five.
+    // (Every refused one run when the database answered: 11, a 429.)
+    let res = await chat()
+    for (let i = 0; i < 50 && res.status === 503; i++) {
+      await Bun.sleep(100)
+      res = await chat()
+    }
+    expect(res.status).toBe(200)
+  },
+  30_000,
+)
+
+test.skipIf(!server)(
+  'behavior: an admission the database committed whose answer was lost after the deadline (its connection dropped) is released once the database is back, not held for its lease',
+  async () => {
+    const { db, link, id, chat } = await behindLink({ databaseTimeoutMs: 1_000 }, 'free')
+    expect((await chat()).status).toBe(200)
+    // The statements reach the database; its answers do not come back.
+    link.stall('answers')
+    expect((await chat()).status).toBe(503)
+    // The connection that carried the admission drops: its answer is an error now.
+    await link.cut()
+    await link.mend()
+    let l = await Gateway.ledger(db.sql, id)
+    for (let i = 0; i < 100 && l.open_reservations > 0n; i++) {
+      await Bun.sleep(100)
+      l = await Gateway.ledger(db.sql, id)
+    }
+    expect(l.open_reservations).toBe(0n)
+    const rows = await db.sql`select status, cost from usage where account_id = ${id}`
+    expect(rows.map((r) => r.status).sort()).toEqual(['database_unavailable', 'ok'])
+    expect(rows.find((r) => r.status === 'database_unavailable')!.cost).toBe(0n)
   },
   30_000,
 )

@@ -4,22 +4,24 @@ import { connect, createServer, type Socket } from 'node:net'
 
 /**
  * A TCP forwarder to PostgreSQL; `cut` closes every connection and stops listening (new ones
- * are refused, as by a stopped server), `mend` listens again on the same port. `stall` holds
- * what either side sends (connections stay open, nothing is answered: a hung database),
- * `resume` passes it on.
+ * are refused, as by a stopped server; what was held is dropped), `mend` listens again on the
+ * same port. `stall` holds what either side sends (connections stay open, nothing is
+ * answered: a hung database), or only the database's answers; `resume` passes it on.
  */
 export async function forwarder(to: URL) {
   const open = new Set<Socket>()
   let held: (() => void)[] | undefined
-  const forward = (from: Socket, to: Socket) =>
+  /** Whether only the database's answers are held (its statements still reach it). */
+  let answersOnly = false
+  const forward = (from: Socket, to: Socket, answers: boolean) =>
     from.on('data', (d: Buffer) => {
-      if (held) held.push(() => to.write(d))
+      if (held && (answers || !answersOnly)) held.push(() => to.write(d))
       else to.write(d)
     })
   const proxy = createServer((client) => {
     const up = connect(Number(to.port || 5432), to.hostname)
-    forward(client, up)
-    forward(up, client)
+    forward(client, up, false)
+    forward(up, client, true)
     const gone = () => {
       client.destroy()
       up.destroy()
@@ -42,13 +44,16 @@ export async function forwarder(to: URL) {
   return {
     url: url.toString(),
     async cut() {
+      held = undefined
       const closed = new Promise<void>((resolve) => proxy.close(() => resolve()))
       for (const c of open) c.destroy()
       await closed
     },
     mend: () => listen(port),
-    stall() {
+    /** Holds what either side sends, or with `answers` only what the database sends. */
+    stall(what: 'both' | 'answers' = 'both') {
       held = []
+      answersOnly = what === 'answers'
     },
     resume() {
       const all = held ?? []
