@@ -199,7 +199,8 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         gracePeriod: grace,
         log,
       })
-      stops.push(() => worker.stop())
+      // A database that does not answer holds none of these stops past its deadline.
+      stops.push(() => Db.answered(sql, worker.stop()))
       settlement = worker
       // Stated in every challenge, so a payer opens with a wallet key alone (no RPC URL).
       const tokenDomain =
@@ -251,7 +252,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       })
       // LISTEN needs a connection of its own, which the embedded server cannot give.
       const w = await Waker.start(sql, { listen: options.listen ?? Boolean(config.databaseUrl) })
-      stops.push(() => w.stop())
+      stops.push(() => Db.answered(sql, w.stop()))
       waker = w
       payments = {
         secret: config.payments.challengeSecret ?? kept(config.dataDir, 'challenge-secret', ''),

@@ -6,6 +6,7 @@
  */
 import { afterAll, expect, test } from 'bun:test'
 import * as Db from '../../src/ledger/Db.ts'
+import * as Anvil from '../helpers/Anvil.ts'
 import { forwarder } from '../helpers/Forwarder.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Postgres from '../helpers/Postgres.ts'
@@ -126,25 +127,36 @@ test.skipIf(!server)(
   30_000,
 )
 
-test.skipIf(!server)(
-  'behavior: a gateway stopping while its database does not answer stops within the deadline, not when the database answers',
-  async () => {
-    const { link, gw, chat } = await behindLink({ databaseTimeoutMs: 1_000 })
-    link.stall()
-    const res = await chat()
-    expect(res.status).toBe(503)
-    // Its admission is still on its way: the stop waits for it no longer than the deadline.
-    const started = performance.now()
-    const stopped = await Promise.race([
-      gw.stop().then(() => true),
-      Bun.sleep(8_000).then(() => false),
-    ])
-    expect(stopped).toBe(true)
-    expect(performance.now() - started).toBeLessThan(8_000)
-    link.resume()
-  },
-  30_000,
-)
+for (const payments of [false, true])
+  test.skipIf(!server)(
+    `behavior: a gateway stopping while its database does not answer stops within the deadline, not when the database answers${payments ? ' (with payments: its settlement worker and LISTEN stop too)' : ''}`,
+    async () => {
+      const chain = payments ? await Anvil.start() : undefined
+      if (chain) afterAll(() => chain.stop())
+      const { link, gw, chat } = await behindLink({
+        databaseTimeoutMs: 1_000,
+        ...(chain
+          ? {
+              chain: Gateway.chainOf(chain),
+              payments: { challengeSecret: 'test-challenge-secret-0123456789' },
+            }
+          : {}),
+      })
+      link.stall()
+      const res = await chat()
+      expect(res.status).toBe(503)
+      // Its admission is still on its way: the stop waits for it no longer than the deadline.
+      const started = performance.now()
+      const stopped = await Promise.race([
+        gw.stop().then(() => true),
+        Bun.sleep(8_000).then(() => false),
+      ])
+      expect(stopped).toBe(true)
+      expect(performance.now() - started).toBeLessThan(8_000)
+      link.resume()
+    },
+    30_000,
+  )
 
 test.skipIf(!server)(
   'behavior: admissions that waited behind a database that did not answer, and were given up on, are not run when it answers again (they took the plan rate)',
