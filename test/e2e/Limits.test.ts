@@ -3,6 +3,7 @@ import * as ApiKeys from '../../src/ledger/ApiKeys.ts'
 import * as Batch from '../../src/ledger/Batch.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Raw from '../helpers/Raw.ts'
 
 // Two instances on one database: limits must hold across them (state in Postgres).
 const a = await Gateway.create()
@@ -59,6 +60,19 @@ describe('rate limits', () => {
     expect(Number(res.headers.get('retry-after'))).toBeGreaterThanOrEqual(1)
     expect(res.headers.get('x-ratelimit-remaining-requests')).toBe('0')
     expect(Tokenizer.counted.tokenized - before).toBeLessThan(4_000)
+    // Its length says it is long: refused before it is read.
+    const early = await Raw.answeredEarly(
+      new URL(a.url).port,
+      [
+        'POST /v1/chat/completions HTTP/1.1',
+        'Host: 127.0.0.1',
+        'Content-Type: application/json',
+        `Authorization: Bearer ${key}`,
+        'Content-Length: 100000',
+      ],
+      new TextEncoder().encode('{"model":"fake","messages":['),
+    )
+    expect(early.status).toBe(429)
     await Bun.sleep(Number(res.headers.get('retry-after-ms')) + 50)
     const again = await post(a, key, { messages: long })
     expect(again.status).toBe(200)

@@ -6,7 +6,6 @@
  * pays the channel cases.
  */
 import { afterAll, expect, test } from 'bun:test'
-import { connect } from 'node:net'
 import type OpenAI from 'openai'
 import { decodeFunctionData, type Hex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
@@ -18,6 +17,7 @@ import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Paid from '../helpers/Paid.ts'
+import * as Raw from '../helpers/Raw.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
@@ -41,39 +41,6 @@ function withImage(bytes: number) {
 }
 
 const code = (body: string) => (JSON.parse(body) as { error: { code: string } }).error.code
-
-/**
- * Sends `head` (CRLF-joined lines) and the first `sent` bytes of a body that never ends; the
- * answer, which must come while the body is still being sent (else a timeout fails the test).
- */
-function answeredEarly(lines: string[], first: Uint8Array) {
-  return new Promise<{ status: number; head: string; body: string }>((resolve, reject) => {
-    const socket = connect(Number(port), '127.0.0.1')
-    const timer = setTimeout(() => {
-      socket.destroy()
-      reject(new Error('no answer while the body was unfinished'))
-    }, 5_000)
-    let text = ''
-    socket.on('data', (d: Buffer) => {
-      text += d.toString('latin1')
-      const end = text.indexOf('\r\n\r\n')
-      if (end < 0) return
-      const length = /content-length: *(\d+)/i.exec(text.slice(0, end))
-      if (length && text.length >= end + 4 + Number(length[1])) {
-        clearTimeout(timer)
-        socket.destroy()
-        resolve({
-          status: Number(text.slice(9, 12)),
-          head: text.slice(0, end),
-          body: text.slice(end + 4, end + 4 + Number(length[1])),
-        })
-      }
-    })
-    socket.on('error', () => {})
-    socket.write(`${lines.join('\r\n')}\r\n\r\n`)
-    socket.write(first)
-  })
-}
 
 const head = (authorization: string | undefined, length: number | 'chunked') => [
   'POST /v1/chat/completions HTTP/1.1',
@@ -129,16 +96,24 @@ test('a key holder sends a body over MAX_COMPLETION_BODY_BYTES: 413, declared or
 
 test('a long body with an unknown key, or no credential, is refused while it is still being sent', async () => {
   const first = new Uint8Array(65536).fill(0x20)
-  const unknown = await answeredEarly(head('Bearer tw_unknown_key_0123456789', 2 * MiB), first)
+  const unknown = await Raw.answeredEarly(
+    port,
+    head('Bearer tw_unknown_key_0123456789', 2 * MiB),
+    first,
+  )
   expect(unknown.status).toBe(401)
   expect(code(unknown.body)).toBe('invalid_api_key')
   // Payments on: a request without credentials gets a 402 with the Payment challenge.
-  const none = await answeredEarly(head(undefined, 2 * MiB), first)
+  const none = await Raw.answeredEarly(port, head(undefined, 2 * MiB), first)
   expect(none.status).toBe(402)
   expect(none.head.toLowerCase()).toMatch(/www-authenticate: .*payment id=/)
   // A body without a declared length may be long: the same.
   const chunk = new TextEncoder().encode(`10000\r\n${' '.repeat(65536)}\r\n`)
-  const chunked = await answeredEarly(head('Bearer tw_unknown_key_0123456789', 'chunked'), chunk)
+  const chunked = await Raw.answeredEarly(
+    port,
+    head('Bearer tw_unknown_key_0123456789', 'chunked'),
+    chunk,
+  )
   expect(chunked.status).toBe(401)
 })
 
@@ -184,7 +159,8 @@ test('a channel payer sends an inline image over MAX_BODY_BYTES: served and paid
     tokenDomain,
   })
   forger.channelId = session.channelId
-  const forged = await answeredEarly(
+  const forged = await Raw.answeredEarly(
+    port,
     head(await forger.voucher(200_000n), 2 * MiB),
     new Uint8Array(65536).fill(0x20),
   )
@@ -229,7 +205,7 @@ test('a voucher the gateway made public (in a settle transaction), shown by anyo
       },
     }),
   )
-  const res = await answeredEarly(head(shown, 2 * MiB), new Uint8Array(65536).fill(0x20))
+  const res = await Raw.answeredEarly(port, head(shown, 2 * MiB), new Uint8Array(65536).fill(0x20))
   expect(res.status).toBe(413)
   expect(code(res.body)).toBe('body_too_large')
 })

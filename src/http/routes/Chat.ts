@@ -281,15 +281,7 @@ async function serve(
   // A newer stream took the channel: stop this one's upstream, even if it is quiet.
   reservation.whenSuperseded?.(() => abort.abort(new Error('superseded by a newer stream')))
   // The gateway stops: the stream ends with an error event the client reads (Drain.ts).
-  const drain = deps.drain
-  const leave = drain?.enter()
-  const onStop = () => abort.abort(drain!.signal.reason)
-  if (drain?.signal.aborted) onStop()
-  else drain?.signal.addEventListener('abort', onStop, { once: true })
-  const left = () => {
-    drain?.signal.removeEventListener('abort', onStop)
-    leave?.()
-  }
+  const left = deps.drain?.enter((reason) => abort.abort(reason)) ?? (() => {})
   let chunks: AsyncIterable<Chat.Received[]>
   let limits: { maxTokens: number } | undefined
   try {
@@ -366,20 +358,21 @@ async function serve(
 /**
  * A completion request's body, read when its handler is ready for it. `long`: over the body
  * limit for strangers (`maxBodyBytes`), or sent without a declared length (chunked), so read
- * only once its credential proves good (App.ts holds it to `maxCompletionBodyBytes`). `text`:
- * what was read ('' before, and for a method without a body).
+ * only once its credential proves good (App.ts holds it to `maxCompletionBodyBytes`).
+ * `length`: the declared length (0 when chunked). `text`: what was read ('' before, and for a
+ * method without a body).
  */
-type Incoming = { long: boolean; text: string; read(): Promise<string> }
+type Incoming = { long: boolean; length: number; text: string; read(): Promise<string> }
 
 function incoming(c: Context, limit: number): Incoming {
   const post = c.req.method === 'POST'
-  const length = c.req.header('content-length')
+  const header = c.req.header('content-length')
+  const chunked = header === undefined || c.req.header('transfer-encoding') !== undefined
+  const length = chunked ? 0 : Parse.declared(header)
   const body: Incoming = {
-    long:
-      post &&
-      (length === undefined ||
-        c.req.header('transfer-encoding') !== undefined ||
-        Parse.declared(length) > limit),
+    long: post && (chunked || length > limit),
+    /** Its declared length in bytes (0 when chunked). */
+    length,
     text: '',
     async read() {
       if (post) body.text = await c.req.text()
@@ -449,14 +442,6 @@ export function routes(deps: Deps) {
     if (!good && body.long) await vouch()
     const text = await body.read()
     if (!good && text.length > COUNTED_AFTER_AUTH) await vouch()
-    if (text.length > COUNTED_AFTER_AUTH) {
-      const limited = limitedUntil.get(knownAs)
-      if (limited) {
-        const left = Math.ceil(limited.until - performance.now())
-        if (left > 0) throw limitRefusal({ ...limited.refused, retryAfterMs: left })
-        limitedUntil.delete(knownAs)
-      }
-    }
     let p: Plan
     let idempotencyKey: string | null
     let fingerprint: Uint8Array | null
@@ -738,6 +723,18 @@ export function routes(deps: Deps) {
     const requestId = newRequestId()
     c.header('x-request-id', requestId)
     const body = incoming(c, deps.config.maxBodyBytes)
+    // A key refused by its plan lately sends a long body: refused again before it is read
+    // (its length says it is long: its characters are no more than its bytes).
+    if (limitedUntil.count > 0 && (body.long || body.length > COUNTED_AFTER_AUTH)) {
+      const raw = Auth.rawKey(c)
+      const knownAs = raw === undefined ? undefined : ApiKeys.hash(raw).toString('base64')
+      const limited = knownAs === undefined ? undefined : limitedUntil.get(knownAs)
+      if (limited) {
+        const left = Math.ceil(limited.until - performance.now())
+        if (left > 0) throw limitRefusal({ ...limited.refused, retryAfterMs: left })
+        limitedUntil.delete(knownAs!)
+      }
+    }
     // A short body is read at once: a refusal before its credential is looked up may price
     // its challenge by the model it names.
     if (!body.long) await body.read()
