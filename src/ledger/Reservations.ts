@@ -4,6 +4,7 @@
  */
 
 import type { Hex } from 'viem'
+import { DatabaseUnavailableError } from '../Errors.ts'
 import * as Alone from './Alone.ts'
 import * as Batch from './Batch.ts'
 import { inOrder } from './Batch.ts'
@@ -505,7 +506,10 @@ async function retrying<T>(f: () => Promise<T>, delaysMs = [100, 1_000, 5_000]):
   for (const ms of delaysMs) {
     try {
       return await f()
-    } catch {
+    } catch (e) {
+      // Past the database deadline: a retry would queue behind the call still waiting there,
+      // and hold its caller a deadline more each time.
+      if (e instanceof Db.DatabaseTimeoutError) throw e
       await Bun.sleep(ms)
     }
   }
@@ -627,7 +631,10 @@ export function reservation(
         () =>
           extend(sql, { id: input.id, amount, leaseSeconds: input.leaseSeconds, delivered, from }),
         [50, 250],
-      )
+      ).catch((e: unknown) => {
+        // The stream ends with an error event that says why (not "the gateway failed").
+        throw Db.isUnreachable(e) ? new DatabaseUnavailableError({ cause: e }) : e
+      })
       if (total === 'superseded') superseded = true
       if (total === undefined || total === 'superseded') return false
       held = total

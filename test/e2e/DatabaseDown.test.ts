@@ -10,6 +10,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import { forwarder } from '../helpers/Forwarder.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Postgres from '../helpers/Postgres.ts'
+import * as Sse from '../helpers/Sse.ts'
 import * as Upstream from '../helpers/Upstream.ts'
 
 const server = process.env.DATABASE_URL ? new URL(process.env.DATABASE_URL) : undefined
@@ -25,11 +26,11 @@ async function behindLink(overrides: Record<string, unknown> = {}, plan = 'unlim
   afterAll(() => sql.end({ timeout: 1 }))
   const gw = await Gateway.create(overrides, { db: { ...db, sql }, upstream: Upstream.start() })
   const { id, key } = await gw.account({ plan })
-  const chat = () =>
+  const chat = (body: Record<string, unknown> = {}) =>
     fetch(`${gw.url}/v1/chat/completions`, {
       method: 'POST',
       headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] }),
+      body: JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }], ...body }),
     })
   const credits = () =>
     fetch(`${gw.url}/v1/credits`, {
@@ -205,6 +206,35 @@ test.skipIf(!server)(
     const rows = await db.sql`select status, cost from usage where account_id = ${id}`
     expect(rows.map((r) => r.status).sort()).toEqual(['database_unavailable', 'ok'])
     expect(rows.find((r) => r.status === 'database_unavailable')!.cost).toBe(0n)
+  },
+  30_000,
+)
+
+test.skipIf(!server)(
+  'error: a stream whose extension the database does not answer ends with an error event database_unavailable after the deadline, not retried deadline after deadline',
+  async () => {
+    const { link, chat } = await behindLink({ databaseTimeoutMs: 1_000 })
+    // 300 words at 50 ms, extended 16 tokens at a time.
+    const words = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ')
+    const res = await chat({
+      model: 'fake-slow',
+      stream: true,
+      messages: [{ role: 'user', content: words }],
+    })
+    const reader = res.body!.getReader()
+    let raw = ''
+    while (!Sse.text(Sse.events(raw)).includes('w0'))
+      raw += new TextDecoder().decode((await reader.read()).value)
+    link.stall()
+    const started = performance.now()
+    for (let r = await reader.read(); !r.done; r = await reader.read())
+      raw += new TextDecoder().decode(r.value)
+    const error = Sse.json(raw).find((e) => e.error) as { error: { code: string } }
+    expect(error.error.code).toBe('database_unavailable')
+    // One deadline (1 s, checked each quarter second) after the extension went out, and the
+    // end's charge given up on after another: not three deadlines for the extension.
+    expect(performance.now() - started).toBeLessThan(3_500)
+    link.resume()
   },
   30_000,
 )
