@@ -594,11 +594,7 @@ describe('credits', () => {
     controller.abort()
     await reader.cancel().catch(() => {})
     // Wait for the gateway to settle.
-    let l = await Gateway.ledger(gw.sql, id)
-    for (let i = 0; i < 100 && l.open_reservations > 0n; i++) {
-      await Bun.sleep(20)
-      l = await Gateway.ledger(gw.sql, id)
-    }
+    const l = await Gateway.released(gw.sql, id)
     expect(l.open_reservations).toBe(0n)
     await Batch.settled(gw.sql)
     const [u] = await gw.sql`select * from usage where account_id = ${id}`
@@ -624,11 +620,7 @@ describe('credits', () => {
       gone.abort()
       await res
     }
-    let l = await Gateway.ledger(gw.sql, id)
-    for (let i = 0; i < 100 && l.open_reservations > 0n; i++) {
-      await Bun.sleep(20)
-      l = await Gateway.ledger(gw.sql, id)
-    }
+    const l = await Gateway.released(gw.sql, id)
     await Batch.settled(gw.sql)
     const rows = await gw.sql`select status, cost from usage where account_id = ${id}`
     expect(rows.map((r) => [r.status, r.cost])).toEqual([

@@ -68,11 +68,7 @@ test.skipIf(!server)(
     // held, and the two answered requests are its only usage rows and charges. (An admission
     // whose answer the cut lost may have gone through: it is released once the database is
     // back, its row a `database_unavailable` charged nothing.)
-    let l = await Gateway.ledger(gw.sql, id)
-    for (let i = 0; i < 50 && l.open_reservations > 0n; i++) {
-      await Bun.sleep(100)
-      l = await Gateway.ledger(gw.sql, id)
-    }
+    const l = await Gateway.released(gw.sql, id)
     expect(l.open_reservations).toBe(0n)
     expect(l.reserved).toBe(0n)
     const rows = (await gw.sql`select status, cost from usage where account_id = ${id}`).filter(
@@ -112,11 +108,7 @@ test.skipIf(!server)(
     // The admission the database answered after its request gave up is released, charged
     // nothing: nothing is held, and the balance moved by the answered requests only (read on
     // the schema's own connection, which the stall never touched).
-    let l = await Gateway.ledger(db.sql, id)
-    for (let i = 0; i < 50 && l.open_reservations > 0n; i++) {
-      await Bun.sleep(100)
-      l = await Gateway.ledger(db.sql, id)
-    }
+    const l = await Gateway.released(db.sql, id)
     expect(l.open_reservations).toBe(0n)
     expect(l.reserved).toBe(0n)
     const rows =
@@ -197,11 +189,7 @@ test.skipIf(!server)(
     // The connection that carried the admission drops: its answer is an error now.
     await link.cut()
     await link.mend()
-    let l = await Gateway.ledger(db.sql, id)
-    for (let i = 0; i < 100 && l.open_reservations > 0n; i++) {
-      await Bun.sleep(100)
-      l = await Gateway.ledger(db.sql, id)
-    }
+    const l = await Gateway.released(db.sql, id)
     expect(l.open_reservations).toBe(0n)
     const rows = await db.sql`select status, cost from usage where account_id = ${id}`
     expect(rows.map((r) => r.status).sort()).toEqual(['database_unavailable', 'ok'])

@@ -14,18 +14,28 @@ import * as Upstream from '../helpers/Upstream.ts'
 
 const server = Boolean(process.env.DATABASE_URL)
 
+/**
+ * Two instances on one database: `a` on its own connections, `b` through a link the test
+ * cuts or stalls (its faults); `options` are both's (sweep, threshold).
+ */
+async function pair(
+  upstream: Upstream.FakeUpstream,
+  options: { sweepMs: number; deadAfterMs: number },
+) {
+  const db = await Postgres.fresh()
+  const link = await forwarder(new URL(process.env.DATABASE_URL!))
+  const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
+  afterAll(() => sql.end({ timeout: 1 }))
+  const a = await Gateway.create({}, { db, upstream }, options)
+  const b = await Gateway.create({}, { db: { ...db, sql }, upstream }, options)
+  return { db, link, sql, a, b }
+}
+
 for (const death of ['killed', 'vanished'] as const)
   test.skipIf(!server)(
     `behavior: an instance ${death === 'killed' ? 'killed (its sessions close)' : 'gone with its machine (its sessions linger)'} with a stream under way: the free plan (one at a time) is served again on another instance within seconds; the dead stream is charged what it delivered`,
     async () => {
-      const db = await Postgres.fresh()
-      const upstream = Upstream.start()
-      const link = await forwarder(new URL(process.env.DATABASE_URL!))
-      const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
-      afterAll(() => sql.end({ timeout: 1 }))
-      const options = { sweepMs: 200, deadAfterMs: 600 }
-      const a = await Gateway.create({}, { db, upstream }, options)
-      const b = await Gateway.create({}, { db: { ...db, sql }, upstream }, options)
+      const { link, sql, a, b } = await pair(Upstream.start(), { sweepMs: 200, deadAfterMs: 600 })
       const { id, key } = await a.account({ plan: 'free' })
       const words = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ')
       const chat = (gw: Gateway.TestGateway, stream: boolean) =>
@@ -84,15 +94,11 @@ for (const death of ['killed', 'vanished'] as const)
 test.skipIf(!server)(
   'behavior: a live instance whose database link drops for a moment (its sessions closed) is not taken for dead: its stream is charged in full',
   async () => {
-    const db = await Postgres.fresh()
-    const upstream = Upstream.start({ slowMs: 100 })
-    const link = await forwarder(new URL(process.env.DATABASE_URL!))
-    const sql = Db.connect({ url: link.url, schema: db.schema!, max: 4 })
-    afterAll(() => sql.end({ timeout: 1 }))
     // Past a moment's outage and the reconnection's backoff (postgres.js waits up to seconds).
-    const options = { sweepMs: 200, deadAfterMs: 5_000 }
-    const a = await Gateway.create({}, { db, upstream }, options)
-    const b = await Gateway.create({}, { db: { ...db, sql }, upstream }, options)
+    const { db, link, a, b } = await pair(Upstream.start({ slowMs: 100 }), {
+      sweepMs: 200,
+      deadAfterMs: 5_000,
+    })
     const { id, key } = await a.account()
     // 150 words at 100 ms, all held at admission (max_tokens): no extension records delivery.
     const res = await fetch(`${b.url}/v1/chat/completions`, {

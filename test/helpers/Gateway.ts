@@ -167,6 +167,20 @@ export async function ledger(sql: Db.Sql, accountId: string) {
   return { ...state, open_reservations: BigInt(state.open) }
 }
 
+/**
+ * `ledger`, once nothing of the account is held any more (or `ms` went by): for charges and
+ * releases that follow an answer (a cut stream settling, a late admission released).
+ */
+export async function released(sql: Db.Sql, accountId: string, ms = 5_000) {
+  const until = performance.now() + ms
+  let l = await ledger(sql, accountId)
+  while (l.open_reservations > 0n && performance.now() < until) {
+    await Bun.sleep(20)
+    l = await ledger(sql, accountId)
+  }
+  return l
+}
+
 /** The `chain` config of a gateway paid on a test chain (test/helpers/Anvil.ts). */
 export function chainOf(chain: {
   rpcUrl: string
