@@ -620,7 +620,7 @@ describe('credits', () => {
       gone.abort()
       await res
     }
-    const l = await Gateway.released(gw.sql, id)
+    await Gateway.released(gw.sql, id)
     await Batch.settled(gw.sql)
     const rows = await gw.sql`select status, cost from usage where account_id = ${id}`
     expect(rows.map((r) => [r.status, r.cost])).toEqual([
