@@ -369,15 +369,19 @@ function incoming(c: Context, limit: number): Incoming {
   const header = c.req.header('content-length')
   const chunked = header === undefined || c.req.header('transfer-encoding') !== undefined
   const length = chunked ? 0 : Parse.declared(header)
+  let reading: Promise<string> | undefined
   const body: Incoming = {
     long: post && (chunked || length > limit),
-    /** Its declared length in bytes (0 when chunked). */
     length,
     text: '',
-    async read() {
-      if (post) body.text = await c.req.text()
-      return body.text
-    },
+    // Read once, however often asked.
+    read: () =>
+      (reading ??= post
+        ? c.req.text().then((text) => {
+            body.text = text
+            return text
+          })
+        : Promise.resolve('')),
   }
   return body
 }
