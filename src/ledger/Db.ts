@@ -18,10 +18,10 @@ export type Options = {
 }
 
 /**
- * A name of its own for a pool's sessions (their `application_name`): an instance of the
- * gateway is alive while PostgreSQL has a session of that name (Instances.ts).
+ * A name of its own for a pool's sessions (their `application_name`): the instance's
+ * reservations record it, and its heartbeat is written under it (Instances.ts).
  */
-export function instanceName(): string {
+function instanceName(): string {
   return `tollway/${randomBytes(9).toString('base64url')}`
 }
 

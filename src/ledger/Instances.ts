@@ -1,6 +1,6 @@
 /**
  * Which gateway instances are dead, by their heartbeats: an instance's pool names its sessions
- * (`application_name` `tollway/<random>`, Db.instanceName), a reservation records the name of
+ * (`application_name` `tollway/<random>`, Db.connect), a reservation records the name of
  * the session that wrote it (migration 0016), and each instance writes its heartbeat under that
  * name (migration 0017) every few seconds. An instance killed outright (SIGKILL, out of
  * memory, its machine gone) beats no more, and another instance's sweep releases its
