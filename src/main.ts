@@ -216,11 +216,15 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
           },
         ))
       // The draft: `feePayer: true` only for a currency whose EIP-3009 path the escrow can use.
-      const eip3009 = await ChainEscrow.hasEip3009(client, chain.currencyAddress as Hex)
+      const eip3009 = await ChainEscrow.hasEip3009(
+        client,
+        chain.currencyAddress as Hex,
+        chain.escrowAddress as Hex,
+      )
       if (eip3009 === false)
         log.warn(
           { token: chain.currencyAddress },
-          'the currency token has no EIP-3009: payers open and top up channels themselves (feePayer false)',
+          'the currency token has no EIP-3009 with the bytes-signature receiveWithAuthorization the escrow calls: payers open and top up channels themselves (feePayer false)',
         )
       const escrow = ChainEscrow.create({
         client,

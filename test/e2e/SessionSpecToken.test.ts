@@ -15,24 +15,40 @@ import { privateKeyToAccount } from 'viem/accounts'
 import { deployContract, waitForTransactionReceipt } from 'viem/actions'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
+import * as ChainEscrow from '../../src/payment/evm/ChainEscrow.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
 
-/** A plain OpenZeppelin ERC-20, compiled here with the npm solc the contracts use. */
-function compilePlainToken(): { abi: unknown[]; bytecode: Hex } {
-  const require = createRequire(import.meta.url)
-  const solc = require('solc') as { compile(input: string, cb: unknown): string }
-  const root = resolve(import.meta.dir, '../..')
-  const source = `// SPDX-License-Identifier: MIT
+/** A plain OpenZeppelin ERC-20. */
+const PLAIN = `// SPDX-License-Identifier: MIT
 pragma solidity ^0.8.24;
 import {ERC20} from "@openzeppelin/contracts/token/ERC20/ERC20.sol";
 contract PlainUSD is ERC20 {
     constructor() ERC20("Plain USD", "PUSD") { _mint(msg.sender, 1e18); }
     function decimals() public pure override returns (uint8) { return 6; }
 }`
+
+/** An ERC-20 with EIP-3009 in its original `(v, r, s)` form only (as USDC before v2.2). */
+const VRS = `// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+import {ERC20} from "@openzeppelin/contracts/token/ERC20/ERC20.sol";
+contract PlainUSD is ERC20 {
+    mapping(address => mapping(bytes32 => bool)) public authorizationState;
+    constructor() ERC20("VRS USD", "VUSD") { _mint(msg.sender, 1e18); }
+    function decimals() public pure override returns (uint8) { return 6; }
+    function receiveWithAuthorization(address, address, uint256, uint256, uint256, bytes32, uint8, bytes32, bytes32) external pure {
+        revert("not in this test");
+    }
+}`
+
+/** Token `source` (its contract named PlainUSD), compiled with the npm solc the contracts use. */
+function compilePlainToken(source = PLAIN): { abi: unknown[]; bytecode: Hex } {
+  const require = createRequire(import.meta.url)
+  const solc = require('solc') as { compile(input: string, cb: unknown): string }
+  const root = resolve(import.meta.dir, '../..')
   const input = {
     language: 'Solidity',
     sources: { 'PlainUSD.sol': { content: source } },
@@ -65,15 +81,27 @@ contract PlainUSD is ERC20 {
   return { abi: artifact.abi, bytecode: `0x${artifact.evm.bytecode.object}` }
 }
 
-test('a gateway whose currency has no EIP-3009 does not advertise feePayer or the authorization credential type', async () => {
-  const { abi, bytecode } = compilePlainToken()
+/** Deploys token `source` (see compilePlainToken); its address. */
+async function deployed(source = PLAIN): Promise<Hex> {
+  const { abi, bytecode } = compilePlainToken(source)
   const hash = await deployContract(chain.payeeClient, {
     abi: abi as never,
     bytecode,
     account: chain.payeeClient.account,
     chain: chain.payeeClient.chain,
   })
-  const { contractAddress } = await waitForTransactionReceipt(chain.payeeClient, { hash })
+  return (await waitForTransactionReceipt(chain.payeeClient, { hash })).contractAddress!
+}
+
+test('the EIP-3009 probe: the development token (the bytes-signature form) has it; a plain ERC-20, or one with only the (v, r, s) form, has not', async () => {
+  const has = (token: Hex) => ChainEscrow.hasEip3009(chain.payeeClient, token, chain.escrowAddress)
+  expect(await has(chain.currencyAddress)).toBe(true)
+  expect(await has(await deployed())).toBe(false)
+  expect(await has(await deployed(VRS))).toBe(false)
+})
+
+test('a gateway whose currency has no EIP-3009 does not advertise feePayer or the authorization credential type', async () => {
+  const contractAddress = await deployed()
   const gw = await Gateway.create({
     chain: { ...Gateway.chainOf(chain), currencyAddress: contractAddress! },
     payments: { challengeSecret: 'test-challenge-secret-0123456789' },

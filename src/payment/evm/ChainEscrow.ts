@@ -7,6 +7,7 @@
 import {
   type Address,
   BaseError,
+  encodeFunctionData,
   type Hex,
   HttpRequestError,
   isAddressEqual,
@@ -17,6 +18,7 @@ import {
   TransactionNotFoundError,
 } from 'viem'
 import {
+  call,
   getBlockNumber,
   getCode,
   getLogs,
@@ -60,9 +62,14 @@ export type Options = {
   close: Settlement.Worker['close']
 }
 
-/** EIP-3009's state of an authorization (true once used or cancelled). */
+/**
+ * EIP-3009's state of an authorization (true once used or cancelled), and the `bytes
+ * signature` form of `receiveWithAuthorization` the escrow calls (USDC v2.2's; tokens with
+ * only the `(v, r, s)` form cannot fund a channel through it).
+ */
 const eip3009 = parseAbi([
   'function authorizationState(address authorizer, bytes32 nonce) view returns (bool)',
+  'function receiveWithAuthorization(address from, address to, uint256 value, uint256 validAfter, uint256 validBefore, bytes32 nonce, bytes signature)',
 ])
 
 /** EIP-3009's event for an authorization used up. */
@@ -117,13 +124,18 @@ function unreachable(e: unknown): boolean {
 }
 
 /**
- * Whether `token` implements EIP-3009 (its `authorizationState` view answers), which the
- * gateway's `openWithAuthorization` and `topUpWithAuthorization` need; undefined when the
- * chain does not answer.
+ * Whether `token` implements the EIP-3009 the escrow at `escrow` uses for the gateway's
+ * `openWithAuthorization` and `topUpWithAuthorization`; undefined when the chain does not
+ * answer. Its `authorizationState` view must answer, and its `bytes signature` form of
+ * `receiveWithAuthorization` must exist: called as the escrow with a signature of zeros, a
+ * token that has it refuses the signature with a reason (revert data), and one that has only
+ * the `(v, r, s)` form finds no such function (a revert without data) or, worse, takes it.
+ * The evm draft: no `feePayer: true` for a token whose authorization path cannot be serviced.
  */
 export async function hasEip3009(
   client: Client.WalletClient,
   token: Address,
+  escrow: Address,
 ): Promise<boolean | undefined> {
   try {
     await readContract(client, {
@@ -132,9 +144,35 @@ export async function hasEip3009(
       functionName: 'authorizationState',
       args: [token, `0x${'0'.repeat(64)}`],
     })
-    return true
   } catch (e) {
     return e instanceof BaseError && !unreachable(e) ? false : undefined
+  }
+  try {
+    await call(client, {
+      account: escrow,
+      to: token,
+      data: encodeFunctionData({
+        abi: eip3009,
+        functionName: 'receiveWithAuthorization',
+        args: [
+          '0x0000000000000000000000000000000000000001',
+          escrow,
+          0n,
+          0n,
+          2n ** 255n,
+          `0x${'11'.repeat(32)}`,
+          `0x${'00'.repeat(65)}`,
+        ],
+      }),
+    })
+    return false
+  } catch (e) {
+    if (!(e instanceof BaseError) || unreachable(e)) return undefined
+    const data = (
+      e.walk((c) => typeof (c as { data?: unknown }).data === 'string') as { data: string } | null
+    )?.data
+    // A node that says nothing of the revert leaves it unknown: taken as there.
+    return data !== '0x'
   }
 }
 
