@@ -273,6 +273,12 @@ export const Schema = z
          */
         minGasPaidDeposit: BaseUnits.prefault('100000'),
         /**
+         * Blocks an open or a top-up needs (its own and those on top of it) before its deposit
+         * counts: the evm draft asks for depth enough that a reorganization cannot take a
+         * deposit back (12 or more on Ethereum mainnet; 1 on the development chain).
+         */
+        confirmations: z.number().int().min(1).max(1000).default(1),
+        /**
          * The currency token's EIP-712 domain name and version, stated in challenges so that a
          * payer opens with a wallet key alone; unset: read from the token (ERC-5267) at start-up.
          */

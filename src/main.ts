@@ -231,6 +231,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         escrow: chain.escrowAddress as Hex,
         currency: chain.currencyAddress as Hex,
         chainId: chain.chainId,
+        confirmations: config.payments.confirmations,
         close: (v) => worker.close(v),
       })
       stops.push(async () => escrow.stop())

@@ -56,8 +56,14 @@ export type Options = {
   escrow: Address
   currency: Address
   chainId: number
-  /** How long to wait for a client's transaction to be mined. */
+  /** How long to wait for a client's transaction to be mined (each confirmation, this long). */
   receiptTimeoutMs?: number
+  /**
+   * Blocks an open or a top-up needs (its own and those on top of it) before the channel's
+   * deposit counts (default 1): the evm draft, "Chain Reorganization", asks for enough depth
+   * that a reorganization cannot take back a deposit vouchers were spent against.
+   */
+  confirmations?: number
   /** Cooperative close (the settlement worker's, which records and finalizes it). */
   close: Settlement.Worker['close']
 }
@@ -247,6 +253,7 @@ export function onChain(
 
 export function create(o: Options): Server.Escrow & { stop(): void } {
   const scope = { chainId: o.chainId, escrow: o.escrow }
+  const confirmations = o.confirmations ?? 1
   // Signatures are checked on a worker thread: another core does the curve math while this
   // thread parses, stores and answers.
   const verifier = Voucher.createThreadedVerifier(scope)
@@ -338,6 +345,13 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
     let sent: Parameters<typeof sentOf>[0]
     try {
       sent = await send()
+      // Mined: deep enough before the deposit counts (see `confirmations`).
+      if (confirmations > 1)
+        await waitForTransactionReceipt(o.client, {
+          hash: sent.hash,
+          confirmations,
+          timeout: (o.receiptTimeoutMs ?? 30_000) * confirmations,
+        })
     } catch (e) {
       if (!(e instanceof TransactionRevertedError)) throw e
       const done = await usedBy(a.from, a.nonce).catch(() => undefined)
@@ -431,7 +445,8 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
       try {
         receipt = await waitForTransactionReceipt(o.client, {
           hash,
-          timeout: o.receiptTimeoutMs ?? 30_000,
+          confirmations,
+          timeout: (o.receiptTimeoutMs ?? 30_000) * confirmations,
         })
       } catch (e) {
         throw Problem.verificationFailed(
