@@ -9,6 +9,7 @@ import {
   DatabaseUnavailableError,
   GatewayError,
   InvalidRequestError,
+  MethodNotAllowedError,
   NotFoundError,
   PayloadTooLargeError,
   WithoutPaymentError,
@@ -128,6 +129,16 @@ export function create(deps: Deps): Hono {
   app.route('/admin', Admin.routes(deps))
 
   app.notFound((c) => {
+    // A path served to other methods is a 405 naming them (HEAD wherever GET is).
+    const allowed = ['GET', 'POST', 'DELETE', 'PUT', 'PATCH'].filter((m) =>
+      routed(app, m, c.req.path),
+    )
+    if (allowed.includes('GET')) allowed.splice(1, 0, 'HEAD')
+    if (allowed.length > 0)
+      throw new MethodNotAllowedError(
+        `No route ${c.req.method} ${c.req.path}; it takes ${allowed.join(', ')}.`,
+        allowed.join(', '),
+      )
     throw new NotFoundError(`No route ${c.req.method} ${c.req.path}.`, 'route_not_found')
   })
 
@@ -193,6 +204,14 @@ export function create(deps: Deps): Hono {
   })
 
   return app
+}
+
+/** Whether `app` has a route (not a middleware, which takes every method) for `method` at `path`. */
+function routed(app: Hono, method: string, path: string): boolean {
+  const [matches] = app.router.match(method, path) as unknown as [
+    [[unknown, { method: string }], unknown][],
+  ]
+  return matches.some(([[, route]]) => route.method === method)
 }
 
 /** `request` with its body cut short by `tooLarge(most)` when it runs past `most` bytes. */

@@ -71,3 +71,21 @@ test('error: GET on /v1/chat/completions → 405 with Allow: POST', async () => 
   const body = (await res.json()) as { error: { type: string; code: string } }
   expect(body.error).toMatchObject({ type: 'invalid_request_error', code: 'method_not_allowed' })
 })
+
+test('error: a path asked for with a method it does not take → 405 naming those it takes; an unknown path → 404', async () => {
+  const { key } = await gw.account()
+  const auth = { authorization: `Bearer ${key}` }
+  const credits = await fetch(`${gw.url}/v1/credits`, { method: 'DELETE', headers: auth })
+  expect(credits.status).toBe(405)
+  expect(credits.headers.get('allow')).toBe('GET, HEAD')
+  expect(((await credits.json()) as { error: { code: string } }).error.code).toBe(
+    'method_not_allowed',
+  )
+  const keys = await fetch(`${gw.url}/v1/keys`, { method: 'PUT', headers: auth })
+  expect(keys.status).toBe(405)
+  expect(keys.headers.get('allow')).toBe('GET, HEAD, POST')
+  expect((await fetch(`${gw.url}/health`, { method: 'POST' })).status).toBe(405)
+  const unknown = await fetch(`${gw.url}/v1/nothing-here`, { headers: auth })
+  expect(unknown.status).toBe(404)
+  expect(((await unknown.json()) as { error: { code: string } }).error.code).toBe('route_not_found')
+})
