@@ -563,6 +563,54 @@ export async function drained(ms: number): Promise<void> {
   await Promise.race([Promise.allSettled([...persisting]), Bun.sleep(ms)])
 }
 
+/**
+ * The rest of a request's charge when a sweep released its reservation before the request's
+ * own charge came: its instance was taken for dead (its heartbeat stopped, Instances.ts) or
+ * its lease ran out while the database was out of its reach, and the sweep charged what the
+ * reservation had recorded as delivered (a usage row `abandoned`). The difference up to
+ * `o.cost` is charged as far as the payer has it free (an account: its balance over what it
+ * holds; a channel: its authorized balance over what it spent and holds), and the usage row
+ * becomes the request's own. Nothing more to charge, or any other row (the request already
+ * charged), and the row is left as it is.
+ */
+async function chargeRest(sql: Sql, id: string, o: Omit<Finish, 'id'>): Promise<void> {
+  await sql.begin(async (tx) => {
+    const [u] = await tx`
+      select account_id, channel_id, cost, status from usage where id = ${id} for update`
+    if (!u || u.status !== 'abandoned') return
+    let more = o.cost > (u.cost as bigint) ? o.cost - (u.cost as bigint) : 0n
+    if (more > 0n && u.account_id) {
+      const [a] = await tx`
+        select balance - reserved as free from accounts where id = ${u.account_id} for update`
+      if ((a!.free as bigint) < more) more = a!.free as bigint
+      if (more > 0n) {
+        await tx`
+          insert into credit_transactions (account_id, amount, kind, note, request_id)
+          values (${u.account_id}, ${tx.typed.numeric(-more)}, 'usage',
+                  'the rest of a request charged after its hold was released', ${id})`
+        await tx`
+          update accounts set balance = balance - ${tx.typed.numeric(more)}
+          where id = ${u.account_id}`
+      }
+    } else if (more > 0n && u.channel_id) {
+      const [c] = await tx`
+        select accepted_cumulative - spent - reserved as free from channels
+        where channel_id = ${u.channel_id} for update`
+      if ((c!.free as bigint) < more) more = c!.free as bigint
+      if (more > 0n)
+        await tx`
+          update channels set spent = spent + ${tx.typed.numeric(more)}, updated_at = now()
+          where channel_id = ${u.channel_id}`
+    }
+    if (more === 0n) return
+    await tx`
+      update usage set cost = cost + ${tx.typed.numeric(more)}, status = ${o.status},
+        prompt_tokens = ${o.promptTokens}, completion_tokens = ${o.completionTokens},
+        latency_ms = ${o.latencyMs}, ttft_ms = ${o.ttftMs}
+      where id = ${id}`
+  })
+}
+
 /** What a finished request was charged, from its usage row, and its channel as it is now. */
 async function charged(sql: Sql, id: string, channelId?: string): Promise<Finished | undefined> {
   const [u] = await sql`select cost from usage where id = ${id}`
@@ -642,22 +690,19 @@ export function reservation(
     },
     settle(o: Omit<Finish, 'id'>, background = false): Promise<{ charged: bigint }> {
       outcome ??= o
-      let failed = false
       const once = () =>
         finish(
           sql,
           { id: input.id, ...o },
           { channelId: input.channelId, idempotent: input.idempotent, waited: !background },
-        ).then(
-          async (r) =>
-            // Tried again after a failure, and the reservation is gone: the failed attempt
-            // went through (its answer lost). What it charged is in its usage row.
-            r === undefined && failed ? await charged(sql, input.id, input.channelId) : r,
-          (e: unknown) => {
-            failed = true
-            throw e
-          },
-        )
+        ).then(async (r) => {
+          if (r !== undefined) return r
+          // The reservation is gone. Tried again after a failure: the failed attempt went
+          // through (its answer lost). Or a sweep released it first (see `chargeRest`), which
+          // charges the rest. What was charged is in its usage row.
+          await chargeRest(sql, input.id, o)
+          return charged(sql, input.id, input.channelId)
+        })
       // A charge lost to one transient error would leave a delivered request to the sweep,
       // which charges only what its last extend recorded (and holds its credits, its plan's
       // concurrency and its Idempotency-Key until its lease runs out): tried again, waited for

@@ -133,3 +133,53 @@ test.skipIf(!server)(
   },
   40_000,
 )
+
+test.skipIf(!server)(
+  'behavior: a live instance cut off from the database past the threshold is taken for dead, and its stream, released as abandoned, is charged in full once it ends',
+  async () => {
+    const { db, link, a, b } = await pair(Upstream.start({ slowMs: 100 }), {
+      sweepMs: 200,
+      deadAfterMs: 1_500,
+    })
+    const { id, key } = await a.account()
+    // 100 words at 100 ms, all held at admission (max_tokens): nothing recorded as delivered.
+    const res = await fetch(`${b.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: JSON.stringify({
+        model: 'fake-slow',
+        stream: true,
+        max_tokens: 200,
+        stream_options: { include_usage: true },
+        messages: [{ role: 'user', content: Array(100).fill('hello').join(' ') }],
+      }),
+    })
+    const reader = res.body!.getReader()
+    let raw = ''
+    while (!Sse.text(Sse.events(raw)).includes('hello'))
+      raw += new TextDecoder().decode((await reader.read()).value)
+    await link.cut()
+    // Past the threshold: a releases b's reservation, charging what it recorded (nothing).
+    let rows = await db.sql`select status, cost from usage where account_id = ${id}`
+    for (let i = 0; i < 50 && rows.length === 0; i++) {
+      await Bun.sleep(100)
+      rows = await db.sql`select status, cost from usage where account_id = ${id}`
+    }
+    expect(rows.map((r) => `${r.status}:${r.cost}`)).toEqual(['abandoned:0'])
+    await link.mend()
+    for (let r = await reader.read(); !r.done; r = await reader.read())
+      raw += new TextDecoder().decode(r.value)
+    const usage = Sse.json(raw).findLast((e) => e.usage) as { usage: { cost: string } }
+    // b's own charge finds the reservation gone and charges the rest (once b reaches the
+    // database again: its charge may be waiting out a retry).
+    await Gateway.ledger(b.sql, id)
+    for (let i = 0; i < 150 && rows[0]?.status === 'abandoned'; i++) {
+      await Bun.sleep(100)
+      rows = await db.sql`select status, cost from usage where account_id = ${id}`
+    }
+    const l = await Gateway.ledger(db.sql, id)
+    expect(rows.map((r) => `${r.status}:${r.cost}`)).toEqual([`ok:${usage.usage.cost}`])
+    expect(1_000_000n - l.balance).toBe(BigInt(usage.usage.cost))
+  },
+  40_000,
+)

@@ -156,6 +156,26 @@ describe('a channel charge', () => {
     expect(rows.map((u) => u.cost)).toEqual([80n])
   }, 20_000)
 
+  test('behavior: one whose reservation a sweep released first (abandoned, charged what it had recorded) charges the rest, as far as the authorized balance goes', async () => {
+    const { id, channelId, r } = await held(sql)
+    // What the request had recorded as delivered when its lease ran out.
+    await Reservations.extend(sql, { id, amount: 0n, leaseSeconds: 60, delivered: 30n, from: 100n })
+    await sql`update reservations set expires_at = now() - interval '1 second' where id = ${id}`
+    expect(await Reservations.sweep(sql, undefined)).toBe(1)
+    expect(await invariants(channelId)).toMatchObject({ spent: 30n, reserved: 0n })
+    // Its own charge comes after: the rest, 80 in all.
+    expect((await r.settle(outcome(80n))).charged).toBe(80n)
+    expect(await invariants(channelId)).toMatchObject({ spent: 80n, reserved: 0n })
+    const rows = await sql`select status, cost from usage where id = ${id}`
+    expect(rows.map((u) => `${u.status}:${u.cost}`)).toEqual(['ok:80'])
+    // Past what the payer authorized (300), it stops there.
+    const second = await held(sql)
+    await sql`update reservations set expires_at = now() - interval '1 second' where id = ${second.id}`
+    await Reservations.sweep(sql, undefined)
+    expect((await second.r.settle(outcome(5_000n))).charged).toBe(300n)
+    expect(await invariants(second.channelId)).toMatchObject({ spent: 300n, reserved: 0n })
+  })
+
   test('behavior: a settle asked for twice charges once, with one charge statement', async () => {
     let statements = 0
     const { r } = await held(
