@@ -577,7 +577,7 @@ async function chargeRest(sql: Sql, id: string, o: Omit<Finish, 'id'>): Promise<
   await sql.begin(async (tx) => {
     const [u] = await tx`
       select account_id, channel_id, cost, status from usage where id = ${id} for update`
-    if (!u || u.status !== 'abandoned') return
+    if (u?.status !== 'abandoned') return
     let more = o.cost > (u.cost as bigint) ? o.cost - (u.cost as bigint) : 0n
     if (more > 0n && u.account_id) {
       const [a] = await tx`
