@@ -91,6 +91,36 @@ for (const death of ['killed', 'vanished'] as const)
     30_000,
   )
 
+/**
+ * A stream on `gw` of `words` words (one each 100 ms, with slowMs 100), all held at admission
+ * (max_tokens): no extension records what it delivered. Read until its first word; `rest`
+ * reads it to its end and gives its usage.
+ */
+async function held(gw: Gateway.TestGateway, key: string, words: number) {
+  const res = await fetch(`${gw.url}/v1/chat/completions`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+    body: JSON.stringify({
+      model: 'fake-slow',
+      stream: true,
+      max_tokens: 200,
+      stream_options: { include_usage: true },
+      messages: [{ role: 'user', content: Array(words).fill('hello').join(' ') }],
+    }),
+  })
+  const reader = res.body!.getReader()
+  let raw = ''
+  while (!Sse.text(Sse.events(raw)).includes('hello'))
+    raw += new TextDecoder().decode((await reader.read()).value)
+  return {
+    async rest() {
+      for (let r = await reader.read(); !r.done; r = await reader.read())
+        raw += new TextDecoder().decode(r.value)
+      return (Sse.json(raw).findLast((e) => e.usage) as { usage: { cost: string } }).usage
+    },
+  }
+}
+
 test.skipIf(!server)(
   'behavior: a live instance whose database link drops for a moment (its sessions closed) is not taken for dead: its stream is charged in full',
   async () => {
@@ -100,35 +130,18 @@ test.skipIf(!server)(
       deadAfterMs: 5_000,
     })
     const { id, key } = await a.account()
-    // 150 words at 100 ms, all held at admission (max_tokens): no extension records delivery.
-    const res = await fetch(`${b.url}/v1/chat/completions`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-      body: JSON.stringify({
-        model: 'fake-slow',
-        stream: true,
-        max_tokens: 200,
-        stream_options: { include_usage: true },
-        messages: [{ role: 'user', content: Array(150).fill('hello').join(' ') }],
-      }),
-    })
-    const reader = res.body!.getReader()
-    let raw = ''
-    while (!Sse.text(Sse.events(raw)).includes('hello'))
-      raw += new TextDecoder().decode((await reader.read()).value)
+    const stream = await held(b, key, 150)
     await link.cut() // every session of b closes; b lives on
     await Bun.sleep(1_000)
     await link.mend()
-    for (let r = await reader.read(); !r.done; r = await reader.read())
-      raw += new TextDecoder().decode(r.value)
-    const usage = Sse.json(raw).findLast((e) => e.usage) as { usage: { cost: string } }
+    const usage = await stream.rest()
     // The stream outlived the threshold since the cut: a's sweeps saw b beat again. (b's
     // charge is written on its own connections.)
     await Gateway.ledger(b.sql, id)
     const l = await Gateway.ledger(db.sql, id)
     const rows = await db.sql`select status, cost from usage where account_id = ${id}`
-    expect(rows.map((r) => `${r.status}:${r.cost}`)).toEqual([`ok:${usage.usage.cost}`])
-    expect(1_000_000n - l.balance).toBe(BigInt(usage.usage.cost))
+    expect(rows.map((r) => `${r.status}:${r.cost}`)).toEqual([`ok:${usage.cost}`])
+    expect(1_000_000n - l.balance).toBe(BigInt(usage.cost))
     expect(a.logs.join('\n')).not.toContain('instances that are gone')
   },
   40_000,
@@ -142,22 +155,7 @@ test.skipIf(!server)(
       deadAfterMs: 1_500,
     })
     const { id, key } = await a.account()
-    // 100 words at 100 ms, all held at admission (max_tokens): nothing recorded as delivered.
-    const res = await fetch(`${b.url}/v1/chat/completions`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-      body: JSON.stringify({
-        model: 'fake-slow',
-        stream: true,
-        max_tokens: 200,
-        stream_options: { include_usage: true },
-        messages: [{ role: 'user', content: Array(100).fill('hello').join(' ') }],
-      }),
-    })
-    const reader = res.body!.getReader()
-    let raw = ''
-    while (!Sse.text(Sse.events(raw)).includes('hello'))
-      raw += new TextDecoder().decode((await reader.read()).value)
+    const stream = await held(b, key, 100)
     await link.cut()
     // Past the threshold: a releases b's reservation, charging what it recorded (nothing).
     let rows = await db.sql`select status, cost from usage where account_id = ${id}`
@@ -167,9 +165,7 @@ test.skipIf(!server)(
     }
     expect(rows.map((r) => `${r.status}:${r.cost}`)).toEqual(['abandoned:0'])
     await link.mend()
-    for (let r = await reader.read(); !r.done; r = await reader.read())
-      raw += new TextDecoder().decode(r.value)
-    const usage = Sse.json(raw).findLast((e) => e.usage) as { usage: { cost: string } }
+    const usage = await stream.rest()
     // b's own charge finds the reservation gone and charges the rest (once b reaches the
     // database again: its charge may be waiting out a retry).
     await Gateway.ledger(b.sql, id)
@@ -178,8 +174,8 @@ test.skipIf(!server)(
       rows = await db.sql`select status, cost from usage where account_id = ${id}`
     }
     const l = await Gateway.ledger(db.sql, id)
-    expect(rows.map((r) => `${r.status}:${r.cost}`)).toEqual([`ok:${usage.usage.cost}`])
-    expect(1_000_000n - l.balance).toBe(BigInt(usage.usage.cost))
+    expect(rows.map((r) => `${r.status}:${r.cost}`)).toEqual([`ok:${usage.cost}`])
+    expect(1_000_000n - l.balance).toBe(BigInt(usage.cost))
   },
   40_000,
 )
