@@ -5,7 +5,6 @@
  * gateway sent it for the payer (`authorization`).
  */
 import { afterAll, expect, test } from 'bun:test'
-import { keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
@@ -40,20 +39,8 @@ test('behavior: an open the payer broadcast counts once it has 3 confirmations, 
     challenge: await Paid.challenge(url),
     tokenDomain,
   })
-  const salt = keccak256(toHex(`confirmed-open-${Date.now()}`))
-  const opened = await Escrow.open(payerClient, {
-    escrow: chain.escrowAddress,
-    payee: chain.payee.address,
-    token: chain.currencyAddress,
-    deposit: 100_000n,
-    salt,
-  })
-  const header = await session.openWithHash({
-    channelId: opened.channelId,
-    salt,
-    hash: opened.hash,
-    initial: 10n,
-  })
+  const opened = await Paid.broadcastOpen(chain, payerClient, 100_000n)
+  const header = await session.openWithHash({ ...opened, initial: 10n })
   const pending = fetch(url, { method: 'HEAD', headers: { authorization: header } })
   expect(await answeredWithin(pending, 1_000)).toBeUndefined()
   await mine(2)

@@ -6,7 +6,6 @@
  */
 import { afterAll, expect, test } from 'bun:test'
 import OpenAI from 'openai'
-import { keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
@@ -103,20 +102,8 @@ test('behavior: a payer that broadcasts its own open (type hash) pays its own ga
     challenge: await freshChallenge(),
     tokenDomain,
   })
-  const salt = keccak256(toHex(`small-hash-open-${Date.now()}`))
-  const opened = await Escrow.open(payerClient, {
-    escrow: chain.escrowAddress,
-    payee: chain.payee.address,
-    token: chain.currencyAddress,
-    deposit: 500n,
-    salt,
-  })
-  const header = await session.openWithHash({
-    channelId: opened.channelId,
-    salt,
-    hash: opened.hash,
-    initial: 10n,
-  })
+  const opened = await Paid.broadcastOpen(chain, payerClient, 500n)
+  const header = await session.openWithHash({ ...opened, initial: 10n })
   expect((await head(header)).status).toBe(200)
 }, 60_000)
 

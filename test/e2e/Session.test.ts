@@ -14,6 +14,7 @@ import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Receipt from '../../src/payment/Receipt.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Paid from '../helpers/Paid.ts'
 import { read, text } from '../helpers/Sse.ts'
 
 const chain = await Anvil.start({ accounts: 12 })
@@ -271,20 +272,8 @@ describe('a full session', () => {
       challenge: c,
       tokenDomain,
     })
-    const salt = keccak256(toHex(`hash-open-${Date.now()}`))
-    const opened = await Escrow.open(payerClient, {
-      escrow: chain.escrowAddress,
-      payee: chain.payee.address,
-      token: chain.currencyAddress,
-      deposit: 500_000n,
-      salt,
-    })
-    const header = await session.openWithHash({
-      channelId: opened.channelId,
-      salt,
-      hash: opened.hash,
-      initial: 100_000n,
-    })
+    const opened = await Paid.broadcastOpen(chain, payerClient, 500_000n)
+    const header = await session.openWithHash({ ...opened, initial: 100_000n })
     const res = await fetch(url, {
       method: 'POST',
       headers: { authorization: header },

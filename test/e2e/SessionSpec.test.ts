@@ -14,6 +14,7 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Paid from '../helpers/Paid.ts'
 import { read, text } from '../helpers/Sse.ts'
 
 const chain = await Anvil.start()
@@ -114,20 +115,8 @@ describe('session, Open Verification', () => {
   test('error: a hash open whose initial voucher is not signed by the payer is refused and stores nothing (core: no side effects unpaid)', async () => {
     const payerClient = chain.payerClient(1)
     const s = await session(gw, payerClient.account as never)
-    const salt = keccak256(toHex(`hash-open-${Date.now()}`))
-    const opened = await Escrow.open(payerClient, {
-      escrow: chain.escrowAddress,
-      payee: chain.payee.address,
-      token: chain.currencyAddress,
-      deposit: 500_000n,
-      salt,
-    })
-    const header = await s.openWithHash({
-      channelId: opened.channelId,
-      salt,
-      hash: opened.hash,
-      initial: 0n,
-    })
+    const opened = await Paid.broadcastOpen(chain, payerClient, 500_000n)
+    const header = await s.openWithHash({ ...opened, initial: 0n })
     const thief = privateKeyToAccount(keccak256(toHex('thief')))
     const forged = await Voucher.sign(thief, {
       chainId: chain.chainId,

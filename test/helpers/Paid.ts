@@ -3,10 +3,31 @@
  * challenge, and a channel opened by EIP-3009 authorization.
  */
 import { expect } from 'bun:test'
-import type { Hex, LocalAccount } from 'viem'
+import { type Hex, keccak256, type LocalAccount, toHex } from 'viem'
+import type * as Client from '../../src/chain/Client.ts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+
+/**
+ * An open the payer broadcast itself (paying its gas) on the test chain, with `deposit`: the
+ * channel, salt and transaction hash its `hash` credential names.
+ */
+export async function broadcastOpen(
+  chain: { escrowAddress: Hex; currencyAddress: Hex; payee: { address: Hex } },
+  payer: Client.WalletClient,
+  deposit: bigint,
+) {
+  const salt = keccak256(toHex(`hash-open-${Date.now()}-${Math.random()}`))
+  const opened = await Escrow.open(payer, {
+    escrow: chain.escrowAddress,
+    payee: chain.payee.address,
+    token: chain.currencyAddress,
+    deposit,
+    salt,
+  })
+  return { channelId: opened.channelId, salt, hash: opened.hash }
+}
 
 /** The Payment challenge a completion request without credentials gets (a 402) at `url`. */
 export async function challenge(url: string, body?: string) {
