@@ -15,16 +15,14 @@ export class Drain {
   private idle: (() => void) | undefined
 
   /**
-   * Counts a stream under way, to be ended by `onStop` (at once if the stop has come); the
-   * returned function, called once it is over, uncounts it.
+   * Counts a stream under way, to be ended by `onStop` (at once if the stop has come; a
+   * function of the stream's own); the returned function, called once it is over, uncounts it.
    */
   enter(onStop: (reason: GatewayStoppingError) => void): () => void {
     if (this.stopping) onStop(this.stopping)
-    // A wrapper of its own: one callback given twice still counts twice.
-    const entry = (reason: GatewayStoppingError) => onStop(reason)
-    this.open.add(entry)
+    this.open.add(onStop)
     return () => {
-      if (this.open.delete(entry) && this.open.size === 0) this.idle?.()
+      if (this.open.delete(onStop) && this.open.size === 0) this.idle?.()
     }
   }
 

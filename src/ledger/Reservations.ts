@@ -431,7 +431,7 @@ export async function releaseAll(sql: Sql): Promise<number> {
 
 /**
  * Releases reservations whose lease ran out, or whose instance is dead (`dead`, names from
- * Instances.watcher), charging what each had delivered by its last extend (the block in
+ * Instances.dead), charging what each had delivered by its last extend (the block in
  * flight is lost, nothing more); a usage row records them as `abandoned`; only those of
  * `channelId` when given. Returns how many were released (at most 100 a call).
  */

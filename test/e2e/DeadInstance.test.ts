@@ -39,15 +39,11 @@ for (const death of ['killed', 'vanished'] as const)
       const { id, key } = await a.account({ plan: 'free' })
       const words = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ')
       const chat = (gw: Gateway.TestGateway, stream: boolean) =>
-        fetch(`${gw.url}/v1/chat/completions`, {
-          method: 'POST',
-          headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-          body: JSON.stringify({
-            model: stream ? 'fake-slow' : 'fake',
-            stream,
-            // The stream: 300 words, one each 50 ms.
-            messages: [{ role: 'user', content: stream ? words : 'one two three' }],
-          }),
+        gw.complete(key, {
+          model: stream ? 'fake-slow' : 'fake',
+          stream,
+          // The stream: 300 words, one each 50 ms.
+          messages: [{ role: 'user', content: stream ? words : 'one two three' }],
         })
       // A stream on b, 15 s long: it holds the plan's one slot.
       const res = await chat(b, true)
@@ -97,16 +93,12 @@ for (const death of ['killed', 'vanished'] as const)
  * reads it to its end and gives its usage.
  */
 async function held(gw: Gateway.TestGateway, key: string, words: number) {
-  const res = await fetch(`${gw.url}/v1/chat/completions`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-    body: JSON.stringify({
-      model: 'fake-slow',
-      stream: true,
-      max_tokens: 200,
-      stream_options: { include_usage: true },
-      messages: [{ role: 'user', content: Array(words).fill('hello').join(' ') }],
-    }),
+  const res = await gw.complete(key, {
+    model: 'fake-slow',
+    stream: true,
+    max_tokens: 200,
+    stream_options: { include_usage: true },
+    messages: [{ role: 'user', content: Array(words).fill('hello').join(' ') }],
   })
   const reader = res.body!.getReader()
   let raw = ''

@@ -32,15 +32,11 @@ const gw = await Scripted.gateway(url, ['wire'])
 
 test('behavior: the usage chunk of include_usage carries the stream system_fingerprint and service_tier', async () => {
   const { key } = await gw.account()
-  const res = await fetch(`${gw.url}/v1/chat/completions`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-    body: JSON.stringify({
-      model: 'wire',
-      stream: true,
-      stream_options: { include_usage: true },
-      messages: [{ role: 'user', content: 'hi' }],
-    }),
+  const res = await gw.complete(key, {
+    model: 'wire',
+    stream: true,
+    stream_options: { include_usage: true },
+    messages: [{ role: 'user', content: 'hi' }],
   })
   const chunks = Sse.json(await res.text())
   const usage = chunks.find((c) => c.usage)!

@@ -11,15 +11,11 @@ test('behavior: a stop ends a stream under way with an error event, its usage an
   const gw = await Gateway.create()
   const { id, key } = await gw.account()
   const words = Array.from({ length: 200 }, (_, i) => `w${i}`).join(' ')
-  const res = await fetch(`${gw.url}/v1/chat/completions`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
-    body: JSON.stringify({
-      model: 'fake-slow',
-      stream: true,
-      stream_options: { include_usage: true },
-      messages: [{ role: 'user', content: words }],
-    }),
+  const res = await gw.complete(key, {
+    model: 'fake-slow',
+    stream: true,
+    stream_options: { include_usage: true },
+    messages: [{ role: 'user', content: words }],
   })
   expect(res.status).toBe(200)
   const reader = res.body!.getReader()

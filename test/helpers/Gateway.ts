@@ -36,6 +36,8 @@ export type TestGateway = Gateway & {
     credits?: bigint | number
   }): Promise<{ id: string; key: string }>
   openai(key: string): OpenAI
+  /** POST /v1/chat/completions with `body` (JSON) and the API key `key`, as a client sends it. */
+  complete(key: string, body: Record<string, unknown>): Promise<Response>
   /** Another instance on the same database (with its own connection pool on a server). */
   another(): Promise<TestGateway>
 }
@@ -138,6 +140,12 @@ export async function create(
     config,
     admin,
     account: (input) => account(gateway.url, config.adminToken!, input),
+    complete: (key, body) =>
+      fetch(`${gateway.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        body: JSON.stringify(body),
+      }),
     openai: (key) => new OpenAI({ apiKey: key, baseURL: `${gateway.url}/v1`, maxRetries: 0 }),
     async another() {
       // A server database: its own pool (and LISTEN connection), as a second process has.
