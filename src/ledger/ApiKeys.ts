@@ -4,8 +4,8 @@
  * 256-bit random, so there is nothing to brute-force, and lookup is one index probe.
  */
 import { createHash, randomBytes } from 'node:crypto'
-import * as Db from './Db.ts'
 import type { Sql } from './Db.ts'
+import * as Db from './Db.ts'
 
 export type Key = {
   id: string
