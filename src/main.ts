@@ -306,7 +306,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     stops.push(async () => {
       await Bun.sleep(20) // cut streams settle as their generators unwind
       // A database that does not answer holds the stop no longer than it would a request.
-      await Promise.race([Batch.settled(sql), Bun.sleep(config.databaseTimeoutMs)])
+      await Db.answered(sql, Batch.settled(sql)).catch(() => {})
       // Charges still being tried (the database was out of reach): a while longer.
       await Reservations.drained(10_000)
     })
