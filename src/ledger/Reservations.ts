@@ -567,11 +567,12 @@ export async function drained(ms: number): Promise<void> {
  * The rest of a request's charge when a sweep released its reservation before the request's
  * own charge came: its instance was taken for dead (its heartbeat stopped, Instances.ts) or
  * its lease ran out while the database was out of its reach, and the sweep charged what the
- * reservation had recorded as delivered (a usage row `abandoned`). The difference up to
- * `o.cost` is charged as far as the payer has it free (an account: its balance over what it
- * holds; a channel: its authorized balance over what it spent and holds), and the usage row
- * becomes the request's own. Nothing more to charge, or any other row (the request already
- * charged), and the row is left as it is.
+ * reservation had recorded as delivered (a usage row `abandoned`, no tokens). The difference
+ * up to `o.cost` is charged as far as the payer has it free (an account: its balance over what
+ * it holds; a channel: its authorized balance over what it spent and holds), an account's plan
+ * counts the request's tokens (its month's quota, its token wallet: the sweep counted none),
+ * and the usage row becomes the request's own. Any other row (the request already charged) is
+ * left as it is.
  */
 async function chargeRest(sql: Sql, id: string, o: Omit<Finish, 'id'>): Promise<void> {
   await sql.begin(async (tx) => {
@@ -579,19 +580,30 @@ async function chargeRest(sql: Sql, id: string, o: Omit<Finish, 'id'>): Promise<
       select account_id, channel_id, cost, status from usage where id = ${id} for update`
     if (u?.status !== 'abandoned') return
     let more = o.cost > (u.cost as bigint) ? o.cost - (u.cost as bigint) : 0n
-    if (more > 0n && u.account_id) {
+    if (u.account_id) {
       const [a] = await tx`
         select balance - reserved as free from accounts where id = ${u.account_id} for update`
       if ((a!.free as bigint) < more) more = a!.free as bigint
-      if (more > 0n) {
+      if (more > 0n)
         await tx`
           insert into credit_transactions (account_id, amount, kind, note, request_id)
           values (${u.account_id}, ${tx.typed.numeric(-more)}, 'usage',
                   'the rest of a request charged after its hold was released', ${id})`
-        await tx`
-          update accounts set balance = balance - ${tx.typed.numeric(more)}
-          where id = ${u.account_id}`
-      }
+      // The tokens as the batch function counts a finish's (functions/tollway_ledger_batch.sql).
+      const tokens = o.promptTokens + o.completionTokens
+      await tx`
+        update accounts ac set balance = ac.balance - ${tx.typed.numeric(more)},
+          month_tokens = case when ac.month_start < m.this_month then 0 else ac.month_tokens end
+            + ${tokens},
+          month_start = m.this_month,
+          wallet_tokens = case when pl.wallet_floor is null then null else greatest(0,
+            least(pl.wallet_cap::double precision, coalesce(ac.wallet_tokens, pl.wallet_cap)
+              + coalesce(extract(epoch from m.ts - ac.wallet_at), 0) / 86400.0
+                * pl.wallet_refill_per_day) - ${tokens}) end,
+          wallet_at = case when pl.wallet_floor is null then null else m.ts end
+        from plans pl, (select clock_timestamp() as ts,
+            date_trunc('month', clock_timestamp() at time zone 'UTC')::date as this_month) m
+        where ac.id = ${u.account_id} and pl.name = ac.plan`
     } else if (more > 0n && u.channel_id) {
       const [c] = await tx`
         select accepted_cumulative - spent - reserved as free from channels
@@ -602,7 +614,6 @@ async function chargeRest(sql: Sql, id: string, o: Omit<Finish, 'id'>): Promise<
           update channels set spent = spent + ${tx.typed.numeric(more)}, updated_at = now()
           where channel_id = ${u.channel_id}`
     }
-    if (more === 0n) return
     await tx`
       update usage set cost = cost + ${tx.typed.numeric(more)}, status = ${o.status},
         prompt_tokens = ${o.promptTokens}, completion_tokens = ${o.completionTokens},

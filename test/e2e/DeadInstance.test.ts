@@ -108,7 +108,11 @@ async function held(gw: Gateway.TestGateway, key: string, words: number) {
     async rest() {
       for (let r = await reader.read(); !r.done; r = await reader.read())
         raw += new TextDecoder().decode(r.value)
-      return (Sse.json(raw).findLast((e) => e.usage) as { usage: { cost: string } }).usage
+      return (
+        Sse.json(raw).findLast((e) => e.usage) as {
+          usage: { cost: string; prompt_tokens: number; completion_tokens: number }
+        }
+      ).usage
     },
   }
 }
@@ -168,6 +172,9 @@ test.skipIf(!server)(
     const l = await Gateway.ledger(db.sql, id)
     expect(rows.map((r) => `${r.status}:${r.cost}`)).toEqual([`ok:${usage.cost}`])
     expect(1_000_000n - l.balance).toBe(BigInt(usage.cost))
+    // Its tokens count in the plan's month (the sweep counted none), as its usage row says.
+    const tokens = BigInt(usage.prompt_tokens + usage.completion_tokens)
+    expect([l.usage_tokens, l.month_tokens]).toEqual([tokens, tokens])
   },
   40_000,
 )

@@ -233,7 +233,9 @@ export async function channelState(sql: Db.Sql, channelId: Channels.Hex) {
  */
 export async function accountState(sql: Db.Sql, accountId: string) {
   const [r] = await sql`
-    select a.balance, a.reserved, a.active_requests,
+    select a.balance, a.reserved, a.active_requests, a.month_tokens,
+      coalesce((select sum(prompt_tokens + completion_tokens) from usage
+                where account_id = a.id), 0)::bigint as usage_tokens,
       coalesce((select sum(amount) from credit_transactions where account_id = a.id), 0) as sum,
       coalesce((select sum(held) from reservations where account_id = a.id), 0) as held,
       (select count(*)::int from reservations where account_id = a.id) as open,
@@ -254,5 +256,8 @@ export async function accountState(sql: Db.Sql, accountId: string) {
     open: number
     usage: number
     usage_cost: bigint
+    /** The plan's count of the month's tokens, and the tokens of the account's usage rows. */
+    month_tokens: bigint
+    usage_tokens: bigint
   }
 }

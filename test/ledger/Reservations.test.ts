@@ -364,6 +364,53 @@ describe('extend and finish', () => {
     const [u] = await sql`select status, cost from usage where account_id = ${a.id}`
     expect(u).toEqual({ status: 'abandoned', cost: 0n })
   })
+
+  test('behavior: a request whose reservation a sweep released first charges the rest and counts its tokens in its plan (month and wallet), as a charge in time does', async () => {
+    const outcome = {
+      cost: 30n,
+      promptTokens: 3,
+      completionTokens: 5,
+      status: 'ok',
+      latencyMs: 7,
+      ttftMs: 2,
+    }
+    // Swept after recording 10 (the rest is 20 more), after recording all 30 (nothing more to
+    // charge), and not swept.
+    const cases = [10n, 30n, null]
+    const rows: Record<string, unknown>[] = []
+    for (const delivered of cases) {
+      const a = await account(100n, 'wallet')
+      const id = requestOf(await admit(a.keyHash, 40n))
+      if (delivered !== null) {
+        await Reservations.extend(sql, { id, amount: 0n, leaseSeconds: 60, delivered, from: 40n })
+        await sql`update reservations set expires_at = now() - interval '1 second' where id = ${id}`
+        expect(await Reservations.sweep(sql)).toBeGreaterThanOrEqual(1)
+      }
+      const r = Reservations.reservation(sql, { id, held: 40n, leaseSeconds: 60 })
+      expect((await r.settle(outcome)).charged).toBe(30n)
+      const s = await invariants(a.id)
+      const [w] = await sql`
+        select round(wallet_tokens)::int as wallet, wallet_at is not null as dated
+        from accounts where id = ${a.id}`
+      const [u] = await sql`
+        select status, cost, prompt_tokens, completion_tokens from usage where id = ${id}`
+      rows.push({ ...s, ...w, ...u })
+    }
+    for (const r of rows)
+      expect(r).toMatchObject({
+        balance: 70n,
+        reserved: 0n,
+        open: 0,
+        month_tokens: 8n,
+        usage_tokens: 8n,
+        wallet: rows[2]!.wallet,
+        dated: true,
+        status: 'ok',
+        cost: 30n,
+        prompt_tokens: 3,
+        completion_tokens: 5,
+      })
+  })
 })
 
 describe('under concurrency', () => {
