@@ -292,6 +292,15 @@ export const Schema = z
             /** Settle whatever is settleable after this long without activity. */
             idleSeconds: z.number().int().positive().default(300),
             intervalSeconds: z.number().int().positive().default(30),
+            /**
+             * Close a channel after this long without activity (the draft's operational
+             * guidance: 30+ days), giving the payer the rest of its deposit back; 0: never.
+             */
+            closeIdleSeconds: z
+              .number()
+              .int()
+              .min(0)
+              .default(30 * 24 * 3600),
           })
           .prefault({}),
       })

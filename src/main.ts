@@ -195,6 +195,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         chainId: chain.chainId,
         thresholdAmount: s.thresholdAmount,
         idleMs: s.idleSeconds * 1000,
+        closeIdleMs: s.closeIdleSeconds * 1000,
         intervalMs: s.intervalSeconds * 1000,
         gracePeriod: grace,
         log,

@@ -170,6 +170,20 @@ export type Store = {
   reopen(channelId: Hex, mark: string): Promise<void>
   /** How many requests on the channel are under way (hold a reservation). */
   inFlight(channelId: Hex): Promise<number>
+  /**
+   * Channels of this escrow and payee to close: open and without activity for `idleMs`, or
+   * marked closing by a cooperative close whose transaction failed and whose backoff is over
+   * (the client that asked may never ask again).
+   */
+  idle(query: IdleQuery): Promise<Hex[]>
+}
+
+export type IdleQuery = {
+  chainId: number
+  escrow: Address
+  payee: Address
+  idleMs: number
+  limit: number
 }
 
 type Attempted = { channelId: Hex; kind: 'settle' | 'close'; cumulativeAmount: bigint }
@@ -199,6 +213,13 @@ export type Options = {
   thresholdAmount: bigint
   /** Settle anything settleable on a channel without activity for this long. */
   idleMs: number
+  /**
+   * Close a channel without activity for this long (draft-evm-session-00, "No Voucher
+   * Expiry": servers SHOULD settle and close channels inactive for extended periods), with
+   * the highest accepted voucher at or below what it spent: the payee takes that, the payer
+   * gets the rest of the deposit back. Unset or 0: never.
+   */
+  closeIdleMs?: number | undefined
   /** Time between two passes of the loop. */
   intervalMs: number
   /** Time before the first pass (default 0: catch up at once). */
@@ -229,6 +250,11 @@ export type Worker = {
   closeRequested(channelId: Hex): Promise<Result>
   /** Cooperative close with the client's final voucher; see `close`. */
   close(voucher: { channelId: Hex } & SignedVoucher): Promise<Closed>
+  /**
+   * Closes the channels idle for `closeIdleMs` (see `Store.idle`), one at a time, each as
+   * `close` without a final voucher; the loop calls it after each pass that held the lock.
+   */
+  closeIdle(): Promise<IdleClosed[]>
   /** Stops the loop and the event watch, and waits for work in progress. */
   stop(): Promise<void>
 }
@@ -380,6 +406,41 @@ export function start(options: Options): Worker {
     return settleNow(channelId)
   }
 
+  async function closeIdle(): Promise<IdleClosed[]> {
+    if (!options.closeIdleMs) return []
+    const idle = await options.store.idle({
+      chainId: options.chainId,
+      escrow: options.escrow,
+      payee,
+      idleMs: options.closeIdleMs,
+      limit: options.batch ?? 20,
+    })
+    const out: IdleClosed[] = []
+    for (const channelId of idle) {
+      if (stopped) break
+      try {
+        // A request that comes meanwhile makes the channel busy, not idle: the close gives up
+        // after a moment (its mark taken back) rather than wait for it.
+        const closed = await track(close(options.client, { ...options, channelId, drainMs: 1_000 }))
+        log.info(
+          {
+            channelId,
+            cumulativeAmount: closed.cumulativeAmount.toString(),
+            forfeited: closed.forfeited.toString(),
+            hash: closed.hash,
+          },
+          'closed an idle channel',
+        )
+        out.push({ channelId, closed })
+      } catch (e) {
+        const error = e instanceof Error ? e : new Error(String(e))
+        log.warn({ channelId, error: describe(error) }, 'closing an idle channel failed')
+        out.push({ channelId, error })
+      }
+    }
+    return out
+  }
+
   let stopped = false
   let timer: ReturnType<typeof setTimeout> | undefined
   let running: Promise<void> | undefined
@@ -394,6 +455,8 @@ export function start(options: Options): Worker {
           },
           'settlement pass',
         )
+      // After the pass, outside its lock (each close takes it): one instance a pass.
+      if (t.locked && !stopped) await closeIdle()
     } catch (error) {
       // The database is down or the lock could not be taken: the next pass catches up.
       log.error({ error: describe(error) }, 'settlement pass failed')
@@ -444,6 +507,7 @@ export function start(options: Options): Worker {
     settleNow,
     closeRequested,
     close: (voucher) => track(close(options.client, { ...options, ...voucher })),
+    closeIdle,
     async stop() {
       stopped = true
       clearTimeout(timer)
@@ -454,6 +518,10 @@ export function start(options: Options): Worker {
     },
   }
 }
+
+/** An idle channel's close: what went through, or why it did not (it is tried again later
+ * when the transaction failed; a channel busy again is simply open). */
+export type IdleClosed = { channelId: Hex } & ({ closed: Closed } | { error: Error })
 
 export type Closed = {
   hash: Hex
@@ -484,8 +552,12 @@ export async function close(
     store: Store
     escrow: Address
     channelId: Hex
-    cumulativeAmount: bigint
-    signature: Hex
+    /**
+     * The client's final voucher. Without it (an idle channel the gateway closes on its own,
+     * `closeIdle`), the close submits the highest accepted voucher at or below spent.
+     */
+    cumulativeAmount?: bigint | undefined
+    signature?: Hex | undefined
     txTimeoutMs?: number | undefined
     lockWaitMs?: number | undefined
     /** How long the close waits for the channel's requests under way to end (default 30 s). */
@@ -539,21 +611,32 @@ async function closeMarked(
       if (done) return { ...done, forfeited: c.spent - done.cumulativeAmount }
       throw new ChannelStateError('finalized', channelId)
     }
-    const final = { cumulativeAmount: options.cumulativeAmount, signature: options.signature }
+    const { cumulativeAmount, signature } = options
+    const final =
+      cumulativeAmount === undefined || signature === undefined
+        ? undefined
+        : { cumulativeAmount, signature }
     // Draft, "Cooperative Close": the server MUST verify cumulativeAmount >= spent. With the
     // requests under way charged (above), spent is final: a voucher below it is refused, and
     // the channel stays closing for a close that covers it (or the payer's forced close).
-    if (final.cumulativeAmount < c.spent) throw new CloseBelowSpentError(c.spent)
+    if (final && final.cumulativeAmount < c.spent) throw new CloseBelowSpentError(c.spent)
     const fallback =
       c.voucher && c.voucher.cumulativeAmount > c.settled
         ? c.voucher
         : { cumulativeAmount: c.settled, signature: '0x' as Hex }
     const first =
-      final.cumulativeAmount <= c.spent && final.cumulativeAmount > fallback.cumulativeAmount
+      final &&
+      final.cumulativeAmount <= c.spent &&
+      final.cumulativeAmount > fallback.cumulativeAmount
         ? final
         : fallback
     let result = await attempt(store, options, { kind: 'close', channelId, ...first }, log)
-    if (result.status === 'reverted' && first === final && fallback.signature !== final.signature)
+    if (
+      result.status === 'reverted' &&
+      final &&
+      first === final &&
+      fallback.signature !== final.signature
+    )
       result = await attempt(store, options, { kind: 'close', channelId, ...fallback }, log)
     if (result.status === 'confirmed')
       return {

@@ -245,6 +245,29 @@ export async function reopen(sql: Sql, channelId: Hex, mark: string): Promise<vo
 }
 
 /**
+ * Channels to close (Settlement.Store's `idle`): open (no close marked) and not updated for
+ * `idleMs` (every voucher, top-up, charge and settle updates the row), or marked closing by a
+ * cooperative close whose last close transaction failed and is due again. None with a request
+ * under way. The longest idle first.
+ */
+export async function idle(sql: Sql, q: Settlement.IdleQuery): Promise<Hex[]> {
+  const rows = await sql`
+    select c.channel_id from channels c
+    where c.chain_id = ${q.chainId} and c.escrow = ${bytes(q.escrow)} and c.payee = ${bytes(q.payee)}
+      and not c.finalized
+      and ((c.close_requested_at is null
+            and c.updated_at <= now() - make_interval(secs => ${q.idleMs / 1000}))
+        or (c.cooperative_close and (
+          select t.status = 'failed' and t.next_attempt_at <= now() from chain_transactions t
+          where t.channel_id = c.channel_id and t.kind = 'close'
+          order by t.updated_at desc limit 1)))
+      and not exists (select 1 from reservations r where r.channel_id = c.channel_id)
+    order by c.updated_at
+    limit ${q.limit}`
+  return rows.map((r) => hex(r.channel_id))
+}
+
+/**
  * How many requests on the channel are under way. Reservations whose lease ran out (their
  * instance died) are swept first, charged what they had delivered: a close does not wait for
  * the periodic sweep, and does not close before their charge.
@@ -390,5 +413,6 @@ export function store(sql: Sql, options: { alone?: boolean } = {}): Settlement.S
     markClosing: (channelId) => markClosing(sql, channelId),
     reopen: (channelId, mark) => reopen(sql, channelId, mark),
     inFlight: (channelId) => inFlight(sql, channelId),
+    idle: (q) => idle(sql, q),
   }
 }

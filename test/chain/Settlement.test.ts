@@ -721,6 +721,106 @@ describe('close', () => {
   })
 })
 
+describe('idle channels (draft: settle and close channels inactive for extended periods)', () => {
+  const closedOf = (results: Settlement.IdleClosed[], channelId: Hex) =>
+    results.filter((r) => r.channelId === channelId)
+
+  test('behavior: a channel idle for closeIdleMs is closed with the highest accepted voucher at or below spent: the payee gets that, the payer the rest; an unused one refunds its whole deposit; an active one stays open', async () => {
+    const used = await openChannel()
+    await accept(used, 100n, 250n, 400n)
+    await spend(used, 300n)
+    const unused = await openChannel()
+    const w = worker({ closeIdleMs: 600 })
+    // Not idle yet.
+    expect(closedOf(await w.closeIdle(), used)).toEqual([])
+    await Bun.sleep(700)
+    const active = await openChannel()
+    const payee = await balance(chain.payee.address)
+    const refund = await balance(payer().address)
+    const results = await w.closeIdle()
+    expect(closedOf(results, used)).toMatchObject([
+      { closed: { cumulativeAmount: 250n, forfeited: 50n } },
+    ])
+    expect(closedOf(results, unused)).toMatchObject([
+      { closed: { cumulativeAmount: 0n, forfeited: 0n } },
+    ])
+    expect(closedOf(results, active)).toEqual([])
+    expect(await balance(chain.payee.address)).toBe(payee + 250n)
+    expect(await balance(payer().address)).toBe(refund + (deposit - 250n) + deposit)
+    for (const id of [used, unused]) {
+      expect((await onChain(id)).finalized).toBe(true)
+      expect(await inDb(id)).toMatchObject({ finalized: true })
+    }
+    expect((await onChain(active)).finalized).toBe(false)
+    expect(await inDb(active)).toMatchObject({ finalized: false, closeRequestedAt: null })
+    // Nothing left to close.
+    expect(closedOf(await w.closeIdle(), used)).toEqual([])
+  })
+
+  test('behavior: a channel with a request under way is not idle, whatever its last update', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    const { reservation } = await admitted(channelId, 50n)
+    const w = worker({ closeIdleMs: 300 })
+    await Bun.sleep(400)
+    expect(closedOf(await w.closeIdle(), channelId)).toEqual([])
+    await reservation!.settle(ended(50n))
+    expect(await inDb(channelId)).toMatchObject({ finalized: false, spent: 50n })
+  })
+
+  test('error: an idle close whose transaction failed (the RPC down) leaves the channel closing, and a later pass closes it once the backoff is over', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 80n)
+    await spend(channelId, 80n)
+    const down = Client.from({
+      rpcUrl: 'http://127.0.0.1:9/secret-key',
+      chainId: chain.chainId,
+      privateKey: chain.payee.privateKey,
+      pollingInterval: 20,
+    })
+    const entries: Entry[] = []
+    const failing = worker({
+      client: down,
+      closeIdleMs: 200,
+      retry: { baseMs: 300, maxMs: 300 },
+      log: logger(entries),
+    })
+    await Bun.sleep(300)
+    const [failed] = closedOf(await failing.closeIdle(), channelId)
+    expect(failed && 'error' in failed).toBe(true)
+    expect(entries.some((e) => e.msg === 'closing an idle channel failed')).toBe(true)
+    // Closing: no new requests meanwhile.
+    expect((await inDb(channelId)).closeRequestedAt).not.toBeNull()
+    expect((await admitted(channelId, 1n)).reservation).toBeUndefined()
+    const [tx] = await recorded(channelId)
+    expect(tx).toMatchObject({ kind: 'close', cumulativeAmount: 80n, status: 'failed' })
+    // Within the backoff: not tried again.
+    const w = worker({ closeIdleMs: 3_600_000 })
+    expect(closedOf(await w.closeIdle(), channelId)).toEqual([])
+    await Bun.sleep(350)
+    expect(closedOf(await w.closeIdle(), channelId)).toMatchObject([
+      { closed: { cumulativeAmount: 80n, forfeited: 0n } },
+    ])
+    expect((await onChain(channelId)).finalized).toBe(true)
+    expect((await recorded(channelId)).map((r) => [r.kind, r.status])).toEqual([
+      ['close', 'confirmed'],
+    ])
+  })
+
+  test('behavior: the loop closes idle channels after each pass', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 60n)
+    await spend(channelId, 60n)
+    worker({ closeIdleMs: 300, delayMs: 0, intervalMs: 50 })
+    const c = await until(
+      () => inDb(channelId),
+      (c) => c.finalized,
+    )
+    expect(c.settled).toBe(60n)
+    expect((await onChain(channelId)).finalized).toBe(true)
+  })
+})
+
 describe('catch-up (a payer acting while no worker watched)', () => {
   const cursor = () =>
     Settlements.cursor(sql, { chainId: chain.chainId, escrow: chain.escrowAddress })
