@@ -100,7 +100,12 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       }
     }
     if (config.databaseUrl && !options.sql) await reachable(sql, config.databaseUrl)
-    Db.deadline(sql, config.databaseTimeoutMs)
+    Db.deadline(sql, config.databaseTimeoutMs, () =>
+      log.warn(
+        { databaseTimeoutMs: config.databaseTimeoutMs },
+        'the ledger connection did not answer within DATABASE_TIMEOUT_MS: replaced by a new one',
+      ),
+    )
     await Db.migrate(sql)
     const ahead = await Db.newer(sql)
     if (ahead.length > 0)

@@ -31,6 +31,13 @@ export type Options<I, O> = {
   behindAtMost?: number | undefined
   /** Most items in one batch (default 256). */
   maxItems?: number | undefined
+  /**
+   * Whether an item of a batch that failed as a whole (with `error`) runs again alone; one
+   * that does not fails with that error. Default: every item runs again. An item whose effect
+   * is not safe to repeat when the batch may have committed (its answer lost with the
+   * connection) is better failed.
+   */
+  again?: ((item: I, error: unknown) => boolean) | undefined
 }
 
 type Waiting<I, O> = {
@@ -162,10 +169,12 @@ export class Batcher<I, O> {
       let results: O[]
       try {
         results = await this.o.many(batch.map((w) => w.item))
-      } catch {
+      } catch (e) {
         this.stats.fallbacks++
         // One item may have failed the statement: each runs alone, in order, and fails alone.
-        for (const w of batch) await this.one(w.item).then(w.resolve, w.reject)
+        for (const w of batch)
+          if (this.o.again?.(w.item, e) === false) w.reject(e)
+          else await this.one(w.item).then(w.resolve, w.reject)
         return
       }
       batch.forEach((w, i) => {

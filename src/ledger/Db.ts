@@ -84,11 +84,20 @@ export function connect(options: Options): Sql {
   if (max > 1) {
     let own: Sql | undefined
     let ended = false
-    // Once the pool has ended, none is opened: the pool itself answers (refusing, as ended).
-    companions.set(sql, () => {
-      if (ended) return sql
-      own ??= open(1)
-      return own
+    companions.set(sql, {
+      // Once the pool has ended, none is opened: the pool itself answers (refusing, as ended).
+      get() {
+        if (ended) return sql
+        own ??= open(1)
+        return own
+      },
+      replace(old) {
+        if (own !== old) return
+        own = undefined
+        // Its calls under way fail (CONNECTION_DESTROYED) at once, not when TCP gives up.
+        old.end({ timeout: 0 }).catch(() => {})
+        lost.get(sql)?.()
+      },
     })
     const end = sql.end
     sql.end = async (o) => {
@@ -99,7 +108,11 @@ export function connect(options: Options): Sql {
   return sql
 }
 
-const companions = new WeakMap<Sql, () => Sql>()
+/** A pool's ordered client (see `ordered`): the one in use, and its replacement (`onOrdered`). */
+const companions = new WeakMap<Sql, { get(): Sql; replace(old: Sql): void }>()
+
+/** What a pool reports when its ordered client is replaced (see `deadline`). */
+const lost = new WeakMap<object, () => void>()
 
 /** A database call a request waits for, not answered within its pool's deadline. */
 export class DatabaseTimeoutError extends Error {
@@ -114,22 +127,34 @@ const deadlines = new WeakMap<object, number>()
  * that drops packets, a hung failover) would otherwise hold every request until TCP gives up,
  * a quarter of an hour later.
  */
-export function deadline(sql: object, ms: number): void {
+export function deadline(sql: object, ms: number, onLost?: () => void): void {
   deadlines.set(sql, ms)
+  if (onLost) lost.set(sql, onLost)
 }
 
-/** Calls waiting on `answered`, by the time they give up; one ticker checks them all. */
-const waiting = new Set<{ at: number; reject: (e: Error) => void; gone: boolean }>()
+/**
+ * Calls with a deadline (`answered`'s, and those on an ordered client, `onOrdered`), by the
+ * time it passes; one ticker checks them all.
+ */
+type Watched = { at: number; expire: () => void }
+const waiting = new Set<Watched>()
 let ticker: ReturnType<typeof setInterval> | undefined
 const TICK_MS = 250
+
+function watch(w: Watched) {
+  waiting.add(w)
+  if (!ticker) {
+    ticker = setInterval(tick, TICK_MS)
+    ticker.unref?.()
+  }
+}
 
 function tick() {
   const now = performance.now()
   for (const w of waiting)
     if (w.at <= now) {
       waiting.delete(w)
-      w.gone = true
-      w.reject(new DatabaseTimeoutError('The database did not answer in time.'))
+      w.expire()
     }
   if (waiting.size === 0) {
     clearInterval(ticker)
@@ -155,13 +180,16 @@ export function answered<T>(
   if (ms === undefined)
     return Promise.resolve(typeof pending === 'function' ? pending(() => false) : pending)
   return new Promise<T>((resolve, reject) => {
-    const w = { at: performance.now() + ms, reject, gone: false }
-    const call = typeof pending === 'function' ? pending(() => w.gone) : pending
-    waiting.add(w)
-    if (!ticker) {
-      ticker = setInterval(tick, TICK_MS)
-      ticker.unref?.()
+    const w = {
+      at: performance.now() + ms,
+      gone: false,
+      expire() {
+        w.gone = true
+        reject(new DatabaseTimeoutError('The database did not answer in time.'))
+      },
     }
+    const call = typeof pending === 'function' ? pending(() => w.gone) : pending
+    watch(w)
     call.then(
       (value) => {
         waiting.delete(w)
@@ -184,7 +212,32 @@ export function answered<T>(
  * turn; `sql` itself when it has one connection only (the embedded server).
  */
 export function ordered(sql: Sql): Sql {
-  return companions.get(sql)?.() ?? sql
+  return companions.get(sql)?.get() ?? sql
+}
+
+/**
+ * Runs `f` on the ordered client of `sql` (see `ordered`). A call there not answered within
+ * the pool's deadline (`deadline`) takes the connection for lost: a link that drops what it
+ * carries without a reset (a failover, a NAT that forgot it) would otherwise hold that call,
+ * and every ledger call behind it, until TCP gives up, a quarter of an hour later. The client
+ * is replaced: the calls under way on it fail (CONNECTION_DESTROYED; the ledger tries them
+ * again, alone, on a new connection) and the next calls open a new one. A database that is
+ * only slow loses the answers of the statements it was running (what their callers, told 503
+ * at the deadline, no longer wait for; an admission's hold is released, see Reservations.admit).
+ */
+export function onOrdered<T>(sql: Sql, f: (client: Sql) => Promise<T>): Promise<T> {
+  const companion = companions.get(sql)
+  const client = companion?.get() ?? sql
+  const ms = deadlines.get(sql)
+  const call = f(client)
+  if (!companion || client === sql || ms === undefined) return call
+  const w: Watched = { at: performance.now() + ms, expire: () => companion.replace(client) }
+  watch(w)
+  const done = () => {
+    waiting.delete(w)
+  }
+  call.then(done, done)
+  return call
 }
 
 const migrations = join(import.meta.dir, 'migrations')

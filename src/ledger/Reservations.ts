@@ -117,8 +117,10 @@ function unanswered(sql: Sql, id: string, leaseSeconds: number, channelId?: stri
   }
   const release = () => finish(sql, f, { channelId, idempotent: true, waited: false })
   // Tried until the database answers again, as a charge is (the lease sweep is the last resort).
+  // A stop does not wait for it: it charges nothing, and once this instance's heartbeat
+  // stops, another's sweep releases it within the threshold (Instances.ts).
   return release()
-    .catch((e: unknown) => (outOfReach(e) ? persist(release, leaseSeconds) : undefined))
+    .catch((e: unknown) => (outOfReach(e) ? persist(release, leaseSeconds, false) : undefined))
     .catch(() => {})
 }
 
@@ -352,15 +354,19 @@ async function many(sql: Sql, items: Op[]): Promise<OpResult[]> {
  * the moment its request was answered finds it completed.
  */
 function ledger(sql: Sql) {
-  return Batch.of<Op, OpResult>(sql, 'ledger', () => {
-    const one = Db.ordered(sql)
-    return {
-      many: (items) => many(one, items),
-      one: async (item) => (await alone(one, item)) ?? (await many(one, [item]))[0],
-      inFlight: 2,
-      behindAtMost: 1,
-    }
-  })
+  return Batch.of<Op, OpResult>(sql, 'ledger', () => ({
+    // The client of each call: one that stopped answering is replaced (Db.onOrdered).
+    many: (items) => Db.onOrdered(sql, (one) => many(one, items)),
+    one: (item) =>
+      Db.onOrdered(sql, async (one) => (await alone(one, item)) ?? (await many(one, [item]))[0]),
+    inFlight: 2,
+    behindAtMost: 1,
+    // A batch whose connection failed may have committed (its answer lost): an admission run
+    // again would fail on its own request id, its first hold left until its lease ran out.
+    // It fails with the connection's error (a 503), and its hold, if any, is released
+    // (`admit`). A finish is safe to run again (it takes its reservation with it).
+    again: (item, e) => item.op === 'finish' || !outOfReach(e),
+  }))
 }
 
 /**
@@ -530,7 +536,7 @@ const persisting = new Set<Promise<unknown>>()
  * short of its end, leaving the rest to the sweep. A retry never charges twice (the charge
  * takes the reservation with it).
  */
-function persist<T>(f: () => Promise<T>, leaseSeconds: number): Promise<T> {
+function persist<T>(f: () => Promise<T>, leaseSeconds: number, awaitedAtStop = true): Promise<T> {
   const until = Date.now() + leaseSeconds * 800
   const run = (async () => {
     for (let wait = 500; ; wait = Math.min(wait * 2, 10_000)) {
@@ -542,6 +548,7 @@ function persist<T>(f: () => Promise<T>, leaseSeconds: number): Promise<T> {
       }
     }
   })()
+  if (!awaitedAtStop) return run
   persisting.add(run)
   run.then(
     () => persisting.delete(run),
