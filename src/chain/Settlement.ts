@@ -442,6 +442,8 @@ export function start(options: Options): Worker {
   }
 
   let stopped = false
+  /** When the loop last looked for idle channels. */
+  let lastIdle = Number.NEGATIVE_INFINITY
   let timer: ReturnType<typeof setTimeout> | undefined
   let running: Promise<void> | undefined
   const loop = async () => {
@@ -455,8 +457,15 @@ export function start(options: Options): Worker {
           },
           'settlement pass',
         )
-      // After the pass, outside its lock (each close takes it): one instance a pass.
-      if (t.locked && !stopped) await closeIdle()
+      // After the pass, outside its lock (each close takes it): one instance a pass. Looked
+      // for a tenth as often as the idleness it waits for, at least every 10 minutes: the
+      // query reads every open channel (no index on the time of a row updated by every charge,
+      // which would cost each charge its in-place update).
+      const idleEvery = Math.min(600_000, (options.closeIdleMs ?? 0) / 10)
+      if (t.locked && !stopped && options.closeIdleMs && Date.now() - lastIdle >= idleEvery) {
+        lastIdle = Date.now()
+        await closeIdle()
+      }
     } catch (error) {
       // The database is down or the lock could not be taken: the next pass catches up.
       log.error({ error: describe(error) }, 'settlement pass failed')

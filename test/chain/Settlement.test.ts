@@ -807,7 +807,34 @@ describe('idle channels (draft: settle and close channels inactive for extended 
     ])
   })
 
-  test('behavior: the loop closes idle channels after each pass', async () => {
+  test('behavior: the loop looks for idle channels a tenth as often as the idleness it waits for (each look reads every open channel), not every pass', async () => {
+    const store = Settlements.store(sql)
+    let looks = 0
+    let passes = 0
+    worker({
+      store: {
+        ...store,
+        idle: (q) => {
+          looks++
+          return store.idle(q)
+        },
+        withLock: (fn) => {
+          passes++
+          return store.withLock(fn)
+        },
+      },
+      closeIdleMs: 2_000,
+      delayMs: 0,
+      intervalMs: 20,
+    })
+    await Bun.sleep(500)
+    expect(passes).toBeGreaterThan(8)
+    // At 0 ms and at 200 ms intervals after: three looks in 500 ms.
+    expect(looks).toBeGreaterThanOrEqual(2)
+    expect(looks).toBeLessThanOrEqual(4)
+  })
+
+  test('behavior: the loop closes idle channels', async () => {
     const channelId = await openChannel()
     await accept(channelId, 60n)
     await spend(channelId, 60n)
