@@ -6,6 +6,7 @@
 import * as Batch from './Batch.ts'
 import { inOrder } from './Batch.ts'
 import type { Sql } from './Db.ts'
+import * as Db from './Db.ts'
 import * as Page from './Page.ts'
 
 export type Hex = `0x${string}`
@@ -256,6 +257,9 @@ export function admit(sql: Sql, i: AdmitInput, gone?: () => boolean): Promise<Ad
   return Batch.of(sql, 'channelAdmit', () => ({
     many: (items: AdmitInput[]) => admitMany(sql, items),
     inFlight: CHANNEL_BATCHES,
+    // A batch whose connection failed may have committed: an admission run again would fail
+    // on its own request id. It fails out of reach, its hold released (Reservations).
+    again: (_: AdmitInput, e: unknown) => !Db.isUnreachable(e),
   })).run(i, gone)
 }
 
