@@ -4,8 +4,9 @@ import * as Accounts from '../../src/ledger/Accounts.ts'
 import * as ApiKeys from '../../src/ledger/ApiKeys.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Credits from '../../src/ledger/Credits.ts'
-import type * as Db from '../../src/ledger/Db.ts'
+import * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
+import { forwarder } from './Forwarder.ts'
 
 /**
  * Admits a request of one prompt token by the key `keyHash`, wanting `want` and needing
@@ -260,4 +261,51 @@ export async function accountState(sql: Db.Sql, accountId: string) {
     month_tokens: bigint
     usage_tokens: bigint
   }
+}
+
+/**
+ * A pool of `max` connections on the test's schema, reached through a forwarder the test
+ * stalls and cuts (test/helpers/Forwarder.ts), with the gateway's database deadline (so that
+ * an admission failing out of reach is released, as Db.answered does). Needs DATABASE_URL.
+ */
+export async function linked(schema: string, max: number) {
+  const link = await forwarder(new URL(process.env.DATABASE_URL!))
+  const pool = Db.connect({ url: link.url, schema, max })
+  Db.deadline(pool, 10_000)
+  return { link, pool }
+}
+
+/**
+ * Rows held locked, each by a transaction of its own (`lock` runs in it, the i-th), until
+ * `free(i)` commits it; `end` rolls back what is still held and gives the connections back.
+ */
+export async function locked(sql: Db.Sql, locks: ((tx: Db.Sql) => Promise<unknown>)[]) {
+  const held = await Promise.all(locks.map(() => sql.reserve()))
+  for (const [i, tx] of held.entries()) {
+    await tx`begin`
+    await locks[i]!(tx as unknown as Db.Sql)
+  }
+  return {
+    free: (i: number) => held[i]!`commit`,
+    async end() {
+      for (const tx of held) {
+        await tx`rollback`.catch(() => {})
+        tx.release()
+      }
+    },
+  }
+}
+
+/**
+ * Cuts the link under a batch of admissions whose answer it holds (committed, answer lost) and
+ * mends it; each must fail out of reach, not run again into its own request id.
+ */
+export async function loseAnswer(
+  link: Awaited<ReturnType<typeof forwarder>>,
+  batch: Promise<unknown>[],
+) {
+  await link.cut()
+  await link.mend()
+  const failed = await Promise.all(batch)
+  expect(failed.every((e) => Db.isUnreachable(e))).toBe(true)
 }

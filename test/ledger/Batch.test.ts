@@ -8,7 +8,6 @@ import { Batcher } from '../../src/ledger/Batch.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
-import { forwarder } from '../helpers/Forwarder.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import { plans } from '../helpers/Gateway.ts'
 import * as Ledger from '../helpers/Ledger.ts'
@@ -289,64 +288,46 @@ describe('batched ledger calls', () => {
   test.skipIf(!process.env.DATABASE_URL)(
     'error: a batch of admissions that committed and lost its answer with its connection is not run again into its own request ids: each fails as out of reach (a 503), and their holds are released',
     async () => {
-      const link = await forwarder(new URL(process.env.DATABASE_URL!))
-      const pool = Db.connect({ url: link.url, schema: db.schema!, max: 2 })
-      // As the gateway's: an admission that fails out of reach is released (Db.answered).
-      Db.deadline(pool, 10_000)
-      const lockers = [await sql.reserve(), await sql.reserve()]
+      const { link, pool } = await Ledger.linked(db.schema!, 2)
+      const [a, b] = [await account(1_000n), await account(1_000n)]
+      // Both account rows held apart, so that the calls queue: two on a (one alone, one
+      // behind it), then three on b, which go as one batch once a's are done.
+      const rows = await Ledger.locked(
+        sql,
+        [a, b].map((x) => (tx) => tx`select 1 from accounts where id = ${x.id} for update`),
+      )
       try {
-        const [a, b] = [await account(1_000n), await account(1_000n)]
         // The batch statement prepared on the ledger's connection first (postgres.js waits for
         // a new statement's description before it sends it).
-        const warm = await Promise.all([1, 2, 3, 4].map(() => Ledger.admit(pool, a.keyHash, 1n)))
+        const c = await account(1_000n)
+        const warm = await Promise.all([1, 2, 3, 4].map(() => Ledger.admit(pool, c.keyHash, 1n)))
         expect(Batch.stats(pool).ledger!.statements).toBeLessThan(4)
-        for (const r of warm)
-          await Reservations.finish(pool, {
-            id: r.requestId,
-            cost: 0n,
-            promptTokens: 0,
-            completionTokens: 0,
-            status: 'ok',
-            latencyMs: 1,
-            ttftMs: null,
-          })
-        // Both account rows held apart, so that the calls queue: two on a (one alone, one
-        // behind it), then three on b, which go as one batch once a's are done.
-        for (const [i, l] of lockers.entries()) {
-          await l`begin`
-          await l`select 1 from accounts where id = ${[a, b][i]!.id} for update`
-        }
         const first = [1, 2].map(() => Ledger.admit(pool, a.keyHash, 10n))
         await Bun.sleep(50)
         const batch = [1, 2, 3].map(() =>
           Ledger.admit(pool, b.keyHash, 10n).catch((e: { code?: string }) => e),
         )
         const sent = Batch.stats(pool).ledger!.statements
-        await lockers[0]!`commit`
+        await rows.free(0)
         expect((await Promise.all(first)).map((r) => r.status)).toEqual(['ok', 'ok'])
         for (let i = 0; i < 100 && Batch.stats(pool).ledger!.statements === sent; i++)
           await Bun.sleep(10)
         // The batch waits on b's row: it commits once that is free, its answer held.
         link.stall('answers')
-        await lockers[1]!`commit`
+        await rows.free(1)
         for (let i = 0; i < 100 && (await state(b.id)).open < 3; i++) await Bun.sleep(10)
         expect((await state(b.id)).open).toBe(3)
-        await link.cut()
-        await link.mend()
-        const failed = await Promise.all(batch)
-        expect(failed.every((e) => Db.isUnreachable(e))).toBe(true)
+        await Ledger.loseAnswer(link, batch)
         // Released, each charged nothing (a finish `database_unavailable`).
         const released = await Gateway.released(sql, b.id)
         expect([released.open, released.reserved, released.balance]).toEqual([0, 0n, 1_000n])
-        const rows = await sql`select status, cost from usage where account_id = ${b.id}`
-        expect(rows.map((r) => `${r.status}:${r.cost}`)).toEqual(
+        const usage = await sql`select status, cost from usage where account_id = ${b.id}`
+        expect(usage.map((r) => `${r.status}:${r.cost}`)).toEqual(
           Array(3).fill('database_unavailable:0'),
         )
+        expect(warm.every((r) => r.status === 'ok')).toBe(true)
       } finally {
-        for (const l of lockers) {
-          await l`rollback`.catch(() => {})
-          l.release()
-        }
+        await rows.end()
         await pool.end({ timeout: 1 })
       }
     },

@@ -4,7 +4,6 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import { Waker } from '../../src/ledger/Waker.ts'
-import { forwarder } from '../helpers/Forwarder.ts'
 import * as Ledger from '../helpers/Ledger.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 
@@ -292,11 +291,8 @@ describe('a connection lost under a batch of admissions', () => {
   test.skipIf(!process.env.DATABASE_URL)(
     'error: a batch of channel admissions that committed and lost its answer with its connection is not run again into its own request ids: each fails as out of reach (a 503), and their holds are released',
     async () => {
-      const link = await forwarder(new URL(process.env.DATABASE_URL!))
       // One connection: the calls on it run in the order sent.
-      const pool = Db.connect({ url: link.url, schema: db.schema!, max: 1 })
-      Db.deadline(pool, 10_000)
-      const lockers = [await sql.reserve(), await sql.reserve()]
+      const { link, pool } = await Ledger.linked(db.schema!, 1)
       const admit = (channelId: Channels.Hex) =>
         Reservations.admitOnChannel(pool, {
           channelId,
@@ -307,33 +303,33 @@ describe('a connection lost under a batch of admissions', () => {
           requestId: crypto.randomUUID(),
           leaseSeconds: 60,
         })
+      const [a, b] = [await channel(1_000n), await channel(1_000n)]
+      for (const c of [a, b]) await voucher(c.channelId, 500n)
+      // The statement prepared first (postgres.js waits for a new one's description).
+      await admit(a.channelId)
+      // Both channel rows held apart: four calls on a go (and wait), three on b wait behind
+      // them and go as one batch once a's are done.
+      const rows = await Ledger.locked(
+        sql,
+        [a, b].map(
+          (c) => (tx) =>
+            tx`select 1 from channels where channel_id = ${Buffer.from(c.channelId.slice(2), 'hex')} for update`,
+        ),
+      )
       try {
-        const [a, b] = [await channel(1_000n), await channel(1_000n)]
-        for (const c of [a, b]) await voucher(c.channelId, 500n)
-        // The statement prepared first (postgres.js waits for a new one's description).
-        await admit(a.channelId)
-        // Both channel rows held apart: four calls on a go (and wait), three on b wait
-        // behind them and go as one batch once a's are done.
-        for (const [i, l] of lockers.entries()) {
-          await l`begin`
-          await l`select 1 from channels where channel_id = ${Buffer.from([a, b][i]!.channelId.slice(2), 'hex')} for update`
-        }
         const first = [1, 2, 3, 4].map(() => admit(a.channelId))
         await Bun.sleep(50)
         const batch = [1, 2, 3].map(() => admit(b.channelId).catch((e: { code?: string }) => e))
-        await lockers[0]!`commit`
+        await rows.free(0)
         expect((await Promise.all(first)).map((r) => r.status)).toEqual(Array(4).fill('ok'))
         // The batch waits on b's row: it commits once that is free, its answer held.
         await Bun.sleep(50)
         link.stall('answers')
-        await lockers[1]!`commit`
+        await rows.free(1)
         for (let i = 0; i < 100 && (await invariants(b.channelId)).reserved < 30n; i++)
           await Bun.sleep(10)
         expect((await invariants(b.channelId)).reserved).toBe(30n)
-        await link.cut()
-        await link.mend()
-        const failed = await Promise.all(batch)
-        expect(failed.every((e) => Db.isUnreachable(e))).toBe(true)
+        await Ledger.loseAnswer(link, batch)
         // Released, each charged nothing (a finish `database_unavailable`).
         let state = await invariants(b.channelId)
         for (let i = 0; i < 100 && state.reserved > 0n; i++) {
@@ -342,15 +338,12 @@ describe('a connection lost under a batch of admissions', () => {
         }
         expect([state.reserved, state.spent]).toEqual([0n, 0n])
         const id = Buffer.from(b.channelId.slice(2), 'hex')
-        const rows = await sql`select status, cost from usage where channel_id = ${id}`
-        expect(rows.map((r) => `${r.status}:${r.cost}`)).toEqual(
+        const usage = await sql`select status, cost from usage where channel_id = ${id}`
+        expect(usage.map((r) => `${r.status}:${r.cost}`)).toEqual(
           Array(3).fill('database_unavailable:0'),
         )
       } finally {
-        for (const l of lockers) {
-          await l`rollback`.catch(() => {})
-          l.release()
-        }
+        await rows.end()
         await pool.end({ timeout: 1 })
       }
     },
