@@ -83,20 +83,37 @@ export function connect(options: Options): Sql {
   const sql = open(max)
   if (max > 1) {
     let own: Sql | undefined
+    /** The server process of `own`'s connection (asked first on it), for `replace`. */
+    let pid: Promise<number | undefined> = Promise.resolve(undefined)
     let ended = false
     companions.set(sql, {
       // Once the pool has ended, none is opened: the pool itself answers (refusing, as ended).
       get() {
         if (ended) return sql
-        own ??= open(1)
+        if (!own) {
+          own = open(1)
+          pid = own`select pg_backend_pid() as pid`.then(
+            (r) => r[0]!.pid as number,
+            () => undefined,
+          )
+        }
         return own
       },
       replace(old) {
         if (own !== old) return
         own = undefined
-        // Its calls under way fail (CONNECTION_DESTROYED) at once, not when TCP gives up.
-        old.end({ timeout: 0 }).catch(() => {})
+        const was = pid
         lost.get(sql)?.()
+        void (async () => {
+          // Its server process ended first, through the pool: a statement it still runs (held
+          // by a lock, a slow disk) rolls back rather than commit after its caller was told
+          // 503 and its hold released (a release that came first would find nothing to free).
+          // Ended, its calls fail, and what was committed before is released (Reservations).
+          const n = await Promise.race([was, Bun.sleep(0).then(() => undefined)])
+          if (n !== undefined) await terminated(sql, n).catch(() => {})
+          // Its calls under way fail (CONNECTION_DESTROYED) now, not when TCP gives up.
+          await old.end({ timeout: 0 }).catch(() => {})
+        })()
       },
     })
     const end = sql.end
@@ -106,6 +123,20 @@ export function connect(options: Options): Sql {
     }
   }
   return sql
+}
+
+/**
+ * Ends the server process `pid` (one of this instance's own sessions) and waits, as long as
+ * the deadline of `sql` allows, until it is gone: what it was running is rolled back.
+ */
+async function terminated(sql: Sql, pid: number): Promise<void> {
+  await answered(sql, sql`select pg_terminate_backend(${pid})`)
+  const until = performance.now() + (deadlines.get(sql) ?? 10_000)
+  while (performance.now() < until) {
+    const [r] = await answered(sql, sql`select 1 as alive from pg_stat_activity where pid = ${pid}`)
+    if (!r) return
+    await Bun.sleep(20)
+  }
 }
 
 /** A pool's ordered client (see `ordered`): the one in use, and its replacement (`onOrdered`). */
@@ -221,9 +252,10 @@ export function ordered(sql: Sql): Sql {
  * carries without a reset (a failover, a NAT that forgot it) would otherwise hold that call,
  * and every ledger call behind it, until TCP gives up, a quarter of an hour later. The client
  * is replaced: the calls under way on it fail (CONNECTION_DESTROYED; the ledger tries them
- * again, alone, on a new connection) and the next calls open a new one. A database that is
- * only slow loses the answers of the statements it was running (what their callers, told 503
- * at the deadline, no longer wait for; an admission's hold is released, see Reservations.admit).
+ * again, alone, on a new connection) and the next calls open a new one. Its server process is ended
+ * first (`connect`'s `replace`), so that a statement still running there (a lock, a slow disk)
+ * rolls back rather than commit what its caller, told 503 at the deadline, gave up on; what it
+ * committed before is released (Reservations.admit).
  */
 export function onOrdered<T>(sql: Sql, f: (client: Sql) => Promise<T>): Promise<T> {
   const companion = companions.get(sql)
