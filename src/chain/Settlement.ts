@@ -171,11 +171,16 @@ export type Store = {
   /** How many requests on the channel are under way (hold a reservation). */
   inFlight(channelId: Hex): Promise<number>
   /**
-   * Channels of this escrow and payee to close: open and without activity for `idleMs`, or
-   * marked closing by a cooperative close whose transaction failed and whose backoff is over
-   * (the client that asked may never ask again).
+   * Channels of this escrow and payee to close: open and without activity for `idleMs`; and,
+   * `retry`, those whose idle close (`markIdle`) sent a transaction that failed (or was left
+   * pending) and is due again. A payer's cooperative close is the payer's to try again.
    */
-  idle(query: IdleQuery): Promise<Hex[]>
+  idle(query: IdleQuery): Promise<{ channelId: Hex; retry: boolean }[]>
+  /**
+   * Marks the channel closing for an idle close, if it is still idle (no close marked, no
+   * activity for `idleMs`, no request under way): the mark, for `reopen`; else undefined.
+   */
+  markIdle(channelId: Hex, idleMs: number): Promise<string | undefined>
 }
 
 export type IdleQuery = {
@@ -416,12 +421,20 @@ export function start(options: Options): Worker {
       limit: options.batch ?? 20,
     })
     const out: IdleClosed[] = []
-    for (const channelId of idle) {
+    for (const { channelId, retry } of idle) {
       if (stopped) break
       try {
-        // A request that comes meanwhile makes the channel busy, not idle: the close gives up
-        // after a moment (its mark taken back) rather than wait for it.
-        const closed = await track(close(options.client, { ...options, channelId, drainMs: 1_000 }))
+        // Still idle? (It was listed before the closes before it, each a transaction.) A
+        // channel that came back to life meanwhile is left alone, its stream untouched.
+        const mark = retry
+          ? undefined
+          : await options.store.markIdle(channelId, options.closeIdleMs)
+        if (!retry && mark === undefined) continue
+        // A request that comes in the moment after makes the channel busy, not idle: the close
+        // gives up after a moment (its mark taken back) rather than wait for it.
+        const closed = await track(
+          closeWithMark(options.client, { ...options, channelId, drainMs: 1_000 }, mark, log),
+        )
         log.info(
           {
             channelId,
@@ -442,8 +455,9 @@ export function start(options: Options): Worker {
   }
 
   let stopped = false
-  /** When the loop last looked for idle channels. */
+  /** When the loop last looked for idle channels, and that look while it runs. */
   let lastIdle = Number.NEGATIVE_INFINITY
+  let idling: Promise<unknown> | undefined
   let timer: ReturnType<typeof setTimeout> | undefined
   let running: Promise<void> | undefined
   const loop = async () => {
@@ -461,10 +475,26 @@ export function start(options: Options): Worker {
       // for a tenth as often as the idleness it waits for, at least every 10 minutes: the
       // query reads every open channel (no index on the time of a row updated by every charge,
       // which would cost each charge its in-place update).
+      // Not waited for: each close waits for its transaction, and the passes (which read back
+      // forced closes to settle inside their grace period) go on meanwhile. One look at a time.
       const idleEvery = Math.min(600_000, (options.closeIdleMs ?? 0) / 10)
-      if (t.locked && !stopped && options.closeIdleMs && Date.now() - lastIdle >= idleEvery) {
+      if (
+        t.locked &&
+        !stopped &&
+        !idling &&
+        options.closeIdleMs &&
+        Date.now() - lastIdle >= idleEvery
+      ) {
         lastIdle = Date.now()
-        await closeIdle()
+        idling = track(
+          closeIdle()
+            .catch((error) =>
+              log.error({ error: describe(error) }, 'looking for idle channels failed'),
+            )
+            .finally(() => {
+              idling = undefined
+            }),
+        )
       }
     } catch (error) {
       // The database is down or the lock could not be taken: the next pass catches up.
@@ -577,12 +607,24 @@ export async function close(
 ): Promise<Closed> {
   const log = parameters.log ?? silent
   const { channelId } = parameters
-  const options = { ...parameters, client }
   // No new requests from here on, and the channel's stream ends; the close waits for the
   // requests under way to be charged, so that the voucher it picks covers all they delivered
   // (draft, "Cooperative Close": the final voucher covers all delivered service). Before the
   // lock: its connection is the only one of the embedded database, which their charges need.
   const mark = await parameters.store.markClosing(channelId)
+  return closeWithMark(client, parameters, mark, log)
+}
+
+/** `close` once the channel is marked closing; `mark`, when this close made it, taken back if
+ * the close is refused before any transaction. */
+async function closeWithMark(
+  client: WalletClient,
+  parameters: Parameters<typeof close>[1],
+  mark: string | undefined,
+  log: Log,
+): Promise<Closed> {
+  const { channelId } = parameters
+  const options = { ...parameters, client }
   try {
     return await closeMarked(options, log)
   } catch (e) {

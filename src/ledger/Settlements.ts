@@ -239,32 +239,60 @@ export async function markClosing(sql: Sql, channelId: Hex): Promise<string | un
 /** Takes back a mark `markClosing` made, unless the channel was marked since (or closed). */
 export async function reopen(sql: Sql, channelId: Hex, mark: string): Promise<void> {
   await sql`
-    update channels set close_requested_at = null, cooperative_close = false
+    update channels set close_requested_at = null, cooperative_close = false, idle_close = false
     where channel_id = ${bytes(channelId)} and not finalized
       and close_requested_at = ${mark}::text::timestamptz`
 }
 
 /**
  * Channels to close (Settlement.Store's `idle`): open (no close marked) and not updated for
- * `idleMs` (every voucher, top-up, charge and settle updates the row), or marked closing by a
- * cooperative close whose last close transaction failed and is due again. None with a request
- * under way. The longest idle first.
+ * `idleMs` (every voucher, top-up, admission, charge and settle updates the row), with no
+ * request under way; and, as `retry`, those whose idle close (`markIdle`) sent a transaction
+ * that failed, or that was left pending by a worker that died, and is due again. The longest
+ * idle first.
  */
-export async function idle(sql: Sql, q: Settlement.IdleQuery): Promise<Hex[]> {
+export async function idle(
+  sql: Sql,
+  q: Settlement.IdleQuery,
+): Promise<{ channelId: Hex; retry: boolean }[]> {
   const rows = await sql`
-    select c.channel_id from channels c
+    select c.channel_id, c.idle_close as retry from channels c
     where c.chain_id = ${q.chainId} and c.escrow = ${bytes(q.escrow)} and c.payee = ${bytes(q.payee)}
       and not c.finalized
       and ((c.close_requested_at is null
-            and c.updated_at <= now() - make_interval(secs => ${q.idleMs / 1000}))
-        or (c.cooperative_close and (
-          select t.status = 'failed' and t.next_attempt_at <= now() from chain_transactions t
+            and c.updated_at <= now() - make_interval(secs => ${q.idleMs / 1000})
+            and not exists (select 1 from reservations r where r.channel_id = c.channel_id))
+        or (c.idle_close and (
+          select t.status in ('failed', 'pending') and t.next_attempt_at <= now()
+          from chain_transactions t
           where t.channel_id = c.channel_id and t.kind = 'close'
           order by t.updated_at desc limit 1)))
-      and not exists (select 1 from reservations r where r.channel_id = c.channel_id)
     order by c.updated_at
     limit ${q.limit}`
-  return rows.map((r) => hex(r.channel_id))
+  return rows.map((r) => ({ channelId: hex(r.channel_id), retry: r.retry as boolean }))
+}
+
+/**
+ * Marks an idle channel closing for the gateway's own close (as `markClosing`, and
+ * `idle_close`), if it is still idle as `idle` found it: no close marked, not updated for
+ * `idleMs`, no request under way. A request that came since updated the row (its hold), and
+ * the row's check is made again on the row as it is once locked, so a channel that came back
+ * to life is left alone. The mark (for `reopen`), or undefined when it is not idle any more.
+ */
+export async function markIdle(
+  sql: Sql,
+  channelId: Hex,
+  idleMs: number,
+): Promise<string | undefined> {
+  const [row] = await sql`
+    update channels c set close_requested_at = clock_timestamp(), cooperative_close = true,
+      idle_close = true, active_stream = null
+    where c.channel_id = ${bytes(channelId)} and not c.finalized
+      and c.close_requested_at is null
+      and c.updated_at <= now() - make_interval(secs => ${idleMs / 1000})
+      and not exists (select 1 from reservations r where r.channel_id = c.channel_id)
+    returning close_requested_at::text as mark`
+  return row?.mark as string | undefined
 }
 
 /**
@@ -414,5 +442,6 @@ export function store(sql: Sql, options: { alone?: boolean } = {}): Settlement.S
     reopen: (channelId, mark) => reopen(sql, channelId, mark),
     inFlight: (channelId) => inFlight(sql, channelId),
     idle: (q) => idle(sql, q),
+    markIdle: (channelId, idleMs) => markIdle(sql, channelId, idleMs),
   }
 }

@@ -807,6 +807,50 @@ describe('idle channels (draft: settle and close channels inactive for extended 
     ])
   })
 
+  test('behavior: a channel marked for an idle close only while it is still idle: not after a voucher or an admission came since the look, nor with a request under way', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await Bun.sleep(350)
+    // Listed as idle, then a voucher came: not marked, not closing.
+    await accept(channelId, 150n)
+    expect(await Settlements.markIdle(sql, channelId, 300)).toBeUndefined()
+    await Bun.sleep(350)
+    // A request under way (its admission updated the row; held past the idleness, as a
+    // stream waiting for its next voucher).
+    const { reservation } = await admitted(channelId, 10n)
+    await Bun.sleep(350)
+    expect(await Settlements.markIdle(sql, channelId, 300)).toBeUndefined()
+    expect((await inDb(channelId)).closeRequestedAt).toBeNull()
+    await reservation!.settle(ended(10n))
+    await Bun.sleep(350)
+    expect(await Settlements.markIdle(sql, channelId, 300)).toBeDefined()
+    expect((await inDb(channelId)).closeRequestedAt).not.toBeNull()
+  })
+
+  test('behavior: a payer cooperative close that failed is left to the payer: the idle look does not close it with another voucher', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 100n)
+    const down = Client.from({
+      rpcUrl: 'http://127.0.0.1:9/rpc',
+      chainId: chain.chainId,
+      privateKey: chain.payee.privateKey,
+      pollingInterval: 20,
+    })
+    const failing = worker({ client: down, retry: { baseMs: 50, maxMs: 50 } })
+    const final = { channelId, cumulativeAmount: 100n, signature: await sign(channelId, 100n) }
+    expect(await failing.close(final).catch((e: unknown) => e)).toBeInstanceOf(Error)
+    expect((await recorded(channelId)).map((r) => [r.kind, r.status])).toEqual([
+      ['close', 'failed'],
+    ])
+    await Bun.sleep(400)
+    const w = worker({ closeIdleMs: 300 })
+    expect(closedOf(await w.closeIdle(), channelId)).toEqual([])
+    expect((await onChain(channelId)).finalized).toBe(false)
+    // The payer tries again, and its close goes through.
+    expect(await w.close(final)).toMatchObject({ cumulativeAmount: 100n })
+  })
+
   test('behavior: the loop looks for idle channels a tenth as often as the idleness it waits for (each look reads every open channel), not every pass', async () => {
     const store = Settlements.store(sql)
     let looks = 0
