@@ -83,8 +83,21 @@ export function connect(options: Options): Sql {
   const sql = open(max)
   if (max > 1) {
     let own: Sql | undefined
-    /** The server process of `own`'s connection (asked first on it), for `replace`. */
-    let pid: Promise<number | undefined> = Promise.resolve(undefined)
+    /**
+     * The server process of `own`'s connection, asked first on it (and again after it failed:
+     * postgres.js opens a new connection for the next call), for `replace`. Its start time
+     * with it, so that a process id the system gave to another session since is not ended.
+     */
+    let session: Promise<Session | undefined> = Promise.resolve(undefined)
+    let stale = false
+    const identify = (client: Sql) => {
+      session = client`
+        select pid, backend_start::text as started from pg_stat_activity
+        where pid = pg_backend_pid()`.then(
+        (r) => r[0] as Session | undefined,
+        () => undefined,
+      )
+    }
     let ended = false
     companions.set(sql, {
       // Once the pool has ended, none is opened: the pool itself answers (refusing, as ended).
@@ -92,25 +105,28 @@ export function connect(options: Options): Sql {
         if (ended) return sql
         if (!own) {
           own = open(1)
-          pid = own`select pg_backend_pid() as pid`.then(
-            (r) => r[0]!.pid as number,
-            () => undefined,
-          )
+          identify(own)
+        } else if (stale) {
+          stale = false
+          identify(own)
         }
         return own
+      },
+      failed(client) {
+        if (client === own) stale = true
       },
       replace(old) {
         if (own !== old) return
         own = undefined
-        const was = pid
+        const was = session
         lost.get(sql)?.()
         void (async () => {
           // Its server process ended first, through the pool: a statement it still runs (held
           // by a lock, a slow disk) rolls back rather than commit after its caller was told
           // 503 and its hold released (a release that came first would find nothing to free).
           // Ended, its calls fail, and what was committed before is released (Reservations).
-          const n = await Promise.race([was, Bun.sleep(0).then(() => undefined)])
-          if (n !== undefined) await terminated(sql, n).catch(() => {})
+          const known = await Promise.race([was, Bun.sleep(0).then(() => undefined)])
+          if (known) await terminated(sql, known).catch(() => {})
           // Its calls under way fail (CONNECTION_DESTROYED) now, not when TCP gives up.
           await old.end({ timeout: 0 }).catch(() => {})
         })()
@@ -125,22 +141,30 @@ export function connect(options: Options): Sql {
   return sql
 }
 
+/** A server process of this instance's: its id and when it started. */
+type Session = { pid: number; started: string }
+
 /**
- * Ends the server process `pid` (one of this instance's own sessions) and waits, as long as
- * the deadline of `sql` allows, until it is gone: what it was running is rolled back.
+ * Ends the server process of `session` (one of this instance's own) and waits, as long as the
+ * deadline of `sql` allows, until it is gone: what it was running is rolled back.
  */
-async function terminated(sql: Sql, pid: number): Promise<void> {
-  await answered(sql, sql`select pg_terminate_backend(${pid})`)
+async function terminated(sql: Sql, session: Session): Promise<void> {
+  // As text first: a timestamptz parameter would go through a JavaScript Date (milliseconds).
+  const it = sql`pid = ${session.pid} and backend_start = ${session.started}::text::timestamptz`
+  await answered(sql, sql`select pg_terminate_backend(pid) from pg_stat_activity where ${it}`)
   const until = performance.now() + (deadlines.get(sql) ?? 10_000)
   while (performance.now() < until) {
-    const [r] = await answered(sql, sql`select 1 as alive from pg_stat_activity where pid = ${pid}`)
+    const [r] = await answered(sql, sql`select 1 as alive from pg_stat_activity where ${it}`)
     if (!r) return
     await Bun.sleep(20)
   }
 }
 
 /** A pool's ordered client (see `ordered`): the one in use, and its replacement (`onOrdered`). */
-const companions = new WeakMap<Sql, { get(): Sql; replace(old: Sql): void }>()
+const companions = new WeakMap<
+  Sql,
+  { get(): Sql; failed(client: Sql): void; replace(old: Sql): void }
+>()
 
 /** What a pool reports when its ordered client is replaced (see `deadline`). */
 const lost = new WeakMap<object, () => void>()
@@ -265,10 +289,15 @@ export function onOrdered<T>(sql: Sql, f: (client: Sql) => Promise<T>): Promise<
   if (!companion || client === sql || ms === undefined) return call
   const w: Watched = { at: performance.now() + ms, expire: () => companion.replace(client) }
   watch(w)
-  const done = () => {
-    waiting.delete(w)
-  }
-  call.then(done, done)
+  call.then(
+    () => waiting.delete(w),
+    (e: unknown) => {
+      waiting.delete(w)
+      // Its connection failed: postgres.js opens another for the next call, whose server
+      // process is asked again.
+      if (isUnreachable(e)) companion.failed(client)
+    },
+  )
   return call
 }
 

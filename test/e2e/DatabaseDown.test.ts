@@ -6,6 +6,7 @@
  */
 import { afterAll, expect, test } from 'bun:test'
 import * as Db from '../../src/ledger/Db.ts'
+import * as Instances from '../../src/ledger/Instances.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import { forwarder } from '../helpers/Forwarder.ts'
 import * as Gateway from '../helpers/Gateway.ts'
@@ -37,7 +38,7 @@ async function behindLink(overrides: Record<string, unknown> = {}, plan = 'unlim
       headers: { authorization: `Bearer ${key}` },
       signal: AbortSignal.timeout(5_000),
     })
-  return { db, link, gw, id, chat, credits }
+  return { db, link, gw, id, chat, credits, pool: sql }
 }
 
 // The embedded database runs in the gateway's process: nothing to cut.
@@ -252,36 +253,52 @@ test.skipIf(!server)(
   30_000,
 )
 
-test.skipIf(!server)(
-  'error: an admission held past the deadline by a lock (the database slow, not gone) is ended with its connection: once the lock goes it does not commit a hold its request was told 503 for',
-  async () => {
-    const { db, gw, id, chat } = await behindLink({ databaseTimeoutMs: 1_000 })
-    expect((await chat()).status).toBe(200)
-    // Its charge written (it follows the answer), so that the admission is what waits.
-    for (let i = 0; i < 100; i++) {
-      const [u] = await db.sql`select count(*)::int as n from usage where account_id = ${id}`
-      if (u!.n === 1) break
-      await Bun.sleep(10)
-    }
-    // The account row held by another transaction (a migration, an admin's, another batch).
-    const tx = await db.sql.reserve()
-    try {
-      await tx`begin`
-      await tx`select 1 from accounts where id = ${id} for update`
-      expect((await chat()).status).toBe(503)
-      // Past the deadline, its connection replaced and its release tried (finding nothing
-      // yet: the admission waits for the row); then the lock goes.
-      await Bun.sleep(1_500)
-      await tx`commit`
-    } finally {
-      tx.release()
-    }
-    // Nothing held: the admission was rolled back (or, had it committed first, released).
-    await Bun.sleep(500)
-    const l = await Gateway.released(db.sql, id)
-    expect([l.open_reservations, l.reserved]).toEqual([0n, 0n])
-    expect((await chat()).status).toBe(200)
-    expect(gw.logs.join('\n')).toContain('the ledger connection did not answer within')
-  },
-  30_000,
-)
+for (const dropped of [false, true])
+  test.skipIf(!server)(
+    `error: an admission held past the deadline by a lock (the database slow, not gone) is ended with its connection: once the lock goes it does not commit a hold its request was told 503 for${dropped ? ' (its connection dropped and opened again before: the new server process is the one ended)' : ''}`,
+    async () => {
+      const { db, gw, id, chat, pool } = await behindLink({ databaseTimeoutMs: 1_000 })
+      expect((await chat()).status).toBe(200)
+      if (dropped) {
+        // The gateway's sessions end (a restarted pooler, an admin): its next calls open new
+        // ones, with new server processes.
+        await db.sql`
+          select pg_terminate_backend(pid) from pg_stat_activity
+          where datname = current_database() and pid <> pg_backend_pid()
+            and application_name = ${(await Instances.nameOf(pool))!}`
+        let status = 0
+        for (let i = 0; i < 50 && status !== 200; i++) {
+          status = (await chat()).status
+          if (status !== 200) await Bun.sleep(50)
+        }
+        expect(status).toBe(200)
+      }
+      // Its charges written (each follows its answer), so that the admission is what waits.
+      for (let i = 0; i < 100; i++) {
+        const [u] = await db.sql`
+          select count(*)::int as n from usage where account_id = ${id} and status = 'ok'`
+        if (u!.n === (dropped ? 2 : 1)) break
+        await Bun.sleep(10)
+      }
+      // The account row held by another transaction (a migration, an admin's, another batch).
+      const tx = await db.sql.reserve()
+      try {
+        await tx`begin`
+        await tx`select 1 from accounts where id = ${id} for update`
+        expect((await chat()).status).toBe(503)
+        // Past the deadline, its connection replaced and its release tried (finding nothing
+        // yet: the admission waits for the row); then the lock goes.
+        await Bun.sleep(1_500)
+        await tx`commit`
+      } finally {
+        tx.release()
+      }
+      // Nothing held: the admission was rolled back (or, had it committed first, released).
+      await Bun.sleep(500)
+      const l = await Gateway.released(db.sql, id)
+      expect([l.open_reservations, l.reserved]).toEqual([0n, 0n])
+      expect((await chat()).status).toBe(200)
+      expect(gw.logs.join('\n')).toContain('the ledger connection did not answer within')
+    },
+    30_000,
+  )
