@@ -256,8 +256,10 @@ export type Worker = {
   /** Cooperative close with the client's final voucher; see `close`. */
   close(voucher: { channelId: Hex } & SignedVoucher): Promise<Closed>
   /**
-   * Closes the channels idle for `closeIdleMs` (see `Store.idle`), one at a time, each as
-   * `close` without a final voucher; the loop calls it after each pass that held the lock.
+   * Closes the channels idle for `closeIdleMs` (see `Store.idle`), one at a time, each marked
+   * first if still idle (`Store.markIdle`), then as `close` without a final voucher. The loop
+   * starts it, without waiting for it, after a pass that held the lock, a tenth as often as
+   * `closeIdleMs` (at least every 10 minutes).
    */
   closeIdle(): Promise<IdleClosed[]>
   /** Stops the loop and the event watch, and waits for work in progress. */
@@ -471,11 +473,11 @@ export function start(options: Options): Worker {
           },
           'settlement pass',
         )
-      // After the pass, outside its lock (each close takes it): one instance a pass. Looked
-      // for a tenth as often as the idleness it waits for, at least every 10 minutes: the
-      // query reads every open channel (no index on the time of a row updated by every charge,
-      // which would cost each charge its in-place update).
-      // Not waited for: each close waits for its transaction, and the passes (which read back
+      // Idle channels, after a pass that held the lock (one instance a pass), outside it (each
+      // close takes it). Looked for a tenth as often as the idleness it waits for, at least
+      // every 10 minutes: the query reads every open channel (no index on the time of a row
+      // updated by every charge, which would cost each charge its in-place update). Not
+      // waited for: each close waits for its transaction, and the passes (which read back
       // forced closes to settle inside their grace period) go on meanwhile. One look at a time.
       const idleEvery = Math.min(600_000, (options.closeIdleMs ?? 0) / 10)
       if (

@@ -275,11 +275,12 @@ export function ordered(sql: Sql): Sql {
  * the pool's deadline (`deadline`) takes the connection for lost: a link that drops what it
  * carries without a reset (a failover, a NAT that forgot it) would otherwise hold that call,
  * and every ledger call behind it, until TCP gives up, a quarter of an hour later. The client
- * is replaced: the calls under way on it fail (CONNECTION_DESTROYED; the ledger tries them
- * again, alone, on a new connection) and the next calls open a new one. Its server process is ended
- * first (`connect`'s `replace`), so that a statement still running there (a lock, a slow disk)
- * rolls back rather than commit what its caller, told 503 at the deadline, gave up on; what it
- * committed before is released (Reservations.admit).
+ * is replaced: the calls under way on it fail (CONNECTION_DESTROYED: the ledger tries a charge
+ * again on a new connection, and fails an admission as a 503, see Reservations) and the next
+ * calls open a new one. Its server process is ended first (`connect`'s `replace`), so that a
+ * statement still running there (a lock, a slow disk) rolls back rather than commit what its
+ * caller, told 503 at the deadline, gave up on; what it committed before is released
+ * (Reservations.admit).
  */
 export function onOrdered<T>(sql: Sql, f: (client: Sql) => Promise<T>): Promise<T> {
   const companion = companions.get(sql)
