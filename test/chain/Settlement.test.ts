@@ -156,6 +156,16 @@ function worker(options: Partial<Settlement.Options> = {}) {
   return w
 }
 
+/** The payee's client with its RPC down (nothing listens there; the URL holds a "key" that
+ * must not reach the logs). */
+const downClient = () =>
+  Client.from({
+    rpcUrl: 'http://127.0.0.1:9/secret-key',
+    chainId: chain.chainId,
+    privateKey: chain.payee.privateKey,
+    pollingInterval: 20,
+  })
+
 /**
  * The payee's client through a JSON-RPC front to anvil that answers a call with the error
  * `refuse` gives for it (as a hosted node might), and passes every other call on.
@@ -449,12 +459,7 @@ describe('start', () => {
     await accept(channelId, 90n)
     await spend(channelId, 90n)
     const entries: Entry[] = []
-    const down = Client.from({
-      rpcUrl: 'http://127.0.0.1:9/secret-key',
-      chainId: chain.chainId,
-      privateKey: chain.payee.privateKey,
-      pollingInterval: 20,
-    })
+    const down = downClient()
     const w = worker({
       client: down,
       thresholdAmount: 1n,
@@ -772,12 +777,7 @@ describe('idle channels (draft: settle and close channels inactive for extended 
     const channelId = await openChannel()
     await accept(channelId, 80n)
     await spend(channelId, 80n)
-    const down = Client.from({
-      rpcUrl: 'http://127.0.0.1:9/secret-key',
-      chainId: chain.chainId,
-      privateKey: chain.payee.privateKey,
-      pollingInterval: 20,
-    })
+    const down = downClient()
     const entries: Entry[] = []
     const failing = worker({
       client: down,
@@ -831,12 +831,7 @@ describe('idle channels (draft: settle and close channels inactive for extended 
     const channelId = await openChannel()
     await accept(channelId, 100n)
     await spend(channelId, 100n)
-    const down = Client.from({
-      rpcUrl: 'http://127.0.0.1:9/rpc',
-      chainId: chain.chainId,
-      privateKey: chain.payee.privateKey,
-      pollingInterval: 20,
-    })
+    const down = downClient()
     const failing = worker({ client: down, retry: { baseMs: 50, maxMs: 50 } })
     const final = { channelId, cumulativeAmount: 100n, signature: await sign(channelId, 100n) }
     expect(await failing.close(final).catch((e: unknown) => e)).toBeInstanceOf(Error)
