@@ -59,10 +59,11 @@ export function isUnreachable(e: unknown): boolean {
 export function connect(options: Options): Sql {
   // One name for the pool and its companion: the same instance.
   const name = instanceName()
-  const open = (max: number) =>
+  const open = (max: number, onclose: () => void = () => {}) =>
     postgres(options.url, {
       max,
       onnotice: () => {},
+      onclose,
       // A server that does not answer is out of reach after this long (postgres.js waits 30
       // s), and the request a 503 (http/App.ts), not a client's long wait.
       connect_timeout: 10,
@@ -84,12 +85,14 @@ export function connect(options: Options): Sql {
   if (max > 1) {
     let own: Sql | undefined
     /**
-     * The server process of `own`'s connection, asked first on it (and again after it failed:
-     * postgres.js opens a new connection for the next call), for `replace`. Its start time
-     * with it, so that a process id the system gave to another session since is not ended.
+     * The server process of `own`'s connection, for `replace`: asked on it after a call there
+     * went through (again after one failed: postgres.js opens a new connection for the next
+     * call), not before, so that a database out of reach is not asked more often (postgres.js
+     * waits longer before each new attempt to connect). Its start time with it, so that a
+     * process id the system gave to another session since is not ended.
      */
     let session: Promise<Session | undefined> = Promise.resolve(undefined)
-    let stale = false
+    let stale = true
     const identify = (client: Sql) => {
       session = client`
         select pid, backend_start::text as started from pg_stat_activity
@@ -104,13 +107,20 @@ export function connect(options: Options): Sql {
       get() {
         if (ended) return sql
         if (!own) {
-          own = open(1)
-          identify(own)
-        } else if (stale) {
-          stale = false
-          identify(own)
+          // Its connection closed (and postgres.js opens another when next asked, without a
+          // word when it was idle): its server process is asked again.
+          const client: Sql = open(1, () => {
+            if (own === client) stale = true
+          })
+          own = client
+          stale = true
         }
         return own
+      },
+      answered(client) {
+        if (client !== own || !stale) return
+        stale = false
+        identify(client)
       },
       failed(client) {
         if (client === own) stale = true
@@ -151,7 +161,14 @@ type Session = { pid: number; started: string }
 async function terminated(sql: Sql, session: Session): Promise<void> {
   // As text first: a timestamptz parameter would go through a JavaScript Date (milliseconds).
   const it = sql`pid = ${session.pid} and backend_start = ${session.started}::text::timestamptz`
-  await answered(sql, sql`select pg_terminate_backend(pid) from pg_stat_activity where ${it}`)
+  const terminate = () =>
+    answered(sql, sql`select pg_terminate_backend(pid) from pg_stat_activity where ${it}`)
+  // Once more on a pool connection found closed (ended with the sessions of a failover or a
+  // pooler restart, and not used since): postgres.js opens another for the retry.
+  await terminate().catch((e: unknown) => {
+    if (e instanceof DatabaseTimeoutError || !isUnreachable(e)) throw e
+    return terminate()
+  })
   const until = performance.now() + (deadlines.get(sql) ?? 10_000)
   while (performance.now() < until) {
     const [r] = await answered(sql, sql`select 1 as alive from pg_stat_activity where ${it}`)
@@ -163,7 +180,12 @@ async function terminated(sql: Sql, session: Session): Promise<void> {
 /** A pool's ordered client (see `ordered`): the one in use, and its replacement (`onOrdered`). */
 const companions = new WeakMap<
   Sql,
-  { get(): Sql; failed(client: Sql): void; replace(old: Sql): void }
+  {
+    get(): Sql
+    answered(client: Sql): void
+    failed(client: Sql): void
+    replace(old: Sql): void
+  }
 >()
 
 /** What a pool reports when its ordered client is replaced (see `deadline`). */
@@ -291,11 +313,14 @@ export function onOrdered<T>(sql: Sql, f: (client: Sql) => Promise<T>): Promise<
   const w: Watched = { at: performance.now() + ms, expire: () => companion.replace(client) }
   watch(w)
   call.then(
-    () => waiting.delete(w),
+    () => {
+      waiting.delete(w)
+      companion.answered(client)
+    },
     (e: unknown) => {
       waiting.delete(w)
       // Its connection failed: postgres.js opens another for the next call, whose server
-      // process is asked again.
+      // process is asked once a call there goes through.
       if (isUnreachable(e)) companion.failed(client)
     },
   )
