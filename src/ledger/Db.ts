@@ -59,11 +59,10 @@ export function isUnreachable(e: unknown): boolean {
 export function connect(options: Options): Sql {
   // One name for the pool and its companion: the same instance.
   const name = instanceName()
-  const open = (max: number, onclose: () => void = () => {}) =>
+  const open = (max: number) =>
     postgres(options.url, {
       max,
       onnotice: () => {},
-      onclose,
       // A server that does not answer is out of reach after this long (postgres.js waits 30
       // s), and the request a 503 (http/App.ts), not a client's long wait.
       connect_timeout: 10,
@@ -85,58 +84,51 @@ export function connect(options: Options): Sql {
   if (max > 1) {
     let own: Sql | undefined
     /**
-     * The server process of `own`'s connection, for `replace`: asked on it after a call there
-     * went through (again after one failed: postgres.js opens a new connection for the next
-     * call), not before, so that a database out of reach is not asked more often (postgres.js
-     * waits longer before each new attempt to connect). Its start time with it, so that a
-     * process id the system gave to another session since is not ended.
+     * The record postgres.js keeps of the server process of `own`'s one connection: its id,
+     * updated in place each time postgres.js connects again (after a close, or silently when
+     * the connection was idle). Taken, for `replace`, from a statement run there once a call
+     * went through (not before: a database out of reach is not asked more, and postgres.js
+     * waits longer before each new attempt to connect).
      */
-    let session: Promise<Session | undefined> = Promise.resolve(undefined)
-    let stale = true
-    const identify = (client: Sql) => {
-      session = client`
-        select pid, backend_start::text as started from pg_stat_activity
-        where pid = pg_backend_pid()`.then(
-        (r) => r[0] as Session | undefined,
-        () => undefined,
-      )
-    }
+    let backend: { pid?: number | null } | undefined
     let ended = false
     companions.set(sql, {
       // Once the pool has ended, none is opened: the pool itself answers (refusing, as ended).
       get() {
         if (ended) return sql
         if (!own) {
-          // Its connection closed (and postgres.js opens another when next asked, without a
-          // word when it was idle): its server process is asked again.
-          const client: Sql = open(1, () => {
-            if (own === client) stale = true
-          })
-          own = client
-          stale = true
+          own = open(1)
+          backend = undefined
         }
         return own
       },
       answered(client) {
-        if (client !== own || !stale) return
-        stale = false
-        identify(client)
-      },
-      failed(client) {
-        if (client === own) stale = true
+        if (client !== own || backend) return
+        const probe = client`select 1` as unknown as Promise<unknown> & {
+          state?: { pid?: number | null }
+        }
+        probe.then(
+          () => {
+            if (own === client) backend = probe.state
+          },
+          () => {},
+        )
       },
       replace(old) {
         if (own !== old) return
         own = undefined
-        const was = session
+        // The process running its statements now (read now: the record is live).
+        const pid = backend?.pid ?? undefined
+        backend = undefined
         lost.get(sql)?.()
         void (async () => {
-          // Its server process ended first, through the pool: a statement it still runs (held
-          // by a lock, a slow disk) rolls back rather than commit after its caller was told
-          // 503 and its hold released (a release that came first would find nothing to free).
-          // Ended, its calls fail, and what was committed before is released (Reservations).
-          const known = await Promise.race([was, Bun.sleep(0).then(() => undefined)])
-          if (known) await terminated(sql, known).catch(() => {})
+          // Its server process ended first, through the pool, while this connection still holds
+          // it (behind a pooler, it goes back to the pool once the connection closes): a
+          // statement it still runs (held by a lock, a slow disk) rolls back rather than commit
+          // after its caller was told 503 and its hold released (a release that came first
+          // would find nothing to free). Ended, its calls fail, and what was committed before
+          // is released (Reservations).
+          if (pid) await terminated(sql, pid, name).catch(() => {})
           // Its calls under way fail (CONNECTION_DESTROYED) now, not when TCP gives up.
           await old.end({ timeout: 0 }).catch(() => {})
         })()
@@ -151,41 +143,29 @@ export function connect(options: Options): Sql {
   return sql
 }
 
-/** A server process of this instance's: its id and when it started. */
-type Session = { pid: number; started: string }
-
 /**
- * Ends the server process of `session` (one of this instance's own) and waits, as long as the
- * deadline of `sql` allows, until it is gone: what it was running is rolled back.
+ * Ends the server process `pid` if it is a session of this instance (`name`, its
+ * application_name): what it was running is rolled back.
  */
-async function terminated(sql: Sql, session: Session): Promise<void> {
-  // As text first: a timestamptz parameter would go through a JavaScript Date (milliseconds).
-  const it = sql`pid = ${session.pid} and backend_start = ${session.started}::text::timestamptz`
+async function terminated(sql: Sql, pid: number, name: string): Promise<void> {
   const terminate = () =>
-    answered(sql, sql`select pg_terminate_backend(pid) from pg_stat_activity where ${it}`)
+    answered(
+      sql,
+      sql`select pg_terminate_backend(pid) from pg_stat_activity
+        where pid = ${pid} and application_name = ${name}`,
+    )
   // Once more on a pool connection found closed (ended with the sessions of a failover or a
   // pooler restart, and not used since): postgres.js opens another for the retry.
   await terminate().catch((e: unknown) => {
     if (e instanceof DatabaseTimeoutError || !isUnreachable(e)) throw e
     return terminate()
   })
-  const until = performance.now() + (deadlines.get(sql) ?? 10_000)
-  while (performance.now() < until) {
-    const [r] = await answered(sql, sql`select 1 as alive from pg_stat_activity where ${it}`)
-    if (!r) return
-    await Bun.sleep(20)
-  }
 }
 
 /** A pool's ordered client (see `ordered`): the one in use, and its replacement (`onOrdered`). */
 const companions = new WeakMap<
   Sql,
-  {
-    get(): Sql
-    answered(client: Sql): void
-    failed(client: Sql): void
-    replace(old: Sql): void
-  }
+  { get(): Sql; answered(client: Sql): void; replace(old: Sql): void }
 >()
 
 /** What a pool reports when its ordered client is replaced (see `deadline`). */
@@ -317,12 +297,7 @@ export function onOrdered<T>(sql: Sql, f: (client: Sql) => Promise<T>): Promise<
       waiting.delete(w)
       companion.answered(client)
     },
-    (e: unknown) => {
-      waiting.delete(w)
-      // Its connection failed: postgres.js opens another for the next call, whose server
-      // process is asked once a call there goes through.
-      if (isUnreachable(e)) companion.failed(client)
-    },
+    () => waiting.delete(w),
   )
   return call
 }
