@@ -147,6 +147,9 @@ const db = await Postgres.fresh(
   ) as never,
 )
 const { sql } = db
+// As the gateway's (DATABASE_TIMEOUT_MS): a ledger call its connection never answers is given
+// up on, and the connection replaced (Db.onOrdered), rather than holding every call after it.
+Db.deadline(sql, 3_000)
 
 const voucher = (channelId: Channels.Hex, amount: bigint) => Ledger.voucher(sql, channelId, amount)
 
@@ -266,23 +269,31 @@ describe('batched ledger calls', () => {
       // As the gateway charges: through a reservation, which tries a failed charge again.
       const charged = await Promise.all(
         held.map((r) =>
-          Reservations.reservation(sql, { id: r.requestId, held: 10n, leaseSeconds: 60 }).settle({
-            cost: 3n,
-            promptTokens: 1,
-            completionTokens: 1,
-            status: 'ok',
-            latencyMs: 1,
-            ttftMs: null,
-          }),
+          Reservations.reservation(sql, { id: r.requestId, held: 10n, leaseSeconds: 60 })
+            .settle({
+              cost: 3n,
+              promptTokens: 1,
+              completionTokens: 1,
+              status: 'ok',
+              latencyMs: 1,
+              ttftMs: null,
+            })
+            .catch((e: unknown) => e),
         ),
       )
-      expect(charged).toEqual([{ charged: 3n }, { charged: 3n }])
+      // Each answered with its charge. (Seen twice in CI: a charge sent as the connection ended
+      // got no answer at all from postgres.js; past the deadline it is a 503, the connection is
+      // replaced, and the charge lands in the background.)
+      for (const c of charged)
+        if (!(c instanceof Db.DatabaseTimeoutError)) expect(c).toEqual({ charged: 3n })
+      for (let i = 0; i < 100 && (await state(a.id)).usage < 2; i++) await Bun.sleep(100)
       expect((await admit(a.keyHash, 10n)).status).toBe('ok')
       const [again] = await Db.ordered(sql)`select pg_backend_pid() as pid`
       expect(again!.pid).not.toBe(own!.pid)
       const s = await state(a.id)
       expect([s.balance, s.reserved, s.active_requests, s.usage]).toEqual([994n, 10n, 1, 2])
     },
+    20_000,
   )
 
   test.skipIf(!process.env.DATABASE_URL)(
