@@ -84,13 +84,15 @@ export function connect(options: Options): Sql {
   if (max > 1) {
     let own: Sql | undefined
     /**
-     * The record postgres.js keeps of the server process of `own`'s one connection: its id,
-     * updated in place each time postgres.js connects again (after a close, or silently when
-     * the connection was idle). Taken, for `replace`, from a statement run there once a call
-     * went through (not before: a database out of reach is not asked more, and postgres.js
-     * waits longer before each new attempt to connect).
+     * A statement run on `own` once a call there went through (not before: a database out of
+     * reach is not asked more, and postgres.js waits longer before each new attempt to
+     * connect); one a client, again only if it failed. Its `state` is the record postgres.js
+     * keeps of the connection's server process: its id, updated in place each time postgres.js
+     * connects again (after a close, or silently when the connection was idle). `replace`
+     * reads it.
      */
-    let backend: { pid?: number | null } | undefined
+    type Probe = Promise<unknown> & { state?: { pid?: number | null } }
+    let probe: Probe | undefined
     let ended = false
     companions.set(sql, {
       // Once the pool has ended, none is opened: the pool itself answers (refusing, as ended).
@@ -98,28 +100,24 @@ export function connect(options: Options): Sql {
         if (ended) return sql
         if (!own) {
           own = open(1)
-          backend = undefined
+          probe = undefined
         }
         return own
       },
       answered(client) {
-        if (client !== own || backend) return
-        const probe = client`select 1` as unknown as Promise<unknown> & {
-          state?: { pid?: number | null }
-        }
-        probe.then(
-          () => {
-            if (own === client) backend = probe.state
-          },
-          () => {},
-        )
+        if (client !== own || probe) return
+        const p = client`select 1` as unknown as Probe
+        probe = p
+        p.catch(() => {
+          if (probe === p) probe = undefined
+        })
       },
       replace(old) {
         if (own !== old) return
         own = undefined
         // The process running its statements now (read now: the record is live).
-        const pid = backend?.pid ?? undefined
-        backend = undefined
+        const pid = probe?.state?.pid ?? undefined
+        probe = undefined
         lost.get(sql)?.()
         void (async () => {
           // Its server process ended first, through the pool, while this connection still holds
