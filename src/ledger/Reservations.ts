@@ -31,6 +31,9 @@ export type AdmitInput = {
   leaseSeconds: number
 }
 
+/** A request's Idempotency-Key, with the SHA-256 of its body. */
+export type Idempotency = { key: string; fingerprint: Uint8Array }
+
 export type Admitted = {
   status: 'ok'
   accountId: string
@@ -581,12 +584,38 @@ export async function drained(ms: number): Promise<void> {
  * and the usage row becomes the request's own. Any other row (the request already charged) is
  * left as it is.
  */
-async function chargeRest(sql: Sql, id: string, o: Omit<Finish, 'id'>): Promise<void> {
+async function chargeRest(
+  sql: Sql,
+  id: string,
+  o: Omit<Finish, 'id'>,
+  key?: Idempotency | null,
+): Promise<void> {
   await sql.begin(async (tx) => {
     const [u] = await tx`
       select account_id, channel_id, cost, status from usage where id = ${id} for update`
     if (u?.status !== 'abandoned') return
     let more = o.cost > (u.cost as bigint) ? o.cost - (u.cost as bigint) : 0n
+    // Its Idempotency-Key, which the release freed if it charged nothing, is taken back as a
+    // charge in time marks it (completed: charged, or delivered whole), unless a retry has it
+    // now: that retry is the request the payer pays for, and this one charges nothing more
+    // (nothing is charged twice for one request; the gateway, which took this one's instance
+    // for dead, bears its cost). Its usage row stays abandoned.
+    if (key && (o.status === 'ok' || (u.cost as bigint) + more > 0n)) {
+      const taken = u.account_id
+        ? await tx`
+            insert into idempotency_keys as k (account_id, key, fingerprint, request_id, state)
+            values (${u.account_id}, ${key.key}, ${key.fingerprint}, ${id}, 'completed')
+            on conflict (account_id, key) do update set state = 'completed'
+              where k.request_id = excluded.request_id
+            returning 1`
+        : await tx`
+            insert into channel_idempotency_keys as k (channel_id, key, fingerprint, request_id, state)
+            values (${u.channel_id}, ${key.key}, ${key.fingerprint}, ${id}, 'completed')
+            on conflict (channel_id, key) do update set state = 'completed'
+              where k.request_id = excluded.request_id
+            returning 1`
+      if (taken.length === 0) return
+    }
     if (u.account_id) {
       const [a] = await tx`
         select balance - reserved as free from accounts where id = ${u.account_id} for update`
@@ -651,8 +680,8 @@ export function reservation(
     held: bigint
     leaseSeconds: number
     settleInBackground?: boolean
-    /** The request has an Idempotency-Key. */
-    idempotent?: boolean
+    /** The request's Idempotency-Key, if it has one. */
+    idempotency?: Idempotency | null
     /**
      * The channel that pays, for a channel's reservation: its charge goes through the channel
      * batches. (Without it, the API-key ledger refuses the charge: it charges accounts only.)
@@ -712,13 +741,17 @@ export function reservation(
         finish(
           sql,
           { id: input.id, ...o },
-          { channelId: input.channelId, idempotent: input.idempotent, waited: !background },
+          {
+            channelId: input.channelId,
+            idempotent: input.idempotency != null,
+            waited: !background,
+          },
         ).then(async (r) => {
           if (r !== undefined) return r
           // The reservation is gone. Tried again after a failure: the failed attempt went
           // through (its answer lost). Or a sweep released it first (see `chargeRest`), which
           // charges the rest. What was charged is in its usage row.
-          await chargeRest(sql, input.id, o)
+          await chargeRest(sql, input.id, o, input.idempotency)
           return charged(sql, input.id, input.channelId)
         })
       // A charge lost to one transient error would leave a delivered request to the sweep,
@@ -754,6 +787,8 @@ export function channelReservation(
     held: bigint
     leaseSeconds: number
     channelId: string
+    /** The request's Idempotency-Key, if it has one. */
+    idempotency?: Idempotency | null
     waker: Waker
     timeoutMs: number
     /** A stream: another stream on the channel ends it. */

@@ -92,14 +92,13 @@ for (const death of ['killed', 'vanished'] as const)
  * (max_tokens): no extension records what it delivered. Read until its first word; `rest`
  * reads it to its end and gives its usage.
  */
-async function held(gw: Gateway.TestGateway, key: string, words: number) {
-  const res = await gw.complete(key, {
-    model: 'fake-slow',
-    stream: true,
-    max_tokens: 200,
-    stream_options: { include_usage: true },
-    messages: [{ role: 'user', content: Array(words).fill('hello').join(' ') }],
-  })
+async function held(
+  gw: Gateway.TestGateway,
+  key: string,
+  words: number,
+  headers?: Record<string, string>,
+) {
+  const res = await gw.complete(key, asked(words), headers)
   const reader = res.body!.getReader()
   let raw = ''
   while (!Sse.text(Sse.events(raw)).includes('hello'))
@@ -114,6 +113,17 @@ async function held(gw: Gateway.TestGateway, key: string, words: number) {
         }
       ).usage
     },
+  }
+}
+
+/** The streamed completion `held` asks for: `words` words of prompt, 200 tokens at most. */
+function asked(words: number) {
+  return {
+    model: 'fake-slow',
+    stream: true,
+    max_tokens: 200,
+    stream_options: { include_usage: true },
+    messages: [{ role: 'user', content: Array(words).fill('hello').join(' ') }],
   }
 }
 
@@ -144,14 +154,15 @@ test.skipIf(!server)(
 )
 
 test.skipIf(!server)(
-  'behavior: a live instance cut off from the database past the threshold is taken for dead, and its stream, released as abandoned, is charged in full once it ends',
+  'behavior: a live instance cut off from the database past the threshold is taken for dead, and its stream, released as abandoned, is charged in full once it ends, taking back its Idempotency-Key',
   async () => {
     const { db, link, a, b } = await pair(Upstream.start({ slowMs: 100 }), {
       sweepMs: 200,
       deadAfterMs: 1_500,
     })
     const { id, key } = await a.account()
-    const stream = await held(b, key, 100)
+    const keyed = { 'idempotency-key': 'cut-off' }
+    const stream = await held(b, key, 100, keyed)
     await link.cut()
     // Past the threshold: a releases b's reservation, charging what it recorded (nothing).
     let rows = await db.sql`select status, cost from usage where account_id = ${id}`
@@ -175,6 +186,17 @@ test.skipIf(!server)(
     // Its tokens count in the plan's month (the sweep counted none), as its usage row says.
     const tokens = BigInt(usage.prompt_tokens + usage.completion_tokens)
     expect([l.usage_tokens, l.month_tokens]).toEqual([tokens, tokens])
+    // The sweep, charging nothing, freed its Idempotency-Key; the late charge took it back, so a
+    // retry with it is not run or charged again.
+    const [k] =
+      await db.sql`select request_id, state from idempotency_keys where account_id = ${id}`
+    const [u] = await db.sql`select id from usage where account_id = ${id}`
+    expect(k).toEqual({ request_id: u!.id, state: 'completed' })
+    const retry = await a.complete(key, asked(100), keyed)
+    expect(retry.status).toBe(409)
+    expect(((await retry.json()) as { error: { code: string } }).error.code).toBe(
+      'idempotency_key_reused',
+    )
   },
   40_000,
 )

@@ -36,8 +36,15 @@ export type TestGateway = Gateway & {
     credits?: bigint | number
   }): Promise<{ id: string; key: string }>
   openai(key: string): OpenAI
-  /** POST /v1/chat/completions with `body` (JSON) and the API key `key`, as a client sends it. */
-  complete(key: string, body: Record<string, unknown>): Promise<Response>
+  /**
+   * POST /v1/chat/completions with `body` (JSON) and the API key `key`, as a client sends it
+   * (with `headers` too).
+   */
+  complete(
+    key: string,
+    body: Record<string, unknown>,
+    headers?: Record<string, string>,
+  ): Promise<Response>
   /** Another instance on the same database (with its own connection pool on a server). */
   another(): Promise<TestGateway>
 }
@@ -140,10 +147,14 @@ export async function create(
     config,
     admin,
     account: (input) => account(gateway.url, config.adminToken!, input),
-    complete: (key, body) =>
+    complete: (key, body, headers) =>
       fetch(`${gateway.url}/v1/chat/completions`, {
         method: 'POST',
-        headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+        headers: {
+          authorization: `Bearer ${key}`,
+          'content-type': 'application/json',
+          ...headers,
+        },
         body: JSON.stringify(body),
       }),
     openai: (key) => new OpenAI({ apiKey: key, baseURL: `${gateway.url}/v1`, maxRetries: 0 }),

@@ -16,7 +16,12 @@ export async function admit(
   sql: Db.Sql,
   keyHash: Uint8Array,
   want: bigint,
-  o: { need?: bigint; stream?: boolean; requestId?: string } = {},
+  o: {
+    need?: bigint
+    stream?: boolean
+    requestId?: string
+    idempotency?: Reservations.Idempotency
+  } = {},
 ) {
   const requestId = o.requestId ?? crypto.randomUUID()
   const r = await Reservations.admit(sql, {
@@ -27,8 +32,8 @@ export async function admit(
     promptTokens: 1,
     want,
     need: o.need ?? want,
-    idempotencyKey: null,
-    fingerprint: null,
+    idempotencyKey: o.idempotency?.key ?? null,
+    fingerprint: o.idempotency?.fingerprint ?? null,
     requestId,
     leaseSeconds: 60,
   })
@@ -188,7 +193,13 @@ export function voucher(sql: Db.Sql, channelId: Channels.Hex, amount: bigint, mi
 export function hold(
   sql: Db.Sql,
   channelId: Channels.Hex,
-  o: { want: bigint; need: bigint; stream?: boolean; requestId?: string },
+  o: {
+    want: bigint
+    need: bigint
+    stream?: boolean
+    requestId?: string
+    idempotency?: Reservations.Idempotency
+  },
 ) {
   return Channels.admit(sql, {
     channelId,
@@ -198,6 +209,8 @@ export function hold(
     need: o.need,
     requestId: o.requestId ?? crypto.randomUUID(),
     leaseSeconds: 60,
+    idempotencyKey: o.idempotency?.key ?? null,
+    fingerprint: o.idempotency?.fingerprint ?? null,
   })
 }
 

@@ -244,7 +244,7 @@ describe('batched ledger calls', () => {
       held: 10n,
       leaseSeconds: 60,
       settleInBackground: true,
-      idempotent: true,
+      idempotency: { key: 'retried', fingerprint: new Uint8Array([7]) },
     })
     const finished = reservation.settle(
       { cost: 4n, promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: null },

@@ -176,6 +176,54 @@ describe('a channel charge', () => {
     expect(await invariants(second.channelId)).toMatchObject({ spent: 300n, reserved: 0n })
   })
 
+  test('behavior: a late charge takes back the Idempotency-Key its sweep freed, and charges nothing more once a retry has taken it (one charge for one key)', async () => {
+    const idempotency = { key: 'late', fingerprint: new Uint8Array([3]) }
+    const keyOf = async (channelId: Channels.Hex) =>
+      (
+        await sql`
+          select request_id, state from channel_idempotency_keys
+          where channel_id = ${Buffer.from(channelId.slice(2), 'hex')} and key = 'late'`
+      )[0]
+    /** A channel request with the key, released by a sweep before it charged anything. */
+    const swept = async () => {
+      const c = await channel(1000n)
+      await voucher(c.channelId, 300n)
+      const id = crypto.randomUUID()
+      const hold = { want: 100n, need: 50n, idempotency }
+      expect((await Ledger.hold(sql, c.channelId, { ...hold, requestId: id })).status).toBe('ok')
+      await sql`update reservations set expires_at = now() - interval '1 second' where id = ${id}`
+      expect(await Reservations.sweep(sql, undefined)).toBe(1)
+      expect(await keyOf(c.channelId)).toBeUndefined()
+      const on = (requestId: string) =>
+        Reservations.reservation(sql, {
+          id: requestId,
+          held: 100n,
+          leaseSeconds: 60,
+          channelId: c.channelId,
+          idempotency,
+        })
+      return { channelId: c.channelId, id, late: on(id), hold, on }
+    }
+
+    const alone = await swept()
+    expect((await alone.late.settle(outcome(80n))).charged).toBe(80n)
+    expect(await keyOf(alone.channelId)).toEqual({ request_id: alone.id, state: 'completed' })
+    expect((await Ledger.hold(sql, alone.channelId, alone.hold)).status).toBe(
+      'idempotency_completed',
+    )
+    expect(await invariants(alone.channelId)).toMatchObject({ spent: 80n, reserved: 0n })
+
+    const raced = await swept()
+    const retry = crypto.randomUUID()
+    expect(
+      (await Ledger.hold(sql, raced.channelId, { ...raced.hold, requestId: retry })).status,
+    ).toBe('ok')
+    expect((await raced.late.settle(outcome(80n))).charged).toBe(0n)
+    expect((await raced.on(retry).settle(outcome(80n))).charged).toBe(80n)
+    expect(await keyOf(raced.channelId)).toEqual({ request_id: retry, state: 'completed' })
+    expect(await invariants(raced.channelId)).toMatchObject({ spent: 80n, reserved: 0n })
+  })
+
   test('behavior: a settle asked for twice charges once, with one charge statement', async () => {
     let statements = 0
     const { r } = await held(

@@ -411,6 +411,72 @@ describe('extend and finish', () => {
         completion_tokens: 5,
       })
   })
+  test('behavior: a late charge takes back the Idempotency-Key its sweep freed, and charges nothing more once a retry has taken it (one charge for one key)', async () => {
+    const outcome = {
+      cost: 30n,
+      promptTokens: 3,
+      completionTokens: 5,
+      status: 'ok',
+      latencyMs: 7,
+      ttftMs: 2,
+    }
+    const idempotency = { key: 'late', fingerprint: new Uint8Array([1, 2]) }
+    const keyOf = async (accountId: string) =>
+      (
+        await sql`
+          select request_id, state from idempotency_keys
+          where account_id = ${accountId} and key = 'late'`
+      )[0]
+    /** An admission with the key, released by a sweep before it charged anything. */
+    const swept = async () => {
+      const a = await account(100n)
+      const r = await Ledger.admit(sql, a.keyHash, 40n, { idempotency })
+      expect(r.status).toBe('ok')
+      await sql`update reservations set expires_at = now() - interval '1 second' where id = ${r.requestId}`
+      expect(await Reservations.sweep(sql)).toBeGreaterThanOrEqual(1)
+      // Nothing charged: the key is free for a retry.
+      expect(await keyOf(a.id)).toBeUndefined()
+      const late = Reservations.reservation(sql, {
+        id: r.requestId,
+        held: 40n,
+        leaseSeconds: 60,
+        idempotency,
+      })
+      return { a, id: r.requestId, late }
+    }
+
+    // No retry came: the late charge marks the key completed, so a retry now is not run.
+    const alone = await swept()
+    expect((await alone.late.settle(outcome)).charged).toBe(30n)
+    expect(await keyOf(alone.a.id)).toEqual({ request_id: alone.id, state: 'completed' })
+    expect(await Ledger.admit(sql, alone.a.keyHash, 40n, { idempotency })).toMatchObject({
+      status: 'idempotency_completed',
+    })
+    expect(await invariants(alone.a.id)).toMatchObject({ balance: 70n, reserved: 0n, open: 0 })
+
+    // A retry took the key first: it is the one charged, the late charge adds nothing.
+    const raced = await swept()
+    const retry = await Ledger.admit(sql, raced.a.keyHash, 40n, { idempotency })
+    expect(retry.status).toBe('ok')
+    expect((await raced.late.settle(outcome)).charged).toBe(0n)
+    const again = Reservations.reservation(sql, {
+      id: retry.requestId,
+      held: 40n,
+      leaseSeconds: 60,
+      idempotency,
+    })
+    expect((await again.settle(outcome)).charged).toBe(30n)
+    expect(await keyOf(raced.a.id)).toEqual({ request_id: retry.requestId, state: 'completed' })
+    expect(await invariants(raced.a.id)).toMatchObject({
+      balance: 70n,
+      reserved: 0n,
+      open: 0,
+      month_tokens: 8n,
+    })
+    const rows = await sql`
+      select status, cost from usage where account_id = ${raced.a.id} order by id = ${retry.requestId}`
+    expect(rows.map((u) => `${u.status}:${u.cost}`)).toEqual(['abandoned:0', 'ok:30'])
+  })
 })
 
 describe('under concurrency', () => {

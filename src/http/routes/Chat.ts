@@ -498,7 +498,7 @@ export function routes(deps: Deps) {
         id: requestId,
         held: admitted.held,
         leaseSeconds,
-        idempotent: idempotencyKey !== null,
+        idempotency: keyOf({ idempotencyKey, fingerprint }),
         // Answer before the charge is written, unless the payer's next request could be
         // refused meanwhile on another instance because this one still counts. Requests
         // admitted after this one use up what was free at its admission, so that must be
@@ -626,6 +626,7 @@ export function routes(deps: Deps) {
         channel,
       )
     }
+    const idem = idempotency(c, text)
     const admitted = await Reservations.admitOnChannel(deps.sql, {
       channelId,
       model: p.model.id,
@@ -634,7 +635,7 @@ export function routes(deps: Deps) {
       need: p.need,
       requestId,
       leaseSeconds,
-      ...idempotency(c, text),
+      ...idem,
       voucher: checked.voucher,
     })
     if (admitted.status === 'public_voucher')
@@ -662,6 +663,7 @@ export function routes(deps: Deps) {
         held: admitted.held,
         leaseSeconds,
         channelId,
+        idempotency: keyOf(idem),
         waker: deps.waker!,
         timeoutMs: payments.voucherTimeoutMs,
         stream: p.req.stream,
@@ -973,6 +975,14 @@ function idempotency(c: Context, text: string) {
     )
   const fingerprint = idempotencyKey === null ? null : createHash('sha256').update(text).digest()
   return { idempotencyKey, fingerprint }
+}
+
+/** The request's Idempotency-Key as its reservation keeps it (for a charge that comes late). */
+function keyOf(i: {
+  idempotencyKey: string | null
+  fingerprint: Uint8Array | null
+}): Reservations.Idempotency | null {
+  return i.idempotencyKey === null ? null : { key: i.idempotencyKey, fingerprint: i.fingerprint! }
 }
 
 /** A request whose Idempotency-Key was seen before: never run or charged twice. */
