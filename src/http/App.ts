@@ -196,6 +196,15 @@ export function create(deps: Deps): Hono {
     if (error.status === 402 && deps.payments && !Payments.hasPaymentChallenge(error))
       error = new WithoutPaymentError(error)
     for (const [k, v] of Object.entries(error.headers)) c.header(k, v)
+    // The core draft ("Retry Behavior"): a 402 says when the client may retry. With what its
+    // Payment challenge asks for (a credential, a voucher), at once. (A key holder's 402
+    // without one waits for credits: no time can be given.)
+    if (
+      error.status === 402 &&
+      Payments.hasPaymentChallenge(error) &&
+      !Object.keys(error.headers).some((k) => /^retry-after$/i.test(k))
+    )
+      c.header('retry-after', '0')
     if (error instanceof Problem.PaymentProblem)
       return c.body(JSON.stringify(error.toProblem()), error.status as 400, {
         'content-type': Problem.contentType,

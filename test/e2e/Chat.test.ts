@@ -490,6 +490,8 @@ describe('credits', () => {
     for (const stream of [false, true]) {
       const res = await post(key, { model: 'fake', messages, stream, max_tokens: 100 })
       expect(res.status).toBe(402)
+      // No payments here: the credits decide when a retry can pass, which no header can say.
+      expect(res.headers.get('retry-after')).toBeNull()
       const e = ((await res.json()) as { error: { type: string; message: string } }).error
       expect(e.type).toBe('insufficient_credits')
       expect(e.message).toEndWith('Add credits or lower max_tokens.')

@@ -47,8 +47,10 @@ describe('challenge', () => {
     expect(e.message).toContain('Payment')
     const www = res.headers.get('www-authenticate')!
     expect(www).toStartWith('Bearer realm="tollway", Payment ')
-    // A 402 is stored by no cache (the payment draft's MUST).
+    // A 402 is stored by no cache (the payment draft's MUST), and may be retried at once with
+    // a credential (its SHOULD: Retry-After).
     expect(res.headers.get('cache-control')).toBe('no-store')
+    expect(res.headers.get('retry-after')).toBe('0')
     const c = challengeOf(www)!
     expect(c).toMatchObject({ realm: 'tollway', method: 'evm', intent: 'session' })
     expect(c.request).toMatchObject({

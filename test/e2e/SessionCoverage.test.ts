@@ -152,6 +152,8 @@ describe('admission of a paid request', () => {
     )
     expect(payment).toHaveLength(1)
     expect(Challenge.verify(payment[0]!, secret).valid).toBe(true)
+    // Paying with the challenge can go at once.
+    expect(res.headers.get('retry-after')).toBe('0')
     expect(gw.upstream.received.length).toBe(calls)
   })
 })

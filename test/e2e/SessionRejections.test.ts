@@ -107,6 +107,8 @@ async function rejected(res: Response, status: number, type: string) {
     expect(Challenge.verify(c!, overrides.payments.challengeSecret).valid).toBe(true)
     expect(Date.parse(c!.expires!)).toBeGreaterThan(Date.now())
     expect(res.headers.get('cache-control')).toBe('no-store')
+    // The core draft's Retry Behavior: with a credential, at once.
+    expect(res.headers.get('retry-after')).toBe('0')
   }
   return problem
 }
