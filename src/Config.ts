@@ -264,6 +264,15 @@ export const Schema = z
         minVoucherDelta: BaseUnits.prefault('1'),
         /** Voucher and top-up submissions a second per channel (the draft's 10). */
         voucherRatePerSecond: z.number().positive().default(10),
+        /**
+         * Refusals with a fresh challenge (401, 402) a second per client address, and as many
+         * at once as `refusalBurst`; past them a 429, and Payment credentials from the address
+         * are not verified meanwhile (the core draft: rate limits on challenges issued and
+         * verification attempts). 0: no limit. Per instance. Requests from this machine's
+         * loopback are not limited unless the gateway trusts a proxy's X-Forwarded-For.
+         */
+        refusalRatePerSecond: z.number().min(0).default(10),
+        refusalBurst: z.number().int().positive().default(100),
         suggestedDeposit: BaseUnits.prefault('10000000'),
         /**
          * The least deposit (an open) or top-up the gateway sends and pays the gas of (EIP-3009,

@@ -17,7 +17,7 @@ import * as Transaction from './chain/Transaction.ts'
 import * as App from './http/App.ts'
 import { Drain } from './http/Drain.ts'
 import { Metrics } from './http/Metrics.ts'
-import { type Payments, VoucherLimiter } from './http/Payments.ts'
+import { Buckets, type Payments, VoucherLimiter } from './http/Payments.ts'
 import * as Logger from './Logger.ts'
 import * as Accounts from './ledger/Accounts.ts'
 import * as ApiKeys from './ledger/ApiKeys.ts'
@@ -273,6 +273,10 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         voucherTimeoutMs: config.payments.voucherTimeoutMs,
         wake: (id) => w.wake(id),
         limiter: new VoucherLimiter(config.payments.voucherRatePerSecond),
+        refusals:
+          config.payments.refusalRatePerSecond > 0
+            ? new Buckets(config.payments.refusalRatePerSecond, config.payments.refusalBurst)
+            : undefined,
       }
     }
     const metrics = new Metrics({ sql, router })

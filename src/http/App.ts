@@ -191,6 +191,18 @@ export function create(deps: Deps): Hono {
           c.req.header('accept-payment'),
         ),
       )
+    // The core draft ("Denial of Service"): challenges issued are limited per client address.
+    if (
+      (error.status === 401 || error.status === 402) &&
+      deps.payments &&
+      Payments.hasPaymentChallenge(error)
+    )
+      error =
+        Payments.overRefusals(
+          deps.payments,
+          Payments.clientAddress(c, deps.config.trustProxy),
+          true,
+        ) ?? error
     // The core draft: no 402 without a Payment challenge. A gateway that takes payments but
     // may offer none on this request (plain HTTP from another machine) refuses with a 403.
     if (error.status === 402 && deps.payments && !Payments.hasPaymentChallenge(error))

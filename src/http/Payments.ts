@@ -4,7 +4,7 @@
  * then the method's action) before anything is served.
  */
 import type { Context } from 'hono'
-import type { GatewayError } from '../Errors.ts'
+import { type GatewayError, RateLimitError, retryAfter } from '../Errors.ts'
 import { Lru } from '../Lru.ts'
 import type { Price } from '../metering/Pricing.ts'
 import * as AcceptPayment from '../payment/AcceptPayment.ts'
@@ -28,6 +28,57 @@ export type Payments = {
   wake(channelId: string): void
   /** Voucher and top-up submissions per channel (the draft's 10/s). */
   limiter: VoucherLimiter
+  /**
+   * Refusals carrying a fresh challenge (401 and 402), and so failed verifications, per client
+   * address (the core draft's "Denial of Service"); none when off.
+   */
+  refusals?: Buckets | undefined
+}
+
+/**
+ * Token buckets by key: `perSecond` a second, up to `burst` at once. In process memory, per
+ * instance (what they guard is the instance's own work), for the 10,000 keys used last (one
+ * forgotten starts full again, as a new key does).
+ */
+export class Buckets {
+  private readonly buckets = new Lru<string, { tokens: number; at: number }>(10_000)
+  constructor(
+    readonly perSecond: number,
+    readonly burst: number = perSecond,
+  ) {}
+
+  /** How many keys it keeps. */
+  get size(): number {
+    return this.buckets.count
+  }
+
+  /** Gives back one that `take` took. */
+  refund(key: string): void {
+    const b = this.buckets.get(key)
+    if (b) b.tokens = Math.min(this.burst, b.tokens + 1)
+  }
+
+  /** Milliseconds until `key` may take one (0: now). */
+  waitMs(key: string, now = Date.now()): number {
+    const b = this.buckets.get(key)
+    if (!b) return 0
+    const tokens = b.tokens + ((now - b.at) / 1000) * this.perSecond
+    return tokens >= 1 ? 0 : Math.ceil(((1 - tokens) / this.perSecond) * 1000)
+  }
+
+  /** Takes one for `key`; false when it has none left. */
+  take(key: string, now = Date.now()): boolean {
+    let b = this.buckets.get(key)
+    if (!b) {
+      b = { tokens: this.burst, at: now }
+      this.buckets.set(key, b)
+    }
+    b.tokens = Math.min(this.burst, b.tokens + ((now - b.at) / 1000) * this.perSecond)
+    b.at = now
+    if (b.tokens < 1) return false
+    b.tokens -= 1
+    return true
+  }
 }
 
 /**
@@ -38,41 +89,28 @@ export type Payments = {
  * counted, and a channel can serve more than `perSecond` requests a second.
  */
 export class VoucherLimiter {
-  private readonly buckets = new Map<string, { tokens: number; at: number }>()
-  constructor(private readonly perSecond: number = Session.maxVouchersPerSecond) {}
+  private readonly buckets: Buckets
+  constructor(perSecond: number = Session.maxVouchersPerSecond) {
+    this.buckets = new Buckets(perSecond)
+  }
 
   get perSecondLimit(): number {
-    return this.perSecond
+    return this.buckets.perSecond
   }
 
   /** Gives back a submission `take` took (one that proved not to be the channel's). */
   refund(channelId: string, replay = false): void {
-    if (replay) return
-    const b = this.buckets.get(channelId.toLowerCase())
-    if (b) b.tokens = Math.min(this.perSecond, b.tokens + 1)
+    if (!replay) this.buckets.refund(channelId.toLowerCase())
   }
 
   /** Milliseconds until the channel's next submission is allowed (0: now). */
   waitMs(channelId: string, now = Date.now()): number {
-    const b = this.buckets.get(channelId.toLowerCase())
-    if (!b) return 0
-    const tokens = b.tokens + ((now - b.at) / 1000) * this.perSecond
-    return tokens >= 1 ? 0 : Math.ceil(((1 - tokens) / this.perSecond) * 1000)
+    return this.buckets.waitMs(channelId.toLowerCase(), now)
   }
 
   /** Takes one submission for the channel (none for a replay); false when over the rate. */
   take(channelId: string, replay = false, now = Date.now()): boolean {
-    if (replay) return true
-    if (this.buckets.size > 10_000)
-      for (const [k, b] of this.buckets) if (now - b.at > 10_000) this.buckets.delete(k)
-    const key = channelId.toLowerCase()
-    const b = this.buckets.get(key) ?? { tokens: this.perSecond, at: now }
-    this.buckets.set(key, b)
-    b.tokens = Math.min(this.perSecond, b.tokens + ((now - b.at) / 1000) * this.perSecond)
-    b.at = now
-    if (b.tokens < 1) return false
-    b.tokens -= 1
-    return true
+    return replay || this.buckets.take(channelId.toLowerCase(), now)
   }
 }
 
@@ -135,9 +173,7 @@ export function overTls(c: Context, trustProxy: boolean): boolean {
   if (c.req.url.startsWith('https:')) return true
   const proto = c.req.header('x-forwarded-proto')?.split(',')[0]?.trim()
   if (trustProxy && proto === 'https') return true
-  const server = c.env as { requestIP?: (r: Request) => { address: string } | null } | undefined
-  const address =
-    typeof server?.requestIP === 'function' ? server.requestIP(c.req.raw)?.address : undefined
+  const address = peer(c)
   if (address !== undefined && !loopback(address)) return false
   // A proxy on this machine forwards other machines' requests: its word on the scheme decides.
   return proto === undefined || proto === 'https'
@@ -146,6 +182,52 @@ export function overTls(c: Context, trustProxy: boolean): boolean {
 /** Whether an IP address is this machine's loopback (127.0.0.0/8, ::1, or ::ffff:127.x). */
 export function loopback(address: string): boolean {
   return address === '::1' || address.startsWith('127.') || address.startsWith('::ffff:127.')
+}
+
+/**
+ * The address a request came from, as far as it tells clients apart: the last hop of
+ * `X-Forwarded-For` when the gateway trusts its proxy (the address the proxy saw; the hops
+ * before it are the client's say), else the socket's peer. Undefined for this machine's own
+ * loopback without a forwarded address (a proxy on the same host whose clients cannot be told
+ * apart, or a local agent) and for a request not served by a socket.
+ */
+export function clientAddress(c: Context, trustProxy: boolean): string | undefined {
+  if (trustProxy) {
+    const hops = c.req.header('x-forwarded-for')
+    const last = hops?.slice(hops.lastIndexOf(',') + 1).trim()
+    if (last) return last
+  }
+  const address = peer(c)
+  return address === undefined || loopback(address) ? undefined : address
+}
+
+/** The socket's peer address (undefined for a request not served by a socket). */
+function peer(c: Context): string | undefined {
+  const server = c.env as { requestIP?: (r: Request) => { address: string } | null } | undefined
+  return typeof server?.requestIP === 'function' ? server.requestIP(c.req.raw)?.address : undefined
+}
+
+/**
+ * A 429 in place of a refusal with a fresh challenge for a client address over its rate of
+ * them (`refusals`): such refusals (and the credentials verified before them, which the
+ * route checks the bucket for first) are what a stranger can make the gateway do for
+ * nothing. Undefined when the address may have one (it takes it).
+ */
+export function overRefusals(
+  p: Payments,
+  address: string | undefined,
+  take: boolean,
+): GatewayError | undefined {
+  const limit = p.refusals
+  if (!limit || address === undefined) return undefined
+  const wait = limit.waitMs(address)
+  if (wait === 0 && (!take || limit.take(address))) return undefined
+  const ms = Math.max(wait, limit.waitMs(address), 1)
+  return new RateLimitError(
+    `Too many refused payment or key attempts from this address (at most ${limit.perSecond} a second); retry after ${Math.ceil(ms / 1000)} s.`,
+    'refusal_rate_limited',
+    { headers: retryAfter(ms) },
+  )
 }
 
 /** The payments a request may use: none over plain HTTP from another machine (see `overTls`). */

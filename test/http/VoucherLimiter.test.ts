@@ -1,5 +1,5 @@
 import { describe, expect, test } from 'bun:test'
-import { VoucherLimiter } from '../../src/http/Payments.ts'
+import { Buckets, VoucherLimiter } from '../../src/http/Payments.ts'
 
 const channel = `0x${'ab'.repeat(32)}`
 
@@ -33,5 +33,43 @@ describe('VoucherLimiter', () => {
     expect(l.take(channel, false, 0)).toBe(true)
     expect(l.take(channel, false, 0)).toBe(false)
     expect(l.take(channel, true, 0)).toBe(true)
+  })
+})
+
+describe('Buckets', () => {
+  test('behavior: burst at once, then perSecond; keys are separate; a refund gives one back up to the burst', () => {
+    const b = new Buckets(2, 5)
+    for (let i = 0; i < 5; i++) expect(b.take('a', 0)).toBe(true)
+    expect(b.take('a', 0)).toBe(false)
+    expect(b.waitMs('a', 0)).toBe(500)
+    expect(b.take('a', 499)).toBe(false)
+    // 1 s refills two (what the refused take at 0.499 s had accrued counts).
+    expect(b.take('a', 1_000)).toBe(true)
+    expect(b.take('a', 1_000)).toBe(true)
+    expect(b.take('a', 1_000)).toBe(false)
+    expect(b.take('b', 1_000)).toBe(true)
+    b.refund('a')
+    expect(b.take('a', 1_000)).toBe(true)
+    expect(b.take('a', 1_000)).toBe(false)
+    // Never more than the burst, however long idle or refunded.
+    for (let i = 0; i < 10; i++) b.refund('b')
+    let n = 0
+    while (b.take('b', 1_000_000)) n++
+    expect(n).toBe(5)
+  })
+
+  test('behavior: it keeps the 10,000 keys used last; one forgotten starts full, as a new key', () => {
+    const b = new Buckets(1, 2)
+    b.take('first', 0)
+    b.take('first', 0)
+    expect(b.take('first', 0)).toBe(false)
+    for (let i = 0; i < 9_999; i++) b.take(`k${i}`, 0)
+    expect(b.size).toBe(10_000)
+    // Used again, `first` is kept; `k0`, used least lately, is forgotten for the next key.
+    expect(b.waitMs('first', 0)).toBe(1_000)
+    b.take('last', 0)
+    expect(b.size).toBe(10_000)
+    expect(b.take('first', 0)).toBe(false)
+    expect([b.take('k0', 0), b.take('k0', 0)]).toEqual([true, true])
   })
 })

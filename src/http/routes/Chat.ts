@@ -756,6 +756,13 @@ export function routes(deps: Deps) {
             'Payment credentials are taken over HTTPS only: this request came over plain HTTP from another machine. Use the https address (or have the TLS proxy in front send X-Forwarded-Proto, with TRUST_PROXY set).',
             'tls_required',
           )
+        // An address over its rate of refusals has its credentials verified no more for now.
+        const over = Payments.overRefusals(
+          paying()!,
+          Payments.clientAddress(c, deps.config.trustProxy),
+          false,
+        )
+        if (over) throw over
         return await paid(c, paying()!, body, startedAt, requestId)
       }
       if (c.req.method !== 'POST')
