@@ -100,10 +100,12 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       }
     }
     if (config.databaseUrl && !options.sql) await reachable(sql, config.databaseUrl)
-    Db.deadline(sql, config.databaseTimeoutMs, () =>
+    Db.deadline(sql, config.databaseTimeoutMs, (which) =>
       log.warn(
         { databaseTimeoutMs: config.databaseTimeoutMs },
-        'the ledger connection did not answer within DATABASE_TIMEOUT_MS: replaced by a new one',
+        which === 'ordered'
+          ? 'the ledger connection did not answer within DATABASE_TIMEOUT_MS: replaced by a new one'
+          : 'database connections that did not answer within DATABASE_TIMEOUT_MS were closed (new ones are opened as needed)',
       ),
     )
     await Db.migrate(sql)

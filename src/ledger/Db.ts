@@ -4,6 +4,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto'
 import { readdirSync, readFileSync } from 'node:fs'
+import net from 'node:net'
 import { join } from 'node:path'
 import postgres from 'postgres'
 
@@ -59,10 +60,11 @@ export function isUnreachable(e: unknown): boolean {
 export function connect(options: Options): Sql {
   // One name for the pool and its companion: the same instance.
   const name = instanceName()
-  const open = (max: number) =>
+  const open = (max: number, seen?: Set<Seen>) =>
     postgres(options.url, {
       max,
       onnotice: () => {},
+      ...(seen ? { socket: dial(seen) } : {}),
       // A server that does not answer is out of reach after this long (postgres.js waits 30
       // s), and the request a 503 (http/App.ts), not a client's long wait.
       connect_timeout: 10,
@@ -80,7 +82,9 @@ export function connect(options: Options): Sql {
       },
     }) as unknown as Sql
   const max = options.max ?? 10
-  const sql = open(max)
+  const seen = new Set<Seen>()
+  const sql = open(max, seen)
+  sockets.set(sql, seen)
   if (max > 1) {
     let own: Sql | undefined
     /**
@@ -118,7 +122,7 @@ export function connect(options: Options): Sql {
         // The process running its statements now (read now: the record is live).
         const pid = probe?.state?.pid ?? undefined
         probe = undefined
-        lost.get(sql)?.()
+        lost.get(sql)?.('ordered')
         void (async () => {
           // Its server process ended first, through the pool, while this connection still holds
           // it (behind a pooler, it goes back to the pool once the connection closes): a
@@ -139,6 +143,69 @@ export function connect(options: Options): Sql {
     }
   }
   return sql
+}
+
+/**
+ * A pool connection's socket, and since when it has waited for an answer: the time of its
+ * first write after it last read something, with what it had read by then (`read`). One that
+ * has read nothing since is still waiting.
+ */
+type Seen = { socket: net.Socket; since?: number; read: number }
+
+/** The sockets of a pool's connections (not its ordered client's, see `onOrdered`). */
+const sockets = new WeakMap<object, Set<Seen>>()
+
+/**
+ * The socket postgres.js talks to the server through, returned before it connects (postgres.js
+ * writes its startup message at once; the socket holds it until connected, and a failure to
+ * connect reaches postgres.js as its own would), kept in `seen` with the time it began waiting
+ * for an answer. Several hosts are taken in turn. Over TLS postgres.js writes through a socket
+ * of its own on top of this one, which is not watched: such a connection is never taken for
+ * lost (see `unstick`).
+ */
+function dial(seen: Set<Seen>) {
+  let next = 0
+  return (o: { host: string[]; port: number[]; path?: string | false }) => {
+    const i = next++ % o.host.length
+    const socket = o.path ? net.connect(o.path) : net.connect(o.port[i] ?? o.port[0]!, o.host[i])
+    const e: Seen = { socket, read: 0 }
+    const write = socket.write
+    socket.write = function (this: net.Socket, ...args: unknown[]) {
+      if (e.since === undefined || socket.bytesRead !== e.read) {
+        e.since = performance.now()
+        e.read = socket.bytesRead
+      }
+      return (write as (...a: unknown[]) => boolean).apply(this, args)
+    } as typeof socket.write
+    for (const s of seen) if (s.socket.destroyed) seen.delete(s)
+    seen.add(e)
+    return socket
+  }
+}
+
+/**
+ * Closes the sockets of `sql`'s pool that sent something `ms` or more ago and have read nothing
+ * since: connections whose server no longer answers (a link that drops what it carries without
+ * a reset: a failover, a NAT that forgot it). Each would otherwise hold the statements sent down
+ * it, and those postgres.js sends after them, until TCP gives up, a quarter of an hour later;
+ * closed, they fail (CONNECTION_CLOSED, out of reach: a 503 or a retry) and postgres.js opens
+ * another connection for the next. Called when a call with a deadline expired, so a statement
+ * that runs longer than the deadline (a VACUUM, a report) is cut only then. Returns how many it
+ * closed.
+ */
+function unstick(sql: object, ms: number, now = performance.now()): number {
+  const seen = sockets.get(sql)
+  if (!seen) return 0
+  let closed = 0
+  for (const e of seen) {
+    if (e.socket.destroyed) seen.delete(e)
+    else if (e.since !== undefined && e.socket.bytesRead === e.read && now - e.since >= ms) {
+      e.socket.destroy()
+      seen.delete(e)
+      closed++
+    }
+  }
+  return closed
 }
 
 /**
@@ -166,8 +233,11 @@ const companions = new WeakMap<
   { get(): Sql; answered(client: Sql): void; replace(old: Sql): void }
 >()
 
-/** What a pool reports when its ordered client is replaced (see `deadline`). */
-const lost = new WeakMap<object, () => void>()
+/**
+ * What a pool reports when its ordered client is replaced (`ordered`), or when it closed
+ * connections of its own that no longer answered (`pool`, see `unstick`).
+ */
+const lost = new WeakMap<object, (which: 'ordered' | 'pool') => void>()
 
 /** A database call a request waits for, not answered within its pool's deadline. */
 export class DatabaseTimeoutError extends Error {
@@ -182,7 +252,11 @@ const deadlines = new WeakMap<object, number>()
  * that drops packets, a hung failover) would otherwise hold every request until TCP gives up,
  * a quarter of an hour later.
  */
-export function deadline(sql: object, ms: number, onLost?: () => void): void {
+export function deadline(
+  sql: object,
+  ms: number,
+  onLost?: (which: 'ordered' | 'pool') => void,
+): void {
   deadlines.set(sql, ms)
   if (onLost) lost.set(sql, onLost)
 }
@@ -241,6 +315,7 @@ export function answered<T>(
       expire() {
         w.gone = true
         reject(new DatabaseTimeoutError('The database did not answer in time.'))
+        if (unstick(sql, ms) > 0) lost.get(sql)?.('pool')
       },
     }
     const call = typeof pending === 'function' ? pending(() => w.gone) : pending

@@ -250,6 +250,30 @@ test.skipIf(!server)(
   30_000,
 )
 
+test.skipIf(!server)(
+  'error: pool connections lost without a reset (what they carry dropped, new connections fine) are closed as calls on them pass the deadline: account reads are served again, not refused until TCP gives up',
+  async () => {
+    const { link, gw, credits } = await behindLink({ databaseTimeoutMs: 1_000 })
+    expect((await credits()).status).toBe(200)
+    link.drop()
+    // Each lost connection (the pool has 4) is found by a call on it; each such read is a 503
+    // after the deadline.
+    const refused: number[] = []
+    let res = await credits()
+    while (res.status !== 200 && refused.length < 8) {
+      refused.push(res.status)
+      res = await credits()
+    }
+    expect(res.status).toBe(200)
+    expect(refused.length).toBeGreaterThanOrEqual(1)
+    expect(refused.every((s) => s === 503)).toBe(true)
+    expect(gw.logs.join('\n')).toContain(
+      'database connections that did not answer within DATABASE_TIMEOUT_MS were closed',
+    )
+  },
+  30_000,
+)
+
 /** Before the admission a lock holds: its connection as it was, dropped and served again
  * once, or dropped while idle (the held admission is the first call on its new one). */
 const drops = {
