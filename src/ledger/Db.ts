@@ -147,35 +147,47 @@ export function connect(options: Options): Sql {
 
 /**
  * A pool connection's socket, and since when it has waited for an answer: the time of its
- * first write after it last read something, with what it had read by then (`read`). One that
- * has read nothing since is still waiting.
+ * first write after it last read something, with what it had read by then (`read`); one that
+ * has read nothing since is still waiting. Over TLS (`tls`: its first write asked the server
+ * for it) postgres.js writes through a TLS socket of its own on top of this one, whose writes
+ * this one does not see; only its reads are seen (`lastRead`, when it last read, `readAt`, as
+ * `sample` found them).
  */
-type Seen = { socket: net.Socket; since?: number; read: number }
+type Seen = {
+  socket: net.Socket
+  since?: number
+  read: number
+  tls?: boolean
+  lastRead: number
+  readAt: number
+}
 
 /** The sockets of a pool's connections (not its ordered client's, see `onOrdered`). */
 const sockets = new WeakMap<object, Set<Seen>>()
+
+/** PostgreSQL's SSLRequest: length 8, code 80877103. */
+const SSL_REQUEST = Buffer.from([0, 0, 0, 8, 4, 210, 22, 47])
 
 /**
  * The socket postgres.js talks to the server through, returned before it connects (postgres.js
  * writes its startup message at once; the socket holds it until connected, and a failure to
  * connect reaches postgres.js as its own would), kept in `seen` with the time it began waiting
- * for an answer. Several hosts are taken in turn. Over TLS postgres.js writes through a socket
- * of its own on top of this one, which is not watched: such a connection is never taken for
- * lost (see `unstick`).
+ * for an answer. Several hosts are taken in turn.
  */
 function dial(seen: Set<Seen>) {
   let next = 0
   return (o: { host: string[]; port: number[]; path?: string | false }) => {
     const i = next++ % o.host.length
     const socket = o.path ? net.connect(o.path) : net.connect(o.port[i] ?? o.port[0]!, o.host[i])
-    const e: Seen = { socket, read: 0 }
+    const e: Seen = { socket, read: 0, lastRead: 0, readAt: performance.now() }
     const write = socket.write
-    socket.write = function (this: net.Socket, ...args: unknown[]) {
+    socket.write = function (this: net.Socket, chunk: unknown, ...rest: unknown[]) {
+      e.tls ??= Buffer.isBuffer(chunk) && chunk.equals(SSL_REQUEST)
       if (e.since === undefined || socket.bytesRead !== e.read) {
         e.since = performance.now()
         e.read = socket.bytesRead
       }
-      return (write as (...a: unknown[]) => boolean).apply(this, args)
+      return (write as (...a: unknown[]) => boolean).apply(this, [chunk, ...rest])
     } as typeof socket.write
     for (const s of seen) if (s.socket.destroyed) seen.delete(s)
     seen.add(e)
@@ -183,23 +195,39 @@ function dial(seen: Set<Seen>) {
   }
 }
 
+/** Notes, for each socket of `seen`, when it was last seen to have read something. */
+function sample(seen: Set<Seen>, now: number) {
+  for (const e of seen)
+    if (e.socket.destroyed) seen.delete(e)
+    else if (e.socket.bytesRead !== e.lastRead) {
+      e.lastRead = e.socket.bytesRead
+      e.readAt = now
+    }
+}
+
 /**
- * Closes the sockets of `sql`'s pool that sent something `ms` or more ago and have read nothing
- * since: connections whose server no longer answers (a link that drops what it carries without
- * a reset: a failover, a NAT that forgot it). Each would otherwise hold the statements sent down
- * it, and those postgres.js sends after them, until TCP gives up, a quarter of an hour later;
- * closed, they fail (CONNECTION_CLOSED, out of reach: a 503 or a retry) and postgres.js opens
- * another connection for the next. Called when a call with a deadline expired, so a statement
- * that runs longer than the deadline (a VACUUM, a report) is cut only then. Returns how many it
- * closed.
+ * Closes the sockets of `sql`'s pool whose server no longer answers them (a link that drops what
+ * it carries without a reset: a failover, a NAT that forgot it): those that sent something `ms`
+ * or more ago and have read nothing since, and, over TLS (where what a socket sends is not seen),
+ * those that have read nothing for `ms` (stuck, or idle: an idle one costs only a new connection,
+ * and the LISTEN connection listens again on its own). Each would otherwise hold the statements
+ * sent down it, and those postgres.js sends after them, until TCP gives up, a quarter of an
+ * hour later; closed, they fail (CONNECTION_CLOSED, out of reach: a 503 or a retry) and
+ * postgres.js opens another connection for the next. Called when a call with a deadline
+ * expired, so a statement that runs longer than the deadline (a VACUUM, a report) is cut only
+ * then. Returns how many it closed.
  */
 function unstick(sql: object, ms: number, now = performance.now()): number {
   const seen = sockets.get(sql)
   if (!seen) return 0
+  sample(seen, now)
   let closed = 0
   for (const e of seen) {
+    const stuck = e.tls
+      ? now - e.readAt >= ms
+      : e.since !== undefined && e.socket.bytesRead === e.read && now - e.since >= ms
     if (e.socket.destroyed) seen.delete(e)
-    else if (e.since !== undefined && e.socket.bytesRead === e.read && now - e.since >= ms) {
+    else if (stuck) {
       e.socket.destroy()
       seen.delete(e)
       closed++
@@ -259,6 +287,8 @@ export function deadline(
 ): void {
   deadlines.set(sql, ms)
   if (onLost) lost.set(sql, onLost)
+  const seen = sockets.get(sql)
+  if (seen) sampled.add(seen)
 }
 
 /**
@@ -267,6 +297,8 @@ export function deadline(
  */
 type Watched = { at: number; expire: () => void }
 const waiting = new Set<Watched>()
+/** The sockets of pools with a deadline: when each last read is noted on every tick. */
+const sampled = new Set<Set<Seen>>()
 let ticker: ReturnType<typeof setInterval> | undefined
 const TICK_MS = 250
 
@@ -280,6 +312,7 @@ function watch(w: Watched) {
 
 function tick() {
   const now = performance.now()
+  for (const seen of sampled) sample(seen, now)
   for (const w of waiting)
     if (w.at <= now) {
       waiting.delete(w)

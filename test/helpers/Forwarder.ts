@@ -1,6 +1,7 @@
 /** A TCP link to PostgreSQL that tests cut, mend, stall and resume (the database's faults). */
 import { afterAll } from 'bun:test'
 import { connect, createServer, type Socket } from 'node:net'
+import { TLSSocket } from 'node:tls'
 
 /**
  * A TCP forwarder to PostgreSQL; `cut` closes every connection and stops listening (new ones
@@ -9,8 +10,10 @@ import { connect, createServer, type Socket } from 'node:net'
  * answered: a hung database), or only the database's answers; `resume` passes it on. `drop`
  * loses for good what the connections open now carry, either way, and leaves them open, while
  * new connections work (a link lost without a reset: a failover, a NAT that forgot it).
+ * With `tls` (a key and certificate, PEM), it speaks TLS to its clients as PostgreSQL does (it
+ * answers their SSLRequest, then decrypts), and plain to the database.
  */
-export async function forwarder(to: URL) {
+export async function forwarder(to: URL, o: { tls?: { key: string; cert: string } } = {}) {
   const open = new Set<Socket>()
   let held: (() => void)[] | undefined
   /** Whether only the database's answers are held (its statements still reach it). */
@@ -23,20 +26,30 @@ export async function forwarder(to: URL) {
       if (held && (answers || !answersOnly)) held.push(() => to.write(d))
       else to.write(d)
     })
-  const proxy = createServer((client) => {
-    const up = connect(Number(to.port || 5432), to.hostname)
-    forward(client, up, false, client)
-    forward(up, client, true, client)
-    const gone = () => {
-      client.destroy()
-      up.destroy()
-      open.delete(client)
+  const proxy = createServer((raw) => {
+    /** Forwards what `client` (the raw socket, or TLS on top of it) carries. */
+    const start = (client: Socket) => {
+      const up = connect(Number(to.port || 5432), to.hostname)
+      forward(client, up, false, raw)
+      forward(up, client, true, raw)
+      const gone = () => {
+        client.destroy()
+        raw.destroy()
+        up.destroy()
+        open.delete(raw)
+      }
+      for (const s of [client, up]) {
+        s.on('error', gone)
+        s.on('close', gone)
+      }
     }
-    for (const s of [client, up]) {
-      s.on('error', gone)
-      s.on('close', gone)
-    }
-    open.add(client)
+    open.add(raw)
+    if (!o.tls) return start(raw)
+    // The client's SSLRequest: yes, then TLS.
+    raw.once('data', () => {
+      raw.write('S')
+      start(new TLSSocket(raw, { isServer: true, ...o.tls }) as unknown as Socket)
+    })
   })
   const listen = (port: number) =>
     new Promise<void>((resolve) => proxy.listen(port, '127.0.0.1', resolve))

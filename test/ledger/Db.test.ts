@@ -4,41 +4,65 @@
  * it goes unanswered, not kept until TCP gives up. Needs DATABASE_URL (a server to forward to).
  */
 import { afterAll, expect, test } from 'bun:test'
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import * as Db from '../../src/ledger/Db.ts'
 import { forwarder } from '../helpers/Forwarder.ts'
 
 const server = Boolean(process.env.DATABASE_URL)
 
-/** A pool of `max` through a link the test breaks, with a deadline of 1 s; what it reports. */
-async function pool(max: number) {
-  const link = await forwarder(new URL(process.env.DATABASE_URL!))
-  const sql = Db.connect({ url: link.url, max })
+/**
+ * A pool of `max` through a link the test breaks (over TLS with `tls`), with a deadline of 1 s;
+ * what it reports.
+ */
+async function pool(max: number, tls?: { key: string; cert: string }) {
+  const link = await forwarder(new URL(process.env.DATABASE_URL!), { tls })
+  const url = new URL(link.url)
+  if (tls) url.searchParams.set('sslmode', 'require')
+  const sql = Db.connect({ url: url.toString(), max })
   afterAll(() => sql.end({ timeout: 1 }))
   const lost: string[] = []
   Db.deadline(sql, 1_000, (which) => lost.push(which))
   return { link, sql, lost }
 }
 
-test.skipIf(!server)(
-  'error: a pool connection lost without a reset is closed once a call on it passes the deadline: the calls after it are answered on a new one, not held until TCP gives up',
-  async () => {
-    // One connection: every call goes down it.
-    const { link, sql, lost } = await pool(1)
-    expect((await Db.answered(sql, sql`select 1 as x`))[0]).toEqual({ x: 1 })
-    link.drop()
-    const started = performance.now()
-    await expect(Db.answered(sql, sql`select 2 as x`)).rejects.toBeInstanceOf(
-      Db.DatabaseTimeoutError,
-    )
-    expect(lost).toEqual(['pool'])
-    // A moment later (postgres.js hears of the close with the socket's next event), the next
-    // call goes down a new connection.
-    await Bun.sleep(20)
-    expect((await Db.answered(sql, sql`select 3 as x`))[0]).toEqual({ x: 3 })
-    expect(performance.now() - started).toBeLessThan(3_000)
-  },
-  15_000,
-)
+/** A self-signed key and certificate (PEM) for a TLS link, made with openssl. */
+function certificate() {
+  const dir = mkdtempSync(join(tmpdir(), 'tollway-pg-tls-'))
+  const [key, cert] = [join(dir, 'key.pem'), join(dir, 'cert.pem')]
+  const made = Bun.spawnSync(
+    ['openssl', 'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1'].concat(
+      ['-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=tollway-test'],
+    ),
+  )
+  expect(made.exitCode).toBe(0)
+  const pem = { key: readFileSync(key, 'utf8'), cert: readFileSync(cert, 'utf8') }
+  rmSync(dir, { recursive: true })
+  return pem
+}
+
+for (const tls of [false, true])
+  test.skipIf(!server)(
+    `error: a pool connection lost without a reset${tls ? ' (over TLS)' : ''} is closed once a call on it passes the deadline: the calls after it are answered on a new one, not held until TCP gives up`,
+    async () => {
+      // One connection: every call goes down it.
+      const { link, sql, lost } = await pool(1, tls ? certificate() : undefined)
+      expect((await Db.answered(sql, sql`select 1 as x`))[0]).toEqual({ x: 1 })
+      link.drop()
+      const started = performance.now()
+      await expect(Db.answered(sql, sql`select 2 as x`)).rejects.toBeInstanceOf(
+        Db.DatabaseTimeoutError,
+      )
+      expect(lost).toEqual(['pool'])
+      // A moment later (postgres.js hears of the close with the socket's next event), the next
+      // call goes down a new connection.
+      await Bun.sleep(20)
+      expect((await Db.answered(sql, sql`select 3 as x`))[0]).toEqual({ x: 3 })
+      expect(performance.now() - started).toBeLessThan(3_000)
+    },
+    15_000,
+  )
 
 test.skipIf(!server)(
   'behavior: a statement longer than the deadline, not itself given one, is not cut while no call with a deadline goes unanswered',
