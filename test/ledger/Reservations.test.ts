@@ -365,15 +365,17 @@ describe('extend and finish', () => {
     expect(u).toEqual({ status: 'abandoned', cost: 0n })
   })
 
+  /** A request's own charge as it comes late: 30, for 3 prompt and 5 completion tokens. */
+  const lateOutcome = {
+    cost: 30n,
+    promptTokens: 3,
+    completionTokens: 5,
+    status: 'ok',
+    latencyMs: 7,
+    ttftMs: 2,
+  }
+
   test('behavior: a request whose reservation a sweep released first charges the rest and counts its tokens in its plan (month and wallet), as a charge in time does', async () => {
-    const outcome = {
-      cost: 30n,
-      promptTokens: 3,
-      completionTokens: 5,
-      status: 'ok',
-      latencyMs: 7,
-      ttftMs: 2,
-    }
     // Swept after recording 10 (the rest is 20 more), after recording all 30 (nothing more to
     // charge), and not swept.
     const cases = [10n, 30n, null]
@@ -387,7 +389,7 @@ describe('extend and finish', () => {
         expect(await Reservations.sweep(sql)).toBeGreaterThanOrEqual(1)
       }
       const r = Reservations.reservation(sql, { id, held: 40n, leaseSeconds: 60 })
-      expect((await r.settle(outcome)).charged).toBe(30n)
+      expect((await r.settle(lateOutcome)).charged).toBe(30n)
       const s = await invariants(a.id)
       const [w] = await sql`
         select round(wallet_tokens)::int as wallet, wallet_at is not null as dated
@@ -411,15 +413,8 @@ describe('extend and finish', () => {
         completion_tokens: 5,
       })
   })
+
   test('behavior: a late charge takes back the Idempotency-Key its sweep freed, and charges nothing more once a retry has taken it (one charge for one key)', async () => {
-    const outcome = {
-      cost: 30n,
-      promptTokens: 3,
-      completionTokens: 5,
-      status: 'ok',
-      latencyMs: 7,
-      ttftMs: 2,
-    }
     const idempotency = { key: 'late', fingerprint: new Uint8Array([1, 2]) }
     const keyOf = async (accountId: string) =>
       (
@@ -447,7 +442,7 @@ describe('extend and finish', () => {
 
     // No retry came: the late charge marks the key completed, so a retry now is not run.
     const alone = await swept()
-    expect((await alone.late.settle(outcome)).charged).toBe(30n)
+    expect((await alone.late.settle(lateOutcome)).charged).toBe(30n)
     expect(await keyOf(alone.a.id)).toEqual({ request_id: alone.id, state: 'completed' })
     expect(await Ledger.admit(sql, alone.a.keyHash, 40n, { idempotency })).toMatchObject({
       status: 'idempotency_completed',
@@ -458,14 +453,14 @@ describe('extend and finish', () => {
     const raced = await swept()
     const retry = await Ledger.admit(sql, raced.a.keyHash, 40n, { idempotency })
     expect(retry.status).toBe('ok')
-    expect((await raced.late.settle(outcome)).charged).toBe(0n)
+    expect((await raced.late.settle(lateOutcome)).charged).toBe(0n)
     const again = Reservations.reservation(sql, {
       id: retry.requestId,
       held: 40n,
       leaseSeconds: 60,
       idempotency,
     })
-    expect((await again.settle(outcome)).charged).toBe(30n)
+    expect((await again.settle(lateOutcome)).charged).toBe(30n)
     expect(await keyOf(raced.a.id)).toEqual({ request_id: retry.requestId, state: 'completed' })
     expect(await invariants(raced.a.id)).toMatchObject({
       balance: 70n,
