@@ -595,11 +595,21 @@ async function chargeRest(
       select account_id, channel_id, cost, status from usage where id = ${id} for update`
     if (u?.status !== 'abandoned') return
     let more = o.cost > (u.cost as bigint) ? o.cost - (u.cost as bigint) : 0n
+    // As far as the payer has it free (an account: its balance over what it holds; a channel:
+    // its authorized balance over what it spent and holds). Its row is locked before its keys
+    // are touched, in the order every batch takes them (no deadlock with an admission).
+    const [payer] = u.account_id
+      ? await tx`select balance - reserved as free from accounts where id = ${u.account_id} for update`
+      : await tx`
+          select accepted_cumulative - spent - reserved as free from channels
+          where channel_id = ${u.channel_id} for update`
+    const free = payer!.free as bigint
+    if (free < more) more = free > 0n ? free : 0n
     // Its Idempotency-Key, which the release freed if it charged nothing, is taken back as a
-    // charge in time marks it (completed: charged, or delivered whole), unless a retry has it
-    // now: that retry is the request the payer pays for, and this one charges nothing more
-    // (nothing is charged twice for one request; the gateway, which took this one's instance
-    // for dead, bears its cost). Its usage row stays abandoned.
+    // charge in time marks it (completed: something charged, or delivered whole), unless a
+    // retry has it now: that retry is the request the payer pays for, and this one charges
+    // nothing more (nothing is charged twice for one request; the gateway, which took this
+    // one's instance for dead, bears its cost). Its usage row stays abandoned.
     if (key && (o.status === 'ok' || (u.cost as bigint) + more > 0n)) {
       const taken = u.account_id
         ? await tx`
@@ -617,9 +627,6 @@ async function chargeRest(
       if (taken.length === 0) return
     }
     if (u.account_id) {
-      const [a] = await tx`
-        select balance - reserved as free from accounts where id = ${u.account_id} for update`
-      if ((a!.free as bigint) < more) more = a!.free as bigint
       if (more > 0n)
         await tx`
           insert into credit_transactions (account_id, amount, kind, note, request_id)
@@ -640,16 +647,10 @@ async function chargeRest(
         from plans pl, (select clock_timestamp() as ts,
             date_trunc('month', clock_timestamp() at time zone 'UTC')::date as this_month) m
         where ac.id = ${u.account_id} and pl.name = ac.plan`
-    } else if (more > 0n && u.channel_id) {
-      const [c] = await tx`
-        select accepted_cumulative - spent - reserved as free from channels
-        where channel_id = ${u.channel_id} for update`
-      if ((c!.free as bigint) < more) more = c!.free as bigint
-      if (more > 0n)
-        await tx`
-          update channels set spent = spent + ${tx.typed.numeric(more)}, updated_at = now()
-          where channel_id = ${u.channel_id}`
-    }
+    } else if (more > 0n)
+      await tx`
+        update channels set spent = spent + ${tx.typed.numeric(more)}, updated_at = now()
+        where channel_id = ${u.channel_id}`
     await tx`
       update usage set cost = cost + ${tx.typed.numeric(more)}, status = ${o.status},
         prompt_tokens = ${o.promptTokens}, completion_tokens = ${o.completionTokens},

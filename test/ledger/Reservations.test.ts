@@ -472,8 +472,28 @@ describe('extend and finish', () => {
       select status, cost from usage where account_id = ${raced.a.id} order by id = ${retry.requestId}`
     expect(rows.map((u) => `${u.status}:${u.cost}`)).toEqual(['abandoned:0', 'ok:30'])
   })
-})
 
+  test('behavior: a late charge that can charge nothing (the payer has nothing free) and did not end well leaves its freed Idempotency-Key free', async () => {
+    const idempotency = { key: 'late-nothing', fingerprint: new Uint8Array([4]) }
+    const a = await account(40n)
+    const r = await Ledger.admit(sql, a.keyHash, 40n, { idempotency })
+    await sql`update reservations set expires_at = now() - interval '1 second' where id = ${r.requestId}`
+    expect(await Reservations.sweep(sql)).toBeGreaterThanOrEqual(1)
+    // Another request holds all there is.
+    expect((await admit(a.keyHash, 40n)).status).toBe('ok')
+    const late = Reservations.reservation(sql, {
+      id: r.requestId,
+      held: 40n,
+      leaseSeconds: 60,
+      idempotency,
+    })
+    expect((await late.settle({ ...lateOutcome, status: 'client_closed' })).charged).toBe(0n)
+    const keys = await sql`
+        select state from idempotency_keys where account_id = ${a.id} and key = 'late-nothing'`
+    expect(keys).toHaveLength(0)
+    expect(await invariants(a.id)).toMatchObject({ balance: 40n, reserved: 40n, open: 1 })
+  })
+})
 describe('under concurrency', () => {
   test('property: random concurrent admits, extends, finishes and grants keep every invariant', async () => {
     await fc.assert(
