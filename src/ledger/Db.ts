@@ -52,6 +52,9 @@ export function isUnreachable(e: unknown): boolean {
   return UNREACHABLE.has(code) || /^(08|53)[0-9A-Z]{3}$/.test(code) || code.startsWith('57P')
 }
 
+/** How long a pool's `end` waits for its statements under way when not told (seconds). */
+const END_TIMEOUT_SECONDS = 2
+
 /**
  * Opens a pool (and, with more than one connection, its `ordered` client, on first use; ending
  * the pool ends it too). numeric and int8 columns arrive as `bigint`. A bigint parameter is typed
@@ -84,7 +87,12 @@ export function connect(options: Options): Sql {
   const max = options.max ?? 10
   const seen = new Set<Seen>()
   const sql = open(max, seen)
-  sockets.set(sql, seen)
+  sockets.set(sql, { seen, name })
+  // Ended without a timeout, postgres.js waits for ever on a connection that closed under a
+  // statement (the server ended it, or `unstick` did) and was not opened again: it keeps that
+  // statement as under way. The wait is bounded; what still runs then is cut.
+  const endPool = sql.end
+  sql.end = (o) => endPool({ timeout: END_TIMEOUT_SECONDS, ...o })
   if (max > 1) {
     let own: Sql | undefined
     /**
@@ -139,7 +147,7 @@ export function connect(options: Options): Sql {
     const end = sql.end
     sql.end = async (o) => {
       ended = true
-      await Promise.all([end(o), own?.end(o)])
+      await Promise.all([end(o), own?.end({ timeout: END_TIMEOUT_SECONDS, ...o })])
     }
   }
   return sql
@@ -147,47 +155,42 @@ export function connect(options: Options): Sql {
 
 /**
  * A pool connection's socket, and since when it has waited for an answer: the time of its
- * first write after it last read something, with what it had read by then (`read`); one that
- * has read nothing since is still waiting. Over TLS (`tls`: its first write asked the server
- * for it) postgres.js writes through a TLS socket of its own on top of this one, whose writes
- * this one does not see; only its reads are seen (`lastRead`, when it last read, `readAt`, as
- * `sample` found them).
+ * first write after it last read something, with what it had read by then (`read`). One that
+ * has read nothing since is still waiting.
  */
-type Seen = {
-  socket: net.Socket
-  since?: number
-  read: number
-  tls?: boolean
-  lastRead: number
-  readAt: number
-}
+type Seen = { socket: net.Socket; since?: number; read: number }
 
-/** The sockets of a pool's connections (not its ordered client's, see `onOrdered`). */
-const sockets = new WeakMap<object, Set<Seen>>()
-
-/** PostgreSQL's SSLRequest: length 8, code 80877103. */
-const SSL_REQUEST = Buffer.from([0, 0, 0, 8, 4, 210, 22, 47])
+/**
+ * The sockets of a pool's connections (not its ordered client's, see `onOrdered`), and the
+ * name its sessions go by.
+ */
+const sockets = new WeakMap<object, { seen: Set<Seen>; name: string; busy?: boolean }>()
 
 /**
  * The socket postgres.js talks to the server through, returned before it connects (postgres.js
  * writes its startup message at once; the socket holds it until connected, and a failure to
  * connect reaches postgres.js as its own would), kept in `seen` with the time it began waiting
- * for an answer. Several hosts are taken in turn.
+ * for an answer. Several hosts are taken in turn. Over TLS postgres.js writes through a socket
+ * of its own on top of this one, whose writes are not seen: such a connection never looks
+ * stuck (`unstick` leaves it alone).
  */
 function dial(seen: Set<Seen>) {
   let next = 0
   return (o: { host: string[]; port: number[]; path?: string | false }) => {
     const i = next++ % o.host.length
-    const socket = o.path ? net.connect(o.path) : net.connect(o.port[i] ?? o.port[0]!, o.host[i])
-    const e: Seen = { socket, read: 0, lastRead: 0, readAt: performance.now() }
+    const host = o.host[i]!
+    const port = o.port[i] ?? o.port[0]!
+    const socket = o.path ? net.connect(o.path) : net.connect(port, host)
+    // What postgres.js sets on a socket of its own: TLS names the server by it (SNI).
+    Object.assign(socket, { host, port })
+    const e: Seen = { socket, read: 0 }
     const write = socket.write
-    socket.write = function (this: net.Socket, chunk: unknown, ...rest: unknown[]) {
-      e.tls ??= Buffer.isBuffer(chunk) && chunk.equals(SSL_REQUEST)
+    socket.write = function (this: net.Socket, ...args: unknown[]) {
       if (e.since === undefined || socket.bytesRead !== e.read) {
         e.since = performance.now()
         e.read = socket.bytesRead
       }
-      return (write as (...a: unknown[]) => boolean).apply(this, [chunk, ...rest])
+      return (write as (...a: unknown[]) => boolean).apply(this, args)
     } as typeof socket.write
     for (const s of seen) if (s.socket.destroyed) seen.delete(s)
     seen.add(e)
@@ -195,44 +198,50 @@ function dial(seen: Set<Seen>) {
   }
 }
 
-/** Notes, for each socket of `seen`, when it was last seen to have read something. */
-function sample(seen: Set<Seen>, now: number) {
-  for (const e of seen)
-    if (e.socket.destroyed) seen.delete(e)
-    else if (e.socket.bytesRead !== e.lastRead) {
-      e.lastRead = e.socket.bytesRead
-      e.readAt = now
-    }
-}
-
 /**
- * Closes the sockets of `sql`'s pool whose server no longer answers them (a link that drops what
- * it carries without a reset: a failover, a NAT that forgot it): those that sent something `ms`
- * or more ago and have read nothing since, and, over TLS (where what a socket sends is not seen),
- * those that have read nothing for `ms` (stuck, or idle: an idle one costs only a new connection,
- * and the LISTEN connection listens again on its own). Each would otherwise hold the statements
- * sent down it, and those postgres.js sends after them, until TCP gives up, a quarter of an
- * hour later; closed, they fail (CONNECTION_CLOSED, out of reach: a 503 or a retry) and
- * postgres.js opens another connection for the next. Called when a call with a deadline
- * expired, so a statement that runs longer than the deadline (a VACUUM, a report) is cut only
- * then. Returns how many it closed.
+ * Closes the sockets of `sql`'s pool that sent something about `ms` ago or more (a tick's
+ * worth less: the call that expired began before its statement went out) and have read nothing
+ * since: connections whose server no longer answers (a link that drops what it carries without
+ * a reset: a failover, a NAT that forgot it). Each would otherwise hold the statements sent
+ * down it, and those postgres.js sends after them, until TCP gives up, a quarter of an hour
+ * later; closed, they fail (CONNECTION_CLOSED, out of reach: a 503 or a retry) and postgres.js
+ * opens another connection for the next. First the server processes of this instance that have
+ * run a statement that long are ended (through the pool): one still running (a lock, a slow
+ * disk) rolls back rather than commit what its caller was told 503 for (a channel admission's
+ * hold, which the failed call's release would not find yet); its connection then closes by
+ * itself, and is not counted. Called when a call with a deadline expired, so a statement that
+ * runs longer than the deadline (a VACUUM, a report) is cut only then. Returns how many it
+ * closed.
  */
-function unstick(sql: object, ms: number, now = performance.now()): number {
-  const seen = sockets.get(sql)
-  if (!seen) return 0
-  sample(seen, now)
+async function unstick(sql: Sql, ms: number): Promise<number> {
+  const pool = sockets.get(sql)
+  // One at a time (its own terminate, given up on, would start another).
+  if (!pool || pool.busy) return 0
+  const waited = (e: Seen) =>
+    !e.socket.destroyed &&
+    e.since !== undefined &&
+    e.socket.bytesRead === e.read &&
+    performance.now() - e.since >= ms - TICK_MS
+  const stuck = [...pool.seen].filter(waited)
+  if (stuck.length === 0) return 0
+  pool.busy = true
+  await answered(
+    sql,
+    sql`select pg_terminate_backend(pid) from pg_stat_activity
+      where application_name = ${pool.name} and state = 'active' and pid <> pg_backend_pid()
+        and clock_timestamp() - query_start >= ${ms} * interval '1 millisecond'`,
+  )
+    .catch(() => {})
+    .finally(() => {
+      pool.busy = false
+    })
   let closed = 0
-  for (const e of seen) {
-    const stuck = e.tls
-      ? now - e.readAt >= ms
-      : e.since !== undefined && e.socket.bytesRead === e.read && now - e.since >= ms
-    if (e.socket.destroyed) seen.delete(e)
-    else if (stuck) {
+  for (const e of stuck)
+    if (waited(e)) {
       e.socket.destroy()
-      seen.delete(e)
+      pool.seen.delete(e)
       closed++
     }
-  }
   return closed
 }
 
@@ -287,8 +296,6 @@ export function deadline(
 ): void {
   deadlines.set(sql, ms)
   if (onLost) lost.set(sql, onLost)
-  const seen = sockets.get(sql)
-  if (seen) sampled.add(seen)
 }
 
 /**
@@ -297,8 +304,6 @@ export function deadline(
  */
 type Watched = { at: number; expire: () => void }
 const waiting = new Set<Watched>()
-/** The sockets of pools with a deadline: when each last read is noted on every tick. */
-const sampled = new Set<Set<Seen>>()
 let ticker: ReturnType<typeof setInterval> | undefined
 const TICK_MS = 250
 
@@ -312,7 +317,6 @@ function watch(w: Watched) {
 
 function tick() {
   const now = performance.now()
-  for (const seen of sampled) sample(seen, now)
   for (const w of waiting)
     if (w.at <= now) {
       waiting.delete(w)
@@ -348,7 +352,9 @@ export function answered<T>(
       expire() {
         w.gone = true
         reject(new DatabaseTimeoutError('The database did not answer in time.'))
-        if (unstick(sql, ms) > 0) lost.get(sql)?.('pool')
+        void unstick(sql as Sql, ms).then((n) => {
+          if (n > 0) lost.get(sql)?.('pool')
+        })
       },
     }
     const call = typeof pending === 'function' ? pending(() => w.gone) : pending

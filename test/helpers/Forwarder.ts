@@ -15,6 +15,8 @@ import { TLSSocket } from 'node:tls'
  */
 export async function forwarder(to: URL, o: { tls?: { key: string; cert: string } } = {}) {
   const open = new Set<Socket>()
+  /** The server name each TLS client asked for (SNI; false: none), in order. */
+  const servernames: (string | false | null)[] = []
   let held: (() => void)[] | undefined
   /** Whether only the database's answers are held (its statements still reach it). */
   let answersOnly = false
@@ -48,7 +50,9 @@ export async function forwarder(to: URL, o: { tls?: { key: string; cert: string 
     // The client's SSLRequest: yes, then TLS.
     raw.once('data', () => {
       raw.write('S')
-      start(new TLSSocket(raw, { isServer: true, ...o.tls }) as unknown as Socket)
+      const secure = new TLSSocket(raw, { isServer: true, ...o.tls })
+      secure.once('secure', () => servernames.push(secure.servername))
+      start(secure as unknown as Socket)
     })
   })
   const listen = (port: number) =>
@@ -61,6 +65,7 @@ export async function forwarder(to: URL, o: { tls?: { key: string; cert: string 
   url.port = String(port)
   return {
     url: url.toString(),
+    servernames,
     async cut() {
       held = undefined
       const closed = new Promise<void>((resolve) => proxy.close(() => resolve()))
