@@ -191,11 +191,16 @@ export function create(deps: Deps): Hono {
           c.req.header('accept-payment'),
         ),
       )
-    // The core draft ("Denial of Service"): challenges issued are limited per client address.
+    // The core draft ("Denial of Service"): challenges issued, and Payment credentials refused,
+    // are limited per client address. Not a key holder's refusals: its bad key or empty balance
+    // is its own, and a 429 in their place would have the OpenAI SDKs send them again.
+    const authorization = c.req.header('authorization')
+    const payment = Payments.isPayment(authorization)
     if (
-      (error.status === 401 || error.status === 402) &&
       deps.payments &&
-      Payments.hasPaymentChallenge(error)
+      (payment || !Auth.rawKey(c)) &&
+      ((payment && error.status >= 400 && error.status < 500 && error.status !== 429) ||
+        ((error.status === 401 || error.status === 402) && Payments.hasPaymentChallenge(error)))
     )
       error =
         Payments.overRefusals(

@@ -195,10 +195,35 @@ export function clientAddress(c: Context, trustProxy: boolean): string | undefin
   if (trustProxy) {
     const hops = c.req.header('x-forwarded-for')
     const last = hops?.slice(hops.lastIndexOf(',') + 1).trim()
-    if (last) return last
+    if (last) return network(last)
   }
   const address = peer(c)
-  return address === undefined || loopback(address) ? undefined : address
+  return address === undefined || loopback(address) ? undefined : network(address)
+}
+
+/**
+ * The client an address stands for: an IPv4 address itself (an IPv4-mapped IPv6 one as IPv4),
+ * an IPv6 one by its /64 (a subscriber is given at least that many addresses, and would
+ * otherwise have a bucket for each). Anything else as it is written.
+ */
+export function network(address: string): string {
+  const a = address.toLowerCase().replace(/%.*$/, '')
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(a)
+  if (mapped) return mapped[1]!
+  if (!a.includes(':')) return a
+  const [head = '', tail] = a.split('::')
+  const left = head ? head.split(':') : []
+  const right = tail ? tail.split(':') : []
+  // An embedded IPv4 tail is two groups; only the first four matter here.
+  const groups =
+    tail === undefined
+      ? left
+      : [...left, ...Array(Math.max(0, 8 - left.length - right.length)).fill('0'), ...right]
+  if (groups.length < 4 || groups.slice(0, 4).some((g) => !/^[0-9a-f]{1,4}$/.test(g))) return a
+  return `${groups
+    .slice(0, 4)
+    .map((g) => g.replace(/^0+(?=.)/, ''))
+    .join(':')}::/64`
 }
 
 /** The socket's peer address (undefined for a request not served by a socket). */

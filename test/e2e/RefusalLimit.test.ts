@@ -11,7 +11,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Paid from '../helpers/Paid.ts'
 
-const chain = await Anvil.start({ accounts: 2 })
+const chain = await Anvil.start({ accounts: 3 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -97,11 +97,39 @@ describe('refusals per client address', () => {
     expect(await accepted(channelId)).toBe(2_000n)
   })
 
-  test('behavior: an API key that is good is served from an address over its refusals; a bad one gets the 429', async () => {
+  test('behavior: addresses of one IPv6 /64 share a bucket', async () => {
+    for (const host of ['1', '2', '3'])
+      expect((await from(`2001:db8:5:6::${host}`)).status).toBe(402)
+    await limited(await from('2001:db8:5:6:ffff:1:2:3'))
+    expect((await from('2001:db8:5:7::1')).status).toBe(402)
+  })
+
+  test('behavior: a Payment credential refused otherwise than with a 402 (a channel that does not exist: 410) counts too', async () => {
+    const session = await Paid.opened(url, {
+      account: privateKeyToAccount(chain.payers[1]!.privateKey),
+      tokenDomain,
+      deposit: 1_000_000n,
+      initial: 1_000n,
+    })
+    const good = Credential.deserialize(await session.voucher(2_000n))
+    for (let i = 0; i < 3; i++) {
+      // A voucher for a channel id nobody opened, on a challenge this server issued.
+      const made = Credential.serialize({
+        ...good,
+        payload: { ...good.payload, channelId: `0x${String(i + 1).repeat(64)}` },
+      })
+      expect((await from('192.0.2.60', { authorization: made }, true)).status).toBe(410)
+    }
+    await limited(await from('192.0.2.60'))
+  })
+
+  test('behavior: a key holder is not counted: its bad key stays a 401 (a 429 would have the OpenAI SDKs send it again), its good key is served', async () => {
     const { key } = await gw.account()
-    for (let i = 0; i < 3; i++)
+    for (let i = 0; i < 6; i++)
       expect((await from('203.0.113.99', { authorization: 'Bearer tw-nothing' })).status).toBe(401)
-    await limited(await from('203.0.113.99', { authorization: 'Bearer tw-nothing' }))
     expect((await from('203.0.113.99', { authorization: `Bearer ${key}` })).status).toBe(200)
+    // Its address has its whole burst of challenges still.
+    for (let i = 0; i < 3; i++) expect((await from('203.0.113.99')).status).toBe(402)
+    await limited(await from('203.0.113.99'))
   })
 })

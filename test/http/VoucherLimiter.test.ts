@@ -1,5 +1,6 @@
 import { describe, expect, test } from 'bun:test'
-import { Buckets, VoucherLimiter } from '../../src/http/Payments.ts'
+import fc from 'fast-check'
+import { Buckets, network, VoucherLimiter } from '../../src/http/Payments.ts'
 
 const channel = `0x${'ab'.repeat(32)}`
 
@@ -71,5 +72,48 @@ describe('Buckets', () => {
     expect(b.size).toBe(10_000)
     expect(b.take('first', 0)).toBe(false)
     expect([b.take('k0', 0), b.take('k0', 0)]).toEqual([true, true])
+  })
+})
+
+describe('network', () => {
+  test('behavior: IPv4 as it is (mapped too), IPv6 by its /64, anything else as written', () => {
+    expect(network('203.0.113.7')).toBe('203.0.113.7')
+    expect(network('::ffff:203.0.113.7')).toBe('203.0.113.7')
+    expect(network('2001:db8:1:2:3:4:5:6')).toBe('2001:db8:1:2::/64')
+    expect(network('2001:DB8:1:2::5')).toBe('2001:db8:1:2::/64')
+    expect(network('2001:0db8:0001:0002::')).toBe('2001:db8:1:2::/64')
+    expect(network('2001:db8::1')).toBe('2001:db8:0:0::/64')
+    expect(network('fe80::1%eth0')).toBe('fe80:0:0:0::/64')
+    expect(network('unknown')).toBe('unknown')
+    expect(network('x:y')).toBe('x:y')
+  })
+
+  test('property: every way of writing an IPv6 address (leading zeros, a run of zeros as ::) gives its /64', () => {
+    const hextet = fc.integer({ min: 0, max: 0xffff })
+    fc.assert(
+      fc.property(
+        fc.array(hextet, { minLength: 8, maxLength: 8 }),
+        fc.nat(7),
+        fc.nat(8),
+        fc.boolean(),
+        (groups, at, length, padded) => {
+          const run = Math.min(length, 8 - at)
+          for (let i = at; i < at + run; i++) groups[i] = 0
+          const text = groups.map((g) =>
+            padded ? g.toString(16).padStart(4, '0') : g.toString(16),
+          )
+          const full = text.join(':')
+          const short =
+            run > 0 ? `${text.slice(0, at).join(':')}::${text.slice(at + run).join(':')}` : full
+          const want = `${groups
+            .slice(0, 4)
+            .map((g) => g.toString(16))
+            .join(':')}::/64`
+          expect(network(full)).toBe(want)
+          expect(network(short)).toBe(want)
+          expect(network(short.toUpperCase())).toBe(want)
+        },
+      ),
+    )
   })
 })
