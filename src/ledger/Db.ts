@@ -199,50 +199,51 @@ function dial(seen: Set<Seen>) {
 }
 
 /**
- * Closes the sockets of `sql`'s pool that sent something about `ms` ago or more (a tick's
- * worth less: the call that expired began before its statement went out) and have read nothing
+ * Closes the sockets of `sql`'s pool that sent something `ms` or more ago and have read nothing
  * since: connections whose server no longer answers (a link that drops what it carries without
  * a reset: a failover, a NAT that forgot it). Each would otherwise hold the statements sent
  * down it, and those postgres.js sends after them, until TCP gives up, a quarter of an hour
  * later; closed, they fail (CONNECTION_CLOSED, out of reach: a 503 or a retry) and postgres.js
- * opens another connection for the next. First the server processes of this instance that have
- * run a statement that long are ended (through the pool): one still running (a lock, a slow
- * disk) rolls back rather than commit what its caller was told 503 for (a channel admission's
- * hold, which the failed call's release would not find yet); its connection then closes by
- * itself, and is not counted. Called when a call with a deadline expired, so a statement that
- * runs longer than the deadline (a VACUUM, a report) is cut only then. Returns how many it
- * closed.
+ * opens another connection for the next. Called when a call with a deadline expired; it looks
+ * a tick later, by when the expiring call's own statement (sent a moment after the call began)
+ * has waited `ms` too. First the server processes of this instance that have run a statement
+ * for `ms` less a tick (every statement on such a socket, whatever the network's delay) are
+ * ended (through the pool): one still running (a lock, a slow disk) rolls back rather than
+ * commit what its caller was told 503 for (a channel admission's hold, which the failed call's
+ * release would not find yet); its connection then closes by itself, and is not counted. A
+ * statement that runs that long (a VACUUM, a report) is cut only when such a call expires. One
+ * at a time: its own terminate, given up on, would start another. Returns how many it closed.
  */
 async function unstick(sql: Sql, ms: number): Promise<number> {
   const pool = sockets.get(sql)
-  // One at a time (its own terminate, given up on, would start another).
   if (!pool || pool.busy) return 0
-  const waited = (e: Seen) =>
-    !e.socket.destroyed &&
-    e.since !== undefined &&
-    e.socket.bytesRead === e.read &&
-    performance.now() - e.since >= ms - TICK_MS
-  const stuck = [...pool.seen].filter(waited)
-  if (stuck.length === 0) return 0
   pool.busy = true
-  await answered(
-    sql,
-    sql`select pg_terminate_backend(pid) from pg_stat_activity
-      where application_name = ${pool.name} and state = 'active' and pid <> pg_backend_pid()
-        and clock_timestamp() - query_start >= ${ms} * interval '1 millisecond'`,
-  )
-    .catch(() => {})
-    .finally(() => {
-      pool.busy = false
-    })
-  let closed = 0
-  for (const e of stuck)
-    if (waited(e)) {
-      e.socket.destroy()
-      pool.seen.delete(e)
-      closed++
-    }
-  return closed
+  try {
+    await new Promise((resolve) => setTimeout(resolve, TICK_MS))
+    const waited = (e: Seen) =>
+      !e.socket.destroyed &&
+      e.since !== undefined &&
+      e.socket.bytesRead === e.read &&
+      performance.now() - e.since >= ms
+    const stuck = [...pool.seen].filter(waited)
+    if (stuck.length === 0) return 0
+    await answered(
+      sql,
+      sql`select pg_terminate_backend(pid) from pg_stat_activity
+        where application_name = ${pool.name} and state = 'active' and pid <> pg_backend_pid()
+          and clock_timestamp() - query_start >= ${ms - TICK_MS} * interval '1 millisecond'`,
+    ).catch(() => {})
+    let closed = 0
+    for (const e of stuck)
+      if (waited(e)) {
+        e.socket.destroy()
+        pool.seen.delete(e)
+        closed++
+      }
+    return closed
+  } finally {
+    pool.busy = false
+  }
 }
 
 /**
