@@ -265,8 +265,9 @@ export const Schema = z
         /** Voucher and top-up submissions a second per channel (the draft's 10). */
         voucherRatePerSecond: z.number().positive().default(10),
         /**
-         * Challenges issued (401, 402 without an API key) and Payment credentials refused a
-         * second per client address (an IPv6 /64), and as many at once as `refusalBurst`;
+         * Challenges issued and credentials refused (401s, payment problems, 402s to requests
+         * without a credential) a second per client address (an IPv6 /64), and as many at once
+         * as `refusalBurst`;
          * past them a 429, and Payment credentials from the address are not verified meanwhile
          * (the core draft: rate limits on challenges issued and verification attempts). 0: no
          * limit. Per instance. Requests from this machine's loopback are not limited unless the

@@ -191,16 +191,18 @@ export function create(deps: Deps): Hono {
           c.req.header('accept-payment'),
         ),
       )
-    // The core draft ("Denial of Service"): challenges issued, and Payment credentials refused,
-    // are limited per client address. Not a key holder's refusals: its bad key or empty balance
-    // is its own, and a 429 in their place would have the OpenAI SDKs send them again.
-    const authorization = c.req.header('authorization')
-    const payment = Payments.isPayment(authorization)
+    // The core draft ("Denial of Service"): challenges issued and credentials refused are
+    // limited per client address: a refused Payment credential (a payment problem, or a 401),
+    // a key that is no key (a 401), a challenge to a request with no credential. Not a key
+    // holder's other refusals (an empty balance, a bad parameter: a 429 in their place would
+    // have the OpenAI SDKs send them again), nor a payer's that are not about its payment.
+    const payment = Payments.isPayment(c.req.header('authorization'))
+    const keyed = !payment && Auth.rawKey(c) !== undefined
     if (
       deps.payments &&
-      (payment || !Auth.rawKey(c)) &&
-      ((payment && error.status >= 400 && error.status < 500 && error.status !== 429) ||
-        ((error.status === 401 || error.status === 402) && Payments.hasPaymentChallenge(error)))
+      (error.status === 401 ||
+        (payment && error instanceof Problem.PaymentProblem) ||
+        (!payment && !keyed && error.status === 402 && Payments.hasPaymentChallenge(error)))
     )
       error =
         Payments.overRefusals(

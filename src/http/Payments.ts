@@ -3,6 +3,7 @@
  * every 401 and 402, and credentials verified in the draft's order (common verification,
  * then the method's action) before anything is served.
  */
+import { isIPv4, isIPv6 } from 'node:net'
 import type { Context } from 'hono'
 import { type GatewayError, RateLimitError, retryAfter } from '../Errors.ts'
 import { Lru } from '../Lru.ts'
@@ -202,27 +203,39 @@ export function clientAddress(c: Context, trustProxy: boolean): string | undefin
 }
 
 /**
- * The client an address stands for: an IPv4 address itself (an IPv4-mapped IPv6 one as IPv4),
- * an IPv6 one by its /64 (a subscriber is given at least that many addresses, and would
- * otherwise have a bucket for each). Anything else as it is written.
+ * The client an address stands for: an IPv4 address itself, an IPv6 one by its /64 (a
+ * subscriber is given at least that many addresses, and would otherwise have a bucket for
+ * each), except where an IPv6 address carries an IPv4 one (IPv4-mapped, `::ffff:0:0/96`, and
+ * NAT64's `64:ff9b::/96`): that IPv4 address. Written as a proxy may write it too (`[v6]`,
+ * `[v6]:port`, `v4:port`, a zone). Anything else as it is written.
  */
 export function network(address: string): string {
-  const a = address.toLowerCase().replace(/%.*$/, '')
-  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/.exec(a)
-  if (mapped) return mapped[1]!
-  if (!a.includes(':')) return a
-  const [head = '', tail] = a.split('::')
+  let a = address.trim().toLowerCase()
+  const bracketed = /^\[([^\]]*)\](?::\d+)?$/.exec(a)
+  if (bracketed) a = bracketed[1]!
+  else if (/^[\d.]+:\d+$/.test(a)) a = a.slice(0, a.lastIndexOf(':'))
+  a = a.replace(/%.*$/, '')
+  if (isIPv4(a)) return a
+  if (!isIPv6(a)) return address
+  // The canonical form (URL's): hexadecimal groups only, one `::` at most.
+  const text = new URL(`http://[${a}]/`).hostname.slice(1, -1)
+  const [head = '', tail] = text.split('::')
   const left = head ? head.split(':') : []
   const right = tail ? tail.split(':') : []
-  // An embedded IPv4 tail is two groups; only the first four matter here.
-  const groups =
-    tail === undefined
-      ? left
-      : [...left, ...Array(Math.max(0, 8 - left.length - right.length)).fill('0'), ...right]
-  if (groups.length < 4 || groups.slice(0, 4).some((g) => !/^[0-9a-f]{1,4}$/.test(g))) return a
+  const groups = [
+    ...left,
+    ...Array<string>(tail === undefined ? 0 : 8 - left.length - right.length).fill('0'),
+    ...right,
+  ].map((g) => Number.parseInt(g, 16))
+  const embedded =
+    groups.slice(0, 5).every((g) => g === 0) && groups[5] === 0xffff
+      ? true
+      : groups[0] === 0x64 && groups[1] === 0xff9b && groups.slice(2, 6).every((g) => g === 0)
+  if (embedded)
+    return [groups[6]! >> 8, groups[6]! & 0xff, groups[7]! >> 8, groups[7]! & 0xff].join('.')
   return `${groups
     .slice(0, 4)
-    .map((g) => g.replace(/^0+(?=.)/, ''))
+    .map((g) => g.toString(16))
     .join(':')}::/64`
 }
 

@@ -123,13 +123,43 @@ describe('refusals per client address', () => {
     await limited(await from('192.0.2.60'))
   })
 
-  test('behavior: a key holder is not counted: its bad key stays a 401 (a 429 would have the OpenAI SDKs send it again), its good key is served', async () => {
+  test('behavior: a key that is no key counts (a 401), a key holder does not: its empty balance stays a 402 (a 429 would have the OpenAI SDKs send it again), its good key is served', async () => {
+    const empty = await gw.account({ credits: 0 })
     const { key } = await gw.account()
     for (let i = 0; i < 6; i++)
+      expect((await from('203.0.113.98', { authorization: `Bearer ${empty.key}` })).status).toBe(
+        402,
+      )
+    expect((await from('203.0.113.98', { authorization: `Bearer ${key}` })).status).toBe(200)
+    for (let i = 0; i < 3; i++)
       expect((await from('203.0.113.99', { authorization: 'Bearer tw-nothing' })).status).toBe(401)
+    await limited(await from('203.0.113.99', { 'x-api-key': 'tw-other' }))
     expect((await from('203.0.113.99', { authorization: `Bearer ${key}` })).status).toBe(200)
-    // Its address has its whole burst of challenges still.
-    for (let i = 0; i < 3; i++) expect((await from('203.0.113.99')).status).toBe(402)
-    await limited(await from('203.0.113.99'))
+  })
+
+  test('behavior: a payer refused for what is not its payment (an unknown model) is not counted', async () => {
+    const session = await Paid.opened(url, {
+      account: privateKeyToAccount(chain.payers[0]!.privateKey),
+      tokenDomain,
+      deposit: 1_000_000n,
+      initial: 1_000n,
+    })
+    const credential = await session.voucher(5_000n)
+    for (let i = 0; i < 5; i++) {
+      const res = await fetch(url, {
+        method: 'POST',
+        headers: {
+          'x-forwarded-for': '192.0.2.70',
+          'content-type': 'application/json',
+          authorization: credential,
+        },
+        body: JSON.stringify({
+          model: 'no-such-model',
+          messages: [{ role: 'user', content: 'hi' }],
+        }),
+      })
+      expect(res.status).toBe(404)
+    }
+    expect((await from('192.0.2.70')).status).toBe(402)
   })
 })

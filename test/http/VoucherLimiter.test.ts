@@ -76,16 +76,35 @@ describe('Buckets', () => {
 })
 
 describe('network', () => {
-  test('behavior: IPv4 as it is (mapped too), IPv6 by its /64, anything else as written', () => {
+  test('behavior: IPv4 as it is, IPv6 by its /64, an IPv4 address carried in IPv6 as that address, anything else as written', () => {
     expect(network('203.0.113.7')).toBe('203.0.113.7')
-    expect(network('::ffff:203.0.113.7')).toBe('203.0.113.7')
     expect(network('2001:db8:1:2:3:4:5:6')).toBe('2001:db8:1:2::/64')
     expect(network('2001:DB8:1:2::5')).toBe('2001:db8:1:2::/64')
     expect(network('2001:0db8:0001:0002::')).toBe('2001:db8:1:2::/64')
     expect(network('2001:db8::1')).toBe('2001:db8:0:0::/64')
     expect(network('fe80::1%eth0')).toBe('fe80:0:0:0::/64')
-    expect(network('unknown')).toBe('unknown')
-    expect(network('x:y')).toBe('x:y')
+    // An embedded IPv4 tail is two groups.
+    expect(network('::2:3:4:5:6:1.2.3.4')).toBe('0:2:3:4::/64')
+    // IPv4-mapped, however written, and NAT64's prefix: each IPv4 client is its own.
+    for (const a of ['::ffff:203.0.113.7', '::ffff:cb00:7107', '0:0:0:0:0:ffff:203.0.113.7'])
+      expect(network(a)).toBe('203.0.113.7')
+    expect(network('64:ff9b::203.0.113.7')).toBe('203.0.113.7')
+    expect(network('64:ff9b::cb00:7108')).toBe('203.0.113.8')
+    // As a proxy may write them: brackets, ports.
+    expect(network('[2001:db8:1:2::5]')).toBe('2001:db8:1:2::/64')
+    expect(network('[2001:db8:1:2::5]:443')).toBe('2001:db8:1:2::/64')
+    expect(network('203.0.113.7:5678')).toBe('203.0.113.7')
+    for (const a of [
+      'unknown',
+      'x:y',
+      '1::2::3',
+      ':::::',
+      '',
+      '[]',
+      '999.1.1.1',
+      'a'.repeat(10_000),
+    ])
+      expect(network(a)).toBe(a)
   })
 
   test('property: every way of writing an IPv6 address (leading zeros, a run of zeros as ::) gives its /64', () => {
@@ -99,6 +118,15 @@ describe('network', () => {
         (groups, at, length, padded) => {
           const run = Math.min(length, 8 - at)
           for (let i = at; i < at + run; i++) groups[i] = 0
+          // Not one that carries an IPv4 address (IPv4-mapped, NAT64): those count as it.
+          fc.pre(
+            !(groups.slice(0, 5).every((g) => g === 0) && groups[5] === 0xffff) &&
+              !(
+                groups[0] === 0x64 &&
+                groups[1] === 0xff9b &&
+                groups.slice(2, 6).every((g) => g === 0)
+              ),
+          )
           const text = groups.map((g) =>
             padded ? g.toString(16).padStart(4, '0') : g.toString(16),
           )
