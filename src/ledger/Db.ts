@@ -87,7 +87,7 @@ export function connect(options: Options): Sql {
   const max = options.max ?? 10
   const seen = new Set<Seen>()
   const sql = open(max, seen)
-  sockets.set(sql, { seen, name })
+  sockets.set(sql, { seen, name, alone: () => open(1) })
   // Ended without a timeout, postgres.js waits for ever on a connection that closed under a
   // statement (the server ended it, or `unstick` did) and was not opened again: it keeps that
   // statement as under way. The wait is bounded; what still runs then is cut.
@@ -164,7 +164,10 @@ type Seen = { socket: net.Socket; since?: number; read: number }
  * The sockets of a pool's connections (not its ordered client's, see `onOrdered`), and the
  * name its sessions go by.
  */
-const sockets = new WeakMap<object, { seen: Set<Seen>; name: string; busy?: boolean }>()
+const sockets = new WeakMap<
+  object,
+  { seen: Set<Seen>; name: string; alone: () => Sql; busy?: boolean }
+>()
 
 /**
  * The socket postgres.js talks to the server through, returned before it connects (postgres.js
@@ -210,7 +213,8 @@ function dial(seen: Set<Seen>) {
  * for `ms` less a tick (every statement on such a socket, whatever the network's delay) are
  * ended (through the pool): one still running (a lock, a slow disk) rolls back rather than
  * commit what its caller was told 503 for (a channel admission's hold, which the failed call's
- * release would not find yet); its connection then closes by itself, and is not counted. A
+ * release would not find yet); its connection then closes by itself, and is not counted. The
+ * terminate goes down a connection of its own, opened for it. A
  * statement that runs that long (a VACUUM, a report) is cut only when such a call expires. One
  * at a time: its own terminate, given up on, would start another. Returns how many it closed.
  */
@@ -227,12 +231,16 @@ async function unstick(sql: Sql, ms: number): Promise<number> {
       performance.now() - e.since >= ms
     const stuck = [...pool.seen].filter(waited)
     if (stuck.length === 0) return 0
+    // On a connection of its own: the pool's may all be lost, and postgres.js would queue the
+    // statement behind one of them.
+    const alone = pool.alone()
     await answered(
       sql,
-      sql`select pg_terminate_backend(pid) from pg_stat_activity
+      alone`select pg_terminate_backend(pid) from pg_stat_activity
         where application_name = ${pool.name} and state = 'active' and pid <> pg_backend_pid()
           and clock_timestamp() - query_start >= ${ms - TICK_MS} * interval '1 millisecond'`,
     ).catch(() => {})
+    void alone.end({ timeout: 0 }).catch(() => {})
     let closed = 0
     for (const e of stuck)
       if (waited(e)) {
