@@ -47,6 +47,15 @@ const accepted = async (channelId: string) =>
     ).acceptedCumulative,
   )
 
+/** A paying session of payer `index` with a channel opened (1,000,000 deposited, 1,000 paid). */
+const opened = (index: number) =>
+  Paid.opened(url, {
+    account: privateKeyToAccount(chain.payers[index]!.privateKey),
+    tokenDomain,
+    deposit: 1_000_000n,
+    initial: 1_000n,
+  })
+
 /** Asserts the 429 of an address over its refusals: a wait, and no challenge. */
 async function limited(res: Response) {
   expect(res.status).toBe(429)
@@ -72,12 +81,7 @@ describe('refusals per client address', () => {
   })
 
   test('behavior: credentials that fail verification count; past them a good credential from that address is not verified, from another it is', async () => {
-    const session = await Paid.opened(url, {
-      account: privateKeyToAccount(chain.payers[0]!.privateKey),
-      tokenDomain,
-      deposit: 1_000_000n,
-      initial: 1_000n,
-    })
+    const session = await opened(0)
     const channelId = session.channelId!
     const good = await session.voucher(2_000n)
     // The same voucher echoing a challenge id this server did not issue.
@@ -105,12 +109,7 @@ describe('refusals per client address', () => {
   })
 
   test('behavior: a Payment credential refused otherwise than with a 402 (a channel that does not exist: 410) counts too', async () => {
-    const session = await Paid.opened(url, {
-      account: privateKeyToAccount(chain.payers[1]!.privateKey),
-      tokenDomain,
-      deposit: 1_000_000n,
-      initial: 1_000n,
-    })
+    const session = await opened(1)
     const good = Credential.deserialize(await session.voucher(2_000n))
     for (let i = 0; i < 3; i++) {
       // A voucher for a channel id nobody opened, on a challenge this server issued.
@@ -138,12 +137,7 @@ describe('refusals per client address', () => {
   })
 
   test('behavior: a payer refused for what is not its payment (an unknown model) is not counted', async () => {
-    const session = await Paid.opened(url, {
-      account: privateKeyToAccount(chain.payers[0]!.privateKey),
-      tokenDomain,
-      deposit: 1_000_000n,
-      initial: 1_000n,
-    })
+    const session = await opened(0)
     const credential = await session.voucher(5_000n)
     for (let i = 0; i < 5; i++) {
       const res = await fetch(url, {
