@@ -203,13 +203,17 @@ export function create(deps: Deps): Hono {
       (error.status === 401 ||
         (payment && error instanceof Problem.PaymentProblem) ||
         (!payment && !keyed && error.status === 402 && Payments.hasPaymentChallenge(error)))
-    )
-      error =
-        Payments.overRefusals(
-          deps.payments,
-          Payments.clientAddress(c, deps.config.trustProxy),
-          true,
-        ) ?? error
+    ) {
+      const over = Payments.overRefusals(
+        deps.payments,
+        Payments.clientAddress(c, deps.config.trustProxy),
+        true,
+      )
+      if (over) {
+        deps.metrics.refusalLimited()
+        error = over
+      }
+    }
     // The core draft: no 402 without a Payment challenge. A gateway that takes payments but
     // may offer none on this request (plain HTTP from another machine) refuses with a 403.
     if (error.status === 402 && deps.payments && !Payments.hasPaymentChallenge(error))

@@ -11,6 +11,7 @@
 import client from 'prom-client'
 import * as Batch from '../ledger/Batch.ts'
 import type { Sql } from '../ledger/Db.ts'
+import * as Db from '../ledger/Db.ts'
 import type { Outcome, Status } from '../metering/Meter.ts'
 import * as Tokenizer from '../metering/Tokenizer.ts'
 import type { Router } from '../upstream/Router.ts'
@@ -35,6 +36,7 @@ export class Metrics {
   private readonly http: client.Counter<'method' | 'route' | 'status'>
   private readonly duration: client.Histogram<'model' | 'stream'>
   private readonly ttft: client.Histogram<'model' | 'stream'>
+  private readonly refusals: client.Counter
   private readonly counts = new Map<string, Counts>()
 
   constructor(deps: { sql: Sql; router: Router }) {
@@ -193,6 +195,28 @@ export class Metrics {
       'tollway_ledger_statements_behind_total',
       'Ledger statements sent while others of their batcher were under way.',
     )
+    new client.Counter({
+      name: 'tollway_database_connections_lost_total',
+      help: 'Database connections given up for lost after DATABASE_TIMEOUT_MS without an answer (a link lost without a reset), by connection: ordered (the API-key ledger one, replaced) or pool (closed).',
+      labelNames: ['connection'],
+      registers,
+      collect() {
+        this.reset()
+        const l = Db.lostConnections(deps.sql)
+        this.inc({ connection: 'ordered' }, l.ordered)
+        this.inc({ connection: 'pool' }, l.pool)
+      },
+    })
+    this.refusals = new client.Counter({
+      name: 'tollway_refusals_limited_total',
+      help: 'Refusals answered 429 refusal_rate_limited instead: a client address over payments.refusalRatePerSecond (challenges issued, credentials refused).',
+      registers,
+    })
+  }
+
+  /** Counts a refusal the per-address limit turned into a 429. */
+  refusalLimited(): void {
+    this.refusals.inc()
   }
 
   /** Counts an HTTP answer. */

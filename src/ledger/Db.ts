@@ -130,6 +130,7 @@ export function connect(options: Options): Sql {
         // The process running its statements now (read now: the record is live).
         const pid = probe?.state?.pid ?? undefined
         probe = undefined
+        counted(sql).ordered++
         lost.get(sql)?.('ordered')
         void (async () => {
           // Its server process ended first, through the pool, while this connection still holds
@@ -285,6 +286,23 @@ const companions = new WeakMap<
  */
 const lost = new WeakMap<object, (which: 'ordered' | 'pool') => void>()
 
+/** How many connections of a pool were given up for lost: its ordered client's, its own. */
+export type Losses = { ordered: number; pool: number }
+const losses = new WeakMap<object, Losses>()
+const counted = (sql: object): Losses => {
+  let l = losses.get(sql)
+  if (!l) {
+    l = { ordered: 0, pool: 0 }
+    losses.set(sql, l)
+  }
+  return l
+}
+
+/** The connections of `sql`'s pool given up for lost so far (see `onOrdered`, `unstick`). */
+export function lostConnections(sql: object): Losses {
+  return { ...counted(sql) }
+}
+
 /** A database call a request waits for, not answered within its pool's deadline. */
 export class DatabaseTimeoutError extends Error {
   readonly code = 'DATABASE_TIMEOUT'
@@ -362,7 +380,9 @@ export function answered<T>(
         w.gone = true
         reject(new DatabaseTimeoutError('The database did not answer in time.'))
         void unstick(sql as Sql, ms).then((n) => {
-          if (n > 0) lost.get(sql)?.('pool')
+          if (n === 0) return
+          counted(sql).pool += n
+          lost.get(sql)?.('pool')
         })
       },
     }

@@ -51,6 +51,14 @@ async function behindLink(overrides: Record<string, unknown> = {}, plan = 'unlim
   return { db, link, gw, id, chat, credits, served, pool: sql }
 }
 
+/** The gateway's metrics, as the operator scrapes them. */
+async function metrics(gw: Gateway.TestGateway) {
+  const res = await fetch(`${gw.url}/metrics`, {
+    headers: { authorization: `Bearer ${gw.config.adminToken}` },
+  })
+  return res.text()
+}
+
 // The embedded database runs in the gateway's process: nothing to cut.
 test.skipIf(!server)(
   'error: the database out of reach → 503 database_unavailable with Retry-After, never a 500; back, it serves again',
@@ -241,6 +249,9 @@ test.skipIf(!server)(
     // The lost connection's calls failed with it; the next ones go down a new connection.
     expect(await served()).toBe(200)
     expect(gw.logs.join('\n')).toContain('the ledger connection did not answer within')
+    expect(await metrics(gw)).toMatch(
+      /^tollway_database_connections_lost_total\{connection="ordered"\} [1-9]\d*$/m,
+    )
     // The refused request holds nothing; the answered two are charged.
     const l = await Gateway.released(db.sql, id)
     expect([l.open_reservations, l.reserved]).toEqual([0n, 0n])
@@ -272,6 +283,9 @@ test.skipIf(!server)(
     const closed = 'database connections that did not answer within DATABASE_TIMEOUT_MS were closed'
     for (let i = 0; i < 30 && !gw.logs.join('\n').includes(closed); i++) await Bun.sleep(100)
     expect(gw.logs.join('\n')).toContain(closed)
+    expect(await metrics(gw)).toMatch(
+      /^tollway_database_connections_lost_total\{connection="pool"\} [1-9]\d*$/m,
+    )
   },
   30_000,
 )
@@ -332,6 +346,9 @@ for (const [dropped, title] of Object.entries(drops))
       expect([l.open_reservations, l.reserved]).toEqual([0n, 0n])
       expect((await chat()).status).toBe(200)
       expect(gw.logs.join('\n')).toContain('the ledger connection did not answer within')
+      expect(await metrics(gw)).toMatch(
+        /^tollway_database_connections_lost_total\{connection="ordered"\} [1-9]\d*$/m,
+      )
     },
     30_000,
   )

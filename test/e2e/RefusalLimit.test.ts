@@ -78,6 +78,13 @@ describe('refusals per client address', () => {
     await limited(await from('192.0.2.1, 203.0.113.7'))
     expect((await from('198.51.100.1')).status).toBe(402)
     expect((await from('203.0.113.7, 198.51.100.1')).status).toBe(402)
+    // The operator sees them.
+    const metrics = await (
+      await fetch(`${gw.url}/metrics`, {
+        headers: { authorization: `Bearer ${gw.config.adminToken}` },
+      })
+    ).text()
+    expect(metrics).toMatch(/^tollway_refusals_limited_total [2-9]\d*$/m)
   })
 
   test('behavior: credentials that fail verification count; past them a good credential from that address is not verified, from another it is', async () => {

@@ -762,7 +762,10 @@ export function routes(deps: Deps) {
           Payments.clientAddress(c, deps.config.trustProxy),
           false,
         )
-        if (over) throw over
+        if (over) {
+          deps.metrics.refusalLimited()
+          throw over
+        }
         return await paid(c, paying()!, body, startedAt, requestId)
       }
       if (c.req.method !== 'POST')
