@@ -87,12 +87,14 @@ export function connect(options: Options): Sql {
   const max = options.max ?? 10
   const seen = new Set<Seen>()
   const sql = open(max, seen)
-  sockets.set(sql, { seen, name, alone: () => open(1) })
+  const pool: Pool = { seen, name, alone: () => open(1), lost: { ordered: 0, pool: 0 } }
+  pools.set(sql, pool)
   // Ended without a timeout, postgres.js waits for ever on a connection that closed under a
   // statement (the server ended it, or `unstick` did) and was not opened again: it keeps that
   // statement as under way. The wait is bounded; what still runs then is cut.
+  const bounded = (o?: { timeout?: number }) => ({ timeout: END_TIMEOUT_SECONDS, ...o })
   const endPool = sql.end
-  sql.end = (o) => endPool({ timeout: END_TIMEOUT_SECONDS, ...o })
+  sql.end = (o) => endPool(bounded(o))
   if (max > 1) {
     let own: Sql | undefined
     /**
@@ -130,16 +132,16 @@ export function connect(options: Options): Sql {
         // The process running its statements now (read now: the record is live).
         const pid = probe?.state?.pid ?? undefined
         probe = undefined
-        counted(sql).ordered++
+        pool.lost.ordered++
         lost.get(sql)?.('ordered')
         void (async () => {
-          // Its server process ended first, through the pool, while this connection still holds
-          // it (behind a pooler, it goes back to the pool once the connection closes): a
-          // statement it still runs (held by a lock, a slow disk) rolls back rather than commit
-          // after its caller was told 503 and its hold released (a release that came first
-          // would find nothing to free). Ended, its calls fail, and what was committed before
-          // is released (Reservations).
-          if (pid) await terminated(sql, pid, name).catch(() => {})
+          // Its server process ended first, while this connection still holds it (behind a
+          // pooler, it goes back to the pool once the connection closes): a statement it still
+          // runs (held by a lock, a slow disk) rolls back rather than commit after its caller
+          // was told 503 and its hold released (a release that came first would find nothing to
+          // free). Ended, its calls fail, and what was committed before is released
+          // (Reservations).
+          if (pid) await endSessions(sql, pool, (q) => q`pid = ${pid}`)
           // Its calls under way fail (CONNECTION_DESTROYED) now, not when TCP gives up.
           await old.end({ timeout: 0 }).catch(() => {})
         })()
@@ -148,7 +150,7 @@ export function connect(options: Options): Sql {
     const end = sql.end
     sql.end = async (o) => {
       ended = true
-      await Promise.all([end(o), own?.end({ timeout: END_TIMEOUT_SECONDS, ...o })])
+      await Promise.all([end(o), own?.end(bounded(o))])
     }
   }
   return sql
@@ -161,14 +163,41 @@ export function connect(options: Options): Sql {
  */
 type Seen = { socket: net.Socket; since?: number; read: number }
 
+/** How many connections of a pool were given up for lost: its ordered client's, its own. */
+export type Losses = { ordered: number; pool: number }
+
 /**
- * The sockets of a pool's connections (not its ordered client's, see `onOrdered`), and the
- * name its sessions go by.
+ * A pool: the sockets of its connections (not its ordered client's, see `onOrdered`), the name
+ * its sessions go by, a client of one connection of its own (`alone`, opened each time), the
+ * connections it gave up for lost, and whether `unstick` is under way.
  */
-const sockets = new WeakMap<
-  object,
-  { seen: Set<Seen>; name: string; alone: () => Sql; busy?: boolean }
->()
+type Pool = { seen: Set<Seen>; name: string; alone: () => Sql; lost: Losses; busy?: boolean }
+const pools = new WeakMap<object, Pool>()
+
+/** The connections of `sql`'s pool given up for lost so far (see `onOrdered`, `unstick`). */
+export function lostConnections(sql: object): Losses {
+  return { ...(pools.get(sql)?.lost ?? { ordered: 0, pool: 0 }) }
+}
+
+/**
+ * Ends this instance's server processes (of `pool`'s name) that match `where`: what they run is
+ * rolled back. On a client of its own, opened for it: the pool's connections may all be lost,
+ * and postgres.js would queue the statement behind one of them. Within `sql`'s deadline; a
+ * failure is given up on (what it would end, its caller gives up on too).
+ */
+async function endSessions(
+  sql: Sql,
+  pool: Pool,
+  where: (alone: Sql) => postgres.PendingQuery<postgres.Row[]>,
+) {
+  const alone = pool.alone()
+  await answered(
+    sql,
+    alone`select pg_terminate_backend(pid) from pg_stat_activity
+      where application_name = ${pool.name} and pid <> pg_backend_pid() and ${where(alone)}`,
+  ).catch(() => {})
+  void alone.end({ timeout: 0 }).catch(() => {})
+}
 
 /**
  * The socket postgres.js talks to the server through, returned before it connects (postgres.js
@@ -212,15 +241,14 @@ function dial(seen: Set<Seen>) {
  * a tick later, by when the expiring call's own statement (sent a moment after the call began)
  * has waited `ms` too. First the server processes of this instance that have run a statement
  * for `ms` less a tick (every statement on such a socket, whatever the network's delay) are
- * ended (through the pool): one still running (a lock, a slow disk) rolls back rather than
+ * ended (`endSessions`): one still running (a lock, a slow disk) rolls back rather than
  * commit what its caller was told 503 for (a channel admission's hold, which the failed call's
- * release would not find yet); its connection then closes by itself, and is not counted. The
- * terminate goes down a connection of its own, opened for it. A
+ * release would not find yet); its connection then closes by itself, and is not counted. A
  * statement that runs that long (a VACUUM, a report) is cut only when such a call expires. One
  * at a time: its own terminate, given up on, would start another. Returns how many it closed.
  */
 async function unstick(sql: Sql, ms: number): Promise<number> {
-  const pool = sockets.get(sql)
+  const pool = pools.get(sql)
   if (!pool || pool.busy) return 0
   pool.busy = true
   try {
@@ -232,16 +260,12 @@ async function unstick(sql: Sql, ms: number): Promise<number> {
       performance.now() - e.since >= ms
     const stuck = [...pool.seen].filter(waited)
     if (stuck.length === 0) return 0
-    // On a connection of its own: the pool's may all be lost, and postgres.js would queue the
-    // statement behind one of them.
-    const alone = pool.alone()
-    await answered(
+    await endSessions(
       sql,
-      alone`select pg_terminate_backend(pid) from pg_stat_activity
-        where application_name = ${pool.name} and state = 'active' and pid <> pg_backend_pid()
-          and clock_timestamp() - query_start >= ${ms - TICK_MS} * interval '1 millisecond'`,
-    ).catch(() => {})
-    void alone.end({ timeout: 0 }).catch(() => {})
+      pool,
+      (q) => q`state = 'active'
+        and clock_timestamp() - query_start >= ${ms - TICK_MS} * interval '1 millisecond'`,
+    )
     let closed = 0
     for (const e of stuck)
       if (waited(e)) {
@@ -255,25 +279,6 @@ async function unstick(sql: Sql, ms: number): Promise<number> {
   }
 }
 
-/**
- * Ends the server process `pid` if it is a session of this instance (`name`, its
- * application_name): what it was running is rolled back.
- */
-async function terminated(sql: Sql, pid: number, name: string): Promise<void> {
-  const terminate = () =>
-    answered(
-      sql,
-      sql`select pg_terminate_backend(pid) from pg_stat_activity
-        where pid = ${pid} and application_name = ${name}`,
-    )
-  // Once more on a pool connection found closed (ended with the sessions of a failover or a
-  // pooler restart, and not used since): postgres.js opens another for the retry.
-  await terminate().catch((e: unknown) => {
-    if (e instanceof DatabaseTimeoutError || !isUnreachable(e)) throw e
-    return terminate()
-  })
-}
-
 /** A pool's ordered client (see `ordered`): the one in use, and its replacement (`onOrdered`). */
 const companions = new WeakMap<
   Sql,
@@ -285,23 +290,6 @@ const companions = new WeakMap<
  * connections of its own that no longer answered (`pool`, see `unstick`).
  */
 const lost = new WeakMap<object, (which: 'ordered' | 'pool') => void>()
-
-/** How many connections of a pool were given up for lost: its ordered client's, its own. */
-export type Losses = { ordered: number; pool: number }
-const losses = new WeakMap<object, Losses>()
-const counted = (sql: object): Losses => {
-  let l = losses.get(sql)
-  if (!l) {
-    l = { ordered: 0, pool: 0 }
-    losses.set(sql, l)
-  }
-  return l
-}
-
-/** The connections of `sql`'s pool given up for lost so far (see `onOrdered`, `unstick`). */
-export function lostConnections(sql: object): Losses {
-  return { ...counted(sql) }
-}
 
 /** A database call a request waits for, not answered within its pool's deadline. */
 export class DatabaseTimeoutError extends Error {
@@ -381,7 +369,7 @@ export function answered<T>(
         reject(new DatabaseTimeoutError('The database did not answer in time.'))
         void unstick(sql as Sql, ms).then((n) => {
           if (n === 0) return
-          counted(sql).pool += n
+          pools.get(sql)!.lost.pool += n
           lost.get(sql)?.('pool')
         })
       },
