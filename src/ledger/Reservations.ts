@@ -611,19 +611,16 @@ async function chargeRest(
     // nothing more (nothing is charged twice for one request; the gateway, which took this
     // one's instance for dead, bears its cost). Its usage row stays abandoned.
     if (key && (o.status === 'ok' || (u.cost as bigint) + more > 0n)) {
-      const taken = u.account_id
-        ? await tx`
-            insert into idempotency_keys as k (account_id, key, fingerprint, request_id, state)
-            values (${u.account_id}, ${key.key}, ${key.fingerprint}, ${id}, 'completed')
-            on conflict (account_id, key) do update set state = 'completed'
-              where k.request_id = excluded.request_id
-            returning 1`
-        : await tx`
-            insert into channel_idempotency_keys as k (channel_id, key, fingerprint, request_id, state)
-            values (${u.channel_id}, ${key.key}, ${key.fingerprint}, ${id}, 'completed')
-            on conflict (channel_id, key) do update set state = 'completed'
-              where k.request_id = excluded.request_id
-            returning 1`
+      // An account's keys, or a channel's: the same shape.
+      const [table, owner] = u.account_id
+        ? ['idempotency_keys', 'account_id']
+        : ['channel_idempotency_keys', 'channel_id']
+      const taken = await tx`
+        insert into ${tx(table)} as k (${tx(owner)}, key, fingerprint, request_id, state)
+        values (${u.account_id ?? u.channel_id}, ${key.key}, ${key.fingerprint}, ${id}, 'completed')
+        on conflict (${tx(owner)}, key) do update set state = 'completed'
+          where k.request_id = excluded.request_id
+        returning 1`
       if (taken.length === 0) return
     }
     if (u.account_id) {

@@ -473,6 +473,36 @@ describe('extend and finish', () => {
     expect(rows.map((u) => `${u.status}:${u.cost}`)).toEqual(['abandoned:0', 'ok:30'])
   })
 
+  test('property: a late charge and a retry with its Idempotency-Key at the same moment charge the request once, and neither fails', async () => {
+    const idempotency = { key: 'racing', fingerprint: new Uint8Array([5]) }
+    for (let i = 0; i < 25; i++) {
+      const a = await account(100n)
+      const r = await Ledger.admit(sql, a.keyHash, 40n, { idempotency })
+      await sql`update reservations set expires_at = now() - interval '1 second' where id = ${r.requestId}`
+      expect(await Reservations.sweep(sql)).toBeGreaterThanOrEqual(1)
+      const late = Reservations.reservation(sql, {
+        id: r.requestId,
+        held: 40n,
+        leaseSeconds: 60,
+        idempotency,
+      })
+      // Both at once: whichever takes the key first is the one the payer pays for.
+      const [, retry] = await Promise.all([
+        late.settle(lateOutcome),
+        Ledger.admit(sql, a.keyHash, 40n, { idempotency }),
+      ])
+      if (retry.status === 'ok')
+        await Reservations.reservation(sql, {
+          id: retry.requestId,
+          held: 40n,
+          leaseSeconds: 60,
+          idempotency,
+        }).settle(lateOutcome)
+      else expect(retry.status).toBe('idempotency_completed')
+      expect(await invariants(a.id)).toMatchObject({ balance: 70n, reserved: 0n, open: 0 })
+    }
+  }, 30_000)
+
   test('behavior: a late charge that can charge nothing (the payer has nothing free) and did not end well leaves its freed Idempotency-Key free', async () => {
     const idempotency = { key: 'late-nothing', fingerprint: new Uint8Array([4]) }
     const a = await account(40n)
