@@ -197,18 +197,16 @@ export function create(deps: Deps): Hono {
     // holder's other refusals (an empty balance, a bad parameter: a 429 in their place would
     // have the OpenAI SDKs send them again), nor a payer's that are not about its payment.
     const payment = Payments.isPayment(c.req.header('authorization'))
-    const keyed = !payment && Auth.rawKey(c) !== undefined
     if (
       deps.payments &&
       (error.status === 401 ||
         (payment && error instanceof Problem.PaymentProblem) ||
-        (!payment && !keyed && error.status === 402 && Payments.hasPaymentChallenge(error)))
+        (!payment &&
+          Auth.rawKey(c) === undefined &&
+          error.status === 402 &&
+          Payments.hasPaymentChallenge(error)))
     ) {
-      const over = Payments.overRefusals(
-        deps.payments,
-        Payments.clientAddress(c, deps.config.trustProxy),
-        true,
-      )
+      const over = Payments.overRefusals(deps.payments, c, deps.config.trustProxy, true)
       if (over) {
         deps.metrics.refusalLimited()
         error = over

@@ -3,8 +3,8 @@
  * every 401 and 402, and credentials verified in the draft's order (common verification,
  * then the method's action) before anything is served.
  */
-import { isIPv4, isIPv6 } from 'node:net'
 import type { Context } from 'hono'
+import ipaddr from 'ipaddr.js'
 import { type GatewayError, RateLimitError, retryAfter } from '../Errors.ts'
 import { Lru } from '../Lru.ts'
 import type { Price } from '../metering/Pricing.ts'
@@ -210,30 +210,18 @@ export function clientAddress(c: Context, trustProxy: boolean): string | undefin
  * `[v6]:port`, `v4:port`, a zone). Anything else as it is written.
  */
 export function network(address: string): string {
-  let a = address.trim().toLowerCase()
+  let a = address.trim()
   const bracketed = /^\[([^\]]*)\](?::\d+)?$/.exec(a)
   if (bracketed) a = bracketed[1]!
   else if (/^[\d.]+:\d+$/.test(a)) a = a.slice(0, a.lastIndexOf(':'))
-  a = a.replace(/%.*$/, '')
-  if (isIPv4(a)) return a
-  if (!isIPv6(a)) return address
-  // The canonical form (URL's): hexadecimal groups only, one `::` at most.
-  const text = new URL(`http://[${a}]/`).hostname.slice(1, -1)
-  const [head = '', tail] = text.split('::')
-  const left = head ? head.split(':') : []
-  const right = tail ? tail.split(':') : []
-  const groups = [
-    ...left,
-    ...Array<string>(tail === undefined ? 0 : 8 - left.length - right.length).fill('0'),
-    ...right,
-  ].map((g) => Number.parseInt(g, 16))
-  const embedded =
-    groups.slice(0, 5).every((g) => g === 0) && groups[5] === 0xffff
-      ? true
-      : groups[0] === 0x64 && groups[1] === 0xff9b && groups.slice(2, 6).every((g) => g === 0)
-  if (embedded)
-    return [groups[6]! >> 8, groups[6]! & 0xff, groups[7]! >> 8, groups[7]! & 0xff].join('.')
-  return `${groups
+  if (ipaddr.IPv4.isValidFourPartDecimal(a)) return ipaddr.IPv4.parse(a).toString()
+  if (!ipaddr.IPv6.isValid(a)) return address
+  const v6 = ipaddr.IPv6.parse(a)
+  const p = v6.parts
+  const range = v6.range()
+  if (range === 'ipv4Mapped' || range === 'rfc6052')
+    return [p[6]! >> 8, p[6]! & 0xff, p[7]! >> 8, p[7]! & 0xff].join('.')
+  return `${p
     .slice(0, 4)
     .map((g) => g.toString(16))
     .join(':')}::/64`
@@ -246,17 +234,19 @@ function peer(c: Context): string | undefined {
 }
 
 /**
- * A 429 in place of a refusal with a fresh challenge for a client address over its rate of
- * them (`refusals`): such refusals (and the credentials verified before them, which the
- * route checks the bucket for first) are what a stranger can make the gateway do for
- * nothing. Undefined when the address may have one (it takes it).
+ * A 429 in place of a refusal for a client address over its rate of them (`refusals`, see
+ * `clientAddress`): refusals (and the credentials verified before them, which the route
+ * checks the bucket for first, `take` false) are what a stranger can make the gateway do for
+ * nothing. Undefined when the address may have one (taken, with `take`).
  */
 export function overRefusals(
   p: Payments,
-  address: string | undefined,
+  c: Context,
+  trustProxy: boolean,
   take: boolean,
 ): GatewayError | undefined {
   const limit = p.refusals
+  const address = limit && clientAddress(c, trustProxy)
   if (!limit || address === undefined) return undefined
   const wait = limit.waitMs(address)
   if (wait === 0 && (!take || limit.take(address))) return undefined

@@ -757,11 +757,7 @@ export function routes(deps: Deps) {
             'tls_required',
           )
         // An address over its rate of refusals has its credentials verified no more for now.
-        const over = Payments.overRefusals(
-          paying()!,
-          Payments.clientAddress(c, deps.config.trustProxy),
-          false,
-        )
+        const over = Payments.overRefusals(paying()!, c, deps.config.trustProxy, false)
         if (over) {
           deps.metrics.refusalLimited()
           throw over
