@@ -192,7 +192,7 @@ export function loopback(address: string): boolean {
  * loopback without a forwarded address (a proxy on the same host whose clients cannot be told
  * apart, or a local agent) and for a request not served by a socket.
  */
-export function clientAddress(c: Context, trustProxy: boolean): string | undefined {
+function clientAddress(c: Context, trustProxy: boolean): string | undefined {
   if (trustProxy) {
     const hops = c.req.header('x-forwarded-for')
     const last = hops?.slice(hops.lastIndexOf(',') + 1).trim()
