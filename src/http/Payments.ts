@@ -210,6 +210,18 @@ function clientAddress(c: Context, trustProxy: boolean): string | undefined {
  * `[v6]:port`, `v4:port`, a zone). Anything else as it is written.
  */
 export function network(address: string): string {
+  // Parsed once per address seen lately (every paid request asks, see `overRefusals`), kept
+  // only if it is address-sized (an IPv6 one with brackets, port and zone is under 64).
+  let known = networks.get(address)
+  if (known === undefined) {
+    known = networkOf(address)
+    if (address.length <= 64) networks.set(address, known)
+  }
+  return known
+}
+const networks = new Lru<string, string>(4096)
+
+function networkOf(address: string): string {
   let a = address.trim()
   const bracketed = /^\[([^\]]*)\](?::\d+)?$/.exec(a)
   if (bracketed) a = bracketed[1]!
