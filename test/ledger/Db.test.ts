@@ -133,17 +133,26 @@ test.skipIf(!server)(
 )
 
 test.skipIf(!server)(
-  'behavior: a statement longer than the deadline, not itself given one, is not cut while no call with a deadline goes unanswered',
+  'behavior: when a call passes the deadline, only the connection that waits on its statement is closed: one idle in a transaction that holds a lock (as the settlement holds its advisory lock) stays',
   async () => {
-    const { sql, lost } = await pool(2)
-    const long = sql`select pg_sleep(1.6) as slept`
-    // Calls with a deadline meanwhile (each answered in time) look at the sockets.
-    for (let i = 0; i < 8; i++) {
-      expect((await Db.answered(sql, sql`select ${i}::int as i`))[0]).toEqual({ i })
-      await Bun.sleep(200)
-    }
-    expect((await long)[0]).toEqual({ slept: '' })
-    expect(lost).toEqual([])
+    const { sql, lost } = await pool(3)
+    // A transaction that holds a lock and waits, its connection idle (it read its answers).
+    const holder = await sql.reserve()
+    await holder`begin`
+    await holder`select pg_advisory_xact_lock(4242)`
+    // A call that waits on that lock past the deadline.
+    await expect(Db.answered(sql, sql`select pg_advisory_xact_lock(4242)`)).rejects.toBeInstanceOf(
+      Db.DatabaseTimeoutError,
+    )
+    for (let i = 0; i < 30 && lost.length === 0; i++) await Bun.sleep(100)
+    expect(lost).toEqual(['pool'])
+    // The holder's connection was not closed: its transaction still holds the lock and commits.
+    const [held] = await holder`select count(*)::int as n from pg_locks
+      where locktype = 'advisory' and objid = 4242 and pid = pg_backend_pid() and granted`
+    expect(held).toEqual({ n: 1 })
+    await holder`commit`
+    holder.release()
+    expect((await Db.answered(sql, sql`select 1 as x`))[0]).toEqual({ x: 1 })
   },
   15_000,
 )
