@@ -54,7 +54,9 @@ const requestLike = fc.record(
 
 /**
  * A stream's chunk (`part` "delta") or a whole completion (`part` "message") near the common
- * shape: some fields of the wrong type, tool calls, audio, odd usage counts.
+ * shape: some fields of the wrong type, tool calls, audio, odd usage counts. Weighted to the
+ * right types, so that the fast path is taken often enough to be tested: a completion needs
+ * every field of every choice right.
  */
 const answerLike = (object: string, part: 'delta' | 'message') =>
   fc.record(
@@ -64,38 +66,47 @@ const answerLike = (object: string, part: 'delta' | 'message') =>
       created: fc.oneof(fc.integer(), fc.string()),
       model: fc.string(),
       choices: fc.oneof(
-        fc.array(
-          fc.record(
-            {
-              index: fc.oneof(fc.nat(), fc.string()),
-              [part]: fc.oneof(
-                fc.record(
+        {
+          weight: 3,
+          arbitrary: fc.array(
+            fc.record(
+              {
+                index: fc.oneof({ weight: 3, arbitrary: fc.nat() }, fc.string()),
+                [part]: fc.oneof(
                   {
-                    role: fc.oneof(fc.constant('assistant'), fc.integer()),
-                    content: fc.oneof(fc.string(), fc.constant(null), fc.integer()),
-                    refusal: fc.oneof(fc.string(), fc.constant(null)),
-                    reasoning_content: fc.oneof(fc.string(), fc.constant(null)),
-                    reasoning: fc.oneof(fc.string(), fc.constant(null), fc.nat()),
-                    tool_calls: fc.array(
-                      fc.record({ function: fc.record({ arguments: fc.string() }) }),
+                    weight: 3,
+                    arbitrary: fc.record(
+                      {
+                        role: fc.oneof(
+                          { weight: 3, arbitrary: fc.constant('assistant') },
+                          fc.integer(),
+                        ),
+                        content: fc.oneof(fc.string(), fc.constant(null), fc.integer()),
+                        refusal: fc.oneof(fc.string(), fc.constant(null)),
+                        reasoning_content: fc.oneof(fc.string(), fc.constant(null)),
+                        reasoning: fc.oneof(fc.string(), fc.constant(null), fc.nat()),
+                        tool_calls: fc.array(
+                          fc.record({ function: fc.record({ arguments: fc.string() }) }),
+                        ),
+                        audio: fc.record({ transcript: fc.string() }),
+                      },
+                      { requiredKeys: [] },
                     ),
-                    audio: fc.record({ transcript: fc.string() }),
                   },
-                  { requiredKeys: [] },
+                  fc.jsonValue(),
                 ),
-                fc.jsonValue(),
-              ),
-              finish_reason: fc.oneof(
-                fc.constantFrom('stop', 'length'),
-                fc.constant(null),
-                fc.integer(),
-              ),
-              logprobs: fc.jsonValue(),
-            },
-            { requiredKeys: [] },
+                finish_reason: fc.oneof(
+                  fc.constantFrom('stop', 'length'),
+                  fc.constant(null),
+                  fc.integer(),
+                ),
+                logprobs: fc.jsonValue(),
+              },
+              { requiredKeys: [] },
+            ),
+            { maxLength: 3 },
           ),
-          { maxLength: 3 },
-        ),
+        },
         fc.jsonValue(),
       ),
       usage: fc.oneof(
@@ -125,7 +136,7 @@ function agrees<T>(
 ) {
   let taken = 0
   fc.assert(
-    fc.property(fc.oneof(arbitrary, fc.jsonValue()), (value) => {
+    fc.property(fc.oneof({ weight: 3, arbitrary }, fc.jsonValue()), (value) => {
       const text = JSON.stringify(value)
       if (text === undefined || !Chat.fastPathFor(text)) return // the callers' rule
       const got = fast(JSON.parse(text))
@@ -137,7 +148,9 @@ function agrees<T>(
     }),
     { numRuns: 5000 },
   )
-  // Not a fast path that declines everything (the arbitraries make valid values often).
+  // Not a fast path that declines everything. A completion, the rarest, takes it in about 2.8% of
+  // runs (measured over 100,000): 138 of 5,000 on average, 50 is 7 standard deviations below.
+  // Before the weights it was 1.3% (62 on average), and one CI run in about 16 fell under 50.
   expect(taken).toBeGreaterThan(50)
 }
 
