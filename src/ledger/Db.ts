@@ -6,6 +6,7 @@ import { createHash, randomBytes } from 'node:crypto'
 import { readdirSync, readFileSync } from 'node:fs'
 import net from 'node:net'
 import { join } from 'node:path'
+import tls from 'node:tls'
 import postgres from 'postgres'
 
 export type Sql = postgres.Sql<{ numeric: bigint }>
@@ -158,10 +159,11 @@ export function connect(options: Options): Sql {
 
 /**
  * A pool connection's socket, and since when it has waited for an answer: the time of its
- * first write after it last read something, with what it had read by then (`read`). One that
- * has read nothing since is still waiting.
+ * first write after it last read something, with what `wire` had read by then (`read`). One
+ * that has read nothing since is still waiting. `socket` is what postgres.js writes to: `wire`,
+ * the TCP socket, or the TLS socket on top of it (see `followTls`), whose reads `wire` counts.
  */
-type Seen = { socket: net.Socket; since?: number; read: number }
+type Seen = { socket: net.Socket; wire: net.Socket; since?: number; read: number }
 
 /** How many connections of a pool were given up for lost: its ordered client's, its own. */
 export type Losses = { ordered: number; pool: number }
@@ -203,11 +205,11 @@ async function endSessions(
  * The socket postgres.js talks to the server through, returned before it connects (postgres.js
  * writes its startup message at once; the socket holds it until connected, and a failure to
  * connect reaches postgres.js as its own would), kept in `seen` with the time it began waiting
- * for an answer. Several hosts are taken in turn. Over TLS postgres.js writes through a socket
- * of its own on top of this one, whose writes are not seen: such a connection never looks
- * stuck (`unstick` leaves it alone).
+ * for an answer. Several hosts are taken in turn. Over TLS, postgres.js puts a TLS socket on
+ * top of it and writes through that one; `followTls` watches it too.
  */
 function dial(seen: Set<Seen>) {
+  followTls()
   let next = 0
   return (o: { host: string[]; port: number[]; path?: string | false }) => {
     const i = next++ % o.host.length
@@ -216,19 +218,56 @@ function dial(seen: Set<Seen>) {
     const socket = o.path ? net.connect(o.path) : net.connect(port, host)
     // What postgres.js sets on a socket of its own: TLS names the server by it (SNI).
     Object.assign(socket, { host, port })
-    const e: Seen = { socket, read: 0 }
-    const write = socket.write
-    socket.write = function (this: net.Socket, ...args: unknown[]) {
-      if (e.since === undefined || socket.bytesRead !== e.read) {
-        e.since = performance.now()
-        e.read = socket.bytesRead
-      }
-      return (write as (...a: unknown[]) => boolean).apply(this, args)
-    } as typeof socket.write
+    const e: Seen = { socket, wire: socket, read: 0 }
+    watchWrites(e)
+    dialed.set(socket, e)
     for (const s of seen) if (s.socket.destroyed) seen.delete(s)
     seen.add(e)
     return socket
   }
+}
+
+/** Patches the writes of `e.socket` to note when it began waiting for an answer. */
+function watchWrites(e: Seen) {
+  const { socket, wire } = e
+  const write = socket.write
+  socket.write = function (this: net.Socket, ...args: unknown[]) {
+    if (e.since === undefined || wire.bytesRead !== e.read) {
+      e.since = performance.now()
+      e.read = wire.bytesRead
+    }
+    return (write as (...a: unknown[]) => boolean).apply(this, args)
+  } as typeof socket.write
+}
+
+/** The pool sockets `dial` made, by their TCP socket. */
+const dialed = new WeakMap<net.Socket, Seen>()
+let following = false
+
+/**
+ * Watches the TLS sockets postgres.js puts on the pool's sockets. Once the server agrees to TLS
+ * (its SSLRequest), postgres.js calls `tls.connect({ socket })` on the socket `dial` gave it,
+ * and writes through the TLS socket from then on: those writes never pass through the TCP
+ * socket's `write`, so without this a connection over TLS never looked stuck. `tls.connect` is
+ * wrapped once, for the process: a call on a socket `dial` made has its TLS socket watched (its
+ * writes noted, and it is what `unstick` closes); any other call goes through untouched. postgres.js
+ * keeps its own TLS handling (its modes, certificate checks, server name); test/ledger/Db.test.ts
+ * checks that it still calls `tls.connect` so.
+ */
+function followTls() {
+  if (following) return
+  following = true
+  const connect = tls.connect
+  tls.connect = function (this: unknown, ...args: unknown[]) {
+    const secure = (connect as (...a: unknown[]) => tls.TLSSocket).apply(this, args)
+    const o = args[0] as { socket?: unknown } | null | undefined
+    const e = o && typeof o === 'object' ? dialed.get(o.socket as net.Socket) : undefined
+    if (e) {
+      e.socket = secure
+      watchWrites(e)
+    }
+    return secure
+  } as typeof tls.connect
 }
 
 /**
@@ -256,7 +295,7 @@ async function unstick(sql: Sql, ms: number): Promise<number> {
     const waited = (e: Seen) =>
       !e.socket.destroyed &&
       e.since !== undefined &&
-      e.socket.bytesRead === e.read &&
+      e.wire.bytesRead === e.read &&
       performance.now() - e.since >= ms
     const stuck = [...pool.seen].filter(waited)
     if (stuck.length === 0) return 0
@@ -270,6 +309,7 @@ async function unstick(sql: Sql, ms: number): Promise<number> {
     for (const e of stuck)
       if (waited(e)) {
         e.socket.destroy()
+        e.wire.destroy()
         pool.seen.delete(e)
         closed++
       }

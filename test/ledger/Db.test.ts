@@ -52,30 +52,33 @@ function certificate() {
   return pem
 }
 
-test.skipIf(!server)(
-  'error: a pool connection lost without a reset is closed once a call on it passes the deadline: the calls after it are answered on a new one, not held until TCP gives up',
-  async () => {
-    // One connection: every call goes down it. A deadline of 3 s.
-    const { link, sql, lost } = await pool(1, undefined, undefined, 3_000)
-    expect((await Db.answered(sql, sql`select 1 as x`))[0]).toEqual({ x: 1 })
-    link.drop()
-    const started = performance.now()
-    await expect(Db.answered(sql, sql`select 2 as x`)).rejects.toBeInstanceOf(
-      Db.DatabaseTimeoutError,
-    )
-    // Its server processes ended first, on a connection opened for that (the pool's one is
-    // lost: queued behind it, the terminate would wait out a deadline of its own), then the
-    // socket closed: within the deadline and a tick or two, not two deadlines.
-    for (let i = 0; i < 50 && lost.length === 0; i++) await Bun.sleep(100)
-    expect(lost).toEqual(['pool'])
-    expect(performance.now() - started).toBeLessThan(4_800)
-    // A moment later (postgres.js hears of the close with the socket's next event), the next
-    // call goes down a new connection.
-    await Bun.sleep(20)
-    expect((await Db.answered(sql, sql`select 3 as x`))[0]).toEqual({ x: 3 })
-  },
-  20_000,
-)
+for (const over of ['TCP', 'TLS'] as const)
+  test.skipIf(!server)(
+    `error: a pool connection lost without a reset (over ${over}) is closed once a call on it passes the deadline: the calls after it are answered on a new one, not held until TCP gives up`,
+    async () => {
+      // One connection: every call goes down it. A deadline of 3 s. Over TLS, postgres.js writes
+      // through a TLS socket of its own (Db.ts, followTls).
+      const tls = over === 'TLS' ? certificate() : undefined
+      const { link, sql, lost } = await pool(1, tls, tls && 'localhost', 3_000)
+      expect((await Db.answered(sql, sql`select 1 as x`))[0]).toEqual({ x: 1 })
+      link.drop()
+      const started = performance.now()
+      await expect(Db.answered(sql, sql`select 2 as x`)).rejects.toBeInstanceOf(
+        Db.DatabaseTimeoutError,
+      )
+      // Its server processes ended first, on a connection opened for that (the pool's one is
+      // lost: queued behind it, the terminate would wait out a deadline of its own), then the
+      // socket closed: within the deadline and a tick or two, not two deadlines.
+      for (let i = 0; i < 50 && lost.length === 0; i++) await Bun.sleep(100)
+      expect(lost).toEqual(['pool'])
+      expect(performance.now() - started).toBeLessThan(4_800)
+      // A moment later (postgres.js hears of the close with the socket's next event), the next
+      // call goes down a new connection.
+      await Bun.sleep(20)
+      expect((await Db.answered(sql, sql`select 3 as x`))[0]).toEqual({ x: 3 })
+    },
+    20_000,
+  )
 
 test.skipIf(!server)(
   'error: channel admissions held on a lock past the deadline are ended in the database before their connections are given up: none commits a hold its request was told 503 for (one sent a moment after the other, on a connection of its own, too)',
