@@ -80,3 +80,17 @@ export async function authenticate(
   )
   return row ? { keyId: row.id, accountId: row.account_id } : undefined
 }
+
+/**
+ * What the account of the active key with this hash has free (its balance less what is held
+ * for requests under way), as an admission reads it; undefined for an unknown or revoked key.
+ */
+export async function available(sql: Sql, keyHash: Buffer): Promise<bigint | undefined> {
+  const [row] = await Db.answered(
+    sql,
+    sql`select a.balance - a.reserved as available from api_keys k
+      join accounts a on a.id = k.account_id
+      where k.hash = ${keyHash} and k.revoked_at is null`,
+  )
+  return row ? (row.available as bigint) : undefined
+}

@@ -314,6 +314,24 @@ const PER_MESSAGE = 3
 const REPLY_PRIMER = 3
 
 /**
+ * The most text one o200k token stands for, in UTF-16 units: a run of 128 spaces
+ * (test/metering/Tokenizer.test.ts reads the whole vocabulary). A token stands for at most
+ * as many units as bytes, so this bounds a token of any text.
+ */
+export const LONGEST_TOKEN = 128
+
+/**
+ * A lower bound of `prompt(messages)`, at no cost: each message's content takes at least a
+ * token per LONGEST_TOKEN units. What is known to be unaffordable by it is refused without
+ * counting (see the insufficient-credits check in routes/Chat.ts).
+ */
+export function leastPrompt(messages: readonly { content: string }[]): number {
+  let n = REPLY_PRIMER
+  for (const m of messages) n += PER_MESSAGE + Math.ceil(m.content.length / LONGEST_TOKEN)
+  return n
+}
+
+/**
  * Tokens of a chat prompt: each message's content plus its framing. Past `most` (a model's
  * context), the count may stop early: a number above `most`, not the whole count. `scope`:
  * the payer's, for whom long messages' counts are remembered (see `count`).

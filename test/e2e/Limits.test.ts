@@ -200,6 +200,39 @@ describe('plan changes under load', () => {
   }, 60_000)
 })
 
+describe('credits', () => {
+  test('behavior: a key refused for want of credits has a long prompt it cannot pay for whatever its count refused before it is counted; one it might pay for is counted; credits added are seen at once', async () => {
+    const { id, key } = await a.account({ credits: 0 })
+    expect((await post(a, key)).status).toBe(402)
+    // 4,000 characters: at least 32 tokens whatever they are (a token stands for at most 128),
+    // 38 with the framing (base units, at one a token); counting it would cost the event loop.
+    const long = [{ role: 'user', content: '漢字'.repeat(2_000) }]
+    const before = Tokenizer.counted.tokenized
+    const res = await post(a, key, { messages: long })
+    expect(res.status).toBe(402)
+    const e = ((await res.json()) as ErrorBody & { error: { details: Record<string, string> } })
+      .error
+    expect(e.code).toBe('insufficient_credits')
+    expect(e.details).toEqual({ required: '38', available: '0' })
+    expect(Tokenizer.counted.tokenized - before).toBeLessThan(4_000)
+    // Credits for the least such a prompt costs, not for what it does: counted, then
+    // refused by the ledger with what it needs.
+    await a.admin(`/accounts/${id}/credits`, { amount: '40', note: 'test' })
+    const counted = Tokenizer.counted.tokenized
+    const short = await post(a, key, { messages: long, max_tokens: 1 })
+    expect(short.status).toBe(402)
+    const needs = ((await short.json()) as { error: { details: Record<string, string> } }).error
+    expect(BigInt(needs.details.required!)).toBe(BigInt(Tokenizer.prompt(long)) + 2n)
+    expect(Tokenizer.counted.tokenized - counted).toBeGreaterThanOrEqual(4_000)
+    // Credits for all of it: served, on the instance that refused it, and the key is no longer
+    // looked at before counting.
+    await a.admin(`/accounts/${id}/credits`, { amount: '100000', note: 'test' })
+    const served = await post(a, key, { messages: long, max_tokens: 1 })
+    expect(served.status).toBe(200)
+    await served.text()
+  })
+})
+
 describe('plans', () => {
   test('error: a model above the plan tier → 403 tier_not_available', async () => {
     const free = await a.account({ plan: 'free' })

@@ -1,6 +1,6 @@
 import { describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
-import { countTokens } from 'gpt-tokenizer/encoding/o200k_base'
+import { countTokens, decode } from 'gpt-tokenizer/encoding/o200k_base'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import { cutAt } from '../helpers/Cut.ts'
 
@@ -140,6 +140,47 @@ const pieces = (text: string, cuts: number[]) =>
     text,
     cuts.map((c) => c % (text.length + 1)),
   )
+
+describe('Tokenizer.leastPrompt', () => {
+  test('behavior: LONGEST_TOKEN is the most text any token of the vocabulary stands for, in UTF-16 units and in UTF-8 bytes', () => {
+    let units = 0
+    let bytes = 0
+    const utf8 = new TextEncoder()
+    // Every rank up to the special tokens (a rank not in the vocabulary throws).
+    for (let rank = 0; rank < 200_019; rank++) {
+      let text: string
+      try {
+        text = decode([rank])
+      } catch {
+        continue
+      }
+      units = Math.max(units, text.length)
+      bytes = Math.max(bytes, utf8.encode(text).length)
+    }
+    expect(units).toBe(Tokenizer.LONGEST_TOKEN)
+    expect(bytes).toBe(Tokenizer.LONGEST_TOKEN)
+  })
+
+  test('property: any prompt counts at least leastPrompt', () => {
+    const content = fc.oneof(
+      fc.string({ maxLength: 600 }),
+      fc.string({ unit: 'grapheme', maxLength: 300 }),
+      fc.string({ unit: fc.constantFrom(' ', '=', '-', 'a', '\n'), maxLength: 2_000 }),
+    )
+    fc.assert(
+      fc.property(fc.array(fc.record({ content }), { maxLength: 4 }), (messages) => {
+        expect(Tokenizer.prompt(messages)).toBeGreaterThanOrEqual(Tokenizer.leastPrompt(messages))
+      }),
+      { numRuns: 300 },
+    )
+    // Runs of one character, which merge into the longest tokens.
+    for (const c of [' ', '=', '-', '\n', '0'])
+      for (const n of [127, 128, 129, 1_000, 5_000]) {
+        const messages = [{ content: c.repeat(n) }]
+        expect(Tokenizer.prompt(messages)).toBeGreaterThanOrEqual(Tokenizer.leastPrompt(messages))
+      }
+  })
+})
 
 describe('Tokenizer.Running', () => {
   test('property: prose that arrives in pieces counts as the whole text does, wherever it is cut', () => {

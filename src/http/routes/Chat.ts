@@ -72,20 +72,33 @@ type Plan = {
   signer: Receipt.Signer | undefined
 }
 
+/** A completion request, parsed, and the model it names. */
+type Requested = { req: Chat.Request; model: Model }
+
+/** Parses a completion request and finds its model (nothing counted yet). */
+function requested(deps: Deps, text: string): Requested {
+  const json = Parse.json(text)
+  // The common shape is checked by hand (see Chat.asRequest); anything else, and anything
+  // wrong, goes through the schema, which names what is wrong.
+  const req =
+    (Chat.fastPathFor(text) ? Chat.asRequest(json) : undefined) ?? Parse.parse(Chat.Request, json)
+  return { req, model: deps.router.route(req.model) }
+}
+
 /**
  * Parses and prices a completion request; `signer` signs its receipt, if it asked for one.
  * `payer`: what only the payer holds (its API key, its channel), the scope in which the counts
  * of its long messages are remembered for its next requests (Tokenizer.count); undefined for a
  * credential not known to be good, whose counts are not remembered.
  */
-function plan(deps: Deps, text: string, payer: string | undefined, signer?: Receipt.Signer): Plan {
+function plan(
+  deps: Deps,
+  text: string,
+  payer: string | undefined,
+  signer?: Receipt.Signer,
+  { req, model }: Requested = requested(deps, text),
+): Plan {
   const { blockTokens } = deps.config.metering
-  const json = Parse.json(text)
-  // The common shape is checked by hand (see Chat.asRequest); anything else, and anything
-  // wrong, goes through the schema, which names what is wrong.
-  const req =
-    (Chat.fastPathFor(text) ? Chat.asRequest(json) : undefined) ?? Parse.parse(Chat.Request, json)
-  const model = deps.router.route(req.model)
   const media = Chat.mediaParts(req) * deps.config.metering.mediaPartTokens
   // Counted no further than the context holds (a huge prompt is refused, not counted whole).
   const most = model.contextLength - media
@@ -415,6 +428,33 @@ export function routes(deps: Deps) {
    * decides: a plan changed meanwhile takes effect at once for them.)
    */
   const limitedUntil = new Lru<string, { until: number; refused: Limited }>(KNOWN_KEYS)
+  /**
+   * Keys this process saw refused for want of credits, until one is admitted: before a long
+   * prompt of one is counted, the account's free credits are read (a round trip), and a prompt
+   * that costs more than that whatever its count (Tokenizer.leastPrompt) is refused at once.
+   * Admission comes after counting, so a key holder out of credits could otherwise make the
+   * gateway count a context's worth (up to a third of a second) per request without end.
+   */
+  const unfunded = new Lru<string, true>(KNOWN_KEYS)
+  /**
+   * Refuses a request of a key refused lately for want of credits whose prompt costs more than
+   * its account has free, whatever the prompt's count (see `unfunded`).
+   */
+  const afford = async (keyHash: Buffer, { req, model }: Requested) => {
+    const least = Pricing.cost(
+      model.pricing,
+      Tokenizer.leastPrompt(Chat.promptTexts(req).map((content) => ({ content }))),
+      0,
+    )
+    if (least === 0n) return
+    const available = await ApiKeys.available(deps.sql, keyHash)
+    if (available === undefined || available >= least) return
+    throw new InsufficientCreditsError(
+      `This request needs at least ${least} base units of credits for its prompt alone, and the account has ${available} available. Add credits.`,
+      'insufficient_credits',
+      { details: { required: least.toString(), available: available.toString() } },
+    )
+  }
 
   /** API-key holders: credits, plans and usage logs. */
   const keyed = async (
@@ -450,7 +490,12 @@ export function routes(deps: Deps) {
     let idempotencyKey: string | null
     let fingerprint: Uint8Array | null
     try {
-      p = plan(deps, text, good ? raw : undefined, receiptSigner(c, deps))
+      let first: Requested | undefined
+      if (text.length > COUNTED_AFTER_AUTH && unfunded.count > 0 && unfunded.get(knownAs)) {
+        first = requested(deps, text)
+        await afford(keyHash, first)
+      }
+      p = plan(deps, text, good ? raw : undefined, receiptSigner(c, deps), first)
       ;({ idempotencyKey, fingerprint } = idempotency(c, text))
     } catch (e) {
       // Admission checks the key with the plan in one round trip; a request refused before it
@@ -483,6 +528,8 @@ export function routes(deps: Deps) {
         refused: admitted,
       })
     else if (admitted.status === 'ok' && limitedUntil.count > 0) limitedUntil.delete(knownAs)
+    if (admitted.status === 'insufficient') unfunded.set(knownAs, true)
+    else if (admitted.status === 'ok' && unfunded.count > 0) unfunded.delete(knownAs)
     if (admitted.status !== 'ok') throw refusal(admitted, p.model, p.need, p.asked !== undefined)
     // The output stops where the monthly quota does (at least one token: a prompt that fills
     // the quota exactly still gets an answer).
