@@ -6,16 +6,19 @@
  * top-up cancels on chain (the draft: topUp MUST reset closeRequestedAt) is cancelled here.
  */
 import { afterAll, describe, expect, test } from 'bun:test'
-import type { Hex } from 'viem'
+import { type Hex, keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
+import * as Voucher from '../../src/chain/Voucher.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
+import * as Credential from '../../src/payment/Credential.ts'
 import * as Receipt from '../../src/payment/Receipt.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Ledger from '../helpers/Ledger.ts'
+import * as Paid from '../helpers/Paid.ts'
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
@@ -179,6 +182,59 @@ describe('forced close and top-up', () => {
       channelId,
     })
     expect(unchanged!.deposit).toBe(deposit)
+  }, 60_000)
+
+  test('behavior: a voucher that carries a top-up (EIP-3009) during a forced close cancels the close and pays for its request', async () => {
+    const { s, channelId } = await opened(4, 10_000n, 1_000n)
+    const payer = privateKeyToAccount(chain.payers[4]!.privateKey)
+    await Escrow.requestClose(chain.payerClient(4), { escrow: chain.escrowAddress, channelId })
+    const deadline = Date.now() + 15_000
+    while (!(await Channels.get(gw.sql, channelId))!.closeRequestedAt && Date.now() < deadline)
+      await Bun.sleep(50)
+    expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).not.toBeNull()
+    // A plain voucher is refused while the close is pending.
+    expect((await post(await s.voucher(2_000n), ask)).status).toBe(410)
+
+    // A voucher above the deposit, with the top-up that makes room for it: the top-up goes
+    // first (the escrow cancels the close), then the voucher pays for the request.
+    const cumulative = 12_000n
+    const header = Credential.serialize(
+      Credential.from({
+        challenge: s.challenge,
+        payload: {
+          action: 'voucher',
+          channelId,
+          cumulativeAmount: cumulative,
+          signature: await Voucher.sign(payer, {
+            chainId: chain.chainId,
+            escrow: chain.escrowAddress,
+            channelId,
+            cumulativeAmount: cumulative,
+          }),
+          deposit: await Paid.topUpDeposit(payer, {
+            channelId,
+            additional: 5_000n,
+            escrow: chain.escrowAddress,
+            tokenDomain,
+            salt: keccak256(toHex(`close-top-up:${channelId}`)),
+          }),
+        },
+      }),
+    )
+    const served = await post(header, ask)
+    expect(served.status).toBe(200)
+    await served.text()
+    const onChain = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(onChain!.closeRequestedAt).toBe(0n)
+    expect(onChain!.deposit).toBe(15_000n)
+    const after = (await Channels.get(gw.sql, channelId))!
+    expect(after.closeRequestedAt).toBeNull()
+    expect(after.acceptedCumulative).toBe(cumulative)
+    expect(after.deposit).toBe(15_000n)
+    expect(after.spent).toBeGreaterThan(0n)
   }, 60_000)
 
   test('behavior: a CloseRequested event handled after the top-up that cancelled it does not close the channel again', async () => {
