@@ -11,6 +11,7 @@ import * as Token from '../../src/chain/Token.ts'
 import * as Voucher from '../../src/chain/Voucher.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
@@ -262,5 +263,46 @@ describe('session, Common Verification: the action is checked (step 2) before th
       status: 400,
       type: `${problems}/malformed-credential`,
     })
+  }, 30_000)
+})
+
+describe('core, Denial of Service: a channel short of balance does not make the gateway count its long prompts', () => {
+  test('behavior: once refused for want of balance, a long prompt it cannot pay for whatever its count is refused before it is counted, asking for the least; one it might pay for is counted and served once paid', async () => {
+    const s = await session(gw)
+    const head = await fetch(completions(gw), {
+      method: 'HEAD',
+      headers: { authorization: await s.openWithAuthorization({ deposit: 100_000n, initial: 0n }) },
+    })
+    expect(head.status).toBe(200)
+    expect((await post(gw, await s.voucher(0n), 'hi')).status).toBe(402)
+    // 4,000 characters: at least 32 tokens whatever they are, 38 with the framing (base units,
+    // at one a token).
+    const ask = (authorization: string) =>
+      fetch(completions(gw), {
+        method: 'POST',
+        headers: { authorization },
+        body: JSON.stringify({
+          model: 'fake',
+          max_tokens: 1,
+          messages: [{ role: 'user', content: '漢字'.repeat(2_000) }],
+        }),
+      })
+    const before = Tokenizer.counted.tokenized
+    const refused = await ask(await s.voucher(20n))
+    expect(refused.status).toBe(402)
+    const least = (await refused.json()) as { type: string; requiredCumulative: string }
+    expect(least.type).toBe(`${problems}/session/insufficient-balance`)
+    expect(least.requiredCumulative).toBe('38')
+    expect(Tokenizer.counted.tokenized - before).toBeLessThan(4_000)
+    // A voucher for that least: counted, then refused by admission with what it needs.
+    const counted = Tokenizer.counted.tokenized
+    const short = await ask(await s.voucher(38n))
+    expect(short.status).toBe(402)
+    const needs = (await short.json()) as { requiredCumulative: string }
+    expect(BigInt(needs.requiredCumulative)).toBeGreaterThan(38n)
+    expect(Tokenizer.counted.tokenized - counted).toBeGreaterThanOrEqual(4_000)
+    const paid = await ask(await s.voucher(BigInt(needs.requiredCumulative)))
+    expect(paid.status).toBe(200)
+    await paid.text()
   }, 30_000)
 })

@@ -86,6 +86,15 @@ function requested(deps: Deps, text: string): Requested {
 }
 
 /**
+ * The least a request can cost, whatever its prompt's count: its prompt at a token per
+ * Tokenizer.LONGEST_TOKEN characters, no output. Counting costs real time; this costs none.
+ */
+function leastCost({ req, model }: Requested): bigint {
+  const texts = Chat.promptTexts(req).map((content) => ({ content }))
+  return Pricing.cost(model.pricing, Tokenizer.leastPrompt(texts), 0)
+}
+
+/**
  * Parses and prices a completion request; `signer` signs its receipt, if it asked for one.
  * `payer`: what only the payer holds (its API key, its channel), the scope in which the counts
  * of its long messages are remembered for its next requests (Tokenizer.count); undefined for a
@@ -429,23 +438,21 @@ export function routes(deps: Deps) {
    */
   const limitedUntil = new Lru<string, { until: number; refused: Limited }>(KNOWN_KEYS)
   /**
-   * Keys this process saw refused for want of credits, until one is admitted: before a long
-   * prompt of one is counted, the account's free credits are read (a round trip), and a prompt
-   * that costs more than that whatever its count (Tokenizer.leastPrompt) is refused at once.
-   * Admission comes after counting, so a key holder out of credits could otherwise make the
-   * gateway count a context's worth (up to a third of a second) per request without end.
+   * Payers this process saw refused for want of funds, until one is admitted: keys (by their
+   * hash, as `known`) short of credits, and channels (by their id) short of authorized balance.
+   * Before a long prompt of one is counted, what it has free is read (a round trip), and a
+   * prompt that costs more than that whatever its count (`leastCost`) is refused at once.
+   * Admission comes after counting, so a payer out of funds could otherwise make the gateway
+   * count a context's worth (up to a third of a second) per request without end.
    */
   const unfunded = new Lru<string, true>(KNOWN_KEYS)
-  /**
-   * Refuses a request of a key refused lately for want of credits whose prompt costs more than
-   * its account has free, whatever the prompt's count (see `unfunded`).
-   */
-  const afford = async (keyHash: Buffer, { req, model }: Requested) => {
-    const least = Pricing.cost(
-      model.pricing,
-      Tokenizer.leastPrompt(Chat.promptTexts(req).map((content) => ({ content }))),
-      0,
-    )
+  /** Whether `text` of payer `payer` is counted only once it is known to be affordable. */
+  const checkedFirst = (payer: string, text: string) =>
+    text.length > COUNTED_AFTER_AUTH && unfunded.count > 0 && unfunded.get(payer) !== undefined
+  /** Refuses a request of a key refused lately for want of credits (see `unfunded`) whose
+   * prompt costs more than its account has free, whatever its count. */
+  const afford = async (keyHash: Buffer, requested: Requested) => {
+    const least = leastCost(requested)
     if (least === 0n) return
     const available = await ApiKeys.available(deps.sql, keyHash)
     if (available === undefined || available >= least) return
@@ -491,7 +498,7 @@ export function routes(deps: Deps) {
     let fingerprint: Uint8Array | null
     try {
       let first: Requested | undefined
-      if (text.length > COUNTED_AFTER_AUTH && unfunded.count > 0 && unfunded.get(knownAs)) {
+      if (checkedFirst(knownAs, text)) {
         first = requested(deps, text)
         await afford(keyHash, first)
       }
@@ -644,15 +651,9 @@ export function routes(deps: Deps) {
       return c.json({ receipt: Encoding.toWire(receipt) })
     }
 
-    // Its channel, held by a payer whose credential was just verified.
-    const p = plan(deps, text, channelId, receiptSigner(c, deps))
-    const price = p.model.pricing
-    if (checked.price.output !== price.output || checked.price.input !== price.input)
-      throw Problem.verificationFailed(
-        `The challenge prices another model or an old price; use a challenge for ${p.model.id}.`,
-      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
     /** A 402 asking for a voucher of at least `needed` (or the next the channel takes). */
     const voucherNeeded = (
+      price: Pricing.Price,
       message: string,
       needed: bigint,
       channel: { acceptedCumulative: bigint; deposit: bigint },
@@ -663,11 +664,44 @@ export function routes(deps: Deps) {
         acceptedCumulative: channel.acceptedCumulative,
         deposit: channel.deposit,
       }).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+    // A channel refused lately for want of balance: a long prompt it cannot pay for whatever
+    // its count is refused before it is counted (see `unfunded`).
+    let first: Requested | undefined
+    if (checkedFirst(channelId, text)) {
+      first = requested(deps, text)
+      const least = leastCost(first)
+      const channel = await Channels.get(deps.sql, channelId as Channels.Hex)
+      if (channel && least > 0n) {
+        // The request's voucher counts, recorded yet or not (its admission records it).
+        const voucher = checked.voucher ?? 0n
+        const accepted =
+          voucher > channel.acceptedCumulative && voucher <= channel.deposit
+            ? voucher
+            : channel.acceptedCumulative
+        const taken = channel.spent + channel.reserved
+        if (accepted - taken < least)
+          throw voucherNeeded(
+            first.model.pricing,
+            `The prompt alone costs at least ${least} base units, more than the channel's authorized balance; send a voucher for requiredCumulative.`,
+            taken + least,
+            { acceptedCumulative: accepted, deposit: channel.deposit },
+          )
+      }
+    }
+
+    // Its channel, held by a payer whose credential was just verified.
+    const p = plan(deps, text, channelId, receiptSigner(c, deps), first)
+    const price = p.model.pricing
+    if (checked.price.output !== price.output || checked.price.input !== price.input)
+      throw Problem.verificationFailed(
+        `The challenge prices another model or an old price; use a challenge for ${p.model.id}.`,
+      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
     // Only a voucher pays for a request. A top-up carries none: by hash it names a transaction
     // anyone can read on chain, so it proves nothing about who sends it (recorded above).
     if (checked.voucher === undefined) {
       const channel = applied.channel!
       throw voucherNeeded(
+        price,
         'A top-up adds to the deposit and pays for no request (vouchers do): it was recorded; send a voucher for requiredCumulative.',
         channel.spent + p.need,
         channel,
@@ -687,14 +721,18 @@ export function routes(deps: Deps) {
     })
     if (admitted.status === 'public_voucher')
       throw voucherNeeded(
+        price,
         'This voucher is public (the gateway put it in a settle or close transaction), so anyone can show it: a request needs a higher voucher.',
         admitted.acceptedCumulative + 1n,
         admitted,
       )
     if (admitted.status.startsWith('idempotency_'))
       throw duplicate(admitted as Extract<Channels.Admission, { otherRequest: string }>)
+    if (admitted.status === 'insufficient') unfunded.set(channelId, true)
+    else if (admitted.status === 'ok' && unfunded.count > 0) unfunded.delete(channelId)
     if (admitted.status === 'insufficient')
       throw voucherNeeded(
+        price,
         "The channel's authorized balance does not cover the prompt and the first tokens; send a voucher for requiredCumulative.",
         admitted.acceptedCumulative + (p.need - admitted.available),
         admitted,
