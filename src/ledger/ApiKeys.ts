@@ -83,14 +83,18 @@ export async function authenticate(
 
 /**
  * What the account of the active key with this hash has free (its balance less what is held
- * for requests under way), as an admission reads it; undefined for an unknown or revoked key.
+ * for requests under way), as an admission reads it, and its plan's tier; undefined for an
+ * unknown or revoked key.
  */
-export async function available(sql: Sql, keyHash: Buffer): Promise<bigint | undefined> {
+export async function funds(
+  sql: Sql,
+  keyHash: Buffer,
+): Promise<{ available: bigint; tier: number } | undefined> {
   const [row] = await Db.answered(
     sql,
-    sql`select a.balance - a.reserved as available from api_keys k
-      join accounts a on a.id = k.account_id
+    sql`select a.balance - a.reserved as available, p.tier from api_keys k
+      join accounts a on a.id = k.account_id join plans p on p.name = a.plan
       where k.hash = ${keyHash} and k.revoked_at is null`,
   )
-  return row ? (row.available as bigint) : undefined
+  return row ? { available: row.available as bigint, tier: row.tier as number } : undefined
 }

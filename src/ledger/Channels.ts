@@ -140,16 +140,45 @@ export async function get(sql: Sql, channelId: Hex): Promise<Channel | undefined
 }
 
 /**
+ * What a channel has to pay with, as its admission reads it: the highest voucher accepted, the
+ * deposit, what is spent or held (`taken`), and whether it is open (neither closed nor
+ * closing); undefined for no such channel. Within the database deadline (Db.answered).
+ */
+export async function funds(
+  sql: Sql,
+  channelId: Hex,
+): Promise<
+  { acceptedCumulative: bigint; deposit: bigint; taken: bigint; open: boolean } | undefined
+> {
+  const [row] = await Db.answered(
+    sql,
+    sql`select accepted_cumulative, deposit, spent + reserved as taken,
+        not finalized and close_requested_at is null as open
+      from channels where channel_id = ${bytes(channelId)}`,
+  )
+  return row
+    ? {
+        acceptedCumulative: row.accepted_cumulative as bigint,
+        deposit: row.deposit as bigint,
+        taken: row.taken as bigint,
+        open: row.open as boolean,
+      }
+    : undefined
+}
+
+/**
  * The highest voucher of the channel the gateway settled on chain or put in a settle
  * transaction (recorded before it is sent: public from then on, its calldata), 0 when none.
  * A close transaction's voucher is not counted: it is the payer's own close, which the payer
  * may send again.
  */
 export async function settledPublicly(sql: Sql, channelId: Hex): Promise<bigint> {
-  const [row] = await sql`
-    select greatest(ch.settled, (select max(ct.cumulative_amount) from chain_transactions ct
-      where ct.channel_id = ch.channel_id and ct.kind = 'settle')) as published
-    from channels ch where ch.channel_id = ${bytes(channelId)}`
+  const [row] = await Db.answered(
+    sql,
+    sql`select greatest(ch.settled, (select max(ct.cumulative_amount) from chain_transactions ct
+        where ct.channel_id = ch.channel_id and ct.kind = 'settle')) as published
+      from channels ch where ch.channel_id = ${bytes(channelId)}`,
+  )
   return (row?.published as bigint | null | undefined) ?? 0n
 }
 

@@ -215,21 +215,53 @@ describe('credits', () => {
     expect(e.code).toBe('insufficient_credits')
     expect(e.details).toEqual({ required: '38', available: '0' })
     expect(Tokenizer.counted.tokenized - before).toBeLessThan(4_000)
-    // Credits for the least such a prompt costs, not for what it does: counted, then
-    // refused by the ledger with what it needs.
+    // Credits for the least such a prompt costs, not for what it does: counted, then refused
+    // by the ledger with what it needs.
     await a.admin(`/accounts/${id}/credits`, { amount: '40', note: 'test' })
     const counted = Tokenizer.counted.tokenized
     const short = await post(a, key, { messages: long, max_tokens: 1 })
+    expect(Tokenizer.counted.tokenized - counted).toBeGreaterThanOrEqual(4_000)
     expect(short.status).toBe(402)
     const needs = ((await short.json()) as { error: { details: Record<string, string> } }).error
     expect(BigInt(needs.details.required!)).toBe(BigInt(Tokenizer.prompt(long)) + 2n)
-    expect(Tokenizer.counted.tokenized - counted).toBeGreaterThanOrEqual(4_000)
-    // Credits for all of it: served, on the instance that refused it, and the key is no longer
-    // looked at before counting.
+    // Credits for all of it: served, on the instance that refused it.
     await a.admin(`/accounts/${id}/credits`, { amount: '100000', note: 'test' })
     const served = await post(a, key, { messages: long, max_tokens: 1 })
     expect(served.status).toBe(200)
     await served.text()
+  })
+
+  test('behavior: the refusal before counting yields to those the ledger gives first: a retry with an Idempotency-Key, a model above the tier; a prompt over the context even at its least is refused as such, uncounted', async () => {
+    const { key } = await a.account({ plan: 'free', credits: 0 })
+    expect((await post(a, key)).status).toBe(402)
+    const long = [{ role: 'user', content: '漢字'.repeat(2_000) }]
+    // With an Idempotency-Key: counted, and the ledger answers (a retry of a request done or
+    // under way would be told so, not to add credits).
+    const counted = Tokenizer.counted.tokenized
+    const keyed = await fetch(`${a.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: {
+        authorization: `Bearer ${key}`,
+        'content-type': 'application/json',
+        'idempotency-key': crypto.randomUUID(),
+      },
+      body: JSON.stringify({ model: 'fake', messages: long }),
+    })
+    expect(Tokenizer.counted.tokenized - counted).toBeGreaterThanOrEqual(4_000)
+    expect(keyed.status).toBe(402)
+    const e = ((await keyed.json()) as { error: { details: Record<string, string> } }).error
+    expect(BigInt(e.details.required!)).toBeGreaterThan(38n)
+    // A model above the free plan's tier: the ledger's 403, not a 402.
+    const premium = await post(a, key, { model: 'org/premium', messages: long })
+    expect(premium.status).toBe(403)
+    expect(((await premium.json()) as ErrorBody).error.code).toBe('tier_not_available')
+    // At least 4,147 tokens, over the 4,096 the model takes: the 400 it gets once counted,
+    // without counting it.
+    const before = Tokenizer.counted.tokenized
+    const huge = await post(a, key, { messages: [{ role: 'user', content: 'a'.repeat(530_000) }] })
+    expect(huge.status).toBe(400)
+    expect(((await huge.json()) as ErrorBody).error.code).toBe('context_length_exceeded')
+    expect(Tokenizer.counted.tokenized - before).toBeLessThan(1_000)
   })
 })
 

@@ -277,10 +277,10 @@ describe('core, Denial of Service: a channel short of balance does not make the 
     expect((await post(gw, await s.voucher(0n), 'hi')).status).toBe(402)
     // 4,000 characters: at least 32 tokens whatever they are, 38 with the framing (base units,
     // at one a token).
-    const ask = (authorization: string) =>
+    const ask = (authorization: string, headers: Record<string, string> = {}) =>
       fetch(completions(gw), {
         method: 'POST',
-        headers: { authorization },
+        headers: { authorization, ...headers },
         body: JSON.stringify({
           model: 'fake',
           max_tokens: 1,
@@ -294,13 +294,23 @@ describe('core, Denial of Service: a channel short of balance does not make the 
     expect(least.type).toBe(`${problems}/session/insufficient-balance`)
     expect(least.requiredCumulative).toBe('38')
     expect(Tokenizer.counted.tokenized - before).toBeLessThan(4_000)
-    // A voucher for that least: counted, then refused by admission with what it needs.
-    const counted = Tokenizer.counted.tokenized
+    // With an Idempotency-Key it is counted, and admission answers (a retry of a request done
+    // or under way is told so first).
+    const keyed = Tokenizer.counted.tokenized
+    const retried = await ask(await s.voucher(20n), { 'idempotency-key': crypto.randomUUID() })
+    expect(Tokenizer.counted.tokenized - keyed).toBeGreaterThanOrEqual(4_000)
+    expect(retried.status).toBe(402)
+    expect(
+      BigInt(((await retried.json()) as { requiredCumulative: string }).requiredCumulative),
+    ).toBeGreaterThan(38n)
+    // A voucher for that least: counted (its count remembered now), then refused by admission
+    // with what it needs.
+    const counted = Tokenizer.counted.remembered
     const short = await ask(await s.voucher(38n))
+    expect(Tokenizer.counted.remembered - counted).toBeGreaterThanOrEqual(4_000)
     expect(short.status).toBe(402)
     const needs = (await short.json()) as { requiredCumulative: string }
     expect(BigInt(needs.requiredCumulative)).toBeGreaterThan(38n)
-    expect(Tokenizer.counted.tokenized - counted).toBeGreaterThanOrEqual(4_000)
     const paid = await ask(await s.voucher(BigInt(needs.requiredCumulative)))
     expect(paid.status).toBe(200)
     await paid.text()

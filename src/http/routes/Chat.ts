@@ -75,23 +75,48 @@ type Plan = {
 /** A completion request, parsed, and the model it names. */
 type Requested = { req: Chat.Request; model: Model }
 
-/** Parses a completion request and finds its model (nothing counted yet). */
+/**
+ * Parses a completion request and finds its model, and refuses what needs no count to refuse
+ * (a price above the request's ceilings, no upstream it allows): nothing is counted yet.
+ */
 function requested(deps: Deps, text: string): Requested {
   const json = Parse.json(text)
   // The common shape is checked by hand (see Chat.asRequest); anything else, and anything
   // wrong, goes through the schema, which names what is wrong.
   const req =
     (Chat.fastPathFor(text) ? Chat.asRequest(json) : undefined) ?? Parse.parse(Chat.Request, json)
-  return { req, model: deps.router.route(req.model) }
+  const model = deps.router.route(req.model)
+  ceilings(req, model)
+  if (req.allow_external === false && model.routes.every((r) => r.external))
+    throw new InvalidRequestError(
+      `Every upstream of ${model.id} is external, and allow_external is false; nothing was charged.`,
+      'no_route_allowed',
+      { param: 'allow_external' },
+    )
+  return { req, model }
+}
+
+/** The 400 of a prompt of `tokens` (or more than the context, when `over`) for `model`. */
+function tooLong(model: Model, tokens: number, over: boolean): InvalidRequestError {
+  return new InvalidRequestError(
+    `The prompt has ${over ? `more than ${model.contextLength}` : tokens} tokens; ${model.id} takes at most ${model.contextLength}.`,
+    'context_length_exceeded',
+    { param: 'messages' },
+  )
 }
 
 /**
  * The least a request can cost, whatever its prompt's count: its prompt at a token per
- * Tokenizer.LONGEST_TOKEN characters, no output. Counting costs real time; this costs none.
+ * Tokenizer.LONGEST_TOKEN characters (and its media parts), no output. Counting costs real
+ * time; this costs none. A prompt over the context even so is refused here (the 400 it gets
+ * once counted).
  */
-function leastCost({ req, model }: Requested): bigint {
+function leastCost(deps: Deps, { req, model }: Requested): bigint {
   const texts = Chat.promptTexts(req).map((content) => ({ content }))
-  return Pricing.cost(model.pricing, Tokenizer.leastPrompt(texts), 0)
+  const tokens =
+    Tokenizer.leastPrompt(texts) + Chat.mediaParts(req) * deps.config.metering.mediaPartTokens
+  if (tokens > model.contextLength) throw tooLong(model, tokens, true)
+  return Pricing.cost(model.pricing, tokens, 0)
 }
 
 /**
@@ -118,12 +143,7 @@ function plan(
       payer,
     ) + media
   const left = model.contextLength - promptTokens
-  if (left <= 0)
-    throw new InvalidRequestError(
-      `The prompt has ${promptTokens - media > most ? `more than ${model.contextLength}` : promptTokens} tokens; ${model.id} takes at most ${model.contextLength}.`,
-      'context_length_exceeded',
-      { param: 'messages' },
-    )
+  if (left <= 0) throw tooLong(model, promptTokens, promptTokens - media > most)
   // The most output one answer may have: what the context leaves, and at most the model's own.
   const room = Math.min(left, model.maxOutputTokens ?? left)
   const asked = req.max_tokens ?? req.max_completion_tokens
@@ -145,19 +165,12 @@ function plan(
       : limit,
   )
   const need = asked !== undefined && !req.stream ? want : Pricing.cost(price, promptTokens, first)
-  ceilings(req, model)
   const routes = deps.router.routes(
     model,
     req.routing_strategy,
     { prompt: promptTokens, output: limit, stream: req.stream },
     req.allow_external,
   )
-  if (req.allow_external === false && model.routes.every((r) => r.external))
-    throw new InvalidRequestError(
-      `Every upstream of ${model.id} is external, and allow_external is false; nothing was charged.`,
-      'no_route_allowed',
-      { param: 'allow_external' },
-    )
   // Every route waits out its upstream's 429: refused before anything is held or counted.
   if (routes.length === 0) {
     const wait = deps.router.rateLimitedFor(model)
@@ -443,23 +456,39 @@ export function routes(deps: Deps) {
    * Before a long prompt of one is counted, what it has free is read (a round trip), and a
    * prompt that costs more than that whatever its count (`leastCost`) is refused at once.
    * Admission comes after counting, so a payer out of funds could otherwise make the gateway
-   * count a context's worth (up to a third of a second) per request without end.
+   * count a context's worth (up to a third of a second) per request without end. Only where
+   * no other refusal the ledger would give first can apply: not with an Idempotency-Key (a
+   * retry of a request done or under way is told so, not to add funds), not on a model above
+   * the key's tier, nor when the model's upstreams rate limit the gateway.
    */
   const unfunded = new Lru<string, true>(KNOWN_KEYS)
-  /** Whether `text` of payer `payer` is counted only once it is known to be affordable. */
-  const checkedFirst = (payer: string, text: string) =>
-    text.length > COUNTED_AFTER_AUTH && unfunded.count > 0 && unfunded.get(payer) !== undefined
+  /**
+   * The least request `r` (JSON `text`, from payer `payer`) can cost, when it is to be checked
+   * against the payer's funds before it is counted (see `unfunded`); else undefined.
+   */
+  const checkedFirst = (
+    payer: string,
+    text: string,
+    r: Requested,
+    idempotencyKey: string | null,
+  ): bigint | undefined => {
+    if (text.length <= COUNTED_AFTER_AUTH || unfunded.count === 0 || idempotencyKey !== null)
+      return undefined
+    if (unfunded.get(payer) === undefined || deps.router.rateLimitedFor(r.model) > 0)
+      return undefined
+    const least = leastCost(deps, r)
+    return least > 0n ? least : undefined
+  }
   /** Refuses a request of a key refused lately for want of credits (see `unfunded`) whose
    * prompt costs more than its account has free, whatever its count. */
-  const afford = async (keyHash: Buffer, requested: Requested) => {
-    const least = leastCost(requested)
-    if (least === 0n) return
-    const available = await ApiKeys.available(deps.sql, keyHash)
-    if (available === undefined || available >= least) return
+  const afford = async (keyHash: Buffer, least: bigint, r: Requested) => {
+    const funds = await ApiKeys.funds(deps.sql, keyHash)
+    if (!funds) throw Auth.badKey()
+    if (funds.tier < r.model.minTier || funds.available >= least) return
     throw new InsufficientCreditsError(
-      `This request needs at least ${least} base units of credits for its prompt alone, and the account has ${available} available. Add credits.`,
+      `This request needs at least ${least} base units of credits for its prompt alone, and the account has ${funds.available} available. Add credits.`,
       'insufficient_credits',
-      { details: { required: least.toString(), available: available.toString() } },
+      { details: { required: least.toString(), available: funds.available.toString() } },
     )
   }
 
@@ -497,18 +526,20 @@ export function routes(deps: Deps) {
     let idempotencyKey: string | null
     let fingerprint: Uint8Array | null
     try {
-      let first: Requested | undefined
-      if (checkedFirst(knownAs, text)) {
-        first = requested(deps, text)
-        await afford(keyHash, first)
-      }
-      p = plan(deps, text, good ? raw : undefined, receiptSigner(c, deps), first)
+      const r = requested(deps, text)
       ;({ idempotencyKey, fingerprint } = idempotency(c, text))
+      const least = checkedFirst(knownAs, text, r, idempotencyKey)
+      if (least !== undefined) await afford(keyHash, least, r)
+      p = plan(deps, text, good ? raw : undefined, receiptSigner(c, deps), r)
     } catch (e) {
       // Admission checks the key with the plan in one round trip; a request refused before it
       // looks the key up here, so an unknown or revoked key is a 401 whatever its body or
-      // headers.
-      if (e instanceof GatewayError && !(await ApiKeys.authenticate(deps.sql, raw)))
+      // headers. (`afford` read the key: its refusal is the key's.)
+      if (
+        e instanceof GatewayError &&
+        !(e instanceof InsufficientCreditsError) &&
+        !(await ApiKeys.authenticate(deps.sql, raw))
+      )
         throw Auth.badKey()
       throw e
     }
@@ -651,9 +682,15 @@ export function routes(deps: Deps) {
       return c.json({ receipt: Encoding.toWire(receipt) })
     }
 
+    // Its channel, held by a payer whose credential was just verified.
+    const r = requested(deps, text)
+    const price = r.model.pricing
+    if (checked.price.output !== price.output || checked.price.input !== price.input)
+      throw Problem.verificationFailed(
+        `The challenge prices another model or an old price; use a challenge for ${r.model.id}.`,
+      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
     /** A 402 asking for a voucher of at least `needed` (or the next the channel takes). */
     const voucherNeeded = (
-      price: Pricing.Price,
       message: string,
       needed: bigint,
       channel: { acceptedCumulative: bigint; deposit: bigint },
@@ -664,50 +701,34 @@ export function routes(deps: Deps) {
         acceptedCumulative: channel.acceptedCumulative,
         deposit: channel.deposit,
       }).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+    const idem = idempotency(c, text)
     // A channel refused lately for want of balance: a long prompt it cannot pay for whatever
-    // its count is refused before it is counted (see `unfunded`).
-    let first: Requested | undefined
-    if (checkedFirst(channelId, text)) {
-      first = requested(deps, text)
-      const least = leastCost(first)
-      const channel = await Channels.get(deps.sql, channelId as Channels.Hex)
-      if (channel && least > 0n) {
-        // The request's voucher counts, recorded yet or not (its admission records it).
-        const voucher = checked.voucher ?? 0n
-        const accepted =
-          voucher > channel.acceptedCumulative && voucher <= channel.deposit
-            ? voucher
-            : channel.acceptedCumulative
-        const taken = channel.spent + channel.reserved
-        if (accepted - taken < least)
-          throw voucherNeeded(
-            first.model.pricing,
-            `The prompt alone costs at least ${least} base units, more than the channel's authorized balance; send a voucher for requiredCumulative.`,
-            taken + least,
-            { acceptedCumulative: accepted, deposit: channel.deposit },
-          )
-      }
+    // its count is refused before it is counted (see `unfunded`). Its voucher was recorded
+    // (Method.apply) unless it was a replay, at most what was accepted.
+    const least =
+      checked.voucher === undefined
+        ? undefined
+        : checkedFirst(channelId, text, r, idem.idempotencyKey)
+    if (least !== undefined) {
+      const channel = await Channels.funds(deps.sql, channelId as Channels.Hex)
+      if (channel?.open && channel.acceptedCumulative - channel.taken < least)
+        throw voucherNeeded(
+          `The prompt alone costs at least ${least} base units, more than the channel's authorized balance; send a voucher for requiredCumulative.`,
+          channel.taken + least,
+          channel,
+        )
     }
-
-    // Its channel, held by a payer whose credential was just verified.
-    const p = plan(deps, text, channelId, receiptSigner(c, deps), first)
-    const price = p.model.pricing
-    if (checked.price.output !== price.output || checked.price.input !== price.input)
-      throw Problem.verificationFailed(
-        `The challenge prices another model or an old price; use a challenge for ${p.model.id}.`,
-      ).withChallenge(Payments.authenticate(payments, price, undefined, channelId))
+    const p = plan(deps, text, channelId, receiptSigner(c, deps), r)
     // Only a voucher pays for a request. A top-up carries none: by hash it names a transaction
     // anyone can read on chain, so it proves nothing about who sends it (recorded above).
     if (checked.voucher === undefined) {
       const channel = applied.channel!
       throw voucherNeeded(
-        price,
         'A top-up adds to the deposit and pays for no request (vouchers do): it was recorded; send a voucher for requiredCumulative.',
         channel.spent + p.need,
         channel,
       )
     }
-    const idem = idempotency(c, text)
     const admitted = await Reservations.admitOnChannel(deps.sql, {
       channelId,
       model: p.model.id,
@@ -721,7 +742,6 @@ export function routes(deps: Deps) {
     })
     if (admitted.status === 'public_voucher')
       throw voucherNeeded(
-        price,
         'This voucher is public (the gateway put it in a settle or close transaction), so anyone can show it: a request needs a higher voucher.',
         admitted.acceptedCumulative + 1n,
         admitted,
@@ -732,7 +752,6 @@ export function routes(deps: Deps) {
     else if (admitted.status === 'ok' && unfunded.count > 0) unfunded.delete(channelId)
     if (admitted.status === 'insufficient')
       throw voucherNeeded(
-        price,
         "The channel's authorized balance does not cover the prompt and the first tokens; send a voucher for requiredCumulative.",
         admitted.acceptedCumulative + (p.need - admitted.available),
         admitted,
