@@ -163,7 +163,16 @@ export function connect(options: Options): Sql {
  * that has read nothing since is still waiting. `socket` is what postgres.js writes to: `wire`,
  * the TCP socket, or the TLS socket on top of it (see `followTls`), whose reads `wire` counts.
  */
-type Seen = { socket: net.Socket; wire: net.Socket; since?: number; read: number }
+type Seen = {
+  socket: net.Socket
+  wire: net.Socket
+  since?: number
+  read: number
+  /** Its server process, as the server told postgres.js (BackendKeyData), once known. */
+  pid?: number
+  /** Stops reading for `pid` (see `readPid`). */
+  unread?: () => void
+}
 
 /** How many connections of a pool were given up for lost: its ordered client's, its own. */
 export type Losses = { ordered: number; pool: number }
@@ -211,7 +220,13 @@ async function endSessions(
 function dial(seen: Set<Seen>) {
   followTls()
   let next = 0
-  return (o: { host: string[]; port: number[]; path?: string | false }) => {
+  return (o: {
+    host: string[]
+    port: number[]
+    path?: string | false
+    ssl?: unknown
+    sslnegotiation?: string | null
+  }) => {
     const i = next++ % o.host.length
     const host = o.host[i]!
     const port = o.port[i] ?? o.port[0]!
@@ -220,6 +235,10 @@ function dial(seen: Set<Seen>) {
     Object.assign(socket, { host, port })
     const e: Seen = { socket, wire: socket, read: 0 }
     watchWrites(e)
+    // TLS from the first byte (`sslnegotiation=direct`): the process id is read on the TLS
+    // socket (`followTls`). Otherwise postgres.js asks for TLS first when told to, and the
+    // server's one-byte answer comes before its messages.
+    if (!o.ssl || o.sslnegotiation !== 'direct') readPid(e, socket, Boolean(o.ssl))
     dialed.set(socket, e)
     for (const s of seen) if (s.socket.destroyed) seen.delete(s)
     seen.add(e)
@@ -238,6 +257,49 @@ function watchWrites(e: Seen) {
     }
     return (write as (...a: unknown[]) => boolean).apply(this, args)
   } as typeof socket.write
+}
+
+/**
+ * Reads the process id the server gives a connection (its BackendKeyData message, among the
+ * first it sends) from what `from` reads, beside postgres.js, then stops reading. With
+ * `tlsAsked`, the server's one-byte answer to postgres.js's SSLRequest comes first: a yes
+ * ("S") means TLS follows, read on the TLS socket instead (`followTls`). `unstick` tells by the
+ * ids which connections' sessions the server no longer has.
+ */
+function readPid(e: Seen, from: net.Socket, tlsAsked: boolean) {
+  let buffer: Buffer = Buffer.alloc(0)
+  let answer = tlsAsked
+  const stop = () => {
+    from.removeListener('data', read)
+    if (e.unread === stop) e.unread = undefined
+  }
+  const read = (chunk: Buffer) => {
+    buffer = buffer.length === 0 ? chunk : Buffer.concat([buffer, chunk])
+    if (answer) {
+      answer = false
+      if (buffer[0] !== 0x4e) return stop() // not "N" (plain): TLS follows, or an error
+      buffer = buffer.subarray(1)
+    }
+    while (buffer.length >= 5) {
+      const type = buffer[0]
+      if (type === 0x4b) {
+        // "K": Int32 length (12), Int32 process id, Int32 secret key.
+        if (buffer.length < 9) return
+        e.pid = buffer.readInt32BE(5)
+        return stop()
+      }
+      // Ready for a query ("Z") or an error ("E") without one before: none is coming.
+      if (type === 0x5a || type === 0x45) return stop()
+      const length = buffer.readUInt32BE(1)
+      if (buffer.length < 1 + length) {
+        if (length > 65_536) stop()
+        return
+      }
+      buffer = buffer.subarray(1 + length)
+    }
+  }
+  from.on('data', read)
+  e.unread = stop
 }
 
 /** The pool sockets `dial` made, by their TCP socket. */
@@ -265,6 +327,8 @@ function followTls() {
     if (e) {
       e.socket = secure
       watchWrites(e)
+      e.unread?.()
+      readPid(e, secure, false)
     }
     return secure
   } as typeof tls.connect
@@ -278,13 +342,14 @@ function followTls() {
  * later; closed, they fail (CONNECTION_CLOSED, out of reach: a 503 or a retry) and postgres.js
  * opens another connection for the next. Called when a call with a deadline expired; it looks
  * a tick later, by when the expiring call's own statement (sent a moment after the call began)
- * has waited `ms` too. First the server processes of this instance that have run a statement
- * for `ms` less a tick (every statement on such a socket, whatever the network's delay) are
- * ended (`endSessions`): one still running (a lock, a slow disk) rolls back rather than
- * commit what its caller was told 503 for (a channel admission's hold, which the failed call's
- * release would not find yet); its connection then closes by itself, and is not counted. A
- * statement that runs that long (a VACUUM, a report) is cut only when such a call expires. One
- * at a time: its own terminate, given up on, would start another. Returns how many it closed.
+ * has waited `ms` too. First their server processes are ended (`endStuck`): one still running
+ * (a lock, a slow disk) rolls back rather than commit what its caller was told 503 for (a
+ * channel admission's hold, which the failed call's release would not find yet), and its
+ * connection may close by itself first. Then the pool's other connections
+ * whose sessions the server no longer has are closed too, idle or not: after a failover or a
+ * restart behind a link that dropped them silently, each would otherwise be found only by a
+ * call on it, one 503 at the deadline each. One at a time: its own statements, given up on,
+ * would start another. Returns how many it closed.
  */
 async function unstick(sql: Sql, ms: number): Promise<number> {
   const pool = pools.get(sql)
@@ -299,23 +364,69 @@ async function unstick(sql: Sql, ms: number): Promise<number> {
       performance.now() - e.since >= ms
     const stuck = [...pool.seen].filter(waited)
     if (stuck.length === 0) return 0
-    await endSessions(
-      sql,
-      pool,
-      (q) => q`state = 'active'
-        and clock_timestamp() - query_start >= ${ms - TICK_MS} * interval '1 millisecond'`,
-    )
-    let closed = 0
-    for (const e of stuck)
-      if (waited(e)) {
-        e.socket.destroy()
-        e.wire.destroy()
-        pool.seen.delete(e)
-        closed++
-      }
+    // Only connections whose process was known before the server listed its sessions: one
+    // made since is not on the list, and is new, not gone.
+    const known = [...pool.seen].filter((e) => e.pid !== undefined)
+    const sessions = await endStuck(sql, pool, stuck, ms)
+    // The stuck ones, each ended (its session ended by `endStuck`, its socket closed here, or
+    // both), whichever closed it first; then those whose sessions are gone.
+    let closed = stuck.length
+    const close = (e: Seen) => {
+      e.socket.destroy()
+      e.wire.destroy()
+      pool.seen.delete(e)
+    }
+    for (const e of stuck) if (waited(e)) close(e)
+    if (sessions)
+      for (const e of known)
+        if (pool.seen.has(e) && !e.socket.destroyed && !sessions.has(e.pid!)) {
+          close(e)
+          closed++
+        }
     return closed
   } finally {
     pool.busy = false
+  }
+}
+
+/**
+ * Ends the server processes of the `stuck` connections of `pool` (`unstick`), on a client of
+ * its own (`pool.alone`), and returns the sessions of the pool's name the server has then (their
+ * process ids). Where the server's ids are not the ones it gave postgres.js (a pooler between
+ * the gateway and the server gives ids of its own), or a stuck connection's id is not known,
+ * it ends instead this instance's processes that have run a statement for `ms` less a tick
+ * (every statement on a stuck connection, whatever the network's delay), and returns no
+ * sessions (the ids say nothing). Within `sql`'s deadline; undefined on a failure.
+ */
+async function endStuck(
+  sql: Sql,
+  pool: Pool,
+  stuck: readonly Seen[],
+  ms: number,
+): Promise<Set<number> | undefined> {
+  const alone = pool.alone()
+  try {
+    // postgres.js keeps the process id the server gave it on each statement's `state`.
+    const probe = alone`select pg_backend_pid() as pid` as unknown as Promise<postgres.Row[]> & {
+      state?: { pid?: number | null }
+    }
+    const [me] = await answered(sql, probe)
+    const real = me?.pid === probe.state?.pid
+    const pids = stuck.flatMap((e) => (e.pid === undefined ? [] : [e.pid]))
+    const byTime = !real || pids.length < stuck.length
+    const rows = await answered(
+      sql,
+      alone`select pid, case when pid = any(${real ? pids : []}::int[]) or (${byTime}
+          and state = 'active'
+          and clock_timestamp() - query_start >= ${ms - TICK_MS} * interval '1 millisecond')
+        then pg_terminate_backend(pid) end as ended
+        from pg_stat_activity where application_name = ${pool.name} and pid <> pg_backend_pid()`,
+    )
+    return real ? new Set(rows.map((r) => r.pid as number)) : undefined
+  } catch {
+    return undefined
+  } finally {
+    void alone.end({ timeout: 0 }).catch(() => {})
   }
 }
 

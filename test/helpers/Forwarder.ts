@@ -10,10 +10,17 @@ import { TLSSocket } from 'node:tls'
  * answered: a hung database), or only the database's answers; `resume` passes it on. `drop`
  * loses for good what the connections open now carry, either way, and leaves them open, while
  * new connections work (a link lost without a reset: a failover, a NAT that forgot it).
+ * `vanish` is a failover: the sessions of the connections open now end at the database, while
+ * those connections stay open, silent. A connection whose traffic is lost hears of no close.
  * With `tls` (a key and certificate, PEM), it speaks TLS to its clients as PostgreSQL does (it
- * answers their SSLRequest, then decrypts), and plain to the database.
+ * answers their SSLRequest, then decrypts), and plain to the database. With `otherPids`, it
+ * gives its clients process ids other than the database's (in BackendKeyData), as a pooler
+ * such as PgBouncer does.
  */
-export async function forwarder(to: URL, o: { tls?: { key: string; cert: string } } = {}) {
+export async function forwarder(
+  to: URL,
+  o: { tls?: { key: string; cert: string }; otherPids?: boolean } = {},
+) {
   const open = new Set<Socket>()
   /** The server name each TLS client asked for (SNI; false: none), in order. */
   const servernames: (string | false | null)[] = []
@@ -22,22 +29,31 @@ export async function forwarder(to: URL, o: { tls?: { key: string; cert: string 
   let answersOnly = false
   /** Connections whose traffic is lost (`drop`), by their client side. */
   const lost = new WeakSet<Socket>()
-  const forward = (from: Socket, to: Socket, answers: boolean, client: Socket) =>
-    from.on('data', (d: Buffer) => {
+  /** The database side of each connection, by its client side. */
+  const ups = new Map<Socket, Socket>()
+  const forward = (from: Socket, to: Socket, answers: boolean, client: Socket) => {
+    const rewrite = answers && o.otherPids ? otherPid() : undefined
+    from.on('data', (chunk: Buffer) => {
       if (lost.has(client)) return
+      const d = rewrite ? rewrite(chunk) : chunk
       if (held && (answers || !answersOnly)) held.push(() => to.write(d))
       else to.write(d)
     })
+  }
   const proxy = createServer((raw) => {
     /** Forwards what `client` (the raw socket, or TLS on top of it) carries. */
     const start = (client: Socket) => {
       const up = connect(Number(to.port || 5432), to.hostname)
+      ups.set(raw, up)
       forward(client, up, false, raw)
       forward(up, client, true, raw)
       const gone = () => {
+        up.destroy()
+        ups.delete(raw)
+        // Lost: the client hears nothing, a close neither.
+        if (lost.has(raw)) return
         client.destroy()
         raw.destroy()
-        up.destroy()
         open.delete(raw)
       }
       for (const s of [client, up]) {
@@ -82,10 +98,51 @@ export async function forwarder(to: URL, o: { tls?: { key: string; cert: string 
     drop() {
       for (const c of open) lost.add(c)
     },
+    /**
+     * A failover: the connections open now lose what they carry, and their sessions end at the
+     * database (their link to it closes); the clients hear of neither. New ones work.
+     */
+    vanish() {
+      for (const c of open) {
+        lost.add(c)
+        ups.get(c)?.destroy()
+      }
+    },
     resume() {
       const all = held ?? []
       held = undefined
       for (const f of all) f()
     },
+  }
+}
+
+/**
+ * Rewrites the process id in the BackendKeyData message of a connection's answers (the first
+ * messages only), as a pooler gives ids of its own.
+ */
+function otherPid(): (chunk: Buffer) => Buffer {
+  let done = false
+  let pending = Buffer.alloc(0)
+  return (chunk) => {
+    if (done) return chunk
+    const all = Buffer.concat([pending, chunk])
+    let at = 0
+    while (all.length - at >= 5) {
+      const length = all.readUInt32BE(at + 1)
+      if (all.length - at < 1 + length) break
+      if (all[at] === 0x4b) {
+        all.writeInt32BE(all.readInt32BE(at + 5) + 1_000_000, at + 5)
+        done = true
+        return all
+      }
+      if (all[at] === 0x5a) {
+        done = true
+        return all
+      }
+      at += 1 + length
+    }
+    // A message not whole yet is held back until it is.
+    pending = all.subarray(at)
+    return all.subarray(0, at)
   }
 }

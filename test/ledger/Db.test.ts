@@ -18,15 +18,17 @@ const server = Boolean(process.env.DATABASE_URL)
 
 /**
  * A pool of `max` through a link the test breaks (over TLS with `tls`, the link named `host`),
- * with a deadline (1 s unless given); what it reports.
+ * with a deadline (1 s unless given); what it reports. With `otherPids`, the link gives process
+ * ids other than the server's, as a pooler does.
  */
 async function pool(
   max: number,
   tls?: { key: string; cert: string },
   host?: string,
   deadline = 1_000,
+  otherPids = false,
 ) {
-  const link = await forwarder(new URL(process.env.DATABASE_URL!), { tls })
+  const link = await forwarder(new URL(process.env.DATABASE_URL!), { tls, otherPids })
   const url = new URL(link.url)
   if (tls) url.searchParams.set('sslmode', 'require')
   if (host) url.hostname = host
@@ -135,27 +137,58 @@ test.skipIf(!server)(
   15_000,
 )
 
-test.skipIf(!server)(
-  'behavior: when a call passes the deadline, only the connection that waits on its statement is closed: one idle in a transaction that holds a lock (as the settlement holds its advisory lock) stays',
-  async () => {
-    const { sql, lost } = await pool(3)
-    // A transaction that holds a lock and waits, its connection idle (it read its answers).
-    const holder = await sql.reserve()
-    await holder`begin`
-    await holder`select pg_advisory_xact_lock(4242)`
-    // A call that waits on that lock past the deadline.
-    await expect(Db.answered(sql, sql`select pg_advisory_xact_lock(4242)`)).rejects.toBeInstanceOf(
-      Db.DatabaseTimeoutError,
-    )
-    for (let i = 0; i < 30 && lost.length === 0; i++) await Bun.sleep(100)
-    expect(lost).toEqual(['pool'])
-    // The holder's connection was not closed: its transaction still holds the lock and commits.
-    const [held] = await holder`select count(*)::int as n from pg_locks
+for (const pids of ['the server', 'a pooler'] as const)
+  test.skipIf(!server)(
+    `behavior: when a call passes the deadline, only the connection that waits on its statement is closed: one idle in a transaction that holds a lock (as the settlement holds its advisory lock) stays (process ids from ${pids})`,
+    async () => {
+      const { sql, lost } = await pool(3, undefined, undefined, 1_000, pids === 'a pooler')
+      // A transaction that holds a lock and waits, its connection idle (it read its answers).
+      const holder = await sql.reserve()
+      await holder`begin`
+      await holder`select pg_advisory_xact_lock(4242)`
+      // A call that waits on that lock past the deadline.
+      await expect(
+        Db.answered(sql, sql`select pg_advisory_xact_lock(4242)`),
+      ).rejects.toBeInstanceOf(Db.DatabaseTimeoutError)
+      for (let i = 0; i < 30 && lost.length === 0; i++) await Bun.sleep(100)
+      expect(lost).toEqual(['pool'])
+      // The holder's connection was not closed: its transaction still holds the lock and commits.
+      const [held] = await holder`select count(*)::int as n from pg_locks
       where locktype = 'advisory' and objid = 4242 and pid = pg_backend_pid() and granted`
-    expect(held).toEqual({ n: 1 })
-    await holder`commit`
-    holder.release()
-    expect((await Db.answered(sql, sql`select 1 as x`))[0]).toEqual({ x: 1 })
-  },
-  15_000,
-)
+      expect(held).toEqual({ n: 1 })
+      await holder`commit`
+      holder.release()
+      expect((await Db.answered(sql, sql`select 1 as x`))[0]).toEqual({ x: 1 })
+    },
+    15_000,
+  )
+
+for (const over of ['TCP', 'TLS'] as const)
+  test.skipIf(!server)(
+    `error: after a failover (the sessions gone at the server, their connections silent; over ${over}), the first call past the deadline closes every connection whose session is gone, idle ones too: the calls after it are answered, none waits out a deadline of its own`,
+    async () => {
+      const tls = over === 'TLS' ? certificate() : undefined
+      const { link, sql, lost } = await pool(3, tls, tls && 'localhost', 2_000)
+      // Three connections, each used.
+      const used = await Promise.all(
+        Array.from({ length: 3 }, () =>
+          Db.answered(sql, sql`select pg_sleep(0.1), pg_backend_pid() as pid`),
+        ),
+      )
+      expect(new Set(used.map(([r]) => r!.pid)).size).toBe(3)
+      link.vanish()
+      await expect(Db.answered(sql, sql`select 2 as x`)).rejects.toBeInstanceOf(
+        Db.DatabaseTimeoutError,
+      )
+      for (let i = 0; i < 50 && lost.length === 0; i++) await Bun.sleep(100)
+      expect(lost).toEqual(['pool'])
+      expect(Db.lostConnections(sql).pool).toBe(3)
+      // More calls than connections at once: any on a connection still open to the old sessions
+      // would be a DatabaseTimeoutError.
+      const answers = await Promise.all(
+        [1, 2, 3, 4, 5, 6].map((i) => Db.answered(sql, sql`select ${i}::int as x`)),
+      )
+      expect(answers.map(([r]) => r!.x)).toEqual([1, 2, 3, 4, 5, 6])
+    },
+    20_000,
+  )
