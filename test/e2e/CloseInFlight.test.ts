@@ -10,10 +10,8 @@ import { type Hex, keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
-import * as Voucher from '../../src/chain/Voucher.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
-import * as Credential from '../../src/payment/Credential.ts'
 import * as Receipt from '../../src/payment/Receipt.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
@@ -198,29 +196,15 @@ describe('forced close and top-up', () => {
     // A voucher above the deposit, with the top-up that makes room for it: the top-up goes
     // first (the escrow cancels the close), then the voucher pays for the request.
     const cumulative = 12_000n
-    const header = Credential.serialize(
-      Credential.from({
-        challenge: s.challenge,
-        payload: {
-          action: 'voucher',
-          channelId,
-          cumulativeAmount: cumulative,
-          signature: await Voucher.sign(payer, {
-            chainId: chain.chainId,
-            escrow: chain.escrowAddress,
-            channelId,
-            cumulativeAmount: cumulative,
-          }),
-          deposit: await Paid.topUpDeposit(payer, {
-            channelId,
-            additional: 5_000n,
-            escrow: chain.escrowAddress,
-            tokenDomain,
-            salt: keccak256(toHex(`close-top-up:${channelId}`)),
-          }),
-        },
-      }),
-    )
+    const header = await Paid.voucherWithTopUp(payer, {
+      challenge: s.challenge,
+      chain,
+      tokenDomain,
+      channelId,
+      cumulative,
+      additional: 5_000n,
+      salt: keccak256(toHex(`close-top-up:${channelId}`)),
+    })
     const served = await post(header, ask)
     expect(served.status).toBe(200)
     await served.text()

@@ -10,7 +10,6 @@ import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
 import { getTransaction } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
-import * as Voucher from '../../src/chain/Voucher.ts'
 import { PayingSession } from '../../src/client/Session.ts'
 import * as Channels from '../../src/ledger/Channels.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
@@ -186,29 +185,15 @@ describe('a voucher carrying a top-up, signed by someone else', () => {
     const additional = 5_000n
     const topUpSalt = keccak256(toHex(`stranger:${channelId}`))
     const cumulative = 2_000n
-    const header = Credential.serialize(
-      Credential.from({
-        challenge: await freshChallenge(),
-        payload: {
-          action: 'voucher',
-          channelId,
-          cumulativeAmount: cumulative.toString(),
-          signature: await Voucher.sign(stranger, {
-            chainId: chain.chainId,
-            escrow: chain.escrowAddress,
-            channelId,
-            cumulativeAmount: cumulative,
-          }),
-          deposit: await Paid.topUpDeposit(stranger, {
-            channelId,
-            additional,
-            escrow: chain.escrowAddress,
-            tokenDomain,
-            salt: topUpSalt,
-          }),
-        },
-      }),
-    )
+    const header = await Paid.voucherWithTopUp(stranger, {
+      challenge: await freshChallenge(),
+      chain,
+      tokenDomain,
+      channelId,
+      cumulative,
+      additional,
+      salt: topUpSalt,
+    })
     const before = await Ledger.channelState(gw.sql, channelId)
     const res = await fetch(url, { method: 'HEAD', headers: { authorization: header } })
     expect(res.status).toBe(402)

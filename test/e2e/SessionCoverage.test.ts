@@ -10,7 +10,6 @@ import { type Hex, keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
-import * as Voucher from '../../src/chain/Voucher.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Batch from '../../src/ledger/Batch.ts'
 import * as Settlements from '../../src/ledger/Settlements.ts'
@@ -399,29 +398,15 @@ describe('deposits', () => {
     // Above the old deposit: acceptable only once the top-up is in.
     const cumulative = 14_000n
     const topUpSalt = keccak256(toHex(`merge:${channelId}:${Date.now()}`))
-    const header = Credential.serialize(
-      Credential.from({
-        challenge: session.challenge,
-        payload: {
-          action: 'voucher',
-          channelId,
-          cumulativeAmount: cumulative,
-          signature: await Voucher.sign(account, {
-            chainId: chain.chainId,
-            escrow: chain.escrowAddress,
-            channelId,
-            cumulativeAmount: cumulative,
-          }),
-          deposit: await Paid.topUpDeposit(account, {
-            channelId,
-            additional,
-            escrow: chain.escrowAddress,
-            tokenDomain,
-            salt: topUpSalt,
-          }),
-        },
-      }),
-    )
+    const header = await Paid.voucherWithTopUp(account, {
+      challenge: session.challenge,
+      chain,
+      tokenDomain,
+      channelId,
+      cumulative,
+      additional,
+      salt: topUpSalt,
+    })
     const res = await fetch(url, {
       method: 'POST',
       headers: { authorization: header },

@@ -7,7 +7,10 @@ import { type Hex, keccak256, type LocalAccount, toHex } from 'viem'
 import type * as Client from '../../src/chain/Client.ts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
+import * as Voucher from '../../src/chain/Voucher.ts'
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
+import type * as Challenge from '../../src/payment/Challenge.ts'
+import * as Credential from '../../src/payment/Credential.ts'
 
 /**
  * An open the payer broadcast itself (paying its gas) on the test chain, with `deposit`: the
@@ -100,4 +103,48 @@ export async function topUpDeposit(
     }),
     salt: o.salt,
   }
+}
+
+/**
+ * A voucher credential (its header) on `challenge` for `cumulative` on channel `channelId`,
+ * signed by `account`, that carries a top-up of `additional` from `account` (see
+ * `topUpDeposit`): the gateway submits the top-up, then takes the voucher.
+ */
+export async function voucherWithTopUp(
+  account: LocalAccount,
+  o: {
+    challenge: Challenge.Challenge
+    chain: { chainId: number; escrowAddress: Hex }
+    tokenDomain: Token.TokenDomain
+    channelId: Hex
+    cumulative: bigint
+    additional: bigint
+    salt: Hex
+  },
+): Promise<string> {
+  const { channelId, cumulative } = o
+  const escrow = o.chain.escrowAddress
+  return Credential.serialize(
+    Credential.from({
+      challenge: o.challenge,
+      payload: {
+        action: 'voucher',
+        channelId,
+        cumulativeAmount: cumulative,
+        signature: await Voucher.sign(account, {
+          chainId: o.chain.chainId,
+          escrow,
+          channelId,
+          cumulativeAmount: cumulative,
+        }),
+        deposit: await topUpDeposit(account, {
+          channelId,
+          additional: o.additional,
+          escrow,
+          tokenDomain: o.tokenDomain,
+          salt: o.salt,
+        }),
+      },
+    }),
+  )
 }
