@@ -53,6 +53,21 @@ export function isUnreachable(e: unknown): boolean {
   return UNREACHABLE.has(code) || /^(08|53)[0-9A-Z]{3}$/.test(code) || code.startsWith('57P')
 }
 
+/**
+ * `url` without an `application_name` parameter (postgres.js would let it override the name
+ * the gateway gives its sessions): a pool's sessions go by the instance's own name, which its
+ * reservations record, its heartbeat is written under, and the watchdog finds them by.
+ */
+export function unnamed(url: string): string {
+  const q = url.indexOf('?')
+  if (q < 0) return url
+  const params = new URLSearchParams(url.slice(q + 1))
+  if (!params.has('application_name')) return url
+  params.delete('application_name')
+  const rest = params.toString()
+  return rest ? `${url.slice(0, q)}?${rest}` : url.slice(0, q)
+}
+
 /** How long a pool's `end` waits for its statements under way when not told (seconds). */
 const END_TIMEOUT_SECONDS = 2
 
@@ -64,8 +79,9 @@ const END_TIMEOUT_SECONDS = 2
 export function connect(options: Options): Sql {
   // One name for the pool and its companion: the same instance.
   const name = instanceName()
+  const url = unnamed(options.url)
   const open = (max: number, seen?: Set<Seen>) =>
-    postgres(options.url, {
+    postgres(url, {
       max,
       onnotice: () => {},
       ...(seen ? { socket: dial(seen) } : {}),
@@ -170,6 +186,8 @@ type Seen = {
   read: number
   /** Its server process, as the server told postgres.js (BackendKeyData), once known. */
   pid?: number
+  /** When (`Date.now()`) it read `pid`. */
+  keyAt?: number
   /** Stops reading for `pid` (see `readPid`). */
   unread?: () => void
 }
@@ -182,7 +200,15 @@ export type Losses = { ordered: number; pool: number }
  * its sessions go by, a client of one connection of its own (`alone`, opened each time), the
  * connections it gave up for lost, and whether `unstick` is under way.
  */
-type Pool = { seen: Set<Seen>; name: string; alone: () => Sql; lost: Losses; busy?: boolean }
+type Pool = {
+  seen: Set<Seen>
+  name: string
+  alone: () => Sql
+  lost: Losses
+  busy?: boolean
+  /** Whether another look was asked for while `unstick` ran. */
+  again?: boolean
+}
 const pools = new WeakMap<object, Pool>()
 
 /** The connections of `sql`'s pool given up for lost so far (see `onOrdered`, `unstick`). */
@@ -285,7 +311,8 @@ function readPid(e: Seen, from: net.Socket, tlsAsked: boolean) {
       if (type === 0x4b) {
         // "K": Int32 length (12), Int32 process id, Int32 secret key.
         if (buffer.length < 9) return
-        e.pid = buffer.readInt32BE(5)
+        e.pid = buffer.readUInt32BE(5)
+        e.keyAt = Date.now()
         return stop()
       }
       // Ready for a query ("Z") or an error ("E") without one before: none is coming.
@@ -353,76 +380,118 @@ function followTls() {
  */
 async function unstick(sql: Sql, ms: number): Promise<number> {
   const pool = pools.get(sql)
-  if (!pool || pool.busy) return 0
+  if (!pool) return 0
+  // Another expiry while one runs: it looks again once done (a connection may have gone quiet
+  // meanwhile, its statement sent a moment after the first).
+  if (pool.busy) {
+    pool.again = true
+    return 0
+  }
   pool.busy = true
+  let closed = 0
   try {
-    await new Promise((resolve) => setTimeout(resolve, TICK_MS))
-    const waited = (e: Seen) =>
-      !e.socket.destroyed &&
-      e.since !== undefined &&
-      e.wire.bytesRead === e.read &&
-      performance.now() - e.since >= ms
-    const stuck = [...pool.seen].filter(waited)
-    if (stuck.length === 0) return 0
-    // Only connections whose process was known before the server listed its sessions: one
-    // made since is not on the list, and is new, not gone.
-    const known = [...pool.seen].filter((e) => e.pid !== undefined)
-    const sessions = await endStuck(sql, pool, stuck, ms)
-    // The stuck ones, each ended (its session ended by `endStuck`, its socket closed here, or
-    // both), whichever closed it first; then those whose sessions are gone.
-    let closed = stuck.length
-    const close = (e: Seen) => {
-      e.socket.destroy()
-      e.wire.destroy()
-      pool.seen.delete(e)
-    }
-    for (const e of stuck) if (waited(e)) close(e)
-    if (sessions)
-      for (const e of known)
-        if (pool.seen.has(e) && !e.socket.destroyed && !sessions.has(e.pid!)) {
-          close(e)
-          closed++
-        }
-    return closed
+    do {
+      pool.again = false
+      closed += await unstickOnce(sql, pool, ms)
+    } while (pool.again)
   } finally {
     pool.busy = false
   }
+  return closed
+}
+
+/** One look of `unstick`. */
+async function unstickOnce(sql: Sql, pool: Pool, ms: number): Promise<number> {
+  await new Promise((resolve) => setTimeout(resolve, TICK_MS))
+  const waited = (e: Seen) =>
+    !e.socket.destroyed &&
+    e.since !== undefined &&
+    e.wire.bytesRead === e.read &&
+    performance.now() - e.since >= ms
+  const stuck = [...pool.seen].filter(waited)
+  if (stuck.length === 0) return 0
+  // Only connections whose process was known before the server listed its sessions: one made
+  // since is not on the list, and is new, not gone.
+  const known = [...pool.seen].filter((e) => e.pid !== undefined)
+  const sessions = await endStuck(sql, pool, () => stuck.filter(waited), ms)
+  // The stuck ones, each ended (its session ended by `endStuck`, its socket closed here, or
+  // both), whichever closed it first; then those whose sessions are gone.
+  let closed = stuck.length
+  const close = (e: Seen) => {
+    e.socket.destroy()
+    e.wire.destroy()
+    pool.seen.delete(e)
+  }
+  for (const e of stuck) if (waited(e)) close(e)
+  if (sessions)
+    for (const e of known)
+      if (pool.seen.has(e) && !e.socket.destroyed && !sessions.alive(e)) {
+        close(e)
+        closed++
+      }
+  return closed
 }
 
 /**
- * Ends the server processes of the `stuck` connections of `pool` (`unstick`), on a client of
- * its own (`pool.alone`), and returns the sessions of the pool's name the server has then (their
- * process ids). Where the server's ids are not the ones it gave postgres.js (a pooler between
- * the gateway and the server gives ids of its own), or a stuck connection's id is not known,
- * it ends instead this instance's processes that have run a statement for `ms` less a tick
- * (every statement on a stuck connection, whatever the network's delay), and returns no
- * sessions (the ids say nothing). Within `sql`'s deadline; undefined on a failure.
+ * How late (ms) a session may have begun, by the server's clock, after its connection read its
+ * process id, and still be taken for that connection's: the error of the clocks' measured
+ * offset. A later one with that id is another process, which took the id of one that is gone
+ * (a restarted server).
+ */
+const SESSION_SLACK_MS = 2_000
+
+/**
+ * Ends the server processes of `pool`'s connections that waited past the deadline `ms`, on a
+ * client of its own (`pool.alone`): this instance's processes that have run a statement for
+ * `ms` less a tick (every statement on a stuck connection, whatever the network's delay), and
+ * the processes of `stuck()`'s connections (those still waiting when it is asked) that are not
+ * idle (one left in a transaction holds its locks). Returns which of the pool's connections the
+ * server still has sessions for (`alive`); undefined where the server's ids are not the ones
+ * it gave postgres.js (a pooler between, such as PgBouncer, gives ids of its own: they say
+ * nothing), or on a failure. Within `sql`'s deadline.
  */
 async function endStuck(
   sql: Sql,
   pool: Pool,
-  stuck: readonly Seen[],
+  stuck: () => Seen[],
   ms: number,
-): Promise<Set<number> | undefined> {
+): Promise<{ alive(e: Seen): boolean } | undefined> {
   const alone = pool.alone()
   try {
     // postgres.js keeps the process id the server gave it on each statement's `state`.
-    const probe = alone`select pg_backend_pid() as pid` as unknown as Promise<postgres.Row[]> & {
+    const probe = alone`select pg_backend_pid() as pid,
+      (extract(epoch from clock_timestamp()) * 1000)::float8 as now` as unknown as Promise<
+      postgres.Row[]
+    > & {
       state?: { pid?: number | null }
     }
     const [me] = await answered(sql, probe)
-    const real = me?.pid === probe.state?.pid
-    const pids = stuck.flatMap((e) => (e.pid === undefined ? [] : [e.pid]))
-    const byTime = !real || pids.length < stuck.length
+    // The server's clock less this one's, within the round trip.
+    const offset = Number(me?.now) - Date.now()
+    const real = me?.pid !== undefined && me.pid === probe.state?.pid
+    const ending = real ? stuck().filter((e) => e.pid !== undefined) : []
     const rows = await answered(
       sql,
-      alone`select pid, case when pid = any(${real ? pids : []}::int[]) or (${byTime}
-          and state = 'active'
-          and clock_timestamp() - query_start >= ${ms - TICK_MS} * interval '1 millisecond')
-        then pg_terminate_backend(pid) end as ended
-        from pg_stat_activity where application_name = ${pool.name} and pid <> pg_backend_pid()`,
+      alone`select a.pid, (extract(epoch from a.backend_start) * 1000)::float8 as started,
+          case when (s.pid is not null and a.state <> 'idle'
+              and extract(epoch from a.backend_start) * 1000 <= s.latest)
+            or (a.state = 'active'
+              and clock_timestamp() - a.query_start >= ${ms - TICK_MS} * interval '1 millisecond')
+          then pg_terminate_backend(a.pid) end as ended
+        from pg_stat_activity a
+        left join unnest(${ending.map((e) => e.pid!)}::int[],
+          ${ending.map((e) => e.keyAt! + offset + SESSION_SLACK_MS)}::float8[]) s(pid, latest)
+          on s.pid = a.pid
+        where a.application_name = ${pool.name} and a.pid <> pg_backend_pid()`,
     )
-    return real ? new Set(rows.map((r) => r.pid as number)) : undefined
+    if (!real) return undefined
+    const started = new Map(rows.map((r) => [r.pid as number, Number(r.started)]))
+    return {
+      alive: (e) => {
+        const at = started.get(e.pid!)
+        return at !== undefined && at <= e.keyAt! + offset + SESSION_SLACK_MS
+      },
+    }
   } catch {
     return undefined
   } finally {

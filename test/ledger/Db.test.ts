@@ -19,7 +19,8 @@ const server = Boolean(process.env.DATABASE_URL)
 /**
  * A pool of `max` through a link the test breaks (over TLS with `tls`, the link named `host`),
  * with a deadline (1 s unless given); what it reports. With `otherPids`, the link gives process
- * ids other than the server's, as a pooler does.
+ * ids other than the server's, as a pooler does; with `applicationName`, the URL names the
+ * sessions.
  */
 async function pool(
   max: number,
@@ -27,10 +28,12 @@ async function pool(
   host?: string,
   deadline = 1_000,
   otherPids = false,
+  applicationName?: string,
 ) {
   const link = await forwarder(new URL(process.env.DATABASE_URL!), { tls, otherPids })
   const url = new URL(link.url)
   if (tls) url.searchParams.set('sslmode', 'require')
+  if (applicationName) url.searchParams.set('application_name', applicationName)
   if (host) url.hostname = host
   const sql = Db.connect({ url: url.toString(), max })
   afterAll(() => sql.end({ timeout: 1 }))
@@ -137,11 +140,18 @@ test.skipIf(!server)(
   15_000,
 )
 
-for (const pids of ['the server', 'a pooler'] as const)
+for (const pids of ['the server', 'a pooler', 'the server, the URL naming the sessions'] as const)
   test.skipIf(!server)(
     `behavior: when a call passes the deadline, only the connection that waits on its statement is closed: one idle in a transaction that holds a lock (as the settlement holds its advisory lock) stays (process ids from ${pids})`,
     async () => {
-      const { sql, lost } = await pool(3, undefined, undefined, 1_000, pids === 'a pooler')
+      const { sql, lost } = await pool(
+        3,
+        undefined,
+        undefined,
+        1_000,
+        pids === 'a pooler',
+        pids.includes('URL') ? 'someone-else' : undefined,
+      )
       // A transaction that holds a lock and waits, its connection idle (it read its answers).
       const holder = await sql.reserve()
       await holder`begin`
@@ -192,3 +202,37 @@ for (const over of ['TCP', 'TLS'] as const)
     },
     20_000,
   )
+
+test.skipIf(!server)(
+  'error: a statement on a reserved connection (the settlement lock holder) whose socket closed fails as closed, again and again; it does not throw where nothing catches it and end the process (patches/postgres+3.4.9.patch)',
+  async () => {
+    const { link, sql } = await pool(2)
+    const reserved = await sql.reserve()
+    expect((await reserved`select 1 as x`)[0]).toEqual({ x: 1 })
+    await link.cut()
+    // The close reaches postgres.js, which sets the connection's socket aside.
+    await Bun.sleep(100)
+    for (const n of [2, 3])
+      await expect(reserved`select ${n}::int as x`).rejects.toMatchObject({
+        code: 'CONNECTION_CLOSED',
+      })
+    reserved.release()
+  },
+  15_000,
+)
+
+test('behavior: a database URL loses its application_name (the gateway names its sessions), and keeps everything else', () => {
+  const base = 'postgres://u:p@db.example:5432/app'
+  expect(Db.unnamed(base)).toBe(base)
+  expect(Db.unnamed(`${base}?application_name=x`)).toBe(base)
+  expect(Db.unnamed(`${base}?sslmode=require&application_name=x&connect_timeout=5`)).toBe(
+    `${base}?sslmode=require&connect_timeout=5`,
+  )
+  expect(Db.unnamed(`${base}?sslmode=verify-full`)).toBe(`${base}?sslmode=verify-full`)
+  // Several hosts, as postgres.js takes them.
+  expect(
+    Db.unnamed(
+      'postgres://u@h1:5432,h2:5433/app?application_name=x&target_session_attrs=read-write',
+    ),
+  ).toBe('postgres://u@h1:5432,h2:5433/app?target_session_attrs=read-write')
+})
