@@ -186,7 +186,7 @@ type Seen = {
   read: number
   /** Its server process, as the server told postgres.js (BackendKeyData), once known. */
   pid?: number
-  /** When (`Date.now()`) it read `pid`. */
+  /** When (`wallClock()`) it read `pid`. */
   keyAt?: number
   /** Stops reading for `pid` (see `readPid`). */
   unread?: () => void
@@ -312,7 +312,7 @@ function readPid(e: Seen, from: net.Socket, tlsAsked: boolean) {
         // "K": Int32 length (12), Int32 process id, Int32 secret key.
         if (buffer.length < 9) return
         e.pid = buffer.readUInt32BE(5)
-        e.keyAt = Date.now()
+        e.keyAt = wallClock()
         return stop()
       }
       // Ready for a query ("Z") or an error ("E") without one before: none is coming.
@@ -328,6 +328,12 @@ function readPid(e: Seen, from: net.Socket, tlsAsked: boolean) {
   from.on('data', read)
   e.unread = stop
 }
+
+/**
+ * The time now in milliseconds since the epoch, as this process's monotonic clock counts it
+ * from its start: a step of the system clock (NTP) between two readings does not move it.
+ */
+const wallClock = () => performance.timeOrigin + performance.now()
 
 /** The pool sockets `dial` made, by their TCP socket. */
 const dialed = new WeakMap<net.Socket, Seen>()
@@ -467,7 +473,7 @@ async function endStuck(
     }
     const [me] = await answered(sql, probe)
     // The server's clock less this one's, within the round trip.
-    const offset = Number(me?.now) - Date.now()
+    const offset = Number(me?.now) - wallClock()
     const real = me?.pid !== undefined && me.pid === probe.state?.pid
     const ending = real ? stuck().filter((e) => e.pid !== undefined) : []
     const rows = await answered(

@@ -204,19 +204,33 @@ for (const over of ['TCP', 'TLS'] as const)
   )
 
 test.skipIf(!server)(
-  'error: a statement on a reserved connection (the settlement lock holder) whose socket closed fails as closed, again and again; it does not throw where nothing catches it and end the process (patches/postgres+3.4.9.patch)',
+  'error: a reserved connection (the settlement lock holder) whose socket closed fails its statements as closed, again and again, even once the pool has opened the connection again for others: none throws where nothing catches it (ending the process), none runs on the new session (outside its lock), and its release leaves the pool whole (patches/postgres+3.4.9.patch)',
   async () => {
-    const { link, sql } = await pool(2)
+    // One connection: the reserved one, which the pool opens again for the next caller.
+    const { link, sql } = await pool(1)
     const reserved = await sql.reserve()
-    expect((await reserved`select 1 as x`)[0]).toEqual({ x: 1 })
+    const [held] =
+      await reserved`select pg_try_advisory_lock(4343) as locked, pg_backend_pid() as pid`
+    expect(held!.locked).toBe(true)
     await link.cut()
     // The close reaches postgres.js, which sets the connection's socket aside.
     await Bun.sleep(100)
+    await expect(reserved`select 1 as x`).rejects.toMatchObject({ code: 'CONNECTION_CLOSED' })
+    await link.mend()
+    // The pool opens the connection again for another caller: a new session.
+    const [other] = await Db.answered(sql, sql`select pg_backend_pid() as pid`)
+    expect(other!.pid).not.toBe(held!.pid)
+    // The holder's statements still fail: run there, they would run without its lock.
     for (const n of [2, 3])
       await expect(reserved`select ${n}::int as x`).rejects.toMatchObject({
         code: 'CONNECTION_CLOSED',
       })
     reserved.release()
+    // Released, the connection is not handed back twice: the pool answers every call.
+    const answers = await Promise.all(
+      [1, 2, 3, 4].map((i) => Db.answered(sql, sql`select ${i}::int as x`)),
+    )
+    expect(answers.map(([r]) => r!.x)).toEqual([1, 2, 3, 4])
   },
   15_000,
 )
