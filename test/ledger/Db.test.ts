@@ -235,6 +235,30 @@ test.skipIf(!server)(
   15_000,
 )
 
+test.skipIf(!server)(
+  "error: a transaction whose connection closed fails its later statements, and what waited in it, even once the pool has opened the connection again for another caller: none runs (or commits) on that caller's session (patches/postgres+3.4.9.patch)",
+  async () => {
+    const { link, sql } = await pool(1)
+    let late: unknown
+    const ended = sql
+      .begin(async (tx) => {
+        await tx`select 1`
+        await link.cut()
+        // The close reaches postgres.js.
+        await Bun.sleep(100)
+        await link.mend()
+        // The pool opens the connection again for another caller.
+        expect((await Db.answered(sql, sql`select 1 as x`))[0]).toEqual({ x: 1 })
+        late = await tx`select 2 as x`.catch((e: unknown) => e)
+      })
+      .catch((e: unknown) => e)
+    expect(await ended).toMatchObject({ code: 'CONNECTION_CLOSED' })
+    for (let i = 0; i < 50 && late === undefined; i++) await Bun.sleep(50)
+    expect(late).toMatchObject({ code: 'CONNECTION_CLOSED' })
+  },
+  15_000,
+)
+
 test('behavior: a database URL loses its application_name (the gateway names its sessions), and keeps everything else', () => {
   const base = 'postgres://u:p@db.example:5432/app'
   expect(Db.unnamed(base)).toBe(base)
