@@ -158,7 +158,7 @@ export function connect(options: Options): Sql {
           // was told 503 and its hold released (a release that came first would find nothing to
           // free). Ended, its calls fail, and what was committed before is released
           // (Reservations).
-          if (pid) await endSessions(sql, pool, (q) => q`pid = ${pid}`)
+          if (pid) await endSession(sql, pool, pid)
           // Its calls under way fail (CONNECTION_DESTROYED) now, not when TCP gives up.
           await old.end({ timeout: 0 }).catch(() => {})
         })()
@@ -217,23 +217,31 @@ export function lostConnections(sql: object): Losses {
 }
 
 /**
- * Ends this instance's server processes (of `pool`'s name) that match `where`: what they run is
- * rolled back. On a client of its own, opened for it: the pool's connections may all be lost,
- * and postgres.js would queue the statement behind one of them. Within `sql`'s deadline; a
- * failure is given up on (what it would end, its caller gives up on too).
+ * Runs `f` on a client of one connection opened for it (`pool.alone`), ended after: the pool's
+ * connections may all be lost, and postgres.js would queue a statement behind one of them.
+ * Undefined when `f` fails (given up on: what it would do, its caller gives up on too).
  */
-async function endSessions(
-  sql: Sql,
-  pool: Pool,
-  where: (alone: Sql) => postgres.PendingQuery<postgres.Row[]>,
-) {
+async function onAlone<T>(pool: Pool, f: (alone: Sql) => Promise<T>): Promise<T | undefined> {
   const alone = pool.alone()
-  await answered(
-    sql,
-    alone`select pg_terminate_backend(pid) from pg_stat_activity
-      where application_name = ${pool.name} and pid <> pg_backend_pid() and ${where(alone)}`,
-  ).catch(() => {})
-  void alone.end({ timeout: 0 }).catch(() => {})
+  try {
+    return await f(alone)
+  } catch {
+    return undefined
+  } finally {
+    void alone.end({ timeout: 0 }).catch(() => {})
+  }
+}
+
+/** Ends this instance's server process `pid` (what it runs is rolled back), within `sql`'s
+ * deadline (`onAlone`). */
+async function endSession(sql: Sql, pool: Pool, pid: number) {
+  await onAlone(pool, (alone) =>
+    answered(
+      sql,
+      alone`select pg_terminate_backend(pid) from pg_stat_activity
+        where application_name = ${pool.name} and pid = ${pid}`,
+    ),
+  )
 }
 
 /**
@@ -462,8 +470,7 @@ async function endStuck(
   stuck: () => Seen[],
   ms: number,
 ): Promise<{ alive(e: Seen): boolean } | undefined> {
-  const alone = pool.alone()
-  try {
+  return onAlone(pool, async (alone) => {
     // postgres.js keeps the process id the server gave it on each statement's `state`.
     const probe = alone`select pg_backend_pid() as pid,
       (extract(epoch from clock_timestamp()) * 1000)::float8 as now` as unknown as Promise<
@@ -476,6 +483,8 @@ async function endStuck(
     const offset = Number(me?.now) - wallClock()
     const real = me?.pid !== undefined && me.pid === probe.state?.pid
     const ending = real ? stuck().filter((e) => e.pid !== undefined) : []
+    /** The latest a session of connection `e` may have begun, by the server's clock. */
+    const latest = (e: Seen) => e.keyAt! + offset + SESSION_SLACK_MS
     const rows = await answered(
       sql,
       alone`select a.pid, (extract(epoch from a.backend_start) * 1000)::float8 as started,
@@ -486,23 +495,19 @@ async function endStuck(
           then pg_terminate_backend(a.pid) end as ended
         from pg_stat_activity a
         left join unnest(${ending.map((e) => e.pid!)}::int[],
-          ${ending.map((e) => e.keyAt! + offset + SESSION_SLACK_MS)}::float8[]) s(pid, latest)
+          ${ending.map(latest)}::float8[]) s(pid, latest)
           on s.pid = a.pid
         where a.application_name = ${pool.name} and a.pid <> pg_backend_pid()`,
     )
     if (!real) return undefined
     const started = new Map(rows.map((r) => [r.pid as number, Number(r.started)]))
     return {
-      alive: (e) => {
+      alive: (e: Seen) => {
         const at = started.get(e.pid!)
-        return at !== undefined && at <= e.keyAt! + offset + SESSION_SLACK_MS
+        return at !== undefined && at <= latest(e)
       },
     }
-  } catch {
-    return undefined
-  } finally {
-    void alone.end({ timeout: 0 }).catch(() => {})
-  }
+  })
 }
 
 /** A pool's ordered client (see `ordered`): the one in use, and its replacement (`onOrdered`). */
