@@ -462,6 +462,11 @@ export function routes(deps: Deps) {
    * the key's tier, nor when the model's upstreams rate limit the gateway.
    */
   const unfunded = new Lru<string, true>(KNOWN_KEYS)
+  /** Notes an admission's outcome for `payer`: refused for want of funds, or admitted. */
+  const funded = (payer: string, status: string) => {
+    if (status === 'insufficient') unfunded.set(payer, true)
+    else if (status === 'ok' && unfunded.count > 0) unfunded.delete(payer)
+  }
   /**
    * The least request `r` (JSON `text`, from payer `payer`) can cost, when it is to be checked
    * against the payer's funds before it is counted (see `unfunded`); else undefined.
@@ -566,8 +571,7 @@ export function routes(deps: Deps) {
         refused: admitted,
       })
     else if (admitted.status === 'ok' && limitedUntil.count > 0) limitedUntil.delete(knownAs)
-    if (admitted.status === 'insufficient') unfunded.set(knownAs, true)
-    else if (admitted.status === 'ok' && unfunded.count > 0) unfunded.delete(knownAs)
+    funded(knownAs, admitted.status)
     if (admitted.status !== 'ok') throw refusal(admitted, p.model, p.need, p.asked !== undefined)
     // The output stops where the monthly quota does (at least one token: a prompt that fills
     // the quota exactly still gets an answer).
@@ -748,8 +752,7 @@ export function routes(deps: Deps) {
       )
     if (admitted.status.startsWith('idempotency_'))
       throw duplicate(admitted as Extract<Channels.Admission, { otherRequest: string }>)
-    if (admitted.status === 'insufficient') unfunded.set(channelId, true)
-    else if (admitted.status === 'ok' && unfunded.count > 0) unfunded.delete(channelId)
+    funded(channelId, admitted.status)
     if (admitted.status === 'insufficient')
       throw voucherNeeded(
         "The channel's authorized balance does not cover the prompt and the first tokens; send a voucher for requiredCumulative.",
