@@ -747,7 +747,9 @@ const turns = new Map<string, Promise<unknown>>()
  * Runs `fn` with no other holder of the lock `name` running it: first in this process (one
  * turn at a time, so waiting callers do not each tie up a connection), then, among the
  * instances sharing the database, under a Postgres advisory lock that goes with the
- * transaction around `fn`. `fn` must not use the database. A one-connection pool (the
+ * transaction around `fn`. `fn` must not use the database. Should the transaction's connection
+ * close while `fn` runs, the turn still ends only when `fn` does, with `fn`'s outcome (the
+ * lock among instances was lost with the session). A one-connection pool (the
  * embedded server) skips the advisory lock: its instances all live in this process, and a
  * caller holding that one connection (the settlement worker's reserved one) would wait
  * for itself.
@@ -756,11 +758,23 @@ export function exclusive(sql: Sql, name: string) {
   const shared = (sql.options as { max?: number }).max !== 1
   return <T>(fn: () => Promise<T>): Promise<T> => {
     const run = shared
-      ? () =>
-          sql.begin(async (tx) => {
-            await tx`select pg_advisory_xact_lock(hashtext(${name}))`
-            return fn()
-          }) as Promise<T>
+      ? async () => {
+          let work: Promise<T> | undefined
+          try {
+            return (await sql.begin(async (tx) => {
+              await tx`select pg_advisory_xact_lock(hashtext(${name}))`
+              work = fn()
+              return work
+            })) as T
+          } catch (e) {
+            // The transaction ended before `fn` did (its connection closed, taking the lock
+            // with it): the turn lasts until `fn` is done, so that this process starts no other
+            // holder while it still runs (sending a chain transaction), and the caller gets
+            // `fn`'s outcome, which is what happened.
+            if (work === undefined) throw e
+            return await work
+          }
+        }
       : fn
     const previous = turns.get(name) ?? Promise.resolve()
     const mine = previous.then(run, run)

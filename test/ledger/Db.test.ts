@@ -259,6 +259,64 @@ test.skipIf(!server)(
   15_000,
 )
 
+test.skipIf(!server)(
+  'error: a session ended by the server while a statement ran takes its error with it: the next statement, on a new session, runs (patches/postgres+3.4.9.patch)',
+  async () => {
+    const sql = Db.connect({ url: process.env.DATABASE_URL!, max: 1 })
+    const other = Db.connect({ url: process.env.DATABASE_URL!, max: 1 })
+    afterAll(() => Promise.all([sql.end({ timeout: 1 }), other.end({ timeout: 1 })]))
+    const [me] = await sql`select pg_backend_pid() as pid`
+    const sleeping = sql`select pg_sleep(10)`.catch((e: unknown) => e)
+    // The statement is under way when its process is ended: the server sends a 57P01 for it,
+    // then closes the session.
+    for (let i = 0; i < 50; i++) {
+      const [row] = await other`select state from pg_stat_activity where pid = ${me!.pid}`
+      if (row?.state === 'active') break
+      await Bun.sleep(20)
+    }
+    await other`select pg_terminate_backend(${me!.pid})`
+    expect(await sleeping).toBeInstanceOf(Error)
+    // Unpatched, this one failed with the dead session's 57P01, though it never ran there.
+    const [next] = await sql`select 1 as x, pg_backend_pid() as pid`
+    expect(next!.x).toBe(1)
+    expect(next!.pid).not.toBe(me!.pid)
+  },
+  15_000,
+)
+
+test.skipIf(!server)(
+  "error: an exclusive turn whose connection closed while its work ran lasts until that work is done (the next holder of the lock starts only then) and answers with the work's outcome",
+  async () => {
+    const { link, sql } = await pool(2)
+    const turn = Db.exclusive(sql, 'tollway.test.exclusive.cut')
+    const events: string[] = []
+    const work = Promise.withResolvers<string>()
+    const first = turn(async () => {
+      events.push('first began')
+      const result = await work.promise
+      events.push('first ended')
+      return result
+    })
+    for (let i = 0; i < 100 && events.length === 0; i++) await Bun.sleep(20)
+    expect(events).toEqual(['first began'])
+    // The transaction holding the lock loses its connection while the work still runs.
+    await link.cut()
+    await Bun.sleep(100)
+    await link.mend()
+    const second = turn(async () => {
+      events.push('second began')
+      return 'second'
+    })
+    await Bun.sleep(500)
+    expect(events).toEqual(['first began'])
+    work.resolve('first')
+    expect(await first).toBe('first')
+    expect(await second).toBe('second')
+    expect(events).toEqual(['first began', 'first ended', 'second began'])
+  },
+  15_000,
+)
+
 test('behavior: a database URL loses its application_name (the gateway names its sessions), and keeps everything else', () => {
   const base = 'postgres://u:p@db.example:5432/app'
   expect(Db.unnamed(base)).toBe(base)
