@@ -497,6 +497,20 @@ function kept(dataDir: string, name: string, prefix: string): string {
   return value
 }
 
+/** Errors of the file system that make a data dir unusable (ENOENT from mkdir: a directory on the
+ * path cannot be made where it should be, as under /proc). */
+const DATA_DIR_ERRORS = new Set([
+  'EACCES',
+  'EPERM',
+  'EROFS',
+  'ENOSPC',
+  'ENOTDIR',
+  'EEXIST',
+  'EISDIR',
+  'EDQUOT',
+  'ENOENT',
+])
+
 /**
  * What is wrong with the data dir, when `e` is a file system error of a path in it (read-only,
  * full, not a directory, not ours to write): said as a configuration error naming
@@ -505,10 +519,7 @@ function kept(dataDir: string, name: string, prefix: string): string {
 function dataDirProblem(e: unknown, dataDir: string): string | undefined {
   const { code, path } = (e ?? {}) as { code?: unknown; path?: unknown }
   if (typeof code !== 'string' || typeof path !== 'string') return undefined
-  if (
-    !['EACCES', 'EPERM', 'EROFS', 'ENOSPC', 'ENOTDIR', 'EEXIST', 'EISDIR', 'EDQUOT'].includes(code)
-  )
-    return undefined
+  if (!DATA_DIR_ERRORS.has(code)) return undefined
   const dir = resolve(dataDir)
   if (resolve(path) !== dir && !resolve(path).startsWith(`${dir}/`)) return undefined
   return `TOLLWAY_DATA_DIR / dataDir: cannot use ${dir}: ${(e as Error).message}`

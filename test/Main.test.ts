@@ -585,6 +585,13 @@ describe('npm start', () => {
     expect(unusable.err).toContain('configuration error')
     expect(unusable.err).toContain(`TOLLWAY_DATA_DIR / dataDir: cannot use ${join(file, 'data')}`)
     expect(unusable.err).not.toContain('    at ')
+    // One where no directory can be made (mkdir answers ENOENT under /proc).
+    if (process.platform === 'linux') {
+      const nowhere = await start('/proc/tollway-data')
+      expect(nowhere.code).toBe(1)
+      expect(nowhere.err).toContain('TOLLWAY_DATA_DIR / dataDir: cannot use /proc/tollway-data')
+      expect(nowhere.err).not.toContain('    at ')
+    }
   }, 60_000)
 
   test('error: a host that does not resolve, or a port in use, stops the start naming HOST / PORT', async () => {
