@@ -7,7 +7,7 @@
 import { afterAll, describe, expect, test } from 'bun:test'
 import { decodeFunctionData, type Hex, keccak256, toHex } from 'viem'
 import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
-import { getTransaction } from 'viem/actions'
+import { getBalance, getTransaction } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
 import { PayingSession } from '../../src/client/Session.ts'
@@ -205,6 +205,44 @@ describe('a voucher carrying a top-up, signed by someone else', () => {
     expect((await Ledger.channelState(gw.sql, channelId)).acceptedCumulative).toBe(
       before.acceptedCumulative,
     )
+  }, 60_000)
+})
+
+describe('a voucher carrying a top-up of a channel that pays someone else', () => {
+  test('error: refused before any transaction: the gateway pays no gas to top up a channel it would not serve (another payee, any escrow user can open one)', async () => {
+    // A payer opens a channel on the gateway escrow that pays itself, then asks the gateway to
+    // top it up (the gateway paying the gas) with a voucher it signs.
+    const attacker = privateKeyToAccount(chain.payers[4]!.privateKey)
+    const { channelId } = await Escrow.open(chain.payerClient(4), {
+      escrow: chain.escrowAddress,
+      payee: attacker.address,
+      token: chain.currencyAddress,
+      deposit: 10n,
+      salt: keccak256(toHex(`own-payee:${Date.now()}`)),
+    })
+    const gas = () => getBalance(chain.payeeClient, { address: chain.payee.address })
+    const before = await gas()
+    for (let i = 0; i < 2; i++) {
+      const header = await Paid.voucherWithTopUp(attacker, {
+        challenge: await freshChallenge(),
+        chain,
+        tokenDomain,
+        channelId,
+        cumulative: 0n,
+        additional: 1n,
+        salt: keccak256(toHex(`own-payee-top-up:${channelId}:${i}`)),
+      })
+      // A POST without a body: a voucher alone, answered with its problem.
+      const res = await fetch(url, { method: 'POST', headers: { authorization: header } })
+      expect(res.status).toBe(402)
+      expect(((await res.json()) as { detail: string }).detail).toContain('another payee')
+    }
+    const onChain = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(onChain!.deposit).toBe(10n)
+    expect(await gas()).toBe(before)
   }, 60_000)
 })
 

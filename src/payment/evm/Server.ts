@@ -204,8 +204,8 @@ export function create(o: Options) {
     inputUnitType,
   })
 
-  /** The draft's open checks on the escrow's state. */
-  const checkOpened = (state: OnChain | undefined, channelId: Hex, _amount: bigint): OnChain => {
+  /** Whether the escrow's channel is one this gateway may serve: its payee and token, open. */
+  const checkOurs = (state: OnChain | undefined, channelId: Hex): OnChain => {
     if (!state) throw Problem.channelNotFound('The escrow has no such channel.', { channelId })
     const same = (a: string, b: string) => a.toLowerCase() === b.toLowerCase()
     if (!same(state.payee, o.recipient))
@@ -213,14 +213,20 @@ export function create(o: Options) {
     if (!same(state.token, o.currency))
       throw Problem.verificationFailed('The channel holds another token.', { channelId })
     if (state.finalized) throw Problem.channelFinalized('The channel is closed.', { channelId })
-    if (state.closeRequested)
+    return state
+  }
+
+  /** The draft's open checks on the escrow's state. */
+  const checkOpened = (state: OnChain | undefined, channelId: Hex, _amount: bigint): OnChain => {
+    checkOurs(state, channelId)
+    if (state!.closeRequested)
       throw Problem.channelFinalized('The channel has a pending close request.', { channelId })
     // The draft checks `deposit - settled >= amount` for a per-unit price; our unit is a
     // million tokens (to state prices exactly), so any free deposit passes and admission
     // checks each request's own cost.
-    if (state.deposit <= state.settled)
+    if (state!.deposit <= state!.settled)
       throw Problem.insufficientBalance('The channel has no deposit left.', { channelId })
-    return state
+    return state!
   }
 
   /**
@@ -415,10 +421,14 @@ export function create(o: Options) {
           const known = await o.store.get(p.channelId)
           if (d.action === 'topUp') {
             if (known) notClosing(known)
+            // A channel this gateway has not seen is checked first as an open would be (its
+            // payee, its token, not closed): anyone can open a channel on the escrow paying
+            // themselves, and the gateway would pay the gas of its top-up, then refuse it.
+            const signer =
+              known?.signer ?? checkOurs(await o.chain.read(p.channelId), p.channelId).signer
             // The voucher first: a made-up one costs a signature check, not the chain work of a
             // top-up (an authorization copied from an earlier top-up is refused only on chain).
-            const signer = known?.signer ?? (await o.chain.read(p.channelId))?.signer
-            if (signer) await o.chain.verifyVoucher({ ...p, signer })
+            await o.chain.verifyVoucher({ ...p, signer })
           }
           if (d.action === 'open' && !known) {
             if (!(await o.chain.read(p.channelId))) {
