@@ -4,7 +4,12 @@
  * once when a payer starts a forced close.
  *
  * What it submits: the highest accepted voucher whose amount is at most `spent` (never
- * above: the payee takes only what service cost). When: the unsettled amount reaches
+ * above: the payee takes only what service cost), and, for a channel that closes (a forced,
+ * cooperative or idle close), the lowest voucher that covers `spent`, its `spent` raised to
+ * that amount first (`claim`; the invariant `settled <= spent` holds). A payer signs ahead of
+ * what it spends: its last voucher at or below `spent` may be far below it, or be none, and a
+ * close with it gave the rest back with the deposit (a payer signing one voucher for its whole
+ * deposit up front had all its service free). When: the unsettled amount reaches
  * `thresholdAmount`, or the channel has been idle for `idleMs`, or the payer asked to close
  * (then immediately, far inside the 15-minute grace period). Where: one instance at a time,
  * chosen per tick by a Postgres advisory lock (on a database this process alone uses, the
@@ -58,6 +63,8 @@ export type Settleable = {
   finalized: boolean
   closeRequested: boolean
   voucher: SignedVoucher | undefined
+  /** The lowest accepted voucher at or above `spent` (and above `settled`): a close's. */
+  cover: SignedVoucher | undefined
 }
 
 export type DueQuery = {
@@ -130,6 +137,11 @@ export type LockedStore = {
   submitted(id: bigint, hash: Hex): Promise<void>
   finish(id: bigint, outcome: Outcome): Promise<void>
   settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
+  /**
+   * Raises a closing channel's `spent` to `amount` (a voucher above it, which its last
+   * settlement takes), when nothing is held on it; whether `spent` is at least `amount` now.
+   */
+  claim(channelId: Hex, amount: bigint): Promise<boolean>
   /** The confirmed cooperative close of a channel, if there is one. */
   confirmedClose(channelId: Hex): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined>
   /** The channel's settles and closes sent (with a hash) and not recorded confirmed. */
@@ -198,7 +210,7 @@ export type Result =
   | (Attempted & { status: 'confirmed'; hash: Hex })
   | (Attempted & { status: 'reverted'; error: TransactionRevertedError })
   | (Attempted & { status: 'failed'; error: Error; retryAt: Date })
-  /** Nothing to submit: no voucher ≤ spent above what is already settled. */
+  /** Nothing to submit: no voucher to settle above what is already settled. */
   | { status: 'nothing'; channelId: Hex }
   /** Another instance held the lock for longer than `lockWaitMs`. */
   | { status: 'busy'; channelId: Hex }
@@ -221,7 +233,7 @@ export type Options = {
   /**
    * Close a channel without activity for this long (draft-evm-session-00, "No Voucher
    * Expiry": servers SHOULD settle and close channels inactive for extended periods), with
-   * the highest accepted voucher at or below what it spent: the payee takes that, the payer
+   * the lowest accepted voucher that covers what it spent: the payee takes that, the payer
    * gets the rest of the deposit back. Unset or 0: never.
    */
   closeIdleMs?: number | undefined
@@ -305,8 +317,12 @@ export function start(options: Options): Worker {
       })
       const results: Result[] = []
       // One at a time: a failed send (e.g. a nonce gap) should not strand the others' nonces.
-      for (const d of due)
+      for (const d of due) {
+        // A closing channel's voucher covers what it spent: claimed first (a request that
+        // began meanwhile holds some of it: the next pass).
+        if (!(await claimed(store, d.channelId, d.spent, d.cumulativeAmount, log))) continue
         results.push(await attempt(store, options, { kind: 'settle', ...d }, log))
+      }
       return results
     })
     return r.locked ? { locked: true, results: r.value } : { locked: false }
@@ -594,8 +610,9 @@ export async function close(
     escrow: Address
     channelId: Hex
     /**
-     * The client's final voucher. Without it (an idle channel the gateway closes on its own,
-     * `closeIdle`), the close submits the highest accepted voucher at or below spent.
+     * The client's final voucher. The close submits the lowest voucher that covers `spent`,
+     * this one or one accepted before (without it, an idle channel the gateway closes on its
+     * own, `closeIdle`: one accepted before).
      */
     cumulativeAmount?: bigint | undefined
     signature?: Hex | undefined
@@ -658,10 +675,12 @@ async function closeMarked(
     if (!c) throw new ChannelStateError('unknown', channelId)
     if (c.escrow.toLowerCase() !== options.escrow.toLowerCase())
       throw new ChannelStateError('other-escrow', channelId)
+    /** What of `spent` a close for `amount` leaves unpaid. */
+    const forfeited = (amount: bigint) => (amount < c.spent ? c.spent - amount : 0n)
     if (c.finalized) {
       // A client retrying its close gets the close that went through.
       const done = await store.confirmedClose(channelId)
-      if (done) return { ...done, forfeited: c.spent - done.cumulativeAmount }
+      if (done) return { ...done, forfeited: forfeited(done.cumulativeAmount) }
       throw new ChannelStateError('finalized', channelId)
     }
     const { cumulativeAmount, signature } = options
@@ -677,25 +696,32 @@ async function closeMarked(
       c.voucher && c.voucher.cumulativeAmount > c.settled
         ? c.voucher
         : { cumulativeAmount: c.settled, signature: '0x' as Hex }
+    // What is owed is settled with the lowest voucher that covers it (the draft: the close
+    // takes the payer's final voucher, which covers `spent`), the payer's final one or one
+    // accepted before, `spent` raised to it first; the highest at or below `spent` only when
+    // that voucher cannot be claimed, or reverts.
+    const covering =
+      c.spent > c.settled
+        ? [final, c.cover]
+            .filter((v): v is SignedVoucher => v !== undefined && v.cumulativeAmount > c.settled)
+            .sort((a, b) => (a.cumulativeAmount < b.cumulativeAmount ? -1 : 1))[0]
+        : undefined
     const first =
-      final &&
-      final.cumulativeAmount <= c.spent &&
-      final.cumulativeAmount > fallback.cumulativeAmount
-        ? final
+      covering && (await claimed(store, channelId, c.spent, covering.cumulativeAmount, log))
+        ? covering
         : fallback
     let result = await attempt(store, options, { kind: 'close', channelId, ...first }, log)
     if (
       result.status === 'reverted' &&
-      final &&
-      first === final &&
-      fallback.signature !== final.signature
+      first !== fallback &&
+      fallback.signature !== first.signature
     )
       result = await attempt(store, options, { kind: 'close', channelId, ...fallback }, log)
     if (result.status === 'confirmed')
       return {
         hash: result.hash,
         cumulativeAmount: result.cumulativeAmount,
-        forfeited: c.spent - result.cumulativeAmount,
+        forfeited: forfeited(result.cumulativeAmount),
       }
     if (result.status === 'reverted' || result.status === 'failed') throw result.error
     throw new ChannelStateError('finalized', channelId)
@@ -725,15 +751,39 @@ async function settleOne(
   log: Log,
 ): Promise<Result> {
   const c = await store.settleable(channelId)
-  if (
-    !c ||
-    c.finalized ||
-    !c.voucher ||
-    c.voucher.cumulativeAmount <= c.settled ||
-    c.escrow.toLowerCase() !== options.escrow.toLowerCase()
-  )
+  if (!c || c.finalized || c.escrow.toLowerCase() !== options.escrow.toLowerCase())
     return { status: 'nothing', channelId }
-  return attempt(store, options, { kind: 'settle', channelId, ...c.voucher }, log)
+  // A closing channel settles what covers its spending (see the top of this file), once
+  // claimed; else, or when it cannot be claimed yet, the highest voucher at or below it.
+  const voucher =
+    c.closeRequested &&
+    c.cover &&
+    c.spent > c.settled &&
+    (await claimed(store, channelId, c.spent, c.cover.cumulativeAmount, log))
+      ? c.cover
+      : c.voucher
+  if (!voucher || voucher.cumulativeAmount <= c.settled) return { status: 'nothing', channelId }
+  return attempt(store, options, { kind: 'settle', channelId, ...voucher }, log)
+}
+
+/**
+ * Claims a closing channel's covering voucher for `amount` before it is sent: `spent` raised
+ * to it. Whether `spent` covers it now (it did already, or nothing was held on the channel).
+ */
+async function claimed(
+  store: LockedStore,
+  channelId: Hex,
+  spent: bigint,
+  amount: bigint,
+  log: Log,
+): Promise<boolean> {
+  if (amount <= spent) return true
+  if (!(await store.claim(channelId, amount))) return false
+  log.info(
+    { channelId, spent: spent.toString(), claimed: amount.toString() },
+    'a closing channel is charged up to the lowest voucher that covers what it spent',
+  )
+  return true
 }
 
 /** Submits one settle or close, recording the attempt and its outcome. Never throws for chain errors. */

@@ -4,7 +4,12 @@
  * the settlement lock. Implements the store the worker in chain/Settlement.ts declares.
  *
  * What may be settled: the highest accepted voucher whose amount is at most `spent`, so
- * `settled <= spent <= acceptedCumulative <= deposit` holds on-chain as in the database.
+ * `settled <= spent <= acceptedCumulative <= deposit` holds on-chain as in the database. A
+ * channel that closes (its payer's forced close, its cooperative or idle close) is settled
+ * last with the lowest voucher that covers `spent` (`cover`), its `spent` first raised to that
+ * voucher's amount (`claim`): a payer signs ahead of what it spends, and one that signed only
+ * far ahead would otherwise take back, with its deposit, all it spent since the last voucher at
+ * or below `spent`.
  */
 import type * as Settlement from '../chain/Settlement.ts'
 import * as Channels from './Channels.ts'
@@ -21,12 +26,18 @@ export async function settleable(
   channelId: Hex,
 ): Promise<Settlement.Settleable | undefined> {
   const [r] = await sql`
-    select c.escrow, c.spent, c.settled, c.finalized, c.close_requested_at, v.cumulative_amount, v.signature
+    select c.escrow, c.spent, c.settled, c.finalized, c.close_requested_at, v.cumulative_amount,
+      v.signature, w.cumulative_amount as cover_amount, w.signature as cover_signature
     from channels c
     left join lateral (
       select cumulative_amount, signature from vouchers
       where channel_id = c.channel_id and cumulative_amount <= c.spent
       order by cumulative_amount desc limit 1) v on true
+    left join lateral (
+      select cumulative_amount, signature from vouchers
+      where channel_id = c.channel_id and cumulative_amount >= c.spent
+        and cumulative_amount > c.settled
+      order by cumulative_amount limit 1) w on true
     where c.channel_id = ${bytes(channelId)}`
   if (!r) return undefined
   return {
@@ -39,15 +50,34 @@ export async function settleable(
     voucher: r.signature
       ? { cumulativeAmount: r.cumulative_amount, signature: hex(r.signature) }
       : undefined,
+    cover: r.cover_signature
+      ? { cumulativeAmount: r.cover_amount, signature: hex(r.cover_signature) }
+      : undefined,
   }
+}
+
+/**
+ * Raises a closing channel's `spent` to `amount`, the voucher its last settlement takes (see
+ * the top of this file), when nothing is held on it (`reserved` 0: the requests under way
+ * charge first) and the payer authorized that much. Whether `spent` is at least `amount` now.
+ */
+export async function claim(sql: Sql, channelId: Hex, amount: bigint): Promise<boolean> {
+  const [r] = await sql`
+    update channels set spent = greatest(spent, ${sql.typed.numeric(amount)})
+    where channel_id = ${bytes(channelId)} and close_requested_at is not null and not finalized
+      and reserved = 0 and ${sql.typed.numeric(amount)} <= accepted_cumulative
+    returning spent`
+  return r !== undefined && (r.spent as bigint) >= amount
 }
 
 /**
  * Open channels of this escrow and payee whose settleable voucher is above `settled` and
  * that are due: the unsettled amount reaches the threshold, or the channel has been idle
- * for `idleMs`, or its payer asked to close. Skips channels with a transaction in flight or
- * backing off, and amounts that already reverted (a revert is definitive). Close requests
- * first, then the largest amounts.
+ * for `idleMs`, or its payer asked to close. The voucher is the highest at or below `spent`;
+ * for a channel closing with nothing held on it, the lowest that covers `spent` (to `claim`
+ * before it is sent). Skips channels with a transaction in flight or backing off, and amounts
+ * that already reverted (a revert is definitive). Close requests first, then the largest
+ * amounts.
  */
 export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.Due[]> {
   const rows = await sql`
@@ -55,8 +85,12 @@ export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.
     from channels c
     cross join lateral (
       select cumulative_amount, signature from vouchers
-      where channel_id = c.channel_id and cumulative_amount <= c.spent
-      order by cumulative_amount desc limit 1) v
+      where channel_id = c.channel_id
+        and case when c.close_requested_at is not null and c.reserved = 0
+          then cumulative_amount >= c.spent else cumulative_amount <= c.spent end
+      order by case when c.close_requested_at is not null and c.reserved = 0
+          then cumulative_amount end, cumulative_amount desc
+      limit 1) v
     where c.chain_id = ${i.chainId} and c.escrow = ${bytes(i.escrow)} and c.payee = ${bytes(i.payee)}
       and not c.finalized and c.spent > c.settled
       and v.cumulative_amount > c.settled
@@ -395,6 +429,7 @@ function locked(sql: Sql): Settlement.LockedStore {
     submitted: (id, hash) => submitted(sql, id, hash),
     finish: (id, o) => finish(sql, id, o),
     settled: (i) => Channels.settled(sql, i),
+    claim: (channelId, amount) => claim(sql, channelId, amount),
     confirmedClose: (channelId) => confirmedClose(sql, channelId),
     unconfirmed: (channelId) => unconfirmed(sql, channelId),
     markCloseRequested: (channelId, read) => markCloseRequested(sql, channelId, read),

@@ -422,7 +422,7 @@ describe('start', () => {
     },
   )
 
-  test('behavior: a CloseRequested event is settled at once, without waiting for the interval', async () => {
+  test('behavior: a CloseRequested event is settled at once, without waiting for the interval, with the lowest voucher that covers what was spent (spent raised to it)', async () => {
     const channelId = await openChannel()
     await accept(channelId, 200n, 400n)
     await spend(channelId, 250n)
@@ -431,7 +431,7 @@ describe('start', () => {
     const requested = await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
     const c = await until(
       () => onChain(channelId),
-      (c) => c.settled === 200n,
+      (c) => c.settled === 400n,
     )
     // Settled well inside the grace period (no time was moved forward).
     const block = await chain.payeeClient.request({
@@ -446,12 +446,13 @@ describe('start', () => {
       () => recorded(channelId),
       (r) => r[0]?.status === 'confirmed',
     )
-    expect(records).toMatchObject([{ kind: 'settle', cumulativeAmount: 200n, status: 'confirmed' }])
+    expect(records).toMatchObject([{ kind: 'settle', cumulativeAmount: 400n, status: 'confirmed' }])
+    expect(await inDb(channelId)).toMatchObject({ spent: 400n, settled: 400n })
     // The payer can only withdraw the rest.
     await chain.increaseTime(Number(Escrow.closeGracePeriod))
     const before = await balance(address)
     await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
-    expect(await balance(address)).toBe(before + deposit - 200n)
+    expect(await balance(address)).toBe(before + deposit - 400n)
   })
 
   test('error: with the RPC down the loop survives, records failures and catches up later', async () => {
@@ -643,9 +644,9 @@ describe('close', () => {
     expect(await inDb(channelId)).toMatchObject({ spent: 100n, settled: 100n, reserved: 0n })
   })
 
-  test('behavior: a final voucher above spent is not submitted; the highest accepted voucher ≤ spent is', async () => {
+  test('behavior: a final voucher above spent closes with the lowest voucher that covers spent, the final one or one accepted before, spent raised to it (the highest at or below spent would give the rest away)', async () => {
     const channelId = await openChannel()
-    await accept(channelId, 300n, 600n)
+    await accept(channelId, 300n, 500n, 600n)
     await spend(channelId, 450n)
     const payee = await balance(chain.payee.address)
     const closed = await worker().close({
@@ -653,9 +654,16 @@ describe('close', () => {
       cumulativeAmount: 600n,
       signature: await sign(channelId, 600n),
     })
-    expect(closed).toMatchObject({ cumulativeAmount: 300n, forfeited: 150n })
-    expect(await balance(chain.payee.address)).toBe(payee + 300n)
-    expect(await inDb(channelId)).toMatchObject({ settled: 300n, finalized: true })
+    expect(closed).toMatchObject({ cumulativeAmount: 500n, forfeited: 0n })
+    expect(await balance(chain.payee.address)).toBe(payee + 500n)
+    expect(await inDb(channelId)).toMatchObject({ spent: 500n, settled: 500n, finalized: true })
+    // With no voucher accepted between spent and the final one, the final one.
+    const other = await openChannel()
+    await accept(other, 300n)
+    await spend(other, 250n)
+    const final = { channelId: other, cumulativeAmount: 280n, signature: await sign(other, 280n) }
+    expect(await worker().close(final)).toMatchObject({ cumulativeAmount: 280n, forfeited: 0n })
+    expect(await inDb(other)).toMatchObject({ spent: 280n, settled: 280n, finalized: true })
   })
 
   test('behavior: a final voucher the escrow rejects falls back to the highest accepted voucher', async () => {
@@ -685,11 +693,28 @@ describe('close', () => {
     expect((error as ChannelStateError).reason).toBe('unknown')
   })
 
+  test('error: a forced close of a channel whose only voucher is far above what it spent (signed ahead at once) is settled with that voucher: the payer cannot take back what it spent', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 1_000n)
+    await spend(channelId, 40n)
+    worker({ watch: true })
+    const { client, address } = payer()
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    await until(
+      () => onChain(channelId),
+      (c) => c.settled === 1_000n,
+    )
+    expect(await inDb(channelId)).toMatchObject({ spent: 1_000n })
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    const before = await balance(address)
+    await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
+    expect(await balance(address)).toBe(before + deposit - 1_000n)
+  })
+
   test('behavior: a channel the payer withdrew with nothing the gateway could settle is recorded as finalized, not left closing', async () => {
-    // Its only voucher is above what was spent: there is nothing to settle.
+    // Nothing was spent: there is nothing to settle.
     const channelId = await openChannel()
     await accept(channelId, 100n)
-    await spend(channelId, 40n)
     worker({ watch: true })
     const { client, address } = payer()
     await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
@@ -730,7 +755,7 @@ describe('idle channels (draft: settle and close channels inactive for extended 
   const closedOf = (results: Settlement.IdleClosed[], channelId: Hex) =>
     results.filter((r) => r.channelId === channelId)
 
-  test('behavior: a channel idle for closeIdleMs is closed with the highest accepted voucher at or below spent: the payee gets that, the payer the rest; an unused one refunds its whole deposit; an active one stays open', async () => {
+  test('behavior: a channel idle for closeIdleMs is closed with the lowest accepted voucher that covers spent: the payee gets that, the payer the rest; an unused one refunds its whole deposit; an active one stays open', async () => {
     const used = await openChannel()
     await accept(used, 100n, 250n, 400n)
     await spend(used, 300n)
@@ -744,14 +769,15 @@ describe('idle channels (draft: settle and close channels inactive for extended 
     const refund = await balance(payer().address)
     const results = await w.closeIdle()
     expect(closedOf(results, used)).toMatchObject([
-      { closed: { cumulativeAmount: 250n, forfeited: 50n } },
+      { closed: { cumulativeAmount: 400n, forfeited: 0n } },
     ])
     expect(closedOf(results, unused)).toMatchObject([
       { closed: { cumulativeAmount: 0n, forfeited: 0n } },
     ])
     expect(closedOf(results, active)).toEqual([])
-    expect(await balance(chain.payee.address)).toBe(payee + 250n)
-    expect(await balance(payer().address)).toBe(refund + (deposit - 250n) + deposit)
+    expect(await balance(chain.payee.address)).toBe(payee + 400n)
+    expect(await balance(payer().address)).toBe(refund + (deposit - 400n) + deposit)
+    expect(await inDb(used)).toMatchObject({ spent: 400n, settled: 400n })
     for (const id of [used, unused]) {
       expect((await onChain(id)).finalized).toBe(true)
       expect(await inDb(id)).toMatchObject({ finalized: true })
@@ -904,11 +930,12 @@ describe('catch-up (a payer acting while no worker watched)', () => {
 
     // Restarted: its watch starts at the head and never sees the event; its pass does.
     const [result] = mine(await ticked(worker({ watch: true })), channelId)
-    expect(result).toMatchObject({ status: 'confirmed', kind: 'settle', cumulativeAmount: 300n })
-    expect((await onChain(channelId)).settled).toBe(300n)
+    expect(result).toMatchObject({ status: 'confirmed', kind: 'settle', cumulativeAmount: 600n })
+    expect((await onChain(channelId)).settled).toBe(600n)
     const c = await inDb(channelId)
     expect(c.closeRequestedAt).not.toBeNull()
-    expect(c.settled).toBe(300n)
+    expect(c.settled).toBe(600n)
+    expect(c.spent).toBe(600n)
     // Closing: no more vouchers for it.
     const signature = await sign(channelId, 400n)
     const more = await Channels.acceptVoucher(sql, {

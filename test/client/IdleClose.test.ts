@@ -57,14 +57,16 @@ test('behavior: a channel idle past closeIdleSeconds is closed by the gateway, t
     escrow: chain.escrowAddress,
     channelId: old,
   })
-  // The payee took the highest voucher at or below what was spent (the client's vouchers run
-  // ahead of its spending: here none is below it, and the payee forfeits the rest), the payer
-  // got the rest of its deposit back.
-  expect(row!.spent).toBe(BigInt((first.usage as unknown as { cost: string }).cost))
-  const [best] = await gw.sql`
-    select coalesce(max(cumulative_amount), 0) as amount from vouchers
-    where channel_id = ${id} and cumulative_amount <= ${row!.spent}`
-  expect(row!.settled).toBe(best!.amount as bigint)
+  // The payee took the lowest voucher that covers what was spent (the client's vouchers run
+  // ahead of its spending, and one that leaves its channel to an idle close pays what it
+  // signed), what was spent raised to it; the payer got the rest of its deposit back.
+  const cost = BigInt((first.usage as unknown as { cost: string }).cost)
+  const [cover] = await gw.sql`
+    select min(cumulative_amount) as amount from vouchers
+    where channel_id = ${id} and cumulative_amount >= ${cost}`
+  expect(cover!.amount as bigint).toBeGreaterThan(cost)
+  expect(row!.spent).toBe(cover!.amount as bigint)
+  expect(row!.settled).toBe(cover!.amount as bigint)
   expect(onChain).toMatchObject({ finalized: true, settled: row!.settled })
   expect(await balance()).toBe(before + row!.deposit - row!.settled)
   // Back later: served on a new channel.
