@@ -97,10 +97,12 @@ export type Options = {
 
 /**
  * Builds the response. Without `include_usage` the usage rides on the final chunk, the one
- * with the finish_reason, which is held back until the usage is known.
+ * with the finish_reason, which is held back until the usage is known; chunks the upstream
+ * sends after it go out ahead of it.
  */
 export function response(c: Context, o: Options): Response {
   let last: Received | undefined
+  /** The finishing chunk held to carry the usage (without include_usage), to the end. */
   let held: Chunk | undefined
   /** Whether a chunk with a finish reason went out (or is held to carry the usage). */
   let finishSent = false
@@ -135,13 +137,20 @@ export function response(c: Context, o: Options): Response {
         let text = ''
         for (const r of frame.chunks) {
           last = r
-          if (held) text += line(held)
-          held = undefined
           // A template read (`r.text` set) has no finish reason: its chunk is not built.
           const finishing = r.text === undefined && finishes(r.chunk)
           if (finishing) finishSent = true
-          if (!o.includeUsage && finishing) held = { ...r.chunk, model: o.model }
-          else {
+          // The finishing chunk stays held to the end; chunks after it (Azure sends one of
+          // content_filter_results, `finish_reason: null`) go out ahead of it, so the one
+          // finish_reason comes last, with the usage. (Let out when the next chunk came, it
+          // left the usage to a second finishing chunk.) Not a usage chunk of its own
+          // (`choices: []`): a client that did not ask for one may read `choices[0]`; and
+          // the usage belongs on the last chunk, whose `usage` OpenAI's Python stream helper
+          // keeps. Only a second finishing chunk (an upstream repeating it) lets it out.
+          if (!o.includeUsage && finishing) {
+            if (held) text += line(held)
+            held = { ...r.chunk, model: o.model }
+          } else {
             const json = forwarded(r)
             text += json === undefined ? line({ ...r.chunk, model: o.model }) : `data: ${json}\n\n`
           }
@@ -188,6 +197,7 @@ export function response(c: Context, o: Options): Response {
       if (!finishSent && finishReason !== null) out.push(data(finishing))
       out.push(data({ ...base, choices: [], ...metered }))
     } else if (held) out.push(data({ ...held, ...metered }))
+    // No finishing chunk came (a stream cut short): the gateway's carries the usage.
     else out.push(data({ ...finishing, ...metered }))
     held = undefined
     if (error) out.push(data(error.toJSON()))

@@ -1,5 +1,6 @@
 import { describe, expect, test } from 'bun:test'
 import { Hono } from 'hono'
+import { ConflictError } from '../../src/Errors.ts'
 import * as Sse from '../../src/http/Sse.ts'
 import type { Frame } from '../../src/metering/Meter.ts'
 import { asChunk, type Received } from '../../src/upstream/Chat.ts'
@@ -99,6 +100,53 @@ describe('response', () => {
       includeUsage: false,
     })
     expect(out).toEqual([JSON.parse(a), { ...JSON.parse(stop), usage: end.usage }, '[DONE]'])
+  })
+
+  // Azure sends a chunk after the finishing one: no text, `finish_reason: null`, the
+  // choice's content_filter_results.
+  const a = '{"id":"x","model":"m","choices":[{"index":0,"delta":{"content":"a"}}]}'
+  const stop = '{"id":"x","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+  const trailer =
+    '{"id":"x","model":"m","choices":[{"index":0,"delta":{},"finish_reason":null,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}'
+  const upstream: Frame[] = [
+    { kind: 'chunks', chunks: [received(a), received(stop)] },
+    { kind: 'chunks', chunks: [received(trailer)] },
+  ]
+
+  test('behavior: without include_usage a chunk after the finishing chunk goes out ahead of it, and the finishing chunk alone carries a finish_reason and the usage, last', async () => {
+    const out = await render([...upstream, end], { model: 'm', includeUsage: false })
+    expect(out).toEqual([
+      JSON.parse(a),
+      JSON.parse(trailer),
+      { ...JSON.parse(stop), usage: end.usage },
+      '[DONE]',
+    ])
+  })
+
+  test('behavior: without include_usage a stream ended by an error after its finishing chunk ends as one without a trailing chunk: the finishing chunk with the usage, then the error', async () => {
+    const error = new ConflictError('A newer stream took over.', 'stream_superseded')
+    const out = await render([...upstream, { ...end, finishReason: 'length', error }], {
+      model: 'm',
+      includeUsage: false,
+    })
+    expect(out).toEqual([
+      JSON.parse(a),
+      JSON.parse(trailer),
+      { ...JSON.parse(stop), usage: end.usage },
+      error.toJSON(),
+      '[DONE]',
+    ])
+  })
+
+  test('behavior: with include_usage the chunks after the finishing chunk go out as they came, then the usage chunk', async () => {
+    const out = await render([...upstream, end], { model: 'm', includeUsage: true })
+    expect(out).toEqual([
+      JSON.parse(a),
+      JSON.parse(stop),
+      JSON.parse(trailer),
+      expect.objectContaining({ id: 'x', choices: [], usage: end.usage }),
+      '[DONE]',
+    ])
   })
 })
 
