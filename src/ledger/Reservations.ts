@@ -580,7 +580,8 @@ export async function drained(ms: number): Promise<void> {
  * reservation had recorded as delivered (a usage row `abandoned`, no tokens). The difference
  * up to `o.cost` is charged as far as the payer has it free (an account: its balance over what
  * it holds; a channel: its authorized balance over what it spent and holds), an account's plan
- * counts the request's tokens (its month's quota, its token wallet: the sweep counted none),
+ * counts the request's tokens as a finish does (its month's quota, its token wallet: the sweep
+ * counted none),
  * and the usage row becomes the request's own. Any other row (the request already charged) is
  * left as it is.
  */
@@ -629,8 +630,9 @@ async function chargeRest(
           insert into credit_transactions (account_id, amount, kind, note, request_id)
           values (${u.account_id}, ${tx.typed.numeric(-more)}, 'usage',
                   'the rest of a request charged after its hold was released', ${id})`
-      // The tokens as the batch function counts a finish's (functions/tollway_ledger_batch.sql).
-      const tokens = o.promptTokens + o.completionTokens
+      // The tokens as the batch function counts a finish's (functions/tollway_ledger_batch.sql):
+      // none for a request answered free having delivered nothing.
+      const tokens = o.cost > 0n || o.status === 'ok' ? o.promptTokens + o.completionTokens : 0
       await tx`
         update accounts ac set balance = ac.balance - ${tx.typed.numeric(more)},
           month_tokens = case when ac.month_start < m.this_month then 0 else ac.month_tokens end

@@ -326,6 +326,54 @@ describe('plans', () => {
     expect(row!.month_tokens).toBeLessThan(100n)
   })
 
+  test('behavior: a request whose upstream fails before the first token uses up neither the monthly quota nor the token wallet; an answered one counts its tokens', async () => {
+    // Each plan on an instance of its own: three failures open an instance's circuit to the
+    // upstream (503 no_upstream_available after that).
+    for (const [plan, gw] of [
+      ['free', a],
+      ['wallet', b],
+    ] as const) {
+      const { id, key } = await gw.account({ plan })
+      // A full wallet (on the wallet plan): a refill brings it no higher, so any take shows.
+      if (plan === 'wallet')
+        await gw.sql`update accounts set wallet_tokens = 10000, wallet_at = now() where id = ${id}`
+      const counters = async () => {
+        await Batch.settled(gw.sql)
+        const [row] =
+          await gw.sql`select month_tokens, wallet_tokens from accounts where id = ${id}`
+        return row!
+      }
+      const before = await counters()
+      for (const stream of [false, true, false]) {
+        const res = await post(gw, key, { model: 'fake-500', stream })
+        expect(res.status).toBe(502)
+        expect(((await res.json()) as ErrorBody).error.type).toBe('upstream_error')
+      }
+      expect(await counters()).toEqual(before)
+      expect(before).toEqual({ month_tokens: 0n, wallet_tokens: plan === 'wallet' ? 10_000 : null })
+      // The usage rows still record what was asked, free.
+      const failed = await gw.sql`
+        select status, cost, prompt_tokens from usage where account_id = ${id}`
+      expect(failed).toHaveLength(3)
+      for (const u of failed) {
+        expect(u).toMatchObject({ status: 'upstream_error', cost: 0n })
+        expect(u.prompt_tokens).toBeGreaterThan(0)
+      }
+      const ok = await post(gw, key)
+      expect(ok.status).toBe(200)
+      await ok.text()
+      const after = await counters()
+      const [u] = await gw.sql`
+        select prompt_tokens + completion_tokens as tokens from usage
+        where account_id = ${id} and status = 'ok'`
+      expect(u!.tokens).toBeGreaterThan(0)
+      expect(after).toEqual({
+        month_tokens: BigInt(u!.tokens),
+        wallet_tokens: plan === 'wallet' ? 10_000 - u!.tokens : null,
+      })
+    }
+  })
+
   test('behavior: a wallet plan refuses below 500 tokens with 429 wallet_empty and the time to refill', async () => {
     const { id, key } = await a.account({ plan: 'wallet' })
     // A fresh wallet is full: a turn is allowed and its tokens are taken out.

@@ -414,6 +414,41 @@ describe('extend and finish', () => {
       })
   })
 
+  test('behavior: a request released free having delivered nothing after a sweep released it first counts no tokens in its plan (month and wallet), as a release in time does', async () => {
+    // Its upstream failed before the first token; and a client gone before any was asked.
+    for (const status of ['upstream_error', 'cancelled']) {
+      const rows: Record<string, unknown>[] = []
+      for (const swept of [true, false]) {
+        const a = await account(100n, 'wallet')
+        const id = requestOf(await admit(a.keyHash, 40n))
+        if (swept) {
+          await sql`update reservations set expires_at = now() - interval '1 second' where id = ${id}`
+          expect(await Reservations.sweep(sql)).toBeGreaterThanOrEqual(1)
+        }
+        const r = Reservations.reservation(sql, { id, held: 40n, leaseSeconds: 60 })
+        const free = { ...lateOutcome, cost: 0n, completionTokens: 0, status }
+        expect((await r.settle(free)).charged).toBe(0n)
+        const s = await invariants(a.id)
+        const [w] = await sql`select wallet_tokens from accounts where id = ${a.id}`
+        const [u] = await sql`
+          select status, cost, prompt_tokens from usage where id = ${id}`
+        rows.push({ ...s, ...w, ...u })
+      }
+      for (const r of rows)
+        expect(r).toMatchObject({
+          balance: 100n,
+          reserved: 0n,
+          open: 0,
+          month_tokens: 0n,
+          // Full, as a fresh wallet is.
+          wallet_tokens: 10_000,
+          status,
+          cost: 0n,
+          prompt_tokens: 3,
+        })
+    }
+  })
+
   test('behavior: a late charge takes back the Idempotency-Key its sweep freed, and charges nothing more once a retry has taken it (one charge for one key)', async () => {
     const idempotency = { key: 'late', fingerprint: new Uint8Array([1, 2]) }
     const keyOf = async (accountId: string) =>
