@@ -98,7 +98,7 @@ export async function admit(
  * Finishes an API-key request whose whole cost the account can pay (its free balance plus this
  * reservation): takes its reservation, charges the cost, releases the rest, counts the tokens
  * against the month (and the token wallet, on a plan with one) when the request was charged
- * for or delivered (status ok), marks its Idempotency-Key completed (`idempotent`: it has
+ * for, answered (status ok) or delivered tokens, marks its Idempotency-Key completed (`idempotent`: it has
  * one; or frees it, when nothing was charged and it failed),
  * and writes the transaction and usage rows. The reservation goes first, then the account row,
  * in the order the batch function locks them. Undefined when declined (a cost beyond what the account can pay is
@@ -113,7 +113,10 @@ export async function finish(
 ): Promise<{ charged: bigint } | undefined> {
   const cost = sql.typed.numeric(f.cost)
   // As the batch function counts them: none for a request answered free having delivered nothing.
-  const tokens = f.cost > 0n || f.status === 'ok' ? f.promptTokens + f.completionTokens : 0
+  const tokens =
+    f.cost > 0n || f.status === 'ok' || f.completionTokens > 0
+      ? f.promptTokens + f.completionTokens
+      : 0
   // Its Idempotency-Key (`idempotent`; else none, and the key table is left untouched): a
   // retry is told the request was charged; one that charged nothing and failed frees it.
   const keyed = !idempotent

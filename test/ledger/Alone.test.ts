@@ -183,7 +183,7 @@ describe('admit alone', () => {
 })
 
 describe('finish alone', () => {
-  test('property: charges, releases and writes the rows the batch function does, counting the tokens of a request charged for or answered only; a cost beyond what the account can pay is declined, changing nothing', async () => {
+  test('property: charges, releases and writes the rows the batch function does, counting the tokens of a request charged for, answered, or that delivered tokens, only; a cost beyond what the account can pay is declined, changing nothing', async () => {
     await fc.assert(
       fc.asyncProperty(
         fc.bigInt(0n, 100n),
@@ -191,7 +191,8 @@ describe('finish alone', () => {
         fc.oneof(fc.constant(0n), fc.bigInt(0n, 200n)),
         fc.boolean(),
         fc.constantFrom('ok', 'upstream_error', 'cancelled', 'database_unavailable'),
-        async (extra, want, cost, lastMonth, status) => {
+        fc.constantFrom(0, 5),
+        async (extra, want, cost, lastMonth, status, completionTokens) => {
           const pair = [
             await Ledger.account(sql, want + extra, 'pro'),
             await Ledger.account(sql, want + extra, 'pro'),
@@ -204,7 +205,7 @@ describe('finish alone', () => {
             expect(r.status).toBe('ok')
             ids.push(r.requestId)
           }
-          const f = { ...outcome, cost, status }
+          const f = { ...outcome, cost, status, completionTokens }
           const before = await Ledger.accountState(sql, pair[0]!.id)
           const a = await Alone.finish(sql, { id: ids[0]!, ...f })
           const [b] = await batch([{ op: 'finish', id: ids[1], ...f, cost: cost.toString() }])
@@ -222,10 +223,11 @@ describe('finish alone', () => {
           }
           const [x, y] = [await row(pair[0]!.id), await row(pair[1]!.id)]
           expect(x.rest).toEqual(y.rest)
-          // Its cost before the cap by what the account can pay, or its status: a request
-          // answered free having delivered nothing counts no tokens (last month's 77 are gone
-          // either way: the month has turned).
-          expect(x.rest.month_tokens).toBe(cost > 0n || status === 'ok' ? 8n : 0n)
+          // Its cost before the cap by what the account can pay, its status, or tokens it
+          // delivered: a request answered free having delivered nothing counts no tokens (last
+          // month's 77 are gone either way: the month has turned).
+          const counted = cost > 0n || status === 'ok' || completionTokens > 0
+          expect(x.rest.month_tokens).toBe(counted ? BigInt(3 + completionTokens) : 0n)
           const usage = async (id: string) =>
             (
               await sql`select model, stream, prompt_tokens, completion_tokens, cost, status, latency_ms, ttft_ms, key_id is not null as keyed from usage where id = ${id}`
@@ -305,13 +307,15 @@ describe('finish alone', () => {
 
   test('behavior: a reservation with an Idempotency-Key, or on a wallet plan, is charged with the rows, key state and counted tokens the batch function leaves', async () => {
     const cases = [
-      { plan: 'pro', key: true, cost: 5n, status: 'ok' },
-      { plan: 'pro', key: true, cost: 0n, status: 'upstream_error' },
-      { plan: 'wallet', key: false, cost: 5n, status: 'ok' },
-      { plan: 'wallet', key: true, cost: 0n, status: 'upstream_error' },
-      { plan: 'wallet', key: false, cost: 0n, status: 'cancelled' },
-      // A model priced at nothing: its answers count.
-      { plan: 'wallet', key: false, cost: 0n, status: 'ok' },
+      { plan: 'pro', key: true, cost: 5n, status: 'ok', completionTokens: 5 },
+      { plan: 'pro', key: true, cost: 0n, status: 'upstream_error', completionTokens: 0 },
+      { plan: 'wallet', key: false, cost: 5n, status: 'ok', completionTokens: 5 },
+      { plan: 'wallet', key: true, cost: 0n, status: 'upstream_error', completionTokens: 0 },
+      { plan: 'wallet', key: false, cost: 0n, status: 'cancelled', completionTokens: 0 },
+      // A model priced at nothing: its answers count, and so do the tokens a stream of it cut
+      // short delivered.
+      { plan: 'wallet', key: false, cost: 0n, status: 'ok', completionTokens: 5 },
+      { plan: 'wallet', key: false, cost: 0n, status: 'cancelled', completionTokens: 5 },
     ]
     for (const c of cases) {
       const pair = [
@@ -330,7 +334,7 @@ describe('finish alone', () => {
         expect(r!.status).toBe('ok')
         ids.push(requestId)
       }
-      const f = { ...outcome, cost: c.cost, status: c.status }
+      const f = { ...outcome, cost: c.cost, status: c.status, completionTokens: c.completionTokens }
       if (c.key) {
         // Not said to have a key: declined, nothing changed (the key would stay in progress).
         const before = await Ledger.accountState(sql, pair[0]!.id)
@@ -342,11 +346,13 @@ describe('finish alone', () => {
       expect(b).toMatchObject({ status: 'finished', charged: c.cost })
       const [x, y] = [await row(pair[0]!.id), await row(pair[1]!.id)]
       expect(x.rest).toEqual(y.rest)
-      // Tokens count for a request charged for or answered; one answered free having delivered
-      // nothing takes none from the month or the wallet (full: a fresh wallet is).
-      const counted = c.cost > 0n || c.status === 'ok'
-      expect(x.rest.month_tokens).toBe(counted ? 8n : 0n)
-      if (c.plan === 'wallet') expect(x.rest.wallet_tokens).toBe(counted ? 10_000 - 8 : 10_000)
+      // Tokens count for a request charged for, answered, or that delivered some; one answered
+      // free having delivered nothing takes none from the month or the wallet (full: a fresh
+      // wallet is).
+      const counted = c.cost > 0n || c.status === 'ok' || c.completionTokens > 0
+      const tokens = 3 + c.completionTokens
+      expect(x.rest.month_tokens).toBe(counted ? BigInt(tokens) : 0n)
+      if (c.plan === 'wallet') expect(x.rest.wallet_tokens).toBe(counted ? 10_000 - tokens : 10_000)
       // The key: completed once charged or answered; freed when nothing was charged and it failed.
       const key = async (accountId: string) =>
         (await sql`select state from idempotency_keys where account_id = ${accountId}`)[0]?.state

@@ -27,8 +27,9 @@ const { sql } = db
 
 const migrations = join(import.meta.dir, '../../src/ledger/migrations')
 const old = readFileSync(join(migrations, '0004_batches.sql'), 'utf8')
-// The one rule changed since (tollway_ledger_batch version 2): a request answered free having
-// delivered nothing (cost 0, not ok) counts no tokens against the month or the wallet.
+// The one rule changed since (tollway_ledger_batch versions 2 and 3): a request answered free
+// having delivered nothing (cost 0, not ok, no completion tokens) counts no tokens against the
+// month or the wallet.
 const counted = `tokens := (e.v->>'promptTokens')::bigint + (e.v->>'completionTokens')::bigint;`
 if (!old.includes(counted)) throw new Error('0004_batches.sql: its count of tokens not found')
 await sql.unsafe(
@@ -40,6 +41,7 @@ await sql.unsafe(
     .replace(
       counted,
       `tokens := CASE WHEN (e.v->>'cost')::numeric > 0 OR e.v->>'status' = 'ok'
+          OR (e.v->>'completionTokens')::bigint > 0
         THEN (e.v->>'promptTokens')::bigint + (e.v->>'completionTokens')::bigint ELSE 0 END;`,
     )
     .replaceAll('tollway_ledger_many', 'tollway_ledger_many_0004'),
@@ -73,9 +75,10 @@ const admit: fc.Arbitrary<Op> = fc.record({
 const finish: fc.Arbitrary<Op> = fc.record({
   op: fc.constant('finish' as const),
   of: fc.nat(30),
-  // Often nothing: a request answered free (which counts no tokens unless answered ok).
+  // Often nothing: a request answered free (which counts no tokens unless answered ok, or it
+  // delivered some).
   cost: fc.oneof(fc.constant(0), fc.integer({ min: 0, max: 500 })),
-  completion: fc.integer({ min: 0, max: 30 }),
+  completion: fc.oneof(fc.constant(0), fc.integer({ min: 0, max: 30 })),
   status: fc.constantFrom<'ok' | 'upstream_error'>('ok', 'ok', 'upstream_error'),
 })
 

@@ -1,4 +1,4 @@
--- version: 2
+-- version: 3
 -- tollway_ledger_batch: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
 -- this file after the migrations when its version (the first line) is above the one applied, so
@@ -135,11 +135,12 @@ BEGIN
     IF e.op = 'finish' THEN
       -- Charge the cost, never more than the account can pay (its free balance plus this
       -- reservation); release the rest; count the tokens against the plan. Only a request
-      -- charged for (its cost, before that cap) or delivered counts them: one answered free
-      -- having delivered nothing (an upstream failing before its first token, a client gone
-      -- before any upstream was asked) uses up no quota or wallet.
+      -- charged for (its cost, before that cap), answered, or that delivered tokens (a model
+      -- priced at nothing, cut short) counts them: one answered free having delivered nothing
+      -- (an upstream failing before its first token, a client gone before any upstream was
+      -- asked) uses up no quota or wallet.
       amount := greatest(0, least(e.cost, bal - res + e.r_held));
-      tokens := CASE WHEN e.cost > 0 OR e.status = 'ok'
+      tokens := CASE WHEN e.cost > 0 OR e.status = 'ok' OR e.completion_tokens > 0
         THEN e.prompt_tokens + e.completion_tokens ELSE 0 END;
       bal := bal - amount; res := res - e.r_held; act := act - 1;
       mtok := CASE WHEN mstart < this_month THEN 0 ELSE mtok END + tokens;
