@@ -4,12 +4,15 @@
  * once when a payer starts a forced close.
  *
  * What it submits: the highest accepted voucher whose amount is at most `spent` (never
- * above: the payee takes only what service cost), and, for a channel that closes (a forced,
- * cooperative or idle close), the lowest voucher that covers `spent`, its `spent` raised to
- * that amount first (`claim`; the invariant `settled <= spent` holds). A payer signs ahead of
- * what it spends: its last voucher at or below `spent` may be far below it, or be none, and a
- * close with it gave the rest back with the deposit (a payer signing one voucher for its whole
- * deposit up front had all its service free). When: the unsettled amount reaches
+ * above: the payee takes only what service cost), and, for a channel that closes, the lowest
+ * voucher that covers `spent`: a cooperative or idle close closes with it (the payer's final
+ * voucher, or one accepted before), and a payer's forced close is settled with it once half
+ * its grace period has passed with nothing held on the channel (before, the highest at or
+ * below `spent`, at once). A payer signs ahead of what it spends: its last voucher at or below
+ * `spent` may be far below it, or be none, and a close with it gave the rest back with the
+ * deposit (a payer that signed one voucher for its whole deposit up front had all its service
+ * free). Once such a voucher is settled, `spent` is raised to it (`settled <= spent` holds):
+ * what the payer signed ahead of its spending is what it pays for leaving so. When: the unsettled amount reaches
  * `thresholdAmount`, or the channel has been idle for `idleMs`, or the payer asked to close
  * (then immediately, far inside the 15-minute grace period). Where: one instance at a time,
  * chosen per tick by a Postgres advisory lock (on a database this process alone uses, the
@@ -73,6 +76,11 @@ export type DueQuery = {
   payee: Address
   thresholdAmount: bigint
   idleMs: number
+  /**
+   * A payer's forced close this old (half the escrow's grace period) is settled with the
+   * lowest voucher that covers `spent`: the payer had that long to cancel it with a top-up.
+   */
+  coverAfterMs: number
   limit: number
 }
 
@@ -137,11 +145,6 @@ export type LockedStore = {
   submitted(id: bigint, hash: Hex): Promise<void>
   finish(id: bigint, outcome: Outcome): Promise<void>
   settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
-  /**
-   * Raises a closing channel's `spent` to `amount` (a voucher above it, which its last
-   * settlement takes), when nothing is held on it; whether `spent` is at least `amount` now.
-   */
-  claim(channelId: Hex, amount: bigint): Promise<boolean>
   /** The confirmed cooperative close of a channel, if there is one. */
   confirmedClose(channelId: Hex): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined>
   /** The channel's settles and closes sent (with a hash) and not recorded confirmed. */
@@ -313,16 +316,13 @@ export function start(options: Options): Worker {
         payee,
         thresholdAmount: options.thresholdAmount,
         idleMs: options.idleMs,
+        coverAfterMs: (Number(grace) * 1000) / 2,
         limit: options.batch ?? 20,
       })
       const results: Result[] = []
       // One at a time: a failed send (e.g. a nonce gap) should not strand the others' nonces.
-      for (const d of due) {
-        // A closing channel's voucher covers what it spent: claimed first (a request that
-        // began meanwhile holds some of it: the next pass).
-        if (!(await claimed(store, d.channelId, d.spent, d.cumulativeAmount, log))) continue
+      for (const d of due)
         results.push(await attempt(store, options, { kind: 'settle', ...d }, log))
-      }
       return results
     })
     return r.locked ? { locked: true, results: r.value } : { locked: false }
@@ -696,27 +696,25 @@ async function closeMarked(
       c.voucher && c.voucher.cumulativeAmount > c.settled
         ? c.voucher
         : { cumulativeAmount: c.settled, signature: '0x' as Hex }
-    // What is owed is settled with the lowest voucher that covers it (the draft: the close
-    // takes the payer's final voucher, which covers `spent`), the payer's final one or one
-    // accepted before, `spent` raised to it first; the highest at or below `spent` only when
-    // that voucher cannot be claimed, or reverts.
+    // What is owed is closed with the lowest voucher that covers it (the draft: the close takes
+    // the payer's final voucher, which covers `spent`), the payer's final one or one accepted
+    // before; should it revert, the other; the highest at or below `spent` last. The requests
+    // under way were charged (above) and none can start: `spent` is final, and is raised to
+    // the voucher once it is settled.
     const covering =
       c.spent > c.settled
         ? [final, c.cover]
             .filter((v): v is SignedVoucher => v !== undefined && v.cumulativeAmount > c.settled)
-            .sort((a, b) => (a.cumulativeAmount < b.cumulativeAmount ? -1 : 1))[0]
-        : undefined
-    const first =
-      covering && (await claimed(store, channelId, c.spent, covering.cumulativeAmount, log))
-        ? covering
-        : fallback
-    let result = await attempt(store, options, { kind: 'close', channelId, ...first }, log)
-    if (
-      result.status === 'reverted' &&
-      first !== fallback &&
-      fallback.signature !== first.signature
+            .sort((a, b) => (a.cumulativeAmount < b.cumulativeAmount ? -1 : 1))
+        : []
+    const tries = [...covering, fallback].filter(
+      (v, i, all) => all.findIndex((w) => w.signature === v.signature) === i,
     )
-      result = await attempt(store, options, { kind: 'close', channelId, ...fallback }, log)
+    let result = await attempt(store, options, { kind: 'close', channelId, ...tries[0]! }, log)
+    for (const next of tries.slice(1)) {
+      if (result.status !== 'reverted') break
+      result = await attempt(store, options, { kind: 'close', channelId, ...next }, log)
+    }
     if (result.status === 'confirmed')
       return {
         hash: result.hash,
@@ -751,39 +749,15 @@ async function settleOne(
   log: Log,
 ): Promise<Result> {
   const c = await store.settleable(channelId)
-  if (!c || c.finalized || c.escrow.toLowerCase() !== options.escrow.toLowerCase())
-    return { status: 'nothing', channelId }
-  // A closing channel settles what covers its spending (see the top of this file), once
-  // claimed; else, or when it cannot be claimed yet, the highest voucher at or below it.
-  const voucher =
-    c.closeRequested &&
-    c.cover &&
-    c.spent > c.settled &&
-    (await claimed(store, channelId, c.spent, c.cover.cumulativeAmount, log))
-      ? c.cover
-      : c.voucher
-  if (!voucher || voucher.cumulativeAmount <= c.settled) return { status: 'nothing', channelId }
-  return attempt(store, options, { kind: 'settle', channelId, ...voucher }, log)
-}
-
-/**
- * Claims a closing channel's covering voucher for `amount` before it is sent: `spent` raised
- * to it. Whether `spent` covers it now (it did already, or nothing was held on the channel).
- */
-async function claimed(
-  store: LockedStore,
-  channelId: Hex,
-  spent: bigint,
-  amount: bigint,
-  log: Log,
-): Promise<boolean> {
-  if (amount <= spent) return true
-  if (!(await store.claim(channelId, amount))) return false
-  log.info(
-    { channelId, spent: spent.toString(), claimed: amount.toString() },
-    'a closing channel is charged up to the lowest voucher that covers what it spent',
+  if (
+    !c ||
+    c.finalized ||
+    !c.voucher ||
+    c.voucher.cumulativeAmount <= c.settled ||
+    c.escrow.toLowerCase() !== options.escrow.toLowerCase()
   )
-  return true
+    return { status: 'nothing', channelId }
+  return attempt(store, options, { kind: 'settle', channelId, ...c.voucher }, log)
 }
 
 /** Submits one settle or close, recording the attempt and its outcome. Never throws for chain errors. */

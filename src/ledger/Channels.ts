@@ -324,13 +324,23 @@ function admission(row: Record<string, unknown>): Admission {
   return { status: row.status } as Admission
 }
 
-/** Records an amount settled on-chain (never above what was spent, never lower than before). */
+/**
+ * Records an amount settled on-chain (never lower than before). Above what was spent (the
+ * voucher a closing channel is settled with covers `spent`), `spent` is raised to it first,
+ * as far as the payer authorized beyond what it holds, so `settled <= spent` holds.
+ */
 export async function settled(
   sql: Sql,
   i: { channelId: Hex; settled: bigint; finalized?: boolean },
 ): Promise<void> {
+  // A settlement above `spent` (a close's voucher that covers it, see Settlements.ts) raises
+  // `spent` to it, as far as the payer authorized beyond what it holds: the payer paid that.
+  const amount = sql.typed.numeric(i.settled)
   await sql`
-    update channels set settled = greatest(settled, least(${sql.typed.numeric(i.settled)}, spent)),
+    update channels set
+      spent = greatest(spent, least(${amount}, accepted_cumulative - reserved)),
+      settled = greatest(settled,
+        least(${amount}, greatest(spent, least(${amount}, accepted_cumulative - reserved)))),
       finalized = finalized or ${i.finalized ?? false}
     where channel_id = ${bytes(i.channelId)}`
 }

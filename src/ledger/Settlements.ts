@@ -5,11 +5,11 @@
  *
  * What may be settled: the highest accepted voucher whose amount is at most `spent`, so
  * `settled <= spent <= acceptedCumulative <= deposit` holds on-chain as in the database. A
- * channel that closes (its payer's forced close, its cooperative or idle close) is settled
- * last with the lowest voucher that covers `spent` (`cover`), its `spent` first raised to that
- * voucher's amount (`claim`): a payer signs ahead of what it spends, and one that signed only
- * far ahead would otherwise take back, with its deposit, all it spent since the last voucher at
- * or below `spent`.
+ * channel that closes (its payer's forced close, late in its grace period; its cooperative or
+ * idle close) is settled last with the lowest voucher that covers `spent` (`cover`), and its
+ * `spent` is raised to that voucher once settled (Channels.settled): a payer signs ahead of
+ * what it spends, and one that signed only far ahead would otherwise take back, with its
+ * deposit, all it spent since the last voucher at or below `spent`.
  */
 import type * as Settlement from '../chain/Settlement.ts'
 import * as Channels from './Channels.ts'
@@ -57,39 +57,32 @@ export async function settleable(
 }
 
 /**
- * Raises a closing channel's `spent` to `amount`, the voucher its last settlement takes (see
- * the top of this file), when nothing is held on it (`reserved` 0: the requests under way
- * charge first) and the payer authorized that much. Whether `spent` is at least `amount` now.
- */
-export async function claim(sql: Sql, channelId: Hex, amount: bigint): Promise<boolean> {
-  const [r] = await sql`
-    update channels set spent = greatest(spent, ${sql.typed.numeric(amount)})
-    where channel_id = ${bytes(channelId)} and close_requested_at is not null and not finalized
-      and reserved = 0 and ${sql.typed.numeric(amount)} <= accepted_cumulative
-    returning spent`
-  return r !== undefined && (r.spent as bigint) >= amount
-}
-
-/**
  * Open channels of this escrow and payee whose settleable voucher is above `settled` and
  * that are due: the unsettled amount reaches the threshold, or the channel has been idle
  * for `idleMs`, or its payer asked to close. The voucher is the highest at or below `spent`;
- * for a channel closing with nothing held on it, the lowest that covers `spent` (to `claim`
- * before it is sent). Skips channels with a transaction in flight or backing off, and amounts
- * that already reverted (a revert is definitive). Close requests first, then the largest
- * amounts.
+ * for a payer's forced close `coverAfterMs` old, with nothing held on the channel and no
+ * request of it swept for lost within twice that (whose own charge may still come), the lowest
+ * that covers `spent` (a cooperative or idle close is the close's to settle). Skips channels
+ * with a transaction in flight or backing off, and amounts that already reverted (a revert is
+ * definitive). Close requests first, then the largest amounts.
  */
 export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.Due[]> {
   const rows = await sql`
     select c.channel_id, c.spent, c.settled, c.close_requested_at, v.cumulative_amount, v.signature
     from channels c
     cross join lateral (
+      select c.close_requested_at is not null and not c.cooperative_close and c.reserved = 0
+        and c.close_requested_at <= now() - make_interval(secs => ${i.coverAfterMs / 1000})
+        and not exists (
+          select 1 from usage u
+          where u.channel_id = c.channel_id and u.status = 'abandoned'
+            and u.created_at > now() - make_interval(secs => ${(2 * i.coverAfterMs) / 1000}))
+        as cover) k
+    cross join lateral (
       select cumulative_amount, signature from vouchers
       where channel_id = c.channel_id
-        and case when c.close_requested_at is not null and c.reserved = 0
-          then cumulative_amount >= c.spent else cumulative_amount <= c.spent end
-      order by case when c.close_requested_at is not null and c.reserved = 0
-          then cumulative_amount end, cumulative_amount desc
+        and case when k.cover then cumulative_amount >= c.spent else cumulative_amount <= c.spent end
+      order by case when k.cover then cumulative_amount end, cumulative_amount desc
       limit 1) v
     where c.chain_id = ${i.chainId} and c.escrow = ${bytes(i.escrow)} and c.payee = ${bytes(i.payee)}
       and not c.finalized and c.spent > c.settled
@@ -429,7 +422,6 @@ function locked(sql: Sql): Settlement.LockedStore {
     submitted: (id, hash) => submitted(sql, id, hash),
     finish: (id, o) => finish(sql, id, o),
     settled: (i) => Channels.settled(sql, i),
-    claim: (channelId, amount) => claim(sql, channelId, amount),
     confirmedClose: (channelId) => confirmedClose(sql, channelId),
     unconfirmed: (channelId) => unconfirmed(sql, channelId),
     markCloseRequested: (channelId, read) => markCloseRequested(sql, channelId, read),

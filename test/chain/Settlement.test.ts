@@ -422,7 +422,7 @@ describe('start', () => {
     },
   )
 
-  test('behavior: a CloseRequested event is settled at once, without waiting for the interval, with the lowest voucher that covers what was spent (spent raised to it)', async () => {
+  test('behavior: a CloseRequested event is settled at once, without waiting for the interval', async () => {
     const channelId = await openChannel()
     await accept(channelId, 200n, 400n)
     await spend(channelId, 250n)
@@ -431,7 +431,7 @@ describe('start', () => {
     const requested = await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
     const c = await until(
       () => onChain(channelId),
-      (c) => c.settled === 400n,
+      (c) => c.settled === 200n,
     )
     // Settled well inside the grace period (no time was moved forward).
     const block = await chain.payeeClient.request({
@@ -446,13 +446,68 @@ describe('start', () => {
       () => recorded(channelId),
       (r) => r[0]?.status === 'confirmed',
     )
-    expect(records).toMatchObject([{ kind: 'settle', cumulativeAmount: 400n, status: 'confirmed' }])
-    expect(await inDb(channelId)).toMatchObject({ spent: 400n, settled: 400n })
+    expect(records).toMatchObject([{ kind: 'settle', cumulativeAmount: 200n, status: 'confirmed' }])
     // The payer can only withdraw the rest.
     await chain.increaseTime(Number(Escrow.closeGracePeriod))
     const before = await balance(address)
     await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
-    expect(await balance(address)).toBe(before + deposit - 400n)
+    expect(await balance(address)).toBe(before + deposit - 200n)
+  })
+
+  test('behavior: a forced close half its grace period old, nothing held on the channel, is settled with the lowest voucher that covers what was spent, spent raised to it; one cancelled by a top-up before then is not', async () => {
+    // A grace period of 2 s as the worker reads it: the cover comes after 1 s.
+    const w = worker({ gracePeriod: 2n })
+    const { client, address } = payer()
+    const forced = await openChannel()
+    await accept(forced, 200n, 300n, 400n)
+    await spend(forced, 250n)
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId: forced })
+    expect(await w.closeRequested(forced)).toMatchObject({
+      status: 'confirmed',
+      cumulativeAmount: 200n,
+    })
+    // Within the payer's time to cancel it: nothing more.
+    expect(mine(await ticked(w), forced)).toEqual([])
+    await Bun.sleep(1_100)
+    expect(mine(await ticked(w), forced)).toMatchObject([
+      { status: 'confirmed', kind: 'settle', cumulativeAmount: 300n },
+    ])
+    expect(await inDb(forced)).toMatchObject({ spent: 300n, settled: 300n })
+    expect(mine(await ticked(w), forced)).toEqual([])
+    // Cancelled by a top-up within the time to cancel: what was signed ahead is not taken.
+    const cancelled = await openChannel()
+    await accept(cancelled, 200n, 300n)
+    await spend(cancelled, 250n)
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId: cancelled })
+    expect(await w.closeRequested(cancelled)).toMatchObject({ cumulativeAmount: 200n })
+    await Escrow.topUp(client, {
+      escrow: chain.escrowAddress,
+      channelId: cancelled,
+      token: chain.currencyAddress,
+      amount: 1n,
+    })
+    const toppedUpAt = await Channels.clock(sql)
+    await Channels.observe(
+      sql,
+      ChainEscrow.onChain(await onChain(cancelled), {
+        channelId: cancelled,
+        chainId: chain.chainId,
+        escrow: chain.escrowAddress,
+      }),
+      { toppedUpAt },
+    )
+    await Bun.sleep(1_100)
+    expect(mine(await ticked(w), cancelled)).toEqual([])
+    expect(await inDb(cancelled)).toMatchObject({
+      spent: 250n,
+      settled: 200n,
+      closeRequestedAt: null,
+    })
+    // The forced one ends: the payer withdraws what is left.
+    await chain.increaseTime(Number(Escrow.closeGracePeriod))
+    const before = await balance(address)
+    await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId: forced })
+    expect(await balance(address)).toBe(before + deposit - 300n)
   })
 
   test('error: with the RPC down the loop survives, records failures and catches up later', async () => {
@@ -666,7 +721,7 @@ describe('close', () => {
     expect(await inDb(other)).toMatchObject({ spent: 280n, settled: 280n, finalized: true })
   })
 
-  test('behavior: a final voucher the escrow rejects falls back to the highest accepted voucher', async () => {
+  test('behavior: a final voucher the escrow rejects falls back to the accepted voucher that covers spent, spent raised to it once settled', async () => {
     const channelId = await openChannel()
     await accept(channelId, 300n, 600n)
     await spend(channelId, 450n)
@@ -676,13 +731,33 @@ describe('close', () => {
       cumulativeAmount: 450n,
       signature: await sign(channelId, 449n),
     })
-    expect(closed.cumulativeAmount).toBe(300n)
+    expect(closed).toMatchObject({ cumulativeAmount: 600n, forfeited: 0n })
     expect(
       (await recorded(channelId)).map((r) => [r.cumulativeAmount, r.status, r.errorName]),
     ).toEqual([
       [450n, 'reverted', 'TransactionRevertedError'],
-      [300n, 'confirmed', undefined],
+      [600n, 'confirmed', undefined],
     ])
+    expect(await inDb(channelId)).toMatchObject({ spent: 600n, settled: 600n, finalized: true })
+  })
+
+  test('behavior: a pass while a cooperative close is marked settles no more than spent: the payer final voucher at spent then closes the channel', async () => {
+    const channelId = await openChannel()
+    // Signed far ahead: no voucher at or below what is spent.
+    await accept(channelId, 1_000n)
+    await spend(channelId, 40n)
+    const store = Settlements.store(sql)
+    const w = worker()
+    expect(await store.markClosing(channelId)).toBeDefined()
+    expect(mine(await ticked(w), channelId)).toEqual([])
+    expect(await inDb(channelId)).toMatchObject({ spent: 40n, settled: 0n })
+    const closed = await w.close({
+      channelId,
+      cumulativeAmount: 40n,
+      signature: await sign(channelId, 40n),
+    })
+    expect(closed).toMatchObject({ cumulativeAmount: 40n, forfeited: 0n })
+    expect(await inDb(channelId)).toMatchObject({ spent: 40n, settled: 40n, finalized: true })
   })
 
   test('error: an unknown channel is a ChannelStateError', async () => {
@@ -697,7 +772,8 @@ describe('close', () => {
     const channelId = await openChannel()
     await accept(channelId, 1_000n)
     await spend(channelId, 40n)
-    worker({ watch: true })
+    // Half a grace period of 0.5 s, a pass every 50 ms.
+    worker({ watch: true, gracePeriod: 1n, intervalMs: 50, delayMs: 0 })
     const { client, address } = payer()
     await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
     await until(
@@ -930,12 +1006,11 @@ describe('catch-up (a payer acting while no worker watched)', () => {
 
     // Restarted: its watch starts at the head and never sees the event; its pass does.
     const [result] = mine(await ticked(worker({ watch: true })), channelId)
-    expect(result).toMatchObject({ status: 'confirmed', kind: 'settle', cumulativeAmount: 600n })
-    expect((await onChain(channelId)).settled).toBe(600n)
+    expect(result).toMatchObject({ status: 'confirmed', kind: 'settle', cumulativeAmount: 300n })
+    expect((await onChain(channelId)).settled).toBe(300n)
     const c = await inDb(channelId)
     expect(c.closeRequestedAt).not.toBeNull()
-    expect(c.settled).toBe(600n)
-    expect(c.spent).toBe(600n)
+    expect(c.settled).toBe(300n)
     // Closing: no more vouchers for it.
     const signature = await sign(channelId, 400n)
     const more = await Channels.acceptVoucher(sql, {
