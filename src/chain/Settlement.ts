@@ -7,8 +7,8 @@
  * above: the payee takes only what service cost), and, for a channel that closes, the lowest
  * voucher that covers `spent`: a cooperative or idle close closes with it (the payer's final
  * voucher, or one accepted before), and a payer's forced close is settled with it once half
- * its grace period has passed with nothing held on the channel (before, the highest at or
- * below `spent`, at once). A payer signs ahead of what it spends: its last voucher at or below
+ * its grace period has passed on chain with nothing held on the channel (before, the highest
+ * at or below `spent`, at once). A payer signs ahead of what it spends: its last voucher at or below
  * `spent` may be far below it, or be none, and a close with it gave the rest back with the
  * deposit (a payer that signed one voucher for its whole deposit up front had all its service
  * free). Once such a voucher is settled, `spent` is raised to it (`settled <= spent` holds):
@@ -34,6 +34,7 @@ import {
   TransactionReceiptNotFoundError,
 } from 'viem'
 import {
+  getBlock,
   getBlockNumber,
   getTransaction,
   getTransactionReceipt,
@@ -76,11 +77,8 @@ export type DueQuery = {
   payee: Address
   thresholdAmount: bigint
   idleMs: number
-  /**
-   * A payer's forced close this old (half the escrow's grace period) is settled with the
-   * lowest voucher that covers `spent`: the payer had that long to cancel it with a top-up.
-   */
-  coverAfterMs: number
+  /** A request swept for lost this recently may still charge: its channel's cover waits. */
+  sweptWithinMs: number
   limit: number
 }
 
@@ -90,6 +88,11 @@ export type Due = SignedVoucher & {
   spent: bigint
   settled: bigint
   closeRequested: boolean
+  /**
+   * The voucher is the lowest that covers `spent` (a closing channel, nothing held on it):
+   * settled only for a payer's forced close old enough on chain (`forcedLongEnough`).
+   */
+  cover: boolean
 }
 
 /** An error as recorded: its name and a message stripped of URLs (RPC URLs can hold keys). */
@@ -288,12 +291,14 @@ export function start(options: Options): Worker {
   const log = options.log ?? silent
   const payee = options.client.account.address
   // A CloseRequested event the watch missed (the RPC was down, the gateway restarted) is read
-  // back by the next pass (`catchUp`), which must come well inside the grace period.
+  // back by the next pass (`catchUp`), which must come well inside the grace period; and a
+  // forced close is settled with the voucher that covers its spending by the first pass after
+  // half of it.
   const grace = options.gracePeriod ?? Escrow.closeGracePeriod
-  if (options.intervalMs > (Number(grace) * 1000) / 2)
+  if (options.intervalMs > (Number(grace) * 1000) / 4)
     log.warn(
       { intervalMs: options.intervalMs, gracePeriodSeconds: Number(grace) },
-      'intervalMs is over half the close grace period: a forced close made while the gateway was not watching may let a payer withdraw unsettled spending',
+      'intervalMs is over a quarter of the close grace period: a payer forcing a close may withdraw before the gateway settles what it spent',
     )
   const inFlight = new Set<Promise<unknown>>()
   const track = <T>(p: Promise<T>): Promise<T> => {
@@ -316,13 +321,24 @@ export function start(options: Options): Worker {
         payee,
         thresholdAmount: options.thresholdAmount,
         idleMs: options.idleMs,
-        coverAfterMs: (Number(grace) * 1000) / 2,
+        sweptWithinMs: Number(grace) * 1000,
         limit: options.batch ?? 20,
       })
       const results: Result[] = []
       // One at a time: a failed send (e.g. a nonce gap) should not strand the others' nonces.
-      for (const d of due)
-        results.push(await attempt(store, options, { kind: 'settle', ...d }, log))
+      for (const d of due) {
+        // The cover of a forced close the payer had half its grace period to cancel; before
+        // then (or for a close of another kind), what is at or below `spent`.
+        if (
+          !d.cover ||
+          (await forcedLongEnough(options.client, options.escrow, d.channelId, grace))
+        )
+          results.push(await attempt(store, options, { kind: 'settle', ...d }, log))
+        else {
+          const r = await settleOne(store, options, d.channelId, log)
+          if (r.status !== 'nothing') results.push(r)
+        }
+      }
       return results
     })
     return r.locked ? { locked: true, results: r.value } : { locked: false }
@@ -758,6 +774,27 @@ async function settleOne(
   )
     return { status: 'nothing', channelId }
   return attempt(store, options, { kind: 'settle', channelId, ...c.voucher }, log)
+}
+
+/**
+ * Whether the chain shows the payer's forced close of the channel, requested at least half the
+ * grace period ago by the chain's clock (the payer's time to cancel it with a top-up, which
+ * the gateway may not have heard of yet). An unreadable chain says no.
+ */
+async function forcedLongEnough(
+  client: WalletClient,
+  escrow: Address,
+  channelId: Hex,
+  grace: bigint,
+): Promise<boolean> {
+  try {
+    const c = await Escrow.getChannel(client, { escrow, channelId })
+    if (!c || c.finalized || c.closeRequestedAt === 0n) return false
+    const { timestamp } = await getBlock(client)
+    return (timestamp - c.closeRequestedAt) * 2n >= grace
+  } catch {
+    return false
+  }
 }
 
 /** Submits one settle or close, recording the attempt and its outcome. Never throws for chain errors. */

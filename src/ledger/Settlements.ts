@@ -60,23 +60,24 @@ export async function settleable(
  * Open channels of this escrow and payee whose settleable voucher is above `settled` and
  * that are due: the unsettled amount reaches the threshold, or the channel has been idle
  * for `idleMs`, or its payer asked to close. The voucher is the highest at or below `spent`;
- * for a payer's forced close `coverAfterMs` old, with nothing held on the channel and no
- * request of it swept for lost within twice that (whose own charge may still come), the lowest
- * that covers `spent` (a cooperative or idle close is the close's to settle). Skips channels
- * with a transaction in flight or backing off, and amounts that already reverted (a revert is
- * definitive). Close requests first, then the largest amounts.
+ * for a closing channel with nothing held on it and no request of it swept for lost within
+ * `sweptWithinMs` (whose own charge may still come), the lowest that covers `spent`, `cover`
+ * (the worker settles it only for a payer's forced close old enough on chain; else the highest
+ * at or below `spent`). Skips channels with a transaction in flight or backing off, and amounts
+ * that already reverted (a revert is definitive). Close requests first, then the largest
+ * amounts.
  */
 export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.Due[]> {
   const rows = await sql`
-    select c.channel_id, c.spent, c.settled, c.close_requested_at, v.cumulative_amount, v.signature
+    select c.channel_id, c.spent, c.settled, c.close_requested_at, v.cumulative_amount, v.signature,
+      k.cover
     from channels c
     cross join lateral (
-      select c.close_requested_at is not null and not c.cooperative_close and c.reserved = 0
-        and c.close_requested_at <= now() - make_interval(secs => ${i.coverAfterMs / 1000})
+      select c.close_requested_at is not null and c.reserved = 0
         and not exists (
           select 1 from usage u
           where u.channel_id = c.channel_id and u.status = 'abandoned'
-            and u.created_at > now() - make_interval(secs => ${(2 * i.coverAfterMs) / 1000}))
+            and u.created_at > now() - make_interval(secs => ${i.sweptWithinMs / 1000}))
         as cover) k
     cross join lateral (
       select cumulative_amount, signature from vouchers
@@ -104,6 +105,7 @@ export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.
     spent: r.spent,
     settled: r.settled,
     closeRequested: r.close_requested_at !== null,
+    cover: r.cover as boolean,
   }))
 }
 
@@ -201,6 +203,9 @@ export async function markCloseRequested(
     update channels set
       close_requested_at = coalesce(close_requested_at,
         ${read ? read.readAt : null}::text::timestamptz, now()),
+      -- The payer's own close now, whatever the gateway's was: a cooperative close refused
+      -- later does not take the mark back (reopen).
+      cooperative_close = false, idle_close = false,
       active_stream = null
     from before
     where channel_id = ${bytes(channelId)} and not finalized
@@ -267,7 +272,7 @@ export async function markClosing(sql: Sql, channelId: Hex): Promise<string | un
 export async function reopen(sql: Sql, channelId: Hex, mark: string): Promise<void> {
   await sql`
     update channels set close_requested_at = null, cooperative_close = false, idle_close = false
-    where channel_id = ${bytes(channelId)} and not finalized
+    where channel_id = ${bytes(channelId)} and not finalized and cooperative_close
       and close_requested_at = ${mark}::text::timestamptz`
 }
 

@@ -376,12 +376,13 @@ describe('start', () => {
   test('behavior: warns when a pass (which reads back a forced close the watch missed) would not come well inside the grace period of the escrow', () => {
     const warned = (gracePeriod?: bigint) => {
       const entries: Entry[] = []
-      worker({ idleMs: never, intervalMs: 350_000, gracePeriod, log: logger(entries) }).stop()
+      worker({ idleMs: never, intervalMs: 200_000, gracePeriod, log: logger(entries) }).stop()
       return entries.some(
-        (e) => e.level === 'warn' && e.msg.includes('half the close grace period'),
+        (e) => e.level === 'warn' && e.msg.includes('a quarter of the close grace period'),
       )
     }
-    // About 6 minutes: inside half of our escrow's 15, not of a 10-minute escrow's.
+    // 200 s: inside a quarter of our escrow's 15 minutes, not of a 10-minute escrow's (the
+    // cover of a forced close is settled by the first pass after half of it).
     expect(warned()).toBe(false)
     expect(warned(15n * 60n)).toBe(false)
     expect(warned(10n * 60n)).toBe(true)
@@ -455,8 +456,9 @@ describe('start', () => {
   })
 
   test('behavior: a forced close half its grace period old, nothing held on the channel, is settled with the lowest voucher that covers what was spent, spent raised to it; one cancelled by a top-up before then is not', async () => {
-    // A grace period of 2 s as the worker reads it: the cover comes after 1 s.
-    const w = worker({ gracePeriod: 2n })
+    // A grace period of 60 s as the worker reads it: the cover comes 30 s of chain time after
+    // the payer's request (the escrow's own grace period stays 15 minutes).
+    const w = worker({ gracePeriod: 60n })
     const { client, address } = payer()
     const forced = await openChannel()
     await accept(forced, 200n, 300n, 400n)
@@ -468,7 +470,7 @@ describe('start', () => {
     })
     // Within the payer's time to cancel it: nothing more.
     expect(mine(await ticked(w), forced)).toEqual([])
-    await Bun.sleep(1_100)
+    await chain.increaseTime(31)
     expect(mine(await ticked(w), forced)).toMatchObject([
       { status: 'confirmed', kind: 'settle', cumulativeAmount: 300n },
     ])
@@ -496,8 +498,22 @@ describe('start', () => {
       }),
       { toppedUpAt },
     )
-    await Bun.sleep(1_100)
+    // One cancelled on chain by a top-up the gateway has not heard of: the chain says so.
+    const unheard = await openChannel()
+    await accept(unheard, 200n, 300n)
+    await spend(unheard, 250n)
+    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId: unheard })
+    expect(await w.closeRequested(unheard)).toMatchObject({ cumulativeAmount: 200n })
+    await Escrow.topUp(client, {
+      escrow: chain.escrowAddress,
+      channelId: unheard,
+      token: chain.currencyAddress,
+      amount: 1n,
+    })
+    await chain.increaseTime(31)
     expect(mine(await ticked(w), cancelled)).toEqual([])
+    expect(mine(await ticked(w), unheard)).toEqual([])
+    expect(await inDb(unheard)).toMatchObject({ spent: 250n, settled: 200n })
     expect(await inDb(cancelled)).toMatchObject({
       spent: 250n,
       settled: 200n,
@@ -508,6 +524,58 @@ describe('start', () => {
     const before = await balance(address)
     await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId: forced })
     expect(await balance(address)).toBe(before + deposit - 300n)
+  })
+
+  test('error: a forced close stays one through a cooperative close refused meanwhile (its requests under way past drainMs): the mark is not taken back, and the cover is settled in time', async () => {
+    const w = worker({ gracePeriod: 60n })
+    const channelId = await openChannel()
+    // Signed far ahead: no voucher at or below what is spent.
+    await accept(channelId, 1_000n)
+    await spend(channelId, 40n)
+    const { reservation } = await admitted(channelId, 10n)
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+    await w.closeRequested(channelId)
+    const refused = await Settlement.close(chain.payeeClient, {
+      store: Settlements.store(sql),
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 40n,
+      signature: await sign(channelId, 40n),
+      drainMs: 100,
+    }).catch((e: unknown) => e)
+    expect(refused).toBeInstanceOf(ChannelBusyError)
+    expect((await inDb(channelId)).closeRequestedAt).not.toBeNull()
+    await reservation!.settle(ended(0n))
+    await chain.increaseTime(31)
+    expect(mine(await ticked(w), channelId)).toMatchObject([
+      { status: 'confirmed', kind: 'settle', cumulativeAmount: 1_000n },
+    ])
+    expect(await inDb(channelId)).toMatchObject({ spent: 1_000n, settled: 1_000n })
+  })
+
+  test('behavior: a forced close read back by a pass after half its grace period (the gateway was down) is settled with the cover at once', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 200n, 300n)
+    await spend(channelId, 250n)
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+    await chain.increaseTime(31)
+    // No watch: the pass reads the close back, marks it and settles it.
+    expect(mine(await ticked(worker({ gracePeriod: 60n })), channelId)).toMatchObject([
+      { status: 'confirmed', kind: 'settle', cumulativeAmount: 300n },
+    ])
+    expect(await inDb(channelId)).toMatchObject({ spent: 300n, settled: 300n })
+  })
+
+  test('error: a forced close seen while a cooperative close was marked is not taken back when that close is refused', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    const store = Settlements.store(sql)
+    const mark = await store.markClosing(channelId)
+    expect(mark).toBeDefined()
+    expect(await store.markCloseRequested(channelId)).toBeDefined()
+    await store.reopen(channelId, mark!)
+    expect((await inDb(channelId)).closeRequestedAt).not.toBeNull()
+    expect((await admitted(channelId, 1n)).reservation).toBeUndefined()
   })
 
   test('error: with the RPC down the loop survives, records failures and catches up later', async () => {
@@ -772,10 +840,11 @@ describe('close', () => {
     const channelId = await openChannel()
     await accept(channelId, 1_000n)
     await spend(channelId, 40n)
-    // Half a grace period of 0.5 s, a pass every 50 ms.
-    worker({ watch: true, gracePeriod: 1n, intervalMs: 50, delayMs: 0 })
+    // Half a grace period of 30 s of chain time, a pass every 50 ms.
+    worker({ watch: true, gracePeriod: 60n, intervalMs: 50, delayMs: 0 })
     const { client, address } = payer()
     await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+    await chain.increaseTime(31)
     await until(
       () => onChain(channelId),
       (c) => c.settled === 1_000n,
