@@ -461,18 +461,21 @@ export function createFetch(options: Options): PayingFetch {
         `The server asks ${amount} base units per ${session.request.unitType ?? 'unit'} (amount), over maxPrice.output (${most.output}); raise it if you mean to pay that.`,
         { amount: amount.toString(), maxPrice: most.output.toString() },
       )
-    // Not in the draft's typed request: read from the challenge as sent.
+    // Not in the draft's typed request: read from the challenge as sent. With a ceiling set, a
+    // price the client cannot read (missing, a number, "5e7") is refused, not let through.
     const input = (challenge.request as { inputAmount?: unknown }).inputAmount
-    if (
-      most?.input !== undefined &&
-      typeof input === 'string' &&
-      /^\d{1,78}$/.test(input) &&
-      BigInt(input) > most.input
-    )
-      throw new ChallengeRefusedError(
-        `The server asks ${input} base units per 1M prompt tokens (inputAmount), over maxPrice.input (${most.input}); raise it if you mean to pay that.`,
-        { inputAmount: input, maxPrice: most.input.toString() },
-      )
+    if (most?.input !== undefined) {
+      if (typeof input !== 'string' || !/^\d{1,78}$/.test(input))
+        throw new ChallengeRefusedError(
+          `The server states no input price in base units per 1M prompt tokens (inputAmount: ${JSON.stringify(input) ?? 'missing'}), so maxPrice.input (${most.input}) cannot be checked; not paid.`,
+          { maxPrice: most.input.toString() },
+        )
+      if (BigInt(input) > most.input)
+        throw new ChallengeRefusedError(
+          `The server asks ${input} base units per 1M prompt tokens (inputAmount), over maxPrice.input (${most.input}); raise it if you mean to pay that.`,
+          { inputAmount: input, maxPrice: most.input.toString() },
+        )
+    }
   }
 
   const chainClient = (chainId: number, what?: string) => {
@@ -857,9 +860,10 @@ export function createFetch(options: Options): PayingFetch {
     for (let attempt = 0; ; attempt++) {
       const res = await base(url, { method: 'HEAD', headers: { authorization: credential } })
       if (res.ok) return
-      // Over the per-channel voucher rate: wait as told, once.
-      if (res.status === 429 && attempt === 0) {
-        await sleep(1000 * Number(res.headers.get('retry-after') ?? 1), stop.signal)
+      // Over the per-channel voucher rate: wait as told, once, and not past MAX_RETRY_AFTER_MS.
+      const wait = res.status === 429 && attempt === 0 ? retryAfterMs(res) : undefined
+      if (wait !== undefined) {
+        await sleep(wait, stop.signal)
         continue
       }
       // Expired by this clock: not sent again on that challenge (the core draft's MUST NOT).
@@ -1113,11 +1117,15 @@ export function createFetch(options: Options): PayingFetch {
         // Whether what was just answered was an open credential (set again when one is sent).
         const answeredOpen = sentOpen
         sentOpen = undefined
-        // Over the per-channel voucher rate (many requests raising at once): wait as told.
+        // Over the per-channel voucher rate (many requests raising at once): wait as told, as
+        // long as the request lets it (its own signal too). A longer wait is the caller's to
+        // make: the 429 is its answer (the openai SDK waits out Retry-After itself).
         if (res.status === 429 && credential && res.headers.has('retry-after')) {
+          const wait = retryAfterMs(res)
+          if (wait === undefined) return res
           sentOpen = answeredOpen
           await res.body?.cancel()
-          await sleep(1000 * (Number(res.headers.get('retry-after')) || 1), stop.signal)
+          await sleep(wait, AbortSignal.any([stop.signal, request.signal]))
           continue
         }
         if (res.status !== 402 && res.status !== 410) {
@@ -1571,6 +1579,18 @@ const amount = (x: unknown): bigint | undefined =>
 const min = (...xs: bigint[]) => xs.reduce((a, b) => (a < b ? a : b))
 const max = (...xs: bigint[]) => xs.reduce((a, b) => (a > b ? a : b))
 /** Waits `ms`; rejects with `signal`'s reason when it aborts first. */
+/** The longest Retry-After a paying request waits out by itself (the server's voucher rate
+ * limit asks for about a second). */
+const MAX_RETRY_AFTER_MS = 30_000
+
+/** The wait a 429 asks for (Retry-After in seconds; 1 s when unreadable), in ms; undefined when
+ * over MAX_RETRY_AFTER_MS. */
+function retryAfterMs(res: Response): number | undefined {
+  const seconds = Number(res.headers.get('retry-after') ?? 1)
+  const ms = Number.isFinite(seconds) && seconds >= 0 ? seconds * 1000 : 1000
+  return ms <= MAX_RETRY_AFTER_MS ? ms : undefined
+}
+
 const sleep = (ms: number, signal: AbortSignal) =>
   new Promise<void>((resolve, reject) => {
     if (signal.aborted) return reject(signal.reason)

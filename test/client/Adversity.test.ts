@@ -13,12 +13,14 @@ import type { Hex, LocalAccount } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import {
+  ChallengeRefusedError,
   ClientError,
   createFetch,
   type Options,
   Store,
   StoreInUseError,
 } from '../../src/client/index.ts'
+import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
@@ -93,6 +95,72 @@ describe('createFetch under adversity', () => {
     expect(e).toBeInstanceOf(ClientError)
     // Refusing to sign is fine; signing past what was signed is not.
     if (closeAmount !== undefined) expect(closeAmount).toBeLessThanOrEqual(BigInt(state.signed))
+  }, 60_000)
+
+  test('error: with maxPrice.input set, a challenge whose inputAmount cannot be read (missing, a number, an exponent) is refused and nothing is signed', async () => {
+    for (const inputAmount of [undefined, 50_000_000, '5e7']) {
+      let signed = 0
+      // The gateway, its challenges' input price rewritten (the client refuses before it
+      // could find the binding broken).
+      const rewriting = plain(async (input, init) => {
+        if (headerOf(init)?.startsWith('Payment ')) signed++
+        const res = await globalThis.fetch(input, init)
+        const header = res.headers.get('www-authenticate')
+        if (res.status !== 402 || !header) return res
+        const challenges = Challenge.deserialize(header).map((c) => ({
+          ...c,
+          request: { ...c.request, inputAmount },
+        }))
+        const headers = new Headers(res.headers)
+        headers.set('www-authenticate', Challenge.serializeAll(challenges))
+        return new Response(await res.text(), { status: 402, headers })
+      })
+      const { openai, fetch } = client(0, {
+        fetch: rewriting,
+        maxPrice: { input: 3_000_000n, output: 2_000_000n },
+      })
+      const e = await openai.chat.completions.create({ model: 'fake', messages }).catch((e) => e)
+      expect(e.cause).toBeInstanceOf(ChallengeRefusedError)
+      expect((e.cause as Error).message).toContain('maxPrice.input')
+      expect(signed).toBe(0)
+      expect(await fetch.channel(gw.url)).toBeUndefined()
+    }
+  }, 60_000)
+
+  test('behavior: a paid request answered 429 waits out a short Retry-After only as long as its own signal lets it, and hands a long one to the caller', async () => {
+    let limited: string | undefined
+    const limiting = plain(async (input, init) => {
+      if (limited !== undefined && headerOf(init)?.startsWith('Payment '))
+        return Response.json(
+          { error: { type: 'rate_limit_exceeded', message: 'slow down' } },
+          { status: 429, headers: { 'retry-after': limited } },
+        )
+      return globalThis.fetch(input, init)
+    })
+    const { openai, fetch } = client(1, { fetch: limiting })
+    await openai.chat.completions.create({ model: 'fake', messages, max_tokens: 5 })
+    const url = `${gw.url}/v1/chat/completions`
+    const ask = (signal?: AbortSignal) =>
+      fetch(url, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ model: 'fake', messages, max_tokens: 5 }),
+        ...(signal ? { signal } : {}),
+      })
+    // An hour: the 429 is the answer, at once (the caller's SDK waits it out if it will).
+    limited = '3600'
+    let at = performance.now()
+    const res = await ask()
+    expect(res.status).toBe(429)
+    expect(res.headers.get('retry-after')).toBe('3600')
+    expect(performance.now() - at).toBeLessThan(2_000)
+    // Twenty seconds: waited for, but the request's own signal ends the wait.
+    limited = '20'
+    at = performance.now()
+    const e = await ask(AbortSignal.timeout(300)).catch((e: unknown) => e)
+    expect(e).toBeInstanceOf(Error)
+    expect((e as Error).name).toBe('TimeoutError')
+    expect(performance.now() - at).toBeLessThan(3_000)
   }, 60_000)
 
   test('error: a channel view without its spent amount in base units (missing, a number, not JSON): close is a typed refusal and signs nothing', async () => {

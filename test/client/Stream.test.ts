@@ -81,6 +81,21 @@ describe('strip', () => {
     expect(await new Response(stream).text().catch((e) => e)).toBe(boom)
   })
 
+  test('behavior: a payment-receipt event that cannot be read is dropped, as a malformed Payment-Receipt header is: the answer around it still reaches the reader; an unreadable payment-need-voucher still ends the stream', async () => {
+    const seen = { needs: [] as unknown[], receipts: [] as unknown[] }
+    const words = ['a', 'b'].map((w) => Stream.serialize({ data: w }))
+    const bad = Stream.serialize({
+      event: receipt.event,
+      data: '{"status":"success","method":"evm"}',
+    })
+    const stream = Stream.strip(body([words[0]!, bad, words[1]!]), handlers(seen))
+    expect(await new Response(stream).text()).toBe(words.join(''))
+    expect(seen.receipts).toEqual([])
+    const unreadable = Stream.serialize({ event: need.event, data: '{"channelId":"x"}' })
+    const failing = Stream.strip(body([words[0]!, unreadable, words[1]!]), handlers(seen))
+    expect(await new Response(failing).text().catch((e: unknown) => e)).toBeInstanceOf(Error)
+  })
+
   test('behavior: a failing payment ends the stream after the events that came before it, even in the same read', async () => {
     const boom = new Error('limit')
     const words = ['a', 'b', 'c'].map((w) => Stream.serialize({ data: w })).join('')
