@@ -71,8 +71,9 @@ export type Options = {
    * fewer vouchers (the server takes at most 10 a second per channel). */
   margin?: bigint | undefined
   /** How far ahead of what was spent a whole (non-streaming) completion is authorized, base
-   * units (default 16 × margin): without `max_tokens` the server stops the completion where
-   * the authorized amount runs out, and no voucher can follow mid-way. */
+   * units (default 16 × margin), and past what a server's 402 asks for one: without
+   * `max_tokens` the server stops the completion where the authorized amount runs out, and
+   * no voucher can follow mid-way. */
   completionMargin?: bigint | undefined
   /** Where channels are kept (default `Store.file('.tollway/channels.json')`). A store pays a
    * server for one client at a time: another `createFetch` on the same file (its own
@@ -167,7 +168,8 @@ type Live = {
   state: Store.ChannelState | undefined
   /** The highest cumulative amount sent (accepted, or on its way). */
   sent: bigint
-  /** What the server last said was spent (0 until a receipt says). */
+  /** What the server last said was spent: its view of a resumed channel (see `adopt`), then
+   * its receipts (0 for a new channel). */
   spent: bigint
   /** Mid-stream payments, one after another. */
   queue: Promise<void>
@@ -529,6 +531,7 @@ export function createFetch(options: Options): PayingFetch {
           l.state = stored
           session.channelId = stored.channelId
           session.signed = BigInt(stored.signed)
+          l.spent = await spentShown(url, stored.channelId, session.signed)
         } else if (stored) await moveAside(key, stored, session.request)
       })()
       try {
@@ -683,6 +686,21 @@ export function createFetch(options: Options): PayingFetch {
     return { status: res.status, view }
   }
 
+  /**
+   * What was spent on a resumed channel, as the server shows it (0 when it cannot say, as for
+   * a new channel). No receipt has said it this run, and `ahead` authorizes what was spent
+   * plus the margin: taken for 0, a whole completion (which no voucher can follow) would get
+   * only what is left of what was signed before, its answer cut short. Read from the server,
+   * once per resume, rather than kept in the store from the last receipt: it is what the
+   * server charges from, it holds what a receipt never brought (a lost answer, a process that
+   * ended before its store write), a store of the caller's own needs no new field, and it
+   * costs no store write per request. Never above `signed`, as for a receipt (`receive`).
+   */
+  const spentShown = async (url: string, channelId: string, signed: bigint): Promise<bigint> => {
+    const spent = amount((await shownChannel(url, channelId))?.view?.spent)
+    return spent !== undefined && spent <= signed ? spent : 0n
+  }
+
   /** The deposit the server shows for a channel; undefined when it cannot say. */
   const depositShown = async (url: string, channelId: string): Promise<bigint | undefined> => {
     return amount((await shownChannel(url, channelId))?.view?.deposit)
@@ -758,15 +776,22 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   /**
-   * Raises the authorized amount to at least `required` (plus the margin when the limits
-   * allow) and returns the voucher to send. When the deposit is short a `topUp` goes first
-   * (HEAD to `url`), and the new deposit is recorded only once the server took it: a refused
-   * top-up throws with nothing recorded and no voucher signed past the deposit (recorded
-   * first, every later voucher was refused as above the deposit). Throws LimitExceededError,
-   * before signing anything, when `required` passes a limit. Run one at a time per channel
-   * (`serially`), so that concurrent requests do not top up, and sign past the deposit, at once.
+   * Raises the authorized amount to at least `required` (plus `by` when the limits allow: the
+   * margin of the request that asked, `completionMargin` for a whole completion, which no
+   * voucher can follow, else `margin`) and returns the voucher to send. When the deposit is
+   * short a `topUp` goes first (HEAD to `url`), and the new deposit is recorded only once the
+   * server took it: a refused top-up throws with nothing recorded and no voucher signed past
+   * the deposit (recorded first, every later voucher was refused as above the deposit).
+   * Throws LimitExceededError, before signing anything, when `required` passes a limit. Run
+   * one at a time per channel (`serially`), so that concurrent requests do not top up, and
+   * sign past the deposit, at once.
    */
-  const raise = async (live: Live, url: string, required: bigint): Promise<string> => {
+  const raise = async (
+    live: Live,
+    url: string,
+    required: bigint,
+    by: bigint = margin,
+  ): Promise<string> => {
     await current(live, url)
     const state = live.state as Store.ChannelState
     const maxTotal = total(live.key)
@@ -789,7 +814,7 @@ export function createFetch(options: Options): PayingFetch {
     if (required > deposit) {
       if (required > maxDeposit)
         throw new LimitExceededError('maxDeposit', { limit: maxDeposit, wanted: required })
-      const next = min(maxDeposit, maxTotal, max(required + margin, deposit * 2n))
+      const next = min(maxDeposit, maxTotal, max(required + by, deposit * 2n))
       let raised = next
       // An EIP-3009 authorization the server sends, else a transaction of the payer's whose
       // hash the credential carries (a server that takes no authorization, or pays no gas).
@@ -826,7 +851,7 @@ export function createFetch(options: Options): PayingFetch {
       await save(live)
     }
     // The budget again after the top-up's wait: other channels may have signed meanwhile.
-    const target = max(min(required + margin, deposit, total(live.key)), live.session.signed)
+    const target = max(min(required + by, deposit, total(live.key)), live.session.signed)
     const voucher = await counted(live.key, target, () => live.session.voucher(target))
     await save(live)
     return voucher
@@ -1204,7 +1229,9 @@ export function createFetch(options: Options): PayingFetch {
             )
           credential = await serially(l, async () => {
             // Another request may have raised enough meanwhile: the voucher is then only signed.
-            const voucher = await raise(l, url, required)
+            // A whole completion's answer is cut where what it was authorized runs out: raised
+            // by its margin (`by`), as `ahead` authorizes it, not by a stream's.
+            const voucher = await raise(l, url, required, by)
             l.sent = l.session.signed
             return voucher
           })
