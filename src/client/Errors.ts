@@ -82,6 +82,29 @@ export class PaymentFailedError extends ClientError {
 }
 
 /**
+ * The server does not find the channel this request opened, or no longer takes it: it answered
+ * the open, sent again a few times, channel-not-found (its chain read behind the block that
+ * opened it, or an open it never submitted), or refused the channel after the open. No second
+ * channel was opened within the request, and the channel is not forgotten: unless the server
+ * or the chain shows it closed, it is set apart (`setApart(url)`), what was signed on it still
+ * counted against maxTotal. The next request opens another channel.
+ */
+export class ChannelNotFoundError extends PaymentFailedError {
+  override name = 'ChannelNotFoundError'
+  readonly channelId: string
+  constructor(
+    message: string,
+    channelId: string,
+    status: number,
+    problem?: Record<string, unknown>,
+  ) {
+    super(message, status, problem)
+    this.channelId = channelId
+    this.details.channelId = channelId
+  }
+}
+
+/**
  * The store holds no channel this step can take: none at all, none with the id named, or
  * another channel of the server under forced close already (one at a time). Nothing was sent;
  * `details` names the channels there are.

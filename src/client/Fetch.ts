@@ -27,6 +27,7 @@ import * as Receipt from '../payment/Receipt.ts'
 import {
   ChainRequiredError,
   ChallengeRefusedError,
+  ChannelNotFoundError,
   ChannelStateError,
   ClientError,
   CloseNotReadyError,
@@ -181,7 +182,8 @@ type Live = {
   /** Streams under way on the channel (the server keeps one: see `paying`). */
   streams: number
   /** The open credential of the payer's own mined `open` transaction, made again on a
-   * current challenge, until the server has taken it (see `pay`). */
+   * current challenge; kept until the server has taken it, the mark of an open on chain (see
+   * `pay`). */
   reopen?: (() => Promise<string>) | undefined
 }
 
@@ -588,21 +590,22 @@ export function createFetch(options: Options): PayingFetch {
   }
 
   /**
-   * The server refuses the channel as closed or unknown. One it still shows `closing` (a close
-   * that was refused or kept waiting, or a forced close under way), or one it does not know
-   * that the escrow shows open (with `rpcUrl`), holds a deposit: it is set apart
-   * (`closing(url)`), not forgotten, so that `close()` can be sent again, or `requestClose` /
-   * `withdraw` take the deposit back, and what was signed on it still counts against
-   * maxTotal. One closed (the server shows it `closed`, or, not knowing it, the escrow shows
-   * it finalized) is forgotten, what it paid counted against maxTotal first, as `close()`
-   * counts it: a close whose answer was lost, a store kept from before the channel closed.
-   * The next request opens another channel.
+   * The server refuses the channel as closed or unknown. One not shown closed is set apart
+   * (`closing(url)`), not forgotten: one the server still shows `closing` (a close that was
+   * refused or kept waiting, or a forced close under way) or `open` holds a deposit, and one it
+   * does not know may too (the escrow shows it open, or not yet: the server's chain read behind
+   * the block that opened it, an authorization it may still submit). So `close()` can be sent
+   * again, or `requestClose` / `withdraw` take the deposit back, and what was signed on it
+   * still counts against maxTotal. One closed (the server shows it `closed`, or, not knowing
+   * it, the escrow shows it finalized) is forgotten, what it paid counted against maxTotal
+   * first, as `close()` counts it: a close whose answer was lost, a store kept from before the
+   * channel closed. The next request opens another channel.
    */
   const drop = async (live: Live, url: string) => {
     const state = live.state
     if (state) {
       const shown = await shownChannel(url, state.channelId)
-      let status = typeof shown?.view?.status === 'string' ? shown.view.status : undefined
+      const status = typeof shown?.view?.status === 'string' ? shown.view.status : undefined
       // What a closed channel paid: the server's settled, else spent, else all that was signed.
       let paid: bigint | undefined
       if (status === 'closed')
@@ -613,23 +616,25 @@ export function createFetch(options: Options): PayingFetch {
           `The server refused channel ${state.channelId}, and its status could not be read (${shown?.status ?? 'no answer'}); nothing was forgotten: try again.`,
           { channelId: state.channelId },
         )
-      // A server that does not know the channel (it lost its database) says nothing of its
-      // deposit: the escrow does, when there is an RPC URL to ask.
+      // A server that does not know the channel (it lost its database, its node is behind, it
+      // never submitted the open) says nothing of its deposit: the escrow does, when there is
+      // an RPC URL to ask.
       if (status === undefined && options.rpcUrl) {
         const onChain = await Escrow.getChannel(chainClient(state.chainId), {
           escrow: state.escrow,
           channelId: state.channelId,
         }).catch(() => undefined)
-        if (onChain && !onChain.finalized) status = 'open'
-        else if (onChain?.finalized) paid = onChain.settled
+        if (onChain?.finalized) paid = onChain.settled
       }
-      if (status === 'closing' || status === 'open') {
+      if (paid === undefined) {
         const slot = refusedKey(live.key)
         const earlier = await store.get(slot)
         // One set apart at a time: the earlier one's record is not given up for this one's.
         if (earlier && earlier.channelId !== state.channelId)
           throw new ChannelStateError(
-            `Channel ${state.channelId} is closing, and channel ${earlier.channelId}, set apart before, still is: close() this one (the one in use) first, then the other.`,
+            status === 'closing'
+              ? `Channel ${state.channelId} is closing, and channel ${earlier.channelId}, set apart before, still is: close() this one (the one in use) first, then the other.`
+              : `The server refused channel ${state.channelId} (${status ? `shown ${status}` : 'unknown to it'}), which is not shown closed, and channel ${earlier.channelId}, set apart before, is not either: close(url, { channelId }) that one, or take its deposit back (requestClose, then withdraw), first.`,
             { channelId: state.channelId, setApart: earlier.channelId },
           )
         await store.set(slot, { ...state, signed: live.session.signed.toString() })
@@ -1128,8 +1133,28 @@ export function createFetch(options: Options): PayingFetch {
     let opened: (() => void) | undefined
     // The channel whose open this request sent last (until the server answers it).
     let sentOpen: Live | undefined
-    // How often this request sent again an open the server could not verify.
+    // How often this request sent again an open the server could not verify, or find.
     let reopens = 0
+    // The channel this request opened: one open at most per request (a second, after the
+    // server did not find the first, would sign a second deposit and voucher on top of it).
+    let mine: Hex | undefined
+    const openOnce = async (
+      l: Live,
+      refused: Response,
+      kind: string | undefined,
+      problem: Record<string, unknown> | undefined,
+    ) => {
+      if (mine)
+        throw new ChannelNotFoundError(
+          `The server no longer takes channel ${mine}, which this request opened (${refused.status}${kind ? ` ${kind}` : ''}); no second channel is opened in one request: that one is kept, set apart and counted against maxTotal unless shown closed, and the next request opens another${toldBy(problem)}`,
+          mine,
+          refused.status,
+          problem,
+        )
+      const credential = await open(l, url, by)
+      mine = l.session.channelId
+      return credential
+    }
     // However the tries end (12 of them, the last having just signed an open; a fetch that
     // threw before its answer), an open this request holds is ended: requests waiting for it,
     // and release(), would otherwise wait forever.
@@ -1192,7 +1217,22 @@ export function createFetch(options: Options): PayingFetch {
           }
         }
         const l = live as Live
-        if (kind === 'channel-not-found' || kind === 'channel-finalized') await drop(l, url)
+        // The open this request just sent, which the server does not find: it may be on chain
+        // all the same (the server's node behind the block of its own openWithAuthorization),
+        // so the same open goes again below, a few times, not a second one.
+        const unseen = kind === 'channel-not-found' && answeredOpen === l && l.state !== undefined
+        if (unseen && reopens >= 3) {
+          const channelId = l.session.channelId as Hex
+          await drop(l, url)
+          throw new ChannelNotFoundError(
+            `The server does not find channel ${channelId}, which this request opened, its open sent ${reopens + 1} times; no second channel was opened, and this one is not forgotten: unless shown closed, it is set apart (setApart(url)), what was signed on it counted against maxTotal until the server or the chain shows it closed (${res.status} channel-not-found)${toldBy(problem)}`,
+            channelId,
+            res.status,
+            problem,
+          )
+        }
+        if (!unseen && (kind === 'channel-not-found' || kind === 'channel-finalized'))
+          await drop(l, url)
         if (l.opening) {
           // Another request is opening the channel: wait for it, then pay from that channel. (Its
           // state is kept before the server has answered the open: a voucher now would find no
@@ -1200,7 +1240,7 @@ export function createFetch(options: Options): PayingFetch {
           await l.opening.catch(() => {})
           if (l.state) credential = await ahead(l, url, by)
           else {
-            credential = await open(l, url, by)
+            credential = await openOnce(l, res, kind, problem)
             sentOpen = l
           }
         } else if (!l.state) {
@@ -1213,7 +1253,7 @@ export function createFetch(options: Options): PayingFetch {
             resolve()
           }
           try {
-            credential = await open(l, url, by)
+            credential = await openOnce(l, res, kind, problem)
             sentOpen = l
           } catch (e) {
             opened()
@@ -1238,14 +1278,14 @@ export function createFetch(options: Options): PayingFetch {
           options.onVoucher?.({ channelId: l.session.channelId as Hex, cumulativeAmount: l.sent })
         } else if (
           answeredOpen === l &&
-          l.reopen &&
-          kind === 'verification-failed' &&
+          (unseen || (l.reopen && kind === 'verification-failed')) &&
           reopens < 3
         ) {
           // The payer's own open, mined, that the server could not verify (its node behind the
-          // payer's, say). The evm draft has such a client decide by the channel's state, not
-          // the refusal: the channel is on chain, so the same open goes again, after a wait,
-          // rather than a second channel and deposit.
+          // payer's, say), or an open the server does not find (see `unseen`). The evm draft has
+          // such a client decide by the channel's state, not the refusal: the channel is on
+          // chain, or may be, so the same open goes again, after a wait, rather than a second
+          // channel and deposit (the server skips openWithAuthorization for a channel there).
           reopens++
           await sleep(1000 * reopens, stop.signal)
           const { promise, resolve } = Promise.withResolvers<void>()
@@ -1254,12 +1294,14 @@ export function createFetch(options: Options): PayingFetch {
             if (l.opening === promise) l.opening = undefined
             resolve()
           }
-          credential = await l.reopen()
+          // The open just answered, on a current challenge: nothing signed anew.
+          await current(l, url)
+          credential = l.session.again(credential as string)
           sentOpen = l
         } else if (!challenge || (problem && kind !== 'verification-failed' && attempt > 0)) {
           // An open the server refused (a deposit below its least, say) may have opened
-          // nothing: as for a channel it does not know, its state is read and the channel
-          // forgotten, or set apart when it holds a deposit (see `drop`).
+          // nothing, but its authorization could still be submitted: as for a channel it does
+          // not know, its state is read and the channel set apart unless shown closed (`drop`).
           if (answeredOpen === l && l.state) await drop(l, url).catch(() => {})
           throw new PaymentFailedError(
             `The server refused the payment (${res.status}${kind ? ` ${kind}` : ''})${toldBy(problem)}`,

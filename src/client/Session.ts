@@ -174,6 +174,16 @@ export class PayingSession {
     )
   }
 
+  /**
+   * `credential` (an open) made again on the current challenge: its payload and signatures as
+   * they were, nothing signed anew (an open signed anew, with a fresh salt, would be a second
+   * channel and deposit).
+   */
+  again(credential: string): string {
+    const { payload, source } = Credential.deserialize(credential)
+    return Credential.serialize(Credential.from({ challenge: this.challenge, payload, source }))
+  }
+
   /** `open` with `type="hash"`: the client broadcast `open` itself (tx `hash`). */
   async openWithHash(o: { channelId: Hex; salt: Hex; hash: Hex; initial: bigint }) {
     this.channelId = o.channelId

@@ -1,8 +1,9 @@
 /**
  * The paying client under adversity: a server that claims more than was signed, answers
  * lost in flight, a slow signer, concurrent first streams, aborted streams, malformed
- * receipts and store entries, a store another process shares. Each is held to the client's
- * limits (maxDeposit, maxTotal) and its one-stream-per-channel promise.
+ * receipts and store entries, a store another process shares, a server that does not find
+ * its channels. Each is held to the client's limits (maxDeposit, maxTotal) and its
+ * one-stream-per-channel promise.
  */
 import { afterAll, describe, expect, test } from 'bun:test'
 import { mkdtemp } from 'node:fs/promises'
@@ -10,18 +11,21 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import OpenAI from 'openai'
 import type { Hex, LocalAccount } from 'viem'
-import { privateKeyToAccount } from 'viem/accounts'
+import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import {
   ChallengeRefusedError,
+  ChannelNotFoundError,
   ClientError,
   createFetch,
+  LimitExceededError,
   type Options,
   Store,
   StoreInUseError,
 } from '../../src/client/index.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
+import * as Session from '../../src/payment/evm/Session.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Payer from '../helpers/Payer.ts'
@@ -558,5 +562,198 @@ describe('createFetch under adversity', () => {
     // The other is told the store is in use.
     const refused = results.find((r) => r.status === 'rejected')
     if (refused) expect((refused.reason as Error).cause).toBeInstanceOf(StoreInUseError)
+  }, 60_000)
+})
+
+/**
+ * A scripted server (no gateway, no chain) that pays its own gas (EIP-3009 `authorization`
+ * opens, its token's domain stated) and does not know its channels: `GET /v1/channels/{id}`
+ * answers 404, and an open, or a voucher, may be answered 410 channel-not-found, as a gateway
+ * whose chain read is a block behind its own `openWithAuthorization` answers (`opens` says
+ * which opens, by their count, and how: `true` not found, `'unverified'` 402
+ * verification-failed). What the paying client sends is kept, with the request it was sent for.
+ */
+function unknowing(refuse: { opens: (sent: number) => boolean | 'unverified'; vouchers: boolean }) {
+  const state = {
+    /** The request under way (set by the test). */
+    request: 0,
+    sent: [] as {
+      request: number
+      action: string
+      channelId: Hex
+      amount: bigint
+      nonce?: string
+    }[],
+    fetch: undefined as unknown as typeof fetch,
+  }
+  const challenge = () =>
+    Challenge.from({
+      secret: 'scripted-secret-0123456789',
+      realm: 'scripted',
+      method: 'evm',
+      intent: 'session',
+      expires: Challenge.expiresIn(600_000),
+      request: Session.request({
+        amount: 1n,
+        currency: chain.currencyAddress,
+        recipient: chain.payee.address,
+        methodDetails: {
+          chainId: chain.chainId,
+          escrowContract: chain.escrowAddress,
+          feePayer: true,
+          credentialTypes: ['authorization'],
+          tokenDomain: { name: 'Scripted', version: '1' },
+        },
+      } as never),
+    })
+  const notFound = () =>
+    new Response(
+      JSON.stringify({
+        type: 'https://paymentauth.org/problems/session/channel-not-found',
+        title: 'Channel Not Found',
+        status: 410,
+        detail: 'No channel with this id on our escrow.',
+      }),
+      { status: 410, headers: { 'content-type': 'application/problem+json' } },
+    )
+  const f = async (input: string | URL | Request, init: RequestInit = {}) => {
+    if (String(input).includes('/v1/channels/')) return new Response(null, { status: 404 })
+    const authorization = new Headers(init.headers).get('authorization')
+    const p = payloadOf(authorization)
+    if (!p)
+      return new Response('{}', {
+        status: 402,
+        headers: { 'www-authenticate': Challenge.serialize(challenge()) },
+      })
+    const nonce = (p.authorization as { nonce?: string } | undefined)?.nonce
+    state.sent.push({
+      request: state.request,
+      action: p.action as string,
+      channelId: p.channelId as Hex,
+      amount: BigInt(p.cumulativeAmount as string),
+      ...(nonce ? { nonce } : {}),
+    })
+    const opens = state.sent.filter((s) => s.action === 'open').length
+    const refused = p.action === 'open' ? refuse.opens(opens) : refuse.vouchers
+    if (refused === 'unverified')
+      return new Response(
+        JSON.stringify({ type: 'https://paymentauth.org/problems/verification-failed' }),
+        {
+          status: 402,
+          headers: {
+            'content-type': 'application/problem+json',
+            'www-authenticate': Challenge.serialize(challenge()),
+          },
+        },
+      )
+    if (refused) return notFound()
+    if (init.method === 'HEAD') return new Response(null)
+    return Response.json({ ok: true })
+  }
+  state.fetch = Object.assign(f, { preconnect: () => {} }) as unknown as typeof fetch
+  return state
+}
+
+describe('createFetch against a server that does not find its channels', () => {
+  const url = 'http://127.0.0.1:9/v1/chat/completions'
+  const post = { method: 'POST', body: '{"model":"m","messages":[]}' }
+  /** The usual gasless payer: no rpcUrl. */
+  const paying = (s: ReturnType<typeof unknowing>, limits: Options['limits']) =>
+    createFetch({
+      account: generatePrivateKey(),
+      limits,
+      margin: 100n,
+      allow: { escrows: [chain.escrowAddress] },
+      store: Store.memory(),
+      fetch: s.fetch,
+    })
+  /** The channels request `n` sent opens of, and the authorizations (their nonces). */
+  const opened = (s: ReturnType<typeof unknowing>, n: number) => {
+    const opens = s.sent.filter((x) => x.request === n && x.action === 'open')
+    return {
+      channels: [...new Set(opens.map((x) => x.channelId))],
+      nonces: [...new Set(opens.map((x) => x.nonce))],
+      sent: opens.length,
+    }
+  }
+  /** All signed and sent: the highest cumulative amount of each channel, summed. */
+  const signed = (s: ReturnType<typeof unknowing>) => {
+    const most = new Map<string, bigint>()
+    for (const x of s.sent)
+      if (x.amount > (most.get(x.channelId) ?? 0n)) most.set(x.channelId, x.amount)
+    return [...most.values()].reduce((a, b) => a + b, 0n)
+  }
+
+  test('error: every open answered channel-not-found, every channel unknown: each request signs one open, sends it again, then fails typed; the channel is kept and counted against maxTotal', async () => {
+    const s = unknowing({ opens: () => true, vouchers: true })
+    const f = paying(s, { maxDeposit: 1000n, maxTotal: 1500n })
+    s.request = 1
+    const first = await f(url, post).catch((e: unknown) => e)
+    const one = opened(s, 1)
+    expect(one.channels).toHaveLength(1)
+    expect(one.nonces).toHaveLength(1)
+    expect(one.sent).toBeGreaterThan(1)
+    expect(signed(s)).toBeLessThanOrEqual(1500n)
+    expect(first).toBeInstanceOf(ChannelNotFoundError)
+    expect((first as ChannelNotFoundError).channelId).toBe(one.channels[0]!)
+    expect((first as Error).message).toContain('no second channel was opened')
+    // Kept, and still counted: the next channel's deposit is what maxTotal leaves.
+    const apart = (await f.setApart(url)).refused
+    expect(apart).toMatchObject({ channelId: one.channels[0], signed: '1000' })
+    s.request = 2
+    const second = await f(url, post).catch((e: unknown) => e)
+    const two = opened(s, 2)
+    expect(two.channels).toHaveLength(1)
+    expect(signed(s)).toBeLessThanOrEqual(1500n)
+    expect(second).toBeInstanceOf(ClientError)
+    expect(BigInt((await f.channel(url))!.deposit)).toBeLessThanOrEqual(500n)
+    // Neither is forgotten: the first set apart, the second in use (one set apart at a time).
+    expect((await f.setApart(url)).refused?.channelId).toBe(one.channels[0]!)
+    expect((await f.channel(url))?.channelId).toBe(two.channels[0]!)
+  }, 60_000)
+
+  test('error: a channel used up to maxTotal whose next voucher is answered channel-not-found, the channel unknown: no second channel is signed past maxTotal; the first is kept and counted', async () => {
+    const s = unknowing({ opens: () => false, vouchers: true })
+    const f = paying(s, { maxDeposit: 1000n, maxTotal: 1000n })
+    s.request = 1
+    expect((await f(url, post)).status).toBe(200)
+    const { channelId } = (await f.channel(url))!
+    expect(signed(s)).toBe(1000n)
+    s.request = 2
+    const e = await f(url, post).catch((e: unknown) => e)
+    expect(opened(s, 2).sent).toBe(0)
+    expect(signed(s)).toBeLessThanOrEqual(1000n)
+    expect(e).toBeInstanceOf(LimitExceededError)
+    expect((await f.setApart(url)).refused).toMatchObject({ channelId, signed: '1000' })
+    // Still counted on the next request: nothing more is signed.
+    s.request = 3
+    expect(await f(url, post).catch((e: unknown) => e)).toBeInstanceOf(LimitExceededError)
+    expect(s.sent.filter((x) => x.request === 3)).toEqual([])
+  }, 60_000)
+
+  test('error: an open refused as unverifiable, then its channel not found: no second open in the same request, a typed error; the channel is kept', async () => {
+    const s = unknowing({ opens: () => 'unverified', vouchers: true })
+    const f = paying(s, { maxDeposit: 1000n, maxTotal: 5000n })
+    s.request = 1
+    const e = await f(url, post).catch((e: unknown) => e)
+    const one = opened(s, 1)
+    expect(one.channels).toHaveLength(1)
+    expect(one.nonces).toHaveLength(1)
+    expect(e).toBeInstanceOf(ChannelNotFoundError)
+    expect((e as Error).message).toContain('no second channel is opened in one request')
+    expect((await f.setApart(url)).refused?.channelId).toBe(one.channels[0]!)
+  }, 60_000)
+
+  test('behavior: an open the server does not find at first (its chain read a block behind) is sent again, the same one: served, one channel, one authorization', async () => {
+    const s = unknowing({ opens: (n) => n === 1, vouchers: false })
+    const f = paying(s, { maxDeposit: 1000n, maxTotal: 1500n })
+    s.request = 1
+    expect((await f(url, post)).status).toBe(200)
+    const one = opened(s, 1)
+    expect(one).toMatchObject({ sent: 2 })
+    expect(one.channels).toHaveLength(1)
+    expect(one.nonces).toHaveLength(1)
+    expect((await f.channel(url))?.channelId).toBe(one.channels[0]!)
+    expect((await f.setApart(url)).refused).toBeUndefined()
   }, 60_000)
 })
