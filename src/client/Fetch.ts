@@ -234,9 +234,9 @@ const challengeIn = (res: Response) => {
 }
 
 /** Whether a credential's challenge has expired by this clock. */
-const expired = (credential: string): boolean => {
+const expired = (credential: string, within = 0): boolean => {
   const { expires } = Credential.deserialize(credential).challenge
-  return expires !== undefined && Date.parse(expires) <= Date.now()
+  return expires !== undefined && Date.parse(expires) <= Date.now() + within
 }
 
 /** Whether `url` is over TLS or on this machine: where a credential may go (the core draft). */
@@ -601,7 +601,7 @@ export function createFetch(options: Options): PayingFetch {
    * first, as `close()` counts it: a close whose answer was lost, a store kept from before the
    * channel closed. The next request opens another channel.
    */
-  const drop = async (live: Live, url: string) => {
+  const drop = async (live: Live, url: string, o: { refusedOpen?: boolean } = {}) => {
     const state = live.state
     if (state) {
       const shown = await shownChannel(url, state.channelId)
@@ -625,7 +625,10 @@ export function createFetch(options: Options): PayingFetch {
           channelId: state.channelId,
         }).catch(() => undefined)
         if (onChain?.finalized) paid = onChain.settled
-      }
+        // An open the server refused, not on chain: forgotten, as it always was (set apart, with
+        // no RPC URL nothing could ever clear it; its authorization lapses within the hour).
+        else if (o.refusedOpen && !onChain) paid = 0n
+      } else if (status === undefined && o.refusedOpen) paid = 0n
       if (paid === undefined) {
         const slot = refusedKey(live.key)
         const earlier = await store.get(slot)
@@ -890,9 +893,10 @@ export function createFetch(options: Options): PayingFetch {
     for (let attempt = 0; ; attempt++) {
       const res = await base(url, { method: 'HEAD', headers: { authorization: credential } })
       if (res.ok) return
-      // Over the per-channel voucher rate: wait as told, once, and not past MAX_RETRY_AFTER_MS.
+      // Over the per-channel voucher rate: wait as told, once, not past MAX_RETRY_AFTER_MS nor
+      // past the challenge's expiry (the same credential goes again).
       const wait = res.status === 429 && attempt === 0 ? retryAfterMs(res) : undefined
-      if (wait !== undefined) {
+      if (wait !== undefined && !expired(credential, wait + expirySkewMs)) {
         await sleep(wait, stop.signal)
         continue
       }
@@ -1155,14 +1159,23 @@ export function createFetch(options: Options): PayingFetch {
       mine = l.session.channelId
       return credential
     }
+    /**
+     * Ends the open this request holds (requests waiting for it go on), once it is answered,
+     * unless the same open goes again (a 429, or not found yet): they wait for that answer too,
+     * rather than find the channel unknown, set it apart and open another.
+     */
+    const letGo = () => {
+      opened?.()
+      opened = undefined
+    }
     // However the tries end (12 of them, the last having just signed an open; a fetch that
     // threw before its answer), an open this request holds is ended: requests waiting for it,
     // and release(), would otherwise wait forever.
     try {
       for (let attempt = 0; attempt < 12; attempt++) {
-        const res = await send(credential).finally(() => {
-          opened?.()
-          opened = undefined
+        const res = await send(credential).catch((e: unknown) => {
+          letGo()
+          throw e
         })
         // Whether what was just answered was an open credential (set again when one is sent).
         const answeredOpen = sentOpen
@@ -1170,15 +1183,20 @@ export function createFetch(options: Options): PayingFetch {
         // Over the per-channel voucher rate (many requests raising at once): wait as told, as
         // long as the request lets it (its own signal too). A longer wait is the caller's to
         // make: the 429 is its answer (the openai SDK waits out Retry-After itself).
+        // Nor past its challenge's expiry: no credential goes out on an expired challenge.
         if (res.status === 429 && credential && res.headers.has('retry-after')) {
           const wait = retryAfterMs(res)
-          if (wait === undefined) return res
+          if (wait === undefined || expired(credential, wait + expirySkewMs)) {
+            letGo()
+            return res
+          }
           sentOpen = answeredOpen
           await res.body?.cancel()
           await sleep(wait, AbortSignal.any([stop.signal, request.signal]))
           continue
         }
         if (res.status !== 402 && res.status !== 410) {
+          letGo()
           if (answeredOpen) answeredOpen.reopen = undefined
           if (!live?.state || !res.body) return res
           const receipt = res.headers.get('payment-receipt')
@@ -1220,7 +1238,16 @@ export function createFetch(options: Options): PayingFetch {
         // The open this request just sent, which the server does not find: it may be on chain
         // all the same (the server's node behind the block of its own openWithAuthorization),
         // so the same open goes again below, a few times, not a second one.
-        const unseen = kind === 'channel-not-found' && answeredOpen === l && l.state !== undefined
+        const unseen =
+          kind === 'channel-not-found' &&
+          answeredOpen === l &&
+          l.state !== undefined &&
+          l.session.channelId === mine
+        const again =
+          answeredOpen === l &&
+          (unseen || (l.reopen && kind === 'verification-failed')) &&
+          reopens < 3
+        if (!again) letGo()
         if (unseen && reopens >= 3) {
           const channelId = l.session.channelId as Hex
           await drop(l, url)
@@ -1233,7 +1260,7 @@ export function createFetch(options: Options): PayingFetch {
         }
         if (!unseen && (kind === 'channel-not-found' || kind === 'channel-finalized'))
           await drop(l, url)
-        if (l.opening) {
+        if (l.opening && !again) {
           // Another request is opening the channel: wait for it, then pay from that channel. (Its
           // state is kept before the server has answered the open: a voucher now would find no
           // channel.)
@@ -1276,11 +1303,7 @@ export function createFetch(options: Options): PayingFetch {
             return voucher
           })
           options.onVoucher?.({ channelId: l.session.channelId as Hex, cumulativeAmount: l.sent })
-        } else if (
-          answeredOpen === l &&
-          (unseen || (l.reopen && kind === 'verification-failed')) &&
-          reopens < 3
-        ) {
+        } else if (again) {
           // The payer's own open, mined, that the server could not verify (its node behind the
           // payer's, say), or an open the server does not find (see `unseen`). The evm draft has
           // such a client decide by the channel's state, not the refusal: the channel is on
@@ -1288,21 +1311,26 @@ export function createFetch(options: Options): PayingFetch {
           // channel and deposit (the server skips openWithAuthorization for a channel there).
           reopens++
           await sleep(1000 * reopens, stop.signal)
-          const { promise, resolve } = Promise.withResolvers<void>()
-          l.opening = promise
-          opened = () => {
-            if (l.opening === promise) l.opening = undefined
-            resolve()
+          // Requests waiting for the open wait for this sending's answer (held since the last
+          // one's, or held now).
+          if (!opened) {
+            const { promise, resolve } = Promise.withResolvers<void>()
+            l.opening = promise
+            opened = () => {
+              if (l.opening === promise) l.opening = undefined
+              resolve()
+            }
           }
           // The open just answered, on a current challenge: nothing signed anew.
           await current(l, url)
           credential = l.session.again(credential as string)
           sentOpen = l
         } else if (!challenge || (problem && kind !== 'verification-failed' && attempt > 0)) {
-          // An open the server refused (a deposit below its least, say) may have opened
-          // nothing, but its authorization could still be submitted: as for a channel it does
-          // not know, its state is read and the channel set apart unless shown closed (`drop`).
-          if (answeredOpen === l && l.state) await drop(l, url).catch(() => {})
+          // An open the server refused (a deposit below its least, say) opened nothing: its
+          // state is read, and the channel set apart when the server or the chain shows it,
+          // else forgotten (`drop`, `refusedOpen`).
+          if (answeredOpen === l && l.state)
+            await drop(l, url, { refusedOpen: true }).catch(() => {})
           throw new PaymentFailedError(
             `The server refused the payment (${res.status}${kind ? ` ${kind}` : ''})${toldBy(problem)}`,
             res.status,

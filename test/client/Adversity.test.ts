@@ -20,6 +20,7 @@ import {
   createFetch,
   LimitExceededError,
   type Options,
+  PaymentFailedError,
   Store,
   StoreInUseError,
 } from '../../src/client/index.ts'
@@ -573,7 +574,14 @@ describe('createFetch under adversity', () => {
  * which opens, by their count, and how: `true` not found, `'unverified'` 402
  * verification-failed). What the paying client sends is kept, with the request it was sent for.
  */
-function unknowing(refuse: { opens: (sent: number) => boolean | 'unverified'; vouchers: boolean }) {
+function unknowing(
+  refuse: {
+    opens: (sent: number) => boolean | 'unverified'
+    vouchers: boolean | ((opensSent: number) => boolean)
+  },
+  /** How long its challenges live. */
+  expiresMs = 600_000,
+) {
   const state = {
     /** The request under way (set by the test). */
     request: 0,
@@ -592,7 +600,7 @@ function unknowing(refuse: { opens: (sent: number) => boolean | 'unverified'; vo
       realm: 'scripted',
       method: 'evm',
       intent: 'session',
-      expires: Challenge.expiresIn(600_000),
+      expires: Challenge.expiresIn(expiresMs),
       request: Session.request({
         amount: 1n,
         currency: chain.currencyAddress,
@@ -634,7 +642,12 @@ function unknowing(refuse: { opens: (sent: number) => boolean | 'unverified'; vo
       ...(nonce ? { nonce } : {}),
     })
     const opens = state.sent.filter((s) => s.action === 'open').length
-    const refused = p.action === 'open' ? refuse.opens(opens) : refuse.vouchers
+    const refused =
+      p.action === 'open'
+        ? refuse.opens(opens)
+        : typeof refuse.vouchers === 'function'
+          ? refuse.vouchers(opens)
+          : refuse.vouchers
     if (refused === 'unverified')
       return new Response(
         JSON.stringify({ type: 'https://paymentauth.org/problems/verification-failed' }),
@@ -755,5 +768,71 @@ describe('createFetch against a server that does not find its channels', () => {
     expect(one.nonces).toHaveLength(1)
     expect((await f.channel(url))?.channelId).toBe(one.channels[0]!)
     expect((await f.setApart(url)).refused).toBeUndefined()
+  }, 60_000)
+
+  test('behavior: concurrent first requests while the open is not found at first: they wait for it to be sent again, and all are served on the one channel', async () => {
+    // Until the open has been sent twice, the server knows no channel (vouchers too).
+    const s = unknowing({ opens: (n) => n === 1, vouchers: (opens) => opens < 2 })
+    const f = paying(s, { maxDeposit: 1000n, maxTotal: 1500n })
+    s.request = 1
+    const answers = await Promise.all([1, 2, 3].map(() => f(url, post).catch((e: unknown) => e)))
+    expect(answers.map((a) => (a as Response).status)).toEqual([200, 200, 200])
+    const one = opened(s, 1)
+    expect(one.channels).toHaveLength(1)
+    expect(one.nonces).toHaveLength(1)
+    expect((await f.channel(url))?.channelId).toBe(one.channels[0]!)
+    expect((await f.setApart(url)).refused).toBeUndefined()
+  }, 60_000)
+
+  test('error: a 429 whose Retry-After outlasts the credential challenge is the caller answer at once: no credential goes out again on an expired challenge', async () => {
+    const s = unknowing({ opens: () => false, vouchers: false }, 15_000)
+    let sends = 0
+    const limiting = Object.assign(
+      async (input: string | URL | Request, init: RequestInit = {}) => {
+        if (payloadOf(new Headers(init.headers).get('authorization'))) {
+          sends++
+          return new Response('{}', { status: 429, headers: { 'retry-after': '12' } })
+        }
+        return s.fetch(input, init)
+      },
+      { preconnect: () => {} },
+    ) as unknown as typeof fetch
+    const f = paying({ ...s, fetch: limiting }, { maxDeposit: 1000n, maxTotal: 5000n })
+    const at = performance.now()
+    const res = await f(url, post)
+    expect(res.status).toBe(429)
+    expect(sends).toBe(1)
+    expect(performance.now() - at).toBeLessThan(5_000)
+  }, 60_000)
+
+  test('error: an open refused outright (a deposit below the least), unknown to the server: forgotten, not kept where nothing could clear it; the next request is not stuck', async () => {
+    const s = unknowing({ opens: (n) => n <= 2, vouchers: false })
+    const refusing = Object.assign(
+      async (input: string | URL | Request, init: RequestInit = {}) => {
+        const p = payloadOf(new Headers(init.headers).get('authorization'))
+        const opens = s.sent.filter((x) => x.action === 'open').length
+        if (p?.action === 'open' && opens < 2) {
+          await s.fetch(input, init)
+          return new Response(
+            JSON.stringify({
+              type: 'https://paymentauth.org/problems/session/payment-insufficient',
+              detail: 'A deposit of at least 100000 is needed.',
+            }),
+            { status: 402, headers: { 'content-type': 'application/problem+json' } },
+          )
+        }
+        return s.fetch(input, init)
+      },
+      { preconnect: () => {} },
+    ) as unknown as typeof fetch
+    const f = paying({ ...s, fetch: refusing }, { maxDeposit: 1000n, maxTotal: 5000n })
+    for (const n of [1, 2]) {
+      s.request = n
+      expect(await f(url, post).catch((e: unknown) => e)).toBeInstanceOf(PaymentFailedError)
+      expect(await f.channel(url)).toBeUndefined()
+      expect(await f.setApart(url)).toEqual({})
+    }
+    s.request = 3
+    expect((await f(url, post)).status).toBe(200)
   }, 60_000)
 })

@@ -107,7 +107,7 @@ test('behavior: a payer that broadcasts its own open (type hash) pays its own ga
   expect((await head(header)).status).toBe(200)
 }, 60_000)
 
-test('error: the paying client with a deposit below the least: the refusal says why (the server detail), no channel is in use (the refused open is set apart), and a larger deposit then opens', async () => {
+test('error: the paying client with a deposit below the least: the refusal says why (the server detail), no channel is kept, and a larger deposit then opens', async () => {
   const store = Store.memory()
   const small = Payer.client(chain, gw.url, 3, {
     limits: { maxDeposit: 5_000n, maxTotal: 1_000_000n },
@@ -120,11 +120,11 @@ test('error: the paying client with a deposit below the least: the refusal says 
   expect(e.cause).toBeInstanceOf(PaymentFailedError)
   expect((e.cause as Error).message).toContain('at least 100000')
   expect((e.cause as PaymentFailedError).problem?.minimum).toBe('100000')
-  // Nothing in use. The refused open is set apart, not forgotten: neither the gateway nor the
-  // chain shows it closed (a server could still submit its authorization), so what it signed
-  // still counts against maxTotal.
+  // Nothing was opened (the server refused it, the chain has none): nothing is kept, in use or
+  // set apart (kept, with no RPC URL nothing could ever clear it).
   expect(await small.fetch.channel(gw.url)).toBeUndefined()
-  expect((await small.fetch.setApart(gw.url)).refused).toBeDefined()
+  expect(await small.fetch.setApart(gw.url)).toEqual({})
+  expect(Object.keys(((await store.all!()) as { channels: object }).channels)).toEqual([])
   const enough = Payer.client(chain, gw.url, 3, {
     limits: { maxDeposit: 100_000n, maxTotal: 1_000_000n },
     store,
