@@ -476,18 +476,24 @@ describe('start', () => {
     ])
     expect(await inDb(forced)).toMatchObject({ spent: 300n, settled: 300n })
     expect(mine(await ticked(w), forced)).toEqual([])
+    /** A channel forced to close, settled at or below spent at once, then topped up (which
+     * cancels the close on chain). */
+    const cancelledOnChain = async () => {
+      const channelId = await openChannel()
+      await accept(channelId, 200n, 300n)
+      await spend(channelId, 250n)
+      await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+      expect(await w.closeRequested(channelId)).toMatchObject({ cumulativeAmount: 200n })
+      await Escrow.topUp(client, {
+        escrow: chain.escrowAddress,
+        channelId,
+        token: chain.currencyAddress,
+        amount: 1n,
+      })
+      return channelId
+    }
     // Cancelled by a top-up within the time to cancel: what was signed ahead is not taken.
-    const cancelled = await openChannel()
-    await accept(cancelled, 200n, 300n)
-    await spend(cancelled, 250n)
-    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId: cancelled })
-    expect(await w.closeRequested(cancelled)).toMatchObject({ cumulativeAmount: 200n })
-    await Escrow.topUp(client, {
-      escrow: chain.escrowAddress,
-      channelId: cancelled,
-      token: chain.currencyAddress,
-      amount: 1n,
-    })
+    const cancelled = await cancelledOnChain()
     const toppedUpAt = await Channels.clock(sql)
     await Channels.observe(
       sql,
@@ -499,17 +505,7 @@ describe('start', () => {
       { toppedUpAt },
     )
     // One cancelled on chain by a top-up the gateway has not heard of: the chain says so.
-    const unheard = await openChannel()
-    await accept(unheard, 200n, 300n)
-    await spend(unheard, 250n)
-    await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId: unheard })
-    expect(await w.closeRequested(unheard)).toMatchObject({ cumulativeAmount: 200n })
-    await Escrow.topUp(client, {
-      escrow: chain.escrowAddress,
-      channelId: unheard,
-      token: chain.currencyAddress,
-      amount: 1n,
-    })
+    const unheard = await cancelledOnChain()
     await chain.increaseTime(31)
     expect(mine(await ticked(w), cancelled)).toEqual([])
     expect(mine(await ticked(w), unheard)).toEqual([])

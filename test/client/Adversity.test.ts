@@ -20,16 +20,17 @@ import {
   createFetch,
   LimitExceededError,
   type Options,
+  type PayingFetch,
   PaymentFailedError,
   Store,
   StoreInUseError,
 } from '../../src/client/index.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
-import * as Session from '../../src/payment/evm/Session.ts'
 import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Payer from '../helpers/Payer.ts'
+import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
 
 const chain = await Anvil.start({ accounts: 23 })
 afterAll(() => chain.stop())
@@ -595,13 +596,8 @@ function unknowing(
     fetch: undefined as unknown as typeof fetch,
   }
   const challenge = () =>
-    Challenge.from({
-      secret: 'scripted-secret-0123456789',
-      realm: 'scripted',
-      method: 'evm',
-      intent: 'session',
-      expires: Challenge.expiresIn(expiresMs),
-      request: Session.request({
+    ScriptedPayments.challenge(
+      {
         amount: 1n,
         currency: chain.currencyAddress,
         recipient: chain.payee.address,
@@ -612,8 +608,9 @@ function unknowing(
           credentialTypes: ['authorization'],
           tokenDomain: { name: 'Scripted', version: '1' },
         },
-      } as never),
-    })
+      },
+      expiresMs,
+    )
   const notFound = () =>
     new Response(
       JSON.stringify({
@@ -689,6 +686,16 @@ describe('createFetch against a server that does not find its channels', () => {
       sent: opens.length,
     }
   }
+  /** Request 1 opened one channel with one authorization, the one in use, none set apart;
+   * what it sent of opens. */
+  const servedOnOne = async (s: ReturnType<typeof unknowing>, f: PayingFetch) => {
+    const one = opened(s, 1)
+    expect(one.channels).toHaveLength(1)
+    expect(one.nonces).toHaveLength(1)
+    expect((await f.channel(url))?.channelId).toBe(one.channels[0]!)
+    expect((await f.setApart(url)).refused).toBeUndefined()
+    return one
+  }
   /** All signed and sent: the highest cumulative amount of each channel, summed. */
   const signed = (s: ReturnType<typeof unknowing>) => {
     const most = new Map<string, bigint>()
@@ -762,12 +769,7 @@ describe('createFetch against a server that does not find its channels', () => {
     const f = paying(s, { maxDeposit: 1000n, maxTotal: 1500n })
     s.request = 1
     expect((await f(url, post)).status).toBe(200)
-    const one = opened(s, 1)
-    expect(one).toMatchObject({ sent: 2 })
-    expect(one.channels).toHaveLength(1)
-    expect(one.nonces).toHaveLength(1)
-    expect((await f.channel(url))?.channelId).toBe(one.channels[0]!)
-    expect((await f.setApart(url)).refused).toBeUndefined()
+    expect(await servedOnOne(s, f)).toMatchObject({ sent: 2 })
   }, 60_000)
 
   test('behavior: concurrent first requests while the open is not found at first: they wait for it to be sent again, and all are served on the one channel', async () => {
@@ -777,26 +779,19 @@ describe('createFetch against a server that does not find its channels', () => {
     s.request = 1
     const answers = await Promise.all([1, 2, 3].map(() => f(url, post).catch((e: unknown) => e)))
     expect(answers.map((a) => (a as Response).status)).toEqual([200, 200, 200])
-    const one = opened(s, 1)
-    expect(one.channels).toHaveLength(1)
-    expect(one.nonces).toHaveLength(1)
-    expect((await f.channel(url))?.channelId).toBe(one.channels[0]!)
-    expect((await f.setApart(url)).refused).toBeUndefined()
+    await servedOnOne(s, f)
   }, 60_000)
 
   test('error: a 429 whose Retry-After outlasts the credential challenge is the caller answer at once: no credential goes out again on an expired challenge', async () => {
     const s = unknowing({ opens: () => false, vouchers: false }, 15_000)
     let sends = 0
-    const limiting = Object.assign(
-      async (input: string | URL | Request, init: RequestInit = {}) => {
-        if (payloadOf(new Headers(init.headers).get('authorization'))) {
-          sends++
-          return new Response('{}', { status: 429, headers: { 'retry-after': '12' } })
-        }
-        return s.fetch(input, init)
-      },
-      { preconnect: () => {} },
-    ) as unknown as typeof fetch
+    const limiting = plain(async (input, init = {}) => {
+      if (payloadOf(headerOf(init))) {
+        sends++
+        return new Response('{}', { status: 429, headers: { 'retry-after': '12' } })
+      }
+      return s.fetch(input, init)
+    })
     const f = paying({ ...s, fetch: limiting }, { maxDeposit: 1000n, maxTotal: 5000n })
     const at = performance.now()
     const res = await f(url, post)
@@ -807,24 +802,21 @@ describe('createFetch against a server that does not find its channels', () => {
 
   test('error: an open refused outright (a deposit below the least), unknown to the server: forgotten, not kept where nothing could clear it; the next request is not stuck', async () => {
     const s = unknowing({ opens: (n) => n <= 2, vouchers: false })
-    const refusing = Object.assign(
-      async (input: string | URL | Request, init: RequestInit = {}) => {
-        const p = payloadOf(new Headers(init.headers).get('authorization'))
-        const opens = s.sent.filter((x) => x.action === 'open').length
-        if (p?.action === 'open' && opens < 2) {
-          await s.fetch(input, init)
-          return new Response(
-            JSON.stringify({
-              type: 'https://paymentauth.org/problems/session/payment-insufficient',
-              detail: 'A deposit of at least 100000 is needed.',
-            }),
-            { status: 402, headers: { 'content-type': 'application/problem+json' } },
-          )
-        }
-        return s.fetch(input, init)
-      },
-      { preconnect: () => {} },
-    ) as unknown as typeof fetch
+    const refusing = plain(async (input, init = {}) => {
+      const p = payloadOf(headerOf(init))
+      const opens = s.sent.filter((x) => x.action === 'open').length
+      if (p?.action === 'open' && opens < 2) {
+        await s.fetch(input, init)
+        return new Response(
+          JSON.stringify({
+            type: 'https://paymentauth.org/problems/session/payment-insufficient',
+            detail: 'A deposit of at least 100000 is needed.',
+          }),
+          { status: 402, headers: { 'content-type': 'application/problem+json' } },
+        )
+      }
+      return s.fetch(input, init)
+    })
     const f = paying({ ...s, fetch: refusing }, { maxDeposit: 1000n, maxTotal: 5000n })
     for (const n of [1, 2]) {
       s.request = n

@@ -16,8 +16,8 @@ import { ChallengeRefusedError, createFetch, Store } from '../../src/client/inde
 import { challengeOf, PayingSession } from '../../src/client/Session.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
-import * as Session from '../../src/payment/evm/Session.ts'
 import * as Anvil from '../helpers/Anvil.ts'
+import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
 
 const chain = await Anvil.start({ accounts: 5 }) // the payee and four payers
 afterAll(() => chain.stop())
@@ -40,13 +40,8 @@ function server(o: { feePayer: boolean; types: string[]; expiresMs?: number }) {
     fetch: undefined as unknown as typeof fetch,
   }
   const challenge = () =>
-    Challenge.from({
-      secret: 'scripted-secret-0123456789',
-      realm: 'scripted',
-      method: 'evm',
-      intent: 'session',
-      expires: Challenge.expiresIn(o.expiresMs ?? 600_000),
-      request: Session.request({
+    ScriptedPayments.challenge(
+      {
         amount: 1_000_000n,
         currency: chain.currencyAddress,
         recipient: chain.payee.address,
@@ -56,8 +51,9 @@ function server(o: { feePayer: boolean; types: string[]; expiresMs?: number }) {
           feePayer: o.feePayer,
           credentialTypes: o.types,
         },
-      } as never),
-    })
+      },
+      o.expiresMs,
+    )
   const problem = (kind: string, extra: Record<string, unknown> = {}) =>
     new Response(
       JSON.stringify({
