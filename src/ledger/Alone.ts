@@ -95,6 +95,24 @@ export async function admit(
 }
 
 /**
+ * The tokens a finish counts against its plan's month and token wallet, as the batch function
+ * counts them (functions/tollway_ledger_batch.sql): all of them for a request charged for (its
+ * cost before any cap by what the payer has free), answered, or that delivered some; none for
+ * one answered free having delivered nothing (an upstream failing before its first token, a
+ * client gone before any upstream was asked).
+ */
+export function countedTokens(f: {
+  cost: bigint
+  status: string
+  promptTokens: number
+  completionTokens: number
+}): number {
+  return f.cost > 0n || f.status === 'ok' || f.completionTokens > 0
+    ? f.promptTokens + f.completionTokens
+    : 0
+}
+
+/**
  * Finishes an API-key request whose whole cost the account can pay (its free balance plus this
  * reservation): takes its reservation, charges the cost, releases the rest, counts the tokens
  * against the month (and the token wallet, on a plan with one) when the request was charged
@@ -112,11 +130,7 @@ export async function finish(
   idempotent = false,
 ): Promise<{ charged: bigint } | undefined> {
   const cost = sql.typed.numeric(f.cost)
-  // As the batch function counts them: none for a request answered free having delivered nothing.
-  const tokens =
-    f.cost > 0n || f.status === 'ok' || f.completionTokens > 0
-      ? f.promptTokens + f.completionTokens
-      : 0
+  const tokens = countedTokens(f)
   // Its Idempotency-Key (`idempotent`; else none, and the key table is left untouched): a
   // retry is told the request was charged; one that charged nothing and failed frees it.
   const keyed = !idempotent

@@ -630,12 +630,7 @@ async function chargeRest(
           insert into credit_transactions (account_id, amount, kind, note, request_id)
           values (${u.account_id}, ${tx.typed.numeric(-more)}, 'usage',
                   'the rest of a request charged after its hold was released', ${id})`
-      // The tokens as the batch function counts a finish's (functions/tollway_ledger_batch.sql):
-      // none for a request answered free having delivered nothing.
-      const tokens =
-        o.cost > 0n || o.status === 'ok' || o.completionTokens > 0
-          ? o.promptTokens + o.completionTokens
-          : 0
+      const tokens = Alone.countedTokens(o)
       await tx`
         update accounts ac set balance = ac.balance - ${tx.typed.numeric(more)},
           month_tokens = case when ac.month_start < m.this_month then 0 else ac.month_tokens end
