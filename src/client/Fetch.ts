@@ -619,16 +619,18 @@ export function createFetch(options: Options): PayingFetch {
       // A server that does not know the channel (it lost its database, its node is behind, it
       // never submitted the open) says nothing of its deposit: the escrow does, when there is
       // an RPC URL to ask.
-      if (status === undefined && options.rpcUrl) {
-        const onChain = await Escrow.getChannel(chainClient(state.chainId), {
-          escrow: state.escrow,
-          channelId: state.channelId,
-        }).catch(() => undefined)
-        if (onChain?.finalized) paid = onChain.settled
-        // An open the server refused, not on chain: forgotten, as it always was (set apart, with
-        // no RPC URL nothing could ever clear it; its authorization lapses within the hour).
-        else if (o.refusedOpen && !onChain) paid = 0n
-      } else if (status === undefined && o.refusedOpen) paid = 0n
+      const onChain =
+        status === undefined && options.rpcUrl
+          ? await Escrow.getChannel(chainClient(state.chainId), {
+              escrow: state.escrow,
+              channelId: state.channelId,
+            }).catch(() => undefined)
+          : undefined
+      if (onChain?.finalized) paid = onChain.settled
+      // An open the server refused, which neither it nor the chain shows: forgotten, as it
+      // always was (set apart, with no RPC URL nothing could ever clear it; its authorization
+      // lapses within the hour).
+      else if (status === undefined && !onChain && o.refusedOpen) paid = 0n
       if (paid === undefined) {
         const slot = refusedKey(live.key)
         const earlier = await store.get(slot)
