@@ -242,6 +242,25 @@ export function retryAfter(ms: number): Record<string, string> {
   }
 }
 
+/**
+ * A 429's headers: Retry-After and retry-after-ms (`retryAfter`), and with a limit on requests,
+ * the x-ratelimit-*-requests headers (`resets`: whether the wait is when that limit resets).
+ */
+export function rateLimitHeaders(
+  retryAfterMs: number,
+  limit: number | null,
+  remaining: number,
+  resets = true,
+): Record<string, string> {
+  const headers = retryAfter(retryAfterMs)
+  if (limit !== null) {
+    headers['x-ratelimit-limit-requests'] = String(limit)
+    headers['x-ratelimit-remaining-requests'] = String(remaining)
+    if (resets) headers['x-ratelimit-reset-requests'] = `${Math.max(0, retryAfterMs) / 1000}s`
+  }
+  return headers
+}
+
 /** 503: no healthy upstream serves the model. */
 export class NoUpstreamError extends GatewayError {
   override name = 'NoUpstreamError'

@@ -5,7 +5,7 @@
  */
 import type { Context } from 'hono'
 import ipaddr from 'ipaddr.js'
-import { type GatewayError, RateLimitError, retryAfter } from '../Errors.ts'
+import { type GatewayError, RateLimitError, rateLimitHeaders } from '../Errors.ts'
 import { Lru } from '../Lru.ts'
 import type { Price } from '../metering/Pricing.ts'
 import * as AcceptPayment from '../payment/AcceptPayment.ts'
@@ -266,7 +266,8 @@ export function overRefusals(
   return new RateLimitError(
     `Too many refused payment or key attempts from this address (at most ${limit.perSecond} a second); retry after ${Math.ceil(ms / 1000)} s.`,
     'refusal_rate_limited',
-    { headers: retryAfter(ms) },
+    // The limit is per second, as the voucher rate's headers say theirs.
+    { headers: rateLimitHeaders(ms, limit.perSecond, 0) },
   )
 }
 

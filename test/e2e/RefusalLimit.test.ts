@@ -60,6 +60,10 @@ const opened = (index: number) =>
 async function limited(res: Response) {
   expect(res.status).toBe(429)
   expect(Number(res.headers.get('retry-after'))).toBeGreaterThanOrEqual(1)
+  // A 429 rate_limit_exceeded says which limit and what is left of it (the rate a second).
+  expect(res.headers.get('x-ratelimit-limit-requests')).toBe('0.5')
+  expect(res.headers.get('x-ratelimit-remaining-requests')).toBe('0')
+  expect(res.headers.get('x-ratelimit-reset-requests')).toMatch(/^\d+(\.\d+)?s$/)
   expect(res.headers.get('www-authenticate') ?? '').not.toContain('Payment')
   const e = ((await res.json()) as { error: { type: string; code: string } }).error
   expect(e).toMatchObject({ type: 'rate_limit_exceeded', code: 'refusal_rate_limited' })

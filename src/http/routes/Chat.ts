@@ -16,7 +16,7 @@ import {
   PayloadTooLargeError,
   PaymentRequiredError,
   RateLimitError,
-  retryAfter,
+  rateLimitHeaders,
   TierNotAvailableError,
   UpstreamError,
   UpstreamRateLimitedError,
@@ -637,7 +637,11 @@ export function routes(deps: Deps) {
           : `At most ${payments.limiter.perSecondLimit} voucher submissions per second per channel; sign vouchers further ahead.`,
         'voucher_rate_limited',
         {
-          headers: rateHeaders(payments.limiter.waitMs(bucket), payments.limiter.perSecondLimit, 0),
+          headers: rateLimitHeaders(
+            payments.limiter.waitMs(bucket),
+            payments.limiter.perSecondLimit,
+            0,
+          ),
         },
       )
     // Management credentials (close), and vouchers or top-ups sent without a request body
@@ -1130,25 +1134,6 @@ function duplicate(r: {
   }
 }
 
-/**
- * A 429's headers: Retry-After (whole seconds) and retry-after-ms (the exact wait, which the
- * OpenAI SDKs prefer), and with a limit on requests, the x-ratelimit-*-requests headers.
- */
-function rateHeaders(
-  retryAfterMs: number,
-  limit: number | null,
-  remaining: number,
-  resets = true,
-): Record<string, string> {
-  const headers = retryAfter(retryAfterMs)
-  if (limit !== null) {
-    headers['x-ratelimit-limit-requests'] = String(limit)
-    headers['x-ratelimit-remaining-requests'] = String(remaining)
-    if (resets) headers['x-ratelimit-reset-requests'] = `${Math.max(0, retryAfterMs) / 1000}s`
-  }
-  return headers
-}
-
 /** The typed error for a refused admission (`asked`: the request named its max_tokens). */
 function refusal(r: Refused, model: Model, need: bigint, asked: boolean): GatewayError {
   switch (r.status) {
@@ -1179,7 +1164,7 @@ function limitRefusal(r: Limited): GatewayError {
   // The per-minute limit's reset is the wait only when that limit (or the concurrency,
   // which stands in for it) refused: a quota's or a wallet's wait is not when requests reset.
   const limited = r.status === 'rate' || r.status === 'concurrency'
-  const headers = rateHeaders(r.retryAfterMs, r.rateLimit, r.rateRemaining ?? 0, limited)
+  const headers = rateLimitHeaders(r.retryAfterMs, r.rateLimit, r.rateRemaining ?? 0, limited)
   switch (r.status) {
     case 'rate':
       return new RateLimitError(
