@@ -195,6 +195,11 @@ export class Metrics {
       'tollway_ledger_statements_behind_total',
       'Ledger statements sent while others of their batcher were under way.',
     )
+    batches(
+      'seconds',
+      'tollway_ledger_statement_seconds_total',
+      'Seconds from each ledger batch statement sent to its answer, summed: over tollway_ledger_statements_total, the round trip every admission waits for.',
+    )
     new client.Counter({
       name: 'tollway_database_connections_lost_total',
       help: 'Database connections given up for lost after DATABASE_TIMEOUT_MS without an answer (a link lost without a reset), by connection: ordered (the API-key ledger one, replaced) or pool (closed).',

@@ -56,10 +56,17 @@ export class AbandonedError extends Error {
 }
 
 /**
- * What a batcher did: statements sent, items they carried, batches that failed as a whole, and
- * statements sent while others were under way.
+ * What a batcher did: statements sent, items they carried, batches that failed as a whole,
+ * statements sent while others were under way, and the seconds from each statement's sending to
+ * its answer, summed (over `statements`: the ledger's round trip, the wait every request pays).
  */
-export type Stats = { statements: number; items: number; fallbacks: number; behind: number }
+export type Stats = {
+  statements: number
+  items: number
+  fallbacks: number
+  behind: number
+  seconds: number
+}
 
 export class Batcher<I, O> {
   private readonly waiting: Waiting<I, O>[] = []
@@ -68,11 +75,11 @@ export class Batcher<I, O> {
   private readonly inFlight: number
   private readonly behindAtMost: number
   private readonly maxItems: number
-  readonly stats: Stats = { statements: 0, items: 0, fallbacks: 0, behind: 0 }
+  readonly stats: Stats = { statements: 0, items: 0, fallbacks: 0, behind: 0, seconds: 0 }
   /** Items submitted; the first item of each batch under way, one entry a batch (batches
-   * are runs of consecutive items, as calls wait in order). */
+   * are runs of consecutive items, as calls wait in order), with when it was sent. */
   private submitted = 0
-  private readonly starts = new Set<number>()
+  private readonly starts = new Map<number, number>()
   private readonly barriers: { at: number; resolve: () => void }[] = []
 
   private readonly one: (item: I) => Promise<O>
@@ -98,7 +105,7 @@ export class Batcher<I, O> {
       this.carried++
       this.stats.statements++
       this.stats.items++
-      this.starts.add(seq)
+      this.starts.set(seq, performance.now())
       return this.one(item).finally(() => this.done(seq, 1))
     }
     const result = new Promise<O>((resolve, reject) => {
@@ -126,11 +133,12 @@ export class Batcher<I, O> {
    * or under way. */
   private doneUpTo(): number {
     let first = this.waiting[0]?.seq ?? this.submitted
-    for (const s of this.starts) if (s < first) first = s
+    for (const s of this.starts.keys()) if (s < first) first = s
     return first
   }
 
   private done(start: number, items: number) {
+    this.stats.seconds += (performance.now() - (this.starts.get(start) ?? performance.now())) / 1000
     this.starts.delete(start)
     this.carried -= items
     if (this.waiting.length > 0 && this.free()) this.flush()
@@ -156,7 +164,7 @@ export class Batcher<I, O> {
     }
     const start = batch[0]!.seq
     if (this.starts.size > 0) this.stats.behind++
-    this.starts.add(start)
+    this.starts.set(start, performance.now())
     this.carried += batch.length
     this.stats.statements++
     this.stats.items += batch.length

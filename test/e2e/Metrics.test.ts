@@ -130,6 +130,9 @@ describe('GET /metrics', () => {
     expect(grew(after, 'tollway_ledger_items_total{batcher="ledger"}')).toBeGreaterThanOrEqual(
       grew(after, 'tollway_ledger_statements_total{batcher="ledger"}'),
     )
+    expect(grew(after, 'tollway_ledger_statement_seconds_total{batcher="ledger"}')).toBeGreaterThan(
+      0,
+    )
     // The process, as Bun reports it; what Bun does not implement is left out.
     expect(after.get('process_cpu_seconds_total')).toBeGreaterThan(0)
     expect(after.get('process_resident_memory_bytes')).toBeGreaterThan(0)

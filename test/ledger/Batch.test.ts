@@ -129,6 +129,19 @@ describe('Batcher', () => {
     expect(b.stats.behind).toBe(2)
   })
 
+  test('behavior: stats sum the seconds from each statement sent to its answer, lone or batched', async () => {
+    const { b, open } = recording()
+    const first = b.run(1) // alone, at once
+    const rest = [2, 3].map((x) => b.run(x)) // together, once the first is answered
+    await Bun.sleep(60)
+    open()
+    await Promise.all([first, ...rest])
+    expect(b.stats.statements).toBe(2)
+    // The first statement waited at least the 60 ms; the batch behind it almost nothing.
+    expect(b.stats.seconds).toBeGreaterThanOrEqual(0.055)
+    expect(b.stats.seconds).toBeLessThan(30)
+  })
+
   test('error: a batch whose statement fails runs its items one by one; only the bad one fails', async () => {
     const { b, statements, open } = recording((x) => x === 3)
     const results = [1, 2, 3, 4].map((x) => b.run(x).catch((e: Error) => e.message))
