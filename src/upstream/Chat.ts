@@ -264,7 +264,8 @@ export const Chunk = z
       .array(
         z
           .object({
-            index: z.number(),
+            // Left out by some upstreams of one choice (GetInference's stream): choice 0.
+            index: z.number().default(0),
             // Null as some upstreams write it on the finishing chunk (Azure's): no delta.
             delta: Delta.nullish().transform((d) => d ?? {}),
             finish_reason: z.string().nullish(),
@@ -286,7 +287,7 @@ export const Completion = z
     choices: z.array(
       z
         .object({
-          index: z.number(),
+          index: z.number().default(0),
           message: Delta.extend({ role: z.string() }),
           finish_reason: z.string().nullish(),
         })
@@ -438,7 +439,7 @@ function plainHeader(json: Record<string, unknown>): boolean {
 
 /**
  * The common chunk shape, checked without zod (the hot path of a stream): `choices` of
- * `{ index, delta: { role?, content?, reasoning_content?, reasoning? }, finish_reason? }`
+ * `{ index?, delta: { role?, content?, reasoning_content?, reasoning? }, finish_reason? }`
  * and an optional `usage`. Returns the chunk with `Chunk`'s defaults, or undefined for
  * anything else (tool calls, odd fields), which `Chunk` then parses. `o.filled` is set when a
  * default was filled in (the chunk then differs from its JSON text).
@@ -448,9 +449,14 @@ export function asChunk(json: unknown, o?: { filled: boolean }): Chunk | undefin
   const choices = json.choices === undefined ? [] : json.choices
   if (!Array.isArray(choices)) return undefined
   for (const c of choices) {
-    if (!isObject(c) || !isNumber(c.index) || !optional(c.finish_reason, 'string')) return undefined
+    if (!isObject(c) || !optional(c.finish_reason, 'string')) return undefined
+    if (c.index !== undefined && !isNumber(c.index)) return undefined
     const d = c.delta === undefined || c.delta === null ? {} : c.delta
     if (!isObject(d) || !plainDelta(d)) return undefined
+    if (c.index === undefined) {
+      c.index = 0
+      if (o) o.filled = true
+    }
     if (c.delta === undefined || c.delta === null) {
       c.delta = {}
       if (o) o.filled = true

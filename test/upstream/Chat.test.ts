@@ -170,6 +170,16 @@ describe('asChunk', () => {
     expect(Chat.asChunk({ choices: 'x' })).toBeUndefined()
     expect(Chat.asChunk([])).toBeUndefined()
   })
+
+  test('behavior: a choice without an index is choice 0, filled in (the chunk then differs from its text)', () => {
+    const filled = { filled: false }
+    const chunk = Chat.asChunk({ choices: [{ delta: { content: 'Once' } }] }, filled)
+    expect(chunk?.choices[0]?.index).toBe(0)
+    expect(filled.filled).toBe(true)
+    expect(Chat.Chunk.parse({ choices: [{ delta: { content: 'Once' } }] }).choices[0]!.index).toBe(
+      0,
+    )
+  })
 })
 
 describe('asCompletion', () => {

@@ -1,0 +1,54 @@
+/**
+ * A stream whose chunks carry no choice `index`, as GetInference documents its stream output
+ * (references/002: `data: {"choices":[{"delta":{"content":"Once"}}]}`, no id, no model, no
+ * finish_reason, then `[DONE]`): a valid answer of one choice, served and metered as choice 0.
+ */
+import { expect, test } from 'bun:test'
+import * as Batch from '../../src/ledger/Batch.ts'
+import * as Tokenizer from '../../src/metering/Tokenizer.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+import * as Scripted from '../helpers/Scripted.ts'
+import * as Sse from '../helpers/Sse.ts'
+
+const WORDS = ['Once', ' upon', ' a', ' time']
+const url = Scripted.serve(() =>
+  Scripted.events(WORDS.map((w) => `{"choices":[{"delta":{"content":${JSON.stringify(w)}}}]}`)),
+)
+const gw = await Scripted.gateway(url, ['getinference'])
+const messages = [{ role: 'user' as const, content: 'Write a poem' }]
+
+test('behavior: chunks without a choice index are served, each as choice 0, and charged what was sent', async () => {
+  const { id, key } = await gw.account()
+  const res = await gw.complete(key, { model: 'getinference', stream: true, messages })
+  expect(res.status).toBe(200)
+  const raw = await res.text()
+  const events = Sse.events(raw)
+  expect(Sse.text(events)).toBe(WORDS.join(''))
+  const chunks = Sse.json(raw)
+  for (const c of chunks)
+    for (const choice of c.choices as { index?: unknown }[]) expect(choice.index).toBe(0)
+  const completion = Tokenizer.count(WORDS.join(''))
+  const prompt = Tokenizer.prompt(messages)
+  expect(chunks.at(-1)!.usage).toMatchObject({
+    prompt_tokens: prompt,
+    completion_tokens: completion,
+    cost: String(prompt + 2 * completion),
+  })
+  expect(events.at(-1)!.data).toBe('[DONE]')
+  await Batch.settled(gw.sql)
+  const l = await Gateway.ledger(gw.sql, id)
+  expect(l.balance).toBe(1_000_000n - BigInt(prompt + 2 * completion))
+})
+
+test('behavior: the openai SDK iterates such a stream as choice 0', async () => {
+  const { key } = await gw.account()
+  const stream = await gw
+    .openai(key)
+    .chat.completions.create({ model: 'getinference', messages, stream: true })
+  let text = ''
+  for await (const c of stream) {
+    expect(c.choices.map((choice) => choice.index)).toEqual([0])
+    text += c.choices[0]!.delta.content ?? ''
+  }
+  expect(text).toBe(WORDS.join(''))
+})
