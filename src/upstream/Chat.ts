@@ -238,7 +238,9 @@ const Delta = z
   .object({
     // Null as some upstreams write it on every delta after the first (Cloudflare's).
     role: z.string().nullish(),
-    content: z.string().nullish(),
+    // Or an array of parts, as Mistral's reasoning models answer (`thinking` parts, then
+    // `text` parts): passed on as sent, their text billed (see `partsText`).
+    content: z.union([z.string(), z.array(z.unknown())]).nullish(),
     // OpenAI's refusal: generated text, in place of the content.
     refusal: z.string().nullish(),
     reasoning_content: z.string().nullish(),
@@ -298,7 +300,6 @@ export const Completion = z
   .loose()
 export type Completion = z.output<typeof Completion>
 
-/** The generated text of a delta or message, every kind that is billed as output. */
 /**
  * The chunks of a stream once it has started: read until one carries text, a finish reason or
  * the usage, and handed back whole, what was read first included (a stream that ends before
@@ -346,12 +347,13 @@ function begun(r: Received): boolean {
   return chunk.choices.some((c) => c.finish_reason || generated(c.delta).length > 0)
 }
 
+/** The generated text of a delta or message, every kind that is billed as output. */
 export function generated(d: z.output<typeof Delta>): string {
   const reasoning = d.reasoning_content ?? d.reasoning
+  const content = typeof d.content === 'string' ? d.content : partsText(d.content)
   // The common delta, text alone, without building a new string (a stream's hot path).
-  if (!reasoning && !d.tool_calls && !d.refusal && !d.function_call && !d.audio)
-    return d.content ?? ''
-  let s = (d.content ?? '') + (d.refusal ?? '') + (reasoning ?? '')
+  if (!reasoning && !d.tool_calls && !d.refusal && !d.function_call && !d.audio) return content
+  let s = content + (d.refusal ?? '') + (reasoning ?? '')
   for (const t of d.tool_calls ?? [])
     s +=
       (t.function?.name ?? '') +
@@ -360,6 +362,26 @@ export function generated(d: z.output<typeof Delta>): string {
       (t.custom?.input ?? '')
   if (d.function_call) s += (d.function_call.name ?? '') + (d.function_call.arguments ?? '')
   if (d.audio) s += d.audio.transcript ?? ''
+  return s
+}
+
+/**
+ * The text of an answer's content parts (none: ''): each part's `text` and `refusal`, and a
+ * `thinking` part's thinking (Mistral's: itself an array of text parts, or a string). Parts
+ * of other kinds (an image an upstream generated, a citation) are passed on and left to the
+ * upstream's usage: their data is no text whose bytes bound its tokens.
+ */
+function partsText(parts: unknown, nested = false): string {
+  if (typeof parts === 'string') return parts
+  if (!Array.isArray(parts)) return ''
+  let s = ''
+  for (const p of parts) {
+    if (!isObject(p)) continue
+    if (typeof p.text === 'string') s += p.text
+    if (typeof p.refusal === 'string') s += p.refusal
+    // One level: a thinking part's own parts (no recursion an upstream's nesting could exhaust).
+    if (!nested && p.thinking !== undefined) s += partsText(p.thinking, true)
+  }
   return s
 }
 
