@@ -252,6 +252,9 @@ async function* chunks(
       events = []
       const batch: Received[] = []
       for (const data of arrived) {
+        // An event without data (a bare `data:`): a keep-alive some upstreams and proxies
+        // send, nothing to parse.
+        if (data === '') continue
         if (data === '[DONE]') {
           if (batch.length > 0) yield batch
           return
