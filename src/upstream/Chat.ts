@@ -225,8 +225,13 @@ export type Usage = z.output<typeof Usage>
 
 const ToolCallDelta = z
   .object({
+    // Arguments are a JSON string; some upstreams (llama.cpp's server, TGI) answer the object,
+    // billed as its JSON (see `generated`).
     function: z
-      .object({ name: z.string().nullish(), arguments: z.string().nullish() })
+      .object({
+        name: z.string().nullish(),
+        arguments: z.union([z.string(), z.record(z.string(), z.unknown())]).nullish(),
+      })
       .loose()
       .optional(),
     // A custom tool's call (OpenAI's `type: "custom"`): its input is generated text.
@@ -357,13 +362,17 @@ export function generated(d: z.output<typeof Delta>): string {
   for (const t of d.tool_calls ?? [])
     s +=
       (t.function?.name ?? '') +
-      (t.function?.arguments ?? '') +
+      argumentsText(t.function?.arguments) +
       (t.custom?.name ?? '') +
       (t.custom?.input ?? '')
   if (d.function_call) s += (d.function_call.name ?? '') + (d.function_call.arguments ?? '')
   if (d.audio) s += d.audio.transcript ?? ''
   return s
 }
+
+/** A tool call's arguments as text: the JSON string, or an object's JSON. */
+const argumentsText = (a: string | Record<string, unknown> | null | undefined): string =>
+  typeof a === 'string' ? a : a ? (JSON.stringify(a) ?? '') : ''
 
 /**
  * The text of an answer's content parts (none: ''): each part's `text` and `refusal`, and a
