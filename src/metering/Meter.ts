@@ -12,7 +12,14 @@ import {
   InsufficientCreditsError,
   ReservationLostError,
 } from '../Errors.ts'
-import { type Chunk, type Completion, generated, type Received } from '../upstream/Chat.ts'
+import {
+  type Chunk,
+  type Completion,
+  generated,
+  outputTokens,
+  type Received,
+  type Usage as Reported,
+} from '../upstream/Chat.ts'
 import * as Pricing from './Pricing.ts'
 import type { Digest } from './Receipt.ts'
 import * as Tokenizer from './Tokenizer.ts'
@@ -194,7 +201,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     return true
   }
   let ttft: number | null = null
-  let reported: { prompt_tokens: number; completion_tokens: number } | undefined
+  let reported: Reported | undefined
   let status: Status = 'ok'
   let error: GatewayError | undefined
   let finishReason: string | null = null
@@ -211,7 +218,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
     )
     let completionTokens: number
     if (status === 'ok' && reported)
-      completionTokens = allowed(reported.completion_tokens, o.maxTokens, fold)
+      completionTokens = allowed(outputTokens(reported), o.maxTokens, fold)
     else completionTokens = fold()
     const free = status === 'upstream_error' && none
     const cost = free ? 0n : Pricing.cost(price, promptTokens, completionTokens)
@@ -578,7 +585,7 @@ export async function complete(
   )
   const counted = () =>
     completion.choices.reduce((n, c) => n + Tokenizer.count(generated(c.message)), 0)
-  const reported = completion.usage?.completion_tokens
+  const reported = completion.usage ? outputTokens(completion.usage) : undefined
   const completionTokens =
     reported === undefined ? counted() : allowed(reported, o.maxTokens, counted)
   const latencyMs = Math.round(performance.now() - o.startedAt)

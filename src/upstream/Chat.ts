@@ -223,6 +223,26 @@ export const Usage = z
   .loose()
 export type Usage = z.output<typeof Usage>
 
+/**
+ * The output tokens an upstream's usage says it generated: its `completion_tokens`, which in
+ * OpenAI's usage include the reasoning tokens (`total_tokens` = prompt + completion), and the
+ * reasoning tokens too where it reports them apart: xAI ("counted separately from
+ * completion_tokens, but counted in the total_tokens") and Gemini's thoughts as OpenAI-compatible
+ * proxies map them, whose `total_tokens` holds prompt + completion + reasoning (without a
+ * total, reasoning above the completion tokens can only be apart).
+ */
+export function outputTokens(u: Usage): number {
+  const details = (u as { completion_tokens_details?: unknown }).completion_tokens_details
+  const reasoning = isObject(details) ? details.reasoning_tokens : undefined
+  if (typeof reasoning !== 'number' || !Number.isSafeInteger(reasoning) || reasoning <= 0)
+    return u.completion_tokens
+  const apart =
+    u.total_tokens === undefined
+      ? reasoning > u.completion_tokens
+      : u.total_tokens >= u.prompt_tokens + u.completion_tokens + reasoning
+  return apart ? Math.min(u.completion_tokens + reasoning, MAX_TOKENS) : u.completion_tokens
+}
+
 const ToolCallDelta = z
   .object({
     // Arguments are a JSON string; some upstreams (llama.cpp's server, TGI) answer the object,

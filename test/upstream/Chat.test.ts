@@ -527,3 +527,47 @@ describe('promptTexts', () => {
     expect(Chat.promptTexts({ messages: [{ role: 'user', content: 'hi' }] })).toEqual(['hi'])
   })
 })
+
+describe('outputTokens', () => {
+  const usage = (completion: number, reasoning: number | undefined, total?: number) => ({
+    prompt_tokens: 10,
+    completion_tokens: completion,
+    ...(total === undefined ? {} : { total_tokens: total }),
+    ...(reasoning === undefined
+      ? {}
+      : { completion_tokens_details: { reasoning_tokens: reasoning } }),
+  })
+
+  test('behavior: reasoning among the completion tokens (OpenAI) is not counted twice', () => {
+    expect(Chat.outputTokens(usage(105, 100, 115))).toBe(105)
+    expect(Chat.outputTokens(usage(105, 100))).toBe(105)
+    expect(Chat.outputTokens(usage(100, 100, 110))).toBe(100)
+  })
+
+  test('behavior: reasoning apart from the completion tokens (xAI, Gemini proxies) is added', () => {
+    expect(Chat.outputTokens(usage(5, 100, 115))).toBe(105)
+    expect(Chat.outputTokens(usage(0, 60, 70))).toBe(60)
+    expect(Chat.outputTokens(usage(5, 100))).toBe(105)
+    // A total above even that (Gemini's tool-use prompt tokens): still apart.
+    expect(Chat.outputTokens(usage(5, 100, 130))).toBe(105)
+  })
+
+  test('behavior: no reasoning, or reasoning that is no count, leaves the completion tokens', () => {
+    expect(Chat.outputTokens(usage(7, undefined, 17))).toBe(7)
+    expect(Chat.outputTokens(usage(7, 0, 17))).toBe(7)
+    expect(
+      Chat.outputTokens({
+        ...usage(7, undefined, 17),
+        completion_tokens_details: { reasoning_tokens: 'x' },
+      }),
+    ).toBe(7)
+    expect(Chat.outputTokens({ ...usage(7, undefined, 17), completion_tokens_details: null })).toBe(
+      7,
+    )
+    expect(Chat.outputTokens(usage(7, 1.5, 17))).toBe(7)
+  })
+
+  test('behavior: the sum is capped at what a count may say', () => {
+    expect(Chat.outputTokens(usage(Chat.MAX_TOKENS, Chat.MAX_TOKENS))).toBe(Chat.MAX_TOKENS)
+  })
+})
