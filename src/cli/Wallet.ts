@@ -227,13 +227,13 @@ export async function chat(ctx: Context) {
         if (event.event && event.event !== 'message') return
         if (event.data === '[DONE]') return
         const chunk = JSON.parse(event.data) as {
-          choices?: { delta?: { content?: string } }[]
+          choices?: { delta?: { content?: unknown } }[]
           usage?: Usage
           tollway_receipt?: Receipt
           error?: typeof failed
         }
         if (chunk.error) failed = chunk.error
-        const piece = chunk.choices?.[0]?.delta?.content ?? ''
+        const piece = answerText(chunk.choices?.[0]?.delta?.content)
         text += piece
         for (const c of chunk.choices ?? []) received.push(c.delta)
         if (piece && !ctx.settings.json) ctx.io.out(piece)
@@ -247,11 +247,11 @@ export async function chat(ctx: Context) {
     if (!ctx.settings.json) ctx.io.out('\n')
   } else {
     const body = (await res.json()) as {
-      choices: { message: { content: string } }[]
+      choices: { message: { content?: unknown } }[]
       usage?: Usage
       tollway_receipt?: Receipt
     }
-    text = body.choices[0]?.message.content ?? ''
+    text = answerText(body.choices[0]?.message.content)
     for (const c of body.choices) received.push(c.message)
     usage = body.usage
     receipt = body.tollway_receipt
@@ -287,6 +287,21 @@ export async function chat(ctx: Context) {
  * and charge. One missing or wrong is a ServerError (exit 4): the gateway's word on the bill
  * does not hold.
  */
+/**
+ * The answer text to print of a delta's or message's content: the string, or the text parts of
+ * an array of parts (Mistral's reasoning models: thinking parts, not printed, as reasoning
+ * fields are not, then text parts).
+ */
+function answerText(content: unknown): string {
+  if (typeof content === 'string') return content
+  if (!Array.isArray(content)) return ''
+  let s = ''
+  for (const p of content)
+    if (typeof p === 'object' && p !== null && p.type === 'text' && typeof p.text === 'string')
+      s += p.text
+  return s
+}
+
 async function checkReceipt(
   ctx: Context,
   receipt: Receipt | undefined,

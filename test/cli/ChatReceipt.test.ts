@@ -11,27 +11,44 @@ import * as Cli from '../helpers/Cli.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Scripted from '../helpers/Scripted.ts'
 
+/** Mistral's reasoning models answer content as parts: thinking, then text. */
+const thinking = { type: 'thinking', thinking: [{ type: 'text', text: 'Say hi.' }] }
+
 const url = Scripted.serve((body) =>
-  body.stream
-    ? Scripted.events([
-        Scripted.chunk({ role: 'assistant', content: '' }),
-        Scripted.chunk({ content: null, reasoning_content: 'Say hi.' }),
-        Scripted.chunk({ content: 'Hi.' }),
-        Scripted.chunk({}, 'stop'),
-      ])
-    : Response.json(
-        Scripted.completion(
-          { content: 'Hi.', reasoning_content: 'Say hi.' },
-          { prompt_tokens: 5, completion_tokens: 6 },
+  body.model === 'magistral'
+    ? body.stream
+      ? Scripted.events([
+          Scripted.chunk({ role: 'assistant', content: [thinking] }),
+          Scripted.chunk({ content: [{ type: 'text', text: 'Hi' }] }),
+          Scripted.chunk({ content: '.' }),
+          Scripted.chunk({}, 'stop'),
+        ])
+      : Response.json(
+          Scripted.completion(
+            { content: [thinking, { type: 'text', text: 'Hi.' }] },
+            { prompt_tokens: 5, completion_tokens: 6 },
+          ),
+        )
+    : body.stream
+      ? Scripted.events([
+          Scripted.chunk({ role: 'assistant', content: '' }),
+          Scripted.chunk({ content: null, reasoning_content: 'Say hi.' }),
+          Scripted.chunk({ content: 'Hi.' }),
+          Scripted.chunk({}, 'stop'),
+        ])
+      : Response.json(
+          Scripted.completion(
+            { content: 'Hi.', reasoning_content: 'Say hi.' },
+            { prompt_tokens: 5, completion_tokens: 6 },
+          ),
         ),
-      ),
 )
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
 const gw = await Scripted.gateway(
   url,
-  ['thinker'],
+  ['thinker', 'magistral'],
   {},
   {
     chain: Gateway.chainOf(chain),
@@ -65,4 +82,21 @@ test('behavior: chat --receipt verifies the receipt of a reasoning model, whole 
   ])
   expect(streamed.stderr).toContain('receipt: verified')
   expect(streamed.code).toBe(0)
+}, 60_000)
+
+test('behavior: chat prints the text parts of an answer whose content is an array of parts, whole and streamed', async () => {
+  for (const stream of [[], ['--stream']]) {
+    const r = await cli([
+      'chat',
+      'hello',
+      '--model',
+      'magistral',
+      ...stream,
+      '--trust-escrow',
+      '--receipt',
+    ])
+    expect(r.stdout).toBe('Hi.\n')
+    expect(r.stderr).toContain('receipt: verified')
+    expect(r.code).toBe(0)
+  }
 }, 60_000)
