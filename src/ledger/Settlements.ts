@@ -60,10 +60,11 @@ export async function settleable(
  * Open channels of this escrow and payee whose settleable voucher is above `settled` and
  * that are due: the unsettled amount reaches the threshold, or the channel has been idle
  * for `idleMs`, or its payer asked to close. The voucher is the highest at or below `spent`;
- * for a closing channel with nothing held on it and no request of it swept for lost within
- * `sweptWithinMs` (whose own charge may still come), the lowest that covers `spent`, `cover`
- * (the worker settles it only for a payer's forced close old enough on chain; else the highest
- * at or below `spent`). Skips channels with a transaction in flight or backing off, and amounts
+ * for a channel its payer forced to close with nothing held on it and no request of it swept
+ * for lost within `sweptWithinMs` (whose own charge may still come), the lowest that covers
+ * `spent`, `cover` (the worker settles it only once the forced close is old enough on chain;
+ * before, the highest at or below `spent`). A cooperative close's is the highest at or below
+ * `spent`: once that is settled, the channel is not due, whether its close comes or not. Skips channels with a transaction in flight or backing off, and amounts
  * that already reverted (a revert is definitive). Close requests first, then the largest
  * amounts.
  */
@@ -73,7 +74,12 @@ export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.
       k.cover
     from channels c
     cross join lateral (
-      select c.close_requested_at is not null and c.reserved = 0
+      -- A payer's forced close only: a cooperative close (the payer's, or an idle one) is
+      -- closed by its own call with its cover, and the passes settle no more than spent
+      -- meanwhile. With its cover as the voucher, a cooperative close that failed and was left
+      -- to its payer stayed due every pass for good (the cover above settled), a chain read
+      -- each, taking a place of the pass's batch before any later forced close.
+      select c.close_requested_at is not null and not c.cooperative_close and c.reserved = 0
         and not exists (
           select 1 from usage u
           where u.channel_id = c.channel_id and u.status = 'abandoned'

@@ -1562,3 +1562,43 @@ describe('describe', () => {
     })
   })
 })
+
+describe('closing channels in the passes (audit)', () => {
+  const dueNow = () =>
+    Settlements.due(sql, {
+      chainId: chain.chainId,
+      escrow: chain.escrowAddress,
+      payee: chain.payee.address,
+      thresholdAmount: 10n ** 30n,
+      idleMs: never,
+      sweptWithinMs: 60_000,
+      limit: 100,
+    })
+
+  test('error: a payer cooperative close that failed is not due pass after pass once what is at or below spent is settled, and keeps no forced close out of a pass', async () => {
+    // The payer closes cooperatively, its final voucher far above what it spent; the close
+    // fails (the RPC down) and is left to the payer, who never comes back.
+    const stuck = await openChannel()
+    await accept(stuck, 100n, 300n)
+    await spend(stuck, 250n)
+    const failing = worker({ client: downClient(), retry: { baseMs: 50, maxMs: 50 } })
+    const final = { channelId: stuck, cumulativeAmount: 300n, signature: await sign(stuck, 300n) }
+    expect(await failing.close(final).catch((e: unknown) => e)).toBeInstanceOf(Error)
+    await Bun.sleep(100)
+    // One channel a pass: the passes settle what is at or below spent, once.
+    const w = worker({ batch: 1 })
+    expect(mine(await ticked(w), stuck)).toMatchObject([
+      { status: 'confirmed', kind: 'settle', cumulativeAmount: 100n },
+    ])
+    expect((await dueNow()).map((d) => d.channelId)).not.toContain(stuck)
+    // A payer forces a close on another channel: the next passes settle it.
+    const forced = await openChannel()
+    await accept(forced, 200n)
+    await spend(forced, 200n)
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId: forced })
+    await ticked(w)
+    await ticked(w)
+    expect((await onChain(forced)).settled).toBe(200n)
+    expect(await inDb(stuck)).toMatchObject({ spent: 250n, settled: 100n, finalized: false })
+  }, 30_000)
+})
