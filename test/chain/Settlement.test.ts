@@ -845,7 +845,11 @@ describe('close', () => {
       () => onChain(channelId),
       (c) => c.settled === 1_000n,
     )
-    expect(await inDb(channelId)).toMatchObject({ spent: 1_000n })
+    // The chain shows the settle a moment before the worker records its receipt.
+    await until(
+      () => inDb(channelId),
+      (c) => c.spent === 1_000n && c.settled === 1_000n,
+    )
     await chain.increaseTime(Number(Escrow.closeGracePeriod))
     const before = await balance(address)
     await Escrow.withdraw(client, { escrow: chain.escrowAddress, channelId })
