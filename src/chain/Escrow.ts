@@ -431,19 +431,22 @@ export function watchWithdrawn(
   })
 }
 
-/** Events by which a payer moves a channel out of the open state, or by which it is settled or
- * closed (a settle the gateway lost track of is still learnt). */
+/** Events by which a payer moves a channel out of the open state (or back: a top-up cancels a
+ * close request), or by which it is settled or closed (a settle the gateway lost track of is
+ * still learnt). */
 const closingEvents = abi.filter(
   (item) =>
     item.type === 'event' &&
     (item.name === 'CloseRequested' ||
+      item.name === 'CloseRequestCancelled' ||
       item.name === 'Withdrawn' ||
       item.name === 'ChannelClosed' ||
       item.name === 'Settled'),
 )
 
 /**
- * The channels with a `CloseRequested`, `Withdrawn`, `ChannelClosed` or `Settled` event in the
+ * The channels with a `CloseRequested`, `CloseRequestCancelled`, `Withdrawn`, `ChannelClosed`
+ * or `Settled` event in the
  * blocks from `fromBlock` to `toBlock` (inclusive), in chain order, each once.
  */
 export async function closings(

@@ -153,6 +153,13 @@ export type LockedStore = {
   /** The channel's settles and closes sent (with a hash) and not recorded confirmed. */
   unconfirmed(channelId: Hex): Promise<Unconfirmed[]>
   markCloseRequested: Store['markCloseRequested']
+  /**
+   * Takes back a payer's forced close (no cooperative close's) that the chain, read after
+   * `read.readAt`, shows cancelled: the channel open, no close requested, its deposit above
+   * the database's (a top-up the gateway did not hear of; the escrow clears the request on a
+   * top-up). The deposit is raised to the chain's. Whether it did.
+   */
+  closeCancelled(channelId: Hex, read: { deposit: bigint; readAt: string }): Promise<boolean>
   clock: Store['clock']
   /** The last block whose escrow events a pass read; undefined before the first. */
   cursor(at: { chainId: number; escrow: Address }): Promise<bigint | undefined>
@@ -329,10 +336,7 @@ export function start(options: Options): Worker {
       for (const d of due) {
         // The cover of a forced close the payer had half its grace period to cancel; before
         // then (or for a close of another kind), what is at or below `spent`.
-        if (
-          !d.cover ||
-          (await forcedLongEnough(options.client, options.escrow, d.channelId, grace))
-        )
+        if (!d.cover || (await forcedLongEnough(store, d.channelId)))
           results.push(await attempt(store, options, { kind: 'settle', ...d }, log))
         else {
           const r = await settleOne(store, options, d.channelId, log)
@@ -344,12 +348,46 @@ export function start(options: Options): Worker {
     return r.locked ? { locked: true, results: r.value } : { locked: false }
   }
 
+  /**
+   * Whether the chain shows the payer's forced close of the channel, requested at least half
+   * the grace period ago by the chain's clock (the payer's time to cancel it with a top-up,
+   * which the gateway may not have heard of yet). An unreadable chain says no. A close the
+   * chain shows cancelled by such a top-up is taken back (`closeCancelled`): marked closing
+   * still, the channel was refused to its payer, and due (its cover) and read every pass, for
+   * good.
+   */
+  async function forcedLongEnough(store: LockedStore, channelId: Hex): Promise<boolean> {
+    try {
+      const readAt = await store.clock()
+      const c = await Escrow.getChannel(options.client, { escrow: options.escrow, channelId })
+      if (!c || c.finalized) return false
+      if (c.closeRequestedAt === 0n) {
+        await cancelled(store, channelId, { deposit: c.deposit, readAt })
+        return false
+      }
+      const { timestamp } = await getBlock(options.client)
+      return (timestamp - c.closeRequestedAt) * 2n >= grace
+    } catch {
+      return false
+    }
+  }
+
+  /** Takes back a forced close the chain shows cancelled (see `LockedStore.closeCancelled`). */
+  async function cancelled(
+    store: LockedStore,
+    channelId: Hex,
+    read: { deposit: bigint; readAt: string },
+  ): Promise<void> {
+    if (await store.closeCancelled(channelId, read))
+      log.info({ channelId }, 'close request cancelled by a top-up on chain: the channel is open')
+  }
+
   /** Blocks per `eth_getLogs`: halved each time the node refuses a range. */
   let range = BigInt(Math.max(1, options.logRange ?? 1_000))
   /**
    * What payers did on chain since the last pass (draft, "Forced Close": the server settles
-   * inside the grace period): each channel with a `CloseRequested`, `Withdrawn`,
-   * `ChannelClosed` or `Settled` event in the blocks after the cursor (and the last
+   * inside the grace period): each channel with a `CloseRequested`, `CloseRequestCancelled`,
+   * `Withdrawn`, `ChannelClosed` or `Settled` event in the blocks after the cursor (and the last
    * `reorgDepth` before it, again) is read back from the escrow, so a forced close is marked
    * (and settled by this pass's `due`, whatever the threshold), a withdrawal recorded, and a
    * settle the gateway lost track of learnt. The watch below sees forced closes sooner, but
@@ -395,8 +433,8 @@ export function start(options: Options): Worker {
     }
   }
 
-  /** Takes the escrow's word on a channel the database has open: a forced close is marked, a
-   * withdrawal or close recorded, and the records of the settles and closes sent for it follow
+  /** Takes the escrow's word on a channel the database has open: a forced close is marked (or
+   * taken back, cancelled by a top-up the gateway did not hear of), a withdrawal or close recorded, and the records of the settles and closes sent for it follow
    * the chain (`follow`; for a finalized channel too: its close may be the event read). Channels
    * of others on the same escrow are not read. */
   async function reconcile(store: LockedStore, channelId: Hex): Promise<void> {
@@ -416,6 +454,8 @@ export function start(options: Options): Worker {
         { channelId },
         'close requested by the payer, read back from the chain: settling now',
       )
+    else if (c.closeRequestedAt === 0n && !c.finalized && known.closeRequested)
+      await cancelled(store, channelId, { deposit: c.deposit, readAt })
     if (c.finalized || c.settled > known.settled)
       await store.settled({ channelId, settled: c.settled, finalized: c.finalized })
   }
@@ -774,27 +814,6 @@ async function settleOne(
   )
     return { status: 'nothing', channelId }
   return attempt(store, options, { kind: 'settle', channelId, ...c.voucher }, log)
-}
-
-/**
- * Whether the chain shows the payer's forced close of the channel, requested at least half the
- * grace period ago by the chain's clock (the payer's time to cancel it with a top-up, which
- * the gateway may not have heard of yet). An unreadable chain says no.
- */
-async function forcedLongEnough(
-  client: WalletClient,
-  escrow: Address,
-  channelId: Hex,
-  grace: bigint,
-): Promise<boolean> {
-  try {
-    const c = await Escrow.getChannel(client, { escrow, channelId })
-    if (!c || c.finalized || c.closeRequestedAt === 0n) return false
-    const { timestamp } = await getBlock(client)
-    return (timestamp - c.closeRequestedAt) * 2n >= grace
-  } catch {
-    return false
-  }
 }
 
 /** Submits one settle or close, recording the attempt and its outcome. Never throws for chain errors. */

@@ -220,6 +220,28 @@ export async function markCloseRequested(
   return row ? { fresh: row.fresh as boolean } : undefined
 }
 
+/**
+ * Takes back a payer's forced close that the chain, read after `read.readAt` (the database's
+ * time, `Channels.clock`), shows cancelled: no close requested, the channel open, its deposit
+ * above this row's (a top-up the gateway did not hear of, which cleared the request on chain;
+ * one it heard of was observed with its time, `Channels.observe`). Only a mark made before the
+ * read, and never a cooperative close's. The deposit is raised to the chain's. Whether it did.
+ */
+export async function closeCancelled(
+  sql: Sql,
+  channelId: Hex,
+  read: { deposit: bigint; readAt: string },
+): Promise<boolean> {
+  const rows = await sql`
+    update channels set close_requested_at = null,
+      deposit = ${sql.typed.numeric(read.deposit)}
+    where channel_id = ${bytes(channelId)} and not finalized and not cooperative_close
+      and close_requested_at < ${read.readAt}::text::timestamptz
+      and deposit < ${sql.typed.numeric(read.deposit)}
+    returning 1`
+  return rows.length > 0
+}
+
 /** The last block whose escrow events a settlement pass read (undefined: none yet). */
 export async function cursor(
   sql: Sql,
@@ -436,6 +458,7 @@ function locked(sql: Sql): Settlement.LockedStore {
     confirmedClose: (channelId) => confirmedClose(sql, channelId),
     unconfirmed: (channelId) => unconfirmed(sql, channelId),
     markCloseRequested: (channelId, read) => markCloseRequested(sql, channelId, read),
+    closeCancelled: (channelId, read) => closeCancelled(sql, channelId, read),
     clock: () => Channels.clock(sql),
     cursor: (at) => cursor(sql, at),
     advance: (at) => advance(sql, at),

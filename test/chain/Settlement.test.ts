@@ -1605,4 +1605,39 @@ describe('closing channels in the passes (audit)', () => {
     expect((await onChain(forced)).settled).toBe(200n)
     expect(await inDb(stuck)).toMatchObject({ spent: 250n, settled: 100n, finalized: false })
   }, 30_000)
+  test('error: a forced close the payer cancelled on chain with a top-up the gateway did not hear of is open again after the next pass, not read pass after pass nor refused for good', async () => {
+    const w = worker()
+    const { client } = payer()
+    const topUp = (channelId: Hex) =>
+      Escrow.topUp(client, {
+        escrow: chain.escrowAddress,
+        channelId,
+        token: chain.currencyAddress,
+        amount: 1n,
+      })
+    // Spent between two vouchers: its cover is due while the close stands.
+    const covered = await openChannel()
+    await accept(covered, 200n, 300n)
+    await spend(covered, 250n)
+    // Nothing spent: nothing due.
+    const unused = await openChannel()
+    await accept(unused, 100n)
+    for (const channelId of [covered, unused]) {
+      await Escrow.requestClose(client, { escrow: chain.escrowAddress, channelId })
+      await w.closeRequested(channelId)
+      expect((await inDb(channelId)).closeRequestedAt).not.toBeNull()
+      await topUp(channelId)
+    }
+    expect(mine(await ticked(w), covered)).toEqual([])
+    for (const channelId of [covered, unused]) {
+      expect(await inDb(channelId)).toMatchObject({
+        closeRequestedAt: null,
+        deposit: deposit + 1n,
+      })
+      expect((await dueNow()).map((d) => d.channelId)).not.toContain(channelId)
+      // The payer's channel serves again.
+      expect((await admitted(channelId, 10n)).reservation).toBeDefined()
+    }
+    expect(await inDb(covered)).toMatchObject({ spent: 250n, settled: 200n })
+  }, 30_000)
 })
