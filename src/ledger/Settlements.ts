@@ -62,16 +62,17 @@ export async function settleable(
  * for `idleMs`, or its payer asked to close. The voucher is the highest at or below `spent`;
  * for a channel its payer forced to close with nothing held on it and no request of it swept
  * for lost within `sweptWithinMs` (whose own charge may still come), the lowest that covers
- * `spent`, `cover` (the worker settles it only once the forced close is old enough on chain;
- * before, the highest at or below `spent`). A cooperative close's is the highest at or below
- * `spent`: once that is settled, the channel is not due, whether its close comes or not. Skips channels with a transaction in flight or backing off, and amounts
- * that already reverted (a revert is definitive). Close requests first, then the largest
- * amounts.
+ * `spent` and did not revert, `cover` (the worker settles it only once the forced close is old
+ * enough on chain; before, and when every cover reverted, the highest at or below `spent`). A
+ * cooperative close's is the highest at or below `spent`: once that is settled, the channel is
+ * not due, whether its close comes or not. Skips channels with a transaction in flight or
+ * backing off, and amounts that already reverted (a revert is definitive). Close requests
+ * first, then the largest amounts.
  */
 export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.Due[]> {
   const rows = await sql`
     select c.channel_id, c.spent, c.settled, c.close_requested_at, v.cumulative_amount, v.signature,
-      k.cover
+      v.cover
     from channels c
     cross join lateral (
       -- A payer's forced close only: a cooperative close (the payer's, or an idle one) is
@@ -86,11 +87,23 @@ export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.
             and u.created_at > now() - make_interval(secs => ${i.sweptWithinMs / 1000}))
         as cover) k
     cross join lateral (
-      select cumulative_amount, signature from vouchers
-      where channel_id = c.channel_id
-        and case when k.cover then cumulative_amount >= c.spent else cumulative_amount <= c.spent end
-      order by case when k.cover then cumulative_amount end, cumulative_amount desc
-      limit 1) v
+      -- Of the vouchers that cover spent, the lowest whose settle did not revert (a revert is
+      -- definitive: with the reverted one, the channel was left out of every pass after, what
+      -- is at or below spent never settled when the cover was its first try); with none, the
+      -- highest at or below spent.
+      select * from (
+        (select w.cumulative_amount, w.signature, true as cover from vouchers w
+          where k.cover and w.channel_id = c.channel_id and w.cumulative_amount >= c.spent
+            and not exists (
+              select 1 from chain_transactions t
+              where t.channel_id = c.channel_id and t.kind in ('settle', 'close')
+                and t.status = 'reverted' and t.cumulative_amount = w.cumulative_amount)
+          order by w.cumulative_amount limit 1)
+        union all
+        (select cumulative_amount, signature, false from vouchers
+          where channel_id = c.channel_id and cumulative_amount <= c.spent
+          order by cumulative_amount desc limit 1)) o
+      order by o.cover desc limit 1) v
     where c.chain_id = ${i.chainId} and c.escrow = ${bytes(i.escrow)} and c.payee = ${bytes(i.payee)}
       and not c.finalized and c.spent > c.settled
       and v.cumulative_amount > c.settled

@@ -1640,4 +1640,40 @@ describe('closing channels in the passes (audit)', () => {
     }
     expect(await inDb(covered)).toMatchObject({ spent: 250n, settled: 200n })
   }, 30_000)
+  test('error: a forced close whose cover reverts in a pass (the gateway back after half the grace period) is settled by the next pass with what is at or below spent, then left alone', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 200n)
+    // The cover does not verify on chain (signed by another key: a contract signer that no
+    // longer answers for it would do the same).
+    const forged = await Voucher.sign(privateKeyToAccount(chain.payers[1]!.privateKey), {
+      chainId: chain.chainId,
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 300n,
+    })
+    expect(
+      (
+        await Channels.acceptVoucher(sql, {
+          channelId,
+          cumulativeAmount: 300n,
+          signature: forged,
+          minDelta: 1n,
+        })
+      ).status,
+    ).toBe('accepted')
+    await spend(channelId, 250n)
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+    await chain.increaseTime(31)
+    const w = worker({ gracePeriod: 60n })
+    expect(mine(await ticked(w), channelId)).toMatchObject([
+      { status: 'reverted', kind: 'settle', cumulativeAmount: 300n },
+    ])
+    expect(mine(await ticked(w), channelId)).toMatchObject([
+      { status: 'confirmed', kind: 'settle', cumulativeAmount: 200n },
+    ])
+    expect((await onChain(channelId)).settled).toBe(200n)
+    expect(await inDb(channelId)).toMatchObject({ spent: 250n, settled: 200n })
+    expect(mine(await ticked(w), channelId)).toEqual([])
+    expect((await dueNow()).map((d) => d.channelId)).not.toContain(channelId)
+  }, 30_000)
 })
