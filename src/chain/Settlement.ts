@@ -99,7 +99,12 @@ export type Due = SignedVoucher & {
 export type RecordedError = { name: string; message: string }
 
 export type Outcome =
-  | { status: 'confirmed'; hash: Hex }
+  | {
+      status: 'confirmed'
+      hash: Hex
+      /** The block its receipt was read in (looked up again while near the head: `recheck`). */
+      block?: bigint | undefined
+    }
   | {
       status: 'reverted'
       hash?: Hex | undefined
@@ -134,6 +139,19 @@ export type Unconfirmed = {
   status: 'pending' | 'reverted' | 'failed'
 }
 
+/** A settle or close to look up again on chain (see `recheck`). */
+export type Rechecked = {
+  id: bigint
+  channelId: Hex
+  kind: 'settle' | 'close'
+  cumulativeAmount: bigint
+  hash: Hex | undefined
+  signature: Hex
+  block: bigint | undefined
+  /** Dropped by a reorganization already, and not confirmed again since. */
+  dropped: boolean
+}
+
 /** Database operations made while holding the settlement lock (all on the lock's connection). */
 export type LockedStore = {
   due(query: DueQuery): Promise<Due[]>
@@ -143,6 +161,7 @@ export type LockedStore = {
     kind: Kind
     cumulativeAmount: bigint
     leaseMs: number
+    signature?: Hex | undefined
   }): Promise<{ id: bigint; attempts: number; previousHash: Hex | undefined } | undefined>
   /** Records the hash of a transaction the node accepted, before its receipt. */
   submitted(id: bigint, hash: Hex): Promise<void>
@@ -150,6 +169,18 @@ export type LockedStore = {
   settled(update: { channelId: Hex; settled: bigint; finalized?: boolean }): Promise<void>
   /** The confirmed cooperative close of a channel, if there is one. */
   confirmedClose(channelId: Hex): Promise<{ hash: Hex; cumulativeAmount: bigint } | undefined>
+  /**
+   * The settles and closes of this escrow and payee confirmed in a block above `above`, and
+   * those `dropped` that are due again.
+   */
+  recent(of: {
+    chainId: number
+    escrow: Address
+    payee: Address
+    above: bigint
+  }): Promise<Rechecked[]>
+  /** Records a confirmed settle or close dropped by a reorganization: to be sent again. */
+  dropped(id: bigint): Promise<void>
   /** The channel's settles and closes sent (with a hash) and not recorded confirmed. */
   unconfirmed(channelId: Hex): Promise<Unconfirmed[]>
   markCloseRequested: Store['markCloseRequested']
@@ -316,8 +347,10 @@ export function start(options: Options): Worker {
 
   async function tick(): Promise<Tick> {
     const r = await options.store.withLock(async (store) => {
+      const results: Result[] = []
       try {
-        await catchUp(store)
+        const head = await catchUp(store)
+        results.push(...(await recheck(store, head)))
       } catch (error) {
         // The chain does not answer: the cursor stays, the next pass reads from it again.
         log.warn({ error: describe(error) }, 'reading the escrow events failed')
@@ -331,7 +364,6 @@ export function start(options: Options): Worker {
         sweptWithinMs: Number(grace) * 1000,
         limit: options.batch ?? 20,
       })
-      const results: Result[] = []
       // One at a time: a failed send (e.g. a nonce gap) should not strand the others' nonces.
       for (const d of due) {
         // The cover of a forced close the payer had half its grace period to cancel; before
@@ -395,7 +427,7 @@ export function start(options: Options): Worker {
    * gateway was watching. With no cursor (a new database) or one past the chain's head (a
    * development chain started afresh), every open channel is read instead.
    */
-  async function catchUp(store: LockedStore): Promise<void> {
+  async function catchUp(store: LockedStore): Promise<bigint> {
     const at = { chainId: options.chainId, escrow: options.escrow }
     const head = await getBlockNumber(options.client, { cacheTime: 0 })
     const last = await store.cursor(at)
@@ -404,7 +436,7 @@ export function start(options: Options): Worker {
       for (let i = 0; i < open.length; i += 16)
         await Promise.all(open.slice(i, i + 16).map((channelId) => reconcile(store, channelId)))
       await store.advance({ ...at, block: head })
-      return
+      return head
     }
     // Blocks near the head may yet be reorganized (an event moved into a block already read):
     // the last `reorgDepth` are read again each pass (reading a channel again changes nothing).
@@ -431,6 +463,71 @@ export function start(options: Options): Worker {
       await store.advance({ ...at, block: to })
       from = to + 1n
     }
+    return head
+  }
+
+  /**
+   * Looks up again the settles and closes confirmed in the blocks a pass reads again (the last
+   * `reorgDepth`): a reorganization may have replaced their block by one without them. One the
+   * node has neither mined nor in its pool (a node that does not put a dropped block's
+   * transactions back) is sent again, with the voucher it carried, and so until it is confirmed
+   * again (the database took it for paid: `settled`, and a closing channel's `spent` raised to
+   * its cover, stayed where it had put them, the chain's lower, and a payer that forced the
+   * close withdrew what it no longer had to pay). One mined again elsewhere has its block
+   * recorded. A receipt the node will not give is left for the next pass.
+   */
+  async function recheck(store: LockedStore, head: bigint): Promise<Result[]> {
+    const results: Result[] = []
+    const rows = await store.recent({
+      chainId: options.chainId,
+      escrow: options.escrow,
+      payee,
+      above: head - reorgDepth,
+    })
+    for (const t of rows) {
+      if (!t.dropped && t.hash) {
+        const receipt = await getTransactionReceipt(options.client, { hash: t.hash }).catch(
+          (error) => {
+            if (error instanceof TransactionReceiptNotFoundError) return null
+            log.warn(
+              { hash: t.hash, error: describe(error) },
+              `${t.kind}: its receipt could not be read`,
+            )
+            return undefined
+          },
+        )
+        if (receipt === undefined) continue
+        if (receipt) {
+          if (receipt.status === 'success' && receipt.blockNumber !== t.block)
+            await store.finish(t.id, {
+              status: 'confirmed',
+              hash: t.hash,
+              block: receipt.blockNumber,
+            })
+          continue
+        }
+        // In the pool again (put back by the node): mined in a coming block.
+        if (await known(options.client, t.hash)) continue
+        await store.dropped(t.id)
+        log.warn(
+          {
+            channelId: t.channelId,
+            kind: t.kind,
+            cumulativeAmount: t.cumulativeAmount.toString(),
+            hash: t.hash,
+          },
+          `${t.kind} reorganized out of the chain: sending it again`,
+        )
+      }
+      // Its nonce is free again: the account's nonces are asked of the node anew.
+      const account = options.client.account
+      account.nonceManager?.reset({ address: account.address, chainId: options.chainId })
+      const { channelId, kind, cumulativeAmount, signature } = t
+      results.push(
+        await attempt(store, options, { channelId, kind, cumulativeAmount, signature }, log),
+      )
+    }
+    return results
   }
 
   /** Takes the escrow's word on a channel the database has open: a forced close is marked (or
@@ -826,12 +923,18 @@ async function attempt(
   const { client, escrow } = options
   const { channelId, kind, cumulativeAmount } = call
   const timeoutMs = options.txTimeoutMs ?? 120_000
-  const begun = await store.begin({ channelId, kind, cumulativeAmount, leaseMs: timeoutMs * 2 })
+  const begun = await store.begin({
+    channelId,
+    kind,
+    cumulativeAmount,
+    leaseMs: timeoutMs * 2,
+    signature: call.signature,
+  })
   if (!begun) return { status: 'nothing', channelId }
   const fields = { channelId, kind, cumulativeAmount: cumulativeAmount.toString() }
   let finished = false
-  const confirmed = async (hash: Hex): Promise<Result> => {
-    await store.finish(begun.id, { status: 'confirmed', hash })
+  const confirmed = async (hash: Hex, block: bigint): Promise<Result> => {
+    await store.finish(begun.id, { status: 'confirmed', hash, block })
     await store.settled({ channelId, settled: cumulativeAmount, finalized: kind === 'close' })
     log.info({ ...fields, hash }, `${kind} confirmed`)
     return { status: 'confirmed', channelId, kind, cumulativeAmount, hash }
@@ -847,7 +950,8 @@ async function attempt(
         timeoutMs,
         kind,
       )
-      if (receipt.status === 'success') return await confirmed(begun.previousHash)
+      if (receipt.status === 'success')
+        return await confirmed(begun.previousHash, receipt.blockNumber)
     }
     const sent = await withTimeout(
       (kind === 'settle' ? Escrow.settle : Escrow.close)(
@@ -862,7 +966,7 @@ async function attempt(
       timeoutMs,
       kind,
     )
-    return await confirmed(sent.hash)
+    return await confirmed(sent.hash, sent.receipt.blockNumber)
   } catch (error) {
     if (error instanceof TransactionRevertedError) {
       await store.finish(begun.id, {
@@ -946,7 +1050,7 @@ async function follow(store: LockedStore, client: WalletClient, channelId: Hex, 
     })
     if (!receipt) continue
     if (receipt.status === 'success') {
-      await store.finish(t.id, { status: 'confirmed', hash: t.hash })
+      await store.finish(t.id, { status: 'confirmed', hash: t.hash, block: receipt.blockNumber })
       log.info(fields, `${t.kind} found mined: recorded confirmed`)
     } else {
       // Final: not read again (one reverted in a simulation only was followed until now).

@@ -140,15 +140,20 @@ export async function begin(
     kind: Settlement.Kind
     cumulativeAmount: bigint
     leaseMs: number
+    /** The voucher's (sent again as is should a reorganization drop the transaction). */
+    signature?: Hex | undefined
   },
 ): Promise<{ id: bigint; attempts: number; previousHash: Hex | undefined } | undefined> {
   // The hash of the previous attempt stays until a new one is submitted: it may still be mined.
+  const signature = i.signature === undefined ? null : bytes(i.signature)
   const [r] = await sql`
-    insert into chain_transactions (channel_id, kind, cumulative_amount, status, next_attempt_at)
+    insert into chain_transactions (channel_id, kind, cumulative_amount, status, next_attempt_at,
+      signature)
     values (${bytes(i.channelId)}, ${i.kind}, ${sql.typed.numeric(i.cumulativeAmount)}, 'pending',
-      now() + make_interval(secs => ${i.leaseMs / 1000}))
+      now() + make_interval(secs => ${i.leaseMs / 1000}), ${signature})
     on conflict (channel_id, kind, cumulative_amount) do update set
       status = 'pending', attempts = chain_transactions.attempts + 1, mined = false,
+      signature = coalesce(excluded.signature, chain_transactions.signature),
       error_name = null, error_message = null, next_attempt_at = excluded.next_attempt_at,
       updated_at = now()
     where chain_transactions.status <> 'confirmed'
@@ -191,6 +196,8 @@ export async function finish(sql: Sql, id: bigint, o: Settlement.Outcome): Promi
       tx_hash = coalesce(${o.hash ? bytes(o.hash) : null}, tx_hash),
       error_name = ${error?.name ?? null}, error_message = ${error?.message ?? null},
       mined = ${o.status === 'confirmed' || (o.status === 'reverted' && o.mined === true)},
+      block = ${o.status === 'confirmed' && o.block !== undefined ? sql.typed.numeric(o.block) : null},
+      reorganized = reorganized and ${o.status !== 'confirmed'},
       next_attempt_at = ${o.status === 'failed' ? o.retryAt : sql`now()`}, updated_at = now()
     where id = ${id}`
 }
@@ -403,6 +410,50 @@ export async function unconfirmed(sql: Sql, channelId: Hex): Promise<Settlement.
   }))
 }
 
+/**
+ * This escrow's and payee's settles and closes to look up again on chain (Settlement.ts,
+ * `recheck`): those confirmed in a block above `above`, and those a reorganization dropped
+ * (`dropped`) that are due again. Only rows that carry the voucher they were sent with.
+ */
+export async function recent(
+  sql: Sql,
+  i: { chainId: number; escrow: Hex; payee: Hex; above: bigint },
+): Promise<Settlement.Rechecked[]> {
+  const rows = await sql`
+    select t.id, t.channel_id, t.kind, t.cumulative_amount, t.tx_hash, t.signature, t.block,
+      t.status
+    from chain_transactions t join channels c on c.channel_id = t.channel_id
+    where t.kind in ('settle', 'close') and t.signature is not null
+      and ((t.status = 'confirmed' and t.block > ${sql.typed.numeric(i.above)})
+        or (t.reorganized and t.status in ('failed', 'pending')
+          and t.next_attempt_at <= now()))
+      and c.chain_id = ${i.chainId} and c.escrow = ${bytes(i.escrow)} and c.payee = ${bytes(i.payee)}
+    order by t.id`
+  return rows.map((r) => ({
+    id: BigInt(r.id),
+    channelId: hex(r.channel_id),
+    kind: r.kind,
+    cumulativeAmount: r.cumulative_amount,
+    hash: r.tx_hash ? hex(r.tx_hash) : undefined,
+    signature: hex(r.signature),
+    block: r.block === null ? undefined : BigInt(r.block),
+    dropped: r.status !== 'confirmed',
+  }))
+}
+
+/**
+ * Records that a confirmed settle or close is no longer on chain (a reorganization dropped
+ * it): failed, to be sent again now (`recent` lists it until it is confirmed again).
+ */
+export async function dropped(sql: Sql, id: bigint): Promise<void> {
+  await sql`
+    update chain_transactions set status = 'failed', mined = false, block = null,
+      reorganized = true, error_name = 'TransactionDroppedError',
+      error_message = 'its block was reorganized out of the chain', next_attempt_at = now(),
+      updated_at = now()
+    where id = ${id} and status = 'confirmed'`
+}
+
 /** The confirmed cooperative close of a channel, if any. */
 export async function confirmedClose(
   sql: Sql,
@@ -469,6 +520,8 @@ function locked(sql: Sql): Settlement.LockedStore {
     finish: (id, o) => finish(sql, id, o),
     settled: (i) => Channels.settled(sql, i),
     confirmedClose: (channelId) => confirmedClose(sql, channelId),
+    recent: (i) => recent(sql, i),
+    dropped: (id) => dropped(sql, id),
     unconfirmed: (channelId) => unconfirmed(sql, channelId),
     markCloseRequested: (channelId, read) => markCloseRequested(sql, channelId, read),
     closeCancelled: (channelId, read) => closeCancelled(sql, channelId, read),

@@ -1676,4 +1676,32 @@ describe('closing channels in the passes (audit)', () => {
     expect(mine(await ticked(w), channelId)).toEqual([])
     expect((await dueNow()).map((d) => d.channelId)).not.toContain(channelId)
   }, 30_000)
+  test('error: a cover settle recorded confirmed, then reorganized out of the chain (its block replaced by one without it), is sent again by the next pass: spent raised to it stays paid', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 200n, 300n)
+    await spend(channelId, 250n)
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+    await chain.increaseTime(31)
+    const w = worker({ gracePeriod: 60n })
+    const [first] = mine(await ticked(w), channelId)
+    expect(first).toMatchObject({ status: 'confirmed', kind: 'settle', cumulativeAmount: 300n })
+    expect(await inDb(channelId)).toMatchObject({ spent: 300n, settled: 300n })
+    // The block that held it is replaced by one without it (a node that does not put the
+    // transactions of a dropped block back in its pool).
+    await chain.payeeClient.request({ method: 'anvil_reorg', params: [1, []] } as never)
+    expect((await onChain(channelId)).settled).toBe(0n)
+    const [again] = mine(await ticked(w), channelId)
+    expect(again).toMatchObject({ status: 'confirmed', kind: 'settle', cumulativeAmount: 300n })
+    expect((await onChain(channelId)).settled).toBe(300n)
+    expect(await recorded(channelId)).toMatchObject([
+      { kind: 'settle', cumulativeAmount: 300n, status: 'confirmed', attempts: 2 },
+    ])
+    // Mined again and read back: nothing more.
+    expect(mine(await ticked(w), channelId)).toEqual([])
+    // Later settles go through (no nonce left unused by the dropped one).
+    const next = await openChannel()
+    await accept(next, 50n)
+    await spend(next, 50n)
+    expect(await w.settleNow(next)).toMatchObject({ status: 'confirmed', cumulativeAmount: 50n })
+  }, 30_000)
 })
