@@ -280,6 +280,9 @@ export function createFetch(options: Options): PayingFetch {
     })
   }
   const store = options.store ?? Store.file('.tollway/channels.json')
+  /** Whether store key `k` is this payer's (`origin#address`, or a slot set apart under it): a
+   * store other wallets share counts only ours. */
+  const ours = (k: string) => k.toLowerCase().includes(`#${account.address.toLowerCase()}`)
   const margin = options.margin ?? 10_000n
   const completionMargin = options.completionMargin ?? 16n * margin
   const { maxDeposit } = options.limits
@@ -312,16 +315,102 @@ export function createFetch(options: Options): PayingFetch {
       return all?.length ? max(...all) : undefined
     },
   }
-  /** Signs `sign()`, `target` counted as signed for `key` meanwhile. */
+  /**
+   * Signs `sign()`, `target` counted as signed for `key` meanwhile: in this client, and in the
+   * store, whose reservation for `key` must cover it (`granted`); a store that will not grant
+   * it refuses with a LimitExceededError, nothing signed. A signature that fails or is refused
+   * gives back what it reserved (`giveBack`).
+   */
   const counted = async <T>(key: string, target: bigint, sign: () => Promise<T>): Promise<T> => {
     const all = signingAll.get(key) ?? []
     signingAll.set(key, all)
     all.push(target)
+    let failed = false
     try {
+      const room = await granted(key, target)
+      if (room !== undefined && room < target) throw beyond(room, target)
       return await sign()
+    } catch (e) {
+      failed = true
+      throw e
     } finally {
       all.splice(all.indexOf(target), 1)
+      // Not to hide the failure itself: a reservation that could not be lowered stays until
+      // this client signs within it again or is released.
+      if (failed) await giveBack(key).catch(() => {})
     }
+  }
+  /** The LimitExceededError of a channel allowed `room` (by the store) that wants `target`. */
+  const beyond = (room: bigint, target: bigint) =>
+    new LimitExceededError('maxTotal', {
+      limit: options.limits.maxTotal,
+      wanted: options.limits.maxTotal - room + target,
+    })
+  /**
+   * The budget that clients of this wallet sharing the store draw on together (`Store.reserve`).
+   *
+   * Why reservations: a client reads once what the store holds for other servers (`loadAll`),
+   * so another client of this wallet on the same store (another process, or another
+   * `Store.file` on the file) signing meanwhile on its own server went unseen, and each signed
+   * up to maxTotal. Before a signature goes past what this client holds reserved for its
+   * channel, the store decides, under its lock, against what every other key of this wallet
+   * closed, signed and holds reserved at that moment, and records what this one may sign. Each
+   * reservation reaches `reserveAhead` past the amount that asked for it, so most vouchers sign
+   * within one already held and cost no more than before (the store write after each
+   * signature); near maxTotal a client may be refused what another holds reserved and has not
+   * signed yet (at most `reserveAhead` per server), until that one signs it or gives it back.
+   * Reading the others afresh before every signature would be exact but add a locked read and
+   * write of the store to every voucher.
+   */
+  const budget = { limit: options.limits.maxTotal, shares: ours }
+  /** How far past the amount it is asked for a reservation reaches. */
+  const reserveAhead = 4n * margin
+  /** What the store granted each key (`Store.reserve`), as this client last set it: the
+   * reservation of a key is only ever changed by the client that owns the key. */
+  const reservedByKey = new Map<string, bigint>()
+  /** Reservation changes of each key, one after another: a lowering never undercuts a raise. */
+  const turns = new Map<string, Promise<unknown>>()
+  const inTurn = <T>(key: string, f: () => Promise<T>): Promise<T> => {
+    const run = (turns.get(key) ?? Promise.resolve()).then(f)
+    turns.set(
+      key,
+      run.catch(() => {}),
+    )
+    return run
+  }
+  /**
+   * What `key` may sign up to by the store, reserving up to `wanted` (and `reserveAhead` past
+   * it) when it holds less: what it holds when that covers `wanted`, else what the store
+   * grants, which may be less. Undefined for a store without `reserve` (this client's own
+   * count is all there is).
+   */
+  const granted = (key: string, wanted: bigint): Promise<bigint | undefined> => {
+    const reserve = store.reserve?.bind(store)
+    if (!reserve) return Promise.resolve(undefined)
+    return inTurn(key, async () => {
+      const held = reservedByKey.get(key) ?? 0n
+      if (wanted <= held) return held
+      const got = await reserve(key, wanted + reserveAhead, budget)
+      reservedByKey.set(key, got)
+      return got
+    })
+  }
+  /**
+   * Lowers `key`'s reservation to what its channel signed and what is being signed on it (a
+   * signature failed or refused, a channel forgotten), so that what was reserved for nothing is
+   * not kept from the other servers.
+   */
+  const giveBack = (key: string): Promise<void> => {
+    const reserve = store.reserve?.bind(store)
+    if (!reserve) return Promise.resolve()
+    return inTurn(key, async () => {
+      const held = reservedByKey.get(key)
+      if (held === undefined) return
+      const live = lives.get(key)
+      const keep = max(live?.state ? live.session.signed : 0n, signing.get(key) ?? 0n)
+      if (keep >= held) return
+      reservedByKey.set(key, await reserve(key, keep, budget))
+    })
   }
   const lives = new Map<string, Live>()
   /** Set by `release`: the store is given up, and this paying fetch with it. */
@@ -389,8 +478,6 @@ export function createFetch(options: Options): PayingFetch {
     loadedAll ??= (async () => {
       const all = await store.all?.()
       if (!all) return
-      // This payer's keys (`origin#address`): a store other wallets share counts only ours.
-      const ours = (k: string) => k.toLowerCase().includes(`#${account.address.toLowerCase()}`)
       for (const [k, v] of Object.entries(all.closedTotals))
         if (ours(k) && !closedByKey.has(k)) closedByKey.set(k, v)
       const bad = all.malformed?.find(ours)
@@ -587,6 +674,8 @@ export function createFetch(options: Options): PayingFetch {
     live.sent = 0n
     live.spent = 0n
     await store.delete(live.key)
+    // What it signed is counted where it went (a closed total, a slot set apart).
+    await giveBack(live.key)
   }
 
   /**
@@ -727,7 +816,13 @@ export function createFetch(options: Options): PayingFetch {
         wanted: options.limits.maxTotal - room + ahead,
       })
     const deposit = min(options.deposit ?? maxDeposit, maxDeposit, room)
-    const initial = min(ahead, deposit)
+    let initial = min(ahead, deposit)
+    // What other clients of this wallet on the store left (see `budget`).
+    const allowed = await granted(live.key, initial)
+    if (allowed !== undefined) {
+      if (allowed <= 0n) throw beyond(allowed, initial)
+      initial = min(initial, allowed)
+    }
     const header = await counted(live.key, initial, async () => {
       const header = await credentialOf(live, url, r, deposit, initial)
       live.state = {
@@ -810,6 +905,12 @@ export function createFetch(options: Options): PayingFetch {
         limit: options.limits.maxTotal,
         wanted: options.limits.maxTotal - maxTotal + required,
       })
+    // And by the store (other clients of this wallet, see `budget`), before any top-up.
+    const allowed = await granted(live.key, required)
+    if (allowed !== undefined && required > allowed) {
+      await giveBack(live.key)
+      throw beyond(allowed, required)
+    }
     let deposit = BigInt(state.deposit)
     if (required > deposit) {
       // A top-up whose answer was lost may have gone through: the server's word on the
@@ -861,7 +962,9 @@ export function createFetch(options: Options): PayingFetch {
       await save(live)
     }
     // The budget again after the top-up's wait: other channels may have signed meanwhile.
-    const target = max(min(required + by, deposit, total(live.key)), live.session.signed)
+    let target = max(min(required + by, deposit, total(live.key)), live.session.signed)
+    const room = await granted(live.key, target)
+    if (room !== undefined) target = max(min(target, room), live.session.signed, required)
     const voucher = await counted(live.key, target, () => live.session.voucher(target))
     await save(live)
     return voucher
@@ -963,8 +1066,11 @@ export function createFetch(options: Options): PayingFetch {
   /** The voucher a request starts with: what was spent plus `ahead`, within the limits. */
   const ahead = async (live: Live, url: string, by: bigint) => {
     await current(live, url)
-    const cap = min(BigInt((live.state as Store.ChannelState).deposit), total(live.key))
+    let cap = min(BigInt((live.state as Store.ChannelState).deposit), total(live.key))
     const signed = live.session.signed
+    // What other clients of this wallet on the store left (see `budget`).
+    const room = await granted(live.key, min(live.spent + by, cap))
+    if (room !== undefined) cap = min(cap, room)
     let target = max(signed, min(live.spent + by, cap))
     // A raise smaller than the challenge's minVoucherDelta is refused (delta-too-small, the
     // evm draft): raise by at least that, or, where the cap leaves no room for it and what is
@@ -1633,6 +1739,9 @@ export function createFetch(options: Options): PayingFetch {
     releasing ??= (async () => {
       await idle()
       lives.clear()
+      // Nothing signs through this fetch now: what it held reserved goes back to the budget
+      // (a store shared by other clients in this process would keep it otherwise).
+      for (const key of reservedByKey.keys()) await giveBack(key).catch(() => {})
       await store.release?.()
     })()
     return releasing.finally(() => signal?.removeEventListener('abort', cancel))

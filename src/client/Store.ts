@@ -1,7 +1,9 @@
 /**
  * Where the paying client keeps its channels, so a restarted agent resumes its channel instead of
  * opening (and funding) another, and what its closed channels took from `maxTotal`, so a restart
- * does not forget money already spent. Amounts are decimal strings, so the state is plain JSON.
+ * does not forget money already spent; and, for clients of one wallet sharing the store, what
+ * each may sign (`reserve`), so that together they stay within `maxTotal`. Amounts are decimal
+ * strings, so the state is plain JSON.
  */
 import { createHash } from 'node:crypto'
 import { readFileSync, unlinkSync } from 'node:fs'
@@ -64,12 +66,72 @@ export type Store = {
     /** Keys whose entries do not parse (a payer's own stops its requests). */
     malformed?: string[]
   }>
+  /**
+   * Sets what `key`'s channel may sign up to, decided against every key of the same budget at
+   * one moment, with no other client's `reserve` or write in between (optional; a store that
+   * clients of one wallet share, in several processes or as several stores on one file,
+   * implements it). The budget's keys (`shares`, `key` among them) count what their closed
+   * channels paid, and, but for `key`, the most of what their channels signed and what their
+   * holders reserved. Grants `amount` when that total with it stays within `limit`, else the
+   * most that does (0n when nothing does); an `amount` below what `key` holds is always
+   * granted, and gives the rest back. Returns what it granted.
+   *
+   * A reservation counts only while the client that made it is in use: one whose process
+   * ended, or whose store was released, signed nothing past what its channel's entry says (a
+   * voucher leaves the client only once stored, see createFetch). Without `reserve`, a client
+   * counts what other servers' channels signed as the store held it when first read: clients
+   * paying other servers from the same wallet through the store at the same time each sign up
+   * to `limit`.
+   */
+  reserve?(
+    key: string,
+    amount: bigint,
+    budget: {
+      /** The most the budget's keys may take together (`maxTotal`). */
+      limit: bigint
+      /** Whether a key is in the budget (the same payer's). */
+      shares: (key: string) => boolean
+    },
+  ): Promise<bigint>
+}
+
+/**
+ * What `key` is granted of `amount` (see `Store.reserve`): `held`, what its live reservation
+ * is; `closed(k)`, `signed(k)` and `reserved(k)` (0n when none or not live) read from one
+ * moment of the store.
+ */
+function grant(
+  o: {
+    keys: Iterable<string>
+    closed: (k: string) => bigint
+    signed: (k: string) => bigint
+    reserved: (k: string) => bigint
+  },
+  key: string,
+  amount: bigint,
+  budget: Parameters<NonNullable<Store['reserve']>>[2],
+): bigint {
+  if (amount <= o.reserved(key)) return amount
+  let used = 0n
+  for (const k of new Set(o.keys)) {
+    if (!budget.shares(k)) continue
+    used += o.closed(k)
+    if (k === key) continue
+    const signed = o.signed(k)
+    const reserved = o.reserved(k)
+    used += signed > reserved ? signed : reserved
+  }
+  const free = budget.limit - used
+  if (free <= 0n) return 0n
+  return amount < free ? amount : free
 }
 
 /** A store that lives as long as the process. */
 export function memory(): Store {
   const map = new Map<string, ChannelState>()
   const totals = new Map<string, bigint>()
+  // Clients sharing this store live in this process: a reservation counts until lowered.
+  const reservations = new Map<string, bigint>()
   return {
     async get(key) {
       return map.get(key)
@@ -89,11 +151,41 @@ export function memory(): Store {
     async all() {
       return { channels: Object.fromEntries(map), closedTotals: Object.fromEntries(totals) }
     },
+    async reserve(key, amount, budget) {
+      const granted = grant(
+        {
+          keys: [...map.keys(), ...totals.keys(), ...reservations.keys()],
+          closed: (k) => totals.get(k) ?? 0n,
+          signed: (k) => BigInt(map.get(k)?.signed ?? 0),
+          reserved: (k) => reservations.get(k) ?? 0n,
+        },
+        key,
+        amount,
+        budget,
+      )
+      if (granted > 0n) reservations.set(key, granted)
+      else reservations.delete(key)
+      return granted
+    },
   }
 }
 
-/** The JSON file: channels by key, and closed totals (decimal strings) by key. */
-type Content = { channels: Record<string, ChannelState>; closedTotals: Record<string, string> }
+/** What a store of a client reserved for a key (`Store.reserve`): the amount (a decimal
+ * string), and the process and store that hold it (a reservation counts while they are in use). */
+const Reservation = z.object({
+  amount: Decimal,
+  pid: z.number().int().positive(),
+  token: z.string(),
+})
+type Reservation = z.output<typeof Reservation>
+
+/** The JSON file: channels by key, closed totals (decimal strings) by key, and reservations by
+ * key (absent from files written before them). */
+type Content = {
+  channels: Record<string, ChannelState>
+  closedTotals: Record<string, string>
+  reserved?: Record<string, Reservation>
+}
 
 /** How long a write waits for another process's write to the same file, ms. */
 const LOCK_WAIT_MS = 10_000
@@ -171,6 +263,8 @@ export function file(path: string): Store {
   /** This store's mark in its owner files, and the owner files it holds. */
   const token = crypto.randomUUID()
   const mine = new Set<string>()
+  /** Whether this store reserved anything (its reservations are removed as it is released). */
+  let reserving = false
   const lockPath = `${path}.lock`
   const age = (p: string) =>
     stat(p).then(
@@ -267,6 +361,7 @@ export function file(path: string): Store {
     return {
       channels: content.channels,
       closedTotals: isMap(content.closedTotals) ? content.closedTotals : {},
+      ...(isMap(content.reserved) ? { reserved: content.reserved } : {}),
     }
   }
   const total = (c: Content, key: string) => {
@@ -278,6 +373,34 @@ export function file(path: string): Store {
         { path, key },
       )
     return BigInt(v)
+  }
+  /** What the channel under `key` signed (0n when none), for a budget's sum: an entry that does
+   * not parse cannot be counted, so it stops the reservation rather than be left out. */
+  const signedOf = (c: Content, key: string) => {
+    const entry = c.channels[key]
+    if (entry === undefined) return 0n
+    const signed = (entry as { signed?: unknown }).signed
+    if (typeof signed !== 'string' || !/^\d{1,78}$/.test(signed))
+      throw new ClientError(
+        `The channel store ${path} has a malformed channel under "${key}" (signed: not a decimal string); repair it, or delete that entry to forget the channel.`,
+        { path, key },
+      )
+    return BigInt(signed)
+  }
+  /** What is reserved under `key` and still counts: its holder is this store, another store of
+   * this process in use, or another process alive (0n otherwise). */
+  const reservedOf = (c: Content, key: string) => {
+    const entry = c.reserved?.[key]
+    if (entry === undefined) return 0n
+    const parsed = Reservation.safeParse(entry)
+    if (!parsed.success)
+      throw new ClientError(
+        `The channel store ${path} has a malformed reservation under "${key}"; repair it, or delete that entry (under "reserved").`,
+        { path, key },
+      )
+    const { amount, pid, token: holder } = parsed.data
+    const live = holder === token || (pid === process.pid ? liveTokens.has(holder) : alive(pid))
+    return live ? BigInt(amount) : 0n
   }
   // Writes one after another, so two updates never interleave their read and write.
   const update = (f: (content: Content) => void) => {
@@ -347,6 +470,13 @@ export function file(path: string): Store {
     },
     async release() {
       liveTokens.delete(token)
+      // Reservations count in other processes while this one lives: given back here.
+      if (reserving)
+        await update((c) => {
+          for (const [k, r] of Object.entries(c.reserved ?? {}))
+            if ((r as Partial<Reservation>).token === token) delete c.reserved?.[k]
+        })
+      reserving = false
       for (const owner of mine) {
         await locked(async () => {
           const held = await readFile(owner, 'utf8').catch(() => '')
@@ -360,6 +490,33 @@ export function file(path: string): Store {
       update((c) => {
         c.closedTotals[key] = (total(c, key) + amount).toString()
       }),
+    async reserve(key, amount, budget) {
+      reserving = true
+      liveTokens.add(token)
+      let granted = 0n
+      await update((c) => {
+        granted = grant(
+          {
+            keys: [
+              ...Object.keys(c.channels),
+              ...Object.keys(c.closedTotals),
+              ...Object.keys(c.reserved ?? {}),
+            ],
+            closed: (k) => total(c, k),
+            signed: (k) => signedOf(c, k),
+            reserved: (k) => reservedOf(c, k),
+          },
+          key,
+          amount,
+          budget,
+        )
+        const reserved = c.reserved ?? {}
+        if (granted > 0n) reserved[key] = { amount: granted.toString(), pid: process.pid, token }
+        else delete reserved[key]
+        c.reserved = reserved
+      })
+      return granted
+    },
     async all() {
       await queue
       const c = await load()
