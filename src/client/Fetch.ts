@@ -50,7 +50,9 @@ export type Options = {
   tokenDomain?: Token.TokenDomain | undefined
   /** Spending limits, base units. `maxDeposit`: one channel's deposit. `maxTotal`: all vouchers
    * signed, over the channels: a resumed channel counts from its start, and what closed
-   * channels paid is kept in the store (per server and payer), so it survives a restart. */
+   * channels paid is kept in the store (per server and payer), so it survives a restart; with
+   * a store that implements `reserve` (`Store.file`, `Store.memory`), it holds for all clients
+   * of this wallet sharing the store together, whatever each signs meanwhile. */
   limits: { maxDeposit: bigint; maxTotal: bigint }
   /** The deposit of a new channel (default `limits.maxDeposit`). */
   deposit?: bigint | undefined
@@ -380,15 +382,17 @@ export function createFetch(options: Options): PayingFetch {
   }
   /**
    * What `key` may sign up to by the store, reserving up to `wanted` (and `reserveAhead` past
-   * it) when it holds less: what it holds when that covers `wanted`, else what the store
-   * grants, which may be less. Undefined for a store without `reserve` (this client's own
-   * count is all there is).
+   * it) when it holds less: what it holds (or its channel signed already: the store counts
+   * that, and signing it again gives nothing new) when that covers `wanted`, else what the
+   * store grants, which may be less. Undefined for a store without `reserve` (this client's
+   * own count is all there is).
    */
   const granted = (key: string, wanted: bigint): Promise<bigint | undefined> => {
     const reserve = store.reserve?.bind(store)
     if (!reserve) return Promise.resolve(undefined)
     return inTurn(key, async () => {
-      const held = reservedByKey.get(key) ?? 0n
+      const live = lives.get(key)
+      const held = max(reservedByKey.get(key) ?? 0n, live?.state ? live.session.signed : 0n)
       if (wanted <= held) return held
       const got = await reserve(key, wanted + reserveAhead, budget)
       reservedByKey.set(key, got)

@@ -73,8 +73,9 @@ export type Store = {
    * implements it). The budget's keys (`shares`, `key` among them) count what their closed
    * channels paid, and, but for `key`, the most of what their channels signed and what their
    * holders reserved. Grants `amount` when that total with it stays within `limit`, else the
-   * most that does (0n when nothing does); an `amount` below what `key` holds is always
-   * granted, and gives the rest back. Returns what it granted.
+   * most that does, never less than `key` holds (0n when it holds nothing and nothing fits);
+   * an `amount` below what `key` holds is always granted, and gives the rest back. Returns what
+   * it granted.
    *
    * A reservation counts only while the client that made it is in use: one whose process
    * ended, or whose store was released, signed nothing past what its channel's entry says (a
@@ -111,7 +112,8 @@ function grant(
   amount: bigint,
   budget: Parameters<NonNullable<Store['reserve']>>[2],
 ): bigint {
-  if (amount <= o.reserved(key)) return amount
+  const held = o.reserved(key)
+  if (amount <= held) return amount
   let used = 0n
   for (const k of new Set(o.keys)) {
     if (!budget.shares(k)) continue
@@ -121,8 +123,9 @@ function grant(
     const reserved = o.reserved(k)
     used += signed > reserved ? signed : reserved
   }
+  // Asking for more never loses what is held (signatures may be under way within it).
   const free = budget.limit - used
-  if (free <= 0n) return 0n
+  if (free <= held) return held
   return amount < free ? amount : free
 }
 
@@ -180,7 +183,8 @@ const Reservation = z.object({
 type Reservation = z.output<typeof Reservation>
 
 /** The JSON file: channels by key, closed totals (decimal strings) by key, and reservations by
- * key (absent from files written before them). */
+ * key (absent from files written before them; a client of an earlier version, which knows
+ * nothing of them, drops them when it writes the file). */
 type Content = {
   channels: Record<string, ChannelState>
   closedTotals: Record<string, string>
@@ -256,7 +260,9 @@ process.on('exit', () => {
  * owner file `<path>.<key digest>.owner` holding its pid and the store's token, removed as the
  * process exits or the store is released): two clients cannot use one channel, so a second
  * one (another process, or another `file(path)` in this one) is told, not left to overwrite
- * the first's channel.
+ * the first's channel. Reservations (`reserve`) are decided under the same lock, and carry the
+ * pid and store token of their holder: one whose process is gone, or whose store was released
+ * or collected, no longer counts.
  */
 export function file(path: string): Store {
   let queue: Promise<unknown> = Promise.resolve()
@@ -379,7 +385,10 @@ export function file(path: string): Store {
   const signedOf = (c: Content, key: string) => {
     const entry = c.channels[key]
     if (entry === undefined) return 0n
-    const signed = (entry as { signed?: unknown }).signed
+    const signed =
+      typeof entry === 'object' && entry !== null
+        ? (entry as { signed?: unknown }).signed
+        : undefined
     if (typeof signed !== 'string' || !/^\d{1,78}$/.test(signed))
       throw new ClientError(
         `The channel store ${path} has a malformed channel under "${key}" (signed: not a decimal string); repair it, or delete that entry to forget the channel.`,
@@ -474,7 +483,7 @@ export function file(path: string): Store {
       if (reserving)
         await update((c) => {
           for (const [k, r] of Object.entries(c.reserved ?? {}))
-            if ((r as Partial<Reservation>).token === token) delete c.reserved?.[k]
+            if ((r as Partial<Reservation> | null)?.token === token) delete c.reserved?.[k]
         })
       reserving = false
       for (const owner of mine) {

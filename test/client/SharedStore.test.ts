@@ -10,8 +10,8 @@ import { afterAll, describe, expect, test } from 'bun:test'
 import { mkdtemp } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import type { Hex } from 'viem'
-import { generatePrivateKey } from 'viem/accounts'
+import type { Hex, LocalAccount } from 'viem'
+import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
 import { createFetch, type Options, Store } from '../../src/client/index.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
@@ -181,6 +181,70 @@ describe('createFetch on a store file shared by clients of one wallet', () => {
     expect(one.total() + two.total()).toBeGreaterThan(limits.maxTotal - 2n * margin)
     await a.release()
   }, 60_000)
+
+  test('behavior: two clients on one Store.memory, two servers, signing at once: together within maxTotal', async () => {
+    const store = Store.memory()
+    const key = generatePrivateKey()
+    const [one, two] = [server(), server()]
+    const a = paying(key, store)
+    const b = paying(key, store)
+    await requests(a, one.url, 1)
+    await requests(b, two.url, 1)
+    await Promise.all([requests(a, one.url, 15), requests(b, two.url, 15)])
+    expect(one.total() + two.total()).toBeLessThanOrEqual(limits.maxTotal)
+    expect(one.total() + two.total()).toBeGreaterThan(limits.maxTotal - 2n * margin)
+  }, 30_000)
+
+  test('behavior: a signature that fails gives back what its channel reserved past what it signed: another client can sign it', async () => {
+    const path = await storePath()
+    const key = generatePrivateKey()
+    const [one, two] = [server(), server()]
+    const inner = privateKeyToAccount(key)
+    let failing = false
+    // A remote signer that fails (a wallet that refuses, a network down).
+    const account = {
+      ...inner,
+      async signTypedData(td: Parameters<typeof inner.signTypedData>[0]) {
+        if (failing) throw new Error('the signer is unreachable')
+        return inner.signTypedData(td)
+      },
+    } as LocalAccount
+    const a = paying(key, Store.file(path), { account })
+    // Opened with 100 signed, and reserved further ahead.
+    await requests(a, one.url, 1)
+    failing = true
+    const e = await a(one.url, post).catch((e: unknown) => e)
+    expect(e).toBeInstanceOf(Error)
+    expect(one.total()).toBe(100n)
+    const b = paying(key, Store.file(path))
+    await requests(b, two.url, 12)
+    // All but the 100 the first signed.
+    expect(two.total()).toBe(limits.maxTotal - 100n)
+    await Promise.all([a.release(), b.release()])
+  }, 30_000)
+
+  for (const [name, stores] of [
+    [
+      'Store.file',
+      async () => {
+        const path = await storePath()
+        return [Store.file(path), Store.file(path)]
+      },
+    ],
+    ['Store.memory', async () => Array(2).fill(Store.memory())],
+  ] as [string, () => Promise<Store.Store[]>][])
+    test(`behavior: release() gives back what was reserved and not signed: another client of this process can sign it (${name})`, async () => {
+      const key = generatePrivateKey()
+      const [one, two] = [server(), server()]
+      const [first, second] = await stores()
+      const a = paying(key, first as Store.Store)
+      await requests(a, one.url, 1)
+      await a.release()
+      const b = paying(key, second as Store.Store)
+      await requests(b, two.url, 12)
+      expect(two.total()).toBe(limits.maxTotal - 100n)
+      await b.release()
+    }, 30_000)
 
   test('behavior: a store of another wallet in the same file does not take from this wallet', async () => {
     const path = await storePath()

@@ -111,7 +111,7 @@ describe('closedTotal', () => {
 })
 
 describe('file (property)', () => {
-  test('property: any JSON in the file: get and closedTotal return a value or throw ClientError, nothing else', async () => {
+  test('property: any JSON in the file: get, closedTotal and reserve return a value or throw ClientError, nothing else', async () => {
     const path = join(await dir(), 'channels.json')
     await fc.assert(
       fc.asyncProperty(
@@ -139,6 +139,13 @@ describe('file (property)', () => {
           } catch (e) {
             expect(e).toBeInstanceOf(ClientError)
           }
+          // Every key in the budget: each entry of the file is read.
+          try {
+            const granted = await s.reserve!('k', 5n, { limit: 10n, shares: () => true })
+            expect(granted >= 0n && granted <= 5n).toBe(true)
+          } catch (e) {
+            expect(e).toBeInstanceOf(ClientError)
+          }
         },
       ),
       { numRuns: 1000 },
@@ -155,16 +162,18 @@ function child(code: string) {
   )
 }
 
-/** Waits until `proc` prints `line`. */
+/** Waits until `proc` prints a line starting with `line`; that whole line. */
 async function printed(proc: ReturnType<typeof child>, line: string) {
   const reader = proc.stdout.getReader()
   let out = ''
-  while (!out.includes(line)) {
+  const found = () => out.split('\n').find((l, i, all) => l.startsWith(line) && i < all.length - 1)
+  while (found() === undefined) {
     const { value, done } = await reader.read()
     if (done) throw new Error(`the child ended before printing ${line}: ${out}`)
     out += new TextDecoder().decode(value)
   }
   reader.releaseLock()
+  return found() as string
 }
 
 describe('file across processes', () => {
@@ -275,6 +284,110 @@ describe('file across processes', () => {
     expect(left).toEqual([])
     await Store.file(path).own!(key)
   }, 30_000)
+})
+
+/** The budget of payer 0xP (its keys hold `#0xP`) within `limit`. */
+const budget = (limit: bigint) => ({ limit, shares: (k: string) => k.includes('#0xP') })
+
+describe('reserve', () => {
+  for (const [name, make] of [
+    ['file', async () => Store.file(join(await dir(), 'channels.json'))],
+    ['memory', async () => Store.memory()],
+  ] as const)
+    test(`behavior: ${name}: grants within the limit, the most that fits past it; a lower amount always; the budget counts the payer's closed totals, signed channels (set apart too) and other keys' reservations, not another payer's`, async () => {
+      const s = await make()
+      await s.addClosedTotal('a#0xP', 30n)
+      await s.set('b#0xP', state(100))
+      await s.set('b#0xP#refused', state(50))
+      // Another payer's, in the same store: not in this budget.
+      await s.set('c#0xQ', state(900))
+      await s.addClosedTotal('c#0xQ', 900n)
+      // 30 closed, 100 and 50 signed: 820 free.
+      expect(await s.reserve!('a#0xP', 500n, budget(1_000n))).toBe(500n)
+      // 30, 500 reserved, 50: 420 free; b's own 100 signed is within what it asks for.
+      expect(await s.reserve!('b#0xP', 600n, budget(1_000n))).toBe(420n)
+      // 30, b's 420 reserved (over its 100 signed), 50.
+      expect(await s.reserve!('a#0xP', 900n, budget(1_000n))).toBe(500n)
+      // Lowered: the rest goes back.
+      expect(await s.reserve!('a#0xP', 200n, budget(1_000n))).toBe(200n)
+      expect(await s.reserve!('b#0xP', 600n, budget(1_000n))).toBe(600n)
+      // The rest, then nothing: 0n.
+      expect(await s.reserve!('d#0xP', 200n, budget(1_000n))).toBe(120n)
+      expect(await s.reserve!('e#0xP', 100n, budget(1_000n))).toBe(0n)
+      // Asking for more never loses what is held, though the key's own closed total now counts
+      // too (its channel closed, what it reserved not given back yet).
+      await s.addClosedTotal('d#0xP', 120n)
+      expect(await s.reserve!('d#0xP', 121n, budget(1_000n))).toBe(120n)
+      expect(await s.reserve!('d#0xP', 0n, budget(1_000n))).toBe(0n)
+      expect(await s.reserve!('d#0xP', 120n, budget(1_000n))).toBe(0n)
+    })
+
+  test('behavior: file: a reservation counts while its holder is in use: another live process, another store of this process; not once the process ended or the store was released', async () => {
+    const path = join(await dir(), 'channels.json')
+    const holder = child(`
+      const s = Store.file(${JSON.stringify(path)})
+      await s.reserve('x#0xP', 700n, { limit: 1000n, shares: (k) => k.includes('#0xP') })
+      console.log('reserved')
+      await new Promise(() => setInterval(() => {}, 1000))
+    `)
+    const s = Store.file(path)
+    try {
+      await printed(holder, 'reserved')
+      expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(300n)
+    } finally {
+      holder.kill('SIGKILL')
+      await holder.exited
+    }
+    // Its process is gone: it signed nothing past its channels' entries.
+    expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(1_000n)
+    // Another store of this process on the file.
+    await s.reserve!('y#0xP', 0n, budget(1_000n))
+    const other = Store.file(path)
+    expect(await other.reserve!('x#0xP', 600n, budget(1_000n))).toBe(600n)
+    expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(400n)
+    await other.release!()
+    expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(1_000n)
+    // Released, its reservations are gone from the file too (for other processes).
+    const content = JSON.parse(await Bun.file(path).text())
+    expect(Object.keys(content.reserved)).toEqual(['y#0xP'])
+  }, 30_000)
+
+  test('behavior: file: reservations and writes from two processes at once: the grants together stay within the limit', async () => {
+    const path = join(await dir(), 'channels.json')
+    const reserver = (who: string) =>
+      child(`
+        const s = Store.file(${JSON.stringify(path)})
+        const budget = { limit: 1000n, shares: (k) => k.includes('#0xP') }
+        let granted = 0n
+        // Up to 800 each, 20 at a time: together they ask more than the limit.
+        for (let i = 1; i <= 40; i++) granted = await s.reserve('${who}#0xP', BigInt(i) * 20n, budget)
+        console.log('granted ' + granted)
+        await new Promise(() => setInterval(() => {}, 1000))
+      `)
+    const both = [reserver('a'), reserver('b')]
+    try {
+      const lines = await Promise.all(both.map((p) => printed(p, 'granted')))
+      const granted = lines.map((l) => BigInt(l.split(' ')[1] as string))
+      const sum = granted.reduce((a, b) => a + b, 0n)
+      expect(sum).toBeLessThanOrEqual(1_000n)
+      // Still held (their processes live): a third gets only what is left.
+      expect(await Store.file(path).reserve!('c#0xP', 1_000n, budget(1_000n))).toBe(1_000n - sum)
+    } finally {
+      for (const p of both) p.kill('SIGKILL')
+      await Promise.all(both.map((p) => p.exited))
+    }
+  }, 30_000)
+
+  test('error: file: a malformed reservation in the budget → ClientError saying to repair it', async () => {
+    const path = join(await dir(), 'channels.json')
+    await writeFile(
+      path,
+      JSON.stringify({ channels: {}, closedTotals: {}, reserved: { 'x#0xP': { amount: '-1' } } }),
+    )
+    const e = await Store.file(path).reserve!('y#0xP', 1n, budget(10n)).catch((e) => e)
+    expect(e).toBeInstanceOf(ClientError)
+    expect(e.message).toContain('repair')
+  })
 })
 
 describe('memory', () => {
