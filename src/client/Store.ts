@@ -97,9 +97,9 @@ export type Store = {
 }
 
 /**
- * What `key` is granted of `amount` (see `Store.reserve`): `held`, what its live reservation
- * is; `closed(k)`, `signed(k)` and `reserved(k)` (0n when none or not live) read from one
- * moment of the store.
+ * What `key` is granted of `amount` (see `Store.reserve`), from one moment of the store: each
+ * key's closed total, what its channel signed, and what it holds reserved (0n when none, or
+ * when its holder is no longer in use).
  */
 function grant(
   o: {
@@ -479,13 +479,6 @@ export function file(path: string): Store {
     },
     async release() {
       liveTokens.delete(token)
-      // Reservations count in other processes while this one lives: given back here.
-      if (reserving)
-        await update((c) => {
-          for (const [k, r] of Object.entries(c.reserved ?? {}))
-            if ((r as Partial<Reservation> | null)?.token === token) delete c.reserved?.[k]
-        })
-      reserving = false
       for (const owner of mine) {
         await locked(async () => {
           const held = await readFile(owner, 'utf8').catch(() => '')
@@ -494,6 +487,14 @@ export function file(path: string): Store {
         if (claims.get(owner) === token) claims.delete(owner)
       }
       mine.clear()
+      // Reservations count in other processes while this one lives: given back here (after
+      // the claims, which a failed write here must not keep).
+      if (reserving)
+        await update((c) => {
+          for (const [k, r] of Object.entries(c.reserved ?? {}))
+            if ((r as Partial<Reservation> | null)?.token === token) delete c.reserved?.[k]
+        })
+      reserving = false
     },
     addClosedTotal: (key, amount) =>
       update((c) => {
