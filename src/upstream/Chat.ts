@@ -228,18 +228,28 @@ export type Usage = z.output<typeof Usage>
  * OpenAI's usage include the reasoning tokens (`total_tokens` = prompt + completion), and the
  * reasoning tokens too where it reports them apart: xAI ("counted separately from
  * completion_tokens, but counted in the total_tokens") and Gemini's thoughts as OpenAI-compatible
- * proxies map them, whose `total_tokens` holds prompt + completion + reasoning (without a
- * total, reasoning above the completion tokens can only be apart).
+ * proxies map them, whose `total_tokens` holds prompt + completion + reasoning.
+ *
+ * Apart when the total holds exactly the reasoning beside prompt and completion, or (without a
+ * total, or with one holding more, as Gemini's tool-use prompt tokens make it) when there is
+ * more reasoning than completion tokens: then it cannot be among them. A total that holds more
+ * than the reasoning beside fewer reasoning than completion tokens is OpenAI's usage with other
+ * tokens in its total (cache reads and writes that Bedrock and proxies of Anthropic's models
+ * leave out of prompt_tokens): taken as apart, the reasoning the completion tokens already
+ * count would be charged twice.
  */
 export function outputTokens(u: Usage): number {
   const details = (u as { completion_tokens_details?: unknown }).completion_tokens_details
   const reasoning = isObject(details) ? details.reasoning_tokens : undefined
   if (typeof reasoning !== 'number' || !Number.isSafeInteger(reasoning) || reasoning <= 0)
     return u.completion_tokens
-  const apart =
+  const beside =
     u.total_tokens === undefined
-      ? reasoning > u.completion_tokens
-      : u.total_tokens >= u.prompt_tokens + u.completion_tokens + reasoning
+      ? undefined
+      : u.total_tokens - u.prompt_tokens - u.completion_tokens
+  const apart =
+    beside === reasoning ||
+    ((beside === undefined || beside > reasoning) && reasoning > u.completion_tokens)
   return apart ? Math.min(u.completion_tokens + reasoning, MAX_TOKENS) : u.completion_tokens
 }
 

@@ -43,6 +43,19 @@ const cases: Record<string, { usage: object; charged: number }> = {
     },
     charged: 105,
   },
+  // OpenAI's convention (reasoning among the completion tokens) with a total that also holds
+  // cache tokens left out of prompt_tokens (as Bedrock's and proxies of Anthropic's models
+  // count them): 1000 cached, 40 of the 50 completion tokens reasoning. Not reasoning apart.
+  cached: {
+    usage: {
+      prompt_tokens: 10,
+      completion_tokens: 50,
+      total_tokens: 1060,
+      prompt_tokens_details: { cached_tokens: 1000 },
+      completion_tokens_details: { reasoning_tokens: 40 },
+    },
+    charged: 50,
+  },
   // OpenAI: the reasoning is among the completion tokens.
   openai: {
     usage: {

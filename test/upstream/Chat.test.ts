@@ -544,6 +544,12 @@ describe('outputTokens', () => {
     expect(Chat.outputTokens(usage(100, 100, 110))).toBe(100)
   })
 
+  test('behavior: a total holding more than the reasoning beside the completion tokens (cache tokens left out of prompt_tokens) does not make reasoning among them apart', () => {
+    // 10 prompt, 50 completion of which 40 reasoning, 1000 cache tokens in the total only.
+    expect(Chat.outputTokens(usage(50, 40, 1060))).toBe(50)
+    expect(Chat.outputTokens(usage(50, 50, 1060))).toBe(50)
+  })
+
   test('behavior: reasoning apart from the completion tokens (xAI, Gemini proxies) is added', () => {
     expect(Chat.outputTokens(usage(5, 100, 115))).toBe(105)
     expect(Chat.outputTokens(usage(0, 60, 70))).toBe(60)
