@@ -459,6 +459,42 @@ export type Received = {
  */
 
 /**
+ * How deep an upstream's JSON may nest: far beyond any answer (a tool call's arguments object
+ * nests a few levels), far below where JSON.stringify overflows the stack (about 100,000 levels
+ * in Bun, in a megabyte of text that JSON.parse takes).
+ */
+export const MAX_DEPTH = 512
+
+/**
+ * Whether JSON `text` nests at most MAX_DEPTH deep (its brackets outside strings). Deeper, the
+ * gateway's JSON.stringify of what JSON.parse made of it (tool-call arguments billed as their
+ * JSON, a chunk or completion re-serialized to the client) throws: a completion failed as the
+ * gateway's bug after it was charged, or left its credits held until the lease sweep. Text too
+ * short to nest that deep is not scanned (a stream's chunks, most of them); strings are
+ * skipped with `indexOf` (a completion's text costs a small part of its JSON.parse).
+ */
+export function shallow(text: string): boolean {
+  if (text.length <= 2 * MAX_DEPTH) return true
+  let depth = 0
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    if (c === 0x22) {
+      // To the closing quote: the next one after an even run of backslashes.
+      while (true) {
+        i = text.indexOf('"', i + 1)
+        if (i < 0) return true // not JSON: JSON.parse says so
+        let b = i - 1
+        while (text.charCodeAt(b) === 0x5c) b--
+        if ((i - 1 - b) % 2 === 0) break
+      }
+    } else if (c === 0x7b || c === 0x5b) {
+      if (++depth > MAX_DEPTH) return false
+    } else if (c === 0x7d || c === 0x5d) depth--
+  }
+  return true
+}
+
+/**
  * Whether JSON `text` may take a fast path: zod gives a `__proto__` key special treatment (its
  * copy of the object gets that prototype), so JSON with one goes to the schema.
  */

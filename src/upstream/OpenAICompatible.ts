@@ -109,6 +109,7 @@ export function create(options: Options): Provider {
           'bad_upstream_response',
         )
       }
+      if (!Chat.shallow(text)) throw nested(options.name, 'a completion')
       // The common shape is checked by hand (see Chat.asCompletion); anything else goes
       // through the schema.
       const fast = Chat.fastPathFor(text) ? Chat.asCompletion(json) : undefined
@@ -150,6 +151,13 @@ function capped(body: Body, limits: Limits | undefined, param: MaxTokensParam): 
  */
 export const MAX_ANSWER_BYTES = 64 * 1024 * 1024
 export const MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+/** An answer nested deeper than `Chat.MAX_DEPTH` (see `Chat.shallow`). */
+const nested = (name: string, what: string) =>
+  new UpstreamError(
+    `Upstream ${name} sent ${what} nested over ${Chat.MAX_DEPTH} levels deep.`,
+    'bad_upstream_response',
+  )
 
 const tooLarge = (name: string, what: string, most: number) =>
   new UpstreamError(
@@ -273,6 +281,10 @@ async function* chunks(
             `Upstream ${name} sent a chunk that is not JSON.`,
             'bad_upstream_response',
           )
+        }
+        if (!Chat.shallow(data)) {
+          if (batch.length > 0) yield batch
+          throw nested(name, 'a chunk')
         }
         if (json && typeof json === 'object' && 'error' in json) {
           if (batch.length > 0) yield batch

@@ -577,3 +577,45 @@ describe('outputTokens', () => {
     expect(Chat.outputTokens(usage(Chat.MAX_TOKENS, Chat.MAX_TOKENS))).toBe(Chat.MAX_TOKENS)
   })
 })
+
+describe('shallow', () => {
+  /** How deep a JSON value nests (a scalar: 0). */
+  const depth = (v: unknown): number =>
+    typeof v === 'object' && v !== null
+      ? 1 + Math.max(0, ...Object.values(v as Record<string, unknown>).map(depth))
+      : 0
+
+  test('property: says whether JSON text nests at most MAX_DEPTH deep, whatever its strings hold', () => {
+    // Strings full of what the scan must skip: quotes, backslashes, brackets.
+    const tricky = fc.string({
+      unit: fc.constantFrom('"', '\\', '[', ']', '{', '}', 'a', '\u00e9'),
+    })
+    const value = fc.jsonValue({ maxDepth: 3, stringUnit: 'grapheme' })
+    fc.assert(
+      fc.property(
+        fc.integer({ min: Chat.MAX_DEPTH - 6, max: Chat.MAX_DEPTH + 3 }),
+        fc.oneof(value, tricky),
+        fc.boolean(),
+        tricky,
+        (levels, inner, objects, key) => {
+          let v: unknown = inner
+          for (let i = 0; i < levels; i++) v = objects ? { [key]: v } : [v]
+          const text = JSON.stringify(v)
+          expect(Chat.shallow(text)).toBe(depth(v) <= Chat.MAX_DEPTH)
+        },
+      ),
+      { numRuns: 2000 },
+    )
+  })
+
+  test('behavior: brackets inside strings are not nesting', () => {
+    const text = JSON.stringify({ a: '['.repeat(5000), b: '\\"{'.repeat(2000) })
+    expect(Chat.shallow(text)).toBe(true)
+  })
+
+  test('behavior: what JSON.parse takes and JSON.stringify overflows on is deep', () => {
+    const levels = 200_000
+    const text = `${'{"a":'.repeat(levels)}1${'}'.repeat(levels)}`
+    expect(Chat.shallow(text)).toBe(false)
+  })
+})
