@@ -283,11 +283,6 @@ export async function chat(ctx: Context) {
 }
 
 /**
- * Checks a receipt asked for: signed by the gateway's published key, for this answer's text
- * and charge. One missing or wrong is a ServerError (exit 4): the gateway's word on the bill
- * does not hold.
- */
-/**
  * The answer text to print of a delta's or message's content: the string, or the text parts of
  * an array of parts (Mistral's reasoning models: thinking parts, not printed, as reasoning
  * fields are not, then text parts).
@@ -302,6 +297,11 @@ function answerText(content: unknown): string {
   return s
 }
 
+/**
+ * Checks a receipt asked for: signed by the gateway's published key, for this answer's text
+ * and charge. One missing or wrong is a ServerError (exit 4): the gateway's word on the bill
+ * does not hold.
+ */
 async function checkReceipt(
   ctx: Context,
   receipt: Receipt | undefined,
