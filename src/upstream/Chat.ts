@@ -384,7 +384,7 @@ function begun(r: Received): boolean {
 
 /** The generated text of a delta or message, every kind that is billed as output. */
 export function generated(d: z.output<typeof Delta>): string {
-  const reasoning = d.reasoning_content ?? d.reasoning
+  const reasoning = d.reasoning_content || d.reasoning
   const content = typeof d.content === 'string' ? d.content : partsText(d.content)
   // The common delta, text alone, without building a new string (a stream's hot path).
   if (!reasoning && !d.tool_calls && !d.refusal && !d.function_call && !d.audio) return content
@@ -694,7 +694,7 @@ export function template() {
       // the order `generated` takes them.
       const extra =
         ((delta.refusal ?? '') as string) +
-        ((delta.reasoning_content ?? delta.reasoning ?? '') as string)
+        ((delta.reasoning_content || delta.reasoning || '') as string)
       t = { prefix: data.slice(0, start), suffix: data.slice(end), top, choice, delta, extra }
       // The literal found must be the content itself.
       if (match(data)?.chunk.choices[0]?.delta.content !== delta.content) t = undefined

@@ -538,6 +538,14 @@ describe('outputTokens', () => {
       : { completion_tokens_details: { reasoning_tokens: reasoning } }),
   })
 
+  test('behavior: an empty reasoning_content beside a reasoning text bills the reasoning text', () => {
+    expect(Chat.generated({ content: 'Hi', reasoning_content: '', reasoning: 'Think.' })).toBe(
+      'HiThink.',
+    )
+    // The same text in both (OpenRouter and others send both) is billed once.
+    expect(Chat.generated({ reasoning_content: 'Think.', reasoning: 'Think.' })).toBe('Think.')
+  })
+
   test('behavior: reasoning among the completion tokens (OpenAI) is not counted twice', () => {
     expect(Chat.outputTokens(usage(105, 100, 115))).toBe(105)
     expect(Chat.outputTokens(usage(105, 100))).toBe(105)
