@@ -209,7 +209,18 @@ async function* chunks(
   }
   const decoder = new TextDecoder()
   let events: string[] = []
-  const parser = createParser({ onEvent: (e) => events.push(e.data) })
+  /** The places in `events` of events with a name of their own (`event: ping`), rare: chat
+   * chunks come unnamed (or named `message`, the same thing). */
+  let named: Set<number> | undefined
+  const parser = createParser({
+    onEvent: (e) => {
+      if (e.event !== undefined && e.event !== 'message') {
+        named ??= new Set()
+        named.add(events.length)
+      }
+      events.push(e.data)
+    },
+  })
   const filled = { filled: false }
   const template = Chat.template()
   /** Whether the choice finished (a template's chunk has no finish reason and no usage). */
@@ -257,9 +268,12 @@ async function* chunks(
       watchdog.pause()
       if (events.length === 0) continue
       const arrived = events
+      const names = named
       events = []
+      named = undefined
       const batch: Received[] = []
-      for (const data of arrived) {
+      for (let i = 0; i < arrived.length; i++) {
+        const data = arrived[i]!
         // An event without data (a bare `data:`): a keep-alive some upstreams and proxies
         // send, nothing to parse.
         if (data === '') continue
@@ -276,6 +290,9 @@ async function* chunks(
         try {
           json = JSON.parse(data)
         } catch {
+          // An event of a name of its own whose data is no JSON (a keep-alive `event: ping`
+          // with `data: ping`) is none of the answer's chunks: skipped. An unnamed one must be.
+          if (names?.has(i)) continue
           if (batch.length > 0) yield batch
           throw new UpstreamError(
             `Upstream ${name} sent a chunk that is not JSON.`,

@@ -13,6 +13,24 @@ import * as Sse from '../helpers/Sse.ts'
 const usage = { prompt_tokens: 7, completion_tokens: 3, total_tokens: 10 }
 const url = Scripted.serve((body) => {
   const model = body.model as string
+  if (model === 'named') {
+    // Events of names of their own whose data is no JSON (keep-alives), among the chunks.
+    const data = (c: unknown) => `data: ${JSON.stringify(c)}\n\n`
+    return new Response(
+      [
+        'event: ping\ndata: ping\n\n',
+        data(Scripted.chunk({ role: 'assistant', content: '' }, null, model)),
+        data(Scripted.chunk({ content: 'Hello' }, null, model)),
+        'event: keepalive\ndata: \u2026\n\n',
+        data(Scripted.chunk({ content: ' there' }, null, model)),
+        data(Scripted.chunk({}, 'stop', model)),
+        'event: ping\ndata: ping\n\n',
+        data({ ...Scripted.chunk({}, null, model), choices: [], usage }),
+        'data: [DONE]\n\n',
+      ].join(''),
+      { headers: { 'content-type': 'text/event-stream' } },
+    )
+  }
   return Scripted.events([
     // `…-mid`: the first only once the answer has begun.
     ...(model.endsWith('-mid') ? [] : ['']),
@@ -27,10 +45,10 @@ const url = Scripted.serve((body) => {
     { ...Scripted.chunk({}, null, model), choices: [], usage },
   ])
 })
-const gw = await Scripted.gateway(url, ['keepalive', 'keepalive-mid'])
+const gw = await Scripted.gateway(url, ['keepalive', 'keepalive-mid', 'named'])
 const messages = [{ role: 'user' as const, content: 'hi' }]
 
-for (const model of ['keepalive', 'keepalive-mid'])
+for (const model of ['keepalive', 'keepalive-mid', 'named'])
   test(`behavior: empty data events are skipped, and the answer served and charged its usage (${model})`, async () => {
     const { id, key } = await gw.account()
     const res = await gw.complete(key, { model, stream: true, messages })
