@@ -298,7 +298,9 @@ export async function unfinalized(
 
 /**
  * Marks a cooperative close under way (as `markCloseRequested`); the mark's time, as text,
- * when the channel was not closing before (undefined when it was, or is unknown).
+ * when the channel was not closing before (undefined when it was, or is unknown). A payer's
+ * forced close marked already stays one: its cover is the passes' to settle should this close
+ * not go through.
  */
 export async function markClosing(sql: Sql, channelId: Hex): Promise<string | undefined> {
   const [row] = await sql`
@@ -308,7 +310,12 @@ export async function markClosing(sql: Sql, channelId: Hex): Promise<string | un
     )
     update channels set
       close_requested_at = coalesce(close_requested_at, clock_timestamp()),
-      cooperative_close = true,
+      -- Not over a forced close: a cooperative close refused (a voucher below spent, requests
+      -- under way past drainMs, the lock busy) or failed left the forced close marked
+      -- cooperative, due with no more than spent (the cover is a forced close's alone), and,
+      -- its CloseRequested event behind the blocks the passes read again, nothing marked it
+      -- forced again: the payer withdrew all it had signed ahead of what it spent.
+      cooperative_close = close_requested_at is null or cooperative_close,
       active_stream = null
     from before
     where channel_id = ${bytes(channelId)}

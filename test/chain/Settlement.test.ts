@@ -1704,4 +1704,36 @@ describe('closing channels in the passes (audit)', () => {
     await spend(next, 50n)
     expect(await w.settleNow(next)).toMatchObject({ status: 'confirmed', cumulativeAmount: 50n })
   }, 30_000)
+  test('error: a forced close stays one through a cooperative close refused meanwhile, its event out of the blocks the passes read again: the cover is settled in time', async () => {
+    const w = worker({ gracePeriod: 60n })
+    // A cursor: the passes read the events after it, and the last 64 blocks again.
+    await ticked(w)
+    const channelId = await openChannel()
+    // Signed far ahead: no voucher at or below what is spent.
+    await accept(channelId, 1_000n)
+    await spend(channelId, 40n)
+    const { reservation } = await admitted(channelId, 10n)
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+    expect(await w.closeRequested(channelId)).toMatchObject({ status: 'nothing' })
+    // Blocks go by (the real 7.5 minutes to the cover are over 64 blocks on most chains), and a
+    // pass reads up to the head: its CloseRequested event is behind the blocks read again.
+    await chain.payeeClient.request({ method: 'anvil_mine', params: ['0x50'] } as never)
+    expect(mine(await ticked(w), channelId)).toEqual([])
+    // The payer closes cooperatively too, with a request still under way: refused.
+    const refused = await Settlement.close(chain.payeeClient, {
+      store: Settlements.store(sql),
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 40n,
+      signature: await sign(channelId, 40n),
+      drainMs: 100,
+    }).catch((e: unknown) => e)
+    expect(refused).toBeInstanceOf(ChannelBusyError)
+    await reservation!.settle(ended(0n))
+    await chain.increaseTime(31)
+    expect(mine(await ticked(w), channelId)).toMatchObject([
+      { status: 'confirmed', kind: 'settle', cumulativeAmount: 1_000n },
+    ])
+    expect((await onChain(channelId)).settled).toBe(1_000n)
+  }, 30_000)
 })
