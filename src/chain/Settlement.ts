@@ -469,7 +469,8 @@ export function start(options: Options): Worker {
   /**
    * Looks up again the settles and closes confirmed in the blocks a pass reads again (the last
    * `reorgDepth`): a reorganization may have replaced their block by one without them. One the
-   * node has neither mined nor in its pool (a node that does not put a dropped block's
+   * node has neither mined nor in its pool, at whose height the node holds a block without it
+   * (not a node behind that block), (a node that does not put a dropped block's
    * transactions back) is sent again, with the voucher it carried, and so until it is confirmed
    * again (the database took it for paid: `settled`, and a closing channel's `spent` raised to
    * its cover, stayed where it had put them, the chain's lower, and a payer that forced the
@@ -486,6 +487,9 @@ export function start(options: Options): Worker {
     })
     for (const t of rows) {
       if (!t.dropped && t.hash) {
+        // A block above the head: the node asked is behind the one that gave the receipt (a
+        // load-balanced RPC), or the chain was started afresh; it cannot tell either way.
+        if (t.block === undefined || t.block > head) continue
         const receipt = await getTransactionReceipt(options.client, { hash: t.hash }).catch(
           (error) => {
             if (error instanceof TransactionReceiptNotFoundError) return null
@@ -508,6 +512,17 @@ export function start(options: Options): Worker {
         }
         // In the pool again (put back by the node): mined in a coming block.
         if (await known(options.client, t.hash)) continue
+        // Dropped only when a node shows its block replaced: one without it at its height. A
+        // node without that block (behind, or another of a load-balanced RPC) says nothing:
+        // sent again on its word, the settle reverted in the simulation (mined already), and
+        // its record, confirmed, was left reverted (a client retrying its close refused), or,
+        // the node's state behind too, was sent with the nonce of the mined one and waited for
+        // until the timeout, holding the pass.
+        const block = await getBlock(options.client, { blockNumber: t.block }).catch(
+          () => undefined,
+        )
+        if (!block || block.transactions.some((h) => h.toLowerCase() === t.hash?.toLowerCase()))
+          continue
         await store.dropped(t.id)
         log.warn(
           {

@@ -1704,6 +1704,69 @@ describe('closing channels in the passes (audit)', () => {
     await spend(next, 50n)
     expect(await w.settleNow(next)).toMatchObject({ status: 'confirmed', cumulativeAmount: 50n })
   }, 30_000)
+  test('error: a settle recorded confirmed is not taken for reorganized out when the node asked lags a block behind the one that gave its receipt (a load-balanced RPC)', async () => {
+    // A front to anvil that, lagging, answers as a node one block behind: the head below,
+    // no such block, and neither a receipt nor a transaction for the hash it has not seen.
+    let lagging: { hash: Hex; block: bigint } | undefined
+    const server = Bun.serve({
+      port: 0,
+      hostname: '127.0.0.1',
+      async fetch(req) {
+        const text = await req.text()
+        const call = JSON.parse(text) as { id: number; method: string; params?: unknown[] }
+        const answer = (result: unknown) => Response.json({ jsonrpc: '2.0', id: call.id, result })
+        if (lagging) {
+          const first = String(call.params?.[0] ?? '').toLowerCase()
+          if (call.method === 'eth_blockNumber') return answer(toHex(lagging.block - 1n))
+          if (
+            (call.method === 'eth_getTransactionReceipt' ||
+              call.method === 'eth_getTransactionByHash') &&
+            first === lagging.hash.toLowerCase()
+          )
+            return answer(null)
+          if (
+            call.method === 'eth_getBlockByNumber' &&
+            first.startsWith('0x') &&
+            BigInt(first) >= lagging.block
+          )
+            return answer(null)
+        }
+        return fetch(chain.rpcUrl, { method: 'POST', body: text, headers: req.headers })
+      },
+    })
+    try {
+      const client = Client.from({
+        rpcUrl: `http://127.0.0.1:${server.port}`,
+        chainId: chain.chainId,
+        privateKey: chain.payee.privateKey,
+        pollingInterval: 20,
+      })
+      const w = worker({ client })
+      const channelId = await openChannel()
+      await accept(channelId, 200n)
+      await spend(channelId, 200n)
+      const settled = await w.settleNow(channelId)
+      expect(settled).toMatchObject({ status: 'confirmed', cumulativeAmount: 200n })
+      const hash = (settled as { hash: Hex }).hash
+      const { blockNumber } = await chain.payeeClient.request({
+        method: 'eth_getTransactionReceipt',
+        params: [hash],
+      } as never)
+      lagging = { hash, block: BigInt(blockNumber as Hex) }
+      // Mined, and still in its block: nothing to send again, the record stays as it is.
+      expect(mine(await ticked(w), channelId)).toEqual([])
+      expect(await recorded(channelId)).toMatchObject([
+        { kind: 'settle', cumulativeAmount: 200n, status: 'confirmed', attempts: 1 },
+      ])
+      lagging = undefined
+      expect(mine(await ticked(w), channelId)).toEqual([])
+      expect(await recorded(channelId)).toMatchObject([
+        { kind: 'settle', cumulativeAmount: 200n, status: 'confirmed', attempts: 1 },
+      ])
+    } finally {
+      server.stop(true)
+    }
+  }, 30_000)
   test('error: a forced close stays one through a cooperative close refused meanwhile, its event out of the blocks the passes read again: the cover is settled in time', async () => {
     const w = worker({ gracePeriod: 60n })
     // A cursor: the passes read the events after it, and the last 64 blocks again.
