@@ -360,7 +360,8 @@ export function createFetch(options: Options): PayingFetch {
    * reservation reaches `reserveAhead` past the amount that asked for it, so most vouchers sign
    * within one already held and cost no more than before (the store write after each
    * signature); near maxTotal a client may be refused what another holds reserved and has not
-   * signed yet (at most `reserveAhead` per server), until that one signs it or gives it back.
+   * signed yet (at most `reserveAhead` per server), until that one signs it or gives it back
+   * (this client's own, on its other channels, it gives back first: see `granted`).
    * Reading the others afresh before every signature would be exact but add a locked read and
    * write of the store to every voucher.
    */
@@ -387,17 +388,32 @@ export function createFetch(options: Options): PayingFetch {
    * store grants, which may be less. Undefined for a store without `reserve` (this client's
    * own count is all there is).
    */
-  const granted = (key: string, wanted: bigint): Promise<bigint | undefined> => {
+  const granted = async (key: string, wanted: bigint): Promise<bigint | undefined> => {
     const reserve = store.reserve?.bind(store)
-    if (!reserve) return Promise.resolve(undefined)
-    return inTurn(key, async () => {
-      const live = lives.get(key)
-      const held = max(reservedByKey.get(key) ?? 0n, live?.state ? live.session.signed : 0n)
-      if (wanted <= held) return held
-      const got = await reserve(key, wanted + reserveAhead, budget)
-      reservedByKey.set(key, got)
-      return got
-    })
+    if (!reserve) return undefined
+    const ask = () =>
+      inTurn(key, async () => {
+        const live = lives.get(key)
+        const held = max(reservedByKey.get(key) ?? 0n, live?.state ? live.session.signed : 0n)
+        if (wanted <= held) return held
+        const got = await reserve(key, wanted + reserveAhead, budget)
+        reservedByKey.set(key, got)
+        return got
+      })
+    const got = await ask()
+    if (got >= wanted) return got
+    // Short: what this client reserved ahead on its other channels and does not sign goes back
+    // first, and the store is asked again. Kept, it refused this channel below maxTotal with
+    // nothing else signing (one server paid once holds `reserveAhead` unsigned: with maxTotal
+    // 1,000 and margin 100, a second server got 400, not 900). Outside this key's turn: each
+    // give-back takes its own key's, and two channels short at once would wait on each other.
+    let freed = false
+    for (const [k, before] of [...reservedByKey])
+      if (k !== key) {
+        await giveBack(k).catch(() => {})
+        if ((reservedByKey.get(k) ?? 0n) < before) freed = true
+      }
+    return freed ? ask() : got
   }
   /**
    * Lowers `key`'s reservation to what its channel signed and what is being signed on it (a

@@ -257,3 +257,22 @@ describe('createFetch on a store file shared by clients of one wallet', () => {
     await Promise.all([a.release(), b.release()])
   }, 30_000)
 })
+
+describe('createFetch alone on its store, paying two servers', () => {
+  for (const [name, make] of [
+    ['Store.file', async () => Store.file(await storePath())],
+    ['Store.memory', async () => Store.memory()],
+  ] as [string, () => Promise<Store.Store>][])
+    test(`behavior: what it reserved ahead on one server and does not sign does not refuse it on another below maxTotal (${name})`, async () => {
+      const key = generatePrivateKey()
+      const [one, two] = [server(), server()]
+      const f = paying(key, await make())
+      // 100 signed on the first server (and more reserved ahead there), then the second.
+      await requests(f, one.url, 1)
+      await requests(f, two.url, 12)
+      expect(one.total()).toBe(100n)
+      // Nothing else signs from this wallet: all but the 100 the first signed.
+      expect(two.total()).toBe(limits.maxTotal - 100n)
+      await f.release()
+    }, 30_000)
+})
