@@ -407,10 +407,12 @@ export function file(path: string): Store {
         `The channel store ${path} has a malformed reservation under "${key}"; repair it, or delete that entry (under "reserved").`,
         { path, key },
       )
-    const { amount, pid, token: holder } = parsed.data
-    const live = holder === token || (pid === process.pid ? liveTokens.has(holder) : alive(pid))
-    return live ? BigInt(amount) : 0n
+    return holds(parsed.data) ? BigInt(parsed.data.amount) : 0n
   }
+  /** Whether reservation `r`'s holder is in use: this store, another store of this process
+   * neither released nor collected, or another process alive. */
+  const holds = (r: Reservation) =>
+    r.token === token || (r.pid === process.pid ? liveTokens.has(r.token) : alive(r.pid))
   // Writes one after another, so two updates never interleave their read and write.
   const update = (f: (content: Content) => void) => {
     const next = queue.then(() =>
@@ -521,6 +523,13 @@ export function file(path: string): Store {
           budget,
         )
         const reserved = c.reserved ?? {}
+        // Those whose holder is no longer in use count for nothing: removed, so that a process
+        // given the pid of one that ended later does not make it count again (it was kept, and
+        // refused the others what it held, for as long as that process lived).
+        for (const [k, r] of Object.entries(reserved)) {
+          const parsed = Reservation.safeParse(r)
+          if (parsed.success && !holds(parsed.data)) delete reserved[k]
+        }
         if (granted > 0n) reserved[key] = { amount: granted.toString(), pid: process.pid, token }
         else delete reserved[key]
         c.reserved = reserved

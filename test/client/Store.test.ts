@@ -352,6 +352,38 @@ describe('reserve', () => {
     expect(Object.keys(content.reserved)).toEqual(['y#0xP'])
   }, 30_000)
 
+  test('behavior: file: a reservation whose process ended is removed at the next reservation: a process given its pid later does not make it count again', async () => {
+    const path = join(await dir(), 'channels.json')
+    const holder = child(`
+      const s = Store.file(${JSON.stringify(path)})
+      await s.reserve('x#0xP', 700n, { limit: 1000n, shares: (k) => k.includes('#0xP') })
+      console.log('reserved')
+      await new Promise(() => setInterval(() => {}, 1000))
+    `)
+    await printed(holder, 'reserved')
+    holder.kill('SIGKILL')
+    await holder.exited
+    const s = Store.file(path)
+    expect(await s.reserve!('y#0xP', 100n, budget(1_000n))).toBe(100n)
+    // The system gives the ended process's pid to another, long-lived one: here a live process's
+    // pid written in its place, as that reuse would leave the file.
+    const other = child(`
+      console.log('up')
+      await new Promise(() => setInterval(() => {}, 1000))
+    `)
+    try {
+      await printed(other, 'up')
+      const content = JSON.parse(await Bun.file(path).text())
+      if (content.reserved['x#0xP']) content.reserved['x#0xP'].pid = other.pid
+      await writeFile(path, JSON.stringify(content))
+      // Nothing else holds anything: all of the limit.
+      expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(1_000n)
+    } finally {
+      other.kill('SIGKILL')
+      await other.exited
+    }
+  }, 30_000)
+
   test('behavior: file: reservations and writes from two processes at once: the grants together stay within the limit', async () => {
     const path = join(await dir(), 'channels.json')
     const reserver = (who: string) =>
