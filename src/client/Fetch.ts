@@ -1111,9 +1111,17 @@ export function createFetch(options: Options): PayingFetch {
       if (need.requiredCumulative <= live.sent) return
       const voucher = await raise(live, url, need.requiredCumulative)
       live.sent = live.session.signed
+      // Made again on a fresh challenge for the amount it carries (`raise` stored it), not for
+      // what the channel signed since: another request's voucher may be signed and its store
+      // write under way, and a voucher leaves the client only once its amount is stored (what
+      // makes a dead process's reservation safe to ignore). One at or below what the server
+      // took is a replay it takes.
+      const cumulative = BigInt(
+        (Credential.deserialize(voucher).payload as { cumulativeAmount: string }).cumulativeAmount,
+      )
       await post(url, voucher, {
         live,
-        credential: () => live.session.voucher(live.session.signed),
+        credential: () => live.session.voucher(cumulative),
       })
       options.onVoucher?.({
         channelId: live.session.channelId as Hex,

@@ -15,6 +15,7 @@ import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts'
 import { createFetch, type Options, Store } from '../../src/client/index.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
+import * as Events from '../../src/payment/Events.ts'
 import * as Receipt from '../../src/payment/Receipt.ts'
 import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
 
@@ -275,4 +276,116 @@ describe('createFetch alone on its store, paying two servers', () => {
       expect(two.total()).toBe(limits.maxTotal - 100n)
       await f.release()
     }, 30_000)
+})
+
+describe('createFetch: a voucher leaves the client only once its amount is stored', () => {
+  test('behavior: a mid-stream voucher sent again (its challenge expired on its way) while another request on the channel signed further and is storing it: sent at its own amount, not at the unstored one', async () => {
+    // Challenges that live one second: the held voucher's expires while it is held.
+    const challenge = () =>
+      ScriptedPayments.challenge(
+        {
+          amount: 1n,
+          currency: `0x${'c0'.repeat(20)}`,
+          recipient: `0x${'9a'.repeat(20)}`,
+          methodDetails: {
+            chainId: 31337,
+            escrowContract: escrow,
+            feePayer: true,
+            credentialTypes: ['authorization'],
+            tokenDomain: { name: 'Scripted', version: '1' },
+          },
+        },
+        1_000,
+      )
+    /** What the store held stored (the highest signed written) as each voucher arrived. */
+    let stored = 0n
+    const seen: { amount: bigint; stored: bigint }[] = []
+    const held = Promise.withResolvers<void>()
+    const answerHeld = Promise.withResolvers<void>()
+    const voucherTaken = Promise.withResolvers<void>()
+    let heads = 0
+    const s = Bun.serve({
+      port: 0,
+      hostname: '127.0.0.1',
+      async fetch(req) {
+        const path = new URL(req.url).pathname
+        if (path.startsWith('/v1/channels/'))
+          return Response.json({ status: 'open', spent: '0', settled: '0', deposit: '10000' })
+        const authorization = req.headers.get('authorization')
+        const refuse = () =>
+          new Response('{}', {
+            status: 402,
+            headers: { 'www-authenticate': Challenge.serialize(challenge()) },
+          })
+        if (!authorization?.startsWith('Payment ')) return refuse()
+        const credential = Credential.deserialize(authorization)
+        const p = credential.payload as Record<string, string>
+        const amount = BigInt(p.cumulativeAmount as string)
+        seen.push({ amount, stored })
+        if (req.method === 'HEAD') {
+          if (heads++ > 0) {
+            voucherTaken.resolve()
+            return new Response(null, { status: 200 })
+          }
+          // The first mid-stream voucher: answered once the test says so, its challenge expired.
+          held.resolve()
+          await answerHeld.promise
+          const expires = Date.parse(credential.challenge.expires as string)
+          while (Date.now() <= expires + 50) await Bun.sleep(50)
+          return refuse()
+        }
+        const body = (await req.json()) as { stream?: boolean }
+        if (!body.stream) return Response.json({ ok: true })
+        const need = Events.needVoucher({
+          channelId: p.channelId as Hex,
+          requiredCumulative: amount + 50n,
+          acceptedCumulative: amount,
+          deposit: 10_000n,
+        })
+        const sse = new ReadableStream<Uint8Array>({
+          async start(c) {
+            const text = (e: string) => c.enqueue(new TextEncoder().encode(e))
+            text(`event: ${need.event}\ndata: ${JSON.stringify(need.data)}\n\n`)
+            await voucherTaken.promise
+            text('data: {"choices":[]}\n\ndata: [DONE]\n\n')
+            c.close()
+          },
+        })
+        return new Response(sse, { headers: { 'content-type': 'text/event-stream' } })
+      },
+    })
+    afterAll(() => s.stop(true))
+    const url = `http://127.0.0.1:${s.port}/v1/chat/completions`
+    // A store whose write of 2,000 signed waits for the test (a slow disk, a lock held).
+    const inner = Store.memory()
+    const blocked = Promise.withResolvers<void>()
+    const gate = Promise.withResolvers<void>()
+    const store: Store.Store = {
+      ...inner,
+      async set(key, state) {
+        if (BigInt(state.signed) >= 2_000n) {
+          blocked.resolve()
+          await gate.promise
+        }
+        await inner.set(key, state)
+        if (BigInt(state.signed) > stored) stored = BigInt(state.signed)
+      },
+    }
+    const f = paying(generatePrivateKey(), store, {
+      limits: { maxDeposit: 10_000n, maxTotal: 10_000n },
+      completionMargin: 2_000n,
+    })
+    const res = await f(url, { method: 'POST', body: '{"model":"m","messages":[],"stream":true}' })
+    const reading = res.text()
+    await held.promise
+    // Another request on the channel signs 2,000 ahead; its store write waits.
+    const other = f(url, post)
+    await blocked.promise
+    answerHeld.resolve()
+    await reading
+    gate.resolve()
+    await (await other).text()
+    expect(seen.filter((v) => v.amount > v.stored)).toEqual([])
+    await f.release()
+  }, 30_000)
 })
