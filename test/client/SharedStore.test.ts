@@ -123,6 +123,25 @@ describe('createFetch on a store file shared by clients of one wallet', () => {
     await Promise.all([a.release(), b.release()])
   }, 30_000)
 
+  test('error: a close that succeeded returns its transaction even when giving back its reservation fails', async () => {
+    const memory = Store.memory()
+    let failing = false
+    const store: Store.Store = {
+      ...memory,
+      reserve: (...args: Parameters<NonNullable<Store.Store['reserve']>>) => {
+        if (failing) return Promise.reject(new Error('the store cannot be written'))
+        return memory.reserve!(...args)
+      },
+    }
+    const one = server()
+    const f = paying(generatePrivateKey(), store)
+    await requests(f, one.url, 2)
+    failing = true
+    expect(await f.close(one.url)).toBe(`0x${'77'.repeat(32)}`)
+    // What it signed is counted as closed.
+    expect(await memory.closedTotal(Object.keys((await memory.all!()).closedTotals)[0]!)).toBe(200n)
+  }, 30_000)
+
   test('behavior: what another client closed counts as it closes: its closed total read afresh, not as first read', async () => {
     const path = await storePath()
     const key = generatePrivateKey()
