@@ -383,6 +383,13 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     const sweep = setInterval(async () => {
       try {
         const dead = name ? await Instances.dead(sql, deadAfterMs) : []
+        // Their sessions first, with the locks they may hold (the settlement's among them).
+        const ended = name ? await Instances.endSessions(sql, deadAfterMs) : []
+        if (ended.length > 0)
+          log.warn(
+            { instances: ended },
+            'ended the database sessions of instances that are gone (their heartbeat stopped)',
+          )
         const n = await Reservations.sweep(sql, undefined, dead)
         if (n > 0)
           log.warn(

@@ -42,6 +42,29 @@ export async function dead(sql: Sql, afterMs: number): Promise<string[]> {
   return rows.map((r) => r.instance as string)
 }
 
+/**
+ * Ends the sessions that instances taken for dead (their heartbeat older than `afterMs`) still
+ * have open, this one's own excepted; the names of those instances. An instance whose machine
+ * is gone leaves its sessions behind, and PostgreSQL keeps them, and what they hold, until TCP
+ * keepalive gives up, hours later: the settlement lock taken for a pass (Settlements.withLock),
+ * the chain sender's lock (Db.exclusive), a transaction's row locks. Held, the first kept every
+ * other instance from settling, and from reading back the payers' forced closes, whose grace
+ * period is 15 minutes. An instance only cut off from the database (taken for dead all the
+ * same, its reservations released) opens new sessions once it reaches it again. Only sessions
+ * of a role this one is a member of (the others' it may not end).
+ */
+export async function endSessions(sql: Sql, afterMs: number): Promise<string[]> {
+  const rows = await sql`
+    select a.application_name as name, pg_terminate_backend(a.pid) as ended
+    from pg_stat_activity a
+    join tollway_instances i on i.name = a.application_name
+    where i.seen_at < now() - make_interval(secs => ${afterMs / 1000})
+      and a.application_name <> current_setting('application_name')
+      and a.pid <> pg_backend_pid()
+      and pg_has_role(a.usesysid, 'member')`
+  return [...new Set(rows.map((r) => r.name as string))]
+}
+
 /** Forgets heartbeats older than a day (instances long stopped). */
 export async function forget(sql: Sql): Promise<void> {
   await sql`delete from tollway_instances where seen_at < now() - interval '1 day'`
