@@ -390,7 +390,14 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
             { instances: ended },
             'ended the database sessions of instances that are gone (their heartbeat stopped)',
           )
-        const n = await Reservations.sweep(sql, undefined, dead)
+        // A hundred a call: called again until none is left, so an instance that died with
+        // more under way has them all released now, not a hundred a sweep (minutes for a
+        // thousand, holding their accounts' credits and concurrency).
+        let n = 0
+        for (let k = await Reservations.sweep(sql, undefined, dead); k > 0; ) {
+          n += k
+          k = await Reservations.sweep(sql, undefined, dead)
+        }
         if (n > 0)
           log.warn(
             { released: n, ...(dead.length > 0 ? { instances: dead } : {}) },

@@ -200,3 +200,49 @@ test.skipIf(!server)(
   },
   40_000,
 )
+
+test.skipIf(!server)(
+  'behavior: an instance killed with more than a hundred streams under way has them all released by the first sweep that finds it dead, not a hundred a sweep',
+  async () => {
+    const { db, sql, a, b } = await pair(Upstream.start({ slowMs: 500 }), {
+      sweepMs: 200,
+      deadAfterMs: 600,
+    })
+    const { id, key } = await a.account()
+    const words = Array.from({ length: 60 }, (_, i) => `w${i}`).join(' ')
+    // 110 streams on b, 30 s each (a word each 0.5 s), started a few at a time: the upstream's
+    // headers come within its 1 s timeout. (This process's fetch holds 256 requests at once:
+    // 110 to b, 110 from b to the upstream.)
+    const streams: Response[] = []
+    while (streams.length < 110)
+      streams.push(
+        ...(await Promise.all(
+          Array.from({ length: 10 }, () =>
+            b.complete(key, {
+              model: 'fake-slow',
+              stream: true,
+              messages: [{ role: 'user', content: words }],
+            }),
+          ),
+        )),
+      )
+    expect(streams.map((r) => r.status)).toEqual(Array(110).fill(200))
+    const [held] =
+      await db.sql`select count(*)::int as n from reservations where account_id = ${id}`
+    expect(held!.n).toBe(110)
+    // b is killed: its sessions close, it beats no more.
+    await sql.end({ timeout: 0 })
+    const gone = () =>
+      a.logs
+        .map((l) => JSON.parse(l) as { msg?: string; released?: number })
+        .filter((l) => l.msg?.startsWith('released reservations of dead requests and of instances'))
+    for (let i = 0; i < 100 && gone().length === 0; i++) await Bun.sleep(100)
+    // The first sweep that found b dead released all its reservations.
+    expect(gone()[0]?.released).toBe(110)
+    for (const r of streams) void r.body?.cancel().catch(() => {})
+    const [left] =
+      await db.sql`select count(*)::int as n from reservations where account_id = ${id}`
+    expect(left!.n).toBe(0)
+  },
+  60_000,
+)
