@@ -384,7 +384,17 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       try {
         const dead = name ? await Instances.dead(sql, deadAfterMs) : []
         // Their sessions first, with the locks they may hold (the settlement's among them).
-        const ended = name ? await Instances.endSessions(sql, deadAfterMs) : []
+        // Ending one may be refused (a role that may not signal it): that must not keep their
+        // reservations held, so it fails alone.
+        const ended = name
+          ? await Instances.endSessions(sql, deadAfterMs).catch((e: unknown) => {
+              log.warn(
+                { err: (e as Error).message },
+                'ending the sessions of instances that are gone failed',
+              )
+              return []
+            })
+          : []
         if (ended.length > 0)
           log.warn(
             { instances: ended },
