@@ -33,6 +33,11 @@ export class Waker {
 
   private constructor(private readonly pollMs: number) {}
 
+  /** How many channels have a stream waiting for their next voucher. */
+  get waiting(): number {
+    return this.waiters.size
+  }
+
   /** Wakes every waiter of a channel (also called locally right after accepting a voucher). */
   wake(channelId: string): void {
     const set = this.waiters.get(channelId.toLowerCase())
@@ -52,6 +57,9 @@ export class Waker {
         clearTimeout(timer)
         signal.removeEventListener('abort', onAbort)
         set.delete(wake)
+        // The last waiter of a channel takes its entry with it (a poll or an abort ended its
+        // wait): kept, every channel that ever waited stayed in the map.
+        if (set.size === 0 && this.waiters.get(id) === set) this.waiters.delete(id)
         resolve(woken)
       }
       const wake = () => done(true)

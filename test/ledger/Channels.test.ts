@@ -445,6 +445,29 @@ describe('channelReservation', () => {
     }
   })
 
+  test('behavior: a channel whose waits ended by the poll or an abort is not kept by the waker', async () => {
+    const waker = await Waker.start(sql, { listen: false, pollMs: 20 })
+    const never = new AbortController().signal
+    for (let i = 0; i < 5; i++)
+      expect(await waker.next(`0x${'ab'.repeat(31)}0${i}`, never)).toBe(true)
+    const gone = new AbortController()
+    const waiting = waker.next(`0x${'cd'.repeat(32)}`, gone.signal)
+    expect(waker.waiting).toBe(1)
+    gone.abort()
+    expect(await waiting).toBe(false)
+    // Two waiting on one channel: the first ending leaves the other's entry.
+    const [a, b] = [new AbortController(), new AbortController()]
+    const first = waker.next(`0x${'ef'.repeat(32)}`, a.signal)
+    const second = waker.next(`0x${'ef'.repeat(32)}`, b.signal)
+    a.abort()
+    await first
+    expect(waker.waiting).toBe(1)
+    waker.wake(`0x${'ef'.repeat(32)}`)
+    expect(await second).toBe(true)
+    expect(waker.waiting).toBe(0)
+    await waker.stop()
+  })
+
   test('behavior: without a voucher the wait ends at the timeout', async () => {
     const waker = await Waker.start(sql, { listen: false, pollMs: 20 })
     const c = await channel(1000n)
