@@ -659,7 +659,9 @@ export async function serve(): Promise<void> {
     }
     // What the configuration points at is unusable (a kept secret, the escrow, the data dir).
     const message =
-      e instanceof Config.ConfigError || e instanceof Embedded.InUseError
+      e instanceof Config.ConfigError ||
+      e instanceof Embedded.InUseError ||
+      e instanceof Embedded.OpenError
         ? e.message
         : dataDirProblem(e, config.dataDir)
     if (message === undefined) throw e

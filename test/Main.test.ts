@@ -11,6 +11,7 @@ import {
 } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { PGlite } from '@electric-sql/pglite'
 import type { Hex } from 'viem'
 import { getTransactionCount } from 'viem/actions'
 import * as Client from '../src/chain/Client.ts'
@@ -592,6 +593,38 @@ describe('npm start', () => {
       expect(nowhere.err).toContain('TOLLWAY_DATA_DIR / dataDir: cannot use /proc/tollway-data')
       expect(nowhere.err).not.toContain('    at ')
     }
+  }, 60_000)
+
+  test('error: an embedded database that cannot be opened (its WAL lost, as a crash or a full disk leaves it) stops the start naming the data dir and what PostgreSQL said, not a WASM abort', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const config = join(dataDir, 'config.json')
+    writeFileSync(config, '{"devChain": false}')
+    const pgdata = join(dataDir, 'pgdata')
+    const db = await PGlite.create(pgdata)
+    await db.query('select 1')
+    await db.close()
+    const wal = join(pgdata, 'pg_wal')
+    for (const f of readdirSync(wal)) if (/^[0-9A-F]{24}$/.test(f)) writeFileSync(join(wal, f), '')
+    const proc = Bun.spawn(['bin/tollway', 'serve'], {
+      cwd: root,
+      env: {
+        PATH: process.env.PATH ?? '',
+        TOLLWAY_DATA_DIR: dataDir,
+        PORT: '0',
+        TOLLWAY_CONFIG: config,
+      },
+      stdout: 'pipe',
+      stderr: 'pipe',
+    })
+    expect(await proc.exited).toBe(1)
+    const err = await new Response(proc.stderr).text()
+    expect(err).toContain('configuration error')
+    expect(err).toContain(`the embedded database in ${pgdata} cannot be opened`)
+    expect(err).toContain('could not locate a valid checkpoint record')
+    expect(err).not.toContain('Aborted()')
+    expect(err).not.toContain('    at ')
+    // The data dir is not left locked.
+    expect(existsSync(join(pgdata, 'tollway.lock'))).toBe(false)
   }, 60_000)
 
   test('error: a host that does not resolve, or a port in use, stops the start naming HOST / PORT', async () => {

@@ -17,6 +17,15 @@ export class InUseError extends Error {
 }
 
 /**
+ * Thrown when PGlite cannot open the data dir's database (a WAL or control file lost or cut
+ * short by a crash or a full disk): PGlite itself aborts with a bare `RuntimeError: Aborted()`,
+ * the reason only in PostgreSQL's log, which this error carries.
+ */
+export class OpenError extends Error {
+  override name = 'OpenError'
+}
+
+/**
  * Claims `dataDir` for this process (a lock file with its pid). PGlite itself does not stop a
  * second process from opening the same files: two gateways on one data dir each saw their
  * own writes, and the one stopped last overwrote the other's. A lock of a process that is
@@ -48,10 +57,28 @@ function claim(dataDir: string): () => void {
 /** Starts PGlite with its data in `dataDir` (in memory when omitted) on a free port. */
 export async function start(options: { dataDir?: string } = {}): Promise<Embedded> {
   const release = options.dataDir ? claim(options.dataDir) : () => {}
-  const db = await PGlite.create(options.dataDir).catch((e: unknown) => {
+  // PostgreSQL's log while it opens: what went wrong when it aborts (afterwards, not kept).
+  let log: string[] | undefined = []
+  const db = await PGlite.create(options.dataDir, {
+    onStderr: (line) => {
+      log?.push(line)
+      if (log && log.length > 50) log.shift()
+      return false
+    },
+  }).catch((e: unknown) => {
     release()
-    throw e
+    // A file system error (a full disk, a directory not ours to write) is said as it is.
+    if (typeof (e as { code?: unknown } | undefined)?.code === 'string') throw e
+    const said = log
+      ?.map((l) => /\b(?:PANIC|FATAL|ERROR):\s+(.*)$/.exec(l)?.[1])
+      .filter((l) => l !== undefined)
+      .at(-1)
+    throw new OpenError(
+      `the embedded database in ${options.dataDir ?? 'memory'} cannot be opened: ${said ?? (e as Error).message}. It may be damaged (a crash or a full disk while it was written): move that directory aside to start with an empty database, or restore it from a backup`,
+      { cause: e },
+    )
   })
+  log = undefined
   const server = new PGLiteSocketServer({ db, host: '127.0.0.1', port: 0 })
   await server.start()
   const address = (
