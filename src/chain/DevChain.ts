@@ -13,6 +13,7 @@ import {
   deployContract,
   getChainId,
   getCode,
+  getTransactionCount,
   waitForTransactionReceipt,
   writeContract,
 } from 'viem/actions'
@@ -145,8 +146,9 @@ async function run(options: Options): Promise<DevChain> {
     if ((await getChainId(client)) !== chainId)
       throw new DevChainError('anvil reports another chain id')
 
+    const amount = options.mint ?? 1_000_000_000_000n
     // A chain resumed from its state file has the contracts where the first run put them (the
-    // payee's first two transactions): deployed and minted once.
+    // payee's first two transactions): deployed once.
     const first = {
       escrowAddress: getContractAddress({ from: payee.address, nonce: 0n }),
       currencyAddress: getContractAddress({ from: payee.address, nonce: 1n }),
@@ -155,18 +157,16 @@ async function run(options: Options): Promise<DevChain> {
       resumed &&
       (await getCode(client, { address: first.escrowAddress })) !== undefined &&
       (await getCode(client, { address: first.currencyAddress })) !== undefined
-    if (deployed) return { rpcUrl, chainId, ...first, payee, payers, stop }
-    const { escrowAddress, currencyAddress } = await deploy(client)
-    let last: Hex | undefined
-    for (const payer of payers) {
-      last = await writeContract(client, {
-        address: currencyAddress,
-        abi: TestUSDArtifact.abi,
-        functionName: 'mint',
-        args: [payer.address, options.mint ?? 1_000_000_000_000n],
-      })
+    if (deployed) {
+      // The payee's next transactions were the mints, a payer each in order (settlements come
+      // after them): a start killed midway (anvil dumps its state as it exits) funded only the
+      // first payers, and the others stayed without tokens on every later start.
+      const nonce = await getTransactionCount(client, { address: payee.address })
+      await mint(client, first.currencyAddress, payers.slice(Math.max(0, nonce - 2)), amount)
+      return { rpcUrl, chainId, ...first, payee, payers, stop }
     }
-    if (last) await waitForTransactionReceipt(client, { hash: last })
+    const { escrowAddress, currencyAddress } = await deploy(client)
+    await mint(client, currencyAddress, payers, amount)
     return { rpcUrl, chainId, escrowAddress, currencyAddress, payee, payers, stop }
   } catch (error) {
     await stop()
@@ -174,6 +174,24 @@ async function run(options: Options): Promise<DevChain> {
       ? error
       : new DevChainError('Could not start the development chain.', { cause: error })
   }
+}
+
+/** Mints `amount` TestUSD to each payer, in order (one transaction each); waits for the last. */
+async function mint(
+  client: Client.WalletClient,
+  token: Address,
+  payers: Account[],
+  amount: bigint,
+) {
+  let last: Hex | undefined
+  for (const payer of payers)
+    last = await writeContract(client, {
+      address: token,
+      abi: TestUSDArtifact.abi,
+      functionName: 'mint',
+      args: [payer.address, amount],
+    })
+  if (last) await waitForTransactionReceipt(client, { hash: last })
 }
 
 /** The environment that points a gateway at this chain (what `Config.load` reads). */

@@ -3,7 +3,9 @@ import { expect, test } from 'bun:test'
 import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import * as Client from '../../src/chain/Client.ts'
 import * as DevChain from '../../src/chain/DevChain.ts'
+import * as Token from '../../src/chain/Token.ts'
 
 test('behavior: a state file anvil cannot read is set aside; one it could read stays when anvil fails otherwise', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'devchain-'))
@@ -27,5 +29,39 @@ test('behavior: a state file anvil cannot read is set aside; one it could read s
     expect(readFileSync(fresh.setAside!, 'utf8')).toBe('{"block":')
   } finally {
     await fresh.stop()
+  }
+}, 60_000)
+
+test('behavior: a state file of a start cut short while it funded the payers (the gateway killed then) is completed: every payer funded, the contracts where they were', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'devchain-'))
+  const state = join(dir, 'anvil-state.json')
+  // What a kill between the first mints and the last leaves: the contracts, two payers funded.
+  const cut = await DevChain.start({ stateFile: state, accounts: 3 })
+  await cut.stop()
+  const resumed = await DevChain.start({ stateFile: state })
+  try {
+    expect(resumed.escrowAddress).toBe(cut.escrowAddress)
+    expect(resumed.currencyAddress).toBe(cut.currencyAddress)
+    const client = Client.from({ rpcUrl: resumed.rpcUrl, chainId: resumed.chainId })
+    expect(resumed.payers).toHaveLength(9)
+    for (const payer of resumed.payers)
+      expect(
+        await Token.balanceOf(client, { token: resumed.currencyAddress, owner: payer.address }),
+      ).toBe(1_000_000_000_000n)
+  } finally {
+    await resumed.stop()
+  }
+  // Started again, nothing is minted twice.
+  const again = await DevChain.start({ stateFile: state })
+  try {
+    const client = Client.from({ rpcUrl: again.rpcUrl, chainId: again.chainId })
+    expect(
+      await Token.balanceOf(client, {
+        token: again.currencyAddress,
+        owner: again.payers[0]!.address,
+      }),
+    ).toBe(1_000_000_000_000n)
+  } finally {
+    await again.stop()
   }
 }, 60_000)
