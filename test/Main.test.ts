@@ -570,7 +570,7 @@ describe('npm start', () => {
     // A data dir whose embedded database a live process holds.
     const busy = mkdtempSync(join(tmpdir(), 'tollway-main-'))
     mkdirSync(join(busy, 'pgdata'))
-    const other = Bun.spawn(['sleep', '30'])
+    const other = Bun.spawn([process.execPath, '-e', 'await Bun.sleep(30_000)'])
     try {
       writeFileSync(join(busy, 'pgdata', 'tollway.lock'), `${other.pid}\n`)
       const held = await start(busy)

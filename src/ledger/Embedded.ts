@@ -3,8 +3,8 @@
  * pglite-socket, so the gateway reaches it with the same postgres.js code as a real
  * server. PGlite is single-connection: connect to it with `max: 1`.
  */
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { join } from 'node:path'
+import { mkdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs'
+import { basename, join } from 'node:path'
 import { PGlite } from '@electric-sql/pglite'
 import { PGLiteSocketServer } from '@electric-sql/pglite-socket'
 import type { Sql } from './Db.ts'
@@ -29,7 +29,8 @@ export class OpenError extends Error {
  * Claims `dataDir` for this process (a lock file with its pid). PGlite itself does not stop a
  * second process from opening the same files: two gateways on one data dir each saw their
  * own writes, and the one stopped last overwrote the other's. A lock of a process that is
- * gone is taken over. Returns the release.
+ * gone is taken over, and so is one of a process that is no gateway (its pid reused: after a
+ * crash and a reboot, another program had it, and every start was refused). Returns the release.
  */
 function claim(dataDir: string): () => void {
   mkdirSync(dataDir, { recursive: true })
@@ -45,6 +46,7 @@ function claim(dataDir: string): () => void {
     } catch (e) {
       alive = (e as { code?: string }).code === 'EPERM'
     }
+    if (alive && !aGateway(holder)) alive = false
     if (alive)
       throw new InUseError(
         `the embedded database in ${dataDir} is in use by process ${holder}; stop it first, or set another TOLLWAY_DATA_DIR`,
@@ -52,6 +54,22 @@ function claim(dataDir: string): () => void {
   }
   writeFileSync(path, `${process.pid}\n`)
   return () => rmSync(path, { force: true })
+}
+
+/**
+ * Whether process `pid` may be a gateway: it runs bun (any bun: npm's, a global one) or the
+ * executable this one runs. Said only where /proc tells (Linux, a process of ours to read);
+ * elsewhere any live process may be. An executable replaced while it ran (an `npm install`
+ * under a running gateway) still counts.
+ */
+function aGateway(pid: number): boolean {
+  const exe = (p: string) => basename(readlinkSync(p).replace(/ \(deleted\)$/, ''))
+  try {
+    const its = exe(`/proc/${pid}/exe`)
+    return /^bun(?:\.exe)?$/.test(its) || its === exe('/proc/self/exe')
+  } catch {
+    return true
+  }
 }
 
 /** Starts PGlite with its data in `dataDir` (in memory when omitted) on a free port. */

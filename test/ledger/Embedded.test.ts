@@ -1,5 +1,5 @@
 import { describe, expect, test } from 'bun:test'
-import { existsSync, mkdtempSync, writeFileSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import * as Embedded from '../../src/ledger/Embedded.ts'
@@ -8,7 +8,8 @@ describe('Embedded', () => {
   test('error: a data dir another live process serves is refused; one whose process is gone is taken over, and released at stop', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'tollway-embedded-'))
     const lock = join(dir, 'tollway.lock')
-    const other = Bun.spawn(['sleep', '30'])
+    // Another gateway: a bun process.
+    const other = Bun.spawn([process.execPath, '-e', 'await Bun.sleep(30_000)'])
     try {
       writeFileSync(lock, `${other.pid}\n`)
       const refused = await Embedded.start({ dataDir: dir }).catch((e: unknown) => e)
@@ -23,5 +24,21 @@ describe('Embedded', () => {
     expect(existsSync(lock)).toBe(true)
     await db.stop()
     expect(existsSync(lock)).toBe(false)
+  }, 60_000)
+
+  test('behavior: a lock naming a live process that is no gateway (its pid reused after a crash and a reboot) is taken over', async () => {
+    if (process.platform !== 'linux') return
+    const dir = mkdtempSync(join(tmpdir(), 'tollway-embedded-'))
+    const lock = join(dir, 'tollway.lock')
+    const other = Bun.spawn(['sleep', '30'])
+    try {
+      writeFileSync(lock, `${other.pid}\n`)
+      const db = await Embedded.start({ dataDir: dir })
+      expect(readFileSync(lock, 'utf8').trim()).toBe(String(process.pid))
+      await db.stop()
+    } finally {
+      other.kill()
+      await other.exited
+    }
   }, 60_000)
 })
