@@ -68,7 +68,7 @@ export async function list(
   sql: Sql,
   input: { limit: number; cursor?: string },
 ): Promise<Page.Page<Account>> {
-  const page = Page.newestFirst(sql, input.cursor)
+  const page = Page.newestFirst(sql, input.cursor, Page.scope('accounts'))
   await accountsSettled(sql)
   const rows = await sql`
     select *, ${monthUsed(sql)}, created_at::text as position from accounts

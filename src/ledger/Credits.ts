@@ -54,7 +54,8 @@ export async function transactions(
   sql: Sql,
   input: { accountId: string; limit: number; cursor?: string },
 ): Promise<Page.Page<Transaction>> {
-  const [after] = Page.parse(input.cursor, [Page.shapes.id]) ?? []
+  const scope = Page.scope('transactions', input.accountId)
+  const [, after] = Page.parse(input.cursor, [Page.scoped(scope), Page.shapes.id]) ?? []
   await accountsSettled(sql)
   const rows = await sql`
     select id, amount, kind, note, request_id, created_at from credit_transactions
@@ -71,6 +72,6 @@ export async function transactions(
       request_id: r.request_id,
       created_at: r.created_at.toISOString(),
     }),
-    (r) => [String(r.id)],
+    (r) => [scope, String(r.id)],
   )
 }

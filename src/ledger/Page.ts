@@ -1,4 +1,8 @@
-/** Cursor pagination: an opaque base64url cursor over a (timestamp, id) or (id) key. */
+/**
+ * Cursor pagination: an opaque base64url cursor over a (timestamp, id) or (id) key, led by the
+ * scope of the listing it walks (see `scope`), so a cursor of another listing or another
+ * account is refused rather than taken as a position in this one.
+ */
 import type { Sql } from './Db.ts'
 
 export type Page<T> = { object: 'list'; data: T[]; has_more: boolean; next_cursor: string | null }
@@ -27,6 +31,21 @@ export function parse(value: string | undefined, shapes: Shape[]): string[] | un
 
 /** What one part of a cursor must be (a RegExp is one). */
 export type Shape = { test(part: string): boolean }
+
+/**
+ * The first part of a listing's cursors: the listing's name and, for a listing of one
+ * account's rows, a digest of the account's id (a key holder is never shown its account's id,
+ * and needs none to page). Another listing's or account's cursor has another: a 400, where it
+ * was taken as a position in this listing (another account's row id or time).
+ */
+export function scope(listing: string, owner?: string): string {
+  if (owner === undefined) return listing
+  const digest = Bun.CryptoHasher.hash('sha256', `${listing}\n${owner}`) as Buffer
+  return `${listing}:${digest.subarray(0, 12).toString('base64url')}`
+}
+
+/** The shape of a cursor's first part: exactly `scope`. */
+export const scoped = (scope: string): Shape => ({ test: (p) => p === scope })
 
 /** Whether year `y`, month `m` (1–12), day `d` is a day of the calendar (JS takes 02-30 as
  * March 2, and years 0–99 as 1900–1999 in `Date.UTC`). */
@@ -83,13 +102,14 @@ export function from<R, T>(
  * condition for the rows after `cursor` (none on the first page), and the cursor key of a row
  * that selected `created_at::text as position`. The time stays text both ways: through a JS
  * Date it would lose its microseconds, and rows of one batch (one time) would be skipped.
+ * `scope` is the listing's (see `scope`).
  */
-export function newestFirst(sql: Sql, cursor: string | undefined) {
-  const after = parse(cursor, [shapes.timestamp, shapes.uuid])
+export function newestFirst(sql: Sql, cursor: string | undefined, scope: string) {
+  const after = parse(cursor, [scoped(scope), shapes.timestamp, shapes.uuid])
   return {
     after: after
-      ? sql`(created_at, id) < (${after[0]!}::text::timestamptz, ${after[1]!}::uuid)`
+      ? sql`(created_at, id) < (${after[1]!}::text::timestamptz, ${after[2]!}::uuid)`
       : undefined,
-    key: (r: Record<string, unknown>) => [String(r.position), String(r.id)],
+    key: (r: Record<string, unknown>) => [scope, String(r.position), String(r.id)],
   }
 }

@@ -27,7 +27,7 @@ export async function list(
   sql: Sql,
   input: { accountId: string; limit: number; cursor?: string } & Filter,
 ): Promise<Page.Page<Row>> {
-  const page = Page.newestFirst(sql, input.cursor)
+  const page = Page.newestFirst(sql, input.cursor, Page.scope('usage', input.accountId))
   await accountsSettled(sql)
   // Times go in as text, cast in the query (see Page.newestFirst).
   const rows = await sql`

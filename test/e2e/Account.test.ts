@@ -1,5 +1,6 @@
 import { describe, expect, test } from 'bun:test'
 import OpenAI from 'openai'
+import * as Page from '../../src/ledger/Page.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 
 const gw = await Gateway.create()
@@ -322,22 +323,23 @@ describe('admin and key input', () => {
 
 describe('cursors', () => {
   test('error: a date or a cursor in year 0000 (which PostgreSQL has not), in UTC too, or with a zone offset past 15:59 is a 400 naming it, not a 500', async () => {
-    const { key } = await gw.account()
-    const cursor = Buffer.from(
-      '0000-01-01 00:00:00+00\n00000000-0000-0000-0000-000000000000',
-    ).toString('base64url')
+    const { id, key } = await gw.account()
+    // Cursors of these listings (their scope first), of a time PostgreSQL cannot read.
+    const cursor = (scope: string, time: string) =>
+      Page.cursor([scope, time, '00000000-0000-0000-0000-000000000000'])
+    const usage = Page.scope('usage', id)
+    const accounts = Page.scope('accounts')
+    const zero = '0000-01-01 00:00:00+00'
     // An offset that moves the time into year 0 in UTC; a zone offset past PostgreSQL's 15:59.
-    const offset = Buffer.from(
-      '2026-01-01 00:00:00+05:99\n00000000-0000-0000-0000-000000000000',
-    ).toString('base64url')
+    const offset = '2026-01-01 00:00:00+05:99'
     const answers = [
-      [await as(key, `/usage?cursor=${cursor}`), 'cursor'],
-      [await gw.admin(`/accounts?cursor=${cursor}`), 'cursor'],
+      [await as(key, `/usage?cursor=${cursor(usage, zero)}`), 'cursor'],
+      [await gw.admin(`/accounts?cursor=${cursor(accounts, zero)}`), 'cursor'],
       [await as(key, '/usage?from=0000-01-01'), 'from'],
       [await as(key, '/usage?from=0001-01-01T00:00%2B00:01'), 'from'],
       [await as(key, '/usage?to=0001-01-01T00:30%2B01:00'), 'to'],
-      [await as(key, `/usage?cursor=${offset}`), 'cursor'],
-      [await gw.admin(`/accounts?cursor=${offset}`), 'cursor'],
+      [await as(key, `/usage?cursor=${cursor(usage, offset)}`), 'cursor'],
+      [await gw.admin(`/accounts?cursor=${cursor(accounts, offset)}`), 'cursor'],
     ] as const
     for (const [res, param] of answers) {
       expect(res.status).toBe(400)
@@ -465,13 +467,16 @@ describe('cursors', () => {
   })
 
   test('error: a cursor of a time that does not exist, or an id beyond the database, is a 400', async () => {
-    const { key } = await gw.account()
-    const cursor = (parts: string[]) => Buffer.from(parts.join('\n')).toString('base64url')
+    const { id, key } = await gw.account()
+    // Cursors of these listings (their scope first) whose position cannot be.
+    const usage = (time: string) =>
+      Page.cursor([Page.scope('usage', id), time, crypto.randomUUID()])
+    const transactions = (row: string) => Page.cursor([Page.scope('transactions', id), row])
     for (const [path, c] of [
-      ['/usage', cursor(['2024-13-45 10:00:00+00', crypto.randomUUID()])],
-      ['/usage', cursor(['2024-02-30 10:00:00+00', crypto.randomUUID()])],
-      ['/usage', cursor(['2024-02-28 24:00:00+00', crypto.randomUUID()])],
-      ['/credits/transactions', cursor(['9999999999999999999'])],
+      ['/usage', usage('2024-13-45 10:00:00+00')],
+      ['/usage', usage('2024-02-30 10:00:00+00')],
+      ['/usage', usage('2024-02-28 24:00:00+00')],
+      ['/credits/transactions', transactions('9999999999999999999')],
     ] as const) {
       const res = await as(key, `${path}?cursor=${c}`)
       expect(res.status).toBe(400)
@@ -481,7 +486,7 @@ describe('cursors', () => {
     }
     // The largest id a row can have is still a cursor.
     expect(
-      (await as(key, `/credits/transactions?cursor=${cursor(['9223372036854775807'])}`)).status,
+      (await as(key, `/credits/transactions?cursor=${transactions('9223372036854775807')}`)).status,
     ).toBe(200)
   })
 })

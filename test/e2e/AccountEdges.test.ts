@@ -1,0 +1,61 @@
+import { describe, expect, test } from 'bun:test'
+import * as Gateway from '../helpers/Gateway.ts'
+
+const gw = await Gateway.create()
+
+function as(key: string, path: string, init: RequestInit = {}) {
+  return fetch(`${gw.url}/v1${path}`, {
+    ...init,
+    headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+  })
+}
+type Listing = { data: { id: string }[]; has_more: boolean; next_cursor: string | null }
+const listing = async (res: Response) => {
+  expect(res.status).toBe(200)
+  return (await res.json()) as Listing
+}
+const param = async (res: Response) =>
+  ((await res.json()) as { error: { param: string | null } }).error.param
+
+/** An account with `n` usage rows (written as the ledger writes them) and `n` more grants. */
+async function busy(n: number) {
+  const account = await gw.account({ credits: 1_000 })
+  for (let i = 0; i < n; i++) {
+    await gw.sql`insert into usage (id, account_id, model, stream, prompt_tokens, completion_tokens, cost, status)
+      values (${crypto.randomUUID()}, ${account.id}, 'fake', false, 1, 1, 3, 'ok')`
+    expect((await gw.admin(`/accounts/${account.id}/credits`, { amount: '1' })).status).toBe(200)
+  }
+  return account
+}
+
+describe('cursors', () => {
+  test('error: a cursor of another account or another listing is a 400 naming it, not a position in this one', async () => {
+    const a = await busy(3)
+    const b = await busy(3)
+    const usage = await listing(await as(a.key, '/usage?limit=1'))
+    const transactions = await listing(await as(a.key, '/credits/transactions?limit=1'))
+    const accounts = await listing(await gw.admin('/accounts?limit=1'))
+    for (const c of [usage, transactions, accounts]) expect(c.next_cursor).not.toBeNull()
+
+    for (const res of [
+      // Account a's cursors on account b's listings.
+      await as(b.key, `/usage?cursor=${usage.next_cursor}`),
+      await as(b.key, `/credits/transactions?cursor=${transactions.next_cursor}`),
+      await gw.admin(`/accounts/${b.id}/usage?cursor=${usage.next_cursor}`),
+      await gw.admin(`/accounts/${b.id}/transactions?cursor=${transactions.next_cursor}`),
+      // A cursor of another listing, of the same shape.
+      await as(a.key, `/usage?cursor=${accounts.next_cursor}`),
+      await gw.admin(`/accounts?cursor=${usage.next_cursor}`),
+    ]) {
+      expect(res.status).toBe(400)
+      expect(await param(res)).toBe('cursor')
+    }
+
+    // The same listing of the same account, asked by the operator: the walk goes on.
+    const next = await listing(
+      await gw.admin(`/accounts/${a.id}/usage?cursor=${usage.next_cursor}`),
+    )
+    const all = await listing(await as(a.key, '/usage'))
+    expect(next.data.map((d) => d.id)).toEqual(all.data.slice(1).map((d) => d.id))
+  })
+})
