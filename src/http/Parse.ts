@@ -65,6 +65,13 @@ export function parse<S extends z.ZodType>(schema: S, value: unknown): z.output<
   const r = schema.safeParse(value)
   if (r.success) return r.data
   const issue = r.error.issues[0]!
+  // A field a strict object does not take: named itself (its object's path is its parent's).
+  if (issue.code === 'unrecognized_keys') {
+    const param = [...issue.path, issue.keys[0]!].map(String).join('.')
+    throw new InvalidRequestError(`${param}: unknown field; leave it out.`, 'unknown_parameter', {
+      param,
+    })
+  }
   const param = issue.path.map(String).join('.')
   throw new InvalidRequestError(
     param ? `${param}: ${issue.message}` : issue.message,

@@ -59,3 +59,51 @@ describe('cursors', () => {
     expect(next.data.map((d) => d.id)).toEqual(all.data.slice(1).map((d) => d.id))
   })
 })
+
+describe('bodies', () => {
+  test('error: a field the endpoint does not take is a 400 naming it, and nothing is written', async () => {
+    const { id, key } = await gw.account({ credits: 1_000 })
+    const before = await Gateway.ledger(gw.sql, id)
+    const [{ accounts }] =
+      (await gw.sql`select count(*)::int as accounts from accounts`) as unknown as [
+        { accounts: number },
+      ]
+    const cases: [() => Promise<Response>, string][] = [
+      // An operator who thinks the account starts with credits, or a note went with a grant.
+      [() => gw.admin('/accounts', { name: 'acme', plan: 'pro', credits: '5000' }), 'credits'],
+      [() => gw.admin(`/accounts/${id}/credits`, { amount: '5', memo: 'welcome' }), 'memo'],
+      [
+        () => gw.admin(`/accounts/${id}/keys`, { name: 'ci', expires_at: '2027-01-01' }),
+        'expires_at',
+      ],
+      [() => gw.admin(`/accounts/${id}`, { plan: 'pro', balance: '5' }, 'PATCH'), 'balance'],
+      [
+        () =>
+          as(key, '/keys', {
+            method: 'POST',
+            body: JSON.stringify({ name: 'ci', scopes: ['chat'] }),
+          }),
+        'scopes',
+      ],
+    ]
+    for (const [send, field] of cases) {
+      const res = await send()
+      expect(res.status).toBe(400)
+      const { error } = (await res.json()) as {
+        error: { type: string; param: string; message: string }
+      }
+      expect(error).toMatchObject({ type: 'invalid_request_error', param: field })
+      expect(error.message).toContain(field)
+    }
+    expect(await Gateway.ledger(gw.sql, id)).toEqual(before)
+    const [after] = (await gw.sql`select count(*)::int as accounts from accounts`) as unknown as [
+      { accounts: number },
+    ]
+    expect(after.accounts).toBe(accounts)
+    const [{ keys }] =
+      (await gw.sql`select count(*)::int as keys from api_keys where account_id = ${id}`) as unknown as [
+        { keys: number },
+      ]
+    expect(keys).toBe(1)
+  })
+})

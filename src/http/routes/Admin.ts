@@ -22,10 +22,15 @@ const Text = (max: number, min = 0) =>
     .refine((t) => !t.includes('\u0000'), 'must not contain a NUL character')
     .refine((t) => t.isWellFormed(), 'must be well-formed Unicode (no lone surrogate)')
 
-const CreateAccount = z.object({
-  name: Text(200, 1),
-  plan: z.string().min(1).optional(),
-})
+// Bodies are strict: a field the endpoint does not take is a 400 naming it, not dropped (an
+// account created with `"credits"`, a grant with `"memo"`, a key with `"expires_at"` would
+// otherwise be answered as if it had been done).
+const CreateAccount = z
+  .object({
+    name: Text(200, 1),
+    plan: z.string().min(1).optional(),
+  })
+  .strict()
 
 const UpdateAccount = z
   .object({ name: Text(200, 1).optional(), plan: z.string().min(1).optional() })
@@ -41,8 +46,8 @@ const Amount = z
   .transform((v) => BigInt(v))
   .refine((v) => v !== 0n, 'must not be zero')
 
-const Grant = z.object({ amount: Amount, note: Text(500).optional() })
-export const CreateKey = z.object({ name: Text(200, 1) })
+const Grant = z.object({ amount: Amount, note: Text(500).optional() }).strict()
+export const CreateKey = z.object({ name: Text(200, 1) }).strict()
 
 /** Creates a key for an account, or a 409 at the active-key limit. */
 export async function createKey(deps: Deps, accountId: string, name: string) {
