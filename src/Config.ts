@@ -166,7 +166,21 @@ export const Schema = z
         }
       }, 'must be a postgres:// or postgresql:// URL')
       .optional(),
-    adminToken: z.string().min(16).optional(),
+    /**
+     * Sent as `Authorization: Bearer <token>`, so one word of printable ASCII: a token with a
+     * space inside could never be sent, and one read from a file with its line break (a
+     * mounted secret) was compared with it, and every admin request was a 401. The ends are
+     * trimmed, as the token kept in the data dir is.
+     */
+    adminToken: z
+      .string()
+      .trim()
+      .min(16)
+      .regex(
+        /^[\x21-\x7e]+$/,
+        'must be printable ASCII without spaces (it is sent as "Authorization: Bearer <token>")',
+      )
+      .optional(),
     /**
      * Serve over TLS (Bun's own): PEM files of the certificate chain and its key. Payment
      * challenges and credentials go only over TLS (or loopback, or a trusted proxy's).

@@ -83,6 +83,24 @@ describe('load', () => {
     )
   })
 
+  test('behavior: ADMIN_TOKEN is one word: read with a line break it is trimmed, with a space inside refused', () => {
+    // A secret mounted as a file keeps its last line break: the token is what comes before it.
+    expect(Config.load({ ADMIN_TOKEN: 'admin-token-0123456789\n' }).adminToken).toBe(
+      'admin-token-0123456789',
+    )
+    expect(Config.load({ ADMIN_TOKEN: '  admin-token-0123456789 ' }).adminToken).toBe(
+      'admin-token-0123456789',
+    )
+    // "Authorization: Bearer <token>" cannot carry these: no request could open the gateway.
+    for (const token of [
+      'admin token 0123456789',
+      'admin-token-\n0123456789',
+      'admin-tökën-0123456789',
+    ])
+      expect(() => Config.load({ ADMIN_TOKEN: token })).toThrow(/^ADMIN_TOKEN .*printable ASCII/)
+    expect(() => Config.load({ ADMIN_TOKEN: '  short-token   \n' })).toThrow(/ADMIN_TOKEN/)
+  })
+
   test('behavior: a model lists several upstreams as routes, with their costs', () => {
     const c = Config.from({
       upstreams: [

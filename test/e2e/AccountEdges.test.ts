@@ -107,3 +107,18 @@ describe('bodies', () => {
     expect(keys).toBe(1)
   })
 })
+
+describe('admin token', () => {
+  test('behavior: an admin token configured with its line break (a secret read from a file) opens the admin API', async () => {
+    const token = 'mounted-admin-token-0123456789'
+    const other = await Gateway.create({ adminToken: `${token}\n` })
+    const res = await fetch(`${other.url}/admin/accounts`, {
+      headers: { authorization: `Bearer ${token}` },
+    })
+    expect(res.status).toBe(200)
+    const wrong = await fetch(`${other.url}/admin/accounts`, {
+      headers: { authorization: `Bearer ${token}x` },
+    })
+    expect(wrong.status).toBe(401)
+  })
+})
