@@ -122,3 +122,33 @@ describe('admin token', () => {
     expect(wrong.status).toBe(401)
   })
 })
+
+describe('revoking keys', () => {
+  test('behavior: a key may revoke itself (its answer is its last); another account key is a 404 and stays active', async () => {
+    const a = await gw.account()
+    const b = await gw.account()
+    const bKeys = (await (await as(b.key, '/keys')).json()) as { data: { id: string }[] }
+    const bKey = bKeys.data[0]!.id
+    const foreign = await as(a.key, `/keys/${bKey}`, { method: 'DELETE' })
+    expect(foreign.status).toBe(404)
+    expect(((await foreign.json()) as { error: { code: string } }).error.code).toBe('key_not_found')
+    expect((await as(b.key, '/credits')).status).toBe(200)
+
+    const own = (await (await as(a.key, '/keys')).json()) as { data: { id: string }[] }
+    const self = await as(a.key, `/keys/${own.data[0]!.id}`, { method: 'DELETE' })
+    expect(self.status).toBe(200)
+    expect(await self.json()).toEqual({ id: own.data[0]!.id, revoked: true })
+    for (const path of ['/keys', '/credits', '/usage'])
+      expect((await as(a.key, path)).status).toBe(401)
+    const stream = await gw.complete(a.key, {
+      model: 'fake',
+      stream: true,
+      messages: [{ role: 'user', content: 'hi' }],
+    })
+    expect(stream.status).toBe(401)
+    // The account had no other key: the operator makes it one.
+    const made = await gw.admin(`/accounts/${a.id}/keys`, { name: 'again' })
+    expect(made.status).toBe(201)
+    expect((await as(((await made.json()) as { key: string }).key, '/credits')).status).toBe(200)
+  })
+})
