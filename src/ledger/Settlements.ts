@@ -417,6 +417,15 @@ export async function unconfirmed(sql: Sql, channelId: Hex): Promise<Settlement.
   }))
 }
 
+/** What a `chain_transactions` row says was sent: its id, channel, kind, amount and hash. */
+const sent = (r: Record<string, unknown>) => ({
+  id: BigInt(r.id as string),
+  channelId: hex(r.channel_id as Uint8Array),
+  kind: r.kind as Settlement.Recorded['kind'],
+  cumulativeAmount: r.cumulative_amount as bigint,
+  hash: r.tx_hash ? hex(r.tx_hash as Uint8Array) : undefined,
+})
+
 /**
  * This escrow's and payee's settles and closes to look up again on chain (Settlement.ts,
  * `recheck`): those confirmed in a block above `above`, and those a reorganization dropped
@@ -437,11 +446,8 @@ export async function recent(
       and c.chain_id = ${i.chainId} and c.escrow = ${bytes(i.escrow)} and c.payee = ${bytes(i.payee)}
     order by t.id`
   return rows.map((r) => ({
-    id: BigInt(r.id),
-    channelId: hex(r.channel_id),
+    ...sent(r),
     kind: r.kind,
-    cumulativeAmount: r.cumulative_amount,
-    hash: r.tx_hash ? hex(r.tx_hash) : undefined,
     signature: hex(r.signature),
     block: r.block === null ? undefined : BigInt(r.block),
     dropped: r.status !== 'confirmed',
@@ -477,11 +483,7 @@ export async function transactions(sql: Sql, channelId: Hex): Promise<Settlement
   const rows = await sql`
     select * from chain_transactions where channel_id = ${bytes(channelId)} order by id`
   return rows.map((r) => ({
-    id: BigInt(r.id),
-    channelId: hex(r.channel_id),
-    kind: r.kind,
-    cumulativeAmount: r.cumulative_amount,
-    hash: r.tx_hash ? hex(r.tx_hash) : undefined,
+    ...sent(r),
     status: r.status,
     errorName: r.error_name ?? undefined,
     errorMessage: r.error_message ?? undefined,

@@ -80,6 +80,19 @@ function sign(channelId: Hex, cumulativeAmount: bigint) {
   })
 }
 
+/** A cooperative close of `channelId` at 40 with a request under way (drainMs 100): what it
+ * throws (a ChannelBusyError, as the tests that use it expect). */
+async function closedAt40(channelId: Hex): Promise<unknown> {
+  return Settlement.close(chain.payeeClient, {
+    store: Settlements.store(sql),
+    escrow: chain.escrowAddress,
+    channelId,
+    cumulativeAmount: 40n,
+    signature: await sign(channelId, 40n),
+    drainMs: 100,
+  }).catch((e: unknown) => e)
+}
+
 /** Accepts real vouchers for each amount, in order. */
 async function accept(channelId: Hex, ...amounts: bigint[]) {
   for (const cumulativeAmount of amounts) {
@@ -531,14 +544,7 @@ describe('start', () => {
     const { reservation } = await admitted(channelId, 10n)
     await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
     await w.closeRequested(channelId)
-    const refused = await Settlement.close(chain.payeeClient, {
-      store: Settlements.store(sql),
-      escrow: chain.escrowAddress,
-      channelId,
-      cumulativeAmount: 40n,
-      signature: await sign(channelId, 40n),
-      drainMs: 100,
-    }).catch((e: unknown) => e)
+    const refused = await closedAt40(channelId)
     expect(refused).toBeInstanceOf(ChannelBusyError)
     expect((await inDb(channelId)).closeRequestedAt).not.toBeNull()
     await reservation!.settle(ended(0n))
@@ -1783,14 +1789,7 @@ describe('closing channels in the passes (audit)', () => {
     await chain.payeeClient.request({ method: 'anvil_mine', params: ['0x50'] } as never)
     expect(mine(await ticked(w), channelId)).toEqual([])
     // The payer closes cooperatively too, with a request still under way: refused.
-    const refused = await Settlement.close(chain.payeeClient, {
-      store: Settlements.store(sql),
-      escrow: chain.escrowAddress,
-      channelId,
-      cumulativeAmount: 40n,
-      signature: await sign(channelId, 40n),
-      drainMs: 100,
-    }).catch((e: unknown) => e)
+    const refused = await closedAt40(channelId)
     expect(refused).toBeInstanceOf(ChannelBusyError)
     await reservation!.settle(ended(0n))
     await chain.increaseTime(31)

@@ -21,6 +21,20 @@ import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
 
 const escrow = `0x${'e5'.repeat(20)}` as Hex
 
+/** What the scripted servers ask: gasless opens on a chain nobody reads. */
+const asked = {
+  amount: 1n,
+  currency: `0x${'c0'.repeat(20)}`,
+  recipient: `0x${'9a'.repeat(20)}`,
+  methodDetails: {
+    chainId: 31337,
+    escrowContract: escrow,
+    feePayer: true,
+    credentialTypes: ['authorization'],
+    tokenDomain: { name: 'Scripted', version: '1' },
+  },
+}
+
 /**
  * A scripted payment server: a 402 with its challenge for a request without a credential, a
  * 200 with a receipt (spent: the credential's amount) for any other; its channel's view
@@ -29,19 +43,7 @@ const escrow = `0x${'e5'.repeat(20)}` as Hex
  */
 function server() {
   const signed = new Map<string, bigint>()
-  const challenge = () =>
-    ScriptedPayments.challenge({
-      amount: 1n,
-      currency: `0x${'c0'.repeat(20)}`,
-      recipient: `0x${'9a'.repeat(20)}`,
-      methodDetails: {
-        chainId: 31337,
-        escrowContract: escrow,
-        feePayer: true,
-        credentialTypes: ['authorization'],
-        tokenDomain: { name: 'Scripted', version: '1' },
-      },
-    })
+  const challenge = () => ScriptedPayments.challenge(asked)
   const s = Bun.serve({
     port: 0,
     hostname: '127.0.0.1',
@@ -300,22 +302,7 @@ describe('createFetch alone on its store, paying two servers', () => {
 describe('createFetch: a voucher leaves the client only once its amount is stored', () => {
   test('behavior: a mid-stream voucher sent again (its challenge expired on its way) while another request on the channel signed further and is storing it: sent at its own amount, not at the unstored one', async () => {
     // Challenges that live one second: the held voucher's expires while it is held.
-    const challenge = () =>
-      ScriptedPayments.challenge(
-        {
-          amount: 1n,
-          currency: `0x${'c0'.repeat(20)}`,
-          recipient: `0x${'9a'.repeat(20)}`,
-          methodDetails: {
-            chainId: 31337,
-            escrowContract: escrow,
-            feePayer: true,
-            credentialTypes: ['authorization'],
-            tokenDomain: { name: 'Scripted', version: '1' },
-          },
-        },
-        1_000,
-      )
+    const challenge = () => ScriptedPayments.challenge(asked, 1_000)
     /** What the store held stored (the highest signed written) as each voucher arrived. */
     let stored = 0n
     const seen: { amount: bigint; stored: bigint }[] = []

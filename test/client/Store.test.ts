@@ -162,6 +162,16 @@ function child(code: string) {
   )
 }
 
+/** Another process holding 700 of 1,000 reserved under `x#0xP` in the store file at `path`,
+ * until killed; it prints `reserved` once it holds it. */
+const holding = (path: string) =>
+  child(`
+    const s = Store.file(${JSON.stringify(path)})
+    await s.reserve('x#0xP', 700n, { limit: 1000n, shares: (k) => k.includes('#0xP') })
+    console.log('reserved')
+    await new Promise(() => setInterval(() => {}, 1000))
+  `)
+
 /** Waits until `proc` prints a line starting with `line`; that whole line. */
 async function printed(proc: ReturnType<typeof child>, line: string) {
   const reader = proc.stdout.getReader()
@@ -324,12 +334,7 @@ describe('reserve', () => {
 
   test('behavior: file: a reservation counts while its holder is in use: another live process, another store of this process; not once the process ended or the store was released', async () => {
     const path = join(await dir(), 'channels.json')
-    const holder = child(`
-      const s = Store.file(${JSON.stringify(path)})
-      await s.reserve('x#0xP', 700n, { limit: 1000n, shares: (k) => k.includes('#0xP') })
-      console.log('reserved')
-      await new Promise(() => setInterval(() => {}, 1000))
-    `)
+    const holder = holding(path)
     const s = Store.file(path)
     try {
       await printed(holder, 'reserved')
@@ -354,12 +359,7 @@ describe('reserve', () => {
 
   test('behavior: file: a reservation whose process ended is removed at the next reservation: a process given its pid later does not make it count again', async () => {
     const path = join(await dir(), 'channels.json')
-    const holder = child(`
-      const s = Store.file(${JSON.stringify(path)})
-      await s.reserve('x#0xP', 700n, { limit: 1000n, shares: (k) => k.includes('#0xP') })
-      console.log('reserved')
-      await new Promise(() => setInterval(() => {}, 1000))
-    `)
+    const holder = holding(path)
     await printed(holder, 'reserved')
     holder.kill('SIGKILL')
     await holder.exited
