@@ -80,6 +80,17 @@ function sign(channelId: Hex, cumulativeAmount: bigint) {
   })
 }
 
+/** A channel with vouchers of 200 and 300 accepted and 250 spent, whose payer forced its close
+ * half a 60 s grace period and more ago. */
+async function forcedPastHalf(): Promise<Hex> {
+  const channelId = await openChannel()
+  await accept(channelId, 200n, 300n)
+  await spend(channelId, 250n)
+  await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+  await chain.increaseTime(31)
+  return channelId
+}
+
 /** A cooperative close of `channelId` at 40 with a request under way (drainMs 100): what it
  * throws (a ChannelBusyError, as the tests that use it expect). */
 async function closedAt40(channelId: Hex): Promise<unknown> {
@@ -556,11 +567,7 @@ describe('start', () => {
   })
 
   test('behavior: a forced close read back by a pass after half its grace period (the gateway was down) is settled with the cover at once', async () => {
-    const channelId = await openChannel()
-    await accept(channelId, 200n, 300n)
-    await spend(channelId, 250n)
-    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
-    await chain.increaseTime(31)
+    const channelId = await forcedPastHalf()
     // No watch: the pass reads the close back, marks it and settles it.
     expect(mine(await ticked(worker({ gracePeriod: 60n })), channelId)).toMatchObject([
       { status: 'confirmed', kind: 'settle', cumulativeAmount: 300n },
@@ -1683,11 +1690,7 @@ describe('closing channels in the passes (audit)', () => {
     expect((await dueNow()).map((d) => d.channelId)).not.toContain(channelId)
   }, 30_000)
   test('error: a cover settle recorded confirmed, then reorganized out of the chain (its block replaced by one without it), is sent again by the next pass: spent raised to it stays paid', async () => {
-    const channelId = await openChannel()
-    await accept(channelId, 200n, 300n)
-    await spend(channelId, 250n)
-    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
-    await chain.increaseTime(31)
+    const channelId = await forcedPastHalf()
     const w = worker({ gracePeriod: 60n })
     const [first] = mine(await ticked(w), channelId)
     expect(first).toMatchObject({ status: 'confirmed', kind: 'settle', cumulativeAmount: 300n })
