@@ -50,6 +50,14 @@ export type Status = 'ready' | 'loading' | 'unavailable'
 export const STRATEGIES = ['balanced', 'fastest', 'cheapest', 'ordered'] as const
 export type Strategy = (typeof STRATEGIES)[number]
 
+/**
+ * Whether a request may go to external routes: as it says (`allow_external`), else unless its
+ * strategy is `cheapest` (as the references have it).
+ */
+export function externalAllowed(strategy: Strategy, asked?: boolean): boolean {
+  return asked ?? strategy !== 'cheapest'
+}
+
 type Circuit = { failures: number; openUntil: number }
 /** A provider's calls by outcome: answered, failed (against its health), rate limited (429). */
 type Calls = { ok: number; failed: number; rateLimited: number }
@@ -162,7 +170,7 @@ export class Router {
       output: 1,
       stream: false,
     },
-    allowExternal: boolean = strategy !== 'cheapest',
+    allowExternal: boolean = externalAllowed(strategy),
   ): readonly Route[] {
     // Nothing failing anywhere (the common case): every route, as configured.
     const allowed = allowExternal ? m.routes : m.routes.filter((r) => !r.external)

@@ -68,6 +68,7 @@ const gw = await Gateway.create({
     model('limited-only', [route('limited-b', 'fake-429')]),
     model('with-external', [external('primary', 'fake-outside'), route('backup', 'fake-own')]),
     model('only-external', [external('primary', 'fake-outside-only')]),
+    model('external-cheapest', [external('primary', 'fake-outside-cheap')], 'cheapest'),
     model(
       'by-cost',
       [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)],
@@ -403,6 +404,31 @@ describe('allow_external', () => {
     expect(((await bad.json()) as Failure).error.param).toBe('allow_external')
     expect(fake.received.length).toBe(from)
     expect((await Gateway.ledger(gw.sql, id)).balance).toBe(1_000_000n)
+  })
+})
+
+describe('no route left', () => {
+  test('error: cheapest on a model served only externally is a 400 no_route_allowed (cheapest leaves external routes out unless allow_external is true), not a 503 to retry forever; nothing held or sent', async () => {
+    const { id, key } = await gw.account()
+    const from = fake.received.length
+    for (const body of [
+      { model: 'external-cheapest' },
+      { model: 'only-external', routing_strategy: 'cheapest' },
+    ]) {
+      const res = await post(key, body)
+      expect(res.status).toBe(400)
+      const { error } = (await res.json()) as Failure
+      expect(error.code).toBe('no_route_allowed')
+      expect(error.param).toBe('allow_external')
+      expect(error.message).toContain('cheapest')
+    }
+    expect(fake.received.length).toBe(from)
+    const [u] = await gw.sql`select count(*)::int as n from usage where account_id = ${id}`
+    expect(u!.n).toBe(0)
+    // Allowed, it is served.
+    const ok = await post(key, { model: 'external-cheapest', allow_external: true })
+    expect(ok.status).toBe(200)
+    expect(asked(from)).toEqual(['fake-outside-cheap'])
   })
 })
 

@@ -36,7 +36,7 @@ import type * as Method from '../../payment/Method.ts'
 import * as Problem from '../../payment/Problem.ts'
 import * as Chat from '../../upstream/Chat.ts'
 import type { Body, Timing } from '../../upstream/Provider.ts'
-import type { Model, Route } from '../../upstream/Router.ts'
+import { externalAllowed, type Model, type Route } from '../../upstream/Router.ts'
 import type { Deps } from '../Deps.ts'
 import * as Auth from '../middleware/Auth.ts'
 import * as Parse from '../Parse.ts'
@@ -87,9 +87,14 @@ function requested(deps: Deps, text: string): Requested {
     (Chat.fastPathFor(text) ? Chat.asRequest(json) : undefined) ?? Parse.parse(Chat.Request, json)
   const model = deps.router.route(req.model)
   ceilings(req, model)
-  if (req.allow_external === false && model.routes.every((r) => r.external))
+  // Refused whether allow_external is false as asked or by default (under cheapest): no route
+  // would ever be left, and a 503 would have the client retry for nothing.
+  const strategy = req.routing_strategy ?? model.routing
+  if (!externalAllowed(strategy, req.allow_external) && model.routes.every((r) => r.external))
     throw new InvalidRequestError(
-      `Every upstream of ${model.id} is external, and allow_external is false; nothing was charged.`,
+      req.allow_external === false
+        ? `Every upstream of ${model.id} is external, and allow_external is false; nothing was charged.`
+        : `Every upstream of ${model.id} is external, and routing_strategy cheapest leaves external upstreams out unless allow_external is true; send allow_external: true. Nothing was charged.`,
       'no_route_allowed',
       { param: 'allow_external' },
     )
