@@ -145,15 +145,25 @@ export class Router {
   /** The model, if one of its providers can take a request now; else 503. */
   route(id: string): Model {
     const m = this.model(id)
-    if (this.status(m) === 'unavailable')
-      throw new NoUpstreamError(
-        `No healthy upstream serves "${id}" right now; retry shortly.`,
-        'no_upstream_available',
-        {
-          headers: { 'retry-after': String(Math.ceil(this.retryInMs(m) / 1000)) },
-        },
-      )
+    if (this.status(m) === 'unavailable') throw this.unavailable(m)
     return m
+  }
+
+  /**
+   * The 503 of a model none of whose `routes` (those a request may use) takes requests now:
+   * `Retry-After` until the first of their open circuits lets a probe through.
+   */
+  unavailable(m: Model, routes: readonly Route[] = m.routes): NoUpstreamError {
+    return new NoUpstreamError(
+      `No healthy upstream serves "${m.id}" right now; retry shortly.`,
+      'no_upstream_available',
+      { headers: { 'retry-after': String(Math.ceil(this.retryInMs(routes) / 1000)) } },
+    )
+  }
+
+  /** A model's routes a request may use: its external ones only with `allowExternal`. */
+  allowed(m: Model, allowExternal: boolean): readonly Route[] {
+    return allowExternal ? m.routes : m.routes.filter((r) => !r.external)
   }
 
   /**
@@ -173,7 +183,7 @@ export class Router {
     allowExternal: boolean = externalAllowed(strategy),
   ): readonly Route[] {
     // Nothing failing anywhere (the common case): every route, as configured.
-    const allowed = allowExternal ? m.routes : m.routes.filter((r) => !r.external)
+    const allowed = this.allowed(m, allowExternal)
     const open =
       this.circuits.size === 0 && this.limited.size === 0
         ? allowed
@@ -327,12 +337,13 @@ export class Router {
   }
 
   /**
-   * When the first of a model's routes waiting out a 429 takes requests again, in ms from now;
-   * 0 when none of them waits (an open circuit is no such wait).
+   * When the first of a model's routes (or of `routes`, those a request may use) waiting out a
+   * 429 takes requests again, in ms from now; 0 when none of them waits (an open circuit is no
+   * such wait).
    */
-  rateLimitedFor(m: Model): number {
+  rateLimitedFor(m: Model, routes: readonly Route[] = m.routes): number {
     let soonest = Number.POSITIVE_INFINITY
-    for (const r of m.routes) {
+    for (const r of routes) {
       const until = this.limited.get(routeKey(r))
       if (until !== undefined && until > Date.now()) soonest = Math.min(soonest, until)
     }
@@ -370,10 +381,10 @@ export class Router {
     return Date.now() < c.openUntil ? 'unavailable' : 'loading'
   }
 
-  /** When the first of a model's open circuits lets a probe through. */
-  private retryInMs(m: Model): number {
+  /** When the first of the open circuits of `routes` lets a probe through. */
+  private retryInMs(routes: readonly Route[]): number {
     const soonest = Math.min(
-      ...m.routes.map((r) =>
+      ...routes.map((r) =>
         Math.max(
           this.circuits.get(r.provider.name)?.openUntil ?? 0,
           this.circuits.get(routeKey(r))?.openUntil ?? 0,

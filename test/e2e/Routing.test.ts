@@ -26,6 +26,7 @@ const upstreams = [
   ['down-a', nowhere],
   ['down-b', nowhere],
   ['down-c', nowhere],
+  ['down-own', nowhere],
 ].map(([name, baseUrl]) => ({
   name: name!,
   baseUrl: baseUrl!,
@@ -69,6 +70,7 @@ const gw = await Gateway.create({
     model('with-external', [external('primary', 'fake-outside'), route('backup', 'fake-own')]),
     model('only-external', [external('primary', 'fake-outside-only')]),
     model('external-cheapest', [external('primary', 'fake-outside-cheap')], 'cheapest'),
+    model('own-down', [route('down-own', 'own'), external('primary', 'fake-outside-up')]),
     model(
       'by-cost',
       [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)],
@@ -429,6 +431,29 @@ describe('no route left', () => {
     const ok = await post(key, { model: 'external-cheapest', allow_external: true })
     expect(ok.status).toBe(200)
     expect(asked(from)).toEqual(['fake-outside-cheap'])
+  })
+
+  test('error: the only route allow_external false leaves, its circuit open, is a 503 no_upstream_available with the wait until its probe, refused before anything is held', async () => {
+    const { id, key } = await gw.account()
+    // Three failures open its circuit (each a 502: the route cannot be reached).
+    for (let i = 0; i < 3; i++)
+      expect((await post(key, { model: 'own-down', allow_external: false })).status).toBe(502)
+    const [before] = await gw.sql`select count(*)::int as n from usage where account_id = ${id}`
+    const from = fake.received.length
+    const res = await post(key, { model: 'own-down', allow_external: false })
+    expect(res.status).toBe(503)
+    expect(((await res.json()) as Failure).error.code).toBe('no_upstream_available')
+    // The cool-down is 30 s: its wait, not a second.
+    const retry = Number(res.headers.get('retry-after'))
+    expect(retry).toBeGreaterThan(20)
+    expect(retry).toBeLessThanOrEqual(30)
+    expect(fake.received.length).toBe(from)
+    const [after] = await gw.sql`select count(*)::int as n from usage where account_id = ${id}`
+    expect(after!.n).toBe(before!.n)
+    expect((await Gateway.ledger(gw.sql, id)).reserved).toBe(0n)
+    // The external route still serves a request that allows it.
+    expect((await post(key, { model: 'own-down' })).status).toBe(200)
+    expect(asked(from)).toEqual(['fake-outside-up'])
   })
 })
 

@@ -176,10 +176,17 @@ function plan(
     { prompt: promptTokens, output: limit, stream: req.stream },
     req.allow_external,
   )
-  // Every route waits out its upstream's 429: refused before anything is held or counted.
+  // No route the request may use takes requests now (each waits out its upstream's 429, or its
+  // circuit is open): refused before anything is held or counted, with the wait of those routes
+  // (not of external ones the request leaves out, which kept the model's health up).
   if (routes.length === 0) {
-    const wait = deps.router.rateLimitedFor(model)
+    const allowed = deps.router.allowed(
+      model,
+      externalAllowed(req.routing_strategy ?? model.routing, req.allow_external),
+    )
+    const wait = deps.router.rateLimitedFor(model, allowed)
     if (wait > 0) throw rateLimited(model, wait)
+    throw deps.router.unavailable(model, allowed)
   }
   return { req, text, model, routes, promptTokens, limit, room, left, asked, want, need, signer }
 }
