@@ -486,6 +486,22 @@ describe('price ceilings', () => {
     expect((await Gateway.ledger(gw.sql, id)).balance).toBe(balance)
   })
 
+  test('error: a model priced above the ceilings is a 400 price_above_ceiling even while its circuits are open (not a 503 to retry into the same refusal)', async () => {
+    const { key } = await gw.account()
+    // Open the circuits of both its routes (unreachable, each call a failure).
+    let status = 0
+    for (let i = 0; i < 3 && status !== 503; i++)
+      status = (await post(key, { model: 'all-down' })).status
+    expect(status).toBe(503)
+    const res = await post(key, {
+      model: 'all-down',
+      max_input_price_per_million: 1,
+      max_output_price_per_million: 1,
+    })
+    expect(res.status).toBe(400)
+    expect(((await res.json()) as Failure).error.code).toBe('price_above_ceiling')
+  })
+
   test('error: one ceiling without the other, or one that is not a price, is a 400 naming it', async () => {
     const { key } = await gw.account()
     const cases: [Record<string, unknown>, string][] = [

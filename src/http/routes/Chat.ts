@@ -85,7 +85,9 @@ function requested(deps: Deps, text: string): Requested {
   // wrong, goes through the schema, which names what is wrong.
   const req =
     (Chat.fastPathFor(text) ? Chat.asRequest(json) : undefined) ?? Parse.parse(Chat.Request, json)
-  const model = deps.router.route(req.model)
+  // What no wait would change (a price above the ceilings, no route allowed) is refused before
+  // a 503 of a model whose circuits are open, which the client would retry into the same 400.
+  const model = deps.router.model(req.model)
   ceilings(req, model)
   // Refused whether allow_external is false as asked or by default (under cheapest): no route
   // would ever be left, and a 503 would have the client retry for nothing.
@@ -98,6 +100,7 @@ function requested(deps: Deps, text: string): Requested {
       'no_route_allowed',
       { param: 'allow_external' },
     )
+  deps.router.route(model.id)
   return { req, model }
 }
 
