@@ -89,11 +89,16 @@ export async function body<S extends z.ZodType>(c: Context, schema: S): Promise<
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i
 
-/** A path id that must be a UUID: anything else cannot exist, so it is a 404. */
+/**
+ * A path id that must be a UUID: anything else cannot exist, so it is a 404. Returned in its
+ * canonical (lower-case) form, the one the database answers with: the scope of a listing's
+ * cursors is a digest of the account's id as given (Page.scope), and the operator's
+ * `/admin/accounts/{ID}/usage` must hand out the cursors `/v1/usage` of the same account takes.
+ */
 export function id(value: string, what: string): string {
   if (!UUID.test(value))
     throw new NotFoundError(`No ${what} with id "${value.slice(0, 64)}".`, `${what}_not_found`)
-  return value
+  return value.toLowerCase()
 }
 
 /** Runs a listing, turning a foreign cursor into a 400. */

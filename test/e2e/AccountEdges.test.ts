@@ -58,6 +58,36 @@ describe('cursors', () => {
     const all = await listing(await as(a.key, '/usage'))
     expect(next.data.map((d) => d.id)).toEqual(all.data.slice(1).map((d) => d.id))
   })
+
+  test('behavior: the operator naming the account in capitals gets cursors of the same listing, which the key holder and the lower-case path take', async () => {
+    const a = await busy(3)
+    const upper = a.id.toUpperCase()
+    const usage = await listing(await gw.admin(`/accounts/${upper}/usage?limit=1`))
+    const transactions = await listing(await gw.admin(`/accounts/${upper}/transactions?limit=1`))
+    const allUsage = (await listing(await as(a.key, '/usage'))).data.map((d) => d.id)
+    const allTransactions = (await listing(await as(a.key, '/credits/transactions'))).data.map(
+      (d) => d.id,
+    )
+    for (const [res, all] of [
+      [await as(a.key, `/usage?cursor=${usage.next_cursor}`), allUsage],
+      [await gw.admin(`/accounts/${a.id}/usage?cursor=${usage.next_cursor}`), allUsage],
+      [
+        await as(a.key, `/credits/transactions?cursor=${transactions.next_cursor}`),
+        allTransactions,
+      ],
+      [
+        await gw.admin(`/accounts/${a.id}/transactions?cursor=${transactions.next_cursor}`),
+        allTransactions,
+      ],
+    ] as const)
+      expect((await listing(res)).data.map((d) => d.id)).toEqual(all.slice(1))
+    // And the key holder's cursor on the operator's path in capitals.
+    const mine = await listing(await as(a.key, '/usage?limit=1'))
+    const walked = await listing(
+      await gw.admin(`/accounts/${upper}/usage?cursor=${mine.next_cursor}`),
+    )
+    expect(walked.data.map((d) => d.id)).toEqual(allUsage.slice(1))
+  })
 })
 
 describe('bodies', () => {
