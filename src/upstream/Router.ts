@@ -145,8 +145,21 @@ export class Router {
   /** The model, if one of its providers can take a request now; else 503. */
   route(id: string): Model {
     const m = this.model(id)
-    if (this.status(m) === 'unavailable') throw this.unavailable(m)
+    this.available(m, true)
     return m
+  }
+
+  /**
+   * Refuses (the 503 of `unavailable`) a request none of whose routes (external ones only with
+   * `allowExternal`) takes requests now, their circuits open: with the wait of those routes, not
+   * of an external one it leaves out, which may probe sooner (and then serve it no better).
+   */
+  available(m: Model, allowExternal: boolean): void {
+    // Nothing failing anywhere (the common case): no route to look at.
+    if (this.circuits.size === 0) return
+    for (const r of m.routes)
+      if ((allowExternal || !r.external) && this.routeStatus(r) !== 'unavailable') return
+    throw this.unavailable(m, this.allowed(m, allowExternal))
   }
 
   /**

@@ -2,7 +2,7 @@
  * Models served by several upstreams (`routes`): failover before the first token, the
  * routing strategies, the client's `timeout_ms` and price ceilings.
  */
-import { describe, expect, test } from 'bun:test'
+import { describe, expect, setSystemTime, test } from 'bun:test'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Upstream from '../helpers/Upstream.ts'
 
@@ -27,6 +27,10 @@ const upstreams = [
   ['down-b', nowhere],
   ['down-c', nowhere],
   ['down-own', nowhere],
+  ['down-mine', nowhere],
+  ['down-theirs', nowhere],
+  ['limited-mine', fake.url],
+  ['limited-theirs', fake.url],
 ].map(([name, baseUrl]) => ({
   name: name!,
   baseUrl: baseUrl!,
@@ -71,6 +75,16 @@ const gw = await Gateway.create({
     model('only-external', [external('primary', 'fake-outside-only')]),
     model('external-cheapest', [external('primary', 'fake-outside-cheap')], 'cheapest'),
     model('own-down', [route('down-own', 'own'), external('primary', 'fake-outside-up')]),
+    // Both routes down (or rate limiting), each alone to its model beside: their circuits open
+    // (their waits begin) at different times.
+    model('theirs-down', [external('down-theirs', 'theirs')]),
+    model('both-down', [route('down-mine', 'mine'), external('down-theirs', 'theirs')], 'cheapest'),
+    model('theirs-limited', [external('limited-theirs', 'fake-429')]),
+    model(
+      'both-limited',
+      [route('limited-mine', 'fake-429'), external('limited-theirs', 'fake-429')],
+      'cheapest',
+    ),
     model(
       'by-cost',
       [route('primary', 'fake-dear', 5_000_000), route('backup', 'fake-cheap', 10)],
@@ -455,6 +469,63 @@ describe('no route left', () => {
     expect((await post(key, { model: 'own-down' })).status).toBe(200)
     expect(asked(from)).toEqual(['fake-outside-up'])
   })
+})
+
+describe('waits of the routes a request may use', () => {
+  test('error: every route down, a request that leaves the external one out is told the wait of its own route, not of the external one that probes sooner', async () => {
+    const { key } = await gw.account()
+    // The clock stands still (the circuits read Date.now): the external route's circuit opens
+    // 10 s before the own route's.
+    const t0 = Date.now()
+    setSystemTime(new Date(t0))
+    try {
+      for (let i = 0; i < 3; i++)
+        expect((await post(key, { model: 'theirs-down' })).status).toBe(502)
+      setSystemTime(new Date(t0 + 10_000))
+      for (let i = 0; i < 3; i++) expect((await post(key, { model: 'both-down' })).status).toBe(502)
+      const waits = async (body: Record<string, unknown>) => {
+        const res = await post(key, { model: 'both-down', ...body })
+        expect(res.status).toBe(503)
+        expect(((await res.json()) as Failure).error.code).toBe('no_upstream_available')
+        return res.headers.get('retry-after')
+      }
+      // cheapest (the model's) leaves the external route out, as allow_external false does:
+      // its own route probes in 30 s.
+      expect(await waits({})).toBe('30')
+      expect(await waits({ routing_strategy: 'ordered', allow_external: false })).toBe('30')
+      // Allowed, the external route probes first, in 20 s.
+      expect(await waits({ allow_external: true })).toBe('20')
+    } finally {
+      setSystemTime()
+    }
+  }, 20_000)
+
+  test('error: a route that answers 429 tells a request that leaves the external one out its own wait, not the shorter wait of the external one', async () => {
+    const { key } = await gw.account()
+    const t0 = Date.now()
+    setSystemTime(new Date(t0))
+    try {
+      // The external route waits out its 429 (300 ms) from t0.
+      expect((await post(key, { model: 'theirs-limited' })).status).toBe(503)
+      setSystemTime(new Date(t0 + 200))
+      const waits = async () => {
+        const res = await post(key, { model: 'both-limited' })
+        expect(res.status).toBe(503)
+        expect(((await res.json()) as Failure).error.code).toBe('upstream_rate_limited')
+        return res.headers.get('retry-after-ms')
+      }
+      // The own route answers 429: its wait, 300 ms (the external one's ends in 100 ms, and
+      // the request could not use it then either).
+      const from = fake.received.length
+      expect(await waits()).toBe('300')
+      expect(asked(from)).toEqual(['fake-429'])
+      // Refused before it is sent, the same wait.
+      expect(await waits()).toBe('300')
+      expect(asked(from)).toEqual(['fake-429'])
+    } finally {
+      setSystemTime()
+    }
+  }, 20_000)
 })
 
 describe('price ceilings', () => {

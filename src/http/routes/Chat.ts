@@ -91,8 +91,8 @@ function requested(deps: Deps, text: string): Requested {
   ceilings(req, model)
   // Refused whether allow_external is false as asked or by default (under cheapest): no route
   // would ever be left, and a 503 would have the client retry for nothing.
-  const strategy = req.routing_strategy ?? model.routing
-  if (!externalAllowed(strategy, req.allow_external) && model.routes.every((r) => r.external))
+  const external = mayUseExternal(req, model)
+  if (!external && model.routes.every((r) => r.external))
     throw new InvalidRequestError(
       req.allow_external === false
         ? `Every upstream of ${model.id} is external, and allow_external is false; nothing was charged.`
@@ -100,8 +100,15 @@ function requested(deps: Deps, text: string): Requested {
       'no_route_allowed',
       { param: 'allow_external' },
     )
-  deps.router.route(model.id)
+  // Every route it may use has its circuit open: a 503 with the wait until the first of those
+  // probes (not an external one it leaves out), before its prompt is counted.
+  deps.router.available(model, external)
   return { req, model }
+}
+
+/** Whether a request may go to the model's external routes (see `externalAllowed`). */
+function mayUseExternal(req: Chat.Request, model: Model): boolean {
+  return externalAllowed(req.routing_strategy ?? model.routing, req.allow_external)
 }
 
 /** The 400 of a prompt of `tokens` (or more than the context, when `over`) for `model`. */
@@ -183,10 +190,7 @@ function plan(
   // circuit is open): refused before anything is held or counted, with the wait of those routes
   // (not of external ones the request leaves out, which kept the model's health up).
   if (routes.length === 0) {
-    const allowed = deps.router.allowed(
-      model,
-      externalAllowed(req.routing_strategy ?? model.routing, req.allow_external),
-    )
+    const allowed = deps.router.allowed(model, mayUseExternal(req, model))
     const wait = deps.router.rateLimitedFor(model, allowed)
     if (wait > 0) throw rateLimited(model, wait)
     throw deps.router.unavailable(model, allowed)
@@ -1005,9 +1009,13 @@ async function routed<T>(
       { headers: { ...noRetry } },
     )
   // The last route tried, or every route left, waits out its upstream's 429: a 503 until the
-  // first takes requests again.
+  // first of those the request may use takes requests again (an external one it leaves out
+  // would serve it no better, however soon).
   if (failed === undefined || failed instanceof UpstreamRateLimitedError) {
-    const wait = deps.router.rateLimitedFor(p.model)
+    const wait = deps.router.rateLimitedFor(
+      p.model,
+      deps.router.allowed(p.model, mayUseExternal(p.req, p.model)),
+    )
     if (wait > 0) throw rateLimited(p.model, wait)
   }
   if (failed === undefined)
