@@ -528,6 +528,33 @@ describe('waits of the routes a request may use', () => {
   }, 20_000)
 })
 
+describe('unknown keys', () => {
+  test('error: an unknown key is a 401 before any refusal of routing (no route allowed, a price above the ceilings, circuits open, upstreams rate limiting)', async () => {
+    const { key } = await gw.account()
+    // The own route of own-down, and every route of all-down, with open circuits; limited-only
+    // waiting out its 429.
+    for (let i = 0; i < 3; i++) {
+      await post(key, { model: 'own-down', allow_external: false })
+      await post(key, { model: 'all-down' })
+    }
+    expect((await post(key, { model: 'limited-only' })).status).toBe(503)
+    const bodies = [
+      { model: 'only-external', allow_external: false },
+      { model: 'external-cheapest' },
+      { model: 'single', max_input_price_per_million: 1, max_output_price_per_million: 1 },
+      { model: 'own-down', allow_external: false },
+      { model: 'all-down' },
+      { model: 'limited-only' },
+    ]
+    for (const body of bodies) expect((await post(key, body)).status).not.toBe(401)
+    for (const body of bodies) {
+      const res = await post(`tw_${'x'.repeat(40)}`, body)
+      expect(res.status).toBe(401)
+      expect(((await res.json()) as Failure).error.type).toBe('auth_error')
+    }
+  }, 20_000)
+})
+
 describe('price ceilings', () => {
   test('behavior: a model within both ceilings is served; above either, a 400 before anything is charged or sent', async () => {
     const { id, key } = await gw.account()
