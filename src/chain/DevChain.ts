@@ -13,7 +13,7 @@ import {
   deployContract,
   getChainId,
   getCode,
-  getTransactionCount,
+  readContract,
   waitForTransactionReceipt,
   writeContract,
 } from 'viem/actions'
@@ -158,11 +158,17 @@ async function run(options: Options): Promise<DevChain> {
       (await getCode(client, { address: first.escrowAddress })) !== undefined &&
       (await getCode(client, { address: first.currencyAddress })) !== undefined
     if (deployed) {
-      // The payee's next transactions were the mints, a payer each in order (settlements come
-      // after them): a start killed midway (anvil dumps its state as it exits) funded only the
-      // first payers, and the others stayed without tokens on every later start.
-      const nonce = await getTransactionCount(client, { address: payee.address })
-      await mint(client, first.currencyAddress, payers.slice(Math.max(0, nonce - 2)), amount)
+      // The mints were a payer each, in order: a start killed midway (anvil dumps its state as
+      // it exits) funded only the first payers, and the others stayed without tokens on every
+      // later start. Counted by the supply (only the payee mints, nothing burns), not by the
+      // payee's nonce: the gateway's settlements and closes raise that, so a data dir that had
+      // served since such a kill skipped a payer a transaction.
+      const supply = (await readContract(client, {
+        address: first.currencyAddress,
+        abi: TestUSDArtifact.abi,
+        functionName: 'totalSupply',
+      })) as bigint
+      await mint(client, first.currencyAddress, payers.slice(Number(supply / amount)), amount)
       return { rpcUrl, chainId, ...first, payee, payers, stop }
     }
     const { escrowAddress, currencyAddress } = await deploy(client)

@@ -3,6 +3,7 @@ import { expect, test } from 'bun:test'
 import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import { sendTransaction, waitForTransactionReceipt } from 'viem/actions'
 import * as Client from '../../src/chain/Client.ts'
 import * as DevChain from '../../src/chain/DevChain.ts'
 import * as Token from '../../src/chain/Token.ts'
@@ -63,5 +64,35 @@ test('behavior: a state file of a start cut short while it funded the payers (th
     ).toBe(1_000_000_000_000n)
   } finally {
     await again.stop()
+  }
+}, 60_000)
+
+test('behavior: a start cut short while it funded the payers, then a gateway that sent transactions from the payee (settlements, closes), is completed on the next start: no payer left unfunded, none funded twice', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'devchain-'))
+  const state = join(dir, 'anvil-state.json')
+  // A kill between the first mints and the last (two payers funded), then the gateway served
+  // (as a release before the completion did): its payee settled and closed channels.
+  const cut = await DevChain.start({ stateFile: state, accounts: 3 })
+  const payee = Client.from({
+    rpcUrl: cut.rpcUrl,
+    chainId: cut.chainId,
+    privateKey: cut.payee.privateKey,
+  })
+  let last: `0x${string}` | undefined
+  for (let i = 0; i < 3; i++)
+    last = await sendTransaction(payee, { to: cut.payee.address, value: 0n } as never)
+  await waitForTransactionReceipt(payee, { hash: last! })
+  await cut.stop()
+  const resumed = await DevChain.start({ stateFile: state })
+  try {
+    const client = Client.from({ rpcUrl: resumed.rpcUrl, chainId: resumed.chainId })
+    const balances = await Promise.all(
+      resumed.payers.map((payer) =>
+        Token.balanceOf(client, { token: resumed.currencyAddress, owner: payer.address }),
+      ),
+    )
+    expect(balances).toEqual(Array(9).fill(1_000_000_000_000n))
+  } finally {
+    await resumed.stop()
   }
 }, 60_000)
