@@ -26,18 +26,22 @@ export class OpenError extends Error {
 }
 
 /**
- * Claims `dataDir` for this process (a lock file with its pid). PGlite itself does not stop a
- * second process from opening the same files: two gateways on one data dir each saw their
- * own writes, and the one stopped last overwrote the other's. A lock of a process that is
- * gone is taken over, and so is one of a process that is no gateway (its pid reused: after a
- * crash and a reboot, another program had it, and every start was refused). Returns the release.
+ * Claims `dataDir` for this process (a lock file with its pid and, where /proc tells, when it
+ * started: `identity`). PGlite itself does not stop a second process from opening the same
+ * files: two gateways on one data dir each saw their own writes, and the one stopped last
+ * overwrote the other's. A lock of a process that is gone is taken over, and so is one whose
+ * pid another process has now (after a crash and a reboot, another program had it, and every
+ * start was refused). Returns the release.
  */
 function claim(dataDir: string): () => void {
   mkdirSync(dataDir, { recursive: true })
   const path = join(dataDir, 'tollway.lock')
   let holder: number | undefined
+  let started: string | undefined
   try {
-    holder = Number(readFileSync(path, 'utf8').trim())
+    const [pid, at] = readFileSync(path, 'utf8').split('\n')
+    holder = Number(pid?.trim())
+    started = at?.trim() || undefined
   } catch {}
   if (holder && holder !== process.pid) {
     let alive = true
@@ -46,27 +50,51 @@ function claim(dataDir: string): () => void {
     } catch (e) {
       alive = (e as { code?: string }).code === 'EPERM'
     }
-    if (alive && !aGateway(holder)) alive = false
+    if (alive) {
+      // Whether the process with that pid now is the one that wrote the lock: by when it
+      // started, whatever it runs (a gateway of a bun named otherwise, bun-profile say, is
+      // one). A lock without it (an earlier release's) is judged by what the process runs.
+      const now = identity(holder)
+      if (started !== undefined) alive = now === undefined || now === started
+      else alive = aGateway(holder)
+    }
     if (alive)
       throw new InUseError(
         `the embedded database in ${dataDir} is in use by process ${holder}; stop it first, or set another TOLLWAY_DATA_DIR`,
       )
   }
-  writeFileSync(path, `${process.pid}\n`)
+  writeFileSync(path, `${process.pid}\n${identity(process.pid) ?? ''}\n`)
   return () => rmSync(path, { force: true })
 }
 
 /**
- * Whether process `pid` may be a gateway: it runs bun (any bun: npm's, a global one) or the
- * executable this one runs. Said only where /proc tells (Linux, a process of ours to read);
- * elsewhere any live process may be. An executable replaced while it ran (an `npm install`
- * under a running gateway) still counts.
+ * When process `pid` started (the boot, and the clock ticks since it), which no other process
+ * with that pid shares: undefined where /proc does not tell (not Linux).
+ */
+function identity(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    // Field 22 (starttime), counted after the command's closing parenthesis (field 2).
+    const start = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]
+    const boot = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()
+    return start ? `${boot}/${start}` : undefined
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * Whether process `pid` may be a gateway, for a lock that does not say when its process
+ * started: it runs a bun (npm's, a global one, bun-profile, bun-debug) or the executable this
+ * one runs. Said only where /proc tells (Linux, a process of ours to read); elsewhere any
+ * live process may be. An executable replaced while it ran (an `npm install` under a running
+ * gateway) still counts.
  */
 function aGateway(pid: number): boolean {
   const exe = (p: string) => basename(readlinkSync(p).replace(/ \(deleted\)$/, ''))
   try {
     const its = exe(`/proc/${pid}/exe`)
-    return /^bun(?:\.exe)?$/.test(its) || its === exe('/proc/self/exe')
+    return /^bun(?:[-.]|$)/.test(its) || its === exe('/proc/self/exe')
   } catch {
     return true
   }

@@ -1,5 +1,13 @@
 import { describe, expect, test } from 'bun:test'
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs'
+import {
+  chmodSync,
+  copyFileSync,
+  existsSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import * as Embedded from '../../src/ledger/Embedded.ts'
@@ -34,11 +42,53 @@ describe('Embedded', () => {
     try {
       writeFileSync(lock, `${other.pid}\n`)
       const db = await Embedded.start({ dataDir: dir })
-      expect(readFileSync(lock, 'utf8').trim()).toBe(String(process.pid))
+      expect(readFileSync(lock, 'utf8').split('\n')[0]).toBe(String(process.pid))
       await db.stop()
     } finally {
       other.kill()
       await other.exited
+    }
+    // A lock that says when its process started: a bun process with that pid now, started
+    // another time, is not its writer.
+    const bun = Bun.spawn([process.execPath, '-e', 'await Bun.sleep(30_000)'])
+    try {
+      writeFileSync(lock, `${bun.pid}\n00000000-0000-0000-0000-000000000000/1\n`)
+      const db = await Embedded.start({ dataDir: dir })
+      expect(readFileSync(lock, 'utf8').split('\n')[0]).toBe(String(process.pid))
+      await db.stop()
+    } finally {
+      bun.kill()
+      await bun.exited
+    }
+  }, 60_000)
+  test('error: a data dir a live gateway holds is refused when that gateway runs a bun of another name (bun-profile, bun-debug)', async () => {
+    if (process.platform !== 'linux') return
+    const dir = mkdtempSync(join(tmpdir(), 'tollway-embedded-'))
+    // A gateway started with a profiling build of bun: the same runtime, another file name.
+    const bin = mkdtempSync(join(tmpdir(), 'tollway-bun-'))
+    const profile = join(bin, 'bun-profile')
+    copyFileSync(process.execPath, profile)
+    chmodSync(profile, 0o755)
+    const module = join(import.meta.dir, '../../src/ledger/Embedded.ts')
+    const holder = Bun.spawn(
+      [
+        profile,
+        '-e',
+        `const E = await import(${JSON.stringify(module)}); await E.start({ dataDir: ${JSON.stringify(dir)} }); console.log('ready'); await Bun.sleep(60_000)`,
+      ],
+      { stdout: 'pipe', stderr: 'inherit' },
+    )
+    try {
+      const ready = await new Response(holder.stdout).body!.getReader().read()
+      expect(new TextDecoder().decode(ready.value)).toContain('ready')
+      const refused = await Embedded.start({ dataDir: dir }).catch((e: unknown) => e)
+      if (!(refused instanceof Error)) await (refused as Embedded.Embedded).stop()
+      expect(refused).toBeInstanceOf(Embedded.InUseError)
+      expect((refused as Error).message).toContain(String(holder.pid))
+    } finally {
+      holder.kill()
+      await holder.exited
+      rmSync(bin, { recursive: true, force: true })
     }
   }, 60_000)
 })
