@@ -100,6 +100,10 @@ function aGateway(pid: number): boolean {
   }
 }
 
+/** The end of PostgreSQL's message when the system refused a file for what it is, not for its content. */
+const REFUSED =
+  /(?:Permission denied|Operation not permitted|Read-only file system|No space left on device|Disk quota exceeded|Too many open files)$/
+
 /** Starts PGlite with its data in `dataDir` (in memory when omitted) on a free port. */
 export async function start(options: { dataDir?: string } = {}): Promise<Embedded> {
   const release = options.dataDir ? claim(options.dataDir) : () => {}
@@ -119,8 +123,17 @@ export async function start(options: { dataDir?: string } = {}): Promise<Embedde
       ?.map((l) => /\b(?:PANIC|FATAL|ERROR):\s+(.*)$/.exec(l)?.[1])
       .filter((l) => l !== undefined)
       .at(-1)
+    const where = `the embedded database in ${options.dataDir ?? 'memory'} cannot be opened`
+    // The file system's refusal that reached PostgreSQL (files of another user, a read-only
+    // mount, a full disk) is no damage: moving the directory aside would start an empty ledger
+    // for what a chown or some free space mends.
+    if (said && REFUSED.test(said))
+      throw new OpenError(
+        `${where}: ${said}. That is the file system refusing it, not damage: make the directory and its files this user's to read and write (or free some space), then start again`,
+        { cause: e },
+      )
     throw new OpenError(
-      `the embedded database in ${options.dataDir ?? 'memory'} cannot be opened: ${said ?? (e as Error).message}. It may be damaged (a crash or a full disk while it was written): move that directory aside to start with an empty database, or restore it from a backup`,
+      `${where}: ${said ?? (e as Error).message}. It may be damaged (a crash or a full disk while it was written): move that directory aside to start with an empty database, or restore it from a backup`,
       { cause: e },
     )
   })

@@ -1,4 +1,5 @@
 import { describe, expect, test } from 'bun:test'
+import { spawnSync } from 'node:child_process'
 import {
   chmodSync,
   copyFileSync,
@@ -9,7 +10,7 @@ import {
   writeFileSync,
 } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import { dirname, join } from 'node:path'
 import * as Embedded from '../../src/ledger/Embedded.ts'
 
 describe('Embedded', () => {
@@ -90,5 +91,38 @@ describe('Embedded', () => {
       await holder.exited
       rmSync(bin, { recursive: true, force: true })
     }
+  }, 60_000)
+  test('error: a data dir whose files the file system refuses (owned by another user, a read-only or full disk) is said to be that, not damage to move aside', async () => {
+    if (process.platform !== 'linux') return
+    const dir = mkdtempSync(join(tmpdir(), 'tollway-embedded-'))
+    await (await Embedded.start({ dataDir: dir })).stop()
+    // The directory may be written (the lock goes in), a file in it may not: as root, the
+    // opener runs as nobody (PGlite made its files this user's, read-write for it alone).
+    chmodSync(dir, 0o777)
+    const root = process.getuid?.() === 0
+    if (!root) chmodSync(join(dir, 'postmaster.pid'), 0)
+    else writeFileSync(join(dir, 'postmaster.pid'), '', { mode: 0o600 })
+    const module = join(import.meta.dir, '../../src/ledger/Embedded.ts')
+    const script = join(mkdtempSync(join(tmpdir(), 'tollway-open-')), 'open.ts')
+    writeFileSync(
+      script,
+      `const E = await import(${JSON.stringify(module)})
+const e = await E.start({ dataDir: ${JSON.stringify(dir)} }).then(async (db) => { await db.stop(); return new Error('opened') }, (e) => e)
+console.log(JSON.stringify({ name: e.name, message: e.message }))`,
+    )
+    chmodSync(dirname(script), 0o755)
+    chmodSync(script, 0o644)
+    const run = spawnSync(process.execPath, [script], {
+      encoding: 'utf8',
+      ...(root ? { uid: 65534, gid: 65534 } : {}),
+    })
+    const said = JSON.parse(run.stdout.trim().split('\n').at(-1)!) as {
+      name: string
+      message: string
+    }
+    expect(said.name).toBe('OpenError')
+    expect(said.message).toContain('Permission denied')
+    expect(said.message).not.toContain('move that directory aside')
+    expect(said.message).toContain('not damage')
   }, 60_000)
 })
