@@ -192,13 +192,15 @@ const downClient = () =>
 
 /**
  * The payee's client through a JSON-RPC front to anvil that answers a call with the error
- * `refuse` gives for it (as a hosted node might), and passes every other call on.
+ * `refuse` gives for it (as a hosted node might), or with the result `answer` gives for it
+ * (`{ result }`: as a node behind another might), and passes every other call on.
  */
 function rpcFront(
   refuse: (call: {
     method: string
     params?: unknown[]
   }) => { code: number; message: string } | undefined,
+  answer?: (call: { method: string; params?: unknown[] }) => { result: unknown } | undefined,
 ) {
   const server = Bun.serve({
     port: 0,
@@ -208,6 +210,8 @@ function rpcFront(
       const call = JSON.parse(text) as { id: number; method: string; params?: unknown[] }
       const error = refuse(call)
       if (error) return Response.json({ jsonrpc: '2.0', id: call.id, error })
+      const given = answer?.(call)
+      if (given) return Response.json({ jsonrpc: '2.0', id: call.id, result: given.result })
       return fetch(chain.rpcUrl, { method: 'POST', body: text, headers: req.headers })
     },
   })
@@ -1717,39 +1721,29 @@ describe('closing channels in the passes (audit)', () => {
     // A front to anvil that, lagging, answers as a node one block behind: the head below,
     // no such block, and neither a receipt nor a transaction for the hash it has not seen.
     let lagging: { hash: Hex; block: bigint } | undefined
-    const server = Bun.serve({
-      port: 0,
-      hostname: '127.0.0.1',
-      async fetch(req) {
-        const text = await req.text()
-        const call = JSON.parse(text) as { id: number; method: string; params?: unknown[] }
-        const answer = (result: unknown) => Response.json({ jsonrpc: '2.0', id: call.id, result })
-        if (lagging) {
-          const first = String(call.params?.[0] ?? '').toLowerCase()
-          if (call.method === 'eth_blockNumber') return answer(toHex(lagging.block - 1n))
-          if (
-            (call.method === 'eth_getTransactionReceipt' ||
-              call.method === 'eth_getTransactionByHash') &&
-            first === lagging.hash.toLowerCase()
-          )
-            return answer(null)
-          if (
-            call.method === 'eth_getBlockByNumber' &&
-            first.startsWith('0x') &&
-            BigInt(first) >= lagging.block
-          )
-            return answer(null)
-        }
-        return fetch(chain.rpcUrl, { method: 'POST', body: text, headers: req.headers })
+    const front = rpcFront(
+      () => undefined,
+      (call) => {
+        if (!lagging) return undefined
+        const first = String(call.params?.[0] ?? '').toLowerCase()
+        if (call.method === 'eth_blockNumber') return { result: toHex(lagging.block - 1n) }
+        if (
+          (call.method === 'eth_getTransactionReceipt' ||
+            call.method === 'eth_getTransactionByHash') &&
+          first === lagging.hash.toLowerCase()
+        )
+          return { result: null }
+        if (
+          call.method === 'eth_getBlockByNumber' &&
+          first.startsWith('0x') &&
+          BigInt(first) >= lagging.block
+        )
+          return { result: null }
+        return undefined
       },
-    })
+    )
+    const { server, client } = front
     try {
-      const client = Client.from({
-        rpcUrl: `http://127.0.0.1:${server.port}`,
-        chainId: chain.chainId,
-        privateKey: chain.payee.privateKey,
-        pollingInterval: 20,
-      })
       const w = worker({ client })
       const channelId = await openChannel()
       await accept(channelId, 200n)
