@@ -79,6 +79,13 @@ export type DueQuery = {
   idleMs: number
   /** A request swept for lost this recently may still charge: its channel's cover waits. */
   sweptWithinMs: number
+  /**
+   * Half the grace period: a payer's forced close whose cover is all it has left to settle,
+   * requested less than this ago by the database's clock, comes after every other channel.
+   * Ordered last, never left out: the chain's clock decides (`forcedLongEnough`), and may run
+   * ahead of the database's.
+   */
+  coverAfterMs: number
   limit: number
 }
 
@@ -362,6 +369,7 @@ export function start(options: Options): Worker {
         thresholdAmount: options.thresholdAmount,
         idleMs: options.idleMs,
         sweptWithinMs: Number(grace) * 1000,
+        coverAfterMs: (Number(grace) * 1000) / 2,
         limit: options.batch ?? 20,
       })
       // One at a time: a failed send (e.g. a nonce gap) should not strand the others' nonces.

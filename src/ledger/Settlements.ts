@@ -67,7 +67,9 @@ export async function settleable(
  * cooperative close's is the highest at or below `spent`: once that is settled, the channel is
  * not due, whether its close comes or not. Skips channels with a transaction in flight or
  * backing off, and amounts that already reverted (a revert is definitive). Close requests
- * first, then the largest amounts.
+ * first, then the largest amounts; last, the forced closes with only their cover to settle
+ * that are younger than `coverAfterMs` by the database's clock (nothing to do for them yet,
+ * unless the chain's clock is ahead).
  */
 export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.Due[]> {
   const rows = await sql`
@@ -104,6 +106,18 @@ export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.
           where channel_id = c.channel_id and cumulative_amount <= c.spent
           order by cumulative_amount desc limit 1)) o
       order by o.cover desc limit 1) v
+    cross join lateral (
+      -- A forced close whose cover is all it has left to settle, requested less than half the
+      -- grace period ago by the database's clock (which marked it once the gateway learned of
+      -- it, after the chain's request): the pass can do nothing for it until the chain shows
+      -- it old enough. Such channels come last: oldest first, they took the places of a pass's
+      -- batch every pass until then, and any other channel due (a threshold, a later forced
+      -- close) waited half the grace period. Last, not left out: the chain's clock decides and
+      -- may run ahead of the database's.
+      select v.cover and c.close_requested_at > now() - make_interval(secs => ${i.coverAfterMs / 1000})
+        and coalesce((select max(cumulative_amount) from vouchers
+          where channel_id = c.channel_id and cumulative_amount <= c.spent), 0) <= c.settled
+        as waiting) q
     where c.chain_id = ${i.chainId} and c.escrow = ${bytes(i.escrow)} and c.payee = ${bytes(i.payee)}
       and not c.finalized and c.spent > c.settled
       and v.cumulative_amount > c.settled
@@ -115,7 +129,7 @@ export async function due(sql: Sql, i: Settlement.DueQuery): Promise<Settlement.
         where t.channel_id = c.channel_id and t.kind in ('settle', 'close')
           and ((t.status in ('pending', 'failed') and t.next_attempt_at > now())
             or (t.status = 'reverted' and t.cumulative_amount = v.cumulative_amount)))
-    order by c.close_requested_at nulls last, v.cumulative_amount - c.settled desc
+    order by q.waiting, c.close_requested_at nulls last, v.cumulative_amount - c.settled desc
     limit ${i.limit}`
   return rows.map((r) => ({
     channelId: hex(r.channel_id),

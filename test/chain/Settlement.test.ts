@@ -1593,6 +1593,7 @@ describe('closing channels in the passes (audit)', () => {
       thresholdAmount: 10n ** 30n,
       idleMs: never,
       sweptWithinMs: 60_000,
+      coverAfterMs: 30_000,
       limit: 100,
     })
 
@@ -1622,6 +1623,43 @@ describe('closing channels in the passes (audit)', () => {
     expect((await onChain(forced)).settled).toBe(200n)
     expect(await inDb(stuck)).toMatchObject({ spent: 250n, settled: 100n, finalized: false })
   }, 30_000)
+  test('error: forced closes waiting for their half grace period (what is at or below spent settled) keep no channel the pass can act on out of it; their covers are still settled once the chain shows them old enough, its clock ahead of the database', async () => {
+    // Two channels a pass; a grace period of 60 s as the worker reads it (covers after 30 s).
+    const w = worker({ batch: 2, gracePeriod: 60n, thresholdAmount: 100n })
+    const waiting: Hex[] = []
+    for (let i = 0; i < 3; i++) {
+      const channelId = await openChannel()
+      await accept(channelId, 200n, 300n)
+      await spend(channelId, 250n)
+      await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+      expect(await w.closeRequested(channelId)).toMatchObject({
+        status: 'confirmed',
+        cumulativeAmount: 200n,
+      })
+      waiting.push(channelId)
+    }
+    // Their covers (300) are above settled: all three are due, and older than any other.
+    const due = (await dueNow()).map((d) => d.channelId)
+    for (const channelId of waiting) expect(due).toContain(channelId)
+    // Another channel reaches the threshold: the next pass settles it.
+    const over = await openChannel()
+    await accept(over, 150n)
+    await spend(over, 150n)
+    expect(mine(await ticked(w), over)).toMatchObject([
+      { status: 'confirmed', kind: 'settle', cumulativeAmount: 150n },
+    ])
+    for (const channelId of waiting) expect((await onChain(channelId)).settled).toBe(200n)
+    // The chain's clock past half the grace period, the database's not: the passes settle
+    // every cover, two a pass.
+    await chain.increaseTime(31)
+    const first = (await ticked(w)).filter((r) => r.status === 'confirmed')
+    expect(first).toHaveLength(2)
+    await ticked(w)
+    for (const channelId of waiting) {
+      expect((await onChain(channelId)).settled).toBe(300n)
+      expect(await inDb(channelId)).toMatchObject({ spent: 300n, settled: 300n })
+    }
+  }, 60_000)
   test('error: a forced close the payer cancelled on chain with a top-up the gateway did not hear of is open again after the next pass, not read pass after pass nor refused for good', async () => {
     const w = worker()
     const { client } = payer()
