@@ -142,13 +142,6 @@ export class Router {
     return m
   }
 
-  /** The model, if one of its providers can take a request now; else 503. */
-  route(id: string): Model {
-    const m = this.model(id)
-    this.available(m, true)
-    return m
-  }
-
   /**
    * Refuses (the 503 of `unavailable`) a request none of whose routes (external ones only with
    * `allowExternal`) takes requests now, their circuits open: with the wait of those routes, not

@@ -136,7 +136,7 @@ describe('Router.routes', () => {
     expect(router.status(m)).toBe('ready')
     for (let i = 0; i < 3; i++) router.record(outputCheap.provider, false)
     expect(router.status(m)).toBe('unavailable')
-    expect(() => router.route('m')).toThrow(/No healthy upstream/)
+    expect(() => router.available(m, true)).toThrow(/No healthy upstream/)
   })
 
   test('behavior: a route whose upstream lacks its model (404) three times is left out alone; the same upstream serves other routes', () => {

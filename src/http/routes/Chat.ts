@@ -53,6 +53,8 @@ type Plan = {
   req: Chat.Request
   text: string
   model: Model
+  /** Whether it may go to the model's external routes (see `Requested`). */
+  external: boolean
   /** The upstreams to try, in order (see Router.routes). */
   routes: readonly Route[]
   promptTokens: number
@@ -72,8 +74,11 @@ type Plan = {
   signer: Receipt.Signer | undefined
 }
 
-/** A completion request, parsed, and the model it names. */
-type Requested = { req: Chat.Request; model: Model }
+/**
+ * A completion request, parsed, the model it names, and whether it may go to the model's
+ * external routes (as it says, `allow_external`, else unless its strategy is `cheapest`).
+ */
+type Requested = { req: Chat.Request; model: Model; external: boolean }
 
 /**
  * Parses a completion request and finds its model, and refuses what needs no count to refuse
@@ -91,7 +96,7 @@ function requested(deps: Deps, text: string): Requested {
   ceilings(req, model)
   // Refused whether allow_external is false as asked or by default (under cheapest): no route
   // would ever be left, and a 503 would have the client retry for nothing.
-  const external = mayUseExternal(req, model)
+  const external = externalAllowed(req.routing_strategy ?? model.routing, req.allow_external)
   if (!external && model.routes.every((r) => r.external))
     throw new InvalidRequestError(
       req.allow_external === false
@@ -103,12 +108,7 @@ function requested(deps: Deps, text: string): Requested {
   // Every route it may use has its circuit open: a 503 with the wait until the first of those
   // probes (not an external one it leaves out), before its prompt is counted.
   deps.router.available(model, external)
-  return { req, model }
-}
-
-/** Whether a request may go to the model's external routes (see `externalAllowed`). */
-function mayUseExternal(req: Chat.Request, model: Model): boolean {
-  return externalAllowed(req.routing_strategy ?? model.routing, req.allow_external)
+  return { req, model, external }
 }
 
 /** The 400 of a prompt of `tokens` (or more than the context, when `over`) for `model`. */
@@ -145,7 +145,7 @@ function plan(
   text: string,
   payer: string | undefined,
   signer?: Receipt.Signer,
-  { req, model }: Requested = requested(deps, text),
+  { req, model, external }: Requested = requested(deps, text),
 ): Plan {
   const { blockTokens } = deps.config.metering
   const media = Chat.mediaParts(req) * deps.config.metering.mediaPartTokens
@@ -184,18 +184,32 @@ function plan(
     model,
     req.routing_strategy,
     { prompt: promptTokens, output: limit, stream: req.stream },
-    req.allow_external,
+    external,
   )
   // No route the request may use takes requests now (each waits out its upstream's 429, or its
   // circuit is open): refused before anything is held or counted, with the wait of those routes
   // (not of external ones the request leaves out, which kept the model's health up).
   if (routes.length === 0) {
-    const allowed = deps.router.allowed(model, mayUseExternal(req, model))
+    const allowed = deps.router.allowed(model, external)
     const wait = deps.router.rateLimitedFor(model, allowed)
     if (wait > 0) throw rateLimited(model, wait)
     throw deps.router.unavailable(model, allowed)
   }
-  return { req, text, model, routes, promptTokens, limit, room, left, asked, want, need, signer }
+  return {
+    req,
+    text,
+    model,
+    external,
+    routes,
+    promptTokens,
+    limit,
+    room,
+    left,
+    asked,
+    want,
+    need,
+    signer,
+  }
 }
 
 /** The 503 of a model whose upstreams rate limit the gateway, for `ms` more. */
@@ -1012,10 +1026,7 @@ async function routed<T>(
   // first of those the request may use takes requests again (an external one it leaves out
   // would serve it no better, however soon).
   if (failed === undefined || failed instanceof UpstreamRateLimitedError) {
-    const wait = deps.router.rateLimitedFor(
-      p.model,
-      deps.router.allowed(p.model, mayUseExternal(p.req, p.model)),
-    )
+    const wait = deps.router.rateLimitedFor(p.model, deps.router.allowed(p.model, p.external))
     if (wait > 0) throw rateLimited(p.model, wait)
   }
   if (failed === undefined)
