@@ -138,7 +138,8 @@ export class Batcher<I, O> {
   }
 
   private done(start: number, items: number) {
-    this.stats.seconds += (performance.now() - (this.starts.get(start) ?? performance.now())) / 1000
+    const sent = this.starts.get(start)
+    if (sent !== undefined) this.stats.seconds += (performance.now() - sent) / 1000
     this.starts.delete(start)
     this.carried -= items
     if (this.waiting.length > 0 && this.free()) this.flush()
