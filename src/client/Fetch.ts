@@ -1816,7 +1816,6 @@ const amount = (x: unknown): bigint | undefined =>
 
 const min = (...xs: bigint[]) => xs.reduce((a, b) => (a < b ? a : b))
 const max = (...xs: bigint[]) => xs.reduce((a, b) => (a > b ? a : b))
-/** Waits `ms`; rejects with `signal`'s reason when it aborts first. */
 /** The longest Retry-After a paying request waits out by itself (the server's voucher rate
  * limit asks for about a second). */
 const MAX_RETRY_AFTER_MS = 30_000
@@ -1829,6 +1828,7 @@ function retryAfterMs(res: Response): number | undefined {
   return ms <= MAX_RETRY_AFTER_MS ? ms : undefined
 }
 
+/** Waits `ms`; rejects with `signal`'s reason when it aborts first. */
 const sleep = (ms: number, signal: AbortSignal) =>
   new Promise<void>((resolve, reject) => {
     if (signal.aborted) return reject(signal.reason)
