@@ -183,10 +183,10 @@ type Live = {
   loading?: Promise<void> | undefined
   /** Streams under way on the channel (the server keeps one: see `paying`). */
   streams: number
-  /** The open credential of the payer's own mined `open` transaction, made again on a
-   * current challenge; kept until the server has taken it, the mark of an open on chain (see
-   * `pay`). */
-  reopen?: (() => Promise<string>) | undefined
+  /** Whether the open credential sent last is of the payer's own mined `open` transaction,
+   * until the server has taken it: the mark of an open on chain, sent again rather than a
+   * second one (see `pay`). */
+  mined?: boolean | undefined
 }
 
 const problemOf = async (res: Response): Promise<Record<string, unknown> | undefined> => {
@@ -888,16 +888,14 @@ export function createFetch(options: Options): PayingFetch {
       })
       // Mined, which may take longer than the challenge lives: the credential goes on a
       // current one (the core draft: none for an expired challenge).
-      live.reopen = async () => {
-        await current(live, url)
-        return live.session.openWithHash({
-          channelId: opened.channelId,
-          salt,
-          hash: opened.hash,
-          initial,
-        })
-      }
-      header = await live.reopen()
+      live.mined = true
+      await current(live, url)
+      header = await live.session.openWithHash({
+        channelId: opened.channelId,
+        salt,
+        hash: opened.hash,
+        initial,
+      })
     }
     return header
   }
@@ -1335,7 +1333,7 @@ export function createFetch(options: Options): PayingFetch {
         }
         if (res.status !== 402 && res.status !== 410) {
           letGo()
-          if (answeredOpen) answeredOpen.reopen = undefined
+          if (answeredOpen) answeredOpen.mined = undefined
           if (!live?.state || !res.body) return res
           const receipt = res.headers.get('payment-receipt')
           const sse = res.headers.get('content-type')?.includes('text/event-stream')
@@ -1383,7 +1381,7 @@ export function createFetch(options: Options): PayingFetch {
           l.session.channelId === mine
         const again =
           answeredOpen === l &&
-          (unseen || (l.reopen && kind === 'verification-failed')) &&
+          (unseen || (l.mined && kind === 'verification-failed')) &&
           reopens < 3
         if (!again) letGo()
         if (unseen && reopens >= 3) {
