@@ -385,16 +385,13 @@ export function file(path: string): Store {
   const signedOf = (c: Content, key: string) => {
     const entry = c.channels[key]
     if (entry === undefined) return 0n
-    const signed =
-      typeof entry === 'object' && entry !== null
-        ? (entry as { signed?: unknown }).signed
-        : undefined
-    if (typeof signed !== 'string' || !/^\d{1,78}$/.test(signed))
+    const signed = Decimal.safeParse((entry as { signed?: unknown } | null)?.signed)
+    if (!signed.success)
       throw new ClientError(
         `The channel store ${path} has a malformed channel under "${key}" (signed: not a decimal string); repair it, or delete that entry to forget the channel.`,
         { path, key },
       )
-    return BigInt(signed)
+    return BigInt(signed.data)
   }
   /** What is reserved under `key` and still counts: its holder is this store, another store of
    * this process in use, or another process alive (0n otherwise). */
