@@ -21,6 +21,7 @@ import * as Reservations from '../../src/ledger/Reservations.ts'
 import * as Settlements from '../../src/ledger/Settlements.ts'
 import * as ChainEscrow from '../../src/payment/evm/ChainEscrow.ts'
 import * as Anvil from '../helpers/Anvil.ts'
+import * as Ledger from '../helpers/Ledger.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 
 const db = await Postgres.fresh()
@@ -228,7 +229,23 @@ const balance = (owner: Hex) =>
   Token.balanceOf(chain.payeeClient, { token: chain.currencyAddress, owner })
 const onChain = async (channelId: Hex) =>
   (await Escrow.getChannel(chain.payeeClient, { escrow: chain.escrowAddress, channelId }))!
-const inDb = async (channelId: Hex) => (await Channels.get(sql, channelId))!
+/** What `inDb` last read of each channel in this test (the chain, and its channel ids, are
+ * reset before each test). */
+const seen = new Map<Hex, Awaited<ReturnType<typeof Ledger.channelState>>>()
+afterEach(() => seen.clear())
+
+/** The channel's row, after checking DESIGN.md's invariant (Ledger.channelState: `settled <=
+ * spent <= acceptedCumulative <= deposit`) and that none of those went down since the last
+ * read: every read of a channel by these tests checks them. */
+const inDb = async (channelId: Hex) => {
+  const now = await Ledger.channelState(sql, channelId)
+  const before = seen.get(channelId)
+  if (before)
+    for (const k of ['settled', 'spent', 'acceptedCumulative', 'deposit'] as const)
+      expect(now[k] >= before[k]).toBe(true)
+  seen.set(channelId, now)
+  return (await Channels.get(sql, channelId))!
+}
 const recorded = (channelId: Hex) => Settlements.transactions(sql, channelId)
 const mine = (results: Settlement.Result[], channelId: Hex) =>
   results.filter((r) => r.channelId === channelId)
