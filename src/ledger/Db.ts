@@ -80,10 +80,11 @@ export function connect(options: Options): Sql {
   // One name for the pool and its companion: the same instance.
   const name = instanceName()
   const url = unnamed(options.url)
-  const open = (max: number, seen?: Set<Seen>) =>
+  const open = (max: number, seen?: Set<Seen>, extra?: Listening) =>
     postgres(url, {
       max,
       onnotice: () => {},
+      ...extra,
       ...(seen ? { socket: dial(seen) } : {}),
       // A server that does not answer is out of reach after this long (postgres.js waits 30
       // s), and the request a 503 (http/App.ts), not a client's long wait.
@@ -104,7 +105,18 @@ export function connect(options: Options): Sql {
   const max = options.max ?? 10
   const seen = new Set<Seen>()
   const sql = open(max, seen)
-  const pool: Pool = { seen, name, alone: () => open(1), lost: { ordered: 0, pool: 0 } }
+  const pool: Pool = {
+    seen,
+    name,
+    alone: () => open(1),
+    // No backoff of postgres.js's own: the Waker paces its attempts (100 ms, doubling to 2 s).
+    // postgres.js's grows with each failed connect (3^n / 100 s, up to 20 s) and delays the
+    // next connect by it, whoever asks: after an outage of a few seconds the Waker's LISTEN
+    // waited 10 to 20 s behind it, as its own sql.listen did.
+    listener: (o) =>
+      open(1, undefined, { ...o, max_lifetime: null, fetch_types: false, backoff: () => 0 }),
+    lost: { ordered: 0, pool: 0 },
+  }
   pools.set(sql, pool)
   // Ended without a timeout, postgres.js waits for ever on a connection that closed under a
   // statement (the server ended it, or `unstick` did) and was not opened again: it keeps that
@@ -204,12 +216,35 @@ type Pool = {
   seen: Set<Seen>
   name: string
   alone: () => Sql
+  listener: (o: Listening) => Sql
   lost: Losses
   busy?: boolean
   /** Whether another look was asked for while `unstick` ran. */
   again?: boolean
 }
 const pools = new WeakMap<object, Pool>()
+
+/** What a client that LISTENs is told: each notification, and each close of its connection. */
+type Listening = {
+  onnotify?: (channel: string, payload: string) => void
+  onclose?: () => void
+  max_lifetime?: null
+  fetch_types?: boolean
+  backoff?: () => number
+}
+
+/**
+ * A client of one connection to `sql`'s database for LISTEN, its own (not postgres.js's
+ * `sql.listen`, which after a close listens again only on its pool's backoff, up to 20 s late
+ * after an outage, and says nothing): `onnotify` hears its notifications, `onclose` each close
+ * of its connection (one that failed to open too), after which its LISTENs are gone. Never
+ * ended for idleness or age.
+ */
+export function listener(sql: Sql, o: Pick<Listening, 'onnotify' | 'onclose'>): Sql {
+  const pool = pools.get(sql)
+  if (!pool) throw new Error('listener: not a pool opened by Db.connect')
+  return pool.listener(o)
+}
 
 /** The connections of `sql`'s pool given up for lost so far (see `onOrdered`, `unstick`). */
 export function lostConnections(sql: object): Losses {

@@ -8,30 +8,101 @@
  * `tollway_superseded` with the replaced stream's id, and a stream started on this
  * instance replaces the one before it here at once (all there is without LISTEN). A stream
  * that hears neither learns it at its next extension, as before.
+ *
+ * Its LISTEN runs on a connection of its own (Db.listener). Each time that connection closes
+ * (the server restarted or ended the session, the network failed), it listens again, with a
+ * backoff, until it can: else, after an outage, the instance heard nothing for a long while
+ * (postgres.js's own `listen` tries again only on its backoff, up to 20 s apart) and relied
+ * on notifications that did not come. Nothing of this is on a request's path.
  */
+
 import type { Sql } from './Db.ts'
+import * as Db from './Db.ts'
+
+const LISTEN = 'listen tollway_channel; listen tollway_superseded'
+/** The first wait before listening again after a close, and the longest (ms). */
+const RETRY_MS = { first: 100, most: 2_000 }
 
 export class Waker {
   private readonly waiters = new Map<string, Set<() => void>>()
-  private unlisten: (() => Promise<void>)[] = []
-  private listening = false
+  private client: Sql | undefined
+  /** Whether its LISTEN stands now (the mode is `listening`, fixed at start). */
+  private heard = false
+  private stopped = false
+  private retry: ReturnType<typeof setTimeout> | undefined
+  private delay = RETRY_MS.first
   /** Streams under way on this instance: what ends each; without LISTEN, the latest by channel. */
   private readonly streams = new Map<string, () => void>()
   private readonly latest = new Map<string, string>()
 
-  /** Listens on the database (skip for the single-connection embedded server). */
-  static async start(sql: Sql, options: { listen: boolean; pollMs?: number }): Promise<Waker> {
-    const waker = new Waker(options.pollMs ?? 1000)
-    if (options.listen) {
-      const vouchers = await sql.listen('tollway_channel', (payload) => waker.wake(`0x${payload}`))
-      const streams = await sql.listen('tollway_superseded', (id) => waker.supersede(id))
-      waker.unlisten = [vouchers.unlisten, streams.unlisten]
-      waker.listening = true
+  /**
+   * Listens on the database (skip for the single-connection embedded server). `log` is told
+   * once when the LISTEN is lost and once when it stands again.
+   */
+  static async start(
+    sql: Sql,
+    options: { listen: boolean; pollMs?: number; log?: (message: string) => void },
+  ): Promise<Waker> {
+    const log = options.log ?? ((m: string) => console.error(`tollway: ${m}`))
+    const waker = new Waker(options.pollMs ?? 1000, options.listen, log)
+    if (!options.listen) return waker
+    waker.client = Db.listener(sql, {
+      onnotify: (channel, payload) => {
+        if (channel === 'tollway_channel') waker.wake(`0x${payload}`)
+        else if (channel === 'tollway_superseded') waker.supersede(payload)
+      },
+      onclose: () => waker.lost(),
+    })
+    try {
+      await waker.client.unsafe(LISTEN)
+    } catch (e) {
+      await waker.stop()
+      throw e
     }
+    waker.heard = true
     return waker
   }
 
-  private constructor(private readonly pollMs: number) {}
+  private constructor(
+    private readonly pollMs: number,
+    /**
+     * Whether it LISTENs: then the database says which stream another replaced. Kept while the
+     * LISTEN is down (a stream replaced meanwhile learns it at its next extension): the order
+     * in which streams start here is not the order the database admitted them, so ending the
+     * one before here could end the newer one.
+     */
+    private readonly listening: boolean,
+    private readonly log: (message: string) => void,
+  ) {}
+
+  /** Its connection closed, and its LISTEN with it: listens again, after a wait. */
+  private lost(): void {
+    if (this.stopped) return
+    if (this.heard) {
+      this.heard = false
+      this.log('lost the LISTEN connection to the database; listening again')
+    }
+    this.again()
+  }
+
+  /** Listens again after the wait, doubled each failed attempt (one pending at a time). */
+  private again(): void {
+    if (this.stopped || this.retry) return
+    this.retry = setTimeout(async () => {
+      this.retry = undefined
+      if (this.stopped || !this.client) return
+      try {
+        await this.client.unsafe(LISTEN)
+      } catch {
+        this.delay = Math.min(this.delay * 2, RETRY_MS.most)
+        return this.again()
+      }
+      this.delay = RETRY_MS.first
+      if (this.heard || this.stopped) return
+      this.heard = true
+      this.log('listening on the database again')
+    }, this.delay)
+  }
 
   /** How many channels have a stream waiting for their next voucher. */
   get waiting(): number {
@@ -99,6 +170,8 @@ export class Waker {
   }
 
   async stop(): Promise<void> {
-    await Promise.all(this.unlisten.map((f) => f()))
+    this.stopped = true
+    clearTimeout(this.retry)
+    await this.client?.end({ timeout: 1 })
   }
 }

@@ -4,6 +4,7 @@ import * as Channels from '../../src/ledger/Channels.ts'
 import * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import { Waker } from '../../src/ledger/Waker.ts'
+import { forwarder } from '../helpers/Forwarder.ts'
 import * as Ledger from '../helpers/Ledger.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 
@@ -444,6 +445,44 @@ describe('channelReservation', () => {
       await other.end()
     }
   })
+
+  test('behavior: the waker listens again after its listen session ended while the database refused connections', async () => {
+    if (!process.env.DATABASE_URL) return // LISTEN needs a second connection
+    const link = await forwarder(new URL(db.url))
+    const far = Db.connect({ url: link.url, max: 2, ...(db.schema ? { schema: db.schema } : {}) })
+    const log: string[] = []
+    const waker = await Waker.start(far, {
+      listen: true,
+      pollMs: 60_000,
+      log: (m) => log.push(m),
+    })
+    try {
+      // The listen session ends, and for a while the database takes no new connection (it
+      // restarts): each attempt to listen again fails, and postgres.js's own waits between
+      // attempts grew to 10 to 20 s by the end.
+      await link.cut()
+      await Bun.sleep(12_000)
+      await link.mend()
+      // A voucher accepted elsewhere afterwards still wakes a waiter here, well before the
+      // poll (60 s). NOTIFY again until it is heard: the waker may still be on its way back.
+      const channelId = `0x${'a1'.repeat(32)}`
+      const woken = waker.next(channelId, new AbortController().signal)
+      let heard = false
+      void woken.then(() => {
+        heard = true
+      })
+      const deadline = performance.now() + 5_000
+      while (!heard && performance.now() < deadline) {
+        await sql`select pg_notify('tollway_channel', ${channelId.slice(2)})`
+        await Bun.sleep(200)
+      }
+      expect(heard).toBe(true)
+      expect(log[0]).toContain('lost the LISTEN')
+    } finally {
+      await waker.stop()
+      await far.end({ timeout: 1 })
+    }
+  }, 40_000)
 
   test('behavior: a channel whose waits ended by the poll or an abort is not kept by the waker', async () => {
     const waker = await Waker.start(sql, { listen: false, pollMs: 20 })
