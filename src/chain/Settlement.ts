@@ -355,13 +355,23 @@ export function start(options: Options): Worker {
   async function tick(): Promise<Tick> {
     const r = await options.store.withLock(async (store) => {
       const results: Result[] = []
+      let head: bigint | undefined
       try {
-        const head = await catchUp(store)
-        results.push(...(await recheck(store, head)))
+        head = await catchUp(store)
       } catch (error) {
         // The chain does not answer: the cursor stays, the next pass reads from it again.
         log.warn({ error: describe(error) }, 'reading the escrow events failed')
       }
+      if (head !== undefined)
+        try {
+          results.push(...(await recheck(store, head)))
+        } catch (error) {
+          // Their list could not be read (the database): the next pass looks again.
+          log.warn(
+            { error: describe(error) },
+            'looking again at the recent settles and closes failed',
+          )
+        }
       const due = await store.due({
         chainId: options.chainId,
         escrow: options.escrow,
@@ -494,10 +504,32 @@ export function start(options: Options): Worker {
       above: head - reorgDepth,
     })
     for (const t of rows) {
+      // One whose state on chain cannot be read now (the node errs) is looked at again by the
+      // next pass; the others are not held up by it.
+      const dropped = await droppedNow(t).catch((error) => {
+        log.warn(
+          { channelId: t.channelId, kind: t.kind, hash: t.hash, error: describe(error) },
+          `${t.kind}: whether a reorganization dropped it could not be read`,
+        )
+        return false
+      })
+      if (!dropped) continue
+      // Its nonce is free again: the account's nonces are asked of the node anew.
+      const account = options.client.account
+      account.nonceManager?.reset({ address: account.address, chainId: options.chainId })
+      const { channelId, kind, cumulativeAmount, signature } = t
+      results.push(
+        await attempt(store, options, { channelId, kind, cumulativeAmount, signature }, log),
+      )
+    }
+    return results
+
+    /** Whether `t` is to be sent again: dropped by a reorganization, found now or before. */
+    async function droppedNow(t: Rechecked): Promise<boolean> {
       if (!t.dropped && t.hash) {
         // A block above the head: the node asked is behind the one that gave the receipt (a
         // load-balanced RPC), or the chain was started afresh; it cannot tell either way.
-        if (t.block === undefined || t.block > head) continue
+        if (t.block === undefined || t.block > head) return false
         const receipt = await getTransactionReceipt(options.client, { hash: t.hash }).catch(
           (error) => {
             if (error instanceof TransactionReceiptNotFoundError) return null
@@ -508,7 +540,7 @@ export function start(options: Options): Worker {
             return undefined
           },
         )
-        if (receipt === undefined) continue
+        if (receipt === undefined) return false
         if (receipt) {
           if (receipt.status === 'success' && receipt.blockNumber !== t.block)
             await store.finish(t.id, {
@@ -516,10 +548,10 @@ export function start(options: Options): Worker {
               hash: t.hash,
               block: receipt.blockNumber,
             })
-          continue
+          return false
         }
         // In the pool again (put back by the node): mined in a coming block.
-        if (await known(options.client, t.hash)) continue
+        if (await known(options.client, t.hash)) return false
         // Dropped only when a node shows its block replaced: one without it at its height. A
         // node without that block (behind, or another of a load-balanced RPC) says nothing:
         // sent again on its word, the settle reverted in the simulation (mined already), and
@@ -530,7 +562,7 @@ export function start(options: Options): Worker {
           () => undefined,
         )
         if (!block || block.transactions.some((h) => h.toLowerCase() === t.hash?.toLowerCase()))
-          continue
+          return false
         await store.dropped(t.id)
         log.warn(
           {
@@ -542,15 +574,8 @@ export function start(options: Options): Worker {
           `${t.kind} reorganized out of the chain: sending it again`,
         )
       }
-      // Its nonce is free again: the account's nonces are asked of the node anew.
-      const account = options.client.account
-      account.nonceManager?.reset({ address: account.address, chainId: options.chainId })
-      const { channelId, kind, cumulativeAmount, signature } = t
-      results.push(
-        await attempt(store, options, { channelId, kind, cumulativeAmount, signature }, log),
-      )
+      return true
     }
-    return results
   }
 
   /** Takes the escrow's word on a channel the database has open: a forced close is marked (or

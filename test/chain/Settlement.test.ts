@@ -1825,6 +1825,62 @@ describe('closing channels in the passes (audit)', () => {
       server.stop(true)
     }
   }, 30_000)
+  test('error: a settle whose state on chain the node will not give keeps no other settle reorganized out from being sent again in the same pass, and is said apart from reading the events', async () => {
+    const w = worker({})
+    const settled: { channelId: Hex; hash: Hex }[] = []
+    // Both opened first: the reorganization below drops the settles only.
+    const opened = [
+      { channelId: await openChannel(), amount: 100n },
+      { channelId: await openChannel(), amount: 200n },
+    ]
+    for (const { channelId, amount } of opened) {
+      await accept(channelId, amount)
+      await spend(channelId, amount)
+    }
+    for (const { channelId, amount } of opened) {
+      const s = await w.settleNow(channelId)
+      expect(s).toMatchObject({ status: 'confirmed', cumulativeAmount: amount })
+      settled.push({ channelId, hash: (s as { hash: Hex }).hash })
+    }
+    // The blocks from the first one up are replaced by ones without them (a node that does
+    // not put the transactions of dropped blocks back in its pool).
+    const [first, second] = settled as [(typeof settled)[0], (typeof settled)[0]]
+    const { blockNumber } = await chain.payeeClient.request({
+      method: 'eth_getTransactionReceipt',
+      params: [first.hash],
+    } as never)
+    const head = await chain.payeeClient.request({ method: 'eth_blockNumber' } as never)
+    const depth = Number(BigInt(head as Hex) - BigInt(blockNumber as Hex)) + 1
+    await chain.payeeClient.request({ method: 'anvil_reorg', params: [depth, []] } as never)
+    expect((await onChain(first.channelId)).settled).toBe(0n)
+    expect((await onChain(second.channelId)).settled).toBe(0n)
+    // The node errs when asked for the first one (looked at first: recorded first).
+    const front = rpcFront((call) =>
+      call.method === 'eth_getTransactionByHash' &&
+      String(call.params?.[0]).toLowerCase() === first.hash.toLowerCase()
+        ? { code: -32000, message: 'transaction indexing is in progress' }
+        : undefined,
+    )
+    try {
+      const entries: Entry[] = []
+      const fronted = worker({ client: front.client, log: logger(entries) })
+      expect(mine(await ticked(fronted), second.channelId)).toMatchObject([
+        { status: 'confirmed', kind: 'settle', cumulativeAmount: 200n },
+      ])
+      expect((await onChain(second.channelId)).settled).toBe(200n)
+      expect(mine(await ticked(fronted), first.channelId)).toEqual([])
+      expect(entries.some((e) => e.level === 'warn' && e.fields.hash === first.hash)).toBe(true)
+      expect(entries.map((e) => e.msg)).not.toContain('reading the escrow events failed')
+    } finally {
+      front.server.stop(true)
+    }
+    // The node answers again: the first is sent again by the next pass.
+    expect(mine(await ticked(w), first.channelId)).toMatchObject([
+      { status: 'confirmed', kind: 'settle', cumulativeAmount: 100n },
+    ])
+    expect((await onChain(first.channelId)).settled).toBe(100n)
+    expect(await inDb(first.channelId)).toMatchObject({ spent: 100n, settled: 100n })
+  }, 60_000)
   test('error: a forced close stays one through a cooperative close refused meanwhile, its event out of the blocks the passes read again: the cover is settled in time', async () => {
     const w = worker({ gracePeriod: 60n })
     // A cursor: the passes read the events after it, and the last 64 blocks again.
