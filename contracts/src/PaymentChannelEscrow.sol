@@ -25,7 +25,9 @@ interface IERC3009Receive {
 /// @dev Channel records are never deleted and `finalized` is sticky, so a used channelId can never
 /// be re-opened and old vouchers can never be replayed against a new deposit. Every function
 /// follows checks-effects-interactions. Only well-behaved ERC-20s (no fee-on-transfer, no
-/// rebasing) may be used: `deposit` records what was requested, not what arrived.
+/// rebasing, no transfer callbacks) may be used: every deposit and top-up reverts unless the
+/// escrow's balance grew by exactly its amount, which refuses a fee-on-transfer token and a token
+/// that swallows the EIP-3009 call, but cannot see a balance that later rebases.
 contract PaymentChannelEscrow is EIP712 {
     using SafeERC20 for IERC20;
 
@@ -78,6 +80,7 @@ contract PaymentChannelEscrow is EIP712 {
     error CloseNotReady();
     error ZeroDeposit();
     error DepositOverflow();
+    error DepositNotReceived();
 
     constructor() EIP712("EVM Payment Channel", "1") {}
 
@@ -89,7 +92,9 @@ contract PaymentChannelEscrow is EIP712 {
         returns (bytes32 channelId)
     {
         channelId = _create(msg.sender, payee, token, deposit, salt, authorizedSigner);
+        uint256 before = IERC20(token).balanceOf(address(this));
         IERC20(token).safeTransferFrom(msg.sender, address(this), deposit);
+        _checkReceived(token, before, deposit);
     }
 
     /// @notice Opens a channel funded by `from` through an EIP-3009 `receiveWithAuthorization`;
@@ -108,9 +113,11 @@ contract PaymentChannelEscrow is EIP712 {
     ) external returns (bytes32 channelId) {
         if (nonce != computeOpenNonce(from, payee, token, salt, authorizedSigner)) revert NonceMismatch();
         channelId = _create(from, payee, token, deposit, salt, authorizedSigner);
+        uint256 before = IERC20(token).balanceOf(address(this));
         IERC3009Receive(token).receiveWithAuthorization(
             from, address(this), deposit, validAfter, validBefore, nonce, signature
         );
+        _checkReceived(token, before, deposit);
     }
 
     // ---------------------------------------------------------------- topUp
@@ -120,7 +127,10 @@ contract PaymentChannelEscrow is EIP712 {
         Channel storage channel = _live(channelId);
         if (msg.sender != channel.payer) revert NotPayer();
         _addDeposit(channel, channelId, msg.sender, additionalDeposit);
-        IERC20(channel.token).safeTransferFrom(msg.sender, address(this), additionalDeposit);
+        address token = channel.token;
+        uint256 before = IERC20(token).balanceOf(address(this));
+        IERC20(token).safeTransferFrom(msg.sender, address(this), additionalDeposit);
+        _checkReceived(token, before, additionalDeposit);
     }
 
     /// @notice Adds funds from `from` through EIP-3009; anyone may submit it.
@@ -139,9 +149,12 @@ contract PaymentChannelEscrow is EIP712 {
         if (nonce != computeTopUpNonce(channelId, additionalDeposit, from, topUpSalt)) revert NonceMismatch();
         Channel storage channel = _live(channelId);
         _addDeposit(channel, channelId, from, additionalDeposit);
-        IERC3009Receive(channel.token).receiveWithAuthorization(
+        address token = channel.token;
+        uint256 before = IERC20(token).balanceOf(address(this));
+        IERC3009Receive(token).receiveWithAuthorization(
             from, address(this), additionalDeposit, validAfter, validBefore, nonce, signature
         );
+        _checkReceived(token, before, additionalDeposit);
     }
 
     // ---------------------------------------------------------------- settle / close
@@ -292,6 +305,14 @@ contract PaymentChannelEscrow is EIP712 {
             channel.closeRequestedAt = 0;
             emit CloseRequestCancelled(channelId);
         }
+    }
+
+    /// @dev The escrow pays every channel out of one balance per token, so a deposit recorded
+    /// above what arrived is paid from other payers' money: a fee-on-transfer token delivers less,
+    /// and a token with a catch-all fallback (WETH9's) "succeeds" at a `receiveWithAuthorization`
+    /// it does not have while moving nothing.
+    function _checkReceived(address token, uint256 before, uint128 amount) private view {
+        if (IERC20(token).balanceOf(address(this)) != before + amount) revert DepositNotReceived();
     }
 
     /// @dev An existing, unfinalized channel.

@@ -3,6 +3,7 @@ pragma solidity ^0.8.24;
 
 import {PaymentChannelEscrow} from "../src/PaymentChannelEscrow.sol";
 import {TestUSD} from "../src/TestUSD.sol";
+import {ERC20} from "@openzeppelin/contracts/token/ERC20/ERC20.sol";
 
 /// @dev The forge cheatcodes these tests use. forge-std's npm build is too old to compile here
 /// (it lacks ds-test), so we declare the few cheatcodes we need against forge's own interface.
@@ -43,6 +44,41 @@ contract MockWallet {
         (bytes32 r, bytes32 s) = (bytes32(signature[0:32]), bytes32(signature[32:64]));
         address signer = ecrecover(hash, uint8(signature[64]), r, s);
         return signer == owner && signer != address(0) ? bytes4(0x1626ba7e) : bytes4(0xffffffff);
+    }
+}
+
+/// @dev An ERC-20 with a fallback that takes any call, as WETH9's does (it deposits msg.value):
+/// `receiveWithAuthorization` on it "succeeds" and moves nothing.
+contract FallbackToken is ERC20 {
+    constructor() ERC20("Wrapped", "WRAP") {}
+
+    function mint(address to, uint256 amount) external {
+        _mint(to, amount);
+    }
+
+    fallback() external payable {}
+}
+
+/// @dev An ERC-20 that, once its fee is switched on, burns 1% of every transfer: the recipient
+/// gets less than was sent (USDC's contract has such a switch, never used so far).
+contract FeeToken is ERC20 {
+    bool public charging;
+
+    constructor() ERC20("Fee", "FEE") {}
+
+    function charge(bool on) external {
+        charging = on;
+    }
+
+    function mint(address to, uint256 amount) external {
+        _mint(to, amount);
+    }
+
+    function _update(address from, address to, uint256 value) internal override {
+        if (!charging || from == address(0) || to == address(0)) return super._update(from, to, value);
+        uint256 fee = value / 100;
+        super._update(from, address(0), fee);
+        super._update(from, to, value - fee);
     }
 }
 

@@ -1,13 +1,15 @@
 // SPDX-License-Identifier: MIT
 pragma solidity ^0.8.24;
 
-import {Base, MockWallet} from "./Base.sol";
+import {Base, FallbackToken, FeeToken, MockWallet} from "./Base.sol";
 import {PaymentChannelEscrow} from "../src/PaymentChannelEscrow.sol";
 import {ERC3009} from "@openzeppelin/contracts/token/ERC20/extensions/draft-ERC3009.sol";
 
 contract PaymentChannelEscrowTest is Base {
     bytes32 constant SALT = bytes32(uint256(1));
     uint128 constant DEPOSIT = 1_000e6;
+    /// By its signature, so that the tests build against an escrow without the error.
+    bytes4 constant DEPOSIT_NOT_RECEIVED = bytes4(keccak256("DepositNotReceived()"));
 
     // ------------------------------------------------------------ wire-format vectors
 
@@ -465,6 +467,76 @@ contract PaymentChannelEscrowTest is Base {
         escrow.topUpWithAuthorization(id, 5, payer, SALT, validAfter, type(uint256).max, nonce, auth);
         vm.assertEq(escrow.getChannel(id).deposit, DEPOSIT, "deposit unchanged");
         vm.assertEq(token.balanceOf(address(escrow)), DEPOSIT, "escrow balance unchanged");
+    }
+
+    // ------------------------------------------------------------ deposits are what arrived
+
+    /// A token whose fallback takes any call (WETH9's does): an attacker "funds" a channel to
+    /// itself with a receiveWithAuthorization that moves nothing, then closes it as its payee and
+    /// is refunded out of an honest channel of the same token.
+    function test_openWithAuthorization_revertsWhenTokenMovesNothing() public {
+        FallbackToken wrap = new FallbackToken();
+        wrap.mint(other, DEPOSIT);
+        vm.startPrank(other);
+        wrap.approve(address(escrow), DEPOSIT);
+        escrow.open(payee, address(wrap), DEPOSIT, SALT, address(0));
+        vm.stopPrank();
+
+        address attacker = vm.addr(0xE11);
+        bytes32 nonce = escrow.computeOpenNonce(attacker, attacker, address(wrap), SALT, address(0));
+        vm.prank(attacker);
+        vm.expectRevert(DEPOSIT_NOT_RECEIVED);
+        escrow.openWithAuthorization(
+            attacker, address(wrap), DEPOSIT, SALT, address(0), attacker, 0, type(uint256).max, nonce, ""
+        );
+        vm.assertEq(wrap.balanceOf(address(escrow)), DEPOSIT, "the honest deposit is still held");
+    }
+
+    /// The same token: a channel opened with 1 unit topped up for free, then withdrawn in full.
+    function test_topUpWithAuthorization_revertsWhenTokenMovesNothing() public {
+        FallbackToken wrap = new FallbackToken();
+        wrap.mint(other, DEPOSIT);
+        wrap.mint(payer, 1);
+        vm.prank(other);
+        wrap.approve(address(escrow), DEPOSIT);
+        vm.prank(other);
+        escrow.open(payee, address(wrap), DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        wrap.approve(address(escrow), 1);
+        vm.prank(payer);
+        bytes32 id = escrow.open(payee, address(wrap), 1, SALT, address(0));
+
+        bytes32 nonce = escrow.computeTopUpNonce(id, DEPOSIT, payer, SALT);
+        vm.expectRevert(DEPOSIT_NOT_RECEIVED);
+        escrow.topUpWithAuthorization(id, DEPOSIT, payer, SALT, 0, type(uint256).max, nonce, "");
+        vm.assertEq(escrow.getChannel(id).deposit, 1, "deposit unchanged");
+    }
+
+    /// A fee-on-transfer token: the escrow would record 1,000 while holding 990, and the payee
+    /// would settle the difference out of other channels.
+    function test_open_revertsWhenLessArrives() public {
+        FeeToken fee = new FeeToken();
+        fee.charge(true);
+        fee.mint(payer, DEPOSIT);
+        vm.startPrank(payer);
+        fee.approve(address(escrow), DEPOSIT);
+        vm.expectRevert(DEPOSIT_NOT_RECEIVED);
+        escrow.open(payee, address(fee), DEPOSIT, SALT, address(0));
+        vm.stopPrank();
+    }
+
+    function test_topUp_revertsWhenLessArrives() public {
+        FeeToken fee = new FeeToken();
+        fee.mint(payer, DEPOSIT);
+        vm.startPrank(payer);
+        fee.approve(address(escrow), DEPOSIT);
+        bytes32 id = escrow.open(payee, address(fee), 100, SALT, address(0));
+        vm.stopPrank();
+        fee.charge(true);
+        vm.prank(payer);
+        vm.expectRevert(DEPOSIT_NOT_RECEIVED);
+        escrow.topUp(id, 200);
+        vm.assertEq(escrow.getChannel(id).deposit, 100, "deposit unchanged");
     }
 
     // ------------------------------------------------------------ settle
