@@ -3,6 +3,7 @@ pragma solidity ^0.8.24;
 
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 
@@ -324,14 +325,20 @@ contract PaymentChannelEscrow is EIP712 {
 
     /// @dev EOA (ECDSA, 65 bytes, low-s) or ERC-1271 signer: `authorizedSigner`, else the payer.
     /// 64-byte EIP-2098 signatures are rejected for EOAs (the draft lets us; clients never make them).
+    /// The key's own signature is tried first even when the signer's account has code, unlike
+    /// SignatureChecker (which asks an account with code only through ERC-1271): an EOA that
+    /// delegates through EIP-7702 after signing vouchers would otherwise void them by its
+    /// delegate's answer, request a close and withdraw what it spent. A contract created by
+    /// CREATE or CREATE2 has no key, so this accepts nothing that a contract wallet did not sign.
     function _verifyVoucher(Channel storage channel, bytes32 channelId, uint128 amount, bytes calldata signature)
         private
         view
     {
         address signer = channel.authorizedSigner == address(0) ? channel.payer : channel.authorizedSigner;
         if (signature.length == 65 && uint256(bytes32(signature[32:64])) > HALF_ORDER) revert InvalidSignature();
-        if (!SignatureChecker.isValidSignatureNowCalldata(signer, voucherDigest(channelId, amount), signature)) {
-            revert InvalidSignature();
-        }
+        bytes32 digest = voucherDigest(channelId, amount);
+        (address recovered, ECDSA.RecoverError err,) = ECDSA.tryRecoverCalldata(digest, signature);
+        if (err == ECDSA.RecoverError.NoError && recovered == signer) return;
+        if (!SignatureChecker.isValidERC1271SignatureNowCalldata(signer, digest, signature)) revert InvalidSignature();
     }
 }

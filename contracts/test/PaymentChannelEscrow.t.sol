@@ -579,6 +579,41 @@ contract PaymentChannelEscrowTest is Base {
         escrow.settle(id, 10, sig);
     }
 
+    /// A payer signs vouchers with its key, is served, then gives its account code (an EIP-7702
+    /// delegation: the designator is etched here, pointing at a contract without ERC-1271) and
+    /// asks to close. Its key's signatures must still pay the payee, or the payer withdraws all.
+    function test_settle_acceptsKeySignatureAfterSignerGainsCode() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        bytes memory sig = voucher(PAYER_KEY, id, 10);
+        vm.etch(payer, abi.encodePacked(hex"ef0100", address(token)));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        vm.prank(payee);
+        escrow.settle(id, 10, sig);
+        vm.assertEq(token.balanceOf(payee), 10, "paid");
+    }
+
+    function test_close_acceptsKeySignatureAfterSignerGainsCode() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, signer);
+        bytes memory sig = voucher(SIGNER_KEY, id, 10);
+        vm.etch(signer, abi.encodePacked(hex"ef0100", address(token)));
+        vm.prank(payee);
+        escrow.close(id, 10, sig);
+        vm.assertEq(token.balanceOf(payee), 10, "paid");
+    }
+
+    /// The key that owns a wallet signs for the wallet only through the wallet's ERC-1271 answer:
+    /// recovering the key's own address is no match for the wallet's.
+    function test_settle_revertsOnOwnerKeySignatureWhenWalletRefuses() public {
+        MockWallet wallet = new MockWallet(signer);
+        bytes32 id = openChannel(DEPOSIT, SALT, address(wallet));
+        vm.etch(address(wallet), abi.encodePacked(hex"ef0100", address(token)));
+        bytes memory sig = voucher(SIGNER_KEY, id, 10);
+        vm.prank(payee);
+        vm.expectRevert(PaymentChannelEscrow.InvalidSignature.selector);
+        escrow.settle(id, 10, sig);
+    }
+
     function test_settle_revertsForNonPayee() public {
         bytes32 id = openChannel(DEPOSIT, SALT, address(0));
         bytes memory sig = voucher(PAYER_KEY, id, 10);

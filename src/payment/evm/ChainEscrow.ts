@@ -548,9 +548,11 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
         Problem.signerMismatch('The voucher is not signed by the channel signer.', {
           channelId: v.channelId,
         })
-      // As the escrow checks it at settlement (OpenZeppelin's SignatureChecker): a signer with
-      // code is asked (ERC-1271, the draft's step 5) and only asked; a 65-byte signature must
-      // still be low-s there.
+      // A signer with code is asked (ERC-1271, the draft's step 5) and only asked; a 65-byte
+      // signature must still be low-s there. The escrow takes a signature by the signer's own key
+      // as well (an account that delegated through EIP-7702 has code and a key), so this is the
+      // stricter of the two, and a voucher taken below by its key stays payable whatever code
+      // the account gets later.
       if (await hasCode(v.signer)) {
         if (
           /^0x[0-9a-fA-F]{128}[0-9a-fA-F]{2}$/.test(v.signature) &&
