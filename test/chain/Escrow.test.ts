@@ -384,6 +384,45 @@ describe('simulateSettle', () => {
   })
 })
 
+describe('ChainEscrow verifyVoucher', () => {
+  test('behavior: a voucher by the key of a payer whose account has code (an EIP-7702 delegation) is taken, as the escrow settles it; another key is still refused', async () => {
+    const { channelId } = await openChannel()
+    const signature = await voucher(channelId, 300n)
+    const other = await voucher(channelId, 300n, 1)
+    // An EIP-7702 designator delegating to the token, which has no ERC-1271.
+    await chain.setCode(payer().address, `0xef0100${chain.currencyAddress.slice(2)}`)
+    const gateway = ChainEscrow.create({
+      client: chain.payeeClient,
+      escrow: chain.escrowAddress,
+      currency: chain.currencyAddress,
+      chainId: chain.chainId,
+      close: () => Promise.reject(new Error('not used')),
+    })
+    try {
+      const v = { channelId, cumulativeAmount: 300n, signer: payer().address }
+      await gateway.verifyVoucher({ ...v, signature })
+      const refused = await Promise.resolve(
+        gateway.verifyVoucher({ ...v, signature: other }),
+      ).catch((e: unknown) => e)
+      expect((refused as PaymentProblem).kind).toBe('session/signer-mismatch')
+    } finally {
+      gateway.stop()
+    }
+    // What the gateway took, the escrow pays.
+    await Escrow.settle(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+      cumulativeAmount: 300n,
+      signature,
+    })
+    const channel = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(channel?.settled).toBe(300n)
+  }, 30_000)
+})
+
 describe('close', () => {
   test('behavior: settles the final voucher and refunds the payer', async () => {
     const { channelId } = await openChannel()

@@ -548,33 +548,33 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
         Problem.signerMismatch('The voucher is not signed by the channel signer.', {
           channelId: v.channelId,
         })
-      // A signer with code is asked (ERC-1271, the draft's step 5) and only asked; a 65-byte
-      // signature must still be low-s there. The escrow takes a signature by the signer's own key
-      // as well (an account that delegated through EIP-7702 has code and a key), so this is the
-      // stricter of the two, and a voucher taken below by its key stays payable whatever code
-      // the account gets later.
-      if (await hasCode(v.signer)) {
-        if (
-          /^0x[0-9a-fA-F]{128}[0-9a-fA-F]{2}$/.test(v.signature) &&
-          BigInt(`0x${v.signature.slice(66, 130)}`) > Voucher.HALF_N
-        )
-          throw Problem.invalidSignature('The voucher signature is invalid (high-s).', {
-            channelId: v.channelId,
-          })
-        if (await guard(v.channelId, () => walletSigned(v))) return
-        throw mismatch()
-      }
+      // As the escrow checks it at settlement: a signature by the signer's own key first, with
+      // or without code at its address (an account that delegated through EIP-7702 has both,
+      // and the escrow pays its key's vouchers whatever its delegate answers), then, for an
+      // account with code, ERC-1271 (the draft's step 5). Asking only the wallet of an account
+      // with code refused a delegated payer's vouchers that the escrow pays.
       try {
         await verifier.verify(v)
+        return
       } catch (e) {
-        if (e instanceof InvalidVoucherSignatureError)
+        if (!(e instanceof InvalidVoucherSignatureError)) throw e
+        if (!(await hasCode(v.signer)))
           throw e.reason === 'signer-mismatch'
             ? mismatch()
             : Problem.invalidSignature(`The voucher signature is invalid (${e.reason}).`, {
                 channelId: v.channelId,
               })
-        throw e
       }
+      // The escrow refuses a high-s 65-byte signature before asking the wallet, whatever its v.
+      if (
+        /^0x[0-9a-fA-F]{128}[0-9a-fA-F]{2}$/.test(v.signature) &&
+        BigInt(`0x${v.signature.slice(66, 130)}`) > Voucher.HALF_N
+      )
+        throw Problem.invalidSignature('The voucher signature is invalid (high-s).', {
+          channelId: v.channelId,
+        })
+      if (await guard(v.channelId, () => walletSigned(v))) return
+      throw mismatch()
     },
 
     /** Ends the verifier thread. */
