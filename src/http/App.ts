@@ -59,7 +59,9 @@ export function create(deps: Deps): Hono {
     origins.length > 0
       ? cors({
           origin: origins.includes('*') ? '*' : origins,
-          allowMethods: ['GET', 'HEAD', 'POST', 'DELETE', 'OPTIONS'],
+          // Every method a route takes: PATCH of an account, and a voucher sent to the
+          // completions path by any method (a preflight that leaves one out blocks it).
+          allowMethods: ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'],
           exposeHeaders: EXPOSED,
           maxAge: 600,
         })

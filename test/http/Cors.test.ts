@@ -37,6 +37,23 @@ describe('any origin (the default)', () => {
     expect(res.headers.get('access-control-allow-headers')).toContain('idempotency-key')
   })
 
+  test('behavior: a preflight allows every method the gateway serves: PATCH of an account, a voucher sent by PUT, PATCH or DELETE', async () => {
+    for (const [path, method] of [
+      ['/admin/accounts/0193', 'PATCH'],
+      ['/v1/chat/completions', 'PUT'],
+      ['/v1/chat/completions', 'PATCH'],
+      ['/v1/keys/0193', 'DELETE'],
+    ] as const) {
+      const res = await fetch(`${gw.url}${path}`, {
+        method: 'OPTIONS',
+        headers: { origin: page, 'access-control-request-method': method },
+      })
+      expect(res.status).toBe(204)
+      const allowed = (res.headers.get('access-control-allow-methods') ?? '').split(',')
+      expect(allowed).toContain(method)
+    }
+  })
+
   test('behavior: answers, streamed or whole, and errors carry the origin and expose the headers clients read', async () => {
     for (const stream of [false, true]) {
       const res = await chat(gw.url, { origin: page, authorization: `Bearer ${key}` }, stream)
