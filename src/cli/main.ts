@@ -25,7 +25,8 @@ Commands:
   keys revoke <account> <key-id>          revoke a key (or: keys revoke <key-id> --api-key K)
   channels list [--limit N] [--cursor C]  payment channels, most recently active first
   channels settle <channel-id>            settle a channel now
-  chat "prompt" [--model M] [--stream]    chat, paying from TOLLWAY_WALLET_KEY
+  chat "prompt" [--model M] [--stream] [--receipt]  chat, paying from TOLLWAY_WALLET_KEY
+                                          (limits: --max-deposit, --max-total; see chat --help)
   channel status | close                  your channel with the gateway
   channel request-close | withdraw        force a close on chain when the gateway stops answering
 
@@ -82,8 +83,10 @@ Options:
   --insecure-http    pay a gateway on another machine over plain HTTP (TOLLWAY_INSECURE_HTTP=1);
                      anyone on the way could replay your vouchers: a test network only
                      (https, and http to this machine, need no flag)
-  --max-deposit N    the most one channel holds, base units (default 10000000)
-  --max-total N      the most your vouchers may total, base units (default 10000000), over every
+  --max-deposit N    the most one channel holds, base units (TOLLWAY_MAX_DEPOSIT; default
+                     10000000)
+  --max-total N      the most your vouchers may total, base units (TOLLWAY_MAX_TOTAL; default
+                     10000000), over every
                      channel $TOLLWAY_DATA_DIR/channels.json keeps (earlier commands' and closed
                      ones' too): a budget for the wallet at this gateway, not per command
   --rpc-url U        the chain's RPC URL (TOLLWAY_RPC_URL): only for opens from your own
