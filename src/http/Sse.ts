@@ -7,7 +7,8 @@
 import type { Context } from 'hono'
 import type { GatewayError } from '../Errors.ts'
 import type { Frame, Usage } from '../metering/Meter.ts'
-import type { Chunk, Received } from '../upstream/Chat.ts'
+import type { Digest } from '../metering/Receipt.ts'
+import { type Chunk, generated, type Received } from '../upstream/Chat.ts'
 
 const encoder = new TextEncoder()
 const DONE = encoder.encode('data: [DONE]\n\n')
@@ -86,6 +87,13 @@ export type Options = {
   extra?: (frame: Frame) => Promise<Uint8Array | undefined>
   /** The signed receipt the final usage chunk carries as `tollway_receipt` (see metering/Receipt.ts). */
   receipt?: (usage: Usage) => unknown
+  /**
+   * Fed the generated text of each chunk as it is written, for the receipt's `result_sha256`:
+   * here, not where the chunks are metered, because a finishing chunk held for the usage goes
+   * out after chunks the upstream wrote later, and the digest is of the text as the client
+   * joins it.
+   */
+  digest?: Digest | undefined
   /** Events to send after the final usage chunk, before `[DONE]` (the payment receipt). */
   beforeDone?: () => Promise<Uint8Array | undefined>
   /**
@@ -101,6 +109,11 @@ export type Options = {
  * sends after it go out ahead of it.
  */
 export function response(c: Context, o: Options): Response {
+  const digest = o.digest
+  /** Feeds the digest a chunk's text, as it is written. */
+  const hash = (chunk: Chunk) => {
+    if (digest) for (const choice of chunk.choices) digest.update(generated(choice.delta))
+  }
   let last: Received | undefined
   /** The finishing chunk held to carry the usage (without include_usage), to the end. */
   let held: Chunk | undefined
@@ -148,9 +161,15 @@ export function response(c: Context, o: Options): Response {
           // the usage belongs on the last chunk, whose `usage` OpenAI's Python stream helper
           // keeps. Only a second finishing chunk (an upstream repeating it) lets it out.
           if (!o.includeUsage && finishing) {
-            if (held) text += line(held)
+            if (held) {
+              text += line(held)
+              hash(held)
+            }
             held = { ...r.chunk, model: o.model }
           } else {
+            // A template read knows its text without building the chunk.
+            if (r.text !== undefined) digest?.update(r.text)
+            else hash(r.chunk)
             const json = forwarded(r)
             text += json === undefined ? line({ ...r.chunk, model: o.model }) : `data: ${json}\n\n`
           }
@@ -189,6 +208,8 @@ export function response(c: Context, o: Options): Response {
     }
     const out: Uint8Array[] = []
     const finishing = { ...base, choices: [{ index: 0, delta: {}, finish_reason: finishReason }] }
+    // The held chunk goes out with the receipt: its text is the last the digest takes.
+    if (held) hash(held)
     const receipt = o.receipt?.(usage)
     const metered = receipt === undefined ? { usage } : { usage, tollway_receipt: receipt }
     if (o.includeUsage) {

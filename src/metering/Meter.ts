@@ -21,7 +21,6 @@ import {
   type Usage as Reported,
 } from '../upstream/Chat.ts'
 import * as Pricing from './Pricing.ts'
-import type { Digest } from './Receipt.ts'
 import * as Tokenizer from './Tokenizer.ts'
 
 /** Credits held for one request, by whatever pays for it. Implemented by the stores. */
@@ -127,8 +126,6 @@ export type StreamOptions = {
    * outlive its lease and be swept as abandoned.
    */
   renewMs?: number
-  /** Fed the generated text of every chunk sent, for the request's receipt. */
-  digest?: Digest | undefined
 }
 
 /**
@@ -415,9 +412,6 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
               })
             upper += bound
           }
-          if (o.digest)
-            if (text !== undefined) o.digest.update(text)
-            else for (const t of texts!) o.digest.update(t)
           if (chunk?.usage) {
             const { usage: _, ...rest } = chunk
             out.push({ chunk: rest as Chunk })

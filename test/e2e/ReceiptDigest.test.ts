@@ -10,7 +10,7 @@ import * as Scripted from '../helpers/Scripted.ts'
 
 const scripts: Record<string, unknown[]> = {}
 const url = Scripted.serve((body) => Scripted.events(scripts[body.model as string]!))
-const gw = await Scripted.gateway(url, ['split', 'mixed'])
+const gw = await Scripted.gateway(url, ['split', 'mixed', 'held'])
 const { public_key } = (await (await fetch(`${gw.url}/v1/receipts/key`)).json()) as {
   public_key: string
 }
@@ -100,5 +100,31 @@ test('behavior: reasoning, tool calls and two choices hash by the README rule', 
   ]
   const { text, receipt } = await streamed('mixed')
   expect(text).toBe('think more Hello A Brget{"a":1}')
+  expect(receipt.result_sha256).toBe(sha256(text))
+})
+
+test('behavior: the text of a finishing chunk held for the usage hashes where the client receives it, after the chunks sent ahead of it', async () => {
+  // Two choices; the first finishes with text while the second goes on. Without include_usage
+  // the finishing chunk is held to carry the usage, and the second choice's chunks go out
+  // ahead of it: the digest follows the order sent, not the order the upstream wrote.
+  const two = (
+    a: Record<string, unknown> | null,
+    b: Record<string, unknown> | null,
+    finish: [string | null, string | null],
+  ) => ({
+    ...chunk({}),
+    choices: [
+      ...(a ? [{ index: 0, delta: a, finish_reason: finish[0] }] : []),
+      ...(b ? [{ index: 1, delta: b, finish_reason: finish[1] }] : []),
+    ],
+  })
+  scripts.held = [
+    two({ role: 'assistant', content: 'one' }, { role: 'assistant', content: 'two' }, [null, null]),
+    two({ content: ' end' }, null, ['stop', null]),
+    two(null, { content: ' more' }, [null, null]),
+    two(null, { content: ' last' }, [null, 'stop']),
+  ]
+  const { text, receipt } = await streamed('held')
+  expect(text).toBe('onetwo more end last')
   expect(receipt.result_sha256).toBe(sha256(text))
 })

@@ -391,7 +391,6 @@ async function serve(
   }
   const digest = signer ? new Receipt.Digest() : undefined
   const frames = Meter.stream({
-    digest,
     price,
     promptTokens,
     // The most the upstream may write: its max_tokens, or what the context leaves.
@@ -416,7 +415,9 @@ async function serve(
       left()
     },
     onError: (e) => deps.log.error({ err: (e as Error).message }, 'stream failed'),
-    ...(digest ? { receipt: (usage: Meter.Usage) => receipt(usage, () => digest.hex()) } : {}),
+    ...(digest
+      ? { digest, receipt: (usage: Meter.Usage) => receipt(usage, () => digest.hex()) }
+      : {}),
     ...(hooks.extra ? { extra: hooks.extra } : {}),
     ...(hooks.beforeDone ? { beforeDone: hooks.beforeDone } : {}),
     ...(hooks.headers ? { headers: hooks.headers } : {}),
