@@ -93,24 +93,33 @@ export class Signer {
 }
 
 /**
+ * `text` decoded, if it is the one base64url spelling (no padding) of `bytes` bytes. Node's
+ * decoder takes much else (padding, the `+/` alphabet, characters it skips, the spare bits of
+ * the last character set): one signature would verify under many spellings, and a client
+ * that tells its receipts apart by signature could be handed the same one again as another.
+ */
+function base64url(text: unknown, bytes: number): Buffer | undefined {
+  if (typeof text !== 'string' || text.length !== Math.ceil((bytes * 4) / 3)) return undefined
+  const decoded = Buffer.from(text, 'base64url')
+  return decoded.length === bytes && decoded.toString('base64url') === text ? decoded : undefined
+}
+
+/**
  * Whether `receipt` was signed by `publicKey` (base64url, as `GET /v1/receipts/key` gives it)
- * and is unchanged. Anything malformed is false, never an exception.
+ * and is unchanged. Anything malformed is false, never an exception; so is a signature or a
+ * key spelled otherwise than as the signer writes it.
  */
 export function verify(receipt: unknown, publicKey: string): boolean {
   try {
     if (typeof receipt !== 'object' || receipt === null) return false
     const { signature, ...rest } = receipt as Record<string, unknown>
-    if (typeof signature !== 'string' || rest.version !== VERSION) return false
+    const bytes = base64url(signature, 64)
+    if (!bytes || !base64url(publicKey, 32) || rest.version !== VERSION) return false
     const key = createPublicKey({
       key: { kty: 'OKP', crv: 'Ed25519', x: publicKey },
       format: 'jwk',
     })
-    return verifySignature(
-      null,
-      signed(rest as Omit<Receipt, 'signature'>),
-      key,
-      Buffer.from(signature, 'base64url'),
-    )
+    return verifySignature(null, signed(rest as Omit<Receipt, 'signature'>), key, bytes)
   } catch {
     return false
   }
