@@ -264,6 +264,7 @@ export async function chat(ctx: Context) {
       receipt,
       receiptDigest(received as Parameters<typeof receiptDigest>[0]),
       usage,
+      res.headers.get('x-request-id'),
     )
   if (ctx.settings.json)
     ctx.io.out(
@@ -298,15 +299,18 @@ function answerText(content: unknown): string {
 }
 
 /**
- * Checks a receipt asked for: signed by the gateway's published key, for this answer's text
- * and charge. One missing or wrong is a ServerError (exit 4): the gateway's word on the bill
- * does not hold.
+ * Checks a receipt asked for: signed by the gateway's published key, for this request (its
+ * `x-request-id`), this answer's text, and its counts and charge. One missing or wrong is a
+ * ServerError (exit 4): the gateway's word on the bill does not hold. (The request id too: the
+ * receipt of an earlier request with the same answer and cost is signed, of this text and
+ * this cost, and leaves this charge with none.)
  */
 async function checkReceipt(
   ctx: Context,
   receipt: Receipt | undefined,
   digest: string,
   usage: Usage | undefined,
+  requestId: string | null,
 ): Promise<void> {
   if (!receipt) throw new ServerError('the gateway sent no receipt, though one was asked for.')
   const key = (await Http.request(target(ctx), 'GET', '/v1/receipts/key')) as {
@@ -314,11 +318,17 @@ async function checkReceipt(
   }
   const wrong = !verifyReceipt(receipt, key.public_key)
     ? 'its signature does not verify with the key of GET /v1/receipts/key'
-    : receipt.result_sha256 !== digest
-      ? 'it is for another text than the answer received'
-      : usage && receipt.cost !== usage.cost
-        ? `it states a cost of ${receipt.cost}, the answer ${usage.cost}`
-        : undefined
+    : receipt.request_id !== requestId
+      ? `it is for request ${receipt.request_id}, the answer is of request ${requestId ?? '(none named)'}`
+      : receipt.result_sha256 !== digest
+        ? 'it is for another text than the answer received'
+        : usage && receipt.cost !== usage.cost
+          ? `it states a cost of ${receipt.cost}, the answer ${usage.cost}`
+          : usage &&
+              (receipt.prompt_tokens !== usage.prompt_tokens ||
+                receipt.completion_tokens !== usage.completion_tokens)
+            ? `it states ${receipt.prompt_tokens} tokens in and ${receipt.completion_tokens} out, the answer ${usage.prompt_tokens} and ${usage.completion_tokens}`
+            : undefined
   if (wrong) throw new ServerError(`the receipt does not hold: ${wrong}.`)
 }
 

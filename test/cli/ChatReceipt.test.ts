@@ -100,3 +100,50 @@ test('behavior: chat prints the text parts of an answer whose content is an arra
     expect(r.code).toBe(0)
   }
 }, 60_000)
+
+test('error: chat --receipt refuses the receipt of another request, though its text and cost are the same', async () => {
+  // A gateway (here a proxy in front of one) that hands out the receipt of an earlier request
+  // with the same answer: signed, of the text received, of the same cost, but not of this
+  // request, whose charge then has no receipt.
+  let first: unknown
+  const proxy = Bun.serve({
+    port: 0,
+    hostname: '127.0.0.1',
+    async fetch(req) {
+      const u = new URL(req.url)
+      const headers = new Headers(req.headers)
+      headers.delete('host')
+      const res = await fetch(`${gw.url}${u.pathname}${u.search}`, {
+        method: req.method,
+        headers,
+        ...(req.method === 'GET' || req.method === 'HEAD' ? {} : { body: await req.arrayBuffer() }),
+      })
+      const out = new Headers(res.headers)
+      out.delete('content-length')
+      out.delete('content-encoding')
+      if (!u.pathname.endsWith('/chat/completions') || res.status !== 200)
+        return new Response(res.body, { status: res.status, headers: out })
+      const body = (await res.json()) as { tollway_receipt?: unknown }
+      first ??= body.tollway_receipt
+      return Response.json({ ...body, tollway_receipt: first }, { status: 200, headers: out })
+    },
+  })
+  try {
+    const run = () =>
+      Cli.run([Cli.bin, 'chat', 'hello', '--model', 'thinker', '--trust-escrow', '--receipt'], {
+        TOLLWAY_URL: `http://127.0.0.1:${proxy.port}`,
+        TOLLWAY_DATA_DIR: dataDir,
+        TOLLWAY_WALLET_KEY: chain.payers[0]!.privateKey,
+        TOLLWAY_RPC_URL: chain.rpcUrl,
+      })
+    const once = await run()
+    expect(once.stderr).toContain('receipt: verified')
+    expect(once.code).toBe(0)
+    const again = await run()
+    expect(again.stdout).toBe('Hi.\n')
+    expect(again.stderr).toContain('the receipt does not hold: it is for request')
+    expect(again.code).toBe(4)
+  } finally {
+    proxy.stop(true)
+  }
+}, 60_000)
