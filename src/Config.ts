@@ -207,7 +207,8 @@ export const Schema = z
     receipts: z.boolean().default(true),
     /**
      * The receipts' Ed25519 private key (32 bytes, hex); generated and kept in the data dir
-     * when unset. Instances behind one address should share it.
+     * when unset. Each instance publishes its public key in the database as it starts
+     * (ledger/ReceiptKeys.ts), so instances with keys of their own still verify each other's.
      */
     receiptKey: z
       .string()

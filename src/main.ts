@@ -27,6 +27,7 @@ import * as Credits from './ledger/Credits.ts'
 import * as Db from './ledger/Db.ts'
 import * as Embedded from './ledger/Embedded.ts'
 import * as Instances from './ledger/Instances.ts'
+import * as ReceiptKeys from './ledger/ReceiptKeys.ts'
 import * as Reservations from './ledger/Reservations.ts'
 import * as Settlements from './ledger/Settlements.ts'
 import { Waker } from './ledger/Waker.ts'
@@ -283,6 +284,9 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     }
     const metrics = new Metrics({ sql, router })
     const drain = new Drain()
+    const receipts = config.receipts ? new Receipt.Signer(receiptKey(config)) : undefined
+    // Published before it signs a thing: any instance then gives its key (GET /v1/receipts/key).
+    if (receipts) await ReceiptKeys.publish(sql, receipts)
     const app = App.create({
       config,
       sql,
@@ -293,7 +297,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       payments,
       waker,
       settlement,
-      receipts: config.receipts ? new Receipt.Signer(receiptKey(config)) : undefined,
+      receipts,
       drain,
     })
     const tls = config.tls ? tlsFiles(config.tls) : undefined

@@ -313,7 +313,12 @@ async function checkReceipt(
   requestId: string | null,
 ): Promise<void> {
   if (!receipt) throw new ServerError('the gateway sent no receipt, though one was asked for.')
-  const key = (await Http.request(target(ctx), 'GET', '/v1/receipts/key')) as {
+  // The key of the instance that signed it, whichever instance is asked.
+  const key = (await Http.request(
+    target(ctx),
+    'GET',
+    `/v1/receipts/key?key_id=${encodeURIComponent(receipt.key_id)}`,
+  )) as {
     public_key: string
   }
   const wrong = !verifyReceipt(receipt, key.public_key)

@@ -15,6 +15,7 @@ import {
   WithoutPaymentError,
 } from '../Errors.ts'
 import * as Db from '../ledger/Db.ts'
+import * as ReceiptKeys from '../ledger/ReceiptKeys.ts'
 import * as Problem from '../payment/Problem.ts'
 import type { Deps } from './Deps.ts'
 import * as Auth from './middleware/Auth.ts'
@@ -113,15 +114,32 @@ export function create(deps: Deps): Hono {
   app.get('/metrics', Auth.admin(deps), async (c) =>
     c.body(await deps.metrics.text(), 200, { 'content-type': deps.metrics.contentType }),
   )
-  // The key completion receipts are signed with (see metering/Receipt.ts).
-  app.get('/v1/receipts/key', (c) => {
+  // The key completion receipts are signed with (see metering/Receipt.ts): this instance's, or
+  // with `key_id` the one of that id, which another instance on the database (or this one,
+  // before its key changed) signed with.
+  app.get('/v1/receipts/key', async (c) => {
     const signer = deps.receipts
     if (!signer)
       throw new NotFoundError(
         'This gateway signs no receipts (receipts are off in its configuration).',
         'receipts_off',
       )
-    return c.json({ algorithm: 'Ed25519', key_id: signer.keyId, public_key: signer.publicKey })
+    const keyId = c.req.query('key_id')
+    if (keyId === undefined || keyId === signer.keyId)
+      return c.json({ algorithm: 'Ed25519', key_id: signer.keyId, public_key: signer.publicKey })
+    if (!/^[0-9a-f]{16}$/.test(keyId))
+      throw new InvalidRequestError(
+        "key_id is a receipt's key_id: 16 lowercase hex digits.",
+        'invalid_value',
+        { param: 'key_id' },
+      )
+    const publicKey = await ReceiptKeys.find(deps.sql, keyId)
+    if (!publicKey)
+      throw new NotFoundError(
+        `No instance of this gateway signed receipts with key ${keyId}.`,
+        'receipt_key_unknown',
+      )
+    return c.json({ algorithm: 'Ed25519', key_id: keyId, public_key: publicKey })
   })
   app.route('/v1/models', Models.routes(deps))
   app.route(COMPLETIONS, Chat.routes(deps))

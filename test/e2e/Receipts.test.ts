@@ -183,6 +183,40 @@ describe('receipts', () => {
     expect(() => new Receipt.Signer(seed.subarray(1))).toThrow(/32 bytes/)
   })
 
+  test('behavior: a receipt signed by another instance on the same database verifies with the key GET /v1/receipts/key gives for its key_id, on any instance', async () => {
+    // Another instance with a key of its own (its own data dir, no RECEIPT_KEY shared).
+    const other = await Gateway.create(
+      { receiptKey: '11'.repeat(32) },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    const { key: apiKey } = await other.account()
+    const res = await other.complete(
+      apiKey,
+      { model: 'fake', messages },
+      { 'tollway-receipt': 'true' },
+    )
+    const { tollway_receipt: receipt } = (await res.json()) as { tollway_receipt: Receipt.Receipt }
+    expect(receipt.key_id).not.toBe(key.key_id)
+    const fetched = (await (
+      await fetch(`${gw.url}/v1/receipts/key?key_id=${receipt.key_id}`)
+    ).json()) as { key_id: string; public_key: string }
+    expect(fetched.key_id).toBe(receipt.key_id)
+    expect(verifyReceipt(receipt, fetched.public_key)).toBe(true)
+    // Its own key, asked by key_id, and without one.
+    const own = (await (await fetch(`${gw.url}/v1/receipts/key?key_id=${key.key_id}`)).json()) as {
+      public_key: string
+    }
+    expect(own.public_key).toBe(key.public_key)
+    // A key no instance signed with: a 404 saying so; a key_id that is none, a 400.
+    const unknown = await fetch(`${gw.url}/v1/receipts/key?key_id=${'0'.repeat(16)}`)
+    expect(unknown.status).toBe(404)
+    expect(((await unknown.json()) as { error: { code: string } }).error.code).toBe(
+      'receipt_key_unknown',
+    )
+    const bad = await fetch(`${gw.url}/v1/receipts/key?key_id=x'`)
+    expect(bad.status).toBe(400)
+  })
+
   test('property: verifying anything, receipt-shaped or not, answers false and never throws', () => {
     fc.assert(
       fc.property(fc.anything(), fc.string(), (value, publicKey) => {
