@@ -6,8 +6,9 @@
  * strings, so the state is plain JSON.
  */
 import { createHash } from 'node:crypto'
-import { readFileSync, unlinkSync } from 'node:fs'
+import { readFileSync, readlinkSync, unlinkSync } from 'node:fs'
 import { mkdir, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises'
+import { hostname } from 'node:os'
 import { dirname } from 'node:path'
 import { z } from 'zod'
 import { ClientError, StoreInUseError } from './Errors.ts'
@@ -210,6 +211,22 @@ function unusable(path: string, doing: string, e: unknown): ClientError {
   )
 }
 
+/**
+ * Where this process's pid means something: the kernel's boot and the pid namespace (Linux),
+ * else the host's name. Processes sharing a store file through a mounted volume (other
+ * containers, other machines) have another: a pid of theirs may name no process here, or an
+ * unrelated one, so their liveness cannot be told by `alive`. Written into lock and owner files
+ * as a word starting with `@` (no spaces in it).
+ */
+const namespace = (() => {
+  try {
+    const boot = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()
+    return `@${boot}/${readlinkSync('/proc/self/ns/pid')}`.replace(/\s/g, '_')
+  } catch {
+    return `@host:${hostname()}`.replace(/\s/g, '_')
+  }
+})()
+
 /** Whether process `pid` is alive (on this machine). */
 function alive(pid: number): boolean {
   try {
@@ -222,21 +239,27 @@ function alive(pid: number): boolean {
 }
 
 /**
- * Who holds lock or owner file `p` (`<pid>`, or `<pid> <token>` for an owner file: the store
- * that claimed it), if the file reads and it is not `token`, this store's own: another
- * process (`alive` whether it still runs), or another store of this process (`alive` while
- * it is neither released nor collected).
+ * Who holds lock or owner file `p` (`<pid> @<namespace>`, or `<pid> <token> @<namespace>` for
+ * an owner file: the store that claimed it; files of earlier versions lack the namespace), if
+ * the file reads and it is not `token`, this store's own: another process (`alive` whether it
+ * still runs), or another store of this process (`alive` while it is neither released nor
+ * collected); `foreign` when it is a process of another pid namespace or machine, whose pid
+ * says nothing here (`alive` then true: it cannot be told dead by its pid).
  */
 async function holder(
   p: string,
   token?: string,
-): Promise<{ pid: number; alive: boolean; here: boolean } | undefined> {
-  const [first, other] = (await readFile(p, 'utf8').catch(() => '')).trim().split(' ')
+): Promise<{ pid: number; alive: boolean; here: boolean; foreign: boolean } | undefined> {
+  const words = (await readFile(p, 'utf8').catch(() => '')).trim().split(' ')
+  const ns = words.find((w) => w.startsWith('@'))
+  const [first, other] = words.filter((w) => !w.startsWith('@'))
   const pid = Number(first)
   if (!Number.isInteger(pid) || pid <= 0) return undefined
-  if (pid !== process.pid) return { pid, alive: alive(pid), here: false }
+  // Without a namespace (an earlier version's file), judged as it was: by the pid here.
+  if (ns !== undefined && ns !== namespace) return { pid, alive: true, here: false, foreign: true }
+  if (pid !== process.pid) return { pid, alive: alive(pid), here: false, foreign: false }
   if (other === undefined || other === token) return undefined
-  return { pid, alive: liveTokens.has(other), here: true }
+  return { pid, alive: liveTokens.has(other), here: true, foreign: false }
 }
 
 /** The tokens of this process's stores that hold claims (not released, not collected). */
@@ -278,7 +301,8 @@ export function file(path: string): Store {
       () => 0,
     )
   /** Whether lock file `p` was left by a process that died holding it: the pid it holds is
-   * gone, or (no pid readable) it is older than any write takes. */
+   * gone, or it is older than any write takes (no pid readable, or a holder of another pid
+   * namespace or machine: its pid gone here says nothing, it may be writing). */
   const stale = async (p: string) => {
     if ((await holder(p))?.alive === false) return true
     return (await age(p)) > LOCK_STALE_MS
@@ -317,7 +341,7 @@ export function file(path: string): Store {
     for (;;) {
       try {
         const lock = await open(lockPath, 'wx')
-        await lock.writeFile(String(process.pid)).finally(() => lock.close())
+        await lock.writeFile(`${process.pid} ${namespace}`).finally(() => lock.close())
         break
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw unusable(path, 'written', e)

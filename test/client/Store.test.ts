@@ -234,6 +234,28 @@ describe('file across processes', () => {
     expect(await Store.file(path).closedTotal('total')).toBe(1n)
   }, 30_000)
 
+  test('behavior: a lock of a writer in another pid namespace or machine (a container, a host sharing the volume) is not taken for its pid gone here; it is once older than any write takes', async () => {
+    const path = join(await dir(), 'channels.json')
+    // Its pid names no process here (a pid of an ended process of ours stands for it).
+    const gone = child(`console.log('started')`)
+    await printed(gone, 'started')
+    expect(await gone.exited).toBe(0)
+    await writeFile(`${path}.lock`, `${gone.pid} @another-boot/pid:[1]`)
+    // Held for the whole wait (10 s): the write gives up, the holder's lock left as it was.
+    const e = await Store.file(path)
+      .addClosedTotal('total', 1n)
+      .catch((e: unknown) => e)
+    expect(e).toBeInstanceOf(ClientError)
+    expect((e as ClientError).message).toContain('stayed locked')
+    expect(await Bun.file(`${path}.lock`).text()).toBe(`${gone.pid} @another-boot/pid:[1]`)
+    expect(await Store.file(path).closedTotal('total')).toBe(0n)
+    // A minute old: its writer died holding it.
+    const old = new Date(Date.now() - 60_000)
+    await utimes(`${path}.lock`, old, old)
+    await Store.file(path).addClosedTotal('total', 1n)
+    expect(await Store.file(path).closedTotal('total')).toBe(1n)
+  }, 30_000)
+
   test('error: a key another live process owns → StoreInUseError naming it; once it is gone, the key is taken over', async () => {
     const path = join(await dir(), 'channels.json')
     const key = 'http://127.0.0.1:8787#0xabc'
