@@ -6,8 +6,8 @@
  * strings, so the state is plain JSON.
  */
 import { createHash } from 'node:crypto'
-import { readFileSync, readlinkSync, unlinkSync } from 'node:fs'
-import { mkdir, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises'
+import { readFileSync, readlinkSync, statSync, unlinkSync } from 'node:fs'
+import { mkdir, open, readFile, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import { dirname } from 'node:path'
 import { z } from 'zod'
@@ -175,11 +175,14 @@ export function memory(): Store {
 }
 
 /** What a store of a client reserved for a key (`Store.reserve`): the amount (a decimal
- * string), and the process and store that hold it (a reservation counts while they are in use). */
+ * string), and the process and store that hold it (a reservation counts while they are in use),
+ * with where its pid means something (`namespace`; absent from reservations of earlier versions,
+ * judged by the pid here). */
 const Reservation = z.object({
   amount: Decimal,
   pid: z.number().int().positive(),
   token: z.string(),
+  ns: z.string().optional(),
 })
 type Reservation = z.output<typeof Reservation>
 
@@ -196,6 +199,15 @@ type Content = {
 const LOCK_WAIT_MS = 10_000
 /** A write lock older than this is left from a process that died mid-write, ms. */
 const LOCK_STALE_MS = 30_000
+/** How often a store holding claims or reservations renews its presence file, ms. */
+const HEARTBEAT_MS = 10_000
+/**
+ * A presence file not renewed for this long is of a store whose process died (or slept as long:
+ * a suspended machine), ms. It judges only holders of another pid namespace or machine, whose
+ * pid says nothing here: their claims and reservations hold until then, so a dead one blocks
+ * its key, and keeps what it reserved from the wallet, for this long at most.
+ */
+const HOLDER_STALE_MS = 120_000
 
 /**
  * A file system failure on the store (its directory a file, no permission, a full disk) as a
@@ -227,6 +239,32 @@ const namespace = (() => {
   }
 })()
 
+/** Presence files of this process's stores, by token, and the timer renewing each. */
+const presences = new Map<string, { file: string; timer: ReturnType<typeof setInterval> }>()
+
+/** Stops renewing the presence file of store `token` and removes it: its claims and
+ * reservations no longer hold for processes of other namespaces. */
+function absent(token: string) {
+  const p = presences.get(token)
+  if (!p) return
+  clearInterval(p.timer)
+  presences.delete(token)
+  try {
+    unlinkSync(p.file)
+  } catch {}
+}
+
+/** Renews presence file `f` (`line` its content) every `HEARTBEAT_MS`, without keeping the
+ * process alive. Made out here: a closure inside `file` would keep its store from being collected. */
+function heartbeat(f: string, line: string): ReturnType<typeof setInterval> {
+  const timer = setInterval(() => {
+    const now = new Date()
+    utimes(f, now, now).catch(() => writeFile(f, line).catch(() => {}))
+  }, HEARTBEAT_MS)
+  timer.unref?.()
+  return timer
+}
+
 /** Whether process `pid` is alive (on this machine). */
 function alive(pid: number): boolean {
   try {
@@ -249,14 +287,17 @@ function alive(pid: number): boolean {
 async function holder(
   p: string,
   token?: string,
-): Promise<{ pid: number; alive: boolean; here: boolean; foreign: boolean } | undefined> {
+): Promise<
+  { pid: number; alive: boolean; here: boolean; foreign: boolean; token?: string } | undefined
+> {
   const words = (await readFile(p, 'utf8').catch(() => '')).trim().split(' ')
   const ns = words.find((w) => w.startsWith('@'))
   const [first, other] = words.filter((w) => !w.startsWith('@'))
   const pid = Number(first)
   if (!Number.isInteger(pid) || pid <= 0) return undefined
   // Without a namespace (an earlier version's file), judged as it was: by the pid here.
-  if (ns !== undefined && ns !== namespace) return { pid, alive: true, here: false, foreign: true }
+  if (ns !== undefined && ns !== namespace)
+    return { pid, alive: true, here: false, foreign: true, ...(other ? { token: other } : {}) }
   if (pid !== process.pid) return { pid, alive: alive(pid), here: false, foreign: false }
   if (other === undefined || other === token) return undefined
   return { pid, alive: liveTokens.has(other), here: true, foreign: false }
@@ -265,15 +306,19 @@ async function holder(
 /** The tokens of this process's stores that hold claims (not released, not collected). */
 const liveTokens = new Set<string>()
 /** A store collected gives its claims up (its owner files are then taken over). */
-const collected = new FinalizationRegistry<string>((token) => liveTokens.delete(token))
+const collected = new FinalizationRegistry<string>((token) => {
+  liveTokens.delete(token)
+  absent(token)
+})
 /** Owner files this process's stores claimed, with the claiming store's token: removed as
  * the process exits (see `file().own`). */
 const claims = new Map<string, string>()
 process.on('exit', () => {
   for (const [f, token] of claims)
     try {
-      if (readFileSync(f, 'utf8').trim() === `${process.pid} ${token}`) unlinkSync(f)
+      if (readFileSync(f, 'utf8').trim() === `${process.pid} ${token} ${namespace}`) unlinkSync(f)
     } catch {}
+  for (const token of [...presences.keys()]) absent(token)
 })
 
 /**
@@ -286,6 +331,15 @@ process.on('exit', () => {
  * the first's channel. Reservations (`reserve`) are decided under the same lock, and carry the
  * pid and store token of their holder: one whose process is gone, or whose store was released
  * or collected, no longer counts.
+ *
+ * Owner files and reservations also say where their pid means something (`namespace`). A
+ * holder of another pid namespace or machine (a container, a host sharing the file through a
+ * volume) cannot be judged by its pid: its pid may name no process here, or an unrelated one.
+ * A store that claims or reserves keeps a presence file, `<path>.<token>.alive`, renewed every
+ * `HEARTBEAT_MS` and removed as it is released, collected, or its process exits; such a
+ * holder's claims and reservations hold while its presence file exists and was renewed within
+ * `HOLDER_STALE_MS` (a presence file that cannot be looked at holds too: never more than
+ * `maxTotal`).
  */
 export function file(path: string): Store {
   let queue: Promise<unknown> = Promise.resolve()
@@ -295,6 +349,30 @@ export function file(path: string): Store {
   /** Whether this store reserved anything (its reservations are removed as it is released). */
   let reserving = false
   const lockPath = `${path}.lock`
+  /** What this store writes in its owner files: its pid, token, and where the pid means something. */
+  const ownerLine = `${process.pid} ${token} ${namespace}`
+  /** Whether store `t` of another pid namespace or machine is in use: its presence file renewed
+   * lately. A token that cannot name a file, or a file that cannot be looked at, counts as in use. */
+  const present = (t: string): boolean => {
+    if (!/^[0-9a-f-]{1,64}$/.test(t)) return true
+    try {
+      return Date.now() - statSync(`${path}.${t}.alive`).mtimeMs <= HOLDER_STALE_MS
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code !== 'ENOENT'
+    }
+  }
+  /** Writes this store's presence file and renews it every `HEARTBEAT_MS` (once: kept until
+   * released), before any claim or reservation is written that it vouches for. */
+  const presence = async () => {
+    if (presences.has(token)) return
+    const f = `${path}.${token}.alive`
+    const line = `${process.pid} ${token} ${namespace}`
+    await mkdir(dirname(path), { recursive: true }).catch(() => {})
+    await writeFile(f, line).catch((e: unknown) => {
+      throw unusable(path, 'written', e)
+    })
+    presences.set(token, { file: f, timer: heartbeat(f, line) })
+  }
   const age = (p: string) =>
     stat(p).then(
       (st) => Date.now() - st.mtimeMs,
@@ -431,9 +509,13 @@ export function file(path: string): Store {
     return holds(parsed.data) ? BigInt(parsed.data.amount) : 0n
   }
   /** Whether reservation `r`'s holder is in use: this store, another store of this process
-   * neither released nor collected, or another process alive. */
-  const holds = (r: Reservation) =>
-    r.token === token || (r.pid === process.pid ? liveTokens.has(r.token) : alive(r.pid))
+   * neither released nor collected, another process alive, or a store of another pid namespace
+   * or machine whose presence file is renewed. */
+  const holds = (r: Reservation) => {
+    if (r.token === token) return true
+    if (r.ns !== undefined && r.ns !== namespace) return present(r.token)
+    return r.pid === process.pid ? liveTokens.has(r.token) : alive(r.pid)
+  }
   // Writes one after another, so two updates never interleave their read and write.
   const update = (f: (content: Content) => void) => {
     const next = queue.then(() =>
@@ -480,11 +562,18 @@ export function file(path: string): Store {
     async own(key) {
       const owner = `${path}.${createHash('sha256').update(key).digest('hex').slice(0, 16)}.owner`
       if (mine.has(owner)) return
+      await presence()
       await locked(async () => {
         const other = await holder(owner, token)
+        if (other?.foreign) other.alive = other.token === undefined || present(other.token)
         if (other?.alive && other.here)
           throw new StoreInUseError(
             `Another paying client in this process pays ${key.split('#')[0]} from this wallet through the channel store ${path} (another Store.file on it); two clients cannot use one channel. Share one paying fetch, give this one a store of its own, or release() the other's store first.`,
+            { path, key, pid: other.pid },
+          )
+        if (other?.alive && other.foreign)
+          throw new StoreInUseError(
+            `Another process (pid ${other.pid}, in another container or on another machine) pays ${key.split('#')[0]} from this wallet through the channel store ${path}; two processes cannot use one channel. Give this one a store of its own, or wait for that one to end (its claim lapses ${HOLDER_STALE_MS / 60_000} minutes after its last heartbeat; if it has ended, delete ${owner}).`,
             { path, key, pid: other.pid },
           )
         if (other?.alive)
@@ -492,7 +581,7 @@ export function file(path: string): Store {
             `Another process (pid ${other.pid}) pays ${key.split('#')[0]} from this wallet through the channel store ${path}; two processes cannot use one channel. Give this one a store of its own, or wait for that one to end (if it has, delete ${owner}).`,
             { path, key, pid: other.pid },
           )
-        await writeFile(owner, `${process.pid} ${token}`).catch((e: unknown) => {
+        await writeFile(owner, ownerLine).catch((e: unknown) => {
           throw unusable(path, 'written', e)
         })
       })
@@ -505,7 +594,7 @@ export function file(path: string): Store {
       for (const owner of mine) {
         await locked(async () => {
           const held = await readFile(owner, 'utf8').catch(() => '')
-          if (held.trim() === `${process.pid} ${token}`) await unlink(owner).catch(() => {})
+          if (held.trim() === ownerLine) await unlink(owner).catch(() => {})
         })
         if (claims.get(owner) === token) claims.delete(owner)
       }
@@ -518,6 +607,8 @@ export function file(path: string): Store {
             if ((r as Partial<Reservation> | null)?.token === token) delete c.reserved?.[k]
         })
       reserving = false
+      // Last: what it vouched for is gone from the files.
+      absent(token)
     },
     addClosedTotal: (key, amount) =>
       update((c) => {
@@ -526,6 +617,7 @@ export function file(path: string): Store {
     async reserve(key, amount, budget) {
       reserving = true
       liveTokens.add(token)
+      await presence()
       let granted = 0n
       await update((c) => {
         granted = grant(
@@ -551,7 +643,8 @@ export function file(path: string): Store {
           const parsed = Reservation.safeParse(r)
           if (parsed.success && !holds(parsed.data)) delete reserved[k]
         }
-        if (granted > 0n) reserved[key] = { amount: granted.toString(), pid: process.pid, token }
+        if (granted > 0n)
+          reserved[key] = { amount: granted.toString(), pid: process.pid, token, ns: namespace }
         else delete reserved[key]
         c.reserved = reserved
       })

@@ -1,5 +1,6 @@
 import { describe, expect, test } from 'bun:test'
-import { mkdtemp, readdir, utimes, writeFile } from 'node:fs/promises'
+import { spawnSync } from 'node:child_process'
+import { mkdtemp, readdir, rm, stat, utimes, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import fc from 'fast-check'
@@ -18,6 +19,10 @@ const state = (n: number): Store.ChannelState => ({
 })
 
 const dir = () => mkdtemp(join(tmpdir(), 'tollway-store-'))
+
+/** Whether this machine lets a process start another in a pid namespace of its own (root, or
+ * unprivileged user namespaces, and util-linux's unshare). */
+const unshares = spawnSync('unshare', ['--pid', '--fork', '--mount-proc', 'true']).status === 0
 
 describe('file', () => {
   test('behavior: a missing file is an empty store; set, get (from a second store), delete', async () => {
@@ -173,7 +178,7 @@ const holding = (path: string) =>
   `)
 
 /** Waits until `proc` prints a line starting with `line`; that whole line. */
-async function printed(proc: ReturnType<typeof child>, line: string) {
+async function printed(proc: { stdout: ReadableStream<Uint8Array> }, line: string) {
   const reader = proc.stdout.getReader()
   let out = ''
   const found = () => out.split('\n').find((l, i, all) => l.startsWith(line) && i < all.length - 1)
@@ -284,6 +289,30 @@ describe('file across processes', () => {
     await s.own!(key)
   }, 30_000)
 
+  test('error: a key a process in another pid namespace or machine owns → StoreInUseError while its presence file is renewed, though its pid names no process here; taken over once that file is stale', async () => {
+    const path = join(await dir(), 'channels.json')
+    const key = 'http://127.0.0.1:8787#0xf00'
+    const token = crypto.randomUUID()
+    const gone = child(`console.log('started')`)
+    await printed(gone, 'started')
+    await gone.exited
+    const s = Store.file(path)
+    // Claims it, then gives it up: the owner file's name.
+    await s.own!(key)
+    const owner = (await readdir(dirname(path))).find((f) => f.endsWith('.owner')) as string
+    await s.release!()
+    await writeFile(join(dirname(path), owner), `${gone.pid} ${token} @another-boot/pid:[1]`)
+    await writeFile(`${path}.${token}.alive`, `${gone.pid} ${token} @another-boot/pid:[1]`)
+    const refused = await s.own!(key).catch((e) => e)
+    expect(refused).toBeInstanceOf(StoreInUseError)
+    expect(refused.message).toContain('another container or on another machine')
+    expect(refused.details).toMatchObject({ pid: gone.pid, key })
+    const old = new Date(Date.now() - 180_000)
+    await utimes(`${path}.${token}.alive`, old, old)
+    await s.own!(key)
+    await s.release!()
+  }, 30_000)
+
   test('error: a key another store of this process owns → StoreInUseError; once it is released, or collected, the key is taken', async () => {
     const path = join(await dir(), 'channels.json')
     const key = 'http://127.0.0.1:8787#0x123'
@@ -312,7 +341,10 @@ describe('file across processes', () => {
     const key = 'http://127.0.0.1:8787#0xdef'
     const holder = child(`await Store.file(${JSON.stringify(path)}).own(${JSON.stringify(key)})`)
     expect(await holder.exited).toBe(0)
-    const left = (await readdir(dirname(path))).filter((f) => f.endsWith('.owner'))
+    // Its presence file (for processes of other namespaces) too.
+    const left = (await readdir(dirname(path))).filter(
+      (f) => f.endsWith('.owner') || f.endsWith('.alive'),
+    )
     expect(left).toEqual([])
     await Store.file(path).own!(key)
   }, 30_000)
@@ -430,6 +462,94 @@ describe('reserve', () => {
       for (const p of both) p.kill('SIGKILL')
       await Promise.all(both.map((p) => p.exited))
     }
+  }, 30_000)
+
+  test('behavior: file: a reservation of a store in another pid namespace or machine counts while its presence file is renewed, whatever its pid names here; not once that file is stale or gone', async () => {
+    const path = join(await dir(), 'channels.json')
+    const token = crypto.randomUUID()
+    const alive = `${path}.${token}.alive`
+    const gone = child(`console.log('started')`)
+    await printed(gone, 'started')
+    await gone.exited
+    /** The file as that store left it: 700 reserved under `x#0xP`, its pid `pid`. */
+    const foreign = (pid: number) =>
+      writeFile(
+        path,
+        JSON.stringify({
+          channels: {},
+          closedTotals: {},
+          reserved: { 'x#0xP': { amount: '700', pid, token, ns: '@another-boot/pid:[1]' } },
+        }),
+      )
+    // Live there (renewed just now), its pid naming no process here: it counts.
+    await writeFile(alive, `${gone.pid} ${token} @another-boot/pid:[1]`)
+    await foreign(gone.pid as number)
+    const s = Store.file(path)
+    expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(300n)
+    // Not renewed for three minutes (its process died there), its pid naming a live process
+    // here (init): it counts no more, and is removed.
+    const old = new Date(Date.now() - 180_000)
+    await utimes(alive, old, old)
+    await foreign(1)
+    expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(1_000n)
+    expect(Object.keys(JSON.parse(await Bun.file(path).text()).reserved)).toEqual(['y#0xP'])
+    // Its presence file gone (its store released, its process ended): nothing either.
+    await rm(alive)
+    await foreign(1)
+    expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(1_000n)
+    await s.release!()
+  }, 30_000)
+
+  test.skipIf(!unshares)(
+    'behavior: file: a reservation of a real process in another pid namespace counts while it runs, and not once it ended',
+    async () => {
+      const path = join(await dir(), 'channels.json')
+      const store = join(import.meta.dir, '../../src/client/Store.ts')
+      // Pid 1 in a pid namespace of its own: a live process of that pid here is init.
+      const other = Bun.spawn(
+        [
+          'unshare',
+          '--pid',
+          '--fork',
+          '--mount-proc',
+          process.execPath,
+          '-e',
+          `import * as Store from ${JSON.stringify(store)}
+        const s = Store.file(${JSON.stringify(path)})
+        await s.reserve('x#0xP', 700n, { limit: 1000n, shares: (k) => k.includes('#0xP') })
+        console.log('reserved ' + process.pid)
+        for await (const _ of console) break`,
+        ],
+        { stdin: 'pipe', stdout: 'pipe', stderr: 'inherit' },
+      )
+      const s = Store.file(path)
+      try {
+        expect(await printed(other, 'reserved')).toBe('reserved 1')
+        expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(300n)
+      } finally {
+        other.stdin.write('end\n')
+        other.stdin.end()
+        await other.exited
+      }
+      expect(other.exitCode).toBe(0)
+      expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(1_000n)
+      await s.release!()
+    },
+    30_000,
+  )
+
+  test('behavior: file: a store holding a reservation renews its presence file (processes of other namespaces see it in use)', async () => {
+    const path = join(await dir(), 'channels.json')
+    const s = Store.file(path)
+    await s.reserve!('y#0xP', 100n, budget(1_000n))
+    const alive = (await readdir(dirname(path))).find((f) => f.endsWith('.alive')) as string
+    const old = new Date(Date.now() - 180_000)
+    await utimes(join(dirname(path), alive), old, old)
+    // Renewed within its heartbeat (10 s): waited for, not timed.
+    while ((await stat(join(dirname(path), alive))).mtimeMs < Date.now() - 60_000)
+      await Bun.sleep(200)
+    await s.release!()
+    expect((await readdir(dirname(path))).filter((f) => f.endsWith('.alive'))).toEqual([])
   }, 30_000)
 
   test('error: file: a malformed reservation in the budget → ClientError saying to repair it', async () => {
