@@ -346,6 +346,15 @@ export function file(path: string): Store {
   /** This store's mark in its owner files, and the owner files it holds. */
   const token = crypto.randomUUID()
   const mine = new Set<string>()
+  /** The owner file of `key`. */
+  const ownerOf = (key: string) =>
+    `${path}.${createHash('sha256').update(key).digest('hex').slice(0, 16)}.owner`
+  /** What this store reserved for each key and against which budget (`lost`: taken from it,
+   * see `standing`). */
+  const held = new Map<
+    string,
+    { amount: bigint; budget: Parameters<NonNullable<Store['reserve']>>[2]; lost?: boolean }
+  >()
   /** Whether this store reserved anything (its reservations are removed as it is released). */
   let reserving = false
   const lockPath = `${path}.lock`
@@ -516,12 +525,65 @@ export function file(path: string): Store {
     if (r.ns !== undefined && r.ns !== namespace) return present(r.token)
     return r.pid === process.pid ? liveTokens.has(r.token) : alive(r.pid)
   }
+  /** What `grant` reads of content `c`. */
+  const view = (c: Content) => ({
+    keys: [
+      ...Object.keys(c.channels),
+      ...Object.keys(c.closedTotals),
+      ...Object.keys(c.reserved ?? {}),
+    ],
+    closed: (k: string) => total(c, k),
+    signed: (k: string) => signedOf(c, k),
+    reserved: (k: string) => reservedOf(c, k),
+  })
+  /**
+   * Before `key`'s channel is stored at `signed` (under the lock, so before its voucher leaves):
+   * whether this store still holds what it claimed and reserved for it. A process of another
+   * namespace judges this one by its presence file, so a store whose process was suspended past
+   * `HOLDER_STALE_MS` (a machine asleep) may find its key taken over (StoreInUseError: another
+   * client signs on the channel now) or its reservation removed and the budget granted to others
+   * (reserved again if it still fits, else a ClientError: signing within it would take the
+   * wallet past its limit). Nothing taken, it goes on: its presence file is renewed as it wakes.
+   */
+  const standing = async (c: Content, key: string, signed: bigint) => {
+    const owner = ownerOf(key)
+    if (mine.has(owner)) {
+      const now = (await readFile(owner, 'utf8').catch(() => '')).trim()
+      if (now !== '' && now !== ownerLine)
+        throw new StoreInUseError(
+          `This client's claim on ${key.split('#')[0]} in the channel store ${path} lapsed (its process was unreachable for over ${HOLDER_STALE_MS / 60_000} minutes: a machine asleep?) and another client took the channel over; this one must not sign on it. Release this paying fetch.`,
+          { path, key, pid: Number(now.split(' ')[0]) },
+        )
+      if (now === '')
+        await writeFile(owner, ownerLine).catch((e: unknown) => {
+          throw unusable(path, 'written', e)
+        })
+    }
+    const h = held.get(key)
+    if (!h || signed <= signedOf(c, key)) return
+    const entry = c.reserved?.[key] as Partial<Reservation> | undefined
+    if (!h.lost && entry?.token === token) return
+    const granted = grant(view(c), key, h.amount, h.budget)
+    if (!h.lost && granted >= signed) {
+      c.reserved = {
+        ...c.reserved,
+        [key]: { amount: granted.toString(), pid: process.pid, token, ns: namespace },
+      }
+      h.amount = granted
+      return
+    }
+    h.lost = true
+    throw new ClientError(
+      `What this client had reserved for ${key.split('#')[0]} in the channel store ${path} was given to the wallet's other clients (its process was unreachable for over ${HOLDER_STALE_MS / 60_000} minutes: a machine asleep?), and signing on would take the wallet past its limit. Release this paying fetch and make another.`,
+      { path, key },
+    )
+  }
   // Writes one after another, so two updates never interleave their read and write.
-  const update = (f: (content: Content) => void) => {
+  const update = (f: (content: Content) => void | Promise<void>) => {
     const next = queue.then(() =>
       locked(async () => {
         const content = await load()
-        f(content)
+        await f(content)
         const tmp = `${path}.${process.pid}.tmp`
         try {
           await writeFile(tmp, `${JSON.stringify(content, null, 2)}\n`)
@@ -548,7 +610,8 @@ export function file(path: string): Store {
       return parsed.data
     },
     set: (key, state) =>
-      update((c) => {
+      update(async (c) => {
+        await standing(c, key, BigInt(state.signed))
         c.channels[key] = state
       }),
     delete: (key) =>
@@ -560,7 +623,7 @@ export function file(path: string): Store {
       return total(await load(), key)
     },
     async own(key) {
-      const owner = `${path}.${createHash('sha256').update(key).digest('hex').slice(0, 16)}.owner`
+      const owner = ownerOf(key)
       if (mine.has(owner)) return
       await presence()
       await locked(async () => {
@@ -599,6 +662,7 @@ export function file(path: string): Store {
         if (claims.get(owner) === token) claims.delete(owner)
       }
       mine.clear()
+      held.clear()
       // Reservations count in other processes while this one lives: given back here (after
       // the claims, which a failed write here must not keep).
       if (reserving)
@@ -620,21 +684,7 @@ export function file(path: string): Store {
       await presence()
       let granted = 0n
       await update((c) => {
-        granted = grant(
-          {
-            keys: [
-              ...Object.keys(c.channels),
-              ...Object.keys(c.closedTotals),
-              ...Object.keys(c.reserved ?? {}),
-            ],
-            closed: (k) => total(c, k),
-            signed: (k) => signedOf(c, k),
-            reserved: (k) => reservedOf(c, k),
-          },
-          key,
-          amount,
-          budget,
-        )
+        granted = grant(view(c), key, amount, budget)
         const reserved = c.reserved ?? {}
         // Those whose holder is no longer in use count for nothing: removed, so that a process
         // given the pid of one that ended later does not make it count again (it was kept, and
@@ -648,6 +698,8 @@ export function file(path: string): Store {
         else delete reserved[key]
         c.reserved = reserved
       })
+      if (granted > 0n) held.set(key, { amount: granted, budget })
+      else held.delete(key)
       return granted
     },
     async all() {

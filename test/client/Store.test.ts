@@ -313,6 +313,26 @@ describe('file across processes', () => {
     await s.release!()
   }, 30_000)
 
+  test('error: a store whose claim lapsed (its process unreachable past its presence file, a machine asleep) and was taken over by a process of another namespace stores its channel no more: StoreInUseError', async () => {
+    const path = join(await dir(), 'channels.json')
+    const key = 'http://127.0.0.1:8787#0xbee'
+    const s = Store.file(path)
+    await s.own!(key)
+    await s.set(key, state(100))
+    const owner = (await readdir(dirname(path))).find((f) => f.endsWith('.owner')) as string
+    const token = crypto.randomUUID()
+    await writeFile(join(dirname(path), owner), `7 ${token} @another-boot/pid:[1]`)
+    const e = await s.set(key, state(200)).catch((e: unknown) => e)
+    expect(e).toBeInstanceOf(StoreInUseError)
+    expect((e as StoreInUseError).details).toMatchObject({ key, pid: 7 })
+    expect(await s.get(key)).toEqual(state(100))
+    // Its claim file gone (deleted by hand, nobody else claiming): claimed again as it stores.
+    await rm(join(dirname(path), owner))
+    await s.set(key, state(100))
+    expect(await Bun.file(join(dirname(path), owner)).text()).toStartWith(`${process.pid} `)
+    await s.release!()
+  }, 30_000)
+
   test('error: a key another store of this process owns → StoreInUseError; once it is released, or collected, the key is taken', async () => {
     const path = join(await dir(), 'channels.json')
     const key = 'http://127.0.0.1:8787#0x123'
@@ -550,6 +570,40 @@ describe('reserve', () => {
       await Bun.sleep(200)
     await s.release!()
     expect((await readdir(dirname(path))).filter((f) => f.endsWith('.alive'))).toEqual([])
+  }, 30_000)
+
+  test('error: file: a store whose reservation was removed while its process was unreachable (a machine asleep past its presence file) stores no signature past it that no longer fits: ClientError; one that fits is reserved again', async () => {
+    const path = join(await dir(), 'channels.json')
+    /** What a process of another namespace leaves, judging this store gone: its reservation
+     * removed, `amount` reserved by a live store of its own. */
+    const takenBy = async (amount: string) => {
+      const content = JSON.parse(await Bun.file(path).text())
+      const token = crypto.randomUUID()
+      content.reserved = { 'x#0xP': { amount, pid: 1, token, ns: '@another-boot/pid:[1]' } }
+      await writeFile(`${path}.${token}.alive`, `1 ${token} @another-boot/pid:[1]`)
+      await writeFile(path, JSON.stringify(content))
+    }
+    const s = Store.file(path)
+    expect(await s.reserve!('y#0xP', 500n, budget(1_000n))).toBe(500n)
+    await s.set('y#0xP', state(100))
+    await takenBy('600')
+    // 450 signed would make 1,050 with the other's 600.
+    const e = await s.set('y#0xP', state(450)).catch((e: unknown) => e)
+    expect(e).toBeInstanceOf(ClientError)
+    expect((e as ClientError).message).toContain('Release this paying fetch')
+    expect(await s.get('y#0xP')).toEqual(state(100))
+    // Refused from then on (its client believes it holds 500), but for what it stored already.
+    expect(await s.set('y#0xP', state(300)).catch((e: unknown) => e)).toBeInstanceOf(ClientError)
+    await s.set('y#0xP', state(100))
+    await s.release!()
+    // Room left: reserved again, and stored.
+    const t = Store.file(path)
+    expect(await t.reserve!('z#0xP', 300n, budget(1_000n))).toBe(300n)
+    await takenBy('200')
+    await t.set('z#0xP', state(250))
+    const content = JSON.parse(await Bun.file(path).text())
+    expect(content.reserved['z#0xP']).toMatchObject({ amount: '300' })
+    await t.release!()
   }, 30_000)
 
   test('error: file: a malformed reservation in the budget → ClientError saying to repair it', async () => {
