@@ -372,16 +372,22 @@ export function file(path: string): Store {
   }
   /** Writes this store's presence file and renews it every `HEARTBEAT_MS` (once: kept until
    * released), before any claim or reservation is written that it vouches for. */
-  const presence = async () => {
-    if (presences.has(token)) return
-    const f = `${path}.${token}.alive`
-    const line = `${process.pid} ${token} ${namespace}`
-    await mkdir(dirname(path), { recursive: true }).catch(() => {})
-    await writeFile(f, line).catch((e: unknown) => {
-      throw unusable(path, 'written', e)
-    })
-    presences.set(token, { file: f, timer: heartbeat(f, line) })
-  }
+  /** Its writing, once (a claim and a reservation at once each started a timer: the one
+   * overwritten in `presences` was never stopped, and wrote the file again after release). */
+  let presenting: Promise<void> | undefined
+  const presence = () =>
+    (presenting ??= (async () => {
+      const f = `${path}.${token}.alive`
+      const line = `${process.pid} ${token} ${namespace}`
+      await mkdir(dirname(path), { recursive: true }).catch(() => {})
+      await writeFile(f, line).catch((e: unknown) => {
+        throw unusable(path, 'written', e)
+      })
+      presences.set(token, { file: f, timer: heartbeat(f, line) })
+    })().catch((e: unknown) => {
+      presenting = undefined
+      throw e
+    }))
   const age = (p: string) =>
     stat(p).then(
       (st) => Date.now() - st.mtimeMs,
@@ -673,6 +679,7 @@ export function file(path: string): Store {
       reserving = false
       // Last: what it vouched for is gone from the files.
       absent(token)
+      presenting = undefined
     },
     addClosedTotal: (key, amount) =>
       update((c) => {

@@ -606,6 +606,16 @@ describe('reserve', () => {
     await t.release!()
   }, 30_000)
 
+  test('behavior: file: a store that claims and reserves at once, then is released, leaves no presence file renewed behind it', async () => {
+    const path = join(await dir(), 'channels.json')
+    const s = Store.file(path)
+    await Promise.all([s.own!('y#0xP'), s.reserve!('y#0xP', 100n, budget(1_000n))])
+    await s.release!()
+    // Past a heartbeat (10 s): nothing renews, or writes again, a presence file of it.
+    await Bun.sleep(11_000)
+    expect((await readdir(dirname(path))).filter((f) => f.endsWith('.alive'))).toEqual([])
+  }, 30_000)
+
   test('error: file: a malformed reservation in the budget → ClientError saying to repair it', async () => {
     const path = join(await dir(), 'channels.json')
     await writeFile(
