@@ -7,7 +7,7 @@
  */
 import { createHash } from 'node:crypto'
 import { readFileSync, readlinkSync, statSync, unlinkSync } from 'node:fs'
-import { mkdir, open, readFile, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises'
+import { mkdir, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises'
 import { hostname } from 'node:os'
 import { dirname } from 'node:path'
 import { z } from 'zod'
@@ -257,10 +257,9 @@ function absent(token: string) {
 /** Renews presence file `f` (`line` its content) every `HEARTBEAT_MS`, without keeping the
  * process alive. Made out here: a closure inside `file` would keep its store from being collected. */
 function heartbeat(f: string, line: string): ReturnType<typeof setInterval> {
-  const timer = setInterval(() => {
-    const now = new Date()
-    utimes(f, now, now).catch(() => writeFile(f, line).catch(() => {}))
-  }, HEARTBEAT_MS)
+  // Written again, not touched with this machine's time: dated by the file system's clock, as
+  // the processes that judge it read it (see `fsNow`).
+  const timer = setInterval(() => writeFile(f, line).catch(() => {}), HEARTBEAT_MS)
   timer.unref?.()
   return timer
 }
@@ -360,21 +359,33 @@ export function file(path: string): Store {
   const lockPath = `${path}.lock`
   /** What this store writes in its owner files: its pid, token, and where the pid means something. */
   const ownerLine = `${process.pid} ${token} ${namespace}`
+  /**
+   * Now by the clock that dates the store's files (a file server's, for a volume shared between
+   * machines), read off the write lock this store holds (called under it): the ages of other
+   * machines' files are told on one clock, not on this machine's, which may be minutes off.
+   */
+  const fsNow = () => {
+    try {
+      return statSync(lockPath).mtimeMs
+    } catch {
+      return Date.now()
+    }
+  }
   /** Whether store `t` of another pid namespace or machine is in use: its presence file renewed
    * lately. A token that cannot name a file, or a file that cannot be looked at, counts as in use. */
   const present = (t: string): boolean => {
     if (!/^[0-9a-f-]{1,64}$/.test(t)) return true
     try {
-      return Date.now() - statSync(`${path}.${t}.alive`).mtimeMs <= HOLDER_STALE_MS
+      return fsNow() - statSync(`${path}.${t}.alive`).mtimeMs <= HOLDER_STALE_MS
     } catch (e) {
       return (e as NodeJS.ErrnoException).code !== 'ENOENT'
     }
   }
-  /** Writes this store's presence file and renews it every `HEARTBEAT_MS` (once: kept until
-   * released), before any claim or reservation is written that it vouches for. */
   /** Its writing, once (a claim and a reservation at once each started a timer: the one
    * overwritten in `presences` was never stopped, and wrote the file again after release). */
   let presenting: Promise<void> | undefined
+  /** Writes this store's presence file and renews it every `HEARTBEAT_MS` (once: kept until
+   * released), before any claim or reservation is written that it vouches for. */
   const presence = () =>
     (presenting ??= (async () => {
       const f = `${path}.${token}.alive`
@@ -388,17 +399,18 @@ export function file(path: string): Store {
       presenting = undefined
       throw e
     }))
-  const age = (p: string) =>
+  /** How old file `p` is at `now` (this machine's clock unless given). */
+  const age = (p: string, now?: number) =>
     stat(p).then(
-      (st) => Date.now() - st.mtimeMs,
+      (st) => (now ?? Date.now()) - st.mtimeMs,
       () => 0,
     )
   /** Whether lock file `p` was left by a process that died holding it: the pid it holds is
    * gone, or it is older than any write takes (no pid readable, or a holder of another pid
-   * namespace or machine: its pid gone here says nothing, it may be writing). */
-  const stale = async (p: string) => {
+   * namespace or machine: its pid gone here says nothing, it may be writing) at `now`. */
+  const stale = async (p: string, now?: number) => {
     if ((await holder(p))?.alive === false) return true
-    return (await age(p)) > LOCK_STALE_MS
+    return (await age(p, now)) > LOCK_STALE_MS
   }
   /**
    * Removes the write lock if it is stale (left by a process that died holding it); whether
@@ -417,8 +429,10 @@ export function file(path: string): Store {
       return false
     }
     try {
-      // Looked at again under the second lock: still the stale one, not one taken since.
-      if (!(await stale(lockPath))) return false
+      // Looked at again under the second lock: still the stale one, not one taken since; its
+      // age by the clock that dated it (the second lock was dated just now by the same).
+      const now = (await stat(breaking).catch(() => undefined))?.mtimeMs
+      if (!(await stale(lockPath, now))) return false
       await unlink(lockPath).catch(() => {})
       return true
     } finally {

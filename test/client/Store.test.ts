@@ -1,4 +1,4 @@
-import { describe, expect, test } from 'bun:test'
+import { describe, expect, setSystemTime, test } from 'bun:test'
 import { spawnSync } from 'node:child_process'
 import { mkdtemp, readdir, rm, stat, utimes, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
@@ -261,6 +261,25 @@ describe('file across processes', () => {
     expect(await Store.file(path).closedTotal('total')).toBe(1n)
   }, 30_000)
 
+  test('behavior: a lock of a writer in another pid namespace or machine is aged by the clock of the file system that dated it: a clock 5 minutes ahead here does not take a lock dated just now', async () => {
+    const path = join(await dir(), 'channels.json')
+    await writeFile(`${path}.lock`, '1 @another-boot/pid:[1]')
+    setSystemTime(new Date(Date.now() + 300_000))
+    try {
+      const writing = Store.file(path).addClosedTotal('total', 1n)
+      // Its writer still at it: the write waits (stolen, it would land at once).
+      await Bun.sleep(500)
+      expect(await Bun.file(`${path}.lock`).text()).toBe('1 @another-boot/pid:[1]')
+      expect(await Store.file(path).closedTotal('total')).toBe(0n)
+      // Done: it removes its lock, and the write lands.
+      await rm(`${path}.lock`)
+      await writing
+      expect(await Store.file(path).closedTotal('total')).toBe(1n)
+    } finally {
+      setSystemTime()
+    }
+  }, 30_000)
+
   test('error: a key another live process owns → StoreInUseError naming it; once it is gone, the key is taken over', async () => {
     const path = join(await dir(), 'channels.json')
     const key = 'http://127.0.0.1:8787#0xabc'
@@ -517,6 +536,28 @@ describe('reserve', () => {
     await rm(alive)
     await foreign(1)
     expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(1_000n)
+    await s.release!()
+  }, 30_000)
+
+  test('behavior: file: a presence file is aged by the clock of the file system that dated it, not by this machine: a clock 5 minutes ahead here still counts a store renewed just now', async () => {
+    const path = join(await dir(), 'channels.json')
+    const token = crypto.randomUUID()
+    await writeFile(
+      path,
+      JSON.stringify({
+        channels: {},
+        closedTotals: {},
+        reserved: { 'x#0xP': { amount: '700', pid: 1, token, ns: '@another-boot/pid:[1]' } },
+      }),
+    )
+    await writeFile(`${path}.${token}.alive`, `1 ${token} @another-boot/pid:[1]`)
+    const s = Store.file(path)
+    setSystemTime(new Date(Date.now() + 300_000))
+    try {
+      expect(await s.reserve!('y#0xP', 1_000n, budget(1_000n))).toBe(300n)
+    } finally {
+      setSystemTime()
+    }
     await s.release!()
   }, 30_000)
 
