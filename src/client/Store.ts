@@ -580,9 +580,11 @@ export function file(path: string): Store {
         })
     }
     const h = held.get(key)
-    if (!h || signed <= signedOf(c, key)) return
+    if (!h) return
     const entry = c.reserved?.[key] as Partial<Reservation> | undefined
     if (!h.lost && entry?.token === token) return
+    // Looked at only then: an entry that does not parse is overwritten by a store that holds.
+    if (signed <= signedOf(c, key)) return
     const granted = grant(view(c), key, h.amount, h.budget)
     if (!h.lost && granted >= signed) {
       c.reserved = {

@@ -657,6 +657,18 @@ describe('reserve', () => {
     expect((await readdir(dirname(path))).filter((f) => f.endsWith('.alive'))).toEqual([])
   }, 30_000)
 
+  test('behavior: file: a store holding a reservation stores its channel over an entry that does not parse, as any store does', async () => {
+    const path = join(await dir(), 'channels.json')
+    const s = Store.file(path)
+    await s.reserve!('y#0xP', 500n, budget(1_000n))
+    const content = JSON.parse(await Bun.file(path).text())
+    content.channels['y#0xP'] = { signed: 'lots' }
+    await writeFile(path, JSON.stringify(content))
+    await s.set('y#0xP', state(100))
+    expect(await s.get('y#0xP')).toEqual(state(100))
+    await s.release!()
+  })
+
   test('error: file: a malformed reservation in the budget → ClientError saying to repair it', async () => {
     const path = join(await dir(), 'channels.json')
     await writeFile(
