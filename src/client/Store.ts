@@ -264,6 +264,22 @@ function heartbeat(f: string, line: string): ReturnType<typeof setInterval> {
   return timer
 }
 
+/**
+ * When process `pid` of this pid namespace started (clock ticks since the boot, `/proc`'s
+ * field 22), which a later process given its pid does not share; undefined where /proc does not
+ * tell (not Linux). Written into a lock as a word starting with `~`.
+ */
+function started(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    // Counted after the command's closing parenthesis (field 2), which may hold spaces.
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] || undefined
+  } catch {
+    return undefined
+  }
+}
+const startedHere = started(process.pid)
+
 /** Whether process `pid` is alive (on this machine). */
 function alive(pid: number): boolean {
   try {
@@ -287,17 +303,27 @@ async function holder(
   p: string,
   token?: string,
 ): Promise<
-  { pid: number; alive: boolean; here: boolean; foreign: boolean; token?: string } | undefined
+  | {
+      pid: number
+      alive: boolean
+      here: boolean
+      foreign: boolean
+      token?: string
+      started?: string
+    }
+  | undefined
 > {
   const words = (await readFile(p, 'utf8').catch(() => '')).trim().split(' ')
   const ns = words.find((w) => w.startsWith('@'))
-  const [first, other] = words.filter((w) => !w.startsWith('@'))
+  const at = words.find((w) => w.startsWith('~'))?.slice(1)
+  const [first, other] = words.filter((w) => !w.startsWith('@') && !w.startsWith('~'))
   const pid = Number(first)
   if (!Number.isInteger(pid) || pid <= 0) return undefined
   // Without a namespace (an earlier version's file), judged as it was: by the pid here.
   if (ns !== undefined && ns !== namespace)
     return { pid, alive: true, here: false, foreign: true, ...(other ? { token: other } : {}) }
-  if (pid !== process.pid) return { pid, alive: alive(pid), here: false, foreign: false }
+  if (pid !== process.pid)
+    return { pid, alive: alive(pid), here: false, foreign: false, ...(at ? { started: at } : {}) }
   if (other === undefined || other === token) return undefined
   return { pid, alive: liveTokens.has(other), here: true, foreign: false }
 }
@@ -406,10 +432,20 @@ export function file(path: string): Store {
       () => 0,
     )
   /** Whether lock file `p` was left by a process that died holding it: the pid it holds is
-   * gone, or it is older than any write takes (no pid readable, or a holder of another pid
-   * namespace or machine: its pid gone here says nothing, it may be writing) at `now`. */
+   * gone or another process's now, or it is older than any write takes (no pid readable, or a
+   * holder of another pid namespace or machine: its pid gone here says nothing, it may be
+   * writing) at `now`. */
   const stale = async (p: string, now?: number) => {
-    if ((await holder(p))?.alive === false) return true
+    const h = await holder(p)
+    if (h?.alive === false) return true
+    // A live writer of this namespace, told from a process given its pid later by when it
+    // started: its lock is never taken, however long its write (a disk stalled, a machine
+    // asleep mid-write: two writers at once lose one's update). One that does not say (an
+    // earlier version's), by its age.
+    if (h?.started !== undefined) {
+      const since = started(h.pid)
+      return since !== undefined && since !== h.started
+    }
     return (await age(p, now)) > LOCK_STALE_MS
   }
   /**
@@ -448,7 +484,9 @@ export function file(path: string): Store {
     for (;;) {
       try {
         const lock = await open(lockPath, 'wx')
-        await lock.writeFile(`${process.pid} ${namespace}`).finally(() => lock.close())
+        await lock
+          .writeFile(`${process.pid} ${namespace}${startedHere ? ` ~${startedHere}` : ''}`)
+          .finally(() => lock.close())
         break
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw unusable(path, 'written', e)

@@ -1,5 +1,6 @@
 import { describe, expect, setSystemTime, test } from 'bun:test'
 import { spawnSync } from 'node:child_process'
+import { existsSync, readFileSync, readlinkSync } from 'node:fs'
 import { mkdtemp, readdir, rm, stat, utimes, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
@@ -279,6 +280,41 @@ describe('file across processes', () => {
       setSystemTime()
     }
   }, 30_000)
+
+  test.skipIf(!existsSync('/proc/self/stat'))(
+    'behavior: a lock of a live writer of this namespace is never taken, however old; one naming a process given its pid later (another start time) is',
+    async () => {
+      const path = join(await dir(), 'channels.json')
+      const writer = child(`
+      console.log('up')
+      await new Promise(() => setInterval(() => {}, 1000))
+    `)
+      try {
+        await printed(writer, 'up')
+        const stat = readFileSync(`/proc/${writer.pid}/stat`, 'utf8')
+        const since = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]
+        const ns = `@${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}/${readlinkSync('/proc/self/ns/pid')}`
+        // Its write under way a minute (a disk stalled): waited for, until the wait gives up.
+        await writeFile(`${path}.lock`, `${writer.pid} ${ns} ~${since}`)
+        const old = new Date(Date.now() - 60_000)
+        await utimes(`${path}.lock`, old, old)
+        const e = await Store.file(path)
+          .addClosedTotal('total', 1n)
+          .catch((e: unknown) => e)
+        expect(e).toBeInstanceOf(ClientError)
+        expect((e as ClientError).message).toContain('stayed locked')
+        expect(await Bun.file(`${path}.lock`).text()).toBe(`${writer.pid} ${ns} ~${since}`)
+        // The same pid, started at another time: the lock's writer died, its pid given to this one.
+        await writeFile(`${path}.lock`, `${writer.pid} ${ns} ~1`)
+        await Store.file(path).addClosedTotal('total', 1n)
+        expect(await Store.file(path).closedTotal('total')).toBe(1n)
+      } finally {
+        writer.kill('SIGKILL')
+        await writer.exited
+      }
+    },
+    30_000,
+  )
 
   test('error: a key another live process owns → StoreInUseError naming it; once it is gone, the key is taken over', async () => {
     const path = join(await dir(), 'channels.json')
