@@ -292,10 +292,11 @@ function alive(pid: number): boolean {
 }
 
 /**
- * Who holds lock or owner file `p` (`<pid> @<namespace>`, or `<pid> <token> @<namespace>` for
- * an owner file: the store that claimed it; files of earlier versions lack the namespace), if
+ * Who holds lock or owner file `p` (`<pid> @<namespace> ~<start>`, or `<pid> <token>
+ * @<namespace> ~<start>` for an owner file: the store that claimed it; files of earlier
+ * versions lack the namespace and start, a system without /proc the start), if
  * the file reads and it is not `token`, this store's own: another process (`alive` whether it
- * still runs), or another store of this process (`alive` while it is neither released nor
+ * still runs, and is the one that started then), or another store of this process (`alive` while it is neither released nor
  * collected); `foreign` when it is a process of another pid namespace or machine, whose pid
  * says nothing here (`alive` then true: it cannot be told dead by its pid).
  */
@@ -322,8 +323,12 @@ async function holder(
   // Without a namespace (an earlier version's file), judged as it was: by the pid here.
   if (ns !== undefined && ns !== namespace)
     return { pid, alive: true, here: false, foreign: true, ...(other ? { token: other } : {}) }
-  if (pid !== process.pid)
-    return { pid, alive: alive(pid), here: false, foreign: false, ...(at ? { started: at } : {}) }
+  if (pid !== process.pid) {
+    // Not the one that wrote it when the process of that pid started at another time.
+    const since = at === undefined ? undefined : started(pid)
+    const live = alive(pid) && (since === undefined || since === at)
+    return { pid, alive: live, here: false, foreign: false, ...(at ? { started: at } : {}) }
+  }
   if (other === undefined || other === token) return undefined
   return { pid, alive: liveTokens.has(other), here: true, foreign: false }
 }
@@ -335,13 +340,13 @@ const collected = new FinalizationRegistry<string>((token) => {
   liveTokens.delete(token)
   absent(token)
 })
-/** Owner files this process's stores claimed, with the claiming store's token: removed as
- * the process exits (see `file().own`). */
+/** Owner files this process's stores claimed, with what the claiming store wrote in them:
+ * removed as the process exits (see `file().own`). */
 const claims = new Map<string, string>()
 process.on('exit', () => {
-  for (const [f, token] of claims)
+  for (const [f, line] of claims)
     try {
-      if (readFileSync(f, 'utf8').trim() === `${process.pid} ${token} ${namespace}`) unlinkSync(f)
+      if (readFileSync(f, 'utf8').trim() === line) unlinkSync(f)
     } catch {}
   for (const token of [...presences.keys()]) absent(token)
 })
@@ -384,7 +389,7 @@ export function file(path: string): Store {
   let reserving = false
   const lockPath = `${path}.lock`
   /** What this store writes in its owner files: its pid, token, and where the pid means something. */
-  const ownerLine = `${process.pid} ${token} ${namespace}`
+  const ownerLine = `${process.pid} ${token} ${namespace}${startedHere ? ` ~${startedHere}` : ''}`
   /**
    * Now by the clock that dates the store's files (a file server's, for a volume shared between
    * machines), read off the write lock this store holds (called under it): the ages of other
@@ -442,10 +447,7 @@ export function file(path: string): Store {
     // started: its lock is never taken, however long its write (a disk stalled, a machine
     // asleep mid-write: two writers at once lose one's update). One that does not say (an
     // earlier version's), by its age.
-    if (h?.started !== undefined) {
-      const since = started(h.pid)
-      return since !== undefined && since !== h.started
-    }
+    if (h?.started !== undefined) return false
     return (await age(p, now)) > LOCK_STALE_MS
   }
   /**
@@ -709,7 +711,7 @@ export function file(path: string): Store {
         })
       })
       mine.add(owner)
-      claims.set(owner, token)
+      claims.set(owner, ownerLine)
       liveTokens.add(token)
     },
     async release() {
@@ -719,7 +721,7 @@ export function file(path: string): Store {
           const held = await readFile(owner, 'utf8').catch(() => '')
           if (held.trim() === ownerLine) await unlink(owner).catch(() => {})
         })
-        if (claims.get(owner) === token) claims.delete(owner)
+        if (claims.get(owner) === ownerLine) claims.delete(owner)
       }
       mine.clear()
       held.clear()

@@ -388,6 +388,37 @@ describe('file across processes', () => {
     await s.release!()
   }, 30_000)
 
+  test.skipIf(!existsSync('/proc/self/stat'))(
+    'behavior: a key whose owner file names a live process of this namespace started at another time (the pid given to it after the owner died) is taken over',
+    async () => {
+      const path = join(await dir(), 'channels.json')
+      const key = 'http://127.0.0.1:8787#0xace'
+      const s = Store.file(path)
+      await s.own!(key)
+      const owner = join(
+        dirname(path),
+        (await readdir(dirname(path))).find((f) => f.endsWith('.owner')) as string,
+      )
+      await s.release!()
+      const other = child(`
+      console.log('up')
+      await new Promise(() => setInterval(() => {}, 1000))
+    `)
+      try {
+        await printed(other, 'up')
+        const ns = `@${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}/${readlinkSync('/proc/self/ns/pid')}`
+        await writeFile(owner, `${other.pid} ${crypto.randomUUID()} ${ns} ~1`)
+        await s.own!(key)
+        expect(await Bun.file(owner).text()).toStartWith(`${process.pid} `)
+      } finally {
+        other.kill('SIGKILL')
+        await other.exited
+      }
+      await s.release!()
+    },
+    30_000,
+  )
+
   test('error: a key another store of this process owns → StoreInUseError; once it is released, or collected, the key is taken', async () => {
     const path = join(await dir(), 'channels.json')
     const key = 'http://127.0.0.1:8787#0x123'
