@@ -672,13 +672,13 @@ export async function serve(): Promise<void> {
     console.error(`tollway: configuration error\n${message}`)
     process.exit(1)
   }
-  process.off('SIGINT', early)
-  process.off('SIGTERM', early)
   if (stopAsked) {
     await gateway.stop()
     process.exit(0)
   }
   if (process.env[WORKER]) {
+    process.off('SIGINT', early)
+    process.off('SIGTERM', early)
     // A Ctrl-C reaches the whole process group, and the first process then signals its
     // workers too: one stop reaching twice, within a second, is one stop (its grace kept).
     // A signal later than that is a second stop: it cuts what is left.
@@ -707,6 +707,15 @@ export async function serve(): Promise<void> {
   const model = config.models[0]?.id ?? EchoModel.id
   // With the embedded defaults, a development account with credits is ready to use.
   const key = gateway.embedded ? await devKey(gateway.sql, config) : '<your API key>'
+  // Until the banner a signal is still one while it starts: without a handler while the
+  // development key was made, a SIGINT or SIGTERM killed the process outright (no stop, its
+  // workers and the embedded database left as a kill leaves them).
+  process.off('SIGINT', early)
+  process.off('SIGTERM', early)
+  if (stopAsked) {
+    await Promise.all([workers.stop(), gateway.stop()])
+    process.exit(0)
+  }
   console.log(`tollway is serving at ${gateway.url}
   database:    ${gateway.embedded ? `embedded PGlite in ${resolve(config.dataDir, 'pgdata')}` : 'DATABASE_URL'}
   admin token: ${config.adminToken ? '(as configured: ADMIN_TOKEN or the config file; not printed)' : gateway.adminToken}

@@ -1,13 +1,17 @@
 /** `npm start` as a user runs it: a subprocess with nothing configured. */
 import { describe, expect, test } from 'bun:test'
 import {
+  closeSync,
+  constants,
   existsSync,
   mkdirSync,
   mkdtempSync,
+  openSync,
   readdirSync,
   readFileSync,
   rmSync,
   writeFileSync,
+  writeSync,
 } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -200,6 +204,53 @@ describe('npm start', () => {
     expect(await proc.exited).toBe(0)
     expect(err).toContain('stopping once start-up is done')
     expect(await out).not.toContain('serving at')
+  }, 90_000)
+
+  test('behavior: a SIGTERM while the development key is read, after the server started and before the banner, still stops it cleanly (exit 0, the data dir lock released)', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const config = join(dataDir, 'config.json')
+    writeFileSync(config, JSON.stringify({ devChain: false }))
+    const env = { TOLLWAY_DATA_DIR: dataDir, PORT: '0', TOLLWAY_CONFIG: config }
+    const first = await serve(env)
+    const key = /Bearer (tw_\S+)"/.exec(first.out)![1]!
+    first.proc.kill('SIGINT')
+    expect(await first.proc.exited).toBe(0)
+    // The kept key becomes a named pipe: the next start waits in its read of it (the last
+    // step before the banner) until the test writes the key, which holds the window open.
+    const keyFile = join(dataDir, 'dev-key')
+    rmSync(keyFile)
+    expect(Bun.spawnSync(['mkfifo', keyFile]).exitCode).toBe(0)
+    const proc = Bun.spawn(['bin/tollway', 'serve'], {
+      cwd: root,
+      env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '', ...env },
+      stdout: 'pipe',
+      stderr: 'pipe',
+    })
+    const out = new Response(proc.stdout).text()
+    const err = new Response(proc.stderr).text()
+    try {
+      // Opening the pipe to write succeeds once the gateway has it open to read.
+      let fd: number | undefined
+      const deadline = Date.now() + 60_000
+      while (fd === undefined) {
+        if (Date.now() > deadline || proc.exitCode !== null)
+          throw new Error(`never read the key:\n${await err}`)
+        try {
+          fd = openSync(keyFile, constants.O_WRONLY | constants.O_NONBLOCK)
+        } catch {
+          await Bun.sleep(50)
+        }
+      }
+      proc.kill('SIGTERM')
+      writeSync(fd, `${key}\n`)
+      closeSync(fd)
+      expect(await proc.exited).toBe(0)
+      expect(await err).toContain('stopping once start-up is done')
+      expect(await out).not.toContain('serving at')
+      expect(existsSync(join(dataDir, 'pgdata', 'tollway.lock'))).toBe(false)
+    } finally {
+      proc.kill('SIGKILL')
+    }
   }, 90_000)
 
   test('behavior: stopped (SIGINT), it lets a stream under way finish and refuses new connections; a second signal cuts what is left', async () => {
