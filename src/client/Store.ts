@@ -564,8 +564,9 @@ export function file(path: string): Store {
       )
     return BigInt(signed.data)
   }
-  /** What is reserved under `key` and still counts: its holder is this store, another store of
-   * this process in use, or another process alive (0n otherwise). */
+  /** What is reserved under `key` (0n when none), in content whose reservations no longer in use
+   * were removed (`lapse`): its holder is this store, another store of this process in use,
+   * another process alive, or a store of another namespace present. */
   const reservedOf = (c: Content, key: string) => {
     const entry = c.reserved?.[key]
     if (entry === undefined) return 0n
@@ -575,7 +576,20 @@ export function file(path: string): Store {
         `The channel store ${path} has a malformed reservation under "${key}"; repair it, or delete that entry (under "reserved").`,
         { path, key },
       )
-    return holds(parsed.data) ? BigInt(parsed.data.amount) : 0n
+    return BigInt(parsed.data.amount)
+  }
+  /**
+   * Removes from `c` the reservations whose holder is no longer in use, before a grant reads it:
+   * one counted as nothing but left in the file is its holder's again as it returns (a machine
+   * that wakes, its presence file renewed), which finds it there and signs within it on top of
+   * what was granted past it. Each is judged once: judged again as it is counted, a presence file
+   * renewed or lapsing in between counted one that was removed, or left one that was not counted.
+   */
+  const lapse = (c: Content) => {
+    for (const [k, r] of Object.entries(c.reserved ?? {})) {
+      const parsed = Reservation.safeParse(r)
+      if (parsed.success && !holds(parsed.data)) delete c.reserved?.[k]
+    }
   }
   /** Whether reservation `r`'s holder is in use: this store, another store of this process
    * neither released nor collected, another process alive, or a store of another pid namespace
@@ -585,17 +599,20 @@ export function file(path: string): Store {
     if (r.ns !== undefined && r.ns !== namespace) return present(r.token)
     return r.pid === process.pid ? liveTokens.has(r.token) : alive(r.pid)
   }
-  /** What `grant` reads of content `c`. */
-  const view = (c: Content) => ({
-    keys: [
-      ...Object.keys(c.channels),
-      ...Object.keys(c.closedTotals),
-      ...Object.keys(c.reserved ?? {}),
-    ],
-    closed: (k: string) => total(c, k),
-    signed: (k: string) => signedOf(c, k),
-    reserved: (k: string) => reservedOf(c, k),
-  })
+  /** What `grant` reads of content `c`, once its reservations no longer in use are removed. */
+  const view = (c: Content) => {
+    lapse(c)
+    return {
+      keys: [
+        ...Object.keys(c.channels),
+        ...Object.keys(c.closedTotals),
+        ...Object.keys(c.reserved ?? {}),
+      ],
+      closed: (k: string) => total(c, k),
+      signed: (k: string) => signedOf(c, k),
+      reserved: (k: string) => reservedOf(c, k),
+    }
+  }
   /**
    * Before `key`'s channel is stored at `signed` (under the lock, so before its voucher leaves):
    * whether this store still holds what it claimed and reserved for it. A process of another
@@ -747,15 +764,11 @@ export function file(path: string): Store {
       await presence()
       let granted = 0n
       await update((c) => {
+        // Those whose holder is no longer in use count for nothing, and are removed (`lapse`): so
+        // that a process given the pid of one that ended later does not make it count again (it
+        // was kept, and refused the others what it held, for as long as that process lived).
         granted = grant(view(c), key, amount, budget)
         const reserved = c.reserved ?? {}
-        // Those whose holder is no longer in use count for nothing: removed, so that a process
-        // given the pid of one that ended later does not make it count again (it was kept, and
-        // refused the others what it held, for as long as that process lived).
-        for (const [k, r] of Object.entries(reserved)) {
-          const parsed = Reservation.safeParse(r)
-          if (parsed.success && !holds(parsed.data)) delete reserved[k]
-        }
         if (granted > 0n)
           reserved[key] = { amount: granted.toString(), pid: process.pid, token, ns: namespace }
         else delete reserved[key]

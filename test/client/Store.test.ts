@@ -714,6 +714,50 @@ describe('reserve', () => {
     await t.release!()
   }, 30_000)
 
+  test('behavior: file: a store reserving again as it wakes removes the reservations it counts as nothing: a holder of another namespace that wakes after it finds its own gone, the reservations in the file within the limit', async () => {
+    const path = join(await dir(), 'channels.json')
+    const ns = '@another-boot/pid:[1]'
+    /** A store of another namespace: its presence file, renewed just now. */
+    const foreign = async () => {
+      const token = crypto.randomUUID()
+      await writeFile(`${path}.${token}.alive`, `1 ${token} ${ns}`)
+      return token
+    }
+    const a = await foreign()
+    await writeFile(
+      path,
+      JSON.stringify({
+        channels: {},
+        closedTotals: {},
+        reserved: { 'a#0xP': { amount: '600', pid: 1, token: a, ns } },
+      }),
+    )
+    const s = Store.file(path)
+    expect(await s.reserve!('y#0xP', 400n, budget(1_000n))).toBe(400n)
+    await s.set('y#0xP', state(100))
+    // This one judged gone by a third store (of another namespace too), which reserved 400 in its
+    // place; then the first one's presence file lapses (its machine asleep in turn).
+    const content = JSON.parse(await Bun.file(path).text())
+    delete content.reserved['y#0xP']
+    content.reserved['c#0xP'] = { amount: '400', pid: 1, token: await foreign(), ns }
+    await writeFile(path, JSON.stringify(content))
+    const old = new Date(Date.now() - 180_000)
+    await utimes(`${path}.${a}.alive`, old, old)
+    // Reserved again as it wakes, the first one's 600 counted as nothing.
+    await s.set('y#0xP', state(350))
+    // The first one wakes (its presence file renewed): what the file says it holds, with the
+    // others', stays within the limit (its store finds its reservation gone before it signs on).
+    await utimes(`${path}.${a}.alive`, new Date(), new Date())
+    const reserved = JSON.parse(await Bun.file(path).text()).reserved as Record<
+      string,
+      { amount: string }
+    >
+    const sum = Object.values(reserved).reduce((n, r) => n + BigInt(r.amount), 0n)
+    expect(sum).toBeLessThanOrEqual(1_000n)
+    expect(reserved['a#0xP']).toBeUndefined()
+    await s.release!()
+  }, 30_000)
+
   test('behavior: file: a store that claims and reserves at once, then is released, leaves no presence file renewed behind it', async () => {
     const path = join(await dir(), 'channels.json')
     const s = Store.file(path)
