@@ -7,9 +7,9 @@
  */
 import { createHash } from 'node:crypto'
 import { readFileSync, readlinkSync, statSync, unlinkSync } from 'node:fs'
-import { mkdir, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises'
+import { mkdir, open, readdir, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises'
 import { hostname } from 'node:os'
-import { dirname } from 'node:path'
+import { basename, dirname, join } from 'node:path'
 import { z } from 'zod'
 import { ClientError, StoreInUseError } from './Errors.ts'
 
@@ -412,6 +412,26 @@ export function file(path: string): Store {
       return (e as NodeJS.ErrnoException).code !== 'ENOENT'
     }
   }
+  /**
+   * Removes the presence files beside the store not renewed for `HOLDER_STALE_MS` (aged by the
+   * file system's clock, read off `own`, this store's presence file written just now): a process
+   * killed (a Ctrl-C'd `tollway chat`, a container stopped) leaves its own, which nothing else
+   * removes, one more in the store's directory each time. Such a file holds nothing already (see
+   * `present`); a store alive that slept as long writes it again as it wakes.
+   */
+  const sweep = async (own: string) => {
+    const now = (await stat(own).catch(() => undefined))?.mtimeMs
+    if (now === undefined) return
+    const prefix = `${basename(path)}.`
+    const names = await readdir(dirname(path)).catch(() => [] as string[])
+    for (const name of names) {
+      if (!name.startsWith(prefix) || !/^[0-9a-f-]{1,64}\.alive$/.test(name.slice(prefix.length)))
+        continue
+      const f = join(dirname(path), name)
+      const st = await stat(f).catch(() => undefined)
+      if (st && now - st.mtimeMs > HOLDER_STALE_MS) await unlink(f).catch(() => {})
+    }
+  }
   /** Its writing, once (a claim and a reservation at once each started a timer: the one
    * overwritten in `presences` was never stopped, and wrote the file again after release). */
   let presenting: Promise<void> | undefined
@@ -426,6 +446,7 @@ export function file(path: string): Store {
         throw unusable(path, 'written', e)
       })
       presences.set(token, { file: f, timer: heartbeat(f, line) })
+      await sweep(f)
     })().catch((e: unknown) => {
       presenting = undefined
       throw e

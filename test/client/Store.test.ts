@@ -758,6 +758,36 @@ describe('reserve', () => {
     await s.release!()
   }, 30_000)
 
+  test('behavior: file: presence files left by killed processes do not pile up: a store that starts to claim or reserve removes those beside it not renewed for 2 minutes, and no other', async () => {
+    const path = join(await dir(), 'channels.json')
+    const killed = child(
+      `await Store.file(${JSON.stringify(path)}).reserve('x#0xP', 1n, { limit: 10n, shares: () => true })
+      console.log('reserved')
+      await new Promise(() => {})`,
+    )
+    await printed(killed, 'reserved')
+    killed.kill('SIGKILL')
+    await killed.exited
+    const left = (await readdir(dirname(path))).filter((f) => f.endsWith('.alive'))
+    expect(left).toHaveLength(1)
+    // Left 3 minutes ago; beside it, one renewed just now, and one of another store's file.
+    const old = new Date(Date.now() - 180_000)
+    await utimes(join(dirname(path), left[0] as string), old, old)
+    const fresh = `channels.json.${crypto.randomUUID()}.alive`
+    const other = `others.json.${crypto.randomUUID()}.alive`
+    await writeFile(join(dirname(path), fresh), '1')
+    await writeFile(join(dirname(path), other), '1')
+    await utimes(join(dirname(path), other), old, old)
+    const s = Store.file(path)
+    await s.reserve!('y#0xP', 1n, budget(10n))
+    const now = (await readdir(dirname(path))).filter((f) => f.endsWith('.alive'))
+    expect(now).not.toContain(left[0])
+    expect(now).toContain(fresh)
+    expect(now).toContain(other)
+    expect(now).toHaveLength(3)
+    await s.release!()
+  }, 30_000)
+
   test('behavior: file: a store that claims and reserves at once, then is released, leaves no presence file renewed behind it', async () => {
     const path = join(await dir(), 'channels.json')
     const s = Store.file(path)
