@@ -388,6 +388,9 @@ export function file(path: string): Store {
   /** Whether this store reserved anything (its reservations are removed as it is released). */
   let reserving = false
   const lockPath = `${path}.lock`
+  /** What this store writes in the write lock as it takes it: its pid, where the pid means
+   * something, and when its process started. */
+  const lockLine = `${process.pid} ${namespace}${startedHere ? ` ~${startedHere}` : ''}`
   /** What this store writes in its owner files: its pid, token, and where the pid means something. */
   const ownerLine = `${process.pid} ${token} ${namespace}${startedHere ? ` ~${startedHere}` : ''}`
   /**
@@ -507,9 +510,7 @@ export function file(path: string): Store {
     for (;;) {
       try {
         const lock = await open(lockPath, 'wx')
-        await lock
-          .writeFile(`${process.pid} ${namespace}${startedHere ? ` ~${startedHere}` : ''}`)
-          .finally(() => lock.close())
+        await lock.writeFile(lockLine).finally(() => lock.close())
         break
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw unusable(path, 'written', e)
@@ -525,8 +526,32 @@ export function file(path: string): Store {
     try {
       return await f()
     } finally {
-      await unlink(lockPath).catch(() => {})
+      // Not another writer's, which took it from this one's stalled write (see `stillLocked`).
+      if ((await readFile(lockPath, 'utf8').catch(() => '')).trim() === lockLine)
+        await unlink(lockPath).catch(() => {})
     }
+  }
+  /**
+   * Throws unless the write lock still holds what this store wrote in it (called under it, just
+   * before the store file is replaced). A writer that cannot tell this one alive (of another pid
+   * namespace or machine, or of an earlier version) takes a lock older than `LOCK_STALE_MS`: a
+   * write stalled that long (a disk stalled, a machine asleep mid-write) lost it, and the taker,
+   * which read the file after, may have written it since. Renamed over it, the taker's update was
+   * lost: a channel's signed or a closed total no longer counted against maxTotal. Thrown, nothing
+   * of this write is stored: `set` fails, and the voucher it would have stored does not leave
+   * (createFetch sends one only once stored).
+   *
+   * What remains: a lock taken between this read and the rename (two system calls, the stall
+   * then within them) is not seen; nothing short of a lock the file system holds for a writer
+   * (which a shared volume may not offer) closes that.
+   */
+  const stillLocked = async () => {
+    const now = (await readFile(lockPath, 'utf8').catch(() => '')).trim()
+    if (now !== lockLine)
+      throw new ClientError(
+        `The channel store ${path} was not written: its write lock (${lockPath}) was taken over by another writer while this write stalled for over ${LOCK_STALE_MS / 1000} s (a disk stalled, a machine asleep?), and that writer may have written the store since. Nothing of this write was stored; try it again.`,
+        { path },
+      )
   }
   const load = async (): Promise<Content> => {
     let text: string
@@ -684,9 +709,21 @@ export function file(path: string): Store {
       locked(async () => {
         const content = await load()
         await f(content)
-        const tmp = `${path}.${process.pid}.tmp`
+        // This store's own: a writer that took the lock from it (see `stillLocked`) may have the
+        // same pid (another namespace's), and writes its temporary file meanwhile.
+        const tmp = `${path}.${process.pid}.${token}.tmp`
         try {
           await writeFile(tmp, `${JSON.stringify(content, null, 2)}\n`)
+        } catch (e) {
+          throw unusable(path, 'written', e)
+        }
+        try {
+          await stillLocked()
+        } catch (e) {
+          await unlink(tmp).catch(() => {})
+          throw e
+        }
+        try {
           await rename(tmp, path)
         } catch (e) {
           throw unusable(path, 'written', e)

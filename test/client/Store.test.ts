@@ -192,6 +192,35 @@ async function printed(proc: { stdout: ReadableStream<Uint8Array> }, line: strin
   return found() as string
 }
 
+/** Whether this machine makes named pipes (mkfifo). */
+const fifos = spawnSync('mkfifo', ['--help']).status === 0
+
+/**
+ * Stalls the next write of `key` by store `s` under the write lock, as a stalled disk would, until
+ * `resume`: `s` claims `key`, then its owner file, which that write reads (a store checks its
+ * claim before it stores a channel), becomes a named pipe nothing writes to. `locked` waits until
+ * the write holds the lock; `resume` writes the owner file's line into the pipe, and puts the
+ * file back.
+ */
+async function stall(path: string, key: string, s: Store.Store) {
+  await s.own!(key)
+  const name = (await readdir(dirname(path))).find((f) => f.endsWith('.owner')) as string
+  const owner = join(dirname(path), name)
+  const line = await Bun.file(owner).text()
+  await rm(owner)
+  expect(spawnSync('mkfifo', [owner]).status).toBe(0)
+  return {
+    async locked() {
+      while (!existsSync(`${path}.lock`)) await Bun.sleep(5)
+    },
+    async resume() {
+      await writeFile(owner, line)
+      await rm(owner)
+      await writeFile(owner, line)
+    },
+  }
+}
+
 describe('file across processes', () => {
   test('behavior: writes from two processes at once all land', async () => {
     const path = join(await dir(), 'channels.json')
@@ -312,6 +341,45 @@ describe('file across processes', () => {
         writer.kill('SIGKILL')
         await writer.exited
       }
+    },
+    30_000,
+  )
+
+  test.skipIf(!fifos)(
+    'error: a write whose lock was taken while it stalled (judged dead after 30 s by a writer of another namespace) stores nothing: ClientError, the file and the lock left to that writer',
+    async () => {
+      const path = join(await dir(), 'channels.json')
+      const key = 'http://127.0.0.1:8787#0xfee'
+      const s = Store.file(path)
+      await s.set(key, state(100))
+      const stalled = await stall(path, key, s)
+      const writing = s.set(key, state(200)).catch((e: unknown) => e)
+      await stalled.locked()
+      // Taken over by a writer of another namespace, which stores what its channels closed for.
+      const taker = '7 @another-boot/pid:[1]'
+      await writeFile(`${path}.lock`, taker)
+      const theirs = await Bun.file(path).text()
+      await writeFile(
+        path,
+        JSON.stringify({ channels: { [key]: state(100) }, closedTotals: { other: '500' } }),
+      )
+      const taken = await Bun.file(path).text()
+      expect(taken).not.toBe(theirs)
+      await stalled.resume()
+      const e = await writing
+      expect(e).toBeInstanceOf(ClientError)
+      expect((e as ClientError).message).toContain('was taken over by another writer')
+      // Its update not renamed over the taker's, whose lock it leaves in place.
+      expect(await Bun.file(path).text()).toBe(taken)
+      expect(await Store.file(path).closedTotal('other')).toBe(500n)
+      expect(await Bun.file(`${path}.lock`).text()).toBe(taker)
+      expect((await readdir(dirname(path))).filter((f) => f.endsWith('.tmp'))).toEqual([])
+      // The taker done: this store writes again.
+      await rm(`${path}.lock`)
+      await s.set(key, state(200))
+      expect(await Store.file(path).get(key)).toEqual(state(200))
+      expect(await Store.file(path).closedTotal('other')).toBe(500n)
+      await s.release!()
     },
     30_000,
   )
