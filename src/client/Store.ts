@@ -292,9 +292,9 @@ function alive(pid: number): boolean {
 }
 
 /**
- * Who holds lock or owner file `p` (`<pid> @<namespace> ~<start>`, or `<pid> <token>
- * @<namespace> ~<start>` for an owner file: the store that claimed it; files of earlier
- * versions lack the namespace and start, a system without /proc the start), if
+ * Who holds lock or owner file `p` (`<pid> <token> @<namespace> ~<start>`, the token the store
+ * that took or claimed it; files of earlier versions lack the namespace and start, locks of
+ * earlier versions the token, a system without /proc the start), if
  * the file reads and it is not `token`, this store's own: another process (`alive` whether it
  * still runs, and is the one that started then), or another store of this process (`alive` while it is neither released nor
  * collected); `foreign` when it is a process of another pid namespace or machine, whose pid
@@ -330,11 +330,13 @@ async function holder(
     return { pid, alive: live, here: false, foreign: false, ...(at ? { started: at } : {}) }
   }
   if (other === undefined || other === token) return undefined
-  return { pid, alive: liveTokens.has(other), here: true, foreign: false }
+  return { pid, alive: liveTokens.has(other), here: true, foreign: false, token: other }
 }
 
 /** The tokens of this process's stores that hold claims (not released, not collected). */
 const liveTokens = new Set<string>()
+/** The tokens of this process's stores holding a write lock (their write under way). */
+const writing = new Set<string>()
 /** A store collected gives its claims up (its owner files are then taken over). */
 const collected = new FinalizationRegistry<string>((token) => {
   liveTokens.delete(token)
@@ -388,9 +390,10 @@ export function file(path: string): Store {
   /** Whether this store reserved anything (its reservations are removed as it is released). */
   let reserving = false
   const lockPath = `${path}.lock`
-  /** What this store writes in the write lock as it takes it: its pid, where the pid means
-   * something, and when its process started. */
-  const lockLine = `${process.pid} ${namespace}${startedHere ? ` ~${startedHere}` : ''}`
+  /** What this store writes in the write lock as it takes it: its pid, its token (another store
+   * of this process tells it writing, see `stale`), where the pid means something, and when its
+   * process started. */
+  const lockLine = `${process.pid} ${token} ${namespace}${startedHere ? ` ~${startedHere}` : ''}`
   /** What this store writes in its owner files: its pid, token, and where the pid means something. */
   const ownerLine = `${process.pid} ${token} ${namespace}${startedHere ? ` ~${startedHere}` : ''}`
   /**
@@ -466,6 +469,10 @@ export function file(path: string): Store {
    * writing) at `now`. */
   const stale = async (p: string, now?: number) => {
     const h = await holder(p)
+    // Another store's of this process (on the same file): never taken while its write is under
+    // way, however long (it was by its age, and both wrote). One not writing (left by a failed
+    // removal, or a worker thread's, whose stores this module does not see), by its age.
+    if (h?.here) return !writing.has(h.token as string) && (await age(p, now)) > LOCK_STALE_MS
     if (h?.alive === false) return true
     // A live writer of this namespace, told from a process given its pid later by when it
     // started: its lock is never taken, however long its write (a disk stalled, a machine
@@ -511,6 +518,7 @@ export function file(path: string): Store {
       try {
         const lock = await open(lockPath, 'wx')
         await lock.writeFile(lockLine).finally(() => lock.close())
+        writing.add(token)
         break
       } catch (e) {
         if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw unusable(path, 'written', e)
@@ -526,6 +534,7 @@ export function file(path: string): Store {
     try {
       return await f()
     } finally {
+      writing.delete(token)
       // Not another writer's, which took it from this one's stalled write (see `stillLocked`).
       if ((await readFile(lockPath, 'utf8').catch(() => '')).trim() === lockLine)
         await unlink(lockPath).catch(() => {})

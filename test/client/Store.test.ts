@@ -384,6 +384,33 @@ describe('file across processes', () => {
     30_000,
   )
 
+  test.skipIf(!fifos)(
+    'behavior: a lock of another store of this process on the same file is never taken while its write is under way, however old; the other store writes once that write is done',
+    async () => {
+      const path = join(await dir(), 'channels.json')
+      const key = 'http://127.0.0.1:8787#0xfab'
+      const a = Store.file(path)
+      const b = Store.file(path)
+      const stalled = await stall(path, key, a)
+      const writing = a.set(key, state(200))
+      await stalled.locked()
+      // Its write under way a minute (a disk stalled): waited for, until the wait gives up.
+      const old = new Date(Date.now() - 60_000)
+      await utimes(`${path}.lock`, old, old)
+      const e = await b.addClosedTotal('total', 1n).catch((e: unknown) => e)
+      expect(e).toBeInstanceOf(ClientError)
+      expect((e as ClientError).message).toContain('stayed locked')
+      await stalled.resume()
+      await writing
+      expect(existsSync(`${path}.lock`)).toBe(false)
+      await b.addClosedTotal('total', 1n)
+      expect(await Store.file(path).get(key)).toEqual(state(200))
+      expect(await Store.file(path).closedTotal('total')).toBe(1n)
+      await a.release!()
+    },
+    30_000,
+  )
+
   test('error: a key another live process owns → StoreInUseError naming it; once it is gone, the key is taken over', async () => {
     const path = join(await dir(), 'channels.json')
     const key = 'http://127.0.0.1:8787#0xabc'
