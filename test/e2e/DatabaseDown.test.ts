@@ -132,6 +132,26 @@ test.skipIf(!server)(
   30_000,
 )
 
+test.skipIf(!server)(
+  'error: GET /v1/receipts/key?key_id= while the database takes connections but does not answer → 503 database_unavailable after DATABASE_TIMEOUT_MS, not a hung request',
+  async () => {
+    const { link, gw } = await behindLink({ databaseTimeoutMs: 1_000 })
+    const ask = (keyId: string) =>
+      fetch(`${gw.url}/v1/receipts/key?key_id=${keyId}`, { signal: AbortSignal.timeout(10_000) })
+    expect((await ask('0'.repeat(16))).status).toBe(404)
+    link.stall()
+    // Anyone may ask for any key id: each one a look-up in the database.
+    const res = await ask('1'.repeat(16))
+    expect(res.status).toBe(503)
+    expect(((await res.json()) as { error: { code: string } }).error.code).toBe(
+      'database_unavailable',
+    )
+    link.resume()
+    expect((await ask('0'.repeat(16))).status).toBe(404)
+  },
+  30_000,
+)
+
 for (const payments of [false, true])
   test.skipIf(!server)(
     `behavior: a gateway stopping while its database does not answer stops within the deadline, not when the database answers${payments ? ' (with payments: its settlement worker and LISTEN stop too)' : ''}`,
