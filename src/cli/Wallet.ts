@@ -313,16 +313,25 @@ async function checkReceipt(
   requestId: string | null,
 ): Promise<void> {
   if (!receipt) throw new ServerError('the gateway sent no receipt, though one was asked for.')
-  // The key of the instance that signed it, whichever instance is asked.
+  // The key of the instance that signed it, whichever instance is asked. A key the gateway
+  // does not give (404 receipt_key_unknown, a 400 for a key_id that is none) is a receipt that
+  // does not hold, not a mistake in the command (a 4xx otherwise exits 2, a usage error).
   const key = (await Http.request(
     target(ctx),
     'GET',
-    `/v1/receipts/key?key_id=${encodeURIComponent(receipt.key_id)}`,
-  )) as {
-    public_key: string
-  }
+    `/v1/receipts/key?key_id=${encodeURIComponent(String(receipt.key_id))}`,
+  ).catch((e: unknown) => {
+    if (!(e instanceof UsageError)) throw e
+    throw new ServerError(
+      `the receipt does not hold: the gateway gives no key of its key_id ${JSON.stringify(receipt.key_id)} (${e.message}).`,
+      e.details,
+    )
+  })) as { key_id?: unknown; public_key: string }
   const wrong = !verifyReceipt(receipt, key.public_key)
-    ? 'its signature does not verify with the key of GET /v1/receipts/key'
+    ? // An instance of a release without ?key_id= answers with its own key, whatever is asked.
+      key.key_id !== receipt.key_id
+      ? `its key_id is ${receipt.key_id}, and the gateway gave the key of ${String(key.key_id)}`
+      : 'its signature does not verify with the key of GET /v1/receipts/key'
     : receipt.request_id !== requestId
       ? `it is for request ${receipt.request_id}, the answer is of request ${requestId ?? '(none named)'}`
       : receipt.result_sha256 !== digest

@@ -147,3 +147,77 @@ test('error: chat --receipt refuses the receipt of another request, though its t
     proxy.stop(true)
   }
 }, 60_000)
+
+test('error: chat --receipt exits 4 (the receipt does not hold), not 2, when the gateway gives no key of the receipt key_id, or the key of another id', async () => {
+  // A receipt whose key_id names a key no instance published (404 receipt_key_unknown), or no
+  // key id at all (400): the gateway's word on the bill does not hold; the command was right.
+  let keyId = ''
+  /** Whether the proxy answers the key as an instance of a release without ?key_id= does. */
+  let older = false
+  const proxy = Bun.serve({
+    port: 0,
+    hostname: '127.0.0.1',
+    async fetch(req) {
+      const u = new URL(req.url)
+      const headers = new Headers(req.headers)
+      headers.delete('host')
+      const search = older && u.pathname === '/v1/receipts/key' ? '' : u.search
+      const res = await fetch(`${gw.url}${u.pathname}${search}`, {
+        method: req.method,
+        headers,
+        ...(req.method === 'GET' || req.method === 'HEAD' ? {} : { body: await req.arrayBuffer() }),
+      })
+      const out = new Headers(res.headers)
+      out.delete('content-length')
+      out.delete('content-encoding')
+      if (!u.pathname.endsWith('/chat/completions') || res.status !== 200)
+        return new Response(res.body, { status: res.status, headers: out })
+      const body = (await res.json()) as { tollway_receipt?: Record<string, unknown> }
+      return Response.json(
+        { ...body, tollway_receipt: { ...body.tollway_receipt, key_id: keyId } },
+        { status: 200, headers: out },
+      )
+    },
+  })
+  try {
+    for (const [id, status] of [
+      ['0'.repeat(16), '404'],
+      ['not-a-key-id', '400'],
+    ] as const) {
+      keyId = id
+      const r = await Cli.run(
+        [Cli.bin, 'chat', 'hello', '--model', 'thinker', '--trust-escrow', '--receipt'],
+        {
+          TOLLWAY_URL: `http://127.0.0.1:${proxy.port}`,
+          TOLLWAY_DATA_DIR: dataDir,
+          TOLLWAY_WALLET_KEY: chain.payers[0]!.privateKey,
+          TOLLWAY_RPC_URL: chain.rpcUrl,
+        },
+      )
+      expect(r.stdout).toBe('Hi.\n')
+      expect(r.stderr).toContain(
+        `the receipt does not hold: the gateway gives no key of its key_id "${id}"`,
+      )
+      expect(r.stderr).toContain(`gateway answered ${status}`)
+      expect(r.code).toBe(4)
+    }
+    // An older instance gives its own key whatever key_id asks: said so, not a bad signature.
+    older = true
+    keyId = '0'.repeat(16)
+    const r = await Cli.run(
+      [Cli.bin, 'chat', 'hello', '--model', 'thinker', '--trust-escrow', '--receipt'],
+      {
+        TOLLWAY_URL: `http://127.0.0.1:${proxy.port}`,
+        TOLLWAY_DATA_DIR: dataDir,
+        TOLLWAY_WALLET_KEY: chain.payers[0]!.privateKey,
+        TOLLWAY_RPC_URL: chain.rpcUrl,
+      },
+    )
+    expect(r.stderr).toContain(
+      `the receipt does not hold: its key_id is ${keyId}, and the gateway gave the key of`,
+    )
+    expect(r.code).toBe(4)
+  } finally {
+    proxy.stop(true)
+  }
+}, 60_000)
