@@ -14,6 +14,7 @@ import {
   PayloadTooLargeError,
   WithoutPaymentError,
 } from '../Errors.ts'
+import { Lru } from '../Lru.ts'
 import * as Db from '../ledger/Db.ts'
 import * as ReceiptKeys from '../ledger/ReceiptKeys.ts'
 import * as Problem from '../payment/Problem.ts'
@@ -117,6 +118,13 @@ export function create(deps: Deps): Hono {
   // The key completion receipts are signed with (see metering/Receipt.ts): this instance's, or
   // with `key_id` the one of that id, which another instance on the database (or this one,
   // before its key changed) signed with.
+  /**
+   * Keys of other instances found by their id: an id names one key (its public key's hash), so
+   * a key found is kept, and asked again it costs no database read (anyone may ask).
+   */
+  const receiptKeys = new Lru<string, string>(1_024)
+  /** A key asked for by its id never changes: clients and caches may keep it. */
+  const IMMUTABLE = { 'cache-control': 'public, max-age=31536000, immutable' }
   app.get('/v1/receipts/key', async (c) => {
     const signer = deps.receipts
     if (!signer)
@@ -125,21 +133,36 @@ export function create(deps: Deps): Hono {
         'receipts_off',
       )
     const keyId = c.req.query('key_id')
-    if (keyId === undefined || keyId === signer.keyId)
-      return c.json({ algorithm: 'Ed25519', key_id: signer.keyId, public_key: signer.publicKey })
+    // Without an id, this instance's key now: it changes with RECEIPT_KEY.
+    if (keyId === undefined)
+      return c.json(
+        { algorithm: 'Ed25519', key_id: signer.keyId, public_key: signer.publicKey },
+        200,
+        { 'cache-control': 'no-cache' },
+      )
+    if (keyId === signer.keyId)
+      return c.json(
+        { algorithm: 'Ed25519', key_id: keyId, public_key: signer.publicKey },
+        200,
+        IMMUTABLE,
+      )
     if (!/^[0-9a-f]{16}$/.test(keyId))
       throw new InvalidRequestError(
         "key_id is a receipt's key_id: 16 lowercase hex digits.",
         'invalid_value',
         { param: 'key_id' },
       )
-    const publicKey = await ReceiptKeys.find(deps.sql, keyId)
-    if (!publicKey)
-      throw new NotFoundError(
-        `No instance of this gateway signed receipts with key ${keyId}.`,
-        'receipt_key_unknown',
-      )
-    return c.json({ algorithm: 'Ed25519', key_id: keyId, public_key: publicKey })
+    let publicKey = receiptKeys.get(keyId)
+    if (publicKey === undefined) {
+      publicKey = await ReceiptKeys.find(deps.sql, keyId)
+      if (!publicKey)
+        throw new NotFoundError(
+          `No instance of this gateway signed receipts with key ${keyId}.`,
+          'receipt_key_unknown',
+        )
+      receiptKeys.set(keyId, publicKey)
+    }
+    return c.json({ algorithm: 'Ed25519', key_id: keyId, public_key: publicKey }, 200, IMMUTABLE)
   })
   app.route('/v1/models', Models.routes(deps))
   app.route(COMPLETIONS, Chat.routes(deps))

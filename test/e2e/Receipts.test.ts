@@ -202,6 +202,20 @@ describe('receipts', () => {
     ).json()) as { key_id: string; public_key: string }
     expect(fetched.key_id).toBe(receipt.key_id)
     expect(verifyReceipt(receipt, fetched.public_key)).toBe(true)
+    // An id names one key for good: cacheable, and kept once found (asked again, it costs no
+    // database read: the row taken away here, it is still given). Without an id, the key of
+    // the moment: not to be kept.
+    const again = await fetch(`${gw.url}/v1/receipts/key?key_id=${receipt.key_id}`)
+    expect(again.headers.get('cache-control')).toBe('public, max-age=31536000, immutable')
+    await gw.db.sql`delete from receipt_keys where key_id = ${receipt.key_id}`
+    try {
+      const kept = await fetch(`${gw.url}/v1/receipts/key?key_id=${receipt.key_id}`)
+      expect(((await kept.json()) as { public_key: string }).public_key).toBe(fetched.public_key)
+    } finally {
+      await gw.db.sql`insert into receipt_keys (key_id, public_key)
+        values (${receipt.key_id}, ${fetched.public_key}) on conflict do nothing`
+    }
+    expect((await fetch(`${gw.url}/v1/receipts/key`)).headers.get('cache-control')).toBe('no-cache')
     // Its own key, asked by key_id, and without one.
     const own = (await (await fetch(`${gw.url}/v1/receipts/key?key_id=${key.key_id}`)).json()) as {
       public_key: string
