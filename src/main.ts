@@ -384,26 +384,40 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       stops.push(async () => clearInterval(heart))
     }
     let stopping: Promise<void> | undefined
-    const sweep = setInterval(async () => {
-      try {
-        const dead = name ? await Instances.dead(sql, deadAfterMs) : []
-        // Their sessions first, with the locks they may hold (the settlement's among them).
-        // Ending one may be refused (a role that may not signal it): that must not keep their
-        // reservations held, so it fails alone.
-        const ended = name
-          ? await Instances.endSessions(sql, deadAfterMs).catch((e: unknown) => {
-              log.warn(
-                { err: (e as Error).message },
-                'ending the sessions of instances that are gone failed',
-              )
-              return []
-            })
-          : []
+    // One sweep at a time: one still under way when the timer fires again (a database slow to
+    // answer, a lock its release waits for) was joined by another each interval, each on a
+    // connection of the pool (all ten of them, ten intervals on), running the same releases
+    // again. Ending the sessions of dead instances is not held up by it (one call at a time of
+    // its own): a lock such a session holds may be what the sweep under way waits for.
+    let ending = false
+    let releasing = false
+    const sweepOnce = async () => {
+      // Their sessions first, with the locks they may hold (the settlement's among them).
+      // Ending one may be refused (a role that may not signal it): that must not keep their
+      // reservations held, so it fails alone.
+      if (name && !ending) {
+        ending = true
+        const ended = await Instances.endSessions(sql, deadAfterMs)
+          .catch((e: unknown) => {
+            log.warn(
+              { err: (e as Error).message },
+              'ending the sessions of instances that are gone failed',
+            )
+            return []
+          })
+          .finally(() => {
+            ending = false
+          })
         if (ended.length > 0)
           log.warn(
             { instances: ended },
             'ended the database sessions of instances that are gone (their heartbeat stopped)',
           )
+      }
+      if (releasing) return
+      releasing = true
+      try {
+        const dead = name ? await Instances.dead(sql, deadAfterMs) : []
         // A hundred a call: called again until none is left, so an instance that died with
         // more under way has them all released now, not a hundred a sweep (minutes for a
         // thousand, holding their accounts' credits and concurrency).
@@ -423,8 +437,11 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         if (name) await Instances.forget(sql)
       } catch (e) {
         log.error({ err: (e as Error).message }, 'sweep failed')
+      } finally {
+        releasing = false
       }
-    }, options.sweepMs ?? 30_000)
+    }
+    const sweep = setInterval(sweepOnce, options.sweepMs ?? 30_000)
     stops.push(async () => clearInterval(sweep))
 
     return {

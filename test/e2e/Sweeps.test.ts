@@ -1,0 +1,80 @@
+/**
+ * The lease sweep runs one at a time in an instance: one that waits (a database slow to
+ * answer, a lock on the reservations) is not joined by another at each interval, each on a
+ * connection of the pool (ten intervals on, all of them), each releasing the same rows again.
+ */
+import { expect, test } from 'bun:test'
+import * as Db from '../../src/ledger/Db.ts'
+import * as Instances from '../../src/ledger/Instances.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+import * as Ledger from '../helpers/Ledger.ts'
+import * as Postgres from '../helpers/Postgres.ts'
+import * as Upstream from '../helpers/Upstream.ts'
+
+const server = Boolean(process.env.DATABASE_URL)
+
+test.skipIf(!server)(
+  'behavior: a sweep held up by a lock is not joined by more sweeps at each interval; once the lock goes, it releases the expired reservation once',
+  async () => {
+    const db = await Postgres.fresh(Gateway.plans as never)
+    const gw = await Gateway.create({}, { db, upstream: Upstream.start() }, { sweepMs: 50 })
+    const name = (await Instances.nameOf(db.sql))!
+    expect(name).toBeDefined()
+    const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
+    const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
+
+    // Another session takes the reservations table, and expires the lease meanwhile.
+    const locker = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+    // A connection of its own to watch them (the gateway's pool may have none free).
+    const watcher = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+    const locked = Promise.withResolvers<void>()
+    const unlock = Promise.withResolvers<void>()
+    const held = locker.begin(async (tx) => {
+      await tx`lock table reservations in access exclusive mode`
+      await tx`update reservations set expires_at = now() - interval '1 second' where id = ${requestId}`
+      locked.resolve()
+      await unlock.promise
+    })
+    try {
+      await locked.promise
+      const waiting = async () =>
+        Number(
+          (
+            await watcher`
+              select count(*)::int as n from pg_stat_activity
+              where application_name = ${name} and wait_event_type = 'Lock'`
+          )[0]!.n,
+        )
+      while ((await waiting()) === 0) await Bun.sleep(20)
+      // Twenty intervals more: each used to start a sweep of its own, on a connection of its own.
+      await Bun.sleep(1_000)
+      expect(await waiting()).toBe(1)
+
+      unlock.resolve()
+      await held
+      // The sweep under way goes on: the reservation is released, once.
+      for (let i = 0; i < 100; i++) {
+        const [r] =
+          await watcher`select count(*)::int as n from reservations where id = ${requestId}`
+        if (r!.n === 0) break
+        await Bun.sleep(50)
+      }
+      await gw.stop()
+      const [r] = await db.sql`select count(*)::int as n from reservations where id = ${requestId}`
+      expect(r!.n).toBe(0)
+      const usage = await db.sql`select status from usage where account_id = ${id}`
+      expect(usage.map((u) => u.status)).toEqual(['abandoned'])
+      expect(
+        gw.logs.filter((l) => l.includes('released reservations of dead requests')),
+      ).toHaveLength(1)
+      expect(gw.logs.filter((l) => l.includes('sweep failed'))).toEqual([])
+      await Ledger.accountState(db.sql, id)
+    } finally {
+      unlock.resolve()
+      await held.catch(() => {})
+      await locker.end({ timeout: 1 })
+      await watcher.end({ timeout: 1 })
+    }
+  },
+  30_000,
+)
