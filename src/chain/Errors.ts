@@ -22,6 +22,12 @@ export class ChainError extends Error {
  * A transaction reverted: either its simulation reverted (nothing was sent) or it was mined with
  * `status: reverted`. Definite: retrying the same call will not make it succeed.
  */
+/** What a revert whose cause is not the caller's arguments says instead. */
+const causes: Record<string, string> = {
+  DepositNotReceived:
+    'The token delivered less to the escrow than the deposit (it takes a fee on transfer, or moved nothing): it cannot fund channels on this escrow, whatever the arguments.',
+}
+
 export class TransactionRevertedError extends ChainError {
   override name = 'TransactionRevertedError'
   /** The contract's custom error name when it could be decoded, e.g. `AmountNotIncreasing`. */
@@ -39,7 +45,10 @@ export class TransactionRevertedError extends ChainError {
   ) {
     const reason = options.errorName ? ` with ${options.errorName}` : ''
     super(
-      `${options.functionName} reverted${reason}. Check the channel state and arguments; retrying the same call will fail again.`,
+      `${options.functionName} reverted${reason}. ${
+        (options.errorName && causes[options.errorName]) ??
+        'Check the channel state and arguments; retrying the same call will fail again.'
+      }`,
       options,
     )
     this.errorName = options.errorName

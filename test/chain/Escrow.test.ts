@@ -540,4 +540,16 @@ describe('Transaction.send', () => {
     expect(problem.kind).toBe('session/channel-finalized')
     expect((await Escrow.getChannel(chain.payeeClient, { escrow, channelId }))?.settled).toBe(100n)
   }, 30_000)
+
+  test('error: a deposit the token did not deliver in full (DepositNotReceived) says the token is the cause, not the arguments', () => {
+    const error = new TransactionRevertedError({
+      functionName: 'openWithAuthorization',
+      errorName: 'DepositNotReceived',
+    })
+    expect(error.message).toContain('The token delivered less to the escrow than the deposit')
+    expect(error.message).not.toContain('Check the channel state and arguments')
+    const problem = ChainEscrow.problem(error, `0x${'ab'.repeat(32)}`) as PaymentProblem
+    expect(problem.kind).toBe('session/transaction-reverted')
+    expect(problem.message).toContain('cannot fund channels')
+  })
 })
