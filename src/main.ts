@@ -416,15 +416,21 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       }
       if (releasing) return
       releasing = true
+      // Each of its calls within the database deadline (Db.answered: one past it is cut, its
+      // connection closed if it waited that long): one at a time, a sweep that never heard back
+      // (a connection lost without a reset, a lock held by a session that does not end) held
+      // `releasing`, and no sweep ran again until TCP gave up, a quarter of an hour later, if
+      // ever. The vacuum is not cut: one that takes longer on a large table must be let finish.
+      const within = <T>(call: PromiseLike<T>) => Db.answered(sql, call)
       try {
-        const dead = name ? await Instances.dead(sql, deadAfterMs) : []
+        const dead = name ? await within(Instances.dead(sql, deadAfterMs)) : []
         // A hundred a call: called again until none is left, so an instance that died with
         // more under way has them all released now, not a hundred a sweep (minutes for a
         // thousand, holding their accounts' credits and concurrency).
         let n = 0
-        for (let k = await Reservations.sweep(sql, undefined, dead); k > 0; ) {
+        for (let k = await within(Reservations.sweep(sql, undefined, dead)); k > 0; ) {
           n += k
-          k = await Reservations.sweep(sql, undefined, dead)
+          k = await within(Reservations.sweep(sql, undefined, dead))
         }
         if (n > 0)
           log.warn(
@@ -434,7 +440,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
               : 'released reservations of dead requests',
           )
         await Reservations.vacuum(sql)
-        if (name) await Instances.forget(sql)
+        if (name) await within(Instances.forget(sql))
       } catch (e) {
         log.error({ err: (e as Error).message }, 'sweep failed')
       } finally {

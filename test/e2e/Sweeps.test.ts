@@ -78,3 +78,53 @@ test.skipIf(!server)(
   },
   30_000,
 )
+
+test.skipIf(!server)(
+  'behavior: a sweep held up past the database deadline gives up (its session ended), so a later sweep runs; once the lock goes, the expired reservation is released',
+  async () => {
+    const db = await Postgres.fresh(Gateway.plans as never)
+    const gw = await Gateway.create(
+      { databaseTimeoutMs: 1_000 },
+      { db, upstream: Upstream.start() },
+      { sweepMs: 50 },
+    )
+    const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
+    const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
+    const locker = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+    const watcher = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+    const locked = Promise.withResolvers<void>()
+    const unlock = Promise.withResolvers<void>()
+    const held = locker.begin(async (tx) => {
+      await tx`lock table reservations in access exclusive mode`
+      await tx`update reservations set expires_at = now() - interval '1 second' where id = ${requestId}`
+      locked.resolve()
+      await unlock.promise
+    })
+    try {
+      await locked.promise
+      // The lock outlives the deadline: the sweep waiting on it is given up on (it waited for
+      // ever before, and no other sweep ran), and the next one waits in turn.
+      const failed = () => gw.logs.filter((l) => l.includes('sweep failed'))
+      for (let i = 0; i < 200 && failed().length === 0; i++) await Bun.sleep(100)
+      expect(failed()[0]).toContain('did not answer in time')
+      unlock.resolve()
+      await held
+      for (let i = 0; i < 100; i++) {
+        const [r] =
+          await watcher`select count(*)::int as n from reservations where id = ${requestId}`
+        if (r!.n === 0) break
+        await Bun.sleep(50)
+      }
+      await gw.stop()
+      const usage = await db.sql`select status from usage where account_id = ${id}`
+      expect(usage.map((u) => u.status)).toEqual(['abandoned'])
+      await Ledger.accountState(db.sql, id)
+    } finally {
+      unlock.resolve()
+      await held.catch(() => {})
+      await locker.end({ timeout: 1 })
+      await watcher.end({ timeout: 1 })
+    }
+  },
+  60_000,
+)
