@@ -504,16 +504,7 @@ export function start(options: Options): Worker {
       above: head - reorgDepth,
     })
     for (const t of rows) {
-      // One whose state on chain cannot be read now (the node errs) is looked at again by the
-      // next pass; the others are not held up by it.
-      const dropped = await droppedNow(t).catch((error) => {
-        log.warn(
-          { channelId: t.channelId, kind: t.kind, hash: t.hash, error: describe(error) },
-          `${t.kind}: whether a reorganization dropped it could not be read`,
-        )
-        return false
-      })
-      if (!dropped) continue
+      if (!(await droppedNow(t))) continue
       // Its nonce is free again: the account's nonces are asked of the node anew.
       const account = options.client.account
       account.nonceManager?.reset({ address: account.address, chainId: options.chainId })
@@ -550,8 +541,18 @@ export function start(options: Options): Worker {
             })
           return false
         }
-        // In the pool again (put back by the node): mined in a coming block.
-        if (await known(options.client, t.hash)) return false
+        // In the pool again (put back by the node): mined in a coming block. One the node will
+        // not say (it errs) is looked at again by the next pass; the others are not held up by
+        // it. Only the node's error is caught here: one of the database (the settlement lock's
+        // connection lost, and the lock with it) ends the pass's look at them all.
+        const pooled = await known(options.client, t.hash).catch((error) => {
+          log.warn(
+            { channelId: t.channelId, kind: t.kind, hash: t.hash, error: describe(error) },
+            `${t.kind}: whether a reorganization dropped it could not be read`,
+          )
+          return undefined
+        })
+        if (pooled !== false) return false
         // Dropped only when a node shows its block replaced: one without it at its height. A
         // node without that block (behind, or another of a load-balanced RPC) says nothing:
         // sent again on its word, the settle reverted in the simulation (mined already), and

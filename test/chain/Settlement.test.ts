@@ -567,6 +567,80 @@ describe('start', () => {
     expect(await balance(address)).toBe(before + deposit - 300n)
   })
 
+  test('error: the settlement lock lost while the recent settles are looked at again ends that look: no other is asked of the node, and the failure is said as the look failing', async () => {
+    if (!process.env.DATABASE_URL) return // ending the lock holder's session needs a server
+    const w = worker({})
+    const settled: { channelId: Hex; hash: Hex }[] = []
+    const opened = [
+      { channelId: await openChannel(), amount: 100n },
+      { channelId: await openChannel(), amount: 200n },
+    ]
+    for (const { channelId, amount } of opened) {
+      await accept(channelId, amount)
+      await spend(channelId, amount)
+    }
+    for (const { channelId, amount } of opened) {
+      const s = await w.settleNow(channelId)
+      expect(s).toMatchObject({ status: 'confirmed', cumulativeAmount: amount })
+      settled.push({ channelId, hash: (s as { hash: Hex }).hash })
+    }
+    const [first, second] = settled as [(typeof settled)[0], (typeof settled)[0]]
+    const { blockNumber } = await chain.payeeClient.request({
+      method: 'eth_getTransactionReceipt',
+      params: [first.hash],
+    } as never)
+    const head = await chain.payeeClient.request({ method: 'eth_blockNumber' } as never)
+    const depth = Number(BigInt(head as Hex) - BigInt(blockNumber as Hex)) + 1
+    await chain.payeeClient.request({ method: 'anvil_reorg', params: [depth, []] } as never)
+    // The node is asked for the first one's receipt: the session holding the settlement lock
+    // ends then (its connection lost), and the calls after are noted.
+    let ended = false
+    const after: string[] = []
+    const server = Bun.serve({
+      port: 0,
+      hostname: '127.0.0.1',
+      async fetch(req) {
+        const text = await req.text()
+        const call = JSON.parse(text) as { method: string; params?: unknown[] }
+        if (ended) after.push(`${call.method} ${JSON.stringify(call.params ?? [])}`.toLowerCase())
+        else if (
+          call.method === 'eth_getTransactionReceipt' &&
+          String(call.params?.[0]).toLowerCase() === first.hash.toLowerCase()
+        ) {
+          await sql`select pg_terminate_backend(pid) from pg_locks
+            where locktype = 'advisory' and granted and pid <> pg_backend_pid()`
+          ended = true
+        }
+        return fetch(chain.rpcUrl, { method: 'POST', body: text, headers: req.headers })
+      },
+    })
+    try {
+      const client = Client.from({
+        rpcUrl: `http://127.0.0.1:${server.port}`,
+        chainId: chain.chainId,
+        privateKey: chain.payee.privateKey,
+        pollingInterval: 20,
+      })
+      const entries: Entry[] = []
+      const fronted = worker({ client, log: logger(entries) })
+      await fronted.tick().catch(() => {})
+      expect(ended).toBe(true)
+      // The second one was not asked about: the look ended with the lock.
+      expect(after.filter((c) => c.includes(second.hash.toLowerCase()))).toEqual([])
+      expect(entries.map((e) => e.msg)).toContain(
+        'looking again at the recent settles and closes failed',
+      )
+      expect(entries.map((e) => e.msg)).not.toContain(
+        'settle: whether a reorganization dropped it could not be read',
+      )
+    } finally {
+      server.stop(true)
+    }
+    // A pass with the lock sends both again.
+    const results = await ticked(w)
+    expect(mine(results, first.channelId)).toMatchObject([{ status: 'confirmed' }])
+    expect(mine(results, second.channelId)).toMatchObject([{ status: 'confirmed' }])
+  }, 60_000)
   test('error: a forced close stays one through a cooperative close refused meanwhile (its requests under way past drainMs): the mark is not taken back, and the cover is settled in time', async () => {
     const w = worker({ gracePeriod: 60n })
     const channelId = await openChannel()
