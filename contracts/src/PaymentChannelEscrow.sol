@@ -6,6 +6,7 @@ import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 
 /// @dev The USDC v2.2 `bytes signature` overload of EIP-3009 `receiveWithAuthorization`.
 interface IERC3009Receive {
@@ -28,8 +29,13 @@ interface IERC3009Receive {
 /// follows checks-effects-interactions. Only well-behaved ERC-20s (no fee-on-transfer, no
 /// rebasing, no transfer callbacks) may be used: every deposit and top-up reverts unless the
 /// escrow's balance grew by exactly its amount, which refuses a fee-on-transfer token and a token
-/// that swallows the EIP-3009 call, but cannot see a balance that later rebases.
-contract PaymentChannelEscrow is EIP712 {
+/// that swallows the EIP-3009 call, but cannot see a balance that later rebases. Every function
+/// that calls the token is `nonReentrant` (one transient-storage flag for all of them), so no
+/// escrow call runs inside another: a token that calls back into the escrow reverts. Deposits
+/// need it (see _checkReceived); settle, close and withdraw change state before they transfer
+/// and would be safe without it, but at about 490 gas a call it keeps them safe from a later
+/// change that transfers first, and no ERC-20 this escrow accepts calls back.
+contract PaymentChannelEscrow is EIP712, ReentrancyGuardTransient {
     using SafeERC20 for IERC20;
 
     struct Channel {
@@ -90,6 +96,7 @@ contract PaymentChannelEscrow is EIP712 {
     /// @notice Opens a channel funded by the caller, who becomes the payer. Needs a prior approve.
     function open(address payee, address token, uint128 deposit, bytes32 salt, address authorizedSigner)
         external
+        nonReentrant
         returns (bytes32 channelId)
     {
         channelId = _create(msg.sender, payee, token, deposit, salt, authorizedSigner);
@@ -111,7 +118,7 @@ contract PaymentChannelEscrow is EIP712 {
         uint256 validBefore,
         bytes32 nonce,
         bytes calldata signature
-    ) external returns (bytes32 channelId) {
+    ) external nonReentrant returns (bytes32 channelId) {
         if (nonce != computeOpenNonce(from, payee, token, salt, authorizedSigner)) revert NonceMismatch();
         channelId = _create(from, payee, token, deposit, salt, authorizedSigner);
         uint256 before = IERC20(token).balanceOf(address(this));
@@ -124,7 +131,7 @@ contract PaymentChannelEscrow is EIP712 {
     // ---------------------------------------------------------------- topUp
 
     /// @notice Adds funds from the payer; cancels a pending close request.
-    function topUp(bytes32 channelId, uint128 additionalDeposit) external {
+    function topUp(bytes32 channelId, uint128 additionalDeposit) external nonReentrant {
         Channel storage channel = _live(channelId);
         if (msg.sender != channel.payer) revert NotPayer();
         _addDeposit(channel, channelId, msg.sender, additionalDeposit);
@@ -146,7 +153,7 @@ contract PaymentChannelEscrow is EIP712 {
         uint256 validBefore,
         bytes32 nonce,
         bytes calldata signature
-    ) external {
+    ) external nonReentrant {
         if (nonce != computeTopUpNonce(channelId, additionalDeposit, from, topUpSalt)) revert NonceMismatch();
         Channel storage channel = _live(channelId);
         _addDeposit(channel, channelId, from, additionalDeposit);
@@ -161,7 +168,7 @@ contract PaymentChannelEscrow is EIP712 {
     // ---------------------------------------------------------------- settle / close
 
     /// @notice Pays the payee up to a signed cumulative amount without closing the channel.
-    function settle(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external {
+    function settle(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external nonReentrant {
         Channel storage channel = _live(channelId);
         if (msg.sender != channel.payee) revert NotPayee();
         if (cumulativeAmount <= channel.settled) revert AmountNotIncreasing();
@@ -177,7 +184,7 @@ contract PaymentChannelEscrow is EIP712 {
 
     /// @notice Cooperative close by the payee: settles the final voucher (skipped when
     /// `cumulativeAmount <= settled`, which forfeits the rest) and refunds the remainder.
-    function close(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external {
+    function close(bytes32 channelId, uint128 cumulativeAmount, bytes calldata signature) external nonReentrant {
         Channel storage channel = _live(channelId);
         if (msg.sender != channel.payee) revert NotPayee();
 
@@ -210,7 +217,7 @@ contract PaymentChannelEscrow is EIP712 {
     }
 
     /// @notice Refunds `deposit - settled` to the payer once the grace period has elapsed.
-    function withdraw(bytes32 channelId) external {
+    function withdraw(bytes32 channelId) external nonReentrant {
         Channel storage channel = _live(channelId);
         if (msg.sender != channel.payer) revert NotPayer();
         uint64 requestedAt = channel.closeRequestedAt;
@@ -311,7 +318,9 @@ contract PaymentChannelEscrow is EIP712 {
     /// @dev The escrow pays every channel out of one balance per token, so a deposit recorded
     /// above what arrived is paid from other payers' money: a fee-on-transfer token delivers less,
     /// and a token with a catch-all fallback (WETH9's) "succeeds" at a `receiveWithAuthorization`
-    /// it does not have while moving nothing.
+    /// it does not have while moving nothing. The balance is read around one token call, so this
+    /// holds only because nothing else runs in between: a deposit nested in that call (a token
+    /// hook) would count as this one's, which `nonReentrant` refuses.
     function _checkReceived(address token, uint256 before, uint128 amount) private view {
         if (IERC20(token).balanceOf(address(this)) != before + amount) revert DepositNotReceived();
     }

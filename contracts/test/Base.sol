@@ -82,6 +82,76 @@ contract FeeToken is ERC20 {
     }
 }
 
+/// @dev An ERC-20 that, once armed, calls back into the escrow from inside a deposit's
+/// transferFrom or receiveWithAuthorization: it makes a deposit of its own there (it opens a
+/// channel it pays, or tops up one), delivered in full, then delivers the outer deposit short by
+/// that amount. Each deposit measures the escrow's balance around its own token call, so the
+/// outer one sees the inner one's tokens as its own and both pass: the escrow records `nested`
+/// more than it holds, paid later out of other channels of this token.
+contract ReentrantToken is ERC20 {
+    PaymentChannelEscrow public immutable escrow;
+    address public immutable payee;
+    uint128 public nested;
+    bytes32 public nestedChannel;
+
+    constructor(PaymentChannelEscrow escrow_, address payee_) ERC20("Hook", "HOOK") {
+        escrow = escrow_;
+        payee = payee_;
+        _approve(address(this), address(escrow_), type(uint256).max);
+    }
+
+    function mint(address to, uint256 amount) external {
+        _mint(to, amount);
+    }
+
+    /// @dev The next deposit into the escrow nests a deposit of `amount` paid by this token:
+    /// an open of a new channel when `channelId` is zero, else a top-up of that channel.
+    function arm(uint128 amount, bytes32 channelId) external {
+        nested = amount;
+        nestedChannel = channelId;
+    }
+
+    /// @dev A channel this token pays, for a nested top-up to add to.
+    function openOwn(uint128 deposit, bytes32 salt) external returns (bytes32) {
+        return escrow.open(payee, address(this), deposit, salt, address(0));
+    }
+
+    /// @dev A deposit: the nested one first, then the rest short by it.
+    function transferFrom(address from, address to, uint256 value) public override returns (bool) {
+        _spendAllowance(from, msg.sender, value);
+        _transfer(from, to, to == address(escrow) ? value - _nest() : value);
+        return true;
+    }
+
+    /// @dev EIP-3009's USDC overload, without the signature check (the token is the attacker's).
+    function receiveWithAuthorization(
+        address from,
+        address to,
+        uint256 value,
+        uint256,
+        uint256,
+        bytes32,
+        bytes calldata
+    ) external {
+        require(msg.sender == to, "caller must be the payee");
+        _transfer(from, to, to == address(escrow) ? value - _nest() : value);
+    }
+
+    /// @dev A payout (settle, close, withdraw): the nested deposit, then the payout in full.
+    function transfer(address to, uint256 value) public override returns (bool) {
+        if (msg.sender == address(escrow)) _nest();
+        return super.transfer(to, value);
+    }
+
+    function _nest() private returns (uint128 amount) {
+        amount = nested;
+        if (amount == 0) return 0;
+        nested = 0;
+        if (nestedChannel == bytes32(0)) escrow.open(payee, address(this), amount, bytes32("nested"), address(0));
+        else escrow.topUp(nestedChannel, amount);
+    }
+}
+
 abstract contract Base {
     Vm internal constant vm = Vm(address(uint160(uint256(keccak256("hevm cheat code")))));
 

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 pragma solidity ^0.8.24;
 
-import {Base, FallbackToken, FeeToken, MockWallet} from "./Base.sol";
+import {Base, FallbackToken, FeeToken, MockWallet, ReentrantToken} from "./Base.sol";
 import {PaymentChannelEscrow} from "../src/PaymentChannelEscrow.sol";
 import {ERC3009} from "@openzeppelin/contracts/token/ERC20/extensions/draft-ERC3009.sol";
 
@@ -10,6 +10,8 @@ contract PaymentChannelEscrowTest is Base {
     uint128 constant DEPOSIT = 1_000e6;
     /// By its signature, so that the tests build against an escrow without the error.
     bytes4 constant DEPOSIT_NOT_RECEIVED = bytes4(keccak256("DepositNotReceived()"));
+    bytes4 constant REENTRANT_CALL = bytes4(keccak256("ReentrancyGuardReentrantCall()"));
+    uint128 constant NESTED = 100e6;
 
     // ------------------------------------------------------------ wire-format vectors
 
@@ -537,6 +539,127 @@ contract PaymentChannelEscrowTest is Base {
         vm.expectRevert(DEPOSIT_NOT_RECEIVED);
         escrow.topUp(id, 200);
         vm.assertEq(escrow.getChannel(id).deposit, 100, "deposit unchanged");
+    }
+
+    // ------------------------------------------------------------ no call within another
+
+    /// open nesting an open: the payer's 1,000 arrive as 900, the token's own channel's 100 in
+    /// full; each deposit saw the balance grow by its amount, and 1,100 were credited for 1,000.
+    function test_open_revertsWhenTokenNestsADeposit() public {
+        ReentrantToken hook = hookToken();
+        hook.arm(NESTED, bytes32(0));
+        vm.prank(payer);
+        try escrow.open(payee, address(hook), DEPOSIT, SALT, address(0)) returns (bytes32 id) {
+            assertCreditedHeld(hook, id, nestedOpen(hook));
+        } catch (bytes memory reason) {
+            assertRefused(hook, reason);
+        }
+    }
+
+    /// topUp nesting a topUp of a channel the token pays.
+    function test_topUp_revertsWhenTokenNestsADeposit() public {
+        ReentrantToken hook = hookToken();
+        bytes32 own = hook.openOwn(1, SALT);
+        vm.prank(payer);
+        bytes32 id = escrow.open(payee, address(hook), 1, SALT, address(0));
+        hook.arm(NESTED, own);
+        vm.prank(payer);
+        try escrow.topUp(id, DEPOSIT) {
+            assertCreditedHeld(hook, id, own);
+        } catch (bytes memory reason) {
+            assertRefused(hook, reason);
+            vm.assertEq(escrow.getChannel(id).deposit + escrow.getChannel(own).deposit, 2, "deposits unchanged");
+        }
+    }
+
+    /// openWithAuthorization (anyone submits it) nesting a topUp.
+    function test_openWithAuthorization_revertsWhenTokenNestsADeposit() public {
+        ReentrantToken hook = hookToken();
+        bytes32 own = hook.openOwn(1, SALT);
+        hook.arm(NESTED, own);
+        bytes32 nonce = escrow.computeOpenNonce(payer, payee, address(hook), SALT, address(0));
+        try escrow.openWithAuthorization(
+            payee, address(hook), DEPOSIT, SALT, address(0), payer, 0, type(uint256).max, nonce, ""
+        ) returns (bytes32 id) {
+            assertCreditedHeld(hook, id, own);
+        } catch (bytes memory reason) {
+            assertRefused(hook, reason);
+        }
+    }
+
+    /// topUpWithAuthorization nesting an open.
+    function test_topUpWithAuthorization_revertsWhenTokenNestsADeposit() public {
+        ReentrantToken hook = hookToken();
+        vm.prank(payer);
+        bytes32 id = escrow.open(payee, address(hook), 1, SALT, address(0));
+        hook.arm(NESTED, bytes32(0));
+        bytes32 nonce = escrow.computeTopUpNonce(id, DEPOSIT, payer, SALT);
+        try escrow.topUpWithAuthorization(id, DEPOSIT, payer, SALT, 0, type(uint256).max, nonce, "") {
+            assertCreditedHeld(hook, id, nestedOpen(hook));
+        } catch (bytes memory reason) {
+            assertRefused(hook, reason);
+            vm.assertEq(escrow.getChannel(id).deposit, 1, "deposit unchanged");
+        }
+    }
+
+    /// Payouts change state before they transfer, so a deposit nested in one is credited only
+    /// what arrives; they are still refused, so that no escrow call ever runs inside another.
+    function test_payouts_revertWhenTokenNestsADeposit() public {
+        ReentrantToken hook = hookToken();
+        vm.prank(payer);
+        bytes32 id = escrow.open(payee, address(hook), DEPOSIT, SALT, address(0));
+
+        hook.arm(NESTED, bytes32(0));
+        bytes memory sig = voucher(PAYER_KEY, id, 300);
+        vm.prank(payee);
+        vm.expectRevert(REENTRANT_CALL);
+        escrow.settle(id, 300, sig);
+
+        vm.prank(payee);
+        vm.expectRevert(REENTRANT_CALL);
+        escrow.close(id, 300, sig);
+
+        vm.prank(payer);
+        escrow.requestClose(id);
+        vm.warp(block.timestamp + escrow.CLOSE_GRACE_PERIOD());
+        vm.prank(payer);
+        vm.expectRevert(REENTRANT_CALL);
+        escrow.withdraw(id);
+
+        hook.arm(0, bytes32(0));
+        vm.prank(payer);
+        escrow.withdraw(id);
+        vm.assertEq(hook.balanceOf(address(escrow)), DEPOSIT, "only the honest channel is held");
+    }
+
+    /// A hook token with an honest channel of DEPOSIT (other's) that an over-credit is paid from.
+    function hookToken() internal returns (ReentrantToken hook) {
+        hook = new ReentrantToken(escrow, payee);
+        hook.mint(payer, DEPOSIT);
+        hook.mint(other, DEPOSIT);
+        hook.mint(address(hook), NESTED + 1);
+        vm.prank(payer);
+        hook.approve(address(escrow), type(uint256).max);
+        vm.startPrank(other);
+        hook.approve(address(escrow), DEPOSIT);
+        escrow.open(payee, address(hook), DEPOSIT, SALT, address(0));
+        vm.stopPrank();
+    }
+
+    function nestedOpen(ReentrantToken hook) internal view returns (bytes32) {
+        return escrow.computeChannelId(address(hook), payee, address(hook), bytes32("nested"), address(0));
+    }
+
+    /// The deposit went through: what the escrow records for the token's channels (the honest
+    /// one, the attacked one and the nested one) must be what it holds of the token.
+    function assertCreditedHeld(ReentrantToken hook, bytes32 id, bytes32 nested) internal view {
+        uint256 credited = DEPOSIT + escrow.getChannel(id).deposit + escrow.getChannel(nested).deposit;
+        vm.assertEq(credited, hook.balanceOf(address(escrow)), "credited equals held");
+    }
+
+    function assertRefused(ReentrantToken hook, bytes memory reason) internal view {
+        vm.assertEq(bytes4(reason), REENTRANT_CALL, "the nested deposit is refused");
+        vm.assertEq(uint256(escrow.getChannel(nestedOpen(hook)).deposit), 0, "no nested channel");
     }
 
     // ------------------------------------------------------------ settle
