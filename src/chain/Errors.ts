@@ -26,6 +26,8 @@ export class ChainError extends Error {
 const causes: Record<string, string> = {
   DepositNotReceived:
     'The token delivered less to the escrow than the deposit (it takes a fee on transfer, or moved nothing): it cannot fund channels on this escrow, whatever the arguments.',
+  ReentrancyGuardReentrantCall:
+    'The token called back into the escrow during its transfer: it cannot fund or pay out channels on this escrow, whatever the arguments.',
 }
 
 export class TransactionRevertedError extends ChainError {

@@ -552,4 +552,16 @@ describe('Transaction.send', () => {
     expect(problem.kind).toBe('session/transaction-reverted')
     expect(problem.message).toContain('cannot fund channels')
   })
+
+  test('error: a token that calls back into the escrow (ReentrancyGuardReentrantCall) is named as the cause, not the arguments', () => {
+    const error = new TransactionRevertedError({
+      functionName: 'open',
+      errorName: 'ReentrancyGuardReentrantCall',
+    })
+    expect(error.message).toContain('The token called back into the escrow')
+    expect(error.message).not.toContain('Check the channel state and arguments')
+    const problem = ChainEscrow.problem(error, `0x${'ab'.repeat(32)}`) as PaymentProblem
+    expect(problem.kind).toBe('session/transaction-reverted')
+    expect(problem.message).toContain('cannot fund or pay out channels')
+  })
 })
