@@ -225,6 +225,38 @@ function rpcFront(
   return { server, client }
 }
 
+/**
+ * Two channels (100 and 200 spent), each settled by `w`, then the blocks from the first settle
+ * up replaced by ones without them (a node that does not put the transactions of dropped blocks
+ * back in its pool): both settles recorded confirmed, neither on chain. The channels are opened
+ * first, so that the reorganization drops the settles only.
+ */
+async function settledThenDropped(w: Settlement.Worker) {
+  const settled: { channelId: Hex; hash: Hex }[] = []
+  const opened = [
+    { channelId: await openChannel(), amount: 100n },
+    { channelId: await openChannel(), amount: 200n },
+  ]
+  for (const { channelId, amount } of opened) {
+    await accept(channelId, amount)
+    await spend(channelId, amount)
+  }
+  for (const { channelId, amount } of opened) {
+    const s = await w.settleNow(channelId)
+    expect(s).toMatchObject({ status: 'confirmed', cumulativeAmount: amount })
+    settled.push({ channelId, hash: (s as { hash: Hex }).hash })
+  }
+  const [first, second] = settled as [(typeof settled)[0], (typeof settled)[0]]
+  const { blockNumber } = await chain.payeeClient.request({
+    method: 'eth_getTransactionReceipt',
+    params: [first.hash],
+  } as never)
+  const head = await chain.payeeClient.request({ method: 'eth_blockNumber' } as never)
+  const depth = Number(BigInt(head as Hex) - BigInt(blockNumber as Hex)) + 1
+  await chain.payeeClient.request({ method: 'anvil_reorg', params: [depth, []] } as never)
+  return { first, second }
+}
+
 const balance = (owner: Hex) =>
   Token.balanceOf(chain.payeeClient, { token: chain.currencyAddress, owner })
 const onChain = async (channelId: Hex) =>
@@ -570,28 +602,7 @@ describe('start', () => {
   test('error: the settlement lock lost while the recent settles are looked at again ends that look: no other is asked of the node, and the failure is said as the look failing', async () => {
     if (!process.env.DATABASE_URL) return // ending the lock holder's session needs a server
     const w = worker({})
-    const settled: { channelId: Hex; hash: Hex }[] = []
-    const opened = [
-      { channelId: await openChannel(), amount: 100n },
-      { channelId: await openChannel(), amount: 200n },
-    ]
-    for (const { channelId, amount } of opened) {
-      await accept(channelId, amount)
-      await spend(channelId, amount)
-    }
-    for (const { channelId, amount } of opened) {
-      const s = await w.settleNow(channelId)
-      expect(s).toMatchObject({ status: 'confirmed', cumulativeAmount: amount })
-      settled.push({ channelId, hash: (s as { hash: Hex }).hash })
-    }
-    const [first, second] = settled as [(typeof settled)[0], (typeof settled)[0]]
-    const { blockNumber } = await chain.payeeClient.request({
-      method: 'eth_getTransactionReceipt',
-      params: [first.hash],
-    } as never)
-    const head = await chain.payeeClient.request({ method: 'eth_blockNumber' } as never)
-    const depth = Number(BigInt(head as Hex) - BigInt(blockNumber as Hex)) + 1
-    await chain.payeeClient.request({ method: 'anvil_reorg', params: [depth, []] } as never)
+    const { first, second } = await settledThenDropped(w)
     // The node is asked for the first one's receipt: the session holding the settlement lock
     // ends then (its connection lost), and the calls after are noted.
     let ended = false
@@ -1901,31 +1912,7 @@ describe('closing channels in the passes (audit)', () => {
   }, 30_000)
   test('error: a settle whose state on chain the node will not give keeps no other settle reorganized out from being sent again in the same pass, and is said apart from reading the events', async () => {
     const w = worker({})
-    const settled: { channelId: Hex; hash: Hex }[] = []
-    // Both opened first: the reorganization below drops the settles only.
-    const opened = [
-      { channelId: await openChannel(), amount: 100n },
-      { channelId: await openChannel(), amount: 200n },
-    ]
-    for (const { channelId, amount } of opened) {
-      await accept(channelId, amount)
-      await spend(channelId, amount)
-    }
-    for (const { channelId, amount } of opened) {
-      const s = await w.settleNow(channelId)
-      expect(s).toMatchObject({ status: 'confirmed', cumulativeAmount: amount })
-      settled.push({ channelId, hash: (s as { hash: Hex }).hash })
-    }
-    // The blocks from the first one up are replaced by ones without them (a node that does
-    // not put the transactions of dropped blocks back in its pool).
-    const [first, second] = settled as [(typeof settled)[0], (typeof settled)[0]]
-    const { blockNumber } = await chain.payeeClient.request({
-      method: 'eth_getTransactionReceipt',
-      params: [first.hash],
-    } as never)
-    const head = await chain.payeeClient.request({ method: 'eth_blockNumber' } as never)
-    const depth = Number(BigInt(head as Hex) - BigInt(blockNumber as Hex)) + 1
-    await chain.payeeClient.request({ method: 'anvil_reorg', params: [depth, []] } as never)
+    const { first, second } = await settledThenDropped(w)
     expect((await onChain(first.channelId)).settled).toBe(0n)
     expect((await onChain(second.channelId)).settled).toBe(0n)
     // The node errs when asked for the first one (looked at first: recorded first).

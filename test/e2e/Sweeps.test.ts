@@ -23,20 +23,8 @@ test.skipIf(!server)(
     const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
     const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
 
-    // Another session takes the reservations table, and expires the lease meanwhile.
-    const locker = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
-    // A connection of its own to watch them (the gateway's pool may have none free).
-    const watcher = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
-    const locked = Promise.withResolvers<void>()
-    const unlock = Promise.withResolvers<void>()
-    const held = locker.begin(async (tx) => {
-      await tx`lock table reservations in access exclusive mode`
-      await tx`update reservations set expires_at = now() - interval '1 second' where id = ${requestId}`
-      locked.resolve()
-      await unlock.promise
-    })
+    const { watcher, unlock, done } = await lockedExpired(db, requestId)
     try {
-      await locked.promise
       const waiting = async () =>
         Number(
           (
@@ -50,8 +38,7 @@ test.skipIf(!server)(
       await Bun.sleep(1_000)
       expect(await waiting()).toBe(1)
 
-      unlock.resolve()
-      await held
+      await unlock()
       // The sweep under way goes on: the reservation is released, once.
       for (let i = 0; i < 100; i++) {
         const [r] =
@@ -70,10 +57,7 @@ test.skipIf(!server)(
       expect(gw.logs.filter((l) => l.includes('sweep failed'))).toEqual([])
       await Ledger.accountState(db.sql, id)
     } finally {
-      unlock.resolve()
-      await held.catch(() => {})
-      await locker.end({ timeout: 1 })
-      await watcher.end({ timeout: 1 })
+      await done()
     }
   },
   30_000,
@@ -90,25 +74,14 @@ test.skipIf(!server)(
     )
     const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
     const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
-    const locker = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
-    const watcher = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
-    const locked = Promise.withResolvers<void>()
-    const unlock = Promise.withResolvers<void>()
-    const held = locker.begin(async (tx) => {
-      await tx`lock table reservations in access exclusive mode`
-      await tx`update reservations set expires_at = now() - interval '1 second' where id = ${requestId}`
-      locked.resolve()
-      await unlock.promise
-    })
+    const { watcher, unlock, done } = await lockedExpired(db, requestId)
     try {
-      await locked.promise
       // The lock outlives the deadline: the sweep waiting on it is given up on (it waited for
       // ever before, and no other sweep ran), and the next one waits in turn.
       const failed = () => gw.logs.filter((l) => l.includes('sweep failed'))
       for (let i = 0; i < 200 && failed().length === 0; i++) await Bun.sleep(100)
       expect(failed()[0]).toContain('did not answer in time')
-      unlock.resolve()
-      await held
+      await unlock()
       for (let i = 0; i < 100; i++) {
         const [r] =
           await watcher`select count(*)::int as n from reservations where id = ${requestId}`
@@ -120,11 +93,41 @@ test.skipIf(!server)(
       expect(usage.map((u) => u.status)).toEqual(['abandoned'])
       await Ledger.accountState(db.sql, id)
     } finally {
-      unlock.resolve()
-      await held.catch(() => {})
-      await locker.end({ timeout: 1 })
-      await watcher.end({ timeout: 1 })
+      await done()
     }
   },
   60_000,
 )
+
+/**
+ * Another session takes the reservations table (access exclusive) and expires the lease of
+ * `requestId` meanwhile; resolves once it holds it. `watcher` is a connection of its own to
+ * watch with (the gateway's pool may have none free); `unlock` ends the lock; `done` ends both
+ * connections.
+ */
+async function lockedExpired(db: Postgres.TestDb, requestId: string) {
+  const locker = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+  const watcher = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+  const locked = Promise.withResolvers<void>()
+  const release = Promise.withResolvers<void>()
+  const held = locker.begin(async (tx) => {
+    await tx`lock table reservations in access exclusive mode`
+    await tx`update reservations set expires_at = now() - interval '1 second' where id = ${requestId}`
+    locked.resolve()
+    await release.promise
+  })
+  await locked.promise
+  return {
+    watcher,
+    unlock: async () => {
+      release.resolve()
+      await held
+    },
+    done: async () => {
+      release.resolve()
+      await held.catch(() => {})
+      await locker.end({ timeout: 1 })
+      await watcher.end({ timeout: 1 })
+    },
+  }
+}
