@@ -106,36 +106,12 @@ test('error: chat --receipt refuses the receipt of another request, though its t
   // with the same answer: signed, of the text received, of the same cost, but not of this
   // request, whose charge then has no receipt.
   let first: unknown
-  const proxy = Bun.serve({
-    port: 0,
-    hostname: '127.0.0.1',
-    async fetch(req) {
-      const u = new URL(req.url)
-      const headers = new Headers(req.headers)
-      headers.delete('host')
-      const res = await fetch(`${gw.url}${u.pathname}${u.search}`, {
-        method: req.method,
-        headers,
-        ...(req.method === 'GET' || req.method === 'HEAD' ? {} : { body: await req.arrayBuffer() }),
-      })
-      const out = new Headers(res.headers)
-      out.delete('content-length')
-      out.delete('content-encoding')
-      if (!u.pathname.endsWith('/chat/completions') || res.status !== 200)
-        return new Response(res.body, { status: res.status, headers: out })
-      const body = (await res.json()) as { tollway_receipt?: unknown }
-      first ??= body.tollway_receipt
-      return Response.json({ ...body, tollway_receipt: first }, { status: 200, headers: out })
-    },
+  const proxy = proxyOf((body) => {
+    first ??= body.tollway_receipt
+    return { ...body, tollway_receipt: first }
   })
   try {
-    const run = () =>
-      Cli.run([Cli.bin, 'chat', 'hello', '--model', 'thinker', '--trust-escrow', '--receipt'], {
-        TOLLWAY_URL: `http://127.0.0.1:${proxy.port}`,
-        TOLLWAY_DATA_DIR: dataDir,
-        TOLLWAY_WALLET_KEY: chain.payers[0]!.privateKey,
-        TOLLWAY_RPC_URL: chain.rpcUrl,
-      })
+    const run = () => chatVia(proxy.port!)
     const once = await run()
     expect(once.stderr).toContain('receipt: verified')
     expect(once.code).toBe(0)
@@ -154,46 +130,17 @@ test('error: chat --receipt exits 4 (the receipt does not hold), not 2, when the
   let keyId = ''
   /** Whether the proxy answers the key as an instance of a release without ?key_id= does. */
   let older = false
-  const proxy = Bun.serve({
-    port: 0,
-    hostname: '127.0.0.1',
-    async fetch(req) {
-      const u = new URL(req.url)
-      const headers = new Headers(req.headers)
-      headers.delete('host')
-      const search = older && u.pathname === '/v1/receipts/key' ? '' : u.search
-      const res = await fetch(`${gw.url}${u.pathname}${search}`, {
-        method: req.method,
-        headers,
-        ...(req.method === 'GET' || req.method === 'HEAD' ? {} : { body: await req.arrayBuffer() }),
-      })
-      const out = new Headers(res.headers)
-      out.delete('content-length')
-      out.delete('content-encoding')
-      if (!u.pathname.endsWith('/chat/completions') || res.status !== 200)
-        return new Response(res.body, { status: res.status, headers: out })
-      const body = (await res.json()) as { tollway_receipt?: Record<string, unknown> }
-      return Response.json(
-        { ...body, tollway_receipt: { ...body.tollway_receipt, key_id: keyId } },
-        { status: 200, headers: out },
-      )
-    },
-  })
+  const proxy = proxyOf(
+    (body) => ({ ...body, tollway_receipt: { ...body.tollway_receipt, key_id: keyId } }),
+    (u) => (older && u.pathname === '/v1/receipts/key' ? '' : u.search),
+  )
   try {
     for (const [id, status] of [
       ['0'.repeat(16), '404'],
       ['not-a-key-id', '400'],
     ] as const) {
       keyId = id
-      const r = await Cli.run(
-        [Cli.bin, 'chat', 'hello', '--model', 'thinker', '--trust-escrow', '--receipt'],
-        {
-          TOLLWAY_URL: `http://127.0.0.1:${proxy.port}`,
-          TOLLWAY_DATA_DIR: dataDir,
-          TOLLWAY_WALLET_KEY: chain.payers[0]!.privateKey,
-          TOLLWAY_RPC_URL: chain.rpcUrl,
-        },
-      )
+      const r = await chatVia(proxy.port!)
       expect(r.stdout).toBe('Hi.\n')
       expect(r.stderr).toContain(
         `the receipt does not hold: the gateway gives no key of its key_id "${id}"`,
@@ -204,15 +151,7 @@ test('error: chat --receipt exits 4 (the receipt does not hold), not 2, when the
     // An older instance gives its own key whatever key_id asks: said so, not a bad signature.
     older = true
     keyId = '0'.repeat(16)
-    const r = await Cli.run(
-      [Cli.bin, 'chat', 'hello', '--model', 'thinker', '--trust-escrow', '--receipt'],
-      {
-        TOLLWAY_URL: `http://127.0.0.1:${proxy.port}`,
-        TOLLWAY_DATA_DIR: dataDir,
-        TOLLWAY_WALLET_KEY: chain.payers[0]!.privateKey,
-        TOLLWAY_RPC_URL: chain.rpcUrl,
-      },
-    )
+    const r = await chatVia(proxy.port!)
     expect(r.stderr).toContain(
       `the receipt does not hold: its key_id is ${keyId}, and the gateway gave the key of`,
     )
@@ -221,3 +160,43 @@ test('error: chat --receipt exits 4 (the receipt does not hold), not 2, when the
     proxy.stop(true)
   }
 }, 60_000)
+
+/**
+ * A proxy in front of the gateway that passes everything on, but for a completion answered 200,
+ * whose body `rewrite` changes; `search` gives the query string sent on (default: as asked).
+ */
+function proxyOf(
+  rewrite: (body: { tollway_receipt?: Record<string, unknown> }) => unknown,
+  search: (u: URL) => string = (u) => u.search,
+) {
+  return Bun.serve({
+    port: 0,
+    hostname: '127.0.0.1',
+    async fetch(req) {
+      const u = new URL(req.url)
+      const headers = new Headers(req.headers)
+      headers.delete('host')
+      const res = await fetch(`${gw.url}${u.pathname}${search(u)}`, {
+        method: req.method,
+        headers,
+        ...(req.method === 'GET' || req.method === 'HEAD' ? {} : { body: await req.arrayBuffer() }),
+      })
+      const out = new Headers(res.headers)
+      out.delete('content-length')
+      out.delete('content-encoding')
+      if (!u.pathname.endsWith('/chat/completions') || res.status !== 200)
+        return new Response(res.body, { status: res.status, headers: out })
+      const body = (await res.json()) as { tollway_receipt?: Record<string, unknown> }
+      return Response.json(rewrite(body), { status: 200, headers: out })
+    },
+  })
+}
+
+/** `tollway chat hello --receipt` through a proxy on `port`, paying from the first dev payer. */
+const chatVia = (port: number) =>
+  Cli.run([Cli.bin, 'chat', 'hello', '--model', 'thinker', '--trust-escrow', '--receipt'], {
+    TOLLWAY_URL: `http://127.0.0.1:${port}`,
+    TOLLWAY_DATA_DIR: dataDir,
+    TOLLWAY_WALLET_KEY: chain.payers[0]!.privateKey,
+    TOLLWAY_RPC_URL: chain.rpcUrl,
+  })
