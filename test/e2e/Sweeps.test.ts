@@ -38,14 +38,8 @@ test.skipIf(!server)(
       await Bun.sleep(1_000)
       expect(await waiting()).toBe(1)
 
-      await unlock()
       // The sweep under way goes on: the reservation is released, once.
-      for (let i = 0; i < 100; i++) {
-        const [r] =
-          await watcher`select count(*)::int as n from reservations where id = ${requestId}`
-        if (r!.n === 0) break
-        await Bun.sleep(50)
-      }
+      await unlock()
       await gw.stop()
       const [r] = await db.sql`select count(*)::int as n from reservations where id = ${requestId}`
       expect(r!.n).toBe(0)
@@ -74,7 +68,7 @@ test.skipIf(!server)(
     )
     const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
     const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
-    const { watcher, unlock, done } = await lockedExpired(db, requestId)
+    const { unlock, done } = await lockedExpired(db, requestId)
     try {
       // The lock outlives the deadline: the sweep waiting on it is given up on (it waited for
       // ever before, and no other sweep ran), and the next one waits in turn.
@@ -82,12 +76,6 @@ test.skipIf(!server)(
       for (let i = 0; i < 200 && failed().length === 0; i++) await Bun.sleep(100)
       expect(failed()[0]).toContain('did not answer in time')
       await unlock()
-      for (let i = 0; i < 100; i++) {
-        const [r] =
-          await watcher`select count(*)::int as n from reservations where id = ${requestId}`
-        if (r!.n === 0) break
-        await Bun.sleep(50)
-      }
       await gw.stop()
       const usage = await db.sql`select status from usage where account_id = ${id}`
       expect(usage.map((u) => u.status)).toEqual(['abandoned'])
@@ -102,7 +90,7 @@ test.skipIf(!server)(
 /**
  * Another session takes the reservations table (access exclusive) and expires the lease of
  * `requestId` meanwhile; resolves once it holds it. `watcher` is a connection of its own to
- * watch with (the gateway's pool may have none free); `unlock` ends the lock; `done` ends both
+ * watch with (the gateway's pool may have none free); `unlock` ends the lock and waits for the release; `done` ends both
  * connections.
  */
 async function lockedExpired(db: Postgres.TestDb, requestId: string) {
@@ -119,9 +107,16 @@ async function lockedExpired(db: Postgres.TestDb, requestId: string) {
   await locked.promise
   return {
     watcher,
+    /** Ends the lock, then waits (5 s at most) for the reservation to be released. */
     unlock: async () => {
       release.resolve()
       await held
+      for (let i = 0; i < 100; i++) {
+        const [r] =
+          await watcher`select count(*)::int as n from reservations where id = ${requestId}`
+        if (r!.n === 0) break
+        await Bun.sleep(50)
+      }
     },
     done: async () => {
       release.resolve()
