@@ -132,7 +132,7 @@ export function connect(options: Options): Sql {
       open(1, undefined, { ...o, max_lifetime: null, fetch_types: false, backoff: () => 0 }),
     lost: { ordered: 0, pool: 0 },
   }
-  pools.set(sql, pool)
+  Object.defineProperty(sql, POOL, { value: pool })
   // Ended without a timeout, postgres.js waits for ever on a connection that closed under a
   // statement (the server ended it, or `unstick` did) and was not opened again: it keeps that
   // statement as under way. The wait is bounded; what still runs then is cut.
@@ -237,7 +237,13 @@ type Pool = {
   /** Whether another look was asked for while `unstick` ran. */
   again?: boolean
 }
-const pools = new WeakMap<object, Pool>()
+/**
+ * Where a client `connect` opened keeps its Pool: a property of the client, not a map keyed by
+ * it, so that a wrapper that passes properties through (a Proxy, as a test's link that can be
+ * cut) finds it too; a Waker given such a wrapper could not open its LISTEN otherwise.
+ */
+const POOL = Symbol('tollway.pool')
+const poolOf = (sql: object): Pool | undefined => (sql as { [POOL]?: Pool })[POOL]
 
 /** What a client that LISTENs is told: each notification, and each close of its connection. */
 type Listening = {
@@ -256,14 +262,14 @@ type Listening = {
  * ended for idleness or age.
  */
 export function listener(sql: Sql, o: Pick<Listening, 'onnotify' | 'onclose'>): Sql {
-  const pool = pools.get(sql)
+  const pool = poolOf(sql)
   if (!pool) throw new Error('listener: not a pool opened by Db.connect')
   return pool.listener(o)
 }
 
 /** The connections of `sql`'s pool given up for lost so far (see `onOrdered`, `unstick`). */
 export function lostConnections(sql: object): Losses {
-  return { ...(pools.get(sql)?.lost ?? { ordered: 0, pool: 0 }) }
+  return { ...(poolOf(sql)?.lost ?? { ordered: 0, pool: 0 }) }
 }
 
 /**
@@ -443,7 +449,7 @@ function followTls() {
  * would start another. Returns how many it closed.
  */
 async function unstick(sql: Sql, ms: number): Promise<number> {
-  const pool = pools.get(sql)
+  const pool = poolOf(sql)
   if (!pool) return 0
   // Another expiry while one runs: it looks again once done (a connection may have gone quiet
   // meanwhile, its statement sent a moment after the first).
@@ -650,7 +656,7 @@ export function answered<T>(
         reject(new DatabaseTimeoutError('The database did not answer in time.'))
         void unstick(sql as Sql, ms).then((n) => {
           if (n === 0) return
-          pools.get(sql)!.lost.pool += n
+          poolOf(sql)!.lost.pool += n
           lost.get(sql)?.('pool')
         })
       },
