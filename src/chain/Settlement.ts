@@ -366,11 +366,14 @@ export function start(options: Options): Worker {
         try {
           results.push(...(await recheck(store, head)))
         } catch (error) {
-          // Their list could not be read (the database): the next pass looks again.
+          // The database failed it (only the node's errors are caught row by row): the lock's
+          // connection may be gone, and the lock with it, so the pass ends here; the next looks
+          // again. (Going on, the pass's next statement on that connection could wait for good.)
           log.warn(
             { error: describe(error) },
             'looking again at the recent settles and closes failed',
           )
+          throw error
         }
       const due = await store.due({
         chainId: options.chainId,
