@@ -384,53 +384,33 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       stops.push(async () => clearInterval(heart))
     }
     let stopping: Promise<void> | undefined
-    // One sweep at a time: one still under way when the timer fires again (a database slow to
-    // answer, a lock its release waits for) was joined by another each interval, each on a
-    // connection of the pool (all ten of them, ten intervals on), running the same releases
-    // again. Ending the sessions of dead instances is not held up by it (one call at a time of
-    // its own): a lock such a session holds may be what the sweep under way waits for.
-    let ending = false
-    let releasing = false
-    const sweepOnce = async () => {
-      // Their sessions first, with the locks they may hold (the settlement's among them).
-      // Ending one may be refused (a role that may not signal it): that must not keep their
-      // reservations held, so it fails alone.
-      if (name && !ending) {
-        ending = true
-        const ended = await Instances.endSessions(sql, deadAfterMs)
-          .catch((e: unknown) => {
-            log.warn(
-              { err: (e as Error).message },
-              'ending the sessions of instances that are gone failed',
-            )
-            return []
-          })
-          .finally(() => {
-            ending = false
-          })
+    const sweep = setInterval(async () => {
+      try {
+        const dead = name ? await Instances.dead(sql, deadAfterMs) : []
+        // Their sessions first, with the locks they may hold (the settlement's among them).
+        // Ending one may be refused (a role that may not signal it): that must not keep their
+        // reservations held, so it fails alone.
+        const ended = name
+          ? await Instances.endSessions(sql, deadAfterMs).catch((e: unknown) => {
+              log.warn(
+                { err: (e as Error).message },
+                'ending the sessions of instances that are gone failed',
+              )
+              return []
+            })
+          : []
         if (ended.length > 0)
           log.warn(
             { instances: ended },
             'ended the database sessions of instances that are gone (their heartbeat stopped)',
           )
-      }
-      if (releasing) return
-      releasing = true
-      // Each of its calls within the database deadline (Db.answered: one past it is cut, its
-      // connection closed if it waited that long): one at a time, a sweep that never heard back
-      // (a connection lost without a reset, a lock held by a session that does not end) held
-      // `releasing`, and no sweep ran again until TCP gave up, a quarter of an hour later, if
-      // ever. The vacuum is not cut: one that takes longer on a large table must be let finish.
-      const within = <T>(call: PromiseLike<T>) => Db.answered(sql, call)
-      try {
-        const dead = name ? await within(Instances.dead(sql, deadAfterMs)) : []
         // A hundred a call: called again until none is left, so an instance that died with
         // more under way has them all released now, not a hundred a sweep (minutes for a
         // thousand, holding their accounts' credits and concurrency).
         let n = 0
-        for (let k = await within(Reservations.sweep(sql, undefined, dead)); k > 0; ) {
+        for (let k = await Reservations.sweep(sql, undefined, dead); k > 0; ) {
           n += k
-          k = await within(Reservations.sweep(sql, undefined, dead))
+          k = await Reservations.sweep(sql, undefined, dead)
         }
         if (n > 0)
           log.warn(
@@ -440,14 +420,11 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
               : 'released reservations of dead requests',
           )
         await Reservations.vacuum(sql)
-        if (name) await within(Instances.forget(sql))
+        if (name) await Instances.forget(sql)
       } catch (e) {
         log.error({ err: (e as Error).message }, 'sweep failed')
-      } finally {
-        releasing = false
       }
-    }
-    const sweep = setInterval(sweepOnce, options.sweepMs ?? 30_000)
+    }, options.sweepMs ?? 30_000)
     stops.push(async () => clearInterval(sweep))
 
     return {
