@@ -541,27 +541,25 @@ describe('Transaction.send', () => {
     expect((await Escrow.getChannel(chain.payeeClient, { escrow, channelId }))?.settled).toBe(100n)
   }, 30_000)
 
-  test('error: a deposit the token did not deliver in full (DepositNotReceived) says the token is the cause, not the arguments', () => {
-    const error = new TransactionRevertedError({
-      functionName: 'openWithAuthorization',
-      errorName: 'DepositNotReceived',
-    })
-    expect(error.message).toContain('The token delivered less to the escrow than the deposit')
-    expect(error.message).not.toContain('Check the channel state and arguments')
-    const problem = ChainEscrow.problem(error, `0x${'ab'.repeat(32)}`) as PaymentProblem
-    expect(problem.kind).toBe('session/transaction-reverted')
-    expect(problem.message).toContain('cannot fund channels')
-  })
-
-  test('error: a token that calls back into the escrow (ReentrancyGuardReentrantCall) is named as the cause, not the arguments', () => {
-    const error = new TransactionRevertedError({
-      functionName: 'open',
-      errorName: 'ReentrancyGuardReentrantCall',
-    })
-    expect(error.message).toContain('The token called back into the escrow')
-    expect(error.message).not.toContain('Check the channel state and arguments')
-    const problem = ChainEscrow.problem(error, `0x${'ab'.repeat(32)}`) as PaymentProblem
-    expect(problem.kind).toBe('session/transaction-reverted')
-    expect(problem.message).toContain('cannot fund or pay out channels')
+  test('error: a revert the token causes (DepositNotReceived, ReentrancyGuardReentrantCall) names the token as the cause, not the arguments', () => {
+    for (const [errorName, said, problemSays] of [
+      [
+        'DepositNotReceived',
+        'The token delivered less to the escrow than the deposit',
+        'cannot fund channels',
+      ],
+      [
+        'ReentrancyGuardReentrantCall',
+        'The token called back into the escrow',
+        'cannot fund or pay out channels',
+      ],
+    ] as const) {
+      const error = new TransactionRevertedError({ functionName: 'open', errorName })
+      expect(error.message).toContain(said)
+      expect(error.message).not.toContain('Check the channel state and arguments')
+      const problem = ChainEscrow.problem(error, `0x${'ab'.repeat(32)}`) as PaymentProblem
+      expect(problem.kind).toBe('session/transaction-reverted')
+      expect(problem.message).toContain(problemSays)
+    }
   })
 })
