@@ -85,23 +85,29 @@ export class Waker {
     this.again()
   }
 
-  /** Listens again after the wait, doubled each failed attempt (one pending at a time). */
+  /**
+   * Listens again after the wait, which doubles with each attempt until one stands (one pending
+   * at a time). Doubled here, where an attempt is scheduled, not where one fails: a failed
+   * connect closes the connection too, and its `lost` scheduled the next attempt before the
+   * failure was caught, at the wait before.
+   */
   private again(): void {
     if (this.stopped || this.retry) return
+    const wait = this.delay
+    this.delay = Math.min(this.delay * 2, RETRY_MS.most)
     this.retry = setTimeout(async () => {
       this.retry = undefined
       if (this.stopped || !this.client) return
       try {
         await this.client.unsafe(LISTEN)
       } catch {
-        this.delay = Math.min(this.delay * 2, RETRY_MS.most)
         return this.again()
       }
       this.delay = RETRY_MS.first
       if (this.heard || this.stopped) return
       this.heard = true
       this.log('listening on the database again')
-    }, this.delay)
+    }, wait)
   }
 
   /** How many channels have a stream waiting for their next voucher. */
