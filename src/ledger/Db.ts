@@ -472,7 +472,14 @@ async function unstickOnce(sql: Sql, pool: Pool, ms: number): Promise<number> {
   // The stuck ones, each ended (its session ended by `endStuck`, its socket closed here, or
   // both), whichever closed it first; then those whose sessions are gone.
   let closed = stuck.length
+  // Each socket's close event, which is when postgres.js hears of it: a moment after it is
+  // destroyed (a turn of the event loop or more; Bun's about 1.4 ms), and until then postgres.js
+  // takes the connection for open and sends a statement down it, which then fails
+  // (CONNECTION_CLOSED). The look ends once postgres.js has heard of them all: what its caller
+  // sends once told of the loss goes down connections opened again.
+  const heard: Promise<unknown>[] = []
   const close = (e: Seen) => {
+    heard.push(new Promise((resolve) => e.socket.once('close', resolve)))
     e.socket.destroy()
     e.wire.destroy()
     pool.seen.delete(e)
@@ -484,7 +491,22 @@ async function unstickOnce(sql: Sql, pool: Pool, ms: number): Promise<number> {
         close(e)
         closed++
       }
+  if (heard.length > 0) await within(CLOSE_HEARD_MS, Promise.all(heard))
   return closed
+}
+
+/** How long `unstick` waits for postgres.js to hear of the sockets it closed (ms). */
+const CLOSE_HEARD_MS = 1_000
+
+/** `p`, or undefined once `ms` have passed, whichever comes first. */
+function within(ms: number, p: Promise<unknown>): Promise<unknown> {
+  let timer: ReturnType<typeof setTimeout> | undefined
+  return Promise.race([
+    p,
+    new Promise((resolve) => {
+      timer = setTimeout(resolve, ms)
+    }),
+  ]).finally(() => clearTimeout(timer))
 }
 
 /**
