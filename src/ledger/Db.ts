@@ -68,6 +68,20 @@ export function unnamed(url: string): string {
   return rest ? `${url.slice(0, q)}?${rest}` : url.slice(0, q)
 }
 
+/**
+ * How long (seconds) a connection waits before it connects again, after the pool's `retries`th
+ * failure to connect in a row: postgres.js's own curve (3^n / 100 s, jittered by half), capped
+ * at 1 s, not its 20. The count is the pool's, raised by each connection's failure, and a call
+ * that finds the connection closed waits out that connection's delay, the database back or not:
+ * a second's outage under a few calls (ten connections refused at once) left the pool's
+ * connections 10 to 20 s each before they tried again, and the calls sent once the database was
+ * back were 503s at the deadline (DATABASE_TIMEOUT_MS), the heartbeat held past other
+ * instances' threshold (this one taken for dead, its reservations released). Capped, a refused
+ * connection still tries at most about once a second.
+ */
+const reconnectDelay = (retries: number) =>
+  (0.5 + Math.random() / 2) * Math.min(3 ** retries / 100, 1)
+
 /** How long a pool's `end` waits for its statements under way when not told (seconds). */
 const END_TIMEOUT_SECONDS = 2
 
@@ -84,6 +98,7 @@ export function connect(options: Options): Sql {
     postgres(url, {
       max,
       onnotice: () => {},
+      backoff: reconnectDelay,
       ...extra,
       ...(seen ? { socket: dial(seen) } : {}),
       // A server that does not answer is out of reach after this long (postgres.js waits 30

@@ -205,6 +205,35 @@ for (const over of ['TCP', 'TLS'] as const)
   )
 
 test.skipIf(!server)(
+  'behavior: after a moment out of reach in which every connection of the pool was refused, the calls sent once the database is back are answered, one on each connection, not held by postgres.js backoff past the deadline',
+  async () => {
+    // A deadline (5 s) under postgres.js's longest wait (10 to 20 s), over the capped one (1 s).
+    const { link, sql } = await pool(10, undefined, undefined, 5_000)
+    expect((await sql`select 1 as x`)[0]).toEqual({ x: 1 })
+    await link.cut()
+    // Ten calls at once: each connection tries to connect, and each is refused, raising the
+    // pool's count of failures to ten (postgres.js waits longer after each).
+    const refused = await Promise.all(
+      Array.from({ length: 10 }, (_, i) => sql`select ${i}::int as x`.catch((e: unknown) => e)),
+    )
+    expect(refused.map((e) => Db.isUnreachable(e))).toEqual(Array(10).fill(true))
+    await link.mend()
+    // The database is back: a call on each of the ten connections (each closed, each connects
+    // again first) is answered.
+    const answers = await Promise.all(
+      Array.from({ length: 10 }, (_, i) =>
+        Db.answered(sql, sql`select ${i}::int as x`).then(
+          ([r]) => r!.x,
+          (e: unknown) => (e as { code?: string }).code,
+        ),
+      ),
+    )
+    expect(answers).toEqual(Array.from({ length: 10 }, (_, i) => i))
+  },
+  20_000,
+)
+
+test.skipIf(!server)(
   'error: a reserved connection (the settlement lock holder) whose socket closed fails its statements as closed, again and again, even once the pool has opened the connection again for others: none throws where nothing catches it (ending the process), none runs on the new session (outside its lock), and its release leaves the pool whole (patches/postgres+3.4.9.patch)',
   async () => {
     // One connection: the reserved one, which the pool opens again for the next caller.
