@@ -384,34 +384,54 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       stops.push(async () => clearInterval(heart))
     }
     let stopping: Promise<void> | undefined
-    const sweep = setInterval(async () => {
-      try {
-        const dead = name ? await Instances.dead(sql, deadAfterMs) : []
-        // Their sessions first, with the locks they may hold (the settlement's among them).
-        // Ending one may be refused (a role that may not signal it): that must not keep their
-        // reservations held, so it fails alone.
-        const ended = name
-          ? await Instances.endSessions(sql, deadAfterMs).catch((e: unknown) => {
-              log.warn(
-                { err: (e as Error).message },
-                'ending the sessions of instances that are gone failed',
-              )
-              return []
-            })
-          : []
+    // One sweep at a time: one still under way when the timer fires again (a database slow to
+    // answer, a lock its release waits for) was joined by another each interval, each on a
+    // connection of the pool (all ten of them, ten intervals on), running the same releases
+    // again. Ending the sessions of dead instances is not held up by it (one call at a time of
+    // its own): a lock such a session holds may be what the sweep under way waits for.
+    let ending = false
+    let releasing = false
+    /** Whether the instance is stopping: a sweep under way makes no more calls. */
+    let stopped = false
+    // Each of its calls within the database deadline (Db.answered: one past it is cut, its
+    // connection closed if it waited that long): one at a time, a sweep that never heard back
+    // (a connection lost without a reset, a lock held by a session that does not end) held
+    // its turn, and no sweep ran again until TCP gave up, a quarter of an hour later, if ever.
+    // The vacuum is not cut: one that takes longer on a large table must be let finish.
+    const within = <T>(call: PromiseLike<T>) => Db.answered(sql, call)
+    const sweepOnce = async () => {
+      // Their sessions first, with the locks they may hold (the settlement's among them).
+      // Ending one may be refused (a role that may not signal it): that must not keep their
+      // reservations held, so it fails alone.
+      if (name && !ending) {
+        ending = true
+        const ended = await within(Instances.endSessions(sql, deadAfterMs))
+          .catch((e: unknown) => {
+            log.warn(
+              { err: (e as Error).message },
+              'ending the sessions of instances that are gone failed',
+            )
+            return []
+          })
+          .finally(() => {
+            ending = false
+          })
         if (ended.length > 0)
           log.warn(
             { instances: ended },
             'ended the database sessions of instances that are gone (their heartbeat stopped)',
           )
+      }
+      if (releasing) return
+      releasing = true
+      try {
+        const dead = name ? await within(Instances.dead(sql, deadAfterMs)) : []
         // A hundred a call: called again until none is left, so an instance that died with
         // more under way has them all released now, not a hundred a sweep (minutes for a
         // thousand, holding their accounts' credits and concurrency).
+        const more = () => within(Reservations.sweep(sql, undefined, dead))
         let n = 0
-        for (let k = await Reservations.sweep(sql, undefined, dead); k > 0; ) {
-          n += k
-          k = await Reservations.sweep(sql, undefined, dead)
-        }
+        for (let k = await more(); k > 0; k = stopped ? 0 : await more()) n += k
         if (n > 0)
           log.warn(
             { released: n, ...(dead.length > 0 ? { instances: dead } : {}) },
@@ -419,13 +439,30 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
               ? 'released reservations of dead requests and of instances that are gone'
               : 'released reservations of dead requests',
           )
+        if (stopped) return
         await Reservations.vacuum(sql)
-        if (name) await Instances.forget(sql)
+        if (name) await within(Instances.forget(sql))
       } catch (e) {
         log.error({ err: (e as Error).message }, 'sweep failed')
+      } finally {
+        releasing = false
       }
+    }
+    // The sweeps under way: a stop lets the call each has under way finish (SWEEP_STOP_MS at
+    // most: a database that does not answer must not hold the stop), and none makes another
+    // (the rest is another instance's next sweep). The pool ended under them failed their next
+    // call ("sweep failed").
+    const sweeping = new Set<Promise<void>>()
+    const sweep = setInterval(() => {
+      const under = sweepOnce()
+      sweeping.add(under)
+      void under.finally(() => sweeping.delete(under))
     }, options.sweepMs ?? 30_000)
-    stops.push(async () => clearInterval(sweep))
+    stops.push(async () => {
+      stopped = true
+      clearInterval(sweep)
+      await Db.within(SWEEP_STOP_MS, Promise.all(sweeping))
+    })
 
     return {
       // An IPv6 address goes in brackets.
@@ -747,6 +784,9 @@ Try it:
 
 /** How long a stopping gateway lets the requests under way finish before it cuts them. */
 const SHUTDOWN_GRACE_MS = 10_000
+
+/** How long a stop waits for the lease sweep under way (ms). */
+const SWEEP_STOP_MS = 2_000
 
 /**
  * Starts `config.workers − 1` more processes serving this gateway's port, each a gateway of

@@ -513,8 +513,8 @@ async function unstickOnce(sql: Sql, pool: Pool, ms: number): Promise<number> {
 /** How long `unstick` waits for postgres.js to hear of the sockets it closed (ms). */
 const CLOSE_HEARD_MS = 1_000
 
-/** `p`, or undefined once `ms` have passed, whichever comes first. */
-function within(ms: number, p: Promise<unknown>): Promise<unknown> {
+/** Waits for `p` to settle, at most `ms`: undefined then (its outcome is not awaited). */
+export function within(ms: number, p: Promise<unknown>): Promise<unknown> {
   let timer: ReturnType<typeof setTimeout> | undefined
   return Promise.race([
     p,

@@ -1,0 +1,172 @@
+/**
+ * The lease sweep runs one at a time in an instance: one that waits (a database slow to
+ * answer, a lock on the reservations) is not joined by another at each interval, each on a
+ * connection of the pool (ten intervals on, all of them), each releasing the same rows again.
+ */
+import { expect, test } from 'bun:test'
+import * as Db from '../../src/ledger/Db.ts'
+import * as Instances from '../../src/ledger/Instances.ts'
+import * as Gateway from '../helpers/Gateway.ts'
+import * as Ledger from '../helpers/Ledger.ts'
+import * as Postgres from '../helpers/Postgres.ts'
+import * as Upstream from '../helpers/Upstream.ts'
+
+const server = Boolean(process.env.DATABASE_URL)
+
+test.skipIf(!server)(
+  'behavior: a sweep held up by a lock is not joined by more sweeps at each interval; once the lock goes, it releases the expired reservation once',
+  async () => {
+    const db = await Postgres.fresh(Gateway.plans as never)
+    const gw = await Gateway.create({}, { db, upstream: Upstream.start() }, { sweepMs: 50 })
+    const name = (await Instances.nameOf(db.sql))!
+    expect(name).toBeDefined()
+    const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
+    const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
+
+    const { watcher, unlock, done } = await lockedExpired(db, requestId)
+    try {
+      const waiting = async () =>
+        Number(
+          (
+            await watcher`
+              select count(*)::int as n from pg_stat_activity
+              where application_name = ${name} and wait_event_type = 'Lock'`
+          )[0]!.n,
+        )
+      while ((await waiting()) === 0) await Bun.sleep(20)
+      // Twenty intervals more: each used to start a sweep of its own, on a connection of its own.
+      await Bun.sleep(1_000)
+      expect(await waiting()).toBe(1)
+
+      // The sweep under way goes on: the reservation is released, once.
+      await unlock()
+      await gw.stop()
+      const [r] = await db.sql`select count(*)::int as n from reservations where id = ${requestId}`
+      expect(r!.n).toBe(0)
+      const usage = await db.sql`select status from usage where account_id = ${id}`
+      expect(usage.map((u) => u.status)).toEqual(['abandoned'])
+      expect(
+        gw.logs.filter((l) => l.includes('released reservations of dead requests')),
+      ).toHaveLength(1)
+      expect(gw.logs.filter((l) => l.includes('sweep failed'))).toEqual([])
+      await Ledger.accountState(db.sql, id)
+    } finally {
+      await done()
+    }
+  },
+  30_000,
+)
+
+test.skipIf(!server)(
+  'behavior: a sweep held up past the database deadline gives up (its session ended), so a later sweep runs; once the lock goes, the expired reservation is released',
+  async () => {
+    const db = await Postgres.fresh(Gateway.plans as never)
+    const gw = await Gateway.create(
+      { databaseTimeoutMs: 1_000 },
+      { db, upstream: Upstream.start() },
+      { sweepMs: 50 },
+    )
+    const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
+    const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
+    const { unlock, done } = await lockedExpired(db, requestId)
+    try {
+      // The lock outlives the deadline: the sweep waiting on it is given up on (it waited for
+      // ever before, and no other sweep ran), and the next one waits in turn.
+      const failed = () => gw.logs.filter((l) => l.includes('sweep failed'))
+      for (let i = 0; i < 200 && failed().length === 0; i++) await Bun.sleep(100)
+      expect(failed()[0]).toContain('did not answer in time')
+      await unlock()
+      await gw.stop()
+      const usage = await db.sql`select status from usage where account_id = ${id}`
+      expect(usage.map((u) => u.status)).toEqual(['abandoned'])
+      await Ledger.accountState(db.sql, id)
+    } finally {
+      await done()
+    }
+  },
+  60_000,
+)
+
+test.skipIf(!server)(
+  'behavior: a stop lets the sweep under way finish before it returns: the expired reservation the sweep waited on is released by the time the stop is done, and nothing failed',
+  async () => {
+    const db = await Postgres.fresh(Gateway.plans as never)
+    const gw = await Gateway.create({}, { db, upstream: Upstream.start() }, { sweepMs: 50 })
+    const name = (await Instances.nameOf(db.sql))!
+    const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
+    const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
+    const { watcher, free, done } = await lockedExpired(db, requestId)
+    try {
+      for (let i = 0; i < 250; i++) {
+        const [w] = await watcher`select count(*)::int as n from pg_stat_activity
+          where application_name = ${name} and wait_event_type = 'Lock'`
+        if (w!.n > 0) break
+        await Bun.sleep(20)
+      }
+      // The stop begins while the sweep waits on the lock; the lock goes a moment later.
+      const order: string[] = []
+      const stopped = gw.stop().then(() => order.push('stopped'))
+      await Bun.sleep(300)
+      order.push('freed')
+      await free()
+      await stopped
+      expect(order).toEqual(['freed', 'stopped'])
+      const [r] = await watcher`select count(*)::int as n from reservations where id = ${requestId}`
+      expect(r!.n).toBe(0)
+      const usage = await watcher`select status from usage where account_id = ${id}`
+      expect(usage.map((u) => u.status)).toEqual(['abandoned'])
+      expect(
+        gw.logs.filter((l) => l.includes('released reservations of dead requests')),
+      ).toHaveLength(1)
+      expect(gw.logs.filter((l) => l.includes('sweep failed'))).toEqual([])
+    } finally {
+      await done()
+    }
+  },
+  30_000,
+)
+
+/**
+ * Another session takes the reservations table (access exclusive) and expires the lease of
+ * `requestId` meanwhile; resolves once it holds it. `watcher` is a connection of its own to
+ * watch with (the gateway's pool may have none free); `unlock` ends the lock and waits for the release; `done` ends both
+ * connections.
+ */
+async function lockedExpired(db: Postgres.TestDb, requestId: string) {
+  const locker = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+  const watcher = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+  const locked = Promise.withResolvers<void>()
+  const release = Promise.withResolvers<void>()
+  const held = locker.begin(async (tx) => {
+    await tx`lock table reservations in access exclusive mode`
+    await tx`update reservations set expires_at = now() - interval '1 second' where id = ${requestId}`
+    locked.resolve()
+    await release.promise
+  })
+  await locked.promise
+  return {
+    watcher,
+    /** Ends the lock (its transaction commits), not waiting for what waited on it. */
+    free: async () => {
+      release.resolve()
+      await held
+    },
+    /** Ends the lock, then waits (5 s at most) for the reservation to be released. */
+    unlock: async () => {
+      release.resolve()
+      await held
+      for (let i = 0; i < 100; i++) {
+        const [r] =
+          await watcher`select count(*)::int as n from reservations where id = ${requestId}`
+        if (r!.n === 0) break
+        await Bun.sleep(50)
+      }
+    },
+    done: async () => {
+      release.resolve()
+      await held.catch(() => {})
+      await locker.end({ timeout: 1 })
+      await watcher.end({ timeout: 1 })
+    },
+  }
+}
