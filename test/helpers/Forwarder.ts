@@ -12,6 +12,7 @@ import { TLSSocket } from 'node:tls'
  * new connections work (a link lost without a reset: a failover, a NAT that forgot it).
  * `vanish` is a failover: the sessions of the connections open now end at the database, while
  * those connections stay open, silent. A connection whose traffic is lost hears of no close.
+ * `reset` resets the connections open now (ECONNRESET at the client).
  * With `tls` (a key and certificate, PEM), it speaks TLS to its clients as PostgreSQL does (it
  * answers their SSLRequest, then decrypts), and plain to the database. With `otherPids`, it
  * gives its clients process ids other than the database's (in BackendKeyData), as a pooler
@@ -107,6 +108,13 @@ export async function forwarder(
         lost.add(c)
         ups.get(c)?.destroy()
       }
+    },
+    /**
+     * Resets the connections open now (a TCP RST: the client's socket errs ECONNRESET, as when
+     * its session is ended while it writes); new ones work.
+     */
+    reset() {
+      for (const c of open) c.resetAndDestroy()
     },
     resume() {
       const all = held ?? []

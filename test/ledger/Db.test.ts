@@ -234,6 +234,32 @@ test.skipIf(!server)(
 )
 
 test.skipIf(!server)(
+  'error: a statement a reserved connection is sent once its socket erred (ECONNRESET) and before it closed fails as closed: it is not lost, its caller waiting for ever (the settlement pass unlocking after a failed statement hung so; patches/postgres+3.4.9.patch)',
+  async () => {
+    const { link, sql } = await pool(2)
+    const reserved = await sql.reserve()
+    expect((await reserved`select 1 as x`)[0]).toEqual({ x: 1 })
+    // The next statement goes out the moment the one under way fails, as a caller's finally
+    // sends its unlock: between the socket's error and its close event.
+    const next = reserved`select pg_sleep(5)`.then(
+      () => 'ran',
+      () =>
+        reserved`select 2 as x`.then(
+          () => 'the next ran',
+          (e: unknown) => (e as { code?: string }).code,
+        ),
+    )
+    await Bun.sleep(100)
+    link.reset()
+    const hung = Bun.sleep(3_000).then(() => 'hung')
+    expect(await Promise.race([next, hung])).toBe('CONNECTION_CLOSED')
+    reserved.release()
+    expect((await Db.answered(sql, sql`select 3 as x`))[0]).toEqual({ x: 3 })
+  },
+  15_000,
+)
+
+test.skipIf(!server)(
   'error: a reserved connection (the settlement lock holder) whose socket closed fails its statements as closed, again and again, even once the pool has opened the connection again for others: none throws where nothing catches it (ending the process), none runs on the new session (outside its lock), and its release leaves the pool whole (patches/postgres+3.4.9.patch)',
   async () => {
     // One connection: the reserved one, which the pool opens again for the next caller.
