@@ -14,6 +14,7 @@
 import type * as Settlement from '../chain/Settlement.ts'
 import * as Channels from './Channels.ts'
 import type { Sql } from './Db.ts'
+import * as Db from './Db.ts'
 import * as Reservations from './Reservations.ts'
 
 type Hex = Channels.Hex
@@ -520,18 +521,36 @@ export async function withLock<T>(
   fn: (store: Settlement.LockedStore) => Promise<T>,
 ): Promise<{ locked: true; value: T } | { locked: false }> {
   const reserved = (await sql.reserve()) as unknown as Sql & { release(): void }
+  // Each statement within the pool's deadline (Db.answered): one the connection never answers
+  // (lost without a reset) is cut, and the connection closed (its session, and the lock, are
+  // gone with it), so the pass ends; it waited until TCP gave up, a quarter of an hour, and no
+  // pass of this process ran meanwhile.
+  const within = <T>(call: PromiseLike<T>) => Db.answered(sql, call)
   try {
-    const [r] = await reserved`
-      select pg_try_advisory_lock(hashtext(current_schema() || '.tollway_settlement')) as locked`
+    const [r] = await within(reserved`
+      select pg_try_advisory_lock(hashtext(current_schema() || '.tollway_settlement')) as locked`)
     if (!r!.locked) return { locked: false }
     try {
-      return { locked: true, value: await fn(locked(reserved)) }
+      return { locked: true, value: await fn(bounded(locked(reserved), within)) }
     } finally {
-      await reserved`select pg_advisory_unlock(hashtext(current_schema() || '.tollway_settlement'))`
+      await within(
+        reserved`select pg_advisory_unlock(hashtext(current_schema() || '.tollway_settlement'))`,
+      )
     }
   } finally {
     reserved.release()
   }
+}
+
+/** `store` with each call's answer awaited through `within`. */
+function bounded(
+  store: Settlement.LockedStore,
+  within: <T>(call: PromiseLike<T>) => Promise<T>,
+): Settlement.LockedStore {
+  const calls = store as unknown as Record<string, (...a: unknown[]) => PromiseLike<unknown>>
+  return Object.fromEntries(
+    Object.entries(calls).map(([name, call]) => [name, (...a: unknown[]) => within(call(...a))]),
+  ) as unknown as Settlement.LockedStore
 }
 
 function locked(sql: Sql): Settlement.LockedStore {

@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import * as Db from '../../src/ledger/Db.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
+import * as Settlements from '../../src/ledger/Settlements.ts'
 import { forwarder } from '../helpers/Forwarder.ts'
 import * as Ledger from '../helpers/Ledger.ts'
 import * as Postgres from '../helpers/Postgres.ts'
@@ -255,6 +256,35 @@ test.skipIf(!server)(
     expect(await Promise.race([next, hung])).toBe('CONNECTION_CLOSED')
     reserved.release()
     expect((await Db.answered(sql, sql`select 3 as x`))[0]).toEqual({ x: 3 })
+  },
+  15_000,
+)
+
+test.skipIf(!server)(
+  'error: a settlement pass whose connection is lost without a reset ends within the deadline (its statement cut, the connection closed, the lock gone with its session): the next pass takes the lock, not after TCP gives up',
+  async () => {
+    const { link, sql } = await pool(3, undefined, undefined, 1_000)
+    const store = Settlements.store(sql)
+    const started = performance.now()
+    const pass = store.withLock(async (locked) => {
+      await locked.clock()
+      link.drop()
+      return locked.clock()
+    })
+    const hung = Bun.sleep(5_000).then(() => 'hung')
+    const ended = await Promise.race([
+      pass.then(
+        () => 'ran',
+        (e: unknown) => e,
+      ),
+      hung,
+    ])
+    expect(Db.isUnreachable(ended)).toBe(true)
+    expect(performance.now() - started).toBeLessThan(4_000)
+    expect(await store.withLock(async (locked) => typeof (await locked.clock()))).toEqual({
+      locked: true,
+      value: 'string',
+    })
   },
   15_000,
 )
