@@ -327,23 +327,38 @@ async function checkReceipt(
       e.details,
     )
   })) as { key_id?: unknown; public_key: string }
-  const wrong = !verifyReceipt(receipt, key.public_key)
-    ? // An instance of a release without ?key_id= answers with its own key, whatever is asked.
-      key.key_id !== receipt.key_id
-      ? `its key_id is ${receipt.key_id}, and the gateway gave the key of ${String(key.key_id)}`
-      : 'its signature does not verify with the key of GET /v1/receipts/key'
-    : receipt.request_id !== requestId
-      ? `it is for request ${receipt.request_id}, the answer is of request ${requestId ?? '(none named)'}`
-      : receipt.result_sha256 !== digest
-        ? 'it is for another text than the answer received'
-        : usage && receipt.cost !== usage.cost
-          ? `it states a cost of ${receipt.cost}, the answer ${usage.cost}`
-          : usage &&
-              (receipt.prompt_tokens !== usage.prompt_tokens ||
-                receipt.completion_tokens !== usage.completion_tokens)
-            ? `it states ${receipt.prompt_tokens} tokens in and ${receipt.completion_tokens} out, the answer ${usage.prompt_tokens} and ${usage.completion_tokens}`
-            : undefined
-  if (wrong) throw new ServerError(`the receipt does not hold: ${wrong}.`)
+  // What is wrong with it, the first that is: each check, in order, says so or is undefined.
+  const checks: (() => string | undefined)[] = [
+    () => {
+      if (verifyReceipt(receipt, key.public_key)) return undefined
+      // An instance of a release without ?key_id= answers with its own key, whatever is asked.
+      return key.key_id !== receipt.key_id
+        ? `its key_id is ${receipt.key_id}, and the gateway gave the key of ${String(key.key_id)}`
+        : 'its signature does not verify with the key of GET /v1/receipts/key'
+    },
+    () =>
+      receipt.request_id === requestId
+        ? undefined
+        : `it is for request ${receipt.request_id}, the answer is of request ${requestId ?? '(none named)'}`,
+    () =>
+      receipt.result_sha256 === digest
+        ? undefined
+        : 'it is for another text than the answer received',
+    () =>
+      !usage || receipt.cost === usage.cost
+        ? undefined
+        : `it states a cost of ${receipt.cost}, the answer ${usage.cost}`,
+    () =>
+      !usage ||
+      (receipt.prompt_tokens === usage.prompt_tokens &&
+        receipt.completion_tokens === usage.completion_tokens)
+        ? undefined
+        : `it states ${receipt.prompt_tokens} tokens in and ${receipt.completion_tokens} out, the answer ${usage.prompt_tokens} and ${usage.completion_tokens}`,
+  ]
+  for (const check of checks) {
+    const wrong = check()
+    if (wrong !== undefined) throw new ServerError(`the receipt does not hold: ${wrong}.`)
+  }
 }
 
 /**
