@@ -639,9 +639,14 @@ function receiptKey(config: Config.Config): Uint8Array {
 
 /**
  * The embedded database's development key: an account "dev" on the highest-tier plan with
- * 10,000,000 base units, made on first start; its key is kept in the data dir.
+ * 10,000,000 base units, made on first start; its key is kept in the data dir. The account,
+ * its credits and its key are made in one transaction: a start stopped (or failing) between
+ * them left an account "dev" without a key, and the next start made another.
  */
-async function devKey(sql: Db.Sql, config: Config.Config): Promise<string> {
+export async function devKey(
+  sql: Db.Sql,
+  config: Pick<Config.Config, 'dataDir' | 'plans'>,
+): Promise<string> {
   const path = join(config.dataDir, 'dev-key')
   // Kept, and still a key of this database (one made anew, pgdata deleted, has none of it).
   if (existsSync(path)) {
@@ -649,9 +654,12 @@ async function devKey(sql: Db.Sql, config: Config.Config): Promise<string> {
     if (await ApiKeys.authenticate(sql, key)) return key
   }
   const [plan] = Object.entries(config.plans).sort(([, a], [, b]) => b.tier - a.tier)[0]!
-  const accountId = await Accounts.create(sql, { name: 'dev', plan })
-  await Credits.grant(sql, { accountId, amount: 10_000_000n, note: 'development credits' })
-  const created = (await ApiKeys.create(sql, { accountId, name: 'dev', max: 10 }))!
+  const created = await sql.begin(async (tx) => {
+    const t = tx as unknown as Db.Sql
+    const accountId = await Accounts.create(t, { name: 'dev', plan })
+    await Credits.grant(t, { accountId, amount: 10_000_000n, note: 'development credits' })
+    return (await ApiKeys.create(t, { accountId, name: 'dev', max: 10 }))!
+  })
   writeFileSync(path, `${created.key}\n`, { mode: 0o600 })
   return created.key
 }
