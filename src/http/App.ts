@@ -127,20 +127,23 @@ export function create(deps: Deps): Hono {
   const IMMUTABLE = { 'cache-control': 'public, max-age=31536000, immutable' }
   app.get('/v1/receipts/key', async (c) => {
     const signer = deps.receipts
-    if (!signer)
-      throw new NotFoundError(
-        'This gateway signs no receipts (receipts are off in its configuration).',
-        'receipts_off',
-      )
     const keyId = c.req.query('key_id')
-    // Without an id, this instance's key now: it changes with RECEIPT_KEY.
-    if (keyId === undefined)
+    // Without an id, this instance's key now: it changes with RECEIPT_KEY. An instance that
+    // signs none has none, but answers for a key_id all the same: a receipt another instance
+    // on the database signed is checked on whichever instance a client reaches.
+    if (keyId === undefined) {
+      if (!signer)
+        throw new NotFoundError(
+          'This gateway signs no receipts (receipts are off in its configuration).',
+          'receipts_off',
+        )
       return c.json(
         { algorithm: 'Ed25519', key_id: signer.keyId, public_key: signer.publicKey },
         200,
         { 'cache-control': 'no-cache' },
       )
-    if (keyId === signer.keyId)
+    }
+    if (signer && keyId === signer.keyId)
       return c.json(
         { algorithm: 'Ed25519', key_id: keyId, public_key: signer.publicKey },
         200,

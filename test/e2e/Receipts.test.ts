@@ -267,4 +267,25 @@ describe('receipts off', () => {
     expect(keyRes.status).toBe(404)
     expect(((await keyRes.json()) as { error: { code: string } }).error.code).toBe('receipts_off')
   })
+
+  test('behavior: an instance with receipts off still gives, by key_id, the key another instance on the database signed a receipt with', async () => {
+    const on = await Gateway.create({ receiptKey: '22'.repeat(32) })
+    const off = await Gateway.create({ receipts: false }, { db: on.db, upstream: on.upstream })
+    const { key: apiKey } = await on.account()
+    const res = await on.complete(
+      apiKey,
+      { model: 'fake', messages },
+      { 'tollway-receipt': 'true' },
+    )
+    const { tollway_receipt: receipt } = (await res.json()) as { tollway_receipt: Receipt.Receipt }
+    const fetched = await fetch(`${off.url}/v1/receipts/key?key_id=${receipt.key_id}`)
+    expect(fetched.status).toBe(200)
+    const key = (await fetched.json()) as { key_id: string; public_key: string }
+    expect(key.key_id).toBe(receipt.key_id)
+    expect(verifyReceipt(receipt, key.public_key)).toBe(true)
+    const unknown = await fetch(`${off.url}/v1/receipts/key?key_id=${'0'.repeat(16)}`)
+    expect(((await unknown.json()) as { error: { code: string } }).error.code).toBe(
+      'receipt_key_unknown',
+    )
+  })
 })
