@@ -16,23 +16,8 @@ const server = Boolean(process.env.DATABASE_URL)
 test.skipIf(!server)(
   'behavior: a sweep held up by a lock is not joined by more sweeps at each interval; once the lock goes, it releases the expired reservation once',
   async () => {
-    const db = await Postgres.fresh(Gateway.plans as never)
-    const gw = await Gateway.create({}, { db, upstream: Upstream.start() }, { sweepMs: 50 })
-    const name = (await Instances.nameOf(db.sql))!
-    expect(name).toBeDefined()
-    const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
-    const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
-
-    const { watcher, unlock, done } = await lockedExpired(db, requestId)
+    const { db, gw, id, requestId, waiting, unlock, done } = await sweepHeld()
     try {
-      const waiting = async () =>
-        Number(
-          (
-            await watcher`
-              select count(*)::int as n from pg_stat_activity
-              where application_name = ${name} and wait_event_type = 'Lock'`
-          )[0]!.n,
-        )
       while ((await waiting()) === 0) await Bun.sleep(20)
       // Twenty intervals more: each used to start a sweep of its own, on a connection of its own.
       await Bun.sleep(1_000)
@@ -60,15 +45,7 @@ test.skipIf(!server)(
 test.skipIf(!server)(
   'behavior: a sweep held up past the database deadline gives up (its session ended), so a later sweep runs; once the lock goes, the expired reservation is released',
   async () => {
-    const db = await Postgres.fresh(Gateway.plans as never)
-    const gw = await Gateway.create(
-      { databaseTimeoutMs: 1_000 },
-      { db, upstream: Upstream.start() },
-      { sweepMs: 50 },
-    )
-    const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
-    const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
-    const { unlock, done } = await lockedExpired(db, requestId)
+    const { db, gw, id, unlock, done } = await sweepHeld({ databaseTimeoutMs: 1_000 })
     try {
       // The lock outlives the deadline: the sweep waiting on it is given up on (it waited for
       // ever before, and no other sweep ran), and the next one waits in turn.
@@ -90,19 +67,9 @@ test.skipIf(!server)(
 test.skipIf(!server)(
   'behavior: a stop lets the sweep under way finish before it returns: the expired reservation the sweep waited on is released by the time the stop is done, and nothing failed',
   async () => {
-    const db = await Postgres.fresh(Gateway.plans as never)
-    const gw = await Gateway.create({}, { db, upstream: Upstream.start() }, { sweepMs: 50 })
-    const name = (await Instances.nameOf(db.sql))!
-    const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
-    const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
-    const { watcher, free, done } = await lockedExpired(db, requestId)
+    const { gw, id, requestId, waiting, watcher, free, done } = await sweepHeld()
     try {
-      for (let i = 0; i < 250; i++) {
-        const [w] = await watcher`select count(*)::int as n from pg_stat_activity
-          where application_name = ${name} and wait_event_type = 'Lock'`
-        if (w!.n > 0) break
-        await Bun.sleep(20)
-      }
+      for (let i = 0; i < 250 && (await waiting()) === 0; i++) await Bun.sleep(20)
       // The stop begins while the sweep waits on the lock; the lock goes a moment later.
       const order: string[] = []
       const stopped = gw.stop().then(() => order.push('stopped'))
@@ -127,10 +94,31 @@ test.skipIf(!server)(
 )
 
 /**
+ * A gateway sweeping every 50 ms (`config` its own) whose sweep meets a lock: an account's
+ * admitted request, its lease expired while another session holds the reservations table
+ * (`lockedExpired`). `waiting` counts the gateway's sessions waiting on a lock.
+ */
+async function sweepHeld(config: Record<string, unknown> = {}) {
+  const db = await Postgres.fresh(Gateway.plans as never)
+  const gw = await Gateway.create(config, { db, upstream: Upstream.start() }, { sweepMs: 50 })
+  const name = (await Instances.nameOf(db.sql))!
+  expect(name).toBeDefined()
+  const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
+  const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
+  const locked = await lockedExpired(db, requestId)
+  const waiting = async () => {
+    const [r] = await locked.watcher`select count(*)::int as n from pg_stat_activity
+      where application_name = ${name} and wait_event_type = 'Lock'`
+    return r!.n as number
+  }
+  return { db, gw, id, requestId, waiting, ...locked }
+}
+
+/**
  * Another session takes the reservations table (access exclusive) and expires the lease of
  * `requestId` meanwhile; resolves once it holds it. `watcher` is a connection of its own to
- * watch with (the gateway's pool may have none free); `unlock` ends the lock and waits for the release; `done` ends both
- * connections.
+ * watch with (the gateway's pool may have none free); `unlock` ends the lock and waits for the
+ * release; `done` ends both connections.
  */
 async function lockedExpired(db: Postgres.TestDb, requestId: string) {
   const locker = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
