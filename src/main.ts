@@ -35,6 +35,7 @@ import * as Receipt from './metering/Receipt.ts'
 import * as Tokenizer from './metering/Tokenizer.ts'
 import * as ChainEscrow from './payment/evm/ChainEscrow.ts'
 import * as Server from './payment/evm/Server.ts'
+import { handOver } from './Signals.ts'
 import * as EchoModel from './upstream/EchoModel.ts'
 import * as OpenAICompatible from './upstream/OpenAICompatible.ts'
 import { type Model, Router } from './upstream/Router.ts'
@@ -722,8 +723,6 @@ export async function serve(): Promise<void> {
     process.exit(0)
   }
   if (process.env[WORKER]) {
-    process.off('SIGINT', early)
-    process.off('SIGTERM', early)
     // A Ctrl-C reaches the whole process group, and the first process then signals its
     // workers too: one stop reaching twice, within a second, is one stop (its grace kept).
     // A signal later than that is a second stop: it cuts what is left.
@@ -737,8 +736,7 @@ export async function serve(): Promise<void> {
       await gateway.stop(SHUTDOWN_GRACE_MS)
       process.exit(0)
     }
-    process.on('SIGINT', shutdown)
-    process.on('SIGTERM', shutdown)
+    handOver(early, shutdown)
     // The first process holds this one's stdin open: when it ends, however it ends, so
     // does this one.
     ;(async () => {
@@ -755,8 +753,6 @@ export async function serve(): Promise<void> {
   // Until the banner a signal is still one while it starts: without a handler while the
   // development key was made, a SIGINT or SIGTERM killed the process outright (no stop, its
   // workers and the embedded database left as a kill leaves them).
-  process.off('SIGINT', early)
-  process.off('SIGTERM', early)
   if (stopAsked) {
     await Promise.all([workers.stop(), gateway.stop()])
     process.exit(0)
@@ -786,8 +782,7 @@ Try it:
     await Promise.all([workers.stop(), gateway.stop(SHUTDOWN_GRACE_MS)])
     process.exit(0)
   }
-  process.on('SIGINT', shutdown)
-  process.on('SIGTERM', shutdown)
+  handOver(early, shutdown)
 }
 
 /** How long a stopping gateway lets the requests under way finish before it cuts them. */
