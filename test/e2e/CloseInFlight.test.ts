@@ -182,7 +182,7 @@ describe('forced close and top-up', () => {
     expect(unchanged!.deposit).toBe(deposit)
   }, 60_000)
 
-  test('behavior: a voucher that carries a top-up (EIP-3009) during a forced close cancels the close and pays for its request', async () => {
+  test('error: a voucher that carries a top-up (EIP-3009) during a forced close is refused before its top-up is sent (the draft, Voucher Verification step 1); a topUp credential cancels the close, then the voucher pays for its request', async () => {
     const { s, channelId } = await opened(4, 10_000n, 1_000n)
     const payer = privateKeyToAccount(chain.payers[4]!.privateKey)
     await Escrow.requestClose(chain.payerClient(4), { escrow: chain.escrowAddress, channelId })
@@ -193,8 +193,8 @@ describe('forced close and top-up', () => {
     // A plain voucher is refused while the close is pending.
     expect((await post(await s.voucher(2_000n), ask)).status).toBe(410)
 
-    // A voucher above the deposit, with the top-up that makes room for it: the top-up goes
-    // first (the escrow cancels the close), then the voucher pays for the request.
+    // A voucher above the deposit, with the top-up that makes room for it: refused as a plain
+    // one is, and its top-up not sent (the close stands, on chain and here).
     const cumulative = 12_000n
     const header = await Paid.voucherWithTopUp(payer, {
       challenge: s.challenge,
@@ -205,7 +205,20 @@ describe('forced close and top-up', () => {
       additional: 5_000n,
       salt: keccak256(toHex(`close-top-up:${channelId}`)),
     })
-    const served = await post(header, ask)
+    const refused = await post(header, ask)
+    expect(refused.status).toBe(410)
+    expect(await refused.text()).toContain('topUp credential')
+    const still = await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId,
+    })
+    expect(still!.closeRequestedAt).not.toBe(0n)
+    expect(still!.deposit).toBe(10_000n)
+    expect((await Channels.get(gw.sql, channelId))!.closeRequestedAt).not.toBeNull()
+
+    // The top-up as a credential of its own cancels the close; then the voucher pays.
+    expect((await post(await s.topUp(5_000n))).status).toBe(200)
+    const served = await post(await s.voucher(cumulative), ask)
     expect(served.status).toBe(200)
     await served.text()
     const onChain = await Escrow.getChannel(chain.payeeClient, {

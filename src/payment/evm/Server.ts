@@ -424,8 +424,16 @@ export function create(o: Options) {
             // A channel this gateway has not seen is checked first as an open would be (its
             // payee, its token, not closed): anyone can open a channel on the escrow paying
             // themselves, and the gateway would pay the gas of its top-up, then refuse it.
-            const signer =
-              known?.signer ?? checkOurs(await o.chain.read(p.channelId), p.channelId).signer
+            const seen = known ? undefined : checkOurs(await o.chain.read(p.channelId), p.channelId)
+            // No voucher on a channel with a close pending, one carrying a top-up neither: the
+            // draft checks that first, before the deposit (Voucher Verification, steps 1 and
+            // 2). A payer cancels its forced close with a topUp credential, then pays.
+            if (known ? known.closeRequestedAt : seen!.closeRequested)
+              throw Problem.channelFinalized(
+                'The channel has a pending close request; it takes no voucher, one carrying a top-up neither. Send the top-up as a topUp credential (it cancels a forced close), then the voucher.',
+                { channelId: p.channelId },
+              )
+            const signer = known?.signer ?? seen!.signer
             // The voucher first: a made-up one costs a signature check, not the chain work of a
             // top-up (an authorization copied from an earlier top-up is refused only on chain).
             await o.chain.verifyVoucher({ ...p, signer })
