@@ -189,7 +189,13 @@ export function verify(
     const known = verified.get(key)
     match = known !== undefined && secrets.includes(known) ? known : bound(challenge, secrets)
     if (match === false) return { valid: false, reason: 'forged' }
-    if (match !== known) verified.set(key, match)
+    if (match !== known) {
+      verified.set(key, match)
+      // Ours: its request (frozen when `fromEcho` decoded it) is kept for its next echo. Its
+      // wire text is its JCS form, which `fromEcho` required.
+      if (Object.isFrozen(challenge.request))
+        requests.set(Encoding.encodeJson(challenge.request), challenge.request)
+    }
     if (Object.isFrozen(challenge)) byObject.set(challenge, match)
   }
   if (challenge.expires !== undefined && Date.parse(challenge.expires) <= now.getTime())
@@ -333,7 +339,6 @@ export function fromEcho(echo: unknown): Challenge {
     const r = Request.safeParse(decodeParam('request', wire.request))
     if (!r.success) throw invalid('challenge', r.error)
     request = deepFreeze(r.data)
-    requests.set(wire.request, request)
   }
   let opaque: Record<string, string> | undefined
   if (wire.opaque !== undefined) {
@@ -348,7 +353,9 @@ export function fromEcho(echo: unknown): Challenge {
  * Echoed `request` parameters, decoded and checked: one challenge comes back with every
  * voucher and request of a session, and its canonical-JSON check is the costly part. The
  * decoding is a function of the text alone; the values are frozen, so no caller can change
- * what the next one gets.
+ * what the next one gets. Only the requests of challenges `verify` found ours are kept: a
+ * forged echo may carry one of up to a credential's size, and 10,000 of those, kept as they
+ * were decoded, held about 900 MB.
  */
 const requests = new Lru<string, Challenge['request']>(10_000)
 

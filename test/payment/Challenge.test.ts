@@ -382,6 +382,26 @@ describe('fromEcho', () => {
     expect(Challenge.verify(Challenge.fromEcho(echo), secret)).toEqual({ valid: true })
   })
 
+  test('behavior: only the request of a challenge verified as ours is kept for its next echo; a forged one is decoded anew each time', () => {
+    // A forged echo may carry a request of up to a credential's size (16 KiB): kept before its
+    // id was checked, 10,000 of them held about 900 MB.
+    const padded = { ...request, pad: 'x'.repeat(8000) }
+    const forged = { ...Challenge.toEcho(Challenge.from({ secret, ...base, request: padded })) }
+    forged.id = 'not-an-id-this-server-issued'
+    const first = Challenge.fromEcho(forged)
+    expect(Challenge.verify(first, secret)).toEqual({ valid: false, reason: 'forged' })
+    // Compared as booleans: a failure prints no 8 KB request.
+    expect(Challenge.fromEcho(structuredClone(forged)).request === first.request).toBe(false)
+
+    const ours = Challenge.toEcho(
+      Challenge.from({ secret, ...base, request: { ...padded, pad: 'y'.repeat(8000) } }),
+    )
+    const decoded = Challenge.fromEcho(ours)
+    expect(Challenge.fromEcho(structuredClone(ours)).request === decoded.request).toBe(false)
+    expect(Challenge.verify(decoded, secret)).toEqual({ valid: true })
+    expect(Challenge.fromEcho(structuredClone(ours)).request === decoded.request).toBe(true)
+  })
+
   test('error: a request that is not canonical is refused even after a canonical one was seen', () => {
     const c = Challenge.from({ secret, ...base })
     const echo = Challenge.toEcho(c)
