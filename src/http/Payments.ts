@@ -296,9 +296,13 @@ export function withChallenges(e: GatewayError, header: string): GatewayError {
   return e
 }
 
-/** Whether an Authorization header carries a Payment credential. */
+/**
+ * Whether an Authorization header uses the Payment scheme: a credential, or the scheme with
+ * nothing after it, which is a malformed one (the core draft's `malformed-credential`), not a
+ * request without credentials.
+ */
 export function isPayment(authorization: string | undefined): boolean {
-  return authorization !== undefined && /^\s*payment\s/i.test(authorization)
+  return authorization !== undefined && /^\s*payment(\s|$)/i.test(authorization)
 }
 
 export type Verified = {

@@ -249,6 +249,28 @@ describe('core, Usage of 402: Servers MUST NOT return 402 without a Payment chal
   }, 30_000)
 })
 
+describe('core, Status Codes: a malformed credential is a 402 malformed-credential problem with a fresh challenge', () => {
+  test('error: the Payment scheme with no credential after it is a malformed credential, not a request without one', async () => {
+    const res = await fetch(completions(gw), {
+      method: 'POST',
+      headers: { authorization: 'Payment' },
+      body: body(false, 'hi'),
+    })
+    const problem = (await res.json()) as { type?: string }
+    expect({
+      status: res.status,
+      contentType: res.headers.get('content-type'),
+      type: problem.type,
+    }).toEqual({
+      status: 402,
+      contentType: 'application/problem+json',
+      type: `${problems}/malformed-credential`,
+    })
+    expect(res.headers.get('www-authenticate')).toMatch(/(^|,)\s*Payment\s/)
+    expect(res.headers.get('cache-control')).toBe('no-store')
+  }, 30_000)
+})
+
 describe('session, Common Verification: the action is checked (step 2) before the challenge (steps 3-5)', () => {
   test('error: an unrecognized action is refused as a malformed payload (400) even when its echoed challenge is not one the server issued', async () => {
     const s = await session(gw)
