@@ -292,6 +292,32 @@ describe('plans', () => {
     expect(res.headers.get('x-ratelimit-reset-requests')).toBeNull()
   })
 
+  test('behavior: a long body of a key refused for its monthly quota or its token wallet is refused again at once with the wait the ledger gave, not a minute', async () => {
+    const long = [{ role: 'user', content: '漢字'.repeat(2_000) }]
+    for (const plan of ['free', 'wallet'] as const) {
+      const { id, key } = await a.account({ plan })
+      if (plan === 'free') await a.sql`update accounts set month_tokens = 499999 where id = ${id}`
+      else await a.sql`update accounts set wallet_tokens = 0, wallet_at = now() where id = ${id}`
+      const first = await post(a, key)
+      expect(first.status).toBe(429)
+      const wait = Number(first.headers.get('retry-after-ms'))
+      // The wallet: 500 tokens at 1,000 a day; the quota: the month's end, hours away at least.
+      expect(wait).toBeGreaterThan(3_600_000)
+      const before = Tokenizer.counted.tokenized
+      const again = await post(a, key, { messages: long })
+      expect(again.status).toBe(429)
+      expect(Tokenizer.counted.tokenized - before).toBeLessThan(4_000)
+      expect(((await again.json()) as ErrorBody).error.type).toBe(
+        plan === 'free' ? 'rate_limit_exceeded' : 'wallet_empty',
+      )
+      const repeated = Number(again.headers.get('retry-after-ms'))
+      expect(repeated).toBeLessThanOrEqual(wait)
+      expect(repeated).toBeGreaterThan(wait - 10_000)
+      expect(Number(again.headers.get('retry-after'))).toBe(Math.ceil(repeated / 1000))
+      expect(again.headers.get('x-should-retry')).toBe('false')
+    }
+  })
+
   test('behavior: the output stops where the monthly quota does, whole or streamed, with or without max_tokens', async () => {
     const long = Array.from({ length: 40 }, (_, i) => `w${i}`).join(' ')
     const body = { messages: [{ role: 'user', content: long }] }

@@ -481,9 +481,14 @@ export function routes(deps: Deps) {
    * again at once, not counted first. Counting a context's worth costs up to a third of a
    * second, and admission (which refuses) comes after it, so a key holder refused every time
    * could still make the gateway count without end. (Short bodies go to the ledger, which
-   * decides: a plan changed meanwhile takes effect at once for them.)
+   * decides: a plan changed meanwhile takes effect at once for them.) `until` is how long the
+   * refusal is remembered (a minute at most); `waitEnds` is when the ledger's wait ends, which
+   * the repeated refusal's Retry-After states: a quota's or a wallet's is hours or days, and
+   * a minute would send the client back to be refused again.
    */
-  const limitedUntil = new Lru<string, { until: number; refused: Limited }>(KNOWN_KEYS)
+  const limitedUntil = new Lru<string, { until: number; waitEnds: number; refused: Limited }>(
+    KNOWN_KEYS,
+  )
   /**
    * Payers this process saw refused for want of funds, until one is admitted: keys (by their
    * hash, as `known`) short of credits, and channels (by their id) short of authorized balance.
@@ -602,6 +607,7 @@ export function routes(deps: Deps) {
     if (admitted.status === 'rate' || admitted.status === 'quota' || admitted.status === 'wallet')
       limitedUntil.set(knownAs, {
         until: performance.now() + Math.min(admitted.retryAfterMs, 60_000),
+        waitEnds: performance.now() + admitted.retryAfterMs,
         refused: admitted,
       })
     else if (admitted.status === 'ok' && limitedUntil.count > 0) limitedUntil.delete(knownAs)
@@ -881,8 +887,12 @@ export function routes(deps: Deps) {
       const knownAs = raw === undefined ? undefined : ApiKeys.hash(raw).toString('base64')
       const limited = knownAs === undefined ? undefined : limitedUntil.get(knownAs)
       if (limited) {
-        const left = Math.ceil(limited.until - performance.now())
-        if (left > 0) throw limitRefusal({ ...limited.refused, retryAfterMs: left })
+        const now = performance.now()
+        if (limited.until > now)
+          throw limitRefusal({
+            ...limited.refused,
+            retryAfterMs: Math.ceil(limited.waitEnds - now),
+          })
         limitedUntil.delete(knownAs!)
       }
     }
