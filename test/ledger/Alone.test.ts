@@ -12,7 +12,11 @@ import { plans } from '../helpers/Gateway.ts'
 import * as Ledger from '../helpers/Ledger.ts'
 import * as Postgres from '../helpers/Postgres.ts'
 
-const db = await Postgres.fresh(plans as never)
+const db = await Postgres.fresh({
+  ...plans,
+  // A minute over 7 is no whole number of microseconds.
+  sevenPerMinute: { tier: 0, requestsPerMinute: 7, maxConcurrent: null, tokensPerMonth: null },
+} as never)
 const { sql } = db
 
 type Item = Record<string, unknown>
@@ -156,6 +160,34 @@ describe('admit alone', () => {
       expect(held > 0n).toBe(true)
     }
   }, 30_000)
+
+  test('behavior: a plan of 7 requests a minute admits 7 at once, one at a time or in one batch, counting down to none remaining', async () => {
+    const input = { model: 'm', stream: false, minTier: 0, promptTokens: 1, want: 1n }
+    const lone = await Ledger.account(sql, 100n, 'sevenPerMinute')
+    const remaining: (number | null | undefined)[] = []
+    for (let i = 0; i < 8; i++) {
+      const r = await Alone.admit(sql, {
+        ...input,
+        keyHash: lone.keyHash,
+        requestId: crypto.randomUUID(),
+        leaseSeconds: 60,
+      })
+      remaining.push(r?.rate_remaining)
+    }
+    // The 8th is declined: the batch function refuses it.
+    expect(remaining).toEqual([6, 5, 4, 3, 2, 1, 0, undefined])
+    const batched = await Ledger.account(sql, 100n, 'sevenPerMinute')
+    const answers = await batch(
+      Array.from({ length: 8 }, () => ({
+        ...Ledger.item(batched.keyHash),
+        requestId: crypto.randomUUID(),
+      })),
+    )
+    expect(answers.map((a) => [a.status, a.rate_remaining])).toEqual([
+      ...[6, 5, 4, 3, 2, 1, 0].map((n) => ['ok', n]),
+      ['rate', 0],
+    ])
+  })
 
   test('error: an unknown or revoked key is declined', async () => {
     const a = await Ledger.account(sql, 100n)

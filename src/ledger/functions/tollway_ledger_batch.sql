@@ -1,4 +1,4 @@
--- version: 3
+-- version: 4
 -- tollway_ledger_batch: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
 -- this file after the migrations when its version (the first line) is above the one applied, so
@@ -195,8 +195,12 @@ BEGIN
     END IF;
     new_tat := NULL; remaining := NULL;
     IF a.requests_per_minute IS NOT NULL THEN
-      -- Allowed while the theoretical arrival time stays within one minute.
-      period := interval '60 seconds' / a.requests_per_minute;
+      -- Allowed while the theoretical arrival time stays within one minute. The period is a
+      -- minute over the limit rounded down to a microsecond (a timestamp's precision), so that
+      -- the limit's requests fit in the minute: an interval's division rounds to the nearest,
+      -- and 7 periods of 60 s / 7 (8.571429 s) passed the minute, so a plan of 7 a minute
+      -- allowed 6 at once and said one fewer remained.
+      period := interval '1 microsecond' * (60000000 / a.requests_per_minute);
       new_tat := greatest(coalesce(tat, ts), ts) + period;
       IF new_tat - ts > interval '60 seconds' THEN
         answers[e.n + 1] := '["rate","' || cur || '","' || e.kid || '",'
