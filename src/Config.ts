@@ -110,14 +110,21 @@ const Model = z
           })
   })
 
-const Wallet = z.strictObject({
-  /** Tokens a turn needs in the wallet to start. */
-  floor: z.number().int().nonnegative(),
-  /** Tokens added per 24 hours. */
-  refillPerDay: z.number().int().positive(),
-  /** Most tokens the wallet holds. */
-  cap: z.number().int().positive(),
-})
+const Wallet = z
+  .strictObject({
+    /** Tokens a turn needs in the wallet to start. */
+    floor: z.number().int().nonnegative(),
+    /** Tokens added per 24 hours. */
+    refillPerDay: z.number().int().positive(),
+    /** Most tokens the wallet holds. */
+    cap: z.number().int().positive(),
+  })
+  // A wallet that cannot hold its floor never lets a turn start, and its 429's Retry-After
+  // (the time to refill up to the floor) would promise a refill that never comes.
+  .refine((w) => w.floor <= w.cap, {
+    path: ['floor'],
+    message: 'above the cap: the wallet could never hold enough to start a turn',
+  })
 
 const Plan = z.strictObject({
   tier: z.number().int().nonnegative(),

@@ -63,6 +63,18 @@ describe('load', () => {
     expect(() => Config.load({ TOLLWAY_CONFIG: path, OA_KEY: '' })).toThrow(/OA_KEY is not set/)
   })
 
+  test('error: a plan whose token wallet floor is above its cap names the field', () => {
+    const plan = { tier: 0, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null }
+    const wallet = { floor: 20_000, refillPerDay: 1_000, cap: 10_000 }
+    expect(() => Config.from({ plans: { free: { ...plan, wallet } } })).toThrow(
+      'plans.free.wallet.floor: above the cap: the wallet could never hold enough to start a turn',
+    )
+    expect(
+      Config.from({ plans: { free: { ...plan, wallet: { ...wallet, floor: 10_000 } } } }).plans
+        .free!.wallet,
+    ).toEqual({ ...wallet, floor: 10_000 })
+  })
+
   test('error: a model whose minTier is above every plan, or a short CHALLENGE_SECRET, names the field', () => {
     const model = {
       id: 'gold-only',
