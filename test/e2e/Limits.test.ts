@@ -318,6 +318,35 @@ describe('plans', () => {
     }
   })
 
+  test('behavior: a quota or wallet refusal takes nothing of the per-minute limit, and its x-ratelimit-remaining-requests is what is then admitted', async () => {
+    for (const plan of ['free', 'wallet'] as const) {
+      const { id, key } = await a.account({ plan })
+      for (let i = 0; i < 3; i++) {
+        const res = await post(a, key)
+        expect(res.status).toBe(200)
+        await res.text()
+      }
+      await Batch.settled(a.sql)
+      const [saved] =
+        await a.sql`select month_tokens, wallet_tokens, wallet_at from accounts where id = ${id}`
+      if (plan === 'free') await a.sql`update accounts set month_tokens = 500000 where id = ${id}`
+      else await a.sql`update accounts set wallet_tokens = 0, wallet_at = now() where id = ${id}`
+      const refused = await post(b, key)
+      expect(refused.status).toBe(429)
+      await refused.text()
+      expect(refused.headers.get('x-ratelimit-remaining-requests')).toBe('7')
+      await a.sql`update accounts set month_tokens = ${saved!.month_tokens},
+        wallet_tokens = ${saved!.wallet_tokens}, wallet_at = ${saved!.wallet_at} where id = ${id}`
+      const statuses: number[] = []
+      for (let i = 0; i < 8; i++) {
+        const res = await post(i % 2 ? a : b, key)
+        statuses.push(res.status)
+        await res.text()
+      }
+      expect(statuses).toEqual([...Array(7).fill(200), 429])
+    }
+  })
+
   test('behavior: the output stops where the monthly quota does, whole or streamed, with or without max_tokens', async () => {
     const long = Array.from({ length: 40 }, (_, i) => `w${i}`).join(' ')
     const body = { messages: [{ role: 'user', content: long }] }

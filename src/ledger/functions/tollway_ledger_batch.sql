@@ -1,4 +1,4 @@
--- version: 4
+-- version: 5
 -- tollway_ledger_batch: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
 -- this file after the migrations when its version (the first line) is above the one applied, so
@@ -210,11 +210,14 @@ BEGIN
       END IF;
       remaining := floor(extract(epoch FROM (interval '60 seconds' - (new_tat - ts))) / extract(epoch FROM period))::int;
     END IF;
+    -- `remaining` is what remains once this request is counted: an admission's answer. A
+    -- refusal below counts nothing against the rate (tat stays), so it states one more, this
+    -- request's own, or the client would be told of one request fewer than it has.
     month_used := CASE WHEN mstart < this_month THEN 0 ELSE mtok END;
     IF a.tokens_per_month IS NOT NULL AND month_used + e.prompt_tokens > a.tokens_per_month THEN
       answers[e.n + 1] := '["quota","' || cur || '","' || e.kid || '",'
         || ceil(extract(epoch FROM ((this_month + interval '1 month') AT TIME ZONE 'UTC' - ts)) * 1000)::bigint
-        || ',' || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce(remaining::text, 'null') || ']';
+        || ',' || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce((remaining + 1)::text, 'null') || ']';
       CONTINUE;
     END IF;
     IF a.wallet_floor IS NOT NULL THEN
@@ -223,13 +226,13 @@ BEGIN
       IF wallet < a.wallet_floor THEN
         answers[e.n + 1] := '["wallet","' || cur || '","' || e.kid || '",'
           || ceil((a.wallet_floor - wallet) / a.wallet_refill_per_day * 86400000.0)::bigint
-          || ',' || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce(remaining::text, 'null') || ']';
+          || ',' || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce((remaining + 1)::text, 'null') || ']';
         CONTINUE;
       END IF;
     END IF;
     IF bal - res < e.need THEN
       answers[e.n + 1] := '["insufficient","' || cur || '","' || e.kid || '","' || (bal - res) || '",'
-        || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce(remaining::text, 'null') || ']';
+        || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce((remaining + 1)::text, 'null') || ']';
       CONTINUE;
     END IF;
     amount := least(e.want, bal - res);
