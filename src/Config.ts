@@ -128,8 +128,11 @@ const Wallet = z
 
 const Plan = z.strictObject({
   tier: z.number().int().nonnegative(),
-  /** null: no request-rate limit. */
-  requestsPerMinute: z.number().int().positive().nullable(),
+  /**
+   * null: no request-rate limit. At most one a microsecond (60,000,000), the finest step the
+   * ledger's rate state (a timestamp) takes: a higher limit has no period between requests.
+   */
+  requestsPerMinute: z.number().int().positive().max(60_000_000).nullable(),
   /** Completions in flight at once (streaming or not). null: unlimited. */
   maxConcurrent: z.number().int().positive().nullable(),
   /** Prompt + completion tokens per calendar month (UTC). null: unlimited. */

@@ -75,6 +75,15 @@ describe('load', () => {
     ).toEqual({ ...wallet, floor: 10_000 })
   })
 
+  test('error: a plan of more requests a minute than a timestamp can space apart names the field', () => {
+    const plan = { tier: 0, maxConcurrent: null, tokensPerMonth: null }
+    expect(() =>
+      Config.from({ plans: { free: { ...plan, requestsPerMinute: 60_000_001 } } }),
+    ).toThrow(/^plans\.free\.requestsPerMinute: /)
+    const most = Config.from({ plans: { free: { ...plan, requestsPerMinute: 60_000_000 } } })
+    expect(most.plans.free!.requestsPerMinute).toBe(60_000_000)
+  })
+
   test('error: a model whose minTier is above every plan, or a short CHALLENGE_SECRET, names the field', () => {
     const model = {
       id: 'gold-only',
