@@ -126,15 +126,18 @@ const Wallet = z
     message: 'above the cap: the wallet could never hold enough to start a turn',
   })
 
+/** The most a plan's `int` column (migrations/0001_ledger.sql) holds. */
+const INT_MAX = 2_147_483_647
+
 const Plan = z.strictObject({
-  tier: z.number().int().nonnegative(),
+  tier: z.number().int().nonnegative().max(INT_MAX),
   /**
    * null: no request-rate limit. At most one a microsecond (60,000,000), the finest step the
    * ledger's rate state (a timestamp) takes: a higher limit has no period between requests.
    */
   requestsPerMinute: z.number().int().positive().max(60_000_000).nullable(),
   /** Completions in flight at once (streaming or not). null: unlimited. */
-  maxConcurrent: z.number().int().positive().nullable(),
+  maxConcurrent: z.number().int().positive().max(INT_MAX).nullable(),
   /** Prompt + completion tokens per calendar month (UTC). null: unlimited. */
   tokensPerMonth: z.number().int().positive().nullable(),
   /** A token wallet with a floor and a daily refill instead of (or beside) the monthly quota. */

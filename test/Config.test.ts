@@ -84,6 +84,18 @@ describe('load', () => {
     expect(most.plans.free!.requestsPerMinute).toBe(60_000_000)
   })
 
+  test('error: a plan tier or maxConcurrent past what the plans table holds names the field', () => {
+    const plan = { tier: 0, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null }
+    for (const field of ['tier', 'maxConcurrent'] as const) {
+      expect(() => Config.from({ plans: { free: { ...plan, [field]: 2 ** 31 } } })).toThrow(
+        new RegExp(`^plans\\.free\\.${field}: `),
+      )
+      expect(
+        Config.from({ plans: { free: { ...plan, [field]: 2 ** 31 - 1 } } }).plans.free![field],
+      ).toBe(2 ** 31 - 1)
+    }
+  })
+
   test('error: a model whose minTier is above every plan, or a short CHALLENGE_SECRET, names the field', () => {
     const model = {
       id: 'gold-only',
