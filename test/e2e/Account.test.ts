@@ -319,6 +319,50 @@ describe('admin and key input', () => {
     const beyond = await gw.admin(`/accounts/${richest.id}/credits`, { amount: `1${most}` })
     expect(beyond.status).toBe(400)
   })
+
+  test('error: a control character in a key name, an account name or a note (an escape sequence for the operator terminal) → 400 naming the field, nothing written', async () => {
+    const { id, key } = await gw.account({ credits: 1000 })
+    const before = await Gateway.ledger(gw.sql, id)
+    const name = async () =>
+      ((await (await gw.admin(`/accounts/${id}`)).json()) as { name: string }).name
+    const named = await name()
+    const cases: [() => Promise<Response>, string][] = [
+      // A key holder's key name, which `tollway keys list` prints: an OSC title and a clear.
+      [
+        () =>
+          as(key, '/keys', {
+            method: 'POST',
+            body: JSON.stringify({ name: '\u001b]0;owned\u0007\u001b[2J' }),
+          }),
+        'name',
+      ],
+      [() => gw.admin(`/accounts/${id}/keys`, { name: 'a\nb' }), 'name'],
+      [() => gw.admin('/accounts', { name: 'a\u001b[31mb' }), 'name'],
+      // C1 controls: U+009B is the 8-bit CSI.
+      [() => gw.admin(`/accounts/${id}`, { name: 'x\u009b2J' }, 'PATCH'), 'name'],
+      [() => gw.admin(`/accounts/${id}/credits`, { amount: '5', note: 'x\u007fy' }), 'note'],
+      [() => gw.admin(`/accounts/${id}/credits`, { amount: '5', note: 'a\tb' }), 'note'],
+    ]
+    for (const [send, param] of cases) {
+      const res = await send()
+      expect(res.status).toBe(400)
+      expect(((await res.json()) as { error: { param: string } }).error.param).toBe(param)
+    }
+    expect(await Gateway.ledger(gw.sql, id)).toEqual(before)
+    expect(await name()).toBe(named)
+    const [{ n }] =
+      (await gw.sql`select count(*)::int as n from api_keys where account_id = ${id}`) as unknown as [
+        { n: number },
+      ]
+    expect(n).toBe(1)
+    // Printable text of any script, and spaces, are names as before.
+    const fine = await as(key, '/keys', {
+      method: 'POST',
+      body: JSON.stringify({ name: 'Zoë\u00a0ノート 🔑' }),
+    })
+    expect(fine.status).toBe(201)
+    expect(((await fine.json()) as { name: string }).name).toBe('Zoë\u00a0ノート 🔑')
+  })
 })
 
 describe('cursors', () => {

@@ -12,14 +12,21 @@ import * as Parse from '../Parse.ts'
 
 export const MAX_ACTIVE_KEYS = 10
 
-/** Text that is stored: PostgreSQL's text holds no NUL character, nor half a surrogate pair
- * (sent as UTF-8 it would become U+FFFD: stored other than answered). */
+/**
+ * Text that is stored: PostgreSQL's text holds no NUL character, nor half a surrogate pair
+ * (sent as UTF-8 it would become U+FFFD: stored other than answered). No other control
+ * character either: names and notes reach the operator's terminal (`tollway keys list` prints
+ * the names a key holder gave its keys), where an escape sequence in one would act on it.
+ */
 const Text = (max: number, min = 0) =>
   z
     .string()
     .min(min)
     .max(max)
-    .refine((t) => !t.includes('\u0000'), 'must not contain a NUL character')
+    .refine(
+      (t) => !/\p{Cc}/u.test(t),
+      'must not contain a control character (U+0000 to U+001F, U+007F to U+009F)',
+    )
     .refine((t) => t.isWellFormed(), 'must be well-formed Unicode (no lone surrogate)')
 
 // Bodies are strict: a field the endpoint does not take is a 400 naming it, not dropped (an
