@@ -31,11 +31,20 @@ export function declared(length: string): number {
   return most
 }
 
-/** Parses JSON text; a 400 `invalid_json` if it is not JSON or nests deeper than MAX_DEPTH. */
-export function json(text: string): unknown {
+/**
+ * Parses JSON text; a 400 `invalid_json` if it is not JSON or nests deeper than MAX_DEPTH.
+ * A number in a field named in `literal` (at any depth) is kept as the text it was written as:
+ * a double rounds it (`1.0000000000000001` reads as 1, `9007199254740993` as 9007199254740992),
+ * so the schema sees what was sent and can take it exactly, or refuse it.
+ */
+export function json(text: string, literal?: ReadonlySet<string>): unknown {
   let value: unknown
   try {
-    value = JSON.parse(text)
+    value = literal
+      ? JSON.parse(text, (key, v: unknown, context?: { source?: string }) =>
+          typeof v === 'number' && literal.has(key) ? (context?.source ?? v) : v,
+        )
+      : JSON.parse(text)
   } catch {
     throw new InvalidRequestError('The request body is not valid JSON.', 'invalid_json')
   }
@@ -82,9 +91,13 @@ export function parse<S extends z.ZodType>(schema: S, value: unknown): z.output<
   )
 }
 
-/** Reads and validates a JSON body. */
-export async function body<S extends z.ZodType>(c: Context, schema: S): Promise<z.output<S>> {
-  return parse(schema, json(await c.req.text()))
+/** Reads and validates a JSON body (`literal`: see `json`). */
+export async function body<S extends z.ZodType>(
+  c: Context,
+  schema: S,
+  literal?: ReadonlySet<string>,
+): Promise<z.output<S>> {
+  return parse(schema, json(await c.req.text(), literal))
 }
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i

@@ -320,6 +320,28 @@ describe('admin and key input', () => {
     expect(beyond.status).toBe(400)
   })
 
+  test('error: an amount written as a JSON number with a fraction or an exponent is a 400 naming amount, not the integer JavaScript rounds it to; an integer is taken as written', async () => {
+    const { id } = await gw.account({ credits: 0 })
+    const grant = (amount: string) =>
+      fetch(`${gw.url}/admin/accounts/${id}/credits`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${gw.config.adminToken}` },
+        body: `{"amount":${amount}}`,
+      })
+    // Each of these is an integer once parsed into a double (1, 2^52, 1000, 1).
+    for (const amount of ['1.0000000000000001', '4503599627370496.5', '1e3', '1.0', '0.1e1']) {
+      const res = await grant(amount)
+      expect(res.status).toBe(400)
+      expect(((await res.json()) as { error: { param: string } }).error.param).toBe('amount')
+    }
+    expect((await Gateway.ledger(gw.sql, id)).balance).toBe(0n)
+    // Past 2^53 as written, where a double would have made it 9007199254740992.
+    const exact = await grant('9007199254740993')
+    expect(exact.status).toBe(200)
+    expect(await exact.json()).toEqual({ balance: '9007199254740993' })
+    expect(await (await grant('-3')).json()).toEqual({ balance: '9007199254740990' })
+  })
+
   test('error: a control character in a key name, an account name or a note (an escape sequence for the operator terminal) → 400 naming the field, nothing written', async () => {
     const { id, key } = await gw.account({ credits: 1000 })
     const before = await Gateway.ledger(gw.sql, id)

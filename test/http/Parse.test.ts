@@ -38,4 +38,26 @@ describe('json', () => {
       expect((error as InvalidRequestError).code).toBe('invalid_json')
     }
   })
+
+  test('property: a number of a literal field is its text as written, exactly; other numbers are numbers', () => {
+    const literal = new Set(['amount'])
+    fc.assert(
+      fc.property(
+        fc.oneof(
+          fc.bigInt({ min: -(10n ** 80n), max: 10n ** 80n }).map(String),
+          fc.double({ noNaN: true, noDefaultInfinity: true }).map(String),
+          fc.constantFrom('1.0000000000000001', '1e3', '-0', '0.1E+1', '4503599627370496.5'),
+        ),
+        fc.integer(),
+        (written, other) => {
+          const text = `{"amount":${written},"other":${other},"nested":{"amount":${written}}}`
+          expect(Parse.json(text, literal)).toEqual({
+            amount: written,
+            other,
+            nested: { amount: written },
+          })
+        },
+      ),
+    )
+  })
 })

@@ -44,14 +44,19 @@ const UpdateAccount = z
   .strict()
   .refine((u) => u.name !== undefined || u.plan !== undefined, 'name or plan is required')
 
-/** A signed amount of base units: a decimal string or a safe integer, not zero. */
+/**
+ * A signed amount of base units, not zero: a decimal string, or a JSON number written as an
+ * integer, which reaches here as the text it was written as (`GRANT_LITERAL`). As a double,
+ * `1.0000000000000001` and `1e3` were integers (1 and 1000): a fraction or an exponent was
+ * taken as another amount than the one written.
+ */
 const Amount = z
-  .union([
-    z.string().regex(/^-?\d{1,78}$/, 'must be an integer number of base units'),
-    z.number().int(),
-  ])
+  .string({ error: 'must be an integer number of base units' })
+  .regex(/^-?\d{1,78}$/, 'must be an integer number of base units')
   .transform((v) => BigInt(v))
   .refine((v) => v !== 0n, 'must not be zero')
+/** The grant fields whose JSON numbers are read as written (Parse.json). */
+const GRANT_LITERAL: ReadonlySet<string> = new Set(['amount'])
 
 const Grant = z.object({ amount: Amount, note: Text(500).optional() }).strict()
 export const CreateKey = z.object({ name: Text(200, 1) }).strict()
@@ -139,7 +144,7 @@ export function routes(deps: Deps) {
 
   app.post('/accounts/:id/credits', async (c) => {
     const id = Parse.id(c.req.param('id'), 'account')
-    const input = await Parse.body(c, Grant)
+    const input = await Parse.body(c, Grant, GRANT_LITERAL)
     const balance = await Credits.grant(deps.sql, {
       accountId: id,
       amount: input.amount,
