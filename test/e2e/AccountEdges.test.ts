@@ -182,3 +182,80 @@ describe('revoking keys', () => {
     expect((await as(((await made.json()) as { key: string }).key, '/credits')).status).toBe(200)
   })
 })
+
+describe('revoking keys on two instances', () => {
+  test('behavior: a key revoked on one instance gets 401 at once on another that knew it good, whatever the route, body or Idempotency-Key; revoked from both at once, one is told 200 and the place is freed once', async () => {
+    const other = await gw.another()
+    const { id, key } = await gw.account()
+    const made = (await (
+      await as(key, '/keys', { method: 'POST', body: '{"name":"doomed"}' })
+    ).json()) as { id: string; key: string }
+    const on = (url: string, path: string, init: RequestInit = {}, headers = {}) =>
+      fetch(`${url}/v1${path}`, {
+        ...init,
+        headers: {
+          authorization: `Bearer ${made.key}`,
+          'content-type': 'application/json',
+          ...headers,
+        },
+      })
+    // A long prompt: the other instance remembers the key as good (no lookup before counting).
+    const long = JSON.stringify({
+      model: 'fake',
+      messages: [{ role: 'user', content: 'word '.repeat(300) }],
+    })
+    const short = JSON.stringify({ model: 'fake', messages: [{ role: 'user', content: 'hi' }] })
+    for (const body of [long, short]) {
+      const res = await on(
+        other.url,
+        '/chat/completions',
+        { method: 'POST', body },
+        {
+          'idempotency-key': `once-${body.length}`,
+        },
+      )
+      expect(res.status).toBe(200)
+      await res.text()
+    }
+    expect((await on(other.url, '/credits')).status).toBe(200)
+
+    expect((await gw.admin(`/accounts/${id}/keys/${made.id}`, undefined, 'DELETE')).status).toBe(
+      200,
+    )
+    for (const body of [long, short]) {
+      expect((await on(other.url, '/chat/completions', { method: 'POST', body })).status).toBe(401)
+      const replay = await on(
+        other.url,
+        '/chat/completions',
+        { method: 'POST', body },
+        {
+          'idempotency-key': `once-${body.length}`,
+        },
+      )
+      expect(replay.status).toBe(401)
+    }
+    for (const path of ['/credits', '/keys', '/usage', '/credits/transactions'])
+      expect((await on(other.url, path)).status).toBe(401)
+
+    // The same key revoked through both instances at once.
+    const twice = (await (
+      await as(key, '/keys', { method: 'POST', body: '{"name":"twice"}' })
+    ).json()) as { id: string }
+    const answers = await Promise.all(
+      [gw.url, other.url].map((url) =>
+        fetch(`${url}/v1/keys/${twice.id}`, {
+          method: 'DELETE',
+          headers: { authorization: `Bearer ${key}` },
+        }),
+      ),
+    )
+    expect(answers.map((r) => r.status).sort()).toEqual([200, 404])
+    // One key is active: nine more fit, not ten.
+    const more = await Promise.all(
+      Array.from({ length: 10 }, () =>
+        as(key, '/keys', { method: 'POST', body: '{"name":"more"}' }),
+      ),
+    )
+    expect(more.filter((r) => r.status === 201)).toHaveLength(9)
+  })
+})
