@@ -130,7 +130,8 @@ export async function listing<T>(run: () => Promise<T>): Promise<T> {
 /** `?limit=&cursor=` of a listing. */
 export function page(c: Context): { limit: number; cursor?: string } {
   const raw = c.req.query('limit')
-  const limit = raw === undefined ? 50 : Number(raw)
+  // Decimal digits only: `Number` also reads `1e2`, `0x10`, `+5`, ` 5` and `5.0`.
+  const limit = raw === undefined ? 50 : /^\d{1,3}$/.test(raw) ? Number(raw) : Number.NaN
   if (!Number.isInteger(limit) || limit < 1 || limit > 200)
     throw new InvalidRequestError('limit must be an integer from 1 to 200.', 'invalid_value', {
       param: 'limit',

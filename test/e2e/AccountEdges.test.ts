@@ -259,3 +259,40 @@ describe('revoking keys on two instances', () => {
     expect(more.filter((r) => r.status === 201)).toHaveLength(9)
   })
 })
+
+describe('limits', () => {
+  test('error: a limit not written as a decimal integer from 1 to 200 is a 400 naming limit, on every listing', async () => {
+    const a = await busy(2)
+    const listings = [
+      (q: string) => as(a.key, `/usage?${q}`),
+      (q: string) => as(a.key, `/credits/transactions?${q}`),
+      (q: string) => gw.admin(`/accounts?${q}`),
+      (q: string) => gw.admin(`/accounts/${a.id}/usage?${q}`),
+      (q: string) => gw.admin(`/accounts/${a.id}/transactions?${q}`),
+    ]
+    // Number() reads the last five as 100, 16, 5, 5 and 5.
+    const bad = [
+      '0',
+      '-1',
+      '201',
+      '1'.repeat(30),
+      'abc',
+      '',
+      '1.5',
+      '1e2',
+      '0x10',
+      '+5',
+      '%205',
+      '5.0',
+    ]
+    for (const list of listings) {
+      for (const limit of bad) {
+        const res = await list(`limit=${limit}`)
+        expect(res.status).toBe(400)
+        expect(await param(res)).toBe('limit')
+      }
+      expect((await listing(await list('limit=1'))).data).toHaveLength(1)
+      expect((await listing(await list('limit=200'))).has_more).toBe(false)
+    }
+  })
+})
