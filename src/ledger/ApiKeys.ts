@@ -46,11 +46,24 @@ export async function create(
   return row ? { id: row.id, key, prefix } : undefined
 }
 
-/** Lists an account's keys, newest first (prefixes only). */
+/** How many revoked keys a listing shows, the latest revoked. */
+export const REVOKED_LISTED = 100
+
+/**
+ * Lists an account's keys, newest first (prefixes only): the active ones (10 at most) and the
+ * latest revoked (REVOKED_LISTED). All revoked ones were listed: a key holder making and
+ * revoking keys in a loop grew its listing, and the admin's view of the account, without end.
+ */
 export async function list(sql: Sql, accountId: string): Promise<Key[]> {
   const rows = await sql`
-    select id, name, prefix, created_at, revoked_at from api_keys
-    where account_id = ${accountId} order by created_at desc, id`
+    select * from (
+      select id, name, prefix, created_at, revoked_at from api_keys
+      where account_id = ${accountId} and revoked_at is null
+      union all
+      (select id, name, prefix, created_at, revoked_at from api_keys
+        where account_id = ${accountId} and revoked_at is not null
+        order by revoked_at desc, id limit ${REVOKED_LISTED})) k
+    order by created_at desc, id`
   return rows.map((r) => ({
     id: r.id,
     name: r.name,
