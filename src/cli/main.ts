@@ -279,7 +279,19 @@ function arg(ctx: Context, index: number, name: string): string {
 }
 
 function print(ctx: Context, value: unknown, human: string) {
-  ctx.io.out(ctx.settings.json ? `${JSON.stringify(value)}\n` : `${human}\n`)
+  ctx.io.out(ctx.settings.json ? `${JSON.stringify(value)}\n` : `${visible(human)}\n`)
+}
+
+/**
+ * `text` with its control characters (C0 and C1, but for line feeds and tabs) written as
+ * `\u{…}`: what the CLI prints for people comes in part from the gateway (names, notes, error
+ * messages), and printed raw, an escape sequence in a key's name (a window title, a screen
+ * cleared, a clipboard written) was run by the operator's terminal.
+ */
+export function visible(text: string): string {
+  return text.replace(/\p{Cc}/gu, (c) =>
+    c === '\n' || c === '\t' ? c : `\\u{${c.charCodeAt(0).toString(16)}}`,
+  )
 }
 
 type Command = (ctx: Context) => Promise<void>
@@ -556,7 +568,7 @@ export async function run(argv: string[], env: Env, io: Io) {
     io.err(
       json
         ? `${JSON.stringify({ error: { name: error.name, message: error.message, code: error.code, details: error.details } }, (_, v) => (typeof v === 'bigint' ? v.toString() : v))}\n`
-        : `tollway: ${error.message}\n`,
+        : `tollway: ${visible(error.message)}\n`,
     )
     return error.code
   }

@@ -133,6 +133,26 @@ describe('admin', () => {
     expect((await json(['keys', 'list', account.id]))[0].revoked_at).toBeString()
   })
 
+  test('error: names the gateway holds with control characters (kept from before they were refused) are printed with those characters visible, not sent to the terminal', async () => {
+    const account = await json(['accounts', 'create', '--name', 'escapes', '--plan', 'free'])
+    await json(['keys', 'create', account.id, '--name', 'plain'])
+    // An OSC window title and a screen clear, as a name made before names refused them holds.
+    const name = '\u001b]0;owned\u0007\u001b[2J\u009b31m'
+    await gw.sql`update api_keys set name = ${name} where account_id = ${account.id}`
+    await gw.sql`update accounts set name = ${name} where id = ${account.id}`
+    for (const args of [
+      ['keys', 'list', account.id],
+      ['accounts', 'get', account.id],
+    ]) {
+      const human = await cli(args)
+      expect(human.code).toBe(0)
+      expect(human.stdout.replace(/[\n\t]/g, '')).not.toMatch(/\p{Cc}/u)
+      expect(human.stdout).toContain('\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\u{9b}31m')
+    }
+    // The JSON form keeps the name as it is (JSON escapes it).
+    expect((await json(['keys', 'list', account.id]))[0].name).toBe(name)
+  })
+
   test('behavior: accounts set moves an account to another plan; accounts list; usage of an account', async () => {
     const account = await json(['accounts', 'create', '--name', 'mover', '--plan', 'free'])
     const moved = await json(['accounts', 'set', account.id, '--plan', 'pro'])
