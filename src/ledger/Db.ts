@@ -106,6 +106,10 @@ export function connect(options: Options): Sql {
       connect_timeout: 10,
       connection: {
         application_name: name,
+        // Times as text in ISO form, whatever the server's default: the listings' cursors carry
+        // a row's time as the text PostgreSQL gives it (Page.ts), checked against that form; a
+        // server set to another style (SQL, German, Postgres) gave cursors no page took back.
+        datestyle: 'ISO, MDY',
         ...(options.schema ? { search_path: options.schema } : {}),
       },
       types: {

@@ -8,7 +8,10 @@ import { afterAll, expect, test } from 'bun:test'
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import * as Config from '../../src/Config.ts'
+import * as Accounts from '../../src/ledger/Accounts.ts'
 import * as Db from '../../src/ledger/Db.ts'
+import * as Page from '../../src/ledger/Page.ts'
 import * as Reservations from '../../src/ledger/Reservations.ts'
 import * as Settlements from '../../src/ledger/Settlements.ts'
 import { forwarder } from '../helpers/Forwarder.ts'
@@ -287,6 +290,43 @@ test.skipIf(!server)(
     })
   },
   15_000,
+)
+
+test.skipIf(!server)(
+  'behavior: on a database whose default date style is not ISO, the pool still gives times as ISO text, and a listing pages through its rows by its cursors',
+  async () => {
+    const name = `tollway_datestyle_${process.pid}`
+    const admin = Db.connect({ url: process.env.DATABASE_URL!, max: 1 })
+    await admin.unsafe(`drop database if exists ${name}`)
+    await admin.unsafe(`create database ${name}`)
+    await admin.unsafe(`alter database ${name} set datestyle = 'SQL, DMY'`)
+    const url = new URL(process.env.DATABASE_URL!)
+    url.pathname = `/${name}`
+    const sql = Db.connect({ url: url.toString(), max: 2 })
+    try {
+      const [r] = await sql`select now()::text as t, current_setting('datestyle') as style`
+      expect(r!.style).toBe('ISO, MDY')
+      expect(Page.shapes.timestamp.test(r!.t as string)).toBe(true)
+      await Db.migrate(sql)
+      await Accounts.syncPlans(sql, Config.from({}).plans)
+      const accounts = [] as string[]
+      for (let i = 0; i < 3; i++)
+        accounts.push(await Accounts.create(sql, { name: `a${i}`, plan: 'free' }))
+      const seen: string[] = []
+      let cursor: string | undefined
+      do {
+        const page = await Accounts.list(sql, { limit: 1, cursor })
+        seen.push(...page.data.map((a) => a.id))
+        cursor = page.next_cursor ?? undefined
+      } while (cursor)
+      expect(seen.sort()).toEqual(accounts.sort())
+    } finally {
+      await sql.end({ timeout: 1 })
+      await admin.unsafe(`drop database if exists ${name} with (force)`)
+      await admin.end({ timeout: 1 })
+    }
+  },
+  30_000,
 )
 
 test.skipIf(!server)(
