@@ -554,6 +554,32 @@ describe('open', () => {
     expect((await send(open)).status).toBe(200)
   }, 30_000)
 
+  test('error: an authorization open of a channel opened already some other way (its authorization never used) → 402 verification-failed, refused whole; the same open credential sent again after it opened the channel is answered 200', async () => {
+    const session = await paying()
+    const salt = keccak256(toHex(`opened another way ${crypto.randomUUID()}`))
+    const header = await session.openWithAuthorization({ deposit: 100_000n, initial: 1_000n, salt })
+    // The payer opens the same channel itself (same parameters, same id), with a deposit of
+    // its own: the authorization above is never used.
+    const { channelId } = await Escrow.open(chain.payerClient(0), {
+      escrow: chain.escrowAddress,
+      payee: chain.payee.address,
+      token: chain.currencyAddress,
+      deposit: 50_000n,
+      salt,
+    })
+    expect(channelId).toBe(session.channelId!)
+    const payerBefore = await payerBalance()
+    await rejected(await send(header), 402, 'verification-failed')
+    expect(await payerBalance()).toBe(payerBefore)
+    expect(await Channels.get(gw.sql, channelId)).toBeUndefined()
+
+    // A genuine authorization open, sent twice (its answer lost): the second is the same.
+    const genuine = await paying()
+    const open = await genuine.openWithAuthorization({ deposit: 100_000n, initial: 1_000n })
+    expect((await send(open)).status).toBe(200)
+    expect((await send(open)).status).toBe(200)
+  }, 30_000)
+
   test('error: an authorization reused for another channel → 409 transaction-reverted, nothing stored', async () => {
     const first = await paying()
     const used = await first.openWithAuthorization({ deposit: 100_000n, initial: 1_000n })

@@ -429,6 +429,17 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
   }
 
   return {
+    async authorizationUsed(channelId, a) {
+      return guard(channelId, () =>
+        readContract(o.client, {
+          address: o.currency,
+          abi: eip3009,
+          functionName: 'authorizationState',
+          args: [a.from, a.nonce],
+        }),
+      )
+    },
+
     async read(channelId) {
       const c = await guard(channelId, () =>
         Escrow.getChannel(o.client, { escrow: o.escrow, channelId }),

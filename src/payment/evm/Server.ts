@@ -83,6 +83,9 @@ export type Sent = { hash: Hex; deposit: bigint }
 /** The escrow as this method uses it (chain/ implements it). Failures are Problems. */
 export type Escrow = {
   read(channelId: Hex): Promise<OnChain | undefined>
+  /** Whether the currency's EIP-3009 authorization of `from` with `nonce` was used (or
+   * cancelled). */
+  authorizationUsed(channelId: Hex, a: { from: Address; nonce: Hex }): Promise<boolean>
   /** Checks that `hash` is a successful transaction of `fn` on our escrow for `channelId`. */
   /**
    * Checks that `hash` is a mined, successful `fn` of the channel on our escrow; what it put
@@ -216,6 +219,22 @@ export function create(o: Options) {
     return state
   }
 
+  /**
+   * An open of a channel that exists already is the same credential sent again (a retry after
+   * a lost answer, or to two instances), whose authorization opened it: the escrow derives an
+   * open's nonce from the channel's parameters, so that authorization was used. One never
+   * used is another open of it, which the escrow would revert: refused whole, as the draft
+   * says ("For already-existing channels, deposit.action MUST be topUp"; "If the deposit
+   * fails, the server MUST reject the entire credential"); it was served with no deposit made.
+   */
+  const openedBy = async (channelId: Hex, a: { from: Address; nonce: Hex }) => {
+    if (!(await o.chain.authorizationUsed(channelId, a)))
+      throw Problem.verificationFailed(
+        'The channel exists already and this open authorization was never used: a deposit to it is a top-up (deposit.action "topUp"), or send the voucher alone.',
+        { channelId },
+      )
+  }
+
   /** The draft's open checks on the escrow's state. */
   const checkOpened = (state: OnChain | undefined, channelId: Hex, _amount: bigint): OnChain => {
     checkOurs(state, channelId)
@@ -328,6 +347,7 @@ export function create(o: Options) {
           if (p.authorization.to.toLowerCase() !== o.escrow.toLowerCase())
             throw Problem.verificationFailed('authorization.to must be the escrow contract.')
           const existing = await o.chain.read(p.channelId)
+          if (existing) await openedBy(p.channelId, p.authorization)
           // The initial voucher is checked before the gateway pays gas to lock the payer's
           // deposit in a channel it would then refuse to serve.
           if (!existing) {
@@ -438,8 +458,10 @@ export function create(o: Options) {
             // top-up (an authorization copied from an earlier top-up is refused only on chain).
             await o.chain.verifyVoucher({ ...p, signer })
           }
+          if (d.action === 'open' && known) await openedBy(p.channelId, d.authorization)
           if (d.action === 'open' && !known) {
-            if (!(await o.chain.read(p.channelId))) {
+            if (await o.chain.read(p.channelId)) await openedBy(p.channelId, d.authorization)
+            else {
               gasPaid(d.authorization.value, 'deposit', p.channelId)
               await o.chain.verifyVoucher({
                 ...p,
