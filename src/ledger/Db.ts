@@ -132,8 +132,18 @@ export function connect(options: Options): Sql {
     // postgres.js's grows with each failed connect (3^n / 100 s, up to 20 s) and delays the
     // next connect by it, whoever asks: after an outage of a few seconds the Waker's LISTEN
     // waited 10 to 20 s behind it, as its own sql.listen did.
-    listener: (o) =>
-      open(1, undefined, { ...o, max_lifetime: null, fetch_types: false, backoff: () => 0 }),
+    listener: (o) => {
+      // Its sockets kept (`dial`), for `cut`.
+      const sockets = new Set<Seen>()
+      const client = open(1, sockets, {
+        ...o,
+        max_lifetime: null,
+        fetch_types: false,
+        backoff: () => 0,
+      })
+      listeners.set(client, sockets)
+      return client
+    },
     lost: { ordered: 0, pool: 0 },
   }
   Object.defineProperty(sql, POOL, { value: pool })
@@ -269,6 +279,22 @@ export function listener(sql: Sql, o: Pick<Listening, 'onnotify' | 'onclose'>): 
   const pool = poolOf(sql)
   if (!pool) throw new Error('listener: not a pool opened by Db.connect')
   return pool.listener(o)
+}
+
+/** The sockets of each client `listener` opened. */
+const listeners = new WeakMap<object, Set<Seen>>()
+
+/**
+ * Closes the connection of a client `listener` opened (its `onclose` is told, and its next
+ * statement connects again): one that stopped answering (a link lost without a reset, a NAT
+ * that forgot it) would otherwise be taken for open until TCP gives up, its LISTEN hearing
+ * nothing meanwhile.
+ */
+export function cut(client: Sql): void {
+  for (const e of listeners.get(client) ?? []) {
+    e.socket.destroy()
+    e.wire.destroy()
+  }
 }
 
 /** The connections of `sql`'s pool given up for lost so far (see `onOrdered`, `unstick`). */

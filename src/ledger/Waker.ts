@@ -13,7 +13,9 @@
  * (the server restarted or ended the session, the network failed), it listens again, with a
  * backoff, until it can: else, after an outage, the instance heard nothing for a long while
  * (postgres.js's own `listen` tries again only on its backoff, up to 20 s apart) and relied
- * on notifications that did not come. Nothing of this is on a request's path.
+ * on notifications that did not come. A connection that stopped answering without a close (a
+ * link lost without a reset) is found by asking it a `select 1` now and then, and closed.
+ * Nothing of this is on a request's path.
  */
 
 import type { Sql } from './Db.ts'
@@ -22,6 +24,8 @@ import * as Db from './Db.ts'
 const LISTEN = 'listen tollway_channel; listen tollway_superseded'
 /** The first wait before listening again after a close, and the longest (ms). */
 const RETRY_MS = { first: 100, most: 2_000 }
+/** How often the LISTEN connection is asked whether it still answers (ms). */
+const CHECK_MS = 15_000
 
 export class Waker {
   private readonly waiters = new Map<string, Set<() => void>>()
@@ -34,6 +38,8 @@ export class Waker {
   /** Streams under way on this instance: what ends each; without LISTEN, the latest by channel. */
   private readonly streams = new Map<string, () => void>()
   private readonly latest = new Map<string, string>()
+  private check: ReturnType<typeof setInterval> | undefined
+  private checking = false
 
   /**
    * Listens on the database (skip for the single-connection embedded server). `log` is told
@@ -41,7 +47,13 @@ export class Waker {
    */
   static async start(
     sql: Sql,
-    options: { listen: boolean; pollMs?: number; log?: (message: string) => void },
+    options: {
+      listen: boolean
+      pollMs?: number
+      /** How often its LISTEN connection is asked whether it answers (ms); half that to. */
+      checkMs?: number
+      log?: (message: string) => void
+    },
   ): Promise<Waker> {
     const log = options.log ?? ((m: string) => console.error(`tollway: ${m}`))
     const waker = new Waker(options.pollMs ?? 1000, options.listen, log)
@@ -60,7 +72,39 @@ export class Waker {
       throw e
     }
     waker.heard = true
+    const checkMs = options.checkMs ?? CHECK_MS
+    waker.check = setInterval(() => void waker.answers(checkMs / 2), checkMs)
+    waker.check.unref?.()
     return waker
+  }
+
+  /**
+   * Asks the LISTEN connection a `select 1`; one not answered within `ms` is closed, and
+   * listened on again (`lost`). A connection lost without a reset (a failover, a NAT that
+   * forgot it) is otherwise taken for open until TCP gives up, and its LISTEN hears nothing:
+   * waiters wake only at the poll, and a stream another instance took the channel from runs
+   * on until its next extension.
+   */
+  private async answers(ms: number): Promise<void> {
+    const client = this.client
+    if (!client || !this.heard || this.checking || this.stopped) return
+    this.checking = true
+    let timer: ReturnType<typeof setTimeout> | undefined
+    try {
+      const answered = await Promise.race([
+        client`select 1`.then(
+          () => true,
+          () => true,
+        ),
+        new Promise<boolean>((resolve) => {
+          timer = setTimeout(() => resolve(false), ms)
+        }),
+      ])
+      if (!answered && !this.stopped) Db.cut(client)
+    } finally {
+      clearTimeout(timer)
+      this.checking = false
+    }
   }
 
   private constructor(
@@ -178,6 +222,7 @@ export class Waker {
   async stop(): Promise<void> {
     this.stopped = true
     clearTimeout(this.retry)
+    clearInterval(this.check)
     await this.client?.end({ timeout: 1 })
   }
 }

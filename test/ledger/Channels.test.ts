@@ -484,6 +484,40 @@ describe('channelReservation', () => {
     }
   }, 40_000)
 
+  test('behavior: the waker listens again when its LISTEN connection stops answering without a close (a link lost without a reset)', async () => {
+    if (!process.env.DATABASE_URL) return // LISTEN needs a second connection
+    const link = await forwarder(new URL(db.url))
+    const far = Db.connect({ url: link.url, max: 2, ...(db.schema ? { schema: db.schema } : {}) })
+    const log: string[] = []
+    const waker = await Waker.start(far, {
+      listen: true,
+      pollMs: 60_000,
+      checkMs: 500,
+      log: (m) => log.push(m),
+    })
+    try {
+      // What the LISTEN connection carries is lost from now on, and it hears of no close.
+      link.drop()
+      // A voucher accepted elsewhere still wakes a waiter here, well before the poll (60 s),
+      // once the unanswered check has closed that connection and the waker listens on another.
+      const channelId = `0x${'a2'.repeat(32)}`
+      let heard = false
+      void waker.next(channelId, new AbortController().signal).then(() => {
+        heard = true
+      })
+      const deadline = performance.now() + 8_000
+      while (!heard && performance.now() < deadline) {
+        await sql`select pg_notify('tollway_channel', ${channelId.slice(2)})`
+        await Bun.sleep(200)
+      }
+      expect(heard).toBe(true)
+      expect(log[0]).toContain('lost the LISTEN')
+    } finally {
+      await waker.stop()
+      await far.end({ timeout: 1 })
+    }
+  }, 30_000)
+
   test('behavior: a channel whose waits ended by the poll or an abort is not kept by the waker', async () => {
     const waker = await Waker.start(sql, { listen: false, pollMs: 20 })
     const never = new AbortController().signal
