@@ -59,7 +59,8 @@ export async function admit(
     ), held as (
       update accounts ac set reserved = ac.reserved + ${want},
         active_requests = ac.active_requests + 1,
-        -- The period rounded down to a microsecond, as the batch function's (see there).
+        -- The period rounded down to a microsecond, and the limit's periods the span the
+        -- arrival time may run ahead, as the batch function's (see there).
         rate_tat = case when pl.requests_per_minute is null then ac.rate_tat
           else greatest(coalesce(ac.rate_tat, now.ts), now.ts)
             + interval '1 microsecond' * (60000000 / pl.requests_per_minute) end
@@ -69,7 +70,8 @@ export async function admit(
         and (pl.max_concurrent is null or ac.active_requests < pl.max_concurrent)
         and (pl.requests_per_minute is null
           or greatest(coalesce(ac.rate_tat, now.ts), now.ts)
-            + interval '1 microsecond' * (60000000 / pl.requests_per_minute) - now.ts <= interval '60 seconds')
+            + interval '1 microsecond' * (60000000 / pl.requests_per_minute) - now.ts
+            <= interval '1 microsecond' * (60000000 / pl.requests_per_minute) * pl.requests_per_minute)
         and (pl.tokens_per_month is null
           or case when ac.month_start < now.this_month then 0 else ac.month_tokens end
             + ${i.promptTokens} <= pl.tokens_per_month)
@@ -89,7 +91,8 @@ export async function admit(
       h.tokens_per_month - h.month_used - ${i.promptTokens} as quota_room,
       h.rpm as rate_limit,
       case when h.rpm is null then null
-        else floor(extract(epoch from (interval '60 seconds' - (h.new_tat - h.ts)))
+        else floor(extract(epoch from (interval '1 microsecond' * (60000000 / h.rpm) * h.rpm
+            - (h.new_tat - h.ts)))
           / extract(epoch from interval '1 microsecond' * (60000000 / h.rpm)))::int end as rate_remaining
     from held h`
   return row as AdmitRow | undefined

@@ -16,6 +16,8 @@ const db = await Postgres.fresh({
   ...plans,
   // A minute over 7 is no whole number of microseconds.
   sevenPerMinute: { tier: 0, requestsPerMinute: 7, maxConcurrent: null, tokensPerMonth: null },
+  // A minute over 7,768 rounded down to a microsecond (7,723 us) fits 7,769 times in a minute.
+  many: { tier: 0, requestsPerMinute: 7_768, maxConcurrent: null, tokensPerMonth: null },
 } as never)
 const { sql } = db
 
@@ -187,6 +189,33 @@ describe('admit alone', () => {
       ...[6, 5, 4, 3, 2, 1, 0].map((n) => ['ok', n]),
       ['rate', 0],
     ])
+  })
+
+  test('behavior: a plan of 7,768 requests a minute admits 7,768 at once and says 7,767 remain after the first, not one more, though its rounded period fits the minute once more', async () => {
+    const lone = await Ledger.account(sql, 100_000n, 'many')
+    const first = await Alone.admit(sql, {
+      model: 'm',
+      stream: false,
+      minTier: 0,
+      promptTokens: 1,
+      want: 1n,
+      keyHash: lone.keyHash,
+      requestId: crypto.randomUUID(),
+      leaseSeconds: 60,
+    })
+    expect(first?.rate_remaining).toBe(7_767)
+    const batched = await Ledger.account(sql, 100_000n, 'many')
+    const answers = await batch(
+      Array.from({ length: 7_769 }, () => ({
+        ...Ledger.item(batched.keyHash),
+        want: '1',
+        need: '1',
+        requestId: crypto.randomUUID(),
+      })),
+    )
+    expect(answers[0]!.rate_remaining).toBe(7_767)
+    expect(answers.filter((a) => a.status === 'ok').length).toBe(7_768)
+    expect([answers.at(-2)!.rate_remaining, answers.at(-1)!.status]).toEqual([0, 'rate'])
   })
 
   test('error: an unknown or revoked key is declined', async () => {

@@ -1,4 +1,4 @@
--- version: 5
+-- version: 6
 -- tollway_ledger_batch: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
 -- this file after the migrations when its version (the first line) is above the one applied, so
@@ -41,7 +41,7 @@ DECLARE
   cur uuid;   -- the account whose row is in the variables below
   bal numeric; res numeric; act int; tat timestamptz; mstart date; mtok bigint;
   wtok double precision; wat timestamptz; dirty boolean := false;
-  period interval; new_tat timestamptz; remaining int; wallet double precision;
+  period interval; span interval; new_tat timestamptz; remaining int; wallet double precision;
   amount numeric; tokens bigint; month_used bigint; idem record;
   -- The answers, by item.
   answers text[] := array_fill(NULL::text, ARRAY[jsonb_array_length(p_items)]);
@@ -195,20 +195,23 @@ BEGIN
     END IF;
     new_tat := NULL; remaining := NULL;
     IF a.requests_per_minute IS NOT NULL THEN
-      -- Allowed while the theoretical arrival time stays within one minute. The period is a
-      -- minute over the limit rounded down to a microsecond (a timestamp's precision), so that
-      -- the limit's requests fit in the minute: an interval's division rounds to the nearest,
-      -- and 7 periods of 60 s / 7 (8.571429 s) passed the minute, so a plan of 7 a minute
-      -- allowed 6 at once and said one fewer remained.
+      -- Allowed while the theoretical arrival time stays within the limit's periods (`span`).
+      -- The period is a minute over the limit rounded down to a microsecond (a timestamp's
+      -- precision), so that the limit's requests fit in the minute: an interval's division
+      -- rounds to the nearest, and 7 periods of 60 s / 7 (8.571429 s) passed the minute, so a
+      -- plan of 7 a minute allowed 6 at once and said one fewer remained. The span is the
+      -- limit's periods, not the minute: rounded down, one more period may fit the minute
+      -- (7,769 of 7,723 us for a plan of 7,768), which admitted one over the limit.
       period := interval '1 microsecond' * (60000000 / a.requests_per_minute);
+      span := period * a.requests_per_minute;
       new_tat := greatest(coalesce(tat, ts), ts) + period;
-      IF new_tat - ts > interval '60 seconds' THEN
+      IF new_tat - ts > span THEN
         answers[e.n + 1] := '["rate","' || cur || '","' || e.kid || '",'
-          || ceil(extract(epoch FROM (new_tat - interval '60 seconds' - ts)) * 1000)::bigint
+          || ceil(extract(epoch FROM (new_tat - span - ts)) * 1000)::bigint
           || ',' || a.requests_per_minute || ',0]';
         CONTINUE;
       END IF;
-      remaining := floor(extract(epoch FROM (interval '60 seconds' - (new_tat - ts))) / extract(epoch FROM period))::int;
+      remaining := floor(extract(epoch FROM (span - (new_tat - ts))) / extract(epoch FROM period))::int;
     END IF;
     -- `remaining` is what remains once this request is counted: an admission's answer. A
     -- refusal below counts nothing against the rate (tat stays), so it states one more, this
