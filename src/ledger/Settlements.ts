@@ -526,16 +526,31 @@ export async function withLock<T>(
   // gone with it), so the pass ends; it waited until TCP gave up, a quarter of an hour, and no
   // pass of this process ran meanwhile.
   const within = <T>(call: PromiseLike<T>) => Db.answered(sql, call)
+  const unlock = () =>
+    within(reserved`select pg_advisory_unlock(hashtext(current_schema() || '.tollway_settlement'))`)
+  const lock = reserved`
+    select pg_try_advisory_lock(hashtext(current_schema() || '.tollway_settlement')) as locked`
+  let taken: boolean
   try {
-    const [r] = await within(reserved`
-      select pg_try_advisory_lock(hashtext(current_schema() || '.tollway_settlement')) as locked`)
-    if (!r!.locked) return { locked: false }
+    const [r] = await within(lock)
+    taken = r!.locked
+  } catch (e) {
+    // Cut at the deadline, the statement may still take the lock, its answer late (a database
+    // slow to answer, not gone): the connection goes back to the pool once that answer is
+    // known, the lock let go if it was taken. Released at once, a pooled connection held the
+    // lock for good (a session's lock), and no other instance settled again.
+    void lock
+      .then(([l]) => (l?.locked ? unlock() : undefined))
+      .catch(() => {})
+      .finally(() => reserved.release())
+    throw e
+  }
+  try {
+    if (!taken) return { locked: false }
     try {
       return { locked: true, value: await fn(bounded(locked(reserved), within)) }
     } finally {
-      await within(
-        reserved`select pg_advisory_unlock(hashtext(current_schema() || '.tollway_settlement'))`,
-      )
+      await unlock()
     }
   } finally {
     reserved.release()

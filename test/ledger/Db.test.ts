@@ -330,6 +330,39 @@ test.skipIf(!server)(
 )
 
 test.skipIf(!server)(
+  'error: a settlement lock whose statement answers past the deadline, having taken the lock, is let go once its answer comes: the connection goes back to the pool without it, and another session takes it',
+  async () => {
+    const { link, sql } = await pool(1, undefined, undefined, 1_000)
+    expect((await sql`select 1 as x`)[0]).toEqual({ x: 1 })
+    // The statement reaches the database, which takes the lock; its answer is held past the
+    // deadline, then passes a moment after the caller gave up (before the look for stuck
+    // connections, which then finds none to close).
+    link.stall('answers')
+    const pass = await Settlements.store(sql)
+      .withLock(async () => 'ran')
+      .then(
+        () => 'answered',
+        (e: unknown) => e,
+      )
+    link.resume()
+    expect(pass).toBeInstanceOf(Db.DatabaseTimeoutError)
+    const other = Db.connect({ url: process.env.DATABASE_URL!, max: 1 })
+    try {
+      let taken: unknown
+      for (let i = 0; i < 60; i++) {
+        taken = await Settlements.store(other).withLock(async () => 'ran')
+        if ((taken as { locked: boolean }).locked) break
+        await Bun.sleep(50)
+      }
+      expect(taken).toEqual({ locked: true, value: 'ran' })
+    } finally {
+      await other.end({ timeout: 1 })
+    }
+  },
+  15_000,
+)
+
+test.skipIf(!server)(
   'error: a reserved connection (the settlement lock holder) whose socket closed fails its statements as closed, again and again, even once the pool has opened the connection again for others: none throws where nothing catches it (ending the process), none runs on the new session (outside its lock), and its release leaves the pool whole (patches/postgres+3.4.9.patch)',
   async () => {
     // One connection: the reserved one, which the pool opens again for the next caller.
