@@ -28,7 +28,7 @@ import {
 import * as Pricing from '../metering/Pricing.ts'
 import { type CliError, PaymentError, ServerError, UsageError } from './Errors.ts'
 import * as Http from './Http.ts'
-import type { Context } from './main.ts'
+import { type Context, visible } from './main.ts'
 
 const WalletKey = z.string().regex(/^0x[0-9a-fA-F]{64}$/, 'must be a 0x-prefixed 32-byte hex key')
 
@@ -236,7 +236,9 @@ export async function chat(ctx: Context) {
         const piece = answerText(chunk.choices?.[0]?.delta?.content)
         text += piece
         for (const c of chunk.choices ?? []) received.push(c.delta)
-        if (piece && !ctx.settings.json) ctx.io.out(piece)
+        // The answer as `visible` shows it: a model's text (or a gateway's) is not the
+        // terminal's to run (an escape sequence in it would set a title, clear the screen).
+        if (piece && !ctx.settings.json) ctx.io.out(visible(piece))
         if (chunk.usage) usage = chunk.usage
         if (chunk.tollway_receipt) receipt = chunk.tollway_receipt
       },
@@ -255,7 +257,7 @@ export async function chat(ctx: Context) {
     for (const c of body.choices) received.push(c.message)
     usage = body.usage
     receipt = body.tollway_receipt
-    if (!ctx.settings.json) ctx.io.out(`${text}\n`)
+    if (!ctx.settings.json) ctx.io.out(`${visible(text)}\n`)
   }
   const channel = await pay.channel(url)
   if (signed)
@@ -272,7 +274,9 @@ export async function chat(ctx: Context) {
     )
   else
     ctx.io.err(
-      `cost: ${usage?.cost ?? '?'} base units (${usage?.prompt_tokens ?? '?'} in, ${usage?.completion_tokens ?? '?'} out); channel ${channel?.channelId ?? '?'} signed ${channel?.signed ?? '?'} of ${channel?.deposit ?? '?'}\n${signed ? `receipt: verified, signed by key ${receipt!.key_id}\n` : ''}`,
+      visible(
+        `cost: ${usage?.cost ?? '?'} base units (${usage?.prompt_tokens ?? '?'} in, ${usage?.completion_tokens ?? '?'} out); channel ${channel?.channelId ?? '?'} signed ${channel?.signed ?? '?'} of ${channel?.deposit ?? '?'}\n${signed ? `receipt: verified, signed by key ${receipt!.key_id}\n` : ''}`,
+      ),
     )
   // The answer was cut (what came, and its cost, are printed above): not a success.
   if (failed) {
@@ -501,7 +505,9 @@ export async function status(ctx: Context) {
     ctx.io.out(`${JSON.stringify({ channel, server, closing, setApart: apart })}\n`)
   else
     ctx.io.out(
-      `channel ${local.channelId}: ${server.status}, deposit ${server.deposit}, signed ${local.signed}, accepted ${server.acceptedCumulative}, spent ${server.spent}, settled ${server.settled}\n`,
+      visible(
+        `channel ${local.channelId}: ${server.status}, deposit ${server.deposit}, signed ${local.signed}, accepted ${server.acceptedCumulative}, spent ${server.spent}, settled ${server.settled}\n`,
+      ),
     )
 }
 

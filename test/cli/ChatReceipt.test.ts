@@ -14,41 +14,54 @@ import * as Scripted from '../helpers/Scripted.ts'
 /** Mistral's reasoning models answer content as parts: thinking, then text. */
 const thinking = { type: 'thinking', thinking: [{ type: 'text', text: 'Say hi.' }] }
 
+/** An answer carrying escape sequences: a window title set, the screen cleared. */
+const mischief = 'Hi\u001b]0;owned\u0007\u001b[2J\u009b31m.'
+
 const url = Scripted.serve((body) =>
-  body.model === 'magistral'
+  body.model === 'mischief'
     ? body.stream
       ? Scripted.events([
-          Scripted.chunk({ role: 'assistant', content: [thinking] }),
-          Scripted.chunk({ content: [{ type: 'text', text: 'Hi' }] }),
-          Scripted.chunk({ content: '.' }),
+          Scripted.chunk({ role: 'assistant', content: mischief.slice(0, 4) }),
+          Scripted.chunk({ content: mischief.slice(4) }),
           Scripted.chunk({}, 'stop'),
         ])
       : Response.json(
-          Scripted.completion(
-            { content: [thinking, { type: 'text', text: 'Hi.' }] },
-            { prompt_tokens: 5, completion_tokens: 6 },
-          ),
+          Scripted.completion({ content: mischief }, { prompt_tokens: 5, completion_tokens: 6 }),
         )
-    : body.stream
-      ? Scripted.events([
-          Scripted.chunk({ role: 'assistant', content: '' }),
-          Scripted.chunk({ content: null, reasoning_content: 'Say hi.' }),
-          Scripted.chunk({ content: 'Hi.' }),
-          Scripted.chunk({}, 'stop'),
-        ])
-      : Response.json(
-          Scripted.completion(
-            { content: 'Hi.', reasoning_content: 'Say hi.' },
-            { prompt_tokens: 5, completion_tokens: 6 },
+    : body.model === 'magistral'
+      ? body.stream
+        ? Scripted.events([
+            Scripted.chunk({ role: 'assistant', content: [thinking] }),
+            Scripted.chunk({ content: [{ type: 'text', text: 'Hi' }] }),
+            Scripted.chunk({ content: '.' }),
+            Scripted.chunk({}, 'stop'),
+          ])
+        : Response.json(
+            Scripted.completion(
+              { content: [thinking, { type: 'text', text: 'Hi.' }] },
+              { prompt_tokens: 5, completion_tokens: 6 },
+            ),
+          )
+      : body.stream
+        ? Scripted.events([
+            Scripted.chunk({ role: 'assistant', content: '' }),
+            Scripted.chunk({ content: null, reasoning_content: 'Say hi.' }),
+            Scripted.chunk({ content: 'Hi.' }),
+            Scripted.chunk({}, 'stop'),
+          ])
+        : Response.json(
+            Scripted.completion(
+              { content: 'Hi.', reasoning_content: 'Say hi.' },
+              { prompt_tokens: 5, completion_tokens: 6 },
+            ),
           ),
-        ),
 )
 
 const chain = await Anvil.start()
 afterAll(() => chain.stop())
 const gw = await Scripted.gateway(
   url,
-  ['thinker', 'magistral'],
+  ['thinker', 'magistral', 'mischief'],
   {},
   {
     chain: Gateway.chainOf(chain),
@@ -98,6 +111,15 @@ test('behavior: chat prints the text parts of an answer whose content is an arra
     expect(r.stdout).toBe('Hi.\n')
     expect(r.stderr).toContain('receipt: verified')
     expect(r.code).toBe(0)
+  }
+}, 60_000)
+
+test('error: an answer with control characters is printed with them visible, not sent to the terminal, whole and streamed', async () => {
+  for (const stream of [[], ['--stream']]) {
+    const r = await cli(['chat', 'hello', '--model', 'mischief', ...stream, '--trust-escrow'])
+    expect(r.code).toBe(0)
+    expect(r.stdout).toBe('Hi\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\u{9b}31m.\n')
+    for (const c of ['\u001b', '\u0007', '\u009b']) expect(r.stdout + r.stderr).not.toContain(c)
   }
 }, 60_000)
 
