@@ -98,6 +98,7 @@ export class Waker {
         ),
         new Promise<boolean>((resolve) => {
           timer = setTimeout(() => resolve(false), ms)
+          timer.unref?.()
         }),
       ])
       if (!answered && !this.stopped) Db.cut(client)
