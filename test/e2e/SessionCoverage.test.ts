@@ -525,6 +525,8 @@ describe('one stream per channel', () => {
     expect(second.status).toBe(200)
     const res = await first
     expect(res.status).toBe(409)
+    // OpenAI's SDKs retry a 409 unless told not to: sent again, it would end the newer stream.
+    expect(res.headers.get('x-should-retry')).toBe('false')
     expect(await res.text()).toContain('stream_superseded')
     expect(text(await read(second, async () => {}))).toBe('one two three')
     await idle(session.channelId!)

@@ -379,11 +379,14 @@ async function serve(
       asked: upstream.asked,
       price,
     })
-    // A newer stream took the channel (or it is closing) before this one's upstream began.
+    // A newer stream took the channel (or it is closing) before this one's upstream began. Not
+    // for OpenAI's SDKs to send again by themselves (they retry every 409): sent again, it would
+    // take the channel back and end the newer stream, already under way.
     if (reservation.superseded && !signal.aborted)
       throw new ConflictError(
         'A newer stream on this channel took over, or the channel is closing, before this one began; nothing was charged.',
         'stream_superseded',
+        { headers: { ...noRetry } },
       )
     if (abort.signal.reason instanceof GatewayStoppingError && !signal.aborted)
       throw abort.signal.reason
