@@ -127,6 +127,44 @@ export function response(c: Context, o: Options): Response {
     }
   }
 
+  // What OpenAI's chunks always carry and some upstreams leave out (GetInference's are
+  // `{"choices":[{"delta":{"content":"…"}}]}`): `id`, `object`, `created`, and a role on each
+  // choice's first delta. OpenAI's SDKs type them as always there, and their stream helper
+  // (`chat.completions.stream`, `runTools`) fails a choice that never had a role ("missing
+  // role for choice 0"). The stream's first id and time stand in for those left out.
+  let id: string | undefined
+  let created: number | undefined
+  const roled = new Set<number>()
+  /** `chunk` with what it left out filled in, or undefined when it left out nothing. */
+  const completed = (chunk: Chunk): Chunk | undefined => {
+    id ??= chunk.id
+    created ??= chunk.created
+    let choices: Chunk['choices'] | undefined
+    for (const [i, choice] of chunk.choices.entries()) {
+      if (roled.has(choice.index)) continue
+      roled.add(choice.index)
+      if (typeof choice.delta.role === 'string') continue
+      choices ??= [...chunk.choices]
+      choices[i] = { ...choice, delta: { ...choice.delta, role: 'assistant' } }
+    }
+    if (
+      choices === undefined &&
+      chunk.id !== undefined &&
+      chunk.object !== undefined &&
+      chunk.created !== undefined
+    )
+      return undefined
+    id ??= `chatcmpl-${crypto.randomUUID()}`
+    created ??= Math.floor(Date.now() / 1000)
+    return {
+      ...chunk,
+      id: chunk.id ?? id,
+      object: chunk.object ?? 'chat.completion.chunk',
+      created: chunk.created ?? created,
+      ...(choices ? { choices } : {}),
+    }
+  }
+
   // The upstream's JSON text is forwarded as is when it names the model the client asked
   // for, or with its model field swapped when that field is found exactly once (an upstream
   // spelling it otherwise, or repeating it nested, goes through JSON.stringify).
@@ -150,8 +188,12 @@ export function response(c: Context, o: Options): Response {
         let text = ''
         for (const r of frame.chunks) {
           last = r
-          // A template read (`r.text` set) has no finish reason: its chunk is not built.
+          // A template read (`r.text` set) has no finish reason: its chunk is not built (nor
+          // completed: a template is learned only from a chunk that has its id, object and
+          // created, and after its choice's first delta, which went the full way).
           const finishing = r.text === undefined && finishes(r.chunk)
+          const filled = r.text === undefined ? completed(r.chunk) : undefined
+          const chunk = filled ?? r.chunk
           if (finishing) finishSent = true
           // The finishing chunk stays held to the end; chunks after it (Azure sends one of
           // content_filter_results, `finish_reason: null`) go out ahead of it, so the one
@@ -165,13 +207,13 @@ export function response(c: Context, o: Options): Response {
               text += line(held)
               hash(held)
             }
-            held = { ...r.chunk, model: o.model }
+            held = { ...chunk, model: o.model }
           } else {
             // A template read knows its text without building the chunk.
             if (r.text !== undefined) digest?.update(r.text)
             else hash(r.chunk)
-            const json = forwarded(r)
-            text += json === undefined ? line({ ...r.chunk, model: o.model }) : `data: ${json}\n\n`
+            const json = filled ? undefined : forwarded(r)
+            text += json === undefined ? line({ ...chunk, model: o.model }) : `data: ${json}\n\n`
           }
         }
         return text.length > 0 ? [text] : []
@@ -196,9 +238,9 @@ export function response(c: Context, o: Options): Response {
       | (Chunk & { system_fingerprint?: unknown; service_tier?: unknown })
       | undefined
     const base = {
-      id: chunk?.id ?? `chatcmpl-${crypto.randomUUID()}`,
+      id: chunk?.id ?? id ?? `chatcmpl-${crypto.randomUUID()}`,
       object: 'chat.completion.chunk',
-      created: chunk?.created ?? Math.floor(Date.now() / 1000),
+      created: chunk?.created ?? created ?? Math.floor(Date.now() / 1000),
       model: o.model,
       // As the upstream's chunks carry them (OpenAI's usage chunk repeats them).
       ...(chunk?.system_fingerprint != null

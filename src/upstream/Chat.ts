@@ -680,6 +680,8 @@ export function template() {
       const top = chunk as Record<string, unknown>
       const choice = chunk.choices[0] as Record<string, unknown> | undefined
       if (chunk.choices.length !== 1 || !choice || !flat(top, 'choices')) return
+      // A chunk without them is completed by the stream (http/Sse.ts), from the chunk built.
+      if (top.id === undefined || top.object === undefined || top.created === undefined) return
       const delta = choice.delta as Record<string, unknown>
       if (!flat(choice, 'delta') || !flat(delta, '') || typeof delta.content !== 'string') return
       if (choice.finish_reason !== null && choice.finish_reason !== undefined) return

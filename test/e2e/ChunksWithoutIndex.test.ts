@@ -1,7 +1,9 @@
 /**
  * A stream whose chunks carry no choice `index`, as GetInference documents its stream output
  * (references/002: `data: {"choices":[{"delta":{"content":"Once"}}]}`, no id, no model, no
- * finish_reason, then `[DONE]`): a valid answer of one choice, served and metered as choice 0.
+ * finish_reason, then `[DONE]`): a valid answer of one choice, served and metered as choice 0,
+ * with what OpenAI's SDKs read and the upstream left out (`id`, `object`, `created`, the role)
+ * filled in.
  */
 import { expect, test } from 'bun:test'
 import * as Batch from '../../src/ledger/Batch.ts'
@@ -11,8 +13,14 @@ import * as Scripted from '../helpers/Scripted.ts'
 import * as Sse from '../helpers/Sse.ts'
 
 const WORDS = ['Once', ' upon', ' a', ' time']
-const url = Scripted.serve(() =>
-  Scripted.events(WORDS.map((w) => `{"choices":[{"delta":{"content":${JSON.stringify(w)}}}]}`)),
+const url = Scripted.serve((body) =>
+  body.stream
+    ? Scripted.events(WORDS.map((w) => `{"choices":[{"delta":{"content":${JSON.stringify(w)}}}]}`))
+    : Response.json({
+        choices: [
+          { message: { role: 'assistant', content: WORDS.join('') }, finish_reason: 'stop' },
+        ],
+      }),
 )
 const gw = await Scripted.gateway(url, ['getinference'])
 const messages = [{ role: 'user' as const, content: 'Write a poem' }]
@@ -51,4 +59,35 @@ test('behavior: the openai SDK iterates such a stream as choice 0', async () => 
     text += c.choices[0]!.delta.content ?? ''
   }
   expect(text).toBe(WORDS.join(''))
+})
+
+test('behavior: such chunks reach the client with an id, object and created, and the choice its role', async () => {
+  const { key } = await gw.account()
+  const res = await gw.complete(key, { model: 'getinference', stream: true, messages })
+  const chunks = Sse.json(await res.text())
+  // One id and time for the stream, as OpenAI's chunks share theirs.
+  expect(new Set(chunks.map((c) => c.id)).size).toBe(1)
+  expect(new Set(chunks.map((c) => c.created)).size).toBe(1)
+  for (const c of chunks) {
+    expect(c.id).toStartWith('chatcmpl-')
+    expect(c.object).toBe('chat.completion.chunk')
+    expect(typeof c.created).toBe('number')
+    expect(c.model).toBe('getinference')
+  }
+  const first = chunks[0]!.choices as { delta: { role?: string } }[]
+  expect(first[0]!.delta.role).toBe('assistant')
+})
+
+test('behavior: a whole completion without an id, object or created reaches the client with them', async () => {
+  const { key } = await gw.account()
+  const completion = await gw
+    .openai(key)
+    .chat.completions.create({ model: 'getinference', messages })
+  expect(completion).toMatchObject({
+    id: expect.stringMatching(/^chatcmpl-/),
+    object: 'chat.completion',
+    created: expect.any(Number),
+    model: 'getinference',
+  })
+  expect(completion.choices[0]!.message.content).toBe(WORDS.join(''))
 })

@@ -39,12 +39,14 @@ const end: Frame = {
 
 describe('response', () => {
   test('behavior: upstream JSON is forwarded with the model the client asked for, whatever the upstream calls it', async () => {
-    const plain = '{"id":"x","model":"up/m","choices":[{"index":0,"delta":{"content":"a"}}]}'
+    const plain =
+      '{"id":"x","object":"chat.completion.chunk","created":1,"model":"up/m","choices":[{"index":0,"delta":{"role":"assistant","content":"a"}}]}'
     // Named twice (here nested): not swapped in place, re-serialized instead.
     // The nested one first: swapping the first occurrence would swap the wrong field.
     const twice =
-      '{"id":"x","x":{"model":"up/m"},"model":"up/m","choices":[{"index":0,"delta":{"content":"b"}}]}'
-    const same = '{"id":"x","model":"ours","choices":[{"index":0,"delta":{"content":"c"}}]}'
+      '{"id":"x","object":"chat.completion.chunk","created":1,"x":{"model":"up/m"},"model":"up/m","choices":[{"index":0,"delta":{"content":"b"}}]}'
+    const same =
+      '{"id":"x","object":"chat.completion.chunk","created":1,"model":"ours","choices":[{"index":0,"delta":{"content":"c"}}]}'
     const out = await render(
       [{ kind: 'chunks', chunks: [received(plain), received(twice), received(same)] }, end],
       { model: 'ours', includeUsage: true },
@@ -65,9 +67,10 @@ describe('response', () => {
   })
 
   test('behavior: with include_usage, a finish_reason goes out exactly once: from the upstream, or from the gateway for a stream cut short', async () => {
-    const text = '{"id":"x","model":"ours","choices":[{"index":0,"delta":{"content":"a"}}]}'
+    const text =
+      '{"id":"x","object":"chat.completion.chunk","created":1,"model":"ours","choices":[{"index":0,"delta":{"content":"a"}}]}'
     const stop =
-      '{"id":"x","model":"ours","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+      '{"id":"x","object":"chat.completion.chunk","created":1,"model":"ours","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
     const finishes = (out: unknown[]) =>
       out.flatMap((e) =>
         typeof e === 'object' && e && 'choices' in e
@@ -93,8 +96,10 @@ describe('response', () => {
   })
 
   test('behavior: without include_usage the finishing chunk is held back and carries the usage', async () => {
-    const a = '{"id":"x","model":"m","choices":[{"index":0,"delta":{"content":"a"}}]}'
-    const stop = '{"id":"x","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    const a =
+      '{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"a"}}]}'
+    const stop =
+      '{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
     const out = await render([{ kind: 'chunks', chunks: [received(a), received(stop)] }, end], {
       model: 'm',
       includeUsage: false,
@@ -104,10 +109,12 @@ describe('response', () => {
 
   // Azure sends a chunk after the finishing one: no text, `finish_reason: null`, the
   // choice's content_filter_results.
-  const a = '{"id":"x","model":"m","choices":[{"index":0,"delta":{"content":"a"}}]}'
-  const stop = '{"id":"x","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+  const a =
+    '{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"a"}}]}'
+  const stop =
+    '{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
   const trailer =
-    '{"id":"x","model":"m","choices":[{"index":0,"delta":{},"finish_reason":null,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}'
+    '{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{},"finish_reason":null,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}'
   const upstream: Frame[] = [
     { kind: 'chunks', chunks: [received(a), received(stop)] },
     { kind: 'chunks', chunks: [received(trailer)] },
@@ -162,7 +169,7 @@ function served(frames: AsyncGenerator<Frame, void, undefined>, abort: () => voi
 
 describe('backpressure', () => {
   test('behavior: a client that stops reading stops the frames being pulled; every event arrives once it reads again', async () => {
-    const big = `{"id":"x","model":"m","choices":[{"index":0,"delta":{"content":"${'w'.repeat(64 * 1024)}"}}]}`
+    const big = `{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"${'w'.repeat(64 * 1024)}"}}]}`
     const total = 2000 // 128 MB in all: far more than the sockets between can hold
     let pulled = 0
     let stopped = false
@@ -207,7 +214,8 @@ describe('backpressure', () => {
   test('behavior: a client that goes away mid-stream aborts the upstream and ends the frames', async () => {
     let finished = false
     let aborted = false
-    const word = '{"id":"x","model":"m","choices":[{"index":0,"delta":{"content":"w"}}]}'
+    const word =
+      '{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"w"}}]}'
     const { server, url } = served(
       (async function* () {
         try {

@@ -330,7 +330,8 @@ describe('template', () => {
         ),
       ),
     },
-    { requiredKeys: ['choices'] },
+    // A chunk without its id, object or created is not learned (see the test of other shapes).
+    { requiredKeys: ['id', 'object', 'created', 'choices'] },
   )
   const escaped = (s: string) =>
     `"${[...s].map((c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`).join('')}"`
@@ -429,14 +430,17 @@ describe('template', () => {
     }
   })
 
-  test('behavior: other shapes are not learned (tool calls, two choices, usage, a finish reason, a repeated content key)', () => {
+  test('behavior: other shapes are not learned (tool calls, two choices, usage, a finish reason, a repeated content key, no id, object or created)', () => {
+    const header = '{"id":"x","object":"chat.completion.chunk","created":1,'
     for (const data of [
-      '{"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"}]}',
-      '{"choices":[{"index":0,"delta":{"tool_calls":[{"function":{"arguments":"x"}}]}}]}',
-      '{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}',
-      '{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}',
-      '{"choices":[{"index":0,"delta":{"content":"a","cont\\u0065nt":"b"}}]}',
-      '{"choices":[{"index":0,"delta":{"content":"a"}}],"x":{"content":"y"}}',
+      `${header}"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":"stop"}]}`,
+      `${header}"choices":[{"index":0,"delta":{"tool_calls":[{"function":{"arguments":"x"}}]}}]}`,
+      `${header}"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}`,
+      `${header}"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}`,
+      `${header}"choices":[{"index":0,"delta":{"content":"a","cont\\u0065nt":"b"}}]}`,
+      `${header}"choices":[{"index":0,"delta":{"content":"a"}}],"x":{"content":"y"}}`,
+      // The stream completes such a chunk (http/Sse.ts), which a template read would skip.
+      '{"choices":[{"index":0,"delta":{"content":"a"}}]}',
     ]) {
       const t = Chat.template()
       t.learn(data, Chat.Chunk.parse(JSON.parse(data)))

@@ -334,6 +334,10 @@ async function serve(
     )
     return c.json({
       ...completion,
+      // What OpenAI's SDKs read and some upstreams leave out (see Sse.ts).
+      id: completion.id ?? `chatcmpl-${crypto.randomUUID()}`,
+      object: completion.object ?? 'chat.completion',
+      created: completion.created ?? Math.floor(Date.now() / 1000),
       model: model.id,
       usage: { ...completion.usage, ...usage },
       // Named apart from the MPP `receipt` a voucher sent alone is answered with.
