@@ -446,6 +446,10 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
       status === 'stopped'
     )
       finishReason = 'length'
+    // An upstream that ended its stream ([DONE]) and never said why (GetInference's): it
+    // stopped, as OpenAI would say; OpenAI's SDKs fail a choice without a finish_reason
+    // ("missing finish_reason for choice 0").
+    if (status === 'ok' && finishReason === null) finishReason = 'stop'
     const usage = await settle()
     // Aborted, the client is gone, unless the abort was a newer stream's taking over or the
     // gateway's stop.

@@ -91,3 +91,33 @@ test('behavior: a whole completion without an id, object or created reaches the 
   })
   expect(completion.choices[0]!.message.content).toBe(WORDS.join(''))
 })
+
+test('behavior: such a stream, ended by [DONE] with no finish_reason, finishes its choice with stop; the openai SDK stream helper takes it', async () => {
+  const { key } = await gw.account()
+  const plain = Sse.json(
+    await (await gw.complete(key, { model: 'getinference', stream: true, messages })).text(),
+  )
+  expect(plain.at(-1)!.choices).toEqual([{ index: 0, delta: {}, finish_reason: 'stop' }])
+  const withUsage = Sse.json(
+    await (
+      await gw.complete(key, {
+        model: 'getinference',
+        stream: true,
+        stream_options: { include_usage: true },
+        messages,
+      })
+    ).text(),
+  )
+  expect(withUsage.at(-2)!.choices).toEqual([{ index: 0, delta: {}, finish_reason: 'stop' }])
+  expect(withUsage.at(-1)!.choices).toEqual([])
+  // The SDK's helper fails a choice that never had a finish_reason ("missing finish_reason for
+  // choice 0"), as it fails one that never had a role.
+  const completion = await gw
+    .openai(key)
+    .chat.completions.stream({ model: 'getinference', messages })
+    .finalChatCompletion()
+  expect(completion.choices[0]!).toMatchObject({
+    finish_reason: 'stop',
+    message: { role: 'assistant', content: WORDS.join('') },
+  })
+})
