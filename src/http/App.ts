@@ -263,6 +263,11 @@ export function create(deps: Deps): Hono {
     if (error.status === 402 && deps.payments && !Payments.hasPaymentChallenge(error))
       error = new WithoutPaymentError(error)
     for (const [k, v] of Object.entries(error.headers)) c.header(k, v)
+    // Every answer of the completions path carries an x-request-id (OpenAI's SDKs report it
+    // with the error): one refused before its route ran (a body over the limit, a
+    // Content-Length or Host that is none) gets its own here.
+    if (c.req.path === COMPLETIONS && !c.res.headers.has('x-request-id'))
+      c.header('x-request-id', Chat.newRequestId())
     // The core draft ("Retry Behavior"): a 402 says when the client may retry. With what its
     // Payment challenge asks for (a credential, a voucher), at once. (A key holder's 402
     // without one waits for credits: no time can be given.)

@@ -4,6 +4,7 @@ import * as Batch from '../../src/ledger/Batch.ts'
 import * as Db from '../../src/ledger/Db.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
 import * as Gateway from '../helpers/Gateway.ts'
+import * as Raw from '../helpers/Raw.ts'
 
 const gw = await Gateway.create()
 
@@ -388,7 +389,24 @@ describe('errors', () => {
       await post(broke.key, { model: 'fake', messages }),
     ]
     expect(refused.map((r) => r.status)).toEqual([401, 404, 400, 402])
-    const ids = refused.map((r) => r.headers.get('x-request-id'))
+    // Refused before the route runs: a declared length over the completion body limit.
+    const url = new URL(gw.url)
+    const tooLarge = await Raw.answeredEarly(
+      url.port,
+      [
+        'POST /v1/chat/completions HTTP/1.1',
+        `host: ${url.host}`,
+        `authorization: Bearer ${broke.key}`,
+        'content-type: application/json',
+        `content-length: ${gw.config.maxCompletionBodyBytes + 1}`,
+      ],
+      new Uint8Array(1024).fill(0x20),
+    )
+    expect(tooLarge.status).toBe(413)
+    const ids = [
+      ...refused.map((r) => r.headers.get('x-request-id')),
+      /^x-request-id: (.*)$/im.exec(tooLarge.head)?.[1],
+    ]
     for (const id of ids) expect(id).toMatch(/^[0-9a-f-]{36}$/)
     expect(new Set(ids).size).toBe(ids.length)
     // An admitted request's id is its usage row's.

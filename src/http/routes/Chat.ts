@@ -1106,7 +1106,7 @@ type Refused = Exclude<Awaited<ReturnType<typeof Reservations.admit>>, { status:
  * usage table's primary key grows at its right edge instead of at random places all over an
  * index that grows with every request.
  */
-function newRequestId(): string {
+export function newRequestId(): string {
   return Bun.randomUUIDv7()
 }
 
