@@ -81,7 +81,6 @@ export class PayloadTooLargeError extends InvalidRequestError {
   override readonly status = 413
 }
 
-/** 409: the request conflicts with current state (key limit, idempotency key in use). */
 /** 405: the path takes other methods (named by `Allow`). */
 export class MethodNotAllowedError extends InvalidRequestError {
   override name = 'MethodNotAllowedError'
@@ -91,6 +90,7 @@ export class MethodNotAllowedError extends InvalidRequestError {
   }
 }
 
+/** 409: the request conflicts with current state (key limit, idempotency key in use). */
 export class ConflictError extends GatewayError {
   override name = 'ConflictError'
   override readonly status = 409
