@@ -353,12 +353,12 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       // release that did not vacuum it would hold up every request meanwhile.
       await Reservations.vacuum(sql)
     }
-    // Reservations are written and deleted a request: where no autovacuum runs, the sweep
-    // vacuums them (Reservations.vacuum). A server's operator is told once; the embedded
-    // database never has one.
+    // Reservations are written and deleted a request, and a channel's row updated: where no
+    // autovacuum runs, the sweep vacuums them (Reservations.vacuum). A server's operator is
+    // told once; the embedded database never has one.
     if (!embedded && !(await Reservations.autovacuumRuns(sql)))
       log.warn(
-        'PostgreSQL runs no autovacuum (autovacuum = off): this gateway vacuums its reservations table itself with each lease sweep; every other table needs VACUUM from you',
+        'PostgreSQL runs no autovacuum (autovacuum = off): this gateway vacuums its reservations and channels tables itself with each lease sweep; every other table needs VACUUM from you',
       )
     // On a database other instances share, each beats (Instances.ts), and the sweep releases
     // the reservations of one whose heartbeat stopped (killed: its requests will never
