@@ -98,7 +98,11 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       sql = own
       if (embedded) {
         const stopFlushing = Embedded.flushWal(own)
-        stops.push(async () => stopFlushing())
+        const stopCheckpoints = Embedded.checkpoints(own)
+        stops.push(async () => {
+          stopFlushing()
+          stopCheckpoints()
+        })
       }
     }
     if (config.databaseUrl && !options.sql) await reachable(sql, config.databaseUrl)

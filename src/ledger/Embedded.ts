@@ -166,3 +166,18 @@ export function flushWal(sql: Sql, everyMs = 200): () => void {
   }, everyMs)
   return () => clearInterval(timer)
 }
+
+/**
+ * PGlite runs no checkpointer either, and a backend alone (as PGlite's is) never asks for a
+ * checkpoint itself: its WAL was kept from the start on, past max_wal_size, until the gateway
+ * stopped (every request writes some, and `flushWal` a record every 200 ms), and a gateway
+ * killed after weeks replayed all of it at its next start. A CHECKPOINT every `everyMs` (the
+ * server's checkpoint_timeout, 5 minutes) lets the segments before it be recycled, as
+ * PostgreSQL's checkpointer does. Returns the function that stops it.
+ */
+export function checkpoints(sql: Sql, everyMs = 300_000): () => void {
+  const timer = setInterval(() => {
+    sql`checkpoint`.catch(() => {})
+  }, everyMs)
+  return () => clearInterval(timer)
+}

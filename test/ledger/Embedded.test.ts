@@ -5,12 +5,14 @@ import {
   copyFileSync,
   existsSync,
   mkdtempSync,
+  readdirSync,
   readFileSync,
   rmSync,
   writeFileSync,
 } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
+import * as Db from '../../src/ledger/Db.ts'
 import * as Embedded from '../../src/ledger/Embedded.ts'
 
 describe('Embedded', () => {
@@ -125,4 +127,45 @@ console.log(JSON.stringify({ name: e.name, message: e.message }))`,
     expect(said.message).not.toContain('move that directory aside')
     expect(said.message).toContain('not damage')
   }, 60_000)
+})
+
+describe('checkpoints', () => {
+  test('behavior: the WAL of a long run is recycled, not kept: segments stay as many, however much is written', async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-wal-'))
+    const embedded = await Embedded.start({ dataDir })
+    const sql = Db.connect({ url: embedded.url, max: 1 })
+    const stop = Embedded.checkpoints(sql, 100)
+    try {
+      const segments = () =>
+        readdirSync(join(dataDir, 'pg_wal')).filter((f) => /^[0-9A-F]{24}$/.test(f)).length
+      await sql`create table filler (v text)`
+      /** About 30 MB of WAL, then a checkpoint of the timer's after it. */
+      const write = async () => {
+        await sql`
+          insert into filler
+          select string_agg(md5(random()::text), '') from generate_series(1, 30000) g,
+            generate_series(1, 30) h group by g`
+        await sql`delete from filler`
+        const [before] = await sql`select checkpoint_lsn from pg_control_checkpoint()`
+        for (let i = 0; i < 100; i++) {
+          const [now] = await sql`select checkpoint_lsn from pg_control_checkpoint()`
+          if (now!.checkpoint_lsn !== before!.checkpoint_lsn) return
+          await Bun.sleep(50)
+        }
+        throw new Error('no checkpoint came')
+      }
+      // The first checkpoints recycle as many segments as they find written between two (their
+      // estimate of what the next will need): then no more are made.
+      for (let i = 0; i < 3; i++) await write()
+      const first = segments()
+      for (let i = 0; i < 3; i++) await write()
+      // Without checkpoints each 30 MB kept two more segments of 16 MB.
+      expect(segments()).toBeLessThanOrEqual(first)
+    } finally {
+      stop()
+      await sql.end()
+      await embedded.stop()
+      rmSync(dataDir, { recursive: true, force: true })
+    }
+  }, 120_000)
 })
