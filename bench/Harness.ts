@@ -165,7 +165,8 @@ export async function gateway(database: string, models: ReturnType<typeof benchM
     plans: {
       bench: {
         tier: 0,
-        requestsPerMinute: 100_000_000,
+        // The most a plan may have (one a microsecond): checked on every request, never binding.
+        requestsPerMinute: 60_000_000,
         maxConcurrent: 10_000,
         tokensPerMonth: 1_000_000_000_000,
       },
