@@ -465,18 +465,7 @@ describe('channelReservation', () => {
       await link.mend()
       // A voucher accepted elsewhere afterwards still wakes a waiter here, well before the
       // poll (60 s). NOTIFY again until it is heard: the waker may still be on its way back.
-      const channelId = `0x${'a1'.repeat(32)}`
-      const woken = waker.next(channelId, new AbortController().signal)
-      let heard = false
-      void woken.then(() => {
-        heard = true
-      })
-      const deadline = performance.now() + 5_000
-      while (!heard && performance.now() < deadline) {
-        await sql`select pg_notify('tollway_channel', ${channelId.slice(2)})`
-        await Bun.sleep(200)
-      }
-      expect(heard).toBe(true)
+      expect(await heardWithin(waker, `0x${'a1'.repeat(32)}`, 5_000)).toBe(true)
       expect(log[0]).toContain('lost the LISTEN')
     } finally {
       await waker.stop()
@@ -500,17 +489,7 @@ describe('channelReservation', () => {
       link.drop()
       // A voucher accepted elsewhere still wakes a waiter here, well before the poll (60 s),
       // once the unanswered check has closed that connection and the waker listens on another.
-      const channelId = `0x${'a2'.repeat(32)}`
-      let heard = false
-      void waker.next(channelId, new AbortController().signal).then(() => {
-        heard = true
-      })
-      const deadline = performance.now() + 8_000
-      while (!heard && performance.now() < deadline) {
-        await sql`select pg_notify('tollway_channel', ${channelId.slice(2)})`
-        await Bun.sleep(200)
-      }
-      expect(heard).toBe(true)
+      expect(await heardWithin(waker, `0x${'a2'.repeat(32)}`, 8_000)).toBe(true)
       expect(log[0]).toContain('lost the LISTEN')
     } finally {
       await waker.stop()
@@ -568,3 +547,20 @@ describe('channelReservation', () => {
     expect(performance.now() - started).toBeGreaterThanOrEqual(190)
   })
 })
+
+/**
+ * Whether a waiter on `channelId` hears a voucher accepted elsewhere (a NOTIFY, sent again
+ * every 200 ms: the waker may still be on its way back) within `ms`.
+ */
+async function heardWithin(waker: Waker, channelId: string, ms: number): Promise<boolean> {
+  let heard = false
+  void waker.next(channelId, new AbortController().signal).then(() => {
+    heard = true
+  })
+  const deadline = performance.now() + ms
+  while (!heard && performance.now() < deadline) {
+    await sql`select pg_notify('tollway_channel', ${channelId.slice(2)})`
+    await Bun.sleep(200)
+  }
+  return heard
+}
