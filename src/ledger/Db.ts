@@ -543,13 +543,17 @@ async function unstickOnce(sql: Sql, pool: Pool, ms: number): Promise<number> {
 /** How long `unstick` waits for postgres.js to hear of the sockets it closed (ms). */
 const CLOSE_HEARD_MS = 1_000
 
-/** Waits for `p` to settle, at most `ms`: undefined then (its outcome is not awaited). */
-export function within(ms: number, p: Promise<unknown>): Promise<unknown> {
+/**
+ * Waits for `p` to settle, at most `ms`: undefined then (its outcome is not awaited). Its timer
+ * keeps no process alive.
+ */
+export function within<T>(ms: number, p: Promise<T>): Promise<T | undefined> {
   let timer: ReturnType<typeof setTimeout> | undefined
   return Promise.race([
     p,
-    new Promise((resolve) => {
-      timer = setTimeout(resolve, ms)
+    new Promise<undefined>((resolve) => {
+      timer = setTimeout(() => resolve(undefined), ms)
+      timer.unref?.()
     }),
   ]).finally(() => clearTimeout(timer))
 }

@@ -89,21 +89,17 @@ export class Waker {
     const client = this.client
     if (!client || !this.heard || this.checking || this.stopped) return
     this.checking = true
-    let timer: ReturnType<typeof setTimeout> | undefined
     try {
-      const answered = await Promise.race([
+      // Answered, or failed (its connection closed: `lost` listens again): either is an answer.
+      const answered = await Db.within(
+        ms,
         client`select 1`.then(
           () => true,
           () => true,
         ),
-        new Promise<boolean>((resolve) => {
-          timer = setTimeout(() => resolve(false), ms)
-          timer.unref?.()
-        }),
-      ])
-      if (!answered && !this.stopped) Db.cut(client)
+      )
+      if (answered === undefined && !this.stopped) Db.cut(client)
     } finally {
-      clearTimeout(timer)
       this.checking = false
     }
   }
