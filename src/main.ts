@@ -427,7 +427,8 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
             'ended the database sessions of instances that are gone (their heartbeat stopped)',
           )
       }
-      if (releasing) return
+      // A stop that came meanwhile: no more calls (the release is another instance's).
+      if (releasing || stopped) return
       releasing = true
       try {
         const dead = name ? await within(Instances.dead(sql, deadAfterMs)) : []

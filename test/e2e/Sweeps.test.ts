@@ -93,6 +93,73 @@ test.skipIf(!server)(
   30_000,
 )
 
+test.skipIf(!server)(
+  'behavior: a stop that comes while the sweep ends the sessions of dead instances makes it go no further: the expired reservation is left for another instance',
+  async () => {
+    const db = await Postgres.fresh(Gateway.plans as never)
+    const gw = await Gateway.create({}, { db, upstream: Upstream.start() }, { sweepMs: 50 })
+    const name = (await Instances.nameOf(db.sql))!
+    const { id, keyHash } = await Ledger.account(db.sql, 1_000n)
+    const { requestId } = await Ledger.admit(db.sql, keyHash, 10n)
+    const watcher = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+    // The instances table held: the sweep waits in its first step (ending dead instances'
+    // sessions); the lease expires meanwhile, seen once the lock goes.
+    const locked = await holding(db, [
+      'lock table tollway_instances in access exclusive mode',
+      `update reservations set expires_at = now() - interval '1 second' where id = '${requestId}'`,
+    ])
+    try {
+      const ending = async () => {
+        const [r] = await watcher`select count(*)::int as n from pg_stat_activity
+          where application_name = ${name} and wait_event_type = 'Lock'
+            and query like '%pg_terminate_backend%'`
+        return r!.n as number
+      }
+      for (let i = 0; i < 250 && (await ending()) === 0; i++) await Bun.sleep(20)
+      expect(await ending()).toBe(1)
+      const stopped = gw.stop()
+      await Bun.sleep(300)
+      await locked.free()
+      await stopped
+      // It went on to release it before: a stopping instance's sweep made two more calls.
+      const [r] = await watcher`select count(*)::int as n from reservations where id = ${requestId}`
+      expect(r!.n).toBe(1)
+      expect(gw.logs.filter((l) => l.includes('released reservations'))).toEqual([])
+      expect(gw.logs.filter((l) => l.includes('sweep failed'))).toEqual([])
+      const usage = await watcher`select status from usage where account_id = ${id}`
+      expect(usage).toHaveLength(0)
+    } finally {
+      await locked.done()
+      await watcher.end({ timeout: 1 })
+    }
+  },
+  30_000,
+)
+
+/** Another session runs `statements` in a transaction it keeps open until `free`. */
+async function holding(db: Postgres.TestDb, statements: string[]) {
+  const locker = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+  const locked = Promise.withResolvers<void>()
+  const release = Promise.withResolvers<void>()
+  const held = locker.begin(async (tx) => {
+    for (const s of statements) await tx.unsafe(s)
+    locked.resolve()
+    await release.promise
+  })
+  await locked.promise
+  return {
+    free: async () => {
+      release.resolve()
+      await held
+    },
+    done: async () => {
+      release.resolve()
+      await held.catch(() => {})
+      await locker.end({ timeout: 1 })
+    },
+  }
+}
+
 /**
  * A gateway sweeping every 50 ms (`config` its own) whose sweep meets a lock: an account's
  * admitted request, its lease expired while another session holds the reservations table
@@ -121,28 +188,18 @@ async function sweepHeld(config: Record<string, unknown> = {}) {
  * release; `done` ends both connections.
  */
 async function lockedExpired(db: Postgres.TestDb, requestId: string) {
-  const locker = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
+  const locked = await holding(db, [
+    'lock table reservations in access exclusive mode',
+    `update reservations set expires_at = now() - interval '1 second' where id = '${requestId}'`,
+  ])
   const watcher = Db.connect({ url: db.url, schema: db.schema!, max: 1 })
-  const locked = Promise.withResolvers<void>()
-  const release = Promise.withResolvers<void>()
-  const held = locker.begin(async (tx) => {
-    await tx`lock table reservations in access exclusive mode`
-    await tx`update reservations set expires_at = now() - interval '1 second' where id = ${requestId}`
-    locked.resolve()
-    await release.promise
-  })
-  await locked.promise
   return {
     watcher,
     /** Ends the lock (its transaction commits), not waiting for what waited on it. */
-    free: async () => {
-      release.resolve()
-      await held
-    },
+    free: locked.free,
     /** Ends the lock, then waits (5 s at most) for the reservation to be released. */
     unlock: async () => {
-      release.resolve()
-      await held
+      await locked.free()
       for (let i = 0; i < 100; i++) {
         const [r] =
           await watcher`select count(*)::int as n from reservations where id = ${requestId}`
@@ -151,9 +208,7 @@ async function lockedExpired(db: Postgres.TestDb, requestId: string) {
       }
     },
     done: async () => {
-      release.resolve()
-      await held.catch(() => {})
-      await locker.end({ timeout: 1 })
+      await locked.done()
       await watcher.end({ timeout: 1 })
     },
   }
