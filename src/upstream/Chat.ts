@@ -118,6 +118,14 @@ const RequestObject = z
   })
   .loose()
   .superRefine((r, ctx) => {
+    // As OpenAI answers it: options of a stream on a request for a whole completion are a
+    // mistake (null is "not given", as for the other nullable parameters).
+    if (r.stream_options != null && !r.stream)
+      ctx.addIssue({
+        code: 'custom',
+        path: ['stream_options'],
+        message: "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+      })
     // As the references have it: a ceiling on one price alone is a mistake, not a wish.
     const given = r.max_input_price_per_million !== undefined
     if (given !== (r.max_output_price_per_million !== undefined))
@@ -588,7 +596,8 @@ const ROLES: ReadonlySet<unknown> = new Set(Message.shape.role.options)
 
 /**
  * The common request shape, checked without zod: messages whose content is text, OpenAI's
- * sampling parameters in range, none of them null, and none of the gateway's own parameters
+ * sampling parameters in range, none of them null, `stream_options` only on a stream, and
+ * none of the gateway's own parameters
  * (routing, timeout, price ceilings). Returns the request as `Request` would (`stream`
  * filled in), or undefined for anything else, which `Request` then parses and, if it is
  * wrong, names what is wrong.
@@ -631,7 +640,8 @@ export function asRequest(r: unknown): Request | undefined {
   if (
     o !== undefined &&
     o !== null &&
-    !(isObject(o) && (o.include_usage === undefined || typeof o.include_usage === 'boolean'))
+    (r.stream !== true ||
+      !(isObject(o) && (o.include_usage === undefined || typeof o.include_usage === 'boolean')))
   )
     return undefined
   if (

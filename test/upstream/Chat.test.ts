@@ -299,6 +299,30 @@ describe('asRequest', () => {
       Chat.asRequest({ model: 'm', messages, stop: ['a', 'b', 'c', 'd', 'e'] }),
     ).toBeUndefined()
   })
+
+  test('error: stream_options without stream enabled is refused, naming stream_options (null is not given)', () => {
+    const messages = [{ role: 'user' as const, content: 'ping' }]
+    const options = { include_usage: true }
+    for (const body of [
+      { model: 'm', messages, stream_options: options },
+      { model: 'm', messages, stream: false, stream_options: options },
+      { model: 'm', messages, stream: null, stream_options: {} },
+    ]) {
+      expect(Chat.asRequest(structuredClone(body))).toBeUndefined()
+      const r = Chat.Request.safeParse(body)
+      expect(r.success).toBe(false)
+      expect(r.error!.issues[0]!.path).toEqual(['stream_options'])
+      expect(r.error!.issues[0]!.message).toBe(
+        "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+      )
+    }
+    expect(Chat.asRequest({ model: 'm', messages, stream: true, stream_options: options })).toEqual(
+      { model: 'm', messages, stream: true, stream_options: options },
+    )
+    expect(Chat.Request.safeParse({ model: 'm', messages, stream_options: null }).success).toBe(
+      true,
+    )
+  })
 })
 
 describe('template', () => {
