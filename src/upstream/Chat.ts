@@ -44,9 +44,15 @@ export const Message = z
     // An assistant's may be null or left out (as OpenAI's SDKs write it beside tool calls in
     // a history: "required unless tool_calls or function_call is specified").
     content: z
-      .union([z.string(), z.array(Part), z.null()], {
-        error: 'content must be a string or an array of content parts',
-      })
+      .union(
+        [
+          z.string(),
+          // As OpenAI refuses it: a list of no parts is no content (null says that).
+          z.array(Part).min(1, 'content must not be an empty array; send at least one part'),
+          z.null(),
+        ],
+        { error: 'content must be a string or an array of content parts' },
+      )
       .optional(),
     name: z.string().optional(),
     // Null as some upstreams answer it, and clients send their answers back as they came.

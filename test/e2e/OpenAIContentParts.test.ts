@@ -1,6 +1,6 @@
 /**
  * User content parts other than text, as the openai SDK types them (image_url, input_audio,
- * file): a vision or audio request through the gateway.
+ * file): a vision or audio request through the gateway; content of no parts is refused.
  */
 import { expect, test } from 'bun:test'
 import type OpenAI from 'openai'
@@ -105,4 +105,30 @@ test('error: a content part without a type, or a text part without its text, is 
       'messages.0.content',
     )
   }
+})
+
+test('error: content that is an empty array is a 400 naming that message content, as OpenAI answers; nothing sent upstream', async () => {
+  const { key } = await gw.account()
+  const before = gw.upstream.received.length
+  for (const [messages, param] of [
+    [[{ role: 'user', content: [] }], 'messages.0.content'],
+    // An assistant's too: its content may be null or left out, not a list of no parts.
+    [
+      [
+        { role: 'user', content: 'hi' },
+        { role: 'assistant', content: [] },
+        { role: 'user', content: 'go on' },
+      ],
+      'messages.1.content',
+    ],
+  ] as const) {
+    const res = await gw.complete(key, { model: 'fake', messages })
+    expect(res.status).toBe(400)
+    expect(((await res.json()) as { error: unknown }).error).toMatchObject({
+      type: 'invalid_request_error',
+      code: 'invalid_value',
+      param,
+    })
+  }
+  expect(gw.upstream.received.length).toBe(before)
 })
