@@ -385,6 +385,47 @@ describe('admin and key input', () => {
     expect(fine.status).toBe(201)
     expect(((await fine.json()) as { name: string }).name).toBe('Zoë\u00a0ノート 🔑')
   })
+
+  test('error: a key name or an account name of only spaces → 400 naming the field, nothing written; a blank credit note is taken', async () => {
+    const { id, key } = await gw.account({ credits: 1000 })
+    const name = async () =>
+      ((await (await gw.admin(`/accounts/${id}`)).json()) as { name: string }).name
+    const named = await name()
+    const accounts = async () =>
+      ((await gw.sql`select count(*)::int as n from accounts`) as unknown as [{ n: number }])[0].n
+    const before = await accounts()
+    const blank = ' \u00a0\u3000 '
+    const cases: (() => Promise<Response>)[] = [
+      () => as(key, '/keys', { method: 'POST', body: JSON.stringify({ name: '   ' }) }),
+      () => gw.admin(`/accounts/${id}/keys`, { name: ' ' }),
+      () => gw.admin('/accounts', { name: blank }),
+      () => gw.admin(`/accounts/${id}`, { name: '  ' }, 'PATCH'),
+    ]
+    for (const send of cases) {
+      const res = await send()
+      expect(res.status).toBe(400)
+      expect(((await res.json()) as { error: unknown }).error).toMatchObject({
+        type: 'invalid_request_error',
+        code: 'invalid_value',
+        param: 'name',
+        message: 'name: must not be blank (only spaces)',
+      })
+    }
+    expect(await name()).toBe(named)
+    expect(await accounts()).toBe(before)
+    const [{ n }] =
+      (await gw.sql`select count(*)::int as n from api_keys where account_id = ${id}`) as unknown as [
+        { n: number },
+      ]
+    expect(n).toBe(1)
+    // A note is optional: a blank one is a note that says nothing.
+    const noted = await gw.admin(`/accounts/${id}/credits`, { amount: '5', note: '  ' })
+    expect(noted.status).toBe(200)
+    // Spaces around a name are kept: it is the name as given.
+    const spaced = await gw.admin(`/accounts/${id}/keys`, { name: ' laptop ' })
+    expect(spaced.status).toBe(201)
+    expect(((await spaced.json()) as { name: string }).name).toBe(' laptop ')
+  })
 })
 
 describe('cursors', () => {

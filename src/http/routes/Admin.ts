@@ -29,18 +29,26 @@ const Text = (max: number, min = 0) =>
     )
     .refine((t) => t.isWellFormed(), 'must be well-formed Unicode (no lone surrogate)')
 
+/**
+ * A name (of an account, of a key): stored text, and something to tell it by, which a name of
+ * only spaces is not (a list of keys would show a blank). A credit note may be blank: it is
+ * optional, and a blank one says no less than none.
+ */
+const Name = (max: number) =>
+  Text(max, 1).refine((t) => t.trim().length > 0, 'must not be blank (only spaces)')
+
 // Bodies are strict: a field the endpoint does not take is a 400 naming it, not dropped (an
 // account created with `"credits"`, a grant with `"memo"`, a key with `"expires_at"` would
 // otherwise be answered as if it had been done).
 const CreateAccount = z
   .object({
-    name: Text(200, 1),
+    name: Name(200),
     plan: z.string().min(1).optional(),
   })
   .strict()
 
 const UpdateAccount = z
-  .object({ name: Text(200, 1).optional(), plan: z.string().min(1).optional() })
+  .object({ name: Name(200).optional(), plan: z.string().min(1).optional() })
   .strict()
   .refine((u) => u.name !== undefined || u.plan !== undefined, 'name or plan is required')
 
@@ -59,7 +67,7 @@ const Amount = z
 const GRANT_LITERAL: ReadonlySet<string> = new Set(['amount'])
 
 const Grant = z.object({ amount: Amount, note: Text(500).optional() }).strict()
-export const CreateKey = z.object({ name: Text(200, 1) }).strict()
+export const CreateKey = z.object({ name: Name(200) }).strict()
 
 /** Creates a key for an account, or a 409 at the active-key limit. */
 export async function createKey(deps: Deps, accountId: string, name: string) {
