@@ -174,7 +174,13 @@ export function routes(deps: Deps) {
           ? `The balance is ${account.balance}, of which requests under way hold ${account.reserved}; a debit of ${-input.amount} would take it below that.`
           : `The balance is ${account.balance}; a debit of ${-input.amount} would take it below zero.`,
         'insufficient_balance',
-        { details: { balance: account.balance.toString(), reserved: account.reserved.toString() } },
+        {
+          details: { balance: account.balance.toString(), reserved: account.reserved.toString() },
+          // Only a grant, or the end of the requests that hold credits (a stream's minutes),
+          // changes the answer: the SDKs' retries a second or two later would repeat it, and a
+          // debit is for the operator to send again on the balance it now sees.
+          headers: { ...noRetry },
+        },
       )
     }
     return c.json({ balance: balance.toString() })
