@@ -774,6 +774,48 @@ describe('the chain', () => {
     )
   })
 
+  test('error: an escrow found at the first open to have a grace period under 10 minutes → 503 escrow_unsuitable with x-should-retry false, nothing stored', async () => {
+    // No code at start-up (the check cannot read it, and is left to the first open); then a
+    // contract that answers CLOSE_GRACE_PERIOD() (selector 0x956c8327) with 60 and any other
+    // call with zeros (getChannel: no such channel): PUSH1 0 CALLDATALOAD PUSH1 0xe0 SHR
+    // PUSH4 0x956c8327 EQ PUSH1 0x15 JUMPI, PUSH2 0x200 PUSH1 0 RETURN, JUMPDEST PUSH1 60
+    // PUSH1 0 MSTORE PUSH1 32 PUSH1 0 RETURN.
+    const short = '0x00000000000000000000000000000000000e5c41' as const
+    const code = '0x60003560e01c63956c8327146015576102006000f35b603c60005260206000f3' as const
+    const later = await Gateway.create(
+      {
+        chain: { ...Gateway.chainOf(chain), escrowAddress: short },
+        payments: {
+          challengeSecret: secret,
+          tokenDomain: { name: tokenDomain.name, version: tokenDomain.version },
+        },
+      },
+      { db: gw.db, upstream: gw.upstream },
+    )
+    try {
+      await chain.setCode(short, code)
+      const at = `${later.url}/v1/chat/completions`
+      const session = new PayingSession({
+        account: privateKeyToAccount(chain.payers[8]!.privateKey),
+        challenge: await freshChallenge(at),
+        tokenDomain,
+      })
+      const open = await session.openWithAuthorization({ deposit: 50_000n, initial: 1_000n })
+      const res = await fetch(at, { method: 'POST', headers: { authorization: open } })
+      expect(res.status).toBe(503)
+      // The escrow's grace period is its contract's: a retry meets the same refusal.
+      expect(res.headers.get('x-should-retry')).toBe('false')
+      expect(((await res.json()) as { error: { type: string } }).error.type).toBe(
+        'escrow_unsuitable',
+      )
+      const stored = await fetch(`${later.url}/v1/channels/${session.channelId}`)
+      await stored.body?.cancel()
+      expect(stored.status).toBe(404)
+    } finally {
+      await later.stop()
+    }
+  }, 60_000)
+
   test('error: with the chain RPC down, an open → 503 chain_unavailable with Retry-After, nothing stored; vouchers of known channels need no chain', async () => {
     const known = await opened(6, 100_000n, 1_000n)
     const down = await Gateway.create(

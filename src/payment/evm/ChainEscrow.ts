@@ -45,6 +45,7 @@ import {
   ChannelBusyError as BusyChannelError,
   ChainUnavailableError,
   GatewayError,
+  noRetry,
 } from '../../Errors.ts'
 import { Lru } from '../../Lru.ts'
 import * as Problem from '../Problem.ts'
@@ -598,6 +599,8 @@ export function create(o: Options): Server.Escrow & { stop(): void } {
 /**
  * The configured escrow lets a payer withdraw sooner than the draft allows: the gateway
  * accepts no channel on it (503 to a payer; found at start-up, the gateway does not start).
+ * Its grace period is the contract's (a constant in ours): a retry meets the same escrow, so
+ * the 503 says not to (`x-should-retry: false`), unlike a chain that did not answer.
  */
 export class EscrowGraceError extends GatewayError {
   override name = 'EscrowGraceError'
@@ -607,6 +610,7 @@ export class EscrowGraceError extends GatewayError {
     super(
       `The escrow ${escrow} lets a payer withdraw ${grace} s after asking to close; the payment draft requires at least ${Escrow.minCloseGracePeriod} s (10 minutes), so this gateway accepts no channel on it.`,
       'escrow_grace_period_too_short',
+      { headers: { ...noRetry } },
     )
   }
 }
