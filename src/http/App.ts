@@ -175,6 +175,9 @@ export function create(deps: Deps): Hono {
   app.route('/admin', Admin.routes(deps))
 
   app.notFound((c) => {
+    // The completions path takes other methods than POST only with a Payment credential, as
+    // its route answers them: an OPTIONS (which none carries) gets the same 405, `Allow: POST`.
+    if (c.req.path === COMPLETIONS || c.req.path === `${COMPLETIONS}/`) throw Chat.postOnly()
     // A path served to other methods is a 405 naming them (HEAD wherever GET is).
     const allowed = ['GET', 'POST', 'DELETE', 'PUT', 'PATCH'].filter((m) =>
       routed(app, m, c.req.path),

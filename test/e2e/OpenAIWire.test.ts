@@ -1,7 +1,7 @@
 /**
  * Small parts of OpenAI's wire format clients rely on: the separate usage chunk repeats the
  * stream's `system_fingerprint` (and `service_tier`), a path with a trailing slash is the same
- * path, and a completion asked for with another method is a 405 naming POST.
+ * path, and a completion asked for with another method (OPTIONS too) is a 405 naming POST.
  */
 import { expect, test } from 'bun:test'
 import * as Scripted from '../helpers/Scripted.ts'
@@ -84,4 +84,25 @@ test('error: a path asked for with a method it does not take → 405 naming thos
   const unknown = await fetch(`${gw.url}/v1/nothing-here`, { headers: auth })
   expect(unknown.status).toBe(404)
   expect(((await unknown.json()) as { error: { code: string } }).error.code).toBe('route_not_found')
+})
+
+test('error: OPTIONS without an Origin names in Allow the methods the path serves: POST on /v1/chat/completions, as its other methods are told', async () => {
+  const { key } = await gw.account()
+  const auth = { authorization: `Bearer ${key}` }
+  for (const [path, allow] of [
+    ['/v1/chat/completions', 'POST'],
+    ['/v1/chat/completions/', 'POST'],
+    ['/v1/models', 'GET, HEAD'],
+    ['/v1/keys', 'GET, HEAD, POST'],
+    ['/v1/credits', 'GET, HEAD'],
+  ] as const) {
+    for (const method of ['OPTIONS', 'PUT']) {
+      const res = await fetch(`${gw.url}${path}`, { method, headers: auth })
+      expect(res.status).toBe(405)
+      expect(res.headers.get('allow')).toBe(allow)
+      expect(((await res.json()) as { error: { code: string } }).error.code).toBe(
+        'method_not_allowed',
+      )
+    }
+  }
 })

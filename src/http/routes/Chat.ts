@@ -926,11 +926,7 @@ export function routes(deps: Deps) {
         }
         return await paid(c, paying()!, body, startedAt, requestId)
       }
-      if (c.req.method !== 'POST')
-        throw new MethodNotAllowedError(
-          'Use POST for completions (other methods only carry Payment credentials).',
-          'POST',
-        )
+      if (c.req.method !== 'POST') throw postOnly()
       return await keyed(c, body, startedAt, paying, requestId)
     } catch (e) {
       // Every 401 and 402 offers both ways in.
@@ -953,6 +949,18 @@ export function routes(deps: Deps) {
   })
 
   return app
+}
+
+/**
+ * The 405 of the completions path to a request without a Payment credential (the only one
+ * another method may carry): `Allow: POST`, whatever the method (OPTIONS too, which no route
+ * takes).
+ */
+export function postOnly(): MethodNotAllowedError {
+  return new MethodNotAllowedError(
+    'Use POST for completions (other methods only carry Payment credentials).',
+    'POST',
+  )
 }
 
 /**
