@@ -131,14 +131,16 @@ export function response(c: Context, o: Options): Response {
   // `{"choices":[{"delta":{"content":"…"}}]}`): `id`, `object`, `created`, and a role on each
   // choice's first delta. OpenAI's SDKs type them as always there, and their stream helper
   // (`chat.completions.stream`, `runTools`) fails a choice that never had a role ("missing
-  // role for choice 0"). The stream's first id and time stand in for those left out.
+  // role for choice 0"). The stream's id and time are its first chunk's (made up when it had
+  // none), and every chunk carries them: OpenAI's chunks share theirs, and clients keep one id
+  // a stream, so an upstream's id or time that comes later, or changes, is replaced.
   let id: string | undefined
   let created: number | undefined
   const roled = new Set<number>()
-  /** `chunk` with what it left out filled in, or undefined when it left out nothing. */
+  /** `chunk` with what it left out (or gave otherwise) filled in, or undefined when nothing. */
   const completed = (chunk: Chunk): Chunk | undefined => {
-    id ??= chunk.id
-    created ??= chunk.created
+    id ??= chunk.id ?? `chatcmpl-${crypto.randomUUID()}`
+    created ??= chunk.created ?? Math.floor(Date.now() / 1000)
     let choices: Chunk['choices'] | undefined
     for (const [i, choice] of chunk.choices.entries()) {
       if (roled.has(choice.index)) continue
@@ -149,18 +151,16 @@ export function response(c: Context, o: Options): Response {
     }
     if (
       choices === undefined &&
-      chunk.id !== undefined &&
+      chunk.id === id &&
       chunk.object !== undefined &&
-      chunk.created !== undefined
+      chunk.created === created
     )
       return undefined
-    id ??= `chatcmpl-${crypto.randomUUID()}`
-    created ??= Math.floor(Date.now() / 1000)
     return {
       ...chunk,
-      id: chunk.id ?? id,
+      id,
       object: chunk.object ?? 'chat.completion.chunk',
-      created: chunk.created ?? created,
+      created,
       ...(choices ? { choices } : {}),
     }
   }
@@ -189,10 +189,14 @@ export function response(c: Context, o: Options): Response {
         for (const r of frame.chunks) {
           last = r
           // A template read (`r.text` set) has no finish reason: its chunk is not built (nor
-          // completed: a template is learned only from a chunk that has its id, object and
-          // created, and after its choice's first delta, which went the full way).
+          // completed: a template is learned only from a chunk that has its object, and after
+          // its choice's first delta, which went the full way), unless its id or time is not
+          // the stream's (the template's chunk came after one without them, or changed them).
           const finishing = r.text === undefined && finishes(r.chunk)
-          const filled = r.text === undefined ? completed(r.chunk) : undefined
+          const filled =
+            r.text === undefined || r.id !== id || r.created !== created
+              ? completed(r.chunk)
+              : undefined
           const chunk = filled ?? r.chunk
           if (finishing) finishSent = true
           // The finishing chunk stays held to the end; chunks after it (Azure sends one of
@@ -238,9 +242,9 @@ export function response(c: Context, o: Options): Response {
       | (Chunk & { system_fingerprint?: unknown; service_tier?: unknown })
       | undefined
     const base = {
-      id: chunk?.id ?? id ?? `chatcmpl-${crypto.randomUUID()}`,
+      id: id ?? `chatcmpl-${crypto.randomUUID()}`,
       object: 'chat.completion.chunk',
-      created: chunk?.created ?? created ?? Math.floor(Date.now() / 1000),
+      created: created ?? Math.floor(Date.now() / 1000),
       model: o.model,
       // As the upstream's chunks carry them (OpenAI's usage chunk repeats them).
       ...(chunk?.system_fingerprint != null

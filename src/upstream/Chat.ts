@@ -455,11 +455,13 @@ export type Received = {
   json?: string | undefined
   /**
    * Set by a template read (see `template`): the chunk is one choice with this generated
-   * text, no finish reason and no usage, and `model` is its model; `chunk` itself is built
-   * only if asked for, which the common path never does.
+   * text, no finish reason and no usage, and `model`, `id` and `created` are its; `chunk`
+   * itself is built only if asked for, which the common path never does.
    */
   text?: string | undefined
   model?: unknown
+  id?: unknown
+  created?: unknown
 }
 
 /*
@@ -770,6 +772,8 @@ type Template = {
 class Templated implements Received {
   readonly text: string
   readonly model: unknown
+  readonly id: unknown
+  readonly created: unknown
   private built: Chunk | undefined
   constructor(
     private readonly t: Template,
@@ -778,6 +782,8 @@ class Templated implements Received {
   ) {
     this.text = t.extra ? content + t.extra : content
     this.model = t.top.model
+    this.id = t.top.id
+    this.created = t.top.created
   }
   get chunk(): Chunk {
     this.built ??= {
