@@ -52,6 +52,8 @@ export type Admitted = {
 export type Refused =
   | { status: 'unauthorized' }
   | { status: 'tier'; accountId: string }
+  /** The prompt alone is more than the plan's whole monthly token quota: it can never fit. */
+  | { status: 'prompt_over_quota'; tokensPerMonth: number }
   | {
       status: 'idempotency_mismatch' | 'idempotency_in_progress' | 'idempotency_completed'
       otherRequest: string
@@ -159,6 +161,7 @@ type Answer =
   | ['finished', string, string]
   | ['unauthorized']
   | ['tier', string, string]
+  | ['prompt_over_quota', string, string, number]
   | [
       'idempotency_mismatch' | 'idempotency_in_progress' | 'idempotency_completed',
       string,
@@ -196,6 +199,8 @@ function answer(x: Answer): Admitted | Refused | Finished {
       return { status: 'unauthorized' }
     case 'tier':
       return { status: 'tier', accountId: x[1] }
+    case 'prompt_over_quota':
+      return { status: 'prompt_over_quota', tokensPerMonth: x[3] }
     case 'insufficient':
       return {
         status: 'insufficient',

@@ -292,6 +292,41 @@ describe('plans', () => {
     expect(res.headers.get('x-ratelimit-reset-requests')).toBeNull()
   })
 
+  test('error: a prompt over the whole monthly quota is a 400 prompt_exceeds_monthly_quota, not to be retried, before any upstream call; one that fits after the reset still gets the 429', async () => {
+    // The plan `small`: 200 tokens a month, 10 requests a minute.
+    const { id, key } = await a.account({ plan: 'small' })
+    const calls = a.upstream.received.length
+    const big = [{ role: 'user', content: Array(300).fill('hello').join(' ') }]
+    for (const gw of [a, b]) {
+      const res = await post(gw, key, { messages: big })
+      expect(res.status).toBe(400)
+      expect(res.headers.get('x-should-retry')).toBe('false')
+      expect(res.headers.get('retry-after')).toBeNull()
+      const body = (await res.json()) as ErrorBody & {
+        error: { param: string; details: { tokens_per_month: number } }
+      }
+      expect(body.error).toMatchObject({
+        type: 'invalid_request_error',
+        code: 'prompt_exceeds_monthly_quota',
+        param: 'messages',
+        details: { tokens_per_month: 200 },
+      })
+    }
+    // Nothing asked of an upstream, nothing held or counted.
+    expect(a.upstream.received.length).toBe(calls)
+    await Batch.settled(a.sql)
+    const [row] =
+      await a.sql`select month_tokens, reserved, active_requests from accounts where id = ${id}`
+    expect(row).toMatchObject({ month_tokens: 0n, reserved: 0n, active_requests: 0 })
+    // A prompt that fits the quota but not what is left of it: a 429 until next month.
+    await a.sql`update accounts set month_tokens = 150, month_start = date_trunc('month', now() at time zone 'UTC')::date where id = ${id}`
+    const small = [{ role: 'user', content: Array(100).fill('hello').join(' ') }]
+    const res = await post(a, key, { messages: small })
+    expect(res.status).toBe(429)
+    expect(((await res.json()) as ErrorBody).error.code).toBe('monthly_token_quota_exceeded')
+    expect(Number(res.headers.get('retry-after'))).toBeGreaterThan(0)
+  })
+
   test('behavior: a long body of a key refused for its monthly quota or its token wallet is refused again at once with the wait the ledger gave, not a minute', async () => {
     const long = [{ role: 'user', content: '漢字'.repeat(2_000) }]
     for (const plan of ['free', 'wallet'] as const) {

@@ -55,6 +55,8 @@ export const plans = {
   unlimited: { tier: 9, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
   /** Another plan without limits, to move an account between while it is busy. */
   unlimited2: { tier: 9, requestsPerMinute: null, maxConcurrent: null, tokensPerMonth: null },
+  /** A monthly quota a prompt can pass alone (the test models' context is 4,096 tokens). */
+  small: { tier: 0, requestsPerMinute: 10, maxConcurrent: 1, tokensPerMonth: 200 },
 }
 
 /**

@@ -1204,6 +1204,17 @@ function refusal(r: Refused, model: Model, need: bigint, asked: boolean): Gatewa
         `The model ${model.id} is not available on this account's plan; upgrade the plan to use it.`,
         'tier_not_available',
       )
+    case 'prompt_over_quota':
+      // Not a wait: no month holds it (a 429 would send the client back every month).
+      return new InvalidRequestError(
+        `This prompt has more tokens than the plan's whole monthly quota (${r.tokensPerMonth}); it can never be admitted on this plan. Shorten it or move to a plan with a larger quota.`,
+        'prompt_exceeds_monthly_quota',
+        {
+          param: 'messages',
+          details: { tokens_per_month: r.tokensPerMonth },
+          headers: { ...noRetry },
+        },
+      )
     case 'idempotency_mismatch':
     case 'idempotency_in_progress':
     case 'idempotency_completed':

@@ -1,4 +1,4 @@
--- version: 6
+-- version: 7
 -- tollway_ledger_batch: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
 -- this file after the migrations when its version (the first line) is above the one applied, so
@@ -28,6 +28,7 @@
 --   ["finished", charged, balance]
 --   ["unauthorized"]
 --   ["tier", account, key]
+--   ["prompt_over_quota", account, key, tokens_per_month]
 --   ["idempotency_mismatch" | "idempotency_in_progress" | "idempotency_completed", account, key, other_request]
 --   ["concurrency" | "rate" | "quota" | "wallet", account, key, retry_after_ms, rate_limit, rate_remaining]
 --   ["insufficient", account, key, available, rate_limit, rate_remaining]
@@ -173,10 +174,18 @@ BEGIN
       CONTINUE;
     END IF;
 
-    -- An admission: tier, Idempotency-Key, concurrency, request rate (GCRA), monthly
-    -- tokens, token wallet, then between need and want of the free balance.
+    -- An admission: tier, a prompt over the whole monthly quota, Idempotency-Key,
+    -- concurrency, request rate (GCRA), monthly tokens, token wallet, then between need and
+    -- want of the free balance.
     IF a.tier < e.min_tier THEN
       answers[e.n + 1] := '["tier","' || cur || '","' || e.kid || '"]';
+      CONTINUE;
+    END IF;
+    -- A prompt that alone is more than the plan's whole month: no reset lets it in, so it is
+    -- not told to wait for one (version 7; before, a 429 with the month's end as its wait).
+    IF a.tokens_per_month IS NOT NULL AND e.prompt_tokens > a.tokens_per_month THEN
+      answers[e.n + 1] := '["prompt_over_quota","' || cur || '","' || e.kid || '",'
+        || a.tokens_per_month || ']';
       CONTINUE;
     END IF;
     IF e.ikey IS NOT NULL THEN
