@@ -231,6 +231,8 @@ export async function extend(
     amount: bigint
     leaseSeconds: number
     delivered?: bigint | undefined
+    /** The tokens `delivered` is the cost of, counted against the plan if the sweep takes it. */
+    tokens?: { prompt: number; completion: number } | undefined
     /** The hold the caller knows: an extension is applied to it only (a retry of one that went
      * through finds the hold moved and answers it as it is). */
     from: bigint
@@ -241,7 +243,8 @@ export async function extend(
     sql,
     sql`
     select tollway_extend(${input.id}, ${sql.typed.numeric(input.amount)}, ${input.leaseSeconds},
-      ${delivered}, ${sql.typed.numeric(input.from)}) as held`,
+      ${delivered}, ${sql.typed.numeric(input.from)}, ${input.tokens?.prompt ?? null}::int,
+      ${input.tokens?.completion ?? null}::int) as held`,
   )
   const held = row?.held ?? undefined
   return held === -1n ? 'superseded' : held
@@ -446,7 +449,8 @@ export async function releaseAll(sql: Sql): Promise<number> {
 /**
  * Releases reservations whose lease ran out, or whose instance is dead (`dead`, names from
  * Instances.dead), charging what each had delivered by its last extend (the block in
- * flight is lost, nothing more); a usage row records them as `abandoned`; only those of
+ * flight is lost, nothing more) and counting the tokens that was (its prompt and the output
+ * sent) against the plan; a usage row records them as `abandoned`; only those of
  * `channelId` when given. Returns how many were released (at most 100 a call).
  */
 export async function sweep(
@@ -455,7 +459,8 @@ export async function sweep(
   dead: readonly string[] = [],
 ): Promise<number> {
   const expired = await sql`
-    select id, delivered, channel_id is not null as channel from reservations
+    select id, delivered, delivered_prompt_tokens, delivered_completion_tokens,
+      channel_id is not null as channel from reservations
     where (expires_at < clock_timestamp()
            ${dead.length > 0 ? sql`or instance = any(${dead as string[]})` : sql``})
       ${channelId ? sql`and channel_id = ${channelId}` : sql``}
@@ -466,8 +471,10 @@ export async function sweep(
   const abandoned = (r: (typeof expired)[number]): Finish => ({
     id: r.id,
     cost: r.delivered,
-    promptTokens: 0,
-    completionTokens: 0,
+    // The tokens that cost is of: counted against an account's plan (its month, its token
+    // wallet) as a finish counts them, or a request whose instance died would use up neither.
+    promptTokens: r.delivered_prompt_tokens,
+    completionTokens: r.delivered_completion_tokens,
     status: 'abandoned',
     latencyMs: null,
     ttftMs: null,
@@ -585,11 +592,11 @@ export async function drained(ms: number): Promise<void> {
  * The rest of a request's charge when a sweep released its reservation before the request's
  * own charge came: its instance was taken for dead (its heartbeat stopped, Instances.ts) or
  * its lease ran out while the database was out of its reach, and the sweep charged what the
- * reservation had recorded as delivered (a usage row `abandoned`, no tokens). The difference
- * up to `o.cost` is charged as far as the payer has it free (an account: its balance over what
- * it holds; a channel: its authorized balance over what it spent and holds), an account's plan
- * counts the request's tokens as a finish does (its month's quota, its token wallet: the sweep
- * counted none),
+ * reservation had recorded as delivered (a usage row `abandoned`, with the tokens it counted).
+ * The difference up to `o.cost` is charged as far as the payer has it free (an account: its
+ * balance over what it holds; a channel: its authorized balance over what it spent and holds),
+ * an account's plan counts the request's tokens as a finish does (its month's quota, its token
+ * wallet) less those the sweep counted,
  * and the usage row becomes the request's own. Any other row (the request already charged) is
  * left as it is.
  */
@@ -601,7 +608,8 @@ async function chargeRest(
 ): Promise<void> {
   await sql.begin(async (tx) => {
     const [u] = await tx`
-      select account_id, channel_id, cost, status from usage where id = ${id} for update`
+      select account_id, channel_id, cost, status, prompt_tokens, completion_tokens
+      from usage where id = ${id} for update`
     if (u?.status !== 'abandoned') return
     let more = o.cost > (u.cost as bigint) ? o.cost - (u.cost as bigint) : 0n
     // As far as the payer has it free (an account: its balance over what it holds; a channel:
@@ -638,7 +646,17 @@ async function chargeRest(
           insert into credit_transactions (account_id, amount, kind, note, request_id)
           values (${u.account_id}, ${tx.typed.numeric(-more)}, 'usage',
                   'the rest of a request charged after its hold was released', ${id})`
-      const tokens = Alone.countedTokens(o)
+      // The sweep counted those it charged for (its usage row's): the rest, not all again.
+      const tokens = Math.max(
+        0,
+        Alone.countedTokens(o) -
+          Alone.countedTokens({
+            cost: u.cost as bigint,
+            status: u.status as string,
+            promptTokens: u.prompt_tokens as number,
+            completionTokens: u.completion_tokens as number,
+          }),
+      )
       await tx`
         update accounts ac set balance = ac.balance - ${tx.typed.numeric(more)},
           month_tokens = case when ac.month_start < m.this_month then 0 else ac.month_tokens end
@@ -724,13 +742,27 @@ export function reservation(
     supersede() {
       superseded = true
     },
-    async extend(amount: bigint, delivered?: bigint): Promise<boolean> {
+    /** `delivered`: what the request sent so far, its cost and its tokens (the sweep's). */
+    async extend(
+      amount: bigint,
+      delivered?: { cost: bigint; promptTokens: number; completionTokens: number },
+    ): Promise<boolean> {
       // One transient error must not end a stream the payer can pay for. Tried again, one
       // that had gone through (its answer lost) is found applied, not applied twice.
       const from = held
       const total = await retrying(
         () =>
-          extend(sql, { id: input.id, amount, leaseSeconds: input.leaseSeconds, delivered, from }),
+          extend(sql, {
+            id: input.id,
+            amount,
+            leaseSeconds: input.leaseSeconds,
+            delivered: delivered?.cost,
+            tokens: delivered && {
+              prompt: delivered.promptTokens,
+              completion: delivered.completionTokens,
+            },
+            from,
+          }),
         [50, 250],
       ).catch((e: unknown) => {
         // The stream ends with an error event that says why (not "the gateway failed").

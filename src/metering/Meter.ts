@@ -23,16 +23,20 @@ import {
 import * as Pricing from './Pricing.ts'
 import * as Tokenizer from './Tokenizer.ts'
 
+/** What a request has sent so far: the prompt and the completion tokens sent, and their cost. */
+export type Delivered = { cost: bigint; promptTokens: number; completionTokens: number }
+
 /** Credits held for one request, by whatever pays for it. Implemented by the stores. */
 export interface Reservation {
   readonly id: string
   /** Base units held now. */
   readonly held: bigint
   /**
-   * Holds `amount` more; false when the payer cannot cover it. `delivered`, the cost of what
-   * was sent so far, is kept either way: it is charged if this instance dies mid-request.
+   * Holds `amount` more; false when the payer cannot cover it. `delivered`, what was sent so
+   * far (its cost and tokens), is kept either way: it is charged, and its tokens counted
+   * against the plan, if this instance dies mid-request.
    */
-  extend(amount: bigint, delivered?: bigint): Promise<boolean>
+  extend(amount: bigint, delivered?: Delivered): Promise<boolean>
   /** Set when the payer gave this request's funds to a newer one (a new stream on a channel). */
   readonly superseded?: boolean
   /** Calls `f` once, when the reservation is superseded (to stop a stream whose upstream is quiet). */
@@ -166,6 +170,12 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
   const coveredBy = (held: bigint) =>
     Pricing.affordable(price, o.promptTokens, held, Number.MAX_SAFE_INTEGER)
   let covered = coveredBy(reservation.held)
+  /** What was sent, `completion` tokens of output: what a dead instance's request is charged. */
+  const delivered = (completion: number): Delivered => ({
+    cost: Pricing.cost(price, o.promptTokens, completion),
+    promptTokens: o.promptTokens,
+    completionTokens: completion,
+  })
   // What was sent, each choice's text as one (by its index); `upper`, a bound of its tokens
   // (never below the count), kept without counting.
   const sent = new Map<number, Tokenizer.Running>()
@@ -254,7 +264,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
       ? undefined
       : renewing(reservation, o.renewMs, {
           due: () => !settled && performance.now() - renewedAt >= o.renewMs!,
-          delivered: () => Pricing.cost(price, o.promptTokens, fold()),
+          delivered: () => delivered(fold()),
           renewed: () => {
             renewedAt = performance.now()
           },
@@ -293,7 +303,7 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
         if (o.renewMs !== undefined && performance.now() - renewedAt >= o.renewMs) {
           renewedAt = performance.now()
           // Refused: the reservation is gone (swept) or taken over; send nothing more.
-          if (!(await reservation.extend(0n, Pricing.cost(price, o.promptTokens, fold())))) {
+          if (!(await reservation.extend(0n, delivered(fold())))) {
             status = reservation.superseded ? 'superseded' : 'insufficient_funds'
             break
           }
@@ -359,10 +369,9 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
             if (ahead) {
               const short = Pricing.cost(price, o.promptTokens, upper + bound) - reservation.held
               renewedAt = performance.now()
-              const delivered = Pricing.cost(price, o.promptTokens, exact)
               const extended = await reservation.extend(
                 short + Pricing.cost(price, 0, block),
-                delivered,
+                delivered(exact),
               )
               // Gone while it was extended: this chunk and the rest are not sent.
               if (gone()) break
@@ -373,8 +382,8 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
             } else if (total > covered) {
               // Pay before sending: extend a block at a time, then exactly what this chunk
               // needs, then (channels) wait for the payer.
-              // The cost of what was sent so far: what a dead instance's request is charged.
-              const delivered = Pricing.cost(price, o.promptTokens, exact)
+              // What was sent so far: what a dead instance's request is charged.
+              const sent = delivered(exact)
               const required = Pricing.cost(price, o.promptTokens, total)
               while (required > reservation.held) {
                 // Each pass follows a wait (an extension, a voucher): gone, nothing more is sent.
@@ -382,12 +391,12 @@ export async function* stream(o: StreamOptions): AsyncGenerator<Frame, void, und
                 const short = required - reservation.held
                 const blockCost = Pricing.cost(price, 0, block)
                 renewedAt = performance.now()
-                if (await reservation.extend(short > blockCost ? short : blockCost, delivered)) {
+                if (await reservation.extend(short > blockCost ? short : blockCost, sent)) {
                   if (short <= blockCost) block = Math.min(block * 2, maxBlock)
                   continue
                 }
                 block = o.blockTokens
-                if (short < blockCost && (await reservation.extend(short, delivered))) continue
+                if (short < blockCost && (await reservation.extend(short, sent))) continue
                 if (reservation.superseded) status = 'superseded'
                 else if (reservation.waitForFunds) {
                   yield { kind: 'shortfall', required }
@@ -476,7 +485,7 @@ function renewing(
   ms: number,
   o: {
     due?: () => boolean
-    delivered?: () => bigint
+    delivered?: () => Delivered
     renewed?: () => void
     refused: () => void
   },

@@ -87,6 +87,50 @@ for (const death of ['killed', 'vanished'] as const)
     30_000,
   )
 
+test.skipIf(!server)(
+  'behavior: a stream whose instance died counts the tokens it was charged for against the plan: the monthly quota and the token wallet, as a finished one does',
+  async () => {
+    for (const plan of ['free', 'wallet'] as const) {
+      const { sql, a, b } = await pair(Upstream.start(), { sweepMs: 200, deadAfterMs: 600 })
+      const { id, key } = await a.account({ plan })
+      // 300 words, one each 50 ms, without max_tokens: it extends a block (16 tokens) at a time,
+      // and each extension records what it delivered.
+      const words = Array.from({ length: 300 }, (_, i) => `w${i}`).join(' ')
+      const res = await b.complete(key, {
+        model: 'fake-slow',
+        stream: true,
+        messages: [{ role: 'user', content: words }],
+      })
+      expect(res.status).toBe(200)
+      const reader = res.body!.getReader()
+      let text = ''
+      while (!Sse.text(Sse.events(text)).includes('w60'))
+        text += new TextDecoder().decode((await reader.read()).value)
+      await sql.end({ timeout: 0 })
+      const l = await Gateway.released(a.sql, id, 10_000)
+      void reader.cancel().catch(() => {})
+      expect(l.open_reservations).toBe(0n)
+      const [u] = await a.sql`
+        select status, cost, prompt_tokens, completion_tokens from usage where account_id = ${id}`
+      expect(u!.status).toBe('abandoned')
+      expect(u!.cost).toBeGreaterThan(0n)
+      // Its prompt (300 words and more) and the output its charge was for (60 words and more).
+      expect(u!.prompt_tokens).toBeGreaterThanOrEqual(300)
+      expect(u!.completion_tokens).toBeGreaterThanOrEqual(40)
+      const tokens = BigInt(u!.prompt_tokens + u!.completion_tokens)
+      expect(l.usage_tokens).toBe(tokens)
+      const [acc] = await a.sql`select month_tokens, wallet_tokens from accounts where id = ${id}`
+      if (plan === 'free') expect(acc!.month_tokens).toBe(tokens)
+      else {
+        // A full wallet (10,000) less those tokens, and the little it refilled meanwhile.
+        expect(acc!.wallet_tokens).toBeLessThanOrEqual(10_000 - Number(tokens) + 1)
+        expect(acc!.wallet_tokens).toBeGreaterThan(10_000 - Number(tokens) - 1)
+      }
+    }
+  },
+  60_000,
+)
+
 /**
  * A stream on `gw` of `words` words (one each 100 ms, with slowMs 100), all held at admission
  * (max_tokens): no extension records what it delivered. Read until its first word; `rest`

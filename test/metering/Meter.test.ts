@@ -332,15 +332,21 @@ describe('stream', () => {
   test('behavior: a stream with nothing to extend still renews its reservation, recording what it sent; a refused renewal ends it', async () => {
     const texts = Array.from({ length: 5 }, () => [' w', ' w'])
     const r = reservation(0n, 1_000n)
-    const asked: bigint[] = []
+    const asked: Meter.Delivered[] = []
     const extend = r.extend
-    r.extend = async (amount: bigint, delivered?: bigint) => {
+    r.extend = async (amount: bigint, delivered?: Meter.Delivered) => {
       asked.push(delivered!)
       return extend(amount)
     }
     await run({ texts, balance: 0n, held: 0n, renewMs: 0, reservation: r })
-    // Renewed before each batch, each time with the cost sent so far.
-    expect(asked).toEqual([0, 2, 4, 6, 8].map((n) => Pricing.cost(price, PROMPT, n)))
+    // Renewed before each batch, each time with what was sent so far: its cost and its tokens.
+    expect(asked).toEqual(
+      [0, 2, 4, 6, 8].map((n) => ({
+        cost: Pricing.cost(price, PROMPT, n),
+        promptTokens: PROMPT,
+        completionTokens: n,
+      })),
+    )
 
     const gone = reservation(0n, 1_000n)
     gone.extend = async () => false

@@ -1,15 +1,19 @@
--- version: 2
+-- version: 3
 -- tollway_extend: adds p_amount to a reservation's hold (when the payer can cover it), renews
--- its lease and records what was delivered. Its current definition lives here (migrations
--- 0002 and 0010 are its history). p_from, the hold as the caller knows it: an extension is
--- applied to that hold only, so a retry of one whose answer was lost (it committed, the
--- connection dropped) finds it applied and answers as it left it, rather than holding the
--- amount twice, or refusing it for want of the balance to hold it twice. Without p_from (an
--- instance of an earlier version, calling with four arguments) it applies as it always did:
--- one function for both, the 4-argument one dropped.
+-- its lease and records what was delivered: its cost, and (version 3) the prompt and completion
+-- tokens that cost is of, which the sweep counts against the plan (migration 0021). Its current
+-- definition lives here (migrations 0002 and 0010 are its history). p_from, the hold as the
+-- caller knows it: an extension is applied to that hold only, so a retry of one whose answer
+-- was lost (it committed, the connection dropped) finds it applied and answers as it left it,
+-- rather than holding the amount twice, or refusing it for want of the balance to hold it
+-- twice. Without p_from (an instance of an earlier version, calling with four arguments) it
+-- applies as it always did, and without the token counts (one of version 2, with five) records
+-- none: one function for all, the shorter ones dropped.
 DROP FUNCTION IF EXISTS tollway_extend(uuid, numeric, int, numeric);
+DROP FUNCTION IF EXISTS tollway_extend(uuid, numeric, int, numeric, numeric);
 CREATE OR REPLACE FUNCTION tollway_extend(p_id uuid, p_amount numeric, p_lease_seconds int,
-  p_delivered numeric DEFAULT NULL, p_from numeric DEFAULT NULL)
+  p_delivered numeric DEFAULT NULL, p_from numeric DEFAULT NULL,
+  p_prompt_tokens int DEFAULT NULL, p_completion_tokens int DEFAULT NULL)
 RETURNS numeric LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -17,8 +21,14 @@ DECLARE
 BEGIN
   SELECT * INTO r FROM reservations WHERE id = p_id FOR UPDATE;
   IF NOT FOUND THEN RETURN NULL; END IF;
-  IF p_delivered IS NOT NULL AND p_delivered > r.delivered THEN
-    UPDATE reservations SET delivered = least(p_delivered, held) WHERE id = p_id;
+  -- The tokens with the cost (a model priced at nothing delivers tokens at no cost).
+  IF p_delivered IS NOT NULL AND (p_delivered > r.delivered
+      OR p_completion_tokens > r.delivered_completion_tokens) THEN
+    UPDATE reservations SET delivered = greatest(delivered, least(p_delivered, held)),
+      delivered_prompt_tokens = coalesce(p_prompt_tokens, delivered_prompt_tokens),
+      delivered_completion_tokens = greatest(delivered_completion_tokens,
+        coalesce(p_completion_tokens, 0))
+      WHERE id = p_id;
   END IF;
   IF r.account_id IS NOT NULL THEN
     PERFORM set_config('synchronous_commit', 'off', true); -- see 0001_ledger.sql
