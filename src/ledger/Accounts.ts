@@ -16,10 +16,23 @@ export type Account = {
   createdAt: Date
 }
 
-/** Writes the configured plans (upsert), so admission can read them in the same statement. */
+/**
+ * Writes the configured plans (upsert), so admission can read them in the same statement. A
+ * plan whose requests per minute changed has its accounts' request-rate state rescaled to the
+ * new limit in the same statement (`tollway_rate_rescaled`: the requests it counts stay the
+ * same).
+ */
 export async function syncPlans(sql: Sql, plans: Record<string, Plan>): Promise<void> {
   for (const [name, p] of Object.entries(plans)) {
     await sql`
+      with was as (select requests_per_minute as rpm from plans where name = ${name}),
+      rescaled as (
+        update accounts ac set rate_tat = tollway_rate_rescaled(ac.rate_tat, was.rpm,
+          ${p.requestsPerMinute}::int, clock_timestamp())
+        from was
+        where ac.plan = ${name} and was.rpm is distinct from ${p.requestsPerMinute}::int
+          and ac.rate_tat is not null
+      )
       insert into plans (name, tier, requests_per_minute, max_concurrent, tokens_per_month,
         wallet_floor, wallet_refill_per_day, wallet_cap)
       values (${name}, ${p.tier}, ${p.requestsPerMinute}, ${p.maxConcurrent}, ${p.tokensPerMonth},
@@ -48,7 +61,10 @@ export async function get(sql: Sql, id: string): Promise<Account | undefined> {
 /**
  * Renames an account or moves it to another plan (which must exist); undefined when there is
  * no such account. A new plan applies from the account's next admission, on every instance
- * (admission reads the plan in its statement); the month's tokens so far still count.
+ * (admission reads the plan in its statement); the month's tokens so far still count, and so do
+ * the requests of the last minute: the request-rate state is rescaled to the new plan's limit
+ * (`tollway_rate_rescaled`), so an upgraded account is not held to the old plan's pace nor a
+ * downgraded one let a new burst.
  */
 export async function update(
   sql: Sql,
@@ -57,9 +73,14 @@ export async function update(
 ): Promise<Account | undefined> {
   await accountsSettled(sql)
   const [r] = await sql`
-    update accounts set name = coalesce(${input.name ?? null}, name),
-      plan = coalesce(${input.plan ?? null}, plan)
-    where id = ${id} returning *, ${monthUsed(sql)}`
+    update accounts ac set name = coalesce(${input.name ?? null}, ac.name),
+      plan = coalesce(${input.plan ?? null}, ac.plan),
+      -- Subqueries on the row as it is once locked (a plan changed meanwhile is the one left).
+      rate_tat = tollway_rate_rescaled(ac.rate_tat,
+        (select requests_per_minute from plans where name = ac.plan),
+        (select requests_per_minute from plans where name = coalesce(${input.plan ?? null}, ac.plan)),
+        clock_timestamp())
+    where ac.id = ${id} returning *, ${monthUsed(sql)}`
   return r ? account(r) : undefined
 }
 

@@ -1,4 +1,5 @@
 import { describe, expect, test } from 'bun:test'
+import * as Accounts from '../../src/ledger/Accounts.ts'
 import * as ApiKeys from '../../src/ledger/ApiKeys.ts'
 import * as Batch from '../../src/ledger/Batch.ts'
 import * as Tokenizer from '../../src/metering/Tokenizer.ts'
@@ -262,6 +263,109 @@ describe('credits', () => {
     expect(huge.status).toBe(400)
     expect(((await huge.json()) as ErrorBody).error.code).toBe('context_length_exceeded')
     expect(Tokenizer.counted.tokenized - before).toBeLessThan(1_000)
+  })
+})
+
+describe('plan changes and the request rate', () => {
+  test('behavior: an account moved from free (10 a minute) to pro (60) with its 10 sent is let the 50 more pro allows at once, not held to one a second', async () => {
+    const { id, key } = await a.account({ plan: 'free' })
+    for (let i = 0; i < 10; i++) {
+      const res = await post(i % 2 ? b : a, key)
+      expect(res.status).toBe(200)
+      await res.text()
+    }
+    const refused = await post(a, key)
+    expect(refused.status).toBe(429)
+    await refused.text()
+    const moved = await a.admin(`/accounts/${id}`, { plan: 'pro' }, 'PATCH')
+    expect(moved.status).toBe(200)
+    await moved.text()
+    const res = await post(b, key)
+    expect(res.status).toBe(200)
+    await res.text()
+    expect(res.headers.get('x-ratelimit-limit-requests')).toBe('60')
+    // 11 of 60 counted: 49 left (more only as the seconds go by).
+    expect(Number(res.headers.get('x-ratelimit-remaining-requests'))).toBeGreaterThanOrEqual(49)
+  })
+
+  test('behavior: an account moved from pro (60 a minute) to free (10) with 6 sent is let only the 4 the free plan has left, not a new burst', async () => {
+    const { id, key } = await a.account({ plan: 'pro' })
+    for (let i = 0; i < 6; i++) {
+      const res = await post(i % 2 ? b : a, key)
+      expect(res.status).toBe(200)
+      await res.text()
+    }
+    const moved = await a.admin(`/accounts/${id}`, { plan: 'free' }, 'PATCH')
+    expect(moved.status).toBe(200)
+    await moved.text()
+    let admitted = 0
+    for (let i = 0; i < 12; i++) {
+      const res = await post(i % 2 ? b : a, key)
+      await res.text()
+      if (res.status !== 200) {
+        expect(res.status).toBe(429)
+        break
+      }
+      admitted++
+    }
+    // 10 - 6 = 4, one more for each 6 s gone by since the first (a slow machine's seconds);
+    // kept as it was, the state let 9.
+    expect(admitted).toBeGreaterThanOrEqual(4)
+    expect(admitted).toBeLessThanOrEqual(6)
+  })
+
+  test('behavior: a plan whose requests per minute the configuration changes has its accounts rate state rescaled at the next start', async () => {
+    const paced = (requestsPerMinute: number) => ({
+      paced: {
+        tier: 0,
+        requestsPerMinute,
+        maxConcurrent: null,
+        tokensPerMonth: null,
+        wallet: null,
+      },
+    })
+    await Accounts.syncPlans(a.sql, paced(10))
+    const id = await Accounts.create(a.sql, { name: 'paced', plan: 'paced' })
+    // 10 requests sent at once on 10 a minute: a minute ahead.
+    await a.sql`update accounts set rate_tat = clock_timestamp() + interval '60 s' where id = ${id}`
+    await Accounts.syncPlans(a.sql, paced(60))
+    const [r] = await a.sql`
+      select extract(epoch from rate_tat - clock_timestamp())::float8 as ahead
+      from accounts where id = ${id}`
+    // The same 10 requests at 60 a minute: 10 s ahead.
+    expect(r!.ahead).toBeGreaterThan(9)
+    expect(r!.ahead).toBeLessThanOrEqual(10)
+    // Unchanged, nothing moves.
+    await Accounts.syncPlans(a.sql, paced(60))
+    const [again] = await a.sql`
+      select extract(epoch from rate_tat - clock_timestamp())::float8 as ahead
+      from accounts where id = ${id}`
+    expect(again!.ahead).toBeLessThanOrEqual(r!.ahead)
+    expect(again!.ahead).toBeGreaterThan(8)
+  })
+
+  test('behavior: the rate state keeps the requests it counts across limits, at most the new limit, none across no limit', async () => {
+    const [r] = await a.sql`
+      with t(ts) as (select timestamptz '2026-01-01 00:00:00+00')
+      select tollway_rate_rescaled(ts + interval '60 s', 10, 60, ts) - ts as up,
+        tollway_rate_rescaled(ts + interval '5 s', 60, 10, ts) - ts as down,
+        tollway_rate_rescaled(ts + interval '30 s', 60, 10, ts) - ts as capped,
+        tollway_rate_rescaled(ts + interval '12 s', 7, 7, ts) - ts as same,
+        tollway_rate_rescaled(ts - interval '5 s', 60, 10, ts) - ts as past,
+        tollway_rate_rescaled(ts + interval '5 s', 60, null, ts) as unlimited,
+        tollway_rate_rescaled(ts + interval '5 s', null, 10, ts) as limited,
+        tollway_rate_rescaled(null, 60, 10, ts) as fresh
+      from t`
+    expect(r).toEqual({
+      up: '00:00:10',
+      down: '00:00:30',
+      capped: '00:01:00',
+      same: '00:00:12',
+      past: '-00:00:05',
+      unlimited: null,
+      limited: null,
+      fresh: null,
+    })
   })
 })
 
