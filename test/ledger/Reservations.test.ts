@@ -377,16 +377,34 @@ describe('extend and finish', () => {
 
   test('behavior: a request whose reservation a sweep released first charges the rest and counts its tokens in its plan (month and wallet), as a charge in time does', async () => {
     // Swept after recording 10 (the rest is 20 more), after recording all 30 (nothing more to
-    // charge), and not swept.
-    const cases = [10n, 30n, null]
+    // charge), and not swept; then swept after recording 10 as the cost of 3 prompt and 2
+    // completion tokens, and all 30 as the cost of all 8 tokens: the sweep counts those, the
+    // late charge the rest (never one twice).
+    const cases = [
+      [10n],
+      [30n],
+      null,
+      [10n, { prompt: 3, completion: 2 }, 5n],
+      [30n, { prompt: 3, completion: 5 }, 8n],
+    ] as const
     const rows: Record<string, unknown>[] = []
-    for (const delivered of cases) {
+    for (const c of cases) {
       const a = await account(100n, 'wallet')
       const id = requestOf(await admit(a.keyHash, 40n))
-      if (delivered !== null) {
-        await Reservations.extend(sql, { id, amount: 0n, leaseSeconds: 60, delivered, from: 40n })
+      if (c !== null) {
+        const [delivered, tokens, counted] = c
+        await Reservations.extend(sql, {
+          id,
+          amount: 0n,
+          leaseSeconds: 60,
+          delivered,
+          tokens,
+          from: 40n,
+        })
         await sql`update reservations set expires_at = now() - interval '1 second' where id = ${id}`
         expect(await Reservations.sweep(sql)).toBeGreaterThanOrEqual(1)
+        // What the sweep charged for, counted at once.
+        expect((await invariants(a.id)).month_tokens).toBe(counted ?? 0n)
       }
       const r = Reservations.reservation(sql, { id, held: 40n, leaseSeconds: 60 })
       expect((await r.settle(lateOutcome)).charged).toBe(30n)
