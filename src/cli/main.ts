@@ -496,9 +496,16 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
           `/admin/channels/${enc(id)}/settle`,
         )) as {
           result: { status: string; txHash?: string; error?: { message: string } }
+          channel?: { status?: string; spent?: string; settled?: string }
         }
         const { status, txHash, error } = r.result
-        print(ctx, r, `${status}${txHash ? ` ${txHash}` : ''}${error ? `: ${error.message}` : ''}`)
+        print(
+          ctx,
+          r,
+          status === 'nothing'
+            ? nothingToSettle(r.channel)
+            : `${status}${txHash ? ` ${txHash}` : ''}${error ? `: ${error.message}` : ''}`,
+        )
         // Answered, but not settled (reverted, failed, or busy): not a success.
         if (status !== 'confirmed' && status !== 'nothing')
           throw new ServerError(`the settlement did not go through (${status}).`)
@@ -521,6 +528,17 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
 }
 
 const enc = encodeURIComponent
+
+/**
+ * Why a settlement had nothing to send: the gateway settles only a voucher the payer signed at
+ * or below what the channel spent, above what is settled, and a paying client signs ahead of
+ * its spending, so an open channel often has none until its close.
+ */
+function nothingToSettle(channel?: { status?: string; spent?: string; settled?: string }): string {
+  if (!channel?.status) return 'nothing to settle'
+  if (channel.status !== 'open') return `nothing to settle: the channel is ${channel.status}`
+  return `nothing to settle: no accepted voucher at or below what the channel spent (${channel.spent}) is above what is settled (${channel.settled}); the payer signs ahead of its spending, and its close settles what it spent`
+}
 
 /** Set once `serve` is serving: the process then keeps running after `run` returns. */
 let serving = false

@@ -457,8 +457,15 @@ describe('chat', () => {
     const list = await json(['channels', 'list'])
     expect(list.data.map((c: { channelId: string }) => c.channelId)).toContain(again.channelId)
     const settled = await json(['channels', 'settle', again.channelId])
-    expect(settled.result.status).toBeString()
     expect(settled.channel.channelId).toBe(again.channelId)
+    // The payer signs ahead of its spending: no voucher at or below what was spent yet, and
+    // the command says why rather than print a bare status.
+    expect(settled.result.status).toBe('nothing')
+    const human = await cli(['channels', 'settle', again.channelId])
+    expect(human.code).toBe(0)
+    expect(human.stdout).toContain(
+      `nothing to settle: no accepted voucher at or below what the channel spent (${settled.channel.spent}) is above what is settled (0)`,
+    )
 
     const closed = await json(['channel', 'close', '--trust-escrow'], wallet)
     expect(closed.txHash).toMatch(/^0x/)
