@@ -356,7 +356,7 @@ describe('chat', () => {
       where payer = ${Buffer.from(payer.address.slice(2), 'hex')}`
     expect(row!.n).toBe(1)
     expect(BigInt(row!.spent)).toBe(BigInt(out.usage.cost))
-  })
+  }, 30_000)
 
   test('error: a missing or malformed wallet key is a usage error', async () => {
     const r = await cli(['chat', 'hello'], { TOLLWAY_WALLET_KEY: '0x12' })
@@ -396,7 +396,7 @@ describe('chat', () => {
       'opening a payment channel (on chain)… opened (deposit 8); the request failed:',
     )
     expect(short.stderr).not.toContain('done')
-  })
+  }, 30_000)
 
   test('behavior: --receipt asks for the signed receipt and checks it, whole or streamed', async () => {
     const whole = await cli(
