@@ -14,6 +14,7 @@ import {
   type Client as ViemClient,
 } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
+import { getBlock } from 'viem/actions'
 import { jsonRpc } from 'viem/nonce'
 
 /** Where the chain is; plain values, the gateway's Config maps env vars onto them. */
@@ -58,4 +59,22 @@ export function chain(options: { chainId: number; rpcUrl: string }): Chain {
     nativeCurrency: { name: 'Ether', symbol: 'ETH', decimals: 18 },
     rpcUrls: { default: { http: [options.rpcUrl] } },
   })
+}
+
+/**
+ * The chain's time now: the timestamp of the block a transaction sent now would be mined in
+ * (`pending`), not below the latest block's. A chain that mines only on transactions (anvil,
+ * the development chain) keeps its latest block's time from its last transaction however long
+ * it sits idle: read from that alone, a forced close on an idle chain never came of age. A node
+ * without a pending block answers for the latest one.
+ */
+export async function now(
+  client: ViemClient<Transport, Chain | undefined, Account | undefined>,
+): Promise<bigint> {
+  const latest = (await getBlock(client)).timestamp
+  const pending = await getBlock(client, { blockTag: 'pending' }).then(
+    (b) => b.timestamp,
+    () => latest,
+  )
+  return pending > latest ? pending : latest
 }

@@ -43,6 +43,7 @@ import {
 import { withoutUrls } from '../Errors.ts'
 import type { Logger } from '../Logger.ts'
 import type { WalletClient } from './Client.ts'
+import * as ChainClient from './Client.ts'
 import {
   ChannelBusyError,
   ChannelStateError,
@@ -418,8 +419,7 @@ export function start(options: Options): Worker {
         await cancelled(store, channelId, { deposit: c.deposit, readAt })
         return false
       }
-      const { timestamp } = await getBlock(options.client)
-      return (timestamp - c.closeRequestedAt) * 2n >= grace
+      return ((await ChainClient.now(options.client)) - c.closeRequestedAt) * 2n >= grace
     } catch {
       return false
     }

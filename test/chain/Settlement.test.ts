@@ -599,6 +599,22 @@ describe('start', () => {
     expect(await balance(address)).toBe(before + deposit - 300n)
   })
 
+  test('behavior: on a chain that mines only on transactions (anvil), a forced close half its grace period old by the clock is settled with its cover though no block was mined since', async () => {
+    const w = worker({ gracePeriod: 60n })
+    const forced = await openChannel()
+    await accept(forced, 200n, 300n)
+    await spend(forced, 250n)
+    await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId: forced })
+    expect(await w.closeRequested(forced)).toMatchObject({ cumulativeAmount: 200n })
+    // Half the grace period goes by with no transaction: the latest block keeps its time, the
+    // next one (what a settle sent now is mined in) has the clock's.
+    await chain.payeeClient.request({ method: 'evm_increaseTime', params: [31] } as never)
+    expect(mine(await ticked(w), forced)).toMatchObject([
+      { status: 'confirmed', kind: 'settle', cumulativeAmount: 300n },
+    ])
+    expect(await inDb(forced)).toMatchObject({ spent: 300n, settled: 300n })
+  })
+
   test('error: a database error while the recent settles are looked at again ends that look and the pass: no other is asked of the node, and the failure is said as the look failing', async () => {
     const w = worker({})
     const { first, second } = await settledThenDropped(w)
