@@ -368,12 +368,12 @@ export function withdraw(
   client: Client,
   parameters: { escrow: Address; channelId: Hex },
 ): Promise<Transaction.Sent> {
-  return Transaction.send(client, {
-    address: parameters.escrow,
-    abi,
-    functionName: 'withdraw',
-    args: [parameters.channelId],
-  })
+  return Transaction.send(
+    client,
+    { address: parameters.escrow, abi, functionName: 'withdraw', args: [parameters.channelId] },
+    // Its time check is the block's it is mined in (see Client.now).
+    { pending: true },
+  )
 }
 
 export type CloseRequest = {

@@ -29,6 +29,12 @@ export type Sent<result = unknown> = { hash: Hash; receipt: TransactionReceipt; 
 export type SendOptions = {
   /** Called with the hash once the node accepted the transaction, before waiting for it (to record it). */
   onSubmitted?: ((hash: Hash) => void | Promise<void>) | undefined
+  /**
+   * Simulate on the pending block (the one the transaction is mined in) rather than the latest:
+   * for a call that depends on the time (a withdraw after the grace period), on a chain that
+   * mines only on transactions (anvil), whose latest block keeps its last transaction's time.
+   */
+  pending?: boolean | undefined
 }
 
 /** Runs `fn` with no other sender of the same account running (see `exclusive`). */
@@ -72,7 +78,11 @@ export async function send<result = unknown>(
       let simulated: { request: unknown; result: unknown }
       try {
         // Again on every attempt: another instance may have changed the state meanwhile.
-        simulated = await simulateContract(client, { ...call, account } as never)
+        simulated = await simulateContract(client, {
+          ...call,
+          account,
+          ...(options.pending ? { blockTag: 'pending' } : {}),
+        } as never)
       } catch (error) {
         throw toReverted(error, call.functionName, call.abi)
       }

@@ -16,7 +16,6 @@ import {
   toHex,
 } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
-import { getBlock } from 'viem/actions'
 import * as ChainClient from '../chain/Client.ts'
 import * as Escrow from '../chain/Escrow.ts'
 import * as Token from '../chain/Token.ts'
@@ -1737,9 +1736,10 @@ export function createFetch(options: Options): PayingFetch {
       await store.delete(closingKey(key))
       setApart.delete(closingKey(key))
     })
-    // The escrow compares with block time, not this machine's clock.
+    // The escrow compares with block time, not this machine's clock: the time of the block
+    // the withdraw would be mined in.
     const ready = onChain.closeRequestedAt + Escrow.closeGracePeriod
-    const now = (await getBlock(client)).timestamp
+    const now = await ChainClient.now(client)
     if (onChain.closeRequestedAt === 0n || now < ready)
       throw new CloseNotReadyError(
         state.channelId,

@@ -29,7 +29,7 @@ import * as Anvil from '../helpers/Anvil.ts'
 import * as Gateway from '../helpers/Gateway.ts'
 import * as Payer from '../helpers/Payer.ts'
 
-const chain = await Anvil.start({ accounts: 30 })
+const chain = await Anvil.start({ accounts: 31 })
 afterAll(() => chain.stop())
 const gw = await Gateway.create({
   chain: Gateway.chainOf(chain),
@@ -482,6 +482,27 @@ describe('createFetch', () => {
     // What the payee kept counts against maxTotal, across restarts too.
     expect(r.paid).toBeGreaterThan(0n)
     expect(await store.closedTotal(`${new URL(gw.url).origin}#${payer.address}`)).toBe(r.paid)
+  }, 60_000)
+
+  test('behavior: withdraw after the grace period on a chain that mined no block since (anvil mines only on transactions) takes the deposit back', async () => {
+    const { fetch, openai } = client(29, { store: Store.memory() })
+    await openai.chat.completions.create({ model: 'fake', messages })
+    const state = (await fetch.channel(gw.url))!
+    await fetch.requestClose()
+    // The grace period goes by with no transaction: the latest block keeps its time, the next
+    // one (where the withdraw is mined) has the clock's.
+    await chain.payeeClient.request({
+      method: 'evm_increaseTime',
+      params: [Number(Escrow.closeGracePeriod)],
+    } as never)
+    const r = await fetch.withdraw()
+    expect(r.channelId).toBe(state.channelId)
+    const after = (await Escrow.getChannel(chain.payeeClient, {
+      escrow: chain.escrowAddress,
+      channelId: state.channelId,
+    }))!
+    expect(after.finalized).toBe(true)
+    expect(r.refund).toBe(after.deposit - after.settled)
   }, 60_000)
 
   test('error: requestClose without rpcUrl → ChainRequiredError; the channel stays', async () => {
