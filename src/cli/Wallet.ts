@@ -561,7 +561,7 @@ export async function requestClose(ctx: Context) {
   if (ctx.settings.json) ctx.io.out(`${JSON.stringify({ ...r, kind: channel.kind })}\n`)
   else
     ctx.io.out(
-      `close requested: ${r.txHash}\nchannel ${r.channelId} (was ${described[channel.kind]}): run tollway channel withdraw from ${r.withdrawableAt.toISOString()} (15 minutes; the gateway may settle what it is owed meanwhile)\n`,
+      `close requested: ${r.txHash}\nchannel ${r.channelId} (was ${described[channel.kind]}): run tollway channel withdraw from ${r.withdrawableAt.toISOString()} (15 minutes; meanwhile the gateway may settle what was spent, with the lowest voucher you signed that covers it)\n`,
     )
 }
 

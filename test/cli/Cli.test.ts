@@ -656,6 +656,10 @@ describe('channel request-close | withdraw', () => {
     expect(human.stderr).toContain('done')
     const at = human.stdout.match(/withdraw from (\S+)/)?.[1]
     expect(at).toBeDefined()
+    // What the gateway may take meanwhile: a voucher signed ahead of the spending, not less.
+    expect(human.stdout).toContain(
+      'the gateway may settle what was spent, with the lowest voucher you signed that covers it',
+    )
     const onChain = (await Escrow.getChannel(chain.payeeClient, {
       escrow: chain.escrowAddress,
       channelId: channel.channelId,
