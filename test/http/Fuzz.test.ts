@@ -146,3 +146,75 @@ describe('other inputs', () => {
     )
   }, 120_000)
 })
+
+const { id: accountId } = await gw.account({ credits: 1n })
+
+describe('account, key and operator bodies', () => {
+  const text = fc.oneof(
+    fc.string({ maxLength: 20 }),
+    fc.string({ unit: 'binary', maxLength: 20 }),
+    fc.constantFrom(' ', '\u0000', '\ud800', 'free', 'pro', '__proto__', 'toString'),
+  )
+  const field = fc.oneof(text, fc.jsonValue({ maxDepth: 1 }))
+  const amount = fc.oneof(
+    fc.bigInt({ min: -(10n ** 80n), max: 10n ** 80n }).map(String),
+    fc.constantFrom('-0', '0', '1e3', '1.0', ' 1', '+1', `${10n ** 77n}`, `-${10n ** 77n}`),
+  )
+  const bodyOf = fc.oneof(
+    fc.record(
+      { name: field, plan: field, note: field, amount: fc.oneof(amount, field) },
+      {
+        requiredKeys: [],
+      },
+    ),
+    fc.jsonValue({ maxDepth: 2 }),
+  )
+  const send = (method: string, path: string, auth: string, value: unknown) =>
+    fetch(`${gw.url}${path}`, {
+      method,
+      headers: { authorization: auth, 'content-type': 'application/json' },
+      body: JSON.stringify(value),
+    })
+
+  test('property: any JSON body to the key, account and grant endpoints gets a typed answer', async () => {
+    const admin = `Bearer ${gw.config.adminToken}`
+    await fc.assert(
+      fc.asyncProperty(bodyOf, async (value) => {
+        await expectTyped(await send('POST', '/v1/keys', `Bearer ${key}`, value))
+        await expectTyped(await send('POST', '/admin/accounts', admin, value))
+        await expectTyped(await send('PATCH', `/admin/accounts/${accountId}`, admin, value))
+        await expectTyped(await send('POST', `/admin/accounts/${accountId}/credits`, admin, value))
+        await expectTyped(await send('POST', `/admin/accounts/${accountId}/keys`, admin, value))
+      }),
+      { numRuns: 150, seed: 20261125 },
+    )
+  }, 60_000)
+
+  test('property: any admin Authorization, channel id and channel cursor get a typed answer', async () => {
+    const printable = fc
+      .string({ unit: 'binary-ascii', maxLength: 80 })
+      .filter((s) => /^[\t\x20-\x7e]*$/.test(s))
+    await fc.assert(
+      fc.asyncProperty(printable, fc.string({ maxLength: 70 }), async (auth, a) => {
+        for (const path of ['/admin/accounts', '/admin/channels', '/metrics']) {
+          let res: Response
+          try {
+            res = await fetch(`${gw.url}${path}`, { headers: { authorization: auth } })
+          } catch {
+            continue // a header the fetch client itself refuses to send
+          }
+          expect(res.status).toBe(401)
+          await expectTyped(res)
+        }
+        await expectTyped(await fetch(`${gw.url}/v1/channels/${encodeURIComponent(a)}`))
+        await expectTyped(
+          await gw.admin(
+            `/channels?cursor=${encodeURIComponent(a)}&limit=${encodeURIComponent(a)}`,
+          ),
+        )
+        await expectTyped(await gw.admin(`/channels/${encodeURIComponent(a)}/settle`, {}))
+      }),
+      { numRuns: 150, seed: 20261125 },
+    )
+  }, 60_000)
+})
