@@ -22,7 +22,11 @@ export class ChainError extends Error {
  * A transaction reverted: either its simulation reverted (nothing was sent) or it was mined with
  * `status: reverted`. Definite: retrying the same call will not make it succeed.
  */
-/** What a revert whose cause is not the caller's arguments says instead. */
+/**
+ * What a revert whose cause is not the caller's arguments says instead. Looked up by own keys
+ * only: the name is the node's (a revert without data is named by its message), and `toString`
+ * or `constructor` would find Object's functions.
+ */
 const causes: Record<string, string> = {
   DepositNotReceived:
     'The token delivered less to the escrow than the deposit (it takes a fee on transfer, or moved nothing): it cannot fund channels on this escrow, whatever the arguments.',
@@ -48,7 +52,9 @@ export class TransactionRevertedError extends ChainError {
     const reason = options.errorName ? ` with ${options.errorName}` : ''
     super(
       `${options.functionName} reverted${reason}. ${
-        (options.errorName && causes[options.errorName]) ??
+        (options.errorName && Object.hasOwn(causes, options.errorName)
+          ? causes[options.errorName]
+          : undefined) ??
         'Check the channel state and arguments; retrying the same call will fail again.'
       }`,
       options,

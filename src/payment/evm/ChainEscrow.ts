@@ -189,7 +189,10 @@ const erc1271 = parseAbi([
 ])
 const erc1271Magic = '0x1626ba7e'
 
-/** The revert names of the escrow mapped to the draft's problem types ("Error Responses"). */
+/**
+ * The revert names of the escrow mapped to the draft's problem types ("Error Responses"); own
+ * keys only (a revert without data is named by the node's message, which may be `toString`).
+ */
 const reverts: Record<string, Problem.Kind> = {
   AmountExceedsDeposit: 'session/amount-exceeds-deposit',
   ChannelNotFound: 'session/channel-not-found',
@@ -204,7 +207,9 @@ const reverts: Record<string, Problem.Kind> = {
  */
 export function problem(e: unknown, channelId: Hex): unknown {
   if (e instanceof TransactionRevertedError) {
-    const kind = (e.errorName && reverts[e.errorName]) || 'session/transaction-reverted'
+    const kind =
+      (e.errorName && Object.hasOwn(reverts, e.errorName) && reverts[e.errorName]) ||
+      'session/transaction-reverted'
     return Problem.create(
       kind,
       e.message,
