@@ -1137,14 +1137,19 @@ export function createFetch(options: Options): PayingFetch {
     live: Live,
     url: string,
     body: ReadableStream<Uint8Array>,
+    status: number,
     gate: Gate,
     signal?: AbortSignal,
   ) => {
-    const reader = Stream.strip(body, {
-      onNeedVoucher: (need) => answer(live, url, need),
-      onReceipt: (receipt) => receive(live, receipt),
-      settled: () => live.queue,
-    }).getReader()
+    const reader = Stream.strip(
+      body,
+      {
+        onNeedVoucher: (need) => answer(live, url, need),
+        onReceipt: (receipt) => receive(live, receipt),
+        settled: () => live.queue,
+      },
+      status,
+    ).getReader()
     // Counted when the request was sent (the gate), or now (a first stream that opened the channel).
     if (gate.live === live) gate.handed = true
     else live.streams++
@@ -1345,7 +1350,7 @@ export function createFetch(options: Options): PayingFetch {
           }
           if (!sse) return res
           const signal = AbortSignal.any([request.signal, stop.signal])
-          return new Response(filtered(live, url, res.body, gate, signal), {
+          return new Response(filtered(live, url, res.body, res.status, gate, signal), {
             status: res.status,
             statusText: res.statusText,
             headers: res.headers,

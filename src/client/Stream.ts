@@ -7,6 +7,7 @@
 import { createParser } from 'eventsource-parser'
 import * as Events from '../payment/Events.ts'
 import type * as Receipt from '../payment/Receipt.ts'
+import { PaymentFailedError } from './Errors.ts'
 
 export type Handlers = {
   /** Called for each `payment-need-voucher`; a rejection ends the stream with its reason. */
@@ -38,6 +39,8 @@ export function serialize(e: {
 export function strip(
   body: ReadableStream<Uint8Array>,
   handlers: Handlers,
+  /** The response's status, for the error of an event that cannot be read. */
+  status = 200,
 ): ReadableStream<Uint8Array> {
   const encoder = new TextEncoder()
   const decoder = new TextDecoder()
@@ -64,9 +67,15 @@ export function strip(
         } catch (cause) {
           // A receipt is for the record, as a malformed Payment-Receipt header is ignored: the
           // answer already paid for is not failed over it. A request for a voucher that cannot
-          // be read leaves the stream unable to go on.
+          // be read leaves the stream unable to go on: the server's failure, a client error as a
+          // malformed challenge is (the parser's own error is the gateway's, a 400 of its wire).
           if (e.event === Events.receiptEvent) return
-          return fail(cause)
+          return fail(
+            new PaymentFailedError(
+              `The server sent a payment-need-voucher event that cannot be read: ${(cause as Error).message}`,
+              status,
+            ),
+          )
         }
         if (parsed?.event === Events.needVoucherEvent)
           handlers.onNeedVoucher(parsed.data).catch(fail)

@@ -1,6 +1,7 @@
 import { describe, expect, test } from 'bun:test'
 import { createParser, type EventSourceMessage } from 'eventsource-parser'
 import fc from 'fast-check'
+import { ClientError, PaymentFailedError } from '../../src/client/Errors.ts'
 import * as Stream from '../../src/client/Stream.ts'
 import * as Events from '../../src/payment/Events.ts'
 import { cutAt } from '../helpers/Cut.ts'
@@ -93,7 +94,11 @@ describe('strip', () => {
     expect(seen.receipts).toEqual([])
     const unreadable = Stream.serialize({ event: need.event, data: '{"channelId":"x"}' })
     const failing = Stream.strip(body([words[0]!, unreadable, words[1]!]), handlers(seen))
-    expect(await new Response(failing).text().catch((e: unknown) => e)).toBeInstanceOf(Error)
+    // The server's failure, a client error (as a malformed challenge is), naming the event.
+    const error = await new Response(failing).text().catch((e: unknown) => e)
+    expect(error).toBeInstanceOf(PaymentFailedError)
+    expect(error).toBeInstanceOf(ClientError)
+    expect((error as Error).message).toContain('payment-need-voucher')
   })
 
   test('behavior: a failing payment ends the stream after the events that came before it, even in the same read', async () => {
