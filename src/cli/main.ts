@@ -568,13 +568,19 @@ export async function run(argv: string[], env: Env, io: Io) {
       io.out(`${help.main}\n`)
       return values.help ? exitCodes.ok : exitCodes.usage
     }
-    const command = commands[name]
+    // Own names only: `toString` or `constructor` would find Object's members and run them.
+    const command = Object.hasOwn(commands, name) ? commands[name] : undefined
     if (!command) throw new UsageError(`Unknown command "${name}". Run tollway --help.`)
     if (values.help) {
       io.out(`${command.help}\n`)
       return exitCodes.ok
     }
-    const runner = typeof command.run === 'function' ? command.run : command.run[sub ?? '']
+    const runner =
+      typeof command.run === 'function'
+        ? command.run
+        : Object.hasOwn(command.run, sub ?? '')
+          ? command.run[sub ?? '']
+          : undefined
     if (!runner)
       throw new UsageError(
         `${sub ? `Unknown subcommand "${name} ${sub}"` : `Missing subcommand for "${name}"`}.\n${command.help}`,

@@ -1,0 +1,130 @@
+/**
+ * Property tests of the CLI's outside input: its arguments, and the answers of the gateway it
+ * calls. Whatever they are, a run ends with an exit code of the CLI's (0, or 2 usage, 3 payment,
+ * 4 server) and a message of its own, never a JavaScript error's; a command or subcommand that
+ * is not one of the CLI's is a usage error, whatever its name.
+ */
+import { afterAll, describe, expect, test } from 'bun:test'
+import fc from 'fast-check'
+import { run } from '../../src/cli/main.ts'
+
+/** The gateway's next answer, set by the property. */
+let next: { status: number; type: string; body: string } = {
+  status: 200,
+  type: 'application/json',
+  body: '{}',
+}
+const server = Bun.serve({
+  port: 0,
+  hostname: '127.0.0.1',
+  async fetch(req) {
+    await req.arrayBuffer()
+    return new Response(next.status === 204 ? null : next.body, {
+      status: next.status,
+      headers: { 'content-type': next.type },
+    })
+  },
+})
+afterAll(() => server.stop(true))
+
+const env = {
+  TOLLWAY_URL: `http://127.0.0.1:${server.port}`,
+  TOLLWAY_ADMIN_TOKEN: 'admin-token-0123456789',
+  TOLLWAY_API_KEY: 'tw_key',
+  TOLLWAY_TIMEOUT: '2',
+  TOLLWAY_DATA_DIR: '/nonexistent/tollway-args-test',
+}
+
+async function cli(argv: string[]) {
+  let out = ''
+  let err = ''
+  const code = await run(argv, env, {
+    out: (s) => {
+      out += s
+    },
+    err: (s) => {
+      err += s
+    },
+    tty: false,
+  })
+  return { code, out, err }
+}
+
+/** Names every object has without owning them. */
+const inherited = ['toString', 'constructor', '__proto__', 'valueOf', 'hasOwnProperty']
+const admin = ['accounts', 'usage', 'credits', 'keys', 'channels']
+const subs = ['create', 'get', 'list', 'set', 'grant', 'revoke', 'settle', 'status', 'close']
+const id = '4f5c9b1e-2f3a-4c1d-9e8f-0a1b2c3d4e5f'
+const word = fc.oneof(
+  fc.constantFrom(...inherited, id, '10', '-5', '0x', ''),
+  fc.string({ maxLength: 12 }),
+)
+const option = fc.oneof(
+  fc
+    .tuple(
+      fc.constantFrom(
+        '--name',
+        '--plan',
+        '--note',
+        '--limit',
+        '--cursor',
+        '--model',
+        '--from',
+        '--to',
+        '--timeout',
+        '--max-deposit',
+        '--max-total',
+        '--channel',
+        '--url',
+      ),
+      word,
+    )
+    .map(([o, v]) => [o, v]),
+  fc.constantFrom(['--json'], ['--stream'], ['--help'], ['--bogus'], ['--'], ['-h']),
+)
+const argv = fc
+  .tuple(
+    fc.oneof(fc.constantFrom(...admin, ...inherited), word),
+    fc.oneof(fc.constantFrom(...subs, ...inherited), word),
+    fc.array(word, { maxLength: 2 }),
+    fc.array(option, { maxLength: 3 }),
+  )
+  .map(([name, sub, rest, opts]) => [name, sub, ...rest, ...opts.flat()])
+  // `serve` runs a gateway; `chat` and `channel` pay from a wallet (none here): not these.
+  .filter((a) => !['serve', 'chat', 'channel'].includes(a[0]!))
+
+/** What a run may end with: the CLI's codes, and no JavaScript error named to the user. */
+function expectTyped(r: { code: number; err: string }) {
+  expect([0, 2, 3, 4]).toContain(r.code)
+  expect(r.err).not.toMatch(/\b(TypeError|ReferenceError|RangeError|SyntaxError)\b/)
+}
+
+describe('run', () => {
+  test('error: a command or subcommand named as a member every object has is unknown (exit 2), not run', async () => {
+    for (const name of inherited) {
+      const r = await cli([name])
+      expect(r.code).toBe(2)
+      expect(r.err).toContain('Unknown command')
+    }
+    for (const name of admin.filter((a) => a !== 'usage'))
+      for (const sub of inherited) {
+        const r = await cli([name, sub])
+        expect(r.code).toBe(2)
+        expect(r.err).toContain('Unknown subcommand')
+      }
+  })
+
+  test('property: any arguments end in an exit code of the CLI and its own message', async () => {
+    next = {
+      status: 404,
+      type: 'application/json',
+      body: '{"error":{"message":"No account.","type":"not_found_error","code":"account_not_found"}}',
+    }
+    await fc.assert(
+      fc.asyncProperty(argv, async (args) => {
+        expectTyped(await cli(args))
+      }),
+      { numRuns: 400, seed: 20261125 },
+    )
+  }, 60_000)
+})
