@@ -1,4 +1,5 @@
 /** Calls to a running gateway's HTTP API; non-2xx answers become CLI errors. */
+import type { z } from 'zod'
 import { PaymentError, ServerError, UsageError } from './Errors.ts'
 
 /** How long to wait for the gateway's answer: --timeout (seconds) when given, else `fallbackMs`. */
@@ -86,5 +87,36 @@ export async function request(
     throw new ServerError(`cannot reach the gateway at ${target.url}: ${(e as Error).message}`)
   }
   if (!res.ok) return fail(res, target.unauthorized)
-  return res.status === 204 ? {} : res.json()
+  if (res.status === 204) return {}
+  const text = await res.text()
+  try {
+    return JSON.parse(text)
+  } catch {
+    throw new ServerError(
+      `the gateway answered ${res.status} with a body that is not JSON: ${text.slice(0, 200)}`.trim(),
+    )
+  }
+}
+
+/**
+ * `request`, its answer read with `schema`: a gateway (or whatever answers at its URL) whose
+ * answer lacks what the command prints is a server error naming the field, not a TypeError
+ * from the command's reading it.
+ */
+export async function read<S extends z.ZodType>(
+  schema: S,
+  target: Target,
+  method: string,
+  path: string,
+  body?: unknown,
+): Promise<z.output<S>> {
+  const answer = await request(target, method, path, body)
+  const parsed = schema.safeParse(answer)
+  if (parsed.success) return parsed.data
+  const issue = parsed.error.issues[0]!
+  const field = issue.path.map(String).join('.') || 'the body'
+  throw new ServerError(
+    `the gateway's answer to ${method} ${path.split('?')[0]} is not one this CLI reads (${field}: ${issue.message}).`,
+    answer,
+  )
 }

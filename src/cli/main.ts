@@ -311,22 +311,20 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
       create: async (ctx) => {
         const name = ctx.values.name ?? ctx.args[2]
         if (!name) throw new UsageError('Missing --name.')
-        const r = (await Http.request(admin(ctx), 'POST', '/admin/accounts', {
+        const r = await Http.read(Created, admin(ctx), 'POST', '/admin/accounts', {
           name,
           ...(ctx.values.plan ? { plan: ctx.values.plan } : {}),
-        })) as { id: string; plan: string }
+        })
         print(ctx, r, `account ${r.id} (plan ${r.plan})`)
       },
       get: async (ctx) => {
         const id = arg(ctx, 2, 'account')
-        const r = (await Http.request(admin(ctx), 'GET', `/admin/accounts/${enc(id)}`)) as {
-          id: string
-          name: string
-          plan: string
-          balance: string
-          reserved: string
-          keys: unknown[]
-        }
+        const r = await Http.read(
+          Account.extend({ keys: z.array(z.unknown()) }),
+          admin(ctx),
+          'GET',
+          `/admin/accounts/${enc(id)}`,
+        )
         print(
           ctx,
           r,
@@ -334,11 +332,12 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
         )
       },
       list: async (ctx) => {
-        const r = (await Http.request(
+        const r = await Http.read(
+          page(Account),
           admin(ctx),
           'GET',
           `/admin/accounts${query({ limit: ctx.settings.limit, cursor: ctx.values.cursor })}`,
-        )) as { data: Account[]; has_more: boolean; next_cursor: string | null }
+        )
         print(
           ctx,
           r,
@@ -350,10 +349,10 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
         const id = arg(ctx, 2, 'account')
         const { plan, name } = ctx.values
         if (plan === undefined && name === undefined) throw new UsageError('Give --plan or --name.')
-        const r = (await Http.request(admin(ctx), 'PATCH', `/admin/accounts/${enc(id)}`, {
+        const r = await Http.read(Account, admin(ctx), 'PATCH', `/admin/accounts/${enc(id)}`, {
           ...(plan !== undefined ? { plan } : {}),
           ...(name !== undefined ? { name } : {}),
-        })) as Account
+        })
         print(ctx, r, accountLine(r))
       },
     },
@@ -363,22 +362,12 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
     run: async (ctx) => {
       const id = arg(ctx, 1, 'account')
       const { model, from, to } = ctx.values
-      const r = (await Http.request(
+      const r = await Http.read(
+        page(UsageRow),
         admin(ctx),
         'GET',
         `/admin/accounts/${enc(id)}/usage${query({ limit: ctx.settings.limit, cursor: ctx.values.cursor, model, from, to })}`,
-      )) as {
-        data: {
-          id: string
-          model: string
-          total_tokens: number
-          cost: string
-          status: string
-          created_at: string
-        }[]
-        has_more: boolean
-        next_cursor: string | null
-      }
+      )
       print(
         ctx,
         r,
@@ -399,10 +388,13 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
         const amount = arg(ctx, 3, 'amount')
         if (!/^-?\d{1,77}$/.test(amount))
           throw new UsageError('<amount> must be an integer number of base units.')
-        const r = (await Http.request(admin(ctx), 'POST', `/admin/accounts/${enc(id)}/credits`, {
-          amount,
-          ...(ctx.values.note ? { note: ctx.values.note } : {}),
-        })) as { balance: string }
+        const r = await Http.read(
+          Balance,
+          admin(ctx),
+          'POST',
+          `/admin/accounts/${enc(id)}/credits`,
+          { amount, ...(ctx.values.note ? { note: ctx.values.note } : {}) },
+        )
         print(ctx, r, `balance ${r.balance}`)
       },
     },
@@ -412,16 +404,14 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
     run: {
       create: async (ctx) => {
         const id = arg(ctx, 2, 'account')
-        const r = (await Http.request(admin(ctx), 'POST', `/admin/accounts/${enc(id)}/keys`, {
+        const r = await Http.read(NewKey, admin(ctx), 'POST', `/admin/accounts/${enc(id)}/keys`, {
           name: ctx.values.name ?? 'cli',
-        })) as { id: string; key: string }
+        })
         print(ctx, r, `${r.key}\n(key id ${r.id}; the key is shown only once)`)
       },
       list: async (ctx) => {
         const id = arg(ctx, 2, 'account')
-        const r = (await Http.request(admin(ctx), 'GET', `/admin/accounts/${enc(id)}`)) as {
-          keys: { id: string; name: string; prefix: string; revoked_at: string | null }[]
-        }
+        const r = await Http.read(WithKeys, admin(ctx), 'GET', `/admin/accounts/${enc(id)}`)
         print(
           ctx,
           r.keys,
@@ -462,18 +452,7 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
     run: {
       list: async (ctx) => {
         const q = query({ limit: ctx.settings.limit, cursor: ctx.values.cursor })
-        const r = (await Http.request(admin(ctx), 'GET', `/admin/channels${q}`)) as {
-          data: {
-            channelId: string
-            payer: string
-            deposit: string
-            acceptedCumulative: string
-            settled: string
-            status: string
-          }[]
-          has_more: boolean
-          next_cursor: string | null
-        }
+        const r = await Http.read(page(ChannelRow), admin(ctx), 'GET', `/admin/channels${q}`)
         print(
           ctx,
           r,
@@ -490,14 +469,12 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
         const id = arg(ctx, 2, 'channel-id')
         ctx.io.err(ctx.settings.json ? '' : 'settling on chain…\n')
         // A settlement waits for its transaction to be mined (and for the lock): minutes.
-        const r = (await Http.request(
+        const r = await Http.read(
+          Settled,
           admin(ctx, 300_000),
           'POST',
           `/admin/channels/${enc(id)}/settle`,
-        )) as {
-          result: { status: string; txHash?: string; error?: { message: string } }
-          channel?: { status?: string; spent?: string; settled?: string }
-        }
+        )
         const { status, txHash, error } = r.result
         print(
           ctx,
@@ -551,7 +528,78 @@ function query(values: Record<string, string | number | undefined>): string {
   return s ? `?${s}` : ''
 }
 
-type Account = { id: string; name: string; plan: string; balance: string; reserved: string }
+// What the commands read of the gateway's answers (Http.read); what else an answer holds is
+// kept, for --json.
+const Account = z
+  .object({
+    id: z.string(),
+    name: z.string(),
+    plan: z.string(),
+    balance: z.string(),
+    reserved: z.string(),
+  })
+  .loose()
+type Account = z.output<typeof Account>
+const page = <T extends z.ZodType>(item: T) =>
+  z
+    .object({ data: z.array(item), has_more: z.boolean(), next_cursor: z.string().nullish() })
+    .loose()
+const Created = z.object({ id: z.string(), plan: z.string() }).loose()
+const WithKeys = z
+  .object({
+    keys: z.array(
+      z
+        .object({
+          id: z.string(),
+          name: z.string(),
+          prefix: z.string(),
+          revoked_at: z.string().nullish(),
+        })
+        .loose(),
+    ),
+  })
+  .loose()
+const UsageRow = z
+  .object({
+    id: z.string(),
+    model: z.string(),
+    total_tokens: z.number(),
+    cost: z.string(),
+    status: z.string(),
+    created_at: z.string(),
+  })
+  .loose()
+const Balance = z.object({ balance: z.string() }).loose()
+const NewKey = z.object({ id: z.string(), key: z.string() }).loose()
+const ChannelRow = z
+  .object({
+    channelId: z.string(),
+    payer: z.string(),
+    deposit: z.string(),
+    acceptedCumulative: z.string(),
+    settled: z.string(),
+    status: z.string(),
+  })
+  .loose()
+const Settled = z
+  .object({
+    result: z
+      .object({
+        status: z.string(),
+        txHash: z.string().optional(),
+        error: z.object({ message: z.string() }).loose().optional(),
+      })
+      .loose(),
+    channel: z
+      .object({
+        status: z.string().optional(),
+        spent: z.string().optional(),
+        settled: z.string().optional(),
+      })
+      .loose()
+      .optional(),
+  })
+  .loose()
 
 const accountLine = (a: Account) =>
   `${a.id}  "${a.name}"  plan ${a.plan}  balance ${a.balance}  reserved ${a.reserved}`

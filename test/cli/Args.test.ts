@@ -93,6 +93,44 @@ const argv = fc
   // `serve` runs a gateway; `chat` and `channel` pay from a wallet (none here): not these.
   .filter((a) => !['serve', 'chat', 'channel'].includes(a[0]!))
 
+const answer = fc.record({
+  status: fc.constantFrom(200, 200, 201, 204, 400, 401, 402, 404, 409, 429, 500, 503),
+  type: fc.constantFrom('application/json', 'text/plain'),
+  body: fc.oneof(
+    fc.jsonValue({ maxDepth: 2 }).map((v) => JSON.stringify(v)),
+    fc.string({ maxLength: 30 }),
+    fc.constantFrom(
+      '{"error":{"message":"no","type":"invalid_request_error","code":"x"}}',
+      '{"data":[],"has_more":false}',
+      '{"data":[{}],"has_more":true,"next_cursor":1}',
+      '{"id":"x","name":"n","plan":"free","balance":"1","reserved":"0","keys":{}}',
+      '{"balance":{}}',
+      'null',
+    ),
+  ),
+})
+
+/** Command lines that reach the gateway, with --json or not. */
+const calls = fc
+  .tuple(
+    fc.constantFrom(
+      ['accounts', 'create', '--name', 'n'],
+      ['accounts', 'get', id],
+      ['accounts', 'list'],
+      ['accounts', 'set', id, '--plan', 'free'],
+      ['usage', id],
+      ['credits', 'grant', id, '10'],
+      ['keys', 'create', id],
+      ['keys', 'list', id],
+      ['keys', 'revoke', id, id],
+      ['keys', 'revoke', id],
+      ['channels', 'list'],
+      ['channels', 'settle', `0x${'ab'.repeat(32)}`],
+    ),
+    fc.boolean(),
+  )
+  .map(([call, json]) => (json ? [...call, '--json'] : [...call]))
+
 /** What a run may end with: the CLI's codes, and no JavaScript error named to the user. */
 function expectTyped(r: { code: number; err: string }) {
   expect([0, 2, 3, 4]).toContain(r.code)
@@ -122,6 +160,16 @@ describe('run', () => {
     }
     await fc.assert(
       fc.asyncProperty(argv, async (args) => {
+        expectTyped(await cli(args))
+      }),
+      { numRuns: 400, seed: 20261125 },
+    )
+  }, 60_000)
+
+  test('property: any arguments, with any gateway answer, end in an exit code of the CLI and its own message', async () => {
+    await fc.assert(
+      fc.asyncProperty(fc.oneof(calls, argv), answer, async (args, a) => {
+        next = a
         expectTyped(await cli(args))
       }),
       { numRuns: 400, seed: 20261125 },
