@@ -258,4 +258,96 @@ describe('load', () => {
       { numRuns: 2000 },
     )
   })
+
+  test('property: any environment, every variable the gateway reads, with any config file, loads or fails with a ConfigError', () => {
+    const names = [
+      'PORT',
+      'HOST',
+      'TOLLWAY_DATA_DIR',
+      'DATABASE_URL',
+      'ADMIN_TOKEN',
+      'LOG_LEVEL',
+      'DATABASE_TIMEOUT_MS',
+      'MAX_BODY_BYTES',
+      'MAX_COMPLETION_BODY_BYTES',
+      'TOLLWAY_WORKERS',
+      'RECEIPT_KEY',
+      'TRUST_PROXY',
+      'CORS_ORIGINS',
+      'TOLLWAY_RECEIPTS',
+      'CHALLENGE_SECRET',
+      'PAYMENT_REALM',
+      'TLS_CERT_FILE',
+      'TLS_KEY_FILE',
+      'CHAIN_RPC_URL',
+      'CHAIN_ID',
+      'ESCROW_ADDRESS',
+      'CURRENCY_ADDRESS',
+      'PAYEE_PRIVATE_KEY',
+      'UPSTREAM_KEY',
+    ] as const
+    const value = fc.oneof(
+      fc.string({ maxLength: 12 }),
+      fc.constantFrom(
+        '',
+        ' ',
+        '0',
+        '-1',
+        '1e3',
+        '0x10',
+        '65536',
+        'true',
+        'false',
+        'yes',
+        'none',
+        'http://127.0.0.1:8545',
+        `0x${'ab'.repeat(20)}`,
+        `0x${'cd'.repeat(32)}`,
+        'toString',
+        '__proto__',
+      ),
+    )
+    // Config files: objects whose members are where the environment merges in (payments,
+    // chain, tls), of any JSON, or anything at all.
+    const configFile = fc.oneof(
+      fc.record(
+        {
+          payments: fc.jsonValue({ maxDepth: 1 }),
+          chain: fc.jsonValue({ maxDepth: 1 }),
+          tls: fc.jsonValue({ maxDepth: 1 }),
+          upstreams: fc.oneof(
+            fc.constant([
+              { name: 'u', baseUrl: 'http://127.0.0.1:1/v1', apiKeyEnv: 'UPSTREAM_KEY' },
+            ]),
+            fc.jsonValue({ maxDepth: 2 }),
+          ),
+          port: fc.jsonValue({ maxDepth: 0 }),
+        },
+        { requiredKeys: [] },
+      ),
+      fc.jsonValue({ maxDepth: 2 }),
+    )
+    const dir = mkdtempSync(join(tmpdir(), 'tollway-config-'))
+    let n = 0
+    fc.assert(
+      fc.property(
+        fc.dictionary(fc.constantFrom(...names), value),
+        fc.option(configFile, { nil: undefined }),
+        (environment, config) => {
+          const env: Record<string, string> = { ...environment }
+          if (config !== undefined) {
+            const path = join(dir, `config-${n++}.json`)
+            writeFileSync(path, JSON.stringify(config) ?? '')
+            env.TOLLWAY_CONFIG = path
+          }
+          try {
+            Config.load(env)
+          } catch (e) {
+            expect(e).toBeInstanceOf(Config.ConfigError)
+          }
+        },
+      ),
+      { numRuns: 2000, seed: 20261125 },
+    )
+  })
 })
