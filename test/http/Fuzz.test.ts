@@ -218,3 +218,46 @@ describe('account, key and operator bodies', () => {
     )
   }, 60_000)
 })
+
+describe('raw paths and queries', () => {
+  // Percent-escapes as sent, malformed ones too (%, %E0%A4, %00, %ZZ): nothing decodes them first.
+  const raw = fc
+    .array(
+      fc.oneof(
+        fc.constantFrom('%', '%E0%A4', '%00', '%ZZ', '%2F', '%FF', '..', '/', '?', '#', '%25', '+'),
+        fc.string({ unit: 'grapheme-ascii', maxLength: 6 }).map(encodeURIComponent),
+      ),
+      { maxLength: 6 },
+    )
+    .map((parts) => parts.join(''))
+
+  test('property: raw path ids, model ids, receipt key ids and cursors get a typed answer', async () => {
+    const headers = { authorization: `Bearer ${key}` }
+    await fc.assert(
+      fc.asyncProperty(raw, async (a) => {
+        for (const path of [
+          `/v1/models/${a}`,
+          `/v1/models/${a}/health`,
+          `/v1/usage/${a}`,
+          `/v1/channels/${a}`,
+          `/v1/receipts/key?key_id=${a}`,
+          `/v1/usage?cursor=${a}&limit=${a}`,
+          `/v1/usage?from=${a}&to=${a}&model=${a}&key_id=${a}`,
+          `/v1/keys/${a}`,
+        ]) {
+          let res: Response
+          try {
+            res = await fetch(`${gw.url}${path}`, {
+              headers,
+              method: path.startsWith('/v1/keys/') ? 'DELETE' : 'GET',
+            })
+          } catch {
+            continue // a URL the fetch client itself refuses to send
+          }
+          await expectTyped(res)
+        }
+      }),
+      { numRuns: 200, seed: 20261125 },
+    )
+  }, 60_000)
+})
