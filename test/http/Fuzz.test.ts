@@ -186,7 +186,7 @@ describe('account, key and operator bodies', () => {
         await expectTyped(await send('POST', `/admin/accounts/${accountId}/credits`, admin, value))
         await expectTyped(await send('POST', `/admin/accounts/${accountId}/keys`, admin, value))
       }),
-      { numRuns: 150, seed: 20261125 },
+      { numRuns: 100, seed: 20261125 },
     )
   }, 60_000)
 
@@ -214,7 +214,7 @@ describe('account, key and operator bodies', () => {
         )
         await expectTyped(await gw.admin(`/channels/${encodeURIComponent(a)}/settle`, {}))
       }),
-      { numRuns: 150, seed: 20261125 },
+      { numRuns: 100, seed: 20261125 },
     )
   }, 60_000)
 })
@@ -257,7 +257,7 @@ describe('raw paths and queries', () => {
           await expectTyped(res)
         }
       }),
-      { numRuns: 200, seed: 20261125 },
+      { numRuns: 120, seed: 20261125 },
     )
   }, 60_000)
 })

@@ -7,8 +7,11 @@
  */
 import { afterAll, describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
+import { type Hex, keccak256, toHex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
+import * as Escrow from '../../src/chain/Escrow.ts'
 import * as Token from '../../src/chain/Token.ts'
+import * as Voucher from '../../src/chain/Voucher.ts'
 import type * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Anvil from '../helpers/Anvil.ts'
@@ -258,6 +261,97 @@ describe('signed vouchers and top-ups on the open channel', () => {
         },
       ),
       { numRuns: 60, seed: 20261125 },
+    )
+  }, 60_000)
+})
+
+describe('signed EIP-3009 opens the gateway submits', () => {
+  test('property: an open authorization signed by a funded payer, with any value, validity window, nonce, channel and initial voucher, gets a typed answer', async () => {
+    const payer = privateKeyToAccount(chain.payers[1]!.privateKey)
+    const now = BigInt(Math.floor(Date.now() / 1000))
+    const uint256 = (1n << 256n) - 1n
+    let n = 0
+    await fc.assert(
+      fc.asyncProperty(
+        fc.record({
+          deposit: fc.oneof(
+            fc.bigInt({ min: 0n, max: 2_000_000n }),
+            fc.constantFrom(10n ** 13n, (1n << 128n) - 1n, 1n << 128n),
+          ),
+          initial: fc.oneof(
+            fc.bigInt({ min: 0n, max: 2_000_000n }),
+            fc.constant((1n << 128n) - 1n),
+          ),
+          validAfter: fc.constantFrom(0n, now - 60n, now + 3600n, uint256),
+          validBefore: fc.constantFrom(0n, now - 60n, now + 5n, now + 3600n, uint256),
+          nonceRight: fc.oneof(fc.constant(true), fc.constant(true), fc.constant(false)),
+          channelRight: fc.oneof(fc.constant(true), fc.constant(true), fc.constant(false)),
+          // Mostly none: a voucher signed by the payer for another signer is refused early.
+          signer: fc.option(hex(20), { nil: undefined, freq: 1 }),
+        }),
+        async (o) => {
+          const salt = keccak256(toHex(`fuzz-open-${n++}-${Date.now()}`))
+          const authorizedSigner = o.signer as Hex | undefined
+          const payee = chain.payee.address
+          const token = chain.currencyAddress
+          const channelId = o.channelRight
+            ? Escrow.computeChannelId({
+                payer: payer.address,
+                payee,
+                token,
+                salt,
+                authorizedSigner,
+                chainId: chain.chainId,
+                escrow: chain.escrowAddress,
+              })
+            : keccak256(salt)
+          const nonce = o.nonceRight
+            ? Escrow.openNonce({ from: payer.address, payee, token, salt, authorizedSigner })
+            : keccak256(toHex(`nonce-${salt}`))
+          const authorization = {
+            from: payer.address.toLowerCase() as Hex,
+            to: chain.escrowAddress.toLowerCase() as Hex,
+            value: o.deposit,
+            validAfter: o.validAfter,
+            validBefore: o.validBefore,
+            nonce,
+          }
+          const fresh = await Paid.challenge(url)
+          const credential = Credential.serialize(
+            Credential.from({
+              challenge: fresh,
+              payload: {
+                action: 'open',
+                type: 'authorization',
+                channelId,
+                salt,
+                cumulativeAmount: o.initial,
+                ...(authorizedSigner ? { authorizedSigner } : {}),
+                authorization,
+                signature: await Token.signReceiveAuthorization(payer, {
+                  domain: tokenDomain,
+                  ...authorization,
+                }),
+                voucherSignature: await Voucher.sign(payer, {
+                  chainId: chain.chainId,
+                  escrow: chain.escrowAddress,
+                  channelId,
+                  cumulativeAmount: o.initial,
+                }),
+              },
+              source: `did:pkh:eip155:${chain.chainId}:${payer.address}`,
+            }),
+          )
+          await expectTyped(
+            await fetch(url, {
+              method: 'POST',
+              headers: { authorization: credential, 'content-type': 'application/json' },
+              body,
+            }),
+          )
+        },
+      ),
+      { numRuns: 40, seed: 20261125 },
     )
   }, 60_000)
 })
