@@ -1,4 +1,6 @@
 import { describe, expect, test } from 'bun:test'
+import { createParser, type EventSourceMessage } from 'eventsource-parser'
+import fc from 'fast-check'
 import { Hono } from 'hono'
 import { ConflictError } from '../../src/Errors.ts'
 import * as Sse from '../../src/http/Sse.ts'
@@ -36,6 +38,59 @@ const end: Frame = {
   usage: { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3, cost: '5' },
   finishReason: 'stop',
 }
+
+describe('data and event', () => {
+  /** The events an SSE reader gets from `bytes`. */
+  const read = (bytes: Uint8Array) => {
+    const got: EventSourceMessage[] = []
+    const parser = createParser({ onEvent: (e) => got.push(e) })
+    parser.feed(new TextDecoder().decode(bytes))
+    return got
+  }
+  // Strings an upstream or a client may send: line breaks of every kind SSE knows and of
+  // those it does not (U+2028, U+0085), NUL, lone surrogates.
+  const text = fc.oneof(
+    fc.string({ unit: 'binary', maxLength: 20 }),
+    fc.constantFrom(
+      '\n',
+      '\r',
+      '\r\n',
+      '\u2028',
+      '\u2029',
+      '\u0085',
+      '\u0000',
+      '\ud800',
+      'data: x\n\n',
+    ),
+  )
+  const value = fc.letrec((tie) => ({
+    v: fc.oneof(
+      { depthSize: 'small' },
+      text,
+      fc.double({ noNaN: true, noDefaultInfinity: true }),
+      fc.boolean(),
+      fc.constant(null),
+      fc.array(tie('v'), { maxLength: 3 }),
+      fc.dictionary(text, tie('v'), { maxKeys: 3 }),
+    ),
+  })).v
+
+  test('property: any JSON value is one event whose data reads back as the value, named or not', () => {
+    fc.assert(
+      fc.property(value, fc.constantFrom('payment-need-voucher', 'payment-receipt'), (v, name) => {
+        const plain = read(Sse.data(v))
+        expect(plain).toHaveLength(1)
+        expect(plain[0]!.event).toBeUndefined()
+        expect(JSON.parse(plain[0]!.data)).toEqual(JSON.parse(JSON.stringify(v)))
+        const named = read(Sse.event(name, v))
+        expect(named).toHaveLength(1)
+        expect(named[0]!.event).toBe(name)
+        expect(JSON.parse(named[0]!.data)).toEqual(JSON.parse(JSON.stringify(v)))
+      }),
+      { numRuns: 2000, seed: 20261125 },
+    )
+  })
+})
 
 describe('response', () => {
   test('behavior: upstream JSON is forwarded with the model the client asked for, whatever the upstream calls it', async () => {
