@@ -162,6 +162,50 @@ async function paying(ctx: Context, o: { onChainOnly?: boolean } = {}) {
 
 type Usage = { prompt_tokens?: number; completion_tokens?: number; cost?: string | number }
 
+// What chat reads of the gateway's answer, whole or streamed: checked, so an answer that is not
+// a completion is a server error naming what is wrong, not a TypeError of reading it. The
+// usage and receipt are printed and checked as they came (a receipt that does not hold says
+// so), so only their being objects is required.
+const Content = z.object({ content: z.unknown().optional() }).loose()
+const Extras = {
+  usage: z.looseObject({}).optional(),
+  tollway_receipt: z.looseObject({}).optional(),
+}
+const Chunk = z
+  .object({
+    choices: z.array(z.object({ delta: Content.optional() }).loose()).optional(),
+    error: z
+      .object({
+        type: z.string().optional(),
+        message: z.string().optional(),
+        code: z.string().optional(),
+      })
+      .loose()
+      .optional(),
+    ...Extras,
+  })
+  .loose()
+const Completion = z
+  .object({ choices: z.array(z.object({ message: Content }).loose()), ...Extras })
+  .loose()
+
+/** `text` read as JSON with `schema`; a ServerError saying what of the gateway's `what` is wrong. */
+function answer<S extends z.ZodType>(schema: S, text: string, what: string): z.output<S> {
+  let json: unknown
+  try {
+    json = JSON.parse(text)
+  } catch {
+    throw new ServerError(`the gateway sent ${what} that is not JSON: ${text.slice(0, 200)}`)
+  }
+  const parsed = schema.safeParse(json)
+  if (parsed.success) return parsed.data
+  const issue = parsed.error.issues[0]!
+  throw new ServerError(
+    `the gateway sent ${what} that is not a chat completion's (${issue.path.map(String).join('.') || 'the body'}: ${issue.message}).`,
+    json,
+  )
+}
+
 export async function chat(ctx: Context) {
   const prompt = ctx.args.slice(1).join(' ')
   if (!prompt) throw new UsageError('Missing "prompt". Run tollway chat --help.')
@@ -226,12 +270,7 @@ export async function chat(ctx: Context) {
       onEvent: (event) => {
         if (event.event && event.event !== 'message') return
         if (event.data === '[DONE]') return
-        const chunk = JSON.parse(event.data) as {
-          choices?: { delta?: { content?: unknown } }[]
-          usage?: Usage
-          tollway_receipt?: Receipt
-          error?: typeof failed
-        }
+        const chunk = answer(Chunk, event.data, 'a stream event')
         if (chunk.error) failed = chunk.error
         const piece = answerText(chunk.choices?.[0]?.delta?.content)
         text += piece
@@ -239,8 +278,8 @@ export async function chat(ctx: Context) {
         // The answer as `visible` shows it: a model's text (or a gateway's) is not the
         // terminal's to run (an escape sequence in it would set a title, clear the screen).
         if (piece && !ctx.settings.json) ctx.io.out(visible(piece))
-        if (chunk.usage) usage = chunk.usage
-        if (chunk.tollway_receipt) receipt = chunk.tollway_receipt
+        if (chunk.usage) usage = chunk.usage as Usage
+        if (chunk.tollway_receipt) receipt = chunk.tollway_receipt as Receipt
       },
     })
     const decoder = new TextDecoder()
@@ -248,15 +287,11 @@ export async function chat(ctx: Context) {
       parser.feed(decoder.decode(bytes, { stream: true }))
     if (!ctx.settings.json) ctx.io.out('\n')
   } else {
-    const body = (await res.json()) as {
-      choices: { message: { content?: unknown } }[]
-      usage?: Usage
-      tollway_receipt?: Receipt
-    }
+    const body = answer(Completion, await res.text(), 'an answer')
     text = answerText(body.choices[0]?.message.content)
     for (const c of body.choices) received.push(c.message)
-    usage = body.usage
-    receipt = body.tollway_receipt
+    usage = body.usage as Usage | undefined
+    receipt = body.tollway_receipt as Receipt | undefined
     if (!ctx.settings.json) ctx.io.out(`${visible(text)}\n`)
   }
   const channel = await pay.channel(url)
@@ -397,9 +432,12 @@ async function promptAffordable(ctx: Context, model: string, prompt: string): Pr
 }
 
 async function firstModel(ctx: Context): Promise<string> {
-  const r = (await Http.request(target(ctx), 'GET', '/v1/models')) as {
-    data: { id: string }[]
-  }
+  const r = await Http.read(
+    z.object({ data: z.array(z.object({ id: z.string() }).loose()) }).loose(),
+    target(ctx),
+    'GET',
+    '/v1/models',
+  )
   const id = r.data[0]?.id
   if (!id) throw new ServerError('The gateway serves no models.')
   return id
@@ -496,11 +534,12 @@ export async function status(ctx: Context) {
     return
   }
   const { kind: _, ...channel } = local
-  const server = (await Http.request(
+  const server = await Http.read(
+    z.looseObject({}),
     target(ctx),
     'GET',
     `/v1/channels/${local.channelId}`,
-  )) as Record<string, string>
+  )
   if (ctx.settings.json)
     ctx.io.out(`${JSON.stringify({ channel, server, closing, setApart: apart })}\n`)
   else

@@ -5,6 +5,9 @@
  * is not one of the CLI's is a usage error, whatever its name.
  */
 import { afterAll, describe, expect, test } from 'bun:test'
+import { mkdtempSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
 import fc from 'fast-check'
 import { run } from '../../src/cli/main.ts'
 
@@ -35,18 +38,22 @@ const env = {
   TOLLWAY_DATA_DIR: '/nonexistent/tollway-args-test',
 }
 
-async function cli(argv: string[]) {
+async function cli(argv: string[], extra: Record<string, string> = {}) {
   let out = ''
   let err = ''
-  const code = await run(argv, env, {
-    out: (s) => {
-      out += s
+  const code = await run(
+    argv,
+    { ...env, ...extra },
+    {
+      out: (s) => {
+        out += s
+      },
+      err: (s) => {
+        err += s
+      },
+      tty: false,
     },
-    err: (s) => {
-      err += s
-    },
-    tty: false,
-  })
+  )
   return { code, out, err }
 }
 
@@ -173,6 +180,60 @@ describe('run', () => {
         expectTyped(await cli(args))
       }),
       { numRuns: 400, seed: 20261125 },
+    )
+  }, 60_000)
+
+  test('property: chat, with any answer of the gateway (whole or streamed), ends in an exit code of the CLI and its own message', async () => {
+    // A gateway that answers without asking for payment: the paying fetch hands its answer on.
+    const wallet = {
+      TOLLWAY_WALLET_KEY: `0x${'11'.repeat(32)}`,
+      TOLLWAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'tollway-args-')),
+    }
+    const sse = fc
+      .array(
+        fc.oneof(
+          fc.jsonValue({ maxDepth: 3 }).map((v) => `data: ${JSON.stringify(v)}\n\n`),
+          fc.constantFrom(
+            'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',
+            'data: {"choices":[{"delta":{"content":[{"type":"text","text":"x"}]}}],"usage":{"cost":"1"}}\n\n',
+            'data: {"choices":null}\n\n',
+            'data: {"choices":[null]}\n\n',
+            'data: {"error":{"message":"funds ran out","code":"insufficient_funds"}}\n\n',
+            'data: {"error":"x"}\n\n',
+            'data: null\n\n',
+            'data: not json\n\n',
+            'data: [DONE]\n\n',
+          ),
+        ),
+        { maxLength: 4 },
+      )
+      .map((events) => ({ status: 200, type: 'text/event-stream', body: events.join('') }))
+    const whole = fc.oneof(
+      fc.jsonValue({ maxDepth: 3 }).map((v) => JSON.stringify(v)),
+      fc.constantFrom(
+        '{"choices":[{"message":{"content":"hi"}}],"usage":{"cost":"1"}}',
+        '{"choices":[]}',
+        '{"choices":[null]}',
+        '{"choices":[{"message":null}]}',
+        '{"data":[{"id":"m"}]}',
+        'not json',
+      ),
+    )
+    await fc.assert(
+      fc.asyncProperty(
+        fc.oneof(
+          sse,
+          whole.map((body) => ({ status: 200, type: 'application/json', body })),
+        ),
+        fc.subarray(['--stream', '--json', '--model', 'm']),
+        async (a, options) => {
+          next = a
+          // --model without its value would take the prompt: only with it.
+          const opts = options.includes('--model') ? options : options.filter((o) => o !== 'm')
+          expectTyped(await cli(['chat', 'hi', ...opts], wallet))
+        },
+      ),
+      { numRuns: 200, seed: 20261125 },
     )
   }, 60_000)
 })
