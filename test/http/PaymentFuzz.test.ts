@@ -190,7 +190,7 @@ describe('Payment credentials on a real challenge', () => {
           if (again?.includes('Payment ')) fresh = await Paid.challenge(url)
         },
       ),
-      { numRuns: 150, seed: 20261125 },
+      { numRuns: 100, seed: 20261125 },
     )
   }, 60_000)
 
@@ -224,7 +224,7 @@ describe('Payment credentials on a real challenge', () => {
           )
         },
       ),
-      { numRuns: 150, seed: 20261125 },
+      { numRuns: 100, seed: 20261125 },
     )
   }, 60_000)
 })
@@ -260,7 +260,7 @@ describe('signed vouchers and top-ups on the open channel', () => {
           if (status === 200 && 'topUp' in step) deposit += step.topUp
         },
       ),
-      { numRuns: 60, seed: 20261125 },
+      { numRuns: 40, seed: 20261125 },
     )
   }, 60_000)
 })
@@ -351,7 +351,7 @@ describe('signed EIP-3009 opens the gateway submits', () => {
           )
         },
       ),
-      { numRuns: 40, seed: 20261125 },
+      { numRuns: 30, seed: 20261125 },
     )
   }, 60_000)
 })
@@ -389,7 +389,7 @@ describe('headers read before any credential', () => {
           await expectTyped(res)
         },
       ),
-      { numRuns: 200, seed: 20261125 },
+      { numRuns: 120, seed: 20261125 },
     )
   }, 60_000)
 })
