@@ -152,7 +152,12 @@ describe('receipts', () => {
     const balance = (await Gateway.ledger(gw.sql, id)).balance
     const res = await post(apiKey, {}, { 'tollway-receipt': 'yes please' })
     expect(res.status).toBe(400)
-    expect(((await res.json()) as { error: { param: string } }).error.param).toBe('Tollway-Receipt')
+    const { error } = (await res.json()) as { error: { param: string; message: string } }
+    expect(error.param).toBe('Tollway-Receipt')
+    // Names every value it takes (1 and 0 are taken too) and what it was sent.
+    expect(error.message).toContain('true or 1')
+    expect(error.message).toContain('false or 0')
+    expect(error.message).toContain('"yes please"')
     const l = await Gateway.ledger(gw.sql, id)
     expect(l.balance).toBe(balance)
     expect(l.reserved).toBe(0n)

@@ -1127,9 +1127,13 @@ function receiptSigner(c: Context, deps: Deps): Receipt.Signer | undefined {
   const asked = c.req.header('tollway-receipt')
   if (asked === undefined || asked === 'false' || asked === '0') return undefined
   if (asked !== 'true' && asked !== '1')
-    throw new InvalidRequestError('Tollway-Receipt must be true or false.', 'invalid_value', {
-      param: 'Tollway-Receipt',
-    })
+    throw new InvalidRequestError(
+      `Tollway-Receipt must be true or 1 (a receipt), false or 0 (none); it was ${JSON.stringify(asked.slice(0, 40))}.`,
+      'invalid_value',
+      {
+        param: 'Tollway-Receipt',
+      },
+    )
   if (!deps.receipts)
     throw new InvalidRequestError(
       'This gateway signs no receipts (receipts are off in its configuration); send the request without Tollway-Receipt.',
