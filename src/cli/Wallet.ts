@@ -310,7 +310,7 @@ export async function chat(ctx: Context) {
   else
     ctx.io.err(
       visible(
-        `cost: ${usage?.cost ?? '?'} base units (${usage?.prompt_tokens ?? '?'} in, ${usage?.completion_tokens ?? '?'} out); channel ${channel?.channelId ?? '?'} signed ${channel?.signed ?? '?'} of ${channel?.deposit ?? '?'}\n${signed ? `receipt: verified, signed by key ${receipt!.key_id}\n` : ''}`,
+        `cost: ${usage?.cost ?? '?'} base units (${usage?.prompt_tokens ?? '?'} in, ${usage?.completion_tokens ?? '?'} out); channel ${channel?.channelId ?? '?'} signed ${channel?.signed ?? '?'} of its deposit ${channel?.deposit ?? '?'}\n${signed ? `receipt: verified, signed by key ${receipt!.key_id}\n` : ''}`,
       ),
     )
   // The answer was cut (what came, and its cost, are printed above): not a success.

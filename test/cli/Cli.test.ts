@@ -441,6 +441,8 @@ describe('chat', () => {
       wallet,
     )
     expect(r.stderr).toContain('cost: ')
+    // The channel's total is its deposit, not the --max-total budget: said so.
+    expect(r.stderr).toMatch(/signed \d+ of its deposit \d+/)
     expect(r.code).toBe(0)
     expect(r.stdout.length).toBeGreaterThan(1)
     const again = await json(['chat', 'again', '--model', 'fake'], {
