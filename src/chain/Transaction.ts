@@ -33,6 +33,8 @@ export type SendOptions = {
    * Simulate on the pending block (the one the transaction is mined in) rather than the latest:
    * for a call that depends on the time (a withdraw after the grace period), on a chain that
    * mines only on transactions (anvil), whose latest block keeps its last transaction's time.
+   * A node that refuses the pending block tag (an RPC error, not a revert) is asked for the
+   * latest block's instead.
    */
   pending?: boolean | undefined
 }
@@ -76,13 +78,24 @@ export async function send<result = unknown>(
   for (let attempt = 1; ; attempt++) {
     const sent = await turn(async () => {
       let simulated: { request: unknown; result: unknown }
-      try {
-        // Again on every attempt: another instance may have changed the state meanwhile.
-        simulated = await simulateContract(client, {
+      const simulate = (pending: boolean) =>
+        simulateContract(client, {
           ...call,
           account,
-          ...(options.pending ? { blockTag: 'pending' } : {}),
-        } as never)
+          ...(pending ? { blockTag: 'pending' } : {}),
+        } as never) as Promise<{ request: unknown; result: unknown }>
+      try {
+        // Again on every attempt: another instance may have changed the state meanwhile.
+        simulated = await simulate(options.pending === true).catch((error: unknown) => {
+          // A node without a pending block (some providers refuse the tag on eth_call) answers
+          // an RPC error, not a revert: the latest block then, as ChainClient.now reads it.
+          if (
+            options.pending &&
+            !(toReverted(error, call.functionName, call.abi) instanceof TransactionRevertedError)
+          )
+            return simulate(false)
+          throw error
+        })
       } catch (error) {
         throw toReverted(error, call.functionName, call.abi)
       }

@@ -478,6 +478,51 @@ describe('requestClose / withdraw', () => {
       unwatch()
     }
   })
+
+  test('behavior: withdraw works through a node that refuses the pending block tag', async () => {
+    // Some providers answer eth_call and eth_getBlockByNumber on "pending" with an error (no
+    // pending block): a real JSON-RPC server of the test in front of anvil refuses them so.
+    const proxy = Bun.serve({
+      port: 0,
+      hostname: '127.0.0.1',
+      async fetch(req) {
+        const text = await req.text()
+        const call = JSON.parse(text) as { id: number; method: string; params?: unknown[] }
+        if (
+          (call.method === 'eth_call' || call.method === 'eth_getBlockByNumber') &&
+          JSON.stringify(call.params ?? []).includes('"pending"')
+        )
+          return Response.json({
+            jsonrpc: '2.0',
+            id: call.id,
+            error: { code: -32602, message: 'unsupported block tag: pending' },
+          })
+        return fetch(chain.rpcUrl, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body: text,
+        })
+      },
+    })
+    try {
+      const { channelId } = await openChannel()
+      const { address, privateKey } = payer()
+      const escrow = chain.escrowAddress
+      await Escrow.requestClose(payer().client, { escrow, channelId })
+      await chain.increaseTime(Number(Escrow.closeGracePeriod))
+      const client = Client.from({
+        rpcUrl: `http://127.0.0.1:${proxy.port}`,
+        chainId: chain.chainId,
+        privateKey,
+        pollingInterval: 20,
+      })
+      const before = await balance(address)
+      await Escrow.withdraw(client, { escrow, channelId })
+      expect(await balance(address)).toBe(before + deposit)
+    } finally {
+      proxy.stop(true)
+    }
+  }, 30_000)
 })
 
 describe('Transaction.wait', () => {
