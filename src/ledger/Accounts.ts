@@ -19,12 +19,19 @@ export type Account = {
 /**
  * Writes the configured plans (upsert), so admission can read them in the same statement. A
  * plan whose requests per minute changed has its accounts' request-rate state rescaled to the
- * new limit in the same statement (`tollway_rate_rescaled`: the requests it counts stay the
+ * new limit in the same transaction (`tollway_rate_rescaled`: the requests it counts stay the
  * same).
  */
 export async function syncPlans(sql: Sql, plans: Record<string, Plan>): Promise<void> {
   for (const [name, p] of Object.entries(plans)) {
-    await sql`
+    await sql.begin(async (tx) => {
+      // The plan row locked first: an instance starting at the same time with the same change
+      // reads the limit the first one wrote (its statement's snapshot is taken once it has the
+      // lock), not the old one, so it does not rescale the accounts again. (A FOR UPDATE in
+      // the statement's own read would not do: the upsert changes the row first, and the read
+      // then skips it.)
+      await tx`select 1 from plans where name = ${name} for update`
+      await tx`
       with was as (select requests_per_minute as rpm from plans where name = ${name}),
       rescaled as (
         update accounts ac set rate_tat = tollway_rate_rescaled(ac.rate_tat, was.rpm,
@@ -41,6 +48,7 @@ export async function syncPlans(sql: Sql, plans: Record<string, Plan>): Promise<
         requests_per_minute = excluded.requests_per_minute, max_concurrent = excluded.max_concurrent,
         tokens_per_month = excluded.tokens_per_month, wallet_floor = excluded.wallet_floor,
         wallet_refill_per_day = excluded.wallet_refill_per_day, wallet_cap = excluded.wallet_cap`
+    })
   }
 }
 
