@@ -111,12 +111,21 @@ export async function read<S extends z.ZodType>(
   body?: unknown,
 ): Promise<z.output<S>> {
   const answer = await request(target, method, path, body)
-  const parsed = schema.safeParse(answer)
+  return checked(
+    schema,
+    answer,
+    `the gateway's answer to ${method} ${path.split('?')[0]} is not one this CLI reads`,
+  )
+}
+
+/**
+ * `json` read with `schema`; when it does not hold, a ServerError: `what`, then the first field
+ * at fault and why.
+ */
+export function checked<S extends z.ZodType>(schema: S, json: unknown, what: string): z.output<S> {
+  const parsed = schema.safeParse(json)
   if (parsed.success) return parsed.data
   const issue = parsed.error.issues[0]!
   const field = issue.path.map(String).join('.') || 'the body'
-  throw new ServerError(
-    `the gateway's answer to ${method} ${path.split('?')[0]} is not one this CLI reads (${field}: ${issue.message}).`,
-    answer,
-  )
+  throw new ServerError(`${what} (${field}: ${issue.message}).`, json)
 }

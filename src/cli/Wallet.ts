@@ -178,7 +178,8 @@ const Chunk = z
       .object({
         type: z.string().optional(),
         message: z.string().optional(),
-        code: z.string().optional(),
+        // Null as OpenAI's envelope allows (the gateway's own are strings).
+        code: z.string().nullable().optional(),
       })
       .loose()
       .optional(),
@@ -197,13 +198,7 @@ function answer<S extends z.ZodType>(schema: S, text: string, what: string): z.o
   } catch {
     throw new ServerError(`the gateway sent ${what} that is not JSON: ${text.slice(0, 200)}`)
   }
-  const parsed = schema.safeParse(json)
-  if (parsed.success) return parsed.data
-  const issue = parsed.error.issues[0]!
-  throw new ServerError(
-    `the gateway sent ${what} that is not a chat completion's (${issue.path.map(String).join('.') || 'the body'}: ${issue.message}).`,
-    json,
-  )
+  return Http.checked(schema, json, `the gateway sent ${what} that is not a chat completion's`)
 }
 
 export async function chat(ctx: Context) {
@@ -264,7 +259,7 @@ export async function chat(ctx: Context) {
   let usage: Usage | undefined
   let receipt: Receipt | undefined
   /** An error event the stream ended with (credits or funds ran out, the upstream failed). */
-  let failed: { type?: string; message?: string; code?: string } | undefined
+  let failed: { type?: string; message?: string; code?: string | null } | undefined
   if (stream) {
     const parser = createParser({
       onEvent: (event) => {

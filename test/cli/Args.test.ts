@@ -236,4 +236,20 @@ describe('run', () => {
       { numRuns: 200, seed: 20261125 },
     )
   }, 60_000)
+
+  test('error: a stream that ends with an error event whose code is null (as OpenAI envelopes allow) ends saying its message, not that the event is no chat completion', async () => {
+    const wallet = {
+      TOLLWAY_WALLET_KEY: `0x${'11'.repeat(32)}`,
+      TOLLWAY_DATA_DIR: mkdtempSync(join(tmpdir(), 'tollway-args-')),
+    }
+    next = {
+      status: 200,
+      type: 'text/event-stream',
+      body: 'data: {"choices":[{"delta":{"content":"hi"}}]}\n\ndata: {"error":{"message":"the upstream broke","type":"upstream_error","code":null}}\n\n',
+    }
+    const r = await cli(['chat', 'hi', '--stream', '--model', 'm'], wallet)
+    expect(r.code).toBe(4)
+    expect(r.err).toContain('the stream ended early: the upstream broke')
+    expect(r.err).not.toContain("not a chat completion's")
+  }, 30_000)
 })
