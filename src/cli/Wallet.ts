@@ -246,6 +246,9 @@ export async function chat(ctx: Context) {
       const channel = await pay.channel(url)
       return channel ? `opened (deposit ${channel.deposit}); the request failed:` : 'failed'
     },
+    // A gateway that answered without asking for payment: no channel was opened.
+    async () =>
+      (await pay.channel(url)) ? 'done' : 'not needed (the gateway asked for no payment)',
   )
     .catch((e: unknown) => {
       throw abort.signal.aborted ? abort.signal.reason : e
@@ -635,6 +638,7 @@ async function progress<T>(
   label: string | undefined,
   run: () => Promise<T>,
   failed: () => Promise<string> = async () => 'failed',
+  done: () => Promise<string> = async () => 'done',
 ) {
   if (!label || ctx.settings.json) return run()
   ctx.io.err(`${label} (on chain)…`)
@@ -647,6 +651,6 @@ async function progress<T>(
     return r
   } finally {
     clearInterval(timer)
-    ctx.io.err(ok ? ' done\n' : ` ${await failed().catch(() => 'failed')}\n`)
+    ctx.io.err(` ${await (ok ? done : failed)().catch(() => (ok ? 'done' : 'failed'))}\n`)
   }
 }

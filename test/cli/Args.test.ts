@@ -251,5 +251,7 @@ describe('run', () => {
     expect(r.code).toBe(4)
     expect(r.err).toContain('the stream ended early: the upstream broke')
     expect(r.err).not.toContain("not a chat completion's")
+    // It asked for no payment: no channel was opened, and the progress line says so.
+    expect(r.err).toContain('opening a payment channel (on chain)… not needed')
   }, 30_000)
 })
