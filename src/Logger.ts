@@ -37,7 +37,7 @@ export function isoTime(): string {
 export function stdout(): pino.DestinationStream {
   if (!out) {
     out = batched(pino.destination({ dest: 1, sync: true }))
-    process.on('exit', out.flush)
+    process.on('exit', () => out!.flush())
   }
   return out
 }
@@ -48,12 +48,14 @@ let out: ReturnType<typeof batched> | undefined
  * finish many to a turn) go in as few writes as whole lines of at most `PIPE_BUF` bytes make,
  * not one each, and a line waits for the end of its turn at most. A write of at most PIPE_BUF
  * bytes to a pipe is never interleaved with another process's (workers share standard
- * output): a line alone was, a longer batch may not be. `flush` writes what waits now.
+ * output): a line alone was, a longer batch may not be. `flush` writes what waits now (then
+ * calls `done`, as pino's `logger.flush(cb)` asks). A process killed outright (SIGKILL, out of
+ * memory) loses the lines of the turn it was in.
  */
 export function batched(sink: { write(text: string): unknown }) {
   let lines: string[] = []
   let due = false
-  const flush = () => {
+  const flush = (done?: (e?: Error) => void) => {
     due = false
     const all = lines
     lines = []
@@ -70,6 +72,7 @@ export function batched(sink: { write(text: string): unknown }) {
     }
     if (from < all.length)
       sink.write(from === all.length - 1 ? all[from]! : all.slice(from).join(''))
+    done?.()
   }
   return {
     write(line: string) {

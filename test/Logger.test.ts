@@ -24,6 +24,15 @@ test('behavior: the lines of one event-loop turn go to the sink in one write, in
   expect(JSON.parse(writes[1]!).i).toBe(20)
 })
 
+test('behavior: logger.flush(cb) writes what waits at once and then calls back', async () => {
+  const writes: string[] = []
+  const log = Logger.create('info', Logger.batched({ write: (t) => writes.push(t) }))
+  log.info({ i: 1 }, 'line')
+  const called = await new Promise<number>((resolve) => log.flush(() => resolve(writes.length)))
+  expect(called).toBe(1)
+  expect(JSON.parse(writes[0]!).i).toBe(1)
+})
+
 test('behavior: a turn of many lines is written in whole lines of at most PIPE_BUF bytes each (no write a pipe may interleave with another process), a longer line alone', async () => {
   const writes: string[] = []
   const log = Logger.create('info', Logger.batched({ write: (t) => writes.push(t) }))
