@@ -71,10 +71,13 @@ export function chain(options: { chainId: number; rpcUrl: string }): Chain {
 export async function now(
   client: ViemClient<Transport, Chain | undefined, Account | undefined>,
 ): Promise<bigint> {
-  const latest = (await getBlock(client)).timestamp
-  const pending = await getBlock(client, { blockTag: 'pending' }).then(
-    (b) => b.timestamp,
-    () => latest,
-  )
+  // Both asked at once: one round trip's wait, not two.
+  const [latest, pending] = await Promise.all([
+    getBlock(client).then((b) => b.timestamp),
+    getBlock(client, { blockTag: 'pending' }).then(
+      (b) => b.timestamp,
+      () => 0n,
+    ),
+  ])
   return pending > latest ? pending : latest
 }
