@@ -57,6 +57,8 @@ afterAll(() => Promise.all(instances.map((p) => p.end())))
 const pools = instances
 
 const RUNS = Number(process.env.TOLLWAY_CHAOS_RUNS ?? 10)
+/** The runs with one instance's sessions ended now and then (off with TOLLWAY_CHAOS_FAULTS=0). */
+const faults = process.env.TOLLWAY_CHAOS_FAULTS !== '0'
 const ROUNDS = 3
 const CLIENTS = 16
 const OPS = 12
@@ -491,12 +493,12 @@ describe.skipIf(!server)('under chaos', () => {
     Math.max(60_000, RUNS * 30_000),
   )
 
-  // Opt-in (TOLLWAY_CHAOS_FAULTS=1) until node_modules carries the fetchArrayTypes hunk of
+  // On unless TOLLWAY_CHAOS_FAULTS=0. It needs the fetchArrayTypes hunk of
   // patches/postgres+3.4.9.patch (see test/ledger/TypesFetch.test.ts): without it, a session
-  // ended while postgres.js fetches its array types leaves an unhandled rejection ("error:
-  // write CONNECTION_CLOSED", or the socket's ECONNRESET), which bun test counts as a failure
-  // of whichever test runs then. With it, this run can be on by default.
-  test.if(Boolean(process.env.TOLLWAY_CHAOS_FAULTS))(
+  // ended while postgres.js fetches its array types left an unhandled rejection ("error: write
+  // CONNECTION_CLOSED", or the socket's ECONNRESET), which bun test counts as a failure of
+  // whichever test runs then.
+  test.if(faults)(
     'property: with one instance whose sessions the database ends now and then, every account invariant holds',
     async () => {
       const faulty = await faultyInstance()
@@ -821,8 +823,8 @@ describe.skipIf(!server)('channels under chaos', () => {
     Math.max(60_000, RUNS * 30_000),
   )
 
-  // Opt-in, as the API-key ledger's run with sessions ended (see there).
-  test.if(Boolean(process.env.TOLLWAY_CHAOS_FAULTS))(
+  // As the API-key ledger's run with sessions ended (see there).
+  test.if(faults)(
     'property: with one instance whose sessions the database ends now and then, every channel invariant holds',
     async () => {
       const faulty = await faultyInstance()
