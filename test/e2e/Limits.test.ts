@@ -344,48 +344,54 @@ describe('plan changes and the request rate', () => {
     expect(again!.ahead).toBeGreaterThan(8)
   })
 
-  test('behavior: two instances starting at once with a changed requests per minute rescale the rate state once', async () => {
-    const paced = (requestsPerMinute: number) => ({
-      raced: {
-        tier: 0,
-        requestsPerMinute,
-        maxConcurrent: null,
-        tokensPerMonth: null,
-        wallet: null,
-      },
-    })
-    await Accounts.syncPlans(a.sql, paced(10))
-    const id = await Accounts.create(a.sql, { name: 'raced', plan: 'raced' })
-    await a.sql`update accounts set rate_tat = clock_timestamp() + interval '60 s' where id = ${id}`
-    // The account row held (an admission of it under way) while both instances sync, until
-    // both wait: without the plan locked first, each statement had read the old limit.
-    const locked = Promise.withResolvers<void>()
-    const release = Promise.withResolvers<void>()
-    const holder = a.sql.begin(async (tx) => {
-      await tx`select 1 from accounts where id = ${id} for update`
-      locked.resolve()
-      await release.promise
-    })
-    await locked.promise
-    const syncs = [Accounts.syncPlans(a.sql, paced(60)), Accounts.syncPlans(b.sql, paced(60))]
-    for (let i = 0; i < 1_000; i++) {
-      const [w] = await a.sql`
+  // Two sessions at once, one holding a row while the others wait: a server's (the embedded
+  // database has one connection, which the holder would keep from the syncs for good).
+  test.skipIf(!process.env.DATABASE_URL)(
+    'behavior: two instances starting at once with a changed requests per minute rescale the rate state once',
+    async () => {
+      const paced = (requestsPerMinute: number) => ({
+        raced: {
+          tier: 0,
+          requestsPerMinute,
+          maxConcurrent: null,
+          tokensPerMonth: null,
+          wallet: null,
+        },
+      })
+      await Accounts.syncPlans(a.sql, paced(10))
+      const id = await Accounts.create(a.sql, { name: 'raced', plan: 'raced' })
+      await a.sql`update accounts set rate_tat = clock_timestamp() + interval '60 s' where id = ${id}`
+      // The account row held (an admission of it under way) while both instances sync, until
+      // both wait: without the plan locked first, each statement had read the old limit.
+      const locked = Promise.withResolvers<void>()
+      const release = Promise.withResolvers<void>()
+      const holder = a.sql.begin(async (tx) => {
+        await tx`select 1 from accounts where id = ${id} for update`
+        locked.resolve()
+        await release.promise
+      })
+      await locked.promise
+      const syncs = [Accounts.syncPlans(a.sql, paced(60)), Accounts.syncPlans(b.sql, paced(60))]
+      for (let i = 0; i < 1_000; i++) {
+        const [w] = await a.sql`
         select count(*)::int as n from pg_stat_activity
         where datname = current_database() and wait_event_type = 'Lock'
           and (query like '%tollway_rate_rescaled%' or query like '%from plans%for update%')`
-      if (w!.n >= 2) break
-      await Bun.sleep(10)
-    }
-    release.resolve()
-    await holder
-    await Promise.all(syncs)
-    const [r] = await a.sql`
+        if (w!.n >= 2) break
+        await Bun.sleep(10)
+      }
+      release.resolve()
+      await holder
+      await Promise.all(syncs)
+      const [r] = await a.sql`
       select extract(epoch from rate_tat - clock_timestamp())::float8 as ahead
       from accounts where id = ${id}`
-    // Once: 10 s ahead (rescaled twice it was under 2 s, the 10 requests counted as 1.7).
-    expect(r!.ahead).toBeGreaterThan(8)
-    expect(r!.ahead).toBeLessThanOrEqual(10)
-  }, 30_000)
+      // Once: 10 s ahead (rescaled twice it was under 2 s, the 10 requests counted as 1.7).
+      expect(r!.ahead).toBeGreaterThan(8)
+      expect(r!.ahead).toBeLessThanOrEqual(10)
+    },
+    30_000,
+  )
 
   test('behavior: the rate state keeps the requests it counts across limits, at most the new limit, none across no limit', async () => {
     const [r] = await a.sql`
