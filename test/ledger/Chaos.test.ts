@@ -470,20 +470,28 @@ async function check(
     if (ids.length > 1) fail(`key ${k} paid by ${ids.length} requests: ${ids}`)
 }
 
+/**
+ * `runs` runs of `fn`, each from a seed of its own (from TOLLWAY_CHAOS_SEED on, or from one
+ * drawn), the seed of a failing one printed.
+ */
+async function seeded(what: string, runs: number, fn: (seed: number) => Promise<void>) {
+  const first = Number(process.env.TOLLWAY_CHAOS_SEED ?? Math.floor(Math.random() * 2 ** 31))
+  for (let i = 0; i < runs; i++) {
+    const seed = first + i
+    try {
+      await fn(seed)
+    } catch (e) {
+      console.error(`${what} failed with TOLLWAY_CHAOS_SEED=${seed}`)
+      throw e
+    }
+  }
+}
+
 describe.skipIf(!server)('under chaos', () => {
   test(
     'property: concurrent clients on three instances, admins and sweeps keep every account invariant',
     async () => {
-      const first = Number(process.env.TOLLWAY_CHAOS_SEED ?? Math.floor(Math.random() * 2 ** 31))
-      for (let i = 0; i < RUNS; i++) {
-        const seed = first + i
-        try {
-          await run(seed)
-        } catch (e) {
-          console.error(`ledger chaos failed with TOLLWAY_CHAOS_SEED=${seed}`)
-          throw e
-        }
-      }
+      await seeded('ledger chaos', RUNS, (seed) => run(seed))
       if (process.env.TOLLWAY_CHAOS_VERBOSE)
         console.log(
           Object.fromEntries(outcomes),
@@ -502,16 +510,9 @@ describe.skipIf(!server)('under chaos', () => {
     'property: with one instance whose sessions the database ends now and then, every account invariant holds',
     async () => {
       const faulty = await faultyInstance()
-      const first = Number(process.env.TOLLWAY_CHAOS_SEED ?? Math.floor(Math.random() * 2 ** 31))
-      for (let i = 0; i < Math.ceil(RUNS / 2); i++) {
-        const seed = first + i
-        try {
-          await run(seed, faulty)
-        } catch (e) {
-          console.error(`ledger chaos (sessions ended) failed with TOLLWAY_CHAOS_SEED=${seed}`)
-          throw e
-        }
-      }
+      await seeded('ledger chaos (sessions ended)', Math.ceil(RUNS / 2), (seed) =>
+        run(seed, faulty),
+      )
       if (process.env.TOLLWAY_CHAOS_VERBOSE) console.log(Object.fromEntries(outcomes))
     },
     Math.max(60_000, RUNS * 30_000),
@@ -808,16 +809,7 @@ describe.skipIf(!server)('channels under chaos', () => {
   test(
     'property: concurrent vouchers, admissions, extensions, finishes, settlements and sweeps keep every channel invariant',
     async () => {
-      const first = Number(process.env.TOLLWAY_CHAOS_SEED ?? Math.floor(Math.random() * 2 ** 31))
-      for (let i = 0; i < RUNS; i++) {
-        const seed = first + i
-        try {
-          await channelRun(seed)
-        } catch (e) {
-          console.error(`channel chaos failed with TOLLWAY_CHAOS_SEED=${seed}`)
-          throw e
-        }
-      }
+      await seeded('channel chaos', RUNS, (seed) => channelRun(seed))
       if (process.env.TOLLWAY_CHAOS_VERBOSE) console.log(Object.fromEntries(outcomes))
     },
     Math.max(60_000, RUNS * 30_000),
@@ -828,16 +820,9 @@ describe.skipIf(!server)('channels under chaos', () => {
     'property: with one instance whose sessions the database ends now and then, every channel invariant holds',
     async () => {
       const faulty = await faultyInstance()
-      const first = Number(process.env.TOLLWAY_CHAOS_SEED ?? Math.floor(Math.random() * 2 ** 31))
-      for (let i = 0; i < Math.ceil(RUNS / 2); i++) {
-        const seed = first + i
-        try {
-          await channelRun(seed, faulty)
-        } catch (e) {
-          console.error(`channel chaos (sessions ended) failed with TOLLWAY_CHAOS_SEED=${seed}`)
-          throw e
-        }
-      }
+      await seeded('channel chaos (sessions ended)', Math.ceil(RUNS / 2), (seed) =>
+        channelRun(seed, faulty),
+      )
       if (process.env.TOLLWAY_CHAOS_VERBOSE) console.log(Object.fromEntries(outcomes))
     },
     Math.max(60_000, RUNS * 30_000),
