@@ -38,16 +38,22 @@ async function requests(keyHash: Uint8Array, n: number) {
   for (let i = 0; i < n; i++) {
     const a = await Ledger.admit(sql, keyHash, 10n)
     expect(a.status).toBe('ok')
-    await Reservations.finish(sql, {
-      id: a.requestId,
-      cost: 1n,
-      promptTokens: 1,
-      completionTokens: 1,
-      status: 'ok',
-      latencyMs: 1,
-      ttftMs: 1,
-    })
+    await finishedAtOne(a.requestId)
   }
+}
+
+/** Finishes request `id` (of `channelId`, if given) charged 1 for 1 token in and 1 out. */
+function finishedAtOne(id: string, channelId?: Channels.Hex) {
+  const o = {
+    id,
+    cost: 1n,
+    promptTokens: 1,
+    completionTokens: 1,
+    status: 'ok',
+    latencyMs: 1,
+    ttftMs: 1,
+  } as const
+  return Reservations.finish(sql, o, channelId ? { channelId } : undefined)
 }
 
 /** `n` requests on `channelId` admitted and finished, one after the other. */
@@ -57,19 +63,7 @@ async function channelRequests(channelId: Channels.Hex, n: number) {
     expect((await Ledger.hold(sql, channelId, { want: 10n, need: 10n, requestId })).status).toBe(
       'ok',
     )
-    await Reservations.finish(
-      sql,
-      {
-        id: requestId,
-        cost: 1n,
-        promptTokens: 1,
-        completionTokens: 1,
-        status: 'ok',
-        latencyMs: 1,
-        ttftMs: 1,
-      },
-      { channelId },
-    )
+    await finishedAtOne(requestId, channelId)
   }
 }
 

@@ -347,15 +347,7 @@ async function run(seed: number, faulty?: Faulty) {
     for (const q of victims) live.delete(q)
   }
 
-  /** Runs `op`; with `faulty`, one that failed for its connection lost is let go. */
-  async function unlessLost(op: () => Promise<unknown>) {
-    try {
-      await op()
-    } catch (e) {
-      if (!faulty || !lost(e)) throw e
-      outcomes.set('lost', (outcomes.get('lost') ?? 0) + 1)
-    }
-  }
+  const unlessLost = lettingLost(faulty, 'lost')
 
   async function client(c: Rng, mine: Live[]) {
     for (let i = 0; i < OPS; i++) {
@@ -468,6 +460,21 @@ async function check(
   }
   for (const [k, ids] of paid)
     if (ids.length > 1) fail(`key ${k} paid by ${ids.length} requests: ${ids}`)
+}
+
+/**
+ * Runs of an operation: with `faulty` (an instance whose sessions are ended), one that failed
+ * for its connection lost is let go, counted under `counter`.
+ */
+function lettingLost(faulty: unknown, counter: string) {
+  return async (op: () => Promise<unknown>) => {
+    try {
+      await op()
+    } catch (e) {
+      if (!faulty || !lost(e)) throw e
+      outcomes.set(counter, (outcomes.get(counter) ?? 0) + 1)
+    }
+  }
 }
 
 /**
@@ -721,15 +728,7 @@ async function channelRun(seed: number, faulty?: Faulty) {
     await Reservations.sweep(c.pick(pools), c.pick(chans).bytes)
   }
 
-  /** Runs `op`; with `faulty`, one that failed for its connection lost is let go. */
-  async function unlessLost(op: () => Promise<unknown>) {
-    try {
-      await op()
-    } catch (e) {
-      if (!faulty || !lost(e)) throw e
-      outcomes.set('channel_lost', (outcomes.get('channel_lost') ?? 0) + 1)
-    }
-  }
+  const unlessLost = lettingLost(faulty, 'channel_lost')
 
   async function client(c: Rng, mine: ChanLive[]) {
     for (let i = 0; i < OPS; i++) {
