@@ -22,9 +22,9 @@ const log = (line = '') => console.log(line)
 
 const dataDir = await mkdtemp(join(tmpdir(), 'tollway-demo-'))
 const started = Date.now()
-// The embedded defaults, apart from a free port and a data dir of its own (so a running
-// `npm start` is left alone), and quiet logs.
-const starting = start(Config.from({ dataDir, port: 0, logLevel: 'error' }))
+// The embedded defaults, apart from free ports (its own and its chain's) and a data dir of its
+// own (so a running `npm start` is left alone), and quiet logs.
+const starting = start(Config.from({ dataDir, port: 0, devChainPort: 0, logLevel: 'error' }))
 // Interrupted (Ctrl-C): stop the gateway and its chain and leave nothing behind either.
 for (const signal of ['SIGINT', 'SIGTERM'] as const)
   process.once(signal, async () => {

@@ -280,6 +280,12 @@ export const Schema = z
       })
       .optional(),
     devChain: z.boolean().default(true),
+    /**
+     * The development chain's port on 127.0.0.1 (anvil's usual one by default): the RPC URL
+     * a wallet or `tollway channel withdraw` is given stays the same from start to start. 0:
+     * a free one each start. Held by another process: a free one, and start-up says so.
+     */
+    devChainPort: z.number().int().min(0).max(65535).default(8545),
     /** MPP session payments (on when a chain is configured or the dev chain runs). */
     payments: z
       .strictObject({
@@ -404,6 +410,7 @@ const Port = z.preprocess(
 )
 const env = {
   PORT: ['port', Port],
+  DEV_CHAIN_PORT: ['devChainPort', Port],
   HOST: ['host', z.string()],
   TOLLWAY_DATA_DIR: ['dataDir', z.string()],
   DATABASE_URL: ['databaseUrl', z.string()],

@@ -128,7 +128,10 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
     if (!chain && config.devChain) {
       // Kept in the data dir, as the database is: a restart finds the channels it knows of.
       mkdirSync(config.dataDir, { recursive: true })
-      devChain = await DevChain.start({ stateFile: resolve(config.dataDir, 'anvil-state.json') })
+      devChain = await DevChain.start({
+        stateFile: resolve(config.dataDir, 'anvil-state.json'),
+        port: config.devChainPort,
+      })
       stops.push(devChain.stop)
       chain = {
         rpcUrl: devChain.rpcUrl,
@@ -157,6 +160,11 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         privateKey: chain.payeePrivateKey as Hex,
       })
       if (devChain) {
+        if (devChain.portTaken !== undefined)
+          log.warn(
+            { port: devChain.portTaken, rpcUrl: chain.rpcUrl },
+            'the development chain port (DEV_CHAIN_PORT) is held by another process: anvil is on a free one',
+          )
         if (devChain.setAside)
           log.warn(
             { file: devChain.setAside },

@@ -15,6 +15,9 @@ describe('load', () => {
   test('behavior: embedded defaults with nothing set', () => {
     const c = Config.load({})
     expect(c).toMatchObject({ port: 8787, host: '127.0.0.1', dataDir: './.tollway', models: [] })
+    // anvil's usual port: the dev chain's RPC URL the same from start to start.
+    expect(c.devChainPort).toBe(8545)
+    expect(Config.load({ DEV_CHAIN_PORT: '0' }).devChainPort).toBe(0)
     expect(c.databaseUrl).toBeUndefined()
     expect(c.echo.pricing).toEqual({ input: 1_000_000n, output: 2_000_000n })
     expect(c.plans.free).toMatchObject({
@@ -195,6 +198,10 @@ describe('load', () => {
     expect(() => Config.load({ PORT: '70000' })).toThrow(/PORT/)
     // Blank is no port (it was 0: a random one), and a database URL must be one.
     expect(() => Config.load({ PORT: ' ' })).toThrow(/PORT/)
+    expect(() => Config.load({ DEV_CHAIN_PORT: '65536' })).toThrow(/DEV_CHAIN_PORT/)
+    expect(() => Config.load({ TOLLWAY_CONFIG: file('{"devChainPort": -1}') })).toThrow(
+      /devChainPort/,
+    )
     expect(() => Config.load({ DATABASE_URL: 'notaurl' })).toThrow(/DATABASE_URL/)
     expect(() => Config.load({ DATABASE_URL: 'mysql://x@h/db' })).toThrow(/DATABASE_URL/)
     expect(Config.load({ DATABASE_URL: 'postgresql://u@h:5432/db' }).databaseUrl).toBe(

@@ -37,6 +37,12 @@ export type Options = {
    * contracts where its database says they are. Default: none, a fresh chain every start.
    */
   stateFile?: string | undefined
+  /**
+   * anvil's port on 127.0.0.1; default 0, a free one. A port another process holds is given
+   * up for a free one (`DevChain.portTaken` says so): a second gateway on one machine still
+   * starts.
+   */
+  port?: number | undefined
 }
 
 export type Account = { address: Address; privateKey: Hex }
@@ -54,6 +60,8 @@ export type DevChain = {
   stop(): Promise<void>
   /** A state file anvil could not load, moved to this path (the chain started afresh). */
   setAside?: string | undefined
+  /** The port asked for (`Options.port`), which another process held: anvil is on another. */
+  portTaken?: number | undefined
 }
 
 /** anvil's well-known development mnemonic: these keys are public, never use them elsewhere. */
@@ -79,7 +87,7 @@ wait $child`
  */
 export async function start(options: Options = {}): Promise<DevChain> {
   try {
-    return await run(options)
+    return await onPort(options)
   } catch (e) {
     const file = options.stateFile
     // Only when anvil itself says it could not read the file (any other failure, a timeout
@@ -88,7 +96,18 @@ export async function start(options: Options = {}): Promise<DevChain> {
     if (!unreadable || !file || !existsSync(file)) throw e
     const aside = `${file}.unreadable-${new Date().toISOString().replace(/[:.]/g, '-')}`
     renameSync(file, aside)
-    return { ...(await run(options)), setAside: aside }
+    return { ...(await onPort(options)), setAside: aside }
+  }
+}
+
+/** `run` on the port asked for, or on a free one if another process holds that. */
+async function onPort(options: Options): Promise<DevChain> {
+  try {
+    return await run(options)
+  } catch (e) {
+    const taken = e instanceof DevChainError && /Address already in use/i.test(e.details ?? '')
+    if (!taken || !options.port) throw e
+    return { ...(await run({ ...options, port: 0 })), portTaken: options.port }
   }
 }
 
@@ -100,7 +119,7 @@ async function run(options: Options): Promise<DevChain> {
     '--host',
     '127.0.0.1',
     '--port',
-    '0',
+    String(options.port ?? 0),
     '--chain-id',
     String(chainId),
     '--accounts',

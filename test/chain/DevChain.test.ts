@@ -44,6 +44,34 @@ describe('start', () => {
     ).toBe('refused')
   })
 
+  test('behavior: on the port asked for; one another process holds is given up for a free one', async () => {
+    // A port free a moment ago (a listener opened and closed), then the same port held.
+    const probe = Bun.serve({ port: 0, hostname: '127.0.0.1', fetch: () => new Response() })
+    const port = probe.port!
+    probe.stop(true)
+    const chain = await DevChain.start({ accounts: 2, port })
+    try {
+      expect(chain.rpcUrl).toBe(`http://127.0.0.1:${port}`)
+      expect(chain.portTaken).toBeUndefined()
+      const holder = Bun.serve({ port: 0, hostname: '127.0.0.1', fetch: () => new Response() })
+      try {
+        const other = await DevChain.start({ accounts: 2, port: holder.port! })
+        try {
+          expect(other.portTaken).toBe(holder.port!)
+          expect(other.rpcUrl).not.toBe(`http://127.0.0.1:${holder.port}`)
+          const client = Client.from({ rpcUrl: other.rpcUrl, chainId: other.chainId })
+          expect(await getCode(client, { address: other.escrowAddress })).toMatch(/^0x[0-9a-f]+$/)
+        } finally {
+          await other.stop()
+        }
+      } finally {
+        holder.stop(true)
+      }
+    } finally {
+      await chain.stop()
+    }
+  })
+
   test('error: a missing anvil binary is a DevChainError', async () => {
     await expect(DevChain.start({ anvilPath: '/nonexistent/anvil' })).rejects.toBeInstanceOf(
       DevChainError,
