@@ -452,45 +452,82 @@ export async function releaseAll(sql: Sql): Promise<number> {
  * flight is lost, nothing more) and counting the tokens that was (its prompt and the output
  * sent) against the plan; a usage row records them as `abandoned`; only those of
  * `channelId` when given. Returns how many were released (at most 100 a call).
+ *
+ * A reservation is released only if it is still expired (or its instance's) once locked: its
+ * instance may be renewing its lease meanwhile (the request is alive, tollway_extend), or have
+ * just done so. Released then, the live request would lose its hold (its charge, capped at
+ * what its payer has free by then, could fall short; a channel's stream would go on sending
+ * without `spent` covering it) and be charged what it had recorded before the renewal.
  */
 export async function sweep(
   sql: Sql,
   channelId?: Uint8Array,
   dead: readonly string[] = [],
 ): Promise<number> {
-  const expired = await sql`
-    select id, delivered, delivered_prompt_tokens, delivered_completion_tokens,
-      channel_id is not null as channel from reservations
-    where (expires_at < clock_timestamp()
-           ${dead.length > 0 ? sql`or instance = any(${dead as string[]})` : sql``})
-      ${channelId ? sql`and channel_id = ${channelId}` : sql``}
+  // Read first without locks (a sweep mostly finds none, in one statement).
+  const found = await sql`
+    select id, channel_id is not null as channel from reservations
+    where ${gone(sql, dead)} ${channelId ? sql`and channel_id = ${channelId}` : sql``}
     limit 100`
-  // Through the batch functions, so the payers are locked in the order every batch locks
-  // them (no deadlock with live batches or another instance's sweep), and channel charges
-  // commit durably while account charges need not.
-  const abandoned = (r: (typeof expired)[number]): Finish => ({
-    id: r.id,
-    cost: r.delivered,
-    // The tokens that cost is of: counted against an account's plan (its month, its token
-    // wallet) as a finish counts them, or a request whose instance died would use up neither.
-    promptTokens: r.delivered_prompt_tokens,
-    completionTokens: r.delivered_completion_tokens,
-    status: 'abandoned',
-    latencyMs: null,
-    ttftMs: null,
-  })
-  const accounts = expired.filter((r) => !r.channel).map(abandoned)
-  const channels = expired.filter((r) => r.channel).map(abandoned)
-  const done = await Promise.all([
-    accounts.length > 0
-      ? many(
-          sql,
-          accounts.map((f) => ({ op: 'finish', ...f })),
-        )
-      : [],
-    channels.length > 0 ? chargeChannels(sql, channels) : [],
+  const ids = (channel: boolean) => found.filter((r) => r.channel === channel).map((r) => r.id)
+  const released = await Promise.all([
+    release(sql, ids(false), dead, (tx, fs) =>
+      many(
+        tx,
+        fs.map((f) => ({ op: 'finish', ...f })),
+      ),
+    ),
+    release(sql, ids(true), dead, chargeChannels),
   ])
-  return done.flat().filter((r) => r !== undefined).length
+  return released[0] + released[1]
+}
+
+/** A reservation's lease ran out, or its instance is one of `dead` (a condition of `sweep`). */
+const gone = (sql: Sql, dead: readonly string[]) =>
+  sql`(expires_at < clock_timestamp()
+    ${dead.length > 0 ? sql`or instance = any(${dead as string[]})` : sql``})`
+
+/**
+ * Finishes as abandoned those of reservations `ids` still `gone` once locked, in one
+ * transaction (see `sweep`), through `charge` (the batch function of their payers); how many.
+ * A reservation its instance is extending (locked) is skipped, as is one it renewed since the
+ * sweep read it (PostgreSQL checks the condition again on the row as it is once locked). The
+ * reservations are locked before their payers, as every batch and extension locks them (no
+ * deadlock), and a batch finishing one of them waits for the sweep, then finds it gone. Accounts'
+ * reservations and channels' go in transactions apart: an account charge does not wait for a
+ * durable commit (tollway_ledger_batch turns synchronous_commit off for its transaction), a
+ * channel's does.
+ */
+async function release(
+  sql: Sql,
+  ids: string[],
+  dead: readonly string[],
+  charge: (tx: Sql, items: Finish[]) => Promise<(Finished | Admitted | Refused | undefined)[]>,
+): Promise<number> {
+  if (ids.length === 0) return 0
+  return await sql.begin(async (t) => {
+    const tx = t as unknown as Sql
+    const locked = await tx`
+      select id, delivered, delivered_prompt_tokens, delivered_completion_tokens
+      from reservations where id = any(${ids}::uuid[]) and ${gone(tx, dead)}
+      for update skip locked`
+    if (locked.length === 0) return 0
+    const done = await charge(
+      tx,
+      locked.map((r) => ({
+        id: r.id,
+        cost: r.delivered,
+        // The tokens that cost is of: counted against an account's plan (its month, its token
+        // wallet) as a finish counts them, or a request whose instance died would use up neither.
+        promptTokens: r.delivered_prompt_tokens,
+        completionTokens: r.delivered_completion_tokens,
+        status: 'abandoned',
+        latencyMs: null,
+        ttftMs: null,
+      })),
+    )
+    return done.filter((r) => r !== undefined).length
+  })
 }
 
 /**

@@ -310,6 +310,22 @@ export async function locked(sql: Db.Sql, locks: ((tx: Db.Sql) => Promise<unknow
 }
 
 /**
+ * Resolves once a session of this database waits on a lock in a statement whose text has
+ * `text` (any statement without it); about 5 s at most, then it resolves all the same (the
+ * test's own checks tell).
+ */
+export async function waitingOnLock(sql: Db.Sql, text = '') {
+  for (let i = 0; i < 500; i++) {
+    const [w] = await sql`
+      select count(*)::int as n from pg_stat_activity
+      where datname = current_database() and wait_event_type = 'Lock'
+        and query like ${`%${text}%`} and pid <> pg_backend_pid()`
+    if (w!.n > 0) return
+    await Bun.sleep(10)
+  }
+}
+
+/**
  * Cuts the link under a batch of admissions whose answer it holds (committed, answer lost) and
  * mends it; each must fail out of reach, not run again into its own request id.
  */

@@ -225,6 +225,47 @@ describe('a channel charge', () => {
     expect(await invariants(raced.channelId)).toMatchObject({ spent: 80n, reserved: 0n })
   })
 
+  test.skipIf(!process.env.DATABASE_URL)(
+    'behavior: the sweep leaves a reservation whose lease its instance renews while the sweep is under way (the stream is alive): its later charge is still covered by its hold',
+    async () => {
+      const { id, channelId, r } = await held(sql)
+      await Reservations.extend(sql, {
+        id,
+        amount: 0n,
+        leaseSeconds: 60,
+        delivered: 30n,
+        from: 100n,
+      })
+      // Its lease ran out as far as the sweep sees; its instance renews it (recording 60
+      // delivered) in a transaction not yet committed: the extension under way.
+      await sql`update reservations set expires_at = now() - interval '1 second' where id = ${id}`
+      const renewal = await Ledger.locked(sql, [
+        (tx) =>
+          Reservations.extend(tx, { id, amount: 0n, leaseSeconds: 60, delivered: 60n, from: 100n }),
+      ])
+      try {
+        const swept = Reservations.sweep(sql, Buffer.from(channelId.slice(2), 'hex'))
+        // Done, or waiting on the reservation the renewal holds.
+        await Promise.race([swept, Ledger.waitingOnLock(sql, 'tollway_channel_finish_many')])
+        await renewal.free(0)
+        expect(await swept).toBe(0)
+      } finally {
+        await renewal.end()
+      }
+      const [row] = await sql`
+        select delivered, expires_at > now() as live from reservations where id = ${id}`
+      expect(row).toEqual({ delivered: 60n, live: true })
+      expect(await invariants(channelId)).toMatchObject({ spent: 0n, reserved: 100n })
+      // Another request takes what is free; the stream's charge is still whole (had its hold
+      // been released, its late charge would find nothing free: 30 spent for 100 sent).
+      expect(
+        await Ledger.hold(sql, channelId, { want: 300n, need: 1n, requestId: crypto.randomUUID() }),
+      ).toMatchObject({ status: 'ok', held: 200n })
+      expect((await r.settle(outcome(100n))).charged).toBe(100n)
+      expect(await invariants(channelId)).toMatchObject({ spent: 100n, reserved: 200n })
+    },
+  )
+
   test('behavior: a settle asked for twice charges once, with one charge statement', async () => {
     let statements = 0
     const { r } = await held(

@@ -375,6 +375,79 @@ describe('extend and finish', () => {
     ttftMs: 2,
   }
 
+  test.skipIf(!process.env.DATABASE_URL)(
+    'behavior: the sweep leaves a reservation whose lease its instance renews while the sweep is under way (the request is alive): not released, nor charged what it had recorded',
+    async () => {
+      const a = await account(100n)
+      const id = requestOf(await admit(a.keyHash, 40n))
+      await Reservations.extend(sql, { id, amount: 0n, leaseSeconds: 60, delivered: 5n, from: 40n })
+      // Its lease ran out as far as the sweep sees; its instance renews it (recording 15
+      // delivered) in a transaction not yet committed: the extension under way.
+      await sql`update reservations set expires_at = now() - interval '1 second' where id = ${id}`
+      const renewal = await Ledger.locked(sql, [
+        (tx) =>
+          Reservations.extend(tx, { id, amount: 0n, leaseSeconds: 60, delivered: 15n, from: 40n }),
+      ])
+      try {
+        const swept = Reservations.sweep(sql)
+        // Done, or waiting on the reservation the renewal holds.
+        await Promise.race([swept, Ledger.waitingOnLock(sql, 'tollway_ledger_batch')])
+        await renewal.free(0)
+        expect(await swept).toBe(0)
+      } finally {
+        await renewal.end()
+      }
+      const [r] = await sql`
+        select delivered, expires_at > now() as live from reservations where id = ${id}`
+      expect(r).toEqual({ delivered: 15n, live: true })
+      expect(await invariants(a.id)).toMatchObject({ balance: 100n, reserved: 40n, open: 1 })
+      expect(await sql`select 1 from usage where id = ${id}`).toHaveLength(0)
+      // Another request takes what is free; the renewed one's charge is still whole (had its
+      // hold been released, its late charge would find nothing free: 5 charged of 40).
+      expect(await admit(a.keyHash, 100n, 1n)).toMatchObject({ status: 'ok', held: 60n })
+      const late = Reservations.reservation(sql, { id, held: 40n, leaseSeconds: 60 })
+      expect((await late.settle({ ...lateOutcome, cost: 40n })).charged).toBe(40n)
+      expect(await invariants(a.id)).toMatchObject({ balance: 60n, reserved: 60n, open: 1 })
+    },
+  )
+
+  test.skipIf(!process.env.DATABASE_URL)(
+    'behavior: the sweep leaves a reservation whose lease its instance renewed after the sweep read it expired',
+    async () => {
+      const a = await account(100n)
+      const id = requestOf(await admit(a.keyHash, 40n))
+      await sql`update reservations set expires_at = now() - interval '1 second' where id = ${id}`
+      // The table held against writers (reads go on): the sweep reads the lease run out, then
+      // waits to change anything; meanwhile the instance renews it, committed before the
+      // sweep goes on.
+      const renewal = await Ledger.locked(sql, [
+        async (tx) => {
+          await tx`lock table reservations in exclusive mode`
+          await Reservations.extend(tx, {
+            id,
+            amount: 0n,
+            leaseSeconds: 60,
+            delivered: 15n,
+            from: 40n,
+          })
+        },
+      ])
+      try {
+        const swept = Reservations.sweep(sql)
+        await Promise.race([swept, Ledger.waitingOnLock(sql)])
+        await renewal.free(0)
+        expect(await swept).toBe(0)
+      } finally {
+        await renewal.end()
+      }
+      const [r] = await sql`
+        select delivered, expires_at > now() as live from reservations where id = ${id}`
+      expect(r).toEqual({ delivered: 15n, live: true })
+      expect(await invariants(a.id)).toMatchObject({ balance: 100n, reserved: 40n, open: 1 })
+      expect(await sql`select 1 from usage where id = ${id}`).toHaveLength(0)
+    },
+  )
+
   test('behavior: a request whose reservation a sweep released first charges the rest and counts its tokens in its plan (month and wallet), as a charge in time does', async () => {
     // Swept after recording 10 (the rest is 20 more), after recording all 30 (nothing more to
     // charge), and not swept; then swept after recording 10 as the cost of 3 prompt and 2
