@@ -161,7 +161,6 @@ type Answer =
   | ['finished', string, string]
   | ['unauthorized']
   | ['tier', string, string]
-  | ['prompt_over_quota', string, string, number]
   | [
       'idempotency_mismatch' | 'idempotency_in_progress' | 'idempotency_completed',
       string,
@@ -176,6 +175,9 @@ type Answer =
       number | null,
       number | null,
     ]
+  // A prompt over the plan's whole monthly quota: a quota refusal to instances that know no
+  // more (see the function's notes on rolling deploys), marked by its trailing true.
+  | ['quota', string, string, number, null, null, number, true]
   | ['insufficient', string, string, string, number | null, number | null]
 
 /** An item's answer from its entry in tollway_ledger_batch's answer. */
@@ -199,8 +201,6 @@ function answer(x: Answer): Admitted | Refused | Finished {
       return { status: 'unauthorized' }
     case 'tier':
       return { status: 'tier', accountId: x[1] }
-    case 'prompt_over_quota':
-      return { status: 'prompt_over_quota', tokensPerMonth: x[3] }
     case 'insufficient':
       return {
         status: 'insufficient',
@@ -212,6 +212,7 @@ function answer(x: Answer): Admitted | Refused | Finished {
     case 'rate':
     case 'quota':
     case 'wallet':
+      if (x[7] === true) return { status: 'prompt_over_quota', tokensPerMonth: x[6] }
       return { status: x[0], retryAfterMs: x[3], rateLimit: x[4], rateRemaining: x[5] }
     default:
       return { status: x[0], otherRequest: x[3] }

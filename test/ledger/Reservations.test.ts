@@ -124,6 +124,53 @@ describe('admit', () => {
     ])
     expect(done).toMatchObject({ status: 'finished', charged: big - cost - 2n, balance: 2n })
   })
+
+  test("behavior: a prompt over the plan's whole monthly quota is refused as such, and an instance of the release before (a rolling deploy) reads the answer as the quota refusal it knows", async () => {
+    // The plan `small`: 200 tokens a month.
+    const a = await account(1_000n, 'small')
+    const admission = { ...Ledger.item(a.keyHash), promptTokens: 201 }
+    expect(
+      await Reservations.admit(sql, {
+        ...admission,
+        keyHash: a.keyHash,
+        want: 1n,
+        need: 1n,
+        requestId: crypto.randomUUID(),
+      }),
+    ).toEqual({ status: 'prompt_over_quota', tokensPerMonth: 200 })
+    // The function's answer as an instance of version 6's release reads it: each entry by its
+    // status, fields by position. A status it does not know had its route answer a 500.
+    const positional = [
+      'admit',
+      admission.keyHash,
+      admission.model,
+      admission.stream,
+      admission.minTier,
+      admission.promptTokens,
+      admission.want,
+      admission.need,
+      null,
+      null,
+      admission.requestId,
+      admission.leaseSeconds,
+    ]
+    const [r] =
+      await sql`select tollway_ledger_batch(${sql.json([positional] as never)}) as answers`
+    const [entry] = JSON.parse(r!.answers as string) as unknown[][]
+    const nullOrNumber = (x: unknown) => x === null || typeof x === 'number'
+    expect(entry![0]).toBe('quota')
+    expect(entry!.slice(1, 3)).toEqual([a.id, expect.any(String)])
+    // Its wait: the month's end (as version 6's refusal said), a month at most.
+    expect(Number.isSafeInteger(entry![3])).toBe(true)
+    expect(entry![3] as number).toBeGreaterThan(0)
+    expect(entry![3] as number).toBeLessThanOrEqual(31 * 86_400_000)
+    expect(nullOrNumber(entry![4]) && nullOrNumber(entry![5])).toBe(true)
+    // Nothing held or counted.
+    expect(await invariants(a.id)).toMatchObject({ reserved: 0n })
+    const [row] =
+      await sql`select month_tokens, active_requests, rate_tat from accounts where id = ${a.id}`
+    expect(row).toMatchObject({ month_tokens: 0n, active_requests: 0, rate_tat: null })
+  })
 })
 
 describe('extend and finish', () => {

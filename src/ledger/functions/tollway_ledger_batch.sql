@@ -1,4 +1,4 @@
--- version: 7
+-- version: 8
 -- tollway_ledger_batch: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
 -- this file after the migrations when its version (the first line) is above the one applied, so
@@ -28,9 +28,18 @@
 --   ["finished", charged, balance]
 --   ["unauthorized"]
 --   ["tier", account, key]
---   ["prompt_over_quota", account, key, tokens_per_month]
 --   ["idempotency_mismatch" | "idempotency_in_progress" | "idempotency_completed", account, key, other_request]
 --   ["concurrency" | "rate" | "quota" | "wallet", account, key, retry_after_ms, rate_limit, rate_remaining]
+--   ["quota", account, key, retry_after_ms, null, null, tokens_per_month, true]: a prompt with
+--     more tokens than the plan's whole monthly quota (the gateway's 400, not a wait).
+-- An instance of the release before, still taking load during a rolling deploy, calls this
+-- function as it is (same name, same answer type) and reads each entry by its status and
+-- positions: a new refusal is a new shape of a status it knows, its fields past those it
+-- reads. Version 7 answered a prompt over the whole quota ["prompt_over_quota", ...], a status
+-- the instances of version 6 did not know: their route made no error of it (undefined) and
+-- threw that, which no handler renders, so the server answered a 500. As a quota refusal (the
+-- 429 with the month's end that version 6 gave), its trailing true marks it for the instances
+-- that know it.
 --   ["insufficient", account, key, available, rate_limit, rate_remaining]
 CREATE OR REPLACE FUNCTION tollway_ledger_batch(p_items jsonb) RETURNS text LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -183,9 +192,12 @@ BEGIN
     END IF;
     -- A prompt that alone is more than the plan's whole month: no reset lets it in, so it is
     -- not told to wait for one (version 7; before, a 429 with the month's end as its wait).
+    -- Answered as a quota refusal with the month's end as its wait (no rate state: it comes
+    -- before the rate is checked), marked by its trailing true (version 8, see the top).
     IF a.tokens_per_month IS NOT NULL AND e.prompt_tokens > a.tokens_per_month THEN
-      answers[e.n + 1] := '["prompt_over_quota","' || cur || '","' || e.kid || '",'
-        || a.tokens_per_month || ']';
+      answers[e.n + 1] := '["quota","' || cur || '","' || e.kid || '",'
+        || ceil(extract(epoch FROM ((this_month + interval '1 month') AT TIME ZONE 'UTC' - ts)) * 1000)::bigint
+        || ',null,null,' || a.tokens_per_month || ',true]';
       CONTINUE;
     END IF;
     IF e.ikey IS NOT NULL THEN
