@@ -63,6 +63,9 @@ export type Refused =
       retryAfterMs: number
       rateLimit: number | null
       rateRemaining: number | null
+      /** The plan's monthly token quota (null: none): a prompt over it whole is refused
+       * first, as `prompt_over_quota` (see routes/Chat.ts, limitedUntil). */
+      tokensPerMonth: number | null
     }
   | {
       status: 'insufficient'
@@ -174,6 +177,7 @@ type Answer =
       number,
       number | null,
       number | null,
+      number | null,
     ]
   // A prompt over the plan's whole monthly quota: a quota refusal to instances that know no
   // more (see the function's notes on rolling deploys), marked by its trailing true.
@@ -213,7 +217,13 @@ function answer(x: Answer): Admitted | Refused | Finished {
     case 'quota':
     case 'wallet':
       if (x[7] === true) return { status: 'prompt_over_quota', tokensPerMonth: x[6] }
-      return { status: x[0], retryAfterMs: x[3], rateLimit: x[4], rateRemaining: x[5] }
+      return {
+        status: x[0],
+        retryAfterMs: x[3],
+        rateLimit: x[4],
+        rateRemaining: x[5],
+        tokensPerMonth: x[6],
+      }
     default:
       return { status: x[0], otherRequest: x[3] }
   }

@@ -471,6 +471,46 @@ describe('plans', () => {
     expect(Number(res.headers.get('retry-after'))).toBeGreaterThan(0)
   })
 
+  test("error: a key refused for its monthly quota that then sends a long prompt over the plan's whole quota gets the 400 prompt_exceeds_monthly_quota, not the remembered 429; a long one within the quota is still refused at once", async () => {
+    // The plan `small`: 200 tokens a month, less than the test models' context (4,096).
+    const { id, key } = await a.account({ plan: 'small' })
+    await a.sql`update accounts set month_tokens = 150, month_start = date_trunc('month', now() at time zone 'UTC')::date where id = ${id}`
+    const calls = a.upstream.received.length
+    // A long prompt (over 512 characters) that fits the quota but not what is left of it: the
+    // key is remembered as refused for its quota.
+    const fits = [{ role: 'user', content: Array(100).fill('hello').join(' ') }]
+    const first = await post(a, key, { messages: fits })
+    expect(first.status).toBe(429)
+    expect(((await first.json()) as ErrorBody).error.code).toBe('monthly_token_quota_exceeded')
+    // Over the whole quota: no wait lets it in, as the ledger says.
+    const big = [{ role: 'user', content: Array(300).fill('hello').join(' ') }]
+    const over = await post(a, key, { messages: big })
+    expect(over.status).toBe(400)
+    expect(over.headers.get('retry-after')).toBeNull()
+    expect(over.headers.get('x-should-retry')).toBe('false')
+    const body = (await over.json()) as ErrorBody & { error: { details: unknown } }
+    expect(body.error).toMatchObject({
+      type: 'invalid_request_error',
+      code: 'prompt_exceeds_monthly_quota',
+      details: { tokens_per_month: 200 },
+    })
+    // A new long prompt within the quota (167 tokens): refused again at once, with the wait
+    // the ledger gave, counted no further than the quota. (Not asked of the ledger: with the
+    // month's tokens taken back, the ledger would admit it.)
+    await a.sql`update accounts set month_tokens = 0 where id = ${id}`
+    const before = Tokenizer.counted.tokenized
+    const within = [{ role: 'user', content: Array(160).fill('hey').join(' ') }]
+    const again = await post(a, key, { messages: within })
+    expect(again.status).toBe(429)
+    expect(((await again.json()) as ErrorBody).error.code).toBe('monthly_token_quota_exceeded')
+    expect(Number(again.headers.get('retry-after-ms'))).toBeGreaterThan(3_600_000)
+    expect(Tokenizer.counted.tokenized - before).toBeLessThanOrEqual(within[0]!.content.length)
+    expect(a.upstream.received.length).toBe(calls)
+    await Batch.settled(a.sql)
+    const [row] = await a.sql`select month_tokens, reserved from accounts where id = ${id}`
+    expect(row).toMatchObject({ month_tokens: 0n, reserved: 0n })
+  })
+
   test('behavior: a long body of a key refused for its monthly quota or its token wallet is refused again at once with the wait the ledger gave, not a minute', async () => {
     const long = [{ role: 'user', content: '漢字'.repeat(2_000) }]
     for (const plan of ['free', 'wallet'] as const) {

@@ -491,11 +491,40 @@ export function routes(deps: Deps) {
    * decides: a plan changed meanwhile takes effect at once for them.) `until` is how long the
    * refusal is remembered (a minute at most); `waitEnds` is when the ledger's wait ends, which
    * the repeated refusal's Retry-After states: a quota's or a wallet's is hours or days, and
-   * a minute would send the client back to be refused again.
+   * a minute would send the client back to be refused again. A prompt over the plan's whole
+   * monthly quota is not refused so (see `overQuota`): the ledger refuses it before its rate,
+   * quota or wallet, with a 400 no wait changes.
    */
   const limitedUntil = new Lru<string, { until: number; waitEnds: number; refused: Limited }>(
     KNOWN_KEYS,
   )
+  /**
+   * Whether the long body of a key `limitedUntil` holds may be a prompt over its plan's whole
+   * monthly quota (`tokensPerMonth`, null: none), which the ledger answers with the 400
+   * prompt_exceeds_monthly_quota rather than the remembered 429. Only where some model's
+   * context holds more than the quota (a prompt over the context is refused before the
+   * ledger) is the body read: its prompt over the quota whatever its count, or counted no
+   * further than the quota (less than the model's context: a refusal repeated so costs at most
+   * that), and `payer`'s counts remembered as for its admissions. Such a prompt goes on to be
+   * counted and to the ledger, as any key's prompt over the quota does.
+   */
+  const overQuota = async (
+    c: Context,
+    body: Incoming,
+    tokensPerMonth: number | null,
+    payer: string,
+  ): Promise<boolean> => {
+    // A prompt reaching the ledger leaves at least a token of its model's context.
+    const fits = (m: Model) => m.contextLength <= tokensPerMonth! + 1
+    if (tokensPerMonth === null || c.req.method !== 'POST' || deps.router.models().every(fits))
+      return false
+    const { req, model } = requested(deps, await body.read())
+    if (fits(model)) return false
+    const media = Chat.mediaParts(req) * deps.config.metering.mediaPartTokens
+    const texts = Chat.promptTexts(req).map((content) => ({ content }))
+    if (Tokenizer.leastPrompt(texts) + media > tokensPerMonth) return true
+    return Tokenizer.prompt(texts, tokensPerMonth - media, payer) + media > tokensPerMonth
+  }
   /**
    * Payers this process saw refused for want of funds, until one is admitted: keys (by their
    * hash, as `known`) short of credits, and channels (by their id) short of authorized balance.
@@ -895,12 +924,13 @@ export function routes(deps: Deps) {
       const limited = knownAs === undefined ? undefined : limitedUntil.get(knownAs)
       if (limited) {
         const now = performance.now()
-        if (limited.until > now)
-          throw limitRefusal({
+        if (limited.until > now) {
+          const again = limitRefusal({
             ...limited.refused,
             retryAfterMs: Math.ceil(limited.waitEnds - now),
           })
-        limitedUntil.delete(knownAs!)
+          if (!(await overQuota(c, body, limited.refused.tokensPerMonth, raw!))) throw again
+        } else limitedUntil.delete(knownAs!)
       }
     }
     // A short body is read at once: a refusal before its credential is looked up may price

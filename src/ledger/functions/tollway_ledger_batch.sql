@@ -1,4 +1,4 @@
--- version: 8
+-- version: 9
 -- tollway_ledger_batch: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
 -- this file after the migrations when its version (the first line) is above the one applied, so
@@ -29,7 +29,8 @@
 --   ["unauthorized"]
 --   ["tier", account, key]
 --   ["idempotency_mismatch" | "idempotency_in_progress" | "idempotency_completed", account, key, other_request]
---   ["concurrency" | "rate" | "quota" | "wallet", account, key, retry_after_ms, rate_limit, rate_remaining]
+--   ["concurrency" | "rate" | "quota" | "wallet", account, key, retry_after_ms, rate_limit, rate_remaining,
+--     tokens_per_month]
 --   ["quota", account, key, retry_after_ms, null, null, tokens_per_month, true]: a prompt with
 --     more tokens than the plan's whole monthly quota (the gateway's 400, not a wait).
 -- An instance of the release before, still taking load during a rolling deploy, calls this
@@ -39,7 +40,10 @@
 -- the instances of version 6 did not know: their route made no error of it (undefined) and
 -- threw that, which no handler renders, so the server answered a 500. As a quota refusal (the
 -- 429 with the month's end that version 6 gave), its trailing true marks it for the instances
--- that know it.
+-- that know it. A limit refusal's tokens_per_month (null: no quota; version 9) is for the
+-- gateway's memory of refused keys (routes/Chat.ts, limitedUntil): a long prompt of such a key
+-- is refused again without the ledger unless it may be over the whole quota, which the ledger
+-- answers first.
 --   ["insufficient", account, key, available, rate_limit, rate_remaining]
 CREATE OR REPLACE FUNCTION tollway_ledger_batch(p_items jsonb) RETURNS text LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -211,7 +215,8 @@ BEGIN
       END IF;
     END IF;
     IF a.max_concurrent IS NOT NULL AND act >= a.max_concurrent THEN
-      answers[e.n + 1] := '["concurrency","' || cur || '","' || e.kid || '",1000,' || a.max_concurrent || ',0]';
+      answers[e.n + 1] := '["concurrency","' || cur || '","' || e.kid || '",1000,' || a.max_concurrent || ',0,'
+        || coalesce(a.tokens_per_month::text, 'null') || ']';
       CONTINUE;
     END IF;
     new_tat := NULL; remaining := NULL;
@@ -229,7 +234,7 @@ BEGIN
       IF new_tat - ts > span THEN
         answers[e.n + 1] := '["rate","' || cur || '","' || e.kid || '",'
           || ceil(extract(epoch FROM (new_tat - span - ts)) * 1000)::bigint
-          || ',' || a.requests_per_minute || ',0]';
+          || ',' || a.requests_per_minute || ',0,' || coalesce(a.tokens_per_month::text, 'null') || ']';
         CONTINUE;
       END IF;
       remaining := floor(extract(epoch FROM (span - (new_tat - ts))) / extract(epoch FROM period))::int;
@@ -241,7 +246,8 @@ BEGIN
     IF a.tokens_per_month IS NOT NULL AND month_used + e.prompt_tokens > a.tokens_per_month THEN
       answers[e.n + 1] := '["quota","' || cur || '","' || e.kid || '",'
         || ceil(extract(epoch FROM ((this_month + interval '1 month') AT TIME ZONE 'UTC' - ts)) * 1000)::bigint
-        || ',' || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce((remaining + 1)::text, 'null') || ']';
+        || ',' || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce((remaining + 1)::text, 'null')
+        || ',' || a.tokens_per_month || ']';
       CONTINUE;
     END IF;
     IF a.wallet_floor IS NOT NULL THEN
@@ -250,7 +256,8 @@ BEGIN
       IF wallet < a.wallet_floor THEN
         answers[e.n + 1] := '["wallet","' || cur || '","' || e.kid || '",'
           || ceil((a.wallet_floor - wallet) / a.wallet_refill_per_day * 86400000.0)::bigint
-          || ',' || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce((remaining + 1)::text, 'null') || ']';
+          || ',' || coalesce(a.requests_per_minute::text, 'null') || ',' || coalesce((remaining + 1)::text, 'null')
+          || ',' || coalesce(a.tokens_per_month::text, 'null') || ']';
         CONTINUE;
       END IF;
     END IF;
