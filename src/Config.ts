@@ -237,6 +237,18 @@ export const Schema = z
      * otherwise hold every request until TCP gives up.
      */
     databaseTimeoutMs: z.number().int().positive().default(10_000),
+    /**
+     * How long a completed request's Idempotency-Key is remembered, from its admission: a
+     * request sent with it within the window is refused as a repeat (409, never run or charged
+     * again); after it, the key is forgotten (ledger/IdempotencyKeys.ts) and the request is a
+     * new one. 0: kept for ever (the tables grow by a row a keyed request). Stripe's: 24 h.
+     */
+    idempotencyWindowSeconds: z
+      .number()
+      .int()
+      .min(0)
+      .max(INT_MAX)
+      .default(24 * 3600),
     /** The largest request body read before its credential is checked. */
     maxBodyBytes: z
       .number()
@@ -408,6 +420,11 @@ const Port = z.preprocess(
   (v) => (typeof v === 'string' && v.trim() === '' ? Number.NaN : v),
   z.coerce.number().int().min(0).max(65535),
 )
+// Blank is no number: coerced, it was 0, which for the Idempotency-Key window means for ever.
+const Count = z.preprocess(
+  (v) => (typeof v === 'string' && v.trim() === '' ? Number.NaN : v),
+  z.coerce.number(),
+)
 const env = {
   PORT: ['port', Port],
   DEV_CHAIN_PORT: ['devChainPort', Port],
@@ -417,6 +434,7 @@ const env = {
   ADMIN_TOKEN: ['adminToken', z.string()],
   LOG_LEVEL: ['logLevel', z.string()],
   DATABASE_TIMEOUT_MS: ['databaseTimeoutMs', z.coerce.number()],
+  IDEMPOTENCY_WINDOW_SECONDS: ['idempotencyWindowSeconds', Count],
   MAX_BODY_BYTES: ['maxBodyBytes', z.coerce.number()],
   MAX_COMPLETION_BODY_BYTES: ['maxCompletionBodyBytes', z.coerce.number()],
   TOLLWAY_WORKERS: ['workers', z.coerce.number()],

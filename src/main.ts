@@ -26,6 +26,7 @@ import * as Channels from './ledger/Channels.ts'
 import * as Credits from './ledger/Credits.ts'
 import * as Db from './ledger/Db.ts'
 import * as Embedded from './ledger/Embedded.ts'
+import * as IdempotencyKeys from './ledger/IdempotencyKeys.ts'
 import * as Instances from './ledger/Instances.ts'
 import * as ReceiptKeys from './ledger/ReceiptKeys.ts'
 import * as Reservations from './ledger/Reservations.ts'
@@ -462,15 +463,38 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         releasing = false
       }
     }
+    // Completed Idempotency-Keys older than the window are forgotten (IdempotencyKeys.ts), with
+    // each sweep, a chunk a transaction, each chunk within the database deadline. A turn of its
+    // own, apart from the release's: a long backlog (the first prune of a database that kept
+    // every key) must not hold up the release of dead requests' reservations. Among instances
+    // sharing the database, one prunes at a time (an advisory lock, not waited for).
+    let pruning = false
+    const pruneOnce = async () => {
+      if (pruning || stopped || config.idempotencyWindowSeconds === 0) return
+      pruning = true
+      try {
+        const pruned = await IdempotencyKeys.prune(sql, config.idempotencyWindowSeconds, {
+          call: within,
+          stopped: () => stopped,
+        })
+        if (pruned > 0)
+          log.debug({ pruned }, 'forgot completed Idempotency-Keys older than the window')
+      } catch (e) {
+        log.warn({ err: (e as Error).message }, 'forgetting old Idempotency-Keys failed')
+      } finally {
+        pruning = false
+      }
+    }
     // The sweeps under way: a stop lets the call each has under way finish (SWEEP_STOP_MS at
     // most: a database that does not answer must not hold the stop), and none makes another
     // (the rest is another instance's next sweep). The pool ended under them failed their next
     // call ("sweep failed").
     const sweeping = new Set<Promise<void>>()
     const sweep = setInterval(() => {
-      const under = sweepOnce()
-      sweeping.add(under)
-      void under.finally(() => sweeping.delete(under))
+      for (const under of [sweepOnce(), pruneOnce()]) {
+        sweeping.add(under)
+        void under.finally(() => sweeping.delete(under))
+      }
     }, options.sweepMs ?? 30_000)
     stops.push(async () => {
       stopped = true

@@ -240,6 +240,26 @@ describe('load', () => {
     expect(Config.load({ TOLLWAY_WORKERS: '4', DATABASE_URL: 'postgres://x/y' }).workers).toBe(4)
   })
 
+  test('behavior: completed Idempotency-Keys are kept 24 hours unless IDEMPOTENCY_WINDOW_SECONDS or the file says otherwise (0: for ever)', () => {
+    expect(Config.load({}).idempotencyWindowSeconds).toBe(86_400)
+    expect(Config.load({ IDEMPOTENCY_WINDOW_SECONDS: '3600' }).idempotencyWindowSeconds).toBe(3600)
+    expect(Config.load({ IDEMPOTENCY_WINDOW_SECONDS: '0' }).idempotencyWindowSeconds).toBe(0)
+    const path = file(JSON.stringify({ idempotencyWindowSeconds: 600 }))
+    expect(Config.load({ TOLLWAY_CONFIG: path }).idempotencyWindowSeconds).toBe(600)
+  })
+
+  test('error: a bad Idempotency-Key window names the field', () => {
+    // Blank too: coerced, it was 0, which keeps keys for ever.
+    for (const bad of ['-1', '1.5', 'a day', ' ', '1e12'])
+      expect(() => Config.load({ IDEMPOTENCY_WINDOW_SECONDS: bad })).toThrow(
+        /IDEMPOTENCY_WINDOW_SECONDS/,
+      )
+    for (const bad of [-1, 0.5, '86400', null, 2 ** 31])
+      expect(() =>
+        Config.load({ TOLLWAY_CONFIG: file(JSON.stringify({ idempotencyWindowSeconds: bad })) }),
+      ).toThrow(/idempotencyWindowSeconds/)
+  })
+
   test('property: any JSON file either loads or fails with a ConfigError', () => {
     fc.assert(
       fc.property(fc.jsonValue(), (value) => {
@@ -275,6 +295,7 @@ describe('load', () => {
       'ADMIN_TOKEN',
       'LOG_LEVEL',
       'DATABASE_TIMEOUT_MS',
+      'IDEMPOTENCY_WINDOW_SECONDS',
       'MAX_BODY_BYTES',
       'MAX_COMPLETION_BODY_BYTES',
       'TOLLWAY_WORKERS',
