@@ -444,10 +444,22 @@ const closingEvents = abi.filter(
       item.name === 'Settled'),
 )
 
+/** The shape of each closing event's logs: its selector and a topic per indexed input, and a
+ * word of data per other input (all of them static). */
+const closingShapes = new Map(
+  closingEvents.map((e) => {
+    const indexed = e.inputs.filter((i) => 'indexed' in i && i.indexed).length
+    return [e.name, { topics: 1 + indexed, data: 2 + 64 * (e.inputs.length - indexed) }]
+  }),
+)
+
 /**
  * The channels with a `CloseRequested`, `CloseRequestCancelled`, `Withdrawn`, `ChannelClosed`
  * or `Settled` event in the
- * blocks from `fromBlock` to `toBlock` (inclusive), in chain order, each once.
+ * blocks from `fromBlock` to `toBlock` (inclusive), in chain order, each once. The node's
+ * answer is outside input: a log that is not one the escrow emits (another contract's, one
+ * with topics or data that do not decode as the event's, or more of them than it has) gives no
+ * channel; an answer that is not a list of logs throws.
  */
 export async function closings(
   client: Client,
@@ -460,7 +472,18 @@ export async function closings(
     toBlock: parameters.toBlock,
     strict: true,
   })
-  return [...new Set(logs.map((log) => (log.args as { channelId: Hex }).channelId))]
+  const escrow = parameters.escrow.toLowerCase()
+  const ids = logs
+    .filter(
+      (log) =>
+        typeof log.address === 'string' &&
+        log.address.toLowerCase() === escrow &&
+        log.topics.length === closingShapes.get(log.eventName)?.topics &&
+        typeof log.data === 'string' &&
+        log.data.length === closingShapes.get(log.eventName)?.data,
+    )
+    .map((log) => (log.args as { channelId: Hex }).channelId.toLowerCase() as Hex)
+  return [...new Set(ids)]
 }
 
 /** The escrow events in a receipt, decoded. */
