@@ -29,6 +29,7 @@ import {
   type Address,
   BaseError,
   type Hex,
+  ResponseBodyTooLargeError,
   RpcRequestError,
   TransactionNotFoundError,
   TransactionReceiptNotFoundError,
@@ -472,10 +473,17 @@ export function start(options: Options): Worker {
         })
       } catch (error) {
         // The node answered with an error: many refuse a range over so many blocks or logs.
-        // Smaller ranges from here on; no answer at all waits for the next pass.
-        if (range > 1n && answered(error)) {
+        // Or its answer, the logs of a busy range, is over what the client reads (10 MB):
+        // read again, it would be so every pass, the cursor held there for good. Smaller
+        // ranges from here on; no answer at all waits for the next pass.
+        if (range > 1n && (answered(error) || tooLarge(error))) {
           range /= 2n
-          log.warn({ blocks: Number(range) }, 'the node refused an eth_getLogs range: halved')
+          log.warn(
+            { blocks: Number(range) },
+            answered(error)
+              ? 'the node refused an eth_getLogs range: halved'
+              : 'the eth_getLogs answer was too large: range halved',
+          )
           continue
         }
         throw error
@@ -1125,6 +1133,13 @@ const reorgDepth = 64n
 /** Whether the node answered the call with a JSON-RPC error (it did not just fail to answer). */
 function answered(error: unknown): boolean {
   return error instanceof BaseError && error.walk((e) => e instanceof RpcRequestError) !== null
+}
+
+/** Whether the node's answer was over the size the client reads (`ResponseBodyTooLargeError`). */
+function tooLarge(error: unknown): boolean {
+  return (
+    error instanceof BaseError && error.walk((e) => e instanceof ResponseBodyTooLargeError) !== null
+  )
 }
 
 /** Milliseconds before retry number `attempts` + 1. */

@@ -1284,6 +1284,42 @@ describe('catch-up (a payer acting while no worker watched)', () => {
     }
   })
 
+  test('behavior: a node whose eth_getLogs answer for a wide range is over the size the client reads gets smaller ranges, and every event is still read', async () => {
+    // A busy escrow: over 4 blocks, its logs pass the 10 MB viem reads of an answer.
+    let refused = 0
+    const front = rpcFront(
+      () => undefined,
+      (call) => {
+        if (call.method !== 'eth_getLogs') return undefined
+        const [filter] = call.params as [{ fromBlock: Hex; toBlock: Hex }]
+        if (BigInt(filter.toBlock) - BigInt(filter.fromBlock) + 1n <= 4n) return undefined
+        refused++
+        return { result: ['0'.repeat(11 * 1024 * 1024)] }
+      },
+    )
+    try {
+      const channelId = await openChannel()
+      await accept(channelId, 100n)
+      await spend(channelId, 100n)
+      const entries: Entry[] = []
+      const w = worker({ client: front.client, log: logger(entries) })
+      expect(mine(await ticked(w), channelId)).toEqual([])
+      for (let i = 0; i < 10; i++) await chain.increaseTime(1)
+      await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+      for (let i = 0; i < 10; i++) await chain.increaseTime(1)
+
+      const before = await head()
+      expect(mine(await ticked(w), channelId)).toMatchObject([
+        { status: 'confirmed', cumulativeAmount: 100n },
+      ])
+      expect(refused).toBeGreaterThan(0)
+      expect(entries.some((e) => e.msg.includes('answer was too large'))).toBe(true)
+      expect(await cursor()).toBe(before)
+    } finally {
+      front.server.stop(true)
+    }
+  })
+
   test('behavior: with no cursor, or one past the head (a chain started afresh), every open channel is read from the escrow', async () => {
     const channelId = await openChannel()
     await accept(channelId, 100n)
