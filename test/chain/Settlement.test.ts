@@ -1,6 +1,14 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
-import { encodeFunctionData, type Hex, keccak256, toHex } from 'viem'
+import {
+  type AbiEvent,
+  encodeAbiParameters,
+  encodeEventTopics,
+  encodeFunctionData,
+  type Hex,
+  keccak256,
+  toHex,
+} from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import { getTransactionCount, prepareTransactionRequest, signTransaction } from 'viem/actions'
 import * as Client from '../../src/chain/Client.ts'
@@ -1319,6 +1327,84 @@ describe('catch-up (a payer acting while no worker watched)', () => {
       front.server.stop(true)
     }
   })
+
+  test('property: closing logs of an open channel forged by the node, and garbled ones, neither settle, close nor mark it, nor fail the pass', async () => {
+    const channelId = await openChannel()
+    await accept(channelId, 100n)
+    await spend(channelId, 40n)
+    const events = Escrow.abi.filter(
+      (item) =>
+        item.type === 'event' &&
+        [
+          'CloseRequested',
+          'CloseRequestCancelled',
+          'Withdrawn',
+          'ChannelClosed',
+          'Settled',
+        ].includes(item.name),
+    ) as AbiEvent[]
+    const word = fc.bigInt({ min: 0n, max: 2n ** 64n - 1n })
+    const forged = fc.tuple(fc.constantFrom(...events), word, fc.nat(2)).map(([event, v, how]) => {
+      const topics = encodeEventTopics({
+        abi: [event],
+        eventName: event.name,
+        args: { channelId, payer: payer().account.address, payee: chain.payee.address },
+      } as never) as Hex[]
+      const unindexed = event.inputs.filter((i) => !i.indexed)
+      const data = encodeAbiParameters(
+        unindexed,
+        unindexed.map(() => v),
+      )
+      // As the escrow would emit it; with a topic too many; with its data cut.
+      return {
+        address: chain.escrowAddress.toLowerCase(),
+        topics: how === 1 ? [...topics, topics[1]] : topics,
+        data: how === 2 ? data.slice(0, -2) : data,
+        blockNumber: '0x1',
+        blockHash: `0x${'11'.repeat(32)}`,
+        transactionHash: `0x${'22'.repeat(32)}`,
+        transactionIndex: '0x0',
+        logIndex: '0x0',
+        removed: false,
+      } as unknown
+    })
+    const answer = fc.oneof(
+      fc.array(forged, { minLength: 1, maxLength: 6 }),
+      fc.array(fc.oneof(forged, fc.jsonValue({ maxDepth: 2 })), { minLength: 1, maxLength: 6 }),
+      fc.jsonValue({ maxDepth: 2 }),
+    )
+    let logs: unknown = []
+    const front = rpcFront(
+      () => undefined,
+      (call) => (call.method === 'eth_getLogs' ? { result: logs } : undefined),
+    )
+    try {
+      const w = worker({ client: front.client })
+      await fc.assert(
+        fc.asyncProperty(answer, async (a) => {
+          logs = a
+          // Read from a cursor behind the head: the forged logs are in the range.
+          await Settlements.advance(sql, {
+            chainId: chain.chainId,
+            escrow: chain.escrowAddress,
+            block: 0n,
+          })
+          expect(mine(await ticked(w), channelId)).toEqual([])
+          expect(await inDb(channelId)).toMatchObject({
+            closeRequestedAt: null,
+            finalized: false,
+            settled: 0n,
+            spent: 40n,
+          })
+          expect(await recorded(channelId)).toEqual([])
+        }),
+        { numRuns: 25, seed: 20261125 },
+      )
+      expect((await onChain(channelId)).settled).toBe(0n)
+    } finally {
+      front.server.stop(true)
+    }
+  }, 60_000)
 
   test('behavior: with no cursor, or one past the head (a chain started afresh), every open channel is read from the escrow', async () => {
     const channelId = await openChannel()
