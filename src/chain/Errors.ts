@@ -153,3 +153,18 @@ export class ChannelStateError extends ChainError {
     this.reason = reason
   }
 }
+
+/**
+ * The token's EIP-712 domain (ERC-5267 `eip712Domain()`) could not be read, or is not the
+ * token's on this chain: another chain id or verifying contract, with which EIP-3009
+ * authorizations would be signatures the token rejects. The message names the token and the
+ * problem (no RPC URL, no viem dump); the node's error is the `cause`.
+ */
+export class TokenDomainError extends ChainError {
+  override name = 'TokenDomainError'
+  readonly token: Hex
+  constructor(token: Hex, problem: string, options: ChainErrorOptions = {}) {
+    super(`The EIP-712 domain of token ${token} ${problem}.`, options)
+    this.token = token
+  }
+}

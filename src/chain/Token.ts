@@ -2,9 +2,18 @@
  * The payment token: ERC-20 reads and approvals, TestUSD's deployer-only mint, and EIP-3009
  * `ReceiveWithAuthorization` signing (what a payer signs for `openWithAuthorization`).
  */
-import { type Address, erc20Abi, type Hex, type LocalAccount } from 'viem'
+import {
+  type Address,
+  BaseError,
+  erc20Abi,
+  type Hex,
+  isAddressEqual,
+  type LocalAccount,
+} from 'viem'
 import { readContract } from 'viem/actions'
+import { withoutUrls } from '../Errors.ts'
 import type { Client } from './Client.ts'
+import { TokenDomainError } from './Errors.ts'
 import { abi as testUsdAbi } from './generated/TestUSD.ts'
 import * as Transaction from './Transaction.ts'
 
@@ -60,14 +69,39 @@ export function mint(
   })
 }
 
-/** The token's EIP-712 domain as it reports it (ERC-5267 `eip712Domain()`). */
-export async function domain(client: Client, parameters: { token: Address }) {
+/**
+ * The token's EIP-712 domain as it reports it (ERC-5267 `eip712Domain()`), which must be the
+ * token's on the client's chain: signed with another chain id or verifying contract, an EIP-3009
+ * authorization is one the token rejects. The node's answer is outside input: one that cannot
+ * be read, or a domain of another chain or contract, throws a TokenDomainError naming it.
+ */
+export async function domain(client: Client, parameters: { token: Address }): Promise<TokenDomain> {
+  const { token } = parameters
   const [, name, version, chainId, verifyingContract] = await readContract(client, {
-    address: parameters.token,
+    address: token,
     abi: testUsdAbi,
     functionName: 'eip712Domain',
+  }).catch((error: unknown) => {
+    const said =
+      error instanceof BaseError
+        ? error.shortMessage
+        : error instanceof Error
+          ? error.message
+          : String(error)
+    throw new TokenDomainError(
+      token,
+      `could not be read (eip712Domain(), ERC-5267): ${withoutUrls(said.split('\n')[0] ?? '').slice(0, 200)}`,
+      { cause: error },
+    )
   })
-  return { name, version, chainId: Number(chainId), verifyingContract }
+  if (chainId !== BigInt(client.chain.id))
+    throw new TokenDomainError(
+      token,
+      `is for chain ${String(chainId).slice(0, 80)}, not this chain (${client.chain.id})`,
+    )
+  if (!isAddressEqual(verifyingContract, token))
+    throw new TokenDomainError(token, `names another contract (${verifyingContract})`)
+  return { name, version, chainId: client.chain.id, verifyingContract }
 }
 
 export type TokenDomain = {

@@ -14,14 +14,19 @@ import {
   type Address,
   encodeAbiParameters,
   encodeEventTopics,
+  encodeFunctionResult,
   getAddress,
   type Hex,
 } from 'viem'
 import * as Client from '../../src/chain/Client.ts'
+import { TokenDomainError } from '../../src/chain/Errors.ts'
 import * as Escrow from '../../src/chain/Escrow.ts'
+import { abi as testUsdAbi } from '../../src/chain/generated/TestUSD.ts'
+import * as Token from '../../src/chain/Token.ts'
 
 const chainId = 31337
 const escrow: Address = '0x5FbDB2315678afecb367f032d93F642f64180aa3'
+const token: Address = '0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512'
 
 /** What the node answers each call with: a JSON-RPC `result`, an `error`, or a raw body. */
 type Answer =
@@ -296,4 +301,123 @@ describe('Escrow.closings over what the node answers', () => {
     const r = await closings()
     expect('ids' in r && r.ids.length).toBe(2_000)
   }, 30_000)
+})
+
+/** An `eip712Domain()` result as the token would return it (ERC-5267). */
+const domainResult = (d: {
+  name: string
+  version: string
+  chainId: bigint
+  verifyingContract: Address
+}) =>
+  encodeFunctionResult({
+    abi: testUsdAbi,
+    functionName: 'eip712Domain',
+    result: ['0x0f', d.name, d.version, d.chainId, d.verifyingContract, `0x${'00'.repeat(32)}`, []],
+  })
+
+/** `Token.domain` over the node's answer: the domain, or the error it threw. */
+const domain = () =>
+  Token.domain(client, { token }).then(
+    (d) => ({ d }),
+    (error: unknown) => ({ error }),
+  )
+
+/** The error the gateway logs and the payer's client wraps: typed, one line naming the
+ * problem and the token, neither a viem dump nor the RPC URL. */
+function expectNamed(error: unknown) {
+  expect(error).toBeInstanceOf(TokenDomainError)
+  const message = (error as Error).message
+  expect(message).toContain(token)
+  expect(message).not.toContain('\n')
+  expect(message).not.toContain('viem@')
+  expect(message).not.toContain(String(server.port))
+  expect(message.length).toBeLessThan(400)
+}
+
+describe('Token.domain over what the node answers', () => {
+  const name = fc.string({ maxLength: 40 })
+
+  test('property: the domain of the token on this chain is read as it is', async () => {
+    await fc.assert(
+      fc.asyncProperty(name, name, async (n, v) => {
+        answer = {
+          result: domainResult({
+            name: n,
+            version: v,
+            chainId: BigInt(chainId),
+            verifyingContract: token,
+          }),
+        }
+        expect(await domain()).toEqual({
+          d: { name: n, version: v, chainId, verifyingContract: token },
+        })
+      }),
+      { numRuns: 100, seed: 20261125 },
+    )
+  })
+
+  test('property: a domain of another chain or another contract is refused, naming which', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        name,
+        fc.oneof(
+          fc.bigInt({ min: 0n, max: 2n ** 256n - 1n }).filter((c) => c !== BigInt(chainId)),
+          fc.constant(BigInt(chainId)),
+        ),
+        fc.oneof(
+          bytes(20).map((a) => getAddress(a)),
+          fc.constant(token),
+        ),
+        async (n, id, at) => {
+          fc.pre(id !== BigInt(chainId) || at !== token)
+          answer = {
+            result: domainResult({ name: n, version: '1', chainId: id, verifyingContract: at }),
+          }
+          const r = await domain()
+          expect('error' in r).toBe(true)
+          expectNamed((r as { error: unknown }).error)
+        },
+      ),
+      { numRuns: 100, seed: 20261125 },
+    )
+  })
+
+  test('property: garbage, no contract, a JSON-RPC error, a body that is not JSON: a TokenDomainError naming the problem', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.oneof(
+          anyHex(300).map((result) => ({ result })),
+          fc
+            .tuple(fc.constantFrom(...(['0x', '0x00', '0x0f'] as const)), anyHex(64))
+            .map(([head, tail]) => ({ result: `${head}${tail.slice(2)}` })),
+          weird.map((result) => ({ result })),
+          fc
+            .tuple(
+              fc.constantFrom(3, -32000, -32602, 4),
+              fc.string({ maxLength: 40 }),
+              fc.option(anyHex(40)),
+            )
+            .map(([code, message, data]) => ({
+              error: { code, message, ...(data === null ? {} : { data }) },
+            })),
+          fc
+            .tuple(fc.string({ maxLength: 40 }), fc.constantFrom(200, 404, 400))
+            .map(([raw, status]) => ({ raw, status })),
+        ),
+        async (a) => {
+          answer = a as Answer
+          const r = await domain()
+          // Random bytes that happen to decode as a domain of this token on this chain are one.
+          if ('d' in r) {
+            expect(r.d.chainId).toBe(chainId)
+            expect(r.d.verifyingContract).toBe(token)
+            return
+          }
+          expectNamed(r.error)
+        },
+      ),
+      { numRuns: 150, seed: 20261125 },
+    )
+  }, 60_000)
 })
