@@ -117,3 +117,13 @@ export class ChannelStateError extends ClientError {
 export class StoreInUseError extends ClientError {
   override name = 'StoreInUseError'
 }
+
+/**
+ * The token's EIP-712 domain, read from `rpcUrl` for an EIP-3009 authorization (a gasless open
+ * or top-up), could not be read, or is not the token's on the challenge's chain (signed with,
+ * the authorization would be one the token rejects). Nothing was signed. `details`: the token
+ * and chain.
+ */
+export class TokenDomainUnavailableError extends ClientError {
+  override name = 'TokenDomainUnavailableError'
+}

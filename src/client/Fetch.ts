@@ -17,6 +17,7 @@ import {
 } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import * as ChainClient from '../chain/Client.ts'
+import { TokenDomainError } from '../chain/Errors.ts'
 import * as Escrow from '../chain/Escrow.ts'
 import * as Token from '../chain/Token.ts'
 import type * as Challenge from '../payment/Challenge.ts'
@@ -32,6 +33,7 @@ import {
   CloseNotReadyError,
   LimitExceededError,
   PaymentFailedError,
+  TokenDomainUnavailableError,
 } from './Errors.ts'
 import { challengeOf, PayingSession } from './Session.ts'
 import * as Store from './Store.ts'
@@ -770,6 +772,16 @@ export function createFetch(options: Options): PayingFetch {
     if (!read) {
       read = Token.domain(chainClient(r.methodDetails.chainId, "Reading the token's domain"), {
         token: r.currency,
+      }).catch((e: unknown) => {
+        const said =
+          e instanceof TokenDomainError
+            ? e.message
+            : `The EIP-712 domain of token ${r.currency} could not be read.`
+        throw new TokenDomainUnavailableError(
+          `${said} An EIP-3009 authorization (a gasless open or top-up) is signed with it: check rpcUrl, or pass tokenDomain.`,
+          { token: r.currency, chainId: r.methodDetails.chainId },
+          { cause: e },
+        )
       })
       domains.set(key, read)
       read.catch(() => domains.delete(key))

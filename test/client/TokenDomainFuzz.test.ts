@@ -1,0 +1,182 @@
+/**
+ * Property test of the token's EIP-712 domain the paying client reads from its RPC URL (a
+ * server that pays the gas and does not state the domain): the node's answer to
+ * `eip712Domain()` is outside input. The token's domain on the challenge's chain is signed
+ * with; anything else (a domain of another chain or contract, garbage, no contract, a JSON-RPC
+ * error, a body that is not JSON) ends the paying fetch in a ClientError naming the token, with
+ * nothing signed. Both the server (speaking MPP as the drafts state it) and the node are real
+ * HTTP servers of the test.
+ */
+import { afterAll, expect, test } from 'bun:test'
+import fc from 'fast-check'
+import { type Address, encodeFunctionResult, getAddress, type Hex } from 'viem'
+import { generatePrivateKey } from 'viem/accounts'
+import { abi as testUsdAbi } from '../../src/chain/generated/TestUSD.ts'
+import {
+  ClientError,
+  createFetch,
+  Store,
+  TokenDomainUnavailableError,
+} from '../../src/client/index.ts'
+import * as Challenge from '../../src/payment/Challenge.ts'
+import * as Credential from '../../src/payment/Credential.ts'
+import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
+
+const chainId = 31337
+const escrow = '0x5FbDB2315678afecb367f032d93F642f64180aa3'
+const currency: Address = '0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512'
+const recipient = '0x70997970C51812dc3A010C7d01b50e0d17dc79C8'
+
+const challenge = () =>
+  ScriptedPayments.challenge({
+    amount: 1_000_000n,
+    currency,
+    recipient,
+    methodDetails: {
+      chainId,
+      escrowContract: escrow,
+      feePayer: true,
+      credentialTypes: ['authorization'],
+    },
+  } as never)
+
+/** Every credential payload the server got. */
+let got: Record<string, unknown>[] = []
+const server = Bun.serve({
+  port: 0,
+  hostname: '127.0.0.1',
+  async fetch(req) {
+    await req.arrayBuffer()
+    if (new URL(req.url).pathname.startsWith('/v1/channels/'))
+      return new Response(null, { status: 404 })
+    const authorization = req.headers.get('authorization')
+    if (!authorization?.startsWith('Payment '))
+      return new Response(
+        JSON.stringify({ type: 'https://paymentauth.org/problems/payment-required', status: 402 }),
+        {
+          status: 402,
+          headers: {
+            'content-type': 'application/problem+json',
+            'www-authenticate': Challenge.serialize(challenge()),
+          },
+        },
+      )
+    got.push(Credential.deserialize(authorization).payload as Record<string, unknown>)
+    return Response.json({})
+  },
+})
+
+type Answer =
+  | { result: unknown }
+  | { error: { code: number; message: string; data?: unknown } }
+  | { raw: string; status?: number }
+/** What the node answers `eth_call` with. */
+let answer: Answer = { result: '0x' }
+const node = Bun.serve({
+  port: 0,
+  hostname: '127.0.0.1',
+  async fetch(req) {
+    const call = (await req.json()) as { id: number; method: string }
+    const reply = (a: Answer) =>
+      'raw' in a
+        ? new Response(a.raw, { status: a.status ?? 200 })
+        : Response.json({ jsonrpc: '2.0', id: call.id, ...a })
+    if (call.method === 'eth_chainId') return reply({ result: `0x${chainId.toString(16)}` })
+    if (call.method === 'eth_call') return reply(answer)
+    return reply({ error: { code: -32601, message: 'not here' } })
+  },
+})
+afterAll(() => {
+  server.stop(true)
+  node.stop(true)
+})
+const url = `http://127.0.0.1:${server.port}/v1/chat/completions`
+
+const bytes = (n: number) =>
+  fc
+    .uint8Array({ minLength: n, maxLength: n })
+    .map((b) => `0x${Buffer.from(b).toString('hex')}` as Hex)
+const anyHex = (max: number) =>
+  fc.uint8Array({ maxLength: max }).map((b) => `0x${Buffer.from(b).toString('hex')}` as Hex)
+
+const domainResult = (d: { name: string; chainId: bigint; verifyingContract: Address }) =>
+  encodeFunctionResult({
+    abi: testUsdAbi,
+    functionName: 'eip712Domain',
+    result: ['0x0f', d.name, '1', d.chainId, d.verifyingContract, `0x${'00'.repeat(32)}`, []],
+  })
+
+/** What the node answers, and whether it is the token's domain on the challenge's chain. */
+const answers: fc.Arbitrary<{ answer: Answer; ok: boolean }> = fc.oneof(
+  fc.string({ maxLength: 20 }).map((name) => ({
+    answer: {
+      result: domainResult({ name, chainId: BigInt(chainId), verifyingContract: currency }),
+    },
+    ok: true,
+  })),
+  fc
+    .tuple(
+      fc.oneof(fc.bigInt({ min: 0n, max: 2n ** 256n - 1n }), fc.constant(BigInt(chainId))),
+      fc.oneof(
+        bytes(20).map((a) => getAddress(a)),
+        fc.constant(currency),
+      ),
+    )
+    .filter(([id, at]) => id !== BigInt(chainId) || at !== currency)
+    .map(([id, at]) => ({
+      answer: { result: domainResult({ name: 'TestUSD', chainId: id, verifyingContract: at }) },
+      ok: false,
+    })),
+  anyHex(200).map((result) => ({ answer: { result }, ok: false })),
+  fc
+    .oneof(fc.jsonValue({ maxDepth: 1 }), fc.constantFrom(null, '', '0xzz'))
+    .map((result) => ({ answer: { result }, ok: false })),
+  fc
+    .tuple(fc.constantFrom(3, -32000, -32602), fc.string({ maxLength: 30 }))
+    .map(([code, message]) => ({ answer: { error: { code, message } }, ok: false })),
+  fc
+    .tuple(fc.string({ maxLength: 30 }), fc.constantFrom(200, 404, 400))
+    .map(([raw, status]) => ({ answer: { raw, status }, ok: false })),
+)
+
+test("property: the token domain the node answers is signed with only when it is the token's on the challenge's chain; anything else is a ClientError naming the token, nothing signed", async () => {
+  await fc.assert(
+    fc.asyncProperty(answers, async ({ answer: a, ok }) => {
+      answer = a
+      got = []
+      const f = createFetch({
+        account: generatePrivateKey(),
+        rpcUrl: `http://127.0.0.1:${node.port}`,
+        limits: { maxDeposit: 1_000_000n, maxTotal: 3_000_000n },
+        deposit: 200_000n,
+        allow: { escrows: [escrow] },
+        store: Store.memory(),
+      })
+      try {
+        const r = await f(url, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body: JSON.stringify({ model: 'm', messages: [] }),
+        }).then(
+          async (res) => ({ res: await res.text() }),
+          (error: unknown) => ({ error }),
+        )
+        if (ok) {
+          // Signed with: the open's authorization reached the server.
+          expect(got.length).toBeGreaterThan(0)
+          return
+        }
+        expect('error' in r).toBe(true)
+        const error = (r as { error: unknown }).error
+        expect(error).toBeInstanceOf(TokenDomainUnavailableError)
+        expect(error).toBeInstanceOf(ClientError)
+        expect((error as Error).message.toLowerCase()).toContain(currency.toLowerCase())
+        expect((error as Error).message).not.toContain(String(node.port))
+        expect(got).toEqual([])
+      } finally {
+        await f.release()
+      }
+    }),
+    { numRuns: 120, seed: 20261125 },
+  )
+}, 60_000)
