@@ -486,9 +486,27 @@ export async function closings(
   return [...new Set(ids)]
 }
 
-/** The escrow events in a receipt, decoded. */
-export function events(receipt: Transaction.Sent['receipt']) {
-  return parseEventLogs({ abi, logs: receipt.logs })
+/**
+ * The escrow's events in a receipt, decoded. A receipt is the node's word: only logs of
+ * `escrow` count (another contract's log may carry the same signature), and a log that is not
+ * well formed (topics not a list of hex strings, data not a string) is left out, as is one that
+ * does not decode as one of the escrow's events.
+ */
+export function events(receipt: Transaction.Sent['receipt'], escrow: Address) {
+  const at = escrow.toLowerCase()
+  const logs = (Array.isArray(receipt.logs) ? receipt.logs : []).filter((log: unknown) => {
+    const l = log as { address?: unknown; topics?: unknown; data?: unknown } | null
+    return (
+      typeof l === 'object' &&
+      l !== null &&
+      typeof l.address === 'string' &&
+      l.address.toLowerCase() === at &&
+      Array.isArray(l.topics) &&
+      l.topics.every((t) => typeof t === 'string') &&
+      typeof l.data === 'string'
+    )
+  })
+  return parseEventLogs({ abi, logs })
 }
 
 async function ensureAllowance(client: Client, token: Address, spender: Address, amount: bigint) {

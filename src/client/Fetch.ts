@@ -1763,9 +1763,16 @@ export function createFetch(options: Options): PayingFetch {
         onChain.closeRequestedAt === 0n ? undefined : ready,
       )
     const sent = await Escrow.withdraw(client, ref)
-    const event = Escrow.events(sent.receipt).find((e) => e.eventName === 'Withdrawn')
-    const refund =
-      event?.eventName === 'Withdrawn' ? event.args.refund : onChain.deposit - onChain.settled
+    // The refund as the receipt's Withdrawn of this channel says, when it can be (at most what
+    // was unsettled when read: the payee may have settled since); else that.
+    const unsettled = onChain.deposit - onChain.settled
+    const event = Escrow.events(sent.receipt, ref.escrow).find(
+      (e) =>
+        e.eventName === 'Withdrawn' &&
+        e.args.channelId.toLowerCase() === state.channelId.toLowerCase() &&
+        e.args.refund <= unsettled,
+    )
+    const refund = event?.eventName === 'Withdrawn' ? event.args.refund : unsettled
     // What the payee kept counts against maxTotal, as a cooperative close's `spent` does.
     const paid = onChain.deposit - refund
     await count(key, paid)

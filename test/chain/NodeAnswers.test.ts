@@ -303,6 +303,26 @@ describe('Escrow.closings over what the node answers', () => {
   }, 30_000)
 })
 
+describe('Escrow.events over a receipt the node answers', () => {
+  test("property: any logs in a receipt: the escrow's own events decoded, in order, nothing of other contracts, junk left out, never a throw", async () => {
+    await fc.assert(
+      fc.asyncProperty(fc.array(entry, { maxLength: 20 }), async (entries) => {
+        const { logs } = logsOf(entries)
+        const decoded = Escrow.events({ logs } as never, escrow)
+        for (const e of decoded) expect(e.address.toLowerCase()).toBe(escrow.toLowerCase())
+        const wanted = entries.flatMap((e) =>
+          e.kind === 'ours' || e.kind === 'other' ? [e.event.name] : [],
+        )
+        // Garbled logs that still decode (a topic too many) may come in between.
+        let i = 0
+        for (const e of decoded) if (e.eventName === wanted[i]) i++
+        expect(i).toBe(wanted.length)
+      }),
+      { numRuns: 300, seed: 20261125 },
+    )
+  })
+})
+
 /** An `eip712Domain()` result as the token would return it (ERC-5267). */
 const domainResult = (d: {
   name: string

@@ -6,7 +6,7 @@ import { mkdtemp } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import OpenAI from 'openai'
-import { erc20Abi, type Hex } from 'viem'
+import { encodeAbiParameters, encodeEventTopics, erc20Abi, type Hex } from 'viem'
 import { privateKeyToAccount } from 'viem/accounts'
 import { getBalance, waitForTransactionReceipt, writeContract } from 'viem/actions'
 import * as Escrow from '../../src/chain/Escrow.ts'
@@ -482,6 +482,75 @@ describe('createFetch', () => {
     // What the payee kept counts against maxTotal, across restarts too.
     expect(r.paid).toBeGreaterThan(0n)
     expect(await store.closedTotal(`${new URL(gw.url).origin}#${payer.address}`)).toBe(r.paid)
+  }, 60_000)
+
+  test('error: withdraw through a node whose receipt carries forged Withdrawn logs (another contract, another channel, a refund past the deposit) and junk counts what the escrow refunded', async () => {
+    const payer = chain.payers[11]!
+    const store = Store.memory()
+    // The payer's node: the chain as it is, but each receipt with forged logs first.
+    let forge = false
+    const withdrawn = Escrow.abi.find((i) => i.type === 'event' && i.name === 'Withdrawn')!
+    const forged = (address: Hex, channelId: Hex, refund: bigint) => ({
+      address,
+      topics: encodeEventTopics({
+        abi: [withdrawn],
+        eventName: 'Withdrawn',
+        args: { channelId, payer: payer.address },
+      } as never),
+      data: encodeAbiParameters([{ type: 'uint128' }], [refund]),
+    })
+    const front = Bun.serve({
+      port: 0,
+      hostname: '127.0.0.1',
+      async fetch(req) {
+        const text = await req.text()
+        const call = JSON.parse(text) as { id: number; method: string }
+        const res = await fetch(chain.rpcUrl, {
+          method: 'POST',
+          body: text,
+          headers: { 'content-type': 'application/json' },
+        })
+        const body = (await res.json()) as { result?: { logs: Record<string, unknown>[] } | null }
+        if (forge && call.method === 'eth_getTransactionReceipt' && body.result) {
+          const real = body.result.logs[0]!
+          const at = { ...real, logIndex: '0x0' }
+          const channelId = (real.topics as Hex[])[1]!
+          body.result.logs = [
+            { ...at, ...forged(chain.currencyAddress, channelId, 2n ** 128n - 1n) },
+            { ...at, ...forged(chain.escrowAddress, `0x${'ee'.repeat(32)}`, 2n ** 128n - 1n) },
+            { ...at, ...forged(chain.escrowAddress, channelId, 10n ** 30n) },
+            { ...at, topics: null, data: 7 },
+            ...body.result.logs,
+          ]
+        }
+        return Response.json(body)
+      },
+    })
+    try {
+      const { fetch, openai } = client(11, { store, rpcUrl: `http://127.0.0.1:${front.port}` })
+      for (let i = 0; i < 2; i++) {
+        const stream = await openai.chat.completions.create({
+          model: 'fake',
+          messages,
+          stream: true,
+        })
+        for await (const _ of stream);
+      }
+      const state = (await fetch.channel(gw.url))!
+      const ref = { escrow: chain.escrowAddress, channelId: state.channelId }
+      await gw.admin(`/channels/${state.channelId}/settle`, {})
+      await fetch.requestClose()
+      await chain.increaseTime(Number(Escrow.closeGracePeriod))
+      forge = true
+      const r = await fetch.withdraw()
+      const after = (await Escrow.getChannel(chain.payeeClient, ref))!
+      expect(after.finalized).toBe(true)
+      expect(r.refund).toBe(after.deposit - after.settled)
+      expect(r.paid).toBe(after.settled)
+      expect(await store.closedTotal(`${new URL(gw.url).origin}#${payer.address}`)).toBe(r.paid)
+    } finally {
+      front.stop(true)
+    }
   }, 60_000)
 
   test('behavior: withdraw after the grace period on a chain that mined no block since (anvil mines only on transactions) takes the deposit back', async () => {
