@@ -134,16 +134,22 @@ contract PaymentChannelEscrow is EIP712, ReentrancyGuardTransient {
     function topUp(bytes32 channelId, uint128 additionalDeposit) external nonReentrant {
         Channel storage channel = _live(channelId);
         if (msg.sender != channel.payer) revert NotPayer();
-        _addDeposit(channel, channelId, msg.sender, additionalDeposit);
+        _addDeposit(channel, channelId, msg.sender, additionalDeposit, true);
         address token = channel.token;
         uint256 before = IERC20(token).balanceOf(address(this));
         IERC20(token).safeTransferFrom(msg.sender, address(this), additionalDeposit);
         _checkReceived(token, before, additionalDeposit);
     }
 
-    /// @notice Adds funds from `from` through EIP-3009; anyone may submit it.
-    /// @dev A close request is cancelled only when the payer itself funds the top-up: a third party
-    /// must not be able to keep a payer's channel open against the payer's will.
+    /// @notice Adds funds from `from` through EIP-3009; anyone may submit it. Cancels a pending
+    /// close request only when `from` is the payer and `validAfter >= closeRequestedAt`.
+    /// @dev Anyone may submit an authorization, so the top-up alone does not show the payer still
+    /// wants the channel: a third party's top-up never cancels (it must not keep a payer's channel
+    /// open against the payer's will), and neither does one the payer authorized before it asked
+    /// to close (the payee may hold an unused one, and would otherwise cancel each close with it,
+    /// each time restarting the grace period). The payer signs `validAfter`, and cannot have
+    /// signed one at or after a close request that did not exist yet unless it chose to. A top-up
+    /// that does not cancel still adds its deposit, which the payer withdraws with the rest.
     function topUpWithAuthorization(
         bytes32 channelId,
         uint128 additionalDeposit,
@@ -156,7 +162,8 @@ contract PaymentChannelEscrow is EIP712, ReentrancyGuardTransient {
     ) external nonReentrant {
         if (nonce != computeTopUpNonce(channelId, additionalDeposit, from, topUpSalt)) revert NonceMismatch();
         Channel storage channel = _live(channelId);
-        _addDeposit(channel, channelId, from, additionalDeposit);
+        bool cancelsClose = from == channel.payer && validAfter >= channel.closeRequestedAt;
+        _addDeposit(channel, channelId, from, additionalDeposit, cancelsClose);
         address token = channel.token;
         uint256 before = IERC20(token).balanceOf(address(this));
         IERC3009Receive(token).receiveWithAuthorization(
@@ -301,15 +308,20 @@ contract PaymentChannelEscrow is EIP712, ReentrancyGuardTransient {
         emit ChannelOpened(channelId, payer, payee, token, authorizedSigner, salt, deposit);
     }
 
-    function _addDeposit(Channel storage channel, bytes32 channelId, address from, uint128 additionalDeposit)
-        private
-    {
+    /// @dev `cancelsClose`: whether this top-up cancels a pending close request (see the callers).
+    function _addDeposit(
+        Channel storage channel,
+        bytes32 channelId,
+        address from,
+        uint128 additionalDeposit,
+        bool cancelsClose
+    ) private {
         if (additionalDeposit == 0) revert ZeroDeposit();
         uint256 total = uint256(channel.deposit) + additionalDeposit;
         if (total > type(uint128).max) revert DepositOverflow();
         channel.deposit = uint128(total);
         emit ToppedUp(channelId, from, additionalDeposit, uint128(total));
-        if (channel.closeRequestedAt != 0 && from == channel.payer) {
+        if (channel.closeRequestedAt != 0 && cancelsClose) {
             channel.closeRequestedAt = 0;
             emit CloseRequestCancelled(channelId);
         }

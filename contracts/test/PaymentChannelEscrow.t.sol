@@ -347,10 +347,113 @@ contract PaymentChannelEscrowTest is Base {
         bytes32 id = openChannel(DEPOSIT, SALT, address(0));
         vm.prank(payer);
         escrow.requestClose(id);
+        uint64 requestedAt = escrow.getChannel(id).closeRequestedAt;
+        // Made for after the close request: valid from the request's second on.
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        bytes memory auth =
+            authorization(RECEIVE_TYPEHASH, PAYER_KEY, address(escrow), 5, requestedAt, type(uint256).max, nonce);
+        vm.warp(block.timestamp + 1); // EIP-3009's validAfter is exclusive
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.ToppedUp(id, payer, 5, DEPOSIT + 5);
+        vm.expectEmit(address(escrow));
+        emit PaymentChannelEscrow.CloseRequestCancelled(id);
+        vm.prank(payee);
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, requestedAt, type(uint256).max, nonce, auth);
+        vm.assertEq(escrow.getChannel(id).closeRequestedAt, 0, "cancelled");
+        vm.warp(block.timestamp + 15 minutes);
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.CloseNotReady.selector);
+        escrow.withdraw(id);
+    }
+
+    /// An authorization the payer signed before it requested the close (one it gave the payee and
+    /// the payee never used) is not the payer's wish to keep the channel: submitting it after the
+    /// request adds its deposit and leaves the close standing, so the payee cannot restart the
+    /// payer's grace period with it.
+    function test_topUpWithAuthorization_byPayerSignedBeforeCloseRequestKeepsIt() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
         bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
         bytes memory auth = receiveAuthorization(PAYER_KEY, address(escrow), 5, nonce);
+        vm.warp(block.timestamp + 60);
+        vm.prank(payer);
+        escrow.requestClose(id);
+        uint64 requestedAt = escrow.getChannel(id).closeRequestedAt;
+        vm.warp(block.timestamp + 10 minutes);
+        uint256 payerBefore = token.balanceOf(payer);
+        vm.prank(payee);
         escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
-        vm.assertEq(escrow.getChannel(id).closeRequestedAt, 0, "cancelled");
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(c.deposit, DEPOSIT + 5, "deposit added");
+        vm.assertEq(c.closeRequestedAt, requestedAt, "close request kept");
+        vm.assertTrue(token.authorizationState(payer, nonce), "authorization used");
+        // The grace period still ends 15 minutes after the original request; the payer gets the
+        // top-up back with the rest.
+        vm.warp(uint256(requestedAt) + 15 minutes);
+        vm.prank(payer);
+        escrow.withdraw(id);
+        vm.assertEq(token.balanceOf(payer), payerBefore + DEPOSIT, "deposit and top-up refunded");
+    }
+
+    /// validAfter one second before the request: made before it, so it does not cancel.
+    function test_topUpWithAuthorization_byPayerValidBeforeCloseRequestKeepsIt() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.warp(block.timestamp + 60);
+        vm.prank(payer);
+        escrow.requestClose(id);
+        uint64 requestedAt = escrow.getChannel(id).closeRequestedAt;
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, payer, SALT);
+        uint256 validAfter = uint256(requestedAt) - 1;
+        bytes memory auth =
+            authorization(RECEIVE_TYPEHASH, PAYER_KEY, address(escrow), 5, validAfter, type(uint256).max, nonce);
+        vm.warp(block.timestamp + 1);
+        escrow.topUpWithAuthorization(id, 5, payer, SALT, validAfter, type(uint256).max, nonce, auth);
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(c.deposit, DEPOSIT + 5, "deposit added");
+        vm.assertEq(c.closeRequestedAt, requestedAt, "close request kept");
+    }
+
+    /// A third party's top-up never cancels, whatever its validAfter.
+    function test_topUpWithAuthorization_byThirdPartyValidAfterCloseRequestKeepsIt() public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.prank(payer);
+        escrow.requestClose(id);
+        uint64 requestedAt = escrow.getChannel(id).closeRequestedAt;
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, other, SALT);
+        bytes memory auth =
+            authorization(RECEIVE_TYPEHASH, OTHER_KEY, address(escrow), 5, requestedAt, type(uint256).max, nonce);
+        vm.warp(block.timestamp + 1);
+        escrow.topUpWithAuthorization(id, 5, other, SALT, requestedAt, type(uint256).max, nonce, auth);
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(c.deposit, DEPOSIT + 5, "deposit added");
+        vm.assertEq(c.closeRequestedAt, requestedAt, "close request kept");
+    }
+
+    /// A top-up by authorization cancels a pending close exactly when the payer funds it and its
+    /// validAfter is at or after the request; it always adds its deposit.
+    function testFuzz_topUpWithAuthorization_cancelsOnlyPayersAuthorizationFromCloseRequest(
+        uint32 beforeRequest,
+        uint32 distance,
+        bool afterRequest,
+        bool byPayer
+    ) public {
+        bytes32 id = openChannel(DEPOSIT, SALT, address(0));
+        vm.warp(block.timestamp + beforeRequest);
+        vm.prank(payer);
+        escrow.requestClose(id);
+        uint64 requestedAt = escrow.getChannel(id).closeRequestedAt;
+        uint256 validAfter = afterRequest
+            ? uint256(requestedAt) + distance
+            : (distance >= requestedAt ? 0 : uint256(requestedAt) - distance);
+        (uint256 key, address from) = byPayer ? (PAYER_KEY, payer) : (OTHER_KEY, other);
+        bytes32 nonce = escrow.computeTopUpNonce(id, 5, from, SALT);
+        bytes memory auth =
+            authorization(RECEIVE_TYPEHASH, key, address(escrow), 5, validAfter, type(uint256).max, nonce);
+        if (validAfter >= block.timestamp) vm.warp(validAfter + 1);
+        escrow.topUpWithAuthorization(id, 5, from, SALT, validAfter, type(uint256).max, nonce, auth);
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(c.deposit, DEPOSIT + 5, "deposit added");
+        bool cancels = byPayer && validAfter >= requestedAt;
+        vm.assertEq(c.closeRequestedAt, cancels ? 0 : requestedAt, "cancelled only by the payer's later authorization");
     }
 
     function test_topUpWithAuthorization_revertsOnNonceMismatch() public {
