@@ -265,21 +265,29 @@ export function topUpWithAuthorization(
     signature: Hex
   },
 ): Promise<Transaction.Sent> {
-  return Transaction.send(client, {
-    address: parameters.escrow,
-    abi,
-    functionName: 'topUpWithAuthorization',
-    args: [
-      parameters.channelId,
-      parameters.additionalDeposit,
-      parameters.from,
-      parameters.topUpSalt,
-      parameters.validAfter,
-      parameters.validBefore,
-      parameters.nonce,
-      parameters.signature,
-    ],
-  })
+  return Transaction.send(
+    client,
+    {
+      address: parameters.escrow,
+      abi,
+      functionName: 'topUpWithAuthorization',
+      args: [
+        parameters.channelId,
+        parameters.additionalDeposit,
+        parameters.from,
+        parameters.topUpSalt,
+        parameters.validAfter,
+        parameters.validBefore,
+        parameters.nonce,
+        parameters.signature,
+      ],
+    },
+    // Its EIP-3009 validity window is checked against the time of the block it is mined in
+    // (see Client.now): a top-up that cancels a forced close is valid only after the request's
+    // block (validAfter at its closeRequestedAt), which stays the latest on a chain that mines
+    // only on transactions (anvil).
+    { pending: true },
+  )
 }
 
 /** Payee: collects up to `cumulativeAmount` with the payer's voucher, keeping the channel open. */

@@ -110,8 +110,9 @@ export class PayingSession {
     return signature
   }
 
-  /** An EIP-3009 authorization moving `value` from the payer to the escrow. */
-  private async authorize(value: bigint, nonce: Hex) {
+  /** An EIP-3009 authorization moving `value` from the payer to the escrow, valid after
+   * `validAfter` (unix seconds; 0: at once). */
+  private async authorize(value: bigint, nonce: Hex, validAfter = 0n) {
     const domain = this.domain
     if (!domain) throw new Error('A token domain is needed to sign an EIP-3009 authorization.')
     // The evm draft's encoding: byte arrays, addresses among them, in lowercase hex.
@@ -119,7 +120,7 @@ export class PayingSession {
       from: this.account.address.toLowerCase() as Address,
       to: this.scope.escrow.toLowerCase() as Address,
       value,
-      validAfter: 0n,
+      validAfter,
       validBefore: BigInt(Math.floor(Date.now() / 1000) + 3600),
       nonce,
     }
@@ -212,8 +213,14 @@ export class PayingSession {
     })
   }
 
-  /** `topUp` with `type="authorization"`. */
-  async topUp(additionalDeposit: bigint) {
+  /**
+   * `topUp` with `type="authorization"`. For a channel with a forced close pending, pass its
+   * `closeRequestedAt` (the escrow's, unix seconds; a 410 refusing a voucher on the channel
+   * states it): the authorization is then valid from the close request on, which the escrow
+   * requires of a top-up by authorization that cancels the close (one made before the request
+   * does not, and the gateway refuses it before sending anything).
+   */
+  async topUp(additionalDeposit: bigint, options: { closeRequestedAt?: bigint } = {}) {
     const channelId = this.required()
     const topUpSalt = keccak256(toHex(`${channelId}:${Date.now()}:${Math.random()}`))
     const nonce = Escrow.topUpNonce({
@@ -222,7 +229,11 @@ export class PayingSession {
       from: this.account.address,
       topUpSalt,
     })
-    const { authorization, signature } = await this.authorize(additionalDeposit, nonce)
+    const { authorization, signature } = await this.authorize(
+      additionalDeposit,
+      nonce,
+      options.closeRequestedAt ?? 0n,
+    )
     return this.header({
       action: 'topUp',
       type: 'authorization',

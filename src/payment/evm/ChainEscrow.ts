@@ -254,6 +254,7 @@ export function onChain(
     settled: c.settled,
     finalized: c.finalized,
     closeRequested: c.closeRequestedAt !== 0n,
+    closeRequestedAt: c.closeRequestedAt,
   }
 }
 

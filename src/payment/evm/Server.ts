@@ -46,6 +46,8 @@ export type OnChain = {
   settled: bigint
   finalized: boolean
   closeRequested: boolean
+  /** The escrow's `closeRequestedAt` (unix seconds of the forced close's request); 0 when none. */
+  closeRequestedAt: bigint
 }
 
 export type VoucherStatus =
@@ -308,7 +310,8 @@ export function create(o: Options) {
   /**
    * A top-up of a channel its payer asked to close cooperatively: refused before any
    * transaction (the gateway would pay the gas to lock more of the payer's tokens in a channel
-   * that serves nothing more). A forced close's channel takes one: a top-up cancels it.
+   * that serves nothing more). A forced close's channel takes one: a top-up cancels it (by
+   * authorization, only one `cancelsClose` lets through).
    */
   const notClosing = (channel: Channel) => {
     if (channel.closeRequestedAt && channel.cooperativeClose)
@@ -317,6 +320,45 @@ export function create(o: Options) {
         { channelId: channel.channelId },
       )
   }
+
+  /**
+   * A top-up by authorization of a channel with a forced close pending on chain: the escrow
+   * cancels the close only for the payer's authorization made for after the request (`from` the
+   * payer, `validAfter >= closeRequestedAt`), so any other is refused before any transaction
+   * (the gateway would pay the gas to lock more tokens in a channel that stays closing). Read
+   * from the chain, which the ledger follows only at its next pass.
+   */
+  const cancelsClose = async (channelId: Hex, a: Session.Eip3009) => {
+    const state = await o.chain.read(channelId)
+    if (!state || state.closeRequestedAt === 0n) return
+    const closeRequestedAt = state.closeRequestedAt
+    if (a.from.toLowerCase() !== state.payer.toLowerCase())
+      throw Problem.verificationFailed(
+        `The channel has a pending close request (closeRequestedAt ${closeRequestedAt}); only a top-up from its payer cancels it. Nothing was submitted.`,
+        { channelId, closeRequestedAt },
+      )
+    if (a.validAfter < closeRequestedAt)
+      throw Problem.verificationFailed(
+        `The authorization predates the channel's close request (closeRequestedAt ${closeRequestedAt}), so the escrow would not cancel the close with it: sign one with validAfter at or after closeRequestedAt. Nothing was submitted.`,
+        { channelId, closeRequestedAt, validAfter: a.validAfter },
+      )
+  }
+
+  /**
+   * A voucher (one carrying a top-up) refused on a channel with a close pending, with the
+   * escrow's `closeRequestedAt` when known (0: none on chain, the ledger's mark): a top-up that
+   * cancels a forced close must be authorized from then on.
+   */
+  const closePending = (channelId: Hex, closeRequestedAt: bigint | undefined) =>
+    closeRequestedAt
+      ? Problem.channelFinalized(
+          `The channel has a pending close request (closeRequestedAt ${closeRequestedAt}); it takes no voucher, one carrying a top-up neither. Send the top-up as a topUp credential whose authorization has validAfter at or after closeRequestedAt (it cancels a forced close), then the voucher.`,
+          { channelId, closeRequestedAt },
+        )
+      : Problem.channelFinalized(
+          'The channel has a pending close request; it takes no voucher, one carrying a top-up neither. Send the top-up as a topUp credential (it cancels a forced close), then the voucher.',
+          { channelId },
+        )
 
   /** Refuses a deposit or top-up the gateway would pay the gas of, below the least it takes. */
   const gasPaid = (value: bigint, what: 'deposit' | 'top-up', channelId: Hex) => {
@@ -412,6 +454,7 @@ export function create(o: Options) {
           txHash = p.hash
         } else if (p.type === 'authorization') {
           gasPaid(p.authorization.value, 'top-up', p.channelId)
+          await cancelsClose(p.channelId, p.authorization)
           sent = await o.chain.topUpWithAuthorization({
             channelId: p.channelId,
             topUpSalt: p.salt,
@@ -449,14 +492,22 @@ export function create(o: Options) {
             // draft checks that first, before the deposit (Voucher Verification, steps 1 and
             // 2). A payer cancels its forced close with a topUp credential, then pays.
             if (known ? known.closeRequestedAt : seen!.closeRequested)
-              throw Problem.channelFinalized(
-                'The channel has a pending close request; it takes no voucher, one carrying a top-up neither. Send the top-up as a topUp credential (it cancels a forced close), then the voucher.',
-                { channelId: p.channelId },
+              throw closePending(
+                p.channelId,
+                // The chain's time for a known channel, if it answers: the refusal stands anyway.
+                (seen ?? (await o.chain.read(p.channelId).catch(() => undefined)))
+                  ?.closeRequestedAt,
               )
             const signer = known?.signer ?? seen!.signer
             // The voucher first: a made-up one costs a signature check, not the chain work of a
             // top-up (an authorization copied from an earlier top-up is refused only on chain).
             await o.chain.verifyVoucher({ ...p, signer })
+            // A known channel's forced close as the chain shows it, before the ledger's next
+            // pass does: its top-up would lock more of the deposit and be refused after it.
+            if (known) {
+              const now = await o.chain.read(p.channelId)
+              if (now?.closeRequested) throw closePending(p.channelId, now.closeRequestedAt)
+            }
           }
           if (d.action === 'open' && known) await openedBy(p.channelId, d.authorization)
           if (d.action === 'open' && !known) {
