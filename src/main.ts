@@ -123,6 +123,12 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         'the database has migrations of a newer release than this one: it serves on, but may not know what they changed; upgrade it',
       )
     await Accounts.syncPlans(sql, config.plans)
+    const unconfigured = await Accounts.unconfiguredPlans(sql, config.plans)
+    if (unconfigured.length > 0)
+      log.warn(
+        { plans: unconfigured, configured: Object.keys(config.plans) },
+        `accounts are on plans the configuration no longer has (${unconfigured.map((p) => `${p.plan}: ${p.accounts}`).join(', ')}): they are still served on the limits last configured for them, and no account can be moved to them; move them to a configured plan (PATCH /admin/accounts/{id}, tollway accounts set <id> --plan P)`,
+      )
 
     let devChain: DevChain.DevChain | undefined
     let chain: Chain | undefined = config.chain

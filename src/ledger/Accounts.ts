@@ -52,6 +52,23 @@ export async function syncPlans(sql: Sql, plans: Record<string, Plan>): Promise<
   }
 }
 
+/**
+ * The plans accounts are on that `plans` (the configuration) does not have, with how many
+ * accounts each: a plan dropped from the configuration keeps its row, so its accounts are
+ * still served on the limits last configured for it, while the admin API moves no account
+ * to it.
+ */
+export async function unconfiguredPlans(
+  sql: Sql,
+  plans: Record<string, Plan>,
+): Promise<{ plan: string; accounts: number }[]> {
+  const rows = await sql`
+    select plan, count(*)::int as accounts from accounts
+    where not (plan = any(${Object.keys(plans)}::text[]))
+    group by plan order by plan`
+  return rows.map((r) => ({ plan: r.plan as string, accounts: r.accounts as number }))
+}
+
 /** Creates an account on a plan that must exist. */
 export async function create(sql: Sql, input: { name: string; plan: string }): Promise<string> {
   const [row] =
