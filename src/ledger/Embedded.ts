@@ -50,6 +50,10 @@ function claim(dataDir: string): () => void {
     } catch (e) {
       alive = (e as { code?: string }).code === 'EPERM'
     }
+    // A process killed whose parent has not reaped it yet (a zombie: its parent a supervisor
+    // or an init that reaps late, or never) is gone, though signals still find its pid: a
+    // gateway killed outright was held to serve on for as long, and the restart refused.
+    if (alive && exited(holder)) alive = false
     if (alive) {
       // Whether the process with that pid now is the one that wrote the lock: by when it
       // started, whatever it runs (a gateway of a bun named otherwise, bun-profile say, is
@@ -80,6 +84,20 @@ function identity(pid: number): string | undefined {
     return start ? `${boot}/${start}` : undefined
   } catch {
     return undefined
+  }
+}
+
+/**
+ * Whether process `pid` has ended and is only waiting for its parent to reap it (a zombie),
+ * where /proc tells (Linux); its pid is not given to another process until then.
+ */
+function exited(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    const state = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0]
+    return state === 'Z' || state === 'X'
+  } catch {
+    return false
   }
 }
 

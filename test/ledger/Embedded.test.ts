@@ -64,6 +64,40 @@ describe('Embedded', () => {
       await bun.exited
     }
   }, 60_000)
+  test('behavior: a lock of a gateway killed outright that its parent has not reaped yet (a zombie) is taken over', async () => {
+    if (process.platform !== 'linux') return
+    const dir = mkdtempSync(join(tmpdir(), 'tollway-embedded-'))
+    const lock = join(dir, 'tollway.lock')
+    const state = (pid: number) => {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+      return stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    }
+    // A parent that never reaps: the shell becomes sleep; its child, a bun, ends and stays
+    // a zombie until the parent ends.
+    const parent = Bun.spawn(
+      ['sh', '-c', `"${process.execPath}" -e 'await Bun.sleep(200)' & echo $!; exec sleep 30`],
+      { stdout: 'pipe' },
+    )
+    try {
+      const first = await parent.stdout.getReader().read()
+      const pid = Number(new TextDecoder().decode(first.value).trim())
+      // The lock it wrote while it ran: its pid and when it started, as claim writes it.
+      const boot = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()
+      writeFileSync(lock, `${pid}\n${boot}/${state(pid)[19]}\n`)
+      const deadline = Date.now() + 10_000
+      while (state(pid)[0] !== 'Z') {
+        if (Date.now() > deadline) throw new Error(`process ${pid} is not a zombie`)
+        await Bun.sleep(20)
+      }
+      const db = await Embedded.start({ dataDir: dir })
+      expect(readFileSync(lock, 'utf8').split('\n')[0]).toBe(String(process.pid))
+      await db.stop()
+    } finally {
+      parent.kill()
+      await parent.exited
+    }
+  }, 60_000)
+
   test('error: a data dir a live gateway holds is refused when that gateway runs a bun of another name (bun-profile, bun-debug)', async () => {
     if (process.platform !== 'linux') return
     const dir = mkdtempSync(join(tmpdir(), 'tollway-embedded-'))
