@@ -70,13 +70,20 @@ export const mnemonic = 'test test test test test test test test test test test 
 /**
  * Runs a command (anvil) and ends it when this process ends, however it ends: a `kill -9`
  * of the gateway runs no exit handler, and anvil would be left holding its port. The shell
- * checks every second that its parent is alive; a signal to the shell ends both at once, and
- * the shell exits only once anvil has (so a stopped chain's port no longer answers).
+ * checks every second that its parent is alive (a parent killed that nobody has reaped yet,
+ * a zombie, is not: signals still find it, and anvil held the port a restart asked for); a
+ * signal to the shell ends both at once, and the shell exits only once anvil has (so a
+ * stopped chain's port no longer answers).
  */
 const WATCHED = `"$@" & child=$!
 trap 'kill $child 2>/dev/null; wait $child; exit 0' INT TERM HUP
 parent=$PPID
-while kill -0 "$parent" 2>/dev/null && kill -0 "$child" 2>/dev/null; do sleep 1 & wait $!; done
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  s=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+  case "\${s##*') '}" in Z*|X*) return 1 ;; esac
+}
+while alive "$parent" && kill -0 "$child" 2>/dev/null; do sleep 1 & wait $!; done
 kill $child 2>/dev/null
 wait $child`
 

@@ -1,4 +1,6 @@
 import { describe, expect, test } from 'bun:test'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { getBalance, getCode } from 'viem/actions'
 import * as Client from '../../src/chain/Client.ts'
 import * as DevChain from '../../src/chain/DevChain.ts'
@@ -71,6 +73,49 @@ describe('start', () => {
       await chain.stop()
     }
   })
+
+  test('behavior: a process killed outright that its parent has not reaped yet (a zombie) does not keep its anvil: the port is free for its restart', async () => {
+    if (process.platform !== 'linux') return
+    const module = join(import.meta.dir, '../../src/chain/DevChain.ts')
+    const script = `const D = await import(${JSON.stringify(module)}); const c = await D.start(); console.log(c.rpcUrl); await Bun.sleep(60_000)`
+    // A parent that never reaps: the shell becomes sleep; its child, the bun that started
+    // anvil, stays a zombie once killed, until the parent ends.
+    const parent = Bun.spawn(
+      ['sh', '-c', `"${process.execPath}" -e '${script}' & echo $!; exec sleep 60`],
+      { stdout: 'pipe', stderr: 'inherit' },
+    )
+    try {
+      const reader = parent.stdout.getReader()
+      let out = ''
+      while (!/http:\/\/\S+\n/.test(out)) {
+        const { value, done } = await reader.read()
+        if (done) throw new Error(`no RPC URL:\n${out}`)
+        out += new TextDecoder().decode(value)
+      }
+      const pid = Number(/^(\d+)$/m.exec(out)![1])
+      const rpcUrl = /(http:\/\/\S+)/.exec(out)![1]!
+      const rpc = () =>
+        fetch(rpcUrl, { method: 'POST', body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}' })
+      expect((await rpc()).status).toBe(200)
+      process.kill(pid, 'SIGKILL')
+      const deadline = Date.now() + 10_000
+      let gone = false
+      while (!gone && Date.now() < deadline) {
+        gone = await rpc().then(
+          () => false,
+          () => true,
+        )
+        if (!gone) await Bun.sleep(200)
+      }
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+      // Still a zombie: its parent has not reaped it.
+      expect(stat.slice(stat.lastIndexOf(')') + 2)[0]).toBe('Z')
+      expect(gone).toBe(true)
+    } finally {
+      parent.kill()
+      await parent.exited
+    }
+  }, 60_000)
 
   test('error: a missing anvil binary is a DevChainError', async () => {
     await expect(DevChain.start({ anvilPath: '/nonexistent/anvil' })).rejects.toBeInstanceOf(
