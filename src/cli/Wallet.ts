@@ -4,7 +4,7 @@
  */
 import { join } from 'node:path'
 import { createParser } from 'eventsource-parser'
-import { type Address, type Hex, isAddress } from 'viem'
+import { type Address, BaseError, type Hex, HttpRequestError, isAddress } from 'viem'
 import { z } from 'zod'
 import * as Escrow from '../chain/Escrow.ts'
 import { secure } from '../client/Fetch.ts'
@@ -94,6 +94,17 @@ export function classify(e: Error): CliError {
       e.details,
     )
   if (e instanceof ClientError) return new ServerError(e.message)
+  // The chain's node (request-close, withdraw, an open of your own): viem's message is a page
+  // (the request body, the call's arguments, its docs); one line says what failed, and where.
+  if (e instanceof BaseError) {
+    const http = e.walk((c) => c instanceof HttpRequestError) as HttpRequestError | null
+    const where = http ? ` at ${http.url}` : ''
+    const what = e.shortMessage.replace(/\.$/, '')
+    const why = e.details && e.details !== e.shortMessage ? ` (${e.details})` : ''
+    return new ServerError(
+      `The chain's node${where} (--rpc-url / TOLLWAY_RPC_URL): ${what}${why}`.replace(/\s+/g, ' '),
+    )
+  }
   return new ServerError(`${e.name}: ${e.message}`)
 }
 

@@ -650,6 +650,23 @@ describe('channel request-close | withdraw', () => {
     expect(w.stderr).toContain(`(there is ${channel.channelId} (in use))`)
   }, 30_000)
 
+  test("error: request-close with a TOLLWAY_RPC_URL nothing answers on exits 4 with one line naming it, not viem's page; nothing is closed", async () => {
+    const probe = Bun.listen({ hostname: '127.0.0.1', port: 0, socket: { data() {} } })
+    const dead = `http://127.0.0.1:${probe.port}`
+    probe.stop(true)
+    const r = await cli(['channel', 'request-close'], { ...wallet, TOLLWAY_RPC_URL: dead })
+    expect(r.code).toBe(4)
+    const lines = r.stderr.trim().split('\n')
+    expect(lines.at(-1)).toContain(
+      `The chain's node at ${dead}/ (--rpc-url / TOLLWAY_RPC_URL): HTTP request failed`,
+    )
+    expect(r.stderr).not.toContain('Request body')
+    expect(r.stderr).not.toContain('Docs:')
+    expect(lines).toHaveLength(2) // the progress line, then the error
+    const { channel } = await json(['channel', 'status', '--trust-escrow'], wallet)
+    expect(channel).not.toBeNull()
+  }, 30_000)
+
   test('behavior: request-close says when withdraw becomes possible; withdraw before then exits 3, after the grace period it returns the unsettled deposit', async () => {
     const { channel } = await json(['channel', 'status', '--trust-escrow'], wallet)
     const human = await cli(['channel', 'request-close'], wallet)
