@@ -139,6 +139,11 @@ const BaseUnits = z
   .regex(/^\d{1,77}$/, 'must be a whole number of base units')
   .transform((v) => BigInt(v))
 
+/** What --limit and --timeout take, said whatever was wrong (zod's own words name its types:
+ * "expected number, received NaN"). */
+const limitIs = 'must be a whole number from 1 to 200'
+const timeoutIs = 'must be a number of seconds, above 0 and at most 3600'
+
 /**
  * Everything a command reads from its options and the environment, read once by `run` (an option
  * wins over its variable; an empty variable counts as unset). Wallet values are checked by the
@@ -147,7 +152,12 @@ const BaseUnits = z
 const Settings = z.object({
   url: z.url(),
   json: z.boolean(),
-  limit: z.coerce.number().int().min(1).max(200).optional(),
+  limit: z.coerce
+    .number({ error: limitIs })
+    .int({ error: limitIs })
+    .min(1, { error: limitIs })
+    .max(200, { error: limitIs })
+    .optional(),
   maxDeposit: BaseUnits.refine((v) => v > 0n, 'must be at least 1'),
   maxTotal: BaseUnits,
   dataDir: z.string().min(1),
@@ -156,7 +166,11 @@ const Settings = z.object({
   walletKey: z.string().optional(),
   rpcUrl: z.url().optional(),
   /** Seconds an admin call waits for the gateway's answer. */
-  timeout: z.coerce.number().positive().max(3600).optional(),
+  timeout: z.coerce
+    .number({ error: timeoutIs })
+    .positive({ error: timeoutIs })
+    .max(3600, { error: timeoutIs })
+    .optional(),
   escrows: z.array(z.string()),
   trustEscrow: z.boolean(),
   insecureHttp: z.boolean(),

@@ -83,6 +83,19 @@ describe('usage', () => {
     const zero = await cli(['chat', 'hi', '--max-deposit', '0'])
     expect(zero.code).toBe(2)
     expect(zero.stderr).toContain('--max-deposit / TOLLWAY_MAX_DEPOSIT')
+    // A number that is none, or out of range, is said as what the option takes.
+    for (const limit of ['abc', '1.5', '0', '201']) {
+      const r = await cli(['accounts', 'list', '--limit', limit])
+      expect(r.code).toBe(2)
+      expect(r.stderr).toBe('tollway: --limit: must be a whole number from 1 to 200\n')
+    }
+    for (const timeout of ['abc', '0', '3601']) {
+      const r = await cli(['accounts', 'list'], { TOLLWAY_TIMEOUT: timeout })
+      expect(r.code).toBe(2)
+      expect(r.stderr).toBe(
+        'tollway: --timeout / TOLLWAY_TIMEOUT: must be a number of seconds, above 0 and at most 3600\n',
+      )
+    }
     // An option wins over its variable.
     const fixed = await cli(['channels', 'list', '--url', gw.url], { TOLLWAY_URL: 'not a url' })
     expect(fixed.code).toBe(0)
