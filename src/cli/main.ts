@@ -334,15 +334,20 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
       get: async (ctx) => {
         const id = arg(ctx, 2, 'account')
         const r = await Http.read(
-          Account.extend({ keys: z.array(z.unknown()) }),
+          Account.extend({
+            keys: z.array(z.looseObject({ revoked_at: z.string().nullable().optional() })),
+          }),
           admin(ctx),
           'GET',
           `/admin/accounts/${enc(id)}`,
         )
+        // The keys that work; revoked ones (the gateway lists the latest 100) said apart.
+        const active = r.keys.filter((k) => !k.revoked_at).length
+        const revoked = r.keys.length - active
         print(
           ctx,
           r,
-          `account ${r.id} "${r.name}" plan ${r.plan}: balance ${r.balance}, reserved ${r.reserved}, ${r.keys.length} keys`,
+          `account ${r.id} "${r.name}" plan ${r.plan}: balance ${r.balance}, reserved ${r.reserved}, ${active} active ${active === 1 ? 'key' : 'keys'}${revoked ? ` (${revoked} revoked)` : ''}`,
         )
       },
       list: async (ctx) => {

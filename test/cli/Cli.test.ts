@@ -144,6 +144,10 @@ describe('admin', () => {
       revoked: true,
     })
     expect((await json(['keys', 'list', account.id]))[0].revoked_at).toBeString()
+    // A revoked key is not counted among the account's keys: it opens nothing.
+    expect(human.stdout).toContain(', 1 active key\n')
+    const after = await cli(['accounts', 'get', account.id])
+    expect(after.stdout).toContain(', 0 active keys (1 revoked)\n')
   })
 
   test('error: names the gateway holds with control characters (kept from before they were refused) are printed with those characters visible, not sent to the terminal', async () => {
