@@ -255,7 +255,9 @@ export async function chat(ctx: Context) {
       }),
     async () => {
       const channel = await pay.channel(url)
-      return channel ? `opened (deposit ${channel.deposit}); the request failed:` : 'failed'
+      // Nothing opened (refused before any transaction, an escrow not trusted say): not
+      // "failed", which reads as a transaction that went wrong.
+      return channel ? `opened (deposit ${channel.deposit}); the request failed:` : 'not opened'
     },
     // A gateway that answered without asking for payment: no channel was opened.
     async () =>

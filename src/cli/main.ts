@@ -486,7 +486,9 @@ const commands: Record<string, { help: string; run: Record<string, Command> | Co
       },
       settle: async (ctx) => {
         const id = arg(ctx, 2, 'channel-id')
-        ctx.io.err(ctx.settings.json ? '' : 'settling on chain…\n')
+        // Said before the answer, which waits for the transaction: the gateway may yet refuse
+        // (a channel it does not know, nothing to settle), so it asks, it does not settle.
+        ctx.io.err(ctx.settings.json ? '' : 'asking the gateway to settle on chain…\n')
         // A settlement waits for its transaction to be mined (and for the lock): minutes.
         const r = await Http.read(
           Settled,

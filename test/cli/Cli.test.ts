@@ -242,6 +242,8 @@ describe('admin', () => {
       expect(reverted.code).toBe(4)
       expect(reverted.stdout).toContain('reverted: settle reverted with AmountNotIncreasing()')
       expect(reverted.stderr).toContain('did not go through (reverted)')
+      // Before the answer it says it asks: the gateway may yet refuse (an unknown channel).
+      expect(reverted.stderr).toContain('asking the gateway to settle on chain…')
       status = 'nothing'
       expect((await cli(['channels', 'settle', '0x01'], env)).code).toBe(0)
     } finally {
@@ -318,6 +320,8 @@ describe('chat', () => {
     // In the CLI's own words: its options, not the library's allow.escrows.
     expect(r.stderr).toContain('pass --escrow <address> (TOLLWAY_ESCROW) if you do')
     expect(r.stderr).not.toContain('allow.escrows')
+    // Refused before any transaction: nothing opened, and the progress line says so.
+    expect(r.stderr).toContain('opening a payment channel (on chain)… not opened')
     const payer = Buffer.from(chain.payers[0]!.address.slice(2), 'hex')
     const [row] = await gw.sql`select count(*)::int as n from channels where payer = ${payer}`
     expect(row!.n).toBe(0)
