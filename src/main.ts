@@ -170,7 +170,7 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
         if (devChain.portTaken !== undefined)
           log.warn(
             { port: devChain.portTaken, rpcUrl: chain.rpcUrl },
-            'the development chain port (DEV_CHAIN_PORT) is held by another process: anvil is on a free one',
+            'the development chain port (DEV_CHAIN_PORT) is held by another process: anvil is on a free one, so its RPC URL (rpcUrl) is not the usual one: give that to TOLLWAY_RPC_URL and wallets, or free the port and restart',
           )
         if (devChain.setAside)
           log.warn(
