@@ -12,7 +12,6 @@ import fc from 'fast-check'
 import { generatePrivateKey } from 'viem/accounts'
 import { ClientError, createFetch, Store } from '../../src/client/index.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
-import * as Credential from '../../src/payment/Credential.ts'
 import * as Encoding from '../../src/payment/Encoding.ts'
 import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
 
@@ -48,40 +47,21 @@ type Answer = {
 let script: Answer[] = []
 /** Every credential payload the server got. */
 let got: Record<string, unknown>[] = []
-const server = Bun.serve({
-  port: 0,
-  hostname: '127.0.0.1',
-  async fetch(req) {
-    await req.arrayBuffer()
-    if (new URL(req.url).pathname.startsWith('/v1/channels/'))
-      return new Response(null, { status: 404 })
-    const authorization = req.headers.get('authorization')
-    if (!authorization?.startsWith('Payment '))
-      return new Response(
-        JSON.stringify({ type: 'https://paymentauth.org/problems/payment-required', status: 402 }),
-        {
-          status: 402,
-          headers: {
-            'content-type': 'application/problem+json',
-            'www-authenticate': Challenge.serialize(challenge()),
-          },
-        },
-      )
-    got.push(Credential.deserialize(authorization).payload as Record<string, unknown>)
-    const a = script.shift()
-    if (!a) return Response.json({})
-    const headers: Record<string, string> = {}
-    if (a.type) headers['content-type'] = a.type
-    if (a.challenge === 'fresh') headers['www-authenticate'] = Challenge.serialize(challenge())
-    else if (a.challenge !== 'none') headers['www-authenticate'] = a.challenge
-    if (a.receipt !== undefined) headers['payment-receipt'] = a.receipt
-    if (a.retryAfter !== undefined || a.status === 429) headers['retry-after'] = a.retryAfter ?? '0'
-    const empty = a.status === 204 || a.status === 304 || req.method === 'HEAD'
-    // CHANNEL stands for the channel the client opened (its first credential names it).
-    const body =
-      typeof a.body === 'string' ? a.body.replaceAll('CHANNEL', String(got[0]?.channelId)) : a.body
-    return new Response(empty ? null : body, { status: a.status, headers })
-  },
+const server = ScriptedPayments.serve(challenge, (payload, req) => {
+  got.push(payload)
+  const a = script.shift()
+  if (!a) return Response.json({})
+  const headers: Record<string, string> = {}
+  if (a.type) headers['content-type'] = a.type
+  if (a.challenge === 'fresh') headers['www-authenticate'] = Challenge.serialize(challenge())
+  else if (a.challenge !== 'none') headers['www-authenticate'] = a.challenge
+  if (a.receipt !== undefined) headers['payment-receipt'] = a.receipt
+  if (a.retryAfter !== undefined || a.status === 429) headers['retry-after'] = a.retryAfter ?? '0'
+  const empty = a.status === 204 || a.status === 304 || req.method === 'HEAD'
+  // CHANNEL stands for the channel the client opened (its first credential names it).
+  const body =
+    typeof a.body === 'string' ? a.body.replaceAll('CHANNEL', String(got[0]?.channelId)) : a.body
+  return new Response(empty ? null : body, { status: a.status, headers })
 })
 afterAll(() => server.stop(true))
 const url = `http://127.0.0.1:${server.port}/v1/chat/completions`

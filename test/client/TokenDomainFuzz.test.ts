@@ -18,8 +18,6 @@ import {
   Store,
   TokenDomainUnavailableError,
 } from '../../src/client/index.ts'
-import * as Challenge from '../../src/payment/Challenge.ts'
-import * as Credential from '../../src/payment/Credential.ts'
 import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
 
 const chainId = 31337
@@ -42,28 +40,9 @@ const challenge = () =>
 
 /** Every credential payload the server got. */
 let got: Record<string, unknown>[] = []
-const server = Bun.serve({
-  port: 0,
-  hostname: '127.0.0.1',
-  async fetch(req) {
-    await req.arrayBuffer()
-    if (new URL(req.url).pathname.startsWith('/v1/channels/'))
-      return new Response(null, { status: 404 })
-    const authorization = req.headers.get('authorization')
-    if (!authorization?.startsWith('Payment '))
-      return new Response(
-        JSON.stringify({ type: 'https://paymentauth.org/problems/payment-required', status: 402 }),
-        {
-          status: 402,
-          headers: {
-            'content-type': 'application/problem+json',
-            'www-authenticate': Challenge.serialize(challenge()),
-          },
-        },
-      )
-    got.push(Credential.deserialize(authorization).payload as Record<string, unknown>)
-    return Response.json({})
-  },
+const server = ScriptedPayments.serve(challenge, (payload) => {
+  got.push(payload)
+  return Response.json({})
 })
 
 type Answer =

@@ -1,6 +1,7 @@
 /** Scripted payment servers in tests (fakes of a gateway's payment side): the challenge they
- * answer a request without payment with. */
+ * answer a request without payment with, and a server that speaks MPP as the drafts state it. */
 import * as Challenge from '../../src/payment/Challenge.ts'
+import * as Credential from '../../src/payment/Credential.ts'
 import * as Session from '../../src/payment/evm/Session.ts'
 
 /** An evm session challenge of a scripted server for `request`, living `expiresMs`. */
@@ -12,5 +13,42 @@ export function challenge(request: Record<string, unknown>, expiresMs = 600_000)
     intent: 'session',
     expires: Challenge.expiresIn(expiresMs),
     request: Session.request(request as never),
+  })
+}
+
+/**
+ * A scripted payment server on a random loopback port (the caller stops it): channel reads
+ * (`/v1/channels/…`) are a 404; a request without a Payment credential is a 402 problem with
+ * `challenge()`; a paid request is answered by `paid` with the credential's payload (its body
+ * already read).
+ */
+export function serve(
+  challenge: () => Challenge.Challenge,
+  paid: (payload: Record<string, unknown>, req: Request) => Response,
+) {
+  return Bun.serve({
+    port: 0,
+    hostname: '127.0.0.1',
+    async fetch(req) {
+      await req.arrayBuffer()
+      if (new URL(req.url).pathname.startsWith('/v1/channels/'))
+        return new Response(null, { status: 404 })
+      const authorization = req.headers.get('authorization')
+      if (!authorization?.startsWith('Payment '))
+        return new Response(
+          JSON.stringify({
+            type: 'https://paymentauth.org/problems/payment-required',
+            status: 402,
+          }),
+          {
+            status: 402,
+            headers: {
+              'content-type': 'application/problem+json',
+              'www-authenticate': Challenge.serialize(challenge()),
+            },
+          },
+        )
+      return paid(Credential.deserialize(authorization).payload as Record<string, unknown>, req)
+    },
   })
 }
