@@ -14,51 +14,29 @@ import {
   type Address,
   encodeAbiParameters,
   encodeEventTopics,
-  encodeFunctionResult,
   getAddress,
   type Hex,
 } from 'viem'
 import * as Client from '../../src/chain/Client.ts'
 import { TokenDomainError } from '../../src/chain/Errors.ts'
 import * as Escrow from '../../src/chain/Escrow.ts'
-import { abi as testUsdAbi } from '../../src/chain/generated/TestUSD.ts'
 import * as Token from '../../src/chain/Token.ts'
+import * as RpcNode from '../helpers/RpcNode.ts'
 
 const chainId = 31337
 const escrow: Address = '0x5FbDB2315678afecb367f032d93F642f64180aa3'
 const token: Address = '0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512'
 
-/** What the node answers each call with: a JSON-RPC `result`, an `error`, or a raw body. */
-type Answer =
-  | { result: unknown }
-  | { error: { code: number; message: string; data?: unknown } }
-  | { raw: string; status?: number }
 /** The answer to the next `eth_getLogs`, `eth_call` or `eth_getTransactionReceipt`. */
-let answer: Answer = { result: [] }
-const server = Bun.serve({
-  port: 0,
-  hostname: '127.0.0.1',
-  async fetch(req) {
-    const call = (await req.json()) as { id: number; method: string }
-    const reply = (a: Answer) =>
-      'raw' in a
-        ? new Response(a.raw, { status: a.status ?? 200 })
-        : Response.json({ jsonrpc: '2.0', id: call.id, ...a })
-    if (call.method === 'eth_chainId') return reply({ result: `0x${chainId.toString(16)}` })
-    if (call.method === 'eth_blockNumber') return reply({ result: '0x10' })
-    return reply(answer)
-  },
-})
+let answer: RpcNode.Answer = { result: [] }
+const server = RpcNode.serve(chainId, (method) =>
+  method === 'eth_blockNumber' ? { result: '0x10' } : answer,
+)
 afterAll(() => server.stop(true))
 const rpcUrl = `http://127.0.0.1:${server.port}`
 const client = Client.from({ rpcUrl, chainId })
 
-const bytes = (n: number) =>
-  fc
-    .uint8Array({ minLength: n, maxLength: n })
-    .map((b) => `0x${Buffer.from(b).toString('hex')}` as Hex)
-const anyHex = (max: number) =>
-  fc.uint8Array({ maxLength: max }).map((b) => `0x${Buffer.from(b).toString('hex')}` as Hex)
+const { anyHex, bytes, domainResult } = RpcNode
 const weird = fc.oneof(
   fc.jsonValue({ maxDepth: 2 }),
   fc.constantFrom(null, '', '0x', '0xzz', 'toString', '__proto__', -1, 1e300),
@@ -269,7 +247,7 @@ describe('Escrow.closings over what the node answers', () => {
             .map(([raw, status]) => ({ raw, status })),
         ),
         async (a) => {
-          answer = a as Answer
+          answer = a as RpcNode.Answer
           const r = await closings()
           if ('ids' in r) {
             // Only an empty answer may pass for no logs.
@@ -322,19 +300,6 @@ describe('Escrow.events over a receipt the node answers', () => {
     )
   })
 })
-
-/** An `eip712Domain()` result as the token would return it (ERC-5267). */
-const domainResult = (d: {
-  name: string
-  version: string
-  chainId: bigint
-  verifyingContract: Address
-}) =>
-  encodeFunctionResult({
-    abi: testUsdAbi,
-    functionName: 'eip712Domain',
-    result: ['0x0f', d.name, d.version, d.chainId, d.verifyingContract, `0x${'00'.repeat(32)}`, []],
-  })
 
 /** `Token.domain` over the node's answer: the domain, or the error it threw. */
 const domain = () =>
@@ -426,7 +391,7 @@ describe('Token.domain over what the node answers', () => {
             .map(([raw, status]) => ({ raw, status })),
         ),
         async (a) => {
-          answer = a as Answer
+          answer = a as RpcNode.Answer
           const r = await domain()
           // Random bytes that happen to decode as a domain of this token on this chain are one.
           if ('d' in r) {

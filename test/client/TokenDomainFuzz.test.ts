@@ -9,15 +9,15 @@
  */
 import { afterAll, expect, test } from 'bun:test'
 import fc from 'fast-check'
-import { type Address, encodeFunctionResult, getAddress, type Hex } from 'viem'
+import { type Address, getAddress } from 'viem'
 import { generatePrivateKey } from 'viem/accounts'
-import { abi as testUsdAbi } from '../../src/chain/generated/TestUSD.ts'
 import {
   ClientError,
   createFetch,
   Store,
   TokenDomainUnavailableError,
 } from '../../src/client/index.ts'
+import * as RpcNode from '../helpers/RpcNode.ts'
 import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
 
 const chainId = 31337
@@ -45,48 +45,21 @@ const server = ScriptedPayments.serve(challenge, (payload) => {
   return Response.json({})
 })
 
-type Answer =
-  | { result: unknown }
-  | { error: { code: number; message: string; data?: unknown } }
-  | { raw: string; status?: number }
 /** What the node answers `eth_call` with. */
-let answer: Answer = { result: '0x' }
-const node = Bun.serve({
-  port: 0,
-  hostname: '127.0.0.1',
-  async fetch(req) {
-    const call = (await req.json()) as { id: number; method: string }
-    const reply = (a: Answer) =>
-      'raw' in a
-        ? new Response(a.raw, { status: a.status ?? 200 })
-        : Response.json({ jsonrpc: '2.0', id: call.id, ...a })
-    if (call.method === 'eth_chainId') return reply({ result: `0x${chainId.toString(16)}` })
-    if (call.method === 'eth_call') return reply(answer)
-    return reply({ error: { code: -32601, message: 'not here' } })
-  },
-})
+let answer: RpcNode.Answer = { result: '0x' }
+const node = RpcNode.serve(chainId, (method) =>
+  method === 'eth_call' ? answer : { error: { code: -32601, message: 'not here' } },
+)
 afterAll(() => {
   server.stop(true)
   node.stop(true)
 })
 const url = `http://127.0.0.1:${server.port}/v1/chat/completions`
 
-const bytes = (n: number) =>
-  fc
-    .uint8Array({ minLength: n, maxLength: n })
-    .map((b) => `0x${Buffer.from(b).toString('hex')}` as Hex)
-const anyHex = (max: number) =>
-  fc.uint8Array({ maxLength: max }).map((b) => `0x${Buffer.from(b).toString('hex')}` as Hex)
-
-const domainResult = (d: { name: string; chainId: bigint; verifyingContract: Address }) =>
-  encodeFunctionResult({
-    abi: testUsdAbi,
-    functionName: 'eip712Domain',
-    result: ['0x0f', d.name, '1', d.chainId, d.verifyingContract, `0x${'00'.repeat(32)}`, []],
-  })
+const { anyHex, bytes, domainResult } = RpcNode
 
 /** What the node answers, and whether it is the token's domain on the challenge's chain. */
-const answers: fc.Arbitrary<{ answer: Answer; ok: boolean }> = fc.oneof(
+const answers: fc.Arbitrary<{ answer: RpcNode.Answer; ok: boolean }> = fc.oneof(
   fc.string({ maxLength: 20 }).map((name) => ({
     answer: {
       result: domainResult({ name, chainId: BigInt(chainId), verifyingContract: currency }),
