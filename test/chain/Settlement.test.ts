@@ -1194,6 +1194,44 @@ describe('catch-up (a payer acting while no worker watched)', () => {
   const cursor = () =>
     Settlements.cursor(sql, { chainId: chain.chainId, escrow: chain.escrowAddress })
   const head = () => chain.payeeClient.request({ method: 'eth_blockNumber' }).then(BigInt)
+  /** An eth_getLogs over more than 4 blocks (what the fronts below refuse). */
+  const wideGetLogs = (call: { method: string; params?: unknown[] }) => {
+    if (call.method !== 'eth_getLogs') return false
+    const [filter] = call.params as [{ fromBlock: Hex; toBlock: Hex }]
+    return BigInt(filter.toBlock) - BigInt(filter.fromBlock) + 1n > 4n
+  }
+  /**
+   * A channel (100 spent) whose close is requested 10 blocks into 20, read by a worker through
+   * `front`: settled all the same, the cursor at the head the pass began at, `refused()` ranges
+   * refused and a log line containing `logged`. Stops the front.
+   */
+  async function settledThrough(
+    front: ReturnType<typeof rpcFront>,
+    refused: () => number,
+    logged: string,
+  ) {
+    try {
+      const channelId = await openChannel()
+      await accept(channelId, 100n)
+      await spend(channelId, 100n)
+      const entries: Entry[] = []
+      const w = worker({ client: front.client, log: logger(entries) })
+      expect(mine(await ticked(w), channelId)).toEqual([])
+      for (let i = 0; i < 10; i++) await chain.increaseTime(1)
+      await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
+      for (let i = 0; i < 10; i++) await chain.increaseTime(1)
+
+      const before = await head()
+      expect(mine(await ticked(w), channelId)).toMatchObject([
+        { status: 'confirmed', cumulativeAmount: 100n },
+      ])
+      expect(refused()).toBeGreaterThan(0)
+      expect(entries.some((e) => e.msg.includes(logged))).toBe(true)
+      expect(await cursor()).toBe(before)
+    } finally {
+      front.server.stop(true)
+    }
+  }
 
   test('behavior: a forced close made between two passes is marked and settled by the next, under the threshold, with a watch that starts after it', async () => {
     const channelId = await openChannel()
@@ -1262,34 +1300,11 @@ describe('catch-up (a payer acting while no worker watched)', () => {
     // The chain through a front that, as many hosted nodes, refuses a range over 4 blocks.
     let refused = 0
     const front = rpcFront((call) => {
-      if (call.method !== 'eth_getLogs') return undefined
-      const [filter] = call.params as [{ fromBlock: Hex; toBlock: Hex }]
-      if (BigInt(filter.toBlock) - BigInt(filter.fromBlock) + 1n <= 4n) return undefined
+      if (!wideGetLogs(call)) return undefined
       refused++
       return { code: -32602, message: 'block range is too wide: at most 4 blocks' }
     })
-    try {
-      const client = front.client
-      const channelId = await openChannel()
-      await accept(channelId, 100n)
-      await spend(channelId, 100n)
-      const entries: Entry[] = []
-      const w = worker({ client, log: logger(entries) })
-      expect(mine(await ticked(w), channelId)).toEqual([])
-      for (let i = 0; i < 10; i++) await chain.increaseTime(1)
-      await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
-      for (let i = 0; i < 10; i++) await chain.increaseTime(1)
-
-      const before = await head()
-      expect(mine(await ticked(w), channelId)).toMatchObject([
-        { status: 'confirmed', cumulativeAmount: 100n },
-      ])
-      expect(refused).toBeGreaterThan(0)
-      expect(entries.some((e) => e.msg.includes('refused an eth_getLogs range'))).toBe(true)
-      expect(await cursor()).toBe(before)
-    } finally {
-      front.server.stop(true)
-    }
+    await settledThrough(front, () => refused, 'refused an eth_getLogs range')
   })
 
   test('behavior: a node whose eth_getLogs answer for a wide range is over the size the client reads gets smaller ranges, and every event is still read', async () => {
@@ -1298,34 +1313,12 @@ describe('catch-up (a payer acting while no worker watched)', () => {
     const front = rpcFront(
       () => undefined,
       (call) => {
-        if (call.method !== 'eth_getLogs') return undefined
-        const [filter] = call.params as [{ fromBlock: Hex; toBlock: Hex }]
-        if (BigInt(filter.toBlock) - BigInt(filter.fromBlock) + 1n <= 4n) return undefined
+        if (!wideGetLogs(call)) return undefined
         refused++
         return { result: ['0'.repeat(11 * 1024 * 1024)] }
       },
     )
-    try {
-      const channelId = await openChannel()
-      await accept(channelId, 100n)
-      await spend(channelId, 100n)
-      const entries: Entry[] = []
-      const w = worker({ client: front.client, log: logger(entries) })
-      expect(mine(await ticked(w), channelId)).toEqual([])
-      for (let i = 0; i < 10; i++) await chain.increaseTime(1)
-      await Escrow.requestClose(payer().client, { escrow: chain.escrowAddress, channelId })
-      for (let i = 0; i < 10; i++) await chain.increaseTime(1)
-
-      const before = await head()
-      expect(mine(await ticked(w), channelId)).toMatchObject([
-        { status: 'confirmed', cumulativeAmount: 100n },
-      ])
-      expect(refused).toBeGreaterThan(0)
-      expect(entries.some((e) => e.msg.includes('answer was too large'))).toBe(true)
-      expect(await cursor()).toBe(before)
-    } finally {
-      front.server.stop(true)
-    }
+    await settledThrough(front, () => refused, 'answer was too large')
   })
 
   test('property: closing logs of an open channel forged by the node, and garbled ones, neither settle, close nor mark it, nor fail the pass', async () => {
