@@ -326,6 +326,34 @@ export async function waitingOnLock(sql: Db.Sql, text = '') {
 }
 
 /**
+ * Runs `sweep` while `renewal` (a lease renewal `locked` holds uncommitted) is under way: once
+ * the sweep is done or waits on a lock (in a statement with `text`), the renewal commits. The
+ * number the sweep released; the renewal ended either way.
+ */
+export async function sweepDuring(
+  sql: Db.Sql,
+  renewal: Awaited<ReturnType<typeof locked>>,
+  sweep: () => Promise<number>,
+  text?: string,
+) {
+  try {
+    const swept = sweep()
+    await Promise.race([swept, waitingOnLock(sql, text)])
+    await renewal.free(0)
+    return await swept
+  } finally {
+    await renewal.end()
+  }
+}
+
+/** Reservation `id`'s lease: what it recorded delivered, and whether it is live. */
+export async function lease(sql: Db.Sql, id: string) {
+  const [r] = await sql`
+    select delivered, expires_at > now() as live from reservations where id = ${id}`
+  return r
+}
+
+/**
  * Cuts the link under a batch of admissions whose answer it holds (committed, answer lost) and
  * mends it; each must fail out of reach, not run again into its own request id.
  */

@@ -243,18 +243,15 @@ describe('a channel charge', () => {
         (tx) =>
           Reservations.extend(tx, { id, amount: 0n, leaseSeconds: 60, delivered: 60n, from: 100n }),
       ])
-      try {
-        const swept = Reservations.sweep(sql, Buffer.from(channelId.slice(2), 'hex'))
-        // Done, or waiting on the reservation the renewal holds.
-        await Promise.race([swept, Ledger.waitingOnLock(sql, 'tollway_channel_finish_many')])
-        await renewal.free(0)
-        expect(await swept).toBe(0)
-      } finally {
-        await renewal.end()
-      }
-      const [row] = await sql`
-        select delivered, expires_at > now() as live from reservations where id = ${id}`
-      expect(row).toEqual({ delivered: 60n, live: true })
+      expect(
+        await Ledger.sweepDuring(
+          sql,
+          renewal,
+          () => Reservations.sweep(sql, Buffer.from(channelId.slice(2), 'hex')),
+          'tollway_channel_finish_many',
+        ),
+      ).toBe(0)
+      expect(await Ledger.lease(sql, id)).toEqual({ delivered: 60n, live: true })
       expect(await invariants(channelId)).toMatchObject({ spent: 0n, reserved: 100n })
       // Another request takes what is free; the stream's charge is still whole (had its hold
       // been released, its late charge would find nothing free: 30 spent for 100 sent).
