@@ -22,6 +22,10 @@ const WINDOW = 3600
 const fingerprint = new Uint8Array([9])
 const keyed = (key: string) => ({ key, fingerprint })
 
+/** Holds 10 of channel `channelId` for request `requestId`, keyed `key`: the hold's answer. */
+const keyedHold = (channelId: Channels.Hex, key: string, requestId: string) =>
+  Ledger.hold(sql, channelId, { want: 10n, need: 10n, requestId, idempotency: keyed(key) })
+
 /** Finishes request `id` charged `cost` (of `channelId`, if given), with its key. */
 const finish = (id: string, cost: bigint, channelId?: Channels.Hex) =>
   Reservations.finish(
@@ -100,28 +104,10 @@ describe('prune', () => {
     const c = await Ledger.channel(sql, 1_000n)
     await Ledger.voucher(sql, c.channelId, 500n)
     const channelOld = crypto.randomUUID()
-    expect(
-      (
-        await Ledger.hold(sql, c.channelId, {
-          want: 10n,
-          need: 10n,
-          requestId: channelOld,
-          idempotency: keyed('old'),
-        })
-      ).status,
-    ).toBe('ok')
+    expect((await keyedHold(c.channelId, 'old', channelOld)).status).toBe('ok')
     expect(await finish(channelOld, 4n, c.channelId)).toMatchObject({ charged: 4n })
     const channelRunning = crypto.randomUUID()
-    expect(
-      (
-        await Ledger.hold(sql, c.channelId, {
-          want: 10n,
-          need: 10n,
-          requestId: channelRunning,
-          idempotency: keyed('running'),
-        })
-      ).status,
-    ).toBe('ok')
+    expect((await keyedHold(c.channelId, 'running', channelRunning)).status).toBe('ok')
     await age({ channelId: c.channelId, keys: ['old', 'running'], hours: 2 })
     const before = await Ledger.accountState(sql, a.id)
     const channelBefore = await Ledger.channelState(sql, c.channelId)
@@ -189,13 +175,7 @@ describe('prune', () => {
     // A channel's alike.
     const c = await Ledger.channel(sql, 1_000n)
     await Ledger.voucher(sql, c.channelId, 500n)
-    const hold = (requestId: string) =>
-      Ledger.hold(sql, c.channelId, {
-        want: 10n,
-        need: 10n,
-        requestId,
-        ...{ idempotency: keyed('retried') },
-      })
+    const hold = (requestId: string) => keyedHold(c.channelId, 'retried', requestId)
     const one = crypto.randomUUID()
     expect((await hold(one)).status).toBe('ok')
     expect(await finish(one, 4n, c.channelId)).toMatchObject({ charged: 4n })
