@@ -283,11 +283,7 @@ contract PaymentChannelEscrowTest is Base {
         escrow.requestClose(id);
         vm.prank(payer);
         escrow.topUp(id, 1);
-        vm.assertEq(escrow.getChannel(id).closeRequestedAt, 0, "close request cancelled");
-        vm.warp(block.timestamp + 15 minutes);
-        vm.prank(payer);
-        vm.expectRevert(PaymentChannelEscrow.CloseNotReady.selector);
-        escrow.withdraw(id);
+        assertCloseCancelled(id);
     }
 
     function test_topUp_revertsForNonPayer() public {
@@ -359,11 +355,7 @@ contract PaymentChannelEscrowTest is Base {
         emit PaymentChannelEscrow.CloseRequestCancelled(id);
         vm.prank(payee);
         escrow.topUpWithAuthorization(id, 5, payer, SALT, requestedAt, type(uint256).max, nonce, auth);
-        vm.assertEq(escrow.getChannel(id).closeRequestedAt, 0, "cancelled");
-        vm.warp(block.timestamp + 15 minutes);
-        vm.prank(payer);
-        vm.expectRevert(PaymentChannelEscrow.CloseNotReady.selector);
-        escrow.withdraw(id);
+        assertCloseCancelled(id);
     }
 
     /// An authorization the payer signed before it requested the close (one it gave the payee and
@@ -382,9 +374,7 @@ contract PaymentChannelEscrowTest is Base {
         uint256 payerBefore = token.balanceOf(payer);
         vm.prank(payee);
         escrow.topUpWithAuthorization(id, 5, payer, SALT, 0, type(uint256).max, nonce, auth);
-        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
-        vm.assertEq(c.deposit, DEPOSIT + 5, "deposit added");
-        vm.assertEq(c.closeRequestedAt, requestedAt, "close request kept");
+        assertToppedUpKeepingClose(id, 5, requestedAt);
         vm.assertTrue(token.authorizationState(payer, nonce), "authorization used");
         // The grace period still ends 15 minutes after the original request; the payer gets the
         // top-up back with the rest.
@@ -407,9 +397,7 @@ contract PaymentChannelEscrowTest is Base {
             authorization(RECEIVE_TYPEHASH, PAYER_KEY, address(escrow), 5, validAfter, type(uint256).max, nonce);
         vm.warp(block.timestamp + 1);
         escrow.topUpWithAuthorization(id, 5, payer, SALT, validAfter, type(uint256).max, nonce, auth);
-        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
-        vm.assertEq(c.deposit, DEPOSIT + 5, "deposit added");
-        vm.assertEq(c.closeRequestedAt, requestedAt, "close request kept");
+        assertToppedUpKeepingClose(id, 5, requestedAt);
     }
 
     /// A third party's top-up never cancels, whatever its validAfter.
@@ -423,9 +411,7 @@ contract PaymentChannelEscrowTest is Base {
             authorization(RECEIVE_TYPEHASH, OTHER_KEY, address(escrow), 5, requestedAt, type(uint256).max, nonce);
         vm.warp(block.timestamp + 1);
         escrow.topUpWithAuthorization(id, 5, other, SALT, requestedAt, type(uint256).max, nonce, auth);
-        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
-        vm.assertEq(c.deposit, DEPOSIT + 5, "deposit added");
-        vm.assertEq(c.closeRequestedAt, requestedAt, "close request kept");
+        assertToppedUpKeepingClose(id, 5, requestedAt);
     }
 
     /// A top-up by authorization cancels a pending close exactly when the payer funds it and its
@@ -1234,6 +1220,23 @@ contract PaymentChannelEscrowTest is Base {
         vm.prank(payer);
         vm.expectRevert(PaymentChannelEscrow.ChannelNotFound.selector);
         escrow.withdraw(keccak256("nope"));
+    }
+
+    /// The close request of `id` is cancelled: past the grace period the payer cannot withdraw.
+    function assertCloseCancelled(bytes32 id) internal {
+        vm.assertEq(escrow.getChannel(id).closeRequestedAt, 0, "close request cancelled");
+        vm.warp(block.timestamp + 15 minutes);
+        vm.prank(payer);
+        vm.expectRevert(PaymentChannelEscrow.CloseNotReady.selector);
+        escrow.withdraw(id);
+    }
+
+    /// A top-up of `amount` added its deposit to `id` and left its close request (made at
+    /// `requestedAt`) standing.
+    function assertToppedUpKeepingClose(bytes32 id, uint128 amount, uint64 requestedAt) internal view {
+        PaymentChannelEscrow.Channel memory c = escrow.getChannel(id);
+        vm.assertEq(c.deposit, DEPOSIT + amount, "deposit added");
+        vm.assertEq(c.closeRequestedAt, requestedAt, "close request kept");
     }
 
     function assertNoChannel(bytes32 id) internal view {
