@@ -9,8 +9,7 @@
  */
 import { afterAll, expect, test } from 'bun:test'
 import fc from 'fast-check'
-import { generatePrivateKey } from 'viem/accounts'
-import { ClientError, createFetch, Store } from '../../src/client/index.ts'
+import { ClientError } from '../../src/client/index.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Encoding from '../../src/payment/Encoding.ts'
 import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
@@ -206,19 +205,9 @@ test('property: any server answers after an honest challenge end in a Response o
       async (answers, stream) => {
         script = [...answers]
         got = []
-        const f = createFetch({
-          account: generatePrivateKey(),
-          limits,
-          deposit: 200_000n,
-          allow: { escrows: [escrow] },
-          store: Store.memory(),
-        })
+        const f = ScriptedPayments.payer(escrow, { limits })
         try {
-          const res = await f(url, {
-            method: 'POST',
-            headers: { 'content-type': 'application/json' },
-            body: JSON.stringify({ model: 'm', stream, messages: [] }),
-          })
+          const res = await ScriptedPayments.chat(f, url, stream)
           await res.text()
         } catch (e) {
           if (!(e instanceof ClientError))

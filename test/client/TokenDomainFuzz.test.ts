@@ -10,13 +10,7 @@
 import { afterAll, expect, test } from 'bun:test'
 import fc from 'fast-check'
 import { type Address, getAddress } from 'viem'
-import { generatePrivateKey } from 'viem/accounts'
-import {
-  ClientError,
-  createFetch,
-  Store,
-  TokenDomainUnavailableError,
-} from '../../src/client/index.ts'
+import { ClientError, TokenDomainUnavailableError } from '../../src/client/index.ts'
 import * as RpcNode from '../helpers/RpcNode.ts'
 import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
 
@@ -96,20 +90,12 @@ test("property: the token domain the node answers is signed with only when it is
     fc.asyncProperty(answers, async ({ answer: a, ok }) => {
       answer = a
       got = []
-      const f = createFetch({
-        account: generatePrivateKey(),
+      const f = ScriptedPayments.payer(escrow, {
         rpcUrl: `http://127.0.0.1:${node.port}`,
         limits: { maxDeposit: 1_000_000n, maxTotal: 3_000_000n },
-        deposit: 200_000n,
-        allow: { escrows: [escrow] },
-        store: Store.memory(),
       })
       try {
-        const r = await f(url, {
-          method: 'POST',
-          headers: { 'content-type': 'application/json' },
-          body: JSON.stringify({ model: 'm', messages: [] }),
-        }).then(
+        const r = await ScriptedPayments.chat(f, url).then(
           async (res) => ({ res: await res.text() }),
           (error: unknown) => ({ error }),
         )

@@ -1,5 +1,9 @@
 /** Scripted payment servers in tests (fakes of a gateway's payment side): the challenge they
- * answer a request without payment with, and a server that speaks MPP as the drafts state it. */
+ * answer a request without payment with, a server that speaks MPP as the drafts state it, and
+ * a paying client of a fresh account against it. */
+import type { Address } from 'viem'
+import { generatePrivateKey } from 'viem/accounts'
+import { createFetch, type Options, type PayingFetch, Store } from '../../src/client/index.ts'
 import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Session from '../../src/payment/evm/Session.ts'
@@ -50,5 +54,26 @@ export function serve(
         )
       return paid(Credential.deserialize(authorization).payload as Record<string, unknown>, req)
     },
+  })
+}
+
+/** A paying fetch of a fresh account that pays into `escrow` only (deposits of 200_000, a memory
+ * store), with `options` on top. */
+export function payer(escrow: Address, options: Pick<Options, 'limits' | 'rpcUrl'>) {
+  return createFetch({
+    account: generatePrivateKey(),
+    deposit: 200_000n,
+    allow: { escrows: [escrow] },
+    store: Store.memory(),
+    ...options,
+  })
+}
+
+/** A chat completion request of model `m` (streamed when `stream`) by `f` to `url`. */
+export function chat(f: PayingFetch, url: string, stream?: boolean) {
+  return f(url, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ model: 'm', stream, messages: [] }),
   })
 }
