@@ -14,24 +14,9 @@ import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Encoding from '../../src/payment/Encoding.ts'
 import * as ScriptedPayments from '../helpers/ScriptedPayments.ts'
 
-const escrow = '0x5FbDB2315678afecb367f032d93F642f64180aa3'
-const currency = '0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512'
-const recipient = '0x70997970C51812dc3A010C7d01b50e0d17dc79C8'
 const limits = { maxDeposit: 1_000_000n, maxTotal: 3_000_000n }
 
-const challenge = () =>
-  ScriptedPayments.challenge({
-    amount: 1_000_000n,
-    currency,
-    recipient,
-    methodDetails: {
-      chainId: 31337,
-      escrowContract: escrow,
-      feePayer: true,
-      credentialTypes: ['authorization'],
-      tokenDomain: { name: 'TestUSD', version: '1' },
-    },
-  } as never)
+const challenge = () => ScriptedPayments.feePaid({ tokenDomain: { name: 'TestUSD', version: '1' } })
 
 type Answer = {
   status: number
@@ -205,7 +190,7 @@ test('property: any server answers after an honest challenge end in a Response o
       async (answers, stream) => {
         script = [...answers]
         got = []
-        const f = ScriptedPayments.payer(escrow, { limits })
+        const f = ScriptedPayments.payer({ limits })
         try {
           const res = await ScriptedPayments.chat(f, url, stream)
           await res.text()

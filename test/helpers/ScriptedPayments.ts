@@ -8,6 +8,12 @@ import * as Challenge from '../../src/payment/Challenge.ts'
 import * as Credential from '../../src/payment/Credential.ts'
 import * as Session from '../../src/payment/evm/Session.ts'
 
+/** The escrow, token and payee of a fee-paying scripted server (anvil's first two deployments
+ * and its second account; nothing is deployed: such a server pays the gas). */
+export const escrow: Address = '0x5FbDB2315678afecb367f032d93F642f64180aa3'
+export const currency: Address = '0xe7f1725E7734CE288F8367e1Bb143E90bb3F0512'
+export const recipient: Address = '0x70997970C51812dc3A010C7d01b50e0d17dc79C8'
+
 /** An evm session challenge of a scripted server for `request`, living `expiresMs`. */
 export function challenge(request: Record<string, unknown>, expiresMs = 600_000) {
   return Challenge.from({
@@ -17,6 +23,23 @@ export function challenge(request: Record<string, unknown>, expiresMs = 600_000)
     intent: 'session',
     expires: Challenge.expiresIn(expiresMs),
     request: Session.request(request as never),
+  })
+}
+
+/** The challenge of a server on chain 31337 that pays the gas (authorization credentials) for
+ * 1_000_000 of `currency` into `escrow`, with `methodDetails` on top. */
+export function feePaid(methodDetails: Record<string, unknown> = {}) {
+  return challenge({
+    amount: 1_000_000n,
+    currency,
+    recipient,
+    methodDetails: {
+      chainId: 31337,
+      escrowContract: escrow,
+      feePayer: true,
+      credentialTypes: ['authorization'],
+      ...methodDetails,
+    },
   })
 }
 
@@ -59,7 +82,7 @@ export function serve(
 
 /** A paying fetch of a fresh account that pays into `escrow` only (deposits of 200_000, a memory
  * store), with `options` on top. */
-export function payer(escrow: Address, options: Pick<Options, 'limits' | 'rpcUrl'>) {
+export function payer(options: Pick<Options, 'limits' | 'rpcUrl'>) {
   return createFetch({
     account: generatePrivateKey(),
     deposit: 200_000n,
