@@ -25,6 +25,7 @@ import {
   StoreInUseError,
   verifyReceipt,
 } from '../client/index.ts'
+import { withoutUrls } from '../Errors.ts'
 import * as Pricing from '../metering/Pricing.ts'
 import { type CliError, PaymentError, ServerError, UsageError } from './Errors.ts'
 import * as Http from './Http.ts'
@@ -98,14 +99,25 @@ export function classify(e: Error): CliError {
   // (the request body, the call's arguments, its docs); one line says what failed, and where.
   if (e instanceof BaseError) {
     const http = e.walk((c) => c instanceof HttpRequestError) as HttpRequestError | null
-    const where = http ? ` at ${http.url}` : ''
-    const what = e.shortMessage.replace(/\.$/, '')
-    const why = e.details && e.details !== e.shortMessage ? ` (${e.details})` : ''
+    // Its origin only: a provider's URL often carries an API key in its path or query, and
+    // this line may end up in a CI log.
+    const where = http ? ` at ${origin(http.url)}` : ''
+    const what = withoutUrls(e.shortMessage.replace(/\.$/, ''))
+    const why = e.details && e.details !== e.shortMessage ? ` (${withoutUrls(e.details)})` : ''
     return new ServerError(
       `The chain's node${where} (--rpc-url / TOLLWAY_RPC_URL): ${what}${why}`.replace(/\s+/g, ' '),
     )
   }
   return new ServerError(`${e.name}: ${e.message}`)
+}
+
+/** A URL's scheme, host and port (`<url>` if it is none). */
+function origin(url: string): string {
+  try {
+    return new URL(url).origin
+  } catch {
+    return '<url>'
+  }
 }
 
 const completions = (ctx: Context) => new URL('/v1/chat/completions', ctx.settings.url).toString()

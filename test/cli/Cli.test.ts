@@ -675,12 +675,15 @@ describe('channel request-close | withdraw', () => {
     const probe = Bun.listen({ hostname: '127.0.0.1', port: 0, socket: { data() {} } })
     const dead = `http://127.0.0.1:${probe.port}`
     probe.stop(true)
-    const r = await cli(['channel', 'request-close'], { ...wallet, TOLLWAY_RPC_URL: dead })
+    // A provider's URL, its key in the path: the line names the node by its origin alone.
+    const rpcUrl = `${dead}/v3/secret-provider-key`
+    const r = await cli(['channel', 'request-close'], { ...wallet, TOLLWAY_RPC_URL: rpcUrl })
     expect(r.code).toBe(4)
     const lines = r.stderr.trim().split('\n')
     expect(lines.at(-1)).toContain(
-      `The chain's node at ${dead}/ (--rpc-url / TOLLWAY_RPC_URL): HTTP request failed`,
+      `The chain's node at ${dead} (--rpc-url / TOLLWAY_RPC_URL): HTTP request failed`,
     )
+    expect(r.stderr).not.toContain('secret-provider-key')
     expect(r.stderr).not.toContain('Request body')
     expect(r.stderr).not.toContain('Docs:')
     expect(lines).toHaveLength(2) // the progress line, then the error
