@@ -137,7 +137,8 @@ export async function start(config: Config.Config, options: StartOptions = {}): 
       mkdirSync(config.dataDir, { recursive: true })
       devChain = await DevChain.start({
         stateFile: resolve(config.dataDir, 'anvil-state.json'),
-        port: config.devChainPort,
+        // Not the gateway's own port (PORT=8545 say): a free one, or anvil would take it first.
+        port: config.devChainPort === config.port ? 0 : config.devChainPort,
       })
       stops.push(devChain.stop)
       chain = {

@@ -721,3 +721,24 @@ describe('npm start', () => {
     expect(err).toContain('ESCROW_ADDRESS')
   })
 })
+
+describe('development chain port', () => {
+  test("behavior: a DEV_CHAIN_PORT that is the gateway's own PORT leaves that port to the gateway; anvil takes a free one", async () => {
+    const { start } = await import('../src/main.ts')
+    const Config = await import('../src/Config.ts')
+    const probe = Bun.serve({ port: 0, hostname: '127.0.0.1', fetch: () => new Response() })
+    const port = probe.port!
+    probe.stop(true)
+    const dataDir = mkdtempSync(join(tmpdir(), 'tollway-main-'))
+    const gateway = await start(
+      Config.from({ dataDir, port, devChainPort: port, logLevel: 'error' }),
+    )
+    try {
+      expect(gateway.url).toBe(`http://127.0.0.1:${port}`)
+      expect(await (await fetch(`${gateway.url}/health`)).json()).toEqual({ status: 'ok' })
+      expect(gateway.chain!.rpcUrl).not.toBe(`http://127.0.0.1:${port}`)
+    } finally {
+      await gateway.stop()
+    }
+  }, 60_000)
+})
