@@ -6,7 +6,8 @@
  * nothing deleted one: the tables grew without end. Stripe keeps its keys 24 hours.
  *
  * A key `in_progress` is never forgotten (its request runs: a retry must still be told so), nor
- * a completed one whose request still holds a reservation. Nothing refers to these rows: the
+ * a completed one whose request still holds a reservation or ended within the window (the
+ * window runs from the request's end, for a request that ran longer than it). Nothing refers to these rows: the
  * usage row and the charge (credit_transactions, a channel's `spent`) of the request stay.
  *
  * Forgotten a chunk at a time, each its own short transaction, oldest first along the
@@ -50,6 +51,11 @@ export async function pruneChunk(
           where o.state = 'completed'
             and o.created_at < now() - make_interval(secs => ${windowSeconds})
             and not exists (select 1 from reservations r where r.id = o.request_id)
+            -- Nor one whose request ended within the window (its usage row is written as it
+            -- ends): a request that ran longer than a short window would have its key forgotten
+            -- as it answered, and its client's retry charged again.
+            and not exists (select 1 from usage u where u.id = o.request_id
+              and u.created_at >= now() - make_interval(secs => ${windowSeconds}))
           order by o.created_at
           limit ${limit}
           for update of o skip locked))`

@@ -32,9 +32,12 @@ test('behavior: a key older than the window is forgotten by the sweep, and a req
   // Sweeps ran meanwhile (every 50 ms) and kept both: they are within the window.
   await Bun.sleep(200)
   expect((await keys()).map((k) => k.key)).toEqual(['window-1', 'window-2'])
-  await gw.sql`
+  // First used, and its request ended, an hour and a minute ago.
+  const [aged] = await gw.sql`
     update idempotency_keys set created_at = now() - interval '61 minutes'
-    where account_id = ${id} and key = 'window-1'`
+    where account_id = ${id} and key = 'window-1' returning request_id`
+  await gw.sql`
+    update usage set created_at = now() - interval '61 minutes' where id = ${aged!.request_id}`
   for (let i = 0; i < 60 && (await keys()).length > 1; i++) await Bun.sleep(50)
   expect((await keys()).map((k) => k.key)).toEqual(['window-2'])
 

@@ -60,17 +60,19 @@ const channelKeys = async (channelId: Channels.Hex) =>
     ).map((r) => [r.key, { state: r.state, request: r.request_id }]),
   )
 
-/** Makes the keys `keys` of account `id` (or of channel `channelId`) `hours` old. */
+/** Makes the keys `keys` of account `id` (or of channel `channelId`) `hours` old, and the
+ * usage rows of their requests (a request that ended then). */
 async function age(o: { id?: string; channelId?: Channels.Hex; keys: string[]; hours: number }) {
   const at = sql`now() - make_interval(secs => ${o.hours * 3600})`
-  if (o.id)
-    await sql`
-      update idempotency_keys set created_at = ${at}
-      where account_id = ${o.id} and key = any(${o.keys})`
-  else
-    await sql`
-      update channel_idempotency_keys set created_at = ${at}
-      where channel_id = ${Buffer.from(o.channelId!.slice(2), 'hex')} and key = any(${o.keys})`
+  const aged = o.id
+    ? await sql`
+        update idempotency_keys set created_at = ${at}
+        where account_id = ${o.id} and key = any(${o.keys}) returning request_id`
+    : await sql`
+        update channel_idempotency_keys set created_at = ${at}
+        where channel_id = ${Buffer.from(o.channelId!.slice(2), 'hex')} and key = any(${o.keys})
+        returning request_id`
+  await sql`update usage set created_at = ${at} where id = any(${aged.map((r) => r.request_id)}::uuid[])`
 }
 
 describe('prune', () => {
@@ -133,10 +135,14 @@ describe('prune', () => {
     expect(t!.n).toBe(1)
     // A second pass finds nothing more.
     expect(await IdempotencyKeys.prune(sql, WINDOW)).toBe(0)
-    // Once their requests end, their keys (as old) go too.
+    // Once their requests end, their keys are kept a window from then (a retry of an answer
+    // just given is still told so), then go too.
     await finish(running.requestId, 1n)
     await finish(held.requestId, 1n)
     await finish(channelRunning, 1n, c.channelId)
+    expect(await IdempotencyKeys.prune(sql, WINDOW)).toBe(0)
+    await age({ id: a.id, keys: ['running', 'held'], hours: 2 })
+    await age({ channelId: c.channelId, keys: ['running'], hours: 2 })
     expect(await IdempotencyKeys.prune(sql, WINDOW)).toBe(3)
     expect(await accountKeys(a.id)).toEqual({
       young: { state: 'completed', request: done.young },
@@ -247,4 +253,20 @@ describe('prune', () => {
       expect(await accountKeys(a.id)).toEqual({})
     },
   )
+})
+
+describe('window', () => {
+  test("behavior: runs from the request's end: a key first used before the window whose request ended within it is kept", async () => {
+    const a = await Ledger.account(sql, 1_000n)
+    const long = await Ledger.admit(sql, a.keyHash, 10n, { idempotency: keyed('long') })
+    expect(await finish(long.requestId, 4n)).toMatchObject({ charged: 4n })
+    const short = await Ledger.admit(sql, a.keyHash, 10n, { idempotency: keyed('short') })
+    expect(await finish(short.requestId, 4n)).toMatchObject({ charged: 4n })
+    // Both first used two hours ago, the short one's request ended then too; the long one's ran
+    // until a moment ago.
+    await age({ id: a.id, keys: ['long', 'short'], hours: 2 })
+    await sql`update usage set created_at = now() where id = ${long.requestId}`
+    await IdempotencyKeys.prune(sql, WINDOW)
+    expect(Object.keys(await accountKeys(a.id))).toEqual(['long'])
+  })
 })
