@@ -164,6 +164,9 @@ type Answer =
   | ['finished', string, string]
   | ['unauthorized']
   | ['tier', string, string]
+  // A prompt over the plan's whole monthly quota: a plan refusal to earlier releases (see the
+  // function's notes on rolling deploys), marked by its trailing status.
+  | ['tier', string, string, number, 'prompt_over_quota']
   | [
       'idempotency_mismatch' | 'idempotency_in_progress' | 'idempotency_completed',
       string,
@@ -179,9 +182,6 @@ type Answer =
       number | null,
       number | null,
     ]
-  // A prompt over the plan's whole monthly quota: a quota refusal to instances that know no
-  // more (see the function's notes on rolling deploys), marked by its trailing true.
-  | ['quota', string, string, number, null, null, number, true]
   | ['insufficient', string, string, string, number | null, number | null]
 
 /** An item's answer from its entry in tollway_ledger_batch's answer. */
@@ -204,6 +204,8 @@ function answer(x: Answer): Admitted | Refused | Finished {
     case 'unauthorized':
       return { status: 'unauthorized' }
     case 'tier':
+      if (x.length === 5 && x[4] === 'prompt_over_quota')
+        return { status: 'prompt_over_quota', tokensPerMonth: x[3] }
       return { status: 'tier', accountId: x[1] }
     case 'insufficient':
       return {
@@ -216,7 +218,6 @@ function answer(x: Answer): Admitted | Refused | Finished {
     case 'rate':
     case 'quota':
     case 'wallet':
-      if (x[7] === true) return { status: 'prompt_over_quota', tokensPerMonth: x[6] }
       return {
         status: x[0],
         retryAfterMs: x[3],

@@ -1,4 +1,4 @@
--- version: 9
+-- version: 10
 -- tollway_ledger_batch: the API-key ledger's batch statement (admissions and finishes, see
 -- Reservations.ts). Its current definition lives here, not in a migration: Db.migrate applies
 -- this file after the migrations when its version (the first line) is above the one applied, so
@@ -31,16 +31,20 @@
 --   ["idempotency_mismatch" | "idempotency_in_progress" | "idempotency_completed", account, key, other_request]
 --   ["concurrency" | "rate" | "quota" | "wallet", account, key, retry_after_ms, rate_limit, rate_remaining,
 --     tokens_per_month]
---   ["quota", account, key, retry_after_ms, null, null, tokens_per_month, true]: a prompt with
---     more tokens than the plan's whole monthly quota (the gateway's 400, not a wait).
--- An instance of the release before, still taking load during a rolling deploy, calls this
+--   ["tier", account, key, tokens_per_month, "prompt_over_quota"]: a prompt with more tokens
+--     than the plan's whole monthly quota (the gateway's 400: no wait lets it in).
+-- An instance of an earlier release, still taking load during a rolling deploy, calls this
 -- function as it is (same name, same answer type) and reads each entry by its status and
 -- positions: a new refusal is a new shape of a status it knows, its fields past those it
 -- reads. Version 7 answered a prompt over the whole quota ["prompt_over_quota", ...], a status
 -- the instances of version 6 did not know: their route made no error of it (undefined) and
--- threw that, which no handler renders, so the server answered a 500. As a quota refusal (the
--- 429 with the month's end that version 6 gave), its trailing true marks it for the instances
--- that know it. A limit refusal's tokens_per_month (null: no quota; version 9) is for the
+-- threw that, which no handler renders, so the server answered a 500. Versions 8 and 9 made
+-- it a quota refusal marked by a trailing true: version 7's instances then remembered the key
+-- as out of quota (routes/Chat.ts, limitedUntil) and refused its other long prompts for a
+-- minute with the month's end as their wait. As a plan refusal (version 10), every earlier
+-- release answers the 403 it gives a model above the plan (upgrade the plan: what this prompt
+-- needs too) and remembers nothing; the trailing mark is for the releases that know it. A
+-- limit refusal's tokens_per_month (null: no quota; version 9) is for the
 -- gateway's memory of refused keys (routes/Chat.ts, limitedUntil): a long prompt of such a key
 -- is refused again without the ledger unless it may be over the whole quota, which the ledger
 -- answers first.
@@ -196,12 +200,11 @@ BEGIN
     END IF;
     -- A prompt that alone is more than the plan's whole month: no reset lets it in, so it is
     -- not told to wait for one (version 7; before, a 429 with the month's end as its wait).
-    -- Answered as a quota refusal with the month's end as its wait (no rate state: it comes
-    -- before the rate is checked), marked by its trailing true (version 8, see the top).
+    -- Answered as a plan refusal marked by its trailing "prompt_over_quota" (version 10, see
+    -- the top).
     IF a.tokens_per_month IS NOT NULL AND e.prompt_tokens > a.tokens_per_month THEN
-      answers[e.n + 1] := '["quota","' || cur || '","' || e.kid || '",'
-        || ceil(extract(epoch FROM ((this_month + interval '1 month') AT TIME ZONE 'UTC' - ts)) * 1000)::bigint
-        || ',null,null,' || a.tokens_per_month || ',true]';
+      answers[e.n + 1] := '["tier","' || cur || '","' || e.kid || '",' || a.tokens_per_month
+        || ',"prompt_over_quota"]';
       CONTINUE;
     END IF;
     IF e.ikey IS NOT NULL THEN
