@@ -189,12 +189,21 @@ test('error: a newer stream supersedes one waiting on a hung first route (with o
   ] as const) {
     const s = await session()
     const open = await s.openWithAuthorization({ deposit: 1_000_000n, initial: 10_000n })
+    const hung = upstream.received.filter((r) => r.model === 'fake-hang').length
     const first = fetch(url, {
       method: 'POST',
       headers: { authorization: open },
       body: body(model, true, extra),
     })
-    await Bun.sleep(300)
+    // Until the first waits on its hung route (its open is a transaction first): a fixed 300 ms
+    // was too short on a loaded machine (seen in a full run), and the second then came first.
+    const deadline = Date.now() + 10_000
+    while (
+      upstream.received.filter((r) => r.model === 'fake-hang').length === hung &&
+      Date.now() < deadline
+    )
+      await Bun.sleep(20)
+    await Bun.sleep(100)
     const second = await fetch(url, {
       method: 'POST',
       headers: { authorization: await s.voucher(10_000n) },
