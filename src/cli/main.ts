@@ -243,7 +243,11 @@ function parse(argv: string[]) {
       const setting = SERVE_ENV.includes(name)
         ? `; the gateway's ${name} is set in the environment (${name}=… npm start)`
         : ''
-      throw new UsageError(`unknown option ${unknown}${setting}; see tollway --help`)
+      // A negative number (`credits grant <account> -5`, a debit) reads as an option.
+      const negative = /^-\d/.test(unknown)
+        ? `; a negative number goes after -- (tollway credits grant <account> -- ${unknown})`
+        : ''
+      throw new UsageError(`unknown option ${unknown}${setting}${negative}; see tollway --help`)
     }
     throw new UsageError((e as Error).message)
   }

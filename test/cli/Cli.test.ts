@@ -67,6 +67,12 @@ describe('usage', () => {
     expect(JSON.parse(bad.stderr).error.message).toContain('--bogus')
     const { id } = await json(['accounts', 'create', '--name', 'debit'])
     await json(['credits', 'grant', id, '10'])
+    // Without --, the amount reads as an option: the error says where it goes.
+    const unmarked = await cli(['credits', 'grant', id, '-4'])
+    expect(unmarked.code).toBe(2)
+    expect(unmarked.stderr).toContain(
+      'a negative number goes after -- (tollway credits grant <account> -- -4)',
+    )
     const debit = await cli(['credits', 'grant', id, '--json', '--', '-4'])
     expect(debit.code).toBe(0)
     expect(JSON.parse(debit.stdout).balance).toBe('6')
