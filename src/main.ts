@@ -709,6 +709,23 @@ export async function devKey(
   return created.key
 }
 
+/**
+ * The model of the start-up banner's curl command: the first configured one that the plan of
+ * `key` (the development key) may use, the first configured one without a key, the echo model
+ * when none is configured. A development account made before a config gave a model a higher
+ * tier stays on its plan, and the first model would answer its curl 403.
+ */
+export async function tryModel(
+  sql: Db.Sql,
+  config: Pick<Config.Config, 'models'>,
+  key: string | undefined,
+): Promise<string> {
+  const first = config.models[0]
+  if (!first) return EchoModel.id
+  const funds = key ? await ApiKeys.funds(sql, ApiKeys.hash(key)) : undefined
+  return (funds && config.models.find((m) => m.minTier <= funds.tier))?.id ?? first.id
+}
+
 /** Set in the environment of the worker processes a gateway starts (`workers` > 1). */
 const WORKER = 'TOLLWAY_WORKER'
 
@@ -791,9 +808,10 @@ export async function serve(): Promise<void> {
     return
   }
   const workers = startWorkers(config, gateway)
-  const model = config.models[0]?.id ?? EchoModel.id
   // With the embedded defaults, a development account with credits is ready to use.
-  const key = gateway.embedded ? await devKey(gateway.sql, config) : '<your API key>'
+  const dev = gateway.embedded ? await devKey(gateway.sql, config) : undefined
+  const key = dev ?? '<your API key>'
+  const model = await tryModel(gateway.sql, config, dev)
   // Until the banner a signal is still one while it starts: without a handler while the
   // development key was made, a SIGINT or SIGTERM killed the process outright (no stop, its
   // workers and the embedded database left as a kill leaves them).
