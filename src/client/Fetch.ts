@@ -11,6 +11,7 @@ import {
   createClient,
   type Hex,
   http,
+  isAddress,
   keccak256,
   type LocalAccount,
   toHex,
@@ -258,10 +259,113 @@ export function secure(url: string): boolean {
 const kindOf = (problem: Record<string, unknown> | undefined) =>
   typeof problem?.type === 'string' ? problem.type.split('/').at(-1) : undefined
 
+/** An option that is not what `Options` says: a ClientError naming it (`details.option`). */
+const badOption = (option: string, what: string, value: unknown) =>
+  new ClientError(`createFetch: ${option} ${what}.`, {
+    option,
+    got: typeof value === 'bigint' ? value.toString() : typeof value,
+  })
+
+/**
+ * Checks what `Options` says its fields are, before anything else: a caller in plain
+ * JavaScript (or one that casts) gets a ClientError naming the option, not a TypeError from
+ * deep inside a request (`1000000` for `1_000_000n`: "Invalid mix of BigInt and other type"),
+ * nor a limit error with made-up numbers (a negative `maxDeposit` or `margin` was reported as
+ * a voucher passing maxTotal).
+ */
+function checkOptions(options: Options): LocalAccount {
+  if (typeof options !== 'object' || options === null)
+    throw badOption('options', 'must be an object (account, limits, allow)', options)
+  const units = (option: string, value: unknown, least: bigint, optional = false) => {
+    if (optional && value === undefined) return
+    if (typeof value !== 'bigint')
+      throw badOption(option, `must be a bigint of base units (e.g. 1_000_000n)`, value)
+    if (value < least) throw badOption(option, `must be at least ${least}`, value)
+  }
+  const { limits, allow } = options
+  if (typeof limits !== 'object' || limits === null)
+    throw badOption('limits', 'must be given: { maxDeposit, maxTotal }, bigint base units', limits)
+  units('limits.maxDeposit', limits.maxDeposit, 1n)
+  units('limits.maxTotal', limits.maxTotal, 0n)
+  units('deposit', options.deposit, 1n, true)
+  units('margin', options.margin, 1n, true)
+  units('completionMargin', options.completionMargin, 1n, true)
+  if (options.maxPrice !== undefined) {
+    if (typeof options.maxPrice !== 'object' || options.maxPrice === null)
+      throw badOption(
+        'maxPrice',
+        'must be { output, input? }, bigint base units per 1M tokens',
+        options.maxPrice,
+      )
+    units('maxPrice.output', options.maxPrice.output, 0n)
+    units('maxPrice.input', options.maxPrice.input, 0n, true)
+  }
+  if (typeof allow !== 'object' || allow === null)
+    throw badOption('allow', 'must be given: { escrows: [address, …] }', allow)
+  const addresses = (option: string, value: unknown, optional = false) => {
+    if (optional && value === undefined) return
+    if (!Array.isArray(value)) throw badOption(option, 'must be an array of addresses', value)
+    for (const a of value)
+      if (typeof a !== 'string' || !isAddress(a, { strict: false }))
+        throw badOption(option, `holds ${JSON.stringify(a)}, which is not an address`, a)
+  }
+  addresses('allow.escrows', allow.escrows)
+  addresses('allow.currencies', allow.currencies, true)
+  addresses('allow.recipients', allow.recipients, true)
+  if (
+    options.rpcUrl !== undefined &&
+    (typeof options.rpcUrl !== 'string' || !URL.canParse(options.rpcUrl))
+  )
+    throw badOption('rpcUrl', 'must be a URL', options.rpcUrl)
+  for (const f of ['fetch', 'onReceipt', 'onVoucher'] as const)
+    if (options[f] !== undefined && typeof options[f] !== 'function')
+      throw badOption(f, 'must be a function', options[f])
+  const interval = options.pollingInterval
+  if (
+    interval !== undefined &&
+    !(typeof interval === 'number' && interval > 0 && Number.isFinite(interval))
+  )
+    throw badOption('pollingInterval', 'must be a number of milliseconds above 0', interval)
+  const store = options.store as Partial<Store.Store> | undefined
+  if (
+    store !== undefined &&
+    (typeof store !== 'object' ||
+      store === null ||
+      (['get', 'set', 'delete', 'closedTotal', 'addClosedTotal'] as const).some(
+        (m) => typeof store[m] !== 'function',
+      ))
+  )
+    throw badOption(
+      'store',
+      'must be a Store (Store.file(path), Store.memory(), or one with get, set, delete, closedTotal and addClosedTotal)',
+      store,
+    )
+  const account = options.account as unknown
+  if (typeof account === 'string') {
+    if (!/^0x[0-9a-fA-F]{64}$/.test(account))
+      throw new ClientError(
+        'createFetch: account must be a private key (0x and 64 hex digits) or a viem LocalAccount.',
+        { option: 'account' },
+      )
+    return privateKeyToAccount(account as Hex)
+  }
+  if (
+    typeof account !== 'object' ||
+    account === null ||
+    !isAddress(String((account as LocalAccount).address), { strict: false }) ||
+    typeof (account as LocalAccount).signTypedData !== 'function'
+  )
+    throw badOption(
+      'account',
+      'must be a private key (0x and 64 hex digits) or a viem LocalAccount',
+      account,
+    )
+  return account as LocalAccount
+}
+
 /** Creates a paying `fetch` (see the module doc). */
 export function createFetch(options: Options): PayingFetch {
-  const account =
-    typeof options.account === 'string' ? privateKeyToAccount(options.account) : options.account
+  const account = checkOptions(options)
   const given = options.fetch ?? globalThis.fetch
   /** Cancels what is under way through this fetch: fired by `release`'s signal. */
   const stop = new AbortController()
