@@ -280,11 +280,23 @@ function started(pid: number): string | undefined {
 }
 const startedHere = started(process.pid)
 
-/** Whether process `pid` is alive (on this machine). */
+/** Whether process `pid` is a zombie (`/proc`'s field 3 is `Z`); false where /proc does not tell. */
+function zombie(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+    return stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')
+  } catch {
+    return false
+  }
+}
+
+/** Whether process `pid` is alive (on this machine). A zombie (it exited, or was killed, and its
+ * parent has not reaped it: a paying script killed under `timeout -s KILL`, whose exit is never
+ * waited for) is not: signal 0 reaches it, yet it holds nothing and never will. */
 function alive(pid: number): boolean {
   try {
     process.kill(pid, 0)
-    return true
+    return !zombie(pid)
   } catch (e) {
     // EPERM: it lives, under another user.
     return (e as NodeJS.ErrnoException).code === 'EPERM'

@@ -517,6 +517,43 @@ describe('file across processes', () => {
     30_000,
   )
 
+  test.skipIf(!existsSync('/proc/self/stat'))(
+    'behavior: a key whose owner file names a zombie (killed, never reaped by its parent) is taken over',
+    async () => {
+      const path = join(await dir(), 'channels.json')
+      const key = 'http://127.0.0.1:8787#0xdead'
+      const s = Store.file(path)
+      await s.own!(key)
+      const owner = join(
+        dirname(path),
+        (await readdir(dirname(path))).find((f) => f.endsWith('.owner')) as string,
+      )
+      await s.release!()
+      // A shell starts a child, prints its pid and becomes a sleep, which never reaps it: the
+      // child, once it ends, stays a zombie (as a paying script killed under `timeout -s KILL`).
+      const parent = Bun.spawn(['sh', '-c', 'sleep 0 & echo $!; exec sleep 30'], {
+        stdout: 'pipe',
+      })
+      try {
+        const reader = parent.stdout.getReader()
+        const pid = Number(new TextDecoder().decode((await reader.read()).value).trim())
+        const stat = () => readFileSync(`/proc/${pid}/stat`, 'utf8')
+        const state = () => stat().slice(stat().lastIndexOf(')') + 2)
+        for (let i = 0; i < 100 && !state().startsWith('Z'); i++) await Bun.sleep(20)
+        expect(state()).toStartWith('Z')
+        const ns = `@${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}/${readlinkSync('/proc/self/ns/pid')}`
+        await writeFile(owner, `${pid} ${crypto.randomUUID()} ${ns} ~${state().split(' ')[19]}`)
+        await s.own!(key)
+        expect(await Bun.file(owner).text()).toStartWith(`${process.pid} `)
+      } finally {
+        parent.kill('SIGKILL')
+        await parent.exited
+      }
+      await s.release!()
+    },
+    30_000,
+  )
+
   test('error: a key another store of this process owns → StoreInUseError; once it is released, or collected, the key is taken', async () => {
     const path = join(await dir(), 'channels.json')
     const key = 'http://127.0.0.1:8787#0x123'
