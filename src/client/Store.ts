@@ -11,6 +11,7 @@ import { mkdir, open, readdir, readFile, rename, stat, unlink, writeFile } from 
 import { hostname } from 'node:os'
 import { basename, dirname, join } from 'node:path'
 import { z } from 'zod'
+import { zombie } from '../Processes.ts'
 import { ClientError, StoreInUseError } from './Errors.ts'
 
 const Hex = z
@@ -279,16 +280,6 @@ function started(pid: number): string | undefined {
   }
 }
 const startedHere = started(process.pid)
-
-/** Whether process `pid` is a zombie (`/proc`'s field 3 is `Z`); false where /proc does not tell. */
-function zombie(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
-    return stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')
-  } catch {
-    return false
-  }
-}
 
 /** Whether process `pid` is alive (on this machine). A zombie (it exited, or was killed, and its
  * parent has not reaped it: a paying script killed under `timeout -s KILL`, whose exit is never

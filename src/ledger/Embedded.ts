@@ -7,6 +7,7 @@ import { mkdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'no
 import { basename, join } from 'node:path'
 import { PGlite } from '@electric-sql/pglite'
 import { PGLiteSocketServer } from '@electric-sql/pglite-socket'
+import { zombie } from '../Processes.ts'
 import type { Sql } from './Db.ts'
 
 export type Embedded = { url: string; stop(): Promise<void> }
@@ -53,7 +54,7 @@ function claim(dataDir: string): () => void {
     // A process killed whose parent has not reaped it yet (a zombie: its parent a supervisor
     // or an init that reaps late, or never) is gone, though signals still find its pid: a
     // gateway killed outright was held to serve on for as long, and the restart refused.
-    if (alive && exited(holder)) alive = false
+    if (alive && zombie(holder)) alive = false
     if (alive) {
       // Whether the process with that pid now is the one that wrote the lock: by when it
       // started, whatever it runs (a gateway of a bun named otherwise, bun-profile say, is
@@ -84,20 +85,6 @@ function identity(pid: number): string | undefined {
     return start ? `${boot}/${start}` : undefined
   } catch {
     return undefined
-  }
-}
-
-/**
- * Whether process `pid` has ended and is only waiting for its parent to reap it (a zombie),
- * where /proc tells (Linux); its pid is not given to another process until then.
- */
-function exited(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
-    const state = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0]
-    return state === 'Z' || state === 'X'
-  } catch {
-    return false
   }
 }
 
