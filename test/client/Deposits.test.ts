@@ -187,14 +187,19 @@ test('error: a challenge already expired is refused before anything is signed or
   expect(s.sent).toEqual([])
 })
 
-test('behavior: the addresses of an EIP-3009 authorization go in lowercase hex (the evm draft encoding)', async () => {
+/** Payer 3's session on a gateway that pays the gas (authorizations), with the token's domain. */
+async function gasless() {
   const s = server({ feePayer: true, types: ['authorization', 'hash'] })
   const res = await s.fetch(url, post)
-  const session = new PayingSession({
+  return new PayingSession({
     account: privateKeyToAccount(chain.payers[3]!.privateKey),
     challenge: challengeOf(res.headers.get('www-authenticate'))!,
     tokenDomain: await Token.domain(chain.payeeClient, { token: chain.currencyAddress }),
   })
+}
+
+test('behavior: the addresses of an EIP-3009 authorization go in lowercase hex (the evm draft encoding)', async () => {
+  const session = await gasless()
   const { payload } = Credential.deserialize(
     await session.openWithAuthorization({ deposit: 1_000n, initial: 0n }),
   )
@@ -204,13 +209,7 @@ test('behavior: the addresses of an EIP-3009 authorization go in lowercase hex (
 })
 
 test('behavior: a top-up that cancels a forced close is valid from the close request, a stated time past the clock taken as now', async () => {
-  const s = server({ feePayer: true, types: ['authorization', 'hash'] })
-  const res = await s.fetch(url, post)
-  const session = new PayingSession({
-    account: privateKeyToAccount(chain.payers[3]!.privateKey),
-    challenge: challengeOf(res.headers.get('www-authenticate'))!,
-    tokenDomain: await Token.domain(chain.payeeClient, { token: chain.currencyAddress }),
-  })
+  const session = await gasless()
   session.channelId = `0x${'ab'.repeat(32)}`
   const validAfter = async (closeRequestedAt: bigint) => {
     const { payload } = Credential.deserialize(await session.topUp(5n, { closeRequestedAt }))

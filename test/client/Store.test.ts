@@ -8,6 +8,10 @@ import fc from 'fast-check'
 import { ClientError, StoreInUseError } from '../../src/client/Errors.ts'
 import * as Store from '../../src/client/Store.ts'
 
+/** This process's pid namespace as owner files name it (boot id and namespace). */
+const pidNamespace = () =>
+  `@${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}/${readlinkSync('/proc/self/ns/pid')}`
+
 const state = (n: number): Store.ChannelState => ({
   channelId: `0x${n.toString(16).padStart(64, '0')}`,
   chainId: 31337,
@@ -325,7 +329,7 @@ describe('file across processes', () => {
         await printed(writer, 'up')
         const stat = readFileSync(`/proc/${writer.pid}/stat`, 'utf8')
         const since = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]
-        const ns = `@${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}/${readlinkSync('/proc/self/ns/pid')}`
+        const ns = pidNamespace()
         // Its write under way a minute (a disk stalled): waited for, until the wait gives up.
         await writeFile(`${path}.lock`, `${writer.pid} ${ns} ~${since}`)
         const old = new Date(Date.now() - 60_000)
@@ -486,25 +490,32 @@ describe('file across processes', () => {
     await s.release!()
   }, 30_000)
 
+  /** A store of a new file that owned `key` and let it go: its owner file stays, for a test
+   * to write another holder into. */
+  const releasedOwner = async (key: string) => {
+    const path = join(await dir(), 'channels.json')
+    const s = Store.file(path)
+    await s.own!(key)
+    const owner = join(
+      dirname(path),
+      (await readdir(dirname(path))).find((f) => f.endsWith('.owner')) as string,
+    )
+    await s.release!()
+    return { s, owner }
+  }
+
   test.skipIf(!existsSync('/proc/self/stat'))(
     'behavior: a key whose owner file names a live process of this namespace started at another time (the pid given to it after the owner died) is taken over',
     async () => {
-      const path = join(await dir(), 'channels.json')
       const key = 'http://127.0.0.1:8787#0xace'
-      const s = Store.file(path)
-      await s.own!(key)
-      const owner = join(
-        dirname(path),
-        (await readdir(dirname(path))).find((f) => f.endsWith('.owner')) as string,
-      )
-      await s.release!()
+      const { s, owner } = await releasedOwner(key)
       const other = child(`
       console.log('up')
       await new Promise(() => setInterval(() => {}, 1000))
     `)
       try {
         await printed(other, 'up')
-        const ns = `@${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}/${readlinkSync('/proc/self/ns/pid')}`
+        const ns = pidNamespace()
         await writeFile(owner, `${other.pid} ${crypto.randomUUID()} ${ns} ~1`)
         await s.own!(key)
         expect(await Bun.file(owner).text()).toStartWith(`${process.pid} `)
@@ -520,15 +531,8 @@ describe('file across processes', () => {
   test.skipIf(!existsSync('/proc/self/stat'))(
     'behavior: a key whose owner file names a zombie (killed, never reaped by its parent) is taken over',
     async () => {
-      const path = join(await dir(), 'channels.json')
       const key = 'http://127.0.0.1:8787#0xdead'
-      const s = Store.file(path)
-      await s.own!(key)
-      const owner = join(
-        dirname(path),
-        (await readdir(dirname(path))).find((f) => f.endsWith('.owner')) as string,
-      )
-      await s.release!()
+      const { s, owner } = await releasedOwner(key)
       // A shell starts a child, prints its pid and becomes a sleep, which never reaps it: the
       // child, once it ends, stays a zombie (as a paying script killed under `timeout -s KILL`).
       const parent = Bun.spawn(['sh', '-c', 'sleep 0 & echo $!; exec sleep 30'], {
@@ -541,7 +545,7 @@ describe('file across processes', () => {
         const state = () => stat().slice(stat().lastIndexOf(')') + 2)
         for (let i = 0; i < 100 && !state().startsWith('Z'); i++) await Bun.sleep(20)
         expect(state()).toStartWith('Z')
-        const ns = `@${readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}/${readlinkSync('/proc/self/ns/pid')}`
+        const ns = pidNamespace()
         await writeFile(owner, `${pid} ${crypto.randomUUID()} ${ns} ~${state().split(' ')[19]}`)
         await s.own!(key)
         expect(await Bun.file(owner).text()).toStartWith(`${process.pid} `)
