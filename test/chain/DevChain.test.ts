@@ -6,6 +6,7 @@ import * as Client from '../../src/chain/Client.ts'
 import * as DevChain from '../../src/chain/DevChain.ts'
 import { DevChainError } from '../../src/chain/Errors.ts'
 import * as Token from '../../src/chain/Token.ts'
+import * as Anvil from '../helpers/Anvil.ts'
 
 describe('start', () => {
   test('behavior: anvil with both contracts deployed and funded payers; stop() ends it', async () => {
@@ -94,19 +95,9 @@ describe('start', () => {
       }
       const pid = Number(/^(\d+)$/m.exec(out)![1])
       const rpcUrl = /(http:\/\/\S+)/.exec(out)![1]!
-      const rpc = () =>
-        fetch(rpcUrl, { method: 'POST', body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}' })
-      expect((await rpc()).status).toBe(200)
+      expect(await Anvil.stopsAnswering(rpcUrl, 0)).toBe(false)
       process.kill(pid, 'SIGKILL')
-      const deadline = Date.now() + 10_000
-      let gone = false
-      while (!gone && Date.now() < deadline) {
-        gone = await rpc().then(
-          () => false,
-          () => true,
-        )
-        if (!gone) await Bun.sleep(200)
-      }
+      const gone = await Anvil.stopsAnswering(rpcUrl)
       const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
       // Still a zombie: its parent has not reaped it.
       expect(stat.slice(stat.lastIndexOf(')') + 2)[0]).toBe('Z')

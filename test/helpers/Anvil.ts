@@ -69,3 +69,21 @@ export async function start(options: DevChain.Options = {}): Promise<TestChain> 
     },
   }
 }
+
+/**
+ * Whether the node at `rpcUrl` stops answering within `ms` (its anvil ended): asked every
+ * 200 ms. An anvil left running after its gateway was killed keeps answering.
+ */
+export async function stopsAnswering(rpcUrl: string, ms = 10_000): Promise<boolean> {
+  const rpc = () =>
+    fetch(rpcUrl, { method: 'POST', body: '{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}' })
+  const deadline = Date.now() + ms
+  for (;;) {
+    const gone = await rpc().then(
+      () => false,
+      () => true,
+    )
+    if (gone || Date.now() >= deadline) return gone
+    await Bun.sleep(200)
+  }
+}
