@@ -1,5 +1,6 @@
 /**
- * The streams under way on this instance, and how a stop ends them: at the end of its grace,
+ * The streams under way on this instance (and whole completions waiting for their upstream,
+ * which a stop answers 503 with the same error, charged nothing), and how a stop ends them: at the end of its grace,
  * each is told (its `onStop`) to end as a stream the gateway ended does, with an error event
  * the client reads (code `gateway_stopping`), its usage chunk and `[DONE]`, charged what it
  * sent, before the server cuts what is left. Without it a stop's cut was a TCP reset in the
@@ -29,7 +30,7 @@ export class Drain {
   /** Tells every stream to end, and waits until they have, or `ms` went by. */
   async end(ms: number): Promise<void> {
     this.stopping ??= new GatewayStoppingError(
-      'The gateway is stopping (a restart); the stream ends here, charged for what it sent. Send the request again.',
+      'The gateway is stopping (a restart); the request ends here, charged only for what it sent. Send the request again.',
     )
     for (const onStop of this.open) onStop(this.stopping)
     if (this.open.size === 0) return

@@ -536,6 +536,8 @@ export type CompleteOptions = {
   stop?: (() => void) | undefined
   /** Whether an upstream was asked (read the prompt): a client gone before pays nothing. */
   asked: () => boolean
+  /** Whether the gateway's stop ended the call (its grace ran out): nothing is charged. */
+  stopped?: (() => boolean) | undefined
 }
 
 /**
@@ -580,7 +582,12 @@ export async function complete(
     completion = await o.call()
   } catch (e) {
     if (lost) throw gone()
-    await release(o.reservation, { ...o, cancelled: o.signal.aborted, asked: o.asked() })
+    await release(o.reservation, {
+      ...o,
+      cancelled: o.signal.aborted,
+      asked: o.asked(),
+      stopped: o.stopped?.() ?? false,
+    })
     throw e
   } finally {
     stopRenewing?.()
@@ -616,9 +623,9 @@ export async function complete(
 }
 
 /**
- * Ends a request that produced nothing: free after an upstream failure; the prompt alone
- * when the client cancelled after an upstream was asked (`asked`: it read the prompt), free
- * when it went before any was.
+ * Ends a request that produced nothing: free after an upstream failure or the gateway's stop
+ * (`stopped`); the prompt alone when the client cancelled after an upstream was asked
+ * (`asked`: it read the prompt), free when it went before any was.
  */
 export async function release(
   reservation: Reservation,
@@ -628,13 +635,20 @@ export async function release(
     startedAt: number
     cancelled: boolean
     asked: boolean
+    stopped?: boolean | undefined
   },
 ): Promise<void> {
   await reservation.settle({
     cost: o.cancelled && o.asked ? Pricing.cost(o.price, o.promptTokens, 0) : 0n,
     promptTokens: o.promptTokens,
     completionTokens: 0,
-    status: o.cancelled ? 'cancelled' : reservation.superseded ? 'superseded' : 'upstream_error',
+    status: o.cancelled
+      ? 'cancelled'
+      : reservation.superseded
+        ? 'superseded'
+        : o.stopped
+          ? 'stopped'
+          : 'upstream_error',
     latencyMs: Math.round(performance.now() - o.startedAt),
     ttftMs: null,
   })

@@ -312,6 +312,11 @@ async function serve(
     // Gone already (during admission): no 'abort' event will come.
     if (signal.aborted) onAbort()
     else signal.addEventListener('abort', onAbort, { once: true })
+    // The gateway stops: a call its grace did not see answered is stopped and answered 503
+    // gateway_stopping, charged nothing (the server's cut closed it unanswered, charged its
+    // prompt as if its client had gone).
+    const left = deps.drain?.enter((reason) => call.abort(reason)) ?? (() => {})
+    const stopped = () => call.signal.reason instanceof GatewayStoppingError && !signal.aborted
     const { completion, usage } = await Meter.complete({
       price,
       promptTokens,
@@ -323,11 +328,21 @@ async function serve(
       renewMs: (deps.config.metering.leaseSeconds * 1000) / 3,
       stop: () => call.abort(),
       asked: () => upstream.asked,
+      stopped,
       call: () =>
         routed(deps, p, call.signal, deadline, upstream, async (route, body, bounded) =>
           served(route, await route.provider.complete(body, bounded, limits)),
         ),
-    }).finally(() => signal.removeEventListener('abort', onAbort))
+    })
+      .catch((e: unknown) => {
+        throw stopped() ? call.signal.reason : e
+      })
+      .finally(() => {
+        signal.removeEventListener('abort', onAbort)
+        // Uncounted once its answer is on its way (the stop cuts the connections next): a
+        // turn on, when the handler has returned it.
+        setTimeout(left, 0)
+      })
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
     const signed = receipt(usage, () =>
       Receipt.resultDigest(completion.choices.map((c) => c.message)),
