@@ -226,13 +226,17 @@ describe('failover', () => {
     expect(((await res.json()) as Failure).error.code).toBe('upstream_timeout')
   })
 
-  test('behavior: a route that fails and is recovered by the next is logged, naming its upstream', async () => {
+  test('behavior: a route that fails and is recovered by the next is logged, naming its upstream and the request', async () => {
     const { key } = await gw.account()
     const before = gw.logs.length
-    expect((await post(key, { model: 'flaky' })).status).toBe(200)
+    const res = await post(key, { model: 'flaky' })
+    expect(res.status).toBe(200)
     const line = gw.logs.slice(before).find((l) => l.includes('route failed'))
     expect(line).toBeDefined()
+    // The request's id, as its answer and its completion line carry it: the failure is the
+    // request's to an operator reading the log.
     expect(JSON.parse(line!)).toMatchObject({
+      request: res.headers.get('x-request-id'),
       model: 'flaky',
       upstream: 'failing',
       code: 'upstream_status',

@@ -330,8 +330,15 @@ async function serve(
       asked: () => upstream.asked,
       stopped,
       call: () =>
-        routed(deps, p, call.signal, deadline, upstream, async (route, body, bounded) =>
-          served(route, await route.provider.complete(body, bounded, limits)),
+        routed(
+          deps,
+          p,
+          reservation.id,
+          call.signal,
+          deadline,
+          upstream,
+          async (route, body, bounded) =>
+            served(route, await route.provider.complete(body, bounded, limits)),
         ),
     })
       .catch((e: unknown) => {
@@ -379,6 +386,7 @@ async function serve(
     chunks = await routed(
       deps,
       p,
+      reservation.id,
       abort.signal,
       deadline,
       upstream,
@@ -1025,6 +1033,8 @@ export function postOnly(): MethodNotAllowedError {
 async function routed<T>(
   deps: Deps,
   p: Plan,
+  /** The request's id (its usage row's, its `x-request-id`), for the log. */
+  request: string,
   signal: AbortSignal,
   deadline: number | undefined,
   /** Set once an upstream is asked (its caller charges a client gone after that the prompt). */
@@ -1076,7 +1086,7 @@ async function routed<T>(
       else if (missing) deps.router.recordRoute(route, false)
       else deps.router.record(route.provider, false)
       deps.log.warn(
-        { model: p.model.id, upstream: route.provider.name, code: e.code },
+        { request, model: p.model.id, upstream: route.provider.name, code: e.code },
         'route failed',
       )
       // A 404 says only that this route lacks the model: it must not hide another's 5xx.
