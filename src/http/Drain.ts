@@ -22,8 +22,14 @@ export class Drain {
   enter(onStop: (reason: GatewayStoppingError) => void): () => void {
     if (this.stopping) onStop(this.stopping)
     this.open.add(onStop)
+    // The last one over lets the stop go on a turn later: a request's answer (a stop's 503 to
+    // one whose upstream had not begun) is handed to the server after its handler's finally,
+    // and the server's cut that follows closed its connection before it was written.
     return () => {
-      if (this.open.delete(onStop) && this.open.size === 0) this.idle?.()
+      if (this.open.delete(onStop) && this.open.size === 0)
+        setTimeout(() => {
+          if (this.open.size === 0) this.idle?.()
+        }, 0)
     }
   }
 

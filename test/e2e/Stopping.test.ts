@@ -71,3 +71,24 @@ test('behavior: a stop answers a whole completion still waiting for its upstream
   expect(String(after?.balance)).toBe(String(before[0]?.balance))
   expect(String(after?.reserved)).toBe('0')
 }, 30_000)
+
+test('behavior: a stop answers a stream whose upstream has not begun 503 gateway_stopping, recorded stopped and charged nothing', async () => {
+  const gw = await Gateway.create()
+  const { id, key } = await gw.account()
+  const answer = gw.complete(key, {
+    model: 'fake-hang',
+    stream: true,
+    messages: [{ role: 'user', content: 'a long think' }],
+  })
+  while ((await gw.db.sql`select 1 from reservations`).length === 0) await Bun.sleep(20)
+  await Bun.sleep(50)
+  const stopped = gw.stop()
+  const res = await answer
+  await stopped
+  expect(res.status).toBe(503)
+  expect(((await res.json()) as { error: { code: string } }).error.code).toBe('gateway_stopping')
+  // The gateway's stop, not an upstream's failure (the metric's status is the usage row's).
+  const [row] = await gw.db.sql`select status, cost from usage where account_id = ${id}`
+  expect(row?.status).toBe('stopped')
+  expect(String(row?.cost)).toBe('0')
+}, 30_000)

@@ -346,9 +346,7 @@ async function serve(
       })
       .finally(() => {
         signal.removeEventListener('abort', onAbort)
-        // Uncounted once its answer is on its way (the stop cuts the connections next): a
-        // turn on, when the handler has returned it.
-        setTimeout(left, 0)
+        left()
       })
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
     const signed = receipt(usage, () =>
@@ -398,14 +396,15 @@ async function serve(
     )
   } catch (e) {
     signal.removeEventListener('abort', onAbort)
-    left()
+    // Counted until released: a stop's cut waits for it, or its 503 was never written.
     await Meter.release(reservation, {
       promptTokens,
       startedAt,
       cancelled: signal.aborted,
       asked: upstream.asked,
       price,
-    })
+      stopped: abort.signal.reason instanceof GatewayStoppingError && !signal.aborted,
+    }).finally(left)
     // A newer stream took the channel (or it is closing) before this one's upstream began. Not
     // for OpenAI's SDKs to send again by themselves (they retry every 409): sent again, it would
     // take the channel back and end the newer stream, already under way.
