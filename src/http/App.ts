@@ -86,7 +86,12 @@ export function create(deps: Deps): Hono {
     // The route the path matched (the last match that is not middleware, which matches every
     // method), whatever answered: a 401 of the auth middleware counts under its route.
     const route = matchedRoutes(c).findLast((r) => r.method !== 'ALL')
-    deps.metrics.answered(c.req.method, route ? route.path : 'unmatched', c.res.status)
+    const label = !route
+      ? 'unmatched'
+      : route.path === Models.pattern
+        ? Models.routeLabel(deps, c.req.path)
+        : route.path
+    deps.metrics.answered(c.req.method, label, c.res.status)
   })
 
   // A completion request may be longer (inline images, audio, files): the route reads one over

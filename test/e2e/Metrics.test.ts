@@ -70,6 +70,12 @@ describe('GET /metrics', () => {
       ).status,
     ).toBe(404)
     expect((await fetch(`${gw.url}/no/such/path`)).status).toBe(404)
+    // A model and its health: one pattern serves both, counted apart (twice the health, as a
+    // monitor polls it; an unknown model's too).
+    expect((await fetch(`${gw.url}/v1/models/fake`)).status).toBe(200)
+    for (const _ of [1, 2])
+      expect((await fetch(`${gw.url}/v1/models/fake/health`)).status).toBe(200)
+    expect((await fetch(`${gw.url}/v1/models/none/health`)).status).toBe(404)
     expect(
       (
         await fetch(`${gw.url}/admin/channels`, {
@@ -121,6 +127,9 @@ describe('GET /metrics', () => {
     expect(answers('/v1/chat/completions', 402)).toBe(1)
     expect(answers('/v1/usage/:id', 404, 'GET')).toBe(1)
     expect(answers('unmatched', 404, 'GET')).toBe(1)
+    expect(answers('/v1/models/:id', 200, 'GET')).toBe(1)
+    expect(answers('/v1/models/:id/health', 200, 'GET')).toBe(2)
+    expect(answers('/v1/models/:id/health', 404, 'GET')).toBe(1)
     // A route behind middleware registered after it (the admin token check) is still itself.
     expect(
       grew(after, 'tollway_http_requests_total{method="GET",route="/admin/channels",status="200"}'),

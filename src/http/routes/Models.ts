@@ -23,11 +23,29 @@ export function routes(deps: Deps) {
   // health: a model id as it is, else `<id>/health`.
   app.get('/:id{.+}', (c) => {
     const id = c.req.param('id')
-    const health = id.endsWith('/health') && !deps.router.has(id)
+    const health = isHealth(deps, id)
     if (!health) return c.json(render(deps.router.model(id)))
     const m = deps.router.model(id.slice(0, -'/health'.length))
     return c.json({ model: m.id, status: deps.router.status(m) })
   })
 
   return app
+}
+
+/** Whether a model path's id (`:id{.+}`) asks for the health of a model: `<id>/health`. */
+function isHealth(deps: Deps, id: string): boolean {
+  return id.endsWith('/health') && !deps.router.has(id)
+}
+
+/** The pattern a model's path counts under: `/v1/models/:id` or `/v1/models/:id/health`. */
+export const pattern = '/v1/models/:id{.+}'
+
+/**
+ * The route a path of `pattern` is counted under (`tollway_http_requests_total`): a model, or
+ * its health. One pattern serves both (ids may hold slashes), and counted as one a monitor's
+ * health probes could not be told from model lookups.
+ */
+export function routeLabel(deps: Deps, path: string): string {
+  const id = path.slice('/v1/models/'.length).replace(/\/$/, '')
+  return isHealth(deps, id) ? '/v1/models/:id/health' : '/v1/models/:id'
 }
