@@ -25,8 +25,9 @@ export class Drain {
     // The last one over lets the stop go on a turn later: a request's answer (a stop's 503 to
     // one whose upstream had not begun) is handed to the server after its handler's finally,
     // and the server's cut that follows closed its connection before it was written.
+    // Only while a stop waits: at one connection every request would otherwise leave a timer.
     return () => {
-      if (this.open.delete(onStop) && this.open.size === 0)
+      if (this.open.delete(onStop) && this.open.size === 0 && this.idle)
         setTimeout(() => {
           if (this.open.size === 0) this.idle?.()
         }, 0)
