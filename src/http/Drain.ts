@@ -1,6 +1,5 @@
 /**
- * The streams under way on this instance (and whole completions waiting for their upstream,
- * which a stop answers 503 with the same error, charged nothing), and how a stop ends them: at the end of its grace,
+ * The streams under way on this instance, and how a stop ends them: at the end of its grace,
  * each is told (its `onStop`) to end as a stream the gateway ended does, with an error event
  * the client reads (code `gateway_stopping`), its usage chunk and `[DONE]`, charged what it
  * sent, before the server cuts what is left. Without it a stop's cut was a TCP reset in the

@@ -536,8 +536,6 @@ export type CompleteOptions = {
   stop?: (() => void) | undefined
   /** Whether an upstream was asked (read the prompt): a client gone before pays nothing. */
   asked: () => boolean
-  /** Whether the gateway's stop ended the call (its grace ran out): nothing is charged. */
-  stopped?: (() => boolean) | undefined
 }
 
 /**
@@ -582,12 +580,7 @@ export async function complete(
     completion = await o.call()
   } catch (e) {
     if (lost) throw gone()
-    await release(o.reservation, {
-      ...o,
-      cancelled: o.signal.aborted,
-      asked: o.asked(),
-      stopped: o.stopped?.() ?? false,
-    })
+    await release(o.reservation, { ...o, cancelled: o.signal.aborted, asked: o.asked() })
     throw e
   } finally {
     stopRenewing?.()

@@ -312,11 +312,6 @@ async function serve(
     // Gone already (during admission): no 'abort' event will come.
     if (signal.aborted) onAbort()
     else signal.addEventListener('abort', onAbort, { once: true })
-    // The gateway stops: a call its grace did not see answered is stopped and answered 503
-    // gateway_stopping, charged nothing (the server's cut closed it unanswered, charged its
-    // prompt as if its client had gone).
-    const left = deps.drain?.enter((reason) => call.abort(reason)) ?? (() => {})
-    const stopped = () => call.signal.reason instanceof GatewayStoppingError && !signal.aborted
     const { completion, usage } = await Meter.complete({
       price,
       promptTokens,
@@ -328,7 +323,6 @@ async function serve(
       renewMs: (deps.config.metering.leaseSeconds * 1000) / 3,
       stop: () => call.abort(),
       asked: () => upstream.asked,
-      stopped,
       call: () =>
         routed(
           deps,
@@ -340,14 +334,7 @@ async function serve(
           async (route, body, bounded) =>
             served(route, await route.provider.complete(body, bounded, limits)),
         ),
-    })
-      .catch((e: unknown) => {
-        throw stopped() ? call.signal.reason : e
-      })
-      .finally(() => {
-        signal.removeEventListener('abort', onAbort)
-        left()
-      })
+    }).finally(() => signal.removeEventListener('abort', onAbort))
     for (const [k, v] of Object.entries((await hooks.settledHeaders?.()) ?? {})) c.header(k, v)
     const signed = receipt(usage, () =>
       Receipt.resultDigest(completion.choices.map((c) => c.message)),
