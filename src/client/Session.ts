@@ -218,9 +218,7 @@ export class PayingSession {
    * `closeRequestedAt` (the escrow's, unix seconds; a 410 refusing a voucher on the channel
    * states it): the authorization is then valid from the close request on, which the escrow
    * requires of a top-up by authorization that cancels the close (one made before the request
-   * does not, and the gateway refuses it before sending anything). A time past this machine's
-   * clock is taken as now: a payee that stated a later one would hold an authorization valid
-   * only from then on, one that could cancel a close the payer asks for later.
+   * does not, and the gateway refuses it before sending anything).
    */
   async topUp(additionalDeposit: bigint, options: { closeRequestedAt?: bigint } = {}) {
     const channelId = this.required()
@@ -231,12 +229,10 @@ export class PayingSession {
       from: this.account.address,
       topUpSalt,
     })
-    const now = BigInt(Math.floor(Date.now() / 1000))
-    const requestedAt = options.closeRequestedAt ?? 0n
     const { authorization, signature } = await this.authorize(
       additionalDeposit,
       nonce,
-      requestedAt > now ? now : requestedAt,
+      options.closeRequestedAt ?? 0n,
     )
     return this.header({
       action: 'topUp',

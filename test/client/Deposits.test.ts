@@ -207,19 +207,3 @@ test('behavior: the addresses of an EIP-3009 authorization go in lowercase hex (
   expect(from).toBe(chain.payers[3]!.address.toLowerCase())
   expect(to).toBe(chain.escrowAddress.toLowerCase())
 })
-
-test('behavior: a top-up that cancels a forced close is valid from the close request, a stated time past the clock taken as now', async () => {
-  const session = await gasless()
-  session.channelId = `0x${'ab'.repeat(32)}`
-  const validAfter = async (closeRequestedAt: bigint) => {
-    const { payload } = Credential.deserialize(await session.topUp(5n, { closeRequestedAt }))
-    return BigInt((payload as { authorization: { validAfter: string } }).authorization.validAfter)
-  }
-  const now = BigInt(Math.floor(Date.now() / 1000))
-  expect(await validAfter(now - 100n)).toBe(now - 100n)
-  // A payee stating a close an hour ahead would get an authorization it could hold to cancel a
-  // close the payer asks for later: it is valid from now instead.
-  const ahead = await validAfter(now + 3_600n)
-  expect(ahead).toBeGreaterThanOrEqual(now)
-  expect(ahead).toBeLessThanOrEqual(BigInt(Math.floor(Date.now() / 1000)))
-})
