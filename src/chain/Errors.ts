@@ -3,7 +3,8 @@
  * what to do, `details` for the operator, the original `cause`. They extend Error until the
  * gateway's GatewayError base (src/Errors.ts) exists; then they rebase onto it.
  */
-import type { Hex, TransactionReceipt } from 'viem'
+import { BaseError, type Hex, type TransactionReceipt } from 'viem'
+import { withoutUrls } from '../Errors.ts'
 
 export type ChainErrorOptions = { details?: string | undefined; cause?: unknown }
 
@@ -167,4 +168,14 @@ export class TokenDomainError extends ChainError {
     super(`The EIP-712 domain of token ${token} ${problem}.`, options)
     this.token = token
   }
+}
+
+/**
+ * An error's name and a short message without URLs (an RPC URL may carry an API key): viem's
+ * short message, not its page of request body, arguments and docs link.
+ */
+export function describe(error: unknown): { name: string; message: string } {
+  if (!(error instanceof Error)) return { name: 'Error', message: String(error).slice(0, 500) }
+  const message = error instanceof BaseError ? error.shortMessage : error.message
+  return { name: error.name, message: withoutUrls(message).slice(0, 500) }
 }

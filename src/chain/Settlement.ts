@@ -41,7 +41,6 @@ import {
   getTransactionReceipt,
   waitForTransactionReceipt,
 } from 'viem/actions'
-import { withoutUrls } from '../Errors.ts'
 import type { Logger } from '../Logger.ts'
 import type { WalletClient } from './Client.ts'
 import * as ChainClient from './Client.ts'
@@ -49,6 +48,7 @@ import {
   ChannelBusyError,
   ChannelStateError,
   CloseBelowSpentError,
+  describe,
   SettlementBusyError,
   TransactionRevertedError,
   TransactionTimeoutError,
@@ -105,7 +105,8 @@ export type Due = SignedVoucher & {
 }
 
 /** An error as recorded: its name and a message stripped of URLs (RPC URLs can hold keys). */
-export type RecordedError = { name: string; message: string }
+/** What a settle's failure records (`describe`). */
+export type RecordedError = ReturnType<typeof describe>
 
 export type Outcome =
   | {
@@ -1147,16 +1148,6 @@ export function backoff(attempts: number, retry: Options['retry'] = {}): number 
   const base = retry.baseMs ?? 5_000
   const max = retry.maxMs ?? 5 * 60_000
   return Math.min(max, base * 2 ** Math.min(30, Math.max(0, attempts - 1)))
-}
-
-/** An error's name and a short message without URLs (an RPC URL may carry an API key). */
-export function describe(error: unknown): RecordedError {
-  if (!(error instanceof Error)) return { name: 'Error', message: String(error).slice(0, 500) }
-  const message = error instanceof BaseError ? error.shortMessage : error.message
-  return {
-    name: error.name,
-    message: withoutUrls(message).slice(0, 500),
-  }
 }
 
 function withTimeout<T>(promise: Promise<T>, ms: number, functionName: string): Promise<T> {

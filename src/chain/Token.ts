@@ -2,18 +2,10 @@
  * The payment token: ERC-20 reads and approvals, TestUSD's deployer-only mint, and EIP-3009
  * `ReceiveWithAuthorization` signing (what a payer signs for `openWithAuthorization`).
  */
-import {
-  type Address,
-  BaseError,
-  erc20Abi,
-  type Hex,
-  isAddressEqual,
-  type LocalAccount,
-} from 'viem'
+import { type Address, erc20Abi, type Hex, isAddressEqual, type LocalAccount } from 'viem'
 import { readContract } from 'viem/actions'
-import { withoutUrls } from '../Errors.ts'
 import type { Client } from './Client.ts'
-import { TokenDomainError } from './Errors.ts'
+import { describe, TokenDomainError } from './Errors.ts'
 import { abi as testUsdAbi } from './generated/TestUSD.ts'
 import * as Transaction from './Transaction.ts'
 
@@ -82,17 +74,10 @@ export async function domain(client: Client, parameters: { token: Address }): Pr
     abi: testUsdAbi,
     functionName: 'eip712Domain',
   }).catch((error: unknown) => {
-    const said =
-      error instanceof BaseError
-        ? error.shortMessage
-        : error instanceof Error
-          ? error.message
-          : String(error)
-    throw new TokenDomainError(
-      token,
-      `could not be read (eip712Domain(), ERC-5267): ${withoutUrls(said.split('\n')[0] ?? '').slice(0, 200)}`,
-      { cause: error },
-    )
+    const said = describe(error).message.split('\n')[0]!.slice(0, 200)
+    throw new TokenDomainError(token, `could not be read (eip712Domain(), ERC-5267): ${said}`, {
+      cause: error,
+    })
   })
   if (chainId !== BigInt(client.chain.id))
     throw new TokenDomainError(

@@ -1,7 +1,7 @@
 /**
  * What a node answers a reverting call with is chain input the gateway reads: the revert's data
  * (a custom error of the escrow, `Error(string)`, `Panic(uint256)`, or bytes of nothing known)
- * or, with no data, only its message. Whatever it is, a call ends in a TransactionRevertedError
+ * or, with no data, only its message. Whatever it is, a call ends in a ChainErrors.TransactionRevertedError
  * and the payer gets a problem of the draft, never anything untyped. A real JSON-RPC server of
  * the test answers every `eth_call` with the revert the property picks.
  */
@@ -9,10 +9,9 @@ import { afterAll, describe, expect, test } from 'bun:test'
 import fc from 'fast-check'
 import { encodeAbiParameters, encodeErrorResult, type Hex } from 'viem'
 import * as Client from '../../src/chain/Client.ts'
-import { TransactionRevertedError } from '../../src/chain/Errors.ts'
+import * as ChainErrors from '../../src/chain/Errors.ts'
 import * as Escrow from '../../src/chain/Escrow.ts'
 import { abi } from '../../src/chain/generated/PaymentChannelEscrow.ts'
-import * as Settlement from '../../src/chain/Settlement.ts'
 import * as ChainEscrow from '../../src/payment/evm/ChainEscrow.ts'
 import { PaymentProblem } from '../../src/payment/Problem.ts'
 
@@ -71,20 +70,20 @@ const message = fc.oneof(
 
 /** The revert as the payer and the operator see it: typed, with plain text. */
 function expectTyped(error: unknown) {
-  expect(error).toBeInstanceOf(TransactionRevertedError)
-  const e = error as TransactionRevertedError
+  expect(error).toBeInstanceOf(ChainErrors.TransactionRevertedError)
+  const e = error as ChainErrors.TransactionRevertedError
   expect(e.message).not.toContain('native code')
   const problem = ChainEscrow.problem(e, channelId)
   expect(problem).toBeInstanceOf(PaymentProblem)
   expect((problem as PaymentProblem).status).toBeGreaterThanOrEqual(400)
   expect((problem as PaymentProblem).status).toBeLessThan(500)
-  const described = Settlement.describe(e)
+  const described = ChainErrors.describe(e)
   expect(typeof described.name).toBe('string')
   expect(typeof described.message).toBe('string')
 }
 
 describe('a revert the node answers', () => {
-  test('error: a revert named only by a message that is a name every object has is a TransactionRevertedError and a problem of the draft', async () => {
+  test('error: a revert named only by a message that is a name every object has is a ChainErrors.TransactionRevertedError and a problem of the draft', async () => {
     for (const name of inherited) {
       revert = { code: 3, message: name }
       const error = await Escrow.settle(client, {
@@ -94,7 +93,7 @@ describe('a revert the node answers', () => {
         signature: `0x${'00'.repeat(65)}`,
       }).catch((e: unknown) => e)
       expectTyped(error)
-      expect((error as TransactionRevertedError).message).toContain(
+      expect((error as ChainErrors.TransactionRevertedError).message).toContain(
         'Check the channel state and arguments',
       )
       expect((ChainEscrow.problem(error, channelId) as PaymentProblem).kind).toBe(
@@ -103,7 +102,7 @@ describe('a revert the node answers', () => {
     }
   })
 
-  test('property: any revert data or message gives a TransactionRevertedError and a problem of the draft', async () => {
+  test('property: any revert data or message gives a ChainErrors.TransactionRevertedError and a problem of the draft', async () => {
     await fc.assert(
       fc.asyncProperty(fc.constantFrom(3, -32000), message, data, async (code, text, bytes) => {
         revert = { code, message: text, ...(bytes === undefined ? {} : { data: bytes }) }
@@ -115,7 +114,7 @@ describe('a revert the node answers', () => {
         }).catch((e: unknown) => e)
         // Code -32000 with a message other than "execution reverted" is the node refusing
         // the call, not a revert: viem's error as it is, which the route answers as a 503.
-        if (!(settled instanceof TransactionRevertedError)) {
+        if (!(settled instanceof ChainErrors.TransactionRevertedError)) {
           expect(code).toBe(-32000)
           return
         }

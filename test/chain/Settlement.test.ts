@@ -12,6 +12,7 @@ import {
 import { privateKeyToAccount } from 'viem/accounts'
 import { getTransactionCount, prepareTransactionRequest, signTransaction } from 'viem/actions'
 import * as Client from '../../src/chain/Client.ts'
+import * as ChainErrors from '../../src/chain/Errors.ts'
 import {
   ChannelBusyError,
   ChannelStateError,
@@ -1801,7 +1802,7 @@ describe('backoff', () => {
 describe('describe', () => {
   test('behavior: keeps the name, drops URLs from the message', () => {
     const e = new Error('fetch failed: https://rpc.example/v2/KEY123 refused')
-    expect(Settlement.describe(e)).toEqual({
+    expect(ChainErrors.describe(e)).toEqual({
       name: 'Error',
       message: 'fetch failed: <url> refused',
     })
