@@ -1,7 +1,7 @@
 /**
  * What a node answers a reverting call with is chain input the gateway reads: the revert's data
  * (a custom error of the escrow, `Error(string)`, `Panic(uint256)`, or bytes of nothing known)
- * or, with no data, only its message. Whatever it is, a call ends in a ChainErrors.TransactionRevertedError
+ * or, with no data, only its message. Whatever it is, a call ends in a TransactionRevertedError
  * and the payer gets a problem of the draft, never anything untyped. A real JSON-RPC server of
  * the test answers every `eth_call` with the revert the property picks.
  */
