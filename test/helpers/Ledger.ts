@@ -74,6 +74,15 @@ export async function many(sql: Db.Sql, items: Record<string, unknown>[]) {
 }
 
 /** An admission item of the ledger's input (JSON, as objects), by the key `keyHash`. */
+/** A finished request's counts (a token each way, answered ok), for charges of any cost. */
+export const outcome = {
+  promptTokens: 1,
+  completionTokens: 1,
+  status: 'ok',
+  latencyMs: 1,
+  ttftMs: 1,
+} as const
+
 export const item = (keyHash: Uint8Array) => ({
   op: 'admit',
   keyHash: Buffer.from(keyHash).toString('hex'),

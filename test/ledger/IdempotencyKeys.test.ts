@@ -28,19 +28,7 @@ const keyedHold = (channelId: Channels.Hex, key: string, requestId: string) =>
 
 /** Finishes request `id` charged `cost` (of `channelId`, if given), with its key. */
 const finish = (id: string, cost: bigint, channelId?: Channels.Hex) =>
-  Reservations.finish(
-    sql,
-    {
-      id,
-      cost,
-      promptTokens: 1,
-      completionTokens: 1,
-      status: 'ok',
-      latencyMs: 1,
-      ttftMs: 1,
-    },
-    { channelId, idempotent: true },
-  )
+  Reservations.finish(sql, { id, cost, ...Ledger.outcome }, { channelId, idempotent: true })
 
 /** The keys of account `id` (by key: state and request). */
 const accountKeys = async (id: string) =>

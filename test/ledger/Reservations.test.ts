@@ -89,16 +89,7 @@ describe('admit', () => {
     })
     const r = Reservations.reservation(sql, { id, held: big - 3n, leaseSeconds: 60 })
     const cost = 10n ** 39n + 11n
-    expect(
-      await r.settle({
-        cost,
-        promptTokens: 1,
-        completionTokens: 1,
-        status: 'ok',
-        latencyMs: 1,
-        ttftMs: 1,
-      }),
-    ).toEqual({ charged: cost })
+    expect(await r.settle({ cost, ...Ledger.outcome })).toEqual({ charged: cost })
     const state = await invariants(a.id)
     expect(state).toMatchObject({ balance: big - cost, reserved: 0n, usage_cost: cost })
     // And as Ledger.many reads the answer for the tests: a held beyond 2^53, a refusal's free balance.
@@ -173,7 +164,7 @@ describe('admit', () => {
 
 describe('extend and finish', () => {
   /** A finished request's counts, for the charges below. */
-  const outcome = { promptTokens: 1, completionTokens: 1, status: 'ok', latencyMs: 1, ttftMs: 1 }
+  const outcome = Ledger.outcome
 
   test('error: a charge that fails (once, twice) is tried again and lands once, waited for or not; one that keeps failing reports the failure', async () => {
     // A real failure in the database: the first inserts into usage raise (a sequence counts
